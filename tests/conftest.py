@@ -1,0 +1,20 @@
+"""Shared test fixtures: the reference outputs live in ../shared/fixtures beside the checkout."""
+import pathlib
+
+import numpy as np
+import pytest
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+    if not FIXTURES.is_dir():
+        raise FileNotFoundError(f"reference fixtures not found at {FIXTURES}; CI keeps ../shared beside the checkout")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def fixture_images(fixtures_dir):
+    with np.load(fixtures_dir / "images.npz") as f:
+        return {k: f[k] for k in f.files}
