@@ -1,0 +1,112 @@
+"""The converted-checkpoint folder: `params.safetensors` + `tclip_config.json` (+ tokenizer files).
+
+Parameters are stored flat under '/'-joined Flax paths; float16 storage is allowed (it is cast to
+float32 on load). Folders are written to a temporary sibling and renamed, so an interrupted save
+never leaves a half-written checkpoint behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Mapping, Optional
+
+import flax.traverse_util
+import numpy as np
+import safetensors.numpy
+
+from tclip_jax.model import CLIPConfig, param_shapes
+
+PARAMS_FILE = "params.safetensors"
+CONFIG_FILE = "tclip_config.json"
+FORMAT_NAME = "tclip_jax"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or parameter tree does not fit its config."""
+
+
+def flatten(params: Mapping) -> dict[str, np.ndarray]:
+    return {"/".join(path): np.asarray(leaf) for path, leaf in flax.traverse_util.flatten_dict(params).items()}
+
+
+def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
+    return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def param_problems(flat: Mapping[str, np.ndarray], config: CLIPConfig) -> list[str]:
+    """Every way `flat` differs from the parameters `CLIP(config)` expects (empty when it fits)."""
+    expected = {"/".join(path): leaf for path, leaf in
+                flax.traverse_util.flatten_dict(param_shapes(config)).items()}
+    problems = [f"missing parameter: {k} {expected[k].shape}" for k in sorted(set(expected) - set(flat))]
+    problems += [f"unexpected parameter: {k}" for k in sorted(set(flat) - set(expected))]
+    for key in sorted(set(flat) & set(expected)):
+        value = flat[key]
+        if value.shape != expected[key].shape:
+            problems.append(f"shape mismatch: {key} is {value.shape}, model expects {expected[key].shape}")
+        elif not np.isfinite(value).all():
+            problems.append(f"non-finite values (NaN or inf) in {key}")
+    return problems
+
+
+def check_params(flat: Mapping[str, np.ndarray], config: CLIPConfig, what: str) -> dict:
+    """Raises CheckpointError with the full diff, else returns the nested float32 tree."""
+    problems = param_problems(flat, config)
+    if problems:
+        raise CheckpointError(f"{what} does not fit the CLIP config ({len(problems)} problems):\n  "
+                              + "\n  ".join(problems))
+    return unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+
+
+def save_checkpoint(folder: str | os.PathLike, params: Mapping, config: CLIPConfig, *,
+                    metadata: Optional[Mapping[str, Any]] = None, tokenizer_dir: Optional[os.PathLike] = None,
+                    storage_dtype: np.dtype = np.float32, overwrite: bool = False) -> pathlib.Path:
+    """Writes a converted checkpoint folder atomically and returns its path."""
+    folder = pathlib.Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} already exists (pass overwrite=True to replace it)")
+    flat = flatten(params)
+    check_params(flat, config, "parameters to save")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        safetensors.numpy.save_file({k: np.ascontiguousarray(v, storage_dtype) for k, v in flat.items()},
+                                    staging / PARAMS_FILE)
+        header = {"format": FORMAT_NAME, "version": 1, "config": config.to_dict(), **(metadata or {})}
+        (staging / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, staging / "tokenizer")
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def is_checkpoint(folder: str | os.PathLike) -> bool:
+    return (pathlib.Path(folder) / CONFIG_FILE).is_file()
+
+
+def load_checkpoint(folder: str | os.PathLike) -> tuple[dict, CLIPConfig, dict]:
+    """Returns (params, config, header) of a converted checkpoint folder."""
+    folder = pathlib.Path(folder)
+    try:
+        header = json.loads((folder / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder} is not a tclip_jax checkpoint: no {CONFIG_FILE}") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{folder / CONFIG_FILE} is not valid JSON: {err}") from None
+    if header.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{folder / CONFIG_FILE} is not a {FORMAT_NAME} checkpoint header")
+    config = CLIPConfig.from_dict(header["config"])
+    try:
+        flat = safetensors.numpy.load_file(folder / PARAMS_FILE)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder} has no {PARAMS_FILE}") from None
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointError(f"{folder / PARAMS_FILE} is unreadable (truncated or corrupt?): {err}") from None
+    return check_params(flat, config, f"checkpoint {folder}"), config, header

@@ -1,0 +1,134 @@
+"""CLIP ViT architecture description: presets, Hugging Face `config.json`, JSON round trip."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Mapping
+
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    """Shapes and choices of a CLIP ViT (image tower) + causal text transformer."""
+
+    embed_dim: int
+    # Image tower.
+    image_size: int
+    patch_size: int
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    vision_mlp_dim: int
+    # Text tower.
+    vocab_size: int
+    context_length: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    text_mlp_dim: int
+    # OpenAI checkpoints use QuickGELU; some OpenCLIP / HF checkpoints use exact GELU.
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for width, heads, tower in ((self.vision_width, self.vision_heads, "vision"),
+                                    (self.text_width, self.text_heads, "text")):
+            if width % heads:
+                raise ValueError(f"{tower} width {width} is not divisible by its {heads} heads")
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the patch grid the positional embedding was trained for."""
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "CLIPConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        missing = sorted(n for n in names - set(values)
+                         if cls.__dataclass_fields__[n].default is dataclasses.MISSING)
+        if unknown or missing:
+            raise ValueError(f"not a tclip_jax CLIPConfig: unknown keys {unknown}, missing keys {missing}")
+        return cls(**values)
+
+    def save(self, path: str | pathlib.Path) -> None:
+        pathlib.Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path) -> "CLIPConfig":
+        return cls.from_dict(json.loads(pathlib.Path(path).read_text()))
+
+
+def _openai_vit(embed_dim, image_size, patch_size, vision_width, vision_layers, text_width, text_layers):
+    # OpenAI ViTs: 64-dim heads, MLP ratio 4, 77-token context, 49408-token vocabulary.
+    return CLIPConfig(
+        embed_dim=embed_dim, image_size=image_size, patch_size=patch_size,
+        vision_width=vision_width, vision_layers=vision_layers, vision_heads=vision_width // 64,
+        vision_mlp_dim=4 * vision_width,
+        vocab_size=49408, context_length=77, text_width=text_width, text_layers=text_layers,
+        text_heads=text_width // 64, text_mlp_dim=4 * text_width)
+
+
+PRESETS: dict[str, CLIPConfig] = {
+    "ViT-B/32": _openai_vit(512, 224, 32, 768, 12, 512, 12),
+    "ViT-B/16": _openai_vit(512, 224, 16, 768, 12, 512, 12),
+    "ViT-L/14": _openai_vit(768, 224, 14, 1024, 24, 768, 12),
+    "ViT-L/14@336": _openai_vit(768, 336, 14, 1024, 24, 768, 12),
+}
+
+
+def from_hf_config(hf: Mapping[str, Any]) -> CLIPConfig:
+    """Reads a Hugging Face `CLIPModel` `config.json` (as a dict)."""
+    if "vision_config" not in hf or "text_config" not in hf:
+        raise ValueError("not a Hugging Face CLIPModel config: it has no vision_config / text_config")
+    vision, text = hf["vision_config"], hf["text_config"]
+    activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
+    if len(activations) != 1:
+        raise ValueError(f"towers with different activations are not supported: {sorted(activations)}")
+    activation = activations.pop()
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_act {activation!r}; expected one of {ACTIVATIONS}")
+    eps = {vision.get("layer_norm_eps", 1e-5), text.get("layer_norm_eps", 1e-5)}
+    if len(eps) != 1:
+        raise ValueError(f"towers with different layer_norm_eps are not supported: {sorted(eps)}")
+    return CLIPConfig(
+        embed_dim=hf.get("projection_dim", 512),
+        image_size=vision.get("image_size", 224), patch_size=vision.get("patch_size", 32),
+        vision_width=vision.get("hidden_size", 768), vision_layers=vision.get("num_hidden_layers", 12),
+        vision_heads=vision.get("num_attention_heads", 12), vision_mlp_dim=vision.get("intermediate_size", 3072),
+        vocab_size=text.get("vocab_size", 49408), context_length=text.get("max_position_embeddings", 77),
+        text_width=text.get("hidden_size", 512), text_layers=text.get("num_hidden_layers", 12),
+        text_heads=text.get("num_attention_heads", 8), text_mlp_dim=text.get("intermediate_size", 2048),
+        activation=activation, layer_norm_eps=eps.pop())
+
+
+def to_hf_config(config: CLIPConfig) -> dict[str, Any]:
+    """The Hugging Face `CLIPModel` config dict with the same architecture (used by parity tests)."""
+    return {
+        "projection_dim": config.embed_dim,
+        "logit_scale_init_value": 2.6592,
+        "vision_config": {
+            "image_size": config.image_size, "patch_size": config.patch_size,
+            "hidden_size": config.vision_width, "num_hidden_layers": config.vision_layers,
+            "num_attention_heads": config.vision_heads, "intermediate_size": config.vision_mlp_dim,
+            "hidden_act": config.activation, "layer_norm_eps": config.layer_norm_eps,
+            "projection_dim": config.embed_dim,
+        },
+        "text_config": {
+            "vocab_size": config.vocab_size, "max_position_embeddings": config.context_length,
+            "hidden_size": config.text_width, "num_hidden_layers": config.text_layers,
+            "num_attention_heads": config.text_heads, "intermediate_size": config.text_mlp_dim,
+            "hidden_act": config.activation, "layer_norm_eps": config.layer_norm_eps,
+            "projection_dim": config.embed_dim, "bos_token_id": 49406, "eos_token_id": 49407,
+            "pad_token_id": 1,
+        },
+    }

@@ -1,0 +1,135 @@
+"""The Flax CLIP against transformers' PyTorch CLIPModel and the official OpenAI-format implementation."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from tclip_jax.model import CLIP, PRESETS, CLIPConfig, param_shapes, to_hf_config
+from weights_conversion.convert import convert_state_dict, infer_openai_config
+
+TOL = 1e-4
+
+SMALL = CLIPConfig(embed_dim=32, image_size=64, patch_size=16, vision_width=64, vision_layers=2, vision_heads=4,
+                   vision_mlp_dim=128, vocab_size=49408, context_length=77, text_width=48, text_layers=2,
+                   text_heads=3, text_mlp_dim=96)
+
+
+def hf_model(config: CLIPConfig, seed: int = 0) -> transformers.CLIPModel:
+    torch.manual_seed(seed)
+    hf_config = transformers.CLIPConfig(**to_hf_config(config))
+    model = transformers.CLIPModel(hf_config).eval()
+    model.set_attn_implementation("eager")  # the only implementation that returns attention probabilities
+    # Random init leaves LayerNorms at identity and logit_scale at its default; perturb them all.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "logit_scale" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_state_dict(model) -> dict:
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def random_inputs(config: CLIPConfig, height: int, width: int, batch: int = 2, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch, height, width, 3)).astype(np.float32)
+    lengths = [5, 11, 2][:batch] + [7] * max(0, batch - 3)
+    tokens = np.zeros((batch, config.context_length), np.int64)
+    for row, n in enumerate(lengths):
+        tokens[row, 0] = 49406
+        tokens[row, 1:n + 1] = rng.integers(1, 49405, n)
+        tokens[row, n + 1] = 49407
+    return images, tokens
+
+
+def compare_with_hf(config: CLIPConfig, height: int, width: int):
+    model = hf_model(config)
+    params = convert_state_dict(hf_state_dict(model), config, "hf")
+    images, tokens = random_inputs(config, height, width)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(tokens), pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2),
+                    output_hidden_states=True, output_attentions=True,
+                    interpolate_pos_encoding=(height, width) != (config.image_size,) * 2)
+    clip = CLIP(config)
+    with jax.default_matmul_precision("highest"):
+        image = clip.apply({"params": params}, images, True, method="encode_image")
+        text = clip.apply({"params": params}, tokens, True, method="encode_text")
+        logits, _, _ = clip.apply({"params": params}, images, tokens)
+
+    def close(ours, theirs, what):
+        err = np.abs(np.asarray(ours) - theirs.numpy()).max()
+        assert err < TOL, f"{what}: max abs error {err}"
+
+    vision, text_ref = ref.vision_model_output, ref.text_model_output
+    assert len(image.residual_stream) == len(vision.hidden_states) == config.vision_layers + 1
+    for i, (ours, theirs) in enumerate(zip(image.residual_stream, vision.hidden_states)):
+        close(ours, theirs, f"vision hidden state {i}")
+    for i, (ours, theirs) in enumerate(zip(image.attention_probs, vision.attentions)):
+        close(ours, theirs, f"vision attention {i}")
+    for i, (ours, theirs) in enumerate(zip(text.residual_stream, text_ref.hidden_states)):
+        close(ours, theirs, f"text hidden state {i}")
+    for i, (ours, theirs) in enumerate(zip(text.attention_probs, text_ref.attentions)):
+        close(ours, theirs, f"text attention {i}")
+    # transformers v5 replaces each tower's pooler_output by its projection inside CLIPModel.
+    close(image.embeds, vision.pooler_output, "image embeds (pooled class token, projected)")
+    close(text.embeds, text_ref.pooler_output, "text embeds (pooled end-of-text token, projected)")
+    with torch.no_grad():
+        image_normed = model.vision_model.post_layernorm(vision.last_hidden_state)
+        close(image.tokens_normed, image_normed, "all image tokens after ln_post")
+        close(image.tokens, model.visual_projection(image_normed), "all image tokens after ln_post and proj")
+        close(text.tokens_normed, text_ref.last_hidden_state, "all text tokens after ln_final")
+        close(text.tokens, model.text_projection(text_ref.last_hidden_state), "all projected text tokens")
+    close(logits, ref.logits_per_image, "logits per image")
+    assert image.grid == (height // config.patch_size, width // config.patch_size)
+
+
+def test_matches_transformers_small():
+    compare_with_hf(SMALL, 64, 64)
+
+
+def test_matches_transformers_exact_gelu_non_square():
+    compare_with_hf(dataclasses.replace(SMALL, activation="gelu"), 48, 96)
+
+
+def test_matches_transformers_vit_b32():
+    compare_with_hf(PRESETS["ViT-B/32"], 224, 224)
+
+
+def test_matches_official_openai_implementation(fixtures_dir):
+    """The plain path of the official (OpenAI-format) code as recorded in the CLIP Surgery fixtures."""
+    with np.load(fixtures_dir / "tiny_openai_clip.npz") as f:
+        state_dict = {k: f[k].astype(np.float32) for k in f.files}
+    with np.load(fixtures_dir / "clip_surgery" / "clip_surgery_tiny.npz") as f:
+        ref = {k: f[k] for k in f.files}
+    config = infer_openai_config(state_dict)
+    assert (config.vision_layers, config.vision_width, config.vision_heads, config.text_layers) == (6, 128, 2, 3)
+    params = convert_state_dict(state_dict, config)
+    clip = CLIP(config)
+    with jax.default_matmul_precision("highest"):
+        image = clip.apply({"params": params}, ref["pixel_values"].transpose(0, 2, 3, 1), method="encode_image")
+        single = clip.apply({"params": params}, ref["tokens/labels_single"], method="encode_text")
+        ensemble = clip.apply({"params": params}, ref["tokens/labels_ensemble"].reshape(-1, 77),
+                              method="encode_text")
+    np.testing.assert_allclose(image.tokens, ref["plain/image_features_unnorm"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(single.embeds, ref["plain/text_embeds_single_unnorm"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(ensemble.embeds).reshape(5, 85, -1),
+                               ref["plain/text_embeds_ensemble_per_template_unnorm"], atol=TOL, rtol=0)
+
+
+def parameter_count(config: CLIPConfig) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(param_shapes(config)))
+
+
+def test_vit_b32_parameter_count():
+    assert parameter_count(PRESETS["ViT-B/32"]) == 151_277_313
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_parameter_count_matches_transformers(name):
+    with torch.device("meta"):  # shapes only, nothing allocated
+        hf = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(PRESETS[name])))
+    assert parameter_count(PRESETS[name]) == sum(p.numel() for p in hf.parameters())

@@ -1,0 +1,112 @@
+"""One entry point from any way of naming a CLIP ViT to (params, config, tokenizer folder).
+
+Accepted: a converted tclip_jax folder; a Hugging Face CLIPModel folder (`config.json` +
+`model.safetensors` or `pytorch_model.bin`); an OpenCLIP folder (`open_clip_config.json` +
+`open_clip_model.safetensors` / `open_clip_pytorch_model.bin`); a single OpenAI `.pt` (TorchScript or
+state dict), or an OpenAI/OpenCLIP-format state dict as `.npz`, `.safetensors`, `.bin` or `.pth`; a
+Hugging Face hub name (`openai/clip-vit-base-patch32`, or `hf-hub:laion/...` for OpenCLIP repos).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Optional
+
+from tclip_jax import checkpoint
+from tclip_jax.model import CLIPConfig, from_hf_config
+from weights_conversion import sources
+from weights_conversion.convert import ConversionError, convert_state_dict, detect_format, infer_openai_config
+
+SOURCES = ("tclip", "hf", "openai", "open_clip")
+
+
+@dataclasses.dataclass(frozen=True)
+class Converted:
+    params: dict
+    config: CLIPConfig
+    tokenizer_dir: Optional[pathlib.Path]  # None: the packaged OpenAI CLIP vocabulary
+    source: str                            # one of SOURCES
+    origin: str                            # what the user named
+
+
+def _tokenizer_dir(folder: pathlib.Path) -> Optional[pathlib.Path]:
+    for candidate in (folder / "tokenizer", folder):
+        if (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file():
+            return candidate
+    return None
+
+
+def _from_hf_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str) -> Converted:
+    config = from_hf_config(sources.read_json(folder / "config.json"))
+    params = convert_state_dict(sources.read_state_dict(weights), config, "hf")
+    return Converted(params, config, _tokenizer_dir(folder), "hf", origin)
+
+
+def _open_clip_config(folder: pathlib.Path) -> dict:
+    path = folder / "open_clip_config.json"
+    if not path.is_file():
+        return {}
+    model_cfg = sources.read_json(path).get("model_cfg", {})
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    if "layers" in vision and not isinstance(vision["layers"], int):
+        raise ConversionError("this is a ResNet CLIP checkpoint; TCLIP needs a ViT CLIP (patch tokens)")
+    options = {"activation": "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu",
+               "vision_head_dim": vision.get("head_width", 64)}
+    if "width" in text and "heads" in text:
+        options["text_head_dim"] = text["width"] // text["heads"]
+    return options
+
+
+def _from_openai_state_dict(path: pathlib.Path, source: str, origin: str, activation: Optional[str],
+                            tokenizer_dir: Optional[pathlib.Path] = None, **options) -> Converted:
+    state_dict = sources.read_state_dict(path)
+    if detect_format(state_dict) == "hf":
+        raise ConversionError(f"{path} is a Hugging Face state dict, which needs its config.json: "
+                              "pass the folder holding both")
+    # OpenAI's own models use QuickGELU; OpenCLIP's own trainings default to exact GELU.
+    activation = activation or options.pop("activation", None) or \
+        ("gelu" if source == "open_clip" else "quick_gelu")
+    options.pop("activation", None)
+    config = infer_openai_config(state_dict, activation=activation, **options)
+    params = convert_state_dict(state_dict, config, "openai")
+    return Converted(params, config, tokenizer_dir, source, origin)
+
+
+def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
+             activation: Optional[str] = None) -> Converted:
+    """Resolves `name_or_path` (see the module docstring). `source` forces the format; `activation`
+    overrides the activation for state dicts whose config does not say it (OpenCLIP files)."""
+    if source is not None and source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+    origin = os.fspath(name_or_path)
+    path = pathlib.Path(origin).expanduser()
+    if not path.exists():
+        if not _is_hub_name(origin):
+            raise FileNotFoundError(f"model not found: {origin} is neither a file, a folder nor a hub name")
+        folder = sources.download_from_hub(origin.removeprefix("hf-hub:"))
+        converted = load_any(folder, "open_clip" if origin.startswith("hf-hub:") else source, activation)
+        return dataclasses.replace(converted, origin=origin)
+    if path.is_dir():
+        if checkpoint.is_checkpoint(path):
+            params, config, _ = checkpoint.load_checkpoint(path)
+            return Converted(params, config, _tokenizer_dir(path), "tclip", origin)
+        hf_weights = sources.hf_folder_files(path)
+        if hf_weights is not None and source in (None, "hf"):
+            return _from_hf_folder(path, hf_weights, origin)
+        open_clip_weights = sources.open_clip_folder_files(path)
+        if open_clip_weights is not None:
+            return _from_openai_state_dict(open_clip_weights, "open_clip", origin, activation,
+                                           _tokenizer_dir(path), **_open_clip_config(path))
+        raise FileNotFoundError(
+            f"{path} is not a CLIP checkpoint folder: expected {checkpoint.CONFIG_FILE} (converted), "
+            f"config.json + one of {sources.HF_WEIGHT_FILES} (Hugging Face), or one of "
+            f"{sources.OPEN_CLIP_WEIGHT_FILES} (OpenCLIP)")
+    return _from_openai_state_dict(path, source or "openai", origin, activation)
+
+
+def _is_hub_name(name: str) -> bool:
+    """'owner/repo' or 'hf-hub:owner/repo', as opposed to a local path that does not exist."""
+    parts = name.removeprefix("hf-hub:").split("/")
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~", "/"))
+            and not pathlib.PurePath(parts[1]).suffix)
