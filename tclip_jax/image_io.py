@@ -1,0 +1,90 @@
+"""Image loading: any path, PIL image or array becomes an RGB uint8 array [H, W, 3].
+
+Conventions:
+- Alpha is dropped (not composited), as CLIP's own ``_convert_image_to_rgb`` (PIL ``convert("RGB")``) does.
+- 16-bit values v become round(v / 257), so 8-bit values stored as v * 257 round-trip exactly.
+- Float arrays must lie in [0, 1] and become round(255 * x).
+- EXIF orientation is applied (``ImageOps.exif_transpose``) to files and PIL images.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+_UINT16_MAX = 65535
+
+
+def load_image(image: ImageLike) -> np.ndarray:
+    """Return ``image`` as a C-contiguous RGB uint8 array [H, W, 3] (a new array, never a view of the input)."""
+    if isinstance(image, (str, os.PathLike)):
+        return _read_file(pathlib.Path(image))
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image)
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(image).__name__}")
+
+
+def _read_file(path: pathlib.Path) -> np.ndarray:
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"image path is not a file: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _pil_to_rgb(img)
+    except (UnidentifiedImageError, OSError) as err:  # UnidentifiedImageError: not an image; OSError: truncated
+        raise ValueError(f"cannot read image file {path}: {err}") from err
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    img = ImageOps.exif_transpose(img)
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"image is empty: size {img.width}x{img.height} (W x H)")
+    if img.mode.startswith("I"):  # "I" (int32) and "I;16*" (uint16): 16-bit data, PIL's convert would clip at 255
+        values = np.asarray(img)
+        if values.min() < 0 or values.max() > _UINT16_MAX:
+            raise ValueError(f"PIL mode {img.mode} image has values outside the 16-bit range 0..{_UINT16_MAX}")
+        return _array_to_rgb(values.astype(np.uint16))
+    if img.mode == "F":
+        return _array_to_rgb(np.asarray(img))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL asks for palette transparency to go through RGBA
+    try:
+        return np.array(img.convert("RGB"))
+    except ValueError as err:
+        raise ValueError(f"cannot convert PIL mode {img.mode} image to RGB: {err}") from err
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ValueError(f"expected an image array [H, W] or [H, W, 1|3|4], got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"image is empty: shape {array.shape}")
+    pixels = _to_uint8(array)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
+    return np.ascontiguousarray(pixels[..., :3])  # a 4th channel is alpha: dropped
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array.copy()
+    if array.dtype == np.uint16:
+        return np.round(array / 257.0).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise ValueError("float image contains NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"float image values must lie in [0, 1], got range [{low}, {high}]; pass uint8 for 0..255")
+        return np.round(array.astype(np.float64) * 255.0).astype(np.uint8)
+    raise TypeError(f"unsupported image dtype {array.dtype}; expected uint8, uint16 or float in [0, 1]")

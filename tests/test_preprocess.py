@@ -1,0 +1,372 @@
+"""Image loading, CLIP preprocessing protocols, geometry and map resampling, checked against the reference code."""
+import jax
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tclip_jax.image_io import load_image
+from tclip_jax.preprocess import (
+    CLIP_MEAN,
+    CLIP_STD,
+    Geometry,
+    box_to_model,
+    box_to_original,
+    clip_center_crop,
+    minmax,
+    points_to_model,
+    points_to_original,
+    to_original,
+    upsample_bilinear,
+    whole_image,
+)
+
+IMAGE_NAMES = ["scene_224", "scene_wide_320x240", "noise_224"]
+
+
+def _load_npz(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def hilacam(fixtures_dir):
+    return _load_npz(fixtures_dir / "hilacam" / "hilacam_tiny.npz")
+
+
+@pytest.fixture(scope="module")
+def clip_surgery(fixtures_dir):
+    return _load_npz(fixtures_dir / "clip_surgery" / "clip_surgery_tiny.npz")
+
+
+@pytest.fixture(scope="module")
+def decomposition(fixtures_dir):
+    return _load_npz(fixtures_dir / "decomposition" / "decomposition_tiny.npz")
+
+
+def _nchw(pixel_values):
+    return pixel_values.transpose(2, 0, 1)
+
+
+def _normalised(rgb):
+    return (rgb.astype(np.float64) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
+# --- preprocessing protocols against the reference pipelines -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", IMAGE_NAMES)
+def test_clip_center_crop_matches_hilacam(name, fixture_images, hilacam):
+    pixel_values, _ = clip_center_crop(fixture_images[name])
+    assert pixel_values.dtype == np.float32 and pixel_values.shape == (224, 224, 3)
+    np.testing.assert_allclose(_nchw(pixel_values), hilacam[f"{name}/pixel_values"][0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", IMAGE_NAMES)
+def test_clip_center_crop_matches_decomposition(name, fixture_images, decomposition):
+    index = list(decomposition["image_names"]).index(name)
+    pixel_values, _ = clip_center_crop(fixture_images[name])
+    np.testing.assert_allclose(_nchw(pixel_values), decomposition["pixel_values"][index], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", IMAGE_NAMES)
+def test_whole_image_matches_clip_surgery(name, fixture_images, clip_surgery):
+    index = list(clip_surgery["image_names"]).index(name)
+    pixel_values, geometry = whole_image(fixture_images[name])
+    np.testing.assert_allclose(_nchw(pixel_values), clip_surgery["pixel_values"][index], rtol=0, atol=1e-6)
+    assert geometry.original_hw == tuple(clip_surgery["image_sizes_hw"][index])
+
+
+def test_center_crop_geometry_of_wide_and_tall_images():
+    # The READMEs: 320x240 (W x H) is resized to 298x224 and cropped at x = 37..260.
+    wide = np.zeros((240, 320, 3), np.uint8)
+    assert clip_center_crop(wide)[1] == Geometry((240, 320), (224, 224), (224, 298), (0, 37))
+    tall = np.zeros((320, 240, 3), np.uint8)
+    assert clip_center_crop(tall)[1] == Geometry((320, 240), (224, 224), (298, 224), (37, 0))
+
+
+@pytest.mark.parametrize("shape_hw", [(240, 320), (320, 240), (37, 100), (1, 1)])
+@pytest.mark.parametrize("protocol", [clip_center_crop, whole_image])
+def test_constant_non_square_images_give_constant_inputs(protocol, shape_hw):
+    colour = np.array([200, 30, 90], np.uint8)
+    pixel_values, geometry = protocol(np.broadcast_to(colour, (*shape_hw, 3)).copy())
+    assert pixel_values.shape == (224, 224, 3) and geometry.original_hw == shape_hw
+    np.testing.assert_allclose(pixel_values, np.broadcast_to(_normalised(colour), (224, 224, 3)), atol=1e-6)
+
+
+def test_whole_image_non_square_input_size():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 61, 3), dtype=np.uint8)
+    # Resizing to the image's own size is the identity, so the orientation of (h, w) is checked exactly.
+    pixel_values, geometry = whole_image(image, size=(37, 61))
+    np.testing.assert_allclose(pixel_values, _normalised(image), atol=1e-6)
+    assert geometry == Geometry((37, 61), (37, 61), (37, 61), (0, 0))
+    assert whole_image(image, size=(160, 256))[0].shape == (160, 256, 3)
+
+
+@pytest.mark.parametrize("bad_size", [0, -3, (224,), (224, 0), 2.5])
+def test_protocols_reject_bad_sizes(bad_size):
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="size"):
+        whole_image(image, size=bad_size)
+    if not isinstance(bad_size, tuple):
+        with pytest.raises(ValueError, match="size"):
+            clip_center_crop(image, size=bad_size)
+
+
+# --- resampling ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(224, 224), (240, 320), (5, 3)])
+def test_upsample_bilinear_matches_torch_interpolate(size):
+    maps = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 3, 7, 7)).astype(np.float32))
+    expected = torch.nn.functional.interpolate(maps, size, mode="bilinear", align_corners=False).numpy()
+    np.testing.assert_allclose(np.asarray(upsample_bilinear(maps.numpy(), size)), expected, rtol=0, atol=1e-6)
+    nested = jax.jit(lambda m: upsample_bilinear(m, size))(maps.numpy()[0, 0])
+    np.testing.assert_allclose(np.asarray(nested), expected[0, 0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", IMAGE_NAMES)
+@pytest.mark.parametrize("method", ["plain/similarity_single", "cs/similarity"])
+def test_similarity_maps_match_clip_surgery(name, method, fixture_images, clip_surgery):
+    index = list(clip_surgery["image_names"]).index(name)
+    height, width = fixture_images[name].shape[:2]
+    patch_maps = minmax(clip_surgery[method][index, 1:], axis=0).T.reshape(-1, 7, 7)
+    map_key = {"plain/similarity_single": "plain/map_single", "cs/similarity": "cs/map"}[method]
+    expected = clip_surgery[f"{map_key}/{name}"][0].transpose(2, 0, 1)
+    np.testing.assert_allclose(np.asarray(upsample_bilinear(patch_maps, (height, width))), expected, atol=1e-5)
+    # The grid covers the whole model input, so mapping it to the original is the same upsampling.
+    geometry = whole_image(fixture_images[name])[1]
+    np.testing.assert_allclose(to_original(patch_maps, geometry), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", IMAGE_NAMES)
+@pytest.mark.parametrize("variant", ["last_layer", "all_layers"])
+def test_relevance_maps_match_hilacam(name, variant, hilacam):
+    relevance = hilacam[f"{name}/{variant}/image_relevance"].reshape(-1, 7, 7)
+    maps = minmax(upsample_bilinear(relevance, (224, 224)))
+    np.testing.assert_allclose(np.asarray(maps), hilacam[f"{name}/{variant}/image_relevance_map_224"], atol=1e-5)
+
+
+def test_minmax_scales_each_slice_and_zeroes_constant_ones():
+    maps = np.stack([np.random.default_rng(2).standard_normal((5, 6)), np.full((5, 6), 3.0)]).astype(np.float32)
+    scaled = np.asarray(minmax(maps))
+    assert scaled[0].min() == 0.0 and scaled[0].max() == 1.0
+    np.testing.assert_allclose(scaled[0], (maps[0] - maps[0].min()) / np.ptp(maps[0]), atol=1e-6)
+    np.testing.assert_array_equal(scaled[1], 0.0)
+    per_column = np.asarray(minmax(maps[0], axis=0))
+    np.testing.assert_array_equal(per_column.min(axis=0), 0.0)
+    np.testing.assert_allclose(per_column.max(axis=0), 1.0, atol=1e-6)
+
+
+# --- geometry -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape_hw", [(240, 320), (320, 240), (37, 100), (224, 224)])
+@pytest.mark.parametrize("protocol", [clip_center_crop, whole_image])
+def test_points_and_boxes_round_trip(protocol, shape_hw):
+    geometry = protocol(np.zeros((*shape_hw, 3), np.uint8))[1]
+    rng = np.random.default_rng(3)
+    points = rng.uniform(0, 1, (10, 2)) * shape_hw[::-1]
+    np.testing.assert_allclose(points_to_original(points_to_model(points, geometry), geometry), points, atol=1e-9)
+    boxes = np.sort(rng.uniform(0, 224, (4, 2, 2)), axis=1).reshape(4, 4)
+    np.testing.assert_allclose(box_to_model(box_to_original(boxes, geometry), geometry), boxes, atol=1e-9)
+
+
+def test_model_frame_maps_to_the_region_the_model_saw():
+    wide = np.zeros((240, 320, 3), np.uint8)
+    frame = [0, 0, 224, 224]
+    np.testing.assert_allclose(box_to_original(frame, whole_image(wide)[1]), [0, 0, 320, 240])
+    # Crop columns 37..261 of the 298-wide resized image, scaled back by 320 / 298.
+    expected = [37 * 320 / 298, 0, 261 * 320 / 298, 240]
+    np.testing.assert_allclose(box_to_original(frame, clip_center_crop(wide)[1]), expected)
+
+
+@pytest.mark.parametrize("shape_hw", [(240, 320), (320, 240), (37, 100)])
+@pytest.mark.parametrize("protocol", [clip_center_crop, whole_image])
+def test_to_original_agrees_with_point_mapping(protocol, shape_hw):
+    geometry = protocol(np.zeros((*shape_hw, 3), np.uint8))[1]
+    height, width = shape_hw
+    # A map whose value is the x (resp. y) coordinate of each model-pixel centre: bilinear resampling of a
+    # linear function is exact, so each original pixel must read the model coordinate of its own centre.
+    centres = np.arange(224) + 0.5
+    ramps = np.stack([np.tile(centres, (224, 1)), np.tile(centres[:, None], (1, 224))]) - 100.0
+    resampled = to_original(ramps, geometry)
+    assert resampled.shape == (2, height, width) and resampled.dtype == np.float32
+    grid_x, grid_y = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    model_xy = points_to_model(np.stack([grid_x, grid_y], axis=-1), geometry)
+    inside = np.all((model_xy >= 0) & (model_xy <= 224), axis=-1)
+    interior = np.all((model_xy >= 0.5) & (model_xy <= 223.5), axis=-1)  # away from the clamped edge half-pixels
+    for axis in range(2):
+        np.testing.assert_allclose(resampled[axis][interior], model_xy[..., axis][interior] - 100.0, atol=1e-4)
+        np.testing.assert_array_equal(resampled[axis][~inside], ramps[axis].min())
+    with_nan = to_original(ramps, geometry, fill=np.nan)
+    np.testing.assert_array_equal(np.isnan(with_nan[0]), ~inside)
+    assert inside.all() == (protocol is whole_image)
+
+
+def test_to_original_marks_the_cropped_columns():
+    geometry = clip_center_crop(np.zeros((240, 320, 3), np.uint8))[1]
+    resampled = to_original(np.ones((7, 7), np.float32), geometry, fill=np.nan)
+    # Column x is kept iff its centre (x + 0.5) * 298 / 320 lies in the crop [37, 261]: x = 40..279.
+    kept = ~np.isnan(resampled)
+    np.testing.assert_array_equal(np.flatnonzero(kept.all(axis=0)), np.arange(40, 280))
+    np.testing.assert_array_equal(np.flatnonzero(kept.any(axis=0)), np.arange(40, 280))  # rows are never cut
+    np.testing.assert_array_equal(resampled[kept], 1.0)
+
+
+def test_to_original_rejects_bad_fill():
+    geometry = whole_image(np.zeros((4, 4, 3), np.uint8))[1]
+    with pytest.raises(ValueError, match="fill"):
+        to_original(np.zeros((7, 7)), geometry, fill="max")
+
+
+def test_geometry_rejects_a_crop_outside_the_resized_image():
+    with pytest.raises(ValueError, match="outside"):
+        Geometry((240, 320), (224, 224), (224, 298), (0, 80))
+
+
+# --- image loading ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def rgb():
+    return np.random.default_rng(4).integers(0, 256, (12, 17, 3), dtype=np.uint8)
+
+
+def _blocky(shape_hw=(32, 48)):
+    """Flat 16x16 colour blocks: survive JPEG (quality 95, no chroma subsampling) almost unchanged."""
+    colours = np.random.default_rng(5).integers(40, 216, (shape_hw[0] // 16, shape_hw[1] // 16, 3), dtype=np.uint8)
+    return np.repeat(np.repeat(colours, 16, axis=0), 16, axis=1)
+
+
+def test_load_rgb_array_returns_an_equal_copy(rgb):
+    loaded = load_image(rgb)
+    np.testing.assert_array_equal(loaded, rgb)
+    assert loaded.dtype == np.uint8 and loaded.flags.c_contiguous and not np.shares_memory(loaded, rgb)
+
+
+def test_load_array_layouts(rgb):
+    gray = rgb[..., 0]
+    np.testing.assert_array_equal(load_image(gray), np.repeat(gray[..., None], 3, axis=2))
+    np.testing.assert_array_equal(load_image(gray[..., None]), np.repeat(gray[..., None], 3, axis=2))
+    np.testing.assert_array_equal(load_image(np.dstack([rgb, rgb[..., :1]])), rgb)  # alpha dropped
+    np.testing.assert_array_equal(load_image(rgb / 255.0), rgb)
+    np.testing.assert_array_equal(load_image(rgb.astype(np.float32) / 255), rgb)
+    np.testing.assert_array_equal(load_image(rgb.astype(np.uint16) * 257), rgb)
+    np.testing.assert_array_equal(load_image(np.full((1, 1, 3), 7, np.uint8)), np.full((1, 1, 3), 7))
+
+
+def test_load_grayscale_png_and_jpeg(tmp_path, rgb):
+    gray = rgb[..., 1]
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "gray.png"), np.repeat(gray[..., None], 3, axis=2))
+    block = _blocky()[..., 0]
+    Image.fromarray(block).save(tmp_path / "gray.jpg", quality=95, subsampling=0)
+    loaded = load_image(str(tmp_path / "gray.jpg"))
+    assert loaded.shape == (*block.shape, 3)
+    assert np.all(loaded[..., 0] == loaded[..., 2])
+    assert np.abs(loaded[..., 0].astype(int) - block).max() <= 8
+
+
+def test_load_rgba_png_drops_alpha(tmp_path, rgb):
+    alpha = np.random.default_rng(6).integers(0, 256, rgb.shape[:2], dtype=np.uint8)
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "rgba.png"), rgb)
+
+
+def test_load_16_bit_png_scales_to_8_bit(tmp_path, rgb):
+    values = rgb[..., 0].astype(np.uint16) * 257 + np.uint16(100)  # within +-128 of v * 257: rounds back to v
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    np.testing.assert_array_equal(load_image(tmp_path / "deep.png"), np.repeat(rgb[..., :1], 3, axis=2))
+
+
+@pytest.mark.parametrize("transparent", [False, True])
+def test_load_palette_png(tmp_path, transparent):
+    palette = np.random.default_rng(7).integers(0, 256, (256, 3), dtype=np.uint8)
+    indices = np.random.default_rng(8).integers(0, 256, (9, 11), dtype=np.uint8)
+    image = Image.fromarray(indices, "P")
+    image.putpalette(palette.tobytes())
+    image.save(tmp_path / "palette.png", **({"transparency": 3} if transparent else {}))
+    assert Image.open(tmp_path / "palette.png").mode == "P"
+    np.testing.assert_array_equal(load_image(tmp_path / "palette.png"), palette[indices])
+
+
+def test_load_cmyk_tiff_and_jpeg(tmp_path):
+    block = _blocky()
+    cmyk = Image.fromarray(block).convert("CMYK")
+    cmyk.save(tmp_path / "cmyk.tiff")
+    np.testing.assert_array_equal(load_image(tmp_path / "cmyk.tiff"), block)
+    cmyk.save(tmp_path / "cmyk.jpg", quality=95, subsampling=0)
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+    assert np.abs(load_image(tmp_path / "cmyk.jpg").astype(int) - block).max() <= 8
+
+
+def test_load_rgb_jpeg(tmp_path):
+    block = _blocky()
+    Image.fromarray(block).save(tmp_path / "rgb.jpg", quality=95, subsampling=0)
+    loaded = load_image(tmp_path / "rgb.jpg")
+    assert loaded.shape == block.shape and np.abs(loaded.astype(int) - block).max() <= 8
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_load_applies_exif_orientation(tmp_path, suffix):
+    block = _blocky((32, 48))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored row 0 is the visual right side: display rotates 90 degrees clockwise
+    options = {"quality": 95, "subsampling": 0} if suffix == "jpg" else {}
+    Image.fromarray(block).save(tmp_path / f"rotated.{suffix}", exif=exif, **options)
+    loaded = load_image(tmp_path / f"rotated.{suffix}")
+    assert loaded.shape == (48, 32, 3)
+    assert np.abs(loaded.astype(int) - np.rot90(block, k=-1)).max() <= 8
+
+
+def test_load_pil_images(rgb):
+    np.testing.assert_array_equal(load_image(Image.fromarray(rgb)), rgb)
+    gray_alpha = Image.fromarray(np.dstack([rgb[..., 0], rgb[..., 1]]), "LA")
+    np.testing.assert_array_equal(load_image(gray_alpha), np.repeat(rgb[..., :1], 3, axis=2))
+
+
+def test_load_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere.png"
+    with pytest.raises(FileNotFoundError, match="nowhere.png"):
+        load_image(missing)
+
+
+def test_load_text_file_named_png_is_rejected(tmp_path):
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    with pytest.raises(ValueError, match="fake.png"):
+        load_image(fake)
+
+
+def test_load_directory_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="not a file"):
+        load_image(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros((0, 5, 3), np.uint8), "empty"),
+        (np.zeros((5, 0), np.uint8), "empty"),
+        (np.full((4, 4, 3), np.nan, np.float32), "NaN"),
+        (np.full((4, 4), 1.5), r"\[0, 1\]"),
+        (np.zeros((2, 4, 4, 3), np.uint8), "shape"),
+        (np.zeros((4, 4, 2), np.uint8), "shape"),
+        (np.zeros(5, np.uint8), "shape"),
+    ],
+)
+def test_load_bad_arrays_are_rejected(array, message):
+    with pytest.raises(ValueError, match=message):
+        load_image(array)
+
+
+def test_load_rejects_unsupported_types():
+    with pytest.raises(TypeError, match="dtype"):
+        load_image(np.zeros((4, 4), bool))
+    with pytest.raises(TypeError, match="list"):
+        load_image([[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match="empty"):
+        load_image(Image.new("RGB", (0, 0)))
