@@ -1,0 +1,225 @@
+"""CLIP BPE tokenizer with OpenAI `clip.tokenize` conventions and a word <-> BPE-piece mapping.
+
+Text is cleaned exactly like OpenAI's simple tokenizer (ftfy, HTML unescape twice, whitespace collapse,
+lowercase); the byte-level BPE itself runs in Hugging Face `tokenizers`, which also reports each piece's
+character span. Rows are SOT, pieces, EOT, then zero padding (OpenAI pads with 0, Hugging Face with EOT).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import gzip
+import html
+import itertools
+import os
+import pathlib
+import shutil
+import tempfile
+import unicodedata
+import warnings
+from collections.abc import Iterable
+
+import ftfy
+import numpy as np
+import tokenizers
+import transformers
+
+DATA_DIR = pathlib.Path(__file__).resolve().parent / "data" / "clip_tokenizer"
+SOT_TOKEN = "<|startoftext|>"
+EOT_TOKEN = "<|endoftext|>"
+WORD_END = "</w>"
+PAD_ID = 0
+CONTEXT_LENGTH = 77
+# Decoded pieces the TCLIP author's similarity code drops besides SOT/EOT/padding.
+AUTHOR_DROPPED_PIECES = frozenset({"", SOT_TOKEN, EOT_TOKEN, "!", "."})
+
+
+@functools.cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable character table; its value order is the first 256 vocabulary entries."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    # The remaining bytes (controls, space, soft hyphen...) get code points from 256 upwards, in byte order.
+    for offset, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + offset)
+    return table
+
+
+def clean_text(text: str) -> str:
+    """OpenAI CLIP's text cleaning: ftfy, HTML unescape (twice), whitespace collapse, lowercase."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class Word:
+    """One word of a prompt: a run of letters/digits (contractions included) or a punctuation/symbol run."""
+
+    text: str  # as written in the original prompt: prompt[start:end]
+    start: int
+    end: int
+    piece_positions: tuple[int, ...]  # positions of its BPE pieces in the token row
+    is_punctuation: bool  # no letter or digit (e.g. ".", "!", "-", "&", emoji)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenizedPrompt:
+    """A prompt's token row together with its BPE pieces and words."""
+
+    text: str
+    token_ids: np.ndarray  # int32 [context_length]: SOT, pieces, EOT, zeros (read-only)
+    pieces: tuple[str, ...]  # BPE piece strings, e.g. ("hippopot", "amus</w>")
+    piece_positions: tuple[int, ...]  # position of each piece in token_ids (1, 2, ...)
+    words: tuple[Word, ...]
+
+    @property
+    def eot_position(self) -> int:
+        return len(self.pieces) + 1
+
+
+class ClipTokenizer:
+    """CLIP tokenizer loaded from the packaged OpenAI vocabulary or from a Hugging Face tokenizer folder."""
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        self._backend = _load_packaged_backend() if folder is None else _load_backend(pathlib.Path(folder))
+        self.sot_id = self._backend.token_to_id(SOT_TOKEN)
+        self.eot_id = self._backend.token_to_id(EOT_TOKEN)
+        if self.sot_id is None or self.eot_id is None:
+            raise ValueError(f"tokenizer in {folder} has no {SOT_TOKEN} / {EOT_TOKEN}: not a CLIP tokenizer")
+        self._byte_of_char = {c: b for b, c in bytes_to_unicode().items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, texts: str | Iterable[str], context_length: int = CONTEXT_LENGTH,
+               truncate: bool = False) -> np.ndarray:
+        """int32 [n, context_length] token rows, like OpenAI `clip.tokenize(texts, context_length, truncate)`."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        rows = [self._token_row(self._piece_encoding(text, context_length, truncate), context_length)
+                for text in texts]
+        return np.stack(rows) if rows else np.zeros((0, context_length), dtype=np.int32)
+
+    def tokenize_words(self, text: str, context_length: int = CONTEXT_LENGTH,
+                       truncate: bool = False) -> TokenizedPrompt:
+        """Token row of one prompt plus its pieces and words, each word mapped to a span of `text`."""
+        encoding = self._piece_encoding(text, context_length, truncate)
+        token_ids = self._token_row(encoding, context_length)
+        token_ids.setflags(write=False)
+        positions = tuple(range(1, len(encoding.ids) + 1))
+        return TokenizedPrompt(
+            text=text,
+            token_ids=token_ids,
+            pieces=tuple(encoding.tokens),
+            piece_positions=positions,
+            words=_group_words(text, clean_text(text), encoding, positions),
+        )
+
+    def author_kept_positions(self, token_ids: np.ndarray) -> np.ndarray:
+        """int32 positions the TCLIP author's code keeps: not SOT/EOT/padding and not decoding to "", "!" or "."."""
+        token_ids = np.asarray(token_ids)
+        if token_ids.ndim != 1:
+            raise ValueError(f"token_ids must be one token row, got shape {token_ids.shape}")
+        kept = [p for p, i in enumerate(token_ids.tolist())
+                if i not in (self.sot_id, self.eot_id, PAD_ID) and self.decode_piece(i) not in AUTHOR_DROPPED_PIECES]
+        return np.asarray(kept, dtype=np.int32)
+
+    def decode_piece(self, token_id: int) -> str:
+        """Text of one token as OpenAI's `decode([id])` gives it (bytes as UTF-8, `</w>` as space), stripped."""
+        token = self._backend.id_to_token(int(token_id))
+        if token is None:
+            raise ValueError(f"token id {token_id} is outside the vocabulary of size {self.vocab_size}")
+        raw = bytes(self._byte_of_char[c] for c in token)
+        return raw.decode("utf-8", errors="replace").replace(WORD_END, " ").strip()
+
+    def _token_row(self, encoding: tokenizers.Encoding, context_length: int) -> np.ndarray:
+        """SOT, pieces, EOT, then zero padding (OpenAI's padding, not Hugging Face's EOT padding)."""
+        row = np.full(context_length, PAD_ID, dtype=np.int32)
+        row[: len(encoding.ids) + 2] = [self.sot_id, *encoding.ids, self.eot_id]
+        return row
+
+    def _piece_encoding(self, text: str, context_length: int, truncate: bool) -> tokenizers.Encoding:
+        """BPE pieces of the cleaned prompt (no SOT/EOT), checked or truncated to fit the context."""
+        if not isinstance(text, str):
+            raise TypeError(f"prompts must be str, got {type(text).__name__}: {text!r}")
+        if context_length < 2:
+            raise ValueError(f"context_length must leave room for SOT and EOT, got {context_length}")
+        encoding = self._backend.encode(clean_text(text), add_special_tokens=False)
+        capacity = context_length - 2
+        if len(encoding.ids) > capacity:
+            message = (f"prompt {text!r} has {len(encoding.ids) + 2} tokens (SOT + {len(encoding.ids)} BPE pieces "
+                       f"+ EOT), more than the context length {context_length}")
+            if not truncate:
+                raise ValueError(message + "; shorten it or pass truncate=True")
+            warnings.warn(message + f"; keeping the first {capacity} pieces", stacklevel=3)
+            encoding.truncate(capacity)
+        return encoding
+
+
+def _group_words(text: str, cleaned: str, encoding: tokenizers.Encoding,
+                 positions: tuple[int, ...]) -> tuple[Word, ...]:
+    """Merge the BPE pre-tokenizer's chunks into words and map them back onto the original text."""
+    chunks = []  # (start, end, piece positions) in cleaned-text coordinates, one per pre-tokenizer chunk
+    pieces = zip(encoding.word_ids, encoding.offsets, positions)
+    for _, members in itertools.groupby(pieces, key=lambda piece: piece[0]):
+        members = list(members)
+        chunks.append((members[0][1][0], members[-1][1][1], tuple(position for _, _, position in members)))
+    merged = []  # (start, end, piece positions, is_punctuation)
+    for start, end, piece_positions in chunks:
+        punctuation = not any(unicodedata.category(c)[0] in "LN" for c in cleaned[start:end])
+        # CLIP splits "don't", "cat's" and "123" into several chunks; adjacent letter/digit chunks are one word.
+        if merged and not punctuation and not merged[-1][3] and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], end, merged[-1][2] + piece_positions, False)
+        else:
+            merged.append((start, end, piece_positions, punctuation))
+    starts, ends = _original_spans(text, cleaned)
+    return tuple(Word(text[starts[start]:ends[end - 1]], starts[start], ends[end - 1], piece_positions, punctuation)
+                 for start, end, piece_positions, punctuation in merged)
+
+
+def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
+    """For each character of `cleaned`, the [start, end) span of `original` it comes from.
+
+    Cleaning mostly lowercases and collapses whitespace, which aligns character by character; where ftfy or
+    HTML unescaping rewrote text (e.g. "&amp;" -> "&"), each rewritten character maps to the whole source block.
+    """
+    matcher = difflib.SequenceMatcher(None, [c.lower() for c in original], cleaned, autojunk=False)
+    starts, ends = [0] * len(cleaned), [0] * len(cleaned)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        for j in range(j1, j2):
+            starts[j], ends[j] = (i1 + j - j1, i1 + j - j1 + 1) if tag == "equal" else (i1, i2)
+    return starts, ends
+
+
+def _load_backend(folder: pathlib.Path) -> tokenizers.Tokenizer:
+    """The `tokenizers` BPE of a Hugging Face CLIP tokenizer folder, without its own normaliser."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
+    wrapper = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    backend = getattr(wrapper, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"{folder} did not load as a fast (tokenizers-backed) tokenizer")
+    # clean_text applies OpenAI's normalisation; switching Hugging Face's own (NFC, whitespace, lowercase) off
+    # makes the BPE see exactly the text OpenAI's tokenizer sees.
+    backend.normalizer = None
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
+def _load_packaged_backend() -> tokenizers.Tokenizer:
+    """Load the packaged files; the large ones are stored gzipped, so they are unpacked to a temporary folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in DATA_DIR.iterdir():
+            if path.suffix == ".gz":
+                (pathlib.Path(tmp) / path.stem).write_bytes(gzip.decompress(path.read_bytes()))
+            elif path.suffix == ".json":
+                shutil.copy(path, tmp)
+        return _load_backend(pathlib.Path(tmp))
+
+
+@functools.cache
+def default_tokenizer() -> ClipTokenizer:
+    """A shared tokenizer built from the packaged OpenAI CLIP vocabulary (loading takes about a second)."""
+    return ClipTokenizer()

@@ -1,0 +1,242 @@
+"""CLIP tokenizer: ids against the official tokenizers' outputs stored in the fixtures, and word <-> piece mapping."""
+import gzip
+import json
+import socket
+
+import numpy as np
+import pytest
+
+from tclip_jax.templates import CLIP_SURGERY_TEMPLATES
+from tclip_jax.tokenizer import DATA_DIR, EOT_TOKEN, SOT_TOKEN, ClipTokenizer, bytes_to_unicode
+from weights_conversion.make_tokenizer_files import N_MERGES, build_vocab
+
+SOT, EOT = 49406, 49407
+
+
+def _refuse_network(*args, **kwargs):
+    raise AssertionError("the tokenizer tried to open a network connection")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(socket.socket, "connect", _refuse_network)
+        yield ClipTokenizer()
+
+
+@pytest.fixture(scope="module")
+def packaged_files():
+    vocab = json.loads(gzip.decompress((DATA_DIR / "vocab.json.gz").read_bytes()))
+    lines = gzip.decompress((DATA_DIR / "merges.txt.gz").read_bytes()).decode("utf-8").splitlines()
+    return vocab, lines
+
+
+@pytest.fixture(scope="module")
+def clip_surgery(fixtures_dir):
+    with np.load(fixtures_dir / "clip_surgery" / "clip_surgery_tiny.npz") as f:
+        return {k: f[k] for k in f.files if k.startswith("tokens/") or k == "labels"}
+
+
+def _load(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+# --- packaged vocabulary -------------------------------------------------------------------------------------
+
+
+def test_byte_alphabet_is_gpt2_table():
+    table = bytes_to_unicode()
+    assert len(table) == 256 and len(set(table.values())) == 256
+    assert table[ord("a")] == "a" and table[ord("!")] == "!" and table[ord("ÿ")] == "ÿ"
+    assert table[ord(" ")] == "Ġ" and table[0] == "Ā"  # unprintable bytes move to U+0100 onwards
+
+
+def test_packaged_vocabulary_follows_openai_construction(packaged_files, tokenizer):
+    vocab, lines = packaged_files
+    merges = [tuple(line.split()) for line in lines[1:]]
+    assert lines[0] == "#version: 0.2" and len(merges) == N_MERGES == 48894
+    assert len(vocab) == tokenizer.vocab_size == 49408
+    symbols = list(bytes_to_unicode().values())
+    assert [vocab[s] for s in symbols] == list(range(256))
+    assert [vocab[s + "</w>"] for s in symbols] == list(range(256, 512))
+    assert all(vocab[a + b] == 512 + k for k, (a, b) in enumerate(merges))
+    assert vocab[SOT_TOKEN] == tokenizer.sot_id == SOT and vocab[EOT_TOKEN] == tokenizer.eot_id == EOT
+    assert build_vocab(merges) == vocab
+
+
+def test_hugging_face_folder_loads(tmp_path, clip_surgery):
+    for path in DATA_DIR.iterdir():
+        target = tmp_path / path.name.removesuffix(".gz")
+        target.write_bytes(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes())
+    tokens = ClipTokenizer(tmp_path).encode(list(clip_surgery["labels"]))
+    np.testing.assert_array_equal(tokens, clip_surgery["tokens/labels_single"])
+
+
+def test_missing_folder_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ClipTokenizer(tmp_path / "nowhere")
+
+
+# --- ids against the official tokenizers -----------------------------------------------------------------------
+
+
+def test_labels_match_clip_surgery(tokenizer, clip_surgery):
+    tokens = tokenizer.encode(clip_surgery["labels"])
+    assert tokens.dtype == np.int32 and tokens.shape == (5, 77)
+    np.testing.assert_array_equal(tokens, clip_surgery["tokens/labels_single"])
+    np.testing.assert_array_equal(tokenizer.encode("a red circle"), clip_surgery["tokens/red_circle_single"])
+
+
+@pytest.mark.parametrize("key", ["labels_ensemble", "empty_ensemble", "red_circle_ensemble"])
+def test_template_ensembles_match_clip_surgery(tokenizer, clip_surgery, key):
+    texts = {"labels_ensemble": list(clip_surgery["labels"]), "empty_ensemble": [""],
+             "red_circle_ensemble": ["a red circle"]}[key]
+    assert len(CLIP_SURGERY_TEMPLATES) == 85
+    tokens = np.stack([tokenizer.encode([t.format(text) for t in CLIP_SURGERY_TEMPLATES]) for text in texts])
+    np.testing.assert_array_equal(tokens, clip_surgery[f"tokens/{key}"])
+
+
+@pytest.mark.parametrize("fixture", ["tclip_author/author_similarity_tiny.npz", "hilacam/hilacam_tiny.npz"])
+def test_token_ids_match_openai_clip(tokenizer, fixtures_dir, fixture):
+    reference = _load(fixtures_dir / fixture)
+    np.testing.assert_array_equal(tokenizer.encode(reference["texts"]), reference["token_ids"])
+
+
+def test_uppercase_and_extra_whitespace_are_normalised(tokenizer, clip_surgery):
+    tokens = tokenizer.encode(["  A RED\tCircle \n"])
+    np.testing.assert_array_equal(tokens, clip_surgery["tokens/red_circle_single"])
+
+
+def test_html_entities_are_unescaped_like_openai(tokenizer):
+    np.testing.assert_array_equal(tokenizer.encode("fish &amp;amp; chips"), tokenizer.encode("fish & chips"))
+
+
+def test_empty_prompt_is_sot_eot(tokenizer):
+    expected = np.zeros((1, 77), np.int32)
+    expected[0, :2] = [SOT, EOT]
+    np.testing.assert_array_equal(tokenizer.encode(""), expected)
+    prompt = tokenizer.tokenize_words("")
+    assert prompt.words == () and prompt.pieces == () and prompt.eot_position == 1
+
+
+def test_batch_shapes(tokenizer):
+    assert tokenizer.encode([]).shape == (0, 77)
+    assert tokenizer.encode(["a", "b c"], context_length=10).shape == (2, 10)
+
+
+# --- context length ------------------------------------------------------------------------------------------
+
+
+def test_prompt_filling_the_context_fits(tokenizer):
+    row = tokenizer.encode("cat " * 75)[0]
+    cat = row[1]
+    assert row[0] == SOT and row[76] == EOT and (row[1:76] == cat).all()
+
+
+def test_too_long_prompt_names_prompt_and_count(tokenizer):
+    with pytest.raises(ValueError, match=r"prompt 'cat cat .*' has 78 tokens .* context length 77"):
+        tokenizer.encode(["a cat", "cat " * 76])
+
+
+def test_truncation_keeps_first_pieces_and_ends_with_eot(tokenizer):
+    long_prompt = " ".join(f"cat{i}" for i in range(60))  # two pieces per word
+    with pytest.warns(UserWarning, match="keeping the first 75 pieces"):
+        row = tokenizer.encode(long_prompt, truncate=True)[0]
+    full = tokenizer.encode(long_prompt, context_length=200)[0]
+    np.testing.assert_array_equal(row[:76], full[:76])
+    assert row[76] == EOT
+    with pytest.warns(UserWarning):
+        prompt = tokenizer.tokenize_words(long_prompt, truncate=True)
+    np.testing.assert_array_equal(prompt.token_ids, row)
+    assert prompt.piece_positions[-1] == 75 and prompt.words[-1].piece_positions[-1] == 75
+    assert long_prompt.startswith(" ".join(w.text for w in prompt.words))
+
+
+def test_bad_arguments(tokenizer):
+    with pytest.raises(TypeError, match="prompts must be str"):
+        tokenizer.encode(["a cat", 3])
+    with pytest.raises(ValueError, match="context_length"):
+        tokenizer.encode("a cat", context_length=1)
+    with pytest.raises(ValueError, match="one token row"):
+        tokenizer.author_kept_positions(np.zeros((2, 77), np.int32))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tokenizer.decode_piece(49408)
+
+
+# --- words and pieces ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("word", ["hippopotamus", "photobombing"])
+def test_multi_piece_word_is_one_word(tokenizer, word):
+    prompt = tokenizer.tokenize_words(f"a {word} here")
+    assert [w.text for w in prompt.words] == ["a", word, "here"]
+    positions = prompt.words[1].piece_positions
+    assert len(positions) > 1 and positions == tuple(range(2, 2 + len(positions)))
+    pieces = [prompt.pieces[prompt.piece_positions.index(p)] for p in positions]
+    assert "".join(pieces) == word + "</w>"
+    np.testing.assert_array_equal(prompt.token_ids, tokenizer.encode(f"a {word} here")[0])
+
+
+def test_pieces_and_positions_cover_the_row(tokenizer):
+    prompt = tokenizer.tokenize_words("A photo of a cat.")
+    n = len(prompt.pieces)
+    assert prompt.piece_positions == tuple(range(1, n + 1)) and prompt.eot_position == n + 1
+    assert prompt.token_ids[0] == SOT and prompt.token_ids[n + 1] == EOT and not prompt.token_ids[n + 2:].any()
+    assert sorted(p for w in prompt.words for p in w.piece_positions) == list(prompt.piece_positions)
+    assert not prompt.token_ids.flags.writeable
+
+
+def test_punctuation_is_its_own_flagged_word(tokenizer):
+    text = "a red circle, next to a blue square!"
+    prompt = tokenizer.tokenize_words(text)
+    assert [w.text for w in prompt.words] == ["a", "red", "circle", ",", "next", "to", "a", "blue", "square", "!"]
+    assert [w.is_punctuation for w in prompt.words] == [False] * 3 + [True] + [False] * 5 + [True]
+
+
+def test_contractions_and_numbers_stay_whole(tokenizer):
+    prompt = tokenizer.tokenize_words("the cat's 123 toys don't fit a t-shirt")
+    assert [w.text for w in prompt.words] == ["the", "cat's", "123", "toys", "don't", "fit", "a", "t", "-", "shirt"]
+    assert len(prompt.words[2].piece_positions) == 3  # CLIP encodes digits one by one
+
+
+def test_words_map_back_to_original_text(tokenizer):
+    text = "  A  Hippopotamus,\tNEXT to the   Café. "
+    prompt = tokenizer.tokenize_words(text)
+    assert [w.text for w in prompt.words] == ["A", "Hippopotamus", ",", "NEXT", "to", "the", "Café", "."]
+    assert all(text[w.start:w.end] == w.text for w in prompt.words)
+    np.testing.assert_array_equal(prompt.token_ids, tokenizer.encode(text.lower())[0])
+
+
+def test_text_rewritten_by_cleaning_maps_to_its_source(tokenizer):
+    text = "a cafÃ© sign"  # mojibake that ftfy repairs to "café"
+    prompt = tokenizer.tokenize_words(text)
+    assert [w.text for w in prompt.words] == ["a", "cafÃ©", "sign"]
+    np.testing.assert_array_equal(prompt.token_ids, tokenizer.encode("a café sign")[0])
+
+
+# --- the TCLIP author's kept positions -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [0, 1])
+def test_author_kept_positions_match_fixture(tokenizer, fixtures_dir, t):
+    reference = _load(fixtures_dir / "tclip_author" / "author_similarity_tiny.npz")
+    kept = tokenizer.author_kept_positions(reference["token_ids"][t])
+    assert kept.dtype == np.int32
+    np.testing.assert_array_equal(kept, reference[f"text{t}_kept_positions"])
+    np.testing.assert_array_equal(reference["token_ids"][t][kept], reference[f"text{t}_kept_token_ids"])
+    assert [tokenizer.decode_piece(i) for i in reference[f"text{t}_kept_token_ids"]] == list(reference[f"text{t}_kept_tokens"])
+
+
+def test_author_filter_drops_only_single_bang_and_period(tokenizer):
+    # Pieces: a cat ! a dog . a , b wow !! -> the filter drops "!" and "." but keeps "," and "!!".
+    prompt = tokenizer.tokenize_words("a cat! a dog. a, b wow!!")
+    assert prompt.pieces[2] == "!</w>" and prompt.pieces[5] == ".</w>" and prompt.pieces[10] == "!!</w>"
+    np.testing.assert_array_equal(tokenizer.author_kept_positions(prompt.token_ids), [1, 2, 4, 5, 7, 8, 9, 10, 11])
+
+
+def test_decode_piece_reassembles_bytes(tokenizer):
+    cat_face = tokenizer.tokenize_words("🐱")
+    assert len(cat_face.pieces) == 1 and tokenizer.decode_piece(cat_face.token_ids[1]) == "🐱"
+    assert tokenizer.decode_piece(SOT) == SOT_TOKEN
