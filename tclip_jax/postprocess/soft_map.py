@@ -1,0 +1,120 @@
+"""TCLIP soft maps: a 2-component Gaussian mixture splits a heatmap's values into background and
+foreground; values below the split tau are set to the map's minimum, and the result is Gaussian-blurred.
+
+Conventions:
+- tau is where the two *weighted* densities are equal, w1 N(x; m1, s1) = w2 N(x; m2, s2), between the means.
+  Taking logs gives a quadratic in x; equal variances make it linear.
+- The mixture is fitted with scikit-learn (``random_state=seed``) on the values standardised to zero mean
+  and unit variance, so the fit does not depend on the map's scale (``reg_covar`` is an absolute variance);
+  the fitted parameters are mapped back to the map's units.
+- Maps with more than ``MAX_GMM_SAMPLES`` values are subsampled deterministically to that many evenly
+  spaced order statistics (quantiles), which keeps the empirical distribution up to 1 / MAX_GMM_SAMPLES and
+  does not depend on the pixel order.
+- Fallbacks (recorded in ``GmmFit.fallback``), never an exception for finite input:
+  ``"constant"``: all values equal; tau is that value and the soft map is constant.
+  ``"no_root_between_means"``: one weighted density dominates the other everywhere between the means,
+  or the means coincide (a one-component fit, e.g. on unimodal heavy-tailed values); tau is the map's
+  mean, the foreground threshold of Chefer et al., the usual choice when no two-class split is found.
+- The blur is ``scipy.ndimage.gaussian_filter`` (``mode="reflect"``, which keeps the map's total sum).
+  Its default sigma is ``DEFAULT_SIGMA_FRACTION * max(H, W)`` pixels (about 4.5 px on a 224-pixel map), so
+  the same smoothing applies at any map resolution; ``sigma=0`` disables it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy import ndimage
+from sklearn.mixture import GaussianMixture
+
+MAX_GMM_SAMPLES = 20_000
+DEFAULT_SIGMA_FRACTION = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class GmmFit:
+    """Two-component fit, components sorted by mean; ``fallback`` is None when tau is the intersection."""
+
+    means: tuple[float, float]
+    stds: tuple[float, float]
+    weights: tuple[float, float]
+    tau: float
+    fallback: str | None
+
+
+def gaussian_intersection(
+    means: tuple[float, float], stds: tuple[float, float], weights: tuple[float, float]
+) -> float | None:
+    """The x strictly between the means where w1 N(x; m1, s1) = w2 N(x; m2, s2), or None if there is none.
+
+    At most one such x exists: the log-ratio of the weighted densities is a quadratic whose sign can change
+    only once between the means.
+    """
+    (m1, m2), (s1, s2), (w1, w2) = means, stds, weights
+    if min(s1, s2) <= 0 or min(w1, w2) <= 0:
+        raise ValueError(f"stds and weights must be positive, got stds {stds}, weights {weights}")
+    if m1 == m2:
+        return None
+    # (x-m1)^2/(2 s1^2) - (x-m2)^2/(2 s2^2) + log(w2 s1 / (w1 s2)) = 0  ->  a x^2 + b x + c = 0
+    a = 0.5 / s1**2 - 0.5 / s2**2
+    b = m2 / s2**2 - m1 / s1**2
+    c = 0.5 * m1**2 / s1**2 - 0.5 * m2**2 / s2**2 + np.log(w2 * s1 / (w1 * s2))
+    disc = b * b - 4.0 * a * c
+    if disc < 0:
+        return None
+    # Cancellation-free roots: c / q stays finite as a -> 0 and is then the linear root -c / b.
+    q = -0.5 * (b + np.copysign(np.sqrt(disc), b))
+    roots = [c / q] if q != 0 else []
+    if a != 0:
+        roots.append(q / a)
+    low, high = min(m1, m2), max(m1, m2)
+    between = [float(r) for r in roots if low < r < high]
+    return between[0] if between else None
+
+
+def gmm_threshold(scores: np.ndarray, seed: int = 0) -> GmmFit:
+    """Fit a 2-component 1-D Gaussian mixture to the map's values and return tau (see module docstring)."""
+    values = _finite_values(scores)
+    center, scale = float(values.mean()), float(values.std())
+    if scale == 0.0:
+        v = float(values[0])
+        return GmmFit((v, v), (0.0, 0.0), (1.0, 0.0), v, "constant")
+    if values.size > MAX_GMM_SAMPLES:
+        values = np.quantile(values, np.linspace(0.0, 1.0, MAX_GMM_SAMPLES))
+    # "diag" equals "full" for 1-D data and is cheaper; other settings are scikit-learn's defaults.
+    gmm = GaussianMixture(n_components=2, covariance_type="diag", random_state=seed)
+    gmm.fit(((values - center) / scale)[:, None])
+    order = np.argsort(gmm.means_[:, 0])
+    means = tuple(float(center + scale * gmm.means_[k, 0]) for k in order)
+    stds = tuple(float(scale * np.sqrt(gmm.covariances_[k, 0])) for k in order)
+    weights = tuple(float(gmm.weights_[k]) for k in order)
+    tau = gaussian_intersection(means, stds, weights)
+    if tau is None:
+        return GmmFit(means, stds, weights, center, "no_root_between_means")
+    return GmmFit(means, stds, weights, tau, None)
+
+
+def soft_map(scores: np.ndarray, sigma: float | None = None, seed: int = 0) -> tuple[np.ndarray, GmmFit]:
+    """Return the float64 soft map (values < tau set to the minimum, then blurred) and the mixture fit.
+
+    ``sigma`` is in pixels; None means ``DEFAULT_SIGMA_FRACTION * max(H, W)``.
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"scores must be a 2-D map, got shape {values.shape}")
+    if sigma is None:
+        sigma = DEFAULT_SIGMA_FRACTION * max(values.shape)
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    fit = gmm_threshold(values, seed)
+    kept = np.where(values < fit.tau, values.min(), values)
+    return ndimage.gaussian_filter(kept, sigma=sigma, mode="reflect"), fit
+
+
+def _finite_values(scores: np.ndarray) -> np.ndarray:
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise ValueError("scores is empty")
+    if not np.isfinite(values).all():
+        raise ValueError("scores contains NaN or infinite values")
+    return values

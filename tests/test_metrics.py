@@ -1,0 +1,336 @@
+"""Metrics against the official implementations' outputs (../shared/fixtures/metrics and
+../shared/fixtures/decomposition) and closed-form cases."""
+import json
+
+import numpy as np
+import pytest
+
+from tclip_jax.metrics import (
+    TORCHRAY_TOLERANCE,
+    aggregate_by_class,
+    argmax_point,
+    average_precision,
+    box_hit,
+    box_iou,
+    box_ious,
+    energy_in_mask,
+    energy_pointing_game,
+    energy_pointing_game_scorecam,
+    foreground_mask,
+    imagenet_s,
+    normalize_relevance,
+    pointing_game,
+    pointing_hit,
+    segmentation_scores,
+    summarize_segmentation,
+)
+from tclip_jax.postprocess import foreground
+
+NUM_MAPS = 12
+# Official outputs computed in float32 are compared with 1e-6 (absolute for fractions in [0, 1],
+# relative for ImageNet-S percentages); integers and booleans exactly.
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def ref(fixtures_dir):
+    with np.load(fixtures_dir / "metrics" / "metrics_reference.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def ref_json(fixtures_dir):
+    return json.loads((fixtures_dir / "metrics" / "metrics_reference.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def seg_ref(fixtures_dir):
+    with np.load(fixtures_dir / "decomposition" / "decomposition_tiny.npz") as f:
+        return {k: f[k] for k in f.files if k.startswith("seg_")}
+
+
+def _gt_boxes(ref, i):
+    return ref["gt_boxes"][i, : ref["gt_num"][i]].tolist()
+
+
+# ---------------------------------------------------------------- gScoreCAM IoU / BoxAcc
+
+
+@pytest.mark.parametrize("mode", ["otsu", "thr05"])
+def test_box_iou_and_hits_match_gscorecam(ref, ref_json, mode):
+    hits = []
+    for i in range(NUM_MAPS):
+        gt = _gt_boxes(ref, i)
+        pred = ref[f"gscorecam_box_{mode}"][i]
+        expected = ref[f"gscorecam_iou_{mode}"][i]
+        np.testing.assert_allclose(box_ious(pred, gt), expected[: len(gt)], rtol=0, atol=TOL)
+        assert np.isnan(expected[len(gt) :]).all()
+        hit = box_hit(pred, gt)
+        assert hit == ref[f"gscorecam_hit_{mode}"][i]
+        assert hit == bool(ref[f"gscorecam_recall_{mode}"][i])  # recall@1 stops at the first hit
+        hits.append(hit)
+    box_acc = aggregate_by_class(hits, ["object"] * NUM_MAPS).micro
+    assert box_acc == pytest.approx(ref_json["summary"][f"gscorecam_boxacc_{mode}"], abs=TOL)
+
+
+def test_box_iou_closed_form():
+    assert box_iou((0, 0, 9, 9), (0, 0, 9, 9)) == pytest.approx(100 / (100 + 1e-6), abs=1e-15)
+    # intersection (5, 0, 9, 9): 5 x 10 = 50 counted inclusively; union 100 + 100 - 50
+    assert box_iou((0, 0, 9, 9), (5, 0, 14, 9)) == pytest.approx(50 / (150 + 1e-6), abs=1e-15)
+    assert box_iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0  # touching: x2 <= x1 is no intersection
+    assert box_iou((3, 3, 3, 8), (0, 0, 9, 9)) == 0.0  # a zero-width box has area 0
+
+
+def test_box_metrics_reject_bad_input():
+    with pytest.raises(ValueError, match="4 coordinates"):
+        box_iou((0, 0, 1), (0, 0, 1, 1))
+    with pytest.raises(ValueError, match="empty"):
+        box_hit((0, 0, 1, 1), [])
+
+
+# ---------------------------------------------------------------- pointing game (TorchRay)
+
+
+@pytest.mark.parametrize("tolerance", [15, 1, 0])
+def test_pointing_game_matches_torchray(ref, ref_json, tolerance):
+    hits = []
+    for i in range(NUM_MAPS):
+        heatmap, mask = ref[f"heatmap_{i:02d}"], ref[f"gt_mask_{i:02d}"]
+        assert argmax_point(heatmap) == tuple(ref["pg_point_uv"][i])
+        hit = pointing_game(heatmap, mask, tolerance)
+        assert (1 if hit else -1) == ref[f"pg_hit_tol{tolerance}"][i]
+        hits.append(hit)
+    accuracy = aggregate_by_class(hits, [0] * NUM_MAPS).micro
+    assert accuracy == pytest.approx(ref_json["summary"][f"pointing_game_acc_tol{tolerance}"], abs=TOL)
+
+
+def test_pointing_tolerance_is_a_strict_distance():
+    mask = np.zeros((9, 9), bool)
+    mask[4, 6] = True  # 2 px right of the point (u, v) = (4, 4)
+    assert not pointing_hit(mask, (4, 4), tolerance=2)
+    assert pointing_hit(mask, (4, 4), tolerance=3)
+    assert pointing_hit(mask, (6, 4), tolerance=1)
+    assert not pointing_hit(mask, (6, 4), tolerance=0)
+    assert TORCHRAY_TOLERANCE == 15
+
+
+def test_argmax_ties_go_to_the_first_pixel_in_row_major_order():
+    saliency = np.zeros((4, 5))
+    saliency[1, 3] = saliency[2, 0] = saliency[1, 4] = 1.0
+    assert argmax_point(saliency) == (3, 1)
+
+
+def test_pointing_game_rejects_bad_input():
+    with pytest.raises(ValueError, match="NaN"):
+        argmax_point(np.array([[0.0, np.nan]]))
+    with pytest.raises(ValueError, match="shape"):
+        pointing_game(np.zeros((3, 3)), np.zeros((3, 4), bool))
+    with pytest.raises(ValueError, match="tolerance"):
+        pointing_hit(np.ones((3, 3), bool), (1, 1), tolerance=-1)
+
+
+# ---------------------------------------------------------------- energy pointing game (Score-CAM)
+
+
+def test_energy_pointing_game_matches_scorecam(ref, ref_json):
+    corrected, original = [], []
+    for i in range(NUM_MAPS):
+        heatmap, box = ref[f"heatmap_{i:02d}"], ref["gt_boxes"][i, 0]
+        corrected.append(energy_pointing_game(heatmap, box))
+        original.append(energy_pointing_game_scorecam(heatmap, box))
+    np.testing.assert_allclose(corrected, ref["energy_pg_corrected"], rtol=0, atol=TOL)
+    np.testing.assert_allclose(original, ref["energy_pg_original"], rtol=0, atol=TOL)
+    summary = ref_json["summary"]
+    assert np.mean(corrected) == pytest.approx(summary["energy_pg_corrected_mean"], abs=TOL)
+    assert np.mean(original) == pytest.approx(summary["energy_pg_original_mean"], abs=TOL)
+
+
+def test_energy_closed_form():
+    saliency = np.full((10, 20), 3.0)  # min-max maps 3 to 0: no energy outside the blob
+    saliency[2:4, 5:9] = 5.0
+    saliency[2, 5] = 7.0
+    # box (x1, y1, x2, y2) = (5, 2, 7, 4) holds rows 2:4, cols 5:7: (1 + 0.5 * 3) of (1 + 0.5 * 7)
+    assert energy_pointing_game(saliency, (5, 2, 7, 4)) == pytest.approx(2.5 / 4.5, abs=1e-15)
+    assert energy_pointing_game(saliency, (-5, -5, 50, 50)) == pytest.approx(1.0, abs=1e-15)
+    mask = np.zeros_like(saliency, bool)
+    mask[2:4, 5:7] = True
+    assert energy_in_mask(saliency, mask) == pytest.approx(2.5 / 4.5, abs=1e-15)
+
+
+def test_energy_of_a_constant_map_is_the_area_share():
+    assert energy_pointing_game(np.full((10, 20), 0.5), (0, 0, 5, 4)) == pytest.approx(20 / 200, abs=1e-15)
+
+
+def test_scorecam_original_transposes_the_box():
+    saliency = np.zeros((6, 8))
+    saliency[1, 3] = 1.0  # row 1, column 3
+    assert energy_pointing_game(saliency, (3, 1, 4, 2)) == 1.0
+    assert energy_pointing_game_scorecam(saliency, (1, 3, 2, 4)) == 1.0
+    with pytest.raises(ValueError, match="sums to zero"):
+        energy_pointing_game_scorecam(np.zeros((3, 3)), (0, 0, 1, 1))
+
+
+# ---------------------------------------------------------------- segmentation (Chefer et al. / clip_text_span)
+
+
+def test_relevance_normalisation_matches_reference(seg_ref):
+    np.testing.assert_array_equal(normalize_relevance(seg_ref["seg_upsampled"]), seg_ref["seg_normalized"])
+
+
+def test_segmentation_metrics_match_reference(seg_ref):
+    relevance, labels = seg_ref["seg_normalized"], seg_ref["seg_gt_mask"]
+    np.testing.assert_array_equal(foreground_mask(relevance), seg_ref["seg_binary_fg"] == 1)
+
+    scores = segmentation_scores(relevance, labels)
+    assert scores.pixel_correct == seg_ref["seg_pixel_correct"]
+    assert scores.pixel_labeled == seg_ref["seg_pixel_labeled"]
+    np.testing.assert_array_equal(scores.area_inter, seg_ref["seg_area_inter"])
+    np.testing.assert_array_equal(scores.area_union, seg_ref["seg_area_union"])
+    assert scores.ap == pytest.approx(seg_ref["seg_ap"], abs=TOL)
+    assert scores.pixel_accuracy == pytest.approx(seg_ref["seg_pixel_accuracy"], abs=TOL)
+    np.testing.assert_allclose(scores.iou, seg_ref["seg_iou"], rtol=0, atol=TOL)
+    assert scores.miou == pytest.approx(seg_ref["seg_miou"], abs=TOL)
+
+    summary = summarize_segmentation([scores])
+    assert summary["pixel_accuracy"] == pytest.approx(seg_ref["seg_pixel_accuracy"], abs=TOL)
+    assert summary["miou"] == pytest.approx(seg_ref["seg_miou"], abs=TOL)
+    assert summary["map"] == pytest.approx(seg_ref["seg_map"], abs=TOL)
+
+
+def test_segmentation_threshold_options():
+    relevance = np.array([[0.0, 0.2, 0.4], [0.6, 0.8, 1.0]])
+    np.testing.assert_array_equal(foreground_mask(relevance), relevance > 0.5)
+    np.testing.assert_array_equal(foreground_mask(relevance, 0.7), relevance > 0.7)
+    np.testing.assert_array_equal(foreground_mask(relevance, "otsu"), foreground(relevance)[0])
+    with pytest.raises(ValueError, match="threshold"):
+        foreground_mask(relevance, "median")
+
+
+def test_segmentation_closed_form_with_ignored_pixels():
+    relevance = np.array([[0.9, 0.8, 0.1, 0.0]])
+    labels = np.array([[1, 0, 0, -1]])
+    scores = segmentation_scores(relevance, labels, threshold=0.5)
+    # valid pixels: pred [1, 1, 0], target [1, 0, 0]
+    assert (scores.pixel_correct, scores.pixel_labeled) == (2, 3)
+    np.testing.assert_array_equal(scores.area_inter, [1, 1])
+    np.testing.assert_array_equal(scores.area_union, [2, 2])
+    # scores (bg: 1 - relevance): 0.9 fg+ and bg+ (tied), 0.8 fg-, 0.2 bg+, 0.1 fg- and bg-
+    # AP = sum over positives' recall steps of precision: 2/3 * 2/2 + 1/3 * 3/4
+    assert scores.ap == pytest.approx(11 / 12, abs=1e-12)
+    # inverted map: 0.9 fg-, 0.8 bg-, 0.2 fg+, 0.1 bg+  ->  AP = 1/2 * 1/3 + 1/2 * 2/4
+    assert average_precision(np.array([[0.2, 0.9]]), np.array([[1, 0]])) == pytest.approx(5 / 12, abs=1e-12)
+
+
+def test_normalisation_of_a_map_without_positive_relevance():
+    np.testing.assert_array_equal(normalize_relevance(-np.ones((3, 3))), np.zeros((3, 3)))
+
+
+def test_dataset_scores_sum_counts_before_dividing():
+    perfect = segmentation_scores(np.array([[1.0, 0.0]]), np.array([[1, 0]]), threshold=0.5)
+    wrong = segmentation_scores(np.array([[1.0, 0.0, 0.0, 0.0]]), np.array([[0, 1, 1, 1]]), threshold=0.5)
+    summary = summarize_segmentation([perfect, wrong])
+    assert summary["pixel_accuracy"] == pytest.approx(2 / 6)  # not the mean of 1 and 0
+    # background: inter 1 + 0, union 1 + 4; foreground: inter 1 + 0, union 1 + 4
+    assert summary["miou"] == pytest.approx(1 / 5)
+    assert summary["map"] == pytest.approx((perfect.ap + wrong.ap) / 2)
+
+
+def test_segmentation_rejects_bad_input():
+    with pytest.raises(ValueError, match="NaN"):
+        segmentation_scores(np.array([[np.nan, 0.0]]), np.array([[1, 0]]))
+    with pytest.raises(ValueError, match="labels must be"):
+        segmentation_scores(np.zeros((2, 2)), np.full((2, 2), 2))
+    with pytest.raises(ValueError, match="shape"):
+        segmentation_scores(np.zeros((2, 2)), np.zeros((2, 3), int))
+
+
+# ---------------------------------------------------------------- ImageNet-S evaluator
+
+
+@pytest.fixture(scope="module")
+def inets_maps(ref):
+    return [ref[f"inets_gt_{k}"] for k in range(3)], [ref[f"inets_pred_{k}"] for k in range(3)]
+
+
+def test_imagenet_s_matches_evaluator(ref, ref_json, inets_maps):
+    log = imagenet_s.evaluate(*inets_maps, num_classes=3)
+    expected = ref_json["imagenet_s"]
+    np.testing.assert_allclose(log["IoUs"], ref["inets_per_class_iou"], rtol=TOL, atol=0)
+    np.testing.assert_allclose(log["IoUs"], expected["IoUs"], rtol=TOL, atol=0)
+    for key in ("Acc", "mIoU", "mBIoU", "S", "MS", "ML", "L", "BS", "BMS", "BML", "BL", "FMeasure"):
+        assert log[key] == pytest.approx(expected[key], rel=TOL), key
+
+
+def test_imagenet_s_ignores_predictions_on_ignored_pixels(inets_maps):
+    gts, preds = inets_maps
+    changed = [p.astype(np.int64) for p in preds]
+    changed[0][gts[0] == imagenet_s.IGNORE_ID] = 2
+    base = imagenet_s.image_stats(gts[0], preds[0], 3)
+    other = imagenet_s.image_stats(gts[0], changed[0], 3)
+    np.testing.assert_array_equal(base.area.intersection, other.area.intersection)
+    np.testing.assert_array_equal(base.area.pred, other.area.pred)
+    assert base.fmeasure == other.fmeasure
+
+
+def test_imagenet_s_perfect_prediction():
+    gt = np.zeros((40, 40), np.int64)
+    gt[5:15, 5:15] = 1  # 100 px: ceil(6.25) = 7 % -> MS
+    gt[20:40, 0:40] = 2  # 800 px: 50 % -> ML
+    log = imagenet_s.evaluate([gt], [gt], num_classes=3)
+    # class 3 never occurs: its IoU is 0 and still counts in mIoU
+    np.testing.assert_allclose(log["IoUs"], [100, 100, 100, 0], atol=1e-6)
+    assert log["mIoU"] == pytest.approx(75.0, abs=1e-6)
+    assert log["Acc"] == 100.0
+    assert log["FMeasure"] == pytest.approx(100.0, abs=1e-9)
+    assert log["MS"] == pytest.approx(100.0, abs=1e-6) and log["ML"] == pytest.approx(100.0, abs=1e-6)
+    assert np.isnan(log["S"]) and np.isnan(log["L"])
+
+
+def test_boundary_band_is_the_inner_ring():
+    labels = np.zeros((30, 30), np.int64)
+    labels[10:20, 10:20] = 4
+    boundary = imagenet_s.boundary_labels(labels, dilation_ratio=0.02)  # round(0.02 * 42.4) = 1 step
+    square = np.zeros((30, 30), bool)
+    square[10:20, 10:20] = True
+    ring = square.copy()
+    ring[11:19, 11:19] = False
+    np.testing.assert_array_equal(boundary == 5, ring)
+    # background: the image border and the ring just outside the square
+    outer = np.zeros((30, 30), bool)
+    outer[[0, -1], :] = outer[:, [0, -1]] = True
+    outer[9:21, 9:21] = True
+    outer[10:20, 10:20] = False
+    np.testing.assert_array_equal(boundary == 1, outer)
+
+
+def test_decode_label_png():
+    rgb = np.zeros((1, 2, 3), np.uint8)
+    rgb[0, 0] = (232, 3, 0)
+    rgb[0, 1] = (7, 0, 0)
+    np.testing.assert_array_equal(imagenet_s.decode_label_png(rgb), [[1000, 7]])
+
+
+def test_imagenet_s_rejects_bad_input():
+    with pytest.raises(ValueError, match="integer"):
+        imagenet_s.image_stats(np.zeros((4, 4)), np.zeros((4, 4)), 3)
+    with pytest.raises(ValueError, match="shape"):
+        imagenet_s.image_stats(np.zeros((4, 4), int), np.zeros((4, 5), int), 3)
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def test_aggregate_micro_and_per_class_mean():
+    result = aggregate_by_class([1, 0, 1, 1, 0], ["cat", "cat", "dog", "cat", "bird"])
+    assert result.micro == pytest.approx(3 / 5)
+    assert result.per_class == {"cat": (pytest.approx(2 / 3), 3), "dog": (1.0, 1), "bird": (0.0, 1)}
+    assert result.macro == pytest.approx((2 / 3 + 1 + 0) / 3)
+
+
+def test_aggregate_rejects_bad_input():
+    with pytest.raises(ValueError, match="class ids"):
+        aggregate_by_class([1, 0], ["a"])
+    with pytest.raises(ValueError, match="non-empty"):
+        aggregate_by_class([], [])
+    with pytest.raises(ValueError, match="NaN"):
+        aggregate_by_class([np.nan], ["a"])
