@@ -1,0 +1,57 @@
+"""TCLIP on the device: token–patch relevance and its multi-scale translation aggregate.
+
+Image side: every final-layer patch token after `ln_post` and the visual projection. Text side:
+every token after `ln_final` and the text projection. Rows are L2-normalised and `S = T̂ · Îᵀ`.
+The image side never sees the text, so one pass over the translated copies serves every query.
+A query is a unit token embedding or a mean of several (the pieces of a word, the words of a
+class name); S is linear in it, so its map is the mean of their maps before aggregation.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from tclip_jax.method.translations import DEFAULT_TRIM, shift_back_operators, translated_copies, trimmed_mean
+from tclip_jax.model import CLIP, l2_normalize
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def token_embeddings(model: CLIP, params, token_ids: jax.Array) -> jax.Array:
+    """[P, context, D] unit embeddings of every text position (SOT/EOT/padding included)."""
+    return l2_normalize(model.apply({"params": params}, token_ids, method="encode_text").tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "offsets"))
+def translated_patch_embeddings(model: CLIP, params, images: jax.Array,
+                                offsets: tuple[tuple[int, int], ...]) -> jax.Array:
+    """[B, K, gh*gw, D] unit patch embeddings of the K shifted copies of each image [B, h, w, 3].
+
+    All B*K copies go through the ViT as one batch.
+    """
+    batch, height, width, channels = images.shape
+    copies = jax.vmap(lambda image: translated_copies(image, offsets))(images)
+    out = model.apply({"params": params}, copies.reshape(-1, height, width, channels), method="encode_image")
+    patches = l2_normalize(out.tokens[:, 1:])  # drop the class token
+    return patches.reshape(batch, len(offsets), *patches.shape[1:])
+
+
+@functools.partial(jax.jit, static_argnames=("offsets", "grid_hw", "size_hw", "trim", "chunk"))
+def aggregate_maps(patch_embeds: jax.Array, queries: jax.Array, offsets: tuple[tuple[int, int], ...],
+                   grid_hw: tuple[int, int], size_hw: tuple[int, int], trim: float = DEFAULT_TRIM,
+                   chunk: int = 8) -> jax.Array:
+    """[Q, H, W] aggregated maps of `queries` [Q, D] from one image's copies `patch_embeds` [K, N, D].
+
+    Each copy's relevance grid is upsampled to the model input size (bilinear), shifted back into the
+    original frame, and the copies are combined by a pixel-wise trimmed mean over the valid ones.
+    Queries run `chunk` at a time to bound memory at K x chunk x H x W.
+    """
+    rows, cols, valid = shift_back_operators(offsets, grid_hw, size_hw)
+
+    def one_query(query: jax.Array) -> jax.Array:
+        grids = (patch_embeds @ query).reshape(len(offsets), *grid_hw)
+        maps = jnp.einsum("kyi,kij,kxj->kyx", rows, grids, cols)
+        return trimmed_mean(maps, valid, trim)
+
+    return jax.lax.map(one_query, queries, batch_size=chunk)

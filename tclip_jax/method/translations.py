@@ -1,0 +1,93 @@
+"""Multi-scale translation: shifted copies of the model input, and mapping their maps back.
+
+Copy k shows the input moved by (dy, dx) pixels: `copy[y, x] = input[y - dy, x - dx]`. Pixels that
+the shift brings in from outside are zero in the normalised input, i.e. the CLIP mean colour
+(padding, never wrap-around). A copy's map is brought back into the original frame by reading it
+at `(y + dy, x + dx)`; original pixels whose partner falls outside the copy have no value from
+that copy and are excluded from the pixel-wise trimmed mean.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tclip_jax.preprocess import upsample_bilinear
+
+DIRECTIONS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+# Shift lengths as fractions of the patch size: sub-patch shifts move every patch boundary.
+DEFAULT_SCALE_FRACTIONS = (0.25, 0.5, 0.75)
+DEFAULT_TRIM = 0.2
+
+
+def translation_offsets(patch_size: int, scale_fractions=DEFAULT_SCALE_FRACTIONS,
+                        count: int = 25) -> tuple[tuple[int, int], ...]:
+    """(dy, dx) pixel offsets: identity first, then the 8 directions at each scale.
+
+    `count=1` turns translation off; otherwise it must equal 1 + 8 * len(scale_fractions).
+    """
+    if count == 1:
+        return ((0, 0),)
+    scales = [int(round(f * patch_size)) for f in scale_fractions]
+    if count != 1 + 8 * len(scales):
+        raise ValueError(f"{count} translations do not fit {len(scales)} scales: expected 1 or "
+                         f"{1 + 8 * len(scales)}")
+    if any(s <= 0 for s in scales):
+        raise ValueError(f"scale fractions {scale_fractions} give non-positive shifts at patch size {patch_size}")
+    return ((0, 0),) + tuple((dy * s, dx * s) for s in scales for dy, dx in DIRECTIONS)
+
+
+def shift_image(image: jax.Array, offset: jax.Array, max_shift: int) -> jax.Array:
+    """`image` [h, w, c] moved by `offset` = (dy, dx) with zero padding; |dy|, |dx| <= max_shift."""
+    padded = jnp.pad(image, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+    start = (max_shift - offset[0], max_shift - offset[1], 0)
+    return jax.lax.dynamic_slice(padded, start, image.shape)
+
+
+def translated_copies(image: jax.Array, offsets: tuple[tuple[int, int], ...]) -> jax.Array:
+    """[K, h, w, c]: one shifted copy per offset, built with vmap."""
+    max_shift = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    return jax.vmap(lambda o: shift_image(image, o, max_shift))(jnp.asarray(offsets, jnp.int32))
+
+
+@functools.lru_cache(maxsize=32)
+def _upsampling_matrix(grid: int, size: int) -> np.ndarray:
+    """M [size, grid] with `M @ v` = the bilinear upsampling of `upsample_bilinear` along one axis."""
+    basis = np.eye(grid, dtype=np.float32)[:, :, None]           # [grid, grid, 1]
+    with jax.ensure_compile_time_eval():  # a constant, also when first needed inside a jit trace
+        return np.asarray(upsample_bilinear(basis, (size, 1)))[:, :, 0].T
+
+
+def shift_back_operators(offsets, grid_hw: tuple[int, int], size_hw: tuple[int, int]):
+    """Per-copy row/column operators that upsample a grid map and shift it back, and validity masks.
+
+    Returns rows [K, H, gh], cols [K, W, gw], valid [K, H, W] (bool), so that the back-shifted map
+    of copy k is `rows[k] @ grid_map @ cols[k].T`, meaningful where `valid[k]`.
+    """
+    (grid_h, grid_w), (height, width) = grid_hw, size_hw
+    up_rows, up_cols = _upsampling_matrix(grid_h, height), _upsampling_matrix(grid_w, width)
+    rows, cols, valid = [], [], []
+    for dy, dx in offsets:
+        y, x = np.arange(height) + dy, np.arange(width) + dx
+        rows.append(up_rows[np.clip(y, 0, height - 1)])
+        cols.append(up_cols[np.clip(x, 0, width - 1)])
+        valid.append(((y >= 0) & (y < height))[:, None] & ((x >= 0) & (x < width))[None, :])
+    return np.stack(rows), np.stack(cols), np.stack(valid)
+
+
+def trimmed_mean(values: jax.Array, valid: jax.Array, proportion: float) -> jax.Array:
+    """Mean over axis 0 of the valid values after cutting floor(proportion * n) from each end.
+
+    `n` is the number of valid values at that position (as `scipy.stats.trim_mean` on them);
+    at least one value must be valid everywhere.
+    """
+    if not 0.0 <= proportion < 0.5:
+        raise ValueError(f"trim proportion must be in [0, 0.5), got {proportion}")
+    ordered = jnp.sort(jnp.where(valid, values, jnp.inf), axis=0)
+    count = valid.sum(axis=0)
+    cut = jnp.floor(proportion * count).astype(count.dtype)
+    rank = jnp.arange(values.shape[0]).reshape((-1,) + (1,) * (values.ndim - 1))
+    keep = (rank >= cut) & (rank < count - cut)
+    return jnp.where(keep, ordered, 0.0).sum(axis=0) / (count - 2 * cut)

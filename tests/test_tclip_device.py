@@ -1,0 +1,100 @@
+"""The jitted, vmapped TCLIP aggregate against a plain loop over the paper's definition."""
+import jax
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torch.nn.functional as F
+
+from tclip_jax.method.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
+from tclip_jax.method.translations import translation_offsets, trimmed_mean
+from tclip_jax.model import CLIP
+from weights_conversion.convert import convert_state_dict, infer_openai_config
+
+
+@pytest.fixture(scope="module")
+def tiny(fixtures_dir):
+    with np.load(fixtures_dir / "tiny_openai_clip.npz") as f:
+        state_dict = {k: f[k].astype(np.float32) for k in f.files}
+    config = infer_openai_config(state_dict)
+    return CLIP(config), convert_state_dict(state_dict, config)
+
+
+def shifted(image, dy, dx):
+    """The copy whose pixel (y, x) shows image[y - dy, x - dx], zero where that is outside."""
+    height, width = image.shape[:2]
+    out = np.zeros_like(image)
+    out[max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
+        image[max(-dy, 0):height - max(dy, 0), max(-dx, 0):width - max(dx, 0)]
+    return out
+
+
+def reference_maps(model, params, image, queries, offsets, trim):
+    """Explicit loop: shift, encode, relevance, upsample (torch), shift back, trimmed mean of valid copies."""
+    height, width = image.shape[:2]
+    grid_h, grid_w = height // 32, width // 32
+    back = np.full((len(offsets), len(queries), height, width), np.nan)
+    for k, (dy, dx) in enumerate(offsets):
+        with jax.default_matmul_precision("highest"):
+            tokens = np.asarray(model.apply({"params": params}, shifted(image, dy, dx)[None],
+                                            method="encode_image").tokens[0, 1:], np.float64)
+        patches = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
+        grids = (queries @ patches.T).reshape(len(queries), 1, grid_h, grid_w)
+        up = F.interpolate(torch.from_numpy(grids), size=(height, width), mode="bilinear",
+                           align_corners=False).numpy()[:, 0]
+        for y in range(height):
+            for x in range(width):
+                if 0 <= y + dy < height and 0 <= x + dx < width:
+                    back[k, :, y, x] = up[:, y + dy, x + dx]
+    result = np.empty((len(queries), height, width))
+    for q in range(len(queries)):
+        for y in range(height):
+            for x in range(width):
+                values = back[:, q, y, x]
+                result[q, y, x] = scipy.stats.trim_mean(values[~np.isnan(values)], trim)
+    return result
+
+
+# Small inputs keep the explicit per-pixel reference fast; the positional embedding is resized for them.
+@pytest.mark.parametrize("size_hw,count", [((96, 96), 25), ((64, 128), 25), ((96, 96), 1)])
+def test_aggregate_equals_explicit_loop(tiny, fixture_images, size_hw, count):
+    model, params = tiny
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((*size_hw, 3)).astype(np.float32)
+    image[:size_hw[0] // 2] += 1.0  # structure, so that copies differ
+    offsets = translation_offsets(32, count=count)
+    queries = rng.standard_normal((3, 64))
+    queries /= np.linalg.norm(queries, axis=-1, keepdims=True)
+    with jax.default_matmul_precision("highest"):
+        patches = translated_patch_embeddings(model, params, image[None], offsets)[0]
+        ours = aggregate_maps(patches, queries.astype(np.float32), offsets,
+                              (size_hw[0] // 32, size_hw[1] // 32), size_hw, 0.2)
+    expected = reference_maps(model, params, image, queries, offsets, 0.2)
+    np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_offsets_layout():
+    offsets = translation_offsets(32)
+    assert len(offsets) == 25 and offsets[0] == (0, 0) and len(set(offsets)) == 25
+    assert sorted({max(abs(dy), abs(dx)) for dy, dx in offsets}) == [0, 8, 16, 24]
+    assert translation_offsets(32, count=1) == ((0, 0),)
+    with pytest.raises(ValueError, match="translations"):
+        translation_offsets(32, count=9)
+
+
+def test_trimmed_mean_matches_scipy_with_ragged_validity():
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((25, 40))
+    valid = rng.random((25, 40)) < 0.7
+    valid[0] = True
+    ours = np.asarray(trimmed_mean(values, valid, 0.2))
+    expected = [scipy.stats.trim_mean(values[valid[:, i], i], 0.2) for i in range(40)]
+    np.testing.assert_allclose(ours, expected, atol=1e-6)
+
+
+def test_token_embeddings_are_unit_rows(tiny):
+    model, params = tiny
+    ids = np.zeros((2, 77), np.int32)
+    ids[:, 0], ids[:, 1:4], ids[:, 4] = 49406, 320, 49407
+    rows = np.asarray(token_embeddings(model, params, ids))
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=-1), 1.0, atol=1e-5)
