@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.mixture import GaussianMixture
 
-MAX_GMM_SAMPLES = 20_000
+MAX_GMM_SAMPLES = 4096
 DEFAULT_SIGMA_FRACTION = 0.02
 
 
