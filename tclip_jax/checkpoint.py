@@ -1,7 +1,9 @@
-"""The converted-checkpoint folder: `params.safetensors` + `tclip_config.json` (+ tokenizer files).
+"""The converted-checkpoint folder: `params.safetensors` or `params.npz` + `tclip_config.json`
+(+ `tokenizer/` files).
 
-Parameters are stored flat under '/'-joined Flax paths; float16 storage is allowed (it is cast to
-float32 on load). Folders are written to a temporary sibling and renamed, so an interrupted save
+Parameters are stored flat under '/'-joined Flax paths, never pickled; float16 storage is allowed
+(cast to float32 on load). `params.npz` is zip-compressed, which suits checkpoints with many zero
+rows (e.g. an unused vocabulary) such as the embedded default model. Folders are written to a temporary sibling and renamed, so an interrupted save
 never leaves a half-written checkpoint behind.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import safetensors.numpy
 
 from tclip_jax.model import CLIPConfig, param_shapes
 
-PARAMS_FILE = "params.safetensors"
+PARAMS_FILES = ("params.safetensors", "params.npz")
 CONFIG_FILE = "tclip_config.json"
 FORMAT_NAME = "tclip_jax"
 
@@ -36,8 +38,14 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
     return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
-def param_problems(flat: Mapping[str, np.ndarray], config: CLIPConfig) -> list[str]:
-    """Every way `flat` differs from the parameters `CLIP(config)` expects (empty when it fits)."""
+def param_problems(flat: Mapping[str, np.ndarray], config: CLIPConfig,
+                   origins: Optional[Mapping[str, str]] = None) -> list[str]:
+    """Every way `flat` differs from the parameters `CLIP(config)` expects (empty when it fits).
+
+    `origins` maps parameter paths to the checkpoint keys they came from, to name those too.
+    """
+    origins = origins or {}
+    named = lambda key: f"{key} (from {origins[key]})" if key in origins else key
     expected = {"/".join(path): leaf for path, leaf in
                 flax.traverse_util.flatten_dict(param_shapes(config)).items()}
     problems = [f"missing parameter: {k} {expected[k].shape}" for k in sorted(set(expected) - set(flat))]
@@ -45,9 +53,9 @@ def param_problems(flat: Mapping[str, np.ndarray], config: CLIPConfig) -> list[s
     for key in sorted(set(flat) & set(expected)):
         value = flat[key]
         if value.shape != expected[key].shape:
-            problems.append(f"shape mismatch: {key} is {value.shape}, model expects {expected[key].shape}")
+            problems.append(f"shape mismatch: {named(key)} is {value.shape}, model expects {expected[key].shape}")
         elif not np.isfinite(value).all():
-            problems.append(f"non-finite values (NaN or inf) in {key}")
+            problems.append(f"non-finite values (NaN or inf) in {named(key)}")
     return problems
 
 
@@ -62,7 +70,8 @@ def check_params(flat: Mapping[str, np.ndarray], config: CLIPConfig, what: str) 
 
 def save_checkpoint(folder: str | os.PathLike, params: Mapping, config: CLIPConfig, *,
                     metadata: Optional[Mapping[str, Any]] = None, tokenizer_dir: Optional[os.PathLike] = None,
-                    storage_dtype: np.dtype = np.float32, overwrite: bool = False) -> pathlib.Path:
+                    storage_dtype: np.dtype = np.float32, compressed: bool = False,
+                    overwrite: bool = False) -> pathlib.Path:
     """Writes a converted checkpoint folder atomically and returns its path."""
     folder = pathlib.Path(folder)
     if folder.exists() and not overwrite:
@@ -72,8 +81,11 @@ def save_checkpoint(folder: str | os.PathLike, params: Mapping, config: CLIPConf
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        safetensors.numpy.save_file({k: np.ascontiguousarray(v, storage_dtype) for k, v in flat.items()},
-                                    staging / PARAMS_FILE)
+        stored = {k: np.array(v, dtype=storage_dtype, order="C") for k, v in flat.items()}  # keeps 0-d arrays 0-d
+        if compressed:
+            np.savez_compressed(staging / PARAMS_FILES[1], **stored)
+        else:
+            safetensors.numpy.save_file(stored, staging / PARAMS_FILES[0])
         header = {"format": FORMAT_NAME, "version": 1, "config": config.to_dict(), **(metadata or {})}
         (staging / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
         if tokenizer_dir is not None:
@@ -103,10 +115,15 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[dict, CLIPConfig, dict]:
     if header.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{folder / CONFIG_FILE} is not a {FORMAT_NAME} checkpoint header")
     config = CLIPConfig.from_dict(header["config"])
+    params_file = next((folder / name for name in PARAMS_FILES if (folder / name).is_file()), None)
+    if params_file is None:
+        raise FileNotFoundError(f"{folder} has none of {PARAMS_FILES}")
     try:
-        flat = safetensors.numpy.load_file(folder / PARAMS_FILE)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{folder} has no {PARAMS_FILE}") from None
-    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
-        raise CheckpointError(f"{folder / PARAMS_FILE} is unreadable (truncated or corrupt?): {err}") from None
+        if params_file.suffix == ".npz":
+            with np.load(params_file, allow_pickle=False) as archive:
+                flat = {k: archive[k] for k in archive.files}
+        else:
+            flat = safetensors.numpy.load_file(params_file)
+    except Exception as err:  # zipfile / safetensors raise their own types for truncated or corrupt files
+        raise CheckpointError(f"{params_file} is unreadable (truncated or corrupt?): {err}") from None
     return check_params(flat, config, f"checkpoint {folder}"), config, header

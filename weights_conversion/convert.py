@@ -90,7 +90,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: CLIPConfig,
     problems = [f"missing key: {k}" for k in missing] + [f"unexpected key: {k}" for k in unexpected]
     # Parameters whose source is missing are already reported above.
     missing_targets = {r.target for r in rules if r.source in missing}
-    problems += [p for p in param_problems(flat, config)
+    origins = {rule.target: rule.source for rule in rules}
+    problems += [p for p in param_problems(flat, config, origins)
                  if not (p.startswith("missing parameter: ") and p.split()[2] in missing_targets)]
     if problems:
         raise ConversionError(f"{fmt} checkpoint does not fit the CLIP config "

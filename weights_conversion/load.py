@@ -43,32 +43,30 @@ def _from_hf_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str) ->
     return Converted(params, config, _tokenizer_dir(folder), "hf", origin)
 
 
-def _open_clip_config(folder: pathlib.Path) -> dict:
+def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], dict]:
+    """(activation, head dimensions) from an OpenCLIP hub folder's `open_clip_config.json`, if any."""
     path = folder / "open_clip_config.json"
     if not path.is_file():
-        return {}
+        return None, {}
     model_cfg = sources.read_json(path).get("model_cfg", {})
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     if "layers" in vision and not isinstance(vision["layers"], int):
         raise ConversionError("this is a ResNet CLIP checkpoint; TCLIP needs a ViT CLIP (patch tokens)")
-    options = {"activation": "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu",
-               "vision_head_dim": vision.get("head_width", 64)}
+    head_dims = {"vision_head_dim": vision.get("head_width", 64)}
     if "width" in text and "heads" in text:
-        options["text_head_dim"] = text["width"] // text["heads"]
-    return options
+        head_dims["text_head_dim"] = text["width"] // text["heads"]
+    return ("quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"), head_dims
 
 
 def _from_openai_state_dict(path: pathlib.Path, source: str, origin: str, activation: Optional[str],
-                            tokenizer_dir: Optional[pathlib.Path] = None, **options) -> Converted:
+                            tokenizer_dir: Optional[pathlib.Path] = None, **head_dims) -> Converted:
     state_dict = sources.read_state_dict(path)
     if detect_format(state_dict) == "hf":
         raise ConversionError(f"{path} is a Hugging Face state dict, which needs its config.json: "
                               "pass the folder holding both")
     # OpenAI's own models use QuickGELU; OpenCLIP's own trainings default to exact GELU.
-    activation = activation or options.pop("activation", None) or \
-        ("gelu" if source == "open_clip" else "quick_gelu")
-    options.pop("activation", None)
-    config = infer_openai_config(state_dict, activation=activation, **options)
+    activation = activation or ("gelu" if source == "open_clip" else "quick_gelu")
+    config = infer_openai_config(state_dict, activation=activation, **head_dims)
     params = convert_state_dict(state_dict, config, "openai")
     return Converted(params, config, tokenizer_dir, source, origin)
 
@@ -96,8 +94,9 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
             return _from_hf_folder(path, hf_weights, origin)
         open_clip_weights = sources.open_clip_folder_files(path)
         if open_clip_weights is not None:
-            return _from_openai_state_dict(open_clip_weights, "open_clip", origin, activation,
-                                           _tokenizer_dir(path), **_open_clip_config(path))
+            config_activation, head_dims = _open_clip_config(path)
+            return _from_openai_state_dict(open_clip_weights, "open_clip", origin, activation or config_activation,
+                                           _tokenizer_dir(path), **head_dims)
         raise FileNotFoundError(
             f"{path} is not a CLIP checkpoint folder: expected {checkpoint.CONFIG_FILE} (converted), "
             f"config.json + one of {sources.HF_WEIGHT_FILES} (Hugging Face), or one of "

@@ -121,7 +121,7 @@ class TCLIP:
         queries = [q for qs in word_queries for q in qs] + [np.mean(qs, axis=0) for qs in word_queries]
         return EncodedPrompts(tokens, words, embeds, np.stack(queries).astype(np.float32))
 
-    def explain(self, image: ImageLike, prompts: str | Sequence[str]) -> ImageResult:
+    def explain(self, image: ImageLike, prompts: str | Sequence[str] | EncodedPrompts) -> ImageResult:
         return next(self.explain_batch([image], prompts))
 
     def explain_batch(self, images: Sequence[ImageLike], prompts: str | Sequence[str] | EncodedPrompts,

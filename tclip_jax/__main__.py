@@ -1,0 +1,5 @@
+import sys
+
+from tclip_jax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,38 @@
+"""`tclip convert --from hf|openai|open_clip SRC --out DIR`."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from tclip_jax.checkpoint import save_checkpoint
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SRC", help="hub name, Hugging Face folder, OpenAI .pt, "
+                        "OpenAI-format .npz/.safetensors, or OpenCLIP checkpoint/folder")
+    parser.add_argument("--from", dest="source_format", choices=("hf", "openai", "open_clip"),
+                        help="force the checkpoint format (default: detected)")
+    parser.add_argument("--out", required=True, help="folder to write (must not exist unless --overwrite)")
+    parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
+                        help="override the MLP activation for state dicts whose config does not say it")
+    parser.add_argument("--float16", action="store_true", help="store parameters as float16 (half the size)")
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from weights_conversion.load import load_any
+
+    start = time.perf_counter()
+    converted = load_any(args.source, source=args.source_format, activation=args.activation)
+    folder = save_checkpoint(args.out, converted.params, converted.config,
+                             metadata={"source": converted.source, "origin": converted.origin},
+                             tokenizer_dir=converted.tokenizer_dir,  # None: the packaged CLIP vocabulary
+                             overwrite=args.overwrite,
+                             storage_dtype=np.float16 if args.float16 else np.float32)
+    c = converted.config
+    print(f"converted {converted.origin} ({converted.source}): ViT patch {c.patch_size} at {c.image_size}px, "
+          f"{c.vision_layers}x{c.vision_width} vision, {c.text_layers}x{c.text_width} text, "
+          f"embed {c.embed_dim}, {c.activation} -> {folder} in {time.perf_counter() - start:.1f}s")
+    return 0
