@@ -1,0 +1,92 @@
+"""The logic behind `colab/tclip_demo.ipynb`, kept here so that it is tested like everything else."""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import urllib.request
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+import PIL.Image
+
+from tclip_jax import synthetic
+from tclip_jax.image_io import load_image
+from tclip_jax.loading import load_clip
+from tclip_jax.method.explainer import TCLIP, ImageResult, Settings
+from tclip_jax.metrics import box_hit, pointing_game
+
+PRETRAINED = "openai/clip-vit-base-patch32"
+
+
+def backend_report() -> str:
+    """One line naming the JAX backend (tpu, gpu or cpu) and its devices."""
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    return f"JAX {jax.__version__} on {jax.default_backend()}: {len(devices)} device(s) ({', '.join(kinds)})"
+
+
+def online(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_explainer(model: Optional[str] = None, **settings) -> tuple[TCLIP, str]:
+    """(explainer, what was loaded): `model`, else ViT-B/32 when the hub is reachable, else the embedded model."""
+    if model is None and online():
+        model = PRETRAINED
+    clip = load_clip(model)
+    return TCLIP(clip, Settings(**settings)), clip.origin
+
+
+def fetch_image(source: Optional[str] = None) -> np.ndarray:
+    """uint8 RGB from a URL or a path; with no source, a held-out synthetic scene."""
+    if source is None:
+        return synthetic.make_scene(synthetic.HELDOUT_SEED_START).image
+    if source.startswith(("http://", "https://")):
+        with urllib.request.urlopen(source, timeout=30) as response:
+            return load_image(PIL.Image.open(io.BytesIO(response.read())))
+    return load_image(source)
+
+
+def show(result: ImageResult, prompt_index: int = 0):
+    """A matplotlib figure: the image and one overlay per word with its box."""
+    import matplotlib.pyplot as plt
+
+    from tclip_jax.visualize import overlay
+
+    prompt = result.prompts[prompt_index]
+    panels = 1 + len(prompt.words)
+    figure, axes = plt.subplots(1, panels, figsize=(3 * panels, 3.4), squeeze=False)
+    axes[0, 0].imshow(result.image)
+    axes[0, 0].set_title("image")
+    for axis, word, maps in zip(axes[0, 1:], prompt.words, prompt.word_maps):
+        axis.imshow(overlay(result.image, maps.aggregated, maps.box))
+        axis.set_title(f"{word.text}  τ={maps.tau:.3f}")
+    for axis in axes.flat:
+        axis.axis("off")
+    figure.suptitle(prompt.prompt)
+    figure.tight_layout()
+    return figure
+
+
+def mini_sweep(explainer: TCLIP, seeds: Sequence[int]) -> dict[str, float]:
+    """Pointing game and BoxAcc over the colour and shape words of held-out synthetic scenes."""
+    scenes = [synthetic.make_scene(seed) for seed in seeds]
+    results = explainer.explain_batch([s.image for s in scenes], [s.caption for s in scenes], batch_size=4)
+    hits, boxes = [], []
+    for index, (scene, result) in enumerate(zip(scenes, results)):
+        prompt = result.prompts[index]  # every image is explained with all captions; keep its own
+        starts = {word.start: maps for word, maps in zip(prompt.words, prompt.word_maps)}
+        offsets = np.cumsum([0] + [len(w) + 1 for w in scene.caption.split()])
+        for target in scene.word_targets.values():
+            maps = starts[int(offsets[target.word_index])]
+            hits.append(pointing_game(maps.aggregated, target.mask))
+            boxes.append(box_hit(maps.box, [target.box]))
+    return {"units": len(hits), "pointing_game": float(np.mean(hits)), "box_acc": float(np.mean(boxes))}
