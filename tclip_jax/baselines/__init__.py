@@ -1,0 +1,13 @@
+"""Baseline relevance-map methods behind one interface.
+
+Every method is a pure function `explain(params, config, images, token_ids, **options) -> output`
+(jit-compiled, or a thin wrapper over a jit-compiled core):
+images [n_images, h, w, 3] (NHWC, CLIP-normalised, one size per call), token_ids [n_texts, context] (or
+[n_texts, n_templates, context] for a prompt ensemble), and `output.maps` [n_images, n_texts, gh, gw] the
+patch-grid relevance; each output dataclass also carries the method's intermediates. Its `Baseline` entry
+records how the official code feeds images in (`prepare_input`) and turns maps into heatmaps
+(`postprocess_maps`).
+
+The registry is `tclip_jax.baselines.registry.BASELINES` (kept out of this file so that
+`tclip_jax.decomposition` can share `_blocks` without an import cycle).
+"""

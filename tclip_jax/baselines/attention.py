@@ -1,0 +1,63 @@
+"""Text-independent attention maps: raw class-token attention and attention rollout."""
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from tclip_jax.baselines import _blocks
+from tclip_jax.model import CLIPConfig
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class AttentionOutput:
+    maps: Array     # [n_images, n_texts, gh, gw] the class-token row over the patches, the same for every text
+    matrix: Array   # [n_images, n, n] head-mean attention (raw) or the rolled-out joint attention (rollout)
+
+
+def _broadcast_to_texts(matrix: Array, grid: tuple[int, int], n_texts: int) -> Array:
+    maps = _blocks.patch_grid(matrix[:, 0], grid)
+    return jnp.broadcast_to(maps[:, None], (maps.shape[0], n_texts, *grid))
+
+
+def _check_layer(layer: int, num_layers: int) -> None:
+    if not -num_layers <= layer < num_layers:
+        raise ValueError(f"layer must index one of the {num_layers} blocks, got {layer}")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layer"))
+def raw_attention_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array, *,
+                      layer: int = -1) -> AttentionOutput:
+    """The class token's attention over the patches in block `layer` (default the last), mean over heads.
+
+    Text-independent: token_ids only sets n_texts. Protocol: center-crop preprocessing; maps upsampled,
+    then min-max normalised (as Chefer et al.'s attention baselines).
+    """
+    _check_layer(layer, config.vision_layers)
+    image = _blocks.encode_image(params, config, images)
+    matrix = image.attention_probs[layer].mean(axis=1)
+    return AttentionOutput(_broadcast_to_texts(matrix, image.grid, token_ids.shape[0]), matrix)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "start_layer"))
+def rollout_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array, *,
+                start_layer: int = 0) -> AttentionOutput:
+    """Attention rollout (Abnar & Zuidema 2020) from block `start_layer` to the last.
+
+    Per block: A = mean_heads(probs) + I (the residual connection), rows renormalised to sum to 1; the
+    joint attention is A_last @ ... @ A_start, and the map is its class-token row over the patches.
+    Text-independent; protocol and post-processing as `raw_attention_map`.
+    """
+    _check_layer(start_layer, config.vision_layers)
+    image = _blocks.encode_image(params, config, images)
+    identity = jnp.eye(image.attention_probs[0].shape[-1])
+    joint = None
+    for probs in image.attention_probs[start_layer:]:
+        mixed = probs.mean(axis=1) + identity
+        mixed = mixed / mixed.sum(axis=-1, keepdims=True)
+        joint = mixed if joint is None else mixed @ joint
+    return AttentionOutput(_broadcast_to_texts(joint, image.grid, token_ids.shape[0]), joint)

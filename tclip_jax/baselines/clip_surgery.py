@@ -1,0 +1,108 @@
+"""CLIP Surgery (Li et al. 2023): architecture surgery (v-v attention path) and feature surgery.
+
+Follows xmed-lab/CLIP_Surgery (`clip_surgery_model.py`, `clip.py`, `demo.py`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import flax.struct
+import jax
+
+from tclip_jax.baselines import _blocks
+from tclip_jax.baselines.similarity import similarity_to_maps
+from tclip_jax.model import CLIPConfig, ImageOutput, l2_normalize
+
+Array = jax.Array
+
+# The official code replaces the attention of `resblocks[-i]` for i in 1..6, whatever the depth.
+DEFAULT_SURGERY_BLOCKS = 6
+
+
+@flax.struct.dataclass
+class SurgeryOutput:
+    maps: Array                           # [n_images, n_texts, gh, gw]
+    similarity: Array                     # [n_images, 1 + gh*gw, n_texts] after feature surgery (if on)
+    image_features: Array                 # [n_images, 1 + gh*gw, embed_dim] L2-normalised tokens
+    text_features: Array                  # [n_texts, embed_dim]
+    redundant_features: Optional[Array]   # [1, embed_dim] when given by prompts, else None
+
+
+def surgery_tokens(params: dict, config: CLIPConfig, image: ImageOutput, surgery_blocks: int) -> Array:
+    """Joint-space tokens [B, n, D] of the architecture-surgery path.
+
+    From the stream entering the first surgery block, the new path adds, per surgery block, only the v-v
+    self-attention (q = k = v = value projection, per head, scale head_dim**-0.5) of ln_1 of the *original*
+    stream, through the block's output projection (no MLP). The class token comes from the original path.
+    """
+    layers = config.vision_layers
+    if not 1 <= surgery_blocks <= layers:
+        raise ValueError(f"surgery_blocks must be in [1, {layers}], got {surgery_blocks}")
+    stream = image.residual_stream
+    x = stream[layers - surgery_blocks]
+    for index in range(layers - surgery_blocks, layers):
+        block = _blocks.vision_block(params, index)
+        v = _blocks.values(block, config, stream[index])
+        mixed, _ = _blocks.softmax_attention(v, v, v, config.vision_heads)
+        x = x + _blocks.dense(block["attn"]["out"], mixed)
+    x = x.at[:, 0].set(stream[layers][:, 0])
+    return _blocks.project_tokens(params, config, x)
+
+
+def feature_surgery_scores(image_features: Array, text_features: Array,
+                    redundant_features: Optional[Array] = None) -> Array:
+    """`clip_feature_surgery`: token-text scores [B, n, T] with the features shared by all texts removed.
+
+    With `redundant_features` [1, D] (e.g. the empty-string prompt ensemble): image @ (text - redundant).
+    Otherwise the redundancy is the mean over the label set of the element-wise products f * t_j, each
+    weighted by w_j = softmax(2 * cls . t)_j / mean_j(...) from the image's class token; per image (the
+    official code only supports batch size 1). Summing over channels first gives the same scores:
+    w_j (f . t_j) - mean_j' w_j' (f . t_j').
+    """
+    if redundant_features is not None:
+        return image_features @ (text_features - redundant_features).T
+    if text_features.shape[0] < 2:
+        raise ValueError("feature surgery over the label set needs at least 2 texts; for a single text pass "
+                         "redundant features (CLIP Surgery's demo uses the empty-string prompt ensemble)")
+    prob = jax.nn.softmax(2 * image_features[:, :1] @ text_features.T, axis=-1)   # [B, 1, T]
+    weights = prob / prob.mean(axis=-1, keepdims=True)
+    weighted = weights * (image_features @ text_features.T)
+    return weighted - weighted.mean(axis=-1, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "surgery_blocks", "architecture_surgery",
+                                             "feature_surgery"))
+def clip_surgery_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array,
+                     redundant_token_ids: Optional[Array] = None, *,
+                     surgery_blocks: int = DEFAULT_SURGERY_BLOCKS, architecture_surgery: bool = True,
+                     feature_surgery: bool = True) -> SurgeryOutput:
+    """CLIP Surgery similarity maps.
+
+    Protocol of the official demo: whole image resized to the model size (`whole_image`); texts as the
+    85-template prompt ensemble, token_ids [n_texts, n_templates, context] (`CLIP_SURGERY_TEMPLATES`; 2-D
+    token ids give one raw prompt per text); features L2-normalised over channels; maps min-max normalised
+    over the patches, then bilinearly upsampled (`get_similarity_map`).
+
+    redundant_token_ids: [1, n_templates, context] (or [1, context]) prompts whose normalised embedding is
+      subtracted from every text (the demo's single-text case uses the empty-string ensemble); None uses
+      the label-set feature surgery, which needs >= 2 texts.
+    surgery_blocks: the last blocks given the v-v path; the official default 6 is every block of a 6-layer
+      model and the second half of ViT-B.
+    architecture_surgery / feature_surgery: switch either surgery off (both off = plain CLIP tokens).
+    """
+    image = _blocks.encode_image(params, config, images)
+    tokens = surgery_tokens(params, config, image, surgery_blocks) if architecture_surgery else image.tokens
+    image_features = l2_normalize(tokens)
+    texts = _blocks.text_features(params, config, token_ids)
+    redundant = None
+    if redundant_token_ids is not None:
+        redundant = _blocks.text_features(params, config, redundant_token_ids)
+        if redundant.shape[0] != 1:
+            raise ValueError(f"redundant_token_ids must hold one text (a leading axis of 1), "
+                             f"got shape {redundant_token_ids.shape}")
+    if feature_surgery:
+        similarity = feature_surgery_scores(image_features, texts, redundant)
+    else:
+        similarity = image_features @ texts.T
+    return SurgeryOutput(similarity_to_maps(similarity, image.grid), similarity, image_features, texts, redundant)

@@ -1,0 +1,119 @@
+"""Grad-ECLIP (Zhao et al. 2024) and Grad-CAM on the last block, as in Grad-ECLIP's image notebook.
+
+Cyang-Zhao/Grad-Eclip, `grad_eclip_image.ipynb` (`clip_encode_dense`, `sim_qk`, `grad_eclip`, `grad_cam`).
+The notebook re-runs the last block by hand with *single-head* attention over the full width
+(`attention_layer(q, k, v, 1)`, also in `generate_emap.py`), whatever the model's head count; that is the
+default here (`single_head=True`), and `single_head=False` uses the model's own heads, i.e. explains the
+real CLIP embedding.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from tclip_jax.baselines import _blocks
+from tclip_jax.model import CLIPConfig, l2_normalize
+from tclip_jax.preprocess import minmax
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class LastBlockGradients:
+    """The re-computed last block and the gradients of each image-text cosine, per image."""
+
+    stream_in: Array        # [B, n, width] residual stream entering the last block
+    trace: _blocks.BlockTrace   # q, k, v [B, n, width], probs [B, heads, n, n], output [B, n, width]
+    tokens: Array           # [B, n, embed_dim] tokens after ln_post and proj
+    cosine: Array           # [B, T] cos(class token, text), no logit scale
+    grad_stream_in: Array   # [B, T, n, width] d cosine / d stream_in
+    grad_cls_output: Array  # [B, T, width] d cosine / d (class token's attention output before out_proj)
+    text_features: Array    # [T, embed_dim]
+    grid: tuple[int, int] = flax.struct.field(pytree_node=False)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "single_head"))
+def last_block_gradients(params: dict, config: CLIPConfig, images: Array, token_ids: Array,
+                         single_head: bool) -> LastBlockGradients:
+    """Blocks before the last from the model; the last re-run by hand; one vjp per image for all texts.
+
+    Both Grad-ECLIP and Grad-CAM read this (jitted once per shape); their own maps are a few cheap ops.
+    """
+    image = _blocks.encode_image(params, config, images)
+    last = config.vision_layers - 1
+    block = _blocks.vision_block(params, last)
+    num_heads = 1 if single_head else config.vision_heads
+    texts = _blocks.text_features(params, config, token_ids)
+
+    def embed(stream_in, cls_offset):
+        trace = _blocks.run_block(block, config, stream_in, num_heads, cls_offset)
+        tokens = _blocks.project_tokens(params, config, trace.output)
+        return l2_normalize(tokens[0]), (trace, tokens)
+
+    def per_image(stream_in):
+        embedding, vjp, (trace, tokens) = jax.vjp(embed, stream_in, jnp.zeros(stream_in.shape[-1]), has_aux=True)
+        grad_stream_in, grad_cls_output = jax.vmap(vjp)(texts)
+        return trace, tokens, texts @ embedding, grad_stream_in, grad_cls_output
+
+    stream_in = image.residual_stream[last]
+    trace, tokens, cosine, grad_stream_in, grad_cls_output = jax.vmap(per_image)(stream_in)
+    return LastBlockGradients(stream_in, trace, tokens, cosine, grad_stream_in, grad_cls_output, texts,
+                              image.grid)
+
+
+@flax.struct.dataclass
+class GradECLIPOutput:
+    maps: Array                  # [n_images, n_texts, gh, gw] ReLU'd explanation, not normalised
+    cosine: Array                # [n_images, n_texts] cosine of the (re-computed) image embedding with each text
+    image_embedding: Array       # [n_images, embed_dim] normalised class token of the re-computed last block
+    patch_cosine: Array          # [n_images, n_texts, gh, gw] cosine of each patch token with each text
+    qk_similarity: Array         # [n_images, gh, gw] min-max of cos(q_cls, k_patch), the spatial weight
+    cls_attention: Array         # [n_images, gh, gw] head-mean attention of the class token on the patches
+    grad_cls_output: Array       # [n_images, n_texts, width] gradient w.r.t. the class token's attention output
+
+
+def grad_eclip_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array, *,
+                   single_head: bool = True) -> GradECLIPOutput:
+    """Grad-ECLIP on the last block: map[p] = relu(sum_d g_d * v[p, d] * sim[p]).
+
+    g = d cos(image, text) / d (class token's attention output, before out_proj); v = value projection of
+    ln_1 (bias included); sim = min-max over the patches of cos(q_cls, k_p) (raw projections).
+    Protocol of the notebook: each side resized to the nearest patch multiple (`patch_multiple`), the
+    positional embedding resized bicubically to the grid; one normalised prompt embedding per text; maps
+    min-max normalised on the grid, then upsampled to the original image size.
+    """
+    run = last_block_gradients(params, config, images, token_ids, single_head)
+    q, k, v = run.trace.q, run.trace.k, run.trace.v
+    qk = minmax(jnp.einsum("bd,bpd->bp", l2_normalize(q[:, 0]), l2_normalize(k[:, 1:])), axis=-1)
+    maps = jax.nn.relu(jnp.einsum("btd,bpd->btp", run.grad_cls_output, v[:, 1:]) * qk[:, None])
+    grid = run.grid
+    patch_cosine = l2_normalize(run.tokens[:, 1:]) @ run.text_features.T
+    return GradECLIPOutput(
+        maps=maps.reshape(*maps.shape[:2], *grid),
+        cosine=run.cosine,
+        image_embedding=l2_normalize(run.tokens[:, 0]),
+        patch_cosine=jnp.swapaxes(patch_cosine, 1, 2).reshape(*run.cosine.shape, *grid),
+        qk_similarity=qk.reshape(-1, *grid),
+        cls_attention=_blocks.patch_grid(run.trace.probs.mean(axis=1)[:, 0], grid),
+        grad_cls_output=run.grad_cls_output)
+
+
+@flax.struct.dataclass
+class GradCAMOutput:
+    maps: Array       # [n_images, n_texts, gh, gw] ReLU'd Grad-CAM, not normalised
+    cosine: Array     # [n_images, n_texts]
+    weights: Array    # [n_images, n_texts, width] channel weights: the gradient averaged over all tokens
+
+
+def grad_cam_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array, *,
+                 single_head: bool = True) -> GradCAMOutput:
+    """Grad-CAM for ViT on the tokens entering the last block: relu(sum_d w_d x[p, d]), w = mean over all
+    tokens (class token included) of d cos / d x. Same model path, protocol and post-processing as
+    `grad_eclip_map` (the notebook's second row)."""
+    run = last_block_gradients(params, config, images, token_ids, single_head)
+    weights = run.grad_stream_in.mean(axis=2)
+    cam = jax.nn.relu(jnp.einsum("btd,bnd->btn", weights, run.stream_in))
+    return GradCAMOutput(_blocks.patch_grid(cam, run.grid), run.cosine, weights)

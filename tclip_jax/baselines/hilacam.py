@@ -1,0 +1,119 @@
+"""HilaCAM: Chefer et al. 2021, generic attention-model explainability, as in the official CLIP notebook.
+
+hila-chefer/Transformer-MM-Explainability, `CLIP_explainability.ipynb` (`interpret`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from tclip_jax.baselines import _blocks
+from tclip_jax.model import CLIPConfig, l2_normalize
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class HilaCAMOutput:
+    maps: Array             # [n_images, n_texts, gh, gw] relevance of each patch for the class token, R[0, 1:]
+    image_relevance: Array  # [n_images, n_texts, n, n] the accumulated image relevance R
+    text_relevance: Array   # [n_images, n_texts, context, context] the accumulated text relevance R_text
+    text_scores: Array      # [n_images, n_texts, context] R_text[eot, 1:eot] / sum, zero elsewhere
+    logits: Array           # [n_images, n_texts] logit_scale * cosine
+
+
+def resolve_start_layer(start_layer: int, num_layers: int) -> int:
+    """The official convention: -1 means the last block only; otherwise the first block used."""
+    if start_layer == -1:
+        return num_layers - 1
+    if not 0 <= start_layer < num_layers:
+        raise ValueError(f"start_layer must be -1 or in [0, {num_layers}), got {start_layer}")
+    return start_layer
+
+
+def accumulate_relevance(grads: Sequence[Array], probs: Sequence[Array], start_layer: int | Array) -> Array:
+    """R = I; for each block from start_layer: R += mean_heads(clamp(grad * probs, min=0)) @ R.
+
+    grads, probs: per block [heads, n, n] (one example). Returns R [n, n]. `start_layer` may be traced
+    (earlier blocks add exactly zero), so one compilation serves every start layer.
+    """
+    relevance = jnp.eye(probs[0].shape[-1], dtype=probs[0].dtype)
+    for layer, (grad, prob) in enumerate(zip(grads, probs)):
+        cam = jnp.maximum(grad * prob, 0).mean(axis=0)
+        relevance = relevance + jnp.where(layer >= start_layer, cam @ relevance, 0)
+    return relevance
+
+
+def _embedding_and_vjp(encode, inputs: Array, num_layers: int, num_heads: int, length: int):
+    """One example through a tower: its normalised embedding [D], the attention probabilities (per block
+    [heads, n, n]) and the vjp from an embedding cotangent to the gradients w.r.t. those probabilities.
+
+    `encode(batch, probs_offsets)` is a tower's encode function; zero offsets change nothing, so their
+    gradient is the gradient w.r.t. the attention probabilities.
+    """
+    def embed(offsets):
+        out = encode(inputs[None], offsets)
+        return l2_normalize(out.embeds[0]), tuple(p[0] for p in out.attention_probs)
+
+    zeros = tuple(jnp.zeros((1, num_heads, length, length)) for _ in range(num_layers))
+    embedding, vjp, probs = jax.vjp(embed, zeros, has_aux=True)
+    return embedding, lambda cotangent: tuple(g[0] for g in vjp(cotangent)[0]), probs
+
+
+def text_scores(text_relevance: Array, token_ids: Array) -> Array:
+    """The notebook's word scores: R_text[eot, 1:eot] / sum, placed at positions 1..eot-1 of [..., context]."""
+    eot = jnp.broadcast_to(jnp.argmax(token_ids, axis=-1), text_relevance.shape[:-2])
+    row = jnp.take_along_axis(text_relevance, eot[..., None, None], axis=-2)[..., 0, :]
+    positions = jnp.arange(token_ids.shape[-1])
+    row = jnp.where((positions >= 1) & (positions < eot[..., None]), row, 0)
+    return row / row.sum(axis=-1, keepdims=True)
+
+
+def hilacam_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array, *,
+                start_layer: int = -1, start_layer_text: int = -1) -> HilaCAMOutput:
+    """Relevance of image patches and text tokens for each (image, text) logit.
+
+    Objective: logit_scale * cos(image, text) of the pair (the notebook sums the diagonal of the logits of
+    the image repeated once per text, so each pair gets its own gradient). For every block from
+    `start_layer` (-1: the last block only, the notebook default; 0: all blocks) the attention
+    probabilities A and their gradient G give R += mean_heads(clamp(G * A, min=0)) @ R, from R = I.
+
+    Protocol of the notebook: center-crop preprocessing (`clip_center_crop`); one prompt per text
+    ([n_texts, context]); maps upsampled to the input size, then min-max normalised.
+    """
+    if token_ids.ndim != 2:
+        raise ValueError(f"HilaCAM explains single prompts: token_ids must be [n_texts, context], "
+                         f"got shape {token_ids.shape}")
+    return _hilacam(params, config, images, token_ids, resolve_start_layer(start_layer, config.vision_layers),
+                    resolve_start_layer(start_layer_text, config.text_layers))
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _hilacam(params: dict, config: CLIPConfig, images: Array, token_ids: Array, image_start: Array,
+             text_start: Array) -> HilaCAMOutput:
+    scale = jnp.exp(params["logit_scale"])
+    grid = (images.shape[1] // config.patch_size, images.shape[2] // config.patch_size)
+    encode_image = functools.partial(_blocks.encode_image, params, config)
+    encode_text = functools.partial(_blocks.encode_text, params, config)
+    texts = _blocks.text_features(params, config, token_ids)
+
+    def image_side(image):
+        embedding, vjp, probs = _embedding_and_vjp(encode_image, image, config.vision_layers,
+                                                   config.vision_heads, 1 + grid[0] * grid[1])
+        relevance = jax.vmap(lambda text: accumulate_relevance(vjp(scale * text), probs, image_start))(texts)
+        return embedding, relevance
+
+    def text_side(ids):
+        _, vjp, probs = _embedding_and_vjp(encode_text, ids, config.text_layers, config.text_heads,
+                                           token_ids.shape[1])
+        return jax.vmap(lambda image: accumulate_relevance(vjp(scale * image), probs, text_start))(image_embeds)
+
+    image_embeds, image_relevance = jax.vmap(image_side)(images)          # [B, D], [B, T, n, n]
+    text_relevance = jnp.swapaxes(jax.vmap(text_side)(token_ids), 0, 1)   # [B, T, context, context]
+    maps = _blocks.patch_grid(image_relevance[..., 0, :], grid)
+    return HilaCAMOutput(maps, image_relevance, text_relevance, text_scores(text_relevance, token_ids),
+                         scale * image_embeds @ texts.T)

@@ -1,0 +1,33 @@
+"""The decomposition heatmap of Gandelsman et al. 2024 (clip_text_span's `compute_segmentations.py`)."""
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+
+from tclip_jax.baselines import _blocks
+from tclip_jax.decomposition import Decomposition, decompose, spatial_heatmaps
+from tclip_jax.model import CLIPConfig
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class DecompositionHeatmapOutput:
+    maps: Array                    # [n_images, n_texts, gh, gw] patch contributions . text, minus the mean over texts
+    raw: Array                     # [n_images, n_texts, gh, gw] before subtracting the mean over texts
+    decomposition: Decomposition
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def decomposition_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array) -> DecompositionHeatmapOutput:
+    """Each patch's direct contribution to the normalised image embedding, through every head of every
+    block, dotted with each normalised text embedding, minus the mean over the given text set.
+
+    Protocol of the official code: center-crop preprocessing; one prompt per text, no templates; maps
+    upsampled by the patch size (bilinear), clipped to [0, max], then min-max normalised.
+    """
+    decomposition = decompose(params, config, images)
+    maps, raw = spatial_heatmaps(decomposition, _blocks.text_features(params, config, token_ids))
+    return DecompositionHeatmapOutput(maps, raw, decomposition)

@@ -1,0 +1,78 @@
+"""Dense image-text similarity maps: plain CLIP patch tokens, RCLIP, and MaskCLIP's value path."""
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from tclip_jax.baselines import _blocks
+from tclip_jax.model import CLIPConfig, l2_normalize
+from tclip_jax.preprocess import minmax
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class SimilarityOutput:
+    maps: Array           # [n_images, n_texts, gh, gw]
+    similarity: Array     # [n_images, 1 + gh*gw, n_texts] cosine of every token (class token first) with each text
+    text_features: Array  # [n_texts, embed_dim] L2-normalised
+
+
+def token_similarity(tokens: Array, text_features: Array) -> Array:
+    """Cosine of joint-space tokens [B, n, D] with normalised texts [T, D] -> [B, n, T]."""
+    return l2_normalize(tokens) @ text_features.T
+
+
+def similarity_to_maps(similarity: Array, grid: tuple[int, int]) -> Array:
+    """[B, 1 + gh*gw, T] token scores -> [B, T, gh, gw] patch maps (class token dropped)."""
+    return _blocks.patch_grid(jnp.swapaxes(similarity, 1, 2), grid)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def similarity_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array) -> SimilarityOutput:
+    """Raw CLIP similarity map: cosine of each text embedding with every patch token after ln_post and proj.
+
+    Protocol of CLIP Surgery's demo for plain CLIP: whole image resized to the model size; one prompt per
+    text ([n_texts, context]) or a prompt ensemble ([n_texts, n_templates, context]); maps min-max
+    normalised over the patches, then upsampled (`get_similarity_map`).
+    """
+    image = _blocks.encode_image(params, config, images)
+    texts = _blocks.text_features(params, config, token_ids)
+    similarity = token_similarity(image.tokens, texts)
+    return SimilarityOutput(similarity_to_maps(similarity, image.grid), similarity, texts)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def rclip_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array) -> SimilarityOutput:
+    """RCLIP: the reversed raw similarity map, |1 - minmax(map)| (CLIP's patch similarity is often inverted,
+    foreground scoring lowest). Same inputs and post-processing as `similarity_map`."""
+    plain = similarity_map(params, config, images, token_ids)
+    return plain.replace(maps=jnp.abs(1 - minmax(plain.maps)))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "residual_and_mlp"))
+def maskclip_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array, *,
+                 residual_and_mlp: bool = True) -> SimilarityOutput:
+    """MaskCLIP (Zhou et al. 2022): patch tokens of the last block's value path, without attention mixing.
+
+    Official ViT backbone (`TransformerEncoderLayer.forward(return_qkv=True)`, `skip_last_attn`): the value
+    projection of ln_1(x) goes through the output projection, then the residual (+ x) and the block's MLP,
+    then ln_post and proj; the class token keeps the normal path. `residual_and_mlp=False` keeps only
+    out_proj(value(ln_1(x))) -> ln_post -> proj (the variant commented as "mask_clip" in CLIP Surgery).
+    Maps are cosines with the normalised texts; post-processing as `similarity_map`.
+    """
+    image = _blocks.encode_image(params, config, images)
+    last = config.vision_layers - 1
+    block = _blocks.vision_block(params, last)
+    stream = image.residual_stream[last]
+    x = _blocks.dense(block["attn"]["out"], _blocks.values(block, config, stream))
+    if residual_and_mlp:
+        x = stream + x
+        x = x + _blocks.mlp(block, config, x)
+    tokens = _blocks.project_tokens(params, config, x).at[:, 0].set(image.tokens[:, 0])
+    texts = _blocks.text_features(params, config, token_ids)
+    similarity = token_similarity(tokens, texts)
+    return SimilarityOutput(similarity_to_maps(similarity, image.grid), similarity, texts)

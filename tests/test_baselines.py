@@ -1,0 +1,313 @@
+"""Baseline relevance maps against the official implementations' outputs (../shared/fixtures) and invariants."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tclip_jax.baselines.registry import (
+    BASELINES,
+    MapPostprocess,
+    clip_surgery_map,
+    get_baseline,
+    grad_cam_map,
+    grad_eclip_map,
+    hilacam_map,
+    maskclip_map,
+    postprocess_maps,
+    prepare_input,
+    raw_attention_map,
+    rclip_map,
+    rollout_map,
+    similarity_map,
+)
+from tclip_jax.baselines import _blocks
+from tclip_jax.model import l2_normalize
+from tclip_jax.preprocess import minmax, upsample_bilinear
+from weights_conversion.convert import convert_state_dict, infer_openai_config
+
+TOL = 1e-4
+IMAGE_NAMES = ("scene_224", "scene_wide_320x240", "noise_224")
+
+encode_image = jax.jit(_blocks.encode_image, static_argnums=1)
+
+
+@pytest.fixture(autouse=True)
+def highest_precision():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(fixtures_dir):
+    with np.load(fixtures_dir / "tiny_openai_clip.npz") as f:
+        state_dict = {k: f[k].astype(np.float32) for k in f.files}
+    config = infer_openai_config(state_dict)
+    return config, convert_state_dict(state_dict, config)
+
+
+def _load(fixtures_dir, path):
+    with np.load(fixtures_dir / path) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def surgery_ref(fixtures_dir):
+    return _load(fixtures_dir, "clip_surgery/clip_surgery_tiny.npz")
+
+
+@pytest.fixture(scope="module")
+def hilacam_ref(fixtures_dir):
+    return _load(fixtures_dir, "hilacam/hilacam_tiny.npz")
+
+
+@pytest.fixture(scope="module")
+def grad_eclip_ref(fixtures_dir):
+    return _load(fixtures_dir, "grad_eclip/grad_eclip_tiny.npz")
+
+
+def nhwc(pixel_values):
+    return np.ascontiguousarray(pixel_values.transpose(0, 2, 3, 1))
+
+
+def assert_close(ours, reference, what, tol=TOL):
+    ours = np.asarray(ours)
+    assert ours.shape == reference.shape, f"{what}: shape {ours.shape} != {reference.shape}"
+    err = np.abs(ours - reference).max()
+    assert err < tol, f"{what}: max abs error {err}"
+
+
+def assert_maps_close(maps, ref, key, spec):
+    """Grid maps [B, T, gh, gw] post-processed at each image's size vs the references [1, H, W, T]."""
+    for b, name in enumerate(IMAGE_NAMES):
+        reference = ref[f"{key}/{name}"][0].transpose(2, 0, 1)
+        assert_close(postprocess_maps(maps[b], reference.shape[1:], spec), reference, f"{key}/{name}")
+
+
+# ---------------------------------------------------------------- similarity, RCLIP, MaskCLIP, CLIP Surgery
+
+def test_similarity_map_matches_clip_surgery_plain_reference(tiny, surgery_ref):
+    config, params = tiny
+    out = similarity_map(params, config, nhwc(surgery_ref["pixel_values"]), surgery_ref["tokens/labels_single"])
+    assert_close(out.text_features, surgery_ref["plain/text_features_single"], "text features")
+    assert_close(out.similarity, surgery_ref["plain/similarity_single"], "token similarity")
+    assert_maps_close(out.maps, surgery_ref, "plain/map_single", BASELINES["similarity"].postprocess)
+
+
+def test_rclip_reverses_the_normalised_similarity_map(tiny, surgery_ref):
+    config, params = tiny
+    out = rclip_map(params, config, nhwc(surgery_ref["pixel_values"]), surgery_ref["tokens/labels_single"])
+    patches = surgery_ref["plain/similarity_single"][:, 1:].transpose(0, 2, 1).reshape(3, 5, 7, 7)
+    low, high = patches.min(axis=(2, 3), keepdims=True), patches.max(axis=(2, 3), keepdims=True)
+    assert_close(out.maps, 1 - (patches - low) / (high - low), "rclip maps")
+
+
+def test_clip_surgery_matches_reference(tiny, surgery_ref):
+    config, params = tiny
+    images = nhwc(surgery_ref["pixel_values"])
+    spec = BASELINES["clip_surgery"].postprocess
+    out = clip_surgery_map(params, config, images, surgery_ref["tokens/labels_ensemble"])
+    assert_close(out.image_features, surgery_ref["cs/image_features"], "surgery image features")
+    assert_close(out.text_features, surgery_ref["cs/text_features_ensemble"], "ensemble text features")
+    assert_close(out.image_features @ out.text_features.T, surgery_ref["cs/similarity_no_feature_surgery"],
+                 "architecture surgery only")
+    assert_close(out.similarity, surgery_ref["cs/similarity"], "feature surgery over the label set")
+    assert_maps_close(out.maps, surgery_ref, "cs/map", spec)
+
+
+def test_clip_surgery_single_text_with_empty_string_redundancy_matches_reference(tiny, surgery_ref):
+    """The demo's single-text case: raw prompt minus the empty-string prompt ensemble."""
+    config, params = tiny
+    images = nhwc(surgery_ref["pixel_values"])
+    out = clip_surgery_map(params, config, images, surgery_ref["tokens/red_circle_single"],
+                           surgery_ref["tokens/empty_ensemble"])
+    key = "cs_redundant/red_circle_raw"
+    assert_close(out.redundant_features, surgery_ref["cs_redundant/redundant_features"], "empty-string ensemble")
+    assert_close(out.text_features, surgery_ref[f"{key}/text_features"], "raw single prompt")
+    assert_close(out.similarity, surgery_ref[f"{key}/similarity"], "single prompt minus redundant")
+    assert_maps_close(out.maps, surgery_ref, f"{key}/map", BASELINES["clip_surgery"].postprocess)
+
+
+def test_clip_surgery_rejects_bad_options(tiny, surgery_ref):
+    config, params = tiny
+    images = nhwc(surgery_ref["pixel_values"][:1])
+    with pytest.raises(ValueError, match="at least 2 texts"):
+        clip_surgery_map(params, config, images, surgery_ref["tokens/red_circle_single"])
+    with pytest.raises(ValueError, match="surgery_blocks"):
+        clip_surgery_map(params, config, images, surgery_ref["tokens/labels_single"], surgery_blocks=7)
+
+
+def test_maskclip_value_path_is_the_block_with_identity_attention(tiny, surgery_ref):
+    """MaskCLIP's path equals the model's last block with each token attending only to itself."""
+    config, params = tiny
+    images = nhwc(surgery_ref["pixel_values"])
+    out = maskclip_map(params, config, images, surgery_ref["tokens/labels_single"])
+
+    @jax.jit
+    def self_attending_tokens(params, images):
+        probs = _blocks.encode_image(params, config, images).attention_probs
+        identity = jnp.broadcast_to(jnp.eye(probs[-1].shape[-1]), probs[-1].shape)
+        offsets = tuple(jnp.zeros_like(p) for p in probs[:-1]) + (identity - probs[-1],)
+        return _blocks.encode_image(params, config, images, offsets).tokens
+
+    reference = np.asarray(l2_normalize(self_attending_tokens(params, images)) @ out.text_features.T)
+    assert_close(out.similarity[:, 1:], reference[:, 1:], "maskclip patch similarity")
+
+
+def test_maskclip_value_only_path(tiny, surgery_ref):
+    config, params = tiny
+    images = nhwc(surgery_ref["pixel_values"])
+    out = maskclip_map(params, config, images, surgery_ref["tokens/labels_single"], residual_and_mlp=False)
+    block = params["visual"]["transformer"][f"block_{config.vision_layers - 1}"]
+    x = np.asarray(encode_image(params, config, images).residual_stream[-2], np.float64)
+
+    def layer_norm(p, y):
+        y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + config.layer_norm_eps)
+        return y * p["scale"] + p["bias"]
+
+    attn = block["attn"]
+    v = layer_norm(block["ln_1"], x) @ attn["value"]["kernel"] + attn["value"]["bias"]
+    v = v @ attn["out"]["kernel"] + attn["out"]["bias"]
+    features = layer_norm(params["visual"]["ln_post"], v) @ params["visual"]["proj"]
+    features /= np.linalg.norm(features, axis=-1, keepdims=True)
+    assert_close(out.similarity[:, 1:], (features @ np.asarray(out.text_features).T)[:, 1:], "value-only similarity")
+
+
+# ---------------------------------------------------------------- HilaCAM
+
+@pytest.mark.parametrize("variant, start_layer", [("last_layer", -1), ("all_layers", 0)])
+def test_hilacam_matches_reference(tiny, hilacam_ref, variant, start_layer):
+    config, params = tiny
+    images = np.concatenate([nhwc(hilacam_ref[f"{name}/pixel_values"]) for name in IMAGE_NAMES])
+    out = hilacam_map(params, config, images, hilacam_ref["token_ids"], start_layer=start_layer,
+                      start_layer_text=start_layer)
+    spec = BASELINES["hilacam"].postprocess
+    for b, name in enumerate(IMAGE_NAMES):
+        ref = f"{name}/{variant}"
+        assert_close(out.maps[b].reshape(3, -1), hilacam_ref[f"{ref}/image_relevance"], f"{ref} image relevance")
+        assert_close(out.text_relevance[b], hilacam_ref[f"{ref}/text_relevance"], f"{ref} text relevance")
+        assert_close(out.text_scores[b], hilacam_ref[f"{ref}/text_scores"], f"{ref} text scores")
+        assert_close(postprocess_maps(out.maps[b], (224, 224), spec), hilacam_ref[f"{ref}/image_relevance_map_224"],
+                     f"{ref} upsampled map")
+        assert_close(out.logits[b], hilacam_ref[f"{name}/logits_per_image"][0], f"{name} logits", tol=1e-3)
+
+
+def test_probs_offset_gradient_agrees_with_central_differences(tiny, hilacam_ref):
+    """The gradient HilaCAM uses (d logit / d attention probabilities) against central differences."""
+    config, params = tiny
+    image = nhwc(hilacam_ref["scene_224/pixel_values"])
+    shape = (config.vision_layers, 1, config.vision_heads, 50, 50)
+    rng = np.random.default_rng(0)
+    direction = rng.standard_normal(shape).astype(np.float32) * 1e-3
+    text = rng.standard_normal(config.embed_dim).astype(np.float32)
+    text /= np.linalg.norm(text)   # the logit is linear in the normalised text embedding
+
+    @jax.jit
+    def analytic_and_numeric(params, direction):
+        logit = lambda offsets: jnp.exp(params["logit_scale"]) * l2_normalize(
+            _blocks.encode_image(params, config, image, tuple(offsets)).embeds[0]) @ text
+        return jnp.vdot(jax.grad(logit)(jnp.zeros(shape)), direction), (logit(direction) - logit(-direction)) / 2
+
+    analytic, numeric = analytic_and_numeric(params, direction)
+    assert abs(analytic) > 1e-3, "the offsets must move the logit"
+    assert abs(numeric - analytic) < 1e-3 * abs(analytic) + 1e-5, (float(numeric), float(analytic))
+
+
+# ---------------------------------------------------------------- Grad-ECLIP and Grad-CAM
+
+@pytest.mark.parametrize("name", ["scene_224", "scene_wide_320x240"])
+def test_grad_eclip_and_grad_cam_match_reference(tiny, grad_eclip_ref, fixture_images, name):
+    config, params = tiny
+    ref = {k.split("/", 1)[1]: v for k, v in grad_eclip_ref.items() if k.startswith(name + "/")}
+    images, geometry = prepare_input(BASELINES["grad_eclip"].input_protocol, fixture_images[name], config)
+    assert_close(images[None], nhwc(ref["pixel_values"]), "patch-multiple preprocessing", tol=1e-5)
+    images = nhwc(ref["pixel_values"])
+    tokens = grad_eclip_ref["token_ids"]
+    out = grad_eclip_map(params, config, images, tokens)
+    for field, key in (("image_embedding", "image_embedding"), ("cosine", "cosine"),
+                       ("patch_cosine", "cosine_patch"), ("qk_similarity", "qk_similarity"),
+                       ("cls_attention", "cls_attention"), ("grad_cls_output", "attn_output_grad_cls"),
+                       ("maps", "grad_eclip_raw")):
+        assert_close(getattr(out, field)[0], ref[key], f"grad_eclip {field}")
+    size = geometry.original_hw
+    assert_close(minmax(out.maps[0]), ref["grad_eclip_map"], "grad_eclip normalised map")
+    assert_close(postprocess_maps(out.maps[0], size, BASELINES["grad_eclip"].postprocess),
+                 ref["grad_eclip_map_upsampled"], "grad_eclip upsampled map")
+    cam = grad_cam_map(params, config, images, tokens)
+    assert_close(cam.cosine[0], ref["cosine"], "grad_cam cosine")
+    assert_close(cam.maps[0] / ref["grad_cam_raw"].max(), ref["grad_cam_raw"] / ref["grad_cam_raw"].max(),
+                 "grad_cam raw map (relative)")
+    assert_close(postprocess_maps(cam.maps[0], size, BASELINES["gradcam"].postprocess),
+                 ref["grad_cam_map_upsampled"], "grad_cam upsampled map")
+
+
+def test_rebuilt_block_with_the_model_heads_is_the_model_block(tiny, surgery_ref):
+    """Grad-ECLIP's hand-run last block (`single_head=False`) reproduces the model's."""
+    config, params = tiny
+    images = nhwc(surgery_ref["pixel_values"])
+    stream = encode_image(params, config, images).residual_stream
+    last = config.vision_layers - 1
+
+    @jax.jit
+    def rebuilt(block, streams):
+        run = lambda x: _blocks.run_block(block, config, x, config.vision_heads, jnp.zeros(x.shape[-1])).output
+        return jax.vmap(run)(streams)
+
+    assert_close(rebuilt(_blocks.vision_block(params, last), stream[last]), np.asarray(stream[last + 1]),
+                 "last block output")
+
+
+# ---------------------------------------------------------------- attention maps
+
+def test_raw_attention_and_rollout(tiny, surgery_ref):
+    config, params = tiny
+    images = nhwc(surgery_ref["pixel_values"])
+    tokens = surgery_ref["tokens/labels_single"]
+    probs = encode_image(params, config, images).attention_probs
+    raw = raw_attention_map(params, config, images, tokens)
+    assert raw.maps.shape == (3, 5, 7, 7)
+    assert_close(raw.maps[:, 4].reshape(3, -1), np.asarray(probs[-1].mean(axis=1)[:, 0, 1:]), "raw attention")
+    # Per block the rollout factor is (A + I) / 2 (A = head-mean probabilities, row-stochastic), applied
+    # on the left of the earlier blocks' product.
+    factor = lambda layer: np.asarray((probs[layer].mean(axis=1) + jnp.eye(50)) / 2)
+    last_two = rollout_map(params, config, images, tokens, start_layer=config.vision_layers - 2)
+    assert_close(last_two.matrix, factor(-1) @ factor(-2), "two-block rollout")
+    assert_close(last_two.maps[:, 2].reshape(3, -1), np.einsum("bk,bkp->bp", factor(-1)[:, 0], factor(-2)[..., 1:]),
+                 "rollout map")
+    assert_close(last_two.matrix.sum(axis=-1), np.ones((3, 50), np.float32), "rollout rows sum to 1")
+
+
+# ---------------------------------------------------------------- registry and protocols
+
+def test_registry_lists_every_method_with_its_protocol():
+    assert set(BASELINES) == {"similarity", "rclip", "maskclip", "clip_surgery", "hilacam", "attention", "rollout",
+                              "gradcam", "grad_eclip", "decomposition"}
+    assert len(BASELINES["clip_surgery"].prompt_templates) == 85
+    with pytest.raises(ValueError, match="unknown baseline"):
+        get_baseline("nope")
+
+
+def test_prepare_input_follows_each_protocol(tiny, fixture_images, surgery_ref, hilacam_ref):
+    config, _ = tiny
+    for b, name in enumerate(IMAGE_NAMES):
+        whole, _ = prepare_input("whole_image", fixture_images[name], config)
+        assert_close(whole, nhwc(surgery_ref["pixel_values"])[b], f"whole image {name}", tol=1e-5)
+        crop, _ = prepare_input("center_crop", fixture_images[name], config)
+        assert_close(crop[None], nhwc(hilacam_ref[f"{name}/pixel_values"]), f"center crop {name}", tol=1e-5)
+    with pytest.raises(ValueError, match="input protocol"):
+        prepare_input("stretch", fixture_images["scene_224"], config)
+
+
+def test_postprocess_orders():
+    maps = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4)), jnp.float32)
+    normalize_first, upsample_first = MapPostprocess(normalize_first=True), MapPostprocess(normalize_first=False)
+    # At an odd integer scale every grid centre is an output pixel centre, so bilinear upsampling keeps the
+    # extremes and both orders agree (min-max is affine); at other scales they differ.
+    assert_close(postprocess_maps(maps, (9, 12), normalize_first),
+                 np.asarray(postprocess_maps(maps, (9, 12), upsample_first)), "orders at scale 3")
+    assert not np.allclose(postprocess_maps(maps, (8, 10), normalize_first),
+                           postprocess_maps(maps, (8, 10), upsample_first))
+    # clip_negative: negatives become 0 and the min-max is then a division by the maximum.
+    upsampled = np.asarray(upsample_bilinear(maps, (8, 10)))
+    clipped = postprocess_maps(maps, (8, 10), MapPostprocess(normalize_first=False, clip_negative=True))
+    expected = np.maximum(upsampled, 0) / upsampled.max(axis=(1, 2), keepdims=True)
+    assert_close(clipped, expected, "clip_negative")

@@ -1,0 +1,150 @@
+"""Direct-contribution decomposition against clip_text_span's outputs, mean ablation and TextSpan invariants."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tclip_jax.baselines import _blocks
+from tclip_jax.baselines.registry import BASELINES, decomposition_map, postprocess_maps
+from tclip_jax.decomposition import decompose, mean_ablate, residual_terms, text_span, text_span_heads
+from tclip_jax.model import l2_normalize
+from weights_conversion.convert import convert_state_dict, infer_openai_config
+
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def highest_precision():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(fixtures_dir):
+    with np.load(fixtures_dir / "tiny_openai_clip.npz") as f:
+        state_dict = {k: f[k].astype(np.float32) for k in f.files}
+    config = infer_openai_config(state_dict)
+    return config, convert_state_dict(state_dict, config)
+
+
+@pytest.fixture(scope="module")
+def reference(fixtures_dir):
+    with np.load(fixtures_dir / "decomposition" / "decomposition_tiny.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def heatmap_output(tiny, reference):
+    config, params = tiny
+    with jax.default_matmul_precision("highest"):
+        images = np.ascontiguousarray(reference["pixel_values"].transpose(0, 2, 3, 1))
+        return decomposition_map(params, config, images, reference["text_tokens"])
+
+
+def assert_close(ours, expected, what, tol=TOL):
+    ours = np.asarray(ours)
+    assert ours.shape == expected.shape, f"{what}: shape {ours.shape} != {expected.shape}"
+    err = np.abs(ours - expected).max()
+    assert err < tol, f"{what}: max abs error {err}"
+
+
+def test_residual_terms_match_the_prs_logger(tiny, reference):
+    config, params = tiny
+    images = np.ascontiguousarray(reference["pixel_values"].transpose(0, 2, 3, 1))
+    terms = jax.jit(residual_terms, static_argnums=1)(params, config, images)
+    assert_close(terms.attentions, reference["attentions_raw"], "attention terms")
+    assert_close(terms.mlps, reference["mlps_raw"], "ln_pre and MLP terms")
+    assert_close(terms.ln_mean[:, None], reference["ln_post_mean"], "ln_post mean")
+    assert_close(terms.ln_std[:, None], reference["ln_post_std"], "ln_post std")
+    assert_close(terms.norm, np.linalg.norm(reference["representation"], axis=-1), "embedding norm")
+
+
+def test_decomposition_matches_reference_and_sums_to_the_embedding(heatmap_output, reference):
+    decomposition = heatmap_output.decomposition
+    assert_close(decomposition.attentions, reference["attentions"], "attention contributions")
+    assert_close(decomposition.mlps, reference["mlps"], "ln_pre and MLP contributions")
+    assert_close(decomposition.embedding, reference["image_embedding_normalized"], "sum of contributions")
+
+
+def test_contributions_sum_to_the_embedding_on_a_non_square_grid(tiny):
+    config, params = tiny
+    images = np.random.default_rng(0).standard_normal((2, 64, 96, 3)).astype(np.float32)
+    decomposition = decompose(params, config, images)
+    assert decomposition.attentions.shape == (2, config.vision_layers, 1 + 2 * 3, config.vision_heads,
+                                              config.embed_dim)
+    embeds = jax.jit(_blocks.encode_image, static_argnums=1)(params, config, images).embeds
+    assert_close(decomposition.embedding, np.asarray(l2_normalize(embeds)), "sum of contributions")
+
+
+def test_decomposition_heatmap_matches_reference(heatmap_output, reference):
+    to_tokens_last = lambda maps: np.asarray(maps).reshape(*maps.shape[:2], -1).transpose(0, 2, 1)
+    assert_close(to_tokens_last(heatmap_output.raw), reference["class_heatmap_raw"], "raw heatmaps")
+    assert_close(to_tokens_last(heatmap_output.maps), reference["heatmaps"], "heatmaps minus the text mean")
+    image, text = int(reference["seg_image_index"]), int(reference["seg_text_index"])
+    grid = heatmap_output.maps[image, text]
+    assert_close(grid, reference["seg_heatmap_grid"], "segmentation grid")
+    assert_close(postprocess_maps(grid, (224, 224), BASELINES["decomposition"].postprocess),
+                 reference["seg_normalized"], "upsampled, clipped, normalised heatmap")
+
+
+def test_mean_ablation(heatmap_output):
+    decomposition = heatmap_output.decomposition
+    layers, heads = decomposition.heads.shape[1:3]
+    none = jnp.zeros((layers, heads), bool)
+    assert_close(mean_ablate(decomposition, decomposition, none), np.asarray(decomposition.embedding),
+                 "ablating nothing")
+    ablated_head = none.at[2, 1].set(True)
+    expected = (decomposition.embedding - decomposition.heads[:, 2, 1]
+                + decomposition.heads[:, 2, 1].mean(axis=0))
+    assert_close(mean_ablate(decomposition, decomposition, ablated_head), np.asarray(expected), "one head")
+    everything = mean_ablate(decomposition, decomposition, ~none, jnp.ones(layers + 1, bool))
+    mean_embedding = np.broadcast_to(decomposition.embedding.mean(axis=0), everything.shape)
+    assert_close(everything, mean_embedding, "ablating every term gives the reference mean")
+    with pytest.raises(ValueError, match="heads mask"):
+        mean_ablate(decomposition, decomposition, jnp.zeros((layers, heads + 1), bool))
+
+
+def planted_outputs(seed=0, n_images=64, dim=16, scales=(5.0, 3.0, 1.5)):
+    """Head outputs: a constant offset plus orthonormal planted directions with decreasing spread, and a text
+    pool holding those directions (shuffled) among random unit distractors. The SVD is of the uncentred
+    outputs, so its span needs rank len(scales) + 1 (the offset)."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0][: len(scales)]
+    coefficients = rng.standard_normal((n_images, len(scales))) * np.asarray(scales)
+    outputs = 0.7 + coefficients @ basis
+    distractors = rng.standard_normal((20, dim))
+    pool = np.concatenate([basis, distractors / np.linalg.norm(distractors, axis=1, keepdims=True)])
+    order = rng.permutation(len(pool))
+    planted_positions = np.argsort(order)[: len(scales)]   # where each planted direction ended up
+    return outputs.astype(np.float32), pool[order].astype(np.float32), planted_positions
+
+
+def test_text_span_recovers_a_planted_basis():
+    outputs, pool, planted = planted_outputs()
+    span = text_span(outputs, pool, num_texts=3, rank=4)
+    np.testing.assert_array_equal(np.asarray(span.indices), planted)
+    assert_close(span.reconstruction, outputs, "three planted texts reconstruct the outputs", tol=1e-4)
+    first = text_span(outputs, pool, num_texts=1, rank=4)
+    assert int(first.indices[0]) == planted[0]
+    residual = np.asarray(outputs - first.reconstruction)
+    assert_close(residual @ pool[planted[0]], np.zeros(len(outputs), np.float32), "chosen text projected out")
+
+
+def test_text_span_heads_runs_every_head():
+    outputs, pool, planted = planted_outputs()
+    other, _, _ = planted_outputs(seed=1)
+    heads = np.stack([np.stack([outputs, other], axis=1)] * 2, axis=1)    # [n, L=2, H=2, dim]
+    spans = text_span_heads(heads, pool, num_texts=2, rank=4)
+    assert spans.indices.shape == (2, 2, 2)
+    np.testing.assert_array_equal(np.asarray(spans.indices[1, 0]), planted[:2])
+    single = text_span(other, pool, num_texts=2, rank=4)
+    np.testing.assert_array_equal(np.asarray(spans.indices[0, 1]), np.asarray(single.indices))
+    assert_close(spans.reconstruction[0, 1], np.asarray(single.reconstruction), "per-head reconstruction")
+
+
+def test_text_span_rejects_bad_sizes():
+    outputs, pool, _ = planted_outputs()
+    with pytest.raises(ValueError, match="num_texts"):
+        text_span(outputs, pool, num_texts=4, rank=3)
+    with pytest.raises(ValueError, match="rank"):
+        text_span(outputs, pool, num_texts=1, rank=17)
