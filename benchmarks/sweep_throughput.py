@@ -1,0 +1,81 @@
+"""Sweep throughput on the held-out synthetic scenes: images/s and the share of time the device waits on the
+host, with the batch split over 1 and over 4 simulated CPU devices (one subprocess each, since the device
+count is fixed when JAX starts). Prints a Markdown table and rewrites the `sweeps` section of RESULTS.md.
+
+    python benchmarks/sweep_throughput.py --model PATH [--scenes 48] [--batch-size 8] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks._common import command_line, load_average, machine_description, markdown_table, today, write_section  # noqa: E402
+
+DEVICE_COUNTS = (1, 4)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """One sweep in this process; its Throughput as a dict."""
+    import dataclasses
+
+    from tclip_jax.datasets import synthetic_dataset
+    from tclip_jax.sweep import RunOptions, run_sweep, tclip_method
+
+    dataset = synthetic_dataset(args.scenes)
+    method = tclip_method(args.model, dataset.class_names)
+    with tempfile.TemporaryDirectory() as out:
+        result = run_sweep(dataset, method, out, {"model": args.model},
+                           options=RunOptions(args.batch_size, args.workers, progress=False))
+    return dataclasses.asdict(result.throughput)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="any model load_clip accepts (default: the embedded one)")
+    parser.add_argument("--scenes", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--measure", action="store_true", help="internal: run one sweep and print its throughput")
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args)))
+        return
+
+    rows = []
+    for devices in DEVICE_COUNTS:
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        child = subprocess.run([sys.executable, __file__, "--measure", *sys.argv[1:]], env=env, check=True,
+                               capture_output=True, text=True)
+        t = json.loads(child.stdout.strip().splitlines()[-1])
+        assert t["devices"] == devices, t
+        rows.append((devices, t["images"], t["batches"], f"{t['wall_seconds']:.1f}", f"{t['images_per_second']:.2f}",
+                     f"{t['steady_images_per_second']:.2f}", f"{100 * t['device_wait_share']:.1f} %"))
+    table = markdown_table(["simulated CPU devices", "images", "batches", "wall s (with compilation)", "images/s",
+                            "images/s after the first batch", "device waiting on the host"], rows)
+    from tclip_jax.loading import DEFAULT_MODEL_DIR
+
+    model = args.model or "the embedded default model"
+    if args.model and not DEFAULT_MODEL_DIR.is_dir():
+        model += " (the embedded default model was not installed yet)"
+    body = "\n\n".join([
+        "## Sweep throughput: TCLIP (K=25) over the held-out synthetic scenes (CPU)",
+        f"Machine: {machine_description()}",
+        f"Date: {today()}; load average before the run: {load_average()}",
+        f"Command: `{command_line()}`",
+        f"Model: {model}. Batch {args.batch_size} split over the devices, {args.workers} loader and "
+        f"{args.workers} host threads. 'Device waiting on the host' is the share of the time after the first "
+        "batch (which includes compilation) during which no batch was queued on the device.",
+        table,
+    ])
+    print(body)
+    write_section("sweeps", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Evaluation datasets (COCO 2017, ImageNet-S, synthetic scenes) behind one interface (see ``base``)."""
+from tclip_jax.datasets.base import Dataset, LoadedSample, Sample, Target, read_rgb
+from tclip_jax.datasets.coco import (
+    COCO_CATEGORIES,
+    coco_dataset,
+    tfds_coco_dataset,
+    tfds_samples,
+    tfds_to_xyxy,
+    xywh_to_xyxy,
+)
+from tclip_jax.datasets.imagenet_s import imagenet_class_names, imagenet_s_dataset, read_labels, split_wnids
+from tclip_jax.datasets.synthetic import SYNTHETIC_CLASSES, synthetic_dataset
+
+__all__ = [
+    "COCO_CATEGORIES",
+    "SYNTHETIC_CLASSES",
+    "Dataset",
+    "LoadedSample",
+    "Sample",
+    "Target",
+    "coco_dataset",
+    "imagenet_class_names",
+    "imagenet_s_dataset",
+    "read_labels",
+    "read_rgb",
+    "split_wnids",
+    "synthetic_dataset",
+    "tfds_coco_dataset",
+    "tfds_samples",
+    "tfds_to_xyxy",
+    "xywh_to_xyxy",
+]

@@ -1,0 +1,64 @@
+"""What every evaluation dataset provides: class names and samples whose image and ground truth load on demand.
+
+A sample is one image; each of its targets is one evaluation unit, an (image, class present) pair. Images are
+decoded as stored, without applying EXIF orientation, because annotations are drawn on the stored pixel grid
+(as pycocotools, gScoreCAM's ``Image.open`` and ImageNet-S's evaluator read them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from collections.abc import Callable, Iterator
+from typing import Optional
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Target:
+    """Ground truth of one class present in an image; a dataset gives boxes, a mask, or both."""
+
+    class_id: int                        # index into Dataset.class_names
+    boxes: Optional[np.ndarray] = None   # float64 [n, 4] (x1, y1, x2, y2), any box is a correct detection
+    mask: Optional[np.ndarray] = None    # bool [H, W] the class's pixels
+    ignore: Optional[np.ndarray] = None  # bool [H, W] pixels left out of the segmentation scores
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoadedSample:
+    image: np.ndarray                    # uint8 [H, W, 3]
+    targets: tuple[Target, ...]          # one per class present, sorted by class_id
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sample:
+    key: str                             # unique and stable across runs: results are resumed by key
+    load: Callable[[], LoadedSample]     # reads and decodes; raises ValueError/FileNotFoundError on bad data
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    name: str
+    class_names: tuple[str, ...]
+    size: int                                    # number of samples
+    samples: Callable[[], Iterator[Sample]]      # always the same samples in the same order
+
+
+def read_rgb(source: str | os.PathLike | bytes) -> np.ndarray:
+    """Decode an image file (a path or its bytes) to uint8 RGB [H, W, 3] as stored (no EXIF rotation)."""
+    name = "image bytes" if isinstance(source, bytes) else str(source)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            return np.array(image.convert("RGB"))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"image file not found: {name}") from err
+    except (UnidentifiedImageError, OSError) as err:  # not an image, or truncated
+        raise ValueError(f"cannot decode {name}: {err}") from err
+
+
+def check_size(image: np.ndarray, expected_hw: tuple[int, int], what: str) -> None:
+    if image.shape[:2] != tuple(expected_hw):
+        raise ValueError(f"{what}: image is {image.shape[0]}x{image.shape[1]} (HxW) but the annotation is for "
+                         f"{expected_hw[0]}x{expected_hw[1]}")

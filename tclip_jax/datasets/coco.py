@@ -1,0 +1,169 @@
+"""COCO 2017 zero-shot detection: every (image, class present) pair with the class's ground-truth boxes.
+
+Two sources with the same samples:
+- the raw layout: ``ROOT/annotations/instances_val2017.json`` and ``ROOT/val2017/<file_name>``;
+- TFDS ``coco/2017`` (``tensorflow-datasets``), whose boxes are normalised ``[ymin, xmin, ymax, xmax]``.
+
+Conventions (gScoreCAM's ``evaluation/coco_eval.py`` with ``tools/iou_tool.py``):
+- A COCO box ``[x, y, w, h]`` becomes ``(x, y, x + w, y + h)`` in float pixels (``xywh2xyxy``, no rounding);
+  a TFDS box becomes ``(xmin * W, ymin * H, xmax * W, ymax * H)``, the same box (TFDS stored ``x / W`` ...).
+- Crowd annotations: gScoreCAM's evaluation has no crowd handling: every annotation of the class in its
+  metadata table is a ground-truth box, so a crowd box counts like any other (``crowd="keep"``, default).
+  ``crowd="drop"`` removes crowd annotations first; a class present only as a crowd then gives no unit.
+- Samples are the images with at least one annotation, in image-id order; the key is the image id.
+- Classes are the categories in id order (80 for COCO 2017); TFDS labels index the same order.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+from tclip_jax.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, read_rgb
+
+Crowd = Literal["keep", "drop"]
+CROWD_MODES = ("keep", "drop")
+ANNOTATION_FILE = "annotations/instances_val2017.json"
+IMAGE_DIR = "val2017"
+TFDS_NAME = "coco/2017"
+
+# The 80 COCO 2017 categories, id -> name, in id order (TFDS label i is the i-th of them).
+COCO_CATEGORIES: dict[int, str] = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
+    9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 15: "bench",
+    16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep", 21: "cow", 22: "elephant", 23: "bear",
+    24: "zebra", 25: "giraffe", 27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase",
+    34: "frisbee", 35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat",
+    40: "baseball glove", 41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass",
+    47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple", 54: "sandwich",
+    55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut", 61: "cake",
+    62: "chair", 63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet", 72: "tv",
+    73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave", 79: "oven",
+    80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase", 87: "scissors",
+    88: "teddy bear", 89: "hair drier", 90: "toothbrush",
+}
+
+
+def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    """COCO ``[x, y, w, h]`` rows to ``(x, y, x + w, y + h)``, float64."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+
+
+def tfds_to_xyxy(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """TFDS normalised ``[ymin, xmin, ymax, xmax]`` rows to pixel ``(x1, y1, x2, y2)``, float64."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return boxes[:, [1, 0, 3, 2]] * np.array([width, height, width, height], dtype=np.float64)
+
+
+def coco_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
+    """COCO val2017 from the raw layout under ``root`` (see the module doc)."""
+    _check_crowd(crowd)
+    root = pathlib.Path(root)
+    annotation_path, image_dir = root / ANNOTATION_FILE, root / IMAGE_DIR
+    for path in (root, annotation_path, image_dir):
+        if not path.exists():
+            raise FileNotFoundError(f"COCO: {path} not found; expected {root}/{ANNOTATION_FILE} "
+                                    f"and {root}/{IMAGE_DIR}/")
+    with open(annotation_path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"COCO: {annotation_path} is not valid JSON: {err}") from err
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if missing:
+        raise ValueError(f"COCO: {annotation_path} is not an instances file: missing {missing}")
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    class_of = {c["id"]: index for index, c in enumerate(categories)}
+    images = {}
+    for image in data["images"]:
+        if image["id"] in images:
+            raise ValueError(f"COCO: image id {image['id']} appears twice in {annotation_path}")
+        images[image["id"]] = image
+    objects: dict[int, list[tuple[int, list[float], bool]]] = {}
+    for ann in data["annotations"]:
+        if ann["category_id"] not in class_of:
+            raise ValueError(f"COCO: annotation {ann.get('id')} has unknown category_id {ann['category_id']}; "
+                             f"known ids: {sorted(class_of)}")
+        if ann["image_id"] not in images:
+            raise ValueError(f"COCO: annotation {ann.get('id')} refers to unknown image_id {ann['image_id']}")
+        objects.setdefault(ann["image_id"], []).append(
+            (class_of[ann["category_id"]], ann["bbox"], bool(ann.get("iscrowd", 0))))
+    samples = []
+    for image_id in sorted(objects):
+        kept = [(c, box) for c, box, is_crowd in objects[image_id] if crowd == "keep" or not is_crowd]
+        if kept:
+            info = images[image_id]
+            classes = np.array([c for c, _ in kept])
+            boxes = xywh_to_xyxy(np.array([box for _, box in kept]))
+            samples.append(Sample(str(image_id), _raw_loader(image_dir / info["file_name"],
+                                                             (info["height"], info["width"]), classes, boxes)))
+    return Dataset("coco", tuple(c["name"] for c in categories), len(samples), lambda: iter(samples))
+
+
+def tfds_coco_dataset(data_dir: str | pathlib.Path, split: str = "validation", crowd: Crowd = "keep") -> Dataset:
+    """COCO 2017 from a prepared TFDS ``coco/2017`` under ``data_dir`` (needs tensorflow-datasets)."""
+    _check_crowd(crowd)
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        raise ImportError("reading TFDS coco/2017 needs tensorflow and tensorflow-datasets "
+                          "(pip install tensorflow-cpu tensorflow-datasets)") from err
+    if not pathlib.Path(data_dir).is_dir():
+        raise FileNotFoundError(f"TFDS data_dir {data_dir} not found")
+    builder = tfds.builder(TFDS_NAME, data_dir=str(data_dir))
+    if not builder.is_prepared():
+        raise FileNotFoundError(f"no prepared TFDS {TFDS_NAME} under {data_dir} (expected {builder.data_dir})")
+    if split not in builder.info.splits:
+        raise ValueError(f"TFDS {TFDS_NAME} has no split {split!r}; it has {sorted(builder.info.splits)}")
+
+    def examples() -> Iterator[Mapping[str, Any]]:
+        # Images stay encoded here; each is decoded by the worker that loads its sample.
+        dataset = builder.as_dataset(split=split, shuffle_files=False,
+                                     decoders={"image": tfds.decode.SkipDecoding()})
+        return iter(tfds.as_numpy(dataset))
+
+    return Dataset("coco", tuple(COCO_CATEGORIES.values()), builder.info.splits[split].num_examples,
+                   lambda: tfds_samples(examples(), crowd))
+
+
+def tfds_samples(examples: Iterable[Mapping[str, Any]], crowd: Crowd = "keep") -> Iterator[Sample]:
+    """Samples from TFDS ``coco/2017`` examples as ``tfds.as_numpy`` yields them with the image undecoded."""
+    _check_crowd(crowd)
+    for example in examples:
+        objects = example["objects"]
+        keep = np.ones(len(objects["label"]), bool) if crowd == "keep" else ~np.asarray(objects["is_crowd"], bool)
+        labels = np.asarray(objects["label"])[keep]
+        if labels.size == 0:
+            continue
+        if labels.min() < 0 or labels.max() >= len(COCO_CATEGORIES):
+            raise ValueError(f"TFDS coco/2017 image {example['image/id']}: label outside 0..{len(COCO_CATEGORIES) - 1}")
+        yield Sample(str(int(example["image/id"])),
+                     _tfds_loader(bytes(example["image"]), labels, np.asarray(objects["bbox"])[keep]))
+
+
+def _raw_loader(path: pathlib.Path, size_hw: tuple[int, int], classes: np.ndarray, boxes: np.ndarray):
+    def load() -> LoadedSample:
+        image = read_rgb(path)
+        check_size(image, size_hw, str(path))
+        return LoadedSample(image, _targets(classes, boxes))
+    return load
+
+
+def _tfds_loader(encoded: bytes, labels: np.ndarray, normalised: np.ndarray):
+    def load() -> LoadedSample:
+        image = read_rgb(encoded)
+        return LoadedSample(image, _targets(labels, tfds_to_xyxy(normalised, *image.shape[:2])))
+    return load
+
+
+def _targets(classes: np.ndarray, boxes: np.ndarray) -> tuple[Target, ...]:
+    return tuple(Target(int(c), boxes=boxes[classes == c]) for c in np.unique(classes))
+
+
+def _check_crowd(crowd: str) -> None:
+    if crowd not in CROWD_MODES:
+        raise ValueError(f"crowd must be one of {CROWD_MODES}, got {crowd!r}")

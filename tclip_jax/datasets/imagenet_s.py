@@ -1,0 +1,91 @@
+"""ImageNet-S (splits 50, 300, 919) validation set: every (image, class present) pair with the class's mask.
+
+Official layout under ``ROOT`` (e.g. ``ImageNetS50``):
+``ROOT/validation/<wnid>/<name>.JPEG`` and ``ROOT/validation-segmentation/<wnid>/<name>.png``.
+
+Conventions (LUSSeg/ImageNet-S):
+- A label PNG holds ``id = R + 256 * G`` per pixel: 0 = background, ``IGNORE_ID`` (1000) = ignore, and
+  ``1..n`` the ``id``-th wnid of the split's sorted wnid list (``split_wnids``); class index = ``id - 1``.
+- A unit is each class id present in the label map; its mask is ``label == id``, its ignore region
+  ``label == 1000`` (left out of the segmentation scores).
+- Samples are the annotated images (those with a label PNG), sorted by ``<wnid>/<name>``, which is the key.
+- Class names are the first WordNet lemma of each wnid (``imagenet_class_names``), as ImageNet-S names them.
+  ImageNet-S919 merged five ImageNet classes into others (e.g. n04356056 "sunglasses" into n04355933
+  "sunglass"); their images carry the surviving class's id and name.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+from tclip_jax.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, read_rgb
+from tclip_jax.metrics.imagenet_s import IGNORE_ID, decode_label_png
+
+SPLITS = (50, 300, 919)
+IMAGE_DIR = "validation"
+LABEL_DIR = "validation-segmentation"
+_DATA = pathlib.Path(__file__).resolve().parent / "data"
+
+
+@functools.lru_cache(maxsize=None)
+def imagenet_class_names() -> dict[str, str]:
+    """wnid -> class name (first lemma) of the 1000 ImageNet-1k classes, in wnid order."""
+    rows = (line.split("\t") for line in (_DATA / "imagenet_classes.tsv").read_text().splitlines())
+    return {wnid: lemmas.split(", ")[0] for wnid, lemmas in rows}
+
+
+@functools.lru_cache(maxsize=None)
+def split_wnids(split: int) -> tuple[str, ...]:
+    """The sorted wnids of ImageNet-S ``split``; label id k >= 1 is entry k - 1."""
+    if split not in SPLITS:
+        raise ValueError(f"ImageNet-S split must be one of {SPLITS}, got {split!r}")
+    return tuple((_DATA / f"imagenet_s_{split}.txt").read_text().split())
+
+
+def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
+    """The annotated validation images of ImageNet-S ``split`` under ``root`` (see the module doc)."""
+    wnids = split_wnids(split)
+    root = pathlib.Path(root)
+    image_root, label_root = root / IMAGE_DIR, root / LABEL_DIR
+    for path in (root, image_root, label_root):
+        if not path.is_dir():
+            raise FileNotFoundError(f"ImageNet-S: folder {path} not found; expected {root}/{IMAGE_DIR}/<wnid>/*.JPEG "
+                                    f"and {root}/{LABEL_DIR}/<wnid>/*.png")
+    known = set(wnids)
+    samples = []
+    for folder in sorted(p for p in label_root.iterdir() if p.is_dir()):
+        if folder.name not in known:
+            raise ValueError(f"ImageNet-S: unknown class folder {folder} (not a wnid of ImageNet-S{split})")
+        for label_path in sorted(folder.glob("*.png")):
+            image_path = image_root / folder.name / f"{label_path.stem}.JPEG"
+            if not image_path.is_file():
+                raise FileNotFoundError(f"ImageNet-S: {label_path} has no image {image_path}")
+            samples.append(Sample(f"{folder.name}/{label_path.stem}",
+                                  functools.partial(_load, image_path, label_path, len(wnids))))
+    if not samples:
+        raise ValueError(f"ImageNet-S: no label PNGs under {label_root}/<wnid>/")
+    names = imagenet_class_names()
+    return Dataset(f"imagenet-s{split}", tuple(names[w] for w in wnids), len(samples), lambda: iter(samples))
+
+
+def read_labels(path: pathlib.Path) -> np.ndarray:
+    """Class ids [H, W] int64 of an ImageNet-S label PNG."""
+    with Image.open(path) as png:
+        if png.mode not in ("RGB", "RGBA"):
+            raise ValueError(f"ImageNet-S label {path} has PIL mode {png.mode}; expected RGB with id = R + 256*G")
+        return decode_label_png(np.asarray(png))
+
+
+def _load(image_path: pathlib.Path, label_path: pathlib.Path, num_classes: int) -> LoadedSample:
+    image = read_rgb(image_path)
+    labels = read_labels(label_path)
+    check_size(image, labels.shape, str(image_path))
+    ids = np.unique(labels)
+    ids = ids[(ids != 0) & (ids != IGNORE_ID)]
+    if ids.size and (ids.min() < 0 or ids.max() > num_classes):
+        raise ValueError(f"ImageNet-S label {label_path} has class ids {ids.tolist()} outside 1..{num_classes}")
+    ignore = labels == IGNORE_ID
+    return LoadedSample(image, tuple(Target(int(i) - 1, mask=labels == i, ignore=ignore) for i in ids))

@@ -1,0 +1,115 @@
+"""The sweep's report: every process's records merged into dataset scores, as JSON and a Markdown table.
+
+Scores (all fractions in the JSON; the Markdown shows box accuracy in percent, as the paper does):
+- detection: ``box_accuracy`` = hits / units (micro, the paper's BoxAcc); ``box_accuracy_class_mean`` = mean
+  over classes of each class's accuracy; ``mean_iou``; per class accuracy and unit count.
+- segmentation: ``pointing_game`` (micro) and ``pointing_game_class_mean`` (TorchRay's per-class mean);
+  ``energy_pg`` (energy in the mask's box) and ``energy_in_mask``, means over units; ``pixel_accuracy`` and
+  ``miou`` (background/foreground mean, Chefer et al.) from summed counts; ``mask_iou`` = summed foreground
+  intersection / summed foreground union; ``ap`` = mean AP over units (``metrics.summarize_segmentation``).
+Records are merged in dataset order, so the report does not depend on how the sweep was split or resumed.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import numpy as np
+
+from tclip_jax.metrics import SegmentationCounts, aggregate_by_class, summarize_segmentation
+from tclip_jax.sweep.store import read_all_records
+
+CONFIG_FILE = "sweep.json"
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+# The paper's figures for TCLIP with CLIP ViT-B/32, shown beside a sweep of the same dataset.
+PAPER = {
+    "coco": {"box_accuracy": 0.1907},
+    "imagenet-s": {"pointing_game": 0.775, "energy_pg": 0.445, "pixel_accuracy": 0.6925, "ap": 0.6295,
+                   "mask_iou": 0.3817},
+}
+_SHOWN_ERRORS = 20
+
+
+def summarize(records: list[dict]) -> dict:
+    """Dataset scores of a sweep's records (see the module doc)."""
+    records = sorted(records, key=lambda r: r["index"])
+    units = [u for r in records if "units" in r for u in r["units"]]
+    summary: dict = {
+        "images": sum("units" in r for r in records),
+        "units": len(units),
+        "errors": [{"key": r["key"], "error": r["error"]} for r in records if "error" in r],
+    }
+    boxes = [u for u in units if "hit" in u]
+    if boxes:
+        hits = aggregate_by_class([u["hit"] for u in boxes], [u["class"] for u in boxes])
+        summary["detection"] = {
+            "units": len(boxes),
+            "box_accuracy": hits.micro,
+            "box_accuracy_class_mean": hits.macro,
+            "mean_iou": float(np.mean([u["iou"] for u in boxes])),
+            "per_class": {c: {"accuracy": mean, "units": n} for c, (mean, n) in sorted(hits.per_class.items())},
+        }
+    masks = [u for u in units if "pg_hit" in u]
+    if masks:
+        pointing = aggregate_by_class([u["pg_hit"] for u in masks], [u["class"] for u in masks])
+        counts = [SegmentationCounts(u["pixel_correct"], u["pixel_labeled"], np.array(u["area_inter"]),
+                                     np.array(u["area_union"]), u["ap"]) for u in masks]
+        scores = summarize_segmentation(counts)
+        foreground_union = sum(c.area_union[1] for c in counts)
+        summary["segmentation"] = {
+            "units": len(masks),
+            "pointing_game": pointing.micro,
+            "pointing_game_class_mean": pointing.macro,
+            "energy_pg": float(np.mean([u["energy_pg"] for u in masks])),
+            "energy_in_mask": float(np.mean([u["energy_in_mask"] for u in masks])),
+            "pixel_accuracy": scores["pixel_accuracy"],
+            "ap": scores["map"],
+            "mask_iou": float(sum(c.area_inter[1] for c in counts) / foreground_union) if foreground_union else 0.0,
+            "miou": scores["miou"],
+            "per_class": {c: {"pointing_game": mean, "units": n}
+                          for c, (mean, n) in sorted(pointing.per_class.items())},
+        }
+    return summary
+
+
+def markdown(config: dict, summary: dict) -> str:
+    """The report as Markdown: one table per task, the paper's row beside it where there is one."""
+    name = f"{config['method']} ({config.get('model') or 'default model'})"
+    lines = [f"# Sweep: {config['dataset']}, {name}", "",
+             f"{summary['images']} images, {summary['units']} units, {len(summary['errors'])} errors. "
+             f"Evaluation: {json.dumps(config['evaluation'], sort_keys=True)}.", ""]
+    paper = PAPER.get(config["dataset"].rstrip("0123456789"), {})
+    if "detection" in summary:
+        det = summary["detection"]
+        lines += ["| Method | BoxAcc (%) | BoxAcc, class mean (%) | Mean IoU | Units |",
+                  "| --- | ---: | ---: | ---: | ---: |",
+                  f"| {name} | {100 * det['box_accuracy']:.2f} | {100 * det['box_accuracy_class_mean']:.2f} "
+                  f"| {det['mean_iou']:.4f} | {det['units']} |"]
+        if "box_accuracy" in paper:
+            lines.append(f"| paper: TCLIP (ViT-B/32) | {100 * paper['box_accuracy']:.2f} | | | |")
+        lines.append("")
+    if "segmentation" in summary:
+        seg = summary["segmentation"]
+        columns = ("pointing_game", "energy_pg", "pixel_accuracy", "ap", "mask_iou")
+        lines += ["| Method | PG | Energy-PG | Pixel acc. | AP | Mask IoU | PG, class mean | Units |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                  f"| {name} | " + " | ".join(f"{seg[c]:.4f}" for c in columns)
+                  + f" | {seg['pointing_game_class_mean']:.4f} | {seg['units']} |"]
+        if "pointing_game" in paper:
+            lines.append("| paper: TCLIP (ViT-B/32) | " + " | ".join(f"{paper[c]:.4f}" for c in columns) + " | | |")
+        lines.append("")
+    if summary["errors"]:
+        lines += ["Errors:", ""] + [f"- `{e['key']}`: {e['error']}" for e in summary["errors"][:_SHOWN_ERRORS]]
+        if len(summary["errors"]) > _SHOWN_ERRORS:
+            lines.append(f"- ... and {len(summary['errors']) - _SHOWN_ERRORS} more (see {REPORT_JSON})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(out: pathlib.Path) -> dict:
+    """Merge every process's records under ``out``, write report.json and report.md; returns the JSON."""
+    config = json.loads((out / CONFIG_FILE).read_text())
+    summary = summarize(read_all_records(out))
+    report = {"config": config, **summary}
+    (out / REPORT_JSON).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    (out / REPORT_MD).write_text(markdown(config, summary))
+    return report

@@ -1,0 +1,296 @@
+"""The sweep runner: a dataset through a method, every unit scored, every image's record durable on disk.
+
+Pipeline (one process):
+- loader threads read and preprocess samples ahead of the device, in dataset order;
+- the main thread batches them and dispatches each batch to the devices (asynchronous); while batch k+1 is
+  queued on the device it fetches batch k's maps and hands each image to the host threads;
+- host threads resample maps to the original size and score the units (GMM, Otsu, metrics);
+- the main thread appends each finished record to this process's results file (``store``).
+A sample that cannot be read or scored (``ValueError``/``OSError``) is recorded with its error; the sweep goes on.
+
+Resume: the records already on disk (any process's) name the samples that are done; they are skipped, and a
+torn last line left by a kill is dropped, so nothing is lost or counted twice. ``sweep.json`` holds the
+sweep's configuration; resuming with a different one is an error.
+
+Device waiting: a watcher thread notes when each batch finishes. The device is busy for batch k from
+max(its dispatch, batch k-1's finish) to its finish; after the first batch (which includes compilation) the
+rest of the time it waits on the host (``device_wait_share``).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import json
+import os
+import pathlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Optional
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from tclip_jax.datasets.base import Dataset, LoadedSample, Sample
+from tclip_jax.preprocess import Geometry, to_original
+from tclip_jax.sweep.evaluate import EvalOptions, evaluate_targets
+from tclip_jax.sweep.methods import Method
+from tclip_jax.sweep.report import CONFIG_FILE, write_report
+from tclip_jax.sweep.sharding import ShardedMaps, barrier, class_slots, local_mesh, owns
+from tclip_jax.sweep.store import ResultWriter, read_all_records, read_records, results_path
+from tclip_jax.sweep.vis import save_unit_vis, vis_path
+
+SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    batch_size: int = 8          # images per device step, split over the local devices
+    workers: int = 2             # loader threads, and as many host post-processing threads
+    limit: Optional[int] = None  # only the first `limit` samples of the dataset
+    resume: bool = False
+    save_vis: int = 0            # pictures of the units of the first `save_vis` samples
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("batch_size", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.save_vis < 0:
+            raise ValueError(f"save_vis must be >= 0, got {self.save_vis}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+    devices: int                       # local devices the batches were split over
+    images: int                        # images this run sent through the device
+    batches: int
+    wall_seconds: float                # first dispatch to last record, compilation included
+    images_per_second: float
+    steady_images_per_second: Optional[float]  # after the first batch
+    device_wait_share: Optional[float]         # share of the time after the first batch with the device idle
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepResult:
+    report: Optional[dict]  # the merged report (process 0; None on the others)
+    throughput: Throughput
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Prepared:
+    index: int
+    key: str
+    loaded: LoadedSample
+    pixels: np.ndarray
+    geometry: Geometry
+
+
+def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, config: dict,
+              evaluation: EvalOptions = EvalOptions(), options: RunOptions = RunOptions()) -> SweepResult:
+    """Runs (or resumes) this process's share of the sweep and, on process 0, writes the merged report.
+
+    ``config`` describes how the dataset and method were chosen (source, model, template, ...); with the
+    dataset, method, limit and evaluation options it is stored in ``sweep.json`` and checked on resume.
+    """
+    out = pathlib.Path(out)
+    process, processes = jax.process_index(), jax.process_count()
+    config = json.loads(json.dumps({**config, "dataset": dataset.name, "method": method.name,
+                                    "classes": len(dataset.class_names), "limit": options.limit,
+                                    "evaluation": dataclasses.asdict(evaluation)}))
+    _check_config(out, config, options.resume)
+    barrier("tclip-sweep-checked")  # nobody writes before every process has checked
+    if process == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / CONFIG_FILE, config)
+    done = {record["key"] for record in read_all_records(out)}
+    own_done = len(read_records(results_path(out, process)))
+    barrier("tclip-sweep-start")
+
+    todo = (item for item in enumerate(itertools.islice(dataset.samples(), options.limit))
+            if owns(item[0], process, processes) and item[1].key not in done)
+    share = -(-(min(options.limit or dataset.size, dataset.size) - process) // processes)
+    suffix = f" [process {process}/{processes}]" if processes > 1 else ""
+    with ResultWriter(results_path(out, process)) as writer, \
+            tqdm(total=max(share - own_done, 0), unit="img", desc=f"sweep {dataset.name}{suffix}",
+                 disable=not options.progress) as bar:
+        def record(entry: dict) -> None:
+            writer.append(entry)
+            bar.update()
+
+        throughput = _pipeline(todo, method, ShardedMaps(method, local_mesh()), dataset, evaluation, options,
+                               out / "vis", record)
+    _write_json(out / f"throughput-p{process}.json", dataclasses.asdict(throughput))
+    barrier("tclip-sweep-done")
+    return SweepResult(write_report(out) if process == 0 else None, throughput)
+
+
+def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, maps: ShardedMaps, dataset: Dataset,
+              evaluation: EvalOptions, options: RunOptions, vis_dir: pathlib.Path,
+              record: Callable[[dict], None]) -> Throughput:
+    clock = _DeviceClock()
+    evaluations: collections.deque[concurrent.futures.Future] = collections.deque()
+    sizes: list[int] = []
+    started = time.perf_counter()
+
+    def drain(keep: int) -> None:
+        """Record finished evaluations in order; wait while more than `keep` are pending."""
+        while evaluations and (evaluations[0].done() or len(evaluations) > keep):
+            record(evaluations.popleft().result())
+
+    with concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-load") as loaders, \
+            concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-host") as hosts:
+        def score(batch: list[_Prepared], device_maps: jax.Array) -> None:
+            """Hand each image of a dispatched batch to the host threads."""
+            host_maps = np.asarray(device_maps)  # waits for this batch; the next one is already queued
+            for prepared, image_maps in zip(batch, host_maps):
+                evaluations.append(hosts.submit(_evaluate, prepared, image_maps, method, dataset.class_names,
+                                                evaluation, vis_dir if prepared.index < options.save_vis else None))
+
+        prepared = _prepare_ahead(loaders, todo, method, 2 * options.batch_size + options.workers)
+        in_flight = None
+        for batch in _batches(prepared, options.batch_size, record):
+            slots = class_slots(max(len(p.loaded.targets) for p in batch))
+            class_ids = np.array([_padded_classes(p.loaded, slots) for p in batch])
+            device_maps = maps(np.stack([p.pixels for p in batch]), class_ids)
+            clock.dispatched(device_maps)
+            if in_flight is not None:
+                score(*in_flight)
+            in_flight = (batch, device_maps)
+            sizes.append(len(batch))
+            drain(2 * options.batch_size)
+        if in_flight is not None:
+            score(*in_flight)
+        drain(0)
+    return _throughput(clock.stop(), sizes, time.perf_counter() - started, maps.devices)
+
+
+def _prepare_ahead(pool: concurrent.futures.Executor, todo: Iterable[tuple[int, Sample]], method: Method,
+                   lookahead: int) -> Iterator[tuple[int, Sample, concurrent.futures.Future]]:
+    """(index, sample, future of its _Prepared) in dataset order, with `lookahead` loads running ahead."""
+    window: collections.deque = collections.deque()
+    for index, sample in todo:
+        window.append((index, sample, pool.submit(_prepare, index, sample, method)))
+        if len(window) >= lookahead:
+            yield window.popleft()
+    yield from window
+
+
+def _prepare(index: int, sample: Sample, method: Method) -> _Prepared:
+    loaded = sample.load()
+    pixels, geometry = method.preprocess(loaded.image)
+    return _Prepared(index, sample.key, loaded, pixels, geometry)
+
+
+def _batches(prepared: Iterator[tuple[int, Sample, concurrent.futures.Future]], size: int,
+             record: Callable[[dict], None]) -> Iterator[list[_Prepared]]:
+    """Batches of loaded samples with units; unreadable samples and samples without units are recorded here."""
+    batch: list[_Prepared] = []
+    for index, sample, future in prepared:
+        try:
+            item = future.result()
+        except SAMPLE_ERRORS as err:
+            record(_error_record(index, sample.key, err))
+            continue
+        if not item.loaded.targets:
+            record({"key": item.key, "index": index, "units": []})
+            continue
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _padded_classes(loaded: LoadedSample, slots: int) -> list[int]:
+    ids = [t.class_id for t in loaded.targets]
+    return ids + [ids[0]] * (slots - len(ids))
+
+
+def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, class_names: tuple[str, ...],
+              evaluation: EvalOptions, vis_dir: Optional[pathlib.Path]) -> dict:
+    targets = prepared.loaded.targets
+    try:
+        heatmaps = to_original(image_maps[:len(targets)], prepared.geometry)
+        units = evaluate_targets(targets, heatmaps, class_names, method.relevance, evaluation)
+        if vis_dir is not None:
+            for target, heatmap, unit in zip(targets, heatmaps, units):
+                save_unit_vis(vis_path(vis_dir, prepared.key, unit["class"]), prepared.loaded.image, heatmap,
+                              target, unit)
+    except SAMPLE_ERRORS as err:
+        return _error_record(prepared.index, prepared.key, err)
+    return {"key": prepared.key, "index": prepared.index, "units": units}
+
+
+def _error_record(index: int, key: str, err: Exception) -> dict:
+    return {"key": key, "index": index, "error": f"{type(err).__name__}: {err}"}
+
+
+def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
+    path = out / CONFIG_FILE
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if not path.exists():
+        return
+    if not resume:
+        raise ValueError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
+    stored = json.loads(path.read_text())
+    changed = sorted(k for k in config.keys() | stored.keys() if config.get(k) != stored.get(k))
+    if changed:
+        raise ValueError(f"cannot resume {out}: the sweep there differs in {', '.join(changed)} "
+                         f"(stored {[stored.get(k) for k in changed]}, now {[config.get(k) for k in changed]})")
+
+
+def _write_json(path: pathlib.Path, data: dict) -> None:
+    """Write via a temporary file and a rename, so a reader never sees half a file."""
+    temporary = path.with_suffix(f".tmp{os.getpid()}")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+class _DeviceClock:
+    """Notes, on its own thread, when each dispatched batch finishes on the device."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._spans: list[tuple[float, float]] = []
+        self._thread = threading.Thread(target=self._watch, name="tclip-device-clock", daemon=True)
+        self._thread.start()
+
+    def dispatched(self, array: jax.Array) -> None:
+        self._queue.put((time.perf_counter(), array))
+
+    def stop(self) -> list[tuple[float, float]]:
+        """(dispatch, finish) per batch, in dispatch order."""
+        self._queue.put(None)
+        self._thread.join()
+        return self._spans
+
+    def _watch(self) -> None:
+        while (item := self._queue.get()) is not None:
+            dispatched, array = item
+            array.block_until_ready()
+            self._spans.append((dispatched, time.perf_counter()))
+
+
+def _throughput(spans: list[tuple[float, float]], sizes: list[int], wall: float, devices: int) -> Throughput:
+    """Rates and the device's idle share from (dispatch, finish) of each batch of `sizes` images."""
+    busy = sum(finish - max(dispatched, previous_finish)
+               for (_, previous_finish), (dispatched, finish) in zip(spans, spans[1:]))
+    steady = spans[-1][1] - spans[0][1] if len(spans) > 1 else 0.0
+    return Throughput(
+        devices=devices,
+        images=sum(sizes),
+        batches=len(sizes),
+        wall_seconds=wall,
+        images_per_second=sum(sizes) / wall if wall > 0 else 0.0,
+        steady_images_per_second=sum(sizes[1:]) / steady if steady > 0 else None,
+        device_wait_share=1.0 - busy / steady if steady > 0 else None,
+    )

@@ -1,0 +1,73 @@
+"""Per-image results as JSON lines, one file per process, safe against being killed at any moment.
+
+- Each record is one line written with a single ``write``, then flushed and ``fsync``-ed, so a record on disk
+  is complete once ``append`` returns. A kill can only leave the last line torn: text after the final newline.
+- Reading drops a torn last line; before appending, a writer truncates its own file back to the last newline,
+  so the next record starts on a fresh line. Any other unreadable line is corruption and an error.
+- ``<out>/results-p<process>.jsonl`` holds one process's records; a report reads all of them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+RESULTS_GLOB = "results-p*.jsonl"
+
+
+def results_path(out: pathlib.Path, process_index: int) -> pathlib.Path:
+    return out / f"results-p{process_index}.jsonl"
+
+
+def read_records(path: pathlib.Path) -> list[dict]:
+    """The complete records of one results file, in file order; a torn last line is dropped."""
+    if not path.exists():
+        return []
+    complete = path.read_bytes().split(b"\n")[:-1]  # whatever follows the last newline is torn
+    records = []
+    for number, line in enumerate(complete, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {number} is not a JSON record ({err}); the file is corrupt") from err
+        if not isinstance(record, dict) or "key" not in record:
+            raise ValueError(f"{path}: line {number} is not a result record (no 'key')")
+        records.append(record)
+    return records
+
+
+def read_all_records(out: pathlib.Path) -> list[dict]:
+    """Every process's records under ``out``; a key recorded twice is an error."""
+    records, seen = [], {}
+    for path in sorted(out.glob(RESULTS_GLOB)):
+        for record in read_records(path):
+            if record["key"] in seen:
+                raise ValueError(f"sample {record['key']!r} is recorded twice ({seen[record['key']]} and {path})")
+            seen[record["key"]] = path
+            records.append(record)
+    return records
+
+
+class ResultWriter:
+    """Appends records to one results file, each durable before ``append`` returns."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        if path.exists():
+            data = path.read_bytes()
+            os.truncate(path, len(data) - len(data.split(b"\n")[-1]))  # drop a torn last line
+        self._file = open(path, "ab")
+
+    def append(self, record: dict) -> None:
+        self._file.write(json.dumps(record, sort_keys=True).encode() + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "ResultWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,325 @@
+"""Dataset adapters on tiny datasets written in the real formats: COCO (raw and TFDS), ImageNet-S, synthetic.
+
+The writers here are shared with test_sweep.py.
+"""
+import io
+import json
+import pathlib
+import shutil
+from unittest import mock
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tclip_jax.datasets import (
+    COCO_CATEGORIES,
+    SYNTHETIC_CLASSES,
+    coco_dataset,
+    imagenet_class_names,
+    imagenet_s_dataset,
+    read_labels,
+    split_wnids,
+    synthetic_dataset,
+    tfds_coco_dataset,
+    tfds_samples,
+    tfds_to_xyxy,
+    xywh_to_xyxy,
+)
+from tclip_jax.synthetic import heldout_seeds, make_scene
+
+CATEGORIES = [{"id": i, "name": n, "supercategory": "thing"} for i, n in COCO_CATEGORIES.items()]
+
+
+# ----------------------------------------------------------------------------------------------- writers
+def write_coco(root: pathlib.Path, images: dict, annotations: list, image_files: dict | None = None) -> pathlib.Path:
+    """COCO raw layout. images: id -> uint8 array (stored as PNG, lossless, under a .png name);
+    annotations: (image_id, category_id, [x, y, w, h], iscrowd); image_files: file name -> raw bytes to write as is
+    for images listed with `"file_name"` in a dict instead of an array."""
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    entries = []
+    for image_id, image in images.items():
+        if isinstance(image, dict):  # {"file_name", "height", "width"}: the file is written from image_files
+            entries.append({"id": image_id, **image})
+            continue
+        name = f"{image_id:012d}.png"
+        Image.fromarray(image).save(root / "val2017" / name)
+        entries.append({"id": image_id, "file_name": name, "height": image.shape[0], "width": image.shape[1]})
+    for name, data in (image_files or {}).items():
+        (root / "val2017" / name).write_bytes(data)
+    anns = [{"id": 100 + i, "image_id": image_id, "category_id": cat, "bbox": box, "iscrowd": crowd,
+             "area": box[2] * box[3],
+             "segmentation": [[box[0], box[1], box[0] + box[2], box[1], box[0], box[1] + box[3]]]}
+            for i, (image_id, cat, box, crowd) in enumerate(annotations)]
+    with open(root / "annotations" / "instances_val2017.json", "w") as f:
+        json.dump({"info": {}, "licenses": [], "images": entries, "annotations": anns,
+                   "categories": CATEGORIES}, f)
+    return root
+
+
+def write_imagenet_s(root: pathlib.Path, samples: dict) -> pathlib.Path:
+    """ImageNet-S layout: key 'wnid/name' -> (uint8 image, int label ids); labels as PNG with id = R + 256 * G.
+    Images are PNG data under the official .JPEG names, so that their pixels are exact."""
+    for key, (image, labels) in samples.items():
+        wnid, name = key.split("/")
+        for folder in ("validation", "validation-segmentation"):
+            (root / folder / wnid).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "validation" / wnid / f"{name}.JPEG", format="PNG")
+        rgb = np.stack([labels % 256, labels // 256, np.zeros_like(labels)], axis=-1).astype(np.uint8)
+        Image.fromarray(rgb).save(root / "validation-segmentation" / wnid / f"{name}.png")
+    return root
+
+
+def build_tfds_coco(raw: pathlib.Path, data_dir: pathlib.Path) -> None:
+    """Prepare a real TFDS coco/2017 from the raw layout: TFDS's own builder, its downloads served from disk."""
+    import tensorflow_datasets as tfds
+
+    downloads = data_dir.parent / "coco_downloads"
+    shutil.copytree(raw, downloads)
+    spare = next((raw / "val2017").iterdir())
+    with Image.open(spare) as image:
+        height, width = image.height, image.width
+    for folder, annotation in (("train2017", "instances_train2017.json"), ("test2017", "image_info_test2017.json")):
+        (downloads / folder).mkdir()  # TFDS insists on non-empty train and test splits
+        shutil.copy(spare, downloads / folder / spare.name)
+        with open(downloads / "annotations" / annotation, "w") as f:
+            json.dump({"images": [{"id": 1, "file_name": spare.name, "height": height, "width": width}],
+                       "annotations": [], "categories": CATEGORIES}, f)
+    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
+                           lambda self, urls: {name: str(downloads) for name in urls}):
+        tfds.builder("coco/2017", data_dir=str(data_dir)).download_and_prepare()
+
+
+def painted(height: int, width: int, regions: list) -> np.ndarray:
+    """uint8 image, red channel 0, with (red value, rows slice, cols slice) regions painted."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[..., 1] = 90
+    for red, rows, cols in regions:
+        image[rows, cols, 0] = red
+    return image
+
+
+# ------------------------------------------------------------------------------------------------- COCO
+@pytest.fixture
+def coco_root(tmp_path):
+    images = {
+        7: painted(48, 64, []),
+        3: painted(40, 50, []),
+        5: painted(30, 30, []),  # no annotations: not a sample
+        9: painted(20, 20, []),  # only a crowd annotation
+    }
+    annotations = [
+        (7, 10, [40.0, 0.5, 20.0, 20.25], 0),   # traffic light
+        (7, 1, [5, 10, 20, 20], 0),             # person
+        (7, 10, [38, 0, 24, 12], 1),            # traffic light, crowd
+        (3, 89, [1.5, 2.5, 10, 12], 0),         # hair drier
+        (9, 18, [0, 0, 10, 10], 1),             # dog, crowd only
+    ]
+    return write_coco(tmp_path / "coco", images, annotations)
+
+
+def _units(dataset):
+    """{key: [(class name, boxes)]} of every sample, loaded."""
+    out = {}
+    for sample in dataset.samples():
+        loaded = sample.load()
+        out[sample.key] = [(dataset.class_names[t.class_id], t.boxes.tolist()) for t in loaded.targets]
+    return out
+
+
+def test_coco_raw_samples_boxes_and_classes(coco_root):
+    dataset = coco_dataset(coco_root)
+    assert dataset.class_names == tuple(COCO_CATEGORIES.values())
+    assert dataset.class_names[9] == "traffic light" and len(dataset.class_names) == 80
+    assert dataset.size == 3
+    assert _units(dataset) == {  # image-id order, units sorted by class, xywh -> (x, y, x + w, y + h)
+        "3": [("hair drier", [[1.5, 2.5, 11.5, 14.5]])],
+        "7": [("person", [[5.0, 10.0, 25.0, 30.0]]),
+              ("traffic light", [[40.0, 0.5, 60.0, 20.75], [38.0, 0.0, 62.0, 12.0]])],
+        "9": [("dog", [[0.0, 0.0, 10.0, 10.0]])],
+    }
+    loaded = next(iter(dataset.samples())).load()
+    assert loaded.image.shape == (40, 50, 3) and loaded.image.dtype == np.uint8
+
+
+def test_coco_crowd_drop_removes_crowd_boxes_and_crowd_only_units(coco_root):
+    assert _units(coco_dataset(coco_root, crowd="drop")) == {
+        "3": [("hair drier", [[1.5, 2.5, 11.5, 14.5]])],
+        "7": [("person", [[5.0, 10.0, 25.0, 30.0]]), ("traffic light", [[40.0, 0.5, 60.0, 20.75]])],
+    }
+    with pytest.raises(ValueError, match="crowd must be one of"):
+        coco_dataset(coco_root, crowd="ignore")
+
+
+def test_box_conversions_by_hand():
+    np.testing.assert_array_equal(xywh_to_xyxy([[1, 2, 3, 4], [0.5, 0, 10, 0.25]]),
+                                  [[1, 2, 4, 6], [0.5, 0, 10.5, 0.25]])
+    # TFDS rows are [ymin, xmin, ymax, xmax] / (H, W, H, W); H = 40, W = 50.
+    np.testing.assert_allclose(tfds_to_xyxy([[0.25, 0.1, 0.5, 1.0]], height=40, width=50), [[5, 10, 50, 20]])
+
+
+def _tfds_example(image_id, image, bboxes, labels, crowd):
+    """One example as tfds.as_numpy yields coco/2017 with the image left encoded."""
+    return {"image": _png(image), "image/filename": f"{image_id:012d}.jpg".encode(),
+            "image/id": np.int64(image_id),
+            "objects": {"bbox": np.array(bboxes, np.float32).reshape(-1, 4), "label": np.array(labels, np.int64),
+                        "is_crowd": np.array(crowd, bool), "area": np.ones(len(labels), np.int64),
+                        "id": np.arange(len(labels), dtype=np.int64)}}
+
+
+def test_tfds_reader_on_in_memory_examples():
+    examples = [
+        _tfds_example(4, painted(40, 50, []), [[0.25, 0.1, 0.5, 1.0], [0.0, 0.0, 0.1, 0.2]], [9, 0], [False, True]),
+        _tfds_example(2, painted(10, 20, []), [], [], []),      # no objects: skipped
+        _tfds_example(6, painted(10, 20, []), [[0, 0, 1, 1]], [79], [True]),
+    ]
+    samples = list(tfds_samples(examples))
+    assert [s.key for s in samples] == ["4", "6"]
+    targets = samples[0].load().targets
+    assert [t.class_id for t in targets] == [0, 9]
+    np.testing.assert_allclose(targets[0].boxes, [[0, 0, 10, 4]], atol=1e-5)   # (0.2 * 50, 0.1 * 40)
+    np.testing.assert_allclose(targets[1].boxes, [[5, 10, 50, 20]], atol=1e-5)
+    assert samples[1].load().targets[0].class_id == 79
+    assert [s.key for s in tfds_samples(examples, crowd="drop")] == ["4"]
+    with pytest.raises(ValueError, match="label outside"):
+        list(tfds_samples([_tfds_example(1, painted(10, 10, []), [[0, 0, 1, 1]], [80], [False])]))
+
+
+def test_tfds_coco_2017_built_by_tfds_reads_like_the_raw_files(coco_root, tmp_path):
+    build_tfds_coco(coco_root, tmp_path / "tfds")
+    raw, tfds_data = coco_dataset(coco_root), tfds_coco_dataset(tmp_path / "tfds")
+    assert tfds_data.class_names == raw.class_names
+    from_raw, from_tfds = _units(raw), _units(tfds_data)
+    assert sorted(from_tfds) == sorted(from_raw)
+    for key, units in from_raw.items():
+        assert [name for name, _ in from_tfds[key]] == [name for name, _ in units]
+        for (_, boxes), (_, tfds_boxes) in zip(units, from_tfds[key]):
+            np.testing.assert_allclose(tfds_boxes, boxes, atol=1e-4)  # TFDS stores float32 fractions
+    images = {s.key: s.load().image for s in raw.samples()}
+    for sample in tfds_data.samples():
+        np.testing.assert_array_equal(sample.load().image, images[sample.key])
+    with pytest.raises(ValueError, match="no split"):
+        tfds_coco_dataset(tmp_path / "tfds", split="nope")
+    with pytest.raises(FileNotFoundError, match="no prepared TFDS"):
+        tfds_coco_dataset(tmp_path)
+
+
+def test_coco_bad_input(tmp_path, coco_root):
+    with pytest.raises(FileNotFoundError, match="expected .*instances_val2017.json"):
+        coco_dataset(tmp_path / "missing")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(FileNotFoundError, match="instances_val2017.json"):
+        coco_dataset(tmp_path / "flat")
+    (coco_root / "annotations" / "instances_val2017.json").write_text('{"images": []}')
+    with pytest.raises(ValueError, match="not an instances file"):
+        coco_dataset(coco_root)
+    bad = write_coco(tmp_path / "bad_cat", {1: painted(8, 8, [])}, [(1, 12, [0, 0, 1, 1], 0)])  # 12 is unused
+    with pytest.raises(ValueError, match="unknown category_id 12"):
+        coco_dataset(bad)
+    wrong_size = write_coco(tmp_path / "wrong_size", {1: {"file_name": "a.png", "height": 9, "width": 8}},
+                            [(1, 1, [0, 0, 1, 1], 0)], {"a.png": _png(painted(8, 8, []))})
+    with pytest.raises(ValueError, match="image is 8x8 .* annotation is for 9x8"):
+        next(coco_dataset(wrong_size).samples()).load()
+    corrupt = write_coco(tmp_path / "corrupt", {1: {"file_name": "a.jpg", "height": 8, "width": 8}},
+                         [(1, 1, [0, 0, 1, 1], 0)], {"a.jpg": b"\xff\xd8 not really a jpeg"})
+    with pytest.raises(ValueError, match="cannot decode"):
+        next(coco_dataset(corrupt).samples()).load()
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- ImageNet-S
+def test_imagenet_class_tables():
+    names = imagenet_class_names()
+    assert len(names) == 1000 and list(names) == sorted(names)
+    assert names["n01440764"] == "tench" and names["n15075141"] == "toilet tissue"
+    assert names["n02012849"] == names["n03126707"] == "crane"  # the bird and the machine
+    splits = {k: split_wnids(k) for k in (50, 300, 919)}
+    for k, wnids in splits.items():
+        assert len(wnids) == len(set(wnids)) == k and list(wnids) == sorted(wnids) and set(wnids) <= set(names)
+    assert set(splits[50]) < set(splits[300]) < set(splits[919])
+    # ImageNet-S data.py: classes_50 starts "goldfish, tiger shark, goldfinch" and ends "lemon, carbonara, agaric".
+    assert [names[w] for w in splits[50][:3]] == ["goldfish", "tiger shark", "goldfinch"]
+    assert [names[w] for w in splits[50][-3:]] == ["lemon", "carbonara", "agaric"]
+    assert "n01440764" not in splits[50] and "n01440764" in splits[300]  # tench
+    with pytest.raises(ValueError, match="split must be one of"):
+        split_wnids(100)
+
+
+def _inets_samples():
+    wnids = split_wnids(919)
+    a = np.zeros((12, 16), np.int64)
+    a[2:6, 3:9] = 301        # R 45, G 1: the 301st wnid
+    a[0, :] = 1000           # ignore: R 232, G 3
+    b = np.zeros((10, 10), np.int64)
+    b[5:, :] = 1
+    b[:2, :2] = 919
+    return wnids, {f"{wnids[300]}/ILSVRC2012_val_00000001": (painted(12, 16, []), a),
+                   f"{wnids[0]}/ILSVRC2012_val_00000002": (painted(10, 10, []), b)}
+
+
+def test_imagenet_s_official_layout(tmp_path):
+    wnids, samples = _inets_samples()
+    root = write_imagenet_s(tmp_path / "ImageNetS919", samples)
+    dataset = imagenet_s_dataset(root, 919)
+    assert dataset.name == "imagenet-s919" and len(dataset.class_names) == 919
+    assert dataset.class_names[300] == imagenet_class_names()[wnids[300]]
+    loaded = {s.key: s.load() for s in dataset.samples()}
+    assert list(loaded) == sorted(samples)
+    first = loaded[f"{wnids[300]}/ILSVRC2012_val_00000001"]
+    (target,) = first.targets
+    assert target.class_id == 300 and target.boxes is None
+    np.testing.assert_array_equal(target.mask, samples[f"{wnids[300]}/ILSVRC2012_val_00000001"][1] == 301)
+    assert target.ignore.sum() == 16 and target.ignore[0].all()
+    second = loaded[f"{wnids[0]}/ILSVRC2012_val_00000002"]
+    assert [t.class_id for t in second.targets] == [0, 918]
+    assert second.targets[0].mask.sum() == 50 and second.targets[1].mask.sum() == 4
+    assert read_labels(root / "validation-segmentation" / wnids[0] / "ILSVRC2012_val_00000002.png")[0, 0] == 919
+
+
+def test_imagenet_s_bad_input(tmp_path):
+    wnids, samples = _inets_samples()
+    with pytest.raises(FileNotFoundError, match="validation-segmentation"):
+        imagenet_s_dataset(tmp_path / "nothing", 919)
+    root = write_imagenet_s(tmp_path / "s50", samples)
+    with pytest.raises(ValueError, match=f"unknown class folder .*{wnids[0]} .not a wnid of ImageNet-S50"):
+        imagenet_s_dataset(root, 50)
+    (root / "validation" / wnids[0] / "ILSVRC2012_val_00000002.JPEG").unlink()
+    with pytest.raises(FileNotFoundError, match="has no image"):
+        imagenet_s_dataset(root, 919)
+    gray = write_imagenet_s(tmp_path / "gray", {f"{wnids[0]}/x": (painted(4, 4, []), np.zeros((4, 4), np.int64))})
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(gray / "validation-segmentation" / wnids[0] / "x.png")
+    with pytest.raises(ValueError, match="mode L; expected RGB"):
+        next(imagenet_s_dataset(gray, 919).samples()).load()
+    big = write_imagenet_s(tmp_path / "big", {f"{split_wnids(50)[0]}/x": (painted(4, 4, []), np.full((4, 4), 51))})
+    with pytest.raises(ValueError, match="outside 1..50"):
+        next(imagenet_s_dataset(big, 50).samples()).load()
+    empty = tmp_path / "empty"
+    (empty / "validation").mkdir(parents=True)
+    (empty / "validation-segmentation").mkdir()
+    with pytest.raises(ValueError, match="no label PNGs"):
+        imagenet_s_dataset(empty, 50)
+
+
+# -------------------------------------------------------------------------------------------- synthetic
+def test_synthetic_units_name_each_object_twice():
+    dataset = synthetic_dataset(4)
+    assert dataset.class_names[:6] == ("red", "green", "blue", "yellow", "purple", "orange")
+    assert len(dataset.class_names) == len(set(dataset.class_names)) == 13
+    for sample, seed in zip(dataset.samples(), heldout_seeds(4)):
+        scene, loaded = make_scene(seed), sample.load()
+        assert sample.key == str(seed)
+        np.testing.assert_array_equal(loaded.image, scene.image)
+        expected = sorted((SYNTHETIC_CLASSES.index(word), obj.box) for obj in scene.objects
+                          for word in (obj.colour, obj.shape))
+        assert [(t.class_id, tuple(t.boxes[0])) for t in loaded.targets] == expected
+        for target in loaded.targets:
+            (obj,) = [o for o in scene.objects if SYNTHETIC_CLASSES[target.class_id] in (o.colour, o.shape)]
+            np.testing.assert_array_equal(target.mask, obj.mask)
+    with pytest.raises(ValueError, match="count >= 1"):
+        synthetic_dataset(0)

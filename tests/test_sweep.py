@@ -1,0 +1,437 @@
+"""Sweeps end to end: hand-computed scores with a stand-in method, one real TCLIP run checked against the
+explainer, resume after SIGKILL, 4 simulated devices, two jax.distributed processes, and bad input.
+
+The stand-in ``painted_method`` paints nothing itself: the map of class k is 1 where an image's red channel
+equals k + 1 and 0 elsewhere, so the test images below decide every map, box and score exactly.
+"""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tclip_jax.cli import main
+from tclip_jax.datasets import SYNTHETIC_CLASSES, coco_dataset, imagenet_s_dataset, split_wnids, synthetic_dataset
+from tclip_jax.method.explainer import EncodedPrompts, TCLIP
+from tclip_jax.metrics import (
+    box_iou,
+    energy_in_mask,
+    energy_pointing_game,
+    normalize_relevance,
+    pointing_game,
+    segmentation_scores,
+)
+from tclip_jax.preprocess import Geometry
+from tclip_jax.sweep import EvalOptions, Method, ResultWriter, RunOptions, read_all_records, read_records, run_sweep
+from tclip_jax.sweep.methods import tclip_class_queries
+from tclip_jax.synthetic import mask_box
+from test_datasets import build_tfds_coco, painted, write_coco, write_imagenet_s
+
+TESTS = pathlib.Path(__file__).resolve().parent
+SLOW_SECONDS = 0.25  # per image in slow_painted_method, so that a sweep can be killed part-way
+
+
+# -------------------------------------------------------------------------------------- stand-in method
+def _identity_preprocess(image: np.ndarray) -> tuple[np.ndarray, Geometry]:
+    size = image.shape[:2]
+    return image.astype(np.float32), Geometry(size, size, size, (0, 0))
+
+
+def _slow_preprocess(image: np.ndarray) -> tuple[np.ndarray, Geometry]:
+    time.sleep(SLOW_SECONDS)
+    return _identity_preprocess(image)
+
+
+def _painted_maps(params, pixels, class_ids):
+    codes = params["codes"][class_ids]                                            # [B, K]
+    return (pixels[:, None, :, :, 0] == codes[:, :, None, None]).astype(jnp.float32)  # [B, K, H, W]
+
+
+def painted_method(model, class_names, template=None) -> Method:
+    """Factory for `--method test_sweep:painted_method`: map of class k = (red == k + 1)."""
+    return Method("painted", {"codes": np.arange(1, len(class_names) + 1, dtype=np.float32)}, _painted_maps,
+                  _identity_preprocess)
+
+
+def slow_painted_method(model, class_names, template=None) -> Method:
+    """The same maps, with a slow host step."""
+    return Method("painted", {"codes": np.arange(1, len(class_names) + 1, dtype=np.float32)}, _painted_maps,
+                  _slow_preprocess)
+
+
+def gscorecam_iou(a, b) -> float:
+    """gScoreCAM's compute_iou written out: inclusive areas, empty if x2 <= x1 or y2 <= y1, eps 1e-6."""
+    def area(x1, y1, x2, y2):
+        return 0.0 if x2 <= x1 or y2 <= y1 else (x2 - x1 + 1) * (y2 - y1 + 1)
+    inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+    return inter / (area(*a) + area(*b) - inter + 1e-6)
+
+
+def _report(out: pathlib.Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def _cli(*args: str) -> list[str]:
+    return ["sweep", *args, "--no-progress"]
+
+
+# ------------------------------------------------------------------------------------ COCO, hand-computed
+PERSON, TRAFFIC_LIGHT, CAT, DOG, HAIR_DRIER = 0, 9, 15, 16, 78  # class indices; codes are index + 1
+
+
+@pytest.fixture(scope="module")
+def coco_hand(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco_hand") / "coco"
+    images = {
+        1: painted(48, 64, [(PERSON + 1, slice(10, 30), slice(5, 25)),
+                            (TRAFFIC_LIGHT + 1, slice(0, 10), slice(40, 60))]),
+        2: painted(48, 64, [(PERSON + 1, slice(40, 48), slice(40, 64)),
+                            (DOG + 1, slice(20, 40), slice(0, 30)), (DOG + 1, slice(0, 5), slice(50, 55)),
+                            (HAIR_DRIER + 1, slice(0, 20), slice(0, 20))]),
+        3: {"file_name": "000000000003.jpg", "height": 48, "width": 64},  # corrupt file
+        4: painted(48, 64, []),                                              # no annotations
+    }
+    annotations = [
+        (1, 1, [5, 10, 20, 20], 0),      # person = the painted box (5, 10, 25, 30)
+        (1, 10, [40, 0, 24, 20], 0),     # traffic light (40, 0, 64, 20): IoU 231 / 525
+        (1, 10, [38, 0, 24, 12], 1),     # crowd traffic light (38, 0, 62, 12): IoU 231 / 325
+        (2, 1, [0, 0, 10, 10], 0),       # person, far from its paint
+        (2, 17, [10, 10, 10, 10], 0),    # cat, not painted: a constant map, the box is the whole image
+        (2, 18, [0, 20, 30, 20], 0),     # dog = the larger painted component
+        (2, 18, [50, 40, 5, 5], 0),
+        (2, 89, [0, 0, 40, 20], 0),      # hair drier (0, 0, 40, 20): IoU 441 / 861
+        (3, 1, [0, 0, 5, 5], 0),
+    ]
+    return write_coco(root, images, annotations, {"000000000003.jpg": b"\xff\xd8\xff garbage"})
+
+
+def _expected_coco(crowd: str) -> dict:
+    """(box, IoU) per unit from the painted regions and the gScoreCAM formula."""
+    light_gt = [(40, 0, 64, 20)] + ([(38, 0, 62, 12)] if crowd == "keep" else [])
+    light = max(gscorecam_iou((40, 0, 60, 10), gt) for gt in light_gt)
+    return {
+        ("1", "person"): ((5, 10, 25, 30), gscorecam_iou((5, 10, 25, 30), (5, 10, 25, 30))),
+        ("1", "traffic light"): ((40, 0, 60, 10), light),
+        ("2", "person"): ((40, 40, 64, 48), 0.0),
+        ("2", "cat"): ((0, 0, 64, 48), gscorecam_iou((0, 0, 64, 48), (10, 10, 20, 20))),
+        ("2", "dog"): ((0, 20, 30, 40), gscorecam_iou((0, 20, 30, 40), (0, 20, 30, 40))),
+        ("2", "hair drier"): ((0, 0, 20, 20), gscorecam_iou((0, 0, 20, 20), (0, 0, 40, 20))),
+    }
+
+
+@pytest.mark.parametrize("crowd", ["keep", "drop"])
+def test_coco_sweep_scores_by_hand(coco_hand, tmp_path, crowd):
+    dataset = coco_dataset(coco_hand, crowd=crowd)
+    result = run_sweep(dataset, painted_method(None, dataset.class_names), tmp_path / "out", {"crowd": crowd},
+                       options=RunOptions(batch_size=2, progress=False))
+    expected = _expected_coco(crowd)
+    assert expected[("1", "traffic light")][1] == pytest.approx(231 / 325 if crowd == "keep" else 231 / 525)
+    units = {(r["key"], u["class"]): u for r in read_all_records(tmp_path / "out") if "units" in r for u in r["units"]}
+    assert set(units) == set(expected)
+    for name, (box, iou) in expected.items():
+        assert tuple(units[name]["box"]) == box, name
+        assert units[name]["iou"] == pytest.approx(iou, abs=1e-12), name
+        assert units[name]["hit"] == (iou >= 0.5), name
+    hits = {"person": [1, 0], "traffic light": [crowd == "keep"], "cat": [0], "dog": [1], "hair drier": [1]}
+    report = result.report
+    assert report["images"] == 2 and report["units"] == 6
+    assert [e["key"] for e in report["errors"]] == ["3"] and "cannot decode" in report["errors"][0]["error"]
+    detection = report["detection"]
+    assert detection["box_accuracy"] == pytest.approx(sum(map(sum, hits.values())) / 6)
+    assert detection["box_accuracy_class_mean"] == pytest.approx(np.mean([np.mean(h) for h in hits.values()]))
+    assert detection["mean_iou"] == pytest.approx(np.mean([iou for _, iou in expected.values()]))
+    assert detection["per_class"]["person"] == {"accuracy": 0.5, "units": 2}
+    assert report == _report(tmp_path / "out")
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert f"| {100 * detection['box_accuracy']:.2f} |" in markdown and "paper: TCLIP (ViT-B/32) | 19.07" in markdown
+    assert "`3`: ValueError: cannot decode" in markdown
+    assert result.throughput.images == 2 and result.throughput.devices == 1
+
+
+def test_save_vis_writes_one_picture_per_unit_of_the_first_images(coco_hand, tmp_path):
+    dataset = coco_dataset(coco_hand)
+    run_sweep(dataset, painted_method(None, dataset.class_names), tmp_path, {},
+              options=RunOptions(batch_size=2, save_vis=1, progress=False))
+    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["1__person.png", "1__traffic_light.png"]
+
+
+# ------------------------------------------------------------------------------ ImageNet-S, hand-computed
+def _ap(accuracy: float) -> float:
+    """AP of a 0/1 relevance map over both channels: at score 1 precision = recall = accuracy, at 0 it is 1/2."""
+    return accuracy * accuracy + (1 - accuracy) * 0.5
+
+
+@pytest.mark.parametrize("threshold", ["mean", "otsu", "gmm"])  # all split a 0/1 map between 0 and 1
+def test_imagenet_s_sweep_scores_by_hand(tmp_path, threshold):
+    w0, w1 = split_wnids(50)[:2]           # label ids 1 and 2; classes 0 and 1; codes 1 and 2
+    a = np.zeros((32, 32), np.int64)
+    a[4:12, 4:12] = 1
+    a[0:2, :] = 1000
+    b = np.zeros((32, 32), np.int64)
+    b[0:16, 0:16] = 2
+    b[20:24, 20:24] = 1
+    root = write_imagenet_s(tmp_path / "ImageNetS50", {
+        f"{w0}/a": (painted(32, 32, [(1, slice(4, 12), slice(8, 16))]), a),   # half on the mask
+        f"{w1}/b": (painted(32, 32, [(2, slice(0, 16), slice(0, 16))]), b),   # class 1 not painted
+    })
+    dataset = imagenet_s_dataset(root, 50)
+    report = run_sweep(dataset, painted_method(None, dataset.class_names), tmp_path / "out", {},
+                       EvalOptions(threshold=threshold), RunOptions(batch_size=2, progress=False)).report
+    units = {(r["key"], u["class_id"]): u for r in read_all_records(tmp_path / "out") for u in r["units"]}
+    # Image a, class 0: 960 valid pixels (64 ignored); 64 painted, 32 of them on the 64-pixel mask.
+    # Image b, class 0: constant map, argmax (0, 0) off the mask, nothing predicted; class 1: perfect.
+    expected = {
+        (f"{w0}/a", 0): (True, 0.5, 0.5, 896, 960, [864, 32], [928, 96], _ap(896 / 960)),
+        (f"{w1}/b", 0): (False, 16 / 1024, 16 / 1024, 1008, 1024, [1008, 0], [1024, 16], _ap(1008 / 1024)),
+        (f"{w1}/b", 1): (True, 1.0, 1.0, 1024, 1024, [768, 256], [768, 256], 1.0),
+    }
+    counts, scores = ("pg_hit", "pixel_correct", "pixel_labeled", "area_inter", "area_union"), \
+        ("energy_pg", "energy_in_mask", "ap")
+    assert set(units) == set(expected)
+    for name, (pg_hit, energy, in_mask, correct, labeled, inter, union, ap) in expected.items():
+        assert [units[name][f] for f in counts] == [pg_hit, correct, labeled, inter, union], name
+        assert [units[name][f] for f in scores] == pytest.approx([energy, in_mask, ap], abs=1e-12), name
+    seg = report["segmentation"]
+    assert seg["pointing_game"] == pytest.approx(2 / 3)
+    assert seg["pointing_game_class_mean"] == pytest.approx(0.75)    # class 0: 1/2, class 1: 1
+    assert seg["energy_pg"] == pytest.approx((0.5 + 16 / 1024 + 1) / 3)
+    assert seg["pixel_accuracy"] == pytest.approx((896 + 1008 + 1024) / (960 + 1024 + 1024))
+    assert seg["mask_iou"] == pytest.approx((32 + 0 + 256) / (96 + 16 + 256))
+    assert seg["miou"] == pytest.approx(((864 + 1008 + 768) / (928 + 1024 + 768) + 288 / 368) / 2)
+    assert seg["ap"] == pytest.approx((_ap(896 / 960) + _ap(1008 / 1024) + 1) / 3)
+    assert "detection" not in report
+
+
+# ------------------------------------------------------------------------------------- real TCLIP run
+@pytest.fixture(scope="module")
+def tiny_model(fixtures_dir) -> str:
+    return str(fixtures_dir / "tiny_openai_clip.npz")
+
+
+@pytest.fixture(scope="module")
+def tclip_synthetic(tiny_model, tmp_path_factory):
+    """A TCLIP sweep of 3 synthetic scenes in batches of 2, through the CLI, on this process's one device."""
+    out = tmp_path_factory.mktemp("tclip") / "out"
+    assert main(_cli("synthetic", "--model", tiny_model, "--limit", "3", "--batch-size", "2", "--out", str(out))) == 0
+    return out
+
+
+def _sub_prompts(encoded: EncodedPrompts, indices: list[int]) -> EncodedPrompts:
+    """The same encoded prompts restricted to `indices` (word queries, then phrase queries, as TCLIP lays them out)."""
+    starts = np.cumsum([0] + [len(w) for w in encoded.words])
+    n_words = starts[-1]
+    words = [encoded.queries[starts[i]:starts[i + 1]] for i in indices]
+    phrases = [encoded.queries[n_words + i][None] for i in indices]
+    return EncodedPrompts(tuple(encoded.tokens[i] for i in indices), tuple(encoded.words[i] for i in indices),
+                          encoded.token_embeds[indices], np.concatenate(words + phrases))
+
+
+def test_tclip_sweep_matches_the_explainer(tclip_synthetic, tiny_model):
+    explainer = TCLIP.from_pretrained(tiny_model)
+    encoded = explainer.encode_prompts(list(SYNTHETIC_CLASSES))
+    records = {r["key"]: r for r in read_all_records(tclip_synthetic)}
+    samples = list(synthetic_dataset(3).samples())
+    assert sorted(records) == sorted(s.key for s in samples)
+    checked = 0
+    for sample in samples:
+        loaded = sample.load()
+        ids = [t.class_id for t in loaded.targets]
+        (result,) = explainer.explain_batch([loaded.image], _sub_prompts(encoded, ids))
+        for target, prompt, unit in zip(loaded.targets, result.prompts, records[sample.key]["units"], strict=True):
+            phrase = prompt.phrase  # TCLIP's map of the class name (the mean of its words)
+            assert unit["class"] == SYNTHETIC_CLASSES[target.class_id] == prompt.prompt
+            assert tuple(unit["box"]) == tuple(phrase.box)
+            assert unit["iou"] == box_iou(phrase.box, target.boxes[0])
+            assert unit["pg_hit"] == pointing_game(phrase.soft, target.mask)
+            # The explainer ran this image alone; the sweep batched and padded it: maps agree to float rounding.
+            energy_pg = energy_pointing_game(phrase.soft, mask_box(target.mask))
+            assert unit["energy_pg"] == pytest.approx(energy_pg, rel=1e-6)
+            assert unit["energy_in_mask"] == pytest.approx(energy_in_mask(phrase.soft, target.mask), rel=1e-6)
+            counts = segmentation_scores(normalize_relevance(phrase.soft), target.mask.astype(int), "mean")
+            assert (unit["pixel_correct"], unit["area_inter"]) == (counts.pixel_correct, counts.area_inter.tolist())
+            assert unit["ap"] == pytest.approx(counts.ap, rel=1e-6)
+            checked += 1
+    report = _report(tclip_synthetic)
+    assert checked == report["units"] == report["detection"]["units"] == report["segmentation"]["units"]
+    assert report["config"]["model"] == tiny_model and report["errors"] == []
+
+
+def test_tclip_class_queries_are_phrase_queries_and_templates_keep_the_name_words(tiny_model):
+    explainer = TCLIP.from_pretrained(tiny_model)
+    names = ["traffic light", "dog", "hair drier"]
+    encoded = explainer.encode_prompts(names)
+    np.testing.assert_array_equal(tclip_class_queries(explainer, names, None), encoded.queries[-3:])
+    templated = explainer.encode_prompts(["a photo of a traffic light."])
+    # Words: a, photo, of, a, traffic, light ("." is punctuation): the name is words 4 and 5.
+    np.testing.assert_array_equal(tclip_class_queries(explainer, ["traffic light"], "a photo of a {}.")[0],
+                                  templated.queries[4:6].mean(axis=0))
+    with pytest.raises(ValueError, match="exactly one"):
+        tclip_class_queries(explainer, names, "a photo")
+    with pytest.raises(ValueError, match="no words to explain"):
+        tclip_class_queries(explainer, ["&"], "a photo of a {}")
+
+
+def test_four_simulated_devices_give_the_one_device_results(tclip_synthetic, tiny_model, tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    out = tmp_path / "out4"
+    subprocess.run([sys.executable, "-m", "tclip_jax", *_cli("synthetic", "--model", tiny_model, "--limit", "3",
+                                                             "--batch-size", "2", "--out", str(out))],
+                   env=env, check=True, capture_output=True, timeout=300)
+    assert json.loads((out / "throughput-p0.json").read_text())["devices"] == 4
+    assert _report(out) == _report(tclip_synthetic)
+    by_key = lambda path: sorted(read_records(path), key=lambda r: r["key"])  # noqa: E731
+    assert by_key(out / "results-p0.jsonl") == by_key(tclip_synthetic / "results-p0.jsonl")
+
+
+# ------------------------------------------------------------------- resume, processes (stand-in method)
+@pytest.fixture(scope="module")
+def coco_many(tmp_path_factory):
+    """12 painted images, each with one or two classes and a ground-truth box near the painted one."""
+    rng = np.random.default_rng(0)
+    images, annotations = {}, []
+    for image_id in range(1, 13):
+        regions = []
+        for class_index, cat_id, top in ((PERSON, 1, 0), (DOG, 18, 24))[: 1 + image_id % 2]:
+            y, x, h, w = top + rng.integers(0, 8), rng.integers(0, 30), rng.integers(6, 16), rng.integers(8, 30)
+            regions.append((class_index + 1, slice(y, y + h), slice(x, x + w)))
+            annotations.append((image_id, cat_id, [int(x + rng.integers(0, 10)), int(y), int(w), int(h)], 0))
+        images[image_id] = painted(48, 64, regions)
+    return write_coco(tmp_path_factory.mktemp("coco_many") / "coco", images, annotations)
+
+
+@pytest.fixture(scope="module")
+def coco_many_reference(coco_many, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "out"
+    assert main(_cli("coco", "--data", str(coco_many), "--method", "test_sweep:painted_method",
+                     "--batch-size", "2", "--out", str(out))) == 0
+    return out
+
+
+def test_tfds_coco_sweep_matches_the_raw_files(coco_many, coco_many_reference, tmp_path):
+    build_tfds_coco(coco_many, tmp_path / "tfds")  # a real TFDS coco/2017, prepared by TFDS from the same files
+    out = tmp_path / "out"
+    assert main(_cli("coco", "--coco-source", "tfds", "--data", str(tmp_path / "tfds"), "--method",
+                     "test_sweep:painted_method", "--batch-size", "2", "--out", str(out))) == 0
+    units = {name: {(r["key"], u["class"]): u for r in read_all_records(path) for u in r["units"]}
+             for name, path in (("tfds", out), ("raw", coco_many_reference))}
+    assert sorted(units["tfds"]) == sorted(units["raw"])
+    for name, unit in units["raw"].items():
+        assert (units["tfds"][name]["box"], units["tfds"][name]["hit"]) == (unit["box"], unit["hit"])
+        assert units["tfds"][name]["iou"] == pytest.approx(unit["iou"], rel=1e-5)  # TFDS boxes are float32 fractions
+    tfds_report, raw_report = _report(out), _report(coco_many_reference)
+    assert tfds_report["config"]["source"].startswith("tfds coco/2017 validation")
+    for field in ("box_accuracy", "box_accuracy_class_mean", "per_class"):
+        assert tfds_report["detection"][field] == raw_report["detection"][field]
+
+
+def _sweep_process(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "tclip_jax", *_cli(*args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _lines(path: pathlib.Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_report(coco_many, coco_many_reference, tmp_path):
+    out = tmp_path / "out"
+    results = out / "results-p0.jsonl"
+    args = ("coco", "--data", str(coco_many), "--method", "test_sweep:slow_painted_method", "--batch-size", "2",
+            "--workers", "1", "--out", str(out))
+    seen = [0]
+    for run, kill_at in enumerate((3, 7)):
+        process = _sweep_process(*args, *(["--resume"] if run else []))
+        deadline = time.monotonic() + 120
+        while _lines(results) < kill_at and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
+        assert seen[-1] < _lines(results) < 12  # progress was made, and the run was cut short
+        seen.append(_lines(results))
+        if run == 0:  # a kill in the middle of a write leaves a torn last line
+            with open(results, "ab") as f:
+                f.write(b'{"index": 11, "key": "12", "units": [{"cla')
+    finish = _sweep_process(*args, "--resume")
+    assert finish.wait(timeout=120) == 0, finish.stderr.read().decode()
+    records = read_records(results)  # every line whole: the torn one was cut off before appending
+    assert results.read_bytes().endswith(b"\n") and len(records) == _lines(results) == 12
+    assert sorted(int(r["key"]) for r in records) == list(range(1, 13))  # nothing lost, nothing twice
+    assert _report(out) == _report(coco_many_reference)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_distributed_processes_give_the_one_process_report(coco_many, coco_many_reference, tmp_path):
+    out = tmp_path / "out"
+    port = _free_port()
+    processes = [_sweep_process("coco", "--data", str(coco_many), "--method", "test_sweep:painted_method",
+                                "--batch-size", "2", "--out", str(out), "--coordinator", f"127.0.0.1:{port}",
+                                "--num-processes", "2", "--process-id", str(i)) for i in range(2)]
+    for process in processes:
+        assert process.wait(timeout=180) == 0, process.stderr.read().decode()
+    shares = [sorted(r["index"] for r in read_records(out / f"results-p{i}.jsonl")) for i in range(2)]
+    assert shares == [list(range(0, 12, 2)), list(range(1, 12, 2))]
+    assert _report(out) == _report(coco_many_reference)
+    assert b"# Sweep" in processes[0].stdout.read() and b"# Sweep" not in processes[1].stdout.read()
+
+
+# ---------------------------------------------------------------------------------------- results store
+def test_store_drops_a_torn_last_line_and_rejects_corruption(tmp_path):
+    path = tmp_path / "results-p0.jsonl"
+    with ResultWriter(path) as writer:
+        writer.append({"key": "a", "index": 0, "units": []})
+    path.write_bytes(path.read_bytes() + b'{"key": "b", "ind')
+    assert [r["key"] for r in read_records(path)] == ["a"]
+    with ResultWriter(path) as writer:  # truncates the torn line before appending
+        writer.append({"key": "c", "index": 2, "units": []})
+    assert path.read_bytes().count(b"\n") == 2 and [r["key"] for r in read_records(path)] == ["a", "c"]
+    path.write_bytes(b'{"key": "a"}\nnot json\n{"key": "c"}\n')
+    with pytest.raises(ValueError, match="line 2 is not a JSON record"):
+        read_records(path)
+    path.write_bytes(b'{"key": "a"}\n')
+    (tmp_path / "results-p1.jsonl").write_bytes(b'{"key": "a"}\n')
+    with pytest.raises(ValueError, match="recorded twice"):
+        read_all_records(tmp_path)
+
+
+# -------------------------------------------------------------------------------------------- bad input
+def _fails(capsys, *args: str) -> str:
+    assert main(_cli(*args)) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_gives_clear_messages(coco_hand, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert "instances_val2017.json" in _fails(capsys, "coco", "--data", str(tmp_path / "none"), "--out", out)
+    assert "needs --data" in _fails(capsys, "coco", "--out", out)
+    assert "validation-segmentation" in _fails(capsys, "imagenet-s", "--split", "50", "--data", str(coco_hand),
+                                               "--out", out)
+    tench = f"{split_wnids(919)[0]}/x"  # not an ImageNet-S50 class
+    inets = write_imagenet_s(tmp_path / "inets", {tench: (painted(8, 8, []), np.ones((8, 8), int))})
+    assert "unknown class folder" in _fails(capsys, "imagenet-s", "--split", "50", "--data", str(inets), "--out", out)
+    assert "needs --split" in _fails(capsys, "imagenet-s", "--data", str(inets), "--out", out)
+    assert "--data is not used" in _fails(capsys, "synthetic", "--data", str(inets), "--out", out)
+    assert "unknown method 'nope'" in _fails(capsys, "coco", "--data", str(coco_hand), "--method", "nope", "--out", out)
+    method = ("--method", "test_sweep:painted_method")
+    assert main(_cli("coco", "--data", str(coco_hand), *method, "--limit", "1", "--out", out)) == 0
+    capsys.readouterr()
+    assert "pass --resume" in _fails(capsys, "coco", "--data", str(coco_hand), *method, "--limit", "1", "--out", out)
+    assert "differs in limit" in _fails(capsys, "coco", "--data", str(coco_hand), *method, "--limit", "2",
+                                        "--resume", "--out", out)
+    message = _fails(capsys, "coco", "--data", str(coco_hand), *method, "--limit", "1", "--crowd", "drop",
+                     "--resume", "--out", out)
+    assert "cannot resume" in message and "source" in message
