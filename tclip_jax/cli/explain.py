@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hub name, Hugging Face / OpenCLIP / converted folder, OpenAI .pt or state dict "
                              "(default: the embedded synthetic-scenes model)")
     parser.add_argument("--out", default="tclip_out", help="output folder (default: %(default)s)")
+    parser.add_argument("--method", default="tclip",
+                        help="tclip (per word, default) or a baseline, one map per prompt: "
+                             "similarity, rclip, maskclip, clip_surgery, hilacam, attention, rollout, gradcam, "
+                             "grad_eclip, decomposition")
     parser.add_argument("--translations", type=int, choices=(25, 1), default=25,
                         help="translated copies: 25 (multi-scale) or 1 (off)")
     parser.add_argument("--crop", choices=("whole", "center"), default="whole",
@@ -80,28 +84,84 @@ def write_image_result(result, image_path: str, folder: pathlib.Path, save_npz: 
     return record
 
 
-def run(args: argparse.Namespace) -> int:
+def write_baseline_result(image: np.ndarray, heatmaps: np.ndarray, prompts: list[str], image_path: str,
+                          folder: pathlib.Path, save_npz: bool) -> dict:
+    """One overlay per prompt (a baseline explains whole prompts), a grid figure, and the JSON record."""
+    from tclip_jax.postprocess import heatmap_box
+
+    boxes = [heatmap_box(heatmap) for heatmap in heatmaps]
+    entries = []
+    for p, (prompt, heatmap, box) in enumerate(zip(prompts, heatmaps, boxes)):
+        overlay_name = f"p{p}_{_slug(prompt)}.png"
+        visualize.save_png(folder / overlay_name, visualize.overlay(image, heatmap, box))
+        entries.append({"prompt": prompt, "box_xyxy": list(map(int, box)), "overlay": overlay_name})
+    visualize.word_grid(image, prompts, list(heatmaps), boxes, pathlib.Path(image_path).name, folder / "grid.png")
+    record = {"image": str(image_path), "size_hw": list(image.shape[:2]), "prompts": entries,
+              "grid_figure": "grid.png"}
+    if save_npz:
+        np.savez_compressed(folder / "maps.npz", heatmaps=heatmaps.astype(np.float32))
+        record["npz"] = "maps.npz"
+    return record
+
+
+def _tclip_records(args: argparse.Namespace):
+    """(header, per-image writer) for TCLIP."""
     from tclip_jax.loading import load_clip
     from tclip_jax.method.explainer import TCLIP, Settings
 
     settings = Settings(translations=args.translations, protocol=args.crop, trim=args.trim, sigma=args.sigma,
                         truncate=args.truncate)
-    for path in args.images:
-        if not pathlib.Path(path).is_file():
-            raise FileNotFoundError(f"image not found: {path}")
     explainer = TCLIP(load_clip(args.model), settings)
     encoded = explainer.encode_prompts(args.prompt)  # fails early on a bad prompt, before any output
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    header = {"model": explainer.clip.origin, "model_source": explainer.clip.source,
+    header = {"method": "tclip", "model": explainer.clip.origin, "model_source": explainer.clip.source,
               "settings": {"translations": settings.translations, "scale_fractions": settings.scale_fractions,
                            "trim": settings.trim, "protocol": settings.protocol, "sigma": settings.sigma,
                            "box_rule": settings.box_rule, "gmm_seed": settings.gmm_seed}}
+
+    def write(image_path: str, folder: pathlib.Path) -> dict:
+        return write_image_result(explainer.explain(image_path, encoded), image_path, folder, args.save_npz)
+
+    return header, write
+
+
+def _baseline_records(args: argparse.Namespace):
+    """(header, per-image writer) for a baseline, through the same Method adapter as sweeps."""
+    from tclip_jax.image_io import load_image
+    from tclip_jax.preprocess import to_original
+    from tclip_jax.sweep.methods import build_method
+
+    if args.method not in _baseline_names():
+        raise ValueError(f"unknown method {args.method!r}; available: tclip, {', '.join(_baseline_names())}")
+    method = build_method(args.method, args.model, args.prompt)
+    class_ids = np.arange(len(args.prompt), dtype=np.int32)[None]
+    header = {"method": args.method, "model": args.model or "embedded default"}
+
+    def write(image_path: str, folder: pathlib.Path) -> dict:
+        image = load_image(image_path)
+        pixels, geometry = method.preprocess(image)
+        heatmaps = to_original(np.asarray(method.maps(method.params, pixels[None], class_ids))[0], geometry)
+        return write_baseline_result(image, heatmaps, args.prompt, image_path, folder, args.save_npz)
+
+    return header, write
+
+
+def _baseline_names() -> list[str]:
+    from tclip_jax.baselines.registry import BASELINES
+
+    return sorted(BASELINES)
+
+
+def run(args: argparse.Namespace) -> int:
+    for path in args.images:
+        if not pathlib.Path(path).is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+    header, write = (_tclip_records if args.method == "tclip" else _baseline_records)(args)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for image_path, name in tqdm(list(zip(args.images, _unique_names(args.images))), desc="explain", unit="image"):
-        result = explainer.explain(image_path, encoded)
         staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
         try:
-            record = write_image_result(result, image_path, staging, args.save_npz)
+            record = write(image_path, staging)
             (staging / "result.json").write_text(json.dumps({**header, **record}, indent=2) + "\n")
             target = out / name
             if target.exists():
@@ -110,6 +170,5 @@ def run(args: argparse.Namespace) -> int:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        tqdm.write(f"{image_path}: {target}/ (result.json, {sum(len(p.words) for p in result.prompts)} "
-                   f"word overlays, grid figure{'s' if len(result.prompts) > 1 else ''})")
+        tqdm.write(f"{image_path}: {target}/ (overlays, grid figure, result.json)")
     return 0

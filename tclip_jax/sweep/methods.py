@@ -9,10 +9,9 @@ A ``Method`` splits into what runs where:
 - ``relevance`` (host, per map at original size): the map the pointing and segmentation metrics score.
 Boxes always come from the map itself (Otsu and the largest region).
 
-Methods are built by name from ``METHODS`` or from ``"package.module:factory"``; a factory is called as
-``factory(model, class_names, template)`` and returns a ``Method``. Adapter point for the baselines: a factory
-that encodes the class prompts once, calls the baseline's ``explain`` for all classes, gathers ``class_ids``
-on the device and applies its ``postprocess_maps``; then register it in ``METHODS``.
+Methods are built by name from ``METHODS`` (TCLIP and every baseline of ``tclip_jax.baselines``) or from
+``"package.module:factory"``; a factory is called as ``factory(model, class_names, template)`` and returns a
+``Method``.
 """
 from __future__ import annotations
 
@@ -22,8 +21,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from tclip_jax.baselines.postprocess import postprocess_maps, prepare_input
+from tclip_jax.baselines.registry import BASELINES, get_baseline
+from tclip_jax.loading import load_clip
 from tclip_jax.method.explainer import TCLIP
 from tclip_jax.postprocess import soft_map
 from tclip_jax.preprocess import Geometry
@@ -95,7 +98,39 @@ def tclip_method(model: Optional[str], class_names: Sequence[str], template: Opt
                   maps, lambda image: explainer.preprocess(image)[1:], relevance)
 
 
-METHODS: dict[str, Factory] = {"tclip": tclip_method}
+def baseline_method(name: str) -> Factory:
+    """A factory for baseline `name`, run with its official input protocol, prompts and map post-processing.
+
+    The baseline explains every class on every image and the classes present are gathered afterwards:
+    CLIP Surgery's feature surgery depends on the whole label set, so a per-image subset would change it.
+    A single class gets CLIP Surgery's empty-string redundant features, as its demo does for one prompt.
+    """
+    baseline = get_baseline(name)
+
+    def factory(model: Optional[str], class_names: Sequence[str], template: Optional[str] = None) -> Method:
+        clip = load_clip(model)
+        prompts = prompts_for(class_names, template)
+        encode = clip.tokenizer.encode
+        options = {}
+        if baseline.prompt_templates is None:
+            token_ids = encode(prompts)
+        else:
+            token_ids = np.stack([encode([t.format(p) for t in baseline.prompt_templates]) for p in prompts])
+            if name == "clip_surgery" and len(prompts) == 1:
+                options["redundant_token_ids"] = encode([t.format("") for t in baseline.prompt_templates])[None]
+
+        def maps(params, pixels, class_ids):
+            grids = baseline.explain(params["clip"], clip.config, pixels, params["token_ids"], **options).maps
+            present = jnp.take_along_axis(grids, class_ids[:, :, None, None], axis=1)
+            return postprocess_maps(present, pixels.shape[1:3], baseline.postprocess)
+
+        return Method(name, {"clip": clip.params, "token_ids": token_ids}, maps,
+                      lambda image: prepare_input(baseline.input_protocol, image, clip.config))
+
+    return factory
+
+
+METHODS: dict[str, Factory] = {"tclip": tclip_method, **{name: baseline_method(name) for name in BASELINES}}
 
 
 def build_method(spec: str, model: Optional[str], class_names: Sequence[str], template: Optional[str] = None) -> Method:
