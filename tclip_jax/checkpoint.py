@@ -3,8 +3,8 @@
 
 Parameters are stored flat under '/'-joined Flax paths, never pickled; float16 storage is allowed
 (cast to float32 on load). `params.npz` is zip-compressed, which suits checkpoints with many zero
-rows (e.g. an unused vocabulary) such as the embedded default model. Folders are written to a temporary sibling and renamed, so an interrupted save
-never leaves a half-written checkpoint behind.
+rows (e.g. an unused vocabulary) such as the embedded default model. Folders are written through `staged_folder`, so an interrupted save never leaves a
+half-written checkpoint behind.
 """
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Mapping, Optional
 
 import flax.traverse_util
 import numpy as np
 import safetensors.numpy
 
+from tclip_jax.files import staged_folder
 from tclip_jax.model import CLIPConfig, param_shapes
 
 PARAMS_FILES = ("params.safetensors", "params.npz")
@@ -74,13 +74,9 @@ def save_checkpoint(folder: str | os.PathLike, params: Mapping, config: CLIPConf
                     overwrite: bool = False) -> pathlib.Path:
     """Writes a converted checkpoint folder atomically and returns its path."""
     folder = pathlib.Path(folder)
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} already exists (pass overwrite=True to replace it)")
     flat = flatten(params)
     check_params(flat, config, "parameters to save")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with staged_folder(folder, overwrite) as staging:
         stored = {k: np.array(v, dtype=storage_dtype, order="C") for k, v in flat.items()}  # keeps 0-d arrays 0-d
         if compressed:
             np.savez_compressed(staging / PARAMS_FILES[1], **stored)
@@ -90,12 +86,6 @@ def save_checkpoint(folder: str | os.PathLike, params: Mapping, config: CLIPConf
         (staging / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, staging / "tokenizer")
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
 
 

@@ -18,3 +18,14 @@ def fixtures_dir() -> pathlib.Path:
 def fixture_images(fixtures_dir):
     with np.load(fixtures_dir / "images.npz") as f:
         return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(fixtures_dir):
+    """(config, float32 params) of the fixtures' tiny OpenAI-format CLIP, converted by our rule table."""
+    from weights_conversion.convert import convert_state_dict, infer_openai_config
+
+    with np.load(fixtures_dir / "tiny_openai_clip.npz") as f:
+        state_dict = {k: f[k].astype(np.float32) for k in f.files}
+    config = infer_openai_config(state_dict)
+    return config, convert_state_dict(state_dict, config)

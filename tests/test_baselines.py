@@ -23,7 +23,6 @@ from tclip_jax.baselines.registry import (
 from tclip_jax.baselines import _blocks
 from tclip_jax.model import l2_normalize
 from tclip_jax.preprocess import minmax, upsample_bilinear
-from weights_conversion.convert import convert_state_dict, infer_openai_config
 
 TOL = 1e-4
 IMAGE_NAMES = ("scene_224", "scene_wide_320x240", "noise_224")
@@ -38,11 +37,8 @@ def highest_precision():
 
 
 @pytest.fixture(scope="module")
-def tiny(fixtures_dir):
-    with np.load(fixtures_dir / "tiny_openai_clip.npz") as f:
-        state_dict = {k: f[k].astype(np.float32) for k in f.files}
-    config = infer_openai_config(state_dict)
-    return config, convert_state_dict(state_dict, config)
+def tiny(tiny_model):
+    return tiny_model
 
 
 def _load(fixtures_dir, path):

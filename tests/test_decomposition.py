@@ -8,7 +8,6 @@ from tclip_jax.baselines import _blocks
 from tclip_jax.baselines.registry import BASELINES, decomposition_map, postprocess_maps
 from tclip_jax.decomposition import decompose, mean_ablate, residual_terms, text_span, text_span_heads
 from tclip_jax.model import l2_normalize
-from weights_conversion.convert import convert_state_dict, infer_openai_config
 
 TOL = 1e-4
 
@@ -20,11 +19,8 @@ def highest_precision():
 
 
 @pytest.fixture(scope="module")
-def tiny(fixtures_dir):
-    with np.load(fixtures_dir / "tiny_openai_clip.npz") as f:
-        state_dict = {k: f[k].astype(np.float32) for k in f.files}
-    config = infer_openai_config(state_dict)
-    return config, convert_state_dict(state_dict, config)
+def tiny(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

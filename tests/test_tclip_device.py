@@ -9,15 +9,12 @@ import torch.nn.functional as F
 from tclip_jax.method.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
 from tclip_jax.method.translations import translation_offsets, trimmed_mean
 from tclip_jax.model import CLIP
-from weights_conversion.convert import convert_state_dict, infer_openai_config
 
 
 @pytest.fixture(scope="module")
-def tiny(fixtures_dir):
-    with np.load(fixtures_dir / "tiny_openai_clip.npz") as f:
-        state_dict = {k: f[k].astype(np.float32) for k in f.files}
-    config = infer_openai_config(state_dict)
-    return CLIP(config), convert_state_dict(state_dict, config)
+def tiny(tiny_model):
+    config, params = tiny_model
+    return CLIP(config), params
 
 
 def shifted(image, dy, dx):

@@ -1,7 +1,7 @@
 """`tclip explain IMAGE... --prompt "..."`: per-word overlays, a grid figure and result.json per image.
 
-Each image's outputs are written into a staging folder that is renamed into place when complete,
-so an interrupted run never leaves a half-written result folder.
+Each image's outputs are written through `staged_folder`, so an interrupted run never leaves a
+half-written result folder.
 """
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import argparse
 import json
 import pathlib
 import re
-import shutil
-import tempfile
 
 import numpy as np
 from tqdm import tqdm
 
 from tclip_jax import visualize
+from tclip_jax.files import staged_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -159,16 +158,9 @@ def run(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for image_path, name in tqdm(list(zip(args.images, _unique_names(args.images))), desc="explain", unit="image"):
-        staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
-        try:
+        target = out / name
+        with staged_folder(target) as staging:
             record = write(image_path, staging)
             (staging / "result.json").write_text(json.dumps({**header, **record}, indent=2) + "\n")
-            target = out / name
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         tqdm.write(f"{image_path}: {target}/ (overlays, grid figure, result.json)")
     return 0

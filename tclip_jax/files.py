@@ -1,0 +1,26 @@
+"""Writing result folders so that an interruption never leaves a half-written one behind."""
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import shutil
+import tempfile
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[pathlib.Path]:
+    """Yields a fresh sibling folder of `target`; on success it replaces `target`, on error it is removed."""
+    target = pathlib.Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists (pass overwrite=True to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
