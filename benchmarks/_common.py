@@ -1,0 +1,134 @@
+"""Helpers shared by the benchmark scripts: timing, machine description, and RESULTS.md sections.
+
+Each script owns one section of `benchmarks/RESULTS.md`, delimited by `<!-- NAME:start -->` and
+`<!-- NAME:end -->`; rewriting a section leaves the rest of the file as it is.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+RESULTS_PATH = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """(median, all timings) of `fn()` in seconds over `repeats` calls after `warmup` untimed calls.
+
+    `fn` must block until its work is done (e.g. call `block_until_ready`): JAX dispatch is asynchronous.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), times
+
+
+def interleaved_medians(fns: Mapping[str, Callable[[], object]], repeats: int) -> tuple[dict[str, float], dict]:
+    """Median seconds of each function over `repeats` rounds, and the result of its untimed warm-up call.
+
+    Each round calls every function once, in turn, so that all of them see the same drift in machine load
+    (on a shared machine it matters more than the noise of any one call). Functions must block until their
+    work is done (e.g. `block_until_ready`): JAX dispatch is asynchronous.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    first = {name: fn() for name, fn in fns.items()}
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}, first
+
+
+def lscpu_summary() -> str:
+    """CPU model, logical CPU count and threads per core from `lscpu` (or `platform` where it is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    parts = [fields.get("Model name", platform.machine()), f"{fields.get('CPU(s)', os.cpu_count())} CPUs"]
+    if "Thread(s) per core" in fields:
+        parts.append(f"{fields['Thread(s) per core']} thread(s)/core")
+    if "Hypervisor vendor" in fields:
+        parts.append(f"virtualised ({fields['Hypervisor vendor']})")
+    return ", ".join(parts)
+
+
+def machine_description() -> str:
+    """One line: CPU (lscpu), memory, OS, Python and the JAX / torch versions and JAX devices."""
+    import jax  # imported here so that helpers that need no JAX stay cheap to import
+
+    parts = [lscpu_summary()]
+    meminfo = pathlib.Path("/proc/meminfo")
+    if meminfo.is_file():
+        kib = int(re.search(r"MemTotal:\s+(\d+)", meminfo.read_text()).group(1))
+        parts.append(f"{kib / 2**20:.0f} GiB RAM")
+    parts.append(f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+    parts.append(f"jax {jax.__version__} on {', '.join(str(d) for d in jax.devices())}")
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    except ImportError:
+        pass
+    return "; ".join(parts)
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, e.g. '1.52 1.80 1.77' (timings on a shared machine depend on it)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that ran this script, as it can be pasted into a shell."""
+    argv = sys.argv if argv is None else argv
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    head = ["python", "-m", spec.name] if spec is not None else ["python", argv[0]]
+    return shlex.join(head + list(argv[1:]))
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, body: str, path: pathlib.Path = RESULTS_PATH) -> None:
+    """Replace section `name` of the results file with `body` (append it if absent; create the file)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"section name must be letters, digits, '_', '.' or '-', got {name!r}")
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if text.count(start) != text.count(end) or text.count(start) > 1:
+        raise ValueError(f"{path} has unbalanced or repeated markers for section {name!r}; fix it by hand")
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)

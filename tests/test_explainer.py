@@ -1,0 +1,164 @@
+"""The TCLIP explainer end to end on the tiny OpenAI-format CLIP: the author's similarity, result structure,
+one image pass for many prompts, and bad input."""
+import numpy as np
+import pytest
+
+import tclip_jax.method.explainer as explainer_module
+from tclip_jax.loading import load_clip
+from tclip_jax.method.explainer import TCLIP, Settings
+from tclip_jax.preprocess import points_to_model
+
+PROMPTS = ("a red circle next to a blue square", "a photo of a cat")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(fixtures_dir):
+    return load_clip(fixtures_dir / "tiny_openai_clip.npz")
+
+
+@pytest.fixture(scope="module")
+def author(fixtures_dir):
+    with np.load(fixtures_dir / "tclip_author" / "author_similarity_tiny.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture
+def vit_calls(monkeypatch):
+    """Counts the image-tower passes the explainer makes (each pass covers all translated copies)."""
+    calls = []
+    original = explainer_module.translated_patch_embeddings
+
+    def counting(*args, **kwargs):
+        calls.append(args[2].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(explainer_module, "translated_patch_embeddings", counting)
+    return calls
+
+
+def test_similarity_equals_the_author_token_patch_similarity(tiny_clip, author, fixture_images):
+    # The author's preprocessing is CLIP's resize + centre crop; its similarity has no translation.
+    tclip = TCLIP(tiny_clip, Settings(translations=1, protocol="center"))
+    result = tclip.explain(fixture_images["scene_224"], list(author["texts"]))
+    for t, prompt in enumerate(result.prompts):
+        np.testing.assert_array_equal(prompt.tokens.token_ids, author["token_ids"][t])
+        kept = tiny_clip.tokenizer.author_kept_positions(prompt.tokens.token_ids)
+        np.testing.assert_array_equal(kept, author[f"text{t}_kept_positions"])
+        rows = [prompt.tokens.piece_positions.index(p) for p in kept]
+        np.testing.assert_allclose(prompt.similarity[rows], author[f"text{t}_S"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("protocol", ["whole", "center"])
+def test_result_structure_on_a_non_square_image(tiny_clip, fixture_images, protocol):
+    image = fixture_images["scene_wide_320x240"]
+    height, width = image.shape[:2]
+    prompt = "A red circle, next to a hippopotamus."
+    result = TCLIP(tiny_clip, Settings(translations=1, protocol=protocol)).explain(image, prompt)
+
+    assert result.image.shape == image.shape and result.geometry.original_hw == (height, width)
+    assert result.grid == (7, 7) and len(result.prompts) == 1
+    explained = result.prompts[0]
+    assert explained.prompt == prompt
+    assert [w.text for w in explained.words] == ["A", "red", "circle", "next", "to", "a", "hippopotamus"]
+    assert all(prompt[w.start:w.end] == w.text for w in explained.words)
+    # Each word's pieces are consecutive positions of the token row; punctuation pieces belong to no word.
+    pieces = explained.tokens.pieces
+    assert "".join(pieces[p - 1] for p in explained.words[-1].piece_positions).replace("</w>", "") == "hippopotamus"
+    assert len(explained.words[-1].piece_positions) > 1
+    assert explained.similarity.shape == (len(pieces), 49)
+    assert np.all(np.abs(explained.similarity) <= 1 + 1e-6)  # cosines
+
+    maps = list(explained.word_maps) + [explained.phrase]
+    assert [m.text for m in explained.word_maps] == [w.text for w in explained.words]
+    for m in maps:
+        assert m.aggregated.shape == m.soft.shape == (height, width)
+        assert np.isfinite(m.aggregated).all() and np.isfinite(m.soft).all()
+        assert m.aggregated.min() <= m.tau <= m.aggregated.max()
+        assert 0 <= m.box.x1 < m.box.x2 <= width and 0 <= m.box.y1 < m.box.y2 <= height
+    # Original pixels whose centre the model did not see (cut off by the centre crop) read as each map's minimum.
+    xs, ys = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    model_xy = points_to_model(np.stack([xs, ys], axis=-1), result.geometry)
+    seen = np.all((model_xy >= 0) & (model_xy <= 224), axis=-1)
+    assert seen.all() == (protocol == "whole")
+    for m in maps:
+        np.testing.assert_array_equal(m.aggregated[~seen], m.aggregated.min())
+    # Without translation every step is linear in the query, and the phrase query is the mean of the words'.
+    words_mean = np.mean([m.aggregated for m in explained.word_maps], axis=0)
+    np.testing.assert_allclose(explained.phrase.aggregated[seen], words_mean[seen], atol=1e-5)
+
+
+def test_one_image_pass_serves_many_prompts(tiny_clip, fixture_images, vit_calls):
+    tclip = TCLIP(tiny_clip, Settings(translations=25))
+    image = fixture_images["scene_wide_320x240"]
+    together = tclip.explain(image, list(PROMPTS))
+    assert len(vit_calls) == 1 and vit_calls[0][0] == 1  # one pass over one image's 25 copies
+    for prompt, joint in zip(PROMPTS, together.prompts):
+        alone = tclip.explain(image, prompt).prompts[0]
+        assert alone.prompt == joint.prompt == prompt
+        for a, b in zip(list(alone.word_maps) + [alone.phrase], list(joint.word_maps) + [joint.phrase]):
+            np.testing.assert_allclose(a.aggregated, b.aggregated, atol=1e-6, rtol=0)
+            assert a.box == b.box and abs(a.tau - b.tau) < 1e-6
+        np.testing.assert_allclose(alone.similarity, joint.similarity, atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def no_translation(tiny_clip):
+    return TCLIP(tiny_clip, Settings(translations=1))
+
+
+@pytest.mark.parametrize("prompts,message", [
+    ("", "has no words"),
+    ("?! ... --", "has no words"),
+    (["a cat", "."], "has no words"),
+    ([], "no prompts"),
+])
+def test_prompts_without_words_are_rejected_before_the_image_pass(no_translation, fixture_images, vit_calls,
+                                                                   prompts, message):
+    with pytest.raises(ValueError, match=message):
+        no_translation.explain(fixture_images["scene_224"], prompts)
+    assert not vit_calls
+
+
+def test_prompt_longer_than_the_context(tiny_clip, fixture_images, vit_calls):
+    long_prompt = " ".join(["cat"] * 100)  # 100 pieces: SOT + 100 + EOT > 77
+    small_image = fixture_images["scene_224"][::4, ::4]  # 75 maps: a small original keeps post-processing quick
+    with pytest.raises(ValueError, match="context length 77"):
+        TCLIP(tiny_clip, Settings(translations=1)).explain(small_image, long_prompt)
+    assert not vit_calls
+    truncating = TCLIP(tiny_clip, Settings(translations=1, truncate=True))
+    with pytest.warns(UserWarning, match="keeping the first 75 pieces"):
+        result = truncating.explain(small_image, long_prompt)
+    explained = result.prompts[0]
+    assert len(explained.tokens.pieces) == len(explained.words) == 75
+    assert explained.tokens.token_ids[76] == tiny_clip.tokenizer.eot_id
+
+
+def test_unreadable_files_are_named_in_the_error(no_translation, tmp_path):
+    not_an_image = tmp_path / "notes_not_an_image.png"
+    not_an_image.write_text("this is text, not a PNG")
+    with pytest.raises(ValueError, match="notes_not_an_image.png"):
+        no_translation.explain(not_an_image, "a cat")
+    with pytest.raises(FileNotFoundError, match="missing_picture.jpg"):
+        no_translation.explain(tmp_path / "missing_picture.jpg", "a cat")
+
+
+def test_one_pixel_image(no_translation):
+    result = no_translation.explain(np.array([[[200, 10, 10]]], np.uint8), "a red dot")
+    assert result.geometry.original_hw == (1, 1)
+    for m in result.prompts[0].word_maps:
+        # A single value: the mixture fit falls back to 'constant' and the box is the whole (1 x 1) image.
+        assert m.aggregated.shape == m.soft.shape == (1, 1)
+        assert m.gmm.fallback == "constant" and m.tau == pytest.approx(float(m.aggregated[0, 0]))
+        assert tuple(m.box) == (0, 0, 1, 1)
+
+
+@pytest.mark.parametrize("translations", [1, 25])
+def test_constant_image(tiny_clip, translations):
+    image = np.full((90, 130, 3), 128, np.uint8)
+    result = TCLIP(tiny_clip, Settings(translations=translations)).explain(image, "a grey wall")
+    for m in list(result.prompts[0].word_maps) + [result.prompts[0].phrase]:
+        # The model still sees position (positional embeddings, and the padding of shifted copies), so the maps
+        # need not be flat; they must be finite, with tau in their range and a box inside the image.
+        assert m.aggregated.shape == (90, 130) and np.isfinite(m.aggregated).all() and np.isfinite(m.soft).all()
+        assert m.aggregated.min() <= m.tau <= m.aggregated.max()
+        assert 0 <= m.box.x1 < m.box.x2 <= 130 and 0 <= m.box.y1 < m.box.y2 <= 90
