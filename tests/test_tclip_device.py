@@ -95,3 +95,18 @@ def test_token_embeddings_are_unit_rows(tiny):
     ids[:, 0], ids[:, 1:4], ids[:, 4] = 49406, 320, 49407
     rows = np.asarray(token_embeddings(model, params, ids))
     np.testing.assert_allclose(np.linalg.norm(rows, axis=-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 9, 17, 25, 33])
+def test_sorting_network_sorts_every_input(n):
+    """Exhaustive over 0/1 inputs (the 0-1 principle) for small n, random inputs for larger ones."""
+    from tclip_jax.method.translations import sorting_network
+
+    rng = np.random.default_rng(n)
+    inputs = (np.array(np.meshgrid(*[[0, 1]] * n)).reshape(n, -1).T if n <= 9
+              else rng.standard_normal((2000, n)))
+    for row in inputs:
+        values = list(row)
+        for low, high in sorting_network(n):
+            values[low], values[high] = min(values[low], values[high]), max(values[low], values[high])
+        assert values == sorted(row)
