@@ -252,3 +252,11 @@ def test_soft_map_rejects_bad_input():
         soft_map(np.eye(4), sigma=-1.0)
     with pytest.raises(ValueError, match="2-D"):
         soft_map(np.arange(5.0))
+
+
+def test_gmm_subsample_equals_numpy_quantiles():
+    from tclip_jax.postprocess.soft_map import _evenly_spaced_quantiles
+
+    values = np.random.default_rng(3).standard_normal(10_007)
+    np.testing.assert_allclose(_evenly_spaced_quantiles(values, 4096),
+                               np.quantile(values, np.linspace(0.0, 1.0, 4096)), atol=1e-12, rtol=0)

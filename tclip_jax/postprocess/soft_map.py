@@ -80,7 +80,7 @@ def gmm_threshold(scores: np.ndarray, seed: int = 0) -> GmmFit:
         v = float(values[0])
         return GmmFit((v, v), (0.0, 0.0), (1.0, 0.0), v, "constant")
     if values.size > MAX_GMM_SAMPLES:
-        values = np.quantile(values, np.linspace(0.0, 1.0, MAX_GMM_SAMPLES))
+        values = _evenly_spaced_quantiles(values, MAX_GMM_SAMPLES)
     # "diag" equals "full" for 1-D data and is cheaper; other settings are scikit-learn's defaults.
     gmm = GaussianMixture(n_components=2, covariance_type="diag", random_state=seed)
     gmm.fit(((values - center) / scale)[:, None])
@@ -109,6 +109,15 @@ def soft_map(scores: np.ndarray, sigma: float | None = None, seed: int = 0) -> t
     fit = gmm_threshold(values, seed)
     kept = np.where(values < fit.tau, values.min(), values)
     return ndimage.gaussian_filter(kept, sigma=sigma, mode="reflect"), fit
+
+
+def _evenly_spaced_quantiles(values: np.ndarray, count: int) -> np.ndarray:
+    """np.quantile(values, linspace(0, 1, count)) (linear interpolation) from one sort: several times faster."""
+    ordered = np.sort(values)
+    position = np.linspace(0.0, ordered.size - 1, count)
+    below = np.minimum(np.floor(position).astype(np.int64), ordered.size - 2)
+    fraction = position - below
+    return ordered[below] + fraction * (ordered[below + 1] - ordered[below])
 
 
 def _finite_values(scores: np.ndarray) -> np.ndarray:
