@@ -81,7 +81,7 @@ class EncodedPrompts:
 
     tokens: tuple[TokenizedPrompt, ...]
     words: tuple[tuple[Word, ...], ...]
-    token_embeds: np.ndarray          # [P, context, D] unit rows
+    token_embeds: np.ndarray          # [P, L, D] unit rows, L >= every prompt's end-of-text position + 1
     queries: np.ndarray               # [sum(words) + P, D]
 
 
@@ -115,8 +115,11 @@ class TCLIP:
         for prompt, prompt_words in zip(prompts, words):
             if not prompt_words:
                 raise ValueError(f"prompt {prompt!r} has no words to explain")
+        # The text tower is causal: positions after the last end-of-text token change nothing before it,
+        # so rows are cut there (rounded up to a multiple of 8 to bound recompilation).
+        length = min(self.clip.config.context_length, -(-(max(t.eot_position for t in tokens) + 1) // 8) * 8)
         embeds = np.asarray(token_embeddings(self.clip.model, self.clip.params,
-                                             np.stack([t.token_ids for t in tokens])))
+                                             np.stack([t.token_ids[:length] for t in tokens])))
         word_queries = [[embeds[p, list(w.piece_positions)].mean(0) for w in ws] for p, ws in enumerate(words)]
         queries = [q for qs in word_queries for q in qs] + [np.mean(qs, axis=0) for qs in word_queries]
         return EncodedPrompts(tokens, words, embeds, np.stack(queries).astype(np.float32))

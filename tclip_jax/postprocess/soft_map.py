@@ -26,6 +26,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 from sklearn.mixture import GaussianMixture
+from threadpoolctl import threadpool_limits
 
 MAX_GMM_SAMPLES = 4096
 DEFAULT_SIGMA_FRACTION = 0.02
@@ -83,7 +84,8 @@ def gmm_threshold(scores: np.ndarray, seed: int = 0) -> GmmFit:
         values = _evenly_spaced_quantiles(values, MAX_GMM_SAMPLES)
     # "diag" equals "full" for 1-D data and is cheaper; other settings are scikit-learn's defaults.
     gmm = GaussianMixture(n_components=2, covariance_type="diag", random_state=seed)
-    gmm.fit(((values - center) / scale)[:, None])
+    with threadpool_limits(1):  # a 4096-value fit is too small to gain from threads; they oversubscribe cores
+        gmm.fit(((values - center) / scale)[:, None])
     order = np.argsort(gmm.means_[:, 0])
     means = tuple(float(center + scale * gmm.means_[k, 0]) for k in order)
     stds = tuple(float(scale * np.sqrt(gmm.covariances_[k, 0])) for k in order)
