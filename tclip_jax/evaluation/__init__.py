@@ -1,0 +1,1 @@
+"""Evaluation protocols over datasets (synthetic scenes: `tclip_jax.evaluation.synthetic`)."""
