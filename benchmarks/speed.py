@@ -11,11 +11,9 @@ Both sides run identical random ViT-B/32 weights (a transformers CLIPModel conve
 (d) must give the same maps; their largest difference is reported. Workloads: one 10-word prompt, and the
 80 COCO class names as 80 prompts; one 640x480 synthetic photo-like image, `whole` protocol.
 
-`--profile` adds where (a)'s time goes; `--prototypes` measures the speed changes proposed for the library
-(text tower on the cut context, sorting-network trimmed mean, single-threaded GMM, sort-based GMM subsample)
-against the current code.
+`--profile` adds where (a)'s time goes.
 
-    python benchmarks/speed.py [--repeats 3] [--profile] [--prototypes] [--threads 1]
+    python benchmarks/speed.py [--repeats 3] [--profile] [--threads 1]
     python benchmarks/speed.py --device-report --results $OUT/RESULTS.md   # on an accelerator machine
 """
 from __future__ import annotations
@@ -23,32 +21,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import pathlib
 import sys
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import cv2
 import numpy as np
 import scipy.stats
 import torch
 import torch.nn.functional as F
 import transformers
-from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (RESULTS_PATH, command_line, interleaved_medians, load_average,  # noqa: E402
                                 machine_description, markdown_table, today, write_section)
 from tclip_jax.loading import LoadedClip  # noqa: E402
-from tclip_jax.method.explainer import TCLIP, EncodedPrompts, MapResult, Settings  # noqa: E402
-from tclip_jax.method.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings  # noqa: E402
-from tclip_jax.method.translations import shift_back_operators, translated_copies  # noqa: E402
+from tclip_jax.method.explainer import TCLIP, Settings  # noqa: E402
+from tclip_jax.method.relevance import aggregate_maps, translated_patch_embeddings  # noqa: E402
+from tclip_jax.method.translations import translated_copies  # noqa: E402
 from tclip_jax.model import CLIP, PRESETS, to_hf_config  # noqa: E402
-from tclip_jax.postprocess import (DEFAULT_SIGMA_FRACTION, MAX_GMM_SAMPLES, GmmFit, gaussian_intersection,  # noqa: E402
-                                  heatmap_box, soft_map)
+from tclip_jax.postprocess import heatmap_box, soft_map  # noqa: E402
 from tclip_jax.preprocess import to_original, whole_image  # noqa: E402
 from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene  # noqa: E402
 from tclip_jax.tokenizer import default_tokenizer  # noqa: E402
@@ -190,147 +184,11 @@ def trim_mean_over_valid(back: np.ndarray, trim: float) -> np.ndarray:
     return out.reshape(queries, height, width)
 
 
-# --- prototypes of proposed library changes -----------------------------------------------------------------
-
-
-def batcher_comparators(n: int) -> tuple[tuple[int, int], ...]:
-    """Batcher's odd-even merge sort network on n inputs: (low, high) compare-exchanges in order.
-
-    Built for the next power of two; comparators touching the padding are dropped, which is valid because
-    padding (+inf at the end) never moves.
-    """
-    size = 1 << max(n - 1, 0).bit_length()
-    pairs, p = [], 1
-    while p < size:
-        k = p
-        while k >= 1:
-            for j in range(k % p, size - k, 2 * k):
-                for i in range(min(k, size - j - k)):
-                    if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < n:
-                        pairs.append((i + j, i + j + k))
-            k //= 2
-        p *= 2
-    return tuple(pairs)
-
-
-def network_trimmed_mean(values: jax.Array, valid: np.ndarray, proportion: float) -> jax.Array:
-    """`translations.trimmed_mean` with the sort done by a sorting network on per-copy slices.
-
-    Only elementwise ops over [..., H, W] slices, which XLA fuses into one loop: no sort or reduction along
-    the copy axis (both are 20-80x slower on XLA:CPU). Equal to the current result up to float rounding.
-    """
-    rows = [jnp.where(valid[k], values[k], jnp.inf) for k in range(values.shape[0])]
-    for low, high in batcher_comparators(len(rows)):
-        rows[low], rows[high] = jnp.minimum(rows[low], rows[high]), jnp.maximum(rows[low], rows[high])
-    count = valid.sum(axis=0, dtype=np.int32)
-    cut = np.floor(proportion * count).astype(np.int32)
-    kept = [jnp.where((k >= cut) & (k < count - cut), row, 0.0) for k, row in enumerate(rows)]
-    return functools.reduce(jnp.add, kept) / (count - 2 * cut)
-
-
-@functools.partial(jax.jit, static_argnames=("offsets", "grid_hw", "size_hw", "trim", "chunk"))
-def network_aggregate_maps(patch_embeds, queries, offsets, grid_hw, size_hw, trim, chunk=8):
-    """`relevance.aggregate_maps` with `network_trimmed_mean`."""
-    rows, cols, valid = shift_back_operators(offsets, grid_hw, size_hw)
-
-    def one_query(query):
-        grids = (patch_embeds @ query).reshape(len(offsets), *grid_hw)
-        return network_trimmed_mean(jnp.einsum("kyi,kij,kxj->kyx", rows, grids, cols), valid, trim)
-
-    return jax.lax.map(one_query, queries, batch_size=chunk)
-
-
-GMM_QUANTILES = np.linspace(0.0, 1.0, MAX_GMM_SAMPLES)
-
-
-def sorted_quantiles(values: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
-    """`np.quantile(values, quantiles)` (linear method) from one full sort.
-
-    np.quantile with thousands of quantiles partitions around each of them, several times slower than sorting.
-    """
-    ordered = np.sort(values)
-    position = quantiles * (values.size - 1)
-    low = np.floor(position).astype(np.int64)
-    high = np.minimum(low + 1, values.size - 1)
-    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
-
-
-def fast_gmm_threshold(values: np.ndarray, seed: int) -> GmmFit:
-    """`soft_map.gmm_threshold` with the subsample from one sort and sklearn on one thread."""
-    values = values.ravel()
-    center, scale = float(values.mean()), float(values.std())
-    if scale == 0.0:
-        return GmmFit((center, center), (0.0, 0.0), (1.0, 0.0), center, "constant")
-    if values.size > MAX_GMM_SAMPLES:
-        values = sorted_quantiles(values, GMM_QUANTILES)
-    with threadpool_limits(1):  # OpenMP threads of k-means/EM on 4096 values cost more than they save
-        gmm = GaussianMixture(n_components=2, covariance_type="diag", random_state=seed)
-        gmm.fit(((values - center) / scale)[:, None])
-    order = np.argsort(gmm.means_[:, 0])
-    means = tuple(float(center + scale * gmm.means_[k, 0]) for k in order)
-    stds = tuple(float(scale * np.sqrt(gmm.covariances_[k, 0])) for k in order)
-    weights = tuple(float(gmm.weights_[k]) for k in order)
-    tau = gaussian_intersection(means, stds, weights)
-    if tau is None:
-        return GmmFit(means, stds, weights, center, "no_root_between_means")
-    return GmmFit(means, stds, weights, tau, None)
-
-
-def fast_soft_map(scores: np.ndarray, sigma: float | None = None, seed: int = 0) -> tuple[np.ndarray, GmmFit]:
-    """`soft_map` with `fast_gmm_threshold` and a float32 OpenCV blur (scipy's kernel and 'reflect' border)."""
-    values = np.asarray(scores, dtype=np.float64)
-    sigma = DEFAULT_SIGMA_FRACTION * max(values.shape) if sigma is None else sigma
-    fit = fast_gmm_threshold(values, seed)
-    kept = np.where(values < fit.tau, values.min(), values)
-    if sigma == 0:
-        return kept, fit
-    size = 2 * int(4.0 * sigma + 0.5) + 1  # scipy.ndimage.gaussian_filter's kernel: truncate = 4 sigmas
-    blurred = cv2.GaussianBlur(kept.astype(np.float32), (size, size), sigma, borderType=cv2.BORDER_REFLECT)
-    return blurred.astype(np.float64), fit
-
-
-def cut_context(token_ids: np.ndarray, multiple: int = 8) -> np.ndarray:
-    """Token rows cut after the longest prompt's EOT, rounded up to `multiple` (bounds recompilation).
-
-    The text tower is causal, so the padding after EOT changes nothing at the positions before it.
-    """
-    length = int((token_ids != 0).sum(axis=1).max())  # SOT, pieces, EOT, then zero padding
-    return token_ids[:, :min(-(-length // multiple) * multiple, token_ids.shape[1])]
-
-
-class ProposedTCLIP(TCLIP):
-    """TCLIP with the proposed changes (prototype): text tower on the cut context, sorting-network aggregate,
-    faster soft maps. Outputs equal TCLIP's up to float rounding."""
-
-    def encode_prompts(self, prompts) -> EncodedPrompts:
-        # TCLIP.encode_prompts less its input checks, with the text tower run on the cut context.
-        tokens = tuple(self.clip.tokenizer.tokenize_words(p, self.clip.config.context_length, self.settings.truncate)
-                       for p in prompts)
-        words = tuple(tuple(w for w in t.words if not w.is_punctuation) for t in tokens)
-        embeds = np.asarray(token_embeddings(self.clip.model, self.clip.params,
-                                             cut_context(np.stack([t.token_ids for t in tokens]))))
-        word_queries = [[embeds[p, list(w.piece_positions)].mean(0) for w in ws] for p, ws in enumerate(words)]
-        queries = [q for qs in word_queries for q in qs] + [np.mean(qs, axis=0) for qs in word_queries]
-        return EncodedPrompts(tokens, words, embeds, np.stack(queries).astype(np.float32))
-
-    def device_maps(self, pixels, queries):
-        patch_embeds = translated_patch_embeddings(self.clip.model, self.clip.params, pixels, self.offsets)
-        size_hw = pixels.shape[1:3]
-        grid_hw = tuple(s // self.clip.config.patch_size for s in size_hw)
-        aggregate = functools.partial(network_aggregate_maps, offsets=self.offsets, grid_hw=grid_hw,
-                                      size_hw=size_hw, trim=self.settings.trim)
-        return patch_embeds, jax.vmap(aggregate, in_axes=(0, None))(patch_embeds, queries)
-
-    def _map_result(self, text, aggregated) -> MapResult:
-        soft, gmm = fast_soft_map(aggregated, sigma=self.settings.sigma, seed=self.settings.gmm_seed)
-        return MapResult(text, aggregated, soft, gmm, heatmap_box(aggregated, rule=self.settings.box_rule))
-
-
 # --- the benchmark ------------------------------------------------------------------------------------------
 
 
 def run_workload(name, prompts, image, hf, tclip, copies, args) -> dict:
-    """Times (a)-(d), and the profile and prototype stages if asked, round-robin; compares (a)'s maps with (d)'s."""
+    """Times (a)-(d), and the profile stages if asked, round-robin; compares (a)'s maps with (d)'s."""
     trim, offsets, device = tclip.settings.trim, tclip.offsets, args.torch_device
     encoded = tclip.encode_prompts(prompts)
     _, pixels, geometry = tclip.preprocess(image)
@@ -341,10 +199,8 @@ def run_workload(name, prompts, image, hf, tclip, copies, args) -> dict:
            "c_torch": torch_floor(hf, copies, device),
            "d": lambda: torch_pipeline(hf, image, prompts, offsets, trim, device)}
     stages = {}
-    if args.profile or args.prototypes:
+    if args.profile:
         stages.update(profile_stages(tclip, image, prompts, encoded, batch, geometry))
-    if args.prototypes:
-        stages.update(prototype_stages(tclip, image, prompts, encoded, batch, geometry))
     medians, first = interleaved_medians({**fns, **stages}, args.repeats)
     ours, reference = first["a"], first["d"]
     row = dict(name=name, prompts=len(prompts), maps=len(ours), **{k: medians[k] for k in fns},
@@ -353,8 +209,6 @@ def run_workload(name, prompts, image, hf, tclip, copies, args) -> dict:
                boxes_equal=sum(o.box == r.box for o, r in zip(ours, reference)),
                unique_queries=len(np.unique(encoded.queries, axis=0)),
                stages={k: medians[k] for k in stages})
-    if args.prototypes:
-        row["differences"] = prototype_differences(tclip, image, prompts, encoded, batch, geometry)
     return row
 
 
@@ -370,60 +224,11 @@ def profile_stages(tclip, image, prompts, encoded, batch, geometry) -> dict:
         "encode prompts (text tower)": lambda: tclip.encode_prompts(prompts),
         "preprocess": lambda: tclip.preprocess(image),
         "ViT on 25 copies": lambda: translated_patch_embeddings(model, params, batch, offsets).block_until_ready(),
-        "aggregate (einsum, sort, trimmed mean)": lambda: aggregate_maps(
+        "aggregate (einsum, sorting network, trimmed mean)": lambda: aggregate_maps(
             patches, encoded.queries, offsets, grid_hw, size_hw, trim).block_until_ready(),
         "to_original": lambda: to_original(maps, geometry),
         "soft maps (GMM, blur)": lambda: [soft_map(m) for m in original],
-        "of which GMM subsample (np.quantile)": lambda: [np.quantile(m.astype(np.float64).ravel(), GMM_QUANTILES)
-                                                         for m in original],
         "boxes (Otsu, components)": lambda: [heatmap_box(m) for m in original],
-    }
-
-
-def prototype_stages(tclip, image, prompts, encoded, batch, geometry) -> dict:
-    """The proposed changes, one function each, to compare with the profile's stages."""
-    model, params, offsets, trim = tclip.clip.model, tclip.clip.params, tclip.offsets, tclip.settings.trim
-    size_hw = batch.shape[1:3]
-    grid_hw = tuple(s // tclip.clip.config.patch_size for s in size_hw)
-    patches = translated_patch_embeddings(model, params, batch, offsets)[0]
-    original = to_original(np.asarray(aggregate_maps(patches, encoded.queries, offsets, grid_hw, size_hw, trim)),
-                           geometry)
-    token_ids = np.stack([t.token_ids for t in encoded.tokens])
-    proposed = ProposedTCLIP(tclip.clip, tclip.settings)
-    return {
-        "PROPOSED text tower on the cut context": lambda: token_embeddings(
-            model, params, cut_context(token_ids)).block_until_ready(),
-        "PROPOSED aggregate by sorting network": lambda: network_aggregate_maps(
-            patches, encoded.queries, offsets, grid_hw, size_hw, trim).block_until_ready(),
-        "PROPOSED soft maps (1 thread, one sort, cv2 blur)": lambda: [fast_soft_map(m) for m in original],
-        "PROPOSED (a) with all changes": lambda: flat_maps(proposed.explain(image, prompts)),
-    }
-
-
-def prototype_differences(tclip, image, prompts, encoded, batch, geometry) -> dict:
-    """Largest differences between the outputs of the current code and of the proposed changes."""
-    model, params, offsets, trim = tclip.clip.model, tclip.clip.params, tclip.offsets, tclip.settings.trim
-    size_hw = batch.shape[1:3]
-    grid_hw = tuple(s // tclip.clip.config.patch_size for s in size_hw)
-    patches = translated_patch_embeddings(model, params, batch, offsets)[0]
-    current = aggregate_maps(patches, encoded.queries, offsets, grid_hw, size_hw, trim)
-    network = network_aggregate_maps(patches, encoded.queries, offsets, grid_hw, size_hw, trim)
-    token_ids = np.stack([t.token_ids for t in encoded.tokens])
-    full, cut = token_embeddings(model, params, token_ids), token_embeddings(model, params, cut_context(token_ids))
-    positions = max(len(t.pieces) for t in encoded.tokens) + 2  # SOT, pieces, EOT
-    original = to_original(np.asarray(current), geometry)[:8]
-    soft = [(soft_map(m), fast_soft_map(m)) for m in original]
-    ours = tclip.explain(image, prompts)
-    proposed = ProposedTCLIP(tclip.clip, tclip.settings).explain(image, prompts)
-    pairs = [(o, p) for o_prompt, p_prompt in zip(ours.prompts, proposed.prompts)
-             for o, p in zip(o_prompt.word_maps + (o_prompt.phrase,), p_prompt.word_maps + (p_prompt.phrase,))]
-    return {
-        "text embeddings up to EOT": float(jnp.abs(full[:, :positions] - cut[:, :positions]).max()),
-        "aggregate": float(jnp.abs(current - network).max()),
-        "tau (8 maps)": max(abs(a[1].tau - b[1].tau) for a, b in soft),
-        "soft map (8 maps)": max(float(np.abs(a[0] - b[0]).max()) for a, b in soft),
-        "(a) aggregated maps": max(float(np.abs(o.aggregated - p.aggregated).max()) for o, p in pairs),
-        "(a) boxes differing": sum(o.box != p.box for o, p in pairs),
     }
 
 
@@ -445,12 +250,6 @@ def report(rows, args, machine, loads) -> str:
                      f"query vectors)")
         if r["stages"]:
             lines.append("  - stages: " + "; ".join(f"{k} {v:.2f} s" for k, v in r["stages"].items()))
-        if "differences" in r:
-            proposed = r["stages"]["PROPOSED (a) with all changes"]
-            lines.append(f"  - with all proposed changes: (a) {proposed:.2f} s, a/c {proposed / r['c_jax']:.2f}, "
-                         f"d/a {r['d'] / proposed:.2f}")
-            lines.append("  - proposed vs current, max abs difference: " + "; ".join(
-                f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in r["differences"].items()))
     return "\n".join(lines)
 
 
@@ -459,7 +258,6 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--profile", action="store_true", help="time each stage of (a)")
-    parser.add_argument("--prototypes", action="store_true", help="time the proposed library changes (and profile)")
     parser.add_argument("--threads", type=int,
                         help="torch intra-op and BLAS/OpenMP threads for both pipelines (default: the libraries')")
     parser.add_argument("--device-report", action="store_true",

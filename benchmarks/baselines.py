@@ -1,0 +1,68 @@
+"""Time per image and prompt of TCLIP and every baseline, with their forward/backward pass counts.
+
+ViT-B/32-size random weights (`init_params`), one 640x480 image, 5 prompts, each method through the
+same `Method` adapter that sweeps use (official input protocol, prompts and map post-processing).
+
+    python benchmarks/baselines.py [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
+                                median_seconds, today, write_section)
+from tclip_jax.baselines.registry import BASELINES  # noqa: E402
+from tclip_jax.checkpoint import save_checkpoint  # noqa: E402
+from tclip_jax.model import PRESETS, init_params  # noqa: E402
+from tclip_jax.sweep.methods import build_method  # noqa: E402
+
+PROMPTS = ["a dog", "a red car", "a traffic light", "a person riding a bike", "grass"]
+# Passes through the image encoder per image for all prompts (T = number of prompts): gradient methods
+# need one backward pass per prompt; TCLIP needs its 25 translated copies forward and no backward.
+PASSES = {
+    "tclip": ("25", "0"), "similarity": ("1", "0"), "rclip": ("1", "0"), "maskclip": ("1", "0"),
+    "clip_surgery": ("1 (dual path)", "0"), "attention": ("1", "0"), "rollout": ("1", "0"),
+    "decomposition": ("1", "0"), "hilacam": ("1", "T"), "gradcam": ("1", "T"), "grad_eclip": ("1", "T"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    load = load_average()
+    config = PRESETS["ViT-B/32"]
+    image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    class_ids = np.arange(len(PROMPTS), dtype=np.int32)[None]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_checkpoint(pathlib.Path(tmp) / "vit_b32", init_params(config), config)
+        for name in ["tclip", *sorted(BASELINES)]:
+            method = build_method(name, str(folder), PROMPTS)
+
+            def run():
+                pixels, _ = method.preprocess(image)
+                return np.asarray(method.maps(method.params, pixels[None], class_ids))
+
+            seconds, _ = median_seconds(run, args.repeats)
+            forward, backward = PASSES[name]
+            rows.append((name, forward, backward, f"{seconds:.2f}", f"{seconds / len(PROMPTS):.2f}"))
+            print(rows[-1], flush=True)
+    table = markdown_table(("method", "forward passes / image", "backward passes / image",
+                            f"s / image ({len(PROMPTS)} prompts)", "s / image and prompt"), rows)
+    print(table)
+    write_section("baselines", f"## Methods: time per image and prompt (CPU, ViT-B/32 size, maps on the device)\n\n"
+                  f"Machine: {machine_description()}\n\nDate: {today()}; load average before the run: {load}\n\n"
+                  f"Command: `{command_line()}` (median of {args.repeats} after a warm-up; a 640x480 image, "
+                  f"{len(PROMPTS)} prompts; device maps only, host post-processing excluded; T = prompts)\n\n"
+                  f"{table}\n")
+
+
+if __name__ == "__main__":
+    main()
