@@ -5,13 +5,10 @@ import math
 from typing import Sequence
 
 import cv2
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: files need no display backend, and notebooks keep theirs
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tclip_jax.postprocess import Box  # noqa: E402
+from tclip_jax.postprocess import Box
 
 BOX_COLOUR = (255, 255, 255)
 
@@ -43,7 +40,8 @@ def word_grid(image: np.ndarray, titles: Sequence[str], heatmaps: Sequence[np.nd
     columns = min(panels, 5)
     rows = math.ceil(panels / columns)
     aspect = image.shape[1] / image.shape[0]
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns * aspect, 3.4 * rows + 0.5), squeeze=False)
+    figure = Figure(figsize=(3.2 * columns * aspect, 3.4 * rows + 0.5))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     axes.flat[0].imshow(image)
@@ -54,7 +52,6 @@ def word_grid(image: np.ndarray, titles: Sequence[str], heatmaps: Sequence[np.nd
     figure.suptitle(suptitle, fontsize=13)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def save_png(path, rgb: np.ndarray) -> None:

@@ -87,7 +87,7 @@ def tclip_method(model: Optional[str], class_names: Sequence[str], template: Opt
         inner = TCLIP(dataclasses.replace(clip, params=params["clip"]), config)
 
         def one_image(image, ids):
-            return inner.device_maps(image[None], params["queries"][ids])[1][0]
+            return inner.device_maps(image[None], jnp.asarray(params["queries"])[ids])[1][0]
 
         return jax.vmap(one_image)(pixels, class_ids)
 
