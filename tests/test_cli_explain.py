@@ -1,0 +1,46 @@
+"""`tclip explain` end to end: files per image, result.json contents, baselines, and clear errors."""
+import json
+
+import numpy as np
+
+from tclip_jax.cli import main as tclip
+
+
+def test_explain_writes_overlays_grid_json_and_npz(tmp_path, fixtures_dir):
+    out = tmp_path / "out"
+    status = tclip(["explain", str(fixtures_dir / "scene_wide_320x240.png"), "--prompt", "a red circle.",
+                    "--model", str(fixtures_dir / "tiny_openai_clip.npz"), "--translations", "1",
+                    "--out", str(out), "--save-npz"])
+    assert status == 0
+    folder = out / "scene_wide_320x240"
+    record = json.loads((folder / "result.json").read_text())
+    words = record["prompts"][0]["words"]
+    assert [w["word"] for w in words] == ["a", "red", "circle"]  # the full stop is not explained
+    assert record["size_hw"] == [240, 320] and record["settings"]["translations"] == 1
+    for word in words:
+        assert (folder / word["overlay"]).is_file()
+        x1, y1, x2, y2 = word["box_xyxy"]
+        assert 0 <= x1 < x2 <= 320 and 0 <= y1 < y2 <= 240
+    assert (folder / record["prompts"][0]["grid_figure"]).is_file()
+    with np.load(folder / "maps.npz") as maps:
+        assert maps["p0/aggregated/2"].shape == (240, 320) and maps["p0/similarity"].shape == (4, 49)  # every piece, "." included
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_explain_with_a_baseline(tmp_path, fixtures_dir):
+    out = tmp_path / "out"
+    assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "red circle", "--prompt", "cat",
+                  "--method", "similarity", "--model", str(fixtures_dir / "tiny_openai_clip.npz"),
+                  "--out", str(out)]) == 0
+    record = json.loads((out / "scene_224" / "result.json").read_text())
+    assert record["method"] == "similarity" and [p["prompt"] for p in record["prompts"]] == ["red circle", "cat"]
+
+
+def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):
+    model = str(fixtures_dir / "tiny_openai_clip.npz")
+    assert tclip(["explain", str(tmp_path / "missing.png"), "--prompt", "x", "--model", model]) == 2
+    assert "missing.png" in capsys.readouterr().err
+    assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "...", "--model", model,
+                  "--out", str(tmp_path / "o")]) == 2
+    assert "no words to explain" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written for a bad prompt
