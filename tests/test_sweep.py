@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ from tclip_jax.synthetic import mask_box
 from test_datasets import build_tfds_coco, painted, write_coco, write_imagenet_s
 
 TESTS = pathlib.Path(__file__).resolve().parent
-SLOW_SECONDS = 0.25  # per image in slow_painted_method, so that a sweep can be killed part-way
+STALL_ENV = "TCLIP_TEST_STALL_AFTER"  # stalling_painted_method: images a process preprocesses before it stalls
 
 
 # -------------------------------------------------------------------------------------- stand-in method
@@ -44,8 +45,16 @@ def _identity_preprocess(image: np.ndarray) -> tuple[np.ndarray, Geometry]:
     return image.astype(np.float32), Geometry(size, size, size, (0, 0))
 
 
-def _slow_preprocess(image: np.ndarray) -> tuple[np.ndarray, Geometry]:
-    time.sleep(SLOW_SECONDS)
+_preprocessed = {"count": 0, "lock": threading.Lock()}
+
+
+def _stalling_preprocess(image: np.ndarray) -> tuple[np.ndarray, Geometry]:
+    """Preprocesses the first $TCLIP_TEST_STALL_AFTER images, then blocks for good (until the process is killed)."""
+    with _preprocessed["lock"]:
+        _preprocessed["count"] += 1
+        stall = _preprocessed["count"] > int(os.environ.get(STALL_ENV, "1000000"))
+    while stall:
+        time.sleep(1)
     return _identity_preprocess(image)
 
 
@@ -60,10 +69,10 @@ def painted_method(model, class_names, template=None) -> Method:
                   _identity_preprocess)
 
 
-def slow_painted_method(model, class_names, template=None) -> Method:
-    """The same maps, with a slow host step."""
+def stalling_painted_method(model, class_names, template=None) -> Method:
+    """The same maps; preprocessing stalls after $TCLIP_TEST_STALL_AFTER images, so a kill lands mid-sweep."""
     return Method("painted", {"codes": np.arange(1, len(class_names) + 1, dtype=np.float32)}, _painted_maps,
-                  _slow_preprocess)
+                  _stalling_preprocess)
 
 
 def gscorecam_iou(a, b) -> float:
@@ -331,6 +340,24 @@ def test_tfds_coco_sweep_matches_the_raw_files(coco_many, coco_many_reference, t
         assert tfds_report["detection"][field] == raw_report["detection"][field]
 
 
+def test_a_scoring_bug_stops_the_sweep_and_keeps_the_records_before_it(coco_many, tmp_path, monkeypatch):
+    import tclip_jax.sweep.runner as runner
+    evaluate, calls = runner.evaluate_targets, []
+
+    def failing_on_the_fifth_sample(*args):  # one host thread scores the samples in dataset order
+        calls.append(None)
+        if len(calls) == 5:
+            raise RuntimeError("bug while scoring")
+        return evaluate(*args)
+
+    monkeypatch.setattr(runner, "evaluate_targets", failing_on_the_fifth_sample)
+    dataset = coco_dataset(coco_many)
+    with pytest.raises(RuntimeError, match="bug while scoring"):  # a bug, not bad data: never recorded
+        run_sweep(dataset, painted_method(None, dataset.class_names), tmp_path, {},
+                  options=RunOptions(batch_size=2, workers=1, progress=False))
+    assert [r["key"] for r in read_records(tmp_path / "results-p0.jsonl")] == ["1", "2", "3", "4"]
+
+
 def _sweep_process(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            **(env_extra or {})}
@@ -345,22 +372,25 @@ def _lines(path: pathlib.Path) -> int:
 def test_resume_after_sigkill_gives_the_uninterrupted_report(coco_many, coco_many_reference, tmp_path):
     out = tmp_path / "out"
     results = out / "results-p0.jsonl"
-    args = ("coco", "--data", str(coco_many), "--method", "test_sweep:slow_painted_method", "--batch-size", "2",
+    args = ("coco", "--data", str(coco_many), "--method", "test_sweep:stalling_painted_method", "--batch-size", "2",
             "--workers", "1", "--out", str(out))
     seen = [0]
-    for run, kill_at in enumerate((3, 7)):
-        process = _sweep_process(*args, *(["--resume"] if run else []))
+    for run in range(2):
+        # Each run stalls after 4 more images (two batches: the first is recorded), so it is always cut short;
+        # it is killed as soon as a new record is on disk, possibly in the middle of writing the next one.
+        process = _sweep_process(*args, *(["--resume"] if run else []), env_extra={STALL_ENV: "4"})
         deadline = time.monotonic() + 120
-        while _lines(results) < kill_at and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        while _lines(results) <= seen[-1] and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
-        assert seen[-1] < _lines(results) < 12  # progress was made, and the run was cut short
+        assert seen[-1] < _lines(results)  # progress was made
         seen.append(_lines(results))
-        if run == 0:  # a kill in the middle of a write leaves a torn last line
+        if run == 0:  # a kill in the middle of a write leaves a torn last line; make sure one is there
             with open(results, "ab") as f:
                 f.write(b'{"index": 11, "key": "12", "units": [{"cla')
+    assert _lines(results) < 12  # both runs were cut short
     finish = _sweep_process(*args, "--resume")
     assert finish.wait(timeout=120) == 0, finish.stderr.read().decode()
     records = read_records(results)  # every line whole: the torn one was cut off before appending

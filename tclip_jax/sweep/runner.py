@@ -5,7 +5,8 @@ Pipeline (one process):
 - the main thread batches them and dispatches each batch to the devices (asynchronous); while batch k+1 is
   queued on the device it fetches batch k's maps and hands each image to the host threads;
 - host threads resample maps to the original size and score the units (GMM, Otsu, metrics);
-- the main thread appends each finished record to this process's results file (``store``).
+- each finished record is appended to this process's results file (``store``) in dataset order as soon as
+  it and the ones before it are done, by whichever thread finishes it.
 A sample that cannot be read or scored (``ValueError``/``OSError``) is recorded with its error; the sweep goes on.
 
 Resume: the records already on disk (any process's) name the samples that are done; they are skipped, and a
@@ -135,27 +136,21 @@ def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, maps: ShardedM
               evaluation: EvalOptions, options: RunOptions, vis_dir: pathlib.Path,
               record: Callable[[dict], None]) -> Throughput:
     clock = _DeviceClock()
-    evaluations: collections.deque[concurrent.futures.Future] = collections.deque()
+    records = _InOrder(record)
     sizes: list[int] = []
     started = time.perf_counter()
-
-    def drain(keep: int) -> None:
-        """Record finished evaluations in order; wait while more than `keep` are pending."""
-        while evaluations and (evaluations[0].done() or len(evaluations) > keep):
-            record(evaluations.popleft().result())
-
     with concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-load") as loaders, \
             concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-host") as hosts:
         def score(batch: list[_Prepared], device_maps: jax.Array) -> None:
             """Hand each image of a dispatched batch to the host threads."""
             host_maps = np.asarray(device_maps)  # waits for this batch; the next one is already queued
             for prepared, image_maps in zip(batch, host_maps):
-                evaluations.append(hosts.submit(_evaluate, prepared, image_maps, method, dataset.class_names,
-                                                evaluation, vis_dir if prepared.index < options.save_vis else None))
+                records.submit(hosts.submit(_evaluate, prepared, image_maps, method, dataset.class_names,
+                                            evaluation, vis_dir if prepared.index < options.save_vis else None))
 
         prepared = _prepare_ahead(loaders, todo, method, 2 * options.batch_size + options.workers)
         in_flight = None
-        for batch in _batches(prepared, options.batch_size, record):
+        for batch in _batches(prepared, options.batch_size, records.record):
             slots = class_slots(max(len(p.loaded.targets) for p in batch))
             class_ids = np.array([_padded_classes(p.loaded, slots) for p in batch])
             device_maps = maps(np.stack([p.pixels for p in batch]), class_ids)
@@ -164,11 +159,47 @@ def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, maps: ShardedM
                 score(*in_flight)
             in_flight = (batch, device_maps)
             sizes.append(len(batch))
-            drain(2 * options.batch_size)
+            records.wait(2 * options.batch_size)
         if in_flight is not None:
             score(*in_flight)
-        drain(0)
+        records.wait(0)
     return _throughput(clock.stop(), sizes, time.perf_counter() - started, maps.devices)
+
+
+class _InOrder:
+    """Records host evaluations in submission order as soon as each is done, whichever thread finishes it.
+
+    So a record reaches the disk while the main thread waits on a slow loader, and a kill loses no finished work.
+    """
+
+    def __init__(self, record: Callable[[dict], None]):
+        self._record = record
+        self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        self._lock = threading.Lock()  # one writer at a time, and the order of the pending queue
+
+    def record(self, entry: dict) -> None:
+        with self._lock:
+            self._record(entry)
+
+    def submit(self, evaluation: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._pending.append(evaluation)
+        evaluation.add_done_callback(lambda _: self._flush())
+
+    def wait(self, keep: int) -> None:
+        """Blocks while more than `keep` evaluations are pending; raises a failed evaluation's error."""
+        while True:
+            with self._lock:
+                front = self._pending[0] if self._pending else None
+                if front is None or (len(self._pending) <= keep and not (front.done() and front.exception())):
+                    return
+            front.result()
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:  # a failed evaluation stays at the front, for `wait` to raise
+            while self._pending and self._pending[0].done() and self._pending[0].exception() is None:
+                self._record(self._pending.popleft().result())
 
 
 def _prepare_ahead(pool: concurrent.futures.Executor, todo: Iterable[tuple[int, Sample]], method: Method,
