@@ -19,6 +19,7 @@ from tclip_jax.baselines.registry import (
     rclip_map,
     rollout_map,
     similarity_map,
+    text_features,
 )
 from tclip_jax.baselines import _blocks
 from tclip_jax.model import l2_normalize
@@ -280,6 +281,27 @@ def test_registry_lists_every_method_with_its_protocol():
     assert len(BASELINES["clip_surgery"].prompt_templates) == 85
     with pytest.raises(ValueError, match="unknown baseline"):
         get_baseline("nope")
+
+
+@pytest.mark.parametrize("name", sorted(n for n, b in BASELINES.items() if b.takes_text_features))
+def test_text_features_computed_once_give_the_token_id_maps(tiny, surgery_ref, name):
+    config, params = tiny
+    images = nhwc(surgery_ref["pixel_values"][:1])
+    baseline = BASELINES[name]
+    token_ids = surgery_ref["tokens/labels_ensemble" if baseline.prompt_templates else "tokens/labels_single"]
+    features = text_features(params, config, token_ids)
+    assert_close(baseline.explain(params, config, images, features).maps,
+                 np.asarray(baseline.explain(params, config, images, token_ids).maps), f"{name} maps")
+
+
+def test_text_features_of_the_wrong_width_or_for_hilacam_are_refused(tiny, surgery_ref):
+    config, params = tiny
+    images = nhwc(surgery_ref["pixel_values"][:1])
+    features = text_features(params, config, surgery_ref["tokens/labels_single"])
+    with pytest.raises(ValueError, match="text features must be"):
+        similarity_map(params, config, images, features[:, :-1])
+    with pytest.raises(ValueError, match="HilaCAM needs token ids"):
+        hilacam_map(params, config, images, features)
 
 
 def test_prepare_input_follows_each_protocol(tiny, fixture_images, surgery_ref, hilacam_ref):

@@ -1,9 +1,11 @@
 """Baseline relevance-map methods behind one interface.
 
-Every method is a pure function `explain(params, config, images, token_ids, **options) -> output`
+Every method is a pure function `explain(params, config, images, texts, **options) -> output`
 (jit-compiled, or a thin wrapper over a jit-compiled core):
-images [n_images, h, w, 3] (NHWC, CLIP-normalised, one size per call), token_ids [n_texts, context] (or
-[n_texts, n_templates, context] for a prompt ensemble), and `output.maps` [n_images, n_texts, gh, gw] the
+images [n_images, h, w, 3] (NHWC, CLIP-normalised, one size per call), texts as token ids [n_texts, context]
+(or [n_texts, n_templates, context] for a prompt ensemble) or, for every method but HilaCAM (which
+differentiates the text tower), as their features from `_blocks.text_features` [n_texts, embed_dim], computed
+once for many image batches; `output.maps` [n_images, n_texts, gh, gw] is the
 patch-grid relevance; each output dataclass also carries the method's intermediates. Its `Baseline` entry
 records how the official code feeds images in (`prepare_input`) and turns maps into heatmaps
 (`postprocess_maps`).

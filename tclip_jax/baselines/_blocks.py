@@ -29,17 +29,24 @@ def encode_text(params: dict, config: CLIPConfig, token_ids: Array,
     return CLIP(config).apply({"params": params}, token_ids, True, probs_offsets, method="encode_text")
 
 
-def text_features(params: dict, config: CLIPConfig, token_ids: Array) -> Array:
+def text_features(params: dict, config: CLIPConfig, texts: Array) -> Array:
     """L2-normalised text embeddings [n_texts, embed_dim].
 
-    `token_ids` [n_texts, context] gives one prompt per text. [n_texts, n_templates, context] gives CLIP
-    Surgery's prompt ensemble (`encode_text_with_prompt_ensemble`): every templated prompt's embedding is
-    normalised, the templates are averaged, and the mean is normalised again.
+    `texts` as token ids: [n_texts, context] gives one prompt per text; [n_texts, n_templates, context] gives
+    CLIP Surgery's prompt ensemble (`encode_text_with_prompt_ensemble`): every templated prompt's embedding is
+    normalised, the templates are averaged, and the mean is normalised again. `texts` as floats
+    [n_texts, embed_dim] are features this function already returned; they pass through, so that texts are
+    encoded once for any number of image batches.
     """
+    if jnp.issubdtype(texts.dtype, jnp.floating):
+        if texts.shape[-1:] != (config.embed_dim,) or texts.ndim != 2:
+            raise ValueError(f"text features must be [n_texts, {config.embed_dim}], got shape {texts.shape}")
+        return texts
+    token_ids = texts
     if token_ids.ndim == 2:
         return l2_normalize(encode_text(params, config, token_ids).embeds)
     if token_ids.ndim != 3:
-        raise ValueError(f"token_ids must be [n_texts, context] or [n_texts, n_templates, context], "
+        raise ValueError(f"token ids must be [n_texts, context] or [n_texts, n_templates, context], "
                          f"got shape {token_ids.shape}")
     n_texts, n_templates, context = token_ids.shape
     embeds = encode_text(params, config, token_ids.reshape(n_texts * n_templates, context)).embeds

@@ -30,21 +30,21 @@ def _check_layer(layer: int, num_layers: int) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "layer"))
-def raw_attention_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array, *,
+def raw_attention_map(params: dict, config: CLIPConfig, images: Array, texts: Array, *,
                       layer: int = -1) -> AttentionOutput:
     """The class token's attention over the patches in block `layer` (default the last), mean over heads.
 
-    Text-independent: token_ids only sets n_texts. Protocol: center-crop preprocessing; maps upsampled,
+    Text-independent: `texts` (token ids or features) only sets n_texts. Protocol: center-crop preprocessing; maps upsampled,
     then min-max normalised (as Chefer et al.'s attention baselines).
     """
     _check_layer(layer, config.vision_layers)
     image = _blocks.encode_image(params, config, images)
     matrix = image.attention_probs[layer].mean(axis=1)
-    return AttentionOutput(_broadcast_to_texts(matrix, image.grid, token_ids.shape[0]), matrix)
+    return AttentionOutput(_broadcast_to_texts(matrix, image.grid, texts.shape[0]), matrix)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "start_layer"))
-def rollout_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array, *,
+def rollout_map(params: dict, config: CLIPConfig, images: Array, texts: Array, *,
                 start_layer: int = 0) -> AttentionOutput:
     """Attention rollout (Abnar & Zuidema 2020) from block `start_layer` to the last.
 
@@ -60,4 +60,4 @@ def rollout_map(params: dict, config: CLIPConfig, images: Array, token_ids: Arra
         mixed = probs.mean(axis=1) + identity
         mixed = mixed / mixed.sum(axis=-1, keepdims=True)
         joint = mixed if joint is None else mixed @ joint
-    return AttentionOutput(_broadcast_to_texts(joint, image.grid, token_ids.shape[0]), joint)
+    return AttentionOutput(_broadcast_to_texts(joint, image.grid, texts.shape[0]), joint)

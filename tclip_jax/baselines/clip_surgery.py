@@ -73,18 +73,19 @@ def feature_surgery_scores(image_features: Array, text_features: Array,
 
 @functools.partial(jax.jit, static_argnames=("config", "surgery_blocks", "architecture_surgery",
                                              "feature_surgery"))
-def clip_surgery_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array,
-                     redundant_token_ids: Optional[Array] = None, *,
+def clip_surgery_map(params: dict, config: CLIPConfig, images: Array, texts: Array,
+                     redundant_texts: Optional[Array] = None, *,
                      surgery_blocks: int = DEFAULT_SURGERY_BLOCKS, architecture_surgery: bool = True,
                      feature_surgery: bool = True) -> SurgeryOutput:
     """CLIP Surgery similarity maps.
 
     Protocol of the official demo: whole image resized to the model size (`whole_image`); texts as the
-    85-template prompt ensemble, token_ids [n_texts, n_templates, context] (`CLIP_SURGERY_TEMPLATES`; 2-D
-    token ids give one raw prompt per text); features L2-normalised over channels; maps min-max normalised
+    85-template prompt ensemble, token ids [n_texts, n_templates, context] (`CLIP_SURGERY_TEMPLATES`; 2-D
+    token ids give one raw prompt per text), or their features (`text_features`); features L2-normalised over channels; maps min-max normalised
     over the patches, then bilinearly upsampled (`get_similarity_map`).
 
-    redundant_token_ids: [1, n_templates, context] (or [1, context]) prompts whose normalised embedding is
+    redundant_texts: [1, n_templates, context] (or [1, context]) prompts, or their features [1, embed_dim],
+      whose normalised embedding is
       subtracted from every text (the demo's single-text case uses the empty-string ensemble); None uses
       the label-set feature surgery, which needs >= 2 texts.
     surgery_blocks: the last blocks given the v-v path; the official default 6 is every block of a 6-layer
@@ -94,13 +95,13 @@ def clip_surgery_map(params: dict, config: CLIPConfig, images: Array, token_ids:
     image = _blocks.encode_image(params, config, images)
     tokens = surgery_tokens(params, config, image, surgery_blocks) if architecture_surgery else image.tokens
     image_features = l2_normalize(tokens)
-    texts = _blocks.text_features(params, config, token_ids)
+    texts = _blocks.text_features(params, config, texts)
     redundant = None
-    if redundant_token_ids is not None:
-        redundant = _blocks.text_features(params, config, redundant_token_ids)
+    if redundant_texts is not None:
+        redundant = _blocks.text_features(params, config, redundant_texts)
         if redundant.shape[0] != 1:
-            raise ValueError(f"redundant_token_ids must hold one text (a leading axis of 1), "
-                             f"got shape {redundant_token_ids.shape}")
+            raise ValueError(f"redundant_texts must hold one text (a leading axis of 1), "
+                             f"got shape {redundant_texts.shape}")
     if feature_surgery:
         similarity = feature_surgery_scores(image_features, texts, redundant)
     else:

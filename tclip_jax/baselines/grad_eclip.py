@@ -36,7 +36,7 @@ class LastBlockGradients:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "single_head"))
-def last_block_gradients(params: dict, config: CLIPConfig, images: Array, token_ids: Array,
+def last_block_gradients(params: dict, config: CLIPConfig, images: Array, texts: Array,
                          single_head: bool) -> LastBlockGradients:
     """Blocks before the last from the model; the last re-run by hand; one vjp per image for all texts.
 
@@ -46,7 +46,7 @@ def last_block_gradients(params: dict, config: CLIPConfig, images: Array, token_
     last = config.vision_layers - 1
     block = _blocks.vision_block(params, last)
     num_heads = 1 if single_head else config.vision_heads
-    texts = _blocks.text_features(params, config, token_ids)
+    texts = _blocks.text_features(params, config, texts)
 
     def embed(stream_in, cls_offset):
         trace = _blocks.run_block(block, config, stream_in, num_heads, cls_offset)
@@ -75,7 +75,7 @@ class GradECLIPOutput:
     grad_cls_output: Array       # [n_images, n_texts, width] gradient w.r.t. the class token's attention output
 
 
-def grad_eclip_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array, *,
+def grad_eclip_map(params: dict, config: CLIPConfig, images: Array, texts: Array, *,
                    single_head: bool = True) -> GradECLIPOutput:
     """Grad-ECLIP on the last block: map[p] = relu(sum_d g_d * v[p, d] * sim[p]).
 
@@ -85,7 +85,7 @@ def grad_eclip_map(params: dict, config: CLIPConfig, images: Array, token_ids: A
     positional embedding resized bicubically to the grid; one normalised prompt embedding per text; maps
     min-max normalised on the grid, then upsampled to the original image size.
     """
-    run = last_block_gradients(params, config, images, token_ids, single_head)
+    run = last_block_gradients(params, config, images, texts, single_head)
     q, k, v = run.trace.q, run.trace.k, run.trace.v
     qk = minmax(jnp.einsum("bd,bpd->bp", l2_normalize(q[:, 0]), l2_normalize(k[:, 1:])), axis=-1)
     maps = jax.nn.relu(jnp.einsum("btd,bpd->btp", run.grad_cls_output, v[:, 1:]) * qk[:, None])
@@ -108,12 +108,12 @@ class GradCAMOutput:
     weights: Array    # [n_images, n_texts, width] channel weights: the gradient averaged over all tokens
 
 
-def grad_cam_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array, *,
+def grad_cam_map(params: dict, config: CLIPConfig, images: Array, texts: Array, *,
                  single_head: bool = True) -> GradCAMOutput:
     """Grad-CAM for ViT on the tokens entering the last block: relu(sum_d w_d x[p, d]), w = mean over all
     tokens (class token included) of d cos / d x. Same model path, protocol and post-processing as
     `grad_eclip_map` (the notebook's second row)."""
-    run = last_block_gradients(params, config, images, token_ids, single_head)
+    run = last_block_gradients(params, config, images, texts, single_head)
     weights = run.grad_stream_in.mean(axis=2)
     cam = jax.nn.relu(jnp.einsum("btd,bnd->btn", weights, run.stream_in))
     return GradCAMOutput(_blocks.patch_grid(cam, run.grid), run.cosine, weights)

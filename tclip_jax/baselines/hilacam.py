@@ -85,6 +85,8 @@ def hilacam_map(params: dict, config: CLIPConfig, images: Array, token_ids: Arra
     Protocol of the notebook: center-crop preprocessing (`clip_center_crop`); one prompt per text
     ([n_texts, context]); maps upsampled to the input size, then min-max normalised.
     """
+    if jnp.issubdtype(token_ids.dtype, jnp.floating):
+        raise ValueError("HilaCAM needs token ids, not text features: it differentiates the text tower too")
     if token_ids.ndim != 2:
         raise ValueError(f"HilaCAM explains single prompts: token_ids must be [n_texts, context], "
                          f"got shape {token_ids.shape}")

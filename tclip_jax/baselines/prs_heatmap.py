@@ -21,7 +21,7 @@ class DecompositionHeatmapOutput:
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def decomposition_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array) -> DecompositionHeatmapOutput:
+def decomposition_map(params: dict, config: CLIPConfig, images: Array, texts: Array) -> DecompositionHeatmapOutput:
     """Each patch's direct contribution to the normalised image embedding, through every head of every
     block, dotted with each normalised text embedding, minus the mean over the given text set.
 
@@ -29,5 +29,5 @@ def decomposition_map(params: dict, config: CLIPConfig, images: Array, token_ids
     upsampled by the patch size (bilinear), clipped to [0, max], then min-max normalised.
     """
     decomposition = decompose(params, config, images)
-    maps, raw = spatial_heatmaps(decomposition, _blocks.text_features(params, config, token_ids))
+    maps, raw = spatial_heatmaps(decomposition, _blocks.text_features(params, config, texts))
     return DecompositionHeatmapOutput(maps, raw, decomposition)

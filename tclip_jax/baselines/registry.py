@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
+from tclip_jax.baselines._blocks import text_features
 from tclip_jax.baselines.attention import AttentionOutput, raw_attention_map, rollout_map
 from tclip_jax.baselines.clip_surgery import SurgeryOutput, clip_surgery_map
 from tclip_jax.baselines.grad_eclip import GradCAMOutput, GradECLIPOutput, grad_cam_map, grad_eclip_map
@@ -18,14 +19,16 @@ from tclip_jax.templates import CLIP_SURGERY_TEMPLATES
 class Baseline:
     """A method and its official protocol.
 
-    prompt_templates: the templates the official code ensembles over; pass their tokens as token_ids
+    prompt_templates: the templates the official code ensembles over; pass their tokens as texts
       [n_texts, n_templates, context] (None: one prompt per text).
+    takes_text_features: whether `explain` accepts `text_features(...)` in place of token ids.
     """
 
     explain: Callable[..., Any]
     postprocess: MapPostprocess
     input_protocol: InputProtocol
     prompt_templates: Optional[tuple[str, ...]] = None
+    takes_text_features: bool = True
 
 
 _NORMALIZE_THEN_UPSAMPLE = MapPostprocess(normalize_first=True)
@@ -36,7 +39,7 @@ BASELINES: dict[str, Baseline] = {
     "rclip": Baseline(rclip_map, _NORMALIZE_THEN_UPSAMPLE, "whole_image"),
     "maskclip": Baseline(maskclip_map, _NORMALIZE_THEN_UPSAMPLE, "whole_image"),
     "clip_surgery": Baseline(clip_surgery_map, _NORMALIZE_THEN_UPSAMPLE, "whole_image", CLIP_SURGERY_TEMPLATES),
-    "hilacam": Baseline(hilacam_map, _UPSAMPLE_THEN_NORMALIZE, "center_crop"),
+    "hilacam": Baseline(hilacam_map, _UPSAMPLE_THEN_NORMALIZE, "center_crop", takes_text_features=False),
     "attention": Baseline(raw_attention_map, _UPSAMPLE_THEN_NORMALIZE, "center_crop"),
     "rollout": Baseline(rollout_map, _UPSAMPLE_THEN_NORMALIZE, "center_crop"),
     "gradcam": Baseline(grad_cam_map, _NORMALIZE_THEN_UPSAMPLE, "patch_multiple"),
@@ -57,5 +60,5 @@ __all__ = [
     "HilaCAMOutput", "InputProtocol", "MapPostprocess", "SimilarityOutput", "SurgeryOutput",
     "clip_surgery_map", "decomposition_map", "get_baseline", "grad_cam_map", "grad_eclip_map", "hilacam_map",
     "maskclip_map", "postprocess_maps", "prepare_input", "raw_attention_map", "rclip_map", "rollout_map",
-    "similarity_map",
+    "similarity_map", "text_features",
 ]

@@ -32,7 +32,7 @@ def similarity_to_maps(similarity: Array, grid: tuple[int, int]) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def similarity_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array) -> SimilarityOutput:
+def similarity_map(params: dict, config: CLIPConfig, images: Array, texts: Array) -> SimilarityOutput:
     """Raw CLIP similarity map: cosine of each text embedding with every patch token after ln_post and proj.
 
     Protocol of CLIP Surgery's demo for plain CLIP: whole image resized to the model size; one prompt per
@@ -40,21 +40,21 @@ def similarity_map(params: dict, config: CLIPConfig, images: Array, token_ids: A
     normalised over the patches, then upsampled (`get_similarity_map`).
     """
     image = _blocks.encode_image(params, config, images)
-    texts = _blocks.text_features(params, config, token_ids)
+    texts = _blocks.text_features(params, config, texts)
     similarity = token_similarity(image.tokens, texts)
     return SimilarityOutput(similarity_to_maps(similarity, image.grid), similarity, texts)
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def rclip_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array) -> SimilarityOutput:
+def rclip_map(params: dict, config: CLIPConfig, images: Array, texts: Array) -> SimilarityOutput:
     """RCLIP: the reversed raw similarity map, |1 - minmax(map)| (CLIP's patch similarity is often inverted,
     foreground scoring lowest). Same inputs and post-processing as `similarity_map`."""
-    plain = similarity_map(params, config, images, token_ids)
+    plain = similarity_map(params, config, images, texts)
     return plain.replace(maps=jnp.abs(1 - minmax(plain.maps)))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "residual_and_mlp"))
-def maskclip_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array, *,
+def maskclip_map(params: dict, config: CLIPConfig, images: Array, texts: Array, *,
                  residual_and_mlp: bool = True) -> SimilarityOutput:
     """MaskCLIP (Zhou et al. 2022): patch tokens of the last block's value path, without attention mixing.
 
@@ -73,6 +73,6 @@ def maskclip_map(params: dict, config: CLIPConfig, images: Array, token_ids: Arr
         x = stream + x
         x = x + _blocks.mlp(block, config, x)
     tokens = _blocks.project_tokens(params, config, x).at[:, 0].set(image.tokens[:, 0])
-    texts = _blocks.text_features(params, config, token_ids)
+    texts = _blocks.text_features(params, config, texts)
     similarity = token_similarity(tokens, texts)
     return SimilarityOutput(similarity_to_maps(similarity, image.grid), similarity, texts)

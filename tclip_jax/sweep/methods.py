@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tclip_jax.baselines.postprocess import postprocess_maps, prepare_input
-from tclip_jax.baselines.registry import BASELINES, get_baseline
+from tclip_jax.baselines.registry import BASELINES, get_baseline, text_features
 from tclip_jax.loading import load_clip
 from tclip_jax.method.explainer import TCLIP
 from tclip_jax.postprocess import soft_map
@@ -113,18 +113,22 @@ def baseline_method(name: str) -> Factory:
         encode = clip.tokenizer.encode
         options = {}
         if baseline.prompt_templates is None:
-            token_ids = encode(prompts)
+            texts = encode(prompts)
         else:
-            token_ids = np.stack([encode([t.format(p) for t in baseline.prompt_templates]) for p in prompts])
+            texts = np.stack([encode([t.format(p) for t in baseline.prompt_templates]) for p in prompts])
             if name == "clip_surgery" and len(prompts) == 1:
-                options["redundant_token_ids"] = encode([t.format("") for t in baseline.prompt_templates])[None]
+                options["redundant_texts"] = encode([t.format("") for t in baseline.prompt_templates])[None]
+        if baseline.takes_text_features:  # the text tower runs once here, not once per image batch
+            features = jax.jit(text_features, static_argnums=1)
+            texts = np.asarray(features(clip.params, clip.config, texts))
+            options = {key: np.asarray(features(clip.params, clip.config, value)) for key, value in options.items()}
 
         def maps(params, pixels, class_ids):
-            grids = baseline.explain(params["clip"], clip.config, pixels, params["token_ids"], **options).maps
+            grids = baseline.explain(params["clip"], clip.config, pixels, params["texts"], **options).maps
             present = jnp.take_along_axis(grids, class_ids[:, :, None, None], axis=1)
             return postprocess_maps(present, pixels.shape[1:3], baseline.postprocess)
 
-        return Method(name, {"clip": clip.params, "token_ids": token_ids}, maps,
+        return Method(name, {"clip": clip.params, "texts": texts}, maps,
                       lambda image: prepare_input(baseline.input_protocol, image, clip.config))
 
     return factory
