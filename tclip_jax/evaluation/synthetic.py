@@ -14,7 +14,8 @@ Methods (all maps at the image's size):
   min-max scaled and bilinearly upsampled (`tclip_jax.baselines.similarity_map` and its protocol).
 - ``rclip``: |1 - min-max of that map| (`tclip_jax.baselines.rclip_map`).
 
-Each caption and each vocabulary word is encoded once; TCLIP maps are computed only for the scored words.
+Captions and vocabulary words are encoded once per chunk of scenes; TCLIP maps are computed only for the scored
+words (`TCLIP.explain` would also fit soft maps to every other word of the caption), and equal `explain`'s.
 Scores are means over units, per kind ("colour", "shape") and over both ("overall").
 """
 from __future__ import annotations
