@@ -6,7 +6,8 @@ import pytest
 import tclip_jax.method.explainer as explainer_module
 from tclip_jax.loading import load_clip
 from tclip_jax.method.explainer import TCLIP, Settings
-from tclip_jax.preprocess import points_to_model
+from tclip_jax.postprocess import gmm_threshold, heatmap_box
+from tclip_jax.preprocess import points_to_model, to_original
 
 PROMPTS = ("a red circle next to a blue square", "a photo of a cat")
 
@@ -99,6 +100,25 @@ def test_one_image_pass_serves_many_prompts(tiny_clip, fixture_images, vit_calls
             np.testing.assert_allclose(a.aggregated, b.aggregated, atol=1e-6, rtol=0)
             assert a.box == b.box and abs(a.tau - b.tau) < 1e-6
         np.testing.assert_allclose(alone.similarity, joint.similarity, atol=1e-6, rtol=0)
+
+
+def test_equal_queries_are_mapped_once_and_give_every_query_its_map(tiny_clip, fixture_images):
+    # The text tower is causal: "dog" opening both prompts has one embedding, and a one-word prompt's phrase
+    # is its word. Five queries, three distinct.
+    tclip = TCLIP(tiny_clip, Settings(translations=25))
+    image = fixture_images["scene_wide_320x240"]
+    encoded = tclip.encode_prompts(["dog", "dog runs"])
+    assert len(encoded.queries) == 5 and len(np.unique(encoded.queries, axis=0)) == 3
+    result = tclip.explain(image, encoded)
+    one, two = result.prompts
+    maps = [one.word_maps[0], two.word_maps[0], two.word_maps[1], one.phrase, two.phrase]
+    assert maps[0].aggregated is maps[1].aggregated is maps[3].aggregated  # computed once
+    _, pixels, geometry = tclip.preprocess(image)
+    every_query = to_original(np.asarray(tclip.device_maps(pixels[None], encoded.queries)[1][0]), geometry)
+    for query, (map_result, reference) in enumerate(zip(maps, every_query)):
+        np.testing.assert_allclose(map_result.aggregated, reference, atol=1e-6, rtol=0, err_msg=f"query {query}")
+        assert map_result.box == heatmap_box(reference) and abs(map_result.tau - gmm_threshold(reference).tau) < 1e-6
+    assert [m.text for m in maps] == ["dog", "dog", "runs", "dog", "dog runs"]
 
 
 @pytest.fixture(scope="module")

@@ -258,5 +258,8 @@ def test_gmm_subsample_equals_numpy_quantiles():
     from tclip_jax.postprocess.soft_map import _evenly_spaced_quantiles
 
     values = np.random.default_rng(3).standard_normal(10_007)
-    np.testing.assert_allclose(_evenly_spaced_quantiles(values, 4096),
-                               np.quantile(values, np.linspace(0.0, 1.0, 4096)), atol=1e-12, rtol=0)
+    for dtype in (np.float64, np.float32):  # float32 maps are sorted as float32, the quantiles taken in float64
+        typed = values.astype(dtype)
+        np.testing.assert_allclose(_evenly_spaced_quantiles(typed, 4096),
+                                   np.quantile(typed.astype(np.float64), np.linspace(0.0, 1.0, 4096)),
+                                   atol=1e-12, rtol=0)

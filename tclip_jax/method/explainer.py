@@ -131,11 +131,13 @@ class TCLIP:
                       batch_size: int = 4) -> Iterator[ImageResult]:
         """Yields one ImageResult per image; the prompts are encoded once for all images."""
         encoded = prompts if isinstance(prompts, EncodedPrompts) else self.encode_prompts(prompts)
+        # Equal queries (a one-word prompt's word and phrase, a word in several prompts) are mapped once.
+        distinct, query_to_distinct = np.unique(encoded.queries, axis=0, return_inverse=True)
         for start in range(0, len(images), batch_size):
             loaded = [self.preprocess(image) for image in images[start:start + batch_size]]
-            patch_embeds, maps = self.device_maps(np.stack([pixels for _, pixels, _ in loaded]), encoded.queries)
+            patch_embeds, maps = self.device_maps(np.stack([pixels for _, pixels, _ in loaded]), distinct)
             for (rgb, _, geometry), patches, image_maps in zip(loaded, patch_embeds, maps):
-                yield self._image_result(rgb, geometry, encoded, patches[0], image_maps)
+                yield self._image_result(rgb, geometry, encoded, patches[0], image_maps, query_to_distinct.ravel())
 
     def device_maps(self, pixels: np.ndarray, queries: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """The device part: patch embeddings [B, K, N, D] and aggregated maps [B, Q, h, w] at input size."""
@@ -148,21 +150,27 @@ class TCLIP:
                                       size_hw=size_hw, trim=self.settings.trim)
         return patch_embeds, jax.vmap(aggregate, in_axes=(0, None))(patch_embeds, queries)
 
-    def _image_result(self, rgb, geometry, encoded: EncodedPrompts, identity_patches, maps) -> ImageResult:
-        maps = to_original(np.asarray(maps), geometry)
+    def _image_result(self, rgb, geometry, encoded: EncodedPrompts, identity_patches, distinct_maps,
+                      query_to_distinct: np.ndarray) -> ImageResult:
+        distinct_maps = list(to_original(np.asarray(distinct_maps), geometry))  # equal queries share one array
+        post = [self._postprocess(aggregated) for aggregated in distinct_maps]
+
+        def map_result(text: str, query: int) -> MapResult:
+            return MapResult(text, distinct_maps[query_to_distinct[query]], *post[query_to_distinct[query]])
+
         identity_patches = np.asarray(identity_patches)
         n_words = sum(len(ws) for ws in encoded.words)
         prompts, word_index = [], 0
         for p, (tokens, words) in enumerate(zip(encoded.tokens, encoded.words)):
-            word_maps = tuple(self._map_result(w.text, maps[word_index + i]) for i, w in enumerate(words))
+            word_maps = tuple(map_result(w.text, word_index + i) for i, w in enumerate(words))
             word_index += len(words)
             pieces = encoded.token_embeds[p, list(tokens.piece_positions)]
-            prompts.append(PromptResult(tokens.text, tokens, words, word_maps,
-                                        self._map_result(tokens.text, maps[n_words + p]),
+            prompts.append(PromptResult(tokens.text, tokens, words, word_maps, map_result(tokens.text, n_words + p),
                                         pieces @ identity_patches.T))
         grid = tuple(s // self.clip.config.patch_size for s in geometry.input_hw)
         return ImageResult(rgb, geometry, grid, tuple(prompts))
 
-    def _map_result(self, text: str, aggregated: np.ndarray) -> MapResult:
+    def _postprocess(self, aggregated: np.ndarray) -> tuple[np.ndarray, GmmFit, Box]:
+        """(soft map, GMM fit, box) of one aggregated map, in MapResult's field order."""
         soft, gmm = soft_map(aggregated, sigma=self.settings.sigma, seed=self.settings.gmm_seed)
-        return MapResult(text, aggregated, soft, gmm, heatmap_box(aggregated, rule=self.settings.box_rule))
+        return soft, gmm, heatmap_box(aggregated, rule=self.settings.box_rule)

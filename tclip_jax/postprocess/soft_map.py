@@ -81,7 +81,7 @@ def gmm_threshold(scores: np.ndarray, seed: int = 0) -> GmmFit:
         v = float(values[0])
         return GmmFit((v, v), (0.0, 0.0), (1.0, 0.0), v, "constant")
     if values.size > MAX_GMM_SAMPLES:
-        values = _evenly_spaced_quantiles(values, MAX_GMM_SAMPLES)
+        values = _evenly_spaced_quantiles(np.asarray(scores).ravel(), MAX_GMM_SAMPLES)
     # "diag" equals "full" for 1-D data and is cheaper; other settings are scikit-learn's defaults.
     gmm = GaussianMixture(n_components=2, covariance_type="diag", random_state=seed)
     with threadpool_limits(1):  # a 4096-value fit is too small to gain from threads; they oversubscribe cores
@@ -114,12 +114,15 @@ def soft_map(scores: np.ndarray, sigma: float | None = None, seed: int = 0) -> t
 
 
 def _evenly_spaced_quantiles(values: np.ndarray, count: int) -> np.ndarray:
-    """np.quantile(values, linspace(0, 1, count)) (linear interpolation) from one sort: several times faster."""
+    """np.quantile(values, linspace(0, 1, count)) (linear interpolation, float64) from one sort: several times
+    faster. The sort runs in the values' own dtype (float32 maps sort about 3x faster than float64; widening
+    keeps the order, so the result is the same)."""
     ordered = np.sort(values)
     position = np.linspace(0.0, ordered.size - 1, count)
     below = np.minimum(np.floor(position).astype(np.int64), ordered.size - 2)
     fraction = position - below
-    return ordered[below] + fraction * (ordered[below + 1] - ordered[below])
+    lower, upper = ordered[below].astype(np.float64), ordered[below + 1].astype(np.float64)
+    return lower + fraction * (upper - lower)
 
 
 def _finite_values(scores: np.ndarray) -> np.ndarray:
