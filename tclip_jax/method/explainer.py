@@ -5,6 +5,7 @@ connected components run on the host. Maps are returned at the original image's 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -153,7 +154,9 @@ class TCLIP:
     def _image_result(self, rgb, geometry, encoded: EncodedPrompts, identity_patches, distinct_maps,
                       query_to_distinct: np.ndarray) -> ImageResult:
         distinct_maps = list(to_original(np.asarray(distinct_maps), geometry))  # equal queries share one array
-        post = [self._postprocess(aggregated) for aggregated in distinct_maps]
+        # Sorting, EM and blurring release the GIL for most of their time, so maps run in parallel on threads.
+        with concurrent.futures.ThreadPoolExecutor(min(len(distinct_maps), os.cpu_count() or 1)) as pool:
+            post = list(pool.map(self._postprocess, distinct_maps))
 
         def map_result(text: str, query: int) -> MapResult:
             return MapResult(text, distinct_maps[query_to_distinct[query]], *post[query_to_distinct[query]])

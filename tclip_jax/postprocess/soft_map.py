@@ -15,21 +15,50 @@ Conventions:
   ``"no_root_between_means"``: one weighted density dominates the other everywhere between the means,
   or the means coincide (a one-component fit, e.g. on unimodal heavy-tailed values); tau is the map's
   mean, the foreground threshold of Chefer et al., the usual choice when no two-class split is found.
-- The blur is ``scipy.ndimage.gaussian_filter`` (``mode="reflect"``, which keeps the map's total sum).
+- The blur is ``scipy.ndimage.gaussian_filter``'s (its kernel, truncated at 4 sigma, and its "reflect"
+  boundary, which keeps the map's total sum), run separably by OpenCV in float32: several times faster
+  than scipy in float64, and equal to it within float32 rounding. The soft map is float32.
   Its default sigma is ``DEFAULT_SIGMA_FRACTION * max(H, W)`` pixels (about 4.5 px on a 224-pixel map), so
   the same smoothing applies at any map resolution; ``sigma=0`` disables it.
 """
 from __future__ import annotations
 
 import dataclasses
+import threading
 
+import cv2
 import numpy as np
-from scipy import ndimage
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 MAX_GMM_SAMPLES = 4096
 DEFAULT_SIGMA_FRACTION = 0.02
+
+
+class _SharedSingleThreadLimit:
+    """``threadpool_limits(1)`` shared by fits running concurrently (maps post-processed on several threads):
+    set when the first fit starts, restored when the last ends. One context per thread would restore each
+    other's saved limits out of order and could leave the process's BLAS at one thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active = 0
+        self._limiter = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._active == 0:
+                self._limiter = threadpool_limits(1)
+            self._active += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                self._limiter.restore_original_limits()
+
+
+_SINGLE_THREADED_BLAS = _SharedSingleThreadLimit()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +113,7 @@ def gmm_threshold(scores: np.ndarray, seed: int = 0) -> GmmFit:
         values = _evenly_spaced_quantiles(np.asarray(scores).ravel(), MAX_GMM_SAMPLES)
     # "diag" equals "full" for 1-D data and is cheaper; other settings are scikit-learn's defaults.
     gmm = GaussianMixture(n_components=2, covariance_type="diag", random_state=seed)
-    with threadpool_limits(1):  # a 4096-value fit is too small to gain from threads; they oversubscribe cores
+    with _SINGLE_THREADED_BLAS:  # a 4096-value fit is too small to gain from threads; they oversubscribe cores
         gmm.fit(((values - center) / scale)[:, None])
     order = np.argsort(gmm.means_[:, 0])
     means = tuple(float(center + scale * gmm.means_[k, 0]) for k in order)
@@ -97,7 +126,7 @@ def gmm_threshold(scores: np.ndarray, seed: int = 0) -> GmmFit:
 
 
 def soft_map(scores: np.ndarray, sigma: float | None = None, seed: int = 0) -> tuple[np.ndarray, GmmFit]:
-    """Return the float64 soft map (values < tau set to the minimum, then blurred) and the mixture fit.
+    """Return the float32 soft map (values < tau set to the minimum, then blurred) and the mixture fit.
 
     ``sigma`` is in pixels; None means ``DEFAULT_SIGMA_FRACTION * max(H, W)``.
     """
@@ -109,8 +138,20 @@ def soft_map(scores: np.ndarray, sigma: float | None = None, seed: int = 0) -> t
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     fit = gmm_threshold(values, seed)
-    kept = np.where(values < fit.tau, values.min(), values)
-    return ndimage.gaussian_filter(kept, sigma=sigma, mode="reflect"), fit
+    kept = np.where(values < fit.tau, values.min(), values).astype(np.float32)
+    return gaussian_blur(kept, sigma), fit
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(image, sigma, mode="reflect")`` of a float32 2-D map, by OpenCV."""
+    if sigma == 0:
+        return image
+    radius = int(4.0 * sigma + 0.5)  # scipy's truncate=4.0
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).astype(np.float32)
+    # cv2.BORDER_REFLECT mirrors with the edge pixel repeated (dcba|abcd), scipy's "reflect".
+    return cv2.sepFilter2D(image, cv2.CV_32F, kernel, kernel, borderType=cv2.BORDER_REFLECT)
 
 
 def _evenly_spaced_quantiles(values: np.ndarray, count: int) -> np.ndarray:
