@@ -213,22 +213,24 @@ def run_workload(name, prompts, image, hf, tclip, copies, args) -> dict:
 
 
 def profile_stages(tclip, image, prompts, encoded, batch, geometry) -> dict:
-    """The stages of (a), one function each."""
+    """The stages of (a), one function each, on the distinct queries as (a) runs them."""
     model, params, offsets, trim = tclip.clip.model, tclip.clip.params, tclip.offsets, tclip.settings.trim
     size_hw = batch.shape[1:3]
     grid_hw = tuple(s // tclip.clip.config.patch_size for s in size_hw)
+    queries = np.unique(encoded.queries, axis=0)
     patches = translated_patch_embeddings(model, params, batch, offsets)[0]
-    maps = np.asarray(aggregate_maps(patches, encoded.queries, offsets, grid_hw, size_hw, trim))
-    original = to_original(maps, geometry)
+    maps = np.asarray(aggregate_maps(patches, queries, offsets, grid_hw, size_hw, trim))
+    original = list(to_original(maps, geometry))
     return {
         "encode prompts (text tower)": lambda: tclip.encode_prompts(prompts),
         "preprocess": lambda: tclip.preprocess(image),
         "ViT on 25 copies": lambda: translated_patch_embeddings(model, params, batch, offsets).block_until_ready(),
         "aggregate (einsum, sorting network, trimmed mean)": lambda: aggregate_maps(
-            patches, encoded.queries, offsets, grid_hw, size_hw, trim).block_until_ready(),
+            patches, queries, offsets, grid_hw, size_hw, trim).block_until_ready(),
         "to_original": lambda: to_original(maps, geometry),
-        "soft maps (GMM, blur)": lambda: [soft_map(m) for m in original],
-        "boxes (Otsu, components)": lambda: [heatmap_box(m) for m in original],
+        "host: soft maps and boxes (thread pool)": lambda: tclip.postprocess(original),
+        "of which soft maps, one thread": lambda: [soft_map(m) for m in original],
+        "of which boxes, one thread": lambda: [heatmap_box(m) for m in original],
     }
 
 

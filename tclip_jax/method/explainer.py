@@ -154,9 +154,7 @@ class TCLIP:
     def _image_result(self, rgb, geometry, encoded: EncodedPrompts, identity_patches, distinct_maps,
                       query_to_distinct: np.ndarray) -> ImageResult:
         distinct_maps = list(to_original(np.asarray(distinct_maps), geometry))  # equal queries share one array
-        # Sorting, EM and blurring release the GIL for most of their time, so maps run in parallel on threads.
-        with concurrent.futures.ThreadPoolExecutor(min(len(distinct_maps), os.cpu_count() or 1)) as pool:
-            post = list(pool.map(self._postprocess, distinct_maps))
+        post = self.postprocess(distinct_maps)
 
         def map_result(text: str, query: int) -> MapResult:
             return MapResult(text, distinct_maps[query_to_distinct[query]], *post[query_to_distinct[query]])
@@ -173,7 +171,14 @@ class TCLIP:
         grid = tuple(s // self.clip.config.patch_size for s in geometry.input_hw)
         return ImageResult(rgb, geometry, grid, tuple(prompts))
 
-    def _postprocess(self, aggregated: np.ndarray) -> tuple[np.ndarray, GmmFit, Box]:
-        """(soft map, GMM fit, box) of one aggregated map, in MapResult's field order."""
-        soft, gmm = soft_map(aggregated, sigma=self.settings.sigma, seed=self.settings.gmm_seed)
-        return soft, gmm, heatmap_box(aggregated, rule=self.settings.box_rule)
+    def postprocess(self, aggregated_maps: Sequence[np.ndarray]) -> list[tuple[np.ndarray, GmmFit, Box]]:
+        """The host part: (soft map, GMM fit, box) of each aggregated map, in MapResult's field order.
+
+        Sorting, EM and blurring release the GIL for most of their time, so maps run in parallel on threads.
+        """
+        def one(aggregated: np.ndarray) -> tuple[np.ndarray, GmmFit, Box]:
+            soft, gmm = soft_map(aggregated, sigma=self.settings.sigma, seed=self.settings.gmm_seed)
+            return soft, gmm, heatmap_box(aggregated, rule=self.settings.box_rule)
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(aggregated_maps), os.cpu_count() or 1))) as pool:
+            return list(pool.map(one, aggregated_maps))
