@@ -24,19 +24,20 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 
 import cv2
 import numpy as np
 from sklearn.mixture import GaussianMixture
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 MAX_GMM_SAMPLES = 4096
 DEFAULT_SIGMA_FRACTION = 0.02
 
 
 class _SharedSingleThreadLimit:
-    """``threadpool_limits(1)`` shared by fits running concurrently (maps post-processed on several threads):
+    """A one-thread BLAS limit shared by fits running concurrently (maps post-processed on several threads):
     set when the first fit starts, restored when the last ends. One context per thread would restore each
     other's saved limits out of order and could leave the process's BLAS at one thread."""
 
@@ -48,7 +49,7 @@ class _SharedSingleThreadLimit:
     def __enter__(self) -> None:
         with self._lock:
             if self._active == 0:
-                self._limiter = threadpool_limits(1)
+                self._limiter = _threadpool_controller().limit(limits=1)
             self._active += 1
 
     def __exit__(self, *exc) -> None:
@@ -59,6 +60,12 @@ class _SharedSingleThreadLimit:
 
 
 _SINGLE_THREADED_BLAS = _SharedSingleThreadLimit()
+
+
+@functools.cache
+def _threadpool_controller() -> ThreadpoolController:
+    """Found once: each `threadpool_limits(...)` call rescans the loaded libraries (about 6 ms)."""
+    return ThreadpoolController()
 
 
 @dataclasses.dataclass(frozen=True)
