@@ -302,6 +302,8 @@ def test_text_features_of_the_wrong_width_or_for_hilacam_are_refused(tiny, surge
         similarity_map(params, config, images, features[:, :-1])
     with pytest.raises(ValueError, match="HilaCAM needs token ids"):
         hilacam_map(params, config, images, features)
+    with pytest.raises(ValueError, match="at least 2 texts"):  # minus its own mean, one text is all zeros
+        BASELINES["decomposition"].explain(params, config, images, features[:1])
 
 
 def test_prepare_input_follows_each_protocol(tiny, fixture_images, surgery_ref, hilacam_ref):

@@ -44,3 +44,7 @@ def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):
                   "--out", str(tmp_path / "o")]) == 2
     assert "no words to explain" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written for a bad prompt
+    assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a cat", "--method", "decomposition",
+                  "--model", model, "--out", str(tmp_path / "o")]) == 2
+    assert "decomposition needs at least 2 prompts" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

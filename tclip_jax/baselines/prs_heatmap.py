@@ -26,8 +26,12 @@ def decomposition_map(params: dict, config: CLIPConfig, images: Array, texts: Ar
     block, dotted with each normalised text embedding, minus the mean over the given text set.
 
     Protocol of the official code: center-crop preprocessing; one prompt per text, no templates; maps
-    upsampled by the patch size (bilinear), clipped to [0, max], then min-max normalised.
+    upsampled by the patch size (bilinear), clipped to [0, max], then min-max normalised. Needs >= 2 texts:
+    one text minus the mean over itself is zero everywhere.
     """
+    if texts.shape[0] < 2:
+        raise ValueError("the decomposition heatmap subtracts the mean over the text set, so it needs at least "
+                         f"2 texts (one text gives an all-zero map); got {texts.shape[0]}")
     decomposition = decompose(params, config, images)
     maps, raw = spatial_heatmaps(decomposition, _blocks.text_features(params, config, texts))
     return DecompositionHeatmapOutput(maps, raw, decomposition)

@@ -22,6 +22,7 @@ class Baseline:
     prompt_templates: the templates the official code ensembles over; pass their tokens as texts
       [n_texts, n_templates, context] (None: one prompt per text).
     takes_text_features: whether `explain` accepts `text_features(...)` in place of token ids.
+    min_texts: the fewest texts a call can explain (the decomposition heatmap subtracts their mean).
     """
 
     explain: Callable[..., Any]
@@ -29,6 +30,7 @@ class Baseline:
     input_protocol: InputProtocol
     prompt_templates: Optional[tuple[str, ...]] = None
     takes_text_features: bool = True
+    min_texts: int = 1
 
 
 _NORMALIZE_THEN_UPSAMPLE = MapPostprocess(normalize_first=True)
@@ -45,7 +47,7 @@ BASELINES: dict[str, Baseline] = {
     "gradcam": Baseline(grad_cam_map, _NORMALIZE_THEN_UPSAMPLE, "patch_multiple"),
     "grad_eclip": Baseline(grad_eclip_map, _NORMALIZE_THEN_UPSAMPLE, "patch_multiple"),
     "decomposition": Baseline(decomposition_map, MapPostprocess(normalize_first=False, clip_negative=True),
-                              "center_crop"),
+                              "center_crop", min_texts=2),
 }
 
 

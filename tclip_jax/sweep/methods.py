@@ -108,6 +108,8 @@ def baseline_method(name: str) -> Factory:
     baseline = get_baseline(name)
 
     def factory(model: Optional[str], class_names: Sequence[str], template: Optional[str] = None) -> Method:
+        if len(class_names) < baseline.min_texts:
+            raise ValueError(f"{name} needs at least {baseline.min_texts} prompts or classes, got {len(class_names)}")
         clip = load_clip(model)
         prompts = prompts_for(class_names, template)
         encode = clip.tokenizer.encode
