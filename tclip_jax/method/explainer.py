@@ -134,11 +134,12 @@ class TCLIP:
         encoded = prompts if isinstance(prompts, EncodedPrompts) else self.encode_prompts(prompts)
         # Equal queries (a one-word prompt's word and phrase, a word in several prompts) are mapped once.
         distinct, query_to_distinct = np.unique(encoded.queries, axis=0, return_inverse=True)
+        query_to_distinct = query_to_distinct.ravel()  # numpy 2.0.0 returned it with the input's rank
         for start in range(0, len(images), batch_size):
             loaded = [self.preprocess(image) for image in images[start:start + batch_size]]
             patch_embeds, maps = self.device_maps(np.stack([pixels for _, pixels, _ in loaded]), distinct)
             for (rgb, _, geometry), patches, image_maps in zip(loaded, patch_embeds, maps):
-                yield self._image_result(rgb, geometry, encoded, patches[0], image_maps, query_to_distinct.ravel())
+                yield self._image_result(rgb, geometry, encoded, patches[0], image_maps, query_to_distinct)
 
     def device_maps(self, pixels: np.ndarray, queries: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """The device part: patch embeddings [B, K, N, D] and aggregated maps [B, Q, h, w] at input size."""
@@ -174,7 +175,7 @@ class TCLIP:
     def postprocess(self, aggregated_maps: Sequence[np.ndarray]) -> list[tuple[np.ndarray, GmmFit, Box]]:
         """The host part: (soft map, GMM fit, box) of each aggregated map, in MapResult's field order.
 
-        Sorting, EM and blurring release the GIL for most of their time, so maps run in parallel on threads.
+        Maps run in parallel on threads: sorting and blurring release the GIL (scikit-learn's EM only partly).
         """
         def one(aggregated: np.ndarray) -> tuple[np.ndarray, GmmFit, Box]:
             soft, gmm = soft_map(aggregated, sigma=self.settings.sigma, seed=self.settings.gmm_seed)
