@@ -27,7 +27,6 @@ import pathlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from tclip_jax.baselines.postprocess import postprocess_maps, prepare_input
 from tclip_jax.baselines.registry import get_baseline
@@ -122,16 +121,13 @@ def evaluate(clip: LoadedClip, seeds: Sequence[int], methods: Sequence[str] = ME
                   if m in TCLIP_TRANSLATIONS}
     scores: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     kinds: list[str] = []
-    # The host work is many small 1-D GMM fits: one thread each is several times faster than OpenMP's
-    # pool (which also competes with XLA's threads); the device work is unaffected.
-    with threadpool_limits(1):
-        for start in range(0, len(seeds), chunk):
-            scenes = [make_scene(seed) for seed in seeds[start:start + chunk]]
-            kinds += [unit.kind for scene in scenes for unit in evaluation_units(scene)]
-            for method in methods:
-                per_scene = (tclip_scores(explainers[method], scenes) if method in explainers
-                             else similarity_scores(clip, method, scenes))
-                scores[method] += [s for scene_scores in per_scene for s in scene_scores]
+    for start in range(0, len(seeds), chunk):
+        scenes = [make_scene(seed) for seed in seeds[start:start + chunk]]
+        kinds += [unit.kind for scene in scenes for unit in evaluation_units(scene)]
+        for method in methods:
+            per_scene = (tclip_scores(explainers[method], scenes) if method in explainers
+                         else similarity_scores(clip, method, scenes))
+            scores[method] += [s for scene_scores in per_scene for s in scene_scores]
     return {"units": {kind: kinds.count(kind) for kind in KINDS},
             "methods": {m: summarise(scores[m], kinds) for m in methods}}
 

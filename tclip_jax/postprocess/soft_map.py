@@ -137,7 +137,7 @@ def soft_map(scores: np.ndarray, sigma: float | None = None, seed: int = 0) -> t
 
     ``sigma`` is in pixels; None means ``DEFAULT_SIGMA_FRACTION * max(H, W)``.
     """
-    values = np.asarray(scores, dtype=np.float64)
+    values = np.asarray(scores)  # in its own dtype: the GMM subsample sorts float32 maps as float32
     if values.ndim != 2:
         raise ValueError(f"scores must be a 2-D map, got shape {values.shape}")
     if sigma is None:
@@ -145,7 +145,7 @@ def soft_map(scores: np.ndarray, sigma: float | None = None, seed: int = 0) -> t
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     fit = gmm_threshold(values, seed)
-    kept = np.where(values < fit.tau, values.min(), values).astype(np.float32)
+    kept = np.where(values < np.float64(fit.tau), values.min(), values).astype(np.float32)  # compared in float64
     return gaussian_blur(kept, sigma), fit
 
 
