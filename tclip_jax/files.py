@@ -1,7 +1,8 @@
-"""Writing result folders so that an interruption never leaves a half-written one behind."""
+"""Writing results so that an interruption never leaves a half-written file or folder behind."""
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import shutil
 import tempfile
@@ -23,4 +24,16 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[path
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling, then rename it over ``path``: a reader sees the old or the new file."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
         raise

@@ -465,3 +465,19 @@ def test_bad_input_gives_clear_messages(coco_hand, tmp_path, capsys):
     message = _fails(capsys, "coco", "--data", str(coco_hand), *method, "--limit", "1", "--crowd", "drop",
                      "--resume", "--out", out)
     assert "cannot resume" in message and "source" in message
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    from tclip_jax.files import write_text_atomic
+
+    path = tmp_path / "report.json"
+    write_text_atomic(path, "old\n")
+    write_text_atomic(path, "new\n")
+    assert path.read_text() == "new\n"
+    def failing_replace(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomic(path, "half\n")
+    assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["report.json"]

@@ -30,6 +30,7 @@ import numpy as np
 
 from tclip_jax.baselines.postprocess import postprocess_maps, prepare_input
 from tclip_jax.baselines.registry import get_baseline
+from tclip_jax.files import write_text_atomic
 from tclip_jax.loading import LoadedClip, load_clip
 from tclip_jax.method.explainer import TCLIP, Settings
 from tclip_jax.metrics import aggregate_by_class, box_hit, energy_in_mask, pointing_game
@@ -146,5 +147,5 @@ def heldout_metrics(clip: LoadedClip) -> dict:
 def record_heldout_metrics(folder: str | os.PathLike) -> dict:
     """Computes `heldout_metrics` of the checkpoint in `folder` and writes them to its heldout_metrics.json."""
     metrics = heldout_metrics(load_clip(folder))
-    (pathlib.Path(folder) / HELDOUT_METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(pathlib.Path(folder) / HELDOUT_METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     return metrics

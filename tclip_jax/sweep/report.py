@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import pathlib
+
 import numpy as np
 
+from tclip_jax.files import write_text_atomic
 from tclip_jax.metrics import SegmentationCounts, aggregate_by_class, summarize_segmentation
 from tclip_jax.sweep.store import read_all_records
 
@@ -110,6 +112,6 @@ def write_report(out: pathlib.Path) -> dict:
     config = json.loads((out / CONFIG_FILE).read_text())
     summary = summarize(read_all_records(out))
     report = {"config": config, **summary}
-    (out / REPORT_JSON).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    (out / REPORT_MD).write_text(markdown(config, summary))
+    write_text_atomic(out / REPORT_JSON, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / REPORT_MD, markdown(config, summary))
     return report

@@ -37,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tclip_jax.datasets.base import Dataset, LoadedSample, Sample
+from tclip_jax.files import write_text_atomic
 from tclip_jax.preprocess import Geometry, to_original
 from tclip_jax.sweep.evaluate import EvalOptions, evaluate_targets
 from tclip_jax.sweep.methods import Method
@@ -280,10 +281,7 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
-    """Write via a temporary file and a rename, so a reader never sees half a file."""
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class _DeviceClock:
