@@ -37,6 +37,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (RESULTS_PATH, command_line, interleaved_medians, load_average,  # noqa: E402
                                 machine_description, markdown_table, today, write_section)
+from tclip_jax.datasets import COCO_CATEGORIES  # noqa: E402
 from tclip_jax.loading import LoadedClip  # noqa: E402
 from tclip_jax.method.explainer import TCLIP, Settings  # noqa: E402
 from tclip_jax.method.relevance import aggregate_maps, translated_patch_embeddings  # noqa: E402
@@ -50,17 +51,7 @@ from weights_conversion.convert import convert_state_dict  # noqa: E402
 
 IMAGE_HW = (480, 640)
 PROMPT = "a small brown dog chases a red ball across grass"  # 10 words
-COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
-    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)
+COCO_CLASSES = tuple(COCO_CATEGORIES.values())  # the 80 class names
 WORKLOADS = {"prompt": (PROMPT,), "coco80": COCO_CLASSES}
 
 

@@ -64,7 +64,7 @@ def clip_center_crop(image: ImageLike, size: int = 224) -> tuple[np.ndarray, Geo
     resized = _resize_bicubic(rgb, resized_hw)
     crop = resized[offset_yx[0] : offset_yx[0] + size, offset_yx[1] : offset_yx[1] + size]
     geometry = Geometry((height, width), (size, size), resized_hw, offset_yx)
-    return _normalise(crop), geometry
+    return clip_normalise(crop), geometry
 
 
 def whole_image(image: ImageLike, size: int | tuple[int, int] = 224) -> tuple[np.ndarray, Geometry]:
@@ -82,15 +82,18 @@ def whole_image(image: ImageLike, size: int | tuple[int, int] = 224) -> tuple[np
     input_hw = (int(input_hw[0]), int(input_hw[1]))
     rgb = load_image(image)
     geometry = Geometry(rgb.shape[:2], input_hw, input_hw, (0, 0))
-    return _normalise(_resize_bicubic(rgb, input_hw)), geometry
+    return clip_normalise(_resize_bicubic(rgb, input_hw)), geometry
 
 
 def _resize_bicubic(rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((size_hw[1], size_hw[0]), Image.Resampling.BICUBIC))
 
 
-def _normalise(rgb: np.ndarray) -> np.ndarray:
-    # Same float32 operations, in the same order, as torchvision ToTensor (/255) then Normalize (sub, div).
+def clip_normalise(rgb):
+    """CLIP's pixel normalisation of uint8 RGB [..., 3], numpy or jax (training normalises batches on device).
+
+    Same float32 operations, in the same order, as torchvision ToTensor (/255) then Normalize (sub, div).
+    """
     return (rgb.astype(np.float32) / np.float32(255.0) - CLIP_MEAN) / CLIP_STD
 
 

@@ -18,9 +18,8 @@ def tiny_clip(fixtures_dir):
 
 
 @pytest.fixture(scope="module")
-def author(fixtures_dir):
-    with np.load(fixtures_dir / "tclip_author" / "author_similarity_tiny.npz") as f:
-        return {k: f[k] for k in f.files}
+def author(fixture_npz):
+    return fixture_npz("tclip_author/author_similarity_tiny.npz")
 
 
 @pytest.fixture
@@ -182,3 +181,10 @@ def test_constant_image(tiny_clip, translations):
         assert m.aggregated.shape == (90, 130) and np.isfinite(m.aggregated).all() and np.isfinite(m.soft).all()
         assert m.aggregated.min() <= m.tau <= m.aggregated.max()
         assert 0 <= m.box.x1 < m.box.x2 <= 130 and 0 <= m.box.y1 < m.box.y2 <= 90
+
+
+def test_settings_name_a_bad_protocol_or_box_rule():
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        Settings(protocol="stretch")
+    with pytest.raises(ValueError, match=r"box_rule must be one of \('component', 'contour'\)"):
+        Settings(box_rule="biggest")

@@ -22,7 +22,7 @@ Scenes are generated on the fly from `train_seeds` (batch i uses seeds [i * B, (
 determined by `TrainConfig`. Retrieval accuracy is monitored on validation scenes drawn from the held-out seed
 range at VALIDATION_OFFSET, away from the evaluation scenes (held-out offset 0).
 
-Run from the repository root (10 to 20 minutes on 2 shared CPU cores, then ~2 minutes of held-out metrics):
+Run from the repository root (5 to 10 minutes on 2 CPU cores, then ~1 minute of held-out metrics):
     nice python training/train_default.py --out tclip_jax/data/default_model
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ from tclip_jax.checkpoint import save_checkpoint
 from tclip_jax.evaluation.synthetic import record_heldout_metrics
 from tclip_jax.loading import DEFAULT_MODEL_DIR
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
-from tclip_jax.preprocess import CLIP_MEAN, CLIP_STD
+from tclip_jax.preprocess import clip_normalise
 from tclip_jax.synthetic import heldout_seeds, make_batch, train_seeds
 from tclip_jax.tokenizer import PAD_ID, default_tokenizer
 
@@ -87,11 +87,6 @@ def model_config(config: TrainConfig) -> CLIPConfig:
         vision_heads=config.vision_width // 64, vision_mlp_dim=4 * config.vision_width,
         vocab_size=49408, context_length=77, text_width=config.text_width, text_layers=config.text_layers,
         text_heads=config.text_width // 64, text_mlp_dim=4 * config.text_width, activation="quick_gelu")
-
-
-def normalise(images_u8: jax.Array) -> jax.Array:
-    """CLIP normalisation of uint8 [B, H, W, 3] batches, as `tclip_jax.preprocess` does for one image."""
-    return (images_u8.astype(jnp.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
 
 
 def symmetric_infonce(logits: jax.Array) -> jax.Array:
@@ -157,7 +152,7 @@ def piece_mask(token_ids: jax.Array, sot_id: int, eot_id: int) -> jax.Array:
 
 def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, sot_id: int, eot_id: int,
            config: TrainConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-    image = model.apply({"params": params}, normalise(images_u8), method="encode_image")
+    image = model.apply({"params": params}, clip_normalise(images_u8), method="encode_image")
     text = model.apply({"params": params}, token_ids, method="encode_text")
     scale = jnp.exp(params["logit_scale"])
     text_tokens, patch_tokens = l2_normalize(text.tokens), l2_normalize(image.tokens[:, 1:])
@@ -197,7 +192,7 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, config: Train
 @functools.partial(jax.jit, static_argnames="model")
 def global_embeddings(model: CLIP, params, images_u8: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Unit (image, text) embeddings of uint8 images and token rows."""
-    return model.apply({"params": params}, normalise(images_u8), token_ids)[1:]
+    return model.apply({"params": params}, clip_normalise(images_u8), token_ids)[1:]
 
 
 def retrieval_accuracy(model: CLIP, params, images_u8: np.ndarray, token_ids: np.ndarray,

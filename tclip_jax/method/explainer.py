@@ -18,7 +18,7 @@ from tclip_jax.image_io import ImageLike, load_image
 from tclip_jax.loading import LoadedClip, load_clip
 from tclip_jax.method.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
 from tclip_jax.method.translations import DEFAULT_SCALE_FRACTIONS, DEFAULT_TRIM, translation_offsets
-from tclip_jax.postprocess import Box, GmmFit, heatmap_box, soft_map
+from tclip_jax.postprocess import BOX_RULES, Box, BoxRule, GmmFit, heatmap_box, soft_map
 from tclip_jax.preprocess import Geometry, clip_center_crop, to_original, whole_image
 from tclip_jax.tokenizer import TokenizedPrompt, Word
 
@@ -34,13 +34,15 @@ class Settings:
     trim: float = DEFAULT_TRIM          # trimmed-mean proportion cut from each end, per pixel
     protocol: str = "whole"             # 'whole': resize the whole image; 'center': CLIP's resize + center crop
     sigma: Optional[float] = None       # soft-map Gaussian sigma in pixels (None: 2% of the longer side)
-    box_rule: str = "component"         # 'component' (largest connected component) or 'contour' (gScoreCAM)
+    box_rule: BoxRule = "component"     # 'component' (largest connected component) or 'contour' (gScoreCAM)
     truncate: bool = False              # truncate prompts longer than the context (with a warning) or fail
     gmm_seed: int = 0
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.box_rule not in BOX_RULES:
+            raise ValueError(f"box_rule must be one of {BOX_RULES}, got {self.box_rule!r}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

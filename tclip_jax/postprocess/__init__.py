@@ -1,5 +1,6 @@
 """Host-side post-processing of relevance maps: GMM soft maps and zero-shot boxes."""
 from tclip_jax.postprocess.boxes import (
+    BOX_RULES,
     GSCORECAM_DUMMY_BOX,
     Box,
     BoxRule,
@@ -20,6 +21,7 @@ from tclip_jax.postprocess.soft_map import (
 )
 
 __all__ = [
+    "BOX_RULES",
     "DEFAULT_SIGMA_FRACTION",
     "GSCORECAM_DUMMY_BOX",
     "MAX_GMM_SAMPLES",

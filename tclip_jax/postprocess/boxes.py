@@ -19,12 +19,13 @@ Conventions:
 """
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import cv2
 import numpy as np
 
 BoxRule = Literal["component", "contour"]
+BOX_RULES: tuple[str, ...] = get_args(BoxRule)
 
 _UINT8_MAX = 255
 
@@ -96,7 +97,7 @@ def heatmap_box(heatmap: np.ndarray, threshold: float | None = None, rule: BoxRu
         if not boxes:
             return GSCORECAM_DUMMY_BOX
         return boxes[int(np.argmax([(b.x2 - b.x1) * (b.y2 - b.y1) for b in boxes]))]
-    raise ValueError(f"rule must be 'component' or 'contour', got {rule!r}")
+    raise ValueError(f"rule must be one of {BOX_RULES}, got {rule!r}")
 
 
 def otsu_box(heatmap: np.ndarray, rule: BoxRule = "component") -> Box:

@@ -29,7 +29,7 @@ from tclip_jax.metrics import (
     pointing_game,
     segmentation_scores,
 )
-from tclip_jax.postprocess import BoxRule, gmm_threshold, otsu_box
+from tclip_jax.postprocess import BOX_RULES, BoxRule, gmm_threshold, otsu_box
 from tclip_jax.synthetic import mask_box
 
 THRESHOLDS = ("mean", "otsu", "gmm")
@@ -43,8 +43,8 @@ class EvalOptions:
     threshold: Threshold = "mean"
 
     def __post_init__(self):
-        if self.box_rule not in ("component", "contour"):
-            raise ValueError(f"box_rule must be 'component' or 'contour', got {self.box_rule!r}")
+        if self.box_rule not in BOX_RULES:
+            raise ValueError(f"box_rule must be one of {BOX_RULES}, got {self.box_rule!r}")
         if self.pg_tolerance < 0:
             raise ValueError(f"pg_tolerance must be >= 0, got {self.pg_tolerance}")
         if isinstance(self.threshold, str) and self.threshold not in THRESHOLDS:
@@ -72,7 +72,7 @@ def box_unit(heatmap: np.ndarray, gt_boxes: np.ndarray, box_rule: BoxRule = "com
 
 
 def mask_unit(relevance_map: np.ndarray, mask: np.ndarray, ignore: np.ndarray | None,
-                      options: EvalOptions) -> dict:
+              options: EvalOptions) -> dict:
     labels = mask.astype(np.int64)
     if ignore is not None:
         labels[ignore] = IGNORE_LABEL
