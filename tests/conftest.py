@@ -1,6 +1,8 @@
 """Shared test fixtures: the reference outputs live in ../shared/fixtures beside the checkout."""
+import functools
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -15,17 +17,33 @@ def fixtures_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def fixture_images(fixtures_dir):
-    with np.load(fixtures_dir / "images.npz") as f:
-        return {k: f[k] for k in f.files}
+def fixture_npz(fixtures_dir):
+    """`load(relative_path)`: the arrays of one .npz file under the fixtures folder, as a dict (read once)."""
+    @functools.cache
+    def load(relative_path: str) -> dict[str, np.ndarray]:
+        with np.load(fixtures_dir / relative_path) as f:
+            return {k: f[k] for k in f.files}
+
+    return load
 
 
 @pytest.fixture(scope="session")
-def tiny_model(fixtures_dir):
+def fixture_images(fixture_npz):
+    return fixture_npz("images.npz")
+
+
+@pytest.fixture
+def highest_precision():
+    """Float32 matmuls as float32 (parity tests against float32 references)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model(fixture_npz):
     """(config, float32 params) of the fixtures' tiny OpenAI-format CLIP, converted by our rule table."""
     from weights_conversion.convert import convert_state_dict, infer_openai_config
 
-    with np.load(fixtures_dir / "tiny_openai_clip.npz") as f:
-        state_dict = {k: f[k].astype(np.float32) for k in f.files}
+    state_dict = {k: v.astype(np.float32) for k, v in fixture_npz("tiny_openai_clip.npz").items()}
     config = infer_openai_config(state_dict)
     return config, convert_state_dict(state_dict, config)

@@ -31,35 +31,22 @@ IMAGE_NAMES = ("scene_224", "scene_wide_320x240", "noise_224")
 encode_image = jax.jit(_blocks.encode_image, static_argnums=1)
 
 
-@pytest.fixture(autouse=True)
-def highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model):
-    return tiny_model
-
-
-def _load(fixtures_dir, path):
-    with np.load(fixtures_dir / path) as f:
-        return {k: f[k] for k in f.files}
+def surgery_ref(fixture_npz):
+    return fixture_npz("clip_surgery/clip_surgery_tiny.npz")
 
 
 @pytest.fixture(scope="module")
-def surgery_ref(fixtures_dir):
-    return _load(fixtures_dir, "clip_surgery/clip_surgery_tiny.npz")
+def hilacam_ref(fixture_npz):
+    return fixture_npz("hilacam/hilacam_tiny.npz")
 
 
 @pytest.fixture(scope="module")
-def hilacam_ref(fixtures_dir):
-    return _load(fixtures_dir, "hilacam/hilacam_tiny.npz")
-
-
-@pytest.fixture(scope="module")
-def grad_eclip_ref(fixtures_dir):
-    return _load(fixtures_dir, "grad_eclip/grad_eclip_tiny.npz")
+def grad_eclip_ref(fixture_npz):
+    return fixture_npz("grad_eclip/grad_eclip_tiny.npz")
 
 
 def nhwc(pixel_values):
@@ -82,24 +69,24 @@ def assert_maps_close(maps, ref, key, spec):
 
 # ---------------------------------------------------------------- similarity, RCLIP, MaskCLIP, CLIP Surgery
 
-def test_similarity_map_matches_clip_surgery_plain_reference(tiny, surgery_ref):
-    config, params = tiny
+def test_similarity_map_matches_clip_surgery_plain_reference(tiny_model, surgery_ref):
+    config, params = tiny_model
     out = similarity_map(params, config, nhwc(surgery_ref["pixel_values"]), surgery_ref["tokens/labels_single"])
     assert_close(out.text_features, surgery_ref["plain/text_features_single"], "text features")
     assert_close(out.similarity, surgery_ref["plain/similarity_single"], "token similarity")
     assert_maps_close(out.maps, surgery_ref, "plain/map_single", BASELINES["similarity"].postprocess)
 
 
-def test_rclip_reverses_the_normalised_similarity_map(tiny, surgery_ref):
-    config, params = tiny
+def test_rclip_reverses_the_normalised_similarity_map(tiny_model, surgery_ref):
+    config, params = tiny_model
     out = rclip_map(params, config, nhwc(surgery_ref["pixel_values"]), surgery_ref["tokens/labels_single"])
     patches = surgery_ref["plain/similarity_single"][:, 1:].transpose(0, 2, 1).reshape(3, 5, 7, 7)
     low, high = patches.min(axis=(2, 3), keepdims=True), patches.max(axis=(2, 3), keepdims=True)
     assert_close(out.maps, 1 - (patches - low) / (high - low), "rclip maps")
 
 
-def test_clip_surgery_matches_reference(tiny, surgery_ref):
-    config, params = tiny
+def test_clip_surgery_matches_reference(tiny_model, surgery_ref):
+    config, params = tiny_model
     images = nhwc(surgery_ref["pixel_values"])
     spec = BASELINES["clip_surgery"].postprocess
     out = clip_surgery_map(params, config, images, surgery_ref["tokens/labels_ensemble"])
@@ -111,9 +98,9 @@ def test_clip_surgery_matches_reference(tiny, surgery_ref):
     assert_maps_close(out.maps, surgery_ref, "cs/map", spec)
 
 
-def test_clip_surgery_single_text_with_empty_string_redundancy_matches_reference(tiny, surgery_ref):
+def test_clip_surgery_single_text_with_empty_string_redundancy_matches_reference(tiny_model, surgery_ref):
     """The demo's single-text case: raw prompt minus the empty-string prompt ensemble."""
-    config, params = tiny
+    config, params = tiny_model
     images = nhwc(surgery_ref["pixel_values"])
     out = clip_surgery_map(params, config, images, surgery_ref["tokens/red_circle_single"],
                            surgery_ref["tokens/empty_ensemble"])
@@ -124,8 +111,8 @@ def test_clip_surgery_single_text_with_empty_string_redundancy_matches_reference
     assert_maps_close(out.maps, surgery_ref, f"{key}/map", BASELINES["clip_surgery"].postprocess)
 
 
-def test_clip_surgery_rejects_bad_options(tiny, surgery_ref):
-    config, params = tiny
+def test_clip_surgery_rejects_bad_options(tiny_model, surgery_ref):
+    config, params = tiny_model
     images = nhwc(surgery_ref["pixel_values"][:1])
     with pytest.raises(ValueError, match="at least 2 texts"):
         clip_surgery_map(params, config, images, surgery_ref["tokens/red_circle_single"])
@@ -133,9 +120,9 @@ def test_clip_surgery_rejects_bad_options(tiny, surgery_ref):
         clip_surgery_map(params, config, images, surgery_ref["tokens/labels_single"], surgery_blocks=7)
 
 
-def test_maskclip_value_path_is_the_block_with_identity_attention(tiny, surgery_ref):
+def test_maskclip_value_path_is_the_block_with_identity_attention(tiny_model, surgery_ref):
     """MaskCLIP's path equals the model's last block with each token attending only to itself."""
-    config, params = tiny
+    config, params = tiny_model
     images = nhwc(surgery_ref["pixel_values"])
     out = maskclip_map(params, config, images, surgery_ref["tokens/labels_single"])
 
@@ -150,8 +137,8 @@ def test_maskclip_value_path_is_the_block_with_identity_attention(tiny, surgery_
     assert_close(out.similarity[:, 1:], reference[:, 1:], "maskclip patch similarity")
 
 
-def test_maskclip_value_only_path(tiny, surgery_ref):
-    config, params = tiny
+def test_maskclip_value_only_path(tiny_model, surgery_ref):
+    config, params = tiny_model
     images = nhwc(surgery_ref["pixel_values"])
     out = maskclip_map(params, config, images, surgery_ref["tokens/labels_single"], residual_and_mlp=False)
     block = params["visual"]["transformer"][f"block_{config.vision_layers - 1}"]
@@ -172,8 +159,8 @@ def test_maskclip_value_only_path(tiny, surgery_ref):
 # ---------------------------------------------------------------- HilaCAM
 
 @pytest.mark.parametrize("variant, start_layer", [("last_layer", -1), ("all_layers", 0)])
-def test_hilacam_matches_reference(tiny, hilacam_ref, variant, start_layer):
-    config, params = tiny
+def test_hilacam_matches_reference(tiny_model, hilacam_ref, variant, start_layer):
+    config, params = tiny_model
     images = np.concatenate([nhwc(hilacam_ref[f"{name}/pixel_values"]) for name in IMAGE_NAMES])
     out = hilacam_map(params, config, images, hilacam_ref["token_ids"], start_layer=start_layer,
                       start_layer_text=start_layer)
@@ -188,9 +175,9 @@ def test_hilacam_matches_reference(tiny, hilacam_ref, variant, start_layer):
         assert_close(out.logits[b], hilacam_ref[f"{name}/logits_per_image"][0], f"{name} logits", tol=1e-3)
 
 
-def test_probs_offset_gradient_agrees_with_central_differences(tiny, hilacam_ref):
+def test_probs_offset_gradient_agrees_with_central_differences(tiny_model, hilacam_ref):
     """The gradient HilaCAM uses (d logit / d attention probabilities) against central differences."""
-    config, params = tiny
+    config, params = tiny_model
     image = nhwc(hilacam_ref["scene_224/pixel_values"])
     shape = (config.vision_layers, 1, config.vision_heads, 50, 50)
     rng = np.random.default_rng(0)
@@ -212,8 +199,8 @@ def test_probs_offset_gradient_agrees_with_central_differences(tiny, hilacam_ref
 # ---------------------------------------------------------------- Grad-ECLIP and Grad-CAM
 
 @pytest.mark.parametrize("name", ["scene_224", "scene_wide_320x240"])
-def test_grad_eclip_and_grad_cam_match_reference(tiny, grad_eclip_ref, fixture_images, name):
-    config, params = tiny
+def test_grad_eclip_and_grad_cam_match_reference(tiny_model, grad_eclip_ref, fixture_images, name):
+    config, params = tiny_model
     ref = {k.split("/", 1)[1]: v for k, v in grad_eclip_ref.items() if k.startswith(name + "/")}
     images, geometry = prepare_input(BASELINES["grad_eclip"].input_protocol, fixture_images[name], config)
     assert_close(images[None], nhwc(ref["pixel_values"]), "patch-multiple preprocessing", tol=1e-5)
@@ -237,9 +224,9 @@ def test_grad_eclip_and_grad_cam_match_reference(tiny, grad_eclip_ref, fixture_i
                  ref["grad_cam_map_upsampled"], "grad_cam upsampled map")
 
 
-def test_rebuilt_block_with_the_model_heads_is_the_model_block(tiny, surgery_ref):
+def test_rebuilt_block_with_the_model_heads_is_the_model_block(tiny_model, surgery_ref):
     """Grad-ECLIP's hand-run last block (`single_head=False`) reproduces the model's."""
-    config, params = tiny
+    config, params = tiny_model
     images = nhwc(surgery_ref["pixel_values"])
     stream = encode_image(params, config, images).residual_stream
     last = config.vision_layers - 1
@@ -255,8 +242,8 @@ def test_rebuilt_block_with_the_model_heads_is_the_model_block(tiny, surgery_ref
 
 # ---------------------------------------------------------------- attention maps
 
-def test_raw_attention_and_rollout(tiny, surgery_ref):
-    config, params = tiny
+def test_raw_attention_and_rollout(tiny_model, surgery_ref):
+    config, params = tiny_model
     images = nhwc(surgery_ref["pixel_values"])
     tokens = surgery_ref["tokens/labels_single"]
     probs = encode_image(params, config, images).attention_probs
@@ -284,8 +271,8 @@ def test_registry_lists_every_method_with_its_protocol():
 
 
 @pytest.mark.parametrize("name", sorted(n for n, b in BASELINES.items() if b.takes_text_features))
-def test_text_features_computed_once_give_the_token_id_maps(tiny, surgery_ref, name):
-    config, params = tiny
+def test_text_features_computed_once_give_the_token_id_maps(tiny_model, surgery_ref, name):
+    config, params = tiny_model
     images = nhwc(surgery_ref["pixel_values"][:1])
     baseline = BASELINES[name]
     token_ids = surgery_ref["tokens/labels_ensemble" if baseline.prompt_templates else "tokens/labels_single"]
@@ -294,8 +281,8 @@ def test_text_features_computed_once_give_the_token_id_maps(tiny, surgery_ref, n
                  np.asarray(baseline.explain(params, config, images, token_ids).maps), f"{name} maps")
 
 
-def test_text_features_of_the_wrong_width_or_for_hilacam_are_refused(tiny, surgery_ref):
-    config, params = tiny
+def test_text_features_of_the_wrong_width_or_for_hilacam_are_refused(tiny_model, surgery_ref):
+    config, params = tiny_model
     images = nhwc(surgery_ref["pixel_values"][:1])
     features = text_features(params, config, surgery_ref["tokens/labels_single"])
     with pytest.raises(ValueError, match="text features must be"):
@@ -306,8 +293,8 @@ def test_text_features_of_the_wrong_width_or_for_hilacam_are_refused(tiny, surge
         BASELINES["decomposition"].explain(params, config, images, features[:1])
 
 
-def test_prepare_input_follows_each_protocol(tiny, fixture_images, surgery_ref, hilacam_ref):
-    config, _ = tiny
+def test_prepare_input_follows_each_protocol(tiny_model, fixture_images, surgery_ref, hilacam_ref):
+    config, _ = tiny_model
     for b, name in enumerate(IMAGE_NAMES):
         whole, _ = prepare_input("whole_image", fixture_images[name], config)
         assert_close(whole, nhwc(surgery_ref["pixel_values"])[b], f"whole image {name}", tol=1e-5)

@@ -1,6 +1,5 @@
 """Every checkpoint source through the one loader, the converted folder round trip, and bad input."""
 import json
-import pathlib
 
 import jax
 import numpy as np
@@ -12,7 +11,7 @@ import transformers
 from tclip_jax import checkpoint
 from tclip_jax.cli import main as tclip
 from tclip_jax.loading import load_clip
-from tclip_jax.model import CLIP, CLIPConfig, to_hf_config
+from tclip_jax.model import CLIPConfig, to_hf_config
 from weights_conversion.convert import ConversionError
 
 SMALL = CLIPConfig(embed_dim=32, image_size=64, patch_size=32, vision_width=64, vision_layers=2, vision_heads=1,
@@ -21,9 +20,8 @@ SMALL = CLIPConfig(embed_dim=32, image_size=64, patch_size=32, vision_width=64, 
 
 
 @pytest.fixture(scope="module")
-def openai_state_dict(fixtures_dir):
-    with np.load(fixtures_dir / "tiny_openai_clip.npz") as f:
-        return {k: f[k] for k in f.files}  # float16, as published
+def openai_state_dict(fixture_npz):
+    return fixture_npz("tiny_openai_clip.npz")  # float16, as published
 
 
 @pytest.fixture(scope="module")

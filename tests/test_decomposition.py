@@ -12,26 +12,17 @@ from tclip_jax.model import l2_normalize
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model):
-    return tiny_model
+def reference(fixture_npz):
+    return fixture_npz("decomposition/decomposition_tiny.npz")
 
 
 @pytest.fixture(scope="module")
-def reference(fixtures_dir):
-    with np.load(fixtures_dir / "decomposition" / "decomposition_tiny.npz") as f:
-        return {k: f[k] for k in f.files}
-
-
-@pytest.fixture(scope="module")
-def heatmap_output(tiny, reference):
-    config, params = tiny
+def heatmap_output(tiny_model, reference):
+    config, params = tiny_model
     with jax.default_matmul_precision("highest"):
         images = np.ascontiguousarray(reference["pixel_values"].transpose(0, 2, 3, 1))
         return decomposition_map(params, config, images, reference["text_tokens"])
@@ -44,8 +35,8 @@ def assert_close(ours, expected, what, tol=TOL):
     assert err < tol, f"{what}: max abs error {err}"
 
 
-def test_residual_terms_match_the_prs_logger(tiny, reference):
-    config, params = tiny
+def test_residual_terms_match_the_prs_logger(tiny_model, reference):
+    config, params = tiny_model
     images = np.ascontiguousarray(reference["pixel_values"].transpose(0, 2, 3, 1))
     terms = jax.jit(residual_terms, static_argnums=1)(params, config, images)
     assert_close(terms.attentions, reference["attentions_raw"], "attention terms")
@@ -62,8 +53,8 @@ def test_decomposition_matches_reference_and_sums_to_the_embedding(heatmap_outpu
     assert_close(decomposition.embedding, reference["image_embedding_normalized"], "sum of contributions")
 
 
-def test_contributions_sum_to_the_embedding_on_a_non_square_grid(tiny):
-    config, params = tiny
+def test_contributions_sum_to_the_embedding_on_a_non_square_grid(tiny_model):
+    config, params = tiny_model
     images = np.random.default_rng(0).standard_normal((2, 64, 96, 3)).astype(np.float32)
     decomposition = decompose(params, config, images)
     assert decomposition.attentions.shape == (2, config.vision_layers, 1 + 2 * 3, config.vision_heads,

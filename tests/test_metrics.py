@@ -33,9 +33,8 @@ TOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def ref(fixtures_dir):
-    with np.load(fixtures_dir / "metrics" / "metrics_reference.npz") as f:
-        return {k: f[k] for k in f.files}
+def ref(fixture_npz):
+    return fixture_npz("metrics/metrics_reference.npz")
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +43,8 @@ def ref_json(fixtures_dir):
 
 
 @pytest.fixture(scope="module")
-def seg_ref(fixtures_dir):
-    with np.load(fixtures_dir / "decomposition" / "decomposition_tiny.npz") as f:
-        return {k: f[k] for k in f.files if k.startswith("seg_")}
+def seg_ref(fixture_npz):
+    return {k: v for k, v in fixture_npz("decomposition/decomposition_tiny.npz").items() if k.startswith("seg_")}
 
 
 def _gt_boxes(ref, i):

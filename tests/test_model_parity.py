@@ -99,12 +99,10 @@ def test_matches_transformers_vit_b32():
     compare_with_hf(PRESETS["ViT-B/32"], 224, 224)
 
 
-def test_matches_official_openai_implementation(fixtures_dir):
+def test_matches_official_openai_implementation(fixture_npz):
     """The plain path of the official (OpenAI-format) code as recorded in the CLIP Surgery fixtures."""
-    with np.load(fixtures_dir / "tiny_openai_clip.npz") as f:
-        state_dict = {k: f[k].astype(np.float32) for k in f.files}
-    with np.load(fixtures_dir / "clip_surgery" / "clip_surgery_tiny.npz") as f:
-        ref = {k: f[k] for k in f.files}
+    state_dict = {k: v.astype(np.float32) for k, v in fixture_npz("tiny_openai_clip.npz").items()}
+    ref = fixture_npz("clip_surgery/clip_surgery_tiny.npz")
     config = infer_openai_config(state_dict)
     assert (config.vision_layers, config.vision_width, config.vision_heads, config.text_layers) == (6, 128, 2, 3)
     params = convert_state_dict(state_dict, config)

@@ -26,9 +26,8 @@ NUM_MAPS = 12
 
 
 @pytest.fixture(scope="module")
-def ref(fixtures_dir):
-    with np.load(fixtures_dir / "metrics" / "metrics_reference.npz") as f:
-        return {k: f[k] for k in f.files}
+def ref(fixture_npz):
+    return fixture_npz("metrics/metrics_reference.npz")
 
 
 # ---------------------------------------------------------------- boxes vs gScoreCAM

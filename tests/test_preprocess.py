@@ -24,24 +24,19 @@ from tclip_jax.preprocess import (
 IMAGE_NAMES = ["scene_224", "scene_wide_320x240", "noise_224"]
 
 
-def _load_npz(path):
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
+@pytest.fixture(scope="module")
+def hilacam(fixture_npz):
+    return fixture_npz("hilacam/hilacam_tiny.npz")
 
 
 @pytest.fixture(scope="module")
-def hilacam(fixtures_dir):
-    return _load_npz(fixtures_dir / "hilacam" / "hilacam_tiny.npz")
+def clip_surgery(fixture_npz):
+    return fixture_npz("clip_surgery/clip_surgery_tiny.npz")
 
 
 @pytest.fixture(scope="module")
-def clip_surgery(fixtures_dir):
-    return _load_npz(fixtures_dir / "clip_surgery" / "clip_surgery_tiny.npz")
-
-
-@pytest.fixture(scope="module")
-def decomposition(fixtures_dir):
-    return _load_npz(fixtures_dir / "decomposition" / "decomposition_tiny.npz")
+def decomposition(fixture_npz):
+    return fixture_npz("decomposition/decomposition_tiny.npz")
 
 
 def _nchw(pixel_values):

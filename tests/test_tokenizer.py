@@ -33,14 +33,9 @@ def packaged_files():
 
 
 @pytest.fixture(scope="module")
-def clip_surgery(fixtures_dir):
-    with np.load(fixtures_dir / "clip_surgery" / "clip_surgery_tiny.npz") as f:
-        return {k: f[k] for k in f.files if k.startswith("tokens/") or k == "labels"}
-
-
-def _load(path):
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
+def clip_surgery(fixture_npz):
+    return {k: v for k, v in fixture_npz("clip_surgery/clip_surgery_tiny.npz").items()
+            if k.startswith("tokens/") or k == "labels"}
 
 
 # --- packaged vocabulary -------------------------------------------------------------------------------------
@@ -99,8 +94,8 @@ def test_template_ensembles_match_clip_surgery(tokenizer, clip_surgery, key):
 
 
 @pytest.mark.parametrize("fixture", ["tclip_author/author_similarity_tiny.npz", "hilacam/hilacam_tiny.npz"])
-def test_token_ids_match_openai_clip(tokenizer, fixtures_dir, fixture):
-    reference = _load(fixtures_dir / fixture)
+def test_token_ids_match_openai_clip(tokenizer, fixture_npz, fixture):
+    reference = fixture_npz(fixture)
     np.testing.assert_array_equal(tokenizer.encode(reference["texts"]), reference["token_ids"])
 
 
@@ -220,8 +215,8 @@ def test_text_rewritten_by_cleaning_maps_to_its_source(tokenizer):
 
 
 @pytest.mark.parametrize("t", [0, 1])
-def test_author_kept_positions_match_fixture(tokenizer, fixtures_dir, t):
-    reference = _load(fixtures_dir / "tclip_author" / "author_similarity_tiny.npz")
+def test_author_kept_positions_match_fixture(tokenizer, fixture_npz, t):
+    reference = fixture_npz("tclip_author/author_similarity_tiny.npz")
     kept = tokenizer.author_kept_positions(reference["token_ids"][t])
     assert kept.dtype == np.int32
     np.testing.assert_array_equal(kept, reference[f"text{t}_kept_positions"])
