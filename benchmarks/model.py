@@ -14,7 +14,6 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import numpy as np

@@ -58,11 +58,7 @@ def main() -> None:
                      f"{t['steady_images_per_second']:.2f}", f"{100 * t['device_wait_share']:.1f} %"))
     table = markdown_table(["simulated CPU devices", "images", "batches", "wall s (with compilation)", "images/s",
                             "images/s after the first batch", "device waiting on the host"], rows)
-    from tclip_jax.loading import DEFAULT_MODEL_DIR
-
     model = args.model or "the embedded default model"
-    if args.model and not DEFAULT_MODEL_DIR.is_dir():
-        model += " (the embedded default model was not installed yet)"
     body = "\n\n".join([
         "## Sweep throughput: TCLIP (K=25) over the held-out synthetic scenes (CPU)",
         f"Machine: {machine_description()}",

@@ -49,7 +49,8 @@ def main() -> None:
         f"Machine: {machine_description()}",
         f"Date: {today()}; load average before the run: {load}; evaluation took {seconds / 60:.1f} min",
         f"Command: `{command_line()}`",
-        f"Model: {args.model or 'the embedded default (tclip_jax/data/default_model)'}. Scenes: held-out seeds {HELDOUT_SEED_START}..{HELDOUT_SEED_START + args.scenes - 1} "
+        f"Model: {args.model or 'the embedded default (tclip_jax/data/default_model)'}. "
+        f"Scenes: held-out seeds {HELDOUT_SEED_START}..{HELDOUT_SEED_START + args.scenes - 1} "
         f"({units['colour']} colour words, {units['shape']} shape words). TCLIP maps the word's token in the "
         "whole caption; the similarity map and RCLIP use the word alone as the prompt. Mask IoU: foreground = "
         "map >= the GMM threshold tau.",

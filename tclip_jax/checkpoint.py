@@ -3,8 +3,8 @@
 
 Parameters are stored flat under '/'-joined Flax paths, never pickled; float16 storage is allowed
 (cast to float32 on load). `params.npz` is zip-compressed, which suits checkpoints with many zero
-rows (e.g. an unused vocabulary) such as the embedded default model. Folders are written through `staged_folder`, so an interrupted save never leaves a
-half-written checkpoint behind.
+rows (e.g. an unused vocabulary) such as the embedded default model. Folders are written through
+`staged_folder`, so an interrupted save never leaves a half-written checkpoint behind.
 """
 from __future__ import annotations
 

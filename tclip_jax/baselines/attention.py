@@ -34,8 +34,8 @@ def raw_attention_map(params: dict, config: CLIPConfig, images: Array, texts: Ar
                       layer: int = -1) -> AttentionOutput:
     """The class token's attention over the patches in block `layer` (default the last), mean over heads.
 
-    Text-independent: `texts` (token ids or features) only sets n_texts. Protocol: center-crop preprocessing; maps upsampled,
-    then min-max normalised (as Chefer et al.'s attention baselines).
+    Text-independent: `texts` (token ids or features) only sets n_texts. Protocol: center-crop
+    preprocessing; maps upsampled, then min-max normalised (as Chefer et al.'s attention baselines).
     """
     _check_layer(layer, config.vision_layers)
     image = _blocks.encode_image(params, config, images)

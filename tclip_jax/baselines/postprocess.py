@@ -34,7 +34,7 @@ def postprocess_maps(maps: jax.Array, size: tuple[int, int], spec: MapPostproces
         return upsample_bilinear(minmax(maps), tuple(size))
     upsampled = upsample_bilinear(maps, tuple(size))
     if spec.clip_negative:
-        upsampled = jnp.clip(upsampled, 0, upsampled.max(axis=(-2, -1), keepdims=True))
+        upsampled = jnp.maximum(upsampled, 0)
     return minmax(upsampled)
 
 

@@ -26,9 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the embedded synthetic-scenes model)")
     parser.add_argument("--out", default="tclip_out", help="output folder (default: %(default)s)")
     parser.add_argument("--method", default="tclip",
-                        help="tclip (per word, default) or a baseline, one map per prompt: "
-                             "similarity, rclip, maskclip, clip_surgery, hilacam, attention, rollout, gradcam, "
-                             "grad_eclip, decomposition")
+                        help="tclip (per word, default) or a baseline of tclip_jax.baselines.registry, one map "
+                             "per prompt (an unknown name lists them)")
     parser.add_argument("--translations", type=int, choices=(25, 1), default=25,
                         help="translated copies: 25 (multi-scale) or 1 (off)")
     parser.add_argument("--crop", choices=("whole", "center"), default="whole",
