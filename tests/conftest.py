@@ -41,9 +41,10 @@ def highest_precision():
 
 @pytest.fixture(scope="session")
 def tiny_model(fixture_npz):
-    """(config, float32 params) of the fixtures' tiny OpenAI-format CLIP, converted by our rule table."""
+    """(model, float32 params) of the fixtures' tiny OpenAI-format CLIP, converted by our rule table."""
+    from tclip_jax.model import CLIP
     from weights_conversion.convert import convert_state_dict, infer_openai_config
 
     state_dict = {k: v.astype(np.float32) for k, v in fixture_npz("tiny_openai_clip.npz").items()}
     config = infer_openai_config(state_dict)
-    return config, convert_state_dict(state_dict, config)
+    return CLIP(config), convert_state_dict(state_dict, config)

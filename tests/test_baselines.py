@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tclip_jax.baselines.registry import (
+from tclip_jax.methods.registry import (
     BASELINES,
     MapPostprocess,
     clip_surgery_map,
@@ -21,14 +21,15 @@ from tclip_jax.baselines.registry import (
     similarity_map,
     text_features,
 )
-from tclip_jax.baselines import _blocks
+from tclip_jax.methods import common
+from tclip_jax.methods.grad_eclip import last_block_gradients
 from tclip_jax.model import l2_normalize
 from tclip_jax.preprocess import minmax, upsample_bilinear
 
 TOL = 1e-4
 IMAGE_NAMES = ("scene_224", "scene_wide_320x240", "noise_224")
 
-encode_image = jax.jit(_blocks.encode_image, static_argnums=1)
+encode_image = jax.jit(common.encode_image, static_argnums=0)
 
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
@@ -70,26 +71,29 @@ def assert_maps_close(maps, ref, key, spec):
 # ---------------------------------------------------------------- similarity, RCLIP, MaskCLIP, CLIP Surgery
 
 def test_similarity_map_matches_clip_surgery_plain_reference(tiny_model, surgery_ref):
-    config, params = tiny_model
-    out = similarity_map(params, config, nhwc(surgery_ref["pixel_values"]), surgery_ref["tokens/labels_single"])
+    model, params = tiny_model
+    config = model.config
+    out = similarity_map(model, params, nhwc(surgery_ref["pixel_values"]), surgery_ref["tokens/labels_single"])
     assert_close(out.text_features, surgery_ref["plain/text_features_single"], "text features")
     assert_close(out.similarity, surgery_ref["plain/similarity_single"], "token similarity")
     assert_maps_close(out.maps, surgery_ref, "plain/map_single", BASELINES["similarity"].postprocess)
 
 
 def test_rclip_reverses_the_normalised_similarity_map(tiny_model, surgery_ref):
-    config, params = tiny_model
-    out = rclip_map(params, config, nhwc(surgery_ref["pixel_values"]), surgery_ref["tokens/labels_single"])
+    model, params = tiny_model
+    config = model.config
+    out = rclip_map(model, params, nhwc(surgery_ref["pixel_values"]), surgery_ref["tokens/labels_single"])
     patches = surgery_ref["plain/similarity_single"][:, 1:].transpose(0, 2, 1).reshape(3, 5, 7, 7)
     low, high = patches.min(axis=(2, 3), keepdims=True), patches.max(axis=(2, 3), keepdims=True)
     assert_close(out.maps, 1 - (patches - low) / (high - low), "rclip maps")
 
 
 def test_clip_surgery_matches_reference(tiny_model, surgery_ref):
-    config, params = tiny_model
+    model, params = tiny_model
+    config = model.config
     images = nhwc(surgery_ref["pixel_values"])
     spec = BASELINES["clip_surgery"].postprocess
-    out = clip_surgery_map(params, config, images, surgery_ref["tokens/labels_ensemble"])
+    out = clip_surgery_map(model, params, images, surgery_ref["tokens/labels_ensemble"])
     assert_close(out.image_features, surgery_ref["cs/image_features"], "surgery image features")
     assert_close(out.text_features, surgery_ref["cs/text_features_ensemble"], "ensemble text features")
     assert_close(out.image_features @ out.text_features.T, surgery_ref["cs/similarity_no_feature_surgery"],
@@ -100,9 +104,10 @@ def test_clip_surgery_matches_reference(tiny_model, surgery_ref):
 
 def test_clip_surgery_single_text_with_empty_string_redundancy_matches_reference(tiny_model, surgery_ref):
     """The demo's single-text case: raw prompt minus the empty-string prompt ensemble."""
-    config, params = tiny_model
+    model, params = tiny_model
+    config = model.config
     images = nhwc(surgery_ref["pixel_values"])
-    out = clip_surgery_map(params, config, images, surgery_ref["tokens/red_circle_single"],
+    out = clip_surgery_map(model, params, images, surgery_ref["tokens/red_circle_single"],
                            surgery_ref["tokens/empty_ensemble"])
     key = "cs_redundant/red_circle_raw"
     assert_close(out.redundant_features, surgery_ref["cs_redundant/redundant_features"], "empty-string ensemble")
@@ -112,37 +117,40 @@ def test_clip_surgery_single_text_with_empty_string_redundancy_matches_reference
 
 
 def test_clip_surgery_rejects_bad_options(tiny_model, surgery_ref):
-    config, params = tiny_model
+    model, params = tiny_model
+    config = model.config
     images = nhwc(surgery_ref["pixel_values"][:1])
     with pytest.raises(ValueError, match="at least 2 texts"):
-        clip_surgery_map(params, config, images, surgery_ref["tokens/red_circle_single"])
+        clip_surgery_map(model, params, images, surgery_ref["tokens/red_circle_single"])
     with pytest.raises(ValueError, match="surgery_blocks"):
-        clip_surgery_map(params, config, images, surgery_ref["tokens/labels_single"], surgery_blocks=7)
+        clip_surgery_map(model, params, images, surgery_ref["tokens/labels_single"], surgery_blocks=7)
 
 
 def test_maskclip_value_path_is_the_block_with_identity_attention(tiny_model, surgery_ref):
     """MaskCLIP's path equals the model's last block with each token attending only to itself."""
-    config, params = tiny_model
+    model, params = tiny_model
+    config = model.config
     images = nhwc(surgery_ref["pixel_values"])
-    out = maskclip_map(params, config, images, surgery_ref["tokens/labels_single"])
+    out = maskclip_map(model, params, images, surgery_ref["tokens/labels_single"])
 
     @jax.jit
     def self_attending_tokens(params, images):
-        probs = _blocks.encode_image(params, config, images).attention_probs
+        probs = common.encode_image(model, params, images).attention_probs
         identity = jnp.broadcast_to(jnp.eye(probs[-1].shape[-1]), probs[-1].shape)
         offsets = tuple(jnp.zeros_like(p) for p in probs[:-1]) + (identity - probs[-1],)
-        return _blocks.encode_image(params, config, images, offsets).tokens
+        return common.encode_image(model, params, images, offsets).tokens
 
     reference = np.asarray(l2_normalize(self_attending_tokens(params, images)) @ out.text_features.T)
     assert_close(out.similarity[:, 1:], reference[:, 1:], "maskclip patch similarity")
 
 
 def test_maskclip_value_only_path(tiny_model, surgery_ref):
-    config, params = tiny_model
+    model, params = tiny_model
+    config = model.config
     images = nhwc(surgery_ref["pixel_values"])
-    out = maskclip_map(params, config, images, surgery_ref["tokens/labels_single"], residual_and_mlp=False)
+    out = maskclip_map(model, params, images, surgery_ref["tokens/labels_single"], residual_and_mlp=False)
     block = params["visual"]["transformer"][f"block_{config.vision_layers - 1}"]
-    x = np.asarray(encode_image(params, config, images).residual_stream[-2], np.float64)
+    x = np.asarray(encode_image(model, params, images).residual_stream[-2], np.float64)
 
     def layer_norm(p, y):
         y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + config.layer_norm_eps)
@@ -160,9 +168,10 @@ def test_maskclip_value_only_path(tiny_model, surgery_ref):
 
 @pytest.mark.parametrize("variant, start_layer", [("last_layer", -1), ("all_layers", 0)])
 def test_hilacam_matches_reference(tiny_model, hilacam_ref, variant, start_layer):
-    config, params = tiny_model
+    model, params = tiny_model
+    config = model.config
     images = np.concatenate([nhwc(hilacam_ref[f"{name}/pixel_values"]) for name in IMAGE_NAMES])
-    out = hilacam_map(params, config, images, hilacam_ref["token_ids"], start_layer=start_layer,
+    out = hilacam_map(model, params, images, hilacam_ref["token_ids"], start_layer=start_layer,
                       start_layer_text=start_layer)
     spec = BASELINES["hilacam"].postprocess
     for b, name in enumerate(IMAGE_NAMES):
@@ -177,7 +186,8 @@ def test_hilacam_matches_reference(tiny_model, hilacam_ref, variant, start_layer
 
 def test_probs_offset_gradient_agrees_with_central_differences(tiny_model, hilacam_ref):
     """The gradient HilaCAM uses (d logit / d attention probabilities) against central differences."""
-    config, params = tiny_model
+    model, params = tiny_model
+    config = model.config
     image = nhwc(hilacam_ref["scene_224/pixel_values"])
     shape = (config.vision_layers, 1, config.vision_heads, 50, 50)
     rng = np.random.default_rng(0)
@@ -188,7 +198,7 @@ def test_probs_offset_gradient_agrees_with_central_differences(tiny_model, hilac
     @jax.jit
     def analytic_and_numeric(params, direction):
         logit = lambda offsets: jnp.exp(params["logit_scale"]) * l2_normalize(
-            _blocks.encode_image(params, config, image, tuple(offsets)).embeds[0]) @ text
+            common.encode_image(model, params, image, tuple(offsets)).embeds[0]) @ text
         return jnp.vdot(jax.grad(logit)(jnp.zeros(shape)), direction), (logit(direction) - logit(-direction)) / 2
 
     analytic, numeric = analytic_and_numeric(params, direction)
@@ -200,13 +210,14 @@ def test_probs_offset_gradient_agrees_with_central_differences(tiny_model, hilac
 
 @pytest.mark.parametrize("name", ["scene_224", "scene_wide_320x240"])
 def test_grad_eclip_and_grad_cam_match_reference(tiny_model, grad_eclip_ref, fixture_images, name):
-    config, params = tiny_model
+    model, params = tiny_model
+    config = model.config
     ref = {k.split("/", 1)[1]: v for k, v in grad_eclip_ref.items() if k.startswith(name + "/")}
     images, geometry = prepare_input(BASELINES["grad_eclip"].input_protocol, fixture_images[name], config)
     assert_close(images[None], nhwc(ref["pixel_values"]), "patch-multiple preprocessing", tol=1e-5)
     images = nhwc(ref["pixel_values"])
     tokens = grad_eclip_ref["token_ids"]
-    out = grad_eclip_map(params, config, images, tokens)
+    out = grad_eclip_map(model, params, images, tokens)
     for field, key in (("image_embedding", "image_embedding"), ("cosine", "cosine"),
                        ("patch_cosine", "cosine_patch"), ("qk_similarity", "qk_similarity"),
                        ("cls_attention", "cls_attention"), ("grad_cls_output", "attn_output_grad_cls"),
@@ -216,7 +227,7 @@ def test_grad_eclip_and_grad_cam_match_reference(tiny_model, grad_eclip_ref, fix
     assert_close(minmax(out.maps[0]), ref["grad_eclip_map"], "grad_eclip normalised map")
     assert_close(postprocess_maps(out.maps[0], size, BASELINES["grad_eclip"].postprocess),
                  ref["grad_eclip_map_upsampled"], "grad_eclip upsampled map")
-    cam = grad_cam_map(params, config, images, tokens)
+    cam = grad_cam_map(model, params, images, tokens)
     assert_close(cam.cosine[0], ref["cosine"], "grad_cam cosine")
     assert_close(cam.maps[0] / ref["grad_cam_raw"].max(), ref["grad_cam_raw"] / ref["grad_cam_raw"].max(),
                  "grad_cam raw map (relative)")
@@ -226,34 +237,28 @@ def test_grad_eclip_and_grad_cam_match_reference(tiny_model, grad_eclip_ref, fix
 
 def test_rebuilt_block_with_the_model_heads_is_the_model_block(tiny_model, surgery_ref):
     """Grad-ECLIP's hand-run last block (`single_head=False`) reproduces the model's."""
-    config, params = tiny_model
+    model, params = tiny_model
     images = nhwc(surgery_ref["pixel_values"])
-    stream = encode_image(params, config, images).residual_stream
-    last = config.vision_layers - 1
-
-    @jax.jit
-    def rebuilt(block, streams):
-        run = lambda x: _blocks.run_block(block, config, x, config.vision_heads, jnp.zeros(x.shape[-1])).output
-        return jax.vmap(run)(streams)
-
-    assert_close(rebuilt(_blocks.vision_block(params, last), stream[last]), np.asarray(stream[last + 1]),
-                 "last block output")
+    stream = encode_image(model, params, images).residual_stream
+    run = last_block_gradients(model, params, images, surgery_ref["tokens/labels_single"], single_head=False)
+    assert_close(run.trace.output, np.asarray(stream[-1]), "last block output")
 
 
 # ---------------------------------------------------------------- attention maps
 
 def test_raw_attention_and_rollout(tiny_model, surgery_ref):
-    config, params = tiny_model
+    model, params = tiny_model
+    config = model.config
     images = nhwc(surgery_ref["pixel_values"])
     tokens = surgery_ref["tokens/labels_single"]
-    probs = encode_image(params, config, images).attention_probs
-    raw = raw_attention_map(params, config, images, tokens)
+    probs = encode_image(model, params, images).attention_probs
+    raw = raw_attention_map(model, params, images, tokens)
     assert raw.maps.shape == (3, 5, 7, 7)
     assert_close(raw.maps[:, 4].reshape(3, -1), np.asarray(probs[-1].mean(axis=1)[:, 0, 1:]), "raw attention")
     # Per block the rollout factor is (A + I) / 2 (A = head-mean probabilities, row-stochastic), applied
     # on the left of the earlier blocks' product.
     factor = lambda layer: np.asarray((probs[layer].mean(axis=1) + jnp.eye(50)) / 2)
-    last_two = rollout_map(params, config, images, tokens, start_layer=config.vision_layers - 2)
+    last_two = rollout_map(model, params, images, tokens, start_layer=config.vision_layers - 2)
     assert_close(last_two.matrix, factor(-1) @ factor(-2), "two-block rollout")
     assert_close(last_two.maps[:, 2].reshape(3, -1), np.einsum("bk,bkp->bp", factor(-1)[:, 0], factor(-2)[..., 1:]),
                  "rollout map")
@@ -272,29 +277,32 @@ def test_registry_lists_every_method_with_its_protocol():
 
 @pytest.mark.parametrize("name", sorted(n for n, b in BASELINES.items() if b.takes_text_features))
 def test_text_features_computed_once_give_the_token_id_maps(tiny_model, surgery_ref, name):
-    config, params = tiny_model
+    model, params = tiny_model
+    config = model.config
     images = nhwc(surgery_ref["pixel_values"][:1])
     baseline = BASELINES[name]
     token_ids = surgery_ref["tokens/labels_ensemble" if baseline.prompt_templates else "tokens/labels_single"]
-    features = text_features(params, config, token_ids)
-    assert_close(baseline.explain(params, config, images, features).maps,
-                 np.asarray(baseline.explain(params, config, images, token_ids).maps), f"{name} maps")
+    features = text_features(model, params, token_ids)
+    assert_close(baseline.explain(model, params, images, features).maps,
+                 np.asarray(baseline.explain(model, params, images, token_ids).maps), f"{name} maps")
 
 
 def test_text_features_of_the_wrong_width_or_for_hilacam_are_refused(tiny_model, surgery_ref):
-    config, params = tiny_model
+    model, params = tiny_model
+    config = model.config
     images = nhwc(surgery_ref["pixel_values"][:1])
-    features = text_features(params, config, surgery_ref["tokens/labels_single"])
+    features = text_features(model, params, surgery_ref["tokens/labels_single"])
     with pytest.raises(ValueError, match="text features must be"):
-        similarity_map(params, config, images, features[:, :-1])
+        similarity_map(model, params, images, features[:, :-1])
     with pytest.raises(ValueError, match="HilaCAM needs token ids"):
-        hilacam_map(params, config, images, features)
+        hilacam_map(model, params, images, features)
     with pytest.raises(ValueError, match="at least 2 texts"):  # minus its own mean, one text is all zeros
-        BASELINES["decomposition"].explain(params, config, images, features[:1])
+        BASELINES["decomposition"].explain(model, params, images, features[:1])
 
 
 def test_prepare_input_follows_each_protocol(tiny_model, fixture_images, surgery_ref, hilacam_ref):
-    config, _ = tiny_model
+    model, _ = tiny_model
+    config = model.config
     for b, name in enumerate(IMAGE_NAMES):
         whole, _ = prepare_input("whole_image", fixture_images[name], config)
         assert_close(whole, nhwc(surgery_ref["pixel_values"])[b], f"whole image {name}", tol=1e-5)

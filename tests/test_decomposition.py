@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tclip_jax.baselines import _blocks
-from tclip_jax.baselines.registry import BASELINES, decomposition_map, postprocess_maps
-from tclip_jax.decomposition import decompose, mean_ablate, residual_terms, text_span, text_span_heads
+from tclip_jax.methods import common
+from tclip_jax.methods.registry import BASELINES, decomposition_map, postprocess_maps
+from tclip_jax.methods.decomposition import decompose, mean_ablate, residual_terms, text_span, text_span_heads
 from tclip_jax.model import l2_normalize
 
 TOL = 1e-4
@@ -22,10 +22,11 @@ def reference(fixture_npz):
 
 @pytest.fixture(scope="module")
 def heatmap_output(tiny_model, reference):
-    config, params = tiny_model
+    model, params = tiny_model
+    config = model.config
     with jax.default_matmul_precision("highest"):
         images = np.ascontiguousarray(reference["pixel_values"].transpose(0, 2, 3, 1))
-        return decomposition_map(params, config, images, reference["text_tokens"])
+        return decomposition_map(model, params, images, reference["text_tokens"])
 
 
 def assert_close(ours, expected, what, tol=TOL):
@@ -36,9 +37,10 @@ def assert_close(ours, expected, what, tol=TOL):
 
 
 def test_residual_terms_match_the_prs_logger(tiny_model, reference):
-    config, params = tiny_model
+    model, params = tiny_model
+    config = model.config
     images = np.ascontiguousarray(reference["pixel_values"].transpose(0, 2, 3, 1))
-    terms = jax.jit(residual_terms, static_argnums=1)(params, config, images)
+    terms = jax.jit(residual_terms, static_argnums=0)(model, params, images)
     assert_close(terms.attentions, reference["attentions_raw"], "attention terms")
     assert_close(terms.mlps, reference["mlps_raw"], "ln_pre and MLP terms")
     assert_close(terms.ln_mean[:, None], reference["ln_post_mean"], "ln_post mean")
@@ -54,12 +56,13 @@ def test_decomposition_matches_reference_and_sums_to_the_embedding(heatmap_outpu
 
 
 def test_contributions_sum_to_the_embedding_on_a_non_square_grid(tiny_model):
-    config, params = tiny_model
+    model, params = tiny_model
+    config = model.config
     images = np.random.default_rng(0).standard_normal((2, 64, 96, 3)).astype(np.float32)
-    decomposition = decompose(params, config, images)
+    decomposition = decompose(model, params, images)
     assert decomposition.attentions.shape == (2, config.vision_layers, 1 + 2 * 3, config.vision_heads,
                                               config.embed_dim)
-    embeds = jax.jit(_blocks.encode_image, static_argnums=1)(params, config, images).embeds
+    embeds = jax.jit(common.encode_image, static_argnums=0)(model, params, images).embeds
     assert_close(decomposition.embedding, np.asarray(l2_normalize(embeds)), "sum of contributions")
 
 

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from tclip_jax.baselines.postprocess import postprocess_maps, prepare_input
-from tclip_jax.baselines.registry import get_baseline
+from tclip_jax.methods.postprocess import postprocess_maps, prepare_input
+from tclip_jax.methods.registry import get_baseline
 from tclip_jax.evaluation.synthetic import (
     METRICS,
     VOCABULARY,
@@ -97,7 +97,7 @@ def test_similarity_scores_use_the_map_of_the_word_itself(clip):
     pixels, _ = prepare_input(baseline.input_protocol, scene.image, clip.config)
     for unit, unit_scores in zip(evaluation_units(scene), scores):
         assert unit.word in VOCABULARY
-        output = baseline.explain(clip.params, clip.config, pixels[None], clip.tokenizer.encode([unit.word]))
+        output = baseline.explain(clip.model, clip.params, pixels[None], clip.tokenizer.encode([unit.word]))
         heatmap = np.asarray(postprocess_maps(output.maps, scene.image.shape[:2], baseline.postprocess))[0, 0]
         assert unit_scores == pytest.approx(score_heatmap(heatmap, unit), abs=1e-6)
 

@@ -8,13 +8,11 @@ import torch.nn.functional as F
 
 from tclip_jax.method.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
 from tclip_jax.method.translations import translation_offsets, trimmed_mean
-from tclip_jax.model import CLIP
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
-    config, params = tiny_model
-    return CLIP(config), params
+    return tiny_model
 
 
 def shifted(image, dy, dx):

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the embedded synthetic-scenes model)")
     parser.add_argument("--out", default="tclip_out", help="output folder (default: %(default)s)")
     parser.add_argument("--method", default="tclip",
-                        help="tclip (per word, default) or a baseline of tclip_jax.baselines.registry, one map "
+                        help="tclip (per word, default) or a baseline of tclip_jax.methods.registry, one map "
                              "per prompt (an unknown name lists them)")
     parser.add_argument("--translations", type=int, choices=(25, 1), default=25,
                         help="translated copies: 25 (multi-scale) or 1 (off)")
@@ -144,7 +144,7 @@ def _baseline_records(args: argparse.Namespace):
 
 
 def _baseline_names() -> list[str]:
-    from tclip_jax.baselines.registry import BASELINES
+    from tclip_jax.methods.registry import BASELINES
 
     return sorted(BASELINES)
 

@@ -11,8 +11,8 @@ Methods (all maps at the image's size):
 - ``tclip_k25`` / ``tclip_k1``: TCLIP's aggregated map of the word's token(s), the prompt being the whole
   caption, with 25 translated copies or none.
 - ``similarity``: cosine of the end-of-text embedding of the word alone (e.g. "red") with every patch token,
-  min-max scaled and bilinearly upsampled (`tclip_jax.baselines.similarity_map` and its protocol).
-- ``rclip``: |1 - min-max of that map| (`tclip_jax.baselines.rclip_map`).
+  min-max scaled and bilinearly upsampled (`tclip_jax.methods.similarity.similarity_map` and its protocol).
+- ``rclip``: |1 - min-max of that map| (`tclip_jax.methods.similarity.rclip_map`).
 
 Captions and vocabulary words are encoded once per chunk of scenes; TCLIP maps are computed only for the scored
 words (`TCLIP.explain` would also fit soft maps to every other word of the caption), and equal `explain`'s.
@@ -28,8 +28,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from tclip_jax.baselines.postprocess import postprocess_maps, prepare_input
-from tclip_jax.baselines.registry import get_baseline
+from tclip_jax.methods.postprocess import postprocess_maps, prepare_input
+from tclip_jax.methods.registry import get_baseline
 from tclip_jax.files import write_text_atomic
 from tclip_jax.loading import LoadedClip, load_clip
 from tclip_jax.method.explainer import TCLIP, Settings
@@ -90,7 +90,7 @@ def similarity_scores(clip: LoadedClip, method: str, scenes: Sequence[Scene],
     baseline = get_baseline(method)
     token_ids = clip.tokenizer.encode(VOCABULARY, clip.config.context_length)
     inputs = [prepare_input(baseline.input_protocol, scene.image, clip.config) for scene in scenes]
-    output = baseline.explain(clip.params, clip.config, np.stack([pixels for pixels, _ in inputs]), token_ids)
+    output = baseline.explain(clip.model, clip.params, np.stack([pixels for pixels, _ in inputs]), token_ids)
     heatmaps = postprocess_maps(output.maps, (clip.config.image_size,) * 2, baseline.postprocess)
     for scene, (_, geometry), scene_maps in zip(scenes, inputs, np.asarray(heatmaps)):
         units = evaluation_units(scene)

@@ -4,7 +4,13 @@ Parameters are always float32; `dtype` is the dtype of matmul inputs (e.g. bfloa
 layer norms and softmaxes run in float32. Nothing is cached or mutated: `model.apply` composes with
 `jax.jit`, `jax.vmap` (e.g. over translated copies of an image) and `jax.grad`.
 
-Images are NHWC and already normalised (see `tclip_jax.preprocess`). Token ids follow OpenAI's
+Every piece is a submodule defined in `setup`, so explanation methods that re-run part of the network
+differently (CLIP Surgery's v-v attention, MaskCLIP's value path, Grad-ECLIP's single-head last block, an
+information bottleneck between blocks) call the model's own pieces on a bound model instead of a copy:
+`vision = model.bind({"params": params}).visual`, then `vision.blocks[i].attn.value(vision.blocks[i].ln_1(x))`,
+`vision.run_blocks(x, start)`, `vision.project(x)`. `attend` is the one attention kernel they share.
+
+Images are NHWC and already normalised (see `tclip_jax.image`). Token ids follow OpenAI's
 `clip.tokenize` (SOT ... EOT, zero padding); the text embedding is read at the first maximal id,
 which is the end-of-text token for that convention and for Hugging Face's EOT padding alike.
 """
@@ -31,9 +37,35 @@ def quick_gelu(x: Array) -> Array:
 ACTIVATION_FNS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
-def LayerNorm(epsilon: float, name: str) -> nn.LayerNorm:
+def LayerNorm(epsilon: float) -> nn.LayerNorm:
     """LayerNorm whose statistics and output are float32 whatever the activation dtype."""
-    return nn.LayerNorm(epsilon=epsilon, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+    return nn.LayerNorm(epsilon=epsilon, dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+def Dense(features: int, dtype: Dtype) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32)
+
+
+def attend(q: Array, k: Array, v: Array, num_heads: int, causal: bool = False,
+           probs_offset: Optional[Array] = None, dtype: Dtype = jnp.float32) -> tuple[Array, Array]:
+    """Scaled dot-product attention of [..., n, width] projections split into `num_heads` heads.
+
+    Returns the heads' outputs before the output projection, concatenated [..., n, width], and the
+    probabilities [..., heads, n_query, n_key] (float32). `probs_offset` is added to the probabilities:
+    zeros change nothing, and the gradient w.r.t. it is the gradient w.r.t. the attention, which
+    attention-gradient explanations (HilaCAM) need.
+    """
+    split = lambda y: y.reshape(*y.shape[:-1], num_heads, y.shape[-1] // num_heads)
+    q, k, v = split(q), split(k), split(v)
+    logits = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    if causal:
+        length = logits.shape[-1]
+        logits = jnp.where(jnp.triu(jnp.ones((length, length), bool), k=1), -jnp.inf, logits)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if probs_offset is not None:
+        probs = probs + probs_offset
+    mixed = jnp.einsum("...hqk,...khd->...qhd", probs.astype(dtype), v)
+    return mixed.reshape(*mixed.shape[:-2], -1), probs
 
 
 @flax.struct.dataclass
@@ -63,55 +95,59 @@ class TextOutput:
     attention_probs: Optional[tuple[Array, ...]]
 
 
-class MultiHeadAttention(nn.Module):
+class Attention(nn.Module):
     """Self-attention with separate q/k/v/out projections and an explicit probability tensor."""
 
+    width: int
     num_heads: int
     dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: Array, causal: bool, probs_offset: Optional[Array]) -> tuple[Array, Array]:
-        batch, length, width = x.shape
-        head_dim = width // self.num_heads
-        dense = lambda name: nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name=name)
-        split = lambda y: y.reshape(batch, length, self.num_heads, head_dim)
-        q, k, v = (split(dense(name)(x)) for name in ("query", "key", "value"))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
-        if causal:
-            future = jnp.triu(jnp.ones((length, length), bool), k=1)
-            logits = jnp.where(future, -jnp.inf, logits)
-        probs = jax.nn.softmax(logits, axis=-1)
-        if probs_offset is not None:
-            # Adding zeros changes nothing; the gradient w.r.t. the offset is the gradient w.r.t.
-            # the probabilities, which attention-gradient explanations (HilaCAM, Grad-ECLIP) need.
-            probs = probs + probs_offset
-        mixed = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-        return dense("out")(mixed.reshape(batch, length, width)), probs
+    def setup(self):
+        self.query, self.key, self.value, self.out = (Dense(self.width, self.dtype) for _ in range(4))
+
+    def __call__(self, x: Array, causal: bool = False, probs_offset: Optional[Array] = None,
+                 num_heads: Optional[int] = None, mixed_offset: Optional[Array] = None) -> tuple[Array, Array]:
+        """(output [..., n, width], probs). `num_heads` overrides the head count (Grad-ECLIP re-runs the last
+        block with one head); `mixed_offset` is added to the heads' outputs before the output projection
+        (zeros change nothing; its gradient is the gradient w.r.t. that attention output)."""
+        mixed, probs = attend(self.query(x), self.key(x), self.value(x), num_heads or self.num_heads, causal,
+                              probs_offset, self.dtype)
+        if mixed_offset is not None:
+            mixed = mixed + mixed_offset
+        return self.out(mixed), probs
 
 
-class ResidualBlock(nn.Module):
+class Block(nn.Module):
     """Pre-norm block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
 
+    width: int
     num_heads: int
     mlp_dim: int
     activation: str
     layer_norm_eps: float
     dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: Array, causal: bool, probs_offset: Optional[Array]) -> tuple[Array, Array]:
-        attended, probs = MultiHeadAttention(self.num_heads, self.dtype, name="attn")(
-            LayerNorm(self.layer_norm_eps, name="ln_1")(x), causal, probs_offset)
+    def setup(self):
+        self.ln_1 = LayerNorm(self.layer_norm_eps)
+        self.attn = Attention(self.width, self.num_heads, self.dtype)
+        self.ln_2 = LayerNorm(self.layer_norm_eps)
+        self.fc = Dense(self.mlp_dim, self.dtype)
+        self.proj = Dense(self.width, self.dtype)
+
+    def mlp(self, x: Array) -> Array:
+        """The MLP branch on the residual stream x, ln_2 included, without the residual."""
+        return self.proj(ACTIVATION_FNS[self.activation](self.fc(self.ln_2(x))))
+
+    def __call__(self, x: Array, causal: bool = False, probs_offset: Optional[Array] = None,
+                 **attention_options) -> tuple[Array, Array]:
+        attended, probs = self.attn(self.ln_1(x), causal, probs_offset, **attention_options)
         x = x + attended
-        h = LayerNorm(self.layer_norm_eps, name="ln_2")(x)
-        h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32, name="fc")(h)
-        h = ACTIVATION_FNS[self.activation](h)
-        h = nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=jnp.float32, name="proj")(h)
-        return x + h, probs
+        return x + self.mlp(x), probs
 
 
 class Transformer(nn.Module):
     num_layers: int
+    width: int
     num_heads: int
     mlp_dim: int
     activation: str
@@ -119,16 +155,24 @@ class Transformer(nn.Module):
     causal: bool
     dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: Array, intermediates: bool,
-                 probs_offsets: Optional[Sequence[Array]]) -> TransformerOutput:
-        if probs_offsets is not None and len(probs_offsets) != self.num_layers:
-            raise ValueError(f"probs_offsets has {len(probs_offsets)} entries for {self.num_layers} blocks")
+    def setup(self):
+        for i in range(self.num_layers):  # named block_<i>, the parameter paths the conversion tables use
+            setattr(self, f"block_{i}", Block(self.width, self.num_heads, self.mlp_dim, self.activation,
+                                              self.layer_norm_eps, self.dtype))
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        return tuple(getattr(self, f"block_{i}") for i in range(self.num_layers))
+
+    def __call__(self, x: Array, intermediates: bool = False, probs_offsets: Optional[Sequence[Array]] = None,
+                 start: int = 0) -> TransformerOutput:
+        """Blocks `start`, ..., last on the stream x; `probs_offsets` has one entry per block run."""
+        blocks = self.blocks[start:]
+        if probs_offsets is not None and len(probs_offsets) != len(blocks):
+            raise ValueError(f"probs_offsets has {len(probs_offsets)} entries for {len(blocks)} blocks")
         stream, probs_per_block = [x], []
-        for i in range(self.num_layers):
-            x, probs = ResidualBlock(self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps,
-                                     self.dtype, name=f"block_{i}")(
-                x, self.causal, None if probs_offsets is None else probs_offsets[i])
+        for i, block in enumerate(blocks):
+            x, probs = block(x, self.causal, None if probs_offsets is None else probs_offsets[i])
             stream.append(x)
             probs_per_block.append(probs)
         if not intermediates:
@@ -140,68 +184,106 @@ class VisionTransformer(nn.Module):
     config: CLIPConfig
     dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, images: Array, intermediates: bool = False,
-                 probs_offsets: Optional[Sequence[Array]] = None) -> ImageOutput:
+    def setup(self):
+        cfg = self.config
+        patch = (cfg.patch_size,) * 2
+        self.patch_embed = nn.Conv(cfg.vision_width, patch, strides=patch, padding="VALID", use_bias=False,
+                                   dtype=self.dtype, param_dtype=jnp.float32)
+        init = nn.initializers.normal(cfg.vision_width**-0.5)
+        self.class_embedding = self.param("class_embedding", init, (cfg.vision_width,))
+        self.positional_embedding = self.param("positional_embedding", init,
+                                               (1 + cfg.grid_size**2, cfg.vision_width))
+        self.ln_pre = LayerNorm(cfg.layer_norm_eps)
+        self.transformer = Transformer(cfg.vision_layers, cfg.vision_width, cfg.vision_heads, cfg.vision_mlp_dim,
+                                       cfg.activation, cfg.layer_norm_eps, causal=False, dtype=self.dtype)
+        self.ln_post = LayerNorm(cfg.layer_norm_eps)
+        self.proj = self.param("proj", init, (cfg.vision_width, cfg.embed_dim))
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        return self.transformer.blocks
+
+    def embed(self, images: Array) -> tuple[Array, tuple[int, int]]:
+        """The stream entering the first block [B, 1 + gh*gw, width] (class token first) and the grid (gh, gw)."""
         cfg = self.config
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [batch, height, width, 3] (NHWC), got shape {images.shape}")
         height, width = images.shape[1:3]
         if height % cfg.patch_size or width % cfg.patch_size:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {cfg.patch_size}")
-        x = nn.Conv(cfg.vision_width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2, padding="VALID",
-                    use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed")(
-            images.astype(self.dtype))
+        x = self.patch_embed(images.astype(self.dtype))
         batch, grid_h, grid_w, _ = x.shape
         x = x.reshape(batch, grid_h * grid_w, cfg.vision_width).astype(jnp.float32)
-        init = nn.initializers.normal(cfg.vision_width**-0.5)
-        class_embedding = self.param("class_embedding", init, (cfg.vision_width,))
-        positional = self.param("positional_embedding", init, (1 + cfg.grid_size**2, cfg.vision_width))
-        positional = resize_positional_embedding(positional, (cfg.grid_size,) * 2, (grid_h, grid_w))
-        x = jnp.concatenate([jnp.broadcast_to(class_embedding, (batch, 1, cfg.vision_width)), x], axis=1)
-        x = LayerNorm(cfg.layer_norm_eps, name="ln_pre")(x + positional)
-        out = Transformer(cfg.vision_layers, cfg.vision_heads, cfg.vision_mlp_dim, cfg.activation,
-                          cfg.layer_norm_eps, causal=False, dtype=self.dtype, name="transformer")(
-            x, intermediates, probs_offsets)
-        tokens_normed = LayerNorm(cfg.layer_norm_eps, name="ln_post")(out.tokens)
-        proj = self.param("proj", init, (cfg.vision_width, cfg.embed_dim))
-        tokens = jnp.einsum("bnw,we->bne", tokens_normed.astype(self.dtype), proj.astype(self.dtype))
-        tokens = tokens.astype(jnp.float32)
-        return ImageOutput(tokens[:, 0], tokens, tokens_normed, out.residual_stream, out.attention_probs,
-                           (grid_h, grid_w))
+        positional = resize_positional_embedding(self.positional_embedding, (cfg.grid_size,) * 2, (grid_h, grid_w))
+        x = jnp.concatenate([jnp.broadcast_to(self.class_embedding, (batch, 1, cfg.vision_width)), x], axis=1)
+        return self.ln_pre(x + positional), (grid_h, grid_w)
+
+    def normalize_and_project(self, stream: Array) -> tuple[Array, Array]:
+        """Residual-stream tokens into the joint space: (ln_post(x), ln_post(x) @ proj), the latter float32."""
+        normed = self.ln_post(stream)
+        tokens = jnp.einsum("...nw,we->...ne", normed.astype(self.dtype), self.proj.astype(self.dtype))
+        return normed, tokens.astype(jnp.float32)
+
+    def project(self, stream: Array) -> Array:
+        return self.normalize_and_project(stream)[1]
+
+    def __call__(self, images: Array, intermediates: bool = False,
+                 probs_offsets: Optional[Sequence[Array]] = None) -> ImageOutput:
+        x, grid = self.embed(images)
+        out = self.transformer(x, intermediates, probs_offsets)
+        tokens_normed, tokens = self.normalize_and_project(out.tokens)
+        return ImageOutput(tokens[:, 0], tokens, tokens_normed, out.residual_stream, out.attention_probs, grid)
 
 
 class TextTransformer(nn.Module):
     config: CLIPConfig
     dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, token_ids: Array, intermediates: bool = False,
-                 probs_offsets: Optional[Sequence[Array]] = None) -> TextOutput:
+    def setup(self):
+        cfg = self.config
+        self.token_embedding = self.param("token_embedding", nn.initializers.normal(0.02),
+                                          (cfg.vocab_size, cfg.text_width))
+        self.positional_embedding = self.param("positional_embedding", nn.initializers.normal(0.01),
+                                               (cfg.context_length, cfg.text_width))
+        self.transformer = Transformer(cfg.text_layers, cfg.text_width, cfg.text_heads, cfg.text_mlp_dim,
+                                       cfg.activation, cfg.layer_norm_eps, causal=True, dtype=self.dtype)
+        self.ln_final = LayerNorm(cfg.layer_norm_eps)
+        self.projection = self.param("projection", nn.initializers.normal(cfg.text_width**-0.5),
+                                     (cfg.text_width, cfg.embed_dim))
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        return self.transformer.blocks
+
+    def embed(self, token_ids: Array) -> Array:
+        """The stream entering the first block [B, length, width]."""
         cfg = self.config
         if token_ids.ndim != 2 or token_ids.shape[1] > cfg.context_length:
             raise ValueError(f"token_ids must be [batch, <= {cfg.context_length}], got shape {token_ids.shape}")
-        length = token_ids.shape[1]
-        embedding = self.param("token_embedding", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.text_width))
-        positional = self.param("positional_embedding", nn.initializers.normal(0.01),
-                                (cfg.context_length, cfg.text_width))
-        x = jnp.take(embedding, token_ids, axis=0) + positional[:length]
-        out = Transformer(cfg.text_layers, cfg.text_heads, cfg.text_mlp_dim, cfg.activation,
-                          cfg.layer_norm_eps, causal=True, dtype=self.dtype, name="transformer")(
-            x, intermediates, probs_offsets)
-        tokens_normed = LayerNorm(cfg.layer_norm_eps, name="ln_final")(out.tokens)
-        proj = self.param("projection", nn.initializers.normal(cfg.text_width**-0.5),
-                          (cfg.text_width, cfg.embed_dim))
-        tokens = jnp.einsum("bnw,we->bne", tokens_normed.astype(self.dtype), proj.astype(self.dtype))
-        tokens = tokens.astype(jnp.float32)
+        return jnp.take(self.token_embedding, token_ids, axis=0) + self.positional_embedding[:token_ids.shape[1]]
+
+    def normalize_and_project(self, stream: Array) -> tuple[Array, Array]:
+        """(ln_final(x), ln_final(x) @ projection), the latter float32."""
+        normed = self.ln_final(stream)
+        tokens = jnp.einsum("...nw,we->...ne", normed.astype(self.dtype), self.projection.astype(self.dtype))
+        return normed, tokens.astype(jnp.float32)
+
+    def output(self, token_ids: Array, out: TransformerOutput) -> TextOutput:
+        """The text embedding and tokens of the last block's stream `out` (the embedding at the EOT position)."""
+        tokens_normed, tokens = self.normalize_and_project(out.tokens)
         eot_index = jnp.argmax(token_ids, axis=-1)
         embeds = jnp.take_along_axis(tokens, eot_index[:, None, None], axis=1)[:, 0]
         return TextOutput(embeds, tokens, tokens_normed, eot_index, out.residual_stream, out.attention_probs)
 
+    def __call__(self, token_ids: Array, intermediates: bool = False,
+                 probs_offsets: Optional[Sequence[Array]] = None) -> TextOutput:
+        return self.output(token_ids, self.transformer(self.embed(token_ids), intermediates, probs_offsets))
+
 
 class CLIP(nn.Module):
     """Both towers and the learned temperature. Use through `apply`, e.g.
-    `model.apply({"params": params}, images, method="encode_image")`."""
+    `model.apply({"params": params}, images, method="encode_image")`, or `model.bind({"params": params})`
+    to reach the towers' pieces (`.visual`, `.text`)."""
 
     config: CLIPConfig
     dtype: Dtype = jnp.float32
@@ -213,6 +295,7 @@ class CLIP(nn.Module):
 
     def encode_image(self, images: Array, intermediates: bool = False,
                      probs_offsets: Optional[Sequence[Array]] = None) -> ImageOutput:
+        """images [B, h, w, 3] (NHWC, normalised); `intermediates`: also the residual stream and attention."""
         return self.visual(images, intermediates, probs_offsets)
 
     def encode_text(self, token_ids: Array, intermediates: bool = False,

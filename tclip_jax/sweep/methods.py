@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tclip_jax.baselines.postprocess import postprocess_maps, prepare_input
-from tclip_jax.baselines.registry import BASELINES, get_baseline, text_features
+from tclip_jax.methods.postprocess import postprocess_maps, prepare_input
+from tclip_jax.methods.registry import BASELINES, get_baseline, text_features
 from tclip_jax.loading import load_clip
 from tclip_jax.method.explainer import TCLIP
 from tclip_jax.postprocess import soft_map
@@ -121,12 +121,12 @@ def baseline_method(name: str) -> Factory:
             if name == "clip_surgery" and len(prompts) == 1:
                 options["redundant_texts"] = encode([t.format("") for t in baseline.prompt_templates])[None]
         if baseline.takes_text_features:  # the text tower runs once here, not once per image batch
-            features = jax.jit(text_features, static_argnums=1)
-            texts = np.asarray(features(clip.params, clip.config, texts))
-            options = {key: np.asarray(features(clip.params, clip.config, value)) for key, value in options.items()}
+            features = jax.jit(text_features, static_argnums=0)
+            texts = np.asarray(features(clip.model, clip.params, texts))
+            options = {key: np.asarray(features(clip.model, clip.params, value)) for key, value in options.items()}
 
         def maps(params, pixels, class_ids):
-            grids = baseline.explain(params["clip"], clip.config, pixels, params["texts"], **options).maps
+            grids = baseline.explain(clip.model, params["clip"], pixels, params["texts"], **options).maps
             present = jnp.take_along_axis(grids, class_ids[:, :, None, None], axis=1)
             return postprocess_maps(present, pixels.shape[1:3], baseline.postprocess)
 

@@ -11,8 +11,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tclip_jax.baselines import _blocks
-from tclip_jax.model import CLIPConfig, l2_normalize
+from tclip_jax.methods import common
+from tclip_jax.model import CLIP, l2_normalize
 
 Array = jax.Array
 
@@ -73,7 +73,7 @@ def text_scores(text_relevance: Array, token_ids: Array) -> Array:
     return row / row.sum(axis=-1, keepdims=True)
 
 
-def hilacam_map(params: dict, config: CLIPConfig, images: Array, token_ids: Array, *,
+def hilacam_map(model: CLIP, params: dict, images: Array, token_ids: Array, *,
                 start_layer: int = -1, start_layer_text: int = -1) -> HilaCAMOutput:
     """Relevance of image patches and text tokens for each (image, text) logit.
 
@@ -90,18 +90,20 @@ def hilacam_map(params: dict, config: CLIPConfig, images: Array, token_ids: Arra
     if token_ids.ndim != 2:
         raise ValueError(f"HilaCAM explains single prompts: token_ids must be [n_texts, context], "
                          f"got shape {token_ids.shape}")
-    return _hilacam(params, config, images, token_ids, resolve_start_layer(start_layer, config.vision_layers),
+    config = model.config
+    return _hilacam(model, params, images, token_ids, resolve_start_layer(start_layer, config.vision_layers),
                     resolve_start_layer(start_layer_text, config.text_layers))
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _hilacam(params: dict, config: CLIPConfig, images: Array, token_ids: Array, image_start: Array,
+@functools.partial(jax.jit, static_argnames="model")
+def _hilacam(model: CLIP, params: dict, images: Array, token_ids: Array, image_start: Array,
              text_start: Array) -> HilaCAMOutput:
+    config = model.config
     scale = jnp.exp(params["logit_scale"])
     grid = (images.shape[1] // config.patch_size, images.shape[2] // config.patch_size)
-    encode_image = functools.partial(_blocks.encode_image, params, config)
-    encode_text = functools.partial(_blocks.encode_text, params, config)
-    texts = _blocks.text_features(params, config, token_ids)
+    encode_image = functools.partial(common.encode_image, model, params)
+    encode_text = functools.partial(common.encode_text, model, params)
+    texts = common.text_features(model, params, token_ids)
 
     def image_side(image):
         embedding, vjp, probs = _embedding_and_vjp(encode_image, image, config.vision_layers,
@@ -116,6 +118,6 @@ def _hilacam(params: dict, config: CLIPConfig, images: Array, token_ids: Array, 
 
     image_embeds, image_relevance = jax.vmap(image_side)(images)          # [B, D], [B, T, n, n]
     text_relevance = jnp.swapaxes(jax.vmap(text_side)(token_ids), 0, 1)   # [B, T, context, context]
-    maps = _blocks.patch_grid(image_relevance[..., 0, :], grid)
+    maps = common.patch_grid(image_relevance[..., 0, :], grid)
     return HilaCAMOutput(maps, image_relevance, text_relevance, text_scores(text_relevance, token_ids),
                          scale * image_embeds @ texts.T)

@@ -10,9 +10,9 @@ from typing import Optional
 import flax.struct
 import jax
 
-from tclip_jax.baselines import _blocks
-from tclip_jax.baselines.similarity import similarity_to_maps
-from tclip_jax.model import CLIPConfig, ImageOutput, l2_normalize
+from tclip_jax.methods import common
+from tclip_jax.methods.similarity import similarity_to_maps
+from tclip_jax.model import CLIP, ImageOutput, attend, l2_normalize
 
 Array = jax.Array
 
@@ -29,25 +29,26 @@ class SurgeryOutput:
     redundant_features: Optional[Array]   # [1, embed_dim] when given by prompts, else None
 
 
-def surgery_tokens(params: dict, config: CLIPConfig, image: ImageOutput, surgery_blocks: int) -> Array:
+def surgery_tokens(model: CLIP, params: dict, image: ImageOutput, surgery_blocks: int) -> Array:
     """Joint-space tokens [B, n, D] of the architecture-surgery path.
 
     From the stream entering the first surgery block, the new path adds, per surgery block, only the v-v
     self-attention (q = k = v = value projection, per head, scale head_dim**-0.5) of ln_1 of the *original*
     stream, through the block's output projection (no MLP). The class token comes from the original path.
     """
-    layers = config.vision_layers
+    layers = model.config.vision_layers
     if not 1 <= surgery_blocks <= layers:
         raise ValueError(f"surgery_blocks must be in [1, {layers}], got {surgery_blocks}")
+    vision = model.bind({"params": params}).visual
     stream = image.residual_stream
     x = stream[layers - surgery_blocks]
     for index in range(layers - surgery_blocks, layers):
-        block = _blocks.vision_block(params, index)
-        v = _blocks.values(block, config, stream[index])
-        mixed, _ = _blocks.softmax_attention(v, v, v, config.vision_heads)
-        x = x + _blocks.dense(block["attn"]["out"], mixed)
+        attention = vision.blocks[index].attn
+        v = attention.value(vision.blocks[index].ln_1(stream[index]))
+        mixed, _ = attend(v, v, v, attention.num_heads, dtype=model.dtype)
+        x = x + attention.out(mixed)
     x = x.at[:, 0].set(stream[layers][:, 0])
-    return _blocks.project_tokens(params, config, x)
+    return vision.project(x)
 
 
 def feature_surgery_scores(image_features: Array, text_features: Array,
@@ -71,9 +72,9 @@ def feature_surgery_scores(image_features: Array, text_features: Array,
     return weighted - weighted.mean(axis=-1, keepdims=True)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "surgery_blocks", "architecture_surgery",
+@functools.partial(jax.jit, static_argnames=("model", "surgery_blocks", "architecture_surgery",
                                              "feature_surgery"))
-def clip_surgery_map(params: dict, config: CLIPConfig, images: Array, texts: Array,
+def clip_surgery_map(model: CLIP, params: dict, images: Array, texts: Array,
                      redundant_texts: Optional[Array] = None, *,
                      surgery_blocks: int = DEFAULT_SURGERY_BLOCKS, architecture_surgery: bool = True,
                      feature_surgery: bool = True) -> SurgeryOutput:
@@ -92,13 +93,13 @@ def clip_surgery_map(params: dict, config: CLIPConfig, images: Array, texts: Arr
       model and the second half of ViT-B.
     architecture_surgery / feature_surgery: switch either surgery off (both off = plain CLIP tokens).
     """
-    image = _blocks.encode_image(params, config, images)
-    tokens = surgery_tokens(params, config, image, surgery_blocks) if architecture_surgery else image.tokens
+    image = common.encode_image(model, params, images)
+    tokens = surgery_tokens(model, params, image, surgery_blocks) if architecture_surgery else image.tokens
     image_features = l2_normalize(tokens)
-    texts = _blocks.text_features(params, config, texts)
+    texts = common.text_features(model, params, texts)
     redundant = None
     if redundant_texts is not None:
-        redundant = _blocks.text_features(params, config, redundant_texts)
+        redundant = common.text_features(model, params, redundant_texts)
         if redundant.shape[0] != 1:
             raise ValueError(f"redundant_texts must hold one text (a leading axis of 1), "
                              f"got shape {redundant_texts.shape}")

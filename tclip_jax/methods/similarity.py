@@ -7,8 +7,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tclip_jax.baselines import _blocks
-from tclip_jax.model import CLIPConfig, l2_normalize
+from tclip_jax.methods import common
+from tclip_jax.model import CLIP, l2_normalize
 from tclip_jax.preprocess import minmax
 
 Array = jax.Array
@@ -28,33 +28,33 @@ def token_similarity(tokens: Array, text_features: Array) -> Array:
 
 def similarity_to_maps(similarity: Array, grid: tuple[int, int]) -> Array:
     """[B, 1 + gh*gw, T] token scores -> [B, T, gh, gw] patch maps (class token dropped)."""
-    return _blocks.patch_grid(jnp.swapaxes(similarity, 1, 2), grid)
+    return common.patch_grid(jnp.swapaxes(similarity, 1, 2), grid)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def similarity_map(params: dict, config: CLIPConfig, images: Array, texts: Array) -> SimilarityOutput:
+@functools.partial(jax.jit, static_argnames="model")
+def similarity_map(model: CLIP, params: dict, images: Array, texts: Array) -> SimilarityOutput:
     """Raw CLIP similarity map: cosine of each text embedding with every patch token after ln_post and proj.
 
     Protocol of CLIP Surgery's demo for plain CLIP: whole image resized to the model size; one prompt per
     text ([n_texts, context]) or a prompt ensemble ([n_texts, n_templates, context]); maps min-max
     normalised over the patches, then upsampled (`get_similarity_map`).
     """
-    image = _blocks.encode_image(params, config, images)
-    texts = _blocks.text_features(params, config, texts)
+    image = common.encode_image(model, params, images)
+    texts = common.text_features(model, params, texts)
     similarity = token_similarity(image.tokens, texts)
     return SimilarityOutput(similarity_to_maps(similarity, image.grid), similarity, texts)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def rclip_map(params: dict, config: CLIPConfig, images: Array, texts: Array) -> SimilarityOutput:
+@functools.partial(jax.jit, static_argnames="model")
+def rclip_map(model: CLIP, params: dict, images: Array, texts: Array) -> SimilarityOutput:
     """RCLIP: the reversed raw similarity map, |1 - minmax(map)| (CLIP's patch similarity is often inverted,
     foreground scoring lowest). Same inputs and post-processing as `similarity_map`."""
-    plain = similarity_map(params, config, images, texts)
+    plain = similarity_map(model, params, images, texts)
     return plain.replace(maps=jnp.abs(1 - minmax(plain.maps)))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "residual_and_mlp"))
-def maskclip_map(params: dict, config: CLIPConfig, images: Array, texts: Array, *,
+@functools.partial(jax.jit, static_argnames=("model", "residual_and_mlp"))
+def maskclip_map(model: CLIP, params: dict, images: Array, texts: Array, *,
                  residual_and_mlp: bool = True) -> SimilarityOutput:
     """MaskCLIP (Zhou et al. 2022): patch tokens of the last block's value path, without attention mixing.
 
@@ -64,15 +64,15 @@ def maskclip_map(params: dict, config: CLIPConfig, images: Array, texts: Array, 
     out_proj(value(ln_1(x))) -> ln_post -> proj (the variant commented as "mask_clip" in CLIP Surgery).
     Maps are cosines with the normalised texts; post-processing as `similarity_map`.
     """
-    image = _blocks.encode_image(params, config, images)
-    last = config.vision_layers - 1
-    block = _blocks.vision_block(params, last)
-    stream = image.residual_stream[last]
-    x = _blocks.dense(block["attn"]["out"], _blocks.values(block, config, stream))
+    image = common.encode_image(model, params, images)
+    vision = model.bind({"params": params}).visual
+    block = vision.blocks[-1]
+    stream = image.residual_stream[-2]
+    x = block.attn.out(block.attn.value(block.ln_1(stream)))
     if residual_and_mlp:
         x = stream + x
-        x = x + _blocks.mlp(block, config, x)
-    tokens = _blocks.project_tokens(params, config, x).at[:, 0].set(image.tokens[:, 0])
-    texts = _blocks.text_features(params, config, texts)
+        x = x + block.mlp(x)
+    tokens = vision.project(x).at[:, 0].set(image.tokens[:, 0])
+    texts = common.text_features(model, params, texts)
     similarity = token_similarity(tokens, texts)
     return SimilarityOutput(similarity_to_maps(similarity, image.grid), similarity, texts)

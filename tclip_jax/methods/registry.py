@@ -4,14 +4,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
-from tclip_jax.baselines._blocks import text_features
-from tclip_jax.baselines.attention import AttentionOutput, raw_attention_map, rollout_map
-from tclip_jax.baselines.clip_surgery import SurgeryOutput, clip_surgery_map
-from tclip_jax.baselines.grad_eclip import GradCAMOutput, GradECLIPOutput, grad_cam_map, grad_eclip_map
-from tclip_jax.baselines.hilacam import HilaCAMOutput, hilacam_map
-from tclip_jax.baselines.postprocess import InputProtocol, MapPostprocess, postprocess_maps, prepare_input
-from tclip_jax.baselines.prs_heatmap import DecompositionHeatmapOutput, decomposition_map
-from tclip_jax.baselines.similarity import SimilarityOutput, maskclip_map, rclip_map, similarity_map
+from tclip_jax.methods.common import text_features
+from tclip_jax.methods.attention import AttentionOutput, raw_attention_map, rollout_map
+from tclip_jax.methods.clip_surgery import SurgeryOutput, clip_surgery_map
+from tclip_jax.methods.grad_eclip import GradCAMOutput, GradECLIPOutput, grad_cam_map, grad_eclip_map
+from tclip_jax.methods.hilacam import HilaCAMOutput, hilacam_map
+from tclip_jax.methods.postprocess import InputProtocol, MapPostprocess, postprocess_maps, prepare_input
+from tclip_jax.methods.decomposition import DecompositionHeatmapOutput, decomposition_map
+from tclip_jax.methods.similarity import SimilarityOutput, maskclip_map, rclip_map, similarity_map
 from tclip_jax.templates import CLIP_SURGERY_TEMPLATES
 
 

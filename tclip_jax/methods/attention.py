@@ -7,8 +7,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tclip_jax.baselines import _blocks
-from tclip_jax.model import CLIPConfig
+from tclip_jax.methods import common
+from tclip_jax.model import CLIP
 
 Array = jax.Array
 
@@ -20,7 +20,7 @@ class AttentionOutput:
 
 
 def _broadcast_to_texts(matrix: Array, grid: tuple[int, int], n_texts: int) -> Array:
-    maps = _blocks.patch_grid(matrix[:, 0], grid)
+    maps = common.patch_grid(matrix[:, 0], grid)
     return jnp.broadcast_to(maps[:, None], (maps.shape[0], n_texts, *grid))
 
 
@@ -29,22 +29,22 @@ def _check_layer(layer: int, num_layers: int) -> None:
         raise ValueError(f"layer must index one of the {num_layers} blocks, got {layer}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layer"))
-def raw_attention_map(params: dict, config: CLIPConfig, images: Array, texts: Array, *,
+@functools.partial(jax.jit, static_argnames=("model", "layer"))
+def raw_attention_map(model: CLIP, params: dict, images: Array, texts: Array, *,
                       layer: int = -1) -> AttentionOutput:
     """The class token's attention over the patches in block `layer` (default the last), mean over heads.
 
     Text-independent: `texts` (token ids or features) only sets n_texts. Protocol: center-crop
     preprocessing; maps upsampled, then min-max normalised (as Chefer et al.'s attention baselines).
     """
-    _check_layer(layer, config.vision_layers)
-    image = _blocks.encode_image(params, config, images)
+    _check_layer(layer, model.config.vision_layers)
+    image = common.encode_image(model, params, images)
     matrix = image.attention_probs[layer].mean(axis=1)
     return AttentionOutput(_broadcast_to_texts(matrix, image.grid, texts.shape[0]), matrix)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "start_layer"))
-def rollout_map(params: dict, config: CLIPConfig, images: Array, texts: Array, *,
+@functools.partial(jax.jit, static_argnames=("model", "start_layer"))
+def rollout_map(model: CLIP, params: dict, images: Array, texts: Array, *,
                 start_layer: int = 0) -> AttentionOutput:
     """Attention rollout (Abnar & Zuidema 2020) from block `start_layer` to the last.
 
@@ -52,8 +52,8 @@ def rollout_map(params: dict, config: CLIPConfig, images: Array, texts: Array, *
     joint attention is A_last @ ... @ A_start, and the map is its class-token row over the patches.
     Text-independent; protocol and post-processing as `raw_attention_map`.
     """
-    _check_layer(start_layer, config.vision_layers)
-    image = _blocks.encode_image(params, config, images)
+    _check_layer(start_layer, model.config.vision_layers)
+    image = common.encode_image(model, params, images)
     identity = jnp.eye(image.attention_probs[0].shape[-1])
     joint = None
     for probs in image.attention_probs[start_layer:]:

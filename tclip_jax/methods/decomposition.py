@@ -1,8 +1,8 @@
 """Direct contributions to CLIP's image embedding (Gandelsman et al. 2024), mean ablation and TextSpan.
 
 Follows yossigandelsman/clip_text_span (`prs_hook.py`, `compute_ablations.py`,
-`compute_complete_text_set.py`). The class token's final residual stream is a sum of terms: the ln_pre
-output, and per block every (source token, head) attention term plus the MLP output. ln_post is
+`compute_complete_text_set.py`; `compute_segmentations.py` for the heatmap). The class token's final
+residual stream is a sum of terms: the ln_pre output, and per block every (source token, head) attention term plus the MLP output. ln_post is
 linearised at the actual statistics, so every term maps into the joint space and the terms sum exactly to
 the image embedding divided by its norm.
 """
@@ -14,8 +14,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tclip_jax.baselines import _blocks
-from tclip_jax.model import CLIPConfig
+from tclip_jax.methods import common
+from tclip_jax.model import CLIP
 
 Array = jax.Array
 
@@ -50,32 +50,33 @@ class Decomposition:
         return self.heads.sum(axis=(1, 2)) + self.mlps.sum(axis=1)
 
 
-def residual_terms(params: dict, config: CLIPConfig, images: Array) -> ResidualTerms:
+def residual_terms(model: CLIP, params: dict, images: Array) -> ResidualTerms:
     """Splits the final class-token stream of each image into its ln_pre, attention and MLP terms.
 
     The out_proj bias is shared equally among the (source token, head) terms of its block, as the PRS
     logger does.
     """
-    image = _blocks.encode_image(params, config, images)
+    image = common.encode_image(model, params, images)
+    vision = model.bind({"params": params}).visual
     stream = image.residual_stream
-    heads = config.vision_heads
     attentions, mlps = [], [stream[0][:, 0]]
-    for index in range(config.vision_layers):
-        block = _blocks.vision_block(params, index)
-        v = _blocks.split_heads(_blocks.values(block, config, stream[index]), heads)   # [B, n, heads, head_dim]
-        out = block["attn"]["out"]
+    for index, block in enumerate(vision.blocks):
+        heads = block.attn.num_heads
+        v = block.attn.value(block.ln_1(stream[index]))
+        v = v.reshape(*v.shape[:-1], heads, -1)                                    # [B, n, heads, head_dim]
+        out = block.attn.out.variables["params"]
         w_out = out["kernel"].reshape(heads, -1, out["kernel"].shape[-1])          # [heads, head_dim, width]
         cls_probs = image.attention_probs[index][:, :, 0]                          # [B, heads, n]
         terms = jnp.einsum("bhn,bnhd,hdw->bnhw", cls_probs, v, w_out)
         terms = terms + out["bias"] / (terms.shape[1] * heads)
         attentions.append(terms)
         attended = stream[index][:, 0] + terms.sum(axis=(1, 2))
-        mlps.append(_blocks.mlp(block, config, attended))
+        mlps.append(block.mlp(attended))
     final = stream[-1][:, 0]
     return ResidualTerms(
         attentions=jnp.stack(attentions, axis=1), mlps=jnp.stack(mlps, axis=1),
         ln_mean=final.mean(axis=-1),
-        ln_std=jnp.sqrt(final.var(axis=-1) + config.layer_norm_eps),
+        ln_std=jnp.sqrt(final.var(axis=-1) + model.config.layer_norm_eps),
         norm=jnp.linalg.norm(image.embeds, axis=-1))
 
 
@@ -98,11 +99,12 @@ def project_terms(params: dict, terms: ResidualTerms, grid: tuple[int, int]) -> 
     return Decomposition(project(terms.attentions, groups * n * heads, 4), project(terms.mlps, groups, 2), grid)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def decompose(params: dict, config: CLIPConfig, images: Array) -> Decomposition:
+@functools.partial(jax.jit, static_argnames="model")
+def decompose(model: CLIP, params: dict, images: Array) -> Decomposition:
     """Per-block, per-head, per-position direct contributions to each image's normalised embedding."""
-    terms = residual_terms(params, config, images)
-    grid = (images.shape[1] // config.patch_size, images.shape[2] // config.patch_size)
+    terms = residual_terms(model, params, images)
+    patch = model.config.patch_size
+    grid = (images.shape[1] // patch, images.shape[2] // patch)
     return project_terms(params, terms, grid)
 
 
@@ -182,3 +184,27 @@ def text_span_heads(heads: Array, text_pool: Array, num_texts: int, rank: int) -
     """
     per_head = jax.vmap(text_span, in_axes=(1, None, None, None))
     return jax.vmap(per_head, in_axes=(1, None, None, None))(heads, text_pool, num_texts, rank)
+
+
+@flax.struct.dataclass
+class DecompositionHeatmapOutput:
+    maps: Array                    # [n_images, n_texts, gh, gw] patch contributions . text, minus the mean over texts
+    raw: Array                     # [n_images, n_texts, gh, gw] before subtracting the mean over texts
+    decomposition: Decomposition
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def decomposition_map(model: CLIP, params: dict, images: Array, texts: Array) -> DecompositionHeatmapOutput:
+    """Each patch's direct contribution to the normalised image embedding, through every head of every
+    block, dotted with each normalised text embedding, minus the mean over the given text set.
+
+    Protocol of the official code: center-crop preprocessing; one prompt per text, no templates; maps
+    upsampled by the patch size (bilinear), clipped to [0, max], then min-max normalised. Needs >= 2 texts:
+    one text minus the mean over itself is zero everywhere.
+    """
+    if texts.shape[0] < 2:
+        raise ValueError("the decomposition heatmap subtracts the mean over the text set, so it needs at least "
+                         f"2 texts (one text gives an all-zero map); got {texts.shape[0]}")
+    decomposition = decompose(model, params, images)
+    maps, raw = spatial_heatmaps(decomposition, common.text_features(model, params, texts))
+    return DecompositionHeatmapOutput(maps, raw, decomposition)

@@ -14,11 +14,22 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tclip_jax.baselines import _blocks
-from tclip_jax.model import CLIPConfig, l2_normalize
+from tclip_jax.methods import common
+from tclip_jax.model import CLIP, l2_normalize
 from tclip_jax.preprocess import minmax
 
 Array = jax.Array
+
+
+@flax.struct.dataclass
+class BlockTrace:
+    """One re-computed vision block, for a single image (no batch axis)."""
+
+    q: Array           # [n, width] query projection of ln_1(x) (bias included, unscaled)
+    k: Array           # [n, width]
+    v: Array           # [n, width]
+    probs: Array       # [heads, n, n]
+    output: Array      # [n, width] residual stream after the block
 
 
 @flax.struct.dataclass
@@ -26,7 +37,7 @@ class LastBlockGradients:
     """The re-computed last block and the gradients of each image-text cosine, per image."""
 
     stream_in: Array        # [B, n, width] residual stream entering the last block
-    trace: _blocks.BlockTrace   # q, k, v [B, n, width], probs [B, heads, n, n], output [B, n, width]
+    trace: BlockTrace       # q, k, v [B, n, width], probs [B, heads, n, n], output [B, n, width]
     tokens: Array           # [B, n, embed_dim] tokens after ln_post and proj
     cosine: Array           # [B, T] cos(class token, text), no logit scale
     grad_stream_in: Array   # [B, T, n, width] d cosine / d stream_in
@@ -35,22 +46,27 @@ class LastBlockGradients:
     grid: tuple[int, int] = flax.struct.field(pytree_node=False)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "single_head"))
-def last_block_gradients(params: dict, config: CLIPConfig, images: Array, texts: Array,
+@functools.partial(jax.jit, static_argnames=("model", "single_head"))
+def last_block_gradients(model: CLIP, params: dict, images: Array, texts: Array,
                          single_head: bool) -> LastBlockGradients:
     """Blocks before the last from the model; the last re-run by hand; one vjp per image for all texts.
 
     Both Grad-ECLIP and Grad-CAM read this (jitted once per shape); their own maps are a few cheap ops.
     """
-    image = _blocks.encode_image(params, config, images)
-    last = config.vision_layers - 1
-    block = _blocks.vision_block(params, last)
-    num_heads = 1 if single_head else config.vision_heads
-    texts = _blocks.text_features(params, config, texts)
+    image = common.encode_image(model, params, images)
+    vision = model.bind({"params": params}).visual
+    block = vision.blocks[-1]
+    num_heads = 1 if single_head else block.attn.num_heads
+    texts = common.text_features(model, params, texts)
 
     def embed(stream_in, cls_offset):
-        trace = _blocks.run_block(block, config, stream_in, num_heads, cls_offset)
-        tokens = _blocks.project_tokens(params, config, trace.output)
+        # The class token's head outputs get `cls_offset` before the output projection.
+        h = block.ln_1(stream_in)
+        attended, probs = block.attn(h, num_heads=num_heads, mixed_offset=jnp.zeros_like(h).at[0].set(cls_offset))
+        x = stream_in + attended
+        output = x + block.mlp(x)
+        trace = BlockTrace(block.attn.query(h), block.attn.key(h), block.attn.value(h), probs, output)
+        tokens = vision.project(output)
         return l2_normalize(tokens[0]), (trace, tokens)
 
     def per_image(stream_in):
@@ -58,7 +74,7 @@ def last_block_gradients(params: dict, config: CLIPConfig, images: Array, texts:
         grad_stream_in, grad_cls_output = jax.vmap(vjp)(texts)
         return trace, tokens, texts @ embedding, grad_stream_in, grad_cls_output
 
-    stream_in = image.residual_stream[last]
+    stream_in = image.residual_stream[-2]
     trace, tokens, cosine, grad_stream_in, grad_cls_output = jax.vmap(per_image)(stream_in)
     return LastBlockGradients(stream_in, trace, tokens, cosine, grad_stream_in, grad_cls_output, texts,
                               image.grid)
@@ -75,7 +91,7 @@ class GradECLIPOutput:
     grad_cls_output: Array       # [n_images, n_texts, width] gradient w.r.t. the class token's attention output
 
 
-def grad_eclip_map(params: dict, config: CLIPConfig, images: Array, texts: Array, *,
+def grad_eclip_map(model: CLIP, params: dict, images: Array, texts: Array, *,
                    single_head: bool = True) -> GradECLIPOutput:
     """Grad-ECLIP on the last block: map[p] = relu(sum_d g_d * v[p, d] * sim[p]).
 
@@ -85,7 +101,7 @@ def grad_eclip_map(params: dict, config: CLIPConfig, images: Array, texts: Array
     positional embedding resized bicubically to the grid; one normalised prompt embedding per text; maps
     min-max normalised on the grid, then upsampled to the original image size.
     """
-    run = last_block_gradients(params, config, images, texts, single_head)
+    run = last_block_gradients(model, params, images, texts, single_head)
     q, k, v = run.trace.q, run.trace.k, run.trace.v
     qk = minmax(jnp.einsum("bd,bpd->bp", l2_normalize(q[:, 0]), l2_normalize(k[:, 1:])), axis=-1)
     maps = jax.nn.relu(jnp.einsum("btd,bpd->btp", run.grad_cls_output, v[:, 1:]) * qk[:, None])
@@ -97,7 +113,7 @@ def grad_eclip_map(params: dict, config: CLIPConfig, images: Array, texts: Array
         image_embedding=l2_normalize(run.tokens[:, 0]),
         patch_cosine=jnp.swapaxes(patch_cosine, 1, 2).reshape(*run.cosine.shape, *grid),
         qk_similarity=qk.reshape(-1, *grid),
-        cls_attention=_blocks.patch_grid(run.trace.probs.mean(axis=1)[:, 0], grid),
+        cls_attention=common.patch_grid(run.trace.probs.mean(axis=1)[:, 0], grid),
         grad_cls_output=run.grad_cls_output)
 
 
@@ -108,12 +124,12 @@ class GradCAMOutput:
     weights: Array    # [n_images, n_texts, width] channel weights: the gradient averaged over all tokens
 
 
-def grad_cam_map(params: dict, config: CLIPConfig, images: Array, texts: Array, *,
+def grad_cam_map(model: CLIP, params: dict, images: Array, texts: Array, *,
                  single_head: bool = True) -> GradCAMOutput:
     """Grad-CAM for ViT on the tokens entering the last block: relu(sum_d w_d x[p, d]), w = mean over all
     tokens (class token included) of d cos / d x. Same model path, protocol and post-processing as
     `grad_eclip_map` (the notebook's second row)."""
-    run = last_block_gradients(params, config, images, texts, single_head)
+    run = last_block_gradients(model, params, images, texts, single_head)
     weights = run.grad_stream_in.mean(axis=2)
     cam = jax.nn.relu(jnp.einsum("btd,bnd->btn", weights, run.stream_in))
-    return GradCAMOutput(_blocks.patch_grid(cam, run.grid), run.cosine, weights)
+    return GradCAMOutput(common.patch_grid(cam, run.grid), run.cosine, weights)

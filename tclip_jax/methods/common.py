@@ -1,0 +1,60 @@
+"""What the map functions of prompt-level methods share: the towers with intermediates, text features
+(one prompt or a template ensemble per text) and the class-token-first token layout.
+
+Every function takes the static model (`tclip_jax.model.CLIP`, i.e. config and matmul dtype) and its
+parameters; methods that re-run part of a block reach the model's own pieces through
+`model.bind({"params": params})` (see `tclip_jax.model.clip`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from tclip_jax.model import CLIP, ImageOutput, TextOutput, l2_normalize
+
+Array = jax.Array
+
+
+def encode_image(model: CLIP, params: dict, images: Array,
+                 probs_offsets: Optional[Sequence[Array]] = None) -> ImageOutput:
+    """The image tower with intermediates (residual stream, attention probabilities)."""
+    return model.apply({"params": params}, images, True, probs_offsets, method="encode_image")
+
+
+def encode_text(model: CLIP, params: dict, token_ids: Array,
+                probs_offsets: Optional[Sequence[Array]] = None) -> TextOutput:
+    return model.apply({"params": params}, token_ids, True, probs_offsets, method="encode_text")
+
+
+def text_features(model: CLIP, params: dict, texts: Array) -> Array:
+    """L2-normalised text embeddings [n_texts, embed_dim].
+
+    `texts` as token ids: [n_texts, context] gives one prompt per text; [n_texts, n_templates, context] gives
+    CLIP Surgery's prompt ensemble (`encode_text_with_prompt_ensemble`): every templated prompt's embedding is
+    normalised, the templates are averaged, and the mean is normalised again. `texts` as floats
+    [n_texts, embed_dim] are features this function already returned; they pass through, so that texts are
+    encoded once for any number of image batches.
+    """
+    embed_dim = model.config.embed_dim
+    if jnp.issubdtype(texts.dtype, jnp.floating):
+        if texts.shape[-1:] != (embed_dim,) or texts.ndim != 2:
+            raise ValueError(f"text features must be [n_texts, {embed_dim}], got shape {texts.shape}")
+        return texts
+    token_ids = texts
+    if token_ids.ndim == 2:
+        return l2_normalize(model.apply({"params": params}, token_ids, method="encode_text").embeds)
+    if token_ids.ndim != 3:
+        raise ValueError(f"token ids must be [n_texts, context] or [n_texts, n_templates, context], "
+                         f"got shape {token_ids.shape}")
+    n_texts, n_templates, context = token_ids.shape
+    embeds = model.apply({"params": params}, token_ids.reshape(n_texts * n_templates, context),
+                         method="encode_text").embeds
+    embeds = l2_normalize(embeds).reshape(n_texts, n_templates, -1)
+    return l2_normalize(embeds.mean(axis=1))
+
+
+def patch_grid(maps: Array, grid: tuple[int, int]) -> Array:
+    """[..., 1 + gh*gw] token values (class token first) -> [..., gh, gw] patch grid, row-major."""
+    return maps[..., 1:].reshape(*maps.shape[:-1], *grid)
