@@ -44,7 +44,7 @@ from tclip_jax.method.relevance import aggregate_maps, translated_patch_embeddin
 from tclip_jax.method.translations import translated_copies  # noqa: E402
 from tclip_jax.model import CLIP, PRESETS, to_hf_config  # noqa: E402
 from tclip_jax.postprocess import heatmap_box, soft_map  # noqa: E402
-from tclip_jax.preprocess import to_original, whole_image  # noqa: E402
+from tclip_jax.image import to_original, whole_image  # noqa: E402
 from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene  # noqa: E402
 from tclip_jax.tokenizer import default_tokenizer  # noqa: E402
 from weights_conversion.convert import convert_state_dict  # noqa: E402

@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 
 from tclip_jax import synthetic
-from tclip_jax.image_io import load_image
+from tclip_jax.image import load_image
 from tclip_jax.loading import load_clip
 from tclip_jax.method.explainer import TCLIP, ImageResult, Settings
 from tclip_jax.metrics import box_hit, pointing_game

@@ -14,7 +14,6 @@ from tclip_jax.methods.registry import (
     hilacam_map,
     maskclip_map,
     postprocess_maps,
-    prepare_input,
     raw_attention_map,
     rclip_map,
     rollout_map,
@@ -24,7 +23,8 @@ from tclip_jax.methods.registry import (
 from tclip_jax.methods import common
 from tclip_jax.methods.grad_eclip import last_block_gradients
 from tclip_jax.model import l2_normalize
-from tclip_jax.preprocess import minmax, upsample_bilinear
+from tclip_jax.image import prepare, upsample_bilinear
+from tclip_jax.methods.common import minmax
 
 TOL = 1e-4
 IMAGE_NAMES = ("scene_224", "scene_wide_320x240", "noise_224")
@@ -213,7 +213,7 @@ def test_grad_eclip_and_grad_cam_match_reference(tiny_model, grad_eclip_ref, fix
     model, params = tiny_model
     config = model.config
     ref = {k.split("/", 1)[1]: v for k, v in grad_eclip_ref.items() if k.startswith(name + "/")}
-    images, geometry = prepare_input(BASELINES["grad_eclip"].input_protocol, fixture_images[name], config)
+    images, geometry = prepare(fixture_images[name], BASELINES["grad_eclip"].input_protocol, 224, 32)
     assert_close(images[None], nhwc(ref["pixel_values"]), "patch-multiple preprocessing", tol=1e-5)
     images = nhwc(ref["pixel_values"])
     tokens = grad_eclip_ref["token_ids"]
@@ -300,16 +300,16 @@ def test_text_features_of_the_wrong_width_or_for_hilacam_are_refused(tiny_model,
         BASELINES["decomposition"].explain(model, params, images, features[:1])
 
 
-def test_prepare_input_follows_each_protocol(tiny_model, fixture_images, surgery_ref, hilacam_ref):
+def test_prepare_follows_each_protocol(tiny_model, fixture_images, surgery_ref, hilacam_ref):
     model, _ = tiny_model
     config = model.config
     for b, name in enumerate(IMAGE_NAMES):
-        whole, _ = prepare_input("whole_image", fixture_images[name], config)
+        whole, _ = prepare(fixture_images[name], "whole", config.image_size, config.patch_size)
         assert_close(whole, nhwc(surgery_ref["pixel_values"])[b], f"whole image {name}", tol=1e-5)
-        crop, _ = prepare_input("center_crop", fixture_images[name], config)
+        crop, _ = prepare(fixture_images[name], "center_crop", config.image_size, config.patch_size)
         assert_close(crop[None], nhwc(hilacam_ref[f"{name}/pixel_values"]), f"center crop {name}", tol=1e-5)
     with pytest.raises(ValueError, match="input protocol"):
-        prepare_input("stretch", fixture_images["scene_224"], config)
+        prepare(fixture_images["scene_224"], "stretch", config.image_size, config.patch_size)
 
 
 def test_postprocess_orders():

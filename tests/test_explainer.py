@@ -7,7 +7,7 @@ import tclip_jax.method.explainer as explainer_module
 from tclip_jax.loading import load_clip
 from tclip_jax.method.explainer import TCLIP, Settings
 from tclip_jax.postprocess import gmm_threshold, heatmap_box
-from tclip_jax.preprocess import points_to_model, to_original
+from tclip_jax.image import points_to_model, to_original
 
 PROMPTS = ("a red circle next to a blue square", "a photo of a cat")
 
@@ -38,7 +38,7 @@ def vit_calls(monkeypatch):
 
 def test_similarity_equals_the_author_token_patch_similarity(tiny_clip, author, fixture_images):
     # The author's preprocessing is CLIP's resize + centre crop; its similarity has no translation.
-    tclip = TCLIP(tiny_clip, Settings(translations=1, protocol="center"))
+    tclip = TCLIP(tiny_clip, Settings(translations=1, protocol="center_crop"))
     result = tclip.explain(fixture_images["scene_224"], list(author["texts"]))
     for t, prompt in enumerate(result.prompts):
         np.testing.assert_array_equal(prompt.tokens.token_ids, author["token_ids"][t])
@@ -48,7 +48,7 @@ def test_similarity_equals_the_author_token_patch_similarity(tiny_clip, author, 
         np.testing.assert_allclose(prompt.similarity[rows], author[f"text{t}_S"], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("protocol", ["whole", "center"])
+@pytest.mark.parametrize("protocol", ["whole", "center_crop"])
 def test_result_structure_on_a_non_square_image(tiny_clip, fixture_images, protocol):
     image = fixture_images["scene_wide_320x240"]
     height, width = image.shape[:2]

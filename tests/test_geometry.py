@@ -9,7 +9,7 @@ import pytest
 
 from tclip_jax.method.relevance import aggregate_maps
 from tclip_jax.method.translations import shift_back_operators, translated_copies, translation_offsets
-from tclip_jax.preprocess import clip_center_crop, points_to_original, to_original, whole_image
+from tclip_jax.image import center_crop, points_to_original, to_original, whole_image
 
 PATCH = 32
 OFFSETS = translation_offsets(PATCH)  # shifts up to 24 px
@@ -68,7 +68,7 @@ def blob_image(shape_hw: tuple[int, int], peak_yx: tuple[int, int], sigma: float
 
 
 @pytest.mark.parametrize("translations", [1, 25])
-@pytest.mark.parametrize("protocol", [whole_image, clip_center_crop])
+@pytest.mark.parametrize("protocol", [whole_image, center_crop])
 @pytest.mark.parametrize("shape_hw,peak_yx", [((224, 224), (90, 130)), ((240, 320), (70, 200)),
                                               ((320, 240), (210, 100)), ((450, 600), (300, 260))])
 def test_peak_comes_back_to_its_pixel_at_the_original_resolution(protocol, translations, shape_hw, peak_yx):

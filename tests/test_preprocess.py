@@ -1,25 +1,25 @@
-"""Image loading, CLIP preprocessing protocols, geometry and map resampling, checked against the reference code."""
+"""Image decoding, CLIP input protocols, geometry and map resampling, checked against the reference code."""
 import jax
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tclip_jax.image_io import load_image
-from tclip_jax.preprocess import (
+from tclip_jax.image import (
     CLIP_MEAN,
     CLIP_STD,
     Geometry,
     box_to_model,
     box_to_original,
-    clip_center_crop,
-    minmax,
+    center_crop,
+    load_image,
     points_to_model,
     points_to_original,
     to_original,
     upsample_bilinear,
     whole_image,
 )
+from tclip_jax.methods.common import minmax
 
 IMAGE_NAMES = ["scene_224", "scene_wide_320x240", "noise_224"]
 
@@ -51,16 +51,16 @@ def _normalised(rgb):
 
 
 @pytest.mark.parametrize("name", IMAGE_NAMES)
-def test_clip_center_crop_matches_hilacam(name, fixture_images, hilacam):
-    pixel_values, _ = clip_center_crop(fixture_images[name])
+def test_center_crop_matches_hilacam(name, fixture_images, hilacam):
+    pixel_values, _ = center_crop(fixture_images[name])
     assert pixel_values.dtype == np.float32 and pixel_values.shape == (224, 224, 3)
     np.testing.assert_allclose(_nchw(pixel_values), hilacam[f"{name}/pixel_values"][0], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", IMAGE_NAMES)
-def test_clip_center_crop_matches_decomposition(name, fixture_images, decomposition):
+def test_center_crop_matches_decomposition(name, fixture_images, decomposition):
     index = list(decomposition["image_names"]).index(name)
-    pixel_values, _ = clip_center_crop(fixture_images[name])
+    pixel_values, _ = center_crop(fixture_images[name])
     np.testing.assert_allclose(_nchw(pixel_values), decomposition["pixel_values"][index], rtol=0, atol=1e-6)
 
 
@@ -75,13 +75,22 @@ def test_whole_image_matches_clip_surgery(name, fixture_images, clip_surgery):
 def test_center_crop_geometry_of_wide_and_tall_images():
     # The READMEs: 320x240 (W x H) is resized to 298x224 and cropped at x = 37..260.
     wide = np.zeros((240, 320, 3), np.uint8)
-    assert clip_center_crop(wide)[1] == Geometry((240, 320), (224, 224), (224, 298), (0, 37))
+    assert center_crop(wide)[1] == Geometry((240, 320), (224, 224), (224, 298), (0, 37))
     tall = np.zeros((320, 240, 3), np.uint8)
-    assert clip_center_crop(tall)[1] == Geometry((320, 240), (224, 224), (298, 224), (37, 0))
+    assert center_crop(tall)[1] == Geometry((320, 240), (224, 224), (298, 224), (37, 0))
+
+
+@pytest.mark.parametrize("protocol", [center_crop, whole_image])
+def test_protocols_take_decoded_images_only(protocol):
+    """An image is decoded once (load_image); protocols refuse anything but the decoded uint8 array."""
+    with pytest.raises(ValueError, match="decoded uint8 RGB"):
+        protocol(np.zeros((32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match="decoded uint8 RGB"):
+        protocol("image.png")
 
 
 @pytest.mark.parametrize("shape_hw", [(240, 320), (320, 240), (37, 100), (1, 1)])
-@pytest.mark.parametrize("protocol", [clip_center_crop, whole_image])
+@pytest.mark.parametrize("protocol", [center_crop, whole_image])
 def test_constant_non_square_images_give_constant_inputs(protocol, shape_hw):
     colour = np.array([200, 30, 90], np.uint8)
     pixel_values, geometry = protocol(np.broadcast_to(colour, (*shape_hw, 3)).copy())
@@ -106,7 +115,7 @@ def test_protocols_reject_bad_sizes(bad_size):
         whole_image(image, size=bad_size)
     if not isinstance(bad_size, tuple):
         with pytest.raises(ValueError, match="size"):
-            clip_center_crop(image, size=bad_size)
+            center_crop(image, size=bad_size)
 
 
 # --- resampling ---------------------------------------------------------------------------------------------
@@ -158,7 +167,7 @@ def test_minmax_scales_each_slice_and_zeroes_constant_ones():
 
 
 @pytest.mark.parametrize("shape_hw", [(240, 320), (320, 240), (37, 100), (224, 224)])
-@pytest.mark.parametrize("protocol", [clip_center_crop, whole_image])
+@pytest.mark.parametrize("protocol", [center_crop, whole_image])
 def test_points_and_boxes_round_trip(protocol, shape_hw):
     geometry = protocol(np.zeros((*shape_hw, 3), np.uint8))[1]
     rng = np.random.default_rng(3)
@@ -174,11 +183,11 @@ def test_model_frame_maps_to_the_region_the_model_saw():
     np.testing.assert_allclose(box_to_original(frame, whole_image(wide)[1]), [0, 0, 320, 240])
     # Crop columns 37..261 of the 298-wide resized image, scaled back by 320 / 298.
     expected = [37 * 320 / 298, 0, 261 * 320 / 298, 240]
-    np.testing.assert_allclose(box_to_original(frame, clip_center_crop(wide)[1]), expected)
+    np.testing.assert_allclose(box_to_original(frame, center_crop(wide)[1]), expected)
 
 
 @pytest.mark.parametrize("shape_hw", [(240, 320), (320, 240), (37, 100)])
-@pytest.mark.parametrize("protocol", [clip_center_crop, whole_image])
+@pytest.mark.parametrize("protocol", [center_crop, whole_image])
 def test_to_original_agrees_with_point_mapping(protocol, shape_hw):
     geometry = protocol(np.zeros((*shape_hw, 3), np.uint8))[1]
     height, width = shape_hw
@@ -201,7 +210,7 @@ def test_to_original_agrees_with_point_mapping(protocol, shape_hw):
 
 
 def test_to_original_marks_the_cropped_columns():
-    geometry = clip_center_crop(np.zeros((240, 320, 3), np.uint8))[1]
+    geometry = center_crop(np.zeros((240, 320, 3), np.uint8))[1]
     resampled = to_original(np.ones((7, 7), np.float32), geometry, fill=np.nan)
     # Column x is kept iff its centre (x + 0.5) * 298 / 320 lies in the crop [37, 261]: x = 40..279.
     kept = ~np.isnan(resampled)

@@ -29,7 +29,7 @@ from tclip_jax.metrics import (
     pointing_game,
     segmentation_scores,
 )
-from tclip_jax.preprocess import Geometry
+from tclip_jax.image import Geometry
 from tclip_jax.sweep import EvalOptions, Method, ResultWriter, RunOptions, read_all_records, read_records, run_sweep
 from tclip_jax.sweep.methods import tclip_class_queries
 from tclip_jax.synthetic import mask_box
@@ -151,7 +151,7 @@ def test_coco_sweep_scores_by_hand(coco_hand, tmp_path, crowd):
     hits = {"person": [1, 0], "traffic light": [crowd == "keep"], "cat": [0], "dog": [1], "hair drier": [1]}
     report = result.report
     assert report["images"] == 2 and report["units"] == 6
-    assert [e["key"] for e in report["errors"]] == ["3"] and "cannot decode" in report["errors"][0]["error"]
+    assert [e["key"] for e in report["errors"]] == ["3"] and "cannot read image file" in report["errors"][0]["error"]
     detection = report["detection"]
     assert detection["box_accuracy"] == pytest.approx(sum(map(sum, hits.values())) / 6)
     assert detection["box_accuracy_class_mean"] == pytest.approx(np.mean([np.mean(h) for h in hits.values()]))
@@ -160,7 +160,7 @@ def test_coco_sweep_scores_by_hand(coco_hand, tmp_path, crowd):
     assert report == _report(tmp_path / "out")
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert f"| {100 * detection['box_accuracy']:.2f} |" in markdown and "paper: TCLIP (ViT-B/32) | 19.07" in markdown
-    assert "`3`: ValueError: cannot decode" in markdown
+    assert "`3`: ValueError: cannot read image file" in markdown
     assert result.throughput.images == 2 and result.throughput.devices == 1
 
 

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from tclip_jax.methods.postprocess import postprocess_maps, prepare_input
+from tclip_jax.image import prepare
+from tclip_jax.methods.postprocess import postprocess_maps
 from tclip_jax.methods.registry import get_baseline
 from tclip_jax.evaluation.synthetic import (
     METRICS,
@@ -94,7 +95,7 @@ def test_similarity_scores_use_the_map_of_the_word_itself(clip):
     scene = make_scene(heldout_seeds(1, offset=600)[0])
     (scores,) = similarity_scores(clip, "similarity", [scene])
     baseline = get_baseline("similarity")
-    pixels, _ = prepare_input(baseline.input_protocol, scene.image, clip.config)
+    pixels, _ = prepare(scene.image, baseline.input_protocol, clip.config.image_size, clip.config.patch_size)
     for unit, unit_scores in zip(evaluation_units(scene), scores):
         assert unit.word in VOCABULARY
         output = baseline.explain(clip.model, clip.params, pixels[None], clip.tokenizer.encode([unit.word]))

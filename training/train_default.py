@@ -45,7 +45,7 @@ from tclip_jax.checkpoint import save_checkpoint
 from tclip_jax.evaluation.synthetic import record_heldout_metrics
 from tclip_jax.loading import DEFAULT_MODEL_DIR
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
-from tclip_jax.preprocess import clip_normalise
+from tclip_jax.image import clip_normalize
 from tclip_jax.synthetic import heldout_seeds, make_batch, train_seeds
 from tclip_jax.tokenizer import PAD_ID, default_tokenizer
 
@@ -152,7 +152,7 @@ def piece_mask(token_ids: jax.Array, sot_id: int, eot_id: int) -> jax.Array:
 
 def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, sot_id: int, eot_id: int,
            config: TrainConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-    image = model.apply({"params": params}, clip_normalise(images_u8), method="encode_image")
+    image = model.apply({"params": params}, clip_normalize(images_u8), method="encode_image")
     text = model.apply({"params": params}, token_ids, method="encode_text")
     scale = jnp.exp(params["logit_scale"])
     text_tokens, patch_tokens = l2_normalize(text.tokens), l2_normalize(image.tokens[:, 1:])
@@ -192,7 +192,7 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, config: Train
 @functools.partial(jax.jit, static_argnames="model")
 def global_embeddings(model: CLIP, params, images_u8: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Unit (image, text) embeddings of uint8 images and token rows."""
-    return model.apply({"params": params}, clip_normalise(images_u8), token_ids)[1:]
+    return model.apply({"params": params}, clip_normalize(images_u8), token_ids)[1:]
 
 
 def retrieval_accuracy(model: CLIP, params, images_u8: np.ndarray, token_ids: np.ndarray,

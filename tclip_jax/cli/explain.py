@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "per prompt (an unknown name lists them)")
     parser.add_argument("--translations", type=int, choices=(25, 1), default=25,
                         help="translated copies: 25 (multi-scale) or 1 (off)")
-    parser.add_argument("--crop", choices=("whole", "center"), default="whole",
-                        help="whole image resized to the model input (default) or CLIP's center crop")
+    parser.add_argument("--protocol", choices=("whole", "center_crop", "patch_multiple"), default="whole",
+                        help="whole image resized to the model input (default), CLIP's center crop, or each side "
+                             "resized to a multiple of the patch size")
     parser.add_argument("--trim", type=float, default=0.2, help="trimmed-mean proportion per end")
     parser.add_argument("--sigma", type=float, default=None, help="soft-map Gaussian sigma in pixels")
     parser.add_argument("--truncate", action="store_true", help="truncate prompts longer than 77 tokens")
@@ -107,7 +108,7 @@ def _tclip_records(args: argparse.Namespace):
     from tclip_jax.loading import load_clip
     from tclip_jax.method.explainer import TCLIP, Settings
 
-    settings = Settings(translations=args.translations, protocol=args.crop, trim=args.trim, sigma=args.sigma,
+    settings = Settings(translations=args.translations, protocol=args.protocol, trim=args.trim, sigma=args.sigma,
                         truncate=args.truncate)
     explainer = TCLIP(load_clip(args.model), settings)
     encoded = explainer.encode_prompts(args.prompt)  # fails early on a bad prompt, before any output
@@ -124,8 +125,7 @@ def _tclip_records(args: argparse.Namespace):
 
 def _baseline_records(args: argparse.Namespace):
     """(header, per-image writer) for a baseline, through the same Method adapter as sweeps."""
-    from tclip_jax.image_io import load_image
-    from tclip_jax.preprocess import to_original
+    from tclip_jax.image import load_image, to_original
     from tclip_jax.sweep.methods import build_method
 
     if args.method not in _baseline_names():

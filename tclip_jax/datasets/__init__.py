@@ -1,5 +1,5 @@
 """Evaluation datasets (COCO 2017, ImageNet-S, synthetic scenes) behind one interface (see ``base``)."""
-from tclip_jax.datasets.base import Dataset, LoadedSample, Sample, Target, read_rgb
+from tclip_jax.datasets.base import Dataset, LoadedSample, Sample, Target
 from tclip_jax.datasets.coco import (
     COCO_CATEGORIES,
     coco_dataset,
@@ -22,7 +22,6 @@ __all__ = [
     "imagenet_class_names",
     "imagenet_s_dataset",
     "read_labels",
-    "read_rgb",
     "split_wnids",
     "synthetic_dataset",
     "tfds_coco_dataset",

@@ -1,19 +1,16 @@
 """What every evaluation dataset provides: class names and samples whose image and ground truth load on demand.
 
 A sample is one image; each of its targets is one evaluation unit, an (image, class present) pair. Images are
-decoded as stored, without applying EXIF orientation, because annotations are drawn on the stored pixel grid
-(as pycocotools, gScoreCAM's ``Image.open`` and ImageNet-S's evaluator read them).
+decoded as stored (``load_image(..., exif=False)``), without applying EXIF orientation, because annotations are
+drawn on the stored pixel grid (as pycocotools, gScoreCAM's ``Image.open`` and ImageNet-S's evaluator read them).
 """
 from __future__ import annotations
 
 import dataclasses
-import io
-import os
 from collections.abc import Callable, Iterator
 from typing import Optional
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -44,18 +41,6 @@ class Dataset:
     class_names: tuple[str, ...]
     size: int                                    # number of samples
     samples: Callable[[], Iterator[Sample]]      # always the same samples in the same order
-
-
-def read_rgb(source: str | os.PathLike | bytes) -> np.ndarray:
-    """Decode an image file (a path or its bytes) to uint8 RGB [H, W, 3] as stored (no EXIF rotation)."""
-    name = "image bytes" if isinstance(source, bytes) else str(source)
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            return np.array(image.convert("RGB"))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"image file not found: {name}") from err
-    except (UnidentifiedImageError, OSError) as err:  # not an image, or truncated
-        raise ValueError(f"cannot decode {name}: {err}") from err
 
 
 def check_size(image: np.ndarray, expected_hw: tuple[int, int], what: str) -> None:

@@ -22,7 +22,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tclip_jax.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, read_rgb
+from tclip_jax.datasets.base import Dataset, LoadedSample, Sample, Target, check_size
+from tclip_jax.image import load_image
 
 Crowd = Literal["keep", "drop"]
 CROWD_MODES = ("keep", "drop")
@@ -147,7 +148,7 @@ def tfds_samples(examples: Iterable[Mapping[str, Any]], crowd: Crowd = "keep") -
 
 def _raw_loader(path: pathlib.Path, size_hw: tuple[int, int], classes: np.ndarray, boxes: np.ndarray):
     def load() -> LoadedSample:
-        image = read_rgb(path)
+        image = load_image(path, exif=False)
         check_size(image, size_hw, str(path))
         return LoadedSample(image, _targets(classes, boxes))
     return load
@@ -155,7 +156,7 @@ def _raw_loader(path: pathlib.Path, size_hw: tuple[int, int], classes: np.ndarra
 
 def _tfds_loader(encoded: bytes, labels: np.ndarray, normalised: np.ndarray):
     def load() -> LoadedSample:
-        image = read_rgb(encoded)
+        image = load_image(encoded, exif=False)
         return LoadedSample(image, _targets(labels, tfds_to_xyxy(normalised, *image.shape[:2])))
     return load
 

@@ -21,7 +21,8 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from tclip_jax.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, read_rgb
+from tclip_jax.datasets.base import Dataset, LoadedSample, Sample, Target, check_size
+from tclip_jax.image import load_image
 from tclip_jax.metrics.imagenet_s import IGNORE_ID, decode_label_png
 
 SPLITS = (50, 300, 919)
@@ -80,7 +81,7 @@ def read_labels(path: pathlib.Path) -> np.ndarray:
 
 
 def _load(image_path: pathlib.Path, label_path: pathlib.Path, num_classes: int) -> LoadedSample:
-    image = read_rgb(image_path)
+    image = load_image(image_path, exif=False)
     labels = read_labels(label_path)
     check_size(image, labels.shape, str(image_path))
     ids = np.unique(labels)

@@ -28,14 +28,14 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from tclip_jax.methods.postprocess import postprocess_maps, prepare_input
+from tclip_jax.image import prepare, to_original
+from tclip_jax.methods.postprocess import postprocess_maps
 from tclip_jax.methods.registry import get_baseline
 from tclip_jax.files import write_text_atomic
 from tclip_jax.loading import LoadedClip, load_clip
 from tclip_jax.method.explainer import TCLIP, Settings
 from tclip_jax.metrics import aggregate_by_class, box_hit, energy_in_mask, pointing_game
 from tclip_jax.postprocess import gmm_threshold, heatmap_box
-from tclip_jax.preprocess import to_original
 from tclip_jax.synthetic import COLOURS, SHAPES, EvalUnit, Scene, evaluation_units, heldout_seeds, make_scene
 
 METHODS = ("tclip_k25", "tclip_k1", "similarity", "rclip")
@@ -89,7 +89,8 @@ def similarity_scores(clip: LoadedClip, method: str, scenes: Sequence[Scene],
     """Per scene, the scores of its units under the raw similarity map or RCLIP (each word its own prompt)."""
     baseline = get_baseline(method)
     token_ids = clip.tokenizer.encode(VOCABULARY, clip.config.context_length)
-    inputs = [prepare_input(baseline.input_protocol, scene.image, clip.config) for scene in scenes]
+    inputs = [prepare(scene.image, baseline.input_protocol, clip.config.image_size, clip.config.patch_size)
+              for scene in scenes]
     output = baseline.explain(clip.model, clip.params, np.stack([pixels for pixels, _ in inputs]), token_ids)
     heatmaps = postprocess_maps(output.maps, (clip.config.image_size,) * 2, baseline.postprocess)
     for scene, (_, geometry), scene_maps in zip(scenes, inputs, np.asarray(heatmaps)):

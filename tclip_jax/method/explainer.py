@@ -14,16 +14,12 @@ from typing import Iterator, Optional, Sequence
 import jax
 import numpy as np
 
-from tclip_jax.image_io import ImageLike, load_image
+from tclip_jax.image import INPUT_PROTOCOLS, Geometry, ImageLike, InputProtocol, load_image, prepare, to_original
 from tclip_jax.loading import LoadedClip, load_clip
 from tclip_jax.method.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
 from tclip_jax.method.translations import DEFAULT_SCALE_FRACTIONS, DEFAULT_TRIM, translation_offsets
 from tclip_jax.postprocess import BOX_RULES, Box, BoxRule, GmmFit, heatmap_box, soft_map
-from tclip_jax.preprocess import Geometry, clip_center_crop, to_original, whole_image
 from tclip_jax.tokenizer import TokenizedPrompt, Word
-
-PROTOCOLS = ("whole", "center")
-
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -32,15 +28,15 @@ class Settings:
     translations: int = 25
     scale_fractions: tuple[float, ...] = DEFAULT_SCALE_FRACTIONS  # shift lengths, fractions of the patch size
     trim: float = DEFAULT_TRIM          # trimmed-mean proportion cut from each end, per pixel
-    protocol: str = "whole"             # 'whole': resize the whole image; 'center': CLIP's resize + center crop
+    protocol: InputProtocol = "whole"   # how the image becomes the model input (tclip_jax.image.protocols)
     sigma: Optional[float] = None       # soft-map Gaussian sigma in pixels (None: 2% of the longer side)
     box_rule: BoxRule = "component"     # 'component' (largest connected component) or 'contour' (gScoreCAM)
     truncate: bool = False              # truncate prompts longer than the context (with a warning) or fail
     gmm_seed: int = 0
 
     def __post_init__(self):
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.protocol not in INPUT_PROTOCOLS:
+            raise ValueError(f"protocol must be one of {INPUT_PROTOCOLS}, got {self.protocol!r}")
         if self.box_rule not in BOX_RULES:
             raise ValueError(f"box_rule must be one of {BOX_RULES}, got {self.box_rule!r}")
 
@@ -102,9 +98,8 @@ class TCLIP:
     def preprocess(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray, Geometry]:
         """(uint8 image, model input [h, w, 3], geometry) under the configured protocol."""
         rgb = load_image(image)
-        size = self.clip.config.image_size
-        pixels, geometry = (whole_image if self.settings.protocol == "whole" else clip_center_crop)(rgb, size)
-        return rgb, pixels, geometry
+        config = self.clip.config
+        return rgb, *prepare(rgb, self.settings.protocol, config.image_size, config.patch_size)
 
     def encode_prompts(self, prompts: Sequence[str]) -> EncodedPrompts:
         """Tokenises and encodes prompts once; the result serves any number of images."""

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tclip_jax.preprocess import upsample_bilinear
+from tclip_jax.image import upsample_bilinear
 
 DIRECTIONS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 # Shift lengths as fractions of the patch size: sub-patch shifts move every patch boundary.

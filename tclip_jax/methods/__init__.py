@@ -7,6 +7,6 @@ token ids [n_texts, context] (or [n_texts, n_templates, context] for a prompt en
 but HilaCAM (which differentiates the text tower), as their features from `common.text_features`
 [n_texts, embed_dim], computed once for many image batches; `output.maps` [n_images, n_texts, gh, gw] is the
 patch-grid relevance; each output dataclass also carries the method's intermediates. Its `Baseline` entry
-records how the official code feeds images in (`prepare_input`) and turns maps into heatmaps
+records how the official code feeds images in (`tclip_jax.image.InputProtocol`) and turns maps into heatmaps
 (`postprocess_maps`). The registry is `tclip_jax.methods.registry.BASELINES`.
 """

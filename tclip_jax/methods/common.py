@@ -55,6 +55,16 @@ def text_features(model: CLIP, params: dict, texts: Array) -> Array:
     return l2_normalize(embeds.mean(axis=1))
 
 
+def minmax(x: Array, axis: int | tuple[int, ...] = (-2, -1)) -> Array:
+    """(x - min) / (max - min) over ``axis``, with no epsilon, so it equals the reference formula exactly.
+
+    A constant slice (max == min) maps to all zeros rather than NaN.
+    """
+    low = jnp.min(x, axis=axis, keepdims=True)
+    spread = jnp.max(x, axis=axis, keepdims=True) - low
+    return jnp.where(spread > 0, (x - low) / jnp.where(spread > 0, spread, 1), 0)
+
+
 def patch_grid(maps: Array, grid: tuple[int, int]) -> Array:
     """[..., 1 + gh*gw] token values (class token first) -> [..., gh, gw] patch grid, row-major."""
     return maps[..., 1:].reshape(*maps.shape[:-1], *grid)

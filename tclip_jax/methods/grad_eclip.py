@@ -16,7 +16,6 @@ import jax.numpy as jnp
 
 from tclip_jax.methods import common
 from tclip_jax.model import CLIP, l2_normalize
-from tclip_jax.preprocess import minmax
 
 Array = jax.Array
 
@@ -103,7 +102,7 @@ def grad_eclip_map(model: CLIP, params: dict, images: Array, texts: Array, *,
     """
     run = last_block_gradients(model, params, images, texts, single_head)
     q, k, v = run.trace.q, run.trace.k, run.trace.v
-    qk = minmax(jnp.einsum("bd,bpd->bp", l2_normalize(q[:, 0]), l2_normalize(k[:, 1:])), axis=-1)
+    qk = common.minmax(jnp.einsum("bd,bpd->bp", l2_normalize(q[:, 0]), l2_normalize(k[:, 1:])), axis=-1)
     maps = jax.nn.relu(jnp.einsum("btd,bpd->btp", run.grad_cls_output, v[:, 1:]) * qk[:, None])
     grid = run.grid
     patch_cosine = l2_normalize(run.tokens[:, 1:]) @ run.text_features.T

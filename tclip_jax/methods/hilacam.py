@@ -82,7 +82,7 @@ def hilacam_map(model: CLIP, params: dict, images: Array, token_ids: Array, *,
     `start_layer` (-1: the last block only, the notebook default; 0: all blocks) the attention
     probabilities A and their gradient G give R += mean_heads(clamp(G * A, min=0)) @ R, from R = I.
 
-    Protocol of the notebook: center-crop preprocessing (`clip_center_crop`); one prompt per text
+    Protocol of the notebook: center-crop preprocessing (`center_crop`); one prompt per text
     ([n_texts, context]); maps upsampled to the input size, then min-max normalised.
     """
     if jnp.issubdtype(token_ids.dtype, jnp.floating):

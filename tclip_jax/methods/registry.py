@@ -9,7 +9,8 @@ from tclip_jax.methods.attention import AttentionOutput, raw_attention_map, roll
 from tclip_jax.methods.clip_surgery import SurgeryOutput, clip_surgery_map
 from tclip_jax.methods.grad_eclip import GradCAMOutput, GradECLIPOutput, grad_cam_map, grad_eclip_map
 from tclip_jax.methods.hilacam import HilaCAMOutput, hilacam_map
-from tclip_jax.methods.postprocess import InputProtocol, MapPostprocess, postprocess_maps, prepare_input
+from tclip_jax.image import InputProtocol
+from tclip_jax.methods.postprocess import MapPostprocess, postprocess_maps
 from tclip_jax.methods.decomposition import DecompositionHeatmapOutput, decomposition_map
 from tclip_jax.methods.similarity import SimilarityOutput, maskclip_map, rclip_map, similarity_map
 from tclip_jax.templates import CLIP_SURGERY_TEMPLATES
@@ -37,10 +38,10 @@ _NORMALIZE_THEN_UPSAMPLE = MapPostprocess(normalize_first=True)
 _UPSAMPLE_THEN_NORMALIZE = MapPostprocess(normalize_first=False)
 
 BASELINES: dict[str, Baseline] = {
-    "similarity": Baseline(similarity_map, _NORMALIZE_THEN_UPSAMPLE, "whole_image"),
-    "rclip": Baseline(rclip_map, _NORMALIZE_THEN_UPSAMPLE, "whole_image"),
-    "maskclip": Baseline(maskclip_map, _NORMALIZE_THEN_UPSAMPLE, "whole_image"),
-    "clip_surgery": Baseline(clip_surgery_map, _NORMALIZE_THEN_UPSAMPLE, "whole_image", CLIP_SURGERY_TEMPLATES),
+    "similarity": Baseline(similarity_map, _NORMALIZE_THEN_UPSAMPLE, "whole"),
+    "rclip": Baseline(rclip_map, _NORMALIZE_THEN_UPSAMPLE, "whole"),
+    "maskclip": Baseline(maskclip_map, _NORMALIZE_THEN_UPSAMPLE, "whole"),
+    "clip_surgery": Baseline(clip_surgery_map, _NORMALIZE_THEN_UPSAMPLE, "whole", CLIP_SURGERY_TEMPLATES),
     "hilacam": Baseline(hilacam_map, _UPSAMPLE_THEN_NORMALIZE, "center_crop", takes_text_features=False),
     "attention": Baseline(raw_attention_map, _UPSAMPLE_THEN_NORMALIZE, "center_crop"),
     "rollout": Baseline(rollout_map, _UPSAMPLE_THEN_NORMALIZE, "center_crop"),
@@ -61,6 +62,6 @@ __all__ = [
     "AttentionOutput", "BASELINES", "Baseline", "DecompositionHeatmapOutput", "GradCAMOutput", "GradECLIPOutput",
     "HilaCAMOutput", "InputProtocol", "MapPostprocess", "SimilarityOutput", "SurgeryOutput",
     "clip_surgery_map", "decomposition_map", "get_baseline", "grad_cam_map", "grad_eclip_map", "hilacam_map",
-    "maskclip_map", "postprocess_maps", "prepare_input", "raw_attention_map", "rclip_map", "rollout_map",
+    "maskclip_map", "postprocess_maps", "raw_attention_map", "rclip_map", "rollout_map",
     "similarity_map", "text_features",
 ]

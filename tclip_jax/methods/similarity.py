@@ -9,7 +9,6 @@ import jax.numpy as jnp
 
 from tclip_jax.methods import common
 from tclip_jax.model import CLIP, l2_normalize
-from tclip_jax.preprocess import minmax
 
 Array = jax.Array
 
@@ -50,7 +49,7 @@ def rclip_map(model: CLIP, params: dict, images: Array, texts: Array) -> Similar
     """RCLIP: the reversed raw similarity map, |1 - minmax(map)| (CLIP's patch similarity is often inverted,
     foreground scoring lowest). Same inputs and post-processing as `similarity_map`."""
     plain = similarity_map(model, params, images, texts)
-    return plain.replace(maps=jnp.abs(1 - minmax(plain.maps)))
+    return plain.replace(maps=jnp.abs(1 - common.minmax(plain.maps)))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "residual_and_mlp"))

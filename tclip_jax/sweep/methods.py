@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tclip_jax.methods.postprocess import postprocess_maps, prepare_input
+from tclip_jax.image import Geometry, prepare
+from tclip_jax.methods.postprocess import postprocess_maps
 from tclip_jax.methods.registry import BASELINES, get_baseline, text_features
 from tclip_jax.loading import load_clip
 from tclip_jax.method.explainer import TCLIP
 from tclip_jax.postprocess import soft_map
-from tclip_jax.preprocess import Geometry
 
 MapsFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 Factory = Callable[[Optional[str], Sequence[str], Optional[str]], "Method"]
@@ -131,7 +131,7 @@ def baseline_method(name: str) -> Factory:
             return postprocess_maps(present, pixels.shape[1:3], baseline.postprocess)
 
         return Method(name, {"clip": clip.params, "texts": texts}, maps,
-                      lambda image: prepare_input(baseline.input_protocol, image, clip.config))
+                      lambda image: prepare(image, baseline.input_protocol, clip.config.image_size, clip.config.patch_size))
 
     return factory
 

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from tclip_jax.datasets.base import Dataset, LoadedSample, Sample
 from tclip_jax.files import write_text_atomic
-from tclip_jax.preprocess import Geometry, to_original
+from tclip_jax.image import Geometry, to_original
 from tclip_jax.sweep.evaluate import EvalOptions, evaluate_targets
 from tclip_jax.sweep.methods import Method
 from tclip_jax.sweep.report import CONFIG_FILE, write_report

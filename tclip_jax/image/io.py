@@ -1,50 +1,58 @@
-"""Image loading: any path, PIL image or array becomes an RGB uint8 array [H, W, 3].
+"""Decoding: any path, encoded bytes, PIL image or array becomes an RGB uint8 array [H, W, 3].
 
 Conventions:
 - Alpha is dropped (not composited), as CLIP's own ``_convert_image_to_rgb`` (PIL ``convert("RGB")``) does.
 - 16-bit values v become round(v / 257), so 8-bit values stored as v * 257 round-trip exactly.
 - Float arrays must lie in [0, 1] and become round(255 * x).
-- EXIF orientation is applied (``ImageOps.exif_transpose``) to files and PIL images.
+- EXIF orientation is applied (``ImageOps.exif_transpose``) to files and PIL images, unless ``exif=False``:
+  dataset annotations are drawn on the stored pixel grid (as pycocotools, gScoreCAM's ``Image.open`` and the
+  ImageNet-S evaluator read images), so datasets decode images as stored.
 """
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageLike = str | os.PathLike | Image.Image | np.ndarray
+ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 _UINT16_MAX = 65535
 
 
-def load_image(image: ImageLike) -> np.ndarray:
+def load_image(image: ImageLike, exif: bool = True) -> np.ndarray:
     """Return ``image`` as a C-contiguous RGB uint8 array [H, W, 3] (a new array, never a view of the input)."""
     if isinstance(image, (str, os.PathLike)):
-        return _read_file(pathlib.Path(image))
+        return _decode(pathlib.Path(image), exif)
+    if isinstance(image, bytes):
+        return _decode(image, exif)
     if isinstance(image, Image.Image):
-        return _pil_to_rgb(image)
+        return _pil_to_rgb(image, exif)
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
-    raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(image).__name__}")
+    raise TypeError(f"expected a path, encoded bytes, a PIL image or a numpy array, got {type(image).__name__}")
 
 
-def _read_file(path: pathlib.Path) -> np.ndarray:
-    if not path.exists():
-        raise FileNotFoundError(f"image file not found: {path}")
-    if not path.is_file():
-        raise ValueError(f"image path is not a file: {path}")
+def _decode(source: pathlib.Path | bytes, exif: bool) -> np.ndarray:
+    name = "image bytes" if isinstance(source, bytes) else f"image file {source}"
+    if not isinstance(source, bytes):
+        if not source.exists():
+            raise FileNotFoundError(f"image file not found: {source}")
+        if not source.is_file():
+            raise ValueError(f"image path is not a file: {source}")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             img.load()
-            return _pil_to_rgb(img)
+            return _pil_to_rgb(img, exif)
     except (UnidentifiedImageError, OSError) as err:  # UnidentifiedImageError: not an image; OSError: truncated
-        raise ValueError(f"cannot read image file {path}: {err}") from err
+        raise ValueError(f"cannot read {name}: {err}") from err
 
 
-def _pil_to_rgb(img: Image.Image) -> np.ndarray:
-    img = ImageOps.exif_transpose(img)
+def _pil_to_rgb(img: Image.Image, exif: bool = True) -> np.ndarray:
+    if exif:
+        img = ImageOps.exif_transpose(img)
     if img.width == 0 or img.height == 0:
         raise ValueError(f"image is empty: size {img.width}x{img.height} (W x H)")
     if img.mode.startswith("I"):  # "I" (int32) and "I;16*" (uint16): 16-bit data, PIL's convert would clip at 255

@@ -1,0 +1,90 @@
+"""The ways a decoded image becomes the model input (`InputProtocol`), each with its `Geometry`.
+
+- ``"whole"``: the whole image resized (bicubic) to the model's square input size, nothing cropped; CLIP Surgery's
+  demo and TCLIP's default. Reproduces torchvision ``Resize((h, w), BICUBIC)`` with the PIL backend.
+- ``"center_crop"``: OpenAI CLIP's ``_transform``: bicubic resize of the short side to the input size, then the
+  centre crop; HilaCAM, the decomposition code and the TCLIP author's similarity code. Reproduces torchvision
+  ``Resize(size, BICUBIC)`` (PIL backend; long side ``int(size * long / short)``) and ``CenterCrop(size)``
+  (offset ``int(round((resized - size) / 2.0))``).
+- ``"patch_multiple"``: each side resized to the nearest multiple of the patch size, ``int(side / patch + 0.5)``
+  patches (Grad-ECLIP's ``imgprocess``); the model resizes its positional embedding to that grid.
+
+Every protocol takes the decoded uint8 image (`tclip_jax.image.load_image`), so an image is decoded once
+whatever runs on it, and returns float32 [h, w, 3] normalised with CLIP's mean and std.
+"""
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import numpy as np
+from PIL import Image
+
+from tclip_jax.image.geometry import Geometry
+
+InputProtocol = Literal["whole", "center_crop", "patch_multiple"]
+INPUT_PROTOCOLS: tuple[str, ...] = get_args(InputProtocol)
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+def prepare(rgb: np.ndarray, protocol: InputProtocol, image_size: int, patch_size: int) -> tuple[np.ndarray, Geometry]:
+    """The model input of a decoded image under `protocol`, for a model of `image_size` and `patch_size`."""
+    if protocol == "whole":
+        return whole_image(rgb, image_size)
+    if protocol == "center_crop":
+        return center_crop(rgb, image_size)
+    if protocol == "patch_multiple":
+        _check_rgb(rgb)
+        return whole_image(rgb, tuple(int(side / patch_size + 0.5) * patch_size for side in rgb.shape[:2]))
+    raise ValueError(f"unknown input protocol {protocol!r}; expected one of {', '.join(INPUT_PROTOCOLS)}")
+
+
+def center_crop(rgb: np.ndarray, size: int = 224) -> tuple[np.ndarray, Geometry]:
+    """OpenAI CLIP's resize of the short side to ``size``, centre crop, normalise: float32 [size, size, 3]."""
+    _check_rgb(rgb)
+    if not isinstance(size, (int, np.integer)) or size <= 0:
+        raise ValueError(f"center_crop size must be a positive int, got {size!r}")
+    height, width = rgb.shape[:2]
+    if width <= height:
+        resized_hw = (int(size * height / width), size)
+    else:
+        resized_hw = (size, int(size * width / height))
+    offset_yx = tuple(int(round((r - size) / 2.0)) for r in resized_hw)
+    resized = _resize_bicubic(rgb, resized_hw)
+    crop = resized[offset_yx[0] : offset_yx[0] + size, offset_yx[1] : offset_yx[1] + size]
+    geometry = Geometry((height, width), (size, size), resized_hw, offset_yx)
+    return clip_normalize(crop), geometry
+
+
+def whole_image(rgb: np.ndarray, size: int | tuple[int, int] = 224) -> tuple[np.ndarray, Geometry]:
+    """Bicubic resize of the whole image to ``size`` (int or (h, w)), no crop, normalise: float32 [h, w, 3]."""
+    _check_rgb(rgb)
+    input_hw = (size, size) if isinstance(size, (int, np.integer)) else size
+    if not (
+        isinstance(input_hw, (tuple, list))
+        and len(input_hw) == 2
+        and all(isinstance(s, (int, np.integer)) and s > 0 for s in input_hw)
+    ):
+        raise ValueError(f"whole_image size must be a positive int or (h, w) of positive ints, got {size!r}")
+    input_hw = (int(input_hw[0]), int(input_hw[1]))
+    geometry = Geometry(rgb.shape[:2], input_hw, input_hw, (0, 0))
+    return clip_normalize(_resize_bicubic(rgb, input_hw)), geometry
+
+
+def clip_normalize(rgb):
+    """CLIP's pixel normalisation of uint8 RGB [..., 3], numpy or jax (training normalises batches on device).
+
+    Same float32 operations, in the same order, as torchvision ToTensor (/255) then Normalize (sub, div).
+    """
+    return (rgb.astype(np.float32) / np.float32(255.0) - CLIP_MEAN) / CLIP_STD
+
+
+def _check_rgb(rgb: np.ndarray) -> None:
+    if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
+        raise ValueError("input protocols take a decoded uint8 RGB array [H, W, 3] (tclip_jax.image.load_image), "
+                         f"got {type(rgb).__name__} {getattr(rgb, 'dtype', '')} {getattr(rgb, 'shape', '')}")
+
+
+def _resize_bicubic(rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb).resize((size_hw[1], size_hw[0]), Image.Resampling.BICUBIC))

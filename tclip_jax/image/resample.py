@@ -1,0 +1,51 @@
+"""Bilinear resampling of maps with torch's conventions (``F.interpolate(mode='bilinear', align_corners=False)``).
+
+Half-pixel centres, clamped edges and no antialiasing (unlike ``jax.image.resize``), also when shrinking; the
+taps are computed in float32 as torch computes them, so upsampled maps agree with the official code to float32
+rounding.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.partial(jax.jit, static_argnames="size")
+def upsample_bilinear(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Resize the last two axes of ``maps`` [..., gh, gw] to ``size`` = (H, W)."""
+    if maps.ndim < 2:
+        raise ValueError(f"maps must have at least 2 axes [..., gh, gw], got shape {maps.shape}")
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"size must be (H, W) of positive ints, got {size!r}")
+    grid_hw = maps.shape[-2:]
+    rows = bilinear_taps(int(size[0]), grid_hw[0], np.float32(grid_hw[0]) / np.float32(size[0]), 0.0)
+    cols = bilinear_taps(int(size[1]), grid_hw[1], np.float32(grid_hw[1]) / np.float32(size[1]), 0.0)
+    return resample(maps, rows, cols)
+
+
+def bilinear_taps(out_size: int, in_size: int, scale: float, shift: float) -> tuple[np.ndarray, ...]:
+    """Indices and weights for output pixels whose centres c map to input coordinate ``scale * c + shift``.
+
+    Mirrors torch's float32 ``area_pixel_compute_source_index`` (compiled as one fused multiply-add, hence the
+    single rounding from float64, exact here) and ``guard_index_and_lambda``.
+    """
+    centres = np.arange(out_size, dtype=np.float64) + 0.5
+    source = (np.float64(np.float32(scale)) * centres + np.float64(np.float32(shift)) - 0.5).astype(np.float32)
+    source = np.maximum(source, np.float32(0.0))
+    index0 = np.minimum(source.astype(np.int32), in_size - 1)
+    index1 = np.where(index0 < in_size - 1, index0 + 1, index0)
+    weight1 = np.clip(source - index0.astype(np.float32), 0.0, 1.0).astype(np.float32)
+    return index0, index1, np.float32(1.0) - weight1, weight1
+
+
+def resample(maps: jax.Array, rows: tuple[np.ndarray, ...], cols: tuple[np.ndarray, ...]) -> jax.Array:
+    """Applies `bilinear_taps` along the last axis (cols), then the one before (rows)."""
+    # Width first, then height: the same order of operations as torch's bilinear kernel.
+    maps = jnp.asarray(maps, dtype=jnp.float32)
+    c0, c1, cw0, cw1 = cols
+    maps = jnp.take(maps, c0, axis=-1) * cw0 + jnp.take(maps, c1, axis=-1) * cw1
+    r0, r1, rw0, rw1 = rows
+    return jnp.take(maps, r0, axis=-2) * rw0[:, None] + jnp.take(maps, r1, axis=-2) * rw1[:, None]
