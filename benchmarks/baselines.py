@@ -18,7 +18,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
                                 median_seconds, today, write_section)
 from tclip_jax.methods.registry import BASELINES  # noqa: E402
-from tclip_jax.checkpoint import save_checkpoint  # noqa: E402
+from tclip_jax.checkpoints.folder import save_checkpoint  # noqa: E402
 from tclip_jax.model import PRESETS, init_params  # noqa: E402
 from tclip_jax.sweep.methods import build_method  # noqa: E402
 

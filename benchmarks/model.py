@@ -23,7 +23,7 @@ import transformers
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
                                median_seconds, today, write_section)
-from tclip_jax.loading import load_clip  # noqa: E402
+from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.model import PRESETS, to_hf_config  # noqa: E402
 
 CONVERT_PROBE = """

@@ -38,7 +38,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run
 from benchmarks._common import (RESULTS_PATH, command_line, interleaved_medians, load_average,  # noqa: E402
                                 machine_description, markdown_table, today, write_section)
 from tclip_jax.datasets import COCO_CATEGORIES  # noqa: E402
-from tclip_jax.loading import LoadedClip  # noqa: E402
+from tclip_jax.checkpoints.load import LoadedClip  # noqa: E402
 from tclip_jax.method.explainer import TCLIP, Settings  # noqa: E402
 from tclip_jax.method.relevance import aggregate_maps, translated_patch_embeddings  # noqa: E402
 from tclip_jax.method.translations import translated_copies  # noqa: E402
@@ -46,8 +46,8 @@ from tclip_jax.model import CLIP, PRESETS, to_hf_config  # noqa: E402
 from tclip_jax.postprocess import heatmap_box, soft_map  # noqa: E402
 from tclip_jax.image import to_original, whole_image  # noqa: E402
 from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene  # noqa: E402
-from tclip_jax.tokenizer import default_tokenizer  # noqa: E402
-from weights_conversion.convert import convert_state_dict  # noqa: E402
+from tclip_jax.model.tokenizer import default_tokenizer  # noqa: E402
+from tclip_jax.checkpoints.convert import convert_state_dict  # noqa: E402
 
 IMAGE_HW = (480, 640)
 PROMPT = "a small brown dog chases a red ball across grass"  # 10 words

@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks._common import command_line, load_average, machine_description, markdown_table, today, write_section  # noqa: E402
 from tclip_jax.evaluation.synthetic import KINDS, METHODS, METRICS, evaluate  # noqa: E402
-from tclip_jax.loading import load_clip  # noqa: E402
+from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.synthetic import HELDOUT_SEED_START, heldout_seeds  # noqa: E402
 
 METHOD_NAMES = {"tclip_k25": "TCLIP (K=25)", "tclip_k1": "TCLIP (K=1)", "similarity": "raw similarity map",

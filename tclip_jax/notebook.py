@@ -13,7 +13,7 @@ import PIL.Image
 
 from tclip_jax import synthetic
 from tclip_jax.image import load_image
-from tclip_jax.loading import load_clip
+from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.method.explainer import TCLIP, ImageResult, Settings
 from tclip_jax.metrics import box_hit, pointing_game
 

@@ -43,7 +43,7 @@ def highest_precision():
 def tiny_model(fixture_npz):
     """(model, float32 params) of the fixtures' tiny OpenAI-format CLIP, converted by our rule table."""
     from tclip_jax.model import CLIP
-    from weights_conversion.convert import convert_state_dict, infer_openai_config
+    from tclip_jax.checkpoints.convert import convert_state_dict, infer_openai_config
 
     state_dict = {k: v.astype(np.float32) for k, v in fixture_npz("tiny_openai_clip.npz").items()}
     config = infer_openai_config(state_dict)

@@ -8,11 +8,11 @@ import safetensors.numpy
 import torch
 import transformers
 
-from tclip_jax import checkpoint
+from tclip_jax.checkpoints import folder as checkpoint
 from tclip_jax.cli import main as tclip
-from tclip_jax.loading import load_clip
+from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.model import CLIPConfig, to_hf_config
-from weights_conversion.convert import ConversionError
+from tclip_jax.checkpoints.convert import ConversionError
 
 SMALL = CLIPConfig(embed_dim=32, image_size=64, patch_size=32, vision_width=64, vision_layers=2, vision_heads=1,
                    vision_mlp_dim=256, vocab_size=49408, context_length=77, text_width=64, text_layers=2,

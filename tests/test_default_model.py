@@ -4,11 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from tclip_jax.checkpoint import flatten, load_checkpoint
+from tclip_jax.checkpoints.folder import flatten, load_checkpoint
 from tclip_jax.evaluation.synthetic import HELDOUT_METRICS_FILE, heldout_metrics
-from tclip_jax.loading import DEFAULT_MODEL_DIR, load_clip
+from tclip_jax.checkpoints.load import DEFAULT_MODEL_DIR, load_clip
 from tclip_jax.synthetic import make_batch, train_seeds
-from tclip_jax.tokenizer import default_tokenizer
+from tclip_jax.model.tokenizer import default_tokenizer
 
 MAX_FOLDER_BYTES = 10 * 2**20
 

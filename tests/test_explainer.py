@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import tclip_jax.method.explainer as explainer_module
-from tclip_jax.loading import load_clip
+from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.method.explainer import TCLIP, Settings
 from tclip_jax.postprocess import gmm_threshold, heatmap_box
 from tclip_jax.image import points_to_model, to_original

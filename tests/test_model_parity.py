@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from tclip_jax.model import CLIP, PRESETS, CLIPConfig, param_shapes, to_hf_config
-from weights_conversion.convert import convert_state_dict, infer_openai_config
+from tclip_jax.checkpoints.convert import convert_state_dict, infer_openai_config
 
 TOL = 1e-4
 

@@ -15,7 +15,7 @@ from tclip_jax.evaluation.synthetic import (
     summarise,
     tclip_scores,
 )
-from tclip_jax.loading import load_clip
+from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.method.explainer import TCLIP, Settings
 from tclip_jax.synthetic import evaluation_units, heldout_seeds, make_scene
 

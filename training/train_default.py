@@ -41,13 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tclip_jax.checkpoint import save_checkpoint
+from tclip_jax.checkpoints.folder import save_checkpoint
 from tclip_jax.evaluation.synthetic import record_heldout_metrics
-from tclip_jax.loading import DEFAULT_MODEL_DIR
+from tclip_jax.checkpoints.load import DEFAULT_MODEL_DIR
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize
 from tclip_jax.synthetic import heldout_seeds, make_batch, train_seeds
-from tclip_jax.tokenizer import PAD_ID, default_tokenizer
+from tclip_jax.model.tokenizer import PAD_ID, default_tokenizer
 
 VALIDATION_OFFSET = 1_000_000  # validation scenes: heldout_seeds(n, VALIDATION_OFFSET)
 LOG_FILE = "training_log.jsonl"

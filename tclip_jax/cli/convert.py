@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from tclip_jax.checkpoint import save_checkpoint
+from tclip_jax.checkpoints.folder import save_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from weights_conversion.load import load_any
+    from tclip_jax.checkpoints.load import load_any
 
     start = time.perf_counter()
     converted = load_any(args.source, source=args.source_format, activation=args.activation)

@@ -105,7 +105,7 @@ def write_baseline_result(image: np.ndarray, heatmaps: np.ndarray, prompts: list
 
 def _tclip_records(args: argparse.Namespace):
     """(header, per-image writer) for TCLIP."""
-    from tclip_jax.loading import load_clip
+    from tclip_jax.checkpoints.load import load_clip
     from tclip_jax.method.explainer import TCLIP, Settings
 
     settings = Settings(translations=args.translations, protocol=args.protocol, trim=args.trim, sigma=args.sigma,

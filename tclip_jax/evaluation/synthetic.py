@@ -32,7 +32,7 @@ from tclip_jax.image import prepare, to_original
 from tclip_jax.methods.postprocess import postprocess_maps
 from tclip_jax.methods.registry import get_baseline
 from tclip_jax.files import write_text_atomic
-from tclip_jax.loading import LoadedClip, load_clip
+from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.method.explainer import TCLIP, Settings
 from tclip_jax.metrics import aggregate_by_class, box_hit, energy_in_mask, pointing_game
 from tclip_jax.postprocess import gmm_threshold, heatmap_box

@@ -15,11 +15,11 @@ import jax
 import numpy as np
 
 from tclip_jax.image import INPUT_PROTOCOLS, Geometry, ImageLike, InputProtocol, load_image, prepare, to_original
-from tclip_jax.loading import LoadedClip, load_clip
+from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.method.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
 from tclip_jax.method.translations import DEFAULT_SCALE_FRACTIONS, DEFAULT_TRIM, translation_offsets
 from tclip_jax.postprocess import BOX_RULES, Box, BoxRule, GmmFit, heatmap_box, soft_map
-from tclip_jax.tokenizer import TokenizedPrompt, Word
+from tclip_jax.model.tokenizer import TokenizedPrompt, Word
 
 @dataclasses.dataclass(frozen=True)
 class Settings:

@@ -13,7 +13,7 @@ from tclip_jax.image import InputProtocol
 from tclip_jax.methods.postprocess import MapPostprocess, postprocess_maps
 from tclip_jax.methods.decomposition import DecompositionHeatmapOutput, decomposition_map
 from tclip_jax.methods.similarity import SimilarityOutput, maskclip_map, rclip_map, similarity_map
-from tclip_jax.templates import CLIP_SURGERY_TEMPLATES
+from tclip_jax.methods.templates import CLIP_SURGERY_TEMPLATES
 
 
 @dataclasses.dataclass(frozen=True)

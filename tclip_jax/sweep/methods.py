@@ -27,7 +27,7 @@ import numpy as np
 from tclip_jax.image import Geometry, prepare
 from tclip_jax.methods.postprocess import postprocess_maps
 from tclip_jax.methods.registry import BASELINES, get_baseline, text_features
-from tclip_jax.loading import load_clip
+from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.method.explainer import TCLIP
 from tclip_jax.postprocess import soft_map
 

@@ -6,9 +6,9 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from tclip_jax.checkpoint import param_problems, unflatten
+from tclip_jax.checkpoints.folder import param_problems, unflatten
 from tclip_jax.model import CLIPConfig
-from weights_conversion.rules import IGNORED_SOURCE_KEYS, expand
+from tclip_jax.checkpoints.rules import IGNORED_SOURCE_KEYS, expand
 
 
 class ConversionError(ValueError):

@@ -4,7 +4,7 @@ The vocabulary is built the way OpenAI's `simple_tokenizer.SimpleTokenizer` buil
 (in `bytes_to_unicode` order), the same symbols with `</w>`, one entry per merge for the first
 49152 - 256 - 2 merges, then `<|startoftext|>` and `<|endoftext|>` (49408 entries).
 
-Usage: python -m weights_conversion.make_tokenizer_files path/to/bpe_simple_vocab_16e6.txt.gz [--out DIR]
+Usage: python -m tclip_jax.checkpoints.make_tokenizer_files path/to/bpe_simple_vocab_16e6.txt.gz [--out DIR]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import json
 import pathlib
 from collections.abc import Sequence
 
-from tclip_jax.tokenizer import DATA_DIR, EOT_TOKEN, SOT_TOKEN, WORD_END, bytes_to_unicode
+from tclip_jax.model.tokenizer import DATA_DIR, EOT_TOKEN, SOT_TOKEN, WORD_END, bytes_to_unicode
 
 N_MERGES = 49152 - 256 - 2
 MERGES_HEADER = "#version: 0.2"

@@ -25,7 +25,7 @@ import numpy as np
 import tokenizers
 import transformers
 
-DATA_DIR = pathlib.Path(__file__).resolve().parent / "data" / "clip_tokenizer"
+DATA_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "clip_tokenizer"
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
 WORD_END = "</w>"

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from weights_conversion.convert import ConversionError
+from tclip_jax.checkpoints.convert import ConversionError
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")

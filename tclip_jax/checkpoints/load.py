@@ -1,4 +1,4 @@
-"""One entry point from any way of naming a CLIP ViT to (params, config, tokenizer folder).
+"""`load_clip`: one entry point from any way of naming a CLIP ViT to (model, params, tokenizer).
 
 Accepted: a converted tclip_jax folder; a Hugging Face CLIPModel folder (`config.json` +
 `model.safetensors` or `pytorch_model.bin`); an OpenCLIP folder (`open_clip_config.json` +
@@ -11,14 +11,49 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Optional
+from typing import Any, Optional
 
-from tclip_jax import checkpoint
-from tclip_jax.model import CLIPConfig, from_hf_config
-from weights_conversion import sources
-from weights_conversion.convert import ConversionError, convert_state_dict, detect_format, infer_openai_config
+import jax.numpy as jnp
+
+from tclip_jax.checkpoints import folder as checkpoint, sources
+from tclip_jax.checkpoints.convert import ConversionError, convert_state_dict, detect_format, infer_openai_config
+from tclip_jax.model import CLIP, CLIPConfig, from_hf_config
+from tclip_jax.model.tokenizer import ClipTokenizer, default_tokenizer
 
 SOURCES = ("tclip", "hf", "openai", "open_clip")
+# The small CLIP trained on synthetic scenes that ships with the package; used when no model is named.
+DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "default_model"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedClip:
+    model: CLIP          # the Flax module (config and matmul dtype); call it as model.apply({"params": params}, ...)
+    params: dict         # float32 parameter tree
+    tokenizer: ClipTokenizer
+    source: str          # one of SOURCES
+    origin: str          # what was named
+
+    @property
+    def config(self) -> CLIPConfig:
+        return self.model.config
+
+
+def load_clip(name_or_path: Optional[str | os.PathLike] = None, *, source: Optional[str] = None,
+              activation: Optional[str] = None, dtype: Any = jnp.float32) -> LoadedClip:
+    """Loads a CLIP ViT with its tokenizer.
+
+    `name_or_path`: None (the embedded default), a converted folder, a Hugging Face folder or hub name,
+    an OpenAI `.pt`, an OpenAI-format `.npz`/`.safetensors` state dict, or an OpenCLIP checkpoint.
+    `dtype` is the matmul dtype (parameters stay float32), e.g. `jnp.bfloat16` on TPU.
+    """
+    if name_or_path is None:
+        if not DEFAULT_MODEL_DIR.is_dir():
+            raise FileNotFoundError(f"the embedded default model is missing from this installation "
+                                    f"({DEFAULT_MODEL_DIR}); name a model explicitly")
+        name_or_path = DEFAULT_MODEL_DIR
+    converted = load_any(name_or_path, source=source, activation=activation)
+    tokenizer = default_tokenizer() if converted.tokenizer_dir is None else ClipTokenizer(converted.tokenizer_dir)
+    return LoadedClip(CLIP(converted.config, dtype), converted.params, tokenizer, converted.source, converted.origin)
 
 
 @dataclasses.dataclass(frozen=True)
