@@ -1,7 +1,7 @@
 """Time per image and prompt of TCLIP and every baseline, with their forward/backward pass counts.
 
 ViT-B/32-size random weights (`init_params`), one 640x480 image, 5 prompts, each method through the
-same `Method` adapter that sweeps use (official input protocol, prompts and map post-processing).
+same `Method` interface that explain and sweeps use (official input protocol, prompts and map post-processing).
 
     python benchmarks/baselines.py [--repeats 3]
 """
@@ -17,10 +17,11 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
                                 median_seconds, today, write_section)
-from tclip_jax.methods.registry import BASELINES  # noqa: E402
 from tclip_jax.checkpoints.folder import save_checkpoint  # noqa: E402
+from tclip_jax.checkpoints.load import load_clip  # noqa: E402
+from tclip_jax.methods import METHODS  # noqa: E402
+from tclip_jax.methods.base import Query  # noqa: E402
 from tclip_jax.model import PRESETS, init_params  # noqa: E402
-from tclip_jax.sweep.methods import build_method  # noqa: E402
 
 PROMPTS = ["a dog", "a red car", "a traffic light", "a person riding a bike", "grass"]
 # Passes through the image encoder per image for all prompts (T = number of prompts): gradient methods
@@ -39,16 +40,18 @@ def main() -> None:
     load = load_average()
     config = PRESETS["ViT-B/32"]
     image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-    class_ids = np.arange(len(PROMPTS), dtype=np.int32)[None]
+    query_rows = np.arange(len(PROMPTS), dtype=np.int32)[None]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_checkpoint(pathlib.Path(tmp) / "vit_b32", init_params(config), config)
-        for name in ["tclip", *sorted(BASELINES)]:
-            method = build_method(name, str(folder), PROMPTS)
+        clip = load_clip(folder)
+        for name, method_class in METHODS.items():
+            method = method_class(clip)
+            queries = method.encode([Query(p) for p in PROMPTS], label_set=PROMPTS)
 
             def run():
-                pixels, _ = method.preprocess(image)
-                return np.asarray(method.maps(method.params, pixels[None], class_ids))
+                pixels, _ = method.prepare(image)
+                return np.asarray(method.jitted_maps(method.params, pixels[None], queries, query_rows).maps)
 
             seconds, _ = median_seconds(run, args.repeats)
             forward, backward = PASSES[name]

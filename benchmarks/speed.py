@@ -2,7 +2,7 @@
 
 Rows, per image (median of --repeats timed runs after one warm-up):
   (a) tclip_jax end to end: `TCLIP.explain(image, prompts)` (prompt encoding, device maps, GMM, Otsu, boxes)
-  (b) its device part: `TCLIP.device_maps` + `block_until_ready`
+  (b) its device part: `TCLIP.maps` (jitted) + `block_until_ready`
   (c) the floor: one batched forward of the 25 translated copies through the image tower, JAX and PyTorch
   (d) a straightforward PyTorch pipeline as a researcher would write it: transformers `CLIPModel`, the 25
       copies one after another in a Python loop, `F.interpolate`, numpy shift-back, `scipy.stats.trim_mean`
@@ -37,11 +37,11 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (RESULTS_PATH, command_line, interleaved_medians, load_average,  # noqa: E402
                                 machine_description, markdown_table, today, write_section)
-from tclip_jax.datasets import COCO_CATEGORIES  # noqa: E402
+from tclip_jax.evaluation.datasets import COCO_CATEGORIES  # noqa: E402
 from tclip_jax.checkpoints.load import LoadedClip  # noqa: E402
-from tclip_jax.method.explainer import TCLIP, Settings  # noqa: E402
-from tclip_jax.method.relevance import aggregate_maps, translated_patch_embeddings  # noqa: E402
-from tclip_jax.method.translations import translated_copies  # noqa: E402
+from tclip_jax.methods.tclip import TCLIP, Settings  # noqa: E402
+from tclip_jax.methods.tclip.relevance import aggregate_maps, translated_patch_embeddings  # noqa: E402
+from tclip_jax.methods.tclip.translations import translated_copies  # noqa: E402
 from tclip_jax.model import CLIP, PRESETS, to_hf_config  # noqa: E402
 from tclip_jax.postprocess import heatmap_box, soft_map  # noqa: E402
 from tclip_jax.image import to_original, whole_image  # noqa: E402
@@ -59,7 +59,7 @@ WORKLOADS = {"prompt": (PROMPT,), "coco80": COCO_CLASSES}
 class MapOut:
     """One explained word or phrase: the aggregated map at the original size and its post-processing."""
 
-    aggregated: np.ndarray
+    heatmap: np.ndarray
     tau: float
     box: tuple[int, int, int, int]
 
@@ -86,7 +86,7 @@ def photo_like_image(seed: int) -> np.ndarray:
 def flat_maps(result) -> list[MapOut]:
     """(a)'s maps in query order: every prompt's words, then every prompt's phrase."""
     words = [m for p in result.prompts for m in p.word_maps]
-    return [MapOut(m.aggregated, m.tau, tuple(m.box)) for m in words + [p.phrase for p in result.prompts]]
+    return [MapOut(m.heatmap, m.tau, tuple(m.box)) for m in words + [p.phrase for p in result.prompts]]
 
 
 # --- (c) the floor: one batched image-tower forward ---------------------------------------------------------
@@ -184,8 +184,9 @@ def run_workload(name, prompts, image, hf, tclip, copies, args) -> dict:
     encoded = tclip.encode_prompts(prompts)
     _, pixels, geometry = tclip.preprocess(image)
     batch = pixels[None]
+    rows = np.arange(len(encoded.queries), dtype=np.int32)[None]
     fns = {"a": lambda: flat_maps(tclip.explain(image, prompts)),
-           "b": lambda: jax.block_until_ready(tclip.device_maps(batch, encoded.queries)),
+           "b": lambda: jax.block_until_ready(tclip.jitted_maps(tclip.params, batch, encoded.queries, rows)),
            "c_jax": jax_floor(tclip.clip, copies),
            "c_torch": torch_floor(hf, copies, device),
            "d": lambda: torch_pipeline(hf, image, prompts, offsets, trim, device)}
@@ -195,10 +196,10 @@ def run_workload(name, prompts, image, hf, tclip, copies, args) -> dict:
     medians, first = interleaved_medians({**fns, **stages}, args.repeats)
     ours, reference = first["a"], first["d"]
     row = dict(name=name, prompts=len(prompts), maps=len(ours), **{k: medians[k] for k in fns},
-               max_map_diff=max(float(np.abs(o.aggregated - r.aggregated).max()) for o, r in zip(ours, reference)),
+               max_map_diff=max(float(np.abs(o.heatmap - r.heatmap).max()) for o, r in zip(ours, reference)),
                max_tau_diff=max(abs(o.tau - r.tau) for o, r in zip(ours, reference)),
                boxes_equal=sum(o.box == r.box for o, r in zip(ours, reference)),
-               unique_queries=len(np.unique(encoded.queries, axis=0)),
+               unique_queries=len(encoded.queries),
                stages={k: medians[k] for k in stages})
     return row
 
@@ -208,7 +209,7 @@ def profile_stages(tclip, image, prompts, encoded, batch, geometry) -> dict:
     model, params, offsets, trim = tclip.clip.model, tclip.clip.params, tclip.offsets, tclip.settings.trim
     size_hw = batch.shape[1:3]
     grid_hw = tuple(s // tclip.clip.config.patch_size for s in size_hw)
-    queries = np.unique(encoded.queries, axis=0)
+    queries = encoded.queries.per_query
     patches = translated_patch_embeddings(model, params, batch, offsets)[0]
     maps = np.asarray(aggregate_maps(patches, queries, offsets, grid_hw, size_hw, trim))
     original = list(to_original(maps, geometry))

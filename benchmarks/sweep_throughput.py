@@ -24,13 +24,13 @@ def measure(args: argparse.Namespace) -> dict:
     """One sweep in this process; its Throughput as a dict."""
     import dataclasses
 
-    from tclip_jax.datasets import synthetic_dataset
-    from tclip_jax.sweep import RunOptions, run_sweep, tclip_method
+    from tclip_jax.evaluation.datasets import synthetic_dataset
+    from tclip_jax.methods.tclip import TCLIP
+    from tclip_jax.sweep import RunOptions, run_sweep
 
     dataset = synthetic_dataset(args.scenes)
-    method = tclip_method(args.model, dataset.class_names)
     with tempfile.TemporaryDirectory() as out:
-        result = run_sweep(dataset, method, out, {"model": args.model},
+        result = run_sweep(dataset, TCLIP.from_pretrained(args.model), out,
                            options=RunOptions(args.batch_size, args.workers, progress=False))
     return dataclasses.asdict(result.throughput)
 

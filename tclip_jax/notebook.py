@@ -14,8 +14,9 @@ import PIL.Image
 from tclip_jax import synthetic
 from tclip_jax.image import load_image
 from tclip_jax.checkpoints.load import load_clip
-from tclip_jax.method.explainer import TCLIP, ImageResult, Settings
-from tclip_jax.metrics import box_hit, pointing_game
+from tclip_jax.methods.base import ImageResult
+from tclip_jax.methods.tclip import TCLIP, Settings
+from tclip_jax.evaluation.metrics import box_hit, pointing_game
 
 PRETRAINED = "openai/clip-vit-base-patch32"
 
@@ -42,7 +43,7 @@ def load_explainer(model: Optional[str] = None, **settings) -> tuple[TCLIP, str]
     if model is None and online():
         model = PRETRAINED
     clip = load_clip(model)
-    return TCLIP(clip, Settings(**settings)), clip.origin
+    return TCLIP(clip, Settings.from_dict(settings)), clip.origin
 
 
 def fetch_image(source: Optional[str] = None) -> np.ndarray:
@@ -67,7 +68,7 @@ def show(result: ImageResult, prompt_index: int = 0):
     axes[0, 0].imshow(result.image)
     axes[0, 0].set_title("image")
     for axis, word, maps in zip(axes[0, 1:], prompt.words, prompt.word_maps):
-        axis.imshow(overlay(result.image, maps.aggregated, maps.box))
+        axis.imshow(overlay(result.image, maps.heatmap, maps.box))
         axis.set_title(f"{word.text}  τ={maps.tau:.3f}")
     for axis in axes.flat:
         axis.axis("off")
@@ -87,6 +88,6 @@ def mini_sweep(explainer: TCLIP, seeds: Sequence[int]) -> dict[str, float]:
         offsets = np.cumsum([0] + [len(w) + 1 for w in scene.caption.split()])
         for target in scene.word_targets.values():
             maps = starts[int(offsets[target.word_index])]
-            hits.append(pointing_game(maps.aggregated, target.mask))
+            hits.append(pointing_game(maps.heatmap, target.mask))
             boxes.append(box_hit(maps.box, [target.box]))
     return {"units": len(hits), "pointing_game": float(np.mean(hits)), "box_acc": float(np.mean(boxes))}

@@ -13,7 +13,7 @@ from tclip_jax.postprocess import Box
 BOX_COLOUR = (255, 255, 255)
 
 
-def normalise(heatmap: np.ndarray) -> np.ndarray:
+def normalize(heatmap: np.ndarray) -> np.ndarray:
     """Min-max to [0, 1]; a constant map becomes zeros."""
     low, high = float(heatmap.min()), float(heatmap.max())
     return np.zeros_like(heatmap, np.float32) if high <= low else ((heatmap - low) / (high - low)).astype(np.float32)
@@ -21,7 +21,7 @@ def normalise(heatmap: np.ndarray) -> np.ndarray:
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, box: Box | None = None, alpha: float = 0.5) -> np.ndarray:
     """uint8 RGB: the image blended with the turbo-coloured min-max heatmap, and the box outlined."""
-    colours = cv2.applyColorMap(np.uint8(255 * normalise(heatmap)), cv2.COLORMAP_TURBO)[..., ::-1]
+    colours = cv2.applyColorMap(np.uint8(255 * normalize(heatmap)), cv2.COLORMAP_TURBO)[..., ::-1]
     blended = cv2.addWeighted(image, 1.0 - alpha, colours, alpha, 0.0)
     if box is not None:
         thickness = max(2, round(max(image.shape[:2]) / 160))

@@ -4,22 +4,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tclip_jax.methods.registry import (
-    BASELINES,
-    MapPostprocess,
-    clip_surgery_map,
-    get_baseline,
-    grad_cam_map,
-    grad_eclip_map,
-    hilacam_map,
-    maskclip_map,
-    postprocess_maps,
-    raw_attention_map,
-    rclip_map,
-    rollout_map,
-    similarity_map,
-    text_features,
-)
+from tclip_jax import methods
+from tclip_jax.methods import METHODS
+from tclip_jax.methods.attention import raw_attention_map, rollout_map
+from tclip_jax.methods.base import MapPostprocess, postprocess_maps
+from tclip_jax.methods.clip_surgery import clip_surgery_map
+from tclip_jax.methods.common import text_features
+from tclip_jax.methods.decomposition import decomposition_map
+from tclip_jax.methods.grad_eclip import grad_cam_map, grad_eclip_map
+from tclip_jax.methods.hilacam import hilacam_map
+from tclip_jax.methods.similarity import maskclip_map, rclip_map, similarity_map
 from tclip_jax.methods import common
 from tclip_jax.methods.grad_eclip import last_block_gradients
 from tclip_jax.model import l2_normalize
@@ -76,7 +70,7 @@ def test_similarity_map_matches_clip_surgery_plain_reference(tiny_model, surgery
     out = similarity_map(model, params, nhwc(surgery_ref["pixel_values"]), surgery_ref["tokens/labels_single"])
     assert_close(out.text_features, surgery_ref["plain/text_features_single"], "text features")
     assert_close(out.similarity, surgery_ref["plain/similarity_single"], "token similarity")
-    assert_maps_close(out.maps, surgery_ref, "plain/map_single", BASELINES["similarity"].postprocess)
+    assert_maps_close(out.maps, surgery_ref, "plain/map_single", METHODS["similarity"].heatmap)
 
 
 def test_rclip_reverses_the_normalised_similarity_map(tiny_model, surgery_ref):
@@ -92,7 +86,7 @@ def test_clip_surgery_matches_reference(tiny_model, surgery_ref):
     model, params = tiny_model
     config = model.config
     images = nhwc(surgery_ref["pixel_values"])
-    spec = BASELINES["clip_surgery"].postprocess
+    spec = METHODS["clip_surgery"].heatmap
     out = clip_surgery_map(model, params, images, surgery_ref["tokens/labels_ensemble"])
     assert_close(out.image_features, surgery_ref["cs/image_features"], "surgery image features")
     assert_close(out.text_features, surgery_ref["cs/text_features_ensemble"], "ensemble text features")
@@ -113,7 +107,7 @@ def test_clip_surgery_single_text_with_empty_string_redundancy_matches_reference
     assert_close(out.redundant_features, surgery_ref["cs_redundant/redundant_features"], "empty-string ensemble")
     assert_close(out.text_features, surgery_ref[f"{key}/text_features"], "raw single prompt")
     assert_close(out.similarity, surgery_ref[f"{key}/similarity"], "single prompt minus redundant")
-    assert_maps_close(out.maps, surgery_ref, f"{key}/map", BASELINES["clip_surgery"].postprocess)
+    assert_maps_close(out.maps, surgery_ref, f"{key}/map", METHODS["clip_surgery"].heatmap)
 
 
 def test_clip_surgery_rejects_bad_options(tiny_model, surgery_ref):
@@ -173,7 +167,7 @@ def test_hilacam_matches_reference(tiny_model, hilacam_ref, variant, start_layer
     images = np.concatenate([nhwc(hilacam_ref[f"{name}/pixel_values"]) for name in IMAGE_NAMES])
     out = hilacam_map(model, params, images, hilacam_ref["token_ids"], start_layer=start_layer,
                       start_layer_text=start_layer)
-    spec = BASELINES["hilacam"].postprocess
+    spec = METHODS["hilacam"].heatmap
     for b, name in enumerate(IMAGE_NAMES):
         ref = f"{name}/{variant}"
         assert_close(out.maps[b].reshape(3, -1), hilacam_ref[f"{ref}/image_relevance"], f"{ref} image relevance")
@@ -213,7 +207,7 @@ def test_grad_eclip_and_grad_cam_match_reference(tiny_model, grad_eclip_ref, fix
     model, params = tiny_model
     config = model.config
     ref = {k.split("/", 1)[1]: v for k, v in grad_eclip_ref.items() if k.startswith(name + "/")}
-    images, geometry = prepare(fixture_images[name], BASELINES["grad_eclip"].input_protocol, 224, 32)
+    images, geometry = prepare(fixture_images[name], METHODS["grad_eclip"].input_protocol, 224, 32)
     assert_close(images[None], nhwc(ref["pixel_values"]), "patch-multiple preprocessing", tol=1e-5)
     images = nhwc(ref["pixel_values"])
     tokens = grad_eclip_ref["token_ids"]
@@ -225,13 +219,13 @@ def test_grad_eclip_and_grad_cam_match_reference(tiny_model, grad_eclip_ref, fix
         assert_close(getattr(out, field)[0], ref[key], f"grad_eclip {field}")
     size = geometry.original_hw
     assert_close(minmax(out.maps[0]), ref["grad_eclip_map"], "grad_eclip normalised map")
-    assert_close(postprocess_maps(out.maps[0], size, BASELINES["grad_eclip"].postprocess),
+    assert_close(postprocess_maps(out.maps[0], size, METHODS["grad_eclip"].heatmap),
                  ref["grad_eclip_map_upsampled"], "grad_eclip upsampled map")
     cam = grad_cam_map(model, params, images, tokens)
     assert_close(cam.cosine[0], ref["cosine"], "grad_cam cosine")
     assert_close(cam.maps[0] / ref["grad_cam_raw"].max(), ref["grad_cam_raw"] / ref["grad_cam_raw"].max(),
                  "grad_cam raw map (relative)")
-    assert_close(postprocess_maps(cam.maps[0], size, BASELINES["gradcam"].postprocess),
+    assert_close(postprocess_maps(cam.maps[0], size, METHODS["gradcam"].heatmap),
                  ref["grad_cam_map_upsampled"], "grad_cam upsampled map")
 
 
@@ -268,23 +262,28 @@ def test_raw_attention_and_rollout(tiny_model, surgery_ref):
 # ---------------------------------------------------------------- registry and protocols
 
 def test_registry_lists_every_method_with_its_protocol():
-    assert set(BASELINES) == {"similarity", "rclip", "maskclip", "clip_surgery", "hilacam", "attention", "rollout",
-                              "gradcam", "grad_eclip", "decomposition"}
-    assert len(BASELINES["clip_surgery"].prompt_templates) == 85
-    with pytest.raises(ValueError, match="unknown baseline"):
-        get_baseline("nope")
+    assert set(METHODS) == {"tclip", "similarity", "rclip", "maskclip", "clip_surgery", "hilacam", "attention",
+                            "rollout", "gradcam", "grad_eclip", "decomposition"}
+    assert all(METHODS[name].name == name for name in METHODS)
+    assert len(METHODS["clip_surgery"].templates) == 85
+    with pytest.raises(ValueError, match="unknown method"):
+        methods.get("nope")
 
 
-@pytest.mark.parametrize("name", sorted(n for n, b in BASELINES.items() if b.takes_text_features))
+# The map functions that accept text features in place of token ids (all but HilaCAM), and their ensembles.
+FEATURE_MAPS = {"similarity": similarity_map, "rclip": rclip_map, "maskclip": maskclip_map,
+                "clip_surgery": clip_surgery_map, "attention": raw_attention_map, "rollout": rollout_map,
+                "gradcam": grad_cam_map, "grad_eclip": grad_eclip_map, "decomposition": decomposition_map}
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
 def test_text_features_computed_once_give_the_token_id_maps(tiny_model, surgery_ref, name):
     model, params = tiny_model
-    config = model.config
     images = nhwc(surgery_ref["pixel_values"][:1])
-    baseline = BASELINES[name]
-    token_ids = surgery_ref["tokens/labels_ensemble" if baseline.prompt_templates else "tokens/labels_single"]
+    token_ids = surgery_ref["tokens/labels_ensemble" if METHODS[name].templates else "tokens/labels_single"]
     features = text_features(model, params, token_ids)
-    assert_close(baseline.explain(model, params, images, features).maps,
-                 np.asarray(baseline.explain(model, params, images, token_ids).maps), f"{name} maps")
+    assert_close(FEATURE_MAPS[name](model, params, images, features).maps,
+                 np.asarray(FEATURE_MAPS[name](model, params, images, token_ids).maps), f"{name} maps")
 
 
 def test_text_features_of_the_wrong_width_or_for_hilacam_are_refused(tiny_model, surgery_ref):
@@ -297,7 +296,7 @@ def test_text_features_of_the_wrong_width_or_for_hilacam_are_refused(tiny_model,
     with pytest.raises(ValueError, match="HilaCAM needs token ids"):
         hilacam_map(model, params, images, features)
     with pytest.raises(ValueError, match="at least 2 texts"):  # minus its own mean, one text is all zeros
-        BASELINES["decomposition"].explain(model, params, images, features[:1])
+        decomposition_map(model, params, images, features[:1])
 
 
 def test_prepare_follows_each_protocol(tiny_model, fixture_images, surgery_ref, hilacam_ref):

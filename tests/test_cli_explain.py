@@ -16,14 +16,18 @@ def test_explain_writes_overlays_grid_json_and_npz(tmp_path, fixtures_dir):
     record = json.loads((folder / "result.json").read_text())
     words = record["prompts"][0]["words"]
     assert [w["word"] for w in words] == ["a", "red", "circle"]  # the full stop is not explained
-    assert record["size_hw"] == [240, 320] and record["settings"]["translations"] == 1
+    assert record["schema"] == "tclip_jax/result" and record["version"] == 2
+    assert record["image"]["size_hw"] == [240, 320] and record["run"]["settings"]["translations"] == 1
+    assert record["run"]["method"] == "tclip" and record["run"]["protocol"] == "whole"
+    assert record["run"]["model"]["origin"].endswith("tiny_openai_clip.npz")
     for word in words:
         assert (folder / word["overlay"]).is_file()
         x1, y1, x2, y2 = word["box_xyxy"]
         assert 0 <= x1 < x2 <= 320 and 0 <= y1 < y2 <= 240
     assert (folder / record["prompts"][0]["grid_figure"]).is_file()
     with np.load(folder / "maps.npz") as maps:
-        assert maps["p0/aggregated/2"].shape == (240, 320) and maps["p0/similarity"].shape == (4, 49)  # every piece, "." included
+        assert maps["p0_w2_circle/heatmap"].shape == maps["p0_w2_circle/soft"].shape == (240, 320)
+        assert maps["p0_similarity"].shape == (4, 49)  # every piece, "." included
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 
@@ -33,7 +37,11 @@ def test_explain_with_a_baseline(tmp_path, fixtures_dir):
                   "--method", "similarity", "--model", str(fixtures_dir / "tiny_openai_clip.npz"),
                   "--out", str(out)]) == 0
     record = json.loads((out / "scene_224" / "result.json").read_text())
-    assert record["method"] == "similarity" and [p["prompt"] for p in record["prompts"]] == ["red circle", "cat"]
+    assert record["run"]["method"] == "similarity" and record["run"]["protocol"] == "whole"
+    assert [p["prompt"] for p in record["prompts"]] == ["red circle", "cat"]
+    for prompt in record["prompts"]:  # one map per prompt, no words and no soft map
+        assert prompt["words"] == [] and prompt["phrase"]["tau"] is None
+        assert (out / "scene_224" / prompt["phrase"]["overlay"]).is_file()
 
 
 def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):
@@ -46,5 +54,17 @@ def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):
     assert not (tmp_path / "o").exists()  # nothing written for a bad prompt
     assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a cat", "--method", "decomposition",
                   "--model", model, "--out", str(tmp_path / "o")]) == 2
-    assert "decomposition needs at least 2 prompts" in capsys.readouterr().err
+    assert "so it needs at least 2; got 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_settings_flags_must_belong_to_the_method(tmp_path, fixtures_dir, capsys):
+    model = str(fixtures_dir / "tiny_openai_clip.npz")
+    image = str(fixtures_dir / "scene_224.png")
+    assert tclip(["explain", image, "--prompt", "a cat", "--method", "hilacam", "--translations", "1",
+                  "--model", model, "--out", str(tmp_path / "o")]) == 2
+    assert "--translations is not a setting of hilacam" in capsys.readouterr().err
+    assert tclip(["explain", image, "--prompt", "a cat", "--method", "hilacam", "--option", "depth=2",
+                  "--model", model, "--out", str(tmp_path / "o")]) == 2
+    assert "unknown option 'depth'; HilaCAMSettings takes box_rule, truncate, start_layer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

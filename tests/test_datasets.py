@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tclip_jax.datasets import (
+from tclip_jax.evaluation.datasets import (
     COCO_CATEGORIES,
     SYNTHETIC_CLASSES,
     coco_dataset,

@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 
 from tclip_jax.methods import common
-from tclip_jax.methods.registry import BASELINES, decomposition_map, postprocess_maps
-from tclip_jax.methods.decomposition import decompose, mean_ablate, residual_terms, text_span, text_span_heads
+from tclip_jax.methods import METHODS
+from tclip_jax.methods.base import postprocess_maps
+from tclip_jax.methods.decomposition import (
+    decompose,
+    decomposition_map,
+    mean_ablate,
+    residual_terms,
+    text_span,
+    text_span_heads,
+)
 from tclip_jax.model import l2_normalize
 
 TOL = 1e-4
@@ -73,7 +81,7 @@ def test_decomposition_heatmap_matches_reference(heatmap_output, reference):
     image, text = int(reference["seg_image_index"]), int(reference["seg_text_index"])
     grid = heatmap_output.maps[image, text]
     assert_close(grid, reference["seg_heatmap_grid"], "segmentation grid")
-    assert_close(postprocess_maps(grid, (224, 224), BASELINES["decomposition"].postprocess),
+    assert_close(postprocess_maps(grid, (224, 224), METHODS["decomposition"].heatmap),
                  reference["seg_normalized"], "upsampled, clipped, normalised heatmap")
 
 

@@ -3,9 +3,10 @@ one image pass for many prompts, and bad input."""
 import numpy as np
 import pytest
 
-import tclip_jax.method.explainer as explainer_module
+import tclip_jax.methods.tclip.method as tclip_module
 from tclip_jax.checkpoints.load import load_clip
-from tclip_jax.method.explainer import TCLIP, Settings
+from tclip_jax.methods.tclip import TCLIP, Settings
+from tclip_jax.methods.tclip.translations import translation_offsets
 from tclip_jax.postprocess import gmm_threshold, heatmap_box
 from tclip_jax.image import points_to_model, to_original
 
@@ -26,13 +27,13 @@ def author(fixture_npz):
 def vit_calls(monkeypatch):
     """Counts the image-tower passes the explainer makes (each pass covers all translated copies)."""
     calls = []
-    original = explainer_module.translated_patch_embeddings
+    original = tclip_module.translated_patch_embeddings
 
     def counting(*args, **kwargs):
         calls.append(args[2].shape)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(explainer_module, "translated_patch_embeddings", counting)
+    monkeypatch.setattr(tclip_module, "translated_patch_embeddings", counting)
     return calls
 
 
@@ -71,9 +72,9 @@ def test_result_structure_on_a_non_square_image(tiny_clip, fixture_images, proto
     maps = list(explained.word_maps) + [explained.phrase]
     assert [m.text for m in explained.word_maps] == [w.text for w in explained.words]
     for m in maps:
-        assert m.aggregated.shape == m.soft.shape == (height, width)
-        assert np.isfinite(m.aggregated).all() and np.isfinite(m.soft).all()
-        assert m.aggregated.min() <= m.tau <= m.aggregated.max()
+        assert m.heatmap.shape == m.soft.shape == (height, width)
+        assert np.isfinite(m.heatmap).all() and np.isfinite(m.soft).all()
+        assert m.heatmap.min() <= m.tau <= m.heatmap.max()
         assert 0 <= m.box.x1 < m.box.x2 <= width and 0 <= m.box.y1 < m.box.y2 <= height
     # Original pixels whose centre the model did not see (cut off by the centre crop) read as each map's minimum.
     xs, ys = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
@@ -81,10 +82,10 @@ def test_result_structure_on_a_non_square_image(tiny_clip, fixture_images, proto
     seen = np.all((model_xy >= 0) & (model_xy <= 224), axis=-1)
     assert seen.all() == (protocol == "whole")
     for m in maps:
-        np.testing.assert_array_equal(m.aggregated[~seen], m.aggregated.min())
+        np.testing.assert_array_equal(m.heatmap[~seen], m.heatmap.min())
     # Without translation every step is linear in the query, and the phrase query is the mean of the words'.
-    words_mean = np.mean([m.aggregated for m in explained.word_maps], axis=0)
-    np.testing.assert_allclose(explained.phrase.aggregated[seen], words_mean[seen], atol=1e-5)
+    words_mean = np.mean([m.heatmap for m in explained.word_maps], axis=0)
+    np.testing.assert_allclose(explained.phrase.heatmap[seen], words_mean[seen], atol=1e-5)
 
 
 def test_one_image_pass_serves_many_prompts(tiny_clip, fixture_images, vit_calls):
@@ -96,7 +97,7 @@ def test_one_image_pass_serves_many_prompts(tiny_clip, fixture_images, vit_calls
         alone = tclip.explain(image, prompt).prompts[0]
         assert alone.prompt == joint.prompt == prompt
         for a, b in zip(list(alone.word_maps) + [alone.phrase], list(joint.word_maps) + [joint.phrase]):
-            np.testing.assert_allclose(a.aggregated, b.aggregated, atol=1e-6, rtol=0)
+            np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-6, rtol=0)
             assert a.box == b.box and abs(a.tau - b.tau) < 1e-6
         np.testing.assert_allclose(alone.similarity, joint.similarity, atol=1e-6, rtol=0)
 
@@ -107,15 +108,16 @@ def test_equal_queries_are_mapped_once_and_give_every_query_its_map(tiny_clip, f
     tclip = TCLIP(tiny_clip, Settings(translations=25))
     image = fixture_images["scene_wide_320x240"]
     encoded = tclip.encode_prompts(["dog", "dog runs"])
-    assert len(encoded.queries) == 5 and len(np.unique(encoded.queries, axis=0)) == 3
+    assert len(encoded.rows) == 5 and len(encoded.queries) == 3
     result = tclip.explain(image, encoded)
     one, two = result.prompts
     maps = [one.word_maps[0], two.word_maps[0], two.word_maps[1], one.phrase, two.phrase]
-    assert maps[0].aggregated is maps[1].aggregated is maps[3].aggregated  # computed once
+    assert maps[0].heatmap is maps[1].heatmap is maps[3].heatmap  # computed once
     _, pixels, geometry = tclip.preprocess(image)
-    every_query = to_original(np.asarray(tclip.device_maps(pixels[None], encoded.queries)[1][0]), geometry)
+    every_query = to_original(np.asarray(tclip.maps(tclip.params, pixels[None], encoded.queries.take(encoded.rows),
+                                                    np.arange(5)[None]).maps[0]), geometry)
     for query, (map_result, reference) in enumerate(zip(maps, every_query)):
-        np.testing.assert_allclose(map_result.aggregated, reference, atol=1e-6, rtol=0, err_msg=f"query {query}")
+        np.testing.assert_allclose(map_result.heatmap, reference, atol=1e-6, rtol=0, err_msg=f"query {query}")
         assert map_result.box == heatmap_box(reference) and abs(map_result.tau - gmm_threshold(reference).tau) < 1e-6
     assert [m.text for m in maps] == ["dog", "dog", "runs", "dog", "dog runs"]
 
@@ -166,8 +168,8 @@ def test_one_pixel_image(no_translation):
     assert result.geometry.original_hw == (1, 1)
     for m in result.prompts[0].word_maps:
         # A single value: the mixture fit falls back to 'constant' and the box is the whole (1 x 1) image.
-        assert m.aggregated.shape == m.soft.shape == (1, 1)
-        assert m.gmm.fallback == "constant" and m.tau == pytest.approx(float(m.aggregated[0, 0]))
+        assert m.heatmap.shape == m.soft.shape == (1, 1)
+        assert m.gmm.fallback == "constant" and m.tau == pytest.approx(float(m.heatmap[0, 0]))
         assert tuple(m.box) == (0, 0, 1, 1)
 
 
@@ -178,8 +180,8 @@ def test_constant_image(tiny_clip, translations):
     for m in list(result.prompts[0].word_maps) + [result.prompts[0].phrase]:
         # The model still sees position (positional embeddings, and the padding of shifted copies), so the maps
         # need not be flat; they must be finite, with tau in their range and a box inside the image.
-        assert m.aggregated.shape == (90, 130) and np.isfinite(m.aggregated).all() and np.isfinite(m.soft).all()
-        assert m.aggregated.min() <= m.tau <= m.aggregated.max()
+        assert m.heatmap.shape == (90, 130) and np.isfinite(m.heatmap).all() and np.isfinite(m.soft).all()
+        assert m.heatmap.min() <= m.tau <= m.heatmap.max()
         assert 0 <= m.box.x1 < m.box.x2 <= 130 and 0 <= m.box.y1 < m.box.y2 <= 90
 
 
@@ -188,3 +190,30 @@ def test_settings_name_a_bad_protocol_or_box_rule():
         Settings(protocol="stretch")
     with pytest.raises(ValueError, match=r"box_rule must be one of \('component', 'contour'\)"):
         Settings(box_rule="biggest")
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"translations": 17}, r"translations must be 1 \(off\) or 25"),
+    ({"translations": 2.0}, "translations must be an integer"),
+    ({"scale_fractions": (0.5,), "translations": 25}, r"translations must be 1 \(off\) or 9"),
+    ({"scale_fractions": (0.0,)}, r"scale fractions must lie in \(0, 1\]"),
+    ({"trim": 0.5}, r"trim must lie in \[0, 0.5\)"),
+    ({"sigma": float("nan")}, "sigma must be a finite number"),
+    ({"sigma": -1.0}, "sigma must be >= 0"),
+    ({"gmm_seed": -1}, "gmm_seed must be >= 0"),
+    ({"gmm_seed": 2**32}, "gmm_seed must be below 2"),
+    ({"colour": "red"}, "unknown setting 'colour'; Settings takes box_rule, truncate, translations"),
+])
+def test_settings_refuse_bad_values_when_made(values, message):
+    with pytest.raises(ValueError, match=message):
+        Settings.from_dict(values)
+
+
+def test_settings_round_trip_and_follow_the_scale_fractions():
+    assert Settings().translations == 25
+    two_scales = Settings(scale_fractions=(0.25, 0.5))
+    assert two_scales.translations == 17
+    assert len(translation_offsets(32, two_scales.scale_fractions, two_scales.translations)) == 17
+    assert Settings.from_dict(two_scales.to_dict()) == two_scales
+    assert Settings.parse_assignments(["trim=0.1", "sigma=none", "scale-fractions=0.5"]) == \
+        {"trim": 0.1, "sigma": None, "scale_fractions": (0.5,)}

@@ -7,8 +7,8 @@ shifting, shift-back operators, aggregation and `to_original` are what is tested
 import numpy as np
 import pytest
 
-from tclip_jax.method.relevance import aggregate_maps
-from tclip_jax.method.translations import shift_back_operators, translated_copies, translation_offsets
+from tclip_jax.methods.tclip.relevance import aggregate_maps
+from tclip_jax.methods.tclip.translations import shift_back_operators, translated_copies, translation_offsets
 from tclip_jax.image import center_crop, points_to_original, to_original, whole_image
 
 PATCH = 32

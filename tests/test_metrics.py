@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tclip_jax.metrics import (
+from tclip_jax.evaluation.metrics import (
     TORCHRAY_TOLERANCE,
     aggregate_by_class,
     argmax_point,

@@ -1,7 +1,7 @@
 """Sweeps end to end: hand-computed scores with a stand-in method, one real TCLIP run checked against the
 explainer, resume after SIGKILL, 4 simulated devices, two jax.distributed processes, and bad input.
 
-The stand-in ``painted_method`` paints nothing itself: the map of class k is 1 where an image's red channel
+The stand-in method ``Painted`` paints nothing itself: the map of class k is 1 where an image's red channel
 equals k + 1 and 0 elsewhere, so the test images below decide every map, box and score exactly.
 """
 import json
@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 from tclip_jax.cli import main
-from tclip_jax.datasets import SYNTHETIC_CLASSES, coco_dataset, imagenet_s_dataset, split_wnids, synthetic_dataset
-from tclip_jax.method.explainer import EncodedPrompts, TCLIP
-from tclip_jax.metrics import (
+from tclip_jax.evaluation.datasets import SYNTHETIC_CLASSES, coco_dataset, imagenet_s_dataset, split_wnids, synthetic_dataset
+from tclip_jax.evaluation.metrics import (
     box_iou,
     energy_in_mask,
     energy_pointing_game,
@@ -29,50 +28,61 @@ from tclip_jax.metrics import (
     pointing_game,
     segmentation_scores,
 )
+from tclip_jax.evaluation.scoring import EvalOptions
 from tclip_jax.image import Geometry
-from tclip_jax.sweep import EvalOptions, Method, ResultWriter, RunOptions, read_all_records, read_records, run_sweep
-from tclip_jax.sweep.methods import tclip_class_queries
-from tclip_jax.synthetic import mask_box
+from tclip_jax.methods.base import MapOutput, Method, QueryArrays
+from tclip_jax.methods.tclip import TCLIP
+from tclip_jax.sweep import ResultWriter, RunOptions, class_queries, read_all_records, read_records, run_sweep
+from tclip_jax.evaluation.metrics import mask_box
 from test_datasets import build_tfds_coco, painted, write_coco, write_imagenet_s
 
 TESTS = pathlib.Path(__file__).resolve().parent
-STALL_ENV = "TCLIP_TEST_STALL_AFTER"  # stalling_painted_method: images a process preprocesses before it stalls
+STALL_ENV = "TCLIP_TEST_STALL_AFTER"  # StallingPainted: images a process prepares before it stalls
 
 
 # -------------------------------------------------------------------------------------- stand-in method
-def _identity_preprocess(image: np.ndarray) -> tuple[np.ndarray, Geometry]:
-    size = image.shape[:2]
-    return image.astype(np.float32), Geometry(size, size, size, (0, 0))
+_prepared = {"count": 0, "lock": threading.Lock()}
 
 
-_preprocessed = {"count": 0, "lock": threading.Lock()}
+class Painted(Method):
+    """`--method test_sweep:Painted`: the map of class k is (red == k + 1); no model, the image itself is the input."""
+
+    name = "painted"
+
+    @classmethod
+    def from_pretrained(cls, name_or_path=None, **settings):
+        return cls(None, cls.Settings.from_dict(settings))
+
+    @property
+    def params(self):
+        return {}
+
+    def run_info(self) -> dict:
+        return {"method": self.name, "model": {"origin": "none", "source": "none"},
+                "settings": self.settings.to_dict(), "protocol": "identity"}
+
+    def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        size = rgb.shape[:2]
+        return rgb.astype(np.float32), Geometry(size, size, size, (0, 0))
+
+    def encode(self, queries, label_set=None) -> QueryArrays:
+        return QueryArrays(np.array([list(label_set).index(q.prompt) + 1 for q in queries], np.float32))
+
+    def maps(self, params, pixels, queries, rows) -> MapOutput:
+        codes = queries.per_query[rows]                                                 # [B, K]
+        return MapOutput((pixels[:, None, :, :, 0] == codes[:, :, None, None]).astype(jnp.float32))
 
 
-def _stalling_preprocess(image: np.ndarray) -> tuple[np.ndarray, Geometry]:
-    """Preprocesses the first $TCLIP_TEST_STALL_AFTER images, then blocks for good (until the process is killed)."""
-    with _preprocessed["lock"]:
-        _preprocessed["count"] += 1
-        stall = _preprocessed["count"] > int(os.environ.get(STALL_ENV, "1000000"))
-    while stall:
-        time.sleep(1)
-    return _identity_preprocess(image)
+class StallingPainted(Painted):
+    """The same maps; preparing stalls after $TCLIP_TEST_STALL_AFTER images, so a kill lands mid-sweep."""
 
-
-def _painted_maps(params, pixels, class_ids):
-    codes = params["codes"][class_ids]                                            # [B, K]
-    return (pixels[:, None, :, :, 0] == codes[:, :, None, None]).astype(jnp.float32)  # [B, K, H, W]
-
-
-def painted_method(model, class_names, template=None) -> Method:
-    """Factory for `--method test_sweep:painted_method`: map of class k = (red == k + 1)."""
-    return Method("painted", {"codes": np.arange(1, len(class_names) + 1, dtype=np.float32)}, _painted_maps,
-                  _identity_preprocess)
-
-
-def stalling_painted_method(model, class_names, template=None) -> Method:
-    """The same maps; preprocessing stalls after $TCLIP_TEST_STALL_AFTER images, so a kill lands mid-sweep."""
-    return Method("painted", {"codes": np.arange(1, len(class_names) + 1, dtype=np.float32)}, _painted_maps,
-                  _stalling_preprocess)
+    def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        with _prepared["lock"]:
+            _prepared["count"] += 1
+            stall = _prepared["count"] > int(os.environ.get(STALL_ENV, "1000000"))
+        while stall:
+            time.sleep(1)
+        return super().prepare(rgb)
 
 
 def gscorecam_iou(a, b) -> float:
@@ -138,7 +148,7 @@ def _expected_coco(crowd: str) -> dict:
 @pytest.mark.parametrize("crowd", ["keep", "drop"])
 def test_coco_sweep_scores_by_hand(coco_hand, tmp_path, crowd):
     dataset = coco_dataset(coco_hand, crowd=crowd)
-    result = run_sweep(dataset, painted_method(None, dataset.class_names), tmp_path / "out", {"crowd": crowd},
+    result = run_sweep(dataset, Painted.from_pretrained(), tmp_path / "out", f"crowd {crowd}",
                        options=RunOptions(batch_size=2, progress=False))
     expected = _expected_coco(crowd)
     assert expected[("1", "traffic light")][1] == pytest.approx(231 / 325 if crowd == "keep" else 231 / 525)
@@ -166,8 +176,7 @@ def test_coco_sweep_scores_by_hand(coco_hand, tmp_path, crowd):
 
 def test_save_vis_writes_one_picture_per_unit_of_the_first_images(coco_hand, tmp_path):
     dataset = coco_dataset(coco_hand)
-    run_sweep(dataset, painted_method(None, dataset.class_names), tmp_path, {},
-              options=RunOptions(batch_size=2, save_vis=1, progress=False))
+    run_sweep(dataset, Painted.from_pretrained(), tmp_path, options=RunOptions(batch_size=2, save_vis=1, progress=False))
     assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["1__person.png", "1__traffic_light.png"]
 
 
@@ -191,8 +200,8 @@ def test_imagenet_s_sweep_scores_by_hand(tmp_path, threshold):
         f"{w1}/b": (painted(32, 32, [(2, slice(0, 16), slice(0, 16))]), b),   # class 1 not painted
     })
     dataset = imagenet_s_dataset(root, 50)
-    report = run_sweep(dataset, painted_method(None, dataset.class_names), tmp_path / "out", {},
-                       EvalOptions(threshold=threshold), RunOptions(batch_size=2, progress=False)).report
+    report = run_sweep(dataset, Painted.from_pretrained(), tmp_path / "out", evaluation=EvalOptions(threshold=threshold),
+                       options=RunOptions(batch_size=2, progress=False)).report
     units = {(r["key"], u["class_id"]): u for r in read_all_records(tmp_path / "out") for u in r["units"]}
     # Image a, class 0: 960 valid pixels (64 ignored); 64 painted, 32 of them on the 64-pixel mask.
     # Image b, class 0: constant map, argmax (0, 0) off the mask, nothing predicted; class 1: perfect.
@@ -232,27 +241,15 @@ def tclip_synthetic(tiny_model, tmp_path_factory):
     return out
 
 
-def _sub_prompts(encoded: EncodedPrompts, indices: list[int]) -> EncodedPrompts:
-    """The same encoded prompts restricted to `indices` (word queries, then phrase queries, as TCLIP lays them out)."""
-    starts = np.cumsum([0] + [len(w) for w in encoded.words])
-    n_words = starts[-1]
-    words = [encoded.queries[starts[i]:starts[i + 1]] for i in indices]
-    phrases = [encoded.queries[n_words + i][None] for i in indices]
-    return EncodedPrompts(tuple(encoded.tokens[i] for i in indices), tuple(encoded.words[i] for i in indices),
-                          encoded.token_embeds[indices], np.concatenate(words + phrases))
-
-
 def test_tclip_sweep_matches_the_explainer(tclip_synthetic, tiny_model):
     explainer = TCLIP.from_pretrained(tiny_model)
-    encoded = explainer.encode_prompts(list(SYNTHETIC_CLASSES))
     records = {r["key"]: r for r in read_all_records(tclip_synthetic)}
     samples = list(synthetic_dataset(3).samples())
     assert sorted(records) == sorted(s.key for s in samples)
     checked = 0
     for sample in samples:
         loaded = sample.load()
-        ids = [t.class_id for t in loaded.targets]
-        (result,) = explainer.explain_batch([loaded.image], _sub_prompts(encoded, ids))
+        result = explainer.explain(loaded.image, [SYNTHETIC_CLASSES[t.class_id] for t in loaded.targets])
         for target, prompt, unit in zip(loaded.targets, result.prompts, records[sample.key]["units"], strict=True):
             phrase = prompt.phrase  # TCLIP's map of the class name (the mean of its words)
             assert unit["class"] == SYNTHETIC_CLASSES[target.class_id] == prompt.prompt
@@ -261,30 +258,33 @@ def test_tclip_sweep_matches_the_explainer(tclip_synthetic, tiny_model):
             assert unit["pg_hit"] == pointing_game(phrase.soft, target.mask)
             # The explainer ran this image alone; the sweep batched and padded it: maps agree to float rounding.
             energy_pg = energy_pointing_game(phrase.soft, mask_box(target.mask))
-            assert unit["energy_pg"] == pytest.approx(energy_pg, rel=1e-6)
-            assert unit["energy_in_mask"] == pytest.approx(energy_in_mask(phrase.soft, target.mask), rel=1e-6)
+            assert unit["energy_pg"] == pytest.approx(energy_pg, abs=1e-6)
+            assert unit["energy_in_mask"] == pytest.approx(energy_in_mask(phrase.soft, target.mask), abs=1e-6)
             counts = segmentation_scores(normalize_relevance(phrase.soft), target.mask.astype(int), "mean")
             assert (unit["pixel_correct"], unit["area_inter"]) == (counts.pixel_correct, counts.area_inter.tolist())
-            assert unit["ap"] == pytest.approx(counts.ap, rel=1e-6)
+            assert unit["ap"] == pytest.approx(counts.ap, abs=1e-6)
             checked += 1
     report = _report(tclip_synthetic)
     assert checked == report["units"] == report["detection"]["units"] == report["segmentation"]["units"]
-    assert report["config"]["model"] == tiny_model and report["errors"] == []
+    assert report["config"]["run"]["model"]["origin"] == tiny_model and report["errors"] == []
+    assert report["config"]["run"]["settings"] == explainer.settings.to_dict()
 
 
-def test_tclip_class_queries_are_phrase_queries_and_templates_keep_the_name_words(tiny_model):
+def test_class_queries_are_phrase_queries_and_templates_keep_the_name_words(tiny_model):
     explainer = TCLIP.from_pretrained(tiny_model)
     names = ["traffic light", "dog", "hair drier"]
     encoded = explainer.encode_prompts(names)
-    np.testing.assert_array_equal(tclip_class_queries(explainer, names, None), encoded.queries[-3:])
+    np.testing.assert_array_equal(explainer.encode(class_queries(names)).per_query,
+                                  encoded.queries.take(encoded.rows[-3:]).per_query)
     templated = explainer.encode_prompts(["a photo of a traffic light."])
     # Words: a, photo, of, a, traffic, light ("." is punctuation): the name is words 4 and 5.
-    np.testing.assert_array_equal(tclip_class_queries(explainer, ["traffic light"], "a photo of a {}.")[0],
-                                  templated.queries[4:6].mean(axis=0))
+    name_words = templated.queries.take(templated.rows[4:6]).per_query
+    np.testing.assert_array_equal(explainer.encode(class_queries(["traffic light"], "a photo of a {}.")).per_query[0],
+                                  np.mean(list(name_words), axis=0))
     with pytest.raises(ValueError, match="exactly one"):
-        tclip_class_queries(explainer, names, "a photo")
+        class_queries(names, "a photo")
     with pytest.raises(ValueError, match="no words to explain"):
-        tclip_class_queries(explainer, ["&"], "a photo of a {}")
+        explainer.encode(class_queries(["&"], "a photo of a {}"))
 
 
 def test_four_simulated_devices_give_the_one_device_results(tclip_synthetic, tiny_model, tmp_path):
@@ -318,7 +318,7 @@ def coco_many(tmp_path_factory):
 @pytest.fixture(scope="module")
 def coco_many_reference(coco_many, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "out"
-    assert main(_cli("coco", "--data", str(coco_many), "--method", "test_sweep:painted_method",
+    assert main(_cli("coco", "--data", str(coco_many), "--method", "test_sweep:Painted",
                      "--batch-size", "2", "--out", str(out))) == 0
     return out
 
@@ -327,7 +327,7 @@ def test_tfds_coco_sweep_matches_the_raw_files(coco_many, coco_many_reference, t
     build_tfds_coco(coco_many, tmp_path / "tfds")  # a real TFDS coco/2017, prepared by TFDS from the same files
     out = tmp_path / "out"
     assert main(_cli("coco", "--coco-source", "tfds", "--data", str(tmp_path / "tfds"), "--method",
-                     "test_sweep:painted_method", "--batch-size", "2", "--out", str(out))) == 0
+                     "test_sweep:Painted", "--batch-size", "2", "--out", str(out))) == 0
     units = {name: {(r["key"], u["class"]): u for r in read_all_records(path) for u in r["units"]}
              for name, path in (("tfds", out), ("raw", coco_many_reference))}
     assert sorted(units["tfds"]) == sorted(units["raw"])
@@ -342,7 +342,7 @@ def test_tfds_coco_sweep_matches_the_raw_files(coco_many, coco_many_reference, t
 
 def test_a_scoring_bug_stops_the_sweep_and_keeps_the_records_before_it(coco_many, tmp_path, monkeypatch):
     import tclip_jax.sweep.runner as runner
-    evaluate, calls = runner.evaluate_targets, []
+    evaluate, calls = runner._evaluate, []
 
     def failing_on_the_fifth_sample(*args):  # one host thread scores the samples in dataset order
         calls.append(None)
@@ -350,11 +350,11 @@ def test_a_scoring_bug_stops_the_sweep_and_keeps_the_records_before_it(coco_many
             raise RuntimeError("bug while scoring")
         return evaluate(*args)
 
-    monkeypatch.setattr(runner, "evaluate_targets", failing_on_the_fifth_sample)
+    monkeypatch.setattr(runner, "_evaluate", failing_on_the_fifth_sample)
     dataset = coco_dataset(coco_many)
     with pytest.raises(RuntimeError, match="bug while scoring"):  # a bug, not bad data: never recorded
-        run_sweep(dataset, painted_method(None, dataset.class_names), tmp_path, {},
-                  options=RunOptions(batch_size=2, workers=1, progress=False))
+        run_sweep(dataset, Painted.from_pretrained(), tmp_path, options=RunOptions(batch_size=2, workers=1,
+                                                                                      progress=False))
     assert [r["key"] for r in read_records(tmp_path / "results-p0.jsonl")] == ["1", "2", "3", "4"]
 
 
@@ -372,7 +372,7 @@ def _lines(path: pathlib.Path) -> int:
 def test_resume_after_sigkill_gives_the_uninterrupted_report(coco_many, coco_many_reference, tmp_path):
     out = tmp_path / "out"
     results = out / "results-p0.jsonl"
-    args = ("coco", "--data", str(coco_many), "--method", "test_sweep:stalling_painted_method", "--batch-size", "2",
+    args = ("coco", "--data", str(coco_many), "--method", "test_sweep:StallingPainted", "--batch-size", "2",
             "--workers", "1", "--out", str(out))
     seen = [0]
     for run in range(2):
@@ -408,7 +408,7 @@ def _free_port() -> int:
 def test_two_distributed_processes_give_the_one_process_report(coco_many, coco_many_reference, tmp_path):
     out = tmp_path / "out"
     port = _free_port()
-    processes = [_sweep_process("coco", "--data", str(coco_many), "--method", "test_sweep:painted_method",
+    processes = [_sweep_process("coco", "--data", str(coco_many), "--method", "test_sweep:Painted",
                                 "--batch-size", "2", "--out", str(out), "--coordinator", f"127.0.0.1:{port}",
                                 "--num-processes", "2", "--process-id", str(i)) for i in range(2)]
     for process in processes:
@@ -456,7 +456,7 @@ def test_bad_input_gives_clear_messages(coco_hand, tmp_path, capsys):
     assert "needs --split" in _fails(capsys, "imagenet-s", "--data", str(inets), "--out", out)
     assert "--data is not used" in _fails(capsys, "synthetic", "--data", str(inets), "--out", out)
     assert "unknown method 'nope'" in _fails(capsys, "coco", "--data", str(coco_hand), "--method", "nope", "--out", out)
-    method = ("--method", "test_sweep:painted_method")
+    method = ("--method", "test_sweep:Painted")
     assert main(_cli("coco", "--data", str(coco_hand), *method, "--limit", "1", "--out", out)) == 0
     capsys.readouterr()
     assert "pass --resume" in _fails(capsys, "coco", "--data", str(coco_hand), *method, "--limit", "1", "--out", out)

@@ -2,9 +2,8 @@
 import numpy as np
 import pytest
 
-from tclip_jax.image import prepare
-from tclip_jax.methods.postprocess import postprocess_maps
-from tclip_jax.methods.registry import get_baseline
+from tclip_jax.methods import METHODS
+from tclip_jax.methods.base import postprocess_maps
 from tclip_jax.evaluation.synthetic import (
     METRICS,
     VOCABULARY,
@@ -12,11 +11,11 @@ from tclip_jax.evaluation.synthetic import (
     mask_iou,
     score_heatmap,
     similarity_scores,
-    summarise,
+    summarize,
     tclip_scores,
 )
 from tclip_jax.checkpoints.load import load_clip
-from tclip_jax.method.explainer import TCLIP, Settings
+from tclip_jax.methods.tclip import TCLIP, Settings
 from tclip_jax.synthetic import evaluation_units, heldout_seeds, make_scene
 
 
@@ -72,7 +71,7 @@ def test_mask_iou_counts_pixels():
 
 def test_summarise_means_per_kind_and_over_all_units():
     scores = [dict.fromkeys(METRICS, v) for v in (1.0, 0.0, 1.0)]
-    summary = summarise(scores, ["colour", "colour", "shape"])
+    summary = summarize(scores, ["colour", "colour", "shape"])
     for metric in METRICS:
         assert summary["colour"][metric] == 0.5
         assert summary["shape"][metric] == 1.0
@@ -84,7 +83,7 @@ def test_tclip_scores_match_scoring_the_maps_of_tclip_explain(clip):
     explainer = TCLIP(clip, Settings(translations=1))
     for scene, scores in zip(scenes, tclip_scores(explainer, scenes)):
         words = explainer.explain(scene.image, scene.caption).prompts[0].word_maps
-        expected = [score_heatmap(words[unit.word_index].aggregated, unit, explainer.settings)
+        expected = [score_heatmap(words[unit.word_index].heatmap, unit, explainer.settings)
                     for unit in evaluation_units(scene)]
         assert [words[u.word_index].text for u in evaluation_units(scene)] == [u.word for u in evaluation_units(scene)]
         assert scores == [pytest.approx(e, abs=1e-6) for e in expected]
@@ -94,12 +93,14 @@ def test_similarity_scores_use_the_map_of_the_word_itself(clip):
     """Each unit is scored with its own word's map: the scores of a one-word vocabulary call agree."""
     scene = make_scene(heldout_seeds(1, offset=600)[0])
     (scores,) = similarity_scores(clip, "similarity", [scene])
-    baseline = get_baseline("similarity")
-    pixels, _ = prepare(scene.image, baseline.input_protocol, clip.config.image_size, clip.config.patch_size)
+    from tclip_jax.methods.similarity import similarity_map
+
+    baseline = METHODS["similarity"](clip)
+    pixels, _ = baseline.prepare(scene.image)
     for unit, unit_scores in zip(evaluation_units(scene), scores):
         assert unit.word in VOCABULARY
-        output = baseline.explain(clip.model, clip.params, pixels[None], clip.tokenizer.encode([unit.word]))
-        heatmap = np.asarray(postprocess_maps(output.maps, scene.image.shape[:2], baseline.postprocess))[0, 0]
+        output = similarity_map(clip.model, clip.params, pixels[None], clip.tokenizer.encode([unit.word]))
+        heatmap = np.asarray(postprocess_maps(output.maps, scene.image.shape[:2], baseline.heatmap))[0, 0]
         assert unit_scores == pytest.approx(score_heatmap(heatmap, unit), abs=1e-6)
 
 

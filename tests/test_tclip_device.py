@@ -6,8 +6,8 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
-from tclip_jax.method.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
-from tclip_jax.method.translations import translation_offsets, trimmed_mean
+from tclip_jax.methods.tclip.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
+from tclip_jax.methods.tclip.translations import translation_offsets, trimmed_mean
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_token_embeddings_are_unit_rows(tiny):
 @pytest.mark.parametrize("n", [1, 2, 3, 9, 17, 25, 33])
 def test_sorting_network_sorts_every_input(n):
     """Exhaustive over 0/1 inputs (the 0-1 principle) for small n, random inputs for larger ones."""
-    from tclip_jax.method.translations import sorting_network
+    from tclip_jax.methods.tclip.translations import sorting_network
 
     rng = np.random.default_rng(n)
     inputs = (np.array(np.meshgrid(*[[0, 1]] * n)).reshape(n, -1).T if n <= 9

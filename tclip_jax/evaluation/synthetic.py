@@ -28,13 +28,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from tclip_jax.image import prepare, to_original
-from tclip_jax.methods.postprocess import postprocess_maps
-from tclip_jax.methods.registry import get_baseline
-from tclip_jax.files import write_text_atomic
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
-from tclip_jax.method.explainer import TCLIP, Settings
-from tclip_jax.metrics import aggregate_by_class, box_hit, energy_in_mask, pointing_game
+from tclip_jax.files import write_text_atomic
+from tclip_jax.image import to_original
+from tclip_jax.methods import get as get_method
+from tclip_jax.methods.base import Query
+from tclip_jax.methods.tclip import TCLIP, Settings
+from tclip_jax.evaluation.metrics import aggregate_by_class, box_hit, energy_in_mask, pointing_game
 from tclip_jax.postprocess import gmm_threshold, heatmap_box
 from tclip_jax.synthetic import COLOURS, SHAPES, EvalUnit, Scene, evaluation_units, heldout_seeds, make_scene
 
@@ -77,9 +77,10 @@ def tclip_scores(explainer: TCLIP, scenes: Sequence[Scene]) -> Iterator[list[dic
         for unit in units:  # captions have no punctuation, so explained words follow caption.split()
             if encoded.words[p][unit.word_index].text != unit.word:
                 raise ValueError(f"word {unit.word_index} of {scene.caption!r} is not {unit.word!r}")
-        queries = encoded.queries[[first_query[p] + unit.word_index for unit in units]]
-        _, pixels, geometry = explainer.preprocess(scene.image)
-        _, maps = explainer.device_maps(pixels[None], queries)
+        rows = [first_query[p] + unit.word_index for unit in units]
+        pixels, geometry = explainer.prepare(scene.image)
+        maps = explainer.jitted_maps(explainer.params, pixels[None], encoded.queries.take(encoded.rows[rows]),
+                                     np.arange(len(rows), dtype=np.int32)[None]).maps
         maps = to_original(np.asarray(maps[0]), geometry)
         yield [score_heatmap(m, unit, explainer.settings) for m, unit in zip(maps, units)]
 
@@ -87,19 +88,18 @@ def tclip_scores(explainer: TCLIP, scenes: Sequence[Scene]) -> Iterator[list[dic
 def similarity_scores(clip: LoadedClip, method: str, scenes: Sequence[Scene],
                       settings: Settings = Settings()) -> Iterator[list[dict[str, float]]]:
     """Per scene, the scores of its units under the raw similarity map or RCLIP (each word its own prompt)."""
-    baseline = get_baseline(method)
-    token_ids = clip.tokenizer.encode(VOCABULARY, clip.config.context_length)
-    inputs = [prepare(scene.image, baseline.input_protocol, clip.config.image_size, clip.config.patch_size)
-              for scene in scenes]
-    output = baseline.explain(clip.model, clip.params, np.stack([pixels for pixels, _ in inputs]), token_ids)
-    heatmaps = postprocess_maps(output.maps, (clip.config.image_size,) * 2, baseline.postprocess)
+    baseline = get_method(method)(clip)
+    queries = baseline.encode([Query(word) for word in VOCABULARY], label_set=VOCABULARY)
+    inputs = [baseline.prepare(scene.image) for scene in scenes]
+    rows = np.broadcast_to(np.arange(len(VOCABULARY), dtype=np.int32), (len(scenes), len(VOCABULARY)))
+    heatmaps = baseline.jitted_maps(baseline.params, np.stack([pixels for pixels, _ in inputs]), queries, rows).maps
     for scene, (_, geometry), scene_maps in zip(scenes, inputs, np.asarray(heatmaps)):
         units = evaluation_units(scene)
         maps = to_original(scene_maps[[VOCABULARY.index(unit.word) for unit in units]], geometry)
         yield [score_heatmap(m, unit, settings) for m, unit in zip(maps, units)]
 
 
-def summarise(unit_scores: Sequence[dict[str, float]], kinds: Sequence[str]) -> dict[str, dict[str, float]]:
+def summarize(unit_scores: Sequence[dict[str, float]], kinds: Sequence[str]) -> dict[str, dict[str, float]]:
     """{"colour" | "shape" | "overall": {metric: mean}} of per-unit scores."""
     summary: dict[str, dict[str, float]] = {kind: {} for kind in (*KINDS, "overall")}
     for metric in METRICS:
@@ -114,7 +114,7 @@ def evaluate(clip: LoadedClip, seeds: Sequence[int], methods: Sequence[str] = ME
              chunk: int = 32) -> dict:
     """Scores of each method over the scenes of `seeds` (held-out seeds, see `heldout_seeds`).
 
-    Returns {"units": {kind: count}, "methods": {method: summarise(...)}}; scenes are made `chunk` at a time.
+    Returns {"units": {kind: count}, "methods": {method: summarize(...)}}; scenes are made `chunk` at a time.
     """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -131,7 +131,7 @@ def evaluate(clip: LoadedClip, seeds: Sequence[int], methods: Sequence[str] = ME
                          else similarity_scores(clip, method, scenes))
             scores[method] += [s for scene_scores in per_scene for s in scene_scores]
     return {"units": {kind: kinds.count(kind) for kind in KINDS},
-            "methods": {m: summarise(scores[m], kinds) for m in methods}}
+            "methods": {m: summarize(scores[m], kinds) for m in methods}}
 
 
 def heldout_metrics(clip: LoadedClip) -> dict:

@@ -1,6 +1,7 @@
 """Text-independent attention maps: raw class-token attention and attention rollout."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.struct
@@ -8,7 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from tclip_jax.methods import common
+from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, MethodSettings, PromptMethod, QueryArrays
 from tclip_jax.model import CLIP
+from tclip_jax.settings import setting
 
 Array = jax.Array
 
@@ -61,3 +64,38 @@ def rollout_map(model: CLIP, params: dict, images: Array, texts: Array, *,
         mixed = mixed / mixed.sum(axis=-1, keepdims=True)
         joint = mixed if joint is None else mixed @ joint
     return AttentionOutput(_broadcast_to_texts(joint, image.grid, texts.shape[0]), joint)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSettings(MethodSettings):
+    layer: int = setting(-1, "the block whose class-token attention is the map (-1: the last)", flag=False)
+
+
+class RawAttention(PromptMethod):
+    """The class token's attention in one block (`raw_attention_map`); the same map for every prompt."""
+
+    name = "attention"
+    Settings = AttentionSettings
+    input_protocol = "center_crop"
+    heatmap = UPSAMPLE_THEN_NORMALIZE
+
+    def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
+        return raw_attention_map(self.clip.model, params, pixels, queries.per_query, layer=self.settings.layer).maps
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings(MethodSettings):
+    start_layer: int = setting(0, "the first block of the rollout", flag=False)
+
+
+class Rollout(PromptMethod):
+    """Attention rollout (`rollout_map`); the same map for every prompt."""
+
+    name = "rollout"
+    Settings = RolloutSettings
+    input_protocol = "center_crop"
+    heatmap = UPSAMPLE_THEN_NORMALIZE
+
+    def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
+        return rollout_map(self.clip.model, params, pixels, queries.per_query,
+                           start_layer=self.settings.start_layer).maps

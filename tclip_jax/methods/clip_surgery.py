@@ -4,15 +4,22 @@ Follows xmed-lab/CLIP_Surgery (`clip_surgery_model.py`, `clip.py`, `demo.py`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import warnings
 from typing import Optional
 
 import flax.struct
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from tclip_jax.methods import common
+from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE, MethodSettings, PromptMethod, Query, QueryArrays
 from tclip_jax.methods.similarity import similarity_to_maps
+from tclip_jax.methods.templates import CLIP_SURGERY_TEMPLATES
 from tclip_jax.model import CLIP, ImageOutput, attend, l2_normalize
+from tclip_jax.settings import parse_optional, setting
 
 Array = jax.Array
 
@@ -82,13 +89,12 @@ def clip_surgery_map(model: CLIP, params: dict, images: Array, texts: Array,
 
     Protocol of the official demo: whole image resized to the model size (`whole_image`); texts as the
     85-template prompt ensemble, token ids [n_texts, n_templates, context] (`CLIP_SURGERY_TEMPLATES`; 2-D
-    token ids give one raw prompt per text), or their features (`text_features`); features L2-normalised over channels; maps min-max normalised
-    over the patches, then bilinearly upsampled (`get_similarity_map`).
+    token ids give one raw prompt per text), or their features (`text_features`); features L2-normalised over
+    channels; maps min-max normalised over the patches, then bilinearly upsampled (`get_similarity_map`).
 
     redundant_texts: [1, n_templates, context] (or [1, context]) prompts, or their features [1, embed_dim],
-      whose normalised embedding is
-      subtracted from every text (the demo's single-text case uses the empty-string ensemble); None uses
-      the label-set feature surgery, which needs >= 2 texts.
+      whose normalised embedding is subtracted from every text (the demo's single-text case uses the
+      empty-string ensemble); None uses the label-set feature surgery, which needs >= 2 texts.
     surgery_blocks: the last blocks given the v-v path; the official default 6 is every block of a 6-layer
       model and the second half of ViT-B.
     architecture_surgery / feature_surgery: switch either surgery off (both off = plain CLIP tokens).
@@ -108,3 +114,64 @@ def clip_surgery_map(model: CLIP, params: dict, images: Array, texts: Array,
     else:
         similarity = image_features @ texts.T
     return SurgeryOutput(similarity_to_maps(similarity, image.grid), similarity, image_features, texts, redundant)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPSurgerySettings(MethodSettings):
+    surgery_blocks: Optional[int] = setting(
+        None, "the last blocks given the v-v path (None: the official 6, or every block of a shallower model)",
+        parse=parse_optional(int), flag=False)
+    architecture_surgery: bool = setting(True, "the v-v attention path (false: the model's own tokens)", flag=False)
+    feature_surgery: bool = setting(True, "remove the features shared by the label set (false: plain cosines)",
+                                    flag=False)
+
+
+class CLIPSurgery(PromptMethod):
+    """CLIP Surgery as its demo runs it: the 85-template ensemble per prompt; feature surgery over the label set
+    (the prompts of an explain call, a sweep's class prompts); a prompt outside a label set of at least 2, or a
+    single prompt, gets the empty-string ensemble as its redundant features, as the demo does for one prompt."""
+
+    name = "clip_surgery"
+    Settings = CLIPSurgerySettings
+    heatmap = NORMALIZE_THEN_UPSAMPLE
+    templates = CLIP_SURGERY_TEMPLATES
+
+    def __init__(self, clip, settings=None):
+        super().__init__(clip, settings)
+        layers = clip.config.vision_layers
+        blocks = self.settings.surgery_blocks
+        if blocks is None:
+            blocks = min(DEFAULT_SURGERY_BLOCKS, layers)
+            if layers < DEFAULT_SURGERY_BLOCKS:
+                warnings.warn(f"CLIP Surgery: the model has {layers} blocks, fewer than the official "
+                              f"{DEFAULT_SURGERY_BLOCKS}; the surgery path covers all of them (set surgery_blocks "
+                              "to choose)", stacklevel=2)
+        if not 1 <= blocks <= layers:
+            raise ValueError(f"surgery_blocks must be in [1, {layers}] for this {layers}-block model, got {blocks}")
+        self.surgery_blocks = blocks
+
+    def encode(self, queries: list[Query], label_set=None) -> QueryArrays:
+        labels = list(dict.fromkeys(label_set or ()))
+        if len(labels) < 2:
+            labels = []
+        member = np.array([labels.index(q.prompt) if q.prompt in labels else -1 for q in queries], np.int32)
+        shared = {"redundant": self.text_features([""])}
+        if labels:
+            shared["label_set"] = self.text_features(labels)
+        return QueryArrays({"features": self.text_features([q.prompt for q in queries]), "member": member}, shared)
+
+    def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
+        model, settings = self.clip.model, self.settings
+        image = common.encode_image(model, params, pixels)
+        tokens = image.tokens
+        if settings.architecture_surgery:
+            tokens = surgery_tokens(model, params, image, self.surgery_blocks)
+        image_features = l2_normalize(tokens)
+        features, member = queries.per_query["features"], queries.per_query["member"]
+        if not settings.feature_surgery:
+            return similarity_to_maps(image_features @ features.T, image.grid)
+        similarity = feature_surgery_scores(image_features, features, queries.shared["redundant"])
+        if "label_set" in queries.shared:
+            in_set = feature_surgery_scores(image_features, queries.shared["label_set"])
+            similarity = jnp.where(member >= 0, jnp.take(in_set, jnp.maximum(member, 0), axis=-1), similarity)
+        return similarity_to_maps(similarity, image.grid)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from tclip_jax.methods import common
+from tclip_jax.methods.base import MapPostprocess, PromptMethod, Query, QueryArrays
 from tclip_jax.model import CLIP
 
 Array = jax.Array
@@ -208,3 +209,25 @@ def decomposition_map(model: CLIP, params: dict, images: Array, texts: Array) ->
     decomposition = decompose(model, params, images)
     maps, raw = spatial_heatmaps(decomposition, common.text_features(model, params, texts))
     return DecompositionHeatmapOutput(maps, raw, decomposition)
+
+
+class DecompositionMap(PromptMethod):
+    """The decomposition heatmap as `compute_segmentations.py` runs it: each prompt's raw map minus the mean raw
+    map over the label set (the prompts of an explain call, a sweep's class prompts), which needs >= 2 texts."""
+
+    name = "decomposition"
+    input_protocol = "center_crop"
+    heatmap = MapPostprocess(normalize_first=False, clip_negative=True)
+
+    def encode(self, queries: list[Query], label_set=None) -> QueryArrays:
+        labels = list(dict.fromkeys(label_set or ()))
+        if len(labels) < 2:
+            raise ValueError("the decomposition heatmap subtracts the mean over a set of texts (the prompts, or a "
+                             f"dataset's classes), so it needs at least 2; got {len(labels)}")
+        return QueryArrays(self.text_features([q.prompt for q in queries]), {"label_set": self.text_features(labels)})
+
+    def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
+        decomposition = decompose(self.clip.model, params, pixels)
+        raw = spatial_heatmaps(decomposition, queries.per_query)[1]
+        reference = spatial_heatmaps(decomposition, queries.shared["label_set"])[1]
+        return raw - reference.mean(axis=1, keepdims=True)

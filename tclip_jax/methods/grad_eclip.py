@@ -8,6 +8,7 @@ real CLIP embedding.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.struct
@@ -15,7 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from tclip_jax.methods import common
+from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE, MethodSettings, PromptMethod, QueryArrays
 from tclip_jax.model import CLIP, l2_normalize
+from tclip_jax.settings import setting
 
 Array = jax.Array
 
@@ -132,3 +135,31 @@ def grad_cam_map(model: CLIP, params: dict, images: Array, texts: Array, *,
     weights = run.grad_stream_in.mean(axis=2)
     cam = jax.nn.relu(jnp.einsum("btd,bnd->btn", weights, run.stream_in))
     return GradCAMOutput(common.patch_grid(cam, run.grid), run.cosine, weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradECLIPSettings(MethodSettings):
+    single_head: bool = setting(True, "re-run the last block with one head over the full width, as the official "
+                                "notebook does; false: the model's own heads", flag=False)
+
+
+class GradECLIP(PromptMethod):
+    name = "grad_eclip"
+    Settings = GradECLIPSettings
+    input_protocol = "patch_multiple"
+    heatmap = NORMALIZE_THEN_UPSAMPLE
+
+    def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
+        return grad_eclip_map(self.clip.model, params, pixels, queries.per_query,
+                              single_head=self.settings.single_head).maps
+
+
+class GradCAM(PromptMethod):
+    name = "gradcam"
+    Settings = GradECLIPSettings
+    input_protocol = "patch_multiple"
+    heatmap = NORMALIZE_THEN_UPSAMPLE
+
+    def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
+        return grad_cam_map(self.clip.model, params, pixels, queries.per_query,
+                            single_head=self.settings.single_head).maps

@@ -4,6 +4,7 @@ hila-chefer/Transformer-MM-Explainability, `CLIP_explainability.ipynb` (`interpr
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -12,7 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from tclip_jax.methods import common
+from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, MethodSettings, PromptMethod, QueryArrays
 from tclip_jax.model import CLIP, l2_normalize
+from tclip_jax.settings import setting
 
 Array = jax.Array
 
@@ -121,3 +124,26 @@ def _hilacam(model: CLIP, params: dict, images: Array, token_ids: Array, image_s
     maps = common.patch_grid(image_relevance[..., 0, :], grid)
     return HilaCAMOutput(maps, image_relevance, text_relevance, text_scores(text_relevance, token_ids),
                          scale * image_embeds @ texts.T)
+
+
+@dataclasses.dataclass(frozen=True)
+class HilaCAMSettings(MethodSettings):
+    start_layer: int = setting(-1, "first image block of the relevance (-1: the last only, the notebook's)",
+                               flag=False)
+    start_layer_text: int = setting(-1, "first text block (-1: the last only)", flag=False)
+
+
+class HilaCAM(PromptMethod):
+    """HilaCAM differentiates the text tower too, so its queries are token ids, not features."""
+
+    name = "hilacam"
+    Settings = HilaCAMSettings
+    input_protocol = "center_crop"
+    heatmap = UPSAMPLE_THEN_NORMALIZE
+
+    def encode(self, queries, label_set=None) -> QueryArrays:
+        return QueryArrays(self.text_token_ids([q.prompt for q in queries]))
+
+    def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
+        return hilacam_map(self.clip.model, params, pixels, queries.per_query, start_layer=self.settings.start_layer,
+                           start_layer_text=self.settings.start_layer_text).maps

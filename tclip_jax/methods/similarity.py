@@ -1,6 +1,7 @@
 """Dense image-text similarity maps: plain CLIP patch tokens, RCLIP, and MaskCLIP's value path."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.struct
@@ -8,7 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from tclip_jax.methods import common
+from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE, MethodSettings, PromptMethod, QueryArrays
 from tclip_jax.model import CLIP, l2_normalize
+from tclip_jax.settings import setting
 
 Array = jax.Array
 
@@ -75,3 +78,41 @@ def maskclip_map(model: CLIP, params: dict, images: Array, texts: Array, *,
     texts = common.text_features(model, params, texts)
     similarity = token_similarity(tokens, texts)
     return SimilarityOutput(similarity_to_maps(similarity, image.grid), similarity, texts)
+
+
+class Similarity(PromptMethod):
+    """The raw CLIP similarity map (`similarity_map`)."""
+
+    name = "similarity"
+    heatmap = NORMALIZE_THEN_UPSAMPLE
+
+    def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
+        return similarity_map(self.clip.model, params, pixels, queries.per_query).maps
+
+
+class RCLIP(PromptMethod):
+    """The reversed raw similarity map (`rclip_map`)."""
+
+    name = "rclip"
+    heatmap = NORMALIZE_THEN_UPSAMPLE
+
+    def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
+        return rclip_map(self.clip.model, params, pixels, queries.per_query).maps
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskCLIPSettings(MethodSettings):
+    residual_and_mlp: bool = setting(True, "keep the last block's residual and MLP on the value path (official); "
+                                     "false: out_proj(value(ln_1(x))) only", flag=False)
+
+
+class MaskCLIP(PromptMethod):
+    """MaskCLIP's value path (`maskclip_map`)."""
+
+    name = "maskclip"
+    Settings = MaskCLIPSettings
+    heatmap = NORMALIZE_THEN_UPSAMPLE
+
+    def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
+        return maskclip_map(self.clip.model, params, pixels, queries.per_query,
+                            residual_and_mlp=self.settings.residual_and_mlp).maps

@@ -17,7 +17,7 @@ import pathlib
 import numpy as np
 
 from tclip_jax.files import write_text_atomic
-from tclip_jax.metrics import SegmentationCounts, aggregate_by_class, summarize_segmentation
+from tclip_jax.evaluation.metrics import SegmentationCounts, aggregate_by_class, summarize_segmentation
 from tclip_jax.sweep.store import read_all_records
 
 CONFIG_FILE = "sweep.json"
@@ -75,10 +75,12 @@ def summarize(records: list[dict]) -> dict:
 
 def markdown(config: dict, summary: dict) -> str:
     """The report as Markdown: one table per task, the paper's row beside it where there is one."""
-    name = f"{config['method']} ({config.get('model') or 'default model'})"
+    run = config["run"]
+    name = f"{run['method']} ({run['model']['origin']})"
     lines = [f"# Sweep: {config['dataset']}, {name}", "",
              f"{summary['images']} images, {summary['units']} units, {len(summary['errors'])} errors. "
-             f"Evaluation: {json.dumps(config['evaluation'], sort_keys=True)}.", ""]
+             f"Evaluation: {json.dumps(config['evaluation'], sort_keys=True)}. "
+             f"Settings: {json.dumps(run['settings'], sort_keys=True)}; input protocol {run['protocol']}.", ""]
     paper = PAPER.get(config["dataset"].rstrip("0123456789"), {})
     if "detection" in summary:
         det = summary["detection"]

@@ -1,5 +1,8 @@
 """The sweep runner: a dataset through a method, every unit scored, every image's record durable on disk.
 
+Queries: a target's map is of its class prompt (the class name put into the template; TCLIP maps the class
+name's words inside it), encoded once for the whole sweep with the class prompts as the label set.
+
 Pipeline (one process):
 - loader threads read and preprocess samples ahead of the device, in dataset order;
 - the main thread batches them and dispatches each batch to the devices (asynchronous); while batch k+1 is
@@ -29,43 +32,52 @@ import pathlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Optional
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from tclip_jax.datasets.base import Dataset, LoadedSample, Sample
+from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample
+from tclip_jax.evaluation.scoring import EvalOptions, score_unit
 from tclip_jax.files import write_text_atomic
 from tclip_jax.image import Geometry, to_original
-from tclip_jax.sweep.evaluate import EvalOptions, evaluate_targets
-from tclip_jax.sweep.methods import Method
+from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query
+from tclip_jax.settings import Options, integer, parse_optional, setting
 from tclip_jax.sweep.report import CONFIG_FILE, write_report
 from tclip_jax.sweep.sharding import ShardedMaps, barrier, class_slots, local_mesh, owns
 from tclip_jax.sweep.store import ResultWriter, read_all_records, read_records, results_path
 from tclip_jax.sweep.vis import save_unit_vis, vis_path
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
+DEFAULT_TEMPLATE = "{}"
+
+
+def class_queries(class_names: Sequence[str], template: Optional[str] = None) -> list[Query]:
+    """Each class name put into ``template`` (one ``{}``; None: the bare name), with the name's span."""
+    template = DEFAULT_TEMPLATE if template is None else template
+    if template.count("{}") != 1:
+        raise ValueError(f"a prompt template needs exactly one '{{}}' for the class name, got {template!r}")
+    start = template.index("{}")
+    return [Query(template.replace("{}", name), (start, start + len(name))) for name in class_names]
 
 
 @dataclasses.dataclass(frozen=True)
-class RunOptions:
-    batch_size: int = 8          # images per device step, split over the local devices
-    workers: int = 2             # loader threads, and as many host post-processing threads
-    limit: Optional[int] = None  # only the first `limit` samples of the dataset
-    resume: bool = False
-    save_vis: int = 0            # pictures of the units of the first `save_vis` samples
-    progress: bool = True
+class RunOptions(Options):
+    batch_size: int = setting(8, "images per device step, split over the local devices", parse=int)
+    workers: int = setting(2, "loader threads, and as many host post-processing threads", parse=int)
+    limit: Optional[int] = setting(None, "only the first N samples of the dataset", parse=parse_optional(int))
+    resume: bool = setting(False, "continue the sweep in --out")
+    save_vis: int = setting(0, "pictures of the units of the first N samples", parse=int)
+    progress: bool = setting(True, "a progress bar")
 
     def __post_init__(self):
-        for name in ("batch_size", "workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
-        if self.save_vis < 0:
-            raise ValueError(f"save_vis must be >= 0, got {self.save_vis}")
+        integer("batch_size", self.batch_size, 1)
+        integer("workers", self.workers, 1)
+        if self.limit is not None:
+            integer("limit", self.limit, 1)
+        integer("save_vis", self.save_vis, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,18 +106,21 @@ class _Prepared:
     geometry: Geometry
 
 
-def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, config: dict,
-              evaluation: EvalOptions = EvalOptions(), options: RunOptions = RunOptions()) -> SweepResult:
+def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: str = "",
+              template: Optional[str] = None, evaluation: EvalOptions = EvalOptions(),
+              options: RunOptions = RunOptions()) -> SweepResult:
     """Runs (or resumes) this process's share of the sweep and, on process 0, writes the merged report.
 
-    ``config`` describes how the dataset and method were chosen (source, model, template, ...); with the
-    dataset, method, limit and evaluation options it is stored in ``sweep.json`` and checked on resume.
+    ``source`` says where the dataset was read from. With the run (method, model, settings, protocol), dataset,
+    template, limit and evaluation options it is stored in ``sweep.json`` and checked on resume.
     """
     out = pathlib.Path(out)
     process, processes = jax.process_index(), jax.process_count()
-    config = json.loads(json.dumps({**config, "dataset": dataset.name, "method": method.name,
+    run = method.run_info()
+    config = json.loads(json.dumps({"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "run": run,
+                                    "dataset": dataset.name, "source": source, "template": template,
                                     "classes": len(dataset.class_names), "limit": options.limit,
-                                    "evaluation": dataclasses.asdict(evaluation)}))
+                                    "evaluation": evaluation.to_dict()}))
     _check_config(out, config, options.resume)
     barrier("tclip-sweep-checked")  # nobody writes before every process has checked
     if process == 0:
@@ -126,8 +141,10 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, config: 
             writer.append(entry)
             bar.update()
 
-        throughput = _pipeline(todo, method, ShardedMaps(method, local_mesh()), dataset, evaluation, options,
-                               out / "vis", record)
+        queries = class_queries(dataset.class_names, template)
+        encoded = method.encode(queries, label_set=[q.prompt for q in queries])
+        throughput = _pipeline(todo, method, ShardedMaps(method, encoded, local_mesh()), dataset, evaluation,
+                               options, out / "vis", record)
     _write_json(out / f"throughput-p{process}.json", dataclasses.asdict(throughput))
     barrier("tclip-sweep-done")
     return SweepResult(write_report(out) if process == 0 else None, throughput)
@@ -144,7 +161,7 @@ def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, maps: ShardedM
             concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-host") as hosts:
         def score(batch: list[_Prepared], device_maps: jax.Array) -> None:
             """Hand each image of a dispatched batch to the host threads."""
-            host_maps = np.asarray(device_maps)  # waits for this batch; the next one is already queued
+            host_maps = np.asarray(device_maps.maps)  # waits for this batch; the next one is already queued
             for prepared, image_maps in zip(batch, host_maps):
                 records.submit(hosts.submit(_evaluate, prepared, image_maps, method, dataset.class_names,
                                             evaluation, vis_dir if prepared.index < options.save_vis else None))
@@ -153,9 +170,9 @@ def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, maps: ShardedM
         in_flight = None
         for batch in _batches(prepared, options.batch_size, records.record):
             slots = class_slots(max(len(p.loaded.targets) for p in batch))
-            class_ids = np.array([_padded_classes(p.loaded, slots) for p in batch])
-            device_maps = maps(np.stack([p.pixels for p in batch]), class_ids)
-            clock.dispatched(device_maps)
+            rows = np.array([_padded_classes(p.loaded, slots) for p in batch])  # class queries are in class order
+            device_maps = maps(np.stack([p.pixels for p in batch]), rows)
+            clock.dispatched(device_maps.maps)
             if in_flight is not None:
                 score(*in_flight)
             in_flight = (batch, device_maps)
@@ -216,7 +233,7 @@ def _prepare_ahead(pool: concurrent.futures.Executor, todo: Iterable[tuple[int, 
 
 def _prepare(index: int, sample: Sample, method: Method) -> _Prepared:
     loaded = sample.load()
-    pixels, geometry = method.preprocess(loaded.image)
+    pixels, geometry = method.prepare(loaded.image)
     return _Prepared(index, sample.key, loaded, pixels, geometry)
 
 
@@ -251,7 +268,9 @@ def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, class
     targets = prepared.loaded.targets
     try:
         heatmaps = to_original(image_maps[:len(targets)], prepared.geometry)
-        units = evaluate_targets(targets, heatmaps, class_names, method.relevance, evaluation)
+        host = method.postprocess(heatmaps, soft_maps=any(t.mask is not None for t in targets))
+        units = [{"class_id": t.class_id, "class": class_names[t.class_id], **score_unit(t, h, m, evaluation)}
+                 for t, h, m in zip(targets, heatmaps, host)]
         if vis_dir is not None:
             for target, heatmap, unit in zip(targets, heatmaps, units):
                 save_unit_vis(vis_path(vis_dir, prepared.key, unit["class"]), prepared.loaded.image, heatmap,

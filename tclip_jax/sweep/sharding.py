@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tclip_jax.sweep.methods import Method
+from tclip_jax.methods.base import MapOutput, Method, QueryArrays
 
 BATCH_AXIS = "batch"
 
@@ -47,19 +47,23 @@ def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
 
 
 class ShardedMaps:
-    """``method.maps`` jitted over the mesh: numpy batches in, batch-sharded device arrays out (asynchronously)."""
+    """``method.maps`` jitted over the mesh: numpy batches in, batch-sharded device arrays out (asynchronously).
 
-    def __init__(self, method: Method, mesh: Mesh):
+    The method's parameters and the encoded queries are replicated to every device once."""
+
+    def __init__(self, method: Method, queries: QueryArrays, mesh: Mesh):
         replicated = NamedSharding(mesh, PartitionSpec())
         self.batched = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
         self.devices = mesh.devices.size
         self.params = jax.device_put(method.params, replicated)
-        self._maps: Callable[..., Any] = jax.jit(method.maps, in_shardings=(replicated, self.batched, self.batched),
+        self.queries = jax.device_put(queries, replicated)
+        self._maps: Callable[..., Any] = jax.jit(method.maps,
+                                                 in_shardings=(replicated, self.batched, replicated, self.batched),
                                                  out_shardings=self.batched)
 
-    def __call__(self, pixels: np.ndarray, class_ids: np.ndarray) -> jax.Array:
-        """Maps [B', K, h', w'] of ``pixels`` [B, h, w, 3] and ``class_ids`` [B, K], B' = B padded."""
-        rows = -(-len(pixels) // self.devices) * self.devices
-        pixels, class_ids = pad_rows(pixels, rows), pad_rows(class_ids, rows)
-        return self._maps(self.params, jax.device_put(pixels, self.batched),
-                          jax.device_put(class_ids.astype(np.int32), self.batched))
+    def __call__(self, pixels: np.ndarray, rows: np.ndarray) -> MapOutput:
+        """Maps [B', K, h', w'] of ``pixels`` [B, h, w, 3] and query ``rows`` [B, K], B' = B padded."""
+        padded = -(-len(pixels) // self.devices) * self.devices
+        pixels, rows = pad_rows(pixels, padded), pad_rows(rows, padded)
+        return self._maps(self.params, jax.device_put(pixels, self.batched), self.queries,
+                          jax.device_put(rows.astype(np.int32), self.batched))

@@ -7,7 +7,7 @@ import re
 import cv2
 import numpy as np
 
-from tclip_jax.datasets.base import Target
+from tclip_jax.evaluation.datasets.base import Target
 from tclip_jax.postprocess import uint8_minmax
 
 _GREEN, _RED = (0, 200, 0), (0, 0, 255)  # BGR

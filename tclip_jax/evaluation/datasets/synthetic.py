@@ -10,7 +10,7 @@ import functools
 
 import numpy as np
 
-from tclip_jax.datasets.base import Dataset, LoadedSample, Sample, Target
+from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target
 from tclip_jax.synthetic import COLOURS, DEFAULT_SIZE, SHAPES, heldout_seeds, make_scene
 
 SYNTHETIC_CLASSES: tuple[str, ...] = tuple(COLOURS) + SHAPES

@@ -39,6 +39,14 @@ def box_hit(pred_box: BoxLike, gt_boxes: Sequence[BoxLike], iou_threshold: float
     return bool((box_ious(pred_box, gt_boxes) >= iou_threshold).any())
 
 
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Tight (x1, y1, x2, y2) box of a non-empty [H, W] boolean mask, end exclusive."""
+    rows, cols = np.flatnonzero(np.any(mask, axis=1)), np.flatnonzero(np.any(mask, axis=0))
+    if rows.size == 0:
+        raise ValueError("mask is empty")
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
 def _box(box: BoxLike) -> tuple[float, float, float, float]:
     values = tuple(float(v) for v in box)
     if len(values) != 4:

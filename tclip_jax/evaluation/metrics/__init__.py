@@ -1,16 +1,16 @@
 """Evaluation metrics: box accuracy, pointing games, segmentation scores, ImageNet-S, aggregation."""
-from tclip_jax.metrics import imagenet_s
-from tclip_jax.metrics.aggregate import ClassAggregate, aggregate_by_class
-from tclip_jax.metrics.boxes import HIT_IOU, box_hit, box_iou, box_ious
-from tclip_jax.metrics.energy import energy_in_mask, energy_pointing_game, energy_pointing_game_scorecam
-from tclip_jax.metrics.pointing import (
+from tclip_jax.evaluation.metrics import imagenet_s
+from tclip_jax.evaluation.metrics.aggregate import ClassAggregate, aggregate_by_class
+from tclip_jax.evaluation.metrics.boxes import HIT_IOU, box_hit, box_iou, box_ious, mask_box
+from tclip_jax.evaluation.metrics.energy import energy_in_mask, energy_pointing_game, energy_pointing_game_scorecam
+from tclip_jax.evaluation.metrics.pointing import (
     DEFAULT_TOLERANCE,
     TORCHRAY_TOLERANCE,
     argmax_point,
     pointing_game,
     pointing_hit,
 )
-from tclip_jax.metrics.segmentation import (
+from tclip_jax.evaluation.metrics.segmentation import (
     IGNORE_LABEL,
     SegmentationCounts,
     average_precision,
@@ -38,6 +38,7 @@ __all__ = [
     "energy_pointing_game_scorecam",
     "foreground_mask",
     "imagenet_s",
+    "mask_box",
     "normalize_relevance",
     "pointing_game",
     "pointing_hit",

@@ -1,6 +1,6 @@
 """Evaluation datasets (COCO 2017, ImageNet-S, synthetic scenes) behind one interface (see ``base``)."""
-from tclip_jax.datasets.base import Dataset, LoadedSample, Sample, Target
-from tclip_jax.datasets.coco import (
+from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target
+from tclip_jax.evaluation.datasets.coco import (
     COCO_CATEGORIES,
     coco_dataset,
     tfds_coco_dataset,
@@ -8,8 +8,8 @@ from tclip_jax.datasets.coco import (
     tfds_to_xyxy,
     xywh_to_xyxy,
 )
-from tclip_jax.datasets.imagenet_s import imagenet_class_names, imagenet_s_dataset, read_labels, split_wnids
-from tclip_jax.datasets.synthetic import SYNTHETIC_CLASSES, synthetic_dataset
+from tclip_jax.evaluation.datasets.imagenet_s import imagenet_class_names, imagenet_s_dataset, read_labels, split_wnids
+from tclip_jax.evaluation.datasets.synthetic import SYNTHETIC_CLASSES, synthetic_dataset
 
 __all__ = [
     "COCO_CATEGORIES",

@@ -21,9 +21,9 @@ import pathlib
 import numpy as np
 from PIL import Image
 
-from tclip_jax.datasets.base import Dataset, LoadedSample, Sample, Target, check_size
+from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size
 from tclip_jax.image import load_image
-from tclip_jax.metrics.imagenet_s import IGNORE_ID, decode_label_png
+from tclip_jax.evaluation.metrics.imagenet_s import IGNORE_ID, decode_label_png
 
 SPLITS = (50, 300, 919)
 IMAGE_DIR = "validation"

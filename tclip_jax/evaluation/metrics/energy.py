@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tclip_jax.evaluation.metrics.maps import finite_map
+
 
 def energy_pointing_game(saliency: np.ndarray, box: Sequence[int]) -> float:
     """Share of the min-max scaled map's energy inside ``box = (x1, y1, x2, y2)`` (rows y1:y2, cols x1:x2)."""
@@ -54,12 +56,7 @@ def _minmax_energy(saliency: np.ndarray) -> np.ndarray:
 
 
 def _finite_map(saliency: np.ndarray) -> np.ndarray:
-    values = np.asarray(saliency, dtype=np.float64)
-    if values.ndim != 2 or values.size == 0:
-        raise ValueError(f"saliency must be a non-empty 2-D map, got shape {values.shape}")
-    if not np.isfinite(values).all():
-        raise ValueError("saliency contains NaN or infinite values")
-    return values
+    return finite_map(saliency, "saliency").astype(np.float64)
 
 
 def _int_box(box: Sequence[int]) -> tuple[int, int, int, int]:

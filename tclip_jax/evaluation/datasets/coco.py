@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tclip_jax.datasets.base import Dataset, LoadedSample, Sample, Target, check_size
+from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size
 from tclip_jax.image import load_image
 
 Crowd = Literal["keep", "drop"]

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from tclip_jax.evaluation.metrics.maps import finite_map
+
 DEFAULT_TOLERANCE = 1
 TORCHRAY_TOLERANCE = 15
 
 
 def argmax_point(saliency: np.ndarray) -> tuple[int, int]:
     """``(u, v) = (col, row)`` of the first maximum of a 2-D map in row-major order."""
-    values = np.asarray(saliency)
-    if values.ndim != 2 or values.size == 0:
-        raise ValueError(f"saliency must be a non-empty 2-D map, got shape {values.shape}")
-    if not np.isfinite(values).all():
-        raise ValueError("saliency contains NaN or infinite values")
+    values = finite_map(saliency, "saliency")
     row, col = np.unravel_index(int(np.argmax(values)), values.shape)
     return int(col), int(row)
 

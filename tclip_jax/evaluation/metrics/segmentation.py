@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 from sklearn.metrics import average_precision_score
 
+from tclip_jax.evaluation.metrics.maps import finite_map
 from tclip_jax.postprocess.boxes import foreground
 
 IGNORE_LABEL = -1
@@ -58,13 +59,9 @@ class SegmentationCounts:
 
 def normalize_relevance(heatmap: np.ndarray) -> np.ndarray:
     """Clip negatives to 0 and min-max scale to [0, 1], keeping a floating dtype (see module doc)."""
-    values = np.asarray(heatmap)
+    values = finite_map(heatmap, "heatmap")
     if not np.issubdtype(values.dtype, np.floating):
         values = values.astype(np.float64)
-    if values.ndim != 2 or values.size == 0:
-        raise ValueError(f"heatmap must be a non-empty 2-D map, got shape {values.shape}")
-    if not np.isfinite(values).all():
-        raise ValueError("heatmap contains NaN or infinite values")
     clipped = np.clip(values, 0, None)
     low, high = clipped.min(), clipped.max()
     if high == low:
@@ -130,11 +127,7 @@ def _average_precision(relevance: np.ndarray, target: np.ndarray) -> float:
 
 
 def _check_pair(relevance: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    relevance, labels = np.asarray(relevance), np.asarray(labels)
-    if relevance.ndim != 2 or relevance.size == 0:
-        raise ValueError(f"relevance must be a non-empty 2-D map, got shape {relevance.shape}")
-    if not np.isfinite(relevance).all():
-        raise ValueError("relevance contains NaN or infinite values")
+    relevance, labels = finite_map(relevance, "relevance"), np.asarray(labels)
     if labels.shape != relevance.shape:
         raise ValueError(f"labels shape {labels.shape} differs from relevance shape {relevance.shape}")
     if not np.isin(labels, (IGNORE_LABEL, 0, 1)).all():

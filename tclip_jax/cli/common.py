@@ -1,0 +1,46 @@
+"""What `tclip explain` and `tclip sweep` share: choosing a method and its settings from the command line.
+
+TCLIP's settings (and the host-step settings every method has) are flags of their own; any method's other
+settings are `--option KEY=VALUE`. A flag that the chosen method does not take is an error, not ignored.
+"""
+from __future__ import annotations
+
+import argparse
+
+from tclip_jax.methods.base import MethodSettings
+from tclip_jax.methods.tclip.method import Settings as TCLIPSettings
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="tclip",
+                        help="tclip (per word, default), a baseline (similarity, rclip, maskclip, clip_surgery, "
+                             "hilacam, attention, rollout, gradcam, grad_eclip, decomposition), or "
+                             "'package.module:Class' (default: %(default)s)")
+    parser.add_argument("--model", default=None,
+                        help="hub name, Hugging Face / OpenCLIP / converted folder, OpenAI .pt or state dict "
+                             "(default: the embedded synthetic-scenes model)")
+    group = parser.add_argument_group("TCLIP and host-step settings")
+    TCLIPSettings.add_arguments(group)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other setting of the chosen method, e.g. --option surgery_blocks=4 (repeatable)")
+
+
+def method_settings(method_class, args: argparse.Namespace) -> MethodSettings:
+    """The chosen method's settings from the flags given and the --option assignments."""
+    settings_class = method_class.Settings
+    given = TCLIPSettings.given_arguments(args)
+    foreign = sorted(set(given) - set(settings_class.field_names()))
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise ValueError(f"{flags} {'is not a setting' if len(foreign) == 1 else 'are not settings'} of "
+                         f"{method_class.name}; {settings_class._valid_names()}")
+    return settings_class.from_dict({**given, **settings_class.parse_assignments(args.option)})
+
+
+def build_method(args: argparse.Namespace):
+    """The method the arguments name, on the model they name."""
+    from tclip_jax import methods
+
+    method_class = methods.get(args.method)
+    settings = method_settings(method_class, args)  # checked before the model loads
+    return method_class.from_pretrained(args.model, **settings.to_dict())

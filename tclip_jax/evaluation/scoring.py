@@ -1,0 +1,99 @@
+"""The one unit scorer: the scores of one (image, target) unit from its method's map, box and relevance.
+
+- Detection (a target with boxes): the method's box (`HostMaps.box`: Otsu + the largest region, under the
+  method's box rule); a hit is IoU >= 0.5 with any ground-truth box of the target, IoU in gScoreCAM's convention
+  (`metrics.box_iou`).
+- Segmentation (a target with a mask), all on the method's relevance map (TCLIP: its soft map; a baseline: its
+  heatmap): pointing game against the mask (``pg_tolerance`` 1: the argmax pixel is on the mask; TorchRay: 15);
+  energy pointing game in the tight box of the mask (Score-CAM's box version, ``energy_pg``) and in the mask
+  itself (``energy_in_mask``); pixel accuracy, per-class intersection/union and AP of the relevance map, min-max
+  normalised, against the binary mask with ignore pixels left out, foreground above the threshold: ``"mean"``
+  (Chefer et al.), ``"otsu"``, ``"gmm"`` (the GMM split τ of the normalised map) or a number in [0, 1). Raw counts
+  are stored so that dataset scores sum them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+import numpy as np
+
+from tclip_jax.evaluation.datasets.base import Target
+from tclip_jax.evaluation.metrics import (
+    DEFAULT_TOLERANCE,
+    HIT_IOU,
+    IGNORE_LABEL,
+    box_ious,
+    energy_in_mask,
+    energy_pointing_game,
+    mask_box,
+    normalize_relevance,
+    pointing_game,
+    segmentation_scores,
+)
+from tclip_jax.methods.base import HostMaps
+from tclip_jax.postprocess import Box, gmm_threshold
+from tclip_jax.settings import Options, integer, setting
+
+THRESHOLDS = ("mean", "otsu", "gmm")
+Threshold = Union[str, float]
+
+
+def parse_threshold(text: str) -> Threshold:
+    if text in THRESHOLDS:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"threshold must be mean, otsu, gmm or a number in [0, 1), got {text!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions(Options):
+    pg_tolerance: int = setting(DEFAULT_TOLERANCE, "pointing-game tolerance in pixels (TorchRay: 15)", parse=int)
+    threshold: Threshold = setting("mean", "segmentation foreground threshold: mean, otsu, gmm or a number in "
+                                   "[0, 1)", parse=parse_threshold)
+
+    def __post_init__(self):
+        integer("pg_tolerance", self.pg_tolerance, 0)
+        if isinstance(self.threshold, str):
+            if self.threshold not in THRESHOLDS:
+                raise ValueError(f"threshold must be one of {THRESHOLDS} or a number, got {self.threshold!r}")
+        elif isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"a numeric threshold lies in [0, 1), got {self.threshold!r}")
+
+
+def score_unit(target: Target, heatmap: np.ndarray, host: HostMaps, options: EvalOptions) -> dict:
+    """The JSON-ready scores of one unit; `heatmap` [H, W] and `host` are its method's map at original size."""
+    unit = {}
+    if target.boxes is not None:
+        unit.update(box_scores(host.box, target.boxes))
+    if target.mask is not None:
+        relevance = heatmap if host.soft is None else host.soft
+        unit.update(mask_scores(relevance, target.mask, target.ignore, options))
+    return unit
+
+
+def box_scores(box: Box, gt_boxes: np.ndarray) -> dict:
+    best = float(box_ious(box, gt_boxes).max())
+    return {"box": [int(v) for v in box], "iou": best, "hit": best >= HIT_IOU}
+
+
+def mask_scores(relevance_map: np.ndarray, mask: np.ndarray, ignore: np.ndarray | None, options: EvalOptions) -> dict:
+    labels = mask.astype(np.int64)
+    if ignore is not None:
+        labels[ignore] = IGNORE_LABEL
+    relevance = normalize_relevance(relevance_map)
+    threshold = gmm_threshold(relevance).tau if options.threshold == "gmm" else options.threshold
+    counts = segmentation_scores(relevance, labels, threshold)
+    return {
+        "pg_hit": pointing_game(relevance_map, mask, options.pg_tolerance),
+        "energy_pg": energy_pointing_game(relevance_map, mask_box(mask)),
+        "energy_in_mask": energy_in_mask(relevance_map, mask),
+        "pixel_correct": counts.pixel_correct,
+        "pixel_labeled": counts.pixel_labeled,
+        "area_inter": counts.area_inter.tolist(),
+        "area_union": counts.area_union.tolist(),
+        "ap": counts.ap,
+    }

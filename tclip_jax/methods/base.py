@@ -1,0 +1,385 @@
+"""The one interface of every relevance-map method (TCLIP and each baseline), and what `explain` returns.
+
+A method splits into what runs where:
+- `prepare` (host, per image): the decoded uint8 image -> model input [h, w, 3] and its `Geometry`, under the
+  method's input protocol (`tclip_jax.image.protocols`);
+- `encode` (once for any number of images): `Query`s (a prompt, and the part of it whose map is wanted) ->
+  `QueryArrays`: arrays with a leading query axis (TCLIP's query embeddings, text features, token ids) and arrays
+  every query shares (e.g. a label set);
+- `maps` (device): a pure function `(params, pixels [B, h, w, 3], queries, rows [B, K]) -> MapOutput` whose
+  `maps[b, k]` is the map of query `rows[b, k]` on image b, covering the model-input frame at any resolution.
+  It is jit-compiled once per shape and shards over the batch axis (`tclip sweep`);
+- `postprocess` (host): maps at the original image size -> a `HostMaps` (soft map, GMM fit, box) each.
+`explain` / `explain_batch` run them for images and prompts; `tclip sweep` runs them over datasets.
+
+A map of a query never depends on the other queries of a call or on the batch it runs in: methods whose map
+depends on a set of texts (CLIP Surgery's feature surgery, the decomposition heatmap) take that set once, as the
+label set of `encode` (the prompts of an `explain` call; a dataset's class prompts in a sweep).
+
+Adding a method: a module with a `Method` subclass (`name`, `Settings`, `encode`, `maps`; prompt-level methods
+derive from `PromptMethod` and write `grid_maps` only) and one line in `tclip_jax.methods.METHODS`.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tclip_jax.checkpoints.load import LoadedClip, load_clip
+from tclip_jax.image import Geometry, ImageLike, InputProtocol, load_image, prepare, to_original, upsample_bilinear
+from tclip_jax.methods.common import minmax, text_features
+from tclip_jax.model.tokenizer import TokenizedPrompt, Word
+from tclip_jax.postprocess import BOX_RULES, Box, BoxRule, GmmFit, heatmap_box
+from tclip_jax.settings import Options, setting
+
+Array = jax.Array
+RESULT_SCHEMA = "tclip_jax/result"
+RESULT_VERSION = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSettings(Options):
+    """What every method's settings have: the host step's box rule and what to do with over-long prompts."""
+
+    box_rule: BoxRule = setting("component", "zero-shot box: the largest connected component of the Otsu "
+                                "foreground (TCLIP) or the largest contour box (gScoreCAM's evaluation)",
+                                choices=BOX_RULES)
+    truncate: bool = setting(False, "truncate prompts longer than the model's context (with a warning) "
+                             "instead of refusing them")
+
+    def __post_init__(self):
+        if self.box_rule not in BOX_RULES:
+            raise ValueError(f"box_rule must be one of {BOX_RULES}, got {self.box_rule!r}")
+        if not isinstance(self.truncate, bool):
+            raise ValueError(f"truncate must be true or false, got {self.truncate!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """One map to compute: of `prompt`, or of the words inside `span` (characters [start, end) of the prompt).
+
+    Per-token methods (TCLIP) map the words inside the span; prompt-level methods map the whole prompt.
+    """
+
+    prompt: str
+    span: Optional[tuple[int, int]] = None
+
+
+@flax.struct.dataclass
+class QueryArrays:
+    """Encoded queries: `per_query` arrays have a leading query axis; `shared` arrays serve every query."""
+
+    per_query: Any
+    shared: Any = None
+
+    def __len__(self) -> int:
+        return len(jax.tree_util.tree_leaves(self.per_query)[0])
+
+    def take(self, index: np.ndarray) -> "QueryArrays":
+        """These queries, reordered or repeated by `index` (host arrays)."""
+        return self.replace(per_query=jax.tree_util.tree_map(lambda a: np.asarray(a)[index], self.per_query))
+
+
+@flax.struct.dataclass
+class MapOutput:
+    maps: Array        # [B, K, h', w'] over the model-input frame
+    extras: Any = None  # method-specific per-image arrays (TCLIP: the untranslated copy's patch embeddings)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostMaps:
+    """The host step's output for one map."""
+
+    soft: Optional[np.ndarray]   # TCLIP's soft map [H, W]; None for methods whose metrics score the map itself
+    gmm: Optional[GmmFit]        # the soft map's mixture fit (gmm.tau is τ)
+    box: Box                     # xyxy pixels, exclusive end
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MapResult:
+    """One word (or a whole prompt) on one image, at the original image's size."""
+
+    text: str
+    heatmap: np.ndarray              # [H, W] the method's map (TCLIP: the trimmed mean over translated copies)
+    soft: Optional[np.ndarray]       # [H, W] TCLIP's GMM-thresholded, Gaussian-filtered map; None for baselines
+    gmm: Optional[GmmFit]
+    box: Box                         # from Otsu + the settings' box rule, on `heatmap`
+
+    @property
+    def tau(self) -> Optional[float]:
+        return None if self.gmm is None else self.gmm.tau
+
+    @property
+    def relevance(self) -> np.ndarray:
+        """The map that pointing and segmentation metrics score: the soft map where there is one."""
+        return self.heatmap if self.soft is None else self.soft
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PromptResult:
+    prompt: str
+    tokens: TokenizedPrompt
+    words: tuple[Word, ...]           # the explained words (punctuation dropped); () for prompt-level methods
+    word_maps: tuple[MapResult, ...]  # one per word
+    phrase: MapResult                 # the whole prompt (TCLIP: the mean of its words' queries)
+    similarity: Optional[np.ndarray]  # TCLIP: raw S [n_pieces, gh*gw] of the untranslated image; else None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageResult:
+    image: np.ndarray                 # uint8 [H, W, 3] as loaded
+    geometry: Geometry
+    grid: tuple[int, int]             # the patch grid of the model input
+    prompts: tuple[PromptResult, ...]
+    run: dict                         # method, model, settings, protocol (`Method.run_info`)
+
+    def to_record(self) -> dict:
+        """The result as JSON-ready values (`RESULT_SCHEMA`; `tclip explain` adds the files it wrote)."""
+        def map_record(m: MapResult) -> dict:
+            return {"tau": m.tau, "gmm_fallback": None if m.gmm is None else m.gmm.fallback,
+                    "box_xyxy": [int(v) for v in m.box]}
+
+        prompts = []
+        for prompt in self.prompts:
+            pieces = prompt.tokens.pieces
+            words = [{"word": w.text, "span": [w.start, w.end], "pieces": [pieces[i - 1] for i in w.piece_positions],
+                      "piece_positions": list(w.piece_positions), **map_record(m)}
+                     for w, m in zip(prompt.words, prompt.word_maps)]
+            prompts.append({"prompt": prompt.prompt, "pieces": list(pieces), "words": words,
+                            "phrase": map_record(prompt.phrase)})
+        return {"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "run": self.run,
+                "image": {"size_hw": list(self.image.shape[:2])}, "grid": list(self.grid), "prompts": prompts}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EncodedPrompts:
+    """Prompts encoded once for any number of images: per prompt its words, then one map per word and phrase."""
+
+    tokens: tuple[TokenizedPrompt, ...]
+    words: tuple[tuple[Word, ...], ...]   # per prompt, the words that get their own map
+    queries: QueryArrays                  # distinct queries
+    rows: np.ndarray                      # [sum(words) + P] row of each word query, then of each phrase query
+    extras: Any = None                    # method-specific (TCLIP: unit token embeddings, for S)
+
+
+class Method(abc.ABC):
+    """Base of every method; see the module docstring. Construct with a loaded model and settings."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[MethodSettings]] = MethodSettings
+    input_protocol: ClassVar[InputProtocol] = "whole"
+    explains_words: ClassVar[bool] = False  # maps each word of a prompt, not only the prompt
+
+    def __init__(self, clip: LoadedClip, settings: Optional[MethodSettings] = None):
+        self.clip = clip
+        self.settings = self.Settings() if settings is None else settings
+        if not isinstance(self.settings, self.Settings):
+            raise TypeError(f"{self.name} takes {self.Settings.__name__}, got {type(self.settings).__name__}")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: Optional[str | os.PathLike] = None, *, dtype: Any = jnp.float32,
+                        **settings) -> "Method":
+        """The method on any model `load_clip` accepts (None: the embedded default), with these settings."""
+        return cls(load_clip(name_or_path, dtype=dtype), cls.Settings.from_dict(settings))
+
+    @property
+    def params(self):
+        """What `maps` reads besides the inputs: the model's parameters."""
+        return self.clip.params
+
+    @property
+    def protocol(self) -> InputProtocol:
+        return self.input_protocol
+
+    def run_info(self) -> dict:
+        """What produced a result: method, model, settings and input protocol (JSON-ready)."""
+        return {"method": self.name, "model": {"origin": self.clip.origin, "source": self.clip.source},
+                "settings": self.settings.to_dict(), "protocol": self.protocol}
+
+    # ----------------------------------------------------------------------------------- the four parts
+    def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        config = self.clip.config
+        return prepare(rgb, self.protocol, config.image_size, config.patch_size)
+
+    @abc.abstractmethod
+    def encode(self, queries: Sequence[Query], label_set: Optional[Sequence[str]] = None) -> QueryArrays:
+        """The queries' arrays, in order; `label_set`: the prompts that set-dependent methods compare against."""
+
+    @abc.abstractmethod
+    def maps(self, params, pixels: Array, queries: QueryArrays, rows: Array) -> MapOutput:
+        """Pure device function (see the module docstring)."""
+
+    def postprocess(self, heatmaps: Sequence[np.ndarray], soft_maps: bool = True) -> list[HostMaps]:
+        """The host step for maps at the original size: Otsu boxes under the settings' rule (and, for a method
+        with soft maps, those too unless `soft_maps` is False)."""
+        return [HostMaps(None, None, heatmap_box(h, rule=self.settings.box_rule)) for h in heatmaps]
+
+    # ----------------------------------------------------------------------------------------- explain
+    @functools.cached_property
+    def jitted_maps(self):
+        return jax.jit(self.maps)
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[TokenizedPrompt, ...]:
+        context = self.clip.config.context_length
+        return tuple(self.clip.tokenizer.tokenize_words(p, context, self.settings.truncate) for p in prompts)
+
+    def encode_prompts(self, prompts: str | Sequence[str]) -> EncodedPrompts:
+        """Tokenises and encodes prompts once; the result serves any number of images."""
+        tokens = self.tokenize(prompt_list(prompts))
+        words, queries = self.explained_queries(tokens)
+        return distinct_queries(tokens, words, self.encode(queries, label_set=[t.text for t in tokens]))
+
+    def explained_queries(self, tokens: Sequence[TokenizedPrompt]) -> tuple[tuple[tuple[Word, ...], ...], list[Query]]:
+        """Per prompt the words that get their own map, and the queries: each word, then each prompt."""
+        words = tuple(_explained_words(t) if self.explains_words else () for t in tokens)
+        queries = [Query(t.text, (w.start, w.end)) for t, ws in zip(tokens, words) for w in ws]
+        return words, queries + [Query(t.text) for t in tokens]
+
+    def preprocess(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray, Geometry]:
+        """(uint8 image, model input [h, w, 3], geometry): the image decoded once, then `prepare`d."""
+        rgb = load_image(image)
+        return (rgb, *self.prepare(rgb))
+
+    def explain(self, image: ImageLike, prompts: str | Sequence[str] | EncodedPrompts) -> ImageResult:
+        return next(self.explain_batch([image], prompts))
+
+    def explain_batch(self, images: Sequence[ImageLike], prompts: str | Sequence[str] | EncodedPrompts,
+                      batch_size: int = 4) -> Iterator[ImageResult]:
+        """Yields one ImageResult per image; the prompts are encoded once for all images."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        encoded = prompts if isinstance(prompts, EncodedPrompts) else self.encode_prompts(prompts)
+        rows = np.arange(len(encoded.queries), dtype=np.int32)
+        for start in range(0, len(images), batch_size):
+            loaded = [self.preprocess(image) for image in images[start:start + batch_size]]
+            pixels = np.stack([p for _, p, _ in loaded])
+            out = self.jitted_maps(self.params, pixels, encoded.queries, np.broadcast_to(rows, (len(loaded), len(rows))))
+            for b, (rgb, _, geometry) in enumerate(loaded):
+                extras = jax.tree_util.tree_map(lambda a: np.asarray(a[b]), out.extras)
+                yield self._image_result(rgb, geometry, encoded, np.asarray(out.maps[b]), extras)
+
+    def prompt_similarity(self, encoded: EncodedPrompts, prompt: int, extras: Any) -> Optional[np.ndarray]:
+        """A method's raw token-patch similarity of one prompt, if it has one (TCLIP's S)."""
+        return None
+
+    def _image_result(self, rgb: np.ndarray, geometry: Geometry, encoded: EncodedPrompts, distinct_maps: np.ndarray,
+                      extras: Any) -> ImageResult:
+        distinct_maps = list(to_original(distinct_maps, geometry))  # equal queries share one array
+        host = self.postprocess(distinct_maps)
+
+        def map_result(text: str, item: int) -> MapResult:
+            row = encoded.rows[item]
+            return MapResult(text, distinct_maps[row], host[row].soft, host[row].gmm, host[row].box)
+
+        n_words = sum(len(ws) for ws in encoded.words)
+        prompts, item = [], 0
+        for p, (tokens, words) in enumerate(zip(encoded.tokens, encoded.words)):
+            word_maps = tuple(map_result(w.text, item + i) for i, w in enumerate(words))
+            item += len(words)
+            prompts.append(PromptResult(tokens.text, tokens, words, word_maps, map_result(tokens.text, n_words + p),
+                                        self.prompt_similarity(encoded, p, extras)))
+        grid = tuple(s // self.clip.config.patch_size for s in geometry.input_hw)
+        return ImageResult(rgb, geometry, grid, tuple(prompts), self.run_info())
+
+
+# ---------------------------------------------------------------------------------- prompt-level methods
+@dataclasses.dataclass(frozen=True)
+class MapPostprocess:
+    """Upsampling (bilinear, align_corners=False) and min-max normalisation, in the official order.
+
+    normalize_first: min-max over each grid map, then upsample (CLIP Surgery's `get_similarity_map`,
+      Grad-ECLIP's notebook); otherwise upsample, then min-max over the image (HilaCAM, clip_text_span).
+    clip_negative: clip the upsampled map to [0, max] before the min-max (clip_text_span's segmentation).
+    """
+
+    normalize_first: bool
+    clip_negative: bool = False
+
+
+def postprocess_maps(maps: Array, size: tuple[int, int], spec: MapPostprocess) -> Array:
+    """Patch-grid maps [..., gh, gw] -> heatmaps [..., H, W] in [0, 1]."""
+    if spec.normalize_first:
+        return upsample_bilinear(minmax(maps), tuple(size))
+    upsampled = upsample_bilinear(maps, tuple(size))
+    if spec.clip_negative:
+        upsampled = jnp.maximum(upsampled, 0)
+    return minmax(upsampled)
+
+
+NORMALIZE_THEN_UPSAMPLE = MapPostprocess(normalize_first=True)
+UPSAMPLE_THEN_NORMALIZE = MapPostprocess(normalize_first=False)
+
+
+class PromptMethod(Method):
+    """A method that explains whole prompts, one map per prompt, from its text features (one prompt, or the
+    official template ensemble, per text; HilaCAM takes token ids), with its official input protocol and
+    map post-processing (`heatmap`)."""
+
+    heatmap: ClassVar[MapPostprocess]
+    templates: ClassVar[Optional[tuple[str, ...]]] = None  # the official prompt ensemble, if any
+
+    def encode(self, queries: Sequence[Query], label_set: Optional[Sequence[str]] = None) -> QueryArrays:
+        return QueryArrays(self.text_features([q.prompt for q in queries]))
+
+    def text_token_ids(self, prompts: Sequence[str]) -> np.ndarray:
+        """[n, context] token ids, or [n, n_templates, context] with the official templates."""
+        encode = functools.partial(self.clip.tokenizer.encode, context_length=self.clip.config.context_length,
+                                   truncate=self.settings.truncate)
+        if self.templates is None:
+            return encode(list(prompts))
+        return np.stack([encode([t.format(p) for t in self.templates]) for p in prompts])
+
+    def text_features(self, prompts: Sequence[str]) -> np.ndarray:
+        """[n, embed_dim] L2-normalised features of the prompts, computed once."""
+        return np.asarray(_jitted_text_features(self.clip.model, self.params, self.text_token_ids(prompts)))
+
+    @abc.abstractmethod
+    def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
+        """[B, Q, gh, gw] patch-grid maps of every query on every image."""
+
+    def maps(self, params, pixels: Array, queries: QueryArrays, rows: Array) -> MapOutput:
+        grids = self.grid_maps(params, pixels, queries)
+        present = jnp.take_along_axis(grids, rows[:, :, None, None], axis=1)
+        return MapOutput(postprocess_maps(present, pixels.shape[1:3], self.heatmap))
+
+
+_jitted_text_features = jax.jit(text_features, static_argnums=0)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts must be str, got {type(prompt).__name__}: {prompt!r}")
+    return prompts
+
+
+def _explained_words(tokens: TokenizedPrompt) -> tuple[Word, ...]:
+    words = tuple(w for w in tokens.words if not w.is_punctuation)
+    if not words:
+        raise ValueError(f"prompt {tokens.text!r} has no words to explain")
+    return words
+
+
+def distinct_queries(tokens, words, queries: QueryArrays) -> EncodedPrompts:
+    """Equal queries (a one-word prompt's word and phrase, a word in several prompts) are mapped once."""
+    flat = np.concatenate([np.ascontiguousarray(leaf).reshape(len(queries), -1).view(np.uint8)
+                           for leaf in jax.tree_util.tree_leaves(queries.per_query)], axis=1)
+    _, first, rows = np.unique(flat, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)                       # distinct rows in order of first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return EncodedPrompts(tokens, words, queries.take(first[order]), rank[rows.ravel()].astype(np.int64))

@@ -1,0 +1,173 @@
+"""TCLIP as a `Method`: per-word maps from token–patch cosine relevance over translated copies of the image.
+
+Device (jitted): the K translated copies of every image of a batch go through the ViT as one batch; each query's
+relevance grid is upsampled, shifted back and combined by a pixel-wise trimmed mean (`relevance`). Host: a
+2-component GMM on each aggregated map gives τ and the soft map; Otsu and the largest connected component give
+the box (`tclip_jax.postprocess`). A query is a unit token embedding averaged over a word's BPE pieces, and over
+the words inside a query's span (a multi-word class name; the whole prompt for its phrase map).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from tclip_jax.image import INPUT_PROTOCOLS, InputProtocol
+from tclip_jax.methods.base import (
+    EncodedPrompts,
+    HostMaps,
+    MapOutput,
+    Method,
+    MethodSettings,
+    Query,
+    QueryArrays,
+    distinct_queries,
+    prompt_list,
+)
+from tclip_jax.methods.tclip.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
+from tclip_jax.methods.tclip.translations import DEFAULT_SCALE_FRACTIONS, DEFAULT_TRIM, translation_offsets
+from tclip_jax.model.tokenizer import TokenizedPrompt
+from tclip_jax.postprocess import heatmap_box, soft_map
+from tclip_jax.settings import finite, integer, parse_float_tuple, parse_optional, setting
+
+GMM_SEED_LIMIT = 2**32  # scikit-learn's random_state range
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(MethodSettings):
+    """How TCLIP is run. `translations=1` turns the multi-scale translation off."""
+
+    translations: Optional[int] = setting(
+        None, "translated copies: 1 turns translation off; the full set is the identity + 8 directions per scale "
+        "fraction", parse=parse_optional(int), shown_default="the full set, 25 with the default scale fractions")
+    scale_fractions: tuple[float, ...] = setting(
+        DEFAULT_SCALE_FRACTIONS, "shift lengths as fractions of the patch size, comma-separated",
+        parse=parse_float_tuple)
+    trim: float = setting(DEFAULT_TRIM, "trimmed-mean proportion cut from each end, per pixel", parse=float)
+    protocol: InputProtocol = setting("whole", "how an image becomes the model input: the whole image resized, "
+                                      "CLIP's center crop, or each side resized to a patch multiple",
+                                      choices=INPUT_PROTOCOLS)
+    sigma: Optional[float] = setting(None, "soft-map Gaussian sigma in pixels", parse=parse_optional(float),
+                                     shown_default="2%% of the image's longer side")
+    gmm_seed: int = setting(0, "random_state of the soft map's Gaussian mixture", parse=int)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.scale_fractions, tuple) or not self.scale_fractions:
+            raise ValueError(f"scale_fractions must be a non-empty tuple, got {self.scale_fractions!r}")
+        for fraction in self.scale_fractions:
+            finite("each scale fraction", fraction)
+            if not 0 < fraction <= 1:
+                raise ValueError(f"scale fractions must lie in (0, 1] (of the patch size), got {fraction}")
+        full = 1 + 8 * len(self.scale_fractions)
+        if self.translations is None:
+            object.__setattr__(self, "translations", full)
+        integer("translations", self.translations)
+        if self.translations not in (1, full):
+            raise ValueError(f"translations must be 1 (off) or {full} (identity + 8 directions x "
+                             f"{len(self.scale_fractions)} scales), got {self.translations}")
+        finite("trim", self.trim)
+        if not 0 <= self.trim < 0.5:
+            raise ValueError(f"trim must lie in [0, 0.5), got {self.trim}")
+        if self.protocol not in INPUT_PROTOCOLS:
+            raise ValueError(f"protocol must be one of {INPUT_PROTOCOLS}, got {self.protocol!r}")
+        if self.sigma is not None:
+            finite("sigma", self.sigma)
+            if self.sigma < 0:
+                raise ValueError(f"sigma must be >= 0 (pixels), got {self.sigma}")
+        integer("gmm_seed", self.gmm_seed, 0)
+        if self.gmm_seed >= GMM_SEED_LIMIT:
+            raise ValueError(f"gmm_seed must be below 2**32, got {self.gmm_seed}")
+
+
+class TCLIP(Method):
+    name = "tclip"
+    Settings = Settings
+    explains_words = True
+
+    @functools.cached_property
+    def offsets(self) -> tuple[tuple[int, int], ...]:
+        return translation_offsets(self.clip.config.patch_size, self.settings.scale_fractions,
+                                   self.settings.translations)
+
+    @property
+    def protocol(self) -> InputProtocol:
+        return self.settings.protocol
+
+    # ------------------------------------------------------------------------------------------ encode
+    def embed_prompts(self, tokens: Sequence[TokenizedPrompt]) -> np.ndarray:
+        """[P, L, D] unit embeddings of every text position, L >= every prompt's end-of-text position + 1."""
+        # The text tower is causal: positions after the last end-of-text token change nothing before it,
+        # so rows are cut there (rounded up to a multiple of 8 to bound recompilation).
+        context = self.clip.config.context_length
+        length = min(context, -(-(max(t.eot_position for t in tokens) + 1) // 8) * 8)
+        return np.asarray(token_embeddings(self.clip.model, self.params,
+                                           np.stack([t.token_ids[:length] for t in tokens])))
+
+    def encode(self, queries: Sequence[Query], label_set: Optional[Sequence[str]] = None) -> QueryArrays:
+        """[Q, D] queries: the mean over the words inside each query's span of the mean of their pieces."""
+        tokens = self.tokenize(list(dict.fromkeys(q.prompt for q in queries)))
+        return _queries(tokens, self.embed_prompts(tokens), queries)
+
+    def encode_prompts(self, prompts: str | Sequence[str]) -> EncodedPrompts:
+        """As `Method.encode_prompts`, keeping the token embeddings for the raw similarity S."""
+        tokens = self.tokenize(prompt_list(prompts))
+        embeds = self.embed_prompts(tokens)
+        words, queries = self.explained_queries(tokens)
+        return dataclasses.replace(distinct_queries(tokens, words, _queries(tokens, embeds, queries)), extras=embeds)
+
+    # ------------------------------------------------------------------------------------------ device
+    def maps(self, params, pixels, queries: QueryArrays, rows) -> MapOutput:
+        """Aggregated maps [B, K, h, w] at the model-input size; extras: the untranslated copy's unit patch
+        embeddings [B, gh*gw, D]."""
+        patch_embeds = translated_patch_embeddings(self.clip.model, params, pixels, self.offsets)
+        patch = self.clip.config.patch_size
+        size_hw = pixels.shape[1:3]
+        aggregate = functools.partial(aggregate_maps, offsets=self.offsets,
+                                      grid_hw=(size_hw[0] // patch, size_hw[1] // patch),
+                                      size_hw=size_hw, trim=self.settings.trim)
+        selected = queries.per_query[rows]                                       # [B, K, D]
+        return MapOutput(jax.vmap(aggregate)(patch_embeds, selected), patch_embeds[:, 0])
+
+    # -------------------------------------------------------------------------------------------- host
+    def postprocess(self, heatmaps: Sequence[np.ndarray], soft_maps: bool = True) -> list[HostMaps]:
+        """Soft map, GMM fit and box of each aggregated map (boxes only without `soft_maps`).
+
+        Maps run in parallel on threads: sorting and blurring release the GIL (scikit-learn's EM only partly).
+        """
+        if not soft_maps:
+            return super().postprocess(heatmaps)
+
+        def one(aggregated: np.ndarray) -> HostMaps:
+            soft, gmm = soft_map(aggregated, sigma=self.settings.sigma, seed=self.settings.gmm_seed)
+            return HostMaps(soft, gmm, heatmap_box(aggregated, rule=self.settings.box_rule))
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(heatmaps), os.cpu_count() or 1))) as pool:
+            return list(pool.map(one, heatmaps))
+
+    def prompt_similarity(self, encoded: EncodedPrompts, prompt: int, extras: Any) -> np.ndarray:
+        """Raw S [n_pieces, gh*gw] of the untranslated image; row i is piece i of the prompt."""
+        pieces = encoded.extras[prompt, list(encoded.tokens[prompt].piece_positions)]
+        return pieces @ extras.T
+
+
+def _queries(tokens: Sequence[TokenizedPrompt], embeds: np.ndarray, queries: Sequence[Query]) -> QueryArrays:
+    index = {t.text: i for i, t in enumerate(tokens)}
+    rows = [_span_query(tokens[index[q.prompt]], embeds[index[q.prompt]], q.span) for q in queries]
+    return QueryArrays(np.stack(rows).astype(np.float32))
+
+
+def _span_query(tokens: TokenizedPrompt, embeds: np.ndarray, span: Optional[tuple[int, int]]) -> np.ndarray:
+    """Mean over the words inside `span` (all words if None) of each word's mean piece embedding."""
+    words = [w for w in tokens.words if not w.is_punctuation
+             and (span is None or (w.start >= span[0] and w.end <= span[1]))]
+    if not words:
+        where = "" if span is None else f" inside characters {span[0]}..{span[1]}"
+        raise ValueError(f"prompt {tokens.text!r} has no words to explain{where}")
+    return np.mean([embeds[list(w.piece_positions)].mean(0) for w in words], axis=0)

@@ -1,0 +1,173 @@
+"""Settings objects that own their command-line flags and their serialisation.
+
+A settings class is a frozen dataclass deriving from `Options` whose fields are declared with `setting(...)`:
+a default, a help text, and how a string becomes a value. From that one declaration it registers its
+flags on an argparse parser (`add_arguments`), reads them back (`from_arguments`, only the flags given),
+takes `KEY=VALUE` assignments (`parse_assignments`, for `--option`), and round-trips through JSON
+(`to_dict` / `from_dict`), so `tclip explain`, `tclip sweep`, result records and the Python API all speak the
+same names. Unknown names and unparsable values are errors that name the setting and list the valid ones.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Optional, TypeVar
+
+T = TypeVar("T", bound="Options")
+
+
+def setting(default: Any, help: str, *, parse: Optional[Callable[[str], Any]] = None,
+            choices: Optional[Sequence[Any]] = None, flag: bool = True, shown_default: Optional[str] = None) -> Any:
+    """A settings field. `parse` turns a command-line string into the value (default: the default's type);
+    `choices` restricts it; `flag=False` leaves it out of `add_arguments` (still settable by `--option`);
+    `shown_default` describes the default in help texts where the value alone would not say enough."""
+    metadata = {"help": help, "parse": parse, "choices": tuple(choices) if choices is not None else None,
+                "flag": flag, "shown_default": shown_default}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse`, with "none" (any case) meaning None."""
+    return lambda text: None if text.strip().lower() == "none" else parse(text)
+
+
+def parse_float_tuple(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in text.split(",") if part.strip())
+
+
+def finite(name: str, value: float) -> None:
+    """Raises ValueError unless `value` is a finite real number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def integer(name: str, value: Any, minimum: Optional[int] = None) -> None:
+    """Raises ValueError unless `value` is an int (not a bool, not a float) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Base of settings classes (see the module docstring). Subclasses validate in `__post_init__`."""
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+        """Registers `--<name>` for every field declared with `flag=True`. Flags not given stay unset in the
+        namespace, so `from_arguments` can tell a default from a choice."""
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if not meta.get("flag", False):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            shown = meta["help"] + f" (default: {meta['shown_default'] or _show(f.default)})"
+            if isinstance(f.default, bool) and meta["parse"] is None:
+                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                    default=argparse.SUPPRESS, help=shown)
+                continue
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
+                                metavar=None if meta["choices"] else f.name.upper(), type=_argparse_type(f),
+                                help=shown, choices=meta["choices"])
+
+    @classmethod
+    def given_arguments(cls, namespace: argparse.Namespace) -> dict[str, Any]:
+        """The values of this class's flags that were given on the command line."""
+        return {name: getattr(namespace, name) for name in cls.field_names() if hasattr(namespace, name)}
+
+    @classmethod
+    def parse_assignments(cls, assignments: Iterable[str]) -> dict[str, Any]:
+        """`KEY=VALUE` strings (`--option`) as values of this class's fields."""
+        values = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for assignment in assignments:
+            key, sep, text = assignment.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or not key:
+                raise ValueError(f"an option is KEY=VALUE, got {assignment!r}")
+            if key not in fields:
+                raise ValueError(f"unknown option {key!r}; {cls._valid_names()}")
+            try:
+                values[key] = _parse(fields[key], text)
+            except ValueError as err:
+                raise ValueError(f"option {key}: {err}") from None
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (tuples become lists)."""
+        return {name: _jsonable(getattr(self, name)) for name in self.field_names()}
+
+    @classmethod
+    def from_dict(cls: type[T], values: Mapping[str, Any]) -> T:
+        """The settings with `values` in place of the defaults; unknown names are an error."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{cls.__name__} settings must be a mapping, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                             f"{cls._valid_names()}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        converted = {k: tuple(v) if isinstance(fields[k].default, tuple) and isinstance(v, list) else v
+                     for k, v in values.items()}
+        return cls(**converted)
+
+    def replace(self: T, **changes: Any) -> T:
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def _valid_names(cls) -> str:
+        names = cls.field_names()
+        return f"{cls.__name__} takes {', '.join(names)}" if names else f"{cls.__name__} takes no settings"
+
+
+def _parse(f: dataclasses.Field, text: str, check_choices: bool = True) -> Any:
+    meta = f.metadata
+    if meta.get("parse") is not None:
+        value = meta["parse"](text)
+    elif isinstance(f.default, bool):
+        value = parse_bool(text)
+    elif isinstance(f.default, (int, float, str)):
+        value = type(f.default)(text)
+    else:
+        raise ValueError(f"cannot parse {text!r}")
+    if check_choices and meta.get("choices") and value not in meta["choices"]:
+        raise ValueError(f"must be one of {', '.join(map(str, meta['choices']))}, got {text!r}")
+    return value
+
+
+def _argparse_type(f: dataclasses.Field) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return _parse(f, text, check_choices=False)  # argparse checks and lists `choices` itself
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = f.name  # argparse names the type in its error messages
+    return convert
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value

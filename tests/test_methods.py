@@ -1,0 +1,89 @@
+"""The one Method interface: every registered method through explain, a map independent of the other queries of a
+call, label sets, and a method defined outside the package (the README's example) used from the command line."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tclip_jax import methods
+from tclip_jax.checkpoints.load import load_clip
+from tclip_jax.cli import main as tclip
+from tclip_jax.methods import METHODS, common
+from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE, PromptMethod, Query
+from tclip_jax.model import l2_normalize
+
+PROMPTS = ["a red circle", "a blue square", "a cat"]
+
+
+class CosineMap(PromptMethod):
+    """The README's example of a new method: each prompt's cosine with every patch token."""
+
+    name = "cosine_map"
+    heatmap = NORMALIZE_THEN_UPSAMPLE
+
+    def grid_maps(self, params, pixels, queries):
+        image = common.encode_image(self.clip.model, params, pixels)
+        return common.patch_grid(jnp.einsum("bnd,qd->bqn", l2_normalize(image.tokens), queries.per_query),
+                                 image.grid)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(fixtures_dir):
+    return load_clip(fixtures_dir / "tiny_openai_clip.npz")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_explains_through_the_interface(tiny_clip, fixture_images, name):
+    method = METHODS[name](tiny_clip, METHODS[name].Settings.from_dict({"translations": 1} if name == "tclip" else {}))
+    image = fixture_images["scene_wide_320x240"]
+    result = method.explain(image, PROMPTS)
+    assert result.run["method"] == name and result.run["protocol"] == method.protocol
+    assert [p.prompt for p in result.prompts] == PROMPTS
+    for prompt in result.prompts:
+        assert bool(prompt.words) == method.explains_words
+        for m in list(prompt.word_maps) + [prompt.phrase]:
+            assert m.heatmap.shape == (240, 320) and np.isfinite(m.heatmap).all()
+            assert (m.soft is None) == (m.gmm is None) == (name != "tclip")
+            assert 0 <= m.box.x1 < m.box.x2 <= 320 and 0 <= m.box.y1 < m.box.y2 <= 240
+    record = json.loads(json.dumps(result.to_record()))  # JSON-ready
+    assert record["run"]["settings"] == method.settings.to_dict()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_map_does_not_depend_on_the_other_queries_of_a_call(tiny_clip, fixture_images, name):
+    """The map of a query under a label set is the same whichever queries are computed with it."""
+    method = METHODS[name](tiny_clip)
+    pixels, _ = method.prepare(fixture_images["scene_224"])
+    queries = [Query(p) for p in PROMPTS]
+    every = method.encode(queries, label_set=PROMPTS)
+    alone = method.encode(queries[1:2], label_set=PROMPTS)
+    maps_every = method.jitted_maps(method.params, pixels[None], every, np.array([[2, 1, 0]], np.int32)).maps
+    maps_alone = method.jitted_maps(method.params, pixels[None], alone, np.array([[0]], np.int32)).maps
+    np.testing.assert_allclose(maps_alone[0, 0], maps_every[0, 1], atol=2e-6, rtol=0)
+
+
+def test_set_dependent_methods_compare_against_the_label_set(tiny_clip, fixture_images):
+    surgery = METHODS["clip_surgery"](tiny_clip)
+    pixels, _ = surgery.prepare(fixture_images["scene_224"])
+    run = lambda queries, label_set: np.asarray(surgery.jitted_maps(  # noqa: E731
+        surgery.params, pixels[None], surgery.encode(queries, label_set), np.zeros((1, 1), np.int32)).maps[0, 0])
+    in_set, outside = run([Query("a cat")], PROMPTS), run([Query("a cat")], None)
+    assert not np.allclose(in_set, outside)  # label-set feature surgery vs the empty-string redundancy
+    np.testing.assert_array_equal(outside, run([Query("a cat")], ["a cat"]))  # a set of one is no set
+    with pytest.raises(ValueError, match="needs at least 2"):
+        METHODS["decomposition"](tiny_clip).encode([Query("a cat")], ["a cat"])
+
+
+def test_a_method_outside_the_package_runs_from_the_command_line(tmp_path, fixtures_dir):
+    assert methods.get("test_methods:CosineMap") is CosineMap
+    out = tmp_path / "out"
+    assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a red circle", "--method",
+                  "test_methods:CosineMap", "--model", str(fixtures_dir / "tiny_openai_clip.npz"),
+                  "--out", str(out)]) == 0
+    record = json.loads((out / "scene_224" / "result.json").read_text())
+    assert record["run"]["method"] == "cosine_map"
+    with pytest.raises(ValueError, match="not a tclip_jax.methods.Method subclass"):
+        methods.get("test_methods:PROMPTS")
+    with pytest.raises(ValueError, match="cannot be imported"):
+        methods.get("no_such_module:Thing")
