@@ -271,7 +271,7 @@ def main(argv=None) -> None:
 def run(args) -> None:
     load_before = load_average()
     hf, clip = build_models(0, args.torch_device)
-    tclip = TCLIP(clip, Settings(translations=25, protocol="whole"))
+    tclip = TCLIP(clip, Settings(translations=25, input_protocol="whole"))
     image = photo_like_image(0)
     copies = np.array(translated_copies(whole_image(image, 224)[0], tclip.offsets))
     rows = [run_workload(name, WORKLOADS[name], image, hf, tclip, copies, args) for name in args.workloads]

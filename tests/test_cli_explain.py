@@ -18,7 +18,7 @@ def test_explain_writes_overlays_grid_json_and_npz(tmp_path, fixtures_dir):
     assert [w["word"] for w in words] == ["a", "red", "circle"]  # the full stop is not explained
     assert record["schema"] == "tclip_jax/result" and record["version"] == 2
     assert record["image"]["size_hw"] == [240, 320] and record["run"]["settings"]["translations"] == 1
-    assert record["run"]["method"] == "tclip" and record["run"]["protocol"] == "whole"
+    assert record["run"]["method"] == "tclip" and record["run"]["input_protocol"] == "whole"
     assert record["run"]["model"]["origin"].endswith("tiny_openai_clip.npz")
     for word in words:
         assert (folder / word["overlay"]).is_file()
@@ -37,7 +37,7 @@ def test_explain_with_a_baseline(tmp_path, fixtures_dir):
                   "--method", "similarity", "--model", str(fixtures_dir / "tiny_openai_clip.npz"),
                   "--out", str(out)]) == 0
     record = json.loads((out / "scene_224" / "result.json").read_text())
-    assert record["run"]["method"] == "similarity" and record["run"]["protocol"] == "whole"
+    assert record["run"]["method"] == "similarity" and record["run"]["input_protocol"] == "whole"
     assert [p["prompt"] for p in record["prompts"]] == ["red circle", "cat"]
     for prompt in record["prompts"]:  # one map per prompt, no words and no soft map
         assert prompt["words"] == [] and prompt["phrase"]["tau"] is None

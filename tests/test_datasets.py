@@ -307,8 +307,10 @@ def test_imagenet_s_bad_input(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- synthetic
-def test_synthetic_units_name_each_object_twice():
-    dataset = synthetic_dataset(4)
+@pytest.mark.parametrize("protocol", ["captions", "bare_words"])
+def test_synthetic_units_name_each_object_twice(protocol):
+    dataset = synthetic_dataset(4, protocol)
+    assert dataset.name == f"synthetic-{protocol}"
     assert dataset.class_names[:6] == ("red", "green", "blue", "yellow", "purple", "orange")
     assert len(dataset.class_names) == len(set(dataset.class_names)) == 13
     for sample, seed in zip(dataset.samples(), heldout_seeds(4)):
@@ -317,9 +319,18 @@ def test_synthetic_units_name_each_object_twice():
         np.testing.assert_array_equal(loaded.image, scene.image)
         expected = sorted((SYNTHETIC_CLASSES.index(word), obj.box) for obj in scene.objects
                           for word in (obj.colour, obj.shape))
-        assert [(t.class_id, tuple(t.boxes[0])) for t in loaded.targets] == expected
+        assert sorted((t.class_id, tuple(t.boxes[0])) for t in loaded.targets) == expected
         for target in loaded.targets:
-            (obj,) = [o for o in scene.objects if SYNTHETIC_CLASSES[target.class_id] in (o.colour, o.shape)]
+            word = SYNTHETIC_CLASSES[target.class_id]
+            (obj,) = [o for o in scene.objects if word in (o.colour, o.shape)]
             np.testing.assert_array_equal(target.mask, obj.mask)
+            assert target.group == ("colour" if word == obj.colour else "shape")
+            if protocol == "bare_words":
+                assert target.query is None  # the class prompt: the word alone
+            else:  # the word's own characters inside the scene's caption
+                start, end = target.query.span
+                assert target.query.prompt == scene.caption and scene.caption[start:end] == word
     with pytest.raises(ValueError, match="count >= 1"):
         synthetic_dataset(0)
+    with pytest.raises(ValueError, match="unknown synthetic protocol 'nope'"):
+        synthetic_dataset(1, "nope")

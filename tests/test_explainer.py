@@ -39,7 +39,7 @@ def vit_calls(monkeypatch):
 
 def test_similarity_equals_the_author_token_patch_similarity(tiny_clip, author, fixture_images):
     # The author's preprocessing is CLIP's resize + centre crop; its similarity has no translation.
-    tclip = TCLIP(tiny_clip, Settings(translations=1, protocol="center_crop"))
+    tclip = TCLIP(tiny_clip, Settings(translations=1, input_protocol="center_crop"))
     result = tclip.explain(fixture_images["scene_224"], list(author["texts"]))
     for t, prompt in enumerate(result.prompts):
         np.testing.assert_array_equal(prompt.tokens.token_ids, author["token_ids"][t])
@@ -54,7 +54,7 @@ def test_result_structure_on_a_non_square_image(tiny_clip, fixture_images, proto
     image = fixture_images["scene_wide_320x240"]
     height, width = image.shape[:2]
     prompt = "A red circle, next to a hippopotamus."
-    result = TCLIP(tiny_clip, Settings(translations=1, protocol=protocol)).explain(image, prompt)
+    result = TCLIP(tiny_clip, Settings(translations=1, input_protocol=protocol)).explain(image, prompt)
 
     assert result.image.shape == image.shape and result.geometry.original_hw == (height, width)
     assert result.grid == (7, 7) and len(result.prompts) == 1
@@ -186,8 +186,8 @@ def test_constant_image(tiny_clip, translations):
 
 
 def test_settings_name_a_bad_protocol_or_box_rule():
-    with pytest.raises(ValueError, match="protocol must be one of"):
-        Settings(protocol="stretch")
+    with pytest.raises(ValueError, match="input_protocol must be one of"):
+        Settings(input_protocol="stretch")
     with pytest.raises(ValueError, match=r"box_rule must be one of \('component', 'contour'\)"):
         Settings(box_rule="biggest")
 

@@ -38,7 +38,7 @@ def test_every_method_explains_through_the_interface(tiny_clip, fixture_images, 
     method = METHODS[name](tiny_clip, METHODS[name].Settings.from_dict({"translations": 1} if name == "tclip" else {}))
     image = fixture_images["scene_wide_320x240"]
     result = method.explain(image, PROMPTS)
-    assert result.run["method"] == name and result.run["protocol"] == method.protocol
+    assert result.run["method"] == name and result.run["input_protocol"] == method.input_protocol
     assert [p.prompt for p in result.prompts] == PROMPTS
     for prompt in result.prompts:
         assert bool(prompt.words) == method.explains_words

@@ -30,6 +30,7 @@ from tclip_jax.evaluation.metrics import (
 )
 from tclip_jax.evaluation.scoring import EvalOptions
 from tclip_jax.image import Geometry
+from tclip_jax.methods import METHODS
 from tclip_jax.methods.base import MapOutput, Method, QueryArrays
 from tclip_jax.methods.tclip import TCLIP
 from tclip_jax.sweep import ResultWriter, RunOptions, class_queries, read_all_records, read_records, run_sweep
@@ -59,7 +60,7 @@ class Painted(Method):
 
     def run_info(self) -> dict:
         return {"method": self.name, "model": {"origin": "none", "source": "none"},
-                "settings": self.settings.to_dict(), "protocol": "identity"}
+                "settings": self.settings.to_dict(), "input_protocol": "identity"}
 
     def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Geometry]:
         size = rgb.shape[:2]
@@ -235,16 +236,17 @@ def tiny_model(fixtures_dir) -> str:
 
 @pytest.fixture(scope="module")
 def tclip_synthetic(tiny_model, tmp_path_factory):
-    """A TCLIP sweep of 3 synthetic scenes in batches of 2, through the CLI, on this process's one device."""
+    """A TCLIP sweep of 3 synthetic scenes (each word alone) in batches of 2, through the CLI, on one device."""
     out = tmp_path_factory.mktemp("tclip") / "out"
-    assert main(_cli("synthetic", "--model", tiny_model, "--limit", "3", "--batch-size", "2", "--out", str(out))) == 0
+    assert main(_cli("synthetic", "--protocol", "bare_words", "--model", tiny_model, "--limit", "3", "--batch-size",
+                     "2", "--out", str(out))) == 0
     return out
 
 
 def test_tclip_sweep_matches_the_explainer(tclip_synthetic, tiny_model):
     explainer = TCLIP.from_pretrained(tiny_model)
     records = {r["key"]: r for r in read_all_records(tclip_synthetic)}
-    samples = list(synthetic_dataset(3).samples())
+    samples = list(synthetic_dataset(3, "bare_words").samples())
     assert sorted(records) == sorted(s.key for s in samples)
     checked = 0
     for sample in samples:
@@ -270,6 +272,47 @@ def test_tclip_sweep_matches_the_explainer(tclip_synthetic, tiny_model):
     assert report["config"]["run"]["settings"] == explainer.settings.to_dict()
 
 
+def test_caption_words_are_scored_on_their_map_inside_the_caption(tiny_model, tmp_path):
+    """The captions protocol: each target brings its own query (a word of its caption), encoded per batch."""
+    explainer = TCLIP.from_pretrained(tiny_model, translations=1)
+    dataset = synthetic_dataset(3, "captions")
+    report = run_sweep(dataset, explainer, tmp_path, options=RunOptions(batch_size=2, progress=False)).report
+    records = {r["key"]: r for r in read_all_records(tmp_path)}
+    checked = 0
+    for sample in dataset.samples():
+        loaded = sample.load()
+        (caption,) = {t.query.prompt for t in loaded.targets}
+        words = explainer.explain(loaded.image, caption).prompts[0]
+        for target, unit in zip(loaded.targets, records[sample.key]["units"], strict=True):
+            (index,) = [i for i, w in enumerate(words.words) if (w.start, w.end) == target.query.span]
+            word_map = words.word_maps[index]
+            assert unit["class"] == words.words[index].text and unit["group"] == target.group
+            assert unit["prompt"] == caption and unit["span"] == list(target.query.span)
+            assert tuple(unit["box"]) == tuple(word_map.box)
+            assert unit["pg_hit"] == pointing_game(word_map.soft, target.mask)
+            assert unit["energy_in_mask"] == pytest.approx(energy_in_mask(word_map.soft, target.mask), abs=1e-6)
+            checked += 1
+    assert checked == report["units"]
+    assert set(report["groups"]) == {"colour", "shape"}
+    assert sum(g["units"] for g in report["groups"].values()) == report["units"]
+    assert report["groups"]["colour"]["detection"]["units"] == report["groups"]["colour"]["units"]
+
+
+def test_caption_queries_of_a_set_dependent_method_keep_its_label_set(tiny_model, tmp_path):
+    """CLIP Surgery on the captions protocol: the classes are its label set, and a caption (in no label set) gets
+    the empty-string redundancy, as CLIP Surgery explaining that caption alone does."""
+    method = METHODS["clip_surgery"].from_pretrained(tiny_model)
+    dataset = synthetic_dataset(3, "captions")
+    run_sweep(dataset, method, tmp_path, options=RunOptions(batch_size=2, progress=False))
+    records = {r["key"]: r for r in read_all_records(tmp_path)}
+    for sample in dataset.samples():
+        loaded = sample.load()
+        phrase = method.explain(loaded.image, loaded.targets[0].query.prompt).prompts[0].phrase
+        for target, unit in zip(loaded.targets, records[sample.key]["units"], strict=True):
+            assert tuple(unit["box"]) == tuple(phrase.box)
+            assert unit["energy_in_mask"] == pytest.approx(energy_in_mask(phrase.heatmap, target.mask), abs=1e-6)
+
+
 def test_class_queries_are_phrase_queries_and_templates_keep_the_name_words(tiny_model):
     explainer = TCLIP.from_pretrained(tiny_model)
     names = ["traffic light", "dog", "hair drier"]
@@ -290,8 +333,9 @@ def test_class_queries_are_phrase_queries_and_templates_keep_the_name_words(tiny
 def test_four_simulated_devices_give_the_one_device_results(tclip_synthetic, tiny_model, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     out = tmp_path / "out4"
-    subprocess.run([sys.executable, "-m", "tclip_jax", *_cli("synthetic", "--model", tiny_model, "--limit", "3",
-                                                             "--batch-size", "2", "--out", str(out))],
+    subprocess.run([sys.executable, "-m", "tclip_jax", *_cli("synthetic", "--protocol", "bare_words", "--model",
+                                                             tiny_model, "--limit", "3", "--batch-size", "2",
+                                                             "--out", str(out))],
                    env=env, check=True, capture_output=True, timeout=300)
     assert json.loads((out / "throughput-p0.json").read_text())["devices"] == 4
     assert _report(out) == _report(tclip_synthetic)

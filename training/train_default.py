@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from tclip_jax.checkpoints.folder import save_checkpoint
-from tclip_jax.evaluation.synthetic import record_heldout_metrics
+from tclip_jax.sweep.heldout import record_heldout_metrics
 from tclip_jax.checkpoints.load import DEFAULT_MODEL_DIR
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coco-source", choices=("raw", "tfds"), default="raw", help="COCO files or TFDS coco/2017")
     parser.add_argument("--crowd", choices=("keep", "drop"), default="keep",
                         help="COCO crowd boxes count as ground truth (keep, gScoreCAM) or are removed (drop)")
+    parser.add_argument("--protocol", choices=("captions", "bare_words"),
+                        default="captions", help="synthetic: each caption word in its caption, or each word alone "
+                        "(default: %(default)s)")
     add_method_arguments(parser)
     EvalOptions.add_arguments(parser.add_argument_group("scoring"))
     RunOptions.add_arguments(parser.add_argument_group("running"))
@@ -59,7 +62,8 @@ def _open_dataset(args: argparse.Namespace, limit):
     if args.dataset == "synthetic":
         if args.data is not None:
             raise ValueError("synthetic scenes are generated: --data is not used (size the sweep with --limit)")
-        return datasets.synthetic_dataset(limit or SYNTHETIC_SCENES), "held-out synthetic scenes"
+        return (datasets.synthetic_dataset(limit or SYNTHETIC_SCENES, args.protocol),
+                f"held-out synthetic scenes, protocol {args.protocol}")
     if args.data is None:
         raise ValueError(f"{args.dataset} needs --data (the dataset's root folder)")
     data = str(pathlib.Path(args.data).resolve())

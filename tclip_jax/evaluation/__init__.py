@@ -1,1 +1,1 @@
-"""Evaluation protocols over datasets (synthetic scenes: `tclip_jax.evaluation.synthetic`)."""
+"""Evaluation: datasets (`datasets`), metrics (`metrics`) and the one unit scorer (`scoring`) that sweeps use."""

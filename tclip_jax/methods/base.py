@@ -87,6 +87,11 @@ class QueryArrays:
         """These queries, reordered or repeated by `index` (host arrays)."""
         return self.replace(per_query=jax.tree_util.tree_map(lambda a: np.asarray(a)[index], self.per_query))
 
+    def extend(self, other: "QueryArrays") -> "QueryArrays":
+        """These queries, then `other`'s (encoded with the same label set, so the shared arrays are these)."""
+        per_query = jax.tree_util.tree_map(lambda a, b: np.concatenate([a, b]), self.per_query, other.per_query)
+        return self.replace(per_query=per_query)
+
 
 @flax.struct.dataclass
 class MapOutput:
@@ -175,7 +180,7 @@ class Method(abc.ABC):
 
     name: ClassVar[str]
     Settings: ClassVar[type[MethodSettings]] = MethodSettings
-    input_protocol: ClassVar[InputProtocol] = "whole"
+    input_protocol: ClassVar[InputProtocol] = "whole"  # how `prepare` feeds images in (TCLIP: a setting)
     explains_words: ClassVar[bool] = False  # maps each word of a prompt, not only the prompt
 
     def __init__(self, clip: LoadedClip, settings: Optional[MethodSettings] = None):
@@ -195,19 +200,15 @@ class Method(abc.ABC):
         """What `maps` reads besides the inputs: the model's parameters."""
         return self.clip.params
 
-    @property
-    def protocol(self) -> InputProtocol:
-        return self.input_protocol
-
     def run_info(self) -> dict:
         """What produced a result: method, model, settings and input protocol (JSON-ready)."""
         return {"method": self.name, "model": {"origin": self.clip.origin, "source": self.clip.source},
-                "settings": self.settings.to_dict(), "protocol": self.protocol}
+                "settings": self.settings.to_dict(), "input_protocol": self.input_protocol}
 
     # ----------------------------------------------------------------------------------- the four parts
     def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Geometry]:
         config = self.clip.config
-        return prepare(rgb, self.protocol, config.image_size, config.patch_size)
+        return prepare(rgb, self.input_protocol, config.image_size, config.patch_size)
 
     @abc.abstractmethod
     def encode(self, queries: Sequence[Query], label_set: Optional[Sequence[str]] = None) -> QueryArrays:

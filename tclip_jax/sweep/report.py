@@ -32,18 +32,28 @@ _SHOWN_ERRORS = 20
 
 
 def summarize(records: list[dict]) -> dict:
-    """Dataset scores of a sweep's records (see the module doc)."""
+    """Dataset scores of a sweep's records (see the module doc); with `groups` per unit group if units have one."""
     records = sorted(records, key=lambda r: r["index"])
     units = [u for r in records if "units" in r for u in r["units"]]
     summary: dict = {
         "images": sum("units" in r for r in records),
         "units": len(units),
         "errors": [{"key": r["key"], "error": r["error"]} for r in records if "error" in r],
+        **_task_scores(units),
     }
+    groups = sorted({u["group"] for u in units if "group" in u})
+    if groups:
+        summary["groups"] = {g: {"units": sum(u.get("group") == g for u in units),
+                                 **_task_scores([u for u in units if u.get("group") == g])} for g in groups}
+    return summary
+
+
+def _task_scores(units: list[dict]) -> dict:
+    scores = {}
     boxes = [u for u in units if "hit" in u]
     if boxes:
         hits = aggregate_by_class([u["hit"] for u in boxes], [u["class"] for u in boxes])
-        summary["detection"] = {
+        scores["detection"] = {
             "units": len(boxes),
             "box_accuracy": hits.micro,
             "box_accuracy_class_mean": hits.macro,
@@ -55,49 +65,54 @@ def summarize(records: list[dict]) -> dict:
         pointing = aggregate_by_class([u["pg_hit"] for u in masks], [u["class"] for u in masks])
         counts = [SegmentationCounts(u["pixel_correct"], u["pixel_labeled"], np.array(u["area_inter"]),
                                      np.array(u["area_union"]), u["ap"]) for u in masks]
-        scores = summarize_segmentation(counts)
+        totals = summarize_segmentation(counts)
         foreground_union = sum(c.area_union[1] for c in counts)
-        summary["segmentation"] = {
+        scores["segmentation"] = {
             "units": len(masks),
             "pointing_game": pointing.micro,
             "pointing_game_class_mean": pointing.macro,
             "energy_pg": float(np.mean([u["energy_pg"] for u in masks])),
             "energy_in_mask": float(np.mean([u["energy_in_mask"] for u in masks])),
-            "pixel_accuracy": scores["pixel_accuracy"],
-            "ap": scores["map"],
+            "pixel_accuracy": totals["pixel_accuracy"],
+            "ap": totals["map"],
             "mask_iou": float(sum(c.area_inter[1] for c in counts) / foreground_union) if foreground_union else 0.0,
-            "miou": scores["miou"],
+            "miou": totals["miou"],
             "per_class": {c: {"pointing_game": mean, "units": n}
                           for c, (mean, n) in sorted(pointing.per_class.items())},
         }
-    return summary
+    return scores
 
 
 def markdown(config: dict, summary: dict) -> str:
-    """The report as Markdown: one table per task, the paper's row beside it where there is one."""
+    """The report as Markdown: one table per task, a row per unit group, the paper's row where comparable."""
     run = config["run"]
     name = f"{run['method']} ({run['model']['origin']})"
     lines = [f"# Sweep: {config['dataset']}, {name}", "",
              f"{summary['images']} images, {summary['units']} units, {len(summary['errors'])} errors. "
              f"Evaluation: {json.dumps(config['evaluation'], sort_keys=True)}. "
-             f"Settings: {json.dumps(run['settings'], sort_keys=True)}; input protocol {run['protocol']}.", ""]
+             f"Settings: {json.dumps(run['settings'], sort_keys=True)}; input protocol {run['input_protocol']}.", ""]
     paper = PAPER.get(config["dataset"].rstrip("0123456789"), {})
+    groups = summary.get("groups", {})
     if "detection" in summary:
-        det = summary["detection"]
         lines += ["| Method | BoxAcc (%) | BoxAcc, class mean (%) | Mean IoU | Units |",
-                  "| --- | ---: | ---: | ---: | ---: |",
-                  f"| {name} | {100 * det['box_accuracy']:.2f} | {100 * det['box_accuracy_class_mean']:.2f} "
-                  f"| {det['mean_iou']:.4f} | {det['units']} |"]
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for label, scores in [(name, summary), *((f"{name}, {g}", s) for g, s in groups.items())]:
+            if "detection" in scores:
+                det = scores["detection"]
+                lines.append(f"| {label} | {100 * det['box_accuracy']:.2f} | {100 * det['box_accuracy_class_mean']:.2f} "
+                             f"| {det['mean_iou']:.4f} | {det['units']} |")
         if "box_accuracy" in paper:
             lines.append(f"| paper: TCLIP (ViT-B/32) | {100 * paper['box_accuracy']:.2f} | | | |")
         lines.append("")
     if "segmentation" in summary:
-        seg = summary["segmentation"]
         columns = ("pointing_game", "energy_pg", "pixel_accuracy", "ap", "mask_iou")
         lines += ["| Method | PG | Energy-PG | Pixel acc. | AP | Mask IoU | PG, class mean | Units |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-                  f"| {name} | " + " | ".join(f"{seg[c]:.4f}" for c in columns)
-                  + f" | {seg['pointing_game_class_mean']:.4f} | {seg['units']} |"]
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for label, scores in [(name, summary), *((f"{name}, {g}", s) for g, s in groups.items())]:
+            if "segmentation" in scores:
+                seg = scores["segmentation"]
+                lines.append(f"| {label} | " + " | ".join(f"{seg[c]:.4f}" for c in columns)
+                             + f" | {seg['pointing_game_class_mean']:.4f} | {seg['units']} |")
         if "pointing_game" in paper:
             lines.append("| paper: TCLIP (ViT-B/32) | " + " | ".join(f"{paper[c]:.4f}" for c in columns) + " | | |")
         lines.append("")

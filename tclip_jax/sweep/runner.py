@@ -1,7 +1,10 @@
 """The sweep runner: a dataset through a method, every unit scored, every image's record durable on disk.
 
 Queries: a target's map is of its class prompt (the class name put into the template; TCLIP maps the class
-name's words inside it), encoded once for the whole sweep with the class prompts as the label set.
+name's words inside it), encoded once for the whole sweep with the class prompts as the label set, or of the
+target's own query (a word of the image's caption), encoded with its batch, after the class queries, in a
+power-of-two number of slots so that few shapes get compiled. Either way a map depends only on its image, its
+query and the label set, not on the batch it runs in.
 
 Pipeline (one process):
 - loader threads read and preprocess samples ahead of the device, in dataset order;
@@ -43,7 +46,7 @@ from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample
 from tclip_jax.evaluation.scoring import EvalOptions, score_unit
 from tclip_jax.files import write_text_atomic
 from tclip_jax.image import Geometry, to_original
-from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query
+from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query, QueryArrays
 from tclip_jax.settings import Options, integer, parse_optional, setting
 from tclip_jax.sweep.report import CONFIG_FILE, write_report
 from tclip_jax.sweep.sharding import ShardedMaps, barrier, class_slots, local_mesh, owns
@@ -141,17 +144,16 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
             writer.append(entry)
             bar.update()
 
-        queries = class_queries(dataset.class_names, template)
-        encoded = method.encode(queries, label_set=[q.prompt for q in queries])
-        throughput = _pipeline(todo, method, ShardedMaps(method, encoded, local_mesh()), dataset, evaluation,
+        queries = _Queries(method, class_queries(dataset.class_names, template))
+        throughput = _pipeline(todo, method, queries, ShardedMaps(method, local_mesh()), dataset, evaluation,
                                options, out / "vis", record)
     _write_json(out / f"throughput-p{process}.json", dataclasses.asdict(throughput))
     barrier("tclip-sweep-done")
     return SweepResult(write_report(out) if process == 0 else None, throughput)
 
 
-def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, maps: ShardedMaps, dataset: Dataset,
-              evaluation: EvalOptions, options: RunOptions, vis_dir: pathlib.Path,
+def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Queries", maps: ShardedMaps,
+              dataset: Dataset, evaluation: EvalOptions, options: RunOptions, vis_dir: pathlib.Path,
               record: Callable[[dict], None]) -> Throughput:
     clock = _DeviceClock()
     records = _InOrder(record)
@@ -169,9 +171,7 @@ def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, maps: ShardedM
         prepared = _prepare_ahead(loaders, todo, method, 2 * options.batch_size + options.workers)
         in_flight = None
         for batch in _batches(prepared, options.batch_size, records.record):
-            slots = class_slots(max(len(p.loaded.targets) for p in batch))
-            rows = np.array([_padded_classes(p.loaded, slots) for p in batch])  # class queries are in class order
-            device_maps = maps(np.stack([p.pixels for p in batch]), rows)
+            device_maps = maps(np.stack([p.pixels for p in batch]), *queries.for_batch([p.loaded for p in batch]))
             clock.dispatched(device_maps.maps)
             if in_flight is not None:
                 score(*in_flight)
@@ -258,9 +258,26 @@ def _batches(prepared: Iterator[tuple[int, Sample, concurrent.futures.Future]], 
         yield batch
 
 
-def _padded_classes(loaded: LoadedSample, slots: int) -> list[int]:
-    ids = [t.class_id for t in loaded.targets]
-    return ids + [ids[0]] * (slots - len(ids))
+class _Queries:
+    """The queries of the sweep: every class's, encoded once, then those targets bring themselves, per batch."""
+
+    def __init__(self, method: Method, classes: Sequence[Query]):
+        self.method = method
+        self.label_set = [q.prompt for q in classes]
+        self.classes = method.encode(classes, label_set=self.label_set)
+
+    def for_batch(self, batch: Sequence[LoadedSample]) -> tuple[QueryArrays, np.ndarray]:
+        """(queries, rows [B, slots]): row k of image b is the query of its target k (padded with its first)."""
+        own = list(dict.fromkeys(t.query for loaded in batch for t in loaded.targets if t.query is not None))
+        queries = self.classes
+        if own:
+            extra = self.method.encode(own, label_set=self.label_set)
+            padding = np.arange(class_slots(len(own))) % len(own)
+            queries = self.classes.extend(extra.take(padding))
+        row_of = {query: len(self.classes) + i for i, query in enumerate(own)}
+        rows = [[t.class_id if t.query is None else row_of[t.query] for t in loaded.targets] for loaded in batch]
+        slots = class_slots(max(map(len, rows)))
+        return queries, np.array([r + [r[0]] * (slots - len(r)) for r in rows], np.int32)
 
 
 def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, class_names: tuple[str, ...],
@@ -269,8 +286,8 @@ def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, class
     try:
         heatmaps = to_original(image_maps[:len(targets)], prepared.geometry)
         host = method.postprocess(heatmaps, soft_maps=any(t.mask is not None for t in targets))
-        units = [{"class_id": t.class_id, "class": class_names[t.class_id], **score_unit(t, h, m, evaluation)}
-                 for t, h, m in zip(targets, heatmaps, host)]
+        units = [{"class_id": t.class_id, "class": class_names[t.class_id], **_query_fields(t),
+                  **score_unit(t, h, m, evaluation)} for t, h, m in zip(targets, heatmaps, host)]
         if vis_dir is not None:
             for target, heatmap, unit in zip(targets, heatmaps, units):
                 save_unit_vis(vis_path(vis_dir, prepared.key, unit["class"]), prepared.loaded.image, heatmap,
@@ -278,6 +295,14 @@ def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, class
     except SAMPLE_ERRORS as err:
         return _error_record(prepared.index, prepared.key, err)
     return {"key": prepared.key, "index": prepared.index, "units": units}
+
+
+def _query_fields(target) -> dict:
+    fields = {} if target.group is None else {"group": target.group}
+    if target.query is not None:
+        fields["prompt"] = target.query.prompt
+        fields["span"] = None if target.query.span is None else list(target.query.span)
+    return fields
 
 
 def _error_record(index: int, key: str, err: Exception) -> dict:

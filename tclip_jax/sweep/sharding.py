@@ -49,21 +49,20 @@ def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
 class ShardedMaps:
     """``method.maps`` jitted over the mesh: numpy batches in, batch-sharded device arrays out (asynchronously).
 
-    The method's parameters and the encoded queries are replicated to every device once."""
+    The method's parameters are replicated to every device once, the queries with each batch."""
 
-    def __init__(self, method: Method, queries: QueryArrays, mesh: Mesh):
-        replicated = NamedSharding(mesh, PartitionSpec())
+    def __init__(self, method: Method, mesh: Mesh):
+        self.replicated = replicated = NamedSharding(mesh, PartitionSpec())
         self.batched = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
         self.devices = mesh.devices.size
         self.params = jax.device_put(method.params, replicated)
-        self.queries = jax.device_put(queries, replicated)
         self._maps: Callable[..., Any] = jax.jit(method.maps,
                                                  in_shardings=(replicated, self.batched, replicated, self.batched),
                                                  out_shardings=self.batched)
 
-    def __call__(self, pixels: np.ndarray, rows: np.ndarray) -> MapOutput:
+    def __call__(self, pixels: np.ndarray, queries: QueryArrays, rows: np.ndarray) -> MapOutput:
         """Maps [B', K, h', w'] of ``pixels`` [B, h, w, 3] and query ``rows`` [B, K], B' = B padded."""
         padded = -(-len(pixels) // self.devices) * self.devices
         pixels, rows = pad_rows(pixels, padded), pad_rows(rows, padded)
-        return self._maps(self.params, jax.device_put(pixels, self.batched), self.queries,
+        return self._maps(self.params, jax.device_put(pixels, self.batched), jax.device_put(queries, self.replicated),
                           jax.device_put(rows.astype(np.int32), self.batched))

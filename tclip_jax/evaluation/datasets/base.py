@@ -12,15 +12,23 @@ from typing import Optional
 
 import numpy as np
 
+from tclip_jax.methods.base import Query
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Target:
-    """Ground truth of one class present in an image; a dataset gives boxes, a mask, or both."""
+    """Ground truth of one class present in an image; a dataset gives boxes, a mask, or both.
+
+    Its map is of the class prompt unless the target brings its own `query` (e.g. a word of the image's caption);
+    `group` names a kind of target that reports summarise separately (e.g. colour or shape words).
+    """
 
     class_id: int                        # index into Dataset.class_names
     boxes: Optional[np.ndarray] = None   # float64 [n, 4] (x1, y1, x2, y2), any box is a correct detection
     mask: Optional[np.ndarray] = None    # bool [H, W] the class's pixels
     ignore: Optional[np.ndarray] = None  # bool [H, W] pixels left out of the segmentation scores
+    query: Optional[Query] = None
+    group: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

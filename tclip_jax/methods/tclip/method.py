@@ -50,7 +50,7 @@ class Settings(MethodSettings):
         DEFAULT_SCALE_FRACTIONS, "shift lengths as fractions of the patch size, comma-separated",
         parse=parse_float_tuple)
     trim: float = setting(DEFAULT_TRIM, "trimmed-mean proportion cut from each end, per pixel", parse=float)
-    protocol: InputProtocol = setting("whole", "how an image becomes the model input: the whole image resized, "
+    input_protocol: InputProtocol = setting("whole", "how an image becomes the model input: the whole image resized, "
                                       "CLIP's center crop, or each side resized to a patch multiple",
                                       choices=INPUT_PROTOCOLS)
     sigma: Optional[float] = setting(None, "soft-map Gaussian sigma in pixels", parse=parse_optional(float),
@@ -75,8 +75,8 @@ class Settings(MethodSettings):
         finite("trim", self.trim)
         if not 0 <= self.trim < 0.5:
             raise ValueError(f"trim must lie in [0, 0.5), got {self.trim}")
-        if self.protocol not in INPUT_PROTOCOLS:
-            raise ValueError(f"protocol must be one of {INPUT_PROTOCOLS}, got {self.protocol!r}")
+        if self.input_protocol not in INPUT_PROTOCOLS:
+            raise ValueError(f"input_protocol must be one of {INPUT_PROTOCOLS}, got {self.input_protocol!r}")
         if self.sigma is not None:
             finite("sigma", self.sigma)
             if self.sigma < 0:
@@ -97,8 +97,8 @@ class TCLIP(Method):
                                    self.settings.translations)
 
     @property
-    def protocol(self) -> InputProtocol:
-        return self.settings.protocol
+    def input_protocol(self) -> InputProtocol:
+        return self.settings.input_protocol
 
     # ------------------------------------------------------------------------------------------ encode
     def embed_prompts(self, tokens: Sequence[TokenizedPrompt]) -> np.ndarray:
