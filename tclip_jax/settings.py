@@ -1,4 +1,4 @@
-"""Settings objects that own their command-line flags and their serialisation.
+"""Settings objects that own their command-line flags and their serialization.
 
 A settings class is a frozen dataclass deriving from `Options` whose fields are declared with `setting(...)`:
 a default, a help text, and how a string becomes a value. From that one declaration it registers its

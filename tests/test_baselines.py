@@ -187,7 +187,7 @@ def test_probs_offset_gradient_agrees_with_central_differences(tiny_model, hilac
     rng = np.random.default_rng(0)
     direction = rng.standard_normal(shape).astype(np.float32) * 1e-3
     text = rng.standard_normal(config.embed_dim).astype(np.float32)
-    text /= np.linalg.norm(text)   # the logit is linear in the normalised text embedding
+    text /= np.linalg.norm(text)   # the logit is linear in the normalized text embedding
 
     @jax.jit
     def analytic_and_numeric(params, direction):
@@ -218,7 +218,7 @@ def test_grad_eclip_and_grad_cam_match_reference(tiny_model, grad_eclip_ref, fix
                        ("maps", "grad_eclip_raw")):
         assert_close(getattr(out, field)[0], ref[key], f"grad_eclip {field}")
     size = geometry.original_hw
-    assert_close(minmax(out.maps[0]), ref["grad_eclip_map"], "grad_eclip normalised map")
+    assert_close(minmax(out.maps[0]), ref["grad_eclip_map"], "grad_eclip normalized map")
     assert_close(postprocess_maps(out.maps[0], size, METHODS["grad_eclip"].heatmap),
                  ref["grad_eclip_map_upsampled"], "grad_eclip upsampled map")
     cam = grad_cam_map(model, params, images, tokens)

@@ -82,7 +82,7 @@ def test_decomposition_heatmap_matches_reference(heatmap_output, reference):
     grid = heatmap_output.maps[image, text]
     assert_close(grid, reference["seg_heatmap_grid"], "segmentation grid")
     assert_close(postprocess_maps(grid, (224, 224), METHODS["decomposition"].heatmap),
-                 reference["seg_normalized"], "upsampled, clipped, normalised heatmap")
+                 reference["seg_normalized"], "upsampled, clipped, normalized heatmap")
 
 
 def test_mean_ablation(heatmap_output):

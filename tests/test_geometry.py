@@ -57,7 +57,7 @@ def test_every_translated_copy_realigns_to_the_same_map(size_hw):
 
 
 def blob_image(shape_hw: tuple[int, int], peak_yx: tuple[int, int], sigma: float) -> np.ndarray:
-    """uint8 image of CLIP's mean colour (normalised to about 0, like the shift padding) with a red Gaussian
+    """uint8 image of CLIP's mean colour (normalized to about 0, like the shift padding) with a red Gaussian
     blob centred on pixel `peak_yx`."""
     ys, xs = np.meshgrid(np.arange(shape_hw[0]), np.arange(shape_hw[1]), indexing="ij")
     blob = np.exp(-((ys - peak_yx[0]) ** 2 + (xs - peak_yx[1]) ** 2) / (2 * sigma**2))

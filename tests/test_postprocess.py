@@ -180,7 +180,7 @@ def test_subsampled_fit_ignores_pixel_order():
     assert values.size > MAX_GMM_SAMPLES
     first = gmm_threshold(values.reshape(150, 150), seed=3)
     second = gmm_threshold(rng.permutation(values).reshape(150, 150), seed=3)
-    # equal up to the summation order of the standardisation's mean and std
+    # equal up to the summation order of the standardization's mean and std
     for field in ("means", "stds", "weights", "tau"):
         np.testing.assert_allclose(getattr(first, field), getattr(second, field), rtol=1e-9)
     assert first.fallback is None and 0.0 < first.tau < 5.0

@@ -56,7 +56,7 @@ README_FILE = "README.md"
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0                   # parameter initialisation
+    seed: int = 0                   # parameter initialization
     steps: int = 400
     batch_size: int = 64
     peak_learning_rate: float = 1e-3
@@ -118,7 +118,7 @@ def group_weights(text_tokens: jax.Array, patch_tokens: jax.Array) -> jax.Array:
     """SPARC's sparse alignment weights [B, L, N] of each token over its own pair's patches (rows sum to 1).
 
     Per token, its cosines with the image's patches are min-max scaled, weights below 1/N are zeroed and
-    the rest renormalised.
+    the rest renormalized.
     """
     similarity = jnp.einsum("bld,bnd->bln", text_tokens, patch_tokens)
     low, high = similarity.min(axis=-1, keepdims=True), similarity.max(axis=-1, keepdims=True)

@@ -7,8 +7,8 @@
   heatmap): pointing game against the mask (``pg_tolerance`` 1: the argmax pixel is on the mask; TorchRay: 15);
   energy pointing game in the tight box of the mask (Score-CAM's box version, ``energy_pg``) and in the mask
   itself (``energy_in_mask``); pixel accuracy, per-class intersection/union and AP of the relevance map, min-max
-  normalised, against the binary mask with ignore pixels left out, foreground above the threshold: ``"mean"``
-  (Chefer et al.), ``"otsu"``, ``"gmm"`` (the GMM split τ of the normalised map) or a number in [0, 1). Raw counts
+  normalized, against the binary mask with ignore pixels left out, foreground above the threshold: ``"mean"``
+  (Chefer et al.), ``"otsu"``, ``"gmm"`` (the GMM split τ of the normalized map) or a number in [0, 1). Raw counts
   are stored so that dataset scores sum them.
 """
 from __future__ import annotations

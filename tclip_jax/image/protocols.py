@@ -10,7 +10,7 @@
   patches (Grad-ECLIP's ``imgprocess``); the model resizes its positional embedding to that grid.
 
 Every protocol takes the decoded uint8 image (`tclip_jax.image.load_image`), so an image is decoded once
-whatever runs on it, and returns float32 [h, w, 3] normalised with CLIP's mean and std.
+whatever runs on it, and returns float32 [h, w, 3] normalized with CLIP's mean and std.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def prepare(rgb: np.ndarray, protocol: InputProtocol, image_size: int, patch_siz
 
 
 def center_crop(rgb: np.ndarray, size: int = 224) -> tuple[np.ndarray, Geometry]:
-    """OpenAI CLIP's resize of the short side to ``size``, centre crop, normalise: float32 [size, size, 3]."""
+    """OpenAI CLIP's resize of the short side to ``size``, centre crop, normalize: float32 [size, size, 3]."""
     _check_rgb(rgb)
     if not isinstance(size, (int, np.integer)) or size <= 0:
         raise ValueError(f"center_crop size must be a positive int, got {size!r}")
@@ -58,7 +58,7 @@ def center_crop(rgb: np.ndarray, size: int = 224) -> tuple[np.ndarray, Geometry]
 
 
 def whole_image(rgb: np.ndarray, size: int | tuple[int, int] = 224) -> tuple[np.ndarray, Geometry]:
-    """Bicubic resize of the whole image to ``size`` (int or (h, w)), no crop, normalise: float32 [h, w, 3]."""
+    """Bicubic resize of the whole image to ``size`` (int or (h, w)), no crop, normalize: float32 [h, w, 3]."""
     _check_rgb(rgb)
     input_hw = (size, size) if isinstance(size, (int, np.integer)) else size
     if not (
@@ -73,7 +73,7 @@ def whole_image(rgb: np.ndarray, size: int | tuple[int, int] = 224) -> tuple[np.
 
 
 def clip_normalize(rgb):
-    """CLIP's pixel normalisation of uint8 RGB [..., 3], numpy or jax (training normalises batches on device).
+    """CLIP's pixel normalization of uint8 RGB [..., 3], numpy or jax (training normalizes batches on device).
 
     Same float32 operations, in the same order, as torchvision ToTensor (/255) then Normalize (sub, div).
     """

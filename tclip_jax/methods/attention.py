@@ -38,7 +38,7 @@ def raw_attention_map(model: CLIP, params: dict, images: Array, texts: Array, *,
     """The class token's attention over the patches in block `layer` (default the last), mean over heads.
 
     Text-independent: `texts` (token ids or features) only sets n_texts. Protocol: center-crop
-    preprocessing; maps upsampled, then min-max normalised (as Chefer et al.'s attention baselines).
+    preprocessing; maps upsampled, then min-max normalized (as Chefer et al.'s attention baselines).
     """
     _check_layer(layer, model.config.vision_layers)
     image = common.encode_image(model, params, images)
@@ -51,7 +51,7 @@ def rollout_map(model: CLIP, params: dict, images: Array, texts: Array, *,
                 start_layer: int = 0) -> AttentionOutput:
     """Attention rollout (Abnar & Zuidema 2020) from block `start_layer` to the last.
 
-    Per block: A = mean_heads(probs) + I (the residual connection), rows renormalised to sum to 1; the
+    Per block: A = mean_heads(probs) + I (the residual connection), rows renormalized to sum to 1; the
     joint attention is A_last @ ... @ A_start, and the map is its class-token row over the patches.
     Text-independent; protocol and post-processing as `raw_attention_map`.
     """

@@ -294,7 +294,7 @@ class Method(abc.ABC):
 # ---------------------------------------------------------------------------------- prompt-level methods
 @dataclasses.dataclass(frozen=True)
 class MapPostprocess:
-    """Upsampling (bilinear, align_corners=False) and min-max normalisation, in the official order.
+    """Upsampling (bilinear, align_corners=False) and min-max normalization, in the official order.
 
     normalize_first: min-max over each grid map, then upsample (CLIP Surgery's `get_similarity_map`,
       Grad-ECLIP's notebook); otherwise upsample, then min-max over the image (HilaCAM, clip_text_span).
@@ -339,7 +339,7 @@ class PromptMethod(Method):
         return np.stack([encode([t.format(p) for t in self.templates]) for p in prompts])
 
     def text_features(self, prompts: Sequence[str]) -> np.ndarray:
-        """[n, embed_dim] L2-normalised features of the prompts, computed once."""
+        """[n, embed_dim] L2-normalized features of the prompts, computed once."""
         return np.asarray(_jitted_text_features(self.clip.model, self.params, self.text_token_ids(prompts)))
 
     @abc.abstractmethod

@@ -31,7 +31,7 @@ DEFAULT_SURGERY_BLOCKS = 6
 class SurgeryOutput:
     maps: Array                           # [n_images, n_texts, gh, gw]
     similarity: Array                     # [n_images, 1 + gh*gw, n_texts] after feature surgery (if on)
-    image_features: Array                 # [n_images, 1 + gh*gw, embed_dim] L2-normalised tokens
+    image_features: Array                 # [n_images, 1 + gh*gw, embed_dim] L2-normalized tokens
     text_features: Array                  # [n_texts, embed_dim]
     redundant_features: Optional[Array]   # [1, embed_dim] when given by prompts, else None
 
@@ -89,11 +89,11 @@ def clip_surgery_map(model: CLIP, params: dict, images: Array, texts: Array,
 
     Protocol of the official demo: whole image resized to the model size (`whole_image`); texts as the
     85-template prompt ensemble, token ids [n_texts, n_templates, context] (`CLIP_SURGERY_TEMPLATES`; 2-D
-    token ids give one raw prompt per text), or their features (`text_features`); features L2-normalised over
-    channels; maps min-max normalised over the patches, then bilinearly upsampled (`get_similarity_map`).
+    token ids give one raw prompt per text), or their features (`text_features`); features L2-normalized over
+    channels; maps min-max normalized over the patches, then bilinearly upsampled (`get_similarity_map`).
 
     redundant_texts: [1, n_templates, context] (or [1, context]) prompts, or their features [1, embed_dim],
-      whose normalised embedding is subtracted from every text (the demo's single-text case uses the
+      whose normalized embedding is subtracted from every text (the demo's single-text case uses the
       empty-string ensemble); None uses the label-set feature surgery, which needs >= 2 texts.
     surgery_blocks: the last blocks given the v-v path; the official default 6 is every block of a 6-layer
       model and the second half of ViT-B.

@@ -29,11 +29,11 @@ def encode_text(model: CLIP, params: dict, token_ids: Array,
 
 
 def text_features(model: CLIP, params: dict, texts: Array) -> Array:
-    """L2-normalised text embeddings [n_texts, embed_dim].
+    """L2-normalized text embeddings [n_texts, embed_dim].
 
     `texts` as token ids: [n_texts, context] gives one prompt per text; [n_texts, n_templates, context] gives
     CLIP Surgery's prompt ensemble (`encode_text_with_prompt_ensemble`): every templated prompt's embedding is
-    normalised, the templates are averaged, and the mean is normalised again. `texts` as floats
+    normalized, the templates are averaged, and the mean is normalized again. `texts` as floats
     [n_texts, embed_dim] are features this function already returned; they pass through, so that texts are
     encoded once for any number of image batches.
     """

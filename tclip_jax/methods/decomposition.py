@@ -3,7 +3,7 @@
 Follows yossigandelsman/clip_text_span (`prs_hook.py`, `compute_ablations.py`,
 `compute_complete_text_set.py`; `compute_segmentations.py` for the heatmap). The class token's final
 residual stream is a sum of terms: the ln_pre output, and per block every (source token, head) attention term plus the MLP output. ln_post is
-linearised at the actual statistics, so every term maps into the joint space and the terms sum exactly to
+linearized at the actual statistics, so every term maps into the joint space and the terms sum exactly to
 the image embedding divided by its norm.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Decomposition:
 
     @property
     def embedding(self) -> Array:
-        """[B, embed_dim] the sum of all terms: the L2-normalised image embedding."""
+        """[B, embed_dim] the sum of all terms: the L2-normalized image embedding."""
         return self.heads.sum(axis=(1, 2)) + self.mlps.sum(axis=1)
 
 
@@ -82,7 +82,7 @@ def residual_terms(model: CLIP, params: dict, images: Array) -> ResidualTerms:
 
 
 def project_terms(params: dict, terms: ResidualTerms, grid: tuple[int, int]) -> Decomposition:
-    """ln_post linearised at the actual statistics, then proj, divided by the embedding norm.
+    """ln_post linearized at the actual statistics, then proj, divided by the embedding norm.
 
     A term c among K = 2L + 1 groups (ln_pre, L attention blocks, L MLPs; an attention group's
     n * heads terms share its part) maps to ((c - mean / K') * gamma / std + beta / K') @ proj / norm, with
@@ -102,7 +102,7 @@ def project_terms(params: dict, terms: ResidualTerms, grid: tuple[int, int]) -> 
 
 @functools.partial(jax.jit, static_argnames="model")
 def decompose(model: CLIP, params: dict, images: Array) -> Decomposition:
-    """Per-block, per-head, per-position direct contributions to each image's normalised embedding."""
+    """Per-block, per-head, per-position direct contributions to each image's normalized embedding."""
     terms = residual_terms(model, params, images)
     patch = model.config.patch_size
     grid = (images.shape[1] // patch, images.shape[2] // patch)
@@ -196,11 +196,11 @@ class DecompositionHeatmapOutput:
 
 @functools.partial(jax.jit, static_argnames="model")
 def decomposition_map(model: CLIP, params: dict, images: Array, texts: Array) -> DecompositionHeatmapOutput:
-    """Each patch's direct contribution to the normalised image embedding, through every head of every
-    block, dotted with each normalised text embedding, minus the mean over the given text set.
+    """Each patch's direct contribution to the normalized image embedding, through every head of every
+    block, dotted with each normalized text embedding, minus the mean over the given text set.
 
     Protocol of the official code: center-crop preprocessing; one prompt per text, no templates; maps
-    upsampled by the patch size (bilinear), clipped to [0, max], then min-max normalised. Needs >= 2 texts:
+    upsampled by the patch size (bilinear), clipped to [0, max], then min-max normalized. Needs >= 2 texts:
     one text minus the mean over itself is zero everywhere.
     """
     if texts.shape[0] < 2:

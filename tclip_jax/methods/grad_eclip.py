@@ -84,9 +84,9 @@ def last_block_gradients(model: CLIP, params: dict, images: Array, texts: Array,
 
 @flax.struct.dataclass
 class GradECLIPOutput:
-    maps: Array                  # [n_images, n_texts, gh, gw] ReLU'd explanation, not normalised
+    maps: Array                  # [n_images, n_texts, gh, gw] ReLU'd explanation, not normalized
     cosine: Array                # [n_images, n_texts] cosine of the (re-computed) image embedding with each text
-    image_embedding: Array       # [n_images, embed_dim] normalised class token of the re-computed last block
+    image_embedding: Array       # [n_images, embed_dim] normalized class token of the re-computed last block
     patch_cosine: Array          # [n_images, n_texts, gh, gw] cosine of each patch token with each text
     qk_similarity: Array         # [n_images, gh, gw] min-max of cos(q_cls, k_patch), the spatial weight
     cls_attention: Array         # [n_images, gh, gw] head-mean attention of the class token on the patches
@@ -100,8 +100,8 @@ def grad_eclip_map(model: CLIP, params: dict, images: Array, texts: Array, *,
     g = d cos(image, text) / d (class token's attention output, before out_proj); v = value projection of
     ln_1 (bias included); sim = min-max over the patches of cos(q_cls, k_p) (raw projections).
     Protocol of the notebook: each side resized to the nearest patch multiple (`patch_multiple`), the
-    positional embedding resized bicubically to the grid; one normalised prompt embedding per text; maps
-    min-max normalised on the grid, then upsampled to the original image size.
+    positional embedding resized bicubically to the grid; one normalized prompt embedding per text; maps
+    min-max normalized on the grid, then upsampled to the original image size.
     """
     run = last_block_gradients(model, params, images, texts, single_head)
     q, k, v = run.trace.q, run.trace.k, run.trace.v
@@ -121,7 +121,7 @@ def grad_eclip_map(model: CLIP, params: dict, images: Array, texts: Array, *,
 
 @flax.struct.dataclass
 class GradCAMOutput:
-    maps: Array       # [n_images, n_texts, gh, gw] ReLU'd Grad-CAM, not normalised
+    maps: Array       # [n_images, n_texts, gh, gw] ReLU'd Grad-CAM, not normalized
     cosine: Array     # [n_images, n_texts]
     weights: Array    # [n_images, n_texts, width] channel weights: the gradient averaged over all tokens
 

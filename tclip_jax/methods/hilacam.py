@@ -52,7 +52,7 @@ def accumulate_relevance(grads: Sequence[Array], probs: Sequence[Array], start_l
 
 
 def _embedding_and_vjp(encode, inputs: Array, num_layers: int, num_heads: int, length: int):
-    """One example through a tower: its normalised embedding [D], the attention probabilities (per block
+    """One example through a tower: its normalized embedding [D], the attention probabilities (per block
     [heads, n, n]) and the vjp from an embedding cotangent to the gradients w.r.t. those probabilities.
 
     `encode(batch, probs_offsets)` is a tower's encode function; zero offsets change nothing, so their
@@ -86,7 +86,7 @@ def hilacam_map(model: CLIP, params: dict, images: Array, token_ids: Array, *,
     probabilities A and their gradient G give R += mean_heads(clamp(G * A, min=0)) @ R, from R = I.
 
     Protocol of the notebook: center-crop preprocessing (`center_crop`); one prompt per text
-    ([n_texts, context]); maps upsampled to the input size, then min-max normalised.
+    ([n_texts, context]); maps upsampled to the input size, then min-max normalized.
     """
     if jnp.issubdtype(token_ids.dtype, jnp.floating):
         raise ValueError("HilaCAM needs token ids, not text features: it differentiates the text tower too")

@@ -20,11 +20,11 @@ Array = jax.Array
 class SimilarityOutput:
     maps: Array           # [n_images, n_texts, gh, gw]
     similarity: Array     # [n_images, 1 + gh*gw, n_texts] cosine of every token (class token first) with each text
-    text_features: Array  # [n_texts, embed_dim] L2-normalised
+    text_features: Array  # [n_texts, embed_dim] L2-normalized
 
 
 def token_similarity(tokens: Array, text_features: Array) -> Array:
-    """Cosine of joint-space tokens [B, n, D] with normalised texts [T, D] -> [B, n, T]."""
+    """Cosine of joint-space tokens [B, n, D] with normalized texts [T, D] -> [B, n, T]."""
     return l2_normalize(tokens) @ text_features.T
 
 
@@ -39,7 +39,7 @@ def similarity_map(model: CLIP, params: dict, images: Array, texts: Array) -> Si
 
     Protocol of CLIP Surgery's demo for plain CLIP: whole image resized to the model size; one prompt per
     text ([n_texts, context]) or a prompt ensemble ([n_texts, n_templates, context]); maps min-max
-    normalised over the patches, then upsampled (`get_similarity_map`).
+    normalized over the patches, then upsampled (`get_similarity_map`).
     """
     image = common.encode_image(model, params, images)
     texts = common.text_features(model, params, texts)
@@ -64,7 +64,7 @@ def maskclip_map(model: CLIP, params: dict, images: Array, texts: Array, *,
     projection of ln_1(x) goes through the output projection, then the residual (+ x) and the block's MLP,
     then ln_post and proj; the class token keeps the normal path. `residual_and_mlp=False` keeps only
     out_proj(value(ln_1(x))) -> ln_post -> proj (the variant commented as "mask_clip" in CLIP Surgery).
-    Maps are cosines with the normalised texts; post-processing as `similarity_map`.
+    Maps are cosines with the normalized texts; post-processing as `similarity_map`.
     """
     image = common.encode_image(model, params, images)
     vision = model.bind({"params": params}).visual

@@ -10,7 +10,7 @@ information bottleneck between blocks) call the model's own pieces on a bound mo
 `vision = model.bind({"params": params}).visual`, then `vision.blocks[i].attn.value(vision.blocks[i].ln_1(x))`,
 `vision.run_blocks(x, start)`, `vision.project(x)`. `attend` is the one attention kernel they share.
 
-Images are NHWC and already normalised (see `tclip_jax.image`). Token ids follow OpenAI's
+Images are NHWC and already normalized (see `tclip_jax.image`). Token ids follow OpenAI's
 `clip.tokenize` (SOT ... EOT, zero padding); the text embedding is read at the first maximal id,
 which is the end-of-text token for that convention and for Hugging Face's EOT padding alike.
 """
@@ -295,7 +295,7 @@ class CLIP(nn.Module):
 
     def encode_image(self, images: Array, intermediates: bool = False,
                      probs_offsets: Optional[Sequence[Array]] = None) -> ImageOutput:
-        """images [B, h, w, 3] (NHWC, normalised); `intermediates`: also the residual stream and attention."""
+        """images [B, h, w, 3] (NHWC, normalized); `intermediates`: also the residual stream and attention."""
         return self.visual(images, intermediates, probs_offsets)
 
     def encode_text(self, token_ids: Array, intermediates: bool = False,
@@ -303,7 +303,7 @@ class CLIP(nn.Module):
         return self.text(token_ids, intermediates, probs_offsets)
 
     def __call__(self, images: Array, token_ids: Array) -> tuple[Array, Array, Array]:
-        """Returns (logits_per_image [n_images, n_texts], image embeds, text embeds), embeds normalised."""
+        """Returns (logits_per_image [n_images, n_texts], image embeds, text embeds), embeds normalized."""
         image_embeds = l2_normalize(self.encode_image(images).embeds)
         text_embeds = l2_normalize(self.encode_text(token_ids).embeds)
         return jnp.exp(self.logit_scale) * image_embeds @ text_embeds.T, image_embeds, text_embeds
@@ -315,7 +315,7 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
 
 
 def init_params(config: CLIPConfig, seed: int = 0) -> dict:
-    """Randomly initialised float32 parameters (the shapes every checkpoint is checked against)."""
+    """Randomly initialized float32 parameters (the shapes every checkpoint is checked against)."""
     model = CLIP(config)
     images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
     tokens = jnp.zeros((1, config.context_length), jnp.int32)

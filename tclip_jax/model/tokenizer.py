@@ -193,14 +193,14 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
 
 
 def _load_backend(folder: pathlib.Path) -> tokenizers.Tokenizer:
-    """The `tokenizers` BPE of a Hugging Face CLIP tokenizer folder, without its own normaliser."""
+    """The `tokenizers` BPE of a Hugging Face CLIP tokenizer folder, without its own normalizer."""
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
     wrapper = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     backend = getattr(wrapper, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"{folder} did not load as a fast (tokenizers-backed) tokenizer")
-    # clean_text applies OpenAI's normalisation; switching Hugging Face's own (NFC, whitespace, lowercase) off
+    # clean_text applies OpenAI's normalization; switching Hugging Face's own (NFC, whitespace, lowercase) off
     # makes the BPE see exactly the text OpenAI's tokenizer sees.
     backend.normalizer = None
     backend.no_truncation()

@@ -4,7 +4,7 @@ foreground; values below the split tau are set to the map's minimum, and the res
 Conventions:
 - tau is where the two *weighted* densities are equal, w1 N(x; m1, s1) = w2 N(x; m2, s2), between the means.
   Taking logs gives a quadratic in x; equal variances make it linear.
-- The mixture is fitted with scikit-learn (``random_state=seed``) on the values standardised to zero mean
+- The mixture is fitted with scikit-learn (``random_state=seed``) on the values standardized to zero mean
   and unit variance, so the fit does not depend on the map's scale (``reg_covar`` is an absolute variance);
   the fitted parameters are mapped back to the map's units.
 - Maps with more than ``MAX_GMM_SAMPLES`` values are subsampled deterministically to that many evenly

@@ -1,4 +1,4 @@
-"""Held-out synthetic benchmarks through the sweep: the figures of a model card and of benchmarks/synthetic.py.
+"""Held-out synthetic benchmarks through the sweep: the figures of a model card and of benchmarks/synthetic_grounding.py.
 
 A benchmark is `tclip sweep synthetic --protocol P --limit N` run in-process into a temporary folder, so its
 figures and a sweep's cannot disagree. `heldout_metrics` is what a checkpoint's `heldout_metrics.json`

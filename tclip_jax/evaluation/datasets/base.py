@@ -20,7 +20,7 @@ class Target:
     """Ground truth of one class present in an image; a dataset gives boxes, a mask, or both.
 
     Its map is of the class prompt unless the target brings its own `query` (e.g. a word of the image's caption);
-    `group` names a kind of target that reports summarise separately (e.g. colour or shape words).
+    `group` names a kind of target that reports summarize separately (e.g. colour or shape words).
     """
 
     class_id: int                        # index into Dataset.class_names

@@ -2,7 +2,7 @@
 
 Two sources with the same samples:
 - the raw layout: ``ROOT/annotations/instances_val2017.json`` and ``ROOT/val2017/<file_name>``;
-- TFDS ``coco/2017`` (``tensorflow-datasets``), whose boxes are normalised ``[ymin, xmin, ymax, xmax]``.
+- TFDS ``coco/2017`` (``tensorflow-datasets``), whose boxes are normalized ``[ymin, xmin, ymax, xmax]``.
 
 Conventions (gScoreCAM's ``evaluation/coco_eval.py`` with ``tools/iou_tool.py``):
 - A COCO box ``[x, y, w, h]`` becomes ``(x, y, x + w, y + h)`` in float pixels (``xywh2xyxy``, no rounding);
@@ -55,7 +55,7 @@ def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
 
 
 def tfds_to_xyxy(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
-    """TFDS normalised ``[ymin, xmin, ymax, xmax]`` rows to pixel ``(x1, y1, x2, y2)``, float64."""
+    """TFDS normalized ``[ymin, xmin, ymax, xmax]`` rows to pixel ``(x1, y1, x2, y2)``, float64."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return boxes[:, [1, 0, 3, 2]] * np.array([width, height, width, height], dtype=np.float64)
 
@@ -154,10 +154,10 @@ def _raw_loader(path: pathlib.Path, size_hw: tuple[int, int], classes: np.ndarra
     return load
 
 
-def _tfds_loader(encoded: bytes, labels: np.ndarray, normalised: np.ndarray):
+def _tfds_loader(encoded: bytes, labels: np.ndarray, normalized: np.ndarray):
     def load() -> LoadedSample:
         image = load_image(encoded, exif=False)
-        return LoadedSample(image, _targets(labels, tfds_to_xyxy(normalised, *image.shape[:2])))
+        return LoadedSample(image, _targets(labels, tfds_to_xyxy(normalized, *image.shape[:2])))
     return load
 
 

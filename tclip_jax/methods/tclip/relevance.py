@@ -1,7 +1,7 @@
 """TCLIP on the device: token–patch relevance and its multi-scale translation aggregate.
 
 Image side: every final-layer patch token after `ln_post` and the visual projection. Text side:
-every token after `ln_final` and the text projection. Rows are L2-normalised and `S = T̂ · Îᵀ`.
+every token after `ln_final` and the text projection. Rows are L2-normalized and `S = T̂ · Îᵀ`.
 The image side never sees the text, so one pass over the translated copies serves every query.
 A query is a unit token embedding or a mean of several (the pieces of a word, the words of a
 class name); S is linear in it, so its map is the mean of their maps before aggregation.

@@ -1,7 +1,7 @@
 """Multi-scale translation: shifted copies of the model input, and mapping their maps back.
 
 Copy k shows the input moved by (dy, dx) pixels: `copy[y, x] = input[y - dy, x - dx]`. Pixels that
-the shift brings in from outside are zero in the normalised input, i.e. the CLIP mean colour
+the shift brings in from outside are zero in the normalized input, i.e. the CLIP mean colour
 (padding, never wrap-around). A copy's map is brought back into the original frame by reading it
 at `(y + dy, x + dx)`; original pixels whose partner falls outside the copy have no value from
 that copy and are excluded from the pixel-wise trimmed mean.

@@ -8,7 +8,7 @@ the prompt). Scores are the sweep's: pointing game and energy in the mask on the
 map), BoxAcc at IoU >= 0.5 of the Otsu box, mask IoU (summed) of the relevance map above its mean.
 Prints a Markdown table and rewrites the `synthetic` section of benchmarks/RESULTS.md.
 
-    python benchmarks/synthetic.py [--scenes 500] [--model PATH] [--methods tclip_k25 ...]
+    python benchmarks/synthetic_grounding.py [--scenes 500] [--model PATH] [--methods tclip_k25 ...]
 """
 from __future__ import annotations
 
