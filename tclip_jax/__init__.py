@@ -2,7 +2,7 @@
 
 The names below are imported on first use, so that `import tclip_jax` (and `tclip --help`) stays fast.
 """
-import importlib
+from tclip_jax._exports import lazy_exports
 
 _EXPORTS = {
     "TCLIP": "tclip_jax.methods.tclip",
@@ -11,15 +11,4 @@ _EXPORTS = {
     "load_clip": "tclip_jax.checkpoints.load",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tclip_jax' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

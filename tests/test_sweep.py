@@ -28,7 +28,7 @@ from tclip_jax.evaluation.metrics import (
     pointing_game,
     segmentation_scores,
 )
-from tclip_jax.evaluation.scoring import EvalOptions
+from tclip_jax.evaluation.options import EvalOptions
 from tclip_jax.image import Geometry
 from tclip_jax.methods import METHODS
 from tclip_jax.methods.base import MapOutput, Method, QueryArrays

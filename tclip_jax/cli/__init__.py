@@ -1,22 +1,31 @@
-"""`tclip` command line: one sub-command module each (convert, explain, sweep)."""
+"""`tclip` command line: one sub-command module each (convert, explain, sweep).
+
+Sub-command modules import their heavy dependencies (jax, the model, the datasets) inside `run`, so that help
+and argument errors come back at once. Errors in what the user gave (files, folders, values) end the command
+with one line on stderr and exit status 2; anything else with one line naming the internal error and exit
+status 1 (set TCLIP_TRACEBACK=1 to see the traceback).
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
 # Sub-command name -> module under tclip_jax.cli with `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
     "convert": "Convert a CLIP checkpoint (Hugging Face, OpenAI, OpenCLIP) to a tclip_jax folder.",
-    "explain": "Per-word TCLIP heatmaps, soft maps and boxes for images and a prompt.",
+    "explain": "Per-word TCLIP heatmaps, soft maps and boxes (or a baseline's maps) for images and prompts.",
     "sweep": "Evaluate a method over a dataset (COCO, ImageNet-S, synthetic), resumable.",
 }
+# What the user can fix: a missing or unreadable file, a bad value, no network, a missing optional package.
+USER_ERRORS = (OSError, ValueError, TypeError, ImportError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tclip", description="TCLIP: what does CLIP see per token?")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"tclip_jax.cli.{name}")
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -26,14 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         return args.run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, ConnectionError, ImportError) as err:
-        # Input problems are the user's to fix: one clear line, no traceback.
-        print(f"tclip {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"tclip {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if os.environ.get("TCLIP_TRACEBACK"):
+            raise
+        print(f"tclip {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug: one line, not a traceback, but say so
+        if os.environ.get("TCLIP_TRACEBACK"):
+            raise
+        print(f"tclip {args.command}: internal error ({type(err).__name__}): {_one_line(err)} "
+              "(set TCLIP_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _one_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return " ".join(text.split())

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import argparse
 
-from tclip_jax.methods.base import MethodSettings
-from tclip_jax.methods.tclip.method import Settings as TCLIPSettings
+from tclip_jax.methods import REGISTRY
+from tclip_jax.methods.settings import MethodSettings
+from tclip_jax.methods.tclip.settings import Settings as TCLIPSettings
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="tclip",
-                        help="tclip (per word, default), a baseline (similarity, rclip, maskclip, clip_surgery, "
-                             "hilacam, attention, rollout, gradcam, grad_eclip, decomposition), or "
-                             "'package.module:Class' (default: %(default)s)")
+                        help=f"{', '.join(REGISTRY)}, or 'package.module:Class' of a method outside the package "
+                             "(default: %(default)s)")
     parser.add_argument("--model", default=None,
                         help="hub name, Hugging Face / OpenCLIP / converted folder, OpenAI .pt or state dict "
                              "(default: the embedded synthetic-scenes model)")

@@ -4,10 +4,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
-from tclip_jax.checkpoints.folder import save_checkpoint
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SRC", help="hub name, Hugging Face folder, OpenAI .pt, "
@@ -22,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from tclip_jax.checkpoints.folder import save_checkpoint
     from tclip_jax.checkpoints.load import load_any
 
     start = time.perf_counter()

@@ -10,11 +10,7 @@ import json
 import pathlib
 import re
 
-import numpy as np
-from tqdm import tqdm
-
 from tclip_jax.cli.common import add_method_arguments, build_method
-from tclip_jax.files import staged_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +37,8 @@ def _unique_names(paths: list[str]) -> list[str]:
 
 def write_result(result, image_path: str, folder: pathlib.Path, save_npz: bool) -> dict:
     """Writes one overlay per map, a grid figure per prompt and maps.npz; returns the result record."""
+    import numpy as np
+
     from tclip_jax import visualize
 
     record = result.to_record()
@@ -69,6 +67,10 @@ def write_result(result, image_path: str, folder: pathlib.Path, save_npz: bool) 
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tclip_jax.files import staged_folder
+
     for path in args.images:
         if not pathlib.Path(path).is_file():
             raise FileNotFoundError(f"image not found: {path}")

@@ -16,8 +16,8 @@ SYNTHETIC_SCENES = 1000  # held-out scenes in a synthetic sweep unless --limit s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tclip_jax.evaluation.scoring import EvalOptions
-    from tclip_jax.sweep.runner import RunOptions
+    from tclip_jax.evaluation.options import EvalOptions
+    from tclip_jax.sweep.options import RunOptions
 
     parser.add_argument("dataset", choices=DATASETS)
     parser.add_argument("--data", help="dataset root: COCO (annotations/instances_val2017.json + val2017/), a TFDS "
@@ -25,9 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="results folder (records, sweep.json, report.md/json)")
     parser.add_argument("--template", help="prompt template with one '{}' for the class name (default: the bare name)")
     parser.add_argument("--split", type=int, choices=(50, 300, 919), help="ImageNet-S split (required for imagenet-s)")
-    parser.add_argument("--coco-source", choices=("raw", "tfds"), default="raw", help="COCO files or TFDS coco/2017")
+    parser.add_argument("--coco-source", choices=("raw", "tfds"), default="raw", help="COCO files or TFDS coco/2017 (default: %(default)s)")
     parser.add_argument("--crowd", choices=("keep", "drop"), default="keep",
-                        help="COCO crowd boxes count as ground truth (keep, gScoreCAM) or are removed (drop)")
+                        help="COCO crowd boxes count as ground truth (keep, gScoreCAM) or are removed (drop) "
+                        "(default: %(default)s)")
     parser.add_argument("--protocol", choices=("captions", "bare_words"),
                         default="captions", help="synthetic: each caption word in its caption, or each word alone "
                         "(default: %(default)s)")
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _init_distributed(args)
-    from tclip_jax.evaluation.scoring import EvalOptions
+    from tclip_jax.evaluation.options import EvalOptions
     from tclip_jax.sweep import RunOptions, run_sweep
 
     evaluation = EvalOptions.from_dict(EvalOptions.given_arguments(args))

@@ -13,14 +13,10 @@
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Union
-
 import numpy as np
 
 from tclip_jax.evaluation.datasets.base import Target
 from tclip_jax.evaluation.metrics import (
-    DEFAULT_TOLERANCE,
     HIT_IOU,
     IGNORE_LABEL,
     box_ious,
@@ -33,36 +29,7 @@ from tclip_jax.evaluation.metrics import (
 )
 from tclip_jax.methods.base import HostMaps
 from tclip_jax.postprocess import Box, gmm_threshold
-from tclip_jax.settings import Options, integer, setting
-
-THRESHOLDS = ("mean", "otsu", "gmm")
-Threshold = Union[str, float]
-
-
-def parse_threshold(text: str) -> Threshold:
-    if text in THRESHOLDS:
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"threshold must be mean, otsu, gmm or a number in [0, 1), got {text!r}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalOptions(Options):
-    pg_tolerance: int = setting(DEFAULT_TOLERANCE, "pointing-game tolerance in pixels (TorchRay: 15)", parse=int)
-    threshold: Threshold = setting("mean", "segmentation foreground threshold: mean, otsu, gmm or a number in "
-                                   "[0, 1)", parse=parse_threshold)
-
-    def __post_init__(self):
-        integer("pg_tolerance", self.pg_tolerance, 0)
-        if isinstance(self.threshold, str):
-            if self.threshold not in THRESHOLDS:
-                raise ValueError(f"threshold must be one of {THRESHOLDS} or a number, got {self.threshold!r}")
-        elif isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
-                or not 0.0 <= self.threshold < 1.0:
-            raise ValueError(f"a numeric threshold lies in [0, 1), got {self.threshold!r}")
-
+from tclip_jax.evaluation.options import EvalOptions
 
 def score_unit(target: Target, heatmap: np.ndarray, host: HostMaps, options: EvalOptions) -> dict:
     """The JSON-ready scores of one unit; `heatmap` [H, W] and `host` are its method's map at original size."""

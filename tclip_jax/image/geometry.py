@@ -9,11 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-from tclip_jax.image.resample import bilinear_taps, resample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +37,7 @@ class Geometry:
                 )
 
 
-_resample_jit = jax.jit(resample)
-
-
-def to_original(
-    heatmap: np.ndarray | jax.Array, geometry: Geometry, fill: float | Literal["min"] = "min"
-) -> np.ndarray:
+def to_original(heatmap, geometry: Geometry, fill: float | Literal["min"] = "min") -> np.ndarray:
     """Bilinearly resample a map covering the model input onto the original image: [..., gh, gw] -> [..., H, W].
 
     The map may have any resolution (the model input's, or the patch grid's): it is taken to span the model
@@ -55,10 +46,12 @@ def to_original(
     ``fill``: ``"min"`` (default) uses each map's own minimum so that they read as background; pass a number,
     e.g. ``np.nan``, to mark them instead. Returns float32.
     """
+    from tclip_jax.image.resample import bilinear_taps, resample_jit  # jax only where maps are resampled
+
     fill_with_min = isinstance(fill, str) and fill == "min"
     if not (fill_with_min or isinstance(fill, (int, float, np.floating, np.integer))):
         raise ValueError(f"fill must be 'min' or a number, got {fill!r}")
-    heatmap = jnp.asarray(heatmap, dtype=jnp.float32)
+    heatmap = np.asarray(heatmap, dtype=np.float32)
     if heatmap.ndim < 2:
         raise ValueError(f"heatmap must have at least 2 axes [..., gh, gw], got shape {heatmap.shape}")
     taps, inside = [], []
@@ -71,8 +64,8 @@ def to_original(
         taps.append(bilinear_taps(original, grid, scale, shift))
         centres = scale * (np.arange(original) + 0.5) + shift
         inside.append((centres >= 0) & (centres <= grid))
-    resampled = np.asarray(_resample_jit(heatmap, *taps))
-    fill_value = np.min(np.asarray(heatmap), axis=(-2, -1), keepdims=True) if fill_with_min else np.float32(fill)
+    resampled = np.asarray(resample_jit(heatmap, *taps))
+    fill_value = np.min(heatmap, axis=(-2, -1), keepdims=True) if fill_with_min else np.float32(fill)
     return np.where(inside[0][:, None] & inside[1][None, :], resampled, fill_value).astype(np.float32)
 
 

@@ -49,3 +49,6 @@ def resample(maps: jax.Array, rows: tuple[np.ndarray, ...], cols: tuple[np.ndarr
     maps = jnp.take(maps, c0, axis=-1) * cw0 + jnp.take(maps, c1, axis=-1) * cw1
     r0, r1, rw0, rw1 = rows
     return jnp.take(maps, r0, axis=-2) * rw0[:, None] + jnp.take(maps, r1, axis=-2) * rw1[:, None]
+
+
+resample_jit = jax.jit(resample)

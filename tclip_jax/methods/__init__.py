@@ -4,42 +4,35 @@ Each baseline module also keeps its method as a pure function `*_map(model, para
 of the static model (`tclip_jax.model.CLIP`: config and matmul dtype) and its parameters, returning the
 patch-grid maps and the method's intermediates; the `Method` classes add the official protocol, prompts and
 map post-processing. `get(name)` also takes `"package.module:Class"` for a method defined outside the package.
+The registry names where each class lives, so listing the methods imports none of them.
 """
 from __future__ import annotations
 
 import importlib
 
-from tclip_jax.methods.attention import RawAttention, Rollout
-from tclip_jax.methods.base import Method
-from tclip_jax.methods.clip_surgery import CLIPSurgery
-from tclip_jax.methods.decomposition import DecompositionMap
-from tclip_jax.methods.grad_eclip import GradCAM, GradECLIP
-from tclip_jax.methods.hilacam import HilaCAM
-from tclip_jax.methods.similarity import RCLIP, MaskCLIP, Similarity
-from tclip_jax.methods.tclip import TCLIP
-
-METHODS: dict[str, type[Method]] = {
-    "tclip": TCLIP,
-    "similarity": Similarity,
-    "rclip": RCLIP,
-    "maskclip": MaskCLIP,
-    "clip_surgery": CLIPSurgery,
-    "hilacam": HilaCAM,
-    "attention": RawAttention,
-    "rollout": Rollout,
-    "gradcam": GradCAM,
-    "grad_eclip": GradECLIP,
-    "decomposition": DecompositionMap,
+REGISTRY: dict[str, str] = {
+    "tclip": "tclip_jax.methods.tclip.method:TCLIP",
+    "similarity": "tclip_jax.methods.similarity:Similarity",
+    "rclip": "tclip_jax.methods.similarity:RCLIP",
+    "maskclip": "tclip_jax.methods.similarity:MaskCLIP",
+    "clip_surgery": "tclip_jax.methods.clip_surgery:CLIPSurgery",
+    "hilacam": "tclip_jax.methods.hilacam:HilaCAM",
+    "attention": "tclip_jax.methods.attention:RawAttention",
+    "rollout": "tclip_jax.methods.attention:Rollout",
+    "gradcam": "tclip_jax.methods.grad_eclip:GradCAM",
+    "grad_eclip": "tclip_jax.methods.grad_eclip:GradECLIP",
+    "decomposition": "tclip_jax.methods.decomposition:DecompositionMap",
 }
 
 
-def get(spec: str) -> type[Method]:
-    """The method class named `spec`: a `METHODS` key or "package.module:Class"."""
-    if spec in METHODS:
-        return METHODS[spec]
-    if ":" not in spec:
-        raise ValueError(f"unknown method {spec!r}; available: {', '.join(METHODS)} or 'package.module:Class'")
-    module_name, class_name = spec.split(":", 1)
+def get(spec: str) -> type:
+    """The method class named `spec`: a `REGISTRY` name or "package.module:Class"."""
+    from tclip_jax.methods.base import Method
+
+    path = REGISTRY.get(spec, spec)
+    if ":" not in path:
+        raise ValueError(f"unknown method {spec!r}; available: {', '.join(REGISTRY)} or 'package.module:Class'")
+    module_name, class_name = path.split(":", 1)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -48,3 +41,11 @@ def get(spec: str) -> type[Method]:
     if not (isinstance(method, type) and issubclass(method, Method)):
         raise ValueError(f"{spec!r} is not a tclip_jax.methods.Method subclass")
     return method
+
+
+def __getattr__(name: str):
+    if name == "METHODS":  # every registered class, imported on first use
+        methods = {key: get(key) for key in REGISTRY}
+        globals()["METHODS"] = methods
+        return methods
+    raise AttributeError(f"module 'tclip_jax.methods' has no attribute {name!r}")

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from tclip_jax.methods import common
-from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, MethodSettings, PromptMethod, QueryArrays
+from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, PromptMethod, QueryArrays
+from tclip_jax.methods.settings import MethodSettings
 from tclip_jax.model import CLIP
 from tclip_jax.settings import setting
 

@@ -37,29 +37,12 @@ from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.image import Geometry, ImageLike, InputProtocol, load_image, prepare, to_original, upsample_bilinear
 from tclip_jax.methods.common import minmax, text_features
 from tclip_jax.model.tokenizer import TokenizedPrompt, Word
-from tclip_jax.postprocess import BOX_RULES, Box, BoxRule, GmmFit, heatmap_box
-from tclip_jax.settings import Options, setting
+from tclip_jax.methods.settings import MethodSettings
+from tclip_jax.postprocess import Box, GmmFit, heatmap_box
 
 Array = jax.Array
 RESULT_SCHEMA = "tclip_jax/result"
 RESULT_VERSION = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodSettings(Options):
-    """What every method's settings have: the host step's box rule and what to do with over-long prompts."""
-
-    box_rule: BoxRule = setting("component", "zero-shot box: the largest connected component of the Otsu "
-                                "foreground (TCLIP) or the largest contour box (gScoreCAM's evaluation)",
-                                choices=BOX_RULES)
-    truncate: bool = setting(False, "truncate prompts longer than the model's context (with a warning) "
-                             "instead of refusing them")
-
-    def __post_init__(self):
-        if self.box_rule not in BOX_RULES:
-            raise ValueError(f"box_rule must be one of {BOX_RULES}, got {self.box_rule!r}")
-        if not isinstance(self.truncate, bool):
-            raise ValueError(f"truncate must be true or false, got {self.truncate!r}")
 
 
 @dataclasses.dataclass(frozen=True)

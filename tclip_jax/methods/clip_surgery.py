@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tclip_jax.methods import common
-from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE, MethodSettings, PromptMethod, Query, QueryArrays
+from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE, PromptMethod, Query, QueryArrays
+from tclip_jax.methods.settings import MethodSettings
 from tclip_jax.methods.similarity import similarity_to_maps
 from tclip_jax.methods.templates import CLIP_SURGERY_TEMPLATES
 from tclip_jax.model import CLIP, ImageOutput, attend, l2_normalize

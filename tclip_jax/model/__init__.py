@@ -1,6 +1,10 @@
-"""The CLIP ViT model: architecture config and the Flax module."""
-from tclip_jax.model.clip import CLIP, ImageOutput, TextOutput, attend, init_params, l2_normalize, param_shapes
-from tclip_jax.model.config import PRESETS, CLIPConfig, from_hf_config, to_hf_config
+"""The CLIP ViT model: architecture config, the Flax module and the tokenizer (`tokenizer`)."""
+from tclip_jax._exports import lazy_exports
 
-__all__ = ["CLIP", "CLIPConfig", "ImageOutput", "PRESETS", "TextOutput", "attend", "from_hf_config", "init_params",
-           "l2_normalize", "param_shapes", "to_hf_config"]
+_EXPORTS = {
+    **dict.fromkeys(["CLIP", "ImageOutput", "TextOutput", "attend", "init_params", "l2_normalize", "param_shapes"],
+                    "tclip_jax.model.clip"),
+    **dict.fromkeys(["PRESETS", "CLIPConfig", "from_hf_config", "to_hf_config"], "tclip_jax.model.config"),
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,18 +1,11 @@
 """Resumable, data-parallel evaluation sweeps of relevance-map methods over datasets (``tclip sweep``)."""
-from tclip_jax.sweep.report import markdown, summarize, write_report
-from tclip_jax.sweep.runner import RunOptions, SweepResult, Throughput, class_queries, run_sweep
-from tclip_jax.sweep.store import ResultWriter, read_all_records, read_records
+from tclip_jax._exports import lazy_exports
 
-__all__ = [
-    "ResultWriter",
-    "RunOptions",
-    "SweepResult",
-    "Throughput",
-    "class_queries",
-    "markdown",
-    "read_all_records",
-    "read_records",
-    "run_sweep",
-    "summarize",
-    "write_report",
-]
+_EXPORTS = {
+    **dict.fromkeys(["markdown", "summarize", "write_report"], "tclip_jax.sweep.report"),
+    **dict.fromkeys(["SweepResult", "Throughput", "class_queries", "run_sweep"], "tclip_jax.sweep.runner"),
+    "RunOptions": "tclip_jax.sweep.options",
+    **dict.fromkeys(["ResultWriter", "read_all_records", "read_records"], "tclip_jax.sweep.store"),
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

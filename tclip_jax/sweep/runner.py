@@ -43,11 +43,12 @@ import numpy as np
 from tqdm import tqdm
 
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample
-from tclip_jax.evaluation.scoring import EvalOptions, score_unit
+from tclip_jax.evaluation.options import EvalOptions
+from tclip_jax.evaluation.scoring import score_unit
 from tclip_jax.files import write_text_atomic
 from tclip_jax.image import Geometry, to_original
 from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query, QueryArrays
-from tclip_jax.settings import Options, integer, parse_optional, setting
+from tclip_jax.sweep.options import RunOptions
 from tclip_jax.sweep.report import CONFIG_FILE, write_report
 from tclip_jax.sweep.sharding import ShardedMaps, barrier, class_slots, local_mesh, owns
 from tclip_jax.sweep.store import ResultWriter, read_all_records, read_records, results_path
@@ -64,23 +65,6 @@ def class_queries(class_names: Sequence[str], template: Optional[str] = None) ->
         raise ValueError(f"a prompt template needs exactly one '{{}}' for the class name, got {template!r}")
     start = template.index("{}")
     return [Query(template.replace("{}", name), (start, start + len(name))) for name in class_names]
-
-
-@dataclasses.dataclass(frozen=True)
-class RunOptions(Options):
-    batch_size: int = setting(8, "images per device step, split over the local devices", parse=int)
-    workers: int = setting(2, "loader threads, and as many host post-processing threads", parse=int)
-    limit: Optional[int] = setting(None, "only the first N samples of the dataset", parse=parse_optional(int))
-    resume: bool = setting(False, "continue the sweep in --out")
-    save_vis: int = setting(0, "pictures of the units of the first N samples", parse=int)
-    progress: bool = setting(True, "a progress bar")
-
-    def __post_init__(self):
-        integer("batch_size", self.batch_size, 1)
-        integer("workers", self.workers, 1)
-        if self.limit is not None:
-            integer("limit", self.limit, 1)
-        integer("save_vis", self.save_vis, 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,31 +1,23 @@
 """Evaluation datasets (COCO 2017, ImageNet-S, synthetic scenes) behind one interface (see ``base``)."""
-from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target
-from tclip_jax.evaluation.datasets.coco import (
-    COCO_CATEGORIES,
-    coco_dataset,
-    tfds_coco_dataset,
-    tfds_samples,
-    tfds_to_xyxy,
-    xywh_to_xyxy,
-)
-from tclip_jax.evaluation.datasets.imagenet_s import imagenet_class_names, imagenet_s_dataset, read_labels, split_wnids
-from tclip_jax.evaluation.datasets.synthetic import SYNTHETIC_CLASSES, synthetic_dataset
+from tclip_jax._exports import lazy_exports
 
-__all__ = [
-    "COCO_CATEGORIES",
-    "SYNTHETIC_CLASSES",
-    "Dataset",
-    "LoadedSample",
-    "Sample",
-    "Target",
-    "coco_dataset",
-    "imagenet_class_names",
-    "imagenet_s_dataset",
-    "read_labels",
-    "split_wnids",
-    "synthetic_dataset",
-    "tfds_coco_dataset",
-    "tfds_samples",
-    "tfds_to_xyxy",
-    "xywh_to_xyxy",
-]
+_EXPORTS = {
+    "Dataset": "tclip_jax.evaluation.datasets.base",
+    "LoadedSample": "tclip_jax.evaluation.datasets.base",
+    "Sample": "tclip_jax.evaluation.datasets.base",
+    "Target": "tclip_jax.evaluation.datasets.base",
+    "COCO_CATEGORIES": "tclip_jax.evaluation.datasets.coco",
+    "coco_dataset": "tclip_jax.evaluation.datasets.coco",
+    "tfds_coco_dataset": "tclip_jax.evaluation.datasets.coco",
+    "tfds_samples": "tclip_jax.evaluation.datasets.coco",
+    "tfds_to_xyxy": "tclip_jax.evaluation.datasets.coco",
+    "xywh_to_xyxy": "tclip_jax.evaluation.datasets.coco",
+    "imagenet_class_names": "tclip_jax.evaluation.datasets.imagenet_s",
+    "imagenet_s_dataset": "tclip_jax.evaluation.datasets.imagenet_s",
+    "read_labels": "tclip_jax.evaluation.datasets.imagenet_s",
+    "split_wnids": "tclip_jax.evaluation.datasets.imagenet_s",
+    "SYNTHETIC_CLASSES": "tclip_jax.evaluation.datasets.synthetic",
+    "synthetic_dataset": "tclip_jax.evaluation.datasets.synthetic",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -18,73 +18,23 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from tclip_jax.image import INPUT_PROTOCOLS, InputProtocol
+from tclip_jax.image import InputProtocol
 from tclip_jax.methods.base import (
     EncodedPrompts,
     HostMaps,
     MapOutput,
     Method,
-    MethodSettings,
     Query,
     QueryArrays,
     distinct_queries,
     prompt_list,
 )
 from tclip_jax.methods.tclip.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
-from tclip_jax.methods.tclip.translations import DEFAULT_SCALE_FRACTIONS, DEFAULT_TRIM, translation_offsets
+from tclip_jax.methods.tclip.settings import Settings
+from tclip_jax.methods.tclip.translations import translation_offsets
 from tclip_jax.model.tokenizer import TokenizedPrompt
-from tclip_jax.postprocess import heatmap_box, soft_map
-from tclip_jax.settings import finite, integer, parse_float_tuple, parse_optional, setting
-
-GMM_SEED_LIMIT = 2**32  # scikit-learn's random_state range
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings(MethodSettings):
-    """How TCLIP is run. `translations=1` turns the multi-scale translation off."""
-
-    translations: Optional[int] = setting(
-        None, "translated copies: 1 turns translation off; the full set is the identity + 8 directions per scale "
-        "fraction", parse=parse_optional(int), shown_default="the full set, 25 with the default scale fractions")
-    scale_fractions: tuple[float, ...] = setting(
-        DEFAULT_SCALE_FRACTIONS, "shift lengths as fractions of the patch size, comma-separated",
-        parse=parse_float_tuple)
-    trim: float = setting(DEFAULT_TRIM, "trimmed-mean proportion cut from each end, per pixel", parse=float)
-    input_protocol: InputProtocol = setting("whole", "how an image becomes the model input: the whole image resized, "
-                                      "CLIP's center crop, or each side resized to a patch multiple",
-                                      choices=INPUT_PROTOCOLS)
-    sigma: Optional[float] = setting(None, "soft-map Gaussian sigma in pixels", parse=parse_optional(float),
-                                     shown_default="2%% of the image's longer side")
-    gmm_seed: int = setting(0, "random_state of the soft map's Gaussian mixture", parse=int)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.scale_fractions, tuple) or not self.scale_fractions:
-            raise ValueError(f"scale_fractions must be a non-empty tuple, got {self.scale_fractions!r}")
-        for fraction in self.scale_fractions:
-            finite("each scale fraction", fraction)
-            if not 0 < fraction <= 1:
-                raise ValueError(f"scale fractions must lie in (0, 1] (of the patch size), got {fraction}")
-        full = 1 + 8 * len(self.scale_fractions)
-        if self.translations is None:
-            object.__setattr__(self, "translations", full)
-        integer("translations", self.translations)
-        if self.translations not in (1, full):
-            raise ValueError(f"translations must be 1 (off) or {full} (identity + 8 directions x "
-                             f"{len(self.scale_fractions)} scales), got {self.translations}")
-        finite("trim", self.trim)
-        if not 0 <= self.trim < 0.5:
-            raise ValueError(f"trim must lie in [0, 0.5), got {self.trim}")
-        if self.input_protocol not in INPUT_PROTOCOLS:
-            raise ValueError(f"input_protocol must be one of {INPUT_PROTOCOLS}, got {self.input_protocol!r}")
-        if self.sigma is not None:
-            finite("sigma", self.sigma)
-            if self.sigma < 0:
-                raise ValueError(f"sigma must be >= 0 (pixels), got {self.sigma}")
-        integer("gmm_seed", self.gmm_seed, 0)
-        if self.gmm_seed >= GMM_SEED_LIMIT:
-            raise ValueError(f"gmm_seed must be below 2**32, got {self.gmm_seed}")
-
+from tclip_jax.postprocess.boxes import heatmap_box
+from tclip_jax.postprocess.soft_map import soft_map
 
 class TCLIP(Method):
     name = "tclip"

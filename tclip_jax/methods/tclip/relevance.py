@@ -13,7 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from tclip_jax.methods.tclip.translations import DEFAULT_TRIM, shift_back_operators, translated_copies, trimmed_mean
+from tclip_jax.methods.tclip.settings import DEFAULT_TRIM
+from tclip_jax.methods.tclip.translations import shift_back_operators, translated_copies, trimmed_mean
 from tclip_jax.model import CLIP, l2_normalize
 
 

@@ -15,11 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tclip_jax.image import upsample_bilinear
+from tclip_jax.methods.tclip.settings import DEFAULT_SCALE_FRACTIONS
 
 DIRECTIONS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
-# Shift lengths as fractions of the patch size: sub-patch shifts move every patch boundary.
-DEFAULT_SCALE_FRACTIONS = (0.25, 0.5, 0.75)
-DEFAULT_TRIM = 0.2
 
 
 def translation_offsets(patch_size: int, scale_fractions=DEFAULT_SCALE_FRACTIONS,
