@@ -74,6 +74,43 @@ def test_missing_folder_is_an_error(tmp_path):
         ClipTokenizer(tmp_path / "nowhere")
 
 
+def _tokenizer_folder(tmp_path, vocab: bytes, merges: bytes, extra: dict | None = None):
+    (tmp_path / "vocab.json").write_bytes(vocab)
+    (tmp_path / "merges.txt").write_bytes(merges)
+    for name, text in (extra or {}).items():
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize("vocab,merges,message", [
+    (b"{not json", b"#version: 0.2\na b\n", "vocab.json is not valid JSON"),
+    (b"\xff\xfe{}", b"", "vocab.json is not UTF-8 text"),
+    (b'["a", "b"]', b"", "vocab.json must map token strings to integer ids"),
+    (b'{"a": 0, "b": 1, "ab": 2}', b"#version: 0.2\na b c\n", "merge 1 is not two symbols"),
+    (b'{"a": 0, "b": 1, "ab": 2}', b"\xff\xfe", "merges.txt is not UTF-8 text"),
+])
+def test_malformed_tokenizer_files_are_named(tmp_path, vocab, merges, message):
+    with pytest.raises(ValueError, match=message):
+        ClipTokenizer(_tokenizer_folder(tmp_path, vocab, merges))
+
+
+def test_a_folder_asking_for_remote_code_runs_none(tmp_path, packaged_files):
+    """The tokenizer is built from data files; a tokenizer_config.json naming custom code is never acted on."""
+    vocab, lines = packaged_files
+    marker = tmp_path / "ran"
+    config = json.dumps({"tokenizer_class": "Evil", "auto_map": {"AutoTokenizer": ["evil.Evil", None]}})
+    folder = _tokenizer_folder(tmp_path, json.dumps(vocab).encode(), "\n".join(lines).encode(),
+                               {"tokenizer_config.json": config,
+                                "evil.py": f"open({str(marker)!r}, 'w').write('x')\nclass Evil: pass\n"})
+    ClipTokenizer(folder).encode("a cat")
+    assert not marker.exists()
+
+
+def test_special_tokens_in_text_are_matched_as_openai_does(tokenizer):
+    ids = tokenizer.encode("a<|endoftext|>b")[0]
+    assert list(ids[:5]) == [SOT, tokenizer.encode("a")[0][1], EOT, tokenizer.encode("b")[0][1], EOT]
+
+
 # --- ids against the official tokenizers -----------------------------------------------------------------------
 
 

@@ -12,9 +12,9 @@ import functools
 import gzip
 import html
 import itertools
+import json
 import os
 import pathlib
-import shutil
 import tempfile
 import unicodedata
 import warnings
@@ -23,7 +23,9 @@ from collections.abc import Iterable
 import ftfy
 import numpy as np
 import tokenizers
-import transformers
+import tokenizers.decoders
+import tokenizers.models
+import tokenizers.pre_tokenizers
 
 DATA_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "clip_tokenizer"
 SOT_TOKEN = "<|startoftext|>"
@@ -33,6 +35,8 @@ PAD_ID = 0
 CONTEXT_LENGTH = 77
 # Decoded pieces the TCLIP author's similarity code drops besides SOT/EOT/padding.
 AUTHOR_DROPPED_PIECES = frozenset({"", SOT_TOKEN, EOT_TOKEN, "!", "."})
+# OpenAI simple_tokenizer's split into words, numbers digit by digit, and runs of other symbols.
+_OPENAI_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 @functools.cache
@@ -193,19 +197,63 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
 
 
 def _load_backend(folder: pathlib.Path) -> tokenizers.Tokenizer:
-    """The `tokenizers` BPE of a Hugging Face CLIP tokenizer folder, without its own normalizer."""
+    """The BPE of a CLIP tokenizer folder (Hugging Face layout), built from its data files alone.
+
+    `tokenizer.json` when the folder has one, else `vocab.json` + `merges.txt` with CLIP's pre-tokenizer (the
+    split of OpenAI's `simple_tokenizer`, then byte-level symbols) and `</w>` word ends. No code or class named
+    by the folder is loaded. The normalizer is off: `clean_text` applies OpenAI's normalization, so the BPE sees
+    exactly the text OpenAI's tokenizer sees. SOT and EOT are special tokens, matched in text as OpenAI's are.
+    """
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
-    wrapper = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    backend = getattr(wrapper, "backend_tokenizer", None)
-    if backend is None:
-        raise ValueError(f"{folder} did not load as a fast (tokenizers-backed) tokenizer")
-    # clean_text applies OpenAI's normalization; switching Hugging Face's own (NFC, whitespace, lowercase) off
-    # makes the BPE see exactly the text OpenAI's tokenizer sees.
+    if (folder / "tokenizer.json").is_file():
+        try:
+            backend = tokenizers.Tokenizer.from_str(_read_text(folder / "tokenizer.json"))
+        except Exception as err:  # tokenizers raises plain Exceptions for malformed files
+            raise ValueError(f"{folder / 'tokenizer.json'} is not a tokenizers file: {err}") from None
+    else:
+        backend = _bpe_from_files(folder / "vocab.json", folder / "merges.txt")
     backend.normalizer = None
+    backend.add_special_tokens([SOT_TOKEN, EOT_TOKEN])
     backend.no_truncation()
     backend.no_padding()
     return backend
+
+
+def _bpe_from_files(vocab_path: pathlib.Path, merges_path: pathlib.Path) -> tokenizers.Tokenizer:
+    try:
+        vocab = json.loads(_read_text(vocab_path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{vocab_path} is not valid JSON: {err}") from None
+    if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                              for k, v in vocab.items()):
+        raise ValueError(f"{vocab_path} must map token strings to integer ids")
+    lines = [line for line in _read_text(merges_path).splitlines() if line and not line.startswith("#version")]
+    merges = [tuple(line.split(" ")) for line in lines]
+    bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
+    if bad is not None:
+        raise ValueError(f"{merges_path}: merge {bad + 1} is not two symbols separated by a space: {lines[bad]!r}")
+    try:
+        backend = tokenizers.Tokenizer(tokenizers.models.BPE(
+            vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix=WORD_END, fuse_unk=False,
+            unk_token=EOT_TOKEN))
+    except Exception as err:  # e.g. a merge whose symbols are not in the vocabulary
+        raise ValueError(f"{vocab_path.parent}: vocab.json and merges.txt do not form a BPE: {err}") from None
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Split(tokenizers.Regex(_OPENAI_SPLIT), behavior="removed", invert=True),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    return backend
+
+
+def _read_text(path: pathlib.Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text: {err}") from None
 
 
 def _load_packaged_backend() -> tokenizers.Tokenizer:
@@ -214,8 +262,6 @@ def _load_packaged_backend() -> tokenizers.Tokenizer:
         for path in DATA_DIR.iterdir():
             if path.suffix == ".gz":
                 (pathlib.Path(tmp) / path.stem).write_bytes(gzip.decompress(path.read_bytes()))
-            elif path.suffix == ".json":
-                shutil.copy(path, tmp)
         return _load_backend(pathlib.Path(tmp))
 
 
