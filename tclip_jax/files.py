@@ -13,6 +13,8 @@ from typing import Iterator
 def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[pathlib.Path]:
     """Yields a fresh sibling folder of `target`; on success it replaces `target`, on error it is removed."""
     target = pathlib.Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file, not a folder")
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists (pass overwrite=True to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -104,11 +104,15 @@ def test_open_clip_folder_reads_activation_and_heads(tmp_path, openai_state_dict
     assert load_clip(tmp_path).config.activation == "gelu"
 
 
-@pytest.mark.parametrize("safe", [True, False])
-def test_hugging_face_folder_matches_transformers(tmp_path, safe):
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_hugging_face_folder_matches_transformers(tmp_path, weights):
     torch.manual_seed(0)
     model = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).eval()
-    model.save_pretrained(tmp_path, safe_serialization=safe)
+    model.save_pretrained(tmp_path)  # transformers 5 always writes safetensors
+    if weights == "pytorch_model.bin":  # so the .bin folder is written by torch itself, as older releases were
+        torch.save(model.state_dict(), tmp_path / weights)
+        (tmp_path / "model.safetensors").unlink()
+    assert sorted(p.name for p in tmp_path.glob("*model*")) == [weights]
     clip = load_clip(tmp_path)
     assert clip.source == "hf" and clip.config == SMALL
     images = np.random.default_rng(1).standard_normal((2, 64, 64, 3)).astype(np.float32)
@@ -130,7 +134,7 @@ def test_convert_command_round_trip(tmp_path, fixtures_dir, reference, inputs, c
         np.testing.assert_array_equal(ours, expected)  # float32 storage: bit-identical
     # An existing folder is not replaced unless asked.
     assert tclip(["convert", str(fixtures_dir / "tiny_openai_clip.npz"), "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
 
 
 def test_compressed_float16_checkpoint(tmp_path, fixtures_dir, reference, inputs):
@@ -211,7 +215,7 @@ def test_nan_weights(tmp_path, openai_state_dict):
 def test_unknown_hub_name_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ConnectionError, match="nobody/no-such-clip.*huggingface-cli download"):
+    with pytest.raises(ConnectionError, match="nobody/no-such-clip.*`hf download nobody/no-such-clip"):
         load_clip("nobody/no-such-clip")
 
 
@@ -235,3 +239,140 @@ def test_corrupt_converted_checkpoint(tmp_path, fixtures_dir):
     params.write_bytes(params.read_bytes()[:1000])
     with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupt"):
         load_clip(out)
+
+
+# Model folders and checkpoints: validated once, at load, with the file and the field named.
+
+def _converted(tmp_path, fixtures_dir):
+    out = tmp_path / "converted"
+    assert tclip(["convert", str(fixtures_dir / "tiny_openai_clip.npz"), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"config": None}, r"config: a CLIPConfig is a JSON object"),
+    ({"config": [1, 2]}, r"config: a CLIPConfig is a JSON object"),
+    ({"config": {"patch_size": 0}}, r"config: patch_size must be a positive integer, got 0"),
+    ({"config": {"vision_heads": 0}}, r"config: vision_heads must be a positive integer"),
+    ({"config": {"text_width": "128"}}, r"config: text_width must be a positive integer, got '128'"),
+    ({"config": {"vision_width": -128}}, r"config: vision_width must be a positive integer, got -128"),
+    ({"format": "something"}, r"is not a tclip_jax checkpoint header"),
+])
+def test_bad_converted_config_names_file_and_field(tmp_path, fixtures_dir, change, message):
+    out = _converted(tmp_path, fixtures_dir)
+    header = json.loads((out / "tclip_config.json").read_text())
+    for key, value in change.items():
+        header[key] = {**header[key], **value} if isinstance(value, dict) else value
+    (out / "tclip_config.json").write_text(json.dumps(header))
+    with pytest.raises(ValueError, match="tclip_config.json.*" + message):
+        load_clip(out)
+
+
+def test_converted_header_without_config(tmp_path, fixtures_dir):
+    out = _converted(tmp_path, fixtures_dir)
+    header = json.loads((out / "tclip_config.json").read_text())
+    del header["config"]
+    (out / "tclip_config.json").write_text(json.dumps(header))
+    with pytest.raises(ValueError, match=r'tclip_config.json has no "config"'):
+        load_clip(out)
+
+
+@pytest.mark.parametrize("part,key,value,message", [
+    ("vision_config", "patch_size", 0, "vision_config.patch_size must be a positive integer"),
+    ("text_config", "hidden_size", "64", "text_config.hidden_size must be a positive integer, got '64'"),
+    ("vision_config", None, [1], "vision_config must be an object"),
+    (None, "projection_dim", None, "projection_dim must be a positive integer, got None"),
+])
+def test_bad_hugging_face_config_names_file_and_field(tmp_path, part, key, value, message):
+    torch.manual_seed(0)
+    transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    if key is None:
+        config[part] = value
+    else:
+        (config if part is None else config[part])[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json: " + message):
+        load_clip(tmp_path)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("text_projection", np.zeros(128, np.float16), r"text_projection must be 2-D \[text width, embed dim\]"),
+    ("ln_final.weight", np.zeros((), np.float16), r"ln_final.weight must be 1-D"),
+    ("visual.conv1.weight", np.zeros((128, 3, 32), np.float16), r"visual.conv1.weight must be 4-D"),
+    ("visual.positional_embedding", np.zeros((51, 128), np.float16), "not 1 \\+ a square grid"),
+])
+def test_arrays_of_the_wrong_rank_are_named(tmp_path, openai_state_dict, key, value, message):
+    np.savez(tmp_path / "bad.npz", **{**openai_state_dict, key: value})
+    with pytest.raises(ConversionError, match=message):
+        load_clip(tmp_path / "bad.npz")
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path, openai_state_dict):
+    small = {**openai_state_dict, "token_embedding.weight": openai_state_dict["token_embedding.weight"][:1000]}
+    np.savez(tmp_path / "small_vocab.npz", **small)
+    with pytest.raises(ConversionError, match="tokenizer has 49408 tokens but the model's token embedding only 1000"):
+        load_clip(tmp_path / "small_vocab.npz")
+
+
+def test_a_fifo_is_refused_without_opening_it(tmp_path):
+    import os
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes
+    with pytest.raises(ConversionError, match="is not a regular file"):
+        load_clip(fifo)
+
+
+def test_bfloat16_checkpoints_say_they_are_upcast(tmp_path, openai_state_dict, reference, inputs):
+    import safetensors.torch
+
+    bf16 = {k: torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16) for k, v in openai_state_dict.items()}
+    safetensors.torch.save_file(bf16, tmp_path / "bf16.safetensors")
+    torch.save(bf16, tmp_path / "bf16.pt")
+    for name in ("bf16.safetensors", "bf16.pt"):
+        with pytest.warns(UserWarning, match="stores bfloat16 parameters; they are upcast to float32"):
+            clip = load_clip(tmp_path / name, activation="quick_gelu")
+        expected = {k: v.float().numpy() for k, v in bf16.items()}
+        np.testing.assert_array_equal(np.asarray(clip.params["visual"]["proj"]), expected["visual.proj"])
+
+
+def test_the_activation_of_a_bare_state_dict_is_a_stated_assumption(tmp_path, openai_state_dict):
+    np.savez(tmp_path / "bare.npz", **openai_state_dict)
+    with pytest.warns(UserWarning, match="does not say its MLP activation; assuming quick_gelu.*--activation gelu"):
+        assert load_clip(tmp_path / "bare.npz").config.activation == "quick_gelu"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named: no warning
+        assert load_clip(tmp_path / "bare.npz", activation="gelu").config.activation == "gelu"
+
+
+@pytest.mark.parametrize("run,activation", [("2024_01_01-ViT-B-32", "gelu"), ("ViT-B-32-quickgelu-laion", "quick_gelu")])
+def test_open_clip_training_checkpoints_are_recognised(tmp_path, openai_state_dict, run, activation):
+    state = {f"module.{k}": torch.from_numpy(v) for k, v in openai_state_dict.items()}  # DDP-prefixed, as OpenCLIP
+    torch.save({"epoch": 3, "name": run, "state_dict": state, "optimizer": {}}, tmp_path / "epoch_3.pt")
+    with pytest.warns(UserWarning, match=f"OpenCLIP training checkpoint \\(run '{run}'\\).*{activation} is assumed"):
+        clip = load_clip(tmp_path / "epoch_3.pt")
+    assert clip.source == "open_clip" and clip.config.activation == activation
+
+
+def test_a_hugging_face_folder_asking_for_remote_code_runs_none(tmp_path):
+    torch.manual_seed(0)
+    transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "evil.EvilModel", "AutoConfig": "evil.EvilConfig"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "code_ran"
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    assert load_clip(tmp_path).config == SMALL
+    assert not marker.exists()
+
+
+def test_convert_out_that_is_a_file_or_exists(tmp_path, fixtures_dir, capsys):
+    target = tmp_path / "a_file"
+    target.write_text("keep me")
+    assert tclip(["convert", str(fixtures_dir / "tiny_openai_clip.npz"), "--out", str(target)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and target.read_text() == "keep me"
+    assert tclip(["convert", str(fixtures_dir / "tiny_openai_clip.npz"), "--out", str(target), "--overwrite"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and target.read_text() == "keep me"

@@ -51,7 +51,7 @@ class Painted(Method):
     name = "painted"
 
     @classmethod
-    def from_pretrained(cls, name_or_path=None, **settings):
+    def from_pretrained(cls, name_or_path=None, activation=None, **settings):
         return cls(None, cls.Settings.from_dict(settings))
 
     @property

@@ -45,28 +45,43 @@ def infer_openai_config(state_dict: Mapping[str, np.ndarray], activation: str = 
     """
     if detect_format(state_dict) != "openai":
         raise ConversionError("expected OpenAI/OpenCLIP key names")
+
+    def shape(key: str, rank: int, layout: str) -> tuple[int, ...]:
+        if key not in state_dict:
+            raise ConversionError(f"OpenAI-format state dict lacks {key!r}")
+        found = tuple(np.shape(state_dict[key]))
+        if len(found) != rank:
+            raise ConversionError(f"{key} must be {rank}-D {layout}, got shape {found}")
+        return found
+
+    vision_width, _, patch, _ = shape("visual.conv1.weight", 4, "[width, 3, patch, patch]")
+    positions = shape("visual.positional_embedding", 2, "[1 + grid**2, width]")[0]
+    grid = round((positions - 1) ** 0.5)
+    if grid * grid + 1 != positions:
+        raise ConversionError(f"visual.positional_embedding has {positions} rows, not 1 + a square grid")
+    text_width = shape("ln_final.weight", 1, "[text width]")[0]
+    for width, head_dim, tower in ((vision_width, vision_head_dim, "vision"), (text_width, text_head_dim, "text")):
+        if width % head_dim:
+            raise ConversionError(f"{tower} width {width} is not a multiple of the {head_dim}-dim heads; pass the "
+                                  "head dimension (an OpenCLIP config gives it)")
+    values = dict(
+        embed_dim=shape("text_projection", 2, "[text width, embed dim]")[1],
+        image_size=patch * grid, patch_size=patch,
+        vision_width=vision_width,
+        vision_layers=_count_blocks(state_dict, r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
+        vision_heads=vision_width // vision_head_dim,
+        vision_mlp_dim=shape("visual.transformer.resblocks.0.mlp.c_fc.weight", 2, "[mlp dim, width]")[0],
+        vocab_size=shape("token_embedding.weight", 2, "[vocabulary, text width]")[0],
+        context_length=shape("positional_embedding", 2, "[context, text width]")[0],
+        text_width=text_width,
+        text_layers=_count_blocks(state_dict, r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
+        text_heads=text_width // text_head_dim,
+        text_mlp_dim=shape("transformer.resblocks.0.mlp.c_fc.weight", 2, "[mlp dim, text width]")[0],
+        activation=activation)
     try:
-        conv = state_dict["visual.conv1.weight"]
-        vision_width, patch = conv.shape[0], conv.shape[-1]
-        grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        text_width = state_dict["ln_final.weight"].shape[0]
-        config = CLIPConfig(
-            embed_dim=state_dict["text_projection"].shape[1],
-            image_size=patch * grid, patch_size=patch,
-            vision_width=vision_width,
-            vision_layers=_count_blocks(state_dict, r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
-            vision_heads=vision_width // vision_head_dim,
-            vision_mlp_dim=state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            vocab_size=state_dict["token_embedding.weight"].shape[0],
-            context_length=state_dict["positional_embedding"].shape[0],
-            text_width=text_width,
-            text_layers=_count_blocks(state_dict, r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
-            text_heads=text_width // text_head_dim,
-            text_mlp_dim=state_dict["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            activation=activation)
-    except KeyError as missing:
-        raise ConversionError(f"OpenAI-format state dict lacks {missing}") from None
-    return config
+        return CLIPConfig(**values)
+    except ValueError as err:  # CLIPConfig's own checks (e.g. no blocks at all)
+        raise ConversionError(f"the state dict's shapes give no valid CLIP: {err}") from None
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: CLIPConfig,

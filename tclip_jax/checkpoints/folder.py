@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import shutil
+import warnings
 from typing import Any, Mapping, Optional
 
 import flax.traverse_util
@@ -96,18 +97,25 @@ def is_checkpoint(folder: str | os.PathLike) -> bool:
 def load_checkpoint(folder: str | os.PathLike) -> tuple[dict, CLIPConfig, dict]:
     """Returns (params, config, header) of a converted checkpoint folder."""
     folder = pathlib.Path(folder)
+    header_path = folder / CONFIG_FILE
+    if not header_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a tclip_jax checkpoint: no {CONFIG_FILE}")
     try:
-        header = json.loads((folder / CONFIG_FILE).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{folder} is not a tclip_jax checkpoint: no {CONFIG_FILE}") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{folder / CONFIG_FILE} is not valid JSON: {err}") from None
-    if header.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{folder / CONFIG_FILE} is not a {FORMAT_NAME} checkpoint header")
-    config = CLIPConfig.from_dict(header["config"])
+        header = json.loads(header_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{header_path} is not valid JSON: {err}") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{header_path} is not a {FORMAT_NAME} checkpoint header (no \"format\": "
+                              f"\"{FORMAT_NAME}\")")
+    if "config" not in header:
+        raise CheckpointError(f"{header_path} has no \"config\" (the model's architecture)")
+    try:
+        config = CLIPConfig.from_dict(header["config"])
+    except ValueError as err:
+        raise CheckpointError(f"{header_path}: config: {err}") from None
     params_file = next((folder / name for name in PARAMS_FILES if (folder / name).is_file()), None)
     if params_file is None:
-        raise FileNotFoundError(f"{folder} has none of {PARAMS_FILES}")
+        raise FileNotFoundError(f"{folder} has none of {PARAMS_FILES} (as regular files)")
     try:
         if params_file.suffix == ".npz":
             with np.load(params_file, allow_pickle=False) as archive:
@@ -116,4 +124,13 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[dict, CLIPConfig, dict]:
             flat = safetensors.numpy.load_file(params_file)
     except Exception as err:  # zipfile / safetensors raise their own types for truncated or corrupt files
         raise CheckpointError(f"{params_file} is unreadable (truncated or corrupt?): {err}") from None
+    warn_if_upcast({str(v.dtype) for v in flat.values()}, str(params_file))
     return check_params(flat, config, f"checkpoint {folder}"), config, header
+
+
+def warn_if_upcast(dtypes: set[str], what: str) -> None:
+    """Says when parameters were stored as bfloat16: they are upcast to float32 (exactly), the parameter dtype of
+    every computation here; `load_clip(..., dtype=jnp.bfloat16)` runs the matmuls in bfloat16."""
+    if "bfloat16" in dtypes:
+        warnings.warn(f"{what} stores bfloat16 parameters; they are upcast to float32 (pass dtype=bfloat16 to "
+                      "load_clip for bfloat16 matmuls)", stacklevel=3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import warnings
 from typing import Any, Optional
 
 import jax.numpy as jnp
@@ -53,6 +54,9 @@ def load_clip(name_or_path: Optional[str | os.PathLike] = None, *, source: Optio
         name_or_path = DEFAULT_MODEL_DIR
     converted = load_any(name_or_path, source=source, activation=activation)
     tokenizer = default_tokenizer() if converted.tokenizer_dir is None else ClipTokenizer(converted.tokenizer_dir)
+    if tokenizer.vocab_size > converted.config.vocab_size:
+        raise ConversionError(f"{converted.origin}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                              f"token embedding only {converted.config.vocab_size} rows")
     return LoadedClip(CLIP(converted.config, dtype), converted.params, tokenizer, converted.source, converted.origin)
 
 
@@ -73,9 +77,14 @@ def _tokenizer_dir(folder: pathlib.Path) -> Optional[pathlib.Path]:
 
 
 def _from_hf_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str) -> Converted:
-    config = from_hf_config(sources.read_json(folder / "config.json"))
-    params = convert_state_dict(sources.read_state_dict(weights), config, "hf")
-    return Converted(params, config, _tokenizer_dir(folder), "hf", origin)
+    config_path = folder / "config.json"
+    try:
+        config = from_hf_config(sources.read_json(config_path))
+    except ValueError as err:
+        raise ConversionError(f"{config_path}: {err}") from None
+    state = sources.read_state_dict(weights)
+    checkpoint.warn_if_upcast(state.stored_dtypes, str(weights))
+    return Converted(convert_state_dict(state.arrays, config, "hf"), config, _tokenizer_dir(folder), "hf", origin)
 
 
 def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], dict]:
@@ -93,16 +102,36 @@ def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], dict]:
     return ("quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"), head_dims
 
 
-def _from_openai_state_dict(path: pathlib.Path, source: str, origin: str, activation: Optional[str],
+def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: str, activation: Optional[str],
                             tokenizer_dir: Optional[pathlib.Path] = None, **head_dims) -> Converted:
-    state_dict = sources.read_state_dict(path)
-    if detect_format(state_dict) == "hf":
+    """A state dict with OpenAI key names: OpenAI's releases (QuickGELU) and OpenCLIP's (mostly exact GELU).
+
+    `activation` comes from the caller (a flag, or an OpenCLIP config); otherwise an OpenAI TorchScript release
+    is QuickGELU, an OpenCLIP training checkpoint is GELU unless its run name says quickgelu, and a bare state
+    dict is assumed QuickGELU with a warning, since nothing in it says which."""
+    state = sources.read_state_dict(path)
+    if detect_format(state.arrays) == "hf":
         raise ConversionError(f"{path} is a Hugging Face state dict, which needs its config.json: "
                               "pass the folder holding both")
-    # OpenAI's own models use QuickGELU; OpenCLIP's own trainings default to exact GELU.
-    activation = activation or ("gelu" if source == "open_clip" else "quick_gelu")
-    config = infer_openai_config(state_dict, activation=activation, **head_dims)
-    params = convert_state_dict(state_dict, config, "openai")
+    checkpoint.warn_if_upcast(state.stored_dtypes, str(path))
+    if state.training_run is not None:
+        source = source or "open_clip"
+    source = source or "openai"
+    if activation is None:
+        if state.torchscript:
+            activation = "quick_gelu"
+        elif state.training_run is not None:
+            activation = "quick_gelu" if "quickgelu" in state.training_run.lower() else "gelu"
+            warnings.warn(f"{path} is an OpenCLIP training checkpoint (run {state.training_run!r}); its activation "
+                          f"is not stored, so {activation} is assumed from the run name (set --activation / "
+                          "activation= if it is wrong)", stacklevel=3)
+        else:
+            activation = "gelu" if source == "open_clip" else "quick_gelu"
+            warnings.warn(f"{path} does not say its MLP activation; assuming {activation} "
+                          f"({'OpenCLIP' if source == 'open_clip' else 'OpenAI'}'s). An OpenCLIP model trained "
+                          "with GELU needs --activation gelu (activation='gelu')", stacklevel=3)
+    config = infer_openai_config(state.arrays, activation=activation, **head_dims)
+    params = convert_state_dict(state.arrays, config, "openai")
     return Converted(params, config, tokenizer_dir, source, origin)
 
 
@@ -114,6 +143,8 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
     origin = os.fspath(name_or_path)
     path = pathlib.Path(origin).expanduser()
+    if path.exists() and not path.is_dir():
+        sources.require_regular_file(path)
     if not path.exists():
         if not _is_hub_name(origin):
             raise FileNotFoundError(f"model not found: {origin} is neither a file, a folder nor a hub name")
@@ -136,7 +167,7 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
             f"{path} is not a CLIP checkpoint folder: expected {checkpoint.CONFIG_FILE} (converted), "
             f"config.json + one of {sources.HF_WEIGHT_FILES} (Hugging Face), or one of "
             f"{sources.OPEN_CLIP_WEIGHT_FILES} (OpenCLIP)")
-    return _from_openai_state_dict(path, source or "openai", origin, activation)
+    return _from_openai_state_dict(path, source, origin, activation)
 
 
 def _is_hub_name(name: str) -> bool:

@@ -5,9 +5,11 @@ torch is needed only for `.pt` / `.bin` / `.pth` files (the `convert` extra); `.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
+import pickle
 import zipfile
 from typing import Any, Mapping, Optional
 
@@ -21,54 +23,119 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special
                    "tokenizer.json")
 
 
-def _require_file(path: pathlib.Path) -> None:
+@dataclasses.dataclass(frozen=True)
+class StateDict:
+    """A checkpoint file's tensors as float32 numpy arrays, and what the file said about itself."""
+
+    arrays: dict[str, np.ndarray]
+    stored_dtypes: frozenset[str]        # the floating dtypes as stored (e.g. float16, bfloat16)
+    torchscript: bool = False            # an OpenAI release (.pt TorchScript archive)
+    training_run: Optional[str] = None   # an OpenCLIP training checkpoint's run name ({"name", "epoch", "state_dict"})
+
+
+def require_regular_file(path: pathlib.Path, what: str = "checkpoint") -> None:
+    """A missing path, a folder, a FIFO or a device is refused before anything opens it (a FIFO would block)."""
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_file() and path.stat().st_size == 0:
-        raise ConversionError(f"checkpoint file is empty: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise ConversionError(f"{what} {path} is not a regular file")
+    if path.stat().st_size == 0:
+        raise ConversionError(f"{what} file is empty: {path}")
 
 
-def _from_torch(path: pathlib.Path) -> dict[str, Any]:
+def _from_torch(path: pathlib.Path) -> tuple[Mapping[str, Any], bool, Optional[str]]:
+    """(tensors, whether it was TorchScript, the OpenCLIP training run's name if it is a training checkpoint)."""
     try:
         import torch
     except ImportError:
         raise ImportError(f"reading {path.name} needs PyTorch: pip install 'tclip_jax[convert]'") from None
     try:
         # OpenAI's released .pt files are TorchScript archives; everything else is a plain state dict.
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
+        return torch.jit.load(str(path), map_location="cpu").state_dict(), True, None
     except RuntimeError:
         pass
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise ConversionError(f"cannot read {path} as a PyTorch checkpoint (truncated or corrupt?): {err}") from None
-    if isinstance(loaded, Mapping) and "state_dict" in loaded:  # training checkpoints (OpenCLIP)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, pickle.UnpicklingError) as err:
+        raise ConversionError(f"cannot read {path} as a PyTorch checkpoint (truncated or corrupt, or it holds "
+                              f"objects other than tensors): {err}") from None
+    run = None
+    if isinstance(loaded, Mapping) and "state_dict" in loaded:  # training checkpoints (OpenCLIP's epoch_N.pt)
+        run = str(loaded.get("name", "")) if "epoch" in loaded else None
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
         raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state dict")
-    return dict(loaded)
+    return loaded, False, run
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # torch tensor; bfloat16 has no numpy twin
-        return value.detach().float().cpu().numpy()
-    return np.asarray(value)
+def _to_numpy(value: Any) -> tuple[np.ndarray, str]:
+    """(float32 array for floating values, the stored dtype's name)."""
+    if hasattr(value, "detach"):  # a torch tensor; bfloat16 has no numpy twin
+        dtype = str(value.dtype).removeprefix("torch.")
+        value = value.detach().cpu()
+        return (value.float() if value.is_floating_point() else value).numpy(), dtype
+    array = np.asarray(value)
+    return array, str(array.dtype)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A `.safetensors`, `.npz`, `.pt`, `.bin` or `.pth` state dict as float32 numpy arrays."""
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path: pathlib.Path) -> dict[str, Any]:
+    """A .safetensors file as numpy arrays; BF16 tensors become float32 (exactly) and are reported as bfloat16.
+
+    The format is an 8-byte little-endian header length, a JSON header of {name: {dtype, shape, data_offsets}}
+    and the raw data; read here directly because safetensors' numpy reader has no bfloat16.
+    """
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise ConversionError(f"{path} is too short to be a safetensors file")
+    header_size = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:8 + header_size])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{path} has no valid safetensors header: {err}") from None
+    body, arrays = memoryview(data)[8 + header_size:], {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = entry["data_offsets"]
+            raw = body[start:end]
+            if entry["dtype"] == "BF16":
+                bits = np.frombuffer(raw, "<u2").astype(np.uint32) << 16
+                arrays[name] = _Stored(bits.view("<f4").reshape(entry["shape"]), "bfloat16")
+            else:
+                arrays[name] = np.frombuffer(raw, np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]).newbyteorder("<"))\
+                    .reshape(entry["shape"]).copy()
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConversionError(f"{path}: tensor {name!r} is malformed ({type(err).__name__}: {err})") from None
+    return arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    """A tensor already converted to float32, with the dtype it was stored as."""
+
+    array: np.ndarray
+    dtype: str
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """A `.safetensors`, `.npz`, `.pt`, `.bin` or `.pth` state dict as float32 numpy arrays (never unpickled)."""
     path = pathlib.Path(path)
-    _require_file(path)
+    require_regular_file(path)
     suffix = path.suffix.lower()
+    torchscript, run = False, None
     try:
         if suffix == ".safetensors":
-            import safetensors.numpy
-            raw = safetensors.numpy.load_file(path)
+            raw = read_safetensors(path)
         elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 raw = {k: archive[k] for k in archive.files}
         elif suffix in (".pt", ".bin", ".pth"):
-            raw = _from_torch(path)
+            raw, torchscript, run = _from_torch(path)
         else:
             raise ConversionError(f"unknown checkpoint file type {suffix!r}: {path} "
                                   "(expected .safetensors, .npz, .pt, .bin or .pth)")
@@ -76,9 +143,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise
     except Exception as err:  # zipfile, numpy and safetensors each raise their own types on bad files
         raise ConversionError(f"cannot read {path} (truncated or corrupt?): {err}") from None
-    # DataParallel / DDP checkpoints prefix every key with 'module.'.
-    state = {k.removeprefix("module."): _to_numpy(v) for k, v in raw.items()}
-    return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in state.items()}
+    arrays, dtypes = {}, set()
+    for key, value in raw.items():
+        array, dtype = (value.array, value.dtype) if isinstance(value, _Stored) else _to_numpy(value)
+        if np.issubdtype(array.dtype, np.floating):
+            dtypes.add(dtype)
+            array = array.astype(np.float32)
+        arrays[key.removeprefix("module.")] = array  # DataParallel / DDP checkpoints prefix every key
+    return StateDict(arrays, frozenset(dtypes), torchscript, run)
 
 
 def hf_folder_files(folder: pathlib.Path) -> Optional[pathlib.Path]:
@@ -95,8 +167,8 @@ def open_clip_folder_files(folder: pathlib.Path) -> Optional[pathlib.Path]:
 
 def read_json(path: pathlib.Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConversionError(f"{path} is not valid JSON: {err}") from None
 
 
@@ -120,5 +192,5 @@ def download_from_hub(repo_id: str) -> pathlib.Path:
             pass
         raise ConnectionError(
             f"cannot fetch {repo_id!r} from the Hugging Face hub and it is not in the local cache "
-            f"({type(err).__name__}). On a machine with internet run `huggingface-cli download {repo_id} "
+            f"({type(err).__name__}). On a machine with internet run `hf download {repo_id} "
             f"--local-dir DIR`, copy DIR here and pass DIR as the model.") from None

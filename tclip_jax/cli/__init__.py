@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from typing import Optional, Sequence
 
 # Sub-command name -> module under tclip_jax.cli with `add_arguments(parser)` and `run(args) -> int`.
@@ -40,6 +41,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    warnings.showwarning = lambda message, *_: print(f"tclip {args.command}: warning: {_one_line(message)}",
+                                                      file=sys.stderr)
     try:
         return args.run(args)
     except KeyboardInterrupt:

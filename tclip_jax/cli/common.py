@@ -19,6 +19,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="hub name, Hugging Face / OpenCLIP / converted folder, OpenAI .pt or state dict "
                              "(default: the embedded synthetic-scenes model)")
+    parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
+                        help="the MLP activation of a checkpoint that does not say it (a bare state dict)")
     group = parser.add_argument_group("TCLIP and host-step settings")
     TCLIPSettings.add_arguments(group)
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -43,4 +45,4 @@ def build_method(args: argparse.Namespace):
 
     method_class = methods.get(args.method)
     settings = method_settings(method_class, args)  # checked before the model loads
-    return method_class.from_pretrained(args.model, **settings.to_dict())
+    return method_class.from_pretrained(args.model, activation=args.activation, **settings.to_dict())

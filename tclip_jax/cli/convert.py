@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 import time
 
 
@@ -23,12 +24,17 @@ def run(args: argparse.Namespace) -> int:
     from tclip_jax.checkpoints.folder import save_checkpoint
     from tclip_jax.checkpoints.load import load_any
 
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
     converted = load_any(args.source, source=args.source_format, activation=args.activation)
     folder = save_checkpoint(args.out, converted.params, converted.config,
                              metadata={"source": converted.source, "origin": converted.origin},
                              tokenizer_dir=converted.tokenizer_dir,  # None: the packaged CLIP vocabulary
-                             overwrite=args.overwrite,
+                             overwrite=True,  # checked above
                              storage_dtype=np.float16 if args.float16 else np.float32)
     c = converted.config
     print(f"converted {converted.origin} ({converted.source}): ViT patch {c.patch_size} at {c.image_size}px, "

@@ -174,9 +174,11 @@ class Method(abc.ABC):
 
     @classmethod
     def from_pretrained(cls, name_or_path: Optional[str | os.PathLike] = None, *, dtype: Any = jnp.float32,
-                        **settings) -> "Method":
-        """The method on any model `load_clip` accepts (None: the embedded default), with these settings."""
-        return cls(load_clip(name_or_path, dtype=dtype), cls.Settings.from_dict(settings))
+                        activation: Optional[str] = None, **settings) -> "Method":
+        """The method on any model `load_clip` accepts (None: the embedded default), with these settings.
+        `activation` names the MLP activation of a state dict that does not say it (see `load_clip`)."""
+        settings = cls.Settings.from_dict(settings)  # checked before the model loads
+        return cls(load_clip(name_or_path, dtype=dtype, activation=activation), settings)
 
     @property
     def params(self):

@@ -33,8 +33,15 @@ class CLIPConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{field.name} must be a positive integer, got {value!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if (isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float))
+                or not 0 < self.layer_norm_eps < 1):
+            raise ValueError(f"layer_norm_eps must be a small positive number, got {self.layer_norm_eps!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         for width, heads, tower in ((self.vision_width, self.vision_heads, "vision"),
@@ -52,6 +59,8 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "CLIPConfig":
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a CLIPConfig is a JSON object of its fields, got {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         missing = sorted(n for n in names - set(values)
@@ -65,7 +74,11 @@ class CLIPConfig:
 
     @classmethod
     def load(cls, path: str | pathlib.Path) -> "CLIPConfig":
-        return cls.from_dict(json.loads(pathlib.Path(path).read_text()))
+        path = pathlib.Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
 
 
 def _openai_vit(embed_dim, image_size, patch_size, vision_width, vision_layers, text_width, text_layers):
@@ -86,29 +99,49 @@ PRESETS: dict[str, CLIPConfig] = {
 }
 
 
+# CLIPConfig field -> (part of the Hugging Face config, its key, the default Hugging Face's CLIPConfig has).
+_HF_FIELDS = {
+    "embed_dim": (None, "projection_dim", 512),
+    "image_size": ("vision_config", "image_size", 224),
+    "patch_size": ("vision_config", "patch_size", 32),
+    "vision_width": ("vision_config", "hidden_size", 768),
+    "vision_layers": ("vision_config", "num_hidden_layers", 12),
+    "vision_heads": ("vision_config", "num_attention_heads", 12),
+    "vision_mlp_dim": ("vision_config", "intermediate_size", 3072),
+    "vocab_size": ("text_config", "vocab_size", 49408),
+    "context_length": ("text_config", "max_position_embeddings", 77),
+    "text_width": ("text_config", "hidden_size", 512),
+    "text_layers": ("text_config", "num_hidden_layers", 12),
+    "text_heads": ("text_config", "num_attention_heads", 8),
+    "text_mlp_dim": ("text_config", "intermediate_size", 2048),
+}
+
+
 def from_hf_config(hf: Mapping[str, Any]) -> CLIPConfig:
-    """Reads a Hugging Face `CLIPModel` `config.json` (as a dict)."""
-    if "vision_config" not in hf or "text_config" not in hf:
+    """Reads a Hugging Face `CLIPModel` `config.json` (as a dict); errors name the Hugging Face field."""
+    if not isinstance(hf, Mapping) or "vision_config" not in hf or "text_config" not in hf:
         raise ValueError("not a Hugging Face CLIPModel config: it has no vision_config / text_config")
-    vision, text = hf["vision_config"], hf["text_config"]
+    parts = {None: hf, "vision_config": hf["vision_config"], "text_config": hf["text_config"]}
+    for name in ("vision_config", "text_config"):
+        if not isinstance(parts[name], Mapping):
+            raise ValueError(f"{name} must be an object, got {type(parts[name]).__name__}")
+    vision, text = parts["vision_config"], parts["text_config"]
     activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
     if len(activations) != 1:
-        raise ValueError(f"towers with different activations are not supported: {sorted(activations)}")
+        raise ValueError(f"towers with different activations are not supported: {sorted(map(str, activations))}")
     activation = activations.pop()
     if activation not in ACTIVATIONS:
         raise ValueError(f"unsupported hidden_act {activation!r}; expected one of {ACTIVATIONS}")
     eps = {vision.get("layer_norm_eps", 1e-5), text.get("layer_norm_eps", 1e-5)}
     if len(eps) != 1:
-        raise ValueError(f"towers with different layer_norm_eps are not supported: {sorted(eps)}")
-    return CLIPConfig(
-        embed_dim=hf.get("projection_dim", 512),
-        image_size=vision.get("image_size", 224), patch_size=vision.get("patch_size", 32),
-        vision_width=vision.get("hidden_size", 768), vision_layers=vision.get("num_hidden_layers", 12),
-        vision_heads=vision.get("num_attention_heads", 12), vision_mlp_dim=vision.get("intermediate_size", 3072),
-        vocab_size=text.get("vocab_size", 49408), context_length=text.get("max_position_embeddings", 77),
-        text_width=text.get("hidden_size", 512), text_layers=text.get("num_hidden_layers", 12),
-        text_heads=text.get("num_attention_heads", 8), text_mlp_dim=text.get("intermediate_size", 2048),
-        activation=activation, layer_norm_eps=eps.pop())
+        raise ValueError(f"towers with different layer_norm_eps are not supported: {sorted(map(str, eps))}")
+    values = {}
+    for field, (part, key, default) in _HF_FIELDS.items():
+        value = parts[part].get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key if part is None else part + '.' + key} must be a positive integer, got {value!r}")
+        values[field] = value
+    return CLIPConfig(**values, activation=activation, layer_norm_eps=eps.pop())
 
 
 def to_hf_config(config: CLIPConfig) -> dict[str, Any]:
