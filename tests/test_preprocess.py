@@ -346,7 +346,7 @@ def test_load_text_file_named_png_is_rejected(tmp_path):
 
 
 def test_load_directory_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="not a file"):
+    with pytest.raises(ValueError, match="is a folder, not an image file"):
         load_image(tmp_path)
 
 
@@ -374,3 +374,55 @@ def test_load_rejects_unsupported_types():
         load_image([[0, 1], [2, 3]])
     with pytest.raises(ValueError, match="empty"):
         load_image(Image.new("RGB", (0, 0)))
+
+
+# --- bad images: one clear error each ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["whole", "center_crop"])
+@pytest.mark.parametrize("shape_hw", [(50, 4000), (224, 1), (4000, 50)])
+def test_square_protocols_refuse_strips(protocol, shape_hw):
+    from tclip_jax.image import prepare
+
+    with pytest.raises(ValueError, match="more than 10:1.*crop or tile it first"):
+        prepare(np.zeros((*shape_hw, 3), np.uint8), protocol, 224, 32)
+    prepare(np.zeros((40, 400, 3), np.uint8), protocol, 224, 32)  # 10:1 is still taken
+
+
+def test_patch_multiple_keeps_strips_but_needs_half_a_patch():
+    from tclip_jax.image import prepare
+
+    pixels, geometry = prepare(np.zeros((50, 4000, 3), np.uint8), "patch_multiple", 224, 32)
+    assert pixels.shape == (64, 4000, 3) and geometry.original_hw == (50, 4000)
+    with pytest.raises(ValueError, match="less than half a 32-pixel patch"):
+        prepare(np.zeros((10, 400, 3), np.uint8), "patch_multiple", 224, 32)
+
+
+def test_images_beyond_the_pixel_limit_are_refused_before_decoding(tmp_path):
+    from tclip_jax.image import io
+
+    Image.new("RGB", (300, 10)).save(tmp_path / "big.png")
+    limit = io.max_pixels()
+    try:
+        for allowed, message in ((2000, "has 3,000 pixels"), (1000, "has 3,000 pixels")):  # below and beyond 2x
+            io.set_max_pixels(allowed)
+            with pytest.raises(ValueError, match=message + ".*--max-pixels"):
+                load_image(tmp_path / "big.png")
+            with pytest.raises(ValueError, match="more than the limit"):
+                load_image((tmp_path / "big.png").read_bytes())
+        io.set_max_pixels(3000)
+        assert load_image(tmp_path / "big.png").shape == (10, 300, 3)
+        with pytest.raises(ValueError, match="positive integer"):
+            io.set_max_pixels(0)
+    finally:
+        io.set_max_pixels(limit)
+
+
+def test_a_folder_or_a_fifo_is_not_an_image(tmp_path):
+    import os
+
+    with pytest.raises(ValueError, match="is a folder, not an image file"):
+        load_image("/")
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would block until a writer comes
+    with pytest.raises(ValueError, match="is not a regular file"):
+        load_image(tmp_path / "pipe.png")

@@ -19,6 +19,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="hub name, Hugging Face / OpenCLIP / converted folder, OpenAI .pt or state dict "
                              "(default: the embedded synthetic-scenes model)")
+    parser.add_argument("--max-pixels", type=int, metavar="N",
+                        help="decode images of up to N pixels (default: PIL's guard against decompression bombs, "
+                             "89478485)")
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
                         help="the MLP activation of a checkpoint that does not say it (a bare state dict)")
     group = parser.add_argument_group("TCLIP and host-step settings")
@@ -45,4 +48,8 @@ def build_method(args: argparse.Namespace):
 
     method_class = methods.get(args.method)
     settings = method_settings(method_class, args)  # checked before the model loads
+    if args.max_pixels is not None:
+        from tclip_jax.image.io import set_max_pixels
+
+        set_max_pixels(args.max_pixels)
     return method_class.from_pretrained(args.model, activation=args.activation, **settings.to_dict())

@@ -71,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
     from tclip_jax.files import staged_folder
 
-    for path in args.images:
-        if not pathlib.Path(path).is_file():
+    for path in map(pathlib.Path, args.images):
+        if not path.exists():
             raise FileNotFoundError(f"image not found: {path}")
+        if not path.is_file():
+            raise ValueError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}, not an image file")
     method = build_method(args)
     encoded = method.encode_prompts(args.prompt)  # fails early on a bad prompt, before any output
     out = pathlib.Path(args.out)

@@ -7,12 +7,17 @@ Conventions:
 - EXIF orientation is applied (``ImageOps.exif_transpose``) to files and PIL images, unless ``exif=False``:
   dataset annotations are drawn on the stored pixel grid (as pycocotools, gScoreCAM's ``Image.open`` and the
   ImageNet-S evaluator read images), so datasets decode images as stored.
+- Files and bytes with more than ``max_pixels()`` pixels are refused before they are decoded, a guard against
+  decompression bombs (a small file that decodes to gigabytes). The limit is PIL's, 89,478,485 pixels (about
+  9459 x 9459); ``set_max_pixels`` (``--max-pixels`` on the command line) raises it for the process.
 """
 from __future__ import annotations
 
 import io
 import os
 import pathlib
+import re
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -20,6 +25,21 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 _UINT16_MAX = 65535
+# PIL warns between its limit and twice it; the check below refuses such images instead, with a message that
+# says how to allow them.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def max_pixels() -> int:
+    """The largest number of pixels an image file may decode to (PIL's `Image.MAX_IMAGE_PIXELS`)."""
+    return Image.MAX_IMAGE_PIXELS
+
+
+def set_max_pixels(limit: int) -> None:
+    """Raises (or lowers) the decoded-size limit of image files for this process."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"the pixel limit must be a positive integer, got {limit!r}")
+    Image.MAX_IMAGE_PIXELS = limit
 
 
 def load_image(image: ImageLike, exif: bool = True) -> np.ndarray:
@@ -40,14 +60,26 @@ def _decode(source: pathlib.Path | bytes, exif: bool) -> np.ndarray:
     if not isinstance(source, bytes):
         if not source.exists():
             raise FileNotFoundError(f"image file not found: {source}")
-        if not source.is_file():
-            raise ValueError(f"image path is not a file: {source}")
+        if source.is_dir():
+            raise ValueError(f"{source} is a folder, not an image file")
+        if not source.is_file():  # a FIFO or a device: opening it could block
+            raise ValueError(f"{source} is not a regular file")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            _check_size(img.width * img.height, f"{name} ({img.width}x{img.height})")  # from the header
             img.load()
             return _pil_to_rgb(img, exif)
+    except Image.DecompressionBombError as err:  # PIL refuses beyond twice its limit, in open()
+        _check_size(int(re.search(r"\((\d+) pixels\)", str(err)).group(1)), name)
+        raise ValueError(f"cannot read {name}: {err}") from None
     except (UnidentifiedImageError, OSError) as err:  # UnidentifiedImageError: not an image; OSError: truncated
         raise ValueError(f"cannot read {name}: {err}") from err
+
+
+def _check_size(pixels: int, name: str) -> None:
+    if pixels > max_pixels():
+        raise ValueError(f"{name} has {pixels:,} pixels, more than the limit of {max_pixels():,} (a guard against "
+                         "decompression bombs); pass --max-pixels N (tclip_jax.image.io.set_max_pixels) to allow it")
 
 
 def _pil_to_rgb(img: Image.Image, exif: bool = True) -> np.ndarray:

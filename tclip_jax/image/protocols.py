@@ -11,6 +11,11 @@
 
 Every protocol takes the decoded uint8 image (`tclip_jax.image.load_image`), so an image is decoded once
 whatever runs on it, and returns float32 [h, w, 3] normalized with CLIP's mean and std.
+
+Images longer than `MAX_ASPECT_RATIO` times their width (or the reverse) are refused by the square protocols:
+``whole`` would squash a 4000 x 50 strip 80-fold into the square input and ``center_crop`` would keep an eightieth
+of it, and either way the maps would not say much. Crop or tile such images first; ``patch_multiple`` keeps the
+aspect ratio and takes them.
 """
 from __future__ import annotations
 
@@ -24,18 +29,26 @@ from tclip_jax.image.geometry import Geometry
 InputProtocol = Literal["whole", "center_crop", "patch_multiple"]
 INPUT_PROTOCOLS: tuple[str, ...] = get_args(InputProtocol)
 
+MAX_ASPECT_RATIO = 10
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
 def prepare(rgb: np.ndarray, protocol: InputProtocol, image_size: int, patch_size: int) -> tuple[np.ndarray, Geometry]:
     """The model input of a decoded image under `protocol`, for a model of `image_size` and `patch_size`."""
-    if protocol == "whole":
-        return whole_image(rgb, image_size)
-    if protocol == "center_crop":
-        return center_crop(rgb, image_size)
+    if protocol in ("whole", "center_crop"):
+        _check_rgb(rgb)
+        height, width = rgb.shape[:2]
+        if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+            raise ValueError(f"the image is {width}x{height} (W x H), more than {MAX_ASPECT_RATIO}:1; the {protocol} "
+                             "protocol would squash or crop most of it away: crop or tile it first (or use the "
+                             "patch_multiple input protocol)")
+        return whole_image(rgb, image_size) if protocol == "whole" else center_crop(rgb, image_size)
     if protocol == "patch_multiple":
         _check_rgb(rgb)
+        if 2 * min(rgb.shape[:2]) < patch_size:
+            raise ValueError(f"the image's {min(rgb.shape[:2])}-pixel side is less than half a {patch_size}-pixel "
+                             "patch: too small for the patch_multiple protocol")
         return whole_image(rgb, tuple(int(side / patch_size + 0.5) * patch_size for side in rgb.shape[:2]))
     raise ValueError(f"unknown input protocol {protocol!r}; expected one of {', '.join(INPUT_PROTOCOLS)}")
 
