@@ -22,6 +22,7 @@ from tclip_jax.evaluation.datasets import (
     split_wnids,
     synthetic_dataset,
     tfds_coco_dataset,
+    tfds_order,
     tfds_samples,
     tfds_to_xyxy,
     xywh_to_xyxy,
@@ -174,16 +175,22 @@ def test_tfds_reader_on_in_memory_examples():
         _tfds_example(2, painted(10, 20, []), [], [], []),      # no objects: skipped
         _tfds_example(6, painted(10, 20, []), [[0, 0, 1, 1]], [79], [True]),
     ]
-    samples = list(tfds_samples(examples))
-    assert [s.key for s in samples] == ["4", "6"]
+    order = tfds_order(examples)
+    assert order == {4: 0, 6: 1}  # image id order of the images with objects, as the raw layout has them
+    samples = list(tfds_samples(examples, order))
+    assert [(s.key, s.index) for s in samples] == [("4", 0), ("6", 1)]
     targets = samples[0].load().targets
     assert [t.class_id for t in targets] == [0, 9]
     np.testing.assert_allclose(targets[0].boxes, [[0, 0, 10, 4]], atol=1e-5)   # (0.2 * 50, 0.1 * 40)
     np.testing.assert_allclose(targets[1].boxes, [[5, 10, 50, 20]], atol=1e-5)
     assert samples[1].load().targets[0].class_id == 79
-    assert [s.key for s in tfds_samples(examples, crowd="drop")] == ["4"]
+    assert tfds_order(examples, crowd="drop") == {4: 0}
+    assert [s.key for s in tfds_samples(examples, tfds_order(examples, "drop"), crowd="drop")] == ["4"]
+    # A limit keeps the samples of the lowest indices, whatever the storage order.
+    assert [s.key for s in tfds_samples(examples[::-1], order, limit=1)] == ["4"]
+    bad = [_tfds_example(1, painted(10, 10, []), [[0, 0, 1, 1]], [80], [False])]
     with pytest.raises(ValueError, match="label outside"):
-        list(tfds_samples([_tfds_example(1, painted(10, 10, []), [[0, 0, 1, 1]], [80], [False])]))
+        list(tfds_samples(bad, tfds_order(bad)))
 
 
 def test_tfds_coco_2017_built_by_tfds_reads_like_the_raw_files(coco_root, tmp_path):
@@ -225,6 +232,37 @@ def test_coco_bad_input(tmp_path, coco_root):
                          [(1, 1, [0, 0, 1, 1], 0)], {"a.jpg": b"\xff\xd8 not really a jpeg"})
     with pytest.raises(ValueError, match="cannot read image file"):
         next(coco_dataset(corrupt).samples()).load()
+
+
+def _edited_coco(root: pathlib.Path, edit) -> pathlib.Path:
+    """A one-image COCO layout whose instances file `edit(data)` changes."""
+    write_coco(root, {1: painted(8, 8, [])}, [(1, 1, [0, 0, 4, 4], 0)])
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return root
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["annotations"][0].pop("bbox"), r"annotations\[0\] \(id 100\): bbox must be 4 finite numbers"),
+    (lambda d: d["annotations"][0].pop("category_id"), r"annotations\[0\] \(id 100\): unknown category_id None"),
+    (lambda d: d["annotations"][0].pop("image_id"), r"annotations\[0\] \(id 100\): unknown image_id None"),
+    (lambda d: d["annotations"][0].update(bbox=[0, 0, 4]), r"bbox must be 4 finite numbers .* got \[0, 0, 4\]"),
+    (lambda d: d["annotations"][0].update(bbox=["0", 0, 4, 4]), r"bbox must be 4 finite numbers"),
+    (lambda d: d["annotations"][0].update(bbox=[0, 0, -4, 4]), r"bbox has a negative width or height"),
+    (lambda d: d["annotations"][0].update(iscrowd=2), r"iscrowd must be 0 or 1"),
+    (lambda d: d["images"][0].pop("file_name"), r"images\[0\] \(id 1\): file_name must be a file name"),
+    (lambda d: d["images"][0].update(file_name="../../etc/passwd"), r"file_name must be a file name inside val2017"),
+    (lambda d: d["images"][0].pop("height"), r"images\[0\] \(id 1\): height must be an integer >= 1, got None"),
+    (lambda d: d["images"][0].update(width="8"), r"width must be an integer >= 1, got '8'"),
+    (lambda d: d["categories"][0].pop("name"), r"categories\[0\] \(id 1\): name must be a non-empty string"),
+    (lambda d: d["categories"].append("x"), r"categories\[80\]: not an object"),
+    (lambda d: d.update(images={}), r"not an instances file"),
+])
+def test_bad_coco_entries_are_named_up_front(tmp_path, edit, message):
+    with pytest.raises(ValueError, match=message):
+        coco_dataset(_edited_coco(tmp_path / "coco", edit))
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -298,6 +336,9 @@ def test_imagenet_s_bad_input(tmp_path):
         next(imagenet_s_dataset(gray, 919).samples()).load()
     big = write_imagenet_s(tmp_path / "big", {f"{split_wnids(50)[0]}/x": (painted(4, 4, []), np.full((4, 4), 51))})
     with pytest.raises(ValueError, match="outside 1..50"):
+        next(imagenet_s_dataset(big, 50).samples()).load()
+    (big / "validation-segmentation" / split_wnids(50)[0] / "x.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="cannot read ImageNet-S label .*x.png"):
         next(imagenet_s_dataset(big, 50).samples()).load()
     empty = tmp_path / "empty"
     (empty / "validation").mkdir(parents=True)

@@ -7,6 +7,7 @@ equals k + 1 and 0 elsewhere, so the test images below decide every map, box and
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -170,7 +171,8 @@ def test_coco_sweep_scores_by_hand(coco_hand, tmp_path, crowd):
     assert detection["per_class"]["person"] == {"accuracy": 0.5, "units": 2}
     assert report == _report(tmp_path / "out")
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert f"| {100 * detection['box_accuracy']:.2f} |" in markdown and "paper: TCLIP (ViT-B/32) | 19.07" in markdown
+    assert f"| {100 * detection['box_accuracy']:.2f} |" in markdown and "paper: TCLIP" not in markdown
+    assert "No paper figure is shown: the method is painted" in markdown and f"crowd {crowd}" in markdown
     assert "`3`: ValueError: cannot read image file" in markdown
     assert result.throughput.images == 2 and result.throughput.devices == 1
 
@@ -330,6 +332,28 @@ def test_class_queries_are_phrase_queries_and_templates_keep_the_name_words(tiny
         explainer.encode(class_queries(["&"], "a photo of a {}"))
 
 
+@pytest.mark.parametrize("method", ["tclip", "hilacam"])
+def test_batch_size_devices_and_resumption_give_the_same_bytes(tiny_model, tmp_path, method):
+    """Records and report.json are byte-identical for any batch size, device count and resume point."""
+    def sweep(out, *extra, env=None):
+        command = [sys.executable, "-m", "tclip_jax", *_cli("synthetic", "--protocol", "captions", "--method", method,
+                                                            "--model", tiny_model, "--limit", "4", "--out", str(out),
+                                                            *extra)]
+        subprocess.run(command, check=True, capture_output=True, timeout=600, env={**os.environ, **(env or {})})
+        return (out / "report.json").read_bytes(), (out / "results-p0.jsonl").read_bytes()
+
+    reference = sweep(tmp_path / "b1", "--batch-size", "1")
+    assert sweep(tmp_path / "b3", "--batch-size", "3") == reference
+    devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    assert sweep(tmp_path / "d4", "--batch-size", "4", env=devices) == reference
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "b3", resumed)
+    first = reference[1].split(b"\n", 1)[0] + b"\n"  # as if killed after the first record
+    (resumed / "results-p0.jsonl").write_bytes(first)
+    (resumed / "report.json").unlink()
+    assert sweep(resumed, "--batch-size", "2", "--resume") == reference
+
+
 def test_four_simulated_devices_give_the_one_device_results(tclip_synthetic, tiny_model, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     out = tmp_path / "out4"
@@ -473,11 +497,18 @@ def test_store_drops_a_torn_last_line_and_rejects_corruption(tmp_path):
     with ResultWriter(path) as writer:  # truncates the torn line before appending
         writer.append({"key": "c", "index": 2, "units": []})
     assert path.read_bytes().count(b"\n") == 2 and [r["key"] for r in read_records(path)] == ["a", "c"]
-    path.write_bytes(b'{"key": "a"}\nnot json\n{"key": "c"}\n')
+    good = b'{"key": "a", "index": 0, "units": []}\n'
+    path.write_bytes(good + b'not json\n{"key": "c"}\n')
     with pytest.raises(ValueError, match="line 2 is not a JSON record"):
         read_records(path)
-    path.write_bytes(b'{"key": "a"}\n')
-    (tmp_path / "results-p1.jsonl").write_bytes(b'{"key": "a"}\n')
+    for bad, problem in ((b'{"key": "c", "units": []}', "no 'index'"), (b'[1]', "not an object"),
+                         (b'{"index": 1, "units": []}', "no 'key'"),
+                         (b'{"key": "c", "index": 1}', "neither 'units' nor 'error'")):
+        path.write_bytes(good + bad + b"\n")
+        with pytest.raises(ValueError, match=f"line 2 is not a result record \\({problem}\\)"):
+            read_records(path)
+    path.write_bytes(good)
+    (tmp_path / "results-p1.jsonl").write_bytes(good)
     with pytest.raises(ValueError, match="recorded twice"):
         read_all_records(tmp_path)
 
@@ -509,6 +540,67 @@ def test_bad_input_gives_clear_messages(coco_hand, tmp_path, capsys):
     message = _fails(capsys, "coco", "--data", str(coco_hand), *method, "--limit", "1", "--crowd", "drop",
                      "--resume", "--out", out)
     assert "cannot resume" in message and "source" in message
+
+
+def test_the_paper_figure_is_shown_only_beside_a_run_as_the_paper_ran_it():
+    from tclip_jax.methods.tclip.settings import Settings
+    from tclip_jax.sweep.report import PAPER, paper_figures
+
+    paper_run = {"method": "tclip", "settings": Settings().to_dict(), "input_protocol": "whole",
+                 "model": {"origin": "openai/clip-vit-base-patch32", "source": "hf", "architecture": "ViT-B/32"}}
+    config = {"run": paper_run, "dataset": "coco", "limit": None}
+    assert paper_figures(config) == (PAPER["coco"], "")
+    assert paper_figures({**config, "dataset": "imagenet-s50"})[0] == PAPER["imagenet-s"]
+    changes = [({"dataset": "synthetic-captions"}, "no synthetic-captions figures"),
+               ({"limit": 50}, "first 50 samples"),
+               ({"run": {**paper_run, "method": "hilacam"}}, "the method is hilacam"),
+               ({"run": {**paper_run, "model": {**paper_run["model"], "architecture": "ViT-L/14"}}}, "not OpenAI's"),
+               ({"run": {**paper_run, "model": {**paper_run["model"], "source": "tclip"}}}, "not OpenAI's"),
+               ({"run": {**paper_run, "settings": Settings(translations=1).to_dict()}}, "settings differ")]
+    for change, reason in changes:
+        figures, why = paper_figures({**config, **change})
+        assert figures == {} and reason in why
+
+
+def test_damaged_sweep_state_is_named(coco_hand, tmp_path, capsys):
+    out = tmp_path / "out"
+    method = ("--method", "test_sweep:Painted")
+    assert main(_cli("coco", "--data", str(coco_hand), *method, "--limit", "1", "--out", str(out))) == 0
+    capsys.readouterr()
+    (out / "sweep.json").write_text('{"run": ')
+    message = _fails(capsys, "coco", "--data", str(coco_hand), *method, "--limit", "1", "--resume", "--out", str(out))
+    assert "sweep.json is damaged" in message and "new --out" in message
+    (out / "sweep.json").write_text("[]")
+    assert "is not a tclip sweep configuration" in _fails(capsys, "coco", "--data", str(coco_hand), *method,
+                                                          "--limit", "1", "--resume", "--out", str(out))
+
+
+def test_output_folders_that_cannot_be_written_are_named(coco_hand, tmp_path, capsys):
+    method = ("--method", "test_sweep:Painted")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert "is a file, not a folder" in _fails(capsys, "coco", "--data", str(coco_hand), *method, "--out", str(a_file))
+    import tclip_jax.sweep.runner as runner
+
+    with pytest.MonkeyPatch.context() as patch:  # as root every folder is writable, so the check is provoked
+        patch.setattr(runner.os, "access", lambda *args: False)
+        message = _fails(capsys, "coco", "--data", str(coco_hand), *method, "--out", str(tmp_path / "o"))
+    assert f"--out {tmp_path / 'o'}: cannot write in {tmp_path}" in message and not (tmp_path / "o").exists()
+
+
+def test_a_sweep_that_fails_before_its_first_record_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """A failure before any record (here the first batch's maps) removes the folder, so a plain rerun works."""
+    import tclip_jax.sweep.runner as runner
+
+    def failing(*args, **kwargs):
+        raise ValueError("the first batch failed")
+
+    monkeypatch.setattr(runner.ShardedMaps, "__call__", failing)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="the first batch failed"):
+        run_sweep(synthetic_dataset(2, "bare_words"), Painted.from_pretrained(), out,
+                  options=RunOptions(batch_size=1, progress=False))
+    assert not out.exists()
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path, monkeypatch):

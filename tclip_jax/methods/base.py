@@ -36,6 +36,7 @@ import numpy as np
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.image import Geometry, ImageLike, InputProtocol, load_image, prepare, to_original, upsample_bilinear
 from tclip_jax.methods.common import minmax, text_features
+from tclip_jax.model.config import PRESETS
 from tclip_jax.model.tokenizer import TokenizedPrompt, Word
 from tclip_jax.methods.settings import MethodSettings
 from tclip_jax.postprocess import Box, GmmFit, heatmap_box
@@ -186,9 +187,12 @@ class Method(abc.ABC):
         return self.clip.params
 
     def run_info(self) -> dict:
-        """What produced a result: method, model, settings and input protocol (JSON-ready)."""
-        return {"method": self.name, "model": {"origin": self.clip.origin, "source": self.clip.source},
-                "settings": self.settings.to_dict(), "input_protocol": self.input_protocol}
+        """What produced a result: method, model (and its architecture if it is a preset's), settings and input
+        protocol (JSON-ready)."""
+        architecture = next((name for name, preset in PRESETS.items() if preset == self.clip.config), None)
+        model = {"origin": self.clip.origin, "source": self.clip.source, "architecture": architecture}
+        return {"method": self.name, "model": model, "settings": self.settings.to_dict(),
+                "input_protocol": self.input_protocol}
 
     # ----------------------------------------------------------------------------------- the four parts
     def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Geometry]:
@@ -203,6 +207,23 @@ class Method(abc.ABC):
     def maps(self, params, pixels: Array, queries: QueryArrays, rows: Array) -> MapOutput:
         """Pure device function (see the module docstring)."""
 
+    def maps_per_image(self, params, pixels: Array, queries: QueryArrays, rows: Array) -> MapOutput:
+        """`maps`, one image at a time (a `lax.map` over the batch), each with its own queries gathered first.
+
+        XLA's kernels may sum in another order for another shape, so a batched call could give an image maps
+        that differ in the last bits with the batch it lands in and the queries that come with it. Here every
+        image runs the same program on arrays of the same shape: its maps are the same bits whatever the batch
+        size, device count or resume point.
+        """
+        own = jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=0), queries.per_query)  # [B, slots, ...]
+        own_rows = jnp.arange(rows.shape[1])[None]
+
+        def one(image, per_query):
+            out = self.maps(params, image[None], queries.replace(per_query=per_query), own_rows)
+            return jax.tree_util.tree_map(lambda a: a[0], out)
+
+        return _each(one, pixels, own)
+
     def postprocess(self, heatmaps: Sequence[np.ndarray], soft_maps: bool = True) -> list[HostMaps]:
         """The host step for maps at the original size: Otsu boxes under the settings' rule (and, for a method
         with soft maps, those too unless `soft_maps` is False)."""
@@ -211,7 +232,8 @@ class Method(abc.ABC):
     # ----------------------------------------------------------------------------------------- explain
     @functools.cached_property
     def jitted_maps(self):
-        return jax.jit(self.maps)
+        """`maps_per_image`, jit-compiled (once per input shape)."""
+        return jax.jit(self.maps_per_image)
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[TokenizedPrompt, ...]:
         context = self.clip.config.context_length
@@ -301,6 +323,7 @@ def postprocess_maps(maps: Array, size: tuple[int, int], spec: MapPostprocess) -
 
 
 NORMALIZE_THEN_UPSAMPLE = MapPostprocess(normalize_first=True)
+QUERY_CHUNK = 8  # queries a prompt-level method maps together on one image
 UPSAMPLE_THEN_NORMALIZE = MapPostprocess(normalize_first=False)
 
 
@@ -332,15 +355,55 @@ class PromptMethod(Method):
         """[B, Q, gh, gw] patch-grid maps of every query on every image."""
 
     def maps(self, params, pixels: Array, queries: QueryArrays, rows: Array) -> MapOutput:
-        grids = self.grid_maps(params, pixels, queries)
-        present = jnp.take_along_axis(grids, rows[:, :, None, None], axis=1)
-        return MapOutput(postprocess_maps(present, pixels.shape[1:3], self.heatmap))
+        """The maps of the queries in `rows`.
+
+        For one image (as `maps_per_image` calls it) only its queries are computed, in chunks of `QUERY_CHUNK`
+        (padded), so that every query's map comes from a computation of the same shape, however many there are.
+        """
+        batch, slots = rows.shape
+        if batch == 1:
+            index = jnp.concatenate([rows[0], jnp.broadcast_to(rows[0, :1], (-slots % QUERY_CHUNK,))])
+            chunks = jax.tree_util.tree_map(lambda a: jnp.take(a, index, axis=0).reshape(-1, QUERY_CHUNK, *a.shape[1:]),
+                                            queries.per_query)
+            grids = jax.lax.map(lambda chunk: self.grid_maps(params, pixels, queries.replace(per_query=chunk))[0],
+                                chunks)
+            grids = grids.reshape(1, -1, *grids.shape[2:])[:, :slots]
+        else:
+            grids = jnp.take_along_axis(self.grid_maps(params, pixels, queries), rows[:, :, None, None], axis=1)
+        return MapOutput(postprocess_maps(grids, pixels.shape[1:3], self.heatmap))
 
 
-_jitted_text_features = jax.jit(text_features, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_text_features(model, params, token_ids: Array) -> Array:
+    """`text_features` one text at a time (a `lax.map`): a text's features do not depend on the texts with it."""
+    return jax.lax.map(lambda one: text_features(model, params, one[None])[0], token_ids)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def _each(fn, images: Array, per_image: Any):
+    """[fn(images[i], per_image[i]) for every i], stacked, by a loop whose body compiles the same for any batch.
+
+    XLA simplifies a one-iteration loop, and reads from and writes into one-row buffers, and then fuses the body
+    with other kernels: one image alone would get other bits than the same image in a batch. So the trip count is
+    opaque to the compiler, and the inputs and results of a single image are held in two-row buffers (the second
+    row is never computed).
+    """
+    count = images.shape[0]
+    if count == 1:
+        images, per_image = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a]), (images, per_image))
+    pixel = images[0, 0, 0, 0]
+    opaque_zero = (pixel != pixel).astype(jnp.int32)  # 0 for any non-NaN pixel
+    shapes = jax.eval_shape(fn, images[0], jax.tree_util.tree_map(lambda a: a[0], per_image))
+    outputs = jax.tree_util.tree_map(lambda s: jnp.zeros((max(count, 2), *s.shape), s.dtype), shapes)
+
+    def body(i, outputs):
+        result = fn(images[i], jax.tree_util.tree_map(lambda a: a[i], per_image))
+        return jax.tree_util.tree_map(lambda out, r: out.at[i].set(r), outputs, result)
+
+    outputs = jax.lax.fori_loop(0, count + opaque_zero, body, outputs)
+    return jax.tree_util.tree_map(lambda a: a[:count], outputs)
+
+
 def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]

@@ -22,7 +22,7 @@ from tclip_jax.sweep.store import read_all_records
 
 CONFIG_FILE = "sweep.json"
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
-# The paper's figures for TCLIP with CLIP ViT-B/32, shown beside a sweep of the same dataset.
+# The paper's figures for TCLIP with CLIP ViT-B/32, shown beside a sweep run as the paper ran it (`paper_row`).
 PAPER = {
     "coco": {"box_accuracy": 0.1907},
     "imagenet-s": {"pointing_game": 0.775, "energy_pg": 0.445, "pixel_accuracy": 0.6925, "ap": 0.6295,
@@ -91,7 +91,11 @@ def markdown(config: dict, summary: dict) -> str:
              f"{summary['images']} images, {summary['units']} units, {len(summary['errors'])} errors. "
              f"Evaluation: {json.dumps(config['evaluation'], sort_keys=True)}. "
              f"Settings: {json.dumps(run['settings'], sort_keys=True)}; input protocol {run['input_protocol']}.", ""]
-    paper = PAPER.get(config["dataset"].rstrip("0123456789"), {})
+    paper, why_not = paper_figures(config)
+    lines[2] += f" Data: {config.get('source') or config['dataset']}."
+    lines.insert(3, "")
+    lines.insert(4, f"The paper's figures (TCLIP, CLIP ViT-B/32, the whole split) are shown beside this run." if paper
+                 else f"No paper figure is shown: {why_not}.")
     groups = summary.get("groups", {})
     if "detection" in summary:
         lines += ["| Method | BoxAcc (%) | BoxAcc, class mean (%) | Mean IoU | Units |",
@@ -124,9 +128,40 @@ def markdown(config: dict, summary: dict) -> str:
     return "\n".join(lines)
 
 
+def paper_figures(config: dict) -> tuple[dict, str]:
+    """(the paper's figures comparable with this sweep, or {} and why there are none)."""
+    run, dataset = config["run"], config["dataset"].rstrip("0123456789")
+    if dataset not in PAPER:
+        return {}, f"the paper reports no {config['dataset']} figures"
+    if run["method"] != "tclip":
+        return {}, f"the method is {run['method']}, the paper's figures are TCLIP's"
+    if run["model"].get("architecture") != "ViT-B/32" or run["model"].get("source") not in ("openai", "hf"):
+        return {}, "the model is not OpenAI's CLIP ViT-B/32 (as a hub name, OpenAI .pt or Hugging Face folder)"
+    if config.get("limit") is not None:
+        return {}, f"the sweep covers the first {config['limit']} samples, the paper the whole split"
+    from tclip_jax.methods.tclip.settings import Settings
+
+    if run["settings"] != Settings().to_dict():
+        return {}, "TCLIP's settings differ from the defaults the paper used"
+    return PAPER[dataset], ""
+
+
+def read_config(out: pathlib.Path) -> dict:
+    """The sweep configuration stored in ``out``; a damaged file is named, with what to do."""
+    path = out / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged ({err}); it holds the sweep's configuration: restore it or start the "
+                         "sweep in a new --out") from None
+    if not isinstance(config, dict) or not {"run", "dataset", "evaluation"} <= set(config):
+        raise ValueError(f"{path} is not a tclip sweep configuration; restore it or start the sweep in a new --out")
+    return config
+
+
 def write_report(out: pathlib.Path) -> dict:
     """Merge every process's records under ``out``, write report.json and report.md; returns the JSON."""
-    config = json.loads((out / CONFIG_FILE).read_text())
+    config = read_config(out)
     summary = summarize(read_all_records(out))
     report = {"config": config, **summary}
     write_text_atomic(out / REPORT_JSON, json.dumps(report, indent=2, sort_keys=True) + "\n")

@@ -28,11 +28,11 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import itertools
 import json
 import os
 import pathlib
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -49,7 +49,7 @@ from tclip_jax.files import write_text_atomic
 from tclip_jax.image import Geometry, to_original
 from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query, QueryArrays
 from tclip_jax.sweep.options import RunOptions
-from tclip_jax.sweep.report import CONFIG_FILE, write_report
+from tclip_jax.sweep.report import CONFIG_FILE, read_config, write_report
 from tclip_jax.sweep.sharding import ShardedMaps, barrier, class_slots, local_mesh, owns
 from tclip_jax.sweep.store import ResultWriter, read_all_records, read_records, results_path
 from tclip_jax.sweep.vis import save_unit_vis, vis_path
@@ -109,28 +109,34 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                                     "classes": len(dataset.class_names), "limit": options.limit,
                                     "evaluation": evaluation.to_dict()}))
     _check_config(out, config, options.resume)
+    queries = _Queries(method, class_queries(dataset.class_names, template))  # bad prompts fail before any write
     barrier("tclip-sweep-checked")  # nobody writes before every process has checked
-    if process == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / CONFIG_FILE, config)
-    done = {record["key"] for record in read_all_records(out)}
-    own_done = len(read_records(results_path(out, process)))
-    barrier("tclip-sweep-start")
+    created = not out.exists()
+    try:
+        if process == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json(out / CONFIG_FILE, config)
+        done = {record["key"] for record in read_all_records(out)}
+        own_done = len(read_records(results_path(out, process)))
+        barrier("tclip-sweep-start")
 
-    todo = (item for item in enumerate(itertools.islice(dataset.samples(), options.limit))
-            if owns(item[0], process, processes) and item[1].key not in done)
-    share = -(-(min(options.limit or dataset.size, dataset.size) - process) // processes)
-    suffix = f" [process {process}/{processes}]" if processes > 1 else ""
-    with ResultWriter(results_path(out, process)) as writer, \
-            tqdm(total=max(share - own_done, 0), unit="img", desc=f"sweep {dataset.name}{suffix}",
-                 disable=not options.progress) as bar:
-        def record(entry: dict) -> None:
-            writer.append(entry)
-            bar.update()
+        todo = ((sample.index, sample) for sample in dataset.samples(options.limit)
+                if owns(sample.index, process, processes) and sample.key not in done)
+        share = -(-(min(options.limit or dataset.size, dataset.size) - process) // processes)
+        suffix = f" [process {process}/{processes}]" if processes > 1 else ""
+        with ResultWriter(results_path(out, process)) as writer, \
+                tqdm(total=max(share - own_done, 0), unit="img", desc=f"sweep {dataset.name}{suffix}",
+                     disable=not options.progress) as bar:
+            def record(entry: dict) -> None:
+                writer.append(entry)
+                bar.update()
 
-        queries = _Queries(method, class_queries(dataset.class_names, template))
-        throughput = _pipeline(todo, method, queries, ShardedMaps(method, local_mesh()), dataset, evaluation,
-                               options, out / "vis", record)
+            throughput = _pipeline(todo, method, queries, ShardedMaps(method, local_mesh()), dataset, evaluation,
+                                   options, out / "vis", record)
+    except BaseException:
+        if created and process == 0 and not read_all_records(out):  # nothing to resume: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     _write_json(out / f"throughput-p{process}.json", dataclasses.asdict(throughput))
     barrier("tclip-sweep-done")
     return SweepResult(write_report(out) if process == 0 else None, throughput)
@@ -297,11 +303,14 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
     path = out / CONFIG_FILE
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
+    writable = out if out.exists() else next(p for p in out.parents if p.exists())
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: cannot write in {writable}")
     if not path.exists():
         return
     if not resume:
         raise ValueError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
-    stored = json.loads(path.read_text())
+    stored = read_config(out)
     changed = sorted(k for k in config.keys() | stored.keys() if config.get(k) != stored.get(k))
     if changed:
         raise ValueError(f"cannot resume {out}: the sweep there differs in {', '.join(changed)} "

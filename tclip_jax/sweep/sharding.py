@@ -56,7 +56,15 @@ class ShardedMaps:
         self.batched = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
         self.devices = mesh.devices.size
         self.params = jax.device_put(method.params, replicated)
-        self._maps: Callable[..., Any] = jax.jit(method.maps,
+        # Each device maps its share of the batch one image at a time (`Method.maps_per_image`), so an image's
+        # maps are the same bits whatever the batch size and device count. Devices never communicate: without
+        # the varying-axes check, a gradient with respect to a constant (HilaCAM's zero attention offsets) stays
+        # per device instead of being summed over the devices.
+        per_device = jax.shard_map(method.maps_per_image, mesh=mesh,
+                                   in_specs=(PartitionSpec(), PartitionSpec(BATCH_AXIS), PartitionSpec(),
+                                             PartitionSpec(BATCH_AXIS)),
+                                   out_specs=PartitionSpec(BATCH_AXIS), check_vma=False)
+        self._maps: Callable[..., Any] = jax.jit(per_device,
                                                  in_shardings=(replicated, self.batched, replicated, self.batched),
                                                  out_shardings=self.batched)
 

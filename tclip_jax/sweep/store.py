@@ -28,12 +28,25 @@ def read_records(path: pathlib.Path) -> list[dict]:
     for number, line in enumerate(complete, start=1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {number} is not a JSON record ({err}); the file is corrupt") from err
-        if not isinstance(record, dict) or "key" not in record:
-            raise ValueError(f"{path}: line {number} is not a result record (no 'key')")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: line {number} is not a JSON record ({err}); the file is corrupt") from None
+        problem = _record_problem(record)
+        if problem:
+            raise ValueError(f"{path}: line {number} is not a result record ({problem}); the file is corrupt")
         records.append(record)
     return records
+
+
+def _record_problem(record) -> str:
+    if not isinstance(record, dict):
+        return "not an object"
+    if not isinstance(record.get("key"), str):
+        return "no 'key'"
+    if isinstance(record.get("index"), bool) or not isinstance(record.get("index"), int) or record["index"] < 0:
+        return "no 'index'"
+    if not isinstance(record.get("units"), list) and not isinstance(record.get("error"), str):
+        return "neither 'units' nor 'error'"
+    return ""
 
 
 def read_all_records(out: pathlib.Path) -> list[dict]:

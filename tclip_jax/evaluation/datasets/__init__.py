@@ -9,6 +9,7 @@ _EXPORTS = {
     "COCO_CATEGORIES": "tclip_jax.evaluation.datasets.coco",
     "coco_dataset": "tclip_jax.evaluation.datasets.coco",
     "tfds_coco_dataset": "tclip_jax.evaluation.datasets.coco",
+    "tfds_order": "tclip_jax.evaluation.datasets.coco",
     "tfds_samples": "tclip_jax.evaluation.datasets.coco",
     "tfds_to_xyxy": "tclip_jax.evaluation.datasets.coco",
     "xywh_to_xyxy": "tclip_jax.evaluation.datasets.coco",

@@ -40,15 +40,24 @@ class LoadedSample:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Sample:
     key: str                             # unique and stable across runs: results are resumed by key
+    index: int                           # position in the dataset's order (COCO: image id order), from 0
     load: Callable[[], LoadedSample]     # reads and decodes; raises ValueError/FileNotFoundError on bad data
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
+    """`samples(limit)` yields the samples of index below `limit` (all for None), each once, in any order (a
+    TFDS split yields them in its storage order), so a limit selects the same samples whatever the source."""
+
     name: str
     class_names: tuple[str, ...]
-    size: int                                    # number of samples
-    samples: Callable[[], Iterator[Sample]]      # always the same samples in the same order
+    size: int                                                  # number of samples
+    samples: Callable[[Optional[int]], Iterator[Sample]]
+
+
+def indexed(samples: list[Sample]) -> Callable[[Optional[int]], Iterator[Sample]]:
+    """`Dataset.samples` of a list already in the dataset's order."""
+    return lambda limit=None: iter(samples[:limit])
 
 
 def check_size(image: np.ndarray, expected_hw: tuple[int, int], what: str) -> None:

@@ -16,13 +16,14 @@ Conventions (gScoreCAM's ``evaluation/coco_eval.py`` with ``tools/iou_tool.py``)
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import numpy as np
 
-from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size
+from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
 from tclip_jax.image import load_image
 
 Crowd = Literal["keep", "drop"]
@@ -69,30 +70,7 @@ def coco_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
         if not path.exists():
             raise FileNotFoundError(f"COCO: {path} not found; expected {root}/{ANNOTATION_FILE} "
                                     f"and {root}/{IMAGE_DIR}/")
-    with open(annotation_path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"COCO: {annotation_path} is not valid JSON: {err}") from err
-    missing = [k for k in ("images", "annotations", "categories") if k not in data]
-    if missing:
-        raise ValueError(f"COCO: {annotation_path} is not an instances file: missing {missing}")
-    categories = sorted(data["categories"], key=lambda c: c["id"])
-    class_of = {c["id"]: index for index, c in enumerate(categories)}
-    images = {}
-    for image in data["images"]:
-        if image["id"] in images:
-            raise ValueError(f"COCO: image id {image['id']} appears twice in {annotation_path}")
-        images[image["id"]] = image
-    objects: dict[int, list[tuple[int, list[float], bool]]] = {}
-    for ann in data["annotations"]:
-        if ann["category_id"] not in class_of:
-            raise ValueError(f"COCO: annotation {ann.get('id')} has unknown category_id {ann['category_id']}; "
-                             f"known ids: {sorted(class_of)}")
-        if ann["image_id"] not in images:
-            raise ValueError(f"COCO: annotation {ann.get('id')} refers to unknown image_id {ann['image_id']}")
-        objects.setdefault(ann["image_id"], []).append(
-            (class_of[ann["category_id"]], ann["bbox"], bool(ann.get("iscrowd", 0))))
+    categories, images, objects = _read_instances(annotation_path)
     samples = []
     for image_id in sorted(objects):
         kept = [(c, box) for c, box, is_crowd in objects[image_id] if crowd == "keep" or not is_crowd]
@@ -100,50 +78,144 @@ def coco_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
             info = images[image_id]
             classes = np.array([c for c, _ in kept])
             boxes = xywh_to_xyxy(np.array([box for _, box in kept]))
-            samples.append(Sample(str(image_id), _raw_loader(image_dir / info["file_name"],
-                                                             (info["height"], info["width"]), classes, boxes)))
-    return Dataset("coco", tuple(c["name"] for c in categories), len(samples), lambda: iter(samples))
+            samples.append(Sample(str(image_id), len(samples),
+                                  _raw_loader(image_dir / info["file_name"], (info["height"], info["width"]),
+                                              classes, boxes)))
+    return Dataset("coco", tuple(c["name"] for c in categories), len(samples), indexed(samples))
+
+
+def _read_instances(path: pathlib.Path) -> tuple[list[dict], dict[int, dict], dict[int, list]]:
+    """(categories in id order, images by id, per image id its (class index, xywh box, is crowd) objects).
+
+    Every entry is checked up front; the first bad one is named by its list, position, id and field.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"COCO: {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
+                                             for k in ("images", "annotations", "categories")):
+        raise ValueError(f"COCO: {path} is not an instances file: it needs lists 'images', 'annotations' and "
+                         "'categories'")
+
+    def bad(kind: str, index: int, entry, problem: str) -> ValueError:
+        named = f" (id {entry.get('id')!r})" if isinstance(entry, dict) and "id" in entry else ""
+        return ValueError(f"COCO: {path}: {kind}[{index}]{named}: {problem}")
+
+    def integer(kind, index, entry, field, minimum):
+        value = entry.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise bad(kind, index, entry, f"{field} must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    for index, category in enumerate(data["categories"]):
+        if not isinstance(category, dict):
+            raise bad("categories", index, category, "not an object")
+        integer("categories", index, category, "id", 0)
+        if not isinstance(category.get("name"), str) or not category["name"].strip():
+            raise bad("categories", index, category, f"name must be a non-empty string, got {category.get('name')!r}")
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    class_of = {c["id"]: index for index, c in enumerate(categories)}
+    if len(class_of) != len(categories):
+        raise ValueError(f"COCO: {path}: a category id appears twice")
+    images = {}
+    for index, image in enumerate(data["images"]):
+        if not isinstance(image, dict):
+            raise bad("images", index, image, "not an object")
+        image_id = integer("images", index, image, "id", 0)
+        for field in ("height", "width"):
+            integer("images", index, image, field, 1)
+        name = image.get("file_name")
+        if not isinstance(name, str) or not name or pathlib.PurePath(name).is_absolute() or ".." in pathlib.PurePath(name).parts:
+            raise bad("images", index, image, f"file_name must be a file name inside {IMAGE_DIR}/, got {name!r}")
+        if image_id in images:
+            raise bad("images", index, image, "this id appears twice")
+        images[image_id] = image
+    objects: dict[int, list[tuple[int, list[float], bool]]] = {}
+    for index, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise bad("annotations", index, ann, "not an object")
+        if ann.get("category_id") not in class_of or isinstance(ann.get("category_id"), bool):
+            raise bad("annotations", index, ann, f"unknown category_id {ann.get('category_id')!r}; known ids: "
+                      f"{sorted(class_of)}")
+        if ann.get("image_id") not in images or isinstance(ann.get("image_id"), bool):
+            raise bad("annotations", index, ann, f"unknown image_id {ann.get('image_id')!r}")
+        box = ann.get("bbox")
+        if (not isinstance(box, list) or len(box) != 4
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) for v in box)):
+            raise bad("annotations", index, ann, f"bbox must be 4 finite numbers [x, y, width, height], got {box!r}")
+        if box[2] < 0 or box[3] < 0:
+            raise bad("annotations", index, ann, f"bbox has a negative width or height: {box!r}")
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1) or isinstance(crowd, bool):
+            raise bad("annotations", index, ann, f"iscrowd must be 0 or 1, got {crowd!r}")
+        objects.setdefault(ann["image_id"], []).append((class_of[ann["category_id"]], box, bool(crowd)))
+    return categories, images, objects
 
 
 def tfds_coco_dataset(data_dir: str | pathlib.Path, split: str = "validation", crowd: Crowd = "keep") -> Dataset:
     """COCO 2017 from a prepared TFDS ``coco/2017`` under ``data_dir`` (needs tensorflow-datasets)."""
     _check_crowd(crowd)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up lines are not the user's
     try:
+        import absl.logging
         import tensorflow_datasets as tfds
     except ImportError as err:
         raise ImportError("reading TFDS coco/2017 needs tensorflow and tensorflow-datasets "
                           "(pip install tensorflow-cpu tensorflow-datasets)") from err
     if not pathlib.Path(data_dir).is_dir():
         raise FileNotFoundError(f"TFDS data_dir {data_dir} not found")
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    tfds.disable_progress_bar()
     builder = tfds.builder(TFDS_NAME, data_dir=str(data_dir))
     if not builder.is_prepared():
         raise FileNotFoundError(f"no prepared TFDS {TFDS_NAME} under {data_dir} (expected {builder.data_dir})")
     if split not in builder.info.splits:
         raise ValueError(f"TFDS {TFDS_NAME} has no split {split!r}; it has {sorted(builder.info.splits)}")
 
-    def examples() -> Iterator[Mapping[str, Any]]:
-        # Images stay encoded here; each is decoded by the worker that loads its sample.
+    def examples(image: bool) -> Iterator[Mapping[str, Any]]:
+        # Images stay encoded (each is decoded by the worker that loads its sample), or are not read at all.
+        skip = tfds.decode.SkipDecoding() if image else tfds.decode.PartialDecoding(
+            {"image/id": True, "objects": {"label": True, "is_crowd": True}})
         dataset = builder.as_dataset(split=split, shuffle_files=False,
-                                     decoders={"image": tfds.decode.SkipDecoding()})
+                                     decoders={"image": skip} if image else skip)
         return iter(tfds.as_numpy(dataset))
 
-    return Dataset("coco", tuple(COCO_CATEGORIES.values()), builder.info.splits[split].num_examples,
-                   lambda: tfds_samples(examples(), crowd))
+    order = tfds_order(examples(image=False), crowd)
+    return Dataset("coco", tuple(COCO_CATEGORIES.values()), len(order),
+                   lambda limit=None: tfds_samples(examples(image=True), order, crowd, limit))
 
 
-def tfds_samples(examples: Iterable[Mapping[str, Any]], crowd: Crowd = "keep") -> Iterator[Sample]:
-    """Samples from TFDS ``coco/2017`` examples as ``tfds.as_numpy`` yields them with the image undecoded."""
+def tfds_order(examples: Iterable[Mapping[str, Any]], crowd: Crowd = "keep") -> dict[int, int]:
+    """Image id -> index of the images with objects (after the crowd rule), in image id order as the raw layout
+    has them; TFDS stores a split in another order."""
+    _check_crowd(crowd)
+    ids = sorted(int(example["image/id"]) for example in examples if _kept(example["objects"], crowd).any())
+    return {image_id: index for index, image_id in enumerate(ids)}
+
+
+def tfds_samples(examples: Iterable[Mapping[str, Any]], order: Mapping[int, int], crowd: Crowd = "keep",
+                 limit: Optional[int] = None) -> Iterator[Sample]:
+    """The samples of index below `limit` (`order`: `tfds_order`), from TFDS ``coco/2017`` examples as
+    ``tfds.as_numpy`` yields them with the image undecoded, in their storage order."""
     _check_crowd(crowd)
     for example in examples:
-        objects = example["objects"]
-        keep = np.ones(len(objects["label"]), bool) if crowd == "keep" else ~np.asarray(objects["is_crowd"], bool)
-        labels = np.asarray(objects["label"])[keep]
-        if labels.size == 0:
+        image_id = int(example["image/id"])
+        index = order.get(image_id)
+        if index is None or (limit is not None and index >= limit):
             continue
+        objects = example["objects"]
+        keep = _kept(objects, crowd)
+        labels = np.asarray(objects["label"])[keep]
         if labels.min() < 0 or labels.max() >= len(COCO_CATEGORIES):
-            raise ValueError(f"TFDS coco/2017 image {example['image/id']}: label outside 0..{len(COCO_CATEGORIES) - 1}")
-        yield Sample(str(int(example["image/id"])),
+            raise ValueError(f"TFDS coco/2017 image {image_id}: label outside 0..{len(COCO_CATEGORIES) - 1}")
+        yield Sample(str(image_id), index,
                      _tfds_loader(bytes(example["image"]), labels, np.asarray(objects["bbox"])[keep]))
+
+
+def _kept(objects: Mapping[str, Any], crowd: Crowd) -> np.ndarray:
+    labels = np.asarray(objects["label"])
+    return np.ones(len(labels), bool) if crowd == "keep" else ~np.asarray(objects["is_crowd"], bool)
 
 
 def _raw_loader(path: pathlib.Path, size_hw: tuple[int, int], classes: np.ndarray, boxes: np.ndarray):

@@ -19,9 +19,9 @@ import functools
 import pathlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size
+from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
 from tclip_jax.image import load_image
 from tclip_jax.evaluation.metrics.imagenet_s import IGNORE_ID, decode_label_png
 
@@ -64,20 +64,25 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
             image_path = image_root / folder.name / f"{label_path.stem}.JPEG"
             if not image_path.is_file():
                 raise FileNotFoundError(f"ImageNet-S: {label_path} has no image {image_path}")
-            samples.append(Sample(f"{folder.name}/{label_path.stem}",
+            samples.append(Sample(f"{folder.name}/{label_path.stem}", len(samples),
                                   functools.partial(_load, image_path, label_path, len(wnids))))
     if not samples:
         raise ValueError(f"ImageNet-S: no label PNGs under {label_root}/<wnid>/")
     names = imagenet_class_names()
-    return Dataset(f"imagenet-s{split}", tuple(names[w] for w in wnids), len(samples), lambda: iter(samples))
+    return Dataset(f"imagenet-s{split}", tuple(names[w] for w in wnids), len(samples), indexed(samples))
 
 
 def read_labels(path: pathlib.Path) -> np.ndarray:
     """Class ids [H, W] int64 of an ImageNet-S label PNG."""
-    with Image.open(path) as png:
-        if png.mode not in ("RGB", "RGBA"):
-            raise ValueError(f"ImageNet-S label {path} has PIL mode {png.mode}; expected RGB with id = R + 256*G")
-        return decode_label_png(np.asarray(png))
+    if not path.is_file():
+        raise ValueError(f"ImageNet-S label {path} is not a regular file")
+    try:
+        with Image.open(path) as png:
+            if png.mode not in ("RGB", "RGBA"):
+                raise ValueError(f"ImageNet-S label {path} has PIL mode {png.mode}; expected RGB with id = R + 256*G")
+            return decode_label_png(np.asarray(png))
+    except (UnidentifiedImageError, OSError) as err:  # not an image, or truncated
+        raise ValueError(f"cannot read ImageNet-S label {path}: {err}") from None
 
 
 def _load(image_path: pathlib.Path, label_path: pathlib.Path, num_classes: int) -> LoadedSample:

@@ -14,7 +14,7 @@ import functools
 
 import numpy as np
 
-from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target
+from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, indexed
 from tclip_jax.methods.base import Query
 from tclip_jax.synthetic import COLOURS, DEFAULT_SIZE, SHAPES, heldout_seeds, make_scene
 
@@ -28,9 +28,9 @@ def synthetic_dataset(count: int, protocol: str = "captions", size: int = DEFAUL
         raise ValueError(f"unknown synthetic protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
     if count < 1:
         raise ValueError(f"the synthetic dataset needs count >= 1 scenes, got {count}")
-    samples = [Sample(str(seed), functools.partial(_load, seed, size, protocol))
-               for seed in heldout_seeds(count, offset)]
-    return Dataset(f"synthetic-{protocol}", SYNTHETIC_CLASSES, count, lambda: iter(samples))
+    samples = [Sample(str(seed), index, functools.partial(_load, seed, size, protocol))
+               for index, seed in enumerate(heldout_seeds(count, offset))]
+    return Dataset(f"synthetic-{protocol}", SYNTHETIC_CLASSES, count, indexed(samples))
 
 
 def _load(seed: int, size: int, protocol: str) -> LoadedSample:

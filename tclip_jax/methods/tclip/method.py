@@ -52,13 +52,20 @@ class TCLIP(Method):
 
     # ------------------------------------------------------------------------------------------ encode
     def embed_prompts(self, tokens: Sequence[TokenizedPrompt]) -> np.ndarray:
-        """[P, L, D] unit embeddings of every text position, L >= every prompt's end-of-text position + 1."""
-        # The text tower is causal: positions after the last end-of-text token change nothing before it,
-        # so rows are cut there (rounded up to a multiple of 8 to bound recompilation).
+        """[P, L, D] unit embeddings of every text position up to each prompt's end-of-text token (zeros after).
+
+        The text tower is causal: positions after the end-of-text token change nothing before it, so each prompt's
+        row is cut there, rounded up to a multiple of 8; prompts of one length go through together, one at a
+        time, so a prompt's embeddings are the same whichever prompts come with it.
+        """
         context = self.clip.config.context_length
-        length = min(context, -(-(max(t.eot_position for t in tokens) + 1) // 8) * 8)
-        return np.asarray(token_embeddings(self.clip.model, self.params,
-                                           np.stack([t.token_ids[:length] for t in tokens])))
+        lengths = [min(context, -(-(t.eot_position + 1) // 8) * 8) for t in tokens]
+        embeds = np.zeros((len(tokens), max(lengths), self.clip.config.embed_dim), np.float32)
+        for length in sorted(set(lengths)):
+            group = [i for i, n in enumerate(lengths) if n == length]
+            ids = np.stack([tokens[i].token_ids[:length] for i in group])
+            embeds[group, :length] = np.asarray(token_embeddings(self.clip.model, self.params, ids))
+        return embeds
 
     def encode(self, queries: Sequence[Query], label_set: Optional[Sequence[str]] = None) -> QueryArrays:
         """[Q, D] queries: the mean over the words inside each query's span of the mean of their pieces."""

@@ -20,8 +20,14 @@ from tclip_jax.model import CLIP, l2_normalize
 
 @functools.partial(jax.jit, static_argnames="model")
 def token_embeddings(model: CLIP, params, token_ids: jax.Array) -> jax.Array:
-    """[P, context, D] unit embeddings of every text position (SOT/EOT/padding included)."""
-    return l2_normalize(model.apply({"params": params}, token_ids, method="encode_text").tokens)
+    """[P, L, D] unit embeddings of every position of token rows [P, L] (SOT/EOT/padding included).
+
+    One row at a time (a `lax.map`), so a prompt's embeddings do not depend on the prompts encoded with it.
+    """
+    def one(row: jax.Array) -> jax.Array:
+        return l2_normalize(model.apply({"params": params}, row[None], method="encode_text").tokens[0])
+
+    return jax.lax.map(one, token_ids)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "offsets"))
@@ -46,7 +52,8 @@ def aggregate_maps(patch_embeds: jax.Array, queries: jax.Array, offsets: tuple[t
 
     Each copy's relevance grid is upsampled to the model input size (bilinear), shifted back into the
     original frame, and the copies are combined by a pixel-wise trimmed mean over the valid ones.
-    Queries run `chunk` at a time to bound memory at K x chunk x H x W.
+    Queries run `chunk` at a time to bound memory at K x chunk x H x W; they are padded to whole chunks, so
+    that every query runs in a chunk of the same shape and its map does not depend on how many there are.
     """
     rows, cols, valid = shift_back_operators(offsets, grid_hw, size_hw)
 
@@ -55,4 +62,6 @@ def aggregate_maps(patch_embeds: jax.Array, queries: jax.Array, offsets: tuple[t
         maps = jnp.einsum("kyi,kij,kxj->kyx", rows, grids, cols)
         return trimmed_mean(maps, valid, trim)
 
-    return jax.lax.map(one_query, queries, batch_size=chunk)
+    count = queries.shape[0]
+    padded = jnp.pad(queries, ((0, -count % chunk), (0, 0)))
+    return jax.lax.map(one_query, padded, batch_size=chunk)[:count]
