@@ -167,34 +167,66 @@ def page_words(main, encoded, others: list) -> list[str]:
     return distinct_words([[{"text": w.text} for w in t.words if not w.is_punctuation] for t in encoded.tokens])
 
 
-def _compare_record(label: str, result, words_alone) -> dict:
-    record = result.to_record()
-    entry = {"label": label, "run": record["run"], "prompts": record["prompts"]}
-    if words_alone is not None:
-        entry["words_alone"] = words_alone.to_record()["prompts"]
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """What one run computes per image: the main method on the prompts, the compare methods (`Compared`), and,
+    for a prompt-level main method beside a per-word one, its maps of each word alone."""
+
+    method: object
+    encoded: object
+    compared: tuple
+    main_alone: object = None
+
+    @classmethod
+    def build(cls, method, prompts: list[str], compare: list[str], page: bool = True) -> "Plan":
+        """Encodes everything once, before any image (bad prompts and compare specs fail here). Without a page,
+        only the compare methods asked for run (TCLIP K=1 serves the page)."""
+        encoded = method.encode_prompts(prompts)
+        built = compare_methods(compare, method) if page or compare else []
+        words = page_words(method, encoded, [m for _, m in built])
+        main_alone = None
+        if page and words and not method.explains_words:
+            try:
+                main_alone = method.encode_prompts(words)
+            except ValueError:
+                pass
+        return cls(method, encoded, tuple(prepare_compare(built, list(prompts), words)), main_alone)
+
+    def views(self, image) -> list:
+        """The explorer's views of one image (uint8 RGB or a path): the main result first, then each compare."""
+        from tclip_jax.image import load_image
+        from tclip_jax.visualize.explorer import View
+
+        rgb = load_image(image)
+        result = self.method.explain(rgb, self.encoded)
+        views = [View(result, None if self.main_alone is None else self.method.explain(rgb, self.main_alone))]
+        for c in self.compared:
+            alone = None if c.words_alone is None else c.method.explain(rgb, c.words_alone)
+            views.append(View(c.method.explain(rgb, c.encoded), alone, note=c.note))
+        return views
+
+
+def compare_record(view) -> dict:
+    """A compare view in result.json: its label, run and prompts (and its word-alone prompts, if any)."""
+    from tclip_jax.visualize import method_label
+
+    record = view.result.to_record()
+    entry = {"label": method_label(record["run"]), "run": record["run"], "prompts": record["prompts"]}
+    if view.words_alone is not None:
+        entry["words_alone"] = view.words_alone.to_record()["prompts"]
     return entry
 
 
 # ------------------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> int:
     from tclip_jax import visualize
-    from tclip_jax.visualize.explorer import DATA_SCRIPT, PageWriter, View, image_entry
+    from tclip_jax.visualize.explorer import DATA_SCRIPT, PageWriter, image_entry
 
     for path in args.images:
         if not pathlib.Path(path).is_file():
             raise FileNotFoundError(f"image not found: {path}")
     method = build_method(args)
-    encoded = method.encode_prompts(args.prompt)  # fails early on a bad prompt, before any output
-    # Compare methods are checked and encoded before any output too (TCLIP K=1 only serves the page).
-    built = compare_methods(args.compare, method) if args.html or args.compare else []
-    words = page_words(method, encoded, [m for _, m in built])
-    compared = prepare_compare(built, list(args.prompt), words)
-    main_alone = None  # a prompt-level main method beside a per-word one: its map of each word alone
-    if args.html and words and not method.explains_words:
-        try:
-            main_alone = method.encode_prompts(words)
-        except ValueError:
-            pass
+    plan = Plan.build(method, list(args.prompt), args.compare, args.html)  # fails early, before any output
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run_info = method.run_info()
@@ -203,16 +235,11 @@ def run(args: argparse.Namespace) -> int:
     for image_path, name in tqdm(list(zip(args.images, _unique_names(args.images))), desc="explain", unit="image"):
         target = out / name
         with staged_folder(target) as staging:
-            result = method.explain(image_path, encoded)
+            views = plan.views(image_path)
+            result = views[0].result
             record = write_result(result, image_path, staging, args.save_npz)
-            views = [View(result, None if main_alone is None else method.explain(image_path, main_alone))]
-            for c in compared:
-                other = c.method.explain(image_path, c.encoded)
-                alone = None if c.words_alone is None else c.method.explain(image_path, c.words_alone)
-                views.append(View(other, alone, note=c.note))
-            if compared:
-                record["compare"] = [_compare_record(visualize.method_label(v.result.run), v.result, v.words_alone)
-                                     for v in views[1:]]
+            if len(views) > 1:
+                record["compare"] = [compare_record(v) for v in views[1:]]
             (staging / "result.json").write_text(json.dumps(record, indent=2) + "\n")
             if page is not None:
                 links = {"result.json": f"{name}/result.json"}

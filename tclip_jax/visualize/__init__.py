@@ -8,6 +8,7 @@ from tclip_jax.visualize.explorer import (
     DISPLAY_MAX_SIDE,
     INLINE_LIMIT_BYTES,
     MAP_MAX_SIDE,
+    Explorer,
     PageWriter,
     View,
     image_entry,
@@ -32,6 +33,7 @@ from tclip_jax.visualize.figures import (
 
 __all__ = [
     "DISPLAY_MAX_SIDE",
+    "Explorer",
     "INLINE_LIMIT_BYTES",
     "MAP_MAX_SIDE",
     "PageWriter",

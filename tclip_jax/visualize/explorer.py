@@ -162,9 +162,15 @@ def _map(m, shows: str, blobs: _Blobs, size_hw) -> dict:
             "soft": None if m.soft is None else blobs.add(m.soft)}
 
 
-def page_data(entries: Iterable[dict], title: str, run: Optional[dict] = None) -> dict:
-    """The page's JSON: its images (full entries, or {name, title, script} stubs of linked ones)."""
-    return {"format": PAGE_FORMAT, "version": PAGE_VERSION, "title": title, "run": run,
+VIEWS = ("single", "compare")
+
+
+def page_data(entries: Iterable[dict], title: str, run: Optional[dict] = None, view: str = "single") -> dict:
+    """The page's JSON: its images (full entries, or {name, title, script} stubs of linked ones); `view`: the
+    view it opens in, "single" (one method, with tabs) or "compare" (every method side by side)."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    return {"format": PAGE_FORMAT, "version": PAGE_VERSION, "title": title, "run": run, "view": view,
             "turbo": turbo_lut().tobytes().hex(), "images": list(entries)}
 
 
@@ -183,25 +189,44 @@ def page_html(data: dict) -> str:
             "</body>\n</html>\n")
 
 
-def inline_html(entry: dict, title: str, run: Optional[dict] = None, fallback_html: str = "") -> str:
+def inline_html(entry: dict, title: str, run: Optional[dict] = None, fallback_html: str = "",
+                view: str = "single") -> str:
     """The explorer as a fragment for a notebook output: scoped to its own element, keys bound to it."""
     root = f"tclip-{uuid.uuid4().hex[:12]}"
-    data = _script_json(page_data([entry], title, run))
+    data = _script_json(page_data([entry], title, run, view))
     return (f"<div class=\"tclip-x tclip-inline\" id=\"{root}\" tabindex=\"0\">{fallback_html}</div>\n"
             f"<style>\n{_asset('explorer.css')}</style>\n"
             f"<script>\n{_asset('explorer.js')}\n"
             f"TCLIPExplorer.mount(document.getElementById('{root}'), {data}, {{keys: 'root'}});\n</script>\n")
 
 
-def result_html(result, views: Sequence[View] = ()) -> str:
+def result_html(result, views: Sequence[View] = (), view: Optional[str] = None) -> str:
     """An `ImageResult` (and optional compare views of the same image) as a notebook explorer; without
-    JavaScript (e.g. a notebook viewer) its first map's overlay and a table of words, τ and boxes show."""
+    JavaScript (e.g. a notebook viewer) its first map's overlay and a table of words, τ and boxes show.
+    `view`: the view it opens in (default: "compare" when there are compare views)."""
     record = json.dumps(result.to_record(), indent=1)
     entry = image_entry("result", [View(result), *views], title=f"{method_label(result.run)}: "
                         + " | ".join(p.prompt for p in result.prompts),
                         links={"result.json": "data:application/json;base64,"
                                + base64.b64encode(record.encode()).decode()})
-    return inline_html(entry, entry["title"], result.run, _static_fallback(result))
+    view = view or ("compare" if views else "single")
+    return inline_html(entry, entry["title"], result.run, _static_fallback(result), view)
+
+
+class Explorer:
+    """Views of one image (the main result first, then compare views) that a notebook shows as the explorer."""
+
+    def __init__(self, views: Sequence[View]):
+        if not views:
+            raise ValueError("the explorer needs at least one view")
+        self.views = list(views)
+
+    @property
+    def result(self):
+        return self.views[0].result
+
+    def _repr_html_(self) -> str:
+        return result_html(self.views[0].result, self.views[1:])
 
 
 def _static_fallback(result) -> str:
@@ -226,11 +251,11 @@ class PageWriter:
     bytes (then the per-image scripts are removed), or else links them."""
 
     def __init__(self, out: pathlib.Path, title: str, run: Optional[dict] = None,
-                 inline_limit: int = INLINE_LIMIT_BYTES):
+                 inline_limit: Optional[int] = None):
         self.out = pathlib.Path(out)
         self.title = title
         self.run = run
-        self.inline_limit = inline_limit
+        self.inline_limit = INLINE_LIMIT_BYTES if inline_limit is None else inline_limit
         self._images: list[tuple[str, str, str]] = []   # (name, title, folder relative to out)
 
     @staticmethod

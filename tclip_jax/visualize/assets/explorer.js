@@ -144,7 +144,7 @@
     const id = `tclip${++mounts}${Math.random().toString(36).slice(2, 7)}`;
     const turbo = hexBytes(page.turbo);
     const state = {image: 0, item: null, preview: null, kind: 'heatmap', scale: 'shared', opacity: 0.6,
-                   view: 'single', panel: 0};
+                   view: page.view === 'compare' ? 'compare' : 'single', panel: 0};
     let entry = null;
     let token = 0;      // the latest render: older renders drop their results
     let loading = 0;    // the latest image load
