@@ -32,7 +32,7 @@ def missing() -> str | None:
         return "selenium is not installed (pip install -e '.[test]')"
     for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
         if not os.access(path, os.X_OK):
-            return f"{path} not found: `make test` installs Debian's {package} (apt-get install chromium chromium-driver)"
+            return f"{path} not found: `make test` installs Debian's {package} (apt-get install {package})"
     return None
 
 

@@ -102,7 +102,8 @@ class Panel:
     def caption(self) -> str:
         lines = [self.title]
         if self.tau is not None:
-            lines.append(f"τ={format_number(self.tau)}" + (f" (GMM fallback: {self.fallback})" if self.fallback else ""))
+            fallback = f" (GMM fallback: {self.fallback})" if self.fallback else ""
+            lines.append(f"τ={format_number(self.tau)}{fallback}")
         return "\n".join(lines)
 
 
