@@ -158,7 +158,7 @@ def click_word(driver, key: str, kind: str = "heatmap", scale: str = "shared", v
 
 
 def field(driver, name: str, card: int = 0) -> str:
-    return driver.find_elements("css selector", f'.tclip-card td[data-field="{name}"]')[card].text
+    return driver.find_elements("css selector", f'.tclip-card [data-field="{name}"]')[card].text
 
 
 def test_browser_clicking_a_word_shows_its_map_box_and_tau(run, driver):

@@ -308,8 +308,8 @@
       const viewer = el('div', {class: 'tclip-viewer'}, photo, canvas, box);
       const missing = el('div', {class: 'tclip-missing'});
       const field = (name) => el('td', {'data-field': name});
-      const fields = {};
-      const rows = [['shows', 'Shows'], ['tau', 'τ (GMM split)'], ['fallback', 'GMM fallback'],
+      const fields = {shows: el('p', {class: 'tclip-shows', 'data-field': 'shows'})};
+      const rows = [['tau', 'τ (GMM split)'], ['fallback', 'GMM fallback'],
                     ['box', 'Box x1, y1, x2, y2'], ['range', 'Map range'], ['scale', 'Colour scale'],
                     ['pointer', 'Pointer x, y: value']];
       const table = el('table', {class: 'tclip-info'});
@@ -322,7 +322,7 @@
       const note = panel.note ? el('p', {class: 'tclip-note', text: panel.note}) : null;
       const side = el('div', {class: 'tclip-side'}, bar.node, table, note);
       const node = el('section', {class: big ? 'tclip-card tclip-big' : 'tclip-card', 'data-panel': panelIndex},
-                      title, el('div', {class: 'tclip-card-body'}, el('div', {class: 'tclip-view-col'}, viewer, missing),
+                      title, fields.shows, el('div', {class: 'tclip-card-body'}, el('div', {class: 'tclip-view-col'}, viewer, missing),
                                 side));
       const c = {node, panel, panelIndex, canvas, box, fields, bar, missing, current: null};
       viewer.addEventListener('mousemove', (event) => pointer(c, viewer, event));
