@@ -197,7 +197,11 @@ def inline_html(entry: dict, title: str, run: Optional[dict] = None, fallback_ht
     return (f"<div class=\"tclip-x tclip-inline\" id=\"{root}\" tabindex=\"0\">{fallback_html}</div>\n"
             f"<style>\n{_asset('explorer.css')}</style>\n"
             f"<script>\n{_asset('explorer.js')}\n"
-            f"TCLIPExplorer.mount(document.getElementById('{root}'), {data}, {{keys: 'root'}});\n</script>\n")
+            # A front end may run the script before the output is attached to the page: look beside it too.
+            f"(function () {{ const s = document.currentScript;\n"
+            f"  const root = document.getElementById('{root}') || (s && s.parentNode && "
+            f"s.parentNode.querySelector('#{root}'));\n"
+            f"  TCLIPExplorer.mount(root, {data}, {{keys: 'root'}}); }})();\n</script>\n")
 
 
 def result_html(result, views: Sequence[View] = (), view: Optional[str] = None) -> str:
