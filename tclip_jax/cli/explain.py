@@ -122,10 +122,10 @@ def compare_methods(specs: list[str], main) -> list:
     built = []
     for spec in specs:
         name, assignments = parse_compare(spec)
-        method_class = methods.get(name)
         try:
+            method_class = methods.get(name)
             given = method_class.Settings.parse_assignments(assignments)
-            if isinstance(main, method_class):
+            if type(main) is method_class:
                 base = main.settings.to_dict()
             else:
                 base = {k: v for k, v in main.settings.to_dict().items() if k in method_class.Settings.field_names()}
