@@ -30,11 +30,11 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[path
 
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling, then rename it over ``path``: a reader sees the old or the new file."""
+    """Write ``text`` (UTF-8) to a temporary sibling, then rename it over ``path``: a reader sees the old or the new file."""
     path = pathlib.Path(path)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        temporary.write_text(text)
+        temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

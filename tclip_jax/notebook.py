@@ -5,6 +5,7 @@ import io
 import os
 import socket
 import urllib.request
+from collections.abc import Sequence
 from typing import Optional
 
 import jax
@@ -14,7 +15,8 @@ import PIL.Image
 from tclip_jax import synthetic
 from tclip_jax.image import load_image
 from tclip_jax.checkpoints.load import load_clip
-from tclip_jax.methods.base import ImageResult
+from tclip_jax.cli.explain import NO_COMPARE
+from tclip_jax.methods.base import ImageResult, prompt_list
 from tclip_jax.methods.tclip import TCLIP, Settings
 from tclip_jax.sweep.heldout import synthetic_report
 
@@ -57,24 +59,20 @@ def fetch_image(source: Optional[str] = None) -> np.ndarray:
 
 
 def show(result: ImageResult, prompt_index: int = 0):
-    """A matplotlib figure: the image and one overlay per word with its box."""
-    import matplotlib.pyplot as plt
+    """The static grid of one prompt (`ImageResult.figure`): the image, each word and the whole prompt, τ in
+    each title."""
+    return result.figure(prompt_index)
 
-    from tclip_jax.visualize import overlay
 
-    prompt = result.prompts[prompt_index]
-    panels = 1 + len(prompt.words)
-    figure, axes = plt.subplots(1, panels, figsize=(3 * panels, 3.4), squeeze=False)
-    axes[0, 0].imshow(result.image)
-    axes[0, 0].set_title("image")
-    for axis, word, maps in zip(axes[0, 1:], prompt.words, prompt.word_maps):
-        axis.imshow(overlay(result.image, maps.heatmap, maps.box))
-        axis.set_title(f"{word.text}  τ={maps.tau:.3f}")
-    for axis in axes.flat:
-        axis.axis("off")
-    figure.suptitle(prompt.prompt)
-    figure.tight_layout()
-    return figure
+def compare(explainer, image, prompts, methods: Sequence[str] = ("tclip:translations=1",)):
+    """The explorer's compare view of one image: `explainer`'s result beside each of `methods` (as `tclip
+    explain --compare`: "METHOD[:key=value,...]"), all on the explainer's loaded model. A notebook shows the
+    returned object as the explorer; `.result` is the explainer's own `ImageResult`."""
+    from tclip_jax.cli.explain import Plan
+    from tclip_jax.visualize import Explorer
+
+    plan = Plan.build(explainer, prompt_list(prompts), list(methods) or [NO_COMPARE])
+    return Explorer(plan.views(image))
 
 
 def mini_sweep(explainer: TCLIP, scenes: int = 8) -> dict[str, float]:

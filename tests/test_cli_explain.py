@@ -29,6 +29,7 @@ def test_explain_writes_overlays_grid_json_and_npz(tmp_path, fixtures_dir):
         assert maps["p0_w2_circle/heatmap"].shape == maps["p0_w2_circle/soft"].shape == (240, 320)
         assert maps["p0_similarity"].shape == (4, 49)  # every piece, "." included
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    assert (out / "index.html").is_file()  # the explorer, on by default (tests/test_explorer.py)
 
 
 def test_explain_with_a_baseline(tmp_path, fixtures_dir):
@@ -42,6 +43,13 @@ def test_explain_with_a_baseline(tmp_path, fixtures_dir):
     for prompt in record["prompts"]:  # one map per prompt, no words and no soft map
         assert prompt["words"] == [] and prompt["phrase"]["tau"] is None
         assert (out / "scene_224" / prompt["phrase"]["overlay"]).is_file()
+    assert "compare" not in record  # TCLIP K=1 joins TCLIP runs only
+    page = (out / "index.html").read_text(encoding="utf-8")
+    data = json.loads(page.split('id="tclip-data">', 1)[1].split("</script>", 1)[0])
+    entry = data["images"][0]
+    assert [p["label"] for p in entry["panels"]] == ["similarity"]
+    assert [p["words"] for p in entry["prompts"]] == [[], []]  # no method here maps words: whole prompts only
+    assert entry["panels"][0]["maps"]["p0"]["shows"] == "the prompt “red circle”"
 
 
 def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):

@@ -6,21 +6,39 @@ import nbformat
 import numpy as np
 import pytest
 
+import browser
 from tclip_jax import notebook
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "colab" / "tclip_demo.ipynb"
 
 
-def test_notebook_executes_offline(monkeypatch):
+def test_notebook_executes_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the kernel inherits it: the embedded model is used
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    text = "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
-                     for out in cell.get("outputs", []))
+    outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
+    text = "\n".join(out.get("text", "") for out in outputs)
     assert "cpu" in text and "default_model" in text and "pointing_game" in text
-    assert any(out.get("output_type") == "display_data" and "image/png" in out.get("data", {})
-               for cell in nb.cells for out in cell.get("outputs", []))
+    assert any("image/png" in out.get("data", {}) for out in outputs)  # result.figure()
+    # The explorer inline: the result as a cell's last value, and the compare view.
+    views = [out["data"]["text/html"] for out in outputs
+             if "TCLIPExplorer.mount" in out.get("data", {}).get("text/html", "")]
+    assert len(views) == 2
+    assert '"view":"single"' in views[0] and '"view":"compare"' in views[1]
+    assert all(label in views[1] for label in ("TCLIP K=25", "TCLIP K=1", "similarity"))
+    # ... and it renders: in a real browser where there is one (tests/browser.py), with no console errors.
+    if browser.missing() is None:
+        page = tmp_path / "notebook_outputs.html"
+        page.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'></head><body>"
+                        + "".join(views) + "</body></html>", encoding="utf-8")
+        with browser.chromium() as driver:
+            driver.get(page.as_uri())
+            browser.wait_for(lambda: len([r for r in driver.find_elements("css selector", ".tclip-x")
+                                          if r.get_attribute("data-rendered")]) == 2, what="both explorers")
+            cards = driver.find_elements("css selector", ".tclip-x")[1].find_elements("css selector", ".tclip-card")
+            assert len(cards) == 3  # the compare view: K=25, K=1, similarity side by side
+            assert browser.console_problems(driver) == []
 
 
 def test_offline_means_embedded_model(monkeypatch):

@@ -1,16 +1,28 @@
-"""`tclip explain IMAGE... --prompt "..."`: per-word (TCLIP) or per-prompt maps, figures and result.json per image.
+"""`tclip explain IMAGE... --prompt "..."`: per-word (TCLIP) or per-prompt maps, figures and result.json per image,
+and one explorer page (index.html) for the whole run.
 
 Each image's outputs are written through `staged_folder`, so an interrupted run never leaves a half-written
-result folder.
+result folder; index.html is written last, over every image of the run.
+
+`--compare METHOD[:key=value,...]` (repeatable) runs more methods on the same images and prompts, on the same
+loaded model, for the explorer's compare view (and result.json's "compare" list). A TCLIP run compares with
+TCLIP K=1 (`tclip:translations=1`, 1/25 of the cost) unless `--compare none`. A compare method of the run's own
+class starts from the run's settings, any other from its defaults with the run's host-step settings (box rule,
+truncation); `key=value` pairs override either. A prompt-level method is also run on each word alone as the
+prompt, which the page shows for that word (labelled so).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import re
+from typing import Optional
 
 from tclip_jax.cli.common import add_method_arguments, build_method
+
+NO_COMPARE = "none"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text to explain (TCLIP: word by word); repeat for several prompts")
     parser.add_argument("--out", default="tclip_out", help="output folder (default: %(default)s)")
     parser.add_argument("--save-npz", action="store_true", help="also save the maps (and TCLIP's raw S) as maps.npz")
+    parser.add_argument("--html", action=argparse.BooleanOptionalAction, default=True,
+                        help="write OUT/index.html, an offline explorer of every image of the run (default: on)")
+    parser.add_argument("--compare", action="append", default=[], metavar="METHOD[:key=value,...]",
+                        help="also run METHOD on the same images and prompts, for the explorer's compare view "
+                             "(repeatable; a TCLIP run compares with tclip:translations=1 unless --compare none)")
     add_method_arguments(parser)
 
 
@@ -43,21 +60,19 @@ def write_result(result, image_path: str, folder: pathlib.Path, save_npz: bool) 
 
     record = result.to_record()
     record["image"]["path"] = str(image_path)
-    method = result.run["method"]
     arrays = {}
     for p, (prompt, entry) in enumerate(zip(result.prompts, record["prompts"])):
-        named = [(f"p{p}_w{w}_{_slug(word.text)}", word.text, maps, entry["words"][w])
+        named = [(f"p{p}_w{w}_{_slug(word.text)}", maps, entry["words"][w])
                  for w, (word, maps) in enumerate(zip(prompt.words, prompt.word_maps))]
-        named.append((f"p{p}_prompt", "whole prompt", prompt.phrase, entry["phrase"]))
-        for name, _, maps, map_entry in named:
+        named.append((f"p{p}_prompt", prompt.phrase, entry["phrase"]))
+        for name, maps, map_entry in named:
             map_entry["overlay"] = f"{name}.png"
             visualize.save_png(folder / map_entry["overlay"], visualize.overlay(result.image, maps.heatmap, maps.box))
             arrays[f"{name}/heatmap"] = maps.heatmap
             if maps.soft is not None:
                 arrays[f"{name}/soft"] = maps.soft
         entry["grid_figure"] = f"p{p}_grid.png"
-        visualize.word_grid(result.image, [title for _, title, _, _ in named], [m.heatmap for _, _, m, _ in named],
-                            [m.box for _, _, m, _ in named], f'{method}: "{prompt.prompt}"', folder / entry["grid_figure"])
+        visualize.save_figure(visualize.result_figure(result, p), folder / entry["grid_figure"])
         if prompt.similarity is not None:
             arrays[f"p{p}_similarity"] = prompt.similarity
     if save_npz:
@@ -66,10 +81,147 @@ def write_result(result, image_path: str, folder: pathlib.Path, save_npz: bool) 
     return record
 
 
+# ------------------------------------------------------------------------------------------- compare methods
+@dataclasses.dataclass(frozen=True, eq=False)
+class Compared:
+    """A method run beside the main one: its prompts encoded once, and its word-alone prompts if it needs them."""
+
+    spec: str
+    method: object
+    encoded: object
+    words_alone: object = None     # EncodedPrompts of the page's words alone, for a prompt-level method
+    note: Optional[str] = None
+
+
+def parse_compare(spec: str) -> tuple[str, list[str]]:
+    """"METHOD[:key=value,...]" -> (method, ["key=value", ...]); a method may itself be "package.module:Class",
+    and a value may hold commas (scale_fractions=0.25,0.5)."""
+    head, sep, tail = spec.rpartition(":")
+    if not sep or "=" not in tail:
+        return spec.strip(), []
+    assignments: list[str] = []
+    for part in tail.split(","):
+        if "=" in part or not assignments:
+            assignments.append(part.strip())
+        else:
+            assignments[-1] += "," + part.strip()
+    return head.strip(), assignments
+
+
+def compare_methods(specs: list[str], main) -> list:
+    """The compare methods the specs name (plus TCLIP K=1 for a TCLIP run), built on the main method's model."""
+    from tclip_jax import methods
+    from tclip_jax.methods.tclip import TCLIP
+
+    if NO_COMPARE in [s.strip().lower() for s in specs]:
+        if len(specs) > 1:
+            raise ValueError(f"--compare {NO_COMPARE} turns comparing off; it cannot go with other --compare methods")
+        return []
+    built = []
+    for spec in specs:
+        name, assignments = parse_compare(spec)
+        try:
+            method_class = methods.get(name)
+            given = method_class.Settings.parse_assignments(assignments)
+            if type(main) is method_class:
+                base = main.settings.to_dict()
+            else:
+                base = {k: v for k, v in main.settings.to_dict().items() if k in method_class.Settings.field_names()}
+            settings = method_class.Settings.from_dict({**base, **given})
+        except ValueError as err:
+            raise ValueError(f"--compare {spec}: {err}") from None
+        built.append((spec, method_class(main.clip, settings)))
+    if isinstance(main, TCLIP) and main.settings.translations != 1 and not any(
+            isinstance(m, TCLIP) and m.settings.translations == 1 for _, m in built):
+        built.insert(0, ("tclip:translations=1", TCLIP(main.clip, main.settings.replace(translations=1))))
+    return built
+
+
+def prepare_compare(built: list, prompts: list[str], words: list[str]) -> list[Compared]:
+    """Encodes the compare methods (`compare_methods`) once for the run; `words`: the page's words, one each,
+    which a prompt-level method maps alone (none when no method of the run maps words)."""
+    compared = []
+    for spec, method in built:
+        try:
+            encoded = method.encode_prompts(prompts)
+        except ValueError as err:
+            raise ValueError(f"--compare {spec}: {err}") from None
+        words_alone, note = None, None
+        if words and not method.explains_words:
+            try:
+                words_alone = method.encode_prompts(words)
+            except ValueError as err:
+                note = f"no word maps: each word alone as the prompt failed ({err})"
+        compared.append(Compared(spec, method, encoded, words_alone, note))
+    return compared
+
+
+def page_words(main, encoded, others: list) -> list[str]:
+    """The words the page lists (once each), if any method of the run maps words; else none."""
+    from tclip_jax.visualize.explorer import distinct_words
+
+    if not main.explains_words and not any(m.explains_words for m in others):
+        return []
+    return distinct_words([[{"text": w.text} for w in t.words if not w.is_punctuation] for t in encoded.tokens])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """What one run computes per image: the main method on the prompts, the compare methods (`Compared`), and,
+    for a prompt-level main method beside a per-word one, its maps of each word alone."""
+
+    method: object
+    encoded: object
+    compared: tuple
+    main_alone: object = None
+
+    @classmethod
+    def build(cls, method, prompts: list[str], compare: list[str], page: bool = True) -> "Plan":
+        """Encodes everything once, before any image (bad prompts and compare specs fail here). Without a page,
+        only the compare methods asked for run (TCLIP K=1 serves the page)."""
+        encoded = method.encode_prompts(prompts)
+        built = compare_methods(compare, method) if page or compare else []
+        words = page_words(method, encoded, [m for _, m in built])
+        main_alone = None
+        if page and words and not method.explains_words:
+            try:
+                main_alone = method.encode_prompts(words)
+            except ValueError:
+                pass
+        return cls(method, encoded, tuple(prepare_compare(built, list(prompts), words)), main_alone)
+
+    def views(self, image) -> list:
+        """The explorer's views of one image (uint8 RGB or a path): the main result first, then each compare."""
+        from tclip_jax.image import load_image
+        from tclip_jax.visualize.explorer import View
+
+        rgb = load_image(image)
+        result = self.method.explain(rgb, self.encoded)
+        views = [View(result, None if self.main_alone is None else self.method.explain(rgb, self.main_alone))]
+        for c in self.compared:
+            alone = None if c.words_alone is None else c.method.explain(rgb, c.words_alone)
+            views.append(View(c.method.explain(rgb, c.encoded), alone, note=c.note))
+        return views
+
+
+def compare_record(view) -> dict:
+    """A compare view in result.json: its label, run and prompts (and its word-alone prompts, if any)."""
+    from tclip_jax.visualize import method_label
+
+    record = view.result.to_record()
+    entry = {"label": method_label(record["run"]), "run": record["run"], "prompts": record["prompts"]}
+    if view.words_alone is not None:
+        entry["words_alone"] = view.words_alone.to_record()["prompts"]
+    return entry
+
+
+# ------------------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from tclip_jax import visualize
     from tclip_jax.files import staged_folder
+    from tclip_jax.visualize.explorer import DATA_SCRIPT, PageWriter, image_entry
 
     for path in map(pathlib.Path, args.images):
         if not path.exists():
@@ -77,13 +229,31 @@ def run(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise ValueError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}, not an image file")
     method = build_method(args)
-    encoded = method.encode_prompts(args.prompt)  # fails early on a bad prompt, before any output
+    plan = Plan.build(method, list(args.prompt), args.compare, args.html)  # fails early, before any output
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    run_info = method.run_info()
+    page = PageWriter(out, f"TCLIP explorer · {visualize.method_label(run_info)} · model "
+                           f"{visualize.model_label(run_info)}", run_info) if args.html else None
     for image_path, name in tqdm(list(zip(args.images, _unique_names(args.images))), desc="explain", unit="image"):
         target = out / name
         with staged_folder(target) as staging:
-            record = write_result(method.explain(image_path, encoded), image_path, staging, args.save_npz)
+            views = plan.views(image_path)
+            result = views[0].result
+            record = write_result(result, image_path, staging, args.save_npz)
+            if len(views) > 1:
+                record["compare"] = [compare_record(v) for v in views[1:]]
             (staging / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+            if page is not None:
+                links = {"result.json": f"{name}/result.json"}
+                links.update({f"grid figure {p + 1}" if len(result.prompts) > 1 else "grid figure":
+                              f"{name}/{entry['grid_figure']}" for p, entry in enumerate(record["prompts"])})
+                PageWriter.write_data(staging, image_entry(name, views, title=str(image_path), links=links))
+        if page is not None:
+            page.add(name, str(image_path), name)
         tqdm.write(f"{image_path}: {target}/ (overlays, grid figure, result.json)")
+    if page is not None:
+        index, inline = page.finish()
+        how = "self-contained" if inline else f"loads each image's {DATA_SCRIPT} from its folder"
+        print(f"explorer: {index} (open it in a browser; {how})")
     return 0

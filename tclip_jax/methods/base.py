@@ -147,6 +147,20 @@ class ImageResult:
         return {"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "run": self.run,
                 "image": {"size_hw": list(self.image.shape[:2])}, "grid": list(self.grid), "prompts": prompts}
 
+    def figure(self, prompt: int = 0, kind: str = "heatmap", columns: int = 5):
+        """A matplotlib grid of one prompt (the image, each word, the whole prompt; at most `columns` ≤ 5 per row),
+        titled with the method and model, τ in each panel's title; kind "heatmap" or "soft" (TCLIP's soft maps).
+        A notebook shows it when it is a cell's last value; `.savefig(path)` writes it."""
+        from tclip_jax.visualize import result_figure
+
+        return result_figure(self, prompt, kind, columns)
+
+    def _repr_html_(self) -> str:
+        """The interactive explorer of this result, inline in a notebook (`tclip_jax.visualize.explorer`)."""
+        from tclip_jax.visualize import result_html
+
+        return result_html(self)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EncodedPrompts:

@@ -1,4 +1,4 @@
-"""The sweep's report: every process's records merged into dataset scores, as JSON and a Markdown table.
+"""The sweep's report: every process's records merged into dataset scores, as JSON, a Markdown table and an HTML page.
 
 Scores (all fractions in the JSON; the Markdown shows box accuracy in percent, as the paper does):
 - detection: ``box_accuracy`` = hits / units (micro, the paper's BoxAcc); ``box_accuracy_class_mean`` = mean
@@ -11,7 +11,9 @@ Records are merged in dataset order, so the report does not depend on how the sw
 """
 from __future__ import annotations
 
+import html
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -21,8 +23,8 @@ from tclip_jax.evaluation.metrics import SegmentationCounts, aggregate_by_class,
 from tclip_jax.sweep.store import read_all_records
 
 CONFIG_FILE = "sweep.json"
-REPORT_JSON, REPORT_MD = "report.json", "report.md"
-# The paper's figures for TCLIP with CLIP ViT-B/32, shown beside a sweep run as the paper ran it (`paper_row`).
+REPORT_JSON, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
+# The paper's figures for TCLIP with CLIP ViT-B/32, shown beside a sweep run as the paper ran it (`paper_figures`).
 PAPER = {
     "coco": {"box_accuracy": 0.1907},
     "imagenet-s": {"pointing_game": 0.775, "energy_pg": 0.445, "pixel_accuracy": 0.6925, "ap": 0.6295,
@@ -160,10 +162,119 @@ def read_config(out: pathlib.Path) -> dict:
 
 
 def write_report(out: pathlib.Path) -> dict:
-    """Merge every process's records under ``out``, write report.json and report.md; returns the JSON."""
+    """Merge every process's records under ``out``, write report.json, report.md and report.html; returns the
+    JSON."""
     config = read_config(out)
-    summary = summarize(read_all_records(out))
+    records = read_all_records(out)
+    summary = summarize(records)
     report = {"config": config, **summary}
     write_text_atomic(out / REPORT_JSON, json.dumps(report, indent=2, sort_keys=True) + "\n")
     write_text_atomic(out / REPORT_MD, markdown(config, summary))
+    write_text_atomic(out / REPORT_HTML, html_report(config, summary, records, out))
     return report
+
+
+# ------------------------------------------------------------------------------------------------ report.html
+_HTML_STYLE = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, Arial, sans-serif; color: #1d1d1f;
+  max-width: 1180px; margin: 0 auto; padding: 12px 16px; background: #f6f6f4; }
+h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 22px 0 8px; }
+h3 { font-size: 15px; margin: 0 0 6px; }
+.meta { color: #5f6368; font-size: 12.5px; }
+table { border-collapse: collapse; background: #fff; margin: 6px 0; }
+th, td { border: 1px solid #d6d6d2; padding: 3px 8px; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; }
+.bars { display: grid; grid-template-columns: minmax(120px, max-content) 1fr 8.5em; gap: 2px 10px; align-items: center;
+  background: #fff; border: 1px solid #d6d6d2; padding: 8px; }
+.bar { height: 12px; background: #e4e4e0; } .bar span { display: block; height: 100%; background: #0b57d0; }
+.classes { display: grid; grid-template-columns: repeat(auto-fill, minmax(330px, 1fr)); gap: 10px; }
+.class { background: #fff; border: 1px solid #d6d6d2; border-radius: 6px; padding: 8px; }
+.units { display: flex; gap: 8px; } figure { margin: 0; flex: 1 1 0; min-width: 0; }
+figure img { width: 100%; height: auto; display: block; border: 1px solid #d6d6d2; }
+figcaption { font-size: 12px; } .hit { color: #1e7a1e; font-weight: 600; } .miss { color: #b3261e; font-weight: 600; }
+.missing { font-size: 12px; color: #5f6368; border: 1px dashed #d6d6d2; padding: 20px 6px; text-align: center; }
+"""
+
+
+def html_report(config: dict, summary: dict, records: list[dict], out: pathlib.Path) -> str:
+    """report.html: the scores table, per-class accuracy bars, and each class's best and worst unit with its
+    picture (ground truth green, predicted box red; `sweep.vis.UnitGallery`), IoU and hit or miss."""
+    from tclip_jax.sweep.vis import GALLERY_DIR, best_and_worst, gallery_name, unit_score
+
+    esc = html.escape
+    run = config["run"]
+    name = f"{run['method']} ({run['model']['origin']})"
+    parts = [f"<h1>Sweep: {esc(config['dataset'])}, {esc(name)}</h1>",
+             f"<p class=\"meta\">{summary['images']} images, {summary['units']} units, {len(summary['errors'])} "
+             f"errors. Evaluation: <code>{esc(json.dumps(config['evaluation'], sort_keys=True))}</code>. Settings: "
+             f"<code>{esc(json.dumps(run['settings'], sort_keys=True))}</code>; input protocol "
+             f"{esc(str(run['input_protocol']))}. Source: {esc(str(config.get('source') or '—'))}. "
+             f"Also: <a href=\"{REPORT_MD}\">{REPORT_MD}</a>, <a href=\"{REPORT_JSON}\">{REPORT_JSON}</a>.</p>"]
+    # The tables of report.md.
+    for line_block in _markdown_tables(markdown(config, summary)):
+        parts.append(line_block)
+    # Per-class accuracy bars.
+    for task, score, label in (("detection", "accuracy", "BoxAcc"), ("segmentation", "pointing_game", "Pointing game")):
+        if task not in summary:
+            continue
+        per_class = sorted(summary[task]["per_class"].items(), key=lambda item: (-item[1][score], item[0]))
+        rows = "".join(f"<div>{esc(c)}</div><div class=\"bar\"><span style=\"width:{100 * v[score]:.2f}%\"></span>"
+                       f"</div><div>{100 * v[score]:.1f} % ({v['units']})</div>" for c, v in per_class)
+        parts.append(f"<h2>{label} per class</h2><div class=\"bars\">{rows}</div>")
+    # Best and worst unit per class.
+    chosen = best_and_worst(records)
+    if chosen:
+        parts.append("<h2>Best and worst unit per class</h2><p class=\"meta\">Map in jet colours, ground truth in "
+                     "green, the predicted box in red. Box units rank by box IoU (a hit: IoU ≥ 0.5), mask units by "
+                     "foreground IoU at the threshold (a hit: the pointing game); ties go to the earlier sample.</p>")
+        cards = []
+        for cls in sorted(chosen):
+            figures = []
+            places = chosen[cls]
+            same = places["best"] == places["worst"]
+            for place in ("best",) if same else ("best", "worst"):
+                record, position = places[place]
+                unit = record["units"][position]
+                iou_name, iou, hit, verdict = unit_score(unit)
+                picture = f"{GALLERY_DIR}/{gallery_name(record['key'], cls, position)}"
+                shown = (f"<img loading=\"lazy\" src=\"{esc(picture)}\" alt=\"{esc(cls)}: {esc(record['key'])}\">"
+                         if (out / picture).is_file() else
+                         "<div class=\"missing\">no picture kept (a sweep from before pictures were kept)</div>")
+                query = f"<br>query: “{esc(unit['prompt'])}”" if unit.get("prompt") else ""
+                group = f" ({esc(unit['group'])})" if unit.get("group") else ""
+                figures.append(f"<figure>{shown}<figcaption>{'only unit' if same else place}: sample "
+                               f"<code>{esc(record['key'])}</code>{group}<br>{iou_name} {iou:.4f}, "
+                               f"<span class=\"{'hit' if hit else 'miss'}\">{esc(verdict)}</span>{query}"
+                               f"</figcaption></figure>")
+            cards.append(f"<section class=\"class\"><h3>{esc(cls)}</h3><div class=\"units\">{''.join(figures)}"
+                         f"</div></section>")
+        parts.append(f"<div class=\"classes\">{''.join(cards)}</div>")
+    if summary["errors"]:
+        items = "".join(f"<li><code>{esc(e['key'])}</code>: {esc(e['error'])}</li>"
+                        for e in summary["errors"][:_SHOWN_ERRORS])
+        more = (f"<li>… and {len(summary['errors']) - _SHOWN_ERRORS} more (see {REPORT_JSON})</li>"
+                if len(summary["errors"]) > _SHOWN_ERRORS else "")
+        parts.append(f"<h2>Errors</h2><ul>{items}{more}</ul>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>Sweep: {esc(config['dataset'])}, {esc(run['method'])}</title>\n"
+            "<link rel=\"icon\" href=\"data:,\">\n"
+            f"<style>{_HTML_STYLE}</style>\n</head>\n<body>\n" + "\n".join(parts) + "\n</body>\n</html>\n")
+
+
+def _markdown_tables(text: str) -> list[str]:
+    """report.md's tables as HTML tables (numbers right-aligned, as the Markdown says)."""
+    tables, rows = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+            continue
+        if rows:
+            header, align, body = rows[0], rows[1], rows[2:]
+            right = [a.endswith(":") for a in align]
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            cell = ('<td class="num">{}</td>', "<td>{}</td>")
+            lines = "".join("<tr>" + "".join(cell[not r].format(html.escape(c)) for c, r in zip(row, right)) + "</tr>"
+                            for row in body)
+            tables.append(f"<table><tr>{head}</tr>{lines}</table>")
+            rows = []
+    return tables

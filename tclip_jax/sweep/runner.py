@@ -52,7 +52,7 @@ from tclip_jax.sweep.options import RunOptions
 from tclip_jax.sweep.report import CONFIG_FILE, read_config, write_report
 from tclip_jax.sweep.sharding import ShardedMaps, barrier, class_slots, local_mesh, owns
 from tclip_jax.sweep.store import ResultWriter, read_all_records, read_records, results_path
-from tclip_jax.sweep.vis import save_unit_vis, vis_path
+from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, save_unit_vis, vis_path
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
 DEFAULT_TEMPLATE = "{}"
@@ -116,7 +116,9 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
         if process == 0:
             out.mkdir(parents=True, exist_ok=True)
             _write_json(out / CONFIG_FILE, config)
-        done = {record["key"] for record in read_all_records(out)}
+        existing = read_all_records(out)
+        done = {record["key"] for record in existing}
+        gallery = UnitGallery(out / GALLERY_DIR, existing)  # report.html's best and worst unit per class
         own_done = len(read_records(results_path(out, process)))
         barrier("tclip-sweep-start")
 
@@ -132,7 +134,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                 bar.update()
 
             throughput = _pipeline(todo, method, queries, ShardedMaps(method, local_mesh()), dataset, evaluation,
-                                   options, out / "vis", record)
+                                   options, out / "vis", record, gallery)
     except BaseException:
         if created and process == 0 and not read_all_records(out):  # nothing to resume: leave nothing behind
             shutil.rmtree(out, ignore_errors=True)
@@ -144,7 +146,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
 
 def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Queries", maps: ShardedMaps,
               dataset: Dataset, evaluation: EvalOptions, options: RunOptions, vis_dir: pathlib.Path,
-              record: Callable[[dict], None]) -> Throughput:
+              record: Callable[[dict], None], gallery: Optional[UnitGallery] = None) -> Throughput:
     clock = _DeviceClock()
     records = _InOrder(record)
     sizes: list[int] = []
@@ -156,7 +158,8 @@ def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Que
             host_maps = np.asarray(device_maps.maps)  # waits for this batch; the next one is already queued
             for prepared, image_maps in zip(batch, host_maps):
                 records.submit(hosts.submit(_evaluate, prepared, image_maps, method, dataset.class_names,
-                                            evaluation, vis_dir if prepared.index < options.save_vis else None))
+                                            evaluation, vis_dir if prepared.index < options.save_vis else None,
+                                            gallery))
 
         prepared = _prepare_ahead(loaders, todo, method, 2 * options.batch_size + options.workers)
         in_flight = None
@@ -271,7 +274,8 @@ class _Queries:
 
 
 def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, class_names: tuple[str, ...],
-              evaluation: EvalOptions, vis_dir: Optional[pathlib.Path]) -> dict:
+              evaluation: EvalOptions, vis_dir: Optional[pathlib.Path],
+              gallery: Optional[UnitGallery] = None) -> dict:
     targets = prepared.loaded.targets
     try:
         heatmaps = to_original(image_maps[:len(targets)], prepared.geometry)
@@ -284,6 +288,8 @@ def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, class
                               target, unit)
     except SAMPLE_ERRORS as err:
         return _error_record(prepared.index, prepared.key, err)
+    if gallery is not None:  # pictures only, of final scores; it never changes a record
+        gallery.offer(prepared.index, prepared.key, prepared.loaded.image, targets, heatmaps, units)
     return {"key": prepared.key, "index": prepared.index, "units": units}
 
 

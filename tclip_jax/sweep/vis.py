@@ -1,8 +1,21 @@
-"""Per-unit pictures: the image under the map (jet colour map), ground truth in green, predicted box in red."""
+"""Per-unit pictures: the image under the map (jet colour map), ground truth in green, predicted box in red, and
+a label strip naming the class, the unit's IoU and whether it is a hit (green) or a miss (red).
+
+- `save_unit_vis`: full-size pictures of every unit of the first N samples (`--save-vis N`).
+- `UnitGallery`: thumbnails of the best and the worst unit of each class, kept while the sweep runs, for
+  report.html. Units are ranked as the report ranks them (`unit_score`, `best_key`, `worst_key`): a picture is
+  drawn when a unit takes a class's best or worst place so far and deleted when it loses it, so the pictures of
+  the final best and worst units are on disk whatever the order, split or resumption of the sweep. Scores are
+  read from the scored units; nothing is scored here.
+"""
 from __future__ import annotations
 
 import pathlib
 import re
+import threading
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -11,25 +24,181 @@ from tclip_jax.evaluation.datasets.base import Target
 from tclip_jax.postprocess import uint8_minmax
 
 _GREEN, _RED = (0, 200, 0), (0, 0, 255)  # BGR
+_HIT_STRIP, _MISS_STRIP = (40, 120, 40), (40, 40, 170)  # BGR
 _MAP_WEIGHT = 0.5
+GALLERY_DIR = "gallery"
+THUMBNAIL_MAX_SIDE = 256
 
 
 def vis_path(folder: pathlib.Path, key: str, class_name: str) -> pathlib.Path:
     """A file name from the sample key and the class, with anything unusual replaced by '_'."""
-    return folder / (re.sub(r"[^A-Za-z0-9._-]", "_", f"{key}__{class_name}") + ".png")
+    return folder / (_safe(f"{key}__{class_name}") + ".png")
+
+
+def gallery_name(key: str, class_name: str, position: int) -> str:
+    """The gallery picture of unit `position` of sample `key` (relative to the gallery folder)."""
+    return _safe(f"{key}__{class_name}__{position}") + ".jpg"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
+# ------------------------------------------------------------------------------------------------ scores
+def unit_score(unit: dict) -> Optional[tuple[str, float, bool, str]]:
+    """(IoU name, IoU, hit, hit name) by which a unit is ranked and labelled, or None for an unscored unit.
+
+    A box unit: its box IoU and BoxAcc hit (IoU >= 0.5). A mask unit: its foreground IoU at the segmentation
+    threshold (the unit's intersection / union counts) and its pointing-game hit."""
+    if "iou" in unit:
+        return "box IoU", float(unit["iou"]), bool(unit["hit"]), "hit" if unit["hit"] else "miss"
+    if "area_inter" in unit:
+        union = unit["area_union"][1]
+        iou = float(unit["area_inter"][1] / union) if union else 0.0
+        return "mask IoU", iou, bool(unit["pg_hit"]), "PG hit" if unit["pg_hit"] else "PG miss"
+    return None
+
+
+def best_key(iou: float, index: int, position: int) -> tuple:
+    """Larger is better; among equal IoUs the earlier unit (dataset order) is best."""
+    return iou, -index, -position
+
+
+def worst_key(iou: float, index: int, position: int) -> tuple:
+    """Smaller is worse; among equal IoUs the earlier unit is worst."""
+    return iou, index, position
+
+
+def label_text(unit: dict) -> str:
+    score = unit_score(unit)
+    if score is None:
+        return str(unit.get("class", "?"))
+    name, iou, _, verdict = score
+    return f"{unit.get('class', '?')} | {name} {iou:.3f} | {verdict}"
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+def unit_picture(image: np.ndarray, heatmap: np.ndarray, target: Target, unit: dict,
+                 max_side: Optional[int] = None) -> np.ndarray:
+    """BGR: the image under the min-max map, the ground truth (green), the predicted box (red), and a label strip
+    below (class, IoU, hit or miss), at most `max_side` pixels on the image's longer side."""
+    height, width = image.shape[:2]
+    scale = 1.0 if max_side is None else min(1.0, max_side / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    rgb, values, mask = image, heatmap, target.mask
+    if scale < 1.0:
+        rgb = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        values = cv2.resize(np.asarray(heatmap, np.float32), size, interpolation=cv2.INTER_AREA)
+        mask = None if mask is None else cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    colour = cv2.applyColorMap(uint8_minmax(values), cv2.COLORMAP_JET)
+    picture = cv2.addWeighted(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), 1 - _MAP_WEIGHT, colour, _MAP_WEIGHT, 0)
+    line = 1 if scale < 1.0 or max(height, width) < 400 else 2
+    if mask is not None:
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(picture, contours, -1, _GREEN, line)
+    for x1, y1, x2, y2 in [] if target.boxes is None else target.boxes:
+        cv2.rectangle(picture, _point(x1, y1, scale), _point(np.ceil(x2) - 1, np.ceil(y2) - 1, scale), _GREEN, line)
+    if "box" in unit:
+        x1, y1, x2, y2 = unit["box"]
+        cv2.rectangle(picture, _point(x1, y1, scale), _point(x2 - 1, y2 - 1, scale), _RED, line)
+    return np.vstack([picture, _label_strip(unit, picture.shape[1])])
+
+
+def _point(x, y, scale: float) -> tuple[int, int]:
+    return int(round(float(x) * scale)), int(round(float(y) * scale))
+
+
+def _label_strip(unit: dict, width: int) -> np.ndarray:
+    score = unit_score(unit)
+    font_scale = float(np.clip(width / 560, 0.32, 0.8))
+    text = label_text(unit).encode("ascii", "replace").decode("ascii")
+    (text_width, text_height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+    if text_width > width - 6:  # too long: shrink to fit
+        font_scale *= (width - 6) / text_width
+        (text_width, text_height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+    strip = np.zeros((text_height + baseline + 8, width, 3), np.uint8)
+    strip[:] = (60, 60, 60) if score is None else (_HIT_STRIP if score[2] else _MISS_STRIP)
+    cv2.putText(strip, text, (3, text_height + 4), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), 1,
+                cv2.LINE_AA)
+    return strip
 
 
 def save_unit_vis(path: pathlib.Path, image: np.ndarray, heatmap: np.ndarray, target: Target, unit: dict) -> None:
-    colour = cv2.applyColorMap(uint8_minmax(heatmap), cv2.COLORMAP_JET)
-    picture = cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), 1 - _MAP_WEIGHT, colour, _MAP_WEIGHT, 0)
-    if target.mask is not None:
-        contours, _ = cv2.findContours(target.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(picture, contours, -1, _GREEN, 1)
-    for x1, y1, x2, y2 in [] if target.boxes is None else target.boxes:
-        cv2.rectangle(picture, (int(x1), int(y1)), (int(np.ceil(x2)) - 1, int(np.ceil(y2)) - 1), _GREEN, 1)
-    if "box" in unit:
-        x1, y1, x2, y2 = unit["box"]
-        cv2.rectangle(picture, (x1, y1), (x2 - 1, y2 - 1), _RED, 1)
+    _write(path, unit_picture(image, heatmap, target, unit))
+
+
+def _write(path: pathlib.Path, picture: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), picture):
+    params = [cv2.IMWRITE_JPEG_QUALITY, 88] if path.suffix == ".jpg" else []
+    if not cv2.imwrite(str(path), picture, params):
         raise OSError(f"could not write {path}")
+
+
+# ----------------------------------------------------------------------------------------------- gallery
+class UnitGallery:
+    """Thumbnails of each class's best and worst unit so far (see the module docstring), in `folder`.
+
+    `seen`: records already on disk (a resumed sweep, other processes): their units hold places without
+    pictures being drawn again. Thread-safe: host threads offer their images' units concurrently."""
+
+    def __init__(self, folder: pathlib.Path, seen: Iterable[dict] = (), max_side: int = THUMBNAIL_MAX_SIDE):
+        self.folder = pathlib.Path(folder)
+        self.max_side = max_side
+        self._lock = threading.Lock()
+        self._best: dict[str, tuple[tuple, str]] = {}   # class -> (rank key, picture name)
+        self._worst: dict[str, tuple[tuple, str]] = {}
+        self._warned = False
+        for record in seen:
+            for position, unit in enumerate(record.get("units", [])):
+                self._place(record["index"], record["key"], position, unit)
+
+    def offer(self, index: int, key: str, image: np.ndarray, targets: Sequence[Target],
+              heatmaps: Sequence[np.ndarray], units: Sequence[dict]) -> None:
+        """One scored sample: draws the pictures of units that take a place, deletes those that lose theirs."""
+        for position, (target, heatmap, unit) in enumerate(zip(targets, heatmaps, units)):
+            with self._lock:
+                placed, dropped = self._place(index, key, position, unit)
+                try:
+                    if placed:
+                        _write(self.folder / placed, unit_picture(image, heatmap, target, unit, self.max_side))
+                    for name in dropped:
+                        (self.folder / name).unlink(missing_ok=True)
+                except OSError as err:  # a missing picture must not cost a sample its record
+                    if not self._warned:
+                        warnings.warn(f"report.html pictures: {err}; the report will lack some", stacklevel=2)
+                        self._warned = True
+
+    def _place(self, index: int, key: str, position: int, unit: dict) -> tuple[Optional[str], list[str]]:
+        """Updates the places; (this unit's picture name if it took one, pictures no place holds any more)."""
+        score = unit_score(unit)
+        if score is None:
+            return None, []
+        name, cls = gallery_name(key, unit["class"], position), unit["class"]
+        best, worst = best_key(score[1], index, position), worst_key(score[1], index, position)
+        previous = {self._best.get(cls, (None, None))[1], self._worst.get(cls, (None, None))[1]} - {None}
+        took = False
+        if cls not in self._best or best > self._best[cls][0]:
+            self._best[cls], took = (best, name), True
+        if cls not in self._worst or worst < self._worst[cls][0]:
+            self._worst[cls], took = (worst, name), True
+        if not took:
+            return None, []
+        held = {self._best[cls][1], self._worst[cls][1]}
+        return name, sorted(previous - held)
+
+
+def best_and_worst(records: Iterable[dict]) -> dict[str, dict]:
+    """Per class, its best and worst unit as the gallery ranks them: {"best": (record, position), "worst": ...}."""
+    chosen: dict[str, dict] = {}
+    for record in records:
+        for position, unit in enumerate(record.get("units", [])):
+            score = unit_score(unit)
+            if score is None:
+                continue
+            places = chosen.setdefault(unit["class"], {})
+            best, worst = best_key(score[1], record["index"], position), worst_key(score[1], record["index"], position)
+            if "best" not in places or best > places["best"][0]:
+                places["best"] = (best, record, position)
+            if "worst" not in places or worst < places["worst"][0]:
+                places["worst"] = (worst, record, position)
+    return {cls: {k: v[1:] for k, v in places.items()} for cls, places in chosen.items()}

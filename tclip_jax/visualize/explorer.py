@@ -1,0 +1,339 @@
+"""The results explorer: one self-contained HTML page (or notebook output) per run, offline, no server.
+
+What the page holds, per image: a display copy of the photo (WebP or PNG, whichever is smaller, longer side at
+most `DISPLAY_MAX_SIDE`), and for every method shown (the run's method, then each `--compare` method) every map
+of every word and prompt, with τ, the GMM fallback and the box from the result record.
+
+How maps are stored: each map is an 8-bit grayscale PNG (longer side at most `MAP_MAX_SIDE`) of
+q = round(255 (v - lo) / (hi - lo)), with its exact value range [lo, hi] (the map's own minimum and maximum, raw
+cosine for TCLIP) in the page's JSON. The page decodes the PNG onto a canvas, recovers v = lo + q (hi - lo) / 255
+and colour-maps it in JavaScript with OpenCV's turbo table (the one the PNG overlays use), on the scale the
+viewer picks: shared by every word of the image for that method and map kind, or the map's own range. So the
+page can rescale maps without being regenerated, and a number read off the page is a value, not a colour. Eight
+bits are enough for display (the range, τ and boxes are exact numbers beside it); maps are smooth, so their PNGs
+are small. Equal maps (a one-word prompt's word and phrase) are stored once.
+
+Inline or linked: `write_page` inlines every image's data into index.html while the run's page data is at most
+`INLINE_LIMIT_BYTES`; above that index.html stays small and each image's data is a script beside its result
+(`<image folder>/explorer.js`) that the page loads when that image is shown. Scripts, not JSON or PNG files,
+because browsers let a page opened from file:// load scripts from its folder but not read files or the pixels of
+linked images.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import os
+import pathlib
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Optional
+
+import cv2
+import numpy as np
+
+from tclip_jax.visualize.figures import format_number, is_whole_image, method_label, model_label, overlay, turbo_lut
+
+PAGE_FORMAT = "tclip_jax/explorer"
+PAGE_VERSION = 1
+DISPLAY_MAX_SIDE = 512          # the photo's longer side in the page
+MAP_MAX_SIDE = 256              # each map's longer side in the page (maps are smooth; the canvas interpolates)
+INLINE_LIMIT_BYTES = 12 * 2**20  # a run's page data up to this is inlined into index.html; above, linked
+INDEX_FILE = "index.html"
+DATA_SCRIPT = "explorer.js"
+_ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class View:
+    """One method's results on one image, as the page shows them.
+
+    `words_alone`: for a prompt-level method, its results on each of the page's words alone as the prompt
+    (prompts in the order of `page_words`), which the page shows for a word; None when not computed.
+    """
+
+    result: object                   # ImageResult
+    words_alone: object = None       # ImageResult or None
+    label: Optional[str] = None      # default: the method and its non-default settings
+    note: Optional[str] = None       # shown on the panel, e.g. why word maps are missing
+
+
+def page_words(result) -> list[list[dict]]:
+    """Per prompt, the words the page lists: the method's explained words, or for a prompt-level method the
+    non-punctuation words of its tokenization (the same words TCLIP would explain)."""
+    prompts = []
+    for prompt in result.prompts:
+        words = prompt.words or tuple(w for w in prompt.tokens.words if not w.is_punctuation)
+        prompts.append([{"text": w.text, "span": [w.start, w.end]} for w in words])
+    return prompts
+
+
+def distinct_words(words: Sequence[Sequence[dict]]) -> list[str]:
+    """The page's word texts once each, in order: the prompts a prompt-level method maps word by word."""
+    return list(dict.fromkeys(w["text"] for prompt in words for w in prompt))
+
+
+class _Blobs:
+    """Encoded maps of one image, each array once (equal queries share one array)."""
+
+    def __init__(self, map_hw: tuple[int, int]):
+        self.map_hw = map_hw
+        self.sources: list[str] = []
+        self._index: dict[int, int] = {}
+        self._keep: list[np.ndarray] = []  # keeps ids unique while the image is encoded
+
+    def add(self, array: np.ndarray) -> dict:
+        values = np.asarray(array, np.float32)
+        lo, hi = float(values.min()), float(values.max())
+        key = id(array)
+        if key not in self._index:
+            small = values if values.shape == self.map_hw else cv2.resize(
+                values, self.map_hw[::-1], interpolation=cv2.INTER_AREA)
+            q = np.zeros(small.shape, np.uint8) if hi <= lo else np.clip(
+                np.round(255.0 * (small - lo) / (hi - lo)), 0, 255).astype(np.uint8)
+            self._index[key] = len(self.sources)
+            self._keep.append(array)
+            self.sources.append(_data_uri(q, ".png"))
+        return {"blob": self._index[key], "range": [lo, hi]}
+
+
+def image_entry(name: str, views: Sequence[View], *, title: Optional[str] = None,
+                links: Optional[dict] = None) -> dict:
+    """The page's data for one image: the photo, the prompts' words, and per view every map with its numbers.
+
+    views[0] is the run's own method; `links` maps link names ("result.json", "grid figure ...") to URLs."""
+    if not views:
+        raise ValueError("an image entry needs at least one view")
+    main = views[0].result
+    height, width = main.image.shape[:2]
+    per_word = next((v.result for v in views if any(p.words for p in v.result.prompts)), None)
+    if per_word is not None or any(v.words_alone is not None for v in views):
+        words = page_words(per_word or main)
+    else:  # no method here maps words: the page lists whole prompts only
+        words = [[] for _ in main.prompts]
+    alone_index = {text: i for i, text in enumerate(distinct_words(words))}
+    display_hw = _fit((height, width), DISPLAY_MAX_SIDE)
+    blobs = _Blobs(_fit((height, width), MAP_MAX_SIDE))
+    panels = [_panel(view, words, alone_index, blobs, (height, width)) for view in views]
+    return {
+        "name": name,
+        "title": title or name,
+        "size_hw": [height, width],
+        "photo": _photo_uri(main.image, display_hw),
+        "prompts": [{"prompt": p.prompt, "words": w} for p, w in zip(main.prompts, words)],
+        "panels": panels,
+        "blobs": blobs.sources,
+        "links": [{"text": k, "href": v} for k, v in (links or {}).items()],
+    }
+
+
+def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_hw) -> dict:
+    result = view.result
+    per_word = any(p.words for p in result.prompts)
+    maps: dict[str, dict] = {}
+    for p, (prompt, prompt_words) in enumerate(zip(result.prompts, words)):
+        quoted = _quote(prompt.prompt)
+        if per_word:
+            by_span = {(w.start, w.end): m for w, m in zip(prompt.words, prompt.word_maps)}
+            for w, word in enumerate(prompt_words):
+                m = by_span.get(tuple(word["span"]))
+                if m is not None:
+                    maps[f"p{p}w{w}"] = _map(m, f"the word {_quote(word['text'])} in {quoted}", blobs, size_hw)
+            phrase_text = f"the whole prompt {quoted} (the mean of its words' queries)"
+        else:
+            if view.words_alone is not None:
+                for w, word in enumerate(prompt_words):
+                    alone = view.words_alone.prompts[alone_index[word["text"]]].phrase
+                    maps[f"p{p}w{w}"] = _map(alone, f"the prompt {_quote(word['text'])} alone (a prompt-level "
+                                             f"method has no per-word map)", blobs, size_hw)
+            phrase_text = f"the prompt {quoted}"
+        maps[f"p{p}"] = _map(prompt.phrase, phrase_text, blobs, size_hw)
+    return {"label": view.label or method_label(result.run), "method": result.run["method"],
+            "model": model_label(result.run), "run": result.run, "per_word": per_word,
+            "has_soft": any(m.get("soft") is not None for m in maps.values()), "note": view.note, "maps": maps}
+
+
+def _map(m, shows: str, blobs: _Blobs, size_hw) -> dict:
+    box = [int(v) for v in m.box]
+    return {"shows": shows, "tau": m.tau, "fallback": None if m.gmm is None else m.gmm.fallback,
+            "box": box, "whole_image": is_whole_image(box, size_hw), "heatmap": blobs.add(m.heatmap),
+            "soft": None if m.soft is None else blobs.add(m.soft)}
+
+
+VIEWS = ("single", "compare")
+
+
+def page_data(entries: Iterable[dict], title: str, run: Optional[dict] = None, view: str = "single") -> dict:
+    """The page's JSON: its images (full entries, or {name, title, script} stubs of linked ones); `view`: the
+    view it opens in, "single" (one method, with tabs) or "compare" (every method side by side)."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    return {"format": PAGE_FORMAT, "version": PAGE_VERSION, "title": title, "run": run, "view": view,
+            "turbo": turbo_lut().tobytes().hex(), "images": list(entries)}
+
+
+def page_html(data: dict) -> str:
+    """A complete, self-contained HTML document of the explorer (keyboard bound to the document)."""
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>{html.escape(data['title'])}</title>\n<link rel=\"icon\" href=\"data:,\">\n"
+            f"<style>\n{_asset('explorer.css')}</style>\n</head>\n<body class=\"tclip-page\">\n"
+            "<div class=\"tclip-x\" id=\"tclip-explorer\"><p class=\"tclip-wait\">Loading the explorer… "
+            "(it needs JavaScript)</p></div>\n"
+            f"<script>\n{_asset('explorer.js')}</script>\n"
+            f"<script type=\"application/json\" id=\"tclip-data\">{_script_json(data)}</script>\n"
+            "<script>TCLIPExplorer.mount(document.getElementById('tclip-explorer'), "
+            "JSON.parse(document.getElementById('tclip-data').textContent), {keys: 'document'});</script>\n"
+            "</body>\n</html>\n")
+
+
+def inline_html(entry: dict, title: str, run: Optional[dict] = None, fallback_html: str = "",
+                view: str = "single") -> str:
+    """The explorer as a fragment for a notebook output: scoped to its own element, keys bound to it."""
+    root = f"tclip-{uuid.uuid4().hex[:12]}"
+    data = _script_json(page_data([entry], title, run, view))
+    return (f"<div class=\"tclip-x tclip-inline\" id=\"{root}\" tabindex=\"0\">{fallback_html}</div>\n"
+            f"<style>\n{_asset('explorer.css')}</style>\n"
+            f"<script>\n{_asset('explorer.js')}\n"
+            # A front end may run the script before the output is attached to the page: look beside it too.
+            f"(function () {{ const s = document.currentScript;\n"
+            f"  const root = document.getElementById('{root}') || (s && s.parentNode && "
+            f"s.parentNode.querySelector('#{root}'));\n"
+            f"  TCLIPExplorer.mount(root, {data}, {{keys: 'root'}}); }})();\n</script>\n")
+
+
+def result_html(result, views: Sequence[View] = (), view: Optional[str] = None) -> str:
+    """An `ImageResult` (and optional compare views of the same image) as a notebook explorer; without
+    JavaScript (e.g. a notebook viewer) its first map's overlay and a table of words, τ and boxes show.
+    `view`: the view it opens in (default: "compare" when there are compare views)."""
+    record = json.dumps(result.to_record(), indent=1)
+    entry = image_entry("result", [View(result), *views], title=f"{method_label(result.run)}: "
+                        + " | ".join(p.prompt for p in result.prompts),
+                        links={"result.json": "data:application/json;base64,"
+                               + base64.b64encode(record.encode()).decode()})
+    view = view or ("compare" if views else "single")
+    return inline_html(entry, entry["title"], result.run, _static_fallback(result), view)
+
+
+class Explorer:
+    """Views of one image (the main result first, then compare views) that a notebook shows as the explorer."""
+
+    def __init__(self, views: Sequence[View]):
+        if not views:
+            raise ValueError("the explorer needs at least one view")
+        self.views = list(views)
+
+    @property
+    def result(self):
+        return self.views[0].result
+
+    def _repr_html_(self) -> str:
+        return result_html(self.views[0].result, self.views[1:])
+
+
+def _static_fallback(result) -> str:
+    prompt = result.prompts[0]
+    first = prompt.word_maps[0] if prompt.word_maps else prompt.phrase
+    picture = overlay(result.image, first.heatmap, first.box)
+    picture = cv2.resize(picture, _fit(picture.shape[:2], 320)[::-1], interpolation=cv2.INTER_AREA)
+    rows = []
+    for p in result.prompts:
+        for text, m in [*zip((w.text for w in p.words), p.word_maps), (f"“{p.prompt}” (whole prompt)", p.phrase)]:
+            rows.append(f"<tr><td>{html.escape(text)}</td><td>{format_number(m.tau)}</td>"
+                        f"<td>{', '.join(str(int(v)) for v in m.box)}</td></tr>")
+    return (f"<div class=\"tclip-static\"><img alt=\"overlay\" src=\"{_data_uri(picture[..., ::-1], '.webp')}\">"
+            f"<table><tr><th>{html.escape(method_label(result.run))}</th><th>τ</th><th>box x1, y1, x2, y2</th></tr>"
+            + "".join(rows) + "</table></div>")
+
+
+# ------------------------------------------------------------------------------------------------ a run's page
+class PageWriter:
+    """Collects a run's images and writes its index.html: each image's data is written beside its result as
+    `explorer.js` (`add`), and `finish` inlines them all into index.html when they total at most `inline_limit`
+    bytes (then the per-image scripts are removed), or else links them."""
+
+    def __init__(self, out: pathlib.Path, title: str, run: Optional[dict] = None,
+                 inline_limit: Optional[int] = None):
+        self.out = pathlib.Path(out)
+        self.title = title
+        self.run = run
+        self.inline_limit = INLINE_LIMIT_BYTES if inline_limit is None else inline_limit
+        self._images: list[tuple[str, str, str]] = []   # (name, title, folder relative to out)
+
+    @staticmethod
+    def write_data(folder: pathlib.Path, entry: dict) -> None:
+        """The image's data script (into its folder, e.g. a staging folder renamed into place later)."""
+        text = f"TCLIPExplorer.register({json.dumps(entry['name'])}, {_script_json(entry)});\n"
+        (pathlib.Path(folder) / DATA_SCRIPT).write_text(text, encoding="utf-8")
+
+    def add(self, name: str, title: str, folder: str) -> None:
+        """Records an image whose data script `write_data` wrote into `out / folder`."""
+        self._images.append((name, title, folder))
+
+    def finish(self) -> tuple[pathlib.Path, bool]:
+        """Writes index.html; returns its path and whether the data is inlined."""
+        scripts = [self.out / folder / DATA_SCRIPT for _, _, folder in self._images]
+        total = sum(path.stat().st_size for path in scripts)
+        inline = total <= self.inline_limit
+        if inline:
+            prefix = len("TCLIPExplorer.register(")
+            entries = []
+            for path in scripts:
+                text = path.read_text(encoding="utf-8")
+                name_end = text.index(", ", prefix)
+                entries.append(json.loads(text[name_end + 2:text.rindex(");")]))
+        else:
+            entries = [{"name": name, "title": title, "script": f"{_url(folder)}/{DATA_SCRIPT}"}
+                       for name, title, folder in self._images]
+        index = self.out / INDEX_FILE
+        tmp = index.with_name(f".{INDEX_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(page_html(page_data(entries, self.title, self.run)), encoding="utf-8")
+        os.replace(tmp, index)
+        if inline:
+            for path in scripts:
+                path.unlink()
+        return index, inline
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def _fit(size_hw: tuple[int, int], max_side: int) -> tuple[int, int]:
+    height, width = size_hw
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _photo_uri(image: np.ndarray, display_hw: tuple[int, int]) -> str:
+    small = image if image.shape[:2] == display_hw else cv2.resize(image, display_hw[::-1],
+                                                                    interpolation=cv2.INTER_AREA)
+    bgr = np.ascontiguousarray(small[..., ::-1])
+    candidates = [_data_uri(bgr, ".webp"), _data_uri(bgr, ".png")]
+    return min(candidates, key=len)
+
+
+def _data_uri(array: np.ndarray, ext: str) -> str:
+    params = {".png": [cv2.IMWRITE_PNG_COMPRESSION, 9], ".webp": [cv2.IMWRITE_WEBP_QUALITY, 90]}[ext]
+    ok, encoded = cv2.imencode(ext, np.ascontiguousarray(array), params)
+    if not ok:
+        raise OSError(f"could not encode a {ext} image")
+    return f"data:image/{ext[1:]};base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
+
+
+def _script_json(data) -> str:
+    """JSON that is safe inside a <script> element: '<' only ever appears inside strings, as \\u003c."""
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+
+
+def _quote(text: str) -> str:
+    return f"“{text}”"
+
+
+def _url(folder: str) -> str:
+    from urllib.parse import quote
+
+    return "/".join(quote(part) for part in pathlib.PurePosixPath(folder).parts)
+
+
+def _asset(name: str) -> str:
+    return (_ASSETS / name).read_text(encoding="utf-8")

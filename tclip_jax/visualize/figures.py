@@ -1,0 +1,193 @@
+"""Static pictures of results: a heatmap overlay with its box, and a grid of panels per prompt.
+
+Every picture names what it shows: grid titles carry the method (and its non-default settings), the model and
+the prompt; each panel its word, τ and a GMM fallback. Boxes are drawn as inner strokes (the line lies inside
+the box), and a box that covers the whole image is drawn further inset, so it never hides in the frame.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import pathlib
+from typing import Optional, Sequence
+
+import cv2
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: files need no display backend, and notebooks keep theirs
+
+from tclip_jax.postprocess import Box
+
+BOX_COLOUR = (255, 255, 255)
+BOX_OUTLINE = (0, 0, 0)
+MAX_COLUMNS = 5
+
+
+def normalize(heatmap: np.ndarray) -> np.ndarray:
+    """Min-max to [0, 1]; a constant map becomes zeros."""
+    low, high = float(heatmap.min()), float(heatmap.max())
+    return np.zeros_like(heatmap, np.float32) if high <= low else ((heatmap - low) / (high - low)).astype(np.float32)
+
+
+def turbo_lut() -> np.ndarray:
+    """uint8 [256, 3] RGB: OpenCV's turbo colour map, the one every picture and the explorer page use."""
+    return cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_TURBO)[:, 0, ::-1].copy()
+
+
+def is_whole_image(box: Box, size_hw: tuple[int, int]) -> bool:
+    x1, y1, x2, y2 = (int(v) for v in box)
+    return x1 <= 0 and y1 <= 0 and x2 >= size_hw[1] and y2 >= size_hw[0]
+
+
+def box_thickness(size_hw: tuple[int, int]) -> int:
+    return max(2, round(max(size_hw) / 160))
+
+
+def draw_box(rgb: np.ndarray, box: Box, colour=BOX_COLOUR, outline=BOX_OUTLINE, thickness: Optional[int] = None,
+             ) -> np.ndarray:
+    """Draws `box` (xyxy, exclusive end) in place as an inner stroke: a `colour` line edged by `outline`, all
+    inside the box; a whole-image box is inset by a further stroke width, so it shows inside the frame."""
+    height, width = rgb.shape[:2]
+    t = box_thickness((height, width)) if thickness is None else thickness
+    band = t + 2                                  # the outline band, the line in its middle
+    x1, y1, x2, y2 = (int(v) for v in box)
+    x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+    if is_whole_image((x1, y1, x2, y2), (height, width)):
+        x1, y1, x2, y2 = x1 + t, y1 + t, x2 - t, y2 - t
+    inset = band // 2
+    # Box ends are exclusive, cv2.rectangle's inclusive; the stroke is centred on the line cv2 is given.
+    left, top = min(x1 + inset, x2 - 1), min(y1 + inset, y2 - 1)
+    right, bottom = max(x2 - 1 - inset, left), max(y2 - 1 - inset, top)
+    cv2.rectangle(rgb, (left, top), (right, bottom), outline, band)
+    cv2.rectangle(rgb, (left, top), (right, bottom), colour, t)
+    return rgb
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, box: Box | None = None, alpha: float = 0.5) -> np.ndarray:
+    """uint8 RGB: the image blended with the turbo-coloured min-max heatmap, and the box outlined."""
+    colours = cv2.applyColorMap(np.uint8(np.round(255 * normalize(heatmap))), cv2.COLORMAP_TURBO)[..., ::-1]
+    blended = cv2.addWeighted(np.ascontiguousarray(image), 1.0 - alpha, colours, alpha, 0.0)
+    if box is not None:
+        draw_box(blended, box)
+    return blended
+
+
+def format_number(value: Optional[float]) -> str:
+    """A map value as the pictures and the page show it: 4 significant digits past leading zeros."""
+    if value is None:
+        return "—"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.4g}"
+
+
+class ResultFigure(Figure):
+    """A matplotlib figure that shows itself in a notebook (as PNG) without pyplot: returned as a cell's last
+    value it is displayed once, whatever the backend, and no pyplot figure is left open."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=80)
+        return buffer.getvalue()
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """One overlay of a grid figure."""
+
+    title: str
+    heatmap: np.ndarray
+    box: Optional[Box] = None
+    tau: Optional[float] = None
+    fallback: Optional[str] = None
+
+    def caption(self) -> str:
+        lines = [self.title]
+        if self.tau is not None:
+            fallback = f" (GMM fallback: {self.fallback})" if self.fallback else ""
+            lines.append(f"τ={format_number(self.tau)}{fallback}")
+        return "\n".join(lines)
+
+
+def grid_figure(image: np.ndarray, panels: Sequence[Panel], suptitle: str, columns: int = MAX_COLUMNS,
+                panel_inches: float = 3.0) -> Figure:
+    """A figure: the image, then one overlay per panel, wrapped to at most `columns` (≤ 5) per row."""
+    columns = max(1, min(columns, MAX_COLUMNS, 1 + len(panels)))
+    rows = math.ceil((1 + len(panels)) / columns)
+    aspect = image.shape[1] / image.shape[0]
+    figure = ResultFigure(figsize=(panel_inches * columns * max(aspect, 0.6), (panel_inches + 0.55) * rows + 0.6))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    axes.flat[0].imshow(image)
+    axes.flat[0].set_title("image", fontsize=10)
+    for axis, panel in zip(axes.flat[1:], panels):
+        axis.imshow(overlay(image, panel.heatmap, panel.box))
+        axis.set_title(panel.caption(), fontsize=10, color="firebrick" if panel.fallback else "black")
+    figure.suptitle(suptitle, fontsize=12)
+    figure.tight_layout()
+    return figure
+
+
+def method_label(run: dict) -> str:
+    """The method and its settings that differ from the defaults, e.g. "TCLIP K=25" or "clip_surgery
+    (surgery_blocks=4)"; TCLIP always names its number of translated copies K."""
+    from tclip_jax import methods
+
+    name, settings = run["method"], dict(run.get("settings") or {})
+    try:
+        defaults = methods.get(name).Settings().to_dict() if name in methods.METHODS else {}
+    except (ValueError, TypeError):
+        defaults = {}
+    changed = {k: v for k, v in settings.items() if k in defaults and defaults[k] != v and k != "translations"}
+    label = f"TCLIP K={settings.get('translations')}" if name == "tclip" else name
+    if changed:
+        label += " (" + ", ".join(f"{k}={_setting_text(v)}" for k, v in changed.items()) + ")"
+    return label
+
+
+def model_label(run: dict) -> str:
+    """The model's short name: a hub name as given, a file or folder by its last path component."""
+    model = run.get("model") or {}
+    origin = str(model.get("origin") or model.get("source") or "?")
+    if origin.startswith("hf-hub:") or not ("/" in origin or "\\" in origin):
+        return origin
+    path = pathlib.PurePath(origin)
+    return path.name if path.is_absolute() or origin.startswith(".") or pathlib.Path(origin).exists() else origin
+
+
+def _setting_text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def prompt_panels(prompt, kind: str = "heatmap") -> list[Panel]:
+    """A `PromptResult`'s panels: one per explained word, then the whole prompt."""
+    def one(title: str, m) -> Panel:
+        values = m.soft if kind == "soft" and m.soft is not None else m.heatmap
+        return Panel(title, values, m.box, m.tau, None if m.gmm is None else m.gmm.fallback)
+
+    panels = [one(word.text, m) for word, m in zip(prompt.words, prompt.word_maps)]
+    panels.append(one("whole prompt", prompt.phrase))
+    return panels
+
+
+def result_figure(result, prompt: int = 0, kind: str = "heatmap", columns: int = MAX_COLUMNS) -> Figure:
+    """An `ImageResult`'s grid for one prompt: the image, each word, the whole prompt; titled with the method,
+    its settings, the model and the prompt; τ (and any GMM fallback) in each panel's title.
+
+    kind: "heatmap" (the method's map; TCLIP: the aggregated map) or "soft" (TCLIP's soft map)."""
+    if kind not in ("heatmap", "soft"):
+        raise ValueError(f"kind must be 'heatmap' or 'soft', got {kind!r}")
+    if not -len(result.prompts) <= prompt < len(result.prompts):
+        raise IndexError(f"prompt {prompt} out of range: the result has {len(result.prompts)} prompt(s)")
+    chosen = result.prompts[prompt]
+    shown = "soft maps" if kind == "soft" else "maps"
+    title = f'{method_label(result.run)} {shown} · model {model_label(result.run)}\n"{chosen.prompt}"'
+    return grid_figure(result.image, prompt_panels(chosen, kind), title, columns)
+
+
+def save_figure(figure: Figure, path, dpi: int = 90) -> None:
+    figure.savefig(path, dpi=dpi)
+
+
+def save_png(path, rgb: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1])):
+        raise OSError(f"could not write {path}")

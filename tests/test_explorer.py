@@ -1,0 +1,290 @@
+"""The results explorer: what `tclip explain` puts into index.html, and the page itself in a real headless browser
+(Debian's chromium, `tests/browser.py`): clicking a word shows that word's map (pixel for pixel), the box and τ on
+the page are result.json's, the compare view, the keyboard, linked data scripts, the notebook fragment, and no
+console errors. Static figures: wrapped grids naming the method and τ, whole-image boxes inset.
+"""
+import base64
+import json
+import pathlib
+import re
+
+import cv2
+import numpy as np
+import pytest
+
+import browser
+from tclip_jax.cli import main as tclip
+from tclip_jax.cli.explain import parse_compare
+from tclip_jax.visualize import draw_box, explorer, turbo_lut
+
+PROMPTS = ["a red circle.", "cat"]
+LABELS = ["TCLIP K=25", "TCLIP K=1", "similarity"]
+
+
+def page_json(index: pathlib.Path) -> dict:
+    text = index.read_text(encoding="utf-8")
+    match = re.search(r'<script type="application/json" id="tclip-data">(.*?)</script>', text, re.S)
+    return json.loads(match.group(1))
+
+
+def decode_blob(uri: str) -> np.ndarray:
+    header, data = uri.split(",", 1)
+    assert header == "data:image/png;base64"
+    q = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert q.dtype == np.uint8 and q.ndim == 2  # 8-bit grayscale
+    return q
+
+
+def explain(out, fixtures_dir, *extra, images=("scene_wide_320x240.png", "scene_224.png")) -> int:
+    return tclip(["explain", *(str(fixtures_dir / i) for i in images), *sum((["--prompt", p] for p in PROMPTS), []),
+                  "--model", str(fixtures_dir / "tiny_openai_clip.npz"), "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, fixtures_dir) -> pathlib.Path:
+    """One run: two images, two prompts, TCLIP K=25 with K=1 (by default) and the similarity baseline."""
+    out = tmp_path_factory.mktemp("explorer") / "out"
+    assert explain(out, fixtures_dir, "--compare", "similarity", "--save-npz") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def driver():
+    with browser.chromium() as d:
+        yield d
+
+
+# ------------------------------------------------------------------------------------------ the page's data
+def test_page_is_self_contained_and_covers_the_run(run):
+    index = run / "index.html"
+    text = index.read_text(encoding="utf-8")
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", text)  # nothing fetched from elsewhere
+    assert "@import" not in text and not re.search(r"url\((?!#)", text)
+    assert not list(run.glob("*/explorer.js"))  # inlined, so the per-image data scripts are gone
+    data = page_json(index)
+    assert data["format"] == "tclip_jax/explorer" and [i["name"] for i in data["images"]] == ["scene_wide_320x240",
+                                                                                                "scene_224"]
+    assert data["run"]["method"] == "tclip" and len(bytes.fromhex(data["turbo"])) == 768
+    for entry in data["images"]:
+        assert [p["label"] for p in entry["panels"]] == LABELS
+        assert [[w["text"] for w in p["words"]] for p in entry["prompts"]] == [["a", "red", "circle"], ["cat"]]
+        assert {link["text"]: link["href"] for link in entry["links"]}["result.json"] == f"{entry['name']}/result.json"
+        assert entry["photo"].startswith(("data:image/webp;base64,", "data:image/png;base64,"))
+
+
+def test_numbers_and_maps_in_the_page_are_the_results(run):
+    data = page_json(run / "index.html")
+    for entry in data["images"]:
+        folder = run / entry["name"]
+        record = json.loads((folder / "result.json").read_text())
+        main, k1, similarity = entry["panels"]
+        with np.load(folder / "maps.npz") as npz:
+            for p, prompt in enumerate(record["prompts"]):
+                for w, word in enumerate(prompt["words"]):
+                    shown = main["maps"][f"p{p}w{w}"]
+                    assert shown["tau"] == word["tau"] and shown["box"] == word["box_xyxy"]
+                    assert shown["fallback"] == word["gmm_fallback"]
+                    values = npz[f"p{p}_w{w}_{word['word']}/heatmap"]
+                    lo, hi = shown["heatmap"]["range"]
+                    assert (lo, hi) == (float(values.min()), float(values.max()))  # exact value ranges
+                    q = decode_blob(entry["blobs"][shown["heatmap"]["blob"]]).astype(np.float64)
+                    assert max(q.shape) <= explorer.MAP_MAX_SIDE
+                    expected = cv2.resize(values, q.shape[::-1], interpolation=cv2.INTER_AREA)
+                    np.testing.assert_allclose(lo + q / 255 * (hi - lo), expected, atol=(hi - lo) / 510 + 1e-6)
+                    assert shown["soft"] is not None
+                assert main["maps"][f"p{p}"]["tau"] == prompt["phrase"]["tau"]
+            # The compare panels carry result.json's "compare" records.
+            compare = {c["label"]: c for c in record["compare"]}
+            assert list(compare) == LABELS[1:]
+            for w, word in enumerate(compare["TCLIP K=1"]["prompts"][0]["words"]):
+                assert k1["maps"][f"p0w{w}"]["tau"] == word["tau"] and k1["maps"][f"p0w{w}"]["box"] == word["box_xyxy"]
+            assert compare["TCLIP K=1"]["run"]["settings"]["translations"] == 1
+            # A prompt-level baseline: its map of the whole prompt, and of each word alone as the prompt.
+            alone = {p["prompt"]: p for p in compare["similarity"]["words_alone"]}
+            assert similarity["maps"]["p0w1"]["shows"].startswith("the prompt “red” alone")
+            assert similarity["maps"]["p0w1"]["box"] == alone["red"]["phrase"]["box_xyxy"]
+            assert similarity["maps"]["p0"]["shows"] == "the prompt “a red circle.”"
+            assert similarity["maps"]["p0"]["tau"] is None and similarity["maps"]["p0"]["soft"] is None
+    # "cat" is a one-word prompt: its word and phrase are one query, stored once.
+    entry = data["images"][0]
+    assert entry["panels"][0]["maps"]["p1w0"]["heatmap"]["blob"] == entry["panels"][0]["maps"]["p1"]["heatmap"]["blob"]
+
+
+def test_page_size_stays_small(run):
+    # Two images x two prompts x three methods, heatmaps and soft maps: well under a megabyte.
+    assert (run / "index.html").stat().st_size < 1_000_000
+
+
+def test_no_html_compare_none_and_bad_compare_specs(tmp_path, fixtures_dir, capsys):
+    out = tmp_path / "plain"
+    assert explain(out, fixtures_dir, "--no-html", images=("scene_224.png",)) == 0
+    assert not (out / "index.html").exists() and not list(out.glob("*/explorer.js"))
+    assert "compare" not in json.loads((out / "scene_224" / "result.json").read_text())
+    out = tmp_path / "alone"
+    assert explain(out, fixtures_dir, "--compare", "none", "--translations", "1", images=("scene_224.png",)) == 0
+    assert [p["label"] for p in page_json(out / "index.html")["images"][0]["panels"]] == ["TCLIP K=1"]
+    assert "explorer: " in capsys.readouterr().out
+    for spec, message in [("nosuch", "unknown method 'nosuch'"),
+                          ("tclip:bogus=1", "--compare tclip:bogus=1: unknown option 'bogus'"),
+                          ("similarity:translations=1", "--compare similarity:translations=1: unknown option")]:
+        assert explain(tmp_path / "bad", fixtures_dir, "--compare", spec, images=("scene_224.png",)) == 2
+        assert message in capsys.readouterr().err
+    assert explain(tmp_path / "bad", fixtures_dir, "--compare", "none", "--compare", "similarity",
+                   images=("scene_224.png",)) == 2
+    assert "turns comparing off" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # nothing written before the specs are checked
+
+
+def test_parse_compare():
+    assert parse_compare("similarity") == ("similarity", [])
+    assert parse_compare("tclip:translations=1") == ("tclip", ["translations=1"])
+    assert parse_compare("tclip:translations=9,scale_fractions=0.25,0.5") == (
+        "tclip", ["translations=9", "scale_fractions=0.25,0.5"])
+    assert parse_compare("my.module:Method") == ("my.module:Method", [])
+    assert parse_compare("my.module:Method:depth=2") == ("my.module:Method", ["depth=2"])
+
+
+# --------------------------------------------------------------------------------------------- in a browser
+def open_page(driver, path: pathlib.Path, expect_prefix: str = "0:") -> None:
+    driver.get(path.resolve().as_uri())
+    browser.wait_for(lambda: browser.rendered(driver).startswith(expect_prefix), what="the first render")
+
+
+def click_word(driver, key: str, kind: str = "heatmap", scale: str = "shared", view: str = "single",
+               image: int = 0) -> None:
+    driver.find_element("css selector", f'.tclip-word[data-key="{key}"]').click()
+    expected = f"{image}:{key}:{kind}:{scale}:{view}"
+    browser.wait_for(lambda: browser.rendered(driver) == expected, what=f"the render of {expected}")
+
+
+def field(driver, name: str, card: int = 0) -> str:
+    return driver.find_elements("css selector", f'.tclip-card [data-field="{name}"]')[card].text
+
+
+def test_browser_clicking_a_word_shows_its_map_box_and_tau(run, driver):
+    open_page(driver, run / "index.html")
+    data = page_json(run / "index.html")
+    entry = data["images"][0]
+    record = json.loads((run / entry["name"] / "result.json").read_text())
+    turbo = turbo_lut()
+    driver.find_element("css selector", 'input[data-control="scale"][value="map"]').click()
+    browser.wait_for(lambda: browser.rendered(driver).endswith(":map:single"), what="per-map scale")
+    shown = {}
+    for w, word in enumerate(record["prompts"][0]["words"]):
+        key = f"p0w{w}"
+        click_word(driver, key, scale="map")
+        canvas = browser.canvas_rgb(driver, ".tclip-card canvas.tclip-map")
+        # Per-map scale: a pixel of value q is turbo[q], exactly; so the canvas is this word's map.
+        q = decode_blob(entry["blobs"][entry["panels"][0]["maps"][key]["heatmap"]["blob"]])
+        np.testing.assert_array_equal(canvas, turbo[q])
+        shown[word["word"]] = canvas
+        assert driver.find_element("css selector", ".tclip-card canvas.tclip-map").get_attribute(
+            "data-map") == f"0:{key}:heatmap"
+        # The numbers beside it are result.json's.
+        assert float(field(driver, "tau")) == pytest.approx(word["tau"], abs=5e-5)
+        assert [int(v) for v in field(driver, "box").split(" (")[0].split(", ")] == word["box_xyxy"]
+        assert field(driver, "fallback") == (word["gmm_fallback"] or "none")
+    assert not np.array_equal(shown["red"], shown["circle"])
+    # The shared scale colours the same map differently (a stop word is no longer as bright as "red").
+    driver.find_element("css selector", 'input[data-control="scale"][value="shared"]').click()
+    browser.wait_for(lambda: browser.rendered(driver).endswith(":shared:single"), what="shared scale")
+    assert not np.array_equal(browser.canvas_rgb(driver, ".tclip-card canvas.tclip-map"), shown["circle"])
+    # The soft map, and the links.
+    driver.find_element("css selector", 'input[data-control="kind"][value="soft"]').click()
+    browser.wait_for(lambda: browser.rendered(driver).endswith(":soft:shared:single"), what="the soft map")
+    assert field(driver, "shows").startswith("soft map of the word “circle”")
+    hrefs = [a.get_attribute("href") for a in driver.find_elements("css selector", ".tclip-links a")]
+    assert hrefs[0] == (run / entry["name"] / "result.json").resolve().as_uri()
+    assert browser.console_problems(driver) == []
+
+
+def test_browser_compare_view_keyboard_and_images(run, driver):
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(driver, run / "index.html")
+    record = json.loads((run / "scene_224" / "result.json").read_text())
+    body = driver.find_element("css selector", "body")
+    body.send_keys(Keys.ARROW_RIGHT)  # a → red
+    browser.wait_for(lambda: browser.rendered(driver) == "0:p0w1:heatmap:shared:single", what="the next word")
+    body.send_keys(Keys.ARROW_DOWN)   # the next image
+    browser.wait_for(lambda: browser.rendered(driver).startswith("1:p0w0:"), what="the second image")
+    driver.find_element("css selector", 'input[data-control="view"][value="compare"]').click()
+    click_word(driver, "p0w1", view="compare", image=1)
+    cards = driver.find_elements("css selector", ".tclip-card")
+    assert [c.find_element("css selector", "h2").text for c in cards] == LABELS
+    k1 = next(c for c in record["compare"] if c["label"] == "TCLIP K=1")
+    assert float(field(driver, "tau", card=1)) == pytest.approx(k1["prompts"][0]["words"][1]["tau"], abs=5e-5)
+    assert field(driver, "shows", card=2).startswith("the prompt “red” alone")
+    assert field(driver, "tau", card=2).startswith("—")
+    for _ in range(3):
+        body.send_keys(Keys.ARROW_RIGHT)  # red → circle → whole prompt → cat
+    browser.wait_for(lambda: browser.rendered(driver) == "1:p1w0:heatmap:shared:compare", what="the last word")
+    assert browser.console_problems(driver) == []
+
+
+def test_browser_large_runs_link_each_images_data(tmp_path, fixtures_dir, driver, monkeypatch):
+    monkeypatch.setattr(explorer, "INLINE_LIMIT_BYTES", 0)
+    out = tmp_path / "out"
+    assert explain(out, fixtures_dir, "--compare", "none", "--translations", "1") == 0
+    data = page_json(out / "index.html")
+    assert data["images"] == [{"name": n, "title": str(fixtures_dir / f"{n}.png"), "script": f"{n}/explorer.js"}
+                              for n in ("scene_wide_320x240", "scene_224")]
+    assert (out / "index.html").stat().st_size < 100_000
+    open_page(driver, out / "index.html")
+    driver.find_element("css selector", ".tclip-images select option[value='1']").click()
+    browser.wait_for(lambda: browser.rendered(driver).startswith("1:p0w0:"), what="the linked second image")
+    record = json.loads((out / "scene_224" / "result.json").read_text())
+    assert float(field(driver, "tau")) == pytest.approx(record["prompts"][0]["words"][0]["tau"], abs=5e-5)
+    assert browser.console_problems(driver) == []
+
+
+def test_browser_notebook_fragment(tmp_path, fixtures_dir, driver):
+    from tclip_jax.methods.tclip import TCLIP
+
+    explainer = TCLIP.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), translations=1)
+    result = explainer.explain(str(fixtures_dir / "scene_224.png"), "a red circle")
+    fragment = result._repr_html_()
+    assert "tclip-static" in fragment  # what a viewer without JavaScript shows
+    page = tmp_path / "notebook.html"
+    page.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'></head>"
+                    f"<body><p>a notebook cell</p>{fragment}{result._repr_html_()}</body></html>", encoding="utf-8")
+    open_page(driver, page)
+    roots = driver.find_elements("css selector", ".tclip-x")
+    assert len(roots) == 2  # two outputs on one page keep to themselves
+    browser.wait_for(lambda: all(r.get_attribute("data-rendered") for r in roots), what="both fragments")
+    roots[1].find_element("css selector", '.tclip-word[data-key="p0w1"]').click()
+    browser.wait_for(lambda: roots[1].get_attribute("data-rendered").startswith("0:p0w1:"), what="a click")
+    assert roots[0].get_attribute("data-rendered").startswith("0:p0w0:")
+    tau = roots[1].find_element("css selector", 'td[data-field="tau"]').text
+    assert float(tau) == pytest.approx(result.prompts[0].word_maps[1].tau, abs=5e-5)
+    assert browser.console_problems(driver) == []
+
+
+# ---------------------------------------------------------------------------------------------- static figures
+def test_figure_wraps_names_the_method_and_shows_tau(fixtures_dir):
+    from tclip_jax.methods.tclip import TCLIP
+
+    explainer = TCLIP.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), translations=1)
+    result = explainer.explain(str(fixtures_dir / "scene_224.png"), "a small red circle left of a blue square")
+    figure = result.figure()
+    shown = [a for a in figure.axes if a.images]
+    assert len(shown) == 1 + 9 + 1  # the image, nine words, the whole prompt
+    columns = {round(a.get_position().x0, 3) for a in figure.axes}
+    assert len(columns) == 5  # wrapped at five panels a row
+    assert "TCLIP K=1" in figure._suptitle.get_text() and "tiny_openai_clip.npz" in figure._suptitle.get_text()
+    word = result.prompts[0].word_maps[1]
+    assert shown[2].get_title() == f"small\nτ={word.tau:.4f}"
+    assert figure._repr_png_().startswith(b"\x89PNG")  # a notebook shows it without pyplot
+    soft = result.figure(kind="soft")
+    assert "soft maps" in soft._suptitle.get_text()
+    with pytest.raises(ValueError):
+        result.figure(kind="raw")
+
+
+def test_whole_image_box_is_drawn_inset():
+    picture = draw_box(np.zeros((100, 120, 3), np.uint8), (0, 0, 120, 100), thickness=2)
+    assert not picture[:2].any() and not picture[:, :2].any()   # the frame itself is left alone ...
+    assert (picture[3:97, 4:6] == 255).all()                      # ... the box is drawn inside it
+    inner = draw_box(np.zeros((100, 120, 3), np.uint8), (10, 20, 50, 60), thickness=2)
+    assert not inner[:, :10].any() and not inner[:20].any() and not inner[:, 50:].any() and not inner[60:].any()
+    assert (inner[30, 10:14] > 0).any()  # an inner stroke: inside the box's own pixels

@@ -1,0 +1,112 @@
+"""report.html of a sweep: the table, per-class bars, each class's best and worst unit with its picture, IoU and
+hit or miss; the pictures the sweep keeps for it whatever the order, split or resumption; labelled pictures."""
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+
+import browser
+from test_sweep import Painted, coco_hand  # noqa: F401  (coco_hand: the hand-computed COCO fixture)
+from tclip_jax.evaluation.datasets import coco_dataset
+from tclip_jax.evaluation.datasets.base import Target
+from tclip_jax.sweep import RunOptions, read_all_records, run_sweep
+from tclip_jax.sweep.vis import UnitGallery, best_and_worst, gallery_name, unit_picture, unit_score
+
+
+def test_report_html_shows_scores_bars_and_the_best_and_worst_units(coco_hand, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    report = run_sweep(coco_dataset(coco_hand), Painted.from_pretrained(), out,
+                       options=RunOptions(batch_size=2, progress=False)).report
+    page = (out / "report.html").read_text(encoding="utf-8")
+    detection = report["detection"]
+    assert f"<td class=\"num\">{100 * detection['box_accuracy']:.2f}</td>" in page   # report.md's table
+    assert "BoxAcc per class" in page and page.count('class="bar"') == len(detection["per_class"])
+    assert "width:50.00%" in page                                                      # person: 1 of 2 hits
+    records = read_all_records(out)
+    chosen = best_and_worst(records)
+    assert set(chosen) == {"person", "traffic light", "cat", "dog", "hair drier"}
+    # person: sample 1 (its painted box exactly) is best, sample 2 (IoU 0) worst; the others have one unit each.
+    assert [chosen["person"][p][0]["key"] for p in ("best", "worst")] == ["1", "2"]
+    pictures = _kept(records)
+    assert sorted(p.name for p in (out / "gallery").iterdir()) == sorted(pictures)  # exactly those, no others
+    for picture in pictures:
+        assert f'src="gallery/{picture}"' in page
+    assert re.search(r"best: sample <code>1</code><br>box IoU 1\.0000, <span class=\"hit\">hit</span>", page)
+    assert re.search(r"worst: sample <code>2</code><br>box IoU 0\.0000, <span class=\"miss\">miss</span>", page)
+    assert "only unit: sample <code>2</code>" in page  # cat, dog, hair drier
+    assert "ValueError: cannot read image file" in page  # the errors, as in report.md
+    if browser.missing() is None:
+        with browser.chromium() as driver:
+            driver.get((out / "report.html").as_uri())
+            images = driver.find_elements("css selector", "figure img")
+            browser.wait_for(lambda: all(driver.execute_script("return arguments[0].complete && "
+                                                               "arguments[0].naturalWidth > 0", i) for i in images),
+                             what="the pictures")
+            assert len(images) == len(pictures)  # person: best and worst; one unit each for the others
+            assert browser.console_problems(driver) == []
+
+
+def _records(count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for index in range(count):
+        units = [{"class": cls, "box": [0, 0, 4, 4], "iou": rng.choice([0.0, 0.25, 0.5, 0.75, 1.0]),
+                  "hit": False} for cls in rng.sample(["a", "b", "c"], rng.randint(1, 3))]
+        for unit in units:
+            unit["hit"] = unit["iou"] >= 0.5
+        records.append({"key": f"k{index}", "index": index, "units": units})
+    return records
+
+
+def _offer(gallery: UnitGallery, record: dict) -> None:
+    n = len(record["units"])
+    image = np.full((8, 8, 3), 100, np.uint8)
+    gallery.offer(record["index"], record["key"], image, [Target(0, boxes=np.array([[1, 1, 5, 5]]))] * n,
+                  [np.random.default_rng(record["index"]).random((8, 8))] * n, record["units"])
+
+
+def _kept(records: list[dict]) -> set[str]:
+    return {gallery_name(record["key"], cls, position) for cls, places in best_and_worst(records).items()
+            for record, position in places.values()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gallery_keeps_exactly_the_reports_units_in_any_order_split_or_resumption(tmp_path, seed):
+    records = _records(40, seed)
+    wanted = _kept(records)
+    # One process, in a shuffled order (host threads finish out of order).
+    one = tmp_path / "one"
+    gallery = UnitGallery(one)
+    for record in random.Random(seed).sample(records, len(records)):
+        _offer(gallery, record)
+    assert {p.name for p in one.iterdir()} == wanted
+    # Two processes sharing the folder, and a resumed run that starts from the records on disk.
+    shared = tmp_path / "shared"
+    first, second = UnitGallery(shared), UnitGallery(shared)
+    for record in records[:25]:
+        _offer(first if record["index"] % 2 else second, record)
+    resumed = UnitGallery(shared, seen=records[:25])
+    for record in records[25:]:
+        _offer(resumed, record)
+    assert wanted <= {p.name for p in shared.iterdir()}
+
+
+def test_unit_pictures_are_labelled_with_class_iou_and_hit_or_miss():
+    image = np.full((60, 80, 3), 128, np.uint8)
+    heatmap = np.zeros((60, 80), np.float32)
+    heatmap[10:30, 10:30] = 1
+    target = Target(0, boxes=np.array([[10.0, 10.0, 30.0, 30.0]]))
+    hit = unit_picture(image, heatmap, target, {"class": "cat", "box": [10, 10, 30, 30], "iou": 1.0, "hit": True})
+    miss = unit_picture(image, heatmap, target, {"class": "cat", "box": [40, 40, 60, 60], "iou": 0.0, "hit": False})
+    assert hit.shape[0] > 60 and hit.shape[1] == 80                      # a label strip below the picture
+    assert tuple(hit[-1, -1]) == (40, 120, 40) and tuple(miss[-1, -1]) == (40, 40, 170)  # green hit, red miss
+    thumbnail = unit_picture(np.zeros((600, 800, 3), np.uint8), np.zeros((600, 800), np.float32),
+                             Target(0, mask=np.ones((600, 800), bool)), {"class": "x", "pg_hit": True,
+                                                                         "area_inter": [0, 5], "area_union": [1, 10]},
+                             max_side=200)
+    assert thumbnail.shape[1] == 200
+    assert unit_score({"pg_hit": False, "area_inter": [3, 2], "area_union": [9, 8]}) == (
+        "mask IoU", 0.25, False, "PG miss")
+    assert json.dumps(unit_score({"iou": 0.5, "hit": True})) == '["box IoU", 0.5, true, "hit"]'
