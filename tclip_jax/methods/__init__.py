@@ -14,6 +14,7 @@ from tclip_jax.methods.base import Method
 from tclip_jax.methods.clip_surgery import CLIPSurgery
 from tclip_jax.methods.decomposition import DecompositionMap
 from tclip_jax.methods.grad_eclip import GradCAM, GradECLIP
+from tclip_jax.methods.gscorecam import GScoreCAM
 from tclip_jax.methods.hilacam import HilaCAM
 from tclip_jax.methods.similarity import RCLIP, MaskCLIP, Similarity
 from tclip_jax.methods.tclip import TCLIP
@@ -30,6 +31,7 @@ METHODS: dict[str, type[Method]] = {
     "gradcam": GradCAM,
     "grad_eclip": GradECLIP,
     "decomposition": DecompositionMap,
+    "gscorecam": GScoreCAM,
 }
 
 
