@@ -16,6 +16,7 @@ from tclip_jax.methods.decomposition import DecompositionMap
 from tclip_jax.methods.grad_eclip import GradCAM, GradECLIP
 from tclip_jax.methods.gscorecam import GScoreCAM
 from tclip_jax.methods.hilacam import HilaCAM
+from tclip_jax.methods.m2ib import M2IB
 from tclip_jax.methods.similarity import RCLIP, MaskCLIP, Similarity
 from tclip_jax.methods.tclip import TCLIP
 
@@ -32,6 +33,7 @@ METHODS: dict[str, type[Method]] = {
     "grad_eclip": GradECLIP,
     "decomposition": DecompositionMap,
     "gscorecam": GScoreCAM,
+    "m2ib": M2IB,
 }
 
 
