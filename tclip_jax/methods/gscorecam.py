@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Literal, Optional
 
 import flax.struct
@@ -247,6 +248,14 @@ class GScoreCAM(PromptMethod):
     Settings = GScoreCAMSettings
     input_protocol = "whole"
     heatmap = NORMALIZE_THEN_UPSAMPLE
+
+    def __init__(self, clip, settings=None):
+        super().__init__(clip, settings)
+        channels = clip.config.vision_width
+        if self.settings.topk > channels:
+            warnings.warn(f"gScoreCAM: topk {self.settings.topk} exceeds the model's {channels} channels; every "
+                          f"channel is scored (k = {channels}), so the ranking and zero_unselected have no effect",
+                          stacklevel=2)
 
     def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Geometry]:
         if self.settings.resample == "bicubic":
