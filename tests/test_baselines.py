@@ -66,7 +66,6 @@ def assert_maps_close(maps, ref, key, spec):
 
 def test_similarity_map_matches_clip_surgery_plain_reference(tiny_model, surgery_ref):
     model, params = tiny_model
-    config = model.config
     out = similarity_map(model, params, nhwc(surgery_ref["pixel_values"]), surgery_ref["tokens/labels_single"])
     assert_close(out.text_features, surgery_ref["plain/text_features_single"], "text features")
     assert_close(out.similarity, surgery_ref["plain/similarity_single"], "token similarity")
@@ -75,7 +74,6 @@ def test_similarity_map_matches_clip_surgery_plain_reference(tiny_model, surgery
 
 def test_rclip_reverses_the_normalised_similarity_map(tiny_model, surgery_ref):
     model, params = tiny_model
-    config = model.config
     out = rclip_map(model, params, nhwc(surgery_ref["pixel_values"]), surgery_ref["tokens/labels_single"])
     patches = surgery_ref["plain/similarity_single"][:, 1:].transpose(0, 2, 1).reshape(3, 5, 7, 7)
     low, high = patches.min(axis=(2, 3), keepdims=True), patches.max(axis=(2, 3), keepdims=True)
@@ -84,7 +82,6 @@ def test_rclip_reverses_the_normalised_similarity_map(tiny_model, surgery_ref):
 
 def test_clip_surgery_matches_reference(tiny_model, surgery_ref):
     model, params = tiny_model
-    config = model.config
     images = nhwc(surgery_ref["pixel_values"])
     spec = METHODS["clip_surgery"].heatmap
     out = clip_surgery_map(model, params, images, surgery_ref["tokens/labels_ensemble"])
@@ -99,7 +96,6 @@ def test_clip_surgery_matches_reference(tiny_model, surgery_ref):
 def test_clip_surgery_single_text_with_empty_string_redundancy_matches_reference(tiny_model, surgery_ref):
     """The demo's single-text case: raw prompt minus the empty-string prompt ensemble."""
     model, params = tiny_model
-    config = model.config
     images = nhwc(surgery_ref["pixel_values"])
     out = clip_surgery_map(model, params, images, surgery_ref["tokens/red_circle_single"],
                            surgery_ref["tokens/empty_ensemble"])
@@ -112,7 +108,6 @@ def test_clip_surgery_single_text_with_empty_string_redundancy_matches_reference
 
 def test_clip_surgery_rejects_bad_options(tiny_model, surgery_ref):
     model, params = tiny_model
-    config = model.config
     images = nhwc(surgery_ref["pixel_values"][:1])
     with pytest.raises(ValueError, match="at least 2 texts"):
         clip_surgery_map(model, params, images, surgery_ref["tokens/red_circle_single"])
@@ -123,7 +118,6 @@ def test_clip_surgery_rejects_bad_options(tiny_model, surgery_ref):
 def test_maskclip_value_path_is_the_block_with_identity_attention(tiny_model, surgery_ref):
     """MaskCLIP's path equals the model's last block with each token attending only to itself."""
     model, params = tiny_model
-    config = model.config
     images = nhwc(surgery_ref["pixel_values"])
     out = maskclip_map(model, params, images, surgery_ref["tokens/labels_single"])
 
@@ -163,7 +157,6 @@ def test_maskclip_value_only_path(tiny_model, surgery_ref):
 @pytest.mark.parametrize("variant, start_layer", [("last_layer", -1), ("all_layers", 0)])
 def test_hilacam_matches_reference(tiny_model, hilacam_ref, variant, start_layer):
     model, params = tiny_model
-    config = model.config
     images = np.concatenate([nhwc(hilacam_ref[f"{name}/pixel_values"]) for name in IMAGE_NAMES])
     out = hilacam_map(model, params, images, hilacam_ref["token_ids"], start_layer=start_layer,
                       start_layer_text=start_layer)
@@ -205,7 +198,6 @@ def test_probs_offset_gradient_agrees_with_central_differences(tiny_model, hilac
 @pytest.mark.parametrize("name", ["scene_224", "scene_wide_320x240"])
 def test_grad_eclip_and_grad_cam_match_reference(tiny_model, grad_eclip_ref, fixture_images, name):
     model, params = tiny_model
-    config = model.config
     ref = {k.split("/", 1)[1]: v for k, v in grad_eclip_ref.items() if k.startswith(name + "/")}
     images, geometry = prepare(fixture_images[name], METHODS["grad_eclip"].input_protocol, 224, 32)
     assert_close(images[None], nhwc(ref["pixel_values"]), "patch-multiple preprocessing", tol=1e-5)
@@ -263,7 +255,7 @@ def test_raw_attention_and_rollout(tiny_model, surgery_ref):
 
 def test_registry_lists_every_method_with_its_protocol():
     assert set(METHODS) == {"tclip", "similarity", "rclip", "maskclip", "clip_surgery", "hilacam", "attention",
-                            "rollout", "gradcam", "grad_eclip", "decomposition"}
+                            "rollout", "gradcam", "grad_eclip", "decomposition", "gscorecam", "m2ib"}
     assert all(METHODS[name].name == name for name in METHODS)
     assert len(METHODS["clip_surgery"].templates) == 85
     with pytest.raises(ValueError, match="unknown method"):
@@ -288,7 +280,6 @@ def test_text_features_computed_once_give_the_token_id_maps(tiny_model, surgery_
 
 def test_text_features_of_the_wrong_width_or_for_hilacam_are_refused(tiny_model, surgery_ref):
     model, params = tiny_model
-    config = model.config
     images = nhwc(surgery_ref["pixel_values"][:1])
     features = text_features(model, params, surgery_ref["tokens/labels_single"])
     with pytest.raises(ValueError, match="text features must be"):

@@ -31,7 +31,6 @@ def reference(fixture_npz):
 @pytest.fixture(scope="module")
 def heatmap_output(tiny_model, reference):
     model, params = tiny_model
-    config = model.config
     with jax.default_matmul_precision("highest"):
         images = np.ascontiguousarray(reference["pixel_values"].transpose(0, 2, 3, 1))
         return decomposition_map(model, params, images, reference["text_tokens"])
@@ -46,7 +45,6 @@ def assert_close(ours, expected, what, tol=TOL):
 
 def test_residual_terms_match_the_prs_logger(tiny_model, reference):
     model, params = tiny_model
-    config = model.config
     images = np.ascontiguousarray(reference["pixel_values"].transpose(0, 2, 3, 1))
     terms = jax.jit(residual_terms, static_argnums=0)(model, params, images)
     assert_close(terms.attentions, reference["attentions_raw"], "attention terms")

@@ -22,6 +22,8 @@ REGISTRY: dict[str, str] = {
     "gradcam": "tclip_jax.methods.grad_eclip:GradCAM",
     "grad_eclip": "tclip_jax.methods.grad_eclip:GradECLIP",
     "decomposition": "tclip_jax.methods.decomposition:DecompositionMap",
+    "gscorecam": "tclip_jax.methods.gscorecam:GScoreCAM",
+    "m2ib": "tclip_jax.methods.m2ib:M2IB",
 }
 
 

@@ -238,6 +238,11 @@ class Method(abc.ABC):
 
         return _each(one, pixels, own)
 
+    def original_maps(self, maps: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """Maps [..., h, w] covering the model input (at its size or the patch grid's) -> the original image
+        (`image.to_original`); a method whose official code rescales its maps at the original size does it here."""
+        return to_original(maps, geometry)
+
     def postprocess(self, heatmaps: Sequence[np.ndarray], soft_maps: bool = True) -> list[HostMaps]:
         """The host step for maps at the original size: Otsu boxes under the settings' rule (and, for a method
         with soft maps, those too unless `soft_maps` is False)."""
@@ -294,7 +299,7 @@ class Method(abc.ABC):
 
     def _image_result(self, rgb: np.ndarray, geometry: Geometry, encoded: EncodedPrompts, distinct_maps: np.ndarray,
                       extras: Any) -> ImageResult:
-        distinct_maps = list(to_original(distinct_maps, geometry))  # equal queries share one array
+        distinct_maps = list(self.original_maps(distinct_maps, geometry))  # equal queries share one array
         host = self.postprocess(distinct_maps)
 
         def map_result(text: str, item: int) -> MapResult:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import pathlib
 
 import numpy as np
@@ -96,7 +95,7 @@ def markdown(config: dict, summary: dict) -> str:
     paper, why_not = paper_figures(config)
     lines[2] += f" Data: {config.get('source') or config['dataset']}."
     lines.insert(3, "")
-    lines.insert(4, f"The paper's figures (TCLIP, CLIP ViT-B/32, the whole split) are shown beside this run." if paper
+    lines.insert(4, "The paper's figures (TCLIP, CLIP ViT-B/32, the whole split) are shown beside this run." if paper
                  else f"No paper figure is shown: {why_not}.")
     groups = summary.get("groups", {})
     if "detection" in summary:

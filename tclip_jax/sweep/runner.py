@@ -46,7 +46,7 @@ from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample
 from tclip_jax.evaluation.options import EvalOptions
 from tclip_jax.evaluation.scoring import score_unit
 from tclip_jax.files import write_text_atomic
-from tclip_jax.image import Geometry, to_original
+from tclip_jax.image import Geometry
 from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query, QueryArrays
 from tclip_jax.sweep.options import RunOptions
 from tclip_jax.sweep.report import CONFIG_FILE, read_config, write_report
@@ -278,7 +278,7 @@ def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, class
               gallery: Optional[UnitGallery] = None) -> dict:
     targets = prepared.loaded.targets
     try:
-        heatmaps = to_original(image_maps[:len(targets)], prepared.geometry)
+        heatmaps = method.original_maps(image_maps[:len(targets)], prepared.geometry)
         host = method.postprocess(heatmaps, soft_maps=any(t.mask is not None for t in targets))
         units = [{"class_id": t.class_id, "class": class_names[t.class_id], **_query_fields(t),
                   **score_unit(t, h, m, evaluation)} for t, h, m in zip(targets, heatmaps, host)]
