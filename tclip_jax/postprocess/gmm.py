@@ -41,7 +41,8 @@ from tclip_jax.postprocess._blas import scratch
 FINE_BINS = 16384        # histogram bins over [min, max] (16-bit integer image, one cv2.calcHist)
 COARSE_BINS = 512        # quadrature groups; each becomes two weighted points
 REG_COVAR = 1e-6         # scikit-learn's default, added to the standardised variances
-TOL = 1e-10              # fixed-point residual (max over logit weight, means, log variances; standardised units)
+TOL = 1e-8               # fixed-point residual (max over logit weight, means, log variances; standardised units;
+                         # a component collapsed onto one value (variance = reg_covar) has log-variance noise ~1e-10)
 NEWTON_SWITCH = 1e-3     # residual below which Newton steps on the fixed-point equation are tried
 MAX_STEPS = 5000         # EM/Newton steps per map (never reached on the maps tested; see `MixtureParams`)
 EM_RUN = 8               # EM steps taken in a row while every map of the batch is far from convergence
