@@ -46,6 +46,7 @@ TOL = 1e-8               # fixed-point residual (max over logit weight, means, l
 NEWTON_SWITCH = 1e-3     # residual below which Newton steps on the fixed-point equation are tried
 MAX_STEPS = 5000         # EM/Newton steps per map (never reached on the maps tested; see `MixtureParams`)
 EM_RUN = 8               # EM steps taken in a row while every map of the batch is far from convergence
+_NEWTON_FRACTIONS = np.array([1.0, 0.5, 0.25, 0.125])  # Newton step lengths tried together
 _TINY = 1e-12
 
 
@@ -280,14 +281,14 @@ def fit_points(points: np.ndarray, weights: np.ndarray, theta: np.ndarray, tol: 
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs EM, then Newton on EM's fixed-point equation, from ``theta`` [5, Q] until the residual is < tol.
 
-    Each step evaluates the EM map once at the current iterate. While the residual |F(theta) - theta| is
-    >= ``newton_switch`` the next iterate is F(theta) (an EM step). Below it, the EM map's Jacobian J is
-    evaluated too, and if EM contracts there (spectral radius of J < 1, as at a local maximum, not a saddle)
-    the next iterate is the Newton step theta + (I - J)^-1 (F(theta) - theta), kept only if its residual is
-    smaller (else the EM step is taken). EM alone would converge to the same fixed point, linearly; near a
-    fixed point with a slow rate (tens to hundreds of EM steps on real maps) Newton takes 2-3 steps.
-    Returns (F(theta) at the last iterate, i.e. one more EM step as scikit-learn ends with, [5, Q];
-    steps [Q]; converged [Q]).
+    Maps whose residual |F(theta) - theta| is >= ``newton_switch`` take ``EM_RUN`` EM steps. Below it, the EM
+    map's Jacobian J is evaluated, and if EM contracts there (spectral radius of J < 1, as at a local
+    maximum, not near a saddle) Newton steps theta + t (I - J)^-1 (F(theta) - theta) are tried for
+    t = 1, 1/2, 1/4, 1/8; the one with the smallest residual is kept if that is smaller than the current
+    one; otherwise the map takes ``EM_RUN`` EM steps before the next try. EM alone converges to the same
+    fixed point, linearly; near a fixed point with a slow rate (hundreds of EM steps on some maps) Newton
+    takes a few steps. Returns (F(theta) at the last iterate, i.e. one more EM step as scikit-learn ends
+    with, [5, Q]; EM-map evaluations per map [Q]; converged [Q]).
     """
     data = _Points(points, weights)
     q = points.shape[0]
@@ -302,49 +303,51 @@ def fit_points(points: np.ndarray, weights: np.ndarray, theta: np.ndarray, tol: 
     while active.size:
         sub = work if rows.size == len(work.weights) else work.take(rows)
         th, fa, res = theta[:, active], f[:, active], residual[active]
-        if not (res < newton_switch).any():
-            # Far from every fixed point: a run of plain EM steps with no bookkeeping in between.
-            run = min(EM_RUN, int(max_steps - steps[active].max()))
-            if active.size == 1:  # a slow map left alone: the same steps with scalar M-steps
-                th, fa = _em_run_one(fa[:, 0], sub, run)
-            else:
-                for _ in range(run):
-                    th, (fa, _) = fa, em_map(fa, sub)
-            res = np.abs(fa - th).max(0)
-            steps[active] += run
-            theta[:, active], f[:, active], residual[active] = th, fa, res
-            finished = (res < tol) | (steps[active] >= max_steps) | ~np.isfinite(res)
-            converged[active[finished]] = res[finished] < tol
-            active, rows = active[~finished], rows[~finished]
-            if active.size and rows.size <= 0.75 * len(work.weights):
-                work, rows = work.take(rows), np.arange(active.size)
-            continue
-        proposal = fa.copy()
-        newton = res < newton_switch
-        if newton.any():
-            idx = np.nonzero(newton)[0]
+        accepted = np.zeros(active.size, bool)
+        idx = np.nonzero(res < newton_switch)[0]
+        if idx.size:
             _, jac = em_map(th[:, idx], sub.take(idx), jacobian=True)
+            steps[active[idx]] += 1
             system = np.eye(5)[None] - jac
             ok = np.isfinite(system).all((1, 2))
             ok[ok] &= np.abs(np.linalg.eigvals(jac[ok])).max(1) < 1.0
             ok[ok] &= np.abs(np.linalg.det(system[ok])) > 1e-14
-            newton[idx[~ok]] = False
-            if ok.any():
-                rhs = (fa - th)[:, idx[ok]].T[:, :, None]
-                proposal[:, idx[ok]] = th[:, idx[ok]] + np.linalg.solve(system[ok], rhs)[:, :, 0].T
-        new_f, _ = em_map(proposal, sub)
-        new_res = np.abs(new_f - proposal).max(0)
-        steps[active] += 1
-        rejected = newton & ~(new_res < res)
-        if rejected.any():  # take the EM step from theta instead
-            b = np.nonzero(rejected)[0]
-            proposal[:, b] = fa[:, b]
-            new_f[:, b], _ = em_map(proposal[:, b], sub.take(b))
-            new_res[b] = np.abs(new_f[:, b] - proposal[:, b]).max(0)
-            steps[active[b]] += 1
-        theta[:, active], f[:, active], residual[active] = proposal, new_f, new_res
-        finished = (new_res < tol) | (steps[active] >= max_steps) | ~np.isfinite(new_res)
-        converged[active[finished]] = new_res[finished] < tol
+            idx, system = idx[ok], system[ok]
+        if idx.size:
+            # The full Newton step can overshoot where the fixed-point map is not yet linear (a slow EM
+            # mode): shorter ones are tried in the same evaluation; the best is kept if it shrinks the residual.
+            delta = np.linalg.solve(system, (fa - th)[:, idx].T[:, :, None])[:, :, 0].T          # [5, k]
+            tries = th[:, idx, None] + delta[:, :, None] * _NEWTON_FRACTIONS                    # [5, k, 4]
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # wild tries are discarded
+                try_f, _ = em_map(tries.reshape(5, -1), sub.take(np.repeat(idx, _NEWTON_FRACTIONS.size)))
+            steps[active[idx]] += 1
+            try_f = try_f.reshape(tries.shape)
+            try_res = np.abs(try_f - tries).max(0)                                              # [k, 4]
+            try_res[~np.isfinite(try_res)] = np.inf
+            best = np.argmin(try_res, axis=1)
+            keep = try_res[np.arange(idx.size), best] < res[idx]
+            chosen, best = idx[keep], best[keep]
+            accepted[chosen] = True
+            th[:, chosen] = tries[:, keep, best]
+            fa[:, chosen] = try_f[:, keep, best]
+            res[chosen] = try_res[keep, best]
+        em = np.nonzero(~accepted)[0]
+        if em.size:  # EM_RUN EM steps in a row, no bookkeeping in between
+            run = int(min(EM_RUN, max_steps - steps[active[em]].max()))
+            if run > 0:
+                if em.size == 1:  # a slow map left alone: the same steps with scalar M-steps
+                    th_em, f_em = _em_run_one(fa[:, em[0]], sub.take(em), run)
+                else:
+                    sub_em = sub if em.size == active.size else sub.take(em)
+                    th_em, f_em = th[:, em], fa[:, em]
+                    for _ in range(run):
+                        th_em, (f_em, _) = f_em, em_map(f_em, sub_em)
+                th[:, em], fa[:, em] = th_em, f_em
+                res[em] = np.abs(f_em - th_em).max(0)
+                steps[active[em]] += run
+        theta[:, active], f[:, active], residual[active] = th, fa, res
+        finished = (res < tol) | (steps[active] >= max_steps) | ~np.isfinite(res)
+        converged[active[finished]] = res[finished] < tol
         active, rows = active[~finished], rows[~finished]
         if active.size and rows.size <= 0.75 * len(work.weights):
             work, rows = work.take(rows), np.arange(active.size)
