@@ -46,7 +46,7 @@ TOL = 1e-8               # fixed-point residual (max over logit weight, means, l
 NEWTON_SWITCH = 1e-3     # residual below which Newton steps on the fixed-point equation are tried
 MAX_STEPS = 5000         # EM/Newton steps per map (never reached on the maps tested; see `MixtureParams`)
 EM_RUN = 8               # EM steps taken in a row while every map of the batch is far from convergence
-_NEWTON_FRACTIONS = np.array([1.0, 0.5, 0.25, 0.125])  # Newton step lengths tried together
+_NEWTON_FRACTIONS = (np.array([1.0]), np.array([0.5, 0.25, 0.125]))  # Newton step lengths, tried in turn
 _TINY = 1e-12
 
 
@@ -283,9 +283,9 @@ def fit_points(points: np.ndarray, weights: np.ndarray, theta: np.ndarray, tol: 
 
     Maps whose residual |F(theta) - theta| is >= ``newton_switch`` take ``EM_RUN`` EM steps. Below it, the EM
     map's Jacobian J is evaluated, and if EM contracts there (spectral radius of J < 1, as at a local
-    maximum, not near a saddle) Newton steps theta + t (I - J)^-1 (F(theta) - theta) are tried for
-    t = 1, 1/2, 1/4, 1/8; the one with the smallest residual is kept if that is smaller than the current
-    one; otherwise the map takes ``EM_RUN`` EM steps before the next try. EM alone converges to the same
+    maximum, not near a saddle) the Newton step theta + t (I - J)^-1 (F(theta) - theta) is tried with t = 1,
+    then with t = 1/2, 1/4, 1/8 together; the first (smallest-residual) one that shrinks the residual is
+    kept; otherwise the map takes ``EM_RUN`` EM steps before the next try. EM alone converges to the same
     fixed point, linearly; near a fixed point with a slow rate (hundreds of EM steps on some maps) Newton
     takes a few steps. Returns (F(theta) at the last iterate, i.e. one more EM step as scikit-learn ends
     with, [5, Q]; EM-map evaluations per map [Q]; converged [Q]).
@@ -314,23 +314,27 @@ def fit_points(points: np.ndarray, weights: np.ndarray, theta: np.ndarray, tol: 
             ok[ok] &= np.abs(np.linalg.det(system[ok])) > 1e-14
             idx, system = idx[ok], system[ok]
         if idx.size:
-            # The full Newton step can overshoot where the fixed-point map is not yet linear (a slow EM
-            # mode): shorter ones are tried in the same evaluation; the best is kept if it shrinks the residual.
+            # The full Newton step; where it does not shrink the residual (it can overshoot along a slow EM
+            # mode, where the fixed-point map is not yet linear) 1/2, 1/4 and 1/8 of it are tried together.
             delta = np.linalg.solve(system, (fa - th)[:, idx].T[:, :, None])[:, :, 0].T          # [5, k]
-            tries = th[:, idx, None] + delta[:, :, None] * _NEWTON_FRACTIONS                    # [5, k, 4]
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # wild tries are discarded
-                try_f, _ = em_map(tries.reshape(5, -1), sub.take(np.repeat(idx, _NEWTON_FRACTIONS.size)))
-            steps[active[idx]] += 1
-            try_f = try_f.reshape(tries.shape)
-            try_res = np.abs(try_f - tries).max(0)                                              # [k, 4]
-            try_res[~np.isfinite(try_res)] = np.inf
-            best = np.argmin(try_res, axis=1)
-            keep = try_res[np.arange(idx.size), best] < res[idx]
-            chosen, best = idx[keep], best[keep]
-            accepted[chosen] = True
-            th[:, chosen] = tries[:, keep, best]
-            fa[:, chosen] = try_f[:, keep, best]
-            res[chosen] = try_res[keep, best]
+            for fractions in _NEWTON_FRACTIONS:
+                tries = th[:, idx, None] + delta[:, :, None] * fractions                        # [5, k, t]
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # wild tries are discarded
+                    try_f, _ = em_map(tries.reshape(5, -1), sub.take(np.repeat(idx, fractions.size)))
+                steps[active[idx]] += 1
+                try_f = try_f.reshape(tries.shape)
+                try_res = np.abs(try_f - tries).max(0)                                          # [k, t]
+                try_res[~np.isfinite(try_res)] = np.inf
+                best = np.argmin(try_res, axis=1)
+                keep = try_res[np.arange(idx.size), best] < res[idx]
+                chosen, best = idx[keep], best[keep]
+                accepted[chosen] = True
+                th[:, chosen] = tries[:, keep, best]
+                fa[:, chosen] = try_f[:, keep, best]
+                res[chosen] = try_res[keep, best]
+                idx, delta = idx[~keep], delta[:, ~keep]
+                if not idx.size:
+                    break
         em = np.nonzero(~accepted)[0]
         if em.size:  # EM_RUN EM steps in a row, no bookkeeping in between
             run = int(min(EM_RUN, max_steps - steps[active[em]].max()))
