@@ -23,7 +23,7 @@ Conventions:
 - The blur is ``scipy.ndimage.gaussian_filter(mode="reflect", truncate=4)``. Its default sigma is
   ``DEFAULT_SIGMA_FRACTION * max(H, W)`` pixels (about 4.5 px on a 224-pixel map), so the same smoothing
   applies at any map resolution; ``sigma=0`` disables it. Below sigma 4.8 it is computed exactly
-  (separable, OpenCV, float32); above, by a Gaussian pyramid whose error is below 4e-4 of the map's
+  (separable, OpenCV, float32); above, by a Gaussian pyramid whose error is at most 4.1e-4 of the map's
   range (`tclip_jax.postprocess.blur`), in time that does not grow with sigma. The soft map is float32.
 
 The batched functions (`soft_maps`, `gmm_thresholds`) take [Q, H, W] arrays or sequences of 2-D maps; the
