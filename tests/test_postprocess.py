@@ -591,3 +591,15 @@ def test_batched_inputs_are_validated():
         soft_maps_and_boxes(np.array([[[0.0, np.nan], [1.0, 2.0]]]))
     with pytest.raises(ValueError, match="rule"):
         soft_maps_and_boxes(np.zeros((1, 4, 4)), rule="biggest")
+
+
+def test_batched_host_step_is_thread_safe():
+    import concurrent.futures
+
+    images = [np.stack([_heatmap_like(10 * i + k, (150, 200)) for k in range(3)]) for i in range(6)]
+    serial = [soft_maps_and_boxes(maps) for maps in images]
+    with concurrent.futures.ThreadPoolExecutor(4) as threads:
+        concurrent_results = list(threads.map(soft_maps_and_boxes, images))
+    for (soft_a, fits_a, boxes_a), (soft_b, fits_b, boxes_b) in zip(serial, concurrent_results):
+        np.testing.assert_array_equal(soft_a, soft_b)
+        assert fits_a == fits_b and boxes_a == boxes_b
