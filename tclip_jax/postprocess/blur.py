@@ -240,14 +240,16 @@ class PyramidBlur:
         _reflect_fill(buf[:, mx:mx + w], my, h, axis=0, index=self.y.pad_index)
         _reflect_fill(buf, mx, w, axis=1, index=self.x.pad_index)
         level = buf
-        for _ in range(self.levels):
-            level = cv2.pyrDown(level)
+        for i in range(self.levels):  # intermediate levels in scratch arrays: fresh ones cost page faults
+            level = cv2.pyrDown(level, dst=scratch(f"blur_down{i}", ((level.shape[0] + 1) // 2,
+                                                                      (level.shape[1] + 1) // 2), np.float32))
         level = self.y.coarse @ level @ self.x.coarse.T
         if offset:
             level += np.float32(offset)
         for i in range(self.levels - 1, -1, -1):
-            size = (self.x.up_sizes[i], self.y.up_sizes[i])
-            level = cv2.pyrUp(level, dst=out_frame if i == 0 else None, dstsize=size)
+            shape = (self.y.up_sizes[i], self.x.up_sizes[i])
+            dst = out_frame if i == 0 else scratch(f"blur_up{i}", shape, np.float32)
+            level = cv2.pyrUp(level, dst=dst, dstsize=shape[::-1])
 
 
 def _reflect_fill(array: np.ndarray, margin: int, n: int, axis: int, index: np.ndarray) -> None:
