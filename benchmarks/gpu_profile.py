@@ -150,7 +150,8 @@ def compare_dtypes(maps_by_dtype: dict[str, list[np.ndarray]]) -> dict:
         tau_diff = max(tau_diff, max(abs(a.tau - b.tau) / s for a, b, s in zip(fits_ref, fits_low, span)))
         boxes_equal += sum(a == b for a, b in zip(boxes_ref, boxes_low))
         total += len(boxes_ref)
-    return {"bf16_map_diff": float(map_diff), "bf16_tau_diff": float(tau_diff), "bf16_boxes_equal": f"{boxes_equal}/{total}"}
+    return {"bf16_map_diff": float(map_diff), "bf16_tau_diff": float(tau_diff),
+            "bf16_boxes_equal": f"{boxes_equal}/{total}"}
 
 
 def report(rows: list[dict], plan: Plan, machine: str, loads: tuple[str, str], elapsed: float) -> str:

@@ -292,7 +292,8 @@ def report(timing: dict, fidelity: dict, args, machine: str, runs: list[dict], c
               "(threadpoolctl)", ""]
     if timing:
         rounds = sorted({t["rounds"] for t in timing.values()})
-        lines += [f"Time per map: median of {'/'.join(map(str, rounds))} rounds, the variants' order rotating (wall clock, fastest round in brackets; "
+        lines += [f"Time per map: median of {'/'.join(map(str, rounds))} rounds, the variants' order rotating "
+                  "(wall clock, fastest round in brackets; "
                   "CPU = this thread's CPU time, which leaves out waiting for a core on this shared machine). "
                   "Maps: the embedded model's word maps on held-out scenes. Old: commit 58e4e45, one map at a time. "
                   "New: `soft_maps_and_boxes` on all maps of an image. Targets: <= 3 ms at 640x480, "
@@ -331,7 +332,8 @@ def report(timing: dict, fidelity: dict, args, machine: str, runs: list[dict], c
                                                       "soft_tau"),
                                                      ("soft map: old - scipy(reference tau), / range", "soft_old"))]),
                   ""]
-        lines += [f"GMM fallbacks among the maps: " + ", ".join(f"{name} {f['fallbacks']}" for name, f in fidelity.items()),
+        lines += ["GMM fallbacks among the maps: "
+                  + ", ".join(f"{name} {f['fallbacks']}" for name, f in fidelity.items()),
                   ""]
     lines += ["Blur: worst-case bound of the new blur against scipy for any map, in units of the map's range "
               "(`tclip_jax.postprocess.blur.error_bound`, exact 1-D operators):", "",
@@ -439,7 +441,8 @@ def main(argv=None) -> None:
     runs = [{"date": today(), "command": command_line(), "load_before": load_before, "load_after": load_average(),
              "minutes": (time.time() - started) / 60, "timing": sorted(timing), "fidelity": sorted(fidelity)}]
     if args.state:
-        state = json.loads(args.state.read_text()) if args.state.exists() else {"timing": {}, "fidelity": {}, "runs": []}
+        state = (json.loads(args.state.read_text()) if args.state.exists()
+                 else {"timing": {}, "fidelity": {}, "runs": []})
         state["timing"].update(timing)
         state["fidelity"].update(fidelity)
         state["runs"] = [r for r in state["runs"]
