@@ -44,7 +44,7 @@ from tclip_jax.methods.tclip.relevance import aggregate_maps, translated_patch_e
 from tclip_jax.methods.tclip.translations import translated_copies  # noqa: E402
 from tclip_jax.model import CLIP, PRESETS, to_hf_config  # noqa: E402
 from tclip_jax.postprocess.boxes import heatmap_box  # noqa: E402
-from tclip_jax.postprocess.soft_map import soft_map  # noqa: E402
+from tclip_jax.postprocess.soft import soft_map  # noqa: E402
 from tclip_jax.image import to_original, whole_image  # noqa: E402
 from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene  # noqa: E402
 from tclip_jax.model.tokenizer import default_tokenizer  # noqa: E402

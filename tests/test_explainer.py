@@ -92,7 +92,9 @@ def test_one_image_pass_serves_many_prompts(tiny_clip, fixture_images, vit_calls
     tclip = TCLIP(tiny_clip, Settings(translations=25))
     image = fixture_images["scene_wide_320x240"]
     together = tclip.explain(image, list(PROMPTS))
-    assert len(vit_calls) == 1 and vit_calls[0][0] == 1  # one pass over one image's 25 copies
+    # Every trace of the image tower sees one image (its 25 copies made inside), never one per prompt; the
+    # per-image loop traces its body twice (for its output shapes, then the loop).
+    assert 1 <= len(vit_calls) <= 2 and set(vit_calls) == {(1, 224, 224, 3)}
     for prompt, joint in zip(PROMPTS, together.prompts):
         alone = tclip.explain(image, prompt).prompts[0]
         assert alone.prompt == joint.prompt == prompt
@@ -200,8 +202,6 @@ def test_settings_name_a_bad_protocol_or_box_rule():
     ({"trim": 0.5}, r"trim must lie in \[0, 0.5\)"),
     ({"sigma": float("nan")}, "sigma must be a finite number"),
     ({"sigma": -1.0}, "sigma must be >= 0"),
-    ({"gmm_seed": -1}, "gmm_seed must be >= 0"),
-    ({"gmm_seed": 2**32}, "gmm_seed must be below 2"),
     ({"colour": "red"}, "unknown setting 'colour'; Settings takes box_rule, truncate, translations"),
 ])
 def test_settings_refuse_bad_values_when_made(values, message):

@@ -20,7 +20,7 @@ from tclip_jax.postprocess import (
     soft_map,
     uint8_minmax,
 )
-from tclip_jax.postprocess.soft_map import DEFAULT_SIGMA_FRACTION, MAX_GMM_SAMPLES, gaussian_blur
+from tclip_jax.postprocess.soft import DEFAULT_SIGMA_FRACTION, gaussian_blur
 
 NUM_MAPS = 12
 
@@ -174,12 +174,11 @@ def test_fit_recovers_the_analytic_intersection():
     assert _weighted_pdf_gap(fit.tau, fit.means, fit.stds, fit.weights) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_subsampled_fit_ignores_pixel_order():
+def test_fit_ignores_pixel_order():
     rng = np.random.default_rng(1)
     values = np.concatenate([rng.normal(0.0, 1.0, 15_000), rng.normal(5.0, 1.0, 7_500)])
-    assert values.size > MAX_GMM_SAMPLES
-    first = gmm_threshold(values.reshape(150, 150), seed=3)
-    second = gmm_threshold(rng.permutation(values).reshape(150, 150), seed=3)
+    first = gmm_threshold(values.reshape(150, 150))
+    second = gmm_threshold(rng.permutation(values).reshape(150, 150))
     # equal up to the summation order of the standardization's mean and std
     for field in ("means", "stds", "weights", "tau"):
         np.testing.assert_allclose(getattr(first, field), getattr(second, field), rtol=1e-9)
@@ -264,17 +263,6 @@ def test_soft_map_rejects_bad_input():
         soft_map(np.arange(5.0))
 
 
-def test_gmm_subsample_equals_numpy_quantiles():
-    from tclip_jax.postprocess.soft_map import _evenly_spaced_quantiles
-
-    values = np.random.default_rng(3).standard_normal(10_007)
-    for dtype in (np.float64, np.float32):  # float32 maps are sorted as float32, the quantiles taken in float64
-        typed = values.astype(dtype)
-        np.testing.assert_allclose(_evenly_spaced_quantiles(typed, 4096),
-                                   np.quantile(typed.astype(np.float64), np.linspace(0.0, 1.0, 4096)),
-                                   atol=1e-12, rtol=0)
-
-
 def test_concurrent_fits_equal_serial_fits_and_leave_blas_threads_as_they_were():
     import concurrent.futures
 
@@ -287,3 +275,320 @@ def test_concurrent_fits_equal_serial_fits_and_leave_blas_threads_as_they_were()
         concurrent_fits = list(threads.map(gmm_threshold, maps))
     assert concurrent_fits == serial
     assert [pool["num_threads"] for pool in threadpoolctl.threadpool_info()] == before
+
+
+# ================================================================ batched host step (issue 14)
+# References: scikit-learn's GaussianMixture on all values, OpenCV's normalize/Otsu/connectedComponentsWithStats,
+# scipy.ndimage.gaussian_filter, and explicit loops.
+
+import cv2  # noqa: E402
+
+from tclip_jax.postprocess import (  # noqa: E402
+    heatmap_boxes,
+    gmm_thresholds,
+    soft_maps,
+    soft_maps_and_boxes,
+)
+from tclip_jax.postprocess import blur as blur_module  # noqa: E402
+from tclip_jax.postprocess import gmm as gmm_module  # noqa: E402
+
+
+def _heatmap_like(seed: int, shape: tuple[int, int], dtype=np.float32) -> np.ndarray:
+    """A smooth map with one to three bumps on a textured background, like an aggregated relevance map."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w] / max(h, w)
+    background = ndimage.gaussian_filter(rng.standard_normal(shape), max(h, w) / 20, mode="reflect")
+    out = 0.2 * background / (np.abs(background).max() + 1e-12)
+    for _ in range(rng.integers(1, 4)):
+        cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8) * w / max(h, w), rng.uniform(0.05, 0.2)
+        out += rng.uniform(0.3, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    return (0.1 + 0.3 * out).astype(dtype)
+
+
+def _sklearn_full_fit_tau(values: np.ndarray) -> float:
+    """tau of scikit-learn's GaussianMixture(2) on ALL values, standardized, from the exact global 2-means split
+    (the start the histogram fit uses), run to convergence."""
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(values, np.float64).ravel()
+    center, scale = x.mean(), x.std()
+    z = np.sort((x - center) / scale)
+    n, cumulative, k = z.size, np.cumsum(z), np.arange(1, z.size)
+    between = k * (n - k) * (cumulative[:-1] / k - (cumulative[-1] - cumulative[:-1]) / (n - k)) ** 2
+    low, high = np.split(z, [int(np.argmax(between)) + 1])
+    gmm = GaussianMixture(2, covariance_type="diag", reg_covar=1e-6, tol=1e-12, max_iter=100_000,
+                          weights_init=np.array([low.size, high.size]) / n,
+                          means_init=np.array([[low.mean()], [high.mean()]]),
+                          precisions_init=1.0 / np.array([[low.var() + 1e-6], [high.var() + 1e-6]]),
+                          init_params="random_from_data", random_state=0)
+    gmm.fit(z[:, None])
+    order = np.argsort(gmm.means_[:, 0])
+    tau = gaussian_intersection(tuple(center + scale * gmm.means_[order, 0]),
+                                tuple(scale * np.sqrt(gmm.covariances_[order, 0])), tuple(gmm.weights_[order]))
+    return float(x.mean()) if tau is None else tau
+
+
+@pytest.mark.parametrize("shape, dtype", [((60, 80), np.float32), ((97, 131), np.float32), ((120, 90), np.float64)])
+def test_tau_equals_scikit_learn_fit_on_all_values(shape, dtype):
+    maps = [_heatmap_like(seed, shape, dtype) for seed in range(6)]
+    for m, fit in zip(maps, gmm_thresholds(maps)):
+        assert fit.fallback is None
+        assert abs(fit.tau - _sklearn_full_fit_tau(m)) < 1e-4 * float(np.ptp(m))
+
+
+def test_bimodal_histogram_fit_recovers_the_analytic_intersection():
+    means, stds, weights = (0.0, 4.0), (1.0, 0.5), (0.7, 0.3)
+    rng = np.random.default_rng(5)
+    values = np.concatenate([rng.normal(means[0], stds[0], 70_000), rng.normal(means[1], stds[1], 30_000)])
+    fit = gmm_threshold(rng.permutation(values).reshape(250, 400))
+    assert fit.tau == pytest.approx(_sklearn_full_fit_tau(values), abs=1e-4)
+    assert fit.tau == pytest.approx(gaussian_intersection(means, stds, weights), abs=0.03)  # sampling error only
+
+
+def test_batched_fits_equal_one_map_at_a_time():
+    maps = [_heatmap_like(seed, (64, 48)) for seed in range(7)] + [np.full((64, 48), 0.25, np.float32)]
+    batched = gmm_thresholds(maps)
+    for m, fit in zip(maps, batched):
+        single = gmm_threshold(m)
+        assert single.fallback == fit.fallback
+        # equal up to where each stops: the fixed-point residual tolerance (1e-8, standardized units)
+        np.testing.assert_allclose([single.tau, *single.means, *single.stds, *single.weights],
+                                   [fit.tau, *fit.means, *fit.stds, *fit.weights], rtol=1e-7, atol=1e-9)
+    assert batched[-1].fallback == "constant" and batched[-1].tau == np.float32(0.25)
+
+
+def _histograms(maps) -> "gmm_module.MapHistograms":
+    lo = np.array([float(m.min()) for m in maps])
+    hi = np.array([float(m.max()) for m in maps])
+    counts = np.stack([gmm_module.fine_histogram(m, a, b) for m, a, b in zip(maps, lo, hi)])
+    return gmm_module.MapHistograms(counts, lo, hi)
+
+
+def test_fine_histogram_counts_every_value_in_its_rounding_bin():
+    m = _heatmap_like(3, (70, 90))
+    lo, hi = float(m.min()), float(m.max())
+    counts = gmm_module.fine_histogram(m, lo, hi)
+    position = (m.astype(np.float64) - lo) * (gmm_module.FINE_BINS - 1) / (hi - lo)
+    reference = np.bincount(np.rint(position).astype(np.int64).ravel(), minlength=gmm_module.FINE_BINS)
+    assert counts.sum() == m.size
+    # float32 arithmetic may move values that sit on a bin edge to the neighbouring bin, nothing else
+    near_edge = int((np.abs(position - np.floor(position) - 0.5) < 1e-3).sum())
+    assert np.abs(np.cumsum(counts) - np.cumsum(reference)).max() <= near_edge
+
+
+def test_quadrature_reproduces_each_groups_count_and_first_three_moments():
+    hists = _histograms([_heatmap_like(4, (50, 60))])
+    points, weights, _, center, scale = gmm_module.quadrature_points(hists)
+    counts = hists.counts[0].astype(np.float64)
+    step = (hists.hi[0] - hists.lo[0]) / (gmm_module.FINE_BINS - 1)
+    z = (hists.lo[0] + step * np.arange(gmm_module.FINE_BINS) - center[0]) / scale[0]
+    per = gmm_module.FINE_BINS // gmm_module.COARSE_BINS
+    sheppard = (step / scale[0]) ** 2 / 12
+    for group in range(gmm_module.COARSE_BINS):  # explicit loop over groups
+        c, zz = counts[group * per:(group + 1) * per], z[group * per:(group + 1) * per]
+        p, w = points[0, 2 * group:2 * group + 2], weights[0, 2 * group:2 * group + 2]
+        assert w.sum() == pytest.approx(c.sum() / counts.sum(), abs=1e-15)
+        if c.sum() == 0:
+            continue
+        mean = (c * zz).sum() / c.sum()
+        moments = [mean, (c * (zz - mean) ** 2).sum() / c.sum() + sheppard, (c * (zz - mean) ** 3).sum() / c.sum()]
+        rule = [(w * p).sum() / w.sum()]
+        rule += [(w * (p - rule[0]) ** 2).sum() / w.sum(), (w * (p - rule[0]) ** 3).sum() / w.sum()]
+        np.testing.assert_allclose(rule, moments, rtol=1e-7, atol=1e-13)
+
+
+def _quadrature(maps):
+    points, weights, moments, _, _ = gmm_module.quadrature_points(_histograms(maps))
+    return points, weights, gmm_module.initial_params(moments)
+
+
+def test_em_jacobian_matches_finite_differences():
+    points, weights, theta = _quadrature([_heatmap_like(seed, (40, 50)) for seed in range(3)])
+    data = gmm_module._Points(points, weights)
+    _, jac = gmm_module.em_map(theta, data, jacobian=True)
+    eps = 1e-6
+    for j in range(5):
+        step = np.zeros((5, 1))
+        step[j] = eps
+        numeric = (gmm_module.em_map(theta + step, data)[0] - gmm_module.em_map(theta - step, data)[0]) / (2 * eps)
+        np.testing.assert_allclose(jac[:, :, j], numeric.T, rtol=1e-5, atol=1e-7)
+
+
+def _plain_em(points, weights, theta, steps):
+    """scikit-learn's EM on weighted points (diag covariance, reg_covar 1e-6), written out; theta as in gmm.py."""
+    lw, m1, lv1, m2, lv2 = theta
+    for _ in range(steps):
+        w1 = 1.0 / (1.0 + np.exp(-lw))
+        d1 = w1 * np.exp(-0.5 * (points - m1) ** 2 / np.exp(lv1)) / np.sqrt(np.exp(lv1))
+        d2 = (1 - w1) * np.exp(-0.5 * (points - m2) ** 2 / np.exp(lv2)) / np.sqrt(np.exp(lv2))
+        r = weights * d1 / (d1 + d2)
+        n1 = r.sum()
+        m1, m2 = (r * points).sum() / n1, ((weights - r) * points).sum() / (1 - n1)
+        lv1 = np.log((r * (points - m1) ** 2).sum() / n1 + 1e-6)
+        lv2 = np.log(((weights - r) * (points - m2) ** 2).sum() / (1 - n1) + 1e-6)
+        lw = np.log(n1 / (1 - n1))
+    return np.array([lw, m1, lv1, m2, lv2])
+
+
+def test_em_then_newton_reaches_plain_ems_fixed_point():
+    points, weights, theta = _quadrature([_heatmap_like(seed, (48, 64)) for seed in range(5)])
+    fitted, steps, converged = gmm_module.fit_points(points, weights, theta)
+    assert converged.all()
+    for q in range(points.shape[0]):
+        reference = _plain_em(points[q], weights[q], theta[:, q], steps=5000)
+        np.testing.assert_allclose(fitted[:, q], reference, atol=1e-8)
+
+
+# ---------------------------------------------------------------- boxes and Otsu vs OpenCV, explicit loops
+
+
+def _reference_box(heatmap, threshold=None, rule="component") -> Box:
+    """The box as gScoreCAM / the previous implementation compute it, with OpenCV's own functions."""
+    gray = cv2.normalize(heatmap, None, 0, 255, cv2.NORM_MINMAX, cv2.CV_8UC1)
+    if threshold is None:
+        _, mask = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    else:
+        _, mask = cv2.threshold(gray, round(threshold * 255), 255, cv2.THRESH_BINARY)
+    mask = (mask > 0).astype(np.uint8)
+    if rule == "contour":
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        if not contours:
+            return GSCORECAM_DUMMY_BOX
+        rects = [cv2.boundingRect(c) for c in contours]
+        x, y, w, h = rects[int(np.argmax([w * h for _, _, w, h in rects]))]
+        return Box(x, y, x + w, y + h)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count == 1:
+        return Box(0, 0, mask.shape[1], mask.shape[0])
+    label = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x, y, w, h = (int(v) for v in stats[label, :4])
+    return Box(x, y, x + w, y + h)
+
+
+def _box_test_maps():
+    rng = np.random.default_rng(11)
+    maps = [_heatmap_like(seed, shape) for seed, shape in enumerate([(31, 47), (64, 64), (101, 77), (240, 320)])]
+    maps += [rng.random((33, 45)).astype(np.float32), rng.random((80, 60))]  # many small components
+    quantised = np.zeros((40, 50), np.float32)  # equal blobs: ties between components, starting at odd offsets
+    quantised[3:8, 5:10] = quantised[11:16, 31:36] = quantised[27:32, 17:22] = 1.0
+    maps.append(quantised)
+    levels = np.zeros((30, 30), np.float32)  # three equally filled levels: Otsu ties
+    levels[:, 10:20], levels[:, 20:] = 0.5, 1.0
+    maps += [levels, np.full((12, 20), 3.0, np.float32), np.eye(17, dtype=np.float64)]
+    return maps
+
+
+@pytest.mark.parametrize("threshold", [None, 0.3, 0.5])
+@pytest.mark.parametrize("rule", ["component", "contour"])
+def test_boxes_equal_opencv_reference(rule, threshold):
+    maps = _box_test_maps()
+    assert heatmap_boxes(maps, rule, threshold) == [_reference_box(m, threshold, rule) for m in maps]
+
+
+def test_otsu_threshold_and_uint8_map_are_opencvs():
+    rng = np.random.default_rng(12)
+    maps = _box_test_maps() + [rng.integers(0, 511, (29, 31)).astype(np.float32) / 2]  # exact .5 roundings
+    for a, d, c1, c2 in rng.integers(1, 60, (40, 4)):  # three spikes, symmetric counts: exact Otsu ties
+        maps.append(np.array([a] * c1 + [a + d] * c2 + [a + 2 * d] * c1, np.float32)[None])
+    for m in maps:
+        gray = cv2.normalize(m, None, 0, 255, cv2.NORM_MINMAX, cv2.CV_8UC1)
+        np.testing.assert_array_equal(uint8_minmax(m), gray)
+        mask, t = foreground(m)
+        t_cv, mask_cv = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        assert t == t_cv
+        np.testing.assert_array_equal(mask, mask_cv > 0)
+
+
+def test_more_components_than_16_bit_labels():
+    mask = np.zeros((530, 530), bool)
+    mask[::2, ::2] = True  # 70225 isolated pixels
+    mask[100:110, 200:230] = True  # the largest
+    assert largest_component_box(mask) == _reference_box(mask.astype(np.float32))
+
+
+# ---------------------------------------------------------------- blur vs scipy
+
+
+@pytest.mark.parametrize("n", [9, 20, 40, 64, 101, 224, 375, 480])
+@pytest.mark.parametrize("sigma", [4.8, 5.5, 6.4, 9.6, 12.8, 19.2, 38.4, 76.8])
+def test_pyramid_blur_error_bound(n, sigma):
+    # exact 1-D operators of the pyramid and of scipy's filter; the 2-D error is (e_y |A_x| + e_x) / 2 of the range
+    e, norm = blur_module.error_bound(n, sigma)
+    assert blur_module.pyramid_levels(sigma) >= 1
+    assert e <= 4.1e-4 and norm <= 1.01
+
+
+@pytest.mark.parametrize("shape, sigma", [((480, 640), 12.8), ((375, 500), 10.0), ((37, 101), 38.4), ((9, 300), 6.0)])
+def test_pyramid_blur_equals_scipy_within_its_bound(shape, sigma):
+    rng = np.random.default_rng(13)
+    h, w = shape
+    images = [(rng.random(shape) > 0.5).astype(np.float32), np.zeros(shape, np.float32), rng.random(shape)]
+    images[1][h // 4:h // 2, w // 3:] = 1.0
+    images[1][0, 0] = images[1][-1, -1] = 1.0
+    (ey, ay), (ex, _) = blur_module.error_bound(h, sigma), blur_module.error_bound(w, sigma)
+    bound = (ey * ay + ex) / 2 + 1e-6  # float32 rounding
+    pyramid = blur_module.PyramidBlur(shape, sigma)
+    for image in images:
+        pyramid.interior[...] = image
+        frame = np.empty(pyramid.output_frame, np.float32)
+        pyramid.run(frame)
+        reference = ndimage.gaussian_filter(image.astype(np.float64), sigma, mode="reflect", truncate=4.0)
+        assert np.abs(pyramid.crop(frame) - reference).max() <= bound * float(np.ptp(image))
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (300, 200)])
+def test_soft_maps_are_scipys_blur_of_the_floored_map(shape):
+    maps = np.stack([_heatmap_like(seed, shape) for seed in range(3)])
+    soft, fits = soft_maps(maps)
+    sigma = DEFAULT_SIGMA_FRACTION * max(shape)
+    for m, s, fit in zip(maps, soft, fits):
+        floored = np.where(m < np.float64(fit.tau), m.min(), m).astype(np.float64)
+        reference = ndimage.gaussian_filter(floored, sigma, mode="reflect", truncate=4.0)
+        assert np.abs(s - reference).max() <= 5e-4 * float(np.ptp(m))
+
+
+def test_floor_compares_with_tau_exactly():
+    from tclip_jax.postprocess.soft import _write_floored_offset
+
+    tau = 0.3
+    t32 = np.float32(tau) if float(np.float32(tau)) >= tau else np.nextafter(np.float32(tau), np.float32(1))
+    edge = [np.nextafter(t32, np.float32(-1)), t32, np.nextafter(t32, np.float32(1))]
+    for lo in (np.float32(-0.7), np.float32(-0.25), np.float32(0.1)):  # subtraction exact or rounding
+        values = np.array([[lo, *edge, np.float32(0.9)]] * 3, np.float32)
+        out = np.empty(values.shape, np.float32)
+        _write_floored_offset(values, float(lo), tau, out)
+        np.testing.assert_array_equal(out == 0, values < np.float64(tau))
+        np.testing.assert_array_equal(out[values >= tau], (values - lo)[values >= tau])
+
+
+def test_batched_host_step_equals_single_map_functions():
+    maps = np.stack([_heatmap_like(seed, (120, 160)) for seed in range(4)] + [np.full((120, 160), 2.0, np.float32)])
+    soft, fits, found = soft_maps_and_boxes(maps)
+    for m, s, fit, box in zip(maps, soft, fits, found):
+        single_soft, single_fit = soft_map(m)
+        np.testing.assert_allclose(s, single_soft, rtol=0, atol=1e-6)
+        assert fit.tau == pytest.approx(single_fit.tau, rel=1e-7) and fit.fallback == single_fit.fallback
+        assert box == heatmap_box(m) == _reference_box(m)
+    np.testing.assert_array_equal(soft[-1], np.float32(2.0))
+
+
+def test_batched_inputs_are_validated():
+    with pytest.raises(ValueError, match="one shape"):
+        soft_maps([np.zeros((3, 4)), np.zeros((4, 3))])
+    with pytest.raises(ValueError, match="NaN"):
+        soft_maps_and_boxes(np.array([[[0.0, np.nan], [1.0, 2.0]]]))
+    with pytest.raises(ValueError, match="rule"):
+        soft_maps_and_boxes(np.zeros((1, 4, 4)), rule="biggest")
+
+
+def test_batched_host_step_is_thread_safe():
+    import concurrent.futures
+
+    images = [np.stack([_heatmap_like(10 * i + k, (150, 200)) for k in range(3)]) for i in range(6)]
+    serial = [soft_maps_and_boxes(maps) for maps in images]
+    with concurrent.futures.ThreadPoolExecutor(4) as threads:
+        concurrent_results = list(threads.map(soft_maps_and_boxes, images))
+    for (soft_a, fits_a, boxes_a), (soft_b, fits_b, boxes_b) in zip(serial, concurrent_results):
+        np.testing.assert_array_equal(soft_a, soft_b)
+        assert fits_a == fits_b and boxes_a == boxes_b

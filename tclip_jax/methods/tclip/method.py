@@ -8,10 +8,8 @@ the words inside a query's span (a multi-word class name; the whole prompt for i
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -33,8 +31,7 @@ from tclip_jax.methods.tclip.relevance import aggregate_maps, token_embeddings, 
 from tclip_jax.methods.tclip.settings import Settings
 from tclip_jax.methods.tclip.translations import translation_offsets
 from tclip_jax.model.tokenizer import TokenizedPrompt
-from tclip_jax.postprocess.boxes import heatmap_box
-from tclip_jax.postprocess.soft_map import soft_map
+from tclip_jax.postprocess.soft import soft_maps_and_boxes
 
 class TCLIP(Method):
     name = "tclip"
@@ -94,19 +91,12 @@ class TCLIP(Method):
 
     # -------------------------------------------------------------------------------------------- host
     def postprocess(self, heatmaps: Sequence[np.ndarray], soft_maps: bool = True) -> list[HostMaps]:
-        """Soft map, GMM fit and box of each aggregated map (boxes only without `soft_maps`).
-
-        Maps run in parallel on threads: sorting and blurring release the GIL (scikit-learn's EM only partly).
-        """
+        """Soft map, GMM fit and box of each aggregated map (boxes only without `soft_maps`), all maps of the
+        image in one batched call (`postprocess.soft_maps_and_boxes`)."""
         if not soft_maps:
             return super().postprocess(heatmaps)
-
-        def one(aggregated: np.ndarray) -> HostMaps:
-            soft, gmm = soft_map(aggregated, sigma=self.settings.sigma, seed=self.settings.gmm_seed)
-            return HostMaps(soft, gmm, heatmap_box(aggregated, rule=self.settings.box_rule))
-
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(heatmaps), os.cpu_count() or 1))) as pool:
-            return list(pool.map(one, heatmaps))
+        soft, fits, boxes = soft_maps_and_boxes(heatmaps, sigma=self.settings.sigma, rule=self.settings.box_rule)
+        return [HostMaps(s, fit, box) for s, fit, box in zip(soft, fits, boxes)]
 
     def prompt_similarity(self, encoded: EncodedPrompts, prompt: int, extras: Any) -> np.ndarray:
         """Raw S [n_pieces, gh*gw] of the untranslated image; row i is piece i of the prompt."""

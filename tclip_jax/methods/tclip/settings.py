@@ -11,7 +11,6 @@ from tclip_jax.settings import finite, integer, parse_float_tuple, parse_optiona
 # Shift lengths as fractions of the patch size: sub-patch shifts move every patch boundary.
 DEFAULT_SCALE_FRACTIONS = (0.25, 0.5, 0.75)
 DEFAULT_TRIM = 0.2
-GMM_SEED_LIMIT = 2**32  # scikit-learn's random_state range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +29,6 @@ class Settings(MethodSettings):
         "resized to a patch multiple", choices=INPUT_PROTOCOLS)
     sigma: Optional[float] = setting(None, "soft-map Gaussian sigma in pixels", parse=parse_optional(float),
                                      shown_default="2%% of the image's longer side")
-    gmm_seed: int = setting(0, "random_state of the soft map's Gaussian mixture", parse=int)
 
     def __post_init__(self):
         super().__post_init__()
@@ -56,6 +54,3 @@ class Settings(MethodSettings):
             finite("sigma", self.sigma)
             if self.sigma < 0:
                 raise ValueError(f"sigma must be >= 0 (pixels), got {self.sigma}")
-        integer("gmm_seed", self.gmm_seed, 0)
-        if self.gmm_seed >= GMM_SEED_LIMIT:
-            raise ValueError(f"gmm_seed must be below 2**32, got {self.gmm_seed}")

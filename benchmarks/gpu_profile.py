@@ -1,0 +1,222 @@
+"""Where TCLIP's time goes on an accelerator: device vs host per image, float32 vs bfloat16 matmuls.
+
+For each model (random weights: ViT-B/32, ViT-L/14), matmul dtype (float32, bfloat16: ``CLIP(config,
+dtype=jnp.bfloat16)``, parameters stay float32), workload (one 10-word prompt; the 80 COCO class names as 80
+prompts) and batch size (1, 8, 32 images of 640x480, held-out synthetic scenes, ``whole`` protocol, K = 25):
+
+- device ms/image: ``TCLIP.device_maps`` (25 translated copies through the image tower, relevance, shift-back,
+  trimmed mean) on one batch, ``block_until_ready``, divided by the batch size;
+- floor ms/image: the image tower alone on the batch's 25 translated copies (the least any K = 25 method does);
+- host ms/image: ``to_original`` + ``soft_maps_and_boxes`` (soft maps, GMM fits, boxes) of one image's maps;
+- explain ms/image: ``explain_batch`` end to end over the images (prompts encoded once), per image;
+- explain/floor.
+Then, per model and workload, bfloat16 against float32 on the same images: the largest difference of the
+aggregated maps (image size) in units of the float32 map's range, of tau in the same units, and how many
+boxes agree. Medians of ``--repeats`` timed runs after a compiling warm-up.
+
+    python benchmarks/gpu_profile.py --results $OUT/RESULTS.md   # on a GPU machine (a few minutes)
+    python benchmarks/gpu_profile.py --smoke                      # CPU, tiny model and sizes: checks the script
+
+Without a GPU (and without --smoke) it says so and exits 0 without measuring or writing anything.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
+from benchmarks._common import (RESULTS_PATH, command_line, load_average, machine_description,  # noqa: E402
+                                markdown_table, today, write_section)
+from tclip_jax.datasets import COCO_CATEGORIES  # noqa: E402
+from tclip_jax.loading import LoadedClip  # noqa: E402
+from tclip_jax.method.explainer import TCLIP, Settings  # noqa: E402
+from tclip_jax.method.relevance import translated_patch_embeddings  # noqa: E402
+from tclip_jax.model import CLIP, PRESETS, CLIPConfig, init_params  # noqa: E402
+from tclip_jax.postprocess import soft_maps_and_boxes  # noqa: E402
+from tclip_jax.preprocess import to_original  # noqa: E402
+from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene  # noqa: E402
+from tclip_jax.tokenizer import default_tokenizer  # noqa: E402
+
+PROMPT = "a small brown dog chases a red ball across grass"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SMOKE_CONFIG = CLIPConfig(embed_dim=32, image_size=64, patch_size=16, vision_width=64, vision_layers=2,
+                          vision_heads=2, vision_mlp_dim=128, vocab_size=49408, context_length=77, text_width=64,
+                          text_layers=2, text_heads=2, text_mlp_dim=128)
+
+
+@dataclasses.dataclass
+class Plan:
+    models: tuple[str, ...]
+    batches: tuple[int, ...]
+    workloads: dict[str, tuple[str, ...]]
+    image_hw: tuple[int, int]
+    repeats: int
+    explain_images: int  # at least this many images (and at least one batch) go through explain_batch
+
+
+def full_plan(args) -> Plan:
+    return Plan(tuple(args.models), tuple(args.batches),
+                {"1 prompt": (PROMPT,), "80 COCO prompts": tuple(COCO_CATEGORIES.values())},
+                (480, 640), args.repeats, args.explain_images)
+
+
+def smoke_plan() -> Plan:
+    return Plan(("tiny",), (1, 2), {"1 prompt": (PROMPT,), "5 COCO prompts": tuple(COCO_CATEGORIES.values())[:5]},
+                (96, 128), 1, 2)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def build(config: CLIPConfig, params, dtype, name: str) -> TCLIP:
+    clip = LoadedClip(CLIP(config, dtype=dtype), params, default_tokenizer(), "tclip", f"random {name}")
+    return TCLIP(clip, Settings(translations=25, protocol="whole"))
+
+
+def profile(plan: Plan, configs: dict[str, CLIPConfig], images: list[np.ndarray], deadline: float) -> list[dict]:
+    """Every (batch, model, workload, dtype), the most telling batch sizes first so that a time budget cuts the
+    least useful ones; bfloat16 vs float32 is compared on the first batch size's maps."""
+    models = {}
+    for name, config in configs.items():
+        params = init_params(config, seed=0)
+        models[name] = {d: build(config, params, dtype, name) for d, dtype in DTYPES.items()}
+    order = sorted(plan.batches, key=lambda b: (b != 8, b != 32, b))
+    rows, compared_maps = [], {}
+    for batch in order:
+        for name, tclips in models.items():
+            for workload, prompts in plan.workloads.items():
+                for dtype_name, tclip in tclips.items():
+                    if time.perf_counter() > deadline:
+                        rows.append({"model": name, "dtype": dtype_name, "workload": workload, "batch": batch,
+                                     "skipped": True})
+                        continue
+                    row, maps = measure(tclip, prompts, images, batch, plan)
+                    rows.append({"model": name, "dtype": dtype_name, "workload": workload, **row})
+                    print(json.dumps(rows[-1]), flush=True)
+                    if batch == order[0]:
+                        compared_maps.setdefault((name, workload), {})[dtype_name] = maps
+    for (name, workload), maps_by_dtype in compared_maps.items():
+        if len(maps_by_dtype) == len(DTYPES):
+            rows.append({"model": name, "workload": workload, **compare_dtypes(maps_by_dtype)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def measure(tclip: TCLIP, prompts, images: list[np.ndarray], batch: int, plan: Plan) -> tuple[dict, list]:
+    """Timings of one configuration, and its image-size maps of the batch (for the dtype comparison)."""
+    encoded = tclip.encode_prompts(prompts)
+    queries = np.unique(encoded.queries, axis=0)
+    loaded = [tclip.preprocess(image) for image in images[:batch]]
+    pixels = np.stack([p for _, p, _ in loaded])
+    device = median_seconds(lambda: jax.block_until_ready(tclip.device_maps(pixels, queries)), plan.repeats) / batch
+    floor = median_seconds(lambda: translated_patch_embeddings(tclip.clip.model, tclip.clip.params, pixels,
+                                                               tclip.offsets).block_until_ready(), plan.repeats) / batch
+    _, maps = tclip.device_maps(pixels, queries)
+    maps = np.asarray(maps)
+    first, geometry = maps[0], loaded[0][2]
+    host = median_seconds(lambda: soft_maps_and_boxes(to_original(first, geometry)), plan.repeats)
+    count = max(plan.explain_images, batch)
+    explain_images = [images[i % len(images)] for i in range(count)]
+    explain = median_seconds(lambda: list(tclip.explain_batch(explain_images, encoded, batch_size=batch)), 1) / count
+    row = {"batch": batch, "maps": len(queries), "device_ms": device * 1e3, "floor_ms": floor * 1e3,
+           "host_ms": host * 1e3, "explain_ms": explain * 1e3, "explain_over_floor": explain / floor, "skipped": False}
+    return row, [to_original(m, g) for m, (_, _, g) in zip(maps, loaded)]
+
+
+def compare_dtypes(maps_by_dtype: dict[str, list[np.ndarray]]) -> dict:
+    map_diff, tau_diff, boxes_equal, total = 0.0, 0.0, 0, 0
+    for reference, low in zip(maps_by_dtype["float32"], maps_by_dtype["bfloat16"]):
+        span = np.ptp(reference, axis=(1, 2))
+        span = np.where(span > 0, span, 1.0)
+        map_diff = max(map_diff, float((np.abs(low - reference).max(axis=(1, 2)) / span).max()))
+        _, fits_ref, boxes_ref = soft_maps_and_boxes(reference)
+        _, fits_low, boxes_low = soft_maps_and_boxes(low)
+        tau_diff = max(tau_diff, max(abs(a.tau - b.tau) / s for a, b, s in zip(fits_ref, fits_low, span)))
+        boxes_equal += sum(a == b for a, b in zip(boxes_ref, boxes_low))
+        total += len(boxes_ref)
+    return {"bf16_map_diff": float(map_diff), "bf16_tau_diff": float(tau_diff),
+            "bf16_boxes_equal": f"{boxes_equal}/{total}"}
+
+
+def report(rows: list[dict], plan: Plan, machine: str, loads: tuple[str, str], elapsed: float) -> str:
+    timed = [r for r in rows if "batch" in r]
+    table = markdown_table(
+        ["model", "matmuls", "workload", "batch", "maps/image", "device ms/img", "floor ms/img", "host ms/img",
+         "explain ms/img", "explain/floor"],
+        [[r["model"], r["dtype"], r["workload"], r["batch"]]
+         + (["skipped (time budget)"] + [""] * 5 if r["skipped"] else
+            [r["maps"], f"{r['device_ms']:.2f}", f"{r['floor_ms']:.2f}", f"{r['host_ms']:.1f}",
+             f"{r['explain_ms']:.1f}", f"{r['explain_over_floor']:.1f}"]) for r in timed])
+    compared = markdown_table(
+        ["model", "workload", "max |map bf16 - fp32| / range", "max |tau bf16 - fp32| / range", "boxes equal"],
+        [[r["model"], r["workload"], f"{r['bf16_map_diff']:.1e}", f"{r['bf16_tau_diff']:.1e}", r["bf16_boxes_equal"]]
+         for r in rows if "bf16_map_diff" in r])
+    return "\n".join([
+        "## TCLIP on an accelerator: device vs host time per image, float32 vs bfloat16", "",
+        f"- date: {today()}", f"- machine: {machine}", f"- command: `{command_line()}`",
+        f"- load average before: {loads[0]}; after: {loads[1]}; took {elapsed / 60:.1f} min",
+        f"- random weights; {plan.image_hw[1]}x{plan.image_hw[0]} held-out synthetic scenes; K = 25; median of "
+        f"{plan.repeats} runs after a compiling warm-up; host = to_original + soft_maps_and_boxes of one image's "
+        "maps (one distinct query per map)", "", table, "", compared])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes; writes nothing")
+    parser.add_argument("--models", nargs="+", default=["ViT-B/32", "ViT-L/14"], choices=sorted(PRESETS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--explain-images", type=int, default=8)
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="configurations not started within this many seconds are reported as skipped "
+                             "(batch 8 first, then 32, then 1)")
+    parser.add_argument("--results", type=pathlib.Path, default=RESULTS_PATH)
+    parser.add_argument("--json", type=pathlib.Path, help="also write the raw rows here")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    platforms = sorted({d.platform for d in jax.devices()})
+    if not args.smoke and not any(p in ("gpu", "cuda", "rocm") for p in platforms):
+        print(f"gpu_profile: no GPU (JAX devices: {', '.join(platforms)}); nothing measured, nothing written. "
+              "Run it on a GPU machine, or with --smoke to check the script on CPU.")
+        return 0
+    plan = smoke_plan() if args.smoke else full_plan(args)
+    started, load_before = time.perf_counter(), load_average()
+    deadline = started + (1e9 if args.smoke else args.budget_s)
+    images = [make_scene(HELDOUT_SEED_START + i, plan.image_hw).image for i in range(max(plan.batches))]
+    configs = {name: SMOKE_CONFIG if name == "tiny" else PRESETS[name] for name in plan.models}
+    rows = profile(plan, configs, images, deadline)
+    text = report(rows, plan, machine_description(), (load_before, load_average()), time.perf_counter() - started)
+    print(text)
+    if args.smoke:
+        bad = [r for r in rows if "device_ms" in r and not np.isfinite([r["device_ms"], r["host_ms"]]).all()]
+        if bad or not any("bf16_map_diff" in r for r in rows):
+            print("gpu_profile --smoke: FAILED", file=sys.stderr)
+            return 1
+        print("gpu_profile --smoke: ok (nothing written)")
+        return 0
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    if not args.no_write:
+        write_section("gpu-profile", text, args.results)
+        print(f"\nwrote section 'gpu-profile' of {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

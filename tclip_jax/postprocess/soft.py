@@ -1,0 +1,309 @@
+"""TCLIP soft maps: a 2-component Gaussian mixture splits a heatmap's values into background and
+foreground; values below the split tau are set to the map's minimum, and the result is Gaussian-blurred.
+
+Conventions:
+- tau is where the two *weighted* densities are equal, w1 N(x; m1, s1) = w2 N(x; m2, s2), between the means.
+  Taking logs gives a quadratic in x; equal variances make it linear.
+- The mixture is fitted to ALL values of the map (`tclip_jax.postprocess.gmm`): one histogram of 16384 bins
+  per map, EM on two-point quadratures of its 512 groups of bins, for all maps of a call at once. It is
+  scikit-learn's ``GaussianMixture(2, covariance_type="diag")`` EM (``reg_covar=1e-6`` on the values standardized
+  to zero mean and unit variance, so the fit does not depend on the map's scale), started from the hard
+  split at the global 2-means optimum of the values (Otsu's split), and run to its fixed point instead of
+  stopping when the log-likelihood gains less than 1e-3 per value. The fit is deterministic (no random
+  start, hence no seed). On 384 held-out maps of the embedded model (224x224 to 1920x1080)
+  tau is within 3.6e-5 (1.5e-4 of the map's range) of scikit-learn's fit on all values from the same start
+  run to convergence; scikit-learn's default stop moves tau by up to 0.26 (benchmarks/RESULTS.md, host-step).
+- The map that is fitted is the one given: for TCLIP the aggregated map at the original image's size (the
+  bilinear resampling of the model-input map), the map the soft map is made of.
+- Fallbacks (recorded in ``GmmFit.fallback``), never an exception for finite input:
+  ``"constant"``: all values equal; tau is that value and the soft map is constant.
+  ``"no_root_between_means"``: one weighted density dominates the other everywhere between the means,
+  or the means coincide (a one-component fit, e.g. on unimodal heavy-tailed values); tau is the map's
+  mean, the foreground threshold of Chefer et al., the usual choice when no two-class split is found.
+- The floor compares the map's values with tau exactly (a float32 map value v is floored iff v < tau).
+- The blur is ``scipy.ndimage.gaussian_filter(mode="reflect", truncate=4)``. Its default sigma is
+  ``DEFAULT_SIGMA_FRACTION * max(H, W)`` pixels (about 4.5 px on a 224-pixel map), so the same smoothing
+  applies at any map resolution; ``sigma=0`` disables it. Below sigma 4.8 it is computed exactly
+  (separable, OpenCV, float32); above, by a Gaussian pyramid whose error is at most 4.1e-4 of the map's
+  range (`tclip_jax.postprocess.blur`), in time that does not grow with sigma. The soft map is float32.
+
+The batched functions (`soft_maps`, `gmm_thresholds`, and `soft_maps_and_boxes`, the whole host step of one
+image) take [Q, H, W] arrays or sequences of 2-D maps; the single-map functions are thin wrappers. The previous method (scikit-learn on 4096 evenly spaced quantiles)
+lives in benchmarks/host_step.py, which measures the two against each other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from tclip_jax.postprocess import gmm as _gmm
+from tclip_jax.postprocess._blas import SINGLE_THREADED_BLAS
+from tclip_jax.postprocess.blur import PyramidBlur, gaussian_blur, pyramid_levels
+from tclip_jax.postprocess.boxes import Box, BoxRule, _check_rule, box_from_range
+
+DEFAULT_SIGMA_FRACTION = 0.02
+
+__all__ = [
+    "DEFAULT_SIGMA_FRACTION", "GmmFit", "gaussian_blur", "gaussian_intersection", "gmm_threshold", "gmm_thresholds",
+    "soft_map", "soft_maps", "soft_maps_and_boxes",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class GmmFit:
+    """Two-component fit, components sorted by mean; ``fallback`` is None when tau is the intersection."""
+
+    means: tuple[float, float]
+    stds: tuple[float, float]
+    weights: tuple[float, float]
+    tau: float
+    fallback: str | None
+
+
+def gaussian_intersection(
+    means: tuple[float, float], stds: tuple[float, float], weights: tuple[float, float]
+) -> float | None:
+    """The x strictly between the means where w1 N(x; m1, s1) = w2 N(x; m2, s2), or None if there is none.
+
+    At most one such x exists: the log-ratio of the weighted densities is a quadratic whose sign can change
+    only once between the means.
+    """
+    (m1, m2), (s1, s2), (w1, w2) = means, stds, weights
+    if min(s1, s2) <= 0 or min(w1, w2) <= 0:
+        raise ValueError(f"stds and weights must be positive, got stds {stds}, weights {weights}")
+    if m1 == m2:
+        return None
+    # (x-m1)^2/(2 s1^2) - (x-m2)^2/(2 s2^2) + log(w2 s1 / (w1 s2)) = 0  ->  a x^2 + b x + c = 0
+    a = 0.5 / s1**2 - 0.5 / s2**2
+    b = m2 / s2**2 - m1 / s1**2
+    c = 0.5 * m1**2 / s1**2 - 0.5 * m2**2 / s2**2 + np.log(w2 * s1 / (w1 * s2))
+    disc = b * b - 4.0 * a * c
+    if disc < 0:
+        return None
+    # Cancellation-free roots: c / q stays finite as a -> 0 and is then the linear root -c / b.
+    q = -0.5 * (b + np.copysign(np.sqrt(disc), b))
+    roots = [c / q] if q != 0 else []
+    if a != 0:
+        roots.append(q / a)
+    low, high = min(m1, m2), max(m1, m2)
+    between = [float(r) for r in roots if low < r < high]
+    return between[0] if between else None
+
+
+# --------------------------------------------------------------------------------------------- per-map pass
+
+
+@dataclasses.dataclass(frozen=True)
+class _MapStats:
+    lo: float
+    hi: float
+
+
+def _as_map(scores, name: str = "scores") -> np.ndarray:
+    """A 2-D float32 or float64 view/copy of one map, validated non-empty (finiteness: `_map_stats`)."""
+    values = np.asarray(scores)
+    if values.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D map, got shape {values.shape}")
+    if values.size == 0:
+        raise ValueError(f"{name} is empty")
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)  # OpenCV has no float16/bool/int64 path
+    return values
+
+
+def _map_stats(values: np.ndarray, name: str = "scores") -> _MapStats:
+    """Minimum and maximum (numpy's propagate NaN: a NaN or infinite value makes one of them non-finite)."""
+    lo, hi = float(values.min()), float(values.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return _MapStats(lo, hi)
+
+
+def _maps_list(maps) -> list[np.ndarray]:
+    if isinstance(maps, np.ndarray):
+        if maps.ndim != 3:
+            raise ValueError(f"maps must be [Q, H, W] or a sequence of 2-D maps, got shape {maps.shape}")
+        return [_as_map(m, "maps[%d]" % i) for i, m in enumerate(maps)]
+    return [_as_map(m, "maps[%d]" % i) for i, m in enumerate(maps)]
+
+
+# --------------------------------------------------------------------------------------------- GMM
+
+
+def _fits(values: Sequence[np.ndarray], stats: Sequence[_MapStats]) -> list[GmmFit]:
+    """GMM fits of many maps: histograms one map at a time, the mixture fits all at once."""
+    fits: list[GmmFit | None] = [None] * len(values)
+    varying = []
+    for i, (v, s) in enumerate(zip(values, stats)):
+        if s.hi == s.lo:
+            fits[i] = GmmFit((s.lo, s.lo), (0.0, 0.0), (1.0, 0.0), s.lo, "constant")
+        else:
+            varying.append(i)
+    if not varying:
+        return fits
+    counts = np.empty((len(varying), _gmm.FINE_BINS), np.float32)
+    for row, i in enumerate(varying):
+        _gmm.fine_histogram(values[i], stats[i].lo, stats[i].hi, out=counts[row])
+    sel = [stats[i] for i in varying]
+    hists = _gmm.MapHistograms(counts, np.array([s.lo for s in sel]), np.array([s.hi for s in sel]))
+    with SINGLE_THREADED_BLAS:  # re-entrant: the callers may hold it already
+        params = _gmm.fit_histograms(hists)
+    if not params.converged.all():
+        warnings.warn(f"{int((~params.converged).sum())} GMM fit(s) stopped after {_gmm.MAX_STEPS} EM steps "
+                      "without converging; their tau comes from the last step", RuntimeWarning, stacklevel=3)
+    for row, i in enumerate(varying):
+        means = (float(params.means[row, 0]), float(params.means[row, 1]))
+        stds = (float(params.stds[row, 0]), float(params.stds[row, 1]))
+        weights = (float(params.weights[row, 0]), float(params.weights[row, 1]))
+        tau = gaussian_intersection(means, stds, weights)
+        if tau is None:
+            fits[i] = GmmFit(means, stds, weights, float(np.mean(values[i], dtype=np.float64)), "no_root_between_means")
+        else:
+            fits[i] = GmmFit(means, stds, weights, tau, None)
+    return fits
+
+
+def gmm_thresholds(maps) -> list[GmmFit]:
+    """GMM fits (tau and components) of every map of ``maps`` ([Q, H, W] or a sequence of 2-D maps)."""
+    values = _maps_list(maps)
+    return _fits(values, [_map_stats(v, "maps[%d]" % i) for i, v in enumerate(values)])
+
+
+def gmm_threshold(scores: np.ndarray) -> GmmFit:
+    """Fit a 2-component 1-D Gaussian mixture to the map's values and return tau (see module docstring).
+
+    Any shape is accepted: its values are what is fitted.
+    """
+    values = np.asarray(scores)
+    values = _as_map(values if values.ndim == 2 else values.reshape(1, -1))
+    return _fits([values], [_map_stats(values)])[0]
+
+
+# --------------------------------------------------------------------------------------------- soft maps
+
+
+def _float32_above(tau: float) -> np.float32:
+    """The smallest float32 >= tau: a float32 value v satisfies v < tau iff v < this."""
+    t = np.float32(tau)
+    if float(t) < tau:
+        t = np.nextafter(t, np.float32(np.inf))
+    return t
+
+
+def _write_floored_offset(values: np.ndarray, lo: float, tau: float, dst: np.ndarray) -> None:
+    """dst = values - lo where values >= tau, else 0 (float32), with the comparison made exactly."""
+    if values.dtype == np.float32:
+        t = _float32_above(tau)
+        below = np.nextafter(t, np.float32(-np.inf))
+        lo32 = np.float32(lo)
+        keep_above = np.float32(below - lo32)       # IEEE rounding, as cv2.subtract's
+        if keep_above < np.float32(t - lo32):        # v - lo is monotone in v: "v >= t" is "v - lo > keep_above"
+            cv2.subtract(values, float(lo32), dst=dst)
+            cv2.threshold(dst, float(keep_above), 0.0, cv2.THRESH_TOZERO, dst=dst)
+            return
+        np.subtract(values, lo32, out=dst)  # the two roundings meet at tau: mask with the exact comparison
+        dst[values < t] = 0.0
+        return
+    np.copyto(dst, np.where(values < np.float64(tau), 0.0, values - lo), casting="same_kind")
+
+
+def _check_sigma(sigma: float | None, shape: tuple[int, int]) -> float:
+    if sigma is None:
+        sigma = DEFAULT_SIGMA_FRACTION * max(shape)
+    if not sigma >= 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    return float(sigma)
+
+
+class _SoftMapWriter:
+    """Writes floored, blurred maps of one shape and sigma into a [Q, H, W] result."""
+
+    def __init__(self, count: int, shape: tuple[int, int], sigma: float):
+        self.shape, self.sigma = shape, sigma
+        self.pyramid = PyramidBlur(shape, sigma) if sigma > 0 and pyramid_levels(sigma) > 0 else None
+        if self.pyramid is None:
+            self.frames = np.empty((count, *shape), np.float32)
+            self.result = self.frames
+        else:
+            self.frames = np.empty((count, *self.pyramid.output_frame), np.float32)
+            self.result = self.pyramid.crop(self.frames)  # a view: frames are a few rows/columns larger
+
+    def write(self, index: int, values: np.ndarray, lo: float, tau: float) -> None:
+        if self.pyramid is not None:
+            _write_floored_offset(values, lo, tau, self.pyramid.interior)
+            self.pyramid.run(self.frames[index], offset=lo)
+            return
+        kept = np.where(values < np.float64(tau), values.dtype.type(lo), values)  # compared in float64
+        if self.sigma == 0:
+            np.copyto(self.frames[index], kept, casting="same_kind")
+        else:
+            self.frames[index] = gaussian_blur(kept.astype(np.float32, copy=False), self.sigma)
+
+    def constant(self, index: int, value: float) -> None:
+        self.result[index] = np.float32(value)
+
+
+def soft_maps(maps, sigma: float | None = None) -> tuple[np.ndarray, list[GmmFit]]:
+    """Soft maps [Q, H, W] float32 and GMM fits of maps of one shape ([Q, H, W] or a sequence of 2-D maps).
+
+    ``sigma`` is in pixels; None means ``DEFAULT_SIGMA_FRACTION * max(H, W)``. With the pyramid blur the
+    result is a view into a slightly larger buffer (``np.ascontiguousarray`` it where C order is needed).
+    """
+    values = _maps_list(maps)
+    if not values:
+        raise ValueError("no maps given")
+    shape = values[0].shape
+    if any(v.shape != shape for v in values):
+        raise ValueError(f"soft_maps needs maps of one shape, got {sorted({v.shape for v in values})}")
+    sigma = _check_sigma(sigma, shape)
+    stats = [_map_stats(v, "maps[%d]" % i) for i, v in enumerate(values)]
+    with SINGLE_THREADED_BLAS:
+        fits = _fits(values, stats)
+        return _write_soft_maps(values, stats, fits, sigma), fits
+
+
+def _write_soft_maps(values, stats, fits, sigma: float) -> np.ndarray:
+    writer = _SoftMapWriter(len(values), values[0].shape, sigma)
+    for i, (v, s, fit) in enumerate(zip(values, stats, fits)):
+        if fit.fallback == "constant":
+            writer.constant(i, s.lo)
+        else:
+            writer.write(i, v, s.lo, fit.tau)
+    return writer.result
+
+
+def soft_map(scores: np.ndarray, sigma: float | None = None) -> tuple[np.ndarray, GmmFit]:
+    """Return the float32 soft map (values < tau set to the minimum, then blurred) and the mixture fit.
+
+    ``sigma`` is in pixels; None means ``DEFAULT_SIGMA_FRACTION * max(H, W)``.
+    """
+    values = np.asarray(scores)
+    if values.ndim != 2:
+        raise ValueError(f"scores must be a 2-D map, got shape {values.shape}")
+    _check_sigma(sigma, values.shape)
+    soft, fits = soft_maps([values], sigma)
+    return soft[0], fits[0]
+
+
+def soft_maps_and_boxes(maps, sigma: float | None = None, rule: BoxRule = "component",
+                        threshold: float | None = None) -> tuple:
+    """(soft maps [Q, H, W] float32, GMM fits, boxes) of maps of one shape: `soft_maps` and `boxes` together,
+    sharing each map's validation and min/max pass. Same results as calling the two."""
+    _check_rule(rule, threshold)
+    values = _maps_list(maps)
+    if not values:
+        raise ValueError("no maps given")
+    shape = values[0].shape
+    if any(v.shape != shape for v in values):
+        raise ValueError(f"soft_maps_and_boxes needs maps of one shape, got {sorted({v.shape for v in values})}")
+    sigma = _check_sigma(sigma, shape)
+    stats = [_map_stats(v, "maps[%d]" % i) for i, v in enumerate(values)]
+    found: list[Box] = [box_from_range(v, s.lo, s.hi, threshold, rule) for v, s in zip(values, stats)]
+    with SINGLE_THREADED_BLAS:
+        fits = _fits(values, stats)
+        return _write_soft_maps(values, stats, fits, sigma), fits, found
