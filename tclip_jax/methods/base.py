@@ -342,7 +342,6 @@ def postprocess_maps(maps: Array, size: tuple[int, int], spec: MapPostprocess) -
 
 
 NORMALIZE_THEN_UPSAMPLE = MapPostprocess(normalize_first=True)
-QUERY_CHUNK = 8  # queries a prompt-level method maps together on one image
 UPSAMPLE_THEN_NORMALIZE = MapPostprocess(normalize_first=False)
 
 
@@ -351,8 +350,11 @@ class PromptMethod(Method):
     official template ensemble, per text; HilaCAM takes token ids), with its official input protocol and
     map post-processing (`heatmap`)."""
 
-    heatmap: ClassVar[MapPostprocess]
+    heatmap: ClassVar[Optional[MapPostprocess]]  # None: the maps stay on the patch grid
     templates: ClassVar[Optional[tuple[str, ...]]] = None  # the official prompt ensemble, if any
+    # Queries mapped together on one image; 1 for a method whose every map is a computation of its own
+    # (an optimization, masked forwards), where padding a chunk would cost whole maps.
+    query_chunk: ClassVar[int] = 8
 
     def encode(self, queries: Sequence[Query], label_set: Optional[Sequence[str]] = None) -> QueryArrays:
         return QueryArrays(self.text_features([q.prompt for q in queries]))
@@ -376,19 +378,22 @@ class PromptMethod(Method):
     def maps(self, params, pixels: Array, queries: QueryArrays, rows: Array) -> MapOutput:
         """The maps of the queries in `rows`.
 
-        For one image (as `maps_per_image` calls it) only its queries are computed, in chunks of `QUERY_CHUNK`
+        For one image (as `maps_per_image` calls it) only its queries are computed, in chunks of `query_chunk`
         (padded), so that every query's map comes from a computation of the same shape, however many there are.
         """
         batch, slots = rows.shape
         if batch == 1:
-            index = jnp.concatenate([rows[0], jnp.broadcast_to(rows[0, :1], (-slots % QUERY_CHUNK,))])
-            chunks = jax.tree_util.tree_map(lambda a: jnp.take(a, index, axis=0).reshape(-1, QUERY_CHUNK, *a.shape[1:]),
+            chunk = self.query_chunk
+            index = jnp.concatenate([rows[0], jnp.broadcast_to(rows[0, :1], (-slots % chunk,))])
+            chunks = jax.tree_util.tree_map(lambda a: jnp.take(a, index, axis=0).reshape(-1, chunk, *a.shape[1:]),
                                             queries.per_query)
             grids = jax.lax.map(lambda chunk: self.grid_maps(params, pixels, queries.replace(per_query=chunk))[0],
                                 chunks)
             grids = grids.reshape(1, -1, *grids.shape[2:])[:, :slots]
         else:
             grids = jnp.take_along_axis(self.grid_maps(params, pixels, queries), rows[:, :, None, None], axis=1)
+        if self.heatmap is None:  # the grid maps, resized once to the original image by `original_maps`
+            return MapOutput(grids)
         return MapOutput(postprocess_maps(grids, pixels.shape[1:3], self.heatmap))
 
 

@@ -50,7 +50,7 @@ from PIL import Image
 from tclip_jax.image import Geometry, clip_normalize, upsample_bilinear
 from tclip_jax.image.resample import resample
 from tclip_jax.methods import common
-from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE, MapOutput, MethodSettings, PromptMethod, QueryArrays
+from tclip_jax.methods.base import MethodSettings, PromptMethod, QueryArrays
 from tclip_jax.model import CLIP, l2_normalize
 from tclip_jax.settings import integer, setting
 
@@ -252,7 +252,8 @@ class GScoreCAM(PromptMethod):
     name = "gscorecam"
     Settings = GScoreCAMSettings
     input_protocol = "whole"
-    heatmap = NORMALIZE_THEN_UPSAMPLE
+    heatmap = None  # cam_norm stays on the grid: `original_maps` resizes it once, as the official code
+    query_chunk = 1  # each map costs k masked forwards
 
     def __init__(self, clip, settings=None):
         super().__init__(clip, settings)
@@ -279,6 +280,3 @@ class GScoreCAM(PromptMethod):
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
         return self._run(params, pixels, queries.per_query).maps
 
-    def maps(self, params, pixels: Array, queries: QueryArrays, rows: Array) -> MapOutput:
-        """cam_norm [B, K, gh, gw] of the queries in `rows` only (each map costs k masked forwards)."""
-        return MapOutput(self._run(params, pixels, queries.per_query[rows]).maps)

@@ -52,7 +52,7 @@ import numpy as np
 import optax
 
 from tclip_jax.methods import common
-from tclip_jax.methods.base import (UPSAMPLE_THEN_NORMALIZE, MapOutput, MethodSettings, PromptMethod, QueryArrays,
+from tclip_jax.methods.base import (UPSAMPLE_THEN_NORMALIZE, MethodSettings, PromptMethod, QueryArrays,
                                     postprocess_maps)
 from tclip_jax.model import CLIP, l2_normalize
 from tclip_jax.settings import finite, integer, setting
@@ -376,6 +376,7 @@ class M2IB(PromptMethod):
     Settings = M2IBSettings
     input_protocol = "center_crop"
     heatmap = UPSAMPLE_THEN_NORMALIZE
+    query_chunk = 1  # each map is its own optimization
 
     def __init__(self, clip, settings=None):
         super().__init__(clip, settings)
@@ -390,7 +391,3 @@ class M2IB(PromptMethod):
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
         return self._grids(params, pixels, queries.per_query)
 
-    def maps(self, params, pixels: Array, queries: QueryArrays, rows: Array) -> MapOutput:
-        """Only the queries in `rows` are optimized (each map is its own optimization)."""
-        grids = self._grids(params, pixels, queries.per_query[rows])
-        return MapOutput(postprocess_maps(grids, pixels.shape[1:3], self.heatmap))
