@@ -7,8 +7,9 @@ patch size and input size are small (`TrainConfig`, `model_config`).
 Objectives (`--objective`):
 - ``clip``: CLIP's symmetric InfoNCE on the global embeddings (class token, end-of-text token) with CLIP's learned
   temperature, and nothing else.
-- ``clip_tokens``: the same plus token-level terms on the final-layer tokens (FILIP's late interaction and a
-  per-piece image retrieval term; see `token_losses`).
+- ``clip_tokens``: the same plus token-level terms on the final-layer tokens: FILIP's late interaction, a
+  per-piece image retrieval term (`token_losses`) and SPARC's within-caption fine-grained term
+  (`fine_grained_loss`), as the first embedded model had.
 No ground-truth mask or box is used by either.
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
@@ -65,7 +66,7 @@ OBJECTIVES = ("clip", "clip_tokens")
 class TrainConfig:
     objective: str = "clip"
     seed: int = 0                   # parameter initialisation
-    steps: int = 1000
+    steps: int = 900
     batch_size: int = 64            # images: B/2 scenes and their variants
     negatives: int = 2              # hard-negative captions per scene
     peak_learning_rate: float = 1e-3
@@ -74,12 +75,13 @@ class TrainConfig:
     max_logit_scale: float = 4.6052  # log(100), CLIP's clamp
     dense_weight: float = 1.0       # clip_tokens: FILIP late interaction
     token_weight: float = 1.0       # clip_tokens: per-piece image retrieval
+    fine_grained_weight: float = 1.0  # clip_tokens: SPARC's within-caption token-group loss
     text_length: int = 48           # training rows are cut here: captions need at most 46 positions
     validation_scenes: int = 256
     eval_every: int = 100
     # Model geometry, widths and depths (everything else is OpenAI CLIP's).
     image_size: int = 224
-    patch_size: int = 16
+    patch_size: int = 32
     embed_dim: int = 64
     vision_width: int = 128
     vision_layers: int = 4
@@ -163,6 +165,37 @@ def token_losses(text_tokens: jax.Array, pieces: jax.Array, patch_tokens: jax.Ar
     return dense, (per_piece * pieces[:texts]).sum() / pieces[:texts].sum()
 
 
+def group_weights(text_tokens: jax.Array, patch_tokens: jax.Array) -> jax.Array:
+    """SPARC's sparse alignment weights [B, L, N] of each token over its own pair's patches (rows sum to 1).
+
+    Per token, its cosines with the image's patches are min-max scaled, weights below 1/N are zeroed and
+    the rest renormalised.
+    """
+    similarity = jnp.einsum("bld,bnd->bln", text_tokens, patch_tokens)
+    low, high = similarity.min(axis=-1, keepdims=True), similarity.max(axis=-1, keepdims=True)
+    scaled = (similarity - low) / (high - low + 1e-6)
+    weights = jnp.where(scaled >= 1.0 / patch_tokens.shape[1], scaled, 0.0)
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
+def fine_grained_loss(text_tokens: jax.Array, pieces: jax.Array, patch_tokens: jax.Array,
+                      scale: jax.Array) -> jax.Array:
+    """SPARC's fine-grained loss (Bica et al. 2024) within each caption (true captions and their own images).
+
+    Each piece token is grouped with the weighted mean of its patches (`group_weights`); every piece must pick
+    out its own group among the groups of the caption's pieces, and every group its piece (one-hot targets,
+    as SPARC). text_tokens [B, L, D], patch_tokens [B, N, D] unit rows.
+    """
+    weights = group_weights(text_tokens, patch_tokens)
+    groups = l2_normalize(jnp.einsum("bln,bnd->bld", weights, patch_tokens))
+    valid = (pieces[:, :, None] * pieces[:, None, :]) > 0
+    logits = jnp.where(valid, scale * jnp.einsum("bld,bkd->blk", text_tokens, groups), -1e9)  # token l, group k
+    diagonal = jnp.diagonal(logits, axis1=1, axis2=2)
+    token_to_group = jax.nn.logsumexp(logits, axis=2) - diagonal
+    group_to_token = jax.nn.logsumexp(logits, axis=1) - diagonal
+    return 0.5 * ((token_to_group + group_to_token) * pieces).sum() / pieces.sum()
+
+
 def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, columns: jax.Array, sot_id: int,
            eot_id: int, config: TrainConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The objective on one batch: images [B, S, S, 3] uint8, token rows [B + N, L] (true captions, then negatives),
@@ -175,10 +208,13 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
     metrics = {"clip_loss": clip_loss, "logit_scale": scale}
     total = clip_loss
     if config.objective == "clip_tokens":
-        dense, per_piece = token_losses(l2_normalize(text.tokens), piece_mask(token_ids, sot_id, eot_id),
-                                        l2_normalize(image.tokens[:, 1:]), scale, texts, columns)
-        total = total + config.dense_weight * dense + config.token_weight * per_piece
-        metrics.update(dense_loss=dense, token_loss=per_piece)
+        text_tokens, patch_tokens = l2_normalize(text.tokens), l2_normalize(image.tokens[:, 1:])
+        pieces = piece_mask(token_ids, sot_id, eot_id)
+        dense, per_piece = token_losses(text_tokens, pieces, patch_tokens, scale, texts, columns)
+        fine = fine_grained_loss(text_tokens[:texts], pieces[:texts], patch_tokens, scale)
+        total = (total + config.dense_weight * dense + config.token_weight * per_piece
+                 + config.fine_grained_weight * fine)
+        metrics.update(dense_loss=dense, token_loss=per_piece, fine_grained_loss=fine)
     return total, {"loss": total, **metrics}
 
 
@@ -221,8 +257,10 @@ def retrieval_accuracy(model: CLIP, params, images_u8: np.ndarray, token_ids: np
 
 
 # ------------------------------------------------------------------------------------------------ training
-def train(config: TrainConfig, log_path: pathlib.Path) -> tuple[dict, np.ndarray, dict]:
-    """Returns (float32 params, sorted token ids the captions used, run summary); logs to `log_path`."""
+def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = None) -> tuple[dict, np.ndarray, dict]:
+    """Returns (float32 params, sorted token ids the captions used, run summary); logs to `log_path`.
+
+    `stop_after` ends the run after that many steps (the schedule stays the config's): determinism checks."""
     if config.objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
     clip_config = model_config(config)
@@ -242,10 +280,11 @@ def train(config: TrainConfig, log_path: pathlib.Path) -> tuple[dict, np.ndarray
     start, cpu_start = time.perf_counter(), time.process_time()
     record: dict = {}
     with log_path.open("w") as log, concurrent.futures.ThreadPoolExecutor(1) as prefetch:
+        steps = config.steps if stop_after is None else min(stop_after, config.steps)
         next_batch = prefetch.submit(batch, config, 0)
-        for step in range(config.steps):
+        for step in range(steps):
             images, captions, negatives = next_batch.result()
-            if step + 1 < config.steps:  # the next scenes are drawn while this step runs
+            if step + 1 < steps:  # the next scenes are drawn while this step runs
                 next_batch = prefetch.submit(batch, config, step + 1)
             texts = (captions + negatives)[:rows]
             columns = np.arange(rows) < len(texts)
@@ -258,7 +297,7 @@ def train(config: TrainConfig, log_path: pathlib.Path) -> tuple[dict, np.ndarray
             record["samples_per_s"] = config.batch_size / (time.perf_counter() - step_start)
             record["elapsed_s"] = time.perf_counter() - start
             record["cpu_s"] = time.process_time() - cpu_start  # all threads: the compute a shared machine gave us
-            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            if (step + 1) % config.eval_every == 0 or step + 1 == steps:
                 record["validation"] = retrieval_accuracy(model, params, val_images, val_ids)
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -275,6 +314,18 @@ def zero_unused_rows(params: dict, used_ids: np.ndarray) -> dict:
     return {**params, "text": {**params["text"], "token_embedding": kept}}
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """FIELD=VALUE strings as typed TrainConfig overrides."""
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    overrides = {}
+    for item in items:
+        name, value = item.split("=", 1)
+        if name not in fields:
+            raise SystemExit(f"unknown TrainConfig field {name!r}")
+        overrides[name] = {"int": int, "float": float, "str": str}[fields[name]](value)
+    return overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, required=True)
@@ -283,12 +334,8 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override other TrainConfig fields (for recipe search)")
     args = parser.parse_args()
-    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    overrides = {}
-    for item in args.set:
-        name, value = item.split("=", 1)
-        overrides[name] = {"int": int, "float": float, "str": str}[fields[name]](value)
-    config = dataclasses.replace(TrainConfig(), objective=args.objective, steps=args.steps, **overrides)
+    config = dataclasses.replace(TrainConfig(), objective=args.objective, steps=args.steps,
+                                 **parse_overrides(args.set))
     log_path = args.out.parent / f".{args.out.name}.{LOG_FILE}"  # moved into the folder once it is written
     log_path.parent.mkdir(parents=True, exist_ok=True)
     readme = args.out / README_FILE
