@@ -85,7 +85,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import itertools
 from collections.abc import Sequence
 
 import cv2
@@ -794,16 +794,29 @@ def negative_descriptions(scene: Scene) -> list[tuple[str, Description]]:
     return found
 
 
-def negative_captions(scene: Scene, seed: int, count: int) -> list[str]:
-    """Up to `count` distinct captions false of the scene that differ from its caption in one attribute or binding
-    (`negative_descriptions`), drawn by `seed`: kinds (colour, shape, binding, relation) first uniformly, then a
-    change of that kind."""
+def description_is_true(description: Description, objects: Sequence[SceneObject]) -> bool:
+    """Whether some assignment of the phrases to distinct objects matches every said attribute and relation."""
+    phrases = description.phrases
+    for assignment in itertools.permutations(range(len(objects)), len(phrases)):
+        if all((p.colour is None or objects[o].colour == p.colour) and (p.shape is None or objects[o].shape == p.shape)
+               for p, o in zip(phrases, assignment)) and all(
+                join == "and" or join in relations_between(objects[assignment[k]].box, objects[assignment[k + 1]].box)
+                for k, join in enumerate(description.joins)):
+            return True
+    return False
+
+
+def negative_captions(scene: Scene, seed: int, count: int,
+                      also_false_of: Sequence[Sequence[SceneObject]] = ()) -> list[str]:
+    """Up to `count` distinct captions false of the scene (and of every object set in `also_false_of`) that differ
+    from its caption in one attribute or binding (`negative_descriptions`), drawn by `seed`: a kind of change
+    (colour, shape, binding, relation) uniformly among those available, then a change of that kind."""
     rng = np.random.default_rng(np.random.SeedSequence([_validate_seed(seed), 11]))
-    by_kind: dict[str, list[Description]] = {}
+    pool: dict[str, list[Description]] = {}
     for kind, description in negative_descriptions(scene):
-        by_kind.setdefault(kind, []).append(description)
+        if not any(description_is_true(description, objects) for objects in also_false_of):
+            pool.setdefault(kind, []).append(description)
     captions: list[str] = []
-    pool = {k: list(v) for k, v in by_kind.items()}
     while len(captions) < count and pool:
         kinds = sorted(pool)
         kind = kinds[rng.integers(len(kinds))]
