@@ -146,6 +146,40 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# The fast subset tests/test_default_model.py re-measures on each shipped model (recorded in gates_fast.json).
+FAST_SPEC = {"translations": 1, "scenes": 16,
+             "protocols": ["captions", "bare_words", "colour_twins", "wrong_attribute", "small_objects"]}
+FAST_FILE = "gates_fast.json"
+FAST_MARGIN = 0.15  # below the full K=1 benchmark: 16 scenes per protocol are a noisy sample
+RETRIEVAL_MARGIN = 0.05
+
+
+def fast_bars(full_k1: dict) -> list[dict]:
+    """Bars for the fast subset, a margin below (wrong-object rate: above) the full K=1 benchmark's figures."""
+    bars = []
+    for protocol in FAST_SPEC["protocols"]:
+        summary = full_k1["protocols"][protocol]
+        for kind in ("colour", "shape"):
+            if kind in summary:
+                bars.append({"protocol": protocol, "kind": kind, "metric": "pointing",
+                             "at_least": round(max(0.0, summary[kind]["pointing"] - FAST_MARGIN), 3)})
+        if "wrong" in summary["all"]:
+            bars.append({"protocol": protocol, "kind": "all", "metric": "wrong",
+                         "at_most": round(min(1.0, summary["all"]["wrong"] + FAST_MARGIN), 3)})
+    for metric in ("image_to_text_top1", "text_to_image_top1"):
+        bars.append({"protocol": "retrieval", "metric": metric,
+                     "at_least": round(max(0.0, full_k1["retrieval"][metric] - RETRIEVAL_MARGIN), 3)})
+    return bars
+
+
+def record_fast(folder: pathlib.Path, full_k1: dict) -> dict:
+    """Measures the fast subset on the checkpoint in `folder` and writes it, with its bars, to gates_fast.json."""
+    result = evaluate(load_clip(folder), FAST_SPEC["translations"], FAST_SPEC["scenes"], FAST_SPEC["protocols"])
+    record = {"spec": FAST_SPEC, "result": result, "bars": fast_bars(full_k1)}
+    (folder / FAST_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded model)")
@@ -154,7 +188,13 @@ def main() -> None:
     parser.add_argument("--protocols", nargs="*", default=list(PROTOCOLS))
     parser.add_argument("--no-retrieval", action="store_true")
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--record-fast", type=pathlib.Path, default=None, metavar="FULL_K1_JSON",
+                        help="write the fast subset of --model with bars from this full K=1 result, and stop")
     args = parser.parse_args()
+    if args.record_fast:
+        record = record_fast(pathlib.Path(args.model), json.loads(args.record_fast.read_text()))
+        print(table(record["result"]))
+        return
     result = evaluate(load_clip(args.model), args.translations, args.scenes, args.protocols,
                       with_retrieval=not args.no_retrieval)
     result["model"] = str(args.model)
