@@ -1,6 +1,8 @@
-"""`make demo`: draw a held-out synthetic scene and explain its caption with the embedded model."""
+"""`make demo`: a held-out synthetic scene with a same-colour pair, its caption explained word by word with the
+embedded model, and, per word, whether its box landed on the object the word names (the scene knows the truth)."""
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 
@@ -8,21 +10,60 @@ from tclip_jax import synthetic, visualize
 from tclip_jax.cli import main as tclip
 
 OUT = pathlib.Path("demo_out")
+# A colour_twins scene: two objects of one colour that only their shape words tell apart.
+DEMO_PROTOCOL = "colour_twins"
 DEMO_SEED = synthetic.HELDOUT_SEED_START + 7
+HIT_IOU = 0.5
+
+
+def box_iou(a, b) -> float:
+    """IoU of end-exclusive (x0, y0, x1, y1) boxes."""
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union else 0.0
+
+
+def verdicts(scene: synthetic.Scene, words: list[dict]) -> list[str]:
+    """One line per named word of the caption: its referents, the box's best IoU with them, hit or miss, and for a
+    miss the object the box overlaps most."""
+    names = [f"{o.colour} {o.shape}" for o in scene.objects]
+    by_span = {tuple(w["span"]): w for w in words}
+    lines = [f"{'word':<10} {'names':<28} {'IoU':>5}  verdict"]
+    for word in scene.words:
+        box = by_span[(word.start, word.end)]["box_xyxy"]
+        ious = [box_iou(box, o.box) for o in scene.objects]
+        own = max(ious[i] for i in word.referents)
+        verdict = "hit" if own >= HIT_IOU else "miss"
+        if own < HIT_IOU:
+            best = max(range(len(ious)), key=ious.__getitem__)
+            if ious[best] == 0:
+                verdict += ": the box is on no object"
+            elif best in word.referents:
+                verdict += ": the box is on the right object, but too loose or too tight"
+            else:
+                verdict += f": the box is on the {names[best]} (IoU {ious[best]:.2f})"
+        referents = " / ".join(names[i] for i in word.referents)
+        lines.append(f"{word.text:<10} {referents:<28} {own:>5.2f}  {verdict}")
+    return lines
 
 
 def main() -> int:
-    scene = synthetic.make_scene(DEMO_SEED)
+    scene = synthetic.protocol_sample(DEMO_PROTOCOL, DEMO_SEED).scene
     OUT.mkdir(exist_ok=True)
     image_path = OUT / "scene.png"
     visualize.save_png(image_path, scene.image)
     print(f"scene: {image_path}  caption: {scene.caption!r}")
     status = tclip(["explain", str(image_path), "--prompt", scene.caption, "--out", str(OUT)])
-    if status == 0:
-        folder = OUT / image_path.stem
-        print(f"per-word overlays: {folder}/p0_w*.png\ngrid figure:       {folder}/p0_grid.png\n"
-              f"result:            {folder}/result.json")
-    return status
+    if status != 0:
+        return status
+    folder = OUT / image_path.stem
+    record = json.loads((folder / "result.json").read_text())
+    print("\nwhere each word's box landed (a hit: IoU >= 0.5 with an object the word names):")
+    print("\n".join(verdicts(scene, record["prompts"][0]["words"])))
+    print(f"\nper-word overlays: {folder}/p0_w*.png\ngrid figure:       {folder}/p0_grid.png\n"
+          f"result:            {folder}/result.json")
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from tclip_jax.evaluation.datasets import (
     tfds_to_xyxy,
     xywh_to_xyxy,
 )
-from tclip_jax.synthetic import heldout_seeds, make_scene
+from tclip_jax.synthetic import heldout_seeds, protocol_sample
 
 CATEGORIES = [{"id": i, "name": n, "supercategory": "thing"} for i, n in COCO_CATEGORIES.items()]
 
@@ -348,29 +348,31 @@ def test_imagenet_s_bad_input(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- synthetic
-@pytest.mark.parametrize("protocol", ["captions", "bare_words"])
-def test_synthetic_units_name_each_object_twice(protocol):
-    dataset = synthetic_dataset(4, protocol)
+@pytest.mark.parametrize("protocol", ["captions", "bare_words", "wrong_attribute", "many_objects"])
+def test_synthetic_targets_are_the_protocol_units(protocol):
+    """One target per unit of `protocol_sample`: the word inside its prompt, its referents' silhouettes and boxes,
+    its kind (and place, for many_objects) as the group, and the wrongly named object's silhouette."""
+    dataset = synthetic_dataset(3, protocol)
     assert dataset.name == f"synthetic-{protocol}"
     assert dataset.class_names[:6] == ("red", "green", "blue", "yellow", "purple", "orange")
-    assert len(dataset.class_names) == len(set(dataset.class_names)) == 13
-    for sample, seed in zip(dataset.samples(), heldout_seeds(4)):
-        scene, loaded = make_scene(seed), sample.load()
+    assert len(dataset.class_names) == len(set(dataset.class_names)) == 6 + 7 + 4
+    for sample, seed in zip(dataset.samples(), heldout_seeds(3), strict=True):
+        expected, loaded = protocol_sample(protocol, seed), sample.load()
         assert sample.key == str(seed)
-        np.testing.assert_array_equal(loaded.image, scene.image)
-        expected = sorted((SYNTHETIC_CLASSES.index(word), obj.box) for obj in scene.objects
-                          for word in (obj.colour, obj.shape))
-        assert sorted((t.class_id, tuple(t.boxes[0])) for t in loaded.targets) == expected
-        for target in loaded.targets:
-            word = SYNTHETIC_CLASSES[target.class_id]
-            (obj,) = [o for o in scene.objects if word in (o.colour, o.shape)]
-            np.testing.assert_array_equal(target.mask, obj.mask)
-            assert target.group == ("colour" if word == obj.colour else "shape")
-            if protocol == "bare_words":
-                assert target.query is None  # the class prompt: the word alone
-            else:  # the word's own characters inside the scene's caption
-                start, end = target.query.span
-                assert target.query.prompt == scene.caption and scene.caption[start:end] == word
+        np.testing.assert_array_equal(loaded.image, expected.scene.image)
+        assert len(loaded.targets) == len(expected.units) > 0
+        for target, unit in zip(loaded.targets, expected.units):
+            start, end = target.query.span
+            assert SYNTHETIC_CLASSES[target.class_id] == unit.word == target.query.prompt[start:end]
+            assert target.query.prompt == unit.prompt
+            regions = [expected.scene.objects[i].region for i in unit.referents]
+            np.testing.assert_array_equal(target.mask, np.logical_or.reduce(regions))
+            np.testing.assert_array_equal(target.boxes, [expected.scene.objects[i].box for i in unit.referents])
+            assert target.group == (f"{unit.kind} {unit.position}" if protocol == "many_objects" else unit.kind)
+            if protocol == "wrong_attribute":
+                assert target.wrong_mask is not None and not (target.wrong_mask & target.mask).any()
+            else:
+                assert target.wrong_mask is None
     with pytest.raises(ValueError, match="count >= 1"):
         synthetic_dataset(0)
     with pytest.raises(ValueError, match="unknown synthetic protocol 'nope'"):

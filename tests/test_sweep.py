@@ -253,18 +253,18 @@ def test_tclip_sweep_matches_the_explainer(tclip_synthetic, tiny_model):
     checked = 0
     for sample in samples:
         loaded = sample.load()
-        result = explainer.explain(loaded.image, [SYNTHETIC_CLASSES[t.class_id] for t in loaded.targets])
+        result = explainer.explain(loaded.image, [t.query.prompt for t in loaded.targets])
         for target, prompt, unit in zip(loaded.targets, result.prompts, records[sample.key]["units"], strict=True):
-            phrase = prompt.phrase  # TCLIP's map of the class name (the mean of its words)
+            (word,) = prompt.word_maps  # the prompt is the word alone
             assert unit["class"] == SYNTHETIC_CLASSES[target.class_id] == prompt.prompt
-            assert tuple(unit["box"]) == tuple(phrase.box)
-            assert unit["iou"] == box_iou(phrase.box, target.boxes[0])
-            assert unit["pg_hit"] == pointing_game(phrase.soft, target.mask)
+            assert tuple(unit["box"]) == tuple(word.box)
+            assert unit["iou"] == max(box_iou(word.box, box) for box in target.boxes)
+            assert unit["pg_hit"] == pointing_game(word.soft, target.mask)
             # The explainer ran this image alone; the sweep batched and padded it: maps agree to float rounding.
-            energy_pg = energy_pointing_game(phrase.soft, mask_box(target.mask))
+            energy_pg = energy_pointing_game(word.soft, mask_box(target.mask))
             assert unit["energy_pg"] == pytest.approx(energy_pg, abs=1e-6)
-            assert unit["energy_in_mask"] == pytest.approx(energy_in_mask(phrase.soft, target.mask), abs=1e-6)
-            counts = segmentation_scores(normalize_relevance(phrase.soft), target.mask.astype(int), "mean")
+            assert unit["energy_in_mask"] == pytest.approx(energy_in_mask(word.soft, target.mask), abs=1e-6)
+            counts = segmentation_scores(normalize_relevance(word.soft), target.mask.astype(int), "mean")
             assert (unit["pixel_correct"], unit["area_inter"]) == (counts.pixel_correct, counts.area_inter.tolist())
             assert unit["ap"] == pytest.approx(counts.ap, abs=1e-6)
             checked += 1
@@ -295,9 +295,29 @@ def test_caption_words_are_scored_on_their_map_inside_the_caption(tiny_model, tm
             assert unit["energy_in_mask"] == pytest.approx(energy_in_mask(word_map.soft, target.mask), abs=1e-6)
             checked += 1
     assert checked == report["units"]
-    assert set(report["groups"]) == {"colour", "shape"}
+    assert {"colour", "shape"} <= set(report["groups"]) <= {"colour", "shape", "relation"}
     assert sum(g["units"] for g in report["groups"].values()) == report["units"]
     assert report["groups"]["colour"]["detection"]["units"] == report["groups"]["colour"]["units"]
+
+
+def test_wrong_attribute_units_score_where_the_map_points_at_the_wrongly_named_object(tiny_model, tmp_path):
+    explainer = TCLIP.from_pretrained(tiny_model, translations=1)
+    dataset = synthetic_dataset(3, "wrong_attribute")
+    report = run_sweep(dataset, explainer, tmp_path, options=RunOptions(batch_size=2, progress=False)).report
+    records = {r["key"]: r for r in read_all_records(tmp_path)}
+    hits = []
+    for sample in dataset.samples():
+        loaded = sample.load()
+        (target,) = loaded.targets  # the shape word of "a <B's colour> <A's shape>"
+        words = explainer.explain(loaded.image, target.query.prompt).prompts[0]
+        (word_map,) = [m for w, m in zip(words.words, words.word_maps) if (w.start, w.end) == target.query.span]
+        (unit,) = records[sample.key]["units"]
+        assert unit["wrong_pg_hit"] == pointing_game(word_map.soft, target.wrong_mask)
+        assert unit["pg_hit"] == pointing_game(word_map.soft, target.mask)
+        hits.append(unit["wrong_pg_hit"])
+    assert report["wrong_attribute"] == {"units": 3, "wrong_pointing": np.mean(hits)}
+    assert "Wrong-attribute pointing" in (tmp_path / "report.md").read_text()
+    assert "synthetic-wrong_attribute" in (tmp_path / "report.md").read_text()
 
 
 def test_caption_queries_of_a_set_dependent_method_keep_its_label_set(tiny_model, tmp_path):
@@ -617,3 +637,4 @@ def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_pat
     with pytest.raises(OSError, match="disk full"):
         write_text_atomic(path, "half\n")
     assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+

@@ -1,29 +1,31 @@
-"""Trains the embedded default model: a small CLIP ViT/32 on synthetic scenes, from images and captions only.
+"""Trains an embedded CLIP on synthetic scenes: a miniature of OpenAI CLIP, from images and captions only.
 
-Architecture: `tclip_jax.model.CLIP` (OpenAI CLIP's, unchanged) at patch 32 and 224 pixels (a 7x7 grid), the
-CLIP BPE tokenizer with its 77-token context and 49408-token vocabulary, QuickGELU, 64-dim heads; only the
-widths and depths are small (see `model_config`).
+Architecture: `tclip_jax.model.CLIP` (OpenAI CLIP's, unchanged): pre-norm transformers, QuickGELU, 64-dim heads,
+MLP ratio 4, the CLIP BPE tokenizer with its 77-token context and 49408-token vocabulary. Only the widths, depths,
+patch size and input size are small (`TrainConfig`, `model_config`).
 
-Objective, four terms with CLIP's learned temperature; no ground-truth mask or box is used:
-- CLIP's symmetric InfoNCE on the (class token, end-of-text token) embeddings;
-- FILIP's token-wise late interaction (Yao et al. 2022, text-to-image side): caption b scores image j by the
-  mean, over b's piece tokens (SOT, EOT and padding excluded), of each token's best cosine with j's patch
-  tokens, and the same symmetric InfoNCE runs on those scores. It puts final-layer text tokens and the patch
-  tokens that show their word into the same place of the joint space, against other images;
-- the same per piece (`token_retrieval_loss`): each piece must find its own image among the batch by its best
-  cosine alone. In FILIP's mean a weak piece hides behind the others; without this term some shape words
-  scored the background above their object (held-out pointing 0.91 -> 0.94);
-- SPARC's fine-grained loss (Bica et al. 2024) within each pair (`fine_grained_loss`): every piece token must
-  match its own sparse, similarity-weighted group of the image's patches rather than the groups of the
-  caption's other pieces. It pushes a word away from the caption's other objects; without it those objects
-  stay half as relevant as the word's own and Otsu boxes spill over them (held-out BoxAcc 0.55 -> 0.7).
+Objectives (`--objective`):
+- ``clip``: CLIP's symmetric InfoNCE on the global embeddings (class token, end-of-text token) with CLIP's learned
+  temperature, and nothing else.
+- ``clip_tokens``: the same plus token-level terms on the final-layer tokens: FILIP's late interaction, a
+  per-piece image retrieval term (`token_losses`) and SPARC's within-caption fine-grained term
+  (`fine_grained_loss`), as the first embedded model had.
+No ground-truth mask or box is used by either.
 
-Scenes are generated on the fly from `train_seeds` (batch i uses seeds [i * B, (i + 1) * B)), so a run is
-determined by `TrainConfig`. Retrieval accuracy is monitored on validation scenes drawn from the held-out seed
-range at VALIDATION_OFFSET, away from the evaluation scenes (held-out offset 0).
+Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
+objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
+style, so colour and shape are learnt before clutter) and, next to each, `scene_variant`: the same scene with one object's colour
+or shape changed, so every image has an image-side hard negative. Each scene also brings `negatives` captions that
+differ from its caption in one attribute or binding (`negative_captions`, kept only when also false of the
+variant): extra text columns for the image->text direction. Images are resized to the model input as TCLIP's
+`whole` protocol does (bicubic, the whole image, no crop). Batch i uses training seeds [i * B/2, (i + 1) * B/2), so
+a run is determined by `TrainConfig`.
 
-Run from the repository root (5 to 10 minutes on 2 CPU cores, then ~1 minute of held-out metrics):
-    nice python training/train_default.py --out tclip_jax/data/default_model
+Validation retrieval (logged every `eval_every` steps) uses `retrieval_scenes(256, VALIDATION_OFFSET)`: held-out
+seeds far from those the gates use (offset 0).
+
+Run from the repository root:
+    nice python training/train_default.py --objective clip --out tclip_jax/data/default_model
 """
 from __future__ import annotations
 
@@ -40,38 +42,51 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from PIL import Image
 
 from tclip_jax.checkpoints.folder import save_checkpoint
-from tclip_jax.sweep.heldout import record_heldout_metrics
-from tclip_jax.checkpoints.load import DEFAULT_MODEL_DIR
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize
-from tclip_jax.synthetic import heldout_seeds, make_batch, train_seeds
+from tclip_jax.synthetic import (
+    PLAIN_STYLE,
+    TRAINING_STYLE,
+    make_scene,
+    negative_captions,
+    retrieval_scenes,
+    scene_variant,
+    train_seeds,
+)
 from tclip_jax.model.tokenizer import PAD_ID, default_tokenizer
 
-VALIDATION_OFFSET = 1_000_000  # validation scenes: heldout_seeds(n, VALIDATION_OFFSET)
+VALIDATION_OFFSET = 1_000_000  # validation scenes: retrieval_scenes(n, VALIDATION_OFFSET)
 LOG_FILE = "training_log.jsonl"
 README_FILE = "README.md"
+OBJECTIVES = ("clip", "clip_tokens")
+# Curriculum: 1-3 objects on plain backgrounds, no outlines or degradations, square images, before the full style.
+EASY_STYLE = dataclasses.replace(PLAIN_STYLE, counts=(1, 2, 3), count_weights=(0.4, 0.35, 0.25))
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0                   # parameter initialization
-    steps: int = 400
-    batch_size: int = 64
+    objective: str = "clip"
+    seed: int = 0                   # parameter initialisation
+    steps: int = 2400
+    curriculum_steps: int = 600     # the first steps draw EASY_STYLE scenes, then TRAINING_STYLE
+    batch_size: int = 64            # images: B/2 scenes and their variants
+    negatives: int = 2              # hard-negative captions per scene
     peak_learning_rate: float = 1e-3
-    warmup_steps: int = 20          # linear warmup, then cosine decay to 0
+    warmup_steps: int = 50          # linear warmup, then cosine decay to 0
     weight_decay: float = 0.1       # AdamW, on weight matrices only
     max_logit_scale: float = 4.6052  # log(100), CLIP's clamp
-    dense_weight: float = 1.0       # weight of the token-wise late-interaction loss
-    token_weight: float = 1.0       # weight of the per-piece image retrieval loss
-    fine_grained_weight: float = 1.0  # weight of SPARC's within-caption token-group loss
-    # Training text rows are cut to this many positions: captions need at most 20, and with causal attention
-    # the padding after the end-of-text token never changes a token before it.
-    text_length: int = 24
+    dense_weight: float = 1.0       # clip_tokens: FILIP late interaction
+    token_weight: float = 1.0       # clip_tokens: per-piece image retrieval
+    fine_grained_weight: float = 1.0  # clip_tokens: SPARC's within-caption token-group loss
+    text_length: int = 48           # training rows are cut here: captions need at most 46 positions
     validation_scenes: int = 256
-    eval_every: int = 50
-    # Model widths and depths (everything else is OpenAI CLIP's).
+    eval_every: int = 100
+    # Model geometry, widths and depths (everything else is OpenAI CLIP's).
+    image_size: int = 224
+    patch_size: int = 32
     embed_dim: int = 64
     vision_width: int = 128
     vision_layers: int = 4
@@ -80,45 +95,87 @@ class TrainConfig:
 
 
 def model_config(config: TrainConfig) -> CLIPConfig:
-    """OpenAI's ViT/32 design (64-dim heads, MLP ratio 4, QuickGELU, BPE vocabulary, 77 tokens) at a small size."""
+    """OpenAI's ViT design (64-dim heads, MLP ratio 4, QuickGELU, BPE vocabulary, 77 tokens) at a small size."""
     return CLIPConfig(
-        embed_dim=config.embed_dim, image_size=224, patch_size=32,
+        embed_dim=config.embed_dim, image_size=config.image_size, patch_size=config.patch_size,
         vision_width=config.vision_width, vision_layers=config.vision_layers,
         vision_heads=config.vision_width // 64, vision_mlp_dim=4 * config.vision_width,
         vocab_size=49408, context_length=77, text_width=config.text_width, text_layers=config.text_layers,
         text_heads=config.text_width // 64, text_mlp_dim=4 * config.text_width, activation="quick_gelu")
 
 
-def symmetric_infonce(logits: jax.Array) -> jax.Array:
-    """CLIP's loss: mean of the text->image and image->text cross-entropies; pair i is the diagonal."""
+# ------------------------------------------------------------------------------------------------ data
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """The whole image to size x size, PIL bicubic: what TCLIP's `whole` protocol feeds the model."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def batch(config: TrainConfig, step: int) -> tuple[np.ndarray, list[str], list[str]]:
+    """(images [B, S, S, 3] uint8, their B captions, hard-negative captions) of training step `step`."""
+    pairs = config.batch_size // 2
+    style = EASY_STYLE if step < config.curriculum_steps else TRAINING_STYLE
+    images, captions, negatives = [], [], []
+    for seed in train_seeds(pairs, step * pairs):
+        scene = make_scene(seed, None, style)
+        variant = scene_variant(scene, seed, style)
+        if variant is None:  # no change keeps the objects distinct (rare): a scene of a far seed instead
+            variant = make_scene(seed + 5_000_000, None, style)
+        images += [resize(scene.image, config.image_size), resize(variant.image, config.image_size)]
+        captions += [scene.caption, variant.caption]
+        negatives += negative_captions(scene, seed, config.negatives, also_false_of=(variant.objects,))
+    taken = set(captions)
+    negatives = [c for c in dict.fromkeys(negatives) if c not in taken]
+    return np.stack(images), captions, negatives
+
+
+def encode_captions(captions: list[str], length: int) -> np.ndarray:
+    ids = default_tokenizer().encode(captions)
+    if (ids[:, length:] != PAD_ID).any():
+        raise ValueError(f"a caption needs more than text_length={length} positions")
+    return ids[:, :length]
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def infonce(logits: jax.Array, texts: int, columns: jax.Array | None = None) -> jax.Array:
+    """CLIP's symmetric loss with extra negative text columns: logits [images, texts + negatives], pair i is (i, i).
+
+    image->text: cross-entropy over the columns where `columns` (bool) is set; text->image: over the images, for
+    the `texts` true captions."""
     labels = jnp.arange(logits.shape[0])
-    return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                  + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+    if columns is not None:
+        logits = jnp.where(columns[None, :], logits, -1e9)
+    image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    text_to_image = optax.softmax_cross_entropy_with_integer_labels(logits[:, :texts].T, labels).mean()
+    return 0.5 * (image_to_text + text_to_image)
 
 
-def best_patch_cosines(text_tokens: jax.Array, patch_tokens: jax.Array) -> jax.Array:
-    """[T, L, I]: each token's best cosine over each image's patches (text_tokens [T, L, D], patch_tokens [I, N, D])."""
-    return jnp.einsum("tld,ind->tlin", text_tokens, patch_tokens).max(axis=-1)
+def piece_mask(token_ids: jax.Array, sot_id: int, eot_id: int) -> jax.Array:
+    return ((token_ids != PAD_ID) & (token_ids != sot_id) & (token_ids != eot_id)).astype(jnp.float32)
 
 
-def late_interaction(best: jax.Array, piece_mask: jax.Array) -> jax.Array:
-    """FILIP text-to-image scores [texts, images]: per text, the mean over its pieces of their best cosines."""
-    weights = piece_mask / piece_mask.sum(axis=1, keepdims=True)
-    return jnp.einsum("tli,tl->ti", best, weights)
+def token_losses(text_tokens: jax.Array, pieces: jax.Array, patch_tokens: jax.Array, scale: jax.Array,
+                 texts: int, columns: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(FILIP late-interaction InfoNCE, per-piece retrieval) on unit final-layer tokens.
 
-
-def token_retrieval_loss(best: jax.Array, piece_mask: jax.Array, scale: jax.Array) -> jax.Array:
-    """Mean over pieces of the cross-entropy of finding the piece's own image by its best cosines alone."""
-    labels = jnp.broadcast_to(jnp.arange(best.shape[0])[:, None], best.shape[:2])
-    losses = optax.softmax_cross_entropy_with_integer_labels(scale * best, labels)
-    return (losses * piece_mask).sum() / piece_mask.sum()
+    FILIP (Yao et al. 2022, text-to-image side): caption t scores image i by the mean over t's pieces of each
+    piece's best cosine with i's patches; the symmetric InfoNCE (with the negative captions) runs on these scores.
+    Per-piece retrieval: each piece of a true caption must find its own image by its best cosine alone."""
+    best = jnp.einsum("tld,ind->tlin", text_tokens, patch_tokens).max(axis=-1)  # [T, L, I]
+    weights = pieces / pieces.sum(axis=1, keepdims=True)
+    dense = infonce(scale * jnp.einsum("tli,tl->it", best, weights), texts, columns)
+    own = best[:texts]
+    labels = jnp.broadcast_to(jnp.arange(texts)[:, None], own.shape[:2])
+    per_piece = optax.softmax_cross_entropy_with_integer_labels(scale * own, labels)
+    return dense, (per_piece * pieces[:texts]).sum() / pieces[:texts].sum()
 
 
 def group_weights(text_tokens: jax.Array, patch_tokens: jax.Array) -> jax.Array:
     """SPARC's sparse alignment weights [B, L, N] of each token over its own pair's patches (rows sum to 1).
 
     Per token, its cosines with the image's patches are min-max scaled, weights below 1/N are zeroed and
-    the rest renormalized.
+    the rest renormalised.
     """
     similarity = jnp.einsum("bld,bnd->bln", text_tokens, patch_tokens)
     low, high = similarity.min(axis=-1, keepdims=True), similarity.max(axis=-1, keepdims=True)
@@ -127,46 +184,44 @@ def group_weights(text_tokens: jax.Array, patch_tokens: jax.Array) -> jax.Array:
     return weights / weights.sum(axis=-1, keepdims=True)
 
 
-def fine_grained_loss(text_tokens: jax.Array, piece_mask: jax.Array, patch_tokens: jax.Array,
+def fine_grained_loss(text_tokens: jax.Array, pieces: jax.Array, patch_tokens: jax.Array,
                       scale: jax.Array) -> jax.Array:
-    """SPARC's fine-grained loss (Bica et al. 2024) within each caption.
+    """SPARC's fine-grained loss (Bica et al. 2024) within each caption (true captions and their own images).
 
     Each piece token is grouped with the weighted mean of its patches (`group_weights`); every piece must pick
     out its own group among the groups of the caption's pieces, and every group its piece (one-hot targets,
-    as SPARC). Pieces of other objects compete, so a word's similarity to the caption's other objects is
-    pushed down. text_tokens [B, L, D], patch_tokens [B, N, D] unit rows.
+    as SPARC). text_tokens [B, L, D], patch_tokens [B, N, D] unit rows.
     """
     weights = group_weights(text_tokens, patch_tokens)
     groups = l2_normalize(jnp.einsum("bln,bnd->bld", weights, patch_tokens))
-    valid = (piece_mask[:, :, None] * piece_mask[:, None, :]) > 0
+    valid = (pieces[:, :, None] * pieces[:, None, :]) > 0
     logits = jnp.where(valid, scale * jnp.einsum("bld,bkd->blk", text_tokens, groups), -1e9)  # token l, group k
     diagonal = jnp.diagonal(logits, axis1=1, axis2=2)
     token_to_group = jax.nn.logsumexp(logits, axis=2) - diagonal
     group_to_token = jax.nn.logsumexp(logits, axis=1) - diagonal
-    return 0.5 * ((token_to_group + group_to_token) * piece_mask).sum() / piece_mask.sum()
+    return 0.5 * ((token_to_group + group_to_token) * pieces).sum() / pieces.sum()
 
 
-def piece_mask(token_ids: jax.Array, sot_id: int, eot_id: int) -> jax.Array:
-    return ((token_ids != PAD_ID) & (token_ids != sot_id) & (token_ids != eot_id)).astype(jnp.float32)
-
-
-def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, sot_id: int, eot_id: int,
-           config: TrainConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, columns: jax.Array, sot_id: int,
+           eot_id: int, config: TrainConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The objective on one batch: images [B, S, S, 3] uint8, token rows [B + N, L] (true captions, then negatives),
+    `columns` [B + N] bool (False for padding rows)."""
+    texts = images_u8.shape[0]
     image = model.apply({"params": params}, clip_normalize(images_u8), method="encode_image")
     text = model.apply({"params": params}, token_ids, method="encode_text")
     scale = jnp.exp(params["logit_scale"])
-    text_tokens, patch_tokens = l2_normalize(text.tokens), l2_normalize(image.tokens[:, 1:])
-    pieces = piece_mask(token_ids, sot_id, eot_id)
-    global_logits = scale * l2_normalize(text.embeds) @ l2_normalize(image.embeds).T
-    clip_loss = symmetric_infonce(global_logits)
-    best = best_patch_cosines(text_tokens, patch_tokens)
-    dense_loss = symmetric_infonce(scale * late_interaction(best, pieces))
-    token_loss = token_retrieval_loss(best, pieces, scale)
-    fine_loss = fine_grained_loss(text_tokens, pieces, patch_tokens, scale)
-    total = (clip_loss + config.dense_weight * dense_loss + config.token_weight * token_loss
-             + config.fine_grained_weight * fine_loss)
-    return total, {"loss": total, "clip_loss": clip_loss, "dense_loss": dense_loss, "token_loss": token_loss,
-                   "fine_grained_loss": fine_loss, "logit_scale": scale}
+    clip_loss = infonce(scale * l2_normalize(image.embeds) @ l2_normalize(text.embeds).T, texts, columns)
+    metrics = {"clip_loss": clip_loss, "logit_scale": scale}
+    total = clip_loss
+    if config.objective == "clip_tokens":
+        text_tokens, patch_tokens = l2_normalize(text.tokens), l2_normalize(image.tokens[:, 1:])
+        pieces = piece_mask(token_ids, sot_id, eot_id)
+        dense, per_piece = token_losses(text_tokens, pieces, patch_tokens, scale, texts, columns)
+        fine = fine_grained_loss(text_tokens[:texts], pieces[:texts], patch_tokens, scale)
+        total = (total + config.dense_weight * dense + config.token_weight * per_piece
+                 + config.fine_grained_weight * fine)
+        metrics.update(dense_loss=dense, token_loss=per_piece, fine_grained_loss=fine)
+    return total, {"loss": total, **metrics}
 
 
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -179,8 +234,9 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def make_train_step(model: CLIP, tx: optax.GradientTransformation, config: TrainConfig, sot_id: int, eot_id: int):
     @jax.jit
-    def step(params, opt_state, images_u8, token_ids):
-        grads, metrics = jax.grad(losses, has_aux=True)(params, model, images_u8, token_ids, sot_id, eot_id, config)
+    def step(params, opt_state, images_u8, token_ids, columns):
+        grads, metrics = jax.grad(losses, has_aux=True)(params, model, images_u8, token_ids, columns, sot_id, eot_id,
+                                                        config)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, config.max_logit_scale)
@@ -200,23 +256,19 @@ def retrieval_accuracy(model: CLIP, params, images_u8: np.ndarray, token_ids: np
     """Top-1 image->text and text->image retrieval among the given pairs, by the global embeddings."""
     pairs = [global_embeddings(model, params, images_u8[i:i + chunk], token_ids[i:i + chunk])
              for i in range(0, len(token_ids), chunk)]
-    image_embeds = np.concatenate([np.asarray(p[0]) for p in pairs])
-    text_embeds = np.concatenate([np.asarray(p[1]) for p in pairs])
-    similarity = image_embeds @ text_embeds.T
+    similarity = np.concatenate([np.asarray(p[0]) for p in pairs]) @ np.concatenate([np.asarray(p[1]) for p in pairs]).T
     truth = np.arange(len(similarity))
     return {"image_to_text_top1": float(np.mean(similarity.argmax(1) == truth)),
             "text_to_image_top1": float(np.mean(similarity.argmax(0) == truth))}
 
 
-def encode_captions(captions: list[str], length: int) -> np.ndarray:
-    ids = default_tokenizer().encode(captions)
-    if (ids[:, length:] != PAD_ID).any():
-        raise ValueError(f"a caption needs more than text_length={length} positions")
-    return ids[:, :length]
+# ------------------------------------------------------------------------------------------------ training
+def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = None) -> tuple[dict, np.ndarray, dict]:
+    """Returns (float32 params, sorted token ids the captions used, run summary); logs to `log_path`.
 
-
-def train(config: TrainConfig, log_path: pathlib.Path) -> tuple[dict, np.ndarray, dict]:
-    """Returns (float32 params, sorted token ids the captions used, run summary); logs to `log_path`."""
+    `stop_after` ends the run after that many steps (the schedule stays the config's): determinism checks."""
+    if config.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
     clip_config = model_config(config)
     model = CLIP(clip_config)
     tokenizer = default_tokenizer()
@@ -224,29 +276,34 @@ def train(config: TrainConfig, log_path: pathlib.Path) -> tuple[dict, np.ndarray
     tx = optimizer(config)
     opt_state = tx.init(params)
     step_fn = make_train_step(model, tx, config, tokenizer.sot_id, tokenizer.eot_id)
-    val_images, val_captions = make_batch(heldout_seeds(config.validation_scenes, VALIDATION_OFFSET))
-    val_ids = encode_captions(val_captions, config.text_length)
-
-    def batch(step: int) -> tuple[np.ndarray, list[str]]:
-        return make_batch(train_seeds(config.batch_size, step * config.batch_size))
+    validation = retrieval_scenes(config.validation_scenes, VALIDATION_OFFSET)
+    val_images = np.stack([resize(s.image, config.image_size) for s in validation])
+    val_ids = encode_captions([s.caption for s in validation], config.text_length)
+    # A fixed number of text rows per step (a changing count recompiles): negatives are padded with masked rows.
+    rows = config.batch_size + config.batch_size // 2 * config.negatives
 
     used_ids: set[int] = set()
     start, cpu_start = time.perf_counter(), time.process_time()
+    record: dict = {}
     with log_path.open("w") as log, concurrent.futures.ThreadPoolExecutor(1) as prefetch:
-        next_batch = prefetch.submit(batch, 0)
-        for step in range(config.steps):
-            images, captions = next_batch.result()
-            if step + 1 < config.steps:  # the next scenes are drawn while this step runs
-                next_batch = prefetch.submit(batch, step + 1)
-            token_ids = encode_captions(captions, config.text_length)
+        steps = config.steps if stop_after is None else min(stop_after, config.steps)
+        next_batch = prefetch.submit(batch, config, 0)
+        for step in range(steps):
+            images, captions, negatives = next_batch.result()
+            if step + 1 < steps:  # the next scenes are drawn while this step runs
+                next_batch = prefetch.submit(batch, config, step + 1)
+            texts = (captions + negatives)[:rows]
+            columns = np.arange(rows) < len(texts)
+            token_ids = encode_captions(texts + [captions[0]] * (rows - len(texts)), config.text_length)
             used_ids.update(np.unique(token_ids).tolist())
             step_start = time.perf_counter()
-            params, opt_state, metrics = step_fn(params, opt_state, images, token_ids)
-            record = {"step": step + 1, **{k: float(v) for k, v in metrics.items()}}
+            params, opt_state, metrics = step_fn(params, opt_state, images, token_ids, columns)
+            record = {"step": step + 1, **{k: float(v) for k, v in metrics.items()},
+                      "negatives": len(negatives)}
             record["samples_per_s"] = config.batch_size / (time.perf_counter() - step_start)
             record["elapsed_s"] = time.perf_counter() - start
             record["cpu_s"] = time.process_time() - cpu_start  # all threads: the compute a shared machine gave us
-            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            if (step + 1) % config.eval_every == 0 or step + 1 == steps:
                 record["validation"] = retrieval_accuracy(model, params, val_images, val_ids)
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -263,12 +320,28 @@ def zero_unused_rows(params: dict, used_ids: np.ndarray) -> dict:
     return {**params, "text": {**params["text"], "token_embedding": kept}}
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """FIELD=VALUE strings as typed TrainConfig overrides."""
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    overrides = {}
+    for item in items:
+        name, value = item.split("=", 1)
+        if name not in fields:
+            raise SystemExit(f"unknown TrainConfig field {name!r}")
+        overrides[name] = {"int": int, "float": float, "str": str}[fields[name]](value)
+    return overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--objective", choices=OBJECTIVES, default=TrainConfig.objective)
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="override other TrainConfig fields (for recipe search)")
     args = parser.parse_args()
-    config = dataclasses.replace(TrainConfig(), steps=args.steps)
+    config = dataclasses.replace(TrainConfig(), objective=args.objective, steps=args.steps,
+                                 **parse_overrides(args.set))
     log_path = args.out.parent / f".{args.out.name}.{LOG_FILE}"  # moved into the folder once it is written
     log_path.parent.mkdir(parents=True, exist_ok=True)
     readme = args.out / README_FILE
@@ -281,7 +354,7 @@ def main() -> None:
     log_path.rename(args.out / LOG_FILE)
     if readme_text is not None:
         readme.write_text(readme_text)
-    print(json.dumps(record_heldout_metrics(args.out), indent=2))
+    print(json.dumps(summary["final"]))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ SYNTHETIC_SCENES = 1000  # held-out scenes in a synthetic sweep unless --limit s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tclip_jax.evaluation.options import EvalOptions
     from tclip_jax.sweep.options import RunOptions
+    from tclip_jax.synthetic import PROTOCOLS
 
     parser.add_argument("dataset", choices=DATASETS)
     parser.add_argument("--data", help="dataset root: COCO (annotations/instances_val2017.json + val2017/), a TFDS "
@@ -29,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crowd", choices=("keep", "drop"), default="keep",
                         help="COCO crowd boxes count as ground truth (keep, gScoreCAM) or are removed (drop) "
                         "(default: %(default)s)")
-    parser.add_argument("--protocol", choices=("captions", "bare_words"),
-                        default="captions", help="synthetic: each caption word in its caption, or each word alone "
-                        "(default: %(default)s)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="captions", metavar="PROTOCOL",
+                        help="synthetic: the evaluation protocol, one of " + ", ".join(PROTOCOLS) + " (see "
+                        "tclip_jax/synthetic.py; default: %(default)s)")
     add_method_arguments(parser)
     EvalOptions.add_arguments(parser.add_argument_group("scoring"))
     RunOptions.add_arguments(parser.add_argument_group("running"))

@@ -10,6 +10,8 @@
   normalized, against the binary mask with ignore pixels left out, foreground above the threshold: ``"mean"``
   (Chefer et al.), ``"otsu"``, ``"gmm"`` (the GMM split τ of the normalized map) or a number in [0, 1). Raw counts
   are stored so that dataset scores sum them.
+- Wrong attribute (a target with a `wrong_mask`): ``wrong_pg_hit``, the pointing game of the same relevance map
+  against the object the prompt names wrongly (lower is better).
 """
 from __future__ import annotations
 
@@ -31,14 +33,17 @@ from tclip_jax.methods.base import HostMaps
 from tclip_jax.postprocess import Box, gmm_threshold
 from tclip_jax.evaluation.options import EvalOptions
 
+
 def score_unit(target: Target, heatmap: np.ndarray, host: HostMaps, options: EvalOptions) -> dict:
     """The JSON-ready scores of one unit; `heatmap` [H, W] and `host` are its method's map at original size."""
     unit = {}
+    relevance = heatmap if host.soft is None else host.soft
     if target.boxes is not None:
         unit.update(box_scores(host.box, target.boxes))
     if target.mask is not None:
-        relevance = heatmap if host.soft is None else host.soft
         unit.update(mask_scores(relevance, target.mask, target.ignore, options))
+    if target.wrong_mask is not None:
+        unit["wrong_pg_hit"] = pointing_game(relevance, target.wrong_mask, options.pg_tolerance)
     return unit
 
 

@@ -1,8 +1,10 @@
 """Held-out synthetic benchmarks through the sweep: the figures of a model card and of benchmarks/synthetic_grounding.py.
 
 A benchmark is `tclip sweep synthetic --protocol P --limit N` run in-process into a temporary folder, so its
-figures and a sweep's cannot disagree. `heldout_metrics` is what a checkpoint's `heldout_metrics.json`
-records: TCLIP with its default settings on the first `HELDOUT_SCENES` held-out scenes, under every protocol.
+figures and a sweep's cannot disagree. `heldout_metrics` is what a checkpoint's `heldout_metrics.json` records,
+and what a test re-measures: TCLIP with its default settings on the first `FAST_SCENES` held-out scenes of the
+`FAST_PROTOCOLS` (the gates that colour-copying cannot pass), plus image <-> text retrieval on
+`RETRIEVAL_PAIRS` held-out scenes.
 """
 from __future__ import annotations
 
@@ -10,16 +12,21 @@ import json
 import os
 import pathlib
 import tempfile
+from collections.abc import Sequence
 
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
-from tclip_jax.evaluation.datasets.synthetic import PROTOCOLS, synthetic_dataset
+from tclip_jax.evaluation.datasets.synthetic import synthetic_dataset
+from tclip_jax.evaluation.retrieval import retrieval_top1
 from tclip_jax.files import write_text_atomic
 from tclip_jax.methods.base import Method
 from tclip_jax.methods.tclip import TCLIP
 from tclip_jax.sweep.runner import RunOptions, run_sweep
+from tclip_jax.synthetic import retrieval_scenes
 
 HELDOUT_METRICS_FILE = "heldout_metrics.json"
-HELDOUT_SCENES = 100
+FAST_PROTOCOLS = ("captions", "bare_words", "colour_twins", "wrong_attribute", "small_objects")
+FAST_SCENES = 20
+RETRIEVAL_PAIRS = 256
 
 
 def synthetic_report(method: Method, protocol: str, scenes: int, batch_size: int = 8) -> dict:
@@ -31,13 +38,27 @@ def synthetic_report(method: Method, protocol: str, scenes: int, batch_size: int
     return result.report
 
 
-def heldout_metrics(clip: LoadedClip) -> dict:
-    """TCLIP (default settings) on the first HELDOUT_SCENES held-out scenes, per protocol (JSON-ready)."""
+def grounding_scores(report: dict) -> dict:
+    """A synthetic report's headline figures, over all units ("all") and per word group: units, pointing game,
+    box accuracy and, where the protocol has them, wrong-attribute pointing."""
+    def scores(part: dict) -> dict:
+        out = {"units": part["units"], "pointing_game": part["segmentation"]["pointing_game"],
+               "box_accuracy": part["detection"]["box_accuracy"]}
+        if "wrong_attribute" in part:
+            out["wrong_pointing"] = part["wrong_attribute"]["wrong_pointing"]
+        return out
+
+    return {"all": scores(report), **{group: scores(part) for group, part in report.get("groups", {}).items()}}
+
+
+def heldout_metrics(clip: LoadedClip, protocols: Sequence[str] = FAST_PROTOCOLS, scenes: int = FAST_SCENES) -> dict:
+    """TCLIP (default settings) per protocol, and retrieval (JSON-ready)."""
     method = TCLIP(clip)
-    metrics = {"scenes": HELDOUT_SCENES, "settings": method.settings.to_dict(), "protocols": {}}
-    for protocol in PROTOCOLS:
-        report = synthetic_report(method, protocol, HELDOUT_SCENES)
-        metrics["protocols"][protocol] = {k: v for k, v in report.items() if k != "config"}
+    metrics = {"scenes": scenes, "settings": method.settings.to_dict(), "protocols": {}}
+    for protocol in protocols:
+        metrics["protocols"][protocol] = grounding_scores(synthetic_report(method, protocol, scenes))
+    pairs = retrieval_scenes(RETRIEVAL_PAIRS)
+    metrics["retrieval"] = retrieval_top1(clip, [s.image for s in pairs], [s.caption for s in pairs])
     return json.loads(json.dumps(metrics))
 
 

@@ -7,6 +7,7 @@ Scores (all fractions in the JSON; the Markdown shows box accuracy in percent, a
   ``energy_pg`` (energy in the mask's box) and ``energy_in_mask``, means over units; ``pixel_accuracy`` and
   ``miou`` (background/foreground mean, Chefer et al.) from summed counts; ``mask_iou`` = summed foreground
   intersection / summed foreground union; ``ap`` = mean AP over units (``metrics.summarize_segmentation``).
+- wrong attribute: ``wrong_pointing`` = the fraction of units with a named-but-wrong object whose map peaks on it.
 Records are merged in dataset order, so the report does not depend on how the sweep was split or resumed.
 """
 from __future__ import annotations
@@ -81,6 +82,9 @@ def _task_scores(units: list[dict]) -> dict:
             "per_class": {c: {"pointing_game": mean, "units": n}
                           for c, (mean, n) in sorted(pointing.per_class.items())},
         }
+    wrong = [u["wrong_pg_hit"] for u in units if "wrong_pg_hit" in u]
+    if wrong:
+        scores["wrong_attribute"] = {"units": len(wrong), "wrong_pointing": float(np.mean(wrong))}
     return scores
 
 
@@ -121,6 +125,10 @@ def markdown(config: dict, summary: dict) -> str:
         if "pointing_game" in paper:
             lines.append("| paper: TCLIP (ViT-B/32) | " + " | ".join(f"{paper[c]:.4f}" for c in columns) + " | | |")
         lines.append("")
+    if "wrong_attribute" in summary:
+        wrong = summary["wrong_attribute"]
+        lines += [f"Wrong-attribute pointing (the map peaks on the object the prompt names wrongly; lower is "
+                  f"better): {wrong['wrong_pointing']:.4f} over {wrong['units']} units.", ""]
     if summary["errors"]:
         lines += ["Errors:", ""] + [f"- `{e['key']}`: {e['error']}" for e in summary["errors"][:_SHOWN_ERRORS]]
         if len(summary["errors"]) > _SHOWN_ERRORS:

@@ -283,9 +283,10 @@ def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, class
         units = [{"class_id": t.class_id, "class": class_names[t.class_id], **_query_fields(t),
                   **score_unit(t, h, m, evaluation)} for t, h, m in zip(targets, heatmaps, host)]
         if vis_dir is not None:
-            for target, heatmap, unit in zip(targets, heatmaps, units):
-                save_unit_vis(vis_path(vis_dir, prepared.key, unit["class"]), prepared.loaded.image, heatmap,
-                              target, unit)
+            repeated = {c for c in (u["class"] for u in units) if sum(u["class"] == c for u in units) > 1}
+            for position, (target, heatmap, unit) in enumerate(zip(targets, heatmaps, units)):
+                path = vis_path(vis_dir, prepared.key, unit["class"], position if unit["class"] in repeated else None)
+                save_unit_vis(path, prepared.loaded.image, heatmap, target, unit)
     except SAMPLE_ERRORS as err:
         return _error_record(prepared.index, prepared.key, err)
     if gallery is not None:  # pictures only, of final scores; it never changes a record

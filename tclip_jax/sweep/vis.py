@@ -30,9 +30,10 @@ GALLERY_DIR = "gallery"
 THUMBNAIL_MAX_SIDE = 256
 
 
-def vis_path(folder: pathlib.Path, key: str, class_name: str) -> pathlib.Path:
-    """A file name from the sample key and the class, with anything unusual replaced by '_'."""
-    return folder / (_safe(f"{key}__{class_name}") + ".png")
+def vis_path(folder: pathlib.Path, key: str, class_name: str, position: int | None = None) -> pathlib.Path:
+    """A file name from the sample key and the class (and the unit's position, for a class that has several units
+    in the sample), with anything unusual replaced by '_'."""
+    return folder / (_safe(f"{key}__{class_name}" + ("" if position is None else f"__{position}")) + ".png")
 
 
 def gallery_name(key: str, class_name: str, position: int) -> str:

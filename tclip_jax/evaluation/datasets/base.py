@@ -20,7 +20,8 @@ class Target:
     """Ground truth of one class present in an image; a dataset gives boxes, a mask, or both.
 
     Its map is of the class prompt unless the target brings its own `query` (e.g. a word of the image's caption);
-    `group` names a kind of target that reports summarize separately (e.g. colour or shape words).
+    `group` names a kind of target that reports summarize separately (e.g. colour or shape words); `wrong_mask`
+    is an object the map must *not* point at (a prompt naming the wrong attribute), scored as ``wrong_pointing``.
     """
 
     class_id: int                        # index into Dataset.class_names
@@ -29,12 +30,13 @@ class Target:
     ignore: Optional[np.ndarray] = None  # bool [H, W] pixels left out of the segmentation scores
     query: Optional[Query] = None
     group: Optional[str] = None
+    wrong_mask: Optional[np.ndarray] = None  # bool [H, W]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LoadedSample:
     image: np.ndarray                    # uint8 [H, W, 3]
-    targets: tuple[Target, ...]          # one per class present, sorted by class_id
+    targets: tuple[Target, ...]          # one per class present, sorted by class_id (or one per query)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -1,12 +1,12 @@
-"""Held-out synthetic scenes as evaluation datasets, one per protocol, with a closed vocabulary.
+"""Held-out synthetic scenes as evaluation datasets, one per protocol of ``tclip_jax.synthetic.PROTOCOLS``.
 
-Classes are the colour words then the shape words of ``tclip_jax.synthetic``; every unit is one word that
-names one object, scored against that object's mask and tight box (end exclusive), and grouped by the word's
-kind (``colour`` or ``shape``) in reports. The key is the seed. Protocols:
-
-- ``captions``: the scene's own caption is the prompt; each colour and shape word of it is a unit whose map is
-  that word's inside the caption (a prompt-level method, which has no per-word maps, maps the whole caption).
-- ``bare_words``: each word alone is the prompt (the class prompt), e.g. "red" and "circle" for a red circle.
+Every `EvalUnit` of `protocol_sample(protocol, seed)` is one target: its word inside its prompt is the query
+(`Query(prompt, span)`; a prompt-level method, which has no per-word maps, maps the whole prompt), its referents'
+silhouettes the mask and their boxes the boxes (end exclusive), its kind (``colour``, ``shape``, ``relation``)
+the group that reports summarize separately (``many_objects``: kind and the 1-based place of the word's phrase,
+e.g. ``shape 4``). Wrong-attribute units also carry the named-but-wrong object's silhouette (`Target.wrong_mask`),
+scored as ``wrong_pointing``. Classes are the colour words, the shape words and the relation head words. The
+key is the seed. See ``tclip_jax.synthetic`` for what each protocol draws.
 """
 from __future__ import annotations
 
@@ -16,31 +16,27 @@ import numpy as np
 
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, indexed
 from tclip_jax.methods.base import Query
-from tclip_jax.synthetic import COLOURS, DEFAULT_SIZE, SHAPES, heldout_seeds, make_scene
+from tclip_jax.synthetic import COLOURS, PROTOCOLS, RELATION_WORDS, SHAPES, heldout_seeds, protocol_sample
 
-SYNTHETIC_CLASSES: tuple[str, ...] = tuple(COLOURS) + SHAPES
-PROTOCOLS = ("captions", "bare_words")
+SYNTHETIC_CLASSES: tuple[str, ...] = tuple(COLOURS) + tuple(SHAPES) + tuple(RELATION_WORDS.values())
 
 
-def synthetic_dataset(count: int, protocol: str = "captions", size: int = DEFAULT_SIZE, offset: int = 0) -> Dataset:
-    """``count`` held-out scenes from held-out seed ``offset`` on, ``size`` pixels square, under ``protocol``."""
+def synthetic_dataset(count: int, protocol: str = "captions", offset: int = 0) -> Dataset:
+    """``count`` held-out scenes from held-out seed ``offset`` on, under ``protocol``."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown synthetic protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
     if count < 1:
         raise ValueError(f"the synthetic dataset needs count >= 1 scenes, got {count}")
-    samples = [Sample(str(seed), index, functools.partial(_load, seed, size, protocol))
+    samples = [Sample(str(seed), index, functools.partial(_load, protocol, seed))
                for index, seed in enumerate(heldout_seeds(count, offset))]
     return Dataset(f"synthetic-{protocol}", SYNTHETIC_CLASSES, count, indexed(samples))
 
 
-def _load(seed: int, size: int, protocol: str) -> LoadedSample:
-    scene = make_scene(seed, size)
-    starts = np.cumsum([0] + [len(word) + 1 for word in scene.caption.split()])
-    targets = []
-    for index, word in sorted(scene.word_targets.items()):
-        query = None
-        if protocol == "captions":
-            query = Query(scene.caption, (int(starts[index]), int(starts[index]) + len(word.word)))
-        targets.append(Target(SYNTHETIC_CLASSES.index(word.word), boxes=np.array([word.box], np.float64),
-                              mask=word.mask, query=query, group=word.kind))
-    return LoadedSample(scene.image, tuple(targets))
+def _load(protocol: str, seed: int) -> LoadedSample:
+    sample = protocol_sample(protocol, seed)
+    targets = tuple(
+        Target(SYNTHETIC_CLASSES.index(unit.word), boxes=np.array(unit.gt_boxes, np.float64), mask=unit.gt_mask,
+               query=Query(unit.prompt, unit.span),
+               group=f"{unit.kind} {unit.position}" if unit.position else unit.kind, wrong_mask=unit.wrong_mask)
+        for unit in sample.units)
+    return LoadedSample(sample.scene.image, targets)

@@ -1,0 +1,36 @@
+"""Image <-> text retrieval by CLIP's global embeddings (class token, end-of-text token), as CLIP is trained.
+
+Each image is fed whole (`whole_image`, bicubic, no crop: TCLIP's default input protocol); its caption is the
+correct text among all the captions given, and vice versa. Top-1 accuracy in each direction.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from tclip_jax.checkpoints.load import LoadedClip
+from tclip_jax.image import whole_image
+
+RETRIEVAL_CHUNK = 64  # image-caption pairs per device call
+
+
+def retrieval_top1(clip: LoadedClip, images: Sequence[np.ndarray], captions: Sequence[str]) -> dict:
+    """{"pairs", "image_to_text_top1", "text_to_image_top1"} of uint8 images [H, W, 3] and their captions."""
+    if len(images) != len(captions) or not captions:
+        raise ValueError(f"retrieval needs as many captions as images (at least one): got {len(images)} images "
+                         f"and {len(captions)} captions")
+    embed = jax.jit(lambda params, pixels, ids: clip.model.apply({"params": params}, pixels, ids)[1:])
+    image_embeds, text_embeds = [], []
+    for start in range(0, len(captions), RETRIEVAL_CHUNK):
+        stop = start + RETRIEVAL_CHUNK
+        pixels = np.stack([whole_image(image, clip.config.image_size)[0] for image in images[start:stop]])
+        ids = clip.tokenizer.encode(list(captions[start:stop]), clip.config.context_length)
+        image_part, text_part = embed(clip.params, pixels, ids)
+        image_embeds.append(np.asarray(image_part, np.float64))
+        text_embeds.append(np.asarray(text_part, np.float64))
+    similarity = np.concatenate(image_embeds) @ np.concatenate(text_embeds).T
+    truth = np.arange(len(captions))
+    return {"pairs": len(captions), "image_to_text_top1": float(np.mean(similarity.argmax(1) == truth)),
+            "text_to_image_top1": float(np.mean(similarity.argmax(0) == truth))}

@@ -1,0 +1,46 @@
+"""Runs the first steps of a training configuration twice and checks that the parameters are bit-identical.
+
+    PYTHONPATH=. python training/check_determinism.py --objective clip --steps 20 [--set FIELD=VALUE ...]
+
+Uses the configuration `train_default.py` would use (its defaults plus the same overrides), stops after `--steps`
+steps (the learning-rate schedule stays the full run's) and prints one JSON line with the result.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import train_default  # noqa: E402
+
+from tclip_jax.checkpoints.folder import flatten  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--objective", choices=train_default.OBJECTIVES, default=train_default.TrainConfig.objective)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    args = parser.parse_args()
+    config = dataclasses.replace(train_default.TrainConfig(), objective=args.objective,
+                                 **train_default.parse_overrides(args.set))
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in range(2):
+            params, _, _ = train_default.train(config, pathlib.Path(tmp) / f"log{run}.jsonl", stop_after=args.steps)
+            runs.append(flatten(params))
+    identical = runs[0].keys() == runs[1].keys() and all(
+        np.array_equal(runs[0][k], runs[1][k]) and runs[0][k].tobytes() == runs[1][k].tobytes() for k in runs[0])
+    print(json.dumps({"objective": config.objective, "steps": args.steps, "parameters": len(runs[0]),
+                      "bit_identical": identical}))
+    sys.exit(0 if identical else 1)
+
+
+if __name__ == "__main__":
+    main()
