@@ -8,10 +8,17 @@ import shutil
 import tempfile
 from typing import Iterator
 
+# The process umask, read once (reading it means setting it): staged folders get the mode a plain mkdir would give.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[pathlib.Path]:
-    """Yields a fresh sibling folder of `target`; on success it replaces `target`, on error it is removed."""
+    """Yields a fresh sibling folder of `target`; on success it replaces `target`, on error it is removed.
+
+    What lands gets the modes a plain mkdir / open would give under the umask (mkdtemp makes folders 0700 and
+    safetensors writes files 0600, which would keep collaborators out)."""
     target = pathlib.Path(target)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} is a file, not a folder")
@@ -21,6 +28,9 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[path
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
+        for path in [staging, *staging.rglob("*")]:
+            if not path.is_symlink():
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~_UMASK)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

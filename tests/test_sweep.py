@@ -638,3 +638,20 @@ def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_pat
         write_text_atomic(path, "half\n")
     assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
+
+def test_staged_folders_land_with_the_modes_the_umask_gives(tmp_path):
+    """mkdtemp (0700) and safetensors (0600) must not keep collaborators out of results and checkpoints."""
+    import safetensors.numpy
+
+    from tclip_jax.files import staged_folder
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    target = tmp_path / "model"
+    with staged_folder(target) as staging:
+        safetensors.numpy.save_file({"w": np.zeros(2, np.float32)}, staging / "params.safetensors")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "result.json").write_text("{}")
+    assert target.stat().st_mode & 0o777 == (target / "sub").stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in ("params.safetensors", "sub/result.json"):
+        assert (target / name).stat().st_mode & 0o777 == 0o666 & ~umask
