@@ -132,3 +132,4 @@ def write_section(name: str, body: str, path: pathlib.Path = RESULTS_PATH) -> No
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
+    print(f"wrote the '{name}' section of {path} (--no-write leaves it as it is)", file=sys.stderr)

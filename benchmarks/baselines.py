@@ -36,6 +36,7 @@ PASSES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
     load = load_average()
     config = PRESETS["ViT-B/32"]
@@ -60,11 +61,12 @@ def main() -> None:
     table = markdown_table(("method", "forward passes / image", "backward passes / image",
                             f"s / image ({len(PROMPTS)} prompts)", "s / image and prompt"), rows)
     print(table)
-    write_section("baselines", f"## Methods: time per image and prompt (CPU, ViT-B/32 size, maps on the device)\n\n"
-                  f"Machine: {machine_description()}\n\nDate: {today()}; load average before the run: {load}\n\n"
-                  f"Command: `{command_line()}` (median of {args.repeats} after a warm-up; a 640x480 image, "
-                  f"{len(PROMPTS)} prompts; device maps only, host post-processing excluded; T = prompts)\n\n"
-                  f"{table}\n")
+    if not args.no_write:
+        write_section("baselines", f"## Methods: time per image and prompt (CPU, ViT-B/32 size, maps on the device)\n\n"
+                      f"Machine: {machine_description()}\n\nDate: {today()}; load average before the run: {load}\n\n"
+                      f"Command: `{command_line()}` (median of {args.repeats} after a warm-up; a 640x480 image, "
+                      f"{len(PROMPTS)} prompts; device maps only, host post-processing excluded; T = prompts)\n\n"
+                      f"{table}\n")
 
 
 if __name__ == "__main__":

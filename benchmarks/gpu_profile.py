@@ -36,15 +36,15 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (RESULTS_PATH, command_line, load_average, machine_description,  # noqa: E402
                                 markdown_table, today, write_section)
-from tclip_jax.datasets import COCO_CATEGORIES  # noqa: E402
-from tclip_jax.loading import LoadedClip  # noqa: E402
-from tclip_jax.method.explainer import TCLIP, Settings  # noqa: E402
-from tclip_jax.method.relevance import translated_patch_embeddings  # noqa: E402
+from tclip_jax.checkpoints.load import LoadedClip  # noqa: E402
+from tclip_jax.evaluation.datasets.coco import COCO_CATEGORIES  # noqa: E402
+from tclip_jax.image import to_original  # noqa: E402
+from tclip_jax.methods.tclip import TCLIP, Settings  # noqa: E402
+from tclip_jax.methods.tclip.relevance import translated_patch_embeddings  # noqa: E402
 from tclip_jax.model import CLIP, PRESETS, CLIPConfig, init_params  # noqa: E402
-from tclip_jax.postprocess import soft_maps_and_boxes  # noqa: E402
-from tclip_jax.preprocess import to_original  # noqa: E402
+from tclip_jax.model.tokenizer import default_tokenizer  # noqa: E402
+from tclip_jax.postprocess.soft import soft_maps_and_boxes  # noqa: E402
 from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene  # noqa: E402
-from tclip_jax.tokenizer import default_tokenizer  # noqa: E402
 
 PROMPT = "a small brown dog chases a red ball across grass"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -86,7 +86,7 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 def build(config: CLIPConfig, params, dtype, name: str) -> TCLIP:
     clip = LoadedClip(CLIP(config, dtype=dtype), params, default_tokenizer(), "tclip", f"random {name}")
-    return TCLIP(clip, Settings(translations=25, protocol="whole"))
+    return TCLIP(clip, Settings(translations=25, input_protocol="whole"))
 
 
 def profile(plan: Plan, configs: dict[str, CLIPConfig], images: list[np.ndarray], deadline: float) -> list[dict]:
@@ -121,20 +121,20 @@ def profile(plan: Plan, configs: dict[str, CLIPConfig], images: list[np.ndarray]
 def measure(tclip: TCLIP, prompts, images: list[np.ndarray], batch: int, plan: Plan) -> tuple[dict, list]:
     """Timings of one configuration, and its image-size maps of the batch (for the dtype comparison)."""
     encoded = tclip.encode_prompts(prompts)
-    queries = np.unique(encoded.queries, axis=0)
     loaded = [tclip.preprocess(image) for image in images[:batch]]
     pixels = np.stack([p for _, p, _ in loaded])
-    device = median_seconds(lambda: jax.block_until_ready(tclip.device_maps(pixels, queries)), plan.repeats) / batch
+    rows = np.broadcast_to(np.arange(len(encoded.queries), dtype=np.int32), (batch, len(encoded.queries)))
+    device_maps = lambda: tclip.jitted_maps(tclip.params, pixels, encoded.queries, rows).maps  # noqa: E731
+    device = median_seconds(lambda: jax.block_until_ready(device_maps()), plan.repeats) / batch
     floor = median_seconds(lambda: translated_patch_embeddings(tclip.clip.model, tclip.clip.params, pixels,
                                                                tclip.offsets).block_until_ready(), plan.repeats) / batch
-    _, maps = tclip.device_maps(pixels, queries)
-    maps = np.asarray(maps)
+    maps = np.asarray(device_maps())
     first, geometry = maps[0], loaded[0][2]
     host = median_seconds(lambda: soft_maps_and_boxes(to_original(first, geometry)), plan.repeats)
     count = max(plan.explain_images, batch)
     explain_images = [images[i % len(images)] for i in range(count)]
     explain = median_seconds(lambda: list(tclip.explain_batch(explain_images, encoded, batch_size=batch)), 1) / count
-    row = {"batch": batch, "maps": len(queries), "device_ms": device * 1e3, "floor_ms": floor * 1e3,
+    row = {"batch": batch, "maps": len(encoded.queries), "device_ms": device * 1e3, "floor_ms": floor * 1e3,
            "host_ms": host * 1e3, "explain_ms": explain * 1e3, "explain_over_floor": explain / floor, "skipped": False}
     return row, [to_original(m, g) for m, (_, _, g) in zip(maps, loaded)]
 
@@ -214,7 +214,6 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(rows, indent=1))
     if not args.no_write:
         write_section("gpu-profile", text, args.results)
-        print(f"\nwrote section 'gpu-profile' of {args.results}")
     return 0
 
 

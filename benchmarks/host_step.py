@@ -506,7 +506,6 @@ def main(argv=None) -> None:
     print(text)
     if not args.no_write:
         write_section("host-step", text, args.results)
-        print(f"\nwrote section 'host-step' of {args.results}")
 
 
 if __name__ == "__main__":

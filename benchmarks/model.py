@@ -45,6 +45,7 @@ def measure_conversion(hf_folder: pathlib.Path, out: pathlib.Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
     load = load_average()
     config = PRESETS["ViT-B/32"]
@@ -75,9 +76,10 @@ def main() -> None:
 
     table = markdown_table(("what", "tclip_jax", "reference"), rows)
     print(table)
-    write_section("model", f"## Model: conversion and ViT-B/32 image forward (CPU)\n\n"
-                  f"Machine: {machine_description()}\n\nDate: {today()}; load average before the run: {load}\n\n"
-                  f"Command: `{command_line()}` (median of {args.repeats} after a warm-up call)\n\n{table}\n")
+    if not args.no_write:
+        write_section("model", f"## Model: conversion and ViT-B/32 image forward (CPU)\n\n"
+                      f"Machine: {machine_description()}\n\nDate: {today()}; load average before the run: {load}\n\n"
+                      f"Command: `{command_line()}` (median of {args.repeats} after a warm-up call)\n\n{table}\n")
 
 
 if __name__ == "__main__":

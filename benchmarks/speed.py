@@ -280,7 +280,6 @@ def run(args) -> None:
     print(text)
     if not args.no_write:
         write_section(args.section, text, args.results)
-        print(f"\nwrote section '{args.section}' of {args.results}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--measure", action="store_true", help="internal: run one sweep and print its throughput")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args)))
@@ -70,7 +71,8 @@ def main() -> None:
         table,
     ])
     print(body)
-    write_section("sweeps", body)
+    if not args.no_write:
+        write_section("sweeps", body)
 
 
 if __name__ == "__main__":

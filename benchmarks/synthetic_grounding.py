@@ -113,7 +113,6 @@ def main() -> None:
         args.json.write_text(json.dumps(everything, indent=1) + "\n")
     if not args.no_write:
         write_section("synthetic", body)
-        print("\nwrote the 'synthetic' section of benchmarks/RESULTS.md")
 
 
 if __name__ == "__main__":
