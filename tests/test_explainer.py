@@ -217,3 +217,22 @@ def test_settings_round_trip_and_follow_the_scale_fractions():
     assert Settings.from_dict(two_scales.to_dict()) == two_scales
     assert Settings.parse_assignments(["trim=0.1", "sigma=none", "scale-fractions=0.5"]) == \
         {"trim": 0.1, "sigma": None, "scale_fractions": (0.5,)}
+
+
+def test_explain_batch_overlaps_the_host_step_with_the_next_batch_and_equals_explain(no_translation, fixture_images,
+                                                                                      monkeypatch):
+    """Batch i+1 is dispatched to the device before batch i's host step; results equal one image at a time."""
+    images = [list(fixture_images.values())[i % len(fixture_images)] for i in range(5)]
+    alone = [no_translation.explain(image, PROMPTS) for image in images]
+    events = []
+    method = TCLIP(no_translation.clip, no_translation.settings)
+    jitted, host_step = method.jitted_maps, method._image_result
+    monkeypatch.setattr(method, "jitted_maps", lambda *a: events.append("device") or jitted(*a), raising=False)
+    monkeypatch.setattr(method, "_image_result", lambda *a: events.append("host") or host_step(*a))
+    batched = list(method.explain_batch(images, PROMPTS, batch_size=2))
+    assert events == ["device", "device", "host", "host", "device", "host", "host", "host"]
+    for one, many in zip(alone, batched, strict=True):
+        for p, q in zip(one.prompts, many.prompts, strict=True):
+            for a, b in zip(p.word_maps + (p.phrase,), q.word_maps + (q.phrase,), strict=True):
+                np.testing.assert_allclose(b.heatmap, a.heatmap, atol=1e-6)
+                assert b.box == a.box

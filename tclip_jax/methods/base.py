@@ -280,18 +280,29 @@ class Method(abc.ABC):
 
     def explain_batch(self, images: Sequence[ImageLike], prompts: str | Sequence[str] | EncodedPrompts,
                       batch_size: int = 4) -> Iterator[ImageResult]:
-        """Yields one ImageResult per image; the prompts are encoded once for all images."""
+        """Yields one ImageResult per image; the prompts are encoded once for all images.
+
+        The device work of each batch is dispatched (asynchronously) before the host step of the batch before it,
+        so decoding and the host step overlap the device."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         encoded = prompts if isinstance(prompts, EncodedPrompts) else self.encode_prompts(prompts)
         rows = np.arange(len(encoded.queries), dtype=np.int32)
+        pending = None
         for start in range(0, len(images), batch_size):
             loaded = [self.preprocess(image) for image in images[start:start + batch_size]]
             pixels = np.stack([p for _, p, _ in loaded])
             out = self.jitted_maps(self.params, pixels, encoded.queries, np.broadcast_to(rows, (len(loaded), len(rows))))
-            for b, (rgb, _, geometry) in enumerate(loaded):
-                extras = jax.tree_util.tree_map(lambda a: np.asarray(a[b]), out.extras)
-                yield self._image_result(rgb, geometry, encoded, np.asarray(out.maps[b]), extras)
+            if pending is not None:
+                yield from self._batch_results(encoded, *pending)
+            pending = loaded, out
+        if pending is not None:
+            yield from self._batch_results(encoded, *pending)
+
+    def _batch_results(self, encoded: EncodedPrompts, loaded: list, out: MapOutput) -> Iterator[ImageResult]:
+        for b, (rgb, _, geometry) in enumerate(loaded):
+            extras = jax.tree_util.tree_map(lambda a: np.asarray(a[b]), out.extras)
+            yield self._image_result(rgb, geometry, encoded, np.asarray(out.maps[b]), extras)
 
     def prompt_similarity(self, encoded: EncodedPrompts, prompt: int, extras: Any) -> Optional[np.ndarray]:
         """A method's raw token-patch similarity of one prompt, if it has one (TCLIP's S)."""
