@@ -4,7 +4,8 @@ Device (jitted): the K translated copies of every image of a batch go through th
 relevance grid is upsampled, shifted back and combined by a pixel-wise trimmed mean (`relevance`). Host: a
 2-component GMM on each aggregated map gives τ and the soft map; Otsu and the largest connected component give
 the box (`tclip_jax.postprocess`). A query is a unit token embedding averaged over a word's BPE pieces, and over
-the words inside a query's span (a multi-word class name; the whole prompt for its phrase map).
+the words inside a query's span (a multi-word class name; the whole prompt for its phrase map), or, with a
+`token_weighting`, the span's pieces weighted by the end-of-text token's attention (`token_weights`).
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ from tclip_jax.methods.base import (
 )
 from tclip_jax.methods.tclip.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
 from tclip_jax.methods.tclip.settings import Settings
+from tclip_jax.methods.tclip.token_weights import eot_weights, text_attention
 from tclip_jax.methods.tclip.translations import translation_offsets
 from tclip_jax.model.tokenizer import TokenizedPrompt
 from tclip_jax.postprocess.soft import soft_maps_and_boxes
+
 
 class TCLIP(Method):
     name = "tclip"
@@ -48,8 +51,9 @@ class TCLIP(Method):
         return self.settings.input_protocol
 
     # ------------------------------------------------------------------------------------------ encode
-    def embed_prompts(self, tokens: Sequence[TokenizedPrompt]) -> np.ndarray:
-        """[P, L, D] unit embeddings of every text position up to each prompt's end-of-text token (zeros after).
+    def embed_prompts(self, tokens: Sequence[TokenizedPrompt]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """([P, L, D] unit embeddings of every text position up to each prompt's end-of-text token (zeros after),
+        [P, L] token weights of the settings' `token_weighting`, or None for "none").
 
         The text tower is causal: positions after the end-of-text token change nothing before it, so each prompt's
         row is cut there, rounded up to a multiple of 8; prompts of one length go through together, one at a
@@ -58,23 +62,30 @@ class TCLIP(Method):
         context = self.clip.config.context_length
         lengths = [min(context, -(-(t.eot_position + 1) // 8) * 8) for t in tokens]
         embeds = np.zeros((len(tokens), max(lengths), self.clip.config.embed_dim), np.float32)
+        weighting = self.settings.token_weighting
+        weights = None if weighting == "none" else np.zeros((len(tokens), max(lengths)))
         for length in sorted(set(lengths)):
             group = [i for i, n in enumerate(lengths) if n == length]
             ids = np.stack([tokens[i].token_ids[:length] for i in group])
             embeds[group, :length] = np.asarray(token_embeddings(self.clip.model, self.params, ids))
-        return embeds
+            if weights is not None:
+                attention = np.asarray(text_attention(self.clip.model, self.params, ids))
+                for i, probs in zip(group, attention):
+                    weights[i, :length] = eot_weights(probs, tokens[i].eot_position, weighting)
+        return embeds, weights
 
     def encode(self, queries: Sequence[Query], label_set: Optional[Sequence[str]] = None) -> QueryArrays:
         """[Q, D] queries: the mean over the words inside each query's span of the mean of their pieces."""
         tokens = self.tokenize(list(dict.fromkeys(q.prompt for q in queries)))
-        return _queries(tokens, self.embed_prompts(tokens), queries)
+        return _queries(tokens, *self.embed_prompts(tokens), queries)
 
     def encode_prompts(self, prompts: str | Sequence[str]) -> EncodedPrompts:
         """As `Method.encode_prompts`, keeping the token embeddings for the raw similarity S."""
         tokens = self.tokenize(prompt_list(prompts))
-        embeds = self.embed_prompts(tokens)
+        embeds, weights = self.embed_prompts(tokens)
         words, queries = self.explained_queries(tokens)
-        return dataclasses.replace(distinct_queries(tokens, words, _queries(tokens, embeds, queries)), extras=embeds)
+        encoded = distinct_queries(tokens, words, _queries(tokens, embeds, weights, queries))
+        return dataclasses.replace(encoded, extras=embeds)
 
     # ------------------------------------------------------------------------------------------ device
     def maps(self, params, pixels, queries: QueryArrays, rows) -> MapOutput:
@@ -104,17 +115,24 @@ class TCLIP(Method):
         return pieces @ extras.T
 
 
-def _queries(tokens: Sequence[TokenizedPrompt], embeds: np.ndarray, queries: Sequence[Query]) -> QueryArrays:
+def _queries(tokens: Sequence[TokenizedPrompt], embeds: np.ndarray, weights: Optional[np.ndarray],
+             queries: Sequence[Query]) -> QueryArrays:
     index = {t.text: i for i, t in enumerate(tokens)}
-    rows = [_span_query(tokens[index[q.prompt]], embeds[index[q.prompt]], q.span) for q in queries]
+    rows = [_span_query(tokens[i], embeds[i], None if weights is None else weights[i], q.span)
+            for q, i in ((q, index[q.prompt]) for q in queries)]
     return QueryArrays(np.stack(rows).astype(np.float32))
 
 
-def _span_query(tokens: TokenizedPrompt, embeds: np.ndarray, span: Optional[tuple[int, int]]) -> np.ndarray:
-    """Mean over the words inside `span` (all words if None) of each word's mean piece embedding."""
+def _span_query(tokens: TokenizedPrompt, embeds: np.ndarray, weights: Optional[np.ndarray],
+                span: Optional[tuple[int, int]]) -> np.ndarray:
+    """Mean over the words inside `span` (all words if None) of each word's mean piece embedding; with `weights`
+    and several words, the weighted mean of their pieces instead."""
     words = [w for w in tokens.words if not w.is_punctuation
              and (span is None or (w.start >= span[0] and w.end <= span[1]))]
     if not words:
         where = "" if span is None else f" inside characters {span[0]}..{span[1]}"
         raise ValueError(f"prompt {tokens.text!r} has no words to explain{where}")
+    if weights is not None and len(words) > 1:
+        pieces = [p for w in words for p in w.piece_positions]
+        return weights[pieces] @ embeds[pieces] / weights[pieces].sum()
     return np.mean([embeds[list(w.piece_positions)].mean(0) for w in words], axis=0)

@@ -11,6 +11,7 @@ from tclip_jax.settings import finite, integer, parse_float_tuple, parse_optiona
 # Shift lengths as fractions of the patch size: sub-patch shifts move every patch boundary.
 DEFAULT_SCALE_FRACTIONS = (0.25, 0.5, 0.75)
 DEFAULT_TRIM = 0.2
+TOKEN_WEIGHTINGS = ("none", "last", "mean", "rollout")  # see methods/tclip/token_weights.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,10 @@ class Settings(MethodSettings):
         "resized to a patch multiple", choices=INPUT_PROTOCOLS)
     sigma: Optional[float] = setting(None, "soft-map Gaussian sigma in pixels", parse=parse_optional(float),
                                      shown_default="2%% of the image's longer side")
+    token_weighting: str = setting(
+        "none", "how the tokens of a multi-word query (a class name, a whole prompt) are weighted: the plain mean "
+        "of its words (none, the paper's), or by the end-of-text token's attention in the text tower's last block, "
+        "its mean over blocks, or its attention rollout", choices=TOKEN_WEIGHTINGS)
 
     def __post_init__(self):
         super().__post_init__()
@@ -50,6 +55,8 @@ class Settings(MethodSettings):
             raise ValueError(f"trim must lie in [0, 0.5), got {self.trim}")
         if self.input_protocol not in INPUT_PROTOCOLS:
             raise ValueError(f"input_protocol must be one of {INPUT_PROTOCOLS}, got {self.input_protocol!r}")
+        if self.token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(f"token_weighting must be one of {TOKEN_WEIGHTINGS}, got {self.token_weighting!r}")
         if self.sigma is not None:
             finite("sigma", self.sigma)
             if self.sigma < 0:
