@@ -8,6 +8,7 @@ from tclip_jax.evaluation.metrics.pointing import DEFAULT_TOLERANCE
 from tclip_jax.settings import Options, integer, setting
 
 THRESHOLDS = ("mean", "otsu", "gmm")
+METRIC_SETS = ("default", "seed")
 Threshold = Union[str, float]
 
 
@@ -25,9 +26,13 @@ class EvalOptions(Options):
     pg_tolerance: int = setting(DEFAULT_TOLERANCE, "pointing-game tolerance in pixels (TorchRay: 15)", parse=int)
     threshold: Threshold = setting("mean", "segmentation foreground threshold: mean, otsu, gmm or a number in "
                                    "[0, 1)", parse=parse_threshold)
+    metrics: str = setting("default", "seed: also the seed papers' (ECLIP, CLIP Surgery) score contrast (mSC) and "
+                           "mIoU at grid-searched and fixed thresholds, in the report's own table", choices=METRIC_SETS)
 
     def __post_init__(self):
         integer("pg_tolerance", self.pg_tolerance, 0)
+        if self.metrics not in METRIC_SETS:
+            raise ValueError(f"metrics must be one of {METRIC_SETS}, got {self.metrics!r}")
         if isinstance(self.threshold, str):
             if self.threshold not in THRESHOLDS:
                 raise ValueError(f"threshold must be one of {THRESHOLDS} or a number, got {self.threshold!r}")

@@ -10,6 +10,8 @@
   normalized, against the binary mask with ignore pixels left out, foreground above the threshold: ``"mean"``
   (Chefer et al.), ``"otsu"``, ``"gmm"`` (the GMM split τ of the normalized map) or a number in [0, 1). Raw counts
   are stored so that dataset scores sum them.
+- Seed metrics (``metrics="seed"``, a target with a mask): score contrast and foreground intersection / union at
+  every grid threshold (`metrics.seed`), for the report's mSC and mIoU.
 - Wrong attribute (a target with a `wrong_mask`): ``wrong_pg_hit``, the pointing game of the same relevance map
   against the object the prompt names wrongly (lower is better).
 """
@@ -29,6 +31,7 @@ from tclip_jax.evaluation.metrics import (
     pointing_game,
     segmentation_scores,
 )
+from tclip_jax.evaluation.metrics.seed import seed_unit_scores
 from tclip_jax.methods.base import HostMaps
 from tclip_jax.postprocess import Box, gmm_threshold
 from tclip_jax.evaluation.options import EvalOptions
@@ -42,6 +45,8 @@ def score_unit(target: Target, heatmap: np.ndarray, host: HostMaps, options: Eva
         unit.update(box_scores(host.box, target.boxes))
     if target.mask is not None:
         unit.update(mask_scores(relevance, target.mask, target.ignore, options))
+        if options.metrics == "seed":
+            unit["seed"] = seed_unit_scores(relevance, target.mask, target.ignore)
     if target.wrong_mask is not None:
         unit["wrong_pg_hit"] = pointing_game(relevance, target.wrong_mask, options.pg_tolerance)
     return unit

@@ -7,6 +7,8 @@ Scores (all fractions in the JSON; the Markdown shows box accuracy in percent, a
   ``energy_pg`` (energy in the mask's box) and ``energy_in_mask``, means over units; ``pixel_accuracy`` and
   ``miou`` (background/foreground mean, Chefer et al.) from summed counts; ``mask_iou`` = summed foreground
   intersection / summed foreground union; ``ap`` = mean AP over units (``metrics.summarize_segmentation``).
+- seed metrics (``--metrics seed``): mSC, grid-searched and fixed-threshold mIoU (``metrics.seed``, over images:
+  each image's units are the categories present).
 - wrong attribute: ``wrong_pointing`` = the fraction of units with a named-but-wrong object whose map peaks on it.
 Records are merged in dataset order, so the report does not depend on how the sweep was split or resumed.
 """
@@ -20,6 +22,7 @@ import numpy as np
 
 from tclip_jax.files import write_text_atomic
 from tclip_jax.evaluation.metrics import SegmentationCounts, aggregate_by_class, summarize_segmentation
+from tclip_jax.evaluation.metrics.seed import summarize_seed
 from tclip_jax.sweep.store import read_all_records
 
 CONFIG_FILE = "sweep.json"
@@ -43,6 +46,9 @@ def summarize(records: list[dict]) -> dict:
         "errors": [{"key": r["key"], "error": r["error"]} for r in records if "error" in r],
         **_task_scores(units),
     }
+    seeded = [[(u["class"], u["seed"]) for u in r["units"] if "seed" in u] for r in records if "units" in r]
+    if any(seeded):
+        summary["seed"] = summarize_seed(seeded)
     groups = sorted({u["group"] for u in units if "group" in u})
     if groups:
         summary["groups"] = {g: {"units": sum(u.get("group") == g for u in units),
@@ -125,6 +131,13 @@ def markdown(config: dict, summary: dict) -> str:
         if "pointing_game" in paper:
             lines.append("| paper: TCLIP (ViT-B/32) | " + " | ".join(f"{paper[c]:.4f}" for c in columns) + " | | |")
         lines.append("")
+    if "seed" in summary:
+        seed = summary["seed"]
+        lines += ["The seed papers' metrics (ECLIP, CLIP Surgery; foreground categories):", "",
+                  f"| Method | mIoU, grid-searched threshold | mIoU, threshold {seed['fixed_threshold']:.2f} | mSC (%) "
+                  "| Categories |", "| --- | ---: | ---: | ---: | ---: |",
+                  f"| {name} | {seed['miou_grid']:.4f} | {seed['miou_fixed']:.4f} | {100 * seed['msc']:.2f} "
+                  f"| {seed['categories']} |", ""]
     if "wrong_attribute" in summary:
         wrong = summary["wrong_attribute"]
         lines += [f"Wrong-attribute pointing (the map peaks on the object the prompt names wrongly; lower is "

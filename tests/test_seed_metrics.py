@@ -1,0 +1,82 @@
+"""The seed papers' metrics (score contrast, grid-searched and fixed-threshold mIoU) against explicit loops on
+hand-made maps, and in a sweep's report with --metrics seed."""
+import numpy as np
+import pytest
+
+from tclip_jax.evaluation.metrics.seed import GRID, seed_unit_scores, summarize_seed
+
+
+def explicit_unit(relevance, mask, ignore):
+    low, high = max(relevance.min(), 0), relevance.max()
+    norm = [[(max(v, 0) - low) / (high - low) for v in row] for row in relevance]
+    cells = [(norm[i][j], bool(mask[i, j])) for i in range(mask.shape[0]) for j in range(mask.shape[1])
+             if ignore is None or not ignore[i, j]]
+    fg = [v for v, m in cells if m]
+    bg = [v for v, m in cells if not m]
+    inter = [sum(1 for v, m in cells if m and v > t) for t in GRID]
+    union = [sum(1 for v, m in cells if m or v > t) for t in GRID]
+    return sum(fg) / len(fg) - sum(bg) / len(bg), inter, union
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unit_scores_equal_explicit_loops(seed):
+    rng = np.random.default_rng(seed)
+    relevance = rng.normal(size=(7, 9))
+    mask = rng.random((7, 9)) < 0.3
+    ignore = (rng.random((7, 9)) < 0.1) if seed else None
+    got = seed_unit_scores(relevance, mask, ignore)
+    contrast, inter, union = explicit_unit(relevance, mask, ignore)
+    assert got["score_contrast"] == pytest.approx(contrast, abs=1e-12)
+    assert got["grid_inter"] == inter and got["grid_union"] == union
+
+
+def test_an_opposite_map_has_negative_contrast():
+    mask = np.zeros((4, 4), bool)
+    mask[:2] = True
+    assert seed_unit_scores(np.where(mask, 0.0, 1.0), mask)["score_contrast"] == -1.0
+    assert seed_unit_scores(np.where(mask, 1.0, 0.0), mask)["score_contrast"] == 1.0
+
+
+def test_dataset_scores_equal_explicit_loops():
+    rng = np.random.default_rng(3)
+    images = []
+    for _ in range(5):
+        units = []
+        for category in rng.choice(["cat", "dog", "bus"], size=int(rng.integers(1, 3)), replace=False):
+            units.append((str(category), seed_unit_scores(rng.normal(size=(6, 6)), rng.random((6, 6)) < 0.4)))
+        images.append(units)
+    got = summarize_seed(images, fixed=0.3)
+    contrast, searched, fixed = {}, {}, {}
+    for units in images:
+        best_t, best = 0, -1.0
+        for t in range(len(GRID)):
+            mean = sum(u["grid_inter"][t] / u["grid_union"][t] if u["grid_union"][t] else 0.0
+                       for _, u in units) / len(units)
+            if mean > best:
+                best_t, best = t, mean
+        for category, u in units:
+            contrast.setdefault(category, []).append(u["score_contrast"])
+            i, n = searched.get(category, (0, 0))
+            searched[category] = (i + u["grid_inter"][best_t], n + u["grid_union"][best_t])
+            i, n = fixed.get(category, (0, 0))
+            fixed[category] = (i + u["grid_inter"][30], n + u["grid_union"][30])
+    assert got["categories"] == len(contrast)
+    assert got["msc"] == pytest.approx(np.mean([np.mean(v) for v in contrast.values()]), abs=1e-12)
+    assert got["miou_grid"] == pytest.approx(np.mean([i / n for i, n in searched.values()]), abs=1e-12)
+    assert got["miou_fixed"] == pytest.approx(np.mean([i / n for i, n in fixed.values()]), abs=1e-12)
+    with pytest.raises(ValueError, match="grid point"):
+        summarize_seed(images, fixed=0.555)
+
+
+def test_sweep_with_seed_metrics_reports_them(fixtures_dir, tmp_path):
+    from tclip_jax.cli import main
+    import json
+
+    out = tmp_path / "out"
+    assert main(["sweep", "synthetic", "--protocol", "bare_words", "--model", str(fixtures_dir / "tiny_openai_clip.npz"),
+                 "--limit", "2", "--translations", "1", "--metrics", "seed", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    records = [json.loads(line) for line in (out / "results-p0.jsonl").read_text().splitlines()]
+    images = [[(u["class"], u["seed"]) for u in r["units"]] for r in records]
+    assert report["seed"] == summarize_seed(images)
+    assert "mIoU, grid-searched threshold" in (out / "report.md").read_text()
