@@ -16,6 +16,7 @@ from tclip_jax.evaluation.datasets import (
     COCO_CATEGORIES,
     SYNTHETIC_CLASSES,
     coco_dataset,
+    coco_seg_dataset,
     imagenet_class_names,
     imagenet_s_dataset,
     read_labels,
@@ -25,6 +26,7 @@ from tclip_jax.evaluation.datasets import (
     tfds_order,
     tfds_samples,
     tfds_to_xyxy,
+    voc_dataset,
     xywh_to_xyxy,
 )
 from tclip_jax.synthetic import heldout_seeds, protocol_sample
@@ -377,3 +379,114 @@ def test_synthetic_targets_are_the_protocol_units(protocol):
         synthetic_dataset(0)
     with pytest.raises(ValueError, match="unknown synthetic protocol 'nope'"):
         synthetic_dataset(1, "nope")
+
+
+# ------------------------------------------------------------------------------------ segmentation: VOC, COCO
+def write_voc(root: pathlib.Path, samples: dict, split_lines: list[str] | None = None) -> pathlib.Path:
+    """VOC2012 layout: id -> (uint8 image, class indices); labels as palette PNGs, images PNG data under .jpg."""
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for image_id, (image, labels) in samples.items():
+        Image.fromarray(image).save(root / "JPEGImages" / f"{image_id}.jpg", format="PNG")
+        png = Image.fromarray(labels.astype(np.uint8), mode="P")
+        png.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
+        png.save(root / "SegmentationClass" / f"{image_id}.png")
+    lines = split_lines if split_lines is not None else list(samples)
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_voc_units_are_the_classes_present_with_their_masks_and_ignore_pixels(tmp_path):
+    labels = np.zeros((20, 30), np.int64)
+    labels[2:8, 3:9] = 15          # person
+    labels[10:18, 12:25] = 12      # dog
+    labels[9, :] = 255             # a border: ignored
+    other = np.zeros((12, 12), np.int64)
+    other[4:9, 4:9] = 1            # aeroplane
+    root = write_voc(tmp_path / "VOC2012", {"2007_000032": (painted(20, 30, []), labels),
+                                            "2007_000039": (painted(12, 12, []), other)},
+                     split_lines=["2007_000039", "2007_000032"])
+    dataset = voc_dataset(root)
+    assert dataset.name == "voc2012-val" and len(dataset.class_names) == 20 and dataset.class_names[0] == "aeroplane"
+    samples = list(dataset.samples())
+    assert [s.key for s in samples] == ["2007_000039", "2007_000032"]  # the split file's order
+    first, second = (s.load() for s in samples)
+    assert [t.class_id for t in first.targets] == [0] and first.targets[0].ignore is None
+    np.testing.assert_array_equal(first.targets[0].mask, other == 1)
+    assert [dataset.class_names[t.class_id] for t in second.targets] == ["dog", "person"]
+    for target, index in zip(second.targets, (12, 15)):
+        np.testing.assert_array_equal(target.mask, labels == index)
+        np.testing.assert_array_equal(target.ignore, labels == 255)
+
+
+def test_voc_bad_input_is_named(tmp_path):
+    labels = np.zeros((8, 8), np.int64)
+    labels[1:3, 1:3] = 21  # no such class
+    root = write_voc(tmp_path / "bad", {"a": (painted(8, 8, []), labels)})
+    with pytest.raises(ValueError, match=r"class indices \[21\] outside 0..20 and 255"):
+        next(voc_dataset(root).samples()).load()
+    (root / "ImageSets/Segmentation/val.txt").write_text("a\nmissing\n")
+    with pytest.raises(FileNotFoundError, match="line 2: .*missing.jpg not found"):
+        voc_dataset(root)
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n")
+    with pytest.raises(ValueError, match="lists no image ids"):
+        voc_dataset(root)
+    Image.fromarray(painted(8, 8, [])).save(root / "SegmentationClass" / "a.png")  # RGB, not a palette PNG
+    (root / "ImageSets/Segmentation/val.txt").write_text("a\n")
+    with pytest.raises(ValueError, match="expected a palette"):
+        next(voc_dataset(root).samples()).load()
+    with pytest.raises(FileNotFoundError, match="VOC: .* not found"):
+        voc_dataset(tmp_path / "nowhere")
+
+
+def _column_major_rle(mask: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE of a mask, by an explicit walk in column-major order (runs start with zeros)."""
+    counts, current, run = [], False, 0
+    for value in mask.T.reshape(-1):
+        if bool(value) != current:
+            counts.append(run)
+            current, run = bool(value), 0
+        run += 1
+    counts.append(run)
+    return counts
+
+
+def test_coco_seg_masks_are_the_union_of_instance_masks(tmp_path):
+    from pycocotools import mask as coco_mask
+
+    height, width = 24, 32
+    dog_a = np.zeros((height, width), bool)
+    dog_a[2:9, 3:12] = True
+    dog_b = np.zeros((height, width), bool)
+    dog_b[15:20, 20:30] = True
+    crowd = np.zeros((height, width), bool)
+    crowd[0:4, 25:31] = True
+    compressed = coco_mask.encode(np.asfortranarray(dog_b.astype(np.uint8)))
+    compressed["counts"] = compressed["counts"].decode()
+    root = write_coco(tmp_path / "coco", {4: painted(height, width, [])}, [])
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    polygon = [[12.0, 12.0, 20.0, 12.0, 20.0, 18.0, 12.0, 18.0]]  # a person, as a polygon
+    anns = [(18, {"size": [height, width], "counts": _column_major_rle(dog_a)}, 0),
+            (18, compressed, 0), (1, polygon, 0),
+            (18, {"size": [height, width], "counts": _column_major_rle(crowd)}, 1)]
+    data["annotations"] = [{"id": i, "image_id": 4, "category_id": c, "bbox": [0, 0, 1, 1], "iscrowd": k,
+                            "segmentation": s} for i, (c, s, k) in enumerate(anns)]
+    path.write_text(json.dumps(data))
+    names = coco_seg_dataset(root).class_names
+    loaded = next(coco_seg_dataset(root).samples()).load()
+    person, dog = loaded.targets
+    assert (names[person.class_id], names[dog.class_id]) == ("person", "dog")
+    np.testing.assert_array_equal(dog.mask, dog_a | dog_b | crowd)  # crowd regions count by default
+    assert person.mask[13:18, 13:20].all() and not person.mask[:10].any() and not person.mask[:, :11].any()
+    dropped = next(coco_seg_dataset(root, crowd="drop").samples()).load()
+    np.testing.assert_array_equal(dropped.targets[1].mask, dog_a | dog_b)
+    np.testing.assert_array_equal(dropped.targets[1].ignore, crowd)
+    data["annotations"][0]["segmentation"] = {"size": [height, width + 1], "counts": [1]}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"annotations\[0\] \(id 0\): segmentation RLE size .* is not the image's"):
+        coco_seg_dataset(root)
+    data["annotations"][0]["segmentation"] = [[1, 2, 3]]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="polygons must be lists of at least 3"):
+        coco_seg_dataset(root)

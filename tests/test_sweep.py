@@ -655,3 +655,21 @@ def test_staged_folders_land_with_the_modes_the_umask_gives(tmp_path):
     assert target.stat().st_mode & 0o777 == (target / "sub").stat().st_mode & 0o777 == 0o777 & ~umask
     for name in ("params.safetensors", "sub/result.json"):
         assert (target / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_voc_sweep_with_the_seed_metrics_writes_the_seeds_table(tiny_model, tmp_path):
+    from test_datasets import write_voc
+
+    labels = np.zeros((40, 48), np.int64)
+    labels[5:20, 6:30] = 8     # cat
+    labels[25:35, 10:40] = 12  # dog
+    root = write_voc(tmp_path / "VOC2012", {"x1": (painted(40, 48, [(200, slice(5, 20), slice(6, 30))]), labels),
+                                            "x2": (painted(40, 48, []), np.where(labels == 8, 0, labels))})
+    out = tmp_path / "out"
+    assert main(_cli("voc", "--data", str(root), "--model", tiny_model, "--translations", "1", "--metrics", "seed",
+                     "--out", str(out))) == 0
+    report = _report(out)
+    assert report["config"]["dataset"] == "voc2012-val" and report["units"] == 3
+    assert set(report["seed"]) == {"categories", "msc", "miou_grid", "miou_fixed", "fixed_threshold"}
+    assert report["seed"]["categories"] == 2
+    assert "| mIoU, grid-searched threshold |" in (out / "report.md").read_text()

@@ -1,4 +1,4 @@
-"""`tclip sweep coco|imagenet-s|synthetic --method M --model M --data PATH --out DIR [...]`.
+"""`tclip sweep coco|coco-seg|imagenet-s|voc|synthetic --method M --model M --data PATH --out DIR [...]`.
 
 Runs (or with --resume continues) an evaluation sweep and writes DIR/report.md and DIR/report.json. Several
 processes (`jax.distributed`, --coordinator/--num-processes/--process-id, or --distributed on a cluster
@@ -11,7 +11,7 @@ import pathlib
 
 from tclip_jax.cli.common import add_method_arguments, build_method
 
-DATASETS = ("coco", "imagenet-s", "synthetic")
+DATASETS = ("coco", "coco-seg", "imagenet-s", "voc", "synthetic")
 SYNTHETIC_SCENES = 1000  # held-out scenes in a synthetic sweep unless --limit says fewer
 
 
@@ -21,8 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tclip_jax.synthetic import PROTOCOLS
 
     parser.add_argument("dataset", choices=DATASETS)
-    parser.add_argument("--data", help="dataset root: COCO (annotations/instances_val2017.json + val2017/), a TFDS "
-                        "data_dir with --coco-source tfds, or ImageNet-S (validation/, validation-segmentation/)")
+    parser.add_argument("--data", help="dataset root: COCO (annotations/instances_val2017.json + val2017/; coco-seg "
+                        "too), a TFDS data_dir with --coco-source tfds, ImageNet-S (validation/, "
+                        "validation-segmentation/) or VOC2012 (ImageSets/Segmentation/val.txt, JPEGImages/, "
+                        "SegmentationClass/)")
     parser.add_argument("--out", required=True, help="results folder (records, sweep.json, report.md/json)")
     parser.add_argument("--template", help="prompt template with one '{}' for the class name (default: the bare name)")
     parser.add_argument("--split", type=int, choices=(50, 300, 919), help="ImageNet-S split (required for imagenet-s)")
@@ -69,6 +71,13 @@ def _open_dataset(args: argparse.Namespace, limit):
     if args.data is None:
         raise ValueError(f"{args.dataset} needs --data (the dataset's root folder)")
     data = str(pathlib.Path(args.data).resolve())
+    if args.dataset == "coco-seg":
+        if args.coco_source == "tfds":
+            raise ValueError("coco-seg reads the raw layout (instance masks from instances_val2017.json); "
+                             "--coco-source tfds is for coco boxes")
+        return datasets.coco_seg_dataset(data, crowd=args.crowd), f"coco val2017 masks in {data}, crowd {args.crowd}"
+    if args.dataset == "voc":
+        return datasets.voc_dataset(data), f"voc2012 segmentation val in {data}"
     if args.dataset == "coco":
         if args.coco_source == "tfds":
             return (datasets.tfds_coco_dataset(data, crowd=args.crowd),

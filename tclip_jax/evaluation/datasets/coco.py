@@ -12,9 +12,15 @@ Conventions (gScoreCAM's ``evaluation/coco_eval.py`` with ``tools/iou_tool.py``)
   ``crowd="drop"`` removes crowd annotations first; a class present only as a crowd then gives no unit.
 - Samples are the images with at least one annotation, in image-id order; the key is the image id.
 - Classes are the categories in id order (80 for COCO 2017); TFDS labels index the same order.
+
+`coco_seg_dataset` reads the same raw layout as semantic segmentation (the seed papers' COCO protocol): a unit is
+each category present, its mask the union of its instances' masks, decoded by pycocotools (polygons and RLE,
+`annToMask`'s rules). ``crowd="keep"`` counts crowd regions as the category; ``"drop"`` leaves them out of the
+scores (ignore pixels) and a category present only as a crowd gives no unit.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -73,7 +79,7 @@ def coco_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
     categories, images, objects = _read_instances(annotation_path)
     samples = []
     for image_id in sorted(objects):
-        kept = [(c, box) for c, box, is_crowd in objects[image_id] if crowd == "keep" or not is_crowd]
+        kept = [(c, box) for c, box, is_crowd, _ in objects[image_id] if crowd == "keep" or not is_crowd]
         if kept:
             info = images[image_id]
             classes = np.array([c for c, _ in kept])
@@ -84,8 +90,52 @@ def coco_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
     return Dataset("coco", tuple(c["name"] for c in categories), len(samples), indexed(samples))
 
 
-def _read_instances(path: pathlib.Path) -> tuple[list[dict], dict[int, dict], dict[int, list]]:
-    """(categories in id order, images by id, per image id its (class index, xywh box, is crowd) objects).
+def coco_seg_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
+    """COCO val2017 instance masks as per-category semantic masks, from the raw layout (see the module doc)."""
+    _check_crowd(crowd)
+    root = pathlib.Path(root)
+    annotation_path, image_dir = root / ANNOTATION_FILE, root / IMAGE_DIR
+    for path in (root, annotation_path, image_dir):
+        if not path.exists():
+            raise FileNotFoundError(f"COCO: {path} not found; expected {root}/{ANNOTATION_FILE} "
+                                    f"and {root}/{IMAGE_DIR}/")
+    categories, images, objects = _read_instances(annotation_path, segmentation=True)
+    samples = []
+    for image_id in sorted(objects):
+        if any(crowd == "keep" or not is_crowd for _, _, is_crowd, _ in objects[image_id]):
+            info = images[image_id]
+            samples.append(Sample(str(image_id), len(samples), functools.partial(
+                _seg_load, image_dir / info["file_name"], (info["height"], info["width"]), objects[image_id], crowd)))
+    return Dataset("coco-seg", tuple(c["name"] for c in categories), len(samples), indexed(samples))
+
+
+def _seg_load(path: pathlib.Path, size_hw: tuple[int, int], objects: list, crowd: Crowd) -> LoadedSample:
+    from pycocotools import mask as coco_mask
+
+    image = load_image(path, exif=False)
+    check_size(image, size_hw, str(path))
+    height, width = size_hw
+    masks: dict[int, np.ndarray] = {}
+    crowds = np.zeros(size_hw, bool)
+    for class_index, _, is_crowd, segmentation in objects:
+        if isinstance(segmentation, list):  # polygons
+            rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation["counts"], list):  # uncompressed RLE
+            rle = coco_mask.frPyObjects(segmentation, height, width)
+        else:
+            rle = segmentation
+        pixels = coco_mask.decode(rle).astype(bool)
+        if is_crowd and crowd == "drop":
+            crowds |= pixels
+        else:
+            masks[class_index] = masks.get(class_index, np.zeros(size_hw, bool)) | pixels
+    ignore = crowds if crowds.any() else None
+    return LoadedSample(image, tuple(Target(c, mask=masks[c], ignore=ignore) for c in sorted(masks)))
+
+
+def _read_instances(path: pathlib.Path, segmentation: bool = False) -> tuple[list[dict], dict[int, dict], dict[int, list]]:
+    """(categories in id order, images by id, per image id its (class index, xywh box, is crowd, segmentation)
+    objects; segmentation is None unless asked for, then checked: polygons or an RLE of the image's size).
 
     Every entry is checked up front; the first bad one is named by its list, position, id and field.
     """
@@ -149,8 +199,37 @@ def _read_instances(path: pathlib.Path) -> tuple[list[dict], dict[int, dict], di
         crowd = ann.get("iscrowd", 0)
         if crowd not in (0, 1) or isinstance(crowd, bool):
             raise bad("annotations", index, ann, f"iscrowd must be 0 or 1, got {crowd!r}")
-        objects.setdefault(ann["image_id"], []).append((class_of[ann["category_id"]], box, bool(crowd)))
+        shape = None
+        if segmentation:
+            shape = ann.get("segmentation")
+            info = images[ann["image_id"]]
+            problem = _segmentation_problem(shape, info["height"], info["width"])
+            if problem:
+                raise bad("annotations", index, ann, problem)
+        objects.setdefault(ann["image_id"], []).append((class_of[ann["category_id"]], box, bool(crowd), shape))
     return categories, images, objects
+
+
+def _segmentation_problem(shape, height: int, width: int) -> str:
+    """What is wrong with an annotation's segmentation ("" if nothing): polygons [[x, y, ...], ...] of at least
+    three points, or an RLE {"size": [height, width], "counts": str or list of ints}."""
+    number = lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and np.isfinite(v)  # noqa: E731
+    if isinstance(shape, list):
+        if not shape or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(map(number, p))
+                                for p in shape):
+            return "segmentation polygons must be lists of at least 3 (x, y) pairs of finite numbers"
+        return ""
+    if isinstance(shape, dict):
+        if shape.get("size") != [height, width]:
+            return f"segmentation RLE size {shape.get('size')!r} is not the image's [{height}, {width}]"
+        counts = shape.get("counts")
+        if isinstance(counts, str) and counts:
+            return ""
+        if isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) \
+                and sum(counts) == height * width:
+            return ""
+        return "segmentation RLE counts must be a compressed string or non-negative ints summing to height * width"
+    return f"segmentation must be polygons or an RLE, got {type(shape).__name__}"
 
 
 def tfds_coco_dataset(data_dir: str | pathlib.Path, split: str = "validation", crowd: Crowd = "keep") -> Dataset:

@@ -1,0 +1,76 @@
+"""PASCAL VOC 2012 segmentation (val): every (image, class present) pair with the class's mask.
+
+Official layout under ``ROOT`` (``VOCdevkit/VOC2012``): ``ImageSets/Segmentation/val.txt`` (one image id per
+line), ``JPEGImages/<id>.jpg`` and ``SegmentationClass/<id>.png``, a palette PNG whose indices are the class:
+0 = background, 1..20 = VOC_CLASSES, 255 = ignore (object borders and difficult regions).
+
+A unit is each class index 1..20 present; its mask is ``label == index`` and its ignore region ``label == 255``
+(left out of the segmentation scores). Samples follow the order of the split file; the key is the image id.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
+from tclip_jax.image import load_image
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dining table",
+               "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor")
+IGNORE_INDEX = 255
+SPLIT_FILE = "ImageSets/Segmentation/{split}.txt"
+IMAGE_DIR, LABEL_DIR = "JPEGImages", "SegmentationClass"
+
+
+def voc_dataset(root: str | pathlib.Path, split: str = "val") -> Dataset:
+    """The images of VOC 2012 segmentation ``split`` under ``root`` (see the module doc)."""
+    root = pathlib.Path(root)
+    split_path = root / SPLIT_FILE.format(split=split)
+    for path in (root, split_path, root / IMAGE_DIR, root / LABEL_DIR):
+        if not path.exists():
+            raise FileNotFoundError(f"VOC: {path} not found; expected {root}/{SPLIT_FILE.format(split=split)}, "
+                                    f"{root}/{IMAGE_DIR}/ and {root}/{LABEL_DIR}/")
+    try:
+        ids = [line.strip() for line in split_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"VOC: {split_path} is not a text file of image ids: {err}") from None
+    if not ids:
+        raise ValueError(f"VOC: {split_path} lists no image ids")
+    samples = []
+    for line, image_id in enumerate(ids, 1):
+        if "/" in image_id or image_id.startswith(".") or len(image_id.split()) != 1:
+            raise ValueError(f"VOC: {split_path} line {line}: {image_id!r} is not an image id")
+        image_path, label_path = root / IMAGE_DIR / f"{image_id}.jpg", root / LABEL_DIR / f"{image_id}.png"
+        for path in (image_path, label_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"VOC: {split_path} line {line}: {path} not found")
+        samples.append(Sample(image_id, len(samples), functools.partial(_load, image_path, label_path)))
+    return Dataset(f"voc2012-{split}", VOC_CLASSES, len(samples), indexed(samples))
+
+
+def read_voc_labels(path: pathlib.Path) -> np.ndarray:
+    """Class indices [H, W] of a VOC palette PNG."""
+    try:
+        with Image.open(path) as png:
+            if png.mode not in ("P", "L"):
+                raise ValueError(f"VOC label {path} has PIL mode {png.mode}; expected a palette (P) PNG of class "
+                                 "indices")
+            return np.asarray(png).astype(np.int64)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read VOC label {path}: {err}") from None
+
+
+def _load(image_path: pathlib.Path, label_path: pathlib.Path) -> LoadedSample:
+    image = load_image(image_path, exif=False)
+    labels = read_voc_labels(label_path)
+    check_size(image, labels.shape, str(image_path))
+    present = np.unique(labels)
+    bad = present[(present > len(VOC_CLASSES)) & (present != IGNORE_INDEX)]
+    if bad.size:
+        raise ValueError(f"VOC label {label_path} has class indices {bad.tolist()} outside 0..20 and 255")
+    ignore = labels == IGNORE_INDEX
+    return LoadedSample(image, tuple(Target(int(i) - 1, mask=labels == i, ignore=ignore if ignore.any() else None)
+                                     for i in present if 1 <= i <= len(VOC_CLASSES)))
