@@ -70,8 +70,8 @@ EASY_STYLE = dataclasses.replace(PLAIN_STYLE, counts=(1, 2, 3), count_weights=(0
 class TrainConfig:
     objective: str = "clip"
     seed: int = 0                   # parameter initialisation
-    steps: int = 2400
-    curriculum_steps: int = 600     # the first steps draw EASY_STYLE scenes, then TRAINING_STYLE
+    steps: int = 900
+    curriculum_steps: int = 0       # the first steps draw EASY_STYLE scenes, then TRAINING_STYLE (see the card)
     batch_size: int = 64            # images: B/2 scenes and their variants
     negatives: int = 2              # hard-negative captions per scene
     peak_learning_rate: float = 1e-3
