@@ -11,8 +11,8 @@ from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.cli import main as tclip
 from tclip_jax.methods.base import Query
 from tclip_jax.methods.eclip import ECLIP, Settings, TrainSettings
-from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, PROJECTIONS_INFO, clip_projections, image_features,
-                                            load_projections, save_projections)
+from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, PROJECTIONS_INFO, clip_projections, eclip_map,
+                                            image_features, load_projections, save_projections)
 from tclip_jax.methods.eclip.train import (Pairs, ViTAttention, contrastive_loss, file_pairs, make_optimizer,
                                            make_train_step, masked_max_pool, pair_features, train)
 from tclip_jax.synthetic import make_scene
@@ -111,6 +111,14 @@ def test_itsm_is_the_cosine_of_projected_patches_and_prompt(clip, tmp_path, high
                                                         np.linalg.norm(text_embeds, axis=1))
     assert maps.shape == (1, 2, *grid)
     np.testing.assert_allclose(maps[0], cosine.T.reshape(2, *grid), atol=1e-5)
+    from_ids = eclip_map(clip.model, clip.params, pixels, ids, projections)  # the pure function, from token ids
+    np.testing.assert_allclose(np.asarray(from_ids.maps), maps, atol=1e-6)
+
+
+def test_without_projections_eclip_runs_on_clips_own_and_says_so(clip):
+    with pytest.warns(UserWarning, match="using CLIP's own, i.e. untrained ECLIP"):
+        method = ECLIP(clip)
+    assert all(np.array_equal(method.projections[k], v) for k, v in clip_projections(clip.params).items())
 
 
 def test_projections_round_trip_and_refuse_another_models_shapes(clip, tmp_path):
@@ -193,7 +201,6 @@ def test_train_then_explain_from_the_command_line(clip, fixtures_dir, data_dir, 
 
     assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "red circle", "--method", "eclip",
                   "--model", model, "--activation", "quick_gelu", "--out", str(tmp_path / "y"), "--no-html"]) == 0
-    assert "using CLIP's own, i.e. untrained ECLIP" in capsys.readouterr().err
     record = json.loads((tmp_path / "y" / "scene_224" / "result.json").read_text())
     assert record["run"]["projections"] == "CLIP's own projections (untrained ECLIP)"
 

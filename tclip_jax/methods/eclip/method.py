@@ -21,6 +21,7 @@ import pathlib
 import warnings
 from typing import Any, Optional, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +72,24 @@ def itsm(projections: Projections, patches: Array, queries: Array, grid: tuple[i
     [T, embed_dim] (`text_queries`) -> [B, T, gh, gw]."""
     similarity = l2_normalize(patches @ projections["image"]) @ queries.T
     return jnp.swapaxes(similarity, 1, 2).reshape(*similarity.shape[:1], queries.shape[0], *grid)
+
+
+@flax.struct.dataclass
+class ECLIPOutput:
+    maps: Array     # [n_images, n_texts, gh, gw] the ITSM on the patch grid
+    queries: Array  # [n_texts, embed_dim] normalized φ̂ₜ(Fₜ)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def eclip_map(model: CLIP, params: dict, images: Array, texts: Array, projections: Projections) -> ECLIPOutput:
+    """ECLIP's ITSM of `texts` on `images` through `projections`: token ids [n_texts, context], or the queries
+    [n_texts, embed_dim] this function (or `text_queries`) already returned, which pass through."""
+    if jnp.issubdtype(texts.dtype, jnp.floating):
+        queries = texts
+    else:
+        queries = text_queries(projections, text_features(model, params, texts))
+    patches, grid = image_features(model, params, images)
+    return ECLIPOutput(itsm(projections, patches, queries, grid), queries)
 
 
 # ------------------------------------------------------------------------------------------ the projections file
@@ -135,8 +154,7 @@ class ECLIP(PromptMethod):
         return np.asarray(_jitted_text_queries(self.clip.model, self.params, self.text_token_ids(prompts)))
 
     def grid_maps(self, params: Any, pixels: Array, queries: QueryArrays) -> Array:
-        patches, grid = image_features(self.clip.model, params["clip"], pixels)
-        return itsm(params["projections"], patches, queries.per_query, grid)
+        return eclip_map(self.clip.model, params["clip"], pixels, queries.per_query, params["projections"]).maps
 
 
 @functools.partial(jax.jit, static_argnums=0)
