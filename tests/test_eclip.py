@@ -151,6 +151,8 @@ def test_resume_gives_the_projections_of_an_uninterrupted_run(clip, data_dir, tm
         np.testing.assert_array_equal(resumed.projections[key], whole.projections[key])
         assert not np.array_equal(whole.projections[key], clip_projections(clip.params)[key])
     np.testing.assert_array_equal(load_projections(resumed.path, clip.config)["text"], whole.projections["text"])
+    with pytest.raises(ValueError, match="2 epochs done, more than --epochs 1"):
+        train(clip, pairs, tmp_path / "parts", settings.replace(epochs=1), resume=True, progress=False)
 
 
 def test_the_attention_of_a_hugging_face_vit(tmp_path):

@@ -154,12 +154,11 @@ class ViTAttention:
     def __init__(self, name_or_path: str | os.PathLike):
         from transformers import ViTModel
 
-        name = str(name_or_path)
-        looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-        if looks_local and not pathlib.Path(name).expanduser().is_dir():
+        name, folder = str(name_or_path), pathlib.Path(name_or_path).expanduser()
+        if folder.is_dir():
+            name = str(folder)
+        elif os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:  # not a hub "org/name"
             raise FileNotFoundError(f"attention model folder {name} not found")
-        if pathlib.Path(name).expanduser().is_dir():
-            name = str(pathlib.Path(name).expanduser())
         self.model = ViTModel.from_pretrained(name, add_pooling_layer=False, attn_implementation="eager",
                                               trust_remote_code=False).eval()
         self.image_size = self.model.config.image_size
@@ -288,6 +287,9 @@ def train(clip: LoadedClip, pairs: Pairs, out: str | os.PathLike, settings: Trai
     epoch = step_count = 0
     if resume:
         projections, opt_state, epoch, step_count = load_checkpoint(checkpoint, run, opt_state)
+        if epoch > settings.epochs:
+            raise ValueError(f"--resume: the checkpoint in {out} has {epoch} epochs done, more than --epochs "
+                             f"{settings.epochs}")
 
     pooled, texts = pair_features(clip, pairs, attention, progress)
     step = make_train_step(optimizer)
