@@ -41,10 +41,15 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[path
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:
     """Write ``text`` (UTF-8) to a temporary sibling, then rename it over ``path``: a reader sees the old or the new file."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
+    """`write_text_atomic` for bytes."""
     path = pathlib.Path(path)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        temporary.write_text(text, encoding="utf-8")
+        temporary.write_bytes(data)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -255,7 +255,7 @@ def test_raw_attention_and_rollout(tiny_model, surgery_ref):
 
 def test_registry_lists_every_method_with_its_protocol():
     assert set(METHODS) == {"tclip", "similarity", "rclip", "maskclip", "clip_surgery", "hilacam", "attention",
-                            "rollout", "gradcam", "grad_eclip", "decomposition", "gscorecam", "m2ib"}
+                            "rollout", "gradcam", "grad_eclip", "decomposition", "gscorecam", "m2ib", "eclip"}
     assert all(METHODS[name].name == name for name in METHODS)
     assert len(METHODS["clip_surgery"].templates) == 85
     with pytest.raises(ValueError, match="unknown method"):

@@ -1,4 +1,4 @@
-"""`tclip` command line: one sub-command module each (convert, explain, sweep).
+"""`tclip` command line: one sub-command module each (convert, explain, sweep, train-eclip: module train_eclip).
 
 Sub-command modules import their heavy dependencies (jax, the model, the datasets) inside `run`, so that help
 and argument errors come back at once. Errors in what the user gave (files, folders, values) end the command
@@ -14,11 +14,13 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-# Sub-command name -> module under tclip_jax.cli with `add_arguments(parser)` and `run(args) -> int`.
+# Sub-command name -> help. Its module under tclip_jax.cli (the name with '-' as '_') has `add_arguments(parser)`
+# and `run(args) -> int`.
 COMMANDS = {
     "convert": "Convert a CLIP checkpoint (Hugging Face, OpenAI, OpenCLIP) to a tclip_jax folder.",
     "explain": "Per-word TCLIP heatmaps, soft maps and boxes (or a baseline's maps) for images and prompts.",
     "sweep": "Evaluate a method over a dataset (COCO, ImageNet-S, synthetic), resumable.",
+    "train-eclip": "Train ECLIP's projections (masked max pooling, contrastive) on a frozen CLIP, resumable.",
 }
 # What the user can fix: a missing or unreadable file, a bad value, no network, a missing optional package.
 USER_ERRORS = (OSError, ValueError, TypeError, ImportError)
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tclip", description="TCLIP: what does CLIP see per token?")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"tclip_jax.cli.{name}")
+        module = importlib.import_module(f"tclip_jax.cli.{name.replace('-', '_')}")
         sub = commands.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)

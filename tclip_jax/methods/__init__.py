@@ -24,6 +24,7 @@ REGISTRY: dict[str, str] = {
     "decomposition": "tclip_jax.methods.decomposition:DecompositionMap",
     "gscorecam": "tclip_jax.methods.gscorecam:GScoreCAM",
     "m2ib": "tclip_jax.methods.m2ib:M2IB",
+    "eclip": "tclip_jax.methods.eclip.method:ECLIP",
 }
 
 

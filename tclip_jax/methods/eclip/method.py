@@ -1,0 +1,165 @@
+"""ECLIP's image-text similarity map (ITSM) and the file of its trained projections.
+
+CLIP stays frozen; ECLIP replaces its two projections into the joint space by a trained pair (`Projections`):
+φ̂ᵢ [vision_width, embed_dim] on the image features Fᵢ (the final-layer patch tokens after ln_post) and φ̂ₜ
+[text_width, embed_dim] on the text feature Fₜ (the end-of-text token after ln_final). Training
+(`tclip_jax.methods.eclip.train`) starts from CLIP's own projections (`clip_projections`), so untrained ECLIP
+is CLIP's dense similarity map.
+
+The map of a prompt is the cosine of φ̂ₜ(Fₜ) with φ̂ᵢ(Fᵢ) of every patch on the patch grid, upsampled to the
+model input and min-max normalized. The attention mask of training plays no part at test time.
+
+The projections file (`PROJECTIONS_FILE`, safetensors, never pickle) holds the arrays "image" and "text"; a JSON
+file beside it (`PROJECTIONS_INFO`) names the CLIP model it was trained on, the shapes and the training run.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import warnings
+from typing import Any, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from tclip_jax.checkpoints.load import LoadedClip
+from tclip_jax.files import write_bytes_atomic, write_text_atomic
+from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, PromptMethod, QueryArrays
+from tclip_jax.methods.eclip.settings import Settings
+from tclip_jax.model import CLIP, CLIPConfig, l2_normalize
+
+Array = jax.Array
+Projections = dict  # {"image": [vision_width, embed_dim], "text": [text_width, embed_dim]}
+PROJECTIONS_FILE = "eclip_projections.safetensors"
+PROJECTIONS_INFO = "eclip_projections.json"
+PROJECTIONS_FORMAT = "tclip_jax/eclip_projections"
+
+
+def clip_projections(params: dict) -> Projections:
+    """CLIP's own projections (visual proj, text projection): where training starts."""
+    return {"image": np.asarray(params["visual"]["proj"], np.float32),
+            "text": np.asarray(params["text"]["projection"], np.float32)}
+
+
+def projection_shapes(config: CLIPConfig) -> dict[str, tuple[int, int]]:
+    return {"image": (config.vision_width, config.embed_dim), "text": (config.text_width, config.embed_dim)}
+
+
+def image_features(model: CLIP, params: dict, images: Array) -> tuple[Array, tuple[int, int]]:
+    """Fᵢ: the final-layer patch tokens after ln_post [B, gh*gw, vision_width], and the patch grid."""
+    out = model.apply({"params": params}, images, method="encode_image")
+    return out.tokens_normed[:, 1:], out.grid
+
+
+def text_features(model: CLIP, params: dict, token_ids: Array) -> Array:
+    """Fₜ: the end-of-text token after ln_final [B, text_width]."""
+    out = model.apply({"params": params}, token_ids, method="encode_text")
+    return jnp.take_along_axis(out.tokens_normed, out.eot_index[:, None, None], axis=1)[:, 0]
+
+
+def text_queries(projections: Projections, texts: Array) -> Array:
+    """φ̂ₜ(Fₜ), L2-normalized [T, embed_dim]."""
+    return l2_normalize(texts @ projections["text"])
+
+
+def itsm(projections: Projections, patches: Array, queries: Array, grid: tuple[int, int]) -> Array:
+    """The cosine of every patch's φ̂ᵢ(Fᵢ) ([B, gh*gw, vision_width] features) with each normalized query
+    [T, embed_dim] (`text_queries`) -> [B, T, gh, gw]."""
+    similarity = l2_normalize(patches @ projections["image"]) @ queries.T
+    return jnp.swapaxes(similarity, 1, 2).reshape(*similarity.shape[:1], queries.shape[0], *grid)
+
+
+@flax.struct.dataclass
+class ECLIPOutput:
+    maps: Array     # [n_images, n_texts, gh, gw] the ITSM on the patch grid
+    queries: Array  # [n_texts, embed_dim] normalized φ̂ₜ(Fₜ)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def eclip_map(model: CLIP, params: dict, images: Array, texts: Array, projections: Projections) -> ECLIPOutput:
+    """ECLIP's ITSM of `texts` on `images` through `projections`: token ids [n_texts, context], or the queries
+    [n_texts, embed_dim] this function (or `text_queries`) already returned, which pass through."""
+    if jnp.issubdtype(texts.dtype, jnp.floating):
+        queries = texts
+    else:
+        queries = text_queries(projections, text_features(model, params, texts))
+    patches, grid = image_features(model, params, images)
+    return ECLIPOutput(itsm(projections, patches, queries, grid), queries)
+
+
+# ------------------------------------------------------------------------------------------ the projections file
+def save_projections(path: str | os.PathLike, projections: Projections, clip: LoadedClip,
+                     training: Optional[dict] = None) -> pathlib.Path:
+    """Writes the projections (atomically) and, beside them, `PROJECTIONS_INFO`; returns the projections' path."""
+    path = pathlib.Path(path)
+    arrays = {k: np.ascontiguousarray(projections[k], np.float32) for k in ("image", "text")}
+    write_bytes_atomic(path, safetensors.numpy.save(arrays))
+    info = {"format": PROJECTIONS_FORMAT, "version": 1, "model": {"origin": clip.origin, "source": clip.source},
+            "shapes": {k: list(v.shape) for k, v in arrays.items()}, "training": training}
+    write_text_atomic(path.with_name(PROJECTIONS_INFO), json.dumps(info, indent=2) + "\n")
+    return path
+
+
+def load_projections(path: str | os.PathLike, config: CLIPConfig) -> Projections:
+    """The projections in `path`, checked against the model's widths."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ECLIP projections file {path} not found")
+    try:
+        arrays = safetensors.numpy.load_file(path)
+    except Exception as err:  # safetensors raises its own types for truncated or foreign files
+        raise ValueError(f"ECLIP projections file {path} is unreadable: {err}") from None
+    expected = projection_shapes(config)
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    if shapes != expected:
+        raise ValueError(f"ECLIP projections {path} do not fit the model: they are {shapes}, the model needs "
+                         f"{expected} (trained on another CLIP?)")
+    if not all(np.isfinite(v).all() for v in arrays.values()):
+        raise ValueError(f"ECLIP projections {path} hold non-finite values")
+    return {k: v.astype(np.float32) for k, v in arrays.items()}
+
+
+# ------------------------------------------------------------------------------------------------- the method
+class ECLIP(PromptMethod):
+    """ECLIP's ITSM of whole prompts (`itsm`), with the projections the settings name (else CLIP's own)."""
+
+    name = "eclip"
+    Settings = Settings
+    heatmap = UPSAMPLE_THEN_NORMALIZE
+
+    def __init__(self, clip: LoadedClip, settings: Optional[Settings] = None):
+        super().__init__(clip, settings)
+        if self.settings.projections is None:
+            warnings.warn("eclip: no trained projections given (--option projections=FILE): using CLIP's own, "
+                          "i.e. untrained ECLIP", stacklevel=2)
+            self.projections = clip_projections(clip.params)
+        else:
+            self.projections = load_projections(self.settings.projections, clip.config)
+
+    @property
+    def params(self):
+        return {"clip": self.clip.params, "projections": self.projections}
+
+    def run_info(self) -> dict:
+        return {**super().run_info(),
+                "projections": self.settings.projections or "CLIP's own projections (untrained ECLIP)"}
+
+    def text_features(self, prompts: Sequence[str]) -> np.ndarray:
+        """[n, embed_dim] normalized φ̂ₜ(Fₜ) of the prompts, computed once."""
+        return np.asarray(_jitted_text_queries(self.clip.model, self.params, self.text_token_ids(prompts)))
+
+    def grid_maps(self, params: Any, pixels: Array, queries: QueryArrays) -> Array:
+        return eclip_map(self.clip.model, params["clip"], pixels, queries.per_query, params["projections"]).maps
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_text_queries(model: CLIP, params: dict, token_ids: Array) -> Array:
+    """`text_queries` one text at a time (a `lax.map`): a text's query does not depend on the texts with it."""
+    return jax.lax.map(
+        lambda one: text_queries(params["projections"], text_features(model, params["clip"], one[None]))[0],
+        token_ids)

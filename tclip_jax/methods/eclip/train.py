@@ -1,0 +1,340 @@
+"""Training ECLIP's projections (`tclip train-eclip`): masked max pooling and CLIP's contrastive loss.
+
+For each image-text pair, the image feature is the channel-wise max over patches of Fᵢ ⊙ A (`masked_max_pool`),
+A [patches] a class-agnostic attention map: the last block's class-to-patch attention (mean over heads) of an
+offline self-supervised ViT (`ViTAttention`, a Hugging Face `ViTModel` such as DINO, resized to CLIP's patch
+grid) or, without one, of CLIP's own image tower (`clip_attention`); min-max normalized per image, so the least
+attended patch counts for nothing. The loss (`contrastive_loss`) is CLIP's symmetric InfoNCE between the
+normalized φ̂ᵢ(pooled) and φ̂ₜ(Fₜ) at CLIP's learned temperature; AdamW (optax) trains φ̂ᵢ and φ̂ₜ only.
+
+CLIP is frozen and A depends on the image alone, so every pair's pooled feature and Fₜ are fixed: they are
+computed once (`pair_features`, one jitted CLIP forward per batch of pairs) and the jitted train step
+(`make_train_step`) sees only them, the projections and the optimizer state. CLIP's parameters are not an
+argument of the step, so no gradient of them is ever formed.
+
+`train` checkpoints the projections, the optimizer state and the step into OUT/checkpoint after every epoch
+(a staged folder: never half-written), continues from it with `resume`, and writes the final projections as
+OUT/eclip_projections.safetensors (`method.save_projections`). An epoch's order of pairs depends on the seed and
+the epoch alone, so a resumed run gives the projections of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import safetensors.numpy
+
+from tclip_jax.checkpoints.load import LoadedClip
+from tclip_jax.files import staged_folder
+from tclip_jax.image import CLIP_MEAN, CLIP_STD, load_image, prepare
+from tclip_jax.methods import common
+from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, Projections, clip_projections, image_features,
+                                            save_projections, text_features)
+from tclip_jax.methods.eclip.settings import TrainSettings
+from tclip_jax.model import CLIP, l2_normalize
+
+Array = jax.Array
+CAPTIONS_FILE = "captions.tsv"
+CHECKPOINT_DIR = "checkpoint"
+FEATURE_BATCH = 32  # pairs per CLIP forward when the features are computed
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # the normalization DINO was trained with
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ the pairs
+@dataclasses.dataclass(frozen=True)
+class Pairs:
+    """Image-text pairs: `count` of them, read in order by `read()` as (uint8 RGB, caption)."""
+
+    description: str
+    count: int
+    read: Callable[[], Iterator[tuple[np.ndarray, str]]]
+
+
+def synthetic_pairs(count: int) -> Pairs:
+    """The first `count` synthetic training scenes (`make_scene(seed, None)`) with their captions."""
+    from tclip_jax.synthetic import make_scene, train_seeds
+
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"the number of synthetic scenes must be a positive integer, got {count!r}")
+
+    def read():
+        for seed in train_seeds(count):
+            scene = make_scene(seed, None)
+            yield scene.image, scene.caption
+
+    return Pairs(f"{count} synthetic training scenes", count, read)
+
+
+def file_pairs(path: str | os.PathLike) -> Pairs:
+    """The pairs of a folder with `CAPTIONS_FILE` (FILE<TAB>CAPTION per line), a .csv with columns path and caption,
+    or a .jsonl of {"path": ..., "caption": ...}; image paths are relative to the folder of the list. Every image
+    is checked to exist before anything runs."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        listing = path / CAPTIONS_FILE
+        if not listing.is_file():
+            raise FileNotFoundError(f"{path} has no {CAPTIONS_FILE} (one FILE<TAB>CAPTION line per image)")
+        rows = _tsv_rows(listing)
+    elif path.suffix.lower() in (".csv", ".jsonl"):
+        if not path.is_file():
+            raise FileNotFoundError(f"training data {path} not found")
+        listing = path
+        rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+    else:
+        raise ValueError(f"training data {path} is neither a folder with {CAPTIONS_FILE} nor a .csv or .jsonl file")
+    pairs = []
+    for line, image, caption in rows:
+        if not caption.strip():
+            raise ValueError(f"{listing}:{line}: the caption is empty")
+        image_path = listing.parent / image
+        if not image_path.is_file():
+            raise FileNotFoundError(f"{listing}:{line}: image {image_path} not found")
+        pairs.append((image_path, caption))
+    if not pairs:
+        raise ValueError(f"{listing} has no image-text pairs")
+    return Pairs(str(listing), len(pairs), lambda: ((load_image(p), c) for p, c in pairs))
+
+
+def _tsv_rows(listing: pathlib.Path) -> Iterator[tuple[int, str, str]]:
+    for line, text in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        image, tab, caption = text.partition("\t")
+        if not tab:
+            raise ValueError(f"{listing}:{line}: expected FILE<TAB>CAPTION, got {text[:60]!r}")
+        yield line, image.strip(), caption.strip()
+
+
+def _csv_rows(listing: pathlib.Path) -> Iterator[tuple[int, str, str]]:
+    with open(listing, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not {"path", "caption"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{listing} needs the columns path and caption, has {reader.fieldnames}")
+        for row in reader:
+            yield reader.line_num, row["path"] or "", row["caption"] or ""
+
+
+def _jsonl_rows(listing: pathlib.Path) -> Iterator[tuple[int, str, str]]:
+    for line, text in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{listing}:{line}: not JSON: {err}") from None
+        if not (isinstance(row, dict) and isinstance(row.get("path"), str) and isinstance(row.get("caption"), str)):
+            raise ValueError(f'{listing}:{line}: expected {{"path": ..., "caption": ...}}')
+        yield line, row["path"], row["caption"]
+
+
+# ------------------------------------------------------------------------------------------ the attention map
+def clip_attention(model: CLIP, params: dict, images: Array) -> Array:
+    """The CLIP image tower's last-block attention of the class token to the patches, mean over heads [B, gh*gw]."""
+    probs = common.encode_image(model, params, images).attention_probs[-1]  # [B, heads, 1 + P, 1 + P]
+    return probs[:, :, 0, 1:].mean(axis=1)
+
+
+class ViTAttention:
+    """The last layer's CLS-to-patch attention (mean over heads) of a Hugging Face `ViTModel` (e.g. DINO), from a
+    folder or hub name, resized (bilinear) to CLIP's patch grid. Runs in PyTorch, on the CLIP input un-normalized,
+    resized to the ViT's input size and normalized as DINO was trained (ImageNet mean and std)."""
+
+    def __init__(self, name_or_path: str | os.PathLike):
+        from transformers import ViTModel
+
+        name, folder = str(name_or_path), pathlib.Path(name_or_path).expanduser()
+        if folder.is_dir():
+            name = str(folder)
+        elif os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:  # not a hub "org/name"
+            raise FileNotFoundError(f"attention model folder {name} not found")
+        self.model = ViTModel.from_pretrained(name, add_pooling_layer=False, attn_implementation="eager",
+                                              trust_remote_code=False).eval()
+        self.image_size = self.model.config.image_size
+        self.patch_size = self.model.config.patch_size
+        self.origin = name
+
+    def __call__(self, pixels: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+        """CLIP inputs [B, h, w, 3] (CLIP-normalized) -> [B, gh*gw] attention on CLIP's patch grid."""
+        import torch
+        import torch.nn.functional as F
+
+        rgb = torch.from_numpy((np.asarray(pixels) * CLIP_STD + CLIP_MEAN).astype(np.float32)).permute(0, 3, 1, 2)
+        rgb = F.interpolate(rgb, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        rgb = (rgb - torch.from_numpy(IMAGENET_MEAN)[:, None, None]) / torch.from_numpy(IMAGENET_STD)[:, None, None]
+        with torch.no_grad():
+            probs = self.model(pixel_values=rgb, output_attentions=True).attentions[-1]  # [B, heads, 1 + P, 1 + P]
+        side = self.image_size // self.patch_size
+        attention = probs[:, :, 0, 1:].mean(dim=1).reshape(-1, 1, side, side)
+        attention = F.interpolate(attention, size=tuple(grid), mode="bilinear", align_corners=False)
+        return attention.reshape(len(rgb), -1).numpy()
+
+
+# ----------------------------------------------------------------------------------------- pooling and the loss
+def masked_max_pool(features: Array, attention: Array) -> Array:
+    """max over patches of Fᵢ ⊙ A, channel by channel: features [B, P, C], attention [B, P] -> [B, C]."""
+    return jnp.max(features * attention[:, :, None], axis=1)
+
+
+def contrastive_loss(projections: Projections, pooled: Array, texts: Array, logit_scale: Array) -> Array:
+    """CLIP's symmetric InfoNCE of the batch's pairs: normalized φ̂ᵢ(pooled) [B, vision_width -> embed_dim] against
+    normalized φ̂ₜ(Fₜ) [B, text_width -> embed_dim], logits scaled by exp(logit_scale)."""
+    image = l2_normalize(pooled @ projections["image"])
+    text = l2_normalize(texts @ projections["text"])
+    logits = jnp.exp(logit_scale) * image @ text.T
+    image_to_text = -jnp.diagonal(jax.nn.log_softmax(logits, axis=1)).mean()
+    text_to_image = -jnp.diagonal(jax.nn.log_softmax(logits, axis=0)).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pair_features(model: CLIP, params: dict, pixels: Array, token_ids: Array,
+                   attention: Optional[Array]) -> tuple[Array, Array]:
+    patches, _ = image_features(model, params, pixels)
+    if attention is None:
+        attention = clip_attention(model, params, pixels)
+    return masked_max_pool(patches, common.minmax(attention, axis=-1)), text_features(model, params, token_ids)
+
+
+def pair_features(clip: LoadedClip, pairs: Pairs, attention: Optional[ViTAttention] = None,
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair's masked-max-pooled image feature [N, vision_width] and Fₜ [N, text_width], in order (captions
+    longer than the model's context are truncated)."""
+    from tqdm.auto import tqdm
+
+    config = clip.config
+    grid = (config.image_size // config.patch_size,) * 2
+    pooled, texts, batch = [], [], []
+
+    def flush():
+        pixels = np.stack([prepare(rgb, "whole", config.image_size, config.patch_size)[0] for rgb, _ in batch])
+        ids = clip.tokenizer.encode([c for _, c in batch], config.context_length, truncate=True)
+        mask = None if attention is None else attention(pixels, grid)
+        image, text = _pair_features(clip.model, clip.params, pixels, ids, mask)
+        pooled.append(np.asarray(image))
+        texts.append(np.asarray(text))
+        batch.clear()
+
+    for pair in tqdm(pairs.read(), total=pairs.count, desc="features", unit="pair", disable=not progress):
+        batch.append(pair)
+        if len(batch) == FEATURE_BATCH:
+            flush()
+    if batch:
+        flush()
+    return np.concatenate(pooled), np.concatenate(texts)
+
+
+# ------------------------------------------------------------------------------------------------- training
+def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
+    return optax.adamw(settings.learning_rate, weight_decay=settings.weight_decay)
+
+
+def make_train_step(optimizer: optax.GradientTransformation) -> Callable:
+    """The jitted step `(projections, opt_state, pooled, texts, logit_scale) -> (projections, opt_state, loss)`,
+    differentiating the loss with respect to the projections alone."""
+    @jax.jit
+    def step(projections, opt_state, pooled, texts, logit_scale):
+        loss, grads = jax.value_and_grad(contrastive_loss)(projections, pooled, texts, logit_scale)
+        updates, opt_state = optimizer.update(grads, opt_state, projections)
+        return optax.apply_updates(projections, updates), opt_state, loss
+
+    return step
+
+
+def epoch_order(settings: TrainSettings, count: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([settings.seed, epoch]).permutation(count)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    projections: Projections
+    path: pathlib.Path  # the projections file
+    steps: int
+    loss: Optional[float]  # of the last step run here (None: a resumed run that had nothing left to do)
+
+
+def train(clip: LoadedClip, pairs: Pairs, out: str | os.PathLike, settings: TrainSettings = TrainSettings(),
+          attention: Optional[ViTAttention] = None, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Trains the projections on `pairs` (see the module docstring) into the folder `out`."""
+    from tqdm.auto import tqdm
+
+    out = pathlib.Path(out)
+    checkpoint = out / CHECKPOINT_DIR
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if checkpoint.exists() and not resume:
+        raise FileExistsError(f"{out} holds a training checkpoint: pass --resume to continue it, or choose another "
+                              "--out")
+    if resume and not checkpoint.is_dir():
+        raise FileNotFoundError(f"--resume: {out} holds no training checkpoint ({CHECKPOINT_DIR}/)")
+    run = {"model": {"origin": clip.origin, "source": clip.source}, "pairs": pairs.description,
+           "pair_count": pairs.count, "attention": "clip" if attention is None else attention.origin,
+           "settings": settings.to_dict()}
+    optimizer = make_optimizer(settings)
+    projections = clip_projections(clip.params)
+    opt_state = optimizer.init(projections)
+    epoch = step_count = 0
+    if resume:
+        projections, opt_state, epoch, step_count = load_checkpoint(checkpoint, run, opt_state)
+        if epoch > settings.epochs:
+            raise ValueError(f"--resume: the checkpoint in {out} has {epoch} epochs done, more than --epochs "
+                             f"{settings.epochs}")
+
+    pooled, texts = pair_features(clip, pairs, attention, progress)
+    step = make_train_step(optimizer)
+    logit_scale = clip.params["logit_scale"]
+    batches = math.ceil(pairs.count / settings.batch_size)
+    loss = None
+    with tqdm(total=settings.epochs * batches, initial=step_count, desc="train", unit="step",
+              disable=not progress) as bar:
+        for epoch in range(epoch, settings.epochs):
+            order = epoch_order(settings, pairs.count, epoch)
+            for start in range(0, pairs.count, settings.batch_size):
+                index = order[start:start + settings.batch_size]
+                projections, opt_state, loss = step(projections, opt_state, pooled[index], texts[index], logit_scale)
+                step_count += 1
+                bar.update()
+                bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+            save_checkpoint(checkpoint, projections, opt_state, {**run, "epoch": epoch + 1, "step": step_count})
+    projections = jax.tree_util.tree_map(np.asarray, projections)
+    path = save_projections(out / PROJECTIONS_FILE, projections, clip, {**run, "steps": step_count})
+    return TrainResult(projections, path, step_count, None if loss is None else float(loss))
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(folder: pathlib.Path, projections: Projections, opt_state: Any, state: dict) -> None:
+    """Projections, optimizer state (its leaves in order) and `state` (run, epoch, step) into a staged folder."""
+    arrays = {f"projections/{k}": np.asarray(v) for k, v in projections.items()}
+    arrays.update({f"optimizer/{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree_util.tree_leaves(opt_state))})
+    with staged_folder(folder) as staging:
+        safetensors.numpy.save_file(arrays, staging / "state.safetensors")
+        (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+
+def load_checkpoint(folder: pathlib.Path, run: dict, opt_state: Any) -> tuple[Projections, Any, int, int]:
+    """(projections, optimizer state, epochs done, steps done) of a checkpoint of the same run; `opt_state`, a
+    fresh state, gives the optimizer state's structure. Any difference of model, data or settings but the number
+    of epochs is an error."""
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    ours = {**run, "settings": {k: v for k, v in run["settings"].items() if k != "epochs"}}
+    theirs = {k: state.get(k) for k in run}
+    theirs["settings"] = {k: v for k, v in (theirs["settings"] or {}).items() if k != "epochs"}
+    changed = [f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in ours if ours[k] != theirs[k]]
+    if changed:
+        raise ValueError(f"--resume: the checkpoint in {folder} is of another run: {'; '.join(changed)}")
+    arrays = safetensors.numpy.load_file(folder / "state.safetensors")
+    projections = {k: arrays[f"projections/{k}"] for k in ("image", "text")}
+    treedef = jax.tree_util.tree_structure(opt_state)
+    opt_state = jax.tree_util.tree_unflatten(treedef, [arrays[f"optimizer/{i}"] for i in range(treedef.num_leaves)])
+    return projections, opt_state, state["epoch"], state["step"]

@@ -1,0 +1,237 @@
+"""ECLIP: masked max pooling, the loss, a train step that moves only the projections, the ITSM, the projections
+file, resuming, the attention of a Hugging Face ViT, and `tclip train-eclip` / `tclip explain --method eclip`."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from tclip_jax.checkpoints.folder import flatten
+from tclip_jax.checkpoints.load import load_clip
+from tclip_jax.cli import main as tclip
+from tclip_jax.methods.base import Query
+from tclip_jax.methods.eclip import ECLIP, Settings, TrainSettings
+from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, PROJECTIONS_INFO, clip_projections, eclip_map,
+                                            image_features, load_projections, save_projections)
+from tclip_jax.methods.eclip.train import (Pairs, ViTAttention, contrastive_loss, file_pairs, make_optimizer,
+                                           make_train_step, masked_max_pool, pair_features, train)
+from tclip_jax.synthetic import make_scene
+
+CAPTIONS = ["a red circle", "a blue square", "a green star", "a yellow heart"]
+
+
+@pytest.fixture(scope="module")
+def clip(fixtures_dir):
+    return load_clip(fixtures_dir / "tiny_openai_clip.npz", activation="quick_gelu")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A folder of four small images with captions.tsv."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("pairs")
+    lines = []
+    for i, caption in enumerate(CAPTIONS):
+        Image.fromarray(make_scene(i, 64).image).save(folder / f"img{i}.png")
+        lines.append(f"img{i}.png\t{caption}")
+    (folder / "captions.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def in_memory_pairs(count: int = 4) -> Pairs:
+    scenes = [make_scene(seed, 64) for seed in range(count)]
+    return Pairs("test scenes", count, lambda: ((s.image, s.caption) for s in scenes))
+
+
+def test_masked_max_pool_is_the_channelwise_max_of_the_masked_patches():
+    rng = np.random.default_rng(0)
+    features, attention = rng.normal(size=(2, 5, 3)).astype(np.float32), rng.uniform(size=(2, 5)).astype(np.float32)
+    expected = np.empty((2, 3), np.float32)
+    for b in range(2):
+        for c in range(3):
+            expected[b, c] = max(features[b, p, c] * attention[b, p] for p in range(5))
+    np.testing.assert_array_equal(np.asarray(masked_max_pool(features, attention)), expected)
+
+
+def test_contrastive_loss_is_clips_symmetric_infonce(highest_precision):
+    rng = np.random.default_rng(1)
+    projections = {"image": rng.normal(size=(6, 4)), "text": rng.normal(size=(5, 4))}
+    pooled, texts, logit_scale = rng.normal(size=(3, 6)), rng.normal(size=(3, 5)), np.float32(2.0)
+    image = pooled @ projections["image"]
+    text = texts @ projections["text"]
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    logits = np.exp(2.0) * image @ text.T
+    rows = [-(logits[i, i] - np.log(np.exp(logits[i]).sum())) for i in range(3)]
+    columns = [-(logits[i, i] - np.log(np.exp(logits[:, i]).sum())) for i in range(3)]
+    expected = (np.mean(rows) + np.mean(columns)) / 2
+    as32 = {k: v.astype(np.float32) for k, v in projections.items()}
+    loss = contrastive_loss(as32, pooled.astype(np.float32), texts.astype(np.float32), logit_scale)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_a_train_step_moves_the_projections_and_nothing_of_clip(clip):
+    before = {k: v.copy() for k, v in flatten(clip.params).items()}
+    pooled, texts = pair_features(clip, in_memory_pairs(), progress=False)
+    assert pooled.shape == (4, clip.config.vision_width) and texts.shape == (4, clip.config.text_width)
+    optimizer = make_optimizer(TrainSettings(learning_rate=1e-2))
+    projections = clip_projections(clip.params)
+    opt_state = optimizer.init(projections)
+    step = make_train_step(optimizer)
+    arguments = (projections, opt_state, pooled, texts, clip.params["logit_scale"])
+    # The step's inputs are the projections, the optimizer state, the features and the temperature: no CLIP
+    # parameter reaches it, so no gradient of one is formed.
+    jaxpr = jax.make_jaxpr(step)(*arguments)
+    assert len(jaxpr.jaxpr.invars) == len(jax.tree_util.tree_leaves((projections, opt_state))) + 3
+    moved, _, loss = step(*arguments)
+    assert np.isfinite(float(loss))
+    for key in ("image", "text"):
+        assert not np.array_equal(np.asarray(moved[key]), projections[key])
+    after = flatten(clip.params)
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
+
+
+def test_itsm_is_the_cosine_of_projected_patches_and_prompt(clip, tmp_path, highest_precision):
+    rng = np.random.default_rng(2)
+    projections = {"image": rng.normal(size=(128, 64)).astype(np.float32),
+                   "text": rng.normal(size=(128, 64)).astype(np.float32)}
+    path = save_projections(tmp_path / PROJECTIONS_FILE, projections, clip)
+    method = ECLIP(clip, Settings(projections=str(path)))
+    pixels = method.prepare(make_scene(7, 96).image)[0][None]
+    queries = method.encode([Query(p) for p in CAPTIONS[:2]])
+    maps = np.asarray(method.grid_maps(method.params, pixels, queries))
+
+    patches, grid = image_features(clip.model, clip.params, pixels)
+    ids = clip.tokenizer.encode(CAPTIONS[:2], clip.config.context_length)
+    text = clip.model.apply({"params": clip.params}, ids, method="encode_text")
+    eot = np.asarray(text.tokens_normed)[np.arange(2), np.asarray(text.eot_index)]
+    image_embeds, text_embeds = np.asarray(patches[0]) @ projections["image"], eot @ projections["text"]
+    cosine = (image_embeds @ text_embeds.T) / np.outer(np.linalg.norm(image_embeds, axis=1),
+                                                        np.linalg.norm(text_embeds, axis=1))
+    assert maps.shape == (1, 2, *grid)
+    np.testing.assert_allclose(maps[0], cosine.T.reshape(2, *grid), atol=1e-5)
+    from_ids = eclip_map(clip.model, clip.params, pixels, ids, projections)  # the pure function, from token ids
+    np.testing.assert_allclose(np.asarray(from_ids.maps), maps, atol=1e-6)
+
+
+def test_without_projections_eclip_runs_on_clips_own_and_says_so(clip):
+    with pytest.warns(UserWarning, match="using CLIP's own, i.e. untrained ECLIP"):
+        method = ECLIP(clip)
+    assert all(np.array_equal(method.projections[k], v) for k, v in clip_projections(clip.params).items())
+
+
+def test_projections_round_trip_and_refuse_another_models_shapes(clip, tmp_path):
+    projections = {k: v + 1 for k, v in clip_projections(clip.params).items()}
+    path = save_projections(tmp_path / PROJECTIONS_FILE, projections, clip, {"steps": 3})
+    loaded = load_projections(path, clip.config)
+    assert all(np.array_equal(loaded[k], projections[k]) for k in ("image", "text"))
+    info = json.loads((tmp_path / PROJECTIONS_INFO).read_text())
+    assert info["shapes"] == {"image": [128, 64], "text": [128, 64]} and info["training"] == {"steps": 3}
+    assert info["model"]["origin"].endswith("tiny_openai_clip.npz")
+    save_projections(tmp_path / "small.safetensors", {"image": np.zeros((64, 64)), "text": np.zeros((128, 64))}, clip)
+    with pytest.raises(ValueError, match="do not fit the model"):
+        load_projections(tmp_path / "small.safetensors", clip.config)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_projections(tmp_path / "missing.safetensors", clip.config)
+
+
+def test_resume_gives_the_projections_of_an_uninterrupted_run(clip, data_dir, tmp_path):
+    pairs = file_pairs(data_dir)
+    settings = TrainSettings(epochs=2, batch_size=3, learning_rate=1e-2)
+    whole = train(clip, pairs, tmp_path / "whole", settings, progress=False)
+    train(clip, pairs, tmp_path / "parts", settings.replace(epochs=1), progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(clip, pairs, tmp_path / "parts", settings, progress=False)
+    with pytest.raises(ValueError, match="another run: settings"):
+        train(clip, pairs, tmp_path / "parts", settings.replace(batch_size=2), resume=True, progress=False)
+    resumed = train(clip, pairs, tmp_path / "parts", settings, resume=True, progress=False)
+    assert whole.steps == resumed.steps == 4
+    for key in ("image", "text"):
+        np.testing.assert_array_equal(resumed.projections[key], whole.projections[key])
+        assert not np.array_equal(whole.projections[key], clip_projections(clip.params)[key])
+    np.testing.assert_array_equal(load_projections(resumed.path, clip.config)["text"], whole.projections["text"])
+    with pytest.raises(ValueError, match="2 epochs done, more than --epochs 1"):
+        train(clip, pairs, tmp_path / "parts", settings.replace(epochs=1), resume=True, progress=False)
+
+
+def test_the_attention_of_a_hugging_face_vit(tmp_path):
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=64, patch_size=16)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    attention = ViTAttention(tmp_path / "vit")
+    pixels = np.random.default_rng(3).normal(size=(2, 64, 64, 3)).astype(np.float32)  # CLIP-normalized
+    maps = attention(pixels, (4, 4))  # the ViT's own grid: no resizing
+    from tclip_jax.image import CLIP_MEAN, CLIP_STD
+    from tclip_jax.methods.eclip.train import IMAGENET_MEAN, IMAGENET_STD
+
+    rgb = (pixels * CLIP_STD + CLIP_MEAN - IMAGENET_MEAN) / IMAGENET_STD
+    model = ViTModel.from_pretrained(tmp_path / "vit", attn_implementation="eager").eval()
+    with torch.no_grad():
+        probs = model(pixel_values=torch.from_numpy(rgb.transpose(0, 3, 1, 2)), output_attentions=True).attentions
+    np.testing.assert_allclose(maps, probs[-1][:, :, 0, 1:].mean(dim=1).numpy(), rtol=1e-4, atol=1e-6)
+    assert attention(pixels, (2, 2)).shape == (2, 4)
+    with pytest.raises(FileNotFoundError, match="attention model folder .* not found"):
+        ViTAttention(tmp_path / "no_such_vit")
+
+
+def test_train_then_explain_from_the_command_line(clip, fixtures_dir, data_dir, tmp_path, capsys):
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=64, patch_size=16), add_pooling_layer=False).save_pretrained(tmp_path / "dino")
+    model = str(fixtures_dir / "tiny_openai_clip.npz")
+    out = tmp_path / "eclip"
+    assert tclip(["train-eclip", "--model", model, "--activation", "quick_gelu", "--data", str(data_dir),
+                  "--dino", str(tmp_path / "dino"), "--epochs", "1", "--batch-size", "4", "--out", str(out)]) == 0
+    assert "1 steps" in capsys.readouterr().out
+    assert json.loads((out / PROJECTIONS_INFO).read_text())["training"]["attention"] == str(tmp_path / "dino")
+    projections = out / PROJECTIONS_FILE
+    assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "red circle", "--method", "eclip",
+                  "--option", f"projections={projections}", "--model", model, "--activation", "quick_gelu",
+                  "--out", str(tmp_path / "x")]) == 0
+    record = json.loads((tmp_path / "x" / "scene_224" / "result.json").read_text())
+    assert record["run"]["method"] == "eclip" and record["run"]["projections"] == str(projections)
+    assert (tmp_path / "x" / "scene_224" / record["prompts"][0]["phrase"]["overlay"]).is_file()
+    assert "warning" not in capsys.readouterr().err
+
+    assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "red circle", "--method", "eclip",
+                  "--model", model, "--activation", "quick_gelu", "--out", str(tmp_path / "y"), "--no-html"]) == 0
+    record = json.loads((tmp_path / "y" / "scene_224" / "result.json").read_text())
+    assert record["run"]["projections"] == "CLIP's own projections (untrained ECLIP)"
+
+
+def test_bad_inputs_give_one_line_errors(fixtures_dir, data_dir, tmp_path, capsys):
+    model = str(fixtures_dir / "tiny_openai_clip.npz")
+
+    def fails(argv, message):
+        assert tclip(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "captions.tsv").write_text("\n")
+    fails(["train-eclip", "--data", str(empty), "--out", str(tmp_path / "o")], "has no image-text pairs")
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    (missing / "captions.tsv").write_text("gone.png\ta cat\n")
+    fails(["train-eclip", "--data", str(missing), "--out", str(tmp_path / "o")], "captions.tsv:1: image")
+    fails(["train-eclip", "--synthetic", "2", "--dino", str(tmp_path / "no_dino"), "--out", str(tmp_path / "o")],
+          "attention model folder")
+    assert not (tmp_path / "o").exists()
+
+    clip = load_clip(model, activation="quick_gelu")
+    wrong = save_projections(tmp_path / "wrong.safetensors", {"image": np.zeros((64, 64)), "text": np.zeros((128, 64))},
+                             clip)
+    explain = ["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a cat", "--method", "eclip",
+               "--model", model, "--activation", "quick_gelu", "--out", str(tmp_path / "x")]
+    fails(explain + ["--option", f"projections={wrong}"], "do not fit the model")
+    fails(explain + ["--option", "projection=x"], "unknown option 'projection'; Settings takes")
+    assert not (tmp_path / "x").exists()
