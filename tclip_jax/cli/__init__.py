@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 COMMANDS = {
     "convert": "Convert a CLIP checkpoint (Hugging Face, OpenAI, OpenCLIP) to a tclip_jax folder.",
     "explain": "Per-word TCLIP heatmaps, soft maps and boxes (or a baseline's maps) for images and prompts.",
-    "sweep": "Evaluate a method over a dataset (COCO, ImageNet-S, synthetic), resumable.",
+    "sweep": "Evaluate a method over a dataset (COCO boxes or masks, ImageNet-S, VOC, synthetic), resumable.",
     "train-eclip": "Train ECLIP's projections (masked max pooling, contrastive) on a frozen CLIP, resumable.",
 }
 # What the user can fix: a missing or unreadable file, a bad value, no network, a missing optional package.
