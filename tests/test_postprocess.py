@@ -257,8 +257,9 @@ def test_soft_map_default_sigma_scales_with_map_size(two_level_map):
 
 
 def test_soft_map_rejects_bad_input():
-    with pytest.raises(ValueError, match="sigma"):
-        soft_map(np.eye(4), sigma=-1.0)
+    for sigma in (-1.0, float("nan"), float("inf"), "2", True):
+        with pytest.raises(ValueError, match="sigma must be a"):
+            soft_map(np.eye(4), sigma=sigma)
     with pytest.raises(ValueError, match="2-D"):
         soft_map(np.arange(5.0))
 

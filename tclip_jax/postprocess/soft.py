@@ -215,8 +215,10 @@ def _write_floored_offset(values: np.ndarray, lo: float, tau: float, dst: np.nda
 def _check_sigma(sigma: float | None, shape: tuple[int, int]) -> float:
     if sigma is None:
         sigma = DEFAULT_SIGMA_FRACTION * max(shape)
-    if not sigma >= 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.integer, np.floating)):
+        raise ValueError(f"sigma must be a number of pixels, got {sigma!r}")
+    if not 0 <= sigma < float("inf"):
+        raise ValueError(f"sigma must be a finite number >= 0 (pixels), got {sigma}")
     return float(sigma)
 
 
