@@ -70,12 +70,7 @@ def tfds_to_xyxy(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
 def coco_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
     """COCO val2017 from the raw layout under ``root`` (see the module doc)."""
     _check_crowd(crowd)
-    root = pathlib.Path(root)
-    annotation_path, image_dir = root / ANNOTATION_FILE, root / IMAGE_DIR
-    for path in (root, annotation_path, image_dir):
-        if not path.exists():
-            raise FileNotFoundError(f"COCO: {path} not found; expected {root}/{ANNOTATION_FILE} "
-                                    f"and {root}/{IMAGE_DIR}/")
+    annotation_path, image_dir = _raw_layout(root)
     categories, images, objects = _read_instances(annotation_path)
     samples = []
     for image_id in sorted(objects):
@@ -93,12 +88,7 @@ def coco_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
 def coco_seg_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
     """COCO val2017 instance masks as per-category semantic masks, from the raw layout (see the module doc)."""
     _check_crowd(crowd)
-    root = pathlib.Path(root)
-    annotation_path, image_dir = root / ANNOTATION_FILE, root / IMAGE_DIR
-    for path in (root, annotation_path, image_dir):
-        if not path.exists():
-            raise FileNotFoundError(f"COCO: {path} not found; expected {root}/{ANNOTATION_FILE} "
-                                    f"and {root}/{IMAGE_DIR}/")
+    annotation_path, image_dir = _raw_layout(root)
     categories, images, objects = _read_instances(annotation_path, segmentation=True)
     samples = []
     for image_id in sorted(objects):
@@ -107,6 +97,17 @@ def coco_seg_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset
             samples.append(Sample(str(image_id), len(samples), functools.partial(
                 _seg_load, image_dir / info["file_name"], (info["height"], info["width"]), objects[image_id], crowd)))
     return Dataset("coco-seg", tuple(c["name"] for c in categories), len(samples), indexed(samples))
+
+
+def _raw_layout(root: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """(the instances file, the image folder) of the raw layout under `root`, which must exist."""
+    root = pathlib.Path(root)
+    annotation_path, image_dir = root / ANNOTATION_FILE, root / IMAGE_DIR
+    for path in (root, annotation_path, image_dir):
+        if not path.exists():
+            raise FileNotFoundError(f"COCO: {path} not found; expected {root}/{ANNOTATION_FILE} "
+                                    f"and {root}/{IMAGE_DIR}/")
+    return annotation_path, image_dir
 
 
 def _seg_load(path: pathlib.Path, size_hw: tuple[int, int], objects: list, crowd: Crowd) -> LoadedSample:
