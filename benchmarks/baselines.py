@@ -30,6 +30,10 @@ PASSES = {
     "tclip": ("25", "0"), "similarity": ("1", "0"), "rclip": ("1", "0"), "maskclip": ("1", "0"),
     "clip_surgery": ("1 (dual path)", "0"), "attention": ("1", "0"), "rollout": ("1", "0"),
     "decomposition": ("1", "0"), "hilacam": ("1", "T"), "gradcam": ("1", "T"), "grad_eclip": ("1", "T"),
+    # gScoreCAM: per map one gradient pass and k = 300 masked-image forwards; M2IB: per map 10 steps x 10 noisy
+    # copies through the blocks after the bottleneck, forward and backward; ECLIP: CLIP's one forward.
+    "gscorecam": ("T (1 + 300)", "T"), "m2ib": ("1 + 100 T (after layer 9)", "100 T (after layer 9)"),
+    "eclip": ("1", "0"),
 }
 
 
