@@ -219,6 +219,7 @@ def test_settings_round_trip_and_follow_the_scale_fractions():
         {"trim": 0.1, "sigma": None, "scale_fractions": (0.5,)}
 
 
+@pytest.mark.filterwarnings("ignore:.*GMM fit\\(s\\) stopped:RuntimeWarning")  # the noise image's maps
 def test_explain_batch_overlaps_the_host_step_with_the_next_batch_and_equals_explain(no_translation, fixture_images,
                                                                                       monkeypatch):
     """Batch i+1 is dispatched to the device before batch i's host step; results equal one image at a time."""
