@@ -34,6 +34,7 @@ from tclip_jax.image import Geometry
 from tclip_jax.methods import METHODS
 from tclip_jax.methods.base import MapOutput, Method, QueryArrays
 from tclip_jax.methods.tclip import TCLIP
+from tclip_jax.synthetic import heldout_seeds, protocol_sample
 from tclip_jax.sweep import ResultWriter, RunOptions, class_queries, read_all_records, read_records, run_sweep
 from tclip_jax.evaluation.metrics import mask_box
 from test_datasets import build_tfds_coco, painted, write_coco, write_imagenet_s
@@ -673,3 +674,18 @@ def test_voc_sweep_with_the_seed_metrics_writes_the_seeds_table(tiny_model, tmp_
     assert set(report["seed"]) == {"categories", "msc", "miou_grid", "miou_fixed", "fixed_threshold"}
     assert report["seed"]["categories"] == 2
     assert "| mIoU, grid-searched threshold |" in (out / "report.md").read_text()
+
+
+def test_images_of_other_input_shapes_go_in_other_batches(tiny_model, tmp_path):
+    """gradcam keeps the aspect ratio (patch_multiple): 200x500 and 500x200 scenes cannot share a batch; the records
+    equal those of a sweep one image at a time."""
+    outs = {}
+    for batch_size in ("1", "4"):
+        outs[batch_size] = tmp_path / f"b{batch_size}"
+        assert main(_cli("synthetic", "--protocol", "non_square", "--method", "gradcam", "--model", tiny_model,
+                         "--limit", "5", "--batch-size", batch_size, "--out", str(outs[batch_size]))) == 0
+    shapes = {protocol_sample("non_square", seed).scene.image.shape for seed in heldout_seeds(5)}
+    assert len(shapes) == 2  # both orientations occur
+    assert _report(outs["4"])["errors"] == [] and _report(outs["4"])["images"] == 5
+    by_key = lambda out: {r["key"]: r for r in read_all_records(out)}  # noqa: E731
+    assert by_key(outs["4"]) == by_key(outs["1"])

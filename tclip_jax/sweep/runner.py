@@ -232,7 +232,8 @@ def _prepare(index: int, sample: Sample, method: Method) -> _Prepared:
 
 def _batches(prepared: Iterator[tuple[int, Sample, concurrent.futures.Future]], size: int,
              record: Callable[[dict], None]) -> Iterator[list[_Prepared]]:
-    """Batches of loaded samples with units; unreadable samples and samples without units are recorded here."""
+    """Batches of loaded samples with units, each of one input shape (a method whose input keeps the aspect ratio
+    gives images of other shapes other batches); unreadable samples and samples without units are recorded here."""
     batch: list[_Prepared] = []
     for index, sample, future in prepared:
         try:
@@ -243,6 +244,9 @@ def _batches(prepared: Iterator[tuple[int, Sample, concurrent.futures.Future]], 
         if not item.loaded.targets:
             record({"key": item.key, "index": index, "units": []})
             continue
+        if batch and item.pixels.shape != batch[0].pixels.shape:
+            yield batch
+            batch = []
         batch.append(item)
         if len(batch) == size:
             yield batch
