@@ -24,6 +24,7 @@ COMMANDS = {
     "tclip explain --help": ["-m", "tclip_jax", "explain", "--help"],
     "tclip sweep --help": ["-m", "tclip_jax", "sweep", "--help"],
     "tclip convert --help": ["-m", "tclip_jax", "convert", "--help"],
+    "tclip train-eclip --help": ["-m", "tclip_jax", "train-eclip", "--help"],
     "tclip sweep synthetic (argument error)": ["-m", "tclip_jax", "sweep", "synthetic"],
 }
 TARGET_SECONDS = 1.0
