@@ -8,31 +8,23 @@ import sys
 
 from tclip_jax import synthetic, visualize
 from tclip_jax.cli import main as tclip
+from tclip_jax.evaluation.metrics.boxes import HIT_IOU, box_ious
 
 OUT = pathlib.Path("demo_out")
 # A colour_twins scene: two objects of one colour that only their shape words tell apart.
 DEMO_PROTOCOL = "colour_twins"
 DEMO_SEED = synthetic.HELDOUT_SEED_START + 7
-HIT_IOU = 0.5
-
-
-def box_iou(a, b) -> float:
-    """IoU of end-exclusive (x0, y0, x1, y1) boxes."""
-    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union if union else 0.0
 
 
 def verdicts(scene: synthetic.Scene, words: list[dict]) -> list[str]:
-    """One line per named word of the caption: its referents, the box's best IoU with them, hit or miss, and for a
-    miss the object the box overlaps most."""
+    """One line per named word of the caption: its referents, the box's best IoU with them (the sweeps' IoU), hit
+    or miss, and for a miss the object the box overlaps most."""
     names = [f"{o.colour} {o.shape}" for o in scene.objects]
     by_span = {tuple(w["span"]): w for w in words}
     lines = [f"{'word':<10} {'names':<28} {'IoU':>5}  verdict"]
     for word in scene.words:
         box = by_span[(word.start, word.end)]["box_xyxy"]
-        ious = [box_iou(box, o.box) for o in scene.objects]
+        ious = box_ious(box, [o.box for o in scene.objects]).tolist()
         own = max(ious[i] for i in word.referents)
         verdict = "hit" if own >= HIT_IOU else "miss"
         if own < HIT_IOU:
@@ -59,7 +51,7 @@ def main() -> int:
         return status
     folder = OUT / image_path.stem
     record = json.loads((folder / "result.json").read_text())
-    print("\nwhere each word's box landed (a hit: IoU >= 0.5 with an object the word names):")
+    print(f"\nwhere each word's box landed (a hit: IoU >= {HIT_IOU} with an object the word names):")
     print("\n".join(verdicts(scene, record["prompts"][0]["words"])))
     print(f"\nper-word overlays: {folder}/p0_w*.png\ngrid figure:       {folder}/p0_grid.png\n"
           f"result:            {folder}/result.json")

@@ -1,0 +1,23 @@
+"""`make demo`: a same-colour pair explained word by word, with a verdict per word that agrees with result.json."""
+import json
+
+from tclip_jax import demo, synthetic
+from tclip_jax.evaluation.metrics.boxes import box_ious
+
+
+def test_demo_prints_a_verdict_per_named_word_that_matches_the_boxes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert demo.main() == 0
+    out = capsys.readouterr().out
+    scene = synthetic.protocol_sample(demo.DEMO_PROTOCOL, demo.DEMO_SEED).scene
+    colours = [o.colour for o in scene.objects]
+    assert any(colours.count(c) == 2 for c in colours)  # the scene has a same-colour pair
+    words = json.loads((tmp_path / "demo_out" / "scene" / "result.json").read_text())["prompts"][0]["words"]
+    by_span = {tuple(w["span"]): w["box_xyxy"] for w in words}
+    lines = out.split("where each word's box landed")[1].strip().splitlines()[2:2 + len(scene.words)]  # after the header
+    assert len(lines) == len(scene.words)
+    for word, line in zip(scene.words, lines):
+        best = box_ious(by_span[(word.start, word.end)], [scene.objects[i].box for i in word.referents]).max()
+        assert line.split()[0] == word.text
+        assert ("hit" in line.split()) == (best >= 0.5) and (" miss" in line) == (best < 0.5)
+    assert (tmp_path / "demo_out" / "index.html").is_file()
