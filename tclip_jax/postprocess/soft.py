@@ -256,17 +256,22 @@ def soft_maps(maps, sigma: float | None = None) -> tuple[np.ndarray, list[GmmFit
     ``sigma`` is in pixels; None means ``DEFAULT_SIGMA_FRACTION * max(H, W)``. With the pyramid blur the
     result is a view into a slightly larger buffer (``np.ascontiguousarray`` it where C order is needed).
     """
+    values, stats, sigma = _checked_maps(maps, sigma, "soft_maps")
+    with SINGLE_THREADED_BLAS:
+        fits = _fits(values, stats)
+        return _write_soft_maps(values, stats, fits, sigma), fits
+
+
+def _checked_maps(maps, sigma: float | None, caller: str) -> tuple[list[np.ndarray], list, float]:
+    """(the maps as 2-D arrays of one shape, their min/max stats, sigma in pixels), each checked once."""
     values = _maps_list(maps)
     if not values:
         raise ValueError("no maps given")
     shape = values[0].shape
     if any(v.shape != shape for v in values):
-        raise ValueError(f"soft_maps needs maps of one shape, got {sorted({v.shape for v in values})}")
+        raise ValueError(f"{caller} needs maps of one shape, got {sorted({v.shape for v in values})}")
     sigma = _check_sigma(sigma, shape)
-    stats = [_map_stats(v, "maps[%d]" % i) for i, v in enumerate(values)]
-    with SINGLE_THREADED_BLAS:
-        fits = _fits(values, stats)
-        return _write_soft_maps(values, stats, fits, sigma), fits
+    return values, [_map_stats(v, "maps[%d]" % i) for i, v in enumerate(values)], sigma
 
 
 def _write_soft_maps(values, stats, fits, sigma: float) -> np.ndarray:
@@ -287,7 +292,6 @@ def soft_map(scores: np.ndarray, sigma: float | None = None) -> tuple[np.ndarray
     values = np.asarray(scores)
     if values.ndim != 2:
         raise ValueError(f"scores must be a 2-D map, got shape {values.shape}")
-    _check_sigma(sigma, values.shape)
     soft, fits = soft_maps([values], sigma)
     return soft[0], fits[0]
 
@@ -297,14 +301,7 @@ def soft_maps_and_boxes(maps, sigma: float | None = None, rule: BoxRule = "compo
     """(soft maps [Q, H, W] float32, GMM fits, boxes) of maps of one shape: `soft_maps` and `boxes` together,
     sharing each map's validation and min/max pass. Same results as calling the two."""
     _check_rule(rule, threshold)
-    values = _maps_list(maps)
-    if not values:
-        raise ValueError("no maps given")
-    shape = values[0].shape
-    if any(v.shape != shape for v in values):
-        raise ValueError(f"soft_maps_and_boxes needs maps of one shape, got {sorted({v.shape for v in values})}")
-    sigma = _check_sigma(sigma, shape)
-    stats = [_map_stats(v, "maps[%d]" % i) for i, v in enumerate(values)]
+    values, stats, sigma = _checked_maps(maps, sigma, "soft_maps_and_boxes")
     found: list[Box] = [box_from_range(v, s.lo, s.hi, threshold, rule) for v, s in zip(values, stats)]
     with SINGLE_THREADED_BLAS:
         fits = _fits(values, stats)
