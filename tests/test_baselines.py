@@ -20,7 +20,8 @@ from tclip_jax.model import l2_normalize
 from tclip_jax.image import prepare, upsample_bilinear
 from tclip_jax.methods.common import minmax
 
-TOL = 1e-4
+from references import assert_close
+
 IMAGE_NAMES = ("scene_224", "scene_wide_320x240", "noise_224")
 
 encode_image = jax.jit(common.encode_image, static_argnums=0)
@@ -46,13 +47,6 @@ def grad_eclip_ref(fixture_npz):
 
 def nhwc(pixel_values):
     return np.ascontiguousarray(pixel_values.transpose(0, 2, 3, 1))
-
-
-def assert_close(ours, reference, what, tol=TOL):
-    ours = np.asarray(ours)
-    assert ours.shape == reference.shape, f"{what}: shape {ours.shape} != {reference.shape}"
-    err = np.abs(ours - reference).max()
-    assert err < tol, f"{what}: max abs error {err}"
 
 
 def assert_maps_close(maps, ref, key, spec):

@@ -17,8 +17,7 @@ from tclip_jax.methods.decomposition import (
 )
 from tclip_jax.model import l2_normalize
 
-TOL = 1e-4
-
+from references import assert_close
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 
@@ -34,13 +33,6 @@ def heatmap_output(tiny_model, reference):
     with jax.default_matmul_precision("highest"):
         images = np.ascontiguousarray(reference["pixel_values"].transpose(0, 2, 3, 1))
         return decomposition_map(model, params, images, reference["text_tokens"])
-
-
-def assert_close(ours, expected, what, tol=TOL):
-    ours = np.asarray(ours)
-    assert ours.shape == expected.shape, f"{what}: shape {ours.shape} != {expected.shape}"
-    err = np.abs(ours - expected).max()
-    assert err < tol, f"{what}: max abs error {err}"
 
 
 def test_residual_terms_match_the_prs_logger(tiny_model, reference):

@@ -9,7 +9,8 @@ from tclip_jax.methods import METHODS
 from tclip_jax.methods.gscorecam import (DEFAULT_TOPK, GScoreCAM, GScoreCAMSettings, channel_masks, gscorecam_heatmap,
                                          gscorecam_map)
 
-TOL = 1e-4
+from references import assert_close
+
 IMAGES = ("scene_224", "scene_wide_320x240", "noise_224")
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
@@ -23,13 +24,6 @@ def ref(fixture_npz):
 @pytest.fixture(scope="module")
 def pixels(ref):
     return np.concatenate([ref[f"{name}/pixel_values"].transpose(0, 2, 3, 1) for name in IMAGES])
-
-
-def assert_close(ours, reference, what, tol=TOL):
-    ours = np.asarray(ours)
-    assert ours.shape == reference.shape, f"{what}: shape {ours.shape} != {reference.shape}"
-    err = np.abs(ours - reference).max()
-    assert err < tol, f"{what}: max abs error {err}"
 
 
 def scattered(indices, scores, channels=128):

@@ -13,7 +13,8 @@ from tclip_jax.methods.common import patch_grid
 from tclip_jax.methods.m2ib import (M2IBSettings, Hyper, capacity, m2ib_map, optimize_bottleneck, resolve_layer,
                                     torch_adam)
 
-TOL = 1e-4
+from references import assert_close
+
 IMAGES = ("scene_224", "scene_wide_320x240", "noise_224")
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
@@ -31,16 +32,6 @@ def replay(fixture_npz):
 
 def nhwc(pixel_values):
     return np.ascontiguousarray(pixel_values.transpose(0, 2, 3, 1))
-
-
-def assert_close(ours, reference, what, tol=TOL, relative=False):
-    """Max abs error below `tol`; `relative`: below tol * max(1, |reference|) elementwise (float32 sums of
-    magnitude up to ~430, such as the saliency, cannot be closer than a few ulps)."""
-    ours = np.asarray(ours, np.float64)
-    assert ours.shape == reference.shape, f"{what}: shape {ours.shape} != {reference.shape}"
-    err = np.abs(ours - reference)
-    bound = tol * np.maximum(1, np.abs(reference)) if relative else tol
-    assert (err < bound).all(), f"{what}: max abs error {err.max()}"
 
 
 @pytest.fixture(scope="module")
