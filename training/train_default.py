@@ -21,8 +21,8 @@ variant): extra text columns for the image->text direction. Images are resized t
 `whole` protocol does (bicubic, the whole image, no crop). Batch i uses training seeds [i * B/2, (i + 1) * B/2), so
 a run is determined by `TrainConfig`.
 
-Validation retrieval (logged every `eval_every` steps) uses `retrieval_scenes(256, VALIDATION_OFFSET)`: held-out
-seeds far from those the gates use (offset 0).
+Validation retrieval (logged every `eval_every` steps by `evaluation.retrieval.retrieval_top1`, the benchmark's)
+uses `retrieval_scenes(256, VALIDATION_OFFSET)`: held-out seeds far from those the gates use (offset 0).
 
 Run from the repository root (it also records the checkpoint's fast held-out gates, `heldout_metrics.json`):
     nice python training/train_default.py --objective clip_tokens --out tclip_jax/data/default_model
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -46,6 +45,8 @@ import optax
 from PIL import Image
 
 from tclip_jax.checkpoints.folder import save_checkpoint
+from tclip_jax.checkpoints.load import LoadedClip
+from tclip_jax.evaluation.retrieval import retrieval_top1
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize
 from tclip_jax.synthetic import (
@@ -247,23 +248,6 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, config: Train
     return step
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def global_embeddings(model: CLIP, params, images_u8: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Unit (image, text) embeddings of uint8 images and token rows."""
-    return model.apply({"params": params}, clip_normalize(images_u8), token_ids)[1:]
-
-
-def retrieval_accuracy(model: CLIP, params, images_u8: np.ndarray, token_ids: np.ndarray,
-                       chunk: int = 64) -> dict[str, float]:
-    """Top-1 image->text and text->image retrieval among the given pairs, by the global embeddings."""
-    pairs = [global_embeddings(model, params, images_u8[i:i + chunk], token_ids[i:i + chunk])
-             for i in range(0, len(token_ids), chunk)]
-    similarity = np.concatenate([np.asarray(p[0]) for p in pairs]) @ np.concatenate([np.asarray(p[1]) for p in pairs]).T
-    truth = np.arange(len(similarity))
-    return {"image_to_text_top1": float(np.mean(similarity.argmax(1) == truth)),
-            "text_to_image_top1": float(np.mean(similarity.argmax(0) == truth))}
-
-
 # ------------------------------------------------------------------------------------------------ training
 def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = None) -> tuple[dict, np.ndarray, dict]:
     """Returns (float32 params, sorted token ids the captions used, run summary); logs to `log_path`.
@@ -279,8 +263,7 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     opt_state = tx.init(params)
     step_fn = make_train_step(model, tx, config, tokenizer.sot_id, tokenizer.eot_id)
     validation = retrieval_scenes(config.validation_scenes, VALIDATION_OFFSET)
-    val_images = np.stack([resize(s.image, config.image_size) for s in validation])
-    val_ids = encode_captions([s.caption for s in validation], config.text_length)
+    loaded = LoadedClip(model, params, tokenizer, "tclip", "training")  # params replaced at each validation
     # A fixed number of text rows per step (a changing count recompiles): negatives are padded with masked rows.
     rows = config.batch_size + config.batch_size // 2 * config.negatives
 
@@ -306,7 +289,8 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
             record["elapsed_s"] = time.perf_counter() - start
             record["cpu_s"] = time.process_time() - cpu_start  # all threads: the compute a shared machine gave us
             if (step + 1) % config.eval_every == 0 or step + 1 == steps:
-                record["validation"] = retrieval_accuracy(model, params, val_images, val_ids)
+                record["validation"] = retrieval_top1(dataclasses.replace(loaded, params=params),
+                                                      [s.image for s in validation], [s.caption for s in validation])
             log.write(json.dumps(record) + "\n")
             log.flush()
     used_ids.discard(PAD_ID)  # padding follows the end-of-text token, so it never reaches a real token

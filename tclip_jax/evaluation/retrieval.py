@@ -5,6 +5,7 @@ correct text among all the captions given, and vice versa. Top-1 accuracy in eac
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -12,8 +13,15 @@ import numpy as np
 
 from tclip_jax.checkpoints.load import LoadedClip
 from tclip_jax.image import whole_image
+from tclip_jax.model import CLIP
 
 RETRIEVAL_CHUNK = 64  # image-caption pairs per device call
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def global_embeddings(model: CLIP, params, pixels: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Unit (image, text) embeddings of normalized pixels [B, H, W, 3] and token rows [B, L]."""
+    return model.apply({"params": params}, pixels, token_ids)[1:]
 
 
 def retrieval_top1(clip: LoadedClip, images: Sequence[np.ndarray], captions: Sequence[str]) -> dict:
@@ -21,13 +29,12 @@ def retrieval_top1(clip: LoadedClip, images: Sequence[np.ndarray], captions: Seq
     if len(images) != len(captions) or not captions:
         raise ValueError(f"retrieval needs as many captions as images (at least one): got {len(images)} images "
                          f"and {len(captions)} captions")
-    embed = jax.jit(lambda params, pixels, ids: clip.model.apply({"params": params}, pixels, ids)[1:])
     image_embeds, text_embeds = [], []
     for start in range(0, len(captions), RETRIEVAL_CHUNK):
         stop = start + RETRIEVAL_CHUNK
         pixels = np.stack([whole_image(image, clip.config.image_size)[0] for image in images[start:stop]])
         ids = clip.tokenizer.encode(list(captions[start:stop]), clip.config.context_length)
-        image_part, text_part = embed(clip.params, pixels, ids)
+        image_part, text_part = global_embeddings(clip.model, clip.params, pixels, ids)
         image_embeds.append(np.asarray(image_part, np.float64))
         text_embeds.append(np.asarray(text_part, np.float64))
     similarity = np.concatenate(image_embeds) @ np.concatenate(text_embeds).T
