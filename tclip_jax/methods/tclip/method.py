@@ -30,7 +30,7 @@ from tclip_jax.methods.base import (
 )
 from tclip_jax.methods.tclip.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
 from tclip_jax.methods.tclip.settings import Settings
-from tclip_jax.methods.tclip.token_weights import eot_weights, text_attention
+from tclip_jax.methods.tclip.token_weights import eot_weights, token_embeddings_and_attention
 from tclip_jax.methods.tclip.translations import translation_offsets
 from tclip_jax.model.tokenizer import TokenizedPrompt
 from tclip_jax.postprocess.soft import soft_maps_and_boxes
@@ -67,11 +67,13 @@ class TCLIP(Method):
         for length in sorted(set(lengths)):
             group = [i for i, n in enumerate(lengths) if n == length]
             ids = np.stack([tokens[i].token_ids[:length] for i in group])
-            embeds[group, :length] = np.asarray(token_embeddings(self.clip.model, self.params, ids))
-            if weights is not None:
-                attention = np.asarray(text_attention(self.clip.model, self.params, ids))
-                for i, probs in zip(group, attention):
-                    weights[i, :length] = eot_weights(probs, tokens[i].eot_position, weighting)
+            if weights is None:
+                embeds[group, :length] = np.asarray(token_embeddings(self.clip.model, self.params, ids))
+                continue
+            group_embeds, attention = token_embeddings_and_attention(self.clip.model, self.params, ids)
+            embeds[group, :length] = np.asarray(group_embeds)
+            for i, probs in zip(group, np.asarray(attention)):
+                weights[i, :length] = eot_weights(probs, tokens[i].eot_position, weighting)
         return embeds, weights
 
     def encode(self, queries: Sequence[Query], label_set: Optional[Sequence[str]] = None) -> QueryArrays:

@@ -17,16 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from tclip_jax.methods.tclip.settings import TOKEN_WEIGHTINGS
-from tclip_jax.model import CLIP
+from tclip_jax.model import CLIP, l2_normalize
 
 
 @functools.partial(jax.jit, static_argnames="model")
-def text_attention(model: CLIP, params, token_ids: jax.Array) -> jax.Array:
-    """[P, blocks, L, L] head-averaged attention probabilities of the text tower for token rows [P, L], one row at
-    a time (as `token_embeddings`, so a prompt's weights do not depend on the prompts encoded with it)."""
-    def one(row: jax.Array) -> jax.Array:
+def token_embeddings_and_attention(model: CLIP, params, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(`relevance.token_embeddings` of token rows [P, L], their head-averaged text-tower attention probabilities
+    [P, blocks, L, L]) from one pass, one row at a time (as `token_embeddings`)."""
+    def one(row: jax.Array) -> tuple[jax.Array, jax.Array]:
         out = model.apply({"params": params}, row[None], intermediates=True, method="encode_text")
-        return jnp.stack([probs[0].mean(axis=0) for probs in out.attention_probs])
+        return l2_normalize(out.tokens[0]), jnp.stack([probs[0].mean(axis=0) for probs in out.attention_probs])
 
     return jax.lax.map(one, token_ids)
 
