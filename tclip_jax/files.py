@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pathlib
 import shutil
 import tempfile
 from typing import Iterator
 
-# The process umask, read once (reading it means setting it): staged folders get the mode a plain mkdir would give.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -28,15 +26,24 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[path
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
+        umask = _umask()
         for path in [staging, *staging.rglob("*")]:
             if not path.is_symlink():
-                path.chmod((0o777 if path.is_dir() else 0o666) & ~_UMASK)
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask, read on first use (reading it means setting it and setting it back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:
