@@ -74,13 +74,13 @@ def main() -> None:
     start = time.perf_counter()
     sections, everything = [], {}
     header = ["method", *(name for name, _, _ in CELLS), "wrong attribute"]
+    pairs = retrieval_scenes(RETRIEVAL_PAIRS)  # drawn once for every model
     for model in args.models:
         clip = load_clip(MODELS[model])
         factories = method_factories(clip)
         unknown = sorted(set(args.methods or ()) - set(factories))
         if unknown:
             parser.error(f"unknown methods {unknown}; available: {', '.join(factories)}")
-        pairs = retrieval_scenes(RETRIEVAL_PAIRS)
         retrieval = retrieval_top1(clip, [s.image for s in pairs], [s.caption for s in pairs])
         rows = [["target (TCLIP K=25)", *(TARGETS.get(name, "") for name, _, _ in CELLS), TARGETS["wrong attribute"]]]
         everything[model] = {"retrieval": retrieval, "methods": {}}
