@@ -62,7 +62,18 @@ def integer(name: str, value: Any, minimum: Optional[int] = None) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """Base of settings classes (see the module docstring). Subclasses validate in `__post_init__`."""
+    """Base of settings classes (see the module docstring). Subclasses validate the rest in `__post_init__`, calling
+    this one first."""
+
+    def __post_init__(self):
+        """Every field declared with `choices` holds one of them; every field with a true/false default a bool."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            choices = f.metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
+            if isinstance(f.default, bool) and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be true or false, got {value!r}")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -30,9 +30,8 @@ class EvalOptions(Options):
                            "mIoU at grid-searched and fixed thresholds, in the report's own table", choices=METRIC_SETS)
 
     def __post_init__(self):
+        super().__post_init__()
         integer("pg_tolerance", self.pg_tolerance, 0)
-        if self.metrics not in METRIC_SETS:
-            raise ValueError(f"metrics must be one of {METRIC_SETS}, got {self.metrics!r}")
         if isinstance(self.threshold, str):
             if self.threshold not in THRESHOLDS:
                 raise ValueError(f"threshold must be one of {THRESHOLDS} or a number, got {self.threshold!r}")

@@ -235,12 +235,6 @@ class GScoreCAMSettings(MethodSettings):
         super().__post_init__()
         integer("topk", self.topk, 1)
         integer("chunk_size", self.chunk_size, 1)
-        if self.ranking not in RANKINGS:
-            raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
-        if not isinstance(self.zero_unselected, bool):
-            raise ValueError(f"zero_unselected must be true or false, got {self.zero_unselected!r}")
-        if self.resample not in ("bilinear", "bicubic"):
-            raise ValueError(f"resample must be bilinear or bicubic, got {self.resample!r}")
 
 
 class GScoreCAM(PromptMethod):

@@ -17,8 +17,3 @@ class MethodSettings(Options):
     truncate: bool = setting(False, "truncate prompts longer than the model's context (with a warning) "
                              "instead of refusing them")
 
-    def __post_init__(self):
-        if self.box_rule not in BOX_RULES:
-            raise ValueError(f"box_rule must be one of {BOX_RULES}, got {self.box_rule!r}")
-        if not isinstance(self.truncate, bool):
-            raise ValueError(f"truncate must be true or false, got {self.truncate!r}")

@@ -17,6 +17,7 @@ class RunOptions(Options):
     progress: bool = setting(True, "a progress bar")
 
     def __post_init__(self):
+        super().__post_init__()
         integer("batch_size", self.batch_size, 1)
         integer("workers", self.workers, 1)
         if self.limit is not None:

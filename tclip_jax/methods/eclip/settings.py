@@ -33,6 +33,7 @@ class TrainSettings(Options):
     seed: int = setting(0, "seed of the order of the pairs in each epoch")
 
     def __post_init__(self):
+        super().__post_init__()
         integer("epochs", self.epochs, 1)
         integer("batch_size", self.batch_size, 1)
         integer("seed", self.seed, 0)

@@ -53,10 +53,6 @@ class Settings(MethodSettings):
         finite("trim", self.trim)
         if not 0 <= self.trim < 0.5:
             raise ValueError(f"trim must lie in [0, 0.5), got {self.trim}")
-        if self.input_protocol not in INPUT_PROTOCOLS:
-            raise ValueError(f"input_protocol must be one of {INPUT_PROTOCOLS}, got {self.input_protocol!r}")
-        if self.token_weighting not in TOKEN_WEIGHTINGS:
-            raise ValueError(f"token_weighting must be one of {TOKEN_WEIGHTINGS}, got {self.token_weighting!r}")
         if self.sigma is not None:
             finite("sigma", self.sigma)
             if self.sigma < 0:
