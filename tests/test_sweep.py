@@ -353,7 +353,7 @@ def test_class_queries_are_phrase_queries_and_templates_keep_the_name_words(tiny
         explainer.encode(class_queries(["&"], "a photo of a {}"))
 
 
-@pytest.mark.parametrize("method", ["tclip", "hilacam"])
+@pytest.mark.parametrize("method", ["tclip", "hilacam", "m2ib"])
 def test_batch_size_devices_and_resumption_give_the_same_bytes(tiny_model, tmp_path, method):
     """Records and report.json are byte-identical for any batch size, device count and resume point."""
     def sweep(out, *extra, env=None):
@@ -616,7 +616,7 @@ def test_a_sweep_that_fails_before_its_first_record_leaves_nothing(tmp_path, cap
     def failing(*args, **kwargs):
         raise ValueError("the first batch failed")
 
-    monkeypatch.setattr(runner.ShardedMaps, "__call__", failing)
+    monkeypatch.setattr(runner.DeviceMaps, "__call__", failing)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="the first batch failed"):
         run_sweep(synthetic_dataset(2, "bare_words"), Painted.from_pretrained(), out,

@@ -50,7 +50,7 @@ from tclip_jax.image import Geometry
 from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query, QueryArrays
 from tclip_jax.sweep.options import RunOptions
 from tclip_jax.sweep.report import CONFIG_FILE, read_config, write_report
-from tclip_jax.sweep.sharding import ShardedMaps, barrier, class_slots, local_mesh, owns
+from tclip_jax.sweep.sharding import DeviceMaps, DispatchedMaps, barrier, class_slots, owns
 from tclip_jax.sweep.store import ResultWriter, read_all_records, read_records, results_path
 from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, save_unit_vis, vis_path
 
@@ -133,8 +133,12 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                 writer.append(entry)
                 bar.update()
 
-            throughput = _pipeline(todo, method, queries, ShardedMaps(method, local_mesh()), dataset, evaluation,
-                                   options, out / "vis", record, gallery)
+            maps = DeviceMaps(method, jax.local_devices())
+            try:
+                throughput = _pipeline(todo, method, queries, maps, dataset, evaluation, options, out / "vis",
+                                       record, gallery)
+            finally:
+                maps.close()
     except BaseException:
         if created and process == 0 and not read_all_records(out):  # nothing to resume: leave nothing behind
             shutil.rmtree(out, ignore_errors=True)
@@ -144,7 +148,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     return SweepResult(write_report(out) if process == 0 else None, throughput)
 
 
-def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Queries", maps: ShardedMaps,
+def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Queries", maps: DeviceMaps,
               dataset: Dataset, evaluation: EvalOptions, options: RunOptions, vis_dir: pathlib.Path,
               record: Callable[[dict], None], gallery: Optional[UnitGallery] = None) -> Throughput:
     clock = _DeviceClock()
@@ -153,9 +157,9 @@ def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Que
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-load") as loaders, \
             concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-host") as hosts:
-        def score(batch: list[_Prepared], device_maps: jax.Array) -> None:
+        def score(batch: list[_Prepared], device_maps: DispatchedMaps) -> None:
             """Hand each image of a dispatched batch to the host threads."""
-            host_maps = np.asarray(device_maps.maps)  # waits for this batch; the next one is already queued
+            host_maps = device_maps.host_maps()  # waits for this batch; the next one is already queued
             for prepared, image_maps in zip(batch, host_maps):
                 records.submit(hosts.submit(_evaluate, prepared, image_maps, method, dataset.class_names,
                                             evaluation, vis_dir if prepared.index < options.save_vis else None,
@@ -165,7 +169,7 @@ def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Que
         in_flight = None
         for batch in _batches(prepared, options.batch_size, records.record):
             device_maps = maps(np.stack([p.pixels for p in batch]), *queries.for_batch([p.loaded for p in batch]))
-            clock.dispatched(device_maps.maps)
+            clock.dispatched(device_maps)
             if in_flight is not None:
                 score(*in_flight)
             in_flight = (batch, device_maps)
@@ -174,7 +178,7 @@ def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Que
         if in_flight is not None:
             score(*in_flight)
         records.wait(0)
-    return _throughput(clock.stop(), sizes, time.perf_counter() - started, maps.devices)
+    return _throughput(clock.stop(), sizes, time.perf_counter() - started, len(maps.devices))
 
 
 class _InOrder:
@@ -341,8 +345,8 @@ class _DeviceClock:
         self._thread = threading.Thread(target=self._watch, name="tclip-device-clock", daemon=True)
         self._thread.start()
 
-    def dispatched(self, array: jax.Array) -> None:
-        self._queue.put((time.perf_counter(), array))
+    def dispatched(self, maps: DispatchedMaps) -> None:
+        self._queue.put((time.perf_counter(), maps))
 
     def stop(self) -> list[tuple[float, float]]:
         """(dispatch, finish) per batch, in dispatch order."""
@@ -352,8 +356,8 @@ class _DeviceClock:
 
     def _watch(self) -> None:
         while (item := self._queue.get()) is not None:
-            dispatched, array = item
-            array.block_until_ready()
+            dispatched, maps = item
+            maps.block_until_ready()
             self._spans.append((dispatched, time.perf_counter()))
 
 

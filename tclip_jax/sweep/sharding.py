@@ -2,28 +2,25 @@
 
 - Across processes (``jax.distributed``): sample ``i`` of the dataset's fixed order belongs to process
   ``i % process_count``. Processes never exchange arrays, so each runs at its own pace.
-- Within a process: a 1-D ``Mesh`` over the local devices; images are sharded along the batch axis
-  (``NamedSharding(mesh, P("batch"))``), the method's parameters replicated. A batch is padded to a
-  multiple of the device count by repeating its last image; padded outputs are dropped.
+- Within a process: a batch is padded to a multiple of the device count by repeating its last image, cut into
+  one equal share per device, and each share runs `Method.maps_per_image` as a single-device program on its
+  device (dispatched asynchronously, from one thread per device); padded outputs are dropped.
+  Not an SPMD program over a mesh (``shard_map``): XLA compiles a program for two or more partitions through
+  another pass order (CSE before algebraic simplification), so a 1-device and a 4-device sweep of M2IB differed
+  by up to 4e-7. One single-device program gives every device count the same bits; the price is one compile
+  per device (in parallel threads) instead of one.
 - The number of class slots per image is padded to a power of two, so only a few shapes get compiled.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import concurrent.futures
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tclip_jax.methods.base import MapOutput, Method, QueryArrays
-
-BATCH_AXIS = "batch"
-
-
-def local_mesh() -> Mesh:
-    return Mesh(np.array(jax.local_devices()), (BATCH_AXIS,))
 
 
 def owns(sample_index: int, process_index: int, process_count: int) -> bool:
@@ -46,31 +43,47 @@ def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)])
 
 
-class ShardedMaps:
-    """``method.maps`` jitted over the mesh: numpy batches in, batch-sharded device arrays out (asynchronously).
+class DeviceMaps:
+    """``method.maps_per_image`` on each local device: numpy batches in, per-device maps out (asynchronously).
 
-    The method's parameters are replicated to every device once, the queries with each batch."""
+    The method's parameters are put on every device once, the queries with each batch."""
 
-    def __init__(self, method: Method, mesh: Mesh):
-        self.replicated = replicated = NamedSharding(mesh, PartitionSpec())
-        self.batched = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
-        self.devices = mesh.devices.size
-        self.params = jax.device_put(method.params, replicated)
-        # Each device maps its share of the batch one image at a time (`Method.maps_per_image`), so an image's
-        # maps are the same bits whatever the batch size and device count. Devices never communicate: without
-        # the varying-axes check, a gradient with respect to a constant (HilaCAM's zero attention offsets) stays
-        # per device instead of being summed over the devices.
-        per_device = jax.shard_map(method.maps_per_image, mesh=mesh,
-                                   in_specs=(PartitionSpec(), PartitionSpec(BATCH_AXIS), PartitionSpec(),
-                                             PartitionSpec(BATCH_AXIS)),
-                                   out_specs=PartitionSpec(BATCH_AXIS), check_vma=False)
-        self._maps: Callable[..., Any] = jax.jit(per_device,
-                                                 in_shardings=(replicated, self.batched, replicated, self.batched),
-                                                 out_shardings=self.batched)
+    def __init__(self, method: Method, devices: Sequence[jax.Device]):
+        self.devices = list(devices)
+        self.params = [jax.device_put(method.params, device) for device in self.devices]
+        self._maps: Callable[..., MapOutput] = jax.jit(method.maps_per_image)
+        self._dispatchers = concurrent.futures.ThreadPoolExecutor(len(self.devices), "tclip-dispatch")
 
-    def __call__(self, pixels: np.ndarray, queries: QueryArrays, rows: np.ndarray) -> MapOutput:
-        """Maps [B', K, h', w'] of ``pixels`` [B, h, w, 3] and query ``rows`` [B, K], B' = B padded."""
-        padded = -(-len(pixels) // self.devices) * self.devices
-        pixels, rows = pad_rows(pixels, padded), pad_rows(rows, padded)
-        return self._maps(self.params, jax.device_put(pixels, self.batched), jax.device_put(queries, self.replicated),
-                          jax.device_put(rows.astype(np.int32), self.batched))
+    def __call__(self, pixels: np.ndarray, queries: QueryArrays, rows: np.ndarray) -> "DispatchedMaps":
+        """Maps of ``pixels`` [B, h, w, 3] and query ``rows`` [B, K]: [B', K, h', w'] once fetched, B' >= B.
+
+        Each device takes ceil(B / devices) images (the last share padded); devices left without a real image
+        get nothing."""
+        share = -(-len(pixels) // len(self.devices))
+        shares = -(-len(pixels) // share)
+        pixels, rows = pad_rows(pixels, share * shares), pad_rows(rows.astype(np.int32), share * shares)
+
+        def dispatch(index: int) -> MapOutput:
+            device, part = self.devices[index], slice(index * share, (index + 1) * share)
+            return self._maps(self.params[index], jax.device_put(pixels[part], device),
+                              jax.device_put(queries, device), jax.device_put(rows[part], device))
+
+        return DispatchedMaps(list(self._dispatchers.map(dispatch, range(shares))))
+
+    def close(self) -> None:
+        self._dispatchers.shutdown()
+
+
+class DispatchedMaps:
+    """One batch's maps, still on the devices: one `MapOutput` per device share, in batch order."""
+
+    def __init__(self, parts: list[MapOutput]):
+        self.parts = parts
+
+    def block_until_ready(self) -> None:
+        for part in self.parts:
+            part.maps.block_until_ready()
+
+    def host_maps(self) -> np.ndarray:
+        """The maps [B', K, h', w'] on the host (waits for the devices)."""
+        return np.concatenate([np.asarray(part.maps) for part in self.parts])
