@@ -77,6 +77,8 @@ class TrainConfig:
     curriculum_steps: int = 0       # the first steps draw EASY_STYLE scenes, then TRAINING_STYLE (see the card)
     batch_size: int = 64            # images: B/2 scenes and their variants
     negatives: int = 2              # hard-negative captions per scene
+    # Caption phrase forms (colour+shape, shape+colour, shape only, colour only): TRAINING_STYLE's by default.
+    form_weights: tuple[float, ...] = TRAINING_STYLE.form_weights
     peak_learning_rate: float = 1e-3
     warmup_steps: int = 50          # linear warmup, then cosine decay to 0
     weight_decay: float = 0.1       # AdamW, on weight matrices only
@@ -84,7 +86,10 @@ class TrainConfig:
     dense_weight: float = 1.0       # clip_tokens: FILIP late interaction
     token_weight: float = 1.0       # clip_tokens: per-piece image retrieval
     fine_grained_weight: float = 1.0  # clip_tokens: SPARC's within-caption token-group loss
-    text_length: int = 48           # training rows are cut here: captions need at most 46 positions
+    text_length: int = 48           # longest training row: captions need at most 46 positions
+    # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
+    # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
+    text_length_step: int = 0
     validation_scenes: int = 256
     eval_every: int = 100
     # Model geometry, widths and depths (everything else is OpenAI CLIP's).
@@ -118,7 +123,8 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 def batch(config: TrainConfig, step: int) -> tuple[np.ndarray, list[str], list[str]]:
     """(images [B, S, S, 3] uint8, their B captions, hard-negative captions) of training step `step`."""
     pairs = config.batch_size // 2
-    style = EASY_STYLE if step < config.curriculum_steps else TRAINING_STYLE
+    style = dataclasses.replace(EASY_STYLE if step < config.curriculum_steps else TRAINING_STYLE,
+                                form_weights=config.form_weights)
     images, captions, negatives = [], [], []
     for seed in train_seeds(pairs, step * pairs):
         scene = make_scene(seed, None, style)
@@ -133,11 +139,16 @@ def batch(config: TrainConfig, step: int) -> tuple[np.ndarray, list[str], list[s
     return np.stack(images), captions, negatives
 
 
-def encode_captions(captions: list[str], length: int) -> np.ndarray:
+def encode_captions(captions: list[str], length: int, step: int = 0) -> np.ndarray:
+    """Token rows [N, length], or with `step` > 0 cut after the longest caption rounded up to a multiple of `step`.
+
+    The text tower is causal, so the end-of-text token and every piece before it see no padding: cutting padding
+    changes no embedding mathematically (most steps need 32 positions, not 48), only the summation order."""
     ids = default_tokenizer().encode(captions)
-    if (ids[:, length:] != PAD_ID).any():
-        raise ValueError(f"a caption needs more than text_length={length} positions")
-    return ids[:, :length]
+    needed = int((ids != PAD_ID).sum(axis=1).max())
+    if needed > length:
+        raise ValueError(f"a caption needs {needed} positions, more than text_length={length}")
+    return ids[:, :min(length, -(-needed // step) * step) if step > 0 else length]
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -279,7 +290,8 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
                 next_batch = prefetch.submit(batch, config, step + 1)
             texts = (captions + negatives)[:rows]
             columns = np.arange(rows) < len(texts)
-            token_ids = encode_captions(texts + [captions[0]] * (rows - len(texts)), config.text_length)
+            token_ids = encode_captions(texts + [captions[0]] * (rows - len(texts)), config.text_length,
+                                        config.text_length_step)
             used_ids.update(np.unique(token_ids).tolist())
             step_start = time.perf_counter()
             params, opt_state, metrics = step_fn(params, opt_state, images, token_ids, columns)
@@ -314,7 +326,9 @@ def parse_overrides(items: list[str]) -> dict:
         name, value = item.split("=", 1)
         if name not in fields:
             raise SystemExit(f"unknown TrainConfig field {name!r}")
-        overrides[name] = {"int": int, "float": float, "str": str}[fields[name]](value)
+        parse = {"int": int, "float": float, "str": str,
+                 "tuple[float, ...]": lambda text: tuple(float(v) for v in text.split(","))}[fields[name]]
+        overrides[name] = parse(value)
     return overrides
 
 

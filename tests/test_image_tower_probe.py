@@ -1,0 +1,57 @@
+"""training/image_tower_probe.py: the features it probes are the model's own tokens, and both diagnostics detect a
+property the shipped model and a short supervised run are known to have (colour)."""
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "training"))
+import image_tower_probe as itp  # noqa: E402
+import train_default  # noqa: E402
+
+from tclip_jax.checkpoints.load import load_clip  # noqa: E402
+from tclip_jax.image import clip_normalize  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_clip()
+
+
+def test_scenes_hold_one_object_and_labels_name_it():
+    images, labels, scenes = itp.one_object_scenes(12, itp.PROBE_SEEDS)
+    assert images.shape == (12, 224, 224, 3)
+    for i, scene in enumerate(scenes):
+        assert len(scene.objects) == 1
+        assert itp.LABELS["shape"][labels["shape"][i]] == scene.objects[0].shape
+        assert itp.LABELS["colour"][labels["colour"][i]] == scene.objects[0].colour
+
+
+def test_centre_patch_is_the_token_under_the_mask_centroid(shipped):
+    images, _, scenes = itp.one_object_scenes(3, itp.PROBE_SEEDS)
+    features = itp.tower_features(shipped.model, shipped.params, images, scenes, chunk=2)
+    for i, scene in enumerate(scenes):
+        out = shipped.model.apply({"params": shipped.params}, clip_normalize(images[i:i + 1]), method="encode_image")
+        ys, xs = np.nonzero(scene.objects[0].mask)
+        cell = (int(ys.mean() * 7 / 224), int(xs.mean() * 7 / 224))  # 224 px, patch 32: a 7 x 7 grid
+        np.testing.assert_allclose(features["centre_patch"][i], np.asarray(out.tokens[0, 1 + cell[0] * 7 + cell[1]]),
+                                   atol=1e-5)
+        np.testing.assert_allclose(features["class_embedding"][i], np.asarray(out.embeds[0]), atol=1e-5)
+
+
+def test_probe_finds_colour_in_the_shipped_tower(shipped):
+    """The shipped model grounds colour words (pointing 0.97): its patch tokens must carry the colour."""
+    accuracy = itp.probe(shipped.model, shipped.params, train_count=240, test_count=120)
+    assert set(accuracy) == {f"{label}/{feature}" for label in itp.LABELS
+                             for feature in ("class_embedding", "mean_patch", "centre_patch")}
+    assert accuracy["colour/centre_patch"] >= 0.9
+
+
+def test_supervised_training_teaches_a_small_tower_colour():
+    config = train_default.TrainConfig(image_size=64, patch_size=16, vision_layers=1, embed_dim=32)
+    records = list(itp.supervised(config, "colour", steps=120, batch_size=32, test_count=120, every=60))
+    assert [r["step"] for r in records] == [60, 120]
+    assert records[-1]["heldout_accuracy"] >= 3 / len(itp.LABELS["colour"])  # three times chance
+    assert jax.numpy.isfinite(records[-1]["loss"])
