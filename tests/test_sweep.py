@@ -689,3 +689,12 @@ def test_images_of_other_input_shapes_go_in_other_batches(tiny_model, tmp_path):
     assert _report(outs["4"])["errors"] == [] and _report(outs["4"])["images"] == 5
     by_key = lambda out: {r["key"]: r for r in read_all_records(out)}  # noqa: E731
     assert by_key(outs["4"]) == by_key(outs["1"])
+
+
+def test_device_wait_share_counts_the_gaps_with_nothing_queued():
+    from tclip_jax.sweep.runner import device_wait_share
+
+    # Batch 2 is queued before batch 1 finishes (no gap); batch 3 is dispatched 1 s after batch 2 finished.
+    assert device_wait_share([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == pytest.approx(1 / 3)
+    assert device_wait_share([(0.0, 1.0), (0.2, 2.0), (0.4, 3.0)]) == pytest.approx(0.0)
+    assert device_wait_share([(0.0, 1.0)]) is None

@@ -151,7 +151,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
 def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Queries", maps: DeviceMaps,
               dataset: Dataset, evaluation: EvalOptions, options: RunOptions, vis_dir: pathlib.Path,
               record: Callable[[dict], None], gallery: Optional[UnitGallery] = None) -> Throughput:
-    clock = _DeviceClock()
+    clock = DeviceClock()
     records = _InOrder(record)
     sizes: list[int] = []
     started = time.perf_counter()
@@ -336,8 +336,9 @@ def _write_json(path: pathlib.Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-class _DeviceClock:
-    """Notes, on its own thread, when each dispatched batch finishes on the device."""
+class DeviceClock:
+    """Notes, on its own thread, when each dispatched batch finishes on the device (anything with
+    `block_until_ready`: a jax.Array or `DispatchedMaps`)."""
 
     def __init__(self):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -345,7 +346,7 @@ class _DeviceClock:
         self._thread = threading.Thread(target=self._watch, name="tclip-device-clock", daemon=True)
         self._thread.start()
 
-    def dispatched(self, maps: DispatchedMaps) -> None:
+    def dispatched(self, maps: DispatchedMaps | jax.Array) -> None:
         self._queue.put((time.perf_counter(), maps))
 
     def stop(self) -> list[tuple[float, float]]:
@@ -361,10 +362,17 @@ class _DeviceClock:
             self._spans.append((dispatched, time.perf_counter()))
 
 
-def _throughput(spans: list[tuple[float, float]], sizes: list[int], wall: float, devices: int) -> Throughput:
-    """Rates and the device's idle share from (dispatch, finish) of each batch of `sizes` images."""
+def device_wait_share(spans: list[tuple[float, float]]) -> Optional[float]:
+    """The share of the time from the first batch's finish to the last's during which no batch was queued on the
+    device, from (dispatch, finish) per batch in dispatch order (None for fewer than two batches)."""
     busy = sum(finish - max(dispatched, previous_finish)
                for (_, previous_finish), (dispatched, finish) in zip(spans, spans[1:]))
+    steady = spans[-1][1] - spans[0][1] if len(spans) > 1 else 0.0
+    return 1.0 - busy / steady if steady > 0 else None
+
+
+def _throughput(spans: list[tuple[float, float]], sizes: list[int], wall: float, devices: int) -> Throughput:
+    """Rates and the device's idle share from (dispatch, finish) of each batch of `sizes` images."""
     steady = spans[-1][1] - spans[0][1] if len(spans) > 1 else 0.0
     return Throughput(
         devices=devices,
@@ -373,5 +381,5 @@ def _throughput(spans: list[tuple[float, float]], sizes: list[int], wall: float,
         wall_seconds=wall,
         images_per_second=sum(sizes) / wall if wall > 0 else 0.0,
         steady_images_per_second=sum(sizes[1:]) / steady if steady > 0 else None,
-        device_wait_share=1.0 - busy / steady if steady > 0 else None,
+        device_wait_share=device_wait_share(spans),
     )

@@ -1,0 +1,105 @@
+"""Does `TCLIP.explain_batch` keep the device busy? The share of time the device waits on the host, ViT-B/32 size.
+
+Per workload (one 10-word prompt; the 80 COCO class names as 80 prompts), random ViT-B/32 weights, K = 25,
+`--images` 640x480 photo-like scenes at `--batch-size`:
+- overlapped: `explain_batch` over all images, which dispatches batch i+1 to the device before the host step of
+  batch i. Its jitted maps are wrapped so that the sweep's `DeviceClock` notes when each batch finishes on the
+  device; 'device waiting' is the sweep's `device_wait_share`: the share of the time from the first batch's
+  finish to the last's during which no batch was queued.
+- serial: the same images, one `explain_batch` call per batch, so each batch's host step runs before the next
+  batch is dispatched (no overlap).
+Both after one untimed warm-up pass over the same images (compilation). On this CPU the "device" is XLA:CPU on
+the same cores as the host step, so the two compete; on an accelerator they do not.
+
+    python benchmarks/explain_overlap.py [--images 6] [--batch-size 2] [--no-write]
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
+from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
+                                today, write_section)
+
+from tclip_jax.checkpoints.load import LoadedClip  # noqa: E402
+from tclip_jax.evaluation.datasets import COCO_CATEGORIES  # noqa: E402
+from tclip_jax.methods.tclip import TCLIP, Settings  # noqa: E402
+from tclip_jax.model import CLIP, PRESETS, init_params  # noqa: E402
+from tclip_jax.model.tokenizer import default_tokenizer  # noqa: E402
+from tclip_jax.sweep.runner import DeviceClock, device_wait_share  # noqa: E402
+from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene  # noqa: E402
+
+IMAGE_HW = (480, 640)
+PROMPT = "a small brown dog chases a red ball across grass"  # 10 words, as benchmarks/speed.py
+WORKLOADS = {"prompt": (PROMPT,), "coco80": tuple(COCO_CATEGORIES.values())}
+
+
+def clocked(tclip: TCLIP, clock: DeviceClock) -> None:
+    """Wraps the method's jitted maps so that `clock` notes each dispatched batch."""
+    jitted = tclip.jitted_maps
+
+    def maps(*args):
+        out = jitted(*args)
+        clock.dispatched(out.maps)
+        return out
+
+    tclip.__dict__["jitted_maps"] = maps  # shadows the cached property on this instance
+
+
+def measure(tclip: TCLIP, images: list, prompts, batch_size: int) -> dict:
+    encoded = tclip.encode_prompts(list(prompts))
+    list(tclip.explain_batch(images, encoded, batch_size=batch_size))  # warm-up: compiles every batch shape
+    start = time.perf_counter()
+    for first in range(0, len(images), batch_size):
+        list(tclip.explain_batch(images[first:first + batch_size], encoded, batch_size=batch_size))
+    serial = time.perf_counter() - start
+    clock = DeviceClock()
+    clocked(tclip, clock)
+    start = time.perf_counter()
+    list(tclip.explain_batch(images, encoded, batch_size=batch_size))
+    overlapped = time.perf_counter() - start
+    del tclip.__dict__["jitted_maps"]
+    spans = clock.stop()
+    previous_finish = [spans[0][0]] + [finish for _, finish in spans[:-1]]
+    device = sum(finish - max(dispatched, previous) for (dispatched, finish), previous in zip(spans, previous_finish))
+    return {"maps": len(encoded.queries), "serial": serial, "overlapped": overlapped, "device": device,
+            "wait": device_wait_share(spans), "batches": len(spans)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
+    args = parser.parse_args(argv)
+    load_before = load_average()
+    config = PRESETS["ViT-B/32"]
+    clip = LoadedClip(CLIP(config), init_params(config, 0), default_tokenizer(), "tclip", "random ViT-B/32 (seed 0)")
+    tclip = TCLIP(clip, Settings(translations=25, input_protocol="whole"))
+    images = [make_scene(HELDOUT_SEED_START + i, IMAGE_HW).image for i in range(args.images)]
+    rows = []
+    for name in args.workloads:
+        r = measure(tclip, images, WORKLOADS[name], args.batch_size)
+        rows.append([name, r["maps"], r["batches"], f"{r['serial']:.2f} s", f"{r['overlapped']:.2f} s",
+                     f"{r['serial'] / r['overlapped']:.2f}", f"{r['device']:.2f} s",
+                     f"{100 * r['wait']:.1f} %" if r["wait"] is not None else "-"])
+    header = ["workload", "distinct maps per image", "batches", "serial wall", "overlapped wall",
+              "serial / overlapped", "device busy (overlapped)", "device waiting on the host"]
+    text = "\n".join([
+        f"## explain_batch: device waiting on the host (TCLIP, K = 25, random ViT-B/32, {IMAGE_HW[1]}x{IMAGE_HW[0]})",
+        "", f"- date: {today()}", f"- machine: {machine_description()}", f"- command: `{command_line()}`",
+        f"- load average (1/5/15 min) before: {load_before}; after: {load_average()}",
+        f"- {args.images} images, batch size {args.batch_size}, after a warm-up pass; 'device waiting': the share "
+        "of the time from the first batch's finish to the last's with no batch queued (the sweep's measure). "
+        "The device is XLA:CPU on the same 2 cores as the host step.", "", markdown_table(header, rows)])
+    print(text)
+    if not args.no_write:
+        write_section("explain_overlap", text)
+
+
+if __name__ == "__main__":
+    main()
