@@ -95,6 +95,22 @@ def test_token_embeddings_are_unit_rows(tiny):
     np.testing.assert_allclose(np.linalg.norm(rows, axis=-1), 1.0, atol=1e-5)
 
 
+def test_a_prompts_token_embeddings_do_not_depend_on_the_prompts_encoded_with_it(tiny):
+    """Rows run PROMPT_CHUNK at a time: a row gives the same bits alone, in any position, among any companions,
+    and equals the model's own tokens for that row (within float tolerance)."""
+    from tclip_jax.model import l2_normalize
+
+    model, params = tiny
+    rng = np.random.default_rng(0)
+    ids = np.zeros((19, 8), np.int32)  # more than two chunks
+    ids[:, 0], ids[:, 1:6], ids[:, 6] = 49406, rng.integers(300, 40000, (19, 5)), 49407
+    together = np.asarray(token_embeddings(model, params, ids))
+    for order in (np.arange(19)[::-1], rng.permutation(19)[:11], np.array([7])):
+        np.testing.assert_array_equal(np.asarray(token_embeddings(model, params, ids[order])), together[order])
+    direct = l2_normalize(model.apply({"params": params}, ids[3:4], method="encode_text").tokens[0])
+    np.testing.assert_allclose(together[3], np.asarray(direct), atol=1e-5)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 9, 17, 25, 33])
 def test_sorting_network_sorts_every_input(n):
     """Exhaustive over 0/1 inputs (the 0-1 principle) for small n, random inputs for larger ones."""

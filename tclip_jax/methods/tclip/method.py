@@ -56,8 +56,8 @@ class TCLIP(Method):
         [P, L] token weights of the settings' `token_weighting`, or None for "none").
 
         The text tower is causal: positions after the end-of-text token change nothing before it, so each prompt's
-        row is cut there, rounded up to a multiple of 8; prompts of one length go through together, one at a
-        time, so a prompt's embeddings are the same whichever prompts come with it.
+        row is cut there, rounded up to a multiple of 8; prompts of one length go through together, in chunks of one
+        shape (`relevance.map_prompts`), so a prompt's embeddings are the same whichever prompts come with it.
         """
         context = self.clip.config.context_length
         lengths = [min(context, -(-(t.eot_position + 1) // 8) * 8) for t in tokens]

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tclip_jax.methods.tclip.relevance import map_prompts
 from tclip_jax.methods.tclip.settings import TOKEN_WEIGHTINGS
 from tclip_jax.model import CLIP, l2_normalize
 
@@ -23,12 +24,12 @@ from tclip_jax.model import CLIP, l2_normalize
 @functools.partial(jax.jit, static_argnames="model")
 def token_embeddings_and_attention(model: CLIP, params, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(`relevance.token_embeddings` of token rows [P, L], their head-averaged text-tower attention probabilities
-    [P, blocks, L, L]) from one pass, one row at a time (as `token_embeddings`)."""
+    [P, blocks, L, L]) from one pass, by `relevance.map_prompts` (as `token_embeddings`)."""
     def one(row: jax.Array) -> tuple[jax.Array, jax.Array]:
         out = model.apply({"params": params}, row[None], intermediates=True, method="encode_text")
         return l2_normalize(out.tokens[0]), jnp.stack([probs[0].mean(axis=0) for probs in out.attention_probs])
 
-    return jax.lax.map(one, token_ids)
+    return map_prompts(one, token_ids)
 
 
 def eot_weights(attention: np.ndarray, eot_position: int, weighting: str) -> np.ndarray:
