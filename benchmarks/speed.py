@@ -221,9 +221,9 @@ def profile_stages(tclip, image, prompts, encoded, batch, geometry) -> dict:
         "aggregate (einsum, sorting network, trimmed mean)": lambda: aggregate_maps(
             patches, queries, offsets, grid_hw, size_hw, trim).block_until_ready(),
         "to_original": lambda: to_original(maps, geometry),
-        "host: soft maps and boxes (thread pool)": lambda: tclip.postprocess(original),
-        "of which soft maps, one thread": lambda: [soft_map(m) for m in original],
-        "of which boxes, one thread": lambda: [heatmap_box(m) for m in original],
+        "host: soft maps and boxes (one batched call)": lambda: tclip.postprocess(original),
+        "soft maps alone, one map per call": lambda: [soft_map(m) for m in original],
+        "boxes alone, one map per call": lambda: [heatmap_box(m) for m in original],
     }
 
 

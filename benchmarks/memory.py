@@ -1,0 +1,91 @@
+"""Peak memory of `TCLIP.explain` against the number of prompts (random ViT-B/32, K = 25, one 640x480 image).
+
+Each prompt count runs in a fresh process (peak RSS is per process): one warm explain with N single-word
+prompts (distinct ImageNet class words). Reported: the process's peak RSS, the bytes of the result's own arrays
+(each distinct map at the image size and its soft map: what the caller receives), and the difference, i.e.
+what the computation holds on top of its result (the model, compiled programs, transient buffers).
+
+    python benchmarks/memory.py [--prompts 1 80 400] [--no-write]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import resource
+import subprocess
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
+from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
+                                today, write_section)
+
+IMAGE_HW = (480, 640)
+CLASSES = pathlib.Path(__file__).resolve().parents[1] / "tclip_jax/evaluation/datasets/data/imagenet_classes.tsv"
+
+
+def single_words(count: int) -> list[str]:
+    """`count` distinct one-word prompts: ImageNet class names' single-word synonyms, in file order."""
+    words: list[str] = []
+    for line in CLASSES.read_text().splitlines():
+        for name in line.split("\t", 1)[1].split(", "):
+            if name.isalpha() and name.lower() not in words:
+                words.append(name.lower())
+    if len(words) < count:
+        raise SystemExit(f"only {len(words)} single-word class names, asked for {count}")
+    return words[:count]
+
+
+def measure(count: int) -> dict:
+    from tclip_jax.checkpoints.load import LoadedClip
+    from tclip_jax.methods.tclip import TCLIP, Settings
+    from tclip_jax.model import CLIP, PRESETS, init_params
+    from tclip_jax.model.tokenizer import default_tokenizer
+    from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene
+
+    config = PRESETS["ViT-B/32"]
+    clip = LoadedClip(CLIP(config), init_params(config, 0), default_tokenizer(), "tclip", "random ViT-B/32")
+    tclip = TCLIP(clip, Settings(translations=25, input_protocol="whole"))
+    image = make_scene(HELDOUT_SEED_START, IMAGE_HW).image
+    result = tclip.explain(image, single_words(count))
+    arrays = {}
+    for prompt in result.prompts:
+        for item in (*prompt.word_maps, prompt.phrase):
+            for array in (item.heatmap, item.soft):
+                if array is not None:
+                    arrays[id(array)] = array.nbytes
+    return {"prompts": count, "distinct_arrays": len(arrays), "result_mib": sum(arrays.values()) / 2**20,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, nargs="+", default=[1, 80, 400])
+    parser.add_argument("--measure", type=int, help="internal: measure one prompt count in this process")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
+    args = parser.parse_args(argv)
+    if args.measure is not None:
+        print(json.dumps(measure(args.measure)))
+        return
+    load_before = load_average()
+    rows = []
+    for count in args.prompts:
+        out = subprocess.run([sys.executable, __file__, "--measure", str(count)], capture_output=True, text=True,
+                             check=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        rows.append([count, r["distinct_arrays"], f"{r['peak_rss_mib']:.0f} MiB", f"{r['result_mib']:.0f} MiB",
+                     f"{r['peak_rss_mib'] - r['result_mib']:.0f} MiB"])
+    text = "\n".join([
+        f"## Peak memory against the prompt count (TCLIP.explain, random ViT-B/32, {IMAGE_HW[1]}x{IMAGE_HW[0]})",
+        "", f"- date: {today()}", f"- machine: {machine_description()}", f"- command: `{command_line()}`",
+        f"- load average (1/5/15 min) before: {load_before}; after: {load_average()}",
+        "- one fresh process per row; single-word prompts; 'result' = the arrays the caller receives (each distinct "
+        "map at the image size and its soft map)", "",
+        markdown_table(["prompts", "distinct result arrays", "peak RSS", "result", "peak RSS - result"], rows)])
+    print(text)
+    if not args.no_write:
+        write_section("memory", text)
+
+
+if __name__ == "__main__":
+    main()
