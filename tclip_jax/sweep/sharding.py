@@ -2,13 +2,14 @@
 
 - Across processes (``jax.distributed``): sample ``i`` of the dataset's fixed order belongs to process
   ``i % process_count``. Processes never exchange arrays, so each runs at its own pace.
-- Within a process: a batch is padded to a multiple of the device count by repeating its last image, cut into
-  one equal share per device, and each share runs `Method.maps_per_image` as a single-device program on its
-  device (dispatched asynchronously, from one thread per device); padded outputs are dropped.
+- Within a process: each local device takes ceil(B / devices) images of a batch of B (the last share padded by
+  repeating the batch's last image; devices left without a real image get nothing) and runs
+  `Method.maps_per_image` on them as a single-device program, dispatched asynchronously from one thread per
+  device; padded outputs are dropped.
   Not an SPMD program over a mesh (``shard_map``): XLA compiles a program for two or more partitions through
   another pass order (CSE before algebraic simplification), so a 1-device and a 4-device sweep of M2IB differed
   by up to 4e-7. One single-device program gives every device count the same bits; the price is one compile
-  per device (in parallel threads) instead of one.
+  per device instead of one.
 - The number of class slots per image is padded to a power of two, so only a few shapes get compiled.
 """
 from __future__ import annotations
