@@ -353,20 +353,27 @@ def test_class_queries_are_phrase_queries_and_templates_keep_the_name_words(tiny
         explainer.encode(class_queries(["&"], "a photo of a {}"))
 
 
+FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+
+def _sweep_bytes(model, method, limit, out, *extra, env=None) -> tuple[bytes, bytes]:
+    """(report.json, results-p0.jsonl) of a `tclip sweep synthetic --protocol captions` run in a fresh process."""
+    command = [sys.executable, "-m", "tclip_jax", *_cli("synthetic", "--protocol", "captions", "--method", method,
+                                                        "--model", model, "--limit", str(limit), "--out", str(out),
+                                                        *extra)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600, env={**os.environ, **(env or {})})
+    return (out / "report.json").read_bytes(), (out / "results-p0.jsonl").read_bytes()
+
+
 @pytest.mark.parametrize("method", ["tclip", "hilacam"])
 def test_batch_size_devices_and_resumption_give_the_same_bytes(tiny_model, tmp_path, method):
     """Records and report.json are byte-identical for any batch size, device count and resume point."""
     def sweep(out, *extra, env=None):
-        command = [sys.executable, "-m", "tclip_jax", *_cli("synthetic", "--protocol", "captions", "--method", method,
-                                                            "--model", tiny_model, "--limit", "4", "--out", str(out),
-                                                            *extra)]
-        subprocess.run(command, check=True, capture_output=True, timeout=600, env={**os.environ, **(env or {})})
-        return (out / "report.json").read_bytes(), (out / "results-p0.jsonl").read_bytes()
+        return _sweep_bytes(tiny_model, method, 4, out, *extra, env=env)
 
     reference = sweep(tmp_path / "b1", "--batch-size", "1")
     assert sweep(tmp_path / "b3", "--batch-size", "3") == reference
-    devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    assert sweep(tmp_path / "d4", "--batch-size", "4", env=devices) == reference
+    assert sweep(tmp_path / "d4", "--batch-size", "4", env=FOUR_DEVICES) == reference
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "b3", resumed)
     first = reference[1].split(b"\n", 1)[0] + b"\n"  # as if killed after the first record
@@ -378,19 +385,12 @@ def test_batch_size_devices_and_resumption_give_the_same_bytes(tiny_model, tmp_p
 def test_m2ib_gives_the_same_bytes_on_one_and_on_four_devices(tiny_model, tmp_path):
     """M2IB's optimisation is where an SPMD program over several devices once differed from one device's (by up
     to 4e-7 in its maps): every device must run the one-device program."""
-    def sweep(out, env=None):
-        command = [sys.executable, "-m", "tclip_jax", *_cli("synthetic", "--protocol", "captions", "--method", "m2ib",
-                                                            "--model", tiny_model, "--limit", "2", "--out", str(out),
-                                                            "--batch-size", "2")]
-        subprocess.run(command, check=True, capture_output=True, timeout=600, env={**os.environ, **(env or {})})
-        return (out / "report.json").read_bytes(), (out / "results-p0.jsonl").read_bytes()
-
-    devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    assert sweep(tmp_path / "d4", env=devices) == sweep(tmp_path / "d1")
+    four = _sweep_bytes(tiny_model, "m2ib", 2, tmp_path / "d4", "--batch-size", "2", env=FOUR_DEVICES)
+    assert four == _sweep_bytes(tiny_model, "m2ib", 2, tmp_path / "d1", "--batch-size", "2")
 
 
 def test_four_simulated_devices_give_the_one_device_results(tclip_synthetic, tiny_model, tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, **FOUR_DEVICES}
     out = tmp_path / "out4"
     subprocess.run([sys.executable, "-m", "tclip_jax", *_cli("synthetic", "--protocol", "bare_words", "--model",
                                                              tiny_model, "--limit", "3", "--batch-size", "2",
@@ -706,9 +706,11 @@ def test_images_of_other_input_shapes_go_in_other_batches(tiny_model, tmp_path):
 
 
 def test_device_wait_share_counts_the_gaps_with_nothing_queued():
-    from tclip_jax.sweep.runner import device_wait_share
+    from tclip_jax.sweep.runner import device_busy_seconds, device_wait_share
 
     # Batch 2 is queued before batch 1 finishes (no gap); batch 3 is dispatched 1 s after batch 2 finished.
     assert device_wait_share([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == pytest.approx(1 / 3)
     assert device_wait_share([(0.0, 1.0), (0.2, 2.0), (0.4, 3.0)]) == pytest.approx(0.0)
     assert device_wait_share([(0.0, 1.0)]) is None
+    # Busy: 1 s, then 1 s more (batch 2 starts when batch 1 ends), then 1 s after a 1 s gap.
+    assert device_busy_seconds([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == pytest.approx(3.0)

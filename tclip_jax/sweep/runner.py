@@ -362,13 +362,19 @@ class DeviceClock:
             self._spans.append((dispatched, time.perf_counter()))
 
 
+def device_busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """Seconds during which a batch was queued on the device, from (dispatch, finish) per batch in dispatch order
+    (a batch queued while the one before it runs starts when that one finishes)."""
+    previous_finish = [spans[0][0]] + [finish for _, finish in spans[:-1]] if spans else []
+    return sum(finish - max(dispatched, previous) for (dispatched, finish), previous in zip(spans, previous_finish))
+
+
 def device_wait_share(spans: list[tuple[float, float]]) -> Optional[float]:
     """The share of the time from the first batch's finish to the last's during which no batch was queued on the
-    device, from (dispatch, finish) per batch in dispatch order (None for fewer than two batches)."""
-    busy = sum(finish - max(dispatched, previous_finish)
-               for (_, previous_finish), (dispatched, finish) in zip(spans, spans[1:]))
+    device (None for fewer than two batches)."""
     steady = spans[-1][1] - spans[0][1] if len(spans) > 1 else 0.0
-    return 1.0 - busy / steady if steady > 0 else None
+    after_first = device_busy_seconds(spans) - (spans[0][1] - spans[0][0]) if spans else 0.0
+    return 1.0 - after_first / steady if steady > 0 else None
 
 
 def _throughput(spans: list[tuple[float, float]], sizes: list[int], wall: float, devices: int) -> Throughput:
