@@ -20,6 +20,39 @@ import numpy as np
 
 RESULTS_PATH = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 
+# The speed benchmarks' inputs: a 640x480 photo-like scene and these prompt sets.
+IMAGE_HW = (480, 640)
+PROMPT = "a small brown dog chases a red ball across grass"  # 10 words
+
+
+def workloads() -> dict[str, tuple[str, ...]]:
+    """"prompt": the one 10-word prompt; "coco80": the 80 COCO class names as 80 prompts."""
+    from tclip_jax.evaluation.datasets import COCO_CATEGORIES
+
+    return {"prompt": (PROMPT,), "coco80": tuple(COCO_CATEGORIES.values())}
+
+
+def photo_like_image(seed: int, image_hw: tuple[int, int] = IMAGE_HW) -> np.ndarray:
+    """A textured held-out synthetic scene (uint8 RGB), 640x480 by default."""
+    from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene
+
+    return make_scene(HELDOUT_SEED_START + seed, image_hw).image
+
+
+def timed_tclip(clip=None):
+    """TCLIP as the speed benchmarks time it (K = 25, the `whole` protocol) on `clip`, by default random ViT-B/32
+    weights (seed 0) with the CLIP tokenizer."""
+    from tclip_jax.checkpoints.load import LoadedClip
+    from tclip_jax.methods.tclip import TCLIP, Settings
+    from tclip_jax.model import CLIP, PRESETS, init_params
+    from tclip_jax.model.tokenizer import default_tokenizer
+
+    if clip is None:
+        config = PRESETS["ViT-B/32"]
+        clip = LoadedClip(CLIP(config), init_params(config, 0), default_tokenizer(), "tclip",
+                          "random ViT-B/32 (seed 0)")
+    return TCLIP(clip, Settings(translations=25, input_protocol="whole"))
+
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
     """(median, all timings) of `fn()` in seconds over `repeats` calls after `warmup` untimed calls.

@@ -21,20 +21,13 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
-                                today, write_section)
+from benchmarks._common import (IMAGE_HW, command_line, load_average, machine_description,  # noqa: E402
+                                markdown_table, photo_like_image, timed_tclip, today, workloads, write_section)
 
-from tclip_jax.checkpoints.load import LoadedClip  # noqa: E402
-from tclip_jax.evaluation.datasets import COCO_CATEGORIES  # noqa: E402
-from tclip_jax.methods.tclip import TCLIP, Settings  # noqa: E402
-from tclip_jax.model import CLIP, PRESETS, init_params  # noqa: E402
-from tclip_jax.model.tokenizer import default_tokenizer  # noqa: E402
-from tclip_jax.sweep.runner import DeviceClock, device_wait_share  # noqa: E402
-from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene  # noqa: E402
+from tclip_jax.methods.tclip import TCLIP  # noqa: E402
+from tclip_jax.sweep.runner import DeviceClock, device_busy_seconds, device_wait_share  # noqa: E402
 
-IMAGE_HW = (480, 640)
-PROMPT = "a small brown dog chases a red ball across grass"  # 10 words, as benchmarks/speed.py
-WORKLOADS = {"prompt": (PROMPT,), "coco80": tuple(COCO_CATEGORIES.values())}
+WORKLOADS = workloads()
 
 
 def clocked(tclip: TCLIP, clock: DeviceClock) -> None:
@@ -63,9 +56,8 @@ def measure(tclip: TCLIP, images: list, prompts, batch_size: int) -> dict:
     overlapped = time.perf_counter() - start
     del tclip.__dict__["jitted_maps"]
     spans = clock.stop()
-    previous_finish = [spans[0][0]] + [finish for _, finish in spans[:-1]]
-    device = sum(finish - max(dispatched, previous) for (dispatched, finish), previous in zip(spans, previous_finish))
-    return {"maps": len(encoded.queries), "serial": serial, "overlapped": overlapped, "device": device,
+    return {"maps": len(encoded.queries), "serial": serial, "overlapped": overlapped,
+            "device": device_busy_seconds(spans),
             "wait": device_wait_share(spans), "batches": len(spans)}
 
 
@@ -77,10 +69,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args(argv)
     load_before = load_average()
-    config = PRESETS["ViT-B/32"]
-    clip = LoadedClip(CLIP(config), init_params(config, 0), default_tokenizer(), "tclip", "random ViT-B/32 (seed 0)")
-    tclip = TCLIP(clip, Settings(translations=25, input_protocol="whole"))
-    images = [make_scene(HELDOUT_SEED_START + i, IMAGE_HW).image for i in range(args.images)]
+    tclip = timed_tclip()
+    images = [photo_like_image(i) for i in range(args.images)]
     rows = []
     for name in args.workloads:
         r = measure(tclip, images, WORKLOADS[name], args.batch_size)

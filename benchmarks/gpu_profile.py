@@ -27,26 +27,24 @@ import json
 import pathlib
 import sys
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (RESULTS_PATH, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, today, write_section)
+from benchmarks._common import (PROMPT, RESULTS_PATH, command_line, load_average,  # noqa: E402
+                                machine_description, markdown_table, median_seconds, timed_tclip, today,
+                                workloads, write_section)
 from tclip_jax.checkpoints.load import LoadedClip  # noqa: E402
-from tclip_jax.evaluation.datasets.coco import COCO_CATEGORIES  # noqa: E402
 from tclip_jax.image import to_original  # noqa: E402
-from tclip_jax.methods.tclip import TCLIP, Settings  # noqa: E402
+from tclip_jax.methods.tclip import TCLIP  # noqa: E402
 from tclip_jax.methods.tclip.relevance import translated_patch_embeddings  # noqa: E402
 from tclip_jax.model import CLIP, PRESETS, CLIPConfig, init_params  # noqa: E402
 from tclip_jax.model.tokenizer import default_tokenizer  # noqa: E402
 from tclip_jax.postprocess.soft import soft_maps_and_boxes  # noqa: E402
 from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene  # noqa: E402
 
-PROMPT = "a small brown dog chases a red ball across grass"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SMOKE_CONFIG = CLIPConfig(embed_dim=32, image_size=64, patch_size=16, vision_width=64, vision_layers=2,
                           vision_heads=2, vision_mlp_dim=128, vocab_size=49408, context_length=77, text_width=64,
@@ -65,28 +63,17 @@ class Plan:
 
 def full_plan(args) -> Plan:
     return Plan(tuple(args.models), tuple(args.batches),
-                {"1 prompt": (PROMPT,), "80 COCO prompts": tuple(COCO_CATEGORIES.values())},
+                {"1 prompt": (PROMPT,), "80 COCO prompts": workloads()["coco80"]},
                 (480, 640), args.repeats, args.explain_images)
 
 
 def smoke_plan() -> Plan:
-    return Plan(("tiny",), (1, 2), {"1 prompt": (PROMPT,), "5 COCO prompts": tuple(COCO_CATEGORIES.values())[:5]},
+    return Plan(("tiny",), (1, 2), {"1 prompt": (PROMPT,), "5 COCO prompts": workloads()["coco80"][:5]},
                 (96, 128), 1, 2)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def build(config: CLIPConfig, params, dtype, name: str) -> TCLIP:
-    clip = LoadedClip(CLIP(config, dtype=dtype), params, default_tokenizer(), "tclip", f"random {name}")
-    return TCLIP(clip, Settings(translations=25, input_protocol="whole"))
+    return timed_tclip(LoadedClip(CLIP(config, dtype=dtype), params, default_tokenizer(), "tclip", f"random {name}"))
 
 
 def profile(plan: Plan, configs: dict[str, CLIPConfig], images: list[np.ndarray], deadline: float) -> list[dict]:
@@ -125,15 +112,16 @@ def measure(tclip: TCLIP, prompts, images: list[np.ndarray], batch: int, plan: P
     pixels = np.stack([p for _, p, _ in loaded])
     rows = np.broadcast_to(np.arange(len(encoded.queries), dtype=np.int32), (batch, len(encoded.queries)))
     device_maps = lambda: tclip.jitted_maps(tclip.params, pixels, encoded.queries, rows).maps  # noqa: E731
-    device = median_seconds(lambda: jax.block_until_ready(device_maps()), plan.repeats) / batch
+    device = median_seconds(lambda: jax.block_until_ready(device_maps()), plan.repeats)[0] / batch
     floor = median_seconds(lambda: translated_patch_embeddings(tclip.clip.model, tclip.clip.params, pixels,
-                                                               tclip.offsets).block_until_ready(), plan.repeats) / batch
+                                                               tclip.offsets).block_until_ready(), plan.repeats)[0] / batch
     maps = np.asarray(device_maps())
     first, geometry = maps[0], loaded[0][2]
-    host = median_seconds(lambda: soft_maps_and_boxes(to_original(first, geometry)), plan.repeats)
+    host = median_seconds(lambda: soft_maps_and_boxes(to_original(first, geometry)), plan.repeats)[0]
     count = max(plan.explain_images, batch)
     explain_images = [images[i % len(images)] for i in range(count)]
-    explain = median_seconds(lambda: list(tclip.explain_batch(explain_images, encoded, batch_size=batch)), 1) / count
+    explain = median_seconds(lambda: list(tclip.explain_batch(explain_images, encoded, batch_size=batch)),
+                             1)[0] / count
     row = {"batch": batch, "maps": len(encoded.queries), "device_ms": device * 1e3, "floor_ms": floor * 1e3,
            "host_ms": host * 1e3, "explain_ms": explain * 1e3, "explain_over_floor": explain / floor, "skipped": False}
     return row, [to_original(m, g) for m, (_, _, g) in zip(maps, loaded)]

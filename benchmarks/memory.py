@@ -17,10 +17,9 @@ import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
-                                today, write_section)
+from benchmarks._common import (IMAGE_HW, command_line, load_average, machine_description,  # noqa: E402
+                                markdown_table, photo_like_image, timed_tclip, today, write_section)
 
-IMAGE_HW = (480, 640)
 CLASSES = pathlib.Path(__file__).resolve().parents[1] / "tclip_jax/evaluation/datasets/data/imagenet_classes.tsv"
 
 
@@ -37,17 +36,7 @@ def single_words(count: int) -> list[str]:
 
 
 def measure(count: int) -> dict:
-    from tclip_jax.checkpoints.load import LoadedClip
-    from tclip_jax.methods.tclip import TCLIP, Settings
-    from tclip_jax.model import CLIP, PRESETS, init_params
-    from tclip_jax.model.tokenizer import default_tokenizer
-    from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene
-
-    config = PRESETS["ViT-B/32"]
-    clip = LoadedClip(CLIP(config), init_params(config, 0), default_tokenizer(), "tclip", "random ViT-B/32")
-    tclip = TCLIP(clip, Settings(translations=25, input_protocol="whole"))
-    image = make_scene(HELDOUT_SEED_START, IMAGE_HW).image
-    result = tclip.explain(image, single_words(count))
+    result = timed_tclip().explain(photo_like_image(0), single_words(count))
     arrays = {}
     for prompt in result.prompts:
         for item in (*prompt.word_maps, prompt.phrase):

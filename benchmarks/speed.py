@@ -35,25 +35,20 @@ import transformers
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (RESULTS_PATH, command_line, interleaved_medians, load_average,  # noqa: E402
-                                machine_description, markdown_table, today, write_section)
-from tclip_jax.evaluation.datasets import COCO_CATEGORIES  # noqa: E402
+from benchmarks._common import (IMAGE_HW, RESULTS_PATH, command_line, interleaved_medians,  # noqa: E402
+                                load_average, machine_description, markdown_table, photo_like_image, timed_tclip,
+                                today, workloads, write_section)
 from tclip_jax.checkpoints.load import LoadedClip  # noqa: E402
-from tclip_jax.methods.tclip import TCLIP, Settings  # noqa: E402
 from tclip_jax.methods.tclip.relevance import aggregate_maps, translated_patch_embeddings  # noqa: E402
 from tclip_jax.methods.tclip.translations import translated_copies  # noqa: E402
 from tclip_jax.model import CLIP, PRESETS, to_hf_config  # noqa: E402
 from tclip_jax.postprocess.boxes import heatmap_box  # noqa: E402
 from tclip_jax.postprocess.soft import soft_map  # noqa: E402
 from tclip_jax.image import to_original, whole_image  # noqa: E402
-from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene  # noqa: E402
 from tclip_jax.model.tokenizer import default_tokenizer  # noqa: E402
 from tclip_jax.checkpoints.convert import convert_state_dict  # noqa: E402
 
-IMAGE_HW = (480, 640)
-PROMPT = "a small brown dog chases a red ball across grass"  # 10 words
-COCO_CLASSES = tuple(COCO_CATEGORIES.values())  # the 80 class names
-WORKLOADS = {"prompt": (PROMPT,), "coco80": COCO_CLASSES}
+WORKLOADS = workloads()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +72,6 @@ def build_models(seed: int, torch_device: str) -> tuple[transformers.CLIPModel, 
     clip = LoadedClip(CLIP(config), convert_state_dict(state, config, "hf"), default_tokenizer(), "hf",
                       f"random ViT-B/32 (torch seed {seed})")
     return hf.to(torch_device), clip
-
-
-def photo_like_image(seed: int) -> np.ndarray:
-    """A 640x480 textured synthetic scene (uint8 RGB)."""
-    return make_scene(HELDOUT_SEED_START + seed, IMAGE_HW).image
 
 
 def flat_maps(result) -> list[MapOut]:
@@ -272,7 +262,7 @@ def main(argv=None) -> None:
 def run(args) -> None:
     load_before = load_average()
     hf, clip = build_models(0, args.torch_device)
-    tclip = TCLIP(clip, Settings(translations=25, input_protocol="whole"))
+    tclip = timed_tclip(clip)
     image = photo_like_image(0)
     copies = np.array(translated_copies(whole_image(image, 224)[0], tclip.offsets))
     rows = [run_workload(name, WORKLOADS[name], image, hf, tclip, copies, args) for name in args.workloads]
