@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import sys
@@ -52,13 +53,18 @@ def one_object_scenes(count: int, start: int, size: int = 224) -> tuple[np.ndarr
     return np.stack([s.image for s in scenes]), labels, scenes
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def encode_images(model: CLIP, params, images: jax.Array):
+    """The image tower's output for uint8 images [B, H, W, 3] (compiled once per model and shape)."""
+    return model.apply({"params": params}, clip_normalize(images), method="encode_image")
+
+
 def tower_features(model: CLIP, params, images: np.ndarray, scenes: list, chunk: int = 100) -> dict[str, np.ndarray]:
     """Per image: class-token embedding, mean patch token after ln_post, projected patch token at the object's
     centre (the grid cell holding the centroid of its mask)."""
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, clip_normalize(x), method="encode_image"))
     features: dict[str, list] = {"class_embedding": [], "mean_patch": [], "centre_patch": []}
     for start in range(0, len(images), chunk):
-        out = encode(params, images[start:start + chunk])
+        out = encode_images(model, params, images[start:start + chunk])
         grid_h, grid_w = out.grid
         tokens = np.asarray(out.tokens)
         features["class_embedding"].append(np.asarray(out.embeds))
@@ -100,8 +106,7 @@ def supervised(config: train_default.TrainConfig, label: str, steps: int, batch_
     state = tx.init(params)
 
     def logits(p, images):
-        embeds = model.apply({"params": p["clip"]}, clip_normalize(images), method="encode_image").embeds
-        return embeds @ p["head"]
+        return encode_images(model, p["clip"], images).embeds @ p["head"]
 
     def loss(p, images, targets):
         return optax.softmax_cross_entropy_with_integer_labels(logits(p, images), targets).mean()
