@@ -441,6 +441,44 @@ def test_em_then_newton_reaches_plain_ems_fixed_point():
         np.testing.assert_allclose(fitted[:, q], reference, atol=1e-8)
 
 
+def _smoothed_noise(seed: int, shape=(48, 64)) -> np.ndarray:
+    """A nearly Gaussian, unimodal map: EM from the Otsu start crawls past a saddle (thousands of steps)."""
+    return ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(shape), 2.0).astype(np.float32)
+
+
+def test_squarem_reaches_plain_ems_fixed_point_on_maps_where_em_crawls():
+    points, weights, theta = _quadrature([_smoothed_noise(seed) for seed in (0, 4, 5)])
+    fitted, steps, converged = gmm_module.fit_points(points, weights, theta)
+    assert converged.all()
+    for q in range(points.shape[0]):
+        reference = _plain_em(points[q], weights[q], theta[:, q], steps=40000)
+        assert np.abs(_plain_em(points[q], weights[q], reference, steps=1) - reference).max() < 1e-9  # at rest
+        np.testing.assert_allclose(fitted[:, q], reference, atol=1e-6)
+    # the accelerated cycles took over: plain EM needs 4,000-11,000 steps on these maps
+    assert steps.max() < 3000 and (steps > gmm_module.SQUAREM_AFTER).all()
+
+
+def _mixture_log_likelihood(points, weights, theta):
+    """Weighted log-likelihood per map with scipy's normal densities; theta [5, Q] as in gmm.py."""
+    lw, m1, lv1, m2, lv2 = (row[:, None] for row in theta)
+    w1 = 1.0 / (1.0 + np.exp(-lw))
+    density = (w1 * stats.norm.pdf(points, m1, np.exp(0.5 * lv1))
+               + (1 - w1) * stats.norm.pdf(points, m2, np.exp(0.5 * lv2)))
+    return (weights * np.log(density)).sum(1)
+
+
+def test_squarem_cycle_never_lowers_the_likelihood():
+    points, weights, theta = _quadrature([_smoothed_noise(seed) for seed in range(6)])
+    data = gmm_module._Points(points, weights)
+    for _ in range(20):
+        f, _ = gmm_module.em_map(theta, data)
+        after, _, evaluations = gmm_module.squarem_cycle(theta, f, data)
+        gain = _mixture_log_likelihood(points, weights, after) - _mixture_log_likelihood(points, weights, theta)
+        assert (gain >= -1e-12).all()
+        assert (evaluations >= 3).all()
+        theta = after
+
+
 # ---------------------------------------------------------------- boxes and Otsu vs OpenCV, explicit loops
 
 

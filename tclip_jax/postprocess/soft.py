@@ -154,8 +154,9 @@ def _fits(values: Sequence[np.ndarray], stats: Sequence[_MapStats]) -> list[GmmF
     with SINGLE_THREADED_BLAS:  # re-entrant: the callers may hold it already
         params = _gmm.fit_histograms(hists)
     if not params.converged.all():
-        warnings.warn(f"{int((~params.converged).sum())} GMM fit(s) stopped after {_gmm.MAX_STEPS} EM steps "
-                      "without converging; their tau comes from the last step", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{int((~params.converged).sum())} GMM fit(s) stopped after {_gmm.MAX_STEPS} EM-map "
+                      "evaluations without converging; their tau comes from the last step", RuntimeWarning,
+                      stacklevel=3)
     for row, i in enumerate(varying):
         means = (float(params.means[row, 0]), float(params.means[row, 1]))
         stds = (float(params.stds[row, 0]), float(params.stds[row, 1]))
