@@ -197,6 +197,7 @@ def test_to_original_agrees_with_point_mapping(protocol, shape_hw):
     ramps = np.stack([np.tile(centres, (224, 1)), np.tile(centres[:, None], (1, 224))]) - 100.0
     resampled = to_original(ramps, geometry)
     assert resampled.shape == (2, height, width) and resampled.dtype == np.float32
+    assert resampled.flags.writeable  # with or without a crop the caller owns the maps
     grid_x, grid_y = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
     model_xy = points_to_model(np.stack([grid_x, grid_y], axis=-1), geometry)
     inside = np.all((model_xy >= 0) & (model_xy <= 224), axis=-1)

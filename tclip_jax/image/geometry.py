@@ -65,8 +65,10 @@ def to_original(heatmap, geometry: Geometry, fill: float | Literal["min"] = "min
         centres = scale * (np.arange(original) + 0.5) + shift
         inside.append((centres >= 0) & (centres <= grid))
     resampled = np.asarray(resample_jit(heatmap, *taps))
+    if inside[0].all() and inside[1].all():  # no crop: nothing to fill; one copy, writable like the filled maps
+        return np.array(resampled)
     fill_value = np.min(heatmap, axis=(-2, -1), keepdims=True) if fill_with_min else np.float32(fill)
-    return np.where(inside[0][:, None] & inside[1][None, :], resampled, fill_value).astype(np.float32)
+    return np.where(inside[0][:, None] & inside[1][None, :], resampled, fill_value).astype(np.float32, copy=False)
 
 
 def points_to_model(points_xy: np.ndarray, geometry: Geometry) -> np.ndarray:
