@@ -219,10 +219,14 @@ def test_settings_round_trip_and_follow_the_scale_fractions():
         {"trim": 0.1, "sigma": None, "scale_fractions": (0.5,)}
 
 
-@pytest.mark.filterwarnings("ignore:.*GMM fit\\(s\\) stopped:RuntimeWarning")  # the noise image's maps
-def test_explain_batch_overlaps_the_host_step_with_the_next_batch_and_equals_explain(no_translation, fixture_images,
-                                                                                      monkeypatch):
-    """Batch i+1 is dispatched to the device before batch i's host step; results equal one image at a time."""
+@pytest.mark.parametrize("overlap, order", [
+    (True, ["device", "device", "host", "host", "device", "host", "host", "host"]),
+    (False, ["device", "host", "host", "device", "host", "host", "device", "host"]),
+])
+def test_explain_batch_overlaps_on_request_and_equals_explain(no_translation, fixture_images, monkeypatch,
+                                                              overlap, order):
+    """With overlap (the default), batch i+1 is dispatched to the device before batch i's host step; without,
+    after it. Results equal one image at a time either way."""
     images = [list(fixture_images.values())[i % len(fixture_images)] for i in range(5)]
     alone = [no_translation.explain(image, PROMPTS) for image in images]
     events = []
@@ -230,10 +234,18 @@ def test_explain_batch_overlaps_the_host_step_with_the_next_batch_and_equals_exp
     jitted, host_step = method.jitted_maps, method._image_result
     monkeypatch.setattr(method, "jitted_maps", lambda *a: events.append("device") or jitted(*a), raising=False)
     monkeypatch.setattr(method, "_image_result", lambda *a: events.append("host") or host_step(*a))
-    batched = list(method.explain_batch(images, PROMPTS, batch_size=2))
-    assert events == ["device", "device", "host", "host", "device", "host", "host", "host"]
+    options = {} if overlap else {"overlap": False}
+    batched = list(method.explain_batch(images, PROMPTS, batch_size=2, **options))
+    assert events == order
     for one, many in zip(alone, batched, strict=True):
         for p, q in zip(one.prompts, many.prompts, strict=True):
             for a, b in zip(p.word_maps + (p.phrase,), q.word_maps + (q.phrase,), strict=True):
                 np.testing.assert_allclose(b.heatmap, a.heatmap, atol=1e-6)
                 assert b.box == a.box
+
+
+@pytest.mark.parametrize("bad, message", [({"batch_size": 0}, "batch_size must be a positive integer"),
+                                          ({"overlap": "yes"}, "overlap must be True or False")])
+def test_explain_batch_rejects_bad_options(no_translation, fixture_images, bad, message):
+    with pytest.raises(ValueError, match=message):
+        next(no_translation.explain_batch(list(fixture_images.values())[:1], PROMPTS, **bad))

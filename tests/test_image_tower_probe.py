@@ -55,3 +55,15 @@ def test_supervised_training_teaches_a_small_tower_colour():
     assert [r["step"] for r in records] == [60, 120]
     assert records[-1]["heldout_accuracy"] >= 3 / len(itp.LABELS["colour"])  # three times chance
     assert jax.numpy.isfinite(records[-1]["loss"])
+
+
+def test_scene_style_narrows_object_sizes_and_rejects_several_objects():
+    def extents(style):
+        _, _, scenes = itp.one_object_scenes(8, itp.PROBE_SEEDS, style=style)
+        return [max(np.ptp(np.nonzero(s.objects[0].mask)[0]), np.ptp(np.nonzero(s.objects[0].mask)[1])) + 1
+                for s in scenes]
+
+    assert min(extents(itp.EASY_OBJECTS)) >= 60
+    assert max(extents(itp.dataclasses.replace(itp.ONE_OBJECT, size_range=(24.0, 30.0)))) <= 40
+    with pytest.raises(ValueError, match="counts"):
+        itp.one_object_scenes(2, 0, style=itp.PLAIN_STYLE)

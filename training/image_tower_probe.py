@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python training/image_tower_probe.py probe tclip_jax/data/default_model [FOLDER ...] [--random]
     PYTHONPATH=. python training/image_tower_probe.py supervised --label shape --steps 400 [--set FIELD=VALUE ...]
+        [--object-sizes MIN MAX] [--backgrounds NAME ...] [--easy-steps N]
 
 `probe`: a checkpoint's image tower, frozen, on `one_object_scenes` (PLAIN_STYLE, exactly one object): a
 multinomial logistic regression (scikit-learn) per label and per feature, fitted on 1500 scenes, accuracy on 500
@@ -13,6 +14,8 @@ others. Features: the class-token embedding (CLIP's image embedding), the mean o
 from scratch with a linear head and cross-entropy on the label of one-object scenes (AdamW, warmup then cosine,
 batch 64), held-out accuracy on 300 scenes every 100 steps. It separates the objective from the architecture: if
 direct supervision does not teach the tower a label, no contrastive caption loss of the same length will.
+`--object-sizes` / `--backgrounds` narrow the scenes (training and held-out alike); `--easy-steps N` draws the
+first N training batches from `EASY_OBJECTS` (100-160 px objects on flat backgrounds), a curriculum.
 
 Chance: 1/7 for shape (7 shapes), 1/6 for colour. Prints one JSON line per model or evaluation.
 """
@@ -37,17 +40,22 @@ import train_default  # noqa: E402
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.image import clip_normalize  # noqa: E402
 from tclip_jax.model import CLIP, init_params  # noqa: E402
-from tclip_jax.synthetic import COLOURS, HELDOUT_SEED_START, PLAIN_STYLE, SHAPES, make_scene  # noqa: E402
+from tclip_jax.synthetic import (BACKGROUNDS, COLOURS, HELDOUT_SEED_START, PLAIN_STYLE, SHAPES, Style,  # noqa: E402
+                                 make_scene)
 
 LABELS = {"shape": tuple(SHAPES), "colour": tuple(COLOURS)}
 ONE_OBJECT = dataclasses.replace(PLAIN_STYLE, counts=(1,), count_weights=(1.0,))
+EASY_OBJECTS = dataclasses.replace(ONE_OBJECT, size_range=(100.0, 160.0), backgrounds=("flat",))
 PROBE_SEEDS = HELDOUT_SEED_START + 3_000_000   # probe scenes: their own held-out stream
 SUPERVISED_TEST_SEEDS = HELDOUT_SEED_START + 5_000_000
 
 
-def one_object_scenes(count: int, start: int, size: int = 224) -> tuple[np.ndarray, dict[str, np.ndarray], list]:
+def one_object_scenes(count: int, start: int, size: int = 224, style: Style = ONE_OBJECT
+                      ) -> tuple[np.ndarray, dict[str, np.ndarray], list]:
     """Images [count, size, size, 3], label indices per label name, and the scenes (for their masks)."""
-    scenes = [make_scene(start + i, size, ONE_OBJECT) for i in range(count)]
+    if style.counts != (1,):
+        raise ValueError(f"one-object scenes need counts=(1,), got {style.counts}")
+    scenes = [make_scene(start + i, size, style) for i in range(count)]
     labels = {name: np.array([values.index(getattr(s.objects[0], name)) for s in scenes]) for name, values in
               LABELS.items()}
     return np.stack([s.image for s in scenes]), labels, scenes
@@ -95,8 +103,10 @@ def probe(model: CLIP, params, train_count: int = 1500, test_count: int = 500) -
 
 
 def supervised(config: train_default.TrainConfig, label: str, steps: int, batch_size: int = 64,
-               peak_learning_rate: float = 1e-3, test_count: int = 300, every: int = 100):
-    """Yields {step, loss, heldout_accuracy} every `every` steps of supervised training of the image tower."""
+               peak_learning_rate: float = 1e-3, test_count: int = 300, every: int = 100,
+               style: Style = ONE_OBJECT, easy_steps: int = 0):
+    """Yields {step, loss, heldout_accuracy} every `every` steps of supervised training of the image tower on
+    `style` scenes (the first `easy_steps` batches from `EASY_OBJECTS`); held out: `style` scenes."""
     clip_config = train_default.model_config(config)
     model = CLIP(clip_config)
     classes = len(LABELS[label])
@@ -118,10 +128,11 @@ def supervised(config: train_default.TrainConfig, label: str, steps: int, batch_
         return optax.apply_updates(p, updates), s, value
 
     predict = jax.jit(lambda p, images: jnp.argmax(logits(p, images), axis=-1))
-    test_images, test_labels, _ = one_object_scenes(test_count, SUPERVISED_TEST_SEEDS, config.image_size)
+    test_images, test_labels, _ = one_object_scenes(test_count, SUPERVISED_TEST_SEEDS, config.image_size, style)
     start = time.perf_counter()
     for index in range(steps):
-        images, labels, _ = one_object_scenes(batch_size, index * batch_size, config.image_size)
+        batch_style = EASY_OBJECTS if index < easy_steps else style
+        images, labels, _ = one_object_scenes(batch_size, index * batch_size, config.image_size, batch_style)
         params, state, value = step(params, state, images, labels[label])
         if (index + 1) % every == 0 or index + 1 == steps:
             accuracy = float((np.asarray(predict(params, test_images)) == test_labels[label]).mean())
@@ -140,6 +151,10 @@ def main() -> None:
     sup.add_argument("--steps", type=int, default=400)
     sup.add_argument("--learning-rate", type=float, default=1e-3)
     sup.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="TrainConfig overrides")
+    sup.add_argument("--object-sizes", nargs=2, type=float, metavar=("MIN", "MAX"),
+                     default=ONE_OBJECT.size_range, help="object extent range, pixels at 224 px")
+    sup.add_argument("--backgrounds", nargs="+", choices=BACKGROUNDS, default=ONE_OBJECT.backgrounds)
+    sup.add_argument("--easy-steps", type=int, default=0, help="first N batches from EASY_OBJECTS")
     args = parser.parse_args()
     if args.command == "probe":
         if not args.folders and not args.random:
@@ -152,7 +167,14 @@ def main() -> None:
             print(json.dumps({"model": "random", **probe(CLIP(config), init_params(config, 0))}), flush=True)
     else:
         config = dataclasses.replace(train_default.TrainConfig(), **train_default.parse_overrides(args.set))
-        for record in supervised(config, args.label, args.steps, peak_learning_rate=args.learning_rate):
+        low, high = args.object_sizes
+        if not 0 < low <= high:
+            parser.error(f"--object-sizes needs 0 < MIN <= MAX, got {low:g} {high:g}")
+        if args.easy_steps < 0:
+            parser.error(f"--easy-steps must be >= 0, got {args.easy_steps}")
+        style = dataclasses.replace(ONE_OBJECT, size_range=(low, high), backgrounds=tuple(args.backgrounds))
+        for record in supervised(config, args.label, args.steps, peak_learning_rate=args.learning_rate, style=style,
+                                 easy_steps=args.easy_steps):
             print(json.dumps({"label": args.label, **record}), flush=True)
 
 

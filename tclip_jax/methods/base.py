@@ -279,19 +279,25 @@ class Method(abc.ABC):
         return next(self.explain_batch([image], prompts))
 
     def explain_batch(self, images: Sequence[ImageLike], prompts: str | Sequence[str] | EncodedPrompts,
-                      batch_size: int = 4) -> Iterator[ImageResult]:
+                      batch_size: int = 4, overlap: bool = True) -> Iterator[ImageResult]:
         """Yields one ImageResult per image; the prompts are encoded once for all images.
 
-        The device work of each batch is dispatched (asynchronously) before the host step of the batch before it,
-        so decoding and the host step overlap the device."""
+        With ``overlap`` (default) the device work of each batch is dispatched (asynchronously) before the host
+        step of the batch before it, so decoding and the host step run while the device computes; without, each
+        batch's host step comes first (benchmarks/explain_overlap.py compares the two)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {overlap!r}")
         encoded = prompts if isinstance(prompts, EncodedPrompts) else self.encode_prompts(prompts)
         rows = np.arange(len(encoded.queries), dtype=np.int32)
         pending = None
         for start in range(0, len(images), batch_size):
             loaded = [self.preprocess(image) for image in images[start:start + batch_size]]
             pixels = np.stack([p for _, p, _ in loaded])
+            if pending is not None and not overlap:
+                yield from self._batch_results(encoded, *pending)
+                pending = None
             out = self.jitted_maps(self.params, pixels, encoded.queries, np.broadcast_to(rows, (len(loaded), len(rows))))
             if pending is not None:
                 yield from self._batch_results(encoded, *pending)

@@ -337,8 +337,8 @@ def squarem_cycle(theta: np.ndarray, f: np.ndarray, data: _Points) -> tuple[np.n
 
 
 def fit_points(points: np.ndarray, weights: np.ndarray, theta: np.ndarray, tol: float = TOL,
-               newton_switch: float = NEWTON_SWITCH, max_steps: int = MAX_STEPS
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               newton_switch: float = NEWTON_SWITCH, max_steps: int = MAX_STEPS,
+               squarem_after: float = SQUAREM_AFTER) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs EM, then Newton on EM's fixed-point equation, from ``theta`` [5, Q] until the residual is < tol.
 
     Maps whose residual |F(theta) - theta| is >= ``newton_switch`` take ``EM_RUN`` EM steps. Below it, the EM
@@ -346,11 +346,11 @@ def fit_points(points: np.ndarray, weights: np.ndarray, theta: np.ndarray, tol: 
     maximum, not near a saddle) the Newton step theta + t (I - J)^-1 (F(theta) - theta) is tried with t = 1,
     then with t = 1/2, 1/4, 1/8 together; the first (smallest-residual) one that shrinks the residual is
     kept; otherwise the map takes ``EM_RUN`` EM steps before the next try, or, once it has used
-    ``SQUAREM_AFTER`` EM-map evaluations, one `squarem_cycle`. EM alone converges to the same fixed point,
-    linearly; near a fixed point with a slow rate (hundreds of EM steps on some maps) Newton takes a few steps,
-    and past a saddle where EM crawls (thousands) SQUAREM does. A map stops after ``max_steps`` evaluations.
-    Returns (F(theta) at the last iterate, i.e. one more EM step as scikit-learn ends
-    with, [5, Q]; EM-map evaluations per map [Q]; converged [Q]).
+    ``squarem_after`` EM-map evaluations, one `squarem_cycle` (``math.inf``: plain EM throughout). EM alone
+    converges to the same fixed point, linearly; near a fixed point with a slow rate (hundreds of EM steps on
+    some maps) Newton takes a few steps, and past a saddle where EM crawls (thousands) SQUAREM does. A map
+    stops after ``max_steps`` evaluations. Returns (F(theta) at the last iterate, i.e. one more EM step as
+    scikit-learn ends with, [5, Q]; EM-map evaluations per map [Q]; converged [Q]).
     """
     data = _Points(points, weights)
     q = points.shape[0]
@@ -398,7 +398,7 @@ def fit_points(points: np.ndarray, weights: np.ndarray, theta: np.ndarray, tol: 
                 if not idx.size:
                     break
         em = np.nonzero(~accepted)[0]
-        is_slow = steps[active[em]] >= SQUAREM_AFTER
+        is_slow = steps[active[em]] >= squarem_after
         slow, em = em[is_slow], em[~is_slow]
         if slow.size:  # one SQUAREM cycle each
             th[:, slow], fa[:, slow], evaluations = squarem_cycle(th[:, slow], fa[:, slow], sub.take(slow))
