@@ -415,9 +415,8 @@ NOTES = """How the new host step works (details in the module docstrings of `tcl
   run to its fixed point: EM steps until the residual is below 1e-3, then Newton steps on the fixed-point
   equation with the EM map's analytic Jacobian where EM contracts (spectral radius < 1), each kept only if
   it shrinks the residual; stop at a residual of 1e-8. Where plain EM still crawls after 500 evaluations
-  (nearly unimodal maps), SQUAREM cycles take over (section 'GMM fits where EM crawls'; added 2026-12-01,
-  after these runs: it changes no map that converges within 500 evaluations). Deterministic (no seed). tau
-  and the fallbacks as before.
+  (nearly unimodal maps), SQUAREM cycles take over (section 'GMM fits where EM crawls'); maps that converge
+  within 500 evaluations never reach them. Deterministic (no seed). tau and the fallbacks as before.
 - Why converged: scikit-learn's default stop (log-likelihood gain < 1e-3 per value) leaves EM far from its
   fixed point on these maps ('sklearn defaults - reference' above); the fit on all values that the issue asks
   for is only well defined at the fixed point.
