@@ -24,7 +24,7 @@ the likelihood where EM's rate is ~1: plain EM needs 5,000 to 75,000 steps there
 EM map expands along the escape direction). Maps still unconverged after ``SQUAREM_AFTER`` evaluations take
 SQUAREM cycles (Varadhan & Roland 2008, scheme S3) whose extrapolation length is cut back until the likelihood
 does not drop, plain EM being the last resort; on the maps where this was measured (benchmarks/RESULTS.md) they
-reach plain EM's fixed point in 5-15x fewer evaluations.
+reach plain EM's fixed point in 5-30x fewer evaluations.
 
 scikit-learn's default stopping rule (an absolute change of the mean log-likelihood below 1e-3) stops EM
 long before its fixed point on these maps: tau moves by up to ~2 % of the map's range after that point. The
