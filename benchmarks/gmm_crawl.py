@@ -6,8 +6,8 @@ Maps: TCLIP K = 25 on random ViT-B/32 weights (`timed_tclip`), the 80 COCO class
 as `soft_maps_and_boxes` receives them. On such nearly unimodal maps EM from the Otsu start passes a saddle of
 the likelihood where its rate is ~1. Per image, all its maps are fitted in one batched call (as the host step
 does) three ways:
-- plain: `fit_points(..., squarem_after=inf, max_steps=200000)`, the reference fixed point;
-- default: `fit_points` as shipped;
+- plain: `fit_histograms(..., squarem_after=inf, max_steps=200000)`, the reference fixed point;
+- default: `fit_histograms` as shipped;
 - capped: plain EM stopped at 5,000 evaluations (the previous default).
 'crawling' maps are those plain EM needs more than `SQUAREM_AFTER` evaluations for; tau differences are in
 units of the map's range. Times: median of `--rounds` rounds, the variants interleaved, one thread.
@@ -49,19 +49,11 @@ def image_histograms(tclip, encoded, image: np.ndarray) -> gmm.MapHistograms:
     return gmm.MapHistograms(counts, lo, hi)
 
 
-def taus(hists: gmm.MapHistograms, theta: np.ndarray, center: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """tau per map from fitted standardized parameters (as `fit_histograms` + `gaussian_intersection`)."""
-    lw, m1, lv1, m2, lv2 = theta
-    w1 = 1.0 / (1.0 + np.exp(-lw))
-    out = []
-    for q in range(theta.shape[1]):
-        means = (center[q] + scale[q] * m1[q], center[q] + scale[q] * m2[q])
-        stds = (scale[q] * math.exp(0.5 * lv1[q]), scale[q] * math.exp(0.5 * lv2[q]))
-        order = np.argsort(means, kind="stable")
-        tau = gaussian_intersection(tuple(np.take(means, order)), tuple(np.take(stds, order)),
-                                    tuple(np.take([w1[q], 1 - w1[q]], order)))
-        out.append(np.nan if tau is None else tau)
-    return np.array(out)
+def taus(params: gmm.MixtureParams) -> np.ndarray:
+    """tau per map, as the host step takes it from the fitted components (NaN where they do not cross)."""
+    out = [gaussian_intersection(tuple(m), tuple(sd), tuple(w))
+           for m, sd, w in zip(params.means, params.stds, params.weights)]
+    return np.array([np.nan if tau is None else tau for tau in out])
 
 
 def main() -> None:
@@ -76,18 +68,16 @@ def main() -> None:
     rows, totals = [], {name: 0.0 for name in VARIANTS}
     for index in range(args.images):
         hists = image_histograms(tclip, encoded, photo_like_image(index))
-        points, weights, moments, center, scale = gmm.quadrature_points(hists)
-        start = gmm.initial_params(moments)
         results, times = {}, {name: [] for name in VARIANTS}
         with SINGLE_THREADED_BLAS:
             for _ in range(args.rounds):
                 for name, options in VARIANTS.items():
                     began = time.perf_counter()
-                    results[name] = gmm.fit_points(points, weights, start, **options)
+                    results[name] = gmm.fit_histograms(hists, **options)
                     times[name].append(time.perf_counter() - began)
         span = hists.hi - hists.lo
-        tau = {name: taus(hists, theta, center, scale) for name, (theta, _, _) in results.items()}
-        plain_steps = results["plain"][1]
+        tau = {name: taus(params) for name, params in results.items()}
+        plain_steps = results["plain"].steps
         crawling = plain_steps > gmm.SQUAREM_AFTER
         median = {name: float(np.median(t)) for name, t in times.items()}
         for name in VARIANTS:
@@ -98,9 +88,8 @@ def main() -> None:
 
         rows.append([index, len(span), int(crawling.sum()),
                      f"{int(plain_steps[crawling].max()) if crawling.any() else '-'}",
-                     f"{int(results['default'][1][crawling].max()) if crawling.any() else '-'}",
-                     f"{int(results['plain'][2].sum())} / {int(results['default'][2].sum())} / "
-                     f"{int(results['capped'][2].sum())}",
+                     f"{int(results['default'].steps[crawling].max()) if crawling.any() else '-'}",
+                     " / ".join(str(int(results[name].converged.sum())) for name in VARIANTS),
                      f"{gap('default'):.1e}", f"{gap('capped'):.1e}",
                      f"{median['plain']:.2f} s", f"{median['default']:.2f} s", f"{median['capped']:.2f} s"])
         print(rows[-1], flush=True)

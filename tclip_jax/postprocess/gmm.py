@@ -426,10 +426,11 @@ def fit_points(points: np.ndarray, weights: np.ndarray, theta: np.ndarray, tol: 
     return f, steps, converged
 
 
-def fit_histograms(hists: MapHistograms) -> MixtureParams:
-    """Fits every map of ``hists``; the components are returned in the maps' units, sorted by mean."""
+def fit_histograms(hists: MapHistograms, **fit_options) -> MixtureParams:
+    """Fits every map of ``hists`` (``fit_options``: `fit_points`' keywords); the components are returned in the
+    maps' units, sorted by mean."""
     points, weights, moments, center, scale = quadrature_points(hists)
-    theta, steps, converged = fit_points(points, weights, initial_params(moments))
+    theta, steps, converged = fit_points(points, weights, initial_params(moments), **fit_options)
     lw, m1, lv1, m2, lv2 = theta
     w1 = expit(lw)
     means = center[:, None] + scale[:, None] * np.stack([m1, m2], 1)
