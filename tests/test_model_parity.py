@@ -131,3 +131,66 @@ def test_preset_parameter_count_matches_transformers(name):
     with torch.device("meta"):  # shapes only, nothing allocated
         hf = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(PRESETS[name])))
     assert parameter_count(PRESETS[name]) == sum(p.numel() for p in hf.parameters())
+
+
+class _QuickGELU(torch.nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (48, 96)])
+def test_convolutional_stem_matches_pytorch_convolutions(height, width):
+    """stem_channels: transformers' image tower with its patch embedding replaced by PyTorch's Conv2d(3, stride 2,
+    padding 1) + QuickGELU layers and a (patch / 4)-sized patch convolution gives every hidden state we give."""
+    channels = (8, 16)
+    config = dataclasses.replace(SMALL, stem_channels=channels)
+    model = hf_model(SMALL)
+    params = convert_state_dict(hf_state_dict(model), SMALL, "hf")
+    torch.manual_seed(1)
+    layers, previous = [], 3
+    for out in channels:
+        layers += [torch.nn.Conv2d(previous, out, 3, stride=2, padding=1), _QuickGELU()]
+        previous = out
+    rest = SMALL.patch_size // 4
+    layers.append(torch.nn.Conv2d(previous, SMALL.vision_width, rest, stride=rest, bias=False))
+    stem = torch.nn.Sequential(*layers).eval()
+    stem.weight = layers[0].weight  # transformers reads the input dtype from patch_embedding.weight
+    model.vision_model.embeddings.patch_embedding = stem
+    hwio = lambda conv: conv.weight.detach().numpy().transpose(2, 3, 1, 0)
+    params["visual"]["patch_embed"]["kernel"] = hwio(layers[-1])
+    for i in range(len(channels)):
+        params["visual"][f"stem_{i}"] = {"kernel": hwio(layers[2 * i]), "bias": layers[2 * i].bias.detach().numpy()}
+    assert jax.tree_util.tree_map(np.shape, params) == jax.tree_util.tree_map(lambda s: s.shape, param_shapes(config))
+    images, _ = random_inputs(config, height, width)
+    with torch.no_grad():
+        ref = model.vision_model(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2), output_hidden_states=True,
+                                 interpolate_pos_encoding=(height, width) != (config.image_size,) * 2)
+    with jax.default_matmul_precision("highest"):
+        ours = CLIP(config).apply({"params": params}, images, True, method="encode_image")
+    for i, (a, b) in enumerate(zip(ours.residual_stream, ref.hidden_states)):
+        assert np.abs(np.asarray(a) - b.numpy()).max() < TOL, f"hidden state {i}"
+    assert ours.grid == (height // config.patch_size, width // config.patch_size)
+
+
+def test_a_stem_has_no_hugging_face_equivalent():
+    with pytest.raises(ValueError, match="convolutional stem"):
+        to_hf_config(dataclasses.replace(SMALL, stem_channels=(8,)))
+
+
+def test_stem_model_round_trips_through_a_checkpoint_folder(tmp_path):
+    from tclip_jax.checkpoints.folder import flatten, load_checkpoint, save_checkpoint
+    from tclip_jax.model import init_params
+
+    config = dataclasses.replace(SMALL, stem_channels=(8, 16))
+    params = init_params(config, 3)
+    save_checkpoint(tmp_path / "stem", params, config)
+    loaded, loaded_config, _ = load_checkpoint(tmp_path / "stem")
+    assert loaded_config == config and loaded_config.stem_channels == (8, 16)
+    assert flatten(loaded).keys() == flatten(params).keys() and "visual/stem_1/kernel" in flatten(loaded)
+
+
+@pytest.mark.parametrize("stem, message", [((0,), "positive integers"), ([8], "tuple"),
+                                           ((8, 8, 8, 8, 8), "not divisible by 2\\*\\*5")])
+def test_bad_stem_is_named(stem, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(SMALL, stem_channels=stem)

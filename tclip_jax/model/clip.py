@@ -186,7 +186,10 @@ class VisionTransformer(nn.Module):
 
     def setup(self):
         cfg = self.config
-        patch = (cfg.patch_size,) * 2
+        # Symmetric padding 1 halves even sides exactly, as PyTorch's Conv2d(3, stride=2, padding=1) would.
+        self.stem = [nn.Conv(channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                             param_dtype=jnp.float32) for channels in cfg.stem_channels]
+        patch = (cfg.patch_size // 2 ** len(cfg.stem_channels),) * 2
         self.patch_embed = nn.Conv(cfg.vision_width, patch, strides=patch, padding="VALID", use_bias=False,
                                    dtype=self.dtype, param_dtype=jnp.float32)
         init = nn.initializers.normal(cfg.vision_width**-0.5)
@@ -211,7 +214,10 @@ class VisionTransformer(nn.Module):
         height, width = images.shape[1:3]
         if height % cfg.patch_size or width % cfg.patch_size:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {cfg.patch_size}")
-        x = self.patch_embed(images.astype(self.dtype))
+        x = images.astype(self.dtype)
+        for conv in self.stem:
+            x = ACTIVATION_FNS[cfg.activation](conv(x))
+        x = self.patch_embed(x)
         batch, grid_h, grid_w, _ = x.shape
         x = x.reshape(batch, grid_h * grid_w, cfg.vision_width).astype(jnp.float32)
         positional = resize_positional_embedding(self.positional_embedding, (cfg.grid_size,) * 2, (grid_h, grid_w))

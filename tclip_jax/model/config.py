@@ -31,6 +31,10 @@ class CLIPConfig:
     # OpenAI checkpoints use QuickGELU; some OpenCLIP / HF checkpoints use exact GELU.
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    # Output channels of 3x3 stride-2 convolutions (each followed by `activation`) ahead of the patch embedding,
+    # which then covers patch_size / 2**len(stem_channels) of their output: Xiao et al. (2021)'s convolutional
+    # stem. () is the linear patch embedding of every released CLIP; the embedded models use a stem (their card).
+    stem_channels: tuple[int, ...] = ()
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -42,6 +46,12 @@ class CLIPConfig:
         if (isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float))
                 or not 0 < self.layer_norm_eps < 1):
             raise ValueError(f"layer_norm_eps must be a small positive number, got {self.layer_norm_eps!r}")
+        if not isinstance(self.stem_channels, tuple) or any(
+                isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.stem_channels):
+            raise ValueError(f"stem_channels must be a tuple of positive integers, got {self.stem_channels!r}")
+        if self.patch_size % 2 ** len(self.stem_channels):
+            raise ValueError(f"patch_size {self.patch_size} is not divisible by 2**{len(self.stem_channels)}, "
+                             f"the downsampling of the {len(self.stem_channels)} stride-2 stem convolutions")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         for width, heads, tower in ((self.vision_width, self.vision_heads, "vision"),
@@ -67,6 +77,8 @@ class CLIPConfig:
                          if cls.__dataclass_fields__[n].default is dataclasses.MISSING)
         if unknown or missing:
             raise ValueError(f"not a tclip_jax CLIPConfig: unknown keys {unknown}, missing keys {missing}")
+        if isinstance(values.get("stem_channels"), list):  # JSON has no tuples
+            values = {**values, "stem_channels": tuple(values["stem_channels"])}
         return cls(**values)
 
     def save(self, path: str | pathlib.Path) -> None:
@@ -146,6 +158,8 @@ def from_hf_config(hf: Mapping[str, Any]) -> CLIPConfig:
 
 def to_hf_config(config: CLIPConfig) -> dict[str, Any]:
     """The Hugging Face `CLIPModel` config dict with the same architecture (used by parity tests)."""
+    if config.stem_channels:
+        raise ValueError("a model with a convolutional stem (stem_channels) has no Hugging Face CLIPModel equivalent")
     return {
         "projection_dim": config.embed_dim,
         "logit_scale_init_value": 2.6592,
