@@ -14,8 +14,9 @@ others. Features: the class-token embedding (CLIP's image embedding), the mean o
 from scratch with a linear head and cross-entropy on the label of one-object scenes (AdamW, warmup then cosine,
 batch 64), held-out accuracy on 300 scenes every 100 steps. It separates the objective from the architecture: if
 direct supervision does not teach the tower a label, no contrastive caption loss of the same length will.
-`--object-sizes` / `--backgrounds` narrow the scenes (training and held-out alike); `--easy-steps N` draws the
-first N training batches from `EASY_OBJECTS` (100-160 px objects on flat backgrounds), a curriculum.
+`--set stem_channels=16,32,64` gives the tower a convolutional stem. `--object-sizes` / `--backgrounds` narrow the
+scenes (training and held-out alike); `--easy-steps N` draws the first N training batches from `EASY_OBJECTS`
+(100-160 px objects on flat backgrounds), a curriculum.
 
 Chance: 1/7 for shape (7 shapes), 1/6 for colour. Prints one JSON line per model or evaluation.
 """

@@ -2,7 +2,8 @@
 
 Architecture: `tclip_jax.model.CLIP` (OpenAI CLIP's, unchanged): pre-norm transformers, QuickGELU, 64-dim heads,
 MLP ratio 4, the CLIP BPE tokenizer with its 77-token context and 49408-token vocabulary. Only the widths, depths,
-patch size and input size are small (`TrainConfig`, `model_config`).
+patch size and input size are small (`TrainConfig`, `model_config`). `stem_channels` (recipe search; () in the
+shipped models) puts a convolutional stem ahead of the patch embedding, which no released CLIP has.
 
 Objectives (`--objective`):
 - ``clip``: CLIP's symmetric InfoNCE on the global embeddings (class token, end-of-text token) with CLIP's learned
@@ -95,6 +96,7 @@ class TrainConfig:
     # Model geometry, widths and depths (everything else is OpenAI CLIP's).
     image_size: int = 224
     patch_size: int = 32
+    stem_channels: tuple[int, ...] = ()  # CLIPConfig.stem_channels: () is CLIP's linear patch embedding
     embed_dim: int = 64
     vision_width: int = 128
     vision_layers: int = 4
@@ -109,7 +111,8 @@ def model_config(config: TrainConfig) -> CLIPConfig:
         vision_width=config.vision_width, vision_layers=config.vision_layers,
         vision_heads=config.vision_width // 64, vision_mlp_dim=4 * config.vision_width,
         vocab_size=49408, context_length=77, text_width=config.text_width, text_layers=config.text_layers,
-        text_heads=config.text_width // 64, text_mlp_dim=4 * config.text_width, activation="quick_gelu")
+        text_heads=config.text_width // 64, text_mlp_dim=4 * config.text_width, activation="quick_gelu",
+        stem_channels=config.stem_channels)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -327,7 +330,8 @@ def parse_overrides(items: list[str]) -> dict:
         if name not in fields:
             raise SystemExit(f"unknown TrainConfig field {name!r}")
         parse = {"int": int, "float": float, "str": str,
-                 "tuple[float, ...]": lambda text: tuple(float(v) for v in text.split(","))}[fields[name]]
+                 "tuple[float, ...]": lambda text: tuple(float(v) for v in text.split(",")),
+                 "tuple[int, ...]": lambda text: tuple(int(v) for v in text.split(",") if v)}[fields[name]]
         overrides[name] = parse(value)
     return overrides
 
