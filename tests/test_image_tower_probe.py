@@ -68,12 +68,3 @@ def test_scene_style_narrows_object_sizes_and_rejects_several_objects():
     with pytest.raises(ValueError, match="counts"):
         itp.one_object_scenes(2, 0, style=itp.PLAIN_STYLE)
 
-
-def test_overrides_give_the_training_tower_a_convolutional_stem():
-    config = itp.dataclasses.replace(train_default.TrainConfig(),
-                                     **train_default.parse_overrides(["stem_channels=16,32,64", "patch_size=32"]))
-    assert config.stem_channels == (16, 32, 64)
-    params = jax.eval_shape(lambda: itp.init_params(train_default.model_config(config), 0))["visual"]
-    assert [params[f"stem_{i}"]["kernel"].shape for i in range(3)] == [(3, 3, 3, 16), (3, 3, 16, 32), (3, 3, 32, 64)]
-    assert params["patch_embed"]["kernel"].shape == (4, 4, 64, config.vision_width)  # 32 px = 2**3 x 4
-    assert train_default.parse_overrides(["stem_channels="])["stem_channels"] == ()

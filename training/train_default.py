@@ -76,6 +76,7 @@ class TrainConfig:
     seed: int = 0                   # parameter initialisation
     steps: int = 900
     curriculum_steps: int = 0       # the first steps draw EASY_STYLE scenes, then TRAINING_STYLE (see the card)
+    curriculum_objects: int = 3     # curriculum scenes hold 1..curriculum_objects objects (EASY_STYLE's weights)
     batch_size: int = 64            # images: B/2 scenes and their variants
     negatives: int = 2              # hard-negative captions per scene
     # Caption phrase forms (colour+shape, shape+colour, shape only, colour only): TRAINING_STYLE's by default.
@@ -126,8 +127,14 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 def batch(config: TrainConfig, step: int) -> tuple[np.ndarray, list[str], list[str]]:
     """(images [B, S, S, 3] uint8, their B captions, hard-negative captions) of training step `step`."""
     pairs = config.batch_size // 2
-    style = dataclasses.replace(EASY_STYLE if step < config.curriculum_steps else TRAINING_STYLE,
-                                form_weights=config.form_weights)
+    if step < config.curriculum_steps:
+        if not 1 <= config.curriculum_objects <= len(EASY_STYLE.counts):
+            raise ValueError(f"curriculum_objects must be 1..{len(EASY_STYLE.counts)}, got {config.curriculum_objects}")
+        most = config.curriculum_objects
+        style = dataclasses.replace(EASY_STYLE, counts=EASY_STYLE.counts[:most],
+                                    count_weights=EASY_STYLE.count_weights[:most], form_weights=config.form_weights)
+    else:
+        style = dataclasses.replace(TRAINING_STYLE, form_weights=config.form_weights)
     images, captions, negatives = [], [], []
     for seed in train_seeds(pairs, step * pairs):
         scene = make_scene(seed, None, style)

@@ -1,0 +1,41 @@
+"""training/train_default.py's recipe-search options: what `--set` builds is what the option says."""
+import dataclasses
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "training"))
+import train_default  # noqa: E402
+
+from tclip_jax.model import init_params  # noqa: E402
+from tclip_jax.synthetic import make_scene, train_seeds  # noqa: E402
+
+
+def test_overrides_give_the_training_tower_a_convolutional_stem():
+    config = dataclasses.replace(train_default.TrainConfig(),
+                                 **train_default.parse_overrides(["stem_channels=16,32,64", "patch_size=32"]))
+    assert config.stem_channels == (16, 32, 64)
+    params = jax.eval_shape(lambda: init_params(train_default.model_config(config), 0))["visual"]
+    assert [params[f"stem_{i}"]["kernel"].shape for i in range(3)] == [(3, 3, 3, 16), (3, 3, 16, 32), (3, 3, 32, 64)]
+    assert params["patch_embed"]["kernel"].shape == (4, 4, 64, config.vision_width)  # 32 px = 2**3 x 4
+    assert train_default.parse_overrides(["stem_channels="])["stem_channels"] == ()
+
+
+def test_one_object_curriculum_draws_one_object_scenes_then_the_training_style():
+    config = train_default.TrainConfig(batch_size=8, curriculum_steps=2, curriculum_objects=1)
+    one_object = dataclasses.replace(train_default.EASY_STYLE, counts=(1,), count_weights=(1.0,),
+                                     form_weights=config.form_weights)
+    images, captions, _ = train_default.batch(config, 1)
+    seeds = train_seeds(4, 4)
+    expected = [make_scene(seed, None, one_object) for seed in seeds]
+    assert captions[::2] == [scene.caption for scene in expected]
+    np.testing.assert_array_equal(images[0], train_default.resize(expected[0].image, config.image_size))
+    # After the curriculum: the full training style, whose scenes hold up to five objects.
+    _, later, _ = train_default.batch(config, 2)
+    assert later[::2] == [make_scene(seed, None, dataclasses.replace(
+        train_default.TRAINING_STYLE, form_weights=config.form_weights)).caption for seed in train_seeds(4, 8)]
+    with pytest.raises(ValueError, match="curriculum_objects"):
+        train_default.batch(dataclasses.replace(config, curriculum_objects=4), 0)
