@@ -39,3 +39,18 @@ def test_one_object_curriculum_draws_one_object_scenes_then_the_training_style()
         train_default.TRAINING_STYLE, form_weights=config.form_weights)).caption for seed in train_seeds(4, 8)]
     with pytest.raises(ValueError, match="curriculum_objects"):
         train_default.batch(dataclasses.replace(config, curriculum_objects=4), 0)
+
+
+def test_curriculum_form_weights_name_shapes_only_during_the_curriculum():
+    config = train_default.TrainConfig(batch_size=8, curriculum_steps=1, curriculum_objects=1,
+                                       curriculum_form_weights=(0.0, 0.0, 1.0, 0.0))
+    shape_only = dataclasses.replace(train_default.EASY_STYLE, counts=(1,), count_weights=(1.0,),
+                                     form_weights=(0.0, 0.0, 1.0, 0.0))
+    _, captions, _ = train_default.batch(config, 0)
+    scenes = [make_scene(seed, None, shape_only) for seed in train_seeds(4, 0)]
+    assert captions[::2] == [scene.caption for scene in scenes]
+    for caption, scene in zip(captions[::2], scenes):  # the shape is named, the colour is not
+        assert scene.objects[0].shape in caption and scene.objects[0].colour not in caption
+    _, later, _ = train_default.batch(config, 1)
+    assert later[::2] == [make_scene(seed, None, dataclasses.replace(
+        train_default.TRAINING_STYLE, form_weights=config.form_weights)).caption for seed in train_seeds(4, 4)]

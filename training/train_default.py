@@ -77,6 +77,7 @@ class TrainConfig:
     steps: int = 900
     curriculum_steps: int = 0       # the first steps draw EASY_STYLE scenes, then TRAINING_STYLE (see the card)
     curriculum_objects: int = 3     # curriculum scenes hold 1..curriculum_objects objects (EASY_STYLE's weights)
+    curriculum_form_weights: tuple[float, ...] = ()  # the curriculum's phrase forms; (): form_weights
     batch_size: int = 64            # images: B/2 scenes and their variants
     negatives: int = 2              # hard-negative captions per scene
     # Caption phrase forms (colour+shape, shape+colour, shape only, colour only): TRAINING_STYLE's by default.
@@ -132,7 +133,8 @@ def batch(config: TrainConfig, step: int) -> tuple[np.ndarray, list[str], list[s
             raise ValueError(f"curriculum_objects must be 1..{len(EASY_STYLE.counts)}, got {config.curriculum_objects}")
         most = config.curriculum_objects
         style = dataclasses.replace(EASY_STYLE, counts=EASY_STYLE.counts[:most],
-                                    count_weights=EASY_STYLE.count_weights[:most], form_weights=config.form_weights)
+                                    count_weights=EASY_STYLE.count_weights[:most],
+                                    form_weights=config.curriculum_form_weights or config.form_weights)
     else:
         style = dataclasses.replace(TRAINING_STYLE, form_weights=config.form_weights)
     images, captions, negatives = [], [], []
