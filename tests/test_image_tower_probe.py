@@ -67,4 +67,3 @@ def test_scene_style_narrows_object_sizes_and_rejects_several_objects():
     assert max(extents(itp.dataclasses.replace(itp.ONE_OBJECT, size_range=(24.0, 30.0)))) <= 40
     with pytest.raises(ValueError, match="counts"):
         itp.one_object_scenes(2, 0, style=itp.PLAIN_STYLE)
-
