@@ -54,3 +54,22 @@ def test_curriculum_form_weights_name_shapes_only_during_the_curriculum():
     _, later, _ = train_default.batch(config, 1)
     assert later[::2] == [make_scene(seed, None, dataclasses.replace(
         train_default.TRAINING_STYLE, form_weights=config.form_weights)).caption for seed in train_seeds(4, 4)]
+
+
+def test_curriculum_restart_gives_the_rest_its_own_warmup_and_cosine_decay():
+    peak, warmup, curriculum, steps = 1e-3, 10, 100, 300
+    config = train_default.TrainConfig(peak_learning_rate=peak, warmup_steps=warmup, steps=steps,
+                                       curriculum_steps=curriculum, curriculum_restart=1)
+
+    def expected(step):  # warm-up then cosine, restarted at the curriculum's end (closed form)
+        start, length = (0, curriculum) if step < curriculum else (curriculum, steps - curriculum)
+        t = step - start
+        if t < warmup:
+            return peak * t / warmup
+        return peak * 0.5 * (1 + np.cos(np.pi * (t - warmup) / (length - warmup)))
+
+    schedule = train_default.learning_rate_schedule(config)
+    for step in (0, 5, 10, 60, 99, 100, 105, 110, 200, 299):
+        np.testing.assert_allclose(float(schedule(step)), expected(step), rtol=1e-5, atol=1e-9)
+    plain = train_default.learning_rate_schedule(dataclasses.replace(config, curriculum_restart=0))
+    assert float(plain(100)) > 0.5 * peak  # no restart: one cosine over all steps

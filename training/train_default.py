@@ -78,6 +78,7 @@ class TrainConfig:
     curriculum_steps: int = 0       # the first steps draw EASY_STYLE scenes, then TRAINING_STYLE (see the card)
     curriculum_objects: int = 3     # curriculum scenes hold 1..curriculum_objects objects (EASY_STYLE's weights)
     curriculum_form_weights: tuple[float, ...] = ()  # the curriculum's phrase forms; (): form_weights
+    curriculum_restart: int = 0     # 1: the steps after the curriculum get a second warm-up and cosine decay
     batch_size: int = 64            # images: B/2 scenes and their variants
     negatives: int = 2              # hard-negative captions per scene
     # Caption phrase forms (colour+shape, shape+colour, shape only, colour only): TRAINING_STYLE's by default.
@@ -250,8 +251,20 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
     return total, {"loss": total, **metrics}
 
 
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warm-up, then cosine decay to 0 at the last step; with `curriculum_restart`, one such schedule over
+    the curriculum and a second over the steps after it."""
+    def warmup_cosine(steps):
+        return optax.warmup_cosine_decay_schedule(0.0, config.peak_learning_rate, config.warmup_steps, steps)
+
+    if not config.curriculum_restart or not 0 < config.curriculum_steps < config.steps:
+        return warmup_cosine(config.steps)
+    return optax.join_schedules([warmup_cosine(config.curriculum_steps),
+                                 warmup_cosine(config.steps - config.curriculum_steps)], [config.curriculum_steps])
+
+
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.peak_learning_rate, config.warmup_steps, config.steps)
+    schedule = learning_rate_schedule(config)
     # Decay weight matrices only: not biases, norms, embeddings or the temperature (as CLIP).
     decayed = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, leaf: leaf.ndim >= 2 and "embedding" not in path[-1].key, params)
