@@ -73,3 +73,5 @@ def test_curriculum_restart_gives_the_rest_its_own_warmup_and_cosine_decay():
         np.testing.assert_allclose(float(schedule(step)), expected(step), rtol=1e-5, atol=1e-9)
     plain = train_default.learning_rate_schedule(dataclasses.replace(config, curriculum_restart=0))
     assert float(plain(100)) > 0.5 * peak  # no restart: one cosine over all steps
+    with pytest.raises(ValueError, match="curriculum_restart"):  # nothing to restart after: said, not ignored
+        dataclasses.replace(config, curriculum_steps=0)

@@ -106,6 +106,13 @@ class TrainConfig:
     text_width: int = 128
     text_layers: int = 3
 
+    def __post_init__(self):  # the recipe-search options, checked once rather than at every step
+        if not 1 <= self.curriculum_objects <= len(EASY_STYLE.counts):
+            raise ValueError(f"curriculum_objects must be 1..{len(EASY_STYLE.counts)}, got {self.curriculum_objects}")
+        if self.curriculum_restart and not 0 < self.curriculum_steps < self.steps:
+            raise ValueError(f"curriculum_restart needs 0 < curriculum_steps < steps, got {self.curriculum_steps} "
+                             f"and {self.steps}")
+
 
 def model_config(config: TrainConfig) -> CLIPConfig:
     """OpenAI's ViT design (64-dim heads, MLP ratio 4, QuickGELU, BPE vocabulary, 77 tokens) at a small size."""
@@ -130,8 +137,6 @@ def batch(config: TrainConfig, step: int) -> tuple[np.ndarray, list[str], list[s
     """(images [B, S, S, 3] uint8, their B captions, hard-negative captions) of training step `step`."""
     pairs = config.batch_size // 2
     if step < config.curriculum_steps:
-        if not 1 <= config.curriculum_objects <= len(EASY_STYLE.counts):
-            raise ValueError(f"curriculum_objects must be 1..{len(EASY_STYLE.counts)}, got {config.curriculum_objects}")
         most = config.curriculum_objects
         style = dataclasses.replace(EASY_STYLE, counts=EASY_STYLE.counts[:most],
                                     count_weights=EASY_STYLE.count_weights[:most],
@@ -257,7 +262,7 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     def warmup_cosine(steps):
         return optax.warmup_cosine_decay_schedule(0.0, config.peak_learning_rate, config.warmup_steps, steps)
 
-    if not config.curriculum_restart or not 0 < config.curriculum_steps < config.steps:
+    if not config.curriculum_restart:
         return warmup_cosine(config.steps)
     return optax.join_schedules([warmup_cosine(config.curriculum_steps),
                                  warmup_cosine(config.steps - config.curriculum_steps)], [config.curriculum_steps])
