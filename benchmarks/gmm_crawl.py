@@ -43,10 +43,7 @@ def image_histograms(tclip, encoded, image: np.ndarray) -> gmm.MapHistograms:
     rows = np.arange(len(encoded.queries), dtype=np.int32)
     out = tclip.jitted_maps(tclip.params, pixels[None], encoded.queries, rows[None])
     maps = tclip.original_maps(np.asarray(out.maps[0]), geometry)
-    lo = np.array([float(m.min()) for m in maps])
-    hi = np.array([float(m.max()) for m in maps])
-    counts = np.stack([gmm.fine_histogram(m, a, b) for m, a, b in zip(maps, lo, hi)])
-    return gmm.MapHistograms(counts, lo, hi)
+    return gmm.map_histograms(maps, [float(m.min()) for m in maps], [float(m.max()) for m in maps])
 
 
 def taus(params: gmm.MixtureParams) -> np.ndarray:

@@ -80,6 +80,14 @@ class MixtureParams:
     converged: np.ndarray  # [Q] bool
 
 
+def map_histograms(maps, lo, hi) -> MapHistograms:
+    """`MapHistograms` of 2-D maps whose minima and maxima are ``lo`` and ``hi`` (one `fine_histogram` each)."""
+    counts = np.empty((len(maps), FINE_BINS), np.float32)
+    for row, values in enumerate(maps):
+        fine_histogram(values, lo[row], hi[row], out=counts[row])
+    return MapHistograms(counts, np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64))
+
+
 def fine_histogram(values: np.ndarray, lo: float, hi: float, out: np.ndarray | None = None) -> np.ndarray:
     """Counts of a 2-D float32/float64 map in ``FINE_BINS`` bins centred on ``lo + k (hi - lo) / (FINE_BINS - 1)``.
 

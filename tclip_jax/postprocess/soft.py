@@ -146,11 +146,8 @@ def _fits(values: Sequence[np.ndarray], stats: Sequence[_MapStats]) -> list[GmmF
             varying.append(i)
     if not varying:
         return fits
-    counts = np.empty((len(varying), _gmm.FINE_BINS), np.float32)
-    for row, i in enumerate(varying):
-        _gmm.fine_histogram(values[i], stats[i].lo, stats[i].hi, out=counts[row])
-    sel = [stats[i] for i in varying]
-    hists = _gmm.MapHistograms(counts, np.array([s.lo for s in sel]), np.array([s.hi for s in sel]))
+    hists = _gmm.map_histograms([values[i] for i in varying], [stats[i].lo for i in varying],
+                                [stats[i].hi for i in varying])
     with SINGLE_THREADED_BLAS:  # re-entrant: the callers may hold it already
         params = _gmm.fit_histograms(hists)
     if not params.converged.all():
