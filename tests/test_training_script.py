@@ -1,5 +1,6 @@
 """training/train_default.py's recipe-search options: what `--set` builds is what the option says."""
 import dataclasses
+import json
 import pathlib
 import sys
 
@@ -75,3 +76,19 @@ def test_curriculum_restart_gives_the_rest_its_own_warmup_and_cosine_decay():
     assert float(plain(100)) > 0.5 * peak  # no restart: one cosine over all steps
     with pytest.raises(ValueError, match="curriculum_restart"):  # nothing to restart after: said, not ignored
         dataclasses.replace(config, curriculum_steps=0)
+
+
+def test_curriculum_objective_trains_the_curriculum_with_its_own_loss(tmp_path):
+    tiny = dict(batch_size=4, steps=2, curriculum_steps=1, warmup_steps=1, validation_scenes=2, eval_every=100,
+                image_size=32, patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64,
+                text_layers=1)
+    mixed = train_default.TrainConfig(objective="clip_tokens", curriculum_objective="clip", **tiny)
+    global_only = dataclasses.replace(mixed, objective="clip", curriculum_objective="")
+    first, _, _ = train_default.train(mixed, tmp_path / "first.jsonl", stop_after=1)
+    expected, _, _ = train_default.train(global_only, tmp_path / "expected.jsonl", stop_after=1)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, first, expected)  # step 1: the global loss alone
+    train_default.train(mixed, tmp_path / "both.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "both.jsonl").read_text().splitlines()]
+    assert "dense_loss" not in records[0] and "dense_loss" in records[1]  # step 2: the token terms too
+    with pytest.raises(ValueError, match="curriculum_objective"):
+        dataclasses.replace(mixed, curriculum_objective="tokens")

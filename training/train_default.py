@@ -79,6 +79,7 @@ class TrainConfig:
     curriculum_objects: int = 3     # curriculum scenes hold 1..curriculum_objects objects (EASY_STYLE's weights)
     curriculum_form_weights: tuple[float, ...] = ()  # the curriculum's phrase forms; (): form_weights
     curriculum_restart: int = 0     # 1: the steps after the curriculum get a second warm-up and cosine decay
+    curriculum_objective: str = ""  # the curriculum's objective; "": objective
     batch_size: int = 64            # images: B/2 scenes and their variants
     negatives: int = 2              # hard-negative captions per scene
     # Caption phrase forms (colour+shape, shape+colour, shape only, colour only): TRAINING_STYLE's by default.
@@ -109,6 +110,9 @@ class TrainConfig:
     def __post_init__(self):  # the recipe-search options, checked once rather than at every step
         if not 1 <= self.curriculum_objects <= len(EASY_STYLE.counts):
             raise ValueError(f"curriculum_objects must be 1..{len(EASY_STYLE.counts)}, got {self.curriculum_objects}")
+        if self.curriculum_objective not in ("", *OBJECTIVES):
+            raise ValueError(f"curriculum_objective must be one of {OBJECTIVES} or empty, got "
+                             f"{self.curriculum_objective!r}")
         if self.curriculum_restart and not 0 < self.curriculum_steps < self.steps:
             raise ValueError(f"curriculum_restart needs 0 < curriculum_steps < steps, got {self.curriculum_steps} "
                              f"and {self.steps}")
@@ -235,7 +239,7 @@ def fine_grained_loss(text_tokens: jax.Array, pieces: jax.Array, patch_tokens: j
 
 
 def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, columns: jax.Array, sot_id: int,
-           eot_id: int, config: TrainConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+           eot_id: int, config: TrainConfig, objective: str) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The objective on one batch: images [B, S, S, 3] uint8, token rows [B + N, L] (true captions, then negatives),
     `columns` [B + N] bool (False for padding rows)."""
     texts = images_u8.shape[0]
@@ -245,7 +249,7 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
     clip_loss = infonce(scale * l2_normalize(image.embeds) @ l2_normalize(text.embeds).T, texts, columns)
     metrics = {"clip_loss": clip_loss, "logit_scale": scale}
     total = clip_loss
-    if config.objective == "clip_tokens":
+    if objective == "clip_tokens":
         text_tokens, patch_tokens = l2_normalize(text.tokens), l2_normalize(image.tokens[:, 1:])
         pieces = piece_mask(token_ids, sot_id, eot_id)
         dense, per_piece = token_losses(text_tokens, pieces, patch_tokens, scale, texts, columns)
@@ -276,11 +280,12 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=config.weight_decay, mask=decayed)
 
 
-def make_train_step(model: CLIP, tx: optax.GradientTransformation, config: TrainConfig, sot_id: int, eot_id: int):
+def make_train_step(model: CLIP, tx: optax.GradientTransformation, config: TrainConfig, objective: str, sot_id: int,
+                    eot_id: int):
     @jax.jit
     def step(params, opt_state, images_u8, token_ids, columns):
         grads, metrics = jax.grad(losses, has_aux=True)(params, model, images_u8, token_ids, columns, sot_id, eot_id,
-                                                        config)
+                                                        config, objective)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, config.max_logit_scale)
@@ -302,7 +307,9 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     params = init_params(clip_config, config.seed)
     tx = optimizer(config)
     opt_state = tx.init(params)
-    step_fn = make_train_step(model, tx, config, tokenizer.sot_id, tokenizer.eot_id)
+    step_fn = make_train_step(model, tx, config, config.objective, tokenizer.sot_id, tokenizer.eot_id)
+    curriculum_step_fn = (make_train_step(model, tx, config, config.curriculum_objective, tokenizer.sot_id,
+                                          tokenizer.eot_id) if config.curriculum_objective else step_fn)
     validation = retrieval_scenes(config.validation_scenes, VALIDATION_OFFSET)
     loaded = LoadedClip(model, params, tokenizer, "tclip", "training")  # params replaced at each validation
     # A fixed number of text rows per step (a changing count recompiles): negatives are padded with masked rows.
@@ -324,7 +331,8 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
                                         config.text_length_step)
             used_ids.update(np.unique(token_ids).tolist())
             step_start = time.perf_counter()
-            params, opt_state, metrics = step_fn(params, opt_state, images, token_ids, columns)
+            params, opt_state, metrics = (curriculum_step_fn if step < config.curriculum_steps else step_fn)(
+                params, opt_state, images, token_ids, columns)
             record = {"step": step + 1, **{k: float(v) for k, v in metrics.items()},
                       "negatives": len(negatives)}
             record["samples_per_s"] = config.batch_size / (time.perf_counter() - step_start)
