@@ -67,3 +67,29 @@ def test_scene_style_narrows_object_sizes_and_rejects_several_objects():
     assert max(extents(itp.dataclasses.replace(itp.ONE_OBJECT, size_range=(24.0, 30.0)))) <= 40
     with pytest.raises(ValueError, match="counts"):
         itp.one_object_scenes(2, 0, style=itp.PLAIN_STYLE)
+
+
+def test_probe_feeds_the_tower_its_own_input_size(monkeypatch):
+    sizes, draw = [], itp.one_object_scenes
+    monkeypatch.setattr(itp, "one_object_scenes",
+                        lambda count, start, size=224, style=itp.ONE_OBJECT: sizes.append(size) or draw(count, start,
+                                                                                                       size, style))
+    config = train_default.model_config(train_default.TrainConfig(image_size=64, patch_size=16, vision_layers=1,
+                                                                  embed_dim=32))
+    accuracy = itp.probe(itp.CLIP(config), itp.init_params(config, 0), train_count=24, test_count=12)
+    assert sizes == [64, 64] and all(0 <= value <= 1 for value in accuracy.values())
+
+
+def test_position_share_is_the_variance_of_the_per_position_means(shipped):
+    count = 6
+    share = itp.position_share(shipped.model, shipped.params, count)
+    images = np.stack([train_default.resize(itp.make_scene(itp.HELDOUT_SEED_START + i, None, itp.TRAINING_STYLE).image,
+                                            224) for i in range(count)])
+    tokens = np.asarray(shipped.model.apply({"params": shipped.params}, clip_normalize(images),
+                                            method="encode_image").tokens[:, 1:], np.float64)
+    units = [[tokens[i, p] / np.linalg.norm(tokens[i, p]) for p in range(49)] for i in range(count)]
+    overall = sum(sum(row) for row in units) / (count * 49)
+    total = sum(float(((u - overall) ** 2).sum()) for row in units for u in row) / (count * 49)
+    between = sum(float(((sum(units[i][p] for i in range(count)) / count - overall) ** 2).sum())
+                  for p in range(49)) / 49
+    assert share == pytest.approx(between / total, rel=1e-5)  # jitted vs eager float32 tower and 0 < share < 1

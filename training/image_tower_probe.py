@@ -1,6 +1,7 @@
 """What does an image tower encode about one object: its shape, its colour? Two diagnostics on one-object scenes.
 
     PYTHONPATH=. python training/image_tower_probe.py probe tclip_jax/data/default_model [FOLDER ...] [--random]
+    PYTHONPATH=. python training/image_tower_probe.py position FOLDER [FOLDER ...]
     PYTHONPATH=. python training/image_tower_probe.py supervised --label shape --steps 400 [--set FIELD=VALUE ...]
         [--object-sizes MIN MAX] [--backgrounds NAME ...] [--easy-steps N]
 
@@ -9,6 +10,9 @@ multinomial logistic regression (scikit-learn) per label and per feature, fitted
 others. Features: the class-token embedding (CLIP's image embedding), the mean of the patch tokens after
 `ln_post`, and the projected patch token under the object's centre (the token TCLIP reads for the object).
 `--random` adds the architecture at initialisation (seed 0), the floor of what training added.
+
+`position`: the share of the unit patch tokens' variance that is their grid position's mean token, over 64
+held-out training-style scenes (`position_share`).
 
 `supervised`: the training script's image tower (`train_default.model_config`, with `--set` overrides) trained
 from scratch with a linear head and cross-entropy on the label of one-object scenes (AdamW, warmup then cosine,
@@ -41,8 +45,8 @@ import train_default  # noqa: E402
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.image import clip_normalize  # noqa: E402
 from tclip_jax.model import CLIP, init_params  # noqa: E402
-from tclip_jax.synthetic import (BACKGROUNDS, COLOURS, HELDOUT_SEED_START, PLAIN_STYLE, SHAPES, Style,  # noqa: E402
-                                 make_scene)
+from tclip_jax.synthetic import (BACKGROUNDS, COLOURS, HELDOUT_SEED_START, PLAIN_STYLE, SHAPES,  # noqa: E402
+                                 TRAINING_STYLE, Style, make_scene)
 
 LABELS = {"shape": tuple(SHAPES), "colour": tuple(COLOURS)}
 ONE_OBJECT = dataclasses.replace(PLAIN_STYLE, counts=(1,), count_weights=(1.0,))
@@ -90,8 +94,9 @@ def probe(model: CLIP, params, train_count: int = 1500, test_count: int = 500) -
     """Held-out accuracy of a linear probe per (label, feature)."""
     from sklearn.linear_model import LogisticRegression
 
-    train_images, train_labels, train_scenes = one_object_scenes(train_count, PROBE_SEEDS)
-    test_images, test_labels, test_scenes = one_object_scenes(test_count, PROBE_SEEDS + train_count)
+    size = model.config.image_size  # the tower at its own input size, as TCLIP's `whole` protocol feeds it
+    train_images, train_labels, train_scenes = one_object_scenes(train_count, PROBE_SEEDS, size)
+    test_images, test_labels, test_scenes = one_object_scenes(test_count, PROBE_SEEDS + train_count, size)
     train_features = tower_features(model, params, train_images, train_scenes)
     test_features = tower_features(model, params, test_images, test_scenes)
     accuracy = {}
@@ -101,6 +106,20 @@ def probe(model: CLIP, params, train_count: int = 1500, test_count: int = 500) -
             classifier.fit(train_features[feature], train_labels[label])
             accuracy[f"{label}/{feature}"] = float(classifier.score(test_features[feature], test_labels[label]))
     return accuracy
+
+
+def position_share(model: CLIP, params, count: int = 64) -> float:
+    """The share of the unit patch tokens' variance that is their grid position's mean token, over `count`
+    held-out TRAINING_STYLE scenes resized whole to the model's input: near 0 when each token describes its own
+    patch, near 1 when it mostly says where the patch is (then a word's S is one pattern in every image)."""
+    size = model.config.image_size
+    images = np.stack([train_default.resize(make_scene(seed, None, TRAINING_STYLE).image, size)
+                       for seed in range(HELDOUT_SEED_START, HELDOUT_SEED_START + count)])
+    tokens = np.asarray(encode_images(model, params, images).tokens[:, 1:], np.float64)
+    tokens /= np.linalg.norm(tokens, axis=-1, keepdims=True)
+    overall = tokens.mean(axis=(0, 1))
+    total = ((tokens - overall) ** 2).sum(axis=-1).mean()
+    return float(((tokens.mean(axis=0) - overall) ** 2).sum(axis=-1).mean() / total)
 
 
 def supervised(config: train_default.TrainConfig, label: str, steps: int, batch_size: int = 64,
@@ -147,6 +166,8 @@ def main() -> None:
     probe_parser = commands.add_parser("probe", help="linear probes of checkpoints' frozen image towers")
     probe_parser.add_argument("folders", nargs="*", type=pathlib.Path)
     probe_parser.add_argument("--random", action="store_true", help="also the tower at initialisation")
+    position_parser = commands.add_parser("position", help="how much of the patch tokens is their grid position")
+    position_parser.add_argument("folders", nargs="+", type=pathlib.Path)
     sup = commands.add_parser("supervised", help="train the image tower on a label directly")
     sup.add_argument("--label", choices=tuple(LABELS), default="shape")
     sup.add_argument("--steps", type=int, default=400)
@@ -166,6 +187,11 @@ def main() -> None:
         if args.random:
             config = train_default.model_config(train_default.TrainConfig())
             print(json.dumps({"model": "random", **probe(CLIP(config), init_params(config, 0))}), flush=True)
+    elif args.command == "position":
+        for folder in args.folders:
+            loaded = load_clip(folder)
+            print(json.dumps({"model": str(folder), "position_share": position_share(loaded.model, loaded.params)}),
+                  flush=True)
     else:
         config = dataclasses.replace(train_default.TrainConfig(), **train_default.parse_overrides(args.set))
         low, high = args.object_sizes
