@@ -1,4 +1,4 @@
-"""What does an image tower encode about one object: its shape, its colour? Two diagnostics on one-object scenes.
+"""What does an image tower encode about one object (its shape, its colour), and do its patch tokens stay local?
 
     PYTHONPATH=. python training/image_tower_probe.py probe tclip_jax/data/default_model [FOLDER ...] [--random]
     PYTHONPATH=. python training/image_tower_probe.py position FOLDER [FOLDER ...]
