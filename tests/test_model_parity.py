@@ -189,6 +189,16 @@ def test_stem_model_round_trips_through_a_checkpoint_folder(tmp_path):
     assert flatten(loaded).keys() == flatten(params).keys() and "visual/stem_1/kernel" in flatten(loaded)
 
 
+def test_stem_kernels_start_with_he_variance():
+    """Var 2 / fan_in (He): with LeCun's 1 / fan_in the unnormalised stem shrinks the signal at every activation."""
+    from tclip_jax.model import init_params
+
+    params = init_params(dataclasses.replace(SMALL, stem_channels=(32, 64)), 0)["visual"]
+    for name, fan_in in (("stem_0", 3 * 3 * 3), ("stem_1", 3 * 3 * 32)):
+        kernel = np.asarray(params[name]["kernel"])
+        assert kernel.var() == pytest.approx(2 / fan_in, rel=0.15)
+
+
 @pytest.mark.parametrize("stem, message", [((0,), "positive integers"), ([8], "tuple"),
                                            ((8, 8, 8, 8, 8), "not divisible by 2\\*\\*5")])
 def test_bad_stem_is_named(stem, message):

@@ -186,9 +186,12 @@ class VisionTransformer(nn.Module):
 
     def setup(self):
         cfg = self.config
-        # Symmetric padding 1 halves even sides exactly, as PyTorch's Conv2d(3, stride=2, padding=1) would.
+        # Symmetric padding 1 halves even sides exactly, as PyTorch's Conv2d(3, stride=2, padding=1) would. He
+        # initialisation: the stem has no normalisation, and with LeCun kernels each activation shrinks the signal
+        # until the position embedding dominates the patch tokens (training/image_tower_probe.py position).
         self.stem = [nn.Conv(channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                             param_dtype=jnp.float32) for channels in cfg.stem_channels]
+                             param_dtype=jnp.float32, kernel_init=nn.initializers.he_normal())
+                     for channels in cfg.stem_channels]
         patch = (cfg.patch_size // 2 ** len(cfg.stem_channels),) * 2
         self.patch_embed = nn.Conv(cfg.vision_width, patch, strides=patch, padding="VALID", use_bias=False,
                                    dtype=self.dtype, param_dtype=jnp.float32)
