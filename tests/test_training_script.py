@@ -92,3 +92,5 @@ def test_curriculum_objective_trains_the_curriculum_with_its_own_loss(tmp_path):
     assert "dense_loss" not in records[0] and "dense_loss" in records[1]  # step 2: the token terms too
     with pytest.raises(ValueError, match="curriculum_objective"):
         dataclasses.replace(mixed, curriculum_objective="tokens")
+    with pytest.raises(ValueError, match="^objective must"):
+        dataclasses.replace(mixed, objective="tokens")

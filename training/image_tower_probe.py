@@ -193,7 +193,10 @@ def main() -> None:
             print(json.dumps({"model": str(folder), "position_share": position_share(loaded.model, loaded.params)}),
                   flush=True)
     else:
-        config = dataclasses.replace(train_default.TrainConfig(), **train_default.parse_overrides(args.set))
+        try:
+            config = dataclasses.replace(train_default.TrainConfig(), **train_default.parse_overrides(args.set))
+        except ValueError as error:
+            parser.error(str(error))
         low, high = args.object_sizes
         if not 0 < low <= high:
             parser.error(f"--object-sizes needs 0 < MIN <= MAX, got {low:g} {high:g}")

@@ -107,7 +107,9 @@ class TrainConfig:
     text_width: int = 128
     text_layers: int = 3
 
-    def __post_init__(self):  # the recipe-search options, checked once rather than at every step
+    def __post_init__(self):  # checked once, where the config is made, rather than in training
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if not 1 <= self.curriculum_objects <= len(EASY_STYLE.counts):
             raise ValueError(f"curriculum_objects must be 1..{len(EASY_STYLE.counts)}, got {self.curriculum_objects}")
         if self.curriculum_objective not in ("", *OBJECTIVES):
@@ -299,8 +301,6 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     """Returns (float32 params, sorted token ids the captions used, run summary); logs to `log_path`.
 
     `stop_after` ends the run after that many steps (the schedule stays the config's): determinism checks."""
-    if config.objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {config.objective!r}")
     clip_config = model_config(config)
     model = CLIP(clip_config)
     tokenizer = default_tokenizer()
@@ -367,7 +367,10 @@ def parse_overrides(items: list[str]) -> dict:
         parse = {"int": int, "float": float, "str": str,
                  "tuple[float, ...]": lambda text: tuple(float(v) for v in text.split(",")),
                  "tuple[int, ...]": lambda text: tuple(int(v) for v in text.split(",") if v)}[fields[name]]
-        overrides[name] = parse(value)
+        try:
+            overrides[name] = parse(value)
+        except ValueError as error:
+            raise ValueError(f"{item}: {error}") from None
     return overrides
 
 
@@ -379,8 +382,11 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override other TrainConfig fields (for recipe search)")
     args = parser.parse_args()
-    config = dataclasses.replace(TrainConfig(), objective=args.objective, steps=args.steps,
-                                 **parse_overrides(args.set))
+    try:
+        config = dataclasses.replace(TrainConfig(), objective=args.objective, steps=args.steps,
+                                     **parse_overrides(args.set))
+    except ValueError as error:  # a bad override: one line, no traceback
+        parser.error(str(error))
     log_path = args.out.parent / f".{args.out.name}.{LOG_FILE}"  # moved into the folder once it is written
     log_path.parent.mkdir(parents=True, exist_ok=True)
     readme = args.out / README_FILE
