@@ -12,7 +12,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "training")
 import train_default  # noqa: E402
 
 from tclip_jax.model import init_params  # noqa: E402
-from tclip_jax.synthetic import make_scene, train_seeds  # noqa: E402
+from tclip_jax.synthetic import RELATIONS, make_scene, train_seeds  # noqa: E402
 
 
 def test_overrides_give_the_training_tower_a_convolutional_stem():
@@ -55,6 +55,17 @@ def test_curriculum_form_weights_name_shapes_only_during_the_curriculum():
     _, later, _ = train_default.batch(config, 1)
     assert later[::2] == [make_scene(seed, None, dataclasses.replace(
         train_default.TRAINING_STYLE, form_weights=config.form_weights)).caption for seed in train_seeds(4, 4)]
+
+
+def test_relation_rate_sets_how_often_captions_relate_two_objects():
+    with_relations = train_default.TrainConfig(batch_size=32)
+    without = dataclasses.replace(with_relations, relation_rate=0.0)
+    _, captions, negatives = train_default.batch(without, 0)
+    assert captions[::2] == [make_scene(seed, None, dataclasses.replace(
+        train_default.TRAINING_STYLE, relation_rate=0.0)).caption for seed in train_seeds(16, 0)]
+    assert not any(relation in caption for caption in captions + negatives for relation in RELATIONS)
+    _, default_captions, _ = train_default.batch(with_relations, 0)
+    assert any(relation in caption for caption in default_captions for relation in RELATIONS)
 
 
 def test_curriculum_restart_gives_the_rest_its_own_warmup_and_cosine_decay():

@@ -84,6 +84,7 @@ class TrainConfig:
     negatives: int = 2              # hard-negative captions per scene
     # Caption phrase forms (colour+shape, shape+colour, shape only, colour only): TRAINING_STYLE's by default.
     form_weights: tuple[float, ...] = TRAINING_STYLE.form_weights
+    relation_rate: float = TRAINING_STYLE.relation_rate  # per join, a true relation phrase instead of "and"
     peak_learning_rate: float = 1e-3
     warmup_steps: int = 50          # linear warmup, then cosine decay to 0
     weight_decay: float = 0.1       # AdamW, on weight matrices only
@@ -146,9 +147,11 @@ def batch(config: TrainConfig, step: int) -> tuple[np.ndarray, list[str], list[s
         most = config.curriculum_objects
         style = dataclasses.replace(EASY_STYLE, counts=EASY_STYLE.counts[:most],
                                     count_weights=EASY_STYLE.count_weights[:most],
-                                    form_weights=config.curriculum_form_weights or config.form_weights)
+                                    form_weights=config.curriculum_form_weights or config.form_weights,
+                                    relation_rate=config.relation_rate)
     else:
-        style = dataclasses.replace(TRAINING_STYLE, form_weights=config.form_weights)
+        style = dataclasses.replace(TRAINING_STYLE, form_weights=config.form_weights,
+                                    relation_rate=config.relation_rate)
     images, captions, negatives = [], [], []
     for seed in train_seeds(pairs, step * pairs):
         scene = make_scene(seed, None, style)
