@@ -82,14 +82,18 @@ def test_probe_feeds_the_tower_its_own_input_size(monkeypatch):
 
 def test_position_share_is_the_variance_of_the_per_position_means(shipped):
     count = 6
-    share = itp.position_share(shipped.model, shipped.params, count)
+    shares = itp.position_shares(shipped.model, shipped.params, count)
+    layers = shipped.config.vision_layers
+    assert list(shares) == ["input", *[f"block_{i}" for i in range(1, layers + 1)], "output"]
     images = np.stack([train_default.resize(itp.make_scene(itp.HELDOUT_SEED_START + i, None, itp.TRAINING_STYLE).image,
                                             224) for i in range(count)])
-    tokens = np.asarray(shipped.model.apply({"params": shipped.params}, clip_normalize(images),
-                                            method="encode_image").tokens[:, 1:], np.float64)
-    units = [[tokens[i, p] / np.linalg.norm(tokens[i, p]) for p in range(49)] for i in range(count)]
-    overall = sum(sum(row) for row in units) / (count * 49)
-    total = sum(float(((u - overall) ** 2).sum()) for row in units for u in row) / (count * 49)
-    between = sum(float(((sum(units[i][p] for i in range(count)) / count - overall) ** 2).sum())
-                  for p in range(49)) / 49
-    assert share == pytest.approx(between / total, rel=1e-5) and 0 < share < 1  # rel: jitted vs eager tower
+    out = shipped.model.apply({"params": shipped.params}, clip_normalize(images), True, method="encode_image")
+    for stage, tokens in (("input", out.residual_stream[0]), (f"block_{layers}", out.residual_stream[layers]),
+                          ("output", out.tokens)):
+        tokens = np.asarray(tokens[:, 1:], np.float64)
+        units = [[tokens[i, p] / np.linalg.norm(tokens[i, p]) for p in range(49)] for i in range(count)]
+        overall = sum(sum(row) for row in units) / (count * 49)
+        total = sum(float(((u - overall) ** 2).sum()) for row in units for u in row) / (count * 49)
+        between = sum(float(((sum(units[i][p] for i in range(count)) / count - overall) ** 2).sum())
+                      for p in range(49)) / 49
+        assert shares[stage] == pytest.approx(between / total, rel=1e-9) and 0 < shares[stage] < 1, stage

@@ -12,7 +12,8 @@ others. Features: the class-token embedding (CLIP's image embedding), the mean o
 `--random` adds the architecture at initialisation (seed 0), the floor of what training added.
 
 `position`: the share of the unit patch tokens' variance that is their grid position's mean token, over 64
-held-out training-style scenes (`position_share`).
+held-out training-style scenes (`position_shares`): of the tokens TCLIP reads, and of the residual stream from the
+tower's input through each block.
 
 `supervised`: the training script's image tower (`train_default.model_config`, with `--set` overrides) trained
 from scratch with a linear head and cross-entropy on the label of one-object scenes (AdamW, warmup then cosine,
@@ -108,15 +109,24 @@ def probe(model: CLIP, params, train_count: int = 1500, test_count: int = 500) -
     return accuracy
 
 
-def position_share(model: CLIP, params, count: int = 64) -> float:
-    """The share of the unit patch tokens' variance that is their grid position's mean token, over `count`
-    held-out TRAINING_STYLE scenes resized whole to the model's input: near 0 when each token describes its own
-    patch, near 1 when it mostly says where the patch is (then a word's S is one pattern in every image)."""
+def position_shares(model: CLIP, params, count: int = 64) -> dict[str, float]:
+    """Per stage of the tower, the share of the unit patch tokens' variance that is their grid position's mean
+    token, over `count` held-out TRAINING_STYLE scenes resized whole to the model's input: near 0 when each token
+    describes its own patch, near 1 when it mostly says where the patch is (then a word's S is one pattern in every
+    image). Stages: the residual stream entering the first block ("input"), after each block ("block_1", ...),
+    and the projected tokens TCLIP reads ("output")."""
     size = model.config.image_size
     images = np.stack([train_default.resize(make_scene(seed, None, TRAINING_STYLE).image, size)
                        for seed in range(HELDOUT_SEED_START, HELDOUT_SEED_START + count)])
-    tokens = np.asarray(encode_images(model, params, images).tokens[:, 1:], np.float64)
-    tokens /= np.linalg.norm(tokens, axis=-1, keepdims=True)
+    out = model.apply({"params": params}, clip_normalize(images), True, method="encode_image")
+    stages = {"input": out.residual_stream[0],
+              **{f"block_{i}": stream for i, stream in enumerate(out.residual_stream[1:], 1)},
+              "output": out.tokens}
+    return {name: _position_share(np.asarray(tokens[:, 1:], np.float64)) for name, tokens in stages.items()}
+
+
+def _position_share(tokens: np.ndarray) -> float:
+    tokens = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
     overall = tokens.mean(axis=(0, 1))
     total = ((tokens - overall) ** 2).sum(axis=-1).mean()
     return float(((tokens.mean(axis=0) - overall) ** 2).sum(axis=-1).mean() / total)
@@ -190,7 +200,8 @@ def main() -> None:
     elif args.command == "position":
         for folder in args.folders:
             loaded = load_clip(folder)
-            print(json.dumps({"model": str(folder), "position_share": position_share(loaded.model, loaded.params)}),
+            shares = position_shares(loaded.model, loaded.params)
+            print(json.dumps({"model": str(folder), "position_share": shares["output"], "by_stage": shares}),
                   flush=True)
     else:
         try:
