@@ -66,6 +66,8 @@ def test_relation_rate_sets_how_often_captions_relate_two_objects():
     assert not any(relation in caption for caption in captions + negatives for relation in RELATIONS)
     _, default_captions, _ = train_default.batch(with_relations, 0)
     assert any(relation in caption for caption in default_captions for relation in RELATIONS)
+    with pytest.raises(ValueError, match="relation_rate"):
+        train_default.TrainConfig(relation_rate=1.5)
 
 
 def test_curriculum_restart_gives_the_rest_its_own_warmup_and_cosine_decay():

@@ -116,6 +116,8 @@ class TrainConfig:
         if self.curriculum_objective not in ("", *OBJECTIVES):
             raise ValueError(f"curriculum_objective must be one of {OBJECTIVES} or empty, got "
                              f"{self.curriculum_objective!r}")
+        if not 0 <= self.relation_rate <= 1:
+            raise ValueError(f"relation_rate must be in [0, 1], got {self.relation_rate}")
         if self.curriculum_restart and not 0 < self.curriculum_steps < self.steps:
             raise ValueError(f"curriculum_restart needs 0 < curriculum_steps < steps, got {self.curriculum_steps} "
                              f"and {self.steps}")
