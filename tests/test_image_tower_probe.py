@@ -87,7 +87,7 @@ def test_position_share_is_the_variance_of_the_per_position_means(shipped):
     assert list(shares) == ["input", *[f"block_{i}" for i in range(1, layers + 1)], "output"]
     images = np.stack([train_default.resize(itp.make_scene(itp.HELDOUT_SEED_START + i, None, itp.TRAINING_STYLE).image,
                                             224) for i in range(count)])
-    out = shipped.model.apply({"params": shipped.params}, clip_normalize(images), True, method="encode_image")
+    out = itp.encode_images(shipped.model, shipped.params, images, intermediates=True)
     for stage, tokens in (("input", out.residual_stream[0]), (f"block_{layers}", out.residual_stream[layers]),
                           ("output", out.tokens)):
         tokens = np.asarray(tokens[:, 1:], np.float64)

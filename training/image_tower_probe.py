@@ -67,10 +67,10 @@ def one_object_scenes(count: int, start: int, size: int = 224, style: Style = ON
     return np.stack([s.image for s in scenes]), labels, scenes
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def encode_images(model: CLIP, params, images: jax.Array):
+@functools.partial(jax.jit, static_argnames=("model", "intermediates"))
+def encode_images(model: CLIP, params, images: jax.Array, intermediates: bool = False):
     """The image tower's output for uint8 images [B, H, W, 3] (compiled once per model and shape)."""
-    return model.apply({"params": params}, clip_normalize(images), method="encode_image")
+    return model.apply({"params": params}, clip_normalize(images), intermediates, method="encode_image")
 
 
 def tower_features(model: CLIP, params, images: np.ndarray, scenes: list, chunk: int = 100) -> dict[str, np.ndarray]:
@@ -118,7 +118,7 @@ def position_shares(model: CLIP, params, count: int = 64) -> dict[str, float]:
     size = model.config.image_size
     images = np.stack([train_default.resize(make_scene(seed, None, TRAINING_STYLE).image, size)
                        for seed in range(HELDOUT_SEED_START, HELDOUT_SEED_START + count)])
-    out = model.apply({"params": params}, clip_normalize(images), True, method="encode_image")
+    out = encode_images(model, params, images, intermediates=True)
     stages = {"input": out.residual_stream[0],
               **{f"block_{i}": stream for i, stream in enumerate(out.residual_stream[1:], 1)},
               "output": out.tokens}
