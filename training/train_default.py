@@ -147,13 +147,12 @@ def batch(config: TrainConfig, step: int) -> tuple[np.ndarray, list[str], list[s
     pairs = config.batch_size // 2
     if step < config.curriculum_steps:
         most = config.curriculum_objects
-        style = dataclasses.replace(EASY_STYLE, counts=EASY_STYLE.counts[:most],
-                                    count_weights=EASY_STYLE.count_weights[:most],
-                                    form_weights=config.curriculum_form_weights or config.form_weights,
-                                    relation_rate=config.relation_rate)
+        base = dataclasses.replace(EASY_STYLE, counts=EASY_STYLE.counts[:most],
+                                   count_weights=EASY_STYLE.count_weights[:most])
+        forms = config.curriculum_form_weights or config.form_weights
     else:
-        style = dataclasses.replace(TRAINING_STYLE, form_weights=config.form_weights,
-                                    relation_rate=config.relation_rate)
+        base, forms = TRAINING_STYLE, config.form_weights
+    style = dataclasses.replace(base, form_weights=forms, relation_rate=config.relation_rate)
     images, captions, negatives = [], [], []
     for seed in train_seeds(pairs, step * pairs):
         scene = make_scene(seed, None, style)
