@@ -711,10 +711,13 @@ def make_batch(seeds: Sequence[int], size: int | tuple[int, int] = DEFAULT_SIZE)
 
 
 # ------------------------------------------------------------------------------------------------ hard negatives
-def scene_variant(scene: Scene, seed: int, style: Style = TRAINING_STYLE) -> Scene | None:
-    """`scene` with one object's colour or shape changed (an attribute its caption says): same size, background,
-    places, degradation and caption form. Re-drawn from `scene.seed`; None when no change keeps the objects
-    distinct. `seed` picks the change."""
+def scene_variant(scene: Scene, seed: int, style: Style = TRAINING_STYLE,
+                  attributes: Sequence[str] = ("colour", "shape")) -> Scene | None:
+    """`scene` with one object's colour or shape changed (an attribute its caption says, one of `attributes`): same
+    size, background, places, degradation and caption form. Re-drawn from `scene.seed`; None when no change keeps
+    the objects distinct. `seed` picks the change."""
+    if not attributes or not set(attributes) <= {"colour", "shape"}:
+        raise ValueError(f"attributes must be a non-empty subset of ('colour', 'shape'), got {tuple(attributes)}")
     rng = np.random.default_rng(np.random.SeedSequence([_validate_seed(seed), 7]))
     size_rng, layout_rng, background_rng, degrade_rng, _ = _rngs(scene.seed, 0, 5)
     _draw_size(size_rng, style)
@@ -727,7 +730,7 @@ def scene_variant(scene: Scene, seed: int, style: Style = TRAINING_STYLE) -> Sce
     for phrase in scene.description.phrases:
         i = phrase.object_index
         for kind, said in (("colour", phrase.colour), ("shape", phrase.shape)):
-            if said is None:
+            if said is None or kind not in attributes:
                 continue
             for value in (COLOURS if kind == "colour" else SHAPES):
                 new = (value, pairs[i][1]) if kind == "colour" else (pairs[i][0], value)
@@ -806,15 +809,21 @@ def description_is_true(description: Description, objects: Sequence[SceneObject]
     return False
 
 
+NEGATIVE_KINDS = ("colour", "shape", "binding", "relation")
+
+
 def negative_captions(scene: Scene, seed: int, count: int,
-                      also_false_of: Sequence[Sequence[SceneObject]] = ()) -> list[str]:
+                      also_false_of: Sequence[Sequence[SceneObject]] = (),
+                      kinds: Sequence[str] = NEGATIVE_KINDS) -> list[str]:
     """Up to `count` distinct captions false of the scene (and of every object set in `also_false_of`) that differ
     from its caption in one attribute or binding (`negative_descriptions`), drawn by `seed`: a kind of change
-    (colour, shape, binding, relation) uniformly among those available, then a change of that kind."""
+    among `kinds` (colour, shape, binding, relation) uniformly among those available, then a change of that kind."""
+    if not kinds or not set(kinds) <= set(NEGATIVE_KINDS):
+        raise ValueError(f"kinds must be a non-empty subset of {NEGATIVE_KINDS}, got {tuple(kinds)}")
     rng = np.random.default_rng(np.random.SeedSequence([_validate_seed(seed), 11]))
     pool: dict[str, list[Description]] = {}
     for kind, description in negative_descriptions(scene):
-        if not any(description_is_true(description, objects) for objects in also_false_of):
+        if kind in kinds and not any(description_is_true(description, objects) for objects in also_false_of):
             pool.setdefault(kind, []).append(description)
     captions: list[str] = []
     while len(captions) < count and pool:

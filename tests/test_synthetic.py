@@ -26,9 +26,11 @@ from tclip_jax.synthetic import (
     make_batch,
     make_scene,
     mask_box,
+    negative_descriptions,
     negative_captions,
     protocol_sample,
     relations_between,
+    render_caption,
     retrieval_scenes,
     scene_variant,
     train_seeds,
@@ -307,6 +309,38 @@ def test_negative_captions_differ_in_one_attribute_or_binding_and_are_false(scen
                 kind = "binding"
             kinds[kind] += 1
     assert set(kinds) == {"colour", "shape", "binding", "relation"}
+
+
+@pytest.mark.parametrize("kinds", [("shape",), ("colour", "binding")])
+def test_negative_captions_of_chosen_kinds_are_those_changes_only(scenes, kinds):
+    drawn = 0
+    for scene in scenes[:60]:
+        allowed = {render_caption(d)[0] for kind, d in negative_descriptions(scene) if kind in kinds}
+        negatives = negative_captions(scene, seed=scene.seed, count=4, kinds=kinds)
+        assert set(negatives) <= allowed, (scene.caption, negatives)
+        assert len(negatives) == min(4, len(allowed - {scene.caption}))  # as many as the kinds allow
+        drawn += len(negatives)
+    assert drawn > 100
+    with pytest.raises(ValueError, match="kinds"):
+        negative_captions(scenes[0], seed=0, count=2, kinds=("size",))
+
+
+@pytest.mark.parametrize("attribute", ["colour", "shape"])
+def test_scene_variants_change_only_the_chosen_attribute(scenes, attribute):
+    kept = "shape" if attribute == "colour" else "colour"
+    changed = 0
+    for scene in scenes[:40]:
+        variant = scene_variant(scene, seed=3, attributes=(attribute,))
+        if variant is None:
+            continue
+        different = [(a, b) for a, b in zip(scene.objects, variant.objects) if (a.colour, a.shape) != (b.colour, b.shape)]
+        assert len(different) == 1
+        (a, b), = different
+        assert getattr(a, kept) == getattr(b, kept) and getattr(a, attribute) != getattr(b, attribute)
+        changed += 1
+    assert changed >= 30
+    with pytest.raises(ValueError, match="attributes"):
+        scene_variant(scenes[0], seed=3, attributes=())
 
 
 def test_scene_variants_differ_in_one_object(scenes):

@@ -12,7 +12,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "training")
 import train_default  # noqa: E402
 
 from tclip_jax.model import init_params  # noqa: E402
-from tclip_jax.synthetic import RELATIONS, make_scene, train_seeds  # noqa: E402
+from tclip_jax.synthetic import RELATIONS, make_scene, negative_captions, scene_variant, train_seeds  # noqa: E402
 
 
 def test_overrides_give_the_training_tower_a_convolutional_stem():
@@ -68,6 +68,24 @@ def test_relation_rate_sets_how_often_captions_relate_two_objects():
     assert any(relation in caption for caption in default_captions for relation in RELATIONS)
     with pytest.raises(ValueError, match="relation_rate"):
         train_default.TrainConfig(relation_rate=1.5)
+
+
+def test_variant_attributes_and_negative_kinds_choose_the_batch_hard_negatives():
+    config = train_default.TrainConfig(batch_size=16, variant_attributes=("shape",), negative_kinds=("shape",))
+    _, captions, negatives = train_default.batch(config, 0)
+    style = dataclasses.replace(train_default.TRAINING_STYLE, form_weights=config.form_weights)
+    expected_negatives = []
+    for k, seed in enumerate(train_seeds(8, 0)):
+        scene = make_scene(seed, None, style)
+        variant = scene_variant(scene, seed, style, ("shape",))
+        assert captions[2 * k:2 * k + 2] == [scene.caption, variant.caption]
+        expected_negatives += negative_captions(scene, seed, 2, (variant.objects,), kinds=("shape",))
+    assert negatives == [c for c in dict.fromkeys(expected_negatives) if c not in captions]
+    default_captions = train_default.batch(dataclasses.replace(config, variant_attributes=("colour", "shape")), 0)[1]
+    assert default_captions != captions  # the option is not ignored
+    for bad in ("variant_attributes=size", "negative_kinds=colour,size", "negative_kinds="):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            train_default.TrainConfig(**train_default.parse_overrides([bad]))
 
 
 def test_curriculum_restart_gives_the_rest_its_own_warmup_and_cosine_decay():

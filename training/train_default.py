@@ -51,6 +51,7 @@ from tclip_jax.evaluation.retrieval import retrieval_top1
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize
 from tclip_jax.synthetic import (
+    NEGATIVE_KINDS,
     PLAIN_STYLE,
     TRAINING_STYLE,
     make_scene,
@@ -82,6 +83,8 @@ class TrainConfig:
     curriculum_objective: str = ""  # the curriculum's objective; "": objective
     batch_size: int = 64            # images: B/2 scenes and their variants
     negatives: int = 2              # hard-negative captions per scene
+    variant_attributes: tuple[str, ...] = ("colour", "shape")  # what a scene's variant may change
+    negative_kinds: tuple[str, ...] = NEGATIVE_KINDS  # the changes a negative caption may make
     # Caption phrase forms (colour+shape, shape+colour, shape only, colour only): TRAINING_STYLE's by default.
     form_weights: tuple[float, ...] = TRAINING_STYLE.form_weights
     relation_rate: float = TRAINING_STYLE.relation_rate  # per join, a true relation phrase instead of "and"
@@ -116,6 +119,12 @@ class TrainConfig:
         if self.curriculum_objective not in ("", *OBJECTIVES):
             raise ValueError(f"curriculum_objective must be one of {OBJECTIVES} or empty, got "
                              f"{self.curriculum_objective!r}")
+        if not self.variant_attributes or not set(self.variant_attributes) <= {"colour", "shape"}:
+            raise ValueError(f"variant_attributes must be a non-empty subset of colour,shape, got "
+                             f"{self.variant_attributes}")
+        if not self.negative_kinds or not set(self.negative_kinds) <= set(NEGATIVE_KINDS):
+            raise ValueError(f"negative_kinds must be a non-empty subset of {','.join(NEGATIVE_KINDS)}, got "
+                             f"{self.negative_kinds}")
         if not 0 <= self.relation_rate <= 1:
             raise ValueError(f"relation_rate must be in [0, 1], got {self.relation_rate}")
         if self.curriculum_restart and not 0 < self.curriculum_steps < self.steps:
@@ -156,12 +165,13 @@ def batch(config: TrainConfig, step: int) -> tuple[np.ndarray, list[str], list[s
     images, captions, negatives = [], [], []
     for seed in train_seeds(pairs, step * pairs):
         scene = make_scene(seed, None, style)
-        variant = scene_variant(scene, seed, style)
+        variant = scene_variant(scene, seed, style, config.variant_attributes)
         if variant is None:  # no change keeps the objects distinct (rare): a scene of a far seed instead
             variant = make_scene(seed + 5_000_000, None, style)
         images += [resize(scene.image, config.image_size), resize(variant.image, config.image_size)]
         captions += [scene.caption, variant.caption]
-        negatives += negative_captions(scene, seed, config.negatives, also_false_of=(variant.objects,))
+        negatives += negative_captions(scene, seed, config.negatives, also_false_of=(variant.objects,),
+                                       kinds=config.negative_kinds)
     taken = set(captions)
     negatives = [c for c in dict.fromkeys(negatives) if c not in taken]
     return np.stack(images), captions, negatives
@@ -370,7 +380,8 @@ def parse_overrides(items: list[str]) -> dict:
             raise SystemExit(f"unknown TrainConfig field {name!r}")
         parse = {"int": int, "float": float, "str": str,
                  "tuple[float, ...]": lambda text: tuple(float(v) for v in text.split(",")),
-                 "tuple[int, ...]": lambda text: tuple(int(v) for v in text.split(",") if v)}[fields[name]]
+                 "tuple[int, ...]": lambda text: tuple(int(v) for v in text.split(",") if v),
+                 "tuple[str, ...]": lambda text: tuple(v for v in text.split(",") if v)}[fields[name]]
         try:
             overrides[name] = parse(value)
         except ValueError as error:
