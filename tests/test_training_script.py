@@ -125,3 +125,18 @@ def test_curriculum_objective_trains_the_curriculum_with_its_own_loss(tmp_path):
         dataclasses.replace(mixed, curriculum_objective="tokens")
     with pytest.raises(ValueError, match="^objective must"):
         dataclasses.replace(mixed, objective="tokens")
+
+
+def test_text_frozen_steps_keep_the_text_tower_at_its_initialisation(tmp_path):
+    tiny = dict(batch_size=4, steps=3, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=32,
+                patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
+    config = train_default.TrainConfig(objective="clip_tokens", text_frozen_steps=2, **tiny)
+    start = init_params(train_default.model_config(config), config.seed)
+    frozen, _, _ = train_default.train(config, tmp_path / "frozen.jsonl", stop_after=2)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, frozen["text"], start["text"])
+    assert not np.array_equal(frozen["visual"]["proj"], start["visual"]["proj"])
+    assert frozen["logit_scale"] != start["logit_scale"]
+    trained, _, _ = train_default.train(config, tmp_path / "trained.jsonl")  # step 3 trains the text tower
+    assert not np.array_equal(trained["text"]["projection"], start["text"]["projection"])
+    with pytest.raises(ValueError, match="text_frozen_steps"):
+        dataclasses.replace(config, text_frozen_steps=-1)

@@ -38,6 +38,7 @@ import json
 import os
 import pathlib
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,7 @@ class TrainConfig:
     curriculum_form_weights: tuple[float, ...] = ()  # the curriculum's phrase forms; (): form_weights
     curriculum_restart: int = 0     # 1: the steps after the curriculum get a second warm-up and cosine decay
     curriculum_objective: str = ""  # the curriculum's objective; "": objective
+    text_frozen_steps: int = 0      # the first steps keep the text tower at its initialisation
     batch_size: int = 64            # images: B/2 scenes and their variants
     negatives: int = 2              # hard-negative captions per scene
     variant_attributes: tuple[str, ...] = ("colour", "shape")  # what a scene's variant may change
@@ -125,6 +127,8 @@ class TrainConfig:
         if not self.negative_kinds or not set(self.negative_kinds) <= set(NEGATIVE_KINDS):
             raise ValueError(f"negative_kinds must be a non-empty subset of {','.join(NEGATIVE_KINDS)}, got "
                              f"{self.negative_kinds}")
+        if self.text_frozen_steps < 0:
+            raise ValueError(f"text_frozen_steps must be >= 0, got {self.text_frozen_steps}")
         if not 0 <= self.relation_rate <= 1:
             raise ValueError(f"relation_rate must be in [0, 1], got {self.relation_rate}")
         if self.curriculum_restart and not 0 < self.curriculum_steps < self.steps:
@@ -297,12 +301,21 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def make_train_step(model: CLIP, tx: optax.GradientTransformation, config: TrainConfig, objective: str, sot_id: int,
-                    eot_id: int):
+                    eot_id: int, train_text: bool = True):
+    """One jitted step; without `train_text` the text tower is neither moved (not even by weight decay) nor
+    given optimiser moments."""
+    def frozen_text(tree):
+        return {**tree, "text": jax.tree_util.tree_map(jnp.zeros_like, tree["text"])}
+
     @jax.jit
     def step(params, opt_state, images_u8, token_ids, columns):
         grads, metrics = jax.grad(losses, has_aux=True)(params, model, images_u8, token_ids, columns, sot_id, eot_id,
                                                         config, objective)
+        if not train_text:
+            grads = frozen_text(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
+        if not train_text:
+            updates = frozen_text(updates)
         params = optax.apply_updates(params, updates)
         params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, config.max_logit_scale)
         return params, opt_state, metrics
@@ -321,9 +334,18 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     params = init_params(clip_config, config.seed)
     tx = optimizer(config)
     opt_state = tx.init(params)
-    step_fn = make_train_step(model, tx, config, config.objective, tokenizer.sot_id, tokenizer.eot_id)
-    curriculum_step_fn = (make_train_step(model, tx, config, config.curriculum_objective, tokenizer.sot_id,
-                                          tokenizer.eot_id) if config.curriculum_objective else step_fn)
+    step_fns: dict[tuple[str, bool], Callable] = {}
+
+    def step_fn(step: int) -> Callable:
+        """The jitted step of `step`'s objective, with or without training the text tower."""
+        curriculum = step < config.curriculum_steps and config.curriculum_objective
+        objective = config.curriculum_objective if curriculum else config.objective
+        train_text = step >= config.text_frozen_steps
+        if (objective, train_text) not in step_fns:
+            step_fns[objective, train_text] = make_train_step(model, tx, config, objective, tokenizer.sot_id,
+                                                              tokenizer.eot_id, train_text)
+        return step_fns[objective, train_text]
+
     validation = retrieval_scenes(config.validation_scenes, VALIDATION_OFFSET)
     loaded = LoadedClip(model, params, tokenizer, "tclip", "training")  # params replaced at each validation
     # A fixed number of text rows per step (a changing count recompiles): negatives are padded with masked rows.
@@ -345,8 +367,7 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
                                         config.text_length_step)
             used_ids.update(np.unique(token_ids).tolist())
             step_start = time.perf_counter()
-            params, opt_state, metrics = (curriculum_step_fn if step < config.curriculum_steps else step_fn)(
-                params, opt_state, images, token_ids, columns)
+            params, opt_state, metrics = step_fn(step)(params, opt_state, images, token_ids, columns)
             record = {"step": step + 1, **{k: float(v) for k, v in metrics.items()},
                       "negatives": len(negatives)}
             record["samples_per_s"] = config.batch_size / (time.perf_counter() - step_start)
