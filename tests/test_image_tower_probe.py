@@ -49,11 +49,12 @@ def test_probe_finds_colour_in_the_shipped_tower(shipped):
     assert accuracy["colour/centre_patch"] >= 0.9
 
 
-def test_supervised_training_teaches_a_small_tower_colour():
+def test_supervised_training_teaches_a_small_tower_colour_beside_shape():
     config = train_default.TrainConfig(image_size=64, patch_size=16, vision_layers=1, embed_dim=32)
-    records = list(itp.supervised(config, "colour", steps=120, batch_size=32, test_count=120, every=60))
+    records = list(itp.supervised(config, ("colour", "shape"), steps=120, batch_size=32, test_count=120, every=60))
     assert [r["step"] for r in records] == [60, 120]
-    assert records[-1]["heldout_accuracy"] >= 3 / len(itp.LABELS["colour"])  # three times chance
+    assert set(records[-1]["heldout_accuracy"]) == {"colour", "shape"}
+    assert records[-1]["heldout_accuracy"]["colour"] >= 3 / len(itp.LABELS["colour"])  # three times chance
     assert jax.numpy.isfinite(records[-1]["loss"])
 
 

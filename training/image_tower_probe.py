@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python training/image_tower_probe.py probe tclip_jax/data/default_model [FOLDER ...] [--random]
     PYTHONPATH=. python training/image_tower_probe.py position FOLDER [FOLDER ...]
-    PYTHONPATH=. python training/image_tower_probe.py supervised --label shape --steps 400 [--set FIELD=VALUE ...]
+    PYTHONPATH=. python training/image_tower_probe.py supervised --label shape [colour] --steps 400 [--set FIELD=VALUE ...]
         [--object-sizes MIN MAX] [--backgrounds NAME ...] [--easy-steps N]
 
 `probe`: a checkpoint's image tower, frozen, on `one_object_scenes` (PLAIN_STYLE, exactly one object): a
@@ -17,7 +17,8 @@ tower's input through each block.
 
 `supervised`: the training script's image tower (`train_default.model_config`, with `--set` overrides) trained
 from scratch with a linear head and cross-entropy on the label of one-object scenes (AdamW, warmup then cosine,
-batch 64), held-out accuracy on 300 scenes every 100 steps. It separates the objective from the architecture: if
+batch 64), held-out accuracy on 300 scenes every 100 steps; with two labels, one head each and the sum of the
+losses (does learning one label stop the other?). It separates the objective from the architecture: if
 direct supervision does not teach the tower a label, no contrastive caption loss of the same length will.
 `--set stem_channels=16,32,64` gives the tower a convolutional stem. `--object-sizes` / `--backgrounds` narrow the
 scenes (training and held-out alike); `--easy-steps N` draws the first N training batches from `EASY_OBJECTS`
@@ -34,6 +35,7 @@ import json
 import pathlib
 import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -132,24 +134,27 @@ def _position_share(tokens: np.ndarray) -> float:
     return float(((tokens.mean(axis=0) - overall) ** 2).sum(axis=-1).mean() / total)
 
 
-def supervised(config: train_default.TrainConfig, label: str, steps: int, batch_size: int = 64,
+def supervised(config: train_default.TrainConfig, labels: Sequence[str], steps: int, batch_size: int = 64,
                peak_learning_rate: float = 1e-3, test_count: int = 300, every: int = 100,
                style: Style = ONE_OBJECT, easy_steps: int = 0):
-    """Yields {step, loss, heldout_accuracy} every `every` steps of supervised training of the image tower on
-    `style` scenes (the first `easy_steps` batches from `EASY_OBJECTS`); held out: `style` scenes."""
+    """Yields {step, loss, heldout_accuracy: {label: accuracy}} every `every` steps of supervised training of the
+    image tower on `style` scenes (the first `easy_steps` batches from `EASY_OBJECTS`), one linear head per label
+    and the sum of their cross-entropies; held out: `style` scenes."""
     clip_config = train_default.model_config(config)
     model = CLIP(clip_config)
-    classes = len(LABELS[label])
-    params = {"clip": init_params(clip_config, config.seed), "head": jnp.zeros((clip_config.embed_dim, classes))}
+    params = {"clip": init_params(clip_config, config.seed),
+              "heads": {label: jnp.zeros((clip_config.embed_dim, len(LABELS[label]))) for label in labels}}
     schedule = optax.warmup_cosine_decay_schedule(0.0, peak_learning_rate, min(50, steps // 4), steps)
     tx = optax.adamw(schedule, weight_decay=0.1)
     state = tx.init(params)
 
     def logits(p, images):
-        return encode_images(model, p["clip"], images).embeds @ p["head"]
+        embeds = encode_images(model, p["clip"], images).embeds
+        return {label: embeds @ head for label, head in p["heads"].items()}
 
     def loss(p, images, targets):
-        return optax.softmax_cross_entropy_with_integer_labels(logits(p, images), targets).mean()
+        return sum(optax.softmax_cross_entropy_with_integer_labels(out, targets[label]).mean()
+                   for label, out in logits(p, images).items())
 
     @jax.jit
     def step(p, s, images, targets):
@@ -157,15 +162,17 @@ def supervised(config: train_default.TrainConfig, label: str, steps: int, batch_
         updates, s = tx.update(grads, s, p)
         return optax.apply_updates(p, updates), s, value
 
-    predict = jax.jit(lambda p, images: jnp.argmax(logits(p, images), axis=-1))
+    predict = jax.jit(lambda p, images: {label: jnp.argmax(out, axis=-1) for label, out in logits(p, images).items()})
     test_images, test_labels, _ = one_object_scenes(test_count, SUPERVISED_TEST_SEEDS, config.image_size, style)
     start = time.perf_counter()
     for index in range(steps):
         batch_style = EASY_OBJECTS if index < easy_steps else style
-        images, labels, _ = one_object_scenes(batch_size, index * batch_size, config.image_size, batch_style)
-        params, state, value = step(params, state, images, labels[label])
+        images, batch_labels, _ = one_object_scenes(batch_size, index * batch_size, config.image_size, batch_style)
+        params, state, value = step(params, state, images, {label: batch_labels[label] for label in labels})
         if (index + 1) % every == 0 or index + 1 == steps:
-            accuracy = float((np.asarray(predict(params, test_images)) == test_labels[label]).mean())
+            predictions = predict(params, test_images)
+            accuracy = {label: float((np.asarray(predictions[label]) == test_labels[label]).mean())
+                        for label in labels}
             yield {"step": index + 1, "loss": float(value), "heldout_accuracy": accuracy,
                    "elapsed_s": time.perf_counter() - start}
 
@@ -179,7 +186,8 @@ def main() -> None:
     position_parser = commands.add_parser("position", help="how much of the patch tokens is their grid position")
     position_parser.add_argument("folders", nargs="+", type=pathlib.Path)
     sup = commands.add_parser("supervised", help="train the image tower on a label directly")
-    sup.add_argument("--label", choices=tuple(LABELS), default="shape")
+    sup.add_argument("--label", nargs="+", choices=tuple(LABELS), default=["shape"],
+                     help="one label, or several trained together (one head each, their losses summed)")
     sup.add_argument("--steps", type=int, default=400)
     sup.add_argument("--learning-rate", type=float, default=1e-3)
     sup.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="TrainConfig overrides")
@@ -214,9 +222,10 @@ def main() -> None:
         if args.easy_steps < 0:
             parser.error(f"--easy-steps must be >= 0, got {args.easy_steps}")
         style = dataclasses.replace(ONE_OBJECT, size_range=(low, high), backgrounds=tuple(args.backgrounds))
-        for record in supervised(config, args.label, args.steps, peak_learning_rate=args.learning_rate, style=style,
+        labels = tuple(dict.fromkeys(args.label))
+        for record in supervised(config, labels, args.steps, peak_learning_rate=args.learning_rate, style=style,
                                  easy_steps=args.easy_steps):
-            print(json.dumps({"label": args.label, **record}), flush=True)
+            print(json.dumps({"labels": labels, **record}), flush=True)
 
 
 if __name__ == "__main__":
