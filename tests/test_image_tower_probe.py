@@ -58,6 +58,15 @@ def test_supervised_training_teaches_a_small_tower_colour_beside_shape():
     assert jax.numpy.isfinite(records[-1]["loss"])
 
 
+def test_supervised_heads_start_at_zero_or_random():
+    config = train_default.TrainConfig(image_size=64, patch_size=16, vision_layers=1, embed_dim=32)
+    first = {random: next(itp.supervised(config, ("colour", "shape"), steps=1, batch_size=8, test_count=8,
+                                         random_heads=random))["loss"] for random in (False, True)}
+    # The first step's loss is taken before any update: zero heads give uniform predictions, ln 6 + ln 7.
+    np.testing.assert_allclose(first[False], np.log(6) + np.log(7), rtol=1e-6)
+    assert abs(first[True] - first[False]) > 0.01
+
+
 def test_scene_style_narrows_object_sizes_and_rejects_several_objects():
     def extents(style):
         _, _, scenes = itp.one_object_scenes(8, itp.PROBE_SEEDS, style=style)

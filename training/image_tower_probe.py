@@ -3,7 +3,7 @@
     PYTHONPATH=. python training/image_tower_probe.py probe tclip_jax/data/default_model [FOLDER ...] [--random]
     PYTHONPATH=. python training/image_tower_probe.py position FOLDER [FOLDER ...]
     PYTHONPATH=. python training/image_tower_probe.py supervised --label shape [colour] --steps 400 [--set FIELD=VALUE ...]
-        [--object-sizes MIN MAX] [--backgrounds NAME ...] [--easy-steps N]
+        [--object-sizes MIN MAX] [--backgrounds NAME ...] [--easy-steps N] [--random-heads]
 
 `probe`: a checkpoint's image tower, frozen, on `one_object_scenes` (PLAIN_STYLE, exactly one object): a
 multinomial logistic regression (scikit-learn) per label and per feature, fitted on 1500 scenes, accuracy on 500
@@ -18,7 +18,7 @@ tower's input through each block.
 `supervised`: the training script's image tower (`train_default.model_config`, with `--set` overrides) trained
 from scratch with a linear head and cross-entropy on the label of one-object scenes (AdamW, warmup then cosine,
 batch 64), held-out accuracy on 300 scenes every 100 steps; with two labels, one head each and the sum of the
-losses (does learning one label stop the other?). It separates the objective from the architecture: if
+losses (does learning one label stop the other?); `--random-heads` starts the heads random instead of at zero. It separates the objective from the architecture: if
 direct supervision does not teach the tower a label, no contrastive caption loss of the same length will.
 `--set stem_channels=16,32,64` gives the tower a convolutional stem. `--object-sizes` / `--backgrounds` narrow the
 scenes (training and held-out alike); `--easy-steps N` draws the first N training batches from `EASY_OBJECTS`
@@ -136,14 +136,20 @@ def _position_share(tokens: np.ndarray) -> float:
 
 def supervised(config: train_default.TrainConfig, labels: Sequence[str], steps: int, batch_size: int = 64,
                peak_learning_rate: float = 1e-3, test_count: int = 300, every: int = 100,
-               style: Style = ONE_OBJECT, easy_steps: int = 0):
+               style: Style = ONE_OBJECT, easy_steps: int = 0, random_heads: bool = False):
     """Yields {step, loss, heldout_accuracy: {label: accuracy}} every `every` steps of supervised training of the
     image tower on `style` scenes (the first `easy_steps` batches from `EASY_OBJECTS`), one linear head per label
-    and the sum of their cross-entropies; held out: `style` scenes."""
+    and the sum of their cross-entropies; held out: `style` scenes.
+
+    Heads start at zero (a zero head passes the tower no gradient until it has grown), or with `random_heads`
+    from N(0, 1/embed_dim) (seeded by `config.seed`)."""
     clip_config = train_default.model_config(config)
     model = CLIP(clip_config)
-    params = {"clip": init_params(clip_config, config.seed),
-              "heads": {label: jnp.zeros((clip_config.embed_dim, len(LABELS[label]))) for label in labels}}
+    keys = jax.random.split(jax.random.PRNGKey(config.seed + 1), len(labels))
+    heads = {label: jax.random.normal(key, (clip_config.embed_dim, len(LABELS[label]))) * clip_config.embed_dim**-0.5
+             if random_heads else jnp.zeros((clip_config.embed_dim, len(LABELS[label])))
+             for key, label in zip(keys, labels)}
+    params = {"clip": init_params(clip_config, config.seed), "heads": heads}
     schedule = optax.warmup_cosine_decay_schedule(0.0, peak_learning_rate, min(50, steps // 4), steps)
     tx = optax.adamw(schedule, weight_decay=0.1)
     state = tx.init(params)
@@ -195,6 +201,7 @@ def main() -> None:
                      default=ONE_OBJECT.size_range, help="object extent range, pixels at 224 px")
     sup.add_argument("--backgrounds", nargs="+", choices=BACKGROUNDS, default=ONE_OBJECT.backgrounds)
     sup.add_argument("--easy-steps", type=int, default=0, help="first N batches from EASY_OBJECTS")
+    sup.add_argument("--random-heads", action="store_true", help="heads start random, not at zero")
     args = parser.parse_args()
     if args.command == "probe":
         if not args.folders and not args.random:
@@ -224,7 +231,7 @@ def main() -> None:
         style = dataclasses.replace(ONE_OBJECT, size_range=(low, high), backgrounds=tuple(args.backgrounds))
         labels = tuple(dict.fromkeys(args.label))
         for record in supervised(config, labels, args.steps, peak_learning_rate=args.learning_rate, style=style,
-                                 easy_steps=args.easy_steps):
+                                 easy_steps=args.easy_steps, random_heads=args.random_heads):
             print(json.dumps({"labels": labels, **record}), flush=True)
 
 
