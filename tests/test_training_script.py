@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "training"))
 import train_default  # noqa: E402
 
+from tclip_jax.checkpoints.folder import save_checkpoint  # noqa: E402
 from tclip_jax.model import init_params  # noqa: E402
 from tclip_jax.synthetic import RELATIONS, make_scene, negative_captions, scene_variant, train_seeds  # noqa: E402
 
@@ -140,3 +141,26 @@ def test_text_frozen_steps_keep_the_text_tower_at_its_initialisation(tmp_path):
     assert not np.array_equal(trained["text"]["projection"], start["text"]["projection"])
     with pytest.raises(ValueError, match="text_frozen_steps"):
         dataclasses.replace(config, text_frozen_steps=-1)
+
+
+def test_text_init_starts_the_text_tower_from_a_checkpoint(tmp_path):
+    tiny = dict(batch_size=4, steps=2, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=32,
+                patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
+    source_config = train_default.TrainConfig(objective="clip", **tiny)
+    trained, used_ids, _ = train_default.train(source_config, tmp_path / "source.jsonl", stop_after=1)
+    save_checkpoint(tmp_path / "source", train_default.zero_unused_rows(trained, used_ids),
+                    train_default.model_config(source_config))
+    config = dataclasses.replace(source_config, seed=1, text_init=str(tmp_path / "source"), text_frozen_steps=1)
+    fresh = init_params(train_default.model_config(config), config.seed)["text"]
+    start = train_default.text_tower_from(config.text_init, fresh)
+    used = np.zeros(len(fresh["token_embedding"]), bool)
+    used[used_ids] = True
+    np.testing.assert_array_equal(start["token_embedding"][used], trained["text"]["token_embedding"][used])
+    np.testing.assert_array_equal(start["token_embedding"][~used], fresh["token_embedding"][~used])
+    np.testing.assert_array_equal(start["transformer"]["block_0"]["fc"]["kernel"],
+                                  trained["text"]["transformer"]["block_0"]["fc"]["kernel"])
+    run, _, _ = train_default.train(config, tmp_path / "run.jsonl", stop_after=1)  # text frozen: still the start
+    jax.tree_util.tree_map(np.testing.assert_array_equal, run["text"], start)
+    with pytest.raises(ValueError, match="text_init"):
+        train_default.text_tower_from(config.text_init, init_params(train_default.model_config(
+            dataclasses.replace(config, text_width=128)), 0)["text"])

@@ -47,7 +47,7 @@ import optax
 from PIL import Image
 
 from tclip_jax.checkpoints.folder import save_checkpoint
-from tclip_jax.checkpoints.load import LoadedClip
+from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.evaluation.retrieval import retrieval_top1
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize
@@ -83,6 +83,7 @@ class TrainConfig:
     curriculum_restart: int = 0     # 1: the steps after the curriculum get a second warm-up and cosine decay
     curriculum_objective: str = ""  # the curriculum's objective; "": objective
     text_frozen_steps: int = 0      # the first steps keep the text tower at its initialisation
+    text_init: str = ""             # a checkpoint folder of this script whose text tower starts the run
     batch_size: int = 64            # images: B/2 scenes and their variants
     negatives: int = 2              # hard-negative captions per scene
     variant_attributes: tuple[str, ...] = ("colour", "shape")  # what a scene's variant may change
@@ -300,6 +301,21 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=config.weight_decay, mask=decayed)
 
 
+def text_tower_from(folder: str, fresh: dict) -> dict:
+    """The text tower of checkpoint `folder` (`TrainConfig.text_init`) for a run whose fresh text tower is `fresh`.
+
+    Token-embedding rows the source run never used are zero in its checkpoint (`zero_unused_rows`); they keep
+    their fresh initialisation, so that words the source never saw stay apart."""
+    source = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), load_clip(folder).params["text"])
+    shapes = jax.tree_util.tree_map(np.shape, source)
+    if (jax.tree_util.tree_structure(source) != jax.tree_util.tree_structure(fresh)
+            or shapes != jax.tree_util.tree_map(np.shape, fresh)):
+        raise ValueError(f"text_init {folder}: its text tower has another architecture than this run's")
+    embedding = source["token_embedding"]
+    unused = ~embedding.any(axis=1, keepdims=True)
+    return {**source, "token_embedding": np.where(unused, np.asarray(fresh["token_embedding"]), embedding)}
+
+
 def make_train_step(model: CLIP, tx: optax.GradientTransformation, config: TrainConfig, objective: str, sot_id: int,
                     eot_id: int, train_text: bool = True):
     """One jitted step; without `train_text` the text tower is neither moved (not even by weight decay) nor
@@ -332,6 +348,9 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     model = CLIP(clip_config)
     tokenizer = default_tokenizer()
     params = init_params(clip_config, config.seed)
+    if config.text_init:
+        text = text_tower_from(config.text_init, params["text"])
+        params = {**params, "text": jax.tree_util.tree_map(jnp.asarray, text)}
     tx = optimizer(config)
     opt_state = tx.init(params)
     step_fns: dict[tuple[str, bool], Callable] = {}
@@ -421,7 +440,9 @@ def main() -> None:
     try:
         config = dataclasses.replace(TrainConfig(), objective=args.objective, steps=args.steps,
                                      **parse_overrides(args.set))
-    except ValueError as error:  # a bad override: one line, no traceback
+        if config.text_init:  # a missing or mismatched checkpoint fails here, before any step
+            text_tower_from(config.text_init, init_params(model_config(config), config.seed)["text"])
+    except (ValueError, OSError) as error:  # a bad override: one line, no traceback
         parser.error(str(error))
     log_path = args.out.parent / f".{args.out.name}.{LOG_FILE}"  # moved into the folder once it is written
     log_path.parent.mkdir(parents=True, exist_ok=True)
