@@ -122,6 +122,7 @@ _OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the lef
 PREFIXES = ("a photo of", "an image of", "a picture of", "a rendering of", "a drawing of")
 PHRASE_FORMS = ("colour_shape", "shape_colour", "shape", "colour")
 KINDS = ("colour", "shape", "relation")
+ATTRIBUTES = ("colour", "shape")  # what a phrase says of its object
 
 MAX_OBJECTS = 5
 OBJECT_SIZE_RANGE = (16.0, 160.0)  # object extent in pixels at DEFAULT_SIZE
@@ -712,12 +713,12 @@ def make_batch(seeds: Sequence[int], size: int | tuple[int, int] = DEFAULT_SIZE)
 
 # ------------------------------------------------------------------------------------------------ hard negatives
 def scene_variant(scene: Scene, seed: int, style: Style = TRAINING_STYLE,
-                  attributes: Sequence[str] = ("colour", "shape")) -> Scene | None:
+                  attributes: Sequence[str] = ATTRIBUTES) -> Scene | None:
     """`scene` with one object's colour or shape changed (an attribute its caption says, one of `attributes`): same
     size, background, places, degradation and caption form. Re-drawn from `scene.seed`; None when no change keeps
     the objects distinct. `seed` picks the change."""
-    if not attributes or not set(attributes) <= {"colour", "shape"}:
-        raise ValueError(f"attributes must be a non-empty subset of ('colour', 'shape'), got {tuple(attributes)}")
+    if not attributes or not set(attributes) <= set(ATTRIBUTES):
+        raise ValueError(f"attributes must be a non-empty subset of {ATTRIBUTES}, got {tuple(attributes)}")
     rng = np.random.default_rng(np.random.SeedSequence([_validate_seed(seed), 7]))
     size_rng, layout_rng, background_rng, degrade_rng, _ = _rngs(scene.seed, 0, 5)
     _draw_size(size_rng, style)

@@ -333,7 +333,8 @@ def test_scene_variants_change_only_the_chosen_attribute(scenes, attribute):
         variant = scene_variant(scene, seed=3, attributes=(attribute,))
         if variant is None:
             continue
-        different = [(a, b) for a, b in zip(scene.objects, variant.objects) if (a.colour, a.shape) != (b.colour, b.shape)]
+        different = [(a, b) for a, b in zip(scene.objects, variant.objects)
+                     if (a.colour, a.shape) != (b.colour, b.shape)]
         assert len(different) == 1
         (a, b), = different
         assert getattr(a, kept) == getattr(b, kept) and getattr(a, attribute) != getattr(b, attribute)

@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python training/image_tower_probe.py probe tclip_jax/data/default_model [FOLDER ...] [--random]
     PYTHONPATH=. python training/image_tower_probe.py position FOLDER [FOLDER ...]
-    PYTHONPATH=. python training/image_tower_probe.py supervised --label shape [colour] --steps 400 [--set FIELD=VALUE ...]
-        [--object-sizes MIN MAX] [--backgrounds NAME ...] [--easy-steps N] [--random-heads]
+    PYTHONPATH=. python training/image_tower_probe.py supervised --label shape [colour] --steps 400
+        [--set FIELD=VALUE ...] [--object-sizes MIN MAX] [--backgrounds NAME ...] [--easy-steps N] [--random-heads]
 
 `probe`: a checkpoint's image tower, frozen, on `one_object_scenes` (PLAIN_STYLE, exactly one object): a
 multinomial logistic regression (scikit-learn) per label and per feature, fitted on 1500 scenes, accuracy on 500
@@ -18,8 +18,9 @@ tower's input through each block.
 `supervised`: the training script's image tower (`train_default.model_config`, with `--set` overrides) trained
 from scratch with a linear head and cross-entropy on the label of one-object scenes (AdamW, warmup then cosine,
 batch 64), held-out accuracy on 300 scenes every 100 steps; with two labels, one head each and the sum of the
-losses (does learning one label stop the other?); `--random-heads` starts the heads random instead of at zero. It separates the objective from the architecture: if
-direct supervision does not teach the tower a label, no contrastive caption loss of the same length will.
+losses (does learning one label stop the other?); `--random-heads` starts the heads random instead of at zero.
+It separates the objective from the architecture: if direct supervision does not teach the tower a label, no
+contrastive caption loss of the same length will.
 `--set stem_channels=16,32,64` gives the tower a convolutional stem. `--object-sizes` / `--backgrounds` narrow the
 scenes (training and held-out alike); `--easy-steps N` draws the first N training batches from `EASY_OBJECTS`
 (100-160 px objects on flat backgrounds), a curriculum.

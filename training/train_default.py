@@ -52,6 +52,7 @@ from tclip_jax.evaluation.retrieval import retrieval_top1
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize
 from tclip_jax.synthetic import (
+    ATTRIBUTES,
     NEGATIVE_KINDS,
     PLAIN_STYLE,
     TRAINING_STYLE,
@@ -86,7 +87,7 @@ class TrainConfig:
     text_init: str = ""             # a checkpoint folder of this script whose text tower starts the run
     batch_size: int = 64            # images: B/2 scenes and their variants
     negatives: int = 2              # hard-negative captions per scene
-    variant_attributes: tuple[str, ...] = ("colour", "shape")  # what a scene's variant may change
+    variant_attributes: tuple[str, ...] = ATTRIBUTES  # what a scene's variant may change
     negative_kinds: tuple[str, ...] = NEGATIVE_KINDS  # the changes a negative caption may make
     # Caption phrase forms (colour+shape, shape+colour, shape only, colour only): TRAINING_STYLE's by default.
     form_weights: tuple[float, ...] = TRAINING_STYLE.form_weights
@@ -122,8 +123,8 @@ class TrainConfig:
         if self.curriculum_objective not in ("", *OBJECTIVES):
             raise ValueError(f"curriculum_objective must be one of {OBJECTIVES} or empty, got "
                              f"{self.curriculum_objective!r}")
-        if not self.variant_attributes or not set(self.variant_attributes) <= {"colour", "shape"}:
-            raise ValueError(f"variant_attributes must be a non-empty subset of colour,shape, got "
+        if not self.variant_attributes or not set(self.variant_attributes) <= set(ATTRIBUTES):
+            raise ValueError(f"variant_attributes must be a non-empty subset of {','.join(ATTRIBUTES)}, got "
                              f"{self.variant_attributes}")
         if not self.negative_kinds or not set(self.negative_kinds) <= set(NEGATIVE_KINDS):
             raise ValueError(f"negative_kinds must be a non-empty subset of {','.join(NEGATIVE_KINDS)}, got "
@@ -442,7 +443,7 @@ def main() -> None:
                                      **parse_overrides(args.set))
         if config.text_init:  # a missing or mismatched checkpoint fails here, before any step
             text_tower_from(config.text_init, init_params(model_config(config), config.seed)["text"])
-    except (ValueError, OSError) as error:  # a bad override: one line, no traceback
+    except (ValueError, OSError) as error:  # a bad override or text_init folder: one line, no traceback
         parser.error(str(error))
     log_path = args.out.parent / f".{args.out.name}.{LOG_FILE}"  # moved into the folder once it is written
     log_path.parent.mkdir(parents=True, exist_ok=True)
