@@ -712,13 +712,18 @@ def make_batch(seeds: Sequence[int], size: int | tuple[int, int] = DEFAULT_SIZE)
 
 
 # ------------------------------------------------------------------------------------------------ hard negatives
+def check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> None:
+    """Raises ValueError unless `values` is a non-empty subset of `allowed` (the options of the functions below)."""
+    if not values or not set(values) <= set(allowed):
+        raise ValueError(f"{name} must be a non-empty subset of {','.join(allowed)}, got {','.join(values) or '()'}")
+
+
 def scene_variant(scene: Scene, seed: int, style: Style = TRAINING_STYLE,
                   attributes: Sequence[str] = ATTRIBUTES) -> Scene | None:
     """`scene` with one object's colour or shape changed (an attribute its caption says, one of `attributes`): same
     size, background, places, degradation and caption form. Re-drawn from `scene.seed`; None when no change keeps
     the objects distinct. `seed` picks the change."""
-    if not attributes or not set(attributes) <= set(ATTRIBUTES):
-        raise ValueError(f"attributes must be a non-empty subset of {ATTRIBUTES}, got {tuple(attributes)}")
+    check_choices("attributes", attributes, ATTRIBUTES)
     rng = np.random.default_rng(np.random.SeedSequence([_validate_seed(seed), 7]))
     size_rng, layout_rng, background_rng, degrade_rng, _ = _rngs(scene.seed, 0, 5)
     _draw_size(size_rng, style)
@@ -819,8 +824,7 @@ def negative_captions(scene: Scene, seed: int, count: int,
     """Up to `count` distinct captions false of the scene (and of every object set in `also_false_of`) that differ
     from its caption in one attribute or binding (`negative_descriptions`), drawn by `seed`: a kind of change
     among `kinds` (colour, shape, binding, relation) uniformly among those available, then a change of that kind."""
-    if not kinds or not set(kinds) <= set(NEGATIVE_KINDS):
-        raise ValueError(f"kinds must be a non-empty subset of {NEGATIVE_KINDS}, got {tuple(kinds)}")
+    check_choices("kinds", kinds, NEGATIVE_KINDS)
     rng = np.random.default_rng(np.random.SeedSequence([_validate_seed(seed), 11]))
     pool: dict[str, list[Description]] = {}
     for kind, description in negative_descriptions(scene):

@@ -146,11 +146,13 @@ def supervised(config: train_default.TrainConfig, labels: Sequence[str], steps: 
     from N(0, 1/embed_dim) (seeded by `config.seed`)."""
     clip_config = train_default.model_config(config)
     model = CLIP(clip_config)
+    def head(key, label):
+        shape = (clip_config.embed_dim, len(LABELS[label]))
+        return jax.random.normal(key, shape) * shape[0] ** -0.5 if random_heads else jnp.zeros(shape)
+
     keys = jax.random.split(jax.random.PRNGKey(config.seed + 1), len(labels))
-    heads = {label: jax.random.normal(key, (clip_config.embed_dim, len(LABELS[label]))) * clip_config.embed_dim**-0.5
-             if random_heads else jnp.zeros((clip_config.embed_dim, len(LABELS[label])))
-             for key, label in zip(keys, labels)}
-    params = {"clip": init_params(clip_config, config.seed), "heads": heads}
+    params = {"clip": init_params(clip_config, config.seed),
+              "heads": {label: head(key, label) for key, label in zip(keys, labels)}}
     schedule = optax.warmup_cosine_decay_schedule(0.0, peak_learning_rate, min(50, steps // 4), steps)
     tx = optax.adamw(schedule, weight_decay=0.1)
     state = tx.init(params)

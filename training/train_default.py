@@ -56,6 +56,7 @@ from tclip_jax.synthetic import (
     NEGATIVE_KINDS,
     PLAIN_STYLE,
     TRAINING_STYLE,
+    check_choices,
     make_scene,
     negative_captions,
     retrieval_scenes,
@@ -123,12 +124,8 @@ class TrainConfig:
         if self.curriculum_objective not in ("", *OBJECTIVES):
             raise ValueError(f"curriculum_objective must be one of {OBJECTIVES} or empty, got "
                              f"{self.curriculum_objective!r}")
-        if not self.variant_attributes or not set(self.variant_attributes) <= set(ATTRIBUTES):
-            raise ValueError(f"variant_attributes must be a non-empty subset of {','.join(ATTRIBUTES)}, got "
-                             f"{self.variant_attributes}")
-        if not self.negative_kinds or not set(self.negative_kinds) <= set(NEGATIVE_KINDS):
-            raise ValueError(f"negative_kinds must be a non-empty subset of {','.join(NEGATIVE_KINDS)}, got "
-                             f"{self.negative_kinds}")
+        check_choices("variant_attributes", self.variant_attributes, ATTRIBUTES)
+        check_choices("negative_kinds", self.negative_kinds, NEGATIVE_KINDS)
         if self.text_frozen_steps < 0:
             raise ValueError(f"text_frozen_steps must be >= 0, got {self.text_frozen_steps}")
         if not 0 <= self.relation_rate <= 1:
@@ -302,16 +299,22 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=config.weight_decay, mask=decayed)
 
 
+def checkpoint_text_tower(folder: str, expected: dict) -> dict:
+    """The float32 text tower of checkpoint `folder`, checked against the shapes of `expected` (arrays or
+    `jax.eval_shape` structs of this run's text tower)."""
+    source = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), load_clip(folder).params["text"])
+    if (jax.tree_util.tree_structure(source) != jax.tree_util.tree_structure(expected)
+            or jax.tree_util.tree_map(np.shape, source) != jax.tree_util.tree_map(np.shape, expected)):
+        raise ValueError(f"text_init {folder}: its text tower has another architecture than this run's")
+    return source
+
+
 def text_tower_from(folder: str, fresh: dict) -> dict:
     """The text tower of checkpoint `folder` (`TrainConfig.text_init`) for a run whose fresh text tower is `fresh`.
 
     Token-embedding rows the source run never used are zero in its checkpoint (`zero_unused_rows`); they keep
     their fresh initialisation, so that words the source never saw stay apart."""
-    source = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), load_clip(folder).params["text"])
-    shapes = jax.tree_util.tree_map(np.shape, source)
-    if (jax.tree_util.tree_structure(source) != jax.tree_util.tree_structure(fresh)
-            or shapes != jax.tree_util.tree_map(np.shape, fresh)):
-        raise ValueError(f"text_init {folder}: its text tower has another architecture than this run's")
+    source = checkpoint_text_tower(folder, fresh)
     embedding = source["token_embedding"]
     unused = ~embedding.any(axis=1, keepdims=True)
     return {**source, "token_embedding": np.where(unused, np.asarray(fresh["token_embedding"]), embedding)}
@@ -441,8 +444,9 @@ def main() -> None:
     try:
         config = dataclasses.replace(TrainConfig(), objective=args.objective, steps=args.steps,
                                      **parse_overrides(args.set))
-        if config.text_init:  # a missing or mismatched checkpoint fails here, before any step
-            text_tower_from(config.text_init, init_params(model_config(config), config.seed)["text"])
+        if config.text_init:  # a missing or mismatched checkpoint fails here, before any step (shapes only)
+            checkpoint_text_tower(config.text_init,
+                                  jax.eval_shape(lambda: init_params(model_config(config), config.seed))["text"])
     except (ValueError, OSError) as error:  # a bad override or text_init folder: one line, no traceback
         parser.error(str(error))
     log_path = args.out.parent / f".{args.out.name}.{LOG_FILE}"  # moved into the folder once it is written
