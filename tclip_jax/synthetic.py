@@ -153,6 +153,7 @@ class Style:
     blur_rate: float = 0.1
     jpeg_rate: float = 0.1
     repeat_rate: float = 0.35        # per object after the first: reuse a colour (or a shape) already in the scene
+    colours: tuple[str, ...] = tuple(COLOURS)  # the colours objects are drawn from (training: `step_colours`)
     relation_rate: float = 0.3       # per join: a true relation phrase instead of "and"
     prefix_rate: float = 0.5
     form_weights: tuple[float, ...] = (0.6, 0.16, 0.12, 0.12)  # PHRASE_FORMS
@@ -466,10 +467,13 @@ def _place(rng: np.random.Generator, h: int, w: int, scale: float, size_range: t
     return None
 
 
-def _attributes(rng: np.random.Generator, count: int, repeat_rate: float) -> list[tuple[str, str]]:
-    """`count` distinct (colour, shape) pairs; each later object reuses a colour or a shape with `repeat_rate`."""
+def _attributes(rng: np.random.Generator, count: int, repeat_rate: float,
+                colours: Sequence[str] = tuple(COLOURS)) -> list[tuple[str, str]]:
+    """`count` distinct (colour, shape) pairs, colours from `colours`; each later object reuses a colour or a shape
+    with `repeat_rate`."""
+    check_choices("colours", colours, tuple(COLOURS))
     pairs: list[tuple[str, str]] = []
-    colours, shapes = list(COLOURS), list(SHAPES)
+    shapes = list(SHAPES)
     while len(pairs) < count:
         colour, shape = colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))]
         if pairs and rng.random() < repeat_rate:
@@ -628,7 +632,7 @@ def _draft(seed: int, h: int, w: int, style: Style, rngs: Sequence[np.random.Gen
     scale = min(h, w) / DEFAULT_SIZE
     if pairs is None:
         count = int(layout_rng.choice(style.counts, p=np.asarray(style.count_weights) / sum(style.count_weights)))
-        pairs = _attributes(layout_rng, count, style.repeat_rate)
+        pairs = _attributes(layout_rng, count, style.repeat_rate, style.colours)
     if size_range is None:
         size_range = SMALL_OBJECT_RANGE if layout_rng.random() < style.small_rate else style.size_range
     taken: list[np.ndarray] = []

@@ -53,6 +53,7 @@ from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize
 from tclip_jax.synthetic import (
     ATTRIBUTES,
+    COLOURS,
     NEGATIVE_KINDS,
     PLAIN_STYLE,
     TRAINING_STYLE,
@@ -90,6 +91,8 @@ class TrainConfig:
     negatives: int = 2              # hard-negative captions per scene
     variant_attributes: tuple[str, ...] = ATTRIBUTES  # what a scene's variant may change
     negative_kinds: tuple[str, ...] = NEGATIVE_KINDS  # the changes a negative caption may make
+    step_colours: int = 0           # k > 0: a step's scenes draw their colours from k of the COLOURS (`step_palette`)
+    step_colours_rate: float = 1.0  # the share of steps so restricted
     # Caption phrase forms (colour+shape, shape+colour, shape only, colour only): TRAINING_STYLE's by default.
     form_weights: tuple[float, ...] = TRAINING_STYLE.form_weights
     relation_rate: float = TRAINING_STYLE.relation_rate  # per join, a true relation phrase instead of "and"
@@ -128,6 +131,10 @@ class TrainConfig:
         check_choices("negative_kinds", self.negative_kinds, NEGATIVE_KINDS)
         if self.text_frozen_steps < 0:
             raise ValueError(f"text_frozen_steps must be >= 0, got {self.text_frozen_steps}")
+        if not 0 <= self.step_colours <= len(COLOURS):
+            raise ValueError(f"step_colours must be 0..{len(COLOURS)}, got {self.step_colours}")
+        if not 0 <= self.step_colours_rate <= 1:
+            raise ValueError(f"step_colours_rate must be in [0, 1], got {self.step_colours_rate}")
         if not 0 <= self.relation_rate <= 1:
             raise ValueError(f"relation_rate must be in [0, 1], got {self.relation_rate}")
         if self.curriculum_restart and not 0 < self.curriculum_steps < self.steps:
@@ -164,7 +171,8 @@ def batch(config: TrainConfig, step: int) -> tuple[np.ndarray, list[str], list[s
         forms = config.curriculum_form_weights or config.form_weights
     else:
         base, forms = TRAINING_STYLE, config.form_weights
-    style = dataclasses.replace(base, form_weights=forms, relation_rate=config.relation_rate)
+    style = dataclasses.replace(base, form_weights=forms, relation_rate=config.relation_rate,
+                                colours=step_palette(config, step))
     images, captions, negatives = [], [], []
     for seed in train_seeds(pairs, step * pairs):
         scene = make_scene(seed, None, style)
@@ -178,6 +186,19 @@ def batch(config: TrainConfig, step: int) -> tuple[np.ndarray, list[str], list[s
     taken = set(captions)
     negatives = [c for c in dict.fromkeys(negatives) if c not in taken]
     return np.stack(images), captions, negatives
+
+
+def step_palette(config: TrainConfig, step: int) -> tuple[str, ...]:
+    """The colours the scenes of step `step` are drawn from: all COLOURS, or (`step_colours` = k, on a share
+    `step_colours_rate` of steps) k of them drawn for the step, so that colour alone cannot tell most of the
+    batch's scenes apart and only shape can. Variants and negative captions may still bring other colours."""
+    if config.step_colours == 0:
+        return tuple(COLOURS)
+    rng = np.random.default_rng([step, 11])
+    if rng.random() >= config.step_colours_rate:
+        return tuple(COLOURS)
+    chosen = set(rng.choice(len(COLOURS), size=config.step_colours, replace=False).tolist())
+    return tuple(c for i, c in enumerate(COLOURS) if i in chosen)
 
 
 def encode_captions(captions: list[str], length: int, step: int = 0) -> np.ndarray:
