@@ -179,6 +179,20 @@ def test_attributes_repeat_but_objects_are_distinct(scenes):
     assert shared_colour > 0.15 * len(scenes) and shared_shape > 0.15 * len(scenes)
 
 
+def test_style_colours_is_the_palette_objects_are_drawn_from():
+    palette = ("red", "blue")
+    style = dataclasses.replace(S.TRAINING_STYLE, colours=palette)
+    seen = set()
+    for seed in range(40):
+        scene = make_scene(seed, 112, style)
+        pairs = [(o.colour, o.shape) for o in scene.objects]
+        assert len(set(pairs)) == len(pairs)  # still distinct objects
+        seen |= {c for c, _ in pairs}
+    assert seen == set(palette)
+    with pytest.raises(ValueError, match="colours"):
+        make_scene(0, 112, dataclasses.replace(S.TRAINING_STYLE, colours=("red", "teal")))
+
+
 def test_object_sizes_span_the_range():
     extents = []
     for seed in range(300):

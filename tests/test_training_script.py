@@ -89,6 +89,31 @@ def test_variant_attributes_and_negative_kinds_choose_the_batch_hard_negatives()
             train_default.TrainConfig(**train_default.parse_overrides([bad]))
 
 
+def test_step_colours_draw_a_steps_scenes_from_its_own_palette():
+    config = train_default.TrainConfig(batch_size=16, step_colours=1, variant_attributes=("shape",))
+    for step in range(3):
+        palette = train_default.step_palette(config, step)
+        assert len(palette) == 1 and set(palette) <= set(train_default.COLOURS)
+        _, captions, _ = train_default.batch(config, step)
+        style = dataclasses.replace(train_default.TRAINING_STYLE, form_weights=config.form_weights, colours=palette)
+        for k, seed in enumerate(train_seeds(8, 8 * step)):
+            scene = make_scene(seed, None, style)
+            assert {o.colour for o in scene.objects} == set(palette)  # every object of every scene: one colour
+            variant = scene_variant(scene, seed, style, ("shape",))  # None: batch draws a far scene instead
+            assert captions[2 * k] == scene.caption and (variant is None or captions[2 * k + 1] == variant.caption)
+    palettes = {train_default.step_palette(config, step) for step in range(60)}
+    assert len(palettes) == len(train_default.COLOURS)  # the colour changes from step to step
+    # A share of the steps: the rest keep every colour; rate 0 is the default batch.
+    half = dataclasses.replace(config, step_colours=2, step_colours_rate=0.5)
+    sizes = [len(train_default.step_palette(half, step)) for step in range(400)]
+    assert set(sizes) == {2, len(train_default.COLOURS)} and 0.4 < sizes.count(2) / 400 < 0.6
+    never = dataclasses.replace(config, step_colours_rate=0.0)
+    assert train_default.batch(never, 0)[1] == train_default.batch(dataclasses.replace(config, step_colours=0), 0)[1]
+    for bad in ("step_colours=7", "step_colours=-1", "step_colours_rate=1.5"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            train_default.TrainConfig(**train_default.parse_overrides([bad]))
+
+
 def test_curriculum_restart_gives_the_rest_its_own_warmup_and_cosine_decay():
     peak, warmup, curriculum, steps = 1e-3, 10, 100, 300
     config = train_default.TrainConfig(peak_learning_rate=peak, warmup_steps=warmup, steps=steps,
