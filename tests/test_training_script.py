@@ -168,6 +168,52 @@ def test_text_frozen_steps_keep_the_text_tower_at_its_initialisation(tmp_path):
         dataclasses.replace(config, text_frozen_steps=-1)
 
 
+def test_word_idf_and_word_loss_follow_their_definitions():
+    config = train_default.TrainConfig(batch_size=4, image_size=32, patch_size=16)
+    tokenizer = train_default.default_tokenizer()
+    captions = [c for step in range(train_default.WORD_IDF_STEPS) for c in train_default.batch(config, step)[1]]
+    special = {tokenizer.sot_id, tokenizer.eot_id, train_default.PAD_ID}
+    documents = [set(tokenizer.encode([c])[0].tolist()) - special for c in captions]
+    idf = train_default.word_idf(config)
+    used = set().union(*documents)
+    for piece in used:
+        assert idf[piece] == pytest.approx(np.log(len(captions) / sum(piece in d for d in documents)), rel=1e-6)
+    assert not np.delete(idf, sorted(used)).any()
+    # The loss: cross-entropy of softmax(embedding @ kernel) against the idf-weighted, normalised bag of pieces.
+    rng = np.random.default_rng(0)
+    ids = tokenizer.encode(captions[:3])
+    pieces = np.asarray(train_default.piece_mask(ids, tokenizer.sot_id, tokenizer.eot_id))
+    embeds, kernel = rng.normal(size=(3, 8)), rng.normal(size=(8, len(idf)))
+    expected = []
+    for row, keep, embed in zip(ids, pieces, embeds):
+        target = np.zeros(len(idf))
+        for piece, k in zip(row, keep):
+            target[piece] += k * idf[piece]
+        logits = embed @ kernel
+        log_softmax = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        expected.append(-(target / target.sum() * log_softmax).sum())
+    loss = train_default.word_loss(embeds.astype(np.float32), kernel.astype(np.float32), ids, pieces, idf)
+    assert float(loss) == pytest.approx(np.mean(expected), rel=1e-4)
+
+
+def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp_path):
+    tiny = dict(batch_size=4, steps=2, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=32,
+                patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
+    with_words = train_default.TrainConfig(objective="clip", word_weight=1.0, **tiny)
+    without = dataclasses.replace(with_words, word_weight=0.0)
+    first, _, _ = train_default.train(with_words, tmp_path / "words.jsonl")  # step 1 has learning rate 0
+    plain, _, _ = train_default.train(without, tmp_path / "plain.jsonl")
+    assert jax.tree_util.tree_structure(first) == jax.tree_util.tree_structure(plain)  # no head in the result
+    # The term reads the image embedding only: the text tower takes the same steps, the image tower others.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, first["text"], plain["text"])
+    assert not np.array_equal(first["visual"]["proj"], plain["visual"]["proj"])
+    record = json.loads((tmp_path / "words.jsonl").read_text().splitlines()[0])
+    assert record["loss"] == pytest.approx(record["clip_loss"] + record["word_loss"], rel=1e-6)
+    assert "word_loss" not in json.loads((tmp_path / "plain.jsonl").read_text().splitlines()[0])
+    with pytest.raises(ValueError, match="word_weight"):
+        dataclasses.replace(with_words, word_weight=-1.0)
+
+
 def test_text_init_starts_the_text_tower_from_a_checkpoint(tmp_path):
     tiny = dict(batch_size=4, steps=2, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=32,
                 patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)

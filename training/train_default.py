@@ -11,7 +11,9 @@ Objectives (`--objective`):
 - ``clip_tokens``: the same plus token-level terms on the final-layer tokens: FILIP's late interaction, a
   per-piece image retrieval term (`token_losses`) and SPARC's within-caption fine-grained term
   (`fine_grained_loss`), as the first embedded model had.
-No ground-truth mask or box is used by either.
+No ground-truth mask or box is used by either. `word_weight` (recipe search; 0 in the shipped models) adds
+SuperClass's caption-word term to either (`word_loss`): the image embedding predicts its caption's word pieces
+through a head that exists only in training.
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -72,6 +74,7 @@ VALIDATION_OFFSET = 1_000_000  # validation scenes: retrieval_scenes(n, VALIDATI
 LOG_FILE = "training_log.jsonl"
 README_FILE = "README.md"
 OBJECTIVES = ("clip", "clip_tokens")
+WORD_IDF_STEPS = 16  # word_idf counts the captions of the run's first steps
 # Curriculum: 1-3 objects on plain backgrounds, no outlines or degradations, square images, before the full style.
 EASY_STYLE = dataclasses.replace(PLAIN_STYLE, counts=(1, 2, 3), count_weights=(0.4, 0.35, 0.25))
 
@@ -104,6 +107,7 @@ class TrainConfig:
     dense_weight: float = 1.0       # clip_tokens: FILIP late interaction
     token_weight: float = 1.0       # clip_tokens: per-piece image retrieval
     fine_grained_weight: float = 1.0  # clip_tokens: SPARC's within-caption token-group loss
+    word_weight: float = 0.0        # > 0: SuperClass's caption-word term beside the objective (`word_loss`)
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -136,6 +140,8 @@ class TrainConfig:
             raise ValueError(f"step_colours must be 0..{len(COLOURS)}, got {self.step_colours}")
         if not 0 <= self.step_colours_rate <= 1:
             raise ValueError(f"step_colours_rate must be in [0, 1], got {self.step_colours_rate}")
+        if self.word_weight < 0:
+            raise ValueError(f"word_weight must be >= 0, got {self.word_weight}")
         if not 0 <= self.relation_rate <= 1:
             raise ValueError(f"relation_rate must be in [0, 1], got {self.relation_rate}")
         if self.curriculum_restart and not 0 < self.curriculum_steps < self.steps:
@@ -279,11 +285,42 @@ def fine_grained_loss(text_tokens: jax.Array, pieces: jax.Array, patch_tokens: j
     return 0.5 * ((token_to_group + group_to_token) * pieces).sum() / pieces.sum()
 
 
+def word_idf(config: TrainConfig) -> np.ndarray:
+    """[vocab] inverse document frequency log(N / df) of each piece over the N true captions of the run's first
+    WORD_IDF_STEPS steps; 0 for pieces they never use (SuperClass weights its targets so)."""
+    tokenizer = default_tokenizer()
+    ids = tokenizer.encode([c for step in range(WORD_IDF_STEPS) for c in batch(config, step)[1]])
+    pieces = np.asarray(piece_mask(ids, tokenizer.sot_id, tokenizer.eot_id)) > 0
+    counts = np.zeros(model_config(config).vocab_size)
+    for row, keep in zip(ids, pieces):
+        counts[np.unique(row[keep])] += 1
+    return np.where(counts > 0, np.log(len(ids) / np.maximum(counts, 1)), 0.0).astype(np.float32)
+
+
+def word_loss(image_embeds: jax.Array, kernel: jax.Array, token_ids: jax.Array, pieces: jax.Array,
+              idf: jax.Array) -> jax.Array:
+    """SuperClass's classification loss (Huang et al. 2024): each image predicts its caption's word pieces with one
+    softmax over the vocabulary (logits: image embedding @ `kernel` [D, vocab]); the target is the caption's bag of
+    pieces weighted by `idf` and normalised. token_ids and pieces [B, L] of the images' own captions."""
+    rows = jnp.arange(token_ids.shape[0])[:, None]
+    bag = jnp.zeros((token_ids.shape[0], idf.shape[0])).at[rows, token_ids].add(pieces) * idf
+    return optax.softmax_cross_entropy(image_embeds @ kernel, bag / bag.sum(axis=1, keepdims=True)).mean()
+
+
+def clip_params(params: dict) -> dict:
+    """The CLIP parameters of a training state (without the training-only word head)."""
+    return {name: value for name, value in params.items() if name != "word_head"}
+
+
 def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, columns: jax.Array, sot_id: int,
-           eot_id: int, config: TrainConfig, objective: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+           eot_id: int, config: TrainConfig, objective: str,
+           idf: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The objective on one batch: images [B, S, S, 3] uint8, token rows [B + N, L] (true captions, then negatives),
-    `columns` [B + N] bool (False for padding rows)."""
+    `columns` [B + N] bool (False for padding rows). With `word_weight`, params also hold "word_head" (not a CLIP
+    parameter) and `idf` is `word_idf`'s."""
     texts = images_u8.shape[0]
+    head = params.get("word_head")
+    params = clip_params(params)
     image = model.apply({"params": params}, clip_normalize(images_u8), method="encode_image")
     text = model.apply({"params": params}, token_ids, method="encode_text")
     scale = jnp.exp(params["logit_scale"])
@@ -298,6 +335,10 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
         total = (total + config.dense_weight * dense + config.token_weight * per_piece
                  + config.fine_grained_weight * fine)
         metrics.update(dense_loss=dense, token_loss=per_piece, fine_grained_loss=fine)
+    if head is not None:
+        words = word_loss(image.embeds, head, token_ids[:texts], piece_mask(token_ids[:texts], sot_id, eot_id), idf)
+        total = total + config.word_weight * words
+        metrics["word_loss"] = words
     return total, {"loss": total, **metrics}
 
 
@@ -343,7 +384,7 @@ def text_tower_from(folder: str, fresh: dict) -> dict:
 
 
 def make_train_step(model: CLIP, tx: optax.GradientTransformation, config: TrainConfig, objective: str, sot_id: int,
-                    eot_id: int, train_text: bool = True):
+                    eot_id: int, train_text: bool = True, idf: np.ndarray | None = None):
     """One jitted step; without `train_text` the text tower is neither moved (not even by weight decay) nor
     given optimiser moments."""
     def frozen_text(tree):
@@ -352,7 +393,7 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, config: Train
     @jax.jit
     def step(params, opt_state, images_u8, token_ids, columns):
         grads, metrics = jax.grad(losses, has_aux=True)(params, model, images_u8, token_ids, columns, sot_id, eot_id,
-                                                        config, objective)
+                                                        config, objective, idf)
         if not train_text:
             grads = frozen_text(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -377,6 +418,11 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     if config.text_init:
         text = text_tower_from(config.text_init, params["text"])
         params = {**params, "text": jax.tree_util.tree_map(jnp.asarray, text)}
+    idf = None
+    if config.word_weight:  # the head starts random, N(0, 1/D): a zero head would pass the tower no gradient
+        idf = word_idf(config)
+        head = np.random.default_rng(config.seed).normal(0.0, config.embed_dim ** -0.5, (config.embed_dim, len(idf)))
+        params = {**params, "word_head": jnp.asarray(head, jnp.float32)}
     tx = optimizer(config)
     opt_state = tx.init(params)
     step_fns: dict[tuple[str, bool], Callable] = {}
@@ -388,7 +434,7 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
         train_text = step >= config.text_frozen_steps
         if (objective, train_text) not in step_fns:
             step_fns[objective, train_text] = make_train_step(model, tx, config, objective, tokenizer.sot_id,
-                                                              tokenizer.eot_id, train_text)
+                                                              tokenizer.eot_id, train_text, idf)
         return step_fns[objective, train_text]
 
     validation = retrieval_scenes(config.validation_scenes, VALIDATION_OFFSET)
@@ -419,13 +465,13 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
             record["elapsed_s"] = time.perf_counter() - start
             record["cpu_s"] = time.process_time() - cpu_start  # all threads: the compute a shared machine gave us
             if (step + 1) % config.eval_every == 0 or step + 1 == steps:
-                record["validation"] = retrieval_top1(dataclasses.replace(loaded, params=params),
+                record["validation"] = retrieval_top1(dataclasses.replace(loaded, params=clip_params(params)),
                                                       [s.image for s in validation], [s.caption for s in validation])
             log.write(json.dumps(record) + "\n")
             log.flush()
     used_ids.discard(PAD_ID)  # padding follows the end-of-text token, so it never reaches a real token
     summary = {"train_seconds": record["elapsed_s"], "train_cpu_seconds": record["cpu_s"], "final": record}
-    return jax.device_get(params), np.array(sorted(used_ids), np.int32), summary
+    return jax.device_get(clip_params(params)), np.array(sorted(used_ids), np.int32), summary
 
 
 def zero_unused_rows(params: dict, used_ids: np.ndarray) -> dict:
