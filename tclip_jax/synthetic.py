@@ -140,6 +140,12 @@ JPEG_QUALITY = (10, 30)
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), end exclusive
 
 
+def check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> None:
+    """Raises ValueError unless `values` is a non-empty subset of `allowed` (Style's and the hard-negative options)."""
+    if not values or not set(values) <= set(allowed):
+        raise ValueError(f"{name} must be a non-empty subset of {','.join(allowed)}, got {','.join(values) or '()'}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Style:
     """The distribution a scene is drawn from. Rates are probabilities per scene (per object for `outlined_rate`)."""
@@ -160,6 +166,9 @@ class Style:
     bare_rate: float = 0.15          # a one-phrase caption without prefix drops its article
     non_square_rate: float = 0.0     # used when make_scene draws the size (size=None)
     size_sides: tuple[int, int] = (160, 512)  # sides of a non-square size (and of NON_SQUARE_SIZES' range)
+
+    def __post_init__(self):  # checked once, where a style is made, not for every scene
+        check_choices("colours", self.colours, tuple(COLOURS))
 
 
 TRAINING_STYLE = Style(small_rate=0.1, non_square_rate=0.3)
@@ -471,7 +480,6 @@ def _attributes(rng: np.random.Generator, count: int, repeat_rate: float,
                 colours: Sequence[str] = tuple(COLOURS)) -> list[tuple[str, str]]:
     """`count` distinct (colour, shape) pairs, colours from `colours`; each later object reuses a colour or a shape
     with `repeat_rate`."""
-    check_choices("colours", colours, tuple(COLOURS))
     pairs: list[tuple[str, str]] = []
     shapes = list(SHAPES)
     while len(pairs) < count:
@@ -716,12 +724,6 @@ def make_batch(seeds: Sequence[int], size: int | tuple[int, int] = DEFAULT_SIZE)
 
 
 # ------------------------------------------------------------------------------------------------ hard negatives
-def check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> None:
-    """Raises ValueError unless `values` is a non-empty subset of `allowed` (the options of the functions below)."""
-    if not values or not set(values) <= set(allowed):
-        raise ValueError(f"{name} must be a non-empty subset of {','.join(allowed)}, got {','.join(values) or '()'}")
-
-
 def scene_variant(scene: Scene, seed: int, style: Style = TRAINING_STYLE,
                   attributes: Sequence[str] = ATTRIBUTES) -> Scene | None:
     """`scene` with one object's colour or shape changed (an attribute its caption says, one of `attributes`): same

@@ -146,6 +146,7 @@ def supervised(config: train_default.TrainConfig, labels: Sequence[str], steps: 
     from N(0, 1/embed_dim) (seeded by `config.seed`)."""
     clip_config = train_default.model_config(config)
     model = CLIP(clip_config)
+
     def head(key, label):
         shape = (clip_config.embed_dim, len(LABELS[label]))
         return jax.random.normal(key, shape) * shape[0] ** -0.5 if random_heads else jnp.zeros(shape)
