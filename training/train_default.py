@@ -20,10 +20,10 @@ objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw E
 style, so colour and shape are learnt before clutter) and, next to each, `scene_variant`: the same scene with one
 object's colour or shape changed, so every image has an image-side hard negative. Each scene also brings
 `negatives` captions that differ from its caption in one attribute or binding (`negative_captions`, kept only when
-also false of the variant): extra text columns for the image->text direction. `step_colours` (recipe search; 0 in the shipped
-models) draws a step's objects from a few colours chosen for the step (`step_palette`). Images are resized to the
-model input as TCLIP's `whole` protocol does (bicubic, the whole image, no crop). Batch i uses training seeds
-[i * B/2, (i + 1) * B/2), so a run is determined by `TrainConfig`.
+also false of the variant): extra text columns for the image->text direction. `step_colours` (recipe search; 0 in
+the shipped models) draws a step's objects from a few colours chosen for the step (`step_palette`). Images are
+resized to the model input as TCLIP's `whole` protocol does (bicubic, the whole image, no crop). Batch i uses
+training seeds [i * B/2, (i + 1) * B/2), so a run is determined by `TrainConfig`.
 
 Validation retrieval (logged every `eval_every` steps by `evaluation.retrieval.retrieval_top1`, the benchmark's)
 uses `retrieval_scenes(256, VALIDATION_OFFSET)`: held-out seeds far from those the gates use (offset 0).
