@@ -192,7 +192,19 @@ def test_word_idf_and_word_loss_follow_their_definitions():
         logits = embed @ kernel
         log_softmax = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
         expected.append(-(target / target.sum() * log_softmax).sum())
-    loss = train_default.word_loss(embeds.astype(np.float32), kernel.astype(np.float32), ids, pieces, idf)
+    targets = train_default.word_targets(ids, pieces, idf)
+    loss = train_default.word_loss(embeds.astype(np.float32), kernel.astype(np.float32), targets)
+    assert float(loss) == pytest.approx(np.mean(expected), rel=1e-4)
+    # Read from patches: each piece of the vocabulary (idf > 0) scores its best patch; the softmax over those pieces.
+    vocab = np.flatnonzero(idf)
+    patches = rng.normal(size=(3, 5, 8))
+    expected = []
+    for row, keep, image in zip(ids, pieces, patches):
+        scores = np.array([max(patch @ kernel[:, piece] for patch in image) for piece in vocab])
+        target = np.array([sum(k * idf[p] for p, k in zip(row, keep) if p == piece) for piece in vocab])
+        log_softmax = scores - scores.max() - np.log(np.exp(scores - scores.max()).sum())
+        expected.append(-(target / target.sum() * log_softmax).sum())
+    loss = train_default.patch_word_loss(patches.astype(np.float32), kernel.astype(np.float32), targets, vocab)
     assert float(loss) == pytest.approx(np.mean(expected), rel=1e-4)
 
 
@@ -212,6 +224,17 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
     assert "word_loss" not in json.loads((tmp_path / "plain.jsonl").read_text().splitlines()[0])
     with pytest.raises(ValueError, match="word_weight"):
         dataclasses.replace(with_words, word_weight=-1.0)
+    # The term read from the patch tokens alone: the same head, not saved; the text tower again untouched.
+    patch_words = dataclasses.replace(without, patch_word_weight=2.0)
+    from_patches, _, _ = train_default.train(patch_words, tmp_path / "patches.jsonl")
+    assert jax.tree_util.tree_structure(from_patches) == jax.tree_util.tree_structure(plain)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, from_patches["text"], plain["text"])
+    assert not np.array_equal(from_patches["visual"]["proj"], plain["visual"]["proj"])
+    record = json.loads((tmp_path / "patches.jsonl").read_text().splitlines()[0])
+    assert "word_loss" not in record
+    assert record["loss"] == pytest.approx(record["clip_loss"] + 2.0 * record["patch_word_loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="patch_word_weight"):
+        dataclasses.replace(with_words, patch_word_weight=-1.0)
 
 
 def test_text_init_starts_the_text_tower_from_a_checkpoint(tmp_path):

@@ -13,7 +13,8 @@ Objectives (`--objective`):
   (`fine_grained_loss`), as the first embedded model had.
 No ground-truth mask or box is used by either. `word_weight` (recipe search; 0 in the shipped models) adds
 SuperClass's caption-word term to either (`word_loss`): the image embedding predicts its caption's word pieces
-through a head that exists only in training.
+through a head that exists only in training; `patch_word_weight` the same term read from the patch tokens
+(`patch_word_loss`: each piece scored by its best patch).
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -108,6 +109,7 @@ class TrainConfig:
     token_weight: float = 1.0       # clip_tokens: per-piece image retrieval
     fine_grained_weight: float = 1.0  # clip_tokens: SPARC's within-caption token-group loss
     word_weight: float = 0.0        # > 0: SuperClass's caption-word term beside the objective (`word_loss`)
+    patch_word_weight: float = 0.0  # > 0: the same term read from the patch tokens (`patch_word_loss`)
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -140,8 +142,9 @@ class TrainConfig:
             raise ValueError(f"step_colours must be 0..{len(COLOURS)}, got {self.step_colours}")
         if not 0 <= self.step_colours_rate <= 1:
             raise ValueError(f"step_colours_rate must be in [0, 1], got {self.step_colours_rate}")
-        if self.word_weight < 0:
-            raise ValueError(f"word_weight must be >= 0, got {self.word_weight}")
+        for name in ("word_weight", "patch_word_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.relation_rate <= 1:
             raise ValueError(f"relation_rate must be in [0, 1], got {self.relation_rate}")
         if self.curriculum_restart and not 0 < self.curriculum_steps < self.steps:
@@ -297,14 +300,26 @@ def word_idf(config: TrainConfig) -> np.ndarray:
     return np.where(counts > 0, np.log(len(ids) / np.maximum(counts, 1)), 0.0).astype(np.float32)
 
 
-def word_loss(image_embeds: jax.Array, kernel: jax.Array, token_ids: jax.Array, pieces: jax.Array,
-              idf: jax.Array) -> jax.Array:
-    """SuperClass's classification loss (Huang et al. 2024): each image predicts its caption's word pieces with one
-    softmax over the vocabulary (logits: image embedding @ `kernel` [D, vocab]); the target is the caption's bag of
-    pieces weighted by `idf` and normalised. token_ids and pieces [B, L] of the images' own captions."""
+def word_targets(token_ids: jax.Array, pieces: jax.Array, idf: np.ndarray) -> jax.Array:
+    """[B, vocab] SuperClass's targets: each caption's bag of pieces (token_ids and pieces [B, L]) weighted by
+    `idf` and normalised to sum 1."""
     rows = jnp.arange(token_ids.shape[0])[:, None]
     bag = jnp.zeros((token_ids.shape[0], idf.shape[0])).at[rows, token_ids].add(pieces) * idf
-    return optax.softmax_cross_entropy(image_embeds @ kernel, bag / bag.sum(axis=1, keepdims=True)).mean()
+    return bag / bag.sum(axis=1, keepdims=True)
+
+
+def word_loss(image_embeds: jax.Array, kernel: jax.Array, targets: jax.Array) -> jax.Array:
+    """SuperClass's classification loss (Huang et al. 2024): each image predicts its caption's word pieces with one
+    softmax over the vocabulary (logits: image embedding @ `kernel` [D, vocab]) against `word_targets`."""
+    return optax.softmax_cross_entropy(image_embeds @ kernel, targets).mean()
+
+
+def patch_word_loss(patch_tokens: jax.Array, kernel: jax.Array, targets: jax.Array, vocab: np.ndarray) -> jax.Array:
+    """`word_loss` read from the patch tokens [B, P, D], so that a caption's pieces must be found somewhere in the
+    image rather than only in its class embedding: a piece's logit is its best patch's (patch token @ `kernel`),
+    as in multiple-instance learning; one softmax over `vocab`, the pieces `targets` can weight (idf > 0)."""
+    best_patch = jnp.max(patch_tokens @ kernel[:, vocab], axis=1)
+    return optax.softmax_cross_entropy(best_patch, targets[:, vocab]).mean()
 
 
 def clip_params(params: dict) -> dict:
@@ -314,10 +329,10 @@ def clip_params(params: dict) -> dict:
 
 def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, columns: jax.Array, sot_id: int,
            eot_id: int, config: TrainConfig, objective: str,
-           idf: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+           idf: np.ndarray | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The objective on one batch: images [B, S, S, 3] uint8, token rows [B + N, L] (true captions, then negatives),
-    `columns` [B + N] bool (False for padding rows). With `word_weight`, params also hold "word_head" (not a CLIP
-    parameter) and `idf` is `word_idf`'s."""
+    `columns` [B + N] bool (False for padding rows). With `word_weight` or `patch_word_weight`, params also hold
+    "word_head" (not a CLIP parameter) and `idf` is `word_idf`'s."""
     texts = images_u8.shape[0]
     head = params.get("word_head")
     params = clip_params(params)
@@ -336,9 +351,15 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
                  + config.fine_grained_weight * fine)
         metrics.update(dense_loss=dense, token_loss=per_piece, fine_grained_loss=fine)
     if head is not None:
-        words = word_loss(image.embeds, head, token_ids[:texts], piece_mask(token_ids[:texts], sot_id, eot_id), idf)
-        total = total + config.word_weight * words
-        metrics["word_loss"] = words
+        targets = word_targets(token_ids[:texts], piece_mask(token_ids[:texts], sot_id, eot_id), idf)
+        if config.word_weight:
+            words = word_loss(image.embeds, head, targets)
+            total = total + config.word_weight * words
+            metrics["word_loss"] = words
+        if config.patch_word_weight:
+            patch_words = patch_word_loss(image.tokens[:, 1:], head, targets, np.flatnonzero(idf))
+            total = total + config.patch_word_weight * patch_words
+            metrics["patch_word_loss"] = patch_words
     return total, {"loss": total, **metrics}
 
 
@@ -419,7 +440,7 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
         text = text_tower_from(config.text_init, params["text"])
         params = {**params, "text": jax.tree_util.tree_map(jnp.asarray, text)}
     idf = None
-    if config.word_weight:  # the head starts random, N(0, 1/D): a zero head would pass the tower no gradient
+    if config.word_weight or config.patch_word_weight:  # the head starts random, N(0, 1/D): a zero head would pass the tower no gradient
         idf = word_idf(config)
         head = np.random.default_rng(config.seed).normal(0.0, config.embed_dim ** -0.5, (config.embed_dim, len(idf)))
         params = {**params, "word_head": jnp.asarray(head, jnp.float32)}
