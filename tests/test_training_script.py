@@ -12,7 +12,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "training")
 import train_default  # noqa: E402
 
 from tclip_jax.checkpoints.folder import save_checkpoint  # noqa: E402
-from tclip_jax.model import init_params  # noqa: E402
+from tclip_jax.methods.tclip.relevance import token_embeddings  # noqa: E402
+from tclip_jax.model import CLIP, init_params  # noqa: E402
 from tclip_jax.synthetic import RELATIONS, make_scene, negative_captions, scene_variant, train_seeds  # noqa: E402
 
 
@@ -204,7 +205,8 @@ def test_word_idf_and_word_loss_follow_their_definitions():
         target = np.array([sum(k * idf[p] for p, k in zip(row, keep) if p == piece) for piece in vocab])
         log_softmax = scores - scores.max() - np.log(np.exp(scores - scores.max()).sum())
         expected.append(-(target / target.sum() * log_softmax).sum())
-    loss = train_default.patch_word_loss(patches.astype(np.float32), kernel.astype(np.float32), targets, vocab)
+    loss = train_default.patch_word_loss(patches.astype(np.float32), kernel[:, vocab].astype(np.float32),
+                                         targets[:, vocab])
     assert float(loss) == pytest.approx(np.mean(expected), rel=1e-4)
 
 
@@ -235,6 +237,28 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
     assert record["loss"] == pytest.approx(record["clip_loss"] + 2.0 * record["patch_word_loss"], rel=1e-6)
     with pytest.raises(ValueError, match="patch_word_weight"):
         dataclasses.replace(with_words, patch_word_weight=-1.0)
+    # Through each piece's own text embedding instead: no head at all, and the term trains the text tower too.
+    text_head = dataclasses.replace(patch_words, patch_word_head="text")
+    through_text, _, _ = train_default.train(text_head, tmp_path / "text.jsonl")
+    assert jax.tree_util.tree_structure(through_text) == jax.tree_util.tree_structure(plain)
+    assert not np.array_equal(through_text["text"]["projection"], plain["text"]["projection"])
+    record = json.loads((tmp_path / "text.jsonl").read_text().splitlines()[0])
+    assert record["loss"] == pytest.approx(record["clip_loss"] + 2.0 * record["patch_word_loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="patch_word_head"):
+        dataclasses.replace(text_head, patch_word_head="zero")
+
+
+def test_piece_embeddings_are_the_rows_of_s_for_a_bare_word():
+    config = train_default.TrainConfig(embed_dim=16, text_width=64, text_layers=1, image_size=32, patch_size=16)
+    model = CLIP(train_default.model_config(config))
+    params = init_params(model.config, 0)
+    tokenizer = train_default.default_tokenizer()
+    rows = tokenizer.encode(["circle", "red"])  # one piece each, then EOT and padding
+    assert (rows[:, 2] == tokenizer.eot_id).all()
+    expected = token_embeddings(model, params, rows)[:, 1]  # TCLIP's own unit embeddings of the word's position
+    pieces = rows[:, 1]
+    got = train_default.piece_embeddings(model, params, pieces, tokenizer.sot_id, tokenizer.eot_id)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_text_init_starts_the_text_tower_from_a_checkpoint(tmp_path):

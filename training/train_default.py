@@ -14,7 +14,8 @@ Objectives (`--objective`):
 No ground-truth mask or box is used by either. `word_weight` (recipe search; 0 in the shipped models) adds
 SuperClass's caption-word term to either (`word_loss`): the image embedding predicts its caption's word pieces
 through a head that exists only in training; `patch_word_weight` the same term read from the patch tokens
-(`patch_word_loss`: each piece scored by its best patch).
+(`patch_word_loss`: each piece scored by its best patch), through that head or, with `patch_word_head=text`,
+through each piece's own text embedding (the term then acts on TCLIP's S).
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -75,6 +76,7 @@ VALIDATION_OFFSET = 1_000_000  # validation scenes: retrieval_scenes(n, VALIDATI
 LOG_FILE = "training_log.jsonl"
 README_FILE = "README.md"
 OBJECTIVES = ("clip", "clip_tokens")
+PATCH_WORD_HEADS = ("random", "text")
 WORD_IDF_STEPS = 16  # word_idf counts the captions of the run's first steps
 # Curriculum: 1-3 objects on plain backgrounds, no outlines or degradations, square images, before the full style.
 EASY_STYLE = dataclasses.replace(PLAIN_STYLE, counts=(1, 2, 3), count_weights=(0.4, 0.35, 0.25))
@@ -110,6 +112,8 @@ class TrainConfig:
     fine_grained_weight: float = 1.0  # clip_tokens: SPARC's within-caption token-group loss
     word_weight: float = 0.0        # > 0: SuperClass's caption-word term beside the objective (`word_loss`)
     patch_word_weight: float = 0.0  # > 0: the same term read from the patch tokens (`patch_word_loss`)
+    # Its head: "random" (word_weight's, shared) or "text" (each piece's own text embedding: the term acts on S).
+    patch_word_head: str = "random"
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -142,6 +146,8 @@ class TrainConfig:
             raise ValueError(f"step_colours must be 0..{len(COLOURS)}, got {self.step_colours}")
         if not 0 <= self.step_colours_rate <= 1:
             raise ValueError(f"step_colours_rate must be in [0, 1], got {self.step_colours_rate}")
+        if self.patch_word_head not in PATCH_WORD_HEADS:
+            raise ValueError(f"patch_word_head must be one of {PATCH_WORD_HEADS}, got {self.patch_word_head!r}")
         for name in ("word_weight", "patch_word_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -314,12 +320,18 @@ def word_loss(image_embeds: jax.Array, kernel: jax.Array, targets: jax.Array) ->
     return optax.softmax_cross_entropy(image_embeds @ kernel, targets).mean()
 
 
-def patch_word_loss(patch_tokens: jax.Array, kernel: jax.Array, targets: jax.Array, vocab: np.ndarray) -> jax.Array:
+def patch_word_loss(patch_tokens: jax.Array, kernel: jax.Array, targets: jax.Array) -> jax.Array:
     """`word_loss` read from the patch tokens [B, P, D], so that a caption's pieces must be found somewhere in the
-    image rather than only in its class embedding: a piece's logit is its best patch's (patch token @ `kernel`),
-    as in multiple-instance learning; one softmax over `vocab`, the pieces `targets` can weight (idf > 0)."""
-    best_patch = jnp.max(patch_tokens @ kernel[:, vocab], axis=1)
-    return optax.softmax_cross_entropy(best_patch, targets[:, vocab]).mean()
+    image rather than only in its class embedding: a piece's logit is its best patch's (patch token @ `kernel`
+    [D, U]), as in multiple-instance learning; one softmax over the U pieces scored (`targets` [B, U])."""
+    return optax.softmax_cross_entropy(jnp.max(patch_tokens @ kernel, axis=1), targets).mean()
+
+
+def piece_embeddings(model: CLIP, params: dict, pieces: np.ndarray, sot_id: int, eot_id: int) -> jax.Array:
+    """[U, D] unit text-tower embeddings of each piece alone (its position in "<sot> piece <eot>"): the rows of
+    TCLIP's S for a bare one-piece word."""
+    rows = np.stack([np.full(len(pieces), sot_id), pieces, np.full(len(pieces), eot_id)], axis=1)
+    return l2_normalize(model.apply({"params": params}, jnp.asarray(rows), method="encode_text").tokens[:, 1])
 
 
 def clip_params(params: dict) -> dict:
@@ -331,8 +343,8 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
            eot_id: int, config: TrainConfig, objective: str,
            idf: np.ndarray | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The objective on one batch: images [B, S, S, 3] uint8, token rows [B + N, L] (true captions, then negatives),
-    `columns` [B + N] bool (False for padding rows). With `word_weight` or `patch_word_weight`, params also hold
-    "word_head" (not a CLIP parameter) and `idf` is `word_idf`'s."""
+    `columns` [B + N] bool (False for padding rows). With `word_weight` or `patch_word_weight`, `idf` is
+    `word_idf`'s, and params also hold "word_head" (not a CLIP parameter) if a term uses the random head."""
     texts = images_u8.shape[0]
     head = params.get("word_head")
     params = clip_params(params)
@@ -350,14 +362,20 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
         total = (total + config.dense_weight * dense + config.token_weight * per_piece
                  + config.fine_grained_weight * fine)
         metrics.update(dense_loss=dense, token_loss=per_piece, fine_grained_loss=fine)
-    if head is not None:
+    if idf is not None:
         targets = word_targets(token_ids[:texts], piece_mask(token_ids[:texts], sot_id, eot_id), idf)
         if config.word_weight:
             words = word_loss(image.embeds, head, targets)
             total = total + config.word_weight * words
             metrics["word_loss"] = words
         if config.patch_word_weight:
-            patch_words = patch_word_loss(image.tokens[:, 1:], head, targets, np.flatnonzero(idf))
+            vocab = np.flatnonzero(idf)  # the pieces the targets can weight
+            if config.patch_word_head == "text":  # scale * S: patches against each piece's own text embedding
+                patches = l2_normalize(image.tokens[:, 1:])
+                kernel = scale * piece_embeddings(model, params, vocab, sot_id, eot_id).T
+            else:
+                patches, kernel = image.tokens[:, 1:], head[:, vocab]
+            patch_words = patch_word_loss(patches, kernel, targets[:, vocab])
             total = total + config.patch_word_weight * patch_words
             metrics["patch_word_loss"] = patch_words
     return total, {"loss": total, **metrics}
@@ -439,9 +457,9 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     if config.text_init:
         text = text_tower_from(config.text_init, params["text"])
         params = {**params, "text": jax.tree_util.tree_map(jnp.asarray, text)}
-    idf = None
-    if config.word_weight or config.patch_word_weight:  # the head starts random, N(0, 1/D): a zero head would pass the tower no gradient
-        idf = word_idf(config)
+    idf = word_idf(config) if config.word_weight or config.patch_word_weight else None
+    if config.word_weight or (config.patch_word_weight and config.patch_word_head == "random"):
+        # The head starts random, N(0, 1/D): a zero head would pass the tower no gradient.
         head = np.random.default_rng(config.seed).normal(0.0, config.embed_dim ** -0.5, (config.embed_dim, len(idf)))
         params = {**params, "word_head": jnp.asarray(head, jnp.float32)}
     tx = optimizer(config)
