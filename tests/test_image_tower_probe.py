@@ -13,6 +13,7 @@ import train_default  # noqa: E402
 
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.image import clip_normalize  # noqa: E402
+from tclip_jax.methods.tclip.relevance import token_embeddings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,29 @@ def test_position_share_is_the_variance_of_the_per_position_means(shipped):
         between = sum(float(((sum(units[i][p] for i in range(count)) / count - overall) ** 2).sum())
                       for p in range(49)) / 49
         assert shares[stage] == pytest.approx(between / total, rel=1e-9) and 0 < shares[stage] < 1, stage
+
+
+def test_word_accuracy_asks_the_probe_question_of_the_text_tower(shipped):
+    """An explicit loop: each scene's centre patch against the unit embeddings of every word's pieces (averaged)."""
+    count = 12
+    accuracy = itp.word_accuracy(shipped, count=count)
+    images, labels, scenes = itp.one_object_scenes(count, itp.PROBE_SEEDS + 1500)
+    patches = itp.tower_features(shipped.model, shipped.params, images, scenes)["centre_patch"]
+    tokenizer = shipped.tokenizer
+
+    def word_vector(prefix: str, word: str) -> np.ndarray:
+        """Mean unit embedding of `word`'s pieces at the end of the prompt `prefix word`."""
+        text = f"{prefix} {word}".strip()
+        ids = tokenizer.encode([text])
+        start = 1 + (int((tokenizer.encode([prefix])[0] > 0).sum()) - 2 if prefix else 0)  # after SOT and prefix
+        end = int(np.nonzero(ids[0] == tokenizer.eot_id)[0][0])
+        return np.asarray(token_embeddings(shipped.model, shipped.params, ids))[0, start:end].mean(0)
+
+    shapes, colours = itp.LABELS["shape"], itp.LABELS["colour"]
+    expected = {"shape": [], "colour": [], "shape_in_caption": []}
+    for patch, shape, colour in zip(patches, labels["shape"], labels["colour"]):
+        expected["shape"].append(np.argmax([patch @ word_vector("", w) for w in shapes]) == shape)
+        expected["colour"].append(np.argmax([patch @ word_vector("", w) for w in colours]) == colour)
+        expected["shape_in_caption"].append(
+            np.argmax([patch @ word_vector(f"a {colours[colour]}", w) for w in shapes]) == shape)
+    assert accuracy == pytest.approx({name: np.mean(hits) for name, hits in expected.items()}, abs=1e-9)

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python training/image_tower_probe.py probe tclip_jax/data/default_model [FOLDER ...] [--random]
     PYTHONPATH=. python training/image_tower_probe.py position FOLDER [FOLDER ...]
+    PYTHONPATH=. python training/image_tower_probe.py words FOLDER [FOLDER ...]
     PYTHONPATH=. python training/image_tower_probe.py supervised --label shape [colour] --steps 400
         [--set FIELD=VALUE ...] [--object-sizes MIN MAX] [--backgrounds NAME ...] [--easy-steps N] [--random-heads]
 
@@ -14,6 +15,11 @@ others. Features: the class-token embedding (CLIP's image embedding), the mean o
 `position`: the share of the unit patch tokens' variance that is their grid position's mean token, over 64
 held-out training-style scenes (`position_shares`): of the tokens TCLIP reads, and of the residual stream from the
 tower's input through each block.
+
+`words`: the probe's question asked of TCLIP's S: on the probe's 500 test scenes, how often the object's centre
+patch token is closest (cosine) to the object's own shape word, colour word, or shape word inside
+"a <colour> <shape>", among all shape or colour words (`word_accuracy`). A tower can carry shape (the probe) while
+its S cannot find it (this).
 
 `supervised`: the training script's image tower (`train_default.model_config`, with `--set` overrides) trained
 from scratch with a linear head and cross-entropy on the label of one-object scenes (AdamW, warmup then cosine,
@@ -112,6 +118,31 @@ def probe(model: CLIP, params, train_count: int = 1500, test_count: int = 500) -
     return accuracy
 
 
+def word_accuracy(clip, count: int = 500) -> dict[str, float]:
+    """Zero-shot, with the text tower as the classifier: the share of `count` one-object scenes (the probe's test
+    scenes) whose object's centre patch token (`tower_features`) has the highest cosine with the object's own word,
+    among the bare shape words ("shape"), the bare colour words ("colour"), and the shape words of
+    "a <colour> <shape>" for the object's colour ("shape_in_caption"). The words' vectors are TCLIP's queries for
+    those prompts, so this is the linear probe's question asked of S itself."""
+    from tclip_jax.methods.base import Query
+    from tclip_jax.methods.tclip import TCLIP
+
+    method = TCLIP(clip)
+    images, labels, scenes = one_object_scenes(count, PROBE_SEEDS + 1500, clip.config.image_size)
+    patches = tower_features(clip.model, clip.params, images, scenes)["centre_patch"]
+    shapes, colours = LABELS["shape"], LABELS["colour"]
+    captions = [f"a {colour} {shape}" for colour in colours for shape in shapes]
+    in_caption = method.encode([Query(c, (len(c) - len(c.split()[-1]), len(c))) for c in captions]).per_query
+    in_caption = in_caption.reshape(len(colours), len(shapes), -1)[labels["colour"]]  # [count, shapes, D]
+    return {
+        "shape": float(np.mean((patches @ method.encode([Query(w) for w in shapes]).per_query.T).argmax(1)
+                               == labels["shape"])),
+        "colour": float(np.mean((patches @ method.encode([Query(w) for w in colours]).per_query.T).argmax(1)
+                                == labels["colour"])),
+        "shape_in_caption": float(np.mean(np.einsum("nsd,nd->ns", in_caption, patches).argmax(1) == labels["shape"])),
+    }
+
+
 def position_shares(model: CLIP, params, count: int = 64) -> dict[str, float]:
     """Per stage of the tower, the share of the unit patch tokens' variance that is their grid position's mean
     token, over `count` held-out TRAINING_STYLE scenes resized whole to the model's input: near 0 when each token
@@ -195,6 +226,8 @@ def main() -> None:
     probe_parser.add_argument("--random", action="store_true", help="also the tower at initialisation")
     position_parser = commands.add_parser("position", help="how much of the patch tokens is their grid position")
     position_parser.add_argument("folders", nargs="+", type=pathlib.Path)
+    words_parser = commands.add_parser("words", help="which word's text embedding the object's patch is closest to")
+    words_parser.add_argument("folders", nargs="+", type=pathlib.Path)
     sup = commands.add_parser("supervised", help="train the image tower on a label directly")
     sup.add_argument("--label", nargs="+", choices=tuple(LABELS), default=["shape"],
                      help="one label, or several trained together (one head each, their losses summed)")
@@ -222,6 +255,9 @@ def main() -> None:
             shares = position_shares(loaded.model, loaded.params)
             print(json.dumps({"model": str(folder), "position_share": shares["output"], "by_stage": shares}),
                   flush=True)
+    elif args.command == "words":
+        for folder in args.folders:
+            print(json.dumps({"model": str(folder), **word_accuracy(load_clip(folder))}), flush=True)
     else:
         try:
             config = dataclasses.replace(train_default.TrainConfig(), **train_default.parse_overrides(args.set))
