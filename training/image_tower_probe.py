@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python training/image_tower_probe.py probe tclip_jax/data/default_model [FOLDER ...] [--random]
     PYTHONPATH=. python training/image_tower_probe.py position FOLDER [FOLDER ...]
-    PYTHONPATH=. python training/image_tower_probe.py words FOLDER [FOLDER ...]
+    PYTHONPATH=. python training/image_tower_probe.py words tclip_jax/data/default_model [FOLDER ...] [--random]
     PYTHONPATH=. python training/image_tower_probe.py supervised --label shape [colour] --steps 400
         [--set FIELD=VALUE ...] [--object-sizes MIN MAX] [--backgrounds NAME ...] [--easy-steps N] [--random-heads]
 
@@ -218,6 +218,13 @@ def supervised(config: train_default.TrainConfig, labels: Sequence[str], steps: 
                    "elapsed_s": time.perf_counter() - start}
 
 
+def initialised():
+    """The shipped models' architecture at initialisation (seed 0), with the CLIP tokenizer: the floor of what
+    training added."""
+    config = train_default.model_config(train_default.TrainConfig())
+    return dataclasses.replace(load_clip(), model=CLIP(config), params=init_params(config, 0), origin="random")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -227,7 +234,8 @@ def main() -> None:
     position_parser = commands.add_parser("position", help="how much of the patch tokens is their grid position")
     position_parser.add_argument("folders", nargs="+", type=pathlib.Path)
     words_parser = commands.add_parser("words", help="which word's text embedding the object's patch is closest to")
-    words_parser.add_argument("folders", nargs="+", type=pathlib.Path)
+    words_parser.add_argument("folders", nargs="*", type=pathlib.Path)
+    words_parser.add_argument("--random", action="store_true", help="also the model at initialisation")
     sup = commands.add_parser("supervised", help="train the image tower on a label directly")
     sup.add_argument("--label", nargs="+", choices=tuple(LABELS), default=["shape"],
                      help="one label, or several trained together (one head each, their losses summed)")
@@ -247,8 +255,8 @@ def main() -> None:
             loaded = load_clip(folder)
             print(json.dumps({"model": str(folder), **probe(loaded.model, loaded.params)}), flush=True)
         if args.random:
-            config = train_default.model_config(train_default.TrainConfig())
-            print(json.dumps({"model": "random", **probe(CLIP(config), init_params(config, 0))}), flush=True)
+            tower = initialised()
+            print(json.dumps({"model": "random", **probe(tower.model, tower.params)}), flush=True)
     elif args.command == "position":
         for folder in args.folders:
             loaded = load_clip(folder)
@@ -256,8 +264,12 @@ def main() -> None:
             print(json.dumps({"model": str(folder), "position_share": shares["output"], "by_stage": shares}),
                   flush=True)
     elif args.command == "words":
+        if not args.folders and not args.random:
+            parser.error("words needs a checkpoint folder or --random")
         for folder in args.folders:
             print(json.dumps({"model": str(folder), **word_accuracy(load_clip(folder))}), flush=True)
+        if args.random:
+            print(json.dumps({"model": "random", **word_accuracy(initialised())}), flush=True)
     else:
         try:
             config = dataclasses.replace(train_default.TrainConfig(), **train_default.parse_overrides(args.set))
