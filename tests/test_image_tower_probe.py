@@ -122,7 +122,7 @@ def test_word_accuracy_asks_the_probe_question_of_the_text_tower(shipped):
         """Mean unit embedding of `word`'s pieces at the end of the prompt `prefix word`."""
         text = f"{prefix} {word}".strip()
         ids = tokenizer.encode([text])
-        start = 1 + (int((tokenizer.encode([prefix])[0] > 0).sum()) - 2 if prefix else 0)  # after SOT and prefix
+        start = 1 + int((tokenizer.encode([prefix])[0] > 0).sum()) - 2  # after SOT and the prefix's pieces
         end = int(np.nonzero(ids[0] == tokenizer.eot_id)[0][0])
         return np.asarray(token_embeddings(shipped.model, shipped.params, ids))[0, start:end].mean(0)
 

@@ -54,6 +54,8 @@ import train_default  # noqa: E402
 
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.image import clip_normalize  # noqa: E402
+from tclip_jax.methods.base import Query  # noqa: E402
+from tclip_jax.methods.tclip import TCLIP  # noqa: E402
 from tclip_jax.model import CLIP, init_params  # noqa: E402
 from tclip_jax.synthetic import (BACKGROUNDS, COLOURS, HELDOUT_SEED_START, PLAIN_STYLE, SHAPES,  # noqa: E402
                                  TRAINING_STYLE, Style, make_scene)
@@ -124,23 +126,21 @@ def word_accuracy(clip, count: int = 500) -> dict[str, float]:
     among the bare shape words ("shape"), the bare colour words ("colour"), and the shape words of
     "a <colour> <shape>" for the object's colour ("shape_in_caption"). The words' vectors are TCLIP's queries for
     those prompts, so this is the linear probe's question asked of S itself."""
-    from tclip_jax.methods.base import Query
-    from tclip_jax.methods.tclip import TCLIP
-
     method = TCLIP(clip)
     images, labels, scenes = one_object_scenes(count, PROBE_SEEDS + 1500, clip.config.image_size)
     patches = tower_features(clip.model, clip.params, images, scenes)["centre_patch"]
+
+    def share_closest(words: Sequence[str], label: str) -> float:
+        return float(np.mean((patches @ method.encode([Query(w) for w in words]).per_query.T).argmax(1)
+                             == labels[label]))
+
     shapes, colours = LABELS["shape"], LABELS["colour"]
     captions = [f"a {colour} {shape}" for colour in colours for shape in shapes]
     in_caption = method.encode([Query(c, (len(c) - len(c.split()[-1]), len(c))) for c in captions]).per_query
     in_caption = in_caption.reshape(len(colours), len(shapes), -1)[labels["colour"]]  # [count, shapes, D]
-    return {
-        "shape": float(np.mean((patches @ method.encode([Query(w) for w in shapes]).per_query.T).argmax(1)
-                               == labels["shape"])),
-        "colour": float(np.mean((patches @ method.encode([Query(w) for w in colours]).per_query.T).argmax(1)
-                                == labels["colour"])),
-        "shape_in_caption": float(np.mean(np.einsum("nsd,nd->ns", in_caption, patches).argmax(1) == labels["shape"])),
-    }
+    return {"shape": share_closest(shapes, "shape"), "colour": share_closest(colours, "colour"),
+            "shape_in_caption": float(np.mean(np.einsum("nsd,nd->ns", in_caption, patches).argmax(1)
+                                              == labels["shape"]))}
 
 
 def position_shares(model: CLIP, params, count: int = 64) -> dict[str, float]:
