@@ -114,7 +114,7 @@ def test_word_accuracy_asks_the_probe_question_of_the_text_tower(shipped):
     """An explicit loop: each scene's centre patch against the unit embeddings of every word's pieces (averaged)."""
     count = 12
     accuracy = itp.word_accuracy(shipped, count=count)
-    images, labels, scenes = itp.one_object_scenes(count, itp.PROBE_SEEDS + 1500)
+    images, labels, scenes = itp.one_object_scenes(count, itp.PROBE_SEEDS + itp.PROBE_FIT_SCENES)
     patches = itp.tower_features(shipped.model, shipped.params, images, scenes)["centre_patch"]
     tokenizer = shipped.tokenizer
 

@@ -64,6 +64,7 @@ LABELS = {"shape": tuple(SHAPES), "colour": tuple(COLOURS)}
 ONE_OBJECT = dataclasses.replace(PLAIN_STYLE, counts=(1,), count_weights=(1.0,))
 EASY_OBJECTS = dataclasses.replace(ONE_OBJECT, size_range=(100.0, 160.0), backgrounds=("flat",))
 PROBE_SEEDS = HELDOUT_SEED_START + 3_000_000   # probe scenes: their own held-out stream
+PROBE_FIT_SCENES = 1500  # the probe fits on the first scenes of that stream and tests on those after them
 SUPERVISED_TEST_SEEDS = HELDOUT_SEED_START + 5_000_000
 
 
@@ -102,7 +103,7 @@ def tower_features(model: CLIP, params, images: np.ndarray, scenes: list, chunk:
     return {name: np.concatenate(parts) for name, parts in features.items()}
 
 
-def probe(model: CLIP, params, train_count: int = 1500, test_count: int = 500) -> dict[str, float]:
+def probe(model: CLIP, params, train_count: int = PROBE_FIT_SCENES, test_count: int = 500) -> dict[str, float]:
     """Held-out accuracy of a linear probe per (label, feature)."""
     from sklearn.linear_model import LogisticRegression
 
@@ -127,7 +128,7 @@ def word_accuracy(clip, count: int = 500) -> dict[str, float]:
     "a <colour> <shape>" for the object's colour ("shape_in_caption"). The words' vectors are TCLIP's queries for
     those prompts, so this is the linear probe's question asked of S itself."""
     method = TCLIP(clip)
-    images, labels, scenes = one_object_scenes(count, PROBE_SEEDS + 1500, clip.config.image_size)
+    images, labels, scenes = one_object_scenes(count, PROBE_SEEDS + PROBE_FIT_SCENES, clip.config.image_size)
     patches = tower_features(clip.model, clip.params, images, scenes)["centre_patch"]
 
     def share_closest(words: Sequence[str], label: str) -> float:
