@@ -15,7 +15,9 @@ No ground-truth mask or box is used by either. `word_weight` (recipe search; 0 i
 SuperClass's caption-word term to either (`word_loss`): the image embedding predicts its caption's word pieces
 through a head that exists only in training; `patch_word_weight` the same term read from the patch tokens
 (`patch_word_loss`: each piece scored by its best patch), through that head or, with `patch_word_head=text`,
-through each piece's own text embedding (the term then acts on TCLIP's S).
+through each piece's own text embedding (the term then acts on TCLIP's S); `caption_word_weight` the same term
+with each caption piece's embedding inside its caption, against the batch's other captions' pieces
+(`caption_word_targets`: it acts on the S of caption words).
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -114,6 +116,8 @@ class TrainConfig:
     patch_word_weight: float = 0.0  # > 0: the same term read from the patch tokens (`patch_word_loss`)
     # Its head: "random" (word_weight's, shared) or "text" (each piece's own text embedding: the term acts on S).
     patch_word_head: str = "random"
+    # > 0: the patch term with each caption piece's own in-caption embedding as its kernel (`caption_word_targets`).
+    caption_word_weight: float = 0.0
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -148,7 +152,7 @@ class TrainConfig:
             raise ValueError(f"step_colours_rate must be in [0, 1], got {self.step_colours_rate}")
         if self.patch_word_head not in PATCH_WORD_HEADS:
             raise ValueError(f"patch_word_head must be one of {PATCH_WORD_HEADS}, got {self.patch_word_head!r}")
-        for name in ("word_weight", "patch_word_weight"):
+        for name in ("word_weight", "patch_word_weight", "caption_word_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.relation_rate <= 1:
@@ -320,11 +324,34 @@ def word_loss(image_embeds: jax.Array, kernel: jax.Array, targets: jax.Array) ->
     return optax.softmax_cross_entropy(image_embeds @ kernel, targets).mean()
 
 
-def patch_word_loss(patch_tokens: jax.Array, kernel: jax.Array, targets: jax.Array) -> jax.Array:
+def patch_word_loss(patch_tokens: jax.Array, kernel: jax.Array, targets: jax.Array,
+                    valid: jax.Array | None = None) -> jax.Array:
     """`word_loss` read from the patch tokens [B, P, D], so that a caption's pieces must be found somewhere in the
     image rather than only in its class embedding: a piece's logit is its best patch's (patch token @ `kernel`
-    [D, U]), as in multiple-instance learning; one softmax over the U pieces scored (`targets` [B, U])."""
-    return optax.softmax_cross_entropy(jnp.max(patch_tokens @ kernel, axis=1), targets).mean()
+    [D, U]), as in multiple-instance learning; one softmax over the U pieces scored (`targets` [B, U]), or over
+    those `valid` [B, U] marks."""
+    logits = jnp.max(patch_tokens @ kernel, axis=1)
+    if valid is not None:
+        logits = jnp.where(valid, logits, -1e9)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def caption_word_targets(token_ids: jax.Array, pieces: jax.Array, idf: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """(targets, valid) [B, B * L] of `patch_word_loss` whose kernel holds every piece of the B true captions
+    ([B, L] rows, flattened caption by caption), each as its own caption's token embedding.
+
+    Image i must pick its own caption's pieces (IDF-weighted, as `word_targets`) over the other captions' pieces.
+    A piece whose id is also in caption i is no word to beat for image i (the batch repeats words), so it is left
+    out of i's softmax, as are pieces the IDF does not count."""
+    weights = pieces * jnp.asarray(idf)[token_ids]  # [B, L]
+    captions = token_ids.shape[0]
+    own = jnp.eye(captions, dtype=bool)[:, :, None]  # [i, c, 1]
+    # in_caption[i, c, l]: piece (c, l) has an id that caption i counts
+    in_caption = ((token_ids[:, :, None, None] == token_ids[None, None]) & (weights[:, :, None, None] > 0)).any(1)
+    valid = (weights[None] > 0) & (own | ~in_caption)
+    targets = jnp.where(own, weights[None], 0.0)
+    targets = targets / targets.sum(axis=(1, 2), keepdims=True)
+    return targets.reshape(captions, -1), valid.reshape(captions, -1)
 
 
 def piece_embeddings(model: CLIP, params: dict, pieces: np.ndarray, sot_id: int, eot_id: int) -> jax.Array:
@@ -343,8 +370,9 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
            eot_id: int, config: TrainConfig, objective: str,
            idf: np.ndarray | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The objective on one batch: images [B, S, S, 3] uint8, token rows [B + N, L] (true captions, then negatives),
-    `columns` [B + N] bool (False for padding rows). With `word_weight` or `patch_word_weight`, `idf` is
-    `word_idf`'s, and params also hold "word_head" (not a CLIP parameter) if a term uses the random head."""
+    `columns` [B + N] bool (False for padding rows). With a word term (`word_weight`, `patch_word_weight`,
+    `caption_word_weight`), `idf` is `word_idf`'s, and params also hold "word_head" (not a CLIP parameter) if a
+    term uses the random head."""
     texts = images_u8.shape[0]
     head = params.get("word_head")
     params = clip_params(params)
@@ -363,7 +391,8 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
                  + config.fine_grained_weight * fine)
         metrics.update(dense_loss=dense, token_loss=per_piece, fine_grained_loss=fine)
     if idf is not None:
-        targets = word_targets(token_ids[:texts], piece_mask(token_ids[:texts], sot_id, eot_id), idf)
+        caption_pieces = piece_mask(token_ids[:texts], sot_id, eot_id)
+        targets = word_targets(token_ids[:texts], caption_pieces, idf)
         if config.word_weight:
             words = word_loss(image.embeds, head, targets)
             total = total + config.word_weight * words
@@ -378,6 +407,12 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
             patch_words = patch_word_loss(patches, kernel, targets[:, vocab])
             total = total + config.patch_word_weight * patch_words
             metrics["patch_word_loss"] = patch_words
+        if config.caption_word_weight:  # scale * S of each caption piece in its caption: the words TCLIP reads
+            kernel = scale * l2_normalize(text.tokens[:texts]).reshape(-1, text.tokens.shape[-1]).T
+            caption_targets, valid = caption_word_targets(token_ids[:texts], caption_pieces, idf)
+            caption_words = patch_word_loss(l2_normalize(image.tokens[:, 1:]), kernel, caption_targets, valid)
+            total = total + config.caption_word_weight * caption_words
+            metrics["caption_word_loss"] = caption_words
     return total, {"loss": total, **metrics}
 
 
@@ -457,7 +492,8 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     if config.text_init:
         text = text_tower_from(config.text_init, params["text"])
         params = {**params, "text": jax.tree_util.tree_map(jnp.asarray, text)}
-    idf = word_idf(config) if config.word_weight or config.patch_word_weight else None
+    word_terms = config.word_weight or config.patch_word_weight or config.caption_word_weight
+    idf = word_idf(config) if word_terms else None
     if config.word_weight or (config.patch_word_weight and config.patch_word_head == "random"):
         # The head starts random, N(0, 1/D): a zero head would pass the tower no gradient.
         head = np.random.default_rng(config.seed).normal(0.0, config.embed_dim ** -0.5, (config.embed_dim, len(idf)))
