@@ -246,6 +246,42 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
     assert record["loss"] == pytest.approx(record["clip_loss"] + 2.0 * record["patch_word_loss"], rel=1e-6)
     with pytest.raises(ValueError, match="patch_word_head"):
         dataclasses.replace(text_head, patch_word_head="zero")
+    # Through each caption piece's embedding inside its caption: no head either, and the text tower moves.
+    caption_words = dataclasses.replace(without, caption_word_weight=2.0)
+    through_captions, _, _ = train_default.train(caption_words, tmp_path / "captions.jsonl")
+    assert jax.tree_util.tree_structure(through_captions) == jax.tree_util.tree_structure(plain)
+    assert not np.array_equal(through_captions["text"]["projection"], plain["text"]["projection"])
+    record = json.loads((tmp_path / "captions.jsonl").read_text().splitlines()[0])
+    assert record["loss"] == pytest.approx(record["clip_loss"] + 2.0 * record["caption_word_loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="caption_word_weight"):
+        dataclasses.replace(with_words, caption_word_weight=-1.0)
+
+
+def test_caption_word_term_asks_each_image_for_its_own_caption_pieces_over_the_batchs_others():
+    config = train_default.TrainConfig(batch_size=8, image_size=32, patch_size=16)
+    tokenizer = train_default.default_tokenizer()
+    idf = train_default.word_idf(config)
+    ids = tokenizer.encode(train_default.batch(config, 0)[1])  # scenes next to their variants: shared words
+    pieces = np.asarray(train_default.piece_mask(ids, tokenizer.sot_id, tokenizer.eot_id))
+    rng = np.random.default_rng(0)
+    tokens, patches = rng.normal(size=(*ids.shape, 8)), rng.normal(size=(len(ids), 5, 8))
+    expected = []
+    for i, image in enumerate(patches):  # the softmax over the pieces of all captions that image i may score
+        own = {p for p, k in zip(ids[i], pieces[i]) if k and idf[p] > 0}
+        scores, target = [], []
+        for c, (row, keep) in enumerate(zip(ids, pieces)):
+            for l, (piece, k) in enumerate(zip(row, keep)):
+                if k and idf[piece] > 0 and (c == i or piece not in own):
+                    scores.append(max(patch @ tokens[c, l] for patch in image))
+                    target.append(idf[piece] if c == i else 0.0)
+        scores, target = np.array(scores), np.array(target)
+        log_softmax = scores - scores.max() - np.log(np.exp(scores - scores.max()).sum())
+        expected.append(-(target / target.sum() * log_softmax).sum())
+    targets, valid = train_default.caption_word_targets(ids, pieces, idf)
+    kernel = tokens.reshape(-1, 8).T.astype(np.float32)
+    loss = train_default.patch_word_loss(patches.astype(np.float32), kernel, targets, valid)
+    assert float(loss) == pytest.approx(np.mean(expected), rel=1e-5)
+    assert not np.asarray(valid).all()  # the batch does share words, so the test reaches the mask
 
 
 def test_piece_embeddings_are_the_rows_of_s_for_a_bare_word():
