@@ -237,25 +237,19 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
     assert record["loss"] == pytest.approx(record["clip_loss"] + 2.0 * record["patch_word_loss"], rel=1e-6)
     with pytest.raises(ValueError, match="patch_word_weight"):
         dataclasses.replace(with_words, patch_word_weight=-1.0)
-    # Through each piece's own text embedding instead: no head at all, and the term trains the text tower too.
-    text_head = dataclasses.replace(patch_words, patch_word_head="text")
-    through_text, _, _ = train_default.train(text_head, tmp_path / "text.jsonl")
-    assert jax.tree_util.tree_structure(through_text) == jax.tree_util.tree_structure(plain)
-    assert not np.array_equal(through_text["text"]["projection"], plain["text"]["projection"])
-    record = json.loads((tmp_path / "text.jsonl").read_text().splitlines()[0])
-    assert record["loss"] == pytest.approx(record["clip_loss"] + 2.0 * record["patch_word_loss"], rel=1e-6)
     with pytest.raises(ValueError, match="patch_word_head"):
-        dataclasses.replace(text_head, patch_word_head="zero")
-    # Through each caption piece's embedding inside its caption: no head either, and the text tower moves.
-    caption_words = dataclasses.replace(without, caption_word_weight=2.0)
-    through_captions, _, _ = train_default.train(caption_words, tmp_path / "captions.jsonl")
-    assert jax.tree_util.tree_structure(through_captions) == jax.tree_util.tree_structure(plain)
-    assert not np.array_equal(through_captions["text"]["projection"], plain["text"]["projection"])
-    record = json.loads((tmp_path / "captions.jsonl").read_text().splitlines()[0])
-    assert record["loss"] == pytest.approx(record["clip_loss"] + 2.0 * record["caption_word_loss"], rel=1e-6)
+        dataclasses.replace(patch_words, patch_word_head="zero")
+    # Through each piece's own text embedding (bare, or inside its caption) instead: no head at all, and the
+    # term trains the text tower too.
+    for name, overrides, term in [("text", dict(patch_word_weight=2.0, patch_word_head="text"), "patch_word_loss"),
+                                  ("captions", dict(caption_word_weight=2.0), "caption_word_loss")]:
+        trained, _, _ = train_default.train(dataclasses.replace(without, **overrides), tmp_path / f"{name}.jsonl")
+        assert jax.tree_util.tree_structure(trained) == jax.tree_util.tree_structure(plain)
+        assert not np.array_equal(trained["text"]["projection"], plain["text"]["projection"])
+        record = json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[0])
+        assert record["loss"] == pytest.approx(record["clip_loss"] + 2.0 * record[term], rel=1e-6)
     with pytest.raises(ValueError, match="caption_word_weight"):
         dataclasses.replace(with_words, caption_word_weight=-1.0)
-
 
 def test_caption_word_term_asks_each_image_for_its_own_caption_pieces_over_the_batchs_others():
     config = train_default.TrainConfig(batch_size=8, image_size=32, patch_size=16)
