@@ -110,27 +110,52 @@ def test_position_share_is_the_variance_of_the_per_position_means(shipped):
         assert shares[stage] == pytest.approx(between / total, rel=1e-9) and 0 < shares[stage] < 1, stage
 
 
+def word_vector(clip, prefix: str, word: str) -> np.ndarray:
+    """Mean unit embedding of `word`'s pieces at the end of the prompt `prefix word`."""
+    tokenizer = clip.tokenizer
+    text = f"{prefix} {word}".strip()
+    ids = tokenizer.encode([text])
+    start = 1 + int((tokenizer.encode([prefix])[0] > 0).sum()) - 2  # after SOT and the prefix's pieces
+    end = int(np.nonzero(ids[0] == tokenizer.eot_id)[0][0])
+    return np.asarray(token_embeddings(clip.model, clip.params, ids))[0, start:end].mean(0)
+
+
 def test_word_accuracy_asks_the_probe_question_of_the_text_tower(shipped):
     """An explicit loop: each scene's centre patch against the unit embeddings of every word's pieces (averaged)."""
     count = 12
     accuracy = itp.word_accuracy(shipped, count=count)
     images, labels, scenes = itp.one_object_scenes(count, itp.PROBE_SEEDS + itp.PROBE_FIT_SCENES)
     patches = itp.tower_features(shipped.model, shipped.params, images, scenes)["centre_patch"]
-    tokenizer = shipped.tokenizer
-
-    def word_vector(prefix: str, word: str) -> np.ndarray:
-        """Mean unit embedding of `word`'s pieces at the end of the prompt `prefix word`."""
-        text = f"{prefix} {word}".strip()
-        ids = tokenizer.encode([text])
-        start = 1 + int((tokenizer.encode([prefix])[0] > 0).sum()) - 2  # after SOT and the prefix's pieces
-        end = int(np.nonzero(ids[0] == tokenizer.eot_id)[0][0])
-        return np.asarray(token_embeddings(shipped.model, shipped.params, ids))[0, start:end].mean(0)
-
     shapes, colours = itp.LABELS["shape"], itp.LABELS["colour"]
     expected = {"shape": [], "colour": [], "shape_in_caption": []}
     for patch, shape, colour in zip(patches, labels["shape"], labels["colour"]):
-        expected["shape"].append(np.argmax([patch @ word_vector("", w) for w in shapes]) == shape)
-        expected["colour"].append(np.argmax([patch @ word_vector("", w) for w in colours]) == colour)
+        expected["shape"].append(np.argmax([patch @ word_vector(shipped, "", w) for w in shapes]) == shape)
+        expected["colour"].append(np.argmax([patch @ word_vector(shipped, "", w) for w in colours]) == colour)
         expected["shape_in_caption"].append(
-            np.argmax([patch @ word_vector(f"a {colours[colour]}", w) for w in shapes]) == shape)
+            np.argmax([patch @ word_vector(shipped, f"a {colours[colour]}", w) for w in shapes]) == shape)
     assert accuracy == pytest.approx({name: np.mean(hits) for name, hits in expected.items()}, abs=1e-9)
+
+
+def test_word_locality_compares_the_own_words_s_at_the_object_with_the_background(shipped):
+    """An explicit loop over each scene's 7 x 7 patches (224 px, patch 32) and its mask's pixels."""
+    count = 12
+    locality = itp.word_locality(shipped, count=count)
+    images, labels, scenes = itp.one_object_scenes(count, itp.PROBE_SEEDS + itp.PROBE_FIT_SCENES)
+    expected = {}
+    for label, words in itp.LABELS.items():
+        vectors = [word_vector(shipped, "", w) for w in words]
+        at_object, background, peaks = [], [], []
+        for image, own, scene in zip(images, labels[label], scenes):
+            out = shipped.model.apply({"params": shipped.params}, clip_normalize(image[None]), method="encode_image")
+            tokens = np.asarray(out.tokens[0, 1:])
+            similarity = tokens @ vectors[own] / np.linalg.norm(tokens, axis=1)
+            mask = scene.objects[0].mask
+            touched = [mask[32 * (k // 7):32 * (k // 7 + 1), 32 * (k % 7):32 * (k % 7 + 1)].any() for k in range(49)]
+            ys, xs = np.nonzero(mask)
+            at_object.append(similarity[int(ys.mean() / 32) * 7 + int(xs.mean() / 32)])
+            background.extend(s for s, t in zip(similarity, touched) if not t)
+            peaks.append(touched[int(np.argmax(similarity))])
+        expected.update({f"{label}_at_object": np.mean(at_object), f"{label}_background": np.mean(background),
+                         f"{label}_peak_on_object": np.mean(peaks)})
+    assert locality == pytest.approx(expected, abs=1e-5)
+    assert locality["colour_peak_on_object"] > 0.5  # the shipped model's colour words find their object

@@ -19,7 +19,8 @@ tower's input through each block.
 `words`: the probe's question asked of TCLIP's S: on the probe's 500 test scenes, how often the object's centre
 patch token is closest (cosine) to the object's own shape word, colour word, or shape word inside
 "a <colour> <shape>", among all shape or colour words (`word_accuracy`). A tower can carry shape (the probe) while
-its S cannot find it (this).
+its S cannot find it (this). Then where the object's own bare word lies in S (`word_locality`): its cosine at the
+object and on the background, and how often its highest patch touches the object.
 
 `supervised`: the training script's image tower (`train_default.model_config`, with `--set` overrides) trained
 from scratch with a linear head and cross-entropy on the label of one-object scenes (AdamW, warmup then cosine,
@@ -56,7 +57,7 @@ from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.image import clip_normalize  # noqa: E402
 from tclip_jax.methods.base import Query  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
-from tclip_jax.model import CLIP, init_params  # noqa: E402
+from tclip_jax.model import CLIP, init_params, l2_normalize  # noqa: E402
 from tclip_jax.synthetic import (BACKGROUNDS, COLOURS, HELDOUT_SEED_START, PLAIN_STYLE, SHAPES,  # noqa: E402
                                  TRAINING_STYLE, Style, make_scene)
 
@@ -91,16 +92,27 @@ def tower_features(model: CLIP, params, images: np.ndarray, scenes: list, chunk:
     features: dict[str, list] = {"class_embedding": [], "mean_patch": [], "centre_patch": []}
     for start in range(0, len(images), chunk):
         out = encode_images(model, params, images[start:start + chunk])
-        grid_h, grid_w = out.grid
         tokens = np.asarray(out.tokens)
         features["class_embedding"].append(np.asarray(out.embeds))
         features["mean_patch"].append(np.asarray(out.tokens_normed[:, 1:]).mean(axis=1))
         for row, scene in enumerate(scenes[start:start + chunk]):
-            mask = scene.objects[0].mask
-            ys, xs = np.nonzero(mask)
-            cell_y, cell_x = int(ys.mean() * grid_h / mask.shape[0]), int(xs.mean() * grid_w / mask.shape[1])
-            features["centre_patch"].append(tokens[row, 1 + cell_y * grid_w + cell_x][None])
+            features["centre_patch"].append(tokens[row, 1 + centre_cell(scene.objects[0].mask, out.grid)][None])
     return {name: np.concatenate(parts) for name, parts in features.items()}
+
+
+def centre_cell(mask: np.ndarray, grid: tuple[int, int]) -> int:
+    """The row-major index of the grid cell that holds the centroid of `mask`."""
+    ys, xs = np.nonzero(mask)
+    cell_y, cell_x = int(ys.mean() * grid[0] / mask.shape[0]), int(xs.mean() * grid[1] / mask.shape[1])
+    return cell_y * grid[1] + cell_x
+
+
+def touched_cells(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """[cells] bool, row-major: the grid cells (the image split evenly, as the patches split it) that `mask`
+    touches."""
+    rows = np.array_split(np.arange(mask.shape[0]), grid[0])
+    columns = np.array_split(np.arange(mask.shape[1]), grid[1])
+    return np.array([mask[r[0]:r[-1] + 1, c[0]:c[-1] + 1].any() for r in rows for c in columns])
 
 
 def probe(model: CLIP, params, train_count: int = PROBE_FIT_SCENES, test_count: int = 500) -> dict[str, float]:
@@ -142,6 +154,29 @@ def word_accuracy(clip, count: int = 500) -> dict[str, float]:
     return {"shape": share_closest(shapes, "shape"), "colour": share_closest(colours, "colour"),
             "shape_in_caption": float(np.mean(np.einsum("nsd,nd->ns", in_caption, patches).argmax(1)
                                               == labels["shape"]))}
+
+
+def word_locality(clip, count: int = 500) -> dict[str, float]:
+    """Where S puts the object's own bare shape and colour word on the probe's test scenes (`<label>_...`): its
+    mean cosine with the unit patch token at the object's centre (`at_object`, the patch `word_accuracy` reads) and
+    with the patches the object does not touch (`background`), and the share of scenes whose highest patch touches
+    the object (`peak_on_object`, the pointing game on the patch grid). A word can be the closest of its kind at
+    the object and still peak on the background, where TCLIP's map then points."""
+    method = TCLIP(clip)
+    images, labels, scenes = one_object_scenes(count, PROBE_SEEDS + PROBE_FIT_SCENES, clip.config.image_size)
+    outs = [encode_images(clip.model, clip.params, images[start:start + 100]) for start in range(0, count, 100)]
+    patches = np.concatenate([np.asarray(l2_normalize(out.tokens[:, 1:])) for out in outs])
+    grid = outs[0].grid
+    result = {}
+    for label, words in LABELS.items():
+        queries = np.asarray(method.encode([Query(w) for w in words]).per_query)
+        similarity = np.einsum("npd,nd->np", patches, queries[labels[label]])  # each scene's own word
+        touched = np.stack([touched_cells(scene.objects[0].mask, grid) for scene in scenes])
+        centres = [centre_cell(scene.objects[0].mask, grid) for scene in scenes]
+        result[f"{label}_at_object"] = float(np.mean(similarity[np.arange(count), centres]))
+        result[f"{label}_background"] = float(similarity[~touched].mean())
+        result[f"{label}_peak_on_object"] = float(touched[np.arange(count), similarity.argmax(1)].mean())
+    return result
 
 
 def position_shares(model: CLIP, params, count: int = 64) -> dict[str, float]:
@@ -268,9 +303,11 @@ def main() -> None:
         if not args.folders and not args.random:
             parser.error("words needs a checkpoint folder or --random")
         for folder in args.folders:
-            print(json.dumps({"model": str(folder), **word_accuracy(load_clip(folder))}), flush=True)
+            clip = load_clip(folder)
+            print(json.dumps({"model": str(folder), **word_accuracy(clip), **word_locality(clip)}), flush=True)
         if args.random:
-            print(json.dumps({"model": "random", **word_accuracy(initialised())}), flush=True)
+            clip = initialised()
+            print(json.dumps({"model": "random", **word_accuracy(clip), **word_locality(clip)}), flush=True)
     else:
         try:
             config = dataclasses.replace(train_default.TrainConfig(), **train_default.parse_overrides(args.set))
