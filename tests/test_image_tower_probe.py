@@ -21,6 +21,12 @@ def shipped():
     return load_clip()
 
 
+def touches(mask: np.ndarray, cell: int) -> bool:
+    """Whether `mask` (224 px) has a pixel in `cell` of the 7 x 7 grid of 32 px patches (row-major)."""
+    row, column = divmod(cell, 7)
+    return bool(mask[32 * row:32 * (row + 1), 32 * column:32 * (column + 1)].any())
+
+
 def test_scenes_hold_one_object_and_labels_name_it():
     images, labels, scenes = itp.one_object_scenes(12, itp.PROBE_SEEDS)
     assert images.shape == (12, 224, 224, 3)
@@ -40,13 +46,18 @@ def test_centre_patch_is_the_token_under_the_mask_centroid(shipped):
         np.testing.assert_allclose(features["centre_patch"][i], np.asarray(out.tokens[0, 1 + cell[0] * 7 + cell[1]]),
                                    atol=1e-5)
         np.testing.assert_allclose(features["class_embedding"][i], np.asarray(out.embeds[0]), atol=1e-5)
+        # The far patch: of the cells without an object pixel, the first farthest from the centre cell.
+        mask = scene.objects[0].mask
+        far = max((k for k in range(49) if not touches(mask, k)),
+                  key=lambda k: ((k // 7 - cell[0]) ** 2 + (k % 7 - cell[1]) ** 2, -k))
+        np.testing.assert_allclose(features["far_patch"][i], np.asarray(out.tokens[0, 1 + far]), atol=1e-5)
 
 
 def test_probe_finds_colour_in_the_shipped_tower(shipped):
     """The shipped model grounds colour words (pointing 0.97): its patch tokens must carry the colour."""
     accuracy = itp.probe(shipped.model, shipped.params, train_count=240, test_count=120)
     assert set(accuracy) == {f"{label}/{feature}" for label in itp.LABELS
-                             for feature in ("class_embedding", "mean_patch", "centre_patch")}
+                             for feature in ("class_embedding", "mean_patch", "centre_patch", "far_patch")}
     assert accuracy["colour/centre_patch"] >= 0.9
 
 
@@ -150,7 +161,7 @@ def test_word_locality_compares_the_own_words_s_at_the_object_with_the_backgroun
             tokens = np.asarray(out.tokens[0, 1:])
             similarity = tokens @ vectors[own] / np.linalg.norm(tokens, axis=1)
             mask = scene.objects[0].mask
-            touched = [mask[32 * (k // 7):32 * (k // 7 + 1), 32 * (k % 7):32 * (k % 7 + 1)].any() for k in range(49)]
+            touched = [touches(mask, k) for k in range(49)]
             ys, xs = np.nonzero(mask)
             at_object.append(similarity[int(ys.mean() / 32) * 7 + int(xs.mean() / 32)])
             background.extend(s for s, t in zip(similarity, touched) if not t)

@@ -9,7 +9,9 @@
 `probe`: a checkpoint's image tower, frozen, on `one_object_scenes` (PLAIN_STYLE, exactly one object): a
 multinomial logistic regression (scikit-learn) per label and per feature, fitted on 1500 scenes, accuracy on 500
 others. Features: the class-token embedding (CLIP's image embedding), the mean of the patch tokens after
-`ln_post`, and the projected patch token under the object's centre (the token TCLIP reads for the object).
+`ln_post`, the projected patch token under the object's centre (the token TCLIP reads for the object), and the
+projected patch token farthest from it that the object does not touch (if it reads the object as well, the tokens
+carry the scene rather than their place, and a word's map need not peak on its object).
 `--random` adds the architecture at initialisation (seed 0), the floor of what training added.
 
 `position`: the share of the unit patch tokens' variance that is their grid position's mean token, over 64
@@ -88,15 +90,18 @@ def encode_images(model: CLIP, params, images: jax.Array, intermediates: bool = 
 
 def tower_features(model: CLIP, params, images: np.ndarray, scenes: list, chunk: int = 100) -> dict[str, np.ndarray]:
     """Per image: class-token embedding, mean patch token after ln_post, projected patch token at the object's
-    centre (the grid cell holding the centroid of its mask)."""
-    features: dict[str, list] = {"class_embedding": [], "mean_patch": [], "centre_patch": []}
+    centre (the grid cell holding the centroid of its mask) and at the cell farthest from it that the object does
+    not touch (`far_cell`: does a token far from the object know what the object is?)."""
+    features: dict[str, list] = {"class_embedding": [], "mean_patch": [], "centre_patch": [], "far_patch": []}
     for start in range(0, len(images), chunk):
         out = encode_images(model, params, images[start:start + chunk])
         tokens = np.asarray(out.tokens)
         features["class_embedding"].append(np.asarray(out.embeds))
         features["mean_patch"].append(np.asarray(out.tokens_normed[:, 1:]).mean(axis=1))
         for row, scene in enumerate(scenes[start:start + chunk]):
-            features["centre_patch"].append(tokens[row, 1 + centre_cell(scene.objects[0].mask, out.grid)][None])
+            mask = scene.objects[0].mask
+            features["centre_patch"].append(tokens[row, 1 + centre_cell(mask, out.grid)][None])
+            features["far_patch"].append(tokens[row, 1 + far_cell(mask, out.grid)][None])
     return {name: np.concatenate(parts) for name, parts in features.items()}
 
 
@@ -105,6 +110,15 @@ def centre_cell(mask: np.ndarray, grid: tuple[int, int]) -> int:
     ys, xs = np.nonzero(mask)
     cell_y, cell_x = int(ys.mean() * grid[0] / mask.shape[0]), int(xs.mean() * grid[1] / mask.shape[1])
     return cell_y * grid[1] + cell_x
+
+
+def far_cell(mask: np.ndarray, grid: tuple[int, int]) -> int:
+    """The row-major index of the cell that `mask` does not touch farthest from its centre cell (the first such
+    in row-major order on a tie)."""
+    centre_y, centre_x = divmod(centre_cell(mask, grid), grid[1])
+    cells_y, cells_x = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
+    distance = np.where(touched_cells(mask, grid), -1, (cells_y - centre_y) ** 2 + (cells_x - centre_x) ** 2)
+    return int(np.argmax(distance))
 
 
 def touched_cells(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
