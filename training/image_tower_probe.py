@@ -180,13 +180,12 @@ def word_locality(clip, count: int = 500) -> dict[str, float]:
     images, labels, scenes = one_object_scenes(count, PROBE_SEEDS + PROBE_FIT_SCENES, clip.config.image_size)
     outs = [encode_images(clip.model, clip.params, images[start:start + 100]) for start in range(0, count, 100)]
     patches = np.concatenate([np.asarray(l2_normalize(out.tokens[:, 1:])) for out in outs])
-    grid = outs[0].grid
+    touched = np.stack([touched_cells(scene.objects[0].mask, outs[0].grid) for scene in scenes])
+    centres = [centre_cell(scene.objects[0].mask, outs[0].grid) for scene in scenes]
     result = {}
     for label, words in LABELS.items():
         queries = np.asarray(method.encode([Query(w) for w in words]).per_query)
         similarity = np.einsum("npd,nd->np", patches, queries[labels[label]])  # each scene's own word
-        touched = np.stack([touched_cells(scene.objects[0].mask, grid) for scene in scenes])
-        centres = [centre_cell(scene.objects[0].mask, grid) for scene in scenes]
         result[f"{label}_at_object"] = float(np.mean(similarity[np.arange(count), centres]))
         result[f"{label}_background"] = float(similarity[~touched].mean())
         result[f"{label}_peak_on_object"] = float(touched[np.arange(count), similarity.argmax(1)].mean())
