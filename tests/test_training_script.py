@@ -242,14 +242,18 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
     # Through each piece's own text embedding (bare, or inside its caption) instead: no head at all, and the
     # term trains the text tower too.
     for name, overrides, term in [("text", dict(patch_word_weight=2.0, patch_word_head="text"), "patch_word_loss"),
-                                  ("captions", dict(caption_word_weight=2.0), "caption_word_loss")]:
+                                  ("captions", dict(caption_word_weight=2.0), "caption_word_loss"),
+                                  ("anchor", dict(bare_anchor_weight=2.0), "bare_anchor_loss")]:
         trained, _, _ = train_default.train(dataclasses.replace(without, **overrides), tmp_path / f"{name}.jsonl")
         assert jax.tree_util.tree_structure(trained) == jax.tree_util.tree_structure(plain)
         assert not np.array_equal(trained["text"]["projection"], plain["text"]["projection"])
         record = json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[0])
         assert record["loss"] == pytest.approx(record["clip_loss"] + 2.0 * record[term], rel=1e-6)
-    with pytest.raises(ValueError, match="caption_word_weight"):
-        dataclasses.replace(with_words, caption_word_weight=-1.0)
+    # The anchor term is text-side only: the image tower takes the plain run's steps.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, trained["visual"], plain["visual"])
+    for name in ("caption_word_weight", "bare_anchor_weight"):
+        with pytest.raises(ValueError, match=name):
+            dataclasses.replace(with_words, **{name: -1.0})
 
 def test_caption_word_term_asks_each_image_for_its_own_caption_pieces_over_the_batchs_others():
     config = train_default.TrainConfig(batch_size=8, image_size=32, patch_size=16)
@@ -276,6 +280,53 @@ def test_caption_word_term_asks_each_image_for_its_own_caption_pieces_over_the_b
     loss = train_default.patch_word_loss(patches.astype(np.float32), kernel, targets, valid)
     assert float(loss) == pytest.approx(np.mean(expected), rel=1e-5)
     assert not np.asarray(valid).all()  # the batch does share words, so the test reaches the mask
+
+
+def test_bare_anchor_term_asks_each_caption_piece_for_its_own_bare_word_and_moves_only_the_captions():
+    config = train_default.TrainConfig(objective="clip", bare_anchor_weight=1.0, batch_size=4, embed_dim=16,
+                                       vision_width=64, vision_layers=1, text_width=64, text_layers=1,
+                                       image_size=32, patch_size=16)
+    tokenizer = train_default.default_tokenizer()
+    idf = train_default.word_idf(config)
+    vocab = np.flatnonzero(idf)
+    images, captions, _ = train_default.batch(config, 0)
+    ids = tokenizer.encode(captions)
+    pieces = np.asarray(train_default.piece_mask(ids, tokenizer.sot_id, tokenizer.eot_id))
+    rng = np.random.default_rng(0)
+    tokens, bare, scale = rng.normal(size=(*ids.shape, 8)), rng.normal(size=(len(vocab), 8)), 3.0
+    losses, weights = [], []
+    for row, keep, row_tokens in zip(ids, pieces, tokens):
+        for piece, k, token in zip(row, keep, row_tokens):
+            if k and idf[piece] > 0:
+                logits = scale * bare @ token
+                own = list(vocab).index(piece)
+                losses.append(-(logits[own] - logits.max() - np.log(np.exp(logits - logits.max()).sum())))
+                weights.append(idf[piece])
+    weight_rows = pieces * idf[ids]
+    loss = train_default.bare_anchor_loss(tokens.astype(np.float32), ids, weight_rows, bare.astype(np.float32),
+                                          vocab, scale)
+    assert float(loss) == pytest.approx(np.average(losses, weights=weights), rel=1e-5)
+    # In the objective, the bare embeddings and the temperature are constants: the term's gradient is that of the
+    # loss with both taken from fixed parameters.
+    model = CLIP(train_default.model_config(config))
+    params = init_params(model.config, 0)
+    columns = np.ones(len(ids), bool)
+
+    def term(p):  # the whole objective less CLIP's loss
+        total, metrics = train_default.losses(p, model, images, ids, columns, tokenizer.sot_id, tokenizer.eot_id,
+                                              config, "clip", idf)
+        return total - metrics["clip_loss"]
+
+    bare_fixed = train_default.piece_embeddings(model, params, vocab, tokenizer.sot_id, tokenizer.eot_id)
+
+    def anchored(p):
+        text = model.apply({"params": p}, ids, method="encode_text")
+        return train_default.bare_anchor_loss(train_default.l2_normalize(text.tokens), ids, weight_rows, bare_fixed,
+                                              vocab, np.exp(params["logit_scale"]))
+
+    got, expected = jax.grad(term)(params), jax.grad(anchored)(params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, expected)
+    assert float(np.abs(got["text"]["projection"]).max()) > 0
 
 
 def test_piece_embeddings_are_the_rows_of_s_for_a_bare_word():

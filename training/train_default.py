@@ -17,7 +17,8 @@ through a head that exists only in training; `patch_word_weight` the same term r
 (`patch_word_loss`: each piece scored by its best patch), through that head or, with `patch_word_head=text`,
 through each piece's own text embedding (the term then acts on TCLIP's S); `caption_word_weight` the same term
 with each caption piece's embedding inside its caption, against the batch's other captions' pieces
-(`caption_word_targets`: it acts on the S of caption words).
+(`caption_word_targets`: it acts on the S of caption words); `bare_anchor_weight` asks each caption piece, inside
+its caption, to pick its own bare embedding among the vocabulary's (`bare_anchor_loss`), a text-side term.
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -118,6 +119,9 @@ class TrainConfig:
     patch_word_head: str = "random"
     # > 0: the patch term with each caption piece's own in-caption embedding as its kernel (`caption_word_targets`).
     caption_word_weight: float = 0.0
+    # > 0: each caption piece inside its caption must pick its own bare embedding among the vocabulary's
+    # (`bare_anchor_loss`): ties the S of words in captions to that of bare words.
+    bare_anchor_weight: float = 0.0
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -152,7 +156,7 @@ class TrainConfig:
             raise ValueError(f"step_colours_rate must be in [0, 1], got {self.step_colours_rate}")
         if self.patch_word_head not in PATCH_WORD_HEADS:
             raise ValueError(f"patch_word_head must be one of {PATCH_WORD_HEADS}, got {self.patch_word_head!r}")
-        for name in ("word_weight", "patch_word_weight", "caption_word_weight"):
+        for name in ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.relation_rate <= 1:
@@ -354,6 +358,17 @@ def caption_word_targets(token_ids: jax.Array, pieces: jax.Array, idf: np.ndarra
     return targets.reshape(captions, -1), valid.reshape(captions, -1)
 
 
+def bare_anchor_loss(caption_tokens: jax.Array, token_ids: jax.Array, weights: jax.Array, bare: jax.Array,
+                     vocab: np.ndarray, scale: jax.Array) -> jax.Array:
+    """Each caption piece, as its unit embedding inside its caption (`caption_tokens` [B, L, D], ids `token_ids`
+    [B, L]), must pick its own bare embedding among `bare` [U, D] (`piece_embeddings` of the sorted ids `vocab`
+    [U]): InfoNCE on `scale` times their cosines, averaged with `weights` [B, L] (0 for pieces not counted). A piece
+    whose S row equals its bare word's is grounded wherever the bare word is."""
+    labels = jnp.clip(jnp.searchsorted(jnp.asarray(vocab), token_ids), 0, len(vocab) - 1)
+    per_piece = optax.softmax_cross_entropy_with_integer_labels(scale * caption_tokens @ bare.T, labels)
+    return (per_piece * weights).sum() / weights.sum()
+
+
 def piece_embeddings(model: CLIP, params: dict, pieces: np.ndarray, sot_id: int, eot_id: int) -> jax.Array:
     """[U, D] unit text-tower embeddings of each piece alone (its position in "<sot> piece <eot>"): the rows of
     TCLIP's S for a bare one-piece word."""
@@ -371,8 +386,8 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
            idf: np.ndarray | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The objective on one batch: images [B, S, S, 3] uint8, token rows [B + N, L] (true captions, then negatives),
     `columns` [B + N] bool (False for padding rows). With a word term (`word_weight`, `patch_word_weight`,
-    `caption_word_weight`), `idf` is `word_idf`'s, and params also hold "word_head" (not a CLIP parameter) if a
-    term uses the random head."""
+    `caption_word_weight`, `bare_anchor_weight`), `idf` is `word_idf`'s, and params also hold "word_head" (not a
+    CLIP parameter) if a term uses the random head."""
     texts = images_u8.shape[0]
     head = params.get("word_head")
     params = clip_params(params)
@@ -413,6 +428,16 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
             caption_words = patch_word_loss(l2_normalize(image.tokens[:, 1:]), kernel, caption_targets, valid)
             total = total + config.caption_word_weight * caption_words
             metrics["caption_word_loss"] = caption_words
+        if config.bare_anchor_weight:
+            # Only the words inside captions move: the bare words are the anchor, and the term does not set CLIP's
+            # temperature.
+            vocab = np.flatnonzero(idf)
+            bare = jax.lax.stop_gradient(piece_embeddings(model, params, vocab, sot_id, eot_id))
+            weights = caption_pieces * jnp.asarray(idf)[token_ids[:texts]]
+            anchor = bare_anchor_loss(l2_normalize(text.tokens[:texts]), token_ids[:texts], weights, bare, vocab,
+                                      jax.lax.stop_gradient(scale))
+            total = total + config.bare_anchor_weight * anchor
+            metrics["bare_anchor_loss"] = anchor
     return total, {"loss": total, **metrics}
 
 
@@ -492,7 +517,8 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     if config.text_init:
         text = text_tower_from(config.text_init, params["text"])
         params = {**params, "text": jax.tree_util.tree_map(jnp.asarray, text)}
-    word_terms = config.word_weight or config.patch_word_weight or config.caption_word_weight
+    word_terms = (config.word_weight or config.patch_word_weight or config.caption_word_weight
+                  or config.bare_anchor_weight)
     idf = word_idf(config) if word_terms else None
     if config.word_weight or (config.patch_word_weight and config.patch_word_head == "random"):
         # The head starts random, N(0, 1/D): a zero head would pass the tower no gradient.
