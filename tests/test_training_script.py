@@ -282,7 +282,7 @@ def test_caption_word_term_asks_each_image_for_its_own_caption_pieces_over_the_b
     assert not np.asarray(valid).all()  # the batch does share words, so the test reaches the mask
 
 
-def test_bare_anchor_term_asks_each_caption_piece_for_its_own_bare_word_and_moves_only_the_captions():
+def test_bare_anchor_term_asks_each_caption_piece_for_its_own_bare_word_held_fixed():
     config = train_default.TrainConfig(objective="clip", bare_anchor_weight=1.0, batch_size=4, embed_dim=16,
                                        vision_width=64, vision_layers=1, text_width=64, text_layers=1,
                                        image_size=32, patch_size=16)

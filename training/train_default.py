@@ -429,8 +429,8 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
             total = total + config.caption_word_weight * caption_words
             metrics["caption_word_loss"] = caption_words
         if config.bare_anchor_weight:
-            # Only the words inside captions move: the bare words are the anchor, and the term does not set CLIP's
-            # temperature.
+            # The term's gradient reaches the words inside captions only: the bare words are its anchor (they still
+            # move with the text tower, under the other terms), and it does not set CLIP's temperature.
             vocab = np.flatnonzero(idf)
             bare = jax.lax.stop_gradient(piece_embeddings(model, params, vocab, sot_id, eot_id))
             weights = caption_pieces * jnp.asarray(idf)[token_ids[:texts]]
