@@ -243,6 +243,7 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
     # term trains the text tower too.
     for name, overrides, term in [("text", dict(patch_word_weight=2.0, patch_word_head="text"), "patch_word_loss"),
                                   ("captions", dict(caption_word_weight=2.0), "caption_word_loss"),
+                                  ("pairs", dict(pair_locality_weight=2.0), "pair_locality_loss"),
                                   ("anchor", dict(bare_anchor_weight=2.0), "bare_anchor_loss")]:
         trained, _, _ = train_default.train(dataclasses.replace(without, **overrides), tmp_path / f"{name}.jsonl")
         assert jax.tree_util.tree_structure(trained) == jax.tree_util.tree_structure(plain)
@@ -251,7 +252,7 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
         assert record["loss"] == pytest.approx(record["clip_loss"] + 2.0 * record[term], rel=1e-6)
     # The anchor term is text-side only: the image tower takes the plain run's steps.
     jax.tree_util.tree_map(np.testing.assert_array_equal, trained["visual"], plain["visual"])
-    for name in ("caption_word_weight", "bare_anchor_weight"):
+    for name in ("caption_word_weight", "bare_anchor_weight", "pair_locality_weight"):
         with pytest.raises(ValueError, match=name):
             dataclasses.replace(with_words, **{name: -1.0})
 
@@ -327,6 +328,42 @@ def test_bare_anchor_term_asks_each_caption_piece_for_its_own_bare_word_held_fix
     got, expected = jax.grad(term)(params), jax.grad(anchored)(params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, expected)
     assert float(np.abs(got["text"]["projection"]).max()) > 0
+
+
+def test_pair_locality_term_asks_a_scene_and_its_variant_to_differ_at_few_patches_in_the_changed_word():
+    config = train_default.TrainConfig(batch_size=16, image_size=32, patch_size=16)
+    tokenizer = train_default.default_tokenizer()
+    idf = train_default.word_idf(config)
+    vocab = np.flatnonzero(idf)
+    ids = tokenizer.encode(train_default.batch(config, 0)[1])  # scene, variant, scene, variant, ...
+    pieces = np.asarray(train_default.piece_mask(ids, tokenizer.sot_id, tokenizer.eot_id))
+    weights = pieces * idf[ids]
+    expected_changed = np.zeros(ids.shape, bool)
+    for pair in range(len(ids) // 2):  # the counted pieces whose id the other caption lacks, if one per caption
+        rows = (2 * pair, 2 * pair + 1)
+        changed = {r: [l for l in range(ids.shape[1]) if weights[r, l] > 0 and ids[r, l] not in ids[1 - r % 2 + 2 * pair]]
+                   for r in rows}
+        if all(len(c) <= 1 for c in changed.values()):
+            for r in rows:
+                expected_changed[r, changed[r]] = True
+    changed = np.asarray(train_default.changed_pieces(ids, weights))
+    np.testing.assert_array_equal(changed, expected_changed)
+    assert changed.sum() >= len(ids) // 2  # most variants change one word
+    rng = np.random.default_rng(0)
+    patches, bare = rng.normal(size=(len(ids), 5, 8)), rng.normal(size=(len(vocab), 8))
+    losses, loss_weights = [], []
+    for r, l in zip(*np.nonzero(expected_changed)):
+        partner = r + 1 if r % 2 == 0 else r - 1
+        word = bare[list(vocab).index(ids[r, l])]
+        d = np.array([patches[r, p] @ word - patches[partner, p] @ word for p in range(5)])
+        losses.append(np.abs(d).mean() - d.max())
+        loss_weights.append(weights[r, l])
+    loss = train_default.pair_locality_loss(patches.astype(np.float32), bare.astype(np.float32), vocab, ids,
+                                            weights)
+    assert float(loss) == pytest.approx(np.average(losses, weights=loss_weights), rel=1e-5)
+    # Closed form: a pair of identical images costs 0.
+    twins = np.repeat(patches[::2], 2, axis=0).astype(np.float32)
+    assert float(train_default.pair_locality_loss(twins, bare.astype(np.float32), vocab, ids, weights)) == 0.0
 
 
 def test_piece_embeddings_are_the_rows_of_s_for_a_bare_word():

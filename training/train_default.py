@@ -18,7 +18,9 @@ through a head that exists only in training; `patch_word_weight` the same term r
 through each piece's own text embedding (the term then acts on TCLIP's S); `caption_word_weight` the same term
 with each caption piece's embedding inside its caption, against the batch's other captions' pieces
 (`caption_word_targets`: it acts on the S of caption words); `bare_anchor_weight` asks each caption piece, inside
-its caption, to pick its own bare embedding among the vocabulary's (`bare_anchor_loss`), a text-side term.
+its caption, to pick its own bare embedding among the vocabulary's (`bare_anchor_loss`), a text-side term;
+`pair_locality_weight` asks a scene and its variant to differ, in the S of the word the variant changed, at few
+patches (`pair_locality_loss`), so that a word is scored where its object is, with no mask.
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -122,6 +124,9 @@ class TrainConfig:
     # > 0: each caption piece inside its caption must pick its own bare embedding among the vocabulary's
     # (`bare_anchor_loss`): ties the S of words in captions to that of bare words.
     bare_anchor_weight: float = 0.0
+    # > 0: a scene and its variant must differ, in the S of the word the variant changed, at few patches
+    # (`pair_locality_loss`): locality without a mask.
+    pair_locality_weight: float = 0.0
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -156,7 +161,8 @@ class TrainConfig:
             raise ValueError(f"step_colours_rate must be in [0, 1], got {self.step_colours_rate}")
         if self.patch_word_head not in PATCH_WORD_HEADS:
             raise ValueError(f"patch_word_head must be one of {PATCH_WORD_HEADS}, got {self.patch_word_head!r}")
-        for name in ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight"):
+        for name in ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight",
+                     "pair_locality_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.relation_rate <= 1:
@@ -369,6 +375,34 @@ def bare_anchor_loss(caption_tokens: jax.Array, token_ids: jax.Array, weights: j
     return (per_piece * weights).sum() / weights.sum()
 
 
+def changed_pieces(token_ids: jax.Array, weights: jax.Array) -> jax.Array:
+    """[B, L] bool: the counted pieces (`weights` > 0) of each caption of a scene / variant pair (rows 2i and
+    2i + 1, as `batch` puts them) whose id the pair's other caption lacks: the word the variant changed. Pairs where
+    either caption has more than one such piece (a stand-in scene of a far seed, not a variant) have none."""
+    rows, length = token_ids.shape
+    partner = token_ids.reshape(-1, 2, length)[:, ::-1].reshape(rows, length)
+    changed = (weights > 0) & ~(token_ids[:, :, None] == partner[:, None, :]).any(axis=2)
+    one_word = (changed.sum(axis=1) <= 1).reshape(-1, 2).all(axis=1).repeat(2)
+    return changed & one_word[:, None]
+
+
+def pair_locality_loss(patch_tokens: jax.Array, bare: jax.Array, vocab: np.ndarray, token_ids: jax.Array,
+                       weights: jax.Array) -> jax.Array:
+    """A scene and its variant (images 2i and 2i + 1, unit patch tokens [B, P, D]) differ in one object, so the S
+    of the word the variant changed (`changed_pieces`; bare embeddings `bare` [U, D] of the sorted ids `vocab`)
+    should differ between the two at that object's patches alone. Per changed piece, with d_p the image's S at patch
+    p minus its partner's: mean_p |d_p| - max_p d_p, lowest when the difference sits at few patches and is large
+    there (0 when it is the same positive value everywhere, or 0); averaged with `weights` [B, L]."""
+    patches = patch_tokens.shape[1]
+    scores = patch_tokens @ bare.T  # [B, P, U]
+    difference = scores - scores.reshape(-1, 2, patches, bare.shape[0])[:, ::-1].reshape(scores.shape)
+    labels = jnp.clip(jnp.searchsorted(jnp.asarray(vocab), token_ids), 0, len(vocab) - 1)
+    d = jnp.take_along_axis(difference, labels[:, None, :], axis=2)  # [B, P, L]
+    per_piece = jnp.abs(d).mean(axis=1) - d.max(axis=1)
+    counted = changed_pieces(token_ids, weights) * weights
+    return (per_piece * counted).sum() / jnp.maximum(counted.sum(), 1e-9)
+
+
 def piece_embeddings(model: CLIP, params: dict, pieces: np.ndarray, sot_id: int, eot_id: int) -> jax.Array:
     """[U, D] unit text-tower embeddings of each piece alone (its position in "<sot> piece <eot>"): the rows of
     TCLIP's S for a bare one-piece word."""
@@ -386,8 +420,8 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
            idf: np.ndarray | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The objective on one batch: images [B, S, S, 3] uint8, token rows [B + N, L] (true captions, then negatives),
     `columns` [B + N] bool (False for padding rows). With a word term (`word_weight`, `patch_word_weight`,
-    `caption_word_weight`, `bare_anchor_weight`), `idf` is `word_idf`'s, and params also hold "word_head" (not a
-    CLIP parameter) if a term uses the random head."""
+    `caption_word_weight`, `bare_anchor_weight`, `pair_locality_weight`), `idf` is `word_idf`'s, and params also
+    hold "word_head" (not a CLIP parameter) if a term uses the random head."""
     texts = images_u8.shape[0]
     head = params.get("word_head")
     params = clip_params(params)
@@ -438,6 +472,13 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
                                       jax.lax.stop_gradient(scale))
             total = total + config.bare_anchor_weight * anchor
             metrics["bare_anchor_loss"] = anchor
+        if config.pair_locality_weight:
+            vocab = np.flatnonzero(idf)
+            locality = pair_locality_loss(l2_normalize(image.tokens[:, 1:]),
+                                          piece_embeddings(model, params, vocab, sot_id, eot_id), vocab,
+                                          token_ids[:texts], caption_pieces * jnp.asarray(idf)[token_ids[:texts]])
+            total = total + config.pair_locality_weight * locality
+            metrics["pair_locality_loss"] = locality
     return total, {"loss": total, **metrics}
 
 
@@ -518,7 +559,7 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
         text = text_tower_from(config.text_init, params["text"])
         params = {**params, "text": jax.tree_util.tree_map(jnp.asarray, text)}
     word_terms = (config.word_weight or config.patch_word_weight or config.caption_word_weight
-                  or config.bare_anchor_weight)
+                  or config.bare_anchor_weight or config.pair_locality_weight)
     idf = word_idf(config) if word_terms else None
     if config.word_weight or (config.patch_word_weight and config.patch_word_head == "random"):
         # The head starts random, N(0, 1/D): a zero head would pass the tower no gradient.
