@@ -364,14 +364,19 @@ def caption_word_targets(token_ids: jax.Array, pieces: jax.Array, idf: np.ndarra
     return targets.reshape(captions, -1), valid.reshape(captions, -1)
 
 
+def vocab_index(vocab: np.ndarray, token_ids: jax.Array) -> jax.Array:
+    """Each id's place in the sorted ids `vocab` (ids not in it get a valid place; callers weight them 0)."""
+    return jnp.clip(jnp.searchsorted(jnp.asarray(vocab), token_ids), 0, len(vocab) - 1)
+
+
 def bare_anchor_loss(caption_tokens: jax.Array, token_ids: jax.Array, weights: jax.Array, bare: jax.Array,
                      vocab: np.ndarray, scale: jax.Array) -> jax.Array:
     """Each caption piece, as its unit embedding inside its caption (`caption_tokens` [B, L, D], ids `token_ids`
     [B, L]), must pick its own bare embedding among `bare` [U, D] (`piece_embeddings` of the sorted ids `vocab`
     [U]): InfoNCE on `scale` times their cosines, averaged with `weights` [B, L] (0 for pieces not counted). A piece
     whose S row equals its bare word's is grounded wherever the bare word is."""
-    labels = jnp.clip(jnp.searchsorted(jnp.asarray(vocab), token_ids), 0, len(vocab) - 1)
-    per_piece = optax.softmax_cross_entropy_with_integer_labels(scale * caption_tokens @ bare.T, labels)
+    per_piece = optax.softmax_cross_entropy_with_integer_labels(scale * caption_tokens @ bare.T,
+                                                                 vocab_index(vocab, token_ids))
     return (per_piece * weights).sum() / weights.sum()
 
 
@@ -396,8 +401,7 @@ def pair_locality_loss(patch_tokens: jax.Array, bare: jax.Array, vocab: np.ndarr
     patches = patch_tokens.shape[1]
     scores = patch_tokens @ bare.T  # [B, P, U]
     difference = scores - scores.reshape(-1, 2, patches, bare.shape[0])[:, ::-1].reshape(scores.shape)
-    labels = jnp.clip(jnp.searchsorted(jnp.asarray(vocab), token_ids), 0, len(vocab) - 1)
-    d = jnp.take_along_axis(difference, labels[:, None, :], axis=2)  # [B, P, L]
+    d = jnp.take_along_axis(difference, vocab_index(vocab, token_ids)[:, None, :], axis=2)  # [B, P, L]
     per_piece = jnp.abs(d).mean(axis=1) - d.max(axis=1)
     counted = changed_pieces(token_ids, weights) * weights
     return (per_piece * counted).sum() / jnp.maximum(counted.sum(), 1e-9)
@@ -442,12 +446,13 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
     if idf is not None:
         caption_pieces = piece_mask(token_ids[:texts], sot_id, eot_id)
         targets = word_targets(token_ids[:texts], caption_pieces, idf)
+        vocab = np.flatnonzero(idf)  # the pieces the targets can weight
+        caption_weights = caption_pieces * jnp.asarray(idf)[token_ids[:texts]]
         if config.word_weight:
             words = word_loss(image.embeds, head, targets)
             total = total + config.word_weight * words
             metrics["word_loss"] = words
         if config.patch_word_weight:
-            vocab = np.flatnonzero(idf)  # the pieces the targets can weight
             if config.patch_word_head == "text":  # scale * S: patches against each piece's own text embedding
                 patches = l2_normalize(image.tokens[:, 1:])
                 kernel = scale * piece_embeddings(model, params, vocab, sot_id, eot_id).T
@@ -465,18 +470,15 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
         if config.bare_anchor_weight:
             # The term's gradient reaches the words inside captions only: the bare words are its anchor (they still
             # move with the text tower, under the other terms), and it does not set CLIP's temperature.
-            vocab = np.flatnonzero(idf)
             bare = jax.lax.stop_gradient(piece_embeddings(model, params, vocab, sot_id, eot_id))
-            weights = caption_pieces * jnp.asarray(idf)[token_ids[:texts]]
-            anchor = bare_anchor_loss(l2_normalize(text.tokens[:texts]), token_ids[:texts], weights, bare, vocab,
-                                      jax.lax.stop_gradient(scale))
+            anchor = bare_anchor_loss(l2_normalize(text.tokens[:texts]), token_ids[:texts], caption_weights, bare,
+                                      vocab, jax.lax.stop_gradient(scale))
             total = total + config.bare_anchor_weight * anchor
             metrics["bare_anchor_loss"] = anchor
         if config.pair_locality_weight:
-            vocab = np.flatnonzero(idf)
             locality = pair_locality_loss(l2_normalize(image.tokens[:, 1:]),
                                           piece_embeddings(model, params, vocab, sot_id, eot_id), vocab,
-                                          token_ids[:texts], caption_pieces * jnp.asarray(idf)[token_ids[:texts]])
+                                          token_ids[:texts], caption_weights)
             total = total + config.pair_locality_weight * locality
             metrics["pair_locality_loss"] = locality
     return total, {"loss": total, **metrics}
