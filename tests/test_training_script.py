@@ -276,7 +276,7 @@ def test_caption_word_term_asks_each_image_for_its_own_caption_pieces_over_the_b
         scores, target = np.array(scores), np.array(target)
         log_softmax = scores - scores.max() - np.log(np.exp(scores - scores.max()).sum())
         expected.append(-(target / target.sum() * log_softmax).sum())
-    targets, valid = train_default.caption_word_targets(ids, pieces, idf)
+    targets, valid = train_default.caption_word_targets(ids, train_default.caption_weights(ids, pieces, idf))
     kernel = tokens.reshape(-1, 8).T.astype(np.float32)
     loss = train_default.patch_word_loss(patches.astype(np.float32), kernel, targets, valid)
     assert float(loss) == pytest.approx(np.mean(expected), rel=1e-5)
@@ -341,8 +341,8 @@ def test_pair_locality_term_asks_a_scene_and_its_variant_to_differ_at_few_patche
     expected_changed = np.zeros(ids.shape, bool)
     for pair in range(len(ids) // 2):  # the counted pieces whose id the other caption lacks, if one per caption
         rows = (2 * pair, 2 * pair + 1)
-        changed = {r: [l for l in range(ids.shape[1]) if weights[r, l] > 0 and ids[r, l] not in ids[1 - r % 2 + 2 * pair]]
-                   for r in rows}
+        changed = {r: [l for l in range(ids.shape[1]) if weights[r, l] > 0 and ids[r, l] not in ids[partner]]
+                   for r, partner in zip(rows, rows[::-1])}
         if all(len(c) <= 1 for c in changed.values()):
             for r in rows:
                 expected_changed[r, changed[r]] = True

@@ -346,14 +346,14 @@ def patch_word_loss(patch_tokens: jax.Array, kernel: jax.Array, targets: jax.Arr
     return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-def caption_word_targets(token_ids: jax.Array, pieces: jax.Array, idf: np.ndarray) -> tuple[jax.Array, jax.Array]:
+def caption_word_targets(token_ids: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(targets, valid) [B, B * L] of `patch_word_loss` whose kernel holds every piece of the B true captions
-    ([B, L] rows, flattened caption by caption), each as its own caption's token embedding.
+    ([B, L] rows, flattened caption by caption), each as its own caption's token embedding; `weights` [B, L] are
+    the pieces' IDF (`caption_weights`), 0 for pieces not counted.
 
     Image i must pick its own caption's pieces (IDF-weighted, as `word_targets`) over the other captions' pieces.
     A piece whose id is also in caption i is no word to beat for image i (the batch repeats words), so it is left
     out of i's softmax, as are pieces the IDF does not count."""
-    weights = pieces * jnp.asarray(idf)[token_ids]  # [B, L]
     captions = token_ids.shape[0]
     own = jnp.eye(captions, dtype=bool)[:, :, None]  # [i, c, 1]
     # in_caption[i, c, l]: piece (c, l) has an id that caption i counts
@@ -362,6 +362,16 @@ def caption_word_targets(token_ids: jax.Array, pieces: jax.Array, idf: np.ndarra
     targets = jnp.where(own, weights[None], 0.0)
     targets = targets / targets.sum(axis=(1, 2), keepdims=True)
     return targets.reshape(captions, -1), valid.reshape(captions, -1)
+
+
+def caption_weights(token_ids: jax.Array, pieces: jax.Array, idf: np.ndarray) -> jax.Array:
+    """[B, L] each caption piece's IDF (`word_idf`), 0 where `pieces` [B, L] is 0: what the word terms count."""
+    return pieces * jnp.asarray(idf)[token_ids]
+
+
+def pair_partner(x: jax.Array) -> jax.Array:
+    """`x` with rows 2i and 2i + 1 swapped: each scene's variant in its place, and the variant's scene in its."""
+    return x.reshape(-1, 2, *x.shape[1:])[:, ::-1].reshape(x.shape)
 
 
 def vocab_index(vocab: np.ndarray, token_ids: jax.Array) -> jax.Array:
@@ -384,9 +394,7 @@ def changed_pieces(token_ids: jax.Array, weights: jax.Array) -> jax.Array:
     """[B, L] bool: the counted pieces (`weights` > 0) of each caption of a scene / variant pair (rows 2i and
     2i + 1, as `batch` puts them) whose id the pair's other caption lacks: the word the variant changed. Pairs where
     either caption has more than one such piece (a stand-in scene of a far seed, not a variant) have none."""
-    rows, length = token_ids.shape
-    partner = token_ids.reshape(-1, 2, length)[:, ::-1].reshape(rows, length)
-    changed = (weights > 0) & ~(token_ids[:, :, None] == partner[:, None, :]).any(axis=2)
+    changed = (weights > 0) & ~(token_ids[:, :, None] == pair_partner(token_ids)[:, None, :]).any(axis=2)
     one_word = (changed.sum(axis=1) <= 1).reshape(-1, 2).all(axis=1).repeat(2)
     return changed & one_word[:, None]
 
@@ -398,9 +406,8 @@ def pair_locality_loss(patch_tokens: jax.Array, bare: jax.Array, vocab: np.ndarr
     should differ between the two at that object's patches alone. Per changed piece, with d_p the image's S at patch
     p minus its partner's: mean_p |d_p| - max_p d_p, lowest when the difference sits at few patches and is large
     there (0 when it is the same positive value everywhere, or 0); averaged with `weights` [B, L]."""
-    patches = patch_tokens.shape[1]
     scores = patch_tokens @ bare.T  # [B, P, U]
-    difference = scores - scores.reshape(-1, 2, patches, bare.shape[0])[:, ::-1].reshape(scores.shape)
+    difference = scores - pair_partner(scores)
     d = jnp.take_along_axis(difference, vocab_index(vocab, token_ids)[:, None, :], axis=2)  # [B, P, L]
     per_piece = jnp.abs(d).mean(axis=1) - d.max(axis=1)
     counted = changed_pieces(token_ids, weights) * weights
@@ -447,7 +454,7 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
         caption_pieces = piece_mask(token_ids[:texts], sot_id, eot_id)
         targets = word_targets(token_ids[:texts], caption_pieces, idf)
         vocab = np.flatnonzero(idf)  # the pieces the targets can weight
-        caption_weights = caption_pieces * jnp.asarray(idf)[token_ids[:texts]]
+        weights = caption_weights(token_ids[:texts], caption_pieces, idf)
         if config.word_weight:
             words = word_loss(image.embeds, head, targets)
             total = total + config.word_weight * words
@@ -463,7 +470,7 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
             metrics["patch_word_loss"] = patch_words
         if config.caption_word_weight:  # scale * S of each caption piece in its caption: the words TCLIP reads
             kernel = scale * l2_normalize(text.tokens[:texts]).reshape(-1, text.tokens.shape[-1]).T
-            caption_targets, valid = caption_word_targets(token_ids[:texts], caption_pieces, idf)
+            caption_targets, valid = caption_word_targets(token_ids[:texts], weights)
             caption_words = patch_word_loss(l2_normalize(image.tokens[:, 1:]), kernel, caption_targets, valid)
             total = total + config.caption_word_weight * caption_words
             metrics["caption_word_loss"] = caption_words
@@ -471,14 +478,15 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
             # The term's gradient reaches the words inside captions only: the bare words are its anchor (they still
             # move with the text tower, under the other terms), and it does not set CLIP's temperature.
             bare = jax.lax.stop_gradient(piece_embeddings(model, params, vocab, sot_id, eot_id))
-            anchor = bare_anchor_loss(l2_normalize(text.tokens[:texts]), token_ids[:texts], caption_weights, bare,
-                                      vocab, jax.lax.stop_gradient(scale))
+            anchor = bare_anchor_loss(l2_normalize(text.tokens[:texts]), token_ids[:texts], weights, bare, vocab,
+                                      jax.lax.stop_gradient(scale))
             total = total + config.bare_anchor_weight * anchor
             metrics["bare_anchor_loss"] = anchor
         if config.pair_locality_weight:
-            locality = pair_locality_loss(l2_normalize(image.tokens[:, 1:]),
-                                          piece_embeddings(model, params, vocab, sot_id, eot_id), vocab,
-                                          token_ids[:texts], caption_weights)
+            # Its own bare embeddings, as each term has: one shared with the patch term sums their gradients in
+            # another order, and the card's runs would no longer reproduce bit for bit.
+            bare = piece_embeddings(model, params, vocab, sot_id, eot_id)
+            locality = pair_locality_loss(l2_normalize(image.tokens[:, 1:]), bare, vocab, token_ids[:texts], weights)
             total = total + config.pair_locality_weight * locality
             metrics["pair_locality_loss"] = locality
     return total, {"loss": total, **metrics}
