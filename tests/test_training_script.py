@@ -208,6 +208,19 @@ def test_word_idf_and_word_loss_follow_their_definitions():
     loss = train_default.patch_word_loss(patches.astype(np.float32), kernel[:, vocab].astype(np.float32),
                                          targets[:, vocab])
     assert float(loss) == pytest.approx(np.mean(expected), rel=1e-4)
+    # Words competing for patches: each patch's scores become log-probabilities over the pieces first.
+    expected = []
+    for row, keep, image in zip(ids, pieces, patches):
+        per_patch = np.array([[patch @ kernel[:, piece] for piece in vocab] for patch in image])
+        per_patch = per_patch - np.log(np.exp(per_patch).sum(axis=1, keepdims=True))
+        scores = per_patch.max(axis=0)
+        target = np.array([sum(k * idf[p] for p, k in zip(row, keep) if p == piece) for piece in vocab])
+        log_softmax = scores - scores.max() - np.log(np.exp(scores - scores.max()).sum())
+        expected.append(-(target / target.sum() * log_softmax).sum())
+    competing = train_default.patch_word_loss(patches.astype(np.float32), kernel[:, vocab].astype(np.float32),
+                                              targets[:, vocab], compete=True)
+    assert float(competing) == pytest.approx(np.mean(expected), rel=1e-4)
+    assert float(competing) != pytest.approx(float(loss), rel=1e-2)
 
 
 def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp_path):
@@ -239,9 +252,15 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
         dataclasses.replace(with_words, patch_word_weight=-1.0)
     with pytest.raises(ValueError, match="patch_word_head"):
         dataclasses.replace(patch_words, patch_word_head="zero")
+    with pytest.raises(ValueError, match="patch_word_compete"):
+        dataclasses.replace(patch_words, patch_word_compete=2)
+    with pytest.raises(ValueError, match="patch_word_compete needs patch_word_weight"):
+        dataclasses.replace(without, patch_word_compete=1)
     # Through each piece's own text embedding (bare, or inside its caption) instead: no head at all, and the
     # term trains the text tower too.
     for name, overrides, term in [("text", dict(patch_word_weight=2.0, patch_word_head="text"), "patch_word_loss"),
+                                  ("compete", dict(patch_word_weight=2.0, patch_word_head="text",
+                                                   patch_word_compete=1), "patch_word_loss"),
                                   ("captions", dict(caption_word_weight=2.0), "caption_word_loss"),
                                   ("pairs", dict(pair_locality_weight=2.0), "pair_locality_loss"),
                                   ("anchor", dict(bare_anchor_weight=2.0), "bare_anchor_loss")]:
@@ -250,6 +269,9 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
         assert not np.array_equal(trained["text"]["projection"], plain["text"]["projection"])
         record = json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[0])
         assert record["loss"] == pytest.approx(record["clip_loss"] + 2.0 * record[term], rel=1e-6)
+    first_term = {name: json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[0])["patch_word_loss"]
+                  for name in ("text", "compete")}
+    assert first_term["compete"] != pytest.approx(first_term["text"], rel=1e-3)  # the flag reaches the term
     # The anchor term is text-side only: the image tower takes the plain run's steps.
     jax.tree_util.tree_map(np.testing.assert_array_equal, trained["visual"], plain["visual"])
     for name in ("caption_word_weight", "bare_anchor_weight", "pair_locality_weight"):

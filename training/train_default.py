@@ -14,13 +14,14 @@ Objectives (`--objective`):
 No ground-truth mask or box is used by either. `word_weight` (recipe search; 0 in the shipped models) adds
 SuperClass's caption-word term to either (`word_loss`): the image embedding predicts its caption's word pieces
 through a head that exists only in training; `patch_word_weight` the same term read from the patch tokens
-(`patch_word_loss`: each piece scored by its best patch), through that head or, with `patch_word_head=text`,
-through each piece's own text embedding (the term then acts on TCLIP's S); `caption_word_weight` the same term
-with each caption piece's embedding inside its caption, against the batch's other captions' pieces
-(`caption_word_targets`: it acts on the S of caption words); `bare_anchor_weight` asks each caption piece, inside
-its caption, to pick its own bare embedding among the vocabulary's (`bare_anchor_loss`), a text-side term;
-`pair_locality_weight` asks a scene and its variant to differ, in the S of the word the variant changed, at few
-patches (`pair_locality_loss`), so that a word is scored where its object is, with no mask.
+(`patch_word_loss`: each piece scored by its best patch), through that head or, with `patch_word_head=text`, through
+each piece's own text embedding (the term then acts on TCLIP's S), where `patch_word_compete` makes the pieces
+compete for each patch first; `caption_word_weight` the same term with each caption piece's embedding inside its
+caption, against the batch's other captions' pieces (`caption_word_targets`: it acts on the S of caption words);
+`bare_anchor_weight` asks each caption piece, inside its caption, to pick its own bare embedding among the
+vocabulary's (`bare_anchor_loss`), a text-side term; `pair_locality_weight` asks a scene and its variant to differ,
+in the S of the word the variant changed, at few patches (`pair_locality_loss`), so that a word is scored where its
+object is, with no mask.
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -119,6 +120,10 @@ class TrainConfig:
     patch_word_weight: float = 0.0  # > 0: the same term read from the patch tokens (`patch_word_loss`)
     # Its head: "random" (word_weight's, shared) or "text" (each piece's own text embedding: the term acts on S).
     patch_word_head: str = "random"
+    # 1: in the patch term each patch's piece scores are log-softmax-normalised over the pieces before the best patch
+    # is taken, so words compete for patches: a patch that scores every piece alike (one that carries the whole
+    # scene) scores none of them.
+    patch_word_compete: int = 0
     # > 0: the patch term with each caption piece's own in-caption embedding as its kernel (`caption_word_targets`).
     caption_word_weight: float = 0.0
     # > 0: each caption piece inside its caption must pick its own bare embedding among the vocabulary's
@@ -161,6 +166,10 @@ class TrainConfig:
             raise ValueError(f"step_colours_rate must be in [0, 1], got {self.step_colours_rate}")
         if self.patch_word_head not in PATCH_WORD_HEADS:
             raise ValueError(f"patch_word_head must be one of {PATCH_WORD_HEADS}, got {self.patch_word_head!r}")
+        if self.patch_word_compete not in (0, 1):
+            raise ValueError(f"patch_word_compete must be 0 or 1, got {self.patch_word_compete}")
+        if self.patch_word_compete and not self.patch_word_weight:
+            raise ValueError("patch_word_compete needs patch_word_weight > 0")
         for name in ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight",
                      "pair_locality_weight"):
             if getattr(self, name) < 0:
@@ -335,12 +344,16 @@ def word_loss(image_embeds: jax.Array, kernel: jax.Array, targets: jax.Array) ->
 
 
 def patch_word_loss(patch_tokens: jax.Array, kernel: jax.Array, targets: jax.Array,
-                    valid: jax.Array | None = None) -> jax.Array:
+                    valid: jax.Array | None = None, compete: bool = False) -> jax.Array:
     """`word_loss` read from the patch tokens [B, P, D], so that a caption's pieces must be found somewhere in the
     image rather than only in its class embedding: a piece's logit is its best patch's (patch token @ `kernel`
     [D, U]), as in multiple-instance learning; one softmax over the U pieces scored (`targets` [B, U]), or over
-    those `valid` [B, U] marks."""
-    logits = jnp.max(patch_tokens @ kernel, axis=1)
+    those `valid` [B, U] marks. With `compete`, each patch's scores are first log-softmax-normalised over the U
+    pieces, so a piece's logit is its log-probability at the patch where it dominates most."""
+    scores = patch_tokens @ kernel
+    if compete:
+        scores = jax.nn.log_softmax(scores, axis=-1)
+    logits = jnp.max(scores, axis=1)
     if valid is not None:
         logits = jnp.where(valid, logits, -1e9)
     return optax.softmax_cross_entropy(logits, targets).mean()
@@ -465,7 +478,7 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
                 kernel = scale * piece_embeddings(model, params, vocab, sot_id, eot_id).T
             else:
                 patches, kernel = image.tokens[:, 1:], head[:, vocab]
-            patch_words = patch_word_loss(patches, kernel, targets[:, vocab])
+            patch_words = patch_word_loss(patches, kernel, targets[:, vocab], compete=bool(config.patch_word_compete))
             total = total + config.patch_word_weight * patch_words
             metrics["patch_word_loss"] = patch_words
         if config.caption_word_weight:  # scale * S of each caption piece in its caption: the words TCLIP reads
