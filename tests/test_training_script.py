@@ -197,30 +197,25 @@ def test_word_idf_and_word_loss_follow_their_definitions():
     loss = train_default.word_loss(embeds.astype(np.float32), kernel.astype(np.float32), targets)
     assert float(loss) == pytest.approx(np.mean(expected), rel=1e-4)
     # Read from patches: each piece of the vocabulary (idf > 0) scores its best patch; the softmax over those pieces.
+    # With `compete`, each patch's scores become log-probabilities over the pieces first.
     vocab = np.flatnonzero(idf)
     patches = rng.normal(size=(3, 5, 8))
-    expected = []
+    expected = {False: [], True: []}
     for row, keep, image in zip(ids, pieces, patches):
-        scores = np.array([max(patch @ kernel[:, piece] for patch in image) for piece in vocab])
+        per_patch = np.array([[patch @ kernel[:, piece] for piece in vocab] for patch in image])  # [P, U]
         target = np.array([sum(k * idf[p] for p, k in zip(row, keep) if p == piece) for piece in vocab])
-        log_softmax = scores - scores.max() - np.log(np.exp(scores - scores.max()).sum())
-        expected.append(-(target / target.sum() * log_softmax).sum())
-    loss = train_default.patch_word_loss(patches.astype(np.float32), kernel[:, vocab].astype(np.float32),
-                                         targets[:, vocab])
-    assert float(loss) == pytest.approx(np.mean(expected), rel=1e-4)
-    # Words competing for patches: each patch's scores become log-probabilities over the pieces first.
-    expected = []
-    for row, keep, image in zip(ids, pieces, patches):
-        per_patch = np.array([[patch @ kernel[:, piece] for piece in vocab] for patch in image])
-        per_patch = per_patch - np.log(np.exp(per_patch).sum(axis=1, keepdims=True))
-        scores = per_patch.max(axis=0)
-        target = np.array([sum(k * idf[p] for p, k in zip(row, keep) if p == piece) for piece in vocab])
-        log_softmax = scores - scores.max() - np.log(np.exp(scores - scores.max()).sum())
-        expected.append(-(target / target.sum() * log_softmax).sum())
-    competing = train_default.patch_word_loss(patches.astype(np.float32), kernel[:, vocab].astype(np.float32),
-                                              targets[:, vocab], compete=True)
-    assert float(competing) == pytest.approx(np.mean(expected), rel=1e-4)
-    assert float(competing) != pytest.approx(float(loss), rel=1e-2)
+        for compete in (False, True):
+            at_patch = per_patch - np.log(np.exp(per_patch).sum(axis=1, keepdims=True)) if compete else per_patch
+            scores = at_patch.max(axis=0)
+            log_softmax = scores - scores.max() - np.log(np.exp(scores - scores.max()).sum())
+            expected[compete].append(-(target / target.sum() * log_softmax).sum())
+    loss = {compete: float(train_default.patch_word_loss(patches.astype(np.float32),
+                                                         kernel[:, vocab].astype(np.float32), targets[:, vocab],
+                                                         compete=compete))
+            for compete in (False, True)}
+    for compete in (False, True):
+        assert loss[compete] == pytest.approx(np.mean(expected[compete]), rel=1e-4)
+    assert loss[True] != pytest.approx(loss[False], rel=1e-2)
 
 
 def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp_path):
