@@ -1,5 +1,7 @@
 """M2IB against the official code's outputs (../shared/fixtures/m2ib): the replayed optimization with the official
 noise, the deterministic parts of every case, and the options against explicit reference computations."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, postprocess_maps
 from tclip_jax.methods.common import patch_grid
 from tclip_jax.methods.m2ib import (M2IBSettings, Hyper, capacity, m2ib_map, optimize_bottleneck, resolve_layer,
                                     torch_adam)
+from tclip_jax.model import CLIP, init_params
 
 from references import assert_close
 
@@ -45,10 +48,26 @@ def replayed(tiny_model, ref, replay):
 
 def test_default_layers_are_three_blocks_from_the_top(tiny_model, ref):
     config = tiny_model[0].config
-    assert M2IBSettings().vlayer == -3
-    assert resolve_layer(-3, 12, "vlayer") == 9  # the official 9 of ViT-B/32's 12
-    assert resolve_layer(-3, config.vision_layers, "vlayer") == ref["vlayer"] == 3
-    assert resolve_layer(-3, config.text_layers, "tlayer") == ref["tlayer"] == 0
+    assert M2IBSettings().vlayer is None
+    assert resolve_layer(-3, 12, "vlayer") == resolve_layer(None, 12, "vlayer") == 9  # the official 9 of 12
+    assert resolve_layer(None, config.vision_layers, "vlayer") == ref["vlayer"] == 3
+    assert resolve_layer(None, config.text_layers, "tlayer") == ref["tlayer"] == 0
+
+
+def test_default_layer_of_a_tower_shorter_than_three_blocks_is_its_first(tiny_model, ref):
+    """Unset, the bottleneck goes after block 0 of a 1- or 2-block tower; named explicitly, -3 must exist."""
+    assert [resolve_layer(None, layers, "vlayer") for layers in (1, 2)] == [0, 0]
+    with pytest.raises(ValueError, match="vlayer must be in"):
+        resolve_layer(-3, 2, "vlayer")
+    model, params = tiny_model
+    short = CLIP(dataclasses.replace(model.config, vision_layers=2))
+    short_params = init_params(short.config, 1)
+    images, texts = nhwc(ref["scene_224/pixel_values"]), ref["token_ids_77"][:1]
+    unset = m2ib_map(short, short_params, images, texts, steps=2, batch_size=2, text_side=False)
+    first = m2ib_map(short, short_params, images, texts, vlayer=0, steps=2, batch_size=2, text_side=False)
+    last = m2ib_map(short, short_params, images, texts, vlayer=1, steps=2, batch_size=2, text_side=False)
+    np.testing.assert_array_equal(unset.maps, first.maps)
+    assert not np.allclose(unset.maps, last.maps)
 
 
 def test_vision_replay_matches_every_step(replayed, ref, replay):

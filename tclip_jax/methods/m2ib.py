@@ -29,7 +29,9 @@ Quirks of the official code, reproduced by default, each with the sound alternat
 
 Layers: `vlayer` / `tlayer` index blocks Python-style. The official default 9 of ViT-B/32's 12 blocks (two
 blocks follow the bottleneck) is -3, which is block 3 of the tiny 6-block vision tower and block 0 of its
-3-block text tower, as the reference fixture ran it.
+3-block text tower, as the reference fixture ran it. Left unset (None), a layer is -3, or block 0 of a tower
+of fewer than three blocks (the official code assumes ViT-B/32; block 0 keeps the most blocks after the
+bottleneck); a layer given explicitly must exist.
 
 Noise: a JAX random stream cannot reproduce torch's, so the noise is injectable (`vision_noise`,
 `text_noise`: [steps, batch_size, n, D], shared by every pair, as the official code re-seeds before each
@@ -55,7 +57,7 @@ from tclip_jax.methods import common
 from tclip_jax.methods.base import (UPSAMPLE_THEN_NORMALIZE, MethodSettings, PromptMethod, QueryArrays,
                                     postprocess_maps)
 from tclip_jax.model import CLIP, l2_normalize
-from tclip_jax.settings import finite, integer, setting
+from tclip_jax.settings import finite, integer, parse_optional, setting
 
 Array = jax.Array
 Estimator = Literal["none", "placeholder", "tokens"]
@@ -122,8 +124,11 @@ class M2IBOutput:
     cosine: Array                # [n_images, n_texts] clean cosines
 
 
-def resolve_layer(layer: int, num_layers: int, name: str) -> int:
-    """A Python-style block index (negative counts from the top) as an index in [0, num_layers)."""
+def resolve_layer(layer: Optional[int], num_layers: int, name: str) -> int:
+    """A Python-style block index (negative counts from the top) as an index in [0, num_layers); None: the
+    default, `DEFAULT_LAYER` or block 0 of a tower too short for it."""
+    if layer is None:
+        return max(DEFAULT_LAYER, -num_layers) % num_layers
     integer(name, layer)
     if not -num_layers <= layer < num_layers:
         raise ValueError(f"{name} must be in [{-num_layers}, {num_layers}) for this {num_layers}-block tower, "
@@ -229,8 +234,8 @@ def optimize_bottleneck(features: Array, valid: Array, forward, target: Array, n
             "alpha_final": alpha_final, "losses": losses, "alpha_used": alpha_used}
 
 
-def m2ib_map(model: CLIP, params: dict, images: Array, texts: Array, *, vlayer: int = DEFAULT_LAYER,
-             tlayer: int = DEFAULT_LAYER, beta: float = 0.1, var: float = 1.0, lr: float = 1.0, steps: int = 10,
+def m2ib_map(model: CLIP, params: dict, images: Array, texts: Array, *, vlayer: Optional[int] = None,
+             tlayer: Optional[int] = None, beta: float = 0.1, var: float = 1.0, lr: float = 1.0, steps: int = 10,
              batch_size: int = 10, estimator: Estimator = "none", final_alpha: bool = False,
              text_side: bool = True, seed: int = 0, vision_noise: Optional[Array] = None,
              text_noise: Optional[Array] = None, trace: bool = False) -> M2IBOutput:
@@ -240,7 +245,7 @@ def m2ib_map(model: CLIP, params: dict, images: Array, texts: Array, *, vlayer: 
     texts: token ids [T, context] (OpenAI's `clip.tokenize`: SOT ... EOT, zero padding); without `text_side`
       also text features [T, embed_dim] or per-image features [B, T, embed_dim].
     vlayer / tlayer: the block whose output gets the bottleneck (negative counts from the top; -3 = the official 9
-      of 12). beta, var, lr, steps, batch_size: as the official `vision_heatmap_iba` (0.1, 1, 1, 10, 10).
+      of 12; None: -3, or block 0 of a tower of fewer than three blocks). beta, var, lr, steps, batch_size: as the official `vision_heatmap_iba` (0.1, 1, 1, 10, 10).
     estimator: "none" (official: no standardization, var unused), "placeholder" (mean 0, std sqrt(var)) or
       "tokens" (per-channel mean/std over the input's tokens). final_alpha: the map from the final alpha.
     seed / vision_noise / text_noise: the noise eps, drawn from `PRNGKey(seed)` (vision and text streams split
@@ -345,8 +350,9 @@ def _masked_minmax(x: Array, valid: Array) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class M2IBSettings(MethodSettings):
-    vlayer: int = setting(DEFAULT_LAYER, "vision block whose output gets the bottleneck; negative counts from the "
-                          "top (-3: the official 9 of ViT-B/32's 12 blocks)", flag=False)
+    vlayer: Optional[int] = setting(None, "vision block whose output gets the bottleneck; negative counts from the "
+                                    "top (default: -3, the official 9 of ViT-B/32's 12 blocks, or block 0 of a "
+                                    "tower of fewer than three)", parse=parse_optional(int), flag=False)
     beta: float = setting(0.1, "weight of the compression term", flag=False)
     var: float = setting(1.0, "variance of the placeholder estimator (no effect unless estimator=placeholder, as "
                          "in the official code)", flag=False)
@@ -362,7 +368,8 @@ class M2IBSettings(MethodSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        integer("vlayer", self.vlayer)
+        if self.vlayer is not None:
+            integer("vlayer", self.vlayer)
         integer("seed", self.seed)
         Hyper(self.beta, self.var, self.lr, self.steps, self.batch_size, self.estimator, self.final_alpha).check()
 
