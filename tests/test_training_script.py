@@ -1,4 +1,4 @@
-"""training/train_default.py's recipe-search options: what `--set` builds is what the option says."""
+"""training/train_default.py's recipes and recipe-search options: what `--recipe` and `--set` build is what they say."""
 import dataclasses
 import json
 import pathlib
@@ -25,6 +25,18 @@ def test_overrides_give_the_training_tower_a_convolutional_stem():
     assert [params[f"stem_{i}"]["kernel"].shape for i in range(3)] == [(3, 3, 3, 16), (3, 3, 16, 32), (3, 3, 32, 64)]
     assert params["patch_embed"]["kernel"].shape == (4, 4, 64, config.vision_width)  # 32 px = 2**3 x 4
     assert train_default.parse_overrides(["stem_channels="])["stem_channels"] == ()
+
+
+def test_a_recipe_overrides_the_defaults_and_explicit_values_override_the_recipe():
+    defaults, recipe = train_default.TrainConfig(), train_default.RECIPES["default"]
+    config = train_default.train_config("default")
+    assert config == dataclasses.replace(defaults, **recipe)
+    assert config.vision_layers == 1 and config.word_weight == 3 and config.objective == "clip"
+    overridden = train_default.train_config("default", {"steps": 7, "word_weight": 0.5})
+    assert (overridden.steps, overridden.word_weight, overridden.vision_layers) == (7, 0.5, 1)
+    assert train_default.train_config() == train_default.train_config(None, {}) == defaults
+    with pytest.raises(ValueError, match="unknown recipe 'nope'; available: default, clip_only"):
+        train_default.train_config("nope")
 
 
 def test_one_object_curriculum_draws_one_object_scenes_then_the_training_style():

@@ -1,14 +1,14 @@
 """Runs the first steps of a training configuration twice and checks that the parameters are bit-identical.
 
-    PYTHONPATH=. python training/check_determinism.py --objective clip --steps 20 [--set FIELD=VALUE ...]
+    PYTHONPATH=. python training/check_determinism.py [--recipe default] [--objective clip] --steps 20
+        [--set FIELD=VALUE ...]
 
-Uses the configuration `train_default.py` would use (its defaults plus the same overrides), stops after `--steps`
-steps (the learning-rate schedule stays the full run's) and prints one JSON line with the result.
+Uses the configuration `train_default.py` would use (its defaults, the recipe, then the same overrides), stops
+after `--steps` steps (the learning-rate schedule stays the full run's) and prints one JSON line with the result.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
@@ -24,12 +24,13 @@ from tclip_jax.checkpoints.folder import flatten  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--objective", choices=train_default.OBJECTIVES, default=train_default.TrainConfig.objective)
+    parser.add_argument("--recipe", choices=tuple(train_default.RECIPES))
+    parser.add_argument("--objective", choices=train_default.OBJECTIVES)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args()
-    config = dataclasses.replace(train_default.TrainConfig(), objective=args.objective,
-                                 **train_default.parse_overrides(args.set))
+    objective = {"objective": args.objective} if args.objective else {}
+    config = train_default.train_config(args.recipe, {**objective, **train_default.parse_overrides(args.set)})
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(2):

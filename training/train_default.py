@@ -2,8 +2,8 @@
 
 Architecture: `tclip_jax.model.CLIP` (OpenAI CLIP's, unchanged): pre-norm transformers, QuickGELU, 64-dim heads,
 MLP ratio 4, the CLIP BPE tokenizer with its 77-token context and 49408-token vocabulary. Only the widths, depths,
-patch size and input size are small (`TrainConfig`, `model_config`). `stem_channels` (recipe search; () in the
-shipped models) puts a convolutional stem ahead of the patch embedding, which no released CLIP has.
+patch size and input size are small (`TrainConfig`, `model_config`). `stem_channels` puts a convolutional stem
+ahead of the patch embedding, which no released CLIP has (the shipped recipes have one, `RECIPES`).
 
 Objectives (`--objective`):
 - ``clip``: CLIP's symmetric InfoNCE on the global embeddings (class token, end-of-text token) with CLIP's learned
@@ -11,7 +11,7 @@ Objectives (`--objective`):
 - ``clip_tokens``: the same plus token-level terms on the final-layer tokens: FILIP's late interaction, a
   per-piece image retrieval term (`token_losses`) and SPARC's within-caption fine-grained term
   (`fine_grained_loss`), as the first embedded model had.
-No ground-truth mask or box is used by either. `word_weight` (recipe search; 0 in the shipped models) adds
+No ground-truth mask or box is used by either. `word_weight` (3 in the default recipe, 0 in `clip_only`) adds
 SuperClass's caption-word term to either (`word_loss`): the image embedding predicts its caption's word pieces
 through a head that exists only in training; `patch_word_weight` the same term read from the patch tokens
 (`patch_word_loss`: each piece scored by its best patch), through that head or, with `patch_word_head=text`, through
@@ -37,8 +37,11 @@ Validation retrieval (logged every `eval_every` steps by `evaluation.retrieval.r
 uses `retrieval_scenes(256, VALIDATION_OFFSET)`: held-out seeds far from those the gates use (offset 0).
 
 Run from the repository root (it also records the checkpoint's fast held-out gates, `heldout_metrics.json`):
-    nice python training/train_default.py --objective clip_tokens --out tclip_jax/data/default_model
-    nice python training/train_default.py --objective clip --out tclip_jax/data/clip_only_model
+    nice python training/train_default.py --recipe default --out tclip_jax/data/default_model
+    nice python training/train_default.py --recipe clip_only --out tclip_jax/data/clip_only_model
+Without `--recipe`, TrainConfig's defaults are the first embedded models' (no stem, 4 blocks, 900 steps; with
+`--objective clip_tokens` the first default model, with `clip` the first `clip_only`), to which the recipe search's
+`--set` overrides are relative (the default model's card).
 """
 from __future__ import annotations
 
@@ -179,6 +182,24 @@ class TrainConfig:
         if self.curriculum_restart and not 0 < self.curriculum_steps < self.steps:
             raise ValueError(f"curriculum_restart needs 0 < curriculum_steps < steps, got {self.curriculum_steps} "
                              f"and {self.steps}")
+
+
+# The shipped checkpoints' recipes (`--recipe NAME`): overrides of TrainConfig's defaults, which stay the first
+# embedded models' (the recipe search's rows are relative to them).
+ONE_BLOCK_SCHEDULE = {"steps": 1800, "stem_channels": (16, 32, 64), "vision_layers": 1, "curriculum_steps": 1200,
+                      "curriculum_objects": 1, "text_length_step": 8, "eval_every": 300}
+RECIPES = {
+    "default": {**ONE_BLOCK_SCHEDULE, "objective": "clip", "word_weight": 3.0, "patch_word_weight": 3.0,
+                "patch_word_head": "text"},
+    "clip_only": {**ONE_BLOCK_SCHEDULE, "objective": "clip"},
+}
+
+
+def train_config(recipe: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """TrainConfig's defaults, then `RECIPES[recipe]`, then `overrides` (field: value)."""
+    if recipe is not None and recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; available: {', '.join(RECIPES)}")
+    return dataclasses.replace(TrainConfig(), **{**RECIPES.get(recipe, {}), **(overrides or {})})
 
 
 def model_config(config: TrainConfig) -> CLIPConfig:
@@ -669,14 +690,17 @@ def parse_overrides(items: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, required=True)
-    parser.add_argument("--objective", choices=OBJECTIVES, default=TrainConfig.objective)
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--recipe", choices=tuple(RECIPES), help="a shipped checkpoint's recipe (`RECIPES`); "
+                        "--objective, --steps and --set override it")
+    parser.add_argument("--objective", choices=OBJECTIVES, help=f"default: {TrainConfig.objective}")
+    parser.add_argument("--steps", type=int, help=f"default: {TrainConfig.steps}")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override other TrainConfig fields (for recipe search)")
     args = parser.parse_args()
     try:
-        config = dataclasses.replace(TrainConfig(), objective=args.objective, steps=args.steps,
-                                     **parse_overrides(args.set))
+        named = {name: value for name, value in (("objective", args.objective), ("steps", args.steps))
+                 if value is not None}
+        config = train_config(args.recipe, {**named, **parse_overrides(args.set)})
         if config.text_init:  # a missing or mismatched checkpoint fails here, before any step (shapes only)
             checkpoint_text_tower(config.text_init,
                                   jax.eval_shape(lambda: init_params(model_config(config), config.seed))["text"])
