@@ -1,10 +1,14 @@
 """Baseline relevance maps against the official implementations' outputs (../shared/fixtures) and invariants."""
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tclip_jax import methods
+from tclip_jax.checkpoints.load import LoadedClip
 from tclip_jax.methods import METHODS
 from tclip_jax.methods.attention import raw_attention_map, rollout_map
 from tclip_jax.methods.base import MapPostprocess, postprocess_maps
@@ -16,7 +20,8 @@ from tclip_jax.methods.hilacam import hilacam_map
 from tclip_jax.methods.similarity import maskclip_map, rclip_map, similarity_map
 from tclip_jax.methods import common
 from tclip_jax.methods.grad_eclip import last_block_gradients
-from tclip_jax.model import l2_normalize
+from tclip_jax.model import CLIP, init_params, l2_normalize
+from tclip_jax.model.tokenizer import default_tokenizer
 from tclip_jax.image import prepare, upsample_bilinear
 from tclip_jax.methods.common import minmax
 
@@ -107,6 +112,17 @@ def test_clip_surgery_rejects_bad_options(tiny_model, surgery_ref):
         clip_surgery_map(model, params, images, surgery_ref["tokens/red_circle_single"])
     with pytest.raises(ValueError, match="surgery_blocks"):
         clip_surgery_map(model, params, images, surgery_ref["tokens/labels_single"], surgery_blocks=7)
+
+
+@pytest.mark.parametrize("layers, words", [(1, "1 block, fewer than the official 6; the surgery path covers it "),
+                                           (4, "4 blocks, fewer than the official 6; the surgery path covers all ")])
+def test_clip_surgery_says_when_a_shallow_model_gets_every_block(tiny_model, layers, words):
+    """Unset, surgery_blocks is the official 6 or, with a warning that counts the blocks, all of a shallower tower."""
+    model, params = tiny_model
+    shallow = dataclasses.replace(model.config, vision_layers=layers)
+    clip = LoadedClip(CLIP(shallow), init_params(shallow, 0), default_tokenizer(), "tclip", "test")
+    with pytest.warns(UserWarning, match=re.escape(words)):
+        METHODS["clip_surgery"](clip)
 
 
 def test_maskclip_value_path_is_the_block_with_identity_attention(tiny_model, surgery_ref):

@@ -144,9 +144,10 @@ class CLIPSurgery(PromptMethod):
         if blocks is None:
             blocks = min(DEFAULT_SURGERY_BLOCKS, layers)
             if layers < DEFAULT_SURGERY_BLOCKS:
-                warnings.warn(f"CLIP Surgery: the model has {layers} blocks, fewer than the official "
-                              f"{DEFAULT_SURGERY_BLOCKS}; the surgery path covers all of them (set surgery_blocks "
-                              "to choose)", stacklevel=2)
+                covered = "it" if layers == 1 else "all of them"
+                warnings.warn(f"CLIP Surgery: the model has {layers} block{'s' * (layers != 1)}, fewer than the "
+                              f"official {DEFAULT_SURGERY_BLOCKS}; the surgery path covers {covered} (set "
+                              "surgery_blocks to choose)", stacklevel=2)
         if not 1 <= blocks <= layers:
             raise ValueError(f"surgery_blocks must be in [1, {layers}] for this {layers}-block model, got {blocks}")
         self.surgery_blocks = blocks
