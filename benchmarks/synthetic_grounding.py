@@ -1,5 +1,5 @@
 """Per-word localisation on held-out synthetic scenes: TCLIP (K=25, K=1) and every baseline, every protocol, on
-both embedded models (`default_model`, trained with token-level terms, and `clip_only`, CLIP's loss alone).
+both embedded models (`default_model`, CLIP's loss plus caption-word terms, and `clip_only`, CLIP's loss alone).
 
 Each (model, method, protocol) is `tclip sweep synthetic --protocol P --limit N` run in-process
 (`tclip_jax.sweep.heldout.synthetic_report`), so these figures and a sweep's cannot disagree. The protocols are

@@ -1,7 +1,10 @@
 """The shipped embedded models (default and clip_only): they load, they are what the training script says, and the
 fast held-out gates re-measured here (TCLIP K=25 through the sweep scorer, and retrieval) reproduce the figures
 their heldout_metrics.json records and their cards quote."""
+import dataclasses
 import json
+import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -12,9 +15,15 @@ from tclip_jax.model.tokenizer import default_tokenizer
 from tclip_jax.sweep.heldout import HELDOUT_METRICS_FILE, heldout_metrics
 from tclip_jax.synthetic import make_scene, negative_captions, scene_variant, train_seeds
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "training"))
+import train_default  # noqa: E402
+
 MAX_FOLDER_BYTES = 10 * 2**20
 CLIP_ONLY_DIR = DEFAULT_MODEL_DIR.parent / "clip_only_model"
 FOLDERS = [DEFAULT_MODEL_DIR, CLIP_ONLY_DIR]
+# training/train_default.py's terms beside CLIP's loss: `clip_tokens`' three, and the word terms (weight 0 = off).
+TOKEN_TERMS = ("dense_weight", "token_weight", "fine_grained_weight")
+WORD_TERMS = ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight", "pair_locality_weight")
 
 
 @pytest.fixture(scope="module", params=FOLDERS, ids=lambda p: p.name)
@@ -54,11 +63,38 @@ def test_architecture_is_openai_clip_at_a_small_size(loaded):
     assert loaded.tokenizer.vocab_size == default_tokenizer().vocab_size == 49408
 
 
+def added_terms(config: dict) -> dict:
+    """The loss terms a run trained with beside CLIP's global loss, by their weight field in its TrainConfig."""
+    terms = {name: config[name] for name in TOKEN_TERMS} if config["objective"] == "clip_tokens" else {}
+    # A run that predates a term recorded no weight for it: the term did not exist, so it was off.
+    return {**terms, **{name: config[name] for name in WORD_TERMS if config.get(name)}}
+
+
 def test_objective_is_what_the_folder_says(folder):
-    _, _, header = load_checkpoint(folder)
-    objective = header["training"]["config"]["objective"]
-    assert objective == ("clip" if folder == CLIP_ONLY_DIR else "clip_tokens")
-    assert f"`{objective}`" in (folder / "README.md").read_text()
+    """clip_only_model is trained with CLIP's loss alone; each card names its objective and every added term."""
+    config = load_checkpoint(folder)[2]["training"]["config"]
+    card = (folder / "README.md").read_text()
+    terms = added_terms(config)
+    assert f"`{config['objective']}`" in card
+    if folder == CLIP_ONLY_DIR:
+        assert config["objective"] == "clip" and not terms
+    else:
+        assert terms, "the default model is the one trained with terms beside CLIP's loss"
+        for name, weight in terms.items():
+            assert f"{name}={weight:g}" in card, name
+
+
+def test_checkpoint_was_trained_with_its_recipe_and_the_card_gives_its_command(folder):
+    """The training configuration the checkpoint records is the script's recipe for it, and the card's command."""
+    recipe = "clip_only" if folder == CLIP_ONLY_DIR else "default"
+    recorded = load_checkpoint(folder)[2]["training"]["config"]
+    as_json = lambda config: json.loads(json.dumps(dataclasses.asdict(config)))
+    expected, defaults = as_json(train_default.train_config(recipe)), as_json(train_default.TrainConfig())
+    assert recorded == {name: expected[name] for name in recorded}
+    # Fields added to the script after a run must keep, at their defaults, what the run did.
+    assert all(expected[name] == defaults[name] for name in expected.keys() - recorded.keys())
+    command = f"train_default.py --recipe {recipe} --out tclip_jax/data/{folder.name}"
+    assert command in (folder / "README.md").read_text()
 
 
 def test_checkpoint_is_small_float16_and_keeps_only_used_vocabulary_rows(folder, loaded):
