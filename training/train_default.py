@@ -3,7 +3,7 @@
 Architecture: `tclip_jax.model.CLIP` (OpenAI CLIP's, unchanged): pre-norm transformers, QuickGELU, 64-dim heads,
 MLP ratio 4, the CLIP BPE tokenizer with its 77-token context and 49408-token vocabulary. Only the widths, depths,
 patch size and input size are small (`TrainConfig`, `model_config`). `stem_channels` puts a convolutional stem
-ahead of the patch embedding, which no released CLIP has (the shipped recipes have one, `RECIPES`).
+ahead of the patch embedding, which no released CLIP has (the default recipe has one, `RECIPES`).
 
 Objectives (`--objective`):
 - ``clip``: CLIP's symmetric InfoNCE on the global embeddings (class token, end-of-text token) with CLIP's learned
