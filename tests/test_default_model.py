@@ -21,9 +21,6 @@ import train_default  # noqa: E402
 MAX_FOLDER_BYTES = 10 * 2**20
 CLIP_ONLY_DIR = DEFAULT_MODEL_DIR.parent / "clip_only_model"
 FOLDERS = [DEFAULT_MODEL_DIR, CLIP_ONLY_DIR]
-# training/train_default.py's terms beside CLIP's loss: `clip_tokens`' three, and the word terms (weight 0 = off).
-TOKEN_TERMS = ("dense_weight", "token_weight", "fine_grained_weight")
-WORD_TERMS = ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight", "pair_locality_weight")
 
 
 @pytest.fixture(scope="module", params=FOLDERS, ids=lambda p: p.name)
@@ -34,6 +31,12 @@ def folder(request):
 @pytest.fixture(scope="module")
 def loaded(folder):
     return load_clip(folder)
+
+
+@pytest.fixture(scope="module")
+def recorded_config(folder):
+    """The training configuration the checkpoint records (`dataclasses.asdict` of its TrainConfig, as JSON)."""
+    return load_checkpoint(folder)[2]["training"]["config"]
 
 
 @pytest.fixture(scope="module")
@@ -63,36 +66,27 @@ def test_architecture_is_openai_clip_at_a_small_size(loaded):
     assert loaded.tokenizer.vocab_size == default_tokenizer().vocab_size == 49408
 
 
-def added_terms(config: dict) -> dict:
-    """The loss terms a run trained with beside CLIP's global loss, by their weight field in its TrainConfig."""
-    terms = {name: config[name] for name in TOKEN_TERMS} if config["objective"] == "clip_tokens" else {}
-    # A run that predates a term recorded no weight for it: the term did not exist, so it was off.
-    return {**terms, **{name: config[name] for name in WORD_TERMS if config.get(name)}}
-
-
-def test_objective_is_what_the_folder_says(folder):
+def test_objective_is_what_the_folder_says(folder, recorded_config):
     """clip_only_model is trained with CLIP's loss alone; each card names its objective and every added term."""
-    config = load_checkpoint(folder)[2]["training"]["config"]
+    objective, terms = recorded_config["objective"], train_default.added_terms(recorded_config)
     card = (folder / "README.md").read_text()
-    terms = added_terms(config)
-    assert f"`{config['objective']}`" in card
+    assert f"`{objective}`" in card
     if folder == CLIP_ONLY_DIR:
-        assert config["objective"] == "clip" and not terms
+        assert objective == "clip" and not terms
     else:
         assert terms, "the default model is the one trained with terms beside CLIP's loss"
         for name, weight in terms.items():
             assert f"{name}={weight:g}" in card, name
 
 
-def test_checkpoint_was_trained_with_its_recipe_and_the_card_gives_its_command(folder):
+def test_checkpoint_was_trained_with_its_recipe_and_the_card_gives_its_command(folder, recorded_config):
     """The training configuration the checkpoint records is the script's recipe for it, and the card's command."""
     recipe = "clip_only" if folder == CLIP_ONLY_DIR else "default"
-    recorded = load_checkpoint(folder)[2]["training"]["config"]
     as_json = lambda config: json.loads(json.dumps(dataclasses.asdict(config)))
     expected, defaults = as_json(train_default.train_config(recipe)), as_json(train_default.TrainConfig())
-    assert recorded == {name: expected[name] for name in recorded}
+    assert recorded_config == {name: expected[name] for name in recorded_config}
     # Fields added to the script after a run must keep, at their defaults, what the run did.
-    assert all(expected[name] == defaults[name] for name in expected.keys() - recorded.keys())
+    assert all(expected[name] == defaults[name] for name in expected.keys() - recorded_config.keys())
     command = f"train_default.py --recipe {recipe} --out tclip_jax/data/{folder.name}"
     assert command in (folder / "README.md").read_text()
 

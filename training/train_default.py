@@ -91,6 +91,11 @@ WORD_IDF_STEPS = 16  # word_idf counts the captions of the run's first steps
 EASY_STYLE = dataclasses.replace(PLAIN_STYLE, counts=(1, 2, 3), count_weights=(0.4, 0.35, 0.25))
 
 
+# The weights of the terms beside CLIP's global loss: `clip_tokens`' three, and the word terms (0 = off).
+TOKEN_TERMS = ("dense_weight", "token_weight", "fine_grained_weight")
+WORD_TERMS = ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight", "pair_locality_weight")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     objective: str = "clip"
@@ -173,8 +178,7 @@ class TrainConfig:
             raise ValueError(f"patch_word_compete must be 0 or 1, got {self.patch_word_compete}")
         if self.patch_word_compete and not self.patch_word_weight:
             raise ValueError("patch_word_compete needs patch_word_weight > 0")
-        for name in ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight",
-                     "pair_locality_weight"):
+        for name in WORD_TERMS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.relation_rate <= 1:
@@ -193,6 +197,14 @@ RECIPES = {
                 "word_weight": 3.0, "patch_word_weight": 3.0, "patch_word_head": "text"},
     "clip_only": {"objective": "clip"},
 }
+
+
+def added_terms(config: dict) -> dict[str, float]:
+    """{weight field: weight} of the terms a run trains with beside CLIP's global loss, from its configuration as
+    a checkpoint records it (`dataclasses.asdict`). A run that predates a word term recorded no weight for it: the
+    term did not exist, so it was off."""
+    terms = {name: config[name] for name in TOKEN_TERMS} if config["objective"] == "clip_tokens" else {}
+    return {**terms, **{name: config[name] for name in WORD_TERMS if config.get(name)}}
 
 
 def train_config(recipe: str | None = None, overrides: dict | None = None) -> TrainConfig:
@@ -602,9 +614,7 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     if config.text_init:
         text = text_tower_from(config.text_init, params["text"])
         params = {**params, "text": jax.tree_util.tree_map(jnp.asarray, text)}
-    word_terms = (config.word_weight or config.patch_word_weight or config.caption_word_weight
-                  or config.bare_anchor_weight or config.pair_locality_weight)
-    idf = word_idf(config) if word_terms else None
+    idf = word_idf(config) if any(getattr(config, name) for name in WORD_TERMS) else None
     if config.word_weight or (config.patch_word_weight and config.patch_word_head == "random"):
         # The head starts random, N(0, 1/D): a zero head would pass the tower no gradient.
         head = np.random.default_rng(config.seed).normal(0.0, config.embed_dim ** -0.5, (config.embed_dim, len(idf)))
