@@ -27,7 +27,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("TCLIP and host-step settings")
     TCLIPSettings.add_arguments(group)
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other setting of the chosen method, e.g. --option surgery_blocks=4 (repeatable)")
+                        help="any other setting of the chosen method, e.g. --option feature_surgery=false (repeatable)")
 
 
 def method_settings(method_class, args: argparse.Namespace) -> MethodSettings:
