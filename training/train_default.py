@@ -79,13 +79,16 @@ from tclip_jax.synthetic import (
     train_seeds,
 )
 from tclip_jax.model.tokenizer import PAD_ID, default_tokenizer
-from tclip_jax.sweep.heldout import record_heldout_metrics
+from tclip_jax.methods.tclip import TCLIP
+from tclip_jax.sweep.heldout import grounding_scores, record_heldout_metrics, synthetic_report
 
 VALIDATION_OFFSET = 1_000_000  # validation scenes: retrieval_scenes(n, VALIDATION_OFFSET)
 LOG_FILE = "training_log.jsonl"
 README_FILE = "README.md"
 OBJECTIVES = ("clip", "clip_tokens")
 PATCH_WORD_HEADS = ("random", "text")
+SELECT_STEPS = ("last", "validation")
+VALIDATION_PROTOCOLS = ("captions", "bare_words")  # the grounding that select_step="validation" reads
 WORD_IDF_STEPS = 16  # word_idf counts the captions of the run's first steps
 # Curriculum: 1-3 objects on plain backgrounds, no outlines or degradations, square images, before the full style.
 EASY_STYLE = dataclasses.replace(PLAIN_STYLE, counts=(1, 2, 3), count_weights=(0.4, 0.35, 0.25))
@@ -146,6 +149,11 @@ class TrainConfig:
     text_length_step: int = 0
     validation_scenes: int = 256
     eval_every: int = 100
+    # "last": the checkpoint is the last step's parameters. "validation": the evaluated step (every eval_every steps
+    # and the last) with the best `validation_score`, read on validation scenes only; under these objectives longer
+    # runs trade grounding for retrieval (the default model's card), so the step is chosen by both.
+    select_step: str = "last"
+    validation_grounding_scenes: int = 20  # select_step="validation": scenes per VALIDATION_PROTOCOLS protocol
     # Model geometry, widths and depths (everything else is OpenAI CLIP's).
     image_size: int = 224
     patch_size: int = 32
@@ -183,6 +191,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.relation_rate <= 1:
             raise ValueError(f"relation_rate must be in [0, 1], got {self.relation_rate}")
+        if self.select_step not in SELECT_STEPS:
+            raise ValueError(f"select_step must be one of {SELECT_STEPS}, got {self.select_step!r}")
+        if self.validation_grounding_scenes < 1:
+            raise ValueError(f"validation_grounding_scenes must be >= 1, got {self.validation_grounding_scenes}")
         if self.curriculum_restart and not 0 < self.curriculum_steps < self.steps:
             raise ValueError(f"curriculum_restart needs 0 < curriculum_steps < steps, got {self.curriculum_steps} "
                              f"and {self.steps}")
@@ -603,6 +615,22 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, config: Train
 
 
 # ------------------------------------------------------------------------------------------------ training
+def validation_record(clip: LoadedClip, validation: list, config: TrainConfig) -> dict:
+    """Validation figures of `clip` at a step: image <-> text retrieval top-1 on the `validation` scenes and, when
+    the run selects its step by validation, TCLIP's pointing game (default settings, all words) per
+    VALIDATION_PROTOCOLS on `validation_grounding_scenes` held-out scenes from VALIDATION_OFFSET, and `score`: the
+    mean, with equal weights, of those pointing games and of the two retrieval directions' mean."""
+    record = retrieval_top1(clip, [s.image for s in validation], [s.caption for s in validation])
+    if config.select_step == "validation":
+        method = TCLIP(clip)
+        pointing = {protocol: grounding_scores(synthetic_report(method, protocol, config.validation_grounding_scenes,
+                                                                offset=VALIDATION_OFFSET))["all"]["pointing_game"]
+                    for protocol in VALIDATION_PROTOCOLS}
+        retrieval = (record["image_to_text_top1"] + record["text_to_image_top1"]) / 2
+        record = {**record, "pointing_game": pointing, "score": float(np.mean([*pointing.values(), retrieval]))}
+    return record
+
+
 def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = None) -> tuple[dict, np.ndarray, dict]:
     """Returns (float32 params, sorted token ids the captions used, run summary); logs to `log_path`.
 
@@ -639,6 +667,7 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     rows = config.batch_size + config.batch_size // 2 * config.negatives
 
     used_ids: set[int] = set()
+    selected: tuple[float, int, dict] | None = None  # select_step="validation": (score, step, params) of the best
     start, cpu_start = time.perf_counter(), time.process_time()
     record: dict = {}
     with log_path.open("w") as log, concurrent.futures.ThreadPoolExecutor(1) as prefetch:
@@ -661,12 +690,19 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
             record["elapsed_s"] = time.perf_counter() - start
             record["cpu_s"] = time.process_time() - cpu_start  # all threads: the compute a shared machine gave us
             if (step + 1) % config.eval_every == 0 or step + 1 == steps:
-                record["validation"] = retrieval_top1(dataclasses.replace(loaded, params=clip_params(params)),
-                                                      [s.image for s in validation], [s.caption for s in validation])
+                current = clip_params(params)
+                record["validation"] = validation_record(dataclasses.replace(loaded, params=current), validation,
+                                                         config)
+                if config.select_step == "validation" and (selected is None or
+                                                           record["validation"]["score"] > selected[0]):
+                    selected = (record["validation"]["score"], step + 1, jax.device_get(current))
             log.write(json.dumps(record) + "\n")
             log.flush()
     used_ids.discard(PAD_ID)  # padding follows the end-of-text token, so it never reaches a real token
     summary = {"train_seconds": record["elapsed_s"], "train_cpu_seconds": record["cpu_s"], "final": record}
+    if selected is not None:  # the earliest step of the best score
+        summary["selected_step"] = selected[1]
+        return selected[2], np.array(sorted(used_ids), np.int32), summary
     return jax.device_get(clip_params(params)), np.array(sorted(used_ids), np.int32), summary
 
 

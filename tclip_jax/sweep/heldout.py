@@ -29,9 +29,10 @@ FAST_SCENES = 20
 RETRIEVAL_PAIRS = 256
 
 
-def synthetic_report(method: Method, protocol: str, scenes: int, batch_size: int = 8) -> dict:
-    """The report of a synthetic sweep of `method` over the first `scenes` held-out scenes under `protocol`."""
-    dataset = synthetic_dataset(scenes, protocol)
+def synthetic_report(method: Method, protocol: str, scenes: int, batch_size: int = 8, offset: int = 0) -> dict:
+    """The report of a synthetic sweep of `method` over `scenes` held-out scenes under `protocol`, from held-out
+    seed `offset` on (training's validation uses an offset far from the gates' scenes)."""
+    dataset = synthetic_dataset(scenes, protocol, offset)
     with tempfile.TemporaryDirectory() as out:
         result = run_sweep(dataset, method, out, f"held-out synthetic scenes, protocol {protocol}",
                            options=RunOptions(batch_size=batch_size, progress=False))
