@@ -34,7 +34,10 @@ resized to the model input as TCLIP's `whole` protocol does (bicubic, the whole 
 training seeds [i * B/2, (i + 1) * B/2), so a run is determined by `TrainConfig`.
 
 Validation retrieval (logged every `eval_every` steps by `evaluation.retrieval.retrieval_top1`, the benchmark's)
-uses `retrieval_scenes(256, VALIDATION_OFFSET)`: held-out seeds far from those the gates use (offset 0).
+uses `retrieval_scenes(256, VALIDATION_OFFSET)`: held-out seeds far from those the gates use (offset 0). With
+`select_step=validation` each evaluation also measures TCLIP's pointing game on validation captions and bare words
+(the sweep's scorer, scenes from VALIDATION_OFFSET), and the checkpoint is the evaluated step with the best
+`validation_record` score instead of the last step.
 
 Run from the repository root (it also records the checkpoint's fast held-out gates, `heldout_metrics.json`):
     nice python training/train_default.py --recipe default --out tclip_jax/data/default_model
