@@ -21,10 +21,11 @@ def shipped():
     return load_clip()
 
 
-def touches(mask: np.ndarray, cell: int) -> bool:
-    """Whether `mask` (224 px) has a pixel in `cell` of the 7 x 7 grid of 32 px patches (row-major)."""
-    row, column = divmod(cell, 7)
-    return bool(mask[32 * row:32 * (row + 1), 32 * column:32 * (column + 1)].any())
+def touches(mask: np.ndarray, cell: int, patch: int) -> bool:
+    """Whether `mask` (square, a whole number of `patch`-pixel patches) has a pixel in `cell` of its patch grid
+    (row-major)."""
+    row, column = divmod(cell, mask.shape[1] // patch)
+    return bool(mask[patch * row:patch * (row + 1), patch * column:patch * (column + 1)].any())
 
 
 def test_scenes_hold_one_object_and_labels_name_it():
@@ -37,19 +38,21 @@ def test_scenes_hold_one_object_and_labels_name_it():
 
 
 def test_centre_patch_is_the_token_under_the_mask_centroid(shipped):
+    patch = shipped.config.patch_size  # the scenes are drawn at the model's input size (224 px)
+    side = shipped.config.image_size // patch
     images, _, scenes = itp.one_object_scenes(3, itp.PROBE_SEEDS)
     features = itp.tower_features(shipped.model, shipped.params, images, scenes, chunk=2)
     for i, scene in enumerate(scenes):
         out = shipped.model.apply({"params": shipped.params}, clip_normalize(images[i:i + 1]), method="encode_image")
         ys, xs = np.nonzero(scene.objects[0].mask)
-        cell = (int(ys.mean() * 7 / 224), int(xs.mean() * 7 / 224))  # 224 px, patch 32: a 7 x 7 grid
-        np.testing.assert_allclose(features["centre_patch"][i], np.asarray(out.tokens[0, 1 + cell[0] * 7 + cell[1]]),
-                                   atol=1e-5)
+        cell = (int(ys.mean() / patch), int(xs.mean() / patch))
+        centre = np.asarray(out.tokens[0, 1 + cell[0] * side + cell[1]])
+        np.testing.assert_allclose(features["centre_patch"][i], centre, atol=1e-5)
         np.testing.assert_allclose(features["class_embedding"][i], np.asarray(out.embeds[0]), atol=1e-5)
         # The far patch: of the cells without an object pixel, the first farthest from the centre cell.
         mask = scene.objects[0].mask
-        far = max((k for k in range(49) if not touches(mask, k)),
-                  key=lambda k: ((k // 7 - cell[0]) ** 2 + (k % 7 - cell[1]) ** 2, -k))
+        far = max((k for k in range(side * side) if not touches(mask, k, patch)),
+                  key=lambda k: ((k // side - cell[0]) ** 2 + (k % side - cell[1]) ** 2, -k))
         np.testing.assert_allclose(features["far_patch"][i], np.asarray(out.tokens[0, 1 + far]), atol=1e-5)
 
 
@@ -113,11 +116,12 @@ def test_position_share_is_the_variance_of_the_per_position_means(shipped):
     for stage, tokens in (("input", out.residual_stream[0]), (f"block_{layers}", out.residual_stream[layers]),
                           ("output", out.tokens)):
         tokens = np.asarray(tokens[:, 1:], np.float64)
-        units = [[tokens[i, p] / np.linalg.norm(tokens[i, p]) for p in range(49)] for i in range(count)]
-        overall = sum(sum(row) for row in units) / (count * 49)
-        total = sum(float(((u - overall) ** 2).sum()) for row in units for u in row) / (count * 49)
+        cells = tokens.shape[1]
+        units = [[tokens[i, p] / np.linalg.norm(tokens[i, p]) for p in range(cells)] for i in range(count)]
+        overall = sum(sum(row) for row in units) / (count * cells)
+        total = sum(float(((u - overall) ** 2).sum()) for row in units for u in row) / (count * cells)
         between = sum(float(((sum(units[i][p] for i in range(count)) / count - overall) ** 2).sum())
-                      for p in range(49)) / 49
+                      for p in range(cells)) / cells
         assert shares[stage] == pytest.approx(between / total, rel=1e-9) and 0 < shares[stage] < 1, stage
 
 
@@ -148,7 +152,9 @@ def test_word_accuracy_asks_the_probe_question_of_the_text_tower(shipped):
 
 
 def test_word_locality_compares_the_own_words_s_at_the_object_with_the_background(shipped):
-    """An explicit loop over each scene's 7 x 7 patches (224 px, patch 32) and its mask's pixels."""
+    """An explicit loop over each scene's patches and its mask's pixels."""
+    patch = shipped.config.patch_size
+    side = shipped.config.image_size // patch
     count = 12
     locality = itp.word_locality(shipped, count=count)
     images, labels, scenes = itp.one_object_scenes(count, itp.PROBE_SEEDS + itp.PROBE_FIT_SCENES)
@@ -161,9 +167,9 @@ def test_word_locality_compares_the_own_words_s_at_the_object_with_the_backgroun
             tokens = np.asarray(out.tokens[0, 1:])
             similarity = tokens @ vectors[own] / np.linalg.norm(tokens, axis=1)
             mask = scene.objects[0].mask
-            touched = [touches(mask, k) for k in range(49)]
+            touched = [touches(mask, k, patch) for k in range(side * side)]
             ys, xs = np.nonzero(mask)
-            at_object.append(similarity[int(ys.mean() / 32) * 7 + int(xs.mean() / 32)])
+            at_object.append(similarity[int(ys.mean() / patch) * side + int(xs.mean() / patch)])
             background.extend(s for s, t in zip(similarity, touched) if not t)
             peaks.append(touched[int(np.argmax(similarity))])
         expected.update({f"{label}_at_object": np.mean(at_object), f"{label}_background": np.mean(background),
