@@ -207,9 +207,9 @@ class TrainConfig:
 # embedded models' (the recipe search's rows are relative to them). `clip_only` is still the first models' schedule:
 # the default recipe with CLIP's loss alone learnt less within the budget (the default model's card).
 RECIPES = {
-    "default": {"objective": "clip", "steps": 1800, "stem_channels": (16, 32, 64), "vision_layers": 1,
-                "curriculum_steps": 1200, "curriculum_objects": 1, "text_length_step": 8, "eval_every": 300,
-                "word_weight": 3.0, "patch_word_weight": 3.0, "patch_word_head": "text"},
+    "default": {"objective": "clip", "steps": 1800, "patch_size": 16, "stem_channels": (16, 32, 64),
+                "vision_layers": 1, "curriculum_steps": 1200, "curriculum_objects": 1, "text_length_step": 8,
+                "eval_every": 300, "word_weight": 3.0, "patch_word_weight": 3.0, "patch_word_head": "text"},
     "clip_only": {"objective": "clip"},
 }
 

@@ -10,7 +10,7 @@ Conventions:
   to zero mean and unit variance, so the fit does not depend on the map's scale), started from the hard
   split at the global 2-means optimum of the values (Otsu's split), and run to its fixed point instead of
   stopping when the log-likelihood gains less than 1e-3 per value. The fit is deterministic (no random
-  start, hence no seed). On 384 held-out maps of the embedded model (224x224 to 1920x1080)
+  start, hence no seed). On 384 held-out maps of the first embedded model (224x224 to 1920x1080)
   tau is within 3.6e-5 (1.5e-4 of the map's range) of scikit-learn's fit on all values from the same start
   run to convergence; scikit-learn's default stop moves tau by up to 0.26 (benchmarks/RESULTS.md, host-step).
 - The map that is fitted is the one given: for TCLIP the aggregated map at the original image's size (the
