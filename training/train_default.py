@@ -153,8 +153,8 @@ class TrainConfig:
     validation_scenes: int = 256
     eval_every: int = 100
     # "last": the checkpoint is the last step's parameters. "validation": the evaluated step (every eval_every steps
-    # and the last) with the best `validation_score`, read on validation scenes only; under these objectives longer
-    # runs trade grounding for retrieval (the default model's card), so the step is chosen by both.
+    # and the last) with the best `validation_record` score, read on validation scenes only; under these objectives
+    # longer runs trade grounding for retrieval (the default model's card), so the step is chosen by both.
     select_step: str = "last"
     validation_grounding_scenes: int = 20  # select_step="validation": scenes per VALIDATION_PROTOCOLS protocol
     # Model geometry, widths and depths (everything else is OpenAI CLIP's).
