@@ -436,6 +436,7 @@ def test_select_step_validation_keeps_the_evaluated_step_with_the_best_validatio
                 patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1,
                 validation_grounding_scenes=1)
     config = train_default.TrainConfig(select_step="validation", **tiny)
+    last_config = dataclasses.replace(config, select_step="last")
     clip = train_default.LoadedClip(train_default.CLIP(train_default.model_config(config)),
                                     init_params(train_default.model_config(config), 0),
                                     train_default.default_tokenizer(), "tclip", "tiny")
@@ -444,17 +445,15 @@ def test_select_step_validation_keeps_the_evaluated_step_with_the_best_validatio
     retrieval = (record["image_to_text_top1"] + record["text_to_image_top1"]) / 2
     assert set(record["pointing_game"]) == set(train_default.VALIDATION_PROTOCOLS)
     assert record["score"] == pytest.approx(np.mean([*record["pointing_game"].values(), retrieval]))
-    assert "score" not in train_default.validation_record(clip, validation, dataclasses.replace(config,
-                                                                                                select_step="last"))
+    assert "score" not in train_default.validation_record(clip, validation, last_config)
     scores = iter([0.2, 0.5, 0.5])  # the best score first reached at step 2: step 2 is kept
     monkeypatch.setattr(train_default, "validation_record", lambda *args: {"score": next(scores)})
     selected, _, summary = train_default.train(config, tmp_path / "selected.jsonl")
     assert summary["selected_step"] == 2
     monkeypatch.undo()
-    expected, _, _ = train_default.train(dataclasses.replace(config, select_step="last"), tmp_path / "two.jsonl",
-                                         stop_after=2)
+    expected, _, _ = train_default.train(last_config, tmp_path / "two.jsonl", stop_after=2)
     jax.tree_util.tree_map(np.testing.assert_array_equal, selected, expected)
-    last, _, summary = train_default.train(dataclasses.replace(config, select_step="last"), tmp_path / "last.jsonl")
+    last, _, summary = train_default.train(last_config, tmp_path / "last.jsonl")
     assert "selected_step" not in summary
     assert not np.array_equal(last["visual"]["proj"], selected["visual"]["proj"])
     with pytest.raises(ValueError, match="select_step"):

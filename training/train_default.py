@@ -705,8 +705,8 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     summary = {"train_seconds": record["elapsed_s"], "train_cpu_seconds": record["cpu_s"], "final": record}
     if selected is not None:  # the earliest step of the best score
         summary["selected_step"] = selected[1]
-        return selected[2], np.array(sorted(used_ids), np.int32), summary
-    return jax.device_get(clip_params(params)), np.array(sorted(used_ids), np.int32), summary
+    kept = selected[2] if selected is not None else jax.device_get(clip_params(params))
+    return kept, np.array(sorted(used_ids), np.int32), summary
 
 
 def zero_unused_rows(params: dict, used_ids: np.ndarray) -> dict:
