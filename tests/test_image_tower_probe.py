@@ -176,3 +176,23 @@ def test_word_locality_compares_the_own_words_s_at_the_object_with_the_backgroun
                          f"{label}_peak_on_object": np.mean(peaks)})
     assert locality == pytest.approx(expected, abs=1e-5)
     assert locality["colour_peak_on_object"] > 0.5  # the shipped model's colour words find their object
+
+
+def test_caption_words_in_caption_pointing_is_the_gate_scorers(shipped):
+    """Inside captions, `caption_words` must score what the captions gate scores: the sweep's own report over the
+    same held-out scenes is the reference."""
+    from tclip_jax.methods.tclip import TCLIP
+    from tclip_jax.sweep.heldout import grounding_scores, synthetic_report
+
+    count = 4
+    words = itp.caption_words(shipped, count)
+    gate = grounding_scores(synthetic_report(TCLIP(shipped), "captions", count))
+    for kind in ("colour", "shape"):
+        assert words[kind]["units"] == gate[kind]["units"]
+        np.testing.assert_allclose(words[kind]["in_caption"], gate[kind]["pointing_game"], atol=1e-12)
+        by_objects = np.array(list(words[kind]["by_objects"].values()))
+        assert by_objects[:, 2].sum() == words[kind]["units"]
+        np.testing.assert_allclose(by_objects[:, :2].T @ by_objects[:, 2] / words[kind]["units"],
+                                   [words[kind]["in_caption"], words[kind]["alone"]], atol=1e-12)
+        assert 0 <= words[kind]["own_alone_nearest"] <= 1 and -1 <= words[kind]["cosine_to_alone"] <= 1
+    assert all(-1 <= value <= 1 for value in words["map_correlation"].values())

@@ -3,6 +3,7 @@
     PYTHONPATH=. python training/image_tower_probe.py probe tclip_jax/data/default_model [FOLDER ...] [--random]
     PYTHONPATH=. python training/image_tower_probe.py position FOLDER [FOLDER ...]
     PYTHONPATH=. python training/image_tower_probe.py words tclip_jax/data/default_model [FOLDER ...] [--random]
+    PYTHONPATH=. python training/image_tower_probe.py captions tclip_jax/data/default_model [FOLDER ...] [--scenes 40]
     PYTHONPATH=. python training/image_tower_probe.py supervised --label shape [colour] --steps 400
         [--set FIELD=VALUE ...] [--object-sizes MIN MAX] [--backgrounds NAME ...] [--easy-steps N] [--random-heads]
 
@@ -24,6 +25,13 @@ patch token is closest (cosine) to the object's own shape word, colour word, or 
 its S cannot find it (this). Then where the object's own bare word lies in S (`word_locality`): its cosine at the
 object and on the background, and how often its highest patch touches the object.
 
+`captions`: why words inside captions miss where the same words alone do not (`caption_words`). On the captions
+protocol's first held-out scenes, each colour and shape word's TCLIP map inside its caption against the same word
+alone (as a prompt of its own) on the same image: the gate's pointing game for both, by the scene's object count;
+how alike the maps of two words of one caption are (the Pearson correlation of their heatmaps), for words naming
+the same object and words naming different ones; and how far the word's query inside the caption is from the bare
+word's (cosine, and whether the bare word is its nearest of the words of its kind).
+
 `supervised`: the training script's image tower (`train_default.model_config`, with `--set` overrides) trained
 from scratch with a linear head and cross-entropy on the label of one-object scenes (AdamW, warmup then cosine,
 batch 64), held-out accuracy on 300 scenes every 100 steps; with two labels, one head each and the sum of the
@@ -41,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import pathlib
 import sys
@@ -56,12 +65,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_default  # noqa: E402
 
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
+from tclip_jax.evaluation.metrics import pointing_game  # noqa: E402
 from tclip_jax.image import clip_normalize  # noqa: E402
 from tclip_jax.methods.base import Query  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
 from tclip_jax.model import CLIP, init_params, l2_normalize  # noqa: E402
 from tclip_jax.synthetic import (BACKGROUNDS, COLOURS, HELDOUT_SEED_START, PLAIN_STYLE, SHAPES,  # noqa: E402
-                                 TRAINING_STYLE, Style, make_scene)
+                                 TRAINING_STYLE, Style, heldout_seeds, make_scene, protocol_sample)
 
 LABELS = {"shape": tuple(SHAPES), "colour": tuple(COLOURS)}
 ONE_OBJECT = dataclasses.replace(PLAIN_STYLE, counts=(1,), count_weights=(1.0,))
@@ -192,6 +202,55 @@ def word_locality(clip, count: int = 500) -> dict[str, float]:
     return result
 
 
+def caption_words(clip, count: int = 40) -> dict:
+    """A colour or shape word inside its caption against the same word alone, on the first `count` held-out scenes
+    of the captions protocol (the gate's scenes), TCLIP with its default settings. Per word kind: the pointing
+    game of the word's relevance map (the soft map, as the scorer reads it) inside the caption ("in_caption") and
+    alone ("alone"), overall and by the scene's object count (`by_objects`: {count: [in_caption, alone, units]});
+    the cosine of the word's query inside the caption with the bare word's (`cosine_to_alone`), and the share of
+    words whose nearest bare word of their kind is their own (`own_alone_nearest`). `map_correlation`: the mean
+    Pearson correlation of the heatmaps of two words of one caption that name the same object and that name
+    different objects."""
+    method = TCLIP(clip)
+    vocabulary = {"colour": tuple(COLOURS), "shape": tuple(SHAPES)}
+    alone_queries = {kind: np.asarray(method.encode([Query(w) for w in words]).per_query)
+                     for kind, words in vocabulary.items()}
+    hits = {kind: [] for kind in vocabulary}   # (objects, in caption, alone, cosine to alone, own alone nearest)
+    correlations = {"same_object": [], "other_objects": []}
+    for seed in heldout_seeds(count):
+        sample = protocol_sample("captions", seed)
+        units = [u for u in sample.units if u.kind in vocabulary]
+        result = method.explain(sample.image, list(dict.fromkeys([u.prompt for u in units] + [u.word for u in units])))
+        prompts = {p.prompt: p for p in result.prompts}
+        heatmaps = {}
+        for unit in units:
+            prompt = prompts[unit.prompt]
+            word_map = next(m for w, m in zip(prompt.words, prompt.word_maps) if (w.start, w.end) == tuple(unit.span))
+            heatmaps[unit] = word_map.heatmap
+            query = np.asarray(method.encode([Query(unit.prompt, tuple(unit.span))]).per_query[0])
+            cosines = alone_queries[unit.kind] @ query / np.linalg.norm(alone_queries[unit.kind], axis=1)
+            cosines /= np.linalg.norm(query)
+            own = vocabulary[unit.kind].index(unit.word)
+            hits[unit.kind].append((len(sample.scene.objects), pointing_game(word_map.relevance, unit.gt_mask),
+                                    pointing_game(prompts[unit.word].phrase.relevance, unit.gt_mask),
+                                    cosines[own], int(cosines.argmax()) == own))
+        for first, second in itertools.combinations(units, 2):
+            if first.prompt == second.prompt:
+                same = set(first.referents) == set(second.referents)
+                correlations["same_object" if same else "other_objects"].append(
+                    float(np.corrcoef(heatmaps[first].ravel(), heatmaps[second].ravel())[0, 1]))
+    result = {"scenes": count}
+    for kind, rows in hits.items():
+        rows = np.array(rows, np.float64)
+        objects = rows[:, 0].astype(int)
+        result[kind] = {"units": len(rows), "in_caption": rows[:, 1].mean(), "alone": rows[:, 2].mean(),
+                        "by_objects": {int(n): [rows[objects == n, 1].mean(), rows[objects == n, 2].mean(),
+                                                int((objects == n).sum())] for n in np.unique(objects)},
+                        "cosine_to_alone": rows[:, 3].mean(), "own_alone_nearest": rows[:, 4].mean()}
+    result["map_correlation"] = {name: float(np.mean(values)) for name, values in correlations.items()}
+    return result
+
+
 def position_shares(model: CLIP, params, count: int = 64) -> dict[str, float]:
     """Per stage of the tower, the share of the unit patch tokens' variance that is their grid position's mean
     token, over `count` held-out TRAINING_STYLE scenes resized whole to the model's input: near 0 when each token
@@ -285,6 +344,9 @@ def main() -> None:
     words_parser = commands.add_parser("words", help="which word's text embedding the object's patch is closest to")
     words_parser.add_argument("folders", nargs="*", type=pathlib.Path)
     words_parser.add_argument("--random", action="store_true", help="also the model at initialisation")
+    captions_parser = commands.add_parser("captions", help="words inside captions against the same words alone")
+    captions_parser.add_argument("folders", nargs="+", type=pathlib.Path)
+    captions_parser.add_argument("--scenes", type=int, default=40, help="held-out captions scenes (from the first)")
     sup = commands.add_parser("supervised", help="train the image tower on a label directly")
     sup.add_argument("--label", nargs="+", choices=tuple(LABELS), default=["shape"],
                      help="one label, or several trained together (one head each, their losses summed)")
@@ -321,6 +383,11 @@ def main() -> None:
         if args.random:
             clip = initialised()
             print(json.dumps({"model": "random", **word_accuracy(clip), **word_locality(clip)}), flush=True)
+    elif args.command == "captions":
+        if args.scenes < 1:
+            parser.error(f"--scenes must be >= 1, got {args.scenes}")
+        for folder in args.folders:
+            print(json.dumps({"model": str(folder), **caption_words(load_clip(folder), args.scenes)}), flush=True)
     else:
         try:
             config = dataclasses.replace(train_default.TrainConfig(), **train_default.parse_overrides(args.set))
