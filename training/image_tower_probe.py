@@ -25,7 +25,7 @@ patch token is closest (cosine) to the object's own shape word, colour word, or 
 its S cannot find it (this). Then where the object's own bare word lies in S (`word_locality`): its cosine at the
 object and on the background, and how often its highest patch touches the object.
 
-`captions`: why words inside captions miss where the same words alone do not (`caption_words`). On the captions
+`captions`: words inside captions against the same words alone (`caption_words`). On the captions
 protocol's first held-out scenes, each colour and shape word's TCLIP map inside its caption against the same word
 alone (as a prompt of its own) on the same image: the gate's pointing game for both, by the scene's object count;
 how alike the maps of two words of one caption are (the Pearson correlation of their heatmaps), for words naming
@@ -220,8 +220,9 @@ def caption_words(clip, count: int = 40) -> dict:
     for seed in heldout_seeds(count):
         sample = protocol_sample("captions", seed)
         units = [u for u in sample.units if u.kind in vocabulary]
-        result = method.explain(sample.image, list(dict.fromkeys([u.prompt for u in units] + [u.word for u in units])))
-        prompts = {p.prompt: p for p in result.prompts}
+        prompt_texts = list(dict.fromkeys([u.prompt for u in units] + [u.word for u in units]))
+        explained = method.explain(sample.image, prompt_texts)
+        prompts = {p.prompt: p for p in explained.prompts}
         heatmaps = {}
         for unit in units:
             prompt = prompts[unit.prompt]
