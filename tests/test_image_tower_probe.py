@@ -13,7 +13,9 @@ import train_default  # noqa: E402
 
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.image import clip_normalize  # noqa: E402
+from tclip_jax.methods.tclip import TCLIP  # noqa: E402
 from tclip_jax.methods.tclip.relevance import token_embeddings  # noqa: E402
+from tclip_jax.sweep.heldout import grounding_scores, synthetic_report  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +183,6 @@ def test_word_locality_compares_the_own_words_s_at_the_object_with_the_backgroun
 def test_caption_words_in_caption_pointing_is_the_gate_scorers(shipped):
     """Inside captions, `caption_words` must score what the captions gate scores: the sweep's own report over the
     same held-out scenes is the reference."""
-    from tclip_jax.methods.tclip import TCLIP
-    from tclip_jax.sweep.heldout import grounding_scores, synthetic_report
-
     count = 4
     words = itp.caption_words(shipped, count)
     gate = grounding_scores(synthetic_report(TCLIP(shipped), "captions", count))

@@ -220,34 +220,34 @@ def caption_words(clip, count: int = 40) -> dict:
     for seed in heldout_seeds(count):
         sample = protocol_sample("captions", seed)
         units = [u for u in sample.units if u.kind in vocabulary]
-        prompt_texts = list(dict.fromkeys([u.prompt for u in units] + [u.word for u in units]))
-        explained = method.explain(sample.image, prompt_texts)
-        prompts = {p.prompt: p for p in explained.prompts}
-        heatmaps = {}
-        for unit in units:
-            prompt = prompts[unit.prompt]
-            word_map = next(m for w, m in zip(prompt.words, prompt.word_maps) if (w.start, w.end) == tuple(unit.span))
-            heatmaps[unit] = word_map.heatmap
-            query = np.asarray(method.encode([Query(unit.prompt, tuple(unit.span))]).per_query[0])
-            cosines = alone_queries[unit.kind] @ query / np.linalg.norm(alone_queries[unit.kind], axis=1)
-            cosines /= np.linalg.norm(query)
+        # The sweep's path: each word inside its caption, then each word alone, as queries mapped in one call.
+        queries = method.encode([Query(u.prompt, u.span) for u in units] + [Query(u.word) for u in units])
+        _, pixels, geometry = method.preprocess(sample.image)
+        rows = np.arange(2 * len(units), dtype=np.int32)[None]
+        heatmaps = method.original_maps(np.asarray(method.jitted_maps(method.params, pixels[None], queries,
+                                                                      rows).maps[0]), geometry)
+        relevance = [host.soft for host in method.postprocess(heatmaps)]
+        vectors = np.asarray(queries.per_query)
+        for i, unit in enumerate(units):
+            alone = alone_queries[unit.kind]
+            cosines = alone @ vectors[i] / (np.linalg.norm(alone, axis=1) * np.linalg.norm(vectors[i]))
             own = vocabulary[unit.kind].index(unit.word)
-            hits[unit.kind].append((len(sample.scene.objects), pointing_game(word_map.relevance, unit.gt_mask),
-                                    pointing_game(prompts[unit.word].phrase.relevance, unit.gt_mask),
+            hits[unit.kind].append((len(sample.scene.objects), pointing_game(relevance[i], unit.gt_mask),
+                                    pointing_game(relevance[len(units) + i], unit.gt_mask),
                                     cosines[own], int(cosines.argmax()) == own))
-        for first, second in itertools.combinations(units, 2):
+        for (i, first), (j, second) in itertools.combinations(enumerate(units), 2):
             if first.prompt == second.prompt:
                 same = set(first.referents) == set(second.referents)
                 correlations["same_object" if same else "other_objects"].append(
-                    float(np.corrcoef(heatmaps[first].ravel(), heatmaps[second].ravel())[0, 1]))
+                    float(np.corrcoef(heatmaps[i].ravel(), heatmaps[j].ravel())[0, 1]))
     result = {"scenes": count}
-    for kind, rows in hits.items():
-        rows = np.array(rows, np.float64)
-        objects = rows[:, 0].astype(int)
-        result[kind] = {"units": len(rows), "in_caption": rows[:, 1].mean(), "alone": rows[:, 2].mean(),
-                        "by_objects": {int(n): [rows[objects == n, 1].mean(), rows[objects == n, 2].mean(),
+    for kind, kind_hits in hits.items():
+        table = np.array(kind_hits, np.float64)
+        objects = table[:, 0].astype(int)
+        result[kind] = {"units": len(table), "in_caption": table[:, 1].mean(), "alone": table[:, 2].mean(),
+                        "by_objects": {int(n): [table[objects == n, 1].mean(), table[objects == n, 2].mean(),
                                                 int((objects == n).sum())] for n in np.unique(objects)},
-                        "cosine_to_alone": rows[:, 3].mean(), "own_alone_nearest": rows[:, 4].mean()}
+                        "cosine_to_alone": table[:, 3].mean(), "own_alone_nearest": table[:, 4].mean()}
     result["map_correlation"] = {name: float(np.mean(values)) for name, values in correlations.items()}
     return result
 
