@@ -12,8 +12,8 @@ from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.methods import METHODS
 from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, postprocess_maps
 from tclip_jax.methods.common import patch_grid
-from tclip_jax.methods.m2ib import (M2IBSettings, Hyper, capacity, m2ib_map, optimize_bottleneck, resolve_layer,
-                                    torch_adam)
+from tclip_jax.methods.m2ib import (Hyper, M2IBSettings, bottleneck_position, capacity, m2ib_map,
+                                    optimize_bottleneck, torch_adam)
 from tclip_jax.model import CLIP, init_params
 
 from references import assert_close
@@ -47,27 +47,43 @@ def replayed(tiny_model, ref, replay):
 
 
 def test_default_layers_are_three_blocks_from_the_top(tiny_model, ref):
+    """The bottleneck's position counts the blocks before it: after block `layer`, layer + 1."""
     config = tiny_model[0].config
     assert M2IBSettings().vlayer is None
-    assert resolve_layer(-3, 12, "vlayer") == resolve_layer(None, 12, "vlayer") == 9  # the official 9 of 12
-    assert resolve_layer(None, config.vision_layers, "vlayer") == ref["vlayer"] == 3
-    assert resolve_layer(None, config.text_layers, "tlayer") == ref["tlayer"] == 0
+    assert bottleneck_position(-3, 12, "vlayer") == bottleneck_position(None, 12, "vlayer") == 10  # after 9 of 12
+    assert bottleneck_position(None, config.vision_layers, "vlayer") == ref["vlayer"] + 1 == 4
+    assert bottleneck_position(None, config.text_layers, "tlayer") == ref["tlayer"] + 1 == 1
 
 
-def test_default_layer_of_a_tower_shorter_than_three_blocks_is_its_first(tiny_model, ref):
-    """Unset, the bottleneck goes after block 0 of a 1- or 2-block tower; named explicitly, -3 must exist."""
-    assert [resolve_layer(None, layers, "vlayer") for layers in (1, 2)] == [0, 0]
+def test_a_tower_shorter_than_three_blocks_gets_the_bottleneck_on_its_input(tiny_model, ref):
+    """Unset, a 1- or 2-block tower gets the bottleneck before its first block; named explicitly, -3 must exist.
+    Either way a block follows it, so the map depends on the prompt (after the last block it could not: only the
+    class token would reach the features)."""
+    assert [bottleneck_position(None, layers, "vlayer") for layers in (1, 2)] == [0, 0]
     with pytest.raises(ValueError, match="vlayer must be in"):
-        resolve_layer(-3, 2, "vlayer")
+        bottleneck_position(-3, 2, "vlayer")
+    model, params = tiny_model
+    images, texts = nhwc(ref["scene_224/pixel_values"]), ref["token_ids_77"][:2]
+    for layers in (1, 2):
+        short = CLIP(dataclasses.replace(model.config, vision_layers=layers))
+        short_params = init_params(short.config, 1)
+        run = m2ib_map(short, short_params, images, texts, steps=2, batch_size=2, text_side=False, trace=True)
+        np.testing.assert_array_equal(run.vision.layer_features[0],
+                                      short.apply({"params": short_params}, images, method=short.encode_image,
+                                                  intermediates=True).residual_stream[0][0])
+        assert not np.allclose(run.maps[0, 0], run.maps[0, 1], atol=1e-3), f"{layers} blocks: one map per prompt"
+
+
+@pytest.mark.parametrize("layer", [-1, 1])
+def test_the_last_block_is_refused_for_the_bottleneck(tiny_model, ref, layer):
+    """After the last block only the class token reaches the image features: every prompt would get one map."""
     model, params = tiny_model
     short = CLIP(dataclasses.replace(model.config, vision_layers=2))
-    short_params = init_params(short.config, 1)
     images, texts = nhwc(ref["scene_224/pixel_values"]), ref["token_ids_77"][:1]
-    unset = m2ib_map(short, short_params, images, texts, steps=2, batch_size=2, text_side=False)
-    first = m2ib_map(short, short_params, images, texts, vlayer=0, steps=2, batch_size=2, text_side=False)
-    last = m2ib_map(short, short_params, images, texts, vlayer=1, steps=2, batch_size=2, text_side=False)
-    np.testing.assert_array_equal(unset.maps, first.maps)
-    assert not np.allclose(unset.maps, last.maps)
+    with pytest.raises(ValueError, match=f"vlayer={layer} is the last block of this 2-block tower"):
+        m2ib_map(short, init_params(short.config, 1), images, texts, vlayer=layer, text_side=False)
+    with pytest.raises(ValueError, match="tlayer=-1 is the last block"):
+        m2ib_map(model, params, images, texts, tlayer=-1)
 
 
 def test_vision_replay_matches_every_step(replayed, ref, replay):

@@ -29,9 +29,12 @@ Quirks of the official code, reproduced by default, each with the sound alternat
 
 Layers: `vlayer` / `tlayer` index blocks Python-style. The official default 9 of ViT-B/32's 12 blocks (two
 blocks follow the bottleneck) is -3, which is block 3 of the tiny 6-block vision tower and block 0 of its
-3-block text tower, as the reference fixture ran it. Left unset (None), a layer is -3, or block 0 of a tower
-of fewer than three blocks (the official code assumes ViT-B/32; block 0 keeps the most blocks after the
-bottleneck); a layer given explicitly must exist.
+3-block text tower, as the reference fixture ran it. Left unset (None), a layer is -3; a tower of fewer than
+three blocks (the official code assumes ViT-B/32) gets the bottleneck on its input, the embeddings after
+`ln_pre` (text: token plus position embeddings), so that every block follows it. At least one block must follow
+the bottleneck: after the last block only the class token (text: the end-of-text token) reaches the features, so
+no other token's alpha gets a gradient from the cosine and the map would not depend on the prompt; a layer given
+explicitly must exist and must not be the last.
 
 Noise: a JAX random stream cannot reproduce torch's, so the noise is injectable (`vision_noise`,
 `text_noise`: [steps, batch_size, n, D], shared by every pair, as the official code re-seeds before each
@@ -124,16 +127,21 @@ class M2IBOutput:
     cosine: Array                # [n_images, n_texts] clean cosines
 
 
-def resolve_layer(layer: Optional[int], num_layers: int, name: str) -> int:
-    """A Python-style block index (negative counts from the top) as an index in [0, num_layers); None: the
-    default, `DEFAULT_LAYER` or block 0 of a tower too short for it."""
+def bottleneck_position(layer: Optional[int], num_layers: int, name: str) -> int:
+    """Where the bottleneck goes, as the number of blocks before it (an index into the residual stream, whose
+    entry 0 is the tower's input): `layer` + 1 for a Python-style block index (negative counts from the top);
+    None: after block `DEFAULT_LAYER`, or the input of a tower too short for it. At least one block must follow."""
     if layer is None:
-        return max(DEFAULT_LAYER, -num_layers) % num_layers
+        return max(num_layers + DEFAULT_LAYER + 1, 0)
     integer(name, layer)
     if not -num_layers <= layer < num_layers:
         raise ValueError(f"{name} must be in [{-num_layers}, {num_layers}) for this {num_layers}-block tower, "
                          f"got {layer}")
-    return layer % num_layers
+    if layer % num_layers == num_layers - 1:
+        raise ValueError(f"{name}={layer} is the last block of this {num_layers}-block tower: with no block after "
+                         "the bottleneck its map would not depend on the prompt; name a lower block or leave it "
+                         "unset")
+    return layer % num_layers + 1
 
 
 def capacity(mu: Array, var: Array) -> Array:
@@ -245,7 +253,7 @@ def m2ib_map(model: CLIP, params: dict, images: Array, texts: Array, *, vlayer: 
     texts: token ids [T, context] (OpenAI's `clip.tokenize`: SOT ... EOT, zero padding); without `text_side`
       also text features [T, embed_dim] or per-image features [B, T, embed_dim].
     vlayer / tlayer: the block whose output gets the bottleneck (negative counts from the top; -3 = the official 9
-      of 12; None: -3, or block 0 of a tower of fewer than three blocks). beta, var, lr, steps, batch_size: as
+      of 12; None: -3, or the input of a tower of fewer than three blocks; never the last block). beta, var, lr, steps, batch_size: as
       the official `vision_heatmap_iba` (0.1, 1, 1, 10, 10).
     estimator: "none" (official: no standardization, var unused), "placeholder" (mean 0, std sqrt(var)) or
       "tokens" (per-channel mean/std over the input's tokens). final_alpha: the map from the final alpha.
@@ -257,8 +265,8 @@ def m2ib_map(model: CLIP, params: dict, images: Array, texts: Array, *, vlayer: 
     hyper = Hyper(beta, var, lr, steps, batch_size, estimator, final_alpha, trace)
     hyper.check()
     config = model.config
-    vlayer = resolve_layer(vlayer, config.vision_layers, "vlayer")
-    tlayer = resolve_layer(tlayer, config.text_layers, "tlayer")
+    vision_position = bottleneck_position(vlayer, config.vision_layers, "vlayer")
+    text_position = bottleneck_position(tlayer, config.text_layers, "tlayer")
     texts = jnp.asarray(texts)
     if text_side and (jnp.issubdtype(texts.dtype, jnp.floating) or texts.ndim != 2):
         raise ValueError(f"the text-side map needs token ids [n_texts, context], got {texts.dtype} {texts.shape}")
@@ -283,17 +291,17 @@ def m2ib_map(model: CLIP, params: dict, images: Array, texts: Array, *, vlayer: 
             raise ValueError(f"{side}_noise must be [steps, batch_size, n, D] = {list(want)} (text: n <= context), "
                              f"got {list(given.shape)}")
         noise[side] = jnp.pad(given, ((0, 0), (0, 0), (0, want[2] - given.shape[2]), (0, 0)))
-    return _m2ib(model, params, images, texts, noise, vlayer, tlayer, hyper)
+    return _m2ib(model, params, images, texts, noise, vision_position, text_position, hyper)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "vlayer", "tlayer", "hyper"))
-def _m2ib(model: CLIP, params: dict, images: Array, texts: Array, noise: dict, vlayer: int, tlayer: int,
-          hyper: Hyper) -> M2IBOutput:
+@functools.partial(jax.jit, static_argnames=("model", "vision_position", "text_position", "hyper"))
+def _m2ib(model: CLIP, params: dict, images: Array, texts: Array, noise: dict, vision_position: int,
+          text_position: int, hyper: Hyper) -> M2IBOutput:
     bound = model.bind({"params": params})
     vision, text = bound.visual, bound.text
     image = common.encode_image(model, params, images)
     image_features = image.embeds
-    vision_features = image.residual_stream[vlayer + 1]                                # [B, n, D]
+    vision_features = image.residual_stream[vision_position]                          # [B, n, D]
     token_ids = None
     if jnp.issubdtype(texts.dtype, jnp.floating):
         text_features = common.text_features(model, params, texts) if texts.ndim == 2 else l2_normalize(texts)
@@ -304,7 +312,7 @@ def _m2ib(model: CLIP, params: dict, images: Array, texts: Array, noise: dict, v
     per_image_texts = text_features.ndim == 3
 
     def vision_forward(t: Array) -> Array:
-        return vision.project(vision.transformer(t, start=vlayer + 1).tokens[:, 0])
+        return vision.project(vision.transformer(t, start=vision_position).tokens[:, 0])
 
     def vision_pair(features: Array, target: Array) -> dict:
         valid = jnp.ones(features.shape[0], bool)
@@ -318,7 +326,7 @@ def _m2ib(model: CLIP, params: dict, images: Array, texts: Array, noise: dict, v
 
     text_run = text_map = lengths = None
     if "text" in noise:
-        text_stream = encoded.residual_stream[tlayer + 1]                              # [T, context, D]
+        text_stream = encoded.residual_stream[text_position]                          # [T, context, D]
         eot = encoded.eot_index
         lengths = eot + 1
         positions = jnp.arange(token_ids.shape[1])
@@ -327,7 +335,7 @@ def _m2ib(model: CLIP, params: dict, images: Array, texts: Array, noise: dict, v
             copies = jnp.broadcast_to(ids, (hyper.batch_size, ids.shape[0]))
 
             def forward(t: Array) -> Array:
-                return text.output(copies, text.transformer(t, start=tlayer + 1)).embeds
+                return text.output(copies, text.transformer(t, start=text_position)).embeds
 
             return optimize_bottleneck(features, positions <= end, forward, target, noise["text"], hyper)
 
@@ -352,8 +360,9 @@ def _masked_minmax(x: Array, valid: Array) -> Array:
 @dataclasses.dataclass(frozen=True)
 class M2IBSettings(MethodSettings):
     vlayer: Optional[int] = setting(None, "vision block whose output gets the bottleneck; negative counts from the "
-                                    "top (default: -3, the official 9 of ViT-B/32's 12 blocks, or block 0 of a "
-                                    "tower of fewer than three)", parse=parse_optional(int), flag=False)
+                                    "top; not the last block (default: -3, the official 9 of ViT-B/32's 12 blocks, "
+                                    "or the input of a tower of fewer than three)", parse=parse_optional(int),
+                                    flag=False)
     beta: float = setting(0.1, "weight of the compression term", flag=False)
     var: float = setting(1.0, "variance of the placeholder estimator (no effect unless estimator=placeholder, as "
                          "in the official code)", flag=False)
@@ -388,7 +397,7 @@ class M2IB(PromptMethod):
 
     def __init__(self, clip, settings=None):
         super().__init__(clip, settings)
-        resolve_layer(self.settings.vlayer, clip.config.vision_layers, "vlayer")
+        bottleneck_position(self.settings.vlayer, clip.config.vision_layers, "vlayer")
 
     def _grids(self, params, pixels: Array, texts: Array) -> Array:
         s = self.settings
