@@ -12,6 +12,7 @@ from tclip_jax.cli import main as tclip
 from tclip_jax.methods import METHODS, common
 from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE, PromptMethod, Query
 from tclip_jax.model import l2_normalize
+from tclip_jax.synthetic import make_scene
 
 PROMPTS = ["a red circle", "a blue square", "a cat"]
 
@@ -61,6 +62,29 @@ def test_a_map_does_not_depend_on_the_other_queries_of_a_call(tiny_clip, fixture
     maps_every = method.jitted_maps(method.params, pixels[None], every, np.array([[2, 1, 0]], np.int32)).maps
     maps_alone = method.jitted_maps(method.params, pixels[None], alone, np.array([[0]], np.int32)).maps
     np.testing.assert_allclose(maps_alone[0, 0], maps_every[0, 1], atol=2e-6, rtol=0)
+
+
+# The class token's attention over the patches: by definition one map for every prompt.
+PROMPT_FREE = {"attention", "rollout"}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_map_depends_on_its_prompt_even_on_the_one_block_embedded_model(name):
+    """Two prompts naming different objects get different maps from every method that reads the prompt. On a
+    one-block image tower a method that re-runs the blocks after some layer can silently lose the prompt (M2IB's
+    bottleneck after the last block gave one map for every prompt); the embedded default model has one block."""
+    clip = load_clip()
+    assert clip.config.vision_layers == 1
+    method = METHODS[name](clip, METHODS[name].Settings.from_dict({"translations": 1} if name == "tclip" else {}))
+    pixels, _ = method.prepare(make_scene(10_000_003).image)
+    prompts = ["a red triangle", "a blue star"]
+    encoded = method.encode([Query(p) for p in prompts], label_set=prompts)
+    maps = np.asarray(method.jitted_maps(method.params, pixels[None], encoded, np.array([[0, 1]], np.int32)).maps)
+    assert np.isfinite(maps).all()
+    if name in PROMPT_FREE:
+        np.testing.assert_array_equal(maps[0, 0], maps[0, 1])
+    else:
+        assert np.abs(maps[0, 0] - maps[0, 1]).max() > 1e-3 * np.abs(maps).max()
 
 
 def test_set_dependent_methods_compare_against_the_label_set(tiny_clip, fixture_images):
