@@ -68,6 +68,7 @@ def test_a_map_does_not_depend_on_the_other_queries_of_a_call(tiny_clip, fixture
 PROMPT_FREE = {"attention", "rollout"}
 
 
+@pytest.mark.filterwarnings("ignore:CLIP Surgery. the model has 1 block")  # expected: the surgery covers it
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_map_depends_on_its_prompt_even_on_the_one_block_embedded_model(name):
     """Two prompts naming different objects get different maps from every method that reads the prompt. On a
