@@ -253,8 +253,8 @@ def m2ib_map(model: CLIP, params: dict, images: Array, texts: Array, *, vlayer: 
     texts: token ids [T, context] (OpenAI's `clip.tokenize`: SOT ... EOT, zero padding); without `text_side`
       also text features [T, embed_dim] or per-image features [B, T, embed_dim].
     vlayer / tlayer: the block whose output gets the bottleneck (negative counts from the top; -3 = the official 9
-      of 12; None: -3, or the input of a tower of fewer than three blocks; never the last block). beta, var, lr, steps, batch_size: as
-      the official `vision_heatmap_iba` (0.1, 1, 1, 10, 10).
+      of 12; None: -3, or the input of a tower of fewer than three blocks; never the last block). beta, var, lr,
+      steps, batch_size: as the official `vision_heatmap_iba` (0.1, 1, 1, 10, 10).
     estimator: "none" (official: no standardization, var unused), "placeholder" (mean 0, std sqrt(var)) or
       "tokens" (per-channel mean/std over the input's tokens). final_alpha: the map from the final alpha.
     seed / vision_noise / text_noise: the noise eps, drawn from `PRNGKey(seed)` (vision and text streams split
