@@ -11,7 +11,7 @@ import pytest
 from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.methods import METHODS
 from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, postprocess_maps
-from tclip_jax.methods.common import patch_grid
+from tclip_jax.methods.common import encode_image, patch_grid
 from tclip_jax.methods.m2ib import (Hyper, M2IBSettings, bottleneck_position, capacity, m2ib_map,
                                     optimize_bottleneck, torch_adam)
 from tclip_jax.model import CLIP, init_params
@@ -69,8 +69,7 @@ def test_a_tower_shorter_than_three_blocks_gets_the_bottleneck_on_its_input(tiny
         short_params = init_params(short.config, 1)
         run = m2ib_map(short, short_params, images, texts, steps=2, batch_size=2, text_side=False, trace=True)
         np.testing.assert_array_equal(run.vision.layer_features[0],
-                                      short.apply({"params": short_params}, images, method=short.encode_image,
-                                                  intermediates=True).residual_stream[0][0])
+                                      encode_image(short, short_params, images).residual_stream[0][0])
         assert not np.allclose(run.maps[0, 0], run.maps[0, 1], atol=1e-3), f"{layers} blocks: one map per prompt"
 
 

@@ -68,15 +68,19 @@ def test_a_map_does_not_depend_on_the_other_queries_of_a_call(tiny_clip, fixture
 PROMPT_FREE = {"attention", "rollout"}
 
 
+@pytest.fixture(scope="module")
+def embedded_clip():
+    return load_clip()
+
+
 @pytest.mark.filterwarnings("ignore:CLIP Surgery. the model has 1 block")  # expected: the surgery covers it
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_a_map_depends_on_its_prompt_even_on_the_one_block_embedded_model(name):
+def test_a_map_depends_on_its_prompt_even_on_the_one_block_embedded_model(embedded_clip, name):
     """Two prompts naming different objects get different maps from every method that reads the prompt. On a
     one-block image tower a method that re-runs the blocks after some layer can silently lose the prompt (M2IB's
     bottleneck after the last block gave one map for every prompt); the embedded default model has one block."""
-    clip = load_clip()
-    assert clip.config.vision_layers == 1
-    method = METHODS[name](clip, METHODS[name].Settings.from_dict({"translations": 1} if name == "tclip" else {}))
+    assert embedded_clip.config.vision_layers == 1
+    method = METHODS[name](embedded_clip, METHODS[name].Settings.from_dict({"translations": 1} if name == "tclip" else {}))
     pixels, _ = method.prepare(make_scene(10_000_003).image)
     prompts = ["a red triangle", "a blue star"]
     encoded = method.encode([Query(p) for p in prompts], label_set=prompts)
