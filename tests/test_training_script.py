@@ -212,22 +212,25 @@ def test_word_idf_and_word_loss_follow_their_definitions():
     # With `compete`, each patch's scores become log-probabilities over the pieces first.
     vocab = np.flatnonzero(idf)
     patches = rng.normal(size=(3, 5, 8))
-    expected = {False: [], True: []}
+    # With pool="logsumexp", the best patch's score becomes log(mean over patches of exp(score)).
+    variants = [(compete, pool) for compete in (False, True) for pool in ("max", "logsumexp")]
+    expected = {variant: [] for variant in variants}
     for row, keep, image in zip(ids, pieces, patches):
         per_patch = np.array([[patch @ kernel[:, piece] for piece in vocab] for patch in image])  # [P, U]
         target = np.array([sum(k * idf[p] for p, k in zip(row, keep) if p == piece) for piece in vocab])
-        for compete in (False, True):
+        for compete, pool in variants:
             at_patch = per_patch - np.log(np.exp(per_patch).sum(axis=1, keepdims=True)) if compete else per_patch
-            scores = at_patch.max(axis=0)
+            scores = at_patch.max(axis=0) if pool == "max" else np.log(np.exp(at_patch).mean(axis=0))
             log_softmax = scores - scores.max() - np.log(np.exp(scores - scores.max()).sum())
-            expected[compete].append(-(target / target.sum() * log_softmax).sum())
-    loss = {compete: float(train_default.patch_word_loss(patches.astype(np.float32),
-                                                         kernel[:, vocab].astype(np.float32), targets[:, vocab],
-                                                         compete=compete))
-            for compete in (False, True)}
-    for compete in (False, True):
-        assert loss[compete] == pytest.approx(np.mean(expected[compete]), rel=1e-4)
-    assert loss[True] != pytest.approx(loss[False], rel=1e-2)
+            expected[compete, pool].append(-(target / target.sum() * log_softmax).sum())
+    loss = {(compete, pool): float(train_default.patch_word_loss(patches.astype(np.float32),
+                                                                 kernel[:, vocab].astype(np.float32),
+                                                                 targets[:, vocab], compete=compete, pool=pool))
+            for compete, pool in variants}
+    for variant in variants:
+        assert loss[variant] == pytest.approx(np.mean(expected[variant]), rel=1e-4)
+    assert loss[True, "max"] != pytest.approx(loss[False, "max"], rel=1e-2)
+    assert loss[False, "logsumexp"] != pytest.approx(loss[False, "max"], rel=1e-2)
 
 
 def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp_path):
@@ -263,11 +266,17 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
         dataclasses.replace(patch_words, patch_word_compete=2)
     with pytest.raises(ValueError, match="patch_word_compete needs patch_word_weight"):
         dataclasses.replace(without, patch_word_compete=1)
+    with pytest.raises(ValueError, match="patch_word_pool"):
+        dataclasses.replace(patch_words, patch_word_pool="mean")
+    with pytest.raises(ValueError, match="patch_word_pool needs patch_word_weight"):
+        dataclasses.replace(without, patch_word_pool="logsumexp")
     # Through each piece's own text embedding (bare, or inside its caption) instead: no head at all, and the
     # term trains the text tower too.
     for name, overrides, term in [("text", dict(patch_word_weight=2.0, patch_word_head="text"), "patch_word_loss"),
                                   ("compete", dict(patch_word_weight=2.0, patch_word_head="text",
                                                    patch_word_compete=1), "patch_word_loss"),
+                                  ("soft", dict(patch_word_weight=2.0, patch_word_head="text",
+                                                patch_word_pool="logsumexp"), "patch_word_loss"),
                                   ("captions", dict(caption_word_weight=2.0), "caption_word_loss"),
                                   ("pairs", dict(pair_locality_weight=2.0), "pair_locality_loss"),
                                   ("anchor", dict(bare_anchor_weight=2.0), "bare_anchor_loss")]:
@@ -277,8 +286,9 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
         record = json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[0])
         assert record["loss"] == pytest.approx(record["clip_loss"] + 2.0 * record[term], rel=1e-6)
     first_term = {name: json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[0])["patch_word_loss"]
-                  for name in ("text", "compete")}
-    assert first_term["compete"] != pytest.approx(first_term["text"], rel=1e-3)  # the flag reaches the term
+                  for name in ("text", "compete", "soft")}
+    for name in ("compete", "soft"):  # the flag reaches the term
+        assert first_term[name] != pytest.approx(first_term["text"], rel=1e-3)
     # The anchor term is text-side only: the image tower takes the plain run's steps.
     jax.tree_util.tree_map(np.testing.assert_array_equal, trained["visual"], plain["visual"])
     for name in ("caption_word_weight", "bare_anchor_weight", "pair_locality_weight"):

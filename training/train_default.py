@@ -16,7 +16,7 @@ SuperClass's caption-word term to either (`word_loss`): the image embedding pred
 through a head that exists only in training; `patch_word_weight` the same term read from the patch tokens
 (`patch_word_loss`: each piece scored by its best patch), through that head or, with `patch_word_head=text`, through
 each piece's own text embedding (the term then acts on TCLIP's S), where `patch_word_compete` makes the pieces
-compete for each patch first; `caption_word_weight` the same term with each caption piece's embedding inside its
+compete for each patch first and `patch_word_pool=logsumexp` takes a soft maximum over the patches; `caption_word_weight` the same term with each caption piece's embedding inside its
 caption, against the batch's other captions' pieces (`caption_word_targets`: it acts on the S of caption words);
 `bare_anchor_weight` asks each caption piece, inside its caption, to pick its own bare embedding among the
 vocabulary's (`bare_anchor_loss`), a text-side term; `pair_locality_weight` asks a scene and its variant to differ,
@@ -90,6 +90,7 @@ LOG_FILE = "training_log.jsonl"
 README_FILE = "README.md"
 OBJECTIVES = ("clip", "clip_tokens")
 PATCH_WORD_HEADS = ("random", "text")
+PATCH_WORD_POOLS = ("max", "logsumexp")
 SELECT_STEPS = ("last", "validation")
 VALIDATION_PROTOCOLS = ("captions", "bare_words")  # the grounding that select_step="validation" reads
 WORD_IDF_STEPS = 16  # word_idf counts the captions of the run's first steps
@@ -138,6 +139,10 @@ class TrainConfig:
     # is taken, so words compete for patches: a patch that scores every piece alike (one that carries the whole
     # scene) scores none of them.
     patch_word_compete: int = 0
+    # How the patch term pools a piece's patch scores: "max" (its best patch) or "logsumexp" (a soft maximum, whose
+    # gradient reaches every patch in proportion to its softmax weight, so the piece is trained on more of its
+    # object than one patch).
+    patch_word_pool: str = "max"
     # > 0: the patch term with each caption piece's own in-caption embedding as its kernel (`caption_word_targets`).
     caption_word_weight: float = 0.0
     # > 0: each caption piece inside its caption must pick its own bare embedding among the vocabulary's
@@ -189,6 +194,10 @@ class TrainConfig:
             raise ValueError(f"patch_word_compete must be 0 or 1, got {self.patch_word_compete}")
         if self.patch_word_compete and not self.patch_word_weight:
             raise ValueError("patch_word_compete needs patch_word_weight > 0")
+        if self.patch_word_pool not in PATCH_WORD_POOLS:
+            raise ValueError(f"patch_word_pool must be one of {PATCH_WORD_POOLS}, got {self.patch_word_pool!r}")
+        if self.patch_word_pool != "max" and not self.patch_word_weight:
+            raise ValueError("patch_word_pool needs patch_word_weight > 0")
         for name in WORD_TERMS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -393,16 +402,20 @@ def word_loss(image_embeds: jax.Array, kernel: jax.Array, targets: jax.Array) ->
 
 
 def patch_word_loss(patch_tokens: jax.Array, kernel: jax.Array, targets: jax.Array,
-                    valid: jax.Array | None = None, compete: bool = False) -> jax.Array:
+                    valid: jax.Array | None = None, compete: bool = False, pool: str = "max") -> jax.Array:
     """`word_loss` read from the patch tokens [B, P, D], so that a caption's pieces must be found somewhere in the
     image rather than only in its class embedding: a piece's logit is its best patch's (patch token @ `kernel`
     [D, U]), as in multiple-instance learning; one softmax over the U pieces scored (`targets` [B, U]), or over
     those `valid` [B, U] marks. With `compete`, each patch's scores are first log-softmax-normalised over the U
-    pieces, so a piece's logit is its log-probability at the patch where it dominates most."""
+    pieces, so a piece's logit is its log-probability at the patch where it dominates most. `pool="logsumexp"`
+    replaces the best patch by log(mean_p exp(score_p)), a soft maximum over the patches."""
     scores = patch_tokens @ kernel
     if compete:
         scores = jax.nn.log_softmax(scores, axis=-1)
-    logits = jnp.max(scores, axis=1)
+    if pool == "logsumexp":
+        logits = jax.nn.logsumexp(scores, axis=1) - np.log(scores.shape[1])
+    else:
+        logits = jnp.max(scores, axis=1)
     if valid is not None:
         logits = jnp.where(valid, logits, -1e9)
     return optax.softmax_cross_entropy(logits, targets).mean()
@@ -527,7 +540,8 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
                 kernel = scale * piece_embeddings(model, params, vocab, sot_id, eot_id).T
             else:
                 patches, kernel = image.tokens[:, 1:], head[:, vocab]
-            patch_words = patch_word_loss(patches, kernel, targets[:, vocab], compete=bool(config.patch_word_compete))
+            patch_words = patch_word_loss(patches, kernel, targets[:, vocab], compete=bool(config.patch_word_compete),
+                                          pool=config.patch_word_pool)
             total = total + config.patch_word_weight * patch_words
             metrics["patch_word_loss"] = patch_words
         if config.caption_word_weight:  # scale * S of each caption piece in its caption: the words TCLIP reads
