@@ -16,8 +16,9 @@ SuperClass's caption-word term to either (`word_loss`): the image embedding pred
 through a head that exists only in training; `patch_word_weight` the same term read from the patch tokens
 (`patch_word_loss`: each piece scored by its best patch), through that head or, with `patch_word_head=text`, through
 each piece's own text embedding (the term then acts on TCLIP's S), where `patch_word_compete` makes the pieces
-compete for each patch first and `patch_word_pool=logsumexp` takes a soft maximum over the patches; `caption_word_weight` the same term with each caption piece's embedding inside its
-caption, against the batch's other captions' pieces (`caption_word_targets`: it acts on the S of caption words);
+compete for each patch first and `patch_word_pool=logsumexp` takes a soft maximum over the patches instead of the
+best patch; `caption_word_weight` the same term with each caption piece's embedding inside its caption, against the
+batch's other captions' pieces (`caption_word_targets`: it acts on the S of caption words);
 `bare_anchor_weight` asks each caption piece, inside its caption, to pick its own bare embedding among the
 vocabulary's (`bare_anchor_loss`), a text-side term; `pair_locality_weight` asks a scene and its variant to differ,
 in the S of the word the variant changed, at few patches (`pair_locality_loss`), so that a word is scored where its
