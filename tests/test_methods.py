@@ -34,9 +34,14 @@ def tiny_clip(fixtures_dir):
     return load_clip(fixtures_dir / "tiny_openai_clip.npz")
 
 
+def method_for_tests(name, clip):
+    """The registered method `name` at its default settings; TCLIP with one copy (K = 1), which keeps tests fast."""
+    return METHODS[name](clip, METHODS[name].Settings.from_dict({"translations": 1} if name == "tclip" else {}))
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_explains_through_the_interface(tiny_clip, fixture_images, name):
-    method = METHODS[name](tiny_clip, METHODS[name].Settings.from_dict({"translations": 1} if name == "tclip" else {}))
+    method = method_for_tests(name, tiny_clip)
     image = fixture_images["scene_wide_320x240"]
     result = method.explain(image, PROMPTS)
     assert result.run["method"] == name and result.run["input_protocol"] == method.input_protocol
@@ -80,7 +85,7 @@ def test_a_map_depends_on_its_prompt_even_on_the_one_block_embedded_model(embedd
     one-block image tower a method that re-runs the blocks after some layer can silently lose the prompt (M2IB's
     bottleneck after the last block gave one map for every prompt); the embedded default model has one block."""
     assert embedded_clip.config.vision_layers == 1
-    method = METHODS[name](embedded_clip, METHODS[name].Settings.from_dict({"translations": 1} if name == "tclip" else {}))
+    method = method_for_tests(name, embedded_clip)
     pixels, _ = method.prepare(make_scene(10_000_003).image)
     prompts = ["a red triangle", "a blue star"]
     encoded = method.encode([Query(p) for p in prompts], label_set=prompts)
