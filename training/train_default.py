@@ -38,7 +38,7 @@ Validation retrieval (logged every `eval_every` steps by `evaluation.retrieval.r
 uses `retrieval_scenes(256, VALIDATION_OFFSET)`: held-out seeds far from those the gates use (offset 0). With
 `select_step=validation` each evaluation also measures TCLIP's pointing game on validation captions and bare words
 (the sweep's scorer, scenes from VALIDATION_OFFSET), and the checkpoint is the evaluated step with the best
-`validation_record` score instead of the last step.
+`validation_record` score instead of the last step. With `ema_decay` both read a moving average of the parameters.
 
 Run from the repository root (it also records the checkpoint's fast held-out gates, `heldout_metrics.json`):
     nice python training/train_default.py --recipe default --out tclip_jax/data/default_model
@@ -156,6 +156,10 @@ class TrainConfig:
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
     text_length_step: int = 0
+    # > 0: validation and the checkpoint read an exponential moving average of the parameters instead of the
+    # step's own (each step: average = ema_decay * average + (1 - ema_decay) * parameters; it starts at the
+    # initialisation), which damps the step-to-step noise that moves the gates between evaluations and seeds.
+    ema_decay: float = 0.0
     validation_scenes: int = 256
     eval_every: int = 100
     # "last": the checkpoint is the last step's parameters. "validation": the evaluated step (every eval_every steps
@@ -204,6 +208,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.relation_rate <= 1:
             raise ValueError(f"relation_rate must be in [0, 1], got {self.relation_rate}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.select_step not in SELECT_STEPS:
             raise ValueError(f"select_step must be one of {SELECT_STEPS}, got {self.select_step!r}")
         if self.validation_grounding_scenes < 1:
@@ -633,6 +639,12 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, config: Train
     return step
 
 
+@jax.jit
+def ema_update(average: dict, params: dict, decay: jax.Array) -> dict:
+    """`TrainConfig.ema_decay`'s moving average after one more step whose parameters are `params`."""
+    return jax.tree_util.tree_map(lambda a, p: decay * a + (1 - decay) * p, average, params)
+
+
 # ------------------------------------------------------------------------------------------------ training
 def validation_record(clip: LoadedClip, validation: list, config: TrainConfig) -> dict:
     """Validation figures of `clip` at a step: image <-> text retrieval top-1 on the `validation` scenes and, when
@@ -668,6 +680,7 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
         params = {**params, "word_head": jnp.asarray(head, jnp.float32)}
     tx = optimizer(config)
     opt_state = tx.init(params)
+    average = clip_params(params) if config.ema_decay else None  # what validation and the checkpoint read
     step_fns: dict[tuple[str, bool], Callable] = {}
 
     def step_fn(step: int) -> Callable:
@@ -703,13 +716,15 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
             used_ids.update(np.unique(token_ids).tolist())
             step_start = time.perf_counter()
             params, opt_state, metrics = step_fn(step)(params, opt_state, images, token_ids, columns)
+            if average is not None:
+                average = ema_update(average, clip_params(params), np.float32(config.ema_decay))
+            current = clip_params(params) if average is None else average  # what is evaluated and kept
             record = {"step": step + 1, **{k: float(v) for k, v in metrics.items()},
                       "negatives": len(negatives)}
             record["samples_per_s"] = config.batch_size / (time.perf_counter() - step_start)
             record["elapsed_s"] = time.perf_counter() - start
             record["cpu_s"] = time.process_time() - cpu_start  # all threads: the compute a shared machine gave us
             if (step + 1) % config.eval_every == 0 or step + 1 == steps:
-                current = clip_params(params)
                 record["validation"] = validation_record(dataclasses.replace(loaded, params=current), validation,
                                                          config)
                 if config.select_step == "validation" and (selected is None or
@@ -721,7 +736,7 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     summary = {"train_seconds": record["elapsed_s"], "train_cpu_seconds": record["cpu_s"], "final": record}
     if selected is not None:  # the earliest step of the best score
         summary["selected_step"] = selected[1]
-    kept = selected[2] if selected is not None else jax.device_get(clip_params(params))
+    kept = selected[2] if selected is not None else jax.device_get(current)
     return kept, np.array(sorted(used_ids), np.int32), summary
 
 
