@@ -12,9 +12,13 @@ import image_tower_probe as itp  # noqa: E402
 import train_default  # noqa: E402
 
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
-from tclip_jax.image import clip_normalize  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from tclip_jax.image import clip_normalize, upsample_bilinear  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
 from tclip_jax.methods.tclip.relevance import token_embeddings  # noqa: E402
+from tclip_jax.methods.tclip.settings import DEFAULT_TRIM  # noqa: E402
+from tclip_jax.methods.tclip.translations import translation_offsets  # noqa: E402
 from tclip_jax.sweep.heldout import grounding_scores, synthetic_report  # noqa: E402
 
 
@@ -195,3 +199,55 @@ def test_caption_words_in_caption_pointing_is_the_gate_scorers(shipped):
                                    [words[kind]["in_caption"], words[kind]["alone"]], atol=1e-12)
         assert 0 <= words[kind]["own_alone_nearest"] <= 1 and -1 <= words[kind]["cosine_to_alone"] <= 1
     assert all(-1 <= value <= 1 for value in words["map_correlation"].values())
+
+
+@pytest.mark.parametrize("scorer", itp.STAND_INS)
+def test_stand_in_map_is_the_trimmed_mean_of_the_shifted_back_patch_scores(scorer):
+    """Reference: each copy built, scored and shifted back with explicit loops, and scipy's trimmed mean over the
+    copies that reach each pixel."""
+    patch, size = 16, 64
+    mask = np.zeros((size, size), bool)
+    mask[13:38, 21:30] = True  # not aligned to the patch grid
+    offsets = translation_offsets(patch)
+    expected_copies, reached = [], []
+    for dy, dx in offsets:
+        copy = np.zeros_like(mask)  # copy[y, x] = mask[y - dy, x - dx], zero outside
+        for y in range(size):
+            for x in range(size):
+                if 0 <= y - dy < size and 0 <= x - dx < size:
+                    copy[y, x] = mask[y - dy, x - dx]
+        grid = np.zeros((size // patch, size // patch))
+        for row in range(size // patch):
+            for column in range(size // patch):
+                share = copy[patch * row:patch * (row + 1), patch * column:patch * (column + 1)].mean()
+                grid[row, column] = share if scorer == "coverage" else float(share > 0)
+        upsampled = np.asarray(upsample_bilinear(grid, (size, size)))
+        back = np.full((size, size), np.nan)  # read at (y + dy, x + dx): the copy's pixel showing (y, x)
+        for y in range(size):
+            for x in range(size):
+                if 0 <= y + dy < size and 0 <= x + dx < size:
+                    back[y, x] = upsampled[y + dy, x + dx]
+        expected_copies.append(back)
+    stacked = np.stack(expected_copies)
+    expected = np.array([[stats.trim_mean(stacked[~np.isnan(stacked[:, y, x]), y, x], DEFAULT_TRIM)
+                          for x in range(size)] for y in range(size)])
+    got = itp.stand_in_map(mask, scorer, patch, offsets, DEFAULT_TRIM)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="scorer"):
+        itp.stand_in_map(mask, "oracle", patch, offsets, DEFAULT_TRIM)
+
+
+def test_box_sizes_model_accuracy_is_the_gate_scorers(shipped):
+    """The model's BoxAcc in `box_sizes` must be the gate's: the sweep's own report over the same scenes."""
+    count = 2
+    sizes = itp.box_sizes(shipped, count)
+    for protocol in itp.BOX_PROTOCOLS:
+        gate = grounding_scores(synthetic_report(TCLIP(shipped), protocol, count))["all"]
+        result = sizes[protocol]
+        assert result["all"]["units"] == gate["units"]
+        np.testing.assert_allclose(result["all"]["model"], gate["box_accuracy"], atol=1e-12)
+        by_side = list(result["by_side"].values())
+        assert sum(part["units"] for part in by_side) == gate["units"]
+        for name in ("model", *itp.STAND_INS):
+            np.testing.assert_allclose(sum(part[name] * part["units"] for part in by_side) / gate["units"],
+                                       result["all"][name], atol=1e-12)

@@ -4,6 +4,7 @@
     PYTHONPATH=. python training/image_tower_probe.py position FOLDER [FOLDER ...]
     PYTHONPATH=. python training/image_tower_probe.py words tclip_jax/data/default_model [FOLDER ...] [--random]
     PYTHONPATH=. python training/image_tower_probe.py captions tclip_jax/data/default_model [FOLDER ...] [--scenes 40]
+    PYTHONPATH=. python training/image_tower_probe.py boxes tclip_jax/data/default_model [FOLDER ...] [--scenes 20]
     PYTHONPATH=. python training/image_tower_probe.py supervised --label shape [colour] --steps 400
         [--set FIELD=VALUE ...] [--object-sizes MIN MAX] [--backgrounds NAME ...] [--easy-steps N] [--random-heads]
 
@@ -31,6 +32,14 @@ alone (as a prompt of its own) on the same image: the gate's pointing game for b
 how alike the maps of two words of one caption are (the Pearson correlation of their heatmaps), for words naming
 the same object and words naming different ones; and how far the word's query inside the caption is from the bare
 word's (cosine, and whether the bare word is its nearest of the words of its kind).
+
+`boxes`: why boxes miss, by object size. On the captions and bare_words protocols' first held-out scenes (the
+gates' scenes), the BoxAcc@0.5 of the checkpoint's TCLIP maps (default settings, the sweep's boxes and scorer) per
+object size (`SIZE_BINS`: the side of a square of the area of the referent's box), beside two stand-in patch
+scorers that know the object's mask, put through TCLIP's own translated copies, shift-back, trimmed mean and Otsu
+box (`stand_in_map`): `coverage`, a patch's score is the share of its pixels that the object covers, and `presence`,
+1 where the object touches the patch and 0 elsewhere. The first is what a patch scorer can give on this grid; the
+second one that says only whether the object is in the patch, whatever share of it.
 
 `supervised`: the training script's image tower (`train_default.model_config`, with `--set` overrides) trained
 from scratch with a linear head and cross-entropy on the label of one-object scenes (AdamW, warmup then cosine,
@@ -65,10 +74,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_default  # noqa: E402
 
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
-from tclip_jax.evaluation.metrics import pointing_game  # noqa: E402
+from tclip_jax.evaluation.metrics import box_hit, pointing_game  # noqa: E402
 from tclip_jax.image import clip_normalize  # noqa: E402
 from tclip_jax.methods.base import Query  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
+from tclip_jax.methods.tclip.relevance import aggregate_maps  # noqa: E402
+from tclip_jax.methods.tclip.translations import translated_copies  # noqa: E402
 from tclip_jax.model import CLIP, init_params, l2_normalize  # noqa: E402
 from tclip_jax.synthetic import (BACKGROUNDS, COLOURS, HELDOUT_SEED_START, PLAIN_STYLE, SHAPES,  # noqa: E402
                                  TRAINING_STYLE, Style, heldout_seeds, make_scene, protocol_sample)
@@ -79,6 +90,9 @@ EASY_OBJECTS = dataclasses.replace(ONE_OBJECT, size_range=(100.0, 160.0), backgr
 PROBE_SEEDS = HELDOUT_SEED_START + 3_000_000   # probe scenes: their own held-out stream
 PROBE_FIT_SCENES = 1500  # the probe fits on the first scenes of that stream and tests on those after them
 SUPERVISED_TEST_SEEDS = HELDOUT_SEED_START + 5_000_000
+SIZE_BINS = (0, 32, 48, 64, 96)  # `boxes`: bin edges of the object's side, pixels (the protocols' scenes are 224 px)
+STAND_INS = ("coverage", "presence")
+BOX_PROTOCOLS = ("captions", "bare_words")
 
 
 def one_object_scenes(count: int, start: int, size: int = 224, style: Style = ONE_OBJECT
@@ -252,6 +266,63 @@ def caption_words(clip, count: int = 40) -> dict:
     return result
 
 
+def stand_in_map(mask: np.ndarray, scorer: str, patch_size: int, offsets: tuple[tuple[int, int], ...],
+                 trim: float) -> np.ndarray:
+    """TCLIP's aggregated map [H, W] of the object `mask` [H, W] (whole patches) under a stand-in patch scorer
+    (`STAND_INS`): each translated copy's patch scores the share of its pixels the object covers (``coverage``) or
+    1 where the object touches it (``presence``). The copies, shift-back and trimmed mean are TCLIP's own
+    (`translated_copies`, `aggregate_maps` with one-dimensional patch embeddings and the query 1)."""
+    if scorer not in STAND_INS:
+        raise ValueError(f"scorer must be one of {STAND_INS}, got {scorer!r}")
+    height, width = mask.shape
+    grid = (height // patch_size, width // patch_size)
+    copies = translated_copies(jnp.asarray(mask, jnp.float32)[..., None], offsets)[..., 0]
+    cover = copies.reshape(len(offsets), grid[0], patch_size, grid[1], patch_size).mean(axis=(2, 4))
+    scores = cover if scorer == "coverage" else (cover > 0).astype(jnp.float32)
+    return np.asarray(aggregate_maps(scores.reshape(len(offsets), -1, 1), jnp.ones((1, 1)), offsets, grid,
+                                     (height, width), trim)[0])
+
+
+def box_sizes(clip, count: int = 20, protocols: Sequence[str] = BOX_PROTOCOLS) -> dict:
+    """Per protocol, BoxAcc@0.5 of the checkpoint's TCLIP boxes ("model") and of the `STAND_INS` scorers' boxes
+    over all units and per object-size bin (`SIZE_BINS`; "units" counts them), on the first `count` held-out
+    scenes. A unit's size is the side of a square of its largest referent box's area."""
+    method = TCLIP(clip)
+    patch, size = clip.config.patch_size, clip.config.image_size
+    result: dict = {"scenes": count}
+    for protocol in protocols:
+        rows = []  # (side, model hit, one hit per stand-in)
+        for seed in heldout_seeds(count):
+            sample = protocol_sample(protocol, seed)
+            if sample.image.shape[:2] != (size, size):
+                raise ValueError(f"boxes compares maps at the model input size ({size} px); {protocol} scenes "
+                                 f"are {sample.image.shape[1]} x {sample.image.shape[0]}")
+            units = sample.units
+            queries = method.encode([Query(u.prompt, u.span) for u in units])
+            _, pixels, geometry = method.preprocess(sample.image)
+            grid_maps = method.jitted_maps(method.params, pixels[None], queries,
+                                           np.arange(len(units), dtype=np.int32)[None]).maps[0]
+            boxes = {"model": [host.box for host in method.postprocess(
+                method.original_maps(np.asarray(grid_maps), geometry), soft_maps=False)]}
+            for scorer in STAND_INS:
+                maps = [stand_in_map(u.gt_mask, scorer, patch, method.offsets, method.settings.trim) for u in units]
+                boxes[scorer] = [host.box for host in method.postprocess(maps, soft_maps=False)]
+            for i, unit in enumerate(units):
+                side = max((b[2] - b[0]) * (b[3] - b[1]) for b in unit.gt_boxes) ** 0.5
+                rows.append((side, *(box_hit(boxes[name][i], unit.gt_boxes) for name in ("model", *STAND_INS))))
+        table = np.array(rows, np.float64)
+        bins = np.searchsorted(SIZE_BINS, table[:, 0], side="right") - 1
+        names = [f"{low}-{high}" for low, high in zip(SIZE_BINS, SIZE_BINS[1:])] + [f"{SIZE_BINS[-1]}+"]
+
+        def accuracy(part: np.ndarray) -> dict:
+            return {"units": len(part), **{name: part[:, 1 + j].mean() for j, name in enumerate(("model",
+                                                                                                  *STAND_INS))}}
+
+        result[protocol] = {"all": accuracy(table), "by_side": {names[b]: accuracy(table[bins == b])
+                                                                  for b in np.unique(bins)}}
+    return result
+
+
 def position_shares(model: CLIP, params, count: int = 64) -> dict[str, float]:
     """Per stage of the tower, the share of the unit patch tokens' variance that is their grid position's mean
     token, over `count` held-out TRAINING_STYLE scenes resized whole to the model's input: near 0 when each token
@@ -348,6 +419,9 @@ def main() -> None:
     captions_parser = commands.add_parser("captions", help="words inside captions against the same words alone")
     captions_parser.add_argument("folders", nargs="+", type=pathlib.Path)
     captions_parser.add_argument("--scenes", type=int, default=40, help="held-out captions scenes (from the first)")
+    boxes_parser = commands.add_parser("boxes", help="box accuracy by object size, beside stand-in patch scorers")
+    boxes_parser.add_argument("folders", nargs="+", type=pathlib.Path)
+    boxes_parser.add_argument("--scenes", type=int, default=20, help="held-out scenes per protocol (from the first)")
     sup = commands.add_parser("supervised", help="train the image tower on a label directly")
     sup.add_argument("--label", nargs="+", choices=tuple(LABELS), default=["shape"],
                      help="one label, or several trained together (one head each, their losses summed)")
@@ -389,6 +463,11 @@ def main() -> None:
             parser.error(f"--scenes must be >= 1, got {args.scenes}")
         for folder in args.folders:
             print(json.dumps({"model": str(folder), **caption_words(load_clip(folder), args.scenes)}), flush=True)
+    elif args.command == "boxes":
+        if args.scenes < 1:
+            parser.error(f"--scenes must be >= 1, got {args.scenes}")
+        for folder in args.folders:
+            print(json.dumps({"model": str(folder), **box_sizes(load_clip(folder), args.scenes)}), flush=True)
     else:
         try:
             config = dataclasses.replace(train_default.TrainConfig(), **train_default.parse_overrides(args.set))
