@@ -209,7 +209,7 @@ def test_stand_in_map_is_the_trimmed_mean_of_the_shifted_back_patch_scores(score
     mask = np.zeros((size, size), bool)
     mask[13:38, 21:30] = True  # not aligned to the patch grid
     offsets = translation_offsets(patch)
-    expected_copies, reached = [], []
+    expected_copies = []
     for dy, dx in offsets:
         copy = np.zeros_like(mask)  # copy[y, x] = mask[y - dy, x - dx], zero outside
         for y in range(size):
