@@ -251,3 +251,21 @@ def test_box_sizes_model_accuracy_is_the_gate_scorers(shipped):
         for name in ("model", *itp.STAND_INS):
             np.testing.assert_allclose(sum(part[name] * part["units"] for part in by_side) / gate["units"],
                                        result["all"][name], atol=1e-12)
+    # The shipped model grounds bare words: its S is higher on patches its object fills than on untouched ones.
+    assert sizes["bare_words"]["share_profile"]["0"] < sizes["bare_words"]["share_profile"]["0.75-1"]
+
+
+def test_share_profile_bins_rescaled_scores_by_the_covered_share():
+    patch = 16
+    mask = np.zeros((32, 48), bool)  # a 2 x 3 patch grid, row-major cells 0..5
+    mask[:16, :16] = True            # cell 0: all of it
+    mask[:8, 16:24] = True           # cell 1: 64 of 256 pixels, 0.25 (the bin closed above)
+    mask[16:28, 40:48] = True        # cell 5: 96 of 256 pixels, 0.375
+    others = np.zeros_like(mask)
+    others[20, 20] = True            # cell 4 holds another object: left out
+    scores = np.array([5.0, 3.0, 1.0, 2.0, 9.0, 4.0])
+    floor = np.median([1.0, 2.0])    # untouched and free: cells 2 and 3
+    scale = 9.0 - floor              # the highest score is cell 4's
+    profile = itp.share_profile(scores, mask, others, patch)
+    assert profile == pytest.approx({"0": ((1.0 - floor) + (2.0 - floor)) / 2 / scale, "0-0.25": (3.0 - floor) / scale,
+                                     "0.25-0.5": (4.0 - floor) / scale, "0.75-1": (5.0 - floor) / scale})

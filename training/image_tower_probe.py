@@ -39,7 +39,9 @@ object size (`SIZE_BINS`: the side of a square of the area of the referent's box
 scorers that know the object's mask, put through TCLIP's own translated copies, shift-back, trimmed mean and Otsu
 box (`stand_in_map`): `coverage`, a patch's score is the share of its pixels that the object covers, and `presence`,
 1 where the object touches the patch and 0 elsewhere. The first is what a patch scorer can give on this grid; the
-second one that says only whether the object is in the patch, whatever share of it.
+second one that says only whether the object is in the patch, whatever share of it. And the model's own patch
+scores by the share of the patch its object covers (`share_profile`: S of the untranslated image, 0 at the
+untouched patches' median, 1 at the highest patch).
 
 `supervised`: the training script's image tower (`train_default.model_config`, with `--set` overrides) trained
 from scratch with a linear head and cross-entropy on the label of one-object scenes (AdamW, warmup then cosine,
@@ -92,6 +94,7 @@ PROBE_FIT_SCENES = 1500  # the probe fits on the first scenes of that stream and
 SUPERVISED_TEST_SEEDS = HELDOUT_SEED_START + 5_000_000
 SIZE_BINS = (0, 32, 48, 64, 96)  # `boxes`: bin edges of the object's side, pixels (the protocols' scenes are 224 px)
 STAND_INS = ("coverage", "presence")
+SHARE_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # `share_profile`: intervals of covered share, beside untouched patches
 BOX_PROTOCOLS = ("captions", "bare_words")
 
 
@@ -283,15 +286,32 @@ def stand_in_map(mask: np.ndarray, scorer: str, patch_size: int, offsets: tuple[
                                      (height, width), trim)[0])
 
 
+def share_profile(scores: np.ndarray, mask: np.ndarray, others: np.ndarray, patch_size: int) -> dict[str, float]:
+    """A word's patch scores `scores` [gh * gw] (row-major) by the share of each patch that its object `mask`
+    [H, W] covers, rescaled so that 0 is the median over untouched patches and 1 the highest score: the mean
+    per bin, "0" for untouched patches and "a-b" for shares in (a, b] (`SHARE_BINS`). Patches that another object
+    (`others` [H, W]) touches are left out of every bin; empty bins are left out of the result."""
+    grid = (mask.shape[0] // patch_size, patch_size, mask.shape[1] // patch_size, patch_size)
+    share = mask.reshape(grid).mean(axis=(1, 3)).ravel()
+    free = ~others.reshape(grid).any(axis=(1, 3)).ravel()
+    floor = np.median(scores[(share == 0) & free])
+    rescaled = (scores - floor) / (scores.max() - floor)
+    bins = {"0": (share == 0) & free, **{f"{low:g}-{high:g}": (share > low) & (share <= high) & free
+                                         for low, high in zip(SHARE_BINS, SHARE_BINS[1:])}}
+    return {name: float(rescaled[chosen].mean()) for name, chosen in bins.items() if chosen.any()}
+
+
 def box_sizes(clip, count: int = 20, protocols: Sequence[str] = BOX_PROTOCOLS) -> dict:
     """Per protocol, BoxAcc@0.5 of the checkpoint's TCLIP boxes ("model") and of the `STAND_INS` scorers' boxes
     over all units and per object-size bin (`SIZE_BINS`; "units" counts them), on the first `count` held-out
-    scenes. A unit's size is the side of a square of its largest referent box's area."""
+    scenes. A unit's size is the side of a square of its largest referent box's area. "share_profile": the units'
+    mean `share_profile` per bin, with the patches of the objects the word does not name left out."""
     method = TCLIP(clip)
     patch, size = clip.config.patch_size, clip.config.image_size
     result: dict = {"scenes": count}
     for protocol in protocols:
         rows = []  # (side, model hit, one hit per stand-in)
+        profiles: dict[str, list[float]] = {}
         for seed in heldout_seeds(count):
             sample = protocol_sample(protocol, seed)
             if sample.image.shape[:2] != (size, size):
@@ -300,16 +320,23 @@ def box_sizes(clip, count: int = 20, protocols: Sequence[str] = BOX_PROTOCOLS) -
             units = sample.units
             queries = method.encode([Query(u.prompt, u.span) for u in units])
             _, pixels, geometry = method.preprocess(sample.image)
-            grid_maps = method.jitted_maps(method.params, pixels[None], queries,
-                                           np.arange(len(units), dtype=np.int32)[None]).maps[0]
+            output = method.jitted_maps(method.params, pixels[None], queries,
+                                        np.arange(len(units), dtype=np.int32)[None])
             boxes = {"model": [host.box for host in method.postprocess(
-                method.original_maps(np.asarray(grid_maps), geometry), soft_maps=False)]}
+                method.original_maps(np.asarray(output.maps[0]), geometry), soft_maps=False)]}
+            scores = np.asarray(output.extras[0]) @ np.asarray(queries.per_query).T  # S [patches, units], K = 1
             for scorer in STAND_INS:
                 maps = [stand_in_map(u.gt_mask, scorer, patch, method.offsets, method.settings.trim) for u in units]
                 boxes[scorer] = [host.box for host in method.postprocess(maps, soft_maps=False)]
             for i, unit in enumerate(units):
                 side = max((b[2] - b[0]) * (b[3] - b[1]) for b in unit.gt_boxes) ** 0.5
                 rows.append((side, *(box_hit(boxes[name][i], unit.gt_boxes) for name in ("model", *STAND_INS))))
+                others = np.zeros_like(unit.gt_mask)
+                for index, item in enumerate(sample.scene.objects):
+                    if index not in unit.referents:
+                        others |= item.region
+                for name, value in share_profile(scores[:, i], unit.gt_mask, others, patch).items():
+                    profiles.setdefault(name, []).append(value)
         table = np.array(rows, np.float64)
         bins = np.searchsorted(SIZE_BINS, table[:, 0], side="right") - 1
         names = [f"{low}-{high}" for low, high in zip(SIZE_BINS, SIZE_BINS[1:])] + [f"{SIZE_BINS[-1]}+"]
@@ -319,7 +346,8 @@ def box_sizes(clip, count: int = 20, protocols: Sequence[str] = BOX_PROTOCOLS) -
                                                                                                   *STAND_INS))}}
 
         result[protocol] = {"all": accuracy(table), "by_side": {names[b]: accuracy(table[bins == b])
-                                                                  for b in np.unique(bins)}}
+                                                                  for b in np.unique(bins)},
+                            "share_profile": {name: float(np.mean(values)) for name, values in profiles.items()}}
     return result
 
 
