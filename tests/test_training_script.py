@@ -405,6 +405,40 @@ def test_pair_locality_term_asks_a_scene_and_its_variant_to_differ_at_few_patche
     assert float(train_default.pair_locality_loss(twins, bare.astype(np.float32), vocab, ids, weights)) == 0.0
 
 
+def test_mosaic_term_tiles_half_size_scenes_and_asks_for_their_block_mean_maps(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
+    tiled = np.asarray(train_default.mosaic(images))
+    assert tiled.shape == (2, 32, 32, 3)
+    for m in range(2):  # image 4m + 2r + c at row r, column c, shrunk as jax.image.resize shrinks it
+        for r in range(2):
+            for c in range(2):
+                half = jax.image.resize(images[4 * m + 2 * r + c], (16, 16, 3), "linear", antialias=True)
+                np.testing.assert_allclose(tiled[m, 16 * r:16 * (r + 1), 16 * c:16 * (c + 1)], half, atol=1e-6)
+    maps = rng.normal(size=(8, 4, 4, 3))
+    pooled = np.asarray(train_default.block_mean_mosaic(maps))
+    for m, r, c, y, x in np.ndindex(2, 2, 2, 2, 2):  # block (y, x) of image 4m + 2r + c: patch (2r + y, 2c + x)
+        np.testing.assert_allclose(pooled[m, 2 * r + y, 2 * c + x],
+                                   maps[4 * m + 2 * r + c, 2 * y:2 * y + 2, 2 * x:2 * x + 2].mean(axis=(0, 1)))
+    student, teacher = rng.normal(size=(2, 4, 4, 3)), rng.normal(size=(2, 4, 4, 3))
+    present = np.array([[True, False, True], [False, False, True]])
+    expected = np.mean([1 - np.corrcoef(student[m, ..., u].ravel(), teacher[m, ..., u].ravel())[0, 1]
+                        for m, u in zip(*np.nonzero(present))])
+    assert float(train_default.mosaic_loss(student, teacher, present)) == pytest.approx(expected, rel=1e-6)
+    # Closed form: a map that is an affine copy of its target (positive scale) costs 0.
+    assert float(train_default.mosaic_loss(3 * teacher + 1, teacher, present)) == pytest.approx(0.0, abs=1e-6)
+    tiny = dict(batch_size=16, steps=2, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=64,
+                patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
+    config = train_default.TrainConfig(mosaic_weight=1.0, **tiny)
+    train_default.train(config, tmp_path / "mosaic.jsonl", stop_after=1)
+    record = json.loads((tmp_path / "mosaic.jsonl").read_text().splitlines()[0])
+    assert 0 < record["mosaic_loss"] <= 2
+    with pytest.raises(ValueError, match="mosaic_weight needs"):
+        dataclasses.replace(config, batch_size=12)
+    with pytest.raises(ValueError, match="mosaic_weight needs"):
+        dataclasses.replace(config, image_size=48)
+
+
 def test_piece_embeddings_are_the_rows_of_s_for_a_bare_word():
     config = train_default.TrainConfig(embed_dim=16, text_width=64, text_layers=1, image_size=32, patch_size=16)
     model = CLIP(train_default.model_config(config))

@@ -22,7 +22,9 @@ batch's other captions' pieces (`caption_word_targets`: it acts on the S of capt
 `bare_anchor_weight` asks each caption piece, inside its caption, to pick its own bare embedding among the
 vocabulary's (`bare_anchor_loss`), a text-side term; `pair_locality_weight` asks a scene and its variant to differ,
 in the S of the word the variant changed, at few patches (`pair_locality_loss`), so that a word is scored where its
-object is, with no mask.
+object is, with no mask; `mosaic_weight` asks four scenes shrunk to half size and tiled 2 x 2 to give each word a
+map shaped like the scenes' own maps averaged over 2 x 2 patch blocks (`mosaic_loss`), so that a patch showing part
+of an object scores in proportion to it.
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -101,7 +103,8 @@ EASY_STYLE = dataclasses.replace(PLAIN_STYLE, counts=(1, 2, 3), count_weights=(0
 
 # The weights of the terms beside CLIP's global loss: `clip_tokens`' three, and the word terms (0 = off).
 TOKEN_TERMS = ("dense_weight", "token_weight", "fine_grained_weight")
-WORD_TERMS = ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight", "pair_locality_weight")
+WORD_TERMS = ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight", "pair_locality_weight",
+              "mosaic_weight")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +155,11 @@ class TrainConfig:
     # > 0: a scene and its variant must differ, in the S of the word the variant changed, at few patches
     # (`pair_locality_loss`): locality without a mask.
     pair_locality_weight: float = 0.0
+    # > 0: the true scenes, four at a time, shrunk to half size and tiled 2 x 2 (`mosaic`), must give every counted
+    # piece a map correlated with the four scenes' own maps averaged over 2 x 2 patch blocks (the patch the
+    # shrunk copy shows; `block_mean_mosaic`), the full-size maps held fixed (`mosaic_loss`): where an object
+    # covers part of a patch, its word should score that patch in proportion, not as if the object filled it.
+    mosaic_weight: float = 0.0
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -208,6 +216,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.relation_rate <= 1:
             raise ValueError(f"relation_rate must be in [0, 1], got {self.relation_rate}")
+        if self.mosaic_weight and ((self.batch_size // 2) % 4 or (self.image_size // self.patch_size) % 2):
+            raise ValueError("mosaic_weight needs batch_size / 2 a multiple of 4 (four scenes a mosaic) and an even "
+                             f"patch grid, got batch_size {self.batch_size} and a "
+                             f"{self.image_size // self.patch_size}-patch grid")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.select_step not in SELECT_STEPS:
@@ -496,6 +508,42 @@ def pair_locality_loss(patch_tokens: jax.Array, bare: jax.Array, vocab: np.ndarr
     return (per_piece * counted).sum() / jnp.maximum(counted.sum(), 1e-9)
 
 
+def mosaic(images: jax.Array) -> jax.Array:
+    """[N / 4, S, S, C]: images [N, S, S, C] (N a multiple of 4) shrunk to half size (linear, antialiased) and tiled
+    2 x 2, image 4m + 2r + c at row r, column c of mosaic m."""
+    count, size, _, channels = images.shape
+    half = jax.image.resize(images, (count, size // 2, size // 2, channels), "linear", antialias=True)
+    return tile_quarters(half)
+
+
+def tile_quarters(quarters: jax.Array) -> jax.Array:
+    """[N / 4, 2h, 2w, ...] from [N, h, w, ...]: item 4m + 2r + c at row r, column c of tile m."""
+    count, height, width = quarters.shape[:3]
+    rest = quarters.shape[3:]
+    tiles = quarters.reshape(count // 4, 2, 2, height, width, *rest).swapaxes(2, 3)
+    return tiles.reshape(count // 4, 2 * height, 2 * width, *rest)
+
+
+def block_mean_mosaic(maps: jax.Array) -> jax.Array:
+    """[N / 4, G, G, U]: maps [N, G, G, U] of full-size images averaged over 2 x 2 patch blocks (what one patch of
+    the half-size copy shows) and tiled as `mosaic` tiles the images."""
+    count, grid, _, pieces = maps.shape
+    return tile_quarters(maps.reshape(count, grid // 2, 2, grid // 2, 2, pieces).mean(axis=(2, 4)))
+
+
+def mosaic_loss(student: jax.Array, teacher: jax.Array, present: jax.Array) -> jax.Array:
+    """1 - the Pearson correlation over the patches between a mosaic's map of a piece (`student` [M, G, G, U]) and
+    the target (`teacher`, the same shape), averaged over the (mosaic, piece) pairs `present` [M, U] marks. A
+    correlation, because TCLIP's box (Otsu) and soft map read a map's shape, not its offset or scale."""
+    student = student.reshape(student.shape[0], -1, student.shape[-1])
+    teacher = teacher.reshape(student.shape)
+    student = student - student.mean(axis=1, keepdims=True)
+    teacher = teacher - teacher.mean(axis=1, keepdims=True)
+    correlation = (student * teacher).sum(axis=1) * jax.lax.rsqrt(
+        (student ** 2).sum(axis=1) * (teacher ** 2).sum(axis=1) + 1e-12)
+    return ((1 - correlation) * present).sum() / jnp.maximum(present.sum(), 1)
+
+
 def piece_embeddings(model: CLIP, params: dict, pieces: np.ndarray, sot_id: int, eot_id: int) -> jax.Array:
     """[U, D] unit text-tower embeddings of each piece alone (its position in "<sot> piece <eot>"): the rows of
     TCLIP's S for a bare one-piece word."""
@@ -512,9 +560,8 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
            eot_id: int, config: TrainConfig, objective: str,
            idf: np.ndarray | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The objective on one batch: images [B, S, S, 3] uint8, token rows [B + N, L] (true captions, then negatives),
-    `columns` [B + N] bool (False for padding rows). With a word term (`word_weight`, `patch_word_weight`,
-    `caption_word_weight`, `bare_anchor_weight`, `pair_locality_weight`), `idf` is `word_idf`'s, and params also
-    hold "word_head" (not a CLIP parameter) if a term uses the random head."""
+    `columns` [B + N] bool (False for padding rows). With a word term (`WORD_TERMS`), `idf` is `word_idf`'s, and
+    params also hold "word_head" (not a CLIP parameter) if a term uses the random head."""
     texts = images_u8.shape[0]
     head = params.get("word_head")
     params = clip_params(params)
@@ -572,6 +619,17 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
             locality = pair_locality_loss(l2_normalize(image.tokens[:, 1:]), bare, vocab, token_ids[:texts], weights)
             total = total + config.pair_locality_weight * locality
             metrics["pair_locality_loss"] = locality
+        if config.mosaic_weight:
+            # The term trains the image tower only: the bare words and the full-size maps are held fixed.
+            bare = jax.lax.stop_gradient(piece_embeddings(model, params, vocab, sot_id, eot_id))
+            grid = config.image_size // config.patch_size
+            teacher = jax.lax.stop_gradient(l2_normalize(image.tokens[::2, 1:]) @ bare.T)  # the true scenes
+            small = model.apply({"params": params}, mosaic(clip_normalize(images_u8[::2])), method="encode_image")
+            student = (l2_normalize(small.tokens[:, 1:]) @ bare.T).reshape(-1, grid, grid, len(vocab))
+            present = (targets[::2, vocab] > 0).reshape(-1, 4, len(vocab)).any(axis=1)
+            tiled = mosaic_loss(student, block_mean_mosaic(teacher.reshape(-1, grid, grid, len(vocab))), present)
+            total = total + config.mosaic_weight * tiled
+            metrics["mosaic_loss"] = tiled
     return total, {"loss": total, **metrics}
 
 
