@@ -219,6 +219,15 @@ def word_locality(clip, count: int = 500) -> dict[str, float]:
     return result
 
 
+def query_maps(method: TCLIP, image: np.ndarray, queries) -> tuple[np.ndarray, np.ndarray]:
+    """The sweep's path for one image: the heatmaps [Q, H, W] of the encoded `queries` at the image's size, and
+    the untranslated copy's unit patch embeddings [patches, D] (TCLIP's extras: S = embeddings @ query)."""
+    _, pixels, geometry = method.preprocess(image)
+    output = method.jitted_maps(method.params, pixels[None], queries,
+                                np.arange(len(queries), dtype=np.int32)[None])
+    return method.original_maps(np.asarray(output.maps[0]), geometry), np.asarray(output.extras[0])
+
+
 def caption_words(clip, count: int = 40) -> dict:
     """A colour or shape word inside its caption against the same word alone, on the first `count` held-out scenes
     of the captions protocol (the gate's scenes), TCLIP with its default settings. Per word kind: the pointing
@@ -239,10 +248,7 @@ def caption_words(clip, count: int = 40) -> dict:
         units = [u for u in sample.units if u.kind in vocabulary]
         # The sweep's path: each word inside its caption, then each word alone, as queries mapped in one call.
         queries = method.encode([Query(u.prompt, u.span) for u in units] + [Query(u.word) for u in units])
-        _, pixels, geometry = method.preprocess(sample.image)
-        rows = np.arange(2 * len(units), dtype=np.int32)[None]
-        heatmaps = method.original_maps(np.asarray(method.jitted_maps(method.params, pixels[None], queries,
-                                                                      rows).maps[0]), geometry)
+        heatmaps, _ = query_maps(method, sample.image, queries)
         relevance = [host.soft for host in method.postprocess(heatmaps)]
         vectors = np.asarray(queries.per_query)
         for i, unit in enumerate(units):
@@ -269,6 +275,13 @@ def caption_words(clip, count: int = 40) -> dict:
     return result
 
 
+def patch_shares(masks, patch_size: int):
+    """[..., gh, gw]: the share of each patch's pixels that `masks` [..., H, W] (whole patches; numpy or JAX)
+    cover."""
+    *lead, height, width = masks.shape
+    return masks.reshape(*lead, height // patch_size, patch_size, width // patch_size, patch_size).mean(axis=(-3, -1))
+
+
 def stand_in_map(mask: np.ndarray, scorer: str, patch_size: int, offsets: tuple[tuple[int, int], ...],
                  trim: float) -> np.ndarray:
     """TCLIP's aggregated map [H, W] of the object `mask` [H, W] (whole patches) under a stand-in patch scorer
@@ -277,13 +290,10 @@ def stand_in_map(mask: np.ndarray, scorer: str, patch_size: int, offsets: tuple[
     (`translated_copies`, `aggregate_maps` with one-dimensional patch embeddings and the query 1)."""
     if scorer not in STAND_INS:
         raise ValueError(f"scorer must be one of {STAND_INS}, got {scorer!r}")
-    height, width = mask.shape
-    grid = (height // patch_size, width // patch_size)
-    copies = translated_copies(jnp.asarray(mask, jnp.float32)[..., None], offsets)[..., 0]
-    cover = copies.reshape(len(offsets), grid[0], patch_size, grid[1], patch_size).mean(axis=(2, 4))
+    cover = patch_shares(translated_copies(jnp.asarray(mask, jnp.float32)[..., None], offsets)[..., 0], patch_size)
     scores = cover if scorer == "coverage" else (cover > 0).astype(jnp.float32)
-    return np.asarray(aggregate_maps(scores.reshape(len(offsets), -1, 1), jnp.ones((1, 1)), offsets, grid,
-                                     (height, width), trim)[0])
+    return np.asarray(aggregate_maps(scores.reshape(len(offsets), -1, 1), jnp.ones((1, 1)), offsets, cover.shape[1:],
+                                     mask.shape, trim)[0])
 
 
 def share_profile(scores: np.ndarray, mask: np.ndarray, others: np.ndarray, patch_size: int) -> dict[str, float]:
@@ -291,9 +301,8 @@ def share_profile(scores: np.ndarray, mask: np.ndarray, others: np.ndarray, patc
     [H, W] covers, rescaled so that 0 is the median over untouched patches and 1 the highest score: the mean
     per bin, "0" for untouched patches and "a-b" for shares in (a, b] (`SHARE_BINS`). Patches that another object
     (`others` [H, W]) touches are left out of every bin; empty bins are left out of the result."""
-    grid = (mask.shape[0] // patch_size, patch_size, mask.shape[1] // patch_size, patch_size)
-    share = mask.reshape(grid).mean(axis=(1, 3)).ravel()
-    free = ~others.reshape(grid).any(axis=(1, 3)).ravel()
+    share = patch_shares(mask, patch_size).ravel()
+    free = patch_shares(others, patch_size).ravel() == 0
     floor = np.median(scores[(share == 0) & free])
     rescaled = (scores - floor) / (scores.max() - floor)
     bins = {"0": (share == 0) & free, **{f"{low:g}-{high:g}": (share > low) & (share <= high) & free
@@ -319,12 +328,9 @@ def box_sizes(clip, count: int = 20, protocols: Sequence[str] = BOX_PROTOCOLS) -
                                  f"are {sample.image.shape[1]} x {sample.image.shape[0]}")
             units = sample.units
             queries = method.encode([Query(u.prompt, u.span) for u in units])
-            _, pixels, geometry = method.preprocess(sample.image)
-            output = method.jitted_maps(method.params, pixels[None], queries,
-                                        np.arange(len(units), dtype=np.int32)[None])
-            boxes = {"model": [host.box for host in method.postprocess(
-                method.original_maps(np.asarray(output.maps[0]), geometry), soft_maps=False)]}
-            scores = np.asarray(output.extras[0]) @ np.asarray(queries.per_query).T  # S [patches, units], K = 1
+            heatmaps, patch_embeds = query_maps(method, sample.image, queries)
+            boxes = {"model": [host.box for host in method.postprocess(heatmaps, soft_maps=False)]}
+            scores = patch_embeds @ np.asarray(queries.per_query).T  # S [patches, units] of the untranslated copy
             for scorer in STAND_INS:
                 maps = [stand_in_map(u.gt_mask, scorer, patch, method.offsets, method.settings.trim) for u in units]
                 boxes[scorer] = [host.box for host in method.postprocess(maps, soft_maps=False)]
