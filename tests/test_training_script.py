@@ -439,6 +439,22 @@ def test_mosaic_term_tiles_half_size_scenes_and_asks_for_their_block_mean_maps(t
         dataclasses.replace(config, image_size=48)
 
 
+def test_mosaic_start_leaves_the_steps_before_it_without_the_mosaic_term(tmp_path):
+    tiny = dict(batch_size=8, steps=2, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=32,
+                patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
+    late = train_default.TrainConfig(mosaic_weight=1.0, mosaic_start=1, **tiny)
+    first, _, _ = train_default.train(late, tmp_path / "first.jsonl", stop_after=1)
+    expected, _, _ = train_default.train(dataclasses.replace(late, mosaic_weight=0.0, mosaic_start=0),
+                                         tmp_path / "expected.jsonl", stop_after=1)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, first, expected)  # step 1: as if the term were off
+    train_default.train(late, tmp_path / "both.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "both.jsonl").read_text().splitlines()]
+    assert "mosaic_loss" not in records[0] and 0 < records[1]["mosaic_loss"] <= 2  # step 2: the term acts
+    for bad in (dict(mosaic_start=2), dict(mosaic_weight=0.0)):
+        with pytest.raises(ValueError, match="mosaic_start needs"):
+            dataclasses.replace(late, **bad)
+
+
 def test_piece_embeddings_are_the_rows_of_s_for_a_bare_word():
     config = train_default.TrainConfig(embed_dim=16, text_width=64, text_layers=1, image_size=32, patch_size=16)
     model = CLIP(train_default.model_config(config))

@@ -24,7 +24,7 @@ vocabulary's (`bare_anchor_loss`), a text-side term; `pair_locality_weight` asks
 in the S of the word the variant changed, at few patches (`pair_locality_loss`), so that a word is scored where its
 object is, with no mask; `mosaic_weight` asks four scenes shrunk to half size and tiled 2 x 2 to give each word a
 map shaped like the scenes' own maps averaged over 2 x 2 patch blocks (`mosaic_loss`), so that a patch showing part
-of an object scores in proportion to it.
+of an object scores in proportion to it (from step `mosaic_start` on).
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -160,6 +160,7 @@ class TrainConfig:
     # shrunk copy shows; `block_mean_mosaic`), the full-size maps held fixed (`mosaic_loss`): where an object
     # covers part of a patch, its word should score that patch in proportion, not as if the object filled it.
     mosaic_weight: float = 0.0
+    mosaic_start: int = 0           # the mosaic term acts from this step on (e.g. curriculum_steps: full scenes only)
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -220,6 +221,9 @@ class TrainConfig:
             raise ValueError("mosaic_weight needs batch_size / 2 a multiple of 4 (four scenes a mosaic) and an even "
                              f"patch grid, got batch_size {self.batch_size} and a "
                              f"{self.image_size // self.patch_size}-patch grid")
+        if self.mosaic_start and not (self.mosaic_weight and 0 < self.mosaic_start < self.steps):
+            raise ValueError(f"mosaic_start needs mosaic_weight > 0 and 0 < mosaic_start < steps, got "
+                             f"{self.mosaic_start} with mosaic_weight {self.mosaic_weight} and {self.steps} steps")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.select_step not in SELECT_STEPS:
@@ -739,17 +743,20 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     tx = optimizer(config)
     opt_state = tx.init(params)
     average = clip_params(params) if config.ema_decay else None  # what validation and the checkpoint read
-    step_fns: dict[tuple[str, bool], Callable] = {}
+    step_fns: dict[tuple[str, bool, bool], Callable] = {}
 
     def step_fn(step: int) -> Callable:
-        """The jitted step of `step`'s objective, with or without training the text tower."""
+        """The jitted step of `step`'s objective, with or without training the text tower and the mosaic term."""
         curriculum = step < config.curriculum_steps and config.curriculum_objective
         objective = config.curriculum_objective if curriculum else config.objective
         train_text = step >= config.text_frozen_steps
-        if (objective, train_text) not in step_fns:
-            step_fns[objective, train_text] = make_train_step(model, tx, config, objective, tokenizer.sot_id,
-                                                              tokenizer.eot_id, train_text, idf)
-        return step_fns[objective, train_text]
+        mosaic_on = step >= config.mosaic_start
+        key = objective, train_text, mosaic_on
+        if key not in step_fns:
+            step_config = config if mosaic_on else dataclasses.replace(config, mosaic_weight=0.0, mosaic_start=0)
+            step_fns[key] = make_train_step(model, tx, step_config, objective, tokenizer.sot_id, tokenizer.eot_id,
+                                            train_text, idf)
+        return step_fns[key]
 
     validation = retrieval_scenes(config.validation_scenes, VALIDATION_OFFSET)
     loaded = LoadedClip(model, params, tokenizer, "tclip", "training")  # params replaced at each validation
