@@ -39,10 +39,7 @@ VARIANTS = {"plain": {"squarem_after": math.inf, "max_steps": 200_000},
 
 def image_histograms(tclip, encoded, image: np.ndarray) -> gmm.MapHistograms:
     """Histograms of the image's distinct maps at its size, as the host step builds them."""
-    _, pixels, geometry = tclip.preprocess(image)
-    rows = np.arange(len(encoded.queries), dtype=np.int32)
-    out = tclip.jitted_maps(tclip.params, pixels[None], encoded.queries, rows[None])
-    maps = tclip.original_maps(np.asarray(out.maps[0]), geometry)
+    maps, _ = tclip.image_maps(image, encoded.queries)
     return gmm.map_histograms(maps, [float(m.min()) for m in maps], [float(m.max()) for m in maps])
 
 

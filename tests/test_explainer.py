@@ -122,6 +122,10 @@ def test_equal_queries_are_mapped_once_and_give_every_query_its_map(tiny_clip, f
         np.testing.assert_allclose(map_result.heatmap, reference, atol=1e-6, rtol=0, err_msg=f"query {query}")
         assert map_result.box == heatmap_box(reference) and abs(map_result.tau - gmm_threshold(reference).tau) < 1e-6
     assert [m.text for m in maps] == ["dog", "dog", "runs", "dog", "dog runs"]
+    # `image_maps`: the same device and resize steps for any queries, with the image's extras (TCLIP's S).
+    heatmaps, extras = tclip.image_maps(image, encoded.queries.take(encoded.rows))
+    np.testing.assert_allclose(heatmaps, every_query, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(tclip.prompt_similarity(encoded, 1, extras), two.similarity, atol=1e-6, rtol=0)
 
 
 @pytest.fixture(scope="module")

@@ -219,15 +219,6 @@ def word_locality(clip, count: int = 500) -> dict[str, float]:
     return result
 
 
-def query_maps(method: TCLIP, image: np.ndarray, queries) -> tuple[np.ndarray, np.ndarray]:
-    """The sweep's path for one image: the heatmaps [Q, H, W] of the encoded `queries` at the image's size, and
-    the untranslated copy's unit patch embeddings [patches, D] (TCLIP's extras: S = embeddings @ query)."""
-    _, pixels, geometry = method.preprocess(image)
-    output = method.jitted_maps(method.params, pixels[None], queries,
-                                np.arange(len(queries), dtype=np.int32)[None])
-    return method.original_maps(np.asarray(output.maps[0]), geometry), np.asarray(output.extras[0])
-
-
 def caption_words(clip, count: int = 40) -> dict:
     """A colour or shape word inside its caption against the same word alone, on the first `count` held-out scenes
     of the captions protocol (the gate's scenes), TCLIP with its default settings. Per word kind: the pointing
@@ -248,7 +239,7 @@ def caption_words(clip, count: int = 40) -> dict:
         units = [u for u in sample.units if u.kind in vocabulary]
         # The sweep's path: each word inside its caption, then each word alone, as queries mapped in one call.
         queries = method.encode([Query(u.prompt, u.span) for u in units] + [Query(u.word) for u in units])
-        heatmaps, _ = query_maps(method, sample.image, queries)
+        heatmaps, _ = method.image_maps(sample.image, queries)
         relevance = [host.soft for host in method.postprocess(heatmaps)]
         vectors = np.asarray(queries.per_query)
         for i, unit in enumerate(units):
@@ -328,7 +319,7 @@ def box_sizes(clip, count: int = 20, protocols: Sequence[str] = BOX_PROTOCOLS) -
                                  f"are {sample.image.shape[1]} x {sample.image.shape[0]}")
             units = sample.units
             queries = method.encode([Query(u.prompt, u.span) for u in units])
-            heatmaps, patch_embeds = query_maps(method, sample.image, queries)
+            heatmaps, patch_embeds = method.image_maps(sample.image, queries)
             boxes = {"model": [host.box for host in method.postprocess(heatmaps, soft_maps=False)]}
             scores = patch_embeds @ np.asarray(queries.per_query).T  # S [patches, units] of the untranslated copy
             for scorer in STAND_INS:
