@@ -439,6 +439,31 @@ def test_mosaic_term_tiles_half_size_scenes_and_asks_for_their_block_mean_maps(t
         dataclasses.replace(config, image_size=48)
 
 
+def test_mosaic_read_the_other_way_teaches_full_size_scenes_with_their_enlarged_quadrants(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    zooms = np.asarray(train_default.quadrant_zooms(images))
+    assert zooms.shape == (8, 8, 8, 3)
+    for n, r, c in np.ndindex(2, 2, 2):  # quadrant (r, c) of image n, enlarged as jax.image.resize enlarges it
+        quadrant = images[n, 4 * r:4 * r + 4, 4 * c:4 * c + 4]
+        np.testing.assert_allclose(zooms[4 * n + 2 * r + c], jax.image.resize(quadrant, (8, 8, 3), "linear"),
+                                   atol=1e-6)
+    # Constant quadrants stay constant when enlarged, and tiling their block means gives the image back.
+    blocks = np.repeat(np.repeat(rng.normal(size=(2, 2, 2, 3)), 4, axis=1), 4, axis=2).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(train_default.tile_quarters(
+        np.asarray(train_default.quadrant_zooms(blocks))[:, ::2, ::2])), blocks, atol=1e-6)
+    tiny = dict(batch_size=16, steps=2, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=64,
+                patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
+    config = train_default.TrainConfig(mosaic_weight=1.0, mosaic_student="full", mosaic_start=1, **tiny)
+    train_default.train(config, tmp_path / "full.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "full.jsonl").read_text().splitlines()]
+    assert "mosaic_loss" not in records[0] and 0 < records[1]["mosaic_loss"] <= 2
+    with pytest.raises(ValueError, match="mosaic_student must be one of"):
+        dataclasses.replace(config, mosaic_student="zoom")
+    with pytest.raises(ValueError, match="mosaic_student needs mosaic_weight"):
+        dataclasses.replace(config, mosaic_weight=0.0, mosaic_start=0)
+
+
 def test_mosaic_start_leaves_the_steps_before_it_without_the_mosaic_term(tmp_path):
     tiny = dict(batch_size=8, steps=2, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=32,
                 patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)

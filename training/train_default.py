@@ -24,7 +24,9 @@ vocabulary's (`bare_anchor_loss`), a text-side term; `pair_locality_weight` asks
 in the S of the word the variant changed, at few patches (`pair_locality_loss`), so that a word is scored where its
 object is, with no mask; `mosaic_weight` asks four scenes shrunk to half size and tiled 2 x 2 to give each word a
 map shaped like the scenes' own maps averaged over 2 x 2 patch blocks (`mosaic_loss`), so that a patch showing part
-of an object scores in proportion to it (from step `mosaic_start` on).
+of an object scores in proportion to it (from step `mosaic_start` on); with `mosaic_student=full` the term is read
+the other way: one scene in four, at full size, gives each word the map of its four quadrants enlarged 2 x 2
+(`quadrant_zooms`), averaged over 2 x 2 patch blocks, so the tower is never asked to score shapes at half size.
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -95,6 +97,7 @@ OBJECTIVES = ("clip", "clip_tokens")
 PATCH_WORD_HEADS = ("random", "text")
 PATCH_WORD_POOLS = ("max", "logsumexp")
 SELECT_STEPS = ("last", "validation")
+MOSAIC_STUDENTS = ("half", "full")
 VALIDATION_PROTOCOLS = ("captions", "bare_words")  # the grounding that select_step="validation" reads
 WORD_IDF_STEPS = 16  # word_idf counts the captions of the run's first steps
 # Curriculum: 1-3 objects on plain backgrounds, no outlines or degradations, square images, before the full style.
@@ -161,6 +164,9 @@ class TrainConfig:
     # covers part of a patch, its word should score that patch in proportion, not as if the object filled it.
     mosaic_weight: float = 0.0
     mosaic_start: int = 0           # the mosaic term acts from this step on (e.g. curriculum_steps: full scenes only)
+    # Which side of the mosaic term learns: "half" (the mosaic of half-size scenes, against the full-size maps) or
+    # "full" (every fourth true scene at full size, against the tiled maps of its quadrants enlarged to full size).
+    mosaic_student: str = "half"
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -217,6 +223,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.relation_rate <= 1:
             raise ValueError(f"relation_rate must be in [0, 1], got {self.relation_rate}")
+        if self.mosaic_student not in MOSAIC_STUDENTS:
+            raise ValueError(f"mosaic_student must be one of {MOSAIC_STUDENTS}, got {self.mosaic_student!r}")
+        if self.mosaic_student != "half" and not self.mosaic_weight:
+            raise ValueError("mosaic_student needs mosaic_weight > 0")
         if self.mosaic_weight and ((self.batch_size // 2) % 4 or (self.image_size // self.patch_size) % 2):
             raise ValueError("mosaic_weight needs batch_size / 2 a multiple of 4 (four scenes a mosaic) and an even "
                              f"patch grid, got batch_size {self.batch_size} and a "
@@ -520,6 +530,15 @@ def mosaic(images: jax.Array) -> jax.Array:
     return tile_quarters(half)
 
 
+def quadrant_zooms(images: jax.Array) -> jax.Array:
+    """[4N, S, S, C]: the quadrants of images [N, S, S, C] enlarged 2 x 2 (linear), quadrant (r, c) of image n at
+    4n + 2r + c, the order `tile_quarters` tiles back."""
+    count, size, _, channels = images.shape
+    half = size // 2
+    quarters = images.reshape(count, 2, half, 2, half, channels).swapaxes(2, 3).reshape(4 * count, half, half, channels)
+    return jax.image.resize(quarters, (4 * count, size, size, channels), "linear")
+
+
 def tile_quarters(quarters: jax.Array) -> jax.Array:
     """[N / 4, 2h, 2w, ...] from [N, h, w, ...]: item 4m + 2r + c at row r, column c of tile m."""
     count, height, width = quarters.shape[:3]
@@ -627,11 +646,22 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
             # The term trains the image tower only: the bare words and the full-size maps are held fixed.
             bare = jax.lax.stop_gradient(piece_embeddings(model, params, vocab, sot_id, eot_id))
             grid = config.image_size // config.patch_size
-            teacher = jax.lax.stop_gradient(l2_normalize(image.tokens[::2, 1:]) @ bare.T)  # the true scenes
-            small = model.apply({"params": params}, mosaic(clip_normalize(images_u8[::2])), method="encode_image")
-            student = (l2_normalize(small.tokens[:, 1:]) @ bare.T).reshape(-1, grid, grid, len(vocab))
-            present = (targets[::2, vocab] > 0).reshape(-1, 4, len(vocab)).any(axis=1)
-            tiled = mosaic_loss(student, block_mean_mosaic(teacher.reshape(-1, grid, grid, len(vocab))), present)
+
+            def word_maps(tokens):  # [N, G, G, U]: every counted piece's S over an image's patches
+                return (l2_normalize(tokens[:, 1:]) @ bare.T).reshape(-1, grid, grid, len(vocab))
+
+            if config.mosaic_student == "half":  # the true scenes teach their half-size mosaic
+                teacher = block_mean_mosaic(jax.lax.stop_gradient(word_maps(image.tokens[::2])))
+                small = model.apply({"params": params}, mosaic(clip_normalize(images_u8[::2])), method="encode_image")
+                student = word_maps(small.tokens)
+                present = (targets[::2, vocab] > 0).reshape(-1, 4, len(vocab)).any(axis=1)
+            else:  # every fourth true scene is taught by its enlarged quadrants
+                zoomed = model.apply({"params": params}, quadrant_zooms(clip_normalize(images_u8[::8])),
+                                     method="encode_image")
+                teacher = block_mean_mosaic(jax.lax.stop_gradient(word_maps(zoomed.tokens)))
+                student = word_maps(image.tokens[::8])
+                present = targets[::8, vocab] > 0
+            tiled = mosaic_loss(student, teacher, present)
             total = total + config.mosaic_weight * tiled
             metrics["mosaic_loss"] = tiled
     return total, {"loss": total, **metrics}
@@ -753,7 +783,8 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
         mosaic_on = step >= config.mosaic_start
         key = objective, train_text, mosaic_on
         if key not in step_fns:
-            step_config = config if mosaic_on else dataclasses.replace(config, mosaic_weight=0.0, mosaic_start=0)
+            step_config = config if mosaic_on else dataclasses.replace(config, mosaic_weight=0.0, mosaic_start=0,
+                                                                          mosaic_student="half")
             step_fns[key] = make_train_step(model, tx, step_config, objective, tokenizer.sot_id, tokenizer.eot_id,
                                             train_text, idf)
         return step_fns[key]
