@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -10,6 +11,8 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "training"))
 import train_default  # noqa: E402
+
+SCRIPT = pathlib.Path(train_default.__file__)
 
 from tclip_jax.checkpoints.folder import save_checkpoint  # noqa: E402
 from tclip_jax.methods.tclip.relevance import token_embeddings  # noqa: E402
@@ -100,6 +103,23 @@ def test_variant_attributes_and_negative_kinds_choose_the_batch_hard_negatives()
     for bad in ("variant_attributes=size", "negative_kinds=colour,size", "negative_kinds="):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             train_default.TrainConfig(**train_default.parse_overrides([bad]))
+
+
+def test_command_line_overrides_accumulate_and_bad_ones_get_one_line(tmp_path):
+    def run(*overrides):
+        return subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "model"), *overrides],
+                              capture_output=True, text=True, cwd=SCRIPT.parent.parent, timeout=300)
+
+    # Each --set adds its fields: the error names values from all three, and nothing was trained or written.
+    both = run("--recipe", "default", "--set", "mosaic_weight=1", "--set", "mosaic_start=5", "--set", "steps=3")
+    assert both.returncode == 2 and "got 5 with mosaic_weight 1.0 and 3 steps" in both.stderr
+    for overrides, message in [(("--set", "steps=1", "steps=2"), "--set gives steps twice"),
+                               (("--set", "steps"), "'steps': expected FIELD=VALUE"),
+                               (("--set", "colour=red"), "unknown TrainConfig field 'colour'")]:
+        bad = run(*overrides)
+        assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(message), bad.stderr
+        assert "Traceback" not in bad.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_step_colours_draw_a_steps_scenes_from_its_own_palette():

@@ -849,9 +849,13 @@ def parse_overrides(items: list[str]) -> dict:
     fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     overrides = {}
     for item in items:
-        name, value = item.split("=", 1)
+        name, equals, value = item.partition("=")
+        if not equals:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
         if name not in fields:
-            raise SystemExit(f"unknown TrainConfig field {name!r}")
+            raise ValueError(f"unknown TrainConfig field {name!r}")
+        if name in overrides:
+            raise ValueError(f"--set gives {name} twice")
         parse = {"int": int, "float": float, "str": str,
                  "tuple[float, ...]": lambda text: tuple(float(v) for v in text.split(",")),
                  "tuple[int, ...]": lambda text: tuple(int(v) for v in text.split(",") if v),
@@ -870,8 +874,8 @@ def main() -> None:
                         "--objective, --steps and --set override it")
     parser.add_argument("--objective", choices=OBJECTIVES, help=f"default: {TrainConfig.objective}")
     parser.add_argument("--steps", type=int, help=f"default: {TrainConfig.steps}")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                        help="override other TrainConfig fields (for recipe search)")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="FIELD=VALUE",
+                        help="override other TrainConfig fields (for recipe search; may be repeated)")
     args = parser.parse_args()
     try:
         named = {name: value for name, value in (("objective", args.objective), ("steps", args.steps))
