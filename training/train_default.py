@@ -643,7 +643,7 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
             total = total + config.pair_locality_weight * locality
             metrics["pair_locality_loss"] = locality
         if config.mosaic_weight:
-            # The term trains the image tower only: the bare words and the full-size maps are held fixed.
+            # The term trains the image tower only: the bare words and the teacher's maps are held fixed.
             bare = jax.lax.stop_gradient(piece_embeddings(model, params, vocab, sot_id, eot_id))
             grid = config.image_size // config.patch_size
 
