@@ -115,7 +115,8 @@ def test_command_line_overrides_accumulate_and_bad_ones_get_one_line(tmp_path):
     assert both.returncode == 2 and "got 5 with mosaic_weight 1.0 and 3 steps" in both.stderr
     for overrides, message in [(("--set", "steps=1", "steps=2"), "--set gives steps twice"),
                                (("--set", "steps"), "'steps': expected FIELD=VALUE"),
-                               (("--set", "colour=red"), "unknown TrainConfig field 'colour'")]:
+                               (("--set", "colour=red"), "unknown TrainConfig field 'colour'"),
+                               (("--steps", "4", "--set", "steps=3"), "--set gives steps, which its own flag gives too")]:
         bad = run(*overrides)
         assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(message), bad.stderr
         assert "Traceback" not in bad.stderr

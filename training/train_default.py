@@ -880,7 +880,10 @@ def main() -> None:
     try:
         named = {name: value for name, value in (("objective", args.objective), ("steps", args.steps))
                  if value is not None}
-        config = train_config(args.recipe, {**named, **parse_overrides(args.set)})
+        overrides = parse_overrides(args.set)
+        if named.keys() & overrides.keys():
+            raise ValueError(f"--set gives {min(named.keys() & overrides.keys())}, which its own flag gives too")
+        config = train_config(args.recipe, {**named, **overrides})
         if config.text_init:  # a missing or mismatched checkpoint fails here, before any step (shapes only)
             checkpoint_text_tower(config.text_init,
                                   jax.eval_shape(lambda: init_params(model_config(config), config.seed))["text"])
