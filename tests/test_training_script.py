@@ -12,12 +12,12 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "training"))
 import train_default  # noqa: E402
 
-SCRIPT = pathlib.Path(train_default.__file__)
-
 from tclip_jax.checkpoints.folder import save_checkpoint  # noqa: E402
 from tclip_jax.methods.tclip.relevance import token_embeddings  # noqa: E402
 from tclip_jax.model import CLIP, init_params  # noqa: E402
 from tclip_jax.synthetic import RELATIONS, make_scene, negative_captions, scene_variant, train_seeds  # noqa: E402
+
+SCRIPT = pathlib.Path(train_default.__file__)
 
 
 def test_overrides_give_the_training_tower_a_convolutional_stem():
