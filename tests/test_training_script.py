@@ -1,5 +1,6 @@
 """training/train_default.py's recipes and recipe-search options: what `--recipe` and `--set` build is what they say."""
 import dataclasses
+import itertools
 import json
 import pathlib
 import subprocess
@@ -300,6 +301,7 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
                                                 patch_word_pool="logsumexp"), "patch_word_loss"),
                                   ("captions", dict(caption_word_weight=2.0), "caption_word_loss"),
                                   ("pairs", dict(pair_locality_weight=2.0), "pair_locality_loss"),
+                                  ("exclusive", dict(exclusive_weight=2.0), "exclusive_loss"),
                                   ("anchor", dict(bare_anchor_weight=2.0), "bare_anchor_loss")]:
         trained, _, _ = train_default.train(dataclasses.replace(without, **overrides), tmp_path / f"{name}.jsonl")
         assert jax.tree_util.tree_structure(trained) == jax.tree_util.tree_structure(plain)
@@ -312,7 +314,7 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
         assert first_term[name] != pytest.approx(first_term["text"], rel=1e-3)
     # The anchor term is text-side only: the image tower takes the plain run's steps.
     jax.tree_util.tree_map(np.testing.assert_array_equal, trained["visual"], plain["visual"])
-    for name in ("caption_word_weight", "bare_anchor_weight", "pair_locality_weight"):
+    for name in ("caption_word_weight", "bare_anchor_weight", "pair_locality_weight", "exclusive_weight"):
         with pytest.raises(ValueError, match=name):
             dataclasses.replace(with_words, **{name: -1.0})
 
@@ -424,6 +426,40 @@ def test_pair_locality_term_asks_a_scene_and_its_variant_to_differ_at_few_patche
     # Closed form: a pair of identical images costs 0.
     twins = np.repeat(patches[::2], 2, axis=0).astype(np.float32)
     assert float(train_default.pair_locality_loss(twins, bare.astype(np.float32), vocab, ids, weights)) == 0.0
+
+
+def test_exclusive_term_keeps_the_maps_of_distinct_colour_or_shape_words_of_a_caption_apart():
+    from tclip_jax.synthetic import COLOURS, SHAPES
+    config = train_default.TrainConfig(batch_size=16, image_size=32, patch_size=16)
+    tokenizer = train_default.default_tokenizer()
+    captions = train_default.batch(config, 0)[1]
+    ids = tokenizer.encode(captions)
+    kinds = np.asarray(train_default.word_kinds(ids))
+    for caption, row, kind in zip(captions, ids, kinds):  # the kinds are the words' own, read from the text
+        words = caption.split()
+        expected = [1 if w in COLOURS else 2 if w in SHAPES else 0 for w in words]
+        assert [k for k, i in zip(kind, row) if i not in (tokenizer.sot_id, tokenizer.eot_id, 0)] == expected
+    rng = np.random.default_rng(0)
+    tokens, patches = rng.normal(size=(*ids.shape, 8)), rng.normal(size=(len(ids), 6, 8))
+    tokens /= np.linalg.norm(tokens, axis=-1, keepdims=True)
+    patches /= np.linalg.norm(patches, axis=-1, keepdims=True)
+    correlations = []
+    for b, l, k in itertools.product(range(len(ids)), range(ids.shape[1]), range(ids.shape[1])):
+        if kinds[b, l] and kinds[b, l] == kinds[b, k] and ids[b, l] != ids[b, k]:
+            correlations.append(np.corrcoef(patches[b] @ tokens[b, l], patches[b] @ tokens[b, k])[0, 1])
+    assert len(correlations) > 0 and min(correlations) < 0 < max(correlations)
+    loss = train_default.exclusive_loss(tokens.astype(np.float32), patches.astype(np.float32), ids)
+    assert float(loss) == pytest.approx(np.maximum(correlations, 0).mean(), rel=1e-5)
+    # One caption, "a red circle and a red cross": the two shape words pair, the repeated colour does not.
+    ids = tokenizer.encode(["a red circle and a red cross"])
+    tokens = np.zeros((*ids.shape, 8), np.float32)
+    tokens[0, :, 0] = 1.0
+    patches = np.eye(8, dtype=np.float32)[None, :6] + np.eye(8, dtype=np.float32)[None, 1:7]
+    patches /= np.linalg.norm(patches, axis=-1, keepdims=True)
+    assert float(train_default.exclusive_loss(tokens, patches, ids)) == pytest.approx(1.0, abs=1e-5)  # same maps
+    circle, cross = (list(ids[0]).index(tokenizer.encode([w])[0, 1]) for w in ("circle", "cross"))
+    tokens[0, cross] = -tokens[0, circle]  # opposite maps: correlation -1, nothing to pay
+    assert float(train_default.exclusive_loss(tokens, patches, ids)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_mosaic_term_tiles_half_size_scenes_and_asks_for_their_block_mean_maps(tmp_path):

@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -78,6 +79,7 @@ from tclip_jax.synthetic import (
     COLOURS,
     NEGATIVE_KINDS,
     PLAIN_STYLE,
+    SHAPES,
     TRAINING_STYLE,
     check_choices,
     make_scene,
@@ -107,7 +109,7 @@ EASY_STYLE = dataclasses.replace(PLAIN_STYLE, counts=(1, 2, 3), count_weights=(0
 # The weights of the terms beside CLIP's global loss: `clip_tokens`' three, and the word terms (0 = off).
 TOKEN_TERMS = ("dense_weight", "token_weight", "fine_grained_weight")
 WORD_TERMS = ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight", "pair_locality_weight",
-              "mosaic_weight")
+              "mosaic_weight", "exclusive_weight")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +169,10 @@ class TrainConfig:
     # Which side of the mosaic term learns: "half" (the mosaic of half-size scenes, against the full-size maps) or
     # "full" (every fourth true scene at full size, against the tiled maps of its quadrants enlarged to full size).
     mosaic_student: str = "half"
+    # > 0: two distinct colour words of a caption name two different objects, as do two distinct shape words (an
+    # object has one colour and one shape), so inside the caption their S over their own image's patches should not
+    # coincide (`exclusive_loss`): the term that same-colour twins need, which no other term asks for.
+    exclusive_weight: float = 0.0
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -567,6 +573,42 @@ def mosaic_loss(student: jax.Array, teacher: jax.Array, present: jax.Array) -> j
     return ((1 - correlation) * present).sum() / jnp.maximum(present.sum(), 1)
 
 
+@functools.cache
+def word_kind_ids() -> tuple[np.ndarray, np.ndarray]:
+    """(colour ids, shape ids): the one BPE piece of each synthetic colour word and of each shape word."""
+    tokenizer = default_tokenizer()
+    kinds = []
+    for words in (tuple(COLOURS), SHAPES):
+        rows = tokenizer.encode(list(words))
+        if ((rows != PAD_ID).sum(axis=1) != 3).any():  # <sot> piece <eot>
+            raise ValueError(f"every word of {words} must be one BPE piece")
+        kinds.append(rows[:, 1])
+    return kinds[0], kinds[1]
+
+
+def word_kinds(token_ids: jax.Array) -> jax.Array:
+    """[B, L] int: 1 at colour-word pieces, 2 at shape-word pieces (`word_kind_ids`), 0 elsewhere."""
+    colour_ids, shape_ids = word_kind_ids()
+    return jnp.where(jnp.isin(token_ids, colour_ids), 1, jnp.where(jnp.isin(token_ids, shape_ids), 2, 0))
+
+
+def exclusive_loss(caption_tokens: jax.Array, patch_tokens: jax.Array, token_ids: jax.Array) -> jax.Array:
+    """Distinct words of one kind in a caption name different objects (`word_kinds`: distinct colours, distinct
+    shapes), so their maps over the caption's own image should not coincide: the mean, over every pair of caption
+    positions holding distinct ids of one kind, of max(0, the Pearson correlation over the patches of their S).
+    caption_tokens [B, L, D] (inside their captions, ids `token_ids` [B, L]) and patch_tokens [B, P, D], unit rows.
+    Correlation, not cosine, as `mosaic_loss`: TCLIP reads a map's shape; above 0 only, since two objects on a
+    background leave the two maps near 0, not -1."""
+    maps = jnp.einsum("bld,bpd->blp", caption_tokens, patch_tokens)
+    maps = maps - maps.mean(axis=2, keepdims=True)
+    maps = maps * jax.lax.rsqrt((maps ** 2).sum(axis=2, keepdims=True) + 1e-12)
+    correlation = jnp.einsum("blp,bkp->blk", maps, maps)
+    kinds = word_kinds(token_ids)
+    pairs = ((kinds[:, :, None] == kinds[:, None, :]) & (kinds[:, :, None] > 0)
+             & (token_ids[:, :, None] != token_ids[:, None, :]))
+    return (jax.nn.relu(correlation) * pairs).sum() / jnp.maximum(pairs.sum(), 1)
+
+
 def piece_embeddings(model: CLIP, params: dict, pieces: np.ndarray, sot_id: int, eot_id: int) -> jax.Array:
     """[U, D] unit text-tower embeddings of each piece alone (its position in "<sot> piece <eot>"): the rows of
     TCLIP's S for a bare one-piece word."""
@@ -664,6 +706,11 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
             tiled = mosaic_loss(student, teacher, present)
             total = total + config.mosaic_weight * tiled
             metrics["mosaic_loss"] = tiled
+        if config.exclusive_weight:
+            exclusive = exclusive_loss(l2_normalize(text.tokens[:texts]), l2_normalize(image.tokens[:, 1:]),
+                                       token_ids[:texts])
+            total = total + config.exclusive_weight * exclusive
+            metrics["exclusive_loss"] = exclusive
     return total, {"loss": total, **metrics}
 
 
