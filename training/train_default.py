@@ -26,7 +26,9 @@ object is, with no mask; `mosaic_weight` asks four scenes shrunk to half size an
 map shaped like the scenes' own maps averaged over 2 x 2 patch blocks (`mosaic_loss`), so that a patch showing part
 of an object scores in proportion to it (from step `mosaic_start` on); with `mosaic_student=full` the term is read
 the other way: one scene in four, at full size, gives each word the map of its four quadrants enlarged 2 x 2
-(`quadrant_zooms`), averaged over 2 x 2 patch blocks, so the tower is never asked to score shapes at half size.
+(`quadrant_zooms`), averaged over 2 x 2 patch blocks, so the tower is never asked to score shapes at half size;
+`exclusive_weight` asks two distinct colour words, or two distinct shape words, of one caption (different objects)
+for maps over its image that do not correlate (`exclusive_loss`), the separation same-colour twins need.
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
