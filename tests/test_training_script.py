@@ -429,7 +429,6 @@ def test_pair_locality_term_asks_a_scene_and_its_variant_to_differ_at_few_patche
 
 
 def test_exclusive_term_keeps_the_maps_of_distinct_colour_or_shape_words_of_a_caption_apart():
-    from tclip_jax.synthetic import COLOURS, SHAPES
     config = train_default.TrainConfig(batch_size=16, image_size=32, patch_size=16)
     tokenizer = train_default.default_tokenizer()
     captions = train_default.batch(config, 0)[1]
@@ -437,7 +436,7 @@ def test_exclusive_term_keeps_the_maps_of_distinct_colour_or_shape_words_of_a_ca
     kinds = np.asarray(train_default.word_kinds(ids))
     for caption, row, kind in zip(captions, ids, kinds):  # the kinds are the words' own, read from the text
         words = caption.split()
-        expected = [1 if w in COLOURS else 2 if w in SHAPES else 0 for w in words]
+        expected = [1 if w in train_default.COLOURS else 2 if w in train_default.SHAPES else 0 for w in words]
         assert [k for k, i in zip(kind, row) if i not in (tokenizer.sot_id, tokenizer.eot_id, 0)] == expected
     rng = np.random.default_rng(0)
     tokens, patches = rng.normal(size=(*ids.shape, 8)), rng.normal(size=(len(ids), 6, 8))

@@ -28,7 +28,7 @@ of an object scores in proportion to it (from step `mosaic_start` on); with `mos
 the other way: one scene in four, at full size, gives each word the map of its four quadrants enlarged 2 x 2
 (`quadrant_zooms`), averaged over 2 x 2 patch blocks, so the tower is never asked to score shapes at half size;
 `exclusive_weight` asks two distinct colour words, or two distinct shape words, of one caption (different objects)
-for maps over its image that do not correlate (`exclusive_loss`), the separation same-colour twins need.
+for maps over its image that do not correlate (`exclusive_loss`), a separation meant for same-colour twins.
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -173,7 +173,8 @@ class TrainConfig:
     mosaic_student: str = "half"
     # > 0: two distinct colour words of a caption name two different objects, as do two distinct shape words (an
     # object has one colour and one shape), so inside the caption their S over their own image's patches should not
-    # coincide (`exclusive_loss`): the term that same-colour twins need, which no other term asks for.
+    # coincide (`exclusive_loss`). Tried for same-colour twins, which no other term separates; it emptied the caption
+    # words' maps instead (the default card).
     exclusive_weight: float = 0.0
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
@@ -708,11 +709,11 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
             tiled = mosaic_loss(student, teacher, present)
             total = total + config.mosaic_weight * tiled
             metrics["mosaic_loss"] = tiled
-        if config.exclusive_weight:
-            exclusive = exclusive_loss(l2_normalize(text.tokens[:texts]), l2_normalize(image.tokens[:, 1:]),
-                                       token_ids[:texts])
-            total = total + config.exclusive_weight * exclusive
-            metrics["exclusive_loss"] = exclusive
+    if config.exclusive_weight:  # needs no IDF: it pairs words by kind
+        exclusive = exclusive_loss(l2_normalize(text.tokens[:texts]), l2_normalize(image.tokens[:, 1:]),
+                                   token_ids[:texts])
+        total = total + config.exclusive_weight * exclusive
+        metrics["exclusive_loss"] = exclusive
     return total, {"loss": total, **metrics}
 
 
