@@ -294,6 +294,7 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
         dataclasses.replace(without, patch_word_pool="logsumexp")
     # Through each piece's own text embedding (bare, or inside its caption) instead: no head at all, and the
     # term trains the text tower too.
+    trained = {}
     for name, overrides, term in [("text", dict(patch_word_weight=2.0, patch_word_head="text"), "patch_word_loss"),
                                   ("compete", dict(patch_word_weight=2.0, patch_word_head="text",
                                                    patch_word_compete=1), "patch_word_loss"),
@@ -302,19 +303,23 @@ def test_word_weight_trains_the_image_tower_through_a_head_that_is_not_saved(tmp
                                   ("captions", dict(caption_word_weight=2.0), "caption_word_loss"),
                                   ("pairs", dict(pair_locality_weight=2.0), "pair_locality_loss"),
                                   ("exclusive", dict(exclusive_weight=2.0), "exclusive_loss"),
+                                  ("bare_map", dict(bare_map_weight=2.0), "bare_map_loss"),
                                   ("anchor", dict(bare_anchor_weight=2.0), "bare_anchor_loss")]:
-        trained, _, _ = train_default.train(dataclasses.replace(without, **overrides), tmp_path / f"{name}.jsonl")
-        assert jax.tree_util.tree_structure(trained) == jax.tree_util.tree_structure(plain)
-        assert not np.array_equal(trained["text"]["projection"], plain["text"]["projection"])
+        trained[name], _, _ = train_default.train(dataclasses.replace(without, **overrides),
+                                                  tmp_path / f"{name}.jsonl")
+        assert jax.tree_util.tree_structure(trained[name]) == jax.tree_util.tree_structure(plain)
+        assert not np.array_equal(trained[name]["text"]["projection"], plain["text"]["projection"])
         record = json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[0])
         assert record["loss"] == pytest.approx(record["clip_loss"] + 2.0 * record[term], rel=1e-6)
     first_term = {name: json.loads((tmp_path / f"{name}.jsonl").read_text().splitlines()[0])["patch_word_loss"]
                   for name in ("text", "compete", "soft")}
     for name in ("compete", "soft"):  # the flag reaches the term
         assert first_term[name] != pytest.approx(first_term["text"], rel=1e-3)
-    # The anchor term is text-side only: the image tower takes the plain run's steps.
-    jax.tree_util.tree_map(np.testing.assert_array_equal, trained["visual"], plain["visual"])
-    for name in ("caption_word_weight", "bare_anchor_weight", "pair_locality_weight", "exclusive_weight"):
+    # The anchor and bare-map terms are text-side only: the image tower takes the plain run's steps.
+    for name in ("anchor", "bare_map"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, trained[name]["visual"], plain["visual"])
+    for name in ("caption_word_weight", "bare_anchor_weight", "pair_locality_weight", "exclusive_weight",
+                 "bare_map_weight"):
         with pytest.raises(ValueError, match=name):
             dataclasses.replace(with_words, **{name: -1.0})
 
@@ -461,6 +466,44 @@ def test_exclusive_term_keeps_the_maps_of_distinct_colour_or_shape_words_of_a_ca
     assert float(train_default.exclusive_loss(tokens, patches, ids)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_bare_map_term_asks_colour_and_shape_words_inside_captions_for_their_bare_words_maps():
+    config = train_default.TrainConfig(batch_size=16, image_size=32, patch_size=16)
+    tokenizer = train_default.default_tokenizer()
+    idf = train_default.word_idf(config)
+    vocab = np.flatnonzero(idf)
+    captions = train_default.batch(config, 0)[1]
+    ids = tokenizer.encode(captions)
+    pieces = np.asarray(train_default.piece_mask(ids, tokenizer.sot_id, tokenizer.eot_id))
+    weights = pieces * idf[ids]
+    rng = np.random.default_rng(0)
+    tokens, patches, bare = (rng.normal(size=(*ids.shape, 8)), rng.normal(size=(len(ids), 6, 8)),
+                             rng.normal(size=(len(vocab), 8)))
+    words = set(train_default.COLOURS) | set(train_default.SHAPES)
+    expected, positions = [], []
+    for b, caption in enumerate(captions):  # each position of a colour or shape word of the caption, by its text
+        for word in set(caption.split()) & words:
+            piece = tokenizer.encode([word])[0, 1]
+            for l in np.flatnonzero(ids[b] == piece):
+                positions.append((b, l))
+                expected.append(1 - np.corrcoef(patches[b] @ tokens[b, l],
+                                                patches[b] @ bare[list(vocab).index(piece)])[0, 1])
+    assert len(positions) > len(captions) and all(weights[b, l] > 0 for b, l in positions)
+
+    def loss(tokens):
+        return float(train_default.bare_map_loss(tokens.astype(np.float32), patches.astype(np.float32), ids,
+                                                 bare.astype(np.float32), vocab, weights))
+
+    assert loss(tokens) == pytest.approx(np.mean(expected), rel=1e-5)
+    # Closed form: a caption word whose embedding is its bare word's has its map: nothing to pay.
+    for b, l in positions:
+        tokens[b, l] = bare[list(vocab).index(ids[b, l])]
+    assert loss(tokens) == pytest.approx(0.0, abs=1e-5)
+    others = np.ones(ids.shape, bool)  # every other position (articles, relations, <sot>, <eot>, padding)
+    others[tuple(np.array(positions).T)] = False
+    tokens[others] = rng.normal(size=(others.sum(), 8))
+    assert loss(tokens) == pytest.approx(0.0, abs=1e-5)
+
+
 def test_mosaic_term_tiles_half_size_scenes_and_asks_for_their_block_mean_maps(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
@@ -480,9 +523,9 @@ def test_mosaic_term_tiles_half_size_scenes_and_asks_for_their_block_mean_maps(t
     present = np.array([[True, False, True], [False, False, True]])
     expected = np.mean([1 - np.corrcoef(student[m, ..., u].ravel(), teacher[m, ..., u].ravel())[0, 1]
                         for m, u in zip(*np.nonzero(present))])
-    assert float(train_default.mosaic_loss(student, teacher, present)) == pytest.approx(expected, rel=1e-6)
+    assert float(train_default.map_correlation_loss(student, teacher, present)) == pytest.approx(expected, rel=1e-6)
     # Closed form: a map that is an affine copy of its target (positive scale) costs 0.
-    assert float(train_default.mosaic_loss(3 * teacher + 1, teacher, present)) == pytest.approx(0.0, abs=1e-6)
+    assert float(train_default.map_correlation_loss(3 * teacher + 1, teacher, present)) == pytest.approx(0.0, abs=1e-6)
     tiny = dict(batch_size=16, steps=2, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=64,
                 patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
     config = train_default.TrainConfig(mosaic_weight=1.0, **tiny)

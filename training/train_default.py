@@ -22,13 +22,15 @@ batch's other captions' pieces (`caption_word_targets`: it acts on the S of capt
 `bare_anchor_weight` asks each caption piece, inside its caption, to pick its own bare embedding among the
 vocabulary's (`bare_anchor_loss`), a text-side term; `pair_locality_weight` asks a scene and its variant to differ,
 in the S of the word the variant changed, at few patches (`pair_locality_loss`), so that a word is scored where its
-object is, with no mask; `mosaic_weight` asks four scenes shrunk to half size and tiled 2 x 2 to give each word a
-map shaped like the scenes' own maps averaged over 2 x 2 patch blocks (`mosaic_loss`), so that a patch showing part
-of an object scores in proportion to it (from step `mosaic_start` on); with `mosaic_student=full` the term is read
-the other way: one scene in four, at full size, gives each word the map of its four quadrants enlarged 2 x 2
-(`quadrant_zooms`), averaged over 2 x 2 patch blocks, so the tower is never asked to score shapes at half size;
+object is, with no mask; `mosaic_weight` asks four scenes shrunk to half size and tiled 2 x 2 to give each word a map
+shaped like the scenes' own maps averaged over 2 x 2 patch blocks (`mosaic`, `map_correlation_loss`), so that a patch
+showing part of an object scores in proportion to it (from step `mosaic_start` on); with `mosaic_student=full` the
+term is read the other way: one scene in four, at full size, gives each word the map of its four quadrants enlarged
+2 x 2 (`quadrant_zooms`), averaged over 2 x 2 patch blocks, so the tower is never asked to score shapes at half size;
 `exclusive_weight` asks two distinct colour words, or two distinct shape words, of one caption (different objects)
-for maps over its image that do not correlate (`exclusive_loss`), a separation meant for same-colour twins.
+for maps over its image that do not correlate (`exclusive_loss`), a separation meant for same-colour twins;
+`bare_map_weight` asks each colour or shape word inside its caption for the map its bare word gives over the
+caption's image (`bare_map_loss`), the bare word's map held fixed, so caption words land where bare words do.
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -111,7 +113,7 @@ EASY_STYLE = dataclasses.replace(PLAIN_STYLE, counts=(1, 2, 3), count_weights=(0
 # The weights of the terms beside CLIP's global loss: `clip_tokens`' three, and the word terms (0 = off).
 TOKEN_TERMS = ("dense_weight", "token_weight", "fine_grained_weight")
 WORD_TERMS = ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight", "pair_locality_weight",
-              "mosaic_weight", "exclusive_weight")
+              "mosaic_weight", "exclusive_weight", "bare_map_weight")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +166,8 @@ class TrainConfig:
     pair_locality_weight: float = 0.0
     # > 0: the true scenes, four at a time, shrunk to half size and tiled 2 x 2 (`mosaic`), must give every counted
     # piece a map correlated with the four scenes' own maps averaged over 2 x 2 patch blocks (the patch the
-    # shrunk copy shows; `block_mean_mosaic`), the full-size maps held fixed (`mosaic_loss`): where an object
-    # covers part of a patch, its word should score that patch in proportion, not as if the object filled it.
+    # shrunk copy shows; `block_mean_mosaic`), the full-size maps held fixed (`map_correlation_loss`): where an
+    # object covers part of a patch, its word should score that patch in proportion, not as if the object filled it.
     mosaic_weight: float = 0.0
     mosaic_start: int = 0           # the mosaic term acts from this step on (e.g. curriculum_steps: full scenes only)
     # Which side of the mosaic term learns: "half" (the mosaic of half-size scenes, against the full-size maps) or
@@ -176,6 +178,10 @@ class TrainConfig:
     # coincide (`exclusive_loss`). Tried for same-colour twins, which no other term separates; it emptied the caption
     # words' maps instead (the default card).
     exclusive_weight: float = 0.0
+    # > 0: each colour or shape word inside its caption must give, over the caption's image, the map its bare word
+    # gives there (`bare_map_loss`), the bare word's map held fixed: the patch term grounds bare words, while no
+    # term reads the caption words TCLIP reads, which copy the colour word before them.
+    bare_map_weight: float = 0.0
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -563,10 +569,11 @@ def block_mean_mosaic(maps: jax.Array) -> jax.Array:
     return tile_quarters(maps.reshape(count, grid // 2, 2, grid // 2, 2, pieces).mean(axis=(2, 4)))
 
 
-def mosaic_loss(student: jax.Array, teacher: jax.Array, present: jax.Array) -> jax.Array:
-    """1 - the Pearson correlation over the patches between a mosaic's map of a piece (`student` [M, G, G, U]) and
-    the target (`teacher`, the same shape), averaged over the (mosaic, piece) pairs `present` [M, U] marks. A
-    correlation, because TCLIP's box (Otsu) and soft map read a map's shape, not its offset or scale."""
+def map_correlation_loss(student: jax.Array, teacher: jax.Array, present: jax.Array) -> jax.Array:
+    """1 - the Pearson correlation over the patches between an image's map of a piece (`student` [M, ..., U], the
+    patch axes between the first and the last) and its target (`teacher`, the same shape), averaged over the
+    (image, piece) pairs `present` [M, U] marks. A correlation, because TCLIP's box (Otsu) and soft map read a map's
+    shape, not its offset or scale."""
     student = student.reshape(student.shape[0], -1, student.shape[-1])
     teacher = teacher.reshape(student.shape)
     student = student - student.mean(axis=1, keepdims=True)
@@ -600,8 +607,8 @@ def exclusive_loss(caption_tokens: jax.Array, patch_tokens: jax.Array, token_ids
     shapes), so their maps over the caption's own image should not coincide: the mean, over every pair of caption
     positions holding distinct ids of one kind, of max(0, the Pearson correlation over the patches of their S).
     caption_tokens [B, L, D] (inside their captions, ids `token_ids` [B, L]) and patch_tokens [B, P, D], unit rows.
-    Correlation, not cosine, as `mosaic_loss`: TCLIP reads a map's shape; above 0 only, since two objects on a
-    background leave the two maps near 0, not -1."""
+    Correlation, not cosine, as `map_correlation_loss`: TCLIP reads a map's shape; above 0 only, since two objects
+    on a background leave the two maps near 0, not -1."""
     maps = jnp.einsum("bld,bpd->blp", caption_tokens, patch_tokens)
     maps = maps - maps.mean(axis=2, keepdims=True)
     maps = maps * jax.lax.rsqrt((maps ** 2).sum(axis=2, keepdims=True) + 1e-12)
@@ -610,6 +617,17 @@ def exclusive_loss(caption_tokens: jax.Array, patch_tokens: jax.Array, token_ids
     pairs = ((kinds[:, :, None] == kinds[:, None, :]) & (kinds[:, :, None] > 0)
              & (token_ids[:, :, None] != token_ids[:, None, :]))
     return (jax.nn.relu(correlation) * pairs).sum() / jnp.maximum(pairs.sum(), 1)
+
+
+def bare_map_loss(caption_tokens: jax.Array, patch_tokens: jax.Array, token_ids: jax.Array, bare: jax.Array,
+                  vocab: np.ndarray, weights: jax.Array) -> jax.Array:
+    """Each colour or shape piece inside its caption (`word_kinds`, counted: `weights` [B, L] > 0) should give, over
+    its caption's own image, the map its bare word gives there: `map_correlation_loss` between the two S rows over
+    the patches. caption_tokens [B, L, D] (inside their captions, ids `token_ids` [B, L]), patch_tokens [B, P, D]
+    and `bare` [U, D] (`piece_embeddings` of the sorted ids `vocab` [U]), unit rows."""
+    student = jnp.einsum("bld,bpd->bpl", caption_tokens, patch_tokens)
+    teacher = jnp.take_along_axis(patch_tokens @ bare.T, vocab_index(vocab, token_ids)[:, None, :], axis=2)
+    return map_correlation_loss(student, teacher, (word_kinds(token_ids) > 0) & (weights > 0))
 
 
 def piece_embeddings(model: CLIP, params: dict, pieces: np.ndarray, sot_id: int, eot_id: int) -> jax.Array:
@@ -706,9 +724,17 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
                 teacher = block_mean_mosaic(jax.lax.stop_gradient(word_maps(zoomed.tokens)))
                 student = word_maps(image.tokens[::8])
                 present = targets[::8, vocab] > 0
-            tiled = mosaic_loss(student, teacher, present)
+            tiled = map_correlation_loss(student, teacher, present)
             total = total + config.mosaic_weight * tiled
             metrics["mosaic_loss"] = tiled
+        if config.bare_map_weight:
+            # The term trains the text tower's caption words only: the bare words' maps and the image are the anchor.
+            bare = jax.lax.stop_gradient(piece_embeddings(model, params, vocab, sot_id, eot_id))
+            bare_map = bare_map_loss(l2_normalize(text.tokens[:texts]),
+                                     jax.lax.stop_gradient(l2_normalize(image.tokens[:, 1:])), token_ids[:texts],
+                                     bare, vocab, weights)
+            total = total + config.bare_map_weight * bare_map
+            metrics["bare_map_loss"] = bare_map
     if config.exclusive_weight:  # needs no IDF: it pairs words by kind
         exclusive = exclusive_loss(l2_normalize(text.tokens[:texts]), l2_normalize(image.tokens[:, 1:]),
                                    token_ids[:texts])
