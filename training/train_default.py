@@ -179,8 +179,9 @@ class TrainConfig:
     # words' maps instead (the default card).
     exclusive_weight: float = 0.0
     # > 0: each colour or shape word inside its caption must give, over the caption's image, the map its bare word
-    # gives there (`bare_map_loss`), the bare word's map held fixed: the patch term grounds bare words, while no
-    # term reads the caption words TCLIP reads, which copy the colour word before them.
+    # gives there (`bare_map_loss`), the bare word's map held fixed. Tried because the patch term grounds bare words
+    # and no term read the caption words TCLIP reads; it met the wrong-object gate by making those words ignore their
+    # caption, and the bare shape words moved (the default card).
     bare_map_weight: float = 0.0
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
