@@ -116,7 +116,9 @@ def machine_description() -> str:
         kib = int(re.search(r"MemTotal:\s+(\d+)", meminfo.read_text()).group(1))
         parts.append(f"{kib / 2**20:.0f} GiB RAM")
     parts.append(f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
-    parts.append(f"jax {jax.__version__} on {', '.join(str(d) for d in jax.devices())}")
+    # an accelerator's str() is only 'cuda:0': its device_kind names the chip (e.g. 'NVIDIA H200')
+    devices = [str(d) if d.platform == "cpu" else f"{d} ({d.device_kind})" for d in jax.devices()]
+    parts.append(f"jax {jax.__version__} on {', '.join(devices)}")
     try:
         import torch
 
