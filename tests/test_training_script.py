@@ -563,19 +563,22 @@ def test_mosaic_read_the_other_way_teaches_full_size_scenes_with_their_enlarged_
         dataclasses.replace(config, mosaic_weight=0.0, mosaic_start=0)
 
 
-def test_mosaic_start_leaves_the_steps_before_it_without_the_mosaic_term(tmp_path):
+@pytest.mark.parametrize("weight, start, logged", [("mosaic_weight", "mosaic_start", "mosaic_loss"),
+                                                    ("bare_map_weight", "bare_map_start", "bare_map_loss")])
+def test_a_late_term_leaves_the_steps_before_its_start_as_if_it_were_off(tmp_path, weight, start, logged):
+    assert train_default.LATE_TERMS[weight] == start
     tiny = dict(batch_size=8, steps=2, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=32,
                 patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
-    late = train_default.TrainConfig(mosaic_weight=1.0, mosaic_start=1, **tiny)
+    late = train_default.TrainConfig(**{weight: 1.0, start: 1}, **tiny)
     first, _, _ = train_default.train(late, tmp_path / "first.jsonl", stop_after=1)
-    expected, _, _ = train_default.train(dataclasses.replace(late, mosaic_weight=0.0, mosaic_start=0),
+    expected, _, _ = train_default.train(dataclasses.replace(late, **{weight: 0.0, start: 0}),
                                          tmp_path / "expected.jsonl", stop_after=1)
     jax.tree_util.tree_map(np.testing.assert_array_equal, first, expected)  # step 1: as if the term were off
     train_default.train(late, tmp_path / "both.jsonl")
     records = [json.loads(line) for line in (tmp_path / "both.jsonl").read_text().splitlines()]
-    assert "mosaic_loss" not in records[0] and 0 < records[1]["mosaic_loss"] <= 2  # step 2: the term acts
-    for bad in (dict(mosaic_start=2), dict(mosaic_weight=0.0)):
-        with pytest.raises(ValueError, match="mosaic_start needs"):
+    assert logged not in records[0] and 0 < records[1][logged] <= 2  # step 2: the term acts
+    for bad in ({start: 2}, {weight: 0.0}):
+        with pytest.raises(ValueError, match=f"{start} needs {weight} > 0"):
             dataclasses.replace(late, **bad)
 
 

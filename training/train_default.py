@@ -114,6 +114,9 @@ EASY_STYLE = dataclasses.replace(PLAIN_STYLE, counts=(1, 2, 3), count_weights=(0
 TOKEN_TERMS = ("dense_weight", "token_weight", "fine_grained_weight")
 WORD_TERMS = ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight", "pair_locality_weight",
               "mosaic_weight", "exclusive_weight", "bare_map_weight")
+# Word terms that may act only from a step on: {weight field: start field}; before it the step is as if the term
+# were off (its weight 0).
+LATE_TERMS = {"mosaic_weight": "mosaic_start", "bare_map_weight": "bare_map_start"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +186,7 @@ class TrainConfig:
     # and no term read the caption words TCLIP reads; it met the wrong-object gate by making those words ignore their
     # caption, and the bare shape words moved (the default card).
     bare_map_weight: float = 0.0
+    bare_map_start: int = 0         # the bare-map term acts from this step on (e.g. late: bare words learnt first)
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -247,9 +251,10 @@ class TrainConfig:
             raise ValueError("mosaic_weight needs batch_size / 2 a multiple of 4 (four scenes a mosaic) and an even "
                              f"patch grid, got batch_size {self.batch_size} and a "
                              f"{self.image_size // self.patch_size}-patch grid")
-        if self.mosaic_start and not (self.mosaic_weight and 0 < self.mosaic_start < self.steps):
-            raise ValueError(f"mosaic_start needs mosaic_weight > 0 and 0 < mosaic_start < steps, got "
-                             f"{self.mosaic_start} with mosaic_weight {self.mosaic_weight} and {self.steps} steps")
+        for weight, start in LATE_TERMS.items():
+            if getattr(self, start) and not (getattr(self, weight) and 0 < getattr(self, start) < self.steps):
+                raise ValueError(f"{start} needs {weight} > 0 and 0 < {start} < steps, got {getattr(self, start)} "
+                                 f"with {weight} {getattr(self, weight)} and {self.steps} steps")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.select_step not in SELECT_STEPS:
@@ -850,18 +855,20 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     tx = optimizer(config)
     opt_state = tx.init(params)
     average = clip_params(params) if config.ema_decay else None  # what validation and the checkpoint read
-    step_fns: dict[tuple[str, bool, bool], Callable] = {}
+    step_fns: dict[tuple[str, bool, tuple[str, ...]], Callable] = {}
 
     def step_fn(step: int) -> Callable:
-        """The jitted step of `step`'s objective, with or without training the text tower and the mosaic term."""
+        """The jitted step of `step`'s objective, with or without training the text tower and each late term."""
         curriculum = step < config.curriculum_steps and config.curriculum_objective
         objective = config.curriculum_objective if curriculum else config.objective
         train_text = step >= config.text_frozen_steps
-        mosaic_on = step >= config.mosaic_start
-        key = objective, train_text, mosaic_on
+        late_off = tuple(weight for weight, start in LATE_TERMS.items() if step < getattr(config, start))
+        key = objective, train_text, late_off
         if key not in step_fns:
-            step_config = config if mosaic_on else dataclasses.replace(config, mosaic_weight=0.0, mosaic_start=0,
-                                                                          mosaic_student="half")
+            off = {field: value for weight in late_off for field, value in ((weight, 0.0), (LATE_TERMS[weight], 0))}
+            if "mosaic_weight" in late_off:
+                off["mosaic_student"] = "half"  # the only student a config without the term accepts
+            step_config = dataclasses.replace(config, **off)
             step_fns[key] = make_train_step(model, tx, step_config, objective, tokenizer.sot_id, tokenizer.eot_id,
                                             train_text, idf)
         return step_fns[key]
