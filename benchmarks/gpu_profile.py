@@ -16,8 +16,12 @@ boxes agree. Medians of ``--repeats`` timed runs after a compiling warm-up.
 
     python benchmarks/gpu_profile.py --results $OUT/RESULTS.md   # on a GPU machine (a few minutes)
     python benchmarks/gpu_profile.py --smoke                      # CPU, tiny model and sizes: checks the script
+    python benchmarks/gpu_profile.py --embedded-dtypes 16         # any device: bf16 vs fp32 on a trained model
 
-Without a GPU (and without --smoke) it says so and exits 0 without measuring or writing anything.
+Without a GPU (and without --smoke or --embedded-dtypes) it says so and exits 0 without measuring or writing
+anything. Random weights give nearly flat maps, whose small range rounding swamps; `--embedded-dtypes N` makes
+the same bfloat16-vs-float32 comparison on the embedded default model (trained), N held-out scenes each with
+its own caption, and writes its own section.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run
 from benchmarks._common import (PROMPT, RESULTS_PATH, command_line, load_average,  # noqa: E402
                                 machine_description, markdown_table, median_seconds, timed_tclip, today,
                                 workloads, write_section)
-from tclip_jax.checkpoints.load import LoadedClip  # noqa: E402
+from tclip_jax.checkpoints.load import LoadedClip, load_clip  # noqa: E402
 from tclip_jax.image import to_original  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
 from tclip_jax.methods.tclip.relevance import translated_patch_embeddings  # noqa: E402
@@ -127,6 +131,23 @@ def measure(tclip: TCLIP, prompts, images: list[np.ndarray], batch: int, plan: P
     return row, [to_original(m, g) for m, (_, _, g) in zip(maps, loaded)]
 
 
+def embedded_dtype_rows(scenes: int) -> list[dict]:
+    """bfloat16 against float32 maps of the embedded default model: each held-out scene (640x480) with its own
+    caption, one scene at a time."""
+    tclips = {name: timed_tclip(load_clip(dtype=dtype)) for name, dtype in DTYPES.items()}
+    maps_by_dtype = {name: [] for name in DTYPES}
+    for i in range(scenes):
+        scene = make_scene(HELDOUT_SEED_START + i, (480, 640))
+        for name, tclip in tclips.items():
+            encoded = tclip.encode_prompts(scene.caption)
+            _, pixels, geometry = tclip.preprocess(scene.image)
+            rows = np.arange(len(encoded.queries), dtype=np.int32)[None]
+            maps = tclip.jitted_maps(tclip.params, pixels[None], encoded.queries, rows).maps
+            maps_by_dtype[name].append(to_original(np.asarray(maps)[0], geometry))
+    return [{"model": "embedded default", "workload": f"{scenes} held-out scenes, each its own caption",
+             **compare_dtypes(maps_by_dtype)}]
+
+
 def compare_dtypes(maps_by_dtype: dict[str, list[np.ndarray]]) -> dict:
     map_diff, tau_diff, boxes_equal, total = 0.0, 0.0, 0, 0
     for reference, low in zip(maps_by_dtype["float32"], maps_by_dtype["bfloat16"]):
@@ -142,6 +163,13 @@ def compare_dtypes(maps_by_dtype: dict[str, list[np.ndarray]]) -> dict:
             "bf16_boxes_equal": f"{boxes_equal}/{total}"}
 
 
+def dtype_table(rows: list[dict]) -> str:
+    return markdown_table(
+        ["model", "workload", "max |map bf16 - fp32| / range", "max |tau bf16 - fp32| / range", "boxes equal"],
+        [[r["model"], r["workload"], f"{r['bf16_map_diff']:.1e}", f"{r['bf16_tau_diff']:.1e}", r["bf16_boxes_equal"]]
+         for r in rows if "bf16_map_diff" in r])
+
+
 def report(rows: list[dict], plan: Plan, machine: str, loads: tuple[str, str], elapsed: float) -> str:
     timed = [r for r in rows if "batch" in r]
     table = markdown_table(
@@ -151,10 +179,7 @@ def report(rows: list[dict], plan: Plan, machine: str, loads: tuple[str, str], e
          + (["skipped (time budget)"] + [""] * 5 if r["skipped"] else
             [r["maps"], f"{r['device_ms']:.2f}", f"{r['floor_ms']:.2f}", f"{r['host_ms']:.1f}",
              f"{r['explain_ms']:.1f}", f"{r['explain_over_floor']:.1f}"]) for r in timed])
-    compared = markdown_table(
-        ["model", "workload", "max |map bf16 - fp32| / range", "max |tau bf16 - fp32| / range", "boxes equal"],
-        [[r["model"], r["workload"], f"{r['bf16_map_diff']:.1e}", f"{r['bf16_tau_diff']:.1e}", r["bf16_boxes_equal"]]
-         for r in rows if "bf16_map_diff" in r])
+    compared = dtype_table(rows)
     return "\n".join([
         "## TCLIP on an accelerator: device vs host time per image, float32 vs bfloat16", "",
         f"- date: {today()}", f"- machine: {machine}", f"- command: `{command_line()}`",
@@ -177,7 +202,26 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=pathlib.Path, default=RESULTS_PATH)
     parser.add_argument("--json", type=pathlib.Path, help="also write the raw rows here")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--embedded-dtypes", type=int, metavar="N",
+                        help="only compare bfloat16 with float32 maps of the embedded default model on N held-out "
+                             "scenes (any device; its own section)")
     args = parser.parse_args(argv)
+    if args.embedded_dtypes is not None:
+        if args.embedded_dtypes < 1:
+            parser.error(f"--embedded-dtypes needs at least 1 scene, got {args.embedded_dtypes}")
+        started, load_before = time.perf_counter(), load_average()
+        rows = embedded_dtype_rows(args.embedded_dtypes)
+        text = "\n".join([
+            "## bfloat16 against float32 matmuls on a trained model (the embedded default model)", "",
+            f"- date: {today()}", f"- machine: {machine_description()}", f"- command: `{command_line()}`",
+            f"- load average before: {load_before}; after: {load_average()}; took "
+            f"{(time.perf_counter() - started) / 60:.1f} min",
+            "- TCLIP K = 25, `whole` protocol; maps at image size; tau and boxes from `soft_maps_and_boxes`", "",
+            dtype_table(rows)])
+        print(text)
+        if not args.no_write:
+            write_section("dtype-maps", text, args.results)
+        return 0
     platforms = sorted({d.platform for d in jax.devices()})
     if not args.smoke and not any(p in ("gpu", "cuda", "rocm") for p in platforms):
         print(f"gpu_profile: no GPU (JAX devices: {', '.join(platforms)}); nothing measured, nothing written. "
