@@ -2,7 +2,7 @@
 new, and how far the GMM threshold tau is from scikit-learn's fit on all values.
 
 Maps: the embedded model's word maps (``TCLIP.from_pretrained().explain(scene.image, scene.caption)``,
-``result.prompts[0].word_maps[i].aggregated``, at the image's size) on held-out synthetic scenes
+``result.prompts[0].word_maps[i].heatmap``, at the image's size) on held-out synthetic scenes
 (``make_scene(seed, size)`` for ``seed in heldout_seeds(...)``) at 224x224, 640x480 and 1920x1080.
 
 Timing (single core): the process is pinned to one CPU (``os.sched_setaffinity``), OpenCV runs one thread
@@ -143,7 +143,7 @@ def explained_images(explainer, size_hw, count: int, offset: int = 0):
     for seed in heldout_seeds(count, offset):
         scene = make_scene(seed, size_hw)
         result = explainer.explain(scene.image, scene.caption)
-        maps = np.stack([m.aggregated for m in result.prompts[0].word_maps])
+        maps = np.stack([m.heatmap for m in result.prompts[0].word_maps])
         yield maps, input_size_maps(explainer, scene, len(maps))
 
 

@@ -1,0 +1,89 @@
+"""The host step of many images on a many-core host: one image after another against threads over images.
+
+`explain_batch` runs each image's host step (`soft_maps_and_boxes`: soft maps, GMM fits and boxes of all the
+image's maps in one batched call) on one thread. On an accelerator the host step sets TCLIP's speed (the
+gpu-profile section of RESULTS.md), and such machines have many cores. This times the host step of the word maps
+of N held-out scenes (640x480, the embedded default model, each scene's own caption): one image after another,
+then over a pool of T threads for each ``--threads`` T. BLAS and OpenCV are held to one thread each, so the
+threads only ever work on different images. Median of ``--rounds`` rounds after a warm-up, the order rotating.
+
+    python benchmarks/host_threads.py --threads 2 4 8 16
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import pathlib
+import sys
+import time
+
+import cv2
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
+from benchmarks._common import (RESULTS_PATH, command_line, load_average, machine_description,  # noqa: E402
+                                markdown_table, today, write_section)
+from benchmarks.host_step import SIZES, explained_images  # noqa: E402
+from tclip_jax.postprocess.soft import soft_maps_and_boxes  # noqa: E402
+
+
+def time_schedules(images: list[np.ndarray], threads: list[int], rounds: int) -> dict[int, float]:
+    """{threads: median wall seconds for the host steps of all images}; 1 = one image after another."""
+    pools = {t: concurrent.futures.ThreadPoolExecutor(t) for t in threads}
+    runs = {1: lambda: [soft_maps_and_boxes(m) for m in images],
+            **{t: (lambda pool=pool: list(pool.map(soft_maps_and_boxes, images))) for t, pool in pools.items()}}
+    for run in runs.values():  # warm-up: threads started, caches and pages touched
+        run()
+    walls = {t: [] for t in runs}
+    order = list(runs)
+    for round_ in range(rounds):
+        for t in order[round_ % len(order):] + order[:round_ % len(order)]:
+            start = time.perf_counter()
+            runs[t]()
+            walls[t].append(time.perf_counter() - start)
+    for pool in pools.values():
+        pool.shutdown()
+    return {t: float(np.median(w)) for t, w in walls.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--results", type=pathlib.Path, default=RESULTS_PATH)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    if min(args.threads) < 2 or args.images < 1 or args.rounds < 1:
+        parser.error("--threads needs counts >= 2 (one thread is always timed), --images and --rounds >= 1")
+    import tclip_jax
+
+    load_before, started = load_average(), time.perf_counter()
+    explainer = tclip_jax.TCLIP.from_pretrained()
+    images = [maps for maps, _ in explained_images(explainer, SIZES["640x480"], args.images)]
+    maps = sum(len(m) for m in images)
+    cv2.setNumThreads(1)
+    with threadpool_limits(1):
+        walls = time_schedules(images, sorted(set(args.threads)), args.rounds)
+    table = markdown_table(
+        ["threads over images", "ms per map (wall)", "speed-up over one thread"],
+        [[t, f"{w / maps * 1e3:.2f}", f"{walls[1] / w:.1f}x"] for t, w in walls.items()])
+    text = "\n".join([
+        "## Host step over many images: one thread against threads over images (640x480)", "",
+        f"- date: {today()}", f"- machine: {machine_description()}; {len(os.sched_getaffinity(0))} CPUs allowed",
+        f"- command: `{command_line()}`",
+        f"- load average before: {load_before}; after: {load_average()}; took "
+        f"{(time.perf_counter() - started) / 60:.1f} min",
+        f"- {args.images} held-out scenes, {maps} word maps (the embedded default model, each scene's own caption); "
+        f"`soft_maps_and_boxes` per image; BLAS and OpenCV one thread each; median of {args.rounds} rounds", "",
+        table])
+    print(text)
+    if not args.no_write:
+        write_section("host-threads", text, args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
