@@ -36,8 +36,12 @@ def test_a_recipe_overrides_the_defaults_and_explicit_values_override_the_recipe
     config = train_default.train_config("default")
     assert config == dataclasses.replace(defaults, **recipe)
     assert config.vision_layers == 1 and config.word_weight == 3 and config.objective == "clip"
-    overridden = train_default.train_config("default", {"steps": 7, "word_weight": 0.5})
-    assert (overridden.steps, overridden.word_weight, overridden.vision_layers) == (7, 0.5, 1)
+    overridden = train_default.train_config("default", {"steps": 1900, "word_weight": 0.5})
+    assert (overridden.steps, overridden.word_weight, overridden.vision_layers) == (1900, 0.5, 1)
+    # The recipe's late term must start within the run: a shorter run says so rather than silently dropping it.
+    with pytest.raises(ValueError, match="bare_map_start needs bare_map_weight > 0 and 0 < bare_map_start < steps"):
+        train_default.train_config("default", {"steps": 7})
+    assert train_default.train_config("default", {"steps": 7, "bare_map_start": 0}).bare_map_weight == 3
     assert train_default.train_config() == train_default.train_config(None, {}) == defaults
     with pytest.raises(ValueError, match="unknown recipe 'nope'; available: default, clip_only"):
         train_default.train_config("nope")

@@ -30,7 +30,8 @@ term is read the other way: one scene in four, at full size, gives each word the
 `exclusive_weight` asks two distinct colour words, or two distinct shape words, of one caption (different objects)
 for maps over its image that do not correlate (`exclusive_loss`), a separation meant for same-colour twins;
 `bare_map_weight` asks each colour or shape word inside its caption for the map its bare word gives over the
-caption's image (`bare_map_loss`), the bare word's map held fixed, so caption words land where bare words do.
+caption's image (`bare_map_loss`), the bare word's map held fixed, so caption words land where bare words do (from
+step `bare_map_start` on: 1800 in the default recipe).
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -182,11 +183,12 @@ class TrainConfig:
     # words' maps instead (the default card).
     exclusive_weight: float = 0.0
     # > 0: each colour or shape word inside its caption must give, over the caption's image, the map its bare word
-    # gives there (`bare_map_loss`), the bare word's map held fixed. Tried because the patch term grounds bare words
-    # and no term read the caption words TCLIP reads; it met the wrong-object gate by making those words ignore their
-    # caption, and the bare shape words moved (the default card).
+    # gives there (`bare_map_loss`), the bare word's map held fixed. Added because the patch term grounds bare words
+    # and no term read the caption words TCLIP reads. From the start it met the wrong-object gate by making those words
+    # ignore their caption, and the bare shape words moved; from step 1800, once the bare words ground, it met the
+    # gate and they held: the default recipe since 2026-12-04 (the default card).
     bare_map_weight: float = 0.0
-    bare_map_start: int = 0         # the bare-map term acts from this step on (e.g. late: bare words learnt first)
+    bare_map_start: int = 0         # the bare-map term acts from this step on (the default recipe: 1800)
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -273,7 +275,7 @@ RECIPES = {
     "default": {"objective": "clip", "steps": 2400, "patch_size": 16, "stem_channels": (16, 32, 64),
                 "vision_layers": 1, "curriculum_steps": 1200, "curriculum_objects": 1, "text_length_step": 8,
                 "eval_every": 300, "word_weight": 3.0, "patch_word_weight": 3.0, "patch_word_head": "text",
-                "select_step": "validation"},
+                "select_step": "validation", "bare_map_weight": 3.0, "bare_map_start": 1800},
     "clip_only": {"objective": "clip"},
 }
 
