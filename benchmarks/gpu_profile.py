@@ -139,11 +139,8 @@ def embedded_dtype_rows(scenes: int) -> list[dict]:
     for i in range(scenes):
         scene = make_scene(HELDOUT_SEED_START + i, (480, 640))
         for name, tclip in tclips.items():
-            encoded = tclip.encode_prompts(scene.caption)
-            _, pixels, geometry = tclip.preprocess(scene.image)
-            rows = np.arange(len(encoded.queries), dtype=np.int32)[None]
-            maps = tclip.jitted_maps(tclip.params, pixels[None], encoded.queries, rows).maps
-            maps_by_dtype[name].append(to_original(np.asarray(maps)[0], geometry))
+            maps, _ = tclip.image_maps(scene.image, tclip.encode_prompts(scene.caption).queries)
+            maps_by_dtype[name].append(maps)
     return [{"model": "embedded default", "workload": f"{scenes} held-out scenes, each its own caption",
              **compare_dtypes(maps_by_dtype)}]
 

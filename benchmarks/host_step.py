@@ -148,14 +148,11 @@ def explained_images(explainer, size_hw, count: int, offset: int = 0):
 
 
 def input_size_maps(explainer, scene, words: int):
-    """The word maps at the model's input size, before `to_original` (None if the explainer has no such API)."""
-    try:
-        encoded = explainer.encode_prompts([scene.caption])
-        _, pixels, _ = explainer.preprocess(scene.image)
-        _, maps = explainer.device_maps(pixels[None], encoded.queries)
-        return np.asarray(maps[0][:words])
-    except (AttributeError, TypeError):
-        return None
+    """The word maps at the model's input size, before `to_original` (each word's row of the distinct queries)."""
+    encoded = explainer.encode_prompts([scene.caption])
+    _, pixels, _ = explainer.preprocess(scene.image)
+    rows = encoded.rows[:words].astype(np.int32)[None]
+    return np.asarray(explainer.jitted_maps(explainer.params, pixels[None], encoded.queries, rows).maps[0])
 
 
 # --- timing ------------------------------------------------------------------------------------------------

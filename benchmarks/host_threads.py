@@ -5,7 +5,8 @@ image's maps in one batched call) on one thread. On an accelerator the host step
 gpu-profile section of RESULTS.md), and such machines have many cores. This times the host step of the word maps
 of N held-out scenes (640x480, the embedded default model, each scene's own caption): one image after another,
 then over a pool of T threads for each ``--threads`` T. BLAS and OpenCV are held to one thread each, so the
-threads only ever work on different images. Median of ``--rounds`` rounds after a warm-up, the order rotating.
+threads only ever work on different images. Median of ``--rounds`` rounds after a warm-up, each round running
+every schedule in turn (`interleaved_medians`).
 
     python benchmarks/host_threads.py --threads 2 4 8 16
 """
@@ -23,8 +24,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (RESULTS_PATH, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, today, write_section)
+from benchmarks._common import (RESULTS_PATH, command_line, interleaved_medians, load_average,  # noqa: E402
+                                machine_description, markdown_table, today, write_section)
 from benchmarks.host_step import SIZES, explained_images  # noqa: E402
 from tclip_jax.postprocess.soft import soft_maps_and_boxes  # noqa: E402
 
@@ -34,18 +35,10 @@ def time_schedules(images: list[np.ndarray], threads: list[int], rounds: int) ->
     pools = {t: concurrent.futures.ThreadPoolExecutor(t) for t in threads}
     runs = {1: lambda: [soft_maps_and_boxes(m) for m in images],
             **{t: (lambda pool=pool: list(pool.map(soft_maps_and_boxes, images))) for t, pool in pools.items()}}
-    for run in runs.values():  # warm-up: threads started, caches and pages touched
-        run()
-    walls = {t: [] for t in runs}
-    order = list(runs)
-    for round_ in range(rounds):
-        for t in order[round_ % len(order):] + order[:round_ % len(order)]:
-            start = time.perf_counter()
-            runs[t]()
-            walls[t].append(time.perf_counter() - start)
+    walls, _ = interleaved_medians(runs, rounds)  # its warm-up call starts the threads and touches the pages
     for pool in pools.values():
         pool.shutdown()
-    return {t: float(np.median(w)) for t, w in walls.items()}
+    return walls
 
 
 def main(argv=None) -> int:

@@ -867,7 +867,9 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
         late_off = tuple(weight for weight, start in LATE_TERMS.items() if step < getattr(config, start))
         key = objective, train_text, late_off
         if key not in step_fns:
-            off = {field: value for weight in late_off for field, value in ((weight, 0.0), (LATE_TERMS[weight], 0))}
+            off = {}
+            for weight in late_off:
+                off.update({weight: 0.0, LATE_TERMS[weight]: 0})
             if "mosaic_weight" in late_off:
                 off["mosaic_student"] = "half"  # the only student a config without the term accepts
             step_config = dataclasses.replace(config, **off)
