@@ -1,16 +1,20 @@
 """training/train_default.py's recipes and recipe-search options: what `--recipe` and `--set` build is what they say."""
+import concurrent.futures
 import dataclasses
 import itertools
 import json
 import pathlib
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "training"))
+import search_recipes  # noqa: E402
 import train_default  # noqa: E402
 
 from tclip_jax.checkpoints.folder import save_checkpoint  # noqa: E402
@@ -666,3 +670,83 @@ def test_select_step_validation_keeps_the_evaluated_step_with_the_best_validatio
     assert not np.array_equal(last["visual"]["proj"], selected["visual"]["proj"])
     with pytest.raises(ValueError, match="select_step"):
         dataclasses.replace(config, select_step="best")
+
+
+SEARCH_SCRIPT = SCRIPT.parent / "search_recipes.py"
+TINY_OVERRIDES = ["batch_size=8", "steps=3", "warmup_steps=1", "validation_scenes=2", "eval_every=2", "image_size=32",
+                  "patch_size=16", "embed_dim=16", "vision_width=64", "vision_layers=1", "text_width=64",
+                  "text_layers=1"]
+
+
+def test_a_recipe_search_trains_each_run_exactly_as_it_trains_alone(tmp_path):
+    runs = {"base": [], "other": ["seed=1", "peak_learning_rate=0.003", "word_weight=1"]}
+    command = [sys.executable, str(SEARCH_SCRIPT), "--out", str(tmp_path / "search"), "--workers", "2",
+               "--ahead", "1", "--no-heldout", "--set", *TINY_OVERRIDES]
+    for name, overrides in runs.items():
+        command += ["--run", name, *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=SCRIPT.parent.parent, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for name, overrides in runs.items():
+        config = train_default.TrainConfig(**train_default.parse_overrides(TINY_OVERRIDES + overrides))
+        train_default.train_and_save(config, tmp_path / "alone" / name)
+        searched, alone = (np.load(tmp_path / folder / name / "params.npz") for folder in ("search", "alone"))
+        assert searched.files == alone.files
+        for key in alone.files:
+            np.testing.assert_array_equal(searched[key], alone[key])
+        logs = [[json.loads(line) for line in (tmp_path / folder / name / train_default.LOG_FILE).open()]
+                for folder in ("search", "alone")]
+        timing = {"samples_per_s", "elapsed_s", "cpu_s"}
+        assert [{k: v for k, v in r.items() if k not in timing} for r in logs[0]] == \
+               [{k: v for k, v in r.items() if k not in timing} for r in logs[1]]
+        assert "validation" in logs[0][1] and not (tmp_path / "search" / name / "heldout_metrics.json").exists()
+
+
+def test_shared_inputs_make_each_step_once_and_hold_few(monkeypatch):
+    made = []
+    monkeypatch.setattr(train_default, "step_inputs", lambda data, step: made.append(step) or step)
+    steps, ahead, runs = 40, 3, 4
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        shared = search_recipes.SharedInputs(None, steps, pool, ahead, runs)
+        held = []
+
+        def run(member: int, pause: float) -> list:
+            got = []
+            for step in range(steps):
+                got.append(shared.take(member, step).result())
+                held.append(len(shared.futures))
+                time.sleep(pause)
+            shared.leave(member)
+            return got
+
+        members = [threading.Thread(target=lambda m=m, p=p: results.append(run(m, p)))
+                   for m, p in enumerate((0.004, 0, 0.001, 0.002))]
+        results: list = []
+        for m in members:
+            m.start()
+        for m in members:
+            m.join(timeout=60)
+    assert not any(m.is_alive() for m in members), "a run waits for ever"
+    assert len(results) == runs and all(r == list(range(steps)) for r in results)
+    assert sorted(made) == list(range(steps))  # each step made once, for every run
+    assert max(held) <= ahead and not shared.futures
+    with pytest.raises(ValueError, match="asked for step 5, expected 0"):
+        search_recipes.SharedInputs(None, steps, None, ahead, 1).take(0, 5)
+
+
+def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path):
+    def search(*arguments):
+        return subprocess.run([sys.executable, str(SEARCH_SCRIPT), "--out", str(tmp_path / "search"), *arguments],
+                              capture_output=True, text=True, cwd=SCRIPT.parent.parent, timeout=300)
+
+    for arguments, message in [
+            (("--run", "a", "--run", "b", "batch_size=32"),
+             "runs a and b draw different batches (batch_size: 64 vs 32); search them separately"),
+            (("--run", "a", "--run", "b", "steps=5"), "the runs must train the same number of steps"),
+            (("--run", "a", "--run", "a", "seed=1"), "--run a is given twice"),
+            (("--set", "seed=1", "--run", "a", "seed=2"), "--run a gives seed, which --set gives too"),
+            (("--run", "../a"), "a run's name must be a folder name of letters, digits, '_', '.', '-'"),
+            (("--run", "a", "colour=red"), "unknown TrainConfig field 'colour'")]:
+        bad = search(*arguments)
+        assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(message), bad.stderr
+        assert "Traceback" not in bad.stderr
+    assert not tmp_path.joinpath("search").exists()

@@ -314,8 +314,33 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
 
 
-def batch(config: TrainConfig, step: int) -> tuple[np.ndarray, list[str], list[str]]:
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The TrainConfig fields a step's inputs are made from (`batch`, `step_inputs` read nothing else): runs that
+    agree on them train on the same batches, which training/search_recipes.py makes once for all of them."""
+    batch_size: int
+    negatives: int
+    curriculum_steps: int
+    curriculum_objects: int
+    curriculum_form_weights: tuple[float, ...]
+    form_weights: tuple[float, ...]
+    relation_rate: float
+    step_colours: int
+    step_colours_rate: float
+    variant_attributes: tuple[str, ...]
+    negative_kinds: tuple[str, ...]
+    image_size: int
+    text_length: int
+    text_length_step: int
+
+
+def data_config(config: TrainConfig | DataConfig) -> DataConfig:
+    return DataConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(DataConfig)})
+
+
+def batch(config: TrainConfig | DataConfig, step: int) -> tuple[np.ndarray, list[str], list[str]]:
     """(images [B, S, S, 3] uint8, their B captions, hard-negative captions) of training step `step`."""
+    config = data_config(config)
     pairs = config.batch_size // 2
     if step < config.curriculum_steps:
         most = config.curriculum_objects
@@ -341,7 +366,7 @@ def batch(config: TrainConfig, step: int) -> tuple[np.ndarray, list[str], list[s
     return np.stack(images), captions, negatives
 
 
-def step_palette(config: TrainConfig, step: int) -> tuple[str, ...]:
+def step_palette(config: DataConfig, step: int) -> tuple[str, ...]:
     """The colours the scenes of step `step` are drawn from: all COLOURS, or (`step_colours` = k, on a share
     `step_colours_rate` of steps) k of them drawn for the step, so that colour alone cannot tell most of the
     batch's scenes apart and only shape can. Variants and negative captions may still bring other colours."""
@@ -364,6 +389,19 @@ def encode_captions(captions: list[str], length: int, step: int = 0) -> np.ndarr
     if needed > length:
         raise ValueError(f"a caption needs {needed} positions, more than text_length={length}")
     return ids[:, :min(length, -(-needed // step) * step) if step > 0 else length]
+
+
+def step_inputs(config: TrainConfig | DataConfig, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """What training step `step` feeds the device: images, token rows (the captions, then the hard negatives,
+    padded to a fixed count with masked rows, since a changing count recompiles), the mask of real text columns
+    and the number of negatives."""
+    config = data_config(config)
+    images, captions, negatives = batch(config, step)
+    rows = config.batch_size + config.batch_size // 2 * config.negatives
+    texts = (captions + negatives)[:rows]
+    token_ids = encode_captions(texts + [captions[0]] * (rows - len(texts)), config.text_length,
+                                config.text_length_step)
+    return images, token_ids, np.arange(rows) < len(texts), len(negatives)
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -838,10 +876,13 @@ def validation_record(clip: LoadedClip, validation: list, config: TrainConfig) -
     return record
 
 
-def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = None) -> tuple[dict, np.ndarray, dict]:
+def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = None,
+          inputs: Callable[[int], concurrent.futures.Future] | None = None) -> tuple[dict, np.ndarray, dict]:
     """Returns (float32 params, sorted token ids the captions used, run summary); logs to `log_path`.
 
-    `stop_after` ends the run after that many steps (the schedule stays the config's): determinism checks."""
+    `stop_after` ends the run after that many steps (the schedule stays the config's): determinism checks.
+    `inputs(step)` gives a future of `step_inputs(config, step)`; by default one thread draws each step's scenes
+    while the step before runs."""
     clip_config = model_config(config)
     model = CLIP(clip_config)
     tokenizer = default_tokenizer()
@@ -879,24 +920,19 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
 
     validation = retrieval_scenes(config.validation_scenes, VALIDATION_OFFSET)
     loaded = LoadedClip(model, params, tokenizer, "tclip", "training")  # params replaced at each validation
-    # A fixed number of text rows per step (a changing count recompiles): negatives are padded with masked rows.
-    rows = config.batch_size + config.batch_size // 2 * config.negatives
 
     used_ids: set[int] = set()
     selected: tuple[float, int, dict] | None = None  # select_step="validation": (score, step, params) of the best
     start, cpu_start = time.perf_counter(), time.process_time()
     record: dict = {}
     with log_path.open("w") as log, concurrent.futures.ThreadPoolExecutor(1) as prefetch:
+        fetch = inputs or functools.partial(prefetch.submit, step_inputs, data_config(config))
         steps = config.steps if stop_after is None else min(stop_after, config.steps)
-        next_batch = prefetch.submit(batch, config, 0)
+        next_inputs = fetch(0)
         for step in range(steps):
-            images, captions, negatives = next_batch.result()
+            images, token_ids, columns, negatives = next_inputs.result()
             if step + 1 < steps:  # the next scenes are drawn while this step runs
-                next_batch = prefetch.submit(batch, config, step + 1)
-            texts = (captions + negatives)[:rows]
-            columns = np.arange(rows) < len(texts)
-            token_ids = encode_captions(texts + [captions[0]] * (rows - len(texts)), config.text_length,
-                                        config.text_length_step)
+                next_inputs = fetch(step + 1)
             used_ids.update(np.unique(token_ids).tolist())
             step_start = time.perf_counter()
             params, opt_state, metrics = step_fn(step)(params, opt_state, images, token_ids, columns)
@@ -904,7 +940,7 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
                 average = ema_update(average, clip_params(params), np.float32(config.ema_decay))
             current = clip_params(params) if average is None else average  # what is evaluated and kept
             record = {"step": step + 1, **{k: float(v) for k, v in metrics.items()},
-                      "negatives": len(negatives)}
+                      "negatives": negatives}
             record["samples_per_s"] = config.batch_size / (time.perf_counter() - step_start)
             record["elapsed_s"] = time.perf_counter() - start
             record["cpu_s"] = time.process_time() - cpu_start  # all threads: the compute a shared machine gave us
@@ -930,6 +966,25 @@ def zero_unused_rows(params: dict, used_ids: np.ndarray) -> dict:
     kept = np.zeros_like(embedding)
     kept[used_ids] = embedding[used_ids]
     return {**params, "text": {**params["text"], "token_embedding": kept}}
+
+
+def train_and_save(config: TrainConfig, out: pathlib.Path,
+                   inputs: Callable[[int], concurrent.futures.Future] | None = None) -> dict:
+    """Trains `config` (`train`) and writes checkpoint folder `out` with its training log; a README.md already in
+    `out` (a model card) is kept. Returns the run summary."""
+    log_path = out.parent / f".{out.name}.{LOG_FILE}"  # moved into the folder once it is written
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    readme = out / README_FILE
+    readme_text = readme.read_text() if readme.is_file() else None  # saving replaces the folder
+    params, used_ids, summary = train(config, log_path, inputs=inputs)
+    metadata = {"training": {"config": dataclasses.asdict(config), **summary,
+                             "used_token_ids": used_ids.tolist(), "cpu_count": os.cpu_count()}}
+    save_checkpoint(out, zero_unused_rows(params, used_ids), model_config(config), metadata=metadata,
+                    storage_dtype=np.float16, compressed=True, overwrite=True)
+    log_path.rename(out / LOG_FILE)
+    if readme_text is not None:
+        readme.write_text(readme_text)
+    return summary
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -977,18 +1032,7 @@ def main() -> None:
                                   jax.eval_shape(lambda: init_params(model_config(config), config.seed))["text"])
     except (ValueError, OSError) as error:  # a bad override or text_init folder: one line, no traceback
         parser.error(str(error))
-    log_path = args.out.parent / f".{args.out.name}.{LOG_FILE}"  # moved into the folder once it is written
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    readme = args.out / README_FILE
-    readme_text = readme.read_text() if readme.is_file() else None  # saving replaces the folder
-    params, used_ids, summary = train(config, log_path)
-    metadata = {"training": {"config": dataclasses.asdict(config), **summary,
-                             "used_token_ids": used_ids.tolist(), "cpu_count": os.cpu_count()}}
-    save_checkpoint(args.out, zero_unused_rows(params, used_ids), model_config(config), metadata=metadata,
-                    storage_dtype=np.float16, compressed=True, overwrite=True)
-    log_path.rename(args.out / LOG_FILE)
-    if readme_text is not None:
-        readme.write_text(readme_text)
+    summary = train_and_save(config, args.out)
     print(json.dumps(summary["final"]))
     # The fast held-out gates the card quotes and tests/test_default_model.py re-measures.
     print(json.dumps(record_heldout_metrics(args.out)))

@@ -1,0 +1,163 @@
+"""Trains variants of a recipe side by side in one process, on batches made once for all of them: recipe search on an
+accelerator, where one run leaves the device mostly idle and drawing the scenes is the slow part.
+
+    PYTHONPATH=. python training/search_recipes.py --recipe default --out DIR --workers 12 \
+        --set select_step=last --run seed0 --run seed1 seed=1 --run start1200 bare_map_start=1200
+
+Each `--run NAME [FIELD=VALUE ...]` is `train_default.py --recipe R --set <--set's overrides> <its own>` and writes
+DIR/NAME, the checkpoint folder `train_default.py --out DIR/NAME` would write (with heldout_metrics.json unless
+`--no-heldout`): a run's parameters are the same here as alone (tests/test_training_script.py checks). The runs must
+agree on every `DataConfig` field. A pool of worker processes makes each step's inputs (`step_inputs`) once, ahead of
+the slowest run, and drops them when every run has taken them; the runs train in threads, so the device interleaves
+their steps. The shipped checkpoints come from `train_default.py` on the CPU (issue 13): this only ranks recipes.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import multiprocessing
+import pathlib
+import re
+import sys
+import threading
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import train_default  # noqa: E402
+
+from tclip_jax.sweep.heldout import record_heldout_metrics  # noqa: E402
+
+
+class SharedInputs:
+    """`step_inputs(data, step)` for runs 0 .. runs - 1 that each take steps 0, 1, 2, ... in order (`take`): a step
+    is made once, by `pool`, up to `ahead` steps before the slowest run needs it, and dropped once every run still
+    training has taken it. A run `ahead` steps in front of the slowest waits, so at most `ahead` steps are held."""
+
+    def __init__(self, data: train_default.DataConfig, steps: int, pool: concurrent.futures.Executor,
+                 ahead: int, runs: int):
+        self.data, self.steps, self.pool, self.ahead = data, steps, pool, ahead
+        self.futures: dict[int, concurrent.futures.Future] = {}
+        self.submitted = 0                       # steps 0 .. submitted - 1 have been handed to the pool
+        # run -> the next step it will take; every run is counted from the start, so none misses a step
+        self.next_step = dict.fromkeys(range(runs), 0)
+        self.changed = threading.Condition()
+
+    def leave(self, run: int) -> None:
+        """`run` takes no more steps (finished or failed): the others no longer wait for it."""
+        with self.changed:
+            del self.next_step[run]
+            self._drop_taken()
+            self.changed.notify_all()
+
+    def take(self, run: int, step: int) -> concurrent.futures.Future:
+        with self.changed:
+            if step != self.next_step[run]:
+                raise ValueError(f"run {run} asked for step {step}, expected {self.next_step[run]}")
+            self.changed.wait_for(lambda: step < self._slowest() + self.ahead)
+            while self.submitted < min(self.steps, max(step + 1, self._slowest() + self.ahead)):
+                self.futures[self.submitted] = self.pool.submit(train_default.step_inputs, self.data, self.submitted)
+                self.submitted += 1
+            future = self.futures[step]
+            self.next_step[run] = step + 1
+            self._drop_taken()
+            self.changed.notify_all()
+            return future
+
+    def _slowest(self) -> int:
+        return min(self.next_step.values(), default=self.steps)
+
+    def _drop_taken(self) -> None:
+        for step in [s for s in self.futures if s < self._slowest()]:
+            del self.futures[step]
+
+
+def parse_runs(specs: list[list[str]], common: dict) -> dict[str, dict]:
+    """{run name: its overrides}, each run's own `FIELD=VALUE` items after the common ones."""
+    runs = {}
+    for name, *items in specs:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+            raise ValueError(f"--run {name!r}: a run's name must be a folder name of letters, digits, '_', '.', '-'")
+        if name in runs:
+            raise ValueError(f"--run {name} is given twice")
+        own = train_default.parse_overrides(items)
+        if own.keys() & common.keys():
+            raise ValueError(f"--run {name} gives {min(own.keys() & common.keys())}, which --set gives too")
+        runs[name] = {**common, **own}
+    return runs
+
+
+def check_same_data(configs: dict[str, train_default.TrainConfig]) -> train_default.DataConfig:
+    """The runs' shared `DataConfig`; a run whose batches would differ is refused, naming the field."""
+    (first, first_config), *rest = configs.items()
+    data = train_default.data_config(first_config)
+    for name, config in rest:
+        for field in dataclasses.fields(train_default.DataConfig):
+            if getattr(config, field.name) != getattr(data, field.name):
+                raise ValueError(f"runs {first} and {name} draw different batches ({field.name}: "
+                                 f"{getattr(data, field.name)!r} vs {getattr(config, field.name)!r}); "
+                                 "search them separately")
+    if len({c.steps for c in configs.values()}) > 1:
+        raise ValueError("the runs must train the same number of steps")
+    return data
+
+
+def search(configs: dict[str, train_default.TrainConfig], out: pathlib.Path, workers: int, ahead: int,
+           heldout: bool = True) -> dict[str, dict]:
+    """Trains every run (`train_default.train_and_save` into out/NAME) on shared inputs; {name: run summary}."""
+    data = check_same_data(configs)
+    steps = next(iter(configs.values())).steps
+    # Worker processes are spawned, not forked: the parent's JAX runtime has threads a fork would copy mid-flight.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        shared = SharedInputs(data, steps, pool, ahead, len(configs))
+
+        def run(member: int, name: str, config: train_default.TrainConfig) -> dict:
+            try:
+                return train_default.train_and_save(config, out / name, inputs=functools.partial(shared.take, member))
+            finally:
+                shared.leave(member)
+
+        with concurrent.futures.ThreadPoolExecutor(len(configs)) as threads:
+            futures = {name: threads.submit(run, member, name, config)
+                       for member, (name, config) in enumerate(configs.items())}
+            summaries = {name: future.result() for name, future in futures.items()}
+    if heldout:
+        for name in configs:
+            summaries[name]["heldout"] = record_heldout_metrics(out / name)
+    return summaries
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, required=True, help="one checkpoint folder per run in here")
+    parser.add_argument("--recipe", choices=tuple(train_default.RECIPES), help="the recipe every run starts from")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="FIELD=VALUE",
+                        help="overrides for every run")
+    parser.add_argument("--run", nargs="+", action="append", required=True, metavar=("NAME", "FIELD=VALUE"),
+                        help="a run: its name (its folder) and its own overrides; repeat for each run")
+    parser.add_argument("--workers", type=int, default=4, help="processes that draw the scenes (default 4)")
+    parser.add_argument("--ahead", type=int, default=64, help="steps drawn ahead of the slowest run (default 64)")
+    parser.add_argument("--heldout", action=argparse.BooleanOptionalAction, default=True,
+                        help="record each run's heldout_metrics.json, as train_default.py does (default: yes)")
+    args = parser.parse_args()
+    try:
+        if args.workers < 1 or args.ahead < 1:
+            raise ValueError(f"--workers and --ahead must be >= 1, got {args.workers} and {args.ahead}")
+        runs = parse_runs(args.run, train_default.parse_overrides(args.set))
+        configs = {name: train_default.train_config(args.recipe, overrides) for name, overrides in runs.items()}
+        if any(c.text_init for c in configs.values()):
+            raise ValueError("text_init runs are not searched here: train them with train_default.py")
+        check_same_data(configs)
+    except ValueError as error:  # a bad run, override or mix of runs: one line, no traceback
+        parser.error(str(error))
+    start = time.perf_counter()
+    summaries = search(configs, args.out, args.workers, args.ahead, args.heldout)
+    for name, summary in summaries.items():
+        print(json.dumps({"run": name, "overrides": runs[name], **summary}))
+    print(json.dumps({"runs": len(configs), "wall_s": round(time.perf_counter() - start, 1)}))
+
+
+if __name__ == "__main__":
+    main()
