@@ -125,7 +125,9 @@ def test_command_line_overrides_accumulate_and_bad_ones_get_one_line(tmp_path):
     for overrides, message in [(("--set", "steps=1", "steps=2"), "--set gives steps twice"),
                                (("--set", "steps"), "'steps': expected FIELD=VALUE"),
                                (("--set", "colour=red"), "unknown TrainConfig field 'colour'"),
-                               (("--steps", "4", "--set", "steps=3"), "--set gives steps, which its own flag gives too")]:
+                               (("--steps", "4", "--set", "steps=3"), "--set gives steps, which its own flag gives too"),
+                               (("--steps", "40",), "warmup_steps must be >= 0 and shorter than the 40 steps it warms "
+                                                    "up, got 50")]:
         bad = run(*overrides)
         assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(message), bad.stderr
         assert "Traceback" not in bad.stderr

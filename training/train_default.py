@@ -266,6 +266,11 @@ class TrainConfig:
         if self.curriculum_restart and not 0 < self.curriculum_steps < self.steps:
             raise ValueError(f"curriculum_restart needs 0 < curriculum_steps < steps, got {self.curriculum_steps} "
                              f"and {self.steps}")
+        # Each cosine decay (`learning_rate_schedule`) needs steps after its warm-up.
+        spans = (self.curriculum_steps, self.steps - self.curriculum_steps) if self.curriculum_restart else (self.steps,)
+        if not 0 <= self.warmup_steps < min(spans):
+            raise ValueError(f"warmup_steps must be >= 0 and shorter than the {min(spans)} steps it warms up, got "
+                             f"{self.warmup_steps}")
 
 
 # The shipped checkpoints' recipes (`--recipe NAME`): overrides of TrainConfig's defaults, which stay the first
