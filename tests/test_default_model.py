@@ -122,6 +122,21 @@ def test_training_log_records_loss_throughput_and_validation_retrieval(folder):
     assert header["training"]["train_cpu_seconds"] <= 2 * 45 * 60
 
 
+def test_the_recipe_reproduces_the_first_steps_of_the_checkpoints_training_log(folder, tmp_path):
+    """The recipe, run today, repeats the logged losses of the run that made the checkpoint over its first three
+    steps (the first has learning rate 0, so the third is the first to follow an update; XLA may sum in another order
+    on another CPU, hence the tolerance)."""
+    recipe = "clip_only" if folder == CLIP_ONLY_DIR else "default"
+    logged = [json.loads(line) for line in (folder / "training_log.jsonl").open().readlines()[:3]]
+    train_default.train(train_default.train_config(recipe), tmp_path / "log.jsonl", stop_after=3)
+    again = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    for before, now in zip(logged, again, strict=True):
+        losses = sorted(k for k in before if k.endswith("loss"))
+        assert losses and losses == sorted(k for k in now if k.endswith("loss"))
+        np.testing.assert_allclose([now[k] for k in losses], [before[k] for k in losses], rtol=1e-4)
+        assert now["negatives"] == before["negatives"]
+
+
 def test_recorded_heldout_metrics_are_reproduced(folder, measured_metrics):
     """The figures the card quotes from heldout_metrics.json are what this checkpoint gives now."""
     _close(measured_metrics, json.loads((folder / HELDOUT_METRICS_FILE).read_text()))
