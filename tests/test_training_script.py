@@ -44,8 +44,8 @@ def test_a_recipe_overrides_the_defaults_and_explicit_values_override_the_recipe
     assert (overridden.steps, overridden.word_weight, overridden.vision_layers) == (1900, 0.5, 1)
     # The recipe's late term must start within the run: a shorter run says so rather than silently dropping it.
     with pytest.raises(ValueError, match="bare_map_start needs bare_map_weight > 0 and 0 < bare_map_start < steps"):
-        train_default.train_config("default", {"steps": 7})
-    assert train_default.train_config("default", {"steps": 7, "bare_map_start": 0}).bare_map_weight == 3
+        train_default.train_config("default", {"steps": 70})
+    assert train_default.train_config("default", {"steps": 70, "bare_map_start": 0}).bare_map_weight == 3
     assert train_default.train_config() == train_default.train_config(None, {}) == defaults
     with pytest.raises(ValueError, match="unknown recipe 'nope'; available: default, clip_only"):
         train_default.train_config("nope")
@@ -514,6 +514,39 @@ def test_bare_map_term_asks_colour_and_shape_words_inside_captions_for_their_bar
     assert loss(tokens) == pytest.approx(0.0, abs=1e-5)
 
 
+def test_bare_map_separation_keeps_a_words_map_off_the_bare_maps_of_its_captions_other_words_of_its_kind():
+    config = train_default.TrainConfig(batch_size=16, image_size=32, patch_size=16)
+    tokenizer = train_default.default_tokenizer()
+    idf = train_default.word_idf(config)
+    vocab = list(np.flatnonzero(idf))
+    captions = train_default.batch(config, 0)[1]
+    ids = tokenizer.encode(captions)
+    weights = np.asarray(train_default.piece_mask(ids, tokenizer.sot_id, tokenizer.eot_id)) * idf[ids]
+    rng = np.random.default_rng(1)
+    tokens, patches, bare = (rng.normal(size=(*ids.shape, 8)).astype(np.float32),
+                             rng.normal(size=(len(ids), 6, 8)).astype(np.float32),
+                             rng.normal(size=(len(vocab), 8)).astype(np.float32))
+    kind = {tokenizer.encode([w])[0, 1]: k for k, words in enumerate((train_default.COLOURS, train_default.SHAPES))
+            for w in words}
+    separated = []
+    for b in range(len(captions)):  # every ordered pair of positions with distinct colours, or distinct shapes
+        for l, k in itertools.permutations(range(ids.shape[1]), 2):
+            i, j = ids[b, l], ids[b, k]
+            if i in kind and j in kind and kind[i] == kind[j] and i != j:
+                correlation = np.corrcoef(patches[b] @ tokens[b, l], patches[b] @ bare[vocab.index(j)])[0, 1]
+                separated.append(max(correlation, 0.0))
+    assert len(separated) > len(captions)  # most captions name two colours and two shapes
+
+    def loss(separation):
+        return float(train_default.bare_map_loss(tokens, patches, ids, bare, np.array(vocab), weights, separation))
+
+    assert loss(2.0) - loss(0.0) == pytest.approx(2.0 * np.mean(separated), rel=1e-4)
+    with pytest.raises(ValueError, match="bare_map_separation needs bare_map_weight > 0"):
+        dataclasses.replace(config, bare_map_separation=1.0)
+    with pytest.raises(ValueError, match="bare_map_separation must be >= 0"):
+        dataclasses.replace(config, bare_map_weight=1.0, bare_map_separation=-1.0)
+
+
 def test_mosaic_term_tiles_half_size_scenes_and_asks_for_their_block_mean_maps(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
@@ -579,15 +612,16 @@ def test_a_late_term_leaves_the_steps_before_its_start_as_if_it_were_off(tmp_pat
     assert train_default.LATE_TERMS[weight] == start
     tiny = dict(batch_size=8, steps=2, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=32,
                 patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
-    late = train_default.TrainConfig(**{weight: 1.0, start: 1}, **tiny)
+    part = {"bare_map_separation": 1.0} if weight == "bare_map_weight" else {}  # a part of the term, off with it
+    late = train_default.TrainConfig(**{weight: 1.0, start: 1}, **part, **tiny)
     first, _, _ = train_default.train(late, tmp_path / "first.jsonl", stop_after=1)
-    expected, _, _ = train_default.train(dataclasses.replace(late, **{weight: 0.0, start: 0}),
-                                         tmp_path / "expected.jsonl", stop_after=1)
+    off = {weight: 0.0, start: 0, **dict.fromkeys(part, 0.0)}
+    expected, _, _ = train_default.train(dataclasses.replace(late, **off), tmp_path / "expected.jsonl", stop_after=1)
     jax.tree_util.tree_map(np.testing.assert_array_equal, first, expected)  # step 1: as if the term were off
     train_default.train(late, tmp_path / "both.jsonl")
     records = [json.loads(line) for line in (tmp_path / "both.jsonl").read_text().splitlines()]
-    assert logged not in records[0] and 0 < records[1][logged] <= 2  # step 2: the term acts
-    for bad in ({start: 2}, {weight: 0.0}):
+    assert logged not in records[0] and 0 < records[1][logged] <= 2 + sum(part.values())  # step 2: the term acts
+    for bad in ({start: 2}, {weight: 0.0, **dict.fromkeys(part, 0.0)}):
         with pytest.raises(ValueError, match=f"{start} needs {weight} > 0"):
             dataclasses.replace(late, **bad)
 
@@ -743,7 +777,7 @@ def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path
     for arguments, message in [
             (("--run", "a", "--run", "b", "batch_size=32"),
              "runs a and b draw different batches (batch_size: 64 vs 32); search them separately"),
-            (("--run", "a", "--run", "b", "steps=5"), "the runs must train the same number of steps"),
+            (("--run", "a", "--run", "b", "steps=500"), "the runs must train the same number of steps"),
             (("--run", "a", "--run", "a", "seed=1"), "--run a is given twice"),
             (("--set", "seed=1", "--run", "a", "seed=2"), "--run a gives seed, which --set gives too"),
             (("--run", "../a"), "a run's name must be a folder name of letters, digits, '_', '.', '-'"),

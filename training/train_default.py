@@ -31,7 +31,8 @@ term is read the other way: one scene in four, at full size, gives each word the
 for maps over its image that do not correlate (`exclusive_loss`), a separation meant for same-colour twins;
 `bare_map_weight` asks each colour or shape word inside its caption for the map its bare word gives over the
 caption's image (`bare_map_loss`), the bare word's map held fixed, so caption words land where bare words do (from
-step `bare_map_start` on: 1800 in the default recipe).
+step `bare_map_start` on: 1800 in the default recipe), and with `bare_map_separation` not where the bare maps of the
+caption's other words of that kind land.
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -189,6 +190,10 @@ class TrainConfig:
     # gate and they held: the default recipe since 2026-12-04 (the default card).
     bare_map_weight: float = 0.0
     bare_map_start: int = 0         # the bare-map term acts from this step on (the default recipe: 1800)
+    # > 0: the bare-map term also asks each such word's map inside its caption not to correlate with the bare map of
+    # another word of its kind in the caption (a shape word not with the other shape's bare map): the separation of
+    # same-colour twins, read from the bare words' maps, which the patch term holds to their objects.
+    bare_map_separation: float = 0.0
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -249,6 +254,10 @@ class TrainConfig:
             raise ValueError(f"mosaic_student must be one of {MOSAIC_STUDENTS}, got {self.mosaic_student!r}")
         if self.mosaic_student != "half" and not self.mosaic_weight:
             raise ValueError("mosaic_student needs mosaic_weight > 0")
+        if self.bare_map_separation < 0:
+            raise ValueError(f"bare_map_separation must be >= 0, got {self.bare_map_separation}")
+        if self.bare_map_separation and not self.bare_map_weight:
+            raise ValueError("bare_map_separation needs bare_map_weight > 0")
         if self.mosaic_weight and ((self.batch_size // 2) % 4 or (self.image_size // self.patch_size) % 2):
             raise ValueError("mosaic_weight needs batch_size / 2 a multiple of 4 (four scenes a mosaic) and an even "
                              f"patch grid, got batch_size {self.batch_size} and a "
@@ -660,25 +669,45 @@ def exclusive_loss(caption_tokens: jax.Array, patch_tokens: jax.Array, token_ids
     caption_tokens [B, L, D] (inside their captions, ids `token_ids` [B, L]) and patch_tokens [B, P, D], unit rows.
     Correlation, not cosine, as `map_correlation_loss`: TCLIP reads a map's shape; above 0 only, since two objects
     on a background leave the two maps near 0, not -1."""
-    maps = jnp.einsum("bld,bpd->blp", caption_tokens, patch_tokens)
-    maps = maps - maps.mean(axis=2, keepdims=True)
-    maps = maps * jax.lax.rsqrt((maps ** 2).sum(axis=2, keepdims=True) + 1e-12)
+    maps = standardized(jnp.einsum("bld,bpd->blp", caption_tokens, patch_tokens))
     correlation = jnp.einsum("blp,bkp->blk", maps, maps)
-    kinds = word_kinds(token_ids)
-    pairs = ((kinds[:, :, None] == kinds[:, None, :]) & (kinds[:, :, None] > 0)
-             & (token_ids[:, :, None] != token_ids[:, None, :]))
+    pairs = distinct_pairs_of_a_kind(token_ids)
     return (jax.nn.relu(correlation) * pairs).sum() / jnp.maximum(pairs.sum(), 1)
 
 
+def standardized(maps: jax.Array) -> jax.Array:
+    """Maps [..., P] centred and scaled to unit norm over their last (patch) axis: dot products are Pearson
+    correlations."""
+    maps = maps - maps.mean(axis=-1, keepdims=True)
+    return maps * jax.lax.rsqrt((maps ** 2).sum(axis=-1, keepdims=True) + 1e-12)
+
+
+def distinct_pairs_of_a_kind(token_ids: jax.Array) -> jax.Array:
+    """[B, L, L] bool: positions l, k of a caption holding distinct pieces of one kind (`word_kinds`: two colours,
+    or two shapes), which name different objects."""
+    kinds = word_kinds(token_ids)
+    return ((kinds[:, :, None] == kinds[:, None, :]) & (kinds[:, :, None] > 0)
+            & (token_ids[:, :, None] != token_ids[:, None, :]))
+
+
 def bare_map_loss(caption_tokens: jax.Array, patch_tokens: jax.Array, token_ids: jax.Array, bare: jax.Array,
-                  vocab: np.ndarray, weights: jax.Array) -> jax.Array:
+                  vocab: np.ndarray, weights: jax.Array, separation: float = 0.0) -> jax.Array:
     """Each colour or shape piece inside its caption (`word_kinds`, counted: `weights` [B, L] > 0) should give, over
     its caption's own image, the map its bare word gives there: `map_correlation_loss` between the two S rows over
-    the patches. caption_tokens [B, L, D] (inside their captions, ids `token_ids` [B, L]), patch_tokens [B, P, D]
-    and `bare` [U, D] (`piece_embeddings` of the sorted ids `vocab` [U]), unit rows."""
+    the patches. With `separation` s > 0, plus s times the mean, over the counted pairs of distinct pieces of one
+    kind in a caption (`distinct_pairs_of_a_kind`), of max(0, the correlation of one's map inside the caption with
+    the other's bare map). caption_tokens [B, L, D] (inside their captions, ids `token_ids` [B, L]), patch_tokens
+    [B, P, D] and `bare` [U, D] (`piece_embeddings` of the sorted ids `vocab` [U]), unit rows."""
     student = jnp.einsum("bld,bpd->bpl", caption_tokens, patch_tokens)
     teacher = jnp.take_along_axis(patch_tokens @ bare.T, vocab_index(vocab, token_ids)[:, None, :], axis=2)
-    return map_correlation_loss(student, teacher, (word_kinds(token_ids) > 0) & (weights > 0))
+    counted = (word_kinds(token_ids) > 0) & (weights > 0)
+    match = map_correlation_loss(student, teacher, counted)
+    if not separation:
+        return match
+    correlation = jnp.einsum("blp,bkp->blk", standardized(jnp.swapaxes(student, 1, 2)),
+                             standardized(jnp.swapaxes(teacher, 1, 2)))
+    pairs = distinct_pairs_of_a_kind(token_ids) & counted[:, :, None] & counted[:, None, :]
+    return match + separation * (jax.nn.relu(correlation) * pairs).sum() / jnp.maximum(pairs.sum(), 1)
 
 
 def piece_embeddings(model: CLIP, params: dict, pieces: np.ndarray, sot_id: int, eot_id: int) -> jax.Array:
@@ -783,7 +812,7 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
             bare = jax.lax.stop_gradient(piece_embeddings(model, params, vocab, sot_id, eot_id))
             bare_map = bare_map_loss(l2_normalize(text.tokens[:texts]),
                                      jax.lax.stop_gradient(l2_normalize(image.tokens[:, 1:])), token_ids[:texts],
-                                     bare, vocab, weights)
+                                     bare, vocab, weights, config.bare_map_separation)
             total = total + config.bare_map_weight * bare_map
             metrics["bare_map_loss"] = bare_map
     if config.exclusive_weight:  # needs no IDF: it pairs words by kind
@@ -918,6 +947,8 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
                 off.update({weight: 0.0, LATE_TERMS[weight]: 0})
             if "mosaic_weight" in late_off:
                 off["mosaic_student"] = "half"  # the only student a config without the term accepts
+            if "bare_map_weight" in late_off:
+                off["bare_map_separation"] = 0.0  # a part of the term, off with it
             step_config = dataclasses.replace(config, **off)
             step_fns[key] = make_train_step(model, tx, step_config, objective, tokenizer.sot_id, tokenizer.eot_id,
                                             train_text, idf)
