@@ -10,6 +10,8 @@ DIR/NAME, the checkpoint folder `train_default.py --out DIR/NAME` would write (w
 agree on every `DataConfig` field. A pool of worker processes makes each step's inputs (`step_inputs`) once, ahead of
 the slowest run, and drops them when every run has taken them; the runs train in threads, so the device interleaves
 their steps. The shipped checkpoints come from `train_default.py` on the CPU (issue 13): this only ranks recipes.
+On an accelerator compiling takes most of the time, and each new caption length compiles a run's step again: add
+`--set text_length_step=0` there (it changes only the summation order; the default card's recipe search measured it).
 """
 from __future__ import annotations
 
