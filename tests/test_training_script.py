@@ -781,7 +781,9 @@ def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path
             (("--run", "a", "--run", "a", "seed=1"), "--run a is given twice"),
             (("--set", "seed=1", "--run", "a", "seed=2"), "--run a gives seed, which --set gives too"),
             (("--run", "../a"), "a run's name must be a folder name of letters, digits, '_', '.', '-'"),
-            (("--run", "a", "colour=red"), "unknown TrainConfig field 'colour'")]:
+            (("--run", "a", "colour=red"), "unknown TrainConfig field 'colour'"),
+            (("--run", "a", f"text_init={tmp_path / 'none'}"), f"{tmp_path / 'none'} is neither a file, a folder nor a "
+                                                                "hub name")]:
         bad = search(*arguments)
         assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(message), bad.stderr
         assert "Traceback" not in bad.stderr

@@ -1,5 +1,5 @@
-"""Trains variants of a recipe side by side in one process, on batches made once for all of them: recipe search on an
-accelerator, where one run leaves the device mostly idle and drawing the scenes is the slow part.
+"""Trains variants of a recipe side by side in one process, on batches made once for all of them: recipe search (two
+runs on the 2-core build machine, or several on an accelerator, which one run of these small models leaves idle).
 
     PYTHONPATH=. python training/search_recipes.py --recipe default --out DIR --workers 12 \
         --set select_step=last --run seed0 --run seed1 seed=1 --run start1200 bare_map_start=1200
@@ -149,10 +149,10 @@ def main() -> None:
             raise ValueError(f"--workers and --ahead must be >= 1, got {args.workers} and {args.ahead}")
         runs = parse_runs(args.run, train_default.parse_overrides(args.set))
         configs = {name: train_default.train_config(args.recipe, overrides) for name, overrides in runs.items()}
-        if any(c.text_init for c in configs.values()):
-            raise ValueError("text_init runs are not searched here: train them with train_default.py")
+        for config in configs.values():
+            train_default.check_text_init(config)
         check_same_data(configs)
-    except ValueError as error:  # a bad run, override or mix of runs: one line, no traceback
+    except (ValueError, OSError) as error:  # a bad run, override, text_init folder or mix of runs: one line
         parser.error(str(error))
     start = time.perf_counter()
     summaries = search(configs, args.out, args.workers, args.ahead, args.heldout)

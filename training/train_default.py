@@ -853,6 +853,13 @@ def checkpoint_text_tower(folder: str, expected: dict) -> dict:
     return source
 
 
+def check_text_init(config: TrainConfig) -> None:
+    """A missing or mismatched `text_init` checkpoint fails here, before any step (shapes only)."""
+    if config.text_init:
+        checkpoint_text_tower(config.text_init,
+                              jax.eval_shape(lambda: init_params(model_config(config), config.seed))["text"])
+
+
 def text_tower_from(folder: str, fresh: dict) -> dict:
     """The text tower of checkpoint `folder` (`TrainConfig.text_init`) for a run whose fresh text tower is `fresh`.
 
@@ -1063,9 +1070,7 @@ def main() -> None:
         if named.keys() & overrides.keys():
             raise ValueError(f"--set gives {min(named.keys() & overrides.keys())}, which its own flag gives too")
         config = train_config(args.recipe, {**named, **overrides})
-        if config.text_init:  # a missing or mismatched checkpoint fails here, before any step (shapes only)
-            checkpoint_text_tower(config.text_init,
-                                  jax.eval_shape(lambda: init_params(model_config(config), config.seed))["text"])
+        check_text_init(config)
     except (ValueError, OSError) as error:  # a bad override or text_init folder: one line, no traceback
         parser.error(str(error))
     summary = train_and_save(config, args.out)
