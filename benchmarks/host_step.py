@@ -150,9 +150,7 @@ def explained_images(explainer, size_hw, count: int, offset: int = 0):
 def input_size_maps(explainer, scene, words: int):
     """The word maps at the model's input size, before `to_original` (each word's row of the distinct queries)."""
     encoded = explainer.encode_prompts([scene.caption])
-    _, pixels, _ = explainer.preprocess(scene.image)
-    rows = encoded.rows[:words].astype(np.int32)[None]
-    return np.asarray(explainer.jitted_maps(explainer.params, pixels[None], encoded.queries, rows).maps[0])
+    return explainer.input_maps(scene.image, encoded.queries.take(encoded.rows[:words]))[0]
 
 
 # --- timing ------------------------------------------------------------------------------------------------

@@ -612,6 +612,7 @@ def test_a_late_term_leaves_the_steps_before_its_start_as_if_it_were_off(tmp_pat
     assert train_default.LATE_TERMS[weight] == start
     tiny = dict(batch_size=8, steps=2, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=32,
                 patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
+    assert train_default.LATE_TERM_PARTS.keys() == train_default.LATE_TERMS.keys()
     part = {"bare_map_separation": 1.0} if weight == "bare_map_weight" else {}  # a part of the term, off with it
     late = train_default.TrainConfig(**{weight: 1.0, start: 1}, **part, **tiny)
     first, _, _ = train_default.train(late, tmp_path / "first.jsonl", stop_after=1)

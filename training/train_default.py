@@ -119,6 +119,8 @@ WORD_TERMS = ("word_weight", "patch_word_weight", "caption_word_weight", "bare_a
 # Word terms that may act only from a step on: {weight field: start field}; before it the step is as if the term
 # were off (its weight 0).
 LATE_TERMS = {"mosaic_weight": "mosaic_start", "bare_map_weight": "bare_map_start"}
+# Before its start a late term is off, and so are its parts: the values a config without the term accepts.
+LATE_TERM_PARTS = {"mosaic_weight": {"mosaic_student": "half"}, "bare_map_weight": {"bare_map_separation": 0.0}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -951,11 +953,7 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
         if key not in step_fns:
             off = {}
             for weight in late_off:
-                off.update({weight: 0.0, LATE_TERMS[weight]: 0})
-            if "mosaic_weight" in late_off:
-                off["mosaic_student"] = "half"  # the only student a config without the term accepts
-            if "bare_map_weight" in late_off:
-                off["bare_map_separation"] = 0.0  # a part of the term, off with it
+                off.update({weight: 0.0, LATE_TERMS[weight]: 0, **LATE_TERM_PARTS[weight]})
             step_config = dataclasses.replace(config, **off)
             step_fns[key] = make_train_step(model, tx, step_config, objective, tokenizer.sot_id, tokenizer.eot_id,
                                             train_text, idf)
@@ -969,7 +967,7 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     start, cpu_start = time.perf_counter(), time.process_time()
     record: dict = {}
     with log_path.open("w") as log, concurrent.futures.ThreadPoolExecutor(1) as prefetch:
-        fetch = inputs or functools.partial(prefetch.submit, step_inputs, data_config(config))
+        fetch = inputs or functools.partial(prefetch.submit, step_inputs, config)
         steps = config.steps if stop_after is None else min(stop_after, config.steps)
         next_inputs = fetch(0)
         for step in range(steps):

@@ -275,13 +275,19 @@ class Method(abc.ABC):
         rgb = load_image(image)
         return (rgb, *self.prepare(rgb))
 
-    def image_maps(self, image: ImageLike, queries: QueryArrays) -> tuple[np.ndarray, Any]:
-        """One image's maps of every query in order, at the image's size [Q, H, W], and the image's `extras`
-        (e.g. TCLIP's unit patch embeddings): the device and resize steps of `explain`, without the host step."""
+    def input_maps(self, image: ImageLike, queries: QueryArrays) -> tuple[np.ndarray, Any, Geometry]:
+        """One image's maps of every query in order over the model input [Q, h, w], the image's `extras` (e.g.
+        TCLIP's unit patch embeddings) and its geometry: the device step of `explain`."""
         _, pixels, geometry = self.preprocess(image)
         out = self.jitted_maps(self.params, pixels[None], queries, np.arange(len(queries), dtype=np.int32)[None])
         extras = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), out.extras)
-        return self.original_maps(np.asarray(out.maps[0]), geometry), extras
+        return np.asarray(out.maps[0]), extras, geometry
+
+    def image_maps(self, image: ImageLike, queries: QueryArrays) -> tuple[np.ndarray, Any]:
+        """`input_maps` at the image's size [Q, H, W], with the image's `extras`: the device and resize steps of
+        `explain`, without the host step."""
+        maps, extras, geometry = self.input_maps(image, queries)
+        return self.original_maps(maps, geometry), extras
 
     def explain(self, image: ImageLike, prompts: str | Sequence[str] | EncodedPrompts) -> ImageResult:
         return next(self.explain_batch([image], prompts))
