@@ -248,11 +248,21 @@ def test_box_sizes_model_accuracy_is_the_gate_scorers(shipped):
         np.testing.assert_allclose(result["all"]["model"], gate["box_accuracy"], atol=1e-12)
         by_side = list(result["by_side"].values())
         assert sum(part["units"] for part in by_side) == gate["units"]
+        assert list(result["misses"]) == list(itp.MISS_KINDS)
+        assert sum(result["misses"].values()) == round(gate["units"] * (1 - gate["box_accuracy"]))
         for name in ("model", *itp.STAND_INS):
             np.testing.assert_allclose(sum(part[name] * part["units"] for part in by_side) / gate["units"],
                                        result["all"][name], atol=1e-12)
     # The shipped model grounds bare words: its S is higher on patches its object fills than on untouched ones.
     assert sizes["bare_words"]["share_profile"]["0"] < sizes["bare_words"]["share_profile"]["0.75-1"]
+
+
+def test_a_missed_box_lies_around_its_object_or_elsewhere():
+    referents = [(10, 10, 20, 20), (100, 100, 140, 120)]  # centres (15, 15) and (120, 110), end exclusive
+    assert itp.miss_kind((0, 0, 60, 60), referents, True) == "around"  # too large, around the first
+    assert itp.miss_kind((115, 105, 121, 111), referents, False) == "around"  # too small, on the second's centre
+    assert itp.miss_kind((16, 16, 90, 90), referents, True) == "elsewhere, peak on its object"
+    assert itp.miss_kind((0, 0, 15, 15), referents, False) == "elsewhere, peak elsewhere"  # the centre is excluded
 
 
 def test_share_profile_bins_rescaled_scores_by_the_covered_share():

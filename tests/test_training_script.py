@@ -547,6 +547,50 @@ def test_bare_map_separation_keeps_a_words_map_off_the_bare_maps_of_its_captions
         dataclasses.replace(config, bare_map_weight=1.0, bare_map_separation=-1.0)
 
 
+def test_peak_contrast_asks_each_bare_word_to_score_its_own_peak_above_its_captions_other_words_peaks():
+    config = train_default.TrainConfig(batch_size=16, image_size=32, patch_size=16)
+    tokenizer = train_default.default_tokenizer()
+    idf = train_default.word_idf(config)
+    vocab = list(np.flatnonzero(idf))
+    captions = train_default.batch(config, 0)[1]
+    ids = tokenizer.encode(captions)
+    weights = np.asarray(train_default.piece_mask(ids, tokenizer.sot_id, tokenizer.eot_id)) * idf[ids]
+    rng = np.random.default_rng(2)
+    patches, bare = rng.normal(size=(len(ids), 6, 8)), rng.normal(size=(len(vocab), 8))
+    kind = {tokenizer.encode([w])[0, 1]: k for k, words in enumerate((train_default.COLOURS, train_default.SHAPES))
+            for w in words}
+    scale = 7.0
+    losses = []
+    for b, caption in enumerate(captions):  # each distinct colour or shape word of the caption, read from its text
+        words = [tokenizer.encode([w])[0, 1] for w in dict.fromkeys(caption.split()) if w in
+                 set(train_default.COLOURS) | set(train_default.SHAPES)]
+        maps = {w: patches[b] @ bare[vocab.index(w)] for w in words}
+        for w in words:
+            rivals = [v for v in words if v != w and kind[v] == kind[w]]
+            if rivals:
+                logits = scale * np.array([maps[w][np.argmax(maps[v])] for v in [w, *rivals]])
+                losses.append(np.log(np.exp(logits).sum()) - logits[0])
+    assert len(losses) > len(captions)  # most captions name two colours and two shapes
+
+    def loss(patches, bare):
+        return float(train_default.peak_contrast_loss(patches.astype(np.float32), bare.astype(np.float32),
+                                                      np.array(vocab), ids, weights, scale))
+
+    assert loss(patches, bare) == pytest.approx(np.mean(losses), rel=1e-5)
+    # One caption, two objects: each word's map peaks on its own object's patch and scores the other's far lower.
+    ids = tokenizer.encode(["a red circle and a blue cross"])
+    weights = np.asarray(train_default.piece_mask(ids, tokenizer.sot_id, tokenizer.eot_id)) * idf[ids]
+    bare = np.zeros((len(vocab), 8))
+    for word, axis in (("red", 0), ("circle", 0), ("blue", 1), ("cross", 1)):
+        bare[vocab.index(tokenizer.encode([word])[0, 1]), axis] = 1.0
+    apart = np.eye(8)[None, [0, 1, 2]]  # patch 0 the red circle, patch 1 the blue cross, patch 2 background
+    assert loss(apart, bare) == pytest.approx(np.log(1 + np.exp(-scale)), abs=1e-6)  # float32 logsumexp
+    lit = apart.copy()
+    lit[0, 1] = [0.8, 0.6, 0, 0, 0, 0, 0, 0]  # the cross's patch also lights the red circle's words (0.8 of 1)
+    red_circle, blue_cross = np.log1p(np.exp(-scale * (1 - 0.8))), np.log1p(np.exp(-scale * (0.6 - 0)))
+    assert loss(lit, bare) == pytest.approx((red_circle + blue_cross) / 2, rel=1e-5)
+
+
 def test_mosaic_term_tiles_half_size_scenes_and_asks_for_their_block_mean_maps(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
@@ -607,7 +651,9 @@ def test_mosaic_read_the_other_way_teaches_full_size_scenes_with_their_enlarged_
 
 
 @pytest.mark.parametrize("weight, start, logged", [("mosaic_weight", "mosaic_start", "mosaic_loss"),
-                                                    ("bare_map_weight", "bare_map_start", "bare_map_loss")])
+                                                    ("bare_map_weight", "bare_map_start", "bare_map_loss"),
+                                                    ("peak_contrast_weight", "peak_contrast_start",
+                                                     "peak_contrast_loss")])
 def test_a_late_term_leaves_the_steps_before_its_start_as_if_it_were_off(tmp_path, weight, start, logged):
     assert train_default.LATE_TERMS[weight] == start
     tiny = dict(batch_size=8, steps=2, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=32,

@@ -41,7 +41,8 @@ box (`stand_in_map`): `coverage`, a patch's score is the share of its pixels tha
 1 where the object touches the patch and 0 elsewhere. The first is what a patch scorer can give on this grid; the
 second one that says only whether the object is in the patch, whatever share of it. And the model's own patch
 scores by the share of the patch its object covers (`share_profile`: S of the untranslated image, 0 at the
-untouched patches' median, 1 at the highest patch).
+untouched patches' median, 1 at the highest patch). And where each missed box lies (`miss_kind`): around its object,
+or on another object, with the map's peak on the named object or not.
 
 `supervised`: the training script's image tower (`train_default.model_config`, with `--set` overrides) trained
 from scratch with a linear head and cross-entropy on the label of one-object scenes (AdamW, warmup then cosine,
@@ -96,6 +97,7 @@ SIZE_BINS = (0, 32, 48, 64, 96)  # `boxes`: bin edges of the object's side, pixe
 STAND_INS = ("coverage", "presence")
 SHARE_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # `share_profile`: intervals of covered share, beside untouched patches
 BOX_PROTOCOLS = ("captions", "bare_words")
+MISS_KINDS = ("around", "elsewhere, peak on its object", "elsewhere, peak elsewhere")  # `boxes`: `miss_kind`
 
 
 def one_object_scenes(count: int, start: int, size: int = 224, style: Style = ONE_OBJECT
@@ -301,17 +303,30 @@ def share_profile(scores: np.ndarray, mask: np.ndarray, others: np.ndarray, patc
     return {name: float(rescaled[chosen].mean()) for name, chosen in bins.items() if chosen.any()}
 
 
+def miss_kind(box, gt_boxes: Sequence, peak_on_referent: bool) -> str:
+    """Where a missed box (IoU < 0.5 with every referent box) lies (`MISS_KINDS`): ``around`` its object when it
+    holds the centre of a referent's box (too large, or shifted), else ``elsewhere``, split by whether the map's
+    peak is on a referent: then the named object scored highest, but another region of the Otsu foreground (another
+    object) was the largest component."""
+    x1, y1, x2, y2 = box
+    if any(x1 <= (g[0] + g[2]) / 2 < x2 and y1 <= (g[1] + g[3]) / 2 < y2 for g in gt_boxes):
+        return "around"
+    return "elsewhere, peak on its object" if peak_on_referent else "elsewhere, peak elsewhere"
+
+
 def box_sizes(clip, count: int = 20, protocols: Sequence[str] = BOX_PROTOCOLS) -> dict:
     """Per protocol, BoxAcc@0.5 of the checkpoint's TCLIP boxes ("model") and of the `STAND_INS` scorers' boxes
     over all units and per object-size bin (`SIZE_BINS`; "units" counts them), on the first `count` held-out
     scenes. A unit's size is the side of a square of its largest referent box's area. "share_profile": the units'
-    mean `share_profile` per bin, with the patches of the objects the word does not name left out."""
+    mean `share_profile` per bin, with the patches of the objects the word does not name left out. "misses": the
+    model's missed boxes by `miss_kind` (the peak: the heatmap's highest pixel, on a referent's silhouette)."""
     method = TCLIP(clip)
     patch, size = clip.config.patch_size, clip.config.image_size
     result: dict = {"scenes": count}
     for protocol in protocols:
         rows = []  # (side, model hit, one hit per stand-in)
         profiles: dict[str, list[float]] = {}
+        misses = dict.fromkeys(MISS_KINDS, 0)
         for seed in heldout_seeds(count):
             sample = protocol_sample(protocol, seed)
             if sample.image.shape[:2] != (size, size):
@@ -328,6 +343,9 @@ def box_sizes(clip, count: int = 20, protocols: Sequence[str] = BOX_PROTOCOLS) -
             for i, unit in enumerate(units):
                 side = max((b[2] - b[0]) * (b[3] - b[1]) for b in unit.gt_boxes) ** 0.5
                 rows.append((side, *(box_hit(boxes[name][i], unit.gt_boxes) for name in ("model", *STAND_INS))))
+                if not rows[-1][1]:
+                    peak = np.unravel_index(np.argmax(heatmaps[i]), heatmaps[i].shape)
+                    misses[miss_kind(boxes["model"][i], unit.gt_boxes, bool(unit.gt_mask[peak]))] += 1
                 others = np.zeros_like(unit.gt_mask)
                 for index, item in enumerate(sample.scene.objects):
                     if index not in unit.referents:
@@ -344,7 +362,8 @@ def box_sizes(clip, count: int = 20, protocols: Sequence[str] = BOX_PROTOCOLS) -
 
         result[protocol] = {"all": accuracy(table), "by_side": {names[b]: accuracy(table[bins == b])
                                                                   for b in np.unique(bins)},
-                            "share_profile": {name: float(np.mean(values)) for name, values in profiles.items()}}
+                            "share_profile": {name: float(np.mean(values)) for name, values in profiles.items()},
+                            "misses": misses}
     return result
 
 

@@ -115,12 +115,14 @@ EASY_STYLE = dataclasses.replace(PLAIN_STYLE, counts=(1, 2, 3), count_weights=(0
 # The weights of the terms beside CLIP's global loss: `clip_tokens`' three, and the word terms (0 = off).
 TOKEN_TERMS = ("dense_weight", "token_weight", "fine_grained_weight")
 WORD_TERMS = ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight", "pair_locality_weight",
-              "mosaic_weight", "exclusive_weight", "bare_map_weight")
+              "mosaic_weight", "exclusive_weight", "bare_map_weight", "peak_contrast_weight")
 # Word terms that may act only from a step on: {weight field: start field}; before it the step is as if the term
 # were off (its weight 0).
-LATE_TERMS = {"mosaic_weight": "mosaic_start", "bare_map_weight": "bare_map_start"}
+LATE_TERMS = {"mosaic_weight": "mosaic_start", "bare_map_weight": "bare_map_start",
+              "peak_contrast_weight": "peak_contrast_start"}
 # Before its start a late term is off, and so are its parts: the values a config without the term accepts.
-LATE_TERM_PARTS = {"mosaic_weight": {"mosaic_student": "half"}, "bare_map_weight": {"bare_map_separation": 0.0}}
+LATE_TERM_PARTS = {"mosaic_weight": {"mosaic_student": "half"}, "bare_map_weight": {"bare_map_separation": 0.0},
+                   "peak_contrast_weight": {}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +198,12 @@ class TrainConfig:
     # another word of its kind in the caption (a shape word not with the other shape's bare map): the separation of
     # same-colour twins, read from the bare words' maps, which the patch term holds to their objects.
     bare_map_separation: float = 0.0
+    # > 0: each bare colour or shape word of a caption must score, over the caption's image, its own map's peak above
+    # the peaks of the caption's other words of its kind (`peak_contrast_loss`). Added because most missed boxes of
+    # bare words lie on another object while the map peaks on the named one (`image_tower_probe.py boxes`): a map
+    # that lights every object leaves Otsu's largest component to the largest object.
+    peak_contrast_weight: float = 0.0
+    peak_contrast_start: int = 0    # the peak-contrast term acts from this step on
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -712,6 +720,34 @@ def bare_map_loss(caption_tokens: jax.Array, patch_tokens: jax.Array, token_ids:
     return match + separation * (jax.nn.relu(correlation) * pairs).sum() / jnp.maximum(pairs.sum(), 1)
 
 
+def first_occurrences(token_ids: jax.Array) -> jax.Array:
+    """[B, L] bool: positions whose id no earlier position of the caption holds."""
+    same = token_ids[:, :, None] == token_ids[:, None, :]
+    earlier = jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)
+    return ~(same & earlier).any(axis=2)
+
+
+def peak_contrast_loss(patch_tokens: jax.Array, bare: jax.Array, vocab: np.ndarray, token_ids: jax.Array,
+                       weights: jax.Array, scale: jax.Array) -> jax.Array:
+    """Distinct words of one kind in a caption name different objects (`distinct_pairs_of_a_kind`), and each bare
+    word's map over the caption's image peaks on its object once the patch term grounds it. So each bare word (each
+    counted colour or shape piece, `weights` [B, L] > 0, once per caption) must score the peak of its own map above
+    the peaks of the caption's other words of its kind: InfoNCE over those peaks of `scale` times its S, the peaks'
+    patches (each bare map's argmax) held fixed; the mean over the words that have another of their kind.
+    patch_tokens [B, P, D] and `bare` [U, D] (`piece_embeddings` of the sorted ids `vocab` [U]), unit rows."""
+    maps = jnp.take_along_axis(patch_tokens @ bare.T, vocab_index(vocab, token_ids)[:, None, :], axis=2)  # [B, P, L]
+    peaks = jnp.argmax(jax.lax.stop_gradient(maps), axis=1)                                             # [B, L]
+    at_peaks = jnp.swapaxes(jnp.take_along_axis(maps, peaks[:, :, None], axis=1), 1, 2)  # [b, l, k]: S_l at k's peak
+    counted = (word_kinds(token_ids) > 0) & (weights > 0) & first_occurrences(token_ids)
+    pairs = distinct_pairs_of_a_kind(token_ids) & counted[:, :, None] & counted[:, None, :]
+    rows = pairs.any(axis=2)
+    candidates = pairs | (jnp.eye(token_ids.shape[1], dtype=bool) & rows[:, :, None])
+    logits = jnp.where(candidates, scale * at_peaks, -jnp.inf)
+    own = scale * jnp.diagonal(at_peaks, axis1=1, axis2=2)
+    per_word = jnp.where(rows, jax.nn.logsumexp(jnp.where(rows[:, :, None], logits, 0.0), axis=2) - own, 0.0)
+    return per_word.sum() / jnp.maximum(rows.sum(), 1)
+
+
 def piece_embeddings(model: CLIP, params: dict, pieces: np.ndarray, sot_id: int, eot_id: int) -> jax.Array:
     """[U, D] unit text-tower embeddings of each piece alone (its position in "<sot> piece <eot>"): the rows of
     TCLIP's S for a bare one-piece word."""
@@ -817,6 +853,13 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
                                      bare, vocab, weights, config.bare_map_separation)
             total = total + config.bare_map_weight * bare_map
             metrics["bare_map_loss"] = bare_map
+        if config.peak_contrast_weight:
+            # Both towers learn: the bare words' maps are what the term sharpens. Not CLIP's temperature.
+            contrast = peak_contrast_loss(l2_normalize(image.tokens[:, 1:]),
+                                          piece_embeddings(model, params, vocab, sot_id, eot_id), vocab,
+                                          token_ids[:texts], weights, jax.lax.stop_gradient(scale))
+            total = total + config.peak_contrast_weight * contrast
+            metrics["peak_contrast_loss"] = contrast
     if config.exclusive_weight:  # needs no IDF: it pairs words by kind
         exclusive = exclusive_loss(l2_normalize(text.tokens[:texts]), l2_normalize(image.tokens[:, 1:]),
                                    token_ids[:texts])
