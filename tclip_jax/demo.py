@@ -2,9 +2,11 @@
 embedded model, and, per word, whether its box landed on the object the word names (the scene knows the truth)."""
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import sys
+from collections.abc import Sequence
 
 from tclip_jax import synthetic, visualize
 from tclip_jax.cli import main as tclip
@@ -40,16 +42,19 @@ def verdicts(scene: synthetic.Scene, words: list[dict]) -> list[str]:
     return lines
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tclip_jax.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, default=OUT, help=f"output folder (default: {OUT})")
+    out = parser.parse_args(argv).out
     scene = synthetic.protocol_sample(DEMO_PROTOCOL, DEMO_SEED).scene
-    OUT.mkdir(exist_ok=True)
-    image_path = OUT / "scene.png"
+    out.mkdir(parents=True, exist_ok=True)
+    image_path = out / "scene.png"
     visualize.save_png(image_path, scene.image)
     print(f"scene: {image_path}  caption: {scene.caption!r}")
-    status = tclip(["explain", str(image_path), "--prompt", scene.caption, "--out", str(OUT)])
+    status = tclip(["explain", str(image_path), "--prompt", scene.caption, "--out", str(out)])
     if status != 0:
         return status
-    folder = OUT / image_path.stem
+    folder = out / image_path.stem
     record = json.loads((folder / "result.json").read_text())
     print(f"\nwhere each word's box landed (a hit: IoU >= {HIT_IOU} with an object the word names):")
     print("\n".join(verdicts(scene, record["prompts"][0]["words"])))

@@ -1,13 +1,15 @@
 """`make demo`: a same-colour pair explained word by word, with a verdict per word that agrees with result.json."""
 import json
 
+import pytest
+
 from tclip_jax import demo, synthetic
 from tclip_jax.evaluation.metrics.boxes import box_ious
 
 
 def test_demo_prints_a_verdict_per_named_word_that_matches_the_boxes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert demo.main() == 0
+    assert demo.main([]) == 0
     out = capsys.readouterr().out
     scene = synthetic.protocol_sample(demo.DEMO_PROTOCOL, demo.DEMO_SEED).scene
     colours = [o.colour for o in scene.objects]
@@ -21,3 +23,16 @@ def test_demo_prints_a_verdict_per_named_word_that_matches_the_boxes(tmp_path, m
         assert line.split()[0] == word.text
         assert ("hit" in line.split()) == (best >= 0.5) and (" miss" in line) == (best < 0.5)
     assert (tmp_path / "demo_out" / "index.html").is_file()
+
+
+def test_demo_takes_an_output_folder_and_refuses_unknown_arguments(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--frobnicate"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --frobnicate" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--help"])
+    assert exit_info.value.code == 0 and "--out" in capsys.readouterr().out
+    assert demo.main(["--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "scene" / "result.json").is_file() and not (tmp_path / "demo_out").exists()
