@@ -24,7 +24,7 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dis
          "--disable-component-update", "--disable-sync", "--force-device-scale-factor=1")
 
 
-def main() -> int:
+def main(out: pathlib.Path = DOCS) -> int:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import WebDriverWait
@@ -60,8 +60,8 @@ def main() -> int:
                     "data-rendered") == expected)
                 png = work / name
                 driver.save_screenshot(str(png))
-                Image.open(png).convert("RGB").quantize(256).save(DOCS / name, optimize=True)
-                print(f"{DOCS / name}: the word {word!r} of {scene.caption!r} ({view} view)")
+                Image.open(png).convert("RGB").quantize(256).save(out / name, optimize=True)
+                print(f"{out / name}: the word {word!r} of {scene.caption!r} ({view} view)")
         finally:
             driver.quit()
     finally:
