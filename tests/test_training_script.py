@@ -4,6 +4,7 @@ import dataclasses
 import itertools
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import threading
@@ -835,3 +836,65 @@ def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path
         assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(message), bad.stderr
         assert "Traceback" not in bad.stderr
     assert not tmp_path.joinpath("search").exists()
+
+
+RESUMABLE = [o for o in TINY_OVERRIDES if not o.startswith("steps=")] + [
+    "steps=4", "word_weight=1", "ema_decay=0.5", "select_step=validation", "validation_grounding_scenes=1"]
+LATE = ["peak_contrast_weight=1", "peak_contrast_start=2"]
+
+
+def test_a_run_resumed_from_its_saved_state_is_the_run_that_never_stopped(tmp_path):
+    """Parameters and log (but its clocks), bit for bit: the same run, a run whose late term starts at the saved step,
+    and both searched side by side from the state."""
+    def config(*extra):
+        return train_default.TrainConfig(**train_default.parse_overrides(RESUMABLE + list(extra)))
+
+    def same_run(folder, expected):
+        got, want = (np.load(f / "params.npz") for f in (folder, expected))
+        assert got.files == want.files
+        for key in want.files:
+            np.testing.assert_array_equal(got[key], want[key])
+        logs = [[json.loads(line) for line in (f / train_default.LOG_FILE).open()] for f in (folder, expected)]
+        timing = {"samples_per_s", "elapsed_s", "cpu_s"}
+        assert [{k: v for k, v in r.items() if k not in timing} for r in logs[0]] == \
+               [{k: v for k, v in r.items() if k not in timing} for r in logs[1]]
+        assert all(r["cpu_s"] > 0 for r in logs[0]) and "validation" in logs[0][1]
+
+    state = tmp_path / "state.npz"
+    train_default.train(config(), tmp_path / "first.jsonl", stop_after=2, save_state_at=(2, state))
+    assert [json.loads(line)["step"] for line in (tmp_path / "first.jsonl").open()] == [1, 2]
+    for name, extra in (("plain", []), ("late", LATE)):
+        train_default.train_and_save(config(*extra), tmp_path / "straight" / name)
+        summary = train_default.train_and_save(config(*extra), tmp_path / "resumed" / name, resume=state)
+        assert summary["resumed_from_step"] == 2 and summary["selected_step"] in (2, 4)
+        same_run(tmp_path / "resumed" / name, tmp_path / "straight" / name)
+    assert "peak_contrast_loss" in json.loads((tmp_path / "straight" / "late" / train_default.LOG_FILE)
+                                              .read_text().splitlines()[2])
+    command = [sys.executable, str(SEARCH_SCRIPT), "--out", str(tmp_path / "search"), "--workers", "1",
+               "--no-heldout", "--resume", str(state), "--set", *RESUMABLE, "--run", "plain", "--run", "late", *LATE]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=SCRIPT.parent.parent, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for name in ("plain", "late"):
+        same_run(tmp_path / "search" / name, tmp_path / "straight" / name)
+
+
+def test_a_run_refuses_a_state_it_cannot_go_on_from(tmp_path):
+    config = train_default.TrainConfig(**train_default.parse_overrides(RESUMABLE))
+    state = tmp_path / "state.npz"
+    train_default.train(config, tmp_path / "first.jsonl", stop_after=2, save_state_at=(2, state))
+    for changed, message in [({"seed": 1}, "first 2 steps differ from the saved run's (seed: 0 saved, 1 here)"),
+                             ({"peak_contrast_weight": 1.0, "peak_contrast_start": 1},
+                              "(peak_contrast_weight: 0.0 saved, 1.0 here)"),
+                             ({"embed_dim": 32}, "(embed_dim: 16 saved, 32 here)")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train_default.train(dataclasses.replace(config, **changed), tmp_path / "x.jsonl", resume=state)
+    with pytest.raises(ValueError, match="step 4 must be after the run's first step"):
+        train_default.train(config, tmp_path / "x.jsonl", save_state_at=(4, tmp_path / "late.npz"))
+    (tmp_path / "text.npz").write_text("not a state")
+    cli = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--resume",
+                          str(tmp_path / "text.npz"), "--set", *RESUMABLE],
+                         capture_output=True, text=True, cwd=SCRIPT.parent.parent, timeout=300)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert cli.stderr.strip().splitlines()[-1].startswith(f"train_default.py: error: --resume {tmp_path / 'text.npz'}: "
+                                                         "not a training state")
+    assert not (tmp_path / "out").exists()

@@ -12,6 +12,8 @@ the slowest run, and drops them when every run has taken them; the runs train in
 their steps. The shipped checkpoints come from `train_default.py` on the CPU (issue 13): this only ranks recipes.
 On an accelerator compiling takes most of the time, and each new caption length compiles a run's step again: add
 `--set text_length_step=0` there (it changes only the summation order; the default card's recipe search measured it).
+`--resume PATH` starts every run from a state `train_default.py --save-state` wrote (late terms from that step on:
+a 600-step search instead of 2400).
 """
 from __future__ import annotations
 
@@ -36,15 +38,16 @@ from tclip_jax.sweep.heldout import record_heldout_metrics  # noqa: E402
 class SharedInputs:
     """`step_inputs(data, step)` for runs 0 .. runs - 1 that each take steps 0, 1, 2, ... in order (`take`): a step
     is made once, by `pool`, up to `ahead` steps before the slowest run needs it, and dropped once every run still
-    training has taken it. A run `ahead` steps in front of the slowest waits, so at most `ahead` steps are held."""
+    training has taken it. A run `ahead` steps in front of the slowest waits, so at most `ahead` steps are held.
+    Resumed runs all start at step `first`."""
 
     def __init__(self, data: train_default.DataConfig, steps: int, pool: concurrent.futures.Executor,
-                 ahead: int, runs: int):
+                 ahead: int, runs: int, first: int = 0):
         self.data, self.steps, self.pool, self.ahead = data, steps, pool, ahead
         self.futures: dict[int, concurrent.futures.Future] = {}
-        self.submitted = 0                       # steps 0 .. submitted - 1 have been handed to the pool
+        self.submitted = first                   # steps first .. submitted - 1 have been handed to the pool
         # run -> the next step it will take; every run is counted from the start, so none misses a step
-        self.next_step = dict.fromkeys(range(runs), 0)
+        self.next_step = dict.fromkeys(range(runs), first)
         self.changed = threading.Condition()
 
     def leave(self, run: int) -> None:
@@ -107,17 +110,20 @@ def check_same_data(configs: dict[str, train_default.TrainConfig]) -> train_defa
 
 
 def search(configs: dict[str, train_default.TrainConfig], out: pathlib.Path, workers: int, ahead: int,
-           heldout: bool = True) -> dict[str, dict]:
-    """Trains every run (`train_default.train_and_save` into out/NAME) on shared inputs; {name: run summary}."""
+           heldout: bool = True, resume: pathlib.Path | None = None) -> dict[str, dict]:
+    """Trains every run (`train_default.train_and_save` into out/NAME, from the state `resume` if given) on shared
+    inputs; {name: run summary}."""
     data = check_same_data(configs)
     steps = next(iter(configs.values())).steps
+    first = 0 if resume is None else train_default.saved_step(resume)
     # Worker processes are spawned, not forked: the parent's JAX runtime has threads a fork would copy mid-flight.
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        shared = SharedInputs(data, steps, pool, ahead, len(configs))
+        shared = SharedInputs(data, steps, pool, ahead, len(configs), first)
 
         def run(member: int, name: str, config: train_default.TrainConfig) -> dict:
             try:
-                return train_default.train_and_save(config, out / name, inputs=functools.partial(shared.take, member))
+                return train_default.train_and_save(config, out / name, inputs=functools.partial(shared.take, member),
+                                                    resume=resume)
             finally:
                 shared.leave(member)
 
@@ -143,6 +149,8 @@ def main() -> None:
     parser.add_argument("--ahead", type=int, default=64, help="steps drawn ahead of the slowest run (default 64)")
     parser.add_argument("--heldout", action=argparse.BooleanOptionalAction, default=True,
                         help="record each run's heldout_metrics.json, as train_default.py does (default: yes)")
+    parser.add_argument("--resume", type=pathlib.Path, metavar="PATH",
+                        help="every run goes on from this state (train_default.py --save-state)")
     args = parser.parse_args()
     try:
         if args.workers < 1 or args.ahead < 1:
@@ -151,11 +159,13 @@ def main() -> None:
         configs = {name: train_default.train_config(args.recipe, overrides) for name, overrides in runs.items()}
         for config in configs.values():
             train_default.check_text_init(config)
+            if args.resume is not None:
+                train_default.check_resume(args.resume, config)
         check_same_data(configs)
     except (ValueError, OSError) as error:  # a bad run, override, text_init folder or mix of runs: one line
         parser.error(str(error))
     start = time.perf_counter()
-    summaries = search(configs, args.out, args.workers, args.ahead, args.heldout)
+    summaries = search(configs, args.out, args.workers, args.ahead, args.heldout, args.resume)
     for name, summary in summaries.items():
         print(json.dumps({"run": name, "overrides": runs[name], **summary}))
     print(json.dumps({"runs": len(configs), "wall_s": round(time.perf_counter() - start, 1)}))

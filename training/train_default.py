@@ -32,7 +32,9 @@ for maps over its image that do not correlate (`exclusive_loss`), a separation m
 `bare_map_weight` asks each colour or shape word inside its caption for the map its bare word gives over the
 caption's image (`bare_map_loss`), the bare word's map held fixed, so caption words land where bare words do (from
 step `bare_map_start` on: 1800 in the default recipe), and with `bare_map_separation` not where the bare maps of the
-caption's other words of that kind land.
+caption's other words of that kind land; `peak_contrast_weight` asks each bare colour or shape word of a caption to
+score its own map's peak over the caption's image above the peaks of the caption's other words of its kind
+(`peak_contrast_loss`, from step `peak_contrast_start` on), so that its map does not light every object.
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
@@ -56,6 +58,12 @@ Run from the repository root (it also records the checkpoint's fast held-out gat
 Without `--recipe`, TrainConfig's defaults are the first embedded models' (no stem, 4 blocks, 900 steps; with
 `--objective clip_tokens` the first default model, with `clip` the first `clip_only`), to which the recipe search's
 `--set` overrides are relative (the default model's card).
+
+Recipe search on late terms: `--save-state STEP PATH` also writes the run's state after STEP steps (`RunState`:
+parameters, optimiser state, moving average, the step selected so far, the log), and `--resume PATH` goes on from
+it as if the run had not stopped (bit for bit on one machine), for any configuration that trains those first steps
+alike: one that differs only in late terms starting at STEP or later (`prefix_config`). A resumed run's log and CPU
+time include the saved steps'.
 """
 from __future__ import annotations
 
@@ -962,28 +970,138 @@ def validation_record(clip: LoadedClip, validation: list, config: TrainConfig) -
     return record
 
 
-def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = None,
-          inputs: Callable[[int], concurrent.futures.Future] | None = None) -> tuple[dict, np.ndarray, dict]:
-    """Returns (float32 params, sorted token ids the captions used, run summary); logs to `log_path`.
+STATE_FORMAT = "tclip_jax/training-state"
 
-    `stop_after` ends the run after that many steps (the schedule stays the config's): determinism checks.
-    `inputs(step)` gives a future of `step_inputs(config, step)`; by default one thread draws each step's scenes
-    while the step before runs."""
-    clip_config = model_config(config)
-    model = CLIP(clip_config)
-    tokenizer = default_tokenizer()
-    params = init_params(clip_config, config.seed)
+
+def prefix_config(config: TrainConfig, step: int) -> dict:
+    """The fields of `config` that decide its first `step` steps: all of them (as JSON), with each late term
+    (`LATE_TERMS`) that starts at `step` or later, or is off, set to off."""
+    fields = json.loads(json.dumps(dataclasses.asdict(config)))
+    for weight, start in LATE_TERMS.items():
+        if not fields[weight] or fields[start] >= step:
+            fields.update({weight: 0.0, start: 0, **LATE_TERM_PARTS[weight]})
+    return json.loads(json.dumps(fields))
+
+
+@dataclasses.dataclass
+class RunState:
+    """A run after `step` steps: what `train` needs to go on as if it had not stopped. `selected` is the validation
+    choice so far (score, step, parameters); `records` the log's lines."""
+    step: int
+    config: dict
+    params: dict
+    opt_state: object
+    average: dict | None
+    selected: tuple[float, int, dict] | None
+    used_ids: list[int]
+    records: list[dict]
+
+    def trees(self) -> tuple:
+        return self.params, self.opt_state, self.average, None if self.selected is None else self.selected[2]
+
+
+def save_state(path: pathlib.Path, state: RunState) -> None:
+    """`state` as an .npz (no pickle): the arrays of its trees in order, and a JSON header."""
+    header = {"format": STATE_FORMAT, "version": 1, "step": state.step, "config": state.config,
+              "selected": None if state.selected is None else list(state.selected[:2]),
+              "used_ids": state.used_ids, "records": state.records}
+    leaves = jax.tree_util.tree_leaves(state.trees())
+    arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("wb") as file:
+        np.savez(file, header=np.array(json.dumps(header)), **arrays)
+    partial.replace(path)
+
+
+def load_state(path: pathlib.Path, config: TrainConfig, template: RunState) -> RunState:
+    """The state saved at `path`, its trees shaped as `template`'s (a fresh run's); refused, naming the field,
+    unless `config` trains the saved steps as the saved run did (`prefix_config`)."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--resume {path}: not a training state ({error})") from None
+    with archive:
+        if "header" not in archive.files:
+            raise ValueError(f"--resume {path}: not a training state (no header)")
+        header = json.loads(str(archive["header"]))
+        if header.get("format") != STATE_FORMAT:
+            raise ValueError(f"--resume {path}: not a training state (format {header.get('format')!r})")
+        step = header["step"]
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        if header["config"].keys() - known:
+            raise ValueError(f"--resume {path}: saved by a run with fields this script lacks "
+                             f"({', '.join(sorted(header['config'].keys() - known))})")
+        saved = prefix_config(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                              for k, v in header["config"].items()}), step)
+        ours = prefix_config(config, step)
+        for name in ours:
+            if saved.get(name) != ours[name]:
+                raise ValueError(f"--resume {path}: this run's first {step} steps differ from the saved run's ({name}: "
+                                 f"{saved.get(name)!r} saved, {ours[name]!r} here)")
+        selected = header["selected"]
+        kept = clip_params(template.params) if template.average is None else template.average
+        shape = RunState(step, header["config"], template.params, template.opt_state, template.average,
+                         None if selected is None else (0.0, 0, kept), [], []).trees()
+        leaves, treedef = jax.tree_util.tree_flatten(shape)
+        names = [f"leaf_{i:05d}" for i in range(len(leaves))]
+        if sorted(archive.files) != sorted(["header", *names]) or any(
+                archive[n].shape != np.shape(b) or archive[n].dtype != np.asarray(b).dtype for n, b in zip(names, leaves)):
+            raise ValueError(f"--resume {path}: its arrays do not fit this run's model and optimiser")
+        stored = [archive[n] for n in names]
+    params, opt_state, average, kept = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in stored])
+    return RunState(step, header["config"], params, opt_state, average,
+                    None if selected is None else (selected[0], selected[1], jax.device_get(kept)),
+                    header["used_ids"], header["records"])
+
+
+def saved_step(path: pathlib.Path) -> int:
+    """The step after which the state at `path` was saved (`load_state` checks the rest)."""
+    with np.load(path, allow_pickle=False) as archive:
+        return json.loads(str(archive["header"]))["step"]
+
+
+def run_idf(config: TrainConfig) -> np.ndarray | None:
+    """`word_idf`, for a run with a word term (`WORD_TERMS`)."""
+    return word_idf(config) if any(getattr(config, name) for name in WORD_TERMS) else None
+
+
+def initial_state(config: TrainConfig, idf: np.ndarray | None) -> RunState:
+    """A run before its first step: initial parameters (with the word head when a term uses it), optimiser state and
+    moving average."""
+    params = init_params(model_config(config), config.seed)
     if config.text_init:
         text = text_tower_from(config.text_init, params["text"])
         params = {**params, "text": jax.tree_util.tree_map(jnp.asarray, text)}
-    idf = word_idf(config) if any(getattr(config, name) for name in WORD_TERMS) else None
     if config.word_weight or (config.patch_word_weight and config.patch_word_head == "random"):
         # The head starts random, N(0, 1/D): a zero head would pass the tower no gradient.
         head = np.random.default_rng(config.seed).normal(0.0, config.embed_dim ** -0.5, (config.embed_dim, len(idf)))
         params = {**params, "word_head": jnp.asarray(head, jnp.float32)}
-    tx = optimizer(config)
-    opt_state = tx.init(params)
     average = clip_params(params) if config.ema_decay else None  # what validation and the checkpoint read
+    return RunState(0, dataclasses.asdict(config), params, optimizer(config).init(params), average, None, [], [])
+
+
+def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = None,
+          inputs: Callable[[int], concurrent.futures.Future] | None = None, resume: pathlib.Path | None = None,
+          save_state_at: tuple[int, pathlib.Path] | None = None) -> tuple[dict, np.ndarray, dict]:
+    """Returns (float32 params, sorted token ids the captions used, run summary); logs to `log_path`.
+
+    `stop_after` ends the run after that many steps (the schedule stays the config's): determinism checks.
+    `inputs(step)` gives a future of `step_inputs(config, step)`; by default one thread draws each step's scenes
+    while the step before runs. `resume` goes on from a saved `RunState` (`load_state`); `save_state_at` = (step,
+    path) saves one after that step (`save_state`)."""
+    clip_config = model_config(config)
+    model = CLIP(clip_config)
+    tokenizer = default_tokenizer()
+    idf = run_idf(config)
+    tx = optimizer(config)
+    state = initial_state(config, idf) if resume is None else load_state(resume, config, initial_state(config, idf))
+    params, opt_state, average, selected = state.params, state.opt_state, state.average, state.selected
+    used_ids, records = set(state.used_ids), state.records
+    first = state.step
+    if save_state_at is not None and not first < save_state_at[0] < config.steps:
+        raise ValueError(f"--save-state: step {save_state_at[0]} must be after the run's first step ({first}) and "
+                         f"before its last ({config.steps})")
     step_fns: dict[tuple[str, bool, tuple[str, ...]], Callable] = {}
 
     def step_fn(step: int) -> Callable:
@@ -1005,15 +1123,16 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     validation = retrieval_scenes(config.validation_scenes, VALIDATION_OFFSET)
     loaded = LoadedClip(model, params, tokenizer, "tclip", "training")  # params replaced at each validation
 
-    used_ids: set[int] = set()
-    selected: tuple[float, int, dict] | None = None  # select_step="validation": (score, step, params) of the best
-    start, cpu_start = time.perf_counter(), time.process_time()
-    record: dict = {}
+    record: dict = records[-1] if records else {}
+    # A resumed run's clocks go on from the saved run's.
+    start = time.perf_counter() - record.get("elapsed_s", 0.0)
+    cpu_start = time.process_time() - record.get("cpu_s", 0.0)
     with log_path.open("w") as log, concurrent.futures.ThreadPoolExecutor(1) as prefetch:
+        log.writelines(json.dumps(r) + "\n" for r in records)
         fetch = inputs or functools.partial(prefetch.submit, step_inputs, config)
         steps = config.steps if stop_after is None else min(stop_after, config.steps)
-        next_inputs = fetch(0)
-        for step in range(steps):
+        next_inputs = fetch(first)
+        for step in range(first, steps):
             images, token_ids, columns, negatives = next_inputs.result()
             if step + 1 < steps:  # the next scenes are drawn while this step runs
                 next_inputs = fetch(step + 1)
@@ -1036,8 +1155,14 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
                     selected = (record["validation"]["score"], step + 1, jax.device_get(current))
             log.write(json.dumps(record) + "\n")
             log.flush()
+            records.append(record)
+            if save_state_at is not None and step + 1 == save_state_at[0]:
+                save_state(save_state_at[1], RunState(step + 1, dataclasses.asdict(config), params, opt_state, average,
+                                                      selected, sorted(used_ids), records))
     used_ids.discard(PAD_ID)  # padding follows the end-of-text token, so it never reaches a real token
     summary = {"train_seconds": record["elapsed_s"], "train_cpu_seconds": record["cpu_s"], "final": record}
+    if first:
+        summary["resumed_from_step"] = first
     if selected is not None:  # the earliest step of the best score
         summary["selected_step"] = selected[1]
     kept = selected[2] if selected is not None else jax.device_get(current)
@@ -1053,14 +1178,15 @@ def zero_unused_rows(params: dict, used_ids: np.ndarray) -> dict:
 
 
 def train_and_save(config: TrainConfig, out: pathlib.Path,
-                   inputs: Callable[[int], concurrent.futures.Future] | None = None) -> dict:
-    """Trains `config` (`train`) and writes checkpoint folder `out` with its training log; a README.md already in
-    `out` (a model card) is kept. Returns the run summary."""
+                   inputs: Callable[[int], concurrent.futures.Future] | None = None, resume: pathlib.Path | None = None,
+                   save_state_at: tuple[int, pathlib.Path] | None = None) -> dict:
+    """Trains `config` (`train`, with its `resume` and `save_state_at`) and writes checkpoint folder `out` with its
+    training log; a README.md already in `out` (a model card) is kept. Returns the run summary."""
     log_path = out.parent / f".{out.name}.{LOG_FILE}"  # moved into the folder once it is written
     log_path.parent.mkdir(parents=True, exist_ok=True)
     readme = out / README_FILE
     readme_text = readme.read_text() if readme.is_file() else None  # saving replaces the folder
-    params, used_ids, summary = train(config, log_path, inputs=inputs)
+    params, used_ids, summary = train(config, log_path, inputs=inputs, resume=resume, save_state_at=save_state_at)
     metadata = {"training": {"config": dataclasses.asdict(config), **summary,
                              "used_token_ids": used_ids.tolist(), "cpu_count": os.cpu_count()}}
     save_checkpoint(out, zero_unused_rows(params, used_ids), model_config(config), metadata=metadata,
@@ -1094,6 +1220,21 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
+def parse_save_state(item: list[str] | None) -> tuple[int, pathlib.Path] | None:
+    """`--save-state STEP PATH` as (step, path)."""
+    if item is None:
+        return None
+    step, path = item
+    if not step.isdigit():
+        raise ValueError(f"--save-state {step} {path}: STEP must be a whole number of steps")
+    return int(step), pathlib.Path(path)
+
+
+def check_resume(path: pathlib.Path, config: TrainConfig) -> None:
+    """Refuses a state `config` cannot go on from (`load_state`'s checks, on a fresh run's shapes)."""
+    load_state(path, config, initial_state(config, run_idf(config)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, required=True)
@@ -1103,6 +1244,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help=f"default: {TrainConfig.steps}")
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="FIELD=VALUE",
                         help="override other TrainConfig fields (for recipe search; may be repeated)")
+    parser.add_argument("--save-state", nargs=2, metavar=("STEP", "PATH"),
+                        help="also write the run's state after STEP steps to PATH (.npz), for --resume")
+    parser.add_argument("--resume", type=pathlib.Path, metavar="PATH",
+                        help="go on from a state --save-state wrote (the run's first steps must be the saved run's)")
     args = parser.parse_args()
     try:
         named = {name: value for name, value in (("objective", args.objective), ("steps", args.steps))
@@ -1112,9 +1257,12 @@ def main() -> None:
             raise ValueError(f"--set gives {min(named.keys() & overrides.keys())}, which its own flag gives too")
         config = train_config(args.recipe, {**named, **overrides})
         check_text_init(config)
-    except (ValueError, OSError) as error:  # a bad override or text_init folder: one line, no traceback
+        save_state_at = parse_save_state(args.save_state)
+        if args.resume is not None:  # checked now, not after compiling
+            check_resume(args.resume, config)
+    except (ValueError, OSError) as error:  # a bad override, text_init folder or state: one line, no traceback
         parser.error(str(error))
-    summary = train_and_save(config, args.out)
+    summary = train_and_save(config, args.out, resume=args.resume, save_state_at=save_state_at)
     print(json.dumps(summary["final"]))
     # The fast held-out gates the card quotes and tests/test_default_model.py re-measures.
     print(json.dumps(record_heldout_metrics(args.out)))
