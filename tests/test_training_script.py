@@ -888,7 +888,8 @@ def test_a_run_refuses_a_state_it_cannot_go_on_from(tmp_path):
                              ({"embed_dim": 32}, "(embed_dim: 16 saved, 32 here)")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             train_default.train(dataclasses.replace(config, **changed), tmp_path / "x.jsonl", resume=state)
-    with pytest.raises(ValueError, match="step 4 must be after the run's first step"):
+    with pytest.raises(ValueError, match=re.escape("STEP must be a step after the run's first (0) and before its last "
+                                                   "(4)")):
         train_default.train(config, tmp_path / "x.jsonl", save_state_at=(4, tmp_path / "late.npz"))
     (tmp_path / "text.npz").write_text("not a state")
     cli = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--resume",
@@ -897,4 +898,10 @@ def test_a_run_refuses_a_state_it_cannot_go_on_from(tmp_path):
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
     assert cli.stderr.strip().splitlines()[-1].startswith(f"train_default.py: error: --resume {tmp_path / 'text.npz'}: "
                                                          "not a training state")
+    assert not (tmp_path / "out").exists()
+    cli = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--resume", str(state),
+                          "--save-state", "2", str(tmp_path / "again.npz"), "--set", *RESUMABLE],
+                         capture_output=True, text=True, cwd=SCRIPT.parent.parent, timeout=300)
+    assert cli.returncode == 2 and cli.stderr.strip().splitlines()[-1].endswith(
+        "STEP must be a step after the run's first (2) and before its last (4)")
     assert not (tmp_path / "out").exists()

@@ -1099,9 +1099,8 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     params, opt_state, average, selected = state.params, state.opt_state, state.average, state.selected
     used_ids, records = set(state.used_ids), state.records
     first = state.step
-    if save_state_at is not None and not first < save_state_at[0] < config.steps:
-        raise ValueError(f"--save-state: step {save_state_at[0]} must be after the run's first step ({first}) and "
-                         f"before its last ({config.steps})")
+    if save_state_at is not None:
+        parse_save_state([str(save_state_at[0]), str(save_state_at[1])], config, first)
     step_fns: dict[tuple[str, bool, tuple[str, ...]], Callable] = {}
 
     def step_fn(step: int) -> Callable:
@@ -1220,13 +1219,14 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
-def parse_save_state(item: list[str] | None) -> tuple[int, pathlib.Path] | None:
-    """`--save-state STEP PATH` as (step, path)."""
+def parse_save_state(item: list[str] | None, config: TrainConfig, first: int = 0) -> tuple[int, pathlib.Path] | None:
+    """`--save-state STEP PATH` as (step, path), STEP inside the run (after its `first` step, before its last)."""
     if item is None:
         return None
     step, path = item
-    if not step.isdigit():
-        raise ValueError(f"--save-state {step} {path}: STEP must be a whole number of steps")
+    if not step.isdigit() or not first < int(step) < config.steps:
+        raise ValueError(f"--save-state {step} {path}: STEP must be a step after the run's first ({first}) and before "
+                         f"its last ({config.steps})")
     return int(step), pathlib.Path(path)
 
 
@@ -1257,9 +1257,9 @@ def main() -> None:
             raise ValueError(f"--set gives {min(named.keys() & overrides.keys())}, which its own flag gives too")
         config = train_config(args.recipe, {**named, **overrides})
         check_text_init(config)
-        save_state_at = parse_save_state(args.save_state)
         if args.resume is not None:  # checked now, not after compiling
             check_resume(args.resume, config)
+        save_state_at = parse_save_state(args.save_state, config, 0 if args.resume is None else saved_step(args.resume))
     except (ValueError, OSError) as error:  # a bad override, text_init folder or state: one line, no traceback
         parser.error(str(error))
     summary = train_and_save(config, args.out, resume=args.resume, save_state_at=save_state_at)
