@@ -870,6 +870,15 @@ def test_a_run_resumed_from_its_saved_state_is_the_run_that_never_stopped(tmp_pa
         same_run(tmp_path / "resumed" / name, tmp_path / "straight" / name)
     assert "peak_contrast_loss" in json.loads((tmp_path / "straight" / "late" / train_default.LOG_FILE)
                                               .read_text().splitlines()[2])
+    # A run that keeps its last step goes on from one that selects by validation: the last step's parameters.
+    last = dataclasses.replace(config(*LATE), select_step="last")
+    straight, _, _ = train_default.train(last, tmp_path / "last.jsonl")
+    resumed, _, summary = train_default.train(last, tmp_path / "last_resumed.jsonl", resume=state)
+    assert "selected_step" not in summary
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, straight)
+    train_default.train(last, tmp_path / "y.jsonl", stop_after=2, save_state_at=(2, tmp_path / "last.npz"))
+    with pytest.raises(ValueError, match=re.escape("(select_step: 'last' saved, 'validation' here)")):
+        train_default.train(config(), tmp_path / "x.jsonl", resume=tmp_path / "last.npz")  # no scores to select by
     command = [sys.executable, str(SEARCH_SCRIPT), "--out", str(tmp_path / "search"), "--workers", "1",
                "--no-heldout", "--resume", str(state), "--set", *RESUMABLE, "--run", "plain", "--run", "late", *LATE]
     done = subprocess.run(command, capture_output=True, text=True, cwd=SCRIPT.parent.parent, timeout=600)

@@ -62,8 +62,9 @@ Without `--recipe`, TrainConfig's defaults are the first embedded models' (no st
 Recipe search on late terms: `--save-state STEP PATH` also writes the run's state after STEP steps (`RunState`:
 parameters, optimiser state, moving average, the step selected so far, the log), and `--resume PATH` goes on from
 it as if the run had not stopped (bit for bit on one machine), for any configuration that trains those first steps
-alike: one that differs only in late terms starting at STEP or later (`prefix_config`). A resumed run's log and CPU
-time include the saved steps'.
+alike: one that differs only in late terms starting at STEP or later (`prefix_config`), or that keeps its last step
+where the saved run selected one by validation (its log keeps the saved steps' validation scores). A resumed run's
+log and CPU time include the saved steps'.
 """
 from __future__ import annotations
 
@@ -1036,6 +1037,9 @@ def load_state(path: pathlib.Path, config: TrainConfig, template: RunState) -> R
         saved = prefix_config(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
                                               for k, v in header["config"].items()}), step)
         ours = prefix_config(config, step)
+        keeps_last = config.select_step == "last"
+        if keeps_last:  # a run that keeps its last step may go on from one that selects by validation
+            saved["select_step"] = "last"
         for name in ours:
             if saved.get(name) != ours[name]:
                 raise ValueError(f"--resume {path}: this run's first {step} steps differ from the saved run's ({name}: "
@@ -1052,7 +1056,7 @@ def load_state(path: pathlib.Path, config: TrainConfig, template: RunState) -> R
         stored = [archive[n] for n in names]
     params, opt_state, average, kept = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in stored])
     return RunState(step, header["config"], params, opt_state, average,
-                    None if selected is None else (selected[0], selected[1], jax.device_get(kept)),
+                    None if selected is None or keeps_last else (selected[0], selected[1], jax.device_get(kept)),
                     header["used_ids"], header["records"])
 
 
