@@ -561,7 +561,7 @@ def test_peak_contrast_asks_each_bare_word_to_score_its_own_peak_above_its_capti
     kind = {tokenizer.encode([w])[0, 1]: k for k, words in enumerate((train_default.COLOURS, train_default.SHAPES))
             for w in words}
     scale = 7.0
-    losses = []
+    losses = {0: [], 1: []}  # per kind: colour words, shape words
     for b, caption in enumerate(captions):  # each distinct colour or shape word of the caption, read from its text
         words = [tokenizer.encode([w])[0, 1] for w in dict.fromkeys(caption.split()) if w in
                  set(train_default.COLOURS) | set(train_default.SHAPES)]
@@ -570,14 +570,20 @@ def test_peak_contrast_asks_each_bare_word_to_score_its_own_peak_above_its_capti
             rivals = [v for v in words if v != w and kind[v] == kind[w]]
             if rivals:
                 logits = scale * np.array([maps[w][np.argmax(maps[v])] for v in [w, *rivals]])
-                losses.append(np.log(np.exp(logits).sum()) - logits[0])
-    assert len(losses) > len(captions)  # most captions name two colours and two shapes
+                losses[kind[w]].append(np.log(np.exp(logits).sum()) - logits[0])
+    assert len(losses[0]) > len(captions) / 2 and len(losses[1]) > len(captions) / 2  # most name two of each
 
-    def loss(patches, bare):
+    def loss(patches, bare, kinds=train_default.WORD_KINDS):
         return float(train_default.peak_contrast_loss(patches.astype(np.float32), bare.astype(np.float32),
-                                                      np.array(vocab), ids, weights, scale))
+                                                      np.array(vocab), ids, weights, scale, kinds))
 
-    assert loss(patches, bare) == pytest.approx(np.mean(losses), rel=1e-5)
+    assert loss(patches, bare) == pytest.approx(np.mean(losses[0] + losses[1]), rel=1e-5)
+    assert loss(patches, bare, ("colour",)) == pytest.approx(np.mean(losses[0]), rel=1e-5)
+    assert loss(patches, bare, ("shape",)) == pytest.approx(np.mean(losses[1]), rel=1e-5)
+    with pytest.raises(ValueError, match="peak_contrast_kinds needs peak_contrast_weight > 0"):
+        dataclasses.replace(config, peak_contrast_kinds=("colour",))
+    with pytest.raises(ValueError, match="peak_contrast_kinds"):
+        dataclasses.replace(config, peak_contrast_weight=1.0, peak_contrast_kinds=("size",))
     # One caption, two objects: each word's map peaks on its own object's patch and scores the other's far lower.
     ids = tokenizer.encode(["a red circle and a blue cross"])
     weights = np.asarray(train_default.piece_mask(ids, tokenizer.sot_id, tokenizer.eot_id)) * idf[ids]

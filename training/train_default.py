@@ -121,6 +121,8 @@ WORD_IDF_STEPS = 16  # word_idf counts the captions of the run's first steps
 EASY_STYLE = dataclasses.replace(PLAIN_STYLE, counts=(1, 2, 3), count_weights=(0.4, 0.35, 0.25))
 
 
+WORD_KINDS = ("colour", "shape")  # `word_kinds`' 1 and 2
+
 # The weights of the terms beside CLIP's global loss: `clip_tokens`' three, and the word terms (0 = off).
 TOKEN_TERMS = ("dense_weight", "token_weight", "fine_grained_weight")
 WORD_TERMS = ("word_weight", "patch_word_weight", "caption_word_weight", "bare_anchor_weight", "pair_locality_weight",
@@ -131,7 +133,7 @@ LATE_TERMS = {"mosaic_weight": "mosaic_start", "bare_map_weight": "bare_map_star
               "peak_contrast_weight": "peak_contrast_start"}
 # Before its start a late term is off, and so are its parts: the values a config without the term accepts.
 LATE_TERM_PARTS = {"mosaic_weight": {"mosaic_student": "half"}, "bare_map_weight": {"bare_map_separation": 0.0},
-                   "peak_contrast_weight": {}}
+                   "peak_contrast_weight": {"peak_contrast_kinds": WORD_KINDS}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +215,7 @@ class TrainConfig:
     # that lights every object leaves Otsu's largest component to the largest object.
     peak_contrast_weight: float = 0.0
     peak_contrast_start: int = 0    # the peak-contrast term acts from this step on
+    peak_contrast_kinds: tuple[str, ...] = WORD_KINDS  # the kinds of word it asks (a shape's peak can be its twin's)
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -277,6 +280,11 @@ class TrainConfig:
             raise ValueError(f"bare_map_separation must be >= 0, got {self.bare_map_separation}")
         if self.bare_map_separation and not self.bare_map_weight:
             raise ValueError("bare_map_separation needs bare_map_weight > 0")
+        check_choices("peak_contrast_kinds", self.peak_contrast_kinds, WORD_KINDS)
+        if not self.peak_contrast_kinds:
+            raise ValueError("peak_contrast_kinds needs at least one kind of word")
+        if set(self.peak_contrast_kinds) != set(WORD_KINDS) and not self.peak_contrast_weight:
+            raise ValueError("peak_contrast_kinds needs peak_contrast_weight > 0")
         if self.mosaic_weight and ((self.batch_size // 2) % 4 or (self.image_size // self.patch_size) % 2):
             raise ValueError("mosaic_weight needs batch_size / 2 a multiple of 4 (four scenes a mosaic) and an even "
                              f"patch grid, got batch_size {self.batch_size} and a "
@@ -737,17 +745,19 @@ def first_occurrences(token_ids: jax.Array) -> jax.Array:
 
 
 def peak_contrast_loss(patch_tokens: jax.Array, bare: jax.Array, vocab: np.ndarray, token_ids: jax.Array,
-                       weights: jax.Array, scale: jax.Array) -> jax.Array:
+                       weights: jax.Array, scale: jax.Array, kinds: tuple[str, ...] = WORD_KINDS) -> jax.Array:
     """Distinct words of one kind in a caption name different objects (`distinct_pairs_of_a_kind`), and each bare
     word's map over the caption's image peaks on its object once the patch term grounds it. So each bare word (each
     counted colour or shape piece, `weights` [B, L] > 0, once per caption) must score the peak of its own map above
     the peaks of the caption's other words of its kind: InfoNCE over those peaks of `scale` times its S, the peaks'
-    patches (each bare map's argmax) held fixed; the mean over the words that have another of their kind.
+    patches (each bare map's argmax) held fixed; the mean over the words that have another of their kind, of the
+    `kinds` asked (`WORD_KINDS`).
     patch_tokens [B, P, D] and `bare` [U, D] (`piece_embeddings` of the sorted ids `vocab` [U]), unit rows."""
     maps = jnp.take_along_axis(patch_tokens @ bare.T, vocab_index(vocab, token_ids)[:, None, :], axis=2)  # [B, P, L]
     peaks = jnp.argmax(jax.lax.stop_gradient(maps), axis=1)                                             # [B, L]
     at_peaks = jnp.swapaxes(jnp.take_along_axis(maps, peaks[:, :, None], axis=1), 1, 2)  # [b, l, k]: S_l at k's peak
-    counted = (word_kinds(token_ids) > 0) & (weights > 0) & first_occurrences(token_ids)
+    asked = jnp.isin(word_kinds(token_ids), np.array([1 + WORD_KINDS.index(k) for k in kinds]))
+    counted = asked & (weights > 0) & first_occurrences(token_ids)
     pairs = distinct_pairs_of_a_kind(token_ids) & counted[:, :, None] & counted[:, None, :]
     rows = pairs.any(axis=2)
     candidates = pairs | (jnp.eye(token_ids.shape[1], dtype=bool) & rows[:, :, None])
@@ -866,7 +876,8 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
             # Both towers learn: the bare words' maps are what the term sharpens. Not CLIP's temperature.
             contrast = peak_contrast_loss(l2_normalize(image.tokens[:, 1:]),
                                           piece_embeddings(model, params, vocab, sot_id, eot_id), vocab,
-                                          token_ids[:texts], weights, jax.lax.stop_gradient(scale))
+                                          token_ids[:texts], weights, jax.lax.stop_gradient(scale),
+                                          config.peak_contrast_kinds)
             total = total + config.peak_contrast_weight * contrast
             metrics["peak_contrast_loss"] = contrast
     if config.exclusive_weight:  # needs no IDF: it pairs words by kind
