@@ -515,7 +515,9 @@ def test_bare_map_term_asks_colour_and_shape_words_inside_captions_for_their_bar
     assert loss(tokens) == pytest.approx(0.0, abs=1e-5)
 
 
-def test_bare_map_separation_keeps_a_words_map_off_the_bare_maps_of_its_captions_other_words_of_its_kind():
+def first_batch_captions():
+    """(config, tokenizer, idf, vocab, captions, ids, weights, kind) of a 16-scene batch: the word terms' counted
+    pieces (`vocab` as a list, IDF `weights` [B, L]) and each colour or shape piece's kind (0 colour, 1 shape)."""
     config = train_default.TrainConfig(batch_size=16, image_size=32, patch_size=16)
     tokenizer = train_default.default_tokenizer()
     idf = train_default.word_idf(config)
@@ -523,12 +525,17 @@ def test_bare_map_separation_keeps_a_words_map_off_the_bare_maps_of_its_captions
     captions = train_default.batch(config, 0)[1]
     ids = tokenizer.encode(captions)
     weights = np.asarray(train_default.piece_mask(ids, tokenizer.sot_id, tokenizer.eot_id)) * idf[ids]
+    kind = {tokenizer.encode([w])[0, 1]: k for k, words in enumerate((train_default.COLOURS, train_default.SHAPES))
+            for w in words}
+    return config, tokenizer, idf, vocab, captions, ids, weights, kind
+
+
+def test_bare_map_separation_keeps_a_words_map_off_the_bare_maps_of_its_captions_other_words_of_its_kind():
+    config, _, _, vocab, captions, ids, weights, kind = first_batch_captions()
     rng = np.random.default_rng(1)
     tokens, patches, bare = (rng.normal(size=(*ids.shape, 8)).astype(np.float32),
                              rng.normal(size=(len(ids), 6, 8)).astype(np.float32),
                              rng.normal(size=(len(vocab), 8)).astype(np.float32))
-    kind = {tokenizer.encode([w])[0, 1]: k for k, words in enumerate((train_default.COLOURS, train_default.SHAPES))
-            for w in words}
     separated = []
     for b in range(len(captions)):  # every ordered pair of positions with distinct colours, or distinct shapes
         for l, k in itertools.permutations(range(ids.shape[1]), 2):
@@ -549,17 +556,9 @@ def test_bare_map_separation_keeps_a_words_map_off_the_bare_maps_of_its_captions
 
 
 def test_peak_contrast_asks_each_bare_word_to_score_its_own_peak_above_its_captions_other_words_peaks():
-    config = train_default.TrainConfig(batch_size=16, image_size=32, patch_size=16)
-    tokenizer = train_default.default_tokenizer()
-    idf = train_default.word_idf(config)
-    vocab = list(np.flatnonzero(idf))
-    captions = train_default.batch(config, 0)[1]
-    ids = tokenizer.encode(captions)
-    weights = np.asarray(train_default.piece_mask(ids, tokenizer.sot_id, tokenizer.eot_id)) * idf[ids]
+    config, tokenizer, idf, vocab, captions, ids, weights, kind = first_batch_captions()
     rng = np.random.default_rng(2)
     patches, bare = rng.normal(size=(len(ids), 6, 8)), rng.normal(size=(len(vocab), 8))
-    kind = {tokenizer.encode([w])[0, 1]: k for k, words in enumerate((train_default.COLOURS, train_default.SHAPES))
-            for w in words}
     scale = 7.0
     losses = {0: [], 1: []}  # per kind: colour words, shape words
     for b, caption in enumerate(captions):  # each distinct colour or shape word of the caption, read from its text
@@ -849,12 +848,22 @@ RESUMABLE = [o for o in TINY_OVERRIDES if not o.startswith("steps=")] + [
 LATE = ["peak_contrast_weight=1", "peak_contrast_start=2"]
 
 
-def test_a_run_resumed_from_its_saved_state_is_the_run_that_never_stopped(tmp_path):
-    """Parameters and log (but its clocks), bit for bit: the same run, a run whose late term starts at the saved step,
-    and both searched side by side from the state."""
-    def config(*extra):
-        return train_default.TrainConfig(**train_default.parse_overrides(RESUMABLE + list(extra)))
+def resumable_config(*extra: str) -> train_default.TrainConfig:
+    return train_default.TrainConfig(**train_default.parse_overrides(RESUMABLE + list(extra)))
 
+
+@pytest.fixture(scope="module")
+def saved_state(tmp_path_factory) -> pathlib.Path:
+    """The state of a RESUMABLE run after its step 2 of 4 (one validation, so a selected step, behind it)."""
+    folder = tmp_path_factory.mktemp("state")
+    train_default.train(resumable_config(), folder / "first.jsonl", stop_after=2, save_state_at=(2, folder / "s.npz"))
+    assert [json.loads(line)["step"] for line in (folder / "first.jsonl").open()] == [1, 2]
+    return folder / "s.npz"
+
+
+def test_a_run_resumed_from_its_saved_state_is_the_run_that_never_stopped(tmp_path, saved_state):
+    """Parameters and log (but its clocks), bit for bit: a run whose late term starts at the saved step, resumed alone
+    and searched from the state, against the same run from the start."""
     def same_run(folder, expected):
         got, want = (np.load(f / "params.npz") for f in (folder, expected))
         assert got.files == want.files
@@ -866,37 +875,30 @@ def test_a_run_resumed_from_its_saved_state_is_the_run_that_never_stopped(tmp_pa
                [{k: v for k, v in r.items() if k not in timing} for r in logs[1]]
         assert all(r["cpu_s"] > 0 for r in logs[0]) and "validation" in logs[0][1]
 
-    state = tmp_path / "state.npz"
-    train_default.train(config(), tmp_path / "first.jsonl", stop_after=2, save_state_at=(2, state))
-    assert [json.loads(line)["step"] for line in (tmp_path / "first.jsonl").open()] == [1, 2]
-    for name, extra in (("plain", []), ("late", LATE)):
-        train_default.train_and_save(config(*extra), tmp_path / "straight" / name)
-        summary = train_default.train_and_save(config(*extra), tmp_path / "resumed" / name, resume=state)
-        assert summary["resumed_from_step"] == 2 and summary["selected_step"] in (2, 4)
-        same_run(tmp_path / "resumed" / name, tmp_path / "straight" / name)
-    assert "peak_contrast_loss" in json.loads((tmp_path / "straight" / "late" / train_default.LOG_FILE)
-                                              .read_text().splitlines()[2])
-    # A run that keeps its last step goes on from one that selects by validation: the last step's parameters.
-    last = dataclasses.replace(config(*LATE), select_step="last")
-    straight, _, _ = train_default.train(last, tmp_path / "last.jsonl")
-    resumed, _, summary = train_default.train(last, tmp_path / "last_resumed.jsonl", resume=state)
-    assert "selected_step" not in summary
-    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, straight)
-    train_default.train(last, tmp_path / "y.jsonl", stop_after=2, save_state_at=(2, tmp_path / "last.npz"))
-    with pytest.raises(ValueError, match=re.escape("(select_step: 'last' saved, 'validation' here)")):
-        train_default.train(config(), tmp_path / "x.jsonl", resume=tmp_path / "last.npz")  # no scores to select by
+    late = resumable_config(*LATE)
+    train_default.train_and_save(late, tmp_path / "straight")
+    summary = train_default.train_and_save(late, tmp_path / "resumed", resume=saved_state)
+    assert summary["resumed_from_step"] == 2 and summary["selected_step"] in (2, 4)
+    same_run(tmp_path / "resumed", tmp_path / "straight")
+    assert "peak_contrast_loss" in json.loads((tmp_path / "straight" / train_default.LOG_FILE).read_text()
+                                              .splitlines()[2])
     command = [sys.executable, str(SEARCH_SCRIPT), "--out", str(tmp_path / "search"), "--workers", "1",
-               "--no-heldout", "--resume", str(state), "--set", *RESUMABLE, "--run", "plain", "--run", "late", *LATE]
+               "--no-heldout", "--resume", str(saved_state), "--set", *RESUMABLE, "--run", "late", *LATE]
     done = subprocess.run(command, capture_output=True, text=True, cwd=SCRIPT.parent.parent, timeout=600)
     assert done.returncode == 0, done.stderr
-    for name in ("plain", "late"):
-        same_run(tmp_path / "search" / name, tmp_path / "straight" / name)
+    same_run(tmp_path / "search" / "late", tmp_path / "straight")
+    # A run that keeps its last step goes on from one that selects by validation: the last step's parameters.
+    last = dataclasses.replace(late, select_step="last")
+    straight, _, _ = train_default.train(last, tmp_path / "last.jsonl", save_state_at=(2, tmp_path / "last.npz"))
+    resumed, _, summary = train_default.train(last, tmp_path / "last_resumed.jsonl", resume=saved_state)
+    assert "selected_step" not in summary
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, straight)
+    with pytest.raises(ValueError, match=re.escape("(select_step: 'last' saved, 'validation' here)")):
+        train_default.train(late, tmp_path / "x.jsonl", resume=tmp_path / "last.npz")  # no scores to select by
 
 
-def test_a_run_refuses_a_state_it_cannot_go_on_from(tmp_path):
-    config = train_default.TrainConfig(**train_default.parse_overrides(RESUMABLE))
-    state = tmp_path / "state.npz"
-    train_default.train(config, tmp_path / "first.jsonl", stop_after=2, save_state_at=(2, state))
+def test_a_run_refuses_a_state_it_cannot_go_on_from(tmp_path, saved_state):
+    config, state = resumable_config(), saved_state
     for changed, message in [({"seed": 1}, "first 2 steps differ from the saved run's (seed: 0 saved, 1 here)"),
                              ({"peak_contrast_weight": 1.0, "peak_contrast_start": 1},
                               "(peak_contrast_weight: 0.0 saved, 1.0 here)"),
