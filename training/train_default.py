@@ -873,7 +873,8 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
             total = total + config.bare_map_weight * bare_map
             metrics["bare_map_loss"] = bare_map
         if config.peak_contrast_weight:
-            # Both towers learn: the bare words' maps are what the term sharpens. Not CLIP's temperature.
+            # Both towers learn: the bare words' maps are what the term sharpens. Not CLIP's temperature. Its own
+            # bare embeddings, as each term has: sharing the patch term's would sum their gradients in another order.
             contrast = peak_contrast_loss(l2_normalize(image.tokens[:, 1:]),
                                           piece_embeddings(model, params, vocab, sot_id, eot_id), vocab,
                                           token_ids[:texts], weights, jax.lax.stop_gradient(scale),
@@ -988,11 +989,11 @@ STATE_FORMAT = "tclip_jax/training-state"
 def prefix_config(config: TrainConfig, step: int) -> dict:
     """The fields of `config` that decide its first `step` steps: all of them (as JSON), with each late term
     (`LATE_TERMS`) that starts at `step` or later, or is off, set to off."""
-    fields = json.loads(json.dumps(dataclasses.asdict(config)))
+    fields = dataclasses.asdict(config)
     for weight, start in LATE_TERMS.items():
         if not fields[weight] or fields[start] >= step:
             fields.update({weight: 0.0, start: 0, **LATE_TERM_PARTS[weight]})
-    return json.loads(json.dumps(fields))
+    return json.loads(json.dumps(fields))  # tuples as lists, as a saved header has them
 
 
 @dataclasses.dataclass
@@ -1061,10 +1062,11 @@ def load_state(path: pathlib.Path, config: TrainConfig, template: RunState) -> R
                          None if selected is None else (0.0, 0, kept), [], []).trees()
         leaves, treedef = jax.tree_util.tree_flatten(shape)
         names = [f"leaf_{i:05d}" for i in range(len(leaves))]
-        if sorted(archive.files) != sorted(["header", *names]) or any(
-                archive[n].shape != np.shape(b) or archive[n].dtype != np.asarray(b).dtype for n, b in zip(names, leaves)):
+        if sorted(archive.files) != sorted(["header", *names]):
             raise ValueError(f"--resume {path}: its arrays do not fit this run's model and optimiser")
-        stored = [archive[n] for n in names]
+        stored = [archive[n] for n in names]  # each array decompressed once
+        if any(a.shape != np.shape(b) or a.dtype != np.asarray(b).dtype for a, b in zip(stored, leaves)):
+            raise ValueError(f"--resume {path}: its arrays do not fit this run's model and optimiser")
     params, opt_state, average, kept = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in stored])
     return RunState(step, header["config"], params, opt_state, average,
                     None if selected is None or keeps_last else (selected[0], selected[1], jax.device_get(kept)),
