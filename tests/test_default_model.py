@@ -142,6 +142,38 @@ def test_recorded_heldout_metrics_are_reproduced(folder, measured_metrics):
     _close(measured_metrics, json.loads((folder / HELDOUT_METRICS_FILE).read_text()))
 
 
+# The card's status rows that quote heldout_metrics.json: {row label: the figures' paths, "protocol/group/key"}.
+CARD_GATES = {
+    "captions: colour words, pointing": ["captions/colour/pointing_game"],
+    "captions: shape words, pointing": ["captions/shape/pointing_game"],
+    "captions: BoxAcc (all words)": ["captions/all/box_accuracy"],
+    "bare colour word: pointing / BoxAcc": ["bare_words/colour/pointing_game", "bare_words/colour/box_accuracy"],
+    "bare shape word: pointing / BoxAcc": ["bare_words/shape/pointing_game", "bare_words/shape/box_accuracy"],
+    "same-colour twins, shape word: pointing / BoxAcc": ["colour_twins/shape/pointing_game",
+                                                         "colour_twins/shape/box_accuracy"],
+    "small_objects (16-24 px): pointing": ["small_objects/all/pointing_game"],
+    "wrong_attribute: map on the wrongly named object": ["wrong_attribute/all/wrong_pointing"],
+}
+
+
+def test_the_cards_status_table_quotes_the_recorded_heldout_metrics(folder):
+    """Each fast gate's row of the card's status table gives heldout_metrics.json's figures to two decimals, so a
+    new checkpoint cannot ship under an old card."""
+    recorded = json.loads((folder / HELDOUT_METRICS_FILE).read_text())
+    card = (folder / "README.md").read_text()
+    status = card[card.index("## Status"):].split("\n\n")[2]  # the heading, the table's caption, the table
+    measured = {row.split(" | ")[0].lstrip("| "): row.split(" | ")[1] for row in status.splitlines()[2:]}
+    for label, paths in CARD_GATES.items():
+        figures = []
+        for path in paths:
+            protocol, group, key = path.split("/")
+            figures.append(f"{recorded['protocols'][protocol][group][key]:.2f}")
+        assert measured[label] == " / ".join(figures), label
+    retrieval = recorded["retrieval"]
+    assert measured["retrieval top-1 image->text / text->image (256 scenes)"] == \
+        f"{retrieval['image_to_text_top1']:.2f} / {retrieval['text_to_image_top1']:.2f}"
+
+
 def _close(computed, recorded, where=""):
     """Equal structure; numbers within 1e-6."""
     if isinstance(recorded, dict):

@@ -46,7 +46,8 @@ def test_a_recipe_overrides_the_defaults_and_explicit_values_override_the_recipe
     # The recipe's late term must start within the run: a shorter run says so rather than silently dropping it.
     with pytest.raises(ValueError, match="bare_map_start needs bare_map_weight > 0 and 0 < bare_map_start < steps"):
         train_default.train_config("default", {"steps": 70})
-    assert train_default.train_config("default", {"steps": 70, "bare_map_start": 0}).bare_map_weight == 3
+    short = train_default.train_config("default", {"steps": 70, "bare_map_start": 0, "peak_contrast_start": 0})
+    assert (short.bare_map_weight, short.peak_contrast_weight) == (3, 10)
     assert train_default.train_config() == train_default.train_config(None, {}) == defaults
     with pytest.raises(ValueError, match="unknown recipe 'nope'; available: default, clip_only"):
         train_default.train_config("nope")

@@ -212,10 +212,12 @@ class TrainConfig:
     # > 0: each bare colour or shape word of a caption must score, over the caption's image, its own map's peak above
     # the peaks of the caption's other words of its kind (`peak_contrast_loss`). Added because most missed boxes of
     # bare words lie on another object while the map peaks on the named one (`image_tower_probe.py boxes`): a map
-    # that lights every object leaves Otsu's largest component to the largest object.
+    # that lights every object leaves Otsu's largest component to the largest object. The default recipe since
+    # 2026-12-05: weight 10 from step 1800, colour words only (asking shape words too cost the twins gate: a shape's
+    # peak can sit on its same-colour twin, and the term then holds it there; the default card).
     peak_contrast_weight: float = 0.0
     peak_contrast_start: int = 0    # the peak-contrast term acts from this step on
-    peak_contrast_kinds: tuple[str, ...] = WORD_KINDS  # the kinds of word it asks (a shape's peak can be its twin's)
+    peak_contrast_kinds: tuple[str, ...] = WORD_KINDS  # the kinds of word it asks
     text_length: int = 48           # longest training row: captions need at most 46 positions
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -316,7 +318,8 @@ RECIPES = {
     "default": {"objective": "clip", "steps": 2400, "patch_size": 16, "stem_channels": (16, 32, 64),
                 "vision_layers": 1, "curriculum_steps": 1200, "curriculum_objects": 1, "text_length_step": 8,
                 "eval_every": 300, "word_weight": 3.0, "patch_word_weight": 3.0, "patch_word_head": "text",
-                "select_step": "validation", "bare_map_weight": 3.0, "bare_map_start": 1800},
+                "select_step": "validation", "bare_map_weight": 3.0, "bare_map_start": 1800,
+                "peak_contrast_weight": 10.0, "peak_contrast_start": 1800, "peak_contrast_kinds": ("colour",)},
     "clip_only": {"objective": "clip"},
 }
 
