@@ -1,8 +1,20 @@
 """Shared test fixtures: the reference outputs live in ../shared/fixtures beside the checkout."""
+import atexit
 import functools
+import os
 import pathlib
+import shutil
+import tempfile
 
-import jax
+# One XLA compilation cache for the session and the processes its tests start (set before jax is imported): many
+# tests compile the same program again (a run and its resumed copy, a sweep in a fresh process), and compiling
+# dominates their time. A fresh folder each session, so nothing carries over between runs of the suite.
+_XLA_CACHE = tempfile.mkdtemp(prefix="tclip-tests-xla-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 
