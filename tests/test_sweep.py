@@ -373,7 +373,9 @@ def test_batch_size_devices_and_resumption_give_the_same_bytes(tiny_model, tmp_p
 
     reference = sweep(tmp_path / "b1", "--batch-size", "1")
     assert sweep(tmp_path / "b3", "--batch-size", "3") == reference
-    assert sweep(tmp_path / "d4", "--batch-size", "4", env=FOUR_DEVICES) == reference
+    # Batches of 3 and 1 images on four devices: some devices get no real image.
+    assert sweep(tmp_path / "d4", "--batch-size", "3", env=FOUR_DEVICES) == reference
+    assert json.loads((tmp_path / "d4" / "throughput-p0.json").read_text())["devices"] == 4
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "b3", resumed)
     first = reference[1].split(b"\n", 1)[0] + b"\n"  # as if killed after the first record
@@ -387,19 +389,6 @@ def test_m2ib_gives_the_same_bytes_on_one_and_on_four_devices(tiny_model, tmp_pa
     to 4e-7 in its maps): every device must run the one-device program."""
     four = _sweep_bytes(tiny_model, "m2ib", 2, tmp_path / "d4", "--batch-size", "2", env=FOUR_DEVICES)
     assert four == _sweep_bytes(tiny_model, "m2ib", 2, tmp_path / "d1", "--batch-size", "2")
-
-
-def test_four_simulated_devices_give_the_one_device_results(tclip_synthetic, tiny_model, tmp_path):
-    env = {**os.environ, **FOUR_DEVICES}
-    out = tmp_path / "out4"
-    subprocess.run([sys.executable, "-m", "tclip_jax", *_cli("synthetic", "--protocol", "bare_words", "--model",
-                                                             tiny_model, "--limit", "3", "--batch-size", "2",
-                                                             "--out", str(out))],
-                   env=env, check=True, capture_output=True, timeout=300)
-    assert json.loads((out / "throughput-p0.json").read_text())["devices"] == 4
-    assert _report(out) == _report(tclip_synthetic)
-    by_key = lambda path: sorted(read_records(path), key=lambda r: r["key"])  # noqa: E731
-    assert by_key(out / "results-p0.jsonl") == by_key(tclip_synthetic / "results-p0.jsonl")
 
 
 # ------------------------------------------------------------------- resume, processes (stand-in method)
