@@ -34,7 +34,8 @@ caption's image (`bare_map_loss`), the bare word's map held fixed, so caption wo
 step `bare_map_start` on: 1800 in the default recipe), and with `bare_map_separation` not where the bare maps of the
 caption's other words of that kind land; `peak_contrast_weight` asks each bare colour or shape word of a caption to
 score its own map's peak over the caption's image above the peaks of the caption's other words of its kind
-(`peak_contrast_loss`, from step `peak_contrast_start` on), so that its map does not light every object.
+(`peak_contrast_loss`, from step `peak_contrast_start` on), so that its map does not light every object (the default
+recipe: colour words, weight 10, from step 1800).
 
 Batches (`batch`): B/2 training scenes (`make_scene(seed, size=None)`, TRAINING_STYLE: every background, outlined
 objects, blur, JPEG, non-square sizes; the first `curriculum_steps` steps draw EASY_STYLE, 1-3 objects in plain
