@@ -906,6 +906,15 @@ def test_a_run_refuses_a_state_it_cannot_go_on_from(tmp_path, saved_state):
                              ({"embed_dim": 32}, "(embed_dim: 16 saved, 32 here)")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             train_default.train(dataclasses.replace(config, **changed), tmp_path / "x.jsonl", resume=state)
+    # A state whose arrays are not this run's trees: one missing, or one of another shape.
+    with np.load(state) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    last = max(name for name in arrays if name != "header")
+    for name, broken in (("missing", {k: v for k, v in arrays.items() if k != last}),
+                         ("reshaped", {**arrays, last: arrays[last].reshape(-1)[:-1]})):
+        np.savez(tmp_path / f"{name}.npz", **broken)
+        with pytest.raises(ValueError, match="its arrays do not fit this run's model and optimiser"):
+            train_default.train(config, tmp_path / "x.jsonl", resume=tmp_path / f"{name}.npz")
     with pytest.raises(ValueError, match=re.escape("STEP must be a step after the run's first (0) and before its last "
                                                    "(4)")):
         train_default.train(config, tmp_path / "x.jsonl", save_state_at=(4, tmp_path / "late.npz"))

@@ -877,8 +877,9 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
             total = total + config.bare_map_weight * bare_map
             metrics["bare_map_loss"] = bare_map
         if config.peak_contrast_weight:
-            # Both towers learn: the bare words' maps are what the term sharpens. Not CLIP's temperature. Its own
-            # bare embeddings, as each term has: sharing the patch term's would sum their gradients in another order.
+            # Both towers learn: the bare words' maps are what the term sharpens. It reads CLIP's temperature but does
+            # not train it. Its own bare embeddings, as each term has: sharing the patch term's would sum their
+            # gradients in another order, and logged runs would no longer reproduce.
             contrast = peak_contrast_loss(l2_normalize(image.tokens[:, 1:]),
                                           piece_embeddings(model, params, vocab, sot_id, eot_id), vocab,
                                           token_ids[:texts], weights, jax.lax.stop_gradient(scale),
@@ -1066,10 +1067,10 @@ def load_state(path: pathlib.Path, config: TrainConfig, template: RunState) -> R
                          None if selected is None else (0.0, 0, kept), [], []).trees()
         leaves, treedef = jax.tree_util.tree_flatten(shape)
         names = [f"leaf_{i:05d}" for i in range(len(leaves))]
-        if sorted(archive.files) != sorted(["header", *names]):
-            raise ValueError(f"--resume {path}: its arrays do not fit this run's model and optimiser")
-        stored = [archive[n] for n in names]  # each array decompressed once
-        if any(a.shape != np.shape(b) or a.dtype != np.asarray(b).dtype for a, b in zip(stored, leaves)):
+        # Each array is decompressed once, and only if the archive holds exactly these leaves.
+        stored = [archive[n] for n in names] if sorted(archive.files) == sorted(["header", *names]) else None
+        if stored is None or any(a.shape != np.shape(b) or a.dtype != np.asarray(b).dtype
+                                 for a, b in zip(stored, leaves)):
             raise ValueError(f"--resume {path}: its arrays do not fit this run's model and optimiser")
     params, opt_state, average, kept = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in stored])
     return RunState(step, header["config"], params, opt_state, average,
