@@ -122,12 +122,14 @@ def test_training_log_records_loss_throughput_and_validation_retrieval(folder):
     assert header["training"]["train_cpu_seconds"] <= 2 * 45 * 60
 
 
-def test_the_recipe_reproduces_the_first_steps_of_the_checkpoints_training_log(folder, tmp_path):
+def test_the_recipe_reproduces_the_first_steps_of_the_checkpoints_training_log(folder, tmp_path, monkeypatch):
     """The recipe, run today, repeats the logged losses of the run that made the checkpoint over its first three
     steps (the first has learning rate 0, so the third is the first to follow an update; XLA may sum in another order
-    on another CPU, hence the tolerance)."""
+    on another CPU, hence the tolerance). The validation a stopped run ends with reads the parameters and changes
+    nothing, so it is left out here (it is most of the time)."""
     recipe = "clip_only" if folder == CLIP_ONLY_DIR else "default"
     logged = [json.loads(line) for line in (folder / "training_log.jsonl").open().readlines()[:3]]
+    monkeypatch.setattr(train_default, "validation_record", lambda *args: {"score": 0.0})
     train_default.train(train_default.train_config(recipe), tmp_path / "log.jsonl", stop_after=3)
     again = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     for before, now in zip(logged, again, strict=True):

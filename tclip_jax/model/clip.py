@@ -324,11 +324,13 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
 
 
 def init_params(config: CLIPConfig, seed: int = 0) -> dict:
-    """Randomly initialized float32 parameters (the shapes every checkpoint is checked against)."""
+    """Randomly initialized float32 parameters (the shapes every checkpoint is checked against). `lazy_init` skips
+    the forward pass that `init` would run on dummy inputs; the initializers still run one op at a time, so the values
+    are bit for bit `init`'s (a jitted `init` fuses them and differs in the last bits)."""
     model = CLIP(config)
-    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    tokens = jnp.zeros((1, config.context_length), jnp.int32)
-    return model.init(jax.random.PRNGKey(seed), images, tokens)["params"]
+    images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((1, config.context_length), jnp.int32)
+    return model.lazy_init(jax.random.PRNGKey(seed), images, tokens)["params"]
 
 
 def param_shapes(config: CLIPConfig) -> dict:
