@@ -1,5 +1,8 @@
 """The TCLIP explainer end to end on the tiny OpenAI-format CLIP: the author's similarity, result structure,
 one image pass for many prompts, and bad input."""
+import threading
+
+import jax
 import numpy as np
 import pytest
 
@@ -246,6 +249,37 @@ def test_explain_batch_overlaps_on_request_and_equals_explain(no_translation, fi
             for a, b in zip(p.word_maps + (p.phrase,), q.word_maps + (q.phrase,), strict=True):
                 np.testing.assert_allclose(b.heatmap, a.heatmap, atol=1e-6)
                 assert b.box == a.box
+
+
+def test_explain_batch_gives_a_batchs_results_before_the_next_batch_is_done(no_translation, fixture_images,
+                                                                           monkeypatch):
+    """An accelerator runs its work in the order it was dispatched, and XLA:CPU runs one thread's dispatches so.
+    Here the second batch's device work cannot finish until the first image's result has reached the caller: the
+    host step of the first batch must not queue anything behind the second (a wait on it would time out and
+    fail)."""
+    images = [list(fixture_images.values())[i % len(fixture_images)] for i in range(4)]
+    first_result = threading.Event()
+
+    def gate(maps):
+        if not first_result.wait(timeout=30):
+            raise RuntimeError("the first result waited for the second batch")
+        return maps
+
+    method = TCLIP(no_translation.clip, no_translation.settings)
+    jitted, dispatched = method.jitted_maps, []
+    gated = jax.jit(lambda maps: jax.pure_callback(gate, jax.ShapeDtypeStruct(maps.shape, maps.dtype), maps))
+
+    def maps(*args):
+        out = jitted(*args)
+        dispatched.append(len(dispatched))
+        return out.replace(maps=gated(out.maps)) if len(dispatched) == 2 else out
+
+    monkeypatch.setattr(method, "jitted_maps", maps, raising=False)
+    results = method.explain_batch(images, PROMPTS, batch_size=2)
+    next(results)
+    assert dispatched == [0, 1]  # the first result came while the second batch was held on the device
+    first_result.set()
+    assert len(list(results)) == 3
 
 
 @pytest.mark.parametrize("bad, message", [({"batch_size": 0}, "batch_size must be a positive integer"),

@@ -44,16 +44,26 @@ def to_original(heatmap, geometry: Geometry, fill: float | Literal["min"] = "min
     input frame. Each original pixel centre is mapped into that frame and sampled with the
     ``upsample_bilinear`` convention. Pixels whose centre falls outside the frame (cut off by a centre crop) get
     ``fill``: ``"min"`` (default) uses each map's own minimum so that they read as background; pass a number,
-    e.g. ``np.nan``, to mark them instead. Returns float32.
+    e.g. ``np.nan``, to mark them instead. Returns a new float32 array.
     """
-    from tclip_jax.image.resample import bilinear_taps, resample_jit  # jax only where maps are resampled
+    return np.array(to_original_on_device(heatmap, geometry, fill))
+
+
+def to_original_on_device(heatmap, geometry: Geometry, fill: float | Literal["min"] = "min"):
+    """`to_original` as a jax array, dispatched and not waited for, on the device that holds ``heatmap`` (the
+    default device for a numpy array). An accelerator runs its work in the order it was dispatched (XLA:CPU runs
+    one thread's dispatches so): a pipeline that dispatches this right after the computation that makes
+    ``heatmap``, before its next batch, can fetch the result without waiting for that batch."""
+    import jax.numpy as jnp  # jax only where maps are resampled
+
+    from tclip_jax.image.resample import bilinear_taps, resample_jit
 
     fill_with_min = isinstance(fill, str) and fill == "min"
     if not (fill_with_min or isinstance(fill, (int, float, np.floating, np.integer))):
         raise ValueError(f"fill must be 'min' or a number, got {fill!r}")
-    heatmap = np.asarray(heatmap, dtype=np.float32)
-    if heatmap.ndim < 2:
-        raise ValueError(f"heatmap must have at least 2 axes [..., gh, gw], got shape {heatmap.shape}")
+    if np.ndim(heatmap) < 2:
+        raise ValueError(f"heatmap must have at least 2 axes [..., gh, gw], got shape {np.shape(heatmap)}")
+    heatmap = jnp.asarray(heatmap, dtype=jnp.float32)
     taps, inside = [], []
     for original, grid, resized, model, offset in zip(
         geometry.original_hw, heatmap.shape[-2:], geometry.resized_hw, geometry.input_hw, geometry.crop_offset_yx
@@ -64,11 +74,11 @@ def to_original(heatmap, geometry: Geometry, fill: float | Literal["min"] = "min
         taps.append(bilinear_taps(original, grid, scale, shift))
         centres = scale * (np.arange(original) + 0.5) + shift
         inside.append((centres >= 0) & (centres <= grid))
-    resampled = np.asarray(resample_jit(heatmap, *taps))
-    if inside[0].all() and inside[1].all():  # no crop: nothing to fill; one copy, writable like the filled maps
-        return np.array(resampled)
-    fill_value = np.min(heatmap, axis=(-2, -1), keepdims=True) if fill_with_min else np.float32(fill)
-    return np.where(inside[0][:, None] & inside[1][None, :], resampled, fill_value).astype(np.float32, copy=False)
+    resampled = resample_jit(heatmap, *taps)
+    if inside[0].all() and inside[1].all():  # no crop: nothing to fill
+        return resampled
+    fill_value = heatmap.min(axis=(-2, -1), keepdims=True) if fill_with_min else np.float32(fill)
+    return jnp.where(inside[0][:, None] & inside[1][None, :], resampled, fill_value)
 
 
 def points_to_model(points_xy: np.ndarray, geometry: Geometry) -> np.ndarray:

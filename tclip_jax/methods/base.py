@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
-from tclip_jax.image import Geometry, ImageLike, InputProtocol, load_image, prepare, to_original, upsample_bilinear
+from tclip_jax.image import (Geometry, ImageLike, InputProtocol, load_image, prepare, to_original_on_device,
+                             upsample_bilinear)
 from tclip_jax.methods.common import minmax, text_features
 from tclip_jax.model.config import PRESETS
 from tclip_jax.model.tokenizer import TokenizedPrompt, Word
@@ -238,10 +239,11 @@ class Method(abc.ABC):
 
         return _each(one, pixels, own)
 
-    def original_maps(self, maps: np.ndarray, geometry: Geometry) -> np.ndarray:
+    def original_maps(self, maps: Array, geometry: Geometry) -> Array:
         """Maps [..., h, w] covering the model input (at its size or the patch grid's) -> the original image
-        (`image.to_original`); a method whose official code rescales its maps at the original size does it here."""
-        return to_original(maps, geometry)
+        (`image.to_original_on_device`): a jax array, dispatched and not waited for, on the device of `maps`; a
+        method whose official code rescales its maps at the original size does it here."""
+        return to_original_on_device(maps, geometry)
 
     def postprocess(self, heatmaps: Sequence[np.ndarray], soft_maps: bool = True) -> list[HostMaps]:
         """The host step for maps at the original size: Otsu boxes under the settings' rule (and, for a method
@@ -279,15 +281,15 @@ class Method(abc.ABC):
         """One image's maps of every query in order over the model input [Q, h, w], the image's `extras` (e.g.
         TCLIP's unit patch embeddings) and its geometry: the device step of `explain`."""
         _, pixels, geometry = self.preprocess(image)
-        out = self.jitted_maps(self.params, pixels[None], queries, np.arange(len(queries), dtype=np.int32)[None])
-        extras = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), out.extras)
-        return np.asarray(out.maps[0]), extras, geometry
+        out = jax.device_get(self.jitted_maps(self.params, pixels[None], queries,
+                                              np.arange(len(queries), dtype=np.int32)[None]))
+        return out.maps[0], jax.tree_util.tree_map(lambda a: a[0], out.extras), geometry
 
     def image_maps(self, image: ImageLike, queries: QueryArrays) -> tuple[np.ndarray, Any]:
         """`input_maps` at the image's size [Q, H, W], with the image's `extras`: the device and resize steps of
         `explain`, without the host step."""
         maps, extras, geometry = self.input_maps(image, queries)
-        return self.original_maps(maps, geometry), extras
+        return np.array(self.original_maps(maps, geometry)), extras
 
     def explain(self, image: ImageLike, prompts: str | Sequence[str] | EncodedPrompts) -> ImageResult:
         return next(self.explain_batch([image], prompts))
@@ -298,7 +300,10 @@ class Method(abc.ABC):
 
         With ``overlap`` (default) the device work of each batch is dispatched (asynchronously) before the host
         step of the batch before it, so decoding and the host step run while the device computes; without, each
-        batch's host step comes first (benchmarks/explain_overlap.py compares the two)."""
+        batch's host step comes first (benchmarks/explain_overlap.py compares the two). Each batch's maps are
+        resized to their images on the device before the next batch is dispatched: a device runs one thread's
+        work in the order it was dispatched, so the host step, which fetches them, waits for its own batch only.
+        The image-size maps of one batch are held on the device meanwhile (`batch_size` bounds them)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(overlap, bool):
@@ -313,16 +318,19 @@ class Method(abc.ABC):
                 yield from self._batch_results(encoded, *pending)
                 pending = None
             out = self.jitted_maps(self.params, pixels, encoded.queries, np.broadcast_to(rows, (len(loaded), len(rows))))
+            resized = [self.original_maps(out.maps[b], geometry) for b, (_, _, geometry) in enumerate(loaded)]
             if pending is not None:
                 yield from self._batch_results(encoded, *pending)
-            pending = loaded, out
+            pending = loaded, resized, out.extras
         if pending is not None:
             yield from self._batch_results(encoded, *pending)
 
-    def _batch_results(self, encoded: EncodedPrompts, loaded: list, out: MapOutput) -> Iterator[ImageResult]:
+    def _batch_results(self, encoded: EncodedPrompts, loaded: list, resized: list[Array],
+                       extras: Any) -> Iterator[ImageResult]:
+        extras = jax.device_get(extras)
         for b, (rgb, _, geometry) in enumerate(loaded):
-            extras = jax.tree_util.tree_map(lambda a: np.asarray(a[b]), out.extras)
-            yield self._image_result(rgb, geometry, encoded, np.asarray(out.maps[b]), extras)
+            yield self._image_result(rgb, geometry, encoded, np.array(resized[b]),
+                                     jax.tree_util.tree_map(lambda a: a[b], extras))
 
     def prompt_similarity(self, encoded: EncodedPrompts, prompt: int, extras: Any) -> Optional[np.ndarray]:
         """A method's raw token-patch similarity of one prompt, if it has one (TCLIP's S)."""
@@ -330,7 +338,8 @@ class Method(abc.ABC):
 
     def _image_result(self, rgb: np.ndarray, geometry: Geometry, encoded: EncodedPrompts, distinct_maps: np.ndarray,
                       extras: Any) -> ImageResult:
-        distinct_maps = list(self.original_maps(distinct_maps, geometry))  # equal queries share one array
+        """`distinct_maps` [Q, H, W] at the image's size; equal queries share one array."""
+        distinct_maps = list(distinct_maps)
         host = self.postprocess(distinct_maps)
 
         def map_result(text: str, item: int) -> MapResult:

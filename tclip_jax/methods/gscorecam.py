@@ -263,8 +263,8 @@ class GScoreCAM(PromptMethod):
         size = self.clip.config.image_size
         return clip_normalize(_adapt_squash(rgb, size)), Geometry(rgb.shape[:2], (size, size), (size, size), (0, 0))
 
-    def original_maps(self, maps: np.ndarray, geometry: Geometry) -> np.ndarray:
-        return np.asarray(aggregate_resized(super().original_maps(maps, geometry)))
+    def original_maps(self, maps: Array, geometry: Geometry) -> Array:
+        return aggregate_resized(super().original_maps(maps, geometry))
 
     def _run(self, params, pixels: Array, texts: Array) -> GScoreCAMOutput:
         s = self.settings

@@ -286,7 +286,7 @@ def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, class
               gallery: Optional[UnitGallery] = None) -> dict:
     targets = prepared.loaded.targets
     try:
-        heatmaps = method.original_maps(image_maps[:len(targets)], prepared.geometry)
+        heatmaps = np.array(method.original_maps(image_maps[:len(targets)], prepared.geometry))
         host = method.postprocess(heatmaps, soft_maps=any(t.mask is not None for t in targets))
         units = [{"class_id": t.class_id, "class": class_names[t.class_id], **_query_fields(t),
                   **score_unit(t, h, m, evaluation)} for t, h, m in zip(targets, heatmaps, host)]
