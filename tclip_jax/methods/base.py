@@ -301,9 +301,9 @@ class Method(abc.ABC):
         With ``overlap`` (default) the device work of each batch is dispatched (asynchronously) before the host
         step of the batch before it, so decoding and the host step run while the device computes; without, each
         batch's host step comes first (benchmarks/explain_overlap.py compares the two). Each batch's maps are
-        resized to their images on the device before the next batch is dispatched: a device runs one thread's
-        work in the order it was dispatched, so the host step, which fetches them, waits for its own batch only.
-        The image-size maps of one batch are held on the device meanwhile (`batch_size` bounds them)."""
+        resized to their images on the device after the host step of the batch before it and before the next
+        batch is dispatched: a device runs one thread's work in the order it was dispatched, so the host step,
+        which fetches them, waits for its own batch only, and one batch's image-size maps are held at a time."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(overlap, bool):
@@ -318,9 +318,9 @@ class Method(abc.ABC):
                 yield from self._batch_results(encoded, *pending)
                 pending = None
             out = self.jitted_maps(self.params, pixels, encoded.queries, np.broadcast_to(rows, (len(loaded), len(rows))))
-            resized = [self.original_maps(out.maps[b], geometry) for b, (_, _, geometry) in enumerate(loaded)]
             if pending is not None:
                 yield from self._batch_results(encoded, *pending)
+            resized = [self.original_maps(out.maps[b], geometry) for b, (_, _, geometry) in enumerate(loaded)]
             pending = loaded, resized, out.extras
         if pending is not None:
             yield from self._batch_results(encoded, *pending)
