@@ -2,7 +2,8 @@
 host, with the batch split over 1 and over 4 simulated CPU devices (one subprocess each, since the device
 count is fixed when JAX starts). Prints a Markdown table and rewrites the `sweeps` section of RESULTS.md.
 
-    python benchmarks/sweep_throughput.py --model PATH [--scenes 48] [--batch-size 8] [--workers 2]
+    python benchmarks/sweep_throughput.py [--model PATH | --random-vit-b32] [--scenes 48] [--batch-size 8]
+        [--workers 2]
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks._common import command_line, load_average, machine_description, markdown_table, today, write_section  # noqa: E402
+from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
+                                timed_tclip, today, write_section)
 
 DEVICE_COUNTS = (1, 4)
 
@@ -29,8 +31,9 @@ def measure(args: argparse.Namespace) -> dict:
     from tclip_jax.sweep import RunOptions, run_sweep
 
     dataset = synthetic_dataset(args.scenes)
+    method = timed_tclip() if args.random_vit_b32 else TCLIP.from_pretrained(args.model)
     with tempfile.TemporaryDirectory() as out:
-        result = run_sweep(dataset, TCLIP.from_pretrained(args.model), out,
+        result = run_sweep(dataset, method, out,
                            options=RunOptions(args.batch_size, args.workers, progress=False))
     return dataclasses.asdict(result.throughput)
 
@@ -38,6 +41,8 @@ def measure(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="any model load_clip accepts (default: the embedded one)")
+    parser.add_argument("--random-vit-b32", action="store_true",
+                        help="random ViT-B/32 weights instead, as the speed benchmarks time them")
     parser.add_argument("--scenes", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
@@ -59,7 +64,9 @@ def main() -> None:
                      f"{t['steady_images_per_second']:.2f}", f"{100 * t['device_wait_share']:.1f} %"))
     table = markdown_table(["simulated CPU devices", "images", "batches", "wall s (with compilation)", "images/s",
                             "images/s after the first batch", "device waiting on the host"], rows)
-    model = args.model or "the embedded default model"
+    if args.random_vit_b32 and args.model:
+        parser.error("--random-vit-b32 and --model name two models; give one")
+    model = "random ViT-B/32 weights (seed 0)" if args.random_vit_b32 else args.model or "the embedded default model"
     body = "\n\n".join([
         "## Sweep throughput: TCLIP (K=25) over the held-out synthetic scenes (CPU)",
         f"Machine: {machine_description()}",

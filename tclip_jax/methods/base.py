@@ -9,6 +9,8 @@ A method splits into what runs where:
 - `maps` (device): a pure function `(params, pixels [B, h, w, 3], queries, rows [B, K]) -> MapOutput` whose
   `maps[b, k]` is the map of query `rows[b, k]` on image b, covering the model-input frame at any resolution.
   It is jit-compiled once per shape and shards over the batch axis (`tclip sweep`);
+- `original_maps` (device, dispatched without waiting): one image's maps -> the original image size (bilinear;
+  a method whose official code rescales its maps there does it here);
 - `postprocess` (host): maps at the original image size -> a `HostMaps` (soft map, GMM fit, box) each.
 `explain` / `explain_batch` run them for images and prompts; `tclip sweep` runs them over datasets.
 
