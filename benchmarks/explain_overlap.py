@@ -8,6 +8,8 @@ Per workload (one 10-word prompt; the 80 COCO class names as 80 prompts), random
 `explain_batch` overlaps by default. Each result is dropped as it arrives (as a sweep writes and forgets it):
 keeping 109 maps and soft maps at 640x480 per image (0.27 GB) makes later host steps slower (page faults on
 fresh memory), which would confound the comparison.
+'Overlapped / floor' is the overlapped wall time over the floor of the same images: their 25 translated copies
+through the image tower alone, batch by batch, the least any K = 25 method does (prompts encoded once, outside).
 The jitted maps are wrapped so that the sweep's `DeviceClock` notes when each batch finishes on the device;
 'device waiting' is the sweep's `device_wait_share`: the share of the time from the first batch's finish to the
 last's during which no batch was queued. Wall times: median of `--rounds` rounds, the two schedules alternating,
@@ -30,6 +32,7 @@ from benchmarks._common import (IMAGE_HW, command_line, load_average, machine_de
                                 markdown_table, photo_like_image, timed_tclip, today, workloads, write_section)
 
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
+from tclip_jax.methods.tclip.relevance import translated_patch_embeddings  # noqa: E402
 from tclip_jax.sweep.runner import DeviceClock, device_busy_seconds, device_wait_share  # noqa: E402
 
 WORKLOADS = workloads()
@@ -47,13 +50,28 @@ def clocked(tclip: TCLIP, clock: DeviceClock) -> None:
     tclip.__dict__["jitted_maps"] = maps  # shadows the cached property on this instance
 
 
+def floor_pass(tclip: TCLIP, images: list, batch_size: int):
+    """The floor of the same images: each batch's 25 translated copies through the image tower, nothing else."""
+    batches = [np.stack([tclip.preprocess(image)[1] for image in images[start:start + batch_size]])
+               for start in range(0, len(images), batch_size)]
+
+    def run():
+        for pixels in batches:
+            translated_patch_embeddings(tclip.clip.model, tclip.clip.params, pixels, tclip.offsets).block_until_ready()
+    return run
+
+
 def measure(tclip: TCLIP, images: list, prompts, batch_size: int, rounds: int) -> dict:
     encoded = tclip.encode_prompts(list(prompts))
     for _ in tclip.explain_batch(images, encoded, batch_size=batch_size):  # warm-up: compiles every batch shape
         pass
-    walls = {False: [], True: []}
-    spans = {}
+    floor = floor_pass(tclip, images, batch_size)
+    floor()  # warm-up
+    walls, floors, spans = {False: [], True: []}, [], {}
     for _ in range(rounds):
+        start = time.perf_counter()
+        floor()
+        floors.append(time.perf_counter() - start)
         for overlap in (False, True):
             clock = DeviceClock()
             clocked(tclip, clock)
@@ -64,7 +82,8 @@ def measure(tclip: TCLIP, images: list, prompts, batch_size: int, rounds: int) -
             del tclip.__dict__["jitted_maps"]
             spans[overlap] = clock.stop()  # the last round's
     return {"maps": len(encoded.queries), "serial": float(np.median(walls[False])),
-            "overlapped": float(np.median(walls[True])), "device": device_busy_seconds(spans[True]),
+            "overlapped": float(np.median(walls[True])), "floor": float(np.median(floors)),
+            "device": device_busy_seconds(spans[True]),
             "wait": device_wait_share(spans[True]), "wait_serial": device_wait_share(spans[False]),
             "batches": len(spans[True])}
 
@@ -84,10 +103,12 @@ def main(argv=None) -> None:
     for name in args.workloads:
         r = measure(tclip, images, WORKLOADS[name], args.batch_size, args.rounds)
         rows.append([name, r["maps"], r["batches"], f"{r['serial']:.2f} s", f"{r['overlapped']:.2f} s",
-                     f"{r['serial'] / r['overlapped']:.2f}", f"{r['device']:.2f} s",
+                     f"{r['serial'] / r['overlapped']:.2f}", f"{r['floor']:.2f} s",
+                     f"{r['overlapped'] / r['floor']:.2f}", f"{r['device']:.2f} s",
                      *(f"{100 * r[key]:.1f} %" if r[key] is not None else "-" for key in ("wait", "wait_serial"))])
     header = ["workload", "distinct maps per image", "batches", "serial wall", "overlapped wall",
-              "serial / overlapped", "device busy (overlapped)", "device waiting, overlapped",
+              "serial / overlapped", "floor", "overlapped / floor", "device busy (overlapped)",
+              "device waiting, overlapped",
               "device waiting, serial"]
     text = "\n".join([
         f"## explain_batch: device waiting on the host (TCLIP, K = 25, random ViT-B/32, {IMAGE_HW[1]}x{IMAGE_HW[0]})",
@@ -95,7 +116,9 @@ def main(argv=None) -> None:
         f"- load average (1/5/15 min) before: {load_before}; after: {load_average()}",
         f"- {args.images} images, batch size {args.batch_size}; wall: median of {args.rounds} rounds, serial and "
         "overlapped alternating, after a warm-up pass; 'device waiting': the share of the time from the first "
-        "batch's finish to the last's with no batch queued (the sweep's measure; the last round's). "
+        "batch's finish to the last's with no batch queued (the sweep's measure; the last round's); 'floor': the "
+        "same images' 25 translated copies through the image tower alone, batch by batch, timed in each round "
+        "before the two schedules (the `floor ms/img` of gpu_profile.py). "
         "Each result dropped as it arrives; the device is XLA:CPU on the same 2 cores as the host step.", "",
         markdown_table(header, rows)])
     print(text)
