@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help="internal: run one sweep and print its throughput")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
+    if args.random_vit_b32 and args.model:
+        parser.error("--random-vit-b32 and --model name two models; give one")
     if args.measure:
         print(json.dumps(measure(args)))
         return
@@ -64,8 +66,6 @@ def main() -> None:
                      f"{t['steady_images_per_second']:.2f}", f"{100 * t['device_wait_share']:.1f} %"))
     table = markdown_table(["simulated CPU devices", "images", "batches", "wall s (with compilation)", "images/s",
                             "images/s after the first batch", "device waiting on the host"], rows)
-    if args.random_vit_b32 and args.model:
-        parser.error("--random-vit-b32 and --model name two models; give one")
     model = "random ViT-B/32 weights (seed 0)" if args.random_vit_b32 else args.model or "the embedded default model"
     body = "\n\n".join([
         "## Sweep throughput: TCLIP (K=25) over the held-out synthetic scenes (CPU)",
