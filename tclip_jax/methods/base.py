@@ -282,16 +282,20 @@ class Method(abc.ABC):
     def input_maps(self, image: ImageLike, queries: QueryArrays) -> tuple[np.ndarray, Any, Geometry]:
         """One image's maps of every query in order over the model input [Q, h, w], the image's `extras` (e.g.
         TCLIP's unit patch embeddings) and its geometry: the device step of `explain`."""
-        _, pixels, geometry = self.preprocess(image)
-        out = jax.device_get(self.jitted_maps(self.params, pixels[None], queries,
-                                              np.arange(len(queries), dtype=np.int32)[None]))
-        return out.maps[0], jax.tree_util.tree_map(lambda a: a[0], out.extras), geometry
+        out, geometry = self._one_image_maps(image, queries)
+        return np.asarray(out.maps), jax.device_get(out.extras), geometry
 
     def image_maps(self, image: ImageLike, queries: QueryArrays) -> tuple[np.ndarray, Any]:
         """`input_maps` at the image's size [Q, H, W], with the image's `extras`: the device and resize steps of
         `explain`, without the host step."""
-        maps, extras, geometry = self.input_maps(image, queries)
-        return np.array(self.original_maps(maps, geometry)), extras
+        out, geometry = self._one_image_maps(image, queries)  # resized where they are: no round trip to the host
+        return np.array(self.original_maps(out.maps, geometry)), jax.device_get(out.extras)
+
+    def _one_image_maps(self, image: ImageLike, queries: QueryArrays) -> tuple[MapOutput, Geometry]:
+        """One image's `MapOutput` on the device, the batch axis dropped, and its geometry."""
+        _, pixels, geometry = self.preprocess(image)
+        out = self.jitted_maps(self.params, pixels[None], queries, np.arange(len(queries), dtype=np.int32)[None])
+        return jax.tree_util.tree_map(lambda a: a[0], out), geometry
 
     def explain(self, image: ImageLike, prompts: str | Sequence[str] | EncodedPrompts) -> ImageResult:
         return next(self.explain_batch([image], prompts))
