@@ -54,6 +54,14 @@ def timed_tclip(clip=None):
     return TCLIP(clip, Settings(translations=25, input_protocol="whole"))
 
 
+def floor_pass(tclip, pixels: np.ndarray) -> None:
+    """The floor of TCLIP on a batch `pixels` [B, h, w, 3]: its translated copies through the image tower alone (the
+    least any method with that many copies does), waited for."""
+    from tclip_jax.methods.tclip.relevance import translated_patch_embeddings
+
+    translated_patch_embeddings(tclip.clip.model, tclip.clip.params, pixels, tclip.offsets).block_until_ready()
+
+
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
     """(median, all timings) of `fn()` in seconds over `repeats` calls after `warmup` untimed calls.
 

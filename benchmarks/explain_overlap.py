@@ -28,11 +28,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (IMAGE_HW, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, photo_like_image, timed_tclip, today, workloads, write_section)
+from benchmarks._common import (IMAGE_HW, command_line, floor_pass, load_average,  # noqa: E402
+                                machine_description, markdown_table, photo_like_image, timed_tclip, today,
+                                workloads, write_section)
 
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
-from tclip_jax.methods.tclip.relevance import translated_patch_embeddings  # noqa: E402
 from tclip_jax.sweep.runner import DeviceClock, device_busy_seconds, device_wait_share  # noqa: E402
 
 WORKLOADS = workloads()
@@ -50,22 +50,18 @@ def clocked(tclip: TCLIP, clock: DeviceClock) -> None:
     tclip.__dict__["jitted_maps"] = maps  # shadows the cached property on this instance
 
 
-def floor_pass(tclip: TCLIP, images: list, batch_size: int):
-    """The floor of the same images: each batch's 25 translated copies through the image tower, nothing else."""
+def images_floor(tclip: TCLIP, images: list, batch_size: int):
+    """The floor of the same images, batch by batch (`floor_pass`)."""
     batches = [np.stack([tclip.preprocess(image)[1] for image in images[start:start + batch_size]])
                for start in range(0, len(images), batch_size)]
-
-    def run():
-        for pixels in batches:
-            translated_patch_embeddings(tclip.clip.model, tclip.clip.params, pixels, tclip.offsets).block_until_ready()
-    return run
+    return lambda: [floor_pass(tclip, pixels) for pixels in batches]
 
 
 def measure(tclip: TCLIP, images: list, prompts, batch_size: int, rounds: int) -> dict:
     encoded = tclip.encode_prompts(list(prompts))
     for _ in tclip.explain_batch(images, encoded, batch_size=batch_size):  # warm-up: compiles every batch shape
         pass
-    floor = floor_pass(tclip, images, batch_size)
+    floor = images_floor(tclip, images, batch_size)
     floor()  # warm-up
     walls, floors, spans = {False: [], True: []}, [], {}
     for _ in range(rounds):

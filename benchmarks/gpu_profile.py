@@ -37,13 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (PROMPT, RESULTS_PATH, command_line, load_average,  # noqa: E402
+from benchmarks._common import (PROMPT, RESULTS_PATH, command_line, floor_pass, load_average,  # noqa: E402
                                 machine_description, markdown_table, median_seconds, timed_tclip, today,
                                 workloads, write_section)
 from tclip_jax.checkpoints.load import LoadedClip, load_clip  # noqa: E402
 from tclip_jax.image import to_original  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
-from tclip_jax.methods.tclip.relevance import translated_patch_embeddings  # noqa: E402
 from tclip_jax.model import CLIP, PRESETS, CLIPConfig, init_params  # noqa: E402
 from tclip_jax.model.tokenizer import default_tokenizer  # noqa: E402
 from tclip_jax.postprocess.soft import soft_maps_and_boxes  # noqa: E402
@@ -117,8 +116,7 @@ def measure(tclip: TCLIP, prompts, images: list[np.ndarray], batch: int, plan: P
     rows = np.broadcast_to(np.arange(len(encoded.queries), dtype=np.int32), (batch, len(encoded.queries)))
     device_maps = lambda: tclip.jitted_maps(tclip.params, pixels, encoded.queries, rows).maps  # noqa: E731
     device = median_seconds(lambda: jax.block_until_ready(device_maps()), plan.repeats)[0] / batch
-    floor = median_seconds(lambda: translated_patch_embeddings(tclip.clip.model, tclip.clip.params, pixels,
-                                                               tclip.offsets).block_until_ready(), plan.repeats)[0] / batch
+    floor = median_seconds(lambda: floor_pass(tclip, pixels), plan.repeats)[0] / batch
     maps = np.asarray(device_maps())
     first, geometry = maps[0], loaded[0][2]
     host = median_seconds(lambda: soft_maps_and_boxes(to_original(first, geometry)), plan.repeats)[0]
