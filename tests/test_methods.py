@@ -1,7 +1,9 @@
 """The one Method interface: every registered method through explain, a map independent of the other queries of a
 call, label sets, and a method defined outside the package (the README's example) used from the command line."""
+import dataclasses
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -107,6 +109,37 @@ def test_set_dependent_methods_compare_against_the_label_set(tiny_clip, fixture_
     np.testing.assert_array_equal(outside, run([Query("a cat")], ["a cat"]))  # a set of one is no set
     with pytest.raises(ValueError, match="needs at least 2"):
         METHODS["decomposition"](tiny_clip).encode([Query("a cat")], ["a cat"])
+
+
+@pytest.mark.parametrize("name", ["clip_surgery", "maskclip"])  # a template ensemble per text, one prompt per text
+def test_text_features_are_cut_after_the_end_of_text_and_computed_once(tiny_clip, name, monkeypatch):
+    prompts = ["a cat", "a red circle above a photo of a long blue square", "", "a cat", "x " * 20]
+    method = METHODS[name](tiny_clip)
+    encoded_rows = []
+    encode_texts = method.encode_texts
+    monkeypatch.setattr(method, "encode_texts", lambda ids: encoded_rows.append(len(ids)) or encode_texts(ids))
+    features = method.text_features(prompts)
+    # The reference: every text through the whole context, as the official code runs it.
+    np.testing.assert_allclose(features, np.asarray(encode_texts(method.text_token_ids(prompts))), rtol=0,
+                               atol=1e-6)
+    # Each text alone, by a method that has computed nothing yet: the same bits.
+    for prompt, row in zip(prompts, features):
+        np.testing.assert_array_equal(METHODS[name](tiny_clip).text_features([prompt])[0], row)
+    # Kept: asked again (a label set in every batch), nothing is encoded; one new text costs one chunk.
+    encoded_rows.clear()
+    np.testing.assert_array_equal(method.text_features(prompts[::-1]), features[::-1])
+    assert encoded_rows == []
+    method.text_features(["a cat", "a dog"])
+    assert encoded_rows == [method.text_chunk]
+    # Other parameters: the kept features are not theirs.
+    other = dataclasses.replace(tiny_clip, params=jax.tree_util.tree_map(lambda a: a * 1.5, tiny_clip.params))
+    method.clip = other
+    np.testing.assert_array_equal(method.text_features(prompts[:2]), METHODS[name](other).text_features(prompts[:2]))
+    assert not np.allclose(method.text_features(prompts[:2]), features[:2])
+    # At most text_cache_size texts are kept, the most recently used.
+    method.text_cache_size = 2
+    np.testing.assert_array_equal(method.text_features(prompts), METHODS[name](other).text_features(prompts))
+    assert len(method._text_cache) == 2
 
 
 def test_a_method_outside_the_package_runs_from_the_command_line(tmp_path, fixtures_dir):

@@ -24,9 +24,11 @@ derive from `PromptMethod` and write `grid_maps` only) and one line in `tclip_ja
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
 import functools
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Optional
 
@@ -38,7 +40,7 @@ import numpy as np
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.image import (Geometry, ImageLike, InputProtocol, load_image, prepare, to_original_on_device,
                              upsample_bilinear)
-from tclip_jax.methods.common import minmax, text_features
+from tclip_jax.methods.common import causal_length, minmax, text_features
 from tclip_jax.model.config import PRESETS
 from tclip_jax.model.tokenizer import TokenizedPrompt, Word
 from tclip_jax.methods.settings import MethodSettings
@@ -401,6 +403,14 @@ class PromptMethod(Method):
     # Queries mapped together on one image; 1 for a method whose every map is a computation of its own
     # (an optimization, masked forwards), where padding a chunk would cost whole maps.
     query_chunk: ClassVar[int] = 8
+    text_chunk: ClassVar[int] = 8  # texts encoded per call (one compiled shape per cut length)
+    text_cache_size: ClassVar[int] = 4096  # texts whose features `text_features` keeps
+
+    def __init__(self, clip: LoadedClip, settings: Optional[MethodSettings] = None):
+        super().__init__(clip, settings)
+        self._text_lock = threading.Lock()
+        self._text_leaves: list = []  # the parameters the kept features came from
+        self._text_cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
 
     def encode(self, queries: Sequence[Query], label_set: Optional[Sequence[str]] = None) -> QueryArrays:
         return QueryArrays(self.text_features([q.prompt for q in queries]))
@@ -414,8 +424,46 @@ class PromptMethod(Method):
         return np.stack([encode([t.format(p) for t in self.templates]) for p in prompts])
 
     def text_features(self, prompts: Sequence[str]) -> np.ndarray:
-        """[n, embed_dim] L2-normalized features of the prompts, computed once."""
-        return np.asarray(_jitted_text_features(self.clip.model, self.params, self.text_token_ids(prompts)))
+        """[n, embed_dim] features of the prompts (`encode_texts`), each text cut after its end-of-text token
+        (`causal_length`, the longest of its templates) and computed once, in chunks of `text_chunk` texts, so that
+        every text of one cut length goes through the same program whatever texts come with it.
+
+        A text's features do not depend on the texts computed with it, so those of the last `text_cache_size` texts
+        are kept, for the parameters they came from: a label set that every call names (CLIP Surgery's, in every
+        batch of a sweep) is encoded once, and so is a prompt explained image after image."""
+        token_ids = self.text_token_ids(prompts)
+        if not len(token_ids):
+            return np.asarray(self.encode_texts(token_ids))
+        keys = [row.tobytes() for row in token_ids]
+        leaves = jax.tree_util.tree_leaves(self.params)
+        with self._text_lock:
+            cache = self._text_cache
+            if len(leaves) != len(self._text_leaves) or any(a is not b for a, b in zip(leaves, self._text_leaves)):
+                self._text_leaves = leaves
+                cache.clear()
+            first_row: dict[bytes, int] = {}
+            for i, key in enumerate(keys):
+                first_row.setdefault(key, i)
+            missing = [i for key, i in first_row.items() if key not in cache]
+            context = token_ids.shape[-1]
+            lengths = [causal_length(int(token_ids[i].argmax(axis=-1).max()), context) for i in missing]
+            for length in sorted(set(lengths)):
+                group = [i for i, n in zip(missing, lengths) if n == length]
+                padded = group + group[:1] * (-len(group) % self.text_chunk)
+                chunks = [self.encode_texts(token_ids[padded[c:c + self.text_chunk]][..., :length])
+                          for c in range(0, len(padded), self.text_chunk)]
+                cache.update(zip((keys[i] for i in group), np.concatenate([np.asarray(c) for c in chunks])))
+            features = np.stack([cache[key] for key in keys])
+            for key in keys:
+                cache.move_to_end(key)
+            while len(cache) > self.text_cache_size:
+                cache.popitem(last=False)
+        return features
+
+    def encode_texts(self, token_ids: np.ndarray) -> Array:
+        """[n, embed_dim] L2-normalized features of token rows [n, length] or template stacks [n, templates,
+        length], one text at a time."""
+        return _jitted_text_features(self.clip.model, self.params, token_ids)
 
     @abc.abstractmethod
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:

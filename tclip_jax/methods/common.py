@@ -17,6 +17,13 @@ from tclip_jax.model import CLIP, ImageOutput, TextOutput, l2_normalize
 Array = jax.Array
 
 
+def causal_length(eot_index: int, context_length: int) -> int:
+    """How much of a token row the causal text tower needs: through the end-of-text token at `eot_index`, rounded
+    up to a multiple of 8 (fewer shapes to compile), at most `context_length`. Positions after the end-of-text
+    token reach no position before it, so the cut changes no embedding up to it."""
+    return min(context_length, -(-(eot_index + 1) // 8) * 8)
+
+
 def encode_image(model: CLIP, params: dict, images: Array,
                  probs_offsets: Optional[Sequence[Array]] = None) -> ImageOutput:
     """The image tower with intermediates (residual stream, attention probabilities)."""

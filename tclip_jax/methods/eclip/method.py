@@ -19,7 +19,7 @@ import json
 import os
 import pathlib
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.struct
 import jax
@@ -149,9 +149,9 @@ class ECLIP(PromptMethod):
         return {**super().run_info(),
                 "projections": self.settings.projections or "CLIP's own projections (untrained ECLIP)"}
 
-    def text_features(self, prompts: Sequence[str]) -> np.ndarray:
-        """[n, embed_dim] normalized φ̂ₜ(Fₜ) of the prompts, computed once."""
-        return np.asarray(_jitted_text_queries(self.clip.model, self.params, self.text_token_ids(prompts)))
+    def encode_texts(self, token_ids: np.ndarray) -> Array:
+        """[n, embed_dim] normalized φ̂ₜ(Fₜ) of token rows [n, length], one text at a time."""
+        return _jitted_text_queries(self.clip.model, self.params, token_ids)
 
     def grid_maps(self, params: Any, pixels: Array, queries: QueryArrays) -> Array:
         return eclip_map(self.clip.model, params["clip"], pixels, queries.per_query, params["projections"]).maps

@@ -28,6 +28,7 @@ from tclip_jax.methods.base import (
     distinct_queries,
     prompt_list,
 )
+from tclip_jax.methods.common import causal_length
 from tclip_jax.methods.tclip.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
 from tclip_jax.methods.tclip.settings import Settings
 from tclip_jax.methods.tclip.token_weights import eot_weights, token_embeddings_and_attention
@@ -55,12 +56,11 @@ class TCLIP(Method):
         """([P, L, D] unit embeddings of every text position up to each prompt's end-of-text token (zeros after),
         [P, L] token weights of the settings' `token_weighting`, or None for "none").
 
-        The text tower is causal: positions after the end-of-text token change nothing before it, so each prompt's
-        row is cut there, rounded up to a multiple of 8; prompts of one length go through together, in chunks of one
-        shape (`relevance.map_prompts`), so a prompt's embeddings are the same whichever prompts come with it.
+        Each prompt's row is cut after its end-of-text token (`causal_length`); prompts of one length go through
+        together, in chunks of one shape (`relevance.map_prompts`), so a prompt's embeddings are the same whichever
+        prompts come with it.
         """
-        context = self.clip.config.context_length
-        lengths = [min(context, -(-(t.eot_position + 1) // 8) * 8) for t in tokens]
+        lengths = [causal_length(t.eot_position, self.clip.config.context_length) for t in tokens]
         embeds = np.zeros((len(tokens), max(lengths), self.clip.config.embed_dim), np.float32)
         weighting = self.settings.token_weighting
         weights = None if weighting == "none" else np.zeros((len(tokens), max(lengths)))
