@@ -159,7 +159,6 @@ class ECLIP(PromptMethod):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _jitted_text_queries(model: CLIP, params: dict, token_ids: Array) -> Array:
-    """`text_queries` one text at a time (a `lax.map`): a text's query does not depend on the texts with it."""
-    return jax.lax.map(
-        lambda one: text_queries(params["projections"], text_features(model, params["clip"], one[None]))[0],
-        token_ids)
+    """`text_queries` of a chunk of token rows, together: XLA's kernels treat rows alike, so a text's query does not
+    depend on the texts with it (as `base._jitted_text_features`)."""
+    return text_queries(params["projections"], text_features(model, params["clip"], token_ids))
