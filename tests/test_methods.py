@@ -141,6 +141,7 @@ def test_text_features_are_cut_after_the_end_of_text_and_computed_once(tiny_clip
     method.text_cache_size = 2
     np.testing.assert_array_equal(method.text_features(prompts), fresh.text_features(prompts))
     assert len(method._text_cache) == 2
+    assert method.text_features([]).shape == (0, features.shape[1])
 
 
 def test_a_method_outside_the_package_runs_from_the_command_line(tmp_path, fixtures_dir):

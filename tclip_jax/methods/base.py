@@ -421,7 +421,9 @@ class PromptMethod(Method):
                                    truncate=self.settings.truncate)
         if self.templates is None:
             return encode(list(prompts))
-        return np.stack([encode([t.format(p) for t in self.templates]) for p in prompts])
+        stacks = [encode([t.format(p) for t in self.templates]) for p in prompts]
+        return np.stack(stacks) if stacks else np.zeros((0, len(self.templates), self.clip.config.context_length),
+                                                        np.int32)
 
     def text_features(self, prompts: Sequence[str]) -> np.ndarray:
         """[n, embed_dim] features of the prompts (`encode_texts`), each text cut after its end-of-text token
@@ -433,7 +435,8 @@ class PromptMethod(Method):
         batch of a sweep) is encoded once, and so is a prompt explained image after image."""
         token_ids = self.text_token_ids(prompts)
         if not len(token_ids):
-            return np.asarray(self.encode_texts(token_ids))
+            one_text = np.zeros((1, *token_ids.shape[1:-1], 1), np.int32)
+            return np.zeros((0, jax.eval_shape(self.encode_texts, one_text).shape[-1]), np.float32)
         keys = [row.tobytes() for row in token_ids]
         leaves = jax.tree_util.tree_leaves(self.params)
         with self._text_lock:
@@ -461,8 +464,8 @@ class PromptMethod(Method):
         return features
 
     def encode_texts(self, token_ids: np.ndarray) -> Array:
-        """[n, embed_dim] L2-normalized features of token rows [n, length] or template stacks [n, templates,
-        length], one text at a time."""
+        """[n, embed_dim] L2-normalized features of a chunk of token rows [n, length] or template stacks
+        [n, templates, length] (`_jitted_text_features`)."""
         return _jitted_text_features(self.clip.model, self.params, token_ids)
 
     @abc.abstractmethod

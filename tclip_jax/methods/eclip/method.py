@@ -150,7 +150,7 @@ class ECLIP(PromptMethod):
                 "projections": self.settings.projections or "CLIP's own projections (untrained ECLIP)"}
 
     def encode_texts(self, token_ids: np.ndarray) -> Array:
-        """[n, embed_dim] normalized φ̂ₜ(Fₜ) of token rows [n, length], one text at a time."""
+        """[n, embed_dim] normalized φ̂ₜ(Fₜ) of a chunk of token rows [n, length]."""
         return _jitted_text_queries(self.clip.model, self.params, token_ids)
 
     def grid_maps(self, params: Any, pixels: Array, queries: QueryArrays) -> Array:
