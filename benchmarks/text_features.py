@@ -3,8 +3,8 @@ token, and a label set named again (as in every batch of a sweep) against comput
 
 `PromptMethod.text_features` cuts each text after its end-of-text token (`causal_length`: the text tower is causal)
 and keeps the features of the texts it has computed. Before 2026-12-05 it ran every text through all 77 positions
-on every call; `whole context` below is that computation (`encode_texts` on the uncut token rows), timed side by
-side with today's in each round (`interleaved_medians`), on random ViT-B/32 weights with the CLIP tokenizer:
+on every call, one text at a time; `whole context` below is that computation (`whole_context_features`), timed
+side by side with today's in each round (`interleaved_medians`), on random ViT-B/32 weights with the CLIP tokenizer:
 
 - CLIP Surgery, whose text is the mean over its 80 templates of one prompt (`--surgery-prompts` COCO class names);
 - MaskCLIP, one text per prompt (the 80 COCO class names).
@@ -18,11 +18,13 @@ timed once with today's code.
 from __future__ import annotations
 
 import argparse
+import functools
 import pathlib
 import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
@@ -39,6 +41,14 @@ def random_vit_b32():
     return LoadedClip(CLIP(config), init_params(config, 0), default_tokenizer(), "tclip", "random ViT-B/32 (seed 0)")
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def whole_context_features(model, params, token_ids):
+    """`text_features` before 2026-12-05: every text through all 77 positions, one text at a time (a `lax.map`)."""
+    from tclip_jax.methods.common import text_features
+
+    return jax.lax.map(lambda one: text_features(model, params, one[None])[0], token_ids)
+
+
 def compare(method_name: str, prompts: list[str], clip, rounds: int) -> list[object]:
     """A table row: whole context, cut (nothing kept), kept (asked again), and the largest difference."""
     from tclip_jax.methods import METHODS
@@ -47,7 +57,7 @@ def compare(method_name: str, prompts: list[str], clip, rounds: int) -> list[obj
     kept.text_features(prompts)
 
     def whole():
-        return np.asarray(kept.encode_texts(kept.text_token_ids(prompts)))
+        return np.asarray(whole_context_features(clip.model, clip.params, kept.text_token_ids(prompts)))
 
     def cut():  # a method that has computed nothing yet
         return METHODS[method_name](clip).text_features(prompts)

@@ -403,7 +403,7 @@ class PromptMethod(Method):
     # Queries mapped together on one image; 1 for a method whose every map is a computation of its own
     # (an optimization, masked forwards), where padding a chunk would cost whole maps.
     query_chunk: ClassVar[int] = 8
-    text_chunk: ClassVar[int] = 8  # texts encoded per call (one compiled shape per cut length)
+    text_chunk: ClassVar[int] = 8  # one-prompt texts encoded per call (template ensembles: one per call)
     text_cache_size: ClassVar[int] = 4096  # texts whose features `text_features` keeps
 
     def __init__(self, clip: LoadedClip, settings: Optional[MethodSettings] = None):
@@ -427,8 +427,9 @@ class PromptMethod(Method):
 
     def text_features(self, prompts: Sequence[str]) -> np.ndarray:
         """[n, embed_dim] features of the prompts (`encode_texts`), each text cut after its end-of-text token
-        (`causal_length`, the longest of its templates) and computed once, in chunks of `text_chunk` texts, so that
-        every text of one cut length goes through the same program whatever texts come with it.
+        (`causal_length`, the longest of its templates) and computed once, in chunks of `text_chunk` texts (a template
+        ensemble alone: it is a batch already), so that every text of one cut length goes through the same program
+        whatever texts come with it.
 
         A text's features do not depend on the texts computed with it, so those of the last `text_cache_size` texts
         are kept, for the parameters they came from: a label set that every call names (CLIP Surgery's, in every
@@ -450,11 +451,12 @@ class PromptMethod(Method):
             missing = [i for key, i in first_row.items() if key not in cache]
             context = token_ids.shape[-1]
             lengths = [causal_length(int(token_ids[i].argmax(axis=-1).max()), context) for i in missing]
+            chunk = 1 if token_ids.ndim == 3 else self.text_chunk  # a template ensemble is a batch of its own
             for length in sorted(set(lengths)):
                 group = [i for i, n in zip(missing, lengths) if n == length]
-                padded = group + group[:1] * (-len(group) % self.text_chunk)
-                chunks = [self.encode_texts(token_ids[padded[c:c + self.text_chunk]][..., :length])
-                          for c in range(0, len(padded), self.text_chunk)]
+                padded = group + group[:1] * (-len(group) % chunk)
+                chunks = [self.encode_texts(token_ids[padded[c:c + chunk]][..., :length])
+                          for c in range(0, len(padded), chunk)]
                 cache.update(zip((keys[i] for i in group), np.concatenate([np.asarray(c) for c in chunks])))
             features = np.stack([cache[key] for key in keys])
             for key in keys:
@@ -496,12 +498,10 @@ class PromptMethod(Method):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _jitted_text_features(model, params, token_ids: Array) -> Array:
-    """`text_features` of a chunk of texts, whose features do not depend on the texts with them: texts of one prompt
-    go through together (XLA's kernels treat rows alike, as in TCLIP's `map_prompts`; 4x faster than one at a
-    time), template ensembles one at a time (a `lax.map`: each is many rows already, and together they are slower)."""
-    if token_ids.ndim == 2:
-        return text_features(model, params, token_ids)
-    return jax.lax.map(lambda one: text_features(model, params, one[None])[0], token_ids)
+    """`text_features` of a chunk of texts in one pass: XLA's kernels treat rows alike (as in TCLIP's
+    `map_prompts`), so a text's features do not depend on the texts with it (4x faster than a `lax.map` one text at
+    a time for a chunk of eight one-prompt texts)."""
+    return text_features(model, params, token_ids)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
