@@ -119,9 +119,9 @@ def test_variant_attributes_and_negative_kinds_choose_the_batch_hard_negatives()
 def test_command_line_overrides_accumulate_and_bad_ones_get_one_line(tmp_path, monkeypatch, capsys):
     def run(*overrides):  # main() in this process: a fresh interpreter for each case costs seconds of imports
         monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(tmp_path / "model"), *overrides])
-        with pytest.raises(SystemExit) as exit:
+        with pytest.raises(SystemExit) as raised:
             train_default.main()
-        return exit.value.code, capsys.readouterr().err
+        return raised.value.code, capsys.readouterr().err
 
     # Each --set adds its fields: the error names values from all three, and nothing was trained or written. Once
     # as a user runs it: its own process, exit status 2 and one line, no traceback.
