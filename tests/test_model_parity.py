@@ -179,14 +179,16 @@ def test_a_stem_has_no_hugging_face_equivalent():
 
 def test_stem_model_round_trips_through_a_checkpoint_folder(tmp_path):
     from tclip_jax.checkpoints.folder import flatten, load_checkpoint, save_checkpoint
-    from tclip_jax.model import init_params
 
     config = dataclasses.replace(SMALL, stem_channels=(8, 16))
-    params = init_params(config, 3)
+    rng = np.random.default_rng(3)  # values of the model's shapes (initialising op by op compiles each initialiser)
+    params = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(s.dtype), param_shapes(config))
     save_checkpoint(tmp_path / "stem", params, config)
     loaded, loaded_config, _ = load_checkpoint(tmp_path / "stem")
     assert loaded_config == config and loaded_config.stem_channels == (8, 16)
     assert flatten(loaded).keys() == flatten(params).keys() and "visual/stem_1/kernel" in flatten(loaded)
+    for key, value in flatten(params).items():
+        np.testing.assert_array_equal(flatten(loaded)[key], value)
 
 
 def test_stem_kernels_start_with_he_variance():
