@@ -39,19 +39,22 @@ def photo_like_image(seed: int, image_hw: tuple[int, int] = IMAGE_HW) -> np.ndar
     return make_scene(HELDOUT_SEED_START + seed, image_hw).image
 
 
-def timed_tclip(clip=None):
-    """TCLIP as the speed benchmarks time it (K = 25, the `whole` protocol) on `clip`, by default random ViT-B/32
-    weights (seed 0) with the CLIP tokenizer."""
+def random_vit_b32():
+    """The speed benchmarks' model: random ViT-B/32 weights (seed 0) with the CLIP tokenizer, as a `LoadedClip`."""
     from tclip_jax.checkpoints.load import LoadedClip
-    from tclip_jax.methods.tclip import TCLIP, Settings
     from tclip_jax.model import CLIP, PRESETS, init_params
     from tclip_jax.model.tokenizer import default_tokenizer
 
-    if clip is None:
-        config = PRESETS["ViT-B/32"]
-        clip = LoadedClip(CLIP(config), init_params(config, 0), default_tokenizer(), "tclip",
-                          "random ViT-B/32 (seed 0)")
-    return TCLIP(clip, Settings(translations=25, input_protocol="whole"))
+    config = PRESETS["ViT-B/32"]
+    return LoadedClip(CLIP(config), init_params(config, 0), default_tokenizer(), "tclip", "random ViT-B/32 (seed 0)")
+
+
+def timed_tclip(clip=None):
+    """TCLIP as the speed benchmarks time it (K = 25, the `whole` protocol) on `clip`, by default
+    `random_vit_b32()`."""
+    from tclip_jax.methods.tclip import TCLIP, Settings
+
+    return TCLIP(random_vit_b32() if clip is None else clip, Settings(translations=25, input_protocol="whole"))
 
 
 def floor_pass(tclip, pixels: np.ndarray) -> None:

@@ -1,8 +1,8 @@
 """Text features of prompt-level methods: each text through the whole context against cut after its end-of-text
 token, and a label set named again (as in every batch of a sweep) against computed once.
 
-`PromptMethod.text_features` cuts each text after its end-of-text token (`causal_length`: the text tower is causal)
-and keeps the features of the texts it has computed. Before 2026-12-05 it ran every text through all 77 positions
+`PromptMethod.text_features` cuts each text after its end-of-text token (`causal_length_groups`: the text tower is
+causal) and keeps the features of the texts it has computed. Before 2026-12-05 it ran every text through all 77 positions
 on every call, one text at a time; `whole context` below is that computation (`whole_context_features`), timed
 side by side with today's in each round (`interleaved_medians`), on random ViT-B/32 weights with the CLIP tokenizer:
 
@@ -29,16 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (command_line, interleaved_medians, load_average, machine_description,  # noqa: E402
-                                markdown_table, today, workloads, write_section)
-
-
-def random_vit_b32():
-    from tclip_jax.checkpoints.load import LoadedClip
-    from tclip_jax.model import CLIP, PRESETS, init_params
-    from tclip_jax.model.tokenizer import default_tokenizer
-
-    config = PRESETS["ViT-B/32"]
-    return LoadedClip(CLIP(config), init_params(config, 0), default_tokenizer(), "tclip", "random ViT-B/32 (seed 0)")
+                                markdown_table, random_vit_b32, today, workloads, write_section)
 
 
 @functools.partial(jax.jit, static_argnums=0)
