@@ -40,7 +40,7 @@ import numpy as np
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.image import (Geometry, ImageLike, InputProtocol, load_image, prepare, to_original_on_device,
                              upsample_bilinear)
-from tclip_jax.methods.common import causal_length, minmax, text_features
+from tclip_jax.methods.common import causal_length_groups, minmax, text_features
 from tclip_jax.model.config import PRESETS
 from tclip_jax.model.tokenizer import TokenizedPrompt, Word
 from tclip_jax.methods.settings import MethodSettings
@@ -427,7 +427,7 @@ class PromptMethod(Method):
 
     def text_features(self, prompts: Sequence[str]) -> np.ndarray:
         """[n, embed_dim] features of the prompts (`encode_texts`), each text cut after its end-of-text token
-        (`causal_length`, the longest of its templates) and computed once, in chunks of `text_chunk` texts (a template
+        (`causal_length_groups`, the longest of its templates) and computed once, in chunks of `text_chunk` texts (a template
         ensemble alone: it is a batch already), so that every text of one cut length goes through the same program
         whatever texts come with it.
 
@@ -449,11 +449,11 @@ class PromptMethod(Method):
             for i, key in enumerate(keys):
                 first_row.setdefault(key, i)
             missing = [i for key, i in first_row.items() if key not in cache]
-            context = token_ids.shape[-1]
-            lengths = [causal_length(int(token_ids[i].argmax(axis=-1).max()), context) for i in missing]
+            groups = causal_length_groups([int(token_ids[i].argmax(axis=-1).max()) for i in missing],
+                                          token_ids.shape[-1])
             chunk = 1 if token_ids.ndim == 3 else self.text_chunk  # a template ensemble is a batch of its own
-            for length in sorted(set(lengths)):
-                group = [i for i, n in zip(missing, lengths) if n == length]
+            for length, members in groups.items():
+                group = [missing[j] for j in members]
                 padded = group + group[:1] * (-len(group) % chunk)
                 chunks = [self.encode_texts(token_ids[padded[c:c + chunk]][..., :length])
                           for c in range(0, len(padded), chunk)]

@@ -17,11 +17,14 @@ from tclip_jax.model import CLIP, ImageOutput, TextOutput, l2_normalize
 Array = jax.Array
 
 
-def causal_length(eot_index: int, context_length: int) -> int:
-    """How much of a token row the causal text tower needs: through the end-of-text token at `eot_index`, rounded
-    up to a multiple of 8 (fewer shapes to compile), at most `context_length`. Positions after the end-of-text
-    token reach no position before it, so the cut changes no embedding up to it."""
-    return min(context_length, -(-(eot_index + 1) // 8) * 8)
+def causal_length_groups(eot_indices: Sequence[int], context_length: int) -> dict[int, list[int]]:
+    """{length: the positions in `eot_indices` of the token rows cut to it}, shortest first. A row is cut after its
+    end-of-text token, rounded up to a multiple of 8 (fewer shapes to compile), at most `context_length`: the text
+    tower is causal, so positions after the end-of-text token change no embedding up to it."""
+    groups: dict[int, list[int]] = {}
+    for i, eot in enumerate(eot_indices):
+        groups.setdefault(min(context_length, -(-(eot + 1) // 8) * 8), []).append(i)
+    return dict(sorted(groups.items()))
 
 
 def encode_image(model: CLIP, params: dict, images: Array,

@@ -28,7 +28,7 @@ from tclip_jax.methods.base import (
     distinct_queries,
     prompt_list,
 )
-from tclip_jax.methods.common import causal_length
+from tclip_jax.methods.common import causal_length_groups
 from tclip_jax.methods.tclip.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
 from tclip_jax.methods.tclip.settings import Settings
 from tclip_jax.methods.tclip.token_weights import eot_weights, token_embeddings_and_attention
@@ -56,16 +56,15 @@ class TCLIP(Method):
         """([P, L, D] unit embeddings of every text position up to each prompt's end-of-text token (zeros after),
         [P, L] token weights of the settings' `token_weighting`, or None for "none").
 
-        Each prompt's row is cut after its end-of-text token (`causal_length`); prompts of one length go through
-        together, in chunks of one shape (`relevance.map_prompts`), so a prompt's embeddings are the same whichever
-        prompts come with it.
+        Each prompt's row is cut after its end-of-text token (`causal_length_groups`); prompts of one length go
+        through together, in chunks of one shape (`relevance.map_prompts`), so a prompt's embeddings are the same
+        whichever prompts come with it.
         """
-        lengths = [causal_length(t.eot_position, self.clip.config.context_length) for t in tokens]
-        embeds = np.zeros((len(tokens), max(lengths), self.clip.config.embed_dim), np.float32)
+        groups = causal_length_groups([t.eot_position for t in tokens], self.clip.config.context_length)
+        embeds = np.zeros((len(tokens), max(groups), self.clip.config.embed_dim), np.float32)
         weighting = self.settings.token_weighting
-        weights = None if weighting == "none" else np.zeros((len(tokens), max(lengths)))
-        for length in sorted(set(lengths)):
-            group = [i for i, n in enumerate(lengths) if n == length]
+        weights = None if weighting == "none" else np.zeros((len(tokens), max(groups)))
+        for length, group in groups.items():
             ids = np.stack([tokens[i].token_ids[:length] for i in group])
             if weights is None:
                 embeds[group, :length] = np.asarray(token_embeddings(self.clip.model, self.params, ids))
