@@ -559,11 +559,31 @@ def test_bad_input_gives_clear_messages(coco_hand, tmp_path, capsys):
     assert main(_cli("coco", "--data", str(coco_hand), *method, "--limit", "1", "--out", out)) == 0
     capsys.readouterr()
     assert "pass --resume" in _fails(capsys, "coco", "--data", str(coco_hand), *method, "--limit", "1", "--out", out)
-    assert "differs in limit" in _fails(capsys, "coco", "--data", str(coco_hand), *method, "--limit", "2",
-                                        "--resume", "--out", out)
     message = _fails(capsys, "coco", "--data", str(coco_hand), *method, "--limit", "1", "--crowd", "drop",
                      "--resume", "--out", out)
     assert "cannot resume" in message and "source" in message
+    # A changed setting is named by its path in sweep.json, with both values, on one line.
+    message = _fails(capsys, "coco", "--data", str(coco_hand), *method, "--limit", "1", "--box-rule", "contour",
+                     "--resume", "--out", out)
+    assert "run.settings.box_rule (stored 'component', now 'contour')" in message
+    assert message.count("\n") == 1
+
+
+def test_a_sweep_resumed_with_a_larger_limit_is_the_sweep_run_with_it(coco_hand, tmp_path, capsys):
+    method = ("--method", "test_sweep:Painted", "--data", str(coco_hand))
+    fresh, grown = str(tmp_path / "fresh"), str(tmp_path / "grown")
+    assert main(_cli("coco", *method, "--limit", "3", "--out", fresh)) == 0
+    assert main(_cli("coco", *method, "--limit", "1", "--out", grown)) == 0
+    first = (tmp_path / "grown" / "results-p0.jsonl").read_bytes()
+    assert main(_cli("coco", *method, "--limit", "3", "--resume", "--out", grown)) == 0
+    records = (tmp_path / "grown" / "results-p0.jsonl").read_bytes()
+    assert records.startswith(first) and records.count(b"\n") == 3  # the first record kept, two added
+    for name in ("report.json", "sweep.json"):
+        assert (tmp_path / "grown" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    capsys.readouterr()
+    # Shrinking would leave records past the new limit in the report.
+    message = _fails(capsys, "coco", *method, "--limit", "2", "--resume", "--out", grown)
+    assert "limit (stored 3, now 2)" in message and "may grow, not shrink" in message
 
 
 def test_the_paper_figure_is_shown_only_beside_a_run_as_the_paper_ran_it():

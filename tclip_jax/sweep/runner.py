@@ -99,7 +99,8 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     """Runs (or resumes) this process's share of the sweep and, on process 0, writes the merged report.
 
     ``source`` says where the dataset was read from. With the run (method, model, settings, protocol), dataset,
-    template, limit and evaluation options it is stored in ``sweep.json`` and checked on resume.
+    template, limit and evaluation options it is stored in ``sweep.json`` and checked on resume, where only the
+    limit may change, and only grow.
     """
     out = pathlib.Path(out)
     process, processes = jax.process_index(), jax.process_count()
@@ -325,11 +326,30 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
         return
     if not resume:
         raise ValueError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
-    stored = read_config(out)
-    changed = sorted(k for k in config.keys() | stored.keys() if config.get(k) != stored.get(k))
+    changed = _changed_fields(read_config(out), config)
+    # samples(limit) are the samples of index below the limit, so a larger one keeps every stored record: a sweep
+    # may grow on resume (--limit 50, then 500), never shrink (the records past the new limit would stay in it).
+    stored_limit, limit = changed.get("limit", (None, None))
+    grows = "limit" in changed and stored_limit is not None and (limit is None or limit > stored_limit)
+    if grows:
+        del changed["limit"]
     if changed:
-        raise ValueError(f"cannot resume {out}: the sweep there differs in {', '.join(changed)} "
-                         f"(stored {[stored.get(k) for k in changed]}, now {[config.get(k) for k in changed]})")
+        shrinks = " (a resumed sweep's --limit may grow, not shrink)" if "limit" in changed else ""
+        raise ValueError(f"cannot resume {out}: the sweep there differs in "
+                         + "; ".join(f"{key} (stored {old!r}, now {new!r})" for key, (old, new) in changed.items())
+                         + shrinks)
+
+
+def _changed_fields(stored: dict, now: dict, prefix: str = "") -> dict[str, tuple]:
+    """{dotted key: (stored value, value now)} of every leaf where two sweep configurations differ."""
+    changed = {}
+    for key in sorted(stored.keys() | now.keys()):
+        old, new = stored.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed.update(_changed_fields(old, new, f"{prefix}{key}."))
+        elif old != new:
+            changed[prefix + key] = (old, new)
+    return changed
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
