@@ -187,6 +187,56 @@ def test_curriculum_restart_gives_the_rest_its_own_warmup_and_cosine_decay():
         dataclasses.replace(config, curriculum_steps=0)
 
 
+def test_a_stretched_schedule_is_the_shorter_runs_then_its_rest_stretched():
+    peak, warmup, shorter, start, steps = 1e-3, 10, 300, 200, 500
+    config = train_default.TrainConfig(peak_learning_rate=peak, warmup_steps=warmup, steps=steps,
+                                       schedule_steps=shorter, schedule_stretch_start=start)
+
+    def cosine(t):  # the shorter run's decay at (possibly fractional) step t, closed form
+        return peak * 0.5 * (1 + np.cos(np.pi * (t - warmup) / (shorter - warmup)))
+
+    schedule = train_default.learning_rate_schedule(config)
+    plain = train_default.learning_rate_schedule(dataclasses.replace(config, steps=shorter, schedule_steps=0,
+                                                                     schedule_stretch_start=0))
+    for step in (0, 5, 10, 100, 199):  # the shorter run's rates, bit for bit
+        assert float(schedule(step)) == float(plain(step))
+    for step in (200, 201, 350, 499, 500):  # its last 100 steps' decay over the last 300
+        np.testing.assert_allclose(float(schedule(step)), cosine(start + (step - start) * 100 / 300), rtol=1e-5,
+                                   atol=1e-9)
+    assert float(schedule(500)) == pytest.approx(0.0, abs=1e-12)
+    for bad in (dict(schedule_stretch_start=0), dict(schedule_steps=0), dict(schedule_stretch_start=300),
+                dict(schedule_stretch_start=5), dict(steps=200)):
+        with pytest.raises(ValueError, match="schedule_steps and schedule_stretch_start go together"):
+            dataclasses.replace(config, **bad)
+    with pytest.raises(ValueError, match="curriculum_restart"):
+        dataclasses.replace(config, curriculum_steps=100, curriculum_restart=1)
+
+
+def test_a_frozen_stem_keeps_its_step_and_a_stretched_run_resumes_from_its_shorter_run(tmp_path):
+    """The late phase the two options make: from the stretch on, more steps at the shorter run's late rates with the
+    pixel layers kept, resumed from the shorter run's saved state as if it had run from the start."""
+    tiny = dict(batch_size=4, steps=4, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=32,
+                patch_size=16, stem_channels=(4,), embed_dim=16, vision_width=64, vision_layers=1, text_width=64,
+                text_layers=1)
+    shorter = train_default.TrainConfig(**tiny)
+    at_two, _, _ = train_default.train(shorter, tmp_path / "shorter.jsonl", stop_after=2,
+                                       save_state_at=(2, tmp_path / "state.npz"))
+    stretched = dataclasses.replace(shorter, steps=6, schedule_steps=4, schedule_stretch_start=2, stem_frozen_start=2)
+    straight, _, _ = train_default.train(stretched, tmp_path / "straight.jsonl")
+    resumed, _, _ = train_default.train(stretched, tmp_path / "resumed.jsonl", resume=tmp_path / "state.npz")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, straight)
+    for name in ("stem_0", "patch_embed"):  # kept from step 3 on: no gradient step, no weight decay
+        jax.tree_util.tree_map(np.testing.assert_array_equal, straight["visual"][name], at_two["visual"][name])
+    assert not np.array_equal(straight["visual"]["proj"], at_two["visual"]["proj"])
+    # Not the saved run's first steps: the rates of another shorter run, or the stem kept from step 2.
+    for other in (dict(schedule_steps=5), dict(stem_frozen_start=1)):
+        with pytest.raises(ValueError, match="first 2 steps differ"):
+            train_default.train(dataclasses.replace(stretched, **other), tmp_path / "bad.jsonl",
+                                resume=tmp_path / "state.npz")
+    with pytest.raises(ValueError, match="stem_frozen_start"):
+        dataclasses.replace(stretched, stem_frozen_start=6)
+
+
 def test_curriculum_objective_trains_the_curriculum_with_its_own_loss(tmp_path):
     tiny = dict(batch_size=4, steps=2, curriculum_steps=1, warmup_steps=1, validation_scenes=2, eval_every=100,
                 image_size=32, patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64,

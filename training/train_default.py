@@ -63,9 +63,10 @@ Without `--recipe`, TrainConfig's defaults are the first embedded models' (no st
 Recipe search on late terms: `--save-state STEP PATH` also writes the run's state after STEP steps (`RunState`:
 parameters, optimiser state, moving average, the step selected so far, the log), and `--resume PATH` goes on from
 it as if the run had not stopped (bit for bit on one machine), for any configuration that trains those first steps
-alike: one that differs only in late terms starting at STEP or later (`prefix_config`), or that keeps its last step
-where the saved run selected one by validation (its log keeps the saved steps' validation scores). A resumed run's
-log and CPU time include the saved steps'.
+alike: one that differs only in late terms, stem freezing (`stem_frozen_start`) or a schedule stretch
+(`schedule_steps`, `schedule_stretch_start`: a longer late phase) starting at STEP or later (`prefix_config`), or
+that keeps its last step where the saved run selected one by validation (its log keeps the saved steps' validation
+scores). A resumed run's log and CPU time include the saved steps'.
 """
 from __future__ import annotations
 
@@ -160,6 +161,15 @@ class TrainConfig:
     relation_rate: float = TRAINING_STYLE.relation_rate  # per join, a true relation phrase instead of "and"
     peak_learning_rate: float = 1e-3
     warmup_steps: int = 50          # linear warmup, then cosine decay to 0
+    # k > 0, with schedule_stretch_start: the learning rate is that of a k-step run up to schedule_stretch_start, and
+    # from there the rest of that run's schedule stretched over this run's remaining steps: a longer late phase at
+    # the late phase's rates, whose first steps are the k-step run's (so it resumes from that run's saved state).
+    schedule_steps: int = 0
+    schedule_stretch_start: int = 0
+    # > 0: from this step on, the convolutional stem and the patch embedding take no steps (no gradient, no weight
+    # decay). On a CPU their gradients are about a third of a step (XLA's strided-convolution gradients), so a late
+    # phase with the pixels' first layers kept runs about 1.5x the steps in the same time.
+    stem_frozen_start: int = 0
     weight_decay: float = 0.1       # AdamW, on weight matrices only
     max_logit_scale: float = 4.6052  # log(100), CLIP's clamp
     dense_weight: float = 1.0       # clip_tokens: FILIP late interaction
@@ -302,11 +312,22 @@ class TrainConfig:
             raise ValueError(f"select_step must be one of {SELECT_STEPS}, got {self.select_step!r}")
         if self.validation_grounding_scenes < 1:
             raise ValueError(f"validation_grounding_scenes must be >= 1, got {self.validation_grounding_scenes}")
+        if (self.schedule_steps or self.schedule_stretch_start) and not (
+                self.warmup_steps < self.schedule_stretch_start < min(self.schedule_steps, self.steps)):
+            raise ValueError("schedule_steps and schedule_stretch_start go together, with warmup_steps < "
+                             "schedule_stretch_start < schedule_steps and < steps, got "
+                             f"{self.schedule_steps} and {self.schedule_stretch_start} with {self.steps} steps")
+        if self.schedule_steps and self.curriculum_restart:
+            raise ValueError("schedule_steps cannot be combined with curriculum_restart (one schedule or the other)")
+        if not 0 <= self.stem_frozen_start < self.steps:
+            raise ValueError(f"stem_frozen_start must be >= 0 (0: never) and < steps, got {self.stem_frozen_start} "
+                             f"with {self.steps} steps")
         if self.curriculum_restart and not 0 < self.curriculum_steps < self.steps:
             raise ValueError(f"curriculum_restart needs 0 < curriculum_steps < steps, got {self.curriculum_steps} "
                              f"and {self.steps}")
         # Each cosine decay (`learning_rate_schedule`) needs steps after its warm-up.
-        spans = (self.curriculum_steps, self.steps - self.curriculum_steps) if self.curriculum_restart else (self.steps,)
+        spans = ((self.curriculum_steps, self.steps - self.curriculum_steps) if self.curriculum_restart
+                 else (self.schedule_steps or self.steps,))
         if not 0 <= self.warmup_steps < min(spans):
             raise ValueError(f"warmup_steps must be >= 0 and shorter than the {min(spans)} steps it warms up, got "
                              f"{self.warmup_steps}")
@@ -896,14 +917,21 @@ def losses(params, model: CLIP, images_u8: jax.Array, token_ids: jax.Array, colu
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     """Linear warm-up, then cosine decay to 0 at the last step; with `curriculum_restart`, one such schedule over
-    the curriculum and a second over the steps after it."""
+    the curriculum and a second over the steps after it; with `schedule_steps`, the schedule of a run of that many
+    steps, its part from `schedule_stretch_start` on stretched over this run's remaining steps."""
     def warmup_cosine(steps):
         return optax.warmup_cosine_decay_schedule(0.0, config.peak_learning_rate, config.warmup_steps, steps)
 
-    if not config.curriculum_restart:
+    if config.curriculum_restart:
+        return optax.join_schedules([warmup_cosine(config.curriculum_steps),
+                                     warmup_cosine(config.steps - config.curriculum_steps)],
+                                    [config.curriculum_steps])
+    if not config.schedule_steps:
         return warmup_cosine(config.steps)
-    return optax.join_schedules([warmup_cosine(config.curriculum_steps),
-                                 warmup_cosine(config.steps - config.curriculum_steps)], [config.curriculum_steps])
+    shorter, start = warmup_cosine(config.schedule_steps), config.schedule_stretch_start
+    rate = (config.schedule_steps - start) / (config.steps - start)
+    # Before the stretch, the shorter run's rates at its own integer steps: its first steps bit for bit.
+    return lambda count: jnp.where(count < start, shorter(count), shorter(start + (count - start) * rate))
 
 
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -943,21 +971,27 @@ def text_tower_from(folder: str, fresh: dict) -> dict:
 
 
 def make_train_step(model: CLIP, tx: optax.GradientTransformation, config: TrainConfig, objective: str, sot_id: int,
-                    eot_id: int, train_text: bool = True, idf: np.ndarray | None = None):
+                    eot_id: int, train_text: bool = True, idf: np.ndarray | None = None, train_stem: bool = True):
     """One jitted step; without `train_text` the text tower is neither moved (not even by weight decay) nor
-    given optimiser moments."""
-    def frozen_text(tree):
-        return {**tree, "text": jax.tree_util.tree_map(jnp.zeros_like, tree["text"])}
+    given optimiser moments, and without `train_stem` neither are the stem and the patch embedding (their
+    gradients, never read, are not computed)."""
+    def frozen(tree):
+        zeros = functools.partial(jax.tree_util.tree_map, jnp.zeros_like)
+        if not train_text:
+            tree = {**tree, "text": zeros(tree["text"])}
+        if not train_stem:
+            pixel_layer = lambda name: name == "patch_embed" or name.startswith("stem_")  # noqa: E731
+            tree = {**tree, "visual": {name: zeros(part) if pixel_layer(name) else part
+                                       for name, part in tree["visual"].items()}}
+        return tree
 
     @jax.jit
     def step(params, opt_state, images_u8, token_ids, columns):
         grads, metrics = jax.grad(losses, has_aux=True)(params, model, images_u8, token_ids, columns, sot_id, eot_id,
                                                         config, objective, idf)
-        if not train_text:
-            grads = frozen_text(grads)
+        grads = frozen(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
-        if not train_text:
-            updates = frozen_text(updates)
+        updates = frozen(updates)
         params = optax.apply_updates(params, updates)
         params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, config.max_logit_scale)
         return params, opt_state, metrics
@@ -993,11 +1027,16 @@ STATE_FORMAT = "tclip_jax/training-state"
 
 def prefix_config(config: TrainConfig, step: int) -> dict:
     """The fields of `config` that decide its first `step` steps: all of them (as JSON), with each late term
-    (`LATE_TERMS`) that starts at `step` or later, or is off, set to off."""
+    (`LATE_TERMS`) that starts at `step` or later, or is off, set to off, and so the stem's freezing; a schedule
+    stretched from `step` or later is, so far, its shorter run's."""
     fields = dataclasses.asdict(config)
     for weight, start in LATE_TERMS.items():
         if not fields[weight] or fields[start] >= step:
             fields.update({weight: 0.0, start: 0, **LATE_TERM_PARTS[weight]})
+    if fields["stem_frozen_start"] >= step:
+        fields["stem_frozen_start"] = 0
+    if fields["schedule_stretch_start"] >= step:  # so far the rates of the shorter run, which is that run
+        fields.update(steps=fields["schedule_steps"], schedule_steps=0, schedule_stretch_start=0)
     return json.loads(json.dumps(fields))  # tuples as lists, as a saved header has them
 
 
@@ -1124,22 +1163,23 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     first = state.step
     if save_state_at is not None:
         parse_save_state([str(save_state_at[0]), str(save_state_at[1])], config, first)
-    step_fns: dict[tuple[str, bool, tuple[str, ...]], Callable] = {}
+    step_fns: dict[tuple[str, bool, bool, tuple[str, ...]], Callable] = {}
 
     def step_fn(step: int) -> Callable:
         """The jitted step of `step`'s objective, with or without training the text tower and each late term."""
         curriculum = step < config.curriculum_steps and config.curriculum_objective
         objective = config.curriculum_objective if curriculum else config.objective
         train_text = step >= config.text_frozen_steps
+        train_stem = not 0 < config.stem_frozen_start <= step
         late_off = tuple(weight for weight, start in LATE_TERMS.items() if step < getattr(config, start))
-        key = objective, train_text, late_off
+        key = objective, train_text, train_stem, late_off
         if key not in step_fns:
             off = {}
             for weight in late_off:
                 off.update({weight: 0.0, LATE_TERMS[weight]: 0, **LATE_TERM_PARTS[weight]})
             step_config = dataclasses.replace(config, **off)
             step_fns[key] = make_train_step(model, tx, step_config, objective, tokenizer.sot_id, tokenizer.eot_id,
-                                            train_text, idf)
+                                            train_text, idf, train_stem)
         return step_fns[key]
 
     validation = retrieval_scenes(config.validation_scenes, VALIDATION_OFFSET)
