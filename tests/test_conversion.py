@@ -227,6 +227,27 @@ def test_hugging_face_weights_without_config(tmp_path):
         load_clip(tmp_path / "hf" / "model.safetensors")
 
 
+def test_a_named_source_is_checked_against_what_the_checkpoint_holds(tmp_path, fixtures_dir, openai_state_dict):
+    torch.manual_seed(0)
+    transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).save_pretrained(tmp_path / "hf")
+    (tmp_path / "open_clip").mkdir()
+    safetensors.numpy.save_file(openai_state_dict, tmp_path / "open_clip" / "open_clip_model.safetensors")
+    (tmp_path / "open_clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}))
+    converted = _converted(tmp_path, fixtures_dir)
+    for folder, found, wrong in [(tmp_path / "hf", "hf", ("openai", "open_clip", "tclip")),
+                                 (tmp_path / "open_clip", "open_clip", ("hf", "openai", "tclip")),
+                                 (converted, "tclip", ("hf", "openai", "open_clip"))]:
+        assert load_clip(folder, source=found).source == found
+        for source in wrong:
+            with pytest.raises(ConversionError, match=f"\\(source '{found}'\\), not the '{source}' asked for"):
+                load_clip(folder, source=source)
+    np.savez(tmp_path / "state.npz", **openai_state_dict)
+    for source in ("hf", "tclip"):
+        with pytest.raises(ConversionError, match=f"a single state-dict file, .* not the '{source}' asked for"):
+            load_clip(tmp_path / "state.npz", source=source)
+    assert load_clip(tmp_path / "state.npz", source="open_clip", activation="gelu").source == "open_clip"
+
+
 def test_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a CLIP checkpoint folder"):
         load_clip(tmp_path)

@@ -153,13 +153,16 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
         return dataclasses.replace(converted, origin=origin)
     if path.is_dir():
         if checkpoint.is_checkpoint(path):
+            _check_source(path, source, "tclip", "a converted tclip_jax folder")
             params, config, _ = checkpoint.load_checkpoint(path)
             return Converted(params, config, _tokenizer_dir(path), "tclip", origin)
         hf_weights = sources.hf_folder_files(path)
-        if hf_weights is not None and source in (None, "hf"):
+        if hf_weights is not None:
+            _check_source(path, source, "hf", "a Hugging Face folder")
             return _from_hf_folder(path, hf_weights, origin)
         open_clip_weights = sources.open_clip_folder_files(path)
         if open_clip_weights is not None:
+            _check_source(path, source, "open_clip", "an OpenCLIP folder")
             config_activation, head_dims = _open_clip_config(path)
             return _from_openai_state_dict(open_clip_weights, "open_clip", origin, activation or config_activation,
                                            _tokenizer_dir(path), **head_dims)
@@ -167,7 +170,18 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
             f"{path} is not a CLIP checkpoint folder: expected {checkpoint.CONFIG_FILE} (converted), "
             f"config.json + one of {sources.HF_WEIGHT_FILES} (Hugging Face), or one of "
             f"{sources.OPEN_CLIP_WEIGHT_FILES} (OpenCLIP)")
+    if source in ("tclip", "hf"):  # a single file holds OpenAI key names, whoever trained it
+        raise ConversionError(f"{path} is a single state-dict file, which can be openai or open_clip, not the "
+                              f"{source!r} asked for ({'a converted' if source == 'tclip' else 'a Hugging Face'} "
+                              "model is a folder)")
     return _from_openai_state_dict(path, source, origin, activation)
+
+
+def _check_source(path: pathlib.Path, asked: Optional[str], found: str, what: str) -> None:
+    """A source that was named must be what the folder holds: a forced format is checked, never ignored."""
+    if asked is not None and asked != found:
+        raise ConversionError(f"{path} is {what} (source {found!r}), not the {asked!r} asked for; leave the source "
+                              "out to detect it")
 
 
 def _is_hub_name(name: str) -> bool:

@@ -10,7 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SRC", help="hub name, Hugging Face folder, OpenAI .pt, "
                         "OpenAI-format .npz/.safetensors, or OpenCLIP checkpoint/folder")
     parser.add_argument("--from", dest="source_format", choices=("hf", "openai", "open_clip"),
-                        help="force the checkpoint format (default: detected)")
+                        help="the checkpoint's format, checked against what SRC holds (default: detected); "
+                        "for a single state-dict file, openai or open_clip sets the default activation")
     parser.add_argument("--out", required=True, help="folder to write (must not exist unless --overwrite)")
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
                         help="override the MLP activation for state dicts whose config does not say it")
