@@ -1,5 +1,6 @@
 """Every checkpoint source through the one loader, the converted folder round trip, and bad input."""
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -241,6 +242,13 @@ def test_a_named_source_is_checked_against_what_the_checkpoint_holds(tmp_path, f
         for source in wrong:
             with pytest.raises(ConversionError, match=f"\\(source '{found}'\\), not the '{source}' asked for"):
                 load_clip(folder, source=source)
+    # A folder with both layouts, as LAION's hub repositories have: the source picks, and detection prefers hf.
+    for name in ("open_clip_model.safetensors", "open_clip_config.json"):
+        shutil.copy(tmp_path / "open_clip" / name, tmp_path / "hf" / name)
+    assert load_clip(tmp_path / "hf").source == "hf"
+    assert load_clip(tmp_path / "hf", source="open_clip").source == "open_clip"
+    with pytest.raises(ConversionError, match="not the 'openai' asked for"):
+        load_clip(tmp_path / "hf", source="openai")
     np.savez(tmp_path / "state.npz", **openai_state_dict)
     for source in ("hf", "tclip"):
         with pytest.raises(ConversionError, match=f"a single state-dict file, .* not the '{source}' asked for"):

@@ -156,16 +156,17 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
             _check_source(path, source, "tclip", "a converted tclip_jax folder")
             params, config, _ = checkpoint.load_checkpoint(path)
             return Converted(params, config, _tokenizer_dir(path), "tclip", origin)
-        hf_weights = sources.hf_folder_files(path)
-        if hf_weights is not None:
-            _check_source(path, source, "hf", "a Hugging Face folder")
+        # A hub repository may hold both layouts (LAION's do): the named source picks one.
+        hf_weights, open_clip_weights = sources.hf_folder_files(path), sources.open_clip_folder_files(path)
+        if hf_weights is not None and source in (None, "hf"):
             return _from_hf_folder(path, hf_weights, origin)
-        open_clip_weights = sources.open_clip_folder_files(path)
-        if open_clip_weights is not None:
-            _check_source(path, source, "open_clip", "an OpenCLIP folder")
+        if open_clip_weights is not None and source in (None, "open_clip"):
             config_activation, head_dims = _open_clip_config(path)
             return _from_openai_state_dict(open_clip_weights, "open_clip", origin, activation or config_activation,
                                            _tokenizer_dir(path), **head_dims)
+        if hf_weights is not None or open_clip_weights is not None:
+            found = "hf" if hf_weights is not None else "open_clip"
+            _check_source(path, source, found, "a Hugging Face folder" if found == "hf" else "an OpenCLIP folder")
         raise FileNotFoundError(
             f"{path} is not a CLIP checkpoint folder: expected {checkpoint.CONFIG_FILE} (converted), "
             f"config.json + one of {sources.HF_WEIGHT_FILES} (Hugging Face), or one of "
