@@ -11,7 +11,7 @@ agree on every `DataConfig` field. A pool of worker processes makes each step's 
 the slowest run, and drops them when every run has taken them; the runs train in threads, so the device interleaves
 their steps. The shipped checkpoints come from `train_default.py` on the CPU (issue 13): this only ranks recipes.
 On an accelerator compiling takes most of the time, and each new caption length compiles a run's step again: add
-`--set text_length_step=0` there (it changes only the summation order; the default card's recipe search measured it).
+`--set text_length_step=0` there (it changes only the summation order; RECIPE_SEARCH.md measured it).
 `--resume PATH` starts every run from a state `train_default.py --save-state` wrote (late terms from that step on:
 a 600-step search instead of 2400).
 """

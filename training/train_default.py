@@ -58,7 +58,7 @@ Run from the repository root (it also records the checkpoint's fast held-out gat
     nice python training/train_default.py --recipe clip_only --out tclip_jax/data/clip_only_model
 Without `--recipe`, TrainConfig's defaults are the first embedded models' (no stem, 4 blocks, 900 steps; with
 `--objective clip_tokens` the first default model, with `clip` the first `clip_only`), to which the recipe search's
-`--set` overrides are relative (the default model's card).
+`--set` overrides are relative (`training/RECIPE_SEARCH.md`).
 
 Recipe search on late terms: `--save-state STEP PATH` also writes the run's state after STEP steps (`RunState`:
 parameters, optimiser state, moving average, the step selected so far, the log), and `--resume PATH` goes on from
@@ -207,13 +207,13 @@ class TrainConfig:
     # > 0: two distinct colour words of a caption name two different objects, as do two distinct shape words (an
     # object has one colour and one shape), so inside the caption their S over their own image's patches should not
     # coincide (`exclusive_loss`). Tried for same-colour twins, which no other term separates; it emptied the caption
-    # words' maps instead (the default card).
+    # words' maps instead (RECIPE_SEARCH.md).
     exclusive_weight: float = 0.0
     # > 0: each colour or shape word inside its caption must give, over the caption's image, the map its bare word
     # gives there (`bare_map_loss`), the bare word's map held fixed. Added because the patch term grounds bare words
     # and no term read the caption words TCLIP reads. From the start it met the wrong-object gate by making those words
     # ignore their caption, and the bare shape words moved; from step 1800, once the bare words ground, it met the
-    # gate and they held: the default recipe since 2026-12-04 (the default card).
+    # gate and they held: the default recipe since 2026-12-04 (RECIPE_SEARCH.md).
     bare_map_weight: float = 0.0
     bare_map_start: int = 0         # the bare-map term acts from this step on (the default recipe: 1800)
     # > 0: the bare-map term also asks each such word's map inside its caption not to correlate with the bare map of
@@ -225,7 +225,7 @@ class TrainConfig:
     # bare words lie on another object while the map peaks on the named one (`image_tower_probe.py boxes`): a map
     # that lights every object leaves Otsu's largest component to the largest object. The default recipe since
     # 2026-12-05: weight 10 from step 1800, colour words only (asking shape words too cost the twins gate: a shape's
-    # peak can sit on its same-colour twin, and the term then holds it there; the default card).
+    # peak can sit on its same-colour twin, and the term then holds it there; RECIPE_SEARCH.md).
     peak_contrast_weight: float = 0.0
     peak_contrast_start: int = 0    # the peak-contrast term acts from this step on
     peak_contrast_kinds: tuple[str, ...] = WORD_KINDS  # the kinds of word it asks
@@ -241,7 +241,7 @@ class TrainConfig:
     eval_every: int = 100
     # "last": the checkpoint is the last step's parameters. "validation": the evaluated step (every eval_every steps
     # and the last) with the best `validation_record` score, read on validation scenes only; at patch 32 longer runs
-    # traded grounding for retrieval (the default model's card), so the step is chosen by both.
+    # traded grounding for retrieval (RECIPE_SEARCH.md), so the step is chosen by both.
     select_step: str = "last"
     validation_grounding_scenes: int = 20  # select_step="validation": scenes per VALIDATION_PROTOCOLS protocol
     # Model geometry, widths and depths (everything else is OpenAI CLIP's).
@@ -335,7 +335,7 @@ class TrainConfig:
 
 # The shipped checkpoints' recipes (`--recipe NAME`): overrides of TrainConfig's defaults, which stay the first
 # embedded models' (the recipe search's rows are relative to them). `clip_only` is still the first models' schedule:
-# the default recipe with CLIP's loss alone (tried at 1800 steps) learnt less within the budget (the default card).
+# the default recipe with CLIP's loss alone (tried at 1800 steps) learnt less within the budget (RECIPE_SEARCH.md).
 RECIPES = {
     "default": {"objective": "clip", "steps": 2400, "patch_size": 16, "stem_channels": (16, 32, 64),
                 "vision_layers": 1, "curriculum_steps": 1200, "curriculum_objects": 1, "text_length_step": 8,

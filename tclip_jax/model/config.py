@@ -33,8 +33,8 @@ class CLIPConfig:
     layer_norm_eps: float = 1e-5
     # Output channels of 3x3 stride-2 convolutions (each followed by `activation`) ahead of the patch embedding,
     # which then covers patch_size / 2**len(stem_channels) of their output: Xiao et al. (2021)'s convolutional
-    # stem. () is the linear patch embedding of every released CLIP and of the shipped embedded models; the default
-    # model's card reports the recipe search with a stem.
+    # stem. () is the linear patch embedding of every released CLIP and of clip_only_model; the default embedded
+    # model has a stem (training/RECIPE_SEARCH.md: the runs with and without).
     stem_channels: tuple[int, ...] = ()
 
     def __post_init__(self):
