@@ -168,7 +168,8 @@ class TrainConfig:
     schedule_stretch_start: int = 0
     # > 0: from this step on, the convolutional stem and the patch embedding take no steps (no gradient, no weight
     # decay). On a CPU their gradients are about a third of a step (XLA's strided-convolution gradients), so a late
-    # phase with the pixels' first layers kept runs about 1.5x the steps in the same time.
+    # phase with the pixels' first layers kept runs about 1.5x the steps in the same time (neither run that spent
+    # that time on more steps grounded better: RECIPE_SEARCH.md).
     stem_frozen_start: int = 0
     weight_decay: float = 0.1       # AdamW, on weight matrices only
     max_logit_scale: float = 4.6052  # log(100), CLIP's clamp
@@ -1166,7 +1167,8 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
     step_fns: dict[tuple[str, bool, bool, tuple[str, ...]], Callable] = {}
 
     def step_fn(step: int) -> Callable:
-        """The jitted step of `step`'s objective, with or without training the text tower and each late term."""
+        """The jitted step of `step`'s objective, with or without training the text tower, the stem and each late
+        term."""
         curriculum = step < config.curriculum_steps and config.curriculum_objective
         objective = config.curriculum_objective if curriculum else config.objective
         train_text = step >= config.text_frozen_steps
