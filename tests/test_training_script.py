@@ -221,7 +221,7 @@ def test_a_frozen_stem_keeps_its_step_and_a_stretched_run_resumes_from_its_short
     shorter = train_default.TrainConfig(**tiny)
     at_two, _, _ = train_default.train(shorter, tmp_path / "shorter.jsonl", stop_after=2,
                                        save_state_at=(2, tmp_path / "state.npz"))
-    stretched = dataclasses.replace(shorter, steps=6, schedule_steps=4, schedule_stretch_start=2, stem_frozen_start=2)
+    stretched = dataclasses.replace(shorter, steps=5, schedule_steps=4, schedule_stretch_start=2, stem_frozen_start=2)
     straight, _, _ = train_default.train(stretched, tmp_path / "straight.jsonl")
     resumed, _, _ = train_default.train(stretched, tmp_path / "resumed.jsonl", resume=tmp_path / "state.npz")
     jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, straight)
@@ -234,7 +234,7 @@ def test_a_frozen_stem_keeps_its_step_and_a_stretched_run_resumes_from_its_short
             train_default.train(dataclasses.replace(stretched, **other), tmp_path / "bad.jsonl",
                                 resume=tmp_path / "state.npz")
     with pytest.raises(ValueError, match="stem_frozen_start"):
-        dataclasses.replace(stretched, stem_frozen_start=6)
+        dataclasses.replace(stretched, stem_frozen_start=5)
 
 
 def test_curriculum_objective_trains_the_curriculum_with_its_own_loss(tmp_path):
