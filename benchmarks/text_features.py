@@ -2,11 +2,11 @@
 token, and a label set named again (as in every batch of a sweep) against computed once.
 
 `PromptMethod.text_features` cuts each text after its end-of-text token (`causal_length_groups`: the text tower is
-causal) and keeps the features of the texts it has computed. Before 2026-12-05 it ran every text through all 77 positions
-on every call, one text at a time; `whole context` below is that computation (`whole_context_features`), timed
+causal) and keeps the features of the texts it has computed. Before 2026-12-05 it ran every text through all 77
+positions on every call, one text at a time; `whole context` below is that computation (`whole_context_features`), timed
 side by side with today's in each round (`interleaved_medians`), on random ViT-B/32 weights with the CLIP tokenizer:
 
-- CLIP Surgery, whose text is the mean over its 80 templates of one prompt (`--surgery-prompts` COCO class names);
+- CLIP Surgery, whose text is the mean over its 85 templates of one prompt (`--surgery-prompts` COCO class names);
 - MaskCLIP, one text per prompt (the 80 COCO class names).
 
 Then the sweep that needed it: `tclip sweep synthetic --protocol captions --method clip_surgery` on the embedded

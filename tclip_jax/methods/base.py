@@ -427,9 +427,9 @@ class PromptMethod(Method):
 
     def text_features(self, prompts: Sequence[str]) -> np.ndarray:
         """[n, embed_dim] features of the prompts (`encode_texts`), each text cut after its end-of-text token
-        (`causal_length_groups`, the longest of its templates) and computed once, in chunks of `text_chunk` texts (a template
-        ensemble alone: it is a batch already), so that every text of one cut length goes through the same program
-        whatever texts come with it.
+        (`causal_length_groups`, the longest of its templates) and computed once, in chunks of `text_chunk` texts (a
+        template ensemble alone: it is a batch already), so that every text of one cut length goes through the same
+        program whatever texts come with it.
 
         A text's features do not depend on the texts computed with it, so those of the last `text_cache_size` texts
         are kept, for the parameters they came from: a label set that every call names (CLIP Surgery's, in every
