@@ -153,7 +153,8 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
         return dataclasses.replace(converted, origin=origin)
     if path.is_dir():
         if checkpoint.is_checkpoint(path):
-            _check_source(path, source, "tclip", "a converted tclip_jax folder")
+            if source not in (None, "tclip"):
+                raise _wrong_source(path, source, "tclip", "a converted tclip_jax folder")
             params, config, _ = checkpoint.load_checkpoint(path)
             return Converted(params, config, _tokenizer_dir(path), "tclip", origin)
         # A hub repository may hold both layouts (LAION's do): the named source picks one.
@@ -164,9 +165,10 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
             config_activation, head_dims = _open_clip_config(path)
             return _from_openai_state_dict(open_clip_weights, "open_clip", origin, activation or config_activation,
                                            _tokenizer_dir(path), **head_dims)
-        if hf_weights is not None or open_clip_weights is not None:
-            found = "hf" if hf_weights is not None else "open_clip"
-            _check_source(path, source, found, "a Hugging Face folder" if found == "hf" else "an OpenCLIP folder")
+        if hf_weights is not None:
+            raise _wrong_source(path, source, "hf", "a Hugging Face folder")
+        if open_clip_weights is not None:
+            raise _wrong_source(path, source, "open_clip", "an OpenCLIP folder")
         raise FileNotFoundError(
             f"{path} is not a CLIP checkpoint folder: expected {checkpoint.CONFIG_FILE} (converted), "
             f"config.json + one of {sources.HF_WEIGHT_FILES} (Hugging Face), or one of "
@@ -178,11 +180,10 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
     return _from_openai_state_dict(path, source, origin, activation)
 
 
-def _check_source(path: pathlib.Path, asked: Optional[str], found: str, what: str) -> None:
-    """A source that was named must be what the folder holds: a forced format is checked, never ignored."""
-    if asked is not None and asked != found:
-        raise ConversionError(f"{path} is {what} (source {found!r}), not the {asked!r} asked for; leave the source "
-                              "out to detect it")
+def _wrong_source(path: pathlib.Path, asked: str, found: str, what: str) -> ConversionError:
+    """The error for a named source that the folder does not hold: a forced format is checked, never ignored."""
+    return ConversionError(f"{path} is {what} (source {found!r}), not the {asked!r} asked for; leave the source out "
+                           "to detect it")
 
 
 def _is_hub_name(name: str) -> bool:
