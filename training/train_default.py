@@ -981,8 +981,7 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, config: Train
         if not train_text:
             tree = {**tree, "text": zeros(tree["text"])}
         if not train_stem:
-            pixel_layer = lambda name: name == "patch_embed" or name.startswith("stem_")  # noqa: E731
-            tree = {**tree, "visual": {name: zeros(part) if pixel_layer(name) else part
+            tree = {**tree, "visual": {name: zeros(part) if name == "patch_embed" or name.startswith("stem_") else part
                                        for name, part in tree["visual"].items()}}
         return tree
 
