@@ -878,14 +878,21 @@ def test_shared_inputs_make_each_step_once_and_hold_few(monkeypatch):
         search_recipes.SharedInputs(None, steps, None, ahead, 1).take(0, 5)
 
 
-def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path):
-    def search(*arguments):
-        return subprocess.run([sys.executable, str(SEARCH_SCRIPT), "--out", str(tmp_path / "search"), *arguments],
-                              capture_output=True, text=True, cwd=SCRIPT.parent.parent, timeout=300)
+def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path, monkeypatch, capsys):
+    def search(*arguments):  # main() in this process, as in the overrides test above
+        monkeypatch.setattr(sys, "argv", [str(SEARCH_SCRIPT), "--out", str(tmp_path / "search"), *arguments])
+        with pytest.raises(SystemExit) as raised:
+            search_recipes.main()
+        return raised.value.code, capsys.readouterr().err
 
+    # Once as a user runs it: its own process, exit status 2 and one line, no traceback.
+    bad = subprocess.run([sys.executable, str(SEARCH_SCRIPT), "--out", str(tmp_path / "search"), "--run", "a",
+                          "--run", "b", "batch_size=32"], capture_output=True, text=True, cwd=SCRIPT.parent.parent,
+                         timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].endswith(
+        "runs a and b draw different batches (batch_size: 64 vs 32); search them separately"), bad.stderr
     for arguments, message in [
-            (("--run", "a", "--run", "b", "batch_size=32"),
-             "runs a and b draw different batches (batch_size: 64 vs 32); search them separately"),
             (("--run", "a", "--run", "b", "steps=500"), "the runs must train the same number of steps"),
             (("--run", "a", "--run", "a", "seed=1"), "--run a is given twice"),
             (("--set", "seed=1", "--run", "a", "seed=2"), "--run a gives seed, which --set gives too"),
@@ -893,9 +900,8 @@ def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path
             (("--run", "a", "colour=red"), "unknown TrainConfig field 'colour'"),
             (("--run", "a", f"text_init={tmp_path / 'none'}"), f"{tmp_path / 'none'} is neither a file, a folder nor a "
                                                                 "hub name")]:
-        bad = search(*arguments)
-        assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(message), bad.stderr
-        assert "Traceback" not in bad.stderr
+        code, stderr = search(*arguments)
+        assert code == 2 and stderr.strip().splitlines()[-1].endswith(message), stderr
     assert not tmp_path.joinpath("search").exists()
 
 
@@ -953,7 +959,7 @@ def test_a_run_resumed_from_its_saved_state_is_the_run_that_never_stopped(tmp_pa
         train_default.train(late, tmp_path / "x.jsonl", resume=tmp_path / "last.npz")  # no scores to select by
 
 
-def test_a_run_refuses_a_state_it_cannot_go_on_from(tmp_path, saved_state):
+def test_a_run_refuses_a_state_it_cannot_go_on_from(tmp_path, saved_state, monkeypatch, capsys):
     config, state = resumable_config(), saved_state
     for changed, message in [({"seed": 1}, "first 2 steps differ from the saved run's (seed: 0 saved, 1 here)"),
                              ({"peak_contrast_weight": 1.0, "peak_contrast_start": 1},
@@ -981,9 +987,10 @@ def test_a_run_refuses_a_state_it_cannot_go_on_from(tmp_path, saved_state):
     assert cli.stderr.strip().splitlines()[-1].startswith(f"train_default.py: error: --resume {tmp_path / 'text.npz'}: "
                                                          "not a training state")
     assert not (tmp_path / "out").exists()
-    cli = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--resume", str(state),
-                          "--save-state", "2", str(tmp_path / "again.npz"), "--set", *RESUMABLE],
-                         capture_output=True, text=True, cwd=SCRIPT.parent.parent, timeout=300)
-    assert cli.returncode == 2 and cli.stderr.strip().splitlines()[-1].endswith(
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(tmp_path / "out"), "--resume", str(state),
+                                      "--save-state", "2", str(tmp_path / "again.npz"), "--set", *RESUMABLE])
+    with pytest.raises(SystemExit) as raised:  # main() in this process: the same check, without the imports
+        train_default.main()
+    assert raised.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "STEP must be a step after the run's first (2) and before its last (4)")
     assert not (tmp_path / "out").exists()
