@@ -69,14 +69,14 @@ def measure(tclip: TCLIP, images: list, prompts, batch_size: int, rounds: int) -
         floor()
         floors.append(time.perf_counter() - start)
         for overlap in (False, True):
-            clock = DeviceClock()
-            clocked(tclip, clock)
-            start = time.perf_counter()
-            for _ in tclip.explain_batch(images, encoded, batch_size=batch_size, overlap=overlap):
-                pass
-            walls[overlap].append(time.perf_counter() - start)
-            del tclip.__dict__["jitted_maps"]
-            spans[overlap] = clock.stop()  # the last round's
+            with DeviceClock() as clock:
+                clocked(tclip, clock)
+                start = time.perf_counter()
+                for _ in tclip.explain_batch(images, encoded, batch_size=batch_size, overlap=overlap):
+                    pass
+                walls[overlap].append(time.perf_counter() - start)
+                del tclip.__dict__["jitted_maps"]
+            spans[overlap] = clock.spans  # the last round's
     return {"maps": len(encoded.queries), "serial": float(np.median(walls[False])),
             "overlapped": float(np.median(walls[True])), "floor": float(np.median(floors)),
             "device": device_busy_seconds(spans[True]),

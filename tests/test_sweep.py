@@ -41,6 +41,7 @@ from test_datasets import build_tfds_coco, painted, write_coco, write_imagenet_s
 
 TESTS = pathlib.Path(__file__).resolve().parent
 STALL_ENV = "TCLIP_TEST_STALL_AFTER"  # StallingPainted: images a process prepares before it stalls
+RELEASE_ENV = "TCLIP_TEST_STALL_RELEASE"  # StallingPainted: a path whose file, once there, ends the stall
 
 
 # -------------------------------------------------------------------------------------- stand-in method
@@ -77,14 +78,16 @@ class Painted(Method):
 
 
 class StallingPainted(Painted):
-    """The same maps; preparing stalls after $TCLIP_TEST_STALL_AFTER images, so a kill lands mid-sweep."""
+    """The same maps; preparing stalls after $TCLIP_TEST_STALL_AFTER images, so a kill lands mid-sweep, until the
+    file $TCLIP_TEST_STALL_RELEASE names exists (for ever without one)."""
 
     def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Geometry]:
         with _prepared["lock"]:
             _prepared["count"] += 1
             stall = _prepared["count"] > int(os.environ.get(STALL_ENV, "1000000"))
-        while stall:
-            time.sleep(1)
+        release = os.environ.get(RELEASE_ENV)
+        while stall and not (release and os.path.exists(release)):
+            time.sleep(0.1)
         return super().prepare(rgb)
 
 
@@ -448,13 +451,17 @@ def test_a_scoring_bug_stops_the_sweep_and_keeps_the_records_before_it(coco_many
         run_sweep(dataset, Painted.from_pretrained(), tmp_path, options=RunOptions(batch_size=2, workers=1,
                                                                                       progress=False))
     assert [r["key"] for r in read_records(tmp_path / "results-p0.jsonl")] == ["1", "2", "3", "4"]
+    # No thread of the sweep's is left behind: one waiting in the runtime when the interpreter exits aborts it.
+    assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("tclip-")]
 
 
 def _sweep_process(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            **(env_extra or {})}
+    # Ctrl-C as in a terminal, also where the suite runs with SIGINT ignored (Python then installs no handler).
     return subprocess.Popen([sys.executable, "-m", "tclip_jax", *_cli(*args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _lines(path: pathlib.Path) -> int:
@@ -488,6 +495,29 @@ def test_resume_after_sigkill_gives_the_uninterrupted_report(coco_many, coco_man
     records = read_records(results)  # every line whole: the torn one was cut off before appending
     assert results.read_bytes().endswith(b"\n") and len(records) == _lines(results) == 12
     assert sorted(int(r["key"]) for r in records) == list(range(1, 13))  # nothing lost, nothing twice
+    assert _report(out) == _report(coco_many_reference)
+
+
+def test_ctrl_c_ends_a_sweep_with_one_line_and_status_130_and_resume_finishes_it(coco_many, coco_many_reference,
+                                                                                 tmp_path):
+    """Ctrl-C while a load is still running: the records so far stay, the process exits 130 with one line once the
+    load is done, and --resume finishes the sweep. (The abort a thread left waiting in the runtime caused needs a
+    batch in flight on the device at exit; the scoring-bug test above checks that no thread is left.)"""
+    out, release = tmp_path / "out", tmp_path / "release"
+    args = ("coco", "--data", str(coco_many), "--method", "test_sweep:StallingPainted", "--batch-size", "2",
+            "--workers", "1", "--out", str(out))
+    process = _sweep_process(*args, env_extra={STALL_ENV: "4", RELEASE_ENV: str(release)})
+    deadline = time.monotonic() + 120
+    while _lines(out / "results-p0.jsonl") == 0 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    release.touch()
+    assert process.wait(timeout=120) == 130
+    assert process.stderr.read().decode().splitlines() == ["tclip sweep: interrupted"]
+    kept = read_records(out / "results-p0.jsonl")
+    assert 0 < len(kept) < 12
+    finish = _sweep_process(*args, "--resume")
+    assert finish.wait(timeout=120) == 0, finish.stderr.read().decode()
     assert _report(out) == _report(coco_many_reference)
 
 

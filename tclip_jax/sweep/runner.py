@@ -156,7 +156,7 @@ def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Que
     records = _InOrder(record)
     sizes: list[int] = []
     started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-load") as loaders, \
+    with clock, concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-load") as loaders, \
             concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-host") as hosts:
         def score(batch: list[_Prepared], device_maps: DispatchedMaps) -> None:
             """Hand each image of a dispatched batch to the host threads."""
@@ -179,7 +179,7 @@ def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Que
         if in_flight is not None:
             score(*in_flight)
         records.wait(0)
-    return _throughput(clock.stop(), sizes, time.perf_counter() - started, len(maps.devices))
+    return _throughput(clock.spans, sizes, time.perf_counter() - started, len(maps.devices))
 
 
 class _InOrder:
@@ -358,28 +358,32 @@ def _write_json(path: pathlib.Path, data: dict) -> None:
 
 class DeviceClock:
     """Notes, on its own thread, when each dispatched batch finishes on the device (anything with
-    `block_until_ready`: a jax.Array or `DispatchedMaps`)."""
+    `block_until_ready`: a jax.Array or `DispatchedMaps`); `spans` once its `with` block is left.
+
+    The block always joins the thread, on an error or Ctrl-C too: a thread left waiting inside the runtime when the
+    interpreter exits aborts the process (SIGABRT, "FATAL: exception not rethrown") instead of its exit status."""
 
     def __init__(self):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._spans: list[tuple[float, float]] = []
-        self._thread = threading.Thread(target=self._watch, name="tclip-device-clock", daemon=True)
+        self.spans: list[tuple[float, float]] = []  # (dispatch, finish) per batch, in dispatch order
+        self._thread = threading.Thread(target=self._watch, name="tclip-device-clock")
+
+    def __enter__(self) -> "DeviceClock":
         self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._queue.put(None)
+        self._thread.join()
 
     def dispatched(self, maps: DispatchedMaps | jax.Array) -> None:
         self._queue.put((time.perf_counter(), maps))
-
-    def stop(self) -> list[tuple[float, float]]:
-        """(dispatch, finish) per batch, in dispatch order."""
-        self._queue.put(None)
-        self._thread.join()
-        return self._spans
 
     def _watch(self) -> None:
         while (item := self._queue.get()) is not None:
             dispatched, maps = item
             maps.block_until_ready()
-            self._spans.append((dispatched, time.perf_counter()))
+            self.spans.append((dispatched, time.perf_counter()))
 
 
 def device_busy_seconds(spans: list[tuple[float, float]]) -> float:
