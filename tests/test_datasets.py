@@ -482,6 +482,23 @@ def test_coco_seg_masks_are_the_union_of_instance_masks(tmp_path):
     dropped = next(coco_seg_dataset(root, crowd="drop").samples()).load()
     np.testing.assert_array_equal(dropped.targets[1].mask, dog_a | dog_b)
     np.testing.assert_array_equal(dropped.targets[1].ignore, crowd)
+    # Instances that cover no pixel (under a pixel; outside the image) leave a category out of the semantic mask,
+    # and a category with pixels as it was.
+    empty = [(3, [[5.1, 5.1, 5.3, 5.1, 5.2, 5.3]], 0), (1, [[40.0, 30.0, 50.0, 30.0, 50.0, 40.0]], 0)]
+    whole = data["annotations"]
+    data["annotations"] = whole + [{"id": 10 + i, "image_id": 4, "category_id": c, "bbox": [0, 0, 1, 1],
+                                    "iscrowd": k, "segmentation": s} for i, (c, s, k) in enumerate(empty)]
+    assert not any(coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(s, height, width))).any()
+                   for _, s, _ in empty)
+    path.write_text(json.dumps(data))
+    again = next(coco_seg_dataset(root).samples()).load()
+    assert [t.class_id for t in again.targets] == [person.class_id, dog.class_id]
+    for before, after in zip(loaded.targets, again.targets):
+        np.testing.assert_array_equal(after.mask, before.mask)
+    data["annotations"] = data["annotations"][-2:]  # only those: the image is in the dataset, with no unit
+    path.write_text(json.dumps(data))
+    assert next(coco_seg_dataset(root).samples()).load().targets == ()
+    data["annotations"] = whole
     data["annotations"][0]["segmentation"] = {"size": [height, width + 1], "counts": [1]}
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"annotations\[0\] \(id 0\): segmentation RLE size .* is not the image's"):

@@ -16,7 +16,8 @@ Conventions (gScoreCAM's ``evaluation/coco_eval.py`` with ``tools/iou_tool.py``)
 `coco_seg_dataset` reads the same raw layout as semantic segmentation (the seed papers' COCO protocol): a unit is
 each category present, its mask the union of its instances' masks, decoded by pycocotools (polygons and RLE,
 `annToMask`'s rules). ``crowd="keep"`` counts crowd regions as the category; ``"drop"`` leaves them out of the
-scores (ignore pixels) and a category present only as a crowd gives no unit.
+scores (ignore pixels) and a category present only as a crowd gives no unit. A category whose instances cover no
+pixel (polygons under a pixel, or outside the image) is not in the semantic mask either: no unit.
 """
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ def _seg_load(path: pathlib.Path, size_hw: tuple[int, int], objects: list, crowd
         else:
             masks[class_index] = masks.get(class_index, np.zeros(size_hw, bool)) | pixels
     ignore = crowds if crowds.any() else None
-    return LoadedSample(image, tuple(Target(c, mask=masks[c], ignore=ignore) for c in sorted(masks)))
+    return LoadedSample(image, tuple(Target(c, mask=masks[c], ignore=ignore) for c in sorted(masks) if masks[c].any()))
 
 
 def _read_instances(path: pathlib.Path, segmentation: bool = False) -> tuple[list[dict], dict[int, dict], dict[int, list]]:
