@@ -36,6 +36,7 @@ from tclip_jax.methods.base import MapOutput, Method, QueryArrays
 from tclip_jax.methods.tclip import TCLIP
 from tclip_jax.synthetic import heldout_seeds, protocol_sample
 from tclip_jax.sweep import ResultWriter, RunOptions, class_queries, read_all_records, read_records, run_sweep
+from tclip_jax.sweep.vis import file_stem
 from tclip_jax.evaluation.metrics import mask_box
 from test_datasets import build_tfds_coco, painted, write_coco, write_imagenet_s
 
@@ -184,7 +185,17 @@ def test_coco_sweep_scores_by_hand(coco_hand, tmp_path, crowd):
 def test_save_vis_writes_one_picture_per_unit_of_the_first_images(coco_hand, tmp_path):
     dataset = coco_dataset(coco_hand)
     run_sweep(dataset, Painted.from_pretrained(), tmp_path, options=RunOptions(batch_size=2, save_vis=1, progress=False))
-    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["1__person.png", "1__traffic_light.png"]
+    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["1__person.png",
+                                                                    f"{file_stem(1, 'traffic light')}.png"]
+    # A picture that cannot be written (here: "vis" is a file) is one warning; the records are the sweep's.
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "vis").write_text("not a folder")
+    with pytest.warns(UserWarning, match="--save-vis pictures: .*; some units will lack theirs") as warned:
+        run_sweep(dataset, Painted.from_pretrained(), blocked, options=RunOptions(batch_size=2, save_vis=2,
+                                                                                   progress=False))
+    assert len([w for w in warned if "--save-vis" in str(w.message)]) == 1  # six pictures, one warning
+    assert read_all_records(blocked) == read_all_records(tmp_path)
 
 
 # ------------------------------------------------------------------------------ ImageNet-S, hand-computed

@@ -12,7 +12,8 @@ from test_sweep import Painted, coco_hand  # noqa: F401  (coco_hand: the hand-co
 from tclip_jax.evaluation.datasets import coco_dataset
 from tclip_jax.evaluation.datasets.base import Target
 from tclip_jax.sweep import RunOptions, read_all_records, run_sweep
-from tclip_jax.sweep.vis import UnitGallery, best_and_worst, gallery_name, unit_picture, unit_score
+from tclip_jax.sweep.vis import MAX_STEM_CHARS, UnitGallery, best_and_worst, file_stem, gallery_name, unit_picture, \
+    unit_score
 
 
 def test_report_html_shows_scores_bars_and_the_best_and_worst_units(coco_hand, tmp_path):  # noqa: F811
@@ -91,6 +92,20 @@ def test_gallery_keeps_exactly_the_reports_units_in_any_order_split_or_resumptio
     for record in records[25:]:
         _offer(resumed, record)
     assert wanted <= {p.name for p in shared.iterdir()}
+
+
+def test_picture_names_are_plain_where_they_can_be_and_never_shared():
+    assert file_stem("000000000139", "person", 0) == "000000000139__person__0"  # a plain name stays as it is
+    cases = [("Äpfel", "person"), ("Öpfel", "person"), ("1", "狗"), ("1", "猫"), ("1", "traffic light"),
+             ("1", "traffic_light"), ("a__b", "c"), ("a", "b__c"), ("a_", "_b"), ("a", "_b"),
+             ("a_", "b"), ("", "b"), ("x" * 300, "dog"),
+             ("x" * 300 + "y", "dog"), ("1", "very " * 100)]
+    names = [file_stem(*parts) for parts in cases]
+    assert len(set(names)) == len(cases)  # neighbours here share a name when only replaced, joined or cut
+    for parts, name in zip(cases, names):
+        assert re.fullmatch(r"[A-Za-z0-9._-]+(~[0-9a-f]{12})?", name) and len(name) <= MAX_STEM_CHARS + 13, name
+        if "~" not in name:
+            assert name.split("__") == list(parts)  # a name without a hash reads back to its parts
 
 
 def test_unit_pictures_are_labelled_with_class_iou_and_hit_or_miss():

@@ -52,7 +52,7 @@ from tclip_jax.sweep.options import RunOptions
 from tclip_jax.sweep.report import CONFIG_FILE, read_config, write_report
 from tclip_jax.sweep.sharding import DeviceMaps, DispatchedMaps, barrier, class_slots, owns
 from tclip_jax.sweep.store import ResultWriter, read_all_records, read_records, results_path
-from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, save_unit_vis, vis_path
+from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, UnitPictures
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
 DEFAULT_TEMPLATE = "{}"
@@ -136,8 +136,8 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
 
             maps = DeviceMaps(method, jax.local_devices())
             try:
-                throughput = _pipeline(todo, method, queries, maps, dataset, evaluation, options, out / "vis",
-                                       record, gallery)
+                throughput = _pipeline(todo, method, queries, maps, dataset, evaluation, options,
+                                       UnitPictures(out / "vis"), record, gallery)
             finally:
                 maps.close()
     except BaseException:
@@ -150,7 +150,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
 
 
 def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Queries", maps: DeviceMaps,
-              dataset: Dataset, evaluation: EvalOptions, options: RunOptions, vis_dir: pathlib.Path,
+              dataset: Dataset, evaluation: EvalOptions, options: RunOptions, pictures: UnitPictures,
               record: Callable[[dict], None], gallery: Optional[UnitGallery] = None) -> Throughput:
     clock = DeviceClock()
     records = _InOrder(record)
@@ -163,7 +163,7 @@ def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Que
             host_maps = device_maps.host_maps()  # waits for this batch; the next one is already queued
             for prepared, image_maps in zip(batch, host_maps):
                 records.submit(hosts.submit(_evaluate, prepared, image_maps, method, dataset.class_names,
-                                            evaluation, vis_dir if prepared.index < options.save_vis else None,
+                                            evaluation, pictures if prepared.index < options.save_vis else None,
                                             gallery))
 
         prepared = _prepare_ahead(loaders, todo, method, 2 * options.batch_size + options.workers)
@@ -283,7 +283,7 @@ class _Queries:
 
 
 def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, class_names: tuple[str, ...],
-              evaluation: EvalOptions, vis_dir: Optional[pathlib.Path],
+              evaluation: EvalOptions, pictures: Optional[UnitPictures],
               gallery: Optional[UnitGallery] = None) -> dict:
     targets = prepared.loaded.targets
     try:
@@ -291,14 +291,12 @@ def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, class
         host = method.postprocess(heatmaps, soft_maps=any(t.mask is not None for t in targets))
         units = [{"class_id": t.class_id, "class": class_names[t.class_id], **_query_fields(t),
                   **score_unit(t, h, m, evaluation)} for t, h, m in zip(targets, heatmaps, host)]
-        if vis_dir is not None:
-            repeated = {c for c in (u["class"] for u in units) if sum(u["class"] == c for u in units) > 1}
-            for position, (target, heatmap, unit) in enumerate(zip(targets, heatmaps, units)):
-                path = vis_path(vis_dir, prepared.key, unit["class"], position if unit["class"] in repeated else None)
-                save_unit_vis(path, prepared.loaded.image, heatmap, target, unit)
     except SAMPLE_ERRORS as err:
         return _error_record(prepared.index, prepared.key, err)
-    if gallery is not None:  # pictures only, of final scores; it never changes a record
+    # Pictures only, of final scores; they never change a record.
+    if pictures is not None:
+        pictures.save(prepared.key, prepared.loaded.image, targets, heatmaps, units)
+    if gallery is not None:
         gallery.offer(prepared.index, prepared.key, prepared.loaded.image, targets, heatmaps, units)
     return {"key": prepared.key, "index": prepared.index, "units": units}
 

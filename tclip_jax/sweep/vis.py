@@ -1,15 +1,21 @@
 """Per-unit pictures: the image under the map (jet colour map), ground truth in green, predicted box in red, and
 a label strip naming the class, the unit's IoU and whether it is a hit (green) or a miss (red).
 
-- `save_unit_vis`: full-size pictures of every unit of the first N samples (`--save-vis N`).
+- `UnitPictures`: full-size pictures of every unit of the first N samples (`--save-vis N`).
 - `UnitGallery`: thumbnails of the best and the worst unit of each class, kept while the sweep runs, for
   report.html. Units are ranked as the report ranks them (`unit_score`, `best_key`, `worst_key`): a picture is
   drawn when a unit takes a class's best or worst place so far and deleted when it loses it, so the pictures of
   the final best and worst units are on disk whatever the order, split or resumption of the sweep. Scores are
   read from the scored units; nothing is scored here.
+
+A picture that cannot be written is warned of (once per sweep) and costs no unit its record. File names
+(`file_stem`) are the sample key and the class, readable and unique: anything but ASCII letters, digits and
+'._-' becomes '_' and long names are cut, and a name so changed ends in '~' and a hash of what it stands for.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
 import re
 import threading
@@ -28,21 +34,50 @@ _HIT_STRIP, _MISS_STRIP = (40, 120, 40), (40, 40, 170)  # BGR
 _MAP_WEIGHT = 0.5
 GALLERY_DIR = "gallery"
 THUMBNAIL_MAX_SIDE = 256
+MAX_STEM_CHARS = 96  # of the readable part; file systems allow 255 bytes
 
 
 def vis_path(folder: pathlib.Path, key: str, class_name: str, position: int | None = None) -> pathlib.Path:
-    """A file name from the sample key and the class (and the unit's position, for a class that has several units
-    in the sample), with anything unusual replaced by '_'."""
-    return folder / (_safe(f"{key}__{class_name}" + ("" if position is None else f"__{position}")) + ".png")
+    """The picture of a unit: its sample key and class (and its position, for a class with several units in the
+    sample)."""
+    return folder / (file_stem(key, class_name, *([] if position is None else [position])) + ".png")
 
 
 def gallery_name(key: str, class_name: str, position: int) -> str:
     """The gallery picture of unit `position` of sample `key` (relative to the gallery folder)."""
-    return _safe(f"{key}__{class_name}__{position}") + ".jpg"
+    return file_stem(key, class_name, position) + ".jpg"
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+def file_stem(*parts: object) -> str:
+    """The parts joined by '__', as they are when each is plain (ASCII letters, digits, '.', '-', and single '_'
+    between them) and the name short; otherwise with anything but ASCII letters, digits and '._-' replaced by '_',
+    cut at MAX_STEM_CHARS, and '~' and a hash of the parts after it. Distinct parts never share a name: a name
+    without '~' splits back into its parts at each '__'."""
+    texts = [str(part) for part in parts]
+    stem = "__".join(texts)
+    if len(stem) <= MAX_STEM_CHARS and all(_PLAIN_PART.fullmatch(text) for text in texts):
+        return stem
+    digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:12]
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', stem)[:MAX_STEM_CHARS]}~{digest}"
+
+
+_PLAIN_PART = re.compile(r"[A-Za-z0-9.-]+(?:_[A-Za-z0-9.-]+)*")
+
+
+class _WarnOnce:
+    """Warns of the first picture that cannot be written, and of no later one (thread-safe)."""
+
+    def __init__(self, what: str, consequence: str):
+        self.what, self.consequence = what, consequence
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def __call__(self, err: OSError) -> None:
+        with self._lock:
+            if self._warned:
+                return
+            self._warned = True
+        warnings.warn(f"{self.what}: {err}; {self.consequence}", stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------------------ scores
@@ -124,8 +159,23 @@ def _label_strip(unit: dict, width: int) -> np.ndarray:
     return strip
 
 
-def save_unit_vis(path: pathlib.Path, image: np.ndarray, heatmap: np.ndarray, target: Target, unit: dict) -> None:
-    _write(path, unit_picture(image, heatmap, target, unit))
+class UnitPictures:
+    """Full-size pictures of the units of the samples it is given (`--save-vis N`: the first N), in `folder`."""
+
+    def __init__(self, folder: pathlib.Path):
+        self.folder = pathlib.Path(folder)
+        self._warn = _WarnOnce("--save-vis pictures", "some units will lack theirs")
+
+    def save(self, key: str, image: np.ndarray, targets: Sequence[Target], heatmaps: Sequence[np.ndarray],
+             units: Sequence[dict]) -> None:
+        classes = [unit["class"] for unit in units]
+        repeated = {c for c in classes if classes.count(c) > 1}
+        for position, (target, heatmap, unit) in enumerate(zip(targets, heatmaps, units)):
+            path = vis_path(self.folder, key, unit["class"], position if unit["class"] in repeated else None)
+            try:
+                _write(path, unit_picture(image, heatmap, target, unit))
+            except OSError as err:  # a missing picture must not cost a sample its record
+                self._warn(err)
 
 
 def _write(path: pathlib.Path, picture: np.ndarray) -> None:
@@ -148,7 +198,7 @@ class UnitGallery:
         self._lock = threading.Lock()
         self._best: dict[str, tuple[tuple, str]] = {}   # class -> (rank key, picture name)
         self._worst: dict[str, tuple[tuple, str]] = {}
-        self._warned = False
+        self._warn = _WarnOnce("report.html pictures", "the report will lack some")
         for record in seen:
             for position, unit in enumerate(record.get("units", [])):
                 self._place(record["index"], record["key"], position, unit)
@@ -165,9 +215,7 @@ class UnitGallery:
                     for name in dropped:
                         (self.folder / name).unlink(missing_ok=True)
                 except OSError as err:  # a missing picture must not cost a sample its record
-                    if not self._warned:
-                        warnings.warn(f"report.html pictures: {err}; the report will lack some", stacklevel=2)
-                        self._warned = True
+                    self._warn(err)
 
     def _place(self, index: int, key: str, position: int, unit: dict) -> tuple[Optional[str], list[str]]:
         """Updates the places; (this unit's picture name if it took one, pictures no place holds any more)."""
