@@ -234,6 +234,11 @@ def test_coco_bad_input(tmp_path, coco_root):
                          [(1, 1, [0, 0, 1, 1], 0)], {"a.jpg": b"\xff\xd8 not really a jpeg"})
     with pytest.raises(ValueError, match="cannot read image file"):
         next(coco_dataset(corrupt).samples()).load()
+    crowds = write_coco(tmp_path / "crowds", {1: painted(8, 8, [])}, [(1, 1, [0, 0, 4, 4], 1)])
+    for dataset in (coco_dataset, coco_seg_dataset):  # nothing left to score: refused, not an empty report
+        assert dataset(crowds).size == 1
+        with pytest.raises(ValueError, match=r"has an annotation that is not a crowd \(--crowd drop\)$"):
+            dataset(crowds, crowd="drop")
 
 
 def _edited_coco(root: pathlib.Path, edit) -> pathlib.Path:
@@ -261,6 +266,7 @@ def _edited_coco(root: pathlib.Path, edit) -> pathlib.Path:
     (lambda d: d["categories"][0].pop("name"), r"categories\[0\] \(id 1\): name must be a non-empty string"),
     (lambda d: d["categories"].append("x"), r"categories\[80\]: not an object"),
     (lambda d: d.update(images={}), r"not an instances file"),
+    (lambda d: d.update(images=[], annotations=[]), r"COCO: no image of .*instances_val2017.json has an annotation$"),
 ])
 def test_bad_coco_entries_are_named_up_front(tmp_path, edit, message):
     with pytest.raises(ValueError, match=message):

@@ -83,6 +83,7 @@ def coco_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
             samples.append(Sample(str(image_id), len(samples),
                                   _raw_loader(image_dir / info["file_name"], (info["height"], info["width"]),
                                               classes, boxes)))
+    _check_has_samples(len(samples), str(annotation_path), crowd)
     return Dataset("coco", tuple(c["name"] for c in categories), len(samples), indexed(samples))
 
 
@@ -97,6 +98,7 @@ def coco_seg_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset
             info = images[image_id]
             samples.append(Sample(str(image_id), len(samples), functools.partial(
                 _seg_load, image_dir / info["file_name"], (info["height"], info["width"]), objects[image_id], crowd)))
+    _check_has_samples(len(samples), str(annotation_path), crowd)
     return Dataset("coco-seg", tuple(c["name"] for c in categories), len(samples), indexed(samples))
 
 
@@ -237,7 +239,11 @@ def _segmentation_problem(shape, height: int, width: int) -> str:
 def tfds_coco_dataset(data_dir: str | pathlib.Path, split: str = "validation", crowd: Crowd = "keep") -> Dataset:
     """COCO 2017 from a prepared TFDS ``coco/2017`` under ``data_dir`` (needs tensorflow-datasets)."""
     _check_crowd(crowd)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up lines are not the user's
+    # TensorFlow's C++ start-up lines are not the user's. Since TF 2.16 the oneDNN notice comes through absl's log,
+    # which TF_CPP_MIN_LOG_LEVEL does not reach; TF only reads records here (images are decoded by our loader), so
+    # turning oneDNN's rewrites off changes nothing this computes.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         import absl.logging
         import tensorflow_datasets as tfds
@@ -263,6 +269,7 @@ def tfds_coco_dataset(data_dir: str | pathlib.Path, split: str = "validation", c
         return iter(tfds.as_numpy(dataset))
 
     order = tfds_order(examples(image=False), crowd)
+    _check_has_samples(len(order), f"TFDS {TFDS_NAME} {split} under {data_dir}", crowd)
     return Dataset("coco", tuple(COCO_CATEGORIES.values()), len(order),
                    lambda limit=None: tfds_samples(examples(image=True), order, crowd, limit))
 
@@ -316,6 +323,13 @@ def _tfds_loader(encoded: bytes, labels: np.ndarray, normalized: np.ndarray):
 
 def _targets(classes: np.ndarray, boxes: np.ndarray) -> tuple[Target, ...]:
     return tuple(Target(int(c), boxes=boxes[classes == c]) for c in np.unique(classes))
+
+
+def _check_has_samples(count: int, source: str, crowd: Crowd) -> None:
+    """Refuses a source with no image to score, as VOC and ImageNet-S do, instead of an empty report."""
+    if count == 0:
+        what = "an annotation that is not a crowd (--crowd drop)" if crowd == "drop" else "an annotation"
+        raise ValueError(f"COCO: no image of {source} has {what}")
 
 
 def _check_crowd(crowd: str) -> None:
