@@ -345,6 +345,21 @@ def test_imagenet_s_bad_input(tmp_path):
     big = write_imagenet_s(tmp_path / "big", {f"{split_wnids(50)[0]}/x": (painted(4, 4, []), np.full((4, 4), 51))})
     with pytest.raises(ValueError, match="outside 1..50"):
         next(imagenet_s_dataset(big, 50).samples()).load()
+    some_outside = np.ones((4, 4), np.int64)
+    some_outside[0, 0] = 77
+    some = write_imagenet_s(tmp_path / "some", {f"{split_wnids(50)[0]}/x": (painted(4, 4, []), some_outside)})
+    with pytest.raises(ValueError, match=r"has class ids \[77\] outside 1..50$"):  # only the ids outside
+        next(imagenet_s_dataset(some, 50).samples()).load()
+    # ImageNet-S50 data (each label holds its folder's id in ImageNet-S50) read as another split is refused.
+    w1, w4 = split_wnids(50)[0], split_wnids(50)[3]
+    s50 = write_imagenet_s(tmp_path / "s50_data", {f"{w1}/a": (painted(4, 4, []), np.ones((4, 4), np.int64)),
+                                                   f"{w4}/b": (painted(4, 4, []), np.full((4, 4), 4))})
+    assert imagenet_s_dataset(s50, 50).size == 2
+    for split in (300, 919):
+        own = split_wnids(split).index(w1) + 1
+        with pytest.raises(ValueError, match=rf"{w1} is id {own} in ImageNet-S{split} but id 1 in ImageNet-S50: "
+                                             r"is this ImageNet-S50 \(--split 50\)\?"):
+            imagenet_s_dataset(s50, split)
     (big / "validation-segmentation" / split_wnids(50)[0] / "x.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(ValueError, match="cannot read ImageNet-S label .*x.png"):
         next(imagenet_s_dataset(big, 50).samples()).load()

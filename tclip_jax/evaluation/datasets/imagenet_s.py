@@ -9,6 +9,9 @@ Conventions (LUSSeg/ImageNet-S):
 - A unit is each class id present in the label map; its mask is ``label == id``, its ignore region
   ``label == 1000`` (left out of the segmentation scores).
 - Samples are the annotated images (those with a label PNG), sorted by ``<wnid>/<name>``, which is the key.
+- Ids depend on the split (a wnid's id in ImageNet-S50 is another in ImageNet-S300): data of another split than
+  the one asked for is refused up front when the first label misses its folder's id and another split's id of
+  that folder is there.
 - Class names are the first WordNet lemma of each wnid (``imagenet_class_names``), as ImageNet-S names them.
   ImageNet-S919 merged five ImageNet classes into others (e.g. n04356056 "sunglasses" into n04355933
   "sunglass"); their images carry the surviving class's id and name.
@@ -68,8 +71,28 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
                                   functools.partial(_load, image_path, label_path, len(wnids))))
     if not samples:
         raise ValueError(f"ImageNet-S: no label PNGs under {label_root}/<wnid>/")
+    first = label_root / samples[0].key.split("/")[0] / f"{samples[0].key.split('/')[1]}.png"
+    _check_split(first, split)
     names = imagenet_class_names()
     return Dataset(f"imagenet-s{split}", tuple(names[w] for w in wnids), len(samples), indexed(samples))
+
+
+def _check_split(label_path: pathlib.Path, split: int) -> None:
+    """Refuses data of another split (see the module doc), judged on one label; an unreadable label is left to
+    its sample's record."""
+    try:
+        ids = set(np.unique(read_labels(label_path)).tolist()) - {0, IGNORE_ID}
+    except ValueError:
+        return
+    wnid = label_path.parent.name
+    own = split_wnids(split).index(wnid) + 1
+    if own in ids:
+        return
+    for other in SPLITS:
+        if other != split and wnid in split_wnids(other) and split_wnids(other).index(wnid) + 1 in ids:
+            raise ValueError(f"ImageNet-S: {label_path} holds class ids {sorted(ids)}; its folder {wnid} is id {own} "
+                             f"in ImageNet-S{split} but id {split_wnids(other).index(wnid) + 1} in ImageNet-S{other}: "
+                             f"is this ImageNet-S{other} (--split {other})?")
 
 
 def read_labels(path: pathlib.Path) -> np.ndarray:
@@ -91,7 +114,8 @@ def _load(image_path: pathlib.Path, label_path: pathlib.Path, num_classes: int) 
     check_size(image, labels.shape, str(image_path))
     ids = np.unique(labels)
     ids = ids[(ids != 0) & (ids != IGNORE_ID)]
-    if ids.size and (ids.min() < 0 or ids.max() > num_classes):
-        raise ValueError(f"ImageNet-S label {label_path} has class ids {ids.tolist()} outside 1..{num_classes}")
+    outside = ids[(ids < 0) | (ids > num_classes)]
+    if outside.size:
+        raise ValueError(f"ImageNet-S label {label_path} has class ids {outside.tolist()} outside 1..{num_classes}")
     ignore = labels == IGNORE_ID
     return LoadedSample(image, tuple(Target(int(i) - 1, mask=labels == i, ignore=ignore) for i in ids))
