@@ -52,11 +52,15 @@ def write_text_atomic(path: pathlib.Path, text: str) -> None:
 
 
 def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
-    """`write_text_atomic` for bytes."""
+    """`write_text_atomic` for bytes. The data reach the disk before the rename, so that a crash right after it
+    cannot leave an empty file where the old one was (a sweep rewrites its results file so)."""
     path = pathlib.Path(path)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        temporary.write_bytes(data)
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

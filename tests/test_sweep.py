@@ -4,6 +4,7 @@ explainer, resume after SIGKILL, 4 simulated devices, two jax.distributed proces
 The stand-in method ``Painted`` paints nothing itself: the map of class k is 1 where an image's red channel
 equals k + 1 and 0 elsewhere, so the test images below decide every map, box and score exactly.
 """
+import dataclasses
 import json
 import os
 import pathlib
@@ -18,6 +19,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from tclip_jax.cli import main
 from tclip_jax.evaluation.datasets import SYNTHETIC_CLASSES, coco_dataset, imagenet_s_dataset, split_wnids, synthetic_dataset
@@ -196,6 +198,23 @@ def test_save_vis_writes_one_picture_per_unit_of_the_first_images(coco_hand, tmp
                                                                                    progress=False))
     assert len([w for w in warned if "--save-vis" in str(w.message)]) == 1  # six pictures, one warning
     assert read_all_records(blocked) == read_all_records(tmp_path)
+
+
+def test_resume_tries_the_samples_recorded_as_errors_again(coco_hand, tmp_path):
+    data, out = tmp_path / "coco", tmp_path / "out"
+    shutil.copytree(coco_hand, data)
+    options = RunOptions(batch_size=2, progress=False)
+    run_sweep(coco_dataset(data), Painted.from_pretrained(), out, options=options)
+    assert [r["key"] for r in read_all_records(out) if "error" in r] == ["3"]  # its file is not an image
+    resume = dataclasses.replace(options, resume=True)
+    run_sweep(coco_dataset(data), Painted.from_pretrained(), out, options=resume)  # still broken: recorded once
+    assert [r["key"] for r in read_all_records(out)].count("3") == 1 and "error" in read_all_records(out)[-1]
+    Image.fromarray(painted(48, 64, [(PERSON + 1, slice(0, 5), slice(0, 5))])).save(
+        data / "val2017" / "000000000003.jpg", format="PNG")  # the user puts the image right
+    run_sweep(coco_dataset(data), Painted.from_pretrained(), out, options=resume)
+    run_sweep(coco_dataset(data), Painted.from_pretrained(), tmp_path / "fresh", options=options)
+    assert sorted(r["key"] for r in read_all_records(out)) == ["1", "2", "3"]
+    assert _report(out) == _report(tmp_path / "fresh") and _report(out)["errors"] == []
 
 
 # ------------------------------------------------------------------------------ ImageNet-S, hand-computed

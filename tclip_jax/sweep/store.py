@@ -5,12 +5,16 @@
 - Reading drops a torn last line; before appending, a writer truncates its own file back to the last newline,
   so the next record starts on a fresh line. Any other unreadable line is corruption and an error.
 - ``<out>/results-p<process>.jsonl`` holds one process's records; a report reads all of them.
+- A resumed sweep tries its error records again (a missing file may be there now): `drop_errors` rewrites the
+  file without them, whole or not at all, before the sweep reads what is done.
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+
+from tclip_jax.files import write_bytes_atomic
 
 RESULTS_GLOB = "results-p*.jsonl"
 
@@ -35,6 +39,15 @@ def read_records(path: pathlib.Path) -> list[dict]:
             raise ValueError(f"{path}: line {number} is not a result record ({problem}); the file is corrupt")
         records.append(record)
     return records
+
+
+def drop_errors(path: pathlib.Path) -> int:
+    """Rewrites one results file without its error records (and a torn last line); returns how many it dropped."""
+    records = read_records(path)
+    kept = [record for record in records if "error" not in record]
+    if len(kept) < len(records):
+        write_bytes_atomic(path, b"".join(json.dumps(record, sort_keys=True).encode() + b"\n" for record in kept))
+    return len(records) - len(kept)
 
 
 def _record_problem(record) -> str:
