@@ -207,8 +207,10 @@ def test_resume_tries_the_samples_recorded_as_errors_again(coco_hand, tmp_path):
     run_sweep(coco_dataset(data), Painted.from_pretrained(), out, options=options)
     assert [r["key"] for r in read_all_records(out) if "error" in r] == ["3"]  # its file is not an image
     resume = dataclasses.replace(options, resume=True)
+    rates = (out / "throughput-p0.json").read_bytes()
     run_sweep(coco_dataset(data), Painted.from_pretrained(), out, options=resume)  # still broken: recorded once
     assert [r["key"] for r in read_all_records(out)].count("3") == 1 and "error" in read_all_records(out)[-1]
+    assert (out / "throughput-p0.json").read_bytes() == rates  # no image ran: the first run's rates stay
     Image.fromarray(painted(48, 64, [(PERSON + 1, slice(0, 5), slice(0, 5))])).save(
         data / "val2017" / "000000000003.jpg", format="PNG")  # the user puts the image right
     run_sweep(coco_dataset(data), Painted.from_pretrained(), out, options=resume)

@@ -146,7 +146,8 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
         if created and process == 0 and not read_all_records(out):  # nothing to resume: leave nothing behind
             shutil.rmtree(out, ignore_errors=True)
         raise
-    _write_json(out / f"throughput-p{process}.json", dataclasses.asdict(throughput))
+    if throughput.images:  # a resume with nothing left to run keeps the rates of the run that did the work
+        _write_json(out / f"throughput-p{process}.json", dataclasses.asdict(throughput))
     barrier("tclip-sweep-done")
     return SweepResult(write_report(out) if process == 0 else None, throughput)
 
