@@ -64,6 +64,16 @@ def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):
                   "--model", model, "--out", str(tmp_path / "o")]) == 2
     assert "so it needs at least 2; got 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # Stopped at its first image (here a file that is not an image; Ctrl-C alike): the folder it made goes too,
+    # and a folder the user had is left as it was.
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    for existed in (False, True):
+        if existed:
+            (tmp_path / "o").mkdir()
+        assert tclip(["explain", str(tmp_path / "broken.png"), "--prompt", "a cat", "--model", model,
+                      "--translations", "1", "--out", str(tmp_path / "o")]) == 2
+        assert "cannot read image file" in capsys.readouterr().err
+        assert (tmp_path / "o").exists() == existed and not (existed and any((tmp_path / "o").iterdir()))
 
 
 def test_settings_flags_must_belong_to_the_method(tmp_path, fixtures_dir, capsys):

@@ -2,7 +2,8 @@
 and one explorer page (index.html) for the whole run.
 
 Each image's outputs are written through `staged_folder`, so an interrupted run never leaves a half-written
-result folder; index.html is written last, over every image of the run.
+result folder (nor the output folder it made, if it stops before its first image); index.html is written last,
+over every image of the run.
 
 `--compare METHOD[:key=value,...]` (repeatable) runs more methods on the same images and prompts, on the same
 loaded model, for the explorer's compare view (and result.json's "compare" list). A TCLIP run compares with
@@ -217,12 +218,6 @@ def compare_record(view) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from tclip_jax import visualize
-    from tclip_jax.files import staged_folder
-    from tclip_jax.visualize.explorer import DATA_SCRIPT, PageWriter, image_entry
-
     for path in map(pathlib.Path, args.images):
         if not path.exists():
             raise FileNotFoundError(f"image not found: {path}")
@@ -231,7 +226,23 @@ def run(args: argparse.Namespace) -> int:
     method = build_method(args)
     plan = Plan.build(method, list(args.prompt), args.compare, args.html)  # fails early, before any output
     out = pathlib.Path(args.out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _explain_all(args, method, plan, out)
+    except BaseException:
+        if created and not any(out.iterdir()):  # stopped before its first image: leave nothing behind
+            out.rmdir()
+        raise
+
+
+def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path) -> int:
+    from tqdm import tqdm
+
+    from tclip_jax import visualize
+    from tclip_jax.files import staged_folder
+    from tclip_jax.visualize.explorer import DATA_SCRIPT, PageWriter, image_entry
+
     run_info = method.run_info()
     page = PageWriter(out, f"TCLIP explorer · {visualize.method_label(run_info)} · model "
                            f"{visualize.model_label(run_info)}", run_info) if args.html else None
