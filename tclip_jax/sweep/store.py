@@ -41,13 +41,16 @@ def read_records(path: pathlib.Path) -> list[dict]:
     return records
 
 
-def drop_errors(path: pathlib.Path) -> int:
-    """Rewrites one results file without its error records (and a torn last line); returns how many it dropped."""
+def drop_errors(path: pathlib.Path) -> None:
+    """Rewrites one results file without its error records (and a torn last line)."""
     records = read_records(path)
     kept = [record for record in records if "error" not in record]
     if len(kept) < len(records):
-        write_bytes_atomic(path, b"".join(json.dumps(record, sort_keys=True).encode() + b"\n" for record in kept))
-    return len(records) - len(kept)
+        write_bytes_atomic(path, b"".join(map(_line, kept)))
+
+
+def _line(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True).encode() + b"\n"
 
 
 def _record_problem(record) -> str:
@@ -85,7 +88,7 @@ class ResultWriter:
         self._file = open(path, "ab")
 
     def append(self, record: dict) -> None:
-        self._file.write(json.dumps(record, sort_keys=True).encode() + b"\n")
+        self._file.write(_line(record))
         self._file.flush()
         os.fsync(self._file.fileno())
 

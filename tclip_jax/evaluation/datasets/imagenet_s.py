@@ -71,8 +71,7 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
                                   functools.partial(_load, image_path, label_path, len(wnids))))
     if not samples:
         raise ValueError(f"ImageNet-S: no label PNGs under {label_root}/<wnid>/")
-    first = label_root / samples[0].key.split("/")[0] / f"{samples[0].key.split('/')[1]}.png"
-    _check_split(first, split)
+    _check_split(label_root / f"{samples[0].key}.png", split)  # the key is <wnid>/<name>
     names = imagenet_class_names()
     return Dataset(f"imagenet-s{split}", tuple(names[w] for w in wnids), len(samples), indexed(samples))
 
