@@ -9,8 +9,8 @@ a label strip naming the class, the unit's IoU and whether it is a hit (green) o
   read from the scored units; nothing is scored here.
 
 A picture that cannot be written is warned of (once per sweep) and costs no unit its record. File names
-(`file_stem`) are the sample key and the class, readable and unique: anything but ASCII letters, digits and
-'._-' becomes '_' and long names are cut, and a name so changed ends in '~' and a hash of what it stands for.
+(`file_stem`) are the sample key and the class, readable and unique: where they are not plain, anything but ASCII
+letters, digits and '._-' becomes '_', long names are cut, and '~' and a hash of the key and class follow.
 """
 from __future__ import annotations
 
