@@ -6,7 +6,9 @@ import functools
 import os
 import pathlib
 import shutil
+import signal
 import tempfile
+import threading
 from typing import Iterator
 
 
@@ -15,8 +17,10 @@ from typing import Iterator
 def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[pathlib.Path]:
     """Yields a fresh sibling folder of `target`; on success it replaces `target`, on error it is removed.
 
-    What lands gets the modes a plain mkdir / open would give under the umask (mkdtemp makes folders 0700 and
-    safetensors writes files 0600, which would keep collaborators out)."""
+    The old `target` is renamed aside, the new one renamed in, and only then the old one deleted, with Ctrl-C held
+    until that is done: an interruption leaves the old folder or the new one, never neither (a resumable run
+    saving its only checkpoint so lost it). What lands gets the modes a plain mkdir / open would give under the
+    umask (mkdtemp makes folders 0700 and safetensors writes files 0600, which would keep collaborators out)."""
     target = pathlib.Path(target)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} is a file, not a folder")
@@ -30,12 +34,34 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[path
         for path in [staging, *staging.rglob("*")]:
             if not path.is_symlink():
                 path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        with _ctrl_c_held():
+            if target.exists():
+                old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+                target.rename(old / target.name)
+                staging.rename(target)
+                shutil.rmtree(old)
+            else:
+                staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Holds a Ctrl-C that comes during the block and raises it after. Only the main thread is interrupted by one
+    (Python runs signal handlers there), and only there can a handler be set, so other threads just run the block."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # None: a handler set outside Python, which cannot be put back
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)  # what the previous handler would have done, now
 
 
 @functools.cache

@@ -727,6 +727,26 @@ def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_pat
     assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
 
+def test_ctrl_c_while_a_staged_folder_replaces_its_target_leaves_the_new_one_whole(tmp_path, monkeypatch):
+    from tclip_jax.files import staged_folder
+
+    target = tmp_path / "checkpoint"
+    with staged_folder(target) as staging:
+        (staging / "step").write_text("1")
+    rename = pathlib.Path.rename
+
+    def interrupted(self, new):  # Ctrl-C just as the new folder is renamed in (where one lost both folders)
+        if pathlib.Path(new) == target and self.name != target.name:
+            signal.raise_signal(signal.SIGINT)
+        return rename(self, new)
+
+    monkeypatch.setattr(pathlib.Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # held until the swap is done, then raised
+        with staged_folder(target) as staging:
+            (staging / "step").write_text("2")
+    assert (target / "step").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+
+
 def test_staged_folders_land_with_the_modes_the_umask_gives(tmp_path):
     """mkdtemp (0700) and safetensors (0600) must not keep collaborators out of results and checkpoints."""
     import safetensors.numpy
