@@ -282,6 +282,24 @@ def test_explain_batch_gives_a_batchs_results_before_the_next_batch_is_done(no_t
     assert len(list(results)) == 3
 
 
+def test_explain_batch_puts_images_of_other_input_shapes_in_other_batches(tiny_clip, fixture_images, monkeypatch):
+    """An input protocol that keeps the aspect ratio gives a 240 x 320 image another input than a 224 x 224 one:
+    consecutive images of one shape share a batch, and the results are those of one image at a time."""
+    method = TCLIP(tiny_clip, Settings(translations=1, input_protocol="patch_multiple"))
+    square, wide = fixture_images["scene_224"], fixture_images["scene_wide_320x240"]
+    images = [square, fixture_images["noise_224"], wide, wide, square]
+    alone = [method.explain(image, PROMPTS) for image in images]
+    jitted, batches = method.jitted_maps, []
+    monkeypatch.setattr(method, "jitted_maps", lambda *a: batches.append(a[1].shape[:3]) or jitted(*a), raising=False)
+    batched = list(method.explain_batch(images, PROMPTS, batch_size=3))
+    assert [b[0] for b in batches] == [2, 2, 1] and batches[0][1:] == batches[2][1:] != batches[1][1:]
+    for one, many in zip(alone, batched, strict=True):
+        for p, q in zip(one.prompts, many.prompts, strict=True):
+            for a, b in zip(p.word_maps + (p.phrase,), q.word_maps + (q.phrase,), strict=True):
+                np.testing.assert_allclose(b.heatmap, a.heatmap, atol=1e-6)
+                assert b.box == a.box
+
+
 @pytest.mark.parametrize("bad, message", [({"batch_size": 0}, "batch_size must be a positive integer"),
                                           ({"overlap": "yes"}, "overlap must be True or False")])
 def test_explain_batch_rejects_bad_options(no_translation, fixture_images, bad, message):

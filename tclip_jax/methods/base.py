@@ -319,8 +319,7 @@ class Method(abc.ABC):
         encoded = prompts if isinstance(prompts, EncodedPrompts) else self.encode_prompts(prompts)
         rows = np.arange(len(encoded.queries), dtype=np.int32)
         pending = None
-        for start in range(0, len(images), batch_size):
-            loaded = [self.preprocess(image) for image in images[start:start + batch_size]]
+        for loaded in self._input_batches(images, batch_size):
             pixels = np.stack([p for _, p, _ in loaded])
             if pending is not None and not overlap:
                 yield from self._batch_results(encoded, *pending)
@@ -332,6 +331,22 @@ class Method(abc.ABC):
             pending = loaded, resized, out.extras
         if pending is not None:
             yield from self._batch_results(encoded, *pending)
+
+    def _input_batches(self, images: Sequence[ImageLike], batch_size: int) -> Iterator[list]:
+        """`preprocess` of each image, in order, `batch_size` at a time, each batch of one input shape (an input
+        protocol that keeps the aspect ratio, such as patch_multiple, gives images of other shapes other batches)."""
+        batch: list = []
+        for image in images:
+            item = self.preprocess(image)
+            if batch and item[1].shape != batch[0][1].shape:
+                yield batch
+                batch = []
+            batch.append(item)
+            if len(batch) == batch_size:  # a full batch goes at once, before the next image is read
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     def _batch_results(self, encoded: EncodedPrompts, loaded: list, resized: list[Array],
                        extras: Any) -> Iterator[ImageResult]:
