@@ -1,5 +1,6 @@
 """ECLIP: masked max pooling, the loss, a train step that moves only the projections, the ITSM, the projections
 file, resuming, the attention of a Hugging Face ViT, and `tclip train-eclip` / `tclip explain --method eclip`."""
+import hashlib
 import json
 
 import jax
@@ -124,8 +125,9 @@ def test_without_projections_eclip_runs_on_clips_own_and_says_so(clip):
 def test_projections_round_trip_and_refuse_another_models_shapes(clip, tmp_path):
     projections = {k: v + 1 for k, v in clip_projections(clip.params).items()}
     path = save_projections(tmp_path / PROJECTIONS_FILE, projections, clip, {"steps": 3})
-    loaded = load_projections(path, clip.config)
+    loaded, digest = load_projections(path, clip.config)
     assert all(np.array_equal(loaded[k], projections[k]) for k in ("image", "text"))
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     info = json.loads((tmp_path / PROJECTIONS_INFO).read_text())
     assert info["shapes"] == {"image": [128, 64], "text": [128, 64]} and info["training"] == {"steps": 3}
     assert info["model"]["origin"].endswith("tiny_openai_clip.npz")
@@ -134,6 +136,23 @@ def test_projections_round_trip_and_refuse_another_models_shapes(clip, tmp_path)
         load_projections(tmp_path / "small.safetensors", clip.config)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_projections(tmp_path / "missing.safetensors", clip.config)
+    with pytest.raises(ValueError, match=f"is a folder; name its {PROJECTIONS_FILE}"):
+        load_projections(tmp_path, clip.config)
+
+
+def test_a_sweep_does_not_resume_over_projections_trained_further_in_the_same_file(clip, tmp_path):
+    """`tclip train-eclip --resume` rewrites its projections file in place: a sweep resumed after that would mix the
+    maps of two projections in one report, so it is refused, naming what changed."""
+    from tclip_jax.evaluation.datasets import synthetic_dataset
+    from tclip_jax.sweep import RunOptions, run_sweep
+
+    path = save_projections(tmp_path / PROJECTIONS_FILE, clip_projections(clip.params), clip)
+    options = RunOptions(limit=1, progress=False)
+    run_sweep(synthetic_dataset(2), ECLIP(clip, Settings(projections=str(path))), tmp_path / "out", options=options)
+    save_projections(path, {k: v * 2 for k, v in clip_projections(clip.params).items()}, clip)
+    with pytest.raises(ValueError, match=r"run\.projections\.sha256 \(stored '[0-9a-f]{64}', now '[0-9a-f]{64}'\)"):
+        run_sweep(synthetic_dataset(2), ECLIP(clip, Settings(projections=str(path))), tmp_path / "out",
+                  options=RunOptions(resume=True, progress=False))
 
 
 def test_resume_gives_the_projections_of_an_uninterrupted_run(clip, data_dir, tmp_path):
@@ -150,7 +169,7 @@ def test_resume_gives_the_projections_of_an_uninterrupted_run(clip, data_dir, tm
     for key in ("image", "text"):
         np.testing.assert_array_equal(resumed.projections[key], whole.projections[key])
         assert not np.array_equal(whole.projections[key], clip_projections(clip.params)[key])
-    np.testing.assert_array_equal(load_projections(resumed.path, clip.config)["text"], whole.projections["text"])
+    np.testing.assert_array_equal(load_projections(resumed.path, clip.config)[0]["text"], whole.projections["text"])
     with pytest.raises(ValueError, match="2 epochs done, more than --epochs 1"):
         train(clip, pairs, tmp_path / "parts", settings.replace(epochs=1), resume=True, progress=False)
 
@@ -197,7 +216,8 @@ def test_train_then_explain_from_the_command_line(clip, fixtures_dir, data_dir, 
                   "--option", f"projections={projections}", "--model", model, "--activation", "quick_gelu",
                   "--out", str(tmp_path / "x")]) == 0
     record = json.loads((tmp_path / "x" / "scene_224" / "result.json").read_text())
-    assert record["run"]["method"] == "eclip" and record["run"]["projections"] == str(projections)
+    assert record["run"]["method"] == "eclip" and record["run"]["projections"] == {
+        "file": str(projections.resolve()), "sha256": hashlib.sha256(projections.read_bytes()).hexdigest()}
     assert (tmp_path / "x" / "scene_224" / record["prompts"][0]["phrase"]["overlay"]).is_file()
     assert "warning" not in capsys.readouterr().err
 

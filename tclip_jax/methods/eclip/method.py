@@ -15,6 +15,7 @@ file beside it (`PROJECTIONS_INFO`) names the CLIP model it was trained on, the 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -105,13 +106,17 @@ def save_projections(path: str | os.PathLike, projections: Projections, clip: Lo
     return path
 
 
-def load_projections(path: str | os.PathLike, config: CLIPConfig) -> Projections:
-    """The projections in `path`, checked against the model's widths."""
+def load_projections(path: str | os.PathLike, config: CLIPConfig) -> tuple[Projections, str]:
+    """(the projections in `path`, checked against the model's widths; the SHA-256 of the bytes they were read
+    from)."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"ECLIP projections {path} is a folder; name its {PROJECTIONS_FILE}")
     if not path.is_file():
         raise FileNotFoundError(f"ECLIP projections file {path} not found")
+    data = path.read_bytes()
     try:
-        arrays = safetensors.numpy.load_file(path)
+        arrays = safetensors.numpy.load(data)
     except Exception as err:  # safetensors raises its own types for truncated or foreign files
         raise ValueError(f"ECLIP projections file {path} is unreadable: {err}") from None
     expected = projection_shapes(config)
@@ -121,7 +126,7 @@ def load_projections(path: str | os.PathLike, config: CLIPConfig) -> Projections
                          f"{expected} (trained on another CLIP?)")
     if not all(np.isfinite(v).all() for v in arrays.values()):
         raise ValueError(f"ECLIP projections {path} hold non-finite values")
-    return {k: v.astype(np.float32) for k, v in arrays.items()}
+    return {k: v.astype(np.float32) for k, v in arrays.items()}, hashlib.sha256(data).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------- the method
@@ -139,15 +144,19 @@ class ECLIP(PromptMethod):
                           "i.e. untrained ECLIP", stacklevel=2)
             self.projections = clip_projections(clip.params)
         else:
-            self.projections = load_projections(self.settings.projections, clip.config)
+            self.projections, self.projections_digest = load_projections(self.settings.projections, clip.config)
 
     @property
     def params(self):
         return {"clip": self.clip.params, "projections": self.projections}
 
     def run_info(self) -> dict:
-        return {**super().run_info(),
-                "projections": self.settings.projections or "CLIP's own projections (untrained ECLIP)"}
+        """With the projections file and a digest of what it held when loaded: `tclip train-eclip --resume`
+        rewrites the file in place, and a sweep resumed after that must not mix the old and the new maps."""
+        if self.settings.projections is None:
+            return {**super().run_info(), "projections": "CLIP's own projections (untrained ECLIP)"}
+        return {**super().run_info(), "projections": {"file": str(pathlib.Path(self.settings.projections).resolve()),
+                                                      "sha256": self.projections_digest}}
 
     def encode_texts(self, token_ids: np.ndarray) -> Array:
         """[n, embed_dim] normalized φ̂ₜ(Fₜ) of a chunk of token rows [n, length]."""
