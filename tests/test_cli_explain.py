@@ -76,6 +76,24 @@ def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):
         assert (tmp_path / "o").exists() == existed and not (existed and any((tmp_path / "o").iterdir()))
 
 
+def test_every_image_is_checked_before_anything_is_written(tmp_path, fixtures_dir, capsys):
+    from PIL import Image
+
+    model, good = str(fixtures_dir / "tiny_openai_clip.npz"), str(fixtures_dir / "scene_224.png")
+    Image.new("RGB", (400, 20)).save(tmp_path / "strip.png")  # beyond 10:1: the whole protocol refuses it
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 128, 3), np.uint8)).save(tmp_path / "noise.jpg")
+    (tmp_path / "truncated.jpg").write_bytes((tmp_path / "noise.jpg").read_bytes()[:-4000])  # its header is whole
+    run = ["--prompt", "a cat", "--model", model, "--translations", "1", "--out", str(tmp_path / "o")]
+    assert tclip(["explain", good, str(tmp_path / "strip.png"), *run]) == 2
+    assert f"{tmp_path / 'strip.png'}: the image is 400x20 (W x H), more than 10:1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    # Damage past the header is found when the image is decoded: the images before it keep their page.
+    assert tclip(["explain", good, str(tmp_path / "truncated.jpg"), *run]) == 2
+    assert "cannot read image file" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["index.html", "scene_224"]
+    assert "scene_224" in (tmp_path / "o" / "index.html").read_text(encoding="utf-8")
+
+
 def test_settings_flags_must_belong_to_the_method(tmp_path, fixtures_dir, capsys):
     model = str(fixtures_dir / "tiny_openai_clip.npz")
     image = str(fixtures_dir / "scene_224.png")

@@ -327,6 +327,31 @@ def test_load_applies_exif_orientation(tmp_path, suffix):
     assert np.abs(loaded.astype(int) - np.rot90(block, k=-1)).max() <= 8
 
 
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_image_size_reads_the_header_as_load_image_decodes(tmp_path, orientation):
+    from tclip_jax.image import image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(_blocky((32, 48))).save(tmp_path / "a.jpg", exif=exif)
+    assert image_size(tmp_path / "a.jpg") == load_image(tmp_path / "a.jpg").shape[:2]
+    assert image_size(tmp_path / "a.jpg", exif=False) == load_image(tmp_path / "a.jpg", exif=False).shape[:2]
+    noise = np.random.default_rng(0).integers(0, 256, (96, 128, 3), np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.jpg", exif=exif)
+    truncated = tmp_path / "truncated.jpg"  # its header is whole: the size is there, the pixels are not
+    truncated.write_bytes((tmp_path / "noise.jpg").read_bytes()[:-4000])
+    assert image_size(truncated) == load_image(tmp_path / "noise.jpg").shape[:2]
+    with pytest.raises(ValueError, match="cannot read image file"):
+        load_image(truncated)
+    for bad, error, message in [(tmp_path / "none.png", FileNotFoundError, "image file not found"),
+                                (tmp_path, ValueError, "is a folder, not an image file")]:
+        with pytest.raises(error, match=message):
+            image_size(bad)
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match="cannot read image file .*text.png"):
+        image_size(tmp_path / "text.png")
+
+
 def test_load_pil_images(rgb):
     np.testing.assert_array_equal(load_image(Image.fromarray(rgb)), rgb)
     gray_alpha = Image.fromarray(np.dstack([rgb[..., 0], rgb[..., 1]]), "LA")

@@ -1,9 +1,10 @@
 """`tclip explain IMAGE... --prompt "..."`: per-word (TCLIP) or per-prompt maps, figures and result.json per image,
 and one explorer page (index.html) for the whole run.
 
-Each image's outputs are written through `staged_folder`, so an interrupted run never leaves a half-written
-result folder (nor the output folder it made, if it stops before its first image); index.html is written last,
-over every image of the run.
+Every image's file and size are checked before anything is written. Each image's outputs are written through
+`staged_folder`, so an interrupted run never leaves a half-written result folder (nor the output folder it made, if
+it stops before its first image); index.html is written last, over every image of the run, or of those done when
+a run stops (Ctrl-C, an image damaged past its header).
 
 `--compare METHOD[:key=value,...]` (repeatable) runs more methods on the same images and prompts, on the same
 loaded model, for the explorer's compare view (and result.json's "compare" list). A TCLIP run compares with
@@ -218,13 +219,17 @@ def compare_record(view) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> int:
-    for path in map(pathlib.Path, args.images):
-        if not path.exists():
-            raise FileNotFoundError(f"image not found: {path}")
-        if not path.is_file():
-            raise ValueError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}, not an image file")
+    from tclip_jax.image import image_size
+
     method = build_method(args)
     plan = Plan.build(method, list(args.prompt), args.compare, args.html)  # fails early, before any output
+    for path in args.images:  # every image's header, before any output: a bad image ends the run before it starts
+        size = image_size(path)
+        for checked in (plan.method, *(c.method for c in plan.compared)):
+            try:
+                checked.check_image_size(size)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
     out = pathlib.Path(args.out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -246,23 +251,31 @@ def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path
     run_info = method.run_info()
     page = PageWriter(out, f"TCLIP explorer · {visualize.method_label(run_info)} · model "
                            f"{visualize.model_label(run_info)}", run_info) if args.html else None
-    for image_path, name in tqdm(list(zip(args.images, _unique_names(args.images))), desc="explain", unit="image"):
-        target = out / name
-        with staged_folder(target) as staging:
-            views = plan.views(image_path)
-            result = views[0].result
-            record = write_result(result, image_path, staging, args.save_npz)
-            if len(views) > 1:
-                record["compare"] = [compare_record(v) for v in views[1:]]
-            (staging / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+    done = 0
+    try:
+        for image_path, name in tqdm(list(zip(args.images, _unique_names(args.images))), desc="explain",
+                                     unit="image"):
+            target = out / name
+            with staged_folder(target) as staging:
+                views = plan.views(image_path)
+                result = views[0].result
+                record = write_result(result, image_path, staging, args.save_npz)
+                if len(views) > 1:
+                    record["compare"] = [compare_record(v) for v in views[1:]]
+                (staging / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+                if page is not None:
+                    links = {"result.json": f"{name}/result.json"}
+                    links.update({f"grid figure {p + 1}" if len(result.prompts) > 1 else "grid figure":
+                                  f"{name}/{entry['grid_figure']}" for p, entry in enumerate(record["prompts"])})
+                    PageWriter.write_data(staging, image_entry(name, views, title=str(image_path), links=links))
             if page is not None:
-                links = {"result.json": f"{name}/result.json"}
-                links.update({f"grid figure {p + 1}" if len(result.prompts) > 1 else "grid figure":
-                              f"{name}/{entry['grid_figure']}" for p, entry in enumerate(record["prompts"])})
-                PageWriter.write_data(staging, image_entry(name, views, title=str(image_path), links=links))
-        if page is not None:
-            page.add(name, str(image_path), name)
-        tqdm.write(f"{image_path}: {target}/ (overlays, grid figure, result.json)")
+                page.add(name, str(image_path), name)
+            done += 1
+            tqdm.write(f"{image_path}: {target}/ (overlays, grid figure, result.json)")
+    except BaseException:
+        if page is not None and done:  # the images done keep their page
+            page.finish()
+        raise
     if page is not None:
         index, inline = page.finish()
         how = "self-contained" if inline else f"loads each image's {DATA_SCRIPT} from its folder"

@@ -5,9 +5,9 @@ from tclip_jax._exports import lazy_exports
 _EXPORTS = {
     **dict.fromkeys(["Geometry", "box_to_model", "box_to_original", "points_to_model", "points_to_original",
                      "to_original", "to_original_on_device"], "tclip_jax.image.geometry"),
-    **dict.fromkeys(["ImageLike", "load_image"], "tclip_jax.image.io"),
-    **dict.fromkeys(["CLIP_MEAN", "CLIP_STD", "INPUT_PROTOCOLS", "InputProtocol", "center_crop", "clip_normalize",
-                     "prepare", "whole_image"], "tclip_jax.image.protocols"),
+    **dict.fromkeys(["ImageLike", "image_size", "load_image"], "tclip_jax.image.io"),
+    **dict.fromkeys(["CLIP_MEAN", "CLIP_STD", "INPUT_PROTOCOLS", "InputProtocol", "center_crop", "check_input_size",
+                     "clip_normalize", "prepare", "whole_image"], "tclip_jax.image.protocols"),
     "upsample_bilinear": "tclip_jax.image.resample",
 }
 __all__ = sorted(_EXPORTS)

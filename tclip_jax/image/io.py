@@ -55,7 +55,30 @@ def load_image(image: ImageLike, exif: bool = True) -> np.ndarray:
     raise TypeError(f"expected a path, encoded bytes, a PIL image or a numpy array, got {type(image).__name__}")
 
 
+def image_size(path: str | os.PathLike, exif: bool = True) -> tuple[int, int]:
+    """(height, width) of the image file `load_image` would decode, from its header alone, after the checks
+    `load_image` makes before decoding (a file, an image, not too many pixels): a run can check every image up
+    front. Data damaged past the header is found only by decoding."""
+    def size(img: Image.Image) -> tuple[int, int]:
+        turned = exif and img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn
+        return (img.width, img.height) if turned else (img.height, img.width)
+
+    return _opened(pathlib.Path(path), size)
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
 def _decode(source: pathlib.Path | bytes, exif: bool) -> np.ndarray:
+    def decoded(img: Image.Image) -> np.ndarray:
+        img.load()
+        return _pil_to_rgb(img, exif)
+
+    return _opened(source, decoded)
+
+
+def _opened(source: pathlib.Path | bytes, read):
+    """`read(image)` of the image PIL opens from `source`, after the checks on the file and the header's size."""
     name = "image bytes" if isinstance(source, bytes) else f"image file {source}"
     if not isinstance(source, bytes):
         if not source.exists():
@@ -67,8 +90,7 @@ def _decode(source: pathlib.Path | bytes, exif: bool) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             _check_size(img.width * img.height, f"{name} ({img.width}x{img.height})")  # from the header
-            img.load()
-            return _pil_to_rgb(img, exif)
+            return read(img)
     except Image.DecompressionBombError as err:  # PIL refuses beyond twice its limit, in open()
         _check_size(int(re.search(r"\((\d+) pixels\)", str(err)).group(1)), name)
         raise ValueError(f"cannot read {name}: {err}") from None

@@ -36,21 +36,27 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 def prepare(rgb: np.ndarray, protocol: InputProtocol, image_size: int, patch_size: int) -> tuple[np.ndarray, Geometry]:
     """The model input of a decoded image under `protocol`, for a model of `image_size` and `patch_size`."""
+    _check_rgb(rgb)
+    check_input_size(rgb.shape[:2], protocol, patch_size)
+    if protocol == "patch_multiple":
+        return whole_image(rgb, tuple(int(side / patch_size + 0.5) * patch_size for side in rgb.shape[:2]))
+    return whole_image(rgb, image_size) if protocol == "whole" else center_crop(rgb, image_size)
+
+
+def check_input_size(size_hw: tuple[int, int], protocol: InputProtocol, patch_size: int) -> None:
+    """Refuses an image of `size_hw` that `protocol` cannot feed in (as `prepare` would, before any decoding)."""
+    height, width = size_hw
     if protocol in ("whole", "center_crop"):
-        _check_rgb(rgb)
-        height, width = rgb.shape[:2]
         if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
             raise ValueError(f"the image is {width}x{height} (W x H), more than {MAX_ASPECT_RATIO}:1; the {protocol} "
                              "protocol would squash or crop most of it away: crop or tile it first (or use the "
                              "patch_multiple input protocol)")
-        return whole_image(rgb, image_size) if protocol == "whole" else center_crop(rgb, image_size)
-    if protocol == "patch_multiple":
-        _check_rgb(rgb)
-        if 2 * min(rgb.shape[:2]) < patch_size:
-            raise ValueError(f"the image's {min(rgb.shape[:2])}-pixel side is less than half a {patch_size}-pixel "
+    elif protocol == "patch_multiple":
+        if 2 * min(height, width) < patch_size:
+            raise ValueError(f"the image's {min(height, width)}-pixel side is less than half a {patch_size}-pixel "
                              "patch: too small for the patch_multiple protocol")
-        return whole_image(rgb, tuple(int(side / patch_size + 0.5) * patch_size for side in rgb.shape[:2]))
-    raise ValueError(f"unknown input protocol {protocol!r}; expected one of {', '.join(INPUT_PROTOCOLS)}")
+    else:
+        raise ValueError(f"unknown input protocol {protocol!r}; expected one of {', '.join(INPUT_PROTOCOLS)}")
 
 
 def center_crop(rgb: np.ndarray, size: int = 224) -> tuple[np.ndarray, Geometry]:

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
-from tclip_jax.image import (Geometry, ImageLike, InputProtocol, load_image, prepare, to_original_on_device,
-                             upsample_bilinear)
+from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_size, load_image, prepare,
+                             to_original_on_device, upsample_bilinear)
 from tclip_jax.methods.common import causal_length_groups, minmax, text_features
 from tclip_jax.model.config import PRESETS
 from tclip_jax.model.tokenizer import TokenizedPrompt, Word
@@ -217,6 +217,10 @@ class Method(abc.ABC):
     def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Geometry]:
         config = self.clip.config
         return prepare(rgb, self.input_protocol, config.image_size, config.patch_size)
+
+    def check_image_size(self, size_hw: tuple[int, int]) -> None:
+        """Refuses an image of this size that `prepare` would refuse (its input protocol cannot take it)."""
+        check_input_size(size_hw, self.input_protocol, self.clip.config.patch_size)
 
     @abc.abstractmethod
     def encode(self, queries: Sequence[Query], label_set: Optional[Sequence[str]] = None) -> QueryArrays:
