@@ -13,6 +13,20 @@ from typing import Iterator
 
 
 
+def check_output_folder(out: str | os.PathLike, flag: str = "--out") -> pathlib.Path:
+    """`out` as a folder a run can make or fill, checked before the run starts: not a file, not under a file, and
+    in a folder this process may write in. Returns it as a path."""
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file, not a folder")
+    existing = out if out.exists() else next(p for p in out.parents if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {out}: cannot write in {existing}")
+    return out
+
+
 @contextlib.contextmanager
 def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[pathlib.Path]:
     """Yields a fresh sibling folder of `target`; on success it replaces `target`, on error it is removed.

@@ -143,8 +143,9 @@ class Options:
 
     @classmethod
     def _valid_names(cls) -> str:
+        """The names an error lists (not the class's: users name a method, not its settings class)."""
         names = cls.field_names()
-        return f"{cls.__name__} takes {', '.join(names)}" if names else f"{cls.__name__} takes no settings"
+        return f"known settings: {', '.join(names)}" if names else "it has no settings"
 
 
 def _parse(f: dataclasses.Field, text: str, check_choices: bool = True) -> Any:

@@ -64,6 +64,11 @@ def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):
                   "--model", model, "--out", str(tmp_path / "o")]) == 2
     assert "so it needs at least 2; got 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    (tmp_path / "a_file").write_text("x")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "o"):
+        assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a cat", "--model", model,
+                      "--out", str(out)]) == 2
+        assert "a_file is a file, not a folder" in capsys.readouterr().err
     # Stopped at its first image (here a file that is not an image; Ctrl-C alike): the folder it made goes too,
     # and a folder the user had is left as it was.
     (tmp_path / "broken.png").write_bytes(b"not an image")
@@ -102,5 +107,5 @@ def test_settings_flags_must_belong_to_the_method(tmp_path, fixtures_dir, capsys
     assert "--translations is not a setting of hilacam" in capsys.readouterr().err
     assert tclip(["explain", image, "--prompt", "a cat", "--method", "hilacam", "--option", "depth=2",
                   "--model", model, "--out", str(tmp_path / "o")]) == 2
-    assert "unknown option 'depth'; HilaCAMSettings takes box_rule, truncate, start_layer" in capsys.readouterr().err
+    assert "unknown option 'depth'; known settings: box_rule, truncate, start_layer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

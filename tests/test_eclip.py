@@ -246,6 +246,9 @@ def test_bad_inputs_give_one_line_errors(fixtures_dir, data_dir, tmp_path, capsy
     fails(["train-eclip", "--synthetic", "2", "--dino", str(tmp_path / "no_dino"), "--out", str(tmp_path / "o")],
           "attention model folder")
     assert not (tmp_path / "o").exists()
+    (tmp_path / "a_file").write_text("x")  # refused before any feature is computed
+    fails(["train-eclip", "--synthetic", "2", "--out", str(tmp_path / "a_file" / "o")],
+          f"--out {tmp_path / 'a_file' / 'o'}: {tmp_path / 'a_file'} is a file, not a folder")
 
     clip = load_clip(model, activation="quick_gelu")
     wrong = save_projections(tmp_path / "wrong.safetensors", {"image": np.zeros((64, 64)), "text": np.zeros((128, 64))},
@@ -253,5 +256,5 @@ def test_bad_inputs_give_one_line_errors(fixtures_dir, data_dir, tmp_path, capsy
     explain = ["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a cat", "--method", "eclip",
                "--model", model, "--activation", "quick_gelu", "--out", str(tmp_path / "x")]
     fails(explain + ["--option", f"projections={wrong}"], "do not fit the model")
-    fails(explain + ["--option", "projection=x"], "unknown option 'projection'; Settings takes")
+    fails(explain + ["--option", "projection=x"], "unknown option 'projection'; known settings: box_rule, truncate, projections")
     assert not (tmp_path / "x").exists()

@@ -209,7 +209,7 @@ def test_settings_name_a_bad_protocol_or_box_rule():
     ({"trim": 0.5}, r"trim must lie in \[0, 0.5\)"),
     ({"sigma": float("nan")}, "sigma must be a finite number"),
     ({"sigma": -1.0}, "sigma must be >= 0"),
-    ({"colour": "red"}, "unknown setting 'colour'; Settings takes box_rule, truncate, translations"),
+    ({"colour": "red"}, "unknown setting 'colour'; known settings: box_rule, truncate, translations"),
 ])
 def test_settings_refuse_bad_values_when_made(values, message):
     with pytest.raises(ValueError, match=message):

@@ -688,6 +688,8 @@ def test_output_folders_that_cannot_be_written_are_named(coco_hand, tmp_path, ca
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     assert "is a file, not a folder" in _fails(capsys, "coco", "--data", str(coco_hand), *method, "--out", str(a_file))
+    assert f"--out {a_file / 'sub'}: {a_file} is a file, not a folder" in _fails(
+        capsys, "coco", "--data", str(coco_hand), *method, "--out", str(a_file / "sub"))
     import tclip_jax.sweep.runner as runner
 
     with pytest.MonkeyPatch.context() as patch:  # as root every folder is writable, so the check is provoked

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import pathlib
 import time
 
 
@@ -24,10 +23,9 @@ def run(args: argparse.Namespace) -> int:
 
     from tclip_jax.checkpoints.folder import save_checkpoint
     from tclip_jax.checkpoints.load import load_any
+    from tclip_jax.files import check_output_folder
 
-    out = pathlib.Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
+    out = check_output_folder(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
     start = time.perf_counter()

@@ -219,8 +219,10 @@ def compare_record(view) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> int:
+    from tclip_jax.files import check_output_folder
     from tclip_jax.image import image_size
 
+    out = check_output_folder(args.out)
     method = build_method(args)
     plan = Plan.build(method, list(args.prompt), args.compare, args.html)  # fails early, before any output
     for path in args.images:  # every image's header, before any output: a bad image ends the run before it starts
@@ -230,7 +232,6 @@ def run(args: argparse.Namespace) -> int:
                 checked.check_image_size(size)
             except ValueError as err:
                 raise ValueError(f"{path}: {err}") from None
-    out = pathlib.Path(args.out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:

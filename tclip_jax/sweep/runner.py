@@ -45,7 +45,7 @@ from tqdm import tqdm
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample
 from tclip_jax.evaluation.options import EvalOptions
 from tclip_jax.evaluation.scoring import score_unit
-from tclip_jax.files import write_text_atomic
+from tclip_jax.files import check_output_folder, write_text_atomic
 from tclip_jax.image import Geometry
 from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query, QueryArrays
 from tclip_jax.sweep.options import RunOptions
@@ -318,11 +318,7 @@ def _error_record(index: int, key: str, err: Exception) -> dict:
 
 def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
     path = out / CONFIG_FILE
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
-    writable = out if out.exists() else next(p for p in out.parents if p.exists())
-    if not os.access(writable, os.W_OK | os.X_OK):
-        raise PermissionError(f"--out {out}: cannot write in {writable}")
+    check_output_folder(out)
     if not path.exists():
         return
     if not resume:

@@ -36,7 +36,7 @@ import optax
 import safetensors.numpy
 
 from tclip_jax.checkpoints.load import LoadedClip
-from tclip_jax.files import staged_folder
+from tclip_jax.files import check_output_folder, staged_folder
 from tclip_jax.image import CLIP_MEAN, CLIP_STD, load_image, prepare
 from tclip_jax.methods import common
 from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, Projections, clip_projections, image_features,
@@ -269,10 +269,8 @@ def train(clip: LoadedClip, pairs: Pairs, out: str | os.PathLike, settings: Trai
     """Trains the projections on `pairs` (see the module docstring) into the folder `out`."""
     from tqdm.auto import tqdm
 
-    out = pathlib.Path(out)
+    out = check_output_folder(out)
     checkpoint = out / CHECKPOINT_DIR
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
     if checkpoint.exists() and not resume:
         raise FileExistsError(f"{out} holds a training checkpoint: pass --resume to continue it, or choose another "
                               "--out")
