@@ -168,8 +168,9 @@ def test_prompt_filling_the_context_fits(tokenizer):
 
 
 def test_too_long_prompt_names_prompt_and_count(tokenizer):
-    with pytest.raises(ValueError, match=r"prompt 'cat cat .*' has 78 tokens .* context length 77"):
-        tokenizer.encode(["a cat", "cat " * 76])
+    with pytest.raises(ValueError, match=r"prompt '(cat ){14}c\.\.\.' has 78 tokens .* context length 77; shorten "
+                                         r"it or truncate it \(truncate=True, --truncate\)$"):
+        tokenizer.encode(["a cat", "cat " * 76])  # its first 57 characters are shown, not all 304
 
 
 def test_truncation_keeps_first_pieces_and_ends_with_eot(tokenizer):

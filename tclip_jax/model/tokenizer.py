@@ -152,10 +152,11 @@ class ClipTokenizer:
         encoding = self._backend.encode(clean_text(text), add_special_tokens=False)
         capacity = context_length - 2
         if len(encoding.ids) > capacity:
-            message = (f"prompt {text!r} has {len(encoding.ids) + 2} tokens (SOT + {len(encoding.ids)} BPE pieces "
+            shown = text if len(text) <= 60 else f"{text[:57]}..."  # a long prompt is named, not repeated
+            message = (f"prompt {shown!r} has {len(encoding.ids) + 2} tokens (SOT + {len(encoding.ids)} BPE pieces "
                        f"+ EOT), more than the context length {context_length}")
             if not truncate:
-                raise ValueError(message + "; shorten it or pass truncate=True")
+                raise ValueError(message + "; shorten it or truncate it (truncate=True, --truncate)")
             warnings.warn(message + f"; keeping the first {capacity} pieces", stacklevel=3)
             encoding.truncate(capacity)
         return encoding
