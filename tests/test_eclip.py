@@ -198,6 +198,32 @@ def test_the_attention_of_a_hugging_face_vit(tmp_path):
         ViTAttention(tmp_path / "no_such_vit")
 
 
+def test_a_hub_attention_model_comes_from_the_hub_cache_and_offline_says_what_to_do(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=16), add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import, from the env
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    repo = tmp_path / "cache" / "models--somebody--tiny-dino"  # huggingface_hub's cache layout of a download
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tmp_path / "vit", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    pixels = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
+    from_hub = ViTAttention("somebody/tiny-dino")
+    assert from_hub.origin == "somebody/tiny-dino"
+    np.testing.assert_array_equal(from_hub(pixels, (2, 2)), ViTAttention(tmp_path / "vit")(pixels, (2, 2)))
+    with pytest.raises(ConnectionError, match=r"cannot fetch 'somebody/no-dino' .*pass DIR as --dino\.$"):
+        ViTAttention("somebody/no-dino")
+
+
 def test_train_then_explain_from_the_command_line(clip, fixtures_dir, data_dir, tmp_path, capsys):
     import torch
     from transformers import ViTConfig, ViTModel

@@ -172,8 +172,9 @@ def read_json(path: pathlib.Path) -> dict:
         raise ConversionError(f"{path} is not valid JSON: {err}") from None
 
 
-def download_from_hub(repo_id: str) -> pathlib.Path:
-    """Downloads (or finds in the local hub cache) the files of a hub repository; returns its folder."""
+def download_from_hub(repo_id: str, flag: str = "the model") -> pathlib.Path:
+    """Downloads (or finds in the local hub cache) the files of a hub repository; returns its folder. `flag`: how
+    an offline user passes the folder instead (named in the error)."""
     try:
         import huggingface_hub
         from huggingface_hub.utils import HfHubHTTPError
@@ -193,4 +194,4 @@ def download_from_hub(repo_id: str) -> pathlib.Path:
         raise ConnectionError(
             f"cannot fetch {repo_id!r} from the Hugging Face hub and it is not in the local cache "
             f"({type(err).__name__}). On a machine with internet run `hf download {repo_id} "
-            f"--local-dir DIR`, copy DIR here and pass DIR as the model.") from None
+            f"--local-dir DIR`, copy DIR here and pass DIR as {flag}.") from None

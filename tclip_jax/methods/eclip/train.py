@@ -154,12 +154,16 @@ class ViTAttention:
     def __init__(self, name_or_path: str | os.PathLike):
         from transformers import ViTModel
 
+        from tclip_jax.checkpoints.sources import download_from_hub
+
         name, folder = str(name_or_path), pathlib.Path(name_or_path).expanduser()
         if folder.is_dir():
             name = str(folder)
-        elif os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:  # not a hub "org/name"
-            raise FileNotFoundError(f"attention model folder {name} not found")
-        self.model = ViTModel.from_pretrained(name, add_pooling_layer=False, attn_implementation="eager",
+        else:
+            if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:  # not a hub "org/name"
+                raise FileNotFoundError(f"attention model folder {name} not found")
+            folder = download_from_hub(name, flag="--dino")  # offline: one line that says what to do
+        self.model = ViTModel.from_pretrained(str(folder), add_pooling_layer=False, attn_implementation="eager",
                                               trust_remote_code=False).eval()
         self.image_size = self.model.config.image_size
         self.patch_size = self.model.config.patch_size
