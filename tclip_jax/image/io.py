@@ -18,11 +18,14 @@ import os
 import pathlib
 import re
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
+T = TypeVar("T")
 
 _UINT16_MAX = 65535
 # PIL warns between its limit and twice it; the check below refuses such images instead, with a message that
@@ -77,7 +80,7 @@ def _decode(source: pathlib.Path | bytes, exif: bool) -> np.ndarray:
     return _opened(source, decoded)
 
 
-def _opened(source: pathlib.Path | bytes, read):
+def _opened(source: pathlib.Path | bytes, read: Callable[[Image.Image], T]) -> T:
     """`read(image)` of the image PIL opens from `source`, after the checks on the file and the header's size."""
     name = "image bytes" if isinstance(source, bytes) else f"image file {source}"
     if not isinstance(source, bytes):
