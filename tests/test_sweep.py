@@ -489,13 +489,17 @@ def test_a_scoring_bug_stops_the_sweep_and_keeps_the_records_before_it(coco_many
     assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("tclip-")]
 
 
+# `python -m tclip_jax` with Ctrl-C as in a terminal, also where the suite runs with SIGINT ignored (a child then
+# inherits that, and Python installs no handler); no preexec_fn, which forks a multithreaded process.
+_CTRL_C_AS_IN_A_TERMINAL = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                            "sys.argv[0] = 'tclip'; runpy.run_module('tclip_jax', run_name='__main__')")
+
+
 def _sweep_process(*args: str, env_extra: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            **(env_extra or {})}
-    # Ctrl-C as in a terminal, also where the suite runs with SIGINT ignored (Python then installs no handler).
-    return subprocess.Popen([sys.executable, "-m", "tclip_jax", *_cli(*args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen([sys.executable, "-c", _CTRL_C_AS_IN_A_TERMINAL, *_cli(*args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _lines(path: pathlib.Path) -> int:
