@@ -25,6 +25,19 @@ IMAGE_HW = (480, 640)
 PROMPT = "a small brown dog chases a red ball across grass"  # 10 words
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count of rounds, images or scenes: an integer >= 1 (one line from argparse otherwise)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def workloads() -> dict[str, tuple[str, ...]]:
     """"prompt": the one 10-word prompt; "coco80": the 80 COCO class names as 80 prompts."""
     from tclip_jax.evaluation.datasets import COCO_CATEGORIES

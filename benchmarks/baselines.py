@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
-                                median_seconds, today, write_section)
+                                median_seconds, positive_int, today, write_section)
 from tclip_jax.checkpoints.folder import save_checkpoint  # noqa: E402
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.methods import METHODS  # noqa: E402
@@ -38,8 +38,8 @@ PASSES = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
     load = load_average()

@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (IMAGE_HW, command_line, floor_pass, load_average,  # noqa: E402
-                                machine_description, markdown_table, photo_like_image, timed_tclip, today,
-                                workloads, write_section)
+                                machine_description, markdown_table, photo_like_image, positive_int,
+                                timed_tclip, today, workloads, write_section)
 
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
 from tclip_jax.sweep.runner import DeviceClock, device_busy_seconds, device_wait_share  # noqa: E402
@@ -86,9 +86,9 @@ def measure(tclip: TCLIP, images: list, prompts, batch_size: int, rounds: int) -
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=positive_int, default=6)
+    parser.add_argument("--batch-size", type=positive_int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args(argv)

@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
-                                photo_like_image, timed_tclip, today, workloads, write_section)
+                                photo_like_image, positive_int, timed_tclip, today, workloads,
+                                write_section)
 
 from tclip_jax.postprocess import gaussian_intersection  # noqa: E402
 from tclip_jax.postprocess import gmm  # noqa: E402
@@ -52,8 +53,8 @@ def taus(params: gmm.MixtureParams) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=positive_int, default=6)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     load_before = load_average()

@@ -38,8 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (PROMPT, RESULTS_PATH, command_line, floor_pass, load_average,  # noqa: E402
-                                machine_description, markdown_table, median_seconds, timed_tclip, today,
-                                workloads, write_section)
+                                machine_description, markdown_table, median_seconds, positive_int,
+                                timed_tclip, today, workloads, write_section)
 from tclip_jax.checkpoints.load import LoadedClip, load_clip  # noqa: E402
 from tclip_jax.image import to_original  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes; writes nothing")
     parser.add_argument("--models", nargs="+", default=["ViT-B/32", "ViT-L/14"], choices=sorted(PRESETS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--explain-images", type=int, default=8)
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="configurations not started within this many seconds are reported as skipped "

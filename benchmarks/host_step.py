@@ -45,7 +45,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (RESULTS_PATH, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, today, write_section)
+                                markdown_table, positive_int, today, write_section)
 from tclip_jax.postprocess import (GmmFit, gaussian_intersection, gmm_thresholds,  # noqa: E402
                                    soft_maps_and_boxes)
 from tclip_jax.postprocess._blas import SINGLE_THREADED_BLAS  # noqa: E402
@@ -438,7 +438,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=list(SIZES))
     parser.add_argument("--timing-images", type=int, default=4, help="held-out scenes timed per size")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=positive_int, default=7)
     parser.add_argument("--fidelity-maps", type=int, nargs=3, default=(240, 120, 40), metavar=("S224", "S640", "S1920"),
                         help="maps compared with scikit-learn per size (224x224, 640x480, 1920x1080)")
     parser.add_argument("--skip-timing", action="store_true")

@@ -25,7 +25,8 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (RESULTS_PATH, command_line, interleaved_medians, load_average,  # noqa: E402
-                                machine_description, markdown_table, today, write_section)
+                                machine_description, markdown_table, positive_int, today,
+                                write_section)
 from benchmarks.host_step import SIZES, explained_images  # noqa: E402
 from tclip_jax.postprocess.soft import soft_maps_and_boxes  # noqa: E402
 
@@ -44,8 +45,8 @@ def time_schedules(images: list[np.ndarray], threads: list[int], rounds: int) ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 4, 8, 16])
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--images", type=positive_int, default=32)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--results", type=pathlib.Path, default=RESULTS_PATH)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)

@@ -18,7 +18,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (IMAGE_HW, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, photo_like_image, timed_tclip, today, write_section)
+                                markdown_table, photo_like_image, positive_int, timed_tclip, today,
+                                write_section)
 
 CLASSES = pathlib.Path(__file__).resolve().parents[1] / "tclip_jax/evaluation/datasets/data/imagenet_classes.tsv"
 
@@ -49,7 +50,7 @@ def measure(count: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, nargs="+", default=[1, 80, 400])
+    parser.add_argument("--prompts", type=positive_int, nargs="+", default=[1, 80, 400])
     parser.add_argument("--measure", type=int, help="internal: measure one prompt count in this process")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args(argv)

@@ -38,8 +38,8 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (IMAGE_HW, RESULTS_PATH, command_line, interleaved_medians,  # noqa: E402
-                                load_average, machine_description, markdown_table, photo_like_image, timed_tclip,
-                                today, workloads, write_section)
+                                load_average, machine_description, markdown_table, photo_like_image,
+                                positive_int, timed_tclip, today, workloads, write_section)
 from tclip_jax.checkpoints.load import LoadedClip  # noqa: E402
 from tclip_jax.methods.tclip.relevance import aggregate_maps, translated_patch_embeddings  # noqa: E402
 from tclip_jax.methods.tclip.translations import translated_copies  # noqa: E402
@@ -246,7 +246,7 @@ def report(rows, args, machine, loads) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds (median reported)")
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--profile", action="store_true", help="time each stage of (a)")
     parser.add_argument("--threads", type=int,

@@ -15,7 +15,9 @@ import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks._common import command_line, interleaved_medians, load_average, machine_description, markdown_table, today, write_section  # noqa: E402
+from benchmarks._common import (command_line, interleaved_medians, load_average,  # noqa: E402
+                                machine_description, markdown_table, positive_int, today,
+                                write_section)
 
 COMMANDS = {
     "python -c pass": ["-c", "pass"],
@@ -35,8 +37,9 @@ def run(args: list[str]) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="rounds of every command (default: %(default)s)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=positive_int, default=7,
+                        help="rounds of every command (default: %(default)s)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
     load = load_average()

@@ -17,7 +17,7 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
-                                timed_tclip, today, write_section)
+                                positive_int, timed_tclip, today, write_section)
 
 DEVICE_COUNTS = (1, 4)
 
@@ -39,13 +39,13 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="any model load_clip accepts (default: the embedded one)")
     parser.add_argument("--random-vit-b32", action="store_true",
                         help="random ViT-B/32 weights instead, as the speed benchmarks time them")
-    parser.add_argument("--scenes", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--scenes", type=positive_int, default=48)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--workers", type=positive_int, default=2)
     parser.add_argument("--measure", action="store_true", help="internal: run one sweep and print its throughput")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()

@@ -21,7 +21,8 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks._common import command_line, load_average, machine_description, markdown_table, today, write_section  # noqa: E402
+from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
+                                positive_int, today, write_section)
 from tclip_jax.checkpoints.load import DEFAULT_MODEL_DIR, load_clip  # noqa: E402
 from tclip_jax.evaluation.retrieval import retrieval_top1  # noqa: E402
 from tclip_jax.methods import METHODS  # noqa: E402
@@ -62,8 +63,9 @@ def table_row(method: str, scores: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenes", type=int, default=100, help="held-out scenes per protocol (default: %(default)s)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenes", type=positive_int, default=100,
+                        help="held-out scenes per protocol (default: %(default)s)")
     parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     parser.add_argument("--methods", nargs="+", help="a subset of tclip_k25, tclip_k1 and the baselines")
     parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))

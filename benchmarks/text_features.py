@@ -28,8 +28,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (command_line, interleaved_medians, load_average, machine_description,  # noqa: E402
-                                markdown_table, random_vit_b32, today, workloads, write_section)
+from benchmarks._common import (command_line, interleaved_medians, load_average,  # noqa: E402
+                                machine_description, markdown_table, positive_int, random_vit_b32,
+                                today, workloads, write_section)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -77,9 +78,9 @@ def surgery_sweep_seconds(scenes: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--surgery-prompts", type=int, default=10, help="COCO class names for CLIP Surgery")
-    parser.add_argument("--scenes", type=int, default=32, help="held-out scenes of the CLIP Surgery sweep")
+    parser.add_argument("--scenes", type=positive_int, default=32, help="held-out scenes of the CLIP Surgery sweep")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
     if args.rounds < 1 or args.surgery_prompts < 1 or args.scenes < 1:

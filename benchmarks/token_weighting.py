@@ -21,7 +21,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks._common import command_line, load_average, machine_description, markdown_table, today, write_section  # noqa: E402
+from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
+                                positive_int, today, write_section)
 from benchmarks.synthetic_grounding import MODELS  # noqa: E402
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, indexed  # noqa: E402
@@ -53,8 +54,9 @@ def _load(protocol: str, seed: int) -> LoadedSample:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenes", type=int, default=100, help="held-out scenes per protocol (default: %(default)s)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenes", type=positive_int, default=100,
+                        help="held-out scenes per protocol (default: %(default)s)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
     load = load_average()
