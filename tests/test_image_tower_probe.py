@@ -279,3 +279,12 @@ def test_share_profile_bins_rescaled_scores_by_the_covered_share():
     profile = itp.share_profile(scores, mask, others, patch)
     assert profile == pytest.approx({"0": ((1.0 - floor) + (2.0 - floor)) / 2 / scale, "0-0.25": (3.0 - floor) / scale,
                                      "0.25-0.5": (4.0 - floor) / scale, "0.75-1": (5.0 - floor) / scale})
+
+
+def test_a_missing_checkpoint_folder_is_one_line_before_any_probe(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["image_tower_probe.py", "position", str(tmp_path / "none")])
+    with pytest.raises(SystemExit) as raised:
+        itp.main()
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (f"image_tower_probe.py: error: checkpoint folder "
+                                                                f"{tmp_path / 'none'} not found")

@@ -53,6 +53,39 @@ def test_a_recipe_overrides_the_defaults_and_explicit_values_override_the_recipe
         train_default.train_config("nope")
 
 
+@pytest.mark.parametrize("bad, message", [
+    ("peak_learning_rate=nan", "peak_learning_rate must be finite, got nan"),
+    ("word_weight=nan", "word_weight must be finite"),
+    ("form_weights=0.5,nan,0,0", r"form_weights must be finite"),
+    ("steps=0", "steps must be >= 1, got 0"),  # named itself, not through a field derived from it
+    ("batch_size=0", "batch_size must be >= 2"),
+    ("batch_size=3", r"batch_size must be even \(each scene beside its variant\), got 3"),
+    ("negatives=-1", "negatives must be >= 0"),
+    ("eval_every=0", "eval_every must be >= 1"),
+    ("validation_scenes=0", "validation_scenes must be >= 1"),
+    ("patch_size=0", "patch_size must be >= 1"),
+    ("image_size=30", "image_size must be a multiple of patch_size, got 30 and 32"),
+    ("form_weights=1,2", "form_weights must be 4 weights >= 0"),
+    ("form_weights=0,0,0,0", "form_weights must be 4 weights >= 0 .*not all 0"),
+    ("peak_learning_rate=0", "peak_learning_rate must be > 0"),
+    ("text_length=2", "text_length must be >= 46"),
+])
+def test_values_that_cannot_train_are_refused_before_training(bad, message):
+    with pytest.raises(ValueError, match=message):
+        train_default.TrainConfig(**train_default.parse_overrides([bad]))
+
+
+def test_a_run_that_stops_leaves_no_hidden_log_beside_its_folder(tmp_path, monkeypatch):
+    def stopped(config, log_path, **kwargs):  # a run cut by Ctrl-C after its first log line
+        log_path.write_text('{"step": 1}\n')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_default, "train", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train_default.train_and_save(train_default.TrainConfig(), tmp_path / "model")
+    assert not any(tmp_path.iterdir())
+
+
 def test_one_object_curriculum_draws_one_object_scenes_then_the_training_style():
     config = train_default.TrainConfig(batch_size=8, curriculum_steps=2, curriculum_objects=1)
     one_object = dataclasses.replace(train_default.EASY_STYLE, counts=(1,), count_weights=(1.0,),
@@ -139,6 +172,12 @@ def test_command_line_overrides_accumulate_and_bad_ones_get_one_line(tmp_path, m
         code, stderr = run(*overrides)
         assert code == 2 and stderr.strip().splitlines()[-1].endswith(message), stderr
     assert not any(tmp_path.iterdir())
+    (tmp_path / "a_file").write_text("x")  # refused before any step, not after the run
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(tmp_path / "a_file"), "--steps", "3"])
+    with pytest.raises(SystemExit):
+        train_default.main()
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"--out {tmp_path / 'a_file'} is a file, not a "
+                                                                     "folder")
 
 
 def test_step_colours_draw_a_steps_scenes_from_its_own_palette():
@@ -874,6 +913,26 @@ def test_shared_inputs_make_each_step_once_and_hold_few(monkeypatch):
     assert len(results) == runs and all(r == list(range(steps)) for r in results)
     assert sorted(made) == list(range(steps))  # each step made once, for every run
     assert max(held) <= ahead and not shared.futures
+    # Stopped (Ctrl-C reaches the main thread only): a run waiting for its step, and any run after, stops.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        shared = search_recipes.SharedInputs(None, steps, pool, 1, 2)
+        shared.take(0, 0).result()
+        stopped = []
+
+        def next_step() -> None:  # one step ahead of the other run: it waits
+            try:
+                shared.take(0, 1)
+            except search_recipes.Stopped as err:
+                stopped.append(err)
+
+        waiting = threading.Thread(target=next_step)
+        waiting.start()
+        time.sleep(0.1)
+        shared.stop()
+        waiting.join(timeout=10)
+        assert not waiting.is_alive() and stopped
+        with pytest.raises(search_recipes.Stopped):
+            shared.take(1, 0)
     with pytest.raises(ValueError, match="asked for step 5, expected 0"):
         search_recipes.SharedInputs(None, steps, None, ahead, 1).take(0, 5)
 

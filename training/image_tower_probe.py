@@ -478,6 +478,9 @@ def main() -> None:
     sup.add_argument("--easy-steps", type=int, default=0, help="first N batches from EASY_OBJECTS")
     sup.add_argument("--random-heads", action="store_true", help="heads start random, not at zero")
     args = parser.parse_args()
+    for folder in getattr(args, "folders", None) or []:  # all of them, before the first is probed
+        if not folder.exists():
+            parser.error(f"checkpoint folder {folder} not found")
     if args.command == "probe":
         if not args.folders and not args.random:
             parser.error("probe needs a checkpoint folder or --random")

@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import pathlib
 import re
+import signal
 import sys
 import threading
 import time
@@ -49,6 +50,13 @@ class SharedInputs:
         # run -> the next step it will take; every run is counted from the start, so none misses a step
         self.next_step = dict.fromkeys(range(runs), first)
         self.changed = threading.Condition()
+        self.stopped = False
+
+    def stop(self) -> None:
+        """Every run's next `take` raises `Stopped` (Ctrl-C reaches only the main thread, not the runs)."""
+        with self.changed:
+            self.stopped = True
+            self.changed.notify_all()
 
     def leave(self, run: int) -> None:
         """`run` takes no more steps (finished or failed): the others no longer wait for it."""
@@ -61,7 +69,9 @@ class SharedInputs:
         with self.changed:
             if step != self.next_step[run]:
                 raise ValueError(f"run {run} asked for step {step}, expected {self.next_step[run]}")
-            self.changed.wait_for(lambda: step < self._slowest() + self.ahead)
+            self.changed.wait_for(lambda: self.stopped or step < self._slowest() + self.ahead)
+            if self.stopped:
+                raise Stopped("the search was stopped")
             while self.submitted < min(self.steps, max(step + 1, self._slowest() + self.ahead)):
                 self.futures[self.submitted] = self.pool.submit(train_default.step_inputs, self.data, self.submitted)
                 self.submitted += 1
@@ -77,6 +87,10 @@ class SharedInputs:
     def _drop_taken(self) -> None:
         for step in [s for s in self.futures if s < self._slowest()]:
             del self.futures[step]
+
+
+class Stopped(Exception):
+    """Raised in a run's thread when the search stops (`SharedInputs.stop`)."""
 
 
 def parse_runs(specs: list[list[str]], common: dict) -> dict[str, dict]:
@@ -117,7 +131,10 @@ def search(configs: dict[str, train_default.TrainConfig], out: pathlib.Path, wor
     steps = next(iter(configs.values())).steps
     first = 0 if resume is None else train_default.saved_step(resume)
     # Worker processes are spawned, not forked: the parent's JAX runtime has threads a fork would copy mid-flight.
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # They ignore Ctrl-C (a terminal sends it to them too): the main thread stops the search and then them.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=signal.signal,
+                                                initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         shared = SharedInputs(data, steps, pool, ahead, len(configs), first)
 
         def run(member: int, name: str, config: train_default.TrainConfig) -> dict:
@@ -130,7 +147,12 @@ def search(configs: dict[str, train_default.TrainConfig], out: pathlib.Path, wor
         with concurrent.futures.ThreadPoolExecutor(len(configs)) as threads:
             futures = {name: threads.submit(run, member, name, config)
                        for member, (name, config) in enumerate(configs.items())}
-            summaries = {name: future.result() for name, future in futures.items()}
+            try:
+                summaries = {name: future.result() for name, future in futures.items()}
+            except KeyboardInterrupt:  # every run ends at its next step, and the inputs queued for them go
+                shared.stop()
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     if heldout:
         for name in configs:
             summaries[name]["heldout"] = record_heldout_metrics(out / name)
@@ -165,7 +187,10 @@ def main() -> None:
     except (ValueError, OSError) as error:  # a bad run, override, text_init folder or mix of runs: one line
         parser.error(str(error))
     start = time.perf_counter()
-    summaries = search(configs, args.out, args.workers, args.ahead, args.heldout, args.resume)
+    try:
+        summaries = search(configs, args.out, args.workers, args.ahead, args.heldout, args.resume)
+    except KeyboardInterrupt:
+        sys.exit(f"{parser.prog}: interrupted")  # status 1; a run's folder is written whole or not at all
     for name, summary in summaries.items():
         print(json.dumps({"run": name, "overrides": runs[name], **summary}))
     print(json.dumps({"runs": len(configs), "wall_s": round(time.perf_counter() - start, 1)}))

@@ -87,6 +87,7 @@ import optax
 from PIL import Image
 
 from tclip_jax.checkpoints.folder import save_checkpoint
+from tclip_jax.files import check_output_folder
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.evaluation.retrieval import retrieval_top1
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
@@ -95,6 +96,7 @@ from tclip_jax.synthetic import (
     ATTRIBUTES,
     COLOURS,
     NEGATIVE_KINDS,
+    PHRASE_FORMS,
     PLAIN_STYLE,
     SHAPES,
     TRAINING_STYLE,
@@ -119,6 +121,7 @@ SELECT_STEPS = ("last", "validation")
 MOSAIC_STUDENTS = ("half", "full")
 VALIDATION_PROTOCOLS = ("captions", "bare_words")  # the grounding that select_step="validation" reads
 WORD_IDF_STEPS = 16  # word_idf counts the captions of the run's first steps
+CAPTION_POSITIONS = 46  # SOT, the pieces and EOT of the longest caption (or negative) the training styles write
 # Curriculum: 1-3 objects on plain backgrounds, no outlines or degradations, square images, before the full style.
 EASY_STYLE = dataclasses.replace(PLAIN_STYLE, counts=(1, 2, 3), count_weights=(0.4, 0.35, 0.25))
 
@@ -230,7 +233,7 @@ class TrainConfig:
     peak_contrast_weight: float = 0.0
     peak_contrast_start: int = 0    # the peak-contrast term acts from this step on
     peak_contrast_kinds: tuple[str, ...] = WORD_KINDS  # the kinds of word it asks
-    text_length: int = 48           # longest training row: captions need at most 46 positions
+    text_length: int = 48           # longest training row: captions need at most CAPTION_POSITIONS
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
     text_length_step: int = 0
@@ -256,6 +259,29 @@ class TrainConfig:
     text_layers: int = 3
 
     def __post_init__(self):  # checked once, where the config is made, rather than in training
+        for field in dataclasses.fields(self):  # NaN passes every comparison below, and trains to NaN
+            values = getattr(self, field.name)
+            if not all(np.isfinite(v) for v in (values if isinstance(values, tuple) else (values,))
+                       if isinstance(v, float)):
+                raise ValueError(f"{field.name} must be finite, got {values}")
+        for name, least in (("steps", 1), ("batch_size", 2), ("negatives", 0), ("validation_scenes", 1),
+                            ("eval_every", 1), ("image_size", 1), ("patch_size", 1), ("embed_dim", 1),
+                            ("vision_width", 1), ("vision_layers", 1), ("text_width", 1), ("text_layers", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if self.batch_size % 2:
+            raise ValueError(f"batch_size must be even (each scene beside its variant), got {self.batch_size}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size must be a multiple of patch_size, got {self.image_size} and "
+                             f"{self.patch_size}")
+        if len(self.form_weights) != len(PHRASE_FORMS) or min(self.form_weights) < 0 or not sum(self.form_weights):
+            raise ValueError(f"form_weights must be {len(PHRASE_FORMS)} weights >= 0 (of {', '.join(PHRASE_FORMS)}), "
+                             f"not all 0, got {self.form_weights}")
+        if self.peak_learning_rate <= 0:
+            raise ValueError(f"peak_learning_rate must be > 0, got {self.peak_learning_rate}")
+        if self.text_length < CAPTION_POSITIONS:
+            raise ValueError(f"text_length must be >= {CAPTION_POSITIONS} (the longest training caption's positions), "
+                             f"got {self.text_length}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if not 1 <= self.curriculum_objects <= len(EASY_STYLE.counts):
@@ -1249,12 +1275,15 @@ def train_and_save(config: TrainConfig, out: pathlib.Path,
     log_path.parent.mkdir(parents=True, exist_ok=True)
     readme = out / README_FILE
     readme_text = readme.read_text() if readme.is_file() else None  # saving replaces the folder
-    params, used_ids, summary = train(config, log_path, inputs=inputs, resume=resume, save_state_at=save_state_at)
-    metadata = {"training": {"config": dataclasses.asdict(config), **summary,
-                             "used_token_ids": used_ids.tolist(), "cpu_count": os.cpu_count()}}
-    save_checkpoint(out, zero_unused_rows(params, used_ids), model_config(config), metadata=metadata,
-                    storage_dtype=np.float16, compressed=True, overwrite=True)
-    log_path.rename(out / LOG_FILE)
+    try:
+        params, used_ids, summary = train(config, log_path, inputs=inputs, resume=resume, save_state_at=save_state_at)
+        metadata = {"training": {"config": dataclasses.asdict(config), **summary,
+                                 "used_token_ids": used_ids.tolist(), "cpu_count": os.cpu_count()}}
+        save_checkpoint(out, zero_unused_rows(params, used_ids), model_config(config), metadata=metadata,
+                        storage_dtype=np.float16, compressed=True, overwrite=True)
+        log_path.rename(out / LOG_FILE)
+    finally:
+        log_path.unlink(missing_ok=True)  # a run that stopped leaves no hidden log beside --out
     if readme_text is not None:
         readme.write_text(readme_text)
     return summary
@@ -1314,6 +1343,7 @@ def main() -> None:
                         help="go on from a state --save-state wrote (the run's first steps must be the saved run's)")
     args = parser.parse_args()
     try:
+        check_output_folder(args.out)
         named = {name: value for name, value in (("objective", args.objective), ("steps", args.steps))
                  if value is not None}
         overrides = parse_overrides(args.set)
