@@ -13,7 +13,7 @@ their steps. The shipped checkpoints come from `train_default.py` on the CPU (is
 On an accelerator compiling takes most of the time, and each new caption length compiles a run's step again: add
 `--set text_length_step=0` there (it changes only the summation order; RECIPE_SEARCH.md measured it).
 `--resume PATH` starts every run from a state `train_default.py --save-state` wrote (late terms from that step on:
-a 600-step search instead of 2400).
+a 600-step search instead of 2400). Ctrl-C stops every run at its next step; runs already saved stay.
 """
 from __future__ import annotations
 

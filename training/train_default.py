@@ -87,9 +87,9 @@ import optax
 from PIL import Image
 
 from tclip_jax.checkpoints.folder import save_checkpoint
-from tclip_jax.files import check_output_folder
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.evaluation.retrieval import retrieval_top1
+from tclip_jax.files import check_output_folder
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize
 from tclip_jax.synthetic import (
