@@ -86,6 +86,30 @@ def test_a_run_that_stops_leaves_no_hidden_log_beside_its_folder(tmp_path, monke
     assert not any(tmp_path.iterdir())
 
 
+def test_ctrl_c_ends_a_training_run_with_one_line_saying_what_it_left(tmp_path, monkeypatch, capsys):
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def process_exit(code):  # the script ends its process at once (os._exit); here, this test's must go on
+        raise SystemExit(code)
+
+    monkeypatch.setattr(train_default.os, "_exit", process_exit)
+
+    argv = [str(SCRIPT), "--out", str(tmp_path / "model"), "--steps", "3", "--set", "warmup_steps=1"]
+    for stage, message in [("train_and_save", f"{tmp_path / 'model'} was not written"),
+                           ("record_heldout_metrics", f"{tmp_path / 'model'} holds the checkpoint but not its "
+                                                      "heldout_metrics.json")]:
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "argv", argv)
+            if stage == "record_heldout_metrics":  # a run that trained: its checkpoint is written
+                patch.setattr(train_default, "train_and_save", lambda *a, **k: {"final": {}})
+            patch.setattr(train_default, stage, stopped)
+            with pytest.raises(SystemExit) as raised:
+                train_default.main()
+        assert raised.value.code == 130
+        assert capsys.readouterr().err.strip().splitlines() == [f"train_default.py: interrupted; {message}"]
+
+
 def test_one_object_curriculum_draws_one_object_scenes_then_the_training_style():
     config = train_default.TrainConfig(batch_size=8, curriculum_steps=2, curriculum_objects=1)
     one_object = dataclasses.replace(train_default.EASY_STYLE, counts=(1,), count_weights=(1.0,),

@@ -190,7 +190,7 @@ def main() -> None:
     try:
         summaries = search(configs, args.out, args.workers, args.ahead, args.heldout, args.resume)
     except KeyboardInterrupt:
-        sys.exit(f"{parser.prog}: interrupted")  # status 1; a run's folder is written whole or not at all
+        train_default.interrupted(parser, "each run's folder is written whole or not at all")
     for name, summary in summaries.items():
         print(json.dumps({"run": name, "overrides": runs[name], **summary}))
     print(json.dumps({"runs": len(configs), "wall_s": round(time.perf_counter() - start, 1)}))

@@ -77,6 +77,7 @@ import functools
 import json
 import os
 import pathlib
+import sys
 import time
 from collections.abc import Callable
 
@@ -109,7 +110,8 @@ from tclip_jax.synthetic import (
 )
 from tclip_jax.model.tokenizer import PAD_ID, default_tokenizer
 from tclip_jax.methods.tclip import TCLIP
-from tclip_jax.sweep.heldout import grounding_scores, record_heldout_metrics, synthetic_report
+from tclip_jax.sweep.heldout import (HELDOUT_METRICS_FILE, grounding_scores, record_heldout_metrics,
+                                    synthetic_report)
 
 VALIDATION_OFFSET = 1_000_000  # validation scenes: retrieval_scenes(n, VALIDATION_OFFSET)
 LOG_FILE = "training_log.jsonl"
@@ -1356,10 +1358,24 @@ def main() -> None:
         save_state_at = parse_save_state(args.save_state, config, 0 if args.resume is None else saved_step(args.resume))
     except (ValueError, OSError) as error:  # a bad override, text_init folder or state: one line, no traceback
         parser.error(str(error))
-    summary = train_and_save(config, args.out, resume=args.resume, save_state_at=save_state_at)
+    try:
+        summary = train_and_save(config, args.out, resume=args.resume, save_state_at=save_state_at)
+    except KeyboardInterrupt:
+        interrupted(parser, f"{args.out} was not written")
     print(json.dumps(summary["final"]))
-    # The fast held-out gates the card quotes and tests/test_default_model.py re-measures.
-    print(json.dumps(record_heldout_metrics(args.out)))
+    try:  # the fast held-out gates the card quotes and tests/test_default_model.py re-measures
+        print(json.dumps(record_heldout_metrics(args.out)))
+    except KeyboardInterrupt:
+        interrupted(parser, f"{args.out} holds the checkpoint but not its {HELDOUT_METRICS_FILE}")
+
+
+def interrupted(parser: argparse.ArgumentParser, what: str) -> None:
+    """Ctrl-C ends a script with one line saying what it left, and status 130, as `tclip` does. The process ends
+    here, without the interpreter's teardown: after a Ctrl-C inside an XLA compilation that teardown crashed
+    (SIGSEGV), and every file of the run is closed by now (its folders are written whole or not at all)."""
+    print(f"{parser.prog}: interrupted; {what}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":
