@@ -5,6 +5,7 @@ Each script owns one section of `benchmarks/RESULTS.md`, delimited by `<!-- NAME
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import pathlib
@@ -27,8 +28,6 @@ PROMPT = "a small brown dog chases a red ball across grass"  # 10 words
 
 def positive_int(text: str) -> int:
     """argparse type of a count of rounds, images or scenes: an integer >= 1 (one line from argparse otherwise)."""
-    import argparse
-
     try:
         value = int(text)
     except ValueError:

@@ -197,13 +197,11 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=pathlib.Path, default=RESULTS_PATH)
     parser.add_argument("--json", type=pathlib.Path, help="also write the raw rows here")
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--embedded-dtypes", type=int, metavar="N",
+    parser.add_argument("--embedded-dtypes", type=positive_int, metavar="N",
                         help="only compare bfloat16 with float32 maps of the embedded default model on N held-out "
                              "scenes (any device; its own section)")
     args = parser.parse_args(argv)
     if args.embedded_dtypes is not None:
-        if args.embedded_dtypes < 1:
-            parser.error(f"--embedded-dtypes needs at least 1 scene, got {args.embedded_dtypes}")
         started, load_before = time.perf_counter(), load_average()
         rows = embedded_dtype_rows(args.embedded_dtypes)
         text = "\n".join([

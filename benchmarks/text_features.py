@@ -79,12 +79,10 @@ def surgery_sweep_seconds(scenes: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=positive_int, default=3)
-    parser.add_argument("--surgery-prompts", type=int, default=10, help="COCO class names for CLIP Surgery")
+    parser.add_argument("--surgery-prompts", type=positive_int, default=10, help="COCO class names for CLIP Surgery")
     parser.add_argument("--scenes", type=positive_int, default=32, help="held-out scenes of the CLIP Surgery sweep")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
-    if args.rounds < 1 or args.surgery_prompts < 1 or args.scenes < 1:
-        parser.error("--rounds, --surgery-prompts and --scenes must be >= 1")
     load_before = load_average()
     clip = random_vit_b32()
     coco = list(workloads()["coco80"])
