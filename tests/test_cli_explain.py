@@ -92,11 +92,37 @@ def test_every_image_is_checked_before_anything_is_written(tmp_path, fixtures_di
     assert tclip(["explain", good, str(tmp_path / "strip.png"), *run]) == 2
     assert f"{tmp_path / 'strip.png'}: the image is 400x20 (W x H), more than 10:1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # A compare method is checked under its own input protocol, and the error names it.
+    assert tclip(["explain", str(tmp_path / "strip.png"), *run, "--input-protocol", "patch_multiple",
+                  "--compare", "similarity"]) == 2
+    assert f"{tmp_path / 'strip.png'}: --compare similarity: the image is 400x20" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     # Damage past the header is found when the image is decoded: the images before it keep their page.
     assert tclip(["explain", good, str(tmp_path / "truncated.jpg"), *run]) == 2
     assert "cannot read image file" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["index.html", "scene_224"]
     assert "scene_224" in (tmp_path / "o" / "index.html").read_text(encoding="utf-8")
+
+
+def test_images_whose_names_collide_get_a_folder_each(tmp_path, fixtures_dir):
+    from PIL import Image
+
+    scene = Image.open(fixtures_dir / "scene_224.png").convert("RGB")
+    paths = [tmp_path / "photo.png", tmp_path / "photo.jpg", tmp_path / "photo_2.jpg", tmp_path / "c" / "photo.png",
+             tmp_path / "Photo_2.png"]
+    (tmp_path / "c").mkdir()
+    for i, path in enumerate(paths):  # each image its own content, so a result.json tells which one it holds
+        Image.fromarray(np.roll(np.asarray(scene), 16 * i, axis=1)).save(path)
+    out = tmp_path / "out"
+    assert tclip(["explain", *map(str, paths), "--prompt", "red", "--model", str(fixtures_dir / "tiny_openai_clip.npz"),
+                  "--translations", "1", "--compare", "none", "--out", str(out)]) == 0
+    folders = [p for p in out.iterdir() if p.is_dir()]
+    assert len({p.name.casefold() for p in folders}) == len(paths)  # distinct even where case is not told apart
+    recorded = sorted(json.loads((p / "result.json").read_text())["image"]["path"] for p in folders)
+    assert recorded == sorted(map(str, paths))
+    page = (out / "index.html").read_text(encoding="utf-8")
+    data = json.loads(page.split('id="tclip-data">', 1)[1].split("</script>", 1)[0])
+    assert sorted(entry["name"] for entry in data["images"]) == sorted(p.name for p in folders)
 
 
 def test_settings_flags_must_belong_to_the_method(tmp_path, fixtures_dir, capsys):

@@ -46,11 +46,18 @@ def _slug(text: str) -> str:
 
 
 def _unique_names(paths: list[str]) -> list[str]:
-    names, seen = [], {}
+    """One output folder name per image, none shared: a taken name gets the first free `_2`, `_3`, ... (taken
+    compared case-blind, as on macOS and Windows file systems; so "photo.png", "photo.jpg", "photo_2.jpg" give
+    photo, photo_2, photo_2_2)."""
+    names, taken = [], set()
     for path in paths:
-        stem = _slug(pathlib.Path(path).stem)
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+        stem = name = _slug(pathlib.Path(path).stem)
+        copy = 1
+        while name.casefold() in taken:
+            copy += 1
+            name = f"{stem}_{copy}"
+        taken.add(name.casefold())
+        names.append(name)
     return names
 
 
@@ -227,11 +234,11 @@ def run(args: argparse.Namespace) -> int:
     plan = Plan.build(method, list(args.prompt), args.compare, args.html)  # fails early, before any output
     for path in args.images:  # every image's header, before any output: a bad image ends the run before it starts
         size = image_size(path)
-        for checked in (plan.method, *(c.method for c in plan.compared)):
+        for what, checked in [("", plan.method), *((f"--compare {c.spec}: ", c.method) for c in plan.compared)]:
             try:
                 checked.check_image_size(size)
             except ValueError as err:
-                raise ValueError(f"{path}: {err}") from None
+                raise ValueError(f"{path}: {what}{err}") from None
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
