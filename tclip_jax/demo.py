@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from tclip_jax import synthetic, visualize
 from tclip_jax.cli import main as tclip
 from tclip_jax.evaluation.metrics.boxes import HIT_IOU, box_ious
+from tclip_jax.files import check_output_folder
 
 OUT = pathlib.Path("demo_out")
 # A colour_twins scene: two objects of one colour that only their shape words tell apart.
@@ -46,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tclip_jax.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=OUT, help=f"output folder (default: {OUT})")
     out = parser.parse_args(argv).out
+    try:  # as `tclip explain` checks its --out: one line, before anything is drawn or written
+        check_output_folder(out)
+    except (ValueError, OSError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     scene = synthetic.protocol_sample(DEMO_PROTOCOL, DEMO_SEED).scene
     out.mkdir(parents=True, exist_ok=True)
     image_path = out / "scene.png"

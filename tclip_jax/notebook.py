@@ -71,7 +71,8 @@ def compare(explainer, image, prompts, methods: Sequence[str] = ("tclip:translat
     from tclip_jax.cli.explain import Plan
     from tclip_jax.visualize import Explorer
 
-    plan = Plan.build(explainer, prompt_list(prompts), list(methods) or [NO_COMPARE])
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    plan = Plan.build(explainer, prompt_list(prompts), methods or [NO_COMPARE])
     return Explorer(plan.views(image))
 
 

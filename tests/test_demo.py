@@ -36,3 +36,14 @@ def test_demo_takes_an_output_folder_and_refuses_unknown_arguments(tmp_path, mon
     assert exit_info.value.code == 0 and "--out" in capsys.readouterr().out
     assert demo.main(["--out", str(tmp_path / "elsewhere")]) == 0
     assert (tmp_path / "elsewhere" / "scene" / "result.json").is_file() and not (tmp_path / "demo_out").exists()
+
+
+def test_demo_refuses_an_output_folder_it_cannot_write_with_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    for out, message in [(tmp_path / "afile", "afile is a file, not a folder"),
+                         (tmp_path / "afile" / "sub", "afile is a file, not a folder")]:
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main(["--out", str(out)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing drawn or written

@@ -236,6 +236,39 @@ def test_browser_large_runs_link_each_images_data(tmp_path, fixtures_dir, driver
     record = json.loads((out / "scene_224" / "result.json").read_text())
     assert float(field(driver, "tau")) == pytest.approx(record["prompts"][0]["words"][0]["tau"], abs=5e-5)
     assert browser.console_problems(driver) == []
+    # An image whose data cannot be loaded shows the error and nothing of the image shown before it.
+    (out / "scene_224" / "explorer.js").rename(out / "scene_224" / "moved.js")
+    open_page(driver, out / "index.html")
+    driver.find_element("css selector", ".tclip-images select option[value='1']").click()
+    browser.wait_for(lambda: driver.find_elements("css selector", ".tclip-error"), what="the load error")
+    for stale in (".tclip-word", ".tclip-links a", ".tclip-card", ".tclip-tab"):
+        assert driver.find_elements("css selector", stale) == []
+    assert browser.rendered(driver) == ""
+    driver.get_log("browser")  # the failed script load is logged, as it should be
+
+
+def test_browser_words_are_cut_at_code_points_and_tall_images_fit_the_window(tmp_path, fixtures_dir, driver):
+    from PIL import Image
+
+    from tclip_jax.methods.tclip import TCLIP
+
+    explainer = TCLIP.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), translations=1)
+    tall = np.asarray(Image.open(fixtures_dir / "scene_224.png").convert("RGB").resize((64, 448)))
+    prompt = "a 🐶 red café 𝒶 circle"  # characters beyond 16 bits before the words
+    result = explainer.explain(tall, prompt)
+    page = tmp_path / "fragment.html"
+    page.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'></head>"
+                    f"<body>{result._repr_html_()}</body></html>", encoding="utf-8")
+    open_page(driver, page)
+    buttons = driver.find_elements("css selector", ".tclip-word:not(.tclip-phrase)")
+    assert [b.text for b in buttons] == [prompt[w.start:w.end] for w in result.prompts[0].words]
+    assert "".join(driver.find_element("css selector", ".tclip-prompt").text.split("whole prompt")[0].split()) == \
+        "".join(prompt.split())
+    viewer = driver.find_element("css selector", ".tclip-viewer").rect
+    window_height = driver.execute_script("return window.innerHeight;")
+    assert viewer["height"] <= 0.75 * window_height + 1  # the 1:7 image is narrowed to fit, not stretched
+    assert viewer["width"] == pytest.approx(viewer["height"] * 64 / 448, abs=2)
+    assert browser.console_problems(driver) == []
 
 
 def test_browser_notebook_fragment(tmp_path, fixtures_dir, driver):

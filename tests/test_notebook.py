@@ -1,4 +1,5 @@
 """The Colab notebook runs headless on CPU against the embedded model; its helpers behave."""
+import json
 import pathlib
 
 import nbclient
@@ -39,6 +40,22 @@ def test_notebook_executes_offline(monkeypatch, tmp_path):
             cards = driver.find_elements("css selector", ".tclip-x")[1].find_elements("css selector", ".tclip-card")
             assert len(cards) == 3  # the compare view: K=25, K=1, similarity side by side
             assert browser.console_problems(driver) == []
+
+
+def test_compare_with_a_prompt_level_method_first_shows_its_maps_of_each_word_alone(fixtures_dir):
+    from tclip_jax.methods.similarity import Similarity
+
+    baseline = Similarity.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"))
+    image = notebook.fetch_image(str(fixtures_dir / "scene_224.png"))
+    explorer = notebook.compare(baseline, image, ["a red circle"], "tclip")  # one method named: a string will do
+    assert [v.result.run["method"] for v in explorer.views] == ["similarity", "tclip"]
+    alone = explorer.views[0].words_alone
+    assert [p.prompt for p in alone.prompts] == ["a", "red", "circle"]
+    fragment = explorer._repr_html_()
+    for word in ("a", "red", "circle"):  # the page shows them, as `tclip explain --method similarity --compare`
+        assert json.dumps(f"the prompt “{word}” alone (a prompt-level method has no per-word map)") in fragment
+    np.testing.assert_array_equal(  # and they are the method's maps of the word alone
+        alone.prompts[1].phrase.heatmap, baseline.explain(image, ["red"]).prompts[0].phrase.heatmap)
 
 
 def test_offline_means_embedded_model(monkeypatch):

@@ -204,12 +204,14 @@ def inline_html(entry: dict, title: str, run: Optional[dict] = None, fallback_ht
             f"  TCLIPExplorer.mount(root, {data}, {{keys: 'root'}}); }})();\n</script>\n")
 
 
-def result_html(result, views: Sequence[View] = (), view: Optional[str] = None) -> str:
-    """An `ImageResult` (and optional compare views of the same image) as a notebook explorer; without
-    JavaScript (e.g. a notebook viewer) its first map's overlay and a table of words, τ and boxes show.
+def result_html(main, views: Sequence[View] = (), view: Optional[str] = None) -> str:
+    """An `ImageResult` or a `View` of one (and optional compare views of the same image) as a notebook explorer;
+    without JavaScript (e.g. a notebook viewer) its first map's overlay and a table of words, τ and boxes show.
     `view`: the view it opens in (default: "compare" when there are compare views)."""
+    main = main if isinstance(main, View) else View(main)
+    result = main.result
     record = json.dumps(result.to_record(), indent=1)
-    entry = image_entry("result", [View(result), *views], title=f"{method_label(result.run)}: "
+    entry = image_entry("result", [main, *views], title=f"{method_label(result.run)}: "
                         + " | ".join(p.prompt for p in result.prompts),
                         links={"result.json": "data:application/json;base64,"
                                + base64.b64encode(record.encode()).decode()})
@@ -230,7 +232,7 @@ class Explorer:
         return self.views[0].result
 
     def _repr_html_(self) -> str:
-        return result_html(self.views[0].result, self.views[1:])
+        return result_html(self.views[0], self.views[1:])
 
 
 def _static_fallback(result) -> str:

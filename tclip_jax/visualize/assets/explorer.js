@@ -218,7 +218,10 @@
       state.image = index;
       select.value = index;
       const mine = ++loading;
-      stage.textContent = '';
+      // Nothing of the image shown before stays while this one loads, nor if it fails to.
+      entry = null;
+      delete root.dataset.rendered;
+      for (const part of [prompts, links, tabs, stage]) part.textContent = '';
       stage.append(el('p', {class: 'tclip-wait', text: 'Loading…'}));
       loadEntry(page.images[index]).then((loaded) => {
         if (mine !== loading) return;
@@ -247,15 +250,18 @@
       entry.prompts.forEach((p, i) => {
         const line = el('div', {class: 'tclip-prompt'});
         if (entry.prompts.length > 1) line.append(el('span', {class: 'tclip-pnum', text: `prompt ${i + 1}`}));
+        // Spans count code points (Python's str), JavaScript strings UTF-16 units: slice the code points.
+        const chars = Array.from(p.prompt);
+        const text = (start, end) => chars.slice(start, end).join('');
         let at = 0;
         p.words.forEach((w, j) => {
-          if (w.span[0] > at) line.append(p.prompt.slice(at, w.span[0]));
-          line.append(wordButton(`p${i}w${j}`, p.prompt.slice(w.span[0], w.span[1]), `the word “${w.text}”`));
+          if (w.span[0] > at) line.append(text(at, w.span[0]));
+          line.append(wordButton(`p${i}w${j}`, text(w.span[0], w.span[1]), `the word “${w.text}”`));
           at = w.span[1];
         });
         if (!p.words.length) line.append(wordButton(`p${i}`, p.prompt, 'the whole prompt'));
         else {
-          if (at < p.prompt.length) line.append(p.prompt.slice(at));
+          if (at < chars.length) line.append(text(at));
           line.append(' ', wordButton(`p${i}`, 'whole prompt', `the whole prompt “${p.prompt}”`, 'tclip-phrase'));
         }
         prompts.append(line);
@@ -306,6 +312,8 @@
       canvas.style.opacity = state.opacity;
       const box = el('div', {class: 'tclip-box'});
       const viewer = el('div', {class: 'tclip-viewer'}, photo, canvas, box);
+      // At most 75 % of the window's height: a tall image is narrowed, not stretched past the screen.
+      viewer.style.maxWidth = `calc(75vh * ${entry.size_hw[1] / entry.size_hw[0]})`;
       const missing = el('div', {class: 'tclip-missing'});
       const field = (name) => el('td', {'data-field': name});
       const fields = {shows: el('p', {class: 'tclip-shows', 'data-field': 'shows'})};
