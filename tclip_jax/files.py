@@ -27,6 +27,12 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out") -> pathlib.
     return out
 
 
+def check_replaceable(folder: pathlib.Path) -> None:
+    """An existing folder a run would replace must not hold the current folder (it cannot be renamed away)."""
+    if folder.exists() and pathlib.Path.cwd().resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{folder} holds the current folder, which cannot be replaced; name another folder")
+
+
 @contextlib.contextmanager
 def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[pathlib.Path]:
     """Yields a fresh sibling folder of `target`; on success it replaces `target`, on error it is removed.
@@ -40,6 +46,7 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[path
         raise ValueError(f"{target} is a file, not a folder")
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists (pass overwrite=True to replace it)")
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -51,7 +58,11 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[path
         with _ctrl_c_held():
             if target.exists():
                 old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-                target.rename(old / target.name)
+                try:
+                    target.rename(old / target.name)
+                except BaseException:
+                    old.rmdir()
+                    raise
                 staging.rename(target)
                 shutil.rmtree(old)
             else:

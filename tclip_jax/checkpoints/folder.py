@@ -21,6 +21,7 @@ import safetensors.numpy
 
 from tclip_jax.files import staged_folder
 from tclip_jax.model import CLIPConfig, param_shapes
+from tclip_jax.model.tokenizer import TOKENIZER_FILES
 
 PARAMS_FILES = ("params.safetensors", "params.npz")
 CONFIG_FILE = "tclip_config.json"
@@ -78,15 +79,24 @@ def save_checkpoint(folder: str | os.PathLike, params: Mapping, config: CLIPConf
     flat = flatten(params)
     check_params(flat, config, "parameters to save")
     with staged_folder(folder, overwrite) as staging:
-        stored = {k: np.array(v, dtype=storage_dtype, order="C") for k, v in flat.items()}  # keeps 0-d arrays 0-d
+        with np.errstate(over="ignore"):  # found below, by name
+            stored = {k: np.array(v, dtype=storage_dtype, order="C") for k, v in flat.items()}  # 0-d stays 0-d
+        overflowed = [k for k, v in stored.items() if not np.isfinite(v).all()]  # the inputs are finite (checked)
+        if overflowed:
+            raise CheckpointError(f"{', '.join(overflowed[:3])}{' ...' if len(overflowed) > 3 else ''}: values beyond "
+                                  f"{np.dtype(storage_dtype).name}'s range (±{np.finfo(storage_dtype).max:g}); "
+                                  "store them as float32")
         if compressed:
             np.savez_compressed(staging / PARAMS_FILES[1], **stored)
         else:
             safetensors.numpy.save_file(stored, staging / PARAMS_FILES[0])
         header = {"format": FORMAT_NAME, "version": 1, "config": config.to_dict(), **(metadata or {})}
         (staging / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
-        if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, staging / "tokenizer")
+        if tokenizer_dir is not None:  # its files only: a hub folder holds its weights beside them
+            (staging / "tokenizer").mkdir()
+            for name in TOKENIZER_FILES:
+                if (pathlib.Path(tokenizer_dir) / name).is_file():
+                    shutil.copyfile(pathlib.Path(tokenizer_dir) / name, staging / "tokenizer" / name)
     return folder
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from tclip_jax.checkpoints import folder as checkpoint, sources
 from tclip_jax.checkpoints.convert import ConversionError, convert_state_dict, detect_format, infer_openai_config
 from tclip_jax.model import CLIP, CLIPConfig, from_hf_config
-from tclip_jax.model.tokenizer import ClipTokenizer, default_tokenizer
+from tclip_jax.model.tokenizer import ClipTokenizer, default_tokenizer, is_tokenizer_folder
 
 SOURCES = ("tclip", "hf", "openai", "open_clip")
 # The small CLIP trained on synthetic scenes that ships with the package; used when no model is named.
@@ -53,11 +53,18 @@ def load_clip(name_or_path: Optional[str | os.PathLike] = None, *, source: Optio
                                     f"({DEFAULT_MODEL_DIR}); name a model explicitly")
         name_or_path = DEFAULT_MODEL_DIR
     converted = load_any(name_or_path, source=source, activation=activation)
+    return LoadedClip(CLIP(converted.config, dtype), converted.params, tokenizer_of(converted), converted.source,
+                      converted.origin)
+
+
+def tokenizer_of(converted: "Converted") -> ClipTokenizer:
+    """The checkpoint's tokenizer (its own files, else the packaged CLIP vocabulary), refused if it has tokens the
+    model has no embedding for."""
     tokenizer = default_tokenizer() if converted.tokenizer_dir is None else ClipTokenizer(converted.tokenizer_dir)
     if tokenizer.vocab_size > converted.config.vocab_size:
         raise ConversionError(f"{converted.origin}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                               f"token embedding only {converted.config.vocab_size} rows")
-    return LoadedClip(CLIP(converted.config, dtype), converted.params, tokenizer, converted.source, converted.origin)
+    return tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +77,8 @@ class Converted:
 
 
 def _tokenizer_dir(folder: pathlib.Path) -> Optional[pathlib.Path]:
-    for candidate in (folder / "tokenizer", folder):
-        if (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file():
-            return candidate
-    return None
+    """The folder's tokenizer (a converted folder's `tokenizer/`, or a hub folder's files beside its weights)."""
+    return next((c for c in (folder / "tokenizer", folder) if is_tokenizer_folder(c)), None)
 
 
 def _from_hf_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str) -> Converted:

@@ -1,7 +1,7 @@
 """Reading PyTorch CLIP checkpoints from disk or the Hugging Face hub into numpy state dicts.
 
-torch is needed only for `.pt` / `.bin` / `.pth` files (the `convert` extra); `.safetensors` and
-`.npz` are read without it.
+torch is needed only for pickled `.pt` / `.bin` / `.pth` state dicts (the `convert` extra); `.safetensors`, `.npz`
+and TorchScript archives (OpenAI's `.pt` releases) are read without it.
 """
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from tclip_jax.checkpoints.convert import ConversionError
+from tclip_jax.checkpoints.torchscript import is_torchscript, read_torchscript
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +44,12 @@ def require_regular_file(path: pathlib.Path, what: str = "checkpoint") -> None:
 
 def _from_torch(path: pathlib.Path) -> tuple[Mapping[str, Any], bool, Optional[str]]:
     """(tensors, whether it was TorchScript, the OpenCLIP training run's name if it is a training checkpoint)."""
+    if is_torchscript(path):  # OpenAI's released .pt files: read without torch.jit.load, which runs their code
+        return {k: _Stored(*v) for k, v in read_torchscript(path).items()}, True, None
     try:
         import torch
     except ImportError:
         raise ImportError(f"reading {path.name} needs PyTorch: pip install 'tclip_jax[convert]'") from None
-    try:
-        # OpenAI's released .pt files are TorchScript archives; everything else is a plain state dict.
-        return torch.jit.load(str(path), map_location="cpu").state_dict(), True, None
-    except RuntimeError:
-        pass
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, pickle.UnpicklingError) as err:
@@ -123,7 +119,9 @@ class _Stored:
 
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
-    """A `.safetensors`, `.npz`, `.pt`, `.bin` or `.pth` state dict as float32 numpy arrays (never unpickled)."""
+    """A `.safetensors`, `.npz`, `.pt`, `.bin` or `.pth` state dict as float32 numpy arrays. Nothing in the file is
+    run: pickles are read by `torch.load(weights_only=True)`, or for TorchScript archives by
+    `tclip_jax.checkpoints.torchscript`, each of which builds tensors and plain containers only."""
     path = pathlib.Path(path)
     require_regular_file(path)
     suffix = path.suffix.lower()

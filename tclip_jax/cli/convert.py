@@ -22,14 +22,16 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from tclip_jax.checkpoints.folder import save_checkpoint
-    from tclip_jax.checkpoints.load import load_any
-    from tclip_jax.files import check_output_folder
+    from tclip_jax.checkpoints.load import load_any, tokenizer_of
+    from tclip_jax.files import check_output_folder, check_replaceable
 
     out = check_output_folder(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
+    check_replaceable(out)
     start = time.perf_counter()
     converted = load_any(args.source, source=args.source_format, activation=args.activation)
+    tokenizer_of(converted)  # what loading the written folder would refuse, refused before writing it
     folder = save_checkpoint(args.out, converted.params, converted.config,
                              metadata={"source": converted.source, "origin": converted.origin},
                              tokenizer_dir=converted.tokenizer_dir,  # None: the packaged CLIP vocabulary

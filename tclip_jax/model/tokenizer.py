@@ -33,6 +33,13 @@ EOT_TOKEN = "<|endoftext|>"
 WORD_END = "</w>"
 PAD_ID = 0
 CONTEXT_LENGTH = 77
+# A tokenizer folder's files (Hugging Face layout): `tokenizer.json`, or `vocab.json` + `merges.txt` (`_load_backend`).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def is_tokenizer_folder(folder: pathlib.Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file()
+                                                     and (folder / "merges.txt").is_file())
 # Decoded pieces the TCLIP author's similarity code drops besides SOT/EOT/padding.
 AUTHOR_DROPPED_PIECES = frozenset({"", SOT_TOKEN, EOT_TOKEN, "!", "."})
 # OpenAI simple_tokenizer's split into words, numbers digit by digit, and runs of other symbols.

@@ -1,0 +1,163 @@
+"""Tensors of a TorchScript archive (OpenAI's released `.pt` files) read without running any of its code.
+
+`torch.jit.load` compiles the archive's `code/` and runs each object's TorchScript `__setstate__`, which can open
+and write files (`torch.from_file(..., shared=True)`): loading a downloaded archive with it runs the archive's author's
+code. Here nothing is compiled or run:
+
+- `data.pkl` is unpickled by an unpickler that knows only tensors (`torch._utils._rebuild_tensor_v2`, storages,
+  `OrderedDict`, TorchScript's list builders) and stands an inert `ScriptObject` in for every `__torch__` class:
+  an object's pickled state is kept as data, its `__setstate__` never called. Any other global is refused.
+- Which attributes are parameters and buffers is read from the class definitions in `code/` (`__parameters__`,
+  `__buffers__`) with `ast.parse` and `ast.literal_eval`, which parse text and evaluate literals only.
+
+The result is `torch.jit.load(path).state_dict()`'s names and values: each module's parameters and buffers, keyed by
+their dotted path from the root module. Storages are read little-endian (the archives' `byteorder`); bfloat16
+tensors become float32 exactly and are reported as stored.
+"""
+from __future__ import annotations
+
+import ast
+import collections
+import pickle
+import zipfile
+from typing import Any
+
+import numpy as np
+
+from tclip_jax.checkpoints.convert import ConversionError
+
+_STORAGE_DTYPES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "BFloat16Storage": "<u2",
+                   "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
+                   "ByteStorage": "u1", "BoolStorage": "?"}
+# TorchScript's pickler writes typed lists through these; each is the list itself.
+_LIST_BUILDERS = ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "build_empty_list")
+
+
+def is_torchscript(path) -> bool:
+    """Whether `path` is a TorchScript archive (torch's own test: a zip with a `constants.pkl` record)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+
+
+class ScriptObject:
+    """An instance of a TorchScript class as the archive stored it: `state` is its pickled state, kept as data."""
+
+    qualified_name = "?"
+
+    def __setstate__(self, state: Any) -> None:  # called by pickle's BUILD; runs none of the class's code
+        self.state = state
+
+
+class Storage:
+    """A storage named in the pickle: its dtype, filled from `data/KEY` on persistent load."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+
+
+def read_torchscript(path) -> dict[str, tuple[np.ndarray, str]]:
+    """{dotted name: (array, the dtype it is stored as)} of an archive's parameters and buffers (bfloat16 tensors
+    as float32)."""
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise ConversionError(f"{path} is not a TorchScript archive with one data.pkl")
+        prefix = pickles[0].rsplit("/", 1)[0]
+        byteorder = f"{prefix}/byteorder"
+        if byteorder in names and archive.read(byteorder).strip() not in (b"", b"little"):
+            raise ConversionError(f"{path} stores its tensors big-endian; only little-endian archives are read")
+        tensor_names = _tensor_attributes(archive, prefix)
+        root = _Unpickler(archive, prefix).load()
+    if not isinstance(root, ScriptObject):
+        raise ConversionError(f"{path} holds a {type(root).__name__}, not a TorchScript module")
+    arrays: dict[str, tuple[np.ndarray, str]] = {}
+    _collect(root, "", tensor_names, arrays)
+    return arrays
+
+
+def _tensor_attributes(archive: zipfile.ZipFile, prefix: str) -> dict[str, set[str]]:
+    """{qualified class name: its parameter and buffer names}, from the class definitions' source text."""
+    classes: dict[str, set[str]] = {}
+    code = f"{prefix}/code/"
+    for name in archive.namelist():
+        if not (name.startswith(code) and name.endswith(".py")):
+            continue
+        module = name[len(code):-len(".py")].replace("/", ".")
+        try:
+            tree = ast.parse(archive.read(name).decode("utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError) as err:
+            raise ConversionError(f"cannot parse {name} of the archive: {err}") from None
+        for node in tree.body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            tensors = set()
+            for statement in node.body:
+                if isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(
+                        statement.targets[0], ast.Name) and statement.targets[0].id in ("__parameters__",
+                                                                                        "__buffers__"):
+                    tensors.update(ast.literal_eval(statement.value))
+            classes[f"{module}.{node.name}"] = tensors
+    return classes
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(archive.open(f"{prefix}/data.pkl"))
+        self._archive, self._prefix = archive, prefix
+        self._classes: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):
+            qualified = f"{module}.{name}"
+            if qualified not in self._classes:
+                self._classes[qualified] = type(name, (ScriptObject,), {"qualified_name": qualified})
+            return self._classes[qualified]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return lambda data, requires_grad, hooks: data
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch.jit._pickle" and name in _LIST_BUILDERS:
+            return lambda *items: list(items[0]) if items else []
+        if (module, name) == ("torch.jit._pickle", "restore_type_tag"):
+            return lambda value, type_name: value
+        raise pickle.UnpicklingError(f"refused global {module}.{name}: the archive holds more than tensors and "
+                                     "modules")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], str)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        _, dtype, key, _location, count = pid
+        raw = self._archive.read(f"{self._prefix}/data/{key}")
+        values = np.frombuffer(raw, np.dtype(dtype))
+        if values.size < count:
+            raise pickle.UnpicklingError(f"storage {key} holds {values.size} values, the pickle says {count}")
+        return values, dtype
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    values, dtype = storage
+    size, stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
+    if offset < 0 or last >= values.size or any(s < 0 for s in stride):
+        raise pickle.UnpicklingError(f"a tensor of shape {size} reaches past its storage of {values.size} values")
+    array = np.lib.stride_tricks.as_strided(values[offset:], size, tuple(s * values.itemsize for s in stride)).copy()
+    if dtype == "<u2":  # bfloat16: the upper half of a float32
+        return (array.astype(np.uint32) << 16).view(np.float32), "bfloat16"
+    return array, str(array.dtype)
+
+
+def _collect(obj: ScriptObject, prefix: str, tensor_names: dict[str, set[str]], arrays: dict) -> None:
+    state = obj.state if isinstance(getattr(obj, "state", None), dict) else {}
+    tensors = tensor_names.get(obj.qualified_name, set())
+    for name, value in state.items():
+        if isinstance(value, ScriptObject):
+            _collect(value, f"{prefix}{name}.", tensor_names, arrays)
+        elif name in tensors and isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], np.ndarray):
+            arrays[f"{prefix}{name}"] = value
