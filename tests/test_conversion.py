@@ -91,6 +91,73 @@ def test_openai_torchscript_archive(tmp_path, openai_state_dict, reference, inpu
     assert_same_model(load_clip(tmp_path / "ViT-tiny.pt"), reference, inputs)
 
 
+class _Block(torch.nn.Module):  # the module kinds of OpenAI's CLIP: attention, layer norm, linear layers
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2)
+        self.ln_1 = torch.nn.LayerNorm(8).half()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+        self.register_buffer("counts", torch.arange(3))
+        self.attn_mask = torch.full((4, 4), float("-inf")).triu(1)  # a plain attribute: not in the state dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) + self.attn_mask.sum()
+
+
+class _Archive(torch.nn.Module):
+    def __init__(self, write_to: str):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(_Block(), _Block())
+        self.proj = torch.nn.Parameter(torch.randn(8, 6).t())              # stored transposed (strided)
+        self.scale = torch.nn.Parameter(torch.randn(5).to(torch.bfloat16))
+        self.bias = torch.nn.Parameter(torch.randn(10)[2:7])              # a view at an offset of its storage
+        self.hook = _WritesAFileWhenLoaded(write_to)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook(self.blocks(x))
+
+
+class _WritesAFileWhenLoaded(torch.nn.Module):
+    """Code an archive runs under torch.jit.load: its TorchScript __setstate__ writes a file."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.x = torch.zeros(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return self.x, self.path, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        self.path, self.training = state[1], state[2]
+        written = torch.from_file(self.path, True, 2, dtype=torch.uint8)
+        written.copy_(torch.tensor([72, 73], dtype=torch.uint8))
+        self.x = written.float()  # used, or TorchScript drops the write as dead code
+
+
+def test_torchscript_archives_are_read_without_running_their_code(tmp_path):
+    from tclip_jax.checkpoints.sources import read_state_dict
+
+    torch.manual_seed(0)
+    marker = tmp_path / "written_by_the_archive"
+    torch.jit.script(_Archive(str(marker))).save(str(tmp_path / "archive.pt"))
+    state = read_state_dict(tmp_path / "archive.pt")
+    assert not marker.exists()  # nothing of the archive ran
+    assert state.torchscript and state.stored_dtypes == {"float32", "float16", "bfloat16"}
+    expected = torch.jit.load(str(tmp_path / "archive.pt")).state_dict()  # the reference; it runs the code
+    assert marker.read_bytes() == b"HI"
+    assert list(state.arrays) == list(expected)  # parameters and buffers, not plain attributes, in their order
+    for name, tensor in expected.items():
+        reference = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+        np.testing.assert_array_equal(state.arrays[name], reference, err_msg=name)
+    assert state.arrays["blocks.0.counts"].dtype == np.int64
+
+
 def test_open_clip_folder_reads_activation_and_heads(tmp_path, openai_state_dict, reference, inputs):
     safetensors.numpy.save_file(openai_state_dict, tmp_path / "open_clip_model.safetensors")
     config = {"model_cfg": {"embed_dim": 64, "quick_gelu": True,
@@ -136,6 +203,46 @@ def test_convert_command_round_trip(tmp_path, fixtures_dir, reference, inputs, c
     # An existing folder is not replaced unless asked.
     assert tclip(["convert", str(fixtures_dir / "tiny_openai_clip.npz"), "--out", str(out)]) == 2
     assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
+
+
+def test_convert_refuses_what_loading_its_folder_would_refuse(tmp_path, fixtures_dir, openai_state_dict,
+                                                             monkeypatch, capsys):
+    too_big = {**openai_state_dict, "ln_final.bias": np.full(128, 1e5, np.float32)}  # beyond float16's 65504
+    np.savez(tmp_path / "too_big.npz", **too_big)
+    small = {**openai_state_dict, "token_embedding.weight": openai_state_dict["token_embedding.weight"][:1000]}
+    np.savez(tmp_path / "small_vocab.npz", **small)
+    for source, extra, message in [("too_big.npz", ["--float16"], "text/ln_final/bias: values beyond float16's range"),
+                                   ("small_vocab.npz", [], "token embedding only 1000 rows")]:
+        assert tclip(["convert", str(tmp_path / source), "--out", str(tmp_path / "out"), *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert tclip(["convert", str(tmp_path / "too_big.npz"), "--out", str(tmp_path / "out")]) == 0  # float32 holds it
+    # A folder holding the current one cannot be replaced: refused before anything is read or moved.
+    monkeypatch.chdir(tmp_path / "out")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert tclip(["convert", str(fixtures_dir / "tiny_openai_clip.npz"), "--out", ".", "--overwrite"]) == 2
+    assert ". holds the current folder, which cannot be replaced" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and load_clip(tmp_path / "out")
+
+
+def test_a_hub_folders_own_tokenizer_is_used_and_only_its_files_are_kept(tmp_path):
+    from tclip_jax.model.tokenizer import ClipTokenizer, _load_packaged_backend, default_tokenizer
+
+    torch.manual_seed(0)
+    hub = tmp_path / "hub"
+    transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).eval().save_pretrained(hub)
+    # transformers 5 saves tokenizer.json alone: here one whose "red" and "blue" swap ids
+    packaged = json.loads(_load_packaged_backend().to_str())
+    vocab = packaged["model"]["vocab"]
+    vocab["red</w>"], vocab["blue</w>"] = vocab["blue</w>"], vocab["red</w>"]
+    (hub / "tokenizer.json").write_text(json.dumps(packaged))
+    red = default_tokenizer().encode("red")[0][1]
+    blue = default_tokenizer().encode("blue")[0][1]
+    assert load_clip(hub).tokenizer.encode("red")[0][1] == blue != red
+    assert tclip(["convert", str(hub), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "tokenizer").iterdir()) == ["tokenizer.json"]  # no weights
+    assert load_clip(tmp_path / "out").tokenizer.encode("red")[0][1] == blue
+    assert ClipTokenizer(tmp_path / "out" / "tokenizer").encode("blue")[0][1] == red
 
 
 def test_compressed_float16_checkpoint(tmp_path, fixtures_dir, reference, inputs):
