@@ -58,6 +58,23 @@ def test_every_method_explains_through_the_interface(tiny_clip, fixture_images, 
     assert record["run"]["settings"] == method.settings.to_dict()
 
 
+def test_a_bfloat16_model_runs_bfloat16_matmuls_on_float32_parameters_and_results_say_so(fixtures_dir,
+                                                                                         fixture_images):
+    from tclip_jax.visualize.figures import model_label
+
+    image = fixture_images["scene_224"]
+    runs = {dtype: METHODS["similarity"].from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), dtype=dtype)
+            for dtype in (jnp.float32, jnp.bfloat16)}
+    results = {dtype: method.explain(image, ["a red circle"]) for dtype, method in runs.items()}
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(runs[jnp.bfloat16].params)} == {np.dtype(np.float32)}
+    assert [results[d].run["model"]["matmul_dtype"] for d in runs] == ["float32", "bfloat16"]
+    assert model_label(results[jnp.bfloat16].run) == "tiny_openai_clip.npz (bfloat16 matmuls)"
+    assert model_label(results[jnp.float32].run) == "tiny_openai_clip.npz"
+    maps = [results[d].prompts[0].phrase.heatmap for d in runs]
+    assert not np.array_equal(*maps)  # the dtype reaches the map
+    np.testing.assert_allclose(*maps, atol=0.05 * np.ptp(maps[0]))  # and moves it little
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_map_does_not_depend_on_the_other_queries_of_a_call(tiny_clip, fixture_images, name):
     """The map of a query under a label set is the same whichever queries are computed with it."""

@@ -206,10 +206,11 @@ class Method(abc.ABC):
         return self.clip.params
 
     def run_info(self) -> dict:
-        """What produced a result: method, model (and its architecture if it is a preset's), settings and input
-        protocol (JSON-ready)."""
+        """What produced a result: method, model (its architecture if it is a preset's, and the dtype its matmuls
+        take: float32 parameters, bfloat16 matmuls move boxes), settings and input protocol (JSON-ready)."""
         architecture = next((name for name, preset in PRESETS.items() if preset == self.clip.config), None)
-        model = {"origin": self.clip.origin, "source": self.clip.source, "architecture": architecture}
+        model = {"origin": self.clip.origin, "source": self.clip.source, "architecture": architecture,
+                 "matmul_dtype": np.dtype(self.clip.model.dtype).name}
         return {"method": self.name, "model": model, "settings": self.settings.to_dict(),
                 "input_protocol": self.input_protocol}
 

@@ -145,13 +145,17 @@ def method_label(run: dict) -> str:
 
 
 def model_label(run: dict) -> str:
-    """The model's short name: a hub name as given, a file or folder by its last path component."""
+    """The model's short name: a hub name as given, a file or folder by its last path component; and its matmul
+    dtype where it is not float32, e.g. "ViT-B-32.pt (bfloat16 matmuls)"."""
     model = run.get("model") or {}
     origin = str(model.get("origin") or model.get("source") or "?")
+    dtype = model.get("matmul_dtype", "float32")
+    suffix = "" if dtype == "float32" else f" ({dtype} matmuls)"
     if origin.startswith("hf-hub:") or not ("/" in origin or "\\" in origin):
-        return origin
+        return origin + suffix
     path = pathlib.PurePath(origin)
-    return path.name if path.is_absolute() or origin.startswith(".") or pathlib.Path(origin).exists() else origin
+    name = path.name if path.is_absolute() or origin.startswith(".") or pathlib.Path(origin).exists() else origin
+    return name + suffix
 
 
 def _setting_text(value) -> str:
