@@ -291,6 +291,12 @@ def test_truncated_file(tmp_path, openai_state_dict, suffix):
         load_clip(cut)
 
 
+def test_a_safetensors_header_longer_than_its_file_is_named(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes((2**64 - 1).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ConversionError, match="header says 18446744073709551615 bytes, more than the file holds"):
+        load_clip(tmp_path / "bad.safetensors")
+
+
 def test_resnet_checkpoint(tmp_path):
     np.savez(tmp_path / "rn50.npz", **{"visual.layer1.0.conv1.weight": np.zeros((64, 64, 1, 1), np.float32),
                                        "visual.attnpool.c_proj.weight": np.zeros((8, 8), np.float32)})

@@ -88,6 +88,9 @@ def read_safetensors(path: pathlib.Path) -> dict[str, Any]:
     if len(data) < 8:
         raise ConversionError(f"{path} is too short to be a safetensors file")
     header_size = int.from_bytes(data[:8], "little")
+    if header_size > len(data) - 8:
+        raise ConversionError(f"{path}: its safetensors header says {header_size} bytes, more than the file holds "
+                              "(truncated, or not a safetensors file)")
     try:
         header = json.loads(data[8:8 + header_size])
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
