@@ -213,9 +213,13 @@ def test_resume_tries_the_samples_recorded_as_errors_again(coco_hand, tmp_path):
     assert (out / "throughput-p0.json").read_bytes() == rates  # no image ran: the first run's rates stay
     Image.fromarray(painted(48, 64, [(PERSON + 1, slice(0, 5), slice(0, 5))])).save(
         data / "val2017" / "000000000003.jpg", format="PNG")  # the user puts the image right
+    # A resume on fewer processes than wrote the errors: here the records as a second process of an earlier
+    # run left them (this one-process sweep owns every sample and never writes results-p1).
+    (out / "results-p0.jsonl").rename(out / "results-p1.jsonl")
     run_sweep(coco_dataset(data), Painted.from_pretrained(), out, options=resume)
     run_sweep(coco_dataset(data), Painted.from_pretrained(), tmp_path / "fresh", options=options)
     assert sorted(r["key"] for r in read_all_records(out)) == ["1", "2", "3"]
+    assert [r["key"] for r in read_records(out / "results-p0.jsonl")] == ["3"]  # tried again by its new owner
     assert _report(out) == _report(tmp_path / "fresh") and _report(out)["errors"] == []
 
 

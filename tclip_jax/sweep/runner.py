@@ -51,7 +51,8 @@ from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query,
 from tclip_jax.sweep.options import RunOptions
 from tclip_jax.sweep.report import CONFIG_FILE, read_config, write_report
 from tclip_jax.sweep.sharding import DeviceMaps, DispatchedMaps, barrier, class_slots, owns
-from tclip_jax.sweep.store import ResultWriter, drop_errors, read_all_records, read_records, results_path
+from tclip_jax.sweep.store import (ResultWriter, drop_errors, files_to_retry, read_all_records, read_records,
+                                  results_path)
 from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, UnitPictures
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
@@ -117,7 +118,8 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
         if process == 0:
             out.mkdir(parents=True, exist_ok=True)
             _write_json(out / CONFIG_FILE, config)
-        drop_errors(results_path(out, process))  # a resumed sweep tries its failed samples again
+        for path in files_to_retry(out, process, processes):  # a resumed sweep tries its failed samples again
+            drop_errors(path)
         barrier("tclip-sweep-retry")
         existing = read_all_records(out)
         done = {record["key"] for record in existing}

@@ -6,13 +6,15 @@
   so the next record starts on a fresh line. Any other unreadable line is corruption and an error.
 - ``<out>/results-p<process>.jsonl`` holds one process's records; a report reads all of them.
 - A resumed sweep tries its error records again (a missing file may be there now): `drop_errors` rewrites the
-  file without them, whole or not at all, before the sweep reads what is done.
+  file without them, whole or not at all, before the sweep reads what is done; each process its own file, and
+  process 0 also the files of processes a resume on fewer processes does not have (`files_to_retry`).
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import re
 
 from tclip_jax.files import write_bytes_atomic
 
@@ -39,6 +41,18 @@ def read_records(path: pathlib.Path) -> list[dict]:
             raise ValueError(f"{path}: line {number} is not a result record ({problem}); the file is corrupt")
         records.append(record)
     return records
+
+
+def files_to_retry(out: pathlib.Path, process: int, processes: int) -> list[pathlib.Path]:
+    """The results files whose error records `process` drops on a resume: its own, and for process 0 those of
+    processes this run does not have (a sweep resumed on fewer processes), which no other process touches."""
+    paths = [results_path(out, process)]
+    if process == 0:
+        for path in sorted(out.glob(RESULTS_GLOB)):
+            written_by = re.fullmatch(r"results-p(\d+)\.jsonl", path.name)
+            if written_by and int(written_by[1]) >= processes:
+                paths.append(path)
+    return paths
 
 
 def drop_errors(path: pathlib.Path) -> None:
