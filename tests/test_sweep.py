@@ -180,6 +180,7 @@ def test_coco_sweep_scores_by_hand(coco_hand, tmp_path, crowd):
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert f"| {100 * detection['box_accuracy']:.2f} |" in markdown and "paper: TCLIP" not in markdown
     assert "No paper figure is shown: the method is painted" in markdown and f"crowd {crowd}" in markdown
+    assert "Prompts: the bare class names; samples: every sample." in markdown
     assert "`3`: ValueError: cannot read image file" in markdown
     assert result.throughput.images == 2 and result.throughput.devices == 1
 
@@ -650,8 +651,15 @@ def test_a_sweep_resumed_with_a_larger_limit_is_the_sweep_run_with_it(coco_hand,
     assert main(_cli("coco", *method, "--limit", "3", "--resume", "--out", grown)) == 0
     records = (tmp_path / "grown" / "results-p0.jsonl").read_bytes()
     assert records.startswith(first) and records.count(b"\n") == 3  # the first record kept, two added
-    for name in ("report.json", "sweep.json"):
+    for name in ("report.json", "sweep.json", "report.md"):
         assert (tmp_path / "grown" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    assert "Prompts: the bare class names; samples: the first 3." in (tmp_path / "grown" / "report.md").read_text()
+    # The report names the template and the samples it covers (two sweeps differing in them read differently).
+    templated = tmp_path / "templated"
+    assert main(_cli("coco", *method, "--template", "a photo of a {}.", "--out", str(templated))) == 0
+    for report in ("report.md", "report.html"):
+        text = (templated / report).read_text()
+        assert 'Prompts: the template "a photo of a {}."; samples: every sample.' in text.replace("&quot;", '"')
     capsys.readouterr()
     # Shrinking would leave records past the new limit in the report.
     message = _fails(capsys, "coco", *method, "--limit", "2", "--resume", "--out", grown)

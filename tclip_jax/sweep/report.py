@@ -24,6 +24,7 @@ from tclip_jax.files import write_text_atomic
 from tclip_jax.evaluation.metrics import SegmentationCounts, aggregate_by_class, summarize_segmentation
 from tclip_jax.evaluation.metrics.seed import summarize_seed
 from tclip_jax.sweep.store import read_all_records
+from tclip_jax.visualize.figures import matmul_note
 
 CONFIG_FILE = "sweep.json"
 REPORT_JSON, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
@@ -97,13 +98,13 @@ def _task_scores(units: list[dict]) -> dict:
 def markdown(config: dict, summary: dict) -> str:
     """The report as Markdown: one table per task, a row per unit group, the paper's row where comparable."""
     run = config["run"]
-    name = f"{run['method']} ({run['model']['origin']})"
+    name = f"{run['method']} ({run['model']['origin']}){matmul_note(run)}"
     lines = [f"# Sweep: {config['dataset']}, {name}", "",
              f"{summary['images']} images, {summary['units']} units, {len(summary['errors'])} errors. "
              f"Evaluation: {json.dumps(config['evaluation'], sort_keys=True)}. "
              f"Settings: {json.dumps(run['settings'], sort_keys=True)}; input protocol {run['input_protocol']}.", ""]
     paper, why_not = paper_figures(config)
-    lines[2] += f" Data: {config.get('source') or config['dataset']}."
+    lines[2] += f" Data: {config.get('source') or config['dataset']}. {_prompts_and_samples(config)}"
     lines.insert(3, "")
     lines.insert(4, "The paper's figures (TCLIP, CLIP ViT-B/32, the whole split) are shown beside this run." if paper
                  else f"No paper figure is shown: {why_not}.")
@@ -148,6 +149,18 @@ def markdown(config: dict, summary: dict) -> str:
             lines.append(f"- ... and {len(summary['errors']) - _SHOWN_ERRORS} more (see {REPORT_JSON})")
         lines.append("")
     return "\n".join(lines)
+
+
+def _prompts_and_samples(config: dict) -> str:
+    """What the sweep prompted with and which samples it covers, e.g. 'Prompts: the template "a photo of a {}.";
+    samples: the first 50.' (a synthetic protocol's prompts are its scenes' captions and words)."""
+    template = config.get("template")
+    prompts = "" if template is None else f"Prompts: the template {json.dumps(template, ensure_ascii=False)}; "
+    if template is None and not config["dataset"].startswith("synthetic"):
+        prompts = "Prompts: the bare class names; "
+    limit = config.get("limit")
+    samples = "every sample" if limit is None else f"the first {limit}"
+    return f"{prompts}{'samples' if prompts else 'Samples'}: {samples}."
 
 
 def paper_figures(config: dict) -> tuple[dict, str]:
@@ -223,13 +236,13 @@ def html_report(config: dict, summary: dict, records: list[dict], out: pathlib.P
 
     esc = html.escape
     run = config["run"]
-    name = f"{run['method']} ({run['model']['origin']})"
+    name = f"{run['method']} ({run['model']['origin']}){matmul_note(run)}"
     parts = [f"<h1>Sweep: {esc(config['dataset'])}, {esc(name)}</h1>",
              f"<p class=\"meta\">{summary['images']} images, {summary['units']} units, {len(summary['errors'])} "
              f"errors. Evaluation: <code>{esc(json.dumps(config['evaluation'], sort_keys=True))}</code>. Settings: "
              f"<code>{esc(json.dumps(run['settings'], sort_keys=True))}</code>; input protocol "
              f"{esc(str(run['input_protocol']))}. Source: {esc(str(config.get('source') or '—'))}. "
-             f"Also: <a href=\"{REPORT_MD}\">{REPORT_MD}</a>, <a href=\"{REPORT_JSON}\">{REPORT_JSON}</a>.</p>"]
+             f"{esc(_prompts_and_samples(config))} Also: <a href=\"{REPORT_MD}\">{REPORT_MD}</a>, <a href=\"{REPORT_JSON}\">{REPORT_JSON}</a>.</p>"]
     # The tables of report.md.
     for line_block in _markdown_tables(markdown(config, summary)):
         parts.append(line_block)

@@ -149,13 +149,18 @@ def model_label(run: dict) -> str:
     dtype where it is not float32, e.g. "ViT-B-32.pt (bfloat16 matmuls)"."""
     model = run.get("model") or {}
     origin = str(model.get("origin") or model.get("source") or "?")
-    dtype = model.get("matmul_dtype", "float32")
-    suffix = "" if dtype == "float32" else f" ({dtype} matmuls)"
+    suffix = matmul_note(run)
     if origin.startswith("hf-hub:") or not ("/" in origin or "\\" in origin):
         return origin + suffix
     path = pathlib.PurePath(origin)
     name = path.name if path.is_absolute() or origin.startswith(".") or pathlib.Path(origin).exists() else origin
     return name + suffix
+
+
+def matmul_note(run: dict) -> str:
+    """" (bfloat16 matmuls)" for a run whose model's matmuls were not float32, else ""."""
+    dtype = (run.get("model") or {}).get("matmul_dtype", "float32")
+    return "" if dtype == "float32" else f" ({dtype} matmuls)"
 
 
 def _setting_text(value) -> str:
