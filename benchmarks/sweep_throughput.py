@@ -58,8 +58,11 @@ def main() -> None:
     rows = []
     for devices in DEVICE_COUNTS:
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-        child = subprocess.run([sys.executable, __file__, "--measure", *sys.argv[1:]], env=env, check=True,
+        child = subprocess.run([sys.executable, __file__, "--measure", *sys.argv[1:]], env=env,
                                capture_output=True, text=True)
+        if child.returncode != 0:  # e.g. --model names no checkpoint: the measuring run's own last line
+            reason = (child.stderr.strip().splitlines() or [f"status {child.returncode}"])[-1]
+            parser.exit(2, f"{parser.prog}: error: the run on {devices} device(s) failed: {reason}\n")
         t = json.loads(child.stdout.strip().splitlines()[-1])
         assert t["devices"] == devices, t
         rows.append((devices, t["images"], t["batches"], f"{t['wall_seconds']:.1f}", f"{t['images_per_second']:.2f}",

@@ -21,3 +21,16 @@ def test_counts_are_integers_of_at_least_one():
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == ("startup.py: error: argument --repeats: expected an integer >= 1, "
                                                     "got 0")
+
+
+@pytest.mark.parametrize("command, message", [
+    (["benchmarks/host_step.py", "--timing-images", "0"], "argument --timing-images: expected an integer >= 1, got 0"),
+    (["benchmarks/host_step.py", "--fidelity-maps", "3", "0", "3"], "argument --fidelity-maps: expected an integer"),
+    (["benchmarks/sweep_throughput.py", "--model", "{tmp}", "--scenes", "1"],
+     "the run on 1 device(s) failed: FileNotFoundError: {tmp} is not a CLIP checkpoint folder"),
+])
+def test_bad_arguments_end_a_benchmark_with_one_line(tmp_path, command, message):
+    done = subprocess.run([sys.executable, *(c.format(tmp=tmp_path) for c in command), "--no-write"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message.format(tmp=tmp_path) in done.stderr.strip().splitlines()[-1]

@@ -288,3 +288,17 @@ def test_a_missing_checkpoint_folder_is_one_line_before_any_probe(tmp_path, monk
     assert raised.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (f"image_tower_probe.py: error: checkpoint folder "
                                                                 f"{tmp_path / 'none'} not found")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["position", "{tmp}"], "{tmp} is not a CLIP checkpoint folder"),  # it exists, but holds no checkpoint
+    (["supervised", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["supervised", "--learning-rate", "-1"], "--learning-rate must be > 0, got -1"),
+])
+def test_bad_arguments_are_one_line_before_any_probe(tmp_path, monkeypatch, capsys, arguments, message):
+    monkeypatch.setattr(sys, "argv", ["image_tower_probe.py", *(a.format(tmp=tmp_path) for a in arguments)])
+    with pytest.raises(SystemExit) as raised:
+        itp.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert raised.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("image_tower_probe.py: error: ") and message.format(tmp=tmp_path) in err[-1]

@@ -481,6 +481,18 @@ def main() -> None:
     for folder in getattr(args, "folders", None) or []:  # all of them, before the first is probed
         if not folder.exists():
             parser.error(f"checkpoint folder {folder} not found")
+    if args.command == "supervised":
+        if args.steps < 1:
+            parser.error(f"--steps must be >= 1, got {args.steps}")
+        if not args.learning_rate > 0:  # NaN too
+            parser.error(f"--learning-rate must be > 0, got {args.learning_rate:g}")
+    try:
+        run(parser, args)
+    except (FileNotFoundError, ValueError) as err:  # a folder that is not a checkpoint, say: one line
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.command == "probe":
         if not args.folders and not args.random:
             parser.error("probe needs a checkpoint folder or --random")
