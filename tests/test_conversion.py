@@ -483,11 +483,29 @@ def test_the_activation_of_a_bare_state_dict_is_a_stated_assumption(tmp_path, op
     np.savez(tmp_path / "bare.npz", **openai_state_dict)
     with pytest.warns(UserWarning, match="does not say its MLP activation; assuming quick_gelu.*--activation gelu"):
         assert load_clip(tmp_path / "bare.npz").config.activation == "quick_gelu"
+    with pytest.warns(UserWarning, match="assuming gelu \\(OpenCLIP's\\).*--activation quick_gelu"):  # the other one
+        assert load_clip(tmp_path / "bare.npz", source="open_clip").config.activation == "gelu"
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # named: no warning
         assert load_clip(tmp_path / "bare.npz", activation="gelu").config.activation == "gelu"
+
+
+def test_a_checkpoint_that_says_its_activation_refuses_another(tmp_path, openai_state_dict):
+    safetensors.numpy.save_file(openai_state_dict, tmp_path / "open_clip_model.safetensors")
+    config = {"model_cfg": {"embed_dim": 64, "quick_gelu": True,
+                            "vision_cfg": {"width": 128, "layers": 6, "patch_size": 32, "image_size": 224},
+                            "text_cfg": {"width": 128, "heads": 2, "layers": 3}}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    assert load_clip(tmp_path, activation="quick_gelu").config.activation == "quick_gelu"  # agreeing is fine
+    with pytest.raises(ConversionError, match="open_clip_config.json says the MLP activation is quick_gelu; "
+                                              "--activation gelu"):
+        load_clip(tmp_path, activation="gelu")
+    converted = checkpoint.save_checkpoint(tmp_path / "converted", load_clip(tmp_path).params,
+                                           load_clip(tmp_path).config)
+    with pytest.raises(ConversionError, match="tclip_config.json says the MLP activation is quick_gelu"):
+        load_clip(converted, activation="gelu")
 
 
 @pytest.mark.parametrize("run,activation", [("2024_01_01-ViT-B-32", "gelu"), ("ViT-B-32-quickgelu-laion", "quick_gelu")])

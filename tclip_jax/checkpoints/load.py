@@ -131,10 +131,10 @@ def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: s
                           f"is not stored, so {activation} is assumed from the run name (set --activation / "
                           "activation= if it is wrong)", stacklevel=3)
         else:
-            activation = "gelu" if source == "open_clip" else "quick_gelu"
+            activation, other = ("gelu", "quick_gelu") if source == "open_clip" else ("quick_gelu", "gelu")
             warnings.warn(f"{path} does not say its MLP activation; assuming {activation} "
-                          f"({'OpenCLIP' if source == 'open_clip' else 'OpenAI'}'s). An OpenCLIP model trained "
-                          "with GELU needs --activation gelu (activation='gelu')", stacklevel=3)
+                          f"({'OpenCLIP' if source == 'open_clip' else 'OpenAI'}'s). A model trained with "
+                          f"{other} needs --activation {other} (activation='{other}')", stacklevel=3)
     config = infer_openai_config(state.arrays, activation=activation, **head_dims)
     params = convert_state_dict(state.arrays, config, "openai")
     return Converted(params, config, tokenizer_dir, source, origin)
@@ -143,7 +143,7 @@ def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: s
 def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
              activation: Optional[str] = None) -> Converted:
     """Resolves `name_or_path` (see the module docstring). `source` forces the format; `activation`
-    overrides the activation for state dicts whose config does not say it (OpenCLIP files)."""
+    sets the activation of state dicts that do not say it; a checkpoint that says its own refuses another one."""
     if source is not None and source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
     origin = os.fspath(name_or_path)
@@ -161,13 +161,18 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
             if source not in (None, "tclip"):
                 raise _wrong_source(path, source, "tclip", "a converted tclip_jax folder")
             params, config, _ = checkpoint.load_checkpoint(path)
+            _check_activation(activation, config.activation, path / checkpoint.CONFIG_FILE)
             return Converted(params, config, _tokenizer_dir(path), "tclip", origin)
         # A hub repository may hold both layouts (LAION's do): the named source picks one.
         hf_weights, open_clip_weights = sources.hf_folder_files(path), sources.open_clip_folder_files(path)
         if hf_weights is not None and source in (None, "hf"):
-            return _from_hf_folder(path, hf_weights, origin)
+            converted = _from_hf_folder(path, hf_weights, origin)
+            _check_activation(activation, converted.config.activation, path / "config.json")
+            return converted
         if open_clip_weights is not None and source in (None, "open_clip"):
             config_activation, head_dims = _open_clip_config(path)
+            if config_activation is not None:
+                _check_activation(activation, config_activation, path / "open_clip_config.json")
             return _from_openai_state_dict(open_clip_weights, "open_clip", origin, activation or config_activation,
                                            _tokenizer_dir(path), **head_dims)
         if hf_weights is not None:
@@ -183,6 +188,14 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
                               f"{source!r} asked for ({'a converted' if source == 'tclip' else 'a Hugging Face'} "
                               "model is a folder)")
     return _from_openai_state_dict(path, source, origin, activation)
+
+
+def _check_activation(asked: Optional[str], stated: str, where: pathlib.Path) -> None:
+    """The activation flag is for state dicts that do not say theirs; one that contradicts a checkpoint's own is
+    refused, not obeyed silently (and not ignored silently)."""
+    if asked is not None and asked != stated:
+        raise ConversionError(f"{where} says the MLP activation is {stated}; --activation {asked} (activation="
+                              f"{asked!r}) is for state dicts that do not say theirs")
 
 
 def _wrong_source(path: pathlib.Path, asked: str, found: str, what: str) -> ConversionError:

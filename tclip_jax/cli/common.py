@@ -23,7 +23,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode images of up to N pixels (default: PIL's guard against decompression bombs, "
                              "89478485)")
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
-                        help="the MLP activation of a checkpoint that does not say it (a bare state dict)")
+                        help="the MLP activation of a checkpoint that does not say it (a bare state dict); "
+                        "a checkpoint that says its own refuses another")
     group = parser.add_argument_group("TCLIP and host-step settings")
     TCLIPSettings.add_arguments(group)
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "for a single state-dict file, openai or open_clip sets the default activation")
     parser.add_argument("--out", required=True, help="folder to write (must not exist unless --overwrite)")
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
-                        help="override the MLP activation for state dicts whose config does not say it")
+                        help="the MLP activation of a state dict that does not say it; a checkpoint that "
+                        "says its own refuses another")
     parser.add_argument("--float16", action="store_true", help="store parameters as float16 (half the size)")
     parser.add_argument("--overwrite", action="store_true")
 
