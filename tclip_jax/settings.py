@@ -114,6 +114,8 @@ class Options:
                 raise ValueError(f"an option is KEY=VALUE, got {assignment!r}")
             if key not in fields:
                 raise ValueError(f"unknown option {key!r}; {cls._valid_names()}")
+            if key in values:  # the last one would win silently
+                raise ValueError(f"option {key} is given twice")
             try:
                 values[key] = _parse(fields[key], text)
             except ValueError as err:

@@ -224,6 +224,8 @@ def test_settings_round_trip_and_follow_the_scale_fractions():
     assert Settings.from_dict(two_scales.to_dict()) == two_scales
     assert Settings.parse_assignments(["trim=0.1", "sigma=none", "scale-fractions=0.5"]) == \
         {"trim": 0.1, "sigma": None, "scale_fractions": (0.5,)}
+    with pytest.raises(ValueError, match="option trim is given twice"):  # not the last one silently
+        Settings.parse_assignments(["trim=0.1", "trim=0.3"])
 
 
 @pytest.mark.parametrize("overlap, order", [
