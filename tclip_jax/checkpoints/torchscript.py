@@ -50,13 +50,6 @@ class ScriptObject:
         self.state = state
 
 
-class Storage:
-    """A storage named in the pickle: its dtype, filled from `data/KEY` on persistent load."""
-
-    def __init__(self, dtype: str):
-        self.dtype = dtype
-
-
 def read_torchscript(path) -> dict[str, tuple[np.ndarray, str]]:
     """{dotted name: (array, the dtype it is stored as)} of an archive's parameters and buffers (bfloat16 tensors
     as float32)."""
@@ -131,7 +124,8 @@ class _Unpickler(pickle.Unpickler):
                                      "modules")
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], str)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and pid[1] in _STORAGE_DTYPES.values()):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
         _, dtype, key, _location, count = pid
         raw = self._archive.read(f"{self._prefix}/data/{key}")
