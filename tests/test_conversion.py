@@ -156,6 +156,15 @@ def test_torchscript_archives_are_read_without_running_their_code(tmp_path):
         reference = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
         np.testing.assert_array_equal(state.arrays[name], reference, err_msg=name)
     assert state.arrays["blocks.0.counts"].dtype == np.int64
+    # OpenAI's releases were traced, not scripted: the same reading.
+    traced = torch.nn.Sequential(_Block(), _Block()).eval()
+    torch.jit.trace(traced, torch.randn(3, 8)).save(str(tmp_path / "traced.pt"))
+    state = read_state_dict(tmp_path / "traced.pt")
+    expected = torch.jit.load(str(tmp_path / "traced.pt")).state_dict()
+    assert list(state.arrays) == list(expected) == list(traced.state_dict())
+    for name, tensor in expected.items():
+        np.testing.assert_array_equal(state.arrays[name], tensor.float().numpy() if tensor.is_floating_point()
+                                      else tensor.numpy(), err_msg=name)
 
 
 def test_open_clip_folder_reads_activation_and_heads(tmp_path, openai_state_dict, reference, inputs):
