@@ -222,6 +222,12 @@ def test_settings_round_trip_and_follow_the_scale_fractions():
     assert two_scales.translations == 17
     assert len(translation_offsets(32, two_scales.scale_fractions, two_scales.translations)) == 17
     assert Settings.from_dict(two_scales.to_dict()) == two_scales
+    # Replacing the fractions brings their full set (the 25 was never asked for); off stays off.
+    assert Settings().replace(scale_fractions=(0.5,)).translations == 9
+    assert two_scales.replace(scale_fractions=(0.25, 0.5, 0.75)).translations == 25
+    assert Settings(translations=1).replace(scale_fractions=(0.5,)).translations == 1
+    with pytest.raises(ValueError, match=r"translations must be 1 \(off\) or 9"):
+        Settings().replace(scale_fractions=(0.5,), translations=25)  # named together, they must agree
     assert Settings.parse_assignments(["trim=0.1", "sigma=none", "scale-fractions=0.5"]) == \
         {"trim": 0.1, "sigma": None, "scale_fractions": (0.5,)}
     with pytest.raises(ValueError, match="option trim is given twice"):  # not the last one silently

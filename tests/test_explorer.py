@@ -144,6 +144,18 @@ def test_parse_compare():
     assert parse_compare("my.module:Method:depth=2") == ("my.module:Method", ["depth=2"])
 
 
+def test_a_compare_method_of_the_runs_class_starts_from_the_runs_settings(fixtures_dir):
+    from tclip_jax.checkpoints.load import load_clip
+    from tclip_jax.cli.explain import compare_methods
+    from tclip_jax.methods.tclip import TCLIP, Settings
+
+    main = TCLIP(load_clip(fixtures_dir / "tiny_openai_clip.npz"), Settings(trim=0.1))
+    built = dict(compare_methods(["tclip:scale_fractions=0.5", "similarity"], main))
+    assert built["tclip:translations=1"].settings == main.settings.replace(translations=1)
+    assert built["tclip:scale_fractions=0.5"].settings == Settings(trim=0.1, scale_fractions=(0.5,))  # 9 copies
+    assert built["similarity"].settings.box_rule == main.settings.box_rule
+
+
 # --------------------------------------------------------------------------------------------- in a browser
 def open_page(driver, path: pathlib.Path, expect_prefix: str = "0:") -> None:
     driver.get(path.resolve().as_uri())

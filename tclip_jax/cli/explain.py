@@ -133,10 +133,10 @@ def compare_methods(specs: list[str], main) -> list:
             method_class = methods.get(name)
             given = method_class.Settings.parse_assignments(assignments)
             if type(main) is method_class:
-                base = main.settings.to_dict()
+                settings = main.settings.replace(**given)
             else:
                 base = {k: v for k, v in main.settings.to_dict().items() if k in method_class.Settings.field_names()}
-            settings = method_class.Settings.from_dict({**base, **given})
+                settings = method_class.Settings.from_dict({**base, **given})
         except ValueError as err:
             raise ValueError(f"--compare {spec}: {err}") from None
         built.append((spec, method_class(main.clip, settings)))

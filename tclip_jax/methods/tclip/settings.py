@@ -35,6 +35,13 @@ class Settings(MethodSettings):
         "of its words (none, the paper's), or by the end-of-text token's attention in the text tower's last block, "
         "its mean over blocks, or its attention rollout", choices=TOKEN_WEIGHTINGS)
 
+    def replace(self, **changes) -> "Settings":
+        """As `MethodSettings.replace`; new scale fractions bring their own full set of copies unless translations
+        is given too (translation off stays off)."""
+        if "scale_fractions" in changes and "translations" not in changes and self.translations != 1:
+            changes["translations"] = None
+        return super().replace(**changes)
+
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.scale_fractions, tuple) or not self.scale_fractions:
