@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tclip_jax.image import InputProtocol
@@ -98,7 +99,7 @@ class TCLIP(Method):
         aggregate = functools.partial(aggregate_maps, offsets=self.offsets,
                                       grid_hw=(size_hw[0] // patch, size_hw[1] // patch),
                                       size_hw=size_hw, trim=self.settings.trim)
-        selected = queries.per_query[rows]                                       # [B, K, D]
+        selected = jnp.take(queries.per_query, rows, axis=0)                     # [B, K, D]; rows may be traced
         return MapOutput(jax.vmap(aggregate)(patch_embeds, selected), patch_embeds[:, 0])
 
     # -------------------------------------------------------------------------------------------- host
