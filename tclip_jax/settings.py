@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
+import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional, TypeVar
 
@@ -66,14 +68,16 @@ class Options:
     this one first."""
 
     def __post_init__(self):
-        """Every field declared with `choices` holds one of them; every field with a true/false default a bool."""
+        """Every field declared with `choices` holds one of them, and every field annotated bool, int, float or str
+        (or Optional of one) a value of that type: a setting made from Python (`from_dict`) is refused when made,
+        as one parsed from the command line is, not at first use."""
+        hints = _field_types(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             choices = f.metadata.get("choices")
             if choices is not None and value not in choices:
                 raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
-            if isinstance(f.default, bool) and not isinstance(value, bool):
-                raise ValueError(f"{f.name} must be true or false, got {value!r}")
+            _check_type(f.name, value, hints.get(f.name))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -148,6 +152,27 @@ class Options:
         """The names an error lists (not the class's: users name a method, not its settings class)."""
         names = cls.field_names()
         return f"known settings: {', '.join(names)}" if names else "it has no settings"
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    if typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint):
+        if value is None:
+            return
+        rest = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        hint = rest[0] if len(rest) == 1 else None
+    if hint is bool and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if hint is int:
+        integer(name, value)
+    elif hint is float:
+        finite(name, value)
+    elif hint is str and not isinstance(value, str):
+        raise ValueError(f"{name} must be text, got {value!r}")
 
 
 def _parse(f: dataclasses.Field, text: str, check_choices: bool = True) -> Any:

@@ -58,6 +58,45 @@ def test_every_method_explains_through_the_interface(tiny_clip, fixture_images, 
     assert record["run"]["settings"] == method.settings.to_dict()
 
 
+@pytest.mark.parametrize("name", ["tclip", "similarity"])
+def test_maps_is_a_device_function_that_jit_and_vmap_pass_through(tiny_clip, fixture_images, name):
+    method = method_for_tests(name, tiny_clip)
+    encoded = method.encode_prompts(["a red square", "blue"])
+    pixels = np.stack([method.prepare(fixture_images["scene_224"])[0], method.prepare(make_scene(3).image)[0]])
+    rows = np.broadcast_to(np.arange(len(encoded.queries), dtype=np.int32), (2, len(encoded.queries)))
+    direct = method.maps(tiny_clip.params, pixels, encoded.queries, rows).maps
+    closed_over = jax.jit(lambda p, r: method.maps(tiny_clip.params, p, encoded.queries, r).maps)(pixels, rows)
+    per_image = jax.vmap(lambda p, r: method.maps(tiny_clip.params, p[None], encoded.queries, r[None]).maps[0])(
+        pixels, rows)
+    np.testing.assert_allclose(closed_over, direct, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(per_image, direct, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name, values, message", [
+    ("attention", {"layer": True}, "layer must be an integer, got True"),
+    ("attention", {"layer": 1.5}, "layer must be an integer, got 1.5"),
+    ("rollout", {"start_layer": "0"}, "start_layer must be an integer, got '0'"),
+    ("hilacam", {"start_layer_text": "x"}, "start_layer_text must be an integer"),
+    ("clip_surgery", {"surgery_blocks": "3"}, "surgery_blocks must be an integer, got '3'"),
+    ("clip_surgery", {"feature_surgery": "no"}, "feature_surgery must be true or false"),
+    ("gscorecam", {"topk": 2.0}, "topk must be an integer"),
+])
+def test_settings_of_the_wrong_type_are_refused_when_made(name, values, message):
+    with pytest.raises(ValueError, match=message):
+        METHODS[name].Settings.from_dict(values)
+
+
+@pytest.mark.parametrize("name, values, message", [
+    ("attention", {"layer": 6}, r"layer must be in \[-6, 6\) for this 6-block image tower, got 6"),
+    ("rollout", {"start_layer": -7}, r"start_layer must be in \[-6, 6\)"),
+    ("hilacam", {"start_layer_text": 3}, r"start_layer_text must be in \[-3, 3\) for this 3-block text tower"),
+])
+def test_a_block_the_model_does_not_have_is_refused_when_the_method_is_built(tiny_clip, name, values, message):
+    settings = METHODS[name].Settings.from_dict(values)  # the settings know no model
+    with pytest.raises(ValueError, match=message):
+        METHODS[name](tiny_clip, settings)
+
+
 def test_a_bfloat16_model_runs_bfloat16_matmuls_on_float32_parameters_and_results_say_so(fixtures_dir,
                                                                                          fixture_images):
     from tclip_jax.visualize.figures import model_label

@@ -80,6 +80,10 @@ class RawAttention(PromptMethod):
     input_protocol = "center_crop"
     heatmap = UPSAMPLE_THEN_NORMALIZE
 
+    def __init__(self, clip, settings=None):
+        super().__init__(clip, settings)
+        common.check_block_index("layer", self.settings.layer, clip.config.vision_layers, "image")
+
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
         return raw_attention_map(self.clip.model, params, pixels, queries.per_query, layer=self.settings.layer).maps
 
@@ -96,6 +100,10 @@ class Rollout(PromptMethod):
     Settings = RolloutSettings
     input_protocol = "center_crop"
     heatmap = UPSAMPLE_THEN_NORMALIZE
+
+    def __init__(self, clip, settings=None):
+        super().__init__(clip, settings)
+        common.check_block_index("start_layer", self.settings.start_layer, clip.config.vision_layers, "image")
 
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
         return rollout_map(self.clip.model, params, pixels, queries.per_query,

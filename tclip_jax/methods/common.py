@@ -65,6 +65,14 @@ def text_features(model: CLIP, params: dict, texts: Array) -> Array:
     return l2_normalize(embeds.mean(axis=1))
 
 
+def check_block_index(name: str, index: int, num_layers: int, tower: str) -> None:
+    """A block index, Python-style (negative counts from the top), must name a block of the tower; checked when a
+    method is built on a model, before any image."""
+    if not -num_layers <= index < num_layers:
+        raise ValueError(f"{name} must be in [{-num_layers}, {num_layers}) for this {num_layers}-block {tower} tower, "
+                         f"got {index}")
+
+
 def minmax(x: Array, axis: int | tuple[int, ...] = (-2, -1)) -> Array:
     """(x - min) / (max - min) over ``axis``, with no epsilon, so it equals the reference formula exactly.
 

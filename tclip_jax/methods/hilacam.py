@@ -142,6 +142,11 @@ class HilaCAM(PromptMethod):
     input_protocol = "center_crop"
     heatmap = UPSAMPLE_THEN_NORMALIZE
 
+    def __init__(self, clip, settings=None):
+        super().__init__(clip, settings)
+        common.check_block_index("start_layer", self.settings.start_layer, clip.config.vision_layers, "image")
+        common.check_block_index("start_layer_text", self.settings.start_layer_text, clip.config.text_layers, "text")
+
     def encode(self, queries, label_set=None) -> QueryArrays:
         return QueryArrays(self.text_token_ids([q.prompt for q in queries]))
 
