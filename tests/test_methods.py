@@ -58,6 +58,20 @@ def test_every_method_explains_through_the_interface(tiny_clip, fixture_images, 
     assert record["run"]["settings"] == method.settings.to_dict()
 
 
+def test_a_prompt_too_long_for_a_template_ensemble_is_one_error_or_one_warning(tiny_clip):
+    import warnings
+
+    prompt = " ".join(["cat"] * 73)  # fits alone (75 pieces), not in "a bad photo of a {}."
+    surgery = METHODS["clip_surgery"](tiny_clip)
+    with pytest.raises(ValueError, match="clip_surgery puts each prompt into its 85 templates: prompt 'a bad photo"):
+        surgery.encode_prompts([prompt])
+    truncating = METHODS["clip_surgery"](tiny_clip, METHODS["clip_surgery"].Settings(truncate=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        truncating.encode_prompts([prompt])
+    assert [str(w.message).split(":")[0] for w in caught] == ["85 of the 85 template texts of a prompt were cut"]
+
+
 @pytest.mark.parametrize("name", ["tclip", "similarity"])
 def test_maps_is_a_device_function_that_jit_and_vmap_pass_through(tiny_clip, fixture_images, name):
     method = method_for_tests(name, tiny_clip)

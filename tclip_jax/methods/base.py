@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import os
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Optional
 
@@ -441,7 +442,18 @@ class PromptMethod(Method):
                                    truncate=self.settings.truncate)
         if self.templates is None:
             return encode(list(prompts))
-        stacks = [encode([t.format(p) for t in self.templates]) for p in prompts]
+        stacks = []
+        for prompt in prompts:  # errors and truncation are the prompt's, said once, not once per template
+            with warnings.catch_warnings(record=True) as cut:
+                warnings.simplefilter("always")
+                try:
+                    stacks.append(encode([t.format(prompt) for t in self.templates]))
+                except ValueError as err:
+                    raise ValueError(f"{self.name} puts each prompt into its {len(self.templates)} templates: "
+                                     f"{err}") from None
+            if cut:
+                warnings.warn(f"{len(cut)} of the {len(self.templates)} template texts of a prompt were cut: "
+                              f"{cut[0].message}", stacklevel=2)
         return np.stack(stacks) if stacks else np.zeros((0, len(self.templates), self.clip.config.context_length),
                                                         np.int32)
 
