@@ -217,6 +217,10 @@ def test_resume_tries_the_samples_recorded_as_errors_again(coco_hand, tmp_path):
     # A resume on fewer processes than wrote the errors: here the records as a second process of an earlier
     # run left them (this one-process sweep owns every sample and never writes results-p1).
     (out / "results-p0.jsonl").rename(out / "results-p1.jsonl")
+    # ... and a sweep stored before results recorded the matmul dtype (its runs were float32) resumes too.
+    config = json.loads((out / "sweep.json").read_text())
+    assert config["run"]["model"].pop("matmul_dtype") == "float32"
+    (out / "sweep.json").write_text(json.dumps(config))
     run_sweep(coco_dataset(data), Painted.from_pretrained(), out, options=resume)
     run_sweep(coco_dataset(data), Painted.from_pretrained(), tmp_path / "fresh", options=options)
     assert sorted(r["key"] for r in read_all_records(out)) == ["1", "2", "3"]
