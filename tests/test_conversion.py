@@ -140,6 +140,7 @@ class _WritesAFileWhenLoaded(torch.nn.Module):
         self.x = written.float()  # used, or TorchScript drops the write as dead code
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # the reference archives are torch.jit's
 def test_torchscript_archives_are_read_without_running_their_code(tmp_path):
     from tclip_jax.checkpoints.sources import read_state_dict
 
@@ -165,6 +166,46 @@ def test_torchscript_archives_are_read_without_running_their_code(tmp_path):
     for name, tensor in expected.items():
         np.testing.assert_array_equal(state.arrays[name], tensor.float().numpy() if tensor.is_floating_point()
                                       else tensor.numpy(), err_msg=name)
+
+
+class _Expanded(torch.nn.Module):
+    def __init__(self, rows: int):
+        super().__init__()
+        self.register_buffer("grid", torch.arange(4.0).expand(rows, 1024, 4))  # 4 values, strides 0: rows*4096
+        self.lin = torch.nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.grid.sum()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_a_damaged_or_hostile_torchscript_archive_is_refused_by_name(tmp_path):
+    import zipfile
+
+    from tclip_jax.checkpoints.sources import read_state_dict
+
+    torch.jit.script(_Expanded(2)).save(str(tmp_path / "small.pt"))  # an expanded buffer of a checkpoint's size
+    np.testing.assert_array_equal(read_state_dict(tmp_path / "small.pt").arrays["grid"],
+                                  torch.arange(4.0).expand(2, 1024, 4).numpy())
+    torch.jit.script(_Expanded(1024)).save(str(tmp_path / "bomb.pt"))  # 16 bytes that copy out to 16 MiB
+    with pytest.raises(ConversionError, match="repeats its storage of 4 values"):
+        read_state_dict(tmp_path / "bomb.pt")
+    # A class whose definition is missing from code/ (torch.jit.load refuses it too), or declares no name list.
+    with zipfile.ZipFile(tmp_path / "small.pt") as source:
+        records = {name: source.read(name) for name in source.namelist()}
+    # Linear's definition (its file is mangled, linear/___torch_mangle_N.py, once another test scripted one)
+    linear = next(name for name, data in records.items() if name.endswith(".py") and b"class Linear(" in data)
+    for name, changed, message in [
+            ("no_class.pt", {linear: None}, r"no class definition of __torch__\.torch\.nn\.modules\.linear\..*Linear"),
+            ("bad_names.pt", {linear: records[linear].replace(b'__parameters__ = ["weight", "bias", ]',
+                                                              b'__parameters__ = "weight"')},
+             "Linear.__parameters__ is not a list of names")]:
+        with zipfile.ZipFile(tmp_path / name, "w") as target:
+            for record, data in {**records, **changed}.items():
+                if data is not None:
+                    target.writestr(record, data)
+        with pytest.raises(ConversionError, match=message):
+            read_state_dict(tmp_path / name)
 
 
 def test_open_clip_folder_reads_activation_and_heads(tmp_path, openai_state_dict, reference, inputs):
@@ -511,10 +552,14 @@ def test_a_checkpoint_that_says_its_activation_refuses_another(tmp_path, openai_
     with pytest.raises(ConversionError, match="open_clip_config.json says the MLP activation is quick_gelu; "
                                               "--activation gelu"):
         load_clip(tmp_path, activation="gelu")
+    del config["model_cfg"]["quick_gelu"]  # unnamed, OpenCLIP builds GELU and lets force_quick_gelu override it
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    assert load_clip(tmp_path).config.activation == "gelu"
+    assert load_clip(tmp_path, activation="quick_gelu").config.activation == "quick_gelu"
     converted = checkpoint.save_checkpoint(tmp_path / "converted", load_clip(tmp_path).params,
                                            load_clip(tmp_path).config)
-    with pytest.raises(ConversionError, match="tclip_config.json says the MLP activation is quick_gelu"):
-        load_clip(converted, activation="gelu")
+    with pytest.raises(ConversionError, match="tclip_config.json says the MLP activation is gelu"):
+        load_clip(converted, activation="quick_gelu")
 
 
 @pytest.mark.parametrize("run,activation", [("2024_01_01-ViT-B-32", "gelu"), ("ViT-B-32-quickgelu-laion", "quick_gelu")])

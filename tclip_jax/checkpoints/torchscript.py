@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import math
 import pickle
 import zipfile
 from typing import Any
@@ -29,6 +30,8 @@ from tclip_jax.checkpoints.convert import ConversionError
 _STORAGE_DTYPES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "BFloat16Storage": "<u2",
                    "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
                    "ByteStorage": "u1", "BoolStorage": "?"}
+# A tensor may view its storage with a stride of 0 (an expanded buffer); copied, it could be made to fill any memory.
+_MAX_EXPANDED = 1 << 20
 # TorchScript's pickler writes typed lists through these; each is the list itself.
 _LIST_BUILDERS = ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "build_empty_list")
 
@@ -60,8 +63,10 @@ def read_torchscript(path) -> dict[str, tuple[np.ndarray, str]]:
             raise ConversionError(f"{path} is not a TorchScript archive with one data.pkl")
         prefix = pickles[0].rsplit("/", 1)[0]
         byteorder = f"{prefix}/byteorder"
-        if byteorder in names and archive.read(byteorder).strip() not in (b"", b"little"):
-            raise ConversionError(f"{path} stores its tensors big-endian; only little-endian archives are read")
+        order = archive.read(byteorder).strip() if byteorder in names else b""
+        if order not in (b"", b"little"):
+            raise ConversionError(f"{path} stores its tensors in {order.decode(errors='replace')!r} byte order; only "
+                                  "little-endian archives are read")
         tensor_names = _tensor_attributes(archive, prefix)
         root = _Unpickler(archive, prefix).load()
     if not isinstance(root, ScriptObject):
@@ -81,19 +86,26 @@ def _tensor_attributes(archive: zipfile.ZipFile, prefix: str) -> dict[str, set[s
         module = name[len(code):-len(".py")].replace("/", ".")
         try:
             tree = ast.parse(archive.read(name).decode("utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError) as err:
-            raise ConversionError(f"cannot parse {name} of the archive: {err}") from None
-        for node in tree.body:
-            if not isinstance(node, ast.ClassDef):
-                continue
-            tensors = set()
-            for statement in node.body:
-                if isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(
-                        statement.targets[0], ast.Name) and statement.targets[0].id in ("__parameters__",
-                                                                                        "__buffers__"):
-                    tensors.update(ast.literal_eval(statement.value))
-            classes[f"{module}.{node.name}"] = tensors
+            for node in tree.body:
+                if isinstance(node, ast.ClassDef):
+                    classes[f"{module}.{node.name}"] = _declared_tensors(node)
+        except (SyntaxError, UnicodeDecodeError, ValueError, TypeError, MemoryError, RecursionError) as err:
+            raise ConversionError(f"cannot read the class definitions in {name} of the archive "
+                                  f"({type(err).__name__}: {err})") from None
     return classes
+
+
+def _declared_tensors(node: ast.ClassDef) -> set[str]:
+    """The names a class's `__parameters__ = [...]` and `__buffers__ = [...]` list (literals only)."""
+    tensors = set()
+    for statement in node.body:
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1 and isinstance(
+                statement.targets[0], ast.Name) and statement.targets[0].id in ("__parameters__", "__buffers__"):
+            names = ast.literal_eval(statement.value)
+            if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{node.name}.{statement.targets[0].id} is not a list of names")
+            tensors.update(names)
+    return tensors
 
 
 class _Unpickler(pickle.Unpickler):
@@ -139,8 +151,12 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
     values, dtype = storage
     size, stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
-    if offset < 0 or last >= values.size or any(s < 0 for s in stride):
+    if offset < 0 or last >= values.size or any(s < 0 for s in stride) or len(size) != len(stride):
         raise pickle.UnpicklingError(f"a tensor of shape {size} reaches past its storage of {values.size} values")
+    count = math.prod(size)
+    if count > max(values.size, _MAX_EXPANDED):  # torch would make a view; a copy this size is an attack
+        raise pickle.UnpicklingError(f"a tensor of shape {size} repeats its storage of {values.size} values "
+                                     f"{count // max(values.size, 1)} times over; no checkpoint holds such a tensor")
     array = np.lib.stride_tricks.as_strided(values[offset:], size, tuple(s * values.itemsize for s in stride)).copy()
     if dtype == "<u2":  # bfloat16: the upper half of a float32
         return (array.astype(np.uint32) << 16).view(np.float32), "bfloat16"
@@ -149,7 +165,9 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
 
 def _collect(obj: ScriptObject, prefix: str, tensor_names: dict[str, set[str]], arrays: dict) -> None:
     state = obj.state if isinstance(getattr(obj, "state", None), dict) else {}
-    tensors = tensor_names.get(obj.qualified_name, set())
+    if obj.qualified_name not in tensor_names:  # torch.jit.load refuses such an archive too
+        raise ConversionError(f"the archive has no class definition of {obj.qualified_name} (code/ is incomplete)")
+    tensors = tensor_names[obj.qualified_name]
     for name, value in state.items():
         if isinstance(value, ScriptObject):
             _collect(value, f"{prefix}{name}.", tensor_names, arrays)
