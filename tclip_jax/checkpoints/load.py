@@ -92,11 +92,13 @@ def _from_hf_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str) ->
     return Converted(convert_state_dict(state.arrays, config, "hf"), config, _tokenizer_dir(folder), "hf", origin)
 
 
-def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], dict]:
-    """(activation, head dimensions) from an OpenCLIP hub folder's `open_clip_config.json`, if any."""
+def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict]:
+    """(activation, whether the config names it, head dimensions) from an OpenCLIP hub folder's
+    `open_clip_config.json`, if any. Without `quick_gelu` in it OpenCLIP builds GELU, which its `force_quick_gelu`
+    (here --activation) may override."""
     path = folder / "open_clip_config.json"
     if not path.is_file():
-        return None, {}
+        return None, False, {}
     model_cfg = sources.read_json(path).get("model_cfg", {})
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     if "layers" in vision and not isinstance(vision["layers"], int):
@@ -104,7 +106,7 @@ def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], dict]:
     head_dims = {"vision_head_dim": vision.get("head_width", 64)}
     if "width" in text and "heads" in text:
         head_dims["text_head_dim"] = text["width"] // text["heads"]
-    return ("quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"), head_dims
+    return ("quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"), "quick_gelu" in model_cfg, head_dims
 
 
 def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: str, activation: Optional[str],
@@ -170,8 +172,8 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
             _check_activation(activation, converted.config.activation, path / "config.json")
             return converted
         if open_clip_weights is not None and source in (None, "open_clip"):
-            config_activation, head_dims = _open_clip_config(path)
-            if config_activation is not None:
+            config_activation, stated, head_dims = _open_clip_config(path)
+            if stated:
                 _check_activation(activation, config_activation, path / "open_clip_config.json")
             return _from_openai_state_dict(open_clip_weights, "open_clip", origin, activation or config_activation,
                                            _tokenizer_dir(path), **head_dims)
