@@ -17,6 +17,8 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional, TypeVar
 
+import numpy as np
+
 T = TypeVar("T", bound="Options")
 
 
@@ -77,7 +79,9 @@ class Options:
             choices = f.metadata.get("choices")
             if choices is not None and value not in choices:
                 raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
-            _check_type(f.name, value, hints.get(f.name))
+            checked = _checked(f.name, value, hints.get(f.name))
+            if checked is not value:  # a numpy scalar, kept as the Python number (JSON-ready)
+                object.__setattr__(self, f.name, checked)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -159,20 +163,27 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _check_type(name: str, value: Any, hint: Any) -> None:
+def _checked(name: str, value: Any, hint: Any) -> Any:
+    """`value` if it has the type `hint` names; a numpy integer or real as the Python int or float (a value from
+    `np.arange` or `np.linspace`); otherwise ValueError naming the setting."""
     if typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint):
         if value is None:
-            return
+            return value
         rest = [arg for arg in typing.get_args(hint) if arg is not type(None)]
         hint = rest[0] if len(rest) == 1 else None
-    if hint is bool and not isinstance(value, bool):
+    if hint is bool and not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be true or false, got {value!r}")
+    if hint is bool:
+        return bool(value)
     if hint is int:
+        value = int(value) if isinstance(value, np.integer) else value
         integer(name, value)
     elif hint is float:
+        value = float(value) if isinstance(value, (np.integer, np.floating)) else value
         finite(name, value)
     elif hint is str and not isinstance(value, str):
         raise ValueError(f"{name} must be text, got {value!r}")
+    return value
 
 
 def _parse(f: dataclasses.Field, text: str, check_choices: bool = True) -> Any:

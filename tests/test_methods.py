@@ -100,6 +100,15 @@ def test_settings_of_the_wrong_type_are_refused_when_made(name, values, message)
         METHODS[name].Settings.from_dict(values)
 
 
+def test_numpy_numbers_are_settings_kept_as_python_numbers():
+    """A sweep over np.arange / np.linspace values: taken, and stored JSON-ready."""
+    attention = METHODS["attention"].Settings(layer=np.int64(-2))
+    tclip = METHODS["tclip"].Settings(trim=np.float32(0.25), translations=np.int64(1))
+    assert type(attention.layer) is int and attention.layer == -2
+    assert type(tclip.trim) is float and tclip.trim == 0.25 and type(tclip.translations) is int
+    assert json.loads(json.dumps(tclip.to_dict()))["trim"] == 0.25
+
+
 @pytest.mark.parametrize("name, values, message", [
     ("attention", {"layer": 6}, r"layer must be in \[-6, 6\) for this 6-block image tower, got 6"),
     ("rollout", {"start_layer": -7}, r"start_layer must be in \[-6, 6\)"),
