@@ -125,6 +125,14 @@ def test_images_whose_names_collide_get_a_folder_each(tmp_path, fixtures_dir):
     assert sorted(entry["name"] for entry in data["images"]) == sorted(p.name for p in folders)
 
 
+def test_a_setting_given_as_a_flag_and_as_an_option_is_refused(tmp_path, fixtures_dir, capsys):
+    assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "red", "--translations", "1",
+                  "--option", "translations=25", "--model", str(fixtures_dir / "tiny_openai_clip.npz"),
+                  "--out", str(tmp_path / "o")]) == 2
+    assert "--translations and --option translations set the same setting twice" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_settings_flags_must_belong_to_the_method(tmp_path, fixtures_dir, capsys):
     model = str(fixtures_dir / "tiny_openai_clip.npz")
     image = str(fixtures_dir / "scene_224.png")

@@ -40,7 +40,12 @@ def method_settings(method_class, args: argparse.Namespace) -> MethodSettings:
         flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
         raise ValueError(f"{flags} {'is not a setting' if len(foreign) == 1 else 'are not settings'} of "
                          f"{method_class.name}; {settings_class._valid_names()}")
-    return settings_class.from_dict({**given, **settings_class.parse_assignments(args.option)})
+    options = settings_class.parse_assignments(args.option)
+    both = sorted(set(given) & set(options))
+    if both:  # one would win silently
+        raise ValueError(f"{', '.join('--' + name.replace('_', '-') for name in both)} and --option "
+                         f"{', '.join(both)} set the same setting twice; give each once")
+    return settings_class.from_dict({**given, **options})
 
 
 def build_method(args: argparse.Namespace):
