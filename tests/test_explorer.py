@@ -256,7 +256,14 @@ def test_browser_large_runs_link_each_images_data(tmp_path, fixtures_dir, driver
     for stale in (".tclip-word", ".tclip-links a", ".tclip-card", ".tclip-tab"):
         assert driver.find_elements("css selector", stale) == []
     assert browser.rendered(driver) == ""
-    driver.get_log("browser")  # the failed script load is logged, as it should be
+    # A data script cut short in copying loads but registers nothing: an error, not "Loading…" for ever.
+    script = (out / "scene_224" / "moved.js").read_text(encoding="utf-8")
+    (out / "scene_224" / "explorer.js").write_text(script[: len(script) // 2], encoding="utf-8")
+    open_page(driver, out / "index.html")
+    driver.find_element("css selector", ".tclip-images select option[value='1']").click()
+    error = browser.wait_for(lambda: driver.find_elements("css selector", ".tclip-error"), what="the damaged data")
+    assert error[0].text == "scene_224/explorer.js is damaged: it holds no image data"
+    driver.get_log("browser")  # the failed loads are logged, as they should be
 
 
 def test_browser_words_are_cut_at_code_points_and_tall_images_fit_the_window(tmp_path, fixtures_dir, driver):

@@ -27,12 +27,15 @@
       if (!first) return;
       const tag = document.createElement('script');
       tag.src = info.script;
-      tag.onerror = () => {
-        const error = new Error(`could not load ${info.script}: keep each image's folder next to index.html`);
+      const fail = (message) => {
+        const error = new Error(message);
         (waiting[info.name] || []).forEach((w) => w.reject(error));
         delete waiting[info.name];
         tag.remove();
       };
+      tag.onerror = () => fail(`could not load ${info.script}: keep each image's folder next to index.html`);
+      // A script that loads but throws (a file cut short in copying) registers nothing: say so, do not wait.
+      tag.onload = () => { if (waiting[info.name]) fail(`${info.script} is damaged: it holds no image data`); };
       document.head.appendChild(tag);
     });
   }
@@ -218,8 +221,9 @@
       state.image = index;
       select.value = index;
       const mine = ++loading;
-      // Nothing of the image shown before stays while this one loads, nor if it fails to.
+      // Nothing of the image shown before stays while this one loads, nor if it fails to; its renders stop.
       entry = null;
+      ++token;
       delete root.dataset.rendered;
       for (const part of [prompts, links, tabs, stage]) part.textContent = '';
       stage.append(el('p', {class: 'tclip-wait', text: 'Loading…'}));
