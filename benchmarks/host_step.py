@@ -439,7 +439,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=list(SIZES))
     parser.add_argument("--timing-images", type=positive_int, default=4, help="held-out scenes timed per size")
     parser.add_argument("--rounds", type=positive_int, default=7)
-    parser.add_argument("--fidelity-maps", type=positive_int, nargs=3, default=(240, 120, 40), metavar=("S224", "S640", "S1920"),
+    parser.add_argument("--fidelity-maps", type=positive_int, nargs=3, default=(240, 120, 40),
+                        metavar=("S224", "S640", "S1920"),
                         help="maps compared with scikit-learn per size (224x224, 640x480, 1920x1080)")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-fidelity", action="store_true")

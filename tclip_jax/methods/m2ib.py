@@ -134,7 +134,7 @@ def bottleneck_position(layer: Optional[int], num_layers: int, name: str) -> int
     if layer is None:
         return max(num_layers + DEFAULT_LAYER + 1, 0)
     integer(name, layer)
-    common.check_block_index(name, layer, num_layers, "image")
+    common.check_block_index(name, layer, num_layers, "text" if name == "tlayer" else "image")
     if layer % num_layers == num_layers - 1:
         raise ValueError(f"{name}={layer} is the last block of this {num_layers}-block tower: with no block after "
                          "the bottleneck its map would not depend on the prompt; name a lower block or leave it "

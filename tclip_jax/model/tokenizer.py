@@ -35,11 +35,6 @@ PAD_ID = 0
 CONTEXT_LENGTH = 77
 # A tokenizer folder's files (Hugging Face layout): `tokenizer.json`, or `vocab.json` + `merges.txt` (`_load_backend`).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def is_tokenizer_folder(folder: pathlib.Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file()
-                                                     and (folder / "merges.txt").is_file())
 # Decoded pieces the TCLIP author's similarity code drops besides SOT/EOT/padding.
 AUTHOR_DROPPED_PIECES = frozenset({"", SOT_TOKEN, EOT_TOKEN, "!", "."})
 # OpenAI simple_tokenizer's split into words, numbers digit by digit, and runs of other symbols.
@@ -202,6 +197,12 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
         for j in range(j1, j2):
             starts[j], ends[j] = (i1 + j - j1, i1 + j - j1 + 1) if tag == "equal" else (i1, i2)
     return starts, ends
+
+
+def is_tokenizer_folder(folder: pathlib.Path) -> bool:
+    """Whether `folder` holds what `_load_backend` reads."""
+    return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file()
+                                                     and (folder / "merges.txt").is_file())
 
 
 def _load_backend(folder: pathlib.Path) -> tokenizers.Tokenizer:

@@ -242,7 +242,8 @@ def html_report(config: dict, summary: dict, records: list[dict], out: pathlib.P
              f"errors. Evaluation: <code>{esc(json.dumps(config['evaluation'], sort_keys=True))}</code>. Settings: "
              f"<code>{esc(json.dumps(run['settings'], sort_keys=True))}</code>; input protocol "
              f"{esc(str(run['input_protocol']))}. Source: {esc(str(config.get('source') or '—'))}. "
-             f"{esc(_prompts_and_samples(config))} Also: <a href=\"{REPORT_MD}\">{REPORT_MD}</a>, <a href=\"{REPORT_JSON}\">{REPORT_JSON}</a>.</p>"]
+             f"{esc(_prompts_and_samples(config))} Also: <a href=\"{REPORT_MD}\">{REPORT_MD}</a>, "
+             f"<a href=\"{REPORT_JSON}\">{REPORT_JSON}</a>.</p>"]
     # The tables of report.md.
     for line_block in _markdown_tables(markdown(config, summary)):
         parts.append(line_block)

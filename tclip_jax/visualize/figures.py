@@ -158,7 +158,7 @@ def model_label(run: dict) -> str:
 
 
 def matmul_note(run: dict) -> str:
-    """" (bfloat16 matmuls)" for a run whose model's matmuls were not float32, else ""."""
+    """The label's note of a model whose matmuls were not float32, e.g. " (bfloat16 matmuls)"; else ""."""
     dtype = (run.get("model") or {}).get("matmul_dtype", "float32")
     return "" if dtype == "float32" else f" ({dtype} matmuls)"
 
