@@ -247,6 +247,11 @@ def test_text_rewritten_by_cleaning_maps_to_its_source(tokenizer):
     prompt = tokenizer.tokenize_words(text)
     assert [w.text for w in prompt.words] == ["a", "cafÃ©", "sign"]
     np.testing.assert_array_equal(prompt.token_ids, tokenizer.encode("a café sign")[0])
+    # Rewritten to as many characters (full-width to ASCII), each word keeps its own characters, not the block's.
+    wide = "ＲＥＤ　ＣＡＴ"
+    prompt = tokenizer.tokenize_words(wide)
+    assert [(w.start, w.end) for w in prompt.words] == [(0, 3), (4, 7)]
+    np.testing.assert_array_equal(prompt.token_ids, tokenizer.encode("red cat")[0])
 
 
 # --- the TCLIP author's kept positions -------------------------------------------------------------------------

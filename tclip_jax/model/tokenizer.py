@@ -188,14 +188,15 @@ def _group_words(text: str, cleaned: str, encoding: tokenizers.Encoding,
 def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
     """For each character of `cleaned`, the [start, end) span of `original` it comes from.
 
-    Cleaning mostly lowercases and collapses whitespace, which aligns character by character; where ftfy or
-    HTML unescaping rewrote text (e.g. "&amp;" -> "&"), each rewritten character maps to the whole source block.
-    """
+    Cleaning mostly lowercases and collapses whitespace, which aligns character by character, as does a block
+    rewritten to as many characters (full-width "ＲＥＤ　ＣＡＴ" -> "red cat"); where ftfy or HTML unescaping rewrote a
+    block to another length (e.g. "&amp;" -> "&"), each rewritten character maps to the whole source block."""
     matcher = difflib.SequenceMatcher(None, [c.lower() for c in original], cleaned, autojunk=False)
     starts, ends = [0] * len(cleaned), [0] * len(cleaned)
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        one_to_one = tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1)
         for j in range(j1, j2):
-            starts[j], ends[j] = (i1 + j - j1, i1 + j - j1 + 1) if tag == "equal" else (i1, i2)
+            starts[j], ends[j] = (i1 + j - j1, i1 + j - j1 + 1) if one_to_one else (i1, i2)
     return starts, ends
 
 
