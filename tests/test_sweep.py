@@ -217,15 +217,25 @@ def test_resume_tries_the_samples_recorded_as_errors_again(coco_hand, tmp_path):
     # A resume on fewer processes than wrote the errors: here the records as a second process of an earlier
     # run left them (this one-process sweep owns every sample and never writes results-p1).
     (out / "results-p0.jsonl").rename(out / "results-p1.jsonl")
-    # ... and a sweep stored before results recorded the matmul dtype (its runs were float32) resumes too.
-    config = json.loads((out / "sweep.json").read_text())
-    assert config["run"]["model"].pop("matmul_dtype") == "float32"
-    (out / "sweep.json").write_text(json.dumps(config))
     run_sweep(coco_dataset(data), Painted.from_pretrained(), out, options=resume)
     run_sweep(coco_dataset(data), Painted.from_pretrained(), tmp_path / "fresh", options=options)
     assert sorted(r["key"] for r in read_all_records(out)) == ["1", "2", "3"]
     assert [r["key"] for r in read_records(out / "results-p0.jsonl")] == ["3"]  # tried again by its new owner
     assert _report(out) == _report(tmp_path / "fresh") and _report(out)["errors"] == []
+
+
+def test_a_sweep_stored_before_the_matmul_dtype_was_recorded_resumes_as_float32(tmp_path):
+    from tclip_jax.sweep.runner import _check_config
+
+    run = {"method": "tclip", "model": {"origin": "m", "source": "hf", "architecture": None}, "settings": {},
+           "input_protocol": "whole"}
+    (tmp_path / "sweep.json").write_text(json.dumps({"run": run, "dataset": "coco", "limit": None, "evaluation": {}}))
+    now = {"run": {**run, "model": {**run["model"], "matmul_dtype": "float32"}}, "dataset": "coco", "limit": None,
+           "evaluation": {}}
+    _check_config(tmp_path, now, resume=True)  # its runs were float32: the command line has no other
+    now["run"]["model"]["matmul_dtype"] = "bfloat16"
+    with pytest.raises(ValueError, match="run.model.matmul_dtype \\(stored 'float32', now 'bfloat16'\\)"):
+        _check_config(tmp_path, now, resume=True)
 
 
 # ------------------------------------------------------------------------------ ImageNet-S, hand-computed

@@ -326,8 +326,9 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
     if not resume:
         raise ValueError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
     stored = read_config(out)
-    # Sweeps stored before results recorded the matmul dtype ran float32 matmuls (the command line has no other).
-    stored.get("run", {}).get("model", {}).setdefault("matmul_dtype", "float32")
+    if "matmul_dtype" in config["run"]["model"]:
+        # Sweeps stored before results recorded the matmul dtype ran float32 matmuls (the command line has no other).
+        stored.get("run", {}).get("model", {}).setdefault("matmul_dtype", "float32")
     changed = _changed_fields(stored, config)
     # samples(limit) are the samples of index below the limit, so a larger one keeps every stored record: a sweep
     # may grow on resume (--limit 50, then 500), never shrink (the records past the new limit would stay in it).
