@@ -12,8 +12,8 @@ from test_sweep import Painted, coco_hand  # noqa: F401  (coco_hand: the hand-co
 from tclip_jax.evaluation.datasets import coco_dataset
 from tclip_jax.evaluation.datasets.base import Target
 from tclip_jax.sweep import RunOptions, read_all_records, run_sweep
-from tclip_jax.sweep.vis import MAX_STEM_CHARS, UnitGallery, best_and_worst, file_stem, gallery_name, unit_picture, \
-    unit_score
+from tclip_jax.sweep.vis import (MAX_STEM_CHARS, UnitGallery, best_and_worst, file_stem, gallery_name, prune_gallery,
+                                 unit_picture, unit_score)
 
 
 def test_report_html_shows_scores_bars_and_the_best_and_worst_units(coco_hand, tmp_path):  # noqa: F811
@@ -91,7 +91,9 @@ def test_gallery_keeps_exactly_the_reports_units_in_any_order_split_or_resumptio
     resumed = UnitGallery(shared, seen=records[:25])
     for record in records[25:]:
         _offer(resumed, record)
-    assert wanted <= {p.name for p in shared.iterdir()}
+    assert wanted <= {p.name for p in shared.iterdir()}  # each process kept the places of what it saw
+    prune_gallery(shared, records)  # the report, once every process is done
+    assert {p.name for p in shared.iterdir()} == wanted
 
 
 def test_picture_names_are_plain_where_they_can_be_and_never_shared():

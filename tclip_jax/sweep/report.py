@@ -195,8 +195,10 @@ def read_config(out: pathlib.Path) -> dict:
 
 
 def write_report(out: pathlib.Path) -> dict:
-    """Merge every process's records under ``out``, write report.json, report.md and report.html; returns the
-    JSON."""
+    """Merge every process's records under ``out``, write report.json, report.md and report.html, and keep in
+    gallery/ only report.html's pictures; returns the JSON."""
+    from tclip_jax.sweep.vis import GALLERY_DIR, prune_gallery
+
     config = read_config(out)
     records = read_all_records(out)
     summary = summarize(records)
@@ -204,6 +206,7 @@ def write_report(out: pathlib.Path) -> dict:
     write_text_atomic(out / REPORT_JSON, json.dumps(report, indent=2, sort_keys=True) + "\n")
     write_text_atomic(out / REPORT_MD, markdown(config, summary))
     write_text_atomic(out / REPORT_HTML, html_report(config, summary, records, out))
+    prune_gallery(out / GALLERY_DIR, records)
     return report
 
 

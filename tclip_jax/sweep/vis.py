@@ -236,6 +236,18 @@ class UnitGallery:
         return name, sorted(previous - held)
 
 
+def prune_gallery(folder: pathlib.Path, records: Iterable[dict]) -> None:
+    """Deletes the thumbnails no class's best or worst unit of all `records` holds: each process's gallery keeps
+    the places of what it saw, so after a sweep split over processes some hold places the merged records do not.
+    Run once every process is done."""
+    kept = {gallery_name(record["key"], cls, position) for cls, places in best_and_worst(records).items()
+            for record, position in places.values()}
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.is_file() and path.name not in kept:
+                path.unlink(missing_ok=True)
+
+
 def best_and_worst(records: Iterable[dict]) -> dict[str, dict]:
     """Per class, its best and worst unit as the gallery ranks them: {"best": (record, position), "worst": ...}."""
     chosen: dict[str, dict] = {}
