@@ -171,9 +171,9 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
             return value
         rest = [arg for arg in typing.get_args(hint) if arg is not type(None)]
         hint = rest[0] if len(rest) == 1 else None
-    if hint is bool and not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
     if hint is bool:
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
         return bool(value)
     if hint is int:
         value = int(value) if isinstance(value, np.integer) else value

@@ -78,14 +78,14 @@ def save_checkpoint(folder: str | os.PathLike, params: Mapping, config: CLIPConf
     folder = pathlib.Path(folder)
     flat = flatten(params)
     check_params(flat, config, "parameters to save")
+    with np.errstate(over="ignore"):  # found below, by name
+        stored = {k: np.array(v, dtype=storage_dtype, order="C") for k, v in flat.items()}  # 0-d stays 0-d
+    overflowed = [k for k, v in stored.items() if not np.isfinite(v).all()]  # the inputs are finite (checked)
+    if overflowed:
+        raise CheckpointError(f"{', '.join(overflowed[:3])}{' ...' if len(overflowed) > 3 else ''}: values beyond "
+                              f"{np.dtype(storage_dtype).name}'s range (±{np.finfo(storage_dtype).max:g}); "
+                              "store them as float32")
     with staged_folder(folder, overwrite) as staging:
-        with np.errstate(over="ignore"):  # found below, by name
-            stored = {k: np.array(v, dtype=storage_dtype, order="C") for k, v in flat.items()}  # 0-d stays 0-d
-        overflowed = [k for k, v in stored.items() if not np.isfinite(v).all()]  # the inputs are finite (checked)
-        if overflowed:
-            raise CheckpointError(f"{', '.join(overflowed[:3])}{' ...' if len(overflowed) > 3 else ''}: values beyond "
-                                  f"{np.dtype(storage_dtype).name}'s range (±{np.finfo(storage_dtype).max:g}); "
-                                  "store them as float32")
         if compressed:
             np.savez_compressed(staging / PARAMS_FILES[1], **stored)
         else:
@@ -94,9 +94,9 @@ def save_checkpoint(folder: str | os.PathLike, params: Mapping, config: CLIPConf
         (staging / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
         if tokenizer_dir is not None:  # its files only: a hub folder holds its weights beside them
             (staging / "tokenizer").mkdir()
-            for name in TOKENIZER_FILES:
-                if (pathlib.Path(tokenizer_dir) / name).is_file():
-                    shutil.copyfile(pathlib.Path(tokenizer_dir) / name, staging / "tokenizer" / name)
+            for source in (pathlib.Path(tokenizer_dir) / name for name in TOKENIZER_FILES):
+                if source.is_file():
+                    shutil.copyfile(source, staging / "tokenizer" / source.name)
     return folder
 
 

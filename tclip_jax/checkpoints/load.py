@@ -81,12 +81,13 @@ def _tokenizer_dir(folder: pathlib.Path) -> Optional[pathlib.Path]:
     return next((c for c in (folder / "tokenizer", folder) if is_tokenizer_folder(c)), None)
 
 
-def _from_hf_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str) -> Converted:
+def _from_hf_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str, activation: Optional[str]) -> Converted:
     config_path = folder / "config.json"
     try:
         config = from_hf_config(sources.read_json(config_path))
     except ValueError as err:
         raise ConversionError(f"{config_path}: {err}") from None
+    _check_activation(activation, config.activation, config_path)
     state = sources.read_state_dict(weights)
     checkpoint.warn_if_upcast(state.stored_dtypes, str(weights))
     return Converted(convert_state_dict(state.arrays, config, "hf"), config, _tokenizer_dir(folder), "hf", origin)
@@ -168,9 +169,7 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
         # A hub repository may hold both layouts (LAION's do): the named source picks one.
         hf_weights, open_clip_weights = sources.hf_folder_files(path), sources.open_clip_folder_files(path)
         if hf_weights is not None and source in (None, "hf"):
-            converted = _from_hf_folder(path, hf_weights, origin)
-            _check_activation(activation, converted.config.activation, path / "config.json")
-            return converted
+            return _from_hf_folder(path, hf_weights, origin, activation)
         if open_clip_weights is not None and source in (None, "open_clip"):
             config_activation, stated, head_dims = _open_clip_config(path)
             if stated:

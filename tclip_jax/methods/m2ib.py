@@ -376,9 +376,6 @@ class M2IBSettings(MethodSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.vlayer is not None:
-            integer("vlayer", self.vlayer)
-        integer("seed", self.seed)
         Hyper(self.beta, self.var, self.lr, self.steps, self.batch_size, self.estimator, self.final_alpha).check()
 
 

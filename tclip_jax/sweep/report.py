@@ -197,16 +197,17 @@ def read_config(out: pathlib.Path) -> dict:
 def write_report(out: pathlib.Path) -> dict:
     """Merge every process's records under ``out``, write report.json, report.md and report.html, and keep in
     gallery/ only report.html's pictures; returns the JSON."""
-    from tclip_jax.sweep.vis import GALLERY_DIR, prune_gallery
+    from tclip_jax.sweep.vis import GALLERY_DIR, best_and_worst, prune_gallery
 
     config = read_config(out)
     records = read_all_records(out)
     summary = summarize(records)
     report = {"config": config, **summary}
+    chosen = best_and_worst(records)
     write_text_atomic(out / REPORT_JSON, json.dumps(report, indent=2, sort_keys=True) + "\n")
     write_text_atomic(out / REPORT_MD, markdown(config, summary))
-    write_text_atomic(out / REPORT_HTML, html_report(config, summary, records, out))
-    prune_gallery(out / GALLERY_DIR, records)
+    write_text_atomic(out / REPORT_HTML, html_report(config, summary, chosen, out))
+    prune_gallery(out / GALLERY_DIR, chosen)
     return report
 
 
@@ -232,10 +233,11 @@ figcaption { font-size: 12px; } .hit { color: #1e7a1e; font-weight: 600; } .miss
 """
 
 
-def html_report(config: dict, summary: dict, records: list[dict], out: pathlib.Path) -> str:
-    """report.html: the scores table, per-class accuracy bars, and each class's best and worst unit with its
-    picture (ground truth green, predicted box red; `sweep.vis.UnitGallery`), IoU and hit or miss."""
-    from tclip_jax.sweep.vis import GALLERY_DIR, best_and_worst, gallery_name, unit_score
+def html_report(config: dict, summary: dict, chosen: dict[str, dict], out: pathlib.Path) -> str:
+    """report.html: the scores table, per-class accuracy bars, and each class's best and worst unit (`chosen`:
+    `sweep.vis.best_and_worst`) with its picture (ground truth green, predicted box red; `sweep.vis.UnitGallery`),
+    IoU and hit or miss."""
+    from tclip_jax.sweep.vis import GALLERY_DIR, gallery_name, unit_score
 
     esc = html.escape
     run = config["run"]
@@ -259,7 +261,6 @@ def html_report(config: dict, summary: dict, records: list[dict], out: pathlib.P
                        f"</div><div>{100 * v[score]:.1f} % ({v['units']})</div>" for c, v in per_class)
         parts.append(f"<h2>{label} per class</h2><div class=\"bars\">{rows}</div>")
     # Best and worst unit per class.
-    chosen = best_and_worst(records)
     if chosen:
         parts.append("<h2>Best and worst unit per class</h2><p class=\"meta\">Map in jet colours, ground truth in "
                      "green, the predicted box in red. Box units rank by box IoU (a hit: IoU ≥ 0.5), mask units by "

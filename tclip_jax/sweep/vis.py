@@ -236,11 +236,11 @@ class UnitGallery:
         return name, sorted(previous - held)
 
 
-def prune_gallery(folder: pathlib.Path, records: Iterable[dict]) -> None:
-    """Deletes the thumbnails no class's best or worst unit of all `records` holds: each process's gallery keeps
-    the places of what it saw, so after a sweep split over processes some hold places the merged records do not.
-    Run once every process is done."""
-    kept = {gallery_name(record["key"], cls, position) for cls, places in best_and_worst(records).items()
+def prune_gallery(folder: pathlib.Path, chosen: dict[str, dict]) -> None:
+    """Deletes the thumbnails of every unit but the best and worst of each class over all records (`chosen`:
+    `best_and_worst`): each process's gallery keeps the places of what it saw, so after a sweep split over
+    processes some hold places the merged records do not. Run once every process is done."""
+    kept = {gallery_name(record["key"], cls, position) for cls, places in chosen.items()
             for record, position in places.values()}
     if folder.is_dir():
         for path in folder.iterdir():

@@ -5,7 +5,7 @@ import dataclasses
 from typing import Optional
 
 from tclip_jax.methods.settings import MethodSettings
-from tclip_jax.settings import Options, finite, integer, setting
+from tclip_jax.settings import Options, integer, setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +18,7 @@ class Settings(MethodSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.projections is not None and (not isinstance(self.projections, str) or not self.projections):
+        if self.projections == "":
             raise ValueError(f"projections must be a file path, got {self.projections!r}")
 
 
@@ -37,8 +37,6 @@ class TrainSettings(Options):
         integer("epochs", self.epochs, 1)
         integer("batch_size", self.batch_size, 1)
         integer("seed", self.seed, 0)
-        finite("learning_rate", self.learning_rate)
-        finite("weight_decay", self.weight_decay)
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.weight_decay < 0:

@@ -6,7 +6,7 @@ from typing import Optional
 
 from tclip_jax.image.protocols import INPUT_PROTOCOLS, InputProtocol
 from tclip_jax.methods.settings import MethodSettings
-from tclip_jax.settings import finite, integer, parse_float_tuple, parse_optional, setting
+from tclip_jax.settings import finite, parse_float_tuple, parse_optional, setting
 
 # Shift lengths as fractions of the patch size: sub-patch shifts move every patch boundary.
 DEFAULT_SCALE_FRACTIONS = (0.25, 0.5, 0.75)
@@ -53,14 +53,10 @@ class Settings(MethodSettings):
         full = 1 + 8 * len(self.scale_fractions)
         if self.translations is None:
             object.__setattr__(self, "translations", full)
-        integer("translations", self.translations)
         if self.translations not in (1, full):
             raise ValueError(f"translations must be 1 (off) or {full} (identity + 8 directions x "
                              f"{len(self.scale_fractions)} scales), got {self.translations}")
-        finite("trim", self.trim)
         if not 0 <= self.trim < 0.5:
             raise ValueError(f"trim must lie in [0, 0.5), got {self.trim}")
-        if self.sigma is not None:
-            finite("sigma", self.sigma)
-            if self.sigma < 0:
-                raise ValueError(f"sigma must be >= 0 (pixels), got {self.sigma}")
+        if self.sigma is not None and self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0 (pixels), got {self.sigma}")
