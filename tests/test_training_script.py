@@ -5,6 +5,7 @@ import itertools
 import json
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from tclip_jax.model import CLIP, init_params  # noqa: E402
 from tclip_jax.synthetic import RELATIONS, make_scene, negative_captions, scene_variant, train_seeds  # noqa: E402
 
 SCRIPT = pathlib.Path(train_default.__file__)
+DEFAULT_MODEL = SCRIPT.parents[1] / "tclip_jax" / "data" / "default_model"
 
 
 def test_overrides_give_the_training_tower_a_convolutional_stem():
@@ -98,7 +100,8 @@ def test_ctrl_c_ends_a_training_run_with_one_line_saying_what_it_left(tmp_path, 
     argv = [str(SCRIPT), "--out", str(tmp_path / "model"), "--steps", "3", "--set", "warmup_steps=1"]
     for stage, message in [("train_and_save", f"{tmp_path / 'model'} was not written"),
                            ("record_heldout_metrics", f"{tmp_path / 'model'} holds the checkpoint but not its "
-                                                      "heldout_metrics.json")]:
+                                                      f"heldout_metrics.json (--out {tmp_path / 'model'} "
+                                                      "--heldout-only records it)")]:
         with monkeypatch.context() as patch:
             patch.setattr(sys, "argv", argv)
             if stage == "record_heldout_metrics":  # a run that trained: its checkpoint is written
@@ -1077,3 +1080,27 @@ def test_a_run_refuses_a_state_it_cannot_go_on_from(tmp_path, saved_state, monke
     assert raised.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "STEP must be a step after the run's first (2) and before its last (4)")
     assert not (tmp_path / "out").exists()
+
+
+def test_heldout_only_records_the_gates_of_a_written_checkpoint_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL, model, ignore=shutil.ignore_patterns("heldout_metrics.json"))
+    recorded = []
+    monkeypatch.setattr(train_default, "record_heldout_metrics", lambda folder: recorded.append(folder) or {"ok": 1})
+    monkeypatch.setattr(train_default, "train_and_save", None)  # any training call would fail
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(model), "--heldout-only"])
+    with pytest.raises(SystemExit) as raised:
+        train_default.main()
+    assert raised.value.code == 0 and recorded == [model]
+    assert json.loads(capsys.readouterr().out) == {"ok": 1}
+    for extra, message in [(["--steps", "3"], "--heldout-only trains nothing; --steps does not apply"),
+                           (["--recipe", "default"], "--heldout-only trains nothing; --recipe does not apply")]:
+        monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(model), "--heldout-only", *extra])
+        with pytest.raises(SystemExit) as raised:
+            train_default.main()
+        assert raised.value.code == 2 and capsys.readouterr().err.strip().endswith(message)
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(tmp_path / "empty"), "--heldout-only"])
+    with pytest.raises(SystemExit) as raised:
+        train_default.main()
+    assert capsys.readouterr().err.strip().endswith(f"--heldout-only: {tmp_path / 'empty'} holds no checkpoint")
+    assert recorded == [model]

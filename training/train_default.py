@@ -56,6 +56,7 @@ uses `retrieval_scenes(256, VALIDATION_OFFSET)`: held-out seeds far from those t
 Run from the repository root (it also records the checkpoint's fast held-out gates, `heldout_metrics.json`):
     nice python training/train_default.py --recipe default --out tclip_jax/data/default_model
     nice python training/train_default.py --recipe clip_only --out tclip_jax/data/clip_only_model
+(`--out DIR --heldout-only` records the gates alone, for a checkpoint whose run was stopped after training.)
 Without `--recipe`, TrainConfig's defaults are the first embedded models' (no stem, 4 blocks, 900 steps; with
 `--objective clip_tokens` the first default model, with `clip` the first `clip_only`), to which the recipe search's
 `--set` overrides are relative (`training/RECIPE_SEARCH.md`).
@@ -87,7 +88,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from tclip_jax.checkpoints.folder import save_checkpoint
+from tclip_jax.checkpoints.folder import is_checkpoint, save_checkpoint
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.evaluation.retrieval import retrieval_top1
 from tclip_jax.files import check_output_folder
@@ -1343,7 +1344,12 @@ def main() -> None:
                         help="also write the run's state after STEP steps to PATH (.npz), for --resume")
     parser.add_argument("--resume", type=pathlib.Path, metavar="PATH",
                         help="go on from a state --save-state wrote (the run's first steps must be the saved run's)")
+    parser.add_argument("--heldout-only", action="store_true",
+                        help=f"train nothing: record the {HELDOUT_METRICS_FILE} of the checkpoint already in --out "
+                             "(what a run interrupted after training left out)")
     args = parser.parse_args()
+    if args.heldout_only:
+        record_only(parser, args)
     try:
         check_output_folder(args.out)
         named = {name: value for name, value in (("objective", args.objective), ("steps", args.steps))
@@ -1366,7 +1372,27 @@ def main() -> None:
     try:  # the fast held-out gates the card quotes and tests/test_default_model.py re-measures
         print(json.dumps(record_heldout_metrics(args.out)))
     except KeyboardInterrupt:
-        interrupted(parser, f"{args.out} holds the checkpoint but not its {HELDOUT_METRICS_FILE}")
+        interrupted(parser, f"{args.out} holds the checkpoint but not its {HELDOUT_METRICS_FILE} "
+                            f"(--out {args.out} --heldout-only records it)")
+
+
+def record_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--heldout-only: the held-out stage alone, on a checkpoint a finished training stage wrote."""
+    given = [flag for flag, value in (("--recipe", args.recipe), ("--objective", args.objective),
+                                      ("--steps", args.steps), ("--set", args.set or None),
+                                      ("--save-state", args.save_state), ("--resume", args.resume))
+             if value is not None]
+    if given:
+        parser.error(f"--heldout-only trains nothing; {given[0]} does not apply")
+    if not is_checkpoint(args.out):
+        parser.error(f"--heldout-only: {args.out} holds no checkpoint")
+    try:
+        print(json.dumps(record_heldout_metrics(args.out)))
+    except KeyboardInterrupt:
+        interrupted(parser, f"{args.out}/{HELDOUT_METRICS_FILE} was not written")
+    except (ValueError, OSError) as error:  # a folder load_clip refuses
+        parser.error(str(error))
+    sys.exit(0)
 
 
 def interrupted(parser: argparse.ArgumentParser, what: str) -> None:
