@@ -125,6 +125,11 @@ def test_pointing_game_rejects_bad_input():
         pointing_game(np.zeros((3, 3)), np.zeros((3, 4), bool))
     with pytest.raises(ValueError, match="tolerance"):
         pointing_hit(np.ones((3, 3), bool), (1, 1), tolerance=-1)
+    labels = np.full((3, 3), -1)  # a label map's ignore pixels are not the object
+    labels[0, 0] = 1
+    with pytest.raises(ValueError, match=r"mask must be boolean or 0/1, got values \[-1  1\]"):
+        pointing_hit(labels, (1, 1), tolerance=2)
+    assert pointing_hit(labels == 1, (1, 1), tolerance=2) and pointing_hit((labels == 1) * 1, (1, 1), tolerance=2)
 
 
 # ---------------------------------------------------------------- energy pointing game (Score-CAM)
@@ -221,6 +226,13 @@ def test_segmentation_closed_form_with_ignored_pixels():
 
 def test_normalisation_of_a_map_without_positive_relevance():
     np.testing.assert_array_equal(normalize_relevance(-np.ones((3, 3))), np.zeros((3, 3)))
+
+
+def test_a_unit_whose_every_pixel_is_ignored_is_refused_with_a_value_error():
+    """A ValueError is an image's error record in a sweep; scikit-learn's IndexError on no pixels ended the sweep."""
+    for score in (segmentation_scores, average_precision):
+        with pytest.raises(ValueError, match=r"every pixel's label is -1 \(ignore\): nothing to score"):
+            score(np.random.default_rng(0).random((4, 4)), np.full((4, 4), -1))
 
 
 def test_dataset_scores_sum_counts_before_dividing():
@@ -332,3 +344,28 @@ def test_aggregate_rejects_bad_input():
         aggregate_by_class([], [])
     with pytest.raises(ValueError, match="NaN"):
         aggregate_by_class([np.nan], ["a"])
+
+
+def test_a_model_with_non_finite_embeddings_gets_no_retrieval_or_held_out_figures(fixtures_dir):
+    """argmax over NaN similarities picks the first pair, which scored a broken model 1/n; its held-out sweep
+    scored none of its scenes, and a summary over the scenes left looked like a result."""
+    import dataclasses
+
+    import jax
+
+    from tclip_jax.checkpoints.load import load_clip
+    from tclip_jax.evaluation.retrieval import retrieval_top1
+    from tclip_jax.methods.tclip import TCLIP, Settings
+    from tclip_jax.sweep.heldout import synthetic_report
+    from tclip_jax.synthetic import retrieval_scenes
+
+    clip = load_clip(fixtures_dir / "tiny_openai_clip.npz")
+    broken = dataclasses.replace(clip, params=jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf * np.nan if "ln_post" in jax.tree_util.keystr(path) else leaf, clip.params))
+    scenes = retrieval_scenes(3)
+    images, captions = [s.image for s in scenes], [s.caption for s in scenes]
+    assert retrieval_top1(clip, images, captions)["pairs"] == 3
+    with pytest.raises(ValueError, match="embeddings are not finite for 3 images and 0 captions of 3"):
+        retrieval_top1(broken, images, captions)
+    with pytest.raises(ValueError, match="2 of 2 held-out scenes failed under protocol captions; the first, "):
+        synthetic_report(TCLIP(broken, Settings(translations=1)), "captions", 2)

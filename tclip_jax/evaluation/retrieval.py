@@ -37,7 +37,13 @@ def retrieval_top1(clip: LoadedClip, images: Sequence[np.ndarray], captions: Seq
         image_part, text_part = global_embeddings(clip.model, clip.params, pixels, ids)
         image_embeds.append(np.asarray(image_part, np.float64))
         text_embeds.append(np.asarray(text_part, np.float64))
-    similarity = np.concatenate(image_embeds) @ np.concatenate(text_embeds).T
+    image_embeds, text_embeds = np.concatenate(image_embeds), np.concatenate(text_embeds)
+    broken = [f"{int(np.sum(~np.isfinite(e).all(1)))} {what}" for e, what in ((image_embeds, "images"),
+                                                                              (text_embeds, "captions"))]
+    if not (np.isfinite(image_embeds).all() and np.isfinite(text_embeds).all()):  # argmax would pick the first pair
+        raise ValueError(f"retrieval: the model's embeddings are not finite for {' and '.join(broken)} of "
+                         f"{len(captions)}")
+    similarity = image_embeds @ text_embeds.T
     truth = np.arange(len(captions))
     return {"pairs": len(captions), "image_to_text_top1": float(np.mean(similarity.argmax(1) == truth)),
             "text_to_image_top1": float(np.mean(similarity.argmax(0) == truth))}
