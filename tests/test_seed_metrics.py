@@ -30,6 +30,21 @@ def test_unit_scores_equal_explicit_loops(seed):
     assert got["grid_inter"] == inter and got["grid_union"] == union
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grid_thresholds_split_a_map_as_foreground_mask_does_at_every_precision(dtype):
+    """Pixels on the grid points themselves: float32(0.05) is above the float64 0.05, and `foreground_mask` (as
+    the float32 reference code) compares in the map's precision."""
+    from tclip_jax.evaluation.metrics import foreground_mask, normalize_relevance
+
+    relevance = np.concatenate([GRID, [1.0]]).astype(dtype).reshape(1, -1)  # already in [0, 1]
+    mask = np.random.default_rng(0).random(relevance.shape) < 0.5
+    got = seed_unit_scores(relevance, mask)
+    for k, t in enumerate(GRID):
+        foreground = foreground_mask(normalize_relevance(relevance), float(t))
+        assert got["grid_inter"][k] == np.sum(foreground & mask)
+        assert got["grid_union"][k] == np.sum(foreground | mask)
+
+
 def test_an_opposite_map_has_negative_contrast():
     mask = np.zeros((4, 4), bool)
     mask[:2] = True

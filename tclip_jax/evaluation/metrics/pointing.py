@@ -32,6 +32,8 @@ def pointing_hit(mask: np.ndarray, point: tuple[int, int], tolerance: int = DEFA
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if mask.dtype != bool and not np.isin(mask, (0, 1)).all():  # a label map's ignore pixels would count as hits
+        raise ValueError(f"mask must be boolean or 0/1, got values {np.unique(mask)[:5]}")
     u, v = point
     rows, cols = np.nonzero(mask)
     return bool(((rows - v) ** 2 + (cols - u) ** 2 < tolerance**2).any())

@@ -37,8 +37,9 @@ def seed_unit_scores(relevance_map: np.ndarray, mask: np.ndarray, ignore: np.nda
     contrast = (inside.mean() if inside.size else 0.0) - (outside.mean() if outside.size else 0.0)
     order = np.sort(values)
     inside_order = np.sort(inside)
-    predicted = values.size - np.searchsorted(order, GRID, side="right")       # count(relevance > t)
-    inter = inside.size - np.searchsorted(inside_order, GRID, side="right")    # ... on the mask
+    grid = GRID.astype(values.dtype)  # `relevance > t` compares in the map's precision, as foreground_mask does
+    predicted = values.size - np.searchsorted(order, grid, side="right")       # count(relevance > t)
+    inter = inside.size - np.searchsorted(inside_order, grid, side="right")    # ... on the mask
     union = predicted + inside.size - inter
     return {"score_contrast": float(contrast), "grid_inter": inter.tolist(), "grid_union": union.tolist()}
 

@@ -132,4 +132,6 @@ def _check_pair(relevance: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, 
         raise ValueError(f"labels shape {labels.shape} differs from relevance shape {relevance.shape}")
     if not np.isin(labels, (IGNORE_LABEL, 0, 1)).all():
         raise ValueError(f"labels must be 0, 1 or {IGNORE_LABEL} (ignore), got values {np.unique(labels)}")
+    if labels.size and (labels == IGNORE_LABEL).all():
+        raise ValueError(f"every pixel's label is {IGNORE_LABEL} (ignore): nothing to score")
     return relevance, labels.astype(np.int64)
