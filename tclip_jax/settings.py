@@ -171,6 +171,9 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
             return value
         rest = [arg for arg in typing.get_args(hint) if arg is not type(None)]
         hint = rest[0] if len(rest) == 1 else None
+    if typing.get_origin(hint) is typing.Union and float in typing.get_args(hint) \
+            and isinstance(value, (np.integer, np.floating)):  # e.g. Union[str, float]: the number it can be
+        hint = float
     if hint is bool:
         if not isinstance(value, (bool, np.bool_)):
             raise ValueError(f"{name} must be true or false, got {value!r}")

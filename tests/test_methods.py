@@ -107,6 +107,12 @@ def test_numpy_numbers_are_settings_kept_as_python_numbers():
     assert type(attention.layer) is int and attention.layer == -2
     assert type(tclip.trim) is float and tclip.trim == 0.25 and type(tclip.translations) is int
     assert json.loads(json.dumps(tclip.to_dict()))["trim"] == 0.25
+    from tclip_jax.evaluation.options import EvalOptions  # a setting that is text or a number
+
+    threshold = EvalOptions(threshold=np.float32(0.5)).threshold
+    assert type(threshold) is float and threshold == 0.5
+    with pytest.raises(ValueError, match=r"a numeric threshold lies in \[0, 1\), got 1.5"):
+        EvalOptions(threshold=np.float64(1.5))
 
 
 @pytest.mark.parametrize("name, values, message", [
