@@ -686,15 +686,29 @@ def test_the_paper_figure_is_shown_only_beside_a_run_as_the_paper_ran_it():
 
     paper_run = {"method": "tclip", "settings": Settings().to_dict(), "input_protocol": "whole",
                  "model": {"origin": "openai/clip-vit-base-patch32", "source": "hf", "architecture": "ViT-B/32"}}
-    config = {"run": paper_run, "dataset": "coco", "limit": None}
+    from tclip_jax.evaluation.options import EvalOptions
+
+    config = {"run": paper_run, "dataset": "coco", "limit": None, "template": None,
+              "source": "coco val2017 in /data/coco, crowd keep", "evaluation": EvalOptions().to_dict()}
     assert paper_figures(config) == (PAPER["coco"], "")
     assert paper_figures({**config, "dataset": "imagenet-s50"})[0] == PAPER["imagenet-s"]
+    # The seed metrics add a table and change none of the paper's figures; COCO's boxes depend on no threshold.
+    seed_and_otsu = EvalOptions(metrics="seed", threshold="otsu", pg_tolerance=3).to_dict()
+    assert paper_figures({**config, "evaluation": seed_and_otsu}) == (PAPER["coco"], "")
+    assert paper_figures({**config, "dataset": "imagenet-s50",
+                          "evaluation": EvalOptions(metrics="seed").to_dict()})[0] == PAPER["imagenet-s"]
     changes = [({"dataset": "synthetic-captions"}, "no synthetic-captions figures"),
                ({"limit": 50}, "first 50 samples"),
                ({"run": {**paper_run, "method": "hilacam"}}, "the method is hilacam"),
                ({"run": {**paper_run, "model": {**paper_run["model"], "architecture": "ViT-L/14"}}}, "not OpenAI's"),
                ({"run": {**paper_run, "model": {**paper_run["model"], "source": "tclip"}}}, "not OpenAI's"),
-               ({"run": {**paper_run, "settings": Settings(translations=1).to_dict()}}, "settings differ")]
+               ({"run": {**paper_run, "settings": Settings(translations=1).to_dict()}}, "settings differ"),
+               ({"template": "a photo of a {}."}, "the prompts fill a template"),
+               ({"source": "coco val2017 in /data/coco, crowd drop"}, "crowd boxes are dropped"),
+               ({"dataset": "imagenet-s50", "evaluation": EvalOptions(threshold="otsu").to_dict()},
+                "the evaluation's threshold is not the paper's"),
+               ({"dataset": "imagenet-s919", "evaluation": EvalOptions(pg_tolerance=15).to_dict()},
+                "the evaluation's pg_tolerance is not the paper's")]
     for change, reason in changes:
         figures, why = paper_figures({**config, **change})
         assert figures == {} and reason in why

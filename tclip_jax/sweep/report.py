@@ -178,6 +178,15 @@ def paper_figures(config: dict) -> tuple[dict, str]:
 
     if run["settings"] != Settings().to_dict():
         return {}, "TCLIP's settings differ from the defaults the paper used"
+    if config.get("template") is not None:
+        return {}, "the prompts fill a template, the paper's are the bare class names"
+    from tclip_jax.evaluation.options import EvalOptions
+
+    changed = [k for k in ("pg_tolerance", "threshold") if config["evaluation"][k] != EvalOptions().to_dict()[k]]
+    if dataset == "imagenet-s" and changed:  # COCO's box accuracy depends on neither
+        return {}, f"the evaluation's {changed[0]} is not the paper's"
+    if dataset == "coco" and config.get("source", "").endswith("crowd drop"):
+        return {}, "crowd boxes are dropped, the paper's evaluation (gScoreCAM's) keeps them"
     return PAPER[dataset], ""
 
 
