@@ -285,6 +285,31 @@ def test_imagenet_s_sweep_scores_by_hand(tmp_path, threshold):
     assert "detection" not in report
 
 
+def test_classes_that_share_a_name_are_scored_and_pictured_apart(tmp_path):
+    """ImageNet's two "crane"s (the bird and the machine): one name, two classes, each its own per-class score
+    and gallery place; both are prompted "crane"."""
+    from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, indexed
+
+    def sample(key, index, class_id, hit):
+        box = np.array([[4, 4, 12, 12]], np.float64) if hit else np.array([[20, 20, 28, 28]], np.float64)
+        return Sample(key, index, lambda: LoadedSample(painted(32, 32, [(1, slice(4, 12), slice(4, 12))]),
+                                                       (Target(class_id, boxes=box),)))
+
+    # Painted maps the prompt "crane" to red value 1 (its first class) for both cranes.
+    samples = [sample("bird", 0, 0, True), sample("machine-a", 1, 2, False), sample("machine-b", 2, 2, True)]
+    dataset = Dataset("hand", ("crane", "dog", "crane"), 3, indexed(samples))
+    report = run_sweep(dataset, Painted.from_pretrained(), tmp_path / "out",
+                       options=RunOptions(batch_size=2, progress=False)).report
+    per_class = report["detection"]["per_class"]
+    assert per_class == {"crane (class 0)": {"accuracy": 1.0, "units": 1},
+                         "crane (class 2)": {"accuracy": 0.5, "units": 2}}
+    assert report["detection"]["box_accuracy_class_mean"] == pytest.approx(0.75)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.count("<h3>crane (class 0)</h3>") == 1 and page.count("<h3>crane (class 2)</h3>") == 1
+    assert len(list((tmp_path / "out" / "gallery").iterdir())) == 3  # the bird's, and the machines' best and worst
+    assert class_queries(dataset.class_names)[2].prompt == "crane"
+
+
 # ------------------------------------------------------------------------------------- real TCLIP run
 @pytest.fixture(scope="module")
 def tiny_model(fixtures_dir) -> str:

@@ -59,6 +59,14 @@ SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anyt
 DEFAULT_TEMPLATE = "{}"
 
 
+def class_labels(class_names: Sequence[str]) -> tuple[str, ...]:
+    """Each class's name in records and reports: its name, or where several classes share it (ImageNet's two
+    "crane"s, the bird and the machine), the name and its class id, so per-class scores keep them apart. Prompts
+    use the names as they are."""
+    shared = {name for name in class_names if class_names.count(name) > 1}
+    return tuple(f"{name} (class {k})" if name in shared else name for k, name in enumerate(class_names))
+
+
 def class_queries(class_names: Sequence[str], template: Optional[str] = None) -> list[Query]:
     """Each class name put into ``template`` (one ``{}``; None: the bare name), with the name's span."""
     template = DEFAULT_TEMPLATE if template is None else template
@@ -159,6 +167,7 @@ def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Que
               record: Callable[[dict], None], gallery: Optional[UnitGallery] = None) -> Throughput:
     clock = DeviceClock()
     records = _InOrder(record)
+    labels = class_labels(dataset.class_names)
     sizes: list[int] = []
     started = time.perf_counter()
     with clock, concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-load") as loaders, \
@@ -167,7 +176,7 @@ def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Que
             """Hand each image of a dispatched batch to the host threads."""
             host_maps = device_maps.host_maps()  # waits for this batch; the next one is already queued
             for prepared, image_maps in zip(batch, host_maps):
-                records.submit(hosts.submit(_evaluate, prepared, image_maps, method, dataset.class_names,
+                records.submit(hosts.submit(_evaluate, prepared, image_maps, method, labels,
                                             evaluation, pictures if prepared.index < options.save_vis else None,
                                             gallery))
 
@@ -287,14 +296,14 @@ class _Queries:
         return queries, np.array([r + [r[0]] * (slots - len(r)) for r in rows], np.int32)
 
 
-def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, class_names: tuple[str, ...],
+def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, labels: tuple[str, ...],
               evaluation: EvalOptions, pictures: Optional[UnitPictures],
               gallery: Optional[UnitGallery] = None) -> dict:
     targets = prepared.loaded.targets
     try:
         heatmaps = np.array(method.original_maps(image_maps[:len(targets)], prepared.geometry))
         host = method.postprocess(heatmaps, soft_maps=any(t.mask is not None for t in targets))
-        units = [{"class_id": t.class_id, "class": class_names[t.class_id], **_query_fields(t),
+        units = [{"class_id": t.class_id, "class": labels[t.class_id], **_query_fields(t),
                   **score_unit(t, h, m, evaluation)} for t, h, m in zip(targets, heatmaps, host)]
     except SAMPLE_ERRORS as err:
         return _error_record(prepared.index, prepared.key, err)
