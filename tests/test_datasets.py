@@ -360,6 +360,24 @@ def test_imagenet_s_bad_input(tmp_path):
         with pytest.raises(ValueError, match=rf"{w1} is id {own} in ImageNet-S{split} but id 1 in ImageNet-S50: "
                                              r"is this ImageNet-S50 \(--split 50\)\?"):
             imagenet_s_dataset(s50, split)
+    # ImageNet-S300 data read as ImageNet-S919: its first folders have the same ids in both, so the first folder
+    # whose ids differ is the one checked up front, and every label of such a folder is checked when it loads.
+    same = [w for w in split_wnids(300) if split_wnids(919).index(w) == split_wnids(300).index(w)]
+    differ = [w for w in split_wnids(300) if split_wnids(919).index(w) != split_wnids(300).index(w)]
+    assert same[:2] == list(split_wnids(300)[:2]) and differ  # what made one label of the first folder too few
+    s300_id = split_wnids(300).index(differ[0]) + 1
+    s300 = write_imagenet_s(tmp_path / "s300_data", {
+        f"{same[0]}/a": (painted(4, 4, []), np.ones((4, 4), np.int64)),
+        f"{differ[0]}/b": (painted(4, 4, []), np.full((4, 4), s300_id))})
+    with pytest.raises(ValueError, match=rf"but id {s300_id} in ImageNet-S300: is this ImageNet-S300"):
+        imagenet_s_dataset(s300, 919)
+    later = write_imagenet_s(tmp_path / "s300_later", {
+        f"{differ[0]}/a": (painted(4, 4, []), np.full((4, 4), split_wnids(919).index(differ[0]) + 1)),
+        f"{differ[0]}/b": (painted(4, 4, []), np.full((4, 4), s300_id))})
+    first, second = imagenet_s_dataset(later, 919).samples()
+    assert [t.class_id for t in first.load().targets] == [split_wnids(919).index(differ[0])]
+    with pytest.raises(ValueError, match="is this ImageNet-S300"):
+        second.load()
     (big / "validation-segmentation" / split_wnids(50)[0] / "x.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(ValueError, match="cannot read ImageNet-S label .*x.png"):
         next(imagenet_s_dataset(big, 50).samples()).load()

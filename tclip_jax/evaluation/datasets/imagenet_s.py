@@ -10,8 +10,9 @@ Conventions (LUSSeg/ImageNet-S):
   ``label == 1000`` (left out of the segmentation scores).
 - Samples are the annotated images (those with a label PNG), sorted by ``<wnid>/<name>``, which is the key.
 - Ids depend on the split (a wnid's id in ImageNet-S50 is another in ImageNet-S300): data of another split than
-  the one asked for is refused up front when the first label misses its folder's id and another split's id of
-  that folder is there.
+  the one asked for is refused up front when the first label of the first folder whose id differs between the
+  splits misses its own id and holds another split's id of that folder (the first folders of ImageNet-S300 have
+  the ids they have in ImageNet-S919), and each such label is an error of its sample.
 - Class names are the first WordNet lemma of each wnid (``imagenet_class_names``), as ImageNet-S names them.
   ImageNet-S919 merged five ImageNet classes into others (e.g. n04356056 "sunglasses" into n04355933
   "sunglass"); their images carry the surviving class's id and name.
@@ -68,21 +69,31 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
             if not image_path.is_file():
                 raise FileNotFoundError(f"ImageNet-S: {label_path} has no image {image_path}")
             samples.append(Sample(f"{folder.name}/{label_path.stem}", len(samples),
-                                  functools.partial(_load, image_path, label_path, len(wnids))))
+                                  functools.partial(_load, image_path, label_path, split)))
     if not samples:
         raise ValueError(f"ImageNet-S: no label PNGs under {label_root}/<wnid>/")
-    _check_split(label_root / f"{samples[0].key}.png", split)  # the key is <wnid>/<name>
+    telling = next((sample for sample in samples if _ids_differ(sample.key.split("/")[0], split)), None)
+    if telling is not None:
+        _check_split(label_root / f"{telling.key}.png", split)  # the key is <wnid>/<name>
     names = imagenet_class_names()
     return Dataset(f"imagenet-s{split}", tuple(names[w] for w in wnids), len(samples), indexed(samples))
 
 
-def _check_split(label_path: pathlib.Path, split: int) -> None:
-    """Refuses data of another split (see the module doc), judged on one label; an unreadable label is left to
-    its sample's record."""
-    try:
-        ids = set(np.unique(read_labels(label_path)).tolist()) - {0, IGNORE_ID}
-    except ValueError:
-        return
+def _ids_differ(wnid: str, split: int) -> bool:
+    """Whether `wnid`'s label id in `split` is another in some other split that has it."""
+    own = split_wnids(split).index(wnid)
+    return any(wnid in split_wnids(other) and split_wnids(other).index(wnid) != own for other in SPLITS)
+
+
+def _check_split(label_path: pathlib.Path, split: int, ids: set | None = None) -> None:
+    """Refuses a label of another split (see the module doc); an unreadable label is left to its sample's
+    record. `ids`: the label's ids, where already read."""
+    if ids is None:
+        try:
+            ids = set(np.unique(read_labels(label_path)).tolist())
+        except ValueError:
+            return
+    ids = ids - {0, IGNORE_ID}
     wnid = label_path.parent.name
     own = split_wnids(split).index(wnid) + 1
     if own in ids:
@@ -107,11 +118,13 @@ def read_labels(path: pathlib.Path) -> np.ndarray:
         raise ValueError(f"cannot read ImageNet-S label {path}: {err}") from None
 
 
-def _load(image_path: pathlib.Path, label_path: pathlib.Path, num_classes: int) -> LoadedSample:
+def _load(image_path: pathlib.Path, label_path: pathlib.Path, split: int) -> LoadedSample:
+    num_classes = len(split_wnids(split))
     image = load_image(image_path, exif=False)
     labels = read_labels(label_path)
     check_size(image, labels.shape, str(image_path))
     ids = np.unique(labels)
+    _check_split(label_path, split, set(ids.tolist()))
     ids = ids[(ids != 0) & (ids != IGNORE_ID)]
     outside = ids[(ids < 0) | (ids > num_classes)]
     if outside.size:
