@@ -467,6 +467,9 @@ def test_voc_bad_input_is_named(tmp_path):
     (root / "ImageSets/Segmentation/val.txt").write_text("a\nmissing\n")
     with pytest.raises(FileNotFoundError, match="line 2: .*missing.jpg not found"):
         voc_dataset(root)
+    (root / "ImageSets/Segmentation/val.txt").write_text("a\n\na\n")  # line numbers count the blank line
+    with pytest.raises(ValueError, match=r"val.txt line 3: a is listed again \(line 1\)$"):
+        voc_dataset(root)
     (root / "ImageSets/Segmentation/val.txt").write_text("\n")
     with pytest.raises(ValueError, match="lists no image ids"):
         voc_dataset(root)
@@ -546,3 +549,22 @@ def test_coco_seg_masks_are_the_union_of_instance_masks(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="polygons must be lists of at least 3"):
         coco_seg_dataset(root)
+
+
+def test_compressed_rle_strings_are_decoded_as_pycocotools_does_and_must_cover_the_image():
+    """A string of too few pixels was taken, and pycocotools filled the rest of the mask from uninitialised memory."""
+    from pycocotools import mask as coco_mask
+
+    from tclip_jax.evaluation.datasets.coco import _compressed_rle_counts, _segmentation_problem
+
+    rng = np.random.default_rng(0)
+    for height, width, density in [(24, 32, 0.5), (40, 30, 0.02), (7, 900, 0.98), (64, 64, 0.0)]:
+        mask = rng.random((height, width)) < density
+        mask[height // 3:, width // 4: width // 2] = True  # long runs: multi-character and negative differences
+        text = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
+        assert _compressed_rle_counts(text) == _column_major_rle(mask)
+        assert _segmentation_problem({"size": [height, width], "counts": text}, height, width) == ""
+    short = coco_mask.encode(np.asfortranarray(np.ones((10, 10), np.uint8)))["counts"].decode()
+    assert "RLE counts must be" in _segmentation_problem({"size": [48, 64], "counts": short}, 48, 64)
+    for bad in ("", "\x7f", "0Z" + "o"):  # empty; outside the alphabet; a continuation that never ends
+        assert "RLE counts must be" in _segmentation_problem({"size": [1, 1], "counts": bad}, 1, 1)

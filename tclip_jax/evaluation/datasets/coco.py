@@ -227,13 +227,33 @@ def _segmentation_problem(shape, height: int, width: int) -> str:
         if shape.get("size") != [height, width]:
             return f"segmentation RLE size {shape.get('size')!r} is not the image's [{height}, {width}]"
         counts = shape.get("counts")
-        if isinstance(counts, str) and counts:
-            return ""
-        if isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) \
-                and sum(counts) == height * width:
+        if isinstance(counts, str):  # pycocotools decodes a string of too few pixels into uninitialised memory
+            counts = _compressed_rle_counts(counts)
+        if isinstance(counts, list) and counts and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                                                       for c in counts) and sum(counts) == height * width:
             return ""
         return "segmentation RLE counts must be a compressed string or non-negative ints summing to height * width"
     return f"segmentation must be polygons or an RLE, got {type(shape).__name__}"
+
+
+def _compressed_rle_counts(text: str) -> list[int] | None:
+    """The run lengths of a compressed RLE string, decoded as pycocotools' `rleFrString` does (6-bit characters
+    from '0', 5 bits of value each, a continuation bit, sign-extended; from the fourth run on, a difference from
+    the run two before); None where the string is cut off or holds a character outside that alphabet."""
+    counts, position = [], 0
+    while position < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(text) or not 0 <= ord(text[position]) - 48 < 64:
+                return None
+            chunk = ord(text[position]) - 48
+            value |= (chunk & 0x1F) << (5 * shift)
+            more = bool(chunk & 0x20)
+            position, shift = position + 1, shift + 1
+            if not more and chunk & 0x10:
+                value |= -1 << (5 * shift)
+        counts.append(value + (counts[-2] if len(counts) > 2 else 0))
+    return counts
 
 
 def tfds_coco_dataset(data_dir: str | pathlib.Path, split: str = "validation", crowd: Crowd = "keep") -> Dataset:
