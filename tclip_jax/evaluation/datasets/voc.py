@@ -34,15 +34,19 @@ def voc_dataset(root: str | pathlib.Path, split: str = "val") -> Dataset:
             raise FileNotFoundError(f"VOC: {path} not found; expected {root}/{SPLIT_FILE.format(split=split)}, "
                                     f"{root}/{IMAGE_DIR}/ and {root}/{LABEL_DIR}/")
     try:
-        ids = [line.strip() for line in split_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        ids = [(line, text.strip()) for line, text in enumerate(split_path.read_text(encoding="utf-8").splitlines(), 1)
+               if text.strip()]
     except UnicodeDecodeError as err:
         raise ValueError(f"VOC: {split_path} is not a text file of image ids: {err}") from None
     if not ids:
         raise ValueError(f"VOC: {split_path} lists no image ids")
-    samples = []
-    for line, image_id in enumerate(ids, 1):
+    samples, first_line = [], {}
+    for line, image_id in ids:
         if "/" in image_id or image_id.startswith(".") or len(image_id.split()) != 1:
             raise ValueError(f"VOC: {split_path} line {line}: {image_id!r} is not an image id")
+        if image_id in first_line:  # its records would clash under one key, and the report would refuse them
+            raise ValueError(f"VOC: {split_path} line {line}: {image_id} is listed again (line {first_line[image_id]})")
+        first_line[image_id] = line
         image_path, label_path = root / IMAGE_DIR / f"{image_id}.jpg", root / LABEL_DIR / f"{image_id}.png"
         for path in (image_path, label_path):
             if not path.is_file():
