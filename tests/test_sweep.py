@@ -666,6 +666,14 @@ def test_bad_input_gives_clear_messages(coco_hand, tmp_path, capsys):
     assert "unknown class folder" in _fails(capsys, "imagenet-s", "--split", "50", "--data", str(inets), "--out", out)
     assert "needs --split" in _fails(capsys, "imagenet-s", "--data", str(inets), "--out", out)
     assert "--data is not used" in _fails(capsys, "synthetic", "--data", str(inets), "--out", out)
+    # A flag of another dataset is refused, not ignored (as if it had applied).
+    for dataset, flag, value, message in [("voc", "--crowd", "drop", "--crowd applies to coco and coco-seg only, "
+                                           "not voc"),
+                                          ("coco-seg", "--coco-source", "tfds", "--coco-source applies to coco only"),
+                                          ("coco", "--split", "300", "--split applies to imagenet-s only, not coco"),
+                                          ("imagenet-s", "--protocol", "blur", "--protocol applies to synthetic only")]:
+        assert message in _fails(capsys, dataset, "--data", str(coco_hand), flag, value, "--out", out)
+    assert not pathlib.Path(out).exists()
     assert "unknown method 'nope'" in _fails(capsys, "coco", "--data", str(coco_hand), "--method", "nope", "--out", out)
     method = ("--method", "test_sweep:Painted")
     assert main(_cli("coco", "--data", str(coco_hand), *method, "--limit", "1", "--out", out)) == 0

@@ -28,13 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="results folder (records, sweep.json, report.md/json)")
     parser.add_argument("--template", help="prompt template with one '{}' for the class name (default: the bare name)")
     parser.add_argument("--split", type=int, choices=(50, 300, 919), help="ImageNet-S split (required for imagenet-s)")
-    parser.add_argument("--coco-source", choices=("raw", "tfds"), default="raw", help="COCO files or TFDS coco/2017 (default: %(default)s)")
-    parser.add_argument("--crowd", choices=("keep", "drop"), default="keep",
-                        help="COCO crowd boxes count as ground truth (keep, gScoreCAM) or are removed (drop) "
-                        "(default: %(default)s)")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="captions", metavar="PROTOCOL",
+    parser.add_argument("--coco-source", choices=("raw", "tfds"), help="coco: COCO files or TFDS coco/2017 "
+                        "(default: raw)")
+    parser.add_argument("--crowd", choices=("keep", "drop"),
+                        help="coco, coco-seg: crowd boxes count as ground truth (keep, gScoreCAM) or are removed "
+                        "(drop) (default: keep)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, metavar="PROTOCOL",
                         help="synthetic: the evaluation protocol, one of " + ", ".join(PROTOCOLS) + " (see "
-                        "tclip_jax/synthetic.py; default: %(default)s)")
+                        "tclip_jax/synthetic.py; default: captions)")
     add_method_arguments(parser)
     EvalOptions.add_arguments(parser.add_argument_group("scoring"))
     RunOptions.add_arguments(parser.add_argument_group("running"))
@@ -63,6 +64,11 @@ def _open_dataset(args: argparse.Namespace, limit):
     """The dataset the arguments name, and a description of its source for sweep.json."""
     from tclip_jax.evaluation import datasets
 
+    for flag, value, using in _DATASET_FLAGS:
+        if getattr(args, value) is not None and args.dataset not in using:  # ignored, it would seem to apply
+            raise ValueError(f"{flag} applies to {' and '.join(using)} only, not {args.dataset}")
+    args = argparse.Namespace(**{**vars(args), "coco_source": args.coco_source or "raw",
+                                 "crowd": args.crowd or "keep", "protocol": args.protocol or "captions"})
     if args.dataset == "synthetic":
         if args.data is not None:
             raise ValueError("synthetic scenes are generated: --data is not used (size the sweep with --limit)")
@@ -72,9 +78,6 @@ def _open_dataset(args: argparse.Namespace, limit):
         raise ValueError(f"{args.dataset} needs --data (the dataset's root folder)")
     data = str(pathlib.Path(args.data).resolve())
     if args.dataset == "coco-seg":
-        if args.coco_source == "tfds":
-            raise ValueError("coco-seg reads the raw layout (instance masks from instances_val2017.json); "
-                             "--coco-source tfds is for coco boxes")
         return datasets.coco_seg_dataset(data, crowd=args.crowd), f"coco val2017 masks in {data}, crowd {args.crowd}"
     if args.dataset == "voc":
         return datasets.voc_dataset(data), f"voc2012 segmentation val in {data}"
@@ -86,6 +89,11 @@ def _open_dataset(args: argparse.Namespace, limit):
     if args.split is None:
         raise ValueError("imagenet-s needs --split 50, 300 or 919 (label ids index that split's classes)")
     return datasets.imagenet_s_dataset(data, args.split), f"imagenet-s{args.split} validation in {data}"
+
+
+# (flag, argument, the datasets it applies to)
+_DATASET_FLAGS = (("--split", "split", ("imagenet-s",)), ("--coco-source", "coco_source", ("coco",)),
+                  ("--crowd", "crowd", ("coco", "coco-seg")), ("--protocol", "protocol", ("synthetic",)))
 
 
 def _init_distributed(args: argparse.Namespace) -> None:
