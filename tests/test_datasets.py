@@ -342,6 +342,12 @@ def test_imagenet_s_bad_input(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(gray / "validation-segmentation" / wnids[0] / "x.png")
     with pytest.raises(ValueError, match="mode L; expected RGB"):
         next(imagenet_s_dataset(gray, 919).samples()).load()
+    deep = np.full((4, 4, 3), 1, np.uint16)  # id 1 as 16-bit channels: PIL reads RGB and keeps the high bytes, 0
+    (gray / "validation-segmentation" / wnids[0] / "x.png").write_bytes(_png_16bit_rgb(deep))
+    with Image.open(gray / "validation-segmentation" / wnids[0] / "x.png") as png:
+        assert png.mode == "RGB" and not np.asarray(png).any()
+    with pytest.raises(ValueError, match="has 16 bits per channel; expected 8-bit RGB"):
+        next(imagenet_s_dataset(gray, 919).samples()).load()
     big = write_imagenet_s(tmp_path / "big", {f"{split_wnids(50)[0]}/x": (painted(4, 4, []), np.full((4, 4), 51))})
     with pytest.raises(ValueError, match="outside 1..50"):
         next(imagenet_s_dataset(big, 50).samples()).load()
@@ -421,6 +427,20 @@ def test_synthetic_targets_are_the_protocol_units(protocol):
 
 
 # ------------------------------------------------------------------------------------ segmentation: VOC, COCO
+def _png_16bit_rgb(pixels: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG of uint16 [H, W, 3], written by hand (PIL writes none)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
 def write_voc(root: pathlib.Path, samples: dict, split_lines: list[str] | None = None) -> pathlib.Path:
     """VOC2012 layout: id -> (uint8 image, class indices); labels as palette PNGs, images PNG data under .jpg."""
     for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):

@@ -11,8 +11,10 @@ Pipeline (one process):
 - the main thread batches them and dispatches each batch to the devices (asynchronous); while batch k+1 is
   queued on the device it fetches batch k's maps and hands each image to the host threads;
 - host threads resample maps to the original size and score the units (GMM, Otsu, metrics);
-- each finished record is appended to this process's results file (``store``) in dataset order as soon as
-  it and the ones before it are done, by whichever thread finishes it.
+- each finished record is appended to this process's results file (``store``) as soon as it and the images
+  scored before it are done, by whichever thread finishes it; a sample that cannot be read or has no units is
+  recorded when it is read, so it may come before images still being scored. The report orders records by
+  their dataset index.
 A sample that cannot be read or scored (``ValueError``/``OSError``) is recorded with its error; the sweep goes on.
 
 Resume: the records already on disk (any process's) name the samples that are done; they are skipped, and a

@@ -113,6 +113,9 @@ def read_labels(path: pathlib.Path) -> np.ndarray:
         with Image.open(path) as png:
             if png.mode not in ("RGB", "RGBA"):
                 raise ValueError(f"ImageNet-S label {path} has PIL mode {png.mode}; expected RGB with id = R + 256*G")
+            if any(";16" in str(tile.args) for tile in png.tile):  # PIL keeps each channel's high byte: ids lost
+                raise ValueError(f"ImageNet-S label {path} has 16 bits per channel; expected 8-bit RGB with id = "
+                                 "R + 256*G")
             return decode_label_png(np.asarray(png))
     except (UnidentifiedImageError, OSError) as err:  # not an image, or truncated
         raise ValueError(f"cannot read ImageNet-S label {path}: {err}") from None
