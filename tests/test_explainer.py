@@ -308,6 +308,23 @@ def test_explain_batch_puts_images_of_other_input_shapes_in_other_batches(tiny_c
                 assert b.box == a.box
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("bad_at, expected", [(4, 4), (5, 5)])  # first of a batch; second, after a good one
+def test_explain_batch_gives_every_image_before_one_it_cannot_read_then_names_it(no_translation, fixture_images,
+                                                                                  overlap, bad_at, expected):
+    images = [list(fixture_images.values())[i % len(fixture_images)] for i in range(6)]
+    images[bad_at] = np.full((8, 8, 3), 5.0)  # floats beyond [0, 1]
+    got = []
+    with pytest.raises(ValueError, match=rf"^image {bad_at}: float image values must lie in \[0, 1\]"):
+        for result in no_translation.explain_batch(images, PROMPTS, batch_size=2, overlap=overlap):
+            got.append(result)
+    assert len(got) == expected
+    for result, image in zip(got, images):
+        assert result.prompts[0].word_maps[0].heatmap.shape == image.shape[:2]
+    with pytest.raises(ValueError, match=r"^float image values must lie"):  # one image: no place to name
+        no_translation.explain(images[bad_at], PROMPTS)
+
+
 @pytest.mark.parametrize("bad, message", [({"batch_size": 0}, "batch_size must be a positive integer"),
                                           ({"overlap": "yes"}, "overlap must be True or False")])
 def test_explain_batch_rejects_bad_options(no_translation, fixture_images, bad, message):

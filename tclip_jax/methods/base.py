@@ -30,7 +30,7 @@ import functools
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from typing import Any, ClassVar, Optional
 
 import flax.struct
@@ -325,7 +325,16 @@ class Method(abc.ABC):
         encoded = prompts if isinstance(prompts, EncodedPrompts) else self.encode_prompts(prompts)
         rows = np.arange(len(encoded.queries), dtype=np.int32)
         pending = None
-        for loaded in self._input_batches(images, batch_size):
+        batches = self._input_batches(images, batch_size)
+        while True:
+            try:
+                loaded = next(batches, None)
+            except Exception:  # an image that cannot be read: the images before it are explained first
+                if pending is not None:
+                    yield from self._batch_results(encoded, *pending)
+                raise
+            if loaded is None:
+                break
             pixels = np.stack([p for _, p, _ in loaded])
             if pending is not None and not overlap:
                 yield from self._batch_results(encoded, *pending)
@@ -342,8 +351,16 @@ class Method(abc.ABC):
         """`preprocess` of each image, in order, `batch_size` at a time, each batch of one input shape (an input
         protocol that keeps the aspect ratio, such as patch_multiple, gives images of other shapes other batches)."""
         batch: list = []
-        for image in images:
-            item = self.preprocess(image)
+        several = not isinstance(images, Sized) or len(images) > 1
+        for index, image in enumerate(images):
+            try:
+                item = self.preprocess(image)
+            except (ValueError, TypeError, OSError) as err:
+                if batch:  # explained before the error reaches the caller
+                    yield batch
+                if several and type(err) in (ValueError, TypeError):  # an array or PIL image is named by place
+                    raise type(err)(f"image {index}: {err}") from err
+                raise
             if batch and item[1].shape != batch[0][1].shape:
                 yield batch
                 batch = []
