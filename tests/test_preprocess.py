@@ -327,6 +327,37 @@ def test_load_applies_exif_orientation(tmp_path, suffix):
     assert np.abs(loaded.astype(int) - np.rot90(block, k=-1)).max() <= 8
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiff_orientation_is_applied_once_and_exif_false_gives_the_stored_grid(tmp_path, orientation):
+    """PIL turns a TIFF itself when it loads it (and reports the turned size); a PNG with the same orientation
+    in its EXIF is the reference for the displayed image."""
+    from tclip_jax.image import image_size
+
+    block = _blocky((32, 48))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(block).save(tmp_path / "a.tif", tiffinfo={0x0112: orientation})
+    Image.fromarray(block).save(tmp_path / "a.png", exif=exif)
+    displayed = load_image(tmp_path / "a.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "a.tif"), displayed)
+    np.testing.assert_array_equal(load_image(tmp_path / "a.tif", exif=False), block)
+    assert image_size(tmp_path / "a.tif") == displayed.shape[:2]
+    assert image_size(tmp_path / "a.tif", exif=False) == block.shape[:2]
+
+
+def test_a_program_that_turns_pils_pixel_limit_off_loads_images(tmp_path, monkeypatch):
+    """`Image.MAX_IMAGE_PIXELS = None` is PIL's own way to turn its check off (a library may do it)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    Image.fromarray(_blocky((32, 48))).save(tmp_path / "a.png")
+    assert load_image(tmp_path / "a.png").shape == (32, 48, 3)
+
+
+def test_a_value_error_while_decoding_names_the_file(tmp_path):
+    Image.fromarray(np.full((4, 4), 300.0, np.float32), mode="F").save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match=r"^cannot read image file .*f.tif: float image values must lie in \[0, 1\]"):
+        load_image(tmp_path / "f.tif")
+
+
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
 def test_image_size_reads_the_header_as_load_image_decodes(tmp_path, orientation):
     from tclip_jax.image import image_size

@@ -33,8 +33,9 @@ _UINT16_MAX = 65535
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def max_pixels() -> int:
-    """The largest number of pixels an image file may decode to (PIL's `Image.MAX_IMAGE_PIXELS`)."""
+def max_pixels() -> int | None:
+    """The largest number of pixels an image file may decode to (PIL's `Image.MAX_IMAGE_PIXELS`; None, as a
+    program may set it to turn PIL's check off: no limit)."""
     return Image.MAX_IMAGE_PIXELS
 
 
@@ -63,18 +64,35 @@ def image_size(path: str | os.PathLike, exif: bool = True) -> tuple[int, int]:
     `load_image` makes before decoding (a file, an image, not too many pixels): a run can check every image up
     front. Data damaged past the header is found only by decoding."""
     def size(img: Image.Image) -> tuple[int, int]:
-        turned = exif and img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn
+        if _tiff_orientation(img) != 1:  # the header's size is already the turned one
+            turned = not exif and _tiff_orientation(img) in _QUARTER_TURNS
+        else:
+            turned = exif and img.getexif().get(_EXIF_ORIENTATION, 1) in _QUARTER_TURNS
         return (img.width, img.height) if turned else (img.height, img.width)
 
     return _opened(pathlib.Path(path), size)
 
 
 _EXIF_ORIENTATION = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)
+# The transpose that undoes what `ImageOps.exif_transpose` does for each orientation.
+_UNDO_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                     4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+                     7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+def _tiff_orientation(img: Image.Image) -> int:
+    """The orientation of a TIFF, which PIL applies itself when it loads one (its header size already turned);
+    1 for other formats."""
+    return img.tag_v2.get(_EXIF_ORIENTATION, 1) if img.format == "TIFF" else 1
 
 
 def _decode(source: pathlib.Path | bytes, exif: bool) -> np.ndarray:
     def decoded(img: Image.Image) -> np.ndarray:
+        applied = _tiff_orientation(img)
         img.load()
+        if not exif and applied in _UNDO_ORIENTATION:  # back to the stored grid
+            img = img.transpose(_UNDO_ORIENTATION[applied])
         return _pil_to_rgb(img, exif)
 
     return _opened(source, decoded)
@@ -93,7 +111,10 @@ def _opened(source: pathlib.Path | bytes, read: Callable[[Image.Image], T]) -> T
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             _check_size(img.width * img.height, f"{name} ({img.width}x{img.height})")  # from the header
-            return read(img)
+            try:
+                return read(img)
+            except ValueError as err:  # e.g. values a mode cannot hold: say which file
+                raise ValueError(f"cannot read {name}: {err}") from None
     except Image.DecompressionBombError as err:  # PIL refuses beyond twice its limit, in open()
         _check_size(int(re.search(r"\((\d+) pixels\)", str(err)).group(1)), name)
         raise ValueError(f"cannot read {name}: {err}") from None
@@ -102,7 +123,7 @@ def _opened(source: pathlib.Path | bytes, read: Callable[[Image.Image], T]) -> T
 
 
 def _check_size(pixels: int, name: str) -> None:
-    if pixels > max_pixels():
+    if max_pixels() is not None and pixels > max_pixels():
         raise ValueError(f"{name} has {pixels:,} pixels, more than the limit of {max_pixels():,} (a guard against "
                          "decompression bombs); pass --max-pixels N (tclip_jax.image.io.set_max_pixels) to allow it")
 
