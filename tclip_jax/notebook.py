@@ -1,7 +1,6 @@
 """The logic behind `colab/tclip_demo.ipynb`, kept here so that it is tested like everything else."""
 from __future__ import annotations
 
-import io
 import os
 import socket
 import urllib.request
@@ -10,7 +9,6 @@ from typing import Optional
 
 import jax
 import numpy as np
-import PIL.Image
 
 from tclip_jax import synthetic
 from tclip_jax.image import load_image
@@ -54,7 +52,7 @@ def fetch_image(source: Optional[str] = None) -> np.ndarray:
         return synthetic.make_scene(synthetic.HELDOUT_SEED_START).image
     if source.startswith(("http://", "https://")):
         with urllib.request.urlopen(source, timeout=30) as response:
-            return load_image(PIL.Image.open(io.BytesIO(response.read())))
+            return load_image(response.read())  # encoded bytes: the pixel-limit check a file gets
     return load_image(source)
 
 

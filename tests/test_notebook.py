@@ -71,3 +71,28 @@ def test_fetch_image_from_path_and_default(tmp_path):
     assert notebook.fetch_image(None).shape == (224, 224, 3)
     with pytest.raises(FileNotFoundError):
         notebook.fetch_image(str(tmp_path / "missing.png"))
+
+
+def test_fetch_image_from_a_url_decodes_as_a_file_does_with_its_pixel_limit(tmp_path, monkeypatch):
+    import functools
+    import http.server
+    import threading
+
+    from PIL import Image
+
+    from tclip_jax.image import load_image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), np.uint8)).save(tmp_path / "photo.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/photo.png"
+        np.testing.assert_array_equal(notebook.fetch_image(url), load_image(tmp_path / "photo.png"))
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1200 pixels: under PIL's own refusal at twice it
+        with pytest.raises(ValueError, match="has 1,200 pixels, more than the limit of 1,000"):
+            notebook.fetch_image(url)
+    finally:
+        server.shutdown()
