@@ -1,7 +1,8 @@
 """Decoding: any path, encoded bytes, PIL image or array becomes an RGB uint8 array [H, W, 3].
 
 Conventions:
-- Alpha is dropped (not composited), as CLIP's own ``_convert_image_to_rgb`` (PIL ``convert("RGB")``) does.
+- Alpha is dropped (not composited), as CLIP's own ``_convert_image_to_rgb`` (PIL ``convert("RGB")``) does;
+  CLIP converts after resizing, we before (`tclip_jax.image.protocols`).
 - 16-bit values v become round(v / 257), so 8-bit values stored as v * 257 round-trip exactly.
 - Float arrays must lie in [0, 1] and become round(255 * x).
 - EXIF orientation is applied (``ImageOps.exif_transpose``) to files and PIL images, unless ``exif=False``:

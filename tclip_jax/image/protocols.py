@@ -10,7 +10,10 @@
   patches (Grad-ECLIP's ``imgprocess``); the model resizes its positional embedding to that grid.
 
 Every protocol takes the decoded uint8 image (`tclip_jax.image.load_image`), so an image is decoded once
-whatever runs on it, and returns float32 [h, w, 3] normalized with CLIP's mean and std.
+whatever runs on it, and returns float32 [h, w, 3] normalized with CLIP's mean and std. The reproductions are
+of RGB images: OpenAI's ``_transform`` resizes before it converts to RGB, and PIL resizes an RGBA image with its
+colours weighted by alpha (a transparent pixel counts as black) and a palette or 1-bit image by nearest
+neighbour, where we resize the RGB image `load_image` gives (alpha dropped); such images differ a little.
 
 Images longer than `MAX_ASPECT_RATIO` times their width (or the reverse) are refused by the square protocols:
 ``whole`` would squash a 4000 x 50 strip 80-fold into the square input and ``center_crop`` would keep an eightieth
