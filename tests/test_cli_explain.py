@@ -143,3 +143,24 @@ def test_settings_flags_must_belong_to_the_method(tmp_path, fixtures_dir, capsys
                   "--model", model, "--out", str(tmp_path / "o")]) == 2
     assert "unknown option 'depth'; known settings: box_rule, truncate, start_layer" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_running_out_of_memory_is_one_line_that_says_so_and_a_bug_says_it_is_internal(monkeypatch, capsys):
+    import jax
+    import jax.numpy as jnp
+
+    import tclip_jax.cli.explain as explain_command
+
+    def too_big(args):  # XLA's own allocation failure (4 TiB), raised at once
+        jax.jit(lambda: jnp.ones((1 << 40,), jnp.float32))().block_until_ready()
+
+    monkeypatch.setattr(explain_command, "run", too_big)
+    assert tclip(["explain", "x.png", "--prompt", "red", "--out", "nowhere"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tclip explain: error: out of memory (RESOURCE_EXHAUSTED: Out of "
+                                               "memory allocating 4398046511104 bytes")
+    assert "fewer prompts" in err[0]
+    monkeypatch.setattr(explain_command, "run", lambda args: {}["missing"])
+    assert tclip(["explain", "x.png", "--prompt", "red", "--out", "nowhere"]) == 1
+    assert capsys.readouterr().err.strip() == ("tclip explain: internal error (KeyError): 'missing' (set "
+                                               "TCLIP_TRACEBACK=1 for the traceback)")

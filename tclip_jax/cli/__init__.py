@@ -58,9 +58,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:  # a bug: one line, not a traceback, but say so
         if os.environ.get("TCLIP_TRACEBACK"):
             raise
+        if _out_of_memory(err):  # not a bug: the run asked for more memory than the machine has
+            print(f"tclip {args.command}: error: out of memory ({_one_line(err)[:160]}); a smaller image (or "
+                  "--input-protocol whole), fewer prompts or fewer translated copies need less", file=sys.stderr)
+            return 2
         print(f"tclip {args.command}: internal error ({type(err).__name__}): {_one_line(err)} "
               "(set TCLIP_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 1
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """numpy's MemoryError, or XLA's allocation failure (a JaxRuntimeError saying RESOURCE_EXHAUSTED or "Out of
+    memory")."""
+    text = str(err)
+    return isinstance(err, MemoryError) or (type(err).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and (
+        "RESOURCE_EXHAUSTED" in text or "Out of memory" in text))
 
 
 def _one_line(err: BaseException) -> str:
