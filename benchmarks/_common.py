@@ -19,6 +19,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from tclip_jax.files import write_text_atomic
+
 RESULTS_PATH = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 
 # The speed benchmarks' inputs: a 640x480 photo-like scene and these prompt sets.
@@ -176,7 +178,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 
 
 def write_section(name: str, body: str, path: pathlib.Path = RESULTS_PATH) -> None:
-    """Replace section `name` of the results file with `body` (append it if absent; create the file)."""
+    """Replace section `name` of the results file with `body` (append it if absent; create the file). Everything
+    between the section's markers is the script's: readings written by hand go after its end marker."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ValueError(f"section name must be letters, digits, '_', '.' or '-', got {name!r}")
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
@@ -189,5 +192,5 @@ def write_section(name: str, body: str, path: pathlib.Path = RESULTS_PATH) -> No
         text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_text_atomic(path, text)  # a kill mid-write leaves the old file, not an empty one
     print(f"wrote the '{name}' section of {path} (--no-write leaves it as it is)", file=sys.stderr)

@@ -21,10 +21,12 @@ step, so the two compete; on an accelerator they do not.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
 
+import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
@@ -84,6 +86,14 @@ def measure(tclip: TCLIP, images: list, prompts, batch_size: int, rounds: int) -
             "batches": len(spans[True])}
 
 
+def device_note() -> str:
+    """Where the device work runs against the host step's cores."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return f"XLA:CPU on the same {len(os.sched_getaffinity(0))} cores as the host step"
+    return f"{device.device_kind}, beside the host step's {len(os.sched_getaffinity(0))} cores"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=positive_int, default=6)
@@ -115,7 +125,7 @@ def main(argv=None) -> None:
         "batch's finish to the last's with no batch queued (the sweep's measure; the last round's); 'floor': the "
         "same images' 25 translated copies through the image tower alone, batch by batch, timed in each round "
         "before the two schedules (the `floor ms/img` of gpu_profile.py). "
-        "Each result dropped as it arrives; the device is XLA:CPU on the same 2 cores as the host step.", "",
+        f"Each result dropped as it arrives; the device: {device_note()}.", "",
         markdown_table(header, rows)])
     print(text)
     if not args.no_write:

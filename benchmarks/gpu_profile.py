@@ -179,9 +179,10 @@ def report(rows: list[dict], plan: Plan, machine: str, loads: tuple[str, str], e
         "## TCLIP on an accelerator: device vs host time per image, float32 vs bfloat16", "",
         f"- date: {today()}", f"- machine: {machine}", f"- command: `{command_line()}`",
         f"- load average before: {loads[0]}; after: {loads[1]}; took {elapsed / 60:.1f} min",
-        f"- random weights; {plan.image_hw[1]}x{plan.image_hw[0]} held-out synthetic scenes; K = 25; median of "
-        f"{plan.repeats} runs after a compiling warm-up; host = to_original + soft_maps_and_boxes of one image's "
-        "maps (one distinct query per map)", "", table, "", compared])
+        f"- random weights; {plan.image_hw[1]}x{plan.image_hw[0]} held-out synthetic scenes; K = 25; device, floor "
+        f"and host: median of {plan.repeats} runs after a compiling warm-up; host = to_original + "
+        "soft_maps_and_boxes of one image's maps (one distinct query per map); explain: one timed run of "
+        f"explain_batch over max({plan.explain_images}, batch) images, per image", "", table, "", compared])
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,10 @@ Each (model, method, protocol) is `tclip sweep synthetic --protocol P --limit N`
 maps the whole prompt. Each cell is "pointing game / BoxAcc@0.5" of the words it names, scored as the sweep
 scores them (pointing on the relevance map, TCLIP: the soft map; the Otsu box, largest component); the
 wrong-attribute column is the share of maps that peak on the object the prompt names wrongly (lower is better).
-Also image <-> text retrieval top-1 on 256 held-out scenes. Prints the tables and rewrites the `synthetic`
-section of benchmarks/RESULTS.md; `--json PATH` keeps every report's headline figures per word group.
+Also image <-> text retrieval top-1 on 256 held-out scenes. Prints the tables and rewrites each model's section
+of benchmarks/RESULTS.md (`synthetic-default`, `synthetic-clip_only`) as soon as its table is done; a run of some
+methods or protocols only (`--methods`, `--protocols`) prints, with `--no-write`, so a whole table is never replaced
+by part of one. `--json PATH` keeps every report's headline figures per word group.
 
     python benchmarks/synthetic_grounding.py [--scenes 100] [--models default clip_only] [--methods tclip_k25 ...]
 """
@@ -44,11 +46,15 @@ TARGETS = {"captions: colour": ">=0.95 / >=0.70", "captions: shape": ">=0.90 / >
            "small objects": ">=0.70 / -", "wrong attribute": "<=0.10"}
 
 
+# eclip without trained projections is the similarity baseline; trained, it has its own RESULTS.md section.
+BASELINES = tuple(name for name in METHODS if name not in ("tclip", "eclip"))
+METHOD_NAMES = ("tclip_k25", "tclip_k1", *BASELINES)
+
+
 def method_factories(clip) -> dict:
+    """{name in METHOD_NAMES: a function that builds the method on `clip`}."""
     factories = {"tclip_k25": lambda: TCLIP(clip), "tclip_k1": lambda: TCLIP(clip, Settings(translations=1))}
-    # eclip without trained projections is the similarity baseline; trained, it has its own RESULTS.md section.
-    factories.update({name: (lambda cls=cls: cls(clip)) for name, cls in METHODS.items()
-                      if name not in ("tclip", "eclip")})
+    factories.update({name: (lambda cls=METHODS[name]: cls(clip)) for name in BASELINES})
     return factories
 
 
@@ -67,26 +73,29 @@ def main() -> None:
     parser.add_argument("--scenes", type=positive_int, default=100,
                         help="held-out scenes per protocol (default: %(default)s)")
     parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
-    parser.add_argument("--methods", nargs="+", help="a subset of tclip_k25, tclip_k1 and the baselines")
-    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES, metavar="METHOD",
+                        help=f"a subset of {', '.join(METHOD_NAMES)} (default: all; a subset needs --no-write)")
+    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS),
+                        help="default: all (a subset needs --no-write)")
     parser.add_argument("--json", type=pathlib.Path, help="also write every report's figures per word group here")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
-    load = load_average()
-    start = time.perf_counter()
-    sections, everything = [], {}
+    methods = args.methods or list(METHOD_NAMES)
+    if not args.no_write and (set(methods) != set(METHOD_NAMES) or set(args.protocols) != set(PROTOCOLS)):
+        parser.error("--methods or --protocols measure part of a model's table, which would replace the whole one "
+                     "in RESULTS.md: add --no-write")
+    everything = {}
     header = ["method", *(name for name, _, _ in CELLS), "wrong attribute"]
     pairs = retrieval_scenes(RETRIEVAL_PAIRS)  # drawn once for every model
     for model in args.models:
+        load = load_average()
+        start = time.perf_counter()
         clip = load_clip(MODELS[model])
         factories = method_factories(clip)
-        unknown = sorted(set(args.methods or ()) - set(factories))
-        if unknown:
-            parser.error(f"unknown methods {unknown}; available: {', '.join(factories)}")
         retrieval = retrieval_top1(clip, [s.image for s in pairs], [s.caption for s in pairs])
         rows = [["target (TCLIP K=25)", *(TARGETS.get(name, "") for name, _, _ in CELLS), TARGETS["wrong attribute"]]]
         everything[model] = {"retrieval": retrieval, "methods": {}}
-        for name in args.methods or factories:
+        for name in methods:
             method = factories[name]()
             scores = {}
             for protocol in args.protocols:
@@ -94,29 +103,27 @@ def main() -> None:
                 print(model, name, protocol, json.dumps(scores[protocol]["all"]), flush=True)
             everything[model]["methods"][name] = scores
             rows.append(table_row(name, scores))
-        sections.append("\n\n".join([
-            f"### Model `{model}` ({MODELS[model].relative_to(DEFAULT_MODEL_DIR.parents[1])})",
+        body = "\n\n".join([
+            f"## Synthetic scenes: per-word localisation, every protocol: model `{model}` "
+            f"({MODELS[model].relative_to(DEFAULT_MODEL_DIR.parents[1])})",
+            f"Machine: {machine_description()}",
+            f"Date: {today()}; load average before the model's run: {load}; its run took "
+            f"{(time.perf_counter() - start) / 60:.1f} min",
+            f"Command: `{command_line()}`",
+            f"Scenes: held-out seeds {HELDOUT_SEED_START}..{HELDOUT_SEED_START + args.scenes - 1} per protocol, each "
+            "protocol a synthetic sweep. Cells: pointing game / BoxAcc@0.5 of the words named in the header "
+            "(\"4-5 objects\" and the out-of-style conditions: every scored word); the last column: the share of "
+            "wrong-attribute maps that peak on the wrongly named object (lower is better). See the script's "
+            "docstring.",
             f"Retrieval top-1 on {retrieval['pairs']} held-out scenes: image->text "
             f"{retrieval['image_to_text_top1']:.3f}, text->image {retrieval['text_to_image_top1']:.3f} "
             "(target >= 0.90).",
-            markdown_table(header, rows)]))
-    seconds = time.perf_counter() - start
-    body = "\n\n".join([
-        "## Synthetic scenes: per-word localisation, every protocol",
-        f"Machine: {machine_description()}",
-        f"Date: {today()}; load average before the run: {load}; the run took {seconds / 60:.1f} min",
-        f"Command: `{command_line()}`",
-        f"Scenes: held-out seeds {HELDOUT_SEED_START}..{HELDOUT_SEED_START + args.scenes - 1} per protocol, each "
-        "protocol a synthetic sweep. Cells: pointing game / BoxAcc@0.5 of the words named in the header "
-        "(\"4-5 objects\" and the out-of-style conditions: every scored word); the last column: the share of "
-        "wrong-attribute maps that peak on the wrongly named object (lower is better). See the script's docstring.",
-        *sections,
-    ])
-    print(body)
+            markdown_table(header, rows)])
+        print(body, flush=True)
+        if not args.no_write:  # each model's table as soon as it is done
+            write_section(f"synthetic-{model}", body)
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1) + "\n")
-    if not args.no_write:
-        write_section("synthetic", body)
 
 
 if __name__ == "__main__":

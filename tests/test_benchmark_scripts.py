@@ -34,3 +34,29 @@ def test_bad_arguments_end_a_benchmark_with_one_line(tmp_path, command, message)
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert message.format(tmp=tmp_path) in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_section_is_replaced_whole_and_the_text_around_it_kept(tmp_path):
+    from benchmarks._common import write_section
+
+    results = tmp_path / "RESULTS.md"
+    write_section("one", "first table", results)
+    results.write_text(results.read_text() + "\nReading by hand, after the end marker.\n")
+    write_section("two", "another", results)
+    write_section("one", "new table", results)
+    text = results.read_text()
+    assert text.index("<!-- one:start -->\nnew table\n<!-- one:end -->") < text.index("Reading by hand") \
+        < text.index("<!-- two:start -->\nanother\n<!-- two:end -->")
+    assert "first table" not in text and sorted(p.name for p in tmp_path.iterdir()) == ["RESULTS.md"]
+    with pytest.raises(ValueError, match="section name must be"):
+        write_section("bad name", "x", results)
+
+
+def test_a_synthetic_run_of_some_methods_or_protocols_is_not_written_over_a_whole_table():
+    for part in (["--methods", "tclip_k1"], ["--protocols", "captions"]):
+        done = subprocess.run([sys.executable, "benchmarks/synthetic_grounding.py", "--scenes", "1", *part], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1].endswith("--methods or --protocols measure part of a model's "
+                                                             "table, which would replace the whole one in RESULTS.md: "
+                                                             "add --no-write")
