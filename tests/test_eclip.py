@@ -1,5 +1,6 @@
 """ECLIP: masked max pooling, the loss, a train step that moves only the projections, the ITSM, the projections
 file, resuming, the attention of a Hugging Face ViT, and `tclip train-eclip` / `tclip explain --method eclip`."""
+import dataclasses
 import hashlib
 import json
 
@@ -12,7 +13,7 @@ from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.cli import main as tclip
 from tclip_jax.methods.base import Query
 from tclip_jax.methods.eclip import ECLIP, Settings, TrainSettings
-from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, PROJECTIONS_INFO, clip_projections, eclip_map,
+from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, clip_projections, eclip_map,
                                             image_features, load_projections, save_projections)
 from tclip_jax.methods.eclip.train import (Pairs, ViTAttention, contrastive_loss, file_pairs, make_optimizer,
                                            make_train_step, masked_max_pool, pair_features, train)
@@ -42,7 +43,7 @@ def data_dir(tmp_path_factory):
 
 def in_memory_pairs(count: int = 4) -> Pairs:
     scenes = [make_scene(seed, 64) for seed in range(count)]
-    return Pairs("test scenes", count, lambda: ((s.image, s.caption) for s in scenes))
+    return Pairs("test scenes", f"test scenes {count}", count, lambda: ((s.image, s.caption) for s in scenes))
 
 
 def test_masked_max_pool_is_the_channelwise_max_of_the_masked_patches():
@@ -125,19 +126,33 @@ def test_without_projections_eclip_runs_on_clips_own_and_says_so(clip):
 def test_projections_round_trip_and_refuse_another_models_shapes(clip, tmp_path):
     projections = {k: v + 1 for k, v in clip_projections(clip.params).items()}
     path = save_projections(tmp_path / PROJECTIONS_FILE, projections, clip, {"steps": 3})
-    loaded, digest = load_projections(path, clip.config)
+    loaded, digest = load_projections(path, clip)
     assert all(np.array_equal(loaded[k], projections[k]) for k in ("image", "text"))
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
-    info = json.loads((tmp_path / PROJECTIONS_INFO).read_text())
+    info = json.loads((tmp_path / PROJECTIONS_FILE).with_suffix(".json").read_text())
     assert info["shapes"] == {"image": [128, 64], "text": [128, 64]} and info["training"] == {"steps": 3}
     assert info["model"]["origin"].endswith("tiny_openai_clip.npz")
     save_projections(tmp_path / "small.safetensors", {"image": np.zeros((64, 64)), "text": np.zeros((128, 64))}, clip)
     with pytest.raises(ValueError, match="do not fit the model"):
-        load_projections(tmp_path / "small.safetensors", clip.config)
+        load_projections(tmp_path / "small.safetensors", clip)
     with pytest.raises(FileNotFoundError, match="not found"):
-        load_projections(tmp_path / "missing.safetensors", clip.config)
+        load_projections(tmp_path / "missing.safetensors", clip)
     with pytest.raises(ValueError, match=f"is a folder; name its {PROJECTIONS_FILE}"):
-        load_projections(tmp_path, clip.config)
+        load_projections(tmp_path, clip)
+
+
+def test_projections_trained_on_another_clip_of_the_same_widths_are_refused(clip, tmp_path):
+    """Widths do not tell models apart (ViT-B/32 and ViT-B/16 share theirs): the JSON beside the projections names
+    the model they were trained on; a float16 conversion of that model is that model."""
+    path = save_projections(tmp_path / PROJECTIONS_FILE, clip_projections(clip.params), clip)
+    other = dataclasses.replace(clip, params=jax.tree_util.tree_map(lambda a: a * 1.01, clip.params), origin="other")
+    with pytest.raises(ValueError, match=r"trained on another CLIP \(.*tiny_openai_clip.npz\) than this one \(other\)"):
+        load_projections(path, other)
+    as_float16 = dataclasses.replace(clip, params=jax.tree_util.tree_map(
+        lambda a: np.asarray(a, np.float16).astype(np.float32), clip.params))
+    assert load_projections(path, as_float16)[0]["image"].shape == (128, 64)
+    path.with_suffix(".json").unlink()  # copied without its JSON: nothing to check against
+    assert load_projections(path, other)[0]["image"].shape == (128, 64)
 
 
 def test_a_sweep_does_not_resume_over_projections_trained_further_in_the_same_file(clip, tmp_path):
@@ -169,9 +184,93 @@ def test_resume_gives_the_projections_of_an_uninterrupted_run(clip, data_dir, tm
     for key in ("image", "text"):
         np.testing.assert_array_equal(resumed.projections[key], whole.projections[key])
         assert not np.array_equal(whole.projections[key], clip_projections(clip.params)[key])
-    np.testing.assert_array_equal(load_projections(resumed.path, clip.config)[0]["text"], whole.projections["text"])
+    np.testing.assert_array_equal(load_projections(resumed.path, clip)[0]["text"], whole.projections["text"])
     with pytest.raises(ValueError, match="2 epochs done, more than --epochs 1"):
         train(clip, pairs, tmp_path / "parts", settings.replace(epochs=1), resume=True, progress=False)
+
+
+def test_resume_compares_the_data_and_model_not_how_their_paths_are_spelt(clip, data_dir, tmp_path, monkeypatch):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    settings = TrainSettings(epochs=2, batch_size=3, learning_rate=1e-2)
+    train(clip, file_pairs(data), tmp_path / "run", settings.replace(epochs=1), progress=False)
+    monkeypatch.chdir(tmp_path)
+    captions = data / "captions.tsv"
+    text = captions.read_text()
+    captions.write_text(text.replace("a red circle", "a red disk"))  # the same count, another caption
+    with pytest.raises(ValueError, match="another run: pairs"):
+        train(clip, file_pairs("data"), tmp_path / "run", settings, resume=True, progress=False)
+    captions.write_text(text)
+    other = dataclasses.replace(clip, params=jax.tree_util.tree_map(lambda a: a * 1.01, clip.params))
+    with pytest.raises(ValueError, match="another run: model"):
+        train(other, file_pairs("data"), tmp_path / "run", settings, resume=True, progress=False)
+    assert train(clip, file_pairs("data"), "run", settings, resume=True, progress=False).steps == 4
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the divergence asked for
+def test_training_that_diverges_stops_and_saves_nothing_and_a_fresh_run_keeps_earlier_projections(clip, data_dir,
+                                                                                                  tmp_path):
+    with pytest.raises(ValueError, match=r"training diverged in epoch 1 \(loss [0-9.]+\): the projections are not "
+                                         "finite; nothing was saved"):  # a step of 1e39 overflows float32 at once
+        train(clip, file_pairs(data_dir), tmp_path / "inf", TrainSettings(epochs=2, batch_size=4,
+                                                                          learning_rate=1e39), progress=False)
+    assert not (tmp_path / "inf" / PROJECTIONS_FILE).exists() and not (tmp_path / "inf" / "checkpoint").exists()
+    with pytest.raises(ValueError, match=r"training diverged in epoch 2 \(loss nan\): the projections are not "
+                                         "finite; the checkpoint of epoch 1 is kept"):
+        train(clip, file_pairs(data_dir), tmp_path / "nan", TrainSettings(epochs=2, batch_size=4,
+                                                                          learning_rate=1e38), progress=False)
+    assert not (tmp_path / "nan" / PROJECTIONS_FILE).exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / PROJECTIONS_FILE).write_bytes(b"earlier")
+    with pytest.raises(FileExistsError, match=f"holds {PROJECTIONS_FILE} \\(of an earlier run\\)"):
+        train(clip, file_pairs(data_dir), tmp_path / "kept", TrainSettings(epochs=1), progress=False)
+    assert (tmp_path / "kept" / PROJECTIONS_FILE).read_bytes() == b"earlier"
+
+
+def test_a_damaged_checkpoint_is_named(clip, data_dir, tmp_path):
+    settings = TrainSettings(epochs=1, batch_size=4)
+    train(clip, file_pairs(data_dir), tmp_path / "run", settings, progress=False)
+    state = tmp_path / "run" / "checkpoint" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"the checkpoint in .*checkpoint is damaged \(SafetensorError"):
+        train(clip, file_pairs(data_dir), tmp_path / "run", settings.replace(epochs=2), resume=True, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the limit's own refusal is tested
+def test_lists_in_spreadsheet_encodings_and_bad_rows_are_read_or_named(data_dir, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    for i in range(2):
+        shutil.copy(data_dir / f"img{i}.png", tmp_path / f"img{i}.png")
+    listing = tmp_path / "pairs.csv"
+    listing.write_bytes("path,caption\nimg0.png,a red circle\nimg1.png,a blue square\n".encode("utf-8-sig"))
+    assert file_pairs(listing).count == 2  # a byte-order mark, as Excel writes: not part of the first column
+    listing.write_bytes("path,caption\nimg0.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="pairs.csv is not UTF-8 text"):
+        file_pairs(listing)
+    listing.write_text("path,caption\nimg0.png,a red circle, and more\n")
+    with pytest.raises(ValueError, match=r"pairs.csv:2: more fields than the header's"):
+        file_pairs(listing)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not an image")
+    listing.write_text("path,caption\nimg0.png,a red circle\nbroken.png,a square\n")
+    with pytest.raises(ValueError, match=r"pairs.csv:3: cannot read image file .*broken.png"):
+        file_pairs(listing)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "big.png")
+    listing.write_text("path,caption\nbig.png,a square\n")
+    assert file_pairs(listing).count == 1
+    with pytest.raises(ValueError, match=r"pairs.csv:2: .*1,600 pixels, more than the limit of 1,000"):
+        from tclip_jax.image.io import max_pixels, set_max_pixels
+
+        limit = max_pixels()
+        set_max_pixels(1000)
+        try:
+            file_pairs(listing)
+        finally:
+            set_max_pixels(limit)
 
 
 def test_the_attention_of_a_hugging_face_vit(tmp_path):
@@ -196,6 +295,10 @@ def test_the_attention_of_a_hugging_face_vit(tmp_path):
     assert attention(pixels, (2, 2)).shape == (2, 4)
     with pytest.raises(FileNotFoundError, match="attention model folder .* not found"):
         ViTAttention(tmp_path / "no_such_vit")
+    (tmp_path / "weights.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="weights.npz is a file; name a Hugging Face ViTModel folder"):
+        ViTAttention(tmp_path / "weights.npz")
+    assert ViTAttention(str(tmp_path / "vit") + "/").fingerprint == attention.fingerprint  # spelt otherwise
 
 
 def test_a_hub_attention_model_comes_from_the_hub_cache_and_offline_says_what_to_do(tmp_path, monkeypatch):
@@ -236,7 +339,8 @@ def test_train_then_explain_from_the_command_line(clip, fixtures_dir, data_dir, 
     assert tclip(["train-eclip", "--model", model, "--activation", "quick_gelu", "--data", str(data_dir),
                   "--dino", str(tmp_path / "dino"), "--epochs", "1", "--batch-size", "4", "--out", str(out)]) == 0
     assert "1 steps" in capsys.readouterr().out
-    assert json.loads((out / PROJECTIONS_INFO).read_text())["training"]["attention"] == str(tmp_path / "dino")
+    info = json.loads((out / PROJECTIONS_FILE).with_suffix(".json").read_text())
+    assert info["training"]["attention"]["origin"] == str(tmp_path / "dino")
     projections = out / PROJECTIONS_FILE
     assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "red circle", "--method", "eclip",
                   "--option", f"projections={projections}", "--model", model, "--activation", "quick_gelu",

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
                         help="the MLP activation of a checkpoint that does not say it (a bare state dict)")
+    parser.add_argument("--max-pixels", type=int, metavar="N",
+                        help="decode images of up to N pixels (default: PIL's guard against decompression bombs, "
+                             "89478485)")
     TrainSettings.add_arguments(parser.add_argument_group("training (defaults: the paper's)"))
 
 
@@ -35,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from tclip_jax.methods.eclip.train import ViTAttention, file_pairs, synthetic_pairs, train
 
     settings = TrainSettings.from_dict(TrainSettings.given_arguments(args))
+    if args.max_pixels is not None:  # before the images' headers are checked
+        from tclip_jax.image.io import set_max_pixels
+
+        set_max_pixels(args.max_pixels)
     pairs = synthetic_pairs(args.synthetic) if args.data is None else file_pairs(args.data)  # checked first
     start = time.perf_counter()
     attention = None if args.dino is None else ViTAttention(args.dino)

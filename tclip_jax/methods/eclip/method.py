@@ -10,7 +10,9 @@ The map of a prompt is the cosine of φ̂ₜ(Fₜ) with φ̂ᵢ(Fᵢ) of every p
 model input and min-max normalized. The attention mask of training plays no part at test time.
 
 The projections file (`PROJECTIONS_FILE`, safetensors, never pickle) holds the arrays "image" and "text"; a JSON
-file beside it (`PROJECTIONS_INFO`) names the CLIP model it was trained on, the shapes and the training run.
+file beside it of the same name (eclip_projections.json) names the CLIP model it was trained on, with that model's
+`model_fingerprint`, the shapes and the training run. Loading refuses projections whose JSON records another
+CLIP: widths alone do not tell models apart (ViT-B/32 and ViT-B/16 share theirs).
 """
 from __future__ import annotations
 
@@ -37,7 +39,6 @@ from tclip_jax.model import CLIP, CLIPConfig, l2_normalize
 Array = jax.Array
 Projections = dict  # {"image": [vision_width, embed_dim], "text": [text_width, embed_dim]}
 PROJECTIONS_FILE = "eclip_projections.safetensors"
-PROJECTIONS_INFO = "eclip_projections.json"
 PROJECTIONS_FORMAT = "tclip_jax/eclip_projections"
 
 
@@ -45,6 +46,17 @@ def clip_projections(params: dict) -> Projections:
     """CLIP's own projections (visual proj, text projection): where training starts."""
     return {"image": np.asarray(params["visual"]["proj"], np.float32),
             "text": np.asarray(params["text"]["projection"], np.float32)}
+
+
+def model_fingerprint(clip: LoadedClip) -> str:
+    """A digest that tells CLIPs apart: their MLP activation and their projections, final layer norms and
+    positional embeddings rounded to float16 (so that a float16 conversion of a model is that model)."""
+    visual, text = clip.params["visual"], clip.params["text"]
+    digest = hashlib.sha256(clip.config.activation.encode())
+    for leaf in [visual["proj"], text["projection"], visual["positional_embedding"], text["positional_embedding"],
+                 *jax.tree_util.tree_leaves(visual["ln_post"]), *jax.tree_util.tree_leaves(text["ln_final"])]:
+        digest.update(repr(np.shape(leaf)).encode() + np.asarray(leaf, np.float16).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def projection_shapes(config: CLIPConfig) -> dict[str, tuple[int, int]]:
@@ -96,19 +108,21 @@ def eclip_map(model: CLIP, params: dict, images: Array, texts: Array, projection
 # ------------------------------------------------------------------------------------------ the projections file
 def save_projections(path: str | os.PathLike, projections: Projections, clip: LoadedClip,
                      training: Optional[dict] = None) -> pathlib.Path:
-    """Writes the projections (atomically) and, beside them, `PROJECTIONS_INFO`; returns the projections' path."""
+    """Writes the projections (atomically) and, beside them, their JSON (the same name, .json); returns the
+    projections' path."""
     path = pathlib.Path(path)
     arrays = {k: np.ascontiguousarray(projections[k], np.float32) for k in ("image", "text")}
     write_bytes_atomic(path, safetensors.numpy.save(arrays))
-    info = {"format": PROJECTIONS_FORMAT, "version": 1, "model": {"origin": clip.origin, "source": clip.source},
+    info = {"format": PROJECTIONS_FORMAT, "version": 1,
+            "model": {"origin": clip.origin, "source": clip.source, "fingerprint": model_fingerprint(clip)},
             "shapes": {k: list(v.shape) for k, v in arrays.items()}, "training": training}
-    write_text_atomic(path.with_name(PROJECTIONS_INFO), json.dumps(info, indent=2) + "\n")
+    write_text_atomic(path.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
     return path
 
 
-def load_projections(path: str | os.PathLike, config: CLIPConfig) -> tuple[Projections, str]:
-    """(the projections in `path`, checked against the model's widths; the SHA-256 of the bytes they were read
-    from)."""
+def load_projections(path: str | os.PathLike, clip: LoadedClip) -> tuple[Projections, str]:
+    """(the projections in `path`, checked against the model's widths and against the model their JSON records,
+    if they have one; the SHA-256 of the bytes they were read from)."""
     path = pathlib.Path(path)
     if path.is_dir():
         raise ValueError(f"ECLIP projections {path} is a folder; name its {PROJECTIONS_FILE}")
@@ -119,14 +133,30 @@ def load_projections(path: str | os.PathLike, config: CLIPConfig) -> tuple[Proje
         arrays = safetensors.numpy.load(data)
     except Exception as err:  # safetensors raises its own types for truncated or foreign files
         raise ValueError(f"ECLIP projections file {path} is unreadable: {err}") from None
-    expected = projection_shapes(config)
+    expected = projection_shapes(clip.config)
     shapes = {k: tuple(v.shape) for k, v in arrays.items()}
     if shapes != expected:
         raise ValueError(f"ECLIP projections {path} do not fit the model: they are {shapes}, the model needs "
                          f"{expected} (trained on another CLIP?)")
     if not all(np.isfinite(v).all() for v in arrays.values()):
         raise ValueError(f"ECLIP projections {path} hold non-finite values")
+    _check_trained_on(path.with_suffix(".json"), clip)
     return {k: v.astype(np.float32) for k, v in arrays.items()}, hashlib.sha256(data).hexdigest()
+
+
+def _check_trained_on(info_path: pathlib.Path, clip: LoadedClip) -> None:
+    """Refuses projections whose JSON records another CLIP than `clip` (no JSON, or one written before the
+    fingerprint was recorded: nothing to check against)."""
+    if not info_path.is_file():
+        return
+    try:
+        model = json.loads(info_path.read_text(encoding="utf-8")).get("model") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{info_path} (what the projections beside it were trained on) is damaged: {err}") from None
+    recorded = model.get("fingerprint")
+    if recorded is not None and recorded != model_fingerprint(clip):
+        raise ValueError(f"ECLIP projections beside {info_path} were trained on another CLIP ({model.get('origin')}) "
+                         f"than this one ({clip.origin}): their features differ, so the projections do not apply")
 
 
 # ------------------------------------------------------------------------------------------------- the method
@@ -144,7 +174,7 @@ class ECLIP(PromptMethod):
                           "i.e. untrained ECLIP", stacklevel=2)
             self.projections = clip_projections(clip.params)
         else:
-            self.projections, self.projections_digest = load_projections(self.settings.projections, clip.config)
+            self.projections, self.projections_digest = load_projections(self.settings.projections, clip)
 
     @property
     def params(self):

@@ -15,13 +15,17 @@ argument of the step, so no gradient of them is ever formed.
 `train` checkpoints the projections, the optimizer state and the step into OUT/checkpoint after every epoch
 (a staged folder: never half-written), continues from it with `resume`, and writes the final projections as
 OUT/eclip_projections.safetensors (`method.save_projections`). An epoch's order of pairs depends on the seed and
-the epoch alone, so a resumed run gives the projections of an uninterrupted one.
+the epoch alone, so a resumed run gives the projections of an uninterrupted one. A resume must be of the same run:
+the model, the attention model and the data are compared by fingerprint (weights; the list and each image's name
+and size), not by how their paths were spelt. A run whose projections stop being finite ends with an error.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import functools
+import hashlib
+import io
 import json
 import math
 import os
@@ -37,10 +41,10 @@ import safetensors.numpy
 
 from tclip_jax.checkpoints.load import LoadedClip
 from tclip_jax.files import check_output_folder, staged_folder
-from tclip_jax.image import CLIP_MEAN, CLIP_STD, load_image, prepare
+from tclip_jax.image import CLIP_MEAN, CLIP_STD, image_size, load_image, prepare
 from tclip_jax.methods import common
 from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, Projections, clip_projections, image_features,
-                                            save_projections, text_features)
+                                            model_fingerprint, save_projections, text_features)
 from tclip_jax.methods.eclip.settings import TrainSettings
 from tclip_jax.model import CLIP, l2_normalize
 
@@ -55,9 +59,11 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # ------------------------------------------------------------------------------------------------ the pairs
 @dataclasses.dataclass(frozen=True)
 class Pairs:
-    """Image-text pairs: `count` of them, read in order by `read()` as (uint8 RGB, caption)."""
+    """Image-text pairs: `count` of them, read in order by `read()` as (uint8 RGB, caption). `fingerprint` tells
+    data apart for a resume (`description` says where they come from, however its path was spelt)."""
 
     description: str
+    fingerprint: str
     count: int
     read: Callable[[], Iterator[tuple[np.ndarray, str]]]
 
@@ -74,13 +80,14 @@ def synthetic_pairs(count: int) -> Pairs:
             scene = make_scene(seed, None)
             yield scene.image, scene.caption
 
-    return Pairs(f"{count} synthetic training scenes", count, read)
+    return Pairs(f"{count} synthetic training scenes", f"synthetic:{count}", count, read)
 
 
 def file_pairs(path: str | os.PathLike) -> Pairs:
     """The pairs of a folder with `CAPTIONS_FILE` (FILE<TAB>CAPTION per line), a .csv with columns path and caption,
     or a .jsonl of {"path": ..., "caption": ...}; image paths are relative to the folder of the list. Every image
-    is checked to exist before anything runs."""
+    is checked to exist and to be an image (its header) before anything runs. Their fingerprint is a digest of
+    the list and of each image's name and size."""
     path = pathlib.Path(path)
     if path.is_dir():
         listing = path / CAPTIONS_FILE
@@ -95,20 +102,35 @@ def file_pairs(path: str | os.PathLike) -> Pairs:
     else:
         raise ValueError(f"training data {path} is neither a folder with {CAPTIONS_FILE} nor a .csv or .jsonl file")
     pairs = []
+    digest = hashlib.sha256(listing.read_bytes())
     for line, image, caption in rows:
         if not caption.strip():
             raise ValueError(f"{listing}:{line}: the caption is empty")
         image_path = listing.parent / image
         if not image_path.is_file():
             raise FileNotFoundError(f"{listing}:{line}: image {image_path} not found")
+        try:
+            image_size(image_path)  # an unreadable or too large image, found before any forward pass
+        except ValueError as err:
+            raise ValueError(f"{listing}:{line}: {err}") from None
+        digest.update(f"{image}\0{image_path.stat().st_size}\0".encode())
         pairs.append((image_path, caption))
     if not pairs:
         raise ValueError(f"{listing} has no image-text pairs")
-    return Pairs(str(listing), len(pairs), lambda: ((load_image(p), c) for p, c in pairs))
+    return Pairs(str(listing), digest.hexdigest()[:16], len(pairs), lambda: ((load_image(p), c) for p, c in pairs))
+
+
+def _text(listing: pathlib.Path) -> str:
+    """A list's text (a byte-order mark, as spreadsheet programs write, dropped); one line naming it if it is not
+    UTF-8."""
+    try:
+        return listing.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{listing} is not UTF-8 text: {err}") from None
 
 
 def _tsv_rows(listing: pathlib.Path) -> Iterator[tuple[int, str, str]]:
-    for line, text in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+    for line, text in enumerate(_text(listing).splitlines(), 1):
         if not text.strip():
             continue
         image, tab, caption = text.partition("\t")
@@ -118,16 +140,19 @@ def _tsv_rows(listing: pathlib.Path) -> Iterator[tuple[int, str, str]]:
 
 
 def _csv_rows(listing: pathlib.Path) -> Iterator[tuple[int, str, str]]:
-    with open(listing, newline="", encoding="utf-8") as f:
+    with io.StringIO(_text(listing), newline="") as f:
         reader = csv.DictReader(f)
         if not {"path", "caption"} <= set(reader.fieldnames or ()):
             raise ValueError(f"{listing} needs the columns path and caption, has {reader.fieldnames}")
         for row in reader:
+            if None in row:  # DictReader's key of the fields past the header's
+                raise ValueError(f"{listing}:{reader.line_num}: more fields than the header's (a comma in a caption "
+                                 "needs quotes)")
             yield reader.line_num, row["path"] or "", row["caption"] or ""
 
 
 def _jsonl_rows(listing: pathlib.Path) -> Iterator[tuple[int, str, str]]:
-    for line, text in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+    for line, text in enumerate(_text(listing).splitlines(), 1):
         if not text.strip():
             continue
         try:
@@ -159,6 +184,9 @@ class ViTAttention:
         name, folder = str(name_or_path), pathlib.Path(name_or_path).expanduser()
         if folder.is_dir():
             name = str(folder)
+        elif folder.is_file():
+            raise ValueError(f"--dino {name} is a file; name a Hugging Face ViTModel folder (config.json and weights) "
+                             "or hub name")
         else:
             if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:  # not a hub "org/name"
                 raise FileNotFoundError(f"attention model folder {name} not found")
@@ -168,6 +196,10 @@ class ViTAttention:
         self.image_size = self.model.config.image_size
         self.patch_size = self.model.config.patch_size
         self.origin = name
+        digest = hashlib.sha256()  # what a resume compares, however the folder was spelt
+        for key, tensor in sorted(self.model.state_dict().items()):
+            digest.update(key.encode() + tensor.detach().numpy().astype(np.float16).tobytes())
+        self.fingerprint = digest.hexdigest()[:16]
 
     def __call__(self, pixels: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
         """CLIP inputs [B, h, w, 3] (CLIP-normalized) -> [B, gh*gw] attention on CLIP's patch grid."""
@@ -280,8 +312,13 @@ def train(clip: LoadedClip, pairs: Pairs, out: str | os.PathLike, settings: Trai
                               "--out")
     if resume and not checkpoint.is_dir():
         raise FileNotFoundError(f"--resume: {out} holds no training checkpoint ({CHECKPOINT_DIR}/)")
-    run = {"model": {"origin": clip.origin, "source": clip.source}, "pairs": pairs.description,
-           "pair_count": pairs.count, "attention": "clip" if attention is None else attention.origin,
+    if not resume and (out / PROJECTIONS_FILE).exists():
+        raise FileExistsError(f"{out} holds {PROJECTIONS_FILE} (of an earlier run): choose another --out, or move it")
+    # What a resume compares: fingerprints, counts and settings, not how a path was spelt (origin, description).
+    run = {"model": {"origin": clip.origin, "source": clip.source, "fingerprint": model_fingerprint(clip)},
+           "pairs": {"description": pairs.description, "fingerprint": pairs.fingerprint, "count": pairs.count},
+           "attention": {"origin": "clip", "fingerprint": "clip"} if attention is None else
+           {"origin": attention.origin, "fingerprint": attention.fingerprint},
            "settings": settings.to_dict()}
     optimizer = make_optimizer(settings)
     projections = clip_projections(clip.params)
@@ -308,6 +345,10 @@ def train(clip: LoadedClip, pairs: Pairs, out: str | os.PathLike, settings: Trai
                 step_count += 1
                 bar.update()
                 bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+            if not (np.isfinite(float(loss)) and all(np.isfinite(v).all() for v in projections.values())):
+                kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "nothing was saved"
+                raise ValueError(f"training diverged in epoch {epoch + 1} (loss {float(loss)}): the projections are "
+                                 f"not finite; {kept}. A lower --learning-rate may help")
             save_checkpoint(checkpoint, projections, opt_state, {**run, "epoch": epoch + 1, "step": step_count})
     projections = jax.tree_util.tree_map(np.asarray, projections)
     path = save_projections(out / PROJECTIONS_FILE, projections, clip, {**run, "steps": step_count})
@@ -327,16 +368,27 @@ def save_checkpoint(folder: pathlib.Path, projections: Projections, opt_state: A
 def load_checkpoint(folder: pathlib.Path, run: dict, opt_state: Any) -> tuple[Projections, Any, int, int]:
     """(projections, optimizer state, epochs done, steps done) of a checkpoint of the same run; `opt_state`, a
     fresh state, gives the optimizer state's structure. Any difference of model, data or settings but the number
-    of epochs is an error."""
-    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    ours = {**run, "settings": {k: v for k, v in run["settings"].items() if k != "epochs"}}
-    theirs = {k: state.get(k) for k in run}
-    theirs["settings"] = {k: v for k, v in (theirs["settings"] or {}).items() if k != "epochs"}
+    of epochs is an error (`_compared`)."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        arrays = safetensors.numpy.load_file(folder / "state.safetensors")
+        projections = {k: arrays[f"projections/{k}"] for k in ("image", "text")}
+        treedef = jax.tree_util.tree_structure(opt_state)
+        leaves = [arrays[f"optimizer/{i}"] for i in range(treedef.num_leaves)]
+        epoch, step = state["epoch"], state["step"]
+    except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError) as err:
+        raise ValueError(f"--resume: the checkpoint in {folder} is damaged ({type(err).__name__}: {err}); train "
+                         "afresh in another --out") from None
+    ours, theirs = _compared(run), _compared({k: state.get(k) for k in run})
     changed = [f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in ours if ours[k] != theirs[k]]
     if changed:
         raise ValueError(f"--resume: the checkpoint in {folder} is of another run: {'; '.join(changed)}")
-    arrays = safetensors.numpy.load_file(folder / "state.safetensors")
-    projections = {k: arrays[f"projections/{k}"] for k in ("image", "text")}
-    treedef = jax.tree_util.tree_structure(opt_state)
-    opt_state = jax.tree_util.tree_unflatten(treedef, [arrays[f"optimizer/{i}"] for i in range(treedef.num_leaves)])
-    return projections, opt_state, state["epoch"], state["step"]
+    return projections, jax.tree_util.tree_unflatten(treedef, leaves), epoch, step
+
+
+def _compared(run: dict) -> dict:
+    """What two runs must share for one to resume the other: every fingerprint, count and setting but the number
+    of epochs, not the origins and descriptions (a path spelt another way)."""
+    described = ("origin", "source", "description")
+    return {key: ({k: v for k, v in part.items() if k not in described and (key != "settings" or k != "epochs")}
+                  if isinstance(part, dict) else part) for key, part in run.items()}
