@@ -74,19 +74,22 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[path
 
 @contextlib.contextmanager
 def _ctrl_c_held() -> Iterator[None]:
-    """Holds a Ctrl-C that comes during the block and raises it after. Only the main thread is interrupted by one
-    (Python runs signal handlers there), and only there can a handler be set, so other threads just run the block."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
-        yield  # None: a handler set outside Python, which cannot be put back
+    """Holds a Ctrl-C (or a SIGTERM) that comes during the block and raises it after. Only the main thread is
+    interrupted by one (Python runs signal handlers there), and only there can a handler be set, so other threads
+    just run the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    held = []
-    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    held: list[int] = []
+    signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]  # None: set outside
+    previous = {s: signal.signal(s, lambda number, _: held.append(number)) for s in signals}  # Python, not restorable
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            signal.raise_signal(signal.SIGINT)  # what the previous handler would have done, now
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(held):
+            signal.raise_signal(number)  # what the previous handler would have done, now
 
 
 @functools.cache

@@ -826,6 +826,47 @@ def test_ctrl_c_while_a_staged_folder_replaces_its_target_leaves_the_new_one_who
     assert (target / "step").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
 
 
+def test_a_sigterm_ends_tclip_as_ctrl_c_does_and_waits_for_a_staged_folder_to_land(tmp_path, monkeypatch, capsys):
+    """`tclip` raises a SIGTERM as Ctrl-C is raised (status 143), so staged folders are cleaned up and a swap in
+    progress is finished first (a killed train-eclip left staging folders behind)."""
+    import os
+
+    import tclip_jax.cli.convert as convert_command
+    from tclip_jax.files import staged_folder
+
+    target = tmp_path / "checkpoint"
+    with staged_folder(target) as staging:
+        (staging / "step").write_text("1")
+
+    def killed_while_saving(args):
+        with staged_folder(target) as staging:
+            (staging / "step").write_text("2")
+            os.kill(os.getpid(), signal.SIGTERM)  # mid-write: the staging folder must go
+            time.sleep(5)
+
+    monkeypatch.setattr(convert_command, "run", killed_while_saving)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["convert", "x", "--out", "y"]) == 143
+    assert capsys.readouterr().err.strip() == "tclip convert: terminated"
+    assert signal.getsignal(signal.SIGTERM) == before  # put back for the caller
+    assert (target / "step").read_text() == "1" and [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+    rename = pathlib.Path.rename
+
+    def terminated_on_swap(self, new):  # SIGTERM just as the new folder is renamed in: held until it is
+        if pathlib.Path(new) == target and self.name != target.name:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rename(self, new)
+
+    def saving(args):
+        with staged_folder(target) as staging:
+            (staging / "step").write_text("3")
+
+    monkeypatch.setattr(convert_command, "run", saving)
+    monkeypatch.setattr(pathlib.Path, "rename", terminated_on_swap)
+    assert main(["convert", "x", "--out", "y"]) == 143
+    assert (target / "step").read_text() == "3" and [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+
+
 def test_staged_folders_land_with_the_modes_the_umask_gives(tmp_path):
     """mkdtemp (0700) and safetensors (0600) must not keep collaborators out of results and checkpoints."""
     import safetensors.numpy

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Optional, Sequence
 
@@ -45,11 +47,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     warnings.showwarning = lambda message, *_: print(f"tclip {args.command}: warning: {_one_line(message)}",
                                                       file=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print(f"tclip {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        print(f"tclip {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except USER_ERRORS as err:
         if os.environ.get("TCLIP_TRACEBACK"):
             raise
@@ -65,6 +70,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"tclip {args.command}: internal error ({type(err).__name__}): {_one_line(err)} "
               "(set TCLIP_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM, raised where a Ctrl-C would be, so that a run killed so cleans up as after a Ctrl-C (staged
+    folders removed, a checkpoint replaced whole or not at all)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def _out_of_memory(err: BaseException) -> bool:
