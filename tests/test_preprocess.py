@@ -287,6 +287,14 @@ def test_load_16_bit_png_scales_to_8_bit(tmp_path, rgb):
     np.testing.assert_array_equal(load_image(tmp_path / "deep.png"), np.repeat(rgb[..., :1], 3, axis=2))
 
 
+def test_8_bit_values_in_a_16_bit_mode_are_read_as_16_bit_with_a_warning(rgb):
+    image = Image.fromarray(rgb[..., 0].astype(np.int32))  # mode I: what fromarray makes of int32
+    assert image.mode == "I"
+    with pytest.warns(UserWarning, match="values are all <= 255 is read as 16-bit"):
+        decoded = load_image(image)
+    np.testing.assert_array_equal(decoded[..., 0], np.round(rgb[..., 0] / 257.0).astype(np.uint8))
+
+
 @pytest.mark.parametrize("transparent", [False, True])
 def test_load_palette_png(tmp_path, transparent):
     palette = np.random.default_rng(7).integers(0, 256, (256, 3), dtype=np.uint8)

@@ -138,6 +138,10 @@ def _pil_to_rgb(img: Image.Image, exif: bool = True) -> np.ndarray:
         values = np.asarray(img)
         if values.min() < 0 or values.max() > _UINT16_MAX:
             raise ValueError(f"PIL mode {img.mode} image has values outside the 16-bit range 0..{_UINT16_MAX}")
+        if 0 < values.max() <= 255:  # 8-bit values in a 16-bit mode (Image.fromarray of int32) decode nearly black
+            warnings.warn(f"a PIL mode {img.mode} image whose values are all <= 255 is read as 16-bit (v / 257: "
+                          "nearly black); if they are 8-bit values, convert it to mode L or pass a uint8 array",
+                          stacklevel=2)
         return _array_to_rgb(values.astype(np.uint16))
     if img.mode == "F":
         return _array_to_rgb(np.asarray(img))
