@@ -713,6 +713,49 @@ def test_a_sweep_resumed_with_a_larger_limit_is_the_sweep_run_with_it(coco_hand,
     assert "limit (stored 3, now 2)" in message and "may grow, not shrink" in message
 
 
+def test_a_sweep_does_not_resume_over_annotations_edited_since_it_began(coco_hand, tmp_path, capsys):
+    data = tmp_path / "coco"
+    shutil.copytree(coco_hand, data)
+    method = ("--method", "test_sweep:Painted", "--data", str(data))
+    out = str(tmp_path / "out")
+    assert main(_cli("coco", *method, "--limit", "1", "--out", out)) == 0
+    instances = data / "annotations" / "instances_val2017.json"
+    original = instances.read_text()
+    edited = json.loads(original)
+    edited["annotations"][-1]["bbox"][0] += 1  # one box moved by a pixel
+    instances.write_text(json.dumps(edited))
+    capsys.readouterr()
+    message = _fails(capsys, "coco", *method, "--limit", "3", "--resume", "--out", out)
+    assert "data_fingerprint (stored '" in message and "the annotations were edited since the sweep began" in message
+    instances.write_text(original)
+    stored = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    del stored["data_fingerprint"]  # a sweep stored before datasets had fingerprints resumes as before
+    (tmp_path / "out" / "sweep.json").write_text(json.dumps(stored))
+    assert main(_cli("coco", *method, "--limit", "3", "--resume", "--out", out)) == 0
+    assert "data_fingerprint" in json.loads((tmp_path / "out" / "sweep.json").read_text())
+
+
+def test_datasets_fingerprint_their_annotations(tmp_path):
+    from tclip_jax.evaluation.datasets import voc_dataset
+    from test_datasets import write_voc
+
+    labels = np.zeros((8, 8), np.int64)
+    labels[2:5, 2:5] = 3
+    root = write_voc(tmp_path / "voc", {"a": (painted(8, 8, []), labels), "b": (painted(8, 8, []), labels)})
+    first = voc_dataset(root).fingerprint
+    assert first and voc_dataset(root).fingerprint == first
+    (root / "ImageSets/Segmentation/val.txt").write_text("b\na\n")  # another order: other indices
+    assert voc_dataset(root).fingerprint != first
+    wnid = split_wnids(50)[0]
+    inets = write_imagenet_s(tmp_path / "inets", {f"{wnid}/x": (painted(8, 8, []), np.ones((8, 8), int))})
+    before = imagenet_s_dataset(inets, 50).fingerprint
+    wider = np.ones((8, 8), int)
+    wider[0, :] = 0
+    write_imagenet_s(inets, {f"{wnid}/x": (painted(8, 8, []), wider)})
+    assert before and imagenet_s_dataset(inets, 50).fingerprint != before
+    assert synthetic_dataset(2).fingerprint == ""  # generated: its protocol and seeds are the sweep's own config
+
+
 def test_the_paper_figure_is_shown_only_beside_a_run_as_the_paper_ran_it():
     from tclip_jax.methods.tclip.settings import Settings
     from tclip_jax.sweep.report import PAPER, paper_figures

@@ -110,8 +110,8 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     """Runs (or resumes) this process's share of the sweep and, on process 0, writes the merged report.
 
     ``source`` says where the dataset was read from. With the run (method, model, settings, protocol), dataset,
-    template, limit and evaluation options it is stored in ``sweep.json`` and checked on resume, where only the
-    limit may change, and only grow.
+    the annotations' fingerprint, template, limit and evaluation options it is stored in ``sweep.json`` and checked
+    on resume, where only the limit may change, and only grow.
     """
     out = pathlib.Path(out)
     process, processes = jax.process_index(), jax.process_count()
@@ -119,7 +119,8 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     config = json.loads(json.dumps({"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "run": run,
                                     "dataset": dataset.name, "source": source, "template": template,
                                     "classes": len(dataset.class_names), "limit": options.limit,
-                                    "evaluation": evaluation.to_dict()}))
+                                    "evaluation": evaluation.to_dict(),
+                                    **({"data_fingerprint": dataset.fingerprint} if dataset.fingerprint else {})}))
     _check_config(out, config, options.resume)
     queries = _Queries(method, class_queries(dataset.class_names, template))  # bad prompts fail before any write
     barrier("tclip-sweep-checked")  # nobody writes before every process has checked
@@ -337,6 +338,8 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
     if not resume:
         raise ValueError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
     stored = read_config(out)
+    if "data_fingerprint" in config:  # a sweep stored before datasets had fingerprints: nothing to check against
+        stored.setdefault("data_fingerprint", config["data_fingerprint"])
     if "matmul_dtype" in config["run"]["model"]:
         # Sweeps stored before results recorded the matmul dtype ran float32 matmuls (the command line has no other).
         stored.get("run", {}).get("model", {}).setdefault("matmul_dtype", "float32")
@@ -349,9 +352,11 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
         del changed["limit"]
     if changed:
         shrinks = " (a resumed sweep's --limit may grow, not shrink)" if "limit" in changed else ""
+        edited = (" (the annotations were edited since the sweep began: its records were scored on the old ones; "
+                  "start a new --out)") if "data_fingerprint" in changed else ""
         raise ValueError(f"cannot resume {out}: the sweep there differs in "
                          + "; ".join(f"{key} (stored {old!r}, now {new!r})" for key, (old, new) in changed.items())
-                         + shrinks)
+                         + shrinks + edited)
 
 
 def _changed_fields(stored: dict, now: dict, prefix: str = "") -> dict[str, tuple]:

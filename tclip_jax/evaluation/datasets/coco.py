@@ -30,7 +30,8 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
-from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
+from tclip_jax.evaluation.datasets.base import (Dataset, LoadedSample, Sample, Target, check_size, fingerprint,
+                                                indexed)
 from tclip_jax.image import load_image
 
 Crowd = Literal["keep", "drop"]
@@ -84,7 +85,8 @@ def coco_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
                                   _raw_loader(image_dir / info["file_name"], (info["height"], info["width"]),
                                               classes, boxes)))
     _check_has_samples(len(samples), str(annotation_path), crowd)
-    return Dataset("coco", tuple(c["name"] for c in categories), len(samples), indexed(samples))
+    return Dataset("coco", tuple(c["name"] for c in categories), len(samples), indexed(samples),
+                   fingerprint([annotation_path.read_bytes()]))
 
 
 def coco_seg_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
@@ -99,7 +101,8 @@ def coco_seg_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset
             samples.append(Sample(str(image_id), len(samples), functools.partial(
                 _seg_load, image_dir / info["file_name"], (info["height"], info["width"]), objects[image_id], crowd)))
     _check_has_samples(len(samples), str(annotation_path), crowd)
-    return Dataset("coco-seg", tuple(c["name"] for c in categories), len(samples), indexed(samples))
+    return Dataset("coco-seg", tuple(c["name"] for c in categories), len(samples), indexed(samples),
+                   fingerprint([annotation_path.read_bytes()]))
 
 
 def _raw_layout(root: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:

@@ -25,7 +25,8 @@ import pathlib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
+from tclip_jax.evaluation.datasets.base import (Dataset, LoadedSample, Sample, Target, check_size, fingerprint,
+                                                indexed)
 from tclip_jax.image import load_image
 from tclip_jax.evaluation.metrics.imagenet_s import IGNORE_ID, decode_label_png
 
@@ -76,7 +77,8 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
     if telling is not None:
         _check_split(label_root / f"{telling.key}.png", split)  # the key is <wnid>/<name>
     names = imagenet_class_names()
-    return Dataset(f"imagenet-s{split}", tuple(names[w] for w in wnids), len(samples), indexed(samples))
+    labels = fingerprint(f"{s.key}\0{(label_root / f'{s.key}.png').stat().st_size}".encode() for s in samples)
+    return Dataset(f"imagenet-s{split}", tuple(names[w] for w in wnids), len(samples), indexed(samples), labels)
 
 
 def _ids_differ(wnid: str, split: int) -> bool:

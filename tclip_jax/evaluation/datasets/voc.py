@@ -15,7 +15,8 @@ import pathlib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
+from tclip_jax.evaluation.datasets.base import (Dataset, LoadedSample, Sample, Target, check_size, fingerprint,
+                                                indexed)
 from tclip_jax.image import load_image
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dining table",
@@ -52,7 +53,9 @@ def voc_dataset(root: str | pathlib.Path, split: str = "val") -> Dataset:
             if not path.is_file():
                 raise FileNotFoundError(f"VOC: {split_path} line {line}: {path} not found")
         samples.append(Sample(image_id, len(samples), functools.partial(_load, image_path, label_path)))
-    return Dataset(f"voc2012-{split}", VOC_CLASSES, len(samples), indexed(samples))
+    labels = [split_path.read_bytes(), *(f"{s.key}\0{(root / LABEL_DIR / f'{s.key}.png').stat().st_size}".encode()
+                                         for s in samples)]
+    return Dataset(f"voc2012-{split}", VOC_CLASSES, len(samples), indexed(samples), fingerprint(labels))
 
 
 def read_voc_labels(path: pathlib.Path) -> np.ndarray:
