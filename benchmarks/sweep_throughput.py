@@ -51,10 +51,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.random_vit_b32 and args.model:
         parser.error("--random-vit-b32 and --model name two models; give one")
+    if args.scenes <= args.batch_size:  # refused now: with one batch the steady rate and the waiting share are None
+        parser.error(f"--scenes {args.scenes} with --batch-size {args.batch_size} is one batch; the rate after the "
+                     "first batch and the device's waiting share need two: give more scenes than the batch size")
     if args.measure:
         print(json.dumps(measure(args)))
         return
 
+    load_before = load_average()
     rows = []
     for devices in DEVICE_COUNTS:
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
@@ -73,7 +77,7 @@ def main() -> None:
     body = "\n\n".join([
         "## Sweep throughput: TCLIP (K=25) over the held-out synthetic scenes (CPU)",
         f"Machine: {machine_description()}",
-        f"Date: {today()}; load average before the run: {load_average()}",
+        f"Date: {today()}; load average before the run: {load_before}",
         f"Command: `{command_line()}`",
         f"Model: {model}. Batch {args.batch_size} split over the devices, {args.workers} loader and "
         f"{args.workers} host threads. 'Device waiting on the host' is the share of the time after the first "

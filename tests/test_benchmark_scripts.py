@@ -1,5 +1,7 @@
-"""benchmarks/: the scripts' counts of rounds, images and scenes refuse what they cannot run, with argparse's line."""
+"""benchmarks/: the scripts refuse what they cannot run with one line (argparse's) before measuring, and report what they
+measured as measured."""
 import argparse
+import json
 import pathlib
 import subprocess
 import sys
@@ -8,6 +10,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import sweep_throughput  # noqa: E402
 from benchmarks._common import positive_int  # noqa: E402
 
 
@@ -26,7 +29,10 @@ def test_counts_are_integers_of_at_least_one():
 @pytest.mark.parametrize("command, message", [
     (["benchmarks/host_step.py", "--timing-images", "0"], "argument --timing-images: expected an integer >= 1, got 0"),
     (["benchmarks/host_step.py", "--fidelity-maps", "3", "0", "3"], "argument --fidelity-maps: expected an integer"),
-    (["benchmarks/sweep_throughput.py", "--model", "{tmp}", "--scenes", "1"],
+    (["benchmarks/sweep_throughput.py", "--scenes", "2", "--batch-size", "2"],
+     "--scenes 2 with --batch-size 2 is one batch; the rate after the first batch and the device's waiting share "
+     "need two"),
+    (["benchmarks/sweep_throughput.py", "--model", "{tmp}", "--scenes", "2", "--batch-size", "1"],
      "the run on 1 device(s) failed: FileNotFoundError: {tmp} is not a CLIP checkpoint folder"),
 ])
 def test_bad_arguments_end_a_benchmark_with_one_line(tmp_path, command, message):
@@ -34,3 +40,22 @@ def test_bad_arguments_end_a_benchmark_with_one_line(tmp_path, command, message)
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert message.format(tmp=tmp_path) in done.stderr.strip().splitlines()[-1]
+
+
+def test_sweep_throughput_reports_the_load_average_read_before_its_runs(monkeypatch, capsys):
+    runs = []
+
+    def child_run(command, **kwargs):  # each simulated device count's measuring run, without measuring
+        devices = int(kwargs["env"]["XLA_FLAGS"].rsplit("=", 1)[1])
+        runs.append(devices)
+        throughput = {"devices": devices, "images": 4, "batches": 2, "wall_seconds": 1.0, "images_per_second": 4.0,
+                      "steady_images_per_second": 5.0, "device_wait_share": 0.1}
+        return subprocess.CompletedProcess(command, 0, json.dumps(throughput) + "\n", "")
+
+    monkeypatch.setattr(sweep_throughput.subprocess, "run", child_run)
+    monkeypatch.setattr(sweep_throughput, "machine_description", lambda: "a machine")
+    monkeypatch.setattr(sweep_throughput, "load_average", lambda: f"load after {len(runs)} runs")
+    monkeypatch.setattr(sys, "argv", ["sweep_throughput.py", "--scenes", "4", "--batch-size", "2", "--no-write"])
+    sweep_throughput.main()
+    assert runs == list(sweep_throughput.DEVICE_COUNTS)
+    assert "load average before the run: load after 0 runs\n" in capsys.readouterr().out
