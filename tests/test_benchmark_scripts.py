@@ -10,7 +10,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks import sweep_throughput  # noqa: E402
+from benchmarks import memory, sweep_throughput  # noqa: E402
 from benchmarks._common import positive_int  # noqa: E402
 
 
@@ -29,6 +29,8 @@ def test_counts_are_integers_of_at_least_one():
 @pytest.mark.parametrize("command, message", [
     (["benchmarks/host_step.py", "--timing-images", "0"], "argument --timing-images: expected an integer >= 1, got 0"),
     (["benchmarks/host_step.py", "--fidelity-maps", "3", "0", "3"], "argument --fidelity-maps: expected an integer"),
+    (["benchmarks/memory.py", "--prompts", "1", "1000"],
+     "--prompts 1000: there are only 903 single-word class names"),
     (["benchmarks/sweep_throughput.py", "--scenes", "2", "--batch-size", "2"],
      "--scenes 2 with --batch-size 2 is one batch; the rate after the first batch and the device's waiting share "
      "need two"),
@@ -59,3 +61,23 @@ def test_sweep_throughput_reports_the_load_average_read_before_its_runs(monkeypa
     sweep_throughput.main()
     assert runs == list(sweep_throughput.DEVICE_COUNTS)
     assert "load average before the run: load after 0 runs\n" in capsys.readouterr().out
+
+
+def test_memory_ends_a_failed_run_with_its_last_line_after_the_rows_measured_before_it(monkeypatch, capsys):
+    def child_run(command, **kwargs):  # the measuring run of each prompt count, without measuring
+        count = int(command[-1])
+        if count == 80:
+            return subprocess.CompletedProcess(command, 1, "", "Traceback (most recent call last):\n  ...\n"
+                                                                "MemoryError: out of memory\n")
+        measured = {"prompts": count, "distinct_arrays": 2, "result_mib": 3.0, "peak_rss_mib": 500.0}
+        return subprocess.CompletedProcess(command, 0, json.dumps(measured) + "\n", "")
+
+    monkeypatch.setattr(memory.subprocess, "run", child_run)
+    monkeypatch.setattr(sys, "argv", ["memory.py"])  # argparse's program name
+    with pytest.raises(SystemExit) as raised:
+        memory.main(["--prompts", "1", "80", "400", "--no-write"])
+    out, err = capsys.readouterr()
+    assert raised.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("memory.py: error: the run with 80 prompts failed: MemoryError: out of "
+                                            "memory")
+    assert out.strip().splitlines() == ["1 prompts: peak RSS 500 MiB, result 3 MiB"]
