@@ -17,8 +17,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (IMAGE_HW, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, photo_like_image, positive_int, timed_tclip, today,
+from benchmarks._common import (IMAGE_HW, check_output_options, command_line, load_average,  # noqa: E402
+                                machine_description, markdown_table, photo_like_image, positive_int, timed_tclip, today,
                                 write_section)
 
 CLASSES = pathlib.Path(__file__).resolve().parents[1] / "tclip_jax/evaluation/datasets/data/imagenet_classes.tsv"
@@ -52,6 +52,7 @@ def main(argv=None) -> None:
     parser.add_argument("--measure", type=int, help="internal: measure one prompt count in this process")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args(argv)
+    check_output_options(parser, "memory", write=not args.no_write)
     if args.measure is not None:
         print(json.dumps(measure(args.measure)))
         return

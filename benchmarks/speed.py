@@ -37,9 +37,9 @@ import transformers
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (IMAGE_HW, RESULTS_PATH, command_line, interleaved_medians,  # noqa: E402
-                                load_average, machine_description, markdown_table, photo_like_image,
-                                positive_int, timed_tclip, today, workloads, write_section)
+from benchmarks._common import (IMAGE_HW, RESULTS_PATH, check_output_options, command_line,  # noqa: E402
+                                interleaved_medians, load_average, machine_description, markdown_table,
+                                photo_like_image, positive_int, timed_tclip, today, workloads, write_section)
 from tclip_jax.checkpoints.load import LoadedClip  # noqa: E402
 from tclip_jax.methods.tclip.relevance import aggregate_maps, translated_patch_embeddings  # noqa: E402
 from tclip_jax.methods.tclip.translations import translated_copies  # noqa: E402
@@ -259,6 +259,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.torch_device = "cuda" if args.device_report and torch.cuda.is_available() else "cpu"
     args.section = args.section or ("speed_device" if args.device_report else "speed")
+    check_output_options(parser, args.section, args.results, write=not args.no_write)
     if args.threads:
         torch.set_num_threads(args.threads)
     with threadpool_limits(args.threads) if args.threads else contextlib.nullcontext():

@@ -16,8 +16,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
-                                positive_int, timed_tclip, today, write_section)
+from benchmarks._common import (check_output_options, command_line, load_average, machine_description,  # noqa: E402
+                                markdown_table, positive_int, timed_tclip, today, write_section)
 
 DEVICE_COUNTS = (1, 4)
 
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help="internal: run one sweep and print its throughput")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
+    check_output_options(parser, "sweeps", write=not args.no_write)
     if args.random_vit_b32 and args.model:
         parser.error("--random-vit-b32 and --model name two models; give one")
     if args.scenes <= args.batch_size:  # refused now: with one batch the steady rate and the waiting share are None

@@ -21,8 +21,8 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
-                                positive_int, today, write_section)
+from benchmarks._common import (check_output_file, check_output_options, command_line, load_average,  # noqa: E402
+                                machine_description, markdown_table, positive_int, today, write_section)
 from tclip_jax.checkpoints.load import DEFAULT_MODEL_DIR, load_clip  # noqa: E402
 from tclip_jax.evaluation.retrieval import retrieval_top1  # noqa: E402
 from tclip_jax.methods import METHODS  # noqa: E402
@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--json", type=pathlib.Path, help="also write every report's figures per word group here")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
+    check_output_options(parser, "synthetic", write=not args.no_write)
+    if args.json:
+        check_output_file(parser, args.json, "--json")
     load = load_average()
     start = time.perf_counter()
     sections, everything = [], {}

@@ -11,7 +11,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import memory, sweep_throughput  # noqa: E402
-from benchmarks._common import positive_int  # noqa: E402
+from benchmarks._common import check_output_file, positive_int  # noqa: E402
 
 
 def test_counts_are_integers_of_at_least_one():
@@ -81,3 +81,38 @@ def test_memory_ends_a_failed_run_with_its_last_line_after_the_rows_measured_bef
     assert err.strip().splitlines()[-1] == ("memory.py: error: the run with 80 prompts failed: MemoryError: out of "
                                             "memory")
     assert out.strip().splitlines() == ["1 prompts: peak RSS 500 MiB, result 3 MiB"]
+
+
+@pytest.mark.parametrize("command, message", [
+    (["benchmarks/speed.py", "--section", "bad name", "--no-write"],
+     "results section 'bad name': a section name is letters, digits, '_', '.' or '-'"),
+    (["benchmarks/speed.py", "--results", "{tmp}/none/RESULTS.md"],
+     "results file {tmp}/none/RESULTS.md: the folder {tmp}/none does not exist"),
+    (["benchmarks/host_step.py", "--results", "{tmp}/none/RESULTS.md"], "the folder {tmp}/none does not exist"),
+    (["benchmarks/host_threads.py", "--results", "{tmp}/none/RESULTS.md"], "the folder {tmp}/none does not exist"),
+    (["benchmarks/gpu_profile.py", "--results", "{tmp}/none/RESULTS.md"], "the folder {tmp}/none does not exist"),
+    (["benchmarks/gpu_profile.py", "--json", "{tmp}/none/rows.json", "--no-write"],
+     "--json {tmp}/none/rows.json: the folder {tmp}/none does not exist"),
+    (["benchmarks/synthetic_grounding.py", "--json", "{tmp}/none/g.json", "--no-write"],
+     "--json {tmp}/none/g.json: the folder {tmp}/none does not exist"),
+    (["benchmarks/host_step.py", "--state", "{tmp}/not_json.json", "--no-write"],
+     "--state {tmp}/not_json.json: not a JSON file of this script's results (Expecting value"),
+    (["benchmarks/host_step.py", "--state", "{tmp}/other.json", "--skip-timing", "--skip-fidelity", "--no-write"],
+     "--state {tmp}/other.json: not a JSON file of this script's results (no 'timing' entry)"),
+    (["benchmarks/host_step.py", "--state", "{tmp}/none/state.json", "--no-write"],
+     "--state {tmp}/none/state.json: the folder {tmp}/none does not exist"),
+])
+def test_outputs_a_benchmark_could_not_write_are_refused_before_it_measures(tmp_path, command, message):
+    (tmp_path / "not_json.json").write_text("not json\n")
+    (tmp_path / "other.json").write_text('{"rows": []}\n')
+    done = subprocess.run([sys.executable, *(c.format(tmp=tmp_path) for c in command)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message.format(tmp=tmp_path) in done.stderr.strip().splitlines()[-1]
+
+
+def test_an_output_file_that_is_a_folder_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        check_output_file(argparse.ArgumentParser(prog="bench"), tmp_path, "--json")
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"bench: error: --json {tmp_path} is a folder, not a file"
