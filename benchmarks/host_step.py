@@ -478,6 +478,8 @@ def main(argv=None) -> None:
     if report_only and not (args.state and args.state.exists()):
         parser.error("--skip-timing with --skip-fidelity needs an existing --state file")
     state = earlier_state(parser, args.state, rewritten=not report_only)
+    if args.cpu is not None and args.cpu not in ALL_CPUS:  # refused now, not by sched_setaffinity after loading
+        parser.error(f"--cpu {args.cpu}: this process may run on CPUs {', '.join(map(str, sorted(ALL_CPUS)))} only")
     if args.quick:
         args.timing_images, args.rounds, args.fidelity_maps = 2, 3, (12, 8, 4)
     if report_only:

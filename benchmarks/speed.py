@@ -249,8 +249,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds (median reported)")
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--profile", action="store_true", help="time each stage of (a)")
-    parser.add_argument("--threads", type=int,
-                        help="torch intra-op and BLAS/OpenMP threads for both pipelines (default: the libraries')")
+    parser.add_argument("--threads", type=positive_int,
+                        help="torch intra-op and BLAS/OpenMP threads for both pipelines, >= 1 (default: the "
+                             "libraries' own)")
     parser.add_argument("--device-report", action="store_true",
                         help="accelerator run: torch on CUDA when available, section 'speed_device'")
     parser.add_argument("--results", type=pathlib.Path, default=RESULTS_PATH, help="markdown file to update")

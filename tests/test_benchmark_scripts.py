@@ -29,6 +29,9 @@ def test_counts_are_integers_of_at_least_one():
 @pytest.mark.parametrize("command, message", [
     (["benchmarks/host_step.py", "--timing-images", "0"], "argument --timing-images: expected an integer >= 1, got 0"),
     (["benchmarks/host_step.py", "--fidelity-maps", "3", "0", "3"], "argument --fidelity-maps: expected an integer"),
+    (["benchmarks/host_step.py", "--cpu", "99999"], "--cpu 99999: this process may run on CPUs "),
+    (["benchmarks/speed.py", "--threads", "-1"], "argument --threads: expected an integer >= 1, got -1"),
+    (["benchmarks/speed.py", "--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
     (["benchmarks/memory.py", "--prompts", "1", "1000"],
      "--prompts 1000: there are only 903 single-word class names"),
     (["benchmarks/sweep_throughput.py", "--scenes", "2", "--batch-size", "2"],
