@@ -1010,6 +1010,22 @@ def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path
     assert not tmp_path.joinpath("search").exists()
 
 
+def test_a_recipe_search_refuses_a_run_folder_it_could_not_save_before_training(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "b").write_text("precious\n")
+    for out, message in [("a_file", f"--out {tmp_path / 'a_file'} is a file, not a folder"),
+                         ("search", f"--out {tmp_path / 'search' / 'b'} is a file, not a folder")]:
+        monkeypatch.setattr(sys, "argv", [str(SEARCH_SCRIPT), "--out", str(tmp_path / out), "--no-heldout",
+                                          "--workers", "1", "--set", *TINY_OVERRIDES, "--run", "a", "--run", "b"])
+        with pytest.raises(SystemExit) as raised:
+            search_recipes.main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert raised.value.code == 2 and err[-1].endswith(message), err
+    assert sorted(p.name for p in (tmp_path / "search").iterdir()) == ["b"]  # run a was not trained and saved
+    assert (tmp_path / "search" / "b").read_text() == "precious\n"
+
+
 RESUMABLE = [o for o in TINY_OVERRIDES if not o.startswith("steps=")] + [
     "steps=4", "word_weight=1", "ema_decay=0.5", "select_step=validation", "validation_grounding_scenes=1"]
 LATE = ["peak_contrast_weight=1", "peak_contrast_start=2"]
