@@ -177,11 +177,16 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
+def check_section_name(name: str) -> None:
+    """A results section's name is letters, digits, '_', '.' or '-' (it goes into the section's markers)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"section name must be letters, digits, '_', '.' or '-', got {name!r}")
+
+
 def write_section(name: str, body: str, path: pathlib.Path = RESULTS_PATH) -> None:
     """Replace section `name` of the results file with `body` (append it if absent; create the file). Everything
     between the section's markers is the script's: readings written by hand go after its end marker."""
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"section name must be letters, digits, '_', '.' or '-', got {name!r}")
+    check_section_name(name)
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{body.strip()}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
@@ -194,3 +199,29 @@ def write_section(name: str, body: str, path: pathlib.Path = RESULTS_PATH) -> No
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     write_text_atomic(path, text)  # a kill mid-write leaves the old file, not an empty one
     print(f"wrote the '{name}' section of {path} (--no-write leaves it as it is)", file=sys.stderr)
+
+
+def check_output_file(parser: argparse.ArgumentParser, path: pathlib.Path, what: str) -> None:
+    """Refuses with `parser.error`'s one line, before anything is measured, a file the run could not write at its
+    end: a folder, in a folder that does not exist, or not writable. `what` names it in the message, e.g. '--json'."""
+    if path.is_dir():
+        parser.error(f"{what} {path} is a folder, not a file")
+    if not path.parent.is_dir():
+        parser.error(f"{what} {path}: the folder {path.parent} does not exist")
+    if path.exists() and not os.access(path, os.W_OK):
+        parser.error(f"{what} {path}: cannot write it")
+    if not path.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
+        parser.error(f"{what} {path}: cannot write in {path.parent}")
+
+
+def check_output_options(parser: argparse.ArgumentParser, section: str, results_path: pathlib.Path = RESULTS_PATH,
+                         write: bool = True) -> None:
+    """Refuses with `parser.error`'s one line, right after the arguments are parsed, what `write_section(section,
+    ..., results_path)` would refuse only after the measurement: a section name it does not take, or (when `write`,
+    i.e. without --no-write) a results file it cannot write."""
+    try:
+        check_section_name(section)
+    except ValueError as error:
+        parser.error(str(error))
+    if write:
+        check_output_file(parser, results_path, "results file")

@@ -15,8 +15,8 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
-                                median_seconds, positive_int, today, write_section)
+from benchmarks._common import (check_output_options, command_line, load_average, machine_description,  # noqa: E402
+                                markdown_table, median_seconds, positive_int, today, write_section)
 from tclip_jax.checkpoints.folder import save_checkpoint  # noqa: E402
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.methods import METHODS  # noqa: E402
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
+    check_output_options(parser, "baselines", write=not args.no_write)
     load = load_average()
     config = PRESETS["ViT-B/32"]
     image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)

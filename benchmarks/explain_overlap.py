@@ -30,9 +30,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (IMAGE_HW, command_line, floor_pass, load_average,  # noqa: E402
-                                machine_description, markdown_table, photo_like_image, positive_int,
-                                timed_tclip, today, workloads, write_section)
+from benchmarks._common import (IMAGE_HW, check_output_options, command_line, floor_pass, load_average,  # noqa: E402
+                                machine_description, markdown_table, photo_like_image, positive_int, timed_tclip, today,
+                                workloads, write_section)
 
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
 from tclip_jax.sweep.runner import DeviceClock, device_busy_seconds, device_wait_share  # noqa: E402
@@ -102,6 +102,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args(argv)
+    check_output_options(parser, "explain_overlap", write=not args.no_write)
     load_before = load_average()
     tclip = timed_tclip()
     images = [photo_like_image(i) for i in range(args.images)]

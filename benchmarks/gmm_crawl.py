@@ -25,8 +25,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
-                                photo_like_image, positive_int, timed_tclip, today, workloads,
+from benchmarks._common import (check_output_options, command_line, load_average, machine_description,  # noqa: E402
+                                markdown_table, photo_like_image, positive_int, timed_tclip, today, workloads,
                                 write_section)
 
 from tclip_jax.postprocess import gaussian_intersection  # noqa: E402
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    check_output_options(parser, "gmm_crawl", write=not args.no_write)
     load_before = load_average()
     tclip = timed_tclip()
     encoded = tclip.encode_prompts(list(workloads()["coco80"]))

@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (PROMPT, RESULTS_PATH, command_line, floor_pass, load_average,  # noqa: E402
-                                machine_description, markdown_table, median_seconds, positive_int,
-                                timed_tclip, today, workloads, write_section)
+from benchmarks._common import (PROMPT, RESULTS_PATH, check_output_file, check_output_options,  # noqa: E402
+                                command_line, floor_pass, load_average, machine_description, markdown_table,
+                                median_seconds, positive_int, timed_tclip, today, workloads, write_section)
 from tclip_jax.checkpoints.load import LoadedClip, load_clip  # noqa: E402
 from tclip_jax.image import to_original  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
@@ -202,7 +202,12 @@ def main(argv=None) -> int:
                         help="only compare bfloat16 with float32 maps of the embedded default model on N held-out "
                              "scenes (any device; its own section)")
     args = parser.parse_args(argv)
-    if args.embedded_dtypes is not None:
+    dtypes_only = args.embedded_dtypes is not None  # its own section; --smoke and --json do not apply
+    check_output_options(parser, "dtype-maps" if dtypes_only else "gpu-profile", args.results,
+                         write=not args.no_write and (dtypes_only or not args.smoke))
+    if args.json and not dtypes_only and not args.smoke:
+        check_output_file(parser, args.json, "--json")
+    if dtypes_only:
         started, load_before = time.perf_counter(), load_average()
         rows = embedded_dtype_rows(args.embedded_dtypes)
         text = "\n".join([

@@ -44,8 +44,9 @@ from scipy import ndimage
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (RESULTS_PATH, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, positive_int, today, write_section)
+from benchmarks._common import (RESULTS_PATH, check_output_file, check_output_options, command_line,  # noqa: E402
+                                load_average, machine_description, markdown_table, positive_int, today,
+                                write_section)
 from tclip_jax.postprocess import (GmmFit, gaussian_intersection, gmm_thresholds,  # noqa: E402
                                    soft_maps_and_boxes)
 from tclip_jax.postprocess._blas import SINGLE_THREADED_BLAS  # noqa: E402
@@ -434,6 +435,26 @@ NOTES = """How the new host step works (details in the module docstrings of `tcl
   and the fastest round. The GMM fit itself is < 1 ms per map at every size."""
 
 
+def earlier_state(parser: argparse.ArgumentParser, path: pathlib.Path | None, rewritten: bool) -> dict | None:
+    """--state's earlier results (none yet for a file not written; None without --state), refused with one line
+    before anything is measured unless it is a JSON file of this script's results, in a folder this process can
+    write in when the run will rewrite it."""
+    if path is None:
+        return None
+    if rewritten:
+        check_output_file(parser, path, "--state")
+    if not path.exists():
+        return {"timing": {}, "fidelity": {}, "runs": []}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # not JSON, not text, or a folder
+        parser.error(f"--state {path}: not a JSON file of this script's results ({error})")
+    missing = [key for key in ("timing", "fidelity", "runs") if not isinstance(state, dict) or key not in state]
+    if missing:
+        parser.error(f"--state {path}: not a JSON file of this script's results (no {missing[0]!r} entry)")
+    return state
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=list(SIZES))
@@ -452,12 +473,16 @@ def main(argv=None) -> None:
                              "covers both (e.g. fidelity once, timing again at a quieter hour)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
+    check_output_options(parser, "host-step", args.results, write=not args.no_write)
+    report_only = args.skip_timing and args.skip_fidelity  # only rewrite the report from --state
+    if report_only and not (args.state and args.state.exists()):
+        parser.error("--skip-timing with --skip-fidelity needs an existing --state file")
+    state = earlier_state(parser, args.state, rewritten=not report_only)
+    if args.cpu is not None and args.cpu not in ALL_CPUS:  # refused now, not by sched_setaffinity after loading
+        parser.error(f"--cpu {args.cpu}: this process may run on CPUs {', '.join(map(str, sorted(ALL_CPUS)))} only")
     if args.quick:
         args.timing_images, args.rounds, args.fidelity_maps = 2, 3, (12, 8, 4)
-    if args.skip_timing and args.skip_fidelity:  # only rewrite the report from --state
-        if not args.state or not args.state.exists():
-            parser.error("--skip-timing with --skip-fidelity needs an existing --state file")
-        state = json.loads(args.state.read_text())
+    if report_only:
         text = report(state["timing"], state["fidelity"], args, machine_description(), state["runs"], -1)
         print(text)
         if not args.no_write:
@@ -490,9 +515,7 @@ def main(argv=None) -> None:
                       f"max |old - ref| {f['old']['max']:.1e}, soft map max {f['soft_new']['max']:.1e}", flush=True)
     runs = [{"date": today(), "command": command_line(), "load_before": load_before, "load_after": load_average(),
              "minutes": (time.time() - started) / 60, "timing": sorted(timing), "fidelity": sorted(fidelity)}]
-    if args.state:
-        state = (json.loads(args.state.read_text()) if args.state.exists()
-                 else {"timing": {}, "fidelity": {}, "runs": []})
+    if state is not None:
         state["timing"].update(timing)
         state["fidelity"].update(fidelity)
         state["runs"] = [r for r in state["runs"]

@@ -24,8 +24,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (RESULTS_PATH, command_line, interleaved_medians, load_average,  # noqa: E402
-                                machine_description, markdown_table, positive_int, today,
+from benchmarks._common import (RESULTS_PATH, check_output_options, command_line, interleaved_medians,  # noqa: E402
+                                load_average, machine_description, markdown_table, positive_int, today,
                                 write_section)
 from benchmarks.host_step import SIZES, explained_images  # noqa: E402
 from tclip_jax.postprocess.soft import soft_maps_and_boxes  # noqa: E402
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=pathlib.Path, default=RESULTS_PATH)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
+    check_output_options(parser, "host-threads", args.results, write=not args.no_write)
     if min(args.threads) < 2:
         parser.error("--threads needs counts >= 2 (one thread is always timed)")
     import tclip_jax

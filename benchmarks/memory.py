@@ -17,27 +17,25 @@ import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (IMAGE_HW, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, photo_like_image, positive_int, timed_tclip, today,
+from benchmarks._common import (IMAGE_HW, check_output_options, command_line, load_average,  # noqa: E402
+                                machine_description, markdown_table, photo_like_image, positive_int, timed_tclip, today,
                                 write_section)
 
 CLASSES = pathlib.Path(__file__).resolve().parents[1] / "tclip_jax/evaluation/datasets/data/imagenet_classes.tsv"
 
 
-def single_words(count: int) -> list[str]:
-    """`count` distinct one-word prompts: ImageNet class names' single-word synonyms, in file order."""
+def single_words() -> list[str]:
+    """The distinct one-word prompts: ImageNet class names' single-word synonyms, in file order."""
     words: list[str] = []
     for line in CLASSES.read_text().splitlines():
         for name in line.split("\t", 1)[1].split(", "):
             if name.isalpha() and name.lower() not in words:
                 words.append(name.lower())
-    if len(words) < count:
-        raise SystemExit(f"only {len(words)} single-word class names, asked for {count}")
-    return words[:count]
+    return words
 
 
 def measure(count: int) -> dict:
-    result = timed_tclip().explain(photo_like_image(0), single_words(count))
+    result = timed_tclip().explain(photo_like_image(0), single_words()[:count])
     arrays = {}
     for prompt in result.prompts:
         for item in (*prompt.word_maps, prompt.phrase):
@@ -54,17 +52,24 @@ def main(argv=None) -> None:
     parser.add_argument("--measure", type=int, help="internal: measure one prompt count in this process")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args(argv)
+    check_output_options(parser, "memory", write=not args.no_write)
     if args.measure is not None:
         print(json.dumps(measure(args.measure)))
         return
+    available = len(single_words())
+    if max(args.prompts) > available:
+        parser.error(f"--prompts {max(args.prompts)}: there are only {available} single-word class names")
     load_before = load_average()
     rows = []
     for count in args.prompts:
-        out = subprocess.run([sys.executable, __file__, "--measure", str(count)], capture_output=True, text=True,
-                             check=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
+        child = subprocess.run([sys.executable, __file__, "--measure", str(count)], capture_output=True, text=True)
+        if child.returncode != 0:  # the rows measured so far are printed above; the child's own last line says why
+            reason = (child.stderr.strip().splitlines() or [f"status {child.returncode}"])[-1]
+            parser.exit(2, f"{parser.prog}: error: the run with {count} prompts failed: {reason}\n")
+        r = json.loads(child.stdout.strip().splitlines()[-1])
         rows.append([count, r["distinct_arrays"], f"{r['peak_rss_mib']:.0f} MiB", f"{r['result_mib']:.0f} MiB",
                      f"{r['peak_rss_mib'] - r['result_mib']:.0f} MiB"])
+        print(f"{count} prompts: peak RSS {rows[-1][2]}, result {rows[-1][3]}", flush=True)
     text = "\n".join([
         f"## Peak memory against the prompt count (TCLIP.explain, random ViT-B/32, {IMAGE_HW[1]}x{IMAGE_HW[0]})",
         "", f"- date: {today()}", f"- machine: {machine_description()}", f"- command: `{command_line()}`",

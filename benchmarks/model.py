@@ -21,8 +21,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
-                                median_seconds, positive_int, today, write_section)
+from benchmarks._common import (check_output_options, command_line, load_average, machine_description,  # noqa: E402
+                                markdown_table, median_seconds, positive_int, today, write_section)
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.model import PRESETS, to_hf_config  # noqa: E402
 
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
+    check_output_options(parser, "model", write=not args.no_write)
     load = load_average()
     config = PRESETS["ViT-B/32"]
     torch.manual_seed(0)

@@ -15,9 +15,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks._common import (command_line, interleaved_medians, load_average,  # noqa: E402
-                                machine_description, markdown_table, positive_int, today,
-                                write_section)
+from benchmarks._common import (check_output_options, command_line, interleaved_medians, load_average,  # noqa: E402
+                                machine_description, markdown_table, positive_int, today, write_section)
 
 COMMANDS = {
     "python -c pass": ["-c", "pass"],
@@ -42,6 +41,7 @@ def main() -> None:
                         help="rounds of every command (default: %(default)s)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
+    check_output_options(parser, "startup", write=not args.no_write)
     load = load_average()
     medians, codes = interleaved_medians({name: (lambda a=a: run(a)) for name, a in COMMANDS.items()}, args.repeats)
     floor = medians["python -c pass"]

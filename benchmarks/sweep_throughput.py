@@ -16,8 +16,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
-                                positive_int, timed_tclip, today, write_section)
+from benchmarks._common import (check_output_options, command_line, load_average, machine_description,  # noqa: E402
+                                markdown_table, positive_int, timed_tclip, today, write_section)
 
 DEVICE_COUNTS = (1, 4)
 
@@ -49,12 +49,17 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help="internal: run one sweep and print its throughput")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
+    check_output_options(parser, "sweeps", write=not args.no_write)
     if args.random_vit_b32 and args.model:
         parser.error("--random-vit-b32 and --model name two models; give one")
+    if args.scenes <= args.batch_size:  # refused now: with one batch the steady rate and the waiting share are None
+        parser.error(f"--scenes {args.scenes} with --batch-size {args.batch_size} is one batch; the rate after the "
+                     "first batch and the device's waiting share need two: give more scenes than the batch size")
     if args.measure:
         print(json.dumps(measure(args)))
         return
 
+    load_before = load_average()
     rows = []
     for devices in DEVICE_COUNTS:
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
@@ -73,7 +78,7 @@ def main() -> None:
     body = "\n\n".join([
         "## Sweep throughput: TCLIP (K=25) over the held-out synthetic scenes (CPU)",
         f"Machine: {machine_description()}",
-        f"Date: {today()}; load average before the run: {load_average()}",
+        f"Date: {today()}; load average before the run: {load_before}",
         f"Command: `{command_line()}`",
         f"Model: {model}. Batch {args.batch_size} split over the devices, {args.workers} loader and "
         f"{args.workers} host threads. 'Device waiting on the host' is the share of the time after the first "

@@ -23,8 +23,8 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
-                                positive_int, today, write_section)
+from benchmarks._common import (check_output_file, check_output_options, command_line, load_average,  # noqa: E402
+                                machine_description, markdown_table, positive_int, today, write_section)
 from tclip_jax.checkpoints.load import DEFAULT_MODEL_DIR, load_clip  # noqa: E402
 from tclip_jax.evaluation.retrieval import retrieval_top1  # noqa: E402
 from tclip_jax.methods import METHODS  # noqa: E402
@@ -84,6 +84,9 @@ def main() -> None:
     if not args.no_write and (set(methods) != set(METHOD_NAMES) or set(args.protocols) != set(PROTOCOLS)):
         parser.error("--methods or --protocols measure part of a model's table, which would replace the whole one "
                      "in RESULTS.md: add --no-write")
+    check_output_options(parser, "synthetic-default", write=not args.no_write)  # each model's section: one rule
+    if args.json:
+        check_output_file(parser, args.json, "--json")
     everything = {}
     header = ["method", *(name for name, _, _ in CELLS), "wrong attribute"]
     pairs = retrieval_scenes(RETRIEVAL_PAIRS)  # drawn once for every model

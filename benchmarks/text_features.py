@@ -28,9 +28,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (command_line, interleaved_medians, load_average,  # noqa: E402
-                                machine_description, markdown_table, positive_int, random_vit_b32,
-                                today, workloads, write_section)
+from benchmarks._common import (check_output_options, command_line, interleaved_medians, load_average,  # noqa: E402
+                                machine_description, markdown_table, positive_int, random_vit_b32, today, workloads,
+                                write_section)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--scenes", type=positive_int, default=32, help="held-out scenes of the CLIP Surgery sweep")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
+    check_output_options(parser, "text_features", write=not args.no_write)
     load_before = load_average()
     clip = random_vit_b32()
     coco = list(workloads()["coco80"])

@@ -21,8 +21,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks._common import (command_line, load_average, machine_description, markdown_table,  # noqa: E402
-                                positive_int, today, write_section)
+from benchmarks._common import (check_output_options, command_line, load_average, machine_description,  # noqa: E402
+                                markdown_table, positive_int, today, write_section)
 from benchmarks.synthetic_grounding import MODELS  # noqa: E402
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, indexed  # noqa: E402
@@ -59,6 +59,7 @@ def main() -> None:
                         help="held-out scenes per protocol (default: %(default)s)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
+    check_output_options(parser, "token-weighting", write=not args.no_write)
     load = load_average()
     start = time.perf_counter()
     rows = []

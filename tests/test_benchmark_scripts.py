@@ -1,5 +1,7 @@
-"""benchmarks/: the scripts' counts of rounds, images and scenes refuse what they cannot run, with argparse's line."""
+"""benchmarks/: the scripts refuse what they cannot run with one line (argparse's) before measuring, and report what they
+measured as measured."""
 import argparse
+import json
 import pathlib
 import subprocess
 import sys
@@ -8,7 +10,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks._common import positive_int  # noqa: E402
+from benchmarks import memory, sweep_throughput  # noqa: E402
+from benchmarks._common import check_output_file, positive_int  # noqa: E402
 
 
 def test_counts_are_integers_of_at_least_one():
@@ -26,7 +29,15 @@ def test_counts_are_integers_of_at_least_one():
 @pytest.mark.parametrize("command, message", [
     (["benchmarks/host_step.py", "--timing-images", "0"], "argument --timing-images: expected an integer >= 1, got 0"),
     (["benchmarks/host_step.py", "--fidelity-maps", "3", "0", "3"], "argument --fidelity-maps: expected an integer"),
-    (["benchmarks/sweep_throughput.py", "--model", "{tmp}", "--scenes", "1"],
+    (["benchmarks/host_step.py", "--cpu", "99999"], "--cpu 99999: this process may run on CPUs "),
+    (["benchmarks/speed.py", "--threads", "-1"], "argument --threads: expected an integer >= 1, got -1"),
+    (["benchmarks/speed.py", "--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
+    (["benchmarks/memory.py", "--prompts", "1", "1000"],
+     "--prompts 1000: there are only 903 single-word class names"),
+    (["benchmarks/sweep_throughput.py", "--scenes", "2", "--batch-size", "2"],
+     "--scenes 2 with --batch-size 2 is one batch; the rate after the first batch and the device's waiting share "
+     "need two"),
+    (["benchmarks/sweep_throughput.py", "--model", "{tmp}", "--scenes", "2", "--batch-size", "1"],
      "the run on 1 device(s) failed: FileNotFoundError: {tmp} is not a CLIP checkpoint folder"),
 ])
 def test_bad_arguments_end_a_benchmark_with_one_line(tmp_path, command, message):
@@ -60,3 +71,77 @@ def test_a_synthetic_run_of_some_methods_or_protocols_is_not_written_over_a_whol
         assert done.stderr.strip().splitlines()[-1].endswith("--methods or --protocols measure part of a model's "
                                                              "table, which would replace the whole one in RESULTS.md: "
                                                              "add --no-write")
+
+
+def test_sweep_throughput_reports_the_load_average_read_before_its_runs(monkeypatch, capsys):
+    runs = []
+
+    def child_run(command, **kwargs):  # each simulated device count's measuring run, without measuring
+        devices = int(kwargs["env"]["XLA_FLAGS"].rsplit("=", 1)[1])
+        runs.append(devices)
+        throughput = {"devices": devices, "images": 4, "batches": 2, "wall_seconds": 1.0, "images_per_second": 4.0,
+                      "steady_images_per_second": 5.0, "device_wait_share": 0.1}
+        return subprocess.CompletedProcess(command, 0, json.dumps(throughput) + "\n", "")
+
+    monkeypatch.setattr(sweep_throughput.subprocess, "run", child_run)
+    monkeypatch.setattr(sweep_throughput, "machine_description", lambda: "a machine")
+    monkeypatch.setattr(sweep_throughput, "load_average", lambda: f"load after {len(runs)} runs")
+    monkeypatch.setattr(sys, "argv", ["sweep_throughput.py", "--scenes", "4", "--batch-size", "2", "--no-write"])
+    sweep_throughput.main()
+    assert runs == list(sweep_throughput.DEVICE_COUNTS)
+    assert "load average before the run: load after 0 runs\n" in capsys.readouterr().out
+
+
+def test_memory_ends_a_failed_run_with_its_last_line_after_the_rows_measured_before_it(monkeypatch, capsys):
+    def child_run(command, **kwargs):  # the measuring run of each prompt count, without measuring
+        count = int(command[-1])
+        if count == 80:
+            return subprocess.CompletedProcess(command, 1, "", "Traceback (most recent call last):\n  ...\n"
+                                                                "MemoryError: out of memory\n")
+        measured = {"prompts": count, "distinct_arrays": 2, "result_mib": 3.0, "peak_rss_mib": 500.0}
+        return subprocess.CompletedProcess(command, 0, json.dumps(measured) + "\n", "")
+
+    monkeypatch.setattr(memory.subprocess, "run", child_run)
+    monkeypatch.setattr(sys, "argv", ["memory.py"])  # argparse's program name
+    with pytest.raises(SystemExit) as raised:
+        memory.main(["--prompts", "1", "80", "400", "--no-write"])
+    out, err = capsys.readouterr()
+    assert raised.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("memory.py: error: the run with 80 prompts failed: MemoryError: out of "
+                                            "memory")
+    assert out.strip().splitlines() == ["1 prompts: peak RSS 500 MiB, result 3 MiB"]
+
+
+@pytest.mark.parametrize("command, message", [
+    (["benchmarks/speed.py", "--section", "bad name", "--no-write"],
+     "section name must be letters, digits, '_', '.' or '-', got 'bad name'"),
+    (["benchmarks/speed.py", "--results", "{tmp}/none/RESULTS.md"],
+     "results file {tmp}/none/RESULTS.md: the folder {tmp}/none does not exist"),
+    (["benchmarks/host_step.py", "--results", "{tmp}/none/RESULTS.md"], "the folder {tmp}/none does not exist"),
+    (["benchmarks/host_threads.py", "--results", "{tmp}/none/RESULTS.md"], "the folder {tmp}/none does not exist"),
+    (["benchmarks/gpu_profile.py", "--results", "{tmp}/none/RESULTS.md"], "the folder {tmp}/none does not exist"),
+    (["benchmarks/gpu_profile.py", "--json", "{tmp}/none/rows.json", "--no-write"],
+     "--json {tmp}/none/rows.json: the folder {tmp}/none does not exist"),
+    (["benchmarks/synthetic_grounding.py", "--json", "{tmp}/none/g.json", "--no-write"],
+     "--json {tmp}/none/g.json: the folder {tmp}/none does not exist"),
+    (["benchmarks/host_step.py", "--state", "{tmp}/not_json.json", "--no-write"],
+     "--state {tmp}/not_json.json: not a JSON file of this script's results (Expecting value"),
+    (["benchmarks/host_step.py", "--state", "{tmp}/other.json", "--skip-timing", "--skip-fidelity", "--no-write"],
+     "--state {tmp}/other.json: not a JSON file of this script's results (no 'timing' entry)"),
+    (["benchmarks/host_step.py", "--state", "{tmp}/none/state.json", "--no-write"],
+     "--state {tmp}/none/state.json: the folder {tmp}/none does not exist"),
+])
+def test_outputs_a_benchmark_could_not_write_are_refused_before_it_measures(tmp_path, command, message):
+    (tmp_path / "not_json.json").write_text("not json\n")
+    (tmp_path / "other.json").write_text('{"rows": []}\n')
+    done = subprocess.run([sys.executable, *(c.format(tmp=tmp_path) for c in command)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message.format(tmp=tmp_path) in done.stderr.strip().splitlines()[-1]
+
+
+def test_an_output_file_that_is_a_folder_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        check_output_file(argparse.ArgumentParser(prog="bench"), tmp_path, "--json")
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"bench: error: --json {tmp_path} is a folder, not a file"

@@ -293,7 +293,10 @@ def test_a_missing_checkpoint_folder_is_one_line_before_any_probe(tmp_path, monk
 @pytest.mark.parametrize("arguments, message", [
     (["position", "{tmp}"], "{tmp} is not a CLIP checkpoint folder"),  # it exists, but holds no checkpoint
     (["supervised", "--steps", "0"], "--steps must be >= 1, got 0"),
-    (["supervised", "--learning-rate", "-1"], "--learning-rate must be > 0, got -1"),
+    (["supervised", "--learning-rate", "-1"], "--learning-rate must be finite and > 0, got -1"),
+    (["supervised", "--learning-rate", "inf"], "--learning-rate must be finite and > 0, got inf"),
+    (["supervised", "--object-sizes", "inf", "inf"], "--object-sizes needs finite 0 < MIN <= MAX, got inf inf"),
+    (["supervised", "--object-sizes", "20", "nan"], "--object-sizes needs finite 0 < MIN <= MAX, got 20 nan"),
 ])
 def test_bad_arguments_are_one_line_before_any_probe(tmp_path, monkeypatch, capsys, arguments, message):
     monkeypatch.setattr(sys, "argv", ["image_tower_probe.py", *(a.format(tmp=tmp_path) for a in arguments)])

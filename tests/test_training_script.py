@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "training"))
+import check_determinism  # noqa: E402
 import search_recipes  # noqa: E402
 import train_default  # noqa: E402
 
@@ -205,6 +206,24 @@ def test_command_line_overrides_accumulate_and_bad_ones_get_one_line(tmp_path, m
         train_default.main()
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"--out {tmp_path / 'a_file'} is a file, not a "
                                                                      "folder")
+
+
+def test_check_determinism_refuses_what_it_cannot_train_with_one_line_before_training(monkeypatch, capsys):
+    for arguments, message in [(("--set", "foo=1"), "unknown TrainConfig field 'foo'"),
+                               (("--set", "steps"), "'steps': expected FIELD=VALUE"),
+                               (("--set", "batch_size=3"), "batch_size must be even (each scene beside its variant), "
+                                                           "got 3"),
+                               (("--objective", "clip", "--set", "objective=clip"),
+                                "--set gives objective, which its own flag gives too"),
+                               (("--steps", "0"), "--steps must be >= 1, got 0"),
+                               (("--steps", "5", "--set", "steps=3", "warmup_steps=1"),
+                                "--steps 5: the configuration trains only 3 steps")]:
+        monkeypatch.setattr(sys, "argv", ["check_determinism.py", *arguments])
+        with pytest.raises(SystemExit) as raised:
+            check_determinism.main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert raised.value.code == 2 and err[-1].startswith("check_determinism.py: error: "), err
+        assert err[-1].endswith(message), err
 
 
 def test_step_colours_draw_a_steps_scenes_from_its_own_palette():
@@ -989,6 +1008,22 @@ def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path
         code, stderr = search(*arguments)
         assert code == 2 and stderr.strip().splitlines()[-1].endswith(message), stderr
     assert not tmp_path.joinpath("search").exists()
+
+
+def test_a_recipe_search_refuses_a_run_folder_it_could_not_save_before_training(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "b").write_text("precious\n")
+    for out, message in [("a_file", f"--out {tmp_path / 'a_file'} is a file, not a folder"),
+                         ("search", f"--out {tmp_path / 'search' / 'b'} is a file, not a folder")]:
+        monkeypatch.setattr(sys, "argv", [str(SEARCH_SCRIPT), "--out", str(tmp_path / out), "--no-heldout",
+                                          "--workers", "1", "--set", *TINY_OVERRIDES, "--run", "a", "--run", "b"])
+        with pytest.raises(SystemExit) as raised:
+            search_recipes.main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert raised.value.code == 2 and err[-1].endswith(message), err
+    assert sorted(p.name for p in (tmp_path / "search").iterdir()) == ["b"]  # run a was not trained and saved
+    assert (tmp_path / "search" / "b").read_text() == "precious\n"
 
 
 RESUMABLE = [o for o in TINY_OVERRIDES if not o.startswith("steps=")] + [

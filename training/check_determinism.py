@@ -26,11 +26,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", choices=tuple(train_default.RECIPES))
     parser.add_argument("--objective", choices=train_default.OBJECTIVES)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20,
+                        help="steps trained each time, 1 up to the configuration's steps (default %(default)s)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args()
-    objective = {"objective": args.objective} if args.objective else {}
-    config = train_default.train_config(args.recipe, {**objective, **train_default.parse_overrides(args.set)})
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    try:
+        overrides = train_default.parse_overrides(args.set)
+        if args.objective and "objective" in overrides:
+            raise ValueError("--set gives objective, which its own flag gives too")
+        objective = {"objective": args.objective} if args.objective else {}
+        config = train_default.train_config(args.recipe, {**objective, **overrides})
+        train_default.check_text_init(config)
+    except (ValueError, OSError) as error:  # what train_default.py refuses in one line: a bad override or text_init
+        parser.error(str(error))
+    if args.steps > config.steps:  # train() would stop at config.steps, and the report would say --steps
+        parser.error(f"--steps {args.steps}: the configuration trains only {config.steps} steps")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(2):

@@ -63,6 +63,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import pathlib
 import sys
 import time
@@ -484,8 +485,8 @@ def main() -> None:
     if args.command == "supervised":
         if args.steps < 1:
             parser.error(f"--steps must be >= 1, got {args.steps}")
-        if not args.learning_rate > 0:  # NaN too
-            parser.error(f"--learning-rate must be > 0, got {args.learning_rate:g}")
+        if not 0 < args.learning_rate < math.inf:  # NaN too
+            parser.error(f"--learning-rate must be finite and > 0, got {args.learning_rate:g}")
     try:
         run(parser, args)
     except (FileNotFoundError, ValueError) as err:  # a folder that is not a checkpoint, say: one line
@@ -533,8 +534,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         except ValueError as error:
             parser.error(str(error))
         low, high = args.object_sizes
-        if not 0 < low <= high:
-            parser.error(f"--object-sizes needs 0 < MIN <= MAX, got {low:g} {high:g}")
+        if not 0 < low <= high < math.inf:  # NaN too
+            parser.error(f"--object-sizes needs finite 0 < MIN <= MAX, got {low:g} {high:g}")
         if args.easy_steps < 0:
             parser.error(f"--easy-steps must be >= 0, got {args.easy_steps}")
         style = dataclasses.replace(ONE_OBJECT, size_range=(low, high), backgrounds=tuple(args.backgrounds))

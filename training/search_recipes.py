@@ -33,6 +33,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_default  # noqa: E402
 
+from tclip_jax.files import check_output_folder  # noqa: E402
 from tclip_jax.sweep.heldout import record_heldout_metrics  # noqa: E402
 
 
@@ -178,13 +179,16 @@ def main() -> None:
         if args.workers < 1 or args.ahead < 1:
             raise ValueError(f"--workers and --ahead must be >= 1, got {args.workers} and {args.ahead}")
         runs = parse_runs(args.run, train_default.parse_overrides(args.set))
+        check_output_folder(args.out)
+        for name in runs:  # each run's folder, before any run trains (a run saves only when it is done)
+            check_output_folder(args.out / name)
         configs = {name: train_default.train_config(args.recipe, overrides) for name, overrides in runs.items()}
         for config in configs.values():
             train_default.check_text_init(config)
             if args.resume is not None:
                 train_default.check_resume(args.resume, config)
         check_same_data(configs)
-    except (ValueError, OSError) as error:  # a bad run, override, text_init folder or mix of runs: one line
+    except (ValueError, OSError) as error:  # a bad run, override, output or text_init folder or mix of runs: one line
         parser.error(str(error))
     start = time.perf_counter()
     try:
