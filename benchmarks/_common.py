@@ -203,14 +203,14 @@ def write_section(name: str, body: str, path: pathlib.Path = RESULTS_PATH) -> No
 
 def check_output_file(parser: argparse.ArgumentParser, path: pathlib.Path, what: str) -> None:
     """Refuses with `parser.error`'s one line, before anything is measured, a file the run could not write at its
-    end: a folder, in a folder that does not exist, or not writable. `what` names it in the message, e.g. '--json'."""
+    end: a folder, or in a folder that does not exist or that this process cannot write in (outputs are written
+    atomically, `write_text_atomic`: a temporary file in that folder renamed over the file). `what` names it in
+    the message, e.g. '--json'."""
     if path.is_dir():
         parser.error(f"{what} {path} is a folder, not a file")
     if not path.parent.is_dir():
         parser.error(f"{what} {path}: the folder {path.parent} does not exist")
-    if path.exists() and not os.access(path, os.W_OK):
-        parser.error(f"{what} {path}: cannot write it")
-    if not path.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
+    if not os.access(path.parent, os.W_OK | os.X_OK):
         parser.error(f"{what} {path}: cannot write in {path.parent}")
 
 

@@ -47,6 +47,7 @@ from tclip_jax.model import CLIP, PRESETS, CLIPConfig, init_params  # noqa: E402
 from tclip_jax.model.tokenizer import default_tokenizer  # noqa: E402
 from tclip_jax.postprocess.soft import soft_maps_and_boxes  # noqa: E402
 from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene  # noqa: E402
+from tclip_jax.files import write_text_atomic  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SMOKE_CONFIG = CLIPConfig(embed_dim=32, image_size=64, patch_size=16, vision_width=64, vision_layers=2,
@@ -242,7 +243,7 @@ def main(argv=None) -> int:
         print("gpu_profile --smoke: ok (nothing written)")
         return 0
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        write_text_atomic(args.json, json.dumps(rows, indent=1))
     if not args.no_write:
         write_section("gpu-profile", text, args.results)
     return 0

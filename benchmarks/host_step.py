@@ -53,6 +53,7 @@ from tclip_jax.postprocess._blas import SINGLE_THREADED_BLAS  # noqa: E402
 from tclip_jax.postprocess.blur import axis_plan, error_bound, gaussian_blur, pyramid_levels  # noqa: E402
 from tclip_jax.postprocess.boxes import Box  # noqa: E402
 from tclip_jax.synthetic import heldout_seeds, make_scene  # noqa: E402
+from tclip_jax.files import write_text_atomic  # noqa: E402
 
 SIZES = {"224x224": (224, 224), "640x480": (480, 640), "1920x1080": (1080, 1920)}  # name: (H, W)
 SIGMA_FRACTION = 0.02
@@ -521,7 +522,7 @@ def main(argv=None) -> None:
         state["runs"] = [r for r in state["runs"]
                          if not (set(r["timing"]) <= set(timing) and set(r["fidelity"]) <= set(fidelity))]
         state["runs"] += [r for r in runs if r["timing"] or r["fidelity"]]
-        args.state.write_text(json.dumps(state, indent=1, default=_jsonable))
+        write_text_atomic(args.state, json.dumps(state, indent=1, default=_jsonable))
         timing, fidelity, runs = state["timing"], state["fidelity"], state["runs"]
     text = report(timing, fidelity, args, machine, runs, cpu)
     print(text)

@@ -62,7 +62,8 @@ def main(argv=None) -> None:
     load_before = load_average()
     rows = []
     for count in args.prompts:
-        child = subprocess.run([sys.executable, __file__, "--measure", str(count)], capture_output=True, text=True)
+        child = subprocess.run([sys.executable, __file__, "--measure", str(count), "--no-write"],  # the parent writes
+                               capture_output=True, text=True)
         if child.returncode != 0:  # the rows measured so far are printed above; the child's own last line says why
             reason = (child.stderr.strip().splitlines() or [f"status {child.returncode}"])[-1]
             parser.exit(2, f"{parser.prog}: error: the run with {count} prompts failed: {reason}\n")

@@ -31,6 +31,7 @@ from tclip_jax.methods import METHODS  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP, Settings  # noqa: E402
 from tclip_jax.sweep.heldout import RETRIEVAL_PAIRS, grounding_scores, synthetic_report  # noqa: E402
 from tclip_jax.synthetic import HELDOUT_SEED_START, OUT_OF_STYLE, PROTOCOLS, retrieval_scenes  # noqa: E402
+from tclip_jax.files import write_text_atomic  # noqa: E402
 
 MODELS = {"default": DEFAULT_MODEL_DIR, "clip_only": DEFAULT_MODEL_DIR.parent / "clip_only_model"}
 # The table's columns: (header, protocol, word group); "all" pools every word the protocol scores.
@@ -126,7 +127,7 @@ def main() -> None:
         if not args.no_write:  # each model's table as soon as it is done
             write_section(f"synthetic-{model}", body)
     if args.json:
-        args.json.write_text(json.dumps(everything, indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps(everything, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ def test_sweep_throughput_reports_the_load_average_read_before_its_runs(monkeypa
 
 def test_memory_ends_a_failed_run_with_its_last_line_after_the_rows_measured_before_it(monkeypatch, capsys):
     def child_run(command, **kwargs):  # the measuring run of each prompt count, without measuring
-        count = int(command[-1])
+        assert command[-1] == "--no-write"  # the parent writes RESULTS.md; the child must not need to
+        count = int(command[command.index("--measure") + 1])
         if count == 80:
             return subprocess.CompletedProcess(command, 1, "", "Traceback (most recent call last):\n  ...\n"
                                                                 "MemoryError: out of memory\n")
@@ -145,3 +146,22 @@ def test_an_output_file_that_is_a_folder_is_refused(tmp_path, capsys):
         check_output_file(argparse.ArgumentParser(prog="bench"), tmp_path, "--json")
     assert raised.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"bench: error: --json {tmp_path} is a folder, not a file"
+
+
+def test_an_output_file_is_checked_as_it_is_written_by_renaming_in_its_folder(tmp_path, capsys, monkeypatch):
+    """Outputs are written atomically (a temporary file renamed over the file): the folder must be writable, and
+    the file's own write bit does not matter. (As root every access check passes, so os.access is replaced.)"""
+    import os
+
+    folder, parser = tmp_path / "out", argparse.ArgumentParser(prog="bench")
+    folder.mkdir()
+    (folder / "RESULTS.md").write_text("old")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: pathlib.Path(path) != folder / "RESULTS.md"
+                        and real_access(path, mode))
+    check_output_file(parser, folder / "RESULTS.md", "results file")  # a read-only file: renamed over, fine
+    monkeypatch.setattr(os, "access", lambda path, mode: pathlib.Path(path) != folder and real_access(path, mode))
+    with pytest.raises(SystemExit):
+        check_output_file(parser, folder / "RESULTS.md", "results file")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (f"bench: error: results file {folder / 'RESULTS.md'}: "
+                                                                f"cannot write in {folder}")

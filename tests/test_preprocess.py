@@ -349,6 +349,10 @@ def test_a_tiff_orientation_is_applied_once_and_exif_false_gives_the_stored_grid
     displayed = load_image(tmp_path / "a.png")
     np.testing.assert_array_equal(load_image(tmp_path / "a.tif"), displayed)
     np.testing.assert_array_equal(load_image(tmp_path / "a.tif", exif=False), block)
+    with Image.open(tmp_path / "a.tif") as opened:  # a PIL image as opened, not loaded yet: the same
+        np.testing.assert_array_equal(load_image(opened, exif=False), block)
+    with Image.open(tmp_path / "a.tif") as opened:
+        np.testing.assert_array_equal(load_image(opened), displayed)
     assert image_size(tmp_path / "a.tif") == displayed.shape[:2]
     assert image_size(tmp_path / "a.tif", exif=False) == block.shape[:2]
 

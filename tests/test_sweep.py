@@ -669,11 +669,16 @@ def test_bad_input_gives_clear_messages(coco_hand, tmp_path, capsys):
     # A flag of another dataset is refused, not ignored (as if it had applied).
     for dataset, flag, value, message in [("voc", "--crowd", "drop", "--crowd applies to coco and coco-seg only, "
                                            "not voc"),
-                                          ("coco-seg", "--coco-source", "tfds", "--coco-source applies to coco only"),
+                                          ("coco-seg", "--coco-source", "tfds", "--coco-source tfds is for coco "
+                                           "boxes"),
+                                          ("voc", "--coco-source", "raw", "--coco-source applies to coco and "
+                                           "coco-seg only, not voc"),
                                           ("coco", "--split", "300", "--split applies to imagenet-s only, not coco"),
                                           ("imagenet-s", "--protocol", "blur", "--protocol applies to synthetic only")]:
         assert message in _fails(capsys, dataset, "--data", str(coco_hand), flag, value, "--out", out)
     assert not pathlib.Path(out).exists()
+    taken = _fails(capsys, "coco-seg", "--coco-source", "raw", "--data", str(tmp_path / "none"), "--out", out)
+    assert "--coco-source" not in taken and "instances_val2017.json" in taken  # the flag is taken; the data missing
     assert "unknown method 'nope'" in _fails(capsys, "coco", "--data", str(coco_hand), "--method", "nope", "--out", out)
     method = ("--method", "test_sweep:Painted")
     assert main(_cli("coco", "--data", str(coco_hand), *method, "--limit", "1", "--out", out)) == 0
@@ -771,6 +776,7 @@ def test_the_paper_figure_is_shown_only_beside_a_run_as_the_paper_ran_it():
     # The seed metrics add a table and change none of the paper's figures; COCO's boxes depend on no threshold.
     seed_and_otsu = EvalOptions(metrics="seed", threshold="otsu", pg_tolerance=3).to_dict()
     assert paper_figures({**config, "evaluation": seed_and_otsu}) == (PAPER["coco"], "")
+    assert paper_figures({**config, "template": "{}"}) == (PAPER["coco"], "")  # the bare names too
     assert paper_figures({**config, "dataset": "imagenet-s50",
                           "evaluation": EvalOptions(metrics="seed").to_dict()})[0] == PAPER["imagenet-s"]
     changes = [({"dataset": "synthetic-captions"}, "no synthetic-captions figures"),

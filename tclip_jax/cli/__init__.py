@@ -26,6 +26,14 @@ COMMANDS = {
 }
 # What the user can fix: a missing or unreadable file, a bad value, no network, a missing optional package.
 USER_ERRORS = (OSError, ValueError, TypeError, ImportError)
+# Sub-command -> what needs less memory, said when a run runs out of it.
+LESS_MEMORY = {
+    "explain": "a smaller image (or --input-protocol whole), fewer prompts or fewer translated copies need less",
+    "sweep": "a smaller --batch-size, --input-protocol whole or fewer translated copies need less",
+    "train-eclip": "a smaller --batch-size needs less in the training steps (the features are computed 32 pairs at "
+                   "a time whatever it is)",
+    "convert": "converting holds the checkpoint twice in memory",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.environ.get("TCLIP_TRACEBACK"):
             raise
         if _out_of_memory(err):  # not a bug: the run asked for more memory than the machine has
-            print(f"tclip {args.command}: error: out of memory ({_one_line(err)[:160]}); a smaller image (or "
-                  "--input-protocol whole), fewer prompts or fewer translated copies need less", file=sys.stderr)
+            print(f"tclip {args.command}: error: out of memory ({_one_line(err)[:160]}); "
+                  f"{LESS_MEMORY.get(args.command, 'a smaller model or input needs less')}", file=sys.stderr)
             return 2
         print(f"tclip {args.command}: internal error ({type(err).__name__}): {_one_line(err)} "
               "(set TCLIP_TRACEBACK=1 for the traceback)", file=sys.stderr)

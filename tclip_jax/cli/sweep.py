@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", help="prompt template with one '{}' for the class name (default: the bare name)")
     parser.add_argument("--split", type=int, choices=(50, 300, 919), help="ImageNet-S split (required for imagenet-s)")
     parser.add_argument("--coco-source", choices=("raw", "tfds"), help="coco: COCO files or TFDS coco/2017 "
-                        "(default: raw)")
+                        "(default: raw; coco-seg: raw only)")
     parser.add_argument("--crowd", choices=("keep", "drop"),
                         help="coco, coco-seg: crowd boxes count as ground truth (keep, gScoreCAM) or are removed "
                         "(drop) (default: keep)")
@@ -78,6 +78,9 @@ def _open_dataset(args: argparse.Namespace, limit):
         raise ValueError(f"{args.dataset} needs --data (the dataset's root folder)")
     data = str(pathlib.Path(args.data).resolve())
     if args.dataset == "coco-seg":
+        if args.coco_source == "tfds":
+            raise ValueError("coco-seg reads the raw layout (instance masks from instances_val2017.json); "
+                             "--coco-source tfds is for coco boxes")
         return datasets.coco_seg_dataset(data, crowd=args.crowd), f"coco val2017 masks in {data}, crowd {args.crowd}"
     if args.dataset == "voc":
         return datasets.voc_dataset(data), f"voc2012 segmentation val in {data}"
@@ -92,7 +95,7 @@ def _open_dataset(args: argparse.Namespace, limit):
 
 
 # (flag, argument, the datasets it applies to)
-_DATASET_FLAGS = (("--split", "split", ("imagenet-s",)), ("--coco-source", "coco_source", ("coco",)),
+_DATASET_FLAGS = (("--split", "split", ("imagenet-s",)), ("--coco-source", "coco_source", ("coco", "coco-seg")),
                   ("--crowd", "crowd", ("coco", "coco-seg")), ("--protocol", "protocol", ("synthetic",)))
 
 

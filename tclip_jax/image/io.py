@@ -89,14 +89,7 @@ def _tiff_orientation(img: Image.Image) -> int:
 
 
 def _decode(source: pathlib.Path | bytes, exif: bool) -> np.ndarray:
-    def decoded(img: Image.Image) -> np.ndarray:
-        applied = _tiff_orientation(img)
-        img.load()
-        if not exif and applied in _UNDO_ORIENTATION:  # back to the stored grid
-            img = img.transpose(_UNDO_ORIENTATION[applied])
-        return _pil_to_rgb(img, exif)
-
-    return _opened(source, decoded)
+    return _opened(source, lambda img: _pil_to_rgb(img, exif))
 
 
 def _opened(source: pathlib.Path | bytes, read: Callable[[Image.Image], T]) -> T:
@@ -130,6 +123,10 @@ def _check_size(pixels: int, name: str) -> None:
 
 
 def _pil_to_rgb(img: Image.Image, exif: bool = True) -> np.ndarray:
+    applied = _tiff_orientation(img)  # read before loading, which applies it and drops the tag
+    img.load()
+    if not exif and applied in _UNDO_ORIENTATION:  # back to the stored grid
+        img = img.transpose(_UNDO_ORIENTATION[applied])
     if exif:
         img = ImageOps.exif_transpose(img)
     if img.width == 0 or img.height == 0:

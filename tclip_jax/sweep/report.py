@@ -178,7 +178,7 @@ def paper_figures(config: dict) -> tuple[dict, str]:
 
     if run["settings"] != Settings().to_dict():
         return {}, "TCLIP's settings differ from the defaults the paper used"
-    if config.get("template") is not None:
+    if config.get("template") not in (None, "{}"):  # "{}" prompts the bare names
         return {}, "the prompts fill a template, the paper's are the bare class names"
     from tclip_jax.evaluation.options import EvalOptions
 
