@@ -308,6 +308,14 @@ def test_classes_that_share_a_name_are_scored_and_pictured_apart(tmp_path):
     assert page.count("<h3>crane (class 0)</h3>") == 1 and page.count("<h3>crane (class 2)</h3>") == 1
     assert len(list((tmp_path / "out" / "gallery").iterdir())) == 3  # the bird's, and the machines' best and worst
     assert class_queries(dataset.class_names)[2].prompt == "crane"
+    # A sweep stored before such classes were told apart (its records say "crane" for both) is not resumed.
+    stored = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert stored.pop("shared_class_names") == ["crane"]
+    (tmp_path / "out" / "sweep.json").write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"shared_class_names \(stored None, now \['crane'\]\) \(its records name "
+                                         "classes that share a name alike"):
+        run_sweep(dataset, Painted.from_pretrained(), tmp_path / "out",
+                  options=RunOptions(batch_size=2, progress=False, resume=True))
 
 
 # ------------------------------------------------------------------------------------- real TCLIP run

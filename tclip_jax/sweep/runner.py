@@ -69,6 +69,14 @@ def class_labels(class_names: Sequence[str]) -> tuple[str, ...]:
     return tuple(f"{name} (class {k})" if name in shared else name for k, name in enumerate(class_names))
 
 
+def _shared_names(class_names: Sequence[str]) -> dict:
+    """{"shared_class_names": [...]} where classes share a name (their records name them with their id,
+    `class_labels`), else {}: a sweep recorded before they were told apart holds the bare name for both, so
+    resuming it (no such key stored) is refused rather than mixed."""
+    shared = sorted({name for name in class_names if class_names.count(name) > 1})
+    return {"shared_class_names": shared} if shared else {}
+
+
 def class_queries(class_names: Sequence[str], template: Optional[str] = None) -> list[Query]:
     """Each class name put into ``template`` (one ``{}``; None: the bare name), with the name's span."""
     template = DEFAULT_TEMPLATE if template is None else template
@@ -120,7 +128,8 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                                     "dataset": dataset.name, "source": source, "template": template,
                                     "classes": len(dataset.class_names), "limit": options.limit,
                                     "evaluation": evaluation.to_dict(),
-                                    **({"data_fingerprint": dataset.fingerprint} if dataset.fingerprint else {})}))
+                                    **({"data_fingerprint": dataset.fingerprint} if dataset.fingerprint else {}),
+                                    **_shared_names(dataset.class_names)}))
     _check_config(out, config, options.resume)
     queries = _Queries(method, class_queries(dataset.class_names, template))  # bad prompts fail before any write
     barrier("tclip-sweep-checked")  # nobody writes before every process has checked
@@ -354,9 +363,11 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
         shrinks = " (a resumed sweep's --limit may grow, not shrink)" if "limit" in changed else ""
         edited = (" (the annotations were edited since the sweep began: its records were scored on the old ones; "
                   "start a new --out)") if "data_fingerprint" in changed else ""
+        shared = (" (its records name classes that share a name alike, as sweeps before 2026-12-05 did; start a "
+                  "new --out)") if "shared_class_names" in changed else ""
         raise ValueError(f"cannot resume {out}: the sweep there differs in "
                          + "; ".join(f"{key} (stored {old!r}, now {new!r})" for key, (old, new) in changed.items())
-                         + shrinks + edited)
+                         + shrinks + edited + shared)
 
 
 def _changed_fields(stored: dict, now: dict, prefix: str = "") -> dict[str, tuple]:
