@@ -209,6 +209,23 @@ def test_resume_compares_the_data_and_model_not_how_their_paths_are_spelt(clip, 
     assert train(clip, file_pairs("data"), "run", settings, resume=True, progress=False).steps == 4
 
 
+def test_a_checkpoint_written_before_fingerprints_resumes_as_it_did_then(clip, data_dir, tmp_path):
+    """Its state.json names the model, data and attention by path: compared so, as then (not refused)."""
+    settings = TrainSettings(epochs=2, batch_size=3, learning_rate=1e-2)
+    whole = train(clip, file_pairs(data_dir), tmp_path / "whole", settings, progress=False)
+    train(clip, file_pairs(data_dir), tmp_path / "old", settings.replace(epochs=1), progress=False)
+    state_path = tmp_path / "old" / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    state.update(model={k: state["model"][k] for k in ("origin", "source")}, pairs=state["pairs"]["description"],
+                 pair_count=state["pairs"]["count"], attention="clip")  # the earlier layout
+    state_path.write_text(json.dumps(state))
+    resumed = train(clip, file_pairs(data_dir), tmp_path / "old", settings, resume=True, progress=False)
+    np.testing.assert_array_equal(resumed.projections["image"], whole.projections["image"])
+    state_path.write_text(json.dumps({**state, "pairs": "elsewhere/captions.tsv"}))
+    with pytest.raises(ValueError, match="another run: pairs 'elsewhere/captions.tsv' there"):
+        train(clip, file_pairs(data_dir), tmp_path / "old", settings.replace(epochs=3), resume=True, progress=False)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the divergence asked for
 def test_training_that_diverges_stops_and_saves_nothing_and_a_fresh_run_keeps_earlier_projections(clip, data_dir,
                                                                                                   tmp_path):

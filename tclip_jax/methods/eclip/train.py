@@ -379,16 +379,21 @@ def load_checkpoint(folder: pathlib.Path, run: dict, opt_state: Any) -> tuple[Pr
     except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError) as err:
         raise ValueError(f"--resume: the checkpoint in {folder} is damaged ({type(err).__name__}: {err}); train "
                          "afresh in another --out") from None
-    ours, theirs = _compared(run), _compared({k: state.get(k) for k in run})
+    if isinstance(state.get("pairs"), str):  # written before fingerprints: compared as then, by paths as spelt
+        ours = _compared({"model": {k: run["model"][k] for k in ("origin", "source")},
+                          "pairs": run["pairs"]["description"], "pair_count": run["pairs"]["count"],
+                          "attention": run["attention"]["origin"], "settings": run["settings"]}, described=())
+        theirs = _compared({k: state.get(k) for k in ours}, described=())
+    else:
+        ours, theirs = _compared(run), _compared({k: state.get(k) for k in run})
     changed = [f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in ours if ours[k] != theirs[k]]
     if changed:
         raise ValueError(f"--resume: the checkpoint in {folder} is of another run: {'; '.join(changed)}")
     return projections, jax.tree_util.tree_unflatten(treedef, leaves), epoch, step
 
 
-def _compared(run: dict) -> dict:
+def _compared(run: dict, described: tuple[str, ...] = ("origin", "source", "description")) -> dict:
     """What two runs must share for one to resume the other: every fingerprint, count and setting but the number
-    of epochs, not the origins and descriptions (a path spelt another way)."""
-    described = ("origin", "source", "description")
+    of epochs, not the `described` fields (origins and descriptions: a path spelt another way)."""
     return {key: ({k: v for k, v in part.items() if k not in described and (key != "settings" or k != "epochs")}
                   if isinstance(part, dict) else part) for key, part in run.items()}
