@@ -883,6 +883,41 @@ def test_ctrl_c_while_a_staged_folder_replaces_its_target_leaves_the_new_one_who
     assert (target / "step").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
 
 
+_BLOCKED_IN_XLA = """
+import sys
+import jax
+import jax.numpy as jnp
+import tclip_jax.cli as cli
+import tclip_jax.cli.convert as convert
+cli._SigtermWatchdog.GRACE_S = 1.0
+
+def blocked(args):  # about a minute of one XLA computation, during which no Python signal handler runs
+    inner = lambda i, v: jax.lax.fori_loop(0, 100_000, lambda j, w: w * 1.0000001 + 1e-9, v)
+    compiled = jax.jit(lambda x: jax.lax.fori_loop(0, 200_000, inner, x)).lower(jnp.float32(1)).compile()
+    print("blocking", flush=True)
+    compiled(jnp.float32(1)).block_until_ready()
+
+convert.run = blocked
+sys.exit(cli.main(["convert", "x", "--out", "y"]))
+"""
+
+
+def test_a_sigterm_ends_tclip_blocked_in_native_code_after_a_grace_period():
+    """The main thread inside an XLA computation runs no Python handler: a watchdog thread ends the process with
+    status 143 once the grace period has passed (without it, the SIGTERM waited for the computation to end)."""
+    process = subprocess.Popen([sys.executable, "-c", _BLOCKED_IN_XLA], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "blocking"
+        time.sleep(0.5)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 143 and time.monotonic() - sent < 15
+        assert process.stderr.read().strip().splitlines() == ["tclip convert: terminated"]
+    finally:
+        process.kill()
+
+
 def test_a_sigterm_ends_tclip_as_ctrl_c_does_and_waits_for_a_staged_folder_to_land(tmp_path, monkeypatch, capsys):
     """`tclip` raises a SIGTERM as Ctrl-C is raised (status 143), so staged folders are cleaned up and a swap in
     progress is finished first (a killed train-eclip left staging folders behind)."""

@@ -55,8 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     warnings.showwarning = lambda message, *_: print(f"tclip {args.command}: warning: {_one_line(message)}",
                                                       file=sys.stderr)
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
-        else None
+    watchdog = _SigtermWatchdog(args.command) if threading.current_thread() is threading.main_thread() else None
     try:
         return args.run(args)
     except KeyboardInterrupt as err:
@@ -79,8 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "(set TCLIP_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if watchdog is not None:
+            watchdog.close()
 
 
 class Terminated(KeyboardInterrupt):
@@ -88,8 +87,39 @@ class Terminated(KeyboardInterrupt):
     folders removed, a checkpoint replaced whole or not at all)."""
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+class _SigtermWatchdog:
+    """While a command runs: a SIGTERM raises `Terminated` in the main thread, and if the process has not ended
+    `GRACE_S` seconds later (the main thread blocked in native code, e.g. an XLA computation or a wait on another
+    process, runs no Python signal handler) it ends at once with status 143, as an unhandled SIGTERM would. A
+    thread learns of the signal from the wakeup fd, which the C-level handler writes even then."""
+
+    GRACE_S = 10.0
+
+    def __init__(self, command: str):
+        self.command = command
+        self.done = threading.Event()
+        self.read_end, self.write_end = os.pipe()
+        os.set_blocking(self.write_end, False)
+        self.previous_handler = signal.signal(signal.SIGTERM, self._raise)
+        self.previous_fd = signal.set_wakeup_fd(self.write_end)
+        threading.Thread(target=self._watch, name="tclip-sigterm", daemon=True).start()
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise Terminated()
+
+    def _watch(self) -> None:
+        while data := os.read(self.read_end, 64):  # b"" once closed
+            if signal.SIGTERM in data and not self.done.wait(self.GRACE_S):
+                print(f"tclip {self.command}: terminated", file=sys.stderr, flush=True)
+                os._exit(143)
+        os.close(self.read_end)
+
+    def close(self) -> None:
+        self.done.set()
+        signal.set_wakeup_fd(self.previous_fd)
+        signal.signal(signal.SIGTERM, self.previous_handler)
+        os.close(self.write_end)  # ends the thread's read
 
 
 def _out_of_memory(err: BaseException) -> bool:
