@@ -73,6 +73,7 @@ def test_fetch_image_from_path_and_default(tmp_path):
         notebook.fetch_image(str(tmp_path / "missing.png"))
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own, before our refusal
 def test_fetch_image_from_a_url_decodes_as_a_file_does_with_its_pixel_limit(tmp_path, monkeypatch):
     import functools
     import http.server

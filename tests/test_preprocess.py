@@ -467,6 +467,7 @@ def test_patch_multiple_keeps_strips_but_needs_half_a_patch():
         prepare(np.zeros((10, 400, 3), np.uint8), "patch_multiple", 224, 32)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own, before our refusal
 def test_images_beyond_the_pixel_limit_are_refused_before_decoding(tmp_path):
     from tclip_jax.image import io
 
