@@ -333,6 +333,26 @@ def test_figure_wraps_names_the_method_and_shows_tau(fixtures_dir):
         result.figure(kind="raw")
 
 
+def test_a_large_photo_is_drawn_in_the_grid_at_a_bounded_size_with_its_box_where_it_was():
+    from tclip_jax.visualize.figures import GRID_MAX_SIDE, Panel, grid_figure, overlay
+
+    height, width = 3000, 4000
+    heatmap = np.zeros((height, width), np.float32)
+    heatmap[1000:2000, 2000:3000] = 1.0
+    image = np.full((height, width, 3), 128, np.uint8)
+    box = (2000, 1000, 3000, 2000)
+    figure = grid_figure(image, [Panel("word", heatmap, box)], "large")
+    drawn = [a.images[0].get_array() for a in figure.axes if a.images]
+    assert [d.shape for d in drawn] == [(768, GRID_MAX_SIDE, 3)] * 2
+    scale = GRID_MAX_SIDE / width  # 0.256: the hot square and its box at the same place of the smaller picture
+    hot = np.zeros((768, 1024), np.float32)
+    hot[256:512, 512:768] = 1.0  # its edges fall on whole pixels there
+    expected = overlay(np.full((768, 1024, 3), 128, np.uint8), hot, tuple(v * scale for v in box))
+    assert np.abs(drawn[1].astype(int) - expected).max() <= 1
+    small = grid_figure(image[:300, :400], [Panel("word", heatmap[:300, :400])], "small")  # drawn as it is
+    np.testing.assert_array_equal([a for a in small.axes if a.images][0].images[0].get_array(), image[:300, :400])
+
+
 def test_whole_image_box_is_drawn_inset():
     picture = draw_box(np.zeros((100, 120, 3), np.uint8), (0, 0, 120, 100), thickness=2)
     assert not picture[:2].any() and not picture[:, :2].any()   # the frame itself is left alone ...

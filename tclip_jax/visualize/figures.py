@@ -21,6 +21,9 @@ from tclip_jax.postprocess import Box
 BOX_COLOUR = (255, 255, 255)
 BOX_OUTLINE = (0, 0, 0)
 MAX_COLUMNS = 5
+# A grid panel is about 270 pixels wide as saved: a larger photo is drawn at this longer side (drawing a 48-MP
+# photo per panel took minutes and gigabytes for nothing anyone sees).
+GRID_MAX_SIDE = 1024
 
 
 def normalize(heatmap: np.ndarray) -> np.ndarray:
@@ -117,14 +120,25 @@ def grid_figure(image: np.ndarray, panels: Sequence[Panel], suptitle: str, colum
     axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
-    axes.flat[0].imshow(image)
+    scale = min(1.0, GRID_MAX_SIDE / max(image.shape[:2]))
+    shown = _resized(image, scale)
+    axes.flat[0].imshow(shown)
     axes.flat[0].set_title("image", fontsize=10)
     for axis, panel in zip(axes.flat[1:], panels):
-        axis.imshow(overlay(image, panel.heatmap, panel.box))
+        box = None if panel.box is None else tuple(v * scale for v in panel.box)
+        axis.imshow(overlay(shown, _resized(np.asarray(panel.heatmap, np.float32), scale), box))
         axis.set_title(panel.caption(), fontsize=10, color="firebrick" if panel.fallback else "black")
     figure.suptitle(suptitle, fontsize=12)
     figure.tight_layout()
     return figure
+
+
+def _resized(array: np.ndarray, scale: float) -> np.ndarray:
+    """`array` scaled by `scale` <= 1 (area averaging), as drawn in a grid panel."""
+    if scale >= 1.0:
+        return array
+    height, width = array.shape[:2]
+    return cv2.resize(array, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
 
 
 def method_label(run: dict) -> str:
