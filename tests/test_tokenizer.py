@@ -242,6 +242,36 @@ def test_words_map_back_to_original_text(tokenizer):
     np.testing.assert_array_equal(prompt.token_ids, tokenizer.encode(text.lower())[0])
 
 
+def test_words_keep_their_own_spans_whatever_whitespace_separates_repeats(tokenizer):
+    """Prompts of common words joined by random runs of spaces, tabs and newlines: each word is its own span and
+    its own pieces (aligning the raw text by difflib matched "red\nred red" against a later repeat: empty words)."""
+    import re
+
+    rng = np.random.default_rng(0)
+    vocabulary = ["red", "dog", "of", "on", "I", "is", "a", "the", "circle", "Red", "hippopotamus"]
+    for _ in range(300):
+        chosen = [vocabulary[k] for k in rng.integers(0, len(vocabulary), rng.integers(1, 7))]
+        gaps = ["".join(rng.choice([" ", "  ", "\t", "\n", " \n "], 1)) for _ in chosen]
+        text = "".join(gap + word for gap, word in zip(gaps, chosen)) + gaps[0]
+        words = tokenizer.tokenize_words(text).words
+        expected = [(m.group(), m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+        assert [(w.text, w.start, w.end) for w in words] == expected, repr(text)
+        pieces = [tokenizer.tokenize_words(word).words[0].piece_positions for word in chosen]
+        offset = 0
+        for word, own in zip(words, pieces):  # each word's pieces are its own, in order
+            assert word.piece_positions == tuple(p + offset for p in own)
+            offset += len(own)
+
+
+@pytest.mark.parametrize("text, words", [("नमस्ते दुनिया", ["नमस्ते", "दुनिया"]), ("สวัสดี", ["สวัสดี"]),
+                                         ("مَرْحَبًا", ["مَرْحَبًا"]), ("İstanbul", ["İstanbul"])])
+def test_combining_marks_belong_to_their_words(tokenizer, text, words):
+    """CLIP's pre-tokenizer splits a vowel sign or diacritic from its letter; they stay one word with every piece."""
+    prompt = tokenizer.tokenize_words(text)
+    assert [w.text for w in prompt.words] == words and not any(w.is_punctuation for w in prompt.words)
+    assert [p for w in prompt.words for p in w.piece_positions] == list(prompt.piece_positions)
+
+
 def test_text_rewritten_by_cleaning_maps_to_its_source(tokenizer):
     text = "a cafÃ© sign"  # mojibake that ftfy repairs to "café"
     prompt = tokenizer.tokenize_words(text)

@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import pathlib
+import re
 import tempfile
 import unicodedata
 import warnings
@@ -60,7 +61,8 @@ def clean_text(text: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Word:
-    """One word of a prompt: a run of letters/digits (contractions included) or a punctuation/symbol run."""
+    """One word of a prompt: a run of letters, digits and combining marks (contractions included) or a
+    punctuation/symbol run."""
 
     text: str  # as written in the original prompt: prompt[start:end]
     start: int
@@ -174,8 +176,10 @@ def _group_words(text: str, cleaned: str, encoding: tokenizers.Encoding,
         chunks.append((members[0][1][0], members[-1][1][1], tuple(position for _, _, position in members)))
     merged = []  # (start, end, piece positions, is_punctuation)
     for start, end, piece_positions in chunks:
-        punctuation = not any(unicodedata.category(c)[0] in "LN" for c in cleaned[start:end])
-        # CLIP splits "don't", "cat's" and "123" into several chunks; adjacent letter/digit chunks are one word.
+        # Letters, digits and combining marks (a Devanagari vowel sign, an Arabic diacritic: CLIP's pre-tokenizer
+        # splits them from their letters) make words; a chunk without any is punctuation or a symbol.
+        punctuation = not any(unicodedata.category(c)[0] in "LNM" for c in cleaned[start:end])
+        # CLIP splits "don't", "cat's", "123" and "नमस्ते" into several chunks; adjacent word chunks are one word.
         if merged and not punctuation and not merged[-1][3] and merged[-1][1] == start:
             merged[-1] = (merged[-1][0], end, merged[-1][2] + piece_positions, False)
         else:
@@ -188,15 +192,31 @@ def _group_words(text: str, cleaned: str, encoding: tokenizers.Encoding,
 def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
     """For each character of `cleaned`, the [start, end) span of `original` it comes from.
 
-    Cleaning mostly lowercases and collapses whitespace, which aligns character by character, as does a block
-    rewritten to as many characters (full-width "ＲＥＤ　ＣＡＴ" -> "red cat"); where ftfy or HTML unescaping rewrote a
-    block to another length (e.g. "&amp;" -> "&"), each rewritten character maps to the whole source block."""
-    matcher = difflib.SequenceMatcher(None, [c.lower() for c in original], cleaned, autojunk=False)
+    Whitespace collapsing and lowercasing, what cleaning does to most prompts, are followed step by step (a run of
+    spaces, tabs or newlines is the one space it became; a character that lowercases to two is both). Where ftfy
+    or HTML unescaping rewrote more (e.g. "&amp;" -> "&"), the rest is aligned by `difflib`: a block rewritten to
+    as many characters aligns character by character, and each character of a block rewritten to another length
+    maps to the whole source block. (Aligning the raw texts by `difflib` alone matched "red\nred red" against a
+    later repeat of itself and gave words empty or shifted spans.)"""
+    collapsed, source = [], []  # the text as collapsed and lowercased, and each character's index in `original`
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", original)]
+    for k, (word_start, word_end) in enumerate(words):
+        if k:
+            collapsed.append(" ")
+            source.append(words[k - 1][1])  # the first character of the whitespace run
+        for i in range(word_start, word_end):
+            lowered = original[i].lower()
+            collapsed.extend(lowered)
+            source.extend([i] * len(lowered))
+    if "".join(collapsed) == cleaned:
+        return list(source), [i + 1 for i in source]
+    matcher = difflib.SequenceMatcher(None, collapsed, cleaned, autojunk=False)
     starts, ends = [0] * len(cleaned), [0] * len(cleaned)
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         one_to_one = tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1)
+        block = (source[i1], source[i2 - 1] + 1) if i2 > i1 else (source[i1 - 1] + 1 if i1 else 0,) * 2
         for j in range(j1, j2):
-            starts[j], ends[j] = (i1 + j - j1, i1 + j - j1 + 1) if one_to_one else (i1, i2)
+            starts[j], ends[j] = (source[i1 + j - j1], source[i1 + j - j1] + 1) if one_to_one else block
     return starts, ends
 
 
