@@ -136,6 +136,22 @@ def no_translation(tiny_clip):
     return TCLIP(tiny_clip, Settings(translations=1))
 
 
+def test_a_class_name_glued_to_template_letters_takes_the_word_it_is_part_of(no_translation):
+    """"a {}'s photo" makes "golden retriever's": the class query is the mean of "golden" and "retriever's", each
+    word's own query as explain maps it (a word running past the name's span was dropped, or, alone, refused)."""
+    from tclip_jax.methods.base import Query
+    from tclip_jax.sweep.runner import class_queries
+
+    def word(prompt, text):  # a word's own query: the span of that word
+        start = prompt.index(text)
+        return no_translation.encode([Query(prompt, (start, start + len(text)))]).per_query[0]
+
+    golden, dog = class_queries(["golden retriever", "dog"], "a {}'s photo")
+    expected = (word(golden.prompt, "golden") + word(golden.prompt, "retriever's")) / 2
+    np.testing.assert_allclose(no_translation.encode([golden]).per_query[0], expected, atol=1e-6)
+    np.testing.assert_allclose(no_translation.encode([dog]).per_query[0], word(dog.prompt, "dog's"), atol=1e-6)
+
+
 @pytest.mark.parametrize("prompts,message", [
     ("", "has no words"),
     ("?! ... --", "has no words"),

@@ -127,10 +127,11 @@ def _queries(tokens: Sequence[TokenizedPrompt], embeds: np.ndarray, weights: Opt
 
 def _span_query(tokens: TokenizedPrompt, embeds: np.ndarray, weights: Optional[np.ndarray],
                 span: Optional[tuple[int, int]]) -> np.ndarray:
-    """Mean over the words inside `span` (all words if None) of each word's mean piece embedding; with `weights`
-    and several words, the weighted mean of their pieces instead."""
+    """Mean over the words that overlap `span` (all words if None) of each word's mean piece embedding; with
+    `weights` and several words, the weighted mean of their pieces instead. Overlap, not inclusion: a class name
+    glued to template letters ("a {}'s photo" -> "retriever's") is part of a longer word, which it takes whole."""
     words = [w for w in tokens.words if not w.is_punctuation
-             and (span is None or (w.start >= span[0] and w.end <= span[1]))]
+             and (span is None or (w.start < span[1] and w.end > span[0]))]
     if not words:
         where = "" if span is None else f" inside characters {span[0]}..{span[1]}"
         raise ValueError(f"prompt {tokens.text!r} has no words to explain{where}")
