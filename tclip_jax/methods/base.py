@@ -278,7 +278,8 @@ class Method(abc.ABC):
 
     def explained_queries(self, tokens: Sequence[TokenizedPrompt]) -> tuple[tuple[tuple[Word, ...], ...], list[Query]]:
         """Per prompt the words that get their own map, and the queries: each word, then each prompt."""
-        words = tuple(_explained_words(t) if self.explains_words else () for t in tokens)
+        with_words = tuple(_explained_words(t) for t in tokens)  # a prompt without a word: refused by every method
+        words = with_words if self.explains_words else tuple(() for _ in tokens)
         queries = [Query(t.text, (w.start, w.end)) for t, ws in zip(tokens, words) for w in ws]
         return words, queries + [Query(t.text) for t in tokens]
 
