@@ -61,7 +61,7 @@ def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):
     assert "no words to explain" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written for a bad prompt
     for method in ("similarity", "clip_surgery"):  # a prompt-level method too: a map of SOT and EOT alone
-        for prompt in ("", "..."):
+        for prompt in ("", "...", "   "):  # the message quotes it as given
             assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", prompt, "--method", method,
                           "--model", model, "--out", str(tmp_path / "o")]) == 2
             assert f"prompt {prompt!r} has no words to explain" in capsys.readouterr().err

@@ -333,6 +333,25 @@ def test_figure_wraps_names_the_method_and_shows_tau(fixtures_dir):
         result.figure(kind="raw")
 
 
+def test_characters_the_figure_font_lacks_are_said_once_not_per_glyph_and_figure(fixtures_dir, tmp_path,
+                                                                                 monkeypatch):
+    import warnings
+
+    import tclip_jax.visualize.figures as figures
+    from tclip_jax.methods.tclip import TCLIP
+
+    monkeypatch.setattr(figures, "_GLYPHS_NOTED", set())
+    explainer = TCLIP.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), translations=1)
+    result = explainer.explain(str(fixtures_dir / "scene_224.png"), "東京 red")  # Tokyo in kanji
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            figures.save_figure(result.figure(), tmp_path / "grid.png")
+    assert [str(w.message) for w in caught] == ["the figures' font lacks some characters of the prompts "
+                                                "(京 東): they show as boxes in the grid figures; the "
+                                                "explorer page shows them"]
+
+
 def test_a_large_photo_is_drawn_in_the_grid_at_a_bounded_size_with_its_box_where_it_was():
     from tclip_jax.visualize.figures import GRID_MAX_SIDE, Panel, grid_figure, overlay
 

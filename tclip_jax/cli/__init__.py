@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -134,4 +135,4 @@ def _one_line(err: BaseException) -> str:
     text = str(err) or type(err).__name__
     if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
         text = f"{text}: {err.filename}"
-    return " ".join(text.split())
+    return re.sub(r"\s*\n\s*", " ", text).strip()  # lines joined; spaces inside a quoted prompt kept

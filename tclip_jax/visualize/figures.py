@@ -6,10 +6,14 @@ the box), and a box that covers the whole image is drawn further inset, so it ne
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
 import pathlib
+import re
+import warnings
+from collections.abc import Iterator
 from typing import Optional, Sequence
 
 import cv2
@@ -88,7 +92,8 @@ class ResultFigure(Figure):
 
     def _repr_png_(self) -> bytes:
         buffer = io.BytesIO()
-        self.savefig(buffer, format="png", dpi=80)
+        with _missing_glyphs_noted():
+            self.savefig(buffer, format="png", dpi=80)
         return buffer.getvalue()
 
 
@@ -129,8 +134,30 @@ def grid_figure(image: np.ndarray, panels: Sequence[Panel], suptitle: str, colum
         axis.imshow(overlay(shown, _resized(np.asarray(panel.heatmap, np.float32), scale), box))
         axis.set_title(panel.caption(), fontsize=10, color="firebrick" if panel.fallback else "black")
     figure.suptitle(suptitle, fontsize=12)
-    figure.tight_layout()
+    with _missing_glyphs_noted():
+        figure.tight_layout()
     return figure
+
+
+@contextlib.contextmanager
+def _missing_glyphs_noted() -> Iterator[None]:
+    """Matplotlib warns once per character its font lacks (a prompt in Chinese, an emoji), each time a figure is
+    laid out or saved; this says it once, with what it means."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    missing = {chr(int(m.group(1))) for w in caught if (m := _MISSING_GLYPH.search(str(w.message)))}
+    for w in caught:
+        if not _MISSING_GLYPH.search(str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if missing - _GLYPHS_NOTED:
+        _GLYPHS_NOTED.update(missing)
+        warnings.warn(f"the figures' font lacks some characters of the prompts ({' '.join(sorted(missing)[:8])}): "
+                      "they show as boxes in the grid figures; the explorer page shows them", stacklevel=3)
+
+
+_MISSING_GLYPH = re.compile(r"Glyph (\d+) .* missing from font")
+_GLYPHS_NOTED: set[str] = set()  # said once a process
 
 
 def _resized(array: np.ndarray, scale: float) -> np.ndarray:
@@ -208,7 +235,8 @@ def result_figure(result, prompt: int = 0, kind: str = "heatmap", columns: int =
 
 
 def save_figure(figure: Figure, path, dpi: int = 90) -> None:
-    figure.savefig(path, dpi=dpi)
+    with _missing_glyphs_noted():
+        figure.savefig(path, dpi=dpi)
 
 
 def save_png(path, rgb: np.ndarray) -> None:
