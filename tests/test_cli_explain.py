@@ -61,11 +61,13 @@ def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):
     assert "no words to explain" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written for a bad prompt
     for method in ("similarity", "clip_surgery"):  # a prompt-level method too: a map of SOT and EOT alone
-        for prompt in ("", "...", "   "):  # the message quotes it as given
+        for prompt in ("", "   "):  # the message quotes it as given
             assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", prompt, "--method", method,
                           "--model", model, "--out", str(tmp_path / "o")]) == 2
-            assert f"prompt {prompt!r} has no words to explain" in capsys.readouterr().err
+            assert f"prompt {prompt!r} is empty" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "\U0001F355", "--method", "similarity",
+                  "--model", model, "--out", str(tmp_path / "emoji")]) == 0  # mapped whole
     assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a cat", "--method", "decomposition",
                   "--model", model, "--out", str(tmp_path / "o")]) == 2
     assert "so it needs at least 2; got 1" in capsys.readouterr().err

@@ -902,6 +902,43 @@ sys.exit(cli.main(["convert", "x", "--out", "y"]))
 """
 
 
+def test_tclip_keeps_the_signal_set_up_of_the_process_it_runs_in(monkeypatch, capsys):
+    """A wakeup fd someone else set (an asyncio loop) still hears its signals while tclip runs; a SIGTERM handler
+    set outside Python (getsignal gives None) is left alone; error lines join every kind of line break."""
+    import os
+
+    import tclip_jax.cli.convert as convert_command
+    from tclip_jax.cli import _one_line
+
+    theirs_read, theirs_write = os.pipe()
+    os.set_blocking(theirs_write, False)
+    previous = signal.set_wakeup_fd(theirs_write)
+    try:
+        monkeypatch.setattr(convert_command, "run", lambda args: os.kill(os.getpid(), signal.SIGINT) or time.sleep(5))
+        assert main(["convert", "x", "--out", "y"]) == 130
+        os.set_blocking(theirs_read, False)
+        heard, deadline = b"", time.monotonic() + 5
+        while signal.SIGINT not in heard and time.monotonic() < deadline:
+            try:
+                heard += os.read(theirs_read, 64)
+            except BlockingIOError:
+                time.sleep(0.01)
+        assert signal.SIGINT in heard
+        assert signal.set_wakeup_fd(previous) == theirs_write  # put back as it was
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(theirs_read)
+        os.close(theirs_write)
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(signal, "getsignal", lambda number: None)
+    monkeypatch.setattr(convert_command, "run", lambda args: 0)
+    assert main(["convert", "x", "--out", "y"]) == 0
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert _one_line(ValueError("cannot read /tmp/no\rsuch:\r\n  line\u2028two  spaces")) == \
+        "cannot read /tmp/no such: line two  spaces"
+
+
 def test_a_sigterm_ends_tclip_blocked_in_native_code_after_a_grace_period():
     """The main thread inside an XLA computation runs no Python handler: a watchdog thread ends the process with
     status 143 once the grace period has passed (without it, the SIGTERM waited for the computation to end)."""

@@ -263,12 +263,33 @@ def test_words_keep_their_own_spans_whatever_whitespace_separates_repeats(tokeni
             offset += len(own)
 
 
-@pytest.mark.parametrize("text, words", [("नमस्ते दुनिया", ["नमस्ते", "दुनिया"]), ("สวัสดี", ["สวัสดี"]),
-                                         ("مَرْحَبًا", ["مَرْحَبًا"]), ("İstanbul", ["İstanbul"])])
+@pytest.mark.parametrize("text, words", [
+    ("Stop\x1fstop stop", [("Stop\x1fstop", 0, 9), ("stop", 10, 14)]),  # ftfy deletes the control character
+    ("dog\x0bdog dog", [("dog\x0bdog", 0, 7), ("dog", 8, 11)]),          # ... and a vertical tab
+    ("red&nbsp;red red", [("red", 0, 3), ("red", 9, 12), ("red", 13, 16)]),  # an entity that unescapes to a space
+    ("Wait\x85 what", [("Wait", 0, 4), ("\x85", 4, 5), ("what", 6, 10)]),  # NEL, which ftfy makes an ellipsis
+    ("Tom &amp;amp; Jerry\nTom", [("Tom", 0, 3), ("&amp;amp;", 4, 13), ("Jerry", 14, 19), ("Tom", 20, 23)]),
+    ("a cafÃ© sign cafÃ©", [("a", 0, 1), ("cafÃ©", 2, 7), ("sign", 8, 12), ("cafÃ©", 13, 18)]),  # mojibake
+])
+def test_words_keep_their_spans_through_every_rewrite_cleaning_makes(tokenizer, text, words):
+    prompt = tokenizer.tokenize_words(text)
+    assert [(w.text, w.start, w.end) for w in prompt.words] == words
+    assert [p for w in prompt.words for p in w.piece_positions] == list(prompt.piece_positions)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("नमस्ते दुनिया", [("नमस्ते", False), ("दुनिया", False)]), ("สวัสดี", [("สวัสดี", False)]),
+    ("مَرْحَبًا", [("مَرْحَبًا", False)]), ("İstanbul", [("İstanbul", False)]),
+    # A mark and the punctuation after it are one pre-tokenizer chunk: the mark goes with its word, "." stays apart.
+    ("KEDİ. KÖPEK", [("KEDİ", False), (".", True), ("KÖPEK", False)]),
+    ("यह है।", [("यह", False), ("है", False), ("।", True)]),
+    # An emoji's variation selector is no combining mark of a word.
+    ("cats❤️ and", [("cats", False), ("❤️", True), ("and", False)]),
+])
 def test_combining_marks_belong_to_their_words(tokenizer, text, words):
     """CLIP's pre-tokenizer splits a vowel sign or diacritic from its letter; they stay one word with every piece."""
     prompt = tokenizer.tokenize_words(text)
-    assert [w.text for w in prompt.words] == words and not any(w.is_punctuation for w in prompt.words)
+    assert [(w.text, w.is_punctuation) for w in prompt.words] == words
     assert [p for w in prompt.words for p in w.piece_positions] == list(prompt.piece_positions)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
 import signal
 import sys
 import threading
@@ -56,7 +55,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     warnings.showwarning = lambda message, *_: print(f"tclip {args.command}: warning: {_one_line(message)}",
                                                       file=sys.stderr)
-    watchdog = _SigtermWatchdog(args.command) if threading.current_thread() is threading.main_thread() else None
+    # Only the main thread can set handlers, and a handler set outside Python (None here) could not be put back.
+    watched = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not None
+    watchdog = _SigtermWatchdog(args.command) if watched else None
     try:
         return args.run(args)
     except KeyboardInterrupt as err:
@@ -111,6 +112,11 @@ class _SigtermWatchdog:
 
     def _watch(self) -> None:
         while data := os.read(self.read_end, 64):  # b"" once closed
+            if self.previous_fd != -1:  # the wakeup fd someone else set (an asyncio loop) still hears its signals
+                try:
+                    os.write(self.previous_fd, data)
+                except OSError:
+                    pass
             if signal.SIGTERM in data and not self.done.wait(self.GRACE_S):
                 print(f"tclip {self.command}: terminated", file=sys.stderr, flush=True)
                 os._exit(143)
@@ -135,4 +141,4 @@ def _one_line(err: BaseException) -> str:
     text = str(err) or type(err).__name__
     if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
         text = f"{text}: {err.filename}"
-    return re.sub(r"\s*\n\s*", " ", text).strip()  # lines joined; spaces inside a quoted prompt kept
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())  # spaces inside a line kept

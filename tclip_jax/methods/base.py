@@ -278,8 +278,13 @@ class Method(abc.ABC):
 
     def explained_queries(self, tokens: Sequence[TokenizedPrompt]) -> tuple[tuple[tuple[Word, ...], ...], list[Query]]:
         """Per prompt the words that get their own map, and the queries: each word, then each prompt."""
-        with_words = tuple(_explained_words(t) for t in tokens)  # a prompt without a word: refused by every method
-        words = with_words if self.explains_words else tuple(() for _ in tokens)
+        if self.explains_words:
+            words = tuple(_explained_words(t) for t in tokens)
+        else:  # the whole prompt is mapped (emoji and punctuation too), but nothing would be SOT and EOT alone
+            empty = next((t.text for t in tokens if not t.pieces), None)
+            if empty is not None:
+                raise ValueError(f"prompt {empty!r} is empty")
+            words = tuple(() for _ in tokens)
         queries = [Query(t.text, (w.start, w.end)) for t, ws in zip(tokens, words) for w in ws]
         return words, queries + [Query(t.text) for t in tokens]
 

@@ -168,19 +168,29 @@ class ClipTokenizer:
 
 def _group_words(text: str, cleaned: str, encoding: tokenizers.Encoding,
                  positions: tuple[int, ...]) -> tuple[Word, ...]:
-    """Merge the BPE pre-tokenizer's chunks into words and map them back onto the original text."""
-    chunks = []  # (start, end, piece positions) in cleaned-text coordinates, one per pre-tokenizer chunk
+    """Merge the BPE pre-tokenizer's chunks into words and map them back onto the original text.
+
+    A chunk with a letter or digit is a word (contractions included); adjacent word chunks are one word (CLIP
+    splits "don't", "cat's", "123" and "नमस्ते" into several). The pre-tokenizer also splits a combining mark (a
+    Devanagari vowel sign, an Arabic diacritic, the dot "İ" lowercases to) from its letter, into a chunk with
+    whatever punctuation follows it: its pieces up to the last mark belong to the word before, the rest is
+    punctuation. A chunk of neither (punctuation, symbols, emoji with their variation selectors) is punctuation."""
+    chunks = []  # (start, end, piece positions, is_punctuation) in cleaned-text coordinates
     pieces = zip(encoding.word_ids, encoding.offsets, positions)
     for _, members in itertools.groupby(pieces, key=lambda piece: piece[0]):
-        members = list(members)
-        chunks.append((members[0][1][0], members[-1][1][1], tuple(position for _, _, position in members)))
+        members = [(start, end, position) for _, (start, end), position in members]
+        chunk_text = cleaned[members[0][0]:members[-1][1]]
+        if any(unicodedata.category(c)[0] in "LN" for c in chunk_text):
+            chunks.append((members[0][0], members[-1][1], tuple(p for _, _, p in members), False))
+            continue
+        marked = [k for k, (a, b, _) in enumerate(members) if any(_is_mark(c) for c in cleaned[a:b])]
+        split = marked[-1] + 1 if marked else 0
+        for part, punctuation in ((members[:split], False), (members[split:], True)):
+            if part:
+                chunks.append((part[0][0], part[-1][1], tuple(p for _, _, p in part), punctuation))
     merged = []  # (start, end, piece positions, is_punctuation)
-    for start, end, piece_positions in chunks:
-        # Letters, digits and combining marks (a Devanagari vowel sign, an Arabic diacritic: CLIP's pre-tokenizer
-        # splits them from their letters) make words; a chunk without any is punctuation or a symbol.
-        punctuation = not any(unicodedata.category(c)[0] in "LNM" for c in cleaned[start:end])
-        # CLIP splits "don't", "cat's", "123" and "नमस्ते" into several chunks; adjacent word chunks are one word.
-        if merged and not punctuation and not merged[-1][3] and merged[-1][1] == start:
+    for start, end, piece_positions, punctuation in chunks:
+        if merged and not punctuation and not merged[-1][3] and merged[-1][1] >= start:
             merged[-1] = (merged[-1][0], end, merged[-1][2] + piece_positions, False)
         else:
             merged.append((start, end, piece_positions, punctuation))
@@ -189,35 +199,71 @@ def _group_words(text: str, cleaned: str, encoding: tokenizers.Encoding,
                  for start, end, piece_positions, punctuation in merged)
 
 
+def _is_mark(character: str) -> bool:
+    """A combining mark that belongs to a letter; variation selectors (an emoji's U+FE0F) are not."""
+    code = ord(character)
+    return unicodedata.category(character)[0] == "M" and not (0xFE00 <= code <= 0xFE0F or 0xE0100 <= code <= 0xE01EF)
+
+
 def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
     """For each character of `cleaned`, the [start, end) span of `original` it comes from.
 
-    Whitespace collapsing and lowercasing, what cleaning does to most prompts, are followed step by step (a run of
-    spaces, tabs or newlines is the one space it became; a character that lowercases to two is both). Where ftfy
-    or HTML unescaping rewrote more (e.g. "&amp;" -> "&"), the rest is aligned by `difflib`: a block rewritten to
-    as many characters aligns character by character, and each character of a block rewritten to another length
-    maps to the whole source block. (Aligning the raw texts by `difflib` alone matched "red\nred red" against a
-    later repeat of itself and gave words empty or shifted spans.)"""
-    collapsed, source = [], []  # the text as collapsed and lowercased, and each character's index in `original`
-    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", original)]
-    for k, (word_start, word_end) in enumerate(words):
-        if k:
-            collapsed.append(" ")
-            source.append(words[k - 1][1])  # the first character of the whitespace run
-        for i in range(word_start, word_end):
-            lowered = original[i].lower()
-            collapsed.extend(lowered)
-            source.extend([i] * len(lowered))
-    if "".join(collapsed) == cleaned:
-        return list(source), [i + 1 for i in source]
-    matcher = difflib.SequenceMatcher(None, collapsed, cleaned, autojunk=False)
+    Cleaning is followed step by step: what ftfy makes of each control or space character (it deletes a vertical
+    tab and turns NEL into an ellipsis), HTML entities (each unescaped character maps to its whole entity), the
+    whitespace collapse (a run of spaces, tabs or newlines is the one space it became) and lowercasing (a character
+    that lowercases to two is both). Where ftfy rewrote more (mojibake repaired, NFC composition), the rest is
+    aligned by `difflib`: a block rewritten to as many characters aligns character by character, and each character
+    of a block rewritten to another length maps to the whole source block. (`difflib` over the whole text matched
+    "red\nred red" against a later repeat of itself and gave words empty or shifted spans.)"""
+    followed = _cleaning_followed(original)
+    if "".join(c for c, _, _ in followed) == cleaned:
+        return [a for _, a, _ in followed], [b for _, _, b in followed]
+    matcher = difflib.SequenceMatcher(None, [c for c, _, _ in followed], cleaned, autojunk=False)
     starts, ends = [0] * len(cleaned), [0] * len(cleaned)
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         one_to_one = tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1)
-        block = (source[i1], source[i2 - 1] + 1) if i2 > i1 else (source[i1 - 1] + 1 if i1 else 0,) * 2
+        if i2 > i1:
+            block = (followed[i1][1], followed[i2 - 1][2])
+        else:  # inserted: an empty span where it was inserted
+            block = (followed[i1 - 1][2],) * 2 if i1 else (0, 0)
         for j in range(j1, j2):
-            starts[j], ends[j] = (source[i1 + j - j1], source[i1 + j - j1] + 1) if one_to_one else block
+            starts[j], ends[j] = followed[i1 + j - j1][1:] if one_to_one else block
     return starts, ends
+
+
+def _cleaning_followed(original: str) -> list[tuple[str, int, int]]:
+    """`clean_text(original)` as far as it can be followed character by character: (character, start, end of
+    its source in `original`) for each character."""
+    followed = []
+    for i, c in enumerate(original):
+        fixed = _ftfy_alone(c) if c.isspace() or unicodedata.category(c)[0] == "C" else c
+        followed.extend((f, i, i + 1) for f in fixed)
+    for _ in range(2):  # html.unescape, twice, as clean_text
+        text, unescaped, done = "".join(c for c, _, _ in followed), [], 0
+        for match in _HTML_REFERENCE.finditer(text):
+            replaced = html.unescape(match.group())
+            if replaced != match.group():
+                unescaped.extend(followed[done:match.start()])
+                source = (followed[match.start()][1], followed[match.end() - 1][2])
+                unescaped.extend((c, *source) for c in replaced)
+                done = match.end()
+        followed = unescaped + followed[done:]
+    collapsed = []
+    runs = [(m.start(), m.end()) for m in re.finditer(r"\S+", "".join(c for c, _, _ in followed))]
+    for k, (run_start, run_end) in enumerate(runs):
+        if k:  # the whitespace run between two words: one space, from its first character
+            collapsed.append((" ", *followed[runs[k - 1][1]][1:]))
+        collapsed.extend((lowered, a, b) for c, a, b in followed[run_start:run_end] for lowered in c.lower())
+    return collapsed
+
+
+@functools.lru_cache(maxsize=None)
+def _ftfy_alone(character: str) -> str:
+    return ftfy.fix_text(character)
+
+
+# html.unescape's own pattern of a character reference (named, decimal or hexadecimal; the semicolon optional).
+_HTML_REFERENCE = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
 
 
 def is_tokenizer_folder(folder: pathlib.Path) -> bool:

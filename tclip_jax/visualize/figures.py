@@ -11,7 +11,6 @@ import dataclasses
 import io
 import math
 import pathlib
-import re
 import warnings
 from collections.abc import Iterator
 from typing import Optional, Sequence
@@ -134,6 +133,7 @@ def grid_figure(image: np.ndarray, panels: Sequence[Panel], suptitle: str, colum
         axis.imshow(overlay(shown, _resized(np.asarray(panel.heatmap, np.float32), scale), box))
         axis.set_title(panel.caption(), fontsize=10, color="firebrick" if panel.fallback else "black")
     figure.suptitle(suptitle, fontsize=12)
+    _note_missing_glyphs([suptitle, *(panel.caption() for panel in panels)])
     with _missing_glyphs_noted():
         figure.tight_layout()
     return figure
@@ -142,21 +142,25 @@ def grid_figure(image: np.ndarray, panels: Sequence[Panel], suptitle: str, colum
 @contextlib.contextmanager
 def _missing_glyphs_noted() -> Iterator[None]:
     """Matplotlib warns once per character its font lacks (a prompt in Chinese, an emoji), each time a figure is
-    laid out or saved; this says it once, with what it means."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    laid out or saved: those warnings are silenced here, and `_note_missing_glyphs` says it once instead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
         yield
-    missing = {chr(int(m.group(1))) for w in caught if (m := _MISSING_GLYPH.search(str(w.message)))}
-    for w in caught:
-        if not _MISSING_GLYPH.search(str(w.message)):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if missing - _GLYPHS_NOTED:
-        _GLYPHS_NOTED.update(missing)
-        warnings.warn(f"the figures' font lacks some characters of the prompts ({' '.join(sorted(missing)[:8])}): "
+
+
+def _note_missing_glyphs(texts: Sequence[str]) -> None:
+    """One warning, once a process, naming the printable characters of `texts` the figures' font lacks."""
+    from matplotlib import font_manager
+
+    font = font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
+    lacking = {c for text in texts for c in text
+               if c.isprintable() and not c.isspace() and font.get_char_index(ord(c)) == 0} - _GLYPHS_NOTED
+    if lacking:
+        _GLYPHS_NOTED.update(lacking)
+        warnings.warn(f"the figures' font lacks some characters of the prompts ({' '.join(sorted(lacking)[:8])}): "
                       "they show as boxes in the grid figures; the explorer page shows them", stacklevel=3)
 
 
-_MISSING_GLYPH = re.compile(r"Glyph (\d+) .* missing from font")
 _GLYPHS_NOTED: set[str] = set()  # said once a process
 
 
