@@ -65,16 +65,14 @@ def class_labels(class_names: Sequence[str]) -> tuple[str, ...]:
     """Each class's name in records and reports: its name, or where several classes share it (ImageNet's two
     "crane"s, the bird and the machine), the name and its class id, so per-class scores keep them apart. Prompts
     use the names as they are."""
-    shared = {name for name in class_names if class_names.count(name) > 1}
+    shared = set(shared_names(class_names))
     return tuple(f"{name} (class {k})" if name in shared else name for k, name in enumerate(class_names))
 
 
-def _shared_names(class_names: Sequence[str]) -> dict:
-    """{"shared_class_names": [...]} where classes share a name (their records name them with their id,
-    `class_labels`), else {}: a sweep recorded before they were told apart holds the bare name for both, so
-    resuming it (no such key stored) is refused rather than mixed."""
-    shared = sorted({name for name in class_names if class_names.count(name) > 1})
-    return {"shared_class_names": shared} if shared else {}
+def shared_names(class_names: Sequence[str]) -> list[str]:
+    """The names that several classes share. sweep.json records them: a sweep recorded before such classes were
+    told apart holds the bare name for both, so resuming it (no such record) is refused rather than mixed."""
+    return sorted(name for name, count in collections.Counter(class_names).items() if count > 1)
 
 
 def class_queries(class_names: Sequence[str], template: Optional[str] = None) -> list[Query]:
@@ -129,7 +127,8 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                                     "classes": len(dataset.class_names), "limit": options.limit,
                                     "evaluation": evaluation.to_dict(),
                                     **({"data_fingerprint": dataset.fingerprint} if dataset.fingerprint else {}),
-                                    **_shared_names(dataset.class_names)}))
+                                    **({"shared_class_names": shared_names(dataset.class_names)}
+                                       if shared_names(dataset.class_names) else {})}))
     _check_config(out, config, options.resume)
     queries = _Queries(method, class_queries(dataset.class_names, template))  # bad prompts fail before any write
     barrier("tclip-sweep-checked")  # nobody writes before every process has checked
