@@ -173,18 +173,22 @@ def test_too_long_prompt_names_prompt_and_count(tokenizer):
         tokenizer.encode(["a cat", "cat " * 76])  # its first 57 characters are shown, not all 304
 
 
-def test_truncation_keeps_first_pieces_and_ends_with_eot(tokenizer):
-    long_prompt = " ".join(f"cat{i}" for i in range(60))  # two pieces per word
-    with pytest.warns(UserWarning, match="keeping the first 75 pieces"):
+def test_truncation_keeps_the_first_whole_words_and_ends_with_eot(tokenizer):
+    long_prompt = " ".join(f"cat{i}" for i in range(60))  # "cat" and a piece per digit: 2 pieces, then 3
+    kept_words = max(k for k in range(61) if sum(1 + len(str(i)) for i in range(k)) <= 75)
+    kept = sum(1 + len(str(i)) for i in range(kept_words))  # 74: "cat27" ends at 74, "cat28" would end at 77
+    with pytest.warns(UserWarning, match=f"keeping the first {kept} pieces \\(up to the last whole word\\)"):
         row = tokenizer.encode(long_prompt, truncate=True)[0]
     full = tokenizer.encode(long_prompt, context_length=200)[0]
-    np.testing.assert_array_equal(row[:76], full[:76])
-    assert row[76] == EOT
+    np.testing.assert_array_equal(row[:kept + 1], full[:kept + 1])
+    assert row[kept + 1] == EOT and not row[kept + 2:].any()
     with pytest.warns(UserWarning):
         prompt = tokenizer.tokenize_words(long_prompt, truncate=True)
     np.testing.assert_array_equal(prompt.token_ids, row)
-    assert prompt.piece_positions[-1] == 75 and prompt.words[-1].piece_positions[-1] == 75
-    assert long_prompt.startswith(" ".join(w.text for w in prompt.words))
+    assert [w.text for w in prompt.words] == [f"cat{i}" for i in range(kept_words)]
+    one_word = "pneumono" * 40  # a first word longer than the context is cut
+    with pytest.warns(UserWarning, match="keeping the first 75 pieces$"):
+        assert tokenizer.tokenize_words(one_word, truncate=True).piece_positions[-1] == 75
 
 
 def test_bad_arguments(tokenizer):

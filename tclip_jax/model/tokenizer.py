@@ -161,8 +161,13 @@ class ClipTokenizer:
                        f"+ EOT), more than the context length {context_length}")
             if not truncate:
                 raise ValueError(message + "; shorten it or truncate it (truncate=True, --truncate)")
-            warnings.warn(message + f"; keeping the first {capacity} pieces", stacklevel=3)
-            encoding.truncate(capacity)
+            # Cut between words, not inside one ("hippo" of "hippopotamus" would be explained as a word); a
+            # first word longer than the context is cut.
+            words = _group_words(text, clean_text(text), encoding, tuple(range(1, len(encoding.ids) + 1)))
+            kept = max((w.piece_positions[-1] for w in words if w.piece_positions[-1] <= capacity), default=capacity)
+            whole = " (up to the last whole word)" if kept < capacity else ""
+            warnings.warn(message + f"; keeping the first {kept} pieces{whole}", stacklevel=3)
+            encoding.truncate(kept)
         return encoding
 
 
