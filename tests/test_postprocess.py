@@ -80,7 +80,28 @@ def test_components_are_8_connected():
     assert largest_component_box(mask) == Box(2, 2, 9, 9)
 
 
-def test_component_tie_goes_to_first_in_row_major_order():
+@pytest.mark.parametrize("shape", [(4, 1), (5, 1), (4, 2), (9, 1), (6, 3), (9, 9)])
+def test_the_largest_component_equals_scipys_on_thin_and_small_masks(shape):
+    """Against scipy's 8-connected labelling (a unique largest component); a 4x1 crop fooled cv2.compare, which
+    took the label number for a 4-element Scalar and compared element by element."""
+    rng = np.random.default_rng(sum(shape))
+    checked = 0
+    for _ in range(300):
+        mask = rng.random(shape) < 0.5
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        areas = np.bincount(labels.ravel())[1:]
+        if count == 0 or (areas == areas.max()).sum() > 1:
+            continue
+        rows, cols = np.nonzero(labels == 1 + int(np.argmax(areas)))
+        assert largest_component_box(mask) == Box(cols.min(), rows.min(), cols.max() + 1, rows.max() + 1), mask
+        checked += 1
+    assert checked > 50
+    big = np.zeros((50, 50), bool)  # a thin vertical foreground inside a large map: its crop is 4x1
+    big[10, 20] = big[12, 20] = big[13, 20] = True
+    assert largest_component_box(big) == Box(20, 12, 21, 14)
+
+
+def test_component_tie_goes_to_the_first_in_opencvs_label_order():
     mask = np.zeros((20, 20), bool)
     mask[10:13, 1:4] = True
     mask[2:5, 12:15] = True  # same size, starts on an earlier row

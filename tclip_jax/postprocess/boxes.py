@@ -11,9 +11,10 @@ Conventions:
   count is not fooled by a thin, sprawling region whose bounding box is large.
   ``"contour"``: gScoreCAM's evaluation rule, the external contour (``RETR_EXTERNAL``) whose bounding
   rectangle has the largest area ``w * h``; use it to reproduce the gScoreCAM benchmark numbers.
-- Ties go to the first candidate (lowest component label, i.e. first in row-major order; first contour in
-  OpenCV's order), as ``argmax`` does in gScoreCAM.
-- Empty foreground happens only for a constant map (it scales to all zeros). The ``"contour"`` rule then
+- Ties go to the first candidate (the lowest component label in OpenCV's labelling order, its 2x2-block scan,
+  which is not always row-major; the first contour in OpenCV's order), as ``argmax`` does in gScoreCAM.
+- Empty foreground happens only for a map that scales to all zeros: a constant one, or one whose range is
+  below float64's epsilon (``cv2.normalize``'s own test). The ``"contour"`` rule then
   returns gScoreCAM's dummy box ``(0, 0, 1, 1)``; the ``"component"`` rule returns the whole image, since a
   constant map marks every pixel as equally relevant.
 - Speed (`boxes` processes many maps; the single-map functions share its code): the uint8 image is
@@ -148,13 +149,14 @@ def _largest_component(mask: np.ndarray) -> Box | None:
         if count == 2:  # one component: the foreground's bounding rectangle
             return Box(x, y, x + w, y + h)
         if count > 2:
-            winner = scratch("winner", crop.shape, np.uint8)
+            # Labels are compared in numpy: cv2.compare takes a Python number for a 4-element Scalar, which it
+            # compares element by element with a 4x1 label array (a thin vertical crop) instead of broadcasting.
             if count <= _FEW_LABELS:  # a pass per label beats calcHist, slow on long runs of one label
-                areas = [cv2.countNonZero(cv2.compare(labels, k, cv2.CMP_EQ, dst=winner)) for k in range(1, count)]
+                areas = [int(np.count_nonzero(labels == k)) for k in range(1, count)]
             else:
                 areas = cv2.calcHist([labels], [0], None, [count], [0, count]).ravel()[1:]
             best = 1 + int(np.argmax(areas))  # the first of equal areas, as argmax over stats
-            bx, by, bw, bh = cv2.boundingRect(cv2.compare(labels, best, cv2.CMP_EQ, dst=winner))
+            bx, by, bw, bh = cv2.boundingRect((labels == best).view(np.uint8))
             return Box(x0 + bx, y0 + by, x0 + bx + bw, y0 + by + bh)
     count, _, stats, _ = cv2.connectedComponentsWithStats(crop, connectivity=8)
     label = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
