@@ -161,6 +161,20 @@ def test_equal_variances_give_the_linear_solution():
     assert gaussian_intersection((m1, m2), (s, s), (0.5, 0.5)) == pytest.approx(2.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("scale", [1e-200, 1e-163, 1e-20, 1e20, 1e150])
+def test_the_intersection_scales_with_the_map(scale):
+    """Solved in standardised units: the densities of a map of range 1e-163 no longer divide by an underflowed
+    variance (a ZeroDivisionError for finite input)."""
+    means, stds, weights = (0.0, 4.0), (1.0, 0.5), (0.7, 0.3)
+    unit = gaussian_intersection(means, stds, weights)
+    scaled = gaussian_intersection(tuple(m * scale for m in means), tuple(v * scale for v in stds), weights)
+    assert scaled == pytest.approx(unit * scale, rel=1e-12)
+    blob = np.zeros((40, 40))
+    blob[10:20, 10:20] = 1.0
+    blob += np.random.default_rng(0).random(blob.shape) * 0.1
+    assert gmm_threshold(blob * 1e-163).tau == pytest.approx(gmm_threshold(blob).tau * 1e-163, rel=1e-6)
+
+
 def test_no_intersection_between_the_means():
     # The broad heavy component outweighs the light narrow one even at the narrow one's mean.
     assert gaussian_intersection((0.0, 1.0), (1.0, 0.1), (0.999, 0.001)) is None

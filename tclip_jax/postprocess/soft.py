@@ -78,20 +78,23 @@ def gaussian_intersection(
         raise ValueError(f"stds and weights must be positive, got stds {stds}, weights {weights}")
     if m1 == m2:
         return None
-    # (x-m1)^2/(2 s1^2) - (x-m2)^2/(2 s2^2) + log(w2 s1 / (w1 s2)) = 0  ->  a x^2 + b x + c = 0
-    a = 0.5 / s1**2 - 0.5 / s2**2
-    b = m2 / s2**2 - m1 / s1**2
-    c = 0.5 * m1**2 / s1**2 - 0.5 * m2**2 / s2**2 + np.log(w2 * s1 / (w1 * s2))
+    # Solved for u = (x - m1) / s1, so that no power of a std under- or overflows (a map of range 1e-163):
+    # u^2/2 - (u - d)^2 / (2 r^2) + log(w2 / (w1 r)) = 0, with r = s2 / s1 and d = (m2 - m1) / s1,
+    # i.e. a u^2 + b u + c = 0.
+    r, d = s2 / s1, (m2 - m1) / s1
+    a = 0.5 - 0.5 / r**2
+    b = d / r**2
+    c = -0.5 * d**2 / r**2 + np.log(w2 / (w1 * r))
     disc = b * b - 4.0 * a * c
-    if disc < 0:
+    if not disc >= 0:  # negative, or not a number where r or d overflowed
         return None
     # Cancellation-free roots: c / q stays finite as a -> 0 and is then the linear root -c / b.
     q = -0.5 * (b + np.copysign(np.sqrt(disc), b))
     roots = [c / q] if q != 0 else []
     if a != 0:
         roots.append(q / a)
-    low, high = min(m1, m2), max(m1, m2)
-    between = [float(r) for r in roots if low < r < high]
+    low, high = min(0.0, d), max(0.0, d)
+    between = [float(m1 + s1 * u) for u in roots if low < u < high]
     return between[0] if between else None
 
 
