@@ -25,7 +25,9 @@ Conventions:
   ``DEFAULT_SIGMA_FRACTION * max(H, W)`` pixels (about 4.5 px on a 224-pixel map), so the same smoothing
   applies at any map resolution; ``sigma=0`` disables it. Below sigma 4.8 it is computed exactly
   (separable, OpenCV, float32); above, by a Gaussian pyramid whose error is at most 4.1e-4 of the map's
-  range (`tclip_jax.postprocess.blur`), in time that does not grow with sigma. The soft map is float32.
+  range (`tclip_jax.postprocess.blur`), in time that does not grow with sigma while the kernel's reach (4 sigma)
+  fits in the map's axes; a larger sigma pads each axis by that reach, so time and memory grow with sigma
+  squared there (sigma 2000 on a 224-pixel map: seconds and gigabytes). The soft map is float32.
 
 The batched functions (`soft_maps`, `gmm_thresholds`, and `soft_maps_and_boxes`, the whole host step of one
 image) take [Q, H, W] arrays or sequences of 2-D maps; the single-map functions are thin wrappers. The previous method (scikit-learn on 4096 evenly spaced quantiles)
