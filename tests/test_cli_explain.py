@@ -172,3 +172,16 @@ def test_running_out_of_memory_is_one_line_that_says_so_and_a_bug_says_it_is_int
     assert tclip(["explain", "x.png", "--prompt", "red", "--out", "nowhere"]) == 1
     assert capsys.readouterr().err.strip() == ("tclip explain: internal error (KeyError): 'missing' (set "
                                                "TCLIP_TRACEBACK=1 for the traceback)")
+
+
+def test_a_prompt_level_main_methods_word_alone_maps_are_in_result_json_as_on_the_page(tmp_path, fixtures_dir):
+    """Beside a per-word compare method the page shows the main method's map of each word alone; result.json
+    records them as it records a compare method's."""
+    out = tmp_path / "out"
+    assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a red circle", "--method", "similarity",
+                  "--compare", "tclip:translations=1", "--model", str(fixtures_dir / "tiny_openai_clip.npz"),
+                  "--out", str(out)]) == 0
+    record = json.loads((out / "scene_224" / "result.json").read_text())
+    assert [p["prompt"] for p in record["words_alone"]] == ["a", "red", "circle"]
+    assert record["compare"][0]["prompts"][0]["words"][1]["word"] == "red"
+    assert "words_alone" not in record["compare"][0]  # TCLIP maps its words itself

@@ -268,6 +268,8 @@ def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path
                 views = plan.views(image_path)
                 result = views[0].result
                 record = write_result(result, image_path, staging, args.save_npz)
+                if views[0].words_alone is not None:  # the page shows them: a prompt-level method's word maps
+                    record["words_alone"] = views[0].words_alone.to_record()["prompts"]
                 if len(views) > 1:
                     record["compare"] = [compare_record(v) for v in views[1:]]
                 (staging / "result.json").write_text(json.dumps(record, indent=2) + "\n")
