@@ -3,14 +3,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import pathlib
 import shutil
 import signal
 import tempfile
 import threading
-from typing import Iterator
+from collections.abc import Iterable, Iterator
 
+
+
+def fingerprint(parts: Iterable[bytes]) -> str:
+    """A short digest that tells data apart (annotations, weights, a list of files), of its byte `parts` in order:
+    what a resumed run compares with what it was started on."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()[:16]
 
 
 def check_output_folder(out: str | os.PathLike, flag: str = "--out") -> pathlib.Path:

@@ -7,8 +7,7 @@ drawn on the stored pixel grid (as pycocotools, gScoreCAM's ``Image.open`` and I
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import numpy as np
@@ -53,21 +52,13 @@ class Dataset:
     TFDS split yields them in its storage order), so a limit selects the same samples whatever the source.
     `fingerprint` is a digest of the annotations it was read from (COCO: the instances file; ImageNet-S and VOC:
     the names and sizes of the label files, and VOC's split list; "" where there is none to take: TFDS, generated
-    data), which a resumed sweep checks: records scored on other annotations must not mix with new ones."""
+    data; `tclip_jax.files.fingerprint`), which a resumed sweep checks: records scored on other annotations must not mix with new ones."""
 
     name: str
     class_names: tuple[str, ...]
     size: int                                                  # number of samples
     samples: Callable[[Optional[int]], Iterator[Sample]]
     fingerprint: str = ""
-
-
-def fingerprint(parts: Iterable[bytes]) -> str:
-    """`Dataset.fingerprint` of the annotation bytes (or names and sizes) `parts`."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(hashlib.sha256(part).digest())
-    return digest.hexdigest()[:16]
 
 
 def indexed(samples: list[Sample]) -> Callable[[Optional[int]], Iterator[Sample]]:

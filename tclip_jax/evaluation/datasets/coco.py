@@ -30,8 +30,8 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
-from tclip_jax.evaluation.datasets.base import (Dataset, LoadedSample, Sample, Target, check_size, fingerprint,
-                                                indexed)
+from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
+from tclip_jax.files import fingerprint
 from tclip_jax.image import load_image
 
 Crowd = Literal["keep", "drop"]
@@ -73,7 +73,7 @@ def coco_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
     """COCO val2017 from the raw layout under ``root`` (see the module doc)."""
     _check_crowd(crowd)
     annotation_path, image_dir = _raw_layout(root)
-    categories, images, objects = _read_instances(annotation_path)
+    categories, images, objects, annotations = _read_instances(annotation_path)
     samples = []
     for image_id in sorted(objects):
         kept = [(c, box) for c, box, is_crowd, _ in objects[image_id] if crowd == "keep" or not is_crowd]
@@ -85,15 +85,14 @@ def coco_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
                                   _raw_loader(image_dir / info["file_name"], (info["height"], info["width"]),
                                               classes, boxes)))
     _check_has_samples(len(samples), str(annotation_path), crowd)
-    return Dataset("coco", tuple(c["name"] for c in categories), len(samples), indexed(samples),
-                   fingerprint([annotation_path.read_bytes()]))
+    return Dataset("coco", tuple(c["name"] for c in categories), len(samples), indexed(samples), annotations)
 
 
 def coco_seg_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
     """COCO val2017 instance masks as per-category semantic masks, from the raw layout (see the module doc)."""
     _check_crowd(crowd)
     annotation_path, image_dir = _raw_layout(root)
-    categories, images, objects = _read_instances(annotation_path, segmentation=True)
+    categories, images, objects, annotations = _read_instances(annotation_path, segmentation=True)
     samples = []
     for image_id in sorted(objects):
         if any(crowd == "keep" or not is_crowd for _, _, is_crowd, _ in objects[image_id]):
@@ -101,8 +100,7 @@ def coco_seg_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset
             samples.append(Sample(str(image_id), len(samples), functools.partial(
                 _seg_load, image_dir / info["file_name"], (info["height"], info["width"]), objects[image_id], crowd)))
     _check_has_samples(len(samples), str(annotation_path), crowd)
-    return Dataset("coco-seg", tuple(c["name"] for c in categories), len(samples), indexed(samples),
-                   fingerprint([annotation_path.read_bytes()]))
+    return Dataset("coco-seg", tuple(c["name"] for c in categories), len(samples), indexed(samples), annotations)
 
 
 def _raw_layout(root: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
@@ -140,14 +138,17 @@ def _seg_load(path: pathlib.Path, size_hw: tuple[int, int], objects: list, crowd
     return LoadedSample(image, tuple(Target(c, mask=masks[c], ignore=ignore) for c in sorted(masks) if masks[c].any()))
 
 
-def _read_instances(path: pathlib.Path, segmentation: bool = False) -> tuple[list[dict], dict[int, dict], dict[int, list]]:
+def _read_instances(path: pathlib.Path,
+                    segmentation: bool = False) -> tuple[list[dict], dict[int, dict], dict[int, list], str]:
     """(categories in id order, images by id, per image id its (class index, xywh box, is crowd, segmentation)
-    objects; segmentation is None unless asked for, then checked: polygons or an RLE of the image's size).
+    objects; segmentation is None unless asked for, then checked: polygons or an RLE of the image's size; the
+    file's fingerprint, from the bytes read once).
 
     Every entry is checked up front; the first bad one is named by its list, position, id and field.
     """
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"COCO: {path} is not valid JSON: {err}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
@@ -214,7 +215,7 @@ def _read_instances(path: pathlib.Path, segmentation: bool = False) -> tuple[lis
             if problem:
                 raise bad("annotations", index, ann, problem)
         objects.setdefault(ann["image_id"], []).append((class_of[ann["category_id"]], box, bool(crowd), shape))
-    return categories, images, objects
+    return categories, images, objects, fingerprint([raw])
 
 
 def _segmentation_problem(shape, height: int, width: int) -> str:

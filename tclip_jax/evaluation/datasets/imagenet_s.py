@@ -25,8 +25,8 @@ import pathlib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tclip_jax.evaluation.datasets.base import (Dataset, LoadedSample, Sample, Target, check_size, fingerprint,
-                                                indexed)
+from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
+from tclip_jax.files import fingerprint
 from tclip_jax.image import load_image
 from tclip_jax.evaluation.metrics.imagenet_s import IGNORE_ID, decode_label_png
 

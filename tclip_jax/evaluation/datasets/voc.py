@@ -15,8 +15,8 @@ import pathlib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tclip_jax.evaluation.datasets.base import (Dataset, LoadedSample, Sample, Target, check_size, fingerprint,
-                                                indexed)
+from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
+from tclip_jax.files import fingerprint
 from tclip_jax.image import load_image
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dining table",

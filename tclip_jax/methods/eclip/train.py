@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import math
@@ -40,7 +39,7 @@ import optax
 import safetensors.numpy
 
 from tclip_jax.checkpoints.load import LoadedClip
-from tclip_jax.files import check_output_folder, staged_folder
+from tclip_jax.files import check_output_folder, fingerprint, staged_folder
 from tclip_jax.image import CLIP_MEAN, CLIP_STD, image_size, load_image, prepare
 from tclip_jax.methods import common
 from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, Projections, clip_projections, image_features,
@@ -101,8 +100,7 @@ def file_pairs(path: str | os.PathLike) -> Pairs:
         rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
     else:
         raise ValueError(f"training data {path} is neither a folder with {CAPTIONS_FILE} nor a .csv or .jsonl file")
-    pairs = []
-    digest = hashlib.sha256(listing.read_bytes())
+    pairs, named = [], [listing.read_bytes()]
     for line, image, caption in rows:
         if not caption.strip():
             raise ValueError(f"{listing}:{line}: the caption is empty")
@@ -113,11 +111,11 @@ def file_pairs(path: str | os.PathLike) -> Pairs:
             image_size(image_path)  # an unreadable or too large image, found before any forward pass
         except ValueError as err:
             raise ValueError(f"{listing}:{line}: {err}") from None
-        digest.update(f"{image}\0{image_path.stat().st_size}\0".encode())
+        named.append(f"{image}\0{image_path.stat().st_size}".encode())
         pairs.append((image_path, caption))
     if not pairs:
         raise ValueError(f"{listing} has no image-text pairs")
-    return Pairs(str(listing), digest.hexdigest()[:16], len(pairs), lambda: ((load_image(p), c) for p, c in pairs))
+    return Pairs(str(listing), fingerprint(named), len(pairs), lambda: ((load_image(p), c) for p, c in pairs))
 
 
 def _text(listing: pathlib.Path) -> str:
@@ -196,10 +194,9 @@ class ViTAttention:
         self.image_size = self.model.config.image_size
         self.patch_size = self.model.config.patch_size
         self.origin = name
-        digest = hashlib.sha256()  # what a resume compares, however the folder was spelt
-        for key, tensor in sorted(self.model.state_dict().items()):
-            digest.update(key.encode() + tensor.detach().numpy().astype(np.float16).tobytes())
-        self.fingerprint = digest.hexdigest()[:16]
+        self.fingerprint = fingerprint(  # what a resume compares, however the folder was spelt
+            key.encode() + tensor.detach().numpy().astype(np.float16).tobytes()
+            for key, tensor in sorted(self.model.state_dict().items()))
 
     def __call__(self, pixels: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
         """CLIP inputs [B, h, w, 3] (CLIP-normalized) -> [B, gh*gw] attention on CLIP's patch grid."""
