@@ -38,11 +38,11 @@ def retrieval_top1(clip: LoadedClip, images: Sequence[np.ndarray], captions: Seq
         image_embeds.append(np.asarray(image_part, np.float64))
         text_embeds.append(np.asarray(text_part, np.float64))
     image_embeds, text_embeds = np.concatenate(image_embeds), np.concatenate(text_embeds)
-    broken = [f"{int(np.sum(~np.isfinite(e).all(1)))} {what}" for e, what in ((image_embeds, "images"),
-                                                                              (text_embeds, "captions"))]
-    if not (np.isfinite(image_embeds).all() and np.isfinite(text_embeds).all()):  # argmax would pick the first pair
-        raise ValueError(f"retrieval: the model's embeddings are not finite for {' and '.join(broken)} of "
-                         f"{len(captions)}")
+    broken = {what: int(np.sum(~np.isfinite(e).all(1))) for e, what in ((image_embeds, "images"),
+                                                                        (text_embeds, "captions"))}
+    if any(broken.values()):  # argmax over NaN would pick the first pair
+        raise ValueError(f"retrieval: the model's embeddings are not finite for "
+                         f"{' and '.join(f'{n} {what}' for what, n in broken.items())} of {len(captions)}")
     similarity = image_embeds @ text_embeds.T
     truth = np.arange(len(captions))
     return {"pairs": len(captions), "image_to_text_top1": float(np.mean(similarity.argmax(1) == truth)),

@@ -105,14 +105,14 @@ class ClipTokenizer:
                truncate: bool = False) -> np.ndarray:
         """int32 [n, context_length] token rows, like OpenAI `clip.tokenize(texts, context_length, truncate)`."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        rows = [self._token_row(self._piece_encoding(text, context_length, truncate), context_length)
+        rows = [self._token_row(self._piece_encoding(text, context_length, truncate)[0], context_length)
                 for text in texts]
         return np.stack(rows) if rows else np.zeros((0, context_length), dtype=np.int32)
 
     def tokenize_words(self, text: str, context_length: int = CONTEXT_LENGTH,
                        truncate: bool = False) -> TokenizedPrompt:
         """Token row of one prompt plus its pieces and words, each word mapped to a span of `text`."""
-        encoding = self._piece_encoding(text, context_length, truncate)
+        encoding, cleaned = self._piece_encoding(text, context_length, truncate)
         token_ids = self._token_row(encoding, context_length)
         token_ids.setflags(write=False)
         positions = tuple(range(1, len(encoding.ids) + 1))
@@ -121,7 +121,7 @@ class ClipTokenizer:
             token_ids=token_ids,
             pieces=tuple(encoding.tokens),
             piece_positions=positions,
-            words=_group_words(text, clean_text(text), encoding, positions),
+            words=_group_words(text, cleaned, encoding, positions),
         )
 
     def author_kept_positions(self, token_ids: np.ndarray) -> np.ndarray:
@@ -147,13 +147,15 @@ class ClipTokenizer:
         row[: len(encoding.ids) + 2] = [self.sot_id, *encoding.ids, self.eot_id]
         return row
 
-    def _piece_encoding(self, text: str, context_length: int, truncate: bool) -> tokenizers.Encoding:
-        """BPE pieces of the cleaned prompt (no SOT/EOT), checked or truncated to fit the context."""
+    def _piece_encoding(self, text: str, context_length: int, truncate: bool) -> tuple[tokenizers.Encoding, str]:
+        """(BPE pieces of the cleaned prompt (no SOT/EOT), checked or truncated to fit the context; the cleaned
+        prompt)."""
         if not isinstance(text, str):
             raise TypeError(f"prompts must be str, got {type(text).__name__}: {text!r}")
         if context_length < 2:
             raise ValueError(f"context_length must leave room for SOT and EOT, got {context_length}")
-        encoding = self._backend.encode(clean_text(text), add_special_tokens=False)
+        cleaned = clean_text(text)
+        encoding = self._backend.encode(cleaned, add_special_tokens=False)
         capacity = context_length - 2
         if len(encoding.ids) > capacity:
             shown = text if len(text) <= 60 else f"{text[:57]}..."  # a long prompt is named, not repeated
@@ -163,12 +165,12 @@ class ClipTokenizer:
                 raise ValueError(message + "; shorten it or truncate it (truncate=True, --truncate)")
             # Cut between words, not inside one ("hippo" of "hippopotamus" would be explained as a word); a
             # first word longer than the context is cut.
-            words = _group_words(text, clean_text(text), encoding, tuple(range(1, len(encoding.ids) + 1)))
+            words = _group_words(text, cleaned, encoding, tuple(range(1, len(encoding.ids) + 1)))
             kept = max((w.piece_positions[-1] for w in words if w.piece_positions[-1] <= capacity), default=capacity)
             whole = " (up to the last whole word)" if kept < capacity else ""
             warnings.warn(message + f"; keeping the first {kept} pieces{whole}", stacklevel=3)
             encoding.truncate(kept)
-        return encoding
+        return encoding, cleaned
 
 
 def _group_words(text: str, cleaned: str, encoding: tokenizers.Encoding,

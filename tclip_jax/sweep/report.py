@@ -182,7 +182,8 @@ def paper_figures(config: dict) -> tuple[dict, str]:
         return {}, "the prompts fill a template, the paper's are the bare class names"
     from tclip_jax.evaluation.options import EvalOptions
 
-    changed = [k for k in ("pg_tolerance", "threshold") if config["evaluation"][k] != EvalOptions().to_dict()[k]]
+    defaults = EvalOptions().to_dict()
+    changed = [k for k in ("pg_tolerance", "threshold") if config["evaluation"][k] != defaults[k]]
     if dataset == "imagenet-s" and changed:  # COCO's box accuracy depends on neither
         return {}, f"the evaluation's {changed[0]} is not the paper's"
     if dataset == "coco" and config.get("source", "").endswith("crowd drop"):

@@ -121,14 +121,13 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     """
     out = pathlib.Path(out)
     process, processes = jax.process_index(), jax.process_count()
-    run = method.run_info()
+    run, shared = method.run_info(), shared_names(dataset.class_names)
     config = json.loads(json.dumps({"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "run": run,
                                     "dataset": dataset.name, "source": source, "template": template,
                                     "classes": len(dataset.class_names), "limit": options.limit,
                                     "evaluation": evaluation.to_dict(),
                                     **({"data_fingerprint": dataset.fingerprint} if dataset.fingerprint else {}),
-                                    **({"shared_class_names": shared_names(dataset.class_names)}
-                                       if shared_names(dataset.class_names) else {})}))
+                                    **({"shared_class_names": shared} if shared else {})}))
     _check_config(out, config, options.resume)
     queries = _Queries(method, class_queries(dataset.class_names, template))  # bad prompts fail before any write
     barrier("tclip-sweep-checked")  # nobody writes before every process has checked
