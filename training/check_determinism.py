@@ -33,12 +33,7 @@ def main() -> None:
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     try:
-        overrides = train_default.parse_overrides(args.set)
-        if args.objective and "objective" in overrides:
-            raise ValueError("--set gives objective, which its own flag gives too")
-        objective = {"objective": args.objective} if args.objective else {}
-        config = train_default.train_config(args.recipe, {**objective, **overrides})
-        train_default.check_text_init(config)
+        config = train_default.config_from_flags(args.recipe, {"objective": args.objective}, args.set)
     except (ValueError, OSError) as error:  # what train_default.py refuses in one line: a bad override or text_init
         parser.error(str(error))
     if args.steps > config.steps:  # train() would stop at config.steps, and the report would say --steps

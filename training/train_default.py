@@ -1292,6 +1292,19 @@ def train_and_save(config: TrainConfig, out: pathlib.Path,
     return summary
 
 
+def config_from_flags(recipe: str | None, flags: dict, assignments: list[str]) -> TrainConfig:
+    """The configuration a command line names: the recipe, then the fields its own flags give (`flags`, None for
+    a flag not given), then the `--set` assignments, which may not give a field a flag gives; its text_init
+    folder checked. ValueError or OSError on what it refuses (the scripts say it in one line)."""
+    named = {name: value for name, value in flags.items() if value is not None}
+    overrides = parse_overrides(assignments)
+    if named.keys() & overrides.keys():
+        raise ValueError(f"--set gives {min(named.keys() & overrides.keys())}, which its own flag gives too")
+    config = train_config(recipe, {**named, **overrides})
+    check_text_init(config)
+    return config
+
+
 def parse_overrides(items: list[str]) -> dict:
     """FIELD=VALUE strings as typed TrainConfig overrides."""
     fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
@@ -1352,13 +1365,7 @@ def main() -> None:
         record_only(parser, args)
     try:
         check_output_folder(args.out)
-        named = {name: value for name, value in (("objective", args.objective), ("steps", args.steps))
-                 if value is not None}
-        overrides = parse_overrides(args.set)
-        if named.keys() & overrides.keys():
-            raise ValueError(f"--set gives {min(named.keys() & overrides.keys())}, which its own flag gives too")
-        config = train_config(args.recipe, {**named, **overrides})
-        check_text_init(config)
+        config = config_from_flags(args.recipe, {"objective": args.objective, "steps": args.steps}, args.set)
         if args.resume is not None:  # checked now, not after compiling
             check_resume(args.resume, config)
         save_state_at = parse_save_state(args.save_state, config, 0 if args.resume is None else saved_step(args.resume))
