@@ -65,8 +65,9 @@ def image_size(path: str | os.PathLike, exif: bool = True) -> tuple[int, int]:
     `load_image` makes before decoding (a file, an image, not too many pixels): a run can check every image up
     front. Data damaged past the header is found only by decoding."""
     def size(img: Image.Image) -> tuple[int, int]:
-        if _tiff_orientation(img) != 1:  # the header's size is already the turned one
-            turned = not exif and _tiff_orientation(img) in _QUARTER_TURNS
+        tiff = _tiff_orientation(img)
+        if tiff != 1:  # the header's size is already the turned one
+            turned = not exif and tiff in _QUARTER_TURNS
         else:
             turned = exif and img.getexif().get(_EXIF_ORIENTATION, 1) in _QUARTER_TURNS
         return (img.width, img.height) if turned else (img.height, img.width)
