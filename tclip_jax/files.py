@@ -13,7 +13,6 @@ import threading
 from collections.abc import Iterable, Iterator
 
 
-
 def fingerprint(parts: Iterable[bytes]) -> str:
     """A short digest that tells data apart (annotations, weights, a list of files), of its byte `parts` in order:
     what a resumed run compares with what it was started on."""
@@ -65,7 +64,7 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[path
         for path in [staging, *staging.rglob("*")]:
             if not path.is_symlink():
                 path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-        with _ctrl_c_held():
+        with ctrl_c_held():
             if target.exists():
                 old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
                 try:
@@ -83,8 +82,9 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[path
 
 
 @contextlib.contextmanager
-def _ctrl_c_held() -> Iterator[None]:
-    """Holds a Ctrl-C (or a SIGTERM) that comes during the block and raises it after. Only the main thread is
+def ctrl_c_held() -> Iterator[None]:
+    """Holds a Ctrl-C (or a SIGTERM) that comes during the block and raises it after (a folder swap, a native
+    library's start-up, where an exception leaves things half done). Only the main thread is
     interrupted by one (Python runs signal handlers there), and only there can a handler be set, so other threads
     just run the block."""
     if threading.current_thread() is not threading.main_thread():

@@ -939,6 +939,56 @@ def test_tclip_keeps_the_signal_set_up_of_the_process_it_runs_in(monkeypatch, ca
         "cannot read /tmp/no such: line two  spaces"
 
 
+@pytest.mark.parametrize("raised, status, said", [(KeyboardInterrupt, 130, "interrupted"),
+                                                    ("Terminated", 143, "terminated")])
+def test_a_signal_swallowed_by_a_garbage_collector_callback_still_ends_tclip(raised, status, said, monkeypatch,
+                                                                             capsys):
+    """Python drops an exception raised in a gc callback (JAX has one): a Ctrl-C or SIGTERM whose handler ran
+    there was lost and the command went on to status 0. It is sent again once the collection is over."""
+    import gc
+
+    import tclip_jax.cli as cli
+    import tclip_jax.cli.convert as convert_command
+
+    raised = cli.Terminated if raised == "Terminated" else raised
+    calls = []
+
+    def handler_ran_in_a_callback(phase, info):
+        if not calls:
+            calls.append(phase)
+            raise raised()
+
+    def run(args):
+        gc.callbacks.append(handler_ran_in_a_callback)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(handler_ran_in_a_callback)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # Python work the signal can interrupt
+            sum(range(1000))
+        return 0
+
+    monkeypatch.setattr(convert_command, "run", run)
+    hook = sys.unraisablehook
+    assert main(["convert", "x", "--out", "y"]) == status and calls
+    assert capsys.readouterr().err.strip() == f"tclip convert: {said}"
+    assert sys.unraisablehook is hook  # put back for the caller
+
+
+def test_a_ctrl_c_while_tclip_starts_is_one_line(monkeypatch, capsys):
+    """Building the parser imports OpenCV and numpy (and the command imports jaxlib with Ctrl-C held: interrupted
+    inside its native start-up, the interpreter crashed on its way out)."""
+    import tclip_jax.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["convert", "x", "--out", "y"]) == 130
+    assert capsys.readouterr().err.strip() == "tclip: interrupted"
+
+
 def test_a_sigterm_ends_tclip_blocked_in_native_code_after_a_grace_period():
     """The main thread inside an XLA computation runs no Python handler: a watchdog thread ends the process with
     status 143 once the grace period has passed (without it, the SIGTERM waited for the computation to end)."""

@@ -16,6 +16,8 @@ import threading
 import warnings
 from typing import Optional, Sequence
 
+from tclip_jax.files import ctrl_c_held
+
 # Sub-command name -> help. Its module under tclip_jax.cli (the name with '-' as '_') has `add_arguments(parser)`
 # and `run(args) -> int`.
 COMMANDS = {
@@ -48,7 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    redelivery = sys.unraisablehook = _InterruptRedelivery(sys.unraisablehook)
+    try:
+        return _main(argv)
+    finally:
+        sys.unraisablehook = redelivery.previous_hook
+        redelivery.close()
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    try:
+        parser = build_parser()  # imports the sub-commands (OpenCV, numpy): long enough to be interrupted in
+    except KeyboardInterrupt:
+        print("tclip: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -59,6 +74,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     watched = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not None
     watchdog = _SigtermWatchdog(args.command) if watched else None
     try:
+        with ctrl_c_held():  # a Ctrl-C inside jaxlib's native start-up crashed the interpreter on its way out
+            import jax  # noqa: F401
         return args.run(args)
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)
@@ -127,6 +144,34 @@ class _SigtermWatchdog:
         signal.set_wakeup_fd(self.previous_fd)
         signal.signal(signal.SIGTERM, self.previous_handler)
         os.close(self.write_end)  # ends the thread's read
+
+
+class _InterruptRedelivery:
+    """An unraisablehook that sends a swallowed Ctrl-C or SIGTERM again. Python drops an exception raised inside
+    a garbage-collector callback ("Exception ignored in"), and JAX has one that runs at every collection: a signal
+    whose handler ran there was lost and the run went on to the end with status 0. The signal is sent again from
+    a thread a moment later, once the collection is over (sent from the hook, its handler would run in the hook,
+    whose exceptions are dropped too)."""
+
+    DELAY_S = 0.05
+
+    def __init__(self, previous_hook):
+        self.previous_hook = previous_hook
+        self.timers: list[threading.Timer] = []
+
+    def __call__(self, unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            number = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+            timer = threading.Timer(self.DELAY_S, os.kill, (os.getpid(), number))
+            timer.daemon = True
+            timer.start()
+            self.timers.append(timer)
+        else:
+            self.previous_hook(unraisable)
+
+    def close(self) -> None:
+        for timer in self.timers:  # the command has ended: nothing left to interrupt
+            timer.cancel()
 
 
 def _out_of_memory(err: BaseException) -> bool:
