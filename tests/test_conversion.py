@@ -1,5 +1,7 @@
 """Every checkpoint source through the one loader, the converted folder round trip, and bad input."""
+import dataclasses
 import json
+import re
 import shutil
 
 import jax
@@ -590,3 +592,155 @@ def test_convert_out_that_is_a_file_or_exists(tmp_path, fixtures_dir, capsys):
     assert "is a file, not a folder" in capsys.readouterr().err and target.read_text() == "keep me"
     assert tclip(["convert", str(fixtures_dir / "tiny_openai_clip.npz"), "--out", str(target), "--overwrite"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err and target.read_text() == "keep me"
+
+
+def test_tokens_added_after_end_of_text_do_not_move_the_text_embedding(tmp_path):
+    """A tokenizer with a token added after end-of-text (textual inversion's `<sks>`, id 49408): the embedding is
+    read at end-of-text, as transformers reads it, not at the highest id; a prompt-level method cuts its rows there
+    too. A folder whose config names another end-of-text token than its tokenizer's is refused."""
+    from tclip_jax.methods.attention import RawAttention
+    from tclip_jax.model.tokenizer import _load_packaged_backend
+
+    hub = tmp_path / "hub"
+    small = dataclasses.replace(SMALL, vocab_size=49409)
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(small))).eval()
+    model.config.text_config.eos_token_id = model.text_model.eos_token_id = 49407  # as current releases say
+    model.save_pretrained(hub)
+    packaged = json.loads(_load_packaged_backend().to_str())
+    packaged["added_tokens"].append({"id": 49408, "content": "<sks>", "single_word": False, "lstrip": False,
+                                     "rstrip": False, "normalized": True, "special": False})
+    (hub / "tokenizer.json").write_text(json.dumps(packaged))
+    clip = load_clip(hub)
+    assert clip.config.eot_token_id == 49407
+    prompts = ["a photo of <sks> dog", "a photo of a dog"]
+    ids = clip.tokenizer.encode(prompts, clip.config.context_length)
+    assert 49408 in ids[0] and list(ids[0]).index(49408) < list(ids[0]).index(49407)
+    with torch.no_grad():
+        expected = model.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64)))
+    expected = getattr(expected, "pooler_output", expected).numpy()
+    with jax.default_matmul_precision("highest"):
+        ours = clip.model.apply({"params": clip.params}, ids, method="encode_text").embeds
+        features = RawAttention(clip).text_features(prompts)
+    np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(features, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5)
+    config = json.loads((hub / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = 49406
+    (hub / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="reads the text embedding at token 49406 but the tokenizer's "
+                                              "end-of-text token is 49407"):
+        load_clip(hub)
+
+
+def _openai_layout(model: transformers.CLIPModel) -> dict:
+    """A transformers CLIPModel's weights under OpenAI's key names (OpenAI's `model.py` as the layout reference)."""
+    hf = {k: v.numpy() for k, v in model.state_dict().items()}
+    out = {"visual.conv1.weight": hf["vision_model.embeddings.patch_embedding.weight"],
+           "visual.class_embedding": hf["vision_model.embeddings.class_embedding"],
+           "visual.positional_embedding": hf["vision_model.embeddings.position_embedding.weight"],
+           "visual.proj": hf["visual_projection.weight"].T, "text_projection": hf["text_projection.weight"].T,
+           "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
+           "logit_scale": hf["logit_scale"]}
+    for ours, theirs in (("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm"),
+                         ("ln_final", "text_model.final_layer_norm")):
+        out[f"{ours}.weight"], out[f"{ours}.bias"] = hf[f"{theirs}.weight"], hf[f"{theirs}.bias"]
+    for ours, theirs, layers in (("visual.transformer", "vision_model", model.config.vision_config.num_hidden_layers),
+                                 ("transformer", "text_model", model.config.text_config.num_hidden_layers)):
+        for i in range(layers):
+            o, h = f"{ours}.resblocks.{i}.", f"{theirs}.encoder.layers.{i}."
+            for kind in ("weight", "bias"):
+                out[o + f"attn.in_proj_{kind}"] = np.concatenate([hf[h + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
+                for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                             ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                    out[o + f"{a}.{kind}"] = hf[h + f"{b}.{kind}"]
+    return {k: np.array(v, order="C") for k, v in out.items()}
+
+
+def _open_clip_folder(folder, state_dict, vision=None, text=None, **model_cfg):
+    folder.mkdir(exist_ok=True)
+    safetensors.numpy.save_file(state_dict, folder / "open_clip_model.safetensors")
+    config = {"model_cfg": {"embed_dim": 64, "quick_gelu": True,
+                            "vision_cfg": {"width": 128, "layers": 6, "patch_size": 32, "image_size": 224,
+                                           **(vision or {})},
+                            "text_cfg": {"width": 128, "heads": 2, "layers": 3, **(text or {})}, **model_cfg}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("tower, key, value", [
+    ("vision", "pool_type", "avg"), ("vision", "global_average_pool", True), ("vision", "no_ln_pre", True),
+    ("text", "pool_type", "eos"), ("text", "no_causal_mask", True), ("text", "hf_tokenizer_name", "facebook/xlm-v-base"),
+    ("text", "act_kwargs", {"approximate": "tanh"})])
+def test_open_clip_configs_that_compute_otherwise_are_refused(tmp_path, openai_state_dict, tower, key, value):
+    """Fields that change what OpenCLIP computes but not its weight names (CLIPA's pooling, the worldwide
+    MetaCLIPs' tokenizer and end-of-text pooling) were ignored: the class token was read where OpenCLIP averages."""
+    folder = _open_clip_folder(tmp_path / "oc", openai_state_dict, **{tower: {key: value}})
+    with pytest.raises(ConversionError, match=f"open_clip_config.json: model_cfg.{tower}_cfg.{key} = "
+                                              f"{re.escape(json.dumps(value))} is not supported"):
+        load_clip(folder)
+
+
+@pytest.mark.parametrize("config, message", [
+    ([1], "an OpenCLIP config is a JSON object, got list"),
+    ({"model_cfg": 3}, "model_cfg must be an object, got int"),
+    ({"model_cfg": {"vision_cfg": [1]}}, "model_cfg.vision_cfg must be an object, got list"),
+    ({"model_cfg": {"vision_cfg": {"head_width": 0}}}, "model_cfg.vision_cfg.head_width must be a positive integer"),
+    ({"model_cfg": {"vision_cfg": {"head_width": "80"}}}, "head_width must be a positive integer, got \"80\""),
+    ({"model_cfg": {"text_cfg": {"width": 128, "heads": 0}}}, "text_cfg.heads must be a positive integer, got 0"),
+    ({"model_cfg": {"text_cfg": {"width": 128, "heads": 3}}}, "width 128 is not divisible by its 3 heads"),
+    ({"model_cfg": {"text_cfg": {"norm_kwargs": {"eps": 0}}}}, "norm_kwargs.eps must be a small positive number"),
+    ({"model_cfg": {"quick_gelu": "yes"}}, "quick_gelu must be true or false")])
+def test_a_malformed_open_clip_config_is_named(tmp_path, openai_state_dict, config, message, capsys):
+    folder = _open_clip_folder(tmp_path / "oc", openai_state_dict)
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    assert tclip(["convert", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "open_clip_config.json: " in err and message in err, err
+
+
+def test_open_clip_layer_norm_eps_matches_transformers(tmp_path):
+    """norm_kwargs.eps (SigLIP-era configs say 1e-6) was ignored; the same weights in a Hugging Face CLIPModel with
+    that eps are the reference."""
+    small = dataclasses.replace(SMALL, layer_norm_eps=1e-2)  # large enough to matter at float32
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(small))).eval()
+    folder = _open_clip_folder(tmp_path / "oc", _openai_layout(model),
+                               vision={"width": 64, "layers": 2, "patch_size": 32, "image_size": 64,
+                                       "norm_kwargs": {"eps": 1e-2}},
+                               text={"width": 64, "heads": 1, "layers": 2, "norm_kwargs": {"eps": 1e-2}},
+                               embed_dim=32)
+    clip = load_clip(folder)
+    assert clip.config.layer_norm_eps == 1e-2
+    images = np.random.default_rng(1).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = model.get_image_features(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+    expected = getattr(expected, "pooler_output", expected)
+    with jax.default_matmul_precision("highest"):
+        ours = clip.model.apply({"params": clip.params}, images, method="encode_image").embeds
+    np.testing.assert_allclose(ours, expected.numpy(), atol=1e-4, rtol=0)
+
+
+def test_a_bare_state_dict_at_an_open_clip_wide_head_width_gets_its_heads(tmp_path, monkeypatch):
+    """A state dict does not store its head count: OpenCLIP's ViT-H/g/bigG/e split their width into heads wider than
+    64 (ViT-H: 16 of 80, not OpenAI's rule's 20 of 64). Tried at a small width given the same standing; the
+    reference is transformers with the true head count."""
+    import tclip_jax.checkpoints.load as load_module
+
+    small = dataclasses.replace(SMALL, vision_width=128, vision_heads=4, vision_mlp_dim=256)  # 32-wide heads
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(small))).eval()
+    safetensors.numpy.save_file(_openai_layout(model), tmp_path / "bare.safetensors")
+    monkeypatch.setitem(load_module.OPEN_CLIP_HEAD_WIDTHS, 128, 32)
+    monkeypatch.setitem(load_module.OPEN_CLIP_HEAD_WIDTHS_NAMES, 128, "ViT-test")
+    with pytest.warns(UserWarning, match="does not store its head count; its image tower's width 128 is "
+                                         "OpenCLIP's ViT-test, so 4 heads of 32 are assumed"):
+        clip = load_clip(tmp_path / "bare.safetensors", activation="quick_gelu")
+    assert clip.config.vision_heads == 4
+    images = np.random.default_rng(1).standard_normal((1, 64, 64, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = model.get_image_features(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+    expected = getattr(expected, "pooler_output", expected)
+    with jax.default_matmul_precision("highest"):
+        ours = clip.model.apply({"params": clip.params}, images, method="encode_image").embeds
+    np.testing.assert_allclose(ours, expected.numpy(), atol=1e-4, rtol=0)

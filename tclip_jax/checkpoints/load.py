@@ -9,12 +9,14 @@ Hugging Face hub name (`openai/clip-vit-base-patch32`, or `hf-hub:laion/...` for
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import warnings
 from typing import Any, Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 from tclip_jax.checkpoints import folder as checkpoint, sources
 from tclip_jax.checkpoints.convert import ConversionError, convert_state_dict, detect_format, infer_openai_config
@@ -64,6 +66,10 @@ def tokenizer_of(converted: "Converted") -> ClipTokenizer:
     if tokenizer.vocab_size > converted.config.vocab_size:
         raise ConversionError(f"{converted.origin}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                               f"token embedding only {converted.config.vocab_size} rows")
+    eot = converted.config.eot_token_id
+    if eot is not None and eot != tokenizer.eot_id:  # the embedding would be read where no token row has one
+        raise ConversionError(f"{converted.origin}: the model reads the text embedding at token {eot} but the "
+                              f"tokenizer's end-of-text token is {tokenizer.eot_id}")
     return tokenizer
 
 
@@ -93,30 +99,97 @@ def _from_hf_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str, ac
     return Converted(convert_state_dict(state.arrays, config, "hf"), config, _tokenizer_dir(folder), "hf", origin)
 
 
+# Image-tower widths of OpenCLIP's ViTs whose heads are not 64 wide (its model_configs: ViT-H, ViT-g, ViT-bigG,
+# ViT-e): a state dict does not store the head count, and OpenAI's rule (width / 64) splits these wrongly.
+OPEN_CLIP_HEAD_WIDTHS = {1280: 80, 1408: 88, 1664: 104, 1792: 112}
+OPEN_CLIP_HEAD_WIDTHS_NAMES = {1280: "ViT-H", 1408: "ViT-g", 1664: "ViT-bigG", 1792: "ViT-e"}
+# OpenCLIP config fields that change what is computed but not the weight names, with the value this CLIP computes
+# (OpenCLIP's default): another value is refused, not ignored (CLIPA pools patches and drops ln_pre, SigLIP and the
+# worldwide MetaCLIPs bring other tokenizers and read the text embedding elsewhere). An empty dict counts as None.
+_OPEN_CLIP_DEFAULTS = {
+    "vision_cfg": {"global_average_pool": False, "pool_type": "tok", "attentional_pool": False, "no_ln_pre": False,
+                   "final_ln_after_pool": False, "pos_embed_type": "learnable", "timm_model_name": None,
+                   "act_kwargs": None},
+    "text_cfg": {"pool_type": "argmax", "no_causal_mask": False, "embed_cls": False, "hf_model_name": None,
+                 "hf_tokenizer_name": None, "tokenizer_kwargs": None, "final_ln_after_pool": False,
+                 "proj_bias": False, "act_kwargs": None},
+}
+
+
 def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict]:
-    """(activation, whether the config names it, head dimensions) from an OpenCLIP hub folder's
-    `open_clip_config.json`, if any. Without `quick_gelu` in it OpenCLIP builds GELU, which its `force_quick_gelu`
-    (here --activation) may override."""
+    """(activation, whether the config names it, `infer_openai_config` arguments: head dimensions, layer-norm
+    epsilon) from an OpenCLIP hub folder's `open_clip_config.json`, if any. Without `quick_gelu` in it OpenCLIP
+    builds GELU, which its `force_quick_gelu` (here --activation) may override."""
     path = folder / "open_clip_config.json"
     if not path.is_file():
         return None, False, {}
-    model_cfg = sources.read_json(path).get("model_cfg", {})
-    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+
+    def section(parent: Any, key: str, where: str) -> dict:
+        value = parent.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConversionError(f"{path}: {where}{key} must be an object, got {type(value).__name__}")
+        return value
+
+    config = sources.read_json(path)
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: an OpenCLIP config is a JSON object, got {type(config).__name__}")
+    model_cfg = section(config, "model_cfg", "")
+    towers = {name: section(model_cfg, name, "model_cfg.") for name in _OPEN_CLIP_DEFAULTS}
+    vision = towers["vision_cfg"]
     if "layers" in vision and not isinstance(vision["layers"], int):
         raise ConversionError("this is a ResNet CLIP checkpoint; TCLIP needs a ViT CLIP (patch tokens)")
-    head_dims = {"vision_head_dim": vision.get("head_width", 64)}
-    if "width" in text and "heads" in text:
-        head_dims["text_head_dim"] = text["width"] // text["heads"]
-    return ("quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"), "quick_gelu" in model_cfg, head_dims
+    for tower, defaults in _OPEN_CLIP_DEFAULTS.items():
+        for key, default in defaults.items():
+            value = towers[tower].get(key, default)
+            if value != default and not (default is None and value == {}):
+                raise ConversionError(f"{path}: model_cfg.{tower}.{key} = {json.dumps(value)} is not supported "
+                                      f"(tclip_jax's CLIP computes {json.dumps(default)}, OpenCLIP's default)")
+
+    def positive_int(tower: str, key: str, default: Optional[int] = None) -> Optional[int]:
+        value = towers[tower].get(key, default)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConversionError(f"{path}: model_cfg.{tower}.{key} must be a positive integer, got "
+                                  f"{json.dumps(value)}")
+        return value
+
+    choices = {"vision_head_dim": positive_int("vision_cfg", "head_width", 64)}
+    text_width, text_heads = positive_int("text_cfg", "width"), positive_int("text_cfg", "heads")
+    if text_width is not None and text_heads is not None:
+        if text_width % text_heads:
+            raise ConversionError(f"{path}: model_cfg.text_cfg.width {text_width} is not divisible by its "
+                                  f"{text_heads} heads")
+        choices["text_head_dim"] = text_width // text_heads
+    epsilons = set()
+    for tower in towers:
+        norm = section(towers[tower], "norm_kwargs", f"model_cfg.{tower}.")
+        if set(norm) - {"eps"}:
+            raise ConversionError(f"{path}: model_cfg.{tower}.norm_kwargs {json.dumps(norm)} is not supported "
+                                  "(only eps)")
+        eps = norm.get("eps", 1e-5)  # torch's LayerNorm default
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ConversionError(f"{path}: model_cfg.{tower}.norm_kwargs.eps must be a small positive number, "
+                                  f"got {json.dumps(eps)}")
+        epsilons.add(eps)
+    if len(epsilons) > 1:
+        raise ConversionError(f"{path}: towers with different layer-norm eps are not supported: {sorted(epsilons)}")
+    choices["layer_norm_eps"] = epsilons.pop()
+    quick_gelu = model_cfg.get("quick_gelu", False)
+    if not isinstance(quick_gelu, bool):
+        raise ConversionError(f"{path}: model_cfg.quick_gelu must be true or false, got {json.dumps(quick_gelu)}")
+    return ("quick_gelu" if quick_gelu else "gelu"), "quick_gelu" in model_cfg, choices
 
 
 def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: str, activation: Optional[str],
-                            tokenizer_dir: Optional[pathlib.Path] = None, **head_dims) -> Converted:
+                            tokenizer_dir: Optional[pathlib.Path] = None, **choices) -> Converted:
     """A state dict with OpenAI key names: OpenAI's releases (QuickGELU) and OpenCLIP's (mostly exact GELU).
 
     `activation` comes from the caller (a flag, or an OpenCLIP config); otherwise an OpenAI TorchScript release
     is QuickGELU, an OpenCLIP training checkpoint is GELU unless its run name says quickgelu, and a bare state
-    dict is assumed QuickGELU with a warning, since nothing in it says which."""
+    dict is assumed QuickGELU with a warning, since nothing in it says which. `choices`: what an OpenCLIP config
+    says (`infer_openai_config`'s head dimensions and layer-norm epsilon); without one, heads are OpenAI's 64 wide
+    except at the widths of OpenCLIP's ViTs with wider heads (`OPEN_CLIP_HEAD_WIDTHS`, with a warning)."""
     state = sources.read_state_dict(path)
     if detect_format(state.arrays) == "hf":
         raise ConversionError(f"{path} is a Hugging Face state dict, which needs its config.json: "
@@ -138,7 +211,14 @@ def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: s
             warnings.warn(f"{path} does not say its MLP activation; assuming {activation} "
                           f"({'OpenCLIP' if source == 'open_clip' else 'OpenAI'}'s). A model trained with "
                           f"{other} needs --activation {other} (activation='{other}')", stacklevel=3)
-    config = infer_openai_config(state.arrays, activation=activation, **head_dims)
+    width = np.shape(state.arrays.get("visual.conv1.weight", ()))[:1]
+    if "vision_head_dim" not in choices and width and width[0] in OPEN_CLIP_HEAD_WIDTHS:
+        choices["vision_head_dim"] = OPEN_CLIP_HEAD_WIDTHS[width[0]]
+        warnings.warn(f"{path} does not store its head count; its image tower's width {width[0]} is OpenCLIP's "
+                      f"{OPEN_CLIP_HEAD_WIDTHS_NAMES[width[0]]}, so {width[0] // choices['vision_head_dim']} heads "
+                      f"of {choices['vision_head_dim']} are assumed (a folder with its open_clip_config.json says "
+                      "otherwise)", stacklevel=3)
+    config = infer_openai_config(state.arrays, activation=activation, **choices)
     params = convert_state_dict(state.arrays, config, "openai")
     return Converted(params, config, tokenizer_dir, source, origin)
 
@@ -171,11 +251,11 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
         if hf_weights is not None and source in (None, "hf"):
             return _from_hf_folder(path, hf_weights, origin, activation)
         if open_clip_weights is not None and source in (None, "open_clip"):
-            config_activation, stated, head_dims = _open_clip_config(path)
+            config_activation, stated, choices = _open_clip_config(path)
             if stated:
                 _check_activation(activation, config_activation, path / "open_clip_config.json")
             return _from_openai_state_dict(open_clip_weights, "open_clip", origin, activation or config_activation,
-                                           _tokenizer_dir(path), **head_dims)
+                                           _tokenizer_dir(path), **choices)
         if hf_weights is not None:
             raise _wrong_source(path, source, "hf", "a Hugging Face folder")
         if open_clip_weights is not None:

@@ -75,7 +75,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     watchdog = _SigtermWatchdog(args.command) if watched else None
     try:
         with ctrl_c_held():  # a Ctrl-C inside jaxlib's native start-up crashed the interpreter on its way out
-            import jax  # noqa: F401
+            importlib.import_module("jax")
         return args.run(args)
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)

@@ -42,6 +42,7 @@ from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_size, load_image, prepare,
                              to_original_on_device, upsample_bilinear)
 from tclip_jax.methods.common import causal_length_groups, minmax, text_features
+from tclip_jax.model.clip import eot_positions
 from tclip_jax.model.config import PRESETS
 from tclip_jax.model.tokenizer import TokenizedPrompt, Word
 from tclip_jax.methods.settings import MethodSettings
@@ -504,8 +505,10 @@ class PromptMethod(Method):
             for i, key in enumerate(keys):
                 first_row.setdefault(key, i)
             missing = [i for key, i in first_row.items() if key not in cache]
-            groups = causal_length_groups([int(token_ids[i].argmax(axis=-1).max()) for i in missing],
-                                          token_ids.shape[-1])
+            eots = np.asarray(eot_positions(token_ids[missing], self.clip.config.eot_token_id))
+            if eots.ndim == 2:  # a template stack is cut after its last end-of-text token
+                eots = eots.max(axis=1)
+            groups = causal_length_groups(eots.tolist(), token_ids.shape[-1])
             chunk = 1 if token_ids.ndim == 3 else self.text_chunk  # a template ensemble is a batch of its own
             for length, members in groups.items():
                 group = [missing[j] for j in members]

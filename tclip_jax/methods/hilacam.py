@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from tclip_jax.methods import common
 from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, PromptMethod, QueryArrays
 from tclip_jax.methods.settings import MethodSettings
-from tclip_jax.model import CLIP, l2_normalize
+from tclip_jax.model import CLIP, eot_positions, l2_normalize
 from tclip_jax.settings import setting
 
 Array = jax.Array
@@ -68,11 +68,12 @@ def _embedding_and_vjp(encode, inputs: Array, num_layers: int, num_heads: int, l
     return embedding, lambda cotangent: tuple(g[0] for g in vjp(cotangent)[0]), probs
 
 
-def text_scores(text_relevance: Array, token_ids: Array) -> Array:
-    """The notebook's word scores: R_text[eot, 1:eot] / sum, placed at positions 1..eot-1 of [..., context]."""
-    eot = jnp.broadcast_to(jnp.argmax(token_ids, axis=-1), text_relevance.shape[:-2])
+def text_scores(text_relevance: Array, eot_index: Array) -> Array:
+    """The notebook's word scores: R_text[eot, 1:eot] / sum, placed at positions 1..eot-1 of [..., context]
+    (`eot_index`: each text's end-of-text position, `eot_positions`)."""
+    eot = jnp.broadcast_to(eot_index, text_relevance.shape[:-2])
     row = jnp.take_along_axis(text_relevance, eot[..., None, None], axis=-2)[..., 0, :]
-    positions = jnp.arange(token_ids.shape[-1])
+    positions = jnp.arange(text_relevance.shape[-1])
     row = jnp.where((positions >= 1) & (positions < eot[..., None]), row, 0)
     return row / row.sum(axis=-1, keepdims=True)
 
@@ -123,7 +124,7 @@ def _hilacam(model: CLIP, params: dict, images: Array, token_ids: Array, image_s
     image_embeds, image_relevance = jax.vmap(image_side)(images)          # [B, D], [B, T, n, n]
     text_relevance = jnp.swapaxes(jax.vmap(text_side)(token_ids), 0, 1)   # [B, T, context, context]
     maps = common.patch_grid(image_relevance[..., 0, :], grid)
-    return HilaCAMOutput(maps, image_relevance, text_relevance, text_scores(text_relevance, token_ids),
+    return HilaCAMOutput(maps, image_relevance, text_relevance, text_scores(text_relevance, eot_positions(token_ids, config.eot_token_id)),
                          scale * image_embeds @ texts.T)
 
 

@@ -280,7 +280,7 @@ class TextTransformer(nn.Module):
     def output(self, token_ids: Array, out: TransformerOutput) -> TextOutput:
         """The text embedding and tokens of the last block's stream `out` (the embedding at the EOT position)."""
         tokens_normed, tokens = self.normalize_and_project(out.tokens)
-        eot_index = jnp.argmax(token_ids, axis=-1)
+        eot_index = eot_positions(token_ids, self.config.eot_token_id)
         embeds = jnp.take_along_axis(tokens, eot_index[:, None, None], axis=1)[:, 0]
         return TextOutput(embeds, tokens, tokens_normed, eot_index, out.residual_stream, out.attention_probs)
 
@@ -316,6 +316,12 @@ class CLIP(nn.Module):
         image_embeds = l2_normalize(self.encode_image(images).embeds)
         text_embeds = l2_normalize(self.encode_text(token_ids).embeds)
         return jnp.exp(self.logit_scale) * image_embeds @ text_embeds.T, image_embeds, text_embeds
+
+
+def eot_positions(token_ids: Array, eot_token_id: Optional[int]) -> Array:
+    """[B] where each row's text embedding is read (`CLIPConfig.eot_token_id`): its highest token id (None), or
+    the first occurrence of `eot_token_id`."""
+    return jnp.argmax(token_ids if eot_token_id is None else token_ids == eot_token_id, axis=-1)
 
 
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:

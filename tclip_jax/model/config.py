@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -36,6 +36,10 @@ class CLIPConfig:
     # stem. () is the linear patch embedding of every released CLIP and of clip_only_model; the default embedded
     # model has a stem (training/RECIPE_SEARCH.md: the runs with and without).
     stem_channels: tuple[int, ...] = ()
+    # Where the text embedding is read: None, at the highest token id of the row (OpenAI's and OpenCLIP's argmax,
+    # right while end-of-text is the highest id); an id, at its first occurrence (Hugging Face's rule unless its
+    # eos_token_id is the legacy 2), right also for tokenizers with tokens added after end-of-text.
+    eot_token_id: Optional[int] = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -47,6 +51,10 @@ class CLIPConfig:
         if (isinstance(self.layer_norm_eps, bool) or not isinstance(self.layer_norm_eps, (int, float))
                 or not 0 < self.layer_norm_eps < 1):
             raise ValueError(f"layer_norm_eps must be a small positive number, got {self.layer_norm_eps!r}")
+        if self.eot_token_id is not None and (isinstance(self.eot_token_id, bool) or not isinstance(
+                self.eot_token_id, int) or not 0 <= self.eot_token_id < self.vocab_size):
+            raise ValueError(f"eot_token_id must be None or a token id below vocab_size {self.vocab_size}, got "
+                             f"{self.eot_token_id!r}")
         if not isinstance(self.stem_channels, tuple) or any(
                 isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.stem_channels):
             raise ValueError(f"stem_channels must be a tuple of positive integers, got {self.stem_channels!r}")
@@ -154,7 +162,13 @@ def from_hf_config(hf: Mapping[str, Any]) -> CLIPConfig:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key if part is None else part + '.' + key} must be a positive integer, got {value!r}")
         values[field] = value
-    return CLIPConfig(**values, activation=activation, layer_norm_eps=eps.pop())
+    eos = text.get("eos_token_id", 49407)  # transformers' CLIPTextConfig default (2 before version 5)
+    if isinstance(eos, bool) or not isinstance(eos, int) or eos < 0:
+        raise ValueError(f"text_config.eos_token_id must be a token id, got {eos!r}")
+    # transformers reads the embedding at the highest id for the legacy eos_token_id 2 (configs written before it
+    # knew the real one), else at the first eos_token_id.
+    return CLIPConfig(**values, activation=activation, layer_norm_eps=eps.pop(),
+                      eot_token_id=None if eos == 2 else eos)
 
 
 def to_hf_config(config: CLIPConfig) -> dict[str, Any]:
@@ -176,7 +190,8 @@ def to_hf_config(config: CLIPConfig) -> dict[str, Any]:
             "hidden_size": config.text_width, "num_hidden_layers": config.text_layers,
             "num_attention_heads": config.text_heads, "intermediate_size": config.text_mlp_dim,
             "hidden_act": config.activation, "layer_norm_eps": config.layer_norm_eps,
-            "projection_dim": config.embed_dim, "bos_token_id": 49406, "eos_token_id": 49407,
+            "projection_dim": config.embed_dim, "bos_token_id": 49406,
+            "eos_token_id": 2 if config.eot_token_id is None else config.eot_token_id,  # 2: the highest id
             "pad_token_id": 1,
         },
     }
