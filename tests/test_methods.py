@@ -141,6 +141,13 @@ def test_a_bfloat16_model_runs_bfloat16_matmuls_on_float32_parameters_and_result
     maps = [results[d].prompts[0].phrase.heatmap for d in runs]
     assert not np.array_equal(*maps)  # the dtype reaches the map
     np.testing.assert_allclose(*maps, atol=0.05 * np.ptp(maps[0]))  # and moves it little
+    # A dtype that would not run as recorded is refused when the model loads, not recorded (None read as float64;
+    # float64 runs as float32 without JAX's x64 mode) or refused by Flax at the first explain (int8).
+    for dtype, message in [(None, "got None"), (np.float64, "float64 needs JAX's x64 mode"), (jnp.int8, "int8")]:
+        with pytest.raises(ValueError, match=f"the matmul dtype must be one of float32, bfloat16, float16, .*{message}"):
+            METHODS["similarity"].from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), dtype=dtype)
+    assert METHODS["similarity"].from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), dtype="bfloat16").explain(
+        image, ["a red circle"]).run["model"]["matmul_dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -241,3 +248,32 @@ def test_a_method_outside_the_package_runs_from_the_command_line(tmp_path, fixtu
         methods.get("test_methods:PROMPTS")
     with pytest.raises(ValueError, match="cannot be imported"):
         methods.get("no_such_module:Thing")
+
+
+def test_the_command_line_sets_the_matmul_dtype_and_a_sweep_resumes_only_with_its_own(fixtures_dir, fixture_images,
+                                                                                      tmp_path, capsys):
+    """`--matmul-dtype` reaches the model (its maps are the API's bfloat16 maps) and the records; a sweep begun in
+    one dtype is not resumed in another (its records would mix both)."""
+    import json
+
+    from PIL import Image
+
+    from tclip_jax.cli import main
+
+    tiny = str(fixtures_dir / "tiny_openai_clip.npz")
+    Image.fromarray(fixture_images["scene_224"]).save(tmp_path / "scene.png")
+    assert main(["explain", str(tmp_path / "scene.png"), "--prompt", "a red circle", "--method", "similarity",
+                 "--model", tiny, "--matmul-dtype", "bfloat16", "--compare", "none", "--no-html", "--save-npz",
+                 "--out", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "scene" / "result.json").read_text())
+    assert record["run"]["model"]["matmul_dtype"] == "bfloat16"
+    expected = METHODS["similarity"].from_pretrained(tiny, dtype=jnp.bfloat16).explain(
+        fixture_images["scene_224"], ["a red circle"]).prompts[0].phrase.heatmap
+    saved = np.load(tmp_path / "out" / "scene" / "maps.npz")
+    np.testing.assert_allclose(saved[sorted(k for k in saved.files if "heatmap" in k)[0]], expected, atol=1e-6)
+    sweep = ["sweep", "synthetic", "--protocol", "bare_words", "--model", tiny, "--method", "similarity",
+             "--limit", "1", "--out", str(tmp_path / "sweep"), "--no-progress"]
+    assert main(sweep + ["--matmul-dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    assert main(sweep + ["--resume"]) == 2
+    assert "run.model.matmul_dtype (stored 'bfloat16', now 'float32')" in capsys.readouterr().err

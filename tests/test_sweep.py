@@ -232,7 +232,7 @@ def test_a_sweep_stored_before_the_matmul_dtype_was_recorded_resumes_as_float32(
     (tmp_path / "sweep.json").write_text(json.dumps({"run": run, "dataset": "coco", "limit": None, "evaluation": {}}))
     now = {"run": {**run, "model": {**run["model"], "matmul_dtype": "float32"}}, "dataset": "coco", "limit": None,
            "evaluation": {}}
-    _check_config(tmp_path, now, resume=True)  # its runs were float32: the command line has no other
+    _check_config(tmp_path, now, resume=True)  # its runs were float32: the command line had no other
     now["run"]["model"]["matmul_dtype"] = "bfloat16"
     with pytest.raises(ValueError, match="run.model.matmul_dtype \\(stored 'float32', now 'bfloat16'\\)"):
         _check_config(tmp_path, now, resume=True)

@@ -15,6 +15,7 @@ import pathlib
 import warnings
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,6 +50,7 @@ def load_clip(name_or_path: Optional[str | os.PathLike] = None, *, source: Optio
     an OpenAI `.pt`, an OpenAI-format `.npz`/`.safetensors` state dict, or an OpenCLIP checkpoint.
     `dtype` is the matmul dtype (parameters stay float32), e.g. `jnp.bfloat16` on TPU.
     """
+    dtype = matmul_dtype(dtype)
     if name_or_path is None:
         if not DEFAULT_MODEL_DIR.is_dir():
             raise FileNotFoundError(f"the embedded default model is missing from this installation "
@@ -57,6 +59,21 @@ def load_clip(name_or_path: Optional[str | os.PathLike] = None, *, source: Optio
     converted = load_any(name_or_path, source=source, activation=activation)
     return LoadedClip(CLIP(converted.config, dtype), converted.params, tokenizer_of(converted), converted.source,
                       converted.origin)
+
+
+def matmul_dtype(dtype: Any) -> Any:
+    """`dtype` checked as a matmul dtype: float32, bfloat16 or float16, or float64 with JAX's 64-bit mode on (without
+    it JAX runs float64 as float32, and results would record a dtype that did not run)."""
+    try:
+        checked = None if dtype is None else jnp.dtype(dtype)
+    except TypeError:
+        checked = None
+    allowed = [jnp.float32, jnp.bfloat16, jnp.float16] + ([jnp.float64] if jax.config.jax_enable_x64 else [])
+    if checked not in [jnp.dtype(d) for d in allowed]:
+        x64 = " (float64 needs JAX's x64 mode)" if checked == jnp.float64 else ""
+        raise ValueError(f"the matmul dtype must be one of {', '.join(jnp.dtype(d).name for d in allowed)}, got "
+                         f"{dtype!r}{x64}")
+    return checked
 
 
 def tokenizer_of(converted: "Converted") -> ClipTokenizer:

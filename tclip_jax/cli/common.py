@@ -25,6 +25,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
                         help="the MLP activation of a checkpoint that does not say it (a bare state dict); "
                         "a checkpoint that says its own refuses another")
+    parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the dtype of the model's matmul inputs (parameters stay float32; bfloat16 is the fast "
+                             "one on TPU; results record it) (default: %(default)s)")
     group = parser.add_argument_group("TCLIP and host-step settings")
     TCLIPSettings.add_arguments(group)
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -58,4 +61,5 @@ def build_method(args: argparse.Namespace):
         from tclip_jax.image.io import set_max_pixels
 
         set_max_pixels(args.max_pixels)
-    return method_class.from_pretrained(args.model, activation=args.activation, **settings.to_dict())
+    return method_class.from_pretrained(args.model, activation=args.activation, dtype=args.matmul_dtype,
+                                        **settings.to_dict())

@@ -19,8 +19,8 @@ depends on a set of texts (CLIP Surgery's feature surgery, the decomposition hea
 label set of `encode` (the prompts of an `explain` call; a dataset's class prompts in a sweep).
 
 Adding a method: a module with a `Method` subclass (`name`, `Settings`, `encode`, `maps`; prompt-level methods
-derive from `PromptMethod` and write `grid_maps` only) and one line in `tclip_jax.methods.METHODS`.
-"""
+derive from `PromptMethod` and write `grid_maps` only) and one line in `tclip_jax.methods.REGISTRY` (or none: a
+class outside the package is named "package.module:Class")."""
 from __future__ import annotations
 
 import abc

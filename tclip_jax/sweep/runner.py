@@ -348,7 +348,7 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
     if "data_fingerprint" in config:  # a sweep stored before datasets had fingerprints: nothing to check against
         stored.setdefault("data_fingerprint", config["data_fingerprint"])
     if "matmul_dtype" in config["run"]["model"]:
-        # Sweeps stored before results recorded the matmul dtype ran float32 matmuls (the command line has no other).
+        # Sweeps stored before results recorded the matmul dtype ran float32 matmuls (the command line had no other).
         stored.get("run", {}).get("model", {}).setdefault("matmul_dtype", "float32")
     changed = _changed_fields(stored, config)
     # samples(limit) are the samples of index below the limit, so a larger one keeps every stored record: a sweep
