@@ -118,6 +118,23 @@ def test_text_span_recovers_a_planted_basis():
     assert_close(residual @ pool[planted[0]], np.zeros(len(outputs), np.float32), "chosen text projected out")
 
 
+def test_text_span_stops_adding_once_the_pool_is_exhausted():
+    """A pool of two independent texts asked for four: the official code divided by a zero norm (NaN, repeated
+    indices). The picks past the pool's span are -1 and add nothing; the reconstruction is the outputs' mean plus
+    their projection on the span of the two texts (least squares, closed form)."""
+    rng = np.random.default_rng(0)
+    outputs = rng.standard_normal((40, 8)).astype(np.float32)
+    distinct = rng.standard_normal((2, 8)).astype(np.float32)
+    pool = np.repeat(distinct, 5, axis=0)                       # rows 0-4 one text, 5-9 the other
+    span = text_span(outputs, pool, num_texts=4, rank=8)
+    indices = np.asarray(span.indices)
+    assert list(indices[2:]) == [-1, -1] and sorted(indices[:2] // 5) == [0, 1]
+    mean = outputs.mean(axis=0, keepdims=True)
+    coefficients = np.linalg.lstsq(distinct.T.astype(np.float64), (outputs - mean).T, rcond=None)[0]
+    expected = mean + (distinct.T @ coefficients).T
+    assert_close(span.reconstruction, expected.astype(np.float32), "mean + projection on the pool's span", tol=1e-4)
+
+
 def test_text_span_heads_runs_every_head():
     outputs, pool, planted = planted_outputs()
     other, _, _ = planted_outputs(seed=1)

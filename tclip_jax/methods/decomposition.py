@@ -140,7 +140,7 @@ def mean_ablate(decomposition: Decomposition, reference: Decomposition, heads: A
 
 @flax.struct.dataclass
 class TextSpan:
-    indices: Array          # [num_texts] pool indices, in the order chosen
+    indices: Array          # [num_texts] pool indices, in the order chosen; -1 once the pool's span is exhausted
     reconstruction: Array   # [n_images, dim] mean output + its projections on the chosen texts
 
 
@@ -152,7 +152,9 @@ def text_span(outputs: Array, text_pool: Array, num_texts: int, rank: int) -> Te
     embeddings. The pool is first projected onto the span of the top `rank` right singular vectors of the
     (uncentred) outputs. Then, on the centred outputs, repeat: pick the text whose projection has the
     largest standard deviation over the images, add the outputs' projection on it to the reconstruction,
-    and project it out of the outputs and of every text.
+    and project it out of the outputs and of every text. A pick whose text has (almost) nothing left outside the
+    span of those chosen before (a pool of fewer independent texts than `num_texts`) is index -1 and adds nothing;
+    the official code divides by its zero norm there (NaN reconstruction, repeated indices).
     """
     n_images, dim = outputs.shape
     if not 1 <= rank <= min(n_images, dim):
@@ -164,13 +166,17 @@ def text_span(outputs: Array, text_pool: Array, num_texts: int, rank: int) -> Te
     texts = text_pool @ basis.T @ basis
     mean = outputs.mean(axis=0, keepdims=True)
 
+    norms = jnp.sum(texts * texts, axis=1)
+
     def pick(carry, _):
         data, texts, reconstruction = carry
         chosen = jnp.argmax(jnp.std(data @ texts.T, axis=0, ddof=1))
         direction = texts[chosen]
-        along = lambda x: (x @ direction / (direction @ direction))[:, None] * direction
+        norm = direction @ direction
+        left = norm > 1e-8 * norms[chosen]  # more than float32 rounding of a text in the chosen span
+        along = lambda x: jnp.where(left, x @ direction / jnp.where(left, norm, 1), 0)[:, None] * direction
         explained = along(data)
-        return (data - explained, texts - along(texts), reconstruction + explained), chosen
+        return (data - explained, texts - along(texts), reconstruction + explained), jnp.where(left, chosen, -1)
 
     start = (outputs - mean, texts, jnp.broadcast_to(mean, outputs.shape))
     (_, _, reconstruction), indices = jax.lax.scan(pick, start, None, length=num_texts)
