@@ -333,3 +333,12 @@ def test_decode_piece_reassembles_bytes(tokenizer):
     cat_face = tokenizer.tokenize_words("🐱")
     assert len(cat_face.pieces) == 1 and tokenizer.decode_piece(cat_face.token_ids[1]) == "🐱"
     assert tokenizer.decode_piece(SOT) == SOT_TOKEN
+
+
+def test_a_prompt_with_bytes_that_were_not_utf8_is_refused(tokenizer):
+    """A Latin-1 shell argument reaches Python as lone surrogates ('caf\\udce9'): BPE read the byte as U+FFFD (a
+    piece of its own) and the figure font crashed on it after the model ran."""
+    for call in (lambda: tokenizer.encode(["a caf\udce9 table"]), lambda: tokenizer.tokenize_words("a caf\udce9 table")):
+        with pytest.raises(ValueError, match="is not valid text: it holds '\\\\udce9', bytes that are not UTF-8"):
+            call()
+    assert tokenizer.tokenize_words("a caf\u00e9 table").words[1].text == "caf\u00e9"

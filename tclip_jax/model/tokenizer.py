@@ -154,6 +154,10 @@ class ClipTokenizer:
             raise TypeError(f"prompts must be str, got {type(text).__name__}: {text!r}")
         if context_length < 2:
             raise ValueError(f"context_length must leave room for SOT and EOT, got {context_length}")
+        surrogates = [c for c in text if "\ud800" <= c <= "\udfff"]
+        if surrogates:  # bytes that were not UTF-8 (a shell argument in Latin-1): BPE would read them as U+FFFD
+            raise ValueError(f"prompt {text!r} is not valid text: it holds {''.join(surrogates)!r}, bytes that are "
+                             "not UTF-8 (give prompts as UTF-8)")
         cleaned = clean_text(text)
         encoding = self._backend.encode(cleaned, add_special_tokens=False)
         capacity = context_length - 2
