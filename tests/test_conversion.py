@@ -490,6 +490,18 @@ def test_bad_hugging_face_config_names_file_and_field(tmp_path, part, key, value
         load_clip(tmp_path)
 
 
+def test_a_hugging_face_config_that_is_not_json_is_named_once(tmp_path, capsys):
+    torch.manual_seed(0)
+    transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).save_pretrained(tmp_path / "hf")
+    config_path = tmp_path / "hf" / "config.json"
+    config_path.write_text("{not json")
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert tclip(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"tclip convert: error: {config_path} is not valid JSON: ") and error.count("\n") == 1
+    assert error.count("config.json") == 1
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("text_projection", np.zeros(128, np.float16), r"text_projection must be 2-D \[text width, embed dim\]"),
     ("ln_final.weight", np.zeros((), np.float16), r"ln_final.weight must be 1-D"),

@@ -106,8 +106,9 @@ def _tokenizer_dir(folder: pathlib.Path) -> Optional[pathlib.Path]:
 
 def _from_hf_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str, activation: Optional[str]) -> Converted:
     config_path = folder / "config.json"
+    hf_config = sources.read_json(config_path)  # its errors name the file already
     try:
-        config = from_hf_config(sources.read_json(config_path))
+        config = from_hf_config(hf_config)
     except ValueError as err:
         raise ConversionError(f"{config_path}: {err}") from None
     _check_activation(activation, config.activation, config_path)
