@@ -94,6 +94,45 @@ def test_malformed_tokenizer_files_are_named(tmp_path, vocab, merges, message):
         ClipTokenizer(_tokenizer_folder(tmp_path, vocab, merges))
 
 
+def test_a_vocabulary_without_clips_start_and_end_tokens_is_refused(tmp_path, packaged_files):
+    import tokenizers
+    import tokenizers.models
+
+    bert = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "a": 3, "red": 4},
+                                                            unk_token="[UNK]"))
+    (tmp_path / "bert").mkdir()
+    bert.save(str(tmp_path / "bert" / "tokenizer.json"))
+    with pytest.raises(ValueError, match=f"has no {_re(SOT_TOKEN)} / {_re(EOT_TOKEN)}: not a CLIP tokenizer"):
+        ClipTokenizer(tmp_path / "bert")
+    vocab, lines = packaged_files
+    (tmp_path / "no_eot").mkdir()
+    folder = _tokenizer_folder(tmp_path / "no_eot", json.dumps({k: v for k, v in vocab.items() if k != EOT_TOKEN})
+                               .encode(), "\n".join(lines).encode())
+    with pytest.raises(ValueError, match=f"has no {_re(EOT_TOKEN)}: not a CLIP tokenizer"):
+        ClipTokenizer(folder)
+
+
+def _re(token: str) -> str:
+    import re
+
+    return re.escape(token)
+
+
+def test_a_folder_saved_by_transformers_clip_tokenizer_loads(tmp_path, packaged_files):
+    """Hugging Face's CLIP tokenizer files hold SOT and EOT in the vocabulary (and as added tokens): the same ids."""
+    import transformers
+
+    vocab, lines = packaged_files
+    _tokenizer_folder(tmp_path, json.dumps(vocab).encode(), "\n".join(lines).encode())
+    reference = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    reference.save_pretrained(tmp_path / "saved")
+    texts = ["a red circle next to a blue square", "hippopotamus"]
+    ours = ClipTokenizer(tmp_path / "saved").encode(texts, 16)
+    for row, text in zip(ours, texts):
+        expected = reference(text)["input_ids"]
+        assert row[:len(expected)].tolist() == expected and not row[len(expected):].any()
+
+
 def test_a_folder_asking_for_remote_code_runs_none(tmp_path, packaged_files):
     """The tokenizer is built from data files; a tokenizer_config.json naming custom code is never acted on."""
     vocab, lines = packaged_files

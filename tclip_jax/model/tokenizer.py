@@ -93,8 +93,6 @@ class ClipTokenizer:
         self._backend = _load_packaged_backend() if folder is None else _load_backend(pathlib.Path(folder))
         self.sot_id = self._backend.token_to_id(SOT_TOKEN)
         self.eot_id = self._backend.token_to_id(EOT_TOKEN)
-        if self.sot_id is None or self.eot_id is None:
-            raise ValueError(f"tokenizer in {folder} has no {SOT_TOKEN} / {EOT_TOKEN}: not a CLIP tokenizer")
         self._byte_of_char = {c: b for b, c in bytes_to_unicode().items()}
 
     @property
@@ -289,7 +287,8 @@ def _load_backend(folder: pathlib.Path) -> tokenizers.Tokenizer:
     `tokenizer.json` when the folder has one, else `vocab.json` + `merges.txt` with CLIP's pre-tokenizer (the
     split of OpenAI's `simple_tokenizer`, then byte-level symbols) and `</w>` word ends. No code or class named
     by the folder is loaded. The normalizer is off: `clean_text` applies OpenAI's normalization, so the BPE sees
-    exactly the text OpenAI's tokenizer sees. SOT and EOT are special tokens, matched in text as OpenAI's are.
+    exactly the text OpenAI's tokenizer sees. SOT and EOT are special tokens, matched in text as OpenAI's are; a
+    vocabulary without them is not CLIP's and is refused.
     """
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
@@ -301,6 +300,10 @@ def _load_backend(folder: pathlib.Path) -> tokenizers.Tokenizer:
     else:
         backend = _bpe_from_files(folder / "vocab.json", folder / "merges.txt")
     backend.normalizer = None
+    # Checked before they are made special: adding a token the vocabulary lacks would give it a made-up id.
+    missing = [token for token in (SOT_TOKEN, EOT_TOKEN) if backend.token_to_id(token) is None]
+    if missing:
+        raise ValueError(f"tokenizer in {folder} has no {' / '.join(missing)}: not a CLIP tokenizer")
     backend.add_special_tokens([SOT_TOKEN, EOT_TOKEN])
     backend.no_truncation()
     backend.no_padding()
