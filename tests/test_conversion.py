@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 
+import huggingface_hub
 import jax
 import numpy as np
 import pytest
@@ -224,24 +225,97 @@ def test_open_clip_folder_reads_activation_and_heads(tmp_path, openai_state_dict
     assert load_clip(tmp_path).config.activation == "gelu"
 
 
-@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
-def test_hugging_face_folder_matches_transformers(tmp_path, weights):
+def save_hugging_face(model, folder, weights):
+    """`model` as a Hugging Face folder whose weights are `weights`: one file, or a shard index and its shards."""
+    largest_shard = "4MB" if weights.endswith(".index.json") else "5GB"  # the token embedding alone is 12.6 MB
+    model.save_pretrained(folder, max_shard_size=largest_shard)
+    if weights.startswith("pytorch_model"):  # transformers 5 always writes safetensors, so .bin folders are written
+        for path in folder.glob("model*.safetensors*"):  # by torch, as its older releases wrote (and split) them
+            path.unlink()
+        state = model.state_dict()
+        split = huggingface_hub.split_torch_state_dict_into_shards(state, filename_pattern="pytorch_model{suffix}.bin",
+                                                                   max_shard_size=largest_shard)
+        for filename, names in split.filename_to_tensors.items():
+            torch.save({name: state[name] for name in names}, folder / filename)
+        if split.is_sharded:
+            (folder / weights).write_text(json.dumps({"metadata": split.metadata,
+                                                      "weight_map": split.tensor_to_filename}))
+    return folder
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                                     "pytorch_model.bin.index.json"])
+def test_hugging_face_folder_matches_transformers(tmp_path, inputs, weights):
     torch.manual_seed(0)
     model = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).eval()
-    model.save_pretrained(tmp_path)  # transformers 5 always writes safetensors
-    if weights == "pytorch_model.bin":  # so the .bin folder is written by torch itself, as older releases were
-        torch.save(model.state_dict(), tmp_path / weights)
-        (tmp_path / "model.safetensors").unlink()
-    assert sorted(p.name for p in tmp_path.glob("*model*")) == [weights]
+    save_hugging_face(model, tmp_path, weights)
+    shards = [p.name for p in tmp_path.glob("*-of-*")]
+    assert sorted(p.name for p in tmp_path.glob("*model*")) == sorted([weights, *shards])
+    assert (len(shards) > 1) == weights.endswith(".index.json")
     clip = load_clip(tmp_path)
     assert clip.source == "hf" and clip.config == SMALL
     images = np.random.default_rng(1).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    tokens = inputs[1]
     with torch.no_grad():
-        expected = model.get_image_features(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
-    expected = getattr(expected, "pooler_output", expected)
+        expected_image = model.get_image_features(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+        expected_text = model.get_text_features(input_ids=torch.from_numpy(tokens).long())
     with jax.default_matmul_precision("highest"):
-        ours = clip.model.apply({"params": clip.params}, images, method="encode_image").embeds
-    np.testing.assert_allclose(ours, expected.numpy(), atol=1e-4, rtol=0)
+        ours_image = clip.model.apply({"params": clip.params}, images, method="encode_image").embeds
+        ours_text = clip.model.apply({"params": clip.params}, tokens, method="encode_text").embeds
+    for ours, expected in [(ours_image, expected_image), (ours_text, expected_text)]:
+        np.testing.assert_allclose(ours, getattr(expected, "pooler_output", expected).numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
+def test_a_sharded_hub_repository_is_downloaded_whole(tmp_path, monkeypatch, weights):
+    import fnmatch
+
+    torch.manual_seed(0)
+    repository = save_hugging_face(transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))),
+                                   tmp_path / "repository", weights)
+
+    def snapshot_download(repo_id, allow_patterns, **_):  # the hub's: only the files the patterns match
+        assert repo_id == "someone/sharded-clip"
+        (tmp_path / "snapshot").mkdir(exist_ok=True)
+        for path in repository.iterdir():
+            if any(fnmatch.fnmatch(path.name, pattern) for pattern in allow_patterns):
+                shutil.copy(path, tmp_path / "snapshot")
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    downloaded = load_clip("someone/sharded-clip")
+    assert sorted(p.name for p in (tmp_path / "snapshot").iterdir()) == sorted(p.name for p in repository.iterdir())
+    direct = load_clip(repository)
+    for ours, expected in zip(jax.tree_util.tree_leaves(downloaded.params), jax.tree_util.tree_leaves(direct.params)):
+        np.testing.assert_array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
+def test_a_shard_index_that_does_not_fit_its_shards_is_refused(tmp_path, weights, capsys):
+    torch.manual_seed(0)
+    folder = save_hugging_face(transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))),
+                               tmp_path / "hf", weights)
+    index = json.loads((folder / weights).read_text())
+    first = next(iter(index["weight_map"].items()))
+    other = next(item for item in index["weight_map"].items() if item[1] != first[1])  # a tensor of another shard
+    shutil.copy(folder / first[1], tmp_path / "outside")  # there, but not in the folder
+    for weight_map, message in [
+            ({**index["weight_map"], first[0]: "../outside"}, "names shard '../outside', which is not a file name in "
+                                                              "its folder"),
+            ({**index["weight_map"], first[0]: str(tmp_path / "outside")}, "which is not a file name in its folder"),
+            ({**index["weight_map"], first[0]: "gone.bin"}, f"names shard gone.bin, which is missing from {folder}"),
+            ({**index["weight_map"], first[0]: other[1]}, f"places tensor {first[0]} in shard {other[1]}, which does "
+                                                         "not hold it"),
+            ({**index["weight_map"], first[0]: other[1], other[0]: first[1]}, f"places tensor {first[0]} in shard"),
+            ({}, "has no weight_map")]:
+        (folder / weights).write_text(json.dumps({**index, "weight_map": weight_map}))
+        with pytest.raises(ConversionError, match=re.escape(message)):
+            load_clip(folder)
+        capsys.readouterr()
+        assert tclip(["convert", str(folder), "--out", str(tmp_path / "out")]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"tclip convert: error: {folder / weights}") and error.count("\n") == 1
+        assert not (tmp_path / "out").exists()
 
 
 def test_convert_command_round_trip(tmp_path, fixtures_dir, reference, inputs, capsys):

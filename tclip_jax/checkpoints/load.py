@@ -1,7 +1,7 @@
 """`load_clip`: one entry point from any way of naming a CLIP ViT to (model, params, tokenizer).
 
 Accepted: a converted tclip_jax folder; a Hugging Face CLIPModel folder (`config.json` +
-`model.safetensors` or `pytorch_model.bin`); an OpenCLIP folder (`open_clip_config.json` +
+`model.safetensors` or `pytorch_model.bin`, or either's shards and `.index.json`); an OpenCLIP folder (`open_clip_config.json` +
 `open_clip_model.safetensors` / `open_clip_pytorch_model.bin`); a single OpenAI `.pt` (TorchScript or
 state dict), or an OpenAI/OpenCLIP-format state dict as `.npz`, `.safetensors`, `.bin` or `.pth`; a
 Hugging Face hub name (`openai/clip-vit-base-patch32`, or `hf-hub:laion/...` for OpenCLIP repos).

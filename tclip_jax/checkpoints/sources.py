@@ -1,7 +1,9 @@
 """Reading PyTorch CLIP checkpoints from disk or the Hugging Face hub into numpy state dicts.
 
 torch is needed only for pickled `.pt` / `.bin` / `.pth` state dicts (the `convert` extra); `.safetensors`, `.npz`
-and TorchScript archives (OpenAI's `.pt` releases) are read without it.
+and TorchScript archives (OpenAI's `.pt` releases) are read without it. A large Hugging Face checkpoint is sharded:
+`model.safetensors.index.json` (or `pytorch_model.bin.index.json`) maps each tensor to one of the shard files
+beside it, each read like a single file.
 """
 from __future__ import annotations
 
@@ -18,7 +20,11 @@ import numpy as np
 from tclip_jax.checkpoints.convert import ConversionError
 from tclip_jax.checkpoints.torchscript import is_torchscript, read_torchscript
 
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# transformers' order of preference; an `.index.json` stands for the shards its weight_map names.
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+HF_SHARD_FILES = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")  # the names transformers gives shards
+SHARD_INDEX_SUFFIX = ".index.json"
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
@@ -122,11 +128,49 @@ class _Stored:
 
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
-    """A `.safetensors`, `.npz`, `.pt`, `.bin` or `.pth` state dict as float32 numpy arrays. Nothing in the file is
-    run: pickles are read by `torch.load(weights_only=True)`, or for TorchScript archives by
-    `tclip_jax.checkpoints.torchscript`, each of which builds tensors and plain containers only."""
+    """A `.safetensors`, `.npz`, `.pt`, `.bin` or `.pth` state dict, or the shards a Hugging Face `*.index.json`
+    names, as float32 numpy arrays. Nothing in the file is run: pickles are read by `torch.load(weights_only=True)`,
+    or for TorchScript archives by `tclip_jax.checkpoints.torchscript`, each of which builds tensors and plain
+    containers only."""
     path = pathlib.Path(path)
     require_regular_file(path)
+    return _read_shards(path) if path.name.endswith(SHARD_INDEX_SUFFIX) else _read_file(path)
+
+
+def _read_shards(index: pathlib.Path) -> StateDict:
+    """The shards a Hugging Face index names, as one state dict. Each shard must be a file in the index's folder
+    and hold the tensors the index places in it, and no tensor may be in two shards."""
+    content = read_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+        raise ConversionError(f"{index} has no weight_map (tensor name -> shard file name)")
+    shards = list(dict.fromkeys(weight_map.values()))
+    for name in shards:  # all of them before the first is read (shards are gigabytes)
+        if name in ("", "..") or pathlib.PurePath(name).name != name:
+            raise ConversionError(f"{index} names shard {name!r}, which is not a file name in its folder")
+        if not (index.parent / name).exists():
+            raise ConversionError(f"{index} names shard {name}, which is missing from {index.parent}")
+        require_regular_file(index.parent / name)
+    arrays, dtypes, shard_of = {}, set(), {}
+    for name in shards:
+        state = _read_file(index.parent / name)
+        twice = next((key for key in state.arrays if key in shard_of), None)
+        if twice is not None:
+            raise ConversionError(f"{index}: tensor {twice} is in two shards, {shard_of[twice]} and {name}")
+        arrays.update(state.arrays)
+        dtypes |= state.stored_dtypes
+        shard_of.update(dict.fromkeys(state.arrays, name))
+    misplaced = next((key for key, name in weight_map.items() if shard_of.get(key.removeprefix("module.")) != name),
+                     None)
+    if misplaced is not None:
+        raise ConversionError(f"{index} places tensor {misplaced} in shard {weight_map[misplaced]}, which does not "
+                              "hold it")
+    return StateDict(arrays, frozenset(dtypes))
+
+
+def _read_file(path: pathlib.Path) -> StateDict:
+    """`read_state_dict` of one file, already checked to be a regular file."""
     suffix = path.suffix.lower()
     torchscript, run = False, None
     try:
@@ -155,7 +199,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
 
 
 def hf_folder_files(folder: pathlib.Path) -> Optional[pathlib.Path]:
-    """The weights file of a Hugging Face CLIPModel folder, or None if `folder` is not one."""
+    """The weights file (or shard index) of a Hugging Face CLIPModel folder, or None if `folder` is not one."""
     if not (folder / "config.json").is_file():
         return None
     return next((folder / f for f in HF_WEIGHT_FILES if (folder / f).is_file()), None)
@@ -181,7 +225,7 @@ def download_from_hub(repo_id: str, flag: str = "the model") -> pathlib.Path:
         from huggingface_hub.utils import HfHubHTTPError
     except ImportError:
         raise ImportError("loading hub names needs huggingface_hub: pip install huggingface_hub") from None
-    patterns = ["*.json", "*.txt", *HF_WEIGHT_FILES, *OPEN_CLIP_WEIGHT_FILES]
+    patterns = ["*.json", "*.txt", *HF_WEIGHT_FILES, *HF_SHARD_FILES, *OPEN_CLIP_WEIGHT_FILES]
     try:
         return pathlib.Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
     except HfHubHTTPError as err:
