@@ -11,6 +11,7 @@ import signal
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
+from typing import Optional
 
 
 def fingerprint(parts: Iterable[bytes]) -> str:
@@ -36,10 +37,22 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out") -> pathlib.
     return out
 
 
-def check_replaceable(folder: pathlib.Path) -> None:
-    """An existing folder a run would replace must not hold the current folder (it cannot be renamed away)."""
-    if folder.exists() and pathlib.Path.cwd().resolve().is_relative_to(folder.resolve()):
+def check_replaceable(folder: pathlib.Path, marker: Optional[str] = None, what: str = "",
+                      inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """An existing folder a run would replace must not hold the current folder (it cannot be renamed away) nor any
+    of the run's `inputs` (replacing it would delete them). With `marker`, the file every output of the run's kind
+    (`what`) holds, it must be empty or hold that file: any other folder is not the run's to delete."""
+    if not folder.exists():
+        return
+    if pathlib.Path.cwd().resolve().is_relative_to(folder.resolve()):
         raise ValueError(f"{folder} holds the current folder, which cannot be replaced; name another folder")
+    held = next((path for path in map(pathlib.Path, inputs)
+                 if path.exists() and path.resolve().is_relative_to(folder.resolve())), None)
+    if held is not None:
+        raise ValueError(f"{folder} holds {held}, which replacing it would delete; name another folder")
+    if marker is not None and any(folder.iterdir()) and not (folder / marker).is_file():
+        raise ValueError(f"{folder} is not {what} (it has no {marker}) and is not empty, so it is not replaced; "
+                         "name another folder")
 
 
 @contextlib.contextmanager

@@ -830,3 +830,30 @@ def test_a_bare_state_dict_at_an_open_clip_wide_head_width_gets_its_heads(tmp_pa
     with jax.default_matmul_precision("highest"):
         ours = clip.model.apply({"params": clip.params}, images, method="encode_image").embeds
     np.testing.assert_allclose(ours, expected.numpy(), atol=1e-4, rtol=0)
+
+
+def test_convert_overwrite_replaces_only_a_converted_checkpoint_that_does_not_hold_the_source(tmp_path, fixtures_dir,
+                                                                                           capsys):
+    source = fixtures_dir / "tiny_openai_clip.npz"
+    models = tmp_path / "models"  # a user's folder: the checkpoint to convert and notes
+    models.mkdir()
+    shutil.copy(source, models / "tiny.npz")
+    (models / "notes.txt").write_text("my notes")
+    converted = tmp_path / "converted"
+    assert tclip(["convert", str(source), "--out", str(converted)]) == 0
+    (tmp_path / "linked").symlink_to(models)
+    capsys.readouterr()
+    for source_named, out, message in [
+            (models / "tiny.npz", models, f"{models} holds {models / 'tiny.npz'}, which replacing it would delete"),
+            (tmp_path / "linked" / "tiny.npz", models, f"{models} holds {tmp_path / 'linked' / 'tiny.npz'}, which"),
+            (source, models, f"{models} is not a converted checkpoint (it has no tclip_config.json) and is not empty"),
+            (converted, converted, f"{converted} holds {converted}, which replacing it would delete")]:
+        before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
+        assert tclip(["convert", str(source_named), "--out", str(out), "--overwrite"]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"tclip convert: error: {message}") and error.count("\n") == 1
+        assert sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()) == before
+    (tmp_path / "empty").mkdir()
+    for out in (converted, tmp_path / "empty"):  # what --overwrite is for
+        assert tclip(["convert", str(source), "--out", str(out), "--overwrite", "--float16"]) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["params.safetensors", "tclip_config.json"]

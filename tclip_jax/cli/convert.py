@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 import time
 
 
@@ -16,20 +17,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the MLP activation of a state dict that does not say it; a checkpoint that "
                         "says its own refuses another")
     parser.add_argument("--float16", action="store_true", help="store parameters as float16 (half the size)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a converted checkpoint "
+                        "(or empty) that does not hold SRC")
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from tclip_jax.checkpoints.folder import save_checkpoint
+    from tclip_jax.checkpoints.folder import CONFIG_FILE, save_checkpoint
     from tclip_jax.checkpoints.load import load_any, tokenizer_of
     from tclip_jax.files import check_output_folder, check_replaceable
 
     out = check_output_folder(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
-    check_replaceable(out)
+    check_replaceable(out, CONFIG_FILE, "a converted checkpoint", inputs=[pathlib.Path(args.source).expanduser()])
     start = time.perf_counter()
     converted = load_any(args.source, source=args.source_format, activation=args.activation)
     tokenizer_of(converted)  # what loading the written folder would refuse, refused before writing it
