@@ -331,6 +331,22 @@ def test_convert_command_round_trip(tmp_path, fixtures_dir, reference, inputs, c
     assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
 
 
+def test_converting_a_converted_folder_keeps_where_its_weights_came_from(tmp_path, fixtures_dir, reference, inputs):
+    from tclip_jax.checkpoints.load import DEFAULT_MODEL_DIR
+
+    source = fixtures_dir / "tiny_openai_clip.npz"
+    assert tclip(["convert", str(source), "--out", str(tmp_path / "once")]) == 0
+    assert tclip(["convert", str(tmp_path / "once"), "--out", str(tmp_path / "twice"), "--float16"]) == 0
+    header = json.loads((tmp_path / "twice" / "tclip_config.json").read_text())
+    assert header["source"] == "openai" and header["origin"] == str(source)  # not "tclip" and the folder "once"
+    assert_same_model(load_clip(tmp_path / "twice"), reference, inputs)  # the weights are float16-exact
+    # The embedded model records how it was trained, not a source: that record is kept, its folder is the origin.
+    assert tclip(["convert", str(DEFAULT_MODEL_DIR), "--out", str(tmp_path / "default")]) == 0
+    header = json.loads((tmp_path / "default" / "tclip_config.json").read_text())
+    trained = json.loads((DEFAULT_MODEL_DIR / "tclip_config.json").read_text())["training"]
+    assert header["training"] == trained and (header["source"], header["origin"]) == ("tclip", str(DEFAULT_MODEL_DIR))
+
+
 def test_convert_refuses_what_loading_its_folder_would_refuse(tmp_path, fixtures_dir, openai_state_dict,
                                                              monkeypatch, capsys):
     too_big = {**openai_state_dict, "ln_final.bias": np.full(128, 1e5, np.float32)}  # beyond float16's 65504

@@ -26,6 +26,7 @@ from tclip_jax.model.tokenizer import TOKENIZER_FILES
 PARAMS_FILES = ("params.safetensors", "params.npz")
 CONFIG_FILE = "tclip_config.json"
 FORMAT_NAME = "tclip_jax"
+HEADER_FIELDS = ("format", "version", "config")  # what save_checkpoint writes itself; the rest is its metadata
 
 
 class CheckpointError(ValueError):
@@ -136,6 +137,12 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[dict, CLIPConfig, dict]:
         raise CheckpointError(f"{params_file} is unreadable (truncated or corrupt?): {err}") from None
     warn_if_upcast({str(v.dtype) for v in flat.values()}, str(params_file))
     return check_params(flat, config, f"checkpoint {folder}"), config, header
+
+
+def metadata_of(header: Mapping[str, Any]) -> dict:
+    """The metadata a checkpoint was saved with: where its weights came from (`tclip convert` records their source
+    and origin), how they were trained."""
+    return {key: value for key, value in header.items() if key not in HEADER_FIELDS}
 
 
 def warn_if_upcast(dtypes: set[str], what: str) -> None:

@@ -97,6 +97,7 @@ class Converted:
     tokenizer_dir: Optional[pathlib.Path]  # None: the packaged OpenAI CLIP vocabulary
     source: str                            # one of SOURCES
     origin: str                            # what the user named
+    metadata: dict = dataclasses.field(default_factory=dict)  # a converted folder's own (`folder.metadata_of`)
 
 
 def _tokenizer_dir(folder: pathlib.Path) -> Optional[pathlib.Path]:
@@ -261,9 +262,9 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
         if checkpoint.is_checkpoint(path):
             if source not in (None, "tclip"):
                 raise _wrong_source(path, source, "tclip", "a converted tclip_jax folder")
-            params, config, _ = checkpoint.load_checkpoint(path)
+            params, config, header = checkpoint.load_checkpoint(path)
             _check_activation(activation, config.activation, path / checkpoint.CONFIG_FILE)
-            return Converted(params, config, _tokenizer_dir(path), "tclip", origin)
+            return Converted(params, config, _tokenizer_dir(path), "tclip", origin, checkpoint.metadata_of(header))
         # A hub repository may hold both layouts (LAION's do): the named source picks one.
         hf_weights, open_clip_weights = sources.hf_folder_files(path), sources.open_clip_folder_files(path)
         if hf_weights is not None and source in (None, "hf"):

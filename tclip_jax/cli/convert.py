@@ -35,8 +35,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     converted = load_any(args.source, source=args.source_format, activation=args.activation)
     tokenizer_of(converted)  # what loading the written folder would refuse, refused before writing it
-    folder = save_checkpoint(args.out, converted.params, converted.config,
-                             metadata={"source": converted.source, "origin": converted.origin},
+    # A converted folder converted again (to float16, say) keeps its own record of where its weights came from.
+    metadata = {"source": converted.source, "origin": converted.origin, **converted.metadata}
+    folder = save_checkpoint(args.out, converted.params, converted.config, metadata=metadata,
                              tokenizer_dir=converted.tokenizer_dir,  # None: the packaged CLIP vocabulary
                              overwrite=True,  # checked above
                              storage_dtype=np.float16 if args.float16 else np.float32)
