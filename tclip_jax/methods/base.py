@@ -418,10 +418,17 @@ class MapPostprocess:
     normalize_first: min-max over each grid map, then upsample (CLIP Surgery's `get_similarity_map`,
       Grad-ECLIP's notebook); otherwise upsample, then min-max over the image (HilaCAM, clip_text_span).
     clip_negative: clip the upsampled map to [0, max] before the min-max (clip_text_span's segmentation).
+    to_original: upsample the normalized grid map once, straight to the original image (`original_maps`), as
+      `get_similarity_map(sim, (H, W))` does; otherwise to the model input, which `original_maps` then resamples.
     """
 
     normalize_first: bool
     clip_negative: bool = False
+    to_original: bool = False
+
+    def __post_init__(self):
+        if self.to_original and not (self.normalize_first and not self.clip_negative):
+            raise ValueError("to_original needs normalize_first (a grid map normalized before any upsampling)")
 
 
 def postprocess_maps(maps: Array, size: tuple[int, int], spec: MapPostprocess) -> Array:
@@ -436,6 +443,7 @@ def postprocess_maps(maps: Array, size: tuple[int, int], spec: MapPostprocess) -
 
 NORMALIZE_THEN_UPSAMPLE = MapPostprocess(normalize_first=True)
 UPSAMPLE_THEN_NORMALIZE = MapPostprocess(normalize_first=False)
+NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL = MapPostprocess(normalize_first=True, to_original=True)
 
 
 class PromptMethod(Method):
@@ -551,6 +559,8 @@ class PromptMethod(Method):
             grids = jnp.take_along_axis(self.grid_maps(params, pixels, queries), rows[:, :, None, None], axis=1)
         if self.heatmap is None:  # the grid maps, resized once to the original image by `original_maps`
             return MapOutput(grids)
+        if self.heatmap.to_original:
+            return MapOutput(minmax(grids))
         return MapOutput(postprocess_maps(grids, pixels.shape[1:3], self.heatmap))
 
 

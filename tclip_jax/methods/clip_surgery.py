@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tclip_jax.methods import common
-from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE, PromptMethod, Query, QueryArrays
+from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL, PromptMethod, Query, QueryArrays
 from tclip_jax.methods.settings import MethodSettings
 from tclip_jax.methods.similarity import similarity_to_maps
 from tclip_jax.methods.templates import CLIP_SURGERY_TEMPLATES
@@ -134,7 +134,7 @@ class CLIPSurgery(PromptMethod):
 
     name = "clip_surgery"
     Settings = CLIPSurgerySettings
-    heatmap = NORMALIZE_THEN_UPSAMPLE
+    heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
     templates = CLIP_SURGERY_TEMPLATES
 
     def __init__(self, clip, settings=None):

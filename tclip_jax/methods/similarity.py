@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from tclip_jax.methods import common
-from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE, PromptMethod, QueryArrays
+from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL, PromptMethod, QueryArrays
 from tclip_jax.methods.settings import MethodSettings
 from tclip_jax.model import CLIP, l2_normalize
 from tclip_jax.settings import setting
@@ -85,7 +85,7 @@ class Similarity(PromptMethod):
     """The raw CLIP similarity map (`similarity_map`)."""
 
     name = "similarity"
-    heatmap = NORMALIZE_THEN_UPSAMPLE
+    heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
 
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
         return similarity_map(self.clip.model, params, pixels, queries.per_query).maps
@@ -95,7 +95,7 @@ class RCLIP(PromptMethod):
     """The reversed raw similarity map (`rclip_map`)."""
 
     name = "rclip"
-    heatmap = NORMALIZE_THEN_UPSAMPLE
+    heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
 
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
         return rclip_map(self.clip.model, params, pixels, queries.per_query).maps
@@ -112,7 +112,7 @@ class MaskCLIP(PromptMethod):
 
     name = "maskclip"
     Settings = MaskCLIPSettings
-    heatmap = NORMALIZE_THEN_UPSAMPLE
+    heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
 
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
         return maskclip_map(self.clip.model, params, pixels, queries.per_query,
