@@ -732,6 +732,14 @@ def test_tokens_added_after_end_of_text_do_not_move_the_text_embedding(tmp_path)
     with pytest.raises(ConversionError, match="reads the text embedding at token 49406 but the tokenizer's "
                                               "end-of-text token is 49407"):
         load_clip(hub)
+    # The vocabulary's last id is its highest: both rules read the same place, and a release's config written
+    # either way is its preset (run records name the architecture).
+    from tclip_jax.model import PRESETS, from_hf_config
+
+    for eos in (2, 49407):
+        written = to_hf_config(PRESETS["ViT-B/32"])
+        written["text_config"]["eos_token_id"] = eos
+        assert from_hf_config(written) == PRESETS["ViT-B/32"]
 
 
 def _openai_layout(model: transformers.CLIPModel) -> dict:

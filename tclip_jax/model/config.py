@@ -166,9 +166,9 @@ def from_hf_config(hf: Mapping[str, Any]) -> CLIPConfig:
     if isinstance(eos, bool) or not isinstance(eos, int) or eos < 0:
         raise ValueError(f"text_config.eos_token_id must be a token id, got {eos!r}")
     # transformers reads the embedding at the highest id for the legacy eos_token_id 2 (configs written before it
-    # knew the real one), else at the first eos_token_id.
-    return CLIPConfig(**values, activation=activation, layer_norm_eps=eps.pop(),
-                      eot_token_id=None if eos == 2 else eos)
+    # knew the real one), else at the first eos_token_id: the same place when that is the vocabulary's last id.
+    highest = eos in (2, values["vocab_size"] - 1)
+    return CLIPConfig(**values, activation=activation, layer_norm_eps=eps.pop(), eot_token_id=None if highest else eos)
 
 
 def to_hf_config(config: CLIPConfig) -> dict[str, Any]:
