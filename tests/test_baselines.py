@@ -346,3 +346,22 @@ def test_postprocess_orders():
     clipped = postprocess_maps(maps, (8, 10), MapPostprocess(normalize_first=False, clip_negative=True))
     expected = np.maximum(upsampled, 0) / upsampled.max(axis=(1, 2), keepdims=True)
     assert_close(clipped, expected, "clip_negative")
+
+
+def test_prompts_the_model_cannot_tell_apart_are_one_member_of_a_label_set(fixtures_dir, fixture_images):
+    """"a red circle" and "A red  circle " are one text to CLIP: as two members of CLIP Surgery's label set their
+    surgery subtracted each from the other and every map was zero (box: the whole image). They count once: the
+    map is the single-prompt map; the decomposition, which needs two texts that differ, refuses them."""
+    from tclip_jax.checkpoints.load import load_clip
+
+    clip = load_clip(fixtures_dir / "tiny_openai_clip.npz")
+    image = fixture_images["scene_wide_320x240"]
+    surgery = METHODS["clip_surgery"](clip)
+    alone = surgery.explain(image, ["a red circle"]).prompts[0].phrase.heatmap
+    for twin in ("A red circle", "a red  circle "):
+        maps = [p.phrase.heatmap for p in surgery.explain(image, ["a red circle", twin]).prompts]
+        assert np.ptp(maps[0]) > 0
+        np.testing.assert_array_equal(maps[0], alone)
+        np.testing.assert_array_equal(maps[1], alone)
+    with pytest.raises(ValueError, match="needs at least 2 that differ; got 1"):
+        METHODS["decomposition"](clip).explain(image, ["a red circle", "A red circle"])

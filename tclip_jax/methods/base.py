@@ -468,6 +468,19 @@ class PromptMethod(Method):
     def encode(self, queries: Sequence[Query], label_set: Optional[Sequence[str]] = None) -> QueryArrays:
         return QueryArrays(self.text_features([q.prompt for q in queries]))
 
+    def text_keys(self, prompts: Sequence[str]) -> list[bytes]:
+        """Each prompt's token rows, as bytes: what the model tells texts apart by ("A red  circle" is "a red
+        circle")."""
+        return [row.tobytes() for row in self.text_token_ids(prompts)]
+
+    def distinct_texts(self, prompts: Sequence[str]) -> dict[bytes, str]:
+        """{`text_keys`: the first prompt with them}, for a label set whose members must differ (a set-dependent
+        method subtracts their mean: two alike made every map of the set zero)."""
+        distinct: dict[bytes, str] = {}
+        for prompt, key in zip(prompts, self.text_keys(prompts)):
+            distinct.setdefault(key, prompt)
+        return distinct
+
     def text_token_ids(self, prompts: Sequence[str]) -> np.ndarray:
         """[n, context] token ids, or [n, n_templates, context] with the official templates."""
         encode = functools.partial(self.clip.tokenizer.encode, context_length=self.clip.config.context_length,

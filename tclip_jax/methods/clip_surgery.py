@@ -153,13 +153,15 @@ class CLIPSurgery(PromptMethod):
         self.surgery_blocks = blocks
 
     def encode(self, queries: list[Query], label_set=None) -> QueryArrays:
-        labels = list(dict.fromkeys(label_set or ()))
+        labels = self.distinct_texts(label_set or ())
         if len(labels) < 2:
-            labels = []
-        member = np.array([labels.index(q.prompt) if q.prompt in labels else -1 for q in queries], np.int32)
+            labels = {}
+        keys = list(labels)
+        member = np.array([keys.index(key) if key in labels else -1
+                           for key in self.text_keys([q.prompt for q in queries])], np.int32)
         shared = {"redundant": self.text_features([""])}
         if labels:
-            shared["label_set"] = self.text_features(labels)
+            shared["label_set"] = self.text_features(list(labels.values()))
         return QueryArrays({"features": self.text_features([q.prompt for q in queries]), "member": member}, shared)
 
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:

@@ -226,10 +226,10 @@ class DecompositionMap(PromptMethod):
     heatmap = MapPostprocess(normalize_first=False, clip_negative=True)
 
     def encode(self, queries: list[Query], label_set=None) -> QueryArrays:
-        labels = list(dict.fromkeys(label_set or ()))
+        labels = list(self.distinct_texts(label_set or ()).values())
         if len(labels) < 2:
             raise ValueError("the decomposition heatmap subtracts the mean over a set of texts (the prompts, or a "
-                             f"dataset's classes), so it needs at least 2; got {len(labels)}")
+                             f"dataset's classes), so it needs at least 2 that differ; got {len(labels)}")
         return QueryArrays(self.text_features([q.prompt for q in queries]), {"label_set": self.text_features(labels)})
 
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
