@@ -183,6 +183,22 @@ def test_maskclip_value_only_path(tiny_model, surgery_ref):
 
 
 # ---------------------------------------------------------------- HilaCAM
+def test_hilacam_start_layers_count_from_the_top_as_python_does(tiny_model, hilacam_ref):
+    """-1 is the notebook's last block only; -k the last k blocks, as k blocks from n - k (the method took -2 when
+    built and refused it at the first image, naming start_layer for start_layer_text)."""
+    model, params = tiny_model
+    images = nhwc(hilacam_ref["scene_224/pixel_values"])
+    vision, text = model.config.vision_layers, model.config.text_layers
+    negative = hilacam_map(model, params, images, hilacam_ref["token_ids"], start_layer=-2, start_layer_text=-2)
+    counted = hilacam_map(model, params, images, hilacam_ref["token_ids"], start_layer=vision - 2,
+                          start_layer_text=text - 2)
+    np.testing.assert_array_equal(negative.maps, counted.maps)
+    np.testing.assert_array_equal(negative.text_scores, counted.text_scores)
+    with pytest.raises(ValueError, match=f"start_layer_text must be in \\[{-text}, {text}\\) for this {text}-block "
+                                         "text tower"):
+        hilacam_map(model, params, images, hilacam_ref["token_ids"], start_layer=-1, start_layer_text=-text - 1)
+
+
 
 @pytest.mark.parametrize("variant, start_layer", [("last_layer", -1), ("all_layers", 0)])
 def test_hilacam_matches_reference(tiny_model, hilacam_ref, variant, start_layer):

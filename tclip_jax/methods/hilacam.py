@@ -30,13 +30,10 @@ class HilaCAMOutput:
     logits: Array           # [n_images, n_texts] logit_scale * cosine
 
 
-def resolve_start_layer(start_layer: int, num_layers: int) -> int:
-    """The official convention: -1 means the last block only; otherwise the first block used."""
-    if start_layer == -1:
-        return num_layers - 1
-    if not 0 <= start_layer < num_layers:
-        raise ValueError(f"start_layer must be -1 or in [0, {num_layers}), got {start_layer}")
-    return start_layer
+def resolve_start_layer(start_layer: int, num_layers: int, name: str, tower: str) -> int:
+    """The first block used, Python-style: the official -1 is the last block only, and -k the last k blocks."""
+    common.check_block_index(name, start_layer, num_layers, tower)
+    return start_layer % num_layers
 
 
 def accumulate_relevance(grads: Sequence[Array], probs: Sequence[Array], start_layer: int | Array) -> Array:
@@ -96,8 +93,9 @@ def hilacam_map(model: CLIP, params: dict, images: Array, token_ids: Array, *,
         raise ValueError(f"HilaCAM explains single prompts: token_ids must be [n_texts, context], "
                          f"got shape {token_ids.shape}")
     config = model.config
-    return _hilacam(model, params, images, token_ids, resolve_start_layer(start_layer, config.vision_layers),
-                    resolve_start_layer(start_layer_text, config.text_layers))
+    return _hilacam(model, params, images, token_ids,
+                    resolve_start_layer(start_layer, config.vision_layers, "start_layer", "image"),
+                    resolve_start_layer(start_layer_text, config.text_layers, "start_layer_text", "text"))
 
 
 @functools.partial(jax.jit, static_argnames="model")
