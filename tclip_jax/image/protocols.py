@@ -52,8 +52,9 @@ def check_input_size(size_hw: tuple[int, int], protocol: InputProtocol, patch_si
     if protocol in ("whole", "center_crop"):
         if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
             raise ValueError(f"the image is {width}x{height} (W x H), more than {MAX_ASPECT_RATIO}:1; the {protocol} "
-                             "protocol would squash or crop most of it away: crop or tile it first (or use the "
-                             "patch_multiple input protocol)")
+                             "protocol would squash or crop most of it away: crop or tile it first (TCLIP can also "
+                             "take it as it is: --input-protocol patch_multiple; baselines keep their official "
+                             "protocol)")
     elif protocol == "patch_multiple":
         if 2 * min(height, width) < patch_size:
             raise ValueError(f"the image's {min(height, width)}-pixel side is less than half a {patch_size}-pixel "
