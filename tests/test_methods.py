@@ -119,6 +119,9 @@ def test_numpy_numbers_are_settings_kept_as_python_numbers():
     ("attention", {"layer": 6}, r"layer must be in \[-6, 6\) for this 6-block image tower, got 6"),
     ("rollout", {"start_layer": -7}, r"start_layer must be in \[-6, 6\)"),
     ("hilacam", {"start_layer_text": 3}, r"start_layer_text must be in \[-3, 3\) for this 3-block text tower"),
+    # shifts are pixels of this model's 32-pixel patches: none, or the same twice (a double weight in the mean)
+    ("tclip", {"scale_fractions": (0.01,)}, r"give non-positive shifts at patch size 32"),
+    ("tclip", {"scale_fractions": (0.5, 0.51)}, r"give the same shift twice at patch size 32 \(\[16, 16\] pixels\)"),
 ])
 def test_a_block_the_model_does_not_have_is_refused_when_the_method_is_built(tiny_clip, name, values, message):
     settings = METHODS[name].Settings.from_dict(values)  # the settings know no model

@@ -43,6 +43,10 @@ class TCLIP(Method):
     Settings = Settings
     explains_words = True
 
+    def __init__(self, clip, settings=None):
+        super().__init__(clip, settings)
+        self.offsets  # shifts of this model's patch size, checked before any image
+
     @functools.cached_property
     def offsets(self) -> tuple[tuple[int, int], ...]:
         return translation_offsets(self.clip.config.patch_size, self.settings.scale_fractions,

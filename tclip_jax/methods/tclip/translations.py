@@ -34,6 +34,9 @@ def translation_offsets(patch_size: int, scale_fractions=DEFAULT_SCALE_FRACTIONS
                          f"{1 + 8 * len(scales)}")
     if any(s <= 0 for s in scales):
         raise ValueError(f"scale fractions {scale_fractions} give non-positive shifts at patch size {patch_size}")
+    if len(set(scales)) < len(scales):  # the same copies twice would count twice in the trimmed mean
+        raise ValueError(f"scale fractions {scale_fractions} give the same shift twice at patch size {patch_size} "
+                         f"({scales} pixels); give fractions whose shifts differ")
     return ((0, 0),) + tuple((dy * s, dx * s) for s in scales for dy, dx in DIRECTIONS)
 
 
