@@ -185,28 +185,3 @@ def test_a_prompt_level_main_methods_word_alone_maps_are_in_result_json_as_on_th
     assert [p["prompt"] for p in record["words_alone"]] == ["a", "red", "circle"]
     assert record["compare"][0]["prompts"][0]["words"][1]["word"] == "red"
     assert "words_alone" not in record["compare"][0]  # TCLIP maps its words itself
-
-
-def test_an_images_folder_replaces_an_earlier_result_only(tmp_path, fixtures_dir, monkeypatch, capsys):
-    import shutil
-
-    (tmp_path / "scene").mkdir()  # someone's folder of the image's name in --out, holding the image itself
-    shutil.copy(fixtures_dir / "scene_224.png", tmp_path / "scene" / "scene.png")
-    (tmp_path / "scene" / "notes.txt").write_text("my notes")
-    (tmp_path / "other").mkdir()
-    shutil.copy(fixtures_dir / "scene_224.png", tmp_path / "other" / "scene.png")
-    monkeypatch.chdir(tmp_path)
-    run = ["--prompt", "red", "--model", str(fixtures_dir / "tiny_openai_clip.npz"), "--translations", "1",
-           "--compare", "none", "--no-html", "--out", "."]
-    for image, message in [("scene/scene.png", "scene holds scene/scene.png, which replacing it would delete"),
-                           ("other/scene.png", "scene is not a tclip explain result (it has no result.json) and is "
-                                               "not empty, so it is not replaced")]:
-        assert tclip(["explain", image, *run]) == 2
-        error = capsys.readouterr().err
-        assert error.startswith(f"tclip explain: error: {message}") and error.count("\n") == 1
-        assert sorted(p.name for p in (tmp_path / "scene").iterdir()) == ["notes.txt", "scene.png"]
-    (tmp_path / "scene" / "notes.txt").unlink()
-    (tmp_path / "scene" / "scene.png").unlink()  # an empty folder is replaced, and so is an earlier result
-    for _ in range(2):
-        assert tclip(["explain", "other/scene.png", *run]) == 0
-        assert json.loads((tmp_path / "scene" / "result.json").read_text())["image"]["path"] == "other/scene.png"

@@ -1,11 +1,10 @@
 """`tclip explain IMAGE... --prompt "..."`: per-word (TCLIP) or per-prompt maps, figures and result.json per image,
 and one explorer page (index.html) for the whole run.
 
-Every image's file and size are checked before anything is written, and so is the folder of its name in the output
-folder, which is replaced only if empty or an earlier result (with `result.json`) holding none of the images. Each
-image's outputs are written through `staged_folder`, so an interrupted run never leaves a half-written result folder
-(nor the output folder it made, if it stops before its first image); index.html is written last, over every image
-of the run, or of those done when a run stops (Ctrl-C, an image damaged past its header).
+Every image's file and size are checked before anything is written. Each image's outputs are written through
+`staged_folder`, so an interrupted run never leaves a half-written result folder (nor the output folder it made, if
+it stops before its first image); index.html is written last, over every image of the run, or of those done when
+a run stops (Ctrl-C, an image damaged past its header).
 
 `--compare METHOD[:key=value,...]` (repeatable) runs more methods on the same images and prompts, on the same
 loaded model, for the explorer's compare view (and result.json's "compare" list). A TCLIP run compares with
@@ -26,7 +25,6 @@ from typing import Optional
 from tclip_jax.cli.common import add_method_arguments, build_method
 
 NO_COMPARE = "none"
-RESULT_FILE = "result.json"  # in every image's folder: what marks a folder a run may replace
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -228,7 +226,7 @@ def compare_record(view) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> int:
-    from tclip_jax.files import check_output_folder, check_replaceable
+    from tclip_jax.files import check_output_folder
     from tclip_jax.image import image_size
 
     out = check_output_folder(args.out)
@@ -241,20 +239,17 @@ def run(args: argparse.Namespace) -> int:
                 checked.check_image_size(size)
             except ValueError as err:
                 raise ValueError(f"{path}: {what}{err}") from None
-    names = _unique_names(args.images)
-    for name in names:  # an image's folder replaces an earlier result, never someone's folder or an image
-        check_replaceable(out / name, RESULT_FILE, "a tclip explain result", inputs=args.images)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _explain_all(args, method, plan, out, names)
+        return _explain_all(args, method, plan, out)
     except BaseException:
         if created and not any(out.iterdir()):  # stopped before its first image: leave nothing behind
             out.rmdir()
         raise
 
 
-def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path, names: list[str]) -> int:
+def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path) -> int:
     from tqdm import tqdm
 
     from tclip_jax import visualize
@@ -266,7 +261,8 @@ def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path
                            f"{visualize.model_label(run_info)}", run_info) if args.html else None
     done = 0
     try:
-        for image_path, name in tqdm(list(zip(args.images, names)), desc="explain", unit="image"):
+        for image_path, name in tqdm(list(zip(args.images, _unique_names(args.images))), desc="explain",
+                                     unit="image"):
             target = out / name
             with staged_folder(target) as staging:
                 views = plan.views(image_path)
@@ -276,9 +272,9 @@ def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path
                     record["words_alone"] = views[0].words_alone.to_record()["prompts"]
                 if len(views) > 1:
                     record["compare"] = [compare_record(v) for v in views[1:]]
-                (staging / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+                (staging / "result.json").write_text(json.dumps(record, indent=2) + "\n")
                 if page is not None:
-                    links = {RESULT_FILE: f"{name}/{RESULT_FILE}"}
+                    links = {"result.json": f"{name}/result.json"}
                     links.update({f"grid figure {p + 1}" if len(result.prompts) > 1 else "grid figure":
                                   f"{name}/{entry['grid_figure']}" for p, entry in enumerate(record["prompts"])})
                     PageWriter.write_data(staging, image_entry(name, views, title=str(image_path), links=links))
