@@ -185,3 +185,47 @@ def test_a_prompt_level_main_methods_word_alone_maps_are_in_result_json_as_on_th
     assert [p["prompt"] for p in record["words_alone"]] == ["a", "red", "circle"]
     assert record["compare"][0]["prompts"][0]["words"][1]["word"] == "red"
     assert "words_alone" not in record["compare"][0]  # TCLIP maps its words itself
+
+
+def test_a_run_replaces_only_what_tclip_explain_wrote_and_refuses_before_loading_the_model(tmp_path, fixtures_dir,
+                                                                                           monkeypatch, capsys):
+    """An image's folder OUT/<stem> is replaced only if it is empty or an earlier result, and never when it holds an
+    input image; OUT/index.html only if it is an earlier page. Otherwise nothing is touched, and the refusal comes
+    before the model loads (here a model that does not exist, whose error would come first otherwise)."""
+    monkeypatch.chdir(tmp_path)
+    scene = (fixtures_dir / "scene_224.png").read_bytes()
+    (tmp_path / "cat").mkdir()
+    for name in ("cat.png", "other.png"):  # the user's images, in a folder named like the first image's stem
+        (tmp_path / "cat" / name).write_bytes(scene)
+    (tmp_path / "photo").mkdir()
+    (tmp_path / "photo" / "notes.txt").write_text("mine")  # unrelated to the image photo.png
+    (tmp_path / "photo.png").write_bytes(scene)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    nowhere = ["--prompt", "red", "--model", str(tmp_path / "no_such_model.npz"), "--out", "."]
+    assert tclip(["explain", "cat/cat.png", "cat/other.png", *nowhere]) == 2
+    assert "cat holds the input image cat/cat.png" in capsys.readouterr().err
+    assert tclip(["explain", "photo.png", *nowhere]) == 2
+    err = capsys.readouterr().err
+    assert "photo is not an earlier result of tclip explain (it has no result.json)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing touched or added
+
+    # Re-running into the same --out replaces the earlier results (and an empty folder is filled).
+    run = ["--model", str(fixtures_dir / "tiny_openai_clip.npz"), "--translations", "1", "--compare", "none",
+           "--out", "out"]
+    (tmp_path / "out" / "cat").mkdir(parents=True)
+    assert tclip(["explain", "cat/cat.png", "--prompt", "red", "--save-npz", *run]) == 0
+    assert tclip(["explain", "cat/cat.png", "--prompt", "blue circle", *run]) == 0
+    record = json.loads((tmp_path / "out" / "cat" / "result.json").read_text())
+    assert [w["word"] for w in record["prompts"][0]["words"]] == ["blue", "circle"]
+    assert not (tmp_path / "out" / "cat" / "maps.npz").exists()  # the earlier run's files went with it
+    # A result the user has added a file to is theirs too; so is an index.html of their own.
+    (tmp_path / "out" / "cat" / "notes.txt").write_text("mine")
+    assert tclip(["explain", "cat/cat.png", "--prompt", "red", *run]) == 2
+    assert "it holds notes.txt, which tclip explain did not write" in capsys.readouterr().err
+    (tmp_path / "out" / "cat" / "notes.txt").unlink()
+    (tmp_path / "out" / "index.html").write_text("<html>my page</html>")
+    assert tclip(["explain", "cat/cat.png", "--prompt", "red", *run]) == 2
+    assert "index.html is not a page tclip explain wrote" in capsys.readouterr().err
+    assert (tmp_path / "out" / "index.html").read_text() == "<html>my page</html>"
+    assert tclip(["explain", "cat/cat.png", "--prompt", "red", "--no-html", *run]) == 0

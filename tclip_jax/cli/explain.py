@@ -4,7 +4,10 @@ and one explorer page (index.html) for the whole run.
 Every image's file and size are checked before anything is written. Each image's outputs are written through
 `staged_folder`, so an interrupted run never leaves a half-written result folder (nor the output folder it made, if
 it stops before its first image); index.html is written last, over every image of the run, or of those done when
-a run stops (Ctrl-C, an image damaged past its header).
+a run stops (Ctrl-C, an image damaged past its header). A run replaces only what `tclip explain` wrote: an image's
+folder OUT/<image stem> that exists must be empty or an earlier result (its result.json and the files that names,
+nothing else) and must not hold an input image, and OUT/index.html an earlier explorer page; else the run is
+refused before the model loads (`check_replaced`).
 
 `--compare METHOD[:key=value,...]` (repeatable) runs more methods on the same images and prompts, on the same
 loaded model, for the explorer's compare view (and result.json's "compare" list). A TCLIP run compares with
@@ -59,6 +62,61 @@ def _unique_names(paths: list[str]) -> list[str]:
         taken.add(name.casefold())
         names.append(name)
     return names
+
+
+def check_replaced(out: pathlib.Path, images: list[str], names: list[str], page: bool) -> None:
+    """Refuses a run that would replace something `tclip explain` did not write (see the module doc): each
+    image's folder `out / name`, and `out`/index.html if the run writes a page."""
+    from tclip_jax.files import check_replaceable
+    from tclip_jax.visualize.explorer import INDEX_FILE, is_explorer_page
+
+    inputs = [pathlib.Path(path).resolve() for path in images]
+    for name in names:
+        folder = out / name
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is a file, not a folder, where this run writes the results of an image; "
+                             "move it or choose another --out")
+        check_replaceable(folder)
+        held = next((path for path, resolved in zip(images, inputs) if resolved.is_relative_to(folder.resolve())),
+                    None)
+        if held is not None:
+            raise ValueError(f"{folder} holds the input image {held}, and this run would replace that folder with "
+                             "the image's results; choose another --out")
+        foreign = _foreign_entry(folder)
+        if foreign is not None:
+            raise ValueError(f"{folder} is not an earlier result of tclip explain ({foreign}), and this run would "
+                             "replace it with an image's results; move it or choose another --out")
+    index = out / INDEX_FILE
+    if page and index.exists() and not is_explorer_page(index):
+        raise ValueError(f"{index} is not a page tclip explain wrote, and this run would replace it; move it, choose "
+                         "another --out or pass --no-html")
+
+
+def _foreign_entry(folder: pathlib.Path) -> Optional[str]:
+    """Why `folder` is not empty or an earlier result of `write_result`, or None if it is."""
+    from tclip_jax.methods.base import RESULT_SCHEMA
+    from tclip_jax.visualize.explorer import DATA_SCRIPT
+
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return None
+    try:
+        record = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "it has no result.json"
+    except (OSError, ValueError):
+        return "its result.json cannot be read as JSON"
+    try:
+        if record["schema"] != RESULT_SCHEMA:
+            raise TypeError
+        written = {"result.json", DATA_SCRIPT, record.get("npz"), *(entry["grid_figure"] for entry in record["prompts"]),
+                   *(m["overlay"] for entry in record["prompts"] for m in [*entry["words"], entry["phrase"]])}
+    except (KeyError, TypeError):
+        return "its result.json is not one tclip explain wrote"
+    foreign = next((path for path in entries if path.name not in written or not path.is_file()), None)
+    return None if foreign is None else f"it holds {foreign.name}, which tclip explain did not write"
 
 
 def write_result(result, image_path: str, folder: pathlib.Path, save_npz: bool) -> dict:
@@ -230,6 +288,8 @@ def run(args: argparse.Namespace) -> int:
     from tclip_jax.image import image_size
 
     out = check_output_folder(args.out)
+    names = _unique_names(args.images)
+    check_replaced(out, args.images, names, args.html)
     method = build_method(args)
     plan = Plan.build(method, list(args.prompt), args.compare, args.html)  # fails early, before any output
     for path in args.images:  # every image's header, before any output: a bad image ends the run before it starts
@@ -242,14 +302,14 @@ def run(args: argparse.Namespace) -> int:
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _explain_all(args, method, plan, out)
+        return _explain_all(args, method, plan, out, names)
     except BaseException:
         if created and not any(out.iterdir()):  # stopped before its first image: leave nothing behind
             out.rmdir()
         raise
 
 
-def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path) -> int:
+def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path, names: list[str]) -> int:
     from tqdm import tqdm
 
     from tclip_jax import visualize
@@ -261,7 +321,7 @@ def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path
                            f"{visualize.model_label(run_info)}", run_info) if args.html else None
     done = 0
     try:
-        for image_path, name in tqdm(list(zip(args.images, _unique_names(args.images))), desc="explain",
+        for image_path, name in tqdm(list(zip(args.images, names)), desc="explain",
                                      unit="image"):
             target = out / name
             with staged_folder(target) as staging:

@@ -43,6 +43,7 @@ MAP_MAX_SIDE = 256              # each map's longer side in the page (maps are s
 INLINE_LIMIT_BYTES = 12 * 2**20  # a run's page data up to this is inlined into index.html; above, linked
 INDEX_FILE = "index.html"
 DATA_SCRIPT = "explorer.js"
+_PAGE_DATA_TAG = '<script type="application/json" id="tclip-data">'  # what tells a page written here (`is_explorer_page`)
 _ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 
 
@@ -183,10 +184,18 @@ def page_html(data: dict) -> str:
             "<div class=\"tclip-x\" id=\"tclip-explorer\"><p class=\"tclip-wait\">Loading the explorer… "
             "(it needs JavaScript)</p></div>\n"
             f"<script>\n{_asset('explorer.js')}</script>\n"
-            f"<script type=\"application/json\" id=\"tclip-data\">{_script_json(data)}</script>\n"
+            f"{_PAGE_DATA_TAG}{_script_json(data)}</script>\n"
             "<script>TCLIPExplorer.mount(document.getElementById('tclip-explorer'), "
             "JSON.parse(document.getElementById('tclip-data').textContent), {keys: 'document'});</script>\n"
             "</body>\n</html>\n")
+
+
+def is_explorer_page(path: pathlib.Path) -> bool:
+    """Whether the file at `path` is a page `page_html` wrote (a run's index.html, which a later run replaces)."""
+    try:
+        return _PAGE_DATA_TAG.encode() in pathlib.Path(path).read_bytes()
+    except OSError:  # a folder, unreadable: not ours to replace
+        return False
 
 
 def inline_html(entry: dict, title: str, run: Optional[dict] = None, fallback_html: str = "",
