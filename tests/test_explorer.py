@@ -207,6 +207,8 @@ def test_browser_clicking_a_word_shows_its_map_box_and_tau(run, driver):
     assert field(driver, "shows").startswith("soft map of the word “circle”")
     hrefs = [a.get_attribute("href") for a in driver.find_elements("css selector", ".tclip-links a")]
     assert hrefs[0] == (run / entry["name"] / "result.json").resolve().as_uri()
+    # The header names the model as given (its file), not the checkpoint's format ("openai").
+    assert driver.find_element("css selector", ".tclip-run span").text.startswith("model tiny_openai_clip.npz · ")
     assert browser.console_problems(driver) == []
 
 
@@ -309,6 +311,8 @@ def test_browser_notebook_fragment(tmp_path, fixtures_dir, driver):
     assert roots[0].get_attribute("data-rendered").startswith("0:p0w0:")
     tau = roots[1].find_element("css selector", 'td[data-field="tau"]').text
     assert float(tau) == pytest.approx(result.prompts[0].word_maps[1].tau, abs=5e-5)
+    # The only model information a notebook output has: the model's name, as given.
+    assert roots[1].find_element("css selector", ".tclip-run span").text.startswith("model tiny_openai_clip.npz · ")
     assert browser.console_problems(driver) == []
 
 

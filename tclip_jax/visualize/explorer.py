@@ -167,12 +167,14 @@ VIEWS = ("single", "compare")
 
 
 def page_data(entries: Iterable[dict], title: str, run: Optional[dict] = None, view: str = "single") -> dict:
-    """The page's JSON: its images (full entries, or {name, title, script} stubs of linked ones); `view`: the
-    view it opens in, "single" (one method, with tabs) or "compare" (every method side by side)."""
+    """The page's JSON: its images (full entries, or {name, title, script} stubs of linked ones), the run and its
+    model's name (`model_label`); `view`: the view it opens in, "single" (one method, with tabs) or "compare"
+    (every method side by side)."""
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    return {"format": PAGE_FORMAT, "version": PAGE_VERSION, "title": title, "run": run, "view": view,
-            "turbo": turbo_lut().tobytes().hex(), "images": list(entries)}
+    return {"format": PAGE_FORMAT, "version": PAGE_VERSION, "title": title, "run": run,
+            "model": None if run is None else model_label(run), "view": view, "turbo": turbo_lut().tobytes().hex(),
+            "images": list(entries)}
 
 
 def page_html(data: dict) -> str:

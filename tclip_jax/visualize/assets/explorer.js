@@ -1,10 +1,10 @@
 /* TCLIP results explorer: per-word maps over the image, offline, no server, no external resources.
  *
- * Data (tclip_jax/visualize/explorer.py): page = {title, run, turbo (hex RGB x 256), images: [entry | stub]};
- * a stub {name, title, script} names a data script that calls TCLIPExplorer.register(name, entry). An entry has
- * the photo, the prompts with their words, and panels (one per method) whose maps point into entry.blobs: 8-bit
- * grayscale PNGs of q = 255 (v - lo) / (hi - lo), with [lo, hi] beside them. Maps are decoded onto a canvas and
- * coloured here, on the scale the viewer picks.
+ * Data (tclip_jax/visualize/explorer.py): page = {title, run, model (the model's name), turbo (hex RGB x 256),
+ * images: [entry | stub]}; a stub {name, title, script} names a data script that calls
+ * TCLIPExplorer.register(name, entry). An entry has the photo, the prompts with their words, and panels (one per
+ * method) whose maps point into entry.blobs: 8-bit grayscale PNGs of q = 255 (v - lo) / (hi - lo), with [lo, hi]
+ * beside them. Maps are decoded onto a canvas and coloured here, on the scale the viewer picks.
  */
 (() => {
   'use strict';
@@ -172,7 +172,7 @@
     root.append(head, imageNav, prompts, controls, tabs, stage, help);
     if (run.method) {
       head.querySelector('.tclip-run').append(
-        el('span', {text: `model ${run.model ? (run.model.source || run.model.origin) : '?'} · input ${run.input_protocol} · `}),
+        el('span', {text: `model ${page.model || '?'} · input ${run.input_protocol} · `}),
         el('details', {}, el('summary', {text: 'settings'}),
            el('pre', {text: JSON.stringify(run.settings, null, 1)})));
     }
