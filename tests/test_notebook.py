@@ -1,6 +1,8 @@
 """The Colab notebook runs headless on CPU against the embedded model; its helpers behave."""
+import base64
 import json
 import pathlib
+import re
 
 import nbclient
 import nbformat
@@ -56,6 +58,15 @@ def test_compare_with_a_prompt_level_method_first_shows_its_maps_of_each_word_al
         assert json.dumps(f"the prompt “{word}” alone (a prompt-level method has no per-word map)") in fragment
     np.testing.assert_array_equal(  # and they are the method's maps of the word alone
         alone.prompts[1].phrase.heatmap, baseline.explain(image, ["red"]).prompts[0].phrase.heatmap)
+    # Its result.json link holds what `tclip explain`'s result.json holds for these panels: the word-alone maps
+    # and the compare records.
+    record = json.loads(base64.b64decode(re.search(r'"href":"data:application/json;base64,([^"]*)"', fragment)[1]))
+    assert [p["prompt"] for p in record["words_alone"]] == ["a", "red", "circle"]
+    assert record["words_alone"][1]["phrase"]["box_xyxy"] == [int(v) for v in alone.prompts[1].phrase.box]
+    compared = explorer.views[1].result.prompts[0]
+    assert [c["label"] for c in record["compare"]] == ["TCLIP K=25"]
+    assert [(w["word"], w["box_xyxy"]) for w in record["compare"][0]["prompts"][0]["words"]] == \
+        [(w.text, [int(v) for v in m.box]) for w, m in zip(compared.words, compared.word_maps)]
 
 
 def test_offline_means_embedded_model(monkeypatch):

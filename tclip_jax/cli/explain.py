@@ -119,13 +119,16 @@ def _foreign_entry(folder: pathlib.Path) -> Optional[str]:
     return None if foreign is None else f"it holds {foreign.name}, which tclip explain did not write"
 
 
-def write_result(result, image_path: str, folder: pathlib.Path, save_npz: bool) -> dict:
-    """Writes one overlay per map, a grid figure per prompt and maps.npz; returns the result record."""
+def write_result(views: list, image_path: str, folder: pathlib.Path, save_npz: bool) -> dict:
+    """Writes one overlay per map of the main view, a grid figure per prompt and maps.npz; returns the result
+    record (`views_record`: with the compare views' records) naming them."""
     import numpy as np
 
     from tclip_jax import visualize
+    from tclip_jax.visualize.explorer import views_record
 
-    record = result.to_record()
+    result = views[0].result
+    record = views_record(views)
     record["image"]["path"] = str(image_path)
     arrays = {}
     for p, (prompt, entry) in enumerate(zip(result.prompts, record["prompts"])):
@@ -271,17 +274,6 @@ class Plan:
         return views
 
 
-def compare_record(view) -> dict:
-    """A compare view in result.json: its label, run and prompts (and its word-alone prompts, if any)."""
-    from tclip_jax.visualize import method_label
-
-    record = view.result.to_record()
-    entry = {"label": method_label(record["run"]), "run": record["run"], "prompts": record["prompts"]}
-    if view.words_alone is not None:
-        entry["words_alone"] = view.words_alone.to_record()["prompts"]
-    return entry
-
-
 # ------------------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> int:
     from tclip_jax.files import check_output_folder
@@ -327,11 +319,7 @@ def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path
             with staged_folder(target) as staging:
                 views = plan.views(image_path)
                 result = views[0].result
-                record = write_result(result, image_path, staging, args.save_npz)
-                if views[0].words_alone is not None:  # the page shows them: a prompt-level method's word maps
-                    record["words_alone"] = views[0].words_alone.to_record()["prompts"]
-                if len(views) > 1:
-                    record["compare"] = [compare_record(v) for v in views[1:]]
+                record = write_result(views, image_path, staging, args.save_npz)
                 (staging / "result.json").write_text(json.dumps(record, indent=2) + "\n")
                 if page is not None:
                     links = {"result.json": f"{name}/result.json"}

@@ -61,6 +61,30 @@ class View:
     note: Optional[str] = None       # shown on the panel, e.g. why word maps are missing
 
 
+def view_label(view: View) -> str:
+    """The name a view goes by, on the page and in result.json."""
+    return view.label or method_label(view.result.run)
+
+
+def views_record(views: Sequence[View]) -> dict:
+    """The JSON record of one image's views (result.json, less the files `tclip explain` adds): the main result's
+    record, its maps of each word alone (`words_alone`) when there are any, and each compare view (`compare`: its
+    label, run and prompts, and its word-alone maps)."""
+    main, *others = views
+    record = main.result.to_record()
+    if main.words_alone is not None:
+        record["words_alone"] = main.words_alone.to_record()["prompts"]
+    if others:
+        record["compare"] = []
+        for view in others:
+            compared = view.result.to_record()
+            entry = {"label": view_label(view), "run": compared["run"], "prompts": compared["prompts"]}
+            if view.words_alone is not None:
+                entry["words_alone"] = view.words_alone.to_record()["prompts"]
+            record["compare"].append(entry)
+    return record
+
+
 def page_words(result) -> list[list[dict]]:
     """Per prompt, the words the page lists: the method's explained words, or for a prompt-level method the
     non-punctuation words of its tokenization (the same words TCLIP would explain)."""
@@ -151,7 +175,7 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
                                              f"method has no per-word map)", blobs, size_hw)
             phrase_text = f"the prompt {quoted}"
         maps[f"p{p}"] = _map(prompt.phrase, phrase_text, blobs, size_hw)
-    return {"label": view.label or method_label(result.run), "method": result.run["method"],
+    return {"label": view_label(view), "method": result.run["method"],
             "model": model_label(result.run), "run": result.run, "per_word": per_word,
             "has_soft": any(m.get("soft") is not None for m in maps.values()), "note": view.note, "maps": maps}
 
@@ -221,7 +245,7 @@ def result_html(main, views: Sequence[View] = (), view: Optional[str] = None) ->
     `view`: the view it opens in (default: "compare" when there are compare views)."""
     main = main if isinstance(main, View) else View(main)
     result = main.result
-    record = json.dumps(result.to_record(), indent=1)
+    record = json.dumps(views_record([main, *views]), indent=1)
     entry = image_entry("result", [main, *views], title=f"{method_label(result.run)}: "
                         + " | ".join(p.prompt for p in result.prompts),
                         links={"result.json": "data:application/json;base64,"
