@@ -383,3 +383,24 @@ def test_whole_image_box_is_drawn_inset():
     inner = draw_box(np.zeros((100, 120, 3), np.uint8), (10, 20, 50, 60), thickness=2)
     assert not inner[:, :10].any() and not inner[:20].any() and not inner[:, 50:].any() and not inner[60:].any()
     assert (inner[30, 10:14] > 0).any()  # an inner stroke: inside the box's own pixels
+
+
+def test_the_whole_prompt_map_says_how_its_query_was_made(fixtures_dir):
+    """TCLIP's whole-prompt query is the mean of its words' queries, or with a token weighting the mean of its words'
+    pieces weighted by the end-of-text token's attention (methods/tclip/token_weights.py); one word keeps its mean."""
+    from tclip_jax.methods.tclip import TCLIP
+
+    image = str(fixtures_dir / "scene_224.png")
+    said = {}
+    for weighting in ("none", "last", "mean", "rollout"):
+        explainer = TCLIP.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), translations=1,
+                                          token_weighting=weighting)
+        maps = explorer.image_entry("x", [explorer.View(explainer.explain(image, ["a red circle.", "cat"]))])
+        said[weighting] = maps["panels"][0]["maps"]["p0"]["shows"]
+        assert maps["panels"][0]["maps"]["p1"]["shows"] == "the whole prompt “cat” (the mean of its words' queries)"
+    assert said["none"] == "the whole prompt “a red circle.” (the mean of its words' queries)"
+    for weighting, attention in [("last", "attention in the text tower's last block"),
+                                 ("mean", "attention averaged over the text tower's blocks"),
+                                 ("rollout", "attention rollout over the text tower")]:
+        assert said[weighting] == ("the whole prompt “a red circle.” (the mean of its words' pieces weighted by the "
+                                   f"end-of-text token's {attention})")

@@ -166,7 +166,7 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
                 m = by_span.get(tuple(word["span"]))
                 if m is not None:
                     maps[f"p{p}w{w}"] = _map(m, f"the word {_quote(word['text'])} in {quoted}", blobs, size_hw)
-            phrase_text = f"the whole prompt {quoted} (the mean of its words' queries)"
+            phrase_text = f"the whole prompt {quoted}{_phrase_query(result.run, prompt)}"
         else:
             if view.words_alone is not None:
                 for w, word in enumerate(prompt_words):
@@ -178,6 +178,24 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
     return {"label": view_label(view), "method": result.run["method"],
             "model": model_label(result.run), "run": result.run, "per_word": per_word,
             "has_soft": any(m.get("soft") is not None for m in maps.values()), "note": view.note, "maps": maps}
+
+
+# The end-of-text attention that each TCLIP token weighting (methods/tclip/token_weights.py) weights pieces by.
+_WEIGHTED_BY = {"last": "the end-of-text token's attention in the text tower's last block",
+                "mean": "the end-of-text token's attention averaged over the text tower's blocks",
+                "rollout": "the end-of-text token's attention rollout over the text tower"}
+
+
+def _phrase_query(run: dict, prompt) -> str:
+    """How a per-word method's whole-prompt map was queried, said after the prompt: TCLIP's query of several
+    words is the mean of the words' queries or, with a token weighting, the weighted mean of their pieces (one
+    word keeps the mean of its pieces); another method's is not known here."""
+    if run["method"] != "tclip":
+        return ""
+    weighting = run["settings"].get("token_weighting", "none")
+    if weighting == "none" or sum(not w.is_punctuation for w in prompt.tokens.words) < 2:
+        return " (the mean of its words' queries)"
+    return f" (the mean of its words' pieces weighted by {_WEIGHTED_BY[weighting]})"
 
 
 def _map(m, shows: str, blobs: _Blobs, size_hw) -> dict:
