@@ -332,9 +332,20 @@ def test_figure_wraps_names_the_method_and_shows_tau(fixtures_dir):
     assert shown[2].get_title() == f"small\nτ={word.tau:.4f}"
     assert figure._repr_png_().startswith(b"\x89PNG")  # a notebook shows it without pyplot
     soft = result.figure(kind="soft")
-    assert "soft maps" in soft._suptitle.get_text()
+    assert "TCLIP K=1 soft maps" in soft._suptitle.get_text()
     with pytest.raises(ValueError):
         result.figure(kind="raw")
+
+
+def test_a_soft_figure_of_a_method_without_soft_maps_says_it_shows_the_maps(fixtures_dir):
+    from tclip_jax.methods.similarity import Similarity
+
+    result = Similarity.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz")).explain(
+        str(fixtures_dir / "scene_224.png"), "a red circle")
+    assert result.prompts[0].phrase.soft is None  # a baseline: no soft map to draw
+    title = result.figure(kind="soft")._suptitle.get_text()
+    assert title.startswith("similarity maps (no soft maps for this method: its maps are shown) · ")
+    assert "soft maps ·" not in title
 
 
 def test_characters_the_figure_font_lacks_are_said_once_not_per_glyph_and_figure(fixtures_dir, tmp_path,

@@ -227,13 +227,17 @@ def result_figure(result, prompt: int = 0, kind: str = "heatmap", columns: int =
     """An `ImageResult`'s grid for one prompt: the image, each word, the whole prompt; titled with the method,
     its settings, the model and the prompt; τ (and any GMM fallback) in each panel's title.
 
-    kind: "heatmap" (the method's map; TCLIP: the aggregated map) or "soft" (TCLIP's soft map)."""
+    kind: "heatmap" (the method's map; TCLIP: the aggregated map) or "soft" (TCLIP's soft map; a method without
+    soft maps has its maps drawn, and the title says so)."""
     if kind not in ("heatmap", "soft"):
         raise ValueError(f"kind must be 'heatmap' or 'soft', got {kind!r}")
     if not -len(result.prompts) <= prompt < len(result.prompts):
         raise IndexError(f"prompt {prompt} out of range: the result has {len(result.prompts)} prompt(s)")
     chosen = result.prompts[prompt]
-    shown = "soft maps" if kind == "soft" else "maps"
+    shown = "maps"
+    if kind == "soft":
+        has_soft = all(m.soft is not None for m in (*chosen.word_maps, chosen.phrase))
+        shown = "soft maps" if has_soft else "maps (no soft maps for this method: its maps are shown)"
     title = f'{method_label(result.run)} {shown} · model {model_label(result.run)}\n"{chosen.prompt}"'
     return grid_figure(result.image, prompt_panels(chosen, kind), title, columns)
 
