@@ -415,3 +415,42 @@ def test_the_whole_prompt_map_says_how_its_query_was_made(fixtures_dir):
                                  ("rollout", "attention rollout over the text tower")]:
         assert said[weighting] == ("the whole prompt “a red circle.” (the mean of its words' pieces weighted by the "
                                    f"end-of-text token's {attention})")
+
+
+PLUGIN = '''
+import dataclasses
+
+from tclip_jax.methods.similarity import Similarity
+from tclip_jax.settings import setting
+
+
+@dataclasses.dataclass(frozen=True)
+class PoweredSettings(Similarity.Settings):
+    power: float = setting(1.0, "a setting of a method from outside the package")
+
+
+class Powered(Similarity):
+    name = "powered"
+    Settings = PoweredSettings
+'''
+
+
+def test_labels_name_the_settings_of_a_method_from_outside_the_package(tmp_path, fixtures_dir, monkeypatch):
+    """A method given as "package.module:Class" is in no registry; its labels (page, result.json, figures, sweep
+    reports) still name the settings that differ from its own Settings' defaults."""
+    from tclip_jax.sweep.report import run_name
+    from tclip_jax.visualize import method_label
+
+    (tmp_path / "label_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "red", "--method", "label_plugin:Powered",
+                  "--option", "power=2", "--compare", "label_plugin:Powered:power=3",
+                  "--compare", "label_plugin:Powered:power=1", "--model", str(fixtures_dir / "tiny_openai_clip.npz"),
+                  "--out", str(out)]) == 0
+    labels = ["powered (power=2.0)", "powered (power=3.0)", "powered"]
+    assert [p["label"] for p in page_json(out / "index.html")["images"][0]["panels"]] == labels
+    record = json.loads((out / "scene_224" / "result.json").read_text())
+    assert [c["label"] for c in record["compare"]] == labels[1:]
+    run = {**record["run"], "model": {"origin": "m.npz"}}
+    assert method_label(run) == labels[0] and run_name(run) == f"{labels[0]} (m.npz)"

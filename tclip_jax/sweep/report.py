@@ -24,7 +24,7 @@ from tclip_jax.files import write_text_atomic
 from tclip_jax.evaluation.metrics import SegmentationCounts, aggregate_by_class, summarize_segmentation
 from tclip_jax.evaluation.metrics.seed import summarize_seed
 from tclip_jax.sweep.store import read_all_records
-from tclip_jax.visualize.figures import matmul_note
+from tclip_jax.visualize.figures import matmul_note, method_label
 
 CONFIG_FILE = "sweep.json"
 REPORT_JSON, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
@@ -95,10 +95,16 @@ def _task_scores(units: list[dict]) -> dict:
     return scores
 
 
+def run_name(run: dict) -> str:
+    """A sweep's run as its report names it: the method with its non-default settings (`method_label`) and the
+    model as given, e.g. "clip_surgery (feature_surgery=False) (ViT-B-32.pt)"."""
+    return f"{method_label(run)} ({run['model']['origin']}){matmul_note(run)}"
+
+
 def markdown(config: dict, summary: dict) -> str:
     """The report as Markdown: one table per task, a row per unit group, the paper's row where comparable."""
     run = config["run"]
-    name = f"{run['method']} ({run['model']['origin']}){matmul_note(run)}"
+    name = run_name(run)
     lines = [f"# Sweep: {config['dataset']}, {name}", "",
              f"{summary['images']} images, {summary['units']} units, {len(summary['errors'])} errors. "
              f"Evaluation: {json.dumps(config['evaluation'], sort_keys=True)}. "
@@ -251,7 +257,7 @@ def html_report(config: dict, summary: dict, chosen: dict[str, dict], out: pathl
 
     esc = html.escape
     run = config["run"]
-    name = f"{run['method']} ({run['model']['origin']}){matmul_note(run)}"
+    name = run_name(run)
     parts = [f"<h1>Sweep: {esc(config['dataset'])}, {esc(name)}</h1>",
              f"<p class=\"meta\">{summary['images']} images, {summary['units']} units, {len(summary['errors'])} "
              f"errors. Evaluation: <code>{esc(json.dumps(config['evaluation'], sort_keys=True))}</code>. Settings: "

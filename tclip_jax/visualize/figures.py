@@ -174,19 +174,39 @@ def _resized(array: np.ndarray, scale: float) -> np.ndarray:
 
 def method_label(run: dict) -> str:
     """The method and its settings that differ from the defaults, e.g. "TCLIP K=25" or "clip_surgery
-    (surgery_blocks=4)"; TCLIP always names its number of translated copies K."""
-    from tclip_jax import methods
-
+    (surgery_blocks=4)"; TCLIP always names its number of translated copies K. A method whose defaults are not
+    known (`_settings_defaults`) names every setting."""
     name, settings = run["method"], dict(run.get("settings") or {})
-    try:
-        defaults = methods.get(name).Settings().to_dict() if name in methods.METHODS else {}
-    except (ValueError, TypeError):
-        defaults = {}
-    changed = {k: v for k, v in settings.items() if k in defaults and defaults[k] != v and k != "translations"}
+    defaults = _settings_defaults(name)
+    changed = {k: v for k, v in settings.items()
+               if (defaults is None or k not in defaults or defaults[k] != v) and k != "translations"}
     label = f"TCLIP K={settings.get('translations')}" if name == "tclip" else name
     if changed:
         label += " (" + ", ".join(f"{k}={_setting_text(v)}" for k, v in changed.items()) + ")"
     return label
+
+
+def _settings_defaults(name: str) -> Optional[dict]:
+    """The default settings (`to_dict`) of the method called `name`: the registered method's, else those of the
+    imported method classes of that name (a method from outside the package, "package.module:Class", is
+    imported before it produces a result); None when no class, or classes that disagree, go by that name."""
+    from tclip_jax import methods
+    from tclip_jax.methods.base import Method
+
+    try:
+        classes = [methods.get(name)] if name in methods.REGISTRY else [
+            cls for cls in _subclasses(Method) if getattr(cls, "name", None) == name]
+        defaults = [cls.Settings().to_dict() for cls in classes]
+    except (ValueError, TypeError):  # a registered module that cannot be imported, settings without defaults
+        return None
+    return defaults[0] if defaults and all(d == defaults[0] for d in defaults) else None
+
+
+def _subclasses(cls: type) -> Iterator[type]:
+    """Every imported subclass of `cls`, at any depth."""
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
 
 
 def model_label(run: dict) -> str:
