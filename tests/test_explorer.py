@@ -142,6 +142,9 @@ def test_parse_compare():
         "tclip", ["translations=9", "scale_fractions=0.25,0.5"])
     assert parse_compare("my.module:Method") == ("my.module:Method", [])
     assert parse_compare("my.module:Method:depth=2") == ("my.module:Method", ["depth=2"])
+    # A value may hold colons (a path), in a registered method's options or a module's.
+    assert parse_compare("eclip:projections=/data/run:2/p.safetensors") == ("eclip", ["projections=/data/run:2/p.safetensors"])
+    assert parse_compare("my.module:Method:path=a:b,depth=2") == ("my.module:Method", ["path=a:b", "depth=2"])
 
 
 def test_a_compare_method_of_the_runs_class_starts_from_the_runs_settings(fixtures_dir):

@@ -164,18 +164,22 @@ class Compared:
 
 
 def parse_compare(spec: str) -> tuple[str, list[str]]:
-    """"METHOD[:key=value,...]" -> (method, ["key=value", ...]); a method may itself be "package.module:Class",
-    and a value may hold commas (scale_fractions=0.25,0.5)."""
-    head, sep, tail = spec.rpartition(":")
-    if not sep or "=" not in tail:
-        return spec.strip(), []
+    """"METHOD[:key=value,...]" -> (method, ["key=value", ...]); a method may itself be "package.module:Class"
+    (what follows its first ':' is a class name, not an assignment), and a value may hold commas
+    (scale_fractions=0.25,0.5) and colons (projections=/a:b/p.safetensors)."""
+    method, sep, tail = spec.partition(":")
+    class_name, class_sep, rest = tail.partition(":")
+    if class_name.strip().isidentifier():  # "package.module:Class[:key=value,...]"
+        method, sep, tail = f"{method}:{class_name.strip()}", class_sep, rest
+    if not sep or not tail.strip():
+        return method.strip(), []
     assignments: list[str] = []
     for part in tail.split(","):
         if "=" in part or not assignments:
             assignments.append(part.strip())
         else:
             assignments[-1] += "," + part.strip()
-    return head.strip(), assignments
+    return method.strip(), assignments
 
 
 def compare_methods(specs: list[str], main) -> list:
