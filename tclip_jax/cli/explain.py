@@ -252,7 +252,7 @@ class Plan:
     @classmethod
     def build(cls, method, prompts: list[str], compare: list[str], page: bool = True) -> "Plan":
         """Encodes everything once, before any image (bad prompts and compare specs fail here). Without a page,
-        only the compare methods asked for run (TCLIP K=1 serves the page)."""
+        compare methods run only if some are asked for (and then TCLIP K=1 joins a TCLIP run's, as always)."""
         encoded = method.encode_prompts(prompts)
         built = compare_methods(compare, method) if page or compare else []
         words = page_words(method, encoded, [m for _, m in built])
