@@ -52,9 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     scene = synthetic.protocol_sample(DEMO_PROTOCOL, DEMO_SEED).scene
-    out.mkdir(parents=True, exist_ok=True)
     image_path = out / "scene.png"
-    visualize.save_png(image_path, scene.image)
+    try:  # what the check cannot foresee (a folder that refuses new entries, a full disk): one line too
+        out.mkdir(parents=True, exist_ok=True)
+        visualize.save_png(image_path, scene.image)
+    except OSError as err:
+        what = f"cannot write {err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+        parser.exit(2, f"{parser.prog}: error: {what}\n")
     print(f"scene: {image_path}  caption: {scene.caption!r}")
     status = tclip(["explain", str(image_path), "--prompt", scene.caption, "--out", str(out)])
     if status != 0:

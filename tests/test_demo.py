@@ -47,3 +47,17 @@ def test_demo_refuses_an_output_folder_it_cannot_write_with_one_line(tmp_path, c
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing drawn or written
+
+
+def test_demo_says_in_one_line_why_it_could_not_write_its_scene(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full_disk(path, rgb):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(demo.visualize, "save_png", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"error: cannot write {tmp_path / 'out' / 'scene.png'}: No space left on device" in err
