@@ -143,7 +143,8 @@ def test_parse_compare():
     assert parse_compare("my.module:Method") == ("my.module:Method", [])
     assert parse_compare("my.module:Method:depth=2") == ("my.module:Method", ["depth=2"])
     # A value may hold colons (a path), in a registered method's options or a module's.
-    assert parse_compare("eclip:projections=/data/run:2/p.safetensors") == ("eclip", ["projections=/data/run:2/p.safetensors"])
+    assert parse_compare("eclip:projections=/data/run:2/p.safetensors") == (
+        "eclip", ["projections=/data/run:2/p.safetensors"])
     assert parse_compare("my.module:Method:path=a:b,depth=2") == ("my.module:Method", ["path=a:b", "depth=2"])
 
 
@@ -457,3 +458,38 @@ def test_labels_name_the_settings_of_a_method_from_outside_the_package(tmp_path,
     assert [c["label"] for c in record["compare"]] == labels[1:]
     run = {**record["run"], "model": {"origin": "m.npz"}}
     assert method_label(run) == labels[0] and run_name(run) == f"{labels[0]} (m.npz)"
+
+
+def test_browser_a_prompt_cut_to_the_context_shows_what_was_cut(tmp_path, fixtures_dir, driver):
+    """With truncate, a prompt is mapped up to its last whole word that fits the context: the page marks the rest
+    as cut off, and the whole-prompt map says how much of the prompt it is of."""
+    from tclip_jax.methods.similarity import Similarity
+    from tclip_jax.methods.tclip import TCLIP
+
+    model, image = str(fixtures_dir / "tiny_openai_clip.npz"), str(fixtures_dir / "scene_224.png")
+    long = " ".join(["red"] * 80)  # one piece a word: 75 fit the context of 77 beside SOT and EOT
+    mapped = len(" ".join(["red"] * 75))
+    with pytest.warns(UserWarning, match="keeping the first 75 pieces"):
+        per_word = TCLIP.from_pretrained(model, translations=1, truncate=True).explain(image, [long, "a red circle"])
+    with pytest.warns(UserWarning, match="keeping the first 75 pieces"):
+        per_prompt = Similarity.from_pretrained(model, truncate=True).explain(image, long)
+    page = tmp_path / "cut.html"
+    page.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'></head><body>"
+                    f"{per_word._repr_html_()}{per_prompt._repr_html_()}</body></html>", encoding="utf-8")
+    open_page(driver, page)
+    roots = driver.find_elements("css selector", ".tclip-x")
+    browser.wait_for(lambda: all(r.get_attribute("data-rendered") for r in roots), what="both fragments")
+    first, second = roots[0].find_elements("css selector", ".tclip-prompt")
+    assert len(first.find_elements("css selector", ".tclip-word:not(.tclip-phrase)")) == 75
+    assert first.find_element("css selector", ".tclip-cut s").text == long[mapped:].strip()
+    assert "cut off: not mapped" in first.find_element("css selector", ".tclip-cut").text
+    assert second.find_elements("css selector", ".tclip-cut") == []  # a prompt that fits is not marked
+    roots[0].find_element("css selector", '.tclip-word[data-key="p0"]').click()
+    browser.wait_for(lambda: roots[0].get_attribute("data-rendered").startswith("0:p0:"), what="the whole prompt")
+    shows = roots[0].find_element("css selector", '[data-field="shows"]').text
+    assert shows.startswith(f"the whole prompt “{long[:mapped]} …”")
+    assert shows.endswith(f"(cut to fit the model's context: its last {len(long) - mapped} characters were not mapped)")
+    # A prompt-level method: the whole-prompt button holds the mapped part only, the rest is marked.
+    assert roots[1].find_element("css selector", '.tclip-word[data-key="p0"]').text == long[:mapped]
+    assert roots[1].find_element("css selector", ".tclip-cut s").text == long[mapped:].strip()
+    assert browser.console_problems(driver) == []

@@ -111,7 +111,8 @@ def _foreign_entry(folder: pathlib.Path) -> Optional[str]:
     try:
         if record["schema"] != RESULT_SCHEMA:
             raise TypeError
-        written = {"result.json", DATA_SCRIPT, record.get("npz"), *(entry["grid_figure"] for entry in record["prompts"]),
+        written = {"result.json", DATA_SCRIPT, record.get("npz"),
+                   *(entry["grid_figure"] for entry in record["prompts"]),
                    *(m["overlay"] for entry in record["prompts"] for m in [*entry["words"], entry["phrase"]])}
     except (KeyError, TypeError):
         return "its result.json is not one tclip explain wrote"

@@ -43,7 +43,8 @@ MAP_MAX_SIDE = 256              # each map's longer side in the page (maps are s
 INLINE_LIMIT_BYTES = 12 * 2**20  # a run's page data up to this is inlined into index.html; above, linked
 INDEX_FILE = "index.html"
 DATA_SCRIPT = "explorer.js"
-_PAGE_DATA_TAG = '<script type="application/json" id="tclip-data">'  # what tells a page written here (`is_explorer_page`)
+# What tells a page written here (`is_explorer_page`).
+_PAGE_DATA_TAG = '<script type="application/json" id="tclip-data">'
 _ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 
 
@@ -147,7 +148,8 @@ def image_entry(name: str, views: Sequence[View], *, title: Optional[str] = None
         "title": title or name,
         "size_hw": [height, width],
         "photo": _photo_uri(main.image, display_hw),
-        "prompts": [{"prompt": p.prompt, "words": w} for p, w in zip(main.prompts, words)],
+        "prompts": [{"prompt": p.prompt, "words": w, "cut": _mapped_end(p, main.run)}
+                    for p, w in zip(main.prompts, words)],
         "panels": panels,
         "blobs": blobs.sources,
         "links": [{"text": k, "href": v} for k, v in (links or {}).items()],
@@ -159,7 +161,8 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
     per_word = any(p.words for p in result.prompts)
     maps: dict[str, dict] = {}
     for p, (prompt, prompt_words) in enumerate(zip(result.prompts, words)):
-        quoted = _quote(prompt.prompt)
+        cut = _mapped_end(prompt, result.run)
+        quoted = _quote(prompt.prompt if cut is None else prompt.prompt[:cut] + " …")
         if per_word:
             by_span = {(w.start, w.end): m for w, m in zip(prompt.words, prompt.word_maps)}
             for w, word in enumerate(prompt_words):
@@ -174,10 +177,20 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
                     maps[f"p{p}w{w}"] = _map(alone, f"the prompt {_quote(word['text'])} alone (a prompt-level "
                                              f"method has no per-word map)", blobs, size_hw)
             phrase_text = f"the prompt {quoted}"
+        if cut is not None:
+            phrase_text += (f" (cut to fit the model's context: its last {len(prompt.prompt) - cut} characters were "
+                            "not mapped)")
         maps[f"p{p}"] = _map(prompt.phrase, phrase_text, blobs, size_hw)
     return {"label": view_label(view), "method": result.run["method"],
             "model": model_label(result.run), "run": result.run, "per_word": per_word,
             "has_soft": any(m.get("soft") is not None for m in maps.values()), "note": view.note, "maps": maps}
+
+
+def _mapped_end(prompt, run: dict) -> Optional[int]:
+    """Where the mapped part of a prompt cut to fit the model's context (the `truncate` setting) ends: the end of
+    the last word its tokens kept (characters); None for a prompt mapped whole."""
+    end = max((w.end for w in prompt.tokens.words), default=0)
+    return end if run["settings"].get("truncate") and prompt.prompt[end:].strip() else None
 
 
 # The end-of-text attention that each TCLIP token weighting (methods/tclip/token_weights.py) weights pieces by.

@@ -2,9 +2,10 @@
  *
  * Data (tclip_jax/visualize/explorer.py): page = {title, run, model (the model's name), turbo (hex RGB x 256),
  * images: [entry | stub]}; a stub {name, title, script} names a data script that calls
- * TCLIPExplorer.register(name, entry). An entry has the photo, the prompts with their words, and panels (one per
- * method) whose maps point into entry.blobs: 8-bit grayscale PNGs of q = 255 (v - lo) / (hi - lo), with [lo, hi]
- * beside them. Maps are decoded onto a canvas and coloured here, on the scale the viewer picks.
+ * TCLIPExplorer.register(name, entry). An entry has the photo, the prompts with their words (and `cut`, where a
+ * prompt cut to fit the model's context stops being mapped), and panels (one per method) whose maps point into
+ * entry.blobs: 8-bit grayscale PNGs of q = 255 (v - lo) / (hi - lo), with [lo, hi] beside them. Maps are decoded
+ * onto a canvas and coloured here, on the scale the viewer picks.
  */
 (() => {
   'use strict';
@@ -257,16 +258,24 @@
         // Spans count code points (Python's str), JavaScript strings UTF-16 units: slice the code points.
         const chars = Array.from(p.prompt);
         const text = (start, end) => chars.slice(start, end).join('');
+        // A prompt cut to fit the model's context (--truncate) is mapped up to p.cut; the rest is marked so.
+        const mapped = p.cut === null || p.cut === undefined ? chars.length : p.cut;
+        const cutOff = mapped < chars.length
+          ? el('span', {class: 'tclip-cut', title: 'cut off to fit the model\'s context (--truncate): not mapped'},
+               el('s', {text: text(mapped)}), el('span', {class: 'tclip-cut-note', text: ' cut off: not mapped'}))
+          : null;
         let at = 0;
         p.words.forEach((w, j) => {
           if (w.span[0] > at) line.append(text(at, w.span[0]));
           line.append(wordButton(`p${i}w${j}`, text(w.span[0], w.span[1]), `the word “${w.text}”`));
           at = w.span[1];
         });
-        if (!p.words.length) line.append(wordButton(`p${i}`, p.prompt, 'the whole prompt'));
-        else {
-          if (at < chars.length) line.append(text(at));
-          line.append(' ', wordButton(`p${i}`, 'whole prompt', `the whole prompt “${p.prompt}”`, 'tclip-phrase'));
+        if (!p.words.length) line.append(wordButton(`p${i}`, text(0, mapped), 'the whole prompt'));
+        else if (at < mapped) line.append(text(at, mapped));
+        if (cutOff) line.append(cutOff);
+        if (p.words.length) {
+          line.append(' ', wordButton(`p${i}`, 'whole prompt', `the whole prompt “${text(0, mapped)}”`,
+                                      'tclip-phrase'));
         }
         prompts.append(line);
       });
