@@ -70,7 +70,7 @@ def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):
                   "--model", model, "--out", str(tmp_path / "emoji")]) == 0  # mapped whole
     assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a cat", "--method", "decomposition",
                   "--model", model, "--out", str(tmp_path / "o")]) == 2
-    assert "so it needs at least 2; got 1" in capsys.readouterr().err
+    assert "so it needs at least 2 that differ; got 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     (tmp_path / "a_file").write_text("x")
     for out in (tmp_path / "a_file", tmp_path / "a_file" / "o"):
@@ -203,7 +203,7 @@ def test_a_run_replaces_only_what_tclip_explain_wrote_and_refuses_before_loading
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     nowhere = ["--prompt", "red", "--model", str(tmp_path / "no_such_model.npz"), "--out", "."]
     assert tclip(["explain", "cat/cat.png", "cat/other.png", *nowhere]) == 2
-    assert "cat holds the input image cat/cat.png" in capsys.readouterr().err
+    assert "cat holds cat/cat.png, which replacing it would delete" in capsys.readouterr().err
     assert tclip(["explain", "photo.png", *nowhere]) == 2
     err = capsys.readouterr().err
     assert "photo is not an earlier result of tclip explain (it has no result.json)" in err

@@ -70,7 +70,6 @@ def check_replaced(out: pathlib.Path, images: list[str], names: list[str], page:
     from tclip_jax.files import check_replaceable
     from tclip_jax.visualize.explorer import INDEX_FILE, is_explorer_page
 
-    inputs = [pathlib.Path(path).resolve() for path in images]
     for name in names:
         folder = out / name
         if not folder.exists():
@@ -78,12 +77,7 @@ def check_replaced(out: pathlib.Path, images: list[str], names: list[str], page:
         if not folder.is_dir():
             raise ValueError(f"{folder} is a file, not a folder, where this run writes the results of an image; "
                              "move it or choose another --out")
-        check_replaceable(folder)
-        held = next((path for path, resolved in zip(images, inputs) if resolved.is_relative_to(folder.resolve())),
-                    None)
-        if held is not None:
-            raise ValueError(f"{folder} holds the input image {held}, and this run would replace that folder with "
-                             "the image's results; choose another --out")
+        check_replaceable(folder, inputs=images)  # not the current folder, nor one holding an input image
         foreign = _foreign_entry(folder)
         if foreign is not None:
             raise ValueError(f"{folder} is not an earlier result of tclip explain ({foreign}), and this run would "
@@ -186,6 +180,7 @@ def parse_compare(spec: str) -> tuple[str, list[str]]:
 def compare_methods(specs: list[str], main) -> list:
     """The compare methods the specs name (plus TCLIP K=1 for a TCLIP run), built on the main method's model."""
     from tclip_jax import methods
+    from tclip_jax.methods.settings import MethodSettings
     from tclip_jax.methods.tclip import TCLIP
 
     if NO_COMPARE in [s.strip().lower() for s in specs]:
@@ -200,8 +195,10 @@ def compare_methods(specs: list[str], main) -> list:
             given = method_class.Settings.parse_assignments(assignments)
             if type(main) is method_class:
                 settings = main.settings.replace(**given)
-            else:
-                base = {k: v for k, v in main.settings.to_dict().items() if k in method_class.Settings.field_names()}
+            else:  # only what every method's settings mean alike: a same-named setting of two methods may not
+                # (HilaCAM's start_layer -1 is its last block; a rollout's -1 another start)
+                shared = MethodSettings.field_names()
+                base = {k: v for k, v in main.settings.to_dict().items() if k in shared}
                 settings = method_class.Settings.from_dict({**base, **given})
         except ValueError as err:
             raise ValueError(f"--compare {spec}: {err}") from None
