@@ -15,6 +15,7 @@ import pytest
 import browser
 from tclip_jax.cli import main as tclip
 from tclip_jax.cli.explain import parse_compare
+from tclip_jax.methods import METHODS
 from tclip_jax.visualize import draw_box, explorer, turbo_lut
 
 PROMPTS = ["a red circle.", "cat"]
@@ -158,6 +159,14 @@ def test_a_compare_method_of_the_runs_class_starts_from_the_runs_settings(fixtur
     assert built["tclip:translations=1"].settings == main.settings.replace(translations=1)
     assert built["tclip:scale_fractions=0.5"].settings == Settings(trim=0.1, scale_fractions=(0.5,))  # 9 copies
     assert built["similarity"].settings.box_rule == main.settings.box_rule
+    # Another class takes the run's host-step settings only, not a same-named setting that means something else
+    # (a rollout's start_layer 3 is not HilaCAM's), and not one of a sibling class (Grad-ECLIP's single_head).
+    clip = main.clip
+    for run, other, settings in [("rollout", "hilacam", {"start_layer": 3, "box_rule": "contour"}),
+                                 ("grad_eclip", "gradcam", {"single_head": False})]:
+        main = METHODS[run](clip, METHODS[run].Settings.from_dict(settings))
+        compared = dict(compare_methods([other], main))[other].settings
+        assert compared == METHODS[other].Settings(box_rule=main.settings.box_rule)
 
 
 # --------------------------------------------------------------------------------------------- in a browser
