@@ -44,6 +44,21 @@ def test_notebook_executes_offline(monkeypatch, tmp_path):
             assert browser.console_problems(driver) == []
 
 
+def test_a_word_alone_under_a_label_set_method_says_what_it_was_mapped_against(fixtures_dir):
+    """CLIP Surgery maps a word alone against the page's words (its label set), not as a prompt by itself: the
+    panel says so, and the map is the method's map of the word with those words as the label set."""
+    from tclip_jax.methods.clip_surgery import CLIPSurgery
+
+    surgery = CLIPSurgery.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"))
+    image = notebook.fetch_image(str(fixtures_dir / "scene_224.png"))
+    explorer = notebook.compare(surgery, image, ["a red circle"], "tclip")
+    fragment = explorer._repr_html_()
+    assert json.dumps("the prompt “red” alone, against the page's 3 words as its label set (a prompt-level method "
+                      "has no per-word map)") in fragment
+    np.testing.assert_array_equal(explorer.views[0].words_alone.prompts[1].phrase.heatmap,
+                                  surgery.explain(image, ["a", "red", "circle"]).prompts[1].phrase.heatmap)
+
+
 def test_compare_with_a_prompt_level_method_first_shows_its_maps_of_each_word_alone(fixtures_dir):
     from tclip_jax.methods.similarity import Similarity
 

@@ -187,6 +187,7 @@ class Method(abc.ABC):
     Settings: ClassVar[type[MethodSettings]] = MethodSettings
     input_protocol: ClassVar[InputProtocol] = "whole"  # how `prepare` feeds images in (TCLIP: a setting)
     explains_words: ClassVar[bool] = False  # maps each word of a prompt, not only the prompt
+    uses_label_set: ClassVar[bool] = False  # a prompt's map depends on the label set it is encoded with
 
     def __init__(self, clip: LoadedClip, settings: Optional[MethodSettings] = None):
         self.clip = clip

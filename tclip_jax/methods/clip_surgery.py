@@ -136,6 +136,7 @@ class CLIPSurgery(PromptMethod):
     Settings = CLIPSurgerySettings
     heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
     templates = CLIP_SURGERY_TEMPLATES
+    uses_label_set = True
 
     def __init__(self, clip, settings=None):
         super().__init__(clip, settings)

@@ -224,6 +224,7 @@ class DecompositionMap(PromptMethod):
     name = "decomposition"
     input_protocol = "center_crop"
     heatmap = MapPostprocess(normalize_first=False, clip_negative=True)
+    uses_label_set = True
 
     def encode(self, queries: list[Query], label_set=None) -> QueryArrays:
         labels = list(self.distinct_texts(label_set or ()).values())

@@ -174,8 +174,10 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
             if view.words_alone is not None:
                 for w, word in enumerate(prompt_words):
                     alone = view.words_alone.prompts[alone_index[word["text"]]].phrase
-                    maps[f"p{p}w{w}"] = _map(alone, f"the prompt {_quote(word['text'])} alone (a prompt-level "
-                                             f"method has no per-word map)", blobs, size_hw)
+                    against = (f", against the page's {len(alone_index)} words as its label set"
+                               if _uses_label_set(result.run) else "")
+                    maps[f"p{p}w{w}"] = _map(alone, f"the prompt {_quote(word['text'])} alone{against} (a "
+                                             f"prompt-level method has no per-word map)", blobs, size_hw)
             phrase_text = f"the prompt {quoted}"
         if cut is not None:
             phrase_text += (f" (cut to fit the model's context: its last {len(prompt.prompt) - cut} characters were "
@@ -184,6 +186,14 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
     return {"label": view_label(view), "method": result.run["method"],
             "model": model_label(result.run), "run": result.run, "per_word": per_word,
             "has_soft": any(m.get("soft") is not None for m in maps.values()), "note": view.note, "maps": maps}
+
+
+def _uses_label_set(run: dict) -> bool:
+    """Whether the registered method of the run maps a prompt against a label set (CLIP Surgery, the
+    decomposition): its map of a word alone then depends on the other words it was encoded with."""
+    from tclip_jax import methods
+
+    return run["method"] in methods.REGISTRY and methods.get(run["method"]).uses_label_set
 
 
 def _mapped_end(prompt, run: dict) -> Optional[int]:
