@@ -125,7 +125,7 @@ class PromptResult:
     tokens: TokenizedPrompt
     words: tuple[Word, ...]           # the explained words (punctuation dropped); () for prompt-level methods
     word_maps: tuple[MapResult, ...]  # one per word
-    phrase: MapResult                 # the whole prompt (TCLIP: the mean of its words' queries)
+    phrase: MapResult                 # the whole prompt (TCLIP: its words' mean query, or its pieces' weighted)
     similarity: Optional[np.ndarray]  # TCLIP: raw S [n_pieces, gh*gw] of the untranslated image; else None
 
 
