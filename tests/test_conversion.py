@@ -767,6 +767,16 @@ def _openai_layout(model: transformers.CLIPModel) -> dict:
     return {k: np.array(v, order="C") for k, v in out.items()}
 
 
+def assert_same_image_embeddings(clip, model: transformers.CLIPModel, images: np.ndarray) -> None:
+    images = images.astype(np.float32)
+    with torch.no_grad():
+        expected = model.get_image_features(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+    expected = getattr(expected, "pooler_output", expected)
+    with jax.default_matmul_precision("highest"):
+        ours = clip.model.apply({"params": clip.params}, images, method="encode_image").embeds
+    np.testing.assert_allclose(ours, expected.numpy(), atol=1e-4, rtol=0)
+
+
 def _open_clip_folder(folder, state_dict, vision=None, text=None, **model_cfg):
     folder.mkdir(exist_ok=True)
     safetensors.numpy.save_file(state_dict, folder / "open_clip_model.safetensors")
@@ -822,13 +832,7 @@ def test_open_clip_layer_norm_eps_matches_transformers(tmp_path):
                                embed_dim=32)
     clip = load_clip(folder)
     assert clip.config.layer_norm_eps == 1e-2
-    images = np.random.default_rng(1).standard_normal((2, 64, 64, 3)).astype(np.float32)
-    with torch.no_grad():
-        expected = model.get_image_features(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
-    expected = getattr(expected, "pooler_output", expected)
-    with jax.default_matmul_precision("highest"):
-        ours = clip.model.apply({"params": clip.params}, images, method="encode_image").embeds
-    np.testing.assert_allclose(ours, expected.numpy(), atol=1e-4, rtol=0)
+    assert_same_image_embeddings(clip, model, np.random.default_rng(1).standard_normal((2, 64, 64, 3)))
 
 
 def test_a_bare_state_dict_at_an_open_clip_wide_head_width_gets_its_heads(tmp_path, monkeypatch):
@@ -847,13 +851,7 @@ def test_a_bare_state_dict_at_an_open_clip_wide_head_width_gets_its_heads(tmp_pa
                                          "OpenCLIP's ViT-test, so 4 heads of 32 are assumed"):
         clip = load_clip(tmp_path / "bare.safetensors", activation="quick_gelu")
     assert clip.config.vision_heads == 4
-    images = np.random.default_rng(1).standard_normal((1, 64, 64, 3)).astype(np.float32)
-    with torch.no_grad():
-        expected = model.get_image_features(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
-    expected = getattr(expected, "pooler_output", expected)
-    with jax.default_matmul_precision("highest"):
-        ours = clip.model.apply({"params": clip.params}, images, method="encode_image").embeds
-    np.testing.assert_allclose(ours, expected.numpy(), atol=1e-4, rtol=0)
+    assert_same_image_embeddings(clip, model, np.random.default_rng(1).standard_normal((1, 64, 64, 3)))
 
 
 def test_convert_overwrite_replaces_only_a_converted_checkpoint_that_does_not_hold_the_source(tmp_path, fixtures_dir,
