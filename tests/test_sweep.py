@@ -976,6 +976,31 @@ def test_a_signal_swallowed_by_a_garbage_collector_callback_still_ends_tclip(rai
     assert sys.unraisablehook is hook  # put back for the caller
 
 
+def test_overlapping_commands_in_threads_leave_no_interrupt_redelivery_behind(monkeypatch):
+    """Two `main` calls from threads that end out of order: the first restored the original hook while the second
+    ran, and the second then put the first's back, which went on turning later unraisable KeyboardInterrupts in
+    the process into real signals. Whatever hook is left passes them on as the original would."""
+    import types
+
+    import tclip_jax.cli as cli
+
+    passed_on, killed = [], []
+    monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
+    monkeypatch.setattr(cli.os, "kill", lambda *args: killed.append(args))
+    durations = iter([0.3, 0.8])
+    monkeypatch.setattr(cli, "_main", lambda argv: time.sleep(next(durations)) or 0)
+    first, second = (threading.Thread(target=cli.main, args=([],)) for _ in range(2))
+    first.start()
+    time.sleep(0.1)
+    second.start()
+    first.join()
+    second.join()
+    swallowed = types.SimpleNamespace(exc_value=KeyboardInterrupt(), exc_type=KeyboardInterrupt)
+    sys.unraisablehook(swallowed)
+    time.sleep(0.2)  # past a redelivery's delay
+    assert passed_on == [swallowed] and killed == []
+
+
 def test_a_ctrl_c_while_tclip_starts_is_one_line(monkeypatch, capsys):
     """Building the parser imports OpenCV and numpy (and the command imports jaxlib with Ctrl-C held: interrupted
     inside its native start-up, the interpreter crashed on its way out)."""

@@ -54,7 +54,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _main(argv)
     finally:
-        sys.unraisablehook = redelivery.previous_hook
+        if sys.unraisablehook is redelivery:  # else a later hook (another main, in a thread) holds it: left in place
+            sys.unraisablehook = redelivery.previous_hook
         redelivery.close()
 
 
@@ -158,9 +159,10 @@ class _InterruptRedelivery:
     def __init__(self, previous_hook):
         self.previous_hook = previous_hook
         self.timers: list[threading.Timer] = []
+        self.active = True
 
     def __call__(self, unraisable) -> None:
-        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        if self.active and isinstance(unraisable.exc_value, KeyboardInterrupt):
             number = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
             timer = threading.Timer(self.DELAY_S, os.kill, (os.getpid(), number))
             timer.daemon = True
@@ -170,7 +172,9 @@ class _InterruptRedelivery:
             self.previous_hook(unraisable)
 
     def close(self) -> None:
-        for timer in self.timers:  # the command has ended: nothing left to interrupt
+        """The command has ended: nothing left to interrupt; still in a chain of hooks, it passes everything on."""
+        self.active = False
+        for timer in self.timers:
             timer.cancel()
 
 
