@@ -879,3 +879,11 @@ def test_convert_overwrite_replaces_only_a_converted_checkpoint_that_does_not_ho
     for out in (converted, tmp_path / "empty"):  # what --overwrite is for
         assert tclip(["convert", str(source), "--out", str(out), "--overwrite", "--float16"]) == 0
         assert sorted(p.name for p in out.iterdir()) == ["params.safetensors", "tclip_config.json"]
+
+
+def test_a_config_reading_the_highest_id_is_written_as_earlier_versions_wrote_it():
+    """eot_token_id None is the default and left out of the JSON, so that folders converted now load in earlier
+    installs (which refuse unknown keys); an id round-trips."""
+    assert "eot_token_id" not in SMALL.to_dict() and CLIPConfig.from_dict(SMALL.to_dict()) == SMALL
+    named = dataclasses.replace(SMALL, eot_token_id=49407)
+    assert CLIPConfig.from_dict(json.loads(json.dumps(named.to_dict()))) == named

@@ -74,7 +74,10 @@ class CLIPConfig:
         return self.image_size // self.patch_size
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if values["eot_token_id"] is None:  # the default, left out: a folder earlier versions can read
+            del values["eot_token_id"]
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "CLIPConfig":
