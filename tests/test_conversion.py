@@ -868,8 +868,7 @@ def test_convert_overwrite_replaces_only_a_converted_checkpoint_that_does_not_ho
     for source_named, out, message in [
             (models / "tiny.npz", models, f"{models} holds {models / 'tiny.npz'}, which replacing it would delete"),
             (tmp_path / "linked" / "tiny.npz", models, f"{models} holds {tmp_path / 'linked' / 'tiny.npz'}, which"),
-            (source, models, f"{models} is not a converted checkpoint (it has no tclip_config.json) and is not empty"),
-            (converted, converted, f"{converted} holds {converted}, which replacing it would delete")]:
+            (source, models, f"{models} is not a converted checkpoint (it has no tclip_config.json) and is not empty")]:
         before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
         assert tclip(["convert", str(source_named), "--out", str(out), "--overwrite"]) == 2
         error = capsys.readouterr().err
@@ -879,6 +878,14 @@ def test_convert_overwrite_replaces_only_a_converted_checkpoint_that_does_not_ho
     for out in (converted, tmp_path / "empty"):  # what --overwrite is for
         assert tclip(["convert", str(source), "--out", str(out), "--overwrite", "--float16"]) == 0
         assert sorted(p.name for p in out.iterdir()) == ["params.safetensors", "tclip_config.json"]
+    # A converted folder converted in place is read whole before it is replaced: the same model (float16-exact
+    # weights), stored as float32 now.
+    before = load_clip(converted)
+    assert tclip(["convert", str(converted), "--out", str(converted), "--overwrite"]) == 0
+    after = load_clip(converted)
+    assert after.config == before.config
+    for ours, theirs in zip(jax.tree_util.tree_leaves(after.params), jax.tree_util.tree_leaves(before.params)):
+        np.testing.assert_array_equal(ours, theirs)
 
 
 def test_a_config_reading_the_highest_id_is_written_as_earlier_versions_wrote_it():

@@ -24,14 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from tclip_jax.checkpoints.folder import CONFIG_FILE, save_checkpoint
+    from tclip_jax.checkpoints.folder import CONFIG_FILE, is_checkpoint, save_checkpoint
     from tclip_jax.checkpoints.load import load_any, tokenizer_of
     from tclip_jax.files import check_output_folder, check_replaceable
 
     out = check_output_folder(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
-    check_replaceable(out, CONFIG_FILE, "a converted checkpoint", inputs=[pathlib.Path(args.source).expanduser()])
+    source = pathlib.Path(args.source).expanduser()
+    # A converted folder converted in place (to float16, say) is read whole before the new folder replaces it.
+    in_place = out.exists() and source.exists() and source.resolve() == out.resolve() and is_checkpoint(out)
+    check_replaceable(out, CONFIG_FILE, "a converted checkpoint", inputs=[] if in_place else [source])
     start = time.perf_counter()
     converted = load_any(args.source, source=args.source_format, activation=args.activation)
     tokenizer_of(converted)  # what loading the written folder would refuse, refused before writing it
