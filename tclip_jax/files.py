@@ -64,6 +64,8 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[path
     saving its only checkpoint so lost it). What lands gets the modes a plain mkdir / open would give under the
     umask (mkdtemp makes folders 0700 and safetensors writes files 0600, which would keep collaborators out)."""
     target = pathlib.Path(target)
+    if target.is_symlink() and not target.exists():
+        raise ValueError(f"{target} is a link to nothing; remove it or name another folder")
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} is a file, not a folder")
     if target.exists() and not overwrite:

@@ -1,5 +1,6 @@
 """`tclip explain` end to end: files per image, result.json contents, baselines, and clear errors."""
 import json
+import shutil
 
 import numpy as np
 
@@ -229,3 +230,11 @@ def test_a_run_replaces_only_what_tclip_explain_wrote_and_refuses_before_loading
     assert "index.html is not a page tclip explain wrote" in capsys.readouterr().err
     assert (tmp_path / "out" / "index.html").read_text() == "<html>my page</html>"
     assert tclip(["explain", "cat/cat.png", "--prompt", "red", "--no-html", *run]) == 0
+    # What a file browser drops into a result does not make it the user's; a link where the folder goes is refused
+    # up front (a link to nothing failed only at the end, after the maps were computed).
+    (tmp_path / "out" / "cat" / ".DS_Store").write_bytes(b"\0")
+    assert tclip(["explain", "cat/cat.png", "--prompt", "red", "--no-html", *run]) == 0
+    shutil.rmtree(tmp_path / "out" / "cat")
+    (tmp_path / "out" / "cat").symlink_to(tmp_path / "gone")
+    assert tclip(["explain", "cat/cat.png", "--prompt", "red", "--no-html", *nowhere[2:4], "--out", "out"]) == 2
+    assert "cat is a symbolic link where this run writes the results of an image" in capsys.readouterr().err

@@ -28,6 +28,8 @@ from typing import Optional
 from tclip_jax.cli.common import add_method_arguments, build_method
 
 NO_COMPARE = "none"
+# What file browsers drop into any folder they show (an earlier result stays one with them).
+OS_METADATA_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +74,9 @@ def check_replaced(out: pathlib.Path, images: list[str], names: list[str], page:
 
     for name in names:
         folder = out / name
+        if folder.is_symlink():  # a link (to nothing, say) is not a folder this run wrote
+            raise ValueError(f"{folder} is a symbolic link where this run writes the results of an image; move it or "
+                             "choose another --out")
         if not folder.exists():
             continue
         if not folder.is_dir():
@@ -110,7 +115,8 @@ def _foreign_entry(folder: pathlib.Path) -> Optional[str]:
                    *(m["overlay"] for entry in record["prompts"] for m in [*entry["words"], entry["phrase"]])}
     except (KeyError, TypeError):
         return "its result.json is not one tclip explain wrote"
-    foreign = next((path for path in entries if path.name not in written or not path.is_file()), None)
+    foreign = next((path for path in entries
+                    if path.name not in written | OS_METADATA_FILES or not path.is_file()), None)
     return None if foreign is None else f"it holds {foreign.name}, which tclip explain did not write"
 
 
