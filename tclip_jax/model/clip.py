@@ -11,8 +11,10 @@ information bottleneck between blocks) call the model's own pieces on a bound mo
 `vision.run_blocks(x, start)`, `vision.project(x)`. `attend` is the one attention kernel they share.
 
 Images are NHWC and already normalized (see `tclip_jax.image`). Token ids follow OpenAI's
-`clip.tokenize` (SOT ... EOT, zero padding); the text embedding is read at the first maximal id,
-which is the end-of-text token for that convention and for Hugging Face's EOT padding alike.
+`clip.tokenize` (SOT ... EOT, zero padding); the text embedding is read where `eot_positions` says: at the
+first maximal id (OpenAI's and OpenCLIP's argmax: the end-of-text token for that convention and for Hugging Face's
+EOT padding alike), or, when the config names `eot_token_id` (a Hugging Face config with a current eos_token_id and
+tokens added after end-of-text), at that token's first occurrence, as transformers reads it.
 """
 from __future__ import annotations
 
