@@ -53,7 +53,7 @@ def test_a_word_alone_under_a_label_set_method_says_what_it_was_mapped_against(f
     image = notebook.fetch_image(str(fixtures_dir / "scene_224.png"))
     explorer = notebook.compare(surgery, image, ["a red circle"], "tclip")
     fragment = explorer._repr_html_()
-    assert json.dumps("the prompt “red” alone, against the page's 3 words as its label set (a prompt-level method "
+    assert json.dumps("the prompt “red” alone, against the page's words as its label set (a prompt-level method "
                       "has no per-word map)") in fragment
     np.testing.assert_array_equal(explorer.views[0].words_alone.prompts[1].phrase.heatmap,
                                   surgery.explain(image, ["a", "red", "circle"]).prompts[1].phrase.heatmap)

@@ -174,8 +174,7 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
             if view.words_alone is not None:
                 for w, word in enumerate(prompt_words):
                     alone = view.words_alone.prompts[alone_index[word["text"]]].phrase
-                    against = (f", against the page's {len(alone_index)} words as its label set"
-                               if _uses_label_set(result.run) else "")
+                    against = ", against the page's words as its label set" if _uses_label_set(result.run) else ""
                     maps[f"p{p}w{w}"] = _map(alone, f"the prompt {_quote(word['text'])} alone{against} (a "
                                              f"prompt-level method has no per-word map)", blobs, size_hw)
             phrase_text = f"the prompt {quoted}"
