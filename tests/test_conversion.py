@@ -267,27 +267,43 @@ def test_hugging_face_folder_matches_transformers(tmp_path, inputs, weights):
 
 
 @pytest.mark.parametrize("weights", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
-def test_a_sharded_hub_repository_is_downloaded_whole(tmp_path, monkeypatch, weights):
+def test_a_sharded_hub_repository_is_downloaded_whole_and_alone(tmp_path, monkeypatch, weights):
+    """The shards loading reads are fetched, and not the other layouts a repository ships (LAION's hold
+    safetensors and .bin shards and OpenCLIP's file, each gigabytes); offline, the local cache is read."""
     import fnmatch
 
     torch.manual_seed(0)
     repository = save_hugging_face(transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))),
                                    tmp_path / "repository", weights)
+    read = sorted(p.name for p in repository.iterdir())
+    others = ["open_clip_pytorch_model.bin", "pytorch_model-00001-of-00009.bin" if weights.startswith("model")
+              else "model-00001-of-00009.safetensors"]
+    for name in others:  # another layout's weights, never read here
+        (repository / name).write_bytes(b"not fetched")
+    fetched = tmp_path / "snapshot"
 
-    def snapshot_download(repo_id, allow_patterns, **_):  # the hub's: only the files the patterns match
+    def snapshot_download(repo_id, allow_patterns, local_files_only=False, **_):  # the hub's: the matching files
         assert repo_id == "someone/sharded-clip"
-        (tmp_path / "snapshot").mkdir(exist_ok=True)
-        for path in repository.iterdir():
-            if any(fnmatch.fnmatch(path.name, pattern) for pattern in allow_patterns):
-                shutil.copy(path, tmp_path / "snapshot")
-        return str(tmp_path / "snapshot")
+        if not local_files_only:
+            fetched.mkdir()
+            for path in repository.iterdir():
+                if any(fnmatch.fnmatch(path.name, pattern) for pattern in allow_patterns):
+                    shutil.copy(path, fetched)
+        return str(fetched)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id: [p.name for p in repository.iterdir()])
     downloaded = load_clip("someone/sharded-clip")
-    assert sorted(p.name for p in (tmp_path / "snapshot").iterdir()) == sorted(p.name for p in repository.iterdir())
+    assert sorted(p.name for p in fetched.iterdir()) == read
     direct = load_clip(repository)
     for ours, expected in zip(jax.tree_util.tree_leaves(downloaded.params), jax.tree_util.tree_leaves(direct.params)):
         np.testing.assert_array_equal(ours, expected)
+
+    def offline(repo_id):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    assert load_clip("someone/sharded-clip").config == SMALL  # what the cache holds
 
 
 @pytest.mark.parametrize("weights", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])

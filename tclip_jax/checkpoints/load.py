@@ -255,7 +255,8 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
     if not path.exists():
         if not _is_hub_name(origin):
             raise FileNotFoundError(f"model not found: {origin} is neither a file, a folder nor a hub name")
-        folder = sources.download_from_hub(origin.removeprefix("hf-hub:"))
+        open_clip = origin.startswith("hf-hub:") or source == "open_clip"
+        folder = sources.download_from_hub(origin.removeprefix("hf-hub:"), open_clip_first=open_clip)
         converted = load_any(folder, "open_clip" if origin.startswith("hf-hub:") else source, activation)
         return dataclasses.replace(converted, origin=origin)
     if path.is_dir():

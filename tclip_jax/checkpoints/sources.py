@@ -217,9 +217,23 @@ def read_json(path: pathlib.Path) -> dict:
         raise ConversionError(f"{path} is not valid JSON: {err}") from None
 
 
-def download_from_hub(repo_id: str, flag: str = "the model") -> pathlib.Path:
-    """Downloads (or finds in the local hub cache) the files of a hub repository; returns its folder. `flag`: how
-    an offline user passes the folder instead (named in the error)."""
+def hub_weight_patterns(files: set[str], open_clip_first: bool = False) -> list[str]:
+    """What to fetch of the weights of a hub repository holding `files`: the one layout loading reads (the first
+    of `HF_WEIGHT_FILES` in a Hugging Face folder, an index with its shards; or OpenCLIP's file, first when
+    `open_clip_first`), not every layout the repository ships (LAION's hold several, each gigabytes)."""
+    hf = [f for f in HF_WEIGHT_FILES if f in files] if "config.json" in files else []
+    open_clip = [f for f in OPEN_CLIP_WEIGHT_FILES if f in files]
+    chosen = open_clip + hf if open_clip_first else hf + open_clip
+    if not chosen:  # nothing loading would read: let it say what is missing
+        return [*HF_WEIGHT_FILES, *HF_SHARD_FILES, *OPEN_CLIP_WEIGHT_FILES]
+    shards = dict(zip(("model.safetensors.index.json", "pytorch_model.bin.index.json"), HF_SHARD_FILES))
+    return [chosen[0], *([shards[chosen[0]]] if chosen[0] in shards else [])]
+
+
+def download_from_hub(repo_id: str, flag: str = "the model", open_clip_first: bool = False) -> pathlib.Path:
+    """Downloads (or finds in the local hub cache) a hub repository's configs, tokenizer files and the weights
+    loading reads (`hub_weight_patterns`); returns its folder. `flag`: how an offline user passes the folder
+    instead (named in the error)."""
     try:
         import huggingface_hub
         from huggingface_hub.utils import HfHubHTTPError
@@ -227,6 +241,8 @@ def download_from_hub(repo_id: str, flag: str = "the model") -> pathlib.Path:
         raise ImportError("loading hub names needs huggingface_hub: pip install huggingface_hub") from None
     patterns = ["*.json", "*.txt", *HF_WEIGHT_FILES, *HF_SHARD_FILES, *OPEN_CLIP_WEIGHT_FILES]
     try:
+        listed = set(huggingface_hub.list_repo_files(repo_id))
+        patterns = ["*.json", "*.txt", *hub_weight_patterns(listed, open_clip_first)]
         return pathlib.Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
     except HfHubHTTPError as err:
         raise ValueError(f"{repo_id!r} is not a downloadable hub repository: {err}") from None
