@@ -21,6 +21,7 @@ import numpy as np
 
 from tclip_jax.checkpoints import folder as checkpoint, sources
 from tclip_jax.checkpoints.convert import ConversionError, convert_state_dict, detect_format, infer_openai_config
+from tclip_jax.files import fingerprint
 from tclip_jax.model import CLIP, CLIPConfig, from_hf_config
 from tclip_jax.model.tokenizer import ClipTokenizer, default_tokenizer, is_tokenizer_folder
 
@@ -40,6 +41,17 @@ class LoadedClip:
     @property
     def config(self) -> CLIPConfig:
         return self.model.config
+
+
+def model_fingerprint(clip: LoadedClip) -> str:
+    """A digest that tells CLIPs apart, whatever path named them: their MLP activation and their projections, final
+    layer norms and positional embeddings rounded to float16 (so that a float16 conversion of a model is that
+    model). What ECLIP's projections and a sweep record of the model they were made with."""
+    visual, text = clip.params["visual"], clip.params["text"]
+    leaves = [visual["proj"], text["projection"], visual["positional_embedding"], text["positional_embedding"],
+              *jax.tree_util.tree_leaves(visual["ln_post"]), *jax.tree_util.tree_leaves(text["ln_final"])]
+    return fingerprint([clip.config.activation.encode(),
+                        *(repr(np.shape(leaf)).encode() + np.asarray(leaf, np.float16).tobytes() for leaf in leaves)])
 
 
 def load_clip(name_or_path: Optional[str | os.PathLike] = None, *, source: Optional[str] = None,

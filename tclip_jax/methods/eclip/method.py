@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from tclip_jax.checkpoints.load import LoadedClip
-from tclip_jax.files import fingerprint, write_bytes_atomic, write_text_atomic
+from tclip_jax.checkpoints.load import LoadedClip, model_fingerprint
+from tclip_jax.files import write_bytes_atomic, write_text_atomic
 from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, PromptMethod, QueryArrays
 from tclip_jax.methods.eclip.settings import Settings
 from tclip_jax.model import CLIP, CLIPConfig, l2_normalize
@@ -46,16 +46,6 @@ def clip_projections(params: dict) -> Projections:
     """CLIP's own projections (visual proj, text projection): where training starts."""
     return {"image": np.asarray(params["visual"]["proj"], np.float32),
             "text": np.asarray(params["text"]["projection"], np.float32)}
-
-
-def model_fingerprint(clip: LoadedClip) -> str:
-    """A digest that tells CLIPs apart: their MLP activation and their projections, final layer norms and
-    positional embeddings rounded to float16 (so that a float16 conversion of a model is that model)."""
-    visual, text = clip.params["visual"], clip.params["text"]
-    leaves = [visual["proj"], text["projection"], visual["positional_embedding"], text["positional_embedding"],
-              *jax.tree_util.tree_leaves(visual["ln_post"]), *jax.tree_util.tree_leaves(text["ln_final"])]
-    return fingerprint([clip.config.activation.encode(),
-                        *(repr(np.shape(leaf)).encode() + np.asarray(leaf, np.float16).tobytes() for leaf in leaves)])
 
 
 def projection_shapes(config: CLIPConfig) -> dict[str, tuple[int, int]]:

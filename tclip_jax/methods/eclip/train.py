@@ -38,12 +38,12 @@ import numpy as np
 import optax
 import safetensors.numpy
 
-from tclip_jax.checkpoints.load import LoadedClip
+from tclip_jax.checkpoints.load import LoadedClip, model_fingerprint
 from tclip_jax.files import check_output_folder, fingerprint, staged_folder
 from tclip_jax.image import CLIP_MEAN, CLIP_STD, image_size, load_image, prepare
 from tclip_jax.methods import common
 from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, Projections, clip_projections, image_features,
-                                            model_fingerprint, save_projections, text_features)
+                                            save_projections, text_features)
 from tclip_jax.methods.eclip.settings import TrainSettings
 from tclip_jax.model import CLIP, l2_normalize
 
