@@ -57,7 +57,7 @@ class Painted(Method):
     name = "painted"
 
     @classmethod
-    def from_pretrained(cls, name_or_path=None, activation=None, **settings):
+    def from_pretrained(cls, name_or_path=None, activation=None, dtype=None, **settings):
         return cls(None, cls.Settings.from_dict(settings))
 
     @property
