@@ -748,6 +748,43 @@ def test_a_sweep_does_not_resume_over_annotations_edited_since_it_began(coco_han
     assert "data_fingerprint" in json.loads((tmp_path / "out" / "sweep.json").read_text())
 
 
+def test_a_sweep_resumes_on_its_model_by_its_weights_not_by_the_path_as_typed(tiny_model, tmp_path, capsys,
+                                                                             monkeypatch):
+    """The model is compared by `model_fingerprint` (its weights and activation): the same file named another way
+    resumes; another model at the same path, or the same weights under another --activation, is refused."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(tiny_model, "m.npz")
+    sweep = ("synthetic", "--protocol", "bare_words", "--translations", "1")
+    assert main(_cli(*sweep, "--model", "m.npz", "--limit", "1", "--out", "out")) == 0
+    assert main(_cli(*sweep, "--model", "./m.npz", "--limit", "2", "--resume", "--out", "out")) == 0
+    assert main(_cli(*sweep, "--model", "./m.npz", "--limit", "2", "--out", "fresh")) == 0
+    for name in ("sweep.json", "report.json"):  # the origin recorded is the one the resume was named by
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    assert _report(tmp_path / "out")["config"]["run"]["model"]["activation"] == "quick_gelu"  # OpenAI's default
+    capsys.readouterr()
+    message = _fails(capsys, *sweep, "--model", "m.npz", "--activation", "gelu", "--limit", "3", "--resume",
+                     "--out", "out")
+    assert "run.model.activation (stored 'quick_gelu', now 'gelu')" in message and "whatever its path" in message
+    rng = np.random.default_rng(0)
+    with np.load(tiny_model) as weights:  # another training of the same architecture, put where the first was
+        retrained = {k: v + (0.1 * rng.standard_normal(v.shape) * v.std()).astype(v.dtype) if v.ndim >= 2 else v
+                     for k, v in weights.items()}
+    np.savez("m.npz", **retrained)
+    message = _fails(capsys, *sweep, "--model", "m.npz", "--limit", "3", "--resume", "--out", "out")
+    assert "run.model.fingerprint (stored '" in message and "not the sweep's model" in message
+    assert message.count("\n") == 1 and _lines(tmp_path / "out" / "results-p0.jsonl") == 2
+    # A sweep stored before models had fingerprints resumes as before: by its origin, as typed.
+    shutil.copy(tiny_model, "m.npz")
+    stored = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    for field in ("fingerprint", "activation"):
+        del stored["run"]["model"][field]
+    (tmp_path / "out" / "sweep.json").write_text(json.dumps(stored))
+    assert "run.model.origin (stored './m.npz', now 'm.npz')" in _fails(capsys, *sweep, "--model", "m.npz", "--limit",
+                                                                        "3", "--resume", "--out", "out")
+    assert main(_cli(*sweep, "--model", "./m.npz", "--limit", "3", "--resume", "--out", "out")) == 0
+    assert "fingerprint" in json.loads((tmp_path / "out" / "sweep.json").read_text())["run"]["model"]
+
+
 def test_datasets_fingerprint_their_annotations(tmp_path):
     from tclip_jax.evaluation.datasets import voc_dataset
     from test_datasets import write_voc

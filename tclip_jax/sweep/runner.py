@@ -19,7 +19,8 @@ A sample that cannot be read or scored (``ValueError``/``OSError``) is recorded 
 
 Resume: the records already on disk (any process's) name the samples that are done; they are skipped, and a
 torn last line left by a kill is dropped, so nothing is lost or counted twice. ``sweep.json`` holds the
-sweep's configuration; resuming with a different one is an error.
+sweep's configuration; resuming with a different one is an error. The model in it is told by its
+``model_fingerprint`` (weights and activation), not by its origin, the path as typed.
 
 Device waiting: a watcher thread notes when each batch finishes. The device is busy for batch k from
 max(its dispatch, batch k-1's finish) to its finish; after the first batch (which includes compilation) the
@@ -347,9 +348,17 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
     stored = read_config(out)
     if "data_fingerprint" in config:  # a sweep stored before datasets had fingerprints: nothing to check against
         stored.setdefault("data_fingerprint", config["data_fingerprint"])
-    if "matmul_dtype" in config["run"]["model"]:
+    model, stored_model = config["run"]["model"], stored.get("run", {}).get("model", {})
+    if "matmul_dtype" in model:
         # Sweeps stored before results recorded the matmul dtype ran float32 matmuls (the command line had no other).
-        stored.get("run", {}).get("model", {}).setdefault("matmul_dtype", "float32")
+        stored_model.setdefault("matmul_dtype", "float32")
+    if "fingerprint" in model:
+        if "fingerprint" in stored_model:
+            # The weights tell the model, not the path as typed (./m.npz is m.npz; a file replaced at the same path
+            # is another model): the origin is kept in sweep.json for people, not compared.
+            stored_model["origin"] = model["origin"]
+        else:  # a sweep stored before models had fingerprints (and activations): compared by its origin, as then
+            stored_model.update(fingerprint=model["fingerprint"], activation=model["activation"])
     changed = _changed_fields(stored, config)
     # samples(limit) are the samples of index below the limit, so a larger one keeps every stored record: a sweep
     # may grow on resume (--limit 50, then 500), never shrink (the records past the new limit would stay in it).
@@ -363,9 +372,11 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
                   "start a new --out)") if "data_fingerprint" in changed else ""
         shared = (" (its records name classes that share a name alike, as sweeps before 2026-12-05 did; start a "
                   "new --out)") if "shared_class_names" in changed else ""
+        other_model = (" (not the sweep's model, whatever its path: its weights or activation differ; name the "
+                       "sweep's model or start a new --out)") if "run.model.fingerprint" in changed else ""
         raise ValueError(f"cannot resume {out}: the sweep there differs in "
                          + "; ".join(f"{key} (stored {old!r}, now {new!r})" for key, (old, new) in changed.items())
-                         + shrinks + edited + shared)
+                         + shrinks + edited + shared + other_model)
 
 
 def _changed_fields(stored: dict, now: dict, prefix: str = "") -> dict[str, tuple]:
