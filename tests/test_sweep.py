@@ -852,6 +852,13 @@ def test_damaged_sweep_state_is_named(coco_hand, tmp_path, capsys):
     (out / "sweep.json").write_text("[]")
     assert "is not a tclip sweep configuration" in _fails(capsys, "coco", "--data", str(coco_hand), *method,
                                                           "--limit", "1", "--resume", "--out", str(out))
+    # Records without sweep.json: not a new sweep (which kept them as its own, whatever they were run with).
+    records = (out / "results-p0.jsonl").read_bytes()
+    (out / "sweep.json").unlink()
+    for resume in ((), ("--resume",)):
+        message = _fails(capsys, "coco", "--data", str(coco_hand), *method, "--limit", "2", *resume, "--out", str(out))
+        assert "holds sweep records (results-p0.jsonl) but no sweep.json" in message and message.count("\n") == 1
+    assert (out / "results-p0.jsonl").read_bytes() == records and not (out / "sweep.json").exists()
 
 
 def test_output_folders_that_cannot_be_written_are_named(coco_hand, tmp_path, capsys):

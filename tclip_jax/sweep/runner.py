@@ -54,8 +54,8 @@ from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query,
 from tclip_jax.sweep.options import RunOptions
 from tclip_jax.sweep.report import CONFIG_FILE, read_config, write_report
 from tclip_jax.sweep.sharding import DeviceMaps, DispatchedMaps, barrier, class_slots, owns
-from tclip_jax.sweep.store import (ResultWriter, drop_errors, files_to_retry, read_all_records, read_records,
-                                  results_path)
+from tclip_jax.sweep.store import (RESULTS_GLOB, ResultWriter, drop_errors, files_to_retry, read_all_records,
+                                  read_records, results_path)
 from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, UnitPictures
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
@@ -342,6 +342,11 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
     path = out / CONFIG_FILE
     check_output_folder(out)
     if not path.exists():
+        records = sorted(p.name for p in out.glob(RESULTS_GLOB))
+        if records:  # a new sweep would keep them and count them as its own
+            raise ValueError(f"{out} holds sweep records ({', '.join(records)}) but no {CONFIG_FILE}, which says what "
+                             f"they were run with, so they can be neither resumed nor added to: restore {CONFIG_FILE} "
+                             "or choose another --out")
         return
     if not resume:
         raise ValueError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
