@@ -611,6 +611,27 @@ def test_ctrl_c_ends_a_sweep_with_one_line_and_status_130_and_resume_finishes_it
     assert _report(out) == _report(coco_many_reference)
 
 
+def test_a_second_sweep_into_a_folder_in_use_is_refused_and_the_first_ends_as_if_alone(coco_many, coco_many_reference,
+                                                                                       tmp_path, capsys):
+    """Two sweeps into one --out at once wrote one results file, each under the other's sweep.json: while one
+    runs, another sweep there, or a --resume of it, is refused in one line naming the running one."""
+    out, release = tmp_path / "out", tmp_path / "release"
+    data = ("coco", "--data", str(coco_many), "--batch-size", "2", "--out", str(out))
+    first = _sweep_process(*data, "--method", "test_sweep:StallingPainted", "--workers", "1",
+                           env_extra={STALL_ENV: "4", RELEASE_ENV: str(release)})
+    deadline = time.monotonic() + 120
+    while _lines(out / "results-p0.jsonl") == 0 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for other in (("--resume",), ("--box-rule", "contour")):
+        message = _fails(capsys, *data, "--method", "test_sweep:Painted", *other)
+        assert f"another sweep (process {first.pid} on {socket.gethostname()}) is running in {out}" in message
+        assert message.count("\n") == 1
+    release.touch()
+    assert first.wait(timeout=120) == 0, first.stderr.read().decode()
+    assert _report(out) == _report(coco_many_reference) and not list(out.glob("*.lock"))
+    assert main(_cli(*data, "--method", "test_sweep:Painted", "--resume")) == 0  # once it has ended
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -653,7 +674,12 @@ def test_store_drops_a_torn_last_line_and_rejects_corruption(tmp_path):
             read_records(path)
     path.write_bytes(good)
     (tmp_path / "results-p1.jsonl").write_bytes(good)
-    with pytest.raises(ValueError, match="recorded twice"):
+    with pytest.raises(ValueError, match=f"sample 'a' is recorded in both {path} and {tmp_path / 'results-p1.jsonl'}: "
+                                         "the records in .* are not one sweep's .* run the sweep again in a new --out"):
+        read_all_records(tmp_path)
+    (tmp_path / "results-p1.jsonl").unlink()
+    path.write_bytes(good + good)
+    with pytest.raises(ValueError, match=f"sample 'a' is recorded twice in {path}: "):
         read_all_records(tmp_path)
 
 

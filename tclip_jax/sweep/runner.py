@@ -55,7 +55,7 @@ from tclip_jax.sweep.options import RunOptions
 from tclip_jax.sweep.report import CONFIG_FILE, read_config, write_report
 from tclip_jax.sweep.sharding import DeviceMaps, DispatchedMaps, barrier, class_slots, owns
 from tclip_jax.sweep.store import (RESULTS_GLOB, ResultWriter, drop_errors, files_to_retry, read_all_records,
-                                  read_records, results_path)
+                                  read_records, results_lock, results_path)
 from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, UnitPictures
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
@@ -120,7 +120,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     the annotations' fingerprint, template, limit and evaluation options it is stored in ``sweep.json`` and checked
     on resume, where only the limit may change, and only grow.
     """
-    out = pathlib.Path(out)
+    out = check_output_folder(out)
     process, processes = jax.process_index(), jax.process_count()
     run, shared = method.run_info(), shared_names(dataset.class_names)
     config = json.loads(json.dumps({"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "run": run,
@@ -129,48 +129,49 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                                     "evaluation": evaluation.to_dict(),
                                     **({"data_fingerprint": dataset.fingerprint} if dataset.fingerprint else {}),
                                     **({"shared_class_names": shared} if shared else {})}))
-    _check_config(out, config, options.resume)
-    queries = _Queries(method, class_queries(dataset.class_names, template))  # bad prompts fail before any write
-    barrier("tclip-sweep-checked")  # nobody writes before every process has checked
     created = not out.exists()
-    try:
-        if process == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            _write_json(out / CONFIG_FILE, config)
-        for path in files_to_retry(out, process, processes):  # a resumed sweep tries its failed samples again
-            drop_errors(path)
-        barrier("tclip-sweep-retry")
-        existing = read_all_records(out)
-        done = {record["key"] for record in existing}
-        gallery = UnitGallery(out / GALLERY_DIR, existing)  # report.html's best and worst unit per class
-        own_done = len(read_records(results_path(out, process)))
-        barrier("tclip-sweep-start")
+    barrier("tclip-sweep-seen")  # every process has looked before any makes the folder for its lock
+    with results_lock(out, process):  # checked and run by no other sweep meanwhile
+        try:
+            _check_config(out, config, options.resume)
+            queries = _Queries(method, class_queries(dataset.class_names, template))  # bad prompts: nothing written
+            barrier("tclip-sweep-checked")  # nobody writes before every process has checked
+            if process == 0:
+                _write_json(out / CONFIG_FILE, config)
+            for path in files_to_retry(out, process, processes):  # a resumed sweep tries its failed samples again
+                drop_errors(path)
+            barrier("tclip-sweep-retry")
+            existing = read_all_records(out)
+            done = {record["key"] for record in existing}
+            gallery = UnitGallery(out / GALLERY_DIR, existing)  # report.html's best and worst unit per class
+            own_done = len(read_records(results_path(out, process)))
+            barrier("tclip-sweep-start")
 
-        todo = ((sample.index, sample) for sample in dataset.samples(options.limit)
-                if owns(sample.index, process, processes) and sample.key not in done)
-        share = -(-(min(options.limit or dataset.size, dataset.size) - process) // processes)
-        suffix = f" [process {process}/{processes}]" if processes > 1 else ""
-        with ResultWriter(results_path(out, process)) as writer, \
-                tqdm(total=max(share - own_done, 0), unit="img", desc=f"sweep {dataset.name}{suffix}",
-                     disable=not options.progress) as bar:
-            def record(entry: dict) -> None:
-                writer.append(entry)
-                bar.update()
+            todo = ((sample.index, sample) for sample in dataset.samples(options.limit)
+                    if owns(sample.index, process, processes) and sample.key not in done)
+            share = -(-(min(options.limit or dataset.size, dataset.size) - process) // processes)
+            suffix = f" [process {process}/{processes}]" if processes > 1 else ""
+            with ResultWriter(results_path(out, process)) as writer, \
+                    tqdm(total=max(share - own_done, 0), unit="img", desc=f"sweep {dataset.name}{suffix}",
+                         disable=not options.progress) as bar:
+                def record(entry: dict) -> None:
+                    writer.append(entry)
+                    bar.update()
 
-            maps = DeviceMaps(method, jax.local_devices())
-            try:
-                throughput = _pipeline(todo, method, queries, maps, dataset, evaluation, options,
-                                       UnitPictures(out / "vis"), record, gallery)
-            finally:
-                maps.close()
-    except BaseException:
-        if created and process == 0 and not read_all_records(out):  # nothing to resume: leave nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    if throughput.images:  # a resume with nothing left to run keeps the rates of the run that did the work
-        _write_json(out / f"throughput-p{process}.json", dataclasses.asdict(throughput))
-    barrier("tclip-sweep-done")
-    return SweepResult(write_report(out) if process == 0 else None, throughput)
+                maps = DeviceMaps(method, jax.local_devices())
+                try:
+                    throughput = _pipeline(todo, method, queries, maps, dataset, evaluation, options,
+                                           UnitPictures(out / "vis"), record, gallery)
+                finally:
+                    maps.close()
+        except BaseException:
+            if created and process == 0 and not read_all_records(out):  # nothing to resume: leave nothing behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        if throughput.images:  # a resume with nothing left to run keeps the rates of the run that did the work
+            _write_json(out / f"throughput-p{process}.json", dataclasses.asdict(throughput))
+        barrier("tclip-sweep-done")
+        return SweepResult(write_report(out) if process == 0 else None, throughput)
 
 
 def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Queries", maps: DeviceMaps,
@@ -340,7 +341,6 @@ def _error_record(index: int, key: str, err: Exception) -> dict:
 
 def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
     path = out / CONFIG_FILE
-    check_output_folder(out)
     if not path.exists():
         records = sorted(p.name for p in out.glob(RESULTS_GLOB))
         if records:  # a new sweep would keep them and count them as its own

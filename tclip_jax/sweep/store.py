@@ -8,13 +8,19 @@
 - A resumed sweep tries its error records again (a missing file may be there now): `drop_errors` rewrites the
   file without them, whole or not at all, before the sweep reads what is done; each process its own file, and
   process 0 also the files of processes a resume on fewer processes does not have (`files_to_retry`).
+- A sweep holds ``<out>/results-p<process>.lock`` (`results_lock`, an exclusive ``flock``) for its whole run, so a
+  second sweep into the same folder, or a second --resume of it, is refused instead of writing the same file.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
 import re
+import socket
+from collections.abc import Iterator
 
 from tclip_jax.files import write_bytes_atomic
 
@@ -84,11 +90,46 @@ def read_all_records(out: pathlib.Path) -> list[dict]:
     records, seen = [], {}
     for path in sorted(out.glob(RESULTS_GLOB)):
         for record in read_records(path):
-            if record["key"] in seen:
-                raise ValueError(f"sample {record['key']!r} is recorded twice ({seen[record['key']]} and {path})")
-            seen[record["key"]] = path
+            key = record["key"]
+            if key in seen:
+                where = f"twice in {path}" if seen[key] == path else f"in both {seen[key]} and {path}"
+                raise ValueError(f"sample {key!r} is recorded {where}: the records in {out} are not one sweep's (two "
+                                 "sweeps wrote into it at once, which sweeps before 2026-12-05 did not prevent, or "
+                                 "results files were copied into it), so they cannot be resumed or reported; run "
+                                 "the sweep again in a new --out")
+            seen[key] = path
             records.append(record)
     return records
+
+
+@contextlib.contextmanager
+def results_lock(out: pathlib.Path, process_index: int) -> Iterator[None]:
+    """Holds this process's lock on ``out`` for the block, making the folder if need be: a second sweep into it is
+    refused at once, in one line. The lock file names its holder, and is removed when the block ends (the lock
+    itself goes with the process however it ends)."""
+    path = out / f"results-p{process_index}.lock"
+    while True:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(lock, 200).decode(errors="replace")
+            os.close(lock)
+            raise ValueError(f"another sweep{f' ({holder})' if holder else ''} is running in {out} (it holds "
+                             f"{path.name}); wait for it to end or choose another --out") from None
+        try:
+            if os.path.samestat(os.fstat(lock), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(lock)  # the file was removed by the sweep that held it, as it ended: lock the one there now
+    try:
+        os.write(lock, f"process {os.getpid()} on {socket.gethostname()}".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while held: a sweep that opened it meanwhile finds it gone once it locks it
+        os.close(lock)
 
 
 class ResultWriter:
