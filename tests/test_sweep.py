@@ -5,6 +5,7 @@ The stand-in method ``Painted`` paints nothing itself: the map of class k is 1 w
 equals k + 1 and 0 elsewhere, so the test images below decide every map, box and score exactly.
 """
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -541,6 +542,29 @@ def test_a_scoring_bug_stops_the_sweep_and_keeps_the_records_before_it(coco_many
     assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("tclip-")]
 
 
+def test_a_record_that_cannot_be_written_stops_the_sweep_and_resume_finishes_it(coco_many, coco_many_reference,
+                                                                                tmp_path, monkeypatch, capsys, caplog):
+    """A write that fails in a host thread (which writes a record as soon as its evaluation is done) ended in a
+    done-callback: concurrent.futures logged it, the record was lost and the sweep went on to exit 0."""
+    append, out = ResultWriter.append, tmp_path / "out"
+
+    def full_disk_in_a_host_thread(writer, record):
+        if threading.current_thread() is not threading.main_thread() and len(read_records(writer.path)) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(writer.path))
+        return append(writer, record)
+
+    monkeypatch.setattr(ResultWriter, "append", full_disk_in_a_host_thread)
+    args = ("coco", "--data", str(coco_many), "--method", "test_sweep:Painted", "--batch-size", "2", "--workers", "1",
+            "--out", str(out))
+    assert _fails(capsys, *args).splitlines() == [
+        f"tclip sweep: error: [Errno {errno.ENOSPC}] No space left on device: '{out / 'results-p0.jsonl'}'"]
+    assert not [r for r in caplog.records if r.name == "concurrent.futures"]  # "exception calling callback"
+    assert len(read_records(out / "results-p0.jsonl")) == 2 and not (out / "report.json").exists()
+    monkeypatch.undo()  # space again
+    assert main(_cli(*args, "--resume")) == 0
+    assert _report(out) == _report(coco_many_reference)
+
+
 # `python -m tclip_jax` with Ctrl-C as in a terminal, also where the suite runs with SIGINT ignored (a child then
 # inherits that, and Python installs no handler); no preexec_fn, which forks a multithreaded process.
 _CTRL_C_AS_IN_A_TERMINAL = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
@@ -672,6 +696,30 @@ def test_store_drops_a_torn_last_line_and_rejects_corruption(tmp_path):
         path.write_bytes(good + bad + b"\n")
         with pytest.raises(ValueError, match=f"line 2 is not a result record \\({problem}\\)"):
             read_records(path)
+    # A write cut short goes on; one that fails (a full disk) leaves a torn last line, and names the file.
+    class FullAfter:
+        def __init__(self, file, room):
+            self.file, self.room = file, room
+
+        def write(self, data):
+            if not self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written = self.file.write(data[:min(5, self.room)])
+            self.room -= written
+            return written
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    a, b = ({"key": key, "index": index, "units": []} for index, key in enumerate("ab"))
+    line_a, line_b = (json.dumps(record, sort_keys=True).encode() + b"\n" for record in (a, b))
+    path.write_bytes(b"")
+    with ResultWriter(path) as writer:
+        writer._file = FullAfter(writer._file, len(line_a) + 7)
+        writer.append(a)
+        with pytest.raises(OSError, match=f"No space left on device: '{path}'"):
+            writer.append(b)
+    assert path.read_bytes() == line_a + line_b[:7] and read_records(path) == [a]
     path.write_bytes(good)
     (tmp_path / "results-p1.jsonl").write_bytes(good)
     with pytest.raises(ValueError, match=f"sample 'a' is recorded in both {path} and {tmp_path / 'results-p1.jsonl'}: "

@@ -14,7 +14,7 @@ Pipeline (one process):
 - each finished record is appended to this process's results file (``store``) as soon as it and the images
   scored before it are done, by whichever thread finishes it; a sample that cannot be read or has no units is
   recorded when it is read, so it may come before images still being scored. The report orders records by
-  their dataset index.
+  their dataset index. The first record that cannot be written (a full disk) ends the sweep, in the main thread.
 A sample that cannot be read or scored (``ValueError``/``OSError``) is recorded with its error; the sweep goes on.
 
 Resume: the records already on disk (any process's) name the samples that are done; they are skipped, and a
@@ -212,15 +212,20 @@ class _InOrder:
     """Records host evaluations in submission order as soon as each is done, whichever thread finishes it.
 
     So a record reaches the disk while the main thread waits on a slow loader, and a kill loses no finished work.
+    The first record that cannot be written (a full disk) stops all recording, and `wait` or `record` raises its
+    error in the main thread: where a done-callback's thread wrote it, concurrent.futures would only log the error,
+    the record would be lost and the sweep go on.
     """
 
     def __init__(self, record: Callable[[dict], None]):
         self._record = record
         self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
         self._lock = threading.Lock()  # one writer at a time, and the order of the pending queue
+        self._write_error: Optional[Exception] = None
 
     def record(self, entry: dict) -> None:
         with self._lock:
+            self._raise_write_error()
             self._record(entry)
 
     def submit(self, evaluation: concurrent.futures.Future) -> None:
@@ -229,9 +234,11 @@ class _InOrder:
         evaluation.add_done_callback(lambda _: self._flush())
 
     def wait(self, keep: int) -> None:
-        """Blocks while more than `keep` evaluations are pending; raises a failed evaluation's error."""
+        """Blocks while more than `keep` evaluations are pending; raises a failed evaluation's error, or the
+        error of a record that could not be written."""
         while True:
             with self._lock:
+                self._raise_write_error()
                 front = self._pending[0] if self._pending else None
                 if front is None or (len(self._pending) <= keep and not (front.done() and front.exception())):
                     return
@@ -240,8 +247,18 @@ class _InOrder:
 
     def _flush(self) -> None:
         with self._lock:  # a failed evaluation stays at the front, for `wait` to raise
-            while self._pending and self._pending[0].done() and self._pending[0].exception() is None:
-                self._record(self._pending.popleft().result())
+            while (self._write_error is None and self._pending and self._pending[0].done()
+                   and self._pending[0].exception() is None):
+                try:
+                    self._record(self._pending[0].result())
+                except Exception as err:  # kept for the main thread (`_raise_write_error`)
+                    self._write_error = err
+                    return
+                self._pending.popleft()
+
+    def _raise_write_error(self) -> None:
+        if self._write_error is not None:
+            raise self._write_error
 
 
 def _prepare_ahead(pool: concurrent.futures.Executor, todo: Iterable[tuple[int, Sample]], method: Method,

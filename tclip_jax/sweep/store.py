@@ -1,7 +1,8 @@
 """Per-image results as JSON lines, one file per process, safe against being killed at any moment.
 
-- Each record is one line written with a single ``write``, then flushed and ``fsync``-ed, so a record on disk
-  is complete once ``append`` returns. A kill can only leave the last line torn: text after the final newline.
+- Each record is one line written unbuffered (a write cut short goes on with the rest), then ``fsync``-ed, so a
+  record on disk is complete once ``append`` returns. A kill, or a write that fails (a full disk), can only leave
+  the last line torn: text after the final newline; the sweep stops at the first write that fails.
 - Reading drops a torn last line; before appending, a writer truncates its own file back to the last newline,
   so the next record starts on a fresh line. Any other unreadable line is corruption and an error.
 - ``<out>/results-p<process>.jsonl`` holds one process's records; a report reads all of them.
@@ -140,12 +141,16 @@ class ResultWriter:
         if path.exists():
             data = path.read_bytes()
             os.truncate(path, len(data) - len(data.split(b"\n")[-1]))  # drop a torn last line
-        self._file = open(path, "ab")
+        self._file = open(path, "ab", buffering=0)  # unbuffered: nothing of a failed write is left to write later
 
     def append(self, record: dict) -> None:
-        self._file.write(_line(record))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        line = memoryview(_line(record))
+        try:
+            while line:  # a write cut short (a full disk) goes on with the rest, which then raises
+                line = line[self._file.write(line):]
+            os.fsync(self._file.fileno())
+        except OSError as err:  # which file: a full disk's error names none
+            raise OSError(err.errno, err.strerror, str(self.path)) from None
 
     def close(self) -> None:
         self._file.close()
