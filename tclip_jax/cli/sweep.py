@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import signal
+import threading
 
 from tclip_jax.cli.common import add_method_arguments, build_method
 
@@ -106,4 +108,10 @@ def _init_distributed(args: argparse.Namespace) -> None:
     if args.distributed or args.coordinator is not None:
         import jax
 
+        ours = signal.getsignal(signal.SIGTERM)
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        # The initialization starts JAX's preemption service, which takes SIGTERM over below Python (for its sync
+        # points, which a sweep does not use), so SIGTERM no longer ended the sweep: tclip's handler is set again.
+        # (jax_enable_preemption_service, the switch that turns the service off, is in jax 0.8.2 and later only.)
+        if ours is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, ours)
