@@ -239,6 +239,28 @@ def test_a_sweep_stored_before_the_matmul_dtype_was_recorded_resumes_as_float32(
         _check_config(tmp_path, now, resume=True)
 
 
+def test_a_sweep_begun_on_a_methods_earlier_maps_is_not_resumed(tmp_path):
+    """The similarity methods' and CLIP Surgery's maps changed (upsampled once, straight to the image): a sweep
+    stored before held the old maps, and resuming it mixed both in one report. Methods record their maps
+    version; a sweep stored before they did holds version 1."""
+    from tclip_jax.methods import METHODS
+    from tclip_jax.sweep.runner import _check_config
+
+    run = {"method": "clip_surgery", "model": {"origin": "m", "source": "hf", "architecture": None}, "settings": {},
+           "input_protocol": "whole"}
+    (tmp_path / "sweep.json").write_text(json.dumps({"run": run, "dataset": "coco", "limit": None, "evaluation": {}}))
+    now = {"run": {**run, "maps_version": METHODS["clip_surgery"].maps_version}, "dataset": "coco", "limit": None,
+           "evaluation": {}}
+    assert now["run"]["maps_version"] == 2
+    with pytest.raises(ValueError, match="run.maps_version \\(stored 1, now 2\\) \\(the method's maps changed since "
+                                         "the sweep began"):
+        _check_config(tmp_path, now, resume=True)
+    now["run"].update(method="tclip", maps_version=METHODS["tclip"].maps_version)  # unchanged since: resumed
+    (tmp_path / "sweep.json").write_text(json.dumps({"run": {**run, "method": "tclip"}, "dataset": "coco",
+                                                     "limit": None, "evaluation": {}}))
+    _check_config(tmp_path, now, resume=True)
+
+
 # ------------------------------------------------------------------------------ ImageNet-S, hand-computed
 def _ap(accuracy: float) -> float:
     """AP of a 0/1 relevance map over both channels: at score 1 precision = recall = accuracy, at 0 it is 1/2."""

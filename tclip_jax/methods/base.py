@@ -188,6 +188,10 @@ class Method(abc.ABC):
     input_protocol: ClassVar[InputProtocol] = "whole"  # how `prepare` feeds images in (TCLIP: a setting)
     explains_words: ClassVar[bool] = False  # maps each word of a prompt, not only the prompt
     uses_label_set: ClassVar[bool] = False  # a prompt's map depends on the label set it is encoded with
+    # Raised when a change makes the method's maps differ from those it made before (records say which they hold,
+    # and a sweep begun on other maps is not resumed): 2 for the similarity methods and CLIP Surgery since their
+    # grid maps are upsampled once, straight to the image (2026-12-05).
+    maps_version: ClassVar[int] = 1
 
     def __init__(self, clip: LoadedClip, settings: Optional[MethodSettings] = None):
         self.clip = clip
@@ -217,8 +221,8 @@ class Method(abc.ABC):
         model = {"origin": self.clip.origin, "source": self.clip.source, "architecture": architecture,
                  "activation": self.clip.config.activation, "fingerprint": model_fingerprint(self.clip),
                  "matmul_dtype": np.dtype(self.clip.model.dtype).name}
-        return {"method": self.name, "model": model, "settings": self.settings.to_dict(),
-                "input_protocol": self.input_protocol}
+        return {"method": self.name, "maps_version": self.maps_version, "model": model,
+                "settings": self.settings.to_dict(), "input_protocol": self.input_protocol}
 
     # ----------------------------------------------------------------------------------- the four parts
     def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Geometry]:

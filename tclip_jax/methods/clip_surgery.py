@@ -135,6 +135,7 @@ class CLIPSurgery(PromptMethod):
     name = "clip_surgery"
     Settings = CLIPSurgerySettings
     heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
+    maps_version = 2
     templates = CLIP_SURGERY_TEMPLATES
     uses_label_set = True
 

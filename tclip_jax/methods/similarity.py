@@ -86,6 +86,7 @@ class Similarity(PromptMethod):
 
     name = "similarity"
     heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
+    maps_version = 2
 
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
         return similarity_map(self.clip.model, params, pixels, queries.per_query).maps
@@ -96,6 +97,7 @@ class RCLIP(PromptMethod):
 
     name = "rclip"
     heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
+    maps_version = 2
 
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
         return rclip_map(self.clip.model, params, pixels, queries.per_query).maps
@@ -113,6 +115,7 @@ class MaskCLIP(PromptMethod):
     name = "maskclip"
     Settings = MaskCLIPSettings
     heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
+    maps_version = 2
 
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
         return maskclip_map(self.clip.model, params, pixels, queries.per_query,

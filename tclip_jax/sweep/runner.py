@@ -381,6 +381,8 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
             stored_model["origin"] = model["origin"]
         else:  # a sweep stored before models had fingerprints (and activations): compared by its origin, as then
             stored_model.update(fingerprint=model["fingerprint"], activation=model["activation"])
+    if "maps_version" in config["run"]:  # a sweep stored before methods recorded it holds their first maps
+        stored.get("run", {}).setdefault("maps_version", 1)
     changed = _changed_fields(stored, config)
     # samples(limit) are the samples of index below the limit, so a larger one keeps every stored record: a sweep
     # may grow on resume (--limit 50, then 500), never shrink (the records past the new limit would stay in it).
@@ -396,9 +398,11 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
                   "new --out)") if "shared_class_names" in changed else ""
         other_model = (" (not the sweep's model, whatever its path: its weights or activation differ; name the "
                        "sweep's model or start a new --out)") if "run.model.fingerprint" in changed else ""
+        other_maps = (" (the method's maps changed since the sweep began: its records hold the old ones; start a "
+                      "new --out)") if "run.maps_version" in changed else ""
         raise ValueError(f"cannot resume {out}: the sweep there differs in "
                          + "; ".join(f"{key} (stored {old!r}, now {new!r})" for key, (old, new) in changed.items())
-                         + shrinks + edited + shared + other_model)
+                         + shrinks + edited + shared + other_model + other_maps)
 
 
 def _changed_fields(stored: dict, now: dict, prefix: str = "") -> dict[str, tuple]:
