@@ -479,7 +479,9 @@ class PromptMethod(Method):
     def text_keys(self, prompts: Sequence[str]) -> list[bytes]:
         """Each prompt's token rows, as bytes: what the model tells texts apart by ("A red  circle" is "a red
         circle")."""
-        return [row.tobytes() for row in self.text_token_ids(prompts)]
+        with warnings.catch_warnings():  # a cut prompt is said where its features are computed, once
+            warnings.simplefilter("ignore")
+            return [row.tobytes() for row in self.text_token_ids(prompts)]
 
     def distinct_texts(self, prompts: Sequence[str]) -> dict[bytes, str]:
         """{`text_keys`: the first prompt with them}, for a label set whose members must differ (a set-dependent
