@@ -14,6 +14,10 @@ from collections.abc import Iterable, Iterator
 from typing import Optional
 
 
+# What file browsers drop into any folder they show: a run's output folder stays its own with them.
+OS_METADATA_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
 def fingerprint(parts: Iterable[bytes]) -> str:
     """A short digest that tells data apart (annotations, weights, a list of files), of its byte `parts` in order:
     what a resumed run compares with what it was started on."""

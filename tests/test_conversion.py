@@ -902,6 +902,11 @@ def test_convert_overwrite_replaces_only_a_converted_checkpoint_that_does_not_ho
     assert after.config == before.config
     for ours, theirs in zip(jax.tree_util.tree_leaves(after.params), jax.tree_util.tree_leaves(before.params)):
         np.testing.assert_array_equal(ours, theirs)
+    # A model card or log beside the weights (the embedded models have both) is not convert's to delete.
+    (converted / "README.md").write_text("the model's card")
+    assert tclip(["convert", str(converted), "--out", str(converted), "--overwrite", "--float16"]) == 2
+    assert "holds README.md, which tclip convert does not write" in capsys.readouterr().err
+    assert (converted / "README.md").read_text() == "the model's card"
 
 
 def test_a_config_reading_the_highest_id_is_written_as_earlier_versions_wrote_it():

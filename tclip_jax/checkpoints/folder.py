@@ -25,6 +25,7 @@ from tclip_jax.model.tokenizer import TOKENIZER_FILES
 
 PARAMS_FILES = ("params.safetensors", "params.npz")
 CONFIG_FILE = "tclip_config.json"
+TOKENIZER_DIR = "tokenizer"
 FORMAT_NAME = "tclip_jax"
 HEADER_FIELDS = ("format", "version", "config")  # what save_checkpoint writes itself; the rest is its metadata
 
@@ -94,10 +95,10 @@ def save_checkpoint(folder: str | os.PathLike, params: Mapping, config: CLIPConf
         header = {"format": FORMAT_NAME, "version": 1, "config": config.to_dict(), **(metadata or {})}
         (staging / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
         if tokenizer_dir is not None:  # its files only: a hub folder holds its weights beside them
-            (staging / "tokenizer").mkdir()
+            (staging / TOKENIZER_DIR).mkdir()
             for source in (pathlib.Path(tokenizer_dir) / name for name in TOKENIZER_FILES):
                 if source.is_file():
-                    shutil.copyfile(source, staging / "tokenizer" / source.name)
+                    shutil.copyfile(source, staging / TOKENIZER_DIR / source.name)
     return folder
 
 

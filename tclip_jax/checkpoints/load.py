@@ -114,7 +114,7 @@ class Converted:
 
 def _tokenizer_dir(folder: pathlib.Path) -> Optional[pathlib.Path]:
     """The folder's tokenizer (a converted folder's `tokenizer/`, or a hub folder's files beside its weights)."""
-    return next((c for c in (folder / "tokenizer", folder) if is_tokenizer_folder(c)), None)
+    return next((c for c in (folder / checkpoint.TOKENIZER_DIR, folder) if is_tokenizer_folder(c)), None)
 
 
 def _from_hf_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str, activation: Optional[str]) -> Converted:

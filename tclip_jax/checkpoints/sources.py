@@ -254,5 +254,6 @@ def download_from_hub(repo_id: str, flag: str = "the model", open_clip_first: bo
             pass
         raise ConnectionError(
             f"cannot fetch {repo_id!r} from the Hugging Face hub and it is not in the local cache "
-            f"({type(err).__name__}). On a machine with internet run `hf download {repo_id} "
-            f"--local-dir DIR`, copy DIR here and pass DIR as {flag}.") from None
+            f"({type(err).__name__}). On a machine with internet run `hf download {repo_id} --include '*.json' "
+            f"'*.txt' '*.safetensors' --local-dir DIR` (the safetensors weights, not every copy the repository "
+            f"holds), copy DIR here and pass DIR as {flag}.") from None

@@ -17,16 +17,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the MLP activation of a state dict that does not say it; a checkpoint that "
                         "says its own refuses another")
     parser.add_argument("--float16", action="store_true", help="store parameters as float16 (half the size)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a converted checkpoint "
-                        "(or empty) that does not hold SRC")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it is empty or a converted "
+                        "checkpoint holding only what convert writes, and SRC is not inside it (SRC itself may be "
+                        "--out: converted in place)")
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from tclip_jax.checkpoints.folder import CONFIG_FILE, is_checkpoint, save_checkpoint
+    from tclip_jax.checkpoints.folder import CONFIG_FILE, PARAMS_FILES, TOKENIZER_DIR, is_checkpoint, save_checkpoint
     from tclip_jax.checkpoints.load import load_any, tokenizer_of
-    from tclip_jax.files import check_output_folder, check_replaceable
+    from tclip_jax.files import OS_METADATA_FILES, check_output_folder, check_replaceable
 
     out = check_output_folder(args.out)
     if out.exists() and not args.overwrite:
@@ -35,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
     # A converted folder converted in place (to float16, say) is read whole before the new folder replaces it.
     in_place = out.exists() and source.exists() and source.resolve() == out.resolve() and is_checkpoint(out)
     check_replaceable(out, CONFIG_FILE, "a converted checkpoint", inputs=[] if in_place else [source])
+    written = {*PARAMS_FILES, CONFIG_FILE, TOKENIZER_DIR} | OS_METADATA_FILES
+    others = sorted(p.name for p in out.iterdir() if p.name not in written) if out.exists() else []
+    if others:  # a model card, a training log: replacing the folder would delete them
+        raise ValueError(f"{out} holds {', '.join(others)}, which tclip convert does not write and replacing the folder "
+                         "would delete; move them or choose another --out")
     start = time.perf_counter()
     converted = load_any(args.source, source=args.source_format, activation=args.activation)
     tokenizer_of(converted)  # what loading the written folder would refuse, refused before writing it

@@ -11,10 +11,12 @@ refused before the model loads (`check_replaced`).
 
 `--compare METHOD[:key=value,...]` (repeatable) runs more methods on the same images and prompts, on the same
 loaded model, for the explorer's compare view (and result.json's "compare" list). A TCLIP run compares with
-TCLIP K=1 (`tclip:translations=1`, 1/25 of the cost) unless `--compare none`. A compare method of the run's own
+TCLIP K=1 (`tclip:translations=1`, 1/25 of the cost) unless `--compare none` (or no page is written and no
+`--compare` given). A compare method of the run's own
 class starts from the run's settings, any other from its defaults with the run's host-step settings (box rule,
 truncation); `key=value` pairs override either. A prompt-level method is also run on each word alone as the
-prompt, which the page shows for that word (labelled so).
+prompt (a method that uses a label set, against the page's words as that set), which the page shows for that word
+(labelled so).
 """
 from __future__ import annotations
 
@@ -28,8 +30,6 @@ from typing import Optional
 from tclip_jax.cli.common import add_method_arguments, build_method
 
 NO_COMPARE = "none"
-# What file browsers drop into any folder they show (an earlier result stays one with them).
-OS_METADATA_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +95,7 @@ def check_replaced(out: pathlib.Path, images: list[str], names: list[str], page:
 
 def _foreign_entry(folder: pathlib.Path) -> Optional[str]:
     """Why `folder` is not empty or an earlier result of `write_result`, or None if it is."""
+    from tclip_jax.files import OS_METADATA_FILES
     from tclip_jax.methods.base import RESULT_SCHEMA
     from tclip_jax.visualize.explorer import DATA_SCRIPT
 
