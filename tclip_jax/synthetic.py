@@ -63,7 +63,9 @@ colour_noise, colour_stripes), no blur or JPEG, colours and shapes repeating as 
   scored: `wrong_mask` / `wrong_box` are B's (it must not land there), `gt_mask` / `gt_boxes` are A's.
 - ``many_objects``: 4 or 5 objects of 24-80 px (so that five fit); a full caption (colour_shape / shape_colour phrases, no relations); every
   colour and shape word is scored; `position` is the 1-based place of the word's phrase in the caption.
-- Out-of-style conditions, each the ``captions`` protocol with one factor changed: ``natural_background``
+- Out-of-style conditions, each the ``captions`` protocol with one factor changed (and so, through placement,
+  the number of objects that fit: an object that finds no room is left out; over 1000 held-out scenes captions
+  average 2.49 objects, non_square 2.89, small_objects 2.77, outlined 2.27): ``natural_background``
   ("natural" background), ``dark_background`` ("dark"), ``non_square`` (200 x 500 or 500 x 200 pixels, objects at
   scale 200 / DEFAULT_SIZE), ``small_objects`` (every object 16-24 px), ``blur`` (Gaussian, sigma 1-2 px),
   ``jpeg`` (quality 10-30), ``outlined`` (every object outlined).

@@ -239,6 +239,14 @@ def test_a_sweep_stored_before_the_matmul_dtype_was_recorded_resumes_as_float32(
         _check_config(tmp_path, now, resume=True)
 
 
+def test_a_template_that_would_change_nothing_in_a_synthetic_sweep_is_refused(tmp_path, capsys):
+    """A synthetic scene's queries are its words: --template changes only a label-set method's set. On TCLIP it was
+    recorded as used while the records were those of a sweep without it."""
+    assert main(["sweep", "synthetic", "--template", "a photo of a {}", "--limit", "1",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "--template makes the class prompts" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_a_sweep_begun_on_a_methods_earlier_maps_is_not_resumed(tmp_path):
     """The similarity methods' and CLIP Surgery's maps changed (upsampled once, straight to the image): a sweep
     stored before held the old maps, and resuming it mixed both in one report. Methods record their maps

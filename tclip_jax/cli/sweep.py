@@ -51,10 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     _init_distributed(args)
     from tclip_jax.evaluation.options import EvalOptions
+    from tclip_jax import methods
     from tclip_jax.sweep import RunOptions, run_sweep
 
     evaluation = EvalOptions.from_dict(EvalOptions.given_arguments(args))
     options = RunOptions.from_dict(RunOptions.given_arguments(args))
+    if args.dataset == "synthetic" and args.template is not None and not methods.get(args.method).uses_label_set:
+        raise ValueError(f"--template makes the class prompts, and a synthetic scene's queries are its own words: it "
+                         f"would change only the label set of a method that uses one (clip_surgery, decomposition), "
+                         f"not {args.method}'s maps, yet be recorded as used")
     dataset, source = _open_dataset(args, options.limit)
     result = run_sweep(dataset, build_method(args), args.out, source, args.template, evaluation, options)
     if result.report is not None:
