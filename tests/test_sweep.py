@@ -263,6 +263,10 @@ def test_a_sweep_begun_on_a_methods_earlier_maps_is_not_resumed(tmp_path):
     with pytest.raises(ValueError, match="run.maps_version \\(stored 1, now 2\\) \\(the method's maps changed since "
                                          "the sweep began"):
         _check_config(tmp_path, now, resume=True)
+    now["run"]["method"] = "similarity"  # another method: said so, not blamed on changed maps
+    with pytest.raises(ValueError, match="run.method") as refused:
+        _check_config(tmp_path, now, resume=True)
+    assert "maps changed" not in str(refused.value)
     now["run"].update(method="tclip", maps_version=METHODS["tclip"].maps_version)  # unchanged since: resumed
     (tmp_path / "sweep.json").write_text(json.dumps({"run": {**run, "method": "tclip"}, "dataset": "coco",
                                                      "limit": None, "evaluation": {}}))

@@ -400,7 +400,7 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
         other_model = (" (not the sweep's model, whatever its path: its weights or activation differ; name the "
                        "sweep's model or start a new --out)") if "run.model.fingerprint" in changed else ""
         other_maps = (" (the method's maps changed since the sweep began: its records hold the old ones; start a "
-                      "new --out)") if "run.maps_version" in changed else ""
+                      "new --out)") if "run.maps_version" in changed and "run.method" not in changed else ""
         raise ValueError(f"cannot resume {out}: the sweep there differs in "
                          + "; ".join(f"{key} (stored {old!r}, now {new!r})" for key, (old, new) in changed.items())
                          + shrinks + edited + shared + other_model + other_maps)
