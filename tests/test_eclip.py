@@ -405,3 +405,15 @@ def test_bad_inputs_give_one_line_errors(fixtures_dir, data_dir, tmp_path, capsy
     fails(explain + ["--option", f"projections={wrong}"], "do not fit the model")
     fails(explain + ["--option", "projection=x"], "unknown option 'projection'; known settings: box_rule, truncate, projections")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_contrastive_batch_of_one_pair_is_refused(clip, tmp_path):
+    """InfoNCE over one pair is 0 with no gradient: a batch size of 1, or data of one pair, trained nothing (the
+    projections were CLIP's own times AdamW's decay) and reported success."""
+    from tclip_jax.methods.eclip.train import TrainSettings, synthetic_pairs, train
+
+    with pytest.raises(ValueError, match="batch_size must be >= 2, got 1"):
+        TrainSettings(batch_size=1)
+    with pytest.raises(ValueError, match="holds 1 image-text pair\\(s\\); contrastive training needs at least 2"):
+        train(clip, synthetic_pairs(1), tmp_path / "one", TrainSettings(epochs=1, batch_size=2), progress=False)
+    assert not (tmp_path / "one").exists()

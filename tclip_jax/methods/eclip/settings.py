@@ -27,7 +27,8 @@ class TrainSettings(Options):
     """How the projections are trained (`tclip train-eclip`); the defaults are the paper's."""
 
     epochs: int = setting(10, "passes over the training pairs")
-    batch_size: int = setting(1024, "image-text pairs per step (the contrastive batch)")
+    batch_size: int = setting(1024, "image-text pairs per step (the contrastive batch; at least 2: one pair has no "
+                              "negatives, its loss is 0 with no gradient)")
     learning_rate: float = setting(1e-4, "AdamW learning rate")
     weight_decay: float = setting(0.05, "AdamW weight decay")
     seed: int = setting(0, "seed of the order of the pairs in each epoch")
@@ -35,7 +36,7 @@ class TrainSettings(Options):
     def __post_init__(self):
         super().__post_init__()
         integer("epochs", self.epochs, 1)
-        integer("batch_size", self.batch_size, 1)
+        integer("batch_size", self.batch_size, 2)
         integer("seed", self.seed, 0)
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")

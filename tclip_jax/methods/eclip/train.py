@@ -303,6 +303,9 @@ def train(clip: LoadedClip, pairs: Pairs, out: str | os.PathLike, settings: Trai
     from tqdm.auto import tqdm
 
     out = check_output_folder(out)
+    if pairs.count < 2:  # InfoNCE over one pair is 0 with no gradient: nothing would be trained
+        raise ValueError(f"{pairs.description} holds {pairs.count} image-text pair(s); contrastive training needs at "
+                         "least 2")
     checkpoint = out / CHECKPOINT_DIR
     if checkpoint.exists() and not resume:
         raise FileExistsError(f"{out} holds a training checkpoint: pass --resume to continue it, or choose another "
