@@ -491,6 +491,23 @@ def test_unknown_hub_name_offline(monkeypatch, tmp_path):
         load_clip("nobody/no-such-clip")
 
 
+def test_an_unreachable_hub_is_one_line_without_the_hub_librarys_retry_logs(monkeypatch, tmp_path, caplog):
+    """Offline, huggingface_hub logs each of its retries (ten lines over half a minute) before the one-line error;
+    those are silenced, and a repository already in the cache is read without trying the network."""
+    import logging
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+
+    def unreachable(repo_id):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", unreachable)
+    with caplog.at_level(logging.WARNING), pytest.raises(ConnectionError, match="cannot fetch 'nobody/clip'"):
+        load_clip("nobody/clip")
+    assert [r for r in caplog.records if r.name.startswith("huggingface_hub")] == []
+
+
 def test_hugging_face_weights_without_config(tmp_path):
     torch.manual_seed(0)
     model = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL)))

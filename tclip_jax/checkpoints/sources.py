@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import pickle
@@ -231,15 +232,24 @@ def hub_weight_patterns(files: set[str], open_clip_first: bool = False) -> list[
 
 
 def download_from_hub(repo_id: str, flag: str = "the model", open_clip_first: bool = False) -> pathlib.Path:
-    """Downloads (or finds in the local hub cache) a hub repository's configs, tokenizer files and the weights
-    loading reads (`hub_weight_patterns`); returns its folder. `flag`: how an offline user passes the folder
-    instead (named in the error)."""
+    """A hub repository's configs, tokenizer files and the weights loading reads (`hub_weight_patterns`): from the
+    local hub cache when it holds weights, else downloaded; returns its folder. `flag`: how an offline user passes
+    the folder instead (named in the error)."""
     try:
         import huggingface_hub
         from huggingface_hub.utils import HfHubHTTPError
     except ImportError:
         raise ImportError("loading hub names needs huggingface_hub: pip install huggingface_hub") from None
     patterns = ["*.json", "*.txt", *HF_WEIGHT_FILES, *HF_SHARD_FILES, *OPEN_CLIP_WEIGHT_FILES]
+    try:  # cached: no network (offline, the hub library retries for half a minute, logging each try)
+        cached = pathlib.Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        if hf_folder_files(cached) is not None or open_clip_folder_files(cached) is not None:
+            return cached
+    except Exception:  # not in the cache (huggingface_hub raises its own types)
+        pass
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry lines: the failure is said below, in one line
     try:
         listed = set(huggingface_hub.list_repo_files(repo_id))
         patterns = ["*.json", "*.txt", *hub_weight_patterns(listed, open_clip_first)]
@@ -247,13 +257,10 @@ def download_from_hub(repo_id: str, flag: str = "the model", open_clip_first: bo
     except HfHubHTTPError as err:
         raise ValueError(f"{repo_id!r} is not a downloadable hub repository: {err}") from None
     except Exception as err:  # offline, DNS failure, proxy: huggingface_hub raises many types
-        try:
-            return pathlib.Path(huggingface_hub.snapshot_download(
-                repo_id, allow_patterns=patterns, local_files_only=True))
-        except Exception:
-            pass
         raise ConnectionError(
             f"cannot fetch {repo_id!r} from the Hugging Face hub and it is not in the local cache "
             f"({type(err).__name__}). On a machine with internet run `hf download {repo_id} --include '*.json' "
             f"'*.txt' '*.safetensors' --local-dir DIR` (the safetensors weights, not every copy the repository "
             f"holds), copy DIR here and pass DIR as {flag}.") from None
+    finally:
+        hub_log.setLevel(level)
