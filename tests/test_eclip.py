@@ -318,6 +318,22 @@ def test_the_attention_of_a_hugging_face_vit(tmp_path):
     assert ViTAttention(str(tmp_path / "vit") + "/").fingerprint == attention.fingerprint  # spelt otherwise
 
 
+def test_loading_the_attention_model_draws_no_progress_bar_of_its_own(tmp_path, capsys):
+    """transformers' "Loading weights" bar is not train-eclip's to show (and its setting is put back)."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+    from transformers.utils import logging as transformers_logging
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=16), add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    capsys.readouterr()
+    transformers_logging.enable_progress_bar()
+    ViTAttention(tmp_path / "vit")
+    captured = capsys.readouterr()
+    assert "Loading" not in captured.err + captured.out and transformers_logging.is_progress_bar_enabled()
+
+
 def test_a_hub_attention_model_comes_from_the_hub_cache_and_offline_says_what_to_do(tmp_path, monkeypatch):
     import shutil
 

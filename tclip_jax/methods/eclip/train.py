@@ -189,8 +189,16 @@ class ViTAttention:
             if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1:  # not a hub "org/name"
                 raise FileNotFoundError(f"attention model folder {name} not found")
             folder = download_from_hub(name, flag="--dino")  # offline: one line that says what to do
-        self.model = ViTModel.from_pretrained(str(folder), add_pooling_layer=False, attn_implementation="eager",
-                                              trust_remote_code=False).eval()
+        from transformers.utils import logging as transformers_logging
+
+        shown = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # its "Loading weights" bar is not train-eclip's to show
+        try:
+            self.model = ViTModel.from_pretrained(str(folder), add_pooling_layer=False, attn_implementation="eager",
+                                                  trust_remote_code=False).eval()
+        finally:
+            if shown:
+                transformers_logging.enable_progress_bar()
         self.image_size = self.model.config.image_size
         self.patch_size = self.model.config.patch_size
         self.origin = name
