@@ -932,3 +932,27 @@ def test_a_config_reading_the_highest_id_is_written_as_earlier_versions_wrote_it
     assert "eot_token_id" not in SMALL.to_dict() and CLIPConfig.from_dict(SMALL.to_dict()) == SMALL
     named = dataclasses.replace(SMALL, eot_token_id=49407)
     assert CLIPConfig.from_dict(json.loads(json.dumps(named.to_dict()))) == named
+
+
+def test_a_cached_repository_is_used_only_if_it_holds_the_layout_asked_for(tmp_path, monkeypatch):
+    """An hf-hub: name asks for OpenCLIP's file: a cache holding only the Hugging Face layout of the repository (from
+    a load by its plain name) is not enough, so the file is fetched."""
+    from tclip_jax.checkpoints.sources import download_from_hub
+
+    cached = tmp_path / "cached"
+    cached.mkdir()
+    (cached / "config.json").write_text("{}")
+    (cached / "model.safetensors").write_bytes(b"")
+    fetched = []
+
+    def snapshot_download(repo_id, allow_patterns, local_files_only=False, **_):
+        if not local_files_only:
+            fetched.append(allow_patterns)
+        return str(cached)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                        lambda repo_id: ["config.json", "model.safetensors", "open_clip_model.safetensors"])
+    assert download_from_hub("laion/clip") == cached and fetched == []  # the Hugging Face layout is cached
+    download_from_hub("laion/clip", open_clip_first=True)
+    assert fetched == [["*.json", "*.txt", "open_clip_model.safetensors"]]
