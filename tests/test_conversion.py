@@ -878,8 +878,7 @@ def test_a_bare_state_dict_at_an_open_clip_wide_head_width_gets_its_heads(tmp_pa
     torch.manual_seed(0)
     model = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(small))).eval()
     safetensors.numpy.save_file(_openai_layout(model), tmp_path / "bare.safetensors")
-    monkeypatch.setitem(load_module.OPEN_CLIP_HEAD_WIDTHS, 128, 32)
-    monkeypatch.setitem(load_module.OPEN_CLIP_HEAD_WIDTHS_NAMES, 128, "ViT-test")
+    monkeypatch.setitem(load_module.OPEN_CLIP_HEAD_WIDTHS, 128, ("ViT-test", 32))
     with pytest.warns(UserWarning, match="does not store its head count; its image tower's width 128 is "
                                          "OpenCLIP's ViT-test, so 4 heads of 32 are assumed"):
         clip = load_clip(tmp_path / "bare.safetensors", activation="quick_gelu")

@@ -888,7 +888,7 @@ def test_a_sweep_does_not_resume_over_annotations_edited_since_it_began(coco_han
 
 def test_a_sweep_resumes_on_its_model_by_its_weights_not_by_the_path_as_typed(tiny_model, tmp_path, capsys,
                                                                              monkeypatch):
-    """The model is compared by `model_fingerprint` (its weights and activation): the same file named another way
+    """The model is compared by `LoadedClip.fingerprint` (its weights and activation): the same file named another way
     resumes; another model at the same path, or the same weights under another --activation, is refused."""
     monkeypatch.chdir(tmp_path)
     shutil.copy(tiny_model, "m.npz")

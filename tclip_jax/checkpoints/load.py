@@ -9,6 +9,7 @@ Hugging Face hub name (`openai/clip-vit-base-patch32`, or `hf-hub:laion/...` for
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -42,16 +43,18 @@ class LoadedClip:
     def config(self) -> CLIPConfig:
         return self.model.config
 
-
-def model_fingerprint(clip: LoadedClip) -> str:
-    """A digest that tells CLIPs apart, whatever path named them: their MLP activation and their projections, final
-    layer norms and positional embeddings rounded to float16 (so that a float16 conversion of a model is that
-    model). What ECLIP's projections and a sweep record of the model they were made with."""
-    visual, text = clip.params["visual"], clip.params["text"]
-    leaves = [visual["proj"], text["projection"], visual["positional_embedding"], text["positional_embedding"],
-              *jax.tree_util.tree_leaves(visual["ln_post"]), *jax.tree_util.tree_leaves(text["ln_final"])]
-    return fingerprint([clip.config.activation.encode(),
-                        *(repr(np.shape(leaf)).encode() + np.asarray(leaf, np.float16).tobytes() for leaf in leaves)])
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest that tells CLIPs apart, whatever path named them: their MLP activation and their projections,
+        final layer norms and positional embeddings rounded to float16 (so that a float16 conversion of a model is
+        that model). What ECLIP's projections and every result record of the model they were made with; computed
+        once (a few ms, which explain would spend on every image)."""
+        visual, text = self.params["visual"], self.params["text"]
+        leaves = [visual["proj"], text["projection"], visual["positional_embedding"], text["positional_embedding"],
+                  *jax.tree_util.tree_leaves(visual["ln_post"]), *jax.tree_util.tree_leaves(text["ln_final"])]
+        return fingerprint([self.config.activation.encode(), *(repr(np.shape(leaf)).encode()
+                                                                + np.asarray(leaf, np.float16).tobytes()
+                                                                for leaf in leaves)])
 
 
 def load_clip(name_or_path: Optional[str | os.PathLike] = None, *, source: Optional[str] = None,
@@ -132,8 +135,7 @@ def _from_hf_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str, ac
 
 # Image-tower widths of OpenCLIP's ViTs whose heads are not 64 wide (its model_configs: ViT-H, ViT-g, ViT-bigG,
 # ViT-e): a state dict does not store the head count, and OpenAI's rule (width / 64) splits these wrongly.
-OPEN_CLIP_HEAD_WIDTHS = {1280: 80, 1408: 88, 1664: 104, 1792: 112}
-OPEN_CLIP_HEAD_WIDTHS_NAMES = {1280: "ViT-H", 1408: "ViT-g", 1664: "ViT-bigG", 1792: "ViT-e"}
+OPEN_CLIP_HEAD_WIDTHS = {1280: ("ViT-H", 80), 1408: ("ViT-g", 88), 1664: ("ViT-bigG", 104), 1792: ("ViT-e", 112)}
 # OpenCLIP config fields that change what is computed but not the weight names, with the value this CLIP computes
 # (OpenCLIP's default): another value is refused, not ignored (CLIPA pools patches and drops ln_pre, SigLIP and the
 # worldwide MetaCLIPs bring other tokenizers and read the text embedding elsewhere). An empty dict counts as None.
@@ -244,11 +246,10 @@ def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: s
                           f"{other} needs --activation {other} (activation='{other}')", stacklevel=3)
     width = np.shape(state.arrays.get("visual.conv1.weight", ()))[:1]
     if "vision_head_dim" not in choices and width and width[0] in OPEN_CLIP_HEAD_WIDTHS:
-        choices["vision_head_dim"] = OPEN_CLIP_HEAD_WIDTHS[width[0]]
+        name, choices["vision_head_dim"] = OPEN_CLIP_HEAD_WIDTHS[width[0]]
         warnings.warn(f"{path} does not store its head count; its image tower's width {width[0]} is OpenCLIP's "
-                      f"{OPEN_CLIP_HEAD_WIDTHS_NAMES[width[0]]}, so {width[0] // choices['vision_head_dim']} heads "
-                      f"of {choices['vision_head_dim']} are assumed (a folder with its open_clip_config.json says "
-                      "otherwise)", stacklevel=3)
+                      f"{name}, so {width[0] // choices['vision_head_dim']} heads of {choices['vision_head_dim']} "
+                      "are assumed (a folder with its open_clip_config.json says otherwise)", stacklevel=3)
     config = infer_openai_config(state.arrays, activation=activation, **choices)
     params = convert_state_dict(state.arrays, config, "openai")
     return Converted(params, config, tokenizer_dir, source, origin)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tclip_jax.checkpoints.load import LoadedClip, load_clip, model_fingerprint
+from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_size, load_image, prepare,
                              to_original_on_device, upsample_bilinear)
 from tclip_jax.methods.common import causal_length_groups, minmax, text_features
@@ -214,12 +214,12 @@ class Method(abc.ABC):
 
     def run_info(self) -> dict:
         """What produced a result: method, model (its architecture if it is a preset's, its MLP activation, its
-        `model_fingerprint`, which tells models apart where the origin, a path as typed, does not, and the dtype
+        `LoadedClip.fingerprint`, which tells models apart where the origin, a path as typed, does not, and the dtype
         its matmuls take: float32 parameters, bfloat16 matmuls move boxes), settings and input protocol
         (JSON-ready)."""
         architecture = next((name for name, preset in PRESETS.items() if preset == self.clip.config), None)
         model = {"origin": self.clip.origin, "source": self.clip.source, "architecture": architecture,
-                 "activation": self.clip.config.activation, "fingerprint": model_fingerprint(self.clip),
+                 "activation": self.clip.config.activation, "fingerprint": self.clip.fingerprint,
                  "matmul_dtype": np.dtype(self.clip.model.dtype).name}
         return {"method": self.name, "maps_version": self.maps_version, "model": model,
                 "settings": self.settings.to_dict(), "input_protocol": self.input_protocol}

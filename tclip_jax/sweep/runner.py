@@ -20,7 +20,7 @@ A sample that cannot be read or scored (``ValueError``/``OSError``) is recorded 
 Resume: the records already on disk (any process's) name the samples that are done; they are skipped, and a
 torn last line left by a kill is dropped, so nothing is lost or counted twice. ``sweep.json`` holds the
 sweep's configuration; resuming with a different one is an error. The model in it is told by its
-``model_fingerprint`` (activation, projections, final norms, positional embeddings), not by its origin, the path
+``LoadedClip.fingerprint`` (activation, projections, final norms, positional embeddings), not by its origin, the path
 as typed.
 
 Device waiting: a watcher thread notes when each batch finishes. The device is busy for batch k from

@@ -11,7 +11,7 @@ model input and min-max normalized. The attention mask of training plays no part
 
 The projections file (`PROJECTIONS_FILE`, safetensors, never pickle) holds the arrays "image" and "text"; a JSON
 file beside it of the same name (eclip_projections.json) names the CLIP model it was trained on, with that model's
-`model_fingerprint`, the shapes and the training run. Loading refuses projections whose JSON records another
+`LoadedClip.fingerprint`, the shapes and the training run. Loading refuses projections whose JSON records another
 CLIP: widths alone do not tell models apart (ViT-B/32 and ViT-B/16 share theirs).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from tclip_jax.checkpoints.load import LoadedClip, model_fingerprint
+from tclip_jax.checkpoints.load import LoadedClip
 from tclip_jax.files import write_bytes_atomic, write_text_atomic
 from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, PromptMethod, QueryArrays
 from tclip_jax.methods.eclip.settings import Settings
@@ -103,7 +103,7 @@ def save_projections(path: str | os.PathLike, projections: Projections, clip: Lo
     arrays = {k: np.ascontiguousarray(projections[k], np.float32) for k in ("image", "text")}
     write_bytes_atomic(path, safetensors.numpy.save(arrays))
     info = {"format": PROJECTIONS_FORMAT, "version": 1,
-            "model": {"origin": clip.origin, "source": clip.source, "fingerprint": model_fingerprint(clip)},
+            "model": {"origin": clip.origin, "source": clip.source, "fingerprint": clip.fingerprint},
             "shapes": {k: list(v.shape) for k, v in arrays.items()}, "training": training}
     write_text_atomic(path.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
     return path
@@ -143,7 +143,7 @@ def _check_trained_on(info_path: pathlib.Path, clip: LoadedClip) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
         raise ValueError(f"{info_path} (what the projections beside it were trained on) is damaged: {err}") from None
     recorded = model.get("fingerprint")
-    if recorded is not None and recorded != model_fingerprint(clip):
+    if recorded is not None and recorded != clip.fingerprint:
         raise ValueError(f"ECLIP projections beside {info_path} were trained on another CLIP ({model.get('origin')}) "
                          f"than this one ({clip.origin}): their features differ, so the projections do not apply")
 

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 import safetensors.numpy
 
-from tclip_jax.checkpoints.load import LoadedClip, model_fingerprint
+from tclip_jax.checkpoints.load import LoadedClip
 from tclip_jax.files import check_output_folder, fingerprint, staged_folder
 from tclip_jax.image import CLIP_MEAN, CLIP_STD, image_size, load_image, prepare
 from tclip_jax.methods import common
@@ -323,7 +323,7 @@ def train(clip: LoadedClip, pairs: Pairs, out: str | os.PathLike, settings: Trai
     if not resume and (out / PROJECTIONS_FILE).exists():
         raise FileExistsError(f"{out} holds {PROJECTIONS_FILE} (of an earlier run): choose another --out, or move it")
     # What a resume compares: fingerprints, counts and settings, not how a path was spelt (origin, description).
-    run = {"model": {"origin": clip.origin, "source": clip.source, "fingerprint": model_fingerprint(clip)},
+    run = {"model": {"origin": clip.origin, "source": clip.source, "fingerprint": clip.fingerprint},
            "pairs": {"description": pairs.description, "fingerprint": pairs.fingerprint, "count": pairs.count},
            "attention": {"origin": "clip", "fingerprint": "clip"} if attention is None else
            {"origin": attention.origin, "fingerprint": attention.fingerprint},
