@@ -18,6 +18,14 @@ from typing import Optional
 OS_METADATA_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
 
+def unwritten_entries(folder: pathlib.Path, written: Iterable[str], files_only: bool = False) -> list[str]:
+    """The names in an existing `folder` that a run writing `written` (names) did not write, file browsers' files
+    aside (with `files_only`, a folder among them is not the run's either): what replacing `folder` would delete
+    of someone else's."""
+    allowed = set(written) | OS_METADATA_FILES
+    return sorted(p.name for p in folder.iterdir() if p.name not in allowed or (files_only and not p.is_file()))
+
+
 def fingerprint(parts: Iterable[bytes]) -> str:
     """A short digest that tells data apart (annotations, weights, a list of files), of its byte `parts` in order:
     what a resumed run compares with what it was started on."""

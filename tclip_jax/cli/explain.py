@@ -95,12 +95,11 @@ def check_replaced(out: pathlib.Path, images: list[str], names: list[str], page:
 
 def _foreign_entry(folder: pathlib.Path) -> Optional[str]:
     """Why `folder` is not empty or an earlier result of `write_result`, or None if it is."""
-    from tclip_jax.files import OS_METADATA_FILES
+    from tclip_jax.files import unwritten_entries
     from tclip_jax.methods.base import RESULT_SCHEMA
     from tclip_jax.visualize.explorer import DATA_SCRIPT
 
-    entries = sorted(folder.iterdir())
-    if not entries:
+    if not unwritten_entries(folder, ()):  # empty, but for a file browser's files
         return None
     try:
         record = json.loads((folder / "result.json").read_text(encoding="utf-8"))
@@ -116,9 +115,8 @@ def _foreign_entry(folder: pathlib.Path) -> Optional[str]:
                    *(m["overlay"] for entry in record["prompts"] for m in [*entry["words"], entry["phrase"]])}
     except (KeyError, TypeError):
         return "its result.json is not one tclip explain wrote"
-    foreign = next((path for path in entries
-                    if path.name not in written | OS_METADATA_FILES or not path.is_file()), None)
-    return None if foreign is None else f"it holds {foreign.name}, which tclip explain did not write"
+    foreign = unwritten_entries(folder, written - {None}, files_only=True)
+    return f"it holds {foreign[0]}, which tclip explain did not write" if foreign else None
 
 
 def write_result(views: list, image_path: str, folder: pathlib.Path, save_npz: bool) -> dict:

@@ -122,7 +122,8 @@ def _hilacam(model: CLIP, params: dict, images: Array, token_ids: Array, image_s
     image_embeds, image_relevance = jax.vmap(image_side)(images)          # [B, D], [B, T, n, n]
     text_relevance = jnp.swapaxes(jax.vmap(text_side)(token_ids), 0, 1)   # [B, T, context, context]
     maps = common.patch_grid(image_relevance[..., 0, :], grid)
-    return HilaCAMOutput(maps, image_relevance, text_relevance, text_scores(text_relevance, eot_positions(token_ids, config.eot_token_id)),
+    scores = text_scores(text_relevance, eot_positions(token_ids, config.eot_token_id))
+    return HilaCAMOutput(maps, image_relevance, text_relevance, scores,
                          scale * image_embeds @ texts.T)
 
 
