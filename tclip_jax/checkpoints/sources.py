@@ -27,6 +27,7 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
 HF_SHARD_FILES = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")  # the names transformers gives shards
 SHARD_INDEX_SUFFIX = ".index.json"
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+ALL_WEIGHT_FILES = (*HF_WEIGHT_FILES, *HF_SHARD_FILES, *OPEN_CLIP_WEIGHT_FILES)  # every layout loading reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +227,7 @@ def hub_weight_patterns(files: set[str], open_clip_first: bool = False) -> list[
     open_clip = [f for f in OPEN_CLIP_WEIGHT_FILES if f in files]
     chosen = open_clip + hf if open_clip_first else hf + open_clip
     if not chosen:  # nothing loading would read: let it say what is missing
-        return [*HF_WEIGHT_FILES, *HF_SHARD_FILES, *OPEN_CLIP_WEIGHT_FILES]
+        return list(ALL_WEIGHT_FILES)
     shards = dict(zip(("model.safetensors.index.json", "pytorch_model.bin.index.json"), HF_SHARD_FILES))
     return [chosen[0], *([shards[chosen[0]]] if chosen[0] in shards else [])]
 
@@ -240,7 +241,7 @@ def download_from_hub(repo_id: str, flag: str = "the model", open_clip_first: bo
         from huggingface_hub.utils import HfHubHTTPError
     except ImportError:
         raise ImportError("loading hub names needs huggingface_hub: pip install huggingface_hub") from None
-    patterns = ["*.json", "*.txt", *HF_WEIGHT_FILES, *HF_SHARD_FILES, *OPEN_CLIP_WEIGHT_FILES]
+    patterns = ["*.json", "*.txt", *ALL_WEIGHT_FILES]
     try:  # cached: no network (offline, the hub library retries for half a minute, logging each try)
         cached = pathlib.Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
         wanted = [open_clip_folder_files] if open_clip_first else [hf_folder_files, open_clip_folder_files]
