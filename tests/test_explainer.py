@@ -346,3 +346,28 @@ def test_explain_batch_gives_every_image_before_one_it_cannot_read_then_names_it
 def test_explain_batch_rejects_bad_options(no_translation, fixture_images, bad, message):
     with pytest.raises(ValueError, match=message):
         next(no_translation.explain_batch(list(fixture_images.values())[:1], PROMPTS, **bad))
+
+
+@pytest.mark.parametrize("name", ["tclip", "rollout"])
+def test_a_centre_crops_cut_off_pixels_move_no_threshold_and_no_box(tiny_clip, fixture_images, name):
+    # The maps fill the pixels the crop cut off (columns 0-39 and 280-319 of this 320x240 image) with their
+    # minimum; tau, Otsu's threshold and the box are those of the part the model saw, as if the image were cut.
+    from test_postprocess import _reference_box
+    from tclip_jax.methods import METHODS
+
+    method = METHODS[name](tiny_clip, METHODS[name].Settings.from_dict(
+        {"translations": 1, "input_protocol": "center_crop"} if name == "tclip" else {}))
+    result = method.explain(fixture_images["scene_wide_320x240"], ["a red circle next to a blue square"])
+    assert result.geometry.covered == (slice(0, 240), slice(40, 280))
+    maps = [*result.prompts[0].word_maps, result.prompts[0].phrase]
+    moved = 0
+    for m in maps:
+        region = m.heatmap[:, 40:280]
+        x1, y1, x2, y2 = _reference_box(region)
+        assert m.box == (x1 + 40, y1, x2 + 40, y2)
+        moved += m.box != heatmap_box(m.heatmap)
+        if name == "tclip":
+            assert m.gmm.tau == pytest.approx(gmm_threshold(region).tau, rel=1e-9)
+            moved += m.gmm.tau != pytest.approx(gmm_threshold(m.heatmap).tau, rel=1e-3)
+            np.testing.assert_allclose(m.soft[:, :12], region.min(), rtol=0, atol=1e-6)  # beyond the blur's 4 sigma
+    assert moved > 0  # the whole frame's threshold differs: the check above tells the two apart

@@ -647,6 +647,44 @@ def test_batched_host_step_equals_single_map_functions():
     np.testing.assert_array_equal(soft[-1], np.float32(2.0))
 
 
+@pytest.mark.parametrize("rule", ["component", "contour"])
+def test_the_host_step_fits_and_boxes_within_the_covered_window_alone(rule):
+    # What lies outside the part of the image the model saw (a centre crop's fill, here NaN and values above the
+    # maps') must not move tau, the minimum, Otsu's threshold or the box: each is the window's own, boxes in the
+    # whole map's coordinates, and the soft map is the window's floored map, its minimum outside, blurred whole.
+    shape, window = (150, 200), (slice(10, 140), slice(37, 163))
+    maps = np.stack([_heatmap_like(seed, shape) for seed in range(3)] + [np.full(shape, 2.0, np.float32)])
+    maps[:, :, :37] = np.nan
+    maps[:, :, 163:] = 1e3
+    maps[:, :10] = -1e3
+    soft, fits, found = soft_maps_and_boxes(maps, rule=rule, covered=window)
+    sigma = DEFAULT_SIGMA_FRACTION * max(shape)
+    for m, s, fit, box in zip(maps, soft, fits, found):
+        region = m[window]
+        alone = gmm_threshold(region)
+        assert fit.tau == pytest.approx(alone.tau, rel=1e-9) and fit.fallback == alone.fallback  # batched: last bits
+        x1, y1, x2, y2 = _reference_box(region, None, rule)
+        assert box == (x1 + 37, y1 + 10, x2 + 37, y2 + 10)
+        floored = np.full(shape, region.min(), np.float64)
+        floored[window] = np.where(region < np.float64(fit.tau), region.min(), region)
+        reference = ndimage.gaussian_filter(floored, sigma, mode="reflect", truncate=4.0)
+        assert np.abs(s - reference).max() <= 5e-4 * max(float(np.ptp(region)), 1e-6)
+    assert heatmap_boxes(maps, rule, covered=window) == found
+    assert heatmap_box(maps[0], rule=rule, covered=window) == found[0]
+    # A window of the whole map is no window.
+    whole = maps[:3, 10:140, 37:163]
+    assert soft_maps_and_boxes(whole, rule=rule, covered=(slice(0, 130), slice(None)))[2] == heatmap_boxes(whole, rule)
+
+
+@pytest.mark.parametrize("covered", [(slice(5, 5), slice(None)), (slice(0, 10, 2), slice(None)), (slice(0, 3),),
+                                     [slice(0, 3), slice(0, 3)]])
+def test_a_covered_window_that_is_no_window_is_refused(covered):
+    with pytest.raises(ValueError, match="covered"):
+        soft_maps_and_boxes(np.zeros((1, 8, 8)), covered=covered)
+    with pytest.raises(ValueError, match="covered"):
+        heatmap_boxes(np.zeros((1, 8, 8)), covered=covered)
+
+
 def test_batched_inputs_are_validated():
     with pytest.raises(ValueError, match="one shape"):
         soft_maps([np.zeros((3, 4)), np.zeros((4, 3))])

@@ -208,6 +208,9 @@ def test_to_original_agrees_with_point_mapping(protocol, shape_hw):
     with_nan = to_original(ramps, geometry, fill=np.nan)
     np.testing.assert_array_equal(np.isnan(with_nan[0]), ~inside)
     assert inside.all() == (protocol is whole_image)
+    covered = np.zeros(shape_hw, bool)
+    covered[geometry.covered] = True
+    np.testing.assert_array_equal(covered, inside)
 
 
 def test_to_original_marks_the_cropped_columns():

@@ -37,6 +37,8 @@ from tclip_jax.image import Geometry
 from tclip_jax.methods import METHODS
 from tclip_jax.methods.base import MapOutput, Method, QueryArrays
 from tclip_jax.methods.tclip import TCLIP
+from tclip_jax.postprocess import heatmap_box
+from tclip_jax.postprocess.boxes import box_in_map
 from tclip_jax.synthetic import heldout_seeds, protocol_sample
 from tclip_jax.sweep import ResultWriter, RunOptions, class_queries, read_all_records, read_records, run_sweep
 from tclip_jax.sweep.vis import file_stem
@@ -267,7 +269,7 @@ def test_a_sweep_begun_on_a_methods_earlier_maps_is_not_resumed(tmp_path):
     with pytest.raises(ValueError, match="run.method") as refused:
         _check_config(tmp_path, now, resume=True)
     assert "maps changed" not in str(refused.value)
-    now["run"].update(method="tclip", maps_version=METHODS["tclip"].maps_version)  # unchanged since: resumed
+    now["run"].update(method="tclip", maps_version=1)  # TCLIP's whole-image maps, unchanged since: resumed
     (tmp_path / "sweep.json").write_text(json.dumps({"run": {**run, "method": "tclip"}, "dataset": "coco",
                                                      "limit": None, "evaluation": {}}))
     _check_config(tmp_path, now, resume=True)
@@ -456,6 +458,25 @@ def test_caption_queries_of_a_set_dependent_method_keep_its_label_set(tiny_model
         for target, unit in zip(loaded.targets, records[sample.key]["units"], strict=True):
             assert tuple(unit["box"]) == tuple(phrase.box)
             assert unit["energy_in_mask"] == pytest.approx(energy_in_mask(phrase.heatmap, target.mask), abs=1e-6)
+
+
+def test_a_centre_crop_methods_sweep_boxes_what_the_model_saw_as_explain_does(tiny_model, tmp_path):
+    """Rollout (a centre crop) on 500x200 scenes: each unit's box is explain's, found in the part of the image
+    the crop kept (the maps' fill outside it moves Otsu's threshold otherwise)."""
+    method = METHODS["rollout"].from_pretrained(tiny_model)
+    dataset = synthetic_dataset(2, "non_square")
+    run_sweep(dataset, method, tmp_path, options=RunOptions(batch_size=2, progress=False))
+    records = {r["key"]: r for r in read_all_records(tmp_path)}
+    for sample in dataset.samples():
+        loaded = sample.load()
+        assert loaded.image.shape[0] != loaded.image.shape[1]
+        result = method.explain(loaded.image, [t.query.prompt for t in loaded.targets])
+        for prompt, unit in zip(result.prompts, records[sample.key]["units"], strict=True):
+            rows, columns = result.geometry.covered
+            assert (rows.stop - rows.start) * (columns.stop - columns.start) < loaded.image[..., 0].size
+            assert tuple(unit["box"]) == tuple(prompt.phrase.box)
+            assert unit["box"] == list(box_in_map(heatmap_box(prompt.phrase.heatmap[rows, columns]),
+                                                  result.geometry.covered))
 
 
 def test_class_queries_are_phrase_queries_and_templates_keep_the_name_words(tiny_model):

@@ -36,6 +36,20 @@ class Geometry:
                     f"lies outside the resized image {self.resized_hw}"
                 )
 
+    @property
+    def covered(self) -> tuple[slice, slice]:
+        """The original pixels the model input covers, as an index (rows, columns): those whose centre falls
+        inside the model input frame (edges included). All of the image unless a centre crop cut some off; the
+        maps on the original image fill the rest (`to_original`), and the host step fits its thresholds here."""
+        return tuple(_covered_span(*axis) for axis in zip(self.original_hw, self.resized_hw, self.input_hw,
+                                                           self.crop_offset_yx))
+
+
+def _covered_span(original: int, resized: int, model: int, offset: int) -> slice:
+    centres = resized / original * (np.arange(original) + 0.5) - offset  # in model-input pixels
+    inside = np.flatnonzero((centres >= 0) & (centres <= model))  # one run: the centres increase
+    return slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0)
+
 
 def to_original(heatmap, geometry: Geometry, fill: float | Literal["min"] = "min") -> np.ndarray:
     """Bilinearly resample a map covering the model input onto the original image: [..., gh, gw] -> [..., H, W].
@@ -64,21 +78,20 @@ def to_original_on_device(heatmap, geometry: Geometry, fill: float | Literal["mi
     if np.ndim(heatmap) < 2:
         raise ValueError(f"heatmap must have at least 2 axes [..., gh, gw], got shape {np.shape(heatmap)}")
     heatmap = jnp.asarray(heatmap, dtype=jnp.float32)
-    taps, inside = [], []
+    taps = []
     for original, grid, resized, model, offset in zip(
         geometry.original_hw, heatmap.shape[-2:], geometry.resized_hw, geometry.input_hw, geometry.crop_offset_yx
     ):
         grid_per_model = grid / model
-        scale = resized / original * grid_per_model
-        shift = -offset * grid_per_model
-        taps.append(bilinear_taps(original, grid, scale, shift))
-        centres = scale * (np.arange(original) + 0.5) + shift
-        inside.append((centres >= 0) & (centres <= grid))
+        taps.append(bilinear_taps(original, grid, resized / original * grid_per_model, -offset * grid_per_model))
     resampled = resample_jit(heatmap, *taps)
-    if inside[0].all() and inside[1].all():  # no crop: nothing to fill
+    rows, columns = geometry.covered
+    if (rows.stop - rows.start, columns.stop - columns.start) == geometry.original_hw:  # no crop: nothing to fill
         return resampled
+    inside = np.zeros(geometry.original_hw, bool)
+    inside[rows, columns] = True
     fill_value = heatmap.min(axis=(-2, -1), keepdims=True) if fill_with_min else np.float32(fill)
-    return jnp.where(inside[0][:, None] & inside[1][None, :], resampled, fill_value)
+    return jnp.where(inside, resampled, fill_value)
 
 
 def points_to_model(points_xy: np.ndarray, geometry: Geometry) -> np.ndarray:

@@ -78,6 +78,7 @@ class RawAttention(PromptMethod):
     name = "attention"
     Settings = AttentionSettings
     input_protocol = "center_crop"
+    maps_version = 2  # boxes from the part of the image the crop kept
     heatmap = UPSAMPLE_THEN_NORMALIZE
 
     def __init__(self, clip, settings=None):
@@ -99,6 +100,7 @@ class Rollout(PromptMethod):
     name = "rollout"
     Settings = RolloutSettings
     input_protocol = "center_crop"
+    maps_version = 2  # boxes from the part of the image the crop kept
     heatmap = UPSAMPLE_THEN_NORMALIZE
 
     def __init__(self, clip, settings=None):

@@ -46,7 +46,7 @@ from tclip_jax.model.clip import eot_positions
 from tclip_jax.model.config import PRESETS
 from tclip_jax.model.tokenizer import TokenizedPrompt, Word
 from tclip_jax.methods.settings import MethodSettings
-from tclip_jax.postprocess import Box, GmmFit, heatmap_box
+from tclip_jax.postprocess import Box, GmmFit, heatmap_boxes
 
 Array = jax.Array
 RESULT_SCHEMA = "tclip_jax/result"
@@ -188,9 +188,10 @@ class Method(abc.ABC):
     input_protocol: ClassVar[InputProtocol] = "whole"  # how `prepare` feeds images in (TCLIP: a setting)
     explains_words: ClassVar[bool] = False  # maps each word of a prompt, not only the prompt
     uses_label_set: ClassVar[bool] = False  # a prompt's map depends on the label set it is encoded with
-    # Raised when a change makes the method's maps differ from those it made before (records say which they hold,
-    # and a sweep begun on other maps is not resumed): 2 for the similarity methods and CLIP Surgery since their
-    # grid maps are upsampled once, straight to the image (2026-12-05).
+    # Raised when a change makes the method's maps, soft maps or boxes differ from those it made before (records
+    # say which they hold, and a sweep begun on other maps is not resumed): 2 for the similarity methods and CLIP
+    # Surgery since their grid maps are upsampled once, straight to the image, and for the centre-crop methods
+    # since their thresholds and boxes come from the part of the image the crop kept (both 2026-12-05).
     maps_version: ClassVar[int] = 1
 
     def __init__(self, clip: LoadedClip, settings: Optional[MethodSettings] = None):
@@ -264,10 +265,12 @@ class Method(abc.ABC):
         method whose official code rescales its maps at the original size does it here."""
         return to_original_on_device(maps, geometry)
 
-    def postprocess(self, heatmaps: Sequence[np.ndarray], soft_maps: bool = True) -> list[HostMaps]:
+    def postprocess(self, heatmaps: Sequence[np.ndarray], soft_maps: bool = True,
+                    covered: Optional[tuple[slice, slice]] = None) -> list[HostMaps]:
         """The host step for maps at the original size: Otsu boxes under the settings' rule (and, for a method
-        with soft maps, those too unless `soft_maps` is False)."""
-        return [HostMaps(None, None, heatmap_box(h, rule=self.settings.box_rule)) for h in heatmaps]
+        with soft maps, those too unless `soft_maps` is False). `covered`: the image's `Geometry.covered`, the part
+        the model saw, where thresholds are fitted and boxes found (None: all of it)."""
+        return [HostMaps(None, None, box) for box in heatmap_boxes(heatmaps, self.settings.box_rule, covered=covered)]
 
     # ----------------------------------------------------------------------------------------- explain
     @functools.cached_property
@@ -401,7 +404,7 @@ class Method(abc.ABC):
                       extras: Any) -> ImageResult:
         """`distinct_maps` [Q, H, W] at the image's size; equal queries share one array."""
         distinct_maps = list(distinct_maps)
-        host = self.postprocess(distinct_maps)
+        host = self.postprocess(distinct_maps, covered=geometry.covered)
 
         def map_result(text: str, item: int) -> MapResult:
             row = encoded.rows[item]

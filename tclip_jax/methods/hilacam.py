@@ -140,6 +140,7 @@ class HilaCAM(PromptMethod):
     name = "hilacam"
     Settings = HilaCAMSettings
     input_protocol = "center_crop"
+    maps_version = 2  # boxes from the part of the image the crop kept
     heatmap = UPSAMPLE_THEN_NORMALIZE
 
     def __init__(self, clip, settings=None):

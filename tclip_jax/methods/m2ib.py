@@ -387,6 +387,7 @@ class M2IB(PromptMethod):
     name = "m2ib"
     Settings = M2IBSettings
     input_protocol = "center_crop"
+    maps_version = 2  # boxes from the part of the image the crop kept
     heatmap = UPSAMPLE_THEN_NORMALIZE
     query_chunk = 1  # each map is its own optimization
 

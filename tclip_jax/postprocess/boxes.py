@@ -188,20 +188,53 @@ def box_from_range(values: np.ndarray, lo: float, hi: float, threshold: float | 
     return _box_of_mask(mask, rule)
 
 
-def heatmap_boxes(maps, rule: BoxRule = "component", threshold: float | None = None) -> list[Box]:
-    """`heatmap_box` of every map of ``maps`` ([Q, H, W] or a sequence of 2-D maps, of any shapes)."""
+def heatmap_boxes(maps, rule: BoxRule = "component", threshold: float | None = None,
+                  covered: tuple[slice, slice] | None = None) -> list[Box]:
+    """`heatmap_box` of every map of ``maps`` ([Q, H, W] or a sequence of 2-D maps, of any shapes).
+
+    ``covered`` (an index of rows and columns, `Geometry.covered`): the part of each map the model saw; the box
+    is found there alone (min-max, threshold, regions), in the map's coordinates, and the rest is ignored.
+    """
     _check_rule(rule, threshold)
     out = []
     for heatmap in maps:
         values = _checked_map(heatmap)
-        out.append(box_from_range(values, *_finite_range(values), threshold, rule))
+        window = covered_window(values.shape, covered)
+        region = values if window is None else values[window]
+        out.append(box_in_map(box_from_range(region, *_finite_range(region), threshold, rule), window))
     return out
 
 
-def heatmap_box(heatmap: np.ndarray, threshold: float | None = None, rule: BoxRule = "component") -> Box:
-    """Box of the largest foreground region of ``heatmap`` (Otsu when ``threshold`` is None)."""
+def covered_window(shape: tuple[int, ...], covered: tuple[slice, slice] | None) -> tuple[slice, slice] | None:
+    """``covered`` as (rows, columns) slices of non-negative start and stop within a map of ``shape``, or None
+    when it is the whole map (or None); refused if empty or strided."""
+    if covered is None:
+        return None
+    if not (isinstance(covered, tuple) and len(covered) == 2 and all(isinstance(c, slice) for c in covered)):
+        raise ValueError(f"covered must be a (rows, columns) pair of slices (Geometry.covered), got {covered!r}")
+    spans = [c.indices(n) for c, n in zip(covered, shape[-2:])]
+    if any(step != 1 or stop <= start for start, stop, step in spans):
+        raise ValueError(f"covered {covered} is not a non-empty window of a {shape[-2]}x{shape[-1]} map")
+    if all(stop - start == n for (start, stop, _), n in zip(spans, shape[-2:])):
+        return None
+    return tuple(slice(start, stop) for start, stop, _ in spans)
+
+
+def box_in_map(box: Box, window: tuple[slice, slice] | None) -> Box:
+    """A box found in a `covered_window`, in the whole map's coordinates (gScoreCAM's dummy box of an empty
+    foreground too: it is (0, 0, 1, 1) of the window)."""
+    if window is None:
+        return box
+    y0, x0 = window[0].start, window[1].start
+    return Box(box.x1 + x0, box.y1 + y0, box.x2 + x0, box.y2 + y0)
+
+
+def heatmap_box(heatmap: np.ndarray, threshold: float | None = None, rule: BoxRule = "component",
+                covered: tuple[slice, slice] | None = None) -> Box:
+    """Box of the largest foreground region of ``heatmap`` (Otsu when ``threshold`` is None), within ``covered``
+    if given (`heatmap_boxes`)."""
     _check_rule(rule, threshold)
-    return heatmap_boxes([heatmap], rule, threshold)[0]
+    return heatmap_boxes([heatmap], rule, threshold, covered)[0]
 
 
 def otsu_box(heatmap: np.ndarray, rule: BoxRule = "component") -> Box:

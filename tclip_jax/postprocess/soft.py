@@ -14,7 +14,8 @@ Conventions:
   tau is within 3.6e-5 (1.5e-4 of the map's range) of scikit-learn's fit on all values from the same start
   run to convergence; scikit-learn's default stop moves tau by up to 0.26 (benchmarks/RESULTS.md, host-step).
 - The map that is fitted is the one given: for TCLIP the aggregated map at the original image's size (the
-  bilinear resampling of the model-input map), the map the soft map is made of.
+  bilinear resampling of the model-input map), the map the soft map is made of; under a centre crop, only the
+  part of it the crop kept (``covered``, `Geometry.covered`), since the rest is fill, not evidence.
 - Fallbacks (recorded in ``GmmFit.fallback``), never an exception for finite input:
   ``"constant"``: all values equal; tau is that value and the soft map is constant.
   ``"no_root_between_means"``: one weighted density dominates the other everywhere between the means,
@@ -46,7 +47,7 @@ import numpy as np
 from tclip_jax.postprocess import gmm as _gmm
 from tclip_jax.postprocess._blas import SINGLE_THREADED_BLAS
 from tclip_jax.postprocess.blur import PyramidBlur, gaussian_blur, pyramid_levels
-from tclip_jax.postprocess.boxes import Box, BoxRule, _check_rule, box_from_range
+from tclip_jax.postprocess.boxes import Box, BoxRule, _check_rule, box_from_range, box_in_map, covered_window
 
 DEFAULT_SIGMA_FRACTION = 0.02
 
@@ -259,14 +260,15 @@ def soft_maps(maps, sigma: float | None = None) -> tuple[np.ndarray, list[GmmFit
     ``sigma`` is in pixels; None means ``DEFAULT_SIGMA_FRACTION * max(H, W)``. With the pyramid blur the
     result is a view into a slightly larger buffer (``np.ascontiguousarray`` it where C order is needed).
     """
-    values, stats, sigma = _checked_maps(maps, sigma, "soft_maps")
+    values, _, _, stats, sigma = _checked_maps(maps, sigma, "soft_maps")
     with SINGLE_THREADED_BLAS:
         fits = _fits(values, stats)
         return _write_soft_maps(values, stats, fits, sigma), fits
 
 
-def _checked_maps(maps, sigma: float | None, caller: str) -> tuple[list[np.ndarray], list, float]:
-    """(the maps as 2-D arrays of one shape, their min/max stats, sigma in pixels), each checked once."""
+def _checked_maps(maps, sigma: float | None, caller: str, covered=None):
+    """(the maps as 2-D arrays of one shape, their `covered_window` (None: all of them), the windows' values,
+    their min/max stats, sigma in pixels), each checked once."""
     values = _maps_list(maps)
     if not values:
         raise ValueError("no maps given")
@@ -274,16 +276,22 @@ def _checked_maps(maps, sigma: float | None, caller: str) -> tuple[list[np.ndarr
     if any(v.shape != shape for v in values):
         raise ValueError(f"{caller} needs maps of one shape, got {sorted({v.shape for v in values})}")
     sigma = _check_sigma(sigma, shape)
-    return values, [_map_stats(v, "maps[%d]" % i) for i, v in enumerate(values)], sigma
+    window = covered_window(shape, covered)
+    regions = values if window is None else [v[window] for v in values]
+    return values, window, regions, [_map_stats(r, "maps[%d]" % i) for i, r in enumerate(regions)], sigma
 
 
-def _write_soft_maps(values, stats, fits, sigma: float) -> np.ndarray:
+def _write_soft_maps(values, stats, fits, sigma: float, window=None) -> np.ndarray:
+    """The soft maps of ``values`` under their fits; outside ``window`` a map counts as its window's minimum."""
     writer = _SoftMapWriter(len(values), values[0].shape, sigma)
     for i, (v, s, fit) in enumerate(zip(values, stats, fits)):
         if fit.fallback == "constant":
             writer.constant(i, s.lo)
-        else:
-            writer.write(i, v, s.lo, fit.tau)
+            continue
+        if window is not None:  # floored to the minimum whatever it holds there (the crop's fill, NaN)
+            inside, v = v[window], np.full(v.shape, s.lo, v.dtype)
+            v[window] = inside
+        writer.write(i, v, s.lo, fit.tau)
     return writer.result
 
 
@@ -300,12 +308,18 @@ def soft_map(scores: np.ndarray, sigma: float | None = None) -> tuple[np.ndarray
 
 
 def soft_maps_and_boxes(maps, sigma: float | None = None, rule: BoxRule = "component",
-                        threshold: float | None = None) -> tuple:
+                        threshold: float | None = None, covered: tuple[slice, slice] | None = None) -> tuple:
     """(soft maps [Q, H, W] float32, GMM fits, boxes) of maps of one shape: `soft_maps` and `boxes` together,
-    sharing each map's validation and min/max pass. Same results as calling the two."""
+    sharing each map's validation and min/max pass. Same results as calling the two.
+
+    ``covered`` (rows, columns; `Geometry.covered`): the part of each map the model saw, where a centre crop cut
+    the rest off. The mixture, tau, the minimum and the boxes come from there alone; outside it each soft map is
+    its minimum, blurred with the rest (what the map holds there is never read).
+    """
     _check_rule(rule, threshold)
-    values, stats, sigma = _checked_maps(maps, sigma, "soft_maps_and_boxes")
-    found: list[Box] = [box_from_range(v, s.lo, s.hi, threshold, rule) for v, s in zip(values, stats)]
+    values, window, regions, stats, sigma = _checked_maps(maps, sigma, "soft_maps_and_boxes", covered)
+    found: list[Box] = [box_in_map(box_from_range(r, s.lo, s.hi, threshold, rule), window)
+                        for r, s in zip(regions, stats)]
     with SINGLE_THREADED_BLAS:
-        fits = _fits(values, stats)
-        return _write_soft_maps(values, stats, fits, sigma), fits, found
+        fits = _fits(regions, stats)
+        return _write_soft_maps(values, stats, fits, sigma, window), fits, found

@@ -56,6 +56,11 @@ class TCLIP(Method):
     def input_protocol(self) -> InputProtocol:
         return self.settings.input_protocol
 
+    @property
+    def maps_version(self) -> int:
+        """`Method.maps_version`: 2 under a centre crop (its thresholds and boxes come from the part the crop kept)."""
+        return 2 if self.input_protocol == "center_crop" else 1
+
     # ------------------------------------------------------------------------------------------ encode
     def embed_prompts(self, tokens: Sequence[TokenizedPrompt]) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """([P, L, D] unit embeddings of every text position up to each prompt's end-of-text token (zeros after),
@@ -107,12 +112,14 @@ class TCLIP(Method):
         return MapOutput(jax.vmap(aggregate)(patch_embeds, selected), patch_embeds[:, 0])
 
     # -------------------------------------------------------------------------------------------- host
-    def postprocess(self, heatmaps: Sequence[np.ndarray], soft_maps: bool = True) -> list[HostMaps]:
+    def postprocess(self, heatmaps: Sequence[np.ndarray], soft_maps: bool = True,
+                    covered: Optional[tuple[slice, slice]] = None) -> list[HostMaps]:
         """Soft map, GMM fit and box of each aggregated map (boxes only without `soft_maps`), all maps of the
-        image in one batched call (`postprocess.soft_maps_and_boxes`)."""
+        image in one batched call (`postprocess.soft_maps_and_boxes`), fitted within `covered`."""
         if not soft_maps:
-            return super().postprocess(heatmaps)
-        soft, fits, boxes = soft_maps_and_boxes(heatmaps, sigma=self.settings.sigma, rule=self.settings.box_rule)
+            return super().postprocess(heatmaps, covered=covered)
+        soft, fits, boxes = soft_maps_and_boxes(heatmaps, sigma=self.settings.sigma, rule=self.settings.box_rule,
+                                                covered=covered)
         return [HostMaps(s, fit, box) for s, fit, box in zip(soft, fits, boxes)]
 
     def prompt_similarity(self, encoded: EncodedPrompts, prompt: int, extras: Any) -> np.ndarray:
