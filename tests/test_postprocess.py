@@ -670,7 +670,13 @@ def test_the_host_step_fits_and_boxes_within_the_covered_window_alone(rule):
         reference = ndimage.gaussian_filter(floored, sigma, mode="reflect", truncate=4.0)
         assert np.abs(s - reference).max() <= 5e-4 * max(float(np.ptp(region)), 1e-6)
     assert heatmap_boxes(maps, rule, covered=window) == found
-    assert heatmap_box(maps[0], rule=rule, covered=window) == found[0]
+    assert heatmap_box(maps[0], rule=rule, covered=window) == otsu_box(maps[0], rule, window) == found[0]
+    alone_soft, alone_fits = soft_maps(maps, covered=window)
+    np.testing.assert_array_equal(alone_soft, soft)
+    assert [f.tau for f in alone_fits] == [f.tau for f in fits]
+    one_soft, one_fit = soft_map(maps[0], covered=window)
+    np.testing.assert_allclose(one_soft, soft[0], rtol=0, atol=1e-6)
+    assert one_fit.tau == pytest.approx(fits[0].tau, rel=1e-9)
     # A window of the whole map is no window.
     whole = maps[:3, 10:140, 37:163]
     assert soft_maps_and_boxes(whole, rule=rule, covered=(slice(0, 130), slice(None)))[2] == heatmap_boxes(whole, rule)

@@ -237,9 +237,9 @@ def heatmap_box(heatmap: np.ndarray, threshold: float | None = None, rule: BoxRu
     return heatmap_boxes([heatmap], rule, threshold, covered)[0]
 
 
-def otsu_box(heatmap: np.ndarray, rule: BoxRule = "component") -> Box:
-    """TCLIP's zero-shot box: Otsu foreground, then the largest region under ``rule``."""
-    return heatmap_box(heatmap, None, rule)
+def otsu_box(heatmap: np.ndarray, rule: BoxRule = "component", covered: tuple[slice, slice] | None = None) -> Box:
+    """TCLIP's zero-shot box: Otsu foreground, then the largest region under ``rule`` (within ``covered``)."""
+    return heatmap_box(heatmap, None, rule, covered)
 
 
 def _as_uint8_mask(mask: np.ndarray) -> np.ndarray:

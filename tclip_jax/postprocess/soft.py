@@ -254,16 +254,18 @@ class _SoftMapWriter:
         self.result[index] = np.float32(value)
 
 
-def soft_maps(maps, sigma: float | None = None) -> tuple[np.ndarray, list[GmmFit]]:
+def soft_maps(maps, sigma: float | None = None, covered: tuple[slice, slice] | None = None
+              ) -> tuple[np.ndarray, list[GmmFit]]:
     """Soft maps [Q, H, W] float32 and GMM fits of maps of one shape ([Q, H, W] or a sequence of 2-D maps).
 
     ``sigma`` is in pixels; None means ``DEFAULT_SIGMA_FRACTION * max(H, W)``. With the pyramid blur the
     result is a view into a slightly larger buffer (``np.ascontiguousarray`` it where C order is needed).
+    ``covered``: fitted there alone, as `soft_maps_and_boxes`.
     """
-    values, _, _, stats, sigma = _checked_maps(maps, sigma, "soft_maps")
+    values, window, regions, stats, sigma = _checked_maps(maps, sigma, "soft_maps", covered)
     with SINGLE_THREADED_BLAS:
-        fits = _fits(values, stats)
-        return _write_soft_maps(values, stats, fits, sigma), fits
+        fits = _fits(regions, stats)
+        return _write_soft_maps(values, stats, fits, sigma, window), fits
 
 
 def _checked_maps(maps, sigma: float | None, caller: str, covered=None):
@@ -295,15 +297,17 @@ def _write_soft_maps(values, stats, fits, sigma: float, window=None) -> np.ndarr
     return writer.result
 
 
-def soft_map(scores: np.ndarray, sigma: float | None = None) -> tuple[np.ndarray, GmmFit]:
+def soft_map(scores: np.ndarray, sigma: float | None = None, covered: tuple[slice, slice] | None = None
+             ) -> tuple[np.ndarray, GmmFit]:
     """Return the float32 soft map (values < tau set to the minimum, then blurred) and the mixture fit.
 
-    ``sigma`` is in pixels; None means ``DEFAULT_SIGMA_FRACTION * max(H, W)``.
+    ``sigma`` is in pixels; None means ``DEFAULT_SIGMA_FRACTION * max(H, W)``. ``covered``: fitted there alone, as
+    `soft_maps_and_boxes`.
     """
     values = np.asarray(scores)
     if values.ndim != 2:
         raise ValueError(f"scores must be a 2-D map, got shape {values.shape}")
-    soft, fits = soft_maps([values], sigma)
+    soft, fits = soft_maps([values], sigma, covered)
     return soft[0], fits[0]
 
 
