@@ -56,9 +56,9 @@ def to_original(heatmap, geometry: Geometry, fill: float | Literal["min"] = "min
 
     The map may have any resolution (the model input's, or the patch grid's): it is taken to span the model
     input frame. Each original pixel centre is mapped into that frame and sampled with the
-    ``upsample_bilinear`` convention. Pixels whose centre falls outside the frame (cut off by a centre crop) get
-    ``fill``: ``"min"`` (default) uses each map's own minimum so that they read as background; pass a number,
-    e.g. ``np.nan``, to mark them instead. Returns a new float32 array.
+    ``upsample_bilinear`` convention. Pixels whose centre falls outside the frame (cut off by a centre crop: all
+    but `Geometry.covered`) get ``fill``: ``"min"`` (default) uses each map's own minimum so that they read as
+    background; pass a number, e.g. ``np.nan``, to mark them instead. Returns a new float32 array.
     """
     return np.array(to_original_on_device(heatmap, geometry, fill))
 
