@@ -907,6 +907,33 @@ def test_a_sweep_does_not_resume_over_annotations_edited_since_it_began(coco_han
     assert "data_fingerprint" in json.loads((tmp_path / "out" / "sweep.json").read_text())
 
 
+def test_a_sweep_resumes_on_its_dataset_moved_to_another_folder(coco_hand, tmp_path, capsys):
+    """The annotations' fingerprint tells the data: a dataset moved (or mounted elsewhere) resumes and its sweep
+    gives the uninterrupted report; the source's other parts (crowd handling) and edited annotations still refuse."""
+    first, moved = tmp_path / "first" / "coco", tmp_path / "moved" / "coco"
+    shutil.copytree(coco_hand, first)
+    out, whole = str(tmp_path / "out"), str(tmp_path / "whole")
+    method = ("--method", "test_sweep:Painted")
+    assert main(_cli("coco", *method, "--data", str(first), "--limit", "1", "--out", out)) == 0
+    first.parent.rename(moved.parent)
+    capsys.readouterr()
+    message = _fails(capsys, "coco", *method, "--data", str(moved), "--crowd", "drop", "--limit", "3", "--resume",
+                     "--out", out)
+    assert "source (stored 'coco val2017 in " in message and "crowd keep'" in message
+    assert main(_cli("coco", *method, "--data", str(moved), "--limit", "3", "--resume", "--out", out)) == 0
+    assert main(_cli("coco", *method, "--data", str(moved), "--limit", "3", "--out", whole)) == 0
+    for name in ("report.json", "sweep.json", "report.md"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    instances = moved / "annotations" / "instances_val2017.json"
+    edited = json.loads(instances.read_text())
+    edited["annotations"][-1]["bbox"][0] += 1
+    instances.write_text(json.dumps(edited))
+    moved.parent.rename(first.parent)
+    capsys.readouterr()
+    message = _fails(capsys, "coco", *method, "--data", str(first), "--limit", "3", "--resume", "--out", out)
+    assert "data_fingerprint (stored '" in message and "source (stored '" in message
+
+
 def test_a_sweep_resumes_on_its_model_by_its_weights_not_by_the_path_as_typed(tiny_model, tmp_path, capsys,
                                                                              monkeypatch):
     """The model is compared by `LoadedClip.fingerprint` (its weights and activation): the same file named another way

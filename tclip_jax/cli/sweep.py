@@ -10,6 +10,7 @@ import argparse
 import pathlib
 import signal
 import threading
+from typing import Optional
 
 from tclip_jax.cli.common import add_method_arguments, build_method
 
@@ -60,15 +61,20 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--template makes the class prompts, and a synthetic scene's queries are its own words: it "
                          f"would change only the label set of a method that uses one (clip_surgery, decomposition), "
                          f"not {args.method}'s maps, yet be recorded as used")
-    dataset, source = _open_dataset(args, options.limit)
-    result = run_sweep(dataset, build_method(args), args.out, source, args.template, evaluation, options)
+    dataset, source, data_folder = _open_dataset(args, options.limit)
+    result = run_sweep(dataset, build_method(args), args.out, source, args.template, evaluation, options, data_folder)
     if result.report is not None:
         print((pathlib.Path(args.out) / "report.md").read_text())
     return 0
 
 
 def _open_dataset(args: argparse.Namespace, limit):
-    """The dataset the arguments name, and a description of its source for sweep.json."""
+    """The dataset the arguments name, a description of its source for sweep.json, and the folder it names."""
+    data = None if args.data is None else str(pathlib.Path(args.data).resolve())
+    return (*_dataset_and_source(args, limit, data), data)
+
+
+def _dataset_and_source(args: argparse.Namespace, limit, data: Optional[str]):
     from tclip_jax.evaluation import datasets
 
     for flag, value, using in _DATASET_FLAGS:
@@ -77,13 +83,12 @@ def _open_dataset(args: argparse.Namespace, limit):
     args = argparse.Namespace(**{**vars(args), "coco_source": args.coco_source or "raw",
                                  "crowd": args.crowd or "keep", "protocol": args.protocol or "captions"})
     if args.dataset == "synthetic":
-        if args.data is not None:
+        if data is not None:
             raise ValueError("synthetic scenes are generated: --data is not used (size the sweep with --limit)")
         return (datasets.synthetic_dataset(limit or SYNTHETIC_SCENES, args.protocol),
                 f"held-out synthetic scenes, protocol {args.protocol}")
-    if args.data is None:
+    if data is None:
         raise ValueError(f"{args.dataset} needs --data (the dataset's root folder)")
-    data = str(pathlib.Path(args.data).resolve())
     if args.dataset == "coco-seg":
         if args.coco_source == "tfds":
             raise ValueError("coco-seg reads the raw layout (instance masks from instances_val2017.json); "

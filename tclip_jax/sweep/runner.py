@@ -114,12 +114,13 @@ class _Prepared:
 
 def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: str = "",
               template: Optional[str] = None, evaluation: EvalOptions = EvalOptions(),
-              options: RunOptions = RunOptions()) -> SweepResult:
+              options: RunOptions = RunOptions(), data_folder: Optional[str] = None) -> SweepResult:
     """Runs (or resumes) this process's share of the sweep and, on process 0, writes the merged report.
 
     ``source`` says where the dataset was read from. With the run (method, model, settings, protocol), dataset,
     the annotations' fingerprint, template, limit and evaluation options it is stored in ``sweep.json`` and checked
-    on resume, where only the limit may change, and only grow.
+    on resume, where only the limit may change, and only grow, and the folder the data is in (``data_folder``, as
+    ``source`` names it), where the annotations' fingerprint is unchanged: a dataset moved or mounted elsewhere.
     """
     out = check_output_folder(out)
     process, processes = jax.process_index(), jax.process_count()
@@ -134,7 +135,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     barrier("tclip-sweep-seen")  # every process has looked before any makes the folder for its lock
     with results_lock(out, process):  # checked and run by no other sweep meanwhile
         try:
-            _check_config(out, config, options.resume)
+            _check_config(out, config, options.resume, data_folder)
             queries = _Queries(method, class_queries(dataset.class_names, template))  # bad prompts: nothing written
             barrier("tclip-sweep-checked")  # nobody writes before every process has checked
             if process == 0:
@@ -358,7 +359,7 @@ def _error_record(index: int, key: str, err: Exception) -> dict:
     return {"key": key, "index": index, "error": f"{type(err).__name__}: {err}"}
 
 
-def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
+def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Optional[str] = None) -> None:
     path = out / CONFIG_FILE
     if not path.exists():
         records = sorted(p.name for p in out.glob(RESULTS_GLOB))
@@ -383,6 +384,14 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool) -> None:
             stored_model["origin"] = model["origin"]
         else:  # a sweep stored before models had fingerprints (and activations): compared by its origin, as then
             stored_model.update(fingerprint=model["fingerprint"], activation=model["activation"])
+    if data_folder and config.get("data_fingerprint") and stored.get("data_fingerprint") == config["data_fingerprint"]:
+        # The annotations tell the data, not the folder holding them (moved, or mounted elsewhere on another host):
+        # a source that differs only where the folder is named is this one.
+        before, named, after = config["source"].partition(data_folder)
+        old_source = stored.get("source")
+        if (named and isinstance(old_source, str) and len(old_source) > len(before) + len(after)
+                and old_source.startswith(before) and old_source.endswith(after)):
+            stored["source"] = config["source"]
     if "maps_version" in config["run"]:  # a sweep stored before methods recorded it holds their first maps
         stored.get("run", {}).setdefault("maps_version", 1)
     changed = _changed_fields(stored, config)
