@@ -332,6 +332,9 @@ def test_imagenet_s_bad_input(tmp_path):
     wnids, samples = _inets_samples()
     with pytest.raises(FileNotFoundError, match="validation-segmentation"):
         imagenet_s_dataset(tmp_path / "nothing", 919)
+    write_imagenet_s(tmp_path / "ImageNet-S" / "ImageNetS919", samples)  # the download's folder above the split
+    with pytest.raises(FileNotFoundError, match=r"one level down: --data .*ImageNet-S/ImageNetS919\)$"):
+        imagenet_s_dataset(tmp_path / "ImageNet-S", 919)
     root = write_imagenet_s(tmp_path / "s50", samples)
     with pytest.raises(ValueError, match=f"unknown class folder .*{wnids[0]} .not a wnid of ImageNet-S50"):
         imagenet_s_dataset(root, 50)
@@ -499,6 +502,14 @@ def test_voc_bad_input_is_named(tmp_path):
         next(voc_dataset(root).samples()).load()
     with pytest.raises(FileNotFoundError, match="VOC: .* not found"):
         voc_dataset(tmp_path / "nowhere")
+    # A split file saved with a byte-order mark (as Windows editors do) lists the same ids.
+    (root / "ImageSets/Segmentation/val.txt").write_bytes("a\r\n".encode("utf-8-sig"))
+    assert [sample.key for sample in voc_dataset(root).samples()] == ["a"]
+    # The VOCdevkit folder above the dataset is named with the folder to give instead.
+    devkit = tmp_path / "VOCdevkit"
+    root.rename(devkit.mkdir() or devkit / "VOC2012")
+    with pytest.raises(FileNotFoundError, match=r"not found; .*one level down: --data VOCdevkit/VOC2012\)$"):
+        voc_dataset(devkit)
 
 
 def _column_major_rle(mask: np.ndarray) -> list[int]:

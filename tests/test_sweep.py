@@ -861,6 +861,24 @@ def test_bad_input_gives_clear_messages(coco_hand, tmp_path, capsys):
     assert message.count("\n") == 1
 
 
+def test_a_sweep_that_scores_no_sample_fails_and_resume_scores_them_once_mended(tmp_path, capsys):
+    """Every image unreadable (a dataset in the wrong format throughout): the report is written, with the errors, but
+    the command fails in one line; once the data is mended, --resume scores the samples."""
+    images = {1: {"file_name": "000000000001.jpg", "height": 8, "width": 8},
+              2: {"file_name": "000000000002.jpg", "height": 8, "width": 8}}
+    root = write_coco(tmp_path / "coco", images, [(1, 1, [0, 0, 4, 4], 0), (2, 1, [2, 2, 4, 4], 0)],
+                      {name: b"not an image" for name in ("000000000001.jpg", "000000000002.jpg")})
+    out = str(tmp_path / "out")
+    message = _fails(capsys, "coco", "--method", "test_sweep:Painted", "--data", str(root), "--out", out)
+    assert message.startswith("tclip sweep: error: no sample could be scored: all 2 failed (the first, 1: ")
+    assert message.endswith("--resume tries them again once the data is mended\n")
+    assert _report(tmp_path / "out")["images"] == 0
+    for name in images.values():
+        Image.fromarray(painted(8, 8, [])).save(root / "val2017" / name["file_name"], format="PNG")
+    assert main(_cli("coco", "--method", "test_sweep:Painted", "--data", str(root), "--out", out, "--resume")) == 0
+    assert _report(tmp_path / "out")["images"] == 2
+
+
 def test_a_sweep_resumed_with_a_larger_limit_is_the_sweep_run_with_it(coco_hand, tmp_path, capsys):
     method = ("--method", "test_sweep:Painted", "--data", str(coco_hand))
     fresh, grown = str(tmp_path / "fresh"), str(tmp_path / "grown")

@@ -36,7 +36,7 @@ def test_report_html_shows_scores_bars_and_the_best_and_worst_units(coco_hand, t
         assert f'src="gallery/{picture}"' in page
     assert re.search(r"best: sample <code>1</code><br>box IoU 1\.0000, <span class=\"hit\">hit</span>", page)
     assert re.search(r"worst: sample <code>2</code><br>box IoU 0\.0000, <span class=\"miss\">miss</span>", page)
-    assert "only unit: sample <code>2</code>" in page  # cat, dog, hair drier
+    assert "best and worst: sample <code>2</code>" in page  # cat, dog, hair drier: one unit each
     assert "ValueError: cannot read image file" in page  # the errors, as in report.md
     if browser.missing() is None:
         with browser.chromium() as driver:

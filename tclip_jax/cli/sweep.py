@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     result = run_sweep(dataset, build_method(args), args.out, source, args.template, evaluation, options, data_folder)
     if result.report is not None:
         print((pathlib.Path(args.out) / "report.md").read_text())
+        errors = result.report["errors"]
+        if errors and not result.report["images"]:  # a run that scored nothing did not succeed, whatever it wrote
+            raise ValueError(f"no sample could be scored: all {len(errors)} failed (the first, {errors[0]['key']}: "
+                             f"{errors[0]['error']}); --resume tries them again once the data is mended")
     return 0
 
 

@@ -296,7 +296,7 @@ def html_report(config: dict, summary: dict, chosen: dict[str, dict], out: pathl
                          "<div class=\"missing\">no picture kept (a sweep from before pictures were kept)</div>")
                 query = f"<br>query: “{esc(unit['prompt'])}”" if unit.get("prompt") else ""
                 group = f" ({esc(unit['group'])})" if unit.get("group") else ""
-                figures.append(f"<figure>{shown}<figcaption>{'only unit' if same else place}: sample "
+                figures.append(f"<figure>{shown}<figcaption>{'best and worst' if same else place}: sample "
                                f"<code>{esc(record['key'])}</code>{group}<br>{iou_name} {iou:.4f}, "
                                f"<span class=\"{'hit' if hit else 'miss'}\">{esc(verdict)}</span>{query}"
                                f"</figcaption></figure>")

@@ -58,8 +58,10 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
     image_root, label_root = root / IMAGE_DIR, root / LABEL_DIR
     for path in (root, image_root, label_root):
         if not path.is_dir():
+            inner = root / f"ImageNetS{split}"
+            hint = f" (the split's folder is one level down: --data {inner})" if (inner / LABEL_DIR).is_dir() else ""
             raise FileNotFoundError(f"ImageNet-S: folder {path} not found; expected {root}/{IMAGE_DIR}/<wnid>/*.JPEG "
-                                    f"and {root}/{LABEL_DIR}/<wnid>/*.png")
+                                    f"and {root}/{LABEL_DIR}/<wnid>/*.png{hint}")
     known = set(wnids)
     samples = []
     for folder in sorted(p for p in label_root.iterdir() if p.is_dir()):

@@ -32,11 +32,13 @@ def voc_dataset(root: str | pathlib.Path, split: str = "val") -> Dataset:
     split_path = root / SPLIT_FILE.format(split=split)
     for path in (root, split_path, root / IMAGE_DIR, root / LABEL_DIR):
         if not path.exists():
+            inner = " (VOCdevkit holds the dataset one level down: --data VOCdevkit/VOC2012)" if (
+                root / "VOC2012" / SPLIT_FILE.format(split=split)).exists() else ""
             raise FileNotFoundError(f"VOC: {path} not found; expected {root}/{SPLIT_FILE.format(split=split)}, "
-                                    f"{root}/{IMAGE_DIR}/ and {root}/{LABEL_DIR}/")
-    try:
-        ids = [(line, text.strip()) for line, text in enumerate(split_path.read_text(encoding="utf-8").splitlines(), 1)
-               if text.strip()]
+                                    f"{root}/{IMAGE_DIR}/ and {root}/{LABEL_DIR}/{inner}")
+    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is no part of the first id
+        ids = [(line, text.strip()) for line, text in
+               enumerate(split_path.read_text(encoding="utf-8-sig").splitlines(), 1) if text.strip()]
     except UnicodeDecodeError as err:
         raise ValueError(f"VOC: {split_path} is not a text file of image ids: {err}") from None
     if not ids:
