@@ -6,8 +6,10 @@
 - Segmentation (a target with a mask), all on the method's relevance map (TCLIP: its soft map; a baseline: its
   heatmap): pointing game against the mask (``pg_tolerance`` 1: the argmax pixel is on the mask; TorchRay: 15);
   energy pointing game in the tight box of the mask (Score-CAM's box version, ``energy_pg``) and in the mask
-  itself (``energy_in_mask``); pixel accuracy, per-class intersection/union and AP of the relevance map, min-max
-  normalized, against the binary mask with ignore pixels left out, foreground above the threshold: ``"mean"``
+  itself (``energy_in_mask``); pixel accuracy, per-class intersection/union and AP of the relevance map,
+  normalized as Chefer et al.'s code does (negatives clipped to 0, then min-max: `metrics.normalize_relevance`; a
+  map with no positive value, such as a TCLIP soft map of negative cosines, scores as an empty mask and is marked
+  ``no_positive_relevance``), against the binary mask with ignore pixels left out, foreground above the threshold: ``"mean"``
   (Chefer et al.), ``"otsu"``, ``"gmm"`` (the GMM split τ of the normalized map) or a number in [0, 1). Raw counts
   are stored so that dataset scores sum them.
 - Seed metrics (``metrics="seed"``, a target with a mask): score contrast and foreground intersection / union at
@@ -64,7 +66,7 @@ def mask_scores(relevance_map: np.ndarray, mask: np.ndarray, ignore: np.ndarray 
     relevance = normalize_relevance(relevance_map)
     threshold = gmm_threshold(relevance).tau if options.threshold == "gmm" else options.threshold
     counts = segmentation_scores(relevance, labels, threshold)
-    return {
+    scores = {
         "pg_hit": pointing_game(relevance_map, mask, options.pg_tolerance),
         "energy_pg": energy_pointing_game(relevance_map, mask_box(mask)),
         "energy_in_mask": energy_in_mask(relevance_map, mask),
@@ -74,3 +76,6 @@ def mask_scores(relevance_map: np.ndarray, mask: np.ndarray, ignore: np.ndarray 
         "area_union": counts.area_union.tolist(),
         "ap": counts.ap,
     }
+    if not float(np.max(relevance_map)) > 0:  # clipped to nothing: the report counts such units
+        scores["no_positive_relevance"] = True
+    return scores

@@ -89,6 +89,9 @@ def _task_scores(units: list[dict]) -> dict:
             "per_class": {c: {"pointing_game": mean, "units": n}
                           for c, (mean, n) in sorted(pointing.per_class.items())},
         }
+        unclipped = sum(u.get("no_positive_relevance", False) for u in masks)
+        if unclipped:
+            scores["segmentation"]["no_positive_relevance"] = unclipped
     wrong = [u["wrong_pg_hit"] for u in units if "wrong_pg_hit" in u]
     if wrong:
         scores["wrong_attribute"] = {"units": len(wrong), "wrong_pointing": float(np.mean(wrong))}
@@ -138,6 +141,11 @@ def markdown(config: dict, summary: dict) -> str:
         if "pointing_game" in paper:
             lines.append("| paper: TCLIP (ViT-B/32) | " + " | ".join(f"{paper[c]:.4f}" for c in columns) + " | | |")
         lines.append("")
+        if summary["segmentation"].get("no_positive_relevance"):
+            lines += [f"{summary['segmentation']['no_positive_relevance']} of {summary['segmentation']['units']} "
+                      "units have a relevance map with no positive value: pixel accuracy, AP, mask IoU and the seed "
+                      "metrics clip negatives to 0 before min-max (Chefer et al.'s convention), so they score those "
+                      "maps as empty masks; PG and energy-PG do not depend on the sign.", ""]
     if "seed" in summary:
         seed = summary["seed"]
         lines += ["The seed papers' metrics (ECLIP, CLIP Surgery; foreground categories):", "",
