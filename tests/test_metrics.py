@@ -224,6 +224,41 @@ def test_segmentation_closed_form_with_ignored_pixels():
     assert average_precision(np.array([[0.2, 0.9]]), np.array([[1, 0]])) == pytest.approx(5 / 12, abs=1e-12)
 
 
+@pytest.mark.parametrize("threshold", ["mean", "otsu", "gmm"])
+def test_a_centre_crops_cut_off_pixels_are_background_of_no_relevance_and_split_no_threshold(threshold):
+    """Scoring under `covered` (columns 2-5 of 8 kept): the map is normalized and split there alone; the cut-off
+    columns are predicted background with relevance 0, every labeled pixel still counts."""
+    from tclip_jax.evaluation.datasets.base import Target
+    from tclip_jax.evaluation.options import EvalOptions
+    from tclip_jax.evaluation.scoring import score_unit
+    from tclip_jax.methods.base import HostMaps
+    from tclip_jax.postprocess import Box, gmm_threshold
+
+    rng = np.random.default_rng(3)
+    region = np.array([0.1, 0.45, 0.75, 1.1]) + rng.normal(0, 0.02, (6, 4))  # four levels, a column each
+    relevance_map = np.full((6, 8), region.min())  # the fill: the map's minimum
+    relevance_map[:, 2:6] = region
+    mask = np.zeros((6, 8), bool)
+    mask[:, 3:7] = True  # half of it cut off
+    unit = score_unit(Target(0, mask=mask), relevance_map, HostMaps(relevance_map, None, Box(0, 0, 1, 1)),
+                      EvalOptions(threshold=threshold), covered=(slice(0, 6), slice(2, 6)))
+    normalized = np.zeros((6, 8))
+    normalized[:, 2:6] = (region - region.min()) / (region.max() - region.min())
+    inside = normalized[:, 2:6]
+    split = {"mean": inside.mean(), "gmm": gmm_threshold(inside).tau}.get(threshold)
+    predicted = np.zeros((6, 8), bool)
+    predicted[:, 2:6] = foreground(inside)[0] if threshold == "otsu" else inside > split
+    np.testing.assert_array_equal(predicted[:, 2:6], np.tile(np.arange(4) >= 2, (6, 1)))  # the bright columns, each way
+    assert (unit["pixel_correct"], unit["pixel_labeled"]) == (int((predicted == mask).sum()), 48)
+    assert unit["area_inter"] == [int((~predicted & ~mask).sum()), int((predicted & mask).sum())]
+    assert unit["area_union"] == [int((~predicted | ~mask).sum()), int((predicted | mask).sum())]
+    assert unit["ap"] == pytest.approx(average_precision(normalized, mask.astype(int)), abs=1e-12)
+    whole = score_unit(Target(0, mask=mask), relevance_map, HostMaps(relevance_map, None, Box(0, 0, 1, 1)),
+                       EvalOptions(threshold=threshold))
+    if threshold != "otsu":  # the fill's zeros pull the mean and the fit down a level (Otsu's split stays here)
+        assert whole["area_inter"] != unit["area_inter"]
+
+
 def test_normalisation_of_a_map_without_positive_relevance():
     np.testing.assert_array_equal(normalize_relevance(-np.ones((3, 3))), np.zeros((3, 3)))
 

@@ -35,7 +35,8 @@ from tclip_jax.evaluation.metrics import (
 from tclip_jax.evaluation.options import EvalOptions
 from tclip_jax.image import Geometry
 from tclip_jax.methods import METHODS
-from tclip_jax.methods.base import MapOutput, Method, QueryArrays
+from tclip_jax.evaluation.scoring import score_unit
+from tclip_jax.methods.base import HostMaps, MapOutput, Method, QueryArrays
 from tclip_jax.methods.tclip import TCLIP
 from tclip_jax.postprocess import heatmap_box
 from tclip_jax.postprocess.boxes import box_in_map
@@ -475,12 +476,17 @@ def test_a_centre_crop_methods_sweep_boxes_what_the_model_saw_as_explain_does(ti
         loaded = sample.load()
         assert loaded.image.shape[0] != loaded.image.shape[1]
         result = method.explain(loaded.image, [t.query.prompt for t in loaded.targets])
-        for prompt, unit in zip(result.prompts, records[sample.key]["units"], strict=True):
+        for target, prompt, unit in zip(loaded.targets, result.prompts, records[sample.key]["units"], strict=True):
             rows, columns = result.geometry.covered
             assert (rows.stop - rows.start) * (columns.stop - columns.start) < loaded.image[..., 0].size
             assert tuple(unit["box"]) == tuple(prompt.phrase.box)
             assert unit["box"] == list(box_in_map(heatmap_box(prompt.phrase.heatmap[rows, columns]),
                                                   result.geometry.covered))
+            # The mask scores too are those of the part the crop kept (normalized and split there).
+            host = HostMaps(None, None, prompt.phrase.box)
+            scores = score_unit(target, prompt.phrase.heatmap, host, EvalOptions(), result.geometry.covered)
+            assert (unit["area_inter"], unit["area_union"]) == (scores["area_inter"], scores["area_union"])
+            assert unit["ap"] == pytest.approx(scores["ap"], abs=1e-6)
 
 
 def test_class_queries_are_phrase_queries_and_templates_keep_the_name_words(tiny_model):

@@ -11,7 +11,9 @@
   map with no positive value, such as a TCLIP soft map of negative cosines, scores as an empty mask and is marked
   ``no_positive_relevance``), against the binary mask with ignore pixels left out, foreground above the threshold: ``"mean"``
   (Chefer et al.), ``"otsu"``, ``"gmm"`` (the GMM split τ of the normalized map) or a number in [0, 1). Raw counts
-  are stored so that dataset scores sum them.
+  are stored so that dataset scores sum them. Under a centre crop the map is normalized and split within the part
+  of the image the model saw (``covered``), as its soft map and box are; the rest is background of relevance 0,
+  and every labeled pixel counts.
 - Seed metrics (``metrics="seed"``, a target with a mask): score contrast and foreground intersection / union at
   every grid threshold (`metrics.seed`), for the report's mSC and mIoU.
 - Wrong attribute (a target with a `wrong_mask`): ``wrong_pg_hit``, the pointing game of the same relevance map
@@ -36,19 +38,26 @@ from tclip_jax.evaluation.metrics import (
 from tclip_jax.evaluation.metrics.seed import seed_unit_scores
 from tclip_jax.methods.base import HostMaps
 from tclip_jax.postprocess import Box, gmm_threshold
+from tclip_jax.postprocess.boxes import covered_window
 from tclip_jax.evaluation.options import EvalOptions
 
 
-def score_unit(target: Target, heatmap: np.ndarray, host: HostMaps, options: EvalOptions) -> dict:
-    """The JSON-ready scores of one unit; `heatmap` [H, W] and `host` are its method's map at original size."""
+def score_unit(target: Target, heatmap: np.ndarray, host: HostMaps, options: EvalOptions,
+               covered: tuple[slice, slice] | None = None) -> dict:
+    """The JSON-ready scores of one unit; `heatmap` [H, W] and `host` are its method's map at original size, and
+    `covered` the part of the image its model saw (`Geometry.covered`; None: all of it)."""
     unit = {}
     relevance = heatmap if host.soft is None else host.soft
     if target.boxes is not None:
         unit.update(box_scores(host.box, target.boxes))
     if target.mask is not None:
-        unit.update(mask_scores(relevance, target.mask, target.ignore, options))
+        window = covered_window(relevance.shape, covered)
+        normalized = normalize_relevance(relevance if window is None else relevance[window])
+        if window is not None:  # what the crop cut off is the least relevant and never foreground
+            normalized = _embedded(normalized, relevance.shape, window)
+        unit.update(mask_scores(relevance, normalized, target.mask, target.ignore, options, window))
         if options.metrics == "seed":
-            unit["seed"] = seed_unit_scores(relevance, target.mask, target.ignore)
+            unit["seed"] = seed_unit_scores(normalized, target.mask, target.ignore)
     if target.wrong_mask is not None:
         unit["wrong_pg_hit"] = pointing_game(relevance, target.wrong_mask, options.pg_tolerance)
     return unit
@@ -59,13 +68,21 @@ def box_scores(box: Box, gt_boxes: np.ndarray) -> dict:
     return {"box": [int(v) for v in box], "iou": best, "hit": best >= HIT_IOU}
 
 
-def mask_scores(relevance_map: np.ndarray, mask: np.ndarray, ignore: np.ndarray | None, options: EvalOptions) -> dict:
+def _embedded(region: np.ndarray, shape: tuple[int, int], window: tuple[slice, slice]) -> np.ndarray:
+    whole = np.zeros(shape, region.dtype)
+    whole[window] = region
+    return whole
+
+
+def mask_scores(relevance_map: np.ndarray, relevance: np.ndarray, mask: np.ndarray, ignore: np.ndarray | None,
+                options: EvalOptions, window: tuple[slice, slice] | None = None) -> dict:
+    """The mask scores of a relevance map and of its normalized `relevance`, thresholds fitted within `window`."""
     labels = mask.astype(np.int64)
     if ignore is not None:
         labels[ignore] = IGNORE_LABEL
-    relevance = normalize_relevance(relevance_map)
-    threshold = gmm_threshold(relevance).tau if options.threshold == "gmm" else options.threshold
-    counts = segmentation_scores(relevance, labels, threshold)
+    seen = relevance if window is None else relevance[window]
+    threshold = gmm_threshold(seen).tau if options.threshold == "gmm" else options.threshold
+    counts = segmentation_scores(relevance, labels, threshold, window)
     scores = {
         "pg_hit": pointing_game(relevance_map, mask, options.pg_tolerance),
         "energy_pg": energy_pointing_game(relevance_map, mask_box(mask)),
@@ -76,6 +93,6 @@ def mask_scores(relevance_map: np.ndarray, mask: np.ndarray, ignore: np.ndarray 
         "area_union": counts.area_union.tolist(),
         "ap": counts.ap,
     }
-    if not float(np.max(relevance_map)) > 0:  # clipped to nothing: the report counts such units
+    if not float(np.max(relevance_map if window is None else relevance_map[window])) > 0:  # clipped to nothing
         scores["no_positive_relevance"] = True
     return scores

@@ -333,10 +333,10 @@ def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, label
     targets = prepared.loaded.targets
     try:
         heatmaps = np.array(method.original_maps(image_maps[:len(targets)], prepared.geometry))
-        host = method.postprocess(heatmaps, soft_maps=any(t.mask is not None for t in targets),
-                                  covered=prepared.geometry.covered)
+        covered = prepared.geometry.covered
+        host = method.postprocess(heatmaps, soft_maps=any(t.mask is not None for t in targets), covered=covered)
         units = [{"class_id": t.class_id, "class": labels[t.class_id], **_query_fields(t),
-                  **score_unit(t, h, m, evaluation)} for t, h, m in zip(targets, heatmaps, host)]
+                  **score_unit(t, h, m, evaluation, covered)} for t, h, m in zip(targets, heatmaps, host)]
     except SAMPLE_ERRORS as err:
         return _error_record(prepared.index, prepared.key, err)
     # Pictures only, of final scores; they never change a record.

@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 
 from tclip_jax.evaluation.metrics.maps import finite_map
-from tclip_jax.postprocess.boxes import foreground
+from tclip_jax.postprocess.boxes import covered_window, foreground
 
 IGNORE_LABEL = -1
 Threshold = Literal["mean", "otsu"] | float
@@ -81,11 +81,22 @@ def foreground_mask(relevance: np.ndarray, threshold: Threshold = "mean") -> np.
     return values > threshold
 
 
-def segmentation_scores(relevance: np.ndarray, labels: np.ndarray, threshold: Threshold = "mean") -> SegmentationCounts:
-    """Pixel accuracy, per-class intersection/union (``iou[1]`` is the mask IoU) and AP of one map."""
+def segmentation_scores(relevance: np.ndarray, labels: np.ndarray, threshold: Threshold = "mean",
+                        covered: tuple[slice, slice] | None = None) -> SegmentationCounts:
+    """Pixel accuracy, per-class intersection/union (``iou[1]`` is the mask IoU) and AP of one map.
+
+    ``covered`` (`Geometry.covered`): the part of the image a centre-cropped model saw; the threshold splits it
+    alone and nothing outside it is foreground (every labeled pixel still counts, and AP reads the relevance given).
+    """
     relevance, labels = _check_pair(relevance, labels)
     valid = labels != IGNORE_LABEL
-    pred = foreground_mask(relevance, threshold).astype(np.int64)[valid]
+    window = covered_window(relevance.shape, covered)
+    if window is None:
+        predicted = foreground_mask(relevance, threshold)
+    else:
+        predicted = np.zeros(relevance.shape, bool)
+        predicted[window] = foreground_mask(relevance[window], threshold)
+    pred = predicted.astype(np.int64)[valid]
     target = labels[valid]
     inter = np.array([np.sum((pred == c) & (target == c)) for c in (0, 1)], dtype=np.int64)
     union = np.array([np.sum(pred == c) + np.sum(target == c) for c in (0, 1)], dtype=np.int64) - inter
