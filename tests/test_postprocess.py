@@ -683,7 +683,8 @@ def test_the_host_step_fits_and_boxes_within_the_covered_window_alone(rule):
 
 
 @pytest.mark.parametrize("covered", [(slice(5, 5), slice(None)), (slice(0, 10, 2), slice(None)), (slice(0, 3),),
-                                     [slice(0, 3), slice(0, 3)]])
+                                     [slice(0, 3), slice(0, 3)], (slice(0, 9), slice(None)),
+                                     (slice(-3, None), slice(None)), (slice(0, 240), slice(40, 280))])
 def test_a_covered_window_that_is_no_window_is_refused(covered):
     with pytest.raises(ValueError, match="covered"):
         soft_maps_and_boxes(np.zeros((1, 8, 8)), covered=covered)

@@ -213,6 +213,22 @@ def test_to_original_agrees_with_point_mapping(protocol, shape_hw):
     np.testing.assert_array_equal(covered, inside)
 
 
+@pytest.mark.parametrize("shape_hw", [(100, 225), (425, 400), (222, 333), (50, 5), (240, 320), (7, 61), (224, 2240)])
+def test_covered_is_every_pixel_whose_centre_lies_in_the_crop_edges_included(shape_hw):
+    # Exact rational centres: a centre exactly on the crop's edge (column 162 of a 100x225 image maps to 224.0,
+    # row 0 of a 222x333 one to 0.0) is covered, and to_original samples it rather than filling it.
+    from fractions import Fraction
+
+    geometry = center_crop(np.zeros((*shape_hw, 3), np.uint8))[1]
+    for axis in range(2):
+        original, resized = geometry.original_hw[axis], geometry.resized_hw[axis]
+        offset, model = geometry.crop_offset_yx[axis], geometry.input_hw[axis]
+        exact = [i for i in range(original) if 0 <= Fraction(resized, original) * Fraction(2 * i + 1, 2) - offset <= model]
+        assert geometry.covered[axis] == slice(exact[0], exact[-1] + 1)
+    filled = np.isnan(to_original(np.ones((7, 7), np.float32), geometry, fill=np.nan))
+    assert not filled[geometry.covered].any() and filled.sum() == filled.size - filled[geometry.covered].size
+
+
 def test_to_original_marks_the_cropped_columns():
     geometry = center_crop(np.zeros((240, 320, 3), np.uint8))[1]
     resampled = to_original(np.ones((7, 7), np.float32), geometry, fill=np.nan)

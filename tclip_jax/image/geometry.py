@@ -46,8 +46,10 @@ class Geometry:
 
 
 def _covered_span(original: int, resized: int, model: int, offset: int) -> slice:
-    centres = resized / original * (np.arange(original) + 0.5) - offset  # in model-input pixels
-    inside = np.flatnonzero((centres >= 0) & (centres <= model))  # one run: the centres increase
+    # Centre i lies at resized / original * (i + 0.5) - offset model pixels; times 2 * original, in integers, so
+    # that a centre exactly on an edge is inside whatever floating point would make of it.
+    twice_centres = (2 * np.arange(original, dtype=np.int64) + 1) * resized - 2 * offset * original
+    inside = np.flatnonzero((twice_centres >= 0) & (twice_centres <= 2 * model * original))  # one run
     return slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0)
 
 

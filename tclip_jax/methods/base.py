@@ -11,7 +11,8 @@ A method splits into what runs where:
   It is jit-compiled once per shape and shards over the batch axis (`tclip sweep`);
 - `original_maps` (device, dispatched without waiting): one image's maps -> the original image size (bilinear;
   a method whose official code rescales its maps there does it here);
-- `postprocess` (host): maps at the original image size -> a `HostMaps` (soft map, GMM fit, box) each.
+- `postprocess` (host): maps at the original image size -> a `HostMaps` (soft map, GMM fit, box) each, fitted
+  within `covered`, the part of the image the model saw (`Geometry.covered`; an override takes it too).
 `explain` / `explain_batch` run them for images and prompts; `tclip sweep` runs them over datasets.
 
 A map of a query never depends on the other queries of a call or on the batch it runs in: methods whose map
@@ -313,7 +314,8 @@ class Method(abc.ABC):
 
     def image_maps(self, image: ImageLike, queries: QueryArrays) -> tuple[np.ndarray, Any]:
         """`input_maps` at the image's size [Q, H, W], with the image's `extras`: the device and resize steps of
-        `explain`, without the host step."""
+        `explain`, without the host step (which, under a centre crop, takes the geometry's `covered`: `postprocess(
+        maps, covered=self.preprocess(image)[2].covered)`)."""
         out, geometry = self._one_image_maps(image, queries)  # resized where they are: no round trip to the host
         return np.array(self.original_maps(out.maps, geometry)), jax.device_get(out.extras)
 

@@ -212,12 +212,15 @@ def covered_window(shape: tuple[int, ...], covered: tuple[slice, slice] | None) 
         return None
     if not (isinstance(covered, tuple) and len(covered) == 2 and all(isinstance(c, slice) for c in covered)):
         raise ValueError(f"covered must be a (rows, columns) pair of slices (Geometry.covered), got {covered!r}")
-    spans = [c.indices(n) for c, n in zip(covered, shape[-2:])]
-    if any(step != 1 or stop <= start for start, stop, step in spans):
-        raise ValueError(f"covered {covered} is not a non-empty window of a {shape[-2]}x{shape[-1]} map")
+    spans = [(0 if c.start is None else c.start, n if c.stop is None else c.stop, c.step)
+             for c, n in zip(covered, shape[-2:])]
+    if not all(isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer)) and step in (None, 1)
+               and 0 <= start < stop <= n for (start, stop, step), n in zip(spans, shape[-2:])):
+        raise ValueError(f"covered {covered} is not a non-empty window of a {shape[-2]}x{shape[-1]} map (the "
+                         "Geometry.covered of another image?)")
     if all(stop - start == n for (start, stop, _), n in zip(spans, shape[-2:])):
         return None
-    return tuple(slice(start, stop) for start, stop, _ in spans)
+    return tuple(slice(int(start), int(stop)) for start, stop, _ in spans)
 
 
 def box_in_map(box: Box, window: tuple[slice, slice] | None) -> Box:
