@@ -1,5 +1,5 @@
 import sys
 
-from tclip_jax.cli import main
+from tclip_jax.cli import program
 
-sys.exit(main())
+sys.exit(program())

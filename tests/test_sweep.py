@@ -1160,6 +1160,25 @@ sys.exit(cli.main(["convert", "x", "--out", "y"]))
 """
 
 
+def test_tclip_as_a_program_ends_an_interrupted_command_without_the_interpreters_teardown(monkeypatch):
+    """The console script and `python -m tclip_jax` end a command stopped by Ctrl-C (130) or SIGTERM (143) with
+    os._exit: the teardown crashed when the signal had landed in an XLA compilation. Other statuses return."""
+    import configparser
+
+    import tclip_jax.cli as cli
+
+    scripts = configparser.ConfigParser()
+    scripts.read(pathlib.Path(__file__).resolve().parents[1] / "setup.cfg")
+    assert scripts["options.entry_points"]["console_scripts"].split() == ["tclip", "=", "tclip_jax.cli:program"]
+    assert "sys.exit(program())" in (pathlib.Path(cli.__file__).parents[1] / "__main__.py").read_text()
+    exits = []
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    for status in (130, 143, 0, 2):
+        monkeypatch.setattr(cli, "main", lambda status=status: status)
+        assert cli.program() == status
+    assert exits == [130, 143]
+
+
 def test_tclip_keeps_the_signal_set_up_of_the_process_it_runs_in(monkeypatch, capsys):
     """A wakeup fd someone else set (an asyncio loop) still hears its signals while tclip runs; a SIGTERM handler
     set outside Python (getsignal gives None) is left alone; error lines join every kind of line break."""
