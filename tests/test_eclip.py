@@ -3,6 +3,7 @@ file, resuming, the attention of a Hugging Face ViT, and `tclip train-eclip` / `
 import dataclasses
 import hashlib
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -164,6 +165,14 @@ def test_a_sweep_does_not_resume_over_projections_trained_further_in_the_same_fi
     path = save_projections(tmp_path / PROJECTIONS_FILE, clip_projections(clip.params), clip)
     options = RunOptions(limit=1, progress=False)
     run_sweep(synthetic_dataset(2), ECLIP(clip, Settings(projections=str(path))), tmp_path / "out", options=options)
+    # The same projections copied elsewhere, named another way: told by their digest, not their path, so resumed.
+    copy = tmp_path / "copy" / PROJECTIONS_FILE
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    shutil.copy(path.with_suffix(".json"), copy.with_suffix(".json"))
+    grown = RunOptions(limit=2, resume=True, progress=False)
+    run_sweep(synthetic_dataset(2), ECLIP(clip, Settings(projections=f"{tmp_path}/copy/../copy/{PROJECTIONS_FILE}")),
+              tmp_path / "out", options=grown)
     save_projections(path, {k: v * 2 for k, v in clip_projections(clip.params).items()}, clip)
     with pytest.raises(ValueError, match=r"run\.projections\.sha256 \(stored '[0-9a-f]{64}', now '[0-9a-f]{64}'\)"):
         run_sweep(synthetic_dataset(2), ECLIP(clip, Settings(projections=str(path))), tmp_path / "out",

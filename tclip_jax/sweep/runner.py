@@ -392,6 +392,12 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
         if (named and isinstance(old_source, str) and len(old_source) > len(before) + len(after)
                 and old_source.startswith(before) and old_source.endswith(after)):
             stored["source"] = config["source"]
+    projections, stored_projections = config["run"].get("projections"), stored.get("run", {}).get("projections")
+    if (isinstance(projections, dict) and isinstance(stored_projections, dict)
+            and stored_projections.get("sha256") == projections.get("sha256")):
+        # ECLIP's trained projections are told by their digest, not by the path as typed (as the model is).
+        stored_projections["file"] = projections["file"]
+        stored["run"].get("settings", {})["projections"] = config["run"]["settings"]["projections"]
     if "maps_version" in config["run"]:  # a sweep stored before methods recorded it holds their first maps
         stored.get("run", {}).setdefault("maps_version", 1)
     changed = _changed_fields(stored, config)
