@@ -325,6 +325,21 @@ def test_the_attention_of_a_hugging_face_vit(tmp_path):
     with pytest.raises(ValueError, match="weights.npz is a file; name a Hugging Face ViTModel folder"):
         ViTAttention(tmp_path / "weights.npz")
     assert ViTAttention(str(tmp_path / "vit") + "/").fingerprint == attention.fingerprint  # spelt otherwise
+    # transformers builds a ViT from any config and leaves what the weights lack random: refused instead.
+    from transformers import CLIPConfig, CLIPModel
+
+    CLIPModel(CLIPConfig(text_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                      "intermediate_size": 32},
+                         vision_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                        "intermediate_size": 32, "image_size": 32, "patch_size": 16},
+                         projection_dim=8)).save_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match=r"--dino .*clip is a 'clip' model, not a ViT"):
+        ViTAttention(tmp_path / "clip")
+    deeper = ViTConfig(**{**config.to_dict(), "num_hidden_layers": 3})
+    (tmp_path / "vit" / "config.json").write_text(deeper.to_json_string())  # weights of 2 layers for 3
+    with pytest.raises(ValueError, match=r"its weights lack \d+ of the ViT's tensors \(e\.g\. layers?\.2\..*\), which "
+                                         "would be random"):
+        ViTAttention(tmp_path / "vit")
 
 
 def test_loading_the_attention_model_draws_no_progress_bar_of_its_own(tmp_path, capsys):

@@ -191,14 +191,28 @@ class ViTAttention:
             folder = download_from_hub(name, flag="--dino")  # offline: one line that says what to do
         from transformers.utils import logging as transformers_logging
 
+        config_path = pathlib.Path(folder) / "config.json"
+        try:
+            model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError(f"--dino {name}: cannot read its config.json ({err})") from None
+        if model_type != "vit":  # transformers would build a ViT from any config, its weights left random
+            raise ValueError(f"--dino {name} is a {model_type!r} model, not a ViT (a Hugging Face ViTModel such as "
+                             "facebook/dino-vitb16)")
         shown = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()  # its "Loading weights" bar is not train-eclip's to show
         try:
-            self.model = ViTModel.from_pretrained(str(folder), add_pooling_layer=False, attn_implementation="eager",
-                                                  trust_remote_code=False).eval()
+            self.model, loading = ViTModel.from_pretrained(
+                str(folder), add_pooling_layer=False, attn_implementation="eager", trust_remote_code=False,
+                output_loading_info=True)
         finally:
             if shown:
                 transformers_logging.enable_progress_bar()
+        absent = [*loading.get("missing_keys", ()), *(k for k, *_ in loading.get("mismatched_keys", ()))]
+        if absent:
+            raise ValueError(f"--dino {name}: its weights lack {len(absent)} of the ViT's tensors (e.g. {absent[0]}), "
+                             "which would be random")
+        self.model.eval()
         self.image_size = self.model.config.image_size
         self.patch_size = self.model.config.patch_size
         self.origin = name
