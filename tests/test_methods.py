@@ -58,6 +58,36 @@ def test_every_method_explains_through_the_interface(tiny_clip, fixture_images, 
     assert record["run"]["settings"] == method.settings.to_dict()
 
 
+def test_settings_are_fixed_when_a_method_is_built(tiny_clip, fixture_images):
+    """Settings assigned later were recorded in results while the compiled maps kept the first ones: refused."""
+    tclip = method_for_tests("tclip", tiny_clip)
+    with pytest.raises(AttributeError, match="a method's settings are fixed when it is built: build another"):
+        tclip.settings = tclip.settings.replace(trim=0.45)
+    assert tclip.settings.trim == 0.2
+
+
+def test_prompts_encoded_by_another_method_model_or_settings_are_refused(tiny_clip, fixtures_dir, fixture_images):
+    """Encoded prompts are mapped as the method that uses them would map its own: another method's (per-word
+    queries given to a prompt-level method), another model's or another setting's (token weighting, truncation)
+    would be mapped wrongly and recorded as this method's."""
+    image = fixture_images["scene_224"]
+    tclip, similarity = method_for_tests("tclip", tiny_clip), method_for_tests("similarity", tiny_clip)
+    weighted = METHODS["tclip"](tiny_clip, METHODS["tclip"].Settings(translations=1, token_weighting="last"))
+    other_model = method_for_tests("tclip", load_clip(fixtures_dir / "tiny_openai_clip.npz", activation=None))
+    encoded = tclip.encode_prompts(PROMPTS)
+    for method, differs in ((similarity, "another method"), (weighted, "other settings")):
+        with pytest.raises(ValueError, match=f"these prompts were encoded by tclip with {differs} than this "
+                                             f"{method.name}: encode them with this method's encode_prompts"):
+            method.explain(image, encoded)
+    with pytest.raises(ValueError, match="encoded by similarity with another method than this tclip"):
+        tclip.explain(image, similarity.encode_prompts(PROMPTS))
+    np.testing.assert_array_equal(other_model.explain(image, encoded).prompts[0].phrase.heatmap,  # the same weights
+                                  tclip.explain(image, PROMPTS).prompts[0].phrase.heatmap)
+    scaled = dataclasses.replace(tiny_clip, params=jax.tree_util.tree_map(lambda a: a * 1.01, tiny_clip.params))
+    with pytest.raises(ValueError, match="encoded by tclip with another model than this tclip"):
+        method_for_tests("tclip", scaled).explain(image, encoded)
+
+
 def test_a_prompt_too_long_for_a_template_ensemble_is_one_error_or_one_warning(tiny_clip):
     import warnings
 

@@ -28,6 +28,7 @@ import abc
 import collections
 import dataclasses
 import functools
+import json
 import os
 import threading
 import warnings
@@ -179,6 +180,7 @@ class EncodedPrompts:
     queries: QueryArrays                  # distinct queries
     rows: np.ndarray                      # [sum(words) + P] row of each word query, then of each phrase query
     extras: Any = None                    # method-specific (TCLIP: unit token embeddings, for S)
+    encoder: tuple = ()                   # `Method.encoder` of the method that encoded them: no other may use them
 
 
 class Method(abc.ABC):
@@ -197,9 +199,37 @@ class Method(abc.ABC):
 
     def __init__(self, clip: LoadedClip, settings: Optional[MethodSettings] = None):
         self.clip = clip
-        self.settings = self.Settings() if settings is None else settings
-        if not isinstance(self.settings, self.Settings):
-            raise TypeError(f"{self.name} takes {self.Settings.__name__}, got {type(self.settings).__name__}")
+        self._settings = self.Settings() if settings is None else settings
+        if not isinstance(self._settings, self.Settings):
+            raise TypeError(f"{self.name} takes {self.Settings.__name__}, got {type(self._settings).__name__}")
+
+    @property
+    def settings(self) -> MethodSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, _):
+        # The compiled maps and what was computed from the settings (TCLIP's translations) keep the first ones: a
+        # new value would be recorded in results but not used.
+        raise AttributeError(f"a method's settings are fixed when it is built: build another, e.g. "
+                             f"type(m)(m.clip, m.settings.replace(...)), or {type(self).__name__}.from_pretrained("
+                             "..., **settings)")
+
+    @functools.cached_property
+    def encoder(self) -> tuple:
+        """What encoded prompts depend on: the method, its model (`LoadedClip.fingerprint`) and its settings."""
+        return self.name, self.clip.fingerprint, json.dumps(self.settings.to_dict(), sort_keys=True)
+
+    def check_encoded(self, encoded: "EncodedPrompts") -> None:
+        """Refuses prompts another method, model or settings encoded: their queries would be mapped as if this
+        method's, and the results recorded as this method's."""
+        if encoded.encoder == self.encoder:
+            return
+        method, model, settings = encoded.encoder or ("an unknown method", None, None)
+        differs = ("another method" if method != self.name else "another model" if model != self.clip.fingerprint
+                   else "other settings")
+        raise ValueError(f"these prompts were encoded by {method} with {differs} than this {self.name}: encode "
+                         "them with this method's encode_prompts")
 
     @classmethod
     def from_pretrained(cls, name_or_path: Optional[str | os.PathLike] = None, *, dtype: Any = jnp.float32,
@@ -287,7 +317,7 @@ class Method(abc.ABC):
         """Tokenises and encodes prompts once; the result serves any number of images."""
         tokens = self.tokenize(prompt_list(prompts))
         words, queries = self.explained_queries(tokens)
-        return distinct_queries(tokens, words, self.encode(queries, label_set=[t.text for t in tokens]))
+        return distinct_queries(tokens, words, self.encode(queries, label_set=[t.text for t in tokens]), self.encoder)
 
     def explained_queries(self, tokens: Sequence[TokenizedPrompt]) -> tuple[tuple[tuple[Word, ...], ...], list[Query]]:
         """Per prompt the words that get their own map, and the queries: each word, then each prompt."""
@@ -342,6 +372,8 @@ class Method(abc.ABC):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap must be True or False, got {overlap!r}")
+        if isinstance(prompts, EncodedPrompts):
+            self.check_encoded(prompts)
         encoded = prompts if isinstance(prompts, EncodedPrompts) else self.encode_prompts(prompts)
         rows = np.arange(len(encoded.queries), dtype=np.int32)
         pending = None
@@ -644,7 +676,7 @@ def _explained_words(tokens: TokenizedPrompt) -> tuple[Word, ...]:
     return words
 
 
-def distinct_queries(tokens, words, queries: QueryArrays) -> EncodedPrompts:
+def distinct_queries(tokens, words, queries: QueryArrays, encoder: tuple) -> EncodedPrompts:
     """Equal queries (a one-word prompt's word and phrase, a word in several prompts) are mapped once."""
     flat = np.concatenate([np.ascontiguousarray(leaf).reshape(len(queries), -1).view(np.uint8)
                            for leaf in jax.tree_util.tree_leaves(queries.per_query)], axis=1)
@@ -652,4 +684,5 @@ def distinct_queries(tokens, words, queries: QueryArrays) -> EncodedPrompts:
     order = np.argsort(first)                       # distinct rows in order of first appearance
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
-    return EncodedPrompts(tokens, words, queries.take(first[order]), rank[rows.ravel()].astype(np.int64))
+    return EncodedPrompts(tokens, words, queries.take(first[order]), rank[rows.ravel()].astype(np.int64),
+                          encoder=encoder)

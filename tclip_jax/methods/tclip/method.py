@@ -95,7 +95,7 @@ class TCLIP(Method):
         tokens = self.tokenize(prompt_list(prompts))
         embeds, weights = self.embed_prompts(tokens)
         words, queries = self.explained_queries(tokens)
-        encoded = distinct_queries(tokens, words, _queries(tokens, embeds, weights, queries))
+        encoded = distinct_queries(tokens, words, _queries(tokens, embeds, weights, queries), self.encoder)
         return dataclasses.replace(encoded, extras=embeds)
 
     # ------------------------------------------------------------------------------------------ device
