@@ -147,11 +147,16 @@ def test_projections_trained_on_another_clip_of_the_same_widths_are_refused(clip
     the model they were trained on; a float16 conversion of that model is that model."""
     path = save_projections(tmp_path / PROJECTIONS_FILE, clip_projections(clip.params), clip)
     other = dataclasses.replace(clip, params=jax.tree_util.tree_map(lambda a: a * 1.01, clip.params), origin="other")
-    with pytest.raises(ValueError, match=r"trained on another CLIP \(.*tiny_openai_clip.npz\) than this one \(other\)"):
+    with pytest.raises(ValueError, match=r"trained on another CLIP than this one: .*tiny_openai_clip.npz \(fingerprint "
+                                         r"[0-9a-f]{12}\) there, other with the quick_gelu activation \(fingerprint "):
         load_projections(path, other)
     as_float16 = dataclasses.replace(clip, params=jax.tree_util.tree_map(
         lambda a: np.asarray(a, np.float16).astype(np.float32), clip.params))
     assert load_projections(path, as_float16)[0]["image"].shape == (128, 64)
+    path.with_suffix(".json").write_text('{"model": "a string"}')
+    with pytest.raises(ValueError, match=r"eclip_projections.json \(what the projections beside it were trained on\) is "
+                                         "damaged: its model is str, not a record"):
+        load_projections(path, clip)
     path.with_suffix(".json").unlink()  # copied without its JSON: nothing to check against
     assert load_projections(path, other)[0]["image"].shape == (128, 64)
 
@@ -189,7 +194,7 @@ def test_resume_gives_the_projections_of_an_uninterrupted_run(clip, data_dir, tm
     with pytest.raises(ValueError, match="another run: settings"):
         train(clip, pairs, tmp_path / "parts", settings.replace(batch_size=2), resume=True, progress=False)
     resumed = train(clip, pairs, tmp_path / "parts", settings, resume=True, progress=False)
-    assert whole.steps == resumed.steps == 4
+    assert whole.steps == resumed.steps == 2  # per epoch, a batch of 3; the fourth pair's batch of one is left out
     for key in ("image", "text"):
         np.testing.assert_array_equal(resumed.projections[key], whole.projections[key])
         assert not np.array_equal(whole.projections[key], clip_projections(clip.params)[key])
@@ -215,7 +220,7 @@ def test_resume_compares_the_data_and_model_not_how_their_paths_are_spelt(clip, 
     other = dataclasses.replace(clip, params=jax.tree_util.tree_map(lambda a: a * 1.01, clip.params))
     with pytest.raises(ValueError, match="another run: model"):
         train(other, file_pairs("data"), tmp_path / "run", settings, resume=True, progress=False)
-    assert train(clip, file_pairs("data"), "run", settings, resume=True, progress=False).steps == 4
+    assert train(clip, file_pairs("data"), "run", settings, resume=True, progress=False).steps == 2  # 1 an epoch
 
 
 def test_a_checkpoint_written_before_fingerprints_resumes_as_it_did_then(clip, data_dir, tmp_path):
@@ -457,3 +462,6 @@ def test_a_contrastive_batch_of_one_pair_is_refused(clip, tmp_path):
     with pytest.raises(ValueError, match="holds 1 image-text pair\\(s\\); contrastive training needs at least 2"):
         train(clip, synthetic_pairs(1), tmp_path / "one", TrainSettings(epochs=1, batch_size=2), progress=False)
     assert not (tmp_path / "one").exists()
+    # An epoch's last batch of one pair is left out: 3 pairs in batches of 2 make one step an epoch, not two.
+    three = train(clip, synthetic_pairs(3), tmp_path / "three", TrainSettings(epochs=2, batch_size=2), progress=False)
+    assert three.steps == 2 and three.loss > 0

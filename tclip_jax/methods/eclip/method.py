@@ -140,12 +140,17 @@ def _check_trained_on(info_path: pathlib.Path, clip: LoadedClip) -> None:
         return
     try:
         model = json.loads(info_path.read_text(encoding="utf-8")).get("model") or {}
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        if not isinstance(model, dict):
+            raise ValueError(f"its model is {type(model).__name__}, not a record")
+    except (ValueError, UnicodeDecodeError, AttributeError) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"{info_path} (what the projections beside it were trained on) is damaged: {err}") from None
     recorded = model.get("fingerprint")
     if recorded is not None and recorded != clip.fingerprint:
-        raise ValueError(f"ECLIP projections beside {info_path} were trained on another CLIP ({model.get('origin')}) "
-                         f"than this one ({clip.origin}): their features differ, so the projections do not apply")
+        # The fingerprint covers the activation: name it, as the same file under another --activation differs.
+        raise ValueError(f"ECLIP projections beside {info_path} were trained on another CLIP than this one: "
+                         f"{model.get('origin')} (fingerprint {str(recorded)[:12]}) there, {clip.origin} with the "
+                         f"{clip.config.activation} activation (fingerprint {clip.fingerprint[:12]}) here; their "
+                         "features differ, so the projections do not apply")
 
 
 # ------------------------------------------------------------------------------------------------- the method

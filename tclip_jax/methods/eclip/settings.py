@@ -28,7 +28,8 @@ class TrainSettings(Options):
 
     epochs: int = setting(10, "passes over the training pairs")
     batch_size: int = setting(1024, "image-text pairs per step (the contrastive batch; at least 2: one pair has no "
-                              "negatives, its loss is 0 with no gradient)")
+                              "negatives, its loss is 0 with no gradient, so an epoch's last batch of one pair is "
+                              "left out)")
     learning_rate: float = setting(1e-4, "AdamW learning rate")
     weight_decay: float = setting(0.05, "AdamW weight decay")
     seed: int = setting(0, "seed of the order of the pairs in each epoch")

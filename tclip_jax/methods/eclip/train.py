@@ -355,13 +355,16 @@ def train(clip: LoadedClip, pairs: Pairs, out: str | os.PathLike, settings: Trai
     pooled, texts = pair_features(clip, pairs, attention, progress)
     step = make_train_step(optimizer)
     logit_scale = clip.params["logit_scale"]
-    batches = math.ceil(pairs.count / settings.batch_size)
+    # A last batch of one pair is left out of its epoch: InfoNCE over one pair is 0, and an Adam step on its zero
+    # gradient would still move the projections (momentum, weight decay).
+    used = pairs.count - (pairs.count % settings.batch_size == 1)
+    batches = math.ceil(used / settings.batch_size)
     loss = None
     with tqdm(total=settings.epochs * batches, initial=step_count, desc="train", unit="step",
               disable=not progress) as bar:
         for epoch in range(epoch, settings.epochs):
             order = epoch_order(settings, pairs.count, epoch)
-            for start in range(0, pairs.count, settings.batch_size):
+            for start in range(0, used, settings.batch_size):
                 index = order[start:start + settings.batch_size]
                 projections, opt_state, loss = step(projections, opt_state, pooled[index], texts[index], logit_scale)
                 step_count += 1
