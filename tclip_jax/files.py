@@ -156,3 +156,36 @@ def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def held_lock(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: bool = False) -> Iterator[None]:
+    """Holds an exclusive lock on the file ``path`` (made if need be; its folder too with ``make_folder``) for the
+    block: a second `what` (e.g. "sweep") working in ``where`` is refused at once, in one line. The file names its
+    holder and is removed when the block ends (the lock itself goes with the process however it ends)."""
+    import fcntl
+    import socket
+
+    while True:
+        if make_folder:  # each time: a holder that ended may have removed it
+            path.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(lock, 200).decode(errors="replace")
+            os.close(lock)
+            raise ValueError(f"another {what}{f' ({holder})' if holder else ''} is running in {where} (it holds "
+                             f"{path.name}); wait for it to end or choose another --out") from None
+        try:
+            if os.path.samestat(os.fstat(lock), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(lock)  # the file was removed by the holder as it ended: lock the one there now
+    try:
+        os.write(lock, f"process {os.getpid()} on {socket.gethostname()}".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while held: one that opened it meanwhile finds it gone once it locks it
+        os.close(lock)

@@ -3,6 +3,7 @@ file, resuming, the attention of a Hugging Face ViT, and `tclip train-eclip` / `
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 
 import jax
@@ -450,6 +451,39 @@ def test_bad_inputs_give_one_line_errors(fixtures_dir, data_dir, tmp_path, capsy
     fails(explain + ["--option", f"projections={wrong}"], "do not fit the model")
     fails(explain + ["--option", "projection=x"], "unknown option 'projection'; known settings: box_rule, truncate, projections")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_ends_as_if_alone(clip, tmp_path):
+    """Two runs into one --out at once each wrote its files over the other's, and both reported success: while one
+    runs (here: held reading its data), another into the same folder, however spelt, is refused in one line."""
+    import threading
+
+    from tclip_jax.methods.eclip.train import train
+
+    reading, release = threading.Event(), threading.Event()
+    scenes = [make_scene(seed, 64) for seed in range(4)]
+
+    def held():
+        reading.set()
+        release.wait(60)
+        yield from ((s.image, s.caption) for s in scenes)
+
+    settings = TrainSettings(epochs=1, batch_size=2)
+    first = {}
+    runner = threading.Thread(target=lambda: first.update(result=train(
+        clip, Pairs("held", "held", 4, held), tmp_path / "out", settings, progress=False)))
+    runner.start()
+    assert reading.wait(60)
+    for spelt in (tmp_path / "out", f"{tmp_path}/x/../out"):
+        with pytest.raises(ValueError, match=f"another train-eclip run \\(process {os.getpid()} on .*\\) is running in "):
+            train(clip, in_memory_pairs(4), spelt, settings, progress=False)
+    release.set()
+    runner.join(120)
+    alone = train(clip, in_memory_pairs(4), tmp_path / "alone", settings, progress=False)
+    np.testing.assert_array_equal(first["result"].projections["text"], alone.projections["text"])
+    scenes_again = Pairs("held", "held", 4, lambda: ((s.image, s.caption) for s in scenes))
+    assert train(clip, scenes_again, tmp_path / "out", settings.replace(epochs=2), resume=True,
+                 progress=False).steps == 4  # once it has ended
 
 
 def test_a_contrastive_batch_of_one_pair_is_refused(clip, tmp_path):

@@ -15,15 +15,13 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import pathlib
 import re
-import socket
 from collections.abc import Iterator
 
-from tclip_jax.files import write_bytes_atomic
+from tclip_jax.files import held_lock, write_bytes_atomic
 
 RESULTS_GLOB = "results-p*.jsonl"
 
@@ -106,31 +104,9 @@ def read_all_records(out: pathlib.Path) -> list[dict]:
 @contextlib.contextmanager
 def results_lock(out: pathlib.Path, process_index: int) -> Iterator[None]:
     """Holds this process's lock on ``out`` for the block, making the folder if need be: a second sweep into it is
-    refused at once, in one line. The lock file names its holder, and is removed when the block ends (the lock
-    itself goes with the process however it ends)."""
-    path = out / f"results-p{process_index}.lock"
-    while True:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(lock, 200).decode(errors="replace")
-            os.close(lock)
-            raise ValueError(f"another sweep{f' ({holder})' if holder else ''} is running in {out} (it holds "
-                             f"{path.name}); wait for it to end or choose another --out") from None
-        try:
-            if os.path.samestat(os.fstat(lock), os.stat(path)):
-                break
-        except FileNotFoundError:
-            pass
-        os.close(lock)  # the file was removed by the sweep that held it, as it ended: lock the one there now
-    try:
-        os.write(lock, f"process {os.getpid()} on {socket.gethostname()}".encode())
+    refused at once, in one line (`files.held_lock`)."""
+    with held_lock(out / f"results-p{process_index}.lock", "sweep", out, make_folder=True):
         yield
-    finally:
-        path.unlink(missing_ok=True)  # while held: a sweep that opened it meanwhile finds it gone once it locks it
-        os.close(lock)
 
 
 class ResultWriter:

@@ -24,11 +24,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import math
 import os
 import pathlib
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
@@ -39,7 +41,7 @@ import optax
 import safetensors.numpy
 
 from tclip_jax.checkpoints.load import LoadedClip
-from tclip_jax.files import check_output_folder, fingerprint, staged_folder
+from tclip_jax.files import check_output_folder, fingerprint, held_lock, staged_folder
 from tclip_jax.image import CLIP_MEAN, CLIP_STD, image_size, load_image, prepare
 from tclip_jax.methods import common
 from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, Projections, clip_projections, image_features,
@@ -322,12 +324,22 @@ class TrainResult:
 def train(clip: LoadedClip, pairs: Pairs, out: str | os.PathLike, settings: TrainSettings = TrainSettings(),
           attention: Optional[ViTAttention] = None, resume: bool = False, progress: bool = True) -> TrainResult:
     """Trains the projections on `pairs` (see the module docstring) into the folder `out`."""
-    from tqdm.auto import tqdm
-
     out = check_output_folder(out)
     if pairs.count < 2:  # InfoNCE over one pair is 0 with no gradient: nothing would be trained
         raise ValueError(f"{pairs.description} holds {pairs.count} image-text pair(s); contrastive training needs at "
                          "least 2")
+    # Two runs into one folder wrote its files each other's way, and both reported success. The lock is named after
+    # the folder's resolved path, in the temporary folder: the same whether --out exists yet or not (a run that
+    # saves nothing makes none).
+    digest = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    with held_lock(pathlib.Path(tempfile.gettempdir()) / f"tclip-train-eclip-{digest}.lock", "train-eclip run", out):
+        return _train(clip, pairs, out, settings, attention, resume, progress)
+
+
+def _train(clip: LoadedClip, pairs: Pairs, out: pathlib.Path, settings: TrainSettings,
+           attention: Optional[ViTAttention], resume: bool, progress: bool) -> TrainResult:
+    from tqdm.auto import tqdm
+
     checkpoint = out / CHECKPOINT_DIR
     if checkpoint.exists() and not resume:
         raise FileExistsError(f"{out} holds a training checkpoint: pass --resume to continue it, or choose another "
