@@ -485,7 +485,9 @@ def test_nan_weights(tmp_path, openai_state_dict):
 
 
 def test_unknown_hub_name_offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE when it is imported: its constant is what a later change must set (else
+    # the hub is tried, with its retries, for half a minute).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ConnectionError, match="nobody/no-such-clip.*`hf download nobody/no-such-clip"):
         load_clip("nobody/no-such-clip")
