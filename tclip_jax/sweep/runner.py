@@ -65,8 +65,8 @@ DEFAULT_TEMPLATE = "{}"
 
 def class_labels(class_names: Sequence[str]) -> tuple[str, ...]:
     """Each class's name in records and reports: its name, or where several classes share it (ImageNet's two
-    "crane"s, the bird and the machine), the name and its class id, so per-class scores keep them apart. Prompts
-    use the names as they are."""
+    "crane"s, the bird and the machine), the name and its class index (0-based, in `class_names`; not the dataset's
+    label id), so per-class scores keep them apart. Prompts use the names as they are."""
     shared = set(shared_names(class_names))
     return tuple(f"{name} (class {k})" if name in shared else name for k, name in enumerate(class_names))
 
