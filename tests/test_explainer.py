@@ -341,6 +341,44 @@ def test_explain_batch_gives_every_image_before_one_it_cannot_read_then_names_it
         no_translation.explain(images[bad_at], PROMPTS)
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("source", ["generator", "preprocess"])
+def test_explain_batch_gives_every_image_read_before_any_error_then_raises_it(no_translation, fixture_images,
+                                                                             monkeypatch, source, overlap):
+    """An error that is not a bad image's (a generator's own, or a RuntimeError while preprocessing) comes after
+    the results of every image read before it, as a bad file's does: 6 images, then the error, with batches of 4
+    (the last batch is partial when the error comes)."""
+    images = [list(fixture_images.values())[i % len(fixture_images)].copy() for i in range(7)]
+
+    class LoaderFailed(RuntimeError):
+        pass
+
+    def generator():
+        for index, image in enumerate(images):
+            if index == 6:
+                raise LoaderFailed("the loader failed on image 6")
+            yield image
+
+    method = TCLIP(no_translation.clip, no_translation.settings)
+    if source == "preprocess":
+        preprocess = method.preprocess
+
+        def failing(image):
+            if image is images[6]:
+                raise LoaderFailed("the loader failed on image 6")
+            return preprocess(image)
+
+        monkeypatch.setattr(method, "preprocess", failing)
+    got = []
+    with pytest.raises(LoaderFailed, match="^the loader failed on image 6$"):
+        for result in method.explain_batch(generator() if source == "generator" else images, PROMPTS,
+                                           batch_size=4, overlap=overlap):
+            got.append(result)
+    assert len(got) == 6
+    for result, image in zip(got, images):
+        np.testing.assert_array_equal(result.image, image)
+
+
 @pytest.mark.parametrize("bad, message", [({"batch_size": 0}, "batch_size must be a positive integer"),
                                           ({"overlap": "yes"}, "overlap must be True or False")])
 def test_explain_batch_rejects_bad_options(no_translation, fixture_images, bad, message):

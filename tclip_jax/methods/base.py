@@ -401,25 +401,29 @@ class Method(abc.ABC):
 
     def _input_batches(self, images: Sequence[ImageLike], batch_size: int) -> Iterator[list]:
         """`preprocess` of each image, in order, `batch_size` at a time, each batch of one input shape (an input
-        protocol that keeps the aspect ratio, such as patch_multiple, gives images of other shapes other batches)."""
+        protocol that keeps the aspect ratio, such as patch_multiple, gives images of other shapes other batches).
+        An error, whether `images` raises it or preprocessing does, comes after a batch of the images before it."""
         batch: list = []
         several = not isinstance(images, Sized) or len(images) > 1
-        for index, image in enumerate(images):
-            try:
-                item = self.preprocess(image)
-            except (ValueError, TypeError, OSError) as err:
-                if batch:  # explained before the error reaches the caller
+        try:
+            for index, image in enumerate(images):  # an iterable's own error (a loader's) is raised here
+                try:
+                    item = self.preprocess(image)
+                except (ValueError, TypeError) as err:
+                    if several and type(err) in (ValueError, TypeError):  # an array or PIL image is named by place
+                        raise type(err)(f"image {index}: {err}") from err
+                    raise
+                if batch and item[1].shape != batch[0][1].shape:
                     yield batch
-                if several and type(err) in (ValueError, TypeError):  # an array or PIL image is named by place
-                    raise type(err)(f"image {index}: {err}") from err
-                raise
-            if batch and item[1].shape != batch[0][1].shape:
+                    batch = []
+                batch.append(item)
+                if len(batch) == batch_size:  # a full batch goes at once, before the next image is read
+                    yield batch
+                    batch = []
+        except Exception:  # any error, reading or preprocessing: the images read before it are explained first
+            if batch:
                 yield batch
-                batch = []
-            batch.append(item)
-            if len(batch) == batch_size:  # a full batch goes at once, before the next image is read
-                yield batch
-                batch = []
+            raise
         if batch:
             yield batch
 
