@@ -131,6 +131,32 @@ def test_equal_queries_are_mapped_once_and_give_every_query_its_map(tiny_clip, f
     np.testing.assert_allclose(tclip.prompt_similarity(encoded, 1, extras), two.similarity, atol=1e-6, rtol=0)
 
 
+def held_bytes(array: np.ndarray) -> int:
+    """The bytes of the array whose memory `array` keeps alive (itself, or the array it is a view of)."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    assert array.base is None, f"memory held by a {type(array.base).__name__}"
+    return array.nbytes
+
+
+@pytest.mark.parametrize("name", ["scene_224", "scene_wide_320x240"])  # soft maps blurred exactly / by the pyramid
+def test_each_map_of_a_result_holds_only_its_own_memory(tiny_clip, fixture_images, name):
+    """Equal queries (a one-word prompt's word and phrase, a repeated prompt, a word opening two prompts) share one
+    map; every map and soft map is an [H, W] array of its own: a map kept over many images keeps H*W values, not the
+    image's Q maps nor a padded blur buffer."""
+    image = fixture_images[name]
+    height, width = image.shape[:2]
+    result = TCLIP(tiny_clip, Settings(translations=1)).explain(image, ["red", "red", "red circle", "red square"])
+    one, again, circle, square = result.prompts
+    assert one.phrase.heatmap is one.word_maps[0].heatmap is again.phrase.heatmap is circle.word_maps[0].heatmap
+    assert one.phrase.soft is again.phrase.soft is square.word_maps[0].soft
+    maps = [m for p in result.prompts for m in (*p.word_maps, p.phrase)]
+    distinct = {id(a): a for m in maps for a in (m.heatmap, m.soft)}.values()
+    assert len(distinct) == 2 * 5  # red, circle, square, "red circle", "red square"
+    for array in distinct:
+        assert array.shape == (height, width) and held_bytes(array) == height * width * array.itemsize
+
+
 @pytest.fixture(scope="module")
 def no_translation(tiny_clip):
     return TCLIP(tiny_clip, Settings(translations=1))

@@ -431,7 +431,7 @@ class Method(abc.ABC):
                        extras: Any) -> Iterator[ImageResult]:
         extras = jax.device_get(extras)
         for b, (rgb, _, geometry) in enumerate(loaded):
-            yield self._image_result(rgb, geometry, encoded, np.array(resized[b]),
+            yield self._image_result(rgb, geometry, encoded, np.asarray(resized[b]),
                                      jax.tree_util.tree_map(lambda a: a[b], extras))
 
     def prompt_similarity(self, encoded: EncodedPrompts, prompt: int, extras: Any) -> Optional[np.ndarray]:
@@ -440,13 +440,17 @@ class Method(abc.ABC):
 
     def _image_result(self, rgb: np.ndarray, geometry: Geometry, encoded: EncodedPrompts, distinct_maps: np.ndarray,
                       extras: Any) -> ImageResult:
-        """`distinct_maps` [Q, H, W] at the image's size; equal queries share one array."""
-        distinct_maps = list(distinct_maps)
+        """`distinct_maps` [Q, H, W] at the image's size; equal queries share one array.
+
+        Each map and soft map is an array of its own [H, W], not a view into the image's [Q, H, W] maps (or a soft
+        map's padded buffer): a map kept holds its own memory alone."""
+        distinct_maps = [np.array(m) for m in distinct_maps]  # compact copies
         host = self.postprocess(distinct_maps, covered=geometry.covered)
+        soft = [None if h.soft is None else np.array(h.soft, copy=True) for h in host]
 
         def map_result(text: str, item: int) -> MapResult:
             row = encoded.rows[item]
-            return MapResult(text, distinct_maps[row], host[row].soft, host[row].gmm, host[row].box)
+            return MapResult(text, distinct_maps[row], soft[row], host[row].gmm, host[row].box)
 
         n_words = sum(len(ws) for ws in encoded.words)
         prompts, item = [], 0
