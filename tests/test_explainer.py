@@ -157,6 +157,27 @@ def test_each_map_of_a_result_holds_only_its_own_memory(tiny_clip, fixture_image
         assert array.shape == (height, width) and held_bytes(array) == height * width * array.itemsize
 
 
+def test_result_arrays_are_read_only_so_no_edit_reaches_a_result_sharing_them(tiny_clip, fixture_images):
+    """Equal queries share one array (a one-word prompt's word and phrase, a repeated prompt, a word opening two
+    prompts): an edit in place would change every result holding it, so none can be made; a copy is editable."""
+    image = fixture_images["scene_wide_320x240"]
+    result = TCLIP(tiny_clip, Settings(translations=1)).explain(image, ["red", "red", "red circle"])
+    one, again, circle = result.prompts
+    assert one.phrase.heatmap is again.phrase.heatmap is circle.word_maps[0].heatmap
+    before = circle.word_maps[0].heatmap.copy()
+    arrays = [a for p in result.prompts for m in (*p.word_maps, p.phrase) for a in (m.heatmap, m.soft)]
+    for array in [*arrays, result.image, *(p.similarity for p in result.prompts)]:
+        assert not array.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            array[0, 0] = 0
+        with pytest.raises(ValueError, match="read-only"):
+            array *= 2
+    np.testing.assert_array_equal(circle.word_maps[0].heatmap, before)
+    edited = one.phrase.heatmap.copy()  # a copy is the user's to edit
+    edited[:] = 0
+    np.testing.assert_array_equal(again.phrase.heatmap, before)
+
+
 @pytest.fixture(scope="module")
 def no_translation(tiny_clip):
     return TCLIP(tiny_clip, Settings(translations=1))

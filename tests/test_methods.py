@@ -54,8 +54,9 @@ def test_every_method_explains_through_the_interface(tiny_clip, fixture_images, 
             assert m.heatmap.shape == (240, 320) and np.isfinite(m.heatmap).all()
             assert (m.soft is None) == (m.gmm is None) == (name != "tclip")
             assert 0 <= m.box.x1 < m.box.x2 <= 320 and 0 <= m.box.y1 < m.box.y2 <= 240
-            for array in (m.heatmap, m.soft):  # each map an array of its own (not a view)
-                assert array is None or array.base is None
+            for array in (m.heatmap, m.soft):  # read-only, each map an array of its own (not a view)
+                assert array is None or (not array.flags.writeable and array.base is None)
+    assert not result.image.flags.writeable
     record = json.loads(json.dumps(result.to_record()))  # JSON-ready
     assert record["run"]["settings"] == method.settings.to_dict()
 

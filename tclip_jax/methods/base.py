@@ -442,11 +442,12 @@ class Method(abc.ABC):
                       extras: Any) -> ImageResult:
         """`distinct_maps` [Q, H, W] at the image's size; equal queries share one array.
 
-        Each map and soft map is an array of its own [H, W], not a view into the image's [Q, H, W] maps (or a soft
-        map's padded buffer): a map kept holds its own memory alone."""
-        distinct_maps = [np.array(m) for m in distinct_maps]  # compact copies
+        Every array of the result is read-only, and each map and soft map is an array of its own [H, W], not a view
+        into the image's [Q, H, W] maps (or a soft map's padded buffer): a map kept holds its own memory alone, and
+        one result's edit cannot reach the others that share its array."""
+        distinct_maps = [_read_only(np.array(m)) for m in distinct_maps]  # compact copies
         host = self.postprocess(distinct_maps, covered=geometry.covered)
-        soft = [None if h.soft is None else np.array(h.soft, copy=True) for h in host]
+        soft = [None if h.soft is None else _read_only(np.array(h.soft, copy=True)) for h in host]
 
         def map_result(text: str, item: int) -> MapResult:
             row = encoded.rows[item]
@@ -457,10 +458,11 @@ class Method(abc.ABC):
         for p, (tokens, words) in enumerate(zip(encoded.tokens, encoded.words)):
             word_maps = tuple(map_result(w.text, item + i) for i, w in enumerate(words))
             item += len(words)
+            similarity = self.prompt_similarity(encoded, p, extras)
             prompts.append(PromptResult(tokens.text, tokens, words, word_maps, map_result(tokens.text, n_words + p),
-                                        self.prompt_similarity(encoded, p, extras)))
+                                        None if similarity is None else _read_only(np.asarray(similarity).view())))
         grid = tuple(s // self.clip.config.patch_size for s in geometry.input_hw)
-        return ImageResult(rgb, geometry, grid, tuple(prompts), self.run_info())
+        return ImageResult(_read_only(rgb.view()), geometry, grid, tuple(prompts), self.run_info())
 
 
 # ---------------------------------------------------------------------------------- prompt-level methods
@@ -663,6 +665,13 @@ def _each(fn, images: Array, per_image: Any):
 
     outputs = jax.lax.fori_loop(0, count + opaque_zero, body, outputs)
     return jax.tree_util.tree_map(lambda a: a[:count], outputs)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """`array` (a copy, or a view of an array the caller may keep writing), no longer writeable (numpy's flag):
+    results share arrays, so none is edited in place."""
+    array.flags.writeable = False
+    return array
 
 
 def prompt_list(prompts: str | Sequence[str]) -> list[str]:
