@@ -426,6 +426,26 @@ def test_explain_batch_gives_every_image_read_before_any_error_then_raises_it(no
         np.testing.assert_array_equal(result.image, image)
 
 
+@pytest.mark.parametrize("kind", ["str", "path", "bytes", "array", "grey array", "PIL"])
+def test_explain_batch_refuses_one_image_instead_of_a_sequence(no_translation, fixture_images, tmp_path, kind):
+    """Iterated, one image would be its characters (a path), its rows (an array) or its byte values: refused with
+    what to call instead. A stack [N, H, W, C] is a sequence of images."""
+    from PIL import Image
+
+    image = fixture_images["scene_wide_320x240"]
+    path = tmp_path / "one.png"
+    Image.fromarray(image).save(path)
+    one = {"str": str(path), "path": path, "bytes": path.read_bytes(), "array": image, "grey array": image[..., 0],
+           "PIL": Image.fromarray(image)}[kind]
+    with pytest.raises(TypeError, match=r"^explain_batch takes a sequence or iterable of images, got .*; explain "
+                                        r"takes one image$"):
+        next(no_translation.explain_batch(one, PROMPTS))
+    stacked = list(no_translation.explain_batch(np.stack([image, image[::-1]]), PROMPTS))
+    assert len(stacked) == 2
+    np.testing.assert_array_equal(stacked[0].image, image)
+    np.testing.assert_array_equal(stacked[1].image, image[::-1])
+
+
 @pytest.mark.parametrize("bad, message", [({"batch_size": 0}, "batch_size must be a positive integer"),
                                           ({"overlap": "yes"}, "overlap must be True or False")])
 def test_explain_batch_rejects_bad_options(no_translation, fixture_images, bad, message):

@@ -368,6 +368,7 @@ class Method(abc.ABC):
         resized to their images on the device after the host step of the batch before it and before the next
         batch is dispatched: a device runs one thread's work in the order it was dispatched, so the host step,
         which fetches them, waits for its own batch only, and one batch's image-size maps are held at a time."""
+        _check_several_images(images)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(overlap, bool):
@@ -665,6 +666,27 @@ def _each(fn, images: Array, per_image: Any):
 
     outputs = jax.lax.fori_loop(0, count + opaque_zero, body, outputs)
     return jax.tree_util.tree_map(lambda a: a[:count], outputs)
+
+
+def _check_several_images(images: Any) -> None:
+    """Refuses one image passed where a sequence or iterable of images is expected: iterated, a path would be its
+    characters, an array its rows, bytes their values."""
+    from PIL import Image
+
+    if isinstance(images, str):
+        one = "a str (one path)"
+    elif isinstance(images, os.PathLike):
+        one = f"a {type(images).__name__} (one path)"
+    elif isinstance(images, (bytes, bytearray, memoryview)):
+        one = f"{type(images).__name__} (one encoded image)"
+    elif isinstance(images, Image.Image):
+        one = "a PIL image"
+    elif isinstance(images, np.ndarray) and images.ndim not in (1, 4):
+        one = (f"a numpy array of shape {images.shape}, one image (images stacked in an array: a list of them, or "
+               "[N, H, W, C])")
+    else:
+        return
+    raise TypeError(f"explain_batch takes a sequence or iterable of images, got {one}; explain takes one image")
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
