@@ -1,4 +1,6 @@
 """Image decoding, CLIP input protocols, geometry and map resampling, checked against the reference code."""
+import warnings
+
 import jax
 import numpy as np
 import pytest
@@ -306,12 +308,27 @@ def test_load_16_bit_png_scales_to_8_bit(tmp_path, rgb):
     np.testing.assert_array_equal(load_image(tmp_path / "deep.png"), np.repeat(rgb[..., :1], 3, axis=2))
 
 
-def test_8_bit_values_in_a_16_bit_mode_are_read_as_16_bit_with_a_warning(rgb):
-    image = Image.fromarray(rgb[..., 0].astype(np.int32))  # mode I: what fromarray makes of int32
-    assert image.mode == "I"
+@pytest.mark.parametrize("kind", ["PIL mode I", "PIL mode I;16", "uint16 array", "uint16 RGB array"])
+def test_8_bit_values_in_a_16_bit_mode_are_read_as_16_bit_with_a_warning(rgb, kind):
+    values = rgb if kind == "uint16 RGB array" else rgb[..., :1]
+    image = {"PIL mode I": lambda: Image.fromarray(values[..., 0].astype(np.int32)),  # what fromarray makes of int32
+             "PIL mode I;16": lambda: Image.fromarray(values[..., 0].astype(np.uint16)),
+             "uint16 array": lambda: values[..., 0].astype(np.uint16),
+             "uint16 RGB array": lambda: values.astype(np.uint16)}[kind]()
+    if kind.startswith("PIL"):
+        assert image.mode == kind.split()[-1]
     with pytest.warns(UserWarning, match="values are all <= 255 is read as 16-bit"):
         decoded = load_image(image)
-    np.testing.assert_array_equal(decoded[..., 0], np.round(rgb[..., 0] / 257.0).astype(np.uint8))
+    np.testing.assert_array_equal(decoded, np.broadcast_to(np.round(values / 257.0).astype(np.uint8), rgb.shape))
+
+
+def test_16_bit_arrays_with_values_above_255_or_all_zero_decode_without_a_warning(rgb):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for values in (rgb.astype(np.uint16) * 257, np.zeros((3, 4), np.uint16)):
+            decoded = load_image(values)
+            expected = np.round(values / 257.0).astype(np.uint8)
+            np.testing.assert_array_equal(decoded, expected if expected.ndim == 3 else np.stack([expected] * 3, -1))
 
 
 @pytest.mark.parametrize("transparent", [False, True])

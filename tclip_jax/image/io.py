@@ -3,7 +3,9 @@
 Conventions:
 - Alpha is dropped (not composited), as CLIP's own ``_convert_image_to_rgb`` (PIL ``convert("RGB")``) does;
   CLIP converts after resizing, we before (`tclip_jax.image.protocols`).
-- 16-bit values v become round(v / 257), so 8-bit values stored as v * 257 round-trip exactly.
+- 16-bit values v become round(v / 257), so 8-bit values stored as v * 257 round-trip exactly. 16-bit data whose
+  values are all <= 255 (likely 8-bit values, nearly black once read) is read the same way with a warning, whether
+  a uint16 array or a PIL image of mode I or I;16.
 - Float arrays must lie in [0, 1] and become round(255 * x).
 - EXIF orientation is applied (``ImageOps.exif_transpose``) to files and PIL images, unless ``exif=False``:
   dataset annotations are drawn on the stored pixel grid (as pycocotools, gScoreCAM's ``Image.open`` and the
@@ -56,7 +58,10 @@ def load_image(image: ImageLike, exif: bool = True) -> np.ndarray:
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image, exif)
     if isinstance(image, np.ndarray):
-        return _array_to_rgb(image)
+        rgb = _array_to_rgb(image)
+        if image.dtype == np.uint16:
+            _warn_if_8_bit(image, "a uint16 image array", "pass them as uint8 (array.astype(np.uint8))")
+        return rgb
     raise TypeError(f"expected a path, encoded bytes, a PIL image or a numpy array, got {type(image).__name__}")
 
 
@@ -136,10 +141,8 @@ def _pil_to_rgb(img: Image.Image, exif: bool = True) -> np.ndarray:
         values = np.asarray(img)
         if values.min() < 0 or values.max() > _UINT16_MAX:
             raise ValueError(f"PIL mode {img.mode} image has values outside the 16-bit range 0..{_UINT16_MAX}")
-        if 0 < values.max() <= 255:  # 8-bit values in a 16-bit mode (Image.fromarray of int32) decode nearly black
-            warnings.warn(f"a PIL mode {img.mode} image whose values are all <= 255 is read as 16-bit (v / 257: "
-                          "nearly black); if they are 8-bit values, convert it to mode L or pass a uint8 array",
-                          stacklevel=2)
+        # 8-bit values in a 16-bit mode (Image.fromarray of int32) decode nearly black
+        _warn_if_8_bit(values, f"a PIL mode {img.mode} image", "convert it to mode L or pass a uint8 array")
         return _array_to_rgb(values.astype(np.uint16))
     if img.mode == "F":
         return _array_to_rgb(np.asarray(img))
@@ -149,6 +152,13 @@ def _pil_to_rgb(img: Image.Image, exif: bool = True) -> np.ndarray:
         return np.array(img.convert("RGB"))
     except ValueError as err:
         raise ValueError(f"cannot convert PIL mode {img.mode} image to RGB: {err}") from err
+
+
+def _warn_if_8_bit(values: np.ndarray, what: str, advice: str) -> None:
+    """Warns that 16-bit data whose values are all <= 255 (8-bit values, likely) decodes nearly black."""
+    if 0 < values.max() <= 255:
+        warnings.warn(f"{what} whose values are all <= 255 is read as 16-bit (v / 257: nearly black); if they are "
+                      f"8-bit values, {advice}", stacklevel=3)
 
 
 def _array_to_rgb(array: np.ndarray) -> np.ndarray:
