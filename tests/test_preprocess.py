@@ -431,6 +431,27 @@ def test_image_size_reads_the_header_as_load_image_decodes(tmp_path, orientation
         image_size(tmp_path / "text.png")
 
 
+def test_a_pil_images_exif_orientation_is_applied_as_a_files(tmp_path):
+    """As the README says: a PIL image is turned by its EXIF orientation as its file is; exif_transpose drops the tag
+    (not turned twice), a transpose by hand keeps it (turned again)."""
+    from PIL import ImageOps
+
+    block = _blocky((32, 48))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed turned 90 degrees clockwise
+    Image.fromarray(block).save(tmp_path / "rotated.png", exif=exif)
+    upright = np.rot90(block, k=-1)
+    np.testing.assert_array_equal(load_image(tmp_path / "rotated.png"), upright)
+    np.testing.assert_array_equal(load_image((tmp_path / "rotated.png").read_bytes()), upright)
+    with Image.open(tmp_path / "rotated.png") as opened:
+        np.testing.assert_array_equal(load_image(opened), upright)
+        np.testing.assert_array_equal(load_image(ImageOps.exif_transpose(opened)), upright)
+        by_hand = opened.transpose(Image.Transpose.ROTATE_270)  # what exif_transpose does for 6, tag kept
+        np.testing.assert_array_equal(load_image(by_hand), np.rot90(upright, k=-1))
+        np.testing.assert_array_equal(load_image(np.asarray(by_hand)), upright)
+        np.testing.assert_array_equal(load_image(opened, exif=False), block)
+
+
 def test_load_pil_images(rgb):
     np.testing.assert_array_equal(load_image(Image.fromarray(rgb)), rgb)
     gray_alpha = Image.fromarray(np.dstack([rgb[..., 0], rgb[..., 1]]), "LA")

@@ -7,7 +7,8 @@ Conventions:
   values are all <= 255 (likely 8-bit values, nearly black once read) is read the same way with a warning, whether
   a uint16 array or a PIL image of mode I or I;16.
 - Float arrays must lie in [0, 1] and become round(255 * x).
-- EXIF orientation is applied (``ImageOps.exif_transpose``) to files and PIL images, unless ``exif=False``:
+- EXIF orientation is applied (``ImageOps.exif_transpose``) to files, bytes and PIL images, unless ``exif=False``
+  (a PIL image turned by hand keeps its tag and is turned again; ``exif_transpose`` drops it):
   dataset annotations are drawn on the stored pixel grid (as pycocotools, gScoreCAM's ``Image.open`` and the
   ImageNet-S evaluator read images), so datasets decode images as stored.
 - Files and bytes with more than ``max_pixels()`` pixels are refused before they are decoded, a guard against
