@@ -471,6 +471,26 @@ def test_load_text_file_named_png_is_rejected(tmp_path):
         load_image(fake)
 
 
+@pytest.mark.parametrize("source, message", [
+    ("https://example.com/cat.jpg", r"^'https://example.com/cat.jpg' is a URL: images are not fetched; download"),
+    ("s3://bucket/cat.png", r"^'s3://bucket/cat.png' is a URL: images are not fetched"),
+    ("", r"^an image path is an empty string$"),
+    ("a" * 5000, r"^cannot read image file 'a{120}'\.\.\. \(5,000 characters\): [^\n]+$"),
+    (b"these bytes are no image", r"^cannot read image bytes: the bytes are not an image PIL can decode$"),
+])
+def test_paths_and_bytes_that_are_no_image_file_say_so_in_one_line(source, message):
+    """A URL is not fetched (it was read as a path, its // collapsed: "image file not found: https:/..."); an empty
+    string is not the current folder; a name too long for the file system is one line, not an OSError quoting the
+    whole name; PIL's message for bytes named an io.BytesIO object by its address."""
+    from tclip_jax.image import image_size
+
+    with pytest.raises(ValueError, match=message):
+        load_image(source)
+    if isinstance(source, str):
+        with pytest.raises(ValueError, match=message):
+            image_size(source)
+
+
 def test_load_directory_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="is a folder, not an image file"):
         load_image(tmp_path)

@@ -53,7 +53,7 @@ def set_max_pixels(limit: int) -> None:
 def load_image(image: ImageLike, exif: bool = True) -> np.ndarray:
     """Return ``image`` as a C-contiguous RGB uint8 array [H, W, 3] (a new array, never a view of the input)."""
     if isinstance(image, (str, os.PathLike)):
-        return _decode(pathlib.Path(image), exif)
+        return _decode(_image_path(image), exif)
     if isinstance(image, bytes):
         return _decode(image, exif)
     if isinstance(image, Image.Image):
@@ -78,7 +78,28 @@ def image_size(path: str | os.PathLike, exif: bool = True) -> tuple[int, int]:
             turned = exif and img.getexif().get(_EXIF_ORIENTATION, 1) in _QUARTER_TURNS
         return (img.width, img.height) if turned else (img.height, img.width)
 
-    return _opened(pathlib.Path(path), size)
+    return _opened(_image_path(path), size)
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _image_path(image: str | os.PathLike) -> pathlib.Path:
+    """The path of an image file; an empty string and a URL (which would be read as a relative path, its "//"
+    collapsed) are refused."""
+    text = os.fspath(image)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not text:
+        raise ValueError("an image path is an empty string")
+    if _URL.match(text) and not os.path.lexists(text):
+        raise ValueError(f"{_shown(text)} is a URL: images are not fetched; download the image and pass its file")
+    return pathlib.Path(image)
+
+
+def _shown(text: str, limit: int = 120) -> str:
+    """`text` quoted for a message, cut to `limit` characters (saying how long it is) if longer."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
 
 
 _EXIF_ORIENTATION = 0x0112
@@ -103,11 +124,15 @@ def _opened(source: pathlib.Path | bytes, read: Callable[[Image.Image], T]) -> T
     """`read(image)` of the image PIL opens from `source`, after the checks on the file and the header's size."""
     name = "image bytes" if isinstance(source, bytes) else f"image file {source}"
     if not isinstance(source, bytes):
-        if not source.exists():
+        try:
+            exists, is_dir, is_file = source.exists(), source.is_dir(), source.is_file()
+        except OSError as err:  # e.g. a name too long for the file system
+            raise ValueError(f"cannot read image file {_shown(str(source))}: {err.strerror or err}") from None
+        if not exists:
             raise FileNotFoundError(f"image file not found: {source}")
-        if source.is_dir():
+        if is_dir:
             raise ValueError(f"{source} is a folder, not an image file")
-        if not source.is_file():  # a FIFO or a device: opening it could block
+        if not is_file:  # a FIFO or a device: opening it could block
             raise ValueError(f"{source} is not a regular file")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
@@ -119,7 +144,11 @@ def _opened(source: pathlib.Path | bytes, read: Callable[[Image.Image], T]) -> T
     except Image.DecompressionBombError as err:  # PIL refuses beyond twice its limit, in open()
         _check_size(int(re.search(r"\((\d+) pixels\)", str(err)).group(1)), name)
         raise ValueError(f"cannot read {name}: {err}") from None
-    except (UnidentifiedImageError, OSError) as err:  # UnidentifiedImageError: not an image; OSError: truncated
+    except UnidentifiedImageError as err:
+        if isinstance(source, bytes):  # PIL's message names an io.BytesIO object by its address
+            raise ValueError("cannot read image bytes: the bytes are not an image PIL can decode") from None
+        raise ValueError(f"cannot read {name}: {err}") from err
+    except OSError as err:  # truncated
         raise ValueError(f"cannot read {name}: {err}") from err
 
 
