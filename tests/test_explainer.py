@@ -446,7 +446,19 @@ def test_explain_batch_refuses_one_image_instead_of_a_sequence(no_translation, f
     np.testing.assert_array_equal(stacked[1].image, image[::-1])
 
 
+def test_explain_batch_takes_a_numpy_integer_batch_size(no_translation, fixture_images, monkeypatch):
+    images = [list(fixture_images.values())[i % len(fixture_images)] for i in range(3)]
+    method = TCLIP(no_translation.clip, no_translation.settings)
+    jitted, batches = method.jitted_maps, []
+    monkeypatch.setattr(method, "jitted_maps", lambda *a: batches.append(len(a[1])) or jitted(*a), raising=False)
+    assert len(list(method.explain_batch(images, PROMPTS, batch_size=np.int64(2)))) == 3
+    assert batches == [2, 1]
+
+
 @pytest.mark.parametrize("bad, message", [({"batch_size": 0}, "batch_size must be a positive integer"),
+                                          ({"batch_size": np.int64(0)}, "batch_size must be a positive integer"),
+                                          ({"batch_size": 2.0}, "batch_size must be a positive integer"),
+                                          ({"batch_size": True}, "batch_size must be a positive integer"),
                                           ({"overlap": "yes"}, "overlap must be True or False")])
 def test_explain_batch_rejects_bad_options(no_translation, fixture_images, bad, message):
     with pytest.raises(ValueError, match=message):

@@ -369,7 +369,7 @@ class Method(abc.ABC):
         batch is dispatched: a device runs one thread's work in the order it was dispatched, so the host step,
         which fetches them, waits for its own batch only, and one batch's image-size maps are held at a time."""
         _check_several_images(images)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap must be True or False, got {overlap!r}")
