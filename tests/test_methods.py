@@ -140,6 +140,13 @@ def test_numpy_numbers_are_settings_kept_as_python_numbers():
     assert type(attention.layer) is int and attention.layer == -2
     assert type(tclip.trim) is float and tclip.trim == 0.25 and type(tclip.translations) is int
     assert json.loads(json.dumps(tclip.to_dict()))["trim"] == 0.25
+    fractions = METHODS["tclip"].Settings(scale_fractions=tuple(np.linspace(0.25, 0.75, 3, dtype=np.float32)))
+    assert fractions.scale_fractions == (0.25, 0.5, 0.75) and fractions.translations == 25
+    assert all(type(f) is float for f in fractions.scale_fractions)
+    assert fractions == METHODS["tclip"].Settings() and json.loads(json.dumps(fractions.to_dict())) == \
+        METHODS["tclip"].Settings().to_dict()
+    with pytest.raises(ValueError, match="each scale fraction must be a finite number"):
+        METHODS["tclip"].Settings(scale_fractions=(np.float32("nan"),))
     from tclip_jax.evaluation.options import EvalOptions  # a setting that is text or a number
 
     threshold = EvalOptions(threshold=np.float32(0.5)).threshold
