@@ -305,3 +305,13 @@ def test_bad_arguments_are_one_line_before_any_probe(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert raised.value.code == 2 and "Traceback" not in "\n".join(err)
     assert err[-1].startswith("image_tower_probe.py: error: ") and message.format(tmp=tmp_path) in err[-1]
+
+
+def test_supervised_set_overrides_accumulate_as_in_the_training_script(monkeypatch, capsys):
+    trained = []
+    monkeypatch.setattr(itp, "supervised", lambda config, *args, **kwargs: trained.append(config) or iter(()))
+    monkeypatch.setattr(sys, "argv", ["image_tower_probe.py", "supervised", "--steps", "1",
+                                      "--set", "vision_layers=1", "--set", "stem_channels=8,16", "patch_size=8"])
+    itp.main()
+    [config] = trained  # every --set's fields, not only the last --set's
+    assert (config.vision_layers, config.stem_channels, config.patch_size) == (1, (8, 16), 8)

@@ -226,6 +226,23 @@ def test_check_determinism_refuses_what_it_cannot_train_with_one_line_before_tra
         assert err[-1].endswith(message), err
 
 
+def test_check_determinism_set_overrides_accumulate_as_in_the_training_script(monkeypatch, capsys):
+    trained = []
+
+    def train(config, log_path, stop_after):  # records the configuration instead of training it
+        trained.append((config, stop_after))
+        return {"w": np.zeros(2, np.float32)}, None, None
+
+    monkeypatch.setattr(train_default, "train", train)
+    monkeypatch.setattr(sys, "argv", ["check_determinism.py", "--steps", "2", "--set", "steps=3", "warmup_steps=1",
+                                      "--set", "batch_size=4"])
+    with pytest.raises(SystemExit) as raised:
+        check_determinism.main()
+    assert raised.value.code == 0 and json.loads(capsys.readouterr().out)["bit_identical"]
+    # Both runs train every --set's fields, not only the last --set's.
+    assert [(c.steps, c.warmup_steps, c.batch_size, stop) for c, stop in trained] == [(3, 1, 4, 2)] * 2
+
+
 def test_step_colours_draw_a_steps_scenes_from_its_own_palette():
     config = train_default.TrainConfig(batch_size=16, step_colours=1, variant_attributes=("shape",))
     for step in range(3):

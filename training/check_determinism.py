@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--objective", choices=train_default.OBJECTIVES)
     parser.add_argument("--steps", type=int, default=20,
                         help="steps trained each time, 1 up to the configuration's steps (default %(default)s)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="FIELD=VALUE",
+                        help="override TrainConfig fields, as train_default.py --set does (may be repeated)")
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")

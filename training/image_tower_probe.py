@@ -472,7 +472,8 @@ def main() -> None:
                      help="one label, or several trained together (one head each, their losses summed)")
     sup.add_argument("--steps", type=int, default=400)
     sup.add_argument("--learning-rate", type=float, default=1e-3)
-    sup.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="TrainConfig overrides")
+    sup.add_argument("--set", nargs="*", action="extend", default=[], metavar="FIELD=VALUE",
+                     help="TrainConfig overrides (may be repeated)")
     sup.add_argument("--object-sizes", nargs=2, type=float, metavar=("MIN", "MAX"),
                      default=ONE_OBJECT.size_range, help="object extent range, pixels at 224 px")
     sup.add_argument("--backgrounds", nargs="+", choices=BACKGROUNDS, default=ONE_OBJECT.backgrounds)
