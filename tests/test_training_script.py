@@ -114,6 +114,109 @@ def test_ctrl_c_ends_a_training_run_with_one_line_saying_what_it_left(tmp_path, 
         assert capsys.readouterr().err.strip().splitlines() == [f"train_default.py: interrupted; {message}"]
 
 
+TINY_MODEL = ["image_size=32", "patch_size=16", "embed_dim=16", "vision_width=64", "vision_layers=1", "text_width=64",
+              "text_layers=1"]
+
+
+def tiny_params(config: train_default.TrainConfig) -> dict:
+    return jax.tree_util.tree_map(np.asarray, init_params(train_default.model_config(config), 0))
+
+
+def model_folder(folder: pathlib.Path, training: bool = True) -> pathlib.Path:
+    """A folder as train_default.py leaves it (a tiny model, its log, held-out metrics and a card), or with
+    `training=False` a checkpoint another tool wrote (no training record)."""
+    config = train_default.TrainConfig(**train_default.parse_overrides(TINY_MODEL))
+    save_checkpoint(folder, tiny_params(config), train_default.model_config(config), storage_dtype=np.float16,
+                    compressed=True, metadata={"training": {"config": dataclasses.asdict(config)}} if training else None)
+    if training:
+        (folder / train_default.LOG_FILE).write_text('{"step": 1}\n')
+        (folder / "heldout_metrics.json").write_text("{}\n")
+        (folder / "README.md").write_text("the card\n")
+    return folder
+
+
+def test_an_out_folder_this_script_did_not_write_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """Saving replaces --out: a folder neither empty nor a model folder train_default.py wrote (a user's notes, a
+    sub-folder, tclip_jax/data holding both embedded models) is refused in one line before any training, as is each
+    run's folder of a recipe search, and left as it was."""
+    trained = []
+    monkeypatch.setattr(train_default, "train_and_save", lambda config, out, **kwargs: trained.append(out) or
+                        {"final": {}})
+    monkeypatch.setattr(train_default, "record_heldout_metrics", lambda folder: {})
+
+    def run(main, argv):
+        monkeypatch.setattr(sys, "argv", argv)
+        try:
+            main()
+        except SystemExit as raised:
+            return raised.code, capsys.readouterr().err.strip().splitlines()
+        return 0, capsys.readouterr().err.strip().splitlines()
+
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("notes\n")
+    (mine / "sub" / "x.txt").write_text("x\n")
+    noted = model_folder(tmp_path / "noted")
+    (noted / "notes.txt").write_text("notes\n")
+    nested = model_folder(tmp_path / "nested")
+    (nested / "sub").mkdir()
+    converted = model_folder(tmp_path / "converted", training=False)
+    data = DEFAULT_MODEL.parent
+    before = {folder: sorted(p.relative_to(folder) for p in folder.rglob("*"))
+              for folder in (mine, noted, nested, converted, data)}
+    not_ours = "is not empty and not a model folder train_default.py wrote (it has no tclip_config.json with a " \
+               "training record), and saving would replace it; name another folder"
+    for out, message in [(mine, not_ours), (data, not_ours), (converted, not_ours),
+                         (noted, "holds notes.txt, which train_default.py does not write; move it or name another "
+                                 "folder"),
+                         (nested, "holds sub, which train_default.py does not write")]:
+        code, err = run(train_default.main, [str(SCRIPT), "--out", str(out), "--steps", "3", "--set", "warmup_steps=1"])
+        assert code == 2 and err[-1].startswith(f"train_default.py: error: --out {out} {message}"), err
+    search = tmp_path / "search"
+    shutil.copytree(mine, search / "b")
+    code, err = run(search_recipes.main, [str(SEARCH_SCRIPT), "--out", str(search), "--no-heldout", "--workers", "1",
+                                          "--set", *TINY_OVERRIDES, "--run", "a", "--run", "b"])
+    assert code == 2 and err[-1] == f"search_recipes.py: error: --out {search / 'b'} {not_ours}", err
+    assert trained == [] and sorted(p.name for p in search.iterdir()) == ["b"]
+    assert before == {folder: sorted(p.relative_to(folder) for p in folder.rglob("*")) for folder in before}
+    # What a run may replace: a new folder, an empty one (a file browser's files aside), a model folder this script
+    # wrote with its card (the embedded models' README.md).
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "browsed").mkdir()
+    (tmp_path / "browsed" / ".DS_Store").write_text("")
+    ours = model_folder(tmp_path / "ours")
+    (ours / ".DS_Store").write_text("")
+    for out in (tmp_path / "new", tmp_path / "empty", tmp_path / "browsed", ours):
+        assert run(train_default.main, [str(SCRIPT), "--out", str(out), "--steps", "3", "--set", "warmup_steps=1"]) \
+            == (0, [])
+    assert trained == [tmp_path / "new", tmp_path / "empty", tmp_path / "browsed", ours]
+
+
+def test_saving_a_model_replaces_only_the_files_this_script_writes(tmp_path, monkeypatch):
+    """A model folder trained again in place: its model files are replaced (the stale heldout_metrics.json goes, the
+    next stage writes it again), and all else it holds is kept, its card and what arrived there during training."""
+    config = train_default.TrainConfig(**train_default.parse_overrides(TINY_MODEL + ["steps=3", "warmup_steps=1"]))
+    out = model_folder(tmp_path / "model")
+    (out / ".DS_Store").write_text("browser\n")
+
+    def train(config, log_path, **kwargs):  # writes its log; meanwhile someone puts notes in the folder
+        log_path.write_text('{"step": 3}\n')
+        (out / "notes.txt").write_text("notes\n")
+        (out / "sub").mkdir()
+        (out / "sub" / "x.txt").write_text("x\n")
+        return tiny_params(config), np.array([1, 2], np.int32), {"final": {"step": 3}}
+
+    monkeypatch.setattr(train_default, "train", train)
+    train_default.train_and_save(config, out)
+    assert sorted(p.name for p in out.iterdir()) == [".DS_Store", "README.md", "notes.txt", "params.npz", "sub",
+                                                     "tclip_config.json", train_default.LOG_FILE]
+    assert [(out / name).read_text() for name in ("README.md", "notes.txt", "sub/x.txt", ".DS_Store",
+                                                   train_default.LOG_FILE)] == [
+        "the card\n", "notes\n", "x\n", "browser\n", '{"step": 3}\n']
+    assert json.loads((out / "tclip_config.json").read_text())["training"]["final"] == {"step": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging folder or hidden log left
+
+
 def test_one_object_curriculum_draws_one_object_scenes_then_the_training_style():
     config = train_default.TrainConfig(batch_size=8, curriculum_steps=2, curriculum_objects=1)
     one_object = dataclasses.replace(train_default.EASY_STYLE, counts=(1,), count_weights=(1.0,),

@@ -180,8 +180,8 @@ def main() -> None:
             raise ValueError(f"--workers and --ahead must be >= 1, got {args.workers} and {args.ahead}")
         runs = parse_runs(args.run, train_default.parse_overrides(args.set))
         check_output_folder(args.out)
-        for name in runs:  # each run's folder, before any run trains (a run saves only when it is done)
-            check_output_folder(args.out / name)
+        for name in runs:  # each run's folder, before any run trains (a run saves only when it is done): one to
+            train_default.check_model_folder(args.out / name)  # make, empty or a model folder a run wrote
         configs = {name: train_default.train_config(args.recipe, overrides) for name, overrides in runs.items()}
         for config in configs.values():
             train_default.check_text_init(config)

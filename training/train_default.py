@@ -57,6 +57,8 @@ Run from the repository root (it also records the checkpoint's fast held-out gat
     nice python training/train_default.py --recipe default --out tclip_jax/data/default_model
     nice python training/train_default.py --recipe clip_only --out tclip_jax/data/clip_only_model
 (`--out DIR --heldout-only` records the gates alone, for a checkpoint whose run was stopped after training.)
+`--out` must be new, empty or a model folder this script wrote: saving replaces the files it writes there
+(`MODEL_FILES`) and keeps the rest (a model card, README.md); any other folder is refused before training.
 Without `--recipe`, TrainConfig's defaults are the first embedded models' (no stem, 4 blocks, 900 steps; with
 `--objective clip_tokens` the first default model, with `clip` the first `clip_only`), to which the recipe search's
 `--set` overrides are relative (`training/RECIPE_SEARCH.md`).
@@ -78,6 +80,7 @@ import functools
 import json
 import os
 import pathlib
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -88,10 +91,10 @@ import numpy as np
 import optax
 from PIL import Image
 
-from tclip_jax.checkpoints.folder import is_checkpoint, save_checkpoint
+from tclip_jax.checkpoints.folder import CONFIG_FILE, FORMAT_NAME, PARAMS_FILES, is_checkpoint, save_checkpoint
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.evaluation.retrieval import retrieval_top1
-from tclip_jax.files import check_output_folder
+from tclip_jax.files import check_output_folder, staged_folder, unwritten_entries
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize
 from tclip_jax.synthetic import (
@@ -117,6 +120,9 @@ from tclip_jax.sweep.heldout import (HELDOUT_METRICS_FILE, grounding_scores, rec
 VALIDATION_OFFSET = 1_000_000  # validation scenes: retrieval_scenes(n, VALIDATION_OFFSET)
 LOG_FILE = "training_log.jsonl"
 README_FILE = "README.md"
+# What this script writes into a model folder (`train_and_save`, then `record_heldout_metrics`): saving a model
+# again replaces these and keeps anything else there (a model card, README_FILE).
+MODEL_FILES = (PARAMS_FILES[1], CONFIG_FILE, LOG_FILE, HELDOUT_METRICS_FILE)
 OBJECTIVES = ("clip", "clip_tokens")
 PATCH_WORD_HEADS = ("random", "text")
 PATCH_WORD_POOLS = ("max", "logsumexp")
@@ -1273,23 +1279,67 @@ def train_and_save(config: TrainConfig, out: pathlib.Path,
                    inputs: Callable[[int], concurrent.futures.Future] | None = None, resume: pathlib.Path | None = None,
                    save_state_at: tuple[int, pathlib.Path] | None = None) -> dict:
     """Trains `config` (`train`, with its `resume` and `save_state_at`) and writes checkpoint folder `out` with its
-    training log; a README.md already in `out` (a model card) is kept. Returns the run summary."""
+    training log (`save_model`: a README.md already in `out`, a model card, is kept). Returns the run summary."""
     log_path = out.parent / f".{out.name}.{LOG_FILE}"  # moved into the folder once it is written
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    readme = out / README_FILE
-    readme_text = readme.read_text() if readme.is_file() else None  # saving replaces the folder
     try:
         params, used_ids, summary = train(config, log_path, inputs=inputs, resume=resume, save_state_at=save_state_at)
         metadata = {"training": {"config": dataclasses.asdict(config), **summary,
                                  "used_token_ids": used_ids.tolist(), "cpu_count": os.cpu_count()}}
-        save_checkpoint(out, zero_unused_rows(params, used_ids), model_config(config), metadata=metadata,
-                        storage_dtype=np.float16, compressed=True, overwrite=True)
-        log_path.rename(out / LOG_FILE)
+        save_model(out, zero_unused_rows(params, used_ids), model_config(config), metadata, log_path)
     finally:
         log_path.unlink(missing_ok=True)  # a run that stopped leaves no hidden log beside --out
-    if readme_text is not None:
-        readme.write_text(readme_text)
     return summary
+
+
+def save_model(out: pathlib.Path, params: dict, clip_config: CLIPConfig, metadata: dict,
+               log_path: pathlib.Path) -> None:
+    """Writes model folder `out` whole or not at all: the checkpoint and the log at `log_path` replace the files an
+    earlier model there had (`MODEL_FILES`), and everything else in it (a model card, a file browser's files) is
+    copied into the new folder before it replaces the old one, so nothing this script did not write is lost."""
+    with staged_folder(out) as staging:
+        written = save_checkpoint(staging / "model", params, clip_config, metadata=metadata,
+                                  storage_dtype=np.float16, compressed=True)
+        for path in written.iterdir():
+            path.rename(staging / path.name)
+        written.rmdir()
+        log_path.rename(staging / LOG_FILE)
+        for path in (out.iterdir() if out.is_dir() else ()):
+            if path.name in MODEL_FILES:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.copytree(path, staging / path.name, symlinks=True)
+            else:
+                shutil.copy2(path, staging / path.name, follow_symlinks=False)
+
+
+def is_trained_model(folder: pathlib.Path) -> bool:
+    """Whether `folder` holds a checkpoint header this script wrote (a tclip_jax header with a training record)."""
+    try:
+        header = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT_NAME and "training" in header
+
+
+def check_model_folder(out: pathlib.Path, flag: str = "--out") -> pathlib.Path:
+    """`out` as a folder a run may save its model to, checked before training: one to make, an empty one (a file
+    browser's files aside), or a model folder this script wrote, holding its `MODEL_FILES` and perhaps a model card
+    (README.md), which saving keeps. ValueError (or OSError) on any other: saving replaces the folder, and would
+    delete what the run did not write."""
+    out = check_output_folder(out, flag)
+    if not out.exists():
+        return out
+    if not unwritten_entries(out, ()):
+        return out
+    if not is_trained_model(out):
+        raise ValueError(f"{flag} {out} is not empty and not a model folder train_default.py wrote (it has no "
+                         f"{CONFIG_FILE} with a training record), and saving would replace it; name another folder")
+    others = unwritten_entries(out, (*MODEL_FILES, README_FILE), files_only=True)
+    if others:
+        raise ValueError(f"{flag} {out} holds {others[0]}, which train_default.py does not write; move it or name "
+                         "another folder")
+    return out
 
 
 def config_from_flags(recipe: str | None, flags: dict, assignments: list[str]) -> TrainConfig:
@@ -1364,12 +1414,12 @@ def main() -> None:
     if args.heldout_only:
         record_only(parser, args)
     try:
-        check_output_folder(args.out)
+        check_model_folder(args.out)  # before training: saving replaces the folder
         config = config_from_flags(args.recipe, {"objective": args.objective, "steps": args.steps}, args.set)
         if args.resume is not None:  # checked now, not after compiling
             check_resume(args.resume, config)
         save_state_at = parse_save_state(args.save_state, config, 0 if args.resume is None else saved_step(args.resume))
-    except (ValueError, OSError) as error:  # a bad override, text_init folder or state: one line, no traceback
+    except (ValueError, OSError) as error:  # a bad override, output folder, text_init folder or state: one line
         parser.error(str(error))
     try:
         summary = train_and_save(config, args.out, resume=args.resume, save_state_at=save_state_at)
