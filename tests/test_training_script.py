@@ -192,6 +192,31 @@ def test_an_out_folder_this_script_did_not_write_is_refused_before_training(tmp_
     assert trained == [tmp_path / "new", tmp_path / "empty", tmp_path / "browsed", ours]
 
 
+def test_paths_a_run_could_not_save_to_are_refused_before_training(tmp_path, monkeypatch, capsys):
+    """--out the current folder or one above it (which cannot be replaced), --save-state under a file, at a folder
+    or inside --out (which saving replaces): one line before the model is built, not a traceback after training."""
+    monkeypatch.setattr(train_default, "train", None)  # any training would fail
+    here = tmp_path / "here"
+    here.mkdir()
+    (tmp_path / "afile").write_text("x\n")
+    monkeypatch.chdir(here)
+    for arguments, message in [(["--out", "."], "--out . holds the current folder, which cannot be replaced; name "
+                                                "another folder"),
+                               (["--out", ".."], "--out .. holds the current folder, which cannot be replaced"),
+                               (["--out", "m", "--save-state", "1", "../afile/state.npz"],
+                                "--save-state ../afile/state.npz: ../afile is a file, not a folder"),
+                               (["--out", "m", "--save-state", "1", ".."], "--save-state .. is a folder, not a file"),
+                               (["--out", "m", "--save-state", "1", "m/state.npz"],
+                                "--save-state m/state.npz is inside --out m, which holds the model alone; name a path "
+                                "outside it")]:
+        monkeypatch.setattr(sys, "argv", [str(SCRIPT), *arguments, "--steps", "3", "--set", "warmup_steps=1"])
+        with pytest.raises(SystemExit) as raised:
+            train_default.main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert raised.value.code == 2 and err[-1].startswith(f"train_default.py: error: {message}"), err
+    assert not any(here.iterdir()) and (tmp_path / "afile").read_text() == "x\n"
+
+
 def test_saving_a_model_replaces_only_the_files_this_script_writes(tmp_path, monkeypatch):
     """A model folder trained again in place: its model files are replaced (the stale heldout_metrics.json goes, the
     next stage writes it again), and all else it holds is kept, its card and what arrived there during training."""

@@ -94,7 +94,7 @@ from PIL import Image
 from tclip_jax.checkpoints.folder import CONFIG_FILE, FORMAT_NAME, PARAMS_FILES, is_checkpoint, save_checkpoint
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.evaluation.retrieval import retrieval_top1
-from tclip_jax.files import check_output_folder, staged_folder, unwritten_entries
+from tclip_jax.files import check_output_folder, check_replaceable, staged_folder, unwritten_entries
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize
 from tclip_jax.synthetic import (
@@ -1325,11 +1325,15 @@ def is_trained_model(folder: pathlib.Path) -> bool:
 def check_model_folder(out: pathlib.Path, flag: str = "--out") -> pathlib.Path:
     """`out` as a folder a run may save its model to, checked before training: one to make, an empty one (a file
     browser's files aside), or a model folder this script wrote, holding its `MODEL_FILES` and perhaps a model card
-    (README.md), which saving keeps. ValueError (or OSError) on any other: saving replaces the folder, and would
-    delete what the run did not write."""
+    (README.md), which saving keeps; never the current folder or one above it (it cannot be replaced). ValueError
+    (or OSError) on any other: saving replaces the folder, and would delete what the run did not write."""
     out = check_output_folder(out, flag)
     if not out.exists():
         return out
+    try:
+        check_replaceable(out)
+    except ValueError as error:
+        raise ValueError(f"{flag} {error}") from None
     if not unwritten_entries(out, ()):
         return out
     if not is_trained_model(out):
@@ -1340,6 +1344,21 @@ def check_model_folder(out: pathlib.Path, flag: str = "--out") -> pathlib.Path:
         raise ValueError(f"{flag} {out} holds {others[0]}, which train_default.py does not write; move it or name "
                          "another folder")
     return out
+
+
+def check_state_path(path: pathlib.Path, out: pathlib.Path) -> None:
+    """`--save-state`'s PATH, checked before training: a file this run can write, not inside --out `out` (the
+    model folder holds the model alone)."""
+    if path.is_dir():
+        raise ValueError(f"--save-state {path} is a folder, not a file")
+    existing = next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--save-state {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--save-state {path}: cannot write in {existing}")
+    if path.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"--save-state {path} is inside --out {out}, which holds the model alone; name a path "
+                         "outside it")
 
 
 def config_from_flags(recipe: str | None, flags: dict, assignments: list[str]) -> TrainConfig:
@@ -1419,6 +1438,8 @@ def main() -> None:
         if args.resume is not None:  # checked now, not after compiling
             check_resume(args.resume, config)
         save_state_at = parse_save_state(args.save_state, config, 0 if args.resume is None else saved_step(args.resume))
+        if save_state_at is not None:
+            check_state_path(save_state_at[1], args.out)
     except (ValueError, OSError) as error:  # a bad override, output folder, text_init folder or state: one line
         parser.error(str(error))
     try:
