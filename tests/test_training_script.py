@@ -3,9 +3,11 @@ import concurrent.futures
 import dataclasses
 import itertools
 import json
+import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -240,6 +242,61 @@ def test_saving_a_model_replaces_only_the_files_this_script_writes(tmp_path, mon
         "the card\n", "notes\n", "x\n", "browser\n", '{"step": 3}\n']
     assert json.loads((out / "tclip_config.json").read_text())["training"]["final"] == {"step": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging folder or hidden log left
+
+
+def test_a_sigterm_ends_a_training_run_as_ctrl_c_does_with_status_143(tmp_path, monkeypatch, capsys):
+    """A SIGTERM (a batch system stopping the job) raises where a Ctrl-C would: train_and_save removes what it
+    started (`test_a_run_that_stops_leaves_no_hidden_log_beside_its_folder`) and the script ends with one line and
+    status 143; the previous SIGTERM handler is back once main() returns."""
+    def terminated(*args, **kwargs):
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise AssertionError("no SIGTERM handler: the signal would end the process and leave the hidden log")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises here
+        raise AssertionError("the SIGTERM did not stop the run")
+
+    def process_exit(code):  # the script ends its process at once (os._exit); here, this test's must go on
+        raise SystemExit(code)
+
+    monkeypatch.setattr(train_default.os, "_exit", process_exit)
+    previous = signal.getsignal(signal.SIGTERM)
+    argv = [str(SCRIPT), "--out", str(tmp_path / "model"), "--steps", "3", "--set", "warmup_steps=1"]
+    for stage, message in [("train_and_save", f"{tmp_path / 'model'} was not written"),
+                           ("record_heldout_metrics", f"{tmp_path / 'model'} holds the checkpoint but not its "
+                                                      f"heldout_metrics.json (--out {tmp_path / 'model'} "
+                                                      "--heldout-only records it)")]:
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "argv", argv)
+            if stage == "record_heldout_metrics":  # a run that trained: its checkpoint is written
+                patch.setattr(train_default, "train_and_save", lambda *a, **k: {"final": {}})
+            patch.setattr(train_default, stage, terminated)
+            with pytest.raises(SystemExit) as raised:
+                train_default.main()
+        assert raised.value.code == 143
+        assert capsys.readouterr().err.strip().splitlines() == [f"train_default.py: terminated; {message}"]
+        assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_sigterm_to_a_training_process_leaves_nothing_beside_its_folder(tmp_path):
+    """As a user's job is stopped: its own process, SIGTERM once the first step is logged (the td_sig.sh repro:
+    the default handler ended it with the hidden log left beside --out)."""
+    out, log = tmp_path / "model", tmp_path / f".model.{train_default.LOG_FILE}"
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(out), "--set", *TINY_MODEL, "steps=100000",
+                                "warmup_steps=1", "batch_size=4", "validation_scenes=2", "eval_every=100000"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=SCRIPT.parent.parent)
+    try:
+        deadline = time.monotonic() + 240
+        while not (log.is_file() and log.read_text()):  # a step is done: the run is training
+            assert process.poll() is None and time.monotonic() < deadline, process.returncode
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == f"train_default.py: terminated; {out} was not " \
+                                                                      "written"
+    assert not any(tmp_path.iterdir())
 
 
 def test_one_object_curriculum_draws_one_object_scenes_then_the_training_style():

@@ -75,15 +75,18 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import pathlib
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +96,7 @@ from PIL import Image
 
 from tclip_jax.checkpoints.folder import CONFIG_FILE, FORMAT_NAME, PARAMS_FILES, is_checkpoint, save_checkpoint
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
+from tclip_jax.cli import Terminated, _InterruptRedelivery
 from tclip_jax.evaluation.retrieval import retrieval_top1
 from tclip_jax.files import check_output_folder, check_replaceable, staged_folder, unwritten_entries
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
@@ -1414,6 +1418,36 @@ def check_resume(path: pathlib.Path, config: TrainConfig) -> None:
 
 
 def main() -> None:
+    """The command line (`run_command`), a SIGTERM handled as a Ctrl-C is (`interrupted`)."""
+    with sigterm_interrupts():
+        run_command()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the block runs, a SIGTERM raises `Terminated` (a KeyboardInterrupt) where a Ctrl-C would raise one, so
+    a run stopped so cleans up as after a Ctrl-C: no half-written folder or hidden log left. A Ctrl-C or SIGTERM whose
+    exception Python dropped (raised in a garbage-collector callback, which JAX has) is sent again
+    (`_InterruptRedelivery`, as `tclip` does). Only the main thread can set a handler: elsewhere the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    redelivery = sys.unraisablehook = _InterruptRedelivery(sys.unraisablehook)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if sys.unraisablehook is redelivery:
+            sys.unraisablehook = redelivery.previous_hook
+        redelivery.close()
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def run_command() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--recipe", choices=tuple(RECIPES), help="a shipped checkpoint's recipe (`RECIPES`); "
@@ -1442,16 +1476,18 @@ def main() -> None:
             check_state_path(save_state_at[1], args.out)
     except (ValueError, OSError) as error:  # a bad override, output folder, text_init folder or state: one line
         parser.error(str(error))
+    except KeyboardInterrupt as stop:
+        interrupted(parser, "nothing was written", stop)
     try:
         summary = train_and_save(config, args.out, resume=args.resume, save_state_at=save_state_at)
-    except KeyboardInterrupt:
-        interrupted(parser, f"{args.out} was not written")
+    except KeyboardInterrupt as stop:
+        interrupted(parser, f"{args.out} was not written", stop)
     print(json.dumps(summary["final"]))
     try:  # the fast held-out gates the card quotes and tests/test_default_model.py re-measures
         print(json.dumps(record_heldout_metrics(args.out)))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         interrupted(parser, f"{args.out} holds the checkpoint but not its {HELDOUT_METRICS_FILE} "
-                            f"(--out {args.out} --heldout-only records it)")
+                            f"(--out {args.out} --heldout-only records it)", stop)
 
 
 def record_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -1466,20 +1502,22 @@ def record_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--heldout-only: {args.out} holds no checkpoint")
     try:
         print(json.dumps(record_heldout_metrics(args.out)))
-    except KeyboardInterrupt:
-        interrupted(parser, f"{args.out}/{HELDOUT_METRICS_FILE} was not written")
+    except KeyboardInterrupt as stop:
+        interrupted(parser, f"{args.out}/{HELDOUT_METRICS_FILE} was not written", stop)
     except (ValueError, OSError) as error:  # a folder load_clip refuses
         parser.error(str(error))
     sys.exit(0)
 
 
-def interrupted(parser: argparse.ArgumentParser, what: str) -> None:
-    """Ctrl-C ends a script with one line saying what it left, and status 130, as `tclip` does. The process ends
-    here, without the interpreter's teardown: after a Ctrl-C inside an XLA compilation that teardown crashed
-    (SIGSEGV), and every file of the run is closed by now (its folders are written whole or not at all)."""
-    print(f"{parser.prog}: interrupted; {what}", file=sys.stderr, flush=True)
+def interrupted(parser: argparse.ArgumentParser, what: str, stop: KeyboardInterrupt | None = None) -> None:
+    """Ctrl-C ends a script with one line saying what it left, and status 130, and a SIGTERM (`stop` a
+    `Terminated`) with status 143, as `tclip` does. The process ends here, without the interpreter's teardown: after
+    a Ctrl-C inside an XLA compilation that teardown crashed (SIGSEGV), and every file of the run is closed by now
+    (its folders are written whole or not at all)."""
+    terminated = isinstance(stop, Terminated)
+    print(f"{parser.prog}: {'terminated' if terminated else 'interrupted'}; {what}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(130)
+    os._exit(143 if terminated else 130)
 
 
 if __name__ == "__main__":
