@@ -229,8 +229,11 @@ def test_saving_a_model_replaces_only_the_files_this_script_writes(tmp_path, mon
     def train(config, log_path, **kwargs):  # writes its log; meanwhile someone puts notes in the folder
         log_path.write_text('{"step": 3}\n')
         (out / "notes.txt").write_text("notes\n")
+        (out / "notes.txt").chmod(0o600)  # private notes stay private
         (out / "sub").mkdir()
         (out / "sub" / "x.txt").write_text("x\n")
+        (out / "sub" / "run.sh").write_text("true\n")
+        (out / "sub" / "run.sh").chmod(0o750)
         return tiny_params(config), np.array([1, 2], np.int32), {"final": {"step": 3}}
 
     monkeypatch.setattr(train_default, "train", train)
@@ -240,6 +243,7 @@ def test_saving_a_model_replaces_only_the_files_this_script_writes(tmp_path, mon
     assert [(out / name).read_text() for name in ("README.md", "notes.txt", "sub/x.txt", ".DS_Store",
                                                    train_default.LOG_FILE)] == [
         "the card\n", "notes\n", "x\n", "browser\n", '{"step": 3}\n']
+    assert [(out / name).stat().st_mode & 0o777 for name in ("notes.txt", "sub/run.sh")] == [0o600, 0o750]
     assert json.loads((out / "tclip_config.json").read_text())["training"]["final"] == {"step": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging folder or hidden log left
 
