@@ -97,7 +97,7 @@ from PIL import Image
 
 from tclip_jax.checkpoints.folder import CONFIG_FILE, FORMAT_NAME, PARAMS_FILES, is_checkpoint, save_checkpoint
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
-from tclip_jax.cli import Terminated, _InterruptRedelivery
+from tclip_jax.cli import Terminated, InterruptRedelivery
 from tclip_jax.evaluation.retrieval import retrieval_top1
 from tclip_jax.files import check_output_folder, check_replaceable, staged_folder, unwritten_entries
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
@@ -1439,11 +1439,11 @@ def sigterm_interrupts() -> Iterator[None]:
     """While the block runs, a SIGTERM raises `Terminated` (a KeyboardInterrupt) where a Ctrl-C would raise one, so
     a run stopped so cleans up as after a Ctrl-C: no half-written folder or hidden log left. A Ctrl-C or SIGTERM whose
     exception Python dropped (raised in a garbage-collector callback, which JAX has) is sent again
-    (`_InterruptRedelivery`, as `tclip` does). Only the main thread can set a handler: elsewhere the block just runs."""
+    (`InterruptRedelivery`, as `tclip` does). Only the main thread can set a handler: elsewhere the block just runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    redelivery = sys.unraisablehook = _InterruptRedelivery(sys.unraisablehook)
+    redelivery = sys.unraisablehook = InterruptRedelivery(sys.unraisablehook)
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         yield

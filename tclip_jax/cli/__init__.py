@@ -62,7 +62,7 @@ def program() -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    redelivery = sys.unraisablehook = _InterruptRedelivery(sys.unraisablehook)
+    redelivery = sys.unraisablehook = InterruptRedelivery(sys.unraisablehook)
     try:
         return _main(argv)
     finally:
@@ -159,7 +159,7 @@ class _SigtermWatchdog:
         os.close(self.write_end)  # ends the thread's read
 
 
-class _InterruptRedelivery:
+class InterruptRedelivery:
     """An unraisablehook that sends a swallowed Ctrl-C or SIGTERM again. Python drops an exception raised inside
     a garbage-collector callback ("Exception ignored in"), and JAX has one that runs at every collection: a signal
     whose handler ran there was lost and the run went on to the end with status 0. The signal is sent again from
