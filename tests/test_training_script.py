@@ -91,15 +91,26 @@ def test_a_run_that_stops_leaves_no_hidden_log_beside_its_folder(tmp_path, monke
     assert not any(tmp_path.iterdir())
 
 
-def test_ctrl_c_ends_a_training_run_with_one_line_saying_what_it_left(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("stop, status, said", [("ctrl_c", 130, "interrupted"), ("sigterm", 143, "terminated")])
+def test_a_stopped_training_run_ends_with_one_line_saying_what_it_left(stop, status, said, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A Ctrl-C, or a SIGTERM (a batch system stopping the job), raised while the run trains or records its gates:
+    train_and_save removes what it started (`test_a_run_that_stops_leaves_no_hidden_log_beside_its_folder`) and the
+    script ends with one line and status 130 or 143; the previous SIGTERM handler is back once main() returns."""
     def stopped(*args, **kwargs):
-        raise KeyboardInterrupt
+        if stop == "ctrl_c":
+            raise KeyboardInterrupt
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise AssertionError("no SIGTERM handler: the signal would end the process and leave the hidden log")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises here
+        raise AssertionError("the SIGTERM did not stop the run")
 
     def process_exit(code):  # the script ends its process at once (os._exit); here, this test's must go on
         raise SystemExit(code)
 
     monkeypatch.setattr(train_default.os, "_exit", process_exit)
-
+    previous = signal.getsignal(signal.SIGTERM)
     argv = [str(SCRIPT), "--out", str(tmp_path / "model"), "--steps", "3", "--set", "warmup_steps=1"]
     for stage, message in [("train_and_save", f"{tmp_path / 'model'} was not written"),
                            ("record_heldout_metrics", f"{tmp_path / 'model'} holds the checkpoint but not its "
@@ -112,8 +123,9 @@ def test_ctrl_c_ends_a_training_run_with_one_line_saying_what_it_left(tmp_path, 
             patch.setattr(train_default, stage, stopped)
             with pytest.raises(SystemExit) as raised:
                 train_default.main()
-        assert raised.value.code == 130
-        assert capsys.readouterr().err.strip().splitlines() == [f"train_default.py: interrupted; {message}"]
+        assert raised.value.code == status
+        assert capsys.readouterr().err.strip().splitlines() == [f"train_default.py: {said}; {message}"]
+        assert signal.getsignal(signal.SIGTERM) is previous
 
 
 TINY_MODEL = ["image_size=32", "patch_size=16", "embed_dim=16", "vision_width=64", "vision_layers=1", "text_width=64",
@@ -246,39 +258,6 @@ def test_saving_a_model_replaces_only_the_files_this_script_writes(tmp_path, mon
     assert [(out / name).stat().st_mode & 0o777 for name in ("notes.txt", "sub/run.sh")] == [0o600, 0o750]
     assert json.loads((out / "tclip_config.json").read_text())["training"]["final"] == {"step": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging folder or hidden log left
-
-
-def test_a_sigterm_ends_a_training_run_as_ctrl_c_does_with_status_143(tmp_path, monkeypatch, capsys):
-    """A SIGTERM (a batch system stopping the job) raises where a Ctrl-C would: train_and_save removes what it
-    started (`test_a_run_that_stops_leaves_no_hidden_log_beside_its_folder`) and the script ends with one line and
-    status 143; the previous SIGTERM handler is back once main() returns."""
-    def terminated(*args, **kwargs):
-        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
-            raise AssertionError("no SIGTERM handler: the signal would end the process and leave the hidden log")
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(30)  # the handler raises here
-        raise AssertionError("the SIGTERM did not stop the run")
-
-    def process_exit(code):  # the script ends its process at once (os._exit); here, this test's must go on
-        raise SystemExit(code)
-
-    monkeypatch.setattr(train_default.os, "_exit", process_exit)
-    previous = signal.getsignal(signal.SIGTERM)
-    argv = [str(SCRIPT), "--out", str(tmp_path / "model"), "--steps", "3", "--set", "warmup_steps=1"]
-    for stage, message in [("train_and_save", f"{tmp_path / 'model'} was not written"),
-                           ("record_heldout_metrics", f"{tmp_path / 'model'} holds the checkpoint but not its "
-                                                      f"heldout_metrics.json (--out {tmp_path / 'model'} "
-                                                      "--heldout-only records it)")]:
-        with monkeypatch.context() as patch:
-            patch.setattr(sys, "argv", argv)
-            if stage == "record_heldout_metrics":  # a run that trained: its checkpoint is written
-                patch.setattr(train_default, "train_and_save", lambda *a, **k: {"final": {}})
-            patch.setattr(train_default, stage, terminated)
-            with pytest.raises(SystemExit) as raised:
-                train_default.main()
-        assert raised.value.code == 143
-        assert capsys.readouterr().err.strip().splitlines() == [f"train_default.py: terminated; {message}"]
-        assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def test_a_sigterm_to_a_training_process_leaves_nothing_beside_its_folder(tmp_path):
