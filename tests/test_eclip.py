@@ -162,6 +162,20 @@ def test_projections_trained_on_another_clip_of_the_same_widths_are_refused(clip
     assert load_projections(path, other)[0]["image"].shape == (128, 64)
 
 
+def test_prompts_encoded_with_other_projections_are_refused(clip, tmp_path):
+    """ECLIP's queries go through its projections: prompts encoded before the file was trained further in place
+    (`train-eclip --resume`) are refused by the method built on the new file, and accepted by an equal one."""
+    path = save_projections(tmp_path / PROJECTIONS_FILE, clip_projections(clip.params), clip)
+    image = make_scene(0, 64).image
+    encoded = ECLIP(clip, Settings(projections=str(path))).encode_prompts(["a red circle"])
+    np.testing.assert_array_equal(ECLIP(clip, Settings(projections=str(path))).explain(image, encoded).prompts[0]
+                                  .phrase.heatmap, ECLIP(clip, Settings(projections=str(path))).explain(
+                                      image, ["a red circle"]).prompts[0].phrase.heatmap)
+    save_projections(path, {k: v * 2 for k, v in clip_projections(clip.params).items()}, clip)
+    with pytest.raises(ValueError, match="encoded by eclip with other settings than this eclip"):
+        ECLIP(clip, Settings(projections=str(path))).explain(image, encoded)
+
+
 def test_a_sweep_does_not_resume_over_projections_trained_further_in_the_same_file(clip, tmp_path):
     """`tclip train-eclip --resume` rewrites its projections file in place: a sweep resumed after that would mix the
     maps of two projections in one report, so it is refused, naming what changed."""

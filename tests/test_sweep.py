@@ -960,6 +960,12 @@ def test_a_sweep_resumes_on_its_dataset_moved_to_another_folder(coco_hand, tmp_p
     capsys.readouterr()
     message = _fails(capsys, "coco", *method, "--data", str(first), "--limit", "3", "--resume", "--out", out)
     assert "data_fingerprint (stored '" in message and "source (stored '" in message
+    # A sweep stored before datasets had fingerprints has nothing to tell a moved dataset by: its folder counts.
+    stored = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    del stored["data_fingerprint"]
+    (tmp_path / "out" / "sweep.json").write_text(json.dumps(stored))
+    message = _fails(capsys, "coco", *method, "--data", str(first), "--limit", "3", "--resume", "--out", out)
+    assert "source (stored 'coco val2017 in " in message and "data_fingerprint" not in message
 
 
 def test_a_sweep_resumes_on_its_model_by_its_weights_not_by_the_path_as_typed(tiny_model, tmp_path, capsys,

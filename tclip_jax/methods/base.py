@@ -225,9 +225,9 @@ class Method(abc.ABC):
         method's, and the results recorded as this method's."""
         if encoded.encoder == self.encoder:
             return
-        method, model, settings = encoded.encoder or ("an unknown method", None, None)
+        method, model = (encoded.encoder or ("an unknown method", None))[:2]
         differs = ("another method" if method != self.name else "another model" if model != self.clip.fingerprint
-                   else "other settings")
+                   else "other settings")  # or what a method adds to its encoder (ECLIP: its projections)
         raise ValueError(f"these prompts were encoded by {method} with {differs} than this {self.name}: encode "
                          "them with this method's encode_prompts")
 

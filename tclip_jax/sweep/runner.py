@@ -371,6 +371,7 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
     if not resume:
         raise ValueError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
     stored = read_config(out)
+    fingerprinted = bool(stored.get("data_fingerprint"))  # what tells a moved dataset (below) is the stored one
     if "data_fingerprint" in config:  # a sweep stored before datasets had fingerprints: nothing to check against
         stored.setdefault("data_fingerprint", config["data_fingerprint"])
     model, stored_model = config["run"]["model"], stored.get("run", {}).get("model", {})
@@ -384,7 +385,7 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
             stored_model["origin"] = model["origin"]
         else:  # a sweep stored before models had fingerprints (and activations): compared by its origin, as then
             stored_model.update(fingerprint=model["fingerprint"], activation=model["activation"])
-    if data_folder and config.get("data_fingerprint") and stored.get("data_fingerprint") == config["data_fingerprint"]:
+    if data_folder and fingerprinted and stored["data_fingerprint"] == config.get("data_fingerprint"):
         # The annotations tell the data, not the folder holding them (moved, or mounted elsewhere on another host):
         # a source that differs only where the folder is named is this one.
         before, named, after = config["source"].partition(data_folder)

@@ -182,6 +182,12 @@ class ECLIP(PromptMethod):
         return {**super().run_info(), "projections": {"file": str(pathlib.Path(self.settings.projections).resolve()),
                                                       "sha256": self.projections_digest}}
 
+    @functools.cached_property
+    def encoder(self) -> tuple:
+        """`Method.encoder` and the projections' digest: the queries go through them, and a file trained further
+        in place (`train-eclip --resume`) keeps its path."""
+        return (*super().encoder, getattr(self, "projections_digest", None))
+
     def encode_texts(self, token_ids: np.ndarray) -> Array:
         """[n, embed_dim] normalized φ̂ₜ(Fₜ) of a chunk of token rows [n, length]."""
         return _jitted_text_queries(self.clip.model, self.params, token_ids)
