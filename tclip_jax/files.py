@@ -169,7 +169,11 @@ def held_lock(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: b
     while True:
         if make_folder:  # each time: a holder that ended may have removed it
             path.parent.mkdir(parents=True, exist_ok=True)
-        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError as err:  # another user's, left by a run that was killed
+            raise ValueError(f"cannot open {path}, the lock of a {what} in {where} ({err.strerror}): if no {what} "
+                             "runs there, remove it") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -184,6 +188,7 @@ def held_lock(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: b
             pass
         os.close(lock)  # the file was removed by the holder as it ended: lock the one there now
     try:
+        os.ftruncate(lock, 0)  # a killed holder's longer text would trail ours
         os.write(lock, f"process {os.getpid()} on {socket.gethostname()}".encode())
         yield
     finally:

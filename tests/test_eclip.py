@@ -498,6 +498,10 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_ends_as_if_a
     scenes_again = Pairs("held", "held", 4, lambda: ((s.image, s.caption) for s in scenes))
     assert train(clip, scenes_again, tmp_path / "out", settings.replace(epochs=2), resume=True,
                  progress=False).steps == 4  # once it has ended
+    assert not list((tmp_path / "out").glob("*.lock"))
+    with pytest.raises(FileNotFoundError, match="holds no training checkpoint"):  # refused inside the lock
+        train(clip, scenes_again, tmp_path / "new" / "deeper", settings, resume=True, progress=False)
+    assert not (tmp_path / "new").exists()  # the folders made for the lock are gone
 
 
 def test_a_contrastive_batch_of_one_pair_is_refused(clip, tmp_path):

@@ -1005,6 +1005,31 @@ def test_a_sweep_resumes_on_its_model_by_its_weights_not_by_the_path_as_typed(ti
     assert "fingerprint" in json.loads((tmp_path / "out" / "sweep.json").read_text())["run"]["model"]
 
 
+def test_a_lock_names_its_holder_alone_and_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):
+    """A killed holder's longer text stays in the file: the new holder's name replaces it whole. A file that cannot be
+    opened (another user's, left by a killed run) is named with what to do, not a PermissionError."""
+    from tclip_jax.files import held_lock
+
+    path = tmp_path / "x.lock"
+    path.write_text("process 1 on a-very-long-host-name-of-a-killed-run.cluster.example.org")
+    with held_lock(path, "sweep", tmp_path):
+        with pytest.raises(ValueError) as refused:
+            with held_lock(path, "sweep", tmp_path):
+                pass
+    assert str(refused.value) == (f"another sweep (process {os.getpid()} on {socket.gethostname()}) is running in "
+                                  f"{tmp_path} (it holds x.lock); wait for it to end or choose another --out")
+    assert not path.exists()
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(ValueError, match=f"^cannot open {path}, the lock of a sweep in {tmp_path} \\(Permission "
+                                         "denied\\): if no sweep runs there, remove it$"):
+        with held_lock(path, "sweep", tmp_path):
+            pass
+
+
 def test_datasets_fingerprint_their_annotations(tmp_path):
     from tclip_jax.evaluation.datasets import voc_dataset
     from test_datasets import write_voc

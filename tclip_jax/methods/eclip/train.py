@@ -24,13 +24,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
@@ -321,6 +319,9 @@ class TrainResult:
     loss: Optional[float]  # of the last step run here (None: a resumed run that had nothing left to do)
 
 
+LOCK_FILE = ".train-eclip.lock"  # held in --out while a run trains there
+
+
 def train(clip: LoadedClip, pairs: Pairs, out: str | os.PathLike, settings: TrainSettings = TrainSettings(),
           attention: Optional[ViTAttention] = None, resume: bool = False, progress: bool = True) -> TrainResult:
     """Trains the projections on `pairs` (see the module docstring) into the folder `out`."""
@@ -328,12 +329,19 @@ def train(clip: LoadedClip, pairs: Pairs, out: str | os.PathLike, settings: Trai
     if pairs.count < 2:  # InfoNCE over one pair is 0 with no gradient: nothing would be trained
         raise ValueError(f"{pairs.description} holds {pairs.count} image-text pair(s); contrastive training needs at "
                          "least 2")
-    # Two runs into one folder wrote its files each other's way, and both reported success. The lock is named after
-    # the folder's resolved path, in the temporary folder: the same whether --out exists yet or not (a run that
-    # saves nothing makes none).
-    digest = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
-    with held_lock(pathlib.Path(tempfile.gettempdir()) / f"tclip-train-eclip-{digest}.lock", "train-eclip run", out):
-        return _train(clip, pairs, out, settings, attention, resume, progress)
+    # Two runs into one folder wrote its files each other's way, and both reported success: a lock in the folder,
+    # which is made for it; the folders made are removed again if the run leaves nothing in them.
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with held_lock(out / LOCK_FILE, "train-eclip run", out):
+            return _train(clip, pairs, out, settings, attention, resume, progress)
+    finally:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run saved something
+                break
 
 
 def _train(clip: LoadedClip, pairs: Pairs, out: pathlib.Path, settings: TrainSettings,
