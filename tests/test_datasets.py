@@ -508,8 +508,9 @@ def test_voc_bad_input_is_named(tmp_path):
     # The VOCdevkit folder above the dataset is named with the folder to give instead.
     devkit = tmp_path / "VOCdevkit"
     root.rename(devkit.mkdir() or devkit / "VOC2012")
-    with pytest.raises(FileNotFoundError, match=r"not found; .*one level down: --data VOCdevkit/VOC2012\)$"):
-        voc_dataset(devkit)
+    for above in (devkit, tmp_path):  # VOCdevkit, and the archive's folder above it
+        with pytest.raises(FileNotFoundError, match=f"not found; .*further down: --data {devkit / 'VOC2012'}\\)$"):
+            voc_dataset(above)
 
 
 def _column_major_rle(mask: np.ndarray) -> list[int]:

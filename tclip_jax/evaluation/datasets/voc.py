@@ -32,8 +32,9 @@ def voc_dataset(root: str | pathlib.Path, split: str = "val") -> Dataset:
     split_path = root / SPLIT_FILE.format(split=split)
     for path in (root, split_path, root / IMAGE_DIR, root / LABEL_DIR):
         if not path.exists():
-            inner = " (VOCdevkit holds the dataset one level down: --data VOCdevkit/VOC2012)" if (
-                root / "VOC2012" / SPLIT_FILE.format(split=split)).exists() else ""
+            below = next((root / sub for sub in ("VOC2012", "VOCdevkit/VOC2012")
+                          if (root / sub / SPLIT_FILE.format(split=split)).exists()), None)
+            inner = f" (the dataset is further down: --data {below})" if below is not None else ""
             raise FileNotFoundError(f"VOC: {path} not found; expected {root}/{SPLIT_FILE.format(split=split)}, "
                                     f"{root}/{IMAGE_DIR}/ and {root}/{LABEL_DIR}/{inner}")
     try:  # utf-8-sig: a byte-order mark (Windows editors write one) is no part of the first id
