@@ -517,3 +517,11 @@ def test_a_contrastive_batch_of_one_pair_is_refused(clip, tmp_path):
     # An epoch's last batch of one pair is left out: 3 pairs in batches of 2 make one step an epoch, not two.
     three = train(clip, synthetic_pairs(3), tmp_path / "three", TrainSettings(epochs=2, batch_size=2), progress=False)
     assert three.steps == 2 and three.loss > 0
+    # A checkpoint written before took a step on that batch: not resumed (one without such a batch is, above).
+    state_path = tmp_path / "three" / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["one_pair_batch"]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="is of another run: one_pair_batch None there, 'left out' here"):
+        train(clip, synthetic_pairs(3), tmp_path / "three", TrainSettings(epochs=3, batch_size=2), resume=True,
+              progress=False)
