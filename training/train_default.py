@@ -57,8 +57,10 @@ Run from the repository root (it also records the checkpoint's fast held-out gat
     nice python training/train_default.py --recipe default --out tclip_jax/data/default_model
     nice python training/train_default.py --recipe clip_only --out tclip_jax/data/clip_only_model
 (`--out DIR --heldout-only` records the gates alone, for a checkpoint whose run was stopped after training.)
-`--out` must be new, empty or a model folder this script wrote: saving replaces the files it writes there
-(`MODEL_FILES`) and keeps the rest (a model card, README.md); any other folder is refused before training.
+`--out` must be new, empty (file-browser files aside) or a model folder this script wrote holding nothing but its
+`MODEL_FILES` and a README.md model card, which saving keeps with its permissions; any other folder, the current
+folder or one above it, and a `--save-state` PATH that cannot be written or lies in `--out` are refused before
+training. Ctrl-C exits 130 and SIGTERM 143, leaving nothing half-written.
 Without `--recipe`, TrainConfig's defaults are the first embedded models' (no stem, 4 blocks, 900 steps; with
 `--objective clip_tokens` the first default model, with `clip` the first `clip_only`), to which the recipe search's
 `--set` overrides are relative (`training/RECIPE_SEARCH.md`).

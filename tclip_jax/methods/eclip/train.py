@@ -18,6 +18,9 @@ OUT/eclip_projections.safetensors (`method.save_projections`). An epoch's order 
 the epoch alone, so a resumed run gives the projections of an uninterrupted one. A resume must be of the same run:
 the model, the attention model and the data are compared by fingerprint (weights; the list and each image's name
 and size), not by how their paths were spelt. A run whose projections stop being finite ends with an error.
+One run trains in OUT at a time (a lock in it). An epoch's last batch of a single pair is left out (its loss is 0,
+yet an Adam step on it would move the projections); a checkpoint written before that rule is not resumed where the
+data has such a batch.
 """
 from __future__ import annotations
 
