@@ -8,8 +8,11 @@ import os
 import pathlib
 import shutil
 import signal
+import stat
+import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Optional
 
@@ -100,7 +103,7 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[path
                     old.rmdir()
                     raise
                 staging.rename(target)
-                shutil.rmtree(old)
+                _remove_replaced(old, target)
             else:
                 staging.rename(target)
     except BaseException:
@@ -156,6 +159,24 @@ def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _remove_replaced(old: pathlib.Path, target: pathlib.Path) -> None:
+    """Deletes the folder `target` replaced, making its read-only sub-folders writable first (they are the user's);
+    what still cannot go is left with a warning: `target` is written, and that must not read as a failure."""
+    def writable_then_again(function, path, *_):
+        parent = os.path.dirname(path)
+        os.chmod(parent, stat.S_IMODE(os.stat(parent).st_mode) | stat.S_IWUSR | stat.S_IXUSR)
+        function(path)
+
+    try:
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(old, onexc=writable_then_again)
+        else:
+            shutil.rmtree(old, onerror=writable_then_again)
+    except OSError as err:
+        warnings.warn(f"{target} is written, but the folder it replaced could not be removed: {old} is left ({err})",
+                      stacklevel=4)
 
 
 @contextlib.contextmanager

@@ -1152,6 +1152,37 @@ def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_pat
     assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
 
+def test_a_replaced_folder_that_resists_removal_leaves_the_new_one_written_and_says_so(tmp_path, monkeypatch):
+    """A read-only sub-folder in the folder a save replaces (the user's) is made writable and removed; what still
+    cannot be removed is left with a warning, not an error after the new folder landed. (This process is root, which
+    permissions do not stop: the file system's refusals are simulated.)"""
+    from tclip_jax.files import staged_folder
+
+    target, real_unlink, refused = tmp_path / "model", os.unlink, {"left": 1}
+
+    def unlink(path, *args, **kwargs):
+        if str(path).endswith("x.txt") and refused["left"] > 0:
+            refused["left"] -= 1
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    def save(text: str) -> None:
+        (target / "locked").mkdir(parents=True, exist_ok=True)
+        (target / "locked" / "x.txt").write_text("old")
+        with staged_folder(target) as staging:
+            (staging / "params.npz").write_text(text)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    save("first")  # refused once: made writable, then removed
+    assert refused["left"] == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (target / "params.npz").read_text() == "first" and not (target / "locked").exists()
+    refused["left"] = 10**6
+    with pytest.warns(UserWarning, match=f"{target} is written, but the folder it replaced could not be removed: "):
+        save("second")  # refused always: left, with a warning
+    assert (target / "params.npz").read_text() == "second"
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".model.old.")]) == 1
+
+
 def test_ctrl_c_while_a_staged_folder_replaces_its_target_leaves_the_new_one_whole(tmp_path, monkeypatch):
     from tclip_jax.files import staged_folder
 
