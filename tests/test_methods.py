@@ -103,6 +103,12 @@ def test_a_prompt_too_long_for_a_template_ensemble_is_one_error_or_one_warning(t
         warnings.simplefilter("always")
         truncating.encode_prompts([prompt])
     assert [str(w.message).split(":")[0] for w in caught] == ["85 of the 85 template texts of a prompt were cut"]
+    # A prompt too long alone is said to be cut once, not once when tokenized and again when encoded.
+    similarity = METHODS["similarity"](tiny_clip, METHODS["similarity"].Settings(truncate=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        similarity.encode_prompts([" ".join(["cat"] * 100)])
+    assert [str(w.message)[:38] for w in caught] == ["prompt 'cat cat cat cat cat cat cat ca"]
 
 
 @pytest.mark.parametrize("name", ["tclip", "similarity"])

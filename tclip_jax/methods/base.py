@@ -315,9 +315,12 @@ class Method(abc.ABC):
 
     def encode_prompts(self, prompts: str | Sequence[str]) -> EncodedPrompts:
         """Tokenises and encodes prompts once; the result serves any number of images."""
-        tokens = self.tokenize(prompt_list(prompts))
+        tokens = self.tokenize(prompt_list(prompts))  # says which prompts are cut
         words, queries = self.explained_queries(tokens)
-        return distinct_queries(tokens, words, self.encode(queries, label_set=[t.text for t in tokens]), self.encoder)
+        with warnings.catch_warnings():  # ... once: encoding them tokenizes them again
+            warnings.filterwarnings("ignore", message=r"prompt .* has \d+ tokens \(SOT")
+            queries = self.encode(queries, label_set=[t.text for t in tokens])
+        return distinct_queries(tokens, words, queries, self.encoder)
 
     def explained_queries(self, tokens: Sequence[TokenizedPrompt]) -> tuple[tuple[tuple[Word, ...], ...], list[Query]]:
         """Per prompt the words that get their own map, and the queries: each word, then each prompt."""
