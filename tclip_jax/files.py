@@ -71,13 +71,16 @@ def check_replaceable(folder: pathlib.Path, marker: Optional[str] = None, what: 
 
 
 @contextlib.contextmanager
-def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[pathlib.Path]:
+def staged_folder(target: pathlib.Path, overwrite: bool = True,
+                  replaces: Optional[Iterable[str]] = None) -> Iterator[pathlib.Path]:
     """Yields a fresh sibling folder of `target`; on success it replaces `target`, on error it is removed.
 
     The old `target` is renamed aside, the new one renamed in, and only then the old one deleted, with Ctrl-C held
     until that is done: an interruption leaves the old folder or the new one, never neither (a resumable run
     saving its only checkpoint so lost it). What lands gets the modes a plain mkdir / open would give under the
-    umask (mkdtemp makes folders 0700 and safetensors writes files 0600, which would keep collaborators out)."""
+    umask (mkdtemp makes folders 0700 and safetensors writes files 0600, which would keep collaborators out).
+    With `replaces` (the names of the old `target` the run replaces), every other entry of it that the run did not
+    write is copied into the new folder as it is, modes and links included (a model card, a user's notes)."""
     target = pathlib.Path(target)
     if target.is_symlink() and not target.exists():
         raise ValueError(f"{target} is a link to nothing; remove it or name another folder")
@@ -94,6 +97,15 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True) -> Iterator[path
         for path in [staging, *staging.rglob("*")]:
             if not path.is_symlink():
                 path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        if replaces is not None and target.is_dir():
+            replaced = set(replaces)
+            for path in target.iterdir():
+                if path.name in replaced or os.path.lexists(staging / path.name):
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.copytree(path, staging / path.name, symlinks=True)
+                else:
+                    shutil.copy2(path, staging / path.name, follow_symlinks=False)
         with ctrl_c_held():
             if target.exists():
                 old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))

@@ -83,9 +83,7 @@ import functools
 import json
 import os
 import pathlib
-import shutil
 import signal
-import stat
 import sys
 import threading
 import time
@@ -1303,31 +1301,15 @@ def save_model(out: pathlib.Path, params: dict, clip_config: CLIPConfig, metadat
                log_path: pathlib.Path) -> None:
     """Writes model folder `out` whole or not at all: the checkpoint and the log at `log_path` replace the files an
     earlier model there had (`MODEL_FILES`), and everything else in it (a model card, a file browser's files) is
-    copied into the new folder before it replaces the old one, so nothing this script did not write is lost (with
-    its permissions: staged_folder gives what it moves in the default ones)."""
-    modes = {}  # what is kept (a relative path) -> its permission bits
-    with staged_folder(out) as staging:
+    carried into the new folder with its permissions (`staged_folder`), so nothing this script did not write is
+    lost."""
+    with staged_folder(out, replaces=MODEL_FILES) as staging:
         written = save_checkpoint(staging / "model", params, clip_config, metadata=metadata,
                                   storage_dtype=np.float16, compressed=True)
         for path in written.iterdir():
             path.rename(staging / path.name)
         written.rmdir()
         log_path.rename(staging / LOG_FILE)
-        for path in (out.iterdir() if out.is_dir() else ()):
-            if path.name in MODEL_FILES:
-                continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.copytree(path, staging / path.name, symlinks=True)
-                for folder, names, files in os.walk(path):  # links are not followed, and keep no mode of their own
-                    for kept in [pathlib.Path(folder), *(pathlib.Path(folder) / name for name in names + files)]:
-                        if not kept.is_symlink():
-                            modes[kept.relative_to(out)] = kept.stat().st_mode
-            else:
-                shutil.copy2(path, staging / path.name, follow_symlinks=False)
-                if not path.is_symlink():
-                    modes[path.relative_to(out)] = path.stat().st_mode
-    for relative, mode in modes.items():
-        (out / relative).chmod(stat.S_IMODE(mode))
 
 
 def is_trained_model(folder: pathlib.Path) -> bool:
