@@ -243,7 +243,8 @@ def download_from_hub(repo_id: str, flag: str = "the model", open_clip_first: bo
         raise ImportError("loading hub names needs huggingface_hub: pip install huggingface_hub") from None
     patterns = ["*.json", "*.txt", *ALL_WEIGHT_FILES]
     try:  # cached: no network (offline, the hub library retries for half a minute, logging each try)
-        cached = pathlib.Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        cached = pathlib.Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns,
+                                                                local_files_only=True))
         wanted = [open_clip_folder_files] if open_clip_first else [hf_folder_files, open_clip_folder_files]
         if any(files(cached) is not None for files in wanted):  # the layout loading will read is there
             return cached

@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     check_replaceable(out, CONFIG_FILE, "a converted checkpoint", inputs=[] if in_place else [source])
     others = unwritten_entries(out, [*PARAMS_FILES, CONFIG_FILE, TOKENIZER_DIR]) if out.exists() else []
     if others:  # a model card, a training log: replacing the folder would delete them
-        raise ValueError(f"{out} holds {', '.join(others)}, which tclip convert does not write and replacing the folder "
-                         "would delete; move them or choose another --out")
+        raise ValueError(f"{out} holds {', '.join(others)}, which tclip convert does not write and replacing the "
+                         "folder would delete; move them or choose another --out")
     start = time.perf_counter()
     converted = load_any(args.source, source=args.source_format, activation=args.activation)
     tokenizer_of(converted)  # what loading the written folder would refuse, refused before writing it

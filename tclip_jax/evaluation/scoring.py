@@ -9,11 +9,11 @@
   itself (``energy_in_mask``); pixel accuracy, per-class intersection/union and AP of the relevance map,
   normalized as Chefer et al.'s code does (negatives clipped to 0, then min-max: `metrics.normalize_relevance`; a
   map with no positive value, such as a TCLIP soft map of negative cosines, scores as an empty mask and is marked
-  ``no_positive_relevance``), against the binary mask with ignore pixels left out, foreground above the threshold: ``"mean"``
-  (Chefer et al.), ``"otsu"``, ``"gmm"`` (the GMM split τ of the normalized map) or a number in [0, 1). Raw counts
-  are stored so that dataset scores sum them. Under a centre crop the map is normalized and split within the part
-  of the image the model saw (``covered``), as its soft map and box are; the rest is background of relevance 0,
-  and every labeled pixel counts.
+  ``no_positive_relevance``), against the binary mask with ignore pixels left out, foreground above the
+  threshold: ``"mean"`` (Chefer et al.), ``"otsu"``, ``"gmm"`` (the GMM split τ of the normalized map) or a
+  number in [0, 1). Raw counts are stored so that dataset scores sum them. Under a centre crop the map is
+  normalized and split within the part of the image the model saw (``covered``), as its soft map and box are; the
+  rest is background of relevance 0, and every labeled pixel counts.
 - Seed metrics (``metrics="seed"``, a target with a mask): score contrast and foreground intersection / union at
   every grid threshold (`metrics.seed`), for the report's mSC and mIoU.
 - Wrong attribute (a target with a `wrong_mask`): ``wrong_pg_hit``, the pointing game of the same relevance map

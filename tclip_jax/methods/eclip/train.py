@@ -365,7 +365,7 @@ def _train(clip: LoadedClip, pairs: Pairs, out: pathlib.Path, settings: TrainSet
            "attention": {"origin": "clip", "fingerprint": "clip"} if attention is None else
            {"origin": attention.origin, "fingerprint": attention.fingerprint},
            "settings": settings.to_dict()}
-    if pairs.count % settings.batch_size == 1:  # a checkpoint written before such a batch was left out took a step on it
+    if pairs.count % settings.batch_size == 1:  # a checkpoint from before such a batch was left out stepped on it
         run["one_pair_batch"] = "left out"
     optimizer = make_optimizer(settings)
     projections = clip_projections(clip.params)
