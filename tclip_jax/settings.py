@@ -165,7 +165,7 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _checked(name: str, value: Any, hint: Any) -> Any:
     """`value` if it has the type `hint` names; a numpy integer or real as the Python int or float (a value from
-    `np.arange` or `np.linspace`); otherwise ValueError naming the setting."""
+    `np.arange` or `np.linspace`), in a tuple too; otherwise ValueError naming the setting."""
     if typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint):
         if value is None:
             return value
@@ -174,6 +174,9 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
     if typing.get_origin(hint) is typing.Union and float in typing.get_args(hint) \
             and isinstance(value, (np.integer, np.floating)):  # e.g. Union[str, float]: the number it can be
         hint = float
+    if typing.get_origin(hint) is tuple and isinstance(value, tuple) \
+            and any(isinstance(v, (np.integer, np.floating)) for v in value):  # e.g. tuple[float, ...]
+        return tuple(v.item() if isinstance(v, (np.integer, np.floating)) else v for v in value)
     if hint is bool:
         if not isinstance(value, (bool, np.bool_)):
             raise ValueError(f"{name} must be true or false, got {value!r}")

@@ -4,8 +4,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import numpy as np
-
 from tclip_jax.image.protocols import INPUT_PROTOCOLS, InputProtocol
 from tclip_jax.methods.settings import MethodSettings
 from tclip_jax.settings import finite, parse_float_tuple, parse_optional, setting
@@ -48,9 +46,6 @@ class Settings(MethodSettings):
         super().__post_init__()
         if not isinstance(self.scale_fractions, tuple) or not self.scale_fractions:
             raise ValueError(f"scale_fractions must be a non-empty tuple, got {self.scale_fractions!r}")
-        if any(isinstance(f, (np.integer, np.floating)) for f in self.scale_fractions):  # kept as Python numbers
-            object.__setattr__(self, "scale_fractions", tuple(
-                f.item() if isinstance(f, (np.integer, np.floating)) else f for f in self.scale_fractions))
         for fraction in self.scale_fractions:
             finite("each scale fraction", fraction)
             if not 0 < fraction <= 1:
