@@ -87,13 +87,15 @@ def to_original_on_device(heatmap, geometry: Geometry, fill: float | Literal["mi
         grid_per_model = grid / model
         taps.append(bilinear_taps(original, grid, resized / original * grid_per_model, -offset * grid_per_model))
     resampled = resample_jit(heatmap, *taps)
-    rows, columns = geometry.covered
-    if (rows.stop - rows.start, columns.stop - columns.start) == geometry.original_hw:  # no crop: nothing to fill
+    inside = []  # per axis: whether each original row / column is covered
+    for span, original in zip(geometry.covered, geometry.original_hw):
+        covered = np.zeros(original, bool)
+        covered[span] = True
+        inside.append(covered)
+    if inside[0].all() and inside[1].all():  # no crop: nothing to fill
         return resampled
-    inside = np.zeros(geometry.original_hw, bool)
-    inside[rows, columns] = True
     fill_value = heatmap.min(axis=(-2, -1), keepdims=True) if fill_with_min else np.float32(fill)
-    return jnp.where(inside, resampled, fill_value)
+    return jnp.where(inside[0][:, None] & inside[1][None, :], resampled, fill_value)
 
 
 def points_to_model(points_xy: np.ndarray, geometry: Geometry) -> np.ndarray:
