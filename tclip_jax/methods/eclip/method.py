@@ -166,7 +166,7 @@ class ECLIP(PromptMethod):
         if self.settings.projections is None:
             warnings.warn("eclip: no trained projections given (--option projections=FILE): using CLIP's own, "
                           "i.e. untrained ECLIP", stacklevel=2)
-            self.projections = clip_projections(clip.params)
+            self.projections, self.projections_digest = clip_projections(clip.params), None
         else:
             self.projections, self.projections_digest = load_projections(self.settings.projections, clip)
 
@@ -186,7 +186,7 @@ class ECLIP(PromptMethod):
     def encoder(self) -> tuple:
         """`Method.encoder` and the projections' digest: the queries go through them, and a file trained further
         in place (`train-eclip --resume`) keeps its path."""
-        return (*super().encoder, getattr(self, "projections_digest", None))
+        return (*super().encoder, self.projections_digest)
 
     def encode_texts(self, token_ids: np.ndarray) -> Array:
         """[n, embed_dim] normalized φ̂ₜ(Fₜ) of a chunk of token rows [n, length]."""
