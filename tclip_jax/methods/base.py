@@ -46,7 +46,7 @@ from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_siz
 from tclip_jax.methods.common import causal_length_groups, minmax, text_features
 from tclip_jax.model.clip import eot_positions
 from tclip_jax.model.config import PRESETS
-from tclip_jax.model.tokenizer import TokenizedPrompt, Word
+from tclip_jax.model.tokenizer import PromptCutWarning, TokenizedPrompt, Word
 from tclip_jax.methods.settings import MethodSettings
 from tclip_jax.postprocess import Box, GmmFit, heatmap_boxes
 
@@ -318,7 +318,7 @@ class Method(abc.ABC):
         tokens = self.tokenize(prompt_list(prompts))  # says which prompts are cut
         words, queries = self.explained_queries(tokens)
         with warnings.catch_warnings():  # ... once: encoding them tokenizes them again
-            warnings.filterwarnings("ignore", message=r"prompt .* has \d+ tokens \(SOT")
+            warnings.simplefilter("ignore", PromptCutWarning)
             queries = self.encode(queries, label_set=[t.text for t in tokens])
         return distinct_queries(tokens, words, queries, self.encoder)
 

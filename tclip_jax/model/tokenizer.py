@@ -38,6 +38,11 @@ CONTEXT_LENGTH = 77
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 # Decoded pieces the TCLIP author's similarity code drops besides SOT/EOT/padding.
 AUTHOR_DROPPED_PIECES = frozenset({"", SOT_TOKEN, EOT_TOKEN, "!", "."})
+
+
+class PromptCutWarning(UserWarning):
+    """A prompt longer than the context was cut (``truncate=True``): one who tokenizes a prompt again can ignore
+    the repeat of a warning already given."""
 # OpenAI simple_tokenizer's split into words, numbers digit by digit, and runs of other symbols.
 _OPENAI_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -170,7 +175,7 @@ class ClipTokenizer:
             words = _group_words(text, cleaned, encoding, tuple(range(1, len(encoding.ids) + 1)))
             kept = max((w.piece_positions[-1] for w in words if w.piece_positions[-1] <= capacity), default=capacity)
             whole = " (up to the last whole word)" if kept < capacity else ""
-            warnings.warn(message + f"; keeping the first {kept} pieces{whole}", stacklevel=3)
+            warnings.warn(message + f"; keeping the first {kept} pieces{whole}", PromptCutWarning, stacklevel=3)
             encoding.truncate(kept)
         return encoding, cleaned
 
