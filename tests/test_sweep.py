@@ -404,12 +404,17 @@ def test_tclip_sweep_matches_the_explainer(tclip_synthetic, tiny_model):
     assert report["config"]["run"]["settings"] == explainer.settings.to_dict()
 
 
+def _swept(dataset, method, out: pathlib.Path) -> tuple[dict, dict]:
+    """(report, {key: record}) of a sweep of `dataset` by `method` into `out`, in batches of 2."""
+    report = run_sweep(dataset, method, out, options=RunOptions(batch_size=2, progress=False)).report
+    return report, {r["key"]: r for r in read_all_records(out)}
+
+
 def test_caption_words_are_scored_on_their_map_inside_the_caption(tiny_model, tmp_path):
     """The captions protocol: each target brings its own query (a word of its caption), encoded per batch."""
     explainer = TCLIP.from_pretrained(tiny_model, translations=1)
     dataset = synthetic_dataset(3, "captions")
-    report = run_sweep(dataset, explainer, tmp_path, options=RunOptions(batch_size=2, progress=False)).report
-    records = {r["key"]: r for r in read_all_records(tmp_path)}
+    report, records = _swept(dataset, explainer, tmp_path)
     checked = 0
     for sample in dataset.samples():
         loaded = sample.load()
@@ -433,8 +438,7 @@ def test_caption_words_are_scored_on_their_map_inside_the_caption(tiny_model, tm
 def test_wrong_attribute_units_score_where_the_map_points_at_the_wrongly_named_object(tiny_model, tmp_path):
     explainer = TCLIP.from_pretrained(tiny_model, translations=1)
     dataset = synthetic_dataset(3, "wrong_attribute")
-    report = run_sweep(dataset, explainer, tmp_path, options=RunOptions(batch_size=2, progress=False)).report
-    records = {r["key"]: r for r in read_all_records(tmp_path)}
+    report, records = _swept(dataset, explainer, tmp_path)
     hits = []
     for sample in dataset.samples():
         loaded = sample.load()
@@ -455,8 +459,7 @@ def test_caption_queries_of_a_set_dependent_method_keep_its_label_set(tiny_model
     the empty-string redundancy, as CLIP Surgery explaining that caption alone does."""
     method = METHODS["clip_surgery"].from_pretrained(tiny_model)
     dataset = synthetic_dataset(3, "captions")
-    run_sweep(dataset, method, tmp_path, options=RunOptions(batch_size=2, progress=False))
-    records = {r["key"]: r for r in read_all_records(tmp_path)}
+    _, records = _swept(dataset, method, tmp_path)
     for sample in dataset.samples():
         loaded = sample.load()
         phrase = method.explain(loaded.image, loaded.targets[0].query.prompt).prompts[0].phrase
@@ -470,8 +473,7 @@ def test_a_centre_crop_methods_sweep_boxes_what_the_model_saw_as_explain_does(ti
     the crop kept (the maps' fill outside it moves Otsu's threshold otherwise)."""
     method = METHODS["rollout"].from_pretrained(tiny_model)
     dataset = synthetic_dataset(2, "non_square")
-    run_sweep(dataset, method, tmp_path, options=RunOptions(batch_size=2, progress=False))
-    records = {r["key"]: r for r in read_all_records(tmp_path)}
+    _, records = _swept(dataset, method, tmp_path)
     for sample in dataset.samples():
         loaded = sample.load()
         assert loaded.image.shape[0] != loaded.image.shape[1]
