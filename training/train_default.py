@@ -77,17 +77,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import dataclasses
 import functools
 import json
 import os
 import pathlib
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +94,7 @@ from PIL import Image
 
 from tclip_jax.checkpoints.folder import CONFIG_FILE, FORMAT_NAME, PARAMS_FILES, is_checkpoint, save_checkpoint
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
-from tclip_jax.cli import Terminated, InterruptRedelivery
+from tclip_jax.cli import Terminated, redelivered_interrupts, sigterm_as_interrupt
 from tclip_jax.evaluation.retrieval import retrieval_top1
 from tclip_jax.files import check_output_folder, check_replaceable, staged_folder, unwritten_entries
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
@@ -1413,33 +1410,9 @@ def check_resume(path: pathlib.Path, config: TrainConfig) -> None:
 
 
 def main() -> None:
-    """The command line (`run_command`), a SIGTERM handled as a Ctrl-C is (`interrupted`)."""
-    with sigterm_interrupts():
+    """The command line (`run_command`), a SIGTERM handled as a Ctrl-C is (`interrupted`), as `tclip` handles them."""
+    with redelivered_interrupts(), sigterm_as_interrupt("train_default.py"):
         run_command()
-
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """While the block runs, a SIGTERM raises `Terminated` (a KeyboardInterrupt) where a Ctrl-C would raise one, so
-    a run stopped so cleans up as after a Ctrl-C: no half-written folder or hidden log left. A Ctrl-C or SIGTERM whose
-    exception Python dropped (raised in a garbage-collector callback, which JAX has) is sent again
-    (`InterruptRedelivery`, as `tclip` does). Only the main thread can set a handler: elsewhere the block just runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    redelivery = sys.unraisablehook = InterruptRedelivery(sys.unraisablehook)
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if sys.unraisablehook is redelivery:
-            sys.unraisablehook = redelivery.previous_hook
-        redelivery.close()
-
-
-def raise_terminated(signum, frame) -> None:
-    raise Terminated()
 
 
 def run_command() -> None:

@@ -8,12 +8,14 @@ status 1 (set TCLIP_TRACEBACK=1 to see the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import Optional, Sequence
 
 from tclip_jax.files import ctrl_c_held
@@ -62,13 +64,36 @@ def program() -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    with redelivered_interrupts():
+        return _main(argv)
+
+
+@contextlib.contextmanager
+def redelivered_interrupts() -> Iterator[None]:
+    """While the block runs, a Ctrl-C or SIGTERM whose exception Python dropped is sent again
+    (`InterruptRedelivery`); the hook before is put back after."""
     redelivery = sys.unraisablehook = InterruptRedelivery(sys.unraisablehook)
     try:
-        return _main(argv)
+        yield
     finally:
         if sys.unraisablehook is redelivery:  # else a later hook (another main, in a thread) holds it: left in place
             sys.unraisablehook = redelivery.previous_hook
         redelivery.close()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt(who: str) -> Iterator[None]:
+    """While the block runs, a SIGTERM raises `Terminated` where a Ctrl-C would raise KeyboardInterrupt, and ends the
+    process with 143 if it has not ended `_SigtermWatchdog.GRACE_S` later (`who`: the program, in that line). Only
+    the main thread can set handlers, and one set outside Python (None) could not be put back: elsewhere the block
+    just runs."""
+    watched = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not None
+    watchdog = _SigtermWatchdog(who) if watched else None
+    try:
+        yield
+    finally:
+        if watchdog is not None:
+            watchdog.close()
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
@@ -83,13 +108,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return 0
     warnings.showwarning = lambda message, *_: print(f"tclip {args.command}: warning: {_one_line(message)}",
                                                       file=sys.stderr)
-    # Only the main thread can set handlers, and a handler set outside Python (None here) could not be put back.
-    watched = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not None
-    watchdog = _SigtermWatchdog(args.command) if watched else None
     try:
-        with ctrl_c_held():  # a Ctrl-C inside jaxlib's native start-up crashed the interpreter on its way out
-            importlib.import_module("jax")
-        return args.run(args)
+        with sigterm_as_interrupt(f"tclip {args.command}"):
+            with ctrl_c_held():  # a Ctrl-C inside jaxlib's native start-up crashed the interpreter on its way out
+                importlib.import_module("jax")
+            return args.run(args)
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)
         print(f"tclip {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
@@ -109,9 +132,6 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         print(f"tclip {args.command}: internal error ({type(err).__name__}): {_one_line(err)} "
               "(set TCLIP_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 1
-    finally:
-        if watchdog is not None:
-            watchdog.close()
 
 
 class Terminated(KeyboardInterrupt):
@@ -127,8 +147,8 @@ class _SigtermWatchdog:
 
     GRACE_S = 10.0
 
-    def __init__(self, command: str):
-        self.command = command
+    def __init__(self, who: str):
+        self.who = who
         self.done = threading.Event()
         self.read_end, self.write_end = os.pipe()
         os.set_blocking(self.write_end, False)
@@ -148,7 +168,7 @@ class _SigtermWatchdog:
                 except OSError:
                     pass
             if signal.SIGTERM in data and not self.done.wait(self.GRACE_S):
-                print(f"tclip {self.command}: terminated", file=sys.stderr, flush=True)
+                print(f"{self.who}: terminated", file=sys.stderr, flush=True)
                 os._exit(143)
         os.close(self.read_end)
 
