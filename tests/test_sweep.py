@@ -745,25 +745,30 @@ def test_two_distributed_processes_give_the_one_process_report(coco_many, coco_m
 
 def test_a_sigterm_ends_distributed_processes_and_resume_finishes_the_sweep(coco_many, coco_many_reference, tmp_path):
     """jax.distributed.initialize starts JAX's preemption service, whose own SIGTERM handler only noted the signal:
-    the processes ran on to status 0. They end as README says ("terminated", 143, within the grace period)."""
-    out, release = tmp_path / "out", tmp_path / "release"
+    the processes ran on to status 0. They end as README says ("terminated", 143, within the grace period).
+    Process 0, which hosts JAX's coordination service, is signalled first and its stall released at once, as a
+    scheduler that signals processes in turn would: had it ended then, the other would have printed the service's
+    fatal-error lines (a race seen once when both were signalled together)."""
+    out, releases = tmp_path / "out", [tmp_path / "release-p0", tmp_path / "release-p1"]
 
-    def two_processes(*extra: str, env_extra: dict | None = None) -> list[subprocess.Popen]:
+    def two_processes(*extra: str, stall: bool = False) -> list[subprocess.Popen]:
         port = _free_port()
         return [_sweep_process("coco", "--data", str(coco_many), "--method", "test_sweep:StallingPainted",
                                "--batch-size", "2", "--workers", "1", "--out", str(out), "--coordinator",
                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *extra,
-                               env_extra=env_extra) for i in range(2)]
+                               env_extra={STALL_ENV: "4", RELEASE_ENV: str(releases[i])} if stall else None)
+                for i in range(2)]
 
-    processes = two_processes(env_extra={STALL_ENV: "4", RELEASE_ENV: str(release)})
+    processes = two_processes(stall=True)
     deadline = time.monotonic() + 180
     while (sum(_lines(out / f"results-p{i}.jsonl") for i in range(2)) < 2
            and all(p.poll() is None for p in processes) and time.monotonic() < deadline):
         time.sleep(0.05)
     sent = time.monotonic()
-    for process in processes:
+    for process, release in zip(processes, releases):
         process.send_signal(signal.SIGTERM)
-    release.touch()  # the stalled loads end, as a slow disk's would
+        release.touch()  # the stalled load ends, as a slow disk's would
+        time.sleep(1.0)
     for process in processes:
         assert process.wait(timeout=60) == 143 and time.monotonic() - sent < 15
         assert process.stderr.read().decode().splitlines() == ["tclip sweep: terminated"]

@@ -57,10 +57,18 @@ def program() -> int:
     had landed inside an XLA compilation; every file of the command is closed or removed by then."""
     status = main()
     if status in (130, 143):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+        _end_early(status)
     return status
+
+
+def _end_early(status: int) -> None:
+    """Ends the process with ``status`` (130, 143) at once, in turn with the other processes of a multi-process
+    sweep (`tclip_jax.sweep.sharding.end_in_turn`)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "tclip_jax.sweep.sharding" in sys.modules:  # only a sweep starts jax.distributed
+        sys.modules["tclip_jax.sweep.sharding"].end_in_turn(_SigtermWatchdog.GRACE_S)
+    os._exit(status)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -169,7 +177,7 @@ class _SigtermWatchdog:
                     pass
             if signal.SIGTERM in data and not self.done.wait(self.GRACE_S):
                 print(f"{self.who}: terminated", file=sys.stderr, flush=True)
-                os._exit(143)
+                _end_early(143)
         os.close(self.read_end)
 
     def close(self) -> None:

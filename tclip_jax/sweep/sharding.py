@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -32,6 +34,37 @@ def barrier(name: str) -> None:
     """Wait for every process (a no-op for a single process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def end_in_turn(grace_s: float) -> None:
+    """Called just before a process of a multi-process run ends early (a Ctrl-C or SIGTERM, which a scheduler sends
+    every process): the process that hosts JAX's coordination service (process 0) ends last. Once the service is
+    gone, every process still running prints the service's fatal-error lines and aborts (SIGABRT), a failure that
+    is not its own. So each other process says that it is ending (its stderr closed first: nothing it prints after
+    its own last line is its own) and the host waits up to ``grace_s`` seconds for all of them. A no-op without
+    ``jax.distributed``."""
+    from jax._src import distributed  # the client and service, which jax.distributed does not expose
+
+    state = distributed.global_state
+    if state.client is None:
+        return
+    if state.service is None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        try:
+            state.client.key_value_set(f"{_ENDING}{state.process_id}", "")
+        except Exception:  # the host has gone already: nothing left to tell
+            pass
+        return
+    deadline = time.monotonic() + grace_s
+    try:  # short waits, so that another Ctrl-C still ends the wait
+        while (len(state.client.key_value_dir_get(_ENDING)) < state.num_processes - 1
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        pass
+
+
+_ENDING = "tclip/ending/"  # + process id: a key-value entry each process other than the host sets as it ends early
 
 
 def class_slots(count: int) -> int:
