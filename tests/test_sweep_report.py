@@ -127,3 +127,71 @@ def test_unit_pictures_are_labelled_with_class_iou_and_hit_or_miss():
     assert unit_score({"pg_hit": False, "area_inter": [3, 2], "area_union": [9, 8]}) == (
         "mask IoU", 0.25, False, "PG miss")
     assert json.dumps(unit_score({"iou": 0.5, "hit": True})) == '["box IoU", 0.5, true, "hit"]'
+
+
+def test_report_html_says_what_report_md_says_and_a_pipe_in_a_label_stays_in_its_cell(coco_hand, tmp_path):  # noqa: F811,E501
+    """Every table of report.md, read by a GFM parser (markdown-it), is report.html's, cell for cell, and every
+    sentence below the run's description is there too: the wrong-attribute figure, the no-positive-value caveat,
+    why no paper figure is shown. A model folder with '|' in its name must neither shift cells nor drop one."""
+    from html.parser import HTMLParser
+    from markdown_it import MarkdownIt
+    from tclip_jax.sweep.report import html_report, markdown
+
+    out = tmp_path / "out"
+    report = run_sweep(coco_dataset(coco_hand), Painted.from_pretrained(), out,
+                       options=RunOptions(batch_size=2, progress=False)).report
+    config, summary = report["config"], {k: v for k, v in report.items() if k != "config"}
+    config["run"]["model"]["origin"] = "models/pipe|model"
+    summary["groups"] = {"colour|shape": summary}
+    summary["wrong_attribute"] = {"units": 4, "wrong_pointing": 0.25}
+    summary["segmentation"] = {"pointing_game": 0.5, "energy_pg": 0.25, "pixel_accuracy": 0.75, "ap": 0.5,
+                               "mask_iou": 0.125, "pointing_game_class_mean": 0.5, "units": 8,
+                               "no_positive_relevance": 3, "per_class": {}}
+    text = markdown(config, summary)
+
+    class Page(HTMLParser):  # the cells of each table, and all text
+        def __init__(self):
+            super().__init__()
+            self.tables, self.text, self.cell = [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.tables.append([])
+            elif tag == "tr":
+                self.tables[-1].append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.tables[-1][-1].append(self.cell)
+                self.cell = None
+
+        def handle_data(self, data):
+            self.text.append(data)
+            if self.cell is not None:
+                self.cell += data
+
+    page = Page()
+    page.feed(html_report(config, summary, {}, out))
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
+    tables, row = [], None
+    for token in tokens:
+        if token.type == "table_open":
+            tables.append([])
+        elif token.type == "tr_open":
+            row = []
+        elif token.type == "inline" and row is not None:
+            row.append(token.content)
+        elif token.type == "tr_close":
+            tables[-1].append(row)
+            row = None
+    assert len(tables) == 2 and page.tables == tables  # detection and segmentation
+    assert tables[0][1][0] == "painted (models/pipe|model)" and tables[0][2][0] == "painted (models/pipe|model), colour|shape"
+    shown = " ".join("".join(page.text).split())
+    paragraphs = [token.content for token in tokens if token.type == "inline" and not token.map[0] < 0]
+    below = [p for p in paragraphs if p not in {c for t in tables for r in t for c in r}][2:]  # title, description
+    assert any("Wrong-attribute pointing" in p for p in below) and any("no positive value" in p for p in below)
+    assert any(p.startswith("No paper figure is shown") for p in below)
+    for paragraph in below:
+        assert " ".join(paragraph.replace("`", "").split()) in shown

@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import json
 import pathlib
+import re
 
 import numpy as np
 
@@ -108,16 +109,22 @@ def markdown(config: dict, summary: dict) -> str:
     """The report as Markdown: one table per task, a row per unit group, the paper's row where comparable."""
     run = config["run"]
     name = run_name(run)
-    lines = [f"# Sweep: {config['dataset']}, {name}", "",
-             f"{summary['images']} images, {summary['units']} units, {len(summary['errors'])} errors. "
-             f"Evaluation: {json.dumps(config['evaluation'], sort_keys=True)}. "
-             f"Settings: {json.dumps(run['settings'], sort_keys=True)}; input protocol {run['input_protocol']}.", ""]
+    return "\n".join([f"# Sweep: {config['dataset']}, {name}", "",
+                      f"{summary['images']} images, {summary['units']} units, {len(summary['errors'])} errors. "
+                      f"Evaluation: {json.dumps(config['evaluation'], sort_keys=True)}. "
+                      f"Settings: {json.dumps(run['settings'], sort_keys=True)}; input protocol "
+                      f"{run['input_protocol']}. Data: {config.get('source') or config['dataset']}. "
+                      f"{_prompts_and_samples(config)}", "", *_markdown_body(config, summary)])
+
+
+def _markdown_body(config: dict, summary: dict) -> list[str]:
+    """report.md's lines after its title and run description: the paper line, the tables and what they need said
+    (report.html shows them too, `_markdown_blocks`)."""
+    name = _cell(run_name(config["run"]))
     paper, why_not = paper_figures(config)
-    lines[2] += f" Data: {config.get('source') or config['dataset']}. {_prompts_and_samples(config)}"
-    lines.insert(3, "")
-    lines.insert(4, "The paper's figures (TCLIP, CLIP ViT-B/32, the whole split) are shown beside this run." if paper
-                 else f"No paper figure is shown: {why_not}.")
-    groups = summary.get("groups", {})
+    lines = ["The paper's figures (TCLIP, CLIP ViT-B/32, the whole split) are shown beside this run." if paper
+             else f"No paper figure is shown: {why_not}.", ""]
+    groups = {_cell(group): scores for group, scores in summary.get("groups", {}).items()}
     if "detection" in summary:
         lines += ["| Method | BoxAcc (%) | BoxAcc, class mean (%) | Mean IoU | Units |",
                   "| --- | ---: | ---: | ---: | ---: |"]
@@ -162,7 +169,12 @@ def markdown(config: dict, summary: dict) -> str:
         if len(summary["errors"]) > _SHOWN_ERRORS:
             lines.append(f"- ... and {len(summary['errors']) - _SHOWN_ERRORS} more (see {REPORT_JSON})")
         lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def _cell(text: str) -> str:
+    """``text`` for a Markdown table cell: its pipes escaped, which would otherwise end the cell."""
+    return text.replace("|", "\\|")
 
 
 def _prompts_and_samples(config: dict) -> str:
@@ -273,9 +285,7 @@ def html_report(config: dict, summary: dict, chosen: dict[str, dict], out: pathl
              f"{esc(str(run['input_protocol']))}. Source: {esc(str(config.get('source') or '—'))}. "
              f"{esc(_prompts_and_samples(config))} Also: <a href=\"{REPORT_MD}\">{REPORT_MD}</a>, "
              f"<a href=\"{REPORT_JSON}\">{REPORT_JSON}</a>.</p>"]
-    # The tables of report.md.
-    for line_block in _markdown_tables(markdown(config, summary)):
-        parts.append(line_block)
+    parts += _markdown_blocks(_markdown_body(config, summary))  # what report.md says below its description
     # Per-class accuracy bars.
     for task, score, label in (("detection", "accuracy", "BoxAcc"), ("segmentation", "pointing_game", "Pointing game")):
         if task not in summary:
@@ -311,32 +321,38 @@ def html_report(config: dict, summary: dict, chosen: dict[str, dict], out: pathl
             cards.append(f"<section class=\"class\"><h3>{esc(cls)}</h3><div class=\"units\">{''.join(figures)}"
                          f"</div></section>")
         parts.append(f"<div class=\"classes\">{''.join(cards)}</div>")
-    if summary["errors"]:
-        items = "".join(f"<li><code>{esc(e['key'])}</code>: {esc(e['error'])}</li>"
-                        for e in summary["errors"][:_SHOWN_ERRORS])
-        more = (f"<li>… and {len(summary['errors']) - _SHOWN_ERRORS} more (see {REPORT_JSON})</li>"
-                if len(summary["errors"]) > _SHOWN_ERRORS else "")
-        parts.append(f"<h2>Errors</h2><ul>{items}{more}</ul>")
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>Sweep: {esc(config['dataset'])}, {esc(run['method'])}</title>\n"
             "<link rel=\"icon\" href=\"data:,\">\n"
             f"<style>{_HTML_STYLE}</style>\n</head>\n<body>\n" + "\n".join(parts) + "\n</body>\n</html>\n")
 
 
-def _markdown_tables(text: str) -> list[str]:
-    """report.md's tables as HTML tables (numbers right-aligned, as the Markdown says)."""
-    tables, rows = [], []
-    for line in text.splitlines() + [""]:
-        if line.startswith("|"):
-            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
-            continue
-        if rows:
-            header, align, body = rows[0], rows[1], rows[2:]
-            right = [a.endswith(":") for a in align]
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-            cell = ('<td class="num">{}</td>', "<td>{}</td>")
-            lines = "".join("<tr>" + "".join(cell[not r].format(html.escape(c)) for c, r in zip(row, right)) + "</tr>"
-                            for row in body)
-            tables.append(f"<table><tr>{head}</tr>{lines}</table>")
-            rows = []
-    return tables
+def _markdown_blocks(lines: list[str]) -> list[str]:
+    """Markdown ``lines`` of the kinds report.md writes as HTML: tables (numbers right-aligned, as the Markdown
+    says; ``\\|`` a pipe inside a cell), lists (``- ``), paragraphs; ``code`` spans."""
+    def inline(text: str) -> str:
+        return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+
+    blocks, block = [], []
+    for line in lines + [""]:
+        kind = "table" if line.startswith("|") else "list" if line.startswith("- ") else "p" if line else None
+        if block and kind != block[0]:
+            rows = block[1:]
+            if block[0] == "table":
+                cells = [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row.strip()[1:-1])]
+                         for row in rows]
+                header, right, body = cells[0], [a.endswith(":") for a in cells[1]], cells[2:]
+                head = "".join(f"<th>{inline(h)}</th>" for h in header)
+                cell = ('<td class="num">{}</td>', "<td>{}</td>")
+                body_html = "".join("<tr>" + "".join(cell[not r].format(inline(c)) for c, r in zip(row, right))
+                                    + "</tr>" for row in body)
+                blocks.append(f"<table><tr>{head}</tr>{body_html}</table>")
+            elif block[0] == "list":
+                blocks.append("<ul>" + "".join(f"<li>{inline(row[2:])}</li>" for row in rows) + "</ul>")
+            else:
+                blocks.append(f"<p>{inline(' '.join(rows))}</p>")
+            block = []
+        if kind is not None:
+            block = block or [kind]
+            block.append(line)
+    return blocks
