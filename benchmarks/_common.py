@@ -183,15 +183,31 @@ def check_section_name(name: str) -> None:
         raise ValueError(f"section name must be letters, digits, '_', '.' or '-', got {name!r}")
 
 
+def section_markers(name: str) -> tuple[str, str]:
+    """The start and end markers of section `name`."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def check_section_markers(text: str, name: str, path: pathlib.Path) -> None:
+    """Raises ValueError unless the text of the results file `path` has section `name`'s markers once each, the
+    start before the end, or neither (the section is then appended)."""
+    start, end = section_markers(name)
+    starts, ends = text.count(start), text.count(end)
+    if (starts, ends) == (0, 0):
+        return
+    if (starts, ends) != (1, 1) or text.index(start) > text.index(end):
+        raise ValueError(f"{path} has {starts} '{start}' and {ends} '{end}' markers (one each, in that order, or "
+                         "none); fix it by hand")
+
+
 def write_section(name: str, body: str, path: pathlib.Path = RESULTS_PATH) -> None:
     """Replace section `name` of the results file with `body` (append it if absent; create the file). Everything
     between the section's markers is the script's: readings written by hand go after its end marker."""
     check_section_name(name)
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    start, end = section_markers(name)
     block = f"{start}\n{body.strip()}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if text.count(start) != text.count(end) or text.count(start) > 1:
-        raise ValueError(f"{path} has unbalanced or repeated markers for section {name!r}; fix it by hand")
+    check_section_markers(text, name, path)
     if start in text:
         head, rest = text.split(start, 1)
         text = head + block + rest.split(end, 1)[1]
@@ -218,10 +234,17 @@ def check_output_options(parser: argparse.ArgumentParser, section: str, results_
                          write: bool = True) -> None:
     """Refuses with `parser.error`'s one line, right after the arguments are parsed, what `write_section(section,
     ..., results_path)` would refuse only after the measurement: a section name it does not take, or (when `write`,
-    i.e. without --no-write) a results file it cannot write."""
+    i.e. without --no-write) a results file it cannot write or whose markers for the section are damaged."""
     try:
         check_section_name(section)
     except ValueError as error:
         parser.error(str(error))
     if write:
         check_output_file(parser, results_path, "results file")
+        if results_path.is_file():
+            try:
+                check_section_markers(results_path.read_text(), section, results_path)
+            except (OSError, UnicodeDecodeError) as error:
+                parser.error(f"results file {results_path}: cannot read it ({error})")
+            except ValueError as error:
+                parser.error(str(error))

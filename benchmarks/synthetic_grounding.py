@@ -85,7 +85,8 @@ def main() -> None:
     if not args.no_write and (set(methods) != set(METHOD_NAMES) or set(args.protocols) != set(PROTOCOLS)):
         parser.error("--methods or --protocols measure part of a model's table, which would replace the whole one "
                      "in RESULTS.md: add --no-write")
-    check_output_options(parser, "synthetic-default", write=not args.no_write)  # each model's section: one rule
+    for model in args.models:  # each model's own section
+        check_output_options(parser, f"synthetic-{model}", write=not args.no_write)
     if args.json:
         check_output_file(parser, args.json, "--json")
     everything = {}

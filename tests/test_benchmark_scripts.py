@@ -165,3 +165,22 @@ def test_an_output_file_is_checked_as_it_is_written_by_renaming_in_its_folder(tm
         check_output_file(parser, folder / "RESULTS.md", "results file")
     assert capsys.readouterr().err.strip().splitlines()[-1] == (f"bench: error: results file {folder / 'RESULTS.md'}: "
                                                                 f"cannot write in {folder}")
+
+
+@pytest.mark.parametrize("damage", [
+    lambda text: text.replace("<!-- host-threads:end -->\n", ""),
+    lambda text: text + "\n<!-- host-threads:start -->\nagain\n<!-- host-threads:end -->\n",
+    lambda text: text.replace("<!-- host-threads:start -->", "<!-- swap -->").replace(
+        "<!-- host-threads:end -->", "<!-- host-threads:start -->").replace("<!-- swap -->", "<!-- host-threads:end -->"),
+], ids=["end removed", "repeated", "end before start"])
+def test_damaged_markers_of_the_section_are_refused_before_the_benchmark_measures(tmp_path, damage):
+    results = tmp_path / "RESULTS.md"
+    results.write_text(damage("# Results\n\n<!-- host-threads:start -->\nold\n<!-- host-threads:end -->\n\nReading.\n"))
+    before = results.read_text()
+    done = subprocess.run([sys.executable, "benchmarks/host_threads.py", "--results", str(results), "--images", "1",
+                           "--rounds", "1", "--threads", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"host_threads.py: error: {results} has ")
+    assert done.stderr.strip().splitlines()[-1].endswith("markers (one each, in that order, or none); fix it by hand")
+    assert results.read_text() == before
