@@ -248,3 +248,13 @@ def check_output_options(parser: argparse.ArgumentParser, section: str, results_
                 parser.error(f"results file {results_path}: cannot read it ({error})")
             except ValueError as error:
                 parser.error(str(error))
+
+
+def refuse_part_of_a_table(parser: argparse.ArgumentParser, options: str, part: bool, write: bool,
+                           table: str = "the section's table", results_path: pathlib.Path = RESULTS_PATH) -> None:
+    """Refuses with `parser.error`'s one line a run that measures only `part` of a table (some of the workloads,
+    methods, ...) when it would `write` it: its section would replace the whole table with the part. `options`
+    names what chose the part, with its verb (e.g. '--workloads measures')."""
+    if part and write:
+        parser.error(f"{options} part of {table}, which would replace the whole one in {results_path.name}: add "
+                     "--no-write")

@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (IMAGE_HW, check_output_options, command_line, floor_pass, load_average,  # noqa: E402
                                 machine_description, markdown_table, photo_like_image, positive_int, timed_tclip, today,
-                                workloads, write_section)
+                                refuse_part_of_a_table, workloads, write_section)
 
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
 from tclip_jax.sweep.runner import DeviceClock, device_busy_seconds, device_wait_share  # noqa: E402
@@ -99,10 +99,13 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=positive_int, default=6)
     parser.add_argument("--batch-size", type=positive_int, default=2)
     parser.add_argument("--rounds", type=positive_int, default=3)
-    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS),
+                        help="default: all (a subset needs --no-write)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args(argv)
     check_output_options(parser, "explain_overlap", write=not args.no_write)
+    refuse_part_of_a_table(parser, "--workloads measures", set(args.workloads) != set(WORKLOADS),
+                           write=not args.no_write)
     load_before = load_average()
     tclip = timed_tclip()
     images = [photo_like_image(i) for i in range(args.images)]

@@ -39,7 +39,8 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (IMAGE_HW, RESULTS_PATH, check_output_options, command_line,  # noqa: E402
                                 interleaved_medians, load_average, machine_description, markdown_table,
-                                photo_like_image, positive_int, timed_tclip, today, workloads, write_section)
+                                photo_like_image, positive_int, refuse_part_of_a_table, timed_tclip, today,
+                                workloads, write_section)
 from tclip_jax.checkpoints.load import LoadedClip  # noqa: E402
 from tclip_jax.methods.tclip.relevance import aggregate_maps, translated_patch_embeddings  # noqa: E402
 from tclip_jax.methods.tclip.translations import translated_copies  # noqa: E402
@@ -247,7 +248,8 @@ def report(rows, args, machine, loads) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds (median reported)")
-    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS),
+                        help="default: all (a subset needs --no-write)")
     parser.add_argument("--profile", action="store_true", help="time each stage of (a)")
     parser.add_argument("--threads", type=positive_int,
                         help="torch intra-op and BLAS/OpenMP threads for both pipelines, >= 1 (default: the "
@@ -261,6 +263,8 @@ def main(argv=None) -> None:
     args.torch_device = "cuda" if args.device_report and torch.cuda.is_available() else "cpu"
     args.section = args.section or ("speed_device" if args.device_report else "speed")
     check_output_options(parser, args.section, args.results, write=not args.no_write)
+    refuse_part_of_a_table(parser, "--workloads measures", set(args.workloads) != set(WORKLOADS),
+                           write=not args.no_write, results_path=args.results)
     if args.threads:
         torch.set_num_threads(args.threads)
     with threadpool_limits(args.threads) if args.threads else contextlib.nullcontext():

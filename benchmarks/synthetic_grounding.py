@@ -24,7 +24,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks._common import (check_output_file, check_output_options, command_line, load_average,  # noqa: E402
-                                machine_description, markdown_table, positive_int, today, write_section)
+                                machine_description, markdown_table, positive_int, refuse_part_of_a_table, today,
+                                write_section)
 from tclip_jax.checkpoints.load import DEFAULT_MODEL_DIR, load_clip  # noqa: E402
 from tclip_jax.evaluation.retrieval import retrieval_top1  # noqa: E402
 from tclip_jax.methods import METHODS  # noqa: E402
@@ -82,9 +83,9 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args()
     methods = args.methods or list(METHOD_NAMES)
-    if not args.no_write and (set(methods) != set(METHOD_NAMES) or set(args.protocols) != set(PROTOCOLS)):
-        parser.error("--methods or --protocols measure part of a model's table, which would replace the whole one "
-                     "in RESULTS.md: add --no-write")
+    refuse_part_of_a_table(parser, "--methods or --protocols measure",
+                           set(methods) != set(METHOD_NAMES) or set(args.protocols) != set(PROTOCOLS),
+                           write=not args.no_write, table="a model's table")
     for model in args.models:  # each model's own section
         check_output_options(parser, f"synthetic-{model}", write=not args.no_write)
     if args.json:

@@ -170,8 +170,8 @@ def test_an_output_file_is_checked_as_it_is_written_by_renaming_in_its_folder(tm
 @pytest.mark.parametrize("damage", [
     lambda text: text.replace("<!-- host-threads:end -->\n", ""),
     lambda text: text + "\n<!-- host-threads:start -->\nagain\n<!-- host-threads:end -->\n",
-    lambda text: text.replace("<!-- host-threads:start -->", "<!-- swap -->").replace(
-        "<!-- host-threads:end -->", "<!-- host-threads:start -->").replace("<!-- swap -->", "<!-- host-threads:end -->"),
+    lambda text: text.replace("<!-- host-threads:start -->\nold\n<!-- host-threads:end -->",
+                              "<!-- host-threads:end -->\nold\n<!-- host-threads:start -->"),
 ], ids=["end removed", "repeated", "end before start"])
 def test_damaged_markers_of_the_section_are_refused_before_the_benchmark_measures(tmp_path, damage):
     results = tmp_path / "RESULTS.md"
@@ -184,3 +184,30 @@ def test_damaged_markers_of_the_section_are_refused_before_the_benchmark_measure
     assert done.stderr.strip().splitlines()[-1].startswith(f"host_threads.py: error: {results} has ")
     assert done.stderr.strip().splitlines()[-1].endswith("markers (one each, in that order, or none); fix it by hand")
     assert results.read_text() == before
+
+
+PART_OF_THE_TABLE = ("error: --workloads measures part of the section's table, which would replace the whole one in "
+                     "RESULTS.md: add --no-write")
+
+
+def test_a_speed_run_of_some_workloads_is_not_written_over_the_whole_table(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n")
+    done = subprocess.run([sys.executable, "benchmarks/speed.py", "--workloads", "prompt", "--results", str(results),
+                           "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"speed.py: {PART_OF_THE_TABLE}"
+    assert results.read_text() == "# Results\n"
+
+
+def test_an_explain_overlap_run_of_some_workloads_is_not_written_over_the_whole_table(monkeypatch, capsys):
+    """explain_overlap.py writes only benchmarks/RESULTS.md: run in this process, where it cannot measure or write."""
+    from benchmarks import explain_overlap
+
+    monkeypatch.setattr(explain_overlap, "timed_tclip", lambda: pytest.fail("explain_overlap.py measured"))
+    monkeypatch.setattr(explain_overlap, "write_section", lambda *_: pytest.fail("explain_overlap.py wrote"))
+    monkeypatch.setattr(sys, "argv", ["explain_overlap.py"])  # argparse's program name
+    with pytest.raises(SystemExit) as raised:
+        explain_overlap.main(["--workloads", "coco80"])
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"explain_overlap.py: {PART_OF_THE_TABLE}"
