@@ -21,7 +21,8 @@ boxes agree. Medians of ``--repeats`` timed runs after a compiling warm-up.
 Without a GPU (and without --smoke or --embedded-dtypes) it says so and exits 0 without measuring or writing
 anything. Random weights give nearly flat maps, whose small range rounding swamps; `--embedded-dtypes N` makes
 the same bfloat16-vs-float32 comparison on the embedded default model (trained), N held-out scenes each with
-its own caption, and writes its own section.
+its own caption, and writes its own section. `--smoke` never writes RESULTS.md (nor --results); `--json` writes
+the raw rows of any run, a smoke run's or an --embedded-dtypes run's too.
 """
 from __future__ import annotations
 
@@ -188,7 +189,9 @@ def report(rows: list[dict], plan: Plan, machine: str, loads: tuple[str, str], e
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes; writes nothing")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, tiny model and sizes (with --embedded-dtypes: that comparison as asked); writes "
+                             "nothing to the results file (--json is still written)")
     parser.add_argument("--models", nargs="+", default=["ViT-B/32", "ViT-L/14"], choices=sorted(PRESETS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--repeats", type=positive_int, default=3)
@@ -197,16 +200,17 @@ def main(argv=None) -> int:
                         help="configurations not started within this many seconds are reported as skipped "
                              "(batch 8 first, then 32, then 1)")
     parser.add_argument("--results", type=pathlib.Path, default=RESULTS_PATH)
-    parser.add_argument("--json", type=pathlib.Path, help="also write the raw rows here")
-    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--json", type=pathlib.Path,
+                        help="also write the raw rows here (with --smoke, --no-write or --embedded-dtypes too)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave the results file as it is")
     parser.add_argument("--embedded-dtypes", type=positive_int, metavar="N",
                         help="only compare bfloat16 with float32 maps of the embedded default model on N held-out "
                              "scenes (any device; its own section)")
     args = parser.parse_args(argv)
-    dtypes_only = args.embedded_dtypes is not None  # its own section; --smoke and --json do not apply
-    check_output_options(parser, "dtype-maps" if dtypes_only else "gpu-profile", args.results,
-                         write=not args.no_write and (dtypes_only or not args.smoke))
-    if args.json and not dtypes_only and not args.smoke:
+    dtypes_only = args.embedded_dtypes is not None  # its own section
+    write = not args.no_write and not args.smoke  # a smoke run writes nothing to the results file
+    check_output_options(parser, "dtype-maps" if dtypes_only else "gpu-profile", args.results, write=write)
+    if args.json:
         check_output_file(parser, args.json, "--json")
     if dtypes_only:
         started, load_before = time.perf_counter(), load_average()
@@ -219,7 +223,9 @@ def main(argv=None) -> int:
             "- TCLIP K = 25, `whole` protocol; maps at image size; tau and boxes from `soft_maps_and_boxes`", "",
             dtype_table(rows)])
         print(text)
-        if not args.no_write:
+        if args.json:
+            write_text_atomic(args.json, json.dumps(rows, indent=1))
+        if write:
             write_section("dtype-maps", text, args.results)
         return 0
     platforms = sorted({d.platform for d in jax.devices()})
@@ -235,16 +241,16 @@ def main(argv=None) -> int:
     rows = profile(plan, configs, images, deadline)
     text = report(rows, plan, machine_description(), (load_before, load_average()), time.perf_counter() - started)
     print(text)
+    if args.json:
+        write_text_atomic(args.json, json.dumps(rows, indent=1))
     if args.smoke:
         bad = [r for r in rows if "device_ms" in r and not np.isfinite([r["device_ms"], r["host_ms"]]).all()]
         if bad or not any("bf16_map_diff" in r for r in rows):
             print("gpu_profile --smoke: FAILED", file=sys.stderr)
             return 1
-        print("gpu_profile --smoke: ok (nothing written)")
+        print(f"gpu_profile --smoke: ok (nothing written{'' if args.json is None else ' but --json'})")
         return 0
-    if args.json:
-        write_text_atomic(args.json, json.dumps(rows, indent=1))
-    if not args.no_write:
+    if write:
         write_section("gpu-profile", text, args.results)
     return 0
 

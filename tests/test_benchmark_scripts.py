@@ -211,3 +211,24 @@ def test_an_explain_overlap_run_of_some_workloads_is_not_written_over_the_whole_
         explain_overlap.main(["--workloads", "coco80"])
     assert raised.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"explain_overlap.py: {PART_OF_THE_TABLE}"
+
+
+def test_a_gpu_profile_smoke_run_writes_no_results_but_its_json(tmp_path, monkeypatch):
+    """--smoke writes nothing to the results file, with --embedded-dtypes too; --json is written in both. The
+    measurements are replaced by rows of the shape they return."""
+    from benchmarks import gpu_profile
+
+    compared = {"bf16_map_diff": 0.01, "bf16_tau_diff": 0.02, "bf16_boxes_equal": "1/1"}
+    timed = {"batch": 1, "maps": 1, "device_ms": 1.0, "floor_ms": 1.0, "host_ms": 1.0, "explain_ms": 2.0,
+             "explain_over_floor": 2.0, "skipped": False}
+    monkeypatch.setattr(gpu_profile, "embedded_dtype_rows", lambda scenes: [{"model": "m", "workload": "w", **compared}])
+    monkeypatch.setattr(gpu_profile, "profile", lambda *_: [{"model": "tiny", "dtype": "float32", "workload": "w",
+                                                             **timed}, {"model": "tiny", "workload": "w", **compared}])
+    monkeypatch.setattr(gpu_profile, "machine_description", lambda: "a machine")
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\n<!-- dtype-maps:start -->\nold\n<!-- dtype-maps:end -->\n")
+    for options in (["--embedded-dtypes", "1"], []):
+        rows = tmp_path / f"rows{len(options)}.json"
+        assert gpu_profile.main(["--smoke", *options, "--results", str(results), "--json", str(rows)]) == 0
+        assert results.read_text() == "# Results\n\n<!-- dtype-maps:start -->\nold\n<!-- dtype-maps:end -->\n"
+        assert json.loads(rows.read_text())[-1]["bf16_boxes_equal"] == "1/1"
