@@ -193,7 +193,7 @@ def main(argv=None) -> int:
                         help="CPU, tiny model and sizes (with --embedded-dtypes: that comparison as asked); writes "
                              "nothing to the results file (--json is still written)")
     parser.add_argument("--models", nargs="+", default=["ViT-B/32", "ViT-L/14"], choices=sorted(PRESETS))
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8, 32], help="batch sizes, >= 1")
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--explain-images", type=int, default=8)
     parser.add_argument("--budget-s", type=float, default=420.0,
