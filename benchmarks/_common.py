@@ -172,8 +172,13 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    """A Markdown (GFM) pipe table; a '|' inside a cell, e.g. in '|a - b|', is escaped as '\\|' (unescaped, it
+    splits the cell and the table does not render)."""
+    def row_line(cells) -> str:
+        return "| " + " | ".join(re.sub(r"(?<!\\)\|", r"\\|", str(cell)) for cell in cells) + " |"
+
+    lines = [row_line(header), "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += [row_line(row) for row in rows]
     return "\n".join(lines)
 
 

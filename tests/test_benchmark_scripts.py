@@ -233,3 +233,14 @@ def test_a_gpu_profile_smoke_run_writes_no_results_but_its_json(tmp_path, monkey
         assert gpu_profile.main(["--smoke", *options, "--results", str(results), "--json", str(rows)]) == 0
         assert results.read_text() == "# Results\n\n<!-- dtype-maps:start -->\nold\n<!-- dtype-maps:end -->\n"
         assert json.loads(rows.read_text())[-1]["bf16_boxes_equal"] == "1/1"
+
+
+def test_a_bar_inside_a_table_cell_is_escaped():
+    from benchmarks._common import markdown_table
+    from benchmarks.gpu_profile import dtype_table
+
+    assert markdown_table(["a", "max |a - b|"], [["x|y", r"already \| escaped"]]).splitlines() == [
+        r"| a | max \|a - b\| |", "| --- | --- |", r"| x\|y | already \| escaped |"]
+    header = dtype_table([{"model": "m", "workload": "w", "bf16_map_diff": 0.1, "bf16_tau_diff": 0.2,
+                           "bf16_boxes_equal": "1/2"}]).splitlines()[0]
+    assert header.count("|") - header.count(r"\|") == 6  # 5 cells
