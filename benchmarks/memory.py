@@ -49,7 +49,7 @@ def measure(count: int) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=positive_int, nargs="+", default=[1, 80, 400])
-    parser.add_argument("--measure", type=int, help="internal: measure one prompt count in this process")
+    parser.add_argument("--measure", type=positive_int, help="internal: measure one prompt count in this process")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args(argv)
     check_output_options(parser, "memory", write=not args.no_write)
