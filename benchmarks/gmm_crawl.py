@@ -51,12 +51,12 @@ def taus(params: gmm.MixtureParams) -> np.ndarray:
     return np.array([np.nan if tau is None else tau for tau in out])
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=positive_int, default=6)
     parser.add_argument("--rounds", type=positive_int, default=3)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
+    args = parser.parse_args(argv)
     check_output_options(parser, "gmm_crawl", write=not args.no_write)
     load_before = load_average()
     tclip = timed_tclip()
@@ -94,18 +94,17 @@ def main() -> None:
               "max tau gap capped vs plain (/ range)", "plain time", "default time", "capped time"]
     rows.append(["all", "", "", "", "", "", "", "", f"{totals['plain']:.2f} s", f"{totals['default']:.2f} s",
                  f"{totals['capped']:.2f} s"])
-    table = markdown_table(header, rows)
-    print(table)
+    body = "\n".join([
+        "## GMM fits where EM crawls (TCLIP K = 25, random ViT-B/32, 80 COCO prompts, 640x480)", "",
+        f"- date: {today()}", f"- machine: {machine_description()}", f"- command: `{command_line()}`",
+        f"- load average (1/5/15 min) before: {load_before}; after: {load_average()}",
+        f"- per image, all its maps in one batched fit, one BLAS thread; median of {args.rounds} interleaved "
+        "rounds. plain: EM (with Newton near the fixed point) to convergence, no cap; default: as shipped "
+        f"(SQUAREM after {gmm.SQUAREM_AFTER} evaluations, cap {gmm.MAX_STEPS}); capped: the previous "
+        "default (plain, 5,000 evaluations). Crawling: plain needs more than "
+        f"{gmm.SQUAREM_AFTER} evaluations.", "", markdown_table(header, rows)])
+    print(body)  # as the other scripts: the whole section, written or not
     if not args.no_write:
-        body = "\n".join([
-            "## GMM fits where EM crawls (TCLIP K = 25, random ViT-B/32, 80 COCO prompts, 640x480)", "",
-            f"- date: {today()}", f"- machine: {machine_description()}", f"- command: `{command_line()}`",
-            f"- load average (1/5/15 min) before: {load_before}; after: {load_average()}",
-            f"- per image, all its maps in one batched fit, one BLAS thread; median of {args.rounds} interleaved "
-            "rounds. plain: EM (with Newton near the fixed point) to convergence, no cap; default: as shipped "
-            f"(SQUAREM after {gmm.SQUAREM_AFTER} evaluations, cap {gmm.MAX_STEPS}); capped: the previous "
-            "default (plain, 5,000 evaluations). Crawling: plain needs more than "
-            f"{gmm.SQUAREM_AFTER} evaluations.", "", table])
         write_section("gmm_crawl", body)
 
 
