@@ -15,7 +15,7 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NoReturn, Sequence
 
 import numpy as np
 
@@ -26,6 +26,22 @@ RESULTS_PATH = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 # The speed benchmarks' inputs: a 640x480 photo-like scene and these prompt sets.
 IMAGE_HW = (480, 640)
 PROMPT = "a small brown dog chases a red ball across grass"  # 10 words
+
+
+def run_main(main: Callable[[], int | None]) -> NoReturn:
+    """Runs a script's `main` and exits with its status (None: 0). A Ctrl-C ends it with one line on stderr,
+    '<script>: interrupted', and status 130, not a traceback; nothing is written then (each script writes its
+    results at its end, atomically). The process ends without the interpreter's teardown, as `tclip` does
+    (`tclip_jax.cli.program`): that teardown crashed when the signal had landed inside XLA, and it would wait for
+    a thread pool's queued work (host_threads.py)."""
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(status)
 
 
 def positive_int(text: str) -> int:

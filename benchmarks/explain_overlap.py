@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (IMAGE_HW, check_output_options, command_line, floor_pass, load_average,  # noqa: E402
-                                machine_description, markdown_table, photo_like_image, positive_int, timed_tclip, today,
-                                refuse_part_of_a_table, workloads, write_section)
+                                machine_description, markdown_table, photo_like_image, positive_int,
+                                refuse_part_of_a_table, run_main, timed_tclip, today, workloads, write_section)
 
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
 from tclip_jax.sweep.runner import DeviceClock, device_busy_seconds, device_wait_share  # noqa: E402
@@ -137,4 +137,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

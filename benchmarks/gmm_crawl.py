@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (check_output_options, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, photo_like_image, positive_int, timed_tclip, today, workloads,
+                                markdown_table, photo_like_image, positive_int, run_main, timed_tclip, today, workloads,
                                 write_section)
 
 from tclip_jax.postprocess import gaussian_intersection  # noqa: E402
@@ -109,4 +109,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (PROMPT, RESULTS_PATH, check_output_file, check_output_options,  # noqa: E402
                                 command_line, floor_pass, load_average, machine_description, markdown_table,
-                                median_seconds, positive_int, timed_tclip, today, workloads, write_section)
+                                median_seconds, positive_int, run_main, timed_tclip, today, workloads, write_section)
 from tclip_jax.checkpoints.load import LoadedClip, load_clip  # noqa: E402
 from tclip_jax.image import to_original  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
@@ -256,4 +256,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -45,7 +45,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (RESULTS_PATH, check_output_file, check_output_options, command_line,  # noqa: E402
-                                load_average, machine_description, markdown_table, positive_int, today,
+                                load_average, machine_description, markdown_table, positive_int, run_main, today,
                                 write_section)
 from tclip_jax.postprocess import (GmmFit, gaussian_intersection, gmm_thresholds,  # noqa: E402
                                    soft_maps_and_boxes)
@@ -531,4 +531,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

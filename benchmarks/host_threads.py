@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (RESULTS_PATH, check_output_options, command_line, interleaved_medians,  # noqa: E402
-                                load_average, machine_description, markdown_table, positive_int, today,
+                                load_average, machine_description, markdown_table, positive_int, run_main, today,
                                 write_section)
 from benchmarks.host_step import SIZES, explained_images  # noqa: E402
 from tclip_jax.postprocess.soft import soft_maps_and_boxes  # noqa: E402
@@ -81,4 +81,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

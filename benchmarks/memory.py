@@ -18,8 +18,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (IMAGE_HW, check_output_options, command_line, load_average,  # noqa: E402
-                                machine_description, markdown_table, photo_like_image, positive_int, timed_tclip, today,
-                                write_section)
+                                machine_description, markdown_table, photo_like_image, positive_int, run_main,
+                                timed_tclip, today, write_section)
 
 CLASSES = pathlib.Path(__file__).resolve().parents[1] / "tclip_jax/evaluation/datasets/data/imagenet_classes.tsv"
 
@@ -84,4 +84,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -22,7 +22,7 @@ import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks._common import (check_output_options, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, median_seconds, positive_int, today, write_section)
+                                markdown_table, median_seconds, positive_int, run_main, today, write_section)
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.model import PRESETS, to_hf_config  # noqa: E402
 
@@ -84,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -39,7 +39,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (IMAGE_HW, RESULTS_PATH, check_output_options, command_line,  # noqa: E402
                                 interleaved_medians, load_average, machine_description, markdown_table,
-                                photo_like_image, positive_int, refuse_part_of_a_table, timed_tclip, today,
+                                photo_like_image, positive_int, refuse_part_of_a_table, run_main, timed_tclip, today,
                                 workloads, write_section)
 from tclip_jax.checkpoints.load import LoadedClip  # noqa: E402
 from tclip_jax.methods.tclip.relevance import aggregate_maps, translated_patch_embeddings  # noqa: E402
@@ -285,4 +285,4 @@ def run(args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks._common import (check_output_options, command_line, interleaved_medians, load_average,  # noqa: E402
-                                machine_description, markdown_table, positive_int, today, write_section)
+                                machine_description, markdown_table, positive_int, run_main, today, write_section)
 
 COMMANDS = {
     "python -c pass": ["-c", "pass"],
@@ -62,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

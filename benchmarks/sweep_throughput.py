@@ -17,7 +17,7 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks._common import (check_output_options, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, positive_int, timed_tclip, today, write_section)
+                                markdown_table, positive_int, run_main, timed_tclip, today, write_section)
 
 DEVICE_COUNTS = (1, 4)
 
@@ -91,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

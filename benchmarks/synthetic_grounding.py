@@ -24,8 +24,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks._common import (check_output_file, check_output_options, command_line, load_average,  # noqa: E402
-                                machine_description, markdown_table, positive_int, refuse_part_of_a_table, today,
-                                write_section)
+                                machine_description, markdown_table, positive_int, refuse_part_of_a_table, run_main,
+                                today, write_section)
 from tclip_jax.checkpoints.load import DEFAULT_MODEL_DIR, load_clip  # noqa: E402
 from tclip_jax.evaluation.retrieval import retrieval_top1  # noqa: E402
 from tclip_jax.methods import METHODS  # noqa: E402
@@ -133,4 +133,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

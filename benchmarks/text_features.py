@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (check_output_options, command_line, interleaved_medians, load_average,  # noqa: E402
-                                machine_description, markdown_table, positive_int, random_vit_b32, today, workloads,
-                                write_section)
+                                machine_description, markdown_table, positive_int, random_vit_b32, run_main, today,
+                                workloads, write_section)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -113,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

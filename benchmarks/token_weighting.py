@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks._common import (check_output_options, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, positive_int, today, write_section)
+                                markdown_table, positive_int, run_main, today, write_section)
 from benchmarks.synthetic_grounding import MODELS  # noqa: E402
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, indexed  # noqa: E402
@@ -93,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

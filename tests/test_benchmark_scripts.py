@@ -245,3 +245,26 @@ def test_a_bar_inside_a_table_cell_is_escaped():
     header = dtype_table([{"model": "m", "workload": "w", "bf16_map_diff": 0.1, "bf16_tau_diff": 0.2,
                            "bf16_boxes_equal": "1/2"}]).splitlines()[0]
     assert header.count("|") - header.count(r"\|") == 6  # 5 cells
+
+
+def test_a_ctrl_c_ends_a_benchmark_with_one_line_and_status_130():
+    """startup.py times fresh processes: once it has started one, it is inside its main, and a SIGINT there is a
+    Ctrl-C mid-measurement. Every script runs its main through the same `run_main`."""
+    import signal
+    import time
+
+    scripts = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if p.name != "_common.py")
+    assert all(p.read_text().endswith('\nif __name__ == "__main__":\n    run_main(main)\n') for p in scripts)
+    process = subprocess.Popen([sys.executable, "benchmarks/startup.py", "--repeats", "1000", "--no-write"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        children = pathlib.Path(f"/proc/{process.pid}/task/{process.pid}/children")  # Linux
+        deadline = time.monotonic() + (60 if children.exists() else 5)
+        while time.monotonic() < deadline and not (children.exists() and children.read_text().strip()):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines() == ["startup.py: interrupted"] and out == ""
