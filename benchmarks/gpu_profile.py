@@ -21,8 +21,8 @@ boxes agree. Medians of ``--repeats`` timed runs after a compiling warm-up.
 Without a GPU (and without --smoke or --embedded-dtypes) it says so and exits 0 without measuring or writing
 anything. Random weights give nearly flat maps, whose small range rounding swamps; `--embedded-dtypes N` makes
 the same bfloat16-vs-float32 comparison on the embedded default model (trained), N held-out scenes each with
-its own caption, and writes its own section. `--smoke` never writes RESULTS.md (nor --results); `--json` writes
-the raw rows of any run, a smoke run's or an --embedded-dtypes run's too.
+its own caption, and writes its own section. `--smoke` never writes RESULTS.md (nor --results); `--json` holds
+the raw rows of any run that measures, a smoke run's or an --embedded-dtypes run's too.
 """
 from __future__ import annotations
 
