@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["ViT-B/32", "ViT-L/14"], choices=sorted(PRESETS))
     parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8, 32], help="batch sizes, >= 1")
     parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--explain-images", type=int, default=8)
+    parser.add_argument("--explain-images", type=positive_int, default=8, help="images of the explain rows, >= 1")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="configurations not started within this many seconds are reported as skipped "
                              "(batch 8 first, then 32, then 1)")

@@ -32,6 +32,7 @@ def test_counts_are_integers_of_at_least_one():
     (["benchmarks/host_step.py", "--cpu", "99999"], "--cpu 99999: this process may run on CPUs "),
     (["benchmarks/speed.py", "--threads", "-1"], "argument --threads: expected an integer >= 1, got -1"),
     (["benchmarks/gpu_profile.py", "--batches", "8", "0"], "argument --batches: expected an integer >= 1, got 0"),
+    (["benchmarks/gpu_profile.py", "--explain-images", "0"], "argument --explain-images: expected an integer >= 1"),
     (["benchmarks/memory.py", "--measure", "0"], "argument --measure: expected an integer >= 1, got 0"),
     (["benchmarks/speed.py", "--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
     (["benchmarks/memory.py", "--prompts", "1", "1000"],
