@@ -199,6 +199,36 @@ def test_a_bfloat16_model_runs_bfloat16_matmuls_on_float32_parameters_and_result
         image, ["a red circle"]).run["model"]["matmul_dtype"] == "bfloat16"
 
 
+# The cheapest settings of the slow methods (one TCLIP copy, a two-step M2IB of two copies, four Score-CAM channels).
+CHEAP_SETTINGS = {"tclip": {"translations": 1}, "m2ib": {"steps": 2, "batch_size": 2},
+                  "gscorecam": {"topk": 4, "chunk_size": 4}}
+
+
+@pytest.mark.filterwarnings("error:.*cannot safely cast:FutureWarning")  # a future JAX's error (x64 promotions)
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_runs_under_jax_x64_mode_with_the_maps_of_x64_off(tiny_clip, fixtures_dir, fixture_images, name):
+    """JAX's x64 mode (float64 gradient checks; float64 matmuls are allowed then) gives the maps of a run without it,
+    with float32 and with float64 matmuls: TCLIP's shifted copies (an int64 slice index beside int32 offsets) and
+    M2IB's optimization (a carry promoted to float64) failed there. The mode is on only inside the `with`."""
+    prompts = ["a red circle", "a cat"] if name == "decomposition" else ["a red circle"]  # it needs two texts
+
+    def maps(clip):
+        method = METHODS[name](clip, METHODS[name].Settings.from_dict(CHEAP_SETTINGS.get(name, {})))
+        result = method.explain(fixture_images["scene_224"], prompts)
+        assert result.run["model"]["matmul_dtype"] == jnp.dtype(clip.model.dtype).name
+        return [m.heatmap for p in result.prompts for m in (p.phrase, *p.word_maps)]
+
+    expected = maps(tiny_clip)
+    with jax.enable_x64(True):
+        x64 = {"float32": maps(tiny_clip),
+               "float64": maps(load_clip(fixtures_dir / "tiny_openai_clip.npz", dtype=jnp.float64))}
+    assert jnp.zeros(()).dtype == jnp.float32  # nothing leaks into the other tests
+    for dtype, got in x64.items():
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, atol=1e-4 * max(np.ptp(b), 1e-6), rtol=0, err_msg=dtype)
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_map_does_not_depend_on_the_other_queries_of_a_call(tiny_clip, fixture_images, name):
     """The map of a query under a label set is the same whichever queries are computed with it."""

@@ -73,7 +73,8 @@ def last_block_gradients(model: CLIP, params: dict, images: Array, texts: Array,
         return l2_normalize(tokens[0]), (trace, tokens)
 
     def per_image(stream_in):
-        embedding, vjp, (trace, tokens) = jax.vjp(embed, stream_in, jnp.zeros(stream_in.shape[-1]), has_aux=True)
+        embedding, vjp, (trace, tokens) = jax.vjp(embed, stream_in, jnp.zeros(stream_in.shape[-1], jnp.float32),
+                                                   has_aux=True)  # float32 also under JAX's x64 mode
         grad_stream_in, grad_cls_output = jax.vmap(vjp)(texts)
         return trace, tokens, texts @ embedding, grad_stream_in, grad_cls_output
 

@@ -156,7 +156,7 @@ def cosine_similarity(x: Array, y: Array) -> Array:
 def _statistics(features: Array, valid: Array, hyper: Hyper) -> tuple[Array, Array]:
     """(mean, std) that the bottleneck standardizes with ((0, 1): no standardization, the official code)."""
     if hyper.estimator == "none":
-        return jnp.zeros(()), jnp.ones(())
+        return jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)  # float32 also under JAX's x64 mode
     if hyper.estimator == "placeholder":
         return jnp.zeros(()), jnp.sqrt(jnp.asarray(hyper.var, jnp.float32))
     weight = valid[:, None].astype(features.dtype)
@@ -232,7 +232,8 @@ def optimize_bottleneck(features: Array, valid: Array, forward, target: Array, n
         return (optax.apply_updates(alpha, updates), state, (alpha, cap)), (losses, alpha if hyper.trace else None)
 
     alpha = jnp.full(features.shape, ALPHA_INIT, jnp.float32)
-    init = (alpha, optimizer.init(alpha), (alpha, jnp.zeros_like(alpha)))
+    cap_type = jax.eval_shape(lambda a: bottleneck(a)[2], alpha)  # float64 from float64 features (x64 mode)
+    init = (alpha, optimizer.init(alpha), (alpha, jnp.zeros(cap_type.shape, cap_type.dtype)))
     (alpha_final, _, (alpha_last, cap_last)), (losses, alpha_used) = jax.lax.scan(step, init, noise)
     cap = bottleneck(alpha_final)[2] if hyper.final_alpha else cap_last
     cap = jnp.where(valid[:, None], cap, 0)

@@ -43,7 +43,9 @@ def translation_offsets(patch_size: int, scale_fractions=DEFAULT_SCALE_FRACTIONS
 def shift_image(image: jax.Array, offset: jax.Array, max_shift: int) -> jax.Array:
     """`image` [h, w, c] moved by `offset` = (dy, dx) with zero padding; |dy|, |dx| <= max_shift."""
     padded = jnp.pad(image, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)))
-    start = (max_shift - offset[0], max_shift - offset[1], 0)
+    # every index of one dtype: a Python 0 would be int64 under JAX's x64 mode beside int32 offsets, which
+    # dynamic_slice refuses
+    start = (max_shift - offset[0], max_shift - offset[1], jnp.zeros_like(offset[0]))
     return jax.lax.dynamic_slice(padded, start, image.shape)
 
 
