@@ -199,6 +199,18 @@ def test_a_bfloat16_model_runs_bfloat16_matmuls_on_float32_parameters_and_result
         image, ["a red circle"]).run["model"]["matmul_dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_maps_refuse_pixels_that_are_not_floating_point(tiny_clip, fixture_images, name):
+    """uint8 pixels given to the device functions ran every method on raw 0..255 values without a word."""
+    method = method_for_tests(name, tiny_clip)
+    encoded = method.encode([Query("a red circle")], label_set=["a red circle", "a cat"])
+    rgb = fixture_images["scene_224"]
+    assert rgb.dtype == np.uint8 and rgb.shape == (224, 224, 3)
+    with pytest.raises(ValueError, match="images must be CLIP-normalized floating-point pixels, got uint8: make them "
+                                         "from uint8 RGB with a method's prepare or tclip_jax.image.prepare"):
+        method.jitted_maps(method.params, rgb[None], encoded, np.zeros((1, 1), np.int32))
+
+
 # The cheapest settings of the slow methods (one TCLIP copy, a two-step M2IB of two copies, four Score-CAM channels).
 CHEAP_SETTINGS = {"tclip": {"translations": 1}, "m2ib": {"steps": 2, "batch_size": 2},
                   "gscorecam": {"topk": 4, "chunk_size": 4}}

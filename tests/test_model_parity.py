@@ -206,3 +206,17 @@ def test_stem_kernels_start_with_he_variance():
 def test_bad_stem_is_named(stem, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(SMALL, stem_channels=stem)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, bool])
+def test_pixels_that_are_not_floating_point_are_refused(tiny_model, dtype):
+    """Raw 0..255 pixels ran through the model without a word; the dtype is static, so jit refuses them too."""
+    model, params = tiny_model
+    pixels = np.zeros((1, 224, 224, 3), dtype)
+    message = (f"images must be CLIP-normalized floating-point pixels, got {np.dtype(dtype).name}: make them from "
+               "uint8 RGB with a method's prepare or tclip_jax.image.prepare")
+    with pytest.raises(ValueError, match=message):
+        model.apply({"params": params}, pixels, method="encode_image")
+    with pytest.raises(ValueError, match=message):
+        jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image").embeds)(params, pixels)
+    assert np.isfinite(model.apply({"params": params}, pixels.astype(np.float32), method="encode_image").embeds).all()

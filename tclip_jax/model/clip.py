@@ -216,6 +216,11 @@ class VisionTransformer(nn.Module):
         cfg = self.config
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [batch, height, width, 3] (NHWC), got shape {images.shape}")
+        if not jnp.issubdtype(images.dtype, jnp.floating):  # raw 0..255 pixels would run without a word
+            dtype = jnp.dtype(images.dtype).name
+            raise ValueError(f"images must be CLIP-normalized floating-point pixels, got {dtype}: make them from "
+                             "uint8 RGB with a method's prepare or tclip_jax.image.prepare (tclip_jax.image."
+                             "clip_normalize for pixels already at the model's input size)")
         height, width = images.shape[1:3]
         if height % cfg.patch_size or width % cfg.patch_size:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {cfg.patch_size}")
