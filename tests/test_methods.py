@@ -91,6 +91,28 @@ def test_prompts_encoded_by_another_method_model_or_settings_are_refused(tiny_cl
         method_for_tests("tclip", scaled).explain(image, encoded)
 
 
+def test_prompts_encoded_under_another_matmul_dtype_are_refused(tiny_clip, fixtures_dir, fixture_images):
+    """The queries differ with the matmul dtype (maps by up to 2e-3), and results record the dtype of the method that
+    maps them: bfloat16-encoded prompts given to a float32 method of the same model were mapped and recorded as
+    float32. A method of the same dtype still takes them."""
+    image = fixture_images["scene_224"]
+    settings = METHODS["tclip"].Settings(translations=1)
+    bf16 = [METHODS["tclip"](load_clip(fixtures_dir / "tiny_openai_clip.npz", dtype=jnp.bfloat16), settings)
+            for _ in range(2)]
+    fp32 = METHODS["tclip"](tiny_clip, settings)
+    encoded = bf16[0].encode_prompts(["a red circle"])
+    message = (r"^these prompts were encoded by tclip with another matmul dtype \(bfloat16\) than this tclip "
+               r"\(float32\): encode them with this method's encode_prompts$")
+    with pytest.raises(ValueError, match=message):
+        fp32.explain(image, encoded)
+    with pytest.raises(ValueError, match=r"another matmul dtype \(float32\) than this tclip \(bfloat16\)"):
+        bf16[0].explain(image, fp32.encode_prompts(["a red circle"]))
+    result = bf16[1].explain(image, encoded)  # the same dtype, another method object
+    assert result.run["model"]["matmul_dtype"] == "bfloat16"
+    np.testing.assert_array_equal(result.prompts[0].phrase.heatmap,
+                                  bf16[1].explain(image, ["a red circle"]).prompts[0].phrase.heatmap)
+
+
 def test_a_prompt_too_long_for_a_template_ensemble_is_one_error_or_one_warning(tiny_clip):
     import warnings
 

@@ -217,19 +217,24 @@ class Method(abc.ABC):
 
     @functools.cached_property
     def encoder(self) -> tuple:
-        """What encoded prompts depend on: the method, its model (`LoadedClip.fingerprint`) and its settings."""
-        return self.name, self.clip.fingerprint, json.dumps(self.settings.to_dict(), sort_keys=True)
+        """What encoded prompts depend on: the method, its model (`LoadedClip.fingerprint`), the dtype of its
+        matmuls (the queries differ with it, and results record this method's) and its settings."""
+        return (self.name, self.clip.fingerprint, np.dtype(self.clip.model.dtype).name,
+                json.dumps(self.settings.to_dict(), sort_keys=True))
 
     def check_encoded(self, encoded: "EncodedPrompts") -> None:
-        """Refuses prompts another method, model or settings encoded: their queries would be mapped as if this
-        method's, and the results recorded as this method's."""
+        """Refuses prompts another method, model, matmul dtype or settings encoded: their queries would be mapped as
+        if this method's, and the results recorded as this method's."""
         if encoded.encoder == self.encoder:
             return
-        method, model = (encoded.encoder or ("an unknown method", None))[:2]
-        differs = ("another method" if method != self.name else "another model" if model != self.clip.fingerprint
-                   else "other settings")  # or what a method adds to its encoder (ECLIP: its projections)
-        raise ValueError(f"these prompts were encoded by {method} with {differs} than this {self.name}: encode "
-                         "them with this method's encode_prompts")
+        method, model, dtype = (*(encoded.encoder or ("an unknown method",)), None, None)[:3]
+        this, own_dtype = f"this {self.name}", self.encoder[2]
+        differs = (f"another method than {this}" if method != self.name
+                   else f"another model than {this}" if model != self.clip.fingerprint
+                   else f"another matmul dtype ({dtype}) than {this} ({own_dtype})" if dtype != own_dtype
+                   else f"other settings than {this}")  # or what a method adds to its encoder (ECLIP: its projections)
+        raise ValueError(f"these prompts were encoded by {method} with {differs}: encode them with this method's "
+                         "encode_prompts")
 
     @classmethod
     def from_pretrained(cls, name_or_path: Optional[str | os.PathLike] = None, *, dtype: Any = jnp.float32,
