@@ -8,7 +8,8 @@ Every piece is a submodule defined in `setup`, so explanation methods that re-ru
 differently (CLIP Surgery's v-v attention, MaskCLIP's value path, Grad-ECLIP's single-head last block, an
 information bottleneck between blocks) call the model's own pieces on a bound model instead of a copy:
 `vision = model.bind({"params": params}).visual`, then `vision.blocks[i].attn.value(vision.blocks[i].ln_1(x))`,
-`vision.run_blocks(x, start)`, `vision.project(x)`. `attend` is the one attention kernel they share.
+`vision.transformer(x, start=i).tokens` (the blocks from block i on), `vision.project(x)`. `attend` is the one
+attention kernel they share.
 
 Images are NHWC and already normalized (see `tclip_jax.image`). Token ids follow OpenAI's
 `clip.tokenize` (SOT ... EOT, zero padding); the text embedding is read where `eot_positions` says: at the
