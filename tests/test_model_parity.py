@@ -220,3 +220,23 @@ def test_pixels_that_are_not_floating_point_are_refused(tiny_model, dtype):
     with pytest.raises(ValueError, match=message):
         jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image").embeds)(params, pixels)
     assert np.isfinite(model.apply({"params": params}, pixels.astype(np.float32), method="encode_image").embeds).all()
+
+
+@pytest.mark.parametrize("intermediates", [False, True])
+def test_an_empty_batch_gives_empty_outputs(tiny_model, intermediates):
+    """[0, H, W, 3] images and [0, context] token ids (the last chunk of a split list, say) give outputs with no rows,
+    as numpy would; the attention's reshape raised ZeroDivisionError."""
+    model, params = tiny_model
+    config, variables = model.config, {"params": params}
+    size = config.image_size
+    image = model.apply(variables, np.zeros((0, size, size, 3), np.float32), intermediates, method="encode_image")
+    text = model.apply(variables, np.zeros((0, config.context_length), np.int32), intermediates,
+                       method="encode_text")
+    assert image.embeds.shape == text.embeds.shape == (0, config.embed_dim)
+    assert image.tokens.shape == (0, 1 + config.grid_size**2, config.embed_dim)
+    assert text.tokens.shape == (0, config.context_length, config.embed_dim) and text.eot_index.shape == (0,)
+    if intermediates:
+        assert [a.shape[0] for a in (*image.residual_stream, *image.attention_probs, *text.attention_probs)] == \
+            [0] * (2 * config.vision_layers + 1 + config.text_layers)
+    logits = model.apply(variables, np.zeros((0, size, size, 3), np.float32), np.zeros((2, 5), np.int32))[0]
+    assert logits.shape == (0, 2)

@@ -68,7 +68,7 @@ def attend(q: Array, k: Array, v: Array, num_heads: int, causal: bool = False,
     if probs_offset is not None:
         probs = probs + probs_offset
     mixed = jnp.einsum("...hqk,...khd->...qhd", probs.astype(dtype), v)
-    return mixed.reshape(*mixed.shape[:-2], -1), probs
+    return mixed.reshape(*mixed.shape[:-2], mixed.shape[-2] * mixed.shape[-1]), probs  # also for an empty batch
 
 
 @flax.struct.dataclass
