@@ -233,6 +233,20 @@ def test_maps_refuse_pixels_that_are_not_floating_point(tiny_clip, fixture_image
         method.jitted_maps(method.params, rgb[None], encoded, np.zeros((1, 1), np.int32))
 
 
+@pytest.mark.parametrize("name", ["similarity", "tclip"])
+def test_maps_of_an_empty_batch_are_empty(tiny_clip, fixture_images, name):
+    """No images: no maps, of the shape one image's maps have (the per-image loop indexed the first image)."""
+    method = method_for_tests(name, tiny_clip)
+    encoded = method.encode([Query("a red circle"), Query("a cat")])
+    pixels = method.prepare(fixture_images["scene_224"])[0][None]
+    rows = np.array([[1, 0]], np.int32)
+    one = method.jitted_maps(method.params, pixels, encoded, rows)
+    none = method.jitted_maps(method.params, pixels[:0], encoded, rows[:0])
+    assert jax.tree_util.tree_map(lambda a: (a.shape[1:], a.dtype), none) == \
+        jax.tree_util.tree_map(lambda a: (a.shape[1:], a.dtype), one)
+    assert all(a.shape[0] == 0 for a in jax.tree_util.tree_leaves(none))
+
+
 # The cheapest settings of the slow methods (one TCLIP copy, a two-step M2IB of two copies, four Score-CAM channels).
 CHEAP_SETTINGS = {"tclip": {"translations": 1}, "m2ib": {"steps": 2, "batch_size": 2},
                   "gscorecam": {"topk": 4, "chunk_size": 4}}

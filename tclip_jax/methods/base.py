@@ -661,6 +661,9 @@ def _each(fn, images: Array, per_image: Any):
     row is never computed).
     """
     count = images.shape[0]
+    if count == 0:  # an empty batch: empty results, of the shapes one image's would have
+        one = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), (images, per_image))
+        return jax.tree_util.tree_map(lambda s: jnp.zeros((0, *s.shape), s.dtype), jax.eval_shape(fn, *one))
     if count == 1:
         images, per_image = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a]), (images, per_image))
     pixel = images[0, 0, 0, 0]
