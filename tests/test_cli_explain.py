@@ -3,6 +3,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from tclip_jax.cli import main as tclip
 
@@ -238,3 +239,27 @@ def test_a_run_replaces_only_what_tclip_explain_wrote_and_refuses_before_loading
     (tmp_path / "out" / "cat").symlink_to(tmp_path / "gone")
     assert tclip(["explain", "cat/cat.png", "--prompt", "red", "--no-html", *nowhere[2:4], "--out", "out"]) == 2
     assert "cat is a symbolic link where this run writes the results of an image" in capsys.readouterr().err
+
+
+def test_a_method_module_that_fails_as_it_runs_is_the_users_error(tmp_path, fixtures_dir, monkeypatch, capsys):
+    """`--method module:Class` whose module raises something other than ImportError (its own NameError, a syntax
+    error) was reported as tclip's internal error (status 1); it is the user's: one line naming the module, the
+    error and where, status 2, and TCLIP_TRACEBACK=1 still shows the module's traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "plugin_bad_name.py").write_text("import math\nx = undefined_name\n")
+    (tmp_path / "plugin_bad_syntax.py").write_text("def f(:\n")
+    run = ["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a cat", "--model",
+           str(fixtures_dir / "tiny_openai_clip.npz"), "--out", "out", "--method"]
+    for spec, error in [("plugin_bad_name:Mine", "NameError: name 'undefined_name' is not defined at "
+                                                 "plugin_bad_name.py:2"),
+                        ("plugin_bad_syntax:Mine", "SyntaxError: invalid syntax at plugin_bad_syntax.py:1")]:
+        assert tclip(run + [spec]) == 2
+        err = capsys.readouterr().err
+        module = spec.split(":")[0]
+        assert err == f"tclip explain: error: method module '{module}' of '{spec}' cannot be imported: {error}\n"
+    monkeypatch.setenv("TCLIP_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="cannot be imported") as raised:
+        tclip(run + ["plugin_bad_name:Mine"])
+    assert isinstance(raised.value.__cause__, NameError)
+    assert not (tmp_path / "out").exists()

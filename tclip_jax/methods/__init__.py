@@ -9,6 +9,8 @@ The registry names where each class lives, so listing the methods imports none o
 from __future__ import annotations
 
 import importlib
+import os
+import traceback
 
 REGISTRY: dict[str, str] = {
     "tclip": "tclip_jax.methods.tclip.method:TCLIP",
@@ -40,10 +42,31 @@ def get(spec: str) -> type:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"method module {module_name!r} cannot be imported: {err}") from None
+    except Exception as err:
+        if spec in REGISTRY:  # the package's own module: a bug, not the user's
+            raise
+        # The user's module fails as it runs (NameError, SyntaxError, ...): their error, said where it is; the
+        # traceback stays chained (the CLI's TCLIP_TRACEBACK=1 shows it).
+        raise ValueError(f"method module {module_name!r} of {spec!r} cannot be imported: {_where(err)}") from err
     method = getattr(module, class_name, None)
     if not (isinstance(method, type) and issubclass(method, Method)):
         raise ValueError(f"{spec!r} is not a tclip_jax.methods.Method subclass")
     return method
+
+
+def _where(err: Exception) -> str:
+    """'NameError: name 'x' is not defined at path.py:3': the error and the line that raised it, on one line."""
+    if isinstance(err, SyntaxError) and err.filename:  # raised by the compiler: no frame of the file
+        text, filename, line = err.msg, err.filename, err.lineno
+    else:
+        frames = [f for f in traceback.extract_tb(err.__traceback__)
+                  if not f.filename.startswith("<") and f.filename not in (__file__, importlib.__file__)]
+        text, filename, line = str(err), *((frames[-1].filename, frames[-1].lineno) if frames else (None, None))
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip()) or "(no message)"
+    if filename is None:
+        return f"{type(err).__name__}: {text}"
+    relative = os.path.relpath(filename)
+    return f"{type(err).__name__}: {text} at {filename if relative.startswith('..') else relative}:{line}"
 
 
 def __getattr__(name: str):
