@@ -212,6 +212,20 @@ def test_prompts_without_words_are_rejected_before_the_image_pass(no_translation
     assert not vit_calls
 
 
+@pytest.mark.parametrize("prompts,message", [
+    (b"cat", r"^prompts must be str, got bytes b'cat': decode them first, e.g. prompts.decode\('utf-8'\)$"),
+    (["a dog", b"cat"], r"^prompts must be str, got bytes b'cat': decode them first, e.g. prompt.decode\('utf-8'\)$"),
+    (None, r"^prompts are required: give a str or a list of str \(got None\)$"),
+    (3, r"^prompts must be a str or a list of str, got int$"),
+])
+def test_prompts_that_are_not_text_are_refused_in_one_line_that_says_what_to_give(no_translation, fixture_images,
+                                                                                 vit_calls, prompts, message):
+    """bytes were iterated as their values ('got int: 99'), None and a number failed as 'not iterable'."""
+    with pytest.raises(TypeError, match=message):
+        no_translation.explain(fixture_images["scene_224"], prompts)
+    assert not vit_calls
+
+
 def test_prompt_longer_than_the_context(tiny_clip, fixture_images, vit_calls):
     long_prompt = " ".join(["cat"] * 100)  # 100 pieces: SOT + 100 + EOT > 77
     small_image = fixture_images["scene_224"][::4, ::4]  # 75 maps: a small original keeps post-processing quick

@@ -708,12 +708,25 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 
 def prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    """The prompts as a list of str (one str is one prompt); anything else refused in one line that says what to
+    give (bytes were iterated as their byte values, None as 'not iterable')."""
+    if prompts is None:
+        raise TypeError("prompts are required: give a str or a list of str (got None)")
     if isinstance(prompts, str):
         prompts = [prompts]
-    prompts = list(prompts)
+    if isinstance(prompts, (bytes, bytearray)):
+        raise TypeError(f"prompts must be str, got {type(prompts).__name__} {bytes(prompts)[:40]!r}: decode them "
+                        "first, e.g. prompts.decode('utf-8')")
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}") from None
     if not prompts:
         raise ValueError("no prompts given")
     for prompt in prompts:
+        if isinstance(prompt, (bytes, bytearray)):
+            raise TypeError(f"prompts must be str, got {type(prompt).__name__} {bytes(prompt)[:40]!r}: decode them "
+                            "first, e.g. prompt.decode('utf-8')")
         if not isinstance(prompt, str):
             raise TypeError(f"prompts must be str, got {type(prompt).__name__}: {prompt!r}")
     return prompts
