@@ -139,7 +139,7 @@ def test_outputs_a_benchmark_could_not_write_are_refused_before_it_measures(tmp_
     (tmp_path / "not_json.json").write_text("not json\n")
     (tmp_path / "other.json").write_text('{"rows": []}\n')
     done = subprocess.run([sys.executable, *(c.format(tmp=tmp_path) for c in command)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert message.format(tmp=tmp_path) in done.stderr.strip().splitlines()[-1]
 
@@ -182,7 +182,7 @@ def test_damaged_markers_of_the_section_are_refused_before_the_benchmark_measure
     before = results.read_text()
     done = subprocess.run([sys.executable, "benchmarks/host_threads.py", "--results", str(results), "--images", "1",
                            "--rounds", "1", "--threads", "2"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"host_threads.py: error: {results} has ")
     assert done.stderr.strip().splitlines()[-1].endswith("markers (one each, in that order, or none); fix it by hand")

@@ -129,7 +129,8 @@ def test_unit_pictures_are_labelled_with_class_iou_and_hit_or_miss():
     assert json.dumps(unit_score({"iou": 0.5, "hit": True})) == '["box IoU", 0.5, true, "hit"]'
 
 
-def test_report_html_says_what_report_md_says_and_a_pipe_in_a_label_stays_in_its_cell(coco_hand, tmp_path):  # noqa: F811,E501
+def test_report_html_says_what_report_md_says_and_a_pipe_in_a_label_stays_in_its_cell(coco_hand,  # noqa: F811
+                                                                                       tmp_path):
     """Every table of report.md, read by a GFM parser (markdown-it), is report.html's, cell for cell, and every
     sentence below the run's description is there too: the wrong-attribute figure, the no-positive-value caveat,
     why no paper figure is shown. A model folder with '|' in its name must neither shift cells nor drop one."""
@@ -187,7 +188,8 @@ def test_report_html_says_what_report_md_says_and_a_pipe_in_a_label_stays_in_its
             tables[-1].append(row)
             row = None
     assert len(tables) == 2 and page.tables == tables  # detection and segmentation
-    assert tables[0][1][0] == "painted (models/pipe|model)" and tables[0][2][0] == "painted (models/pipe|model), colour|shape"
+    assert tables[0][1][0] == "painted (models/pipe|model)"
+    assert tables[0][2][0] == "painted (models/pipe|model), colour|shape"
     shown = " ".join("".join(page.text).split())
     paragraphs = [token.content for token in tokens if token.type == "inline" and not token.map[0] < 0]
     below = [p for p in paragraphs if p not in {c for t in tables for r in t for c in r}][2:]  # title, description
