@@ -213,7 +213,7 @@ def test_prompts_without_words_are_rejected_before_the_image_pass(no_translation
 
 
 @pytest.mark.parametrize("prompts,message", [
-    (b"cat", r"^prompts must be str, got bytes b'cat': decode them first, e.g. prompts.decode\('utf-8'\)$"),
+    (b"cat", r"^prompts must be str, got bytes b'cat': decode them first, e.g. prompt.decode\('utf-8'\)$"),
     (["a dog", b"cat"], r"^prompts must be str, got bytes b'cat': decode them first, e.g. prompt.decode\('utf-8'\)$"),
     (None, r"^prompts are required: give a str or a list of str \(got None\)$"),
     (3, r"^prompts must be a str or a list of str, got int$"),

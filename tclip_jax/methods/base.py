@@ -227,7 +227,7 @@ class Method(abc.ABC):
         if this method's, and the results recorded as this method's."""
         if encoded.encoder == self.encoder:
             return
-        method, model, dtype = (*(encoded.encoder or ("an unknown method",)), None, None)[:3]
+        method, model, dtype = (encoded.encoder or ("an unknown method", None, None))[:3]
         this, own_dtype = f"this {self.name}", self.encoder[2]
         differs = (f"another method than {this}" if method != self.name
                    else f"another model than {this}" if model != self.clip.fingerprint
@@ -712,11 +712,8 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     give (bytes were iterated as their byte values, None as 'not iterable')."""
     if prompts is None:
         raise TypeError("prompts are required: give a str or a list of str (got None)")
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, bytes, bytearray)):  # one prompt (bytes: refused below, not iterated as values)
         prompts = [prompts]
-    if isinstance(prompts, (bytes, bytearray)):
-        raise TypeError(f"prompts must be str, got {type(prompts).__name__} {bytes(prompts)[:40]!r}: decode them "
-                        "first, e.g. prompts.decode('utf-8')")
     try:
         prompts = list(prompts)
     except TypeError:

@@ -39,12 +39,13 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_conf
 # Decoded pieces the TCLIP author's similarity code drops besides SOT/EOT/padding.
 AUTHOR_DROPPED_PIECES = frozenset({"", SOT_TOKEN, EOT_TOKEN, "!", "."})
 
+# OpenAI simple_tokenizer's split into words, numbers digit by digit, and runs of other symbols.
+_OPENAI_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
 
 class PromptCutWarning(UserWarning):
     """A prompt longer than the context was cut (``truncate=True``): one who tokenizes a prompt again can ignore
     the repeat of a warning already given."""
-# OpenAI simple_tokenizer's split into words, numbers digit by digit, and runs of other symbols.
-_OPENAI_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 @functools.cache
