@@ -13,6 +13,10 @@ _XLA_CACHE = tempfile.mkdtemp(prefix="tclip-tests-xla-")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+# A size limit (far above what the suite writes) turns on JAX's file lock around every cache read and write. Without
+# it an entry is written in place, unlocked, and a concurrent process can read it half-written: JAX then warns on
+# stderr, which tests of the CLI's exact output would see.
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2**40)
 
 import jax  # noqa: E402
 import numpy as np
