@@ -29,9 +29,10 @@ def unwritten_entries(folder: pathlib.Path, written: Iterable[str], files_only: 
     return sorted(p.name for p in folder.iterdir() if p.name not in allowed or (files_only and not p.is_file()))
 
 
-def fingerprint(parts: Iterable[bytes]) -> str:
-    """A short digest that tells data apart (annotations, weights, a list of files), of its byte `parts` in order:
-    what a resumed run compares with what it was started on."""
+def fingerprint(parts: Iterable[bytes | memoryview]) -> str:
+    """A short digest that tells data apart (annotations, weights, a list of files), of its byte `parts` in order
+    (bytes, or a memoryview of an array's memory, hashed without a copy): what a resumed run compares with what it
+    was started on."""
     digest = hashlib.sha256()
     for part in parts:
         digest.update(hashlib.sha256(part).digest())

@@ -19,6 +19,7 @@ from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, clip_projections, 
                                             image_features, load_projections, save_projections)
 from tclip_jax.methods.eclip.train import (Pairs, ViTAttention, contrastive_loss, file_pairs, make_optimizer,
                                            make_train_step, masked_max_pool, pair_features, train)
+from tclip_jax.model import CLIP
 from tclip_jax.synthetic import make_scene
 
 CAPTIONS = ["a red circle", "a blue square", "a green star", "a yellow heart"]
@@ -143,17 +144,35 @@ def test_projections_round_trip_and_refuse_another_models_shapes(clip, tmp_path)
         load_projections(tmp_path, clip)
 
 
+def _blocks_tuned(clip):
+    """`clip` with its transformer blocks alone changed (a merged LoRA): projections, norms, embeddings as they are."""
+    return dataclasses.replace(clip, params=jax.tree_util.tree_map_with_path(
+        lambda path, a: a * 1.01 if "transformer" in jax.tree_util.keystr(path) else a, clip.params))
+
+
 def test_projections_trained_on_another_clip_of_the_same_widths_are_refused(clip, tmp_path):
-    """Widths do not tell models apart (ViT-B/32 and ViT-B/16 share theirs): the JSON beside the projections names
-    the model they were trained on; a float16 conversion of that model is that model."""
+    """Widths do not tell models apart (ViT-B/32 and ViT-B/16 share theirs), nor do the tensors around the
+    transformer blocks: the JSON beside the projections names the model they were trained on, by its config and
+    every weight (a float16-rounded copy has other weights: another model)."""
     path = save_projections(tmp_path / PROJECTIONS_FILE, clip_projections(clip.params), clip)
     other = dataclasses.replace(clip, params=jax.tree_util.tree_map(lambda a: a * 1.01, clip.params), origin="other")
     with pytest.raises(ValueError, match=r"trained on another CLIP than this one: .*tiny_openai_clip.npz \(fingerprint "
-                                         r"[0-9a-f]{12}\) there, other with the quick_gelu activation \(fingerprint "):
+                                         r"v2-[0-9a-f]{9}\) there, other with the quick_gelu activation \(fingerprint "):
         load_projections(path, other)
-    as_float16 = dataclasses.replace(clip, params=jax.tree_util.tree_map(
-        lambda a: np.asarray(a, np.float16).astype(np.float32), clip.params))
-    assert load_projections(path, as_float16)[0]["image"].shape == (128, 64)
+    other_eps = dataclasses.replace(clip, model=CLIP(dataclasses.replace(clip.config, layer_norm_eps=1e-6)))
+    for another in (_blocks_tuned(clip), other_eps):
+        with pytest.raises(ValueError, match="trained on another CLIP than this one"):
+            load_projections(path, another)
+    assert load_projections(path, dataclasses.replace(clip, origin="elsewhere"))[0]["image"].shape == (128, 64)
+    other_path = save_projections(tmp_path / "other.safetensors", clip_projections(other.params), other)
+    as_float16 = dataclasses.replace(other, params=jax.tree_util.tree_map(  # `other`'s weights are not float16-exact
+        lambda a: np.asarray(a, np.float16).astype(np.float32), other.params))
+    with pytest.raises(ValueError, match="trained on another CLIP than this one"):
+        load_projections(other_path, as_float16)
+    info = json.loads(path.with_suffix(".json").read_text())
+    info["model"]["fingerprint"] = "0123456789abcdef"  # of the first definition, which tells no model: not checked
+    path.with_suffix(".json").write_text(json.dumps(info))
+    assert load_projections(path, other)[0]["image"].shape == (128, 64)
     path.with_suffix(".json").write_text('{"model": "a string"}')
     with pytest.raises(ValueError, match=r"eclip_projections.json \(what the projections beside it were trained on\) is "
                                          "damaged: its model is str, not a record"):
@@ -233,8 +252,9 @@ def test_resume_compares_the_data_and_model_not_how_their_paths_are_spelt(clip, 
         train(clip, file_pairs("data"), tmp_path / "run", settings, resume=True, progress=False)
     captions.write_text(text)
     other = dataclasses.replace(clip, params=jax.tree_util.tree_map(lambda a: a * 1.01, clip.params))
-    with pytest.raises(ValueError, match="another run: model"):
-        train(other, file_pairs("data"), tmp_path / "run", settings, resume=True, progress=False)
+    for another in (other, _blocks_tuned(clip)):
+        with pytest.raises(ValueError, match="another run: model"):
+            train(another, file_pairs("data"), tmp_path / "run", settings, resume=True, progress=False)
     assert train(clip, file_pairs("data"), "run", settings, resume=True, progress=False).steps == 2  # 1 an epoch
 
 
@@ -253,6 +273,20 @@ def test_a_checkpoint_written_before_fingerprints_resumes_as_it_did_then(clip, d
     state_path.write_text(json.dumps({**state, "pairs": "elsewhere/captions.tsv"}))
     with pytest.raises(ValueError, match="another run: pairs 'elsewhere/captions.tsv' there"):
         train(clip, file_pairs(data_dir), tmp_path / "old", settings.replace(epochs=3), resume=True, progress=False)
+
+
+def test_a_checkpoint_of_the_first_model_fingerprint_is_refused_in_one_line(clip, data_dir, tmp_path):
+    """A fingerprint of 16 hex digits, no "v2-", covered too few weights to tell the model the run trained on."""
+    settings = TrainSettings(epochs=2, batch_size=3, learning_rate=1e-2)
+    train(clip, file_pairs(data_dir), tmp_path / "old", settings.replace(epochs=1), progress=False)
+    state_path = tmp_path / "old" / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["model"]["fingerprint"] = "0123456789abcdef"
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"^--resume: the checkpoint in \S+ was written by an older tclip_jax, whose "
+                                         "model fingerprint covered fewer weights, so it cannot tell the model it was "
+                                         "trained on; train afresh in another --out$"):
+        train(clip, file_pairs(data_dir), tmp_path / "old", settings, resume=True, progress=False)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the divergence asked for

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from tclip_jax import methods
+from tclip_jax.checkpoints.folder import save_checkpoint
 from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.cli import main as tclip
 from tclip_jax.methods import METHODS, common
 from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE, PromptMethod, Query
-from tclip_jax.model import l2_normalize
+from tclip_jax.model import CLIP, l2_normalize
 from tclip_jax.synthetic import make_scene
 
 PROMPTS = ["a red circle", "a blue square", "a cat"]
@@ -69,10 +70,12 @@ def test_settings_are_fixed_when_a_method_is_built(tiny_clip, fixture_images):
     assert tclip.settings.trim == 0.2
 
 
-def test_prompts_encoded_by_another_method_model_or_settings_are_refused(tiny_clip, fixtures_dir, fixture_images):
+def test_prompts_encoded_by_another_method_model_or_settings_are_refused(tiny_clip, fixtures_dir, fixture_images,
+                                                                        tmp_path):
     """Encoded prompts are mapped as the method that uses them would map its own: another method's (per-word
-    queries given to a prompt-level method), another model's or another setting's (token weighting, truncation)
-    would be mapped wrongly and recorded as this method's."""
+    queries given to a prompt-level method), another model's (any weight or config field: a fine-tune of the
+    transformer blocks alone, another layer-norm epsilon) or another setting's (token weighting, truncation) would be
+    mapped wrongly and recorded as this method's. The same weights read from another format are the same model."""
     image = fixture_images["scene_224"]
     tclip, similarity = method_for_tests("tclip", tiny_clip), method_for_tests("similarity", tiny_clip)
     weighted = METHODS["tclip"](tiny_clip, METHODS["tclip"].Settings(translations=1, token_weighting="last"))
@@ -86,9 +89,16 @@ def test_prompts_encoded_by_another_method_model_or_settings_are_refused(tiny_cl
         tclip.explain(image, similarity.encode_prompts(PROMPTS))
     np.testing.assert_array_equal(other_model.explain(image, encoded).prompts[0].phrase.heatmap,  # the same weights
                                   tclip.explain(image, PROMPTS).prompts[0].phrase.heatmap)
+    converted = save_checkpoint(tmp_path / "converted", tiny_clip.params, tiny_clip.config)
+    np.testing.assert_array_equal(method_for_tests("tclip", load_clip(converted)).explain(image, encoded).prompts[0]
+                                  .phrase.heatmap, tclip.explain(image, PROMPTS).prompts[0].phrase.heatmap)
     scaled = dataclasses.replace(tiny_clip, params=jax.tree_util.tree_map(lambda a: a * 1.01, tiny_clip.params))
-    with pytest.raises(ValueError, match="encoded by tclip with another model than this tclip"):
-        method_for_tests("tclip", scaled).explain(image, encoded)
+    blocks_tuned = dataclasses.replace(tiny_clip, params=jax.tree_util.tree_map_with_path(  # norms, projections kept
+        lambda path, a: a * 1.01 if "transformer" in jax.tree_util.keystr(path) else a, tiny_clip.params))
+    other_eps = dataclasses.replace(tiny_clip, model=CLIP(dataclasses.replace(tiny_clip.config, layer_norm_eps=1e-6)))
+    for other in (scaled, blocks_tuned, other_eps):
+        with pytest.raises(ValueError, match="encoded by tclip with another model than this tclip"):
+            method_for_tests("tclip", other).explain(image, encoded)
 
 
 def test_prompts_encoded_under_another_matmul_dtype_are_refused(tiny_clip, fixtures_dir, fixture_images):

@@ -20,6 +20,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from PIL import Image
 
 from tclip_jax.cli import main
@@ -977,8 +978,9 @@ def test_a_sweep_resumes_on_its_dataset_moved_to_another_folder(coco_hand, tmp_p
 
 def test_a_sweep_resumes_on_its_model_by_its_weights_not_by_the_path_as_typed(tiny_model, tmp_path, capsys,
                                                                              monkeypatch):
-    """The model is compared by `LoadedClip.fingerprint` (its weights and activation): the same file named another way
-    resumes; another model at the same path, or the same weights under another --activation, is refused."""
+    """The model is compared by `LoadedClip.fingerprint` (its config and every weight): the same file named another
+    way, or saved in another format, resumes; another model at the same path, even one whose transformer blocks alone
+    differ, or the same weights under another --activation, is refused."""
     monkeypatch.chdir(tmp_path)
     shutil.copy(tiny_model, "m.npz")
     sweep = ("synthetic", "--protocol", "bare_words", "--translations", "1")
@@ -987,18 +989,22 @@ def test_a_sweep_resumes_on_its_model_by_its_weights_not_by_the_path_as_typed(ti
     assert main(_cli(*sweep, "--model", "./m.npz", "--limit", "2", "--out", "fresh")) == 0
     for name in ("sweep.json", "report.json"):  # the origin recorded is the one the resume was named by
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    with np.load("m.npz") as weights:  # the same weights in another format
+        safetensors.numpy.save_file(dict(weights), "m.safetensors")
+    assert main(_cli(*sweep, "--model", "m.safetensors", "--limit", "3", "--resume", "--out", "fresh")) == 0
     assert _report(tmp_path / "out")["config"]["run"]["model"]["activation"] == "quick_gelu"  # OpenAI's default
     capsys.readouterr()
     message = _fails(capsys, *sweep, "--model", "m.npz", "--activation", "gelu", "--limit", "3", "--resume",
                      "--out", "out")
     assert "run.model.activation (stored 'quick_gelu', now 'gelu')" in message and "whatever its path" in message
     rng = np.random.default_rng(0)
-    with np.load(tiny_model) as weights:  # another training of the same architecture, put where the first was
-        retrained = {k: v + (0.1 * rng.standard_normal(v.shape) * v.std()).astype(v.dtype) if v.ndim >= 2 else v
-                     for k, v in weights.items()}
-    np.savez("m.npz", **retrained)
+    with np.load(tiny_model) as weights:  # a fine-tune of the transformer blocks alone (a merged LoRA), put where the
+        # first was: projections, final norms and embeddings as they were
+        tuned = {k: v + (0.1 * rng.standard_normal(v.shape) * v.std()).astype(v.dtype) if ".resblocks." in k else v
+                 for k, v in weights.items()}
+    np.savez("m.npz", **tuned)
     message = _fails(capsys, *sweep, "--model", "m.npz", "--limit", "3", "--resume", "--out", "out")
-    assert "run.model.fingerprint (stored '" in message and "not the sweep's model" in message
+    assert "run.model.fingerprint (stored 'v2-" in message and "not the sweep's model" in message
     assert message.count("\n") == 1 and _lines(tmp_path / "out" / "results-p0.jsonl") == 2
     # A sweep stored before models had fingerprints resumes as before: by its origin, as typed.
     shutil.copy(tiny_model, "m.npz")
@@ -1009,7 +1015,21 @@ def test_a_sweep_resumes_on_its_model_by_its_weights_not_by_the_path_as_typed(ti
     assert "run.model.origin (stored './m.npz', now 'm.npz')" in _fails(capsys, *sweep, "--model", "m.npz", "--limit",
                                                                         "3", "--resume", "--out", "out")
     assert main(_cli(*sweep, "--model", "./m.npz", "--limit", "3", "--resume", "--out", "out")) == 0
-    assert "fingerprint" in json.loads((tmp_path / "out" / "sweep.json").read_text())["run"]["model"]
+    fingerprint = json.loads((tmp_path / "fresh" / "sweep.json").read_text())["run"]["model"]["fingerprint"]
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["run"]["model"]["fingerprint"] == fingerprint
+    # So does one stored when the fingerprint covered fewer weights (16 hex digits, no "v2-"), which a fine-tune of the
+    # blocks alone shared: by its origin, and by its activation, which it records; it then records the new one.
+    stored = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    stored["run"]["model"]["fingerprint"] = "0123456789abcdef"
+    (tmp_path / "out" / "sweep.json").write_text(json.dumps(stored))
+    assert "run.model.origin (stored './m.npz', now 'm.npz')" in _fails(capsys, *sweep, "--model", "m.npz", "--limit",
+                                                                        "4", "--resume", "--out", "out")
+    message = _fails(capsys, *sweep, "--model", "./m.npz", "--activation", "gelu", "--limit", "4", "--resume",
+                     "--out", "out")
+    assert "run.model.activation (stored 'quick_gelu', now 'gelu')" in message and "fingerprint" not in message
+    assert main(_cli(*sweep, "--model", "./m.npz", "--limit", "4", "--resume", "--out", "out")) == 0
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["run"]["model"]["fingerprint"] == fingerprint
+    assert _lines(tmp_path / "out" / "results-p0.jsonl") == 4
 
 
 def test_a_lock_names_its_holder_alone_and_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):

@@ -217,8 +217,9 @@ class Method(abc.ABC):
 
     @functools.cached_property
     def encoder(self) -> tuple:
-        """What encoded prompts depend on: the method, its model (`LoadedClip.fingerprint`), the dtype of its
-        matmuls (the queries differ with it, and results record this method's) and its settings."""
+        """What encoded prompts depend on: the method, its model (`LoadedClip.fingerprint`: its config and every
+        weight, so a model whose transformer blocks alone differ is another), the dtype of its matmuls (the queries
+        differ with it, and results record this method's) and its settings."""
         return (self.name, self.clip.fingerprint, np.dtype(self.clip.model.dtype).name,
                 json.dumps(self.settings.to_dict(), sort_keys=True))
 
@@ -251,9 +252,9 @@ class Method(abc.ABC):
 
     def run_info(self) -> dict:
         """What produced a result: method, model (its architecture if it is a preset's, its MLP activation, its
-        `LoadedClip.fingerprint`, which tells models apart where the origin, a path as typed, does not, and the dtype
-        its matmuls take: float32 parameters, bfloat16 matmuls move boxes), settings and input protocol
-        (JSON-ready)."""
+        `LoadedClip.fingerprint` of its config and every weight, which tells models apart where the origin, a path
+        as typed, does not, and the dtype its matmuls take: float32 parameters, bfloat16 matmuls move boxes),
+        settings and input protocol (JSON-ready)."""
         architecture = next((name for name, preset in PRESETS.items() if preset == self.clip.config), None)
         model = {"origin": self.clip.origin, "source": self.clip.source, "architecture": architecture,
                  "activation": self.clip.config.activation, "fingerprint": self.clip.fingerprint,

@@ -20,8 +20,8 @@ A sample that cannot be read or scored (``ValueError``/``OSError``) is recorded 
 Resume: the records already on disk (any process's) name the samples that are done; they are skipped, and a
 torn last line left by a kill is dropped, so nothing is lost or counted twice. ``sweep.json`` holds the
 sweep's configuration; resuming with a different one is an error. The model in it is told by its
-``LoadedClip.fingerprint`` (activation, projections, final norms, positional embeddings), not by its origin, the path
-as typed.
+``LoadedClip.fingerprint`` (its config and every weight), not by its origin, the path as typed; a sweep stored before
+models had that fingerprint is told by its origin (and activation).
 
 Device waiting: a watcher thread notes when each batch finishes. The device is busy for batch k from
 max(its dispatch, batch k-1's finish) to its finish; after the first batch (which includes compilation) the
@@ -46,6 +46,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from tclip_jax.checkpoints.load import is_v1_fingerprint
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample
 from tclip_jax.evaluation.options import EvalOptions
 from tclip_jax.evaluation.scoring import score_unit
@@ -379,12 +380,15 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
         # Sweeps stored before results recorded the matmul dtype ran float32 matmuls (the command line had no other).
         stored_model.setdefault("matmul_dtype", "float32")
     if "fingerprint" in model:
-        if "fingerprint" in stored_model:
+        if "fingerprint" in stored_model and not is_v1_fingerprint(stored_model["fingerprint"]):
             # The weights tell the model, not the path as typed (./m.npz is m.npz; a file replaced at the same path
             # is another model): the origin is kept in sweep.json for people, not compared.
             stored_model["origin"] = model["origin"]
-        else:  # a sweep stored before models had fingerprints (and activations): compared by its origin, as then
-            stored_model.update(fingerprint=model["fingerprint"], activation=model["activation"])
+        else:  # a sweep stored before models had fingerprints (and activations), or before they covered the whole
+            # model (the first did not tell apart models whose transformer blocks alone differ): compared by its
+            # origin, as then, and by its activation where it records one
+            stored_model.setdefault("activation", model["activation"])
+            stored_model["fingerprint"] = model["fingerprint"]
     if data_folder and fingerprinted and stored["data_fingerprint"] == config.get("data_fingerprint"):
         # The annotations tell the data, not the folder holding them (moved, or mounted elsewhere on another host):
         # a source that differs only where the folder is named is this one.

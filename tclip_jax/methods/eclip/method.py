@@ -11,8 +11,10 @@ model input and min-max normalized. The attention mask of training plays no part
 
 The projections file (`PROJECTIONS_FILE`, safetensors, never pickle) holds the arrays "image" and "text"; a JSON
 file beside it of the same name (eclip_projections.json) names the CLIP model it was trained on, with that model's
-`LoadedClip.fingerprint`, the shapes and the training run. Loading refuses projections whose JSON records another
-CLIP: widths alone do not tell models apart (ViT-B/32 and ViT-B/16 share theirs).
+`LoadedClip.fingerprint` (its config and every weight), the shapes and the training run. Loading refuses projections
+whose JSON records another CLIP: widths alone do not tell models apart (ViT-B/32 and ViT-B/16 share theirs), nor do
+the tensors around the transformer blocks (a fine-tune of the blocks alone keeps them). A JSON written before the
+fingerprint covered the whole model has nothing to check against, as one without a fingerprint.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from tclip_jax.checkpoints.load import LoadedClip
+from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint
 from tclip_jax.files import write_bytes_atomic, write_text_atomic
 from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, PromptMethod, QueryArrays
 from tclip_jax.methods.eclip.settings import Settings
@@ -135,7 +137,7 @@ def load_projections(path: str | os.PathLike, clip: LoadedClip) -> tuple[Project
 
 def _check_trained_on(info_path: pathlib.Path, clip: LoadedClip) -> None:
     """Refuses projections whose JSON records another CLIP than `clip` (no JSON, or one written before the
-    fingerprint was recorded: nothing to check against)."""
+    fingerprint was recorded or before it covered the whole model, `is_v1_fingerprint`: nothing to check against)."""
     if not info_path.is_file():
         return
     try:
@@ -145,7 +147,7 @@ def _check_trained_on(info_path: pathlib.Path, clip: LoadedClip) -> None:
     except (ValueError, UnicodeDecodeError, AttributeError) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"{info_path} (what the projections beside it were trained on) is damaged: {err}") from None
     recorded = model.get("fingerprint")
-    if recorded is not None and recorded != clip.fingerprint:
+    if recorded is not None and not is_v1_fingerprint(recorded) and recorded != clip.fingerprint:
         # The fingerprint covers the activation: name it, as the same file under another --activation differs.
         raise ValueError(f"ECLIP projections beside {info_path} were trained on another CLIP than this one: "
                          f"{model.get('origin')} (fingerprint {str(recorded)[:12]}) there, {clip.origin} with the "

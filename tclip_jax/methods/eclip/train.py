@@ -16,8 +16,10 @@ argument of the step, so no gradient of them is ever formed.
 (a staged folder: never half-written), continues from it with `resume`, and writes the final projections as
 OUT/eclip_projections.safetensors (`method.save_projections`). An epoch's order of pairs depends on the seed and
 the epoch alone, so a resumed run gives the projections of an uninterrupted one. A resume must be of the same run:
-the model, the attention model and the data are compared by fingerprint (weights; the list and each image's name
-and size), not by how their paths were spelt. A run whose projections stop being finite ends with an error.
+the model, the attention model and the data are compared by fingerprint (config and weights; the list and each
+image's name and size), not by how their paths were spelt; a checkpoint whose model fingerprint is of the first
+definition (`is_v1_fingerprint`: it did not tell apart models that differ in their transformer blocks alone) is not
+resumed. A run whose projections stop being finite ends with an error.
 One run trains in OUT at a time (a lock in it). An epoch's last batch of a single pair is left out (its loss is 0,
 yet an Adam step on it would move the projections); a checkpoint written before that rule is not resumed where the
 data has such a batch.
@@ -41,7 +43,7 @@ import numpy as np
 import optax
 import safetensors.numpy
 
-from tclip_jax.checkpoints.load import LoadedClip
+from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint
 from tclip_jax.files import check_output_folder, fingerprint, held_lock, staged_folder
 from tclip_jax.image import CLIP_MEAN, CLIP_STD, image_size, load_image, prepare
 from tclip_jax.methods import common
@@ -429,6 +431,11 @@ def load_checkpoint(folder: pathlib.Path, run: dict, opt_state: Any) -> tuple[Pr
     except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError) as err:
         raise ValueError(f"--resume: the checkpoint in {folder} is damaged ({type(err).__name__}: {err}); train "
                          "afresh in another --out") from None
+    model = state.get("model")
+    if isinstance(model, dict) and is_v1_fingerprint(model.get("fingerprint")):
+        raise ValueError(f"--resume: the checkpoint in {folder} was written by an older tclip_jax, whose model "
+                         "fingerprint covered fewer weights, so it cannot tell the model it was trained on; train "
+                         "afresh in another --out")
     if isinstance(state.get("pairs"), str):  # written before fingerprints: compared as then, by paths as spelt
         ours = _compared({"model": {k: run["model"][k] for k in ("origin", "source")},
                           "pairs": run["pairs"]["description"], "pair_count": run["pairs"]["count"],
