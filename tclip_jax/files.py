@@ -22,11 +22,22 @@ OS_METADATA_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
 
 def unwritten_entries(folder: pathlib.Path, written: Iterable[str], files_only: bool = False) -> list[str]:
-    """The names in an existing `folder` that a run writing `written` (names) did not write, file browsers' files
-    aside (with `files_only`, a folder among them is not the run's either): what replacing `folder` would delete
-    of someone else's."""
-    allowed = set(written) | OS_METADATA_FILES
-    return sorted(p.name for p in folder.iterdir() if p.name not in allowed or (files_only and not p.is_file()))
+    """The entries in an existing `folder` that a run writing `written` did not write, file browsers' files aside
+    (with `files_only`, a folder among them is not the run's either): what replacing `folder` would delete of
+    someone else's. `written` are names, or '/'-joined paths of the files a run writes in a sub-folder of its own,
+    whose other entries are not the run's either; entries are returned as such paths."""
+    allowed, inside = set(written) | OS_METADATA_FILES, {}
+    for name in written:
+        sub_folder, _, rest = name.partition("/")
+        if rest:
+            inside.setdefault(sub_folder, []).append(rest)
+    entries = []
+    for path in sorted(folder.iterdir()):
+        if path.name in inside and path.is_dir() and not path.is_symlink():
+            entries += [f"{path.name}/{entry}" for entry in unwritten_entries(path, inside[path.name], files_only)]
+        elif path.name not in allowed or (files_only and not path.is_file()):
+            entries.append(path.name)
+    return entries
 
 
 def fingerprint(parts: Iterable[bytes | memoryview]) -> str:

@@ -927,6 +927,29 @@ def test_convert_overwrite_replaces_only_a_converted_checkpoint_that_does_not_ho
     assert (converted / "README.md").read_text() == "the model's card"
 
 
+def test_convert_overwrite_refuses_a_users_file_inside_the_tokenizer_folder(tmp_path, fixtures_dir, capsys):
+    """The check of what --overwrite would delete looked at the folder's top level only: notes a user put beside the
+    tokenizer files convert writes were deleted with them."""
+    from tclip_jax.model.tokenizer import _load_packaged_backend
+
+    source = fixtures_dir / "tiny_openai_clip.npz"
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "tokenizer.json").write_text(_load_packaged_backend().to_str())
+    clip = load_clip(source)
+    out = checkpoint.save_checkpoint(tmp_path / "out", clip.params, clip.config, tokenizer_dir=tmp_path / "hub")
+    (out / "tokenizer" / "my_notes.txt").write_text("my notes")
+    before = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+    capsys.readouterr()
+    assert tclip(["convert", str(source), "--out", str(out), "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"tclip convert: error: {out} holds tokenizer/my_notes.txt, which tclip "
+                                       "convert does not write and replacing the folder would delete; move them or "
+                                       "choose another --out\n")
+    assert sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
+    (out / "tokenizer" / "my_notes.txt").unlink()  # what convert wrote alone: replaced
+    assert tclip(["convert", str(source), "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["params.safetensors", "tclip_config.json"]
+
+
 def test_a_config_reading_the_highest_id_is_written_as_earlier_versions_wrote_it():
     """eot_token_id None is the default and left out of the JSON, so that folders converted now load in earlier
     installs (which refuse unknown keys); an id round-trips."""

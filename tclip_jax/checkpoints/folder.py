@@ -26,6 +26,8 @@ from tclip_jax.model.tokenizer import TOKENIZER_FILES
 PARAMS_FILES = ("params.safetensors", "params.npz")
 CONFIG_FILE = "tclip_config.json"
 TOKENIZER_DIR = "tokenizer"
+# Every file `save_checkpoint` may write, as paths in the folder: what replacing a converted folder may delete.
+WRITTEN_FILES = (*PARAMS_FILES, CONFIG_FILE, *(f"{TOKENIZER_DIR}/{name}" for name in TOKENIZER_FILES))
 FORMAT_NAME = "tclip_jax"
 HEADER_FIELDS = ("format", "version", "config")  # what save_checkpoint writes itself; the rest is its metadata
 

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from tclip_jax.checkpoints.folder import CONFIG_FILE, PARAMS_FILES, TOKENIZER_DIR, is_checkpoint, save_checkpoint
+    from tclip_jax.checkpoints.folder import CONFIG_FILE, WRITTEN_FILES, is_checkpoint, save_checkpoint
     from tclip_jax.checkpoints.load import load_any, tokenizer_of
     from tclip_jax.files import check_output_folder, check_replaceable, unwritten_entries
 
@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     # A converted folder converted in place (to float16, say) is read whole before the new folder replaces it.
     in_place = out.exists() and source.exists() and source.resolve() == out.resolve() and is_checkpoint(out)
     check_replaceable(out, CONFIG_FILE, "a converted checkpoint", inputs=[] if in_place else [source])
-    others = unwritten_entries(out, [*PARAMS_FILES, CONFIG_FILE, TOKENIZER_DIR]) if out.exists() else []
-    if others:  # a model card, a training log: replacing the folder would delete them
+    others = unwritten_entries(out, WRITTEN_FILES) if out.exists() else []
+    if others:  # a model card, a training log, notes in tokenizer/: replacing the folder would delete them
         raise ValueError(f"{out} holds {', '.join(others)}, which tclip convert does not write and replacing the "
                          "folder would delete; move them or choose another --out")
     start = time.perf_counter()
