@@ -710,6 +710,32 @@ def test_open_clip_training_checkpoints_are_recognised(tmp_path, openai_state_di
     assert clip.source == "open_clip" and clip.config.activation == activation
 
 
+@pytest.mark.parametrize("version, refused", [("2.5.1+cu121", True), ("1.13.1", True), ("2.6.0", False),
+                                              ("2.10.0", False)])
+def test_pickles_are_not_read_with_a_torch_whose_weights_only_reader_can_run_code(tmp_path, openai_state_dict,
+                                                                                monkeypatch, capsys, version, refused):
+    """torch before 2.6 could run code a file holds even with weights_only=True (CVE-2025-32434): with such a torch a
+    pickled state dict is refused before torch.load sees it. (2.10 is later than 2.6, though not as text.)"""
+    from tclip_jax.checkpoints.sources import read_state_dict
+
+    torch.save({k: torch.from_numpy(v) for k, v in openai_state_dict.items()}, tmp_path / "tiny.pt")
+    monkeypatch.setattr(torch, "__version__", version)
+    if not refused:
+        assert set(read_state_dict(tmp_path / "tiny.pt").arrays) == set(openai_state_dict)
+        return
+
+    def unpickled(*args, **kwargs):
+        raise AssertionError("torch.load ran")
+
+    monkeypatch.setattr(torch, "load", unpickled)
+    assert tclip(["convert", str(tmp_path / "tiny.pt"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"tclip convert: error: reading tiny.pt needs PyTorch 2.6 or later, and torch "
+                                       f"{version} is installed, whose torch.load can run code a file holds even with "
+                                       "weights_only=True (CVE-2025-32434): install torch>=2.6 (pip install "
+                                       "'tclip_jax[convert]'), or convert the checkpoint to safetensors elsewhere\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_hugging_face_folder_asking_for_remote_code_runs_none(tmp_path):
     torch.manual_seed(0)
     transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).save_pretrained(tmp_path)

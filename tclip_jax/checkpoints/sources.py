@@ -1,6 +1,7 @@
 """Reading PyTorch CLIP checkpoints from disk or the Hugging Face hub into numpy state dicts.
 
-torch is needed only for pickled `.pt` / `.bin` / `.pth` state dicts (the `convert` extra); `.safetensors`, `.npz`
+torch is needed only for pickled `.pt` / `.bin` / `.pth` state dicts (the `convert` extra), version 2.6 or later:
+before it `torch.load(weights_only=True)` could still run code a file holds (CVE-2025-32434). `.safetensors`, `.npz`
 and TorchScript archives (OpenAI's `.pt` releases) are read without it. A large Hugging Face checkpoint is sharded:
 `model.safetensors.index.json` (or `pytorch_model.bin.index.json`) maps each tensor to one of the shard files
 beside it, each read like a single file.
@@ -13,6 +14,7 @@ import logging
 import os
 import pathlib
 import pickle
+import re
 import zipfile
 from typing import Any, Mapping, Optional
 
@@ -58,6 +60,11 @@ def _from_torch(path: pathlib.Path) -> tuple[Mapping[str, Any], bool, Optional[s
         import torch
     except ImportError:
         raise ImportError(f"reading {path.name} needs PyTorch: pip install 'tclip_jax[convert]'") from None
+    if tuple(int(n) for n in re.findall(r"\d+", torch.__version__)[:2]) < (2, 6):
+        raise ImportError(f"reading {path.name} needs PyTorch 2.6 or later, and torch {torch.__version__} is "
+                          "installed, whose torch.load can run code a file holds even with weights_only=True "
+                          "(CVE-2025-32434): install torch>=2.6 (pip install 'tclip_jax[convert]'), or convert the "
+                          "checkpoint to safetensors elsewhere")
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, pickle.UnpicklingError) as err:
