@@ -50,9 +50,10 @@ def fingerprint(parts: Iterable[bytes | memoryview]) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_output_folder(out: str | os.PathLike, flag: str = "--out") -> pathlib.Path:
+def check_output_folder(out: str | os.PathLike, flag: str = "--out", replaced: bool = False) -> pathlib.Path:
     """`out` as a folder a run can make or fill, checked before the run starts: not a file, not under a file, and
-    in a folder this process may write in. Returns it as a path."""
+    in a folder this process may write in. With `replaced` (the run replaces an existing `out` with a folder it
+    stages beside it, `staged_folder`), the folder holding `out` must be writable too. Returns it as a path."""
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{flag} {out} is a file, not a folder")
@@ -61,6 +62,9 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out") -> pathlib.
         raise ValueError(f"{flag} {out}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"{flag} {out}: cannot write in {existing}")
+    if replaced and out.exists() and not os.access(out.absolute().parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {out}: cannot write in {out.absolute().parent}, where its replacement is "
+                              "written before it replaces the folder")
     return out
 
 

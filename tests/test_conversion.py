@@ -953,6 +953,32 @@ def test_convert_overwrite_replaces_only_a_converted_checkpoint_that_does_not_ho
     assert (converted / "README.md").read_text() == "the model's card"
 
 
+def test_convert_overwrite_checks_the_folder_holding_out_before_loading(tmp_path, fixtures_dir, monkeypatch, capsys):
+    """--overwrite writes the new folder beside --out, then swaps them: a folder holding --out that this process may
+    not write in was found only after the model was loaded, in a message naming the hidden staging folder. (As root
+    every access check passes, so os.access is replaced.)"""
+    import os
+    import pathlib
+
+    import tclip_jax.checkpoints.load as load_module
+
+    source, parent = fixtures_dir / "tiny_openai_clip.npz", tmp_path / "models"
+    out = parent / "converted"
+    assert tclip(["convert", str(source), "--out", str(out)]) == 0
+    capsys.readouterr()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: pathlib.Path(path) != parent and real_access(path, mode))
+    monkeypatch.setattr(load_module, "load_any", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    parent.chmod(0o555)
+    try:
+        assert tclip(["convert", str(source), "--out", str(out), "--overwrite"]) == 2
+    finally:
+        parent.chmod(0o755)
+    assert capsys.readouterr().err == (f"tclip convert: error: --out {out}: cannot write in {parent}, where its "
+                                       "replacement is written before it replaces the folder\n")
+    assert sorted(p.name for p in parent.iterdir()) == ["converted"]
+
+
 def test_convert_overwrite_refuses_a_users_file_inside_the_tokenizer_folder(tmp_path, fixtures_dir, capsys):
     """The check of what --overwrite would delete looked at the folder's top level only: notes a user put beside the
     tokenizer files convert writes were deleted with them."""

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from tclip_jax.checkpoints.load import load_any, tokenizer_of
     from tclip_jax.files import check_output_folder, check_replaceable, unwritten_entries
 
-    out = check_output_folder(args.out)
+    out = check_output_folder(args.out, replaced=args.overwrite)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
     source = pathlib.Path(args.source).expanduser()
