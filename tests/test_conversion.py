@@ -476,6 +476,15 @@ def test_wrong_shapes_and_unexpected_keys_listed_together(tmp_path, openai_state
     assert "shape mismatch" in message and "visual.proj" in message
 
 
+def test_a_fused_in_proj_that_does_not_split_in_three_is_named_with_its_file(tmp_path, openai_state_dict, capsys):
+    key = "visual.transformer.resblocks.1.attn.in_proj_weight"
+    np.savez(tmp_path / "bad.npz", **{**openai_state_dict, key: openai_state_dict[key][:-1]})
+    assert tclip(["convert", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"tclip convert: error: openai checkpoint {tmp_path / 'bad.npz'} does not fit "
+                                       f"the CLIP config (1 problems): {key}: fused in_proj has 383 rows, not a "
+                                       "multiple of 3\n")
+
+
 def test_nan_weights(tmp_path, openai_state_dict):
     poisoned = dict(openai_state_dict)
     poisoned["visual.transformer.resblocks.2.mlp.c_fc.weight"] = np.full((512, 128), np.nan, np.float16)

@@ -85,30 +85,34 @@ def infer_openai_config(state_dict: Mapping[str, np.ndarray], activation: str = 
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: CLIPConfig,
-                       fmt: Optional[str] = None) -> dict:
+                       fmt: Optional[str] = None, path: Optional[str] = None) -> dict:
     """Applies the rule table of `fmt`, then checks the result against the model's parameter shapes.
 
-    Raises ConversionError listing missing and unexpected source keys, shape mismatches and
-    non-finite values, all at once.
+    Raises ConversionError listing missing and unexpected source keys, keys a rule cannot split or transpose,
+    shape mismatches and non-finite values, all at once (naming `path`, the checkpoint file, if given).
     """
     fmt = fmt or detect_format(state_dict)
     rules = expand(fmt, {"visual": config.vision_layers, "text": config.text_layers})
-    flat, missing = {}, []
+    flat, missing, malformed = {}, [], {}
     for rule in rules:
-        if rule.source in state_dict:
-            flat[rule.target] = np.asarray(rule.transform(np.asarray(state_dict[rule.source], np.float32)))
-        else:
+        if rule.source not in state_dict:
             missing.append(rule.source)
+            continue
+        try:
+            flat[rule.target] = np.asarray(rule.transform(np.asarray(state_dict[rule.source], np.float32)))
+        except ValueError as err:  # e.g. a fused in_proj whose rows do not split in three
+            malformed[rule.source] = f"{rule.source}: {err}"
     used = {rule.source for rule in rules}
     unexpected = sorted(k for k in set(state_dict) - used
                         if not any(k.endswith(ignored) for ignored in IGNORED_SOURCE_KEYS))
     problems = [f"missing key: {k}" for k in missing] + [f"unexpected key: {k}" for k in unexpected]
-    # Parameters whose source is missing are already reported above.
-    missing_targets = {r.target for r in rules if r.source in missing}
+    problems += malformed.values()
+    # Parameters whose source is missing or malformed are already reported above.
+    unmade_targets = {r.target for r in rules if r.source in missing or r.source in malformed}
     origins = {rule.target: rule.source for rule in rules}
     problems += [p for p in param_problems(flat, config, origins)
-                 if not (p.startswith("missing parameter: ") and p.split()[2] in missing_targets)]
+                 if not (p.startswith("missing parameter: ") and p.split()[2] in unmade_targets)]
     if problems:
-        raise ConversionError(f"{fmt} checkpoint does not fit the CLIP config "
+        raise ConversionError(f"{fmt} checkpoint{f' {path}' if path else ''} does not fit the CLIP config "
                               f"({len(problems)} problems):\n  " + "\n  ".join(problems))
     return unflatten(flat)

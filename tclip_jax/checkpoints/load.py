@@ -147,7 +147,8 @@ def _from_hf_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str, ac
     _check_activation(activation, config.activation, config_path)
     state = sources.read_state_dict(weights)
     checkpoint.warn_if_upcast(state.stored_dtypes, str(weights))
-    return Converted(convert_state_dict(state.arrays, config, "hf"), config, _tokenizer_dir(folder), "hf", origin)
+    params = convert_state_dict(state.arrays, config, "hf", str(weights))
+    return Converted(params, config, _tokenizer_dir(folder), "hf", origin)
 
 
 # Image-tower widths of OpenCLIP's ViTs whose heads are not 64 wide (its model_configs: ViT-H, ViT-g, ViT-bigG,
@@ -268,7 +269,7 @@ def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: s
                       f"{name}, so {width[0] // choices['vision_head_dim']} heads of {choices['vision_head_dim']} "
                       "are assumed (a folder with its open_clip_config.json says otherwise)", stacklevel=3)
     config = infer_openai_config(state.arrays, activation=activation, **choices)
-    params = convert_state_dict(state.arrays, config, "openai")
+    params = convert_state_dict(state.arrays, config, "openai", str(path))
     return Converted(params, config, tokenizer_dir, source, origin)
 
 
