@@ -485,6 +485,27 @@ def test_a_fused_in_proj_that_does_not_split_in_three_is_named_with_its_file(tmp
                                        "multiple of 3\n")
 
 
+@pytest.mark.parametrize("change, message", [
+    ("bfloat16", "tensor visual.proj holds raw 2-byte values without a numpy dtype (bfloat16 saved by np.savez loses "
+                 "its dtype); save it as float32 or float16, or as safetensors"),
+    ("complex", "tensor visual.proj holds complex values; a CLIP's weights are real"),
+    ("prefixed twice", "tensor visual.proj is there twice, as visual.proj and module.visual.proj; keep one")])
+def test_tensors_that_would_load_wrong_are_named_with_their_file(tmp_path, openai_state_dict, change, message,
+                                                                 capsys):
+    """numpy reads an ml_dtypes bfloat16 array np.savez wrote as raw bytes (void), which failed with "setting an
+    array element with a sequence"; a complex tensor lost its imaginary part and a key with and without
+    DataParallel's `module.` prefix kept whichever came later, both silently."""
+    import ml_dtypes
+
+    proj = openai_state_dict["visual.proj"].astype(np.float32)
+    changed = {"bfloat16": {"visual.proj": proj.astype(ml_dtypes.bfloat16)},
+               "complex": {"visual.proj": proj + 1j},
+               "prefixed twice": {"module.visual.proj": 2 * proj}}[change]
+    np.savez(tmp_path / "bad.npz", **{**openai_state_dict, **changed})
+    assert tclip(["convert", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"tclip convert: error: {tmp_path / 'bad.npz'}: {message}\n"
+
+
 def test_nan_weights(tmp_path, openai_state_dict):
     poisoned = dict(openai_state_dict)
     poisoned["visual.transformer.resblocks.2.mlp.c_fc.weight"] = np.full((512, 128), np.nan, np.float16)

@@ -200,10 +200,19 @@ def _read_file(path: pathlib.Path) -> StateDict:
     arrays, dtypes = {}, set()
     for key, value in raw.items():
         array, dtype = (value.array, value.dtype) if isinstance(value, _Stored) else _to_numpy(value)
+        if array.dtype.kind == "V":  # what numpy reads back of an ml_dtypes array np.savez wrote
+            raise ConversionError(f"{path}: tensor {key} holds raw {array.dtype.itemsize}-byte values without a numpy "
+                                  "dtype (bfloat16 saved by np.savez loses its dtype); save it as float32 or float16, "
+                                  "or as safetensors")
+        if array.dtype.kind == "c":  # casting to float32 would drop the imaginary part
+            raise ConversionError(f"{path}: tensor {key} holds complex values; a CLIP's weights are real")
         if np.issubdtype(array.dtype, np.floating):
             dtypes.add(dtype)
             array = array.astype(np.float32)
-        arrays[key.removeprefix("module.")] = array  # DataParallel / DDP checkpoints prefix every key
+        name = key.removeprefix("module.")  # DataParallel / DDP checkpoints prefix every key
+        if name in arrays:
+            raise ConversionError(f"{path}: tensor {name} is there twice, as {name} and module.{name}; keep one")
+        arrays[name] = array
     return StateDict(arrays, frozenset(dtypes), torchscript, run)
 
 
