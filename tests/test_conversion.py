@@ -449,6 +449,53 @@ def test_truncated_file(tmp_path, openai_state_dict, suffix):
         load_clip(cut)
 
 
+class _RunsCode:
+    """Pickles as a call of os.system, as a hostile checkpoint would."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_files_that_hold_more_than_arrays_are_refused_in_our_words(tmp_path, openai_state_dict, capsys):
+    """torch's and numpy's errors for a file that holds more than arrays advise loading it "unsafely" (running the
+    code it holds) and were shown as "truncated or corrupt?": tclip never unpickles more than arrays, and says so in
+    one line naming the file (and what a pickle asks to load). OpenAI's TorchScript reader refuses in such words."""
+    import pickle
+    import zipfile
+
+    marker = tmp_path / "code_ran"
+    tensors = {k: torch.from_numpy(v) for k, v in openai_state_dict.items()}
+    torch.save({**tensors, "hook": _RunsCode(marker)}, tmp_path / "hostile.pt")
+    (tmp_path / "garbage.pt").write_bytes(np.random.default_rng(0).bytes(1000))
+    np.savez(tmp_path / "objects.npz", x=np.array([_RunsCode(marker)], dtype=object))
+    (tmp_path / "garbage.npz").write_bytes(np.random.default_rng(0).bytes(1000))
+    with zipfile.ZipFile(tmp_path / "hostile.pt") as source, \
+            zipfile.ZipFile(tmp_path / "hostile_archive.pt", "w") as target:  # constants.pkl: read as TorchScript
+        for name in source.namelist():
+            target.writestr(name, source.read(name))
+        target.writestr(f"{source.namelist()[0].split('/')[0]}/constants.pkl", pickle.dumps(()))
+    capsys.readouterr()
+    for name, message in [
+            ("hostile.pt", "is not a weights-only PyTorch checkpoint (its pickle loads posix.system, which is neither "
+                           "a tensor nor a plain container), and tclip never unpickles anything else"),
+            ("garbage.pt", "is not a weights-only PyTorch checkpoint (a pickle of tensors and plain containers), and "
+                           "tclip never unpickles anything else"),
+            ("objects.npz", ": array x holds pickled objects, and tclip never unpickles anything"),
+            ("garbage.npz", "is neither an .npz archive nor an .npy array (numpy would read it as a pickle), and tclip "
+                            "never unpickles anything"),
+            ("hostile_archive.pt", "asks to run posix.system as it is read, which tclip never does (an archive of a "
+                                   "model holds tensors and modules only)")]:
+        assert tclip(["convert", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
+        separator = "" if message.startswith(":") else " "
+        assert capsys.readouterr().err == f"tclip convert: error: {tmp_path / name}{separator}{message}\n"
+    assert not marker.exists()
+
+
 def test_a_safetensors_header_longer_than_its_file_is_named(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes((2**64 - 1).to_bytes(8, "little") + b"{}")
     with pytest.raises(ConversionError, match="header says 18446744073709551615 bytes, more than the file holds"):

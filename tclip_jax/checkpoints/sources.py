@@ -67,9 +67,14 @@ def _from_torch(path: pathlib.Path) -> tuple[Mapping[str, Any], bool, Optional[s
                           "checkpoint to safetensors elsewhere")
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, pickle.UnpicklingError) as err:
-        raise ConversionError(f"cannot read {path} as a PyTorch checkpoint (truncated or corrupt, or it holds "
-                              f"objects other than tensors): {err}") from None
+    except pickle.UnpicklingError as err:  # the weights-only reader's refusal, whose advice is to unpickle it anyway
+        refused = re.search(r"GLOBAL (\S+)", str(err))
+        what = (f"its pickle loads {refused.group(1)}, which is neither a tensor nor a plain container" if refused
+                else "a pickle of tensors and plain containers")
+        raise ConversionError(f"{path} is not a weights-only PyTorch checkpoint ({what}), and tclip never unpickles "
+                              "anything else") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        raise ConversionError(f"cannot read {path} as a PyTorch checkpoint (truncated or corrupt?): {err}") from None
     run = None
     if isinstance(loaded, Mapping) and "state_dict" in loaded:  # training checkpoints (OpenCLIP's epoch_N.pt)
         run = str(loaded.get("name", "")) if "epoch" in loaded else None
@@ -186,8 +191,7 @@ def _read_file(path: pathlib.Path) -> StateDict:
         if suffix == ".safetensors":
             raw = read_safetensors(path)
         elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                raw = {k: archive[k] for k in archive.files}
+            raw = _read_npz(path)
         elif suffix in (".pt", ".bin", ".pth"):
             raw, torchscript, run = _from_torch(path)
         else:
@@ -214,6 +218,25 @@ def _read_file(path: pathlib.Path) -> StateDict:
             raise ConversionError(f"{path}: tensor {name} is there twice, as {name} and module.{name}; keep one")
         arrays[name] = array
     return StateDict(arrays, frozenset(dtypes), torchscript, run)
+
+
+def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz archive. numpy reads a file that is neither an .npz nor an .npy file, and an object
+    array, only as a pickle, and its error invites loading it "unsafely" (running code it holds): said here instead
+    (numpy's errors for them, and only those, name allow_pickle)."""
+    name = None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            raw = {}
+            for name in archive.files:
+                raw[name] = archive[name]
+            return raw
+    except ValueError as err:
+        if "allow_pickle" not in str(err):
+            raise
+        what = (f"{path}: array {name} holds pickled objects" if name is not None else
+                f"{path} is neither an .npz archive nor an .npy array (numpy would read it as a pickle)")
+        raise ConversionError(f"{what}, and tclip never unpickles anything") from None
 
 
 def hf_folder_files(folder: pathlib.Path) -> Optional[pathlib.Path]:

@@ -132,8 +132,8 @@ class _Unpickler(pickle.Unpickler):
             return lambda *items: list(items[0]) if items else []
         if (module, name) == ("torch.jit._pickle", "restore_type_tag"):
             return lambda value, type_name: value
-        raise pickle.UnpicklingError(f"refused global {module}.{name}: the archive holds more than tensors and "
-                                     "modules")
+        raise ConversionError(f"{self._archive.filename} asks to run {module}.{name} as it is read, which tclip "
+                              "never does (an archive of a model holds tensors and modules only)")
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
