@@ -496,6 +496,43 @@ def test_files_that_hold_more_than_arrays_are_refused_in_our_words(tmp_path, ope
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("name", ["tiny.npz", "tiny.safetensors", "tiny.pt", "archive.pt", "converted"])
+def test_an_unreadable_checkpoint_is_not_called_truncated(tmp_path, fixtures_dir, openai_state_dict, monkeypatch,
+                                                          name):
+    """A file this process may not read was "truncated or corrupt?" (and safetensors calls it missing): its
+    PermissionError is raised as it is. (Root may read any file, so open is replaced.)"""
+    import builtins
+    import errno
+    import io
+    import os
+    import pathlib
+
+    path = tmp_path / name
+    if name.endswith(".npz"):
+        np.savez(path, **openai_state_dict)
+    elif name.endswith(".safetensors"):
+        safetensors.numpy.save_file(openai_state_dict, path)
+    elif name == "tiny.pt":
+        torch.save({k: torch.from_numpy(v) for k, v in openai_state_dict.items()}, path)
+    elif name == "archive.pt":
+        torch.jit.script(_Expanded(2)).save(str(path))
+    else:
+        clip = load_clip(fixtures_dir / "tiny_openai_clip.npz")
+        path = checkpoint.save_checkpoint(path, clip.params, clip.config) / "params.safetensors"
+    real_open = builtins.open
+
+    def unreadable(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and pathlib.Path(file) == path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", unreadable)
+    monkeypatch.setattr(io, "open", unreadable)
+    with pytest.raises(PermissionError, match=re.escape(f"Permission denied: '{path}'")):
+        load_clip(tmp_path / name)
+
+
 def test_a_safetensors_header_longer_than_its_file_is_named(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes((2**64 - 1).to_bytes(8, "little") + b"{}")
     with pytest.raises(ConversionError, match="header says 18446744073709551615 bytes, more than the file holds"):

@@ -130,6 +130,7 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[dict, CLIPConfig, dict]:
     params_file = next((folder / name for name in PARAMS_FILES if (folder / name).is_file()), None)
     if params_file is None:
         raise FileNotFoundError(f"{folder} has none of {PARAMS_FILES} (as regular files)")
+    params_file.open("rb").close()  # one this process may not read is said so (safetensors says "No such file")
     try:
         if params_file.suffix == ".npz":
             with np.load(params_file, allow_pickle=False) as archive:

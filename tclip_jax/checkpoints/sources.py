@@ -197,7 +197,7 @@ def _read_file(path: pathlib.Path) -> StateDict:
         else:
             raise ConversionError(f"unknown checkpoint file type {suffix!r}: {path} "
                                   "(expected .safetensors, .npz, .pt, .bin or .pth)")
-    except (ConversionError, ImportError):
+    except (ConversionError, ImportError, OSError):  # OSError: not read at all (no permission), not damaged
         raise
     except Exception as err:  # zipfile, numpy and safetensors each raise their own types on bad files
         raise ConversionError(f"cannot read {path} (truncated or corrupt?): {err}") from None
