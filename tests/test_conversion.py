@@ -1028,6 +1028,27 @@ def test_a_bare_state_dict_at_an_open_clip_wide_head_width_gets_its_heads(tmp_pa
     assert_same_image_embeddings(clip, model, np.random.default_rng(1).standard_normal((1, 64, 64, 3)))
 
 
+def test_a_width_that_64_wide_heads_do_not_divide_names_where_the_head_width_is_given(tmp_path, capsys):
+    """A bare state dict 96 wide was told to "pass the head dimension", which no flag or argument takes: the message
+    names the documented way, an OpenCLIP folder's config, and that way loads it (transformers as the reference)."""
+    small = dataclasses.replace(SMALL, vision_width=96, vision_heads=2, vision_mlp_dim=192)  # 48-wide heads
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(small))).eval()
+    state_dict = _openai_layout(model)
+    safetensors.numpy.save_file(state_dict, tmp_path / "bare.safetensors")
+    assert tclip(["convert", str(tmp_path / "bare.safetensors"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        "tclip convert: error: vision width 96 is not a multiple of 64, the width of its heads (a state dict does not "
+        "store it: OpenAI's 64, unless the open_clip_config.json of an OpenCLIP folder holding the weights gives "
+        "model_cfg.vision_cfg.head_width)\n")
+    folder = _open_clip_folder(tmp_path / "oc", state_dict,
+                               vision={"width": 96, "layers": 2, "patch_size": 32, "image_size": 64, "head_width": 48},
+                               text={"width": 64, "heads": 1, "layers": 2}, embed_dim=32)
+    clip = load_clip(folder)
+    assert clip.config.vision_heads == 2
+    assert_same_image_embeddings(clip, model, np.random.default_rng(1).standard_normal((1, 64, 64, 3)))
+
+
 def test_convert_overwrite_replaces_only_a_converted_checkpoint_that_does_not_hold_the_source(tmp_path, fixtures_dir,
                                                                                            capsys):
     source = fixtures_dir / "tiny_openai_clip.npz"

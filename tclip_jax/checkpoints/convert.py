@@ -60,10 +60,12 @@ def infer_openai_config(state_dict: Mapping[str, np.ndarray], activation: str = 
     if grid * grid + 1 != positions:
         raise ConversionError(f"visual.positional_embedding has {positions} rows, not 1 + a square grid")
     text_width = shape("ln_final.weight", 1, "[text width]")[0]
-    for width, head_dim, tower in ((vision_width, vision_head_dim, "vision"), (text_width, text_head_dim, "text")):
+    for width, head_dim, tower, field in ((vision_width, vision_head_dim, "vision", "vision_cfg.head_width"),
+                                          (text_width, text_head_dim, "text", "text_cfg.width and heads")):
         if width % head_dim:
-            raise ConversionError(f"{tower} width {width} is not a multiple of the {head_dim}-dim heads; pass the "
-                                  "head dimension (an OpenCLIP config gives it)")
+            raise ConversionError(f"{tower} width {width} is not a multiple of {head_dim}, the width of its heads (a "
+                                  "state dict does not store it: OpenAI's 64, unless the open_clip_config.json of an "
+                                  f"OpenCLIP folder holding the weights gives model_cfg.{field})")
     values = dict(
         embed_dim=shape("text_projection", 2, "[text width, embed dim]")[1],
         image_size=patch * grid, patch_size=patch,
