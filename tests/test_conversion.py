@@ -624,6 +624,32 @@ def test_an_unreachable_hub_is_one_line_without_the_hub_librarys_retry_logs(monk
     assert [r for r in caplog.records if r.name.startswith("huggingface_hub")] == []
 
 
+def test_a_mistyped_path_that_reads_as_a_hub_name_says_there_is_no_such_folder(monkeypatch, tmp_path, capsys):
+    """`models/vit` (no such folder) is also a hub name: when the hub cannot give it either, the one line says that
+    there is no local file or folder of that name, not only that the hub could not be reached."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.utils import HfHubHTTPError
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+
+    def unreachable(repo_id):
+        raise OSError("[Errno -2] Name or service not known")
+
+    def not_there(repo_id):
+        raise HfHubHTTPError("404 Client Error: Repository Not Found",
+                             response=SimpleNamespace(headers={}, request=None))
+
+    for list_repo_files, message in [(unreachable, "tclip cannot fetch 'models/vit' from the Hugging Face hub"),
+                                     (not_there, "'models/vit' is not a downloadable hub repository: 404")]:
+        monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+        assert tclip(["convert", "models/vit", "--out", "out"]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"tclip convert: error: there is no file or folder models/vit in {tmp_path}, and "
+                                f"{message}") and error.count("\n") == 1, error
+
+
 def test_hugging_face_weights_without_config(tmp_path):
     torch.manual_seed(0)
     model = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL)))

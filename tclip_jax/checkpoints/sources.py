@@ -274,7 +274,8 @@ def hub_weight_patterns(files: set[str], open_clip_first: bool = False) -> list[
 def download_from_hub(repo_id: str, flag: str = "the model", open_clip_first: bool = False) -> pathlib.Path:
     """A hub repository's configs, tokenizer files and the weights loading reads (`hub_weight_patterns`): from the
     local hub cache when it holds weights, else downloaded; returns its folder. `flag`: how an offline user passes
-    the folder instead (named in the error)."""
+    the folder instead (named in the error). Called for a name that is no local file or folder, which its errors
+    say too (a mistyped relative path looks like a hub name)."""
     try:
         import huggingface_hub
         from huggingface_hub.utils import HfHubHTTPError
@@ -297,10 +298,12 @@ def download_from_hub(repo_id: str, flag: str = "the model", open_clip_first: bo
         patterns = ["*.json", "*.txt", *hub_weight_patterns(listed, open_clip_first)]
         return pathlib.Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
     except HfHubHTTPError as err:
-        raise ValueError(f"{repo_id!r} is not a downloadable hub repository: {err}") from None
+        raise ValueError(f"there is no file or folder {repo_id} in {os.getcwd()}, and {repo_id!r} is not a "
+                         f"downloadable hub repository: {err}") from None
     except Exception as err:  # offline, DNS failure, proxy: huggingface_hub raises many types
         raise ConnectionError(
-            f"cannot fetch {repo_id!r} from the Hugging Face hub and it is not in the local cache "
+            f"there is no file or folder {repo_id} in {os.getcwd()}, and tclip cannot fetch {repo_id!r} from the "
+            "Hugging Face hub and it is not in the local cache "
             f"({type(err).__name__}). On a machine with internet run `hf download {repo_id} --include '*.json' "
             f"'*.txt' '*.safetensors' --local-dir DIR` (the safetensors weights, not every copy the repository "
             f"holds), copy DIR here and pass DIR as {flag}.") from None
