@@ -211,6 +211,34 @@ def test_a_damaged_or_hostile_torchscript_archive_is_refused_by_name(tmp_path):
             read_state_dict(tmp_path / name)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_a_storage_that_unpacks_to_more_than_its_tensor_needs_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A TorchScript archive's storage entry deflated from far more zeros than its values need (1 GiB from 1 MiB
+    would do) was read whole into memory before any check: its declared size is checked first."""
+    import zipfile
+
+    from tclip_jax.checkpoints.sources import read_state_dict
+
+    torch.jit.script(_Expanded(2)).save(str(tmp_path / "small.pt"))
+    with zipfile.ZipFile(tmp_path / "small.pt") as source, zipfile.ZipFile(tmp_path / "bomb.pt", "w") as target:
+        storage = next(name for name in source.namelist() if name.endswith("/data/0"))
+        for name in source.namelist():
+            data = source.read(name)
+            if name == storage:
+                expected = len(data)
+                data += bytes(8 << 20)
+            target.writestr(name, data, zipfile.ZIP_DEFLATED if name == storage else zipfile.ZIP_STORED)
+    read = []
+    real_read = zipfile.ZipFile.read
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda archive, name, *args: read.append(
+        getattr(name, "filename", name)) or real_read(archive, name, *args))
+    with pytest.raises(ConversionError, match=re.escape(f"{tmp_path / 'bomb.pt'}: storage 0 unpacks to "
+                                                        f"{expected + (8 << 20)} bytes, more than the {expected} "
+                                                        "bytes of its")):
+        read_state_dict(tmp_path / "bomb.pt")
+    assert storage not in read
+
+
 def test_open_clip_folder_reads_activation_and_heads(tmp_path, openai_state_dict, reference, inputs):
     safetensors.numpy.save_file(openai_state_dict, tmp_path / "open_clip_model.safetensors")
     config = {"model_cfg": {"embed_dim": 64, "quick_gelu": True,

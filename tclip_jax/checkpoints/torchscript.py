@@ -137,10 +137,15 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and pid[1] in _STORAGE_DTYPES.values()):
+                and pid[1] in _STORAGE_DTYPES.values() and isinstance(pid[4], int)):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
         _, dtype, key, _location, count = pid
-        raw = self._archive.read(f"{self._prefix}/data/{key}")
+        entry = self._archive.getinfo(f"{self._prefix}/data/{key}")
+        needed = count * np.dtype(dtype).itemsize
+        if entry.file_size > needed:  # before reading: a compressed entry can unpack to any size (a zip bomb)
+            raise ConversionError(f"{self._archive.filename}: storage {key} unpacks to {entry.file_size} bytes, more "
+                                  f"than the {needed} bytes of its {count} values; it is not read")
+        raw = self._archive.read(entry)
         values = np.frombuffer(raw, np.dtype(dtype))
         if values.size < count:
             raise pickle.UnpicklingError(f"storage {key} holds {values.size} values, the pickle says {count}")
