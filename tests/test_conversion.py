@@ -239,6 +239,44 @@ def test_a_storage_that_unpacks_to_more_than_its_tensor_needs_is_refused_before_
     assert storage not in read
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("record", ["data.pkl", "byteorder", "code/"])
+def test_a_record_beside_the_storages_that_unpacks_to_too_much_is_refused_before_it_is_read(record, tmp_path,
+                                                                                          monkeypatch):
+    """The pickle, the byte order and the class definitions are read (or unpickled) whole: a deflated one that
+    unpacks past the limit is refused by its declared size, as a storage is (the limit lowered here so that the
+    test's records stay small)."""
+    import zipfile
+
+    from tclip_jax.checkpoints import torchscript
+    from tclip_jax.checkpoints.sources import read_state_dict
+
+    torch.jit.script(_Expanded(2)).save(str(tmp_path / "small.pt"))
+    with zipfile.ZipFile(tmp_path / "small.pt") as source:
+        records = {name: source.read(name) for name in source.namelist()}
+    prefix = next(name for name in records if name.endswith("/data.pkl")).rsplit("/", 1)[0]
+    target = next(name for name in records if name.startswith(f"{prefix}/{record}") and
+                  (record != "code/" or name.endswith(".py")))
+    limit = max(len(data) for data in records.values())
+    monkeypatch.setattr(torchscript, "_MAX_RECORD_BYTES", limit)
+    read_state_dict(tmp_path / "small.pt")  # every record within the limit: read as before
+    padding = b" " * (limit + 1) if record != "data.pkl" else b"."  # a pickle ends at its STOP: what follows is junk
+    with zipfile.ZipFile(tmp_path / "bomb.pt", "w") as archive:
+        for name, data in records.items():
+            archive.writestr(name, data + padding * (name == target), zipfile.ZIP_DEFLATED)
+    if record == "data.pkl":  # padded past the limit
+        monkeypatch.setattr(torchscript, "_MAX_RECORD_BYTES", len(records[target]))
+    read, real_read, real_open = [], zipfile.ZipFile.read, zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda archive, name, *args: read.append(
+        getattr(name, "filename", name)) or real_read(archive, name, *args))
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda archive, name, *args, **kwargs: read.append(
+        getattr(name, "filename", name)) or real_open(archive, name, *args, **kwargs))
+    with pytest.raises(ConversionError, match=re.escape(f"{tmp_path / 'bomb.pt'}: {target} unpacks to ") +
+                       r"\d+ bytes, far more than such a record of a model holds; it is not read"):
+        read_state_dict(tmp_path / "bomb.pt")
+    assert target not in read
+
+
 def test_open_clip_folder_reads_activation_and_heads(tmp_path, openai_state_dict, reference, inputs):
     safetensors.numpy.save_file(openai_state_dict, tmp_path / "open_clip_model.safetensors")
     config = {"model_cfg": {"embed_dim": 64, "quick_gelu": True,

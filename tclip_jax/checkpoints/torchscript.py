@@ -32,6 +32,9 @@ _STORAGE_DTYPES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage":
                    "ByteStorage": "u1", "BoolStorage": "?"}
 # A tensor may view its storage with a stride of 0 (an expanded buffer); copied, it could be made to fill any memory.
 _MAX_EXPANDED = 1 << 20
+# The records read beside the storages (data.pkl, byteorder, the class definitions in code/) are kilobytes in a real
+# archive; each is read or unpickled whole, and a deflated one could unpack to any size first.
+_MAX_RECORD_BYTES = 64 << 20
 # TorchScript's pickler writes typed lists through these; each is the list itself.
 _LIST_BUILDERS = ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "build_empty_list")
 
@@ -63,7 +66,7 @@ def read_torchscript(path) -> dict[str, tuple[np.ndarray, str]]:
             raise ConversionError(f"{path} is not a TorchScript archive with one data.pkl")
         prefix = pickles[0].rsplit("/", 1)[0]
         byteorder = f"{prefix}/byteorder"
-        order = archive.read(byteorder).strip() if byteorder in names else b""
+        order = archive.read(_small_record(archive, byteorder)).strip() if byteorder in names else b""
         if order not in (b"", b"little"):
             raise ConversionError(f"{path} stores its tensors in {order.decode(errors='replace')!r} byte order; only "
                                   "little-endian archives are read")
@@ -76,6 +79,16 @@ def read_torchscript(path) -> dict[str, tuple[np.ndarray, str]]:
     return arrays
 
 
+def _small_record(archive: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:
+    """Record `name` of the archive, to read: refused before it is read if it unpacks to more than
+    `_MAX_RECORD_BYTES`."""
+    info = archive.getinfo(name)
+    if info.file_size > _MAX_RECORD_BYTES:
+        raise ConversionError(f"{archive.filename}: {name} unpacks to {info.file_size} bytes, far more than such a "
+                              "record of a model holds; it is not read")
+    return info
+
+
 def _tensor_attributes(archive: zipfile.ZipFile, prefix: str) -> dict[str, set[str]]:
     """{qualified class name: its parameter and buffer names}, from the class definitions' source text."""
     classes: dict[str, set[str]] = {}
@@ -84,8 +97,9 @@ def _tensor_attributes(archive: zipfile.ZipFile, prefix: str) -> dict[str, set[s
         if not (name.startswith(code) and name.endswith(".py")):
             continue
         module = name[len(code):-len(".py")].replace("/", ".")
+        source = archive.read(_small_record(archive, name))
         try:
-            tree = ast.parse(archive.read(name).decode("utf-8"))
+            tree = ast.parse(source.decode("utf-8"))
             for node in tree.body:
                 if isinstance(node, ast.ClassDef):
                     classes[f"{module}.{node.name}"] = _declared_tensors(node)
@@ -110,7 +124,7 @@ def _declared_tensors(node: ast.ClassDef) -> set[str]:
 
 class _Unpickler(pickle.Unpickler):
     def __init__(self, archive: zipfile.ZipFile, prefix: str):
-        super().__init__(archive.open(f"{prefix}/data.pkl"))
+        super().__init__(archive.open(_small_record(archive, f"{prefix}/data.pkl")))
         self._archive, self._prefix = archive, prefix
         self._classes: dict[str, type] = {}
 
