@@ -231,6 +231,23 @@ def test_paths_a_run_could_not_save_to_are_refused_before_training(tmp_path, mon
     assert not any(here.iterdir()) and (tmp_path / "afile").read_text() == "x\n"
 
 
+def test_an_out_folder_whose_parent_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """Saving stages the new model folder beside --out and swaps it in: a folder holding --out that this process may
+    not write in was found only after training. (As root every access check passes, so os.access is replaced.)"""
+    monkeypatch.setattr(train_default, "train", None)  # any training would fail
+    out = tmp_path / "models" / "m"
+    out.mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: pathlib.Path(path) != out.parent and real_access(path, mode))
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(out), "--steps", "3", "--set", "warmup_steps=1"])
+    with pytest.raises(SystemExit) as raised:
+        train_default.main()
+    assert raised.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"train_default.py: error: --out {out}: cannot write in {out.parent}, where its replacement is written before "
+        "it replaces the folder")
+
+
 def test_saving_a_model_replaces_only_the_files_this_script_writes(tmp_path, monkeypatch):
     """A model folder trained again in place: its model files are replaced (the stale heldout_metrics.json goes, the
     next stage writes it again), and all else it holds is kept, its card and what arrived there during training."""

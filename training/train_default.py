@@ -1322,8 +1322,9 @@ def check_model_folder(out: pathlib.Path, flag: str = "--out") -> pathlib.Path:
     """`out` as a folder a run may save its model to, checked before training: one to make, an empty one (a file
     browser's files aside), or a model folder this script wrote, holding its `MODEL_FILES` and perhaps a model card
     (README.md), which saving keeps; never the current folder or one above it (it cannot be replaced). ValueError
-    (or OSError) on any other: saving replaces the folder, and would delete what the run did not write."""
-    out = check_output_folder(out, flag)
+    (or OSError) on any other: saving replaces the folder, and would delete what the run did not write. Saving
+    stages the new folder beside `out`: the folder holding it must be writable too."""
+    out = check_output_folder(out, flag, replaced=True)
     if not out.exists():
         return out
     try:
