@@ -124,6 +124,7 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
                     shutil.copy2(path, staging / path.name, follow_symlinks=False)
         with ctrl_c_held():
             if target.exists():
+                _sync_files(staging)  # as write_bytes_atomic: a crash after the swap must not leave empty files
                 old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
                 try:
                     target.rename(old / target.name)
@@ -187,6 +188,14 @@ def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _sync_files(folder: pathlib.Path) -> None:
+    """Makes the data of every regular file under `folder` reach the disk."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as file:
+                os.fsync(file.fileno())
 
 
 def _remove_replaced(old: pathlib.Path, target: pathlib.Path) -> None:

@@ -1230,6 +1230,27 @@ def test_ctrl_c_while_a_staged_folder_replaces_its_target_leaves_the_new_one_who
     assert (target / "step").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
 
 
+def test_a_staged_folder_that_replaces_its_target_syncs_its_files_first(tmp_path, monkeypatch):
+    """The old folder is deleted once the new one is renamed in: every file of the new one reaches the disk before
+    (a crash right after the swap could otherwise leave empty files and no old folder), as write_bytes_atomic does."""
+    from tclip_jax.files import staged_folder
+
+    target = tmp_path / "checkpoint"
+    with staged_folder(target) as staging:
+        (staging / "step").write_text("1")
+    synced, fsync, rename = set(), os.fsync, pathlib.Path.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.add(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    seen_at_swap = []
+    monkeypatch.setattr(pathlib.Path, "rename", lambda self, new: seen_at_swap.append(set(synced)) or rename(self, new))
+    with staged_folder(target) as staging:
+        (staging / "step").write_text("2")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "params").write_bytes(b"\0" * 10)
+        written = {str(staging / "step"), str(staging / "sub" / "params")}
+    assert written <= seen_at_swap[0]  # before the old folder was moved aside
+    assert (target / "step").read_text() == "2"
+
+
 _BLOCKED_IN_XLA = """
 import sys
 import jax
