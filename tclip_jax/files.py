@@ -100,6 +100,8 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
     target = pathlib.Path(target)
     if target.is_symlink() and not target.exists():
         raise ValueError(f"{target} is a link to nothing; remove it or name another folder")
+    if target.is_symlink():  # the folder it links to is replaced, and the link kept (models/current -> models/v3)
+        target = target.resolve()
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} is a file, not a folder")
     if target.exists() and not overwrite:

@@ -1251,6 +1251,21 @@ def test_a_staged_folder_that_replaces_its_target_syncs_its_files_first(tmp_path
     assert (target / "step").read_text() == "2"
 
 
+def test_a_staged_folder_named_by_a_link_replaces_the_folder_it_links_to(tmp_path):
+    """A link to a folder (models/current -> models/v3) was replaced by a real folder, and the folder it linked to
+    kept the old contents: the link is followed and kept."""
+    from tclip_jax.files import staged_folder
+
+    real, link = tmp_path / "v3", tmp_path / "current"
+    real.mkdir()
+    (real / "step").write_text("1")
+    link.symlink_to(real, target_is_directory=True)
+    with staged_folder(link) as staging:
+        (staging / "step").write_text("2")
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert (real / "step").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["current", "v3"]
+
+
 _BLOCKED_IN_XLA = """
 import sys
 import jax
