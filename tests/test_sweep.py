@@ -1032,6 +1032,20 @@ def test_a_sweep_resumes_on_its_model_by_its_weights_not_by_the_path_as_typed(ti
     assert _lines(tmp_path / "out" / "results-p0.jsonl") == 4
 
 
+def test_a_sweep_resumes_on_its_model_converted_by_tclip_convert(tiny_model, tmp_path):
+    """`tclip convert` stores the same weights another way (source 'tclip', not 'openai'), as the fingerprint says: a
+    sweep resumes on the converted model and gives the sweep run on it."""
+    converted = str(tmp_path / "converted")
+    assert main(["convert", tiny_model, "--out", converted]) == 0
+    sweep = ("synthetic", "--protocol", "bare_words", "--translations", "1")
+    out, fresh = str(tmp_path / "out"), str(tmp_path / "fresh")
+    assert main(_cli(*sweep, "--model", tiny_model, "--limit", "1", "--out", out)) == 0
+    assert main(_cli(*sweep, "--model", converted, "--limit", "2", "--resume", "--out", out)) == 0
+    assert main(_cli(*sweep, "--model", converted, "--limit", "2", "--out", fresh)) == 0
+    for name in ("sweep.json", "report.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+
+
 def test_a_lock_names_its_holder_alone_and_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):
     """A killed holder's longer text stays in the file: the new holder's name replaces it whole. A file that cannot be
     opened (another user's, left by a killed run) is named with what to do, not a PermissionError."""

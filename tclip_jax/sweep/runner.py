@@ -20,8 +20,9 @@ A sample that cannot be read or scored (``ValueError``/``OSError``) is recorded 
 Resume: the records already on disk (any process's) name the samples that are done; they are skipped, and a
 torn last line left by a kill is dropped, so nothing is lost or counted twice. ``sweep.json`` holds the
 sweep's configuration; resuming with a different one is an error. The model in it is told by its
-``LoadedClip.fingerprint`` (its config and every weight), not by its origin, the path as typed; a sweep stored before
-models had that fingerprint is told by its origin (and activation).
+``LoadedClip.fingerprint`` (its config and every weight), not by its origin, the path as typed, nor its source, how
+it was stored (an OpenAI .pt and its `tclip convert` folder are one model); a sweep stored before models had that
+fingerprint is told by its origin (and activation).
 
 Device waiting: a watcher thread notes when each batch finishes. The device is busy for batch k from
 max(its dispatch, batch k-1's finish) to its finish; after the first batch (which includes compilation) the
@@ -382,8 +383,9 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
     if "fingerprint" in model:
         if "fingerprint" in stored_model and not is_v1_fingerprint(stored_model["fingerprint"]):
             # The weights tell the model, not the path as typed (./m.npz is m.npz; a file replaced at the same path
-            # is another model): the origin is kept in sweep.json for people, not compared.
-            stored_model["origin"] = model["origin"]
+            # is another model) nor how it was stored (an OpenAI .pt and its `tclip convert` folder): the origin and
+            # source are kept in sweep.json for people, not compared.
+            stored_model.update(origin=model["origin"], source=model["source"])
         else:  # a sweep stored before models had fingerprints (and activations), or before they covered the whole
             # model (the first did not tell apart models whose transformer blocks alone differ): compared by its
             # origin, as then, and by its activation where it records one
