@@ -1046,6 +1046,22 @@ def test_a_sweep_resumes_on_its_model_converted_by_tclip_convert(tiny_model, tmp
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
 
 
+def test_the_template_of_the_bare_names_resumes_a_sweep_without_one(coco_hand, tmp_path):
+    """'{}' prompts with the bare class names, as no template does: either resumes a sweep stored with the other,
+    also one stored before '{}' was stored as no template."""
+    method = ("--method", "test_sweep:Painted", "--data", str(coco_hand))
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert main(_cli("coco", *method, "--limit", "1", "--out", str(out))) == 0
+    assert main(_cli("coco", *method, "--template", "{}", "--limit", "2", "--resume", "--out", str(out))) == 0
+    stored = json.loads((out / "sweep.json").read_text())
+    (out / "sweep.json").write_text(json.dumps({**stored, "template": "{}"}))
+    assert main(_cli("coco", *method, "--limit", "3", "--resume", "--out", str(out))) == 0
+    assert main(_cli("coco", *method, "--template", "{}", "--limit", "3", "--out", str(fresh))) == 0
+    for name in ("sweep.json", "report.json", "report.md"):
+        assert (out / name).read_bytes() == (fresh / name).read_bytes()
+    assert "Prompts: the bare class names" in (fresh / "report.md").read_text()
+
+
 def test_a_lock_names_its_holder_alone_and_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):
     """A killed holder's longer text stays in the file: the new holder's name replaces it whole. A file that cannot be
     opened (another user's, left by a killed run) is named with what to do, not a PermissionError."""

@@ -123,8 +123,10 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     the annotations' fingerprint, template, limit and evaluation options it is stored in ``sweep.json`` and checked
     on resume, where only the limit may change, and only grow, and the folder the data is in (``data_folder``, as
     ``source`` names it), where the annotations' fingerprint is unchanged: a dataset moved or mounted elsewhere.
+    The template ``"{}"`` is stored as None: both prompt with the bare class names.
     """
     out = check_output_folder(out)
+    template = None if template == DEFAULT_TEMPLATE else template  # the bare names: one spelling, compared on resume
     process, processes = jax.process_index(), jax.process_count()
     run, shared = method.run_info(), shared_names(dataset.class_names)
     config = json.loads(json.dumps({"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "run": run,
@@ -377,6 +379,8 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
     if "data_fingerprint" in config:  # a sweep stored before datasets had fingerprints: nothing to check against
         stored.setdefault("data_fingerprint", config["data_fingerprint"])
     model, stored_model = config["run"]["model"], stored.get("run", {}).get("model", {})
+    if stored.get("template") == DEFAULT_TEMPLATE:  # stored before "{}" was stored as None, which prompts alike
+        stored["template"] = None
     if "matmul_dtype" in model:
         # Sweeps stored before results recorded the matmul dtype ran float32 matmuls (the command line had no other).
         stored_model.setdefault("matmul_dtype", "float32")
