@@ -195,15 +195,17 @@ def test_save_vis_writes_one_picture_per_unit_of_the_first_images(coco_hand, tmp
     run_sweep(dataset, Painted.from_pretrained(), tmp_path, options=RunOptions(batch_size=2, save_vis=1, progress=False))
     assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["1__person.png",
                                                                     f"{file_stem(1, 'traffic light')}.png"]
-    # A picture that cannot be written (here: "vis" is a file) is one warning; the records are the sweep's.
+    # A picture that cannot be written (here: "vis" is a file, put in the sweep's folder before it resumes; a new
+    # sweep goes only into an empty folder) is one warning; the records are the sweep's.
     blocked = tmp_path / "blocked"
-    blocked.mkdir()
+    run_sweep(dataset, Painted.from_pretrained(), blocked, options=RunOptions(limit=1, progress=False))
     (blocked / "vis").write_text("not a folder")
     with pytest.warns(UserWarning, match="--save-vis pictures: .*; some units will lack theirs") as warned:
-        run_sweep(dataset, Painted.from_pretrained(), blocked, options=RunOptions(batch_size=2, save_vis=2,
-                                                                                   progress=False))
-    assert len([w for w in warned if "--save-vis" in str(w.message)]) == 1  # six pictures, one warning
-    assert read_all_records(blocked) == read_all_records(tmp_path)
+        run_sweep(dataset, Painted.from_pretrained(), blocked, options=RunOptions(batch_size=2, save_vis=3,
+                                                                                   resume=True, progress=False))
+    assert len([w for w in warned if "--save-vis" in str(w.message)]) == 1  # four pictures, one warning
+    in_order = [sorted(read_all_records(out), key=lambda r: r["index"]) for out in (blocked, tmp_path)]
+    assert in_order[0] == in_order[1]  # (a resume writes its records after those before it)
 
 
 def test_resume_tries_the_samples_recorded_as_errors_again(coco_hand, tmp_path):
@@ -1191,6 +1193,47 @@ def test_a_sweep_that_fails_before_its_first_record_leaves_nothing(tmp_path, cap
         run_sweep(synthetic_dataset(2, "bare_words"), Painted.from_pretrained(), out,
                   options=RunOptions(batch_size=1, progress=False))
     assert not out.exists()
+
+
+def test_a_sweep_stopped_before_its_first_record_leaves_a_folder_made_beforehand_as_it_was(tmp_path, monkeypatch):
+    """Job scripts make --out first (`mkdir out`): a sweep stopped there before any record (Ctrl-C while the first
+    image's record is written, its pictures drawn) left sweep.json and an empty results file, and a plain rerun was
+    refused as a sweep there. It removes what it wrote, not the folder nor what was in it, and a rerun works."""
+    import tclip_jax.sweep.runner as runner
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".DS_Store").write_bytes(b"a file browser's")
+
+    def interrupted(self, record):
+        raise KeyboardInterrupt
+
+    sweep = (synthetic_dataset(2, "bare_words"), Painted.from_pretrained(), out)
+    with monkeypatch.context() as patch:
+        patch.setattr(runner.ResultWriter, "append", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(*sweep, options=RunOptions(batch_size=1, save_vis=2, progress=False))
+    assert sorted(os.listdir(out)) == [".DS_Store"] and (out / ".DS_Store").read_bytes() == b"a file browser's"
+    assert run_sweep(*sweep, options=RunOptions(batch_size=1, save_vis=2, progress=False)).report["images"] == 2
+    assert {"gallery", "vis"} <= set(os.listdir(out))  # what the interrupted run had drawn, it had drawn too
+
+
+def test_a_new_sweep_into_a_folder_that_is_neither_empty_nor_a_sweep_is_refused(coco_hand, tmp_path, capsys):
+    """A new sweep writes report.md and keeps in gallery/ only its own pictures: into someone's folder it overwrote
+    their report.md and deleted their pictures. It is refused in one line naming the folder, which is left as it
+    was, as `tclip explain` refuses a folder that is neither empty nor its own."""
+    out = tmp_path / "mine"
+    (out / "gallery").mkdir(parents=True)
+    (out / "gallery" / "holiday.jpg").write_bytes(b"my precious")
+    (out / "report.md").write_text("# my notes\n")
+    method = ("--method", "test_sweep:Painted", "--data", str(coco_hand), "--out", str(out))
+    for resume in ((), ("--resume",)):
+        message = _fails(capsys, "coco", *method, *resume)
+        assert f"{out} is neither empty nor a sweep (it has no sweep.json and holds gallery, report.md)" in message
+        assert message.count("\n") == 1
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["gallery", "gallery/holiday.jpg", "report.md"]
+    assert (out / "gallery" / "holiday.jpg").read_bytes() == b"my precious"
+    assert (out / "report.md").read_text() == "# my notes\n"
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path, monkeypatch):

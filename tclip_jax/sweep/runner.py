@@ -24,6 +24,10 @@ sweep's configuration; resuming with a different one is an error. The model in i
 it was stored (an OpenAI .pt and its `tclip convert` folder are one model); a sweep stored before models had that
 fingerprint is told by its origin (and activation).
 
+A new sweep starts only in a new folder or an empty one (sweeps' locks and file browsers' files aside): anything
+else is someone's, which its report and gallery would overwrite. One that stops before its first record leaves the
+folder as it found it: it removes what it wrote, and the folder if it made it.
+
 Device waiting: a watcher thread notes when each batch finishes. The device is busy for batch k from
 max(its dispatch, batch k-1's finish) to its finish; after the first batch (which includes compilation) the
 rest of the time it waits on the host (``device_wait_share``).
@@ -51,18 +55,19 @@ from tclip_jax.checkpoints.load import is_v1_fingerprint
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample
 from tclip_jax.evaluation.options import EvalOptions
 from tclip_jax.evaluation.scoring import score_unit
-from tclip_jax.files import check_output_folder, write_text_atomic
+from tclip_jax.files import check_output_folder, unwritten_entries, write_text_atomic
 from tclip_jax.image import Geometry
 from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query, QueryArrays
 from tclip_jax.sweep.options import RunOptions
 from tclip_jax.sweep.report import CONFIG_FILE, read_config, write_report
 from tclip_jax.sweep.sharding import DeviceMaps, DispatchedMaps, barrier, class_slots, owns
-from tclip_jax.sweep.store import (RESULTS_GLOB, ResultWriter, drop_errors, files_to_retry, read_all_records,
-                                  read_records, results_lock, results_path)
+from tclip_jax.sweep.store import (LOCKS_GLOB, RESULTS_GLOB, ResultWriter, drop_errors, files_to_retry,
+                                  read_all_records, read_records, results_lock, results_path)
 from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, UnitPictures
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
 DEFAULT_TEMPLATE = "{}"
+VIS_DIR = "vis"  # --save-vis pictures
 
 
 def class_labels(class_names: Sequence[str]) -> tuple[str, ...]:
@@ -138,8 +143,10 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     created = not out.exists()
     barrier("tclip-sweep-seen")  # every process has looked before any makes the folder for its lock
     with results_lock(out, process):  # checked and run by no other sweep meanwhile
+        new_sweep = False  # checked, into an empty folder: what is in it from now on this sweep wrote
         try:
             _check_config(out, config, options.resume, data_folder)
+            new_sweep = not (out / CONFIG_FILE).exists()
             queries = _Queries(method, class_queries(dataset.class_names, template))  # bad prompts: nothing written
             barrier("tclip-sweep-checked")  # nobody writes before every process has checked
             if process == 0:
@@ -167,12 +174,15 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                 maps = DeviceMaps(method, jax.local_devices())
                 try:
                     throughput = _pipeline(todo, method, queries, maps, dataset, evaluation, options,
-                                           UnitPictures(out / "vis"), record, gallery)
+                                           UnitPictures(out / VIS_DIR), record, gallery)
                 finally:
                     maps.close()
         except BaseException:
-            if created and process == 0 and not read_all_records(out):  # nothing to resume: leave nothing behind
-                shutil.rmtree(out, ignore_errors=True)
+            if new_sweep and process == 0 and not read_all_records(out):  # nothing to resume: leave it as it was
+                if created:
+                    shutil.rmtree(out, ignore_errors=True)
+                else:  # made beforehand (`mkdir out` in a job script): a plain rerun must find it empty again
+                    _remove_new_sweep(out)
             raise
         if throughput.images:  # a resume with nothing left to run keeps the rates of the run that did the work
             _write_json(out / f"throughput-p{process}.json", dataclasses.asdict(throughput))
@@ -363,6 +373,14 @@ def _error_record(index: int, key: str, err: Exception) -> dict:
     return {"key": key, "index": index, "error": f"{type(err).__name__}: {err}"}
 
 
+def _remove_new_sweep(out: pathlib.Path) -> None:
+    """Removes what a new sweep that recorded nothing wrote into a folder it found empty (`_check_config`)."""
+    for path in [out / CONFIG_FILE, *out.glob(RESULTS_GLOB)]:
+        path.unlink(missing_ok=True)
+    for folder in (GALLERY_DIR, VIS_DIR):
+        shutil.rmtree(out / folder, ignore_errors=True)
+
+
 def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Optional[str] = None) -> None:
     path = out / CONFIG_FILE
     if not path.exists():
@@ -371,6 +389,13 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
             raise ValueError(f"{out} holds sweep records ({', '.join(records)}) but no {CONFIG_FILE}, which says what "
                              f"they were run with, so they can be neither resumed nor added to: restore {CONFIG_FILE} "
                              "or choose another --out")
+        # A new sweep writes report.md and prunes gallery/ to its own pictures: only into an empty folder (but for
+        # sweeps' locks and file browsers' files), as `tclip explain` replaces only an empty folder or its own output.
+        foreign = unwritten_entries(out, [p.name for p in out.glob(LOCKS_GLOB)])
+        if foreign:
+            raise ValueError(f"{out} is neither empty nor a sweep (it has no {CONFIG_FILE} and holds "
+                             f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), and a new sweep would "
+                             "overwrite or delete files there; choose another --out")
         return
     if not resume:
         raise ValueError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")

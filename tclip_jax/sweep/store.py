@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from tclip_jax.files import held_lock, write_bytes_atomic
 
 RESULTS_GLOB = "results-p*.jsonl"
+LOCKS_GLOB = "results-p*.lock"
 
 
 def results_path(out: pathlib.Path, process_index: int) -> pathlib.Path:
