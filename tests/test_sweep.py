@@ -1236,6 +1236,21 @@ def test_a_new_sweep_into_a_folder_that_is_neither_empty_nor_a_sweep_is_refused(
     assert (out / "report.md").read_text() == "# my notes\n"
 
 
+def test_a_resume_on_fewer_processes_removes_the_lock_files_killed_processes_left(coco_hand, tmp_path):
+    """A killed process leaves its lock file (the lock goes with it): process 1's of a two-process sweep stayed for
+    good after a resume on one process. Process 0 removes those of the processes it does not have, unless held."""
+    from tclip_jax.files import held_lock
+
+    out = tmp_path / "out"
+    sweep = (coco_dataset(coco_hand), Painted.from_pretrained(), out)
+    run_sweep(*sweep, options=RunOptions(limit=1, progress=False))
+    for process in (1, 2):
+        (out / f"results-p{process}.lock").write_text(f"process {process} of a killed sweep")
+    with held_lock(out / "results-p2.lock", "sweep", out):  # a live holder's (another open file: a lock of its own)
+        run_sweep(*sweep, options=RunOptions(limit=2, resume=True, progress=False))
+        assert sorted(p.name for p in out.glob("*.lock")) == ["results-p2.lock"]
+
+
 def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
     from tclip_jax.files import write_text_atomic
 

@@ -62,7 +62,7 @@ from tclip_jax.sweep.options import RunOptions
 from tclip_jax.sweep.report import CONFIG_FILE, read_config, write_report
 from tclip_jax.sweep.sharding import DeviceMaps, DispatchedMaps, barrier, class_slots, owns
 from tclip_jax.sweep.store import (LOCKS_GLOB, RESULTS_GLOB, ResultWriter, drop_errors, files_to_retry,
-                                  read_all_records, read_records, results_lock, results_path)
+                                  read_all_records, read_records, remove_stale_locks, results_lock, results_path)
 from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, UnitPictures
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
@@ -150,6 +150,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
             queries = _Queries(method, class_queries(dataset.class_names, template))  # bad prompts: nothing written
             barrier("tclip-sweep-checked")  # nobody writes before every process has checked
             if process == 0:
+                remove_stale_locks(out, processes)
                 _write_json(out / CONFIG_FILE, config)
             for path in files_to_retry(out, process, processes):  # a resumed sweep tries its failed samples again
                 drop_errors(path)

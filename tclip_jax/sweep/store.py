@@ -10,7 +10,9 @@
   file without them, whole or not at all, before the sweep reads what is done; each process its own file, and
   process 0 also the files of processes a resume on fewer processes does not have (`files_to_retry`).
 - A sweep holds ``<out>/results-p<process>.lock`` (`results_lock`, an exclusive ``flock``) for its whole run, so a
-  second sweep into the same folder, or a second --resume of it, is refused instead of writing the same file.
+  second sweep into the same folder, or a second --resume of it, is refused instead of writing the same file. A
+  killed process leaves its lock file (not the lock); process 0 of a resume on fewer processes removes those of the
+  processes it does not have, unless one is held (`remove_stale_locks`).
 """
 from __future__ import annotations
 
@@ -52,13 +54,13 @@ def read_records(path: pathlib.Path) -> list[dict]:
 def files_to_retry(out: pathlib.Path, process: int, processes: int) -> list[pathlib.Path]:
     """The results files whose error records `process` drops on a resume: its own, and for process 0 those of
     processes this run does not have (a sweep resumed on fewer processes), which no other process touches."""
-    paths = [results_path(out, process)]
-    if process == 0:
-        for path in sorted(out.glob(RESULTS_GLOB)):
-            written_by = re.fullmatch(r"results-p(\d+)\.jsonl", path.name)
-            if written_by and int(written_by[1]) >= processes:
-                paths.append(path)
-    return paths
+    return [results_path(out, process), *(_files_of_processes_from(out, ".jsonl", processes) if process == 0 else [])]
+
+
+def _files_of_processes_from(out: pathlib.Path, suffix: str, first: int) -> list[pathlib.Path]:
+    """The files ``results-p<process><suffix>`` under ``out`` of processes ``first`` and above."""
+    return [path for path in sorted(out.glob(f"results-p*{suffix}"))
+            if (owner := re.fullmatch(rf"results-p(\d+){re.escape(suffix)}", path.name)) and int(owner[1]) >= first]
 
 
 def drop_errors(path: pathlib.Path) -> None:
@@ -108,6 +110,15 @@ def results_lock(out: pathlib.Path, process_index: int) -> Iterator[None]:
     refused at once, in one line (`files.held_lock`)."""
     with held_lock(out / f"results-p{process_index}.lock", "sweep", out, make_folder=True):
         yield
+
+
+def remove_stale_locks(out: pathlib.Path, processes: int) -> None:
+    """Removes the lock files of processes ``processes`` and above, which a killed sweep run on more processes
+    left: each is taken first (`files.held_lock`, which removes it as it lets go), so one still held is left."""
+    for path in _files_of_processes_from(out, ".lock", processes):
+        with contextlib.suppress(ValueError):  # held, or another user's: not ours to remove
+            with held_lock(path, "sweep", out):
+                pass
 
 
 class ResultWriter:
