@@ -1121,14 +1121,17 @@ def test_the_paper_figure_is_shown_only_beside_a_run_as_the_paper_ran_it():
     config = {"run": paper_run, "dataset": "coco", "limit": None, "template": None,
               "source": "coco val2017 in /data/coco, crowd keep", "evaluation": EvalOptions().to_dict()}
     assert paper_figures(config) == (PAPER["coco"], "")
-    assert paper_figures({**config, "dataset": "imagenet-s50"})[0] == PAPER["imagenet-s"]
+    assert paper_figures({**config, "dataset": "imagenet-s919"})[0] == PAPER["imagenet-s919"]
     # The seed metrics add a table and change none of the paper's figures; COCO's boxes depend on no threshold.
     seed_and_otsu = EvalOptions(metrics="seed", threshold="otsu", pg_tolerance=3).to_dict()
     assert paper_figures({**config, "evaluation": seed_and_otsu}) == (PAPER["coco"], "")
     assert paper_figures({**config, "template": "{}"}) == (PAPER["coco"], "")  # the bare names too
-    assert paper_figures({**config, "dataset": "imagenet-s50",
-                          "evaluation": EvalOptions(metrics="seed").to_dict()})[0] == PAPER["imagenet-s"]
+    assert paper_figures({**config, "dataset": "imagenet-s919",
+                          "evaluation": EvalOptions(metrics="seed").to_dict()})[0] == PAPER["imagenet-s919"]
+    # The paper's ImageNet-S figures are of the 919-class split (benchmarks/RESULTS.md), not of the smaller ones.
     changes = [({"dataset": "synthetic-captions"}, "no synthetic-captions figures"),
+               ({"dataset": "imagenet-s50"}, "no imagenet-s50 figures"),
+               ({"dataset": "imagenet-s300"}, "no imagenet-s300 figures"),
                ({"limit": 50}, "first 50 samples"),
                ({"run": {**paper_run, "method": "hilacam"}}, "the method is hilacam"),
                ({"run": {**paper_run, "model": {**paper_run["model"], "architecture": "ViT-L/14"}}}, "not OpenAI's"),
@@ -1136,7 +1139,7 @@ def test_the_paper_figure_is_shown_only_beside_a_run_as_the_paper_ran_it():
                ({"run": {**paper_run, "settings": Settings(translations=1).to_dict()}}, "settings differ"),
                ({"template": "a photo of a {}."}, "the prompts fill a template"),
                ({"source": "coco val2017 in /data/coco, crowd drop"}, "crowd boxes are dropped"),
-               ({"dataset": "imagenet-s50", "evaluation": EvalOptions(threshold="otsu").to_dict()},
+               ({"dataset": "imagenet-s919", "evaluation": EvalOptions(threshold="otsu").to_dict()},
                 "the evaluation's threshold is not the paper's"),
                ({"dataset": "imagenet-s919", "evaluation": EvalOptions(pg_tolerance=15).to_dict()},
                 "the evaluation's pg_tolerance is not the paper's")]
