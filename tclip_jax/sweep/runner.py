@@ -452,8 +452,12 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
                   "new --out)") if "shared_class_names" in changed else ""
         other_model = (" (not the sweep's model, whatever its path: its weights or activation differ; name the "
                        "sweep's model or start a new --out)") if "run.model.fingerprint" in changed else ""
+        # A method's maps version may follow its settings (TCLIP's its input protocol): the maps changed under the
+        # sweep only where the method and its settings did not.
+        same_method = not any(key in ("run.method", "run.input_protocol") or key.startswith("run.settings.")
+                              for key in changed)
         other_maps = (" (the method's maps changed since the sweep began: its records hold the old ones; start a "
-                      "new --out)") if "run.maps_version" in changed and "run.method" not in changed else ""
+                      "new --out)") if "run.maps_version" in changed and same_method else ""
         raise ValueError(f"cannot resume {out}: the sweep there differs in "
                          + "; ".join(f"{key} (stored {old!r}, now {new!r})" for key, (old, new) in changed.items())
                          + shrinks + edited + shared + other_model + other_maps)
