@@ -1075,6 +1075,21 @@ def test_the_template_of_the_bare_names_resumes_a_sweep_without_one(coco_hand, t
     assert "Prompts: the bare class names" in (fresh / "report.md").read_text()
 
 
+@pytest.mark.parametrize("name", ["...", "&amp;"])  # "&amp;" is "&" once cleaned, as CLIP cleans text
+def test_a_coco_category_named_without_a_word_is_refused_before_the_sweep(tmp_path, capsys, name):
+    """A class prompt names its class by its words: a category named "..." failed in TCLIP's prompt check, naming
+    neither the category nor the file. The dataset check names both, in one line, before anything is written."""
+    root = write_coco(tmp_path / "coco", {1: painted(8, 8, [])}, [(1, 1, [0, 0, 4, 4], 0)])
+    instances = root / "annotations" / "instances_val2017.json"
+    data = json.loads(instances.read_text())
+    data["categories"][-1]["name"] = name
+    instances.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    message = _fails(capsys, "coco", "--data", str(root), "--out", str(out))
+    assert f"{instances}: categories[79] (id 90): name {name!r} has no word (no letter or digit)" in message
+    assert message.count("\n") == 1 and not out.exists()
+
+
 def test_a_lock_names_its_holder_alone_and_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):
     """A killed holder's longer text stays in the file: the new holder's name replaces it whole. A file that cannot be
     opened (another user's, left by a killed run) is named with what to do, not a PermissionError."""

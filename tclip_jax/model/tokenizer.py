@@ -194,8 +194,7 @@ def _group_words(text: str, cleaned: str, encoding: tokenizers.Encoding,
     pieces = zip(encoding.word_ids, encoding.offsets, positions)
     for _, members in itertools.groupby(pieces, key=lambda piece: piece[0]):
         members = [(start, end, position) for _, (start, end), position in members]
-        chunk_text = cleaned[members[0][0]:members[-1][1]]
-        if any(unicodedata.category(c)[0] in "LN" for c in chunk_text):
+        if _has_letter_or_digit(cleaned[members[0][0]:members[-1][1]]):
             chunks.append((members[0][0], members[-1][1], tuple(p for _, _, p in members), False))
             continue
         marked = [k for k, (a, b, _) in enumerate(members) if any(_is_mark(c) for c in cleaned[a:b])]
@@ -212,6 +211,16 @@ def _group_words(text: str, cleaned: str, encoding: tokenizers.Encoding,
     starts, ends = _original_spans(text, cleaned)
     return tuple(Word(text[starts[start]:ends[end - 1]], starts[start], ends[end - 1], piece_positions, punctuation)
                  for start, end, piece_positions, punctuation in merged)
+
+
+def has_word(text: str) -> bool:
+    """Whether `text` has a word to explain once cleaned (`clean_text`): a letter or digit, which makes a run of
+    text a word rather than punctuation (`Word`)."""
+    return _has_letter_or_digit(clean_text(text))
+
+
+def _has_letter_or_digit(text: str) -> bool:
+    return any(unicodedata.category(c)[0] in "LN" for c in text)
 
 
 def _is_mark(character: str) -> bool:

@@ -33,6 +33,7 @@ import numpy as np
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
 from tclip_jax.files import fingerprint
 from tclip_jax.image import load_image
+from tclip_jax.model.tokenizer import has_word
 
 Crowd = Literal["keep", "drop"]
 CROWD_MODES = ("keep", "drop")
@@ -172,6 +173,9 @@ def _read_instances(path: pathlib.Path,
         integer("categories", index, category, "id", 0)
         if not isinstance(category.get("name"), str) or not category["name"].strip():
             raise bad("categories", index, category, f"name must be a non-empty string, got {category.get('name')!r}")
+        if not has_word(category["name"]):  # a class prompt names the class by its words
+            raise bad("categories", index, category, f"name {category['name']!r} has no word (no letter or digit) "
+                      "for a class prompt to name the category by")
     categories = sorted(data["categories"], key=lambda c: c["id"])
     class_of = {c["id"]: index for index, c in enumerate(categories)}
     if len(class_of) != len(categories):
