@@ -1090,6 +1090,17 @@ def test_a_coco_category_named_without_a_word_is_refused_before_the_sweep(tmp_pa
     assert message.count("\n") == 1 and not out.exists()
 
 
+def test_every_sweep_flag_has_help_and_is_in_the_readme():
+    from tclip_jax.cli import build_parser
+
+    sweep = build_parser()._subparsers._group_actions[0].choices["sweep"]
+    readme = (TESTS.parent / "README.md").read_text()
+    flagged = [action for action in sweep._actions if action.option_strings and action.dest != "help"]
+    assert [action.dest for action in flagged if not action.help] == []
+    assert [action.option_strings[0] for action in flagged  # a --x/--no-x pair is named by either
+            if not any(flag in readme for flag in action.option_strings if flag.startswith("--"))] == []
+
+
 def test_a_lock_names_its_holder_alone_and_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):
     """A killed holder's longer text stays in the file: the new holder's name replaces it whole. A file that cannot be
     opened (another user's, left by a killed run) is named with what to do, not a PermissionError."""

@@ -45,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("multi-process (jax.distributed)")
     group.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the environment")
     group.add_argument("--coordinator", help="coordinator address HOST:PORT")
-    group.add_argument("--num-processes", type=int)
-    group.add_argument("--process-id", type=int)
+    group.add_argument("--num-processes", type=int, help="how many processes the sweep runs in (with --coordinator)")
+    group.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1; process 0 "
+                       "writes the report")
 
 
 def run(args: argparse.Namespace) -> int:
