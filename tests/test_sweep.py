@@ -904,6 +904,7 @@ def test_a_sweep_that_scores_no_sample_fails_and_resume_scores_them_once_mended(
     assert message.startswith("tclip sweep: error: no sample could be scored: all 2 failed (the first, 1: ")
     assert message.endswith("--resume tries them again once the data is mended\n")
     assert _report(tmp_path / "out")["images"] == 0
+    assert "Nothing was scored: no sample could be read" in (tmp_path / "out" / "report.md").read_text()
     for name in images.values():
         Image.fromarray(painted(8, 8, [])).save(root / "val2017" / name["file_name"], format="PNG")
     assert main(_cli("coco", "--method", "test_sweep:Painted", "--data", str(root), "--out", out, "--resume")) == 0

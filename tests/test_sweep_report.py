@@ -197,3 +197,20 @@ def test_report_html_says_what_report_md_says_and_a_pipe_in_a_label_stays_in_its
     assert any(p.startswith("No paper figure is shown") for p in below)
     for paragraph in below:
         assert " ".join(paragraph.replace("`", "").split()) in shown
+
+
+def test_a_sweep_with_nothing_to_score_says_so(tmp_path):
+    """A VOC image whose labels hold only background and ignore pixels has no unit: the report had its description
+    ("1 images, 0 units") and no table, and did not say why."""
+    from test_datasets import painted, write_voc
+    from tclip_jax.evaluation.datasets import voc_dataset
+
+    labels = np.zeros((8, 8), np.int64)
+    labels[2:4] = 255  # ignored
+    root = write_voc(tmp_path / "VOC2012", {"x1": (painted(8, 8, []), labels)})
+    out = tmp_path / "out"
+    report = run_sweep(voc_dataset(root), Painted.from_pretrained(), out, options=RunOptions(progress=False)).report
+    assert (report["images"], report["units"], report["errors"]) == (1, 0, [])
+    text = (out / "report.md").read_text()
+    assert "Nothing was scored: no image read holds an object of the dataset's classes" in text
+    assert "Nothing was scored" in (out / "report.html").read_text()

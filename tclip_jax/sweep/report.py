@@ -125,6 +125,10 @@ def _markdown_body(config: dict, summary: dict) -> list[str]:
     paper, why_not = paper_figures(config)
     lines = ["The paper's figures (TCLIP, CLIP ViT-B/32, the whole split) are shown beside this run." if paper
              else f"No paper figure is shown: {why_not}.", ""]
+    if not summary["units"]:  # no table below: say why rather than end the report on its description
+        lines += ["Nothing was scored: " + ("no image read holds an object of the dataset's classes (its annotations "
+                                            "have none, or only what the evaluation ignores)." if summary["images"]
+                                            else "no sample could be read (see the errors below)."), ""]
     groups = {_cell(group): scores for group, scores in summary.get("groups", {}).items()}
     if "detection" in summary:
         lines += ["| Method | BoxAcc (%) | BoxAcc, class mean (%) | Mean IoU | Units |",
