@@ -174,6 +174,8 @@ def test_the_cards_status_table_quotes_the_recorded_heldout_metrics(folder):
     retrieval = recorded["retrieval"]
     assert measured["retrieval top-1 image->text / text->image (256 scenes)"] == \
         f"{retrieval['image_to_text_top1']:.2f} / {retrieval['text_to_image_top1']:.2f}"
+    assert measured["the same, any caption / scene it is true of counting"] == \
+        f"{retrieval['image_to_true_text_top1']:.2f} / {retrieval['text_to_true_image_top1']:.2f}"
 
 
 def _close(computed, recorded, where=""):

@@ -404,3 +404,39 @@ def test_a_model_with_non_finite_embeddings_gets_no_retrieval_or_held_out_figure
         retrieval_top1(broken, images, captions)
     with pytest.raises(ValueError, match="2 of 2 held-out scenes failed under protocol captions; the first, "):
         synthetic_report(TCLIP(broken, Settings(translations=1)), "captions", 2)
+
+
+def test_retrieval_counts_the_paired_caption_and_with_true_of_any_true_caption_as_an_explicit_loop(fixtures_dir):
+    """Top-1 of each image's own caption, and of any caption `true_of` marks true of it (and the reverse), against
+    a loop over one image and one caption at a time."""
+    from tclip_jax.checkpoints.load import load_clip
+    from tclip_jax.evaluation.retrieval import retrieval_top1
+    from tclip_jax.image import whole_image
+    from tclip_jax.synthetic import retrieval_scenes
+
+    clip = load_clip(fixtures_dir / "tiny_openai_clip.npz")
+    scenes = retrieval_scenes(6)
+    images, captions = [s.image for s in scenes], [s.caption for s in scenes]
+    image_embeds = [np.asarray(clip.model.apply({"params": clip.params}, whole_image(image, clip.config.image_size)[0][None],
+                                                clip.tokenizer.encode([captions[0]], clip.config.context_length))[1][0])
+                    for image in images]
+    text_embeds = [np.asarray(clip.model.apply({"params": clip.params},
+                                               whole_image(images[0], clip.config.image_size)[0][None],
+                                               clip.tokenizer.encode([caption], clip.config.context_length))[2][0])
+                   for caption in captions]
+    similarity = np.array([[i @ t for t in text_embeds] for i in image_embeds])
+    true_of = np.eye(6, dtype=bool)
+    true_of[0, similarity[0].argmax()] = True  # image 0's best caption counts as true of it, whichever it is
+    true_of[similarity[:, 1].argmax(), 1] = True  # and caption 1's best image
+    measured = retrieval_top1(clip, images, captions, true_of)
+    expected_pairs = [similarity[i].argmax() == i for i in range(6)], [similarity[:, j].argmax() == j for j in range(6)]
+    assert measured["image_to_text_top1"] == pytest.approx(np.mean(expected_pairs[0]))
+    assert measured["text_to_image_top1"] == pytest.approx(np.mean(expected_pairs[1]))
+    assert measured["image_to_true_text_top1"] == pytest.approx(np.mean([true_of[i, similarity[i].argmax()]
+                                                                        for i in range(6)]))
+    assert measured["text_to_true_image_top1"] == pytest.approx(np.mean([true_of[similarity[:, j].argmax(), j]
+                                                                        for j in range(6)]))
+    assert measured["image_to_true_text_top1"] >= measured["image_to_text_top1"]
+    assert "image_to_true_text_top1" not in retrieval_top1(clip, images, captions)
+    with pytest.raises(ValueError, match="diagonal"):
+        retrieval_top1(clip, images, captions, ~np.eye(6, dtype=bool))

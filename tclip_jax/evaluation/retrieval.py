@@ -1,12 +1,15 @@
 """Image <-> text retrieval by CLIP's global embeddings (class token, end-of-text token), as CLIP is trained.
 
 Each image is fed whole (`whole_image`, bicubic, no crop: TCLIP's default input protocol); its caption is the
-correct text among all the captions given, and vice versa. Top-1 accuracy in each direction.
+correct text among all the captions given, and vice versa. Top-1 accuracy in each direction. Another caption can be
+true of an image too (synthetic scenes: "a yellow star" of every scene holding one); given which captions are true of
+which images, the top-1 that counts any true one is reported beside.
 """
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Optional
 
 import jax
 import numpy as np
@@ -24,8 +27,12 @@ def global_embeddings(model: CLIP, params, pixels: jax.Array, token_ids: jax.Arr
     return model.apply({"params": params}, pixels, token_ids)[1:]
 
 
-def retrieval_top1(clip: LoadedClip, images: Sequence[np.ndarray], captions: Sequence[str]) -> dict:
-    """{"pairs", "image_to_text_top1", "text_to_image_top1"} of uint8 images [H, W, 3] and their captions."""
+def retrieval_top1(clip: LoadedClip, images: Sequence[np.ndarray], captions: Sequence[str],
+                   true_of: Optional[np.ndarray] = None) -> dict:
+    """{"pairs", "image_to_text_top1", "text_to_image_top1"} of uint8 images [H, W, 3] and their captions; with
+    `true_of` ([images, captions] booleans: caption j is true of image i), also "image_to_true_text_top1" and
+    "text_to_true_image_top1", where retrieving any caption true of the image (any image the caption is true of)
+    counts."""
     if len(images) != len(captions) or not captions:
         raise ValueError(f"retrieval needs as many captions as images (at least one): got {len(images)} images "
                          f"and {len(captions)} captions")
@@ -45,5 +52,13 @@ def retrieval_top1(clip: LoadedClip, images: Sequence[np.ndarray], captions: Seq
                          f"{' and '.join(f'{n} {what}' for what, n in broken.items())} of {len(captions)}")
     similarity = image_embeds @ text_embeds.T
     truth = np.arange(len(captions))
-    return {"pairs": len(captions), "image_to_text_top1": float(np.mean(similarity.argmax(1) == truth)),
-            "text_to_image_top1": float(np.mean(similarity.argmax(0) == truth))}
+    texts, images_found = similarity.argmax(1), similarity.argmax(0)
+    result = {"pairs": len(captions), "image_to_text_top1": float(np.mean(texts == truth)),
+              "text_to_image_top1": float(np.mean(images_found == truth))}
+    if true_of is not None:
+        if np.shape(true_of) != (len(captions),) * 2 or not np.all(np.diagonal(true_of)):
+            raise ValueError(f"true_of must be a {len(captions)} x {len(captions)} boolean matrix whose diagonal (each "
+                             "image's own caption) is true")
+        result["image_to_true_text_top1"] = float(np.mean(true_of[truth, texts]))
+        result["text_to_true_image_top1"] = float(np.mean(true_of[images_found, truth]))
+    return result

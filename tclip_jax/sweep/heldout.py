@@ -4,7 +4,8 @@ A benchmark is `tclip sweep synthetic --protocol P --limit N` run in-process int
 figures and a sweep's cannot disagree. `heldout_metrics` is what a checkpoint's `heldout_metrics.json` records,
 and what a test re-measures: TCLIP with its default settings on the first `FAST_SCENES` held-out scenes of the
 `FAST_PROTOCOLS` (the gates that colour-copying cannot pass), plus image <-> text retrieval on
-`RETRIEVAL_PAIRS` held-out scenes.
+`RETRIEVAL_PAIRS` held-out scenes (top-1 of each scene's own caption, and of any caption true of it: a caption is true
+of every scene whose objects include its own, `description_is_true`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pathlib
 import tempfile
 from collections.abc import Sequence
 
+import numpy as np
+
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.evaluation.datasets.synthetic import synthetic_dataset
 from tclip_jax.evaluation.retrieval import retrieval_top1
@@ -21,7 +24,7 @@ from tclip_jax.files import write_text_atomic
 from tclip_jax.methods.base import Method
 from tclip_jax.methods.tclip import TCLIP
 from tclip_jax.sweep.runner import RunOptions, run_sweep
-from tclip_jax.synthetic import retrieval_scenes
+from tclip_jax.synthetic import description_is_true, retrieval_scenes
 
 HELDOUT_METRICS_FILE = "heldout_metrics.json"
 FAST_PROTOCOLS = ("captions", "bare_words", "colour_twins", "wrong_attribute", "small_objects")
@@ -63,7 +66,9 @@ def heldout_metrics(clip: LoadedClip, protocols: Sequence[str] = FAST_PROTOCOLS,
     for protocol in protocols:
         metrics["protocols"][protocol] = grounding_scores(synthetic_report(method, protocol, scenes))
     pairs = retrieval_scenes(RETRIEVAL_PAIRS)
-    metrics["retrieval"] = retrieval_top1(clip, [s.image for s in pairs], [s.caption for s in pairs])
+    true_of = np.array([[description_is_true(caption.description, image.objects) for caption in pairs]
+                        for image in pairs])
+    metrics["retrieval"] = retrieval_top1(clip, [s.image for s in pairs], [s.caption for s in pairs], true_of)
     return json.loads(json.dumps(metrics))
 
 
