@@ -35,7 +35,9 @@ referents (indices into `Scene.objects`):
   subject first).
 
 Seeds split into training seeds [TRAIN_SEED_START, HELDOUT_SEED_START) and held-out seeds [HELDOUT_SEED_START,
-...); evaluation protocols accept held-out seeds only.
+...); evaluation protocols accept held-out seeds only. Held-out seeds come in streams of HELDOUT_STREAM_SEEDS:
+offset 0 holds the evaluation scenes (sweeps, benchmarks, model cards), later streams other uses (training's
+validation from offset 1_000_000), and `heldout_seeds` never runs from one stream into the next.
 
 Evaluation protocols (`protocol_sample(name, seed)`)
 ---------------------------------------------------
@@ -97,6 +99,7 @@ import numpy as np
 
 TRAIN_SEED_START = 0
 HELDOUT_SEED_START = 10_000_000
+HELDOUT_STREAM_SEEDS = 1_000_000
 
 DEFAULT_SIZE = 224
 MIN_SIZE = 64  # smallest image side
@@ -869,8 +872,13 @@ def train_seeds(count: int, offset: int = 0) -> range:
 
 
 def heldout_seeds(count: int, offset: int = 0) -> range:
-    """`count` held-out (evaluation) seeds from HELDOUT_SEED_START + offset."""
-    return _seed_range(HELDOUT_SEED_START, count, offset)
+    """`count` held-out (evaluation) seeds from HELDOUT_SEED_START + offset; never reaches the next stream."""
+    seeds = _seed_range(HELDOUT_SEED_START, count, offset)
+    stream_end = (offset // HELDOUT_STREAM_SEEDS + 1) * HELDOUT_STREAM_SEEDS
+    if offset + count > stream_end:
+        raise ValueError(f"at most {stream_end - offset} held-out seeds (one per scene) from offset {offset}: they "
+                         f"must stay below the next stream, offset {stream_end}; got {count}")
+    return seeds
 
 
 # ------------------------------------------------------------------------------------------------ protocols

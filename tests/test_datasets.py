@@ -29,7 +29,8 @@ from tclip_jax.evaluation.datasets import (
     voc_dataset,
     xywh_to_xyxy,
 )
-from tclip_jax.synthetic import heldout_seeds, protocol_sample
+from tclip_jax.evaluation.datasets.base import Sample
+from tclip_jax.synthetic import HELDOUT_STREAM_SEEDS, heldout_seeds, protocol_sample
 
 CATEGORIES = [{"id": i, "name": n, "supercategory": "thing"} for i, n in COCO_CATEGORIES.items()]
 
@@ -427,6 +428,24 @@ def test_synthetic_targets_are_the_protocol_units(protocol):
         synthetic_dataset(0)
     with pytest.raises(ValueError, match="unknown synthetic protocol 'nope'"):
         synthetic_dataset(1, "nope")
+
+
+def test_synthetic_samples_are_made_as_they_are_iterated(monkeypatch):
+    """`tclip sweep synthetic --limit 100000000` made every Sample up front, growing to many GB before the first
+    scene: a synthetic dataset makes each as it is reached, in index order, whatever its count."""
+    import tclip_jax.evaluation.datasets.synthetic as module
+
+    made = []
+    monkeypatch.setattr(module, "Sample", lambda *fields: made.append(fields) or Sample(*fields))
+    dataset = synthetic_dataset(HELDOUT_STREAM_SEEDS, "bare_words")  # the most there are
+    assert dataset.size == HELDOUT_STREAM_SEEDS and not made
+    samples = dataset.samples()
+    first = next(samples)
+    assert len(made) == 1 and (first.key, first.index) == (str(heldout_seeds(1)[0]), 0)
+    assert [(s.key, s.index) for s in dataset.samples(4)] == [(str(seed), i) for i, seed in enumerate(heldout_seeds(4))]
+    assert len(made) == 5
+    with pytest.raises(ValueError, match=f"at most {HELDOUT_STREAM_SEEDS - 3} held-out seeds"):
+        synthetic_dataset(HELDOUT_STREAM_SEEDS - 2, offset=3)
 
 
 # ------------------------------------------------------------------------------------ segmentation: VOC, COCO

@@ -935,6 +935,17 @@ def test_a_sweep_resumed_with_a_larger_limit_is_the_sweep_run_with_it(coco_hand,
     assert "limit (stored 3, now 2)" in message and "may grow, not shrink" in message
 
 
+def test_a_synthetic_sweep_past_the_held_out_seeds_is_refused_up_front(tmp_path, capsys):
+    """--limit 1000001 made a million samples before any check (--limit 100000000: many GB, then "out of memory ...
+    a smaller --batch-size"); it is refused in one line naming the most there are, before anything is made."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a sweep")  # an unfixed sweep, past its samples, stops here
+    message = _fails(capsys, "synthetic", "--method", "test_sweep:Painted", "--limit", "1000001", "--out", str(out))
+    assert message.count("\n") == 1 and "at most 1000000 held-out seeds (one per scene) from offset 0" in message
+    assert "got 1000001" in message and os.listdir(out) == ["notes.txt"]
+
+
 def test_a_sweep_does_not_resume_over_annotations_edited_since_it_began(coco_hand, tmp_path, capsys):
     data = tmp_path / "coco"
     shutil.copytree(coco_hand, data)

@@ -14,6 +14,7 @@ from tclip_jax.synthetic import (
     COLOURS,
     DEFAULT_SIZE,
     HELDOUT_SEED_START,
+    HELDOUT_STREAM_SEEDS,
     MAX_OBJECTS,
     MIN_SIZE,
     OBJECT_MARGIN,
@@ -291,6 +292,18 @@ def test_train_and_heldout_seeds_are_disjoint():
     assert train_seeds(10, offset=HELDOUT_SEED_START - TRAIN_SEED_START - 10).stop == HELDOUT_SEED_START
     with pytest.raises(ValueError):
         train_seeds(11, offset=HELDOUT_SEED_START - TRAIN_SEED_START - 10)
+
+
+def test_heldout_seeds_stay_in_their_stream():
+    """Held-out seeds from an offset never reach the next stream (offset 0: the evaluation scenes; training's
+    validation from 1_000_000): a synthetic sweep's --limit past it is refused, naming the most there are."""
+    assert heldout_seeds(HELDOUT_STREAM_SEEDS).stop == HELDOUT_SEED_START + HELDOUT_STREAM_SEEDS
+    assert heldout_seeds(5, offset=HELDOUT_STREAM_SEEDS - 5).stop == HELDOUT_SEED_START + HELDOUT_STREAM_SEEDS
+    assert heldout_seeds(HELDOUT_STREAM_SEEDS, offset=HELDOUT_STREAM_SEEDS)[0] == HELDOUT_SEED_START + HELDOUT_STREAM_SEEDS
+    for count, offset, most in ((HELDOUT_STREAM_SEEDS + 1, 0, HELDOUT_STREAM_SEEDS), (10**20, 0, HELDOUT_STREAM_SEEDS),
+                                (6, HELDOUT_STREAM_SEEDS - 5, 5), (2, 2 * HELDOUT_STREAM_SEEDS - 1, 1)):
+        with pytest.raises(ValueError, match=f"at most {most} held-out seeds .* from offset {offset}: .* got {count}$"):
+            heldout_seeds(count, offset)
 
 
 # ------------------------------------------------------------------------ hard negatives

@@ -6,7 +6,8 @@ silhouettes the mask and their boxes the boxes (end exclusive), its kind (``colo
 the group that reports summarize separately (``many_objects``: kind and the 1-based place of the word's phrase,
 e.g. ``shape 4``). Wrong-attribute units also carry the named-but-wrong object's silhouette (`Target.wrong_mask`),
 scored as ``wrong_pointing``. Classes are the colour words, the shape words and the relation head words. The
-key is the seed. See ``tclip_jax.synthetic`` for what each protocol draws.
+key is the seed. Samples are made one at a time as they are iterated, so a dataset's memory does not grow with its
+count. See ``tclip_jax.synthetic`` for what each protocol draws.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import functools
 
 import numpy as np
 
-from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, indexed
+from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target
 from tclip_jax.methods.base import Query
 from tclip_jax.synthetic import COLOURS, PROTOCOLS, RELATION_WORDS, SHAPES, heldout_seeds, protocol_sample
 
@@ -22,14 +23,18 @@ SYNTHETIC_CLASSES: tuple[str, ...] = tuple(COLOURS) + tuple(SHAPES) + tuple(RELA
 
 
 def synthetic_dataset(count: int, protocol: str = "captions", offset: int = 0) -> Dataset:
-    """``count`` held-out scenes from held-out seed ``offset`` on, under ``protocol``."""
+    """``count`` held-out scenes from held-out seed ``offset`` on, under ``protocol`` (at most as many as there
+    are seeds left in ``offset``'s stream of held-out seeds, `tclip_jax.synthetic.heldout_seeds`)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown synthetic protocol {protocol!r}; available: {', '.join(PROTOCOLS)}")
     if count < 1:
         raise ValueError(f"the synthetic dataset needs count >= 1 scenes, got {count}")
-    samples = [Sample(str(seed), index, functools.partial(_load, protocol, seed))
-               for index, seed in enumerate(heldout_seeds(count, offset))]
-    return Dataset(f"synthetic-{protocol}", SYNTHETIC_CLASSES, count, indexed(samples))
+    seeds = heldout_seeds(count, offset)
+
+    def samples(limit=None):
+        return (Sample(str(seed), index, functools.partial(_load, protocol, seed))
+                for index, seed in enumerate(seeds[:limit]))
+    return Dataset(f"synthetic-{protocol}", SYNTHETIC_CLASSES, count, samples)
 
 
 def _load(protocol: str, seed: int) -> LoadedSample:
