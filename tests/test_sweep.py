@@ -935,6 +935,38 @@ def test_a_sweep_resumed_with_a_larger_limit_is_the_sweep_run_with_it(coco_hand,
     assert "limit (stored 3, now 2)" in message and "may grow, not shrink" in message
 
 
+def test_a_synthetic_sweep_records_the_scenes_it_sweeps_as_its_limit(tmp_path, capsys, monkeypatch):
+    """Without --limit a synthetic sweep takes SYNTHETIC_SCENES scenes (patched to 2 here), but sweep.json stored
+    limit None ("every sample"): a resume with a larger --limit was refused as a shrink, and a --limit 1 sweep
+    resumed without --limit was accepted and recorded as None. It records the scenes it sweeps, and reads a synthetic
+    sweep stored with None as SYNTHETIC_SCENES; a resume that grows it equals the larger sweep run at once."""
+    import tclip_jax.evaluation.datasets.synthetic as synthetic
+    import tclip_jax.sweep.runner as runner
+
+    for module in (synthetic, runner):
+        monkeypatch.setattr(module, "SYNTHETIC_SCENES", 2)
+    sweep = ("synthetic", "--method", "test_sweep:Painted", "--protocol", "bare_words")
+    fresh, grown, default = (str(tmp_path / name) for name in ("fresh", "grown", "default"))
+    assert main(_cli(*sweep, "--limit", "3", "--out", fresh)) == 0
+    assert main(_cli(*sweep, "--out", grown)) == 0
+    assert json.loads((tmp_path / "grown" / "sweep.json").read_text())["limit"] == 2
+    assert main(_cli(*sweep, "--limit", "3", "--resume", "--out", grown)) == 0
+    for name in ("report.json", "sweep.json", "report.md"):
+        assert (tmp_path / "grown" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+    # A --limit 1 sweep resumed without --limit grows to the default and says so.
+    assert main(_cli(*sweep, "--limit", "1", "--out", default)) == 0
+    assert main(_cli(*sweep, "--resume", "--out", default)) == 0
+    assert (_report(tmp_path / "default")["images"], _report(tmp_path / "default")["config"]["limit"]) == (2, 2)
+    # A sweep stored before the limit was recorded (None) holds the default number of scenes.
+    config = json.loads((tmp_path / "default" / "sweep.json").read_text())
+    (tmp_path / "default" / "sweep.json").write_text(json.dumps({**config, "limit": None}))
+    capsys.readouterr()
+    message = _fails(capsys, *sweep, "--limit", "1", "--resume", "--out", default)
+    assert "limit (stored 2, now 1)" in message and "may grow, not shrink" in message
+    assert main(_cli(*sweep, "--limit", "3", "--resume", "--out", default)) == 0
+    assert _report(tmp_path / "default")["images"] == 3
+
+
 def test_a_synthetic_sweep_past_the_held_out_seeds_is_refused_up_front(tmp_path, capsys):
     """--limit 1000001 made a million samples before any check (--limit 100000000: many GB, then "out of memory ...
     a smaller --batch-size"); it is refused in one line naming the most there are, before anything is made."""

@@ -7,6 +7,7 @@ that JAX detects) each take their own share and process 0 writes the merged repo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import signal
 import threading
@@ -15,10 +16,10 @@ from typing import Optional
 from tclip_jax.cli.common import add_method_arguments, build_method
 
 DATASETS = ("coco", "coco-seg", "imagenet-s", "voc", "synthetic")
-SYNTHETIC_SCENES = 1000  # held-out scenes in a synthetic sweep unless --limit says fewer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tclip_jax.evaluation.datasets.synthetic import SYNTHETIC_SCENES
     from tclip_jax.evaluation.options import EvalOptions
     from tclip_jax.sweep.options import RunOptions
     from tclip_jax.synthetic import PROTOCOLS
@@ -41,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "tclip_jax/synthetic.py; default: captions)")
     add_method_arguments(parser)
     EvalOptions.add_arguments(parser.add_argument_group("scoring"))
-    RunOptions.add_arguments(parser.add_argument_group("running"))
+    RunOptions.add_arguments(parser.add_argument_group("running"),
+                             shown_defaults={"limit": f"every sample; synthetic: {SYNTHETIC_SCENES} scenes"})
     group = parser.add_argument_group("multi-process (jax.distributed)")
     group.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the environment")
     group.add_argument("--coordinator", help="coordinator address HOST:PORT")
@@ -52,12 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _init_distributed(args)
+    from tclip_jax.evaluation.datasets.synthetic import SYNTHETIC_SCENES
     from tclip_jax.evaluation.options import EvalOptions
     from tclip_jax import methods
     from tclip_jax.sweep import RunOptions, run_sweep
 
     evaluation = EvalOptions.from_dict(EvalOptions.given_arguments(args))
     options = RunOptions.from_dict(RunOptions.given_arguments(args))
+    if args.dataset == "synthetic":  # the scenes swept (however many --limit asks), recorded and compared on resume
+        options = dataclasses.replace(options, limit=options.limit or SYNTHETIC_SCENES)
     if args.dataset == "synthetic" and args.template is not None and not methods.get(args.method).uses_label_set:
         raise ValueError(f"--template makes the class prompts, and a synthetic scene's queries are its own words: it "
                          f"would change only the label set of a method that uses one (clip_surgery, decomposition), "
@@ -90,7 +95,7 @@ def _dataset_and_source(args: argparse.Namespace, limit, data: Optional[str]):
     if args.dataset == "synthetic":
         if data is not None:
             raise ValueError("synthetic scenes are generated: --data is not used (size the sweep with --limit)")
-        return (datasets.synthetic_dataset(limit or SYNTHETIC_SCENES, args.protocol),
+        return (datasets.synthetic_dataset(limit, args.protocol),
                 f"held-out synthetic scenes, protocol {args.protocol}")
     if data is None:
         raise ValueError(f"{args.dataset} needs --data (the dataset's root folder)")

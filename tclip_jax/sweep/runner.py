@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from tclip_jax.checkpoints.load import is_v1_fingerprint
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample
+from tclip_jax.evaluation.datasets.synthetic import SYNTHETIC_SCENES
 from tclip_jax.evaluation.options import EvalOptions
 from tclip_jax.evaluation.scoring import score_unit
 from tclip_jax.files import check_output_folder, unwritten_entries, write_text_atomic
@@ -407,6 +408,9 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
     model, stored_model = config["run"]["model"], stored.get("run", {}).get("model", {})
     if stored.get("template") == DEFAULT_TEMPLATE:  # stored before "{}" was stored as None, which prompts alike
         stored["template"] = None
+    if str(stored.get("dataset")).startswith("synthetic-") and stored.get("limit") is None:
+        # A synthetic sweep stored before it recorded its number of scenes as its limit swept the default number.
+        stored["limit"] = SYNTHETIC_SCENES
     if "matmul_dtype" in model:
         # Sweeps stored before results recorded the matmul dtype ran float32 matmuls (the command line had no other).
         stored_model.setdefault("matmul_dtype", "float32")
