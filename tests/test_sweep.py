@@ -251,6 +251,10 @@ def test_a_template_that_would_change_nothing_in_a_synthetic_sweep_is_refused(tm
     assert main(["sweep", "synthetic", "--template", "a photo of a {}", "--limit", "1",
                  "--out", str(tmp_path / "out")]) == 2
     assert "--template makes the class prompts" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    # '{}' is no template (the bare names either way), so it changes nothing to refuse: the sweep of no template.
+    assert main(["sweep", "synthetic", "--template", "{}", "--limit", "1", "--translations", "1",
+                 "--out", str(tmp_path / "bare")]) == 0
+    assert json.loads((tmp_path / "bare" / "sweep.json").read_text())["template"] is None
 
 
 def test_a_sweep_begun_on_a_methods_earlier_maps_is_not_resumed(tmp_path):

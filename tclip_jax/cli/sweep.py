@@ -58,12 +58,14 @@ def run(args: argparse.Namespace) -> int:
     from tclip_jax.evaluation.options import EvalOptions
     from tclip_jax import methods
     from tclip_jax.sweep import RunOptions, run_sweep
+    from tclip_jax.sweep.runner import DEFAULT_TEMPLATE
 
     evaluation = EvalOptions.from_dict(EvalOptions.given_arguments(args))
     options = RunOptions.from_dict(RunOptions.given_arguments(args))
     if args.dataset == "synthetic":  # the scenes swept (however many --limit asks), recorded and compared on resume
         options = dataclasses.replace(options, limit=options.limit or SYNTHETIC_SCENES)
-    if args.dataset == "synthetic" and args.template is not None and not methods.get(args.method).uses_label_set:
+    if (args.dataset == "synthetic" and args.template not in (None, DEFAULT_TEMPLATE)
+            and not methods.get(args.method).uses_label_set):
         raise ValueError(f"--template makes the class prompts, and a synthetic scene's queries are its own words: it "
                          f"would change only the label set of a method that uses one (clip_surgery, decomposition), "
                          f"not {args.method}'s maps, yet be recorded as used")
