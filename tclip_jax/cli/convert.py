@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
                         help="the MLP activation of a state dict that does not say it; a checkpoint that "
                         "says its own refuses another")
-    parser.add_argument("--float16", action="store_true", help="store parameters as float16 (half the size)")
+    parser.add_argument("--float16", action="store_true", help="store parameters as float16 (half the size; float32 "
+                        "weights rounded so are another model: a sweep or ECLIP projections of the original do not "
+                        "carry over)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it is empty or a converted "
                         "checkpoint holding only what convert writes, and SRC is not inside it (SRC itself may be "
                         "--out: converted in place)")
