@@ -978,7 +978,7 @@ def test_a_synthetic_sweep_past_the_held_out_seeds_is_refused_up_front(tmp_path,
     out.mkdir()
     (out / "notes.txt").write_text("not a sweep")  # an unfixed sweep, past its samples, stops here
     message = _fails(capsys, "synthetic", "--method", "test_sweep:Painted", "--limit", "1000001", "--out", str(out))
-    assert message.count("\n") == 1 and "at most 1000000 held-out seeds (one per scene) from offset 0" in message
+    assert message.count("\n") == 1 and "--limit 1000001: at most 1000000 held-out seeds (one per scene) from offset 0" in message
     assert "got 1000001" in message and os.listdir(out) == ["notes.txt"]
 
 

@@ -97,8 +97,11 @@ def _dataset_and_source(args: argparse.Namespace, limit, data: Optional[str]):
     if args.dataset == "synthetic":
         if data is not None:
             raise ValueError("synthetic scenes are generated: --data is not used (size the sweep with --limit)")
-        return (datasets.synthetic_dataset(limit, args.protocol),
-                f"held-out synthetic scenes, protocol {args.protocol}")
+        try:
+            dataset = datasets.synthetic_dataset(limit, args.protocol)
+        except ValueError as err:  # the protocol is a choice already: what is left to refuse is the number of scenes
+            raise ValueError(f"--limit {limit}: {err}") from None
+        return dataset, f"held-out synthetic scenes, protocol {args.protocol}"
     if data is None:
         raise ValueError(f"{args.dataset} needs --data (the dataset's root folder)")
     if args.dataset == "coco-seg":
