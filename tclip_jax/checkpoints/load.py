@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import warnings
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import flax.traverse_util
@@ -53,17 +54,24 @@ class LoadedClip:
         they were made with; computed once (SHA-256 of every byte: about 1 s for a ViT-B/32, 150M parameters, and
         0.05 s for the embedded default model, 7M, on one CPU core). `is_v1_fingerprint` tells one recorded before
         it covered the whole model."""
-        def parts():  # a generator: leaves on an accelerator come to the host one at a time, not all at once
-            yield repr(dataclasses.asdict(self.config)).encode()
-            # Sorted paths: a tree's key order is the converter's that built it, not the model's.
-            for path, leaf in sorted(flax.traverse_util.flatten_dict(self.params, sep="/").items()):
-                yield f"{path} {np.shape(leaf)}".encode()
-                yield memoryview(np.ascontiguousarray(leaf, np.float32))  # float32 leaves on the CPU: no copy
-
-        return FINGERPRINT_PREFIX + fingerprint(parts())
+        return weights_fingerprint(repr(dataclasses.asdict(self.config)),
+                                   flax.traverse_util.flatten_dict(self.params, sep="/"))
 
 
 FINGERPRINT_PREFIX = "v2-"
+
+
+def weights_fingerprint(config: str, weights: Mapping[str, Any]) -> str:
+    """"v2-" and the digest of a model's `config` (as text) and of every one of its `weights` (by name: its name,
+    its shape and its float32 bytes, whole): `LoadedClip.fingerprint`, and ECLIP's of its attention model."""
+    def parts():  # a generator: leaves on an accelerator come to the host one at a time, not all at once
+        yield config.encode()
+        # Sorted names: a tree's key order is the converter's that built it, not the model's.
+        for name, leaf in sorted(weights.items()):
+            yield f"{name} {np.shape(leaf)}".encode()
+            yield memoryview(np.ascontiguousarray(leaf, np.float32))  # float32 leaves on the CPU: no copy
+
+    return FINGERPRINT_PREFIX + fingerprint(parts())
 
 
 def is_v1_fingerprint(recorded: Any) -> bool:

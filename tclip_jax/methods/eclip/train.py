@@ -16,10 +16,12 @@ argument of the step, so no gradient of them is ever formed.
 (a staged folder: never half-written), continues from it with `resume`, and writes the final projections as
 OUT/eclip_projections.safetensors (`method.save_projections`). An epoch's order of pairs depends on the seed and
 the epoch alone, so a resumed run gives the projections of an uninterrupted one. A resume must be of the same run:
-the model, the attention model and the data are compared by fingerprint (config and weights; the list and each
-image's name and size), not by how their paths were spelt; a checkpoint whose model fingerprint is of the first
-definition (`is_v1_fingerprint`: it did not tell apart models that differ in their transformer blocks alone) is not
-resumed. A run whose projections stop being finite ends with an error.
+the model, the attention model and the data are compared by fingerprint (config and every weight, float32 bytes
+whole: `weights_fingerprint`; the list and each image's name and size), not by how their paths were spelt; a
+checkpoint that cannot tell them is not resumed: one written before fingerprints (paths alone), or whose model or
+attention fingerprint is of the first definition (`is_v1_fingerprint`: it did not tell apart models that differ in
+their transformer blocks alone, or ViTs of other configs). A checkpoint's arrays must have the shapes of the
+model's projections and be finite. A run whose projections stop being finite ends with an error.
 One run trains in OUT at a time (a lock in it). An epoch's last batch of a single pair is left out (its loss is 0,
 yet an Adam step on it would move the projections); a checkpoint written before that rule is not resumed where the
 data has such a batch.
@@ -43,7 +45,7 @@ import numpy as np
 import optax
 import safetensors.numpy
 
-from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint
+from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint, weights_fingerprint
 from tclip_jax.files import check_output_folder, fingerprint, held_lock, staged_folder
 from tclip_jax.image import CLIP_MEAN, CLIP_STD, image_size, load_image, prepare
 from tclip_jax.methods import common
@@ -180,6 +182,7 @@ class ViTAttention:
     resized to the ViT's input size and normalized as DINO was trained (ImageNet mean and std)."""
 
     def __init__(self, name_or_path: str | os.PathLike):
+        from huggingface_hub.errors import StrictDataclassError
         from transformers import ViTModel
 
         from tclip_jax.checkpoints.sources import download_from_hub
@@ -204,12 +207,22 @@ class ViTAttention:
         if model_type != "vit":  # transformers would build a ViT from any config, its weights left random
             raise ValueError(f"--dino {name} is a {model_type!r} model, not a ViT (a Hugging Face ViTModel such as "
                              "facebook/dino-vitb16)")
+        # A pickled pytorch_model.bin could run code when read: safetensors only, never transformers' pickle path.
+        if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+            held = [f.name for f in sorted(folder.glob("*.bin"))]
+            raise ValueError(f"--dino {name} has no model.safetensors" + (
+                f" ({', '.join(held)} is a pickle, which could run code when read: save its weights as safetensors)"
+                if held else ""))
         shown = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()  # its "Loading weights" bar is not train-eclip's to show
         try:
             self.model, loading = ViTModel.from_pretrained(
                 str(folder), add_pooling_layer=False, attn_implementation="eager", trust_remote_code=False,
-                output_loading_info=True)
+                use_safetensors=True, output_loading_info=True)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, ArithmeticError, StrictDataclassError,
+                safetensors.SafetensorError) as err:  # damaged weights, a config value it cannot build from
+            raise ValueError(f"--dino {name}: cannot load it ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())})") from None
         finally:
             if shown:
                 transformers_logging.enable_progress_bar()
@@ -221,9 +234,13 @@ class ViTAttention:
         self.image_size = self.model.config.image_size
         self.patch_size = self.model.config.patch_size
         self.origin = name
-        self.fingerprint = fingerprint(  # what a resume compares, however the folder was spelt
-            key.encode() + tensor.detach().numpy().astype(np.float16).tobytes()
-            for key, tensor in sorted(self.model.state_dict().items()))
+        # What a resume compares, however the folder was spelt: the parsed config but where it was read from and
+        # by which transformers, and every weight.
+        config = {k: v for k, v in self.model.config.to_dict().items()
+                  if not k.startswith("_") and k != "transformers_version"}
+        self.fingerprint = weights_fingerprint(
+            json.dumps(config, sort_keys=True, default=str),
+            {key: tensor.detach().float().numpy() for key, tensor in self.model.state_dict().items()})
 
     def __call__(self, pixels: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
         """CLIP inputs [B, h, w, 3] (CLIP-normalized) -> [B, gh*gw] attention on CLIP's patch grid."""
@@ -374,7 +391,7 @@ def _train(clip: LoadedClip, pairs: Pairs, out: pathlib.Path, settings: TrainSet
     opt_state = optimizer.init(projections)
     epoch = step_count = 0
     if resume:
-        projections, opt_state, epoch, step_count = load_checkpoint(checkpoint, run, opt_state)
+        projections, opt_state, epoch, step_count = load_checkpoint(checkpoint, run, projections, opt_state)
         if epoch > settings.epochs:
             raise ValueError(f"--resume: the checkpoint in {out} has {epoch} epochs done, more than --epochs "
                              f"{settings.epochs}")
@@ -398,9 +415,12 @@ def _train(clip: LoadedClip, pairs: Pairs, out: pathlib.Path, settings: TrainSet
                 bar.update()
                 bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
             if not (np.isfinite(float(loss)) and all(np.isfinite(v).all() for v in projections.values())):
-                kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "nothing was saved"
+                # A resume is of the same settings, so it diverges again: a lower rate is a run in another --out.
+                kept = (f"the checkpoint of epoch {epoch} is kept. A lower --learning-rate may help, in another --out "
+                        f"(or once {checkpoint} is removed)") if epoch else \
+                    "nothing was saved. A lower --learning-rate may help"
                 raise ValueError(f"training diverged in epoch {epoch + 1} (loss {float(loss)}): the projections are "
-                                 f"not finite; {kept}. A lower --learning-rate may help")
+                                 f"not finite; {kept}")
             save_checkpoint(checkpoint, projections, opt_state, {**run, "epoch": epoch + 1, "step": step_count})
     projections = jax.tree_util.tree_map(np.asarray, projections)
     path = save_projections(out / PROJECTIONS_FILE, projections, clip, {**run, "steps": step_count})
@@ -417,40 +437,61 @@ def save_checkpoint(folder: pathlib.Path, projections: Projections, opt_state: A
         (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
 
-def load_checkpoint(folder: pathlib.Path, run: dict, opt_state: Any) -> tuple[Projections, Any, int, int]:
-    """(projections, optimizer state, epochs done, steps done) of a checkpoint of the same run; `opt_state`, a
-    fresh state, gives the optimizer state's structure. Any difference of model, data or settings but the number
-    of epochs is an error (`_compared`)."""
+def load_checkpoint(folder: pathlib.Path, run: dict, projections: Projections,
+                    opt_state: Any) -> tuple[Projections, Any, int, int]:
+    """(projections, optimizer state, epochs done, steps done) of a checkpoint of the same run; `projections` and
+    `opt_state`, fresh ones, give the shapes and dtypes its arrays must have. Any difference of model, data or
+    settings but the number of epochs is an error (`_compared`), and so is a checkpoint whose record cannot tell
+    them (`_older`)."""
+    def damaged(why: str) -> ValueError:
+        return ValueError(f"--resume: the checkpoint in {folder} is damaged ({why}); train afresh in another --out")
+
+    # The arrays as save_checkpoint names them, with what they must be: a fresh run's shapes and dtypes.
+    expected = {**{f"projections/{k}": v for k, v in projections.items()},
+                **{f"optimizer/{i}": leaf for i, leaf in enumerate(jax.tree_util.tree_leaves(opt_state))}}
     try:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         arrays = safetensors.numpy.load_file(folder / "state.safetensors")
-        projections = {k: arrays[f"projections/{k}"] for k in ("image", "text")}
-        treedef = jax.tree_util.tree_structure(opt_state)
-        leaves = [arrays[f"optimizer/{i}"] for i in range(treedef.num_leaves)]
+        loaded = {key: arrays[key] for key in expected}
         epoch, step = state["epoch"], state["step"]
     except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError) as err:
-        raise ValueError(f"--resume: the checkpoint in {folder} is damaged ({type(err).__name__}: {err}); train "
-                         "afresh in another --out") from None
-    model = state.get("model")
-    if isinstance(model, dict) and is_v1_fingerprint(model.get("fingerprint")):
-        raise ValueError(f"--resume: the checkpoint in {folder} was written by an older tclip_jax, whose model "
-                         "fingerprint covered fewer weights, so it cannot tell the model it was trained on; train "
-                         "afresh in another --out")
-    if isinstance(state.get("pairs"), str):  # written before fingerprints: compared as then, by paths as spelt
-        ours = _compared({"model": {k: run["model"][k] for k in ("origin", "source")},
-                          "pairs": run["pairs"]["description"], "pair_count": run["pairs"]["count"],
-                          "attention": run["attention"]["origin"], "settings": run["settings"]}, described=())
-        theirs = _compared({k: state.get(k) for k in ours}, described=())
-    else:
-        ours, theirs = _compared(run), _compared({k: state.get(k) for k in run})
-    changed = [f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in ours if ours[k] != theirs[k]]
+        raise damaged(f"{type(err).__name__}: {err}") from None
+    for key, count in (("epoch", epoch), ("step", step)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise damaged(f"its {key} is {count!r}, not a count")
+    for key, array in loaded.items():
+        want = np.asarray(expected[key])
+        if (array.shape, array.dtype) != (want.shape, want.dtype):
+            raise damaged(f"{key} is {array.dtype} {array.shape}, not {want.dtype} {want.shape}")
+        if not np.isfinite(array).all():
+            raise damaged(f"{key} is not finite")
+    if isinstance(state.get("pairs"), str):  # the layout before fingerprints: paths as spelt
+        raise _older(folder, "record named the model, the data and the attention model by path alone")
+    for key, what in (("model", "model fingerprint covered fewer weights"),
+                      ("attention", "fingerprint of the attention model covered neither its config nor its weights "
+                                    "whole")):
+        if isinstance(state.get(key), dict) and is_v1_fingerprint(state[key].get("fingerprint")):
+            raise _older(folder, what)
+    ours, theirs = _compared(run), _compared({k: state.get(k) for k in run})
+    changed = [f"{k} {theirs[k]!r} there, {ours[k]!r} here" + (
+        " (it was written before an epoch's last batch of a single pair was left out, and stepped on it)"
+        if k == "one_pair_batch" and theirs[k] is None else "") for k in ours if ours[k] != theirs[k]]
     if changed:
         raise ValueError(f"--resume: the checkpoint in {folder} is of another run: {'; '.join(changed)}")
-    return projections, jax.tree_util.tree_unflatten(treedef, leaves), epoch, step
+    leaves = [loaded[f"optimizer/{i}"] for i in range(len(expected) - len(projections))]
+    return ({k: loaded[f"projections/{k}"] for k in projections},
+            jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(opt_state), leaves), epoch, step)
 
 
-def _compared(run: dict, described: tuple[str, ...] = ("origin", "source", "description")) -> dict:
+def _older(folder: pathlib.Path, why: str) -> ValueError:
+    """A checkpoint whose record cannot tell what it was trained on: not resumed, whatever it was trained on."""
+    return ValueError(f"--resume: the checkpoint in {folder} was written by an older tclip_jax, whose {why}, so it "
+                      "cannot tell what it was trained on; train afresh in another --out")
+
+
+def _compared(run: dict) -> dict:
     """What two runs must share for one to resume the other: every fingerprint, count and setting but the number
-    of epochs, not the `described` fields (origins and descriptions: a path spelt another way)."""
+    of epochs, not origins and descriptions (a path spelt another way)."""
+    described = ("origin", "source", "description")
     return {key: ({k: v for k, v in part.items() if k not in described and (key != "settings" or k != "epochs")}
                   if isinstance(part, dict) else part) for key, part in run.items()}
