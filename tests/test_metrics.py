@@ -409,6 +409,8 @@ def test_a_model_with_non_finite_embeddings_gets_no_retrieval_or_held_out_figure
 def test_retrieval_counts_the_paired_caption_and_with_true_of_any_true_caption_as_an_explicit_loop(fixtures_dir):
     """Top-1 of each image's own caption, and of any caption `true_of` marks true of it (and the reverse), against
     a loop over one image and one caption at a time."""
+    import jax
+
     from tclip_jax.checkpoints.load import load_clip
     from tclip_jax.evaluation.retrieval import retrieval_top1
     from tclip_jax.image import whole_image
@@ -417,13 +419,11 @@ def test_retrieval_counts_the_paired_caption_and_with_true_of_any_true_caption_a
     clip = load_clip(fixtures_dir / "tiny_openai_clip.npz")
     scenes = retrieval_scenes(6)
     images, captions = [s.image for s in scenes], [s.caption for s in scenes]
-    image_embeds = [np.asarray(clip.model.apply({"params": clip.params}, whole_image(image, clip.config.image_size)[0][None],
-                                                clip.tokenizer.encode([captions[0]], clip.config.context_length))[1][0])
-                    for image in images]
-    text_embeds = [np.asarray(clip.model.apply({"params": clip.params},
-                                               whole_image(images[0], clip.config.image_size)[0][None],
-                                               clip.tokenizer.encode([caption], clip.config.context_length))[2][0])
-                   for caption in captions]
+    embed = jax.jit(lambda pixels, ids: clip.model.apply({"params": clip.params}, pixels, ids)[1:])  # one by one
+    pixels = [whole_image(image, clip.config.image_size)[0][None] for image in images]
+    ids = [clip.tokenizer.encode([caption], clip.config.context_length) for caption in captions]
+    image_embeds = [np.asarray(embed(p, ids[0])[0][0]) for p in pixels]
+    text_embeds = [np.asarray(embed(pixels[0], i)[1][0]) for i in ids]
     similarity = np.array([[i @ t for t in text_embeds] for i in image_embeds])
     true_of = np.eye(6, dtype=bool)
     true_of[0, similarity[0].argmax()] = True  # image 0's best caption counts as true of it, whichever it is
