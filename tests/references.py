@@ -12,3 +12,20 @@ def assert_close(ours, reference, what, tol=TOL, relative=False):
     err = np.abs(ours - reference)
     bound = tol * np.maximum(1, np.abs(reference)) if relative else tol
     assert (err < bound).all(), f"{what}: max abs error {err.max()}"
+
+
+def first_fingerprint(clip) -> str:
+    """A model's fingerprint as tclip_jax recorded it before 2026-12-06 (sweep.json, eclip_projections.json), written
+    out again from its definition: SHA-256 over the SHA-256 of each part (the MLP activation; then the projections,
+    positional embeddings and final layer norms, each its shape's repr and its float16 bytes), 16 hex digits."""
+    import hashlib
+
+    visual, text = clip.params["visual"], clip.params["text"]
+    leaves = [visual["proj"], text["projection"], visual["positional_embedding"], text["positional_embedding"],
+              visual["ln_post"]["bias"], visual["ln_post"]["scale"], text["ln_final"]["bias"], text["ln_final"]["scale"]]
+    parts = [clip.config.activation.encode()] + [repr(np.shape(leaf)).encode() + np.asarray(leaf, np.float16).tobytes()
+                                                 for leaf in leaves]
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()[:16]

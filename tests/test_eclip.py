@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from references import first_fingerprint
 from tclip_jax.checkpoints.folder import flatten
 from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.cli import main as tclip
@@ -170,9 +171,11 @@ def test_projections_trained_on_another_clip_of_the_same_widths_are_refused(clip
     with pytest.raises(ValueError, match="trained on another CLIP than this one"):
         load_projections(other_path, as_float16)
     info = json.loads(path.with_suffix(".json").read_text())
-    info["model"]["fingerprint"] = "0123456789abcdef"  # of the first definition, which tells no model: not checked
+    info["model"]["fingerprint"] = first_fingerprint(clip)  # as written before 2026-12-06: told by that definition
     path.with_suffix(".json").write_text(json.dumps(info))
-    assert load_projections(path, other)[0]["image"].shape == (128, 64)
+    assert load_projections(path, dataclasses.replace(clip, origin="elsewhere"))[0]["image"].shape == (128, 64)
+    with pytest.raises(ValueError, match="trained on another CLIP than this one"):
+        load_projections(path, other)
     path.with_suffix(".json").write_text('{"model": "a string"}')
     with pytest.raises(ValueError, match=r"eclip_projections.json \(what the projections beside it were trained on\) is "
                                          "damaged: its model is str, not a record"):

@@ -23,6 +23,8 @@ import pytest
 import safetensors.numpy
 from PIL import Image
 
+from references import first_fingerprint
+from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.cli import main
 from tclip_jax.evaluation.datasets import SYNTHETIC_CLASSES, coco_dataset, imagenet_s_dataset, split_wnids, synthetic_dataset
 from tclip_jax.evaluation.metrics import (
@@ -1078,17 +1080,22 @@ def test_a_sweep_resumes_on_its_model_by_its_weights_not_by_the_path_as_typed(ti
     assert main(_cli(*sweep, "--model", "./m.npz", "--limit", "3", "--resume", "--out", "out")) == 0
     fingerprint = json.loads((tmp_path / "fresh" / "sweep.json").read_text())["run"]["model"]["fingerprint"]
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())["run"]["model"]["fingerprint"] == fingerprint
-    # So does one stored when the fingerprint covered fewer weights (16 hex digits, no "v2-"), which a fine-tune of the
-    # blocks alone shared: by its origin, and by its activation, which it records; it then records the new one.
+    # One stored with the fingerprint's first definition (16 hex digits, no "v2-") is told by that definition: this
+    # model, spelt another way, resumes and the new fingerprint is recorded; another model at its path is refused.
     stored = json.loads((tmp_path / "out" / "sweep.json").read_text())
-    stored["run"]["model"]["fingerprint"] = "0123456789abcdef"
+    stored["run"]["model"]["fingerprint"] = first_fingerprint(load_clip("m.npz"))
     (tmp_path / "out" / "sweep.json").write_text(json.dumps(stored))
-    assert "run.model.origin (stored './m.npz', now 'm.npz')" in _fails(capsys, *sweep, "--model", "m.npz", "--limit",
-                                                                        "4", "--resume", "--out", "out")
-    message = _fails(capsys, *sweep, "--model", "./m.npz", "--activation", "gelu", "--limit", "4", "--resume",
+    with np.load(tiny_model) as weights:  # another model: its positional embedding, which the first definition reads
+        other = {k: v * 1.5 if k == "positional_embedding" else v for k, v in weights.items()}
+    np.savez("other.npz", **other)
+    shutil.copy("other.npz", "m.npz")
+    message = _fails(capsys, *sweep, "--model", "m.npz", "--limit", "4", "--resume", "--out", "out")
+    assert "not the sweep's model" in message and _lines(tmp_path / "out" / "results-p0.jsonl") == 3
+    shutil.copy(tiny_model, "m.npz")
+    message = _fails(capsys, *sweep, "--model", "m.npz", "--activation", "gelu", "--limit", "4", "--resume",
                      "--out", "out")
-    assert "run.model.activation (stored 'quick_gelu', now 'gelu')" in message and "fingerprint" not in message
-    assert main(_cli(*sweep, "--model", "./m.npz", "--limit", "4", "--resume", "--out", "out")) == 0
+    assert "run.model.activation (stored 'quick_gelu', now 'gelu')" in message
+    assert main(_cli(*sweep, "--model", "m.npz", "--limit", "4", "--resume", "--out", "out")) == 0
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())["run"]["model"]["fingerprint"] == fingerprint
     assert _lines(tmp_path / "out" / "results-p0.jsonl") == 4
 

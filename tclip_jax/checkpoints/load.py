@@ -53,9 +53,23 @@ class LoadedClip:
         (other weights, other maps). What ECLIP's projections, encoded prompts and every result record of the model
         they were made with; computed once (SHA-256 of every byte: about 1 s for a ViT-B/32, 150M parameters, and
         0.05 s for the embedded default model, 7M, on one CPU core). `is_v1_fingerprint` tells one recorded before
-        it covered the whole model."""
+        it covered the whole model, which `is_recorded_as` compares by its own definition."""
         return weights_fingerprint(repr(dataclasses.asdict(self.config)),
                                    flax.traverse_util.flatten_dict(self.params, sep="/"))
+
+    def is_recorded_as(self, recorded: Any) -> bool:
+        """Whether a fingerprint a record holds is this model's: `fingerprint`, or one of the first definition
+        (`is_v1_fingerprint`) computed as it was then (the MLP activation and the projections, final layer norms and
+        positional embeddings rounded to float16), which tells this model from most others but not from one whose
+        transformer blocks alone differ."""
+        if not is_v1_fingerprint(recorded):
+            return recorded == self.fingerprint
+        visual, text = self.params["visual"], self.params["text"]
+        leaves = [visual["proj"], text["projection"], visual["positional_embedding"], text["positional_embedding"],
+                  *jax.tree_util.tree_leaves(visual["ln_post"]), *jax.tree_util.tree_leaves(text["ln_final"])]
+        return recorded == fingerprint([self.config.activation.encode(),
+                                        *(repr(np.shape(leaf)).encode() + np.asarray(leaf, np.float16).tobytes()
+                                          for leaf in leaves)])
 
 
 FINGERPRINT_PREFIX = "v2-"
@@ -77,8 +91,8 @@ def weights_fingerprint(config: str, weights: Mapping[str, Any]) -> str:
 def is_v1_fingerprint(recorded: Any) -> bool:
     """Whether a recorded model fingerprint is of the first definition (16 hex digits, no prefix; tclip_jax before
     "v2-"), which covered only the MLP activation and the projections, final layer norms and positional embeddings
-    rounded to float16: two models that differ in their transformer blocks alone shared it, so it cannot tell a
-    model."""
+    rounded to float16: two models that differ in their transformer blocks alone shared it
+    (`LoadedClip.is_recorded_as` compares one)."""
     return isinstance(recorded, str) and len(recorded) == 16 and all(c in "0123456789abcdef" for c in recorded)
 
 

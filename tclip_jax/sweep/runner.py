@@ -21,8 +21,8 @@ Resume: the records already on disk (any process's) name the samples that are do
 torn last line left by a kill is dropped, so nothing is lost or counted twice. ``sweep.json`` holds the
 sweep's configuration; resuming with a different one is an error. The model in it is told by its
 ``LoadedClip.fingerprint`` (its config and every weight), not by its origin, the path as typed, nor its source, how
-it was stored (an OpenAI .pt and its `tclip convert` folder are one model); a sweep stored before models had that
-fingerprint is told by its origin (and activation).
+it was stored (an OpenAI .pt and its `tclip convert` folder are one model); a sweep stored before models had
+fingerprints is told by its origin (and activation), one stored with the first definition's by that definition.
 
 A new sweep starts only in a new folder or an empty one (sweeps' locks and file browsers' files aside): anything
 else is someone's, which its report and gallery would overwrite. One that stops before its first record leaves the
@@ -51,7 +51,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from tclip_jax.checkpoints.load import is_v1_fingerprint
+from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample
 from tclip_jax.evaluation.datasets.synthetic import SYNTHETIC_SCENES
 from tclip_jax.evaluation.options import EvalOptions
@@ -146,7 +146,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     with results_lock(out, process):  # checked and run by no other sweep meanwhile
         new_sweep = False  # checked, into an empty folder: what is in it from now on this sweep wrote
         try:
-            _check_config(out, config, options.resume, data_folder)
+            _check_config(out, config, options.resume, data_folder, method.clip)
             new_sweep = not (out / CONFIG_FILE).exists()
             queries = _Queries(method, class_queries(dataset.class_names, template))  # bad prompts: nothing written
             barrier("tclip-sweep-checked")  # nobody writes before every process has checked
@@ -383,7 +383,10 @@ def _remove_new_sweep(out: pathlib.Path) -> None:
         shutil.rmtree(out / folder, ignore_errors=True)
 
 
-def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Optional[str] = None) -> None:
+def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Optional[str] = None,
+                  clip: Optional[LoadedClip] = None) -> None:
+    """Refuses a sweep into `out` that would not be the sweep stored there (or a new one into a folder that is not
+    empty); `clip`, the sweep's model, reads a model fingerprint stored by its first definition."""
     path = out / CONFIG_FILE
     if not path.exists():
         records = sorted(p.name for p in out.glob(RESULTS_GLOB))
@@ -415,16 +418,18 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
         # Sweeps stored before results recorded the matmul dtype ran float32 matmuls (the command line had no other).
         stored_model.setdefault("matmul_dtype", "float32")
     if "fingerprint" in model:
-        if "fingerprint" in stored_model and not is_v1_fingerprint(stored_model["fingerprint"]):
+        recorded = stored_model.get("fingerprint")
+        if is_v1_fingerprint(recorded) and clip is not None and clip.is_recorded_as(recorded):
+            # Stored by the first definition, which names this model as far as it tells (not a fine-tune of the
+            # transformer blocks alone): the sweep's model, whose fingerprint sweep.json records from now on.
+            stored_model["fingerprint"] = recorded = model["fingerprint"]
+        if recorded is not None:
             # The weights tell the model, not the path as typed (./m.npz is m.npz; a file replaced at the same path
             # is another model) nor how it was stored (an OpenAI .pt and its `tclip convert` folder): the origin and
             # source are kept in sweep.json for people, not compared.
             stored_model.update(origin=model["origin"], source=model["source"])
-        else:  # a sweep stored before models had fingerprints (and activations), or before they covered the whole
-            # model (the first did not tell apart models whose transformer blocks alone differ): compared by its
-            # origin, as then, and by its activation where it records one
-            stored_model.setdefault("activation", model["activation"])
-            stored_model["fingerprint"] = model["fingerprint"]
+        else:  # a sweep stored before models had fingerprints (and activations): compared by its origin, as then
+            stored_model.update(fingerprint=model["fingerprint"], activation=model["activation"])
     if data_folder and fingerprinted and stored["data_fingerprint"] == config.get("data_fingerprint"):
         # The annotations tell the data, not the folder holding them (moved, or mounted elsewhere on another host):
         # a source that differs only where the folder is named is this one.

@@ -14,7 +14,7 @@ file beside it of the same name (eclip_projections.json) names the CLIP model it
 `LoadedClip.fingerprint` (its config and every weight), the shapes and the training run. Loading refuses projections
 whose JSON records another CLIP: widths alone do not tell models apart (ViT-B/32 and ViT-B/16 share theirs), nor do
 the tensors around the transformer blocks (a fine-tune of the blocks alone keeps them). A JSON written before the
-fingerprint covered the whole model has nothing to check against, as one without a fingerprint.
+fingerprint covered the whole model is checked by the definition it was written with, which tells those tensors.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint
+from tclip_jax.checkpoints.load import LoadedClip
 from tclip_jax.files import write_bytes_atomic, write_text_atomic
 from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, PromptMethod, QueryArrays
 from tclip_jax.methods.eclip.settings import Settings
@@ -137,7 +137,8 @@ def load_projections(path: str | os.PathLike, clip: LoadedClip) -> tuple[Project
 
 def _check_trained_on(info_path: pathlib.Path, clip: LoadedClip) -> None:
     """Refuses projections whose JSON records another CLIP than `clip` (no JSON, or one written before the
-    fingerprint was recorded or before it covered the whole model, `is_v1_fingerprint`: nothing to check against)."""
+    fingerprint was recorded: nothing to check against; one of the fingerprint's first definition is compared by
+    it, `LoadedClip.is_recorded_as`)."""
     if not info_path.is_file():
         return
     try:
@@ -147,7 +148,7 @@ def _check_trained_on(info_path: pathlib.Path, clip: LoadedClip) -> None:
     except (ValueError, UnicodeDecodeError, AttributeError) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"{info_path} (what the projections beside it were trained on) is damaged: {err}") from None
     recorded = model.get("fingerprint")
-    if recorded is not None and not is_v1_fingerprint(recorded) and recorded != clip.fingerprint:
+    if recorded is not None and not clip.is_recorded_as(recorded):
         # The fingerprint covers the activation: name it, as the same file under another --activation differs.
         raise ValueError(f"ECLIP projections beside {info_path} were trained on another CLIP than this one: "
                          f"{model.get('origin')} (fingerprint {str(recorded)[:12]}) there, {clip.origin} with the "
