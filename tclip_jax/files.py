@@ -62,9 +62,11 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out", replaced: b
         raise ValueError(f"{flag} {out}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"{flag} {out}: cannot write in {existing}")
-    if replaced and out.exists() and not os.access(out.absolute().parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {out}: cannot write in {out.absolute().parent}, where its replacement is "
-                              "written before it replaces the folder")
+    # The replacement is staged beside the folder `out` names: a link's target (`staged_folder` follows it).
+    holder = (out.resolve() if out.is_symlink() else out.absolute()).parent
+    if replaced and out.exists() and not os.access(holder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {out}: cannot write in {holder}, where its replacement is written before it "
+                              "replaces the folder")
     return out
 
 

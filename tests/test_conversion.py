@@ -538,6 +538,7 @@ def test_files_that_hold_more_than_arrays_are_refused_in_our_words(tmp_path, ope
     tensors = {k: torch.from_numpy(v) for k, v in openai_state_dict.items()}
     torch.save({**tensors, "hook": _RunsCode(marker)}, tmp_path / "hostile.pt")
     (tmp_path / "garbage.pt").write_bytes(np.random.default_rng(0).bytes(1000))
+    (tmp_path / "error_page.pt").write_text("<html><body>404 Not Found</body></html>\n")  # a failed download
     np.savez(tmp_path / "objects.npz", x=np.array([_RunsCode(marker)], dtype=object))
     (tmp_path / "garbage.npz").write_bytes(np.random.default_rng(0).bytes(1000))
     with zipfile.ZipFile(tmp_path / "hostile.pt") as source, \
@@ -549,8 +550,10 @@ def test_files_that_hold_more_than_arrays_are_refused_in_our_words(tmp_path, ope
     for name, message in [
             ("hostile.pt", "is not a weights-only PyTorch checkpoint (its pickle loads posix.system, which is neither "
                            "a tensor nor a plain container), and tclip never unpickles anything else"),
-            ("garbage.pt", "is not a weights-only PyTorch checkpoint (a pickle of tensors and plain containers), and "
-                           "tclip never unpickles anything else"),
+            ("garbage.pt", "is not a PyTorch checkpoint, no pickle of tensors (truncated or corrupt, or another kind "
+                           "of file?)"),
+            ("error_page.pt", "is not a PyTorch checkpoint, no pickle of tensors (truncated or corrupt, or another "
+                              "kind of file?)"),
             ("objects.npz", ": array x holds pickled objects, and tclip never unpickles anything"),
             ("garbage.npz", "is neither an .npz archive nor an .npy array (numpy would read it as a pickle), and tclip "
                             "never unpickles anything"),
@@ -626,13 +629,17 @@ def test_wrong_shapes_and_unexpected_keys_listed_together(tmp_path, openai_state
     assert "shape mismatch" in message and "visual.proj" in message
 
 
-def test_a_fused_in_proj_that_does_not_split_in_three_is_named_with_its_file(tmp_path, openai_state_dict, capsys):
-    key = "visual.transformer.resblocks.1.attn.in_proj_weight"
-    np.savez(tmp_path / "bad.npz", **{**openai_state_dict, key: openai_state_dict[key][:-1]})
+@pytest.mark.parametrize("key, cut", [("visual.transformer.resblocks.1.attn.in_proj_weight", 383),
+                                      ("transformer.resblocks.0.attn.in_proj_bias", None)])
+def test_a_fused_in_proj_that_does_not_split_in_three_is_named_with_its_file(key, cut, tmp_path, openai_state_dict,
+                                                                            capsys):
+    """Rows not a multiple of 3, or none at all (a 0-d array: an IndexError, reported as an internal error)."""
+    bad = openai_state_dict[key][:cut] if cut else np.float32(1.0)
+    np.savez(tmp_path / "bad.npz", **{**openai_state_dict, key: bad})
     assert tclip(["convert", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == (f"tclip convert: error: openai checkpoint {tmp_path / 'bad.npz'} does not fit "
-                                       f"the CLIP config (1 problems): {key}: fused in_proj has 383 rows, not a "
-                                       "multiple of 3\n")
+                                       f"the CLIP config (1 problems): {key}: fused in_proj has shape {bad.shape}, "
+                                       "whose rows are not a multiple of 3\n")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -1204,6 +1211,28 @@ def test_convert_overwrite_checks_the_folder_holding_out_before_loading(tmp_path
     assert capsys.readouterr().err == (f"tclip convert: error: --out {out}: cannot write in {parent}, where its "
                                        "replacement is written before it replaces the folder\n")
     assert sorted(p.name for p in parent.iterdir()) == ["converted"]
+
+
+def test_convert_overwrite_through_a_link_checks_the_folder_holding_its_target(tmp_path, fixtures_dir, monkeypatch,
+                                                                               capsys):
+    """A link's target is replaced (staged beside it), so the folder holding the target must be writable, not the
+    one holding the link. (As root every access check passes, so os.access is replaced.)"""
+    import os
+    import pathlib
+
+    import tclip_jax.checkpoints.load as load_module
+
+    source, models, links = fixtures_dir / "tiny_openai_clip.npz", tmp_path / "models", tmp_path / "links"
+    assert tclip(["convert", str(source), "--out", str(models / "v3")]) == 0
+    links.mkdir()
+    (links / "current").symlink_to(models / "v3", target_is_directory=True)
+    capsys.readouterr()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: pathlib.Path(path) != models and real_access(path, mode))
+    monkeypatch.setattr(load_module, "load_any", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    assert tclip(["convert", str(source), "--out", str(links / "current"), "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"tclip convert: error: --out {links / 'current'}: cannot write in {models}, "
+                                       "where its replacement is written before it replaces the folder\n")
 
 
 def test_convert_overwrite_refuses_a_users_file_inside_the_tokenizer_folder(tmp_path, fixtures_dir, capsys):

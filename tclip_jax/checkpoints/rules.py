@@ -31,8 +31,8 @@ def conv(w: np.ndarray) -> np.ndarray:
 def fused_qkv(part: int, transform: Transform) -> Transform:
     """One third (0 = query, 1 = key, 2 = value) of a fused `in_proj` weight or bias."""
     def take(w: np.ndarray) -> np.ndarray:
-        if w.shape[0] % 3:
-            raise ValueError(f"fused in_proj has {w.shape[0]} rows, not a multiple of 3")
+        if w.ndim == 0 or w.shape[0] % 3:
+            raise ValueError(f"fused in_proj has shape {w.shape}, whose rows are not a multiple of 3")
         return transform(np.split(w, 3, axis=0)[part])
     return take
 

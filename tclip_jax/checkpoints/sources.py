@@ -69,10 +69,12 @@ def _from_torch(path: pathlib.Path) -> tuple[Mapping[str, Any], bool, Optional[s
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # the weights-only reader's refusal, whose advice is to unpickle it anyway
         refused = re.search(r"GLOBAL (\S+)", str(err))
-        what = (f"its pickle loads {refused.group(1)}, which is neither a tensor nor a plain container" if refused
-                else "a pickle of tensors and plain containers")
-        raise ConversionError(f"{path} is not a weights-only PyTorch checkpoint ({what}), and tclip never unpickles "
-                              "anything else") from None
+        if refused is None:  # no pickle of anything (an error page saved as .pt, random bytes): not a checkpoint
+            raise ConversionError(f"{path} is not a PyTorch checkpoint, no pickle of tensors (truncated or corrupt, "
+                                  "or another kind of file?)") from None
+        raise ConversionError(f"{path} is not a weights-only PyTorch checkpoint (its pickle loads {refused.group(1)}, "
+                              "which is neither a tensor nor a plain container), and tclip never unpickles anything "
+                              "else") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
         raise ConversionError(f"cannot read {path} as a PyTorch checkpoint (truncated or corrupt?): {err}") from None
     run = None
