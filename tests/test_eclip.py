@@ -459,7 +459,7 @@ def test_the_attention_models_fingerprint_tells_its_config_and_exact_weights_and
     (tmp_path / "bin" / "model.safetensors").unlink()
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(ValueError, match=r"^--dino \S+bin has no model.safetensors \(pytorch_model.bin is a pickle, "
-                                         "which could run code when read: save its weights as safetensors\)$"):
+                                         r"which could run code when read: save its weights as safetensors\)$"):
         ViTAttention(tmp_path / "bin")
     (tmp_path / "heads4" / "config.json").write_text(json.dumps({**config, "hidden_act": "no_such_act"}))
     with pytest.raises(ValueError, match=r"^--dino \S+heads4: cannot load it \(KeyError: "):
