@@ -88,18 +88,15 @@ class Options:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-                      shown_defaults: Optional[Mapping[str, str]] = None) -> None:
+    def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
         """Registers `--<name>` for every field declared with `flag=True`. Flags not given stay unset in the
-        namespace, so `from_arguments` can tell a default from a choice. `shown_defaults` describes, by field name,
-        what a default means to this command where that says more (a sweep's limit, per dataset)."""
+        namespace, so `from_arguments` can tell a default from a choice."""
         for f in dataclasses.fields(cls):
             meta = f.metadata
             if not meta.get("flag", False):
                 continue
             flag = "--" + f.name.replace("_", "-")
-            shown_default = (shown_defaults or {}).get(f.name) or meta["shown_default"] or _show(f.default)
-            shown = meta["help"] + f" (default: {shown_default})"
+            shown = meta["help"] + f" (default: {meta['shown_default'] or _show(f.default)})"
             if isinstance(f.default, bool) and meta["parse"] is None:
                 parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                     default=argparse.SUPPRESS, help=shown)

@@ -100,6 +100,7 @@ import numpy as np
 TRAIN_SEED_START = 0
 HELDOUT_SEED_START = 10_000_000
 HELDOUT_STREAM_SEEDS = 1_000_000
+SYNTHETIC_SCENES = 1000  # held-out scenes a synthetic sweep takes without --limit
 
 DEFAULT_SIZE = 224
 MIN_SIZE = 64  # smallest image side

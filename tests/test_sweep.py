@@ -946,8 +946,8 @@ def test_a_synthetic_sweep_records_the_scenes_it_sweeps_as_its_limit(tmp_path, c
     limit None ("every sample"): a resume with a larger --limit was refused as a shrink, and a --limit 1 sweep
     resumed without --limit was accepted and recorded as None. It records the scenes it sweeps, and reads a synthetic
     sweep stored with None as SYNTHETIC_SCENES; a resume that grows it equals the larger sweep run at once."""
-    import tclip_jax.evaluation.datasets.synthetic as synthetic
     import tclip_jax.sweep.runner as runner
+    import tclip_jax.synthetic as synthetic
 
     for module in (synthetic, runner):
         monkeypatch.setattr(module, "SYNTHETIC_SCENES", 2)
@@ -1154,6 +1154,14 @@ def test_every_sweep_flag_has_help_and_is_in_the_readme():
     assert [action.dest for action in flagged if not action.help] == []
     assert [action.option_strings[0] for action in flagged  # a --x/--no-x pair is named by either
             if not any(flag in readme for flag in action.option_strings if flag.startswith("--"))] == []
+
+
+def test_the_command_lines_parser_imports_no_jax():
+    """`tclip --help` and argument errors build every sub-command's parser: the sweep's once imported the synthetic
+    dataset module (for its default scene count), which imports JAX (1.5 s)."""
+    code = "import sys; from tclip_jax.cli import build_parser; build_parser(); print('jax' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
 
 
 def test_a_lock_names_its_holder_alone_and_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):

@@ -19,7 +19,6 @@ DATASETS = ("coco", "coco-seg", "imagenet-s", "voc", "synthetic")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tclip_jax.evaluation.datasets.synthetic import SYNTHETIC_SCENES
     from tclip_jax.evaluation.options import EvalOptions
     from tclip_jax.sweep.options import RunOptions
     from tclip_jax.synthetic import PROTOCOLS
@@ -42,8 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "tclip_jax/synthetic.py; default: captions)")
     add_method_arguments(parser)
     EvalOptions.add_arguments(parser.add_argument_group("scoring"))
-    RunOptions.add_arguments(parser.add_argument_group("running"),
-                             shown_defaults={"limit": f"every sample; synthetic: {SYNTHETIC_SCENES} scenes"})
+    RunOptions.add_arguments(parser.add_argument_group("running"))
     group = parser.add_argument_group("multi-process (jax.distributed)")
     group.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the environment")
     group.add_argument("--coordinator", help="coordinator address HOST:PORT")
@@ -54,11 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _init_distributed(args)
-    from tclip_jax.evaluation.datasets.synthetic import SYNTHETIC_SCENES
     from tclip_jax.evaluation.options import EvalOptions
     from tclip_jax import methods
     from tclip_jax.sweep import RunOptions, run_sweep
     from tclip_jax.sweep.runner import DEFAULT_TEMPLATE
+    from tclip_jax.synthetic import SYNTHETIC_SCENES
 
     evaluation = EvalOptions.from_dict(EvalOptions.given_arguments(args))
     options = RunOptions.from_dict(RunOptions.given_arguments(args))

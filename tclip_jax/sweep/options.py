@@ -5,13 +5,15 @@ import dataclasses
 from typing import Optional
 
 from tclip_jax.settings import Options, integer, parse_optional, setting
+from tclip_jax.synthetic import SYNTHETIC_SCENES
 
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions(Options):
     batch_size: int = setting(8, "images per device step, split over the local devices", parse=int)
     workers: int = setting(2, "loader threads, and as many host post-processing threads", parse=int)
-    limit: Optional[int] = setting(None, "only the first N samples of the dataset", parse=parse_optional(int))
+    limit: Optional[int] = setting(None, "only the first N samples of the dataset", parse=parse_optional(int),
+                                   shown_default=f"every sample; synthetic: {SYNTHETIC_SCENES} scenes")
     resume: bool = setting(False, "continue the sweep in --out (with the same flags, or a larger --limit); samples "
                            "recorded as errors are tried again")
     save_vis: int = setting(0, "pictures of the units of the first N samples", parse=int)

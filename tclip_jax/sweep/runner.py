@@ -53,7 +53,6 @@ from tqdm import tqdm
 
 from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample
-from tclip_jax.evaluation.datasets.synthetic import SYNTHETIC_SCENES
 from tclip_jax.evaluation.options import EvalOptions
 from tclip_jax.evaluation.scoring import score_unit
 from tclip_jax.files import check_output_folder, unwritten_entries, write_text_atomic
@@ -65,6 +64,7 @@ from tclip_jax.sweep.sharding import DeviceMaps, DispatchedMaps, barrier, class_
 from tclip_jax.sweep.store import (LOCKS_GLOB, RESULTS_GLOB, ResultWriter, drop_errors, files_to_retry,
                                   read_all_records, read_records, remove_stale_locks, results_lock, results_path)
 from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, UnitPictures
+from tclip_jax.synthetic import SYNTHETIC_SCENES
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
 DEFAULT_TEMPLATE = "{}"

@@ -7,7 +7,7 @@ the group that reports summarize separately (``many_objects``: kind and the 1-ba
 e.g. ``shape 4``). Wrong-attribute units also carry the named-but-wrong object's silhouette (`Target.wrong_mask`),
 scored as ``wrong_pointing``. Classes are the colour words, the shape words and the relation head words. The
 key is the seed. Samples are made one at a time as they are iterated, so a dataset's memory does not grow with its
-count. A synthetic sweep takes `SYNTHETIC_SCENES` scenes unless told otherwise. See ``tclip_jax.synthetic`` for
+count. A synthetic sweep takes `tclip_jax.synthetic.SYNTHETIC_SCENES` scenes unless told otherwise. See ``tclip_jax.synthetic`` for
 what each protocol draws.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ from tclip_jax.methods.base import Query
 from tclip_jax.synthetic import COLOURS, PROTOCOLS, RELATION_WORDS, SHAPES, heldout_seeds, protocol_sample
 
 SYNTHETIC_CLASSES: tuple[str, ...] = tuple(COLOURS) + tuple(SHAPES) + tuple(RELATION_WORDS.values())
-SYNTHETIC_SCENES = 1000  # held-out scenes in a synthetic sweep without --limit
 
 
 def synthetic_dataset(count: int, protocol: str = "captions", offset: int = 0) -> Dataset:
