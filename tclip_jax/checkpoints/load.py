@@ -51,8 +51,8 @@ class LoadedClip:
         of the config and every parameter (its path in the tree, its shape and its float32 bytes, whole). A model
         that differs anywhere is another model: a fine-tune of its transformer blocks alone, a float16-rounded copy
         (other weights, other maps). What ECLIP's projections, encoded prompts and every result record of the model
-        they were made with; computed once (SHA-256 of every byte: about 1 s for a ViT-B/32, 150M parameters, and
-        0.05 s for the embedded default model, 7M, on one CPU core). `is_v1_fingerprint` tells one recorded before
+        they were made with; computed once (SHA-256 of every byte: 0.6-0.8 s for a ViT-B/32, 151M parameters, and
+        0.02 s for the embedded default model, 7M, on this 2-core VM). `is_v1_fingerprint` tells one recorded before
         it covered the whole model, which `is_recorded_as` compares by its own definition."""
         return weights_fingerprint(repr(dataclasses.asdict(self.config)),
                                    flax.traverse_util.flatten_dict(self.params, sep="/"))
