@@ -25,8 +25,9 @@ T = TypeVar("T", bound="Options")
 def setting(default: Any, help: str, *, parse: Optional[Callable[[str], Any]] = None,
             choices: Optional[Sequence[Any]] = None, flag: bool = True, shown_default: Optional[str] = None) -> Any:
     """A settings field. `parse` turns a command-line string into the value (default: the default's type);
-    `choices` restricts it; `flag=False` leaves it out of `add_arguments` (still settable by `--option`);
-    `shown_default` describes the default in help texts where the value alone would not say enough."""
+    `choices` restricts it (a None default stays allowed); `flag=False` leaves it out of `add_arguments` (still
+    settable by `--option`); `shown_default` describes the default in help texts where the value alone would not say
+    enough."""
     metadata = {"help": help, "parse": parse, "choices": tuple(choices) if choices is not None else None,
                 "flag": flag, "shown_default": shown_default}
     return dataclasses.field(default=default, metadata=metadata)
@@ -77,7 +78,8 @@ class Options:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             choices = f.metadata.get("choices")
-            if choices is not None and value not in choices:
+            # A field whose default is None (nothing chosen, e.g. a flag not given) may stay None.
+            if choices is not None and value not in choices and not (value is None and f.default is None):
                 raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
             checked = _checked(f.name, value, hints.get(f.name))
             if checked is not value:  # a numpy scalar, kept as the Python number (JSON-ready)

@@ -1,11 +1,15 @@
-"""`tclip explain` end to end: files per image, result.json contents, baselines, and clear errors."""
+"""`tclip explain` end to end: files per image, result.json contents, baselines, and clear errors; and the
+model-loading flags every command shares."""
+import argparse
 import json
 import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from tclip_jax.cli import main as tclip
+from tclip_jax.cli import build_parser, main as tclip
+from tclip_jax.model.config import ACTIVATIONS
 
 
 def test_explain_writes_overlays_grid_json_and_npz(tmp_path, fixtures_dir):
@@ -263,3 +267,51 @@ def test_a_method_module_that_fails_as_it_runs_is_the_users_error(tmp_path, fixt
         tclip(run + ["plugin_bad_name:Mine"])
     assert isinstance(raised.value.__cause__, NameError)
     assert not (tmp_path / "out").exists()
+
+
+# Each command with what it requires besides the model-loading flags.
+REQUIRED = {"explain": ["a.png", "--prompt", "a cat"], "sweep": ["synthetic", "--out", "o"],
+            "train-eclip": ["--out", "o", "--synthetic", "2"], "convert": ["src.pt", "--out", "o"]}
+
+
+def test_the_model_loading_flags_are_declared_once_from_the_models_constants(capsys):
+    """--model, --activation and --max-pixels read the same in every command that takes them (convert, which reads
+    no image and converts SRC, takes --activation alone); --activation takes exactly the model's ACTIVATIONS and
+    --max-pixels's help gives PIL's limit."""
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert set(commands) == set(REQUIRED)
+    helps = {}
+    for name, parser in commands.items():
+        flags = {action.option_strings[0]: action for action in parser._actions if action.option_strings}
+        expected = ["--activation"] if name == "convert" else ["--activation", "--model", "--max-pixels"]
+        assert [flag for flag in ("--activation", "--model", "--max-pixels") if flag in flags] == expected
+        helps[name] = {flag: flags[flag].help for flag in expected}
+        for value in (*ACTIVATIONS, "relu", "GELU", "quick-gelu", ""):
+            try:
+                args = parser.parse_args([*REQUIRED[name], "--activation", value])
+            except SystemExit:
+                assert value not in ACTIVATIONS and "invalid choice" in capsys.readouterr().err
+            else:
+                assert args.activation == value in ACTIVATIONS
+    assert helps["explain"] == helps["sweep"] == helps["train-eclip"]
+    assert helps["convert"]["--activation"] == helps["explain"]["--activation"]
+    assert f"{Image.MAX_IMAGE_PIXELS})" in helps["explain"]["--max-pixels"]
+
+
+def test_max_pixels_sets_the_image_limit_for_the_run():
+    from tclip_jax.cli.common import ModelOptions
+    from tclip_jax.image import io
+
+    parser = argparse.ArgumentParser()
+    ModelOptions.add_arguments(parser)
+    def run(argv):
+        ModelOptions.from_dict(ModelOptions.given_arguments(parser.parse_args(argv))).set_max_pixels()
+
+    limit = io.max_pixels()
+    try:
+        run([])
+        assert io.max_pixels() == limit  # not given: left alone
+        run(["--max-pixels", "1000"])
+        assert io.max_pixels() == 1000
+    finally:
+        io.set_max_pixels(limit)

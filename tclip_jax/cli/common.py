@@ -1,4 +1,5 @@
-"""What `tclip explain` and `tclip sweep` share: choosing a method and its settings from the command line.
+"""What the sub-commands share: the flags that say which CLIP to load and how (`CheckpointOptions`, `ModelOptions`),
+and, for `tclip explain` and `tclip sweep`, choosing a method and its settings from the command line.
 
 TCLIP's settings (and the host-step settings every method has) are flags of their own; any method's other
 settings are `--option KEY=VALUE`. A flag that the chosen method does not take is an error, not ignored.
@@ -6,25 +7,53 @@ settings are `--option KEY=VALUE`. A flag that the chosen method does not take i
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Optional
+
+from PIL import Image
 
 from tclip_jax.methods import REGISTRY
 from tclip_jax.methods.settings import MethodSettings
 from tclip_jax.methods.tclip.settings import Settings as TCLIPSettings
+from tclip_jax.model.config import ACTIVATIONS
+from tclip_jax.settings import Options, setting
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointOptions(Options):
+    """How a checkpoint is read (`tclip convert`, and through `ModelOptions` every command that loads a model)."""
+
+    activation: Optional[str] = setting(
+        None, "the MLP activation of a checkpoint that does not say it (a bare state dict); a checkpoint that says "
+        "its own refuses another", parse=str, choices=ACTIVATIONS,
+        shown_default="the checkpoint's own; a bare state dict's is assumed, with a warning")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions(CheckpointOptions):
+    """The model a command loads, and the largest image it decodes (`tclip explain`, `sweep`, `train-eclip`)."""
+
+    model: Optional[str] = setting(
+        None, "the CLIP: hub name, Hugging Face / OpenCLIP / converted folder, OpenAI .pt or state dict", parse=str,
+        shown_default="the embedded synthetic-scenes model")
+    max_pixels: Optional[int] = setting(
+        None, "decode images of up to MAX_PIXELS pixels", parse=int,
+        shown_default=f"PIL's guard against decompression bombs, {Image.MAX_IMAGE_PIXELS}")
+
+    def set_max_pixels(self) -> None:
+        """Sets the decoded-size limit of image files for this process, if `max_pixels` was given (before any image
+        header is checked)."""
+        if self.max_pixels is not None:
+            from tclip_jax.image.io import set_max_pixels
+
+            set_max_pixels(self.max_pixels)
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="tclip",
                         help=f"{', '.join(REGISTRY)}, or 'package.module:Class' of a method outside the package "
                              "(default: %(default)s)")
-    parser.add_argument("--model", default=None,
-                        help="hub name, Hugging Face / OpenCLIP / converted folder, OpenAI .pt or state dict "
-                             "(default: the embedded synthetic-scenes model)")
-    parser.add_argument("--max-pixels", type=int, metavar="N",
-                        help="decode images of up to N pixels (default: PIL's guard against decompression bombs, "
-                             "89478485)")
-    parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
-                        help="the MLP activation of a checkpoint that does not say it (a bare state dict); "
-                        "a checkpoint that says its own refuses another")
+    ModelOptions.add_arguments(parser)
     parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="the dtype of the model's matmul inputs (parameters stay float32; bfloat16 is the fast "
                              "one on TPU; results record it) (default: %(default)s)")
@@ -57,9 +86,7 @@ def build_method(args: argparse.Namespace):
 
     method_class = methods.get(args.method)
     settings = method_settings(method_class, args)  # checked before the model loads
-    if args.max_pixels is not None:
-        from tclip_jax.image.io import set_max_pixels
-
-        set_max_pixels(args.max_pixels)
-    return method_class.from_pretrained(args.model, activation=args.activation, dtype=args.matmul_dtype,
+    model = ModelOptions.from_dict(ModelOptions.given_arguments(args))
+    model.set_max_pixels()
+    return method_class.from_pretrained(model.model, activation=model.activation, dtype=args.matmul_dtype,
                                         **settings.to_dict())

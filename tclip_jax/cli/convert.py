@@ -5,6 +5,8 @@ import argparse
 import pathlib
 import time
 
+from tclip_jax.cli.common import CheckpointOptions
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SRC", help="hub name, Hugging Face folder, OpenAI .pt, "
@@ -13,9 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the checkpoint's format, checked against what SRC holds (default: detected); "
                         "for a single state-dict file, openai or open_clip sets the default activation")
     parser.add_argument("--out", required=True, help="folder to write (must not exist unless --overwrite)")
-    parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
-                        help="the MLP activation of a state dict that does not say it; a checkpoint that "
-                        "says its own refuses another")
+    CheckpointOptions.add_arguments(parser)
     parser.add_argument("--float16", action="store_true", help="store parameters as float16 (half the size; float32 "
                         "weights rounded so are another model: a sweep or ECLIP projections of the original do not "
                         "carry over)")
@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from tclip_jax.checkpoints.load import load_any, tokenizer_of
     from tclip_jax.files import check_output_folder, check_replaceable, unwritten_entries
 
+    options = CheckpointOptions.from_dict(CheckpointOptions.given_arguments(args))
     out = check_output_folder(args.out, replaced=args.overwrite)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{out} holds {', '.join(others)}, which tclip convert does not write and replacing the "
                          "folder would delete; move them or choose another --out")
     start = time.perf_counter()
-    converted = load_any(args.source, source=args.source_format, activation=args.activation)
+    converted = load_any(args.source, source=args.source_format, activation=options.activation)
     tokenizer_of(converted)  # what loading the written folder would refuse, refused before writing it
     # A converted folder converted again (to float16, say) keeps its own record of where its weights came from.
     metadata = {"source": converted.source, "origin": converted.origin, **converted.metadata}

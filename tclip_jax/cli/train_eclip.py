@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 import time
 
+from tclip_jax.cli.common import ModelOptions
 from tclip_jax.methods.eclip.settings import TrainSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="the CLIP to train on: hub name, Hugging Face / OpenCLIP / converted folder, OpenAI .pt "
-                             "or state dict (default: the embedded synthetic-scenes model)")
+    ModelOptions.add_arguments(parser)  # --model: the CLIP to train on
     parser.add_argument("--out", required=True,
                         help="folder of the checkpoint (after every epoch) and eclip_projections.safetensors")
     data = parser.add_mutually_exclusive_group(required=True)
@@ -25,11 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Hugging Face ViTModel (e.g. a DINO) folder or hub name whose last-layer CLS attention "
                              "masks the pooling (default: the CLIP image tower's own)")
     parser.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    parser.add_argument("--activation", choices=("quick_gelu", "gelu"),
-                        help="the MLP activation of a checkpoint that does not say it (a bare state dict)")
-    parser.add_argument("--max-pixels", type=int, metavar="N",
-                        help="decode images of up to N pixels (default: PIL's guard against decompression bombs, "
-                             "89478485)")
     TrainSettings.add_arguments(parser.add_argument_group("training (defaults: the paper's)"))
 
 
@@ -38,14 +32,12 @@ def run(args: argparse.Namespace) -> int:
     from tclip_jax.methods.eclip.train import ViTAttention, file_pairs, synthetic_pairs, train
 
     settings = TrainSettings.from_dict(TrainSettings.given_arguments(args))
-    if args.max_pixels is not None:  # before the images' headers are checked
-        from tclip_jax.image.io import set_max_pixels
-
-        set_max_pixels(args.max_pixels)
+    model = ModelOptions.from_dict(ModelOptions.given_arguments(args))
+    model.set_max_pixels()  # before the images' headers are checked
     pairs = synthetic_pairs(args.synthetic) if args.data is None else file_pairs(args.data)  # checked first
     start = time.perf_counter()
     attention = None if args.dino is None else ViTAttention(args.dino)
-    clip = load_clip(args.model, activation=args.activation)
+    clip = load_clip(model.model, activation=model.activation)
     result = train(clip, pairs, args.out, settings, attention, resume=args.resume)
     loss = "" if result.loss is None else f", last loss {result.loss:.4f}"
     print(f"trained ECLIP projections on {pairs.description} ({result.steps} steps{loss}) -> {result.path} "
