@@ -118,8 +118,8 @@ COLOUR_JITTER = 20  # per-channel uniform jitter of an object's colour (one colo
 OBJECT_MIN_CHROMA = 95
 BACKGROUND_MAX_CHROMA = 72
 
-GREY_BACKGROUNDS = ("flat", "noise", "stripes", "checker", "linear", "radial")
-PLAIN_BACKGROUNDS = GREY_BACKGROUNDS + ("gradient", "colour_noise", "colour_stripes")
+GRAY_BACKGROUNDS = ("flat", "noise", "stripes", "checker", "linear", "radial")
+PLAIN_BACKGROUNDS = GRAY_BACKGROUNDS + ("gradient", "colour_noise", "colour_stripes")
 BACKGROUNDS = PLAIN_BACKGROUNDS + ("dark", "natural")
 STYLES = ("filled", "outlined")
 DEGRADATIONS = ("none", "blur", "jpeg")
@@ -375,8 +375,8 @@ def _pattern(kind: str, rng: np.random.Generator, h: int, w: int, scale: float) 
 
 def _tinted(rng: np.random.Generator, levels: tuple[float, float], tint: float) -> np.ndarray:
     """Two colours [2, 3]: grey levels plus a per-channel tint (chroma <= 2 * tint)."""
-    grey = rng.uniform(*levels, size=(2, 1))
-    return grey + rng.uniform(-tint, tint, size=(2, 3))
+    gray = rng.uniform(*levels, size=(2, 1))
+    return gray + rng.uniform(-tint, tint, size=(2, 3))
 
 
 # Earthy colours (chroma <= 66) for natural-looking textures.
@@ -402,11 +402,11 @@ def _fractal(rng: np.random.Generator, h: int, w: int, scale: float) -> np.ndarr
 def _background(kind: str, rng: np.random.Generator, h: int, w: int, scale: float) -> np.ndarray:
     """A background [H, W, 3] uint8 of the given kind; chroma <= BACKGROUND_MAX_CHROMA everywhere."""
     grain = np.float32(rng.uniform(0, 10))
-    if kind in GREY_BACKGROUNDS:
+    if kind in GRAY_BACKGROUNDS:
         colours, pattern = _tinted(rng, (25, 230), 12), _pattern(kind, rng, h, w, scale)
     elif kind == "dark":
         colours = _tinted(rng, (0, 45), 8)
-        pattern = _pattern(GREY_BACKGROUNDS[rng.integers(len(GREY_BACKGROUNDS))], rng, h, w, scale)
+        pattern = _pattern(GRAY_BACKGROUNDS[rng.integers(len(GRAY_BACKGROUNDS))], rng, h, w, scale)
     elif kind == "gradient":
         colours, pattern = _tinted(rng, (40, 215), 33), _pattern(("linear", "radial")[rng.integers(2)], rng, h, w,
                                                                  scale)

@@ -71,7 +71,7 @@ def test_similarity_map_matches_clip_surgery_plain_reference(tiny_model, surgery
     assert_maps_close(out.maps, surgery_ref, "plain/map_single", METHODS["similarity"].heatmap)
 
 
-def test_rclip_reverses_the_normalised_similarity_map(tiny_model, surgery_ref):
+def test_rclip_reverses_the_normalized_similarity_map(tiny_model, surgery_ref):
     model, params = tiny_model
     out = rclip_map(model, params, nhwc(surgery_ref["pixel_values"]), surgery_ref["tokens/labels_single"])
     patches = surgery_ref["plain/similarity_single"][:, 1:].transpose(0, 2, 1).reshape(3, 5, 7, 7)

@@ -176,7 +176,7 @@ def test_scorecam_original_transposes_the_box():
 # ---------------------------------------------------------------- segmentation (Chefer et al. / clip_text_span)
 
 
-def test_relevance_normalisation_matches_reference(seg_ref):
+def test_relevance_normalization_matches_reference(seg_ref):
     np.testing.assert_array_equal(normalize_relevance(seg_ref["seg_upsampled"]), seg_ref["seg_normalized"])
 
 
@@ -259,7 +259,7 @@ def test_a_centre_crops_cut_off_pixels_are_background_of_no_relevance_and_split_
         assert whole["area_inter"] != unit["area_inter"]
 
 
-def test_normalisation_of_a_map_without_positive_relevance():
+def test_normalization_of_a_map_without_positive_relevance():
     np.testing.assert_array_equal(normalize_relevance(-np.ones((3, 3))), np.zeros((3, 3)))
 
 

@@ -192,7 +192,7 @@ def test_stem_model_round_trips_through_a_checkpoint_folder(tmp_path):
 
 
 def test_stem_kernels_start_with_he_variance():
-    """Var 2 / fan_in (He): with LeCun's 1 / fan_in the unnormalised stem shrinks the signal at every activation."""
+    """Var 2 / fan_in (He): with LeCun's 1 / fan_in the unnormalized stem shrinks the signal at every activation."""
     from tclip_jax.model import init_params
 
     params = init_params(dataclasses.replace(SMALL, stem_channels=(32, 64)), 0)["visual"]

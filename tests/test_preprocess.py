@@ -45,7 +45,7 @@ def _nchw(pixel_values):
     return pixel_values.transpose(2, 0, 1)
 
 
-def _normalised(rgb):
+def _normalized(rgb):
     return (rgb.astype(np.float64) / 255.0 - CLIP_MEAN) / CLIP_STD
 
 
@@ -97,7 +97,7 @@ def test_constant_non_square_images_give_constant_inputs(protocol, shape_hw):
     colour = np.array([200, 30, 90], np.uint8)
     pixel_values, geometry = protocol(np.broadcast_to(colour, (*shape_hw, 3)).copy())
     assert pixel_values.shape == (224, 224, 3) and geometry.original_hw == shape_hw
-    np.testing.assert_allclose(pixel_values, np.broadcast_to(_normalised(colour), (224, 224, 3)), atol=1e-6)
+    np.testing.assert_allclose(pixel_values, np.broadcast_to(_normalized(colour), (224, 224, 3)), atol=1e-6)
 
 
 def test_whole_image_non_square_input_size():
@@ -105,7 +105,7 @@ def test_whole_image_non_square_input_size():
     image = rng.integers(0, 256, (37, 61, 3), dtype=np.uint8)
     # Resizing to the image's own size is the identity, so the orientation of (h, w) is checked exactly.
     pixel_values, geometry = whole_image(image, size=(37, 61))
-    np.testing.assert_allclose(pixel_values, _normalised(image), atol=1e-6)
+    np.testing.assert_allclose(pixel_values, _normalized(image), atol=1e-6)
     assert geometry == Geometry((37, 61), (37, 61), (37, 61), (0, 0))
     assert whole_image(image, size=(160, 256))[0].shape == (160, 256, 3)
 

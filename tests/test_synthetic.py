@@ -307,7 +307,7 @@ def test_heldout_seeds_stay_in_their_stream():
 
 
 # ------------------------------------------------------------------------ hard negatives
-def _normalised(caption: str) -> list[str]:
+def _normalized(caption: str) -> list[str]:
     return ["a" if w == "an" else w for w in caption.split()]
 
 
@@ -318,10 +318,10 @@ def test_negative_captions_differ_in_one_attribute_or_binding_and_are_false(scen
         assert negatives == negative_captions(scene, seed=scene.seed, count=6)
         assert len(set(negatives)) == len(negatives) and scene.caption not in negatives
         assert negatives or len(scene.objects) == 0
-        truth = _normalised(scene.caption)
+        truth = _normalized(scene.caption)
         for negative in negatives:
             assert not caption_is_true(negative, scene.objects), (scene.caption, negative)
-            words = _normalised(negative)
+            words = _normalized(negative)
             assert len(words) == len(truth)
             diff = [i for i, (a, b) in enumerate(zip(truth, words)) if a != b]
             if len(diff) == 1:

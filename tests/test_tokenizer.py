@@ -175,7 +175,7 @@ def test_token_ids_match_openai_clip(tokenizer, fixture_npz, fixture):
     np.testing.assert_array_equal(tokenizer.encode(reference["texts"]), reference["token_ids"])
 
 
-def test_uppercase_and_extra_whitespace_are_normalised(tokenizer, clip_surgery):
+def test_uppercase_and_extra_whitespace_are_normalized(tokenizer, clip_surgery):
     tokens = tokenizer.encode(["  A RED\tCircle \n"])
     np.testing.assert_array_equal(tokens, clip_surgery["tokens/red_circle_single"])
 

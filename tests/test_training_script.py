@@ -568,7 +568,7 @@ def test_word_idf_and_word_loss_follow_their_definitions():
     for piece in used:
         assert idf[piece] == pytest.approx(np.log(len(captions) / sum(piece in d for d in documents)), rel=1e-6)
     assert not np.delete(idf, sorted(used)).any()
-    # The loss: cross-entropy of softmax(embedding @ kernel) against the idf-weighted, normalised bag of pieces.
+    # The loss: cross-entropy of softmax(embedding @ kernel) against the idf-weighted, normalized bag of pieces.
     rng = np.random.default_rng(0)
     ids = tokenizer.encode(captions[:3])
     pieces = np.asarray(train_default.piece_mask(ids, tokenizer.sot_id, tokenizer.eot_id))

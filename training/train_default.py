@@ -194,7 +194,7 @@ class TrainConfig:
     patch_word_weight: float = 0.0  # > 0: the same term read from the patch tokens (`patch_word_loss`)
     # Its head: "random" (word_weight's, shared) or "text" (each piece's own text embedding: the term acts on S).
     patch_word_head: str = "random"
-    # 1: in the patch term each patch's piece scores are log-softmax-normalised over the pieces before the best patch
+    # 1: in the patch term each patch's piece scores are log-softmax-normalized over the pieces before the best patch
     # is taken, so words compete for patches: a patch that scores every piece alike (one that carries the whole
     # scene) scores none of them.
     patch_word_compete: int = 0
@@ -546,7 +546,7 @@ def group_weights(text_tokens: jax.Array, patch_tokens: jax.Array) -> jax.Array:
     """SPARC's sparse alignment weights [B, L, N] of each token over its own pair's patches (rows sum to 1).
 
     Per token, its cosines with the image's patches are min-max scaled, weights below 1/N are zeroed and
-    the rest renormalised.
+    the rest renormalized.
     """
     similarity = jnp.einsum("bld,bnd->bln", text_tokens, patch_tokens)
     low, high = similarity.min(axis=-1, keepdims=True), similarity.max(axis=-1, keepdims=True)
@@ -587,7 +587,7 @@ def word_idf(config: TrainConfig) -> np.ndarray:
 
 def word_targets(token_ids: jax.Array, pieces: jax.Array, idf: np.ndarray) -> jax.Array:
     """[B, vocab] SuperClass's targets: each caption's bag of pieces (token_ids and pieces [B, L]) weighted by
-    `idf` and normalised to sum 1."""
+    `idf` and normalized to sum 1."""
     rows = jnp.arange(token_ids.shape[0])[:, None]
     bag = jnp.zeros((token_ids.shape[0], idf.shape[0])).at[rows, token_ids].add(pieces) * idf
     return bag / bag.sum(axis=1, keepdims=True)
@@ -604,7 +604,7 @@ def patch_word_loss(patch_tokens: jax.Array, kernel: jax.Array, targets: jax.Arr
     """`word_loss` read from the patch tokens [B, P, D], so that a caption's pieces must be found somewhere in the
     image rather than only in its class embedding: a piece's logit is its best patch's (patch token @ `kernel`
     [D, U]), as in multiple-instance learning; one softmax over the U pieces scored (`targets` [B, U]), or over
-    those `valid` [B, U] marks. With `compete`, each patch's scores are first log-softmax-normalised over the U
+    those `valid` [B, U] marks. With `compete`, each patch's scores are first log-softmax-normalized over the U
     pieces, so a piece's logit is its log-probability at the patch where it dominates most. `pool="logsumexp"`
     replaces the best patch by log(mean_p exp(score_p)), a soft maximum over the patches."""
     scores = patch_tokens @ kernel

@@ -190,7 +190,7 @@ class VisionTransformer(nn.Module):
     def setup(self):
         cfg = self.config
         # Symmetric padding 1 halves even sides exactly, as PyTorch's Conv2d(3, stride=2, padding=1) would. He
-        # initialisation: the stem has no normalisation, and with LeCun kernels each activation shrinks the signal
+        # initialisation: the stem has no normalization, and with LeCun kernels each activation shrinks the signal
         # until the position embedding dominates the patch tokens (training/image_tower_probe.py position).
         self.stem = [nn.Conv(channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=nn.initializers.he_normal())

@@ -146,8 +146,8 @@ def quadrature_points(hists: MapHistograms) -> tuple[np.ndarray, np.ndarray, np.
     e2 = s[..., 2] / safe
     var_d = np.maximum(e2 - mean_d**2, 0.0) + 1.0 / 12.0
     third_d = s[..., 3] / safe - 3.0 * mean_d * e2 + 2.0 * mean_d**3
-    centres = (np.arange(COARSE_BINS) * per + (per - 1) / 2.0)[None, :]
-    m = a[:, None] + b[:, None] * (centres + mean_d)
+    bin_centers = (np.arange(COARSE_BINS) * per + (per - 1) / 2.0)[None, :]
+    m = a[:, None] + b[:, None] * (bin_centers + mean_d)
     v = (b**2)[:, None] * var_d
     t = (b**3)[:, None] * third_d
     sd = np.sqrt(v)

@@ -1,8 +1,8 @@
 """The seed papers' segmentation metrics (ECLIP, CLIP Surgery): score contrast and mIoU at grid-searched or fixed
-thresholds, on the relevance map min-max normalised as `normalize_relevance` does (negatives clipped to 0).
+thresholds, on the relevance map min-max normalized as `normalize_relevance` does (negatives clipped to 0).
 
 Per unit (an image and a category present, with its binary mask; ignore pixels left out):
-- score contrast = mean normalised relevance on the mask minus mean on the rest, in [-1, 1]: negative for an
+- score contrast = mean normalized relevance on the mask minus mean on the rest, in [-1, 1]: negative for an
   "opposite" visualisation that lights the background;
 - foreground intersection and union with the mask at every threshold of GRID (0.00, 0.01, ..., 0.99;
   foreground is ``relevance > t``, as `foreground_mask`), so that any grid threshold can be chosen later.

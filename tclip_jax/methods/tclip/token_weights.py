@@ -5,7 +5,7 @@ TCLIP's query for a class name or a whole prompt is the plain mean of its words 
 With a weighting, it is the mean of the span's BPE pieces weighted by the end-of-text (pooled) token's attention
 to them, heads averaged: in the last block ("last"), averaged over blocks ("mean"), or by attention rollout over
 the text tower ("rollout", Abnar & Zuidema 2020: each block's head-averaged attention with the residual added as
-0.5 A + 0.5 I, rows renormalised, multiplied from the first block to the last). S is linear in the query, so this
+0.5 A + 0.5 I, rows renormalized, multiplied from the first block to the last). S is linear in the query, so this
 weights each token's relevance row. Single-word queries keep the paper's mean of their pieces.
 """
 from __future__ import annotations
