@@ -313,6 +313,22 @@ def test_concurrent_fits_equal_serial_fits_and_leave_blas_threads_as_they_were()
     assert [pool["num_threads"] for pool in threadpoolctl.threadpool_info()] == before
 
 
+def test_scratch_arrays_are_reused_per_name_and_dtype_on_one_thread_and_apart_across_threads():
+    import concurrent.futures
+
+    from tclip_jax.postprocess._scratch import scratch
+
+    a = scratch("test_a", (4, 5), np.float32)
+    assert a.shape == (4, 5) and a.dtype == np.float32 and a.flags.c_contiguous
+    assert np.shares_memory(scratch("test_a", (2, 3), np.float32), a)  # a smaller request reuses it
+    assert not np.shares_memory(scratch("test_a", (4, 5), np.float64), a)  # another dtype: its own
+    assert not np.shares_memory(scratch("test_b", (4, 5), np.float32), a)  # another name: its own
+    assert scratch("test_a", (10, 10), np.float32).shape == (10, 10)  # a larger one grows it
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        other = thread.submit(scratch, "test_a", (4, 5), np.float32).result()
+    assert not np.shares_memory(other, scratch("test_a", (4, 5), np.float32))
+
+
 # ================================================================ batched host step (issue 14)
 # References: scikit-learn's GaussianMixture on all values, OpenCV's normalize/Otsu/connectedComponentsWithStats,
 # scipy.ndimage.gaussian_filter, and explicit loops.

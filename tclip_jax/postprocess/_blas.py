@@ -1,5 +1,4 @@
-"""Thread hygiene of the host step: one-thread BLAS (its matrix products are tiny; BLAS threads only oversubscribe
-cores) and per-thread scratch arrays."""
+"""One-thread BLAS for the host step: its matrix products are tiny, and BLAS threads only oversubscribe cores."""
 from __future__ import annotations
 
 import functools
@@ -38,22 +37,3 @@ SINGLE_THREADED_BLAS = SharedSingleThreadLimit()
 def threadpool_controller() -> ThreadpoolController:
     """Found once: each `threadpool_limits(...)` call rescans the loaded libraries (about 6 ms)."""
     return ThreadpoolController()
-
-
-_local = threading.local()
-
-
-def scratch(name: str, shape: tuple[int, ...], dtype) -> "np.ndarray":
-    """A reusable per-thread, C-contiguous work array (uninitialized), valid until the next request of ``name``
-    on this thread: fresh arrays of map size cost page faults on every call."""
-    import numpy as np
-
-    buffers = getattr(_local, "buffers", None)
-    if buffers is None:
-        buffers = _local.buffers = {}
-    dtype = np.dtype(dtype)
-    size = int(np.prod(shape))
-    flat = buffers.get((name, dtype))
-    if flat is None or flat.size < size:
-        flat = buffers[(name, dtype)] = np.empty(size, dtype)
-    return flat[:size].reshape(shape)

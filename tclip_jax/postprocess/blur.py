@@ -31,7 +31,7 @@ import functools
 import cv2
 import numpy as np
 
-from tclip_jax.postprocess._blas import scratch
+from tclip_jax.postprocess._scratch import scratch
 
 MIN_COARSE_SIGMA = 2.4   # sigma in coarse-grid pixels at the coarsest pyramid level
 INPUT_MARGIN = 4         # input padding, in units of 2**L full-size pixels

@@ -33,7 +33,7 @@ from typing import Literal, NamedTuple, get_args
 import cv2
 import numpy as np
 
-from tclip_jax.postprocess._blas import scratch
+from tclip_jax.postprocess._scratch import scratch
 
 BoxRule = Literal["component", "contour"]
 BOX_RULES: tuple[str, ...] = get_args(BoxRule)

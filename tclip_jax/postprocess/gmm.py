@@ -43,7 +43,7 @@ import cv2
 import numpy as np
 from scipy.special import expit
 
-from tclip_jax.postprocess._blas import scratch
+from tclip_jax.postprocess._scratch import scratch
 
 FINE_BINS = 16384        # histogram bins over [min, max] (16-bit integer image, one cv2.calcHist)
 COARSE_BINS = 512        # quadrature groups; each becomes two weighted points
