@@ -8,7 +8,7 @@ import pytest
 
 from tclip_jax.methods.templates import CLIP_SURGERY_TEMPLATES
 from tclip_jax.model.tokenizer import DATA_DIR, EOT_TOKEN, SOT_TOKEN, ClipTokenizer, bytes_to_unicode
-from tclip_jax.checkpoints.make_tokenizer_files import N_MERGES, build_vocab
+from tclip_jax.model.make_tokenizer_files import N_MERGES, build_vocab
 
 SOT, EOT = 49406, 49407
 

@@ -1,4 +1,5 @@
-"""The CLIP ViT model: architecture config, the Flax module and the tokenizer (`tokenizer`)."""
+"""The CLIP ViT model: architecture config, the Flax module and the tokenizer (`tokenizer`; `make_tokenizer_files`
+derives its packaged vocabulary from OpenAI's BPE merges)."""
 from tclip_jax._exports import lazy_exports
 
 _EXPORTS = {

@@ -4,7 +4,7 @@ The vocabulary is built the way OpenAI's `simple_tokenizer.SimpleTokenizer` buil
 (in `bytes_to_unicode` order), the same symbols with `</w>`, one entry per merge for the first
 49152 - 256 - 2 merges, then `<|startoftext|>` and `<|endoftext|>` (49408 entries).
 
-Usage: python -m tclip_jax.checkpoints.make_tokenizer_files path/to/bpe_simple_vocab_16e6.txt.gz [--out DIR]
+Usage: python -m tclip_jax.model.make_tokenizer_files path/to/bpe_simple_vocab_16e6.txt.gz [--out DIR]
 """
 from __future__ import annotations
 
