@@ -393,6 +393,51 @@ def test_a_tiff_orientation_is_applied_once_and_exif_false_gives_the_stored_grid
     assert image_size(tmp_path / "a.tif", exif=False) == block.shape[:2]
 
 
+# What each turning orientation shows of the stored grid [H, W, ...] (TIFF 6.0, tag 274).
+_DISPLAYED = {5: lambda a: a.swapaxes(0, 1),  # row 0 is the left side, column 0 the top: transposed
+              6: lambda a: a.swapaxes(0, 1)[:, ::-1],  # row 0 is the right side, column 0 the top: clockwise
+              7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],  # row 0 is the right side, column 0 the bottom
+              8: lambda a: a.swapaxes(0, 1)[::-1]}  # row 0 is the left side, column 0 the bottom: counterclockwise
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+@pytest.mark.parametrize("mode, shape_hw", [("L", (13, 29)), ("P", (13, 29)), ("RGBA", (13, 29)), ("CMYK", (13, 29)),
+                                            ("I;16", (13, 29)), ("L", (300, 530))])
+def test_an_uncompressed_turned_tiff_reads_the_same_from_its_path_bytes_and_pil_image(tmp_path, orientation, mode,
+                                                                                        shape_hw):
+    """PIL memory-maps an uncompressed file opened by name (modes L, P, RGBA, CMYK, I;16; its strips read as one
+    tile, whatever the size) at the turned size, which scrambled the stored pixels."""
+    from tclip_jax.image import image_size
+
+    rng = np.random.default_rng(orientation)
+    gray = rng.integers(0, 256, shape_hw, dtype=np.uint8)  # noise: any mix-up of pixels shows
+    rgb = rng.integers(0, 256, (*shape_hw, 3), dtype=np.uint8)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    if mode == "L":
+        image, stored = Image.fromarray(gray), np.repeat(gray[..., None], 3, axis=2)
+    elif mode == "P":
+        image = Image.fromarray(gray, "L").convert("P")  # indices: the gray levels; then a palette of its own
+        image.putpalette(palette.tobytes())
+        stored = palette[gray]
+    elif mode == "RGBA":
+        image, stored = Image.fromarray(np.dstack([rgb, gray]), "RGBA"), rgb  # alpha dropped
+    elif mode == "CMYK":
+        image, stored = Image.fromarray(rgb).convert("CMYK"), rgb  # PIL's RGB -> CMYK -> RGB is exact
+    else:
+        image, stored = Image.fromarray(gray.astype(np.uint16) * 257), np.repeat(gray[..., None], 3, axis=2)
+    assert image.mode == mode
+    path = tmp_path / "turned.tif"
+    image.save(path, tiffinfo={0x0112: orientation})
+    displayed = _DISPLAYED[orientation](stored)
+    np.testing.assert_array_equal(load_image(path), displayed)
+    np.testing.assert_array_equal(load_image(path.read_bytes()), displayed)
+    np.testing.assert_array_equal(load_image(path, exif=False), stored)  # as datasets read images
+    np.testing.assert_array_equal(load_image(path.read_bytes(), exif=False), stored)
+    with Image.open(path) as opened:
+        np.testing.assert_array_equal(load_image(opened), displayed)
+    assert image_size(path) == displayed.shape[:2] and image_size(path, exif=False) == stored.shape[:2]
+
+
 def test_a_program_that_turns_pils_pixel_limit_off_loads_images(tmp_path, monkeypatch):
     """`Image.MAX_IMAGE_PIXELS = None` is PIL's own way to turn its check off (a library may do it)."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
 T = TypeVar("T")
@@ -160,7 +160,7 @@ def _check_size(pixels: int, name: str) -> None:
 
 def _pil_to_rgb(img: Image.Image, exif: bool = True) -> np.ndarray:
     applied = _tiff_orientation(img)  # read before loading, which applies it and drops the tag
-    img.load()
+    _load_unmapped(img)
     if not exif and applied in _UNDO_ORIENTATION:  # back to the stored grid
         img = img.transpose(_UNDO_ORIENTATION[applied])
     if exif:
@@ -182,6 +182,21 @@ def _pil_to_rgb(img: Image.Image, exif: bool = True) -> np.ndarray:
         return np.array(img.convert("RGB"))
     except ValueError as err:
         raise ValueError(f"cannot convert PIL mode {img.mode} image to RGB: {err}") from err
+
+
+def _load_unmapped(img: Image.Image) -> None:
+    """`img.load()`, reading the file rather than memory-mapping it. PIL maps an image opened by file name whose
+    pixels are one uncompressed strip (a small TIFF of mode L, P, RGBA, CMYK or I;16) at the image's size, which for
+    a TIFF of orientation 5-8 is the turned size, not the stored one: the pixels would come out scrambled, in the
+    stored shape. An image opened from a file object or bytes (no name) is always read."""
+    if not (isinstance(img, ImageFile.ImageFile) and img.filename):
+        img.load()
+        return
+    name, img.filename = img.filename, ""
+    try:
+        img.load()
+    finally:
+        img.filename = name
 
 
 def _warn_if_8_bit(values: np.ndarray, what: str, advice: str) -> None:
