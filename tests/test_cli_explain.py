@@ -2,6 +2,7 @@
 model-loading flags every command shares."""
 import argparse
 import json
+import pathlib
 import shutil
 
 import numpy as np
@@ -243,6 +244,51 @@ def test_a_run_replaces_only_what_tclip_explain_wrote_and_refuses_before_loading
     (tmp_path / "out" / "cat").symlink_to(tmp_path / "gone")
     assert tclip(["explain", "cat/cat.png", "--prompt", "red", "--no-html", *nowhere[2:4], "--out", "out"]) == 2
     assert "cat is a symbolic link where this run writes the results of an image" in capsys.readouterr().err
+
+
+def test_a_no_html_run_removes_an_earlier_page_that_shows_an_image_it_replaces(tmp_path, fixtures_dir, monkeypatch,
+                                                                              capsys):
+    """The earlier page inlines its images' maps and prompts and links their folders' files: once a --no-html run
+    replaces one of them, the page showed the old results beside links to the new ones. It goes, as the run swaps
+    in that image's results, and not before: a run that replaces none of its images, or stops first, leaves it."""
+    from tclip_jax.visualize.explorer import page_images
+
+    monkeypatch.chdir(tmp_path)
+    scene = Image.open(fixtures_dir / "scene_224.png").convert("RGB")
+    scene.save("a.png")
+    scene.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save("b.png")
+    scene.save("c.png")
+    noise = np.random.default_rng(0).integers(0, 256, (96, 128, 3), np.uint8)
+    Image.fromarray(noise).save("whole.jpg")
+    pathlib.Path("damaged.jpg").write_bytes(pathlib.Path("whole.jpg").read_bytes()[:-4000])  # its header is whole
+    run = ["--model", str(fixtures_dir / "tiny_openai_clip.npz"), "--translations", "1", "--compare", "none",
+           "--out", "out"]
+    index = tmp_path / "out" / "index.html"
+    assert tclip(["explain", "a.png", "b.png", "--prompt", "red", *run]) == 0
+    page = index.read_bytes()
+    assert page_images(index) == ["a", "b"]
+    capsys.readouterr()
+    # Images the page does not show: it stays, and nothing is said about it.
+    assert tclip(["explain", "c.png", "--prompt", "blue square", "--no-html", *run]) == 0
+    assert index.read_bytes() == page and "index.html" not in capsys.readouterr().out
+    # Stopped before it replaced anything (an image damaged past its header): the page stays, and no staging folder.
+    assert tclip(["explain", "damaged.jpg", "a.png", "--prompt", "blue square", "--no-html", *run]) == 2
+    assert index.read_bytes() == page
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b", "c", "index.html"]
+    # b replaced: the page goes (said once, in one line), the results are the new run's, nothing else is touched.
+    assert tclip(["explain", "b.png", "a.png", "--prompt", "blue square", "--no-html", *run]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "index.html" in line]
+    assert said == [f"{pathlib.Path('out') / 'index.html'}: removed (--no-html); it showed earlier results of images "
+                    "this run replaces"]
+    assert not index.exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b", "c"]
+    for name in ("a", "b"):
+        record = json.loads((tmp_path / "out" / name / "result.json").read_text())
+        assert [w["word"] for w in record["prompts"][0]["words"]] == ["blue", "square"]
+    # A page of the user's own is never removed (check_replaced keeps it from --html runs).
+    index.write_text("<html>my page</html>")
+    assert tclip(["explain", "a.png", "--prompt", "red", "--no-html", *run]) == 0
+    assert index.read_text() == "<html>my page</html>"
 
 
 def test_a_method_module_that_fails_as_it_runs_is_the_users_error(tmp_path, fixtures_dir, monkeypatch, capsys):

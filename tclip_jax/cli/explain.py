@@ -7,7 +7,9 @@ it stops before its first image); index.html is written last, over every image o
 a run stops (Ctrl-C, an image damaged past its header). A run replaces only what `tclip explain` wrote: an image's
 folder OUT/<image stem> that exists must be empty or an earlier result (its result.json and the files that names,
 nothing else) and must not hold an input image, and OUT/index.html an earlier explorer page; else the run is
-refused before the model loads (`check_replaced`).
+refused before the model loads (`check_replaced`). A `--no-html` run removes an earlier explorer page that shows
+an image it replaces (the page would show the old results beside links to the new files), just before that
+image's results are swapped in.
 
 `--compare METHOD[:key=value,...]` (repeatable) runs more methods on the same images and prompts, on the same
 loaded model, for the explorer's compare view (and result.json's "compare" list). A TCLIP run compares with
@@ -313,11 +315,15 @@ def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path
 
     from tclip_jax import visualize
     from tclip_jax.files import staged_folder
-    from tclip_jax.visualize.explorer import DATA_SCRIPT, PageWriter, image_entry
+    from tclip_jax.visualize.explorer import DATA_SCRIPT, INDEX_FILE, PageWriter, image_entry, page_images
 
     run_info = method.run_info()
     page = PageWriter(out, f"TCLIP explorer · {visualize.method_label(run_info)} · model "
                            f"{visualize.model_label(run_info)}", run_info) if args.html else None
+    # A run without a page removes an earlier one (ours) that shows an image it replaces, which the page would show
+    # stale: just before the first such result is swapped in, so a run that stops before leaves it as it was.
+    index = out / INDEX_FILE
+    shown = set() if page is not None else {name.casefold() for name in page_images(index)}
     done = 0
     try:
         for image_path, name in tqdm(list(zip(args.images, names)), desc="explain",
@@ -333,6 +339,10 @@ def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path
                     links.update({f"grid figure {p + 1}" if len(result.prompts) > 1 else "grid figure":
                                   f"{name}/{entry['grid_figure']}" for p, entry in enumerate(record["prompts"])})
                     PageWriter.write_data(staging, image_entry(name, views, title=str(image_path), links=links))
+                if name.casefold() in shown:
+                    index.unlink(missing_ok=True)
+                    shown = set()
+                    tqdm.write(f"{index}: removed (--no-html); it showed earlier results of images this run replaces")
             if page is not None:
                 page.add(name, str(image_path), name)
             done += 1

@@ -264,6 +264,17 @@ def is_explorer_page(path: pathlib.Path) -> bool:
         return False
 
 
+def page_images(path: pathlib.Path) -> list[str]:
+    """The names of the images the explorer page at `path` shows (the CLI names each by its folder); [] if `path` is
+    not such a page, or its data cannot be read."""
+    try:
+        text = pathlib.Path(path).read_text(encoding="utf-8")
+        start = text.index(_PAGE_DATA_TAG) + len(_PAGE_DATA_TAG)
+        return [entry["name"] for entry in json.loads(text[start:text.index("</script>", start)])["images"]]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):  # not a page of ours, or damaged
+        return []
+
+
 def inline_html(entry: dict, title: str, run: Optional[dict] = None, fallback_html: str = "",
                 view: str = "single") -> str:
     """The explorer as a fragment for a notebook output: scoped to its own element, keys bound to it."""
