@@ -338,7 +338,7 @@ def test_figure_wraps_names_the_method_and_shows_tau(fixtures_dir):
     figure = result.figure()
     shown = [a for a in figure.axes if a.images]
     assert len(shown) == 1 + 9 + 1  # the image, nine words, the whole prompt
-    columns = {round(a.get_position().x0, 3) for a in figure.axes}
+    columns = {round((a.get_position().x0 + a.get_position().x1) / 2, 3) for a in figure.axes}
     assert len(columns) == 5  # wrapped at five panels a row
     assert "TCLIP K=1" in figure._suptitle.get_text() and "tiny_openai_clip.npz" in figure._suptitle.get_text()
     word = result.prompts[0].word_maps[1]
@@ -356,7 +356,7 @@ def test_a_soft_figure_of_a_method_without_soft_maps_says_it_shows_the_maps(fixt
     result = Similarity.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz")).explain(
         str(fixtures_dir / "scene_224.png"), "a red circle")
     assert result.prompts[0].phrase.soft is None  # a baseline: no soft map to draw
-    title = result.figure(kind="soft")._suptitle.get_text()
+    title = " ".join(result.figure(kind="soft")._suptitle.get_text().split())  # as one line, not wrapped
     assert title.startswith("similarity maps (no soft maps for this method: its maps are shown) · ")
     assert "soft maps ·" not in title
 
@@ -398,6 +398,49 @@ def test_a_large_photo_is_drawn_in_the_grid_at_a_bounded_size_with_its_box_where
     assert np.abs(drawn[1].astype(int) - expected).max() <= 1
     small = grid_figure(image[:300, :400], [Panel("word", heatmap[:300, :400])], "small")  # drawn as it is
     np.testing.assert_array_equal([a for a in small.axes if a.images][0].images[0].get_array(), image[:300, :400])
+
+
+_SETTINGS_TITLE = ('TCLIP K=1 (trim=0.1, input_protocol=center_crop, token_weighting=mean) maps · model '
+                   'default_model (bfloat16 matmuls)\n"red"')
+
+
+@pytest.mark.parametrize("shape_hw, words, fallback, title", [
+    ((200, 200), ["red"], None, _SETTINGS_TITLE),  # a short prompt: two panels, a long title
+    ((211, 37), ["a", "red", "square"], "no_root_between_means", _SETTINGS_TITLE),  # tall, long captions
+    ((40, 800), ["a", "red", "square"], None, _SETTINGS_TITLE),  # very wide
+    ((200, 200), ["red"], None, "model " + "x" * 300 + '\n"red"'),  # a word wider than the figure
+])
+def test_grid_figure_titles_lie_inside_the_figure_and_apart(shape_hw, words, fallback, title):
+    """The title was clipped at both ends (it was as wide as it was long), and captions overlapped on tall images:
+    every text's drawn extent lies inside the figure, and no two intersect."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from tclip_jax.visualize.figures import Panel, grid_figure
+
+    heatmap = np.random.default_rng(0).random(shape_hw).astype(np.float32)
+    panels = [Panel(word, heatmap, tau=0.25, fallback=fallback) for word in [*words, "whole prompt"]]
+    figure = grid_figure(np.full((*shape_hw, 3), 128, np.uint8), panels, title)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    texts = [figure._suptitle, *(axis.title for axis in figure.axes if axis.images)]
+    extents = [text.get_window_extent(renderer) for text in texts]
+    for text, extent in zip(texts, extents):
+        assert 0 <= extent.x0 and extent.x1 <= figure.bbox.x1 and 0 <= extent.y0 and extent.y1 <= figure.bbox.y1, (
+            text.get_text(), extent, figure.bbox)
+    for i, extent in enumerate(extents):
+        assert not any(extent.overlaps(other) for other in extents[i + 1:]), texts[i].get_text()
+    assert "".join(figure._suptitle.get_text().split()) == "".join(title.split())  # wrapped, every character kept
+
+
+def test_a_grid_figure_is_no_wider_for_an_image_wider_than_two_to_one():
+    """A 10:1 strip made a figure as wide as 5 panels of 10 heights each (7,700 pixels as saved)."""
+    from tclip_jax.visualize.figures import MAX_PANEL_ASPECT, Panel, grid_figure
+
+    def width(shape_hw):
+        panels = [Panel(word, np.zeros(shape_hw, np.float32)) for word in ("a", "red", "square", "whole prompt")]
+        return grid_figure(np.zeros((*shape_hw, 3), np.uint8), panels, "title").get_figwidth()
+
+    assert MAX_PANEL_ASPECT == 2
+    assert width((40, 400)) == width((40, 800)) == width((40, 80)) < 2 * width((40, 40))
 
 
 def test_whole_image_box_is_drawn_inset():

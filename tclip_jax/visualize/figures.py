@@ -1,8 +1,10 @@
 """Static pictures of results: a heatmap overlay with its box, and a grid of panels per prompt.
 
 Every picture names what it shows: grid titles carry the method (and its non-default settings), the model and
-the prompt; each panel its word, τ and a GMM fallback. Boxes are drawn as inner strokes (the line lies inside
-the box), and a box that covers the whole image is drawn further inset, so it never hides in the frame.
+the prompt; each panel its word, τ and a GMM fallback. A grid's title wraps to the figure's width and a panel is
+at least as wide as its caption, so no text is cut off or overlaps another. Boxes are drawn as inner strokes
+(the line lies inside the box), and a box that covers the whole image is drawn further inset, so it never hides
+in the frame.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: files need no display backend, and notebooks keep theirs
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import TextToPath
 
 from tclip_jax.postprocess import Box
 
@@ -27,6 +31,13 @@ MAX_COLUMNS = 5
 # A grid panel is about 270 pixels wide as saved: a larger photo is drawn at this longer side (drawing a 48-MP
 # photo per panel took minutes and gigabytes for nothing anyone sees).
 GRID_MAX_SIDE = 1024
+# A grid panel is at most this many times as wide as tall: wider images are drawn smaller (a 10:1 strip made a
+# figure 7,700 pixels wide).
+MAX_PANEL_ASPECT = 2.0
+_TITLE_POINTS, _CAPTION_POINTS, _LINE_SPACING = 12, 10, 1.2
+_GAP_INCHES = 0.2  # between panels (and their captions), and around the title
+_CAPTION_PAD_INCHES = 0.12  # a caption above its picture (matplotlib's title pad, 6 points, and a little)
+_TEXT_PATHS = TextToPath()
 
 
 def normalize(heatmap: np.ndarray) -> np.ndarray:
@@ -116,27 +127,79 @@ class Panel:
 
 def grid_figure(image: np.ndarray, panels: Sequence[Panel], suptitle: str, columns: int = MAX_COLUMNS,
                 panel_inches: float = 3.0) -> Figure:
-    """A figure: the image, then one overlay per panel, wrapped to at most `columns` (≤ 5) per row."""
+    """A figure: the image, then one overlay per panel, wrapped to at most `columns` (≤ 5) per row.
+
+    A panel is `panel_inches` tall and as wide as the image's aspect ratio makes it, within 0.6 and
+    `MAX_PANEL_ASPECT` times that (a very wide image is drawn smaller, not in an ever wider figure), and at least
+    as wide as its widest caption line; the title is wrapped to the figure's width. The layout is computed from
+    these sizes (tight_layout packed panels closer than their captions' widths)."""
     columns = max(1, min(columns, MAX_COLUMNS, 1 + len(panels)))
     rows = math.ceil((1 + len(panels)) / columns)
     aspect = image.shape[1] / image.shape[0]
-    figure = ResultFigure(figsize=(panel_inches * columns * max(aspect, 0.6), (panel_inches + 0.55) * rows + 0.6))
-    axes = figure.subplots(rows, columns, squeeze=False)
+    captions = ["image", *(panel.caption() for panel in panels)]
+    with _missing_glyphs_noted():
+        panel_width = max(panel_inches * min(max(aspect, 0.6), MAX_PANEL_ASPECT),
+                          max(_text_inches(caption, _CAPTION_POINTS) for caption in captions))
+        width = (panel_width + _GAP_INCHES) * columns
+        title = _wrapped(suptitle, _TITLE_POINTS, width - 2 * _GAP_INCHES)
+    picture_height = min(panel_inches, panel_width / aspect)
+    title_height = _lines_inches(title, _TITLE_POINTS) + 2 * _GAP_INCHES
+    caption_height = max(_lines_inches(caption, _CAPTION_POINTS) for caption in captions) + _CAPTION_PAD_INCHES
+    height = title_height + (caption_height + picture_height + _GAP_INCHES) * rows
+    figure = ResultFigure(figsize=(width, height))
+    axes = figure.subplots(rows, columns, squeeze=False, gridspec_kw={
+        "left": _GAP_INCHES / 2 / width, "right": 1 - _GAP_INCHES / 2 / width, "wspace": _GAP_INCHES / panel_width,
+        "top": 1 - (title_height + caption_height) / height, "bottom": _GAP_INCHES / height,
+        "hspace": (caption_height + _GAP_INCHES) / picture_height})
     for axis in axes.flat:
         axis.axis("off")
     scale = min(1.0, GRID_MAX_SIDE / max(image.shape[:2]))
     shown = _resized(image, scale)
     axes.flat[0].imshow(shown)
-    axes.flat[0].set_title("image", fontsize=10)
-    for axis, panel in zip(axes.flat[1:], panels):
+    axes.flat[0].set_title(captions[0], fontsize=_CAPTION_POINTS, linespacing=_LINE_SPACING)
+    for axis, panel, caption in zip(axes.flat[1:], panels, captions[1:]):
         box = None if panel.box is None else tuple(v * scale for v in panel.box)
         axis.imshow(overlay(shown, _resized(np.asarray(panel.heatmap, np.float32), scale), box))
-        axis.set_title(panel.caption(), fontsize=10, color="firebrick" if panel.fallback else "black")
-    figure.suptitle(suptitle, fontsize=12)
-    _note_missing_glyphs([suptitle, *(panel.caption() for panel in panels)])
-    with _missing_glyphs_noted():
-        figure.tight_layout()
+        axis.set_title(caption, fontsize=_CAPTION_POINTS, linespacing=_LINE_SPACING,
+                       color="firebrick" if panel.fallback else "black")
+    figure.suptitle(title, fontsize=_TITLE_POINTS, linespacing=_LINE_SPACING, y=1 - _GAP_INCHES / height,
+                    verticalalignment="top")
+    _note_missing_glyphs([suptitle, *captions[1:]])
     return figure
+
+
+def _lines_inches(text: str, points: float) -> float:
+    """The height in inches of `text`'s lines at `points`."""
+    return (text.count("\n") + 1) * points * _LINE_SPACING / 72
+
+
+def _text_inches(text: str, points: float) -> float:
+    """The width in inches of the widest line of `text` in the figures' font at `points` (as drawn, within a few
+    hundredths of an inch)."""
+    font = FontProperties(size=points)
+    return max(_TEXT_PATHS.get_text_width_height_descent(line, font, ismath=False)[0] for line in text.split("\n")) / 72
+
+
+def _wrapped(text: str, points: float, inches: float) -> str:
+    """`text` with each line broken at spaces into lines at most `inches` wide (a word wider than that is broken
+    where it must be)."""
+    def pieces(word: str) -> Iterator[str]:
+        while _text_inches(word, points) > inches and len(word) > 1:
+            cut = next(n for n in range(len(word) - 1, 0, -1) if n == 1 or _text_inches(word[:n], points) <= inches)
+            yield word[:cut]
+            word = word[cut:]
+        yield word
+
+    lines = []
+    for paragraph in text.split("\n"):
+        line = None
+        for piece in (p for word in paragraph.split(" ") for p in pieces(word)):
+            if line is not None and _text_inches(f"{line} {piece}", points) > inches:
+                lines.append(line)
+                line = None
+            line = piece if line is None else f"{line} {piece}"
+        lines.append(line or "")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
