@@ -186,9 +186,9 @@ def _pil_to_rgb(img: Image.Image, exif: bool = True) -> np.ndarray:
 
 def _load_unmapped(img: Image.Image) -> None:
     """`img.load()`, reading the file rather than memory-mapping it. PIL maps an image opened by file name whose
-    pixels are one uncompressed strip (a small TIFF of mode L, P, RGBA, CMYK or I;16) at the image's size, which for
-    a TIFF of orientation 5-8 is the turned size, not the stored one: the pixels would come out scrambled, in the
-    stored shape. An image opened from a file object or bytes (no name) is always read."""
+    pixels are one uncompressed strip (a TIFF of mode L, P, RGBA, CMYK or I;16, of any size under PIL 13) at the
+    image's size, which for a TIFF of orientation 5-8 is the turned size, not the stored one: the pixels would come
+    out scrambled, in the stored shape. An image opened from a file object or bytes (no name) is always read."""
     if not (isinstance(img, ImageFile.ImageFile) and img.filename):
         img.load()
         return
