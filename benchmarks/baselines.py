@@ -24,17 +24,25 @@ from tclip_jax.methods.base import Query  # noqa: E402
 from tclip_jax.model import PRESETS, init_params  # noqa: E402
 
 PROMPTS = ["a dog", "a red car", "a traffic light", "a person riding a bike", "grass"]
-# Passes through the image encoder per image for all prompts (T = number of prompts): gradient methods
-# need one backward pass per prompt; TCLIP needs its 25 translated copies forward and no backward.
-PASSES = {
-    "tclip": ("25", "0"), "similarity": ("1", "0"), "rclip": ("1", "0"), "maskclip": ("1", "0"),
-    "clip_surgery": ("1 (dual path)", "0"), "attention": ("1", "0"), "rollout": ("1", "0"),
-    "decomposition": ("1", "0"), "hilacam": ("1", "T"), "gradcam": ("1", "T"), "grad_eclip": ("1", "T"),
-    # gScoreCAM: per map one gradient pass and k = 300 masked-image forwards; M2IB: per map 10 steps x 10 noisy
-    # copies through the blocks after the bottleneck, forward and backward; ECLIP: CLIP's one forward.
-    "gscorecam": ("T (1 + 300)", "T"), "m2ib": ("1 + 100 T (after layer 9)", "100 T (after layer 9)"),
-    "eclip": ("1", "0"),
-}
+COLUMNS = ("method", "forward passes / image", "backward passes / image", f"s / image ({len(PROMPTS)} prompts)",
+           "s / image and prompt")
+
+
+def method_row(name: str, method_class: type, clip, image: np.ndarray, repeats: int) -> tuple[str, ...]:
+    """One row of the table: the method's passes through the image encoder per image for the T prompts (as its
+    class states them, `Method.image_encoder_passes`; "not stated" for a method that does not) and its median
+    seconds for the device maps of `image` and `PROMPTS`."""
+    method = method_class(clip)
+    queries = method.encode([Query(p) for p in PROMPTS], label_set=PROMPTS)
+    query_rows = np.arange(len(PROMPTS), dtype=np.int32)[None]
+
+    def run():
+        pixels, _ = method.prepare(image)
+        return np.asarray(method.jitted_maps(method.params, pixels[None], queries, query_rows).maps)
+
+    seconds, _ = median_seconds(run, repeats)
+    forward, backward = method_class.image_encoder_passes or ("not stated", "not stated")
+    return name, forward, backward, f"{seconds:.2f}", f"{seconds / len(PROMPTS):.2f}"
 
 
 def main() -> None:
@@ -46,25 +54,14 @@ def main() -> None:
     load = load_average()
     config = PRESETS["ViT-B/32"]
     image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-    query_rows = np.arange(len(PROMPTS), dtype=np.int32)[None]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_checkpoint(pathlib.Path(tmp) / "vit_b32", init_params(config), config)
         clip = load_clip(folder)
         for name, method_class in METHODS.items():
-            method = method_class(clip)
-            queries = method.encode([Query(p) for p in PROMPTS], label_set=PROMPTS)
-
-            def run():
-                pixels, _ = method.prepare(image)
-                return np.asarray(method.jitted_maps(method.params, pixels[None], queries, query_rows).maps)
-
-            seconds, _ = median_seconds(run, args.repeats)
-            forward, backward = PASSES[name]
-            rows.append((name, forward, backward, f"{seconds:.2f}", f"{seconds / len(PROMPTS):.2f}"))
+            rows.append(method_row(name, method_class, clip, image, args.repeats))
             print(rows[-1], flush=True)
-    table = markdown_table(("method", "forward passes / image", "backward passes / image",
-                            f"s / image ({len(PROMPTS)} prompts)", "s / image and prompt"), rows)
+    table = markdown_table(COLUMNS, rows)
     print(table)
     if not args.no_write:
         write_section("baselines", f"## Methods: time per image and prompt (CPU, ViT-B/32 size, maps on the device)\n\n"

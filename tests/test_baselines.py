@@ -300,9 +300,12 @@ def test_raw_attention_and_rollout(tiny_model, surgery_ref):
 # ---------------------------------------------------------------- registry and protocols
 
 def test_registry_lists_every_method_with_its_protocol():
-    assert set(METHODS) == {"tclip", "similarity", "rclip", "maskclip", "clip_surgery", "hilacam", "attention",
-                            "rollout", "gradcam", "grad_eclip", "decomposition", "gscorecam", "m2ib", "eclip"}
-    assert all(METHODS[name].name == name for name in METHODS)
+    """Every shipped method is registered under its own name; a method added with one more registry line (the README's
+    example, test_methods.py) leaves this test passing."""
+    registered = {name: methods.get(name) for name in methods.REGISTRY}
+    assert set(registered) >= {"tclip", "similarity", "rclip", "maskclip", "clip_surgery", "hilacam", "attention",
+                               "rollout", "gradcam", "grad_eclip", "decomposition", "gscorecam", "m2ib", "eclip"}
+    assert all(method.name == name for name, method in registered.items())
     assert len(METHODS["clip_surgery"].templates) == 85
     with pytest.raises(ValueError, match="unknown method"):
         methods.get("nope")

@@ -2,6 +2,11 @@
 call, label sets, and a method defined outside the package (the README's example) used from the command line."""
 import dataclasses
 import json
+import pathlib
+import re
+import sys
+import textwrap
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,24 +17,25 @@ from tclip_jax import methods
 from tclip_jax.checkpoints.folder import save_checkpoint
 from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.cli import main as tclip
-from tclip_jax.methods import METHODS, common
-from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE, PromptMethod, Query
-from tclip_jax.model import CLIP, l2_normalize
+from tclip_jax.methods import METHODS
+from tclip_jax.methods.base import Query
+from tclip_jax.model import CLIP
 from tclip_jax.synthetic import make_scene
 
 PROMPTS = ["a red circle", "a blue square", "a cat"]
 
 
-class CosineMap(PromptMethod):
-    """The README's example of a new method: each prompt's cosine with every patch token."""
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-    name = "cosine_map"
-    heatmap = NORMALIZE_THEN_UPSAMPLE
 
-    def grid_maps(self, params, pixels, queries):
-        image = common.encode_image(self.clip.model, params, pixels)
-        return common.patch_grid(jnp.einsum("bnd,qd->bqn", l2_normalize(image.tokens), queries.per_query),
-                                 image.grid)
+def readme_method() -> tuple[str, str, str]:
+    """The README's example of a new method, as written there: its module's code, and its REGISTRY line's name and
+    "module:Class"."""
+    block = re.search(r"```python\n( *# tclip_jax/methods/my_method\.py\n.*?)```", (ROOT / "README.md").read_text(),
+                      re.S).group(1)
+    code = textwrap.dedent(block)
+    name, path = re.search(r'REGISTRY = \{\.\.\., "(\w+)": "([\w.:]+)"\}', code).groups()
+    return code, name, path
 
 
 @pytest.fixture(scope="module")
@@ -373,14 +379,49 @@ def test_text_features_are_cut_after_the_end_of_text_and_computed_once(tiny_clip
     assert method.text_features([]).shape == (0, features.shape[1])
 
 
-def test_a_method_outside_the_package_runs_from_the_command_line(tmp_path, fixtures_dir):
-    assert methods.get("test_methods:CosineMap") is CosineMap
+def test_the_readmes_method_added_with_one_registry_line_explains_and_is_benchmarked(tiny_clip, fixture_images,
+                                                                                     monkeypatch):
+    """Adding a method is its module and one REGISTRY line: the README's example, as written (imports included),
+    explains, keeps the registry test passing, and gets its row in benchmarks/baselines.py's table (its passes "not
+    stated": the example does not state them)."""
+    code, name, path = readme_method()
+    module_name = path.split(":")[0]
+    module = types.ModuleType(module_name)
+    exec(compile(code, f"README.md ({module_name})", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, module_name, module)
+    monkeypatch.setitem(methods.REGISTRY, name, path)
+    method_class = methods.get(name)
+    monkeypatch.setitem(METHODS, name, method_class)  # as a registry line in the package would list it
+    assert method_class.name == name
+    result = method_class(tiny_clip).explain(fixture_images["scene_wide_320x240"], PROMPTS)
+    assert [p.prompt for p in result.prompts] == PROMPTS and result.run["method"] == name
+    for prompt in result.prompts:
+        assert prompt.phrase.heatmap.shape == (240, 320)
+        assert 0 <= prompt.phrase.heatmap.min() < prompt.phrase.heatmap.max() <= 1  # min-max normalized
+    import test_baselines
+
+    test_baselines.test_registry_lists_every_method_with_its_protocol()
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.baselines import method_row
+
+    image = fixture_images["scene_224"]
+    row = method_row(name, method_class, tiny_clip, image, repeats=1)
+    assert row[:3] == (name, "not stated", "not stated") and float(row[3]) >= 0
+    assert method_row("gradcam", METHODS["gradcam"], tiny_clip, image, repeats=1)[1:3] == ("1", "T")
+
+
+def test_a_method_outside_the_package_runs_from_the_command_line(tmp_path, fixtures_dir, monkeypatch):
+    """The README's example, kept in a module of its own outside the package, named "module:Class"."""
+    code, name, _ = readme_method()
+    (tmp_path / "my_method.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert methods.get("my_method:MyMethod").name == name
     out = tmp_path / "out"
     assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a red circle", "--method",
-                  "test_methods:CosineMap", "--model", str(fixtures_dir / "tiny_openai_clip.npz"),
+                  "my_method:MyMethod", "--model", str(fixtures_dir / "tiny_openai_clip.npz"),
                   "--out", str(out)]) == 0
     record = json.loads((out / "scene_224" / "result.json").read_text())
-    assert record["run"]["method"] == "cosine_map"
+    assert record["run"]["method"] == name
     with pytest.raises(ValueError, match="not a tclip_jax.methods.Method subclass"):
         methods.get("test_methods:PROMPTS")
     with pytest.raises(ValueError, match="cannot be imported"):

@@ -76,6 +76,7 @@ class RawAttention(PromptMethod):
     """The class token's attention in one block (`raw_attention_map`); the same map for every prompt."""
 
     name = "attention"
+    image_encoder_passes = ("1", "0")
     Settings = AttentionSettings
     input_protocol = "center_crop"
     maps_version = 2  # boxes from the part of the image the crop kept
@@ -98,6 +99,7 @@ class Rollout(PromptMethod):
     """Attention rollout (`rollout_map`); the same map for every prompt."""
 
     name = "rollout"
+    image_encoder_passes = ("1", "0")
     Settings = RolloutSettings
     input_protocol = "center_crop"
     maps_version = 2  # boxes from the part of the image the crop kept

@@ -191,6 +191,9 @@ class Method(abc.ABC):
     input_protocol: ClassVar[InputProtocol] = "whole"  # how `prepare` feeds images in (TCLIP: a setting)
     explains_words: ClassVar[bool] = False  # maps each word of a prompt, not only the prompt
     uses_label_set: ClassVar[bool] = False  # a prompt's map depends on the label set it is encoded with
+    # (forward, backward) passes through the image encoder per image for all T prompts of a call, as
+    # benchmarks/baselines.py shows them (e.g. ("1", "T"): one forward, one backward per prompt); None: not stated.
+    image_encoder_passes: ClassVar[Optional[tuple[str, str]]] = None
     # Raised when a change makes the method's maps, soft maps or boxes differ from those it made before (records
     # say which they hold, and a sweep begun on other maps is not resumed): 2 for the similarity methods and CLIP
     # Surgery since their grid maps are upsampled once, straight to the image, and for the centre-crop methods

@@ -133,6 +133,7 @@ class CLIPSurgery(PromptMethod):
     single prompt, gets the empty-string ensemble as its redundant features, as the demo does for one prompt."""
 
     name = "clip_surgery"
+    image_encoder_passes = ("1 (dual path)", "0")
     Settings = CLIPSurgerySettings
     heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
     maps_version = 2

@@ -222,6 +222,7 @@ class DecompositionMap(PromptMethod):
     map over the label set (the prompts of an explain call, a sweep's class prompts), which needs >= 2 texts."""
 
     name = "decomposition"
+    image_encoder_passes = ("1", "0")
     input_protocol = "center_crop"
     maps_version = 2  # boxes from the part of the image the crop kept
     heatmap = MapPostprocess(normalize_first=False, clip_negative=True)

@@ -147,6 +147,7 @@ class GradECLIPSettings(MethodSettings):
 
 class GradECLIP(PromptMethod):
     name = "grad_eclip"
+    image_encoder_passes = ("1", "T")
     Settings = GradECLIPSettings
     input_protocol = "patch_multiple"
     heatmap = NORMALIZE_THEN_UPSAMPLE
@@ -158,6 +159,7 @@ class GradECLIP(PromptMethod):
 
 class GradCAM(PromptMethod):
     name = "gradcam"
+    image_encoder_passes = ("1", "T")
     Settings = GradECLIPSettings
     input_protocol = "patch_multiple"
     heatmap = NORMALIZE_THEN_UPSAMPLE

@@ -244,6 +244,8 @@ class GScoreCAM(PromptMethod):
     official code returns."""
 
     name = "gscorecam"
+    # per map one gradient pass and k = 300 masked-image forwards
+    image_encoder_passes = ("T (1 + 300)", "T")
     Settings = GScoreCAMSettings
     input_protocol = "whole"
     heatmap = None  # cam_norm stays on the grid: `original_maps` resizes it once, as the official code

@@ -138,6 +138,7 @@ class HilaCAM(PromptMethod):
     """HilaCAM differentiates the text tower too, so its queries are token ids, not features."""
 
     name = "hilacam"
+    image_encoder_passes = ("1", "T")
     Settings = HilaCAMSettings
     input_protocol = "center_crop"
     maps_version = 2  # boxes from the part of the image the crop kept

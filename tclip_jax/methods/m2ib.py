@@ -386,6 +386,8 @@ class M2IB(PromptMethod):
     original image by the geometry (the official map stays in the 224 x 224 crop frame)."""
 
     name = "m2ib"
+    # per map 10 steps x 10 noisy copies through the blocks after the bottleneck, forward and backward
+    image_encoder_passes = ("1 + 100 T (after layer 9)", "100 T (after layer 9)")
     Settings = M2IBSettings
     input_protocol = "center_crop"
     maps_version = 2  # boxes from the part of the image the crop kept

@@ -85,6 +85,7 @@ class Similarity(PromptMethod):
     """The raw CLIP similarity map (`similarity_map`)."""
 
     name = "similarity"
+    image_encoder_passes = ("1", "0")
     heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
     maps_version = 2
 
@@ -96,6 +97,7 @@ class RCLIP(PromptMethod):
     """The reversed raw similarity map (`rclip_map`)."""
 
     name = "rclip"
+    image_encoder_passes = ("1", "0")
     heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
     maps_version = 2
 
@@ -113,6 +115,7 @@ class MaskCLIP(PromptMethod):
     """MaskCLIP's value path (`maskclip_map`)."""
 
     name = "maskclip"
+    image_encoder_passes = ("1", "0")
     Settings = MaskCLIPSettings
     heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
     maps_version = 2

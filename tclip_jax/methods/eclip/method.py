@@ -161,6 +161,8 @@ class ECLIP(PromptMethod):
     """ECLIP's ITSM of whole prompts (`itsm`), with the projections the settings name (else CLIP's own)."""
 
     name = "eclip"
+    # CLIP's one forward
+    image_encoder_passes = ("1", "0")
     Settings = Settings
     heatmap = UPSAMPLE_THEN_NORMALIZE
 

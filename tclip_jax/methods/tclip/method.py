@@ -40,6 +40,8 @@ from tclip_jax.postprocess.soft import soft_maps_and_boxes
 
 class TCLIP(Method):
     name = "tclip"
+    # its 25 translated copies (the default K), forward only
+    image_encoder_passes = ("25", "0")
     Settings = Settings
     explains_words = True
 
