@@ -97,6 +97,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from tclip_jax.evaluation.metrics.boxes import mask_box
+
 TRAIN_SEED_START = 0
 HELDOUT_SEED_START = 10_000_000
 HELDOUT_STREAM_SEEDS = 1_000_000
@@ -531,14 +533,6 @@ def _paint(image: np.ndarray, placed: _Placed) -> tuple[np.ndarray, np.ndarray]:
     mask[y0:y1, x0:x1] = local
     region[y0:y1, x0:x1] = silhouette
     return mask, region
-
-
-def mask_box(mask: np.ndarray) -> Box:
-    """Tight (x0, y0, x1, y1) box of a non-empty [H, W] bool mask, end exclusive."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        raise ValueError("mask is empty")
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 def relations_between(a: Box, b: Box) -> list[str]:

@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from tclip_jax.evaluation.metrics.boxes import mask_box
 from tclip_jax import synthetic as S
 from tclip_jax.synthetic import (
     BACKGROUND_MAX_CHROMA,
@@ -26,7 +27,6 @@ from tclip_jax.synthetic import (
     heldout_seeds,
     make_batch,
     make_scene,
-    mask_box,
     negative_descriptions,
     negative_captions,
     protocol_sample,
