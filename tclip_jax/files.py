@@ -14,7 +14,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import Optional
+from typing import BinaryIO, Optional
 
 
 # What file browsers drop into any folder they show: a run's output folder stays its own with them.
@@ -179,13 +179,22 @@ def write_text_atomic(path: pathlib.Path, text: str) -> None:
 
 
 def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
-    """`write_text_atomic` for bytes. The data reach the disk before the rename, so that a crash right after it
-    cannot leave an empty file where the old one was (a sweep rewrites its results file so)."""
+    """`write_text_atomic` for bytes."""
+    with atomic_file(path) as file:
+        file.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: pathlib.Path) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through, for data written in parts (an .npz): it is a temporary sibling that
+    is renamed over ``path`` when the block ends, and removed if the block fails. The data reach the disk before the
+    rename, so that a crash right after it cannot leave an empty file where the old one was (a sweep rewrites its
+    results file so)."""
     path = pathlib.Path(path)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(temporary, "wb") as file:
-            file.write(data)
+            yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

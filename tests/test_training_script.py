@@ -1341,3 +1341,19 @@ def test_heldout_only_records_the_gates_of_a_written_checkpoint_and_trains_nothi
         train_default.main()
     assert capsys.readouterr().err.strip().endswith(f"--heldout-only: {tmp_path / 'empty'} holds no checkpoint")
     assert recorded == [model]
+
+
+def test_a_state_save_that_fails_leaves_the_state_saved_before_and_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "s.npz"
+    path.write_bytes(b"the state saved before")
+    state = train_default.RunState(step=1, config={}, params={"w": np.zeros(3, np.float32)}, opt_state=(),
+                                   average=None, selected=None, used_ids=[], records=[])
+
+    def full_disk(file, **arrays):
+        file.write(b"part of an npz")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train_default.save_state(path, state)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"] and path.read_bytes() == b"the state saved before"

@@ -96,7 +96,7 @@ from tclip_jax.checkpoints.folder import CONFIG_FILE, FORMAT_NAME, PARAMS_FILES,
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.cli import Terminated, redelivered_interrupts, sigterm_as_interrupt
 from tclip_jax.evaluation.retrieval import retrieval_top1
-from tclip_jax.files import check_output_folder, check_replaceable, staged_folder, unwritten_entries
+from tclip_jax.files import atomic_file, check_output_folder, check_replaceable, staged_folder, unwritten_entries
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize
 from tclip_jax.synthetic import (
@@ -1103,10 +1103,8 @@ def save_state(path: pathlib.Path, state: RunState) -> None:
     leaves = jax.tree_util.tree_leaves(state.trees())
     arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("wb") as file:
+    with atomic_file(path) as file:
         np.savez_compressed(file, header=np.array(json.dumps(header)), **arrays)
-    partial.replace(path)
 
 
 def load_state(path: pathlib.Path, config: TrainConfig, template: RunState) -> RunState:

@@ -25,7 +25,6 @@ import base64
 import dataclasses
 import html
 import json
-import os
 import pathlib
 import uuid
 from collections.abc import Iterable, Sequence
@@ -34,6 +33,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from tclip_jax.files import write_text_atomic
 from tclip_jax.visualize.figures import format_number, is_whole_image, method_label, model_label, overlay, turbo_lut
 
 PAGE_FORMAT = "tclip_jax/explorer"
@@ -376,9 +376,7 @@ class PageWriter:
             entries = [{"name": name, "title": title, "script": f"{_url(folder)}/{DATA_SCRIPT}"}
                        for name, title, folder in self._images]
         index = self.out / INDEX_FILE
-        tmp = index.with_name(f".{INDEX_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(page_html(page_data(entries, self.title, self.run)), encoding="utf-8")
-        os.replace(tmp, index)
+        write_text_atomic(index, page_html(page_data(entries, self.title, self.run)))
         if inline:
             for path in scripts:
                 path.unlink()
