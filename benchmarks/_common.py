@@ -19,7 +19,7 @@ from typing import Callable, Mapping, NoReturn, Sequence
 
 import numpy as np
 
-from tclip_jax.files import write_text_atomic
+from tclip_jax import files
 
 RESULTS_PATH = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -234,21 +234,18 @@ def write_section(name: str, body: str, path: pathlib.Path = RESULTS_PATH) -> No
         text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text_atomic(path, text)  # a kill mid-write leaves the old file, not an empty one
+    files.write_text_atomic(path, text)  # a kill mid-write leaves the old file, not an empty one
     print(f"wrote the '{name}' section of {path} (--no-write leaves it as it is)", file=sys.stderr)
 
 
 def check_output_file(parser: argparse.ArgumentParser, path: pathlib.Path, what: str) -> None:
     """Refuses with `parser.error`'s one line, before anything is measured, a file the run could not write at its
-    end: a folder, or in a folder that does not exist or that this process cannot write in (outputs are written
-    atomically, `write_text_atomic`: a temporary file in that folder renamed over the file). `what` names it in
-    the message, e.g. '--json'."""
-    if path.is_dir():
-        parser.error(f"{what} {path} is a folder, not a file")
-    if not path.parent.is_dir():
-        parser.error(f"{what} {path}: the folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        parser.error(f"{what} {path}: cannot write in {path.parent}")
+    end (`tclip_jax.files.check_output_file`: a folder, or in a folder that does not exist or that this process
+    cannot write in). `what` names it in the message, e.g. '--json'."""
+    try:
+        files.check_output_file(path, what)
+    except (ValueError, PermissionError) as err:
+        parser.error(str(err))
 
 
 def check_output_options(parser: argparse.ArgumentParser, section: str, results_path: pathlib.Path = RESULTS_PATH,

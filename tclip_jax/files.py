@@ -57,17 +57,35 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out", replaced: b
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{flag} {out} is a file, not a folder")
-    existing = out if out.exists() else next(p for p in out.parents if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"{flag} {out}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {out}: cannot write in {existing}")
+    _check_can_write_in(out if out.exists() else next(p for p in out.parents if p.exists()), out, flag)
     # The replacement is staged beside the folder `out` names: a link's target (`staged_folder` follows it).
     holder = (out.resolve() if out.is_symlink() else out.absolute()).parent
     if replaced and out.exists() and not os.access(holder, os.W_OK | os.X_OK):
         raise PermissionError(f"{flag} {out}: cannot write in {holder}, where its replacement is written before it "
                               "replaces the folder")
     return out
+
+
+def check_output_file(path: str | os.PathLike, flag: str, make_folders: bool = False) -> pathlib.Path:
+    """`path` as a file a run can write (atomically: a temporary file in its folder renamed over it, so the file's
+    own write bit does not matter), checked before the run starts: not a folder, and in a folder that exists and
+    this process may write in; with `make_folders` (the run makes the missing folders), the nearest existing folder
+    above it must be one this process may write in. `flag` names it in the one-line error. Returns it as a path."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder, not a file")
+    if not make_folders and not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
+    _check_can_write_in(next(p for p in path.parents if p.exists()), path, flag)
+    return path
+
+
+def _check_can_write_in(existing: pathlib.Path, path: pathlib.Path, flag: str) -> None:
+    """`existing`, the nearest existing folder of the output `path`, must be a folder this process may write in."""
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: cannot write in {existing}")
 
 
 def check_replaceable(folder: pathlib.Path, marker: Optional[str] = None, what: str = "",

@@ -96,7 +96,8 @@ from tclip_jax.checkpoints.folder import CONFIG_FILE, FORMAT_NAME, PARAMS_FILES,
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.cli import Terminated, redelivered_interrupts, sigterm_as_interrupt
 from tclip_jax.evaluation.retrieval import retrieval_top1
-from tclip_jax.files import atomic_file, check_output_folder, check_replaceable, staged_folder, unwritten_entries
+from tclip_jax.files import (atomic_file, check_output_file, check_output_folder, check_replaceable, staged_folder,
+                             unwritten_entries)
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize
 from tclip_jax.synthetic import (
@@ -1344,13 +1345,7 @@ def check_model_folder(out: pathlib.Path, flag: str = "--out") -> pathlib.Path:
 def check_state_path(path: pathlib.Path, out: pathlib.Path) -> None:
     """`--save-state`'s PATH, checked before training: a file this run can write, not inside --out `out` (the
     model folder holds the model alone)."""
-    if path.is_dir():
-        raise ValueError(f"--save-state {path} is a folder, not a file")
-    existing = next(p for p in path.parents if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"--save-state {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"--save-state {path}: cannot write in {existing}")
+    check_output_file(path, "--save-state", make_folders=True)  # save_state makes the missing folders
     if path.resolve().is_relative_to(out.resolve()):
         raise ValueError(f"--save-state {path} is inside --out {out}, which holds the model alone; name a path "
                          "outside it")
