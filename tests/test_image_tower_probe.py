@@ -14,7 +14,7 @@ import train_default  # noqa: E402
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from tclip_jax.image import clip_normalize, upsample_bilinear  # noqa: E402
+from tclip_jax.image import clip_normalize, resize_rgb, upsample_bilinear  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
 from tclip_jax.methods.tclip.relevance import token_embeddings  # noqa: E402
 from tclip_jax.methods.tclip.settings import DEFAULT_TRIM  # noqa: E402
@@ -116,8 +116,8 @@ def test_position_share_is_the_variance_of_the_per_position_means(shipped):
     shares = itp.position_shares(shipped.model, shipped.params, count)
     layers = shipped.config.vision_layers
     assert list(shares) == ["input", *[f"block_{i}" for i in range(1, layers + 1)], "output"]
-    images = np.stack([train_default.resize(itp.make_scene(itp.HELDOUT_SEED_START + i, None, itp.TRAINING_STYLE).image,
-                                            224) for i in range(count)])
+    scenes = [itp.make_scene(itp.HELDOUT_SEED_START + i, None, itp.TRAINING_STYLE) for i in range(count)]
+    images = np.stack([resize_rgb(scene.image, (224, 224)) for scene in scenes])
     out = itp.encode_images(shipped.model, shipped.params, images, intermediates=True)
     for stage, tokens in (("input", out.residual_stream[0]), (f"block_{layers}", out.residual_stream[layers]),
                           ("output", out.tokens)):

@@ -25,6 +25,7 @@ import train_default  # noqa: E402
 from tclip_jax.checkpoints.folder import save_checkpoint  # noqa: E402
 from tclip_jax.methods.tclip.relevance import token_embeddings  # noqa: E402
 from tclip_jax.model import CLIP, init_params  # noqa: E402
+from tclip_jax.image import resize_rgb  # noqa: E402
 from tclip_jax.synthetic import RELATIONS, make_scene, negative_captions, scene_variant, train_seeds  # noqa: E402
 
 SCRIPT = pathlib.Path(train_default.__file__)
@@ -307,7 +308,7 @@ def test_one_object_curriculum_draws_one_object_scenes_then_the_training_style()
     seeds = train_seeds(4, 4)
     expected = [make_scene(seed, None, one_object) for seed in seeds]
     assert captions[::2] == [scene.caption for scene in expected]
-    np.testing.assert_array_equal(images[0], train_default.resize(expected[0].image, config.image_size))
+    np.testing.assert_array_equal(images[0], resize_rgb(expected[0].image, (config.image_size,) * 2))
     # After the curriculum: the full training style, whose scenes hold up to five objects.
     _, later, _ = train_default.batch(config, 2)
     assert later[::2] == [make_scene(seed, None, dataclasses.replace(

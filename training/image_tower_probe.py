@@ -79,7 +79,7 @@ import train_default  # noqa: E402
 
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.evaluation.metrics import box_hit, pointing_game  # noqa: E402
-from tclip_jax.image import clip_normalize  # noqa: E402
+from tclip_jax.image import clip_normalize, resize_rgb  # noqa: E402
 from tclip_jax.methods.base import Query  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
 from tclip_jax.methods.tclip.relevance import aggregate_maps  # noqa: E402
@@ -375,7 +375,7 @@ def position_shares(model: CLIP, params, count: int = 64) -> dict[str, float]:
     image). Stages: the residual stream entering the first block ("input"), after each block ("block_1", ...),
     and the projected tokens TCLIP reads ("output")."""
     size = model.config.image_size
-    images = np.stack([train_default.resize(make_scene(seed, None, TRAINING_STYLE).image, size)
+    images = np.stack([resize_rgb(make_scene(seed, None, TRAINING_STYLE).image, (size, size))
                        for seed in range(HELDOUT_SEED_START, HELDOUT_SEED_START + count)])
     out = encode_images(model, params, images, intermediates=True)
     stages = {"input": out.residual_stream[0],

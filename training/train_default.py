@@ -90,7 +90,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image
 
 from tclip_jax.checkpoints.folder import CONFIG_FILE, FORMAT_NAME, PARAMS_FILES, is_checkpoint, save_checkpoint
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
@@ -99,7 +98,7 @@ from tclip_jax.evaluation.retrieval import retrieval_top1
 from tclip_jax.files import (atomic_file, check_output_file, check_output_folder, check_replaceable, staged_folder,
                              unwritten_entries)
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
-from tclip_jax.image import clip_normalize
+from tclip_jax.image import clip_normalize, resize_rgb
 from tclip_jax.synthetic import (
     ATTRIBUTES,
     COLOURS,
@@ -412,13 +411,6 @@ def model_config(config: TrainConfig) -> CLIPConfig:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """The whole image to size x size, PIL bicubic: what TCLIP's `whole` protocol feeds the model."""
-    if image.shape[:2] == (size, size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
-
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """The TrainConfig fields a step's inputs are made from (`batch`, `step_inputs` read nothing else): runs that
@@ -462,7 +454,8 @@ def batch(config: TrainConfig | DataConfig, step: int) -> tuple[np.ndarray, list
         variant = scene_variant(scene, seed, style, config.variant_attributes)
         if variant is None:  # no change keeps the objects distinct (rare): a scene of a far seed instead
             variant = make_scene(seed + 5_000_000, None, style)
-        images += [resize(scene.image, config.image_size), resize(variant.image, config.image_size)]
+        square = (config.image_size, config.image_size)  # resized whole, as TCLIP's `whole` protocol feeds the model
+        images += [resize_rgb(scene.image, square), resize_rgb(variant.image, square)]
         captions += [scene.caption, variant.caption]
         negatives += negative_captions(scene, seed, config.negatives, also_false_of=(variant.objects,),
                                        kinds=config.negative_kinds)

@@ -7,7 +7,8 @@ _EXPORTS = {
                      "to_original", "to_original_on_device"], "tclip_jax.image.geometry"),
     **dict.fromkeys(["ImageLike", "image_size", "load_image"], "tclip_jax.image.io"),
     **dict.fromkeys(["CLIP_MEAN", "CLIP_STD", "INPUT_PROTOCOLS", "InputProtocol", "center_crop", "check_input_size",
-                     "clip_normalize", "prepare", "whole_image"], "tclip_jax.image.protocols"),
+                     "check_rgb", "clip_normalize", "prepare", "resize_rgb", "whole_image"],
+                    "tclip_jax.image.protocols"),
     "upsample_bilinear": "tclip_jax.image.resample",
 }
 __all__ = sorted(_EXPORTS)

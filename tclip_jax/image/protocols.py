@@ -39,7 +39,7 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 def prepare(rgb: np.ndarray, protocol: InputProtocol, image_size: int, patch_size: int) -> tuple[np.ndarray, Geometry]:
     """The model input of a decoded image under `protocol`, for a model of `image_size` and `patch_size`."""
-    _check_rgb(rgb)
+    check_rgb(rgb)
     check_input_size(rgb.shape[:2], protocol, patch_size)
     if protocol == "patch_multiple":
         return whole_image(rgb, tuple(int(side / patch_size + 0.5) * patch_size for side in rgb.shape[:2]))
@@ -65,7 +65,7 @@ def check_input_size(size_hw: tuple[int, int], protocol: InputProtocol, patch_si
 
 def center_crop(rgb: np.ndarray, size: int = 224) -> tuple[np.ndarray, Geometry]:
     """OpenAI CLIP's resize of the short side to ``size``, centre crop, normalize: float32 [size, size, 3]."""
-    _check_rgb(rgb)
+    check_rgb(rgb)
     if not isinstance(size, (int, np.integer)) or size <= 0:
         raise ValueError(f"center_crop size must be a positive int, got {size!r}")
     height, width = rgb.shape[:2]
@@ -74,7 +74,7 @@ def center_crop(rgb: np.ndarray, size: int = 224) -> tuple[np.ndarray, Geometry]
     else:
         resized_hw = (size, int(size * width / height))
     offset_yx = tuple(int(round((r - size) / 2.0)) for r in resized_hw)
-    resized = _resize_bicubic(rgb, resized_hw)
+    resized = resize_rgb(rgb, resized_hw)
     crop = resized[offset_yx[0] : offset_yx[0] + size, offset_yx[1] : offset_yx[1] + size]
     geometry = Geometry((height, width), (size, size), resized_hw, offset_yx)
     return clip_normalize(crop), geometry
@@ -82,7 +82,7 @@ def center_crop(rgb: np.ndarray, size: int = 224) -> tuple[np.ndarray, Geometry]
 
 def whole_image(rgb: np.ndarray, size: int | tuple[int, int] = 224) -> tuple[np.ndarray, Geometry]:
     """Bicubic resize of the whole image to ``size`` (int or (h, w)), no crop, normalize: float32 [h, w, 3]."""
-    _check_rgb(rgb)
+    check_rgb(rgb)
     input_hw = (size, size) if isinstance(size, (int, np.integer)) else size
     if not (
         isinstance(input_hw, (tuple, list))
@@ -92,7 +92,7 @@ def whole_image(rgb: np.ndarray, size: int | tuple[int, int] = 224) -> tuple[np.
         raise ValueError(f"whole_image size must be a positive int or (h, w) of positive ints, got {size!r}")
     input_hw = (int(input_hw[0]), int(input_hw[1]))
     geometry = Geometry(rgb.shape[:2], input_hw, input_hw, (0, 0))
-    return clip_normalize(_resize_bicubic(rgb, input_hw)), geometry
+    return clip_normalize(resize_rgb(rgb, input_hw)), geometry
 
 
 def clip_normalize(rgb):
@@ -103,11 +103,17 @@ def clip_normalize(rgb):
     return (rgb.astype(np.float32) / np.float32(255.0) - CLIP_MEAN) / CLIP_STD
 
 
-def _check_rgb(rgb: np.ndarray) -> None:
+def check_rgb(rgb: np.ndarray) -> None:
+    """Refuses, in one line, anything but a decoded uint8 RGB array [H, W, 3] (what `load_image` gives)."""
     if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
         raise ValueError("input protocols take a decoded uint8 RGB array [H, W, 3] (tclip_jax.image.load_image), "
                          f"got {type(rgb).__name__} {getattr(rgb, 'dtype', '')} {getattr(rgb, 'shape', '')}")
 
 
-def _resize_bicubic(rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    return np.asarray(Image.fromarray(rgb).resize((size_hw[1], size_hw[0]), Image.Resampling.BICUBIC))
+def resize_rgb(rgb: np.ndarray, size_hw: tuple[int, int], resample: str = "bicubic") -> np.ndarray:
+    """A uint8 RGB image resized to `size_hw` with PIL's antialiased "bicubic" or "bilinear" filter: torchvision's
+    `Resize` with the PIL backend."""
+    return np.asarray(Image.fromarray(rgb).resize((size_hw[1], size_hw[0]), _PIL_FILTERS[resample]))
+
+
+_PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}

@@ -45,9 +45,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from tclip_jax.image import Geometry, clip_normalize, upsample_bilinear
+from tclip_jax.image import Geometry, check_rgb, clip_normalize, resize_rgb, upsample_bilinear
 from tclip_jax.image.resample import resample
 from tclip_jax.methods import common
 from tclip_jax.methods.base import MethodSettings, PromptMethod, QueryArrays
@@ -210,10 +209,8 @@ def _gscorecam(model: CLIP, params: dict, images: Array, texts: Array, indices: 
 
 def _adapt_squash(rgb: np.ndarray, size: int) -> np.ndarray:
     """`load_clip(..., resize='adapt')`: torchvision `Resize((size, size))` (PIL bilinear, antialiased)."""
-    if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
-        raise ValueError("gScoreCAM takes a decoded uint8 RGB array [H, W, 3] (tclip_jax.image.load_image), "
-                         f"got {type(rgb).__name__} {getattr(rgb, 'dtype', '')} {getattr(rgb, 'shape', '')}")
-    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR))
+    check_rgb(rgb)
+    return resize_rgb(rgb, (size, size), "bilinear")
 
 
 @dataclasses.dataclass(frozen=True)
