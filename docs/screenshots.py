@@ -14,8 +14,9 @@ import tempfile
 
 from PIL import Image
 
-from tclip_jax import demo, synthetic, visualize
+from tclip_jax import demo, synthetic
 from tclip_jax.cli import main as tclip
+from tclip_jax.files import write_image
 
 DOCS = pathlib.Path(__file__).resolve().parent
 # (file, window width x height, view, the caption word shown): one word in the single view, another compared.
@@ -33,7 +34,7 @@ def main(out: pathlib.Path = DOCS) -> int:
     work = pathlib.Path(tempfile.mkdtemp(prefix="tclip-screenshots-"))
     try:
         image = work / "scene.png"
-        visualize.save_png(image, scene.image)
+        write_image(image, scene.image)
         if tclip(["explain", str(image), "--prompt", scene.caption, "--compare", "similarity", "--out",
                   str(work / "out")]) != 0:
             return 1

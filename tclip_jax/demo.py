@@ -8,10 +8,10 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from tclip_jax import synthetic, visualize
+from tclip_jax import synthetic
 from tclip_jax.cli import main as tclip
 from tclip_jax.evaluation.metrics.boxes import HIT_IOU, box_ious
-from tclip_jax.files import check_output_folder
+from tclip_jax.files import check_output_folder, write_image
 
 OUT = pathlib.Path("demo_out")
 # A colour_twins scene: two objects of one colour that only their shape words tell apart.
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     image_path = out / "scene.png"
     try:  # what the check cannot foresee (a folder that refuses new entries, a full disk): one line too
         out.mkdir(parents=True, exist_ok=True)
-        visualize.save_png(image_path, scene.image)
+        write_image(image_path, scene.image)
     except OSError as err:
         what = f"cannot write {err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
         parser.exit(2, f"{parser.prog}: error: {what}\n")

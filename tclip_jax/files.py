@@ -202,6 +202,22 @@ def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
         file.write(data)
 
 
+def write_image(path: pathlib.Path, rgb, jpeg_quality: int = 88) -> None:
+    """A uint8 RGB picture [H, W, 3] as a PNG file, or a JPEG of `jpeg_quality` where `path` ends in ".jpg",
+    written atomically (`write_bytes_atomic`): a report or page never shows half a picture, and a failed write
+    leaves the picture that was there."""
+    import cv2  # on first use: the command line's parser imports this module
+    import numpy as np
+
+    path = pathlib.Path(path)
+    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if path.suffix == ".jpg" else []
+    bgr = np.ascontiguousarray(np.asarray(rgb)[..., ::-1])
+    encoded, data = cv2.imencode(".jpg" if path.suffix == ".jpg" else ".png", bgr, params)
+    if not encoded:
+        raise OSError(f"could not encode {path}")
+    write_bytes_atomic(path, data.tobytes())
+
+
 @contextlib.contextmanager
 def atomic_file(path: pathlib.Path) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through, for data written in parts (an .npz): it is a temporary sibling that

@@ -55,7 +55,7 @@ def test_demo_says_in_one_line_why_it_could_not_write_its_scene(tmp_path, monkey
     def full_disk(path, rgb):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(demo.visualize, "save_png", full_disk)
+    monkeypatch.setattr(demo, "write_image", full_disk)
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

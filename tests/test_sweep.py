@@ -1370,6 +1370,25 @@ def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_pat
     assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
 
+def test_a_picture_that_cannot_be_written_whole_leaves_the_one_before(tmp_path):
+    """Sweep pictures (and explain's overlays, the demo's scene: one writer) are written atomically: a write that
+    fails midway (here the file-size limit, EFBIG, in a child process) leaves the picture that was there, and no
+    half-written file (cv2.imwrite wrote over it in place, and lost it when the write failed)."""
+    from tclip_jax.sweep.vis import _write
+
+    path = tmp_path / "best" / "unit.jpg"
+    _write(path, np.zeros((8, 8, 3), np.uint8))
+    before = path.read_bytes()
+    script = ("import pathlib, resource, signal, sys\nimport numpy as np\nfrom tclip_jax.sweep.vis import _write\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))\n"
+              "try:\n    _write(pathlib.Path(sys.argv[1]), np.random.default_rng(0).integers(0, 256, (200, 200, 3), "
+              "np.uint8))\nexcept OSError as err:\n    print('refused:', err)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("refused:"), done.stdout + done.stderr
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["unit.jpg"]
+
+
 def test_a_replaced_folder_that_resists_removal_leaves_the_new_one_written_and_says_so(tmp_path, monkeypatch):
     """A read-only sub-folder in the folder a save replaces (the user's) is made writable and removed; what still
     cannot be removed is left with a warning, not an error after the new folder landed. (This process is root, which

@@ -127,6 +127,7 @@ def write_result(views: list, image_path: str, folder: pathlib.Path, save_npz: b
     import numpy as np
 
     from tclip_jax import visualize
+    from tclip_jax.files import write_image
     from tclip_jax.visualize.explorer import views_record
 
     result = views[0].result
@@ -139,7 +140,7 @@ def write_result(views: list, image_path: str, folder: pathlib.Path, save_npz: b
         named.append((f"p{p}_prompt", prompt.phrase, entry["phrase"]))
         for name, maps, map_entry in named:
             map_entry["overlay"] = f"{name}.png"
-            visualize.save_png(folder / map_entry["overlay"], visualize.overlay(result.image, maps.heatmap, maps.box))
+            write_image(folder / map_entry["overlay"], visualize.overlay(result.image, maps.heatmap, maps.box))
             arrays[f"{name}/heatmap"] = maps.heatmap
             if maps.soft is not None:
                 arrays[f"{name}/soft"] = maps.soft

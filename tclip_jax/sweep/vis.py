@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from tclip_jax.evaluation.datasets.base import Target
+from tclip_jax.files import write_image
 from tclip_jax.postprocess import uint8_minmax
 
 _GREEN, _RED = (0, 200, 0), (0, 0, 255)  # BGR
@@ -179,10 +180,9 @@ class UnitPictures:
 
 
 def _write(path: pathlib.Path, picture: np.ndarray) -> None:
+    """A BGR `unit_picture`, its folder made if need be."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    params = [cv2.IMWRITE_JPEG_QUALITY, 88] if path.suffix == ".jpg" else []
-    if not cv2.imwrite(str(path), picture, params):
-        raise OSError(f"could not write {path}")
+    write_image(path, picture[..., ::-1])
 
 
 # ----------------------------------------------------------------------------------------------- gallery

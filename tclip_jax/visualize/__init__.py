@@ -27,7 +27,6 @@ from tclip_jax.visualize.figures import (
     prompt_panels,
     result_figure,
     save_figure,
-    save_png,
     turbo_lut,
 )
 
@@ -52,6 +51,5 @@ __all__ = [
     "result_figure",
     "result_html",
     "save_figure",
-    "save_png",
     "turbo_lut",
 ]

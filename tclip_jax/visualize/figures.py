@@ -329,7 +329,3 @@ def save_figure(figure: Figure, path, dpi: int = 90) -> None:
     with _missing_glyphs_noted():
         figure.savefig(path, dpi=dpi)
 
-
-def save_png(path, rgb: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1])):
-        raise OSError(f"could not write {path}")
