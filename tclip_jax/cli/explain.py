@@ -236,15 +236,6 @@ def prepare_compare(built: list, prompts: list[str], words: list[str]) -> list[C
     return compared
 
 
-def page_words(main, encoded, others: list) -> list[str]:
-    """The words the page lists (once each), if any method of the run maps words; else none."""
-    from tclip_jax.visualize.explorer import distinct_words
-
-    if not main.explains_words and not any(m.explains_words for m in others):
-        return []
-    return distinct_words([[{"text": w.text} for w in t.words if not w.is_punctuation] for t in encoded.tokens])
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Plan:
     """What one run computes per image: the main method on the prompts, the compare methods (`Compared`), and,
@@ -261,7 +252,11 @@ class Plan:
         compare methods run only if some are asked for (and then TCLIP K=1 joins a TCLIP run's, as always)."""
         encoded = method.encode_prompts(prompts)
         built = compare_methods(compare, method) if page or compare else []
-        words = page_words(method, encoded, [m for _, m in built])
+        words = []  # the words the page lists, once each, if any method of the run maps words
+        if method.explains_words or any(m.explains_words for _, m in built):
+            from tclip_jax.visualize.explorer import distinct_words, page_words
+
+            words = distinct_words(page_words(encoded.tokens))
         main_alone = None
         if page and words and not method.explains_words:
             try:

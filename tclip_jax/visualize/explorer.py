@@ -53,7 +53,7 @@ class View:
     """One method's results on one image, as the page shows them.
 
     `words_alone`: for a prompt-level method, its results on each of the page's words alone as the prompt
-    (prompts in the order of `page_words`), which the page shows for a word; None when not computed.
+    (the page's words once each, `distinct_words`), which the page shows for a word; None when not computed.
     """
 
     result: object                   # ImageResult
@@ -86,14 +86,11 @@ def views_record(views: Sequence[View]) -> dict:
     return record
 
 
-def page_words(result) -> list[list[dict]]:
-    """Per prompt, the words the page lists: the method's explained words, or for a prompt-level method the
-    non-punctuation words of its tokenization (the same words TCLIP would explain)."""
-    prompts = []
-    for prompt in result.prompts:
-        words = prompt.words or tuple(w for w in prompt.tokens.words if not w.is_punctuation)
-        prompts.append([{"text": w.text, "span": [w.start, w.end]} for w in words])
-    return prompts
+def page_words(tokens: Sequence) -> list[list[dict]]:
+    """Per prompt (its `TokenizedPrompt`), the words the page lists: the non-punctuation words of its tokenization,
+    those a per-word method explains (`Method.explained_queries`), with their spans."""
+    return [[{"text": w.text, "span": [w.start, w.end]} for w in prompt.words if not w.is_punctuation]
+            for prompt in tokens]
 
 
 def distinct_words(words: Sequence[Sequence[dict]]) -> list[str]:
@@ -136,7 +133,7 @@ def image_entry(name: str, views: Sequence[View], *, title: Optional[str] = None
     height, width = main.image.shape[:2]
     per_word = next((v.result for v in views if any(p.words for p in v.result.prompts)), None)
     if per_word is not None or any(v.words_alone is not None for v in views):
-        words = page_words(per_word or main)
+        words = page_words([prompt.tokens for prompt in (per_word or main).prompts])
     else:  # no method here maps words: the page lists whole prompts only
         words = [[] for _ in main.prompts]
     alone_index = {text: i for i, text in enumerate(distinct_words(words))}
