@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 from typing import Any, Mapping, Optional
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -92,17 +90,6 @@ class CLIPConfig:
         if isinstance(values.get("stem_channels"), list):  # JSON has no tuples
             values = {**values, "stem_channels": tuple(values["stem_channels"])}
         return cls(**values)
-
-    def save(self, path: str | pathlib.Path) -> None:
-        pathlib.Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | pathlib.Path) -> "CLIPConfig":
-        path = pathlib.Path(path)
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, ValueError) as err:
-            raise ValueError(f"{path}: {err}") from None
 
 
 def _openai_vit(embed_dim, image_size, patch_size, vision_width, vision_layers, text_width, text_layers):
