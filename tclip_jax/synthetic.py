@@ -123,7 +123,6 @@ BACKGROUND_MAX_CHROMA = 72
 GRAY_BACKGROUNDS = ("flat", "noise", "stripes", "checker", "linear", "radial")
 PLAIN_BACKGROUNDS = GRAY_BACKGROUNDS + ("gradient", "colour_noise", "colour_stripes")
 BACKGROUNDS = PLAIN_BACKGROUNDS + ("dark", "natural")
-STYLES = ("filled", "outlined")
 DEGRADATIONS = ("none", "blur", "jpeg")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 RELATION_WORDS = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below"}
@@ -131,7 +130,6 @@ _OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the lef
              "below": "above"}
 PREFIXES = ("a photo of", "an image of", "a picture of", "a rendering of", "a drawing of")
 PHRASE_FORMS = ("colour_shape", "shape_colour", "shape", "colour")
-KINDS = ("colour", "shape", "relation")
 ATTRIBUTES = ("colour", "shape")  # what a phrase says of its object
 
 MAX_OBJECTS = 5

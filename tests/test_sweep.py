@@ -118,7 +118,7 @@ def _cli(*args: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ COCO, hand-computed
-PERSON, TRAFFIC_LIGHT, CAT, DOG, HAIR_DRIER = 0, 9, 15, 16, 78  # class indices; codes are index + 1
+PERSON, TRAFFIC_LIGHT, DOG, HAIR_DRIER = 0, 9, 16, 78  # class indices; codes are index + 1
 
 
 @pytest.fixture(scope="module")
