@@ -13,8 +13,8 @@ class Settings(MethodSettings):
     """How ECLIP is run: which projections map CLIP's final-layer features into the joint space."""
 
     projections: Optional[str] = setting(
-        None, "the trained projections, eclip_projections.safetensors of `tclip train-eclip`", parse=str,
-        flag=False, shown_default="CLIP's own projections (untrained ECLIP)")
+        None, "the trained projections, eclip_projections.safetensors of `tclip train-eclip` (None: CLIP's own "
+        "projections, untrained ECLIP)", parse=str, flag=False)
 
     def __post_init__(self):
         super().__post_init__()
