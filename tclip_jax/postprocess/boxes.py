@@ -174,7 +174,7 @@ def _box_of_mask(mask: np.ndarray, rule: BoxRule) -> Box:
     return boxes_[int(np.argmax([(b.x2 - b.x1) * (b.y2 - b.y1) for b in boxes_]))]
 
 
-def _check_rule(rule: str, threshold: float | None) -> None:
+def _check_rule(rule: str, threshold: float | None = None) -> None:
     if rule not in BOX_RULES:
         raise ValueError(f"rule must be one of {BOX_RULES}, got {rule!r}")
     if threshold is not None and not 0.0 <= threshold < 1.0:

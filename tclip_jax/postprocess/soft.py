@@ -312,17 +312,17 @@ def soft_map(scores: np.ndarray, sigma: float | None = None, covered: tuple[slic
 
 
 def soft_maps_and_boxes(maps, sigma: float | None = None, rule: BoxRule = "component",
-                        threshold: float | None = None, covered: tuple[slice, slice] | None = None) -> tuple:
+                        covered: tuple[slice, slice] | None = None) -> tuple:
     """(soft maps [Q, H, W] float32, GMM fits, boxes) of maps of one shape: `soft_maps` and `boxes` together,
-    sharing each map's validation and min/max pass. Same results as calling the two.
+    sharing each map's validation and min/max pass (boxes at Otsu's threshold). Same results as calling the two.
 
     ``covered`` (rows, columns; `Geometry.covered`): the part of each map the model saw, where a centre crop cut
     the rest off. The mixture, tau, the minimum and the boxes come from there alone; outside it each soft map is
     its minimum, blurred with the rest (what the map holds there is never read).
     """
-    _check_rule(rule, threshold)
+    _check_rule(rule)
     values, window, regions, stats, sigma = _checked_maps(maps, sigma, "soft_maps_and_boxes", covered)
-    found: list[Box] = [box_in_map(box_from_range(r, s.lo, s.hi, threshold, rule), window)
+    found: list[Box] = [box_in_map(box_from_range(r, s.lo, s.hi, rule=rule), window)
                         for r, s in zip(regions, stats)]
     with SINGLE_THREADED_BLAS:
         fits = _fits(regions, stats)
