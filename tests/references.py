@@ -29,3 +29,16 @@ def first_fingerprint(clip) -> str:
     for part in parts:
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()[:16]
+
+
+def author_kept_positions(tokenizer, token_ids) -> np.ndarray:
+    """int32 positions of one token row that the TCLIP author's similarity code keeps: not SOT, EOT or padding, and
+    not a piece that decodes to "", "!" or "." (its filter, written out)."""
+    from tclip_jax.model.tokenizer import EOT_TOKEN, PAD_ID, SOT_TOKEN
+
+    dropped = {"", SOT_TOKEN, EOT_TOKEN, "!", "."}
+    token_ids = np.asarray(token_ids)
+    assert token_ids.ndim == 1, f"one token row, got shape {token_ids.shape}"
+    kept = [p for p, i in enumerate(token_ids.tolist())
+            if i not in (tokenizer.sot_id, tokenizer.eot_id, PAD_ID) and tokenizer.decode_piece(i) not in dropped]
+    return np.asarray(kept, dtype=np.int32)

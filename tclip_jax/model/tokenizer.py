@@ -36,8 +36,6 @@ PAD_ID = 0
 CONTEXT_LENGTH = 77
 # A tokenizer folder's files (Hugging Face layout): `tokenizer.json`, or `vocab.json` + `merges.txt` (`_load_backend`).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-# Decoded pieces the TCLIP author's similarity code drops besides SOT/EOT/padding.
-AUTHOR_DROPPED_PIECES = frozenset({"", SOT_TOKEN, EOT_TOKEN, "!", "."})
 
 # OpenAI simple_tokenizer's split into words, numbers digit by digit, and runs of other symbols.
 _OPENAI_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -127,15 +125,6 @@ class ClipTokenizer:
             piece_positions=positions,
             words=_group_words(text, cleaned, encoding, positions),
         )
-
-    def author_kept_positions(self, token_ids: np.ndarray) -> np.ndarray:
-        """int32 positions the TCLIP author's code keeps: not SOT/EOT/padding and not decoding to "", "!" or "."."""
-        token_ids = np.asarray(token_ids)
-        if token_ids.ndim != 1:
-            raise ValueError(f"token_ids must be one token row, got shape {token_ids.shape}")
-        kept = [p for p, i in enumerate(token_ids.tolist())
-                if i not in (self.sot_id, self.eot_id, PAD_ID) and self.decode_piece(i) not in AUTHOR_DROPPED_PIECES]
-        return np.asarray(kept, dtype=np.int32)
 
     def decode_piece(self, token_id: int) -> str:
         """Text of one token as OpenAI's `decode([id])` gives it (bytes as UTF-8, `</w>` as space), stripped."""
