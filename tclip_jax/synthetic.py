@@ -715,14 +715,6 @@ def make_scene(seed: int, size: int | tuple[int, int] | None = DEFAULT_SIZE, sty
     return _scene(draft, image, objects, _describe(caption_rng, objects, style))
 
 
-def make_batch(seeds: Sequence[int], size: int | tuple[int, int] = DEFAULT_SIZE) -> tuple[np.ndarray, list[str]]:
-    """Images [B, H, W, 3] uint8 and captions of the scenes of `seeds` at one size."""
-    if len(seeds) == 0:
-        raise ValueError("seeds must not be empty")
-    scenes = [make_scene(seed, size) for seed in seeds]
-    return np.stack([s.image for s in scenes]), [s.caption for s in scenes]
-
-
 # ------------------------------------------------------------------------------------------------ hard negatives
 def scene_variant(scene: Scene, seed: int, style: Style = TRAINING_STYLE,
                   attributes: Sequence[str] = ATTRIBUTES) -> Scene | None:

@@ -25,7 +25,6 @@ from tclip_jax.synthetic import (
     SHAPES,
     TRAIN_SEED_START,
     heldout_seeds,
-    make_batch,
     make_scene,
     negative_descriptions,
     negative_captions,
@@ -275,16 +274,6 @@ def test_relations_between_is_the_side_of_the_boxes():
     assert relations_between((0, 0, 10, 10), (5, 5, 15, 15)) == []
 
 
-def test_make_batch_stacks_the_scenes_of_its_seeds():
-    seeds = [3, 1, HELDOUT_SEED_START]
-    images, captions = make_batch(seeds, size=(96, 128))
-    assert images.shape == (3, 96, 128, 3) and images.dtype == np.uint8
-    for image, caption, seed in zip(images, captions, seeds):
-        scene = make_scene(seed, (96, 128))
-        np.testing.assert_array_equal(image, scene.image)
-        assert caption == scene.caption
-
-
 def test_train_and_heldout_seeds_are_disjoint():
     train, held = train_seeds(1000), heldout_seeds(1000)
     assert train[0] == TRAIN_SEED_START and held[0] == HELDOUT_SEED_START
@@ -530,8 +519,6 @@ def test_retrieval_scenes_have_full_captions_and_distinct_object_sets():
         lambda: make_scene(0, size=(224, MIN_SIZE - 1)),
         lambda: make_scene(0, size=(224, 224, 3)),
         lambda: make_scene(0, size=(224.0, 224)),
-        lambda: make_batch([]),
-        lambda: make_batch([0, -5]),
         lambda: train_seeds(-1),
         lambda: heldout_seeds(5, offset=-1),
         lambda: mask_box(np.zeros((8, 8), bool)),
