@@ -2,7 +2,7 @@
 
 A settings class is a frozen dataclass deriving from `Options` whose fields are declared with `setting(...)`:
 a default, a help text, and how a string becomes a value. From that one declaration it registers its
-flags on an argparse parser (`add_arguments`), reads them back (`from_arguments`, only the flags given),
+flags on an argparse parser (`add_arguments`), reads them back (`given_arguments`, only the flags given),
 takes `KEY=VALUE` assignments (`parse_assignments`, for `--option`), and round-trips through JSON
 (`to_dict` / `from_dict`), so `tclip explain`, `tclip sweep`, result records and the Python API all speak the
 same names. Unknown names and unparsable values are errors that name the setting and list the valid ones.
@@ -92,7 +92,7 @@ class Options:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
         """Registers `--<name>` for every field declared with `flag=True`. Flags not given stay unset in the
-        namespace, so `from_arguments` can tell a default from a choice."""
+        namespace, so `given_arguments` can tell a default from a choice."""
         for f in dataclasses.fields(cls):
             meta = f.metadata
             if not meta.get("flag", False):

@@ -13,8 +13,8 @@ page can rescale maps without being regenerated, and a number read off the page 
 bits are enough for display (the range, τ and boxes are exact numbers beside it); maps are smooth, so their PNGs
 are small. Equal maps (a one-word prompt's word and phrase) are stored once.
 
-Inline or linked: `write_page` inlines every image's data into index.html while the run's page data is at most
-`INLINE_LIMIT_BYTES`; above that index.html stays small and each image's data is a script beside its result
+Inline or linked: `PageWriter.finish` inlines every image's data into index.html while the run's page data is at
+most `INLINE_LIMIT_BYTES`; above that index.html stays small and each image's data is a script beside its result
 (`<image folder>/explorer.js`) that the page loads when that image is shown. Scripts, not JSON or PNG files,
 because browsers let a page opened from file:// load scripts from its folder but not read files or the pixels of
 linked images.
