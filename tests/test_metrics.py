@@ -18,6 +18,7 @@ from tclip_jax.evaluation.metrics import (
     energy_pointing_game_scorecam,
     foreground_mask,
     imagenet_s,
+    mask_box,
     normalize_relevance,
     pointing_game,
     pointing_hit,
@@ -79,6 +80,22 @@ def test_box_iou_closed_form():
     assert box_iou((3, 3, 3, 8), (0, 0, 9, 9)) == 0.0  # a zero-width box has area 0
 
 
+def test_mask_box_is_the_tight_exclusive_end_box_of_an_explicit_loop():
+    """x indexes columns and the end is exclusive, as energy_pointing_game reads the box (scoring's energy_pg)."""
+    mask = np.zeros((10, 20), bool)
+    mask[2:5, 7:15] = True  # wider than tall, off the diagonal: a transposed box or an inclusive end differs
+    mask[4, 3] = True
+    pixels = [(x, y) for y in range(10) for x in range(20) if mask[y, x]]
+    expected = (min(x for x, _ in pixels), min(y for _, y in pixels),
+                max(x for x, _ in pixels) + 1, max(y for _, y in pixels) + 1)
+    assert mask_box(mask) == expected == (3, 2, 15, 5)
+    rectangle = np.zeros_like(mask)
+    rectangle[2:5, 3:15] = True
+    saliency = np.random.default_rng(0).random(mask.shape)
+    assert energy_pointing_game(saliency, mask_box(mask)) == pytest.approx(energy_in_mask(saliency, rectangle),
+                                                                           abs=1e-12)
+
+
 def test_box_metrics_reject_bad_input():
     with pytest.raises(ValueError, match="4 coordinates"):
         box_iou((0, 0, 1), (0, 0, 1, 1))
@@ -109,6 +126,11 @@ def test_pointing_tolerance_is_a_strict_distance():
     assert pointing_hit(mask, (4, 4), tolerance=3)
     assert pointing_hit(mask, (6, 4), tolerance=1)
     assert not pointing_hit(mask, (6, 4), tolerance=0)
+    # The default is the plain pointing game (tolerance 1): the point's own pixel must be in the mask.
+    assert pointing_hit(mask, (6, 4)) and not pointing_hit(mask, (5, 4))
+    saliency = np.zeros((9, 9))
+    saliency[4, 5] = 1.0  # argmax (u, v) = (5, 4), next to the mask
+    assert not pointing_game(saliency, mask) and pointing_game(saliency, mask, tolerance=2)
     assert TORCHRAY_TOLERANCE == 15
 
 
@@ -158,6 +180,8 @@ def test_energy_closed_form():
     mask = np.zeros_like(saliency, bool)
     mask[2:4, 5:7] = True
     assert energy_in_mask(saliency, mask) == pytest.approx(2.5 / 4.5, abs=1e-15)
+    with pytest.raises(ValueError, match=r"mask shape \(20, 10\) differs from saliency shape \(10, 20\)"):
+        energy_in_mask(saliency, mask.T)  # a transposed mask, not numpy's IndexError
 
 
 def test_energy_of_a_constant_map_is_the_area_share():
@@ -203,6 +227,8 @@ def test_segmentation_metrics_match_reference(seg_ref):
 def test_segmentation_threshold_options():
     relevance = np.array([[0.0, 0.2, 0.4], [0.6, 0.8, 1.0]])
     np.testing.assert_array_equal(foreground_mask(relevance), relevance > 0.5)
+    # Chefer et al.'s `Res > Res.mean()` is strict: pixels equal to the mean (0.5 here) are background.
+    np.testing.assert_array_equal(foreground_mask(np.array([[0.0, 0.5, 1.0, 0.5]])), [[False, False, True, False]])
     np.testing.assert_array_equal(foreground_mask(relevance, 0.7), relevance > 0.7)
     np.testing.assert_array_equal(foreground_mask(relevance, "otsu"), foreground(relevance)[0])
     with pytest.raises(ValueError, match="threshold"):
@@ -278,6 +304,11 @@ def test_dataset_scores_sum_counts_before_dividing():
     # background: inter 1 + 0, union 1 + 4; foreground: inter 1 + 0, union 1 + 4
     assert summary["miou"] == pytest.approx(1 / 5)
     assert summary["map"] == pytest.approx((perfect.ap + wrong.ap) / 2)
+    # mAP is the mean of the images' APs (the reference's `mean([seg_ap])`): 1 (perfect), 1/2 (every positive
+    # scored 0, every negative 1) and 11/12 (test_segmentation_closed_form_with_ignored_pixels); the median is 11/12.
+    third = segmentation_scores(np.array([[0.9, 0.8, 0.1, 0.0]]), np.array([[1, 0, 0, -1]]), threshold=0.5)
+    assert (perfect.ap, wrong.ap, third.ap) == pytest.approx((1.0, 0.5, 11 / 12), abs=1e-12)
+    assert summarize_segmentation([perfect, wrong, third])["map"] == pytest.approx((1 + 1 / 2 + 11 / 12) / 3, abs=1e-12)
 
 
 def test_segmentation_rejects_bad_input():

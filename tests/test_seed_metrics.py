@@ -83,6 +83,14 @@ def test_dataset_scores_equal_explicit_loops():
         summarize_seed(images, fixed=0.555)
 
 
+def test_the_fixed_threshold_is_0_5_unless_given():
+    # normalized [0, 0.45, 0.9, 1] on mask [0, 0, 1, 1]: `> 0.5` is the mask (IoU 1), `> 0.4` adds a pixel (2/3)
+    unit = seed_unit_scores(np.array([[0.0, 0.45, 0.9, 1.0]]), np.array([[False, False, True, True]]))
+    summary = summarize_seed([[("cat", unit)]])
+    assert summary["fixed_threshold"] == 0.5 and summary["miou_fixed"] == 1.0
+    assert summarize_seed([[("cat", unit)]], fixed=0.4)["miou_fixed"] == pytest.approx(2 / 3, abs=1e-12)
+
+
 def test_sweep_with_seed_metrics_reports_them(fixtures_dir, tmp_path):
     from tclip_jax.cli import main
     import json

@@ -11,7 +11,7 @@ Over a dataset (`summarize_seed`):
 - mIoU (grid-searched) = each image takes the grid threshold that maximises the mean IoU of its units (the
   categories present), ties to the lowest; intersections and unions at the chosen thresholds are summed per
   category over the dataset, and mIoU is the mean over categories of their ratio;
-- mIoU (fixed) = the same with one threshold for every image.
+- mIoU (fixed) = the same with one threshold for every image (`FIXED_THRESHOLD`, 0.5, unless given).
 """
 from __future__ import annotations
 
