@@ -350,7 +350,7 @@ def test_imagenet_s_ignores_predictions_on_ignored_pixels(inets_maps):
 
 def test_imagenet_s_perfect_prediction():
     gt = np.zeros((40, 40), np.int64)
-    gt[5:15, 5:15] = 1  # 100 px: ceil(6.25) = 7 % -> MS
+    gt[5:13, 5:16] = 1  # 88 px of 1600: ceil(5.5) = 6 % -> MS (the evaluator's math.ceil; rounded down it were S)
     gt[20:40, 0:40] = 2  # 800 px: 50 % -> ML
     log = imagenet_s.evaluate([gt], [gt], num_classes=3)
     # class 3 never occurs: its IoU is 0 and still counts in mIoU
@@ -360,6 +360,32 @@ def test_imagenet_s_perfect_prediction():
     assert log["FMeasure"] == pytest.approx(100.0, abs=1e-9)
     assert log["MS"] == pytest.approx(100.0, abs=1e-6) and log["ML"] == pytest.approx(100.0, abs=1e-6)
     assert np.isnan(log["S"]) and np.isnan(log["L"])
+
+
+def test_imagenet_s_acc_counts_the_largest_predicted_foreground_class_if_gt_and_prediction_both_have_it():
+    """The evaluator: ``img_label = argmax(area_output[1:]) + 1``, a hit iff ``area_target[img_label] > 0`` and
+    ``area_output[img_label] > 0``; a prediction of background only is a miss, however much background it gets
+    right."""
+    gt = np.zeros((20, 20), np.int64)
+    gt[5:10, 5:10] = 1
+    assert imagenet_s.evaluate([gt], [np.zeros_like(gt)], 2)["Acc"] == 0.0
+    pred = np.zeros_like(gt)
+    pred[5:7, 5:10] = 1  # 10 px of class 1, the rest background: class 1 is the largest foreground class
+    assert imagenet_s.evaluate([gt], [pred], 2)["Acc"] == 100.0
+    pred[15:, 15:] = 2  # 25 px of class 2, absent from the GT, outnumber class 1
+    assert imagenet_s.evaluate([gt], [pred], 2)["Acc"] == 0.0
+
+
+def test_imagenet_s_fmeasure_counts_every_nonzero_predicted_id_as_foreground():
+    """FMeasureGPU thresholds ``output > 0``: an id beyond num_classes (left out of the IoU histograms) is still
+    predicted foreground."""
+    gt = np.zeros((20, 20), np.int64)
+    gt[5:10, 5:10] = 1  # 25 px
+    pred = gt.copy()
+    pred[0, 0] = 7  # a false positive with an id beyond num_classes = 2
+    precision, recall, beta = 25 / 26, 1.0, 0.3
+    expected = 100 * (1 + beta) * precision * recall / (beta * precision + recall)
+    assert imagenet_s.evaluate([gt], [pred], 2)["FMeasure"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_boundary_band_is_the_inner_ring():
