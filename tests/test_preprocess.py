@@ -82,6 +82,20 @@ def test_center_crop_geometry_of_wide_and_tall_images():
     assert center_crop(tall)[1] == Geometry((320, 240), (224, 224), (298, 224), (37, 0))
 
 
+@pytest.mark.parametrize("shape_hw", [(240, 244), (244, 240)])
+def test_center_crop_offset_rounds_as_torchvision(shape_hw):
+    # The long side resizes to int(224 * 244 / 240) = 227; torchvision's CenterCrop starts at
+    # int(round((227 - 224) / 2.0)) = 2, not (227 - 224) // 2 = 1.
+    image = np.random.default_rng(5).integers(0, 256, (*shape_hw, 3), dtype=np.uint8)
+    pixel_values, geometry = center_crop(image)
+    resized_hw = (227, 224) if shape_hw[0] > shape_hw[1] else (224, 227)
+    offset_yx = (2, 0) if shape_hw[0] > shape_hw[1] else (0, 2)
+    assert geometry == Geometry(shape_hw, (224, 224), resized_hw, offset_yx)
+    resized = np.asarray(Image.fromarray(image).resize(resized_hw[::-1], Image.Resampling.BICUBIC))
+    crop = resized[offset_yx[0] : offset_yx[0] + 224, offset_yx[1] : offset_yx[1] + 224]
+    np.testing.assert_allclose(pixel_values, _normalized(crop), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("protocol", [center_crop, whole_image])
 def test_protocols_take_decoded_images_only(protocol):
     """An image is decoded once (load_image); protocols refuse anything but the decoded uint8 array."""
@@ -587,6 +601,10 @@ def test_patch_multiple_keeps_strips_but_needs_half_a_patch():
     assert pixels.shape == (64, 4000, 3) and geometry.original_hw == (50, 4000)
     with pytest.raises(ValueError, match="less than half a 32-pixel patch"):
         prepare(np.zeros((10, 400, 3), np.uint8), "patch_multiple", 224, 32)
+    # int(side / 32 + 0.5) patches: a 16-pixel side (half a patch) rounds to one patch, 300 to 9; 15 to none
+    assert prepare(np.zeros((16, 300, 3), np.uint8), "patch_multiple", 224, 32)[0].shape == (32, 288, 3)
+    with pytest.raises(ValueError, match="less than half a 32-pixel patch"):
+        prepare(np.zeros((300, 15, 3), np.uint8), "patch_multiple", 224, 32)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own, before our refusal
