@@ -146,6 +146,20 @@ def test_upsample_bilinear_matches_torch_interpolate(size):
     np.testing.assert_allclose(np.asarray(nested), expected[0, 0], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("grid, size", [(24, 200), (7, 333), (7, 5)])
+def test_upsample_bilinear_taps_are_torchs_weights_exactly(grid, size):
+    # torch upsampling an identity matrix along its rows gives its weight matrix: w0 * 1 + w1 * 0 is w0 exactly.
+    from tclip_jax.image.resample import bilinear_taps
+
+    expected = torch.nn.functional.interpolate(torch.eye(grid)[None, None], (size, grid), mode="bilinear",
+                                               align_corners=False).numpy()[0, 0]
+    index0, index1, weight0, weight1 = bilinear_taps(size, grid, np.float32(grid) / np.float32(size), 0.0)
+    weights = np.zeros((size, grid), np.float32)
+    weights[np.arange(size), index0] += weight0
+    weights[np.arange(size), index1] += weight1  # the same index at the clamped edge, summed as torch does
+    np.testing.assert_array_equal(weights, expected)
+
+
 @pytest.mark.parametrize("name", IMAGE_NAMES)
 @pytest.mark.parametrize("method", ["plain/similarity_single", "cs/similarity"])
 def test_similarity_maps_match_clip_surgery(name, method, fixture_images, clip_surgery):
