@@ -221,20 +221,26 @@ def test_model_frame_maps_to_the_region_the_model_saw():
 def test_to_original_agrees_with_point_mapping(protocol, shape_hw):
     geometry = protocol(np.zeros((*shape_hw, 3), np.uint8))[1]
     height, width = shape_hw
-    # A map whose value is the x (resp. y) coordinate of each model-pixel centre: bilinear resampling of a
-    # linear function is exact, so each original pixel must read the model coordinate of its own centre.
-    centres = np.arange(224) + 0.5
-    ramps = np.stack([np.tile(centres, (224, 1)), np.tile(centres[:, None], (1, 224))]) - 100.0
-    resampled = to_original(ramps, geometry)
-    assert resampled.shape == (2, height, width) and resampled.dtype == np.float32
-    assert resampled.flags.writeable  # with or without a crop the caller owns the maps
+    # A map whose value is the x (resp. y) model coordinate of each of its cells' centres, at the model's
+    # resolution and at a patch grid's (7 cells of 32 px): bilinear resampling of a linear function is exact, so
+    # each original pixel must read the model coordinate of its own centre. The two maps have different minima,
+    # each map's own fill.
     grid_x, grid_y = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
     model_xy = points_to_model(np.stack([grid_x, grid_y], axis=-1), geometry)
     inside = np.all((model_xy >= 0) & (model_xy <= 224), axis=-1)
-    interior = np.all((model_xy >= 0.5) & (model_xy <= 223.5), axis=-1)  # away from the clamped edge half-pixels
-    for axis in range(2):
-        np.testing.assert_allclose(resampled[axis][interior], model_xy[..., axis][interior] - 100.0, atol=1e-4)
-        np.testing.assert_array_equal(resampled[axis][~inside], ramps[axis].min())
+    shifts = (100.0, 300.0)
+    for cells in (224, 7):
+        centres = (np.arange(cells) + 0.5) * 224 / cells
+        ramps = np.stack([np.tile(centres, (cells, 1)) - shifts[0], np.tile(centres[:, None], (1, cells)) - shifts[1]])
+        resampled = to_original(ramps, geometry)
+        assert resampled.shape == (2, height, width) and resampled.dtype == np.float32
+        assert resampled.flags.writeable  # with or without a crop the caller owns the maps
+        # away from the clamped edge half-cells
+        interior = np.all((model_xy >= centres[0]) & (model_xy <= centres[-1]), axis=-1)
+        for axis in range(2):
+            np.testing.assert_allclose(resampled[axis][interior], model_xy[..., axis][interior] - shifts[axis],
+                                       atol=1e-4)
+            np.testing.assert_array_equal(resampled[axis][~inside], ramps[axis].min())
     with_nan = to_original(ramps, geometry, fill=np.nan)
     np.testing.assert_array_equal(np.isnan(with_nan[0]), ~inside)
     assert inside.all() == (protocol is whole_image)
@@ -278,6 +284,14 @@ def test_to_original_rejects_bad_fill():
 def test_geometry_rejects_a_crop_outside_the_resized_image():
     with pytest.raises(ValueError, match="outside"):
         Geometry((240, 320), (224, 224), (224, 298), (0, 80))
+
+
+@pytest.mark.parametrize("field", [0, 1, 2])
+def test_geometry_rejects_a_zero_size(field):
+    sizes = [(5, 5), (5, 5), (5, 5)]
+    sizes[field] = (0, 5)
+    with pytest.raises(ValueError, match=r"must be positive, got \(0, 5\)"):
+        Geometry(*sizes, (0, 0))
 
 
 # --- image loading ------------------------------------------------------------------------------------------
