@@ -1,11 +1,12 @@
 """Settings objects that own their command-line flags and their serialization.
 
 A settings class is a frozen dataclass deriving from `Options` whose fields are declared with `setting(...)`:
-a default, a help text, and how a string becomes a value. From that one declaration it registers its
-flags on an argparse parser (`add_arguments`), reads them back (`given_arguments`, only the flags given),
-takes `KEY=VALUE` assignments (`parse_assignments`, for `--option`), and round-trips through JSON
-(`to_dict` / `from_dict`), so `tclip explain`, `tclip sweep`, result records and the Python API all speak the
-same names. Unknown names and unparsable values are errors that name the setting and list the valid ones.
+a default, a help text, and how a string becomes a value (a plain field, `steps: int = 900`, is one without a flag,
+read as its default's type). From that one declaration it registers its flags on an argparse parser
+(`add_arguments`), reads them back (`given_arguments`, only the flags given), takes `KEY=VALUE` assignments
+(`parse_assignments`, for `--option`), and round-trips through JSON (`to_dict` / `from_dict`), so `tclip explain`,
+`tclip sweep`, result records and the Python API all speak the same names. Unknown names and unparsable values are
+errors that name the setting and list the valid ones.
 """
 from __future__ import annotations
 
@@ -47,8 +48,12 @@ def parse_optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return lambda text: None if text.strip().lower() == "none" else parse(text)
 
 
-def parse_float_tuple(text: str) -> tuple[float, ...]:
-    return tuple(float(part) for part in text.split(",") if part.strip())
+def parse_tuple(parse: Callable[[str], Any]) -> Callable[[str], tuple]:
+    """Comma-separated values, each read by `parse`; empty parts are skipped (so "" is the empty tuple)."""
+    return lambda text: tuple(parse(part) for part in text.split(",") if part.strip())
+
+
+parse_float_tuple = parse_tuple(float)
 
 
 def finite(name: str, value: float) -> None:
@@ -205,7 +210,8 @@ def _parse(f: dataclasses.Field, text: str, check_choices: bool = True) -> Any:
     else:
         raise ValueError(f"cannot parse {text!r}")
     if check_choices and meta.get("choices") and value not in meta["choices"]:
-        raise ValueError(f"must be one of {', '.join(map(str, meta['choices']))}, got {text!r}")
+        shown = ", ".join(str(choice) if choice != "" else "''" for choice in meta["choices"])  # '' visible
+        raise ValueError(f"must be one of {shown}, got {text!r}")
     return value
 
 
