@@ -1,7 +1,6 @@
 """The shipped embedded models (default and clip_only): they load, they are what the training script says, and the
 fast held-out gates re-measured here (TCLIP K=25 through the sweep scorer, and retrieval) reproduce the figures
 their heldout_metrics.json records and their cards quote."""
-import dataclasses
 import json
 import pathlib
 import sys
@@ -35,7 +34,7 @@ def loaded(folder):
 
 @pytest.fixture(scope="module")
 def recorded_config(folder):
-    """The training configuration the checkpoint records (`dataclasses.asdict` of its TrainConfig, as JSON)."""
+    """The training configuration the checkpoint records (its TrainConfig's `to_dict`)."""
     return load_checkpoint(folder)[2]["training"]["config"]
 
 
@@ -82,8 +81,7 @@ def test_objective_is_what_the_folder_says(folder, recorded_config):
 def test_checkpoint_was_trained_with_its_recipe_and_the_card_gives_its_command(folder, recorded_config):
     """The training configuration the checkpoint records is the script's recipe for it, and the card's command."""
     recipe = "clip_only" if folder == CLIP_ONLY_DIR else "default"
-    as_json = lambda config: json.loads(json.dumps(dataclasses.asdict(config)))
-    expected, defaults = as_json(train_default.train_config(recipe)), as_json(train_default.TrainConfig())
+    expected, defaults = train_default.train_config(recipe).to_dict(), train_default.TrainConfig().to_dict()
     assert recorded_config == {name: expected[name] for name in recorded_config}
     # Fields added to the script after a run must keep, at their defaults, what the run did.
     assert all(expected[name] == defaults[name] for name in expected.keys() - recorded_config.keys())

@@ -29,6 +29,7 @@ from tclip_jax.image import resize_rgb  # noqa: E402
 from tclip_jax.synthetic import RELATIONS, make_scene, negative_captions, scene_variant, train_seeds  # noqa: E402
 
 SCRIPT = pathlib.Path(train_default.__file__)
+KNOWN_FIELDS = f"known settings: {', '.join(train_default.TrainConfig.field_names())}"  # an unknown field's error
 DEFAULT_MODEL = SCRIPT.parents[1] / "tclip_jax" / "data" / "default_model"
 
 
@@ -59,10 +60,20 @@ def test_a_recipe_overrides_the_defaults_and_explicit_values_override_the_recipe
         train_default.train_config("nope")
 
 
+def test_set_reads_every_field_back_and_the_recorded_json_makes_the_same_config():
+    """Each field of a config, written as `--set` text, parses back to its value, and the JSON a log, a model folder
+    or a saved state records (`to_dict`) makes the same config (`from_dict`: lists back to tuples)."""
+    config = train_default.train_config("default", {"curriculum_form_weights": (0.0, 0.0, 1.0, 0.0)})
+    assignments = [f"{name}={','.join(map(str, value)) if isinstance(value, list) else value}"
+                   for name, value in config.to_dict().items()]
+    assert train_default.TrainConfig(**train_default.parse_overrides(assignments)) == config
+    assert train_default.TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
 @pytest.mark.parametrize("bad, message", [
-    ("peak_learning_rate=nan", "peak_learning_rate must be finite, got nan"),
-    ("word_weight=nan", "word_weight must be finite"),
-    ("form_weights=0.5,nan,0,0", r"form_weights must be finite"),
+    ("peak_learning_rate=nan", "peak_learning_rate must be a finite number, got nan"),
+    ("word_weight=nan", "word_weight must be a finite number"),
+    ("form_weights=0.5,nan,0,0", "form_weights must be a finite number, got nan"),
     ("steps=0", "steps must be >= 1, got 0"),  # named itself, not through a field derived from it
     ("batch_size=0", "batch_size must be >= 2"),
     ("batch_size=3", r"batch_size must be even \(each scene beside its variant\), got 3"),
@@ -142,7 +153,7 @@ def model_folder(folder: pathlib.Path, training: bool = True) -> pathlib.Path:
     `training=False` a checkpoint another tool wrote (no training record)."""
     config = train_default.TrainConfig(**train_default.parse_overrides(TINY_MODEL))
     save_checkpoint(folder, tiny_params(config), train_default.model_config(config), storage_dtype=np.float16,
-                    compressed=True, metadata={"training": {"config": dataclasses.asdict(config)}} if training else None)
+                    compressed=True, metadata={"training": {"config": config.to_dict()}} if training else None)
     if training:
         (folder / train_default.LOG_FILE).write_text('{"step": 1}\n')
         (folder / "heldout_metrics.json").write_text("{}\n")
@@ -377,9 +388,12 @@ def test_command_line_overrides_accumulate_and_bad_ones_get_one_line(tmp_path, m
                           capture_output=True, text=True, cwd=SCRIPT.parent.parent, timeout=300)
     assert both.returncode == 2 and "got 5 with mosaic_weight 1.0 and 3 steps" in both.stderr
     assert "Traceback" not in both.stderr
-    for overrides, message in [(("--set", "steps=1", "steps=2"), "--set gives steps twice"),
-                               (("--set", "steps"), "'steps': expected FIELD=VALUE"),
-                               (("--set", "colour=red"), "unknown TrainConfig field 'colour'"),
+    for overrides, message in [(("--set", "steps=1", "steps=2"), "--set: option steps is given twice"),
+                               (("--set", "steps"), "--set: an option is KEY=VALUE, got 'steps'"),
+                               (("--set", "colour=red"), f"--set: unknown option 'colour'; {KNOWN_FIELDS}"),
+                               (("--set", "curriculum_objective=tokens"), "--set: option curriculum_objective: must "
+                                                                          "be one of '', clip, clip_tokens, got "
+                                                                          "'tokens'"),
                                (("--steps", "4", "--set", "steps=3"), "--set gives steps, which its own flag gives too"),
                                (("--steps", "40",), "warmup_steps must be >= 0 and shorter than the 40 steps it warms "
                                                     "up, got 50")]:
@@ -395,8 +409,8 @@ def test_command_line_overrides_accumulate_and_bad_ones_get_one_line(tmp_path, m
 
 
 def test_check_determinism_refuses_what_it_cannot_train_with_one_line_before_training(monkeypatch, capsys):
-    for arguments, message in [(("--set", "foo=1"), "unknown TrainConfig field 'foo'"),
-                               (("--set", "steps"), "'steps': expected FIELD=VALUE"),
+    for arguments, message in [(("--set", "foo=1"), f"--set: unknown option 'foo'; {KNOWN_FIELDS}"),
+                               (("--set", "steps"), "--set: an option is KEY=VALUE, got 'steps'"),
                                (("--set", "batch_size=3"), "batch_size must be even (each scene beside its variant), "
                                                            "got 3"),
                                (("--objective", "clip", "--set", "objective=clip"),
@@ -1205,7 +1219,7 @@ def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path
             (("--run", "a", "--run", "a", "seed=1"), "--run a is given twice"),
             (("--set", "seed=1", "--run", "a", "seed=2"), "--run a gives seed, which --set gives too"),
             (("--run", "../a"), "a run's name must be a folder name of letters, digits, '_', '.', '-'"),
-            (("--run", "a", "colour=red"), "unknown TrainConfig field 'colour'"),
+            (("--run", "a", "colour=red"), f"--run a: unknown option 'colour'; {KNOWN_FIELDS}"),
             (("--run", "a", f"text_init={tmp_path / 'none'}"), f"{tmp_path / 'none'} is neither a file, a folder nor a "
                                                                 "hub name")]:
         code, stderr = search(*arguments)

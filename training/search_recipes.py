@@ -102,7 +102,7 @@ def parse_runs(specs: list[list[str]], common: dict) -> dict[str, dict]:
             raise ValueError(f"--run {name!r}: a run's name must be a folder name of letters, digits, '_', '.', '-'")
         if name in runs:
             raise ValueError(f"--run {name} is given twice")
-        own = train_default.parse_overrides(items)
+        own = train_default.parse_overrides(items, f"--run {name}")
         if own.keys() & common.keys():
             raise ValueError(f"--run {name} gives {min(own.keys() & common.keys())}, which --set gives too")
         runs[name] = {**common, **own}

@@ -116,6 +116,7 @@ from tclip_jax.synthetic import (
 )
 from tclip_jax.model.tokenizer import PAD_ID, default_tokenizer
 from tclip_jax.methods.tclip import TCLIP
+from tclip_jax.settings import Options, finite, integer, parse_float_tuple, parse_tuple, setting
 from tclip_jax.sweep.heldout import (HELDOUT_METRICS_FILE, grounding_scores, record_heldout_metrics,
                                     synthetic_report)
 
@@ -153,25 +154,34 @@ LATE_TERM_PARTS = {"mosaic_weight": {"mosaic_student": "half"}, "bare_map_weight
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    objective: str = "clip"
+class TrainConfig(Options):
+    """A training run (the module docstring). The scripts set its fields by `--set FIELD=VALUE` (`parse_assignments`)
+    beside their own flags (`--objective`, `--steps`), so none is a flag here (`flag=False`); a model folder's header
+    and a saved state record it as JSON (`to_dict`, read back by `from_dict`)."""
+
+    objective: str = setting("clip", "the training objective", choices=OBJECTIVES, flag=False)
     seed: int = 0                   # parameter initialisation
     steps: int = 900
     curriculum_steps: int = 0       # the first steps draw EASY_STYLE scenes, then TRAINING_STYLE (see the card)
     curriculum_objects: int = 3     # curriculum scenes hold 1..curriculum_objects objects (EASY_STYLE's weights)
-    curriculum_form_weights: tuple[float, ...] = ()  # the curriculum's phrase forms; (): form_weights
+    curriculum_form_weights: tuple[float, ...] = setting((), "the curriculum's phrase forms; (): form_weights",
+                                                         parse=parse_float_tuple, flag=False)
     curriculum_restart: int = 0     # 1: the steps after the curriculum get a second warm-up and cosine decay
-    curriculum_objective: str = ""  # the curriculum's objective; "": objective
+    curriculum_objective: str = setting("", 'the curriculum\'s objective; "": objective', choices=("", *OBJECTIVES),
+                                        flag=False)
     text_frozen_steps: int = 0      # the first steps keep the text tower at its initialisation
     text_init: str = ""             # a checkpoint folder of this script whose text tower starts the run
     batch_size: int = 64            # images: B/2 scenes and their variants
     negatives: int = 2              # hard-negative captions per scene
-    variant_attributes: tuple[str, ...] = ATTRIBUTES  # what a scene's variant may change
-    negative_kinds: tuple[str, ...] = NEGATIVE_KINDS  # the changes a negative caption may make
+    variant_attributes: tuple[str, ...] = setting(ATTRIBUTES, "what a scene's variant may change",
+                                                  parse=parse_tuple(str), flag=False)
+    negative_kinds: tuple[str, ...] = setting(NEGATIVE_KINDS, "the changes a negative caption may make",
+                                              parse=parse_tuple(str), flag=False)
     step_colours: int = 0           # k > 0: a step's scenes draw their colours from k of the COLOURS (`step_palette`)
     step_colours_rate: float = 1.0  # the share of steps so restricted
     # Caption phrase forms (colour+shape, shape+colour, shape only, colour only): TRAINING_STYLE's by default.
-    form_weights: tuple[float, ...] = TRAINING_STYLE.form_weights
+    form_weights: tuple[float, ...] = setting(TRAINING_STYLE.form_weights, "caption phrase form weights",
+                                              parse=parse_float_tuple, flag=False)
     relation_rate: float = TRAINING_STYLE.relation_rate  # per join, a true relation phrase instead of "and"
     peak_learning_rate: float = 1e-3
     warmup_steps: int = 50          # linear warmup, then cosine decay to 0
@@ -193,15 +203,15 @@ class TrainConfig:
     word_weight: float = 0.0        # > 0: SuperClass's caption-word term beside the objective (`word_loss`)
     patch_word_weight: float = 0.0  # > 0: the same term read from the patch tokens (`patch_word_loss`)
     # Its head: "random" (word_weight's, shared) or "text" (each piece's own text embedding: the term acts on S).
-    patch_word_head: str = "random"
+    patch_word_head: str = setting("random", "the patch term's head", choices=PATCH_WORD_HEADS, flag=False)
     # 1: in the patch term each patch's piece scores are log-softmax-normalized over the pieces before the best patch
     # is taken, so words compete for patches: a patch that scores every piece alike (one that carries the whole
     # scene) scores none of them.
-    patch_word_compete: int = 0
+    patch_word_compete: int = setting(0, "1: pieces compete for patches", choices=(0, 1), flag=False)
     # How the patch term pools a piece's patch scores: "max" (its best patch) or "logsumexp" (a soft maximum, whose
     # gradient reaches every patch in proportion to its softmax weight, so the piece is trained on more of its
     # object than one patch).
-    patch_word_pool: str = "max"
+    patch_word_pool: str = setting("max", "how the patch term pools patches", choices=PATCH_WORD_POOLS, flag=False)
     # > 0: the patch term with each caption piece's own in-caption embedding as its kernel (`caption_word_targets`).
     caption_word_weight: float = 0.0
     # > 0: each caption piece inside its caption must pick its own bare embedding among the vocabulary's
@@ -218,7 +228,8 @@ class TrainConfig:
     mosaic_start: int = 0           # the mosaic term acts from this step on (e.g. curriculum_steps: full scenes only)
     # Which side of the mosaic term learns: "half" (the mosaic of half-size scenes, against the full-size maps) or
     # "full" (every fourth true scene at full size, against the tiled maps of its quadrants enlarged to full size).
-    mosaic_student: str = "half"
+    mosaic_student: str = setting("half", "which side of the mosaic term learns", choices=MOSAIC_STUDENTS,
+                                  flag=False)
     # > 0: two distinct colour words of a caption name two different objects, as do two distinct shape words (an
     # object has one colour and one shape), so inside the caption their S over their own image's patches should not
     # coincide (`exclusive_loss`). Tried for same-colour twins, which no other term separates; it emptied the caption
@@ -243,7 +254,8 @@ class TrainConfig:
     # peak can sit on its same-colour twin, and the term then holds it there; RECIPE_SEARCH.md).
     peak_contrast_weight: float = 0.0
     peak_contrast_start: int = 0    # the peak-contrast term acts from this step on
-    peak_contrast_kinds: tuple[str, ...] = WORD_KINDS  # the kinds of word it asks
+    peak_contrast_kinds: tuple[str, ...] = setting(WORD_KINDS, "the kinds of word the peak-contrast term asks",
+                                                   parse=parse_tuple(str), flag=False)
     text_length: int = 48           # longest training row: captions need at most CAPTION_POSITIONS
     # 0: every step's rows are cut at text_length (the shipped models). k > 0: at the step's longest row rounded up
     # to a multiple of k, which makes clip_tokens steps ~30 % faster (recipe search) but changes the last bits.
@@ -257,12 +269,13 @@ class TrainConfig:
     # "last": the checkpoint is the last step's parameters. "validation": the evaluated step (every eval_every steps
     # and the last) with the best `validation_record` score, read on validation scenes only; at patch 32 longer runs
     # traded grounding for retrieval (RECIPE_SEARCH.md), so the step is chosen by both.
-    select_step: str = "last"
+    select_step: str = setting("last", "which step the checkpoint keeps", choices=SELECT_STEPS, flag=False)
     validation_grounding_scenes: int = 20  # select_step="validation": scenes per VALIDATION_PROTOCOLS protocol
     # Model geometry, widths and depths (everything else is OpenAI CLIP's).
     image_size: int = 224
     patch_size: int = 32
-    stem_channels: tuple[int, ...] = ()  # CLIPConfig.stem_channels: () is CLIP's linear patch embedding
+    stem_channels: tuple[int, ...] = setting((), "CLIPConfig.stem_channels: () is CLIP's linear patch embedding",
+                                             parse=parse_tuple(int), flag=False)
     embed_dim: int = 64
     vision_width: int = 128
     vision_layers: int = 4
@@ -270,16 +283,35 @@ class TrainConfig:
     text_layers: int = 3
 
     def __post_init__(self):  # checked once, where the config is made, rather than in training
-        for field in dataclasses.fields(self):  # NaN passes every comparison below, and trains to NaN
-            values = getattr(self, field.name)
-            if not all(np.isfinite(v) for v in (values if isinstance(values, tuple) else (values,))
-                       if isinstance(v, float)):
-                raise ValueError(f"{field.name} must be finite, got {values}")
+        super().__post_init__()  # choices, types, and every float finite (NaN passes every comparison below)
+        for name in ("form_weights", "curriculum_form_weights"):
+            for weight in getattr(self, name):
+                finite(name, weight)
         for name, least in (("steps", 1), ("batch_size", 2), ("negatives", 0), ("validation_scenes", 1),
                             ("eval_every", 1), ("image_size", 1), ("patch_size", 1), ("embed_dim", 1),
-                            ("vision_width", 1), ("vision_layers", 1), ("text_width", 1), ("text_layers", 1)):
-            if getattr(self, name) < least:
-                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+                            ("vision_width", 1), ("vision_layers", 1), ("text_width", 1), ("text_layers", 1),
+                            ("text_frozen_steps", 0), ("validation_grounding_scenes", 1)):
+            integer(name, getattr(self, name), least)
+        for name in (*WORD_TERMS, "bare_map_separation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("step_colours_rate", "relation_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.peak_learning_rate <= 0:
+            raise ValueError(f"peak_learning_rate must be > 0, got {self.peak_learning_rate}")
+        if self.text_length < CAPTION_POSITIONS:
+            raise ValueError(f"text_length must be >= {CAPTION_POSITIONS} (the longest training caption's positions), "
+                             f"got {self.text_length}")
+        if not 1 <= self.curriculum_objects <= len(EASY_STYLE.counts):
+            raise ValueError(f"curriculum_objects must be 1..{len(EASY_STYLE.counts)}, got {self.curriculum_objects}")
+        if not 0 <= self.step_colours <= len(COLOURS):
+            raise ValueError(f"step_colours must be 0..{len(COLOURS)}, got {self.step_colours}")
+        check_choices("variant_attributes", self.variant_attributes, ATTRIBUTES)
+        check_choices("negative_kinds", self.negative_kinds, NEGATIVE_KINDS)
+        check_choices("peak_contrast_kinds", self.peak_contrast_kinds, WORD_KINDS)
         if self.batch_size % 2:
             raise ValueError(f"batch_size must be even (each scene beside its variant), got {self.batch_size}")
         if self.image_size % self.patch_size:
@@ -288,52 +320,14 @@ class TrainConfig:
         if len(self.form_weights) != len(PHRASE_FORMS) or min(self.form_weights) < 0 or not sum(self.form_weights):
             raise ValueError(f"form_weights must be {len(PHRASE_FORMS)} weights >= 0 (of {', '.join(PHRASE_FORMS)}), "
                              f"not all 0, got {self.form_weights}")
-        if self.peak_learning_rate <= 0:
-            raise ValueError(f"peak_learning_rate must be > 0, got {self.peak_learning_rate}")
-        if self.text_length < CAPTION_POSITIONS:
-            raise ValueError(f"text_length must be >= {CAPTION_POSITIONS} (the longest training caption's positions), "
-                             f"got {self.text_length}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if not 1 <= self.curriculum_objects <= len(EASY_STYLE.counts):
-            raise ValueError(f"curriculum_objects must be 1..{len(EASY_STYLE.counts)}, got {self.curriculum_objects}")
-        if self.curriculum_objective not in ("", *OBJECTIVES):
-            raise ValueError(f"curriculum_objective must be one of {OBJECTIVES} or empty, got "
-                             f"{self.curriculum_objective!r}")
-        check_choices("variant_attributes", self.variant_attributes, ATTRIBUTES)
-        check_choices("negative_kinds", self.negative_kinds, NEGATIVE_KINDS)
-        if self.text_frozen_steps < 0:
-            raise ValueError(f"text_frozen_steps must be >= 0, got {self.text_frozen_steps}")
-        if not 0 <= self.step_colours <= len(COLOURS):
-            raise ValueError(f"step_colours must be 0..{len(COLOURS)}, got {self.step_colours}")
-        if not 0 <= self.step_colours_rate <= 1:
-            raise ValueError(f"step_colours_rate must be in [0, 1], got {self.step_colours_rate}")
-        if self.patch_word_head not in PATCH_WORD_HEADS:
-            raise ValueError(f"patch_word_head must be one of {PATCH_WORD_HEADS}, got {self.patch_word_head!r}")
-        if self.patch_word_compete not in (0, 1):
-            raise ValueError(f"patch_word_compete must be 0 or 1, got {self.patch_word_compete}")
         if self.patch_word_compete and not self.patch_word_weight:
             raise ValueError("patch_word_compete needs patch_word_weight > 0")
-        if self.patch_word_pool not in PATCH_WORD_POOLS:
-            raise ValueError(f"patch_word_pool must be one of {PATCH_WORD_POOLS}, got {self.patch_word_pool!r}")
         if self.patch_word_pool != "max" and not self.patch_word_weight:
             raise ValueError("patch_word_pool needs patch_word_weight > 0")
-        for name in WORD_TERMS:
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.relation_rate <= 1:
-            raise ValueError(f"relation_rate must be in [0, 1], got {self.relation_rate}")
-        if self.mosaic_student not in MOSAIC_STUDENTS:
-            raise ValueError(f"mosaic_student must be one of {MOSAIC_STUDENTS}, got {self.mosaic_student!r}")
         if self.mosaic_student != "half" and not self.mosaic_weight:
             raise ValueError("mosaic_student needs mosaic_weight > 0")
-        if self.bare_map_separation < 0:
-            raise ValueError(f"bare_map_separation must be >= 0, got {self.bare_map_separation}")
         if self.bare_map_separation and not self.bare_map_weight:
             raise ValueError("bare_map_separation needs bare_map_weight > 0")
-        check_choices("peak_contrast_kinds", self.peak_contrast_kinds, WORD_KINDS)
-        if not self.peak_contrast_kinds:
-            raise ValueError("peak_contrast_kinds needs at least one kind of word")
         if set(self.peak_contrast_kinds) != set(WORD_KINDS) and not self.peak_contrast_weight:
             raise ValueError("peak_contrast_kinds needs peak_contrast_weight > 0")
         if self.mosaic_weight and ((self.batch_size // 2) % 4 or (self.image_size // self.patch_size) % 2):
@@ -344,12 +338,6 @@ class TrainConfig:
             if getattr(self, start) and not (getattr(self, weight) and 0 < getattr(self, start) < self.steps):
                 raise ValueError(f"{start} needs {weight} > 0 and 0 < {start} < steps, got {getattr(self, start)} "
                                  f"with {weight} {getattr(self, weight)} and {self.steps} steps")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.select_step not in SELECT_STEPS:
-            raise ValueError(f"select_step must be one of {SELECT_STEPS}, got {self.select_step!r}")
-        if self.validation_grounding_scenes < 1:
-            raise ValueError(f"validation_grounding_scenes must be >= 1, got {self.validation_grounding_scenes}")
         if (self.schedule_steps or self.schedule_stretch_start) and not (
                 self.warmup_steps < self.schedule_stretch_start < min(self.schedule_steps, self.steps)):
             raise ValueError("schedule_steps and schedule_stretch_start go together, with warmup_steps < "
@@ -386,7 +374,7 @@ RECIPES = {
 
 def added_terms(config: dict) -> dict[str, float]:
     """{weight field: weight} of the terms a run trains with beside CLIP's global loss, from its configuration as
-    a checkpoint records it (`dataclasses.asdict`). A run that predates a word term recorded no weight for it: the
+    a checkpoint records it (`TrainConfig.to_dict`). A run that predates a word term recorded no weight for it: the
     term did not exist, so it was off."""
     terms = {name: config[name] for name in TOKEN_TERMS} if config["objective"] == "clip_tokens" else {}
     return {**terms, **{name: config[name] for name in WORD_TERMS if config.get(name)}}
@@ -396,7 +384,7 @@ def train_config(recipe: str | None = None, overrides: dict | None = None) -> Tr
     """TrainConfig's defaults, then `RECIPES[recipe]`, then `overrides` (field: value)."""
     if recipe is not None and recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; available: {', '.join(RECIPES)}")
-    return dataclasses.replace(TrainConfig(), **{**RECIPES.get(recipe, {}), **(overrides or {})})
+    return TrainConfig.from_dict({**RECIPES.get(recipe, {}), **(overrides or {})})
 
 
 def model_config(config: TrainConfig) -> CLIPConfig:
@@ -1060,7 +1048,7 @@ def prefix_config(config: TrainConfig, step: int) -> dict:
     """The fields of `config` that decide its first `step` steps: all of them (as JSON), with each late term
     (`LATE_TERMS`) that starts at `step` or later, or is off, set to off, and so the stem's freezing; a schedule
     stretched from `step` or later is, so far, its shorter run's."""
-    fields = dataclasses.asdict(config)
+    fields = config.to_dict()
     for weight, start in LATE_TERMS.items():
         if not fields[weight] or fields[start] >= step:
             fields.update({weight: 0.0, start: 0, **LATE_TERM_PARTS[weight]})
@@ -1068,7 +1056,7 @@ def prefix_config(config: TrainConfig, step: int) -> dict:
         fields["stem_frozen_start"] = 0
     if fields["schedule_stretch_start"] >= step:  # so far the rates of the shorter run, which is that run
         fields.update(steps=fields["schedule_steps"], schedule_steps=0, schedule_stretch_start=0)
-    return json.loads(json.dumps(fields))  # tuples as lists, as a saved header has them
+    return json.loads(json.dumps(fields))  # tuples as lists (LATE_TERM_PARTS' too), as a saved header has them
 
 
 @dataclasses.dataclass
@@ -1115,12 +1103,11 @@ def load_state(path: pathlib.Path, config: TrainConfig, template: RunState) -> R
         if header.get("format") != STATE_FORMAT:
             raise ValueError(f"--resume {path}: not a training state (format {header.get('format')!r})")
         step = header["step"]
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        if header["config"].keys() - known:
+        unknown = header["config"].keys() - set(TrainConfig.field_names())
+        if unknown:
             raise ValueError(f"--resume {path}: saved by a run with fields this script lacks "
-                             f"({', '.join(sorted(header['config'].keys() - known))})")
-        saved = prefix_config(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                              for k, v in header["config"].items()}), step)
+                             f"({', '.join(sorted(unknown))})")
+        saved = prefix_config(TrainConfig.from_dict(header["config"]), step)
         ours = prefix_config(config, step)
         keeps_last = config.select_step == "last"
         if keeps_last:  # a run that keeps its last step may go on from one that selects by validation
@@ -1169,7 +1156,7 @@ def initial_state(config: TrainConfig, idf: np.ndarray | None) -> RunState:
         head = np.random.default_rng(config.seed).normal(0.0, config.embed_dim ** -0.5, (config.embed_dim, len(idf)))
         params = {**params, "word_head": jnp.asarray(head, jnp.float32)}
     average = clip_params(params) if config.ema_decay else None  # what validation and the checkpoint read
-    return RunState(0, dataclasses.asdict(config), params, optimizer(config).init(params), average, None, [], [])
+    return RunState(0, config.to_dict(), params, optimizer(config).init(params), average, None, [], [])
 
 
 def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = None,
@@ -1249,7 +1236,7 @@ def train(config: TrainConfig, log_path: pathlib.Path, stop_after: int | None = 
             log.flush()
             records.append(record)
             if save_state_at is not None and step + 1 == save_state_at[0]:
-                save_state(save_state_at[1], RunState(step + 1, dataclasses.asdict(config), params, opt_state, average,
+                save_state(save_state_at[1], RunState(step + 1, config.to_dict(), params, opt_state, average,
                                                       selected, sorted(used_ids), records))
     used_ids.discard(PAD_ID)  # padding follows the end-of-text token, so it never reaches a real token
     summary = {"train_seconds": record["elapsed_s"], "train_cpu_seconds": record["cpu_s"], "final": record}
@@ -1278,7 +1265,7 @@ def train_and_save(config: TrainConfig, out: pathlib.Path,
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         params, used_ids, summary = train(config, log_path, inputs=inputs, resume=resume, save_state_at=save_state_at)
-        metadata = {"training": {"config": dataclasses.asdict(config), **summary,
+        metadata = {"training": {"config": config.to_dict(), **summary,
                                  "used_token_ids": used_ids.tolist(), "cpu_count": os.cpu_count()}}
         save_model(out, zero_unused_rows(params, used_ids), model_config(config), metadata, log_path)
     finally:
@@ -1357,27 +1344,13 @@ def config_from_flags(recipe: str | None, flags: dict, assignments: list[str]) -
     return config
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """FIELD=VALUE strings as typed TrainConfig overrides."""
-    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    overrides = {}
-    for item in items:
-        name, equals, value = item.partition("=")
-        if not equals:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
-        if name not in fields:
-            raise ValueError(f"unknown TrainConfig field {name!r}")
-        if name in overrides:
-            raise ValueError(f"--set gives {name} twice")
-        parse = {"int": int, "float": float, "str": str,
-                 "tuple[float, ...]": lambda text: tuple(float(v) for v in text.split(",")),
-                 "tuple[int, ...]": lambda text: tuple(int(v) for v in text.split(",") if v),
-                 "tuple[str, ...]": lambda text: tuple(v for v in text.split(",") if v)}[fields[name]]
-        try:
-            overrides[name] = parse(value)
-        except ValueError as error:
-            raise ValueError(f"{item}: {error}") from None
-    return overrides
+def parse_overrides(items: list[str], flag: str = "--set") -> dict:
+    """`FIELD=VALUE` strings as typed TrainConfig values (`TrainConfig.parse_assignments`); an error names `flag`,
+    the command-line option that gave them."""
+    try:
+        return TrainConfig.parse_assignments(items)
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
 
 
 def parse_save_state(item: list[str] | None, config: TrainConfig, first: int = 0) -> tuple[int, pathlib.Path] | None:
