@@ -106,6 +106,13 @@ def test_component_tie_goes_to_the_first_in_opencvs_label_order():
     mask[10:13, 1:4] = True
     mask[2:5, 12:15] = True  # same size, starts on an earlier row
     assert largest_component_box(mask) == Box(12, 2, 15, 5)
+    # The foreground starts on an odd row. OpenCV scans rows in pairs (0-1, 2-3, ...), so the vertical pair on rows
+    # 1-2 comes first; a crop starting at row 1 would scan rows 1-2 as one pair and meet the horizontal pair (further
+    # left, on row 2) first.
+    mask = np.zeros((6, 13), bool)
+    mask[1:3, 8] = mask[2, 3:5] = True
+    mask[3, 10] = True
+    assert largest_component_box(mask) == _reference_box(mask.astype(np.float32)) == Box(8, 1, 9, 3)
 
 
 def test_empty_mask_has_no_component():
@@ -563,6 +570,11 @@ def _box_test_maps():
     quantised = np.zeros((40, 50), np.float32)  # equal blobs: ties between components, starting at odd offsets
     quantised[3:8, 5:10] = quantised[11:16, 31:36] = quantised[27:32, 17:22] = 1.0
     maps.append(quantised)
+    blobs = np.zeros((60, 60), np.float32)  # more than _FEW_LABELS components; the largest is not label 1
+    for k in range(15):
+        blobs[4 * k:4 * k + 2, 2:4] = 1.0  # 4 pixels each
+    blobs[30:33, 40:45] = 1.0  # 15 pixels
+    maps.append(blobs)
     levels = np.zeros((30, 30), np.float32)  # three equally filled levels: Otsu ties
     levels[:, 10:20], levels[:, 20:] = 0.5, 1.0
     maps += [levels, np.full((12, 20), 3.0, np.float32), np.eye(17, dtype=np.float64)]
@@ -594,6 +606,7 @@ def test_more_components_than_16_bit_labels():
     mask = np.zeros((530, 530), bool)
     mask[::2, ::2] = True  # 70225 isolated pixels
     mask[100:110, 200:230] = True  # the largest
+    mask[300, 10:101] = True  # wider than the largest, fewer pixels
     assert largest_component_box(mask) == _reference_box(mask.astype(np.float32))
 
 
