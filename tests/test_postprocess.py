@@ -154,10 +154,12 @@ def _weighted_pdf_gap(x, means, stds, weights):
         ((-1.0, 2.0), (0.3, 1.5), (0.2, 0.8)),
         ((10.0, 10.5), (0.1, 0.1), (0.5, 0.5)),
         ((0.0, 1.0), (0.2, 0.2), (0.9, 0.1)),
+        ((4.0, 0.0), (0.5, 1.0), (0.3, 0.7)),  # the larger mean first
+        ((1.0, 0.0), (0.2, 0.2), (0.5, 0.5)),
     ],
 )
 def test_intersection_equates_weighted_densities(means, stds, weights):
-    expected = optimize.brentq(_weighted_pdf_gap, means[0], means[1], args=(means, stds, weights), xtol=1e-14)
+    expected = optimize.brentq(_weighted_pdf_gap, min(means), max(means), args=(means, stds, weights), xtol=1e-14)
     assert gaussian_intersection(means, stds, weights) == pytest.approx(expected, abs=1e-9)
 
 
@@ -651,18 +653,27 @@ def test_soft_maps_are_scipys_blur_of_the_floored_map(shape):
         assert np.abs(s - reference).max() <= 5e-4 * float(np.ptp(m))
 
 
-def test_floor_compares_with_tau_exactly():
-    from tclip_jax.postprocess.soft import _write_floored_offset
+# tau 0.5 is a float32; float32(0.3) lies above 0.3, float32(0.7) below 0.7
+@pytest.mark.parametrize("tau", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_floor_compares_with_tau_exactly(tau, dtype):
+    from tclip_jax.postprocess.soft import _SoftMapWriter, _write_floored_offset
 
-    tau = 0.3
     t32 = np.float32(tau) if float(np.float32(tau)) >= tau else np.nextafter(np.float32(tau), np.float32(1))
-    edge = [np.nextafter(t32, np.float32(-1)), t32, np.nextafter(t32, np.float32(1))]
-    for lo in (np.float32(-0.7), np.float32(-0.25), np.float32(0.1)):  # subtraction exact or rounding
-        values = np.array([[lo, *edge, np.float32(0.9)]] * 3, np.float32)
+    edge = [np.nextafter(t32, np.float32(-1)), t32, np.nextafter(t32, np.float32(1)), tau]
+    for lo in (-0.7, -0.25, 0.1):  # subtraction exact or rounding
+        values = np.array([[lo, *edge, 0.9]] * 3, np.float32).astype(dtype)
+        exact = values.astype(np.float64)
+        floored = exact < tau
+        # the pyramid's input: the offset map, zero where floored
         out = np.empty(values.shape, np.float32)
-        _write_floored_offset(values, float(lo), tau, out)
-        np.testing.assert_array_equal(out == 0, values < np.float64(tau))
-        np.testing.assert_array_equal(out[values >= tau], (values - lo)[values >= tau])
+        _write_floored_offset(values, float(values[0, 0]), tau, out)
+        np.testing.assert_array_equal(out == 0, floored)
+        np.testing.assert_array_equal(out[~floored], (exact - exact[0, 0]).astype(np.float32)[~floored])
+        # the exact blur's input (sigma 0: the floored map itself)
+        writer = _SoftMapWriter(1, values.shape, 0.0)
+        writer.write(0, values, float(values[0, 0]), tau)
+        np.testing.assert_array_equal(writer.result[0], np.where(floored, exact[0, 0], exact).astype(np.float32))
 
 
 def test_batched_host_step_equals_single_map_functions():
