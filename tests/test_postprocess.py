@@ -3,6 +3,8 @@
 Boxes are checked against gScoreCAM's own outputs (../shared/fixtures/metrics); the GMM threshold against
 the closed-form intersection of two weighted Gaussian densities.
 """
+import functools
+
 import numpy as np
 import pytest
 from scipy import ndimage, optimize, stats
@@ -426,8 +428,10 @@ def _histograms(maps) -> "gmm_module.MapHistograms":
     return gmm_module.MapHistograms(counts, lo, hi)
 
 
-def test_fine_histogram_counts_every_value_in_its_rounding_bin():
-    m = _heatmap_like(3, (70, 90))
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_fine_histogram_counts_every_value_in_its_rounding_bin(offset):
+    # A float32 map of range 0.16 far from zero: its float32 products with the bin scale are coarser than a bin.
+    m = _heatmap_like(3, (70, 90)) + np.float32(offset)
     lo, hi = float(m.min()), float(m.max())
     counts = gmm_module.fine_histogram(m, lo, hi)
     position = (m.astype(np.float64) - lo) * (gmm_module.FINE_BINS - 1) / (hi - lo)
@@ -499,6 +503,16 @@ def test_em_then_newton_reaches_plain_ems_fixed_point():
     for q in range(points.shape[0]):
         reference = _plain_em(points[q], weights[q], theta[:, q], steps=5000)
         np.testing.assert_allclose(fitted[:, q], reference, atol=1e-8)
+    # Stopped short of the fixed point, the fit says so.
+    early, steps, converged = gmm_module.fit_points(points, weights, theta, max_steps=3)
+    assert (steps <= 3).all() and not converged.any()
+    assert (np.abs(early - fitted).max(0) > 1e-6).all()
+
+
+def test_a_fit_stopped_before_convergence_warns(monkeypatch):
+    monkeypatch.setattr(gmm_module, "fit_histograms", functools.partial(gmm_module.fit_histograms, max_steps=3))
+    with pytest.warns(RuntimeWarning, match="without converging"):
+        gmm_threshold(_heatmap_like(0, (48, 64)))
 
 
 def _smoothed_noise(seed: int, shape=(48, 64)) -> np.ndarray:
