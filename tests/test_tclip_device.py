@@ -51,8 +51,8 @@ def reference_maps(model, params, image, queries, offsets, trim):
 
 
 # Small inputs keep the explicit per-pixel reference fast; the positional embedding is resized for them.
-@pytest.mark.parametrize("size_hw,count", [((96, 96), 25), ((64, 128), 25), ((96, 96), 1)])
-def test_aggregate_equals_explicit_loop(tiny, fixture_images, size_hw, count):
+@pytest.mark.parametrize("size_hw,count,trim", [((96, 96), 25, 0.2), ((64, 128), 25, 0.1), ((96, 96), 1, 0.2)])
+def test_aggregate_equals_explicit_loop(tiny, fixture_images, size_hw, count, trim):
     model, params = tiny
     rng = np.random.default_rng(0)
     image = rng.standard_normal((*size_hw, 3)).astype(np.float32)
@@ -63,8 +63,8 @@ def test_aggregate_equals_explicit_loop(tiny, fixture_images, size_hw, count):
     with jax.default_matmul_precision("highest"):
         patches = translated_patch_embeddings(model, params, image[None], offsets)[0]
         ours = aggregate_maps(patches, queries.astype(np.float32), offsets,
-                              (size_hw[0] // 32, size_hw[1] // 32), size_hw, 0.2)
-    expected = reference_maps(model, params, image, queries, offsets, 0.2)
+                              (size_hw[0] // 32, size_hw[1] // 32), size_hw, trim)
+    expected = reference_maps(model, params, image, queries, offsets, trim)
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
 
 
@@ -73,6 +73,10 @@ def test_offsets_layout():
     assert len(offsets) == 25 and offsets[0] == (0, 0) and len(set(offsets)) == 25
     assert sorted({max(abs(dy), abs(dx)) for dy, dx in offsets}) == [0, 8, 16, 24]
     assert translation_offsets(32, count=1) == ((0, 0),)
+    # Shifts are the nearest whole pixels to fraction x patch size: 2.8, 6.3 and 9.8 pixels at patch 14.
+    offsets = translation_offsets(14, (0.2, 0.45, 0.7), count=25)
+    assert len(offsets) == 25 and offsets[0] == (0, 0)
+    assert set(offsets) == {(dy * s, dx * s) for s in (3, 6, 10) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
     with pytest.raises(ValueError, match="translations"):
         translation_offsets(32, count=9)
 
