@@ -9,6 +9,7 @@ from tclip_jax.methods.tclip import TCLIP, Settings
 from tclip_jax.model import l2_normalize
 
 PROMPT = "a red circle above a blue square"
+GLUED = "a photo of a golden retriever's toy."  # a two-piece word, a class name inside it, punctuation
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +54,35 @@ def test_multi_word_queries_are_the_attention_weighted_mean_of_their_pieces(tiny
     np.testing.assert_array_equal(method.encode([one_word]).per_query, plain.encode([one_word]).per_query)
 
 
-def test_none_is_the_plain_mean_of_words(tiny_clip, highest_precision):
+def _unit_token_embeddings(clip, tokens) -> np.ndarray:
+    out = clip.model.apply({"params": clip.params}, tokens.token_ids[None], method="encode_text")
+    return np.asarray(l2_normalize(out.tokens[0]), np.float64)
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, GLUED])
+def test_none_is_the_plain_mean_of_words(tiny_clip, prompt, highest_precision):
+    """The whole prompt's query: the mean over its words (punctuation is none) of each word's mean piece."""
     method = TCLIP(tiny_clip, Settings(translations=1))
-    tokens = method.tokenize([PROMPT])[0]
-    out = tiny_clip.model.apply({"params": tiny_clip.params}, tokens.token_ids[None], method="encode_text")
-    embeds = np.asarray(l2_normalize(out.tokens[0]), np.float64)
-    words = [w for w in tokens.words if not w.is_punctuation]
+    tokens = method.tokenize([prompt])[0]
+    embeds = _unit_token_embeddings(tiny_clip, tokens)
+    words = [w for w in tokens.words if any(c.isalnum() for c in prompt[w.start:w.end])]
+    assert len(words) == len(prompt.split())
     expected = np.mean([embeds[list(w.piece_positions)].mean(axis=0) for w in words], axis=0)
-    np.testing.assert_allclose(method.encode([Query(PROMPT)]).per_query[0], expected, atol=1e-5)
+    np.testing.assert_allclose(method.encode([Query(prompt)]).per_query[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["none", "last"])
+def test_a_span_inside_a_word_takes_the_whole_word(tiny_clip, weighting, highest_precision):
+    """Overlap, not inclusion: "retriever" inside "retriever's" explains that word, the plain mean of its two
+    pieces whatever the weighting (a single word)."""
+    method = TCLIP(tiny_clip, Settings(translations=1, token_weighting=weighting))
+    tokens = method.tokenize([GLUED])[0]
+    embeds = _unit_token_embeddings(tiny_clip, tokens)
+    (word,) = [w for w in tokens.words if GLUED[w.start:w.end] == "retriever's"]
+    assert len(word.piece_positions) == 2
+    start = GLUED.index("retriever")
+    (query,) = method.encode([Query(GLUED, (start, start + len("retriever")))]).per_query
+    np.testing.assert_allclose(query, embeds[list(word.piece_positions)].mean(axis=0), atol=1e-5)
 
 
 def test_token_weighting_is_a_setting_and_a_flag():
