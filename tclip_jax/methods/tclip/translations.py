@@ -24,7 +24,9 @@ def translation_offsets(patch_size: int, scale_fractions=DEFAULT_SCALE_FRACTIONS
                         count: int = 25) -> tuple[tuple[int, int], ...]:
     """(dy, dx) pixel offsets: identity first, then the 8 directions at each scale.
 
-    `count=1` turns translation off; otherwise it must equal 1 + 8 * len(scale_fractions).
+    `count=1` turns translation off; otherwise it must equal 1 + 8 * len(scale_fractions). A shift is the
+    fraction of the patch rounded to whole pixels, a half to the even pixel (Python's `round`): at patch 14 the
+    default fractions 0.25, 0.5, 0.75 give 4, 7 and 10 pixels, symmetric about half a patch.
     """
     if count == 1:
         return ((0, 0),)
