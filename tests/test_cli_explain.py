@@ -291,6 +291,34 @@ def test_a_no_html_run_removes_an_earlier_page_that_shows_an_image_it_replaces(t
     assert index.read_text() == "<html>my page</html>"
 
 
+def test_a_no_html_run_keeps_a_page_whose_folders_differ_from_its_own_in_case_alone(tmp_path, fixtures_dir,
+                                                                                     monkeypatch, capsys):
+    """A --no-html run of PHOTO.png writes OUT/PHOTO: on a case-sensitive file system not the folder OUT/photo an
+    earlier page shows, so the page (still right) stays; the folder the page shows under another name (a link, as
+    a case-blind file system's "PHOTO" is its "photo") is replaced, and the page goes."""
+    monkeypatch.chdir(tmp_path)
+    Image.open(fixtures_dir / "scene_224.png").convert("RGB").save("photo.png")
+    shutil.copy("photo.png", "PHOTO.png")
+    run = ["--model", str(fixtures_dir / "tiny_openai_clip.npz"), "--translations", "1", "--compare", "none",
+           "--prompt", "red", "--out", "out"]
+    out = tmp_path / "out"
+    assert tclip(["explain", "photo.png", *run]) == 0
+    page = (out / "index.html").read_bytes()
+    if (out / "PHOTO").exists():
+        pytest.skip("the file system does not tell names apart by case")
+    capsys.readouterr()
+    assert tclip(["explain", "PHOTO.png", "--no-html", *run]) == 0
+    assert (out / "index.html").read_bytes() == page and "index.html" not in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["PHOTO", "index.html", "photo"]
+    # The page's folder reached by another name: the run replaces what the page shows.
+    shutil.rmtree(out / "PHOTO")
+    (out / "photo").rename(out / "PHOTO")
+    (out / "photo").symlink_to("PHOTO")
+    assert tclip(["explain", "PHOTO.png", "--no-html", *run]) == 0
+    assert "index.html: removed (--no-html)" in capsys.readouterr().out
+    assert not (out / "index.html").exists()
+
+
 def test_a_method_module_that_fails_as_it_runs_is_the_users_error(tmp_path, fixtures_dir, monkeypatch, capsys):
     """`--method module:Class` whose module raises something other than ImportError (its own NameError, a syntax
     error) was reported as tclip's internal error (status 1); it is the user's: one line naming the module, the

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import re
 from typing import Optional
@@ -41,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="tclip_out", help="output folder (default: %(default)s)")
     parser.add_argument("--save-npz", action="store_true", help="also save the maps (and TCLIP's raw S) as maps.npz")
     parser.add_argument("--html", action=argparse.BooleanOptionalAction, default=True,
-                        help="write OUT/index.html, an offline explorer of every image of the run (default: on)")
+                        help="write OUT/index.html, an offline explorer of every image of the run (default: on; "
+                             "--no-html removes an earlier OUT/index.html that shows an image the run replaces)")
     parser.add_argument("--compare", action="append", default=[], metavar="METHOD[:key=value,...]",
                         help="also run METHOD on the same images and prompts, for the explorer's compare view "
                              "(repeatable; a TCLIP run compares with tclip:translations=1 unless --compare none)")
@@ -306,6 +308,13 @@ def run(args: argparse.Namespace) -> int:
         raise
 
 
+def _is_one_of(folder: pathlib.Path, folders: list[pathlib.Path]) -> bool:
+    """Whether `folder` is one of `folders`: by name, or the same folder named otherwise (a case-blind file system's
+    "PHOTO" for "photo", a link), where both exist. Names that differ in case alone are two folders elsewhere."""
+    return any(other == folder or (other.exists() and folder.exists() and os.path.samefile(other, folder))
+               for other in folders)
+
+
 def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path, names: list[str]) -> int:
     from tqdm import tqdm
 
@@ -319,7 +328,7 @@ def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path
     # A run without a page removes an earlier one (ours) that shows an image it replaces, which the page would show
     # stale: just before the first such result is swapped in, so a run that stops before leaves it as it was.
     index = out / INDEX_FILE
-    shown = set() if page is not None else {name.casefold() for name in page_images(index)}
+    shown = [] if page is not None else [out / name for name in page_images(index)]
     done = 0
     try:
         for image_path, name in tqdm(list(zip(args.images, names)), desc="explain",
@@ -335,9 +344,9 @@ def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path
                     links.update({f"grid figure {p + 1}" if len(result.prompts) > 1 else "grid figure":
                                   f"{name}/{entry['grid_figure']}" for p, entry in enumerate(record["prompts"])})
                     PageWriter.write_data(staging, image_entry(name, views, title=str(image_path), links=links))
-                if name.casefold() in shown:
+                if _is_one_of(target, shown):
                     index.unlink(missing_ok=True)
-                    shown = set()
+                    shown = []
                     tqdm.write(f"{index}: removed (--no-html); it showed earlier results of images this run replaces")
             if page is not None:
                 page.add(name, str(image_path), name)
