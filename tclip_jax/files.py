@@ -202,17 +202,26 @@ def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
         file.write(data)
 
 
+# The picture formats `write_image` writes, by the suffix of the path (in any case), as OpenCV names them.
+_IMAGE_FORMATS = {".png": ".png", ".jpg": ".jpg", ".jpeg": ".jpg"}
+
+
 def write_image(path: pathlib.Path, rgb, jpeg_quality: int = 88) -> None:
-    """A uint8 RGB picture [H, W, 3] as a PNG file, or a JPEG of `jpeg_quality` where `path` ends in ".jpg",
-    written atomically (`write_bytes_atomic`): a report or page never shows half a picture, and a failed write
-    leaves the picture that was there."""
+    """A uint8 RGB picture [H, W, 3] as a PNG file where `path` ends in ".png", or a JPEG of `jpeg_quality` where
+    it ends in ".jpg" or ".jpeg" (in any case; any other suffix is refused, not written as another format), written
+    atomically (`write_bytes_atomic`): a report or page never shows half a picture, and a failed write leaves the
+    picture that was there."""
+    path = pathlib.Path(path)
+    suffix = _IMAGE_FORMATS.get(path.suffix.lower())
+    if suffix is None:
+        raise ValueError(f"{path}: a picture is written as .png, .jpg or .jpeg, not as "
+                         f"{path.suffix or 'a file without a suffix'}")
     import cv2  # on first use: the command line's parser imports this module
     import numpy as np
 
-    path = pathlib.Path(path)
-    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if path.suffix == ".jpg" else []
+    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if suffix == ".jpg" else []
     bgr = np.ascontiguousarray(np.asarray(rgb)[..., ::-1])
-    encoded, data = cv2.imencode(".jpg" if path.suffix == ".jpg" else ".png", bgr, params)
+    encoded, data = cv2.imencode(suffix, bgr, params)
     if not encoded:
         raise OSError(f"could not encode {path}")
     write_bytes_atomic(path, data.tobytes())

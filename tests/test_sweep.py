@@ -1389,6 +1389,29 @@ def test_a_picture_that_cannot_be_written_whole_leaves_the_one_before(tmp_path):
     assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["unit.jpg"]
 
 
+def test_a_picture_is_written_in_the_format_its_suffix_names_in_any_case(tmp_path):
+    """write_image wrote PNG bytes unless the suffix was exactly ".jpg" (x.JPG, x.jpeg, x.webp: PNG inside): the
+    format follows the suffix whatever its case, and a suffix it does not write is refused in one line, nothing
+    written."""
+    from tclip_jax.files import write_image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 16, 3), np.uint8)
+    for name, expected in [("x.png", "PNG"), ("x.PNG", "PNG"), ("x.jpg", "JPEG"), ("x.JPG", "JPEG"),
+                           ("x.jpeg", "JPEG"), ("x.Jpeg", "JPEG")]:
+        write_image(tmp_path / name, rgb)
+        with Image.open(tmp_path / name) as written:
+            assert written.format == expected, name
+            assert written.size == (16, 12)
+            if expected == "PNG":  # lossless, and RGB kept in order
+                assert np.array_equal(np.asarray(written), rgb)
+    for name, shown in [("x.webp", ".webp"), ("x.bmp", ".bmp"), ("noext", "a file without a suffix")]:
+        with pytest.raises(ValueError) as raised:
+            write_image(tmp_path / name, rgb)
+        assert str(raised.value) == f"{tmp_path / name}: a picture is written as .png, .jpg or .jpeg, not as {shown}"
+        assert not (tmp_path / name).exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_a_replaced_folder_that_resists_removal_leaves_the_new_one_written_and_says_so(tmp_path, monkeypatch):
     """A read-only sub-folder in the folder a save replaces (the user's) is made writable and removed; what still
     cannot be removed is left with a warning, not an error after the new folder landed. (This process is root, which
