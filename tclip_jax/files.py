@@ -232,11 +232,17 @@ def atomic_file(path: pathlib.Path) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through, for data written in parts (an .npz): it is a temporary sibling that
     is renamed over ``path`` when the block ends, and removed if the block fails. The data reach the disk before the
     rename, so that a crash right after it cannot leave an empty file where the old one was (a sweep rewrites its
-    results file so)."""
+    results file so). As writing the file in place would: a link is written through (the file it names is
+    replaced and the link kept, as `staged_folder` does a folder's), and a file replaced keeps its permission bits
+    (a new one gets those the umask gives)."""
     path = pathlib.Path(path)
+    if path.is_symlink():
+        path = pathlib.Path(os.path.realpath(path))
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(temporary, "wb") as file:
+            with contextlib.suppress(FileNotFoundError):
+                os.fchmod(file.fileno(), stat.S_IMODE(os.stat(path).st_mode))
             yield file
             file.flush()
             os.fsync(file.fileno())

@@ -1412,6 +1412,43 @@ def test_a_picture_is_written_in_the_format_its_suffix_names_in_any_case(tmp_pat
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_an_atomic_write_keeps_the_files_mode_and_writes_through_a_link(tmp_path):
+    """Atomic writes (a temporary file renamed over the old one) reset a rewritten file's mode to the umask's
+    (0640 became 0644) and replaced a link with a file: as a write in place, the file keeps its permission bits,
+    and a link is kept and the file it names written (as staged_folder treats a link to a folder)."""
+    from tclip_jax.files import write_image, write_text_atomic
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 8, 3), np.uint8)
+    picture, report = tmp_path / "m.png", tmp_path / "report.json"
+    write_image(picture, rgb)
+    write_text_atomic(report, "old\n")
+    assert picture.stat().st_mode & 0o7777 == report.stat().st_mode & 0o7777 == 0o666 & ~umask  # new: the umask's
+    for mode in (0o640, 0o604, 0o444):
+        picture.chmod(mode)
+        report.chmod(mode)
+        write_image(picture, rgb[::-1])
+        write_text_atomic(report, f"{mode}\n")
+        assert picture.stat().st_mode & 0o7777 == report.stat().st_mode & 0o7777 == mode
+        assert np.array_equal(np.asarray(Image.open(picture)), rgb[::-1]) and report.read_text() == f"{mode}\n"
+    # Links, relative and into another folder: kept, and the files they name written.
+    (tmp_path / "real").mkdir()
+    write_image(tmp_path / "real" / "target.png", rgb)
+    (tmp_path / "real" / "target.png").chmod(0o640)
+    (tmp_path / "real" / "notes.txt").write_text("old\n")
+    link, text_link = tmp_path / "link.png", tmp_path / "notes.txt"
+    link.symlink_to(pathlib.Path("real") / "target.png")
+    text_link.symlink_to(tmp_path / "real" / "notes.txt")
+    write_image(link, rgb[:, ::-1])
+    write_text_atomic(text_link, "new\n")
+    assert link.is_symlink() and text_link.is_symlink()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "real" / "target.png")), rgb[:, ::-1])
+    assert (tmp_path / "real" / "target.png").stat().st_mode & 0o7777 == 0o640
+    assert (tmp_path / "real" / "notes.txt").read_text() == "new\n"
+    assert not [p.name for p in [*tmp_path.iterdir(), *(tmp_path / "real").iterdir()] if p.name.startswith(".")]
+
+
 def test_a_replaced_folder_that_resists_removal_leaves_the_new_one_written_and_says_so(tmp_path, monkeypatch):
     """A read-only sub-folder in the folder a save replaces (the user's) is made writable and removed; what still
     cannot be removed is left with a warning, not an error after the new folder landed. (This process is root, which
