@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import re
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional, TypeVar
@@ -220,9 +221,24 @@ def _argparse_type(f: dataclasses.Field) -> Callable[[str], Any]:
         try:
             return _parse(f, text, check_choices=False)  # argparse checks and lists `choices` itself
         except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
+            raise argparse.ArgumentTypeError(_flag_wording(str(err))) from None
     convert.__name__ = f.name  # argparse names the type in its error messages
     return convert
+
+
+# What int() and float() say of a text that is not a number: the repr of the text follows.
+_NOT_A_NUMBER = re.compile(r"invalid literal for (int)\(\) with base 10: (.*)"
+                           r"|could not convert string to (float): (.*)", re.DOTALL)
+
+
+def _flag_wording(message: str) -> str:
+    """`message`, or argparse's wording of int()'s or float()'s refusal of a flag's text (as for `type=int`:
+    "invalid int value: 'abc'", not "invalid literal for int() with base 10: 'abc'")."""
+    refused = _NOT_A_NUMBER.fullmatch(message)
+    if refused is None:
+        return message
+    kind, text = refused.group(1, 2) if refused.group(1) else refused.group(3, 4)
+    return f"invalid {kind} value: {text}"
 
 
 def _show(value: Any) -> str:

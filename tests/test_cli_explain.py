@@ -372,6 +372,44 @@ def test_the_model_loading_flags_are_declared_once_from_the_models_constants(cap
     assert f"{Image.MAX_IMAGE_PIXELS})" in helps["explain"]["--max-pixels"]
 
 
+def _parse_error(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_settings_flag_that_is_not_a_number_is_refused_in_argparses_words(capsys):
+    """`--max-pixels abc` said "invalid literal for int() with base 10: 'abc'" (Python's int(), not the CLI's
+    words): every settings flag of a number, Optional or in a list too, reads as argparse's own `type=int` /
+    `type=float` does; a settings flag's message of its own is kept."""
+    commands = build_parser()._subparsers._group_actions[0].choices
+    number_flags = {"explain": {"--max-pixels": int, "--translations": int, "--trim": float, "--sigma": float},
+                    "sweep": {"--batch-size": int, "--workers": int, "--limit": int, "--save-vis": int,
+                              "--pg-tolerance": int, "--max-pixels": int}}
+    for command, flags in number_flags.items():
+        for flag, kind in flags.items():
+            reference = argparse.ArgumentParser(prog="p")
+            reference.add_argument(flag, type=kind)
+            for text in ("abc", "1.5x", "", " "):
+                expected = _parse_error(reference, [f"{flag}={text}"], capsys).split(": error: ")[1]
+                said = _parse_error(commands[command], [*REQUIRED[command], f"{flag}={text}"], capsys)
+                assert said.split(": error: ")[1] == expected, (command, flag, text)
+    # A list of numbers names the part that is not one.
+    said = _parse_error(commands["explain"], [*REQUIRED["explain"], "--scale-fractions", "0.5,abc"], capsys)
+    assert said.endswith("argument --scale-fractions: invalid float value: 'abc'")
+    said = _parse_error(commands["sweep"], [*REQUIRED["sweep"], "--threshold", "abc"], capsys)
+    assert said.endswith("argument --threshold: threshold must be mean, otsu, gmm or a number in [0, 1), got 'abc'")
+    # No settings flag of any command that refuses "abc" says it in Python's words.
+    for command, parser in commands.items():
+        for action in parser._actions:
+            if getattr(action.type, "__module__", None) == "tclip_jax.settings":
+                try:
+                    parser.parse_args([*REQUIRED[command], action.option_strings[0], "abc"])
+                except SystemExit:
+                    said = capsys.readouterr().err
+                    assert "invalid literal" not in said and "could not convert" not in said, said
+
+
 def test_max_pixels_sets_the_image_limit_for_the_run():
     from tclip_jax.cli.common import ModelOptions
     from tclip_jax.image import io
