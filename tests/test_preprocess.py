@@ -17,6 +17,7 @@ from tclip_jax.image import (
     load_image,
     points_to_model,
     points_to_original,
+    resize_rgb,
     to_original,
     upsample_bilinear,
     whole_image,
@@ -122,6 +123,22 @@ def test_whole_image_non_square_input_size():
     np.testing.assert_allclose(pixel_values, _normalized(image), atol=1e-6)
     assert geometry == Geometry((37, 61), (37, 61), (37, 61), (0, 0))
     assert whole_image(image, size=(160, 256))[0].shape == (160, 256, 3)
+
+
+def test_resize_rgb_is_pils_filter_and_refuses_what_it_does_not_resize():
+    """resize_rgb (public) took anything: 'nearest' gave a bare KeyError, a 2-D gray image came back 2-D, float32
+    gave PIL's "Cannot handle this data type". It resizes a decoded RGB image with PIL's filter, and refuses the
+    rest in one line."""
+    image = np.random.default_rng(0).integers(0, 256, (37, 61, 3), dtype=np.uint8)
+    for resample, pil_filter in [("bicubic", Image.Resampling.BICUBIC), ("bilinear", Image.Resampling.BILINEAR)]:
+        np.testing.assert_array_equal(resize_rgb(image, (20, 30), resample),
+                                      np.asarray(Image.fromarray(image).resize((30, 20), pil_filter)))
+    with pytest.raises(ValueError) as raised:
+        resize_rgb(image, (20, 30), "nearest")
+    assert str(raised.value) == "resample must be one of bicubic, bilinear, got 'nearest'"
+    for bad in (image[..., 0], image.astype(np.float32), image[..., :2], np.dstack([image, image[..., :1]])):
+        with pytest.raises(ValueError, match=r"^expected a decoded uint8 RGB array \[H, W, 3\]"):
+            resize_rgb(bad, (20, 30))
 
 
 @pytest.mark.parametrize("bad_size", [0, -3, (224,), (224, 0), 2.5])

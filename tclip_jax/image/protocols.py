@@ -112,7 +112,10 @@ def check_rgb(rgb: np.ndarray) -> None:
 
 def resize_rgb(rgb: np.ndarray, size_hw: tuple[int, int], resample: str = "bicubic") -> np.ndarray:
     """A uint8 RGB image resized to `size_hw` with PIL's antialiased "bicubic" or "bilinear" filter: torchvision's
-    `Resize` with the PIL backend."""
+    `Resize` with the PIL backend. Anything else (`check_rgb`), or another filter, is refused in one line."""
+    check_rgb(rgb)
+    if resample not in _PIL_FILTERS:
+        raise ValueError(f"resample must be one of {', '.join(_PIL_FILTERS)}, got {resample!r}")
     return np.asarray(Image.fromarray(rgb).resize((size_hw[1], size_hw[0]), _PIL_FILTERS[resample]))
 
 

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tclip_jax.image import Geometry, check_rgb, clip_normalize, resize_rgb, upsample_bilinear
+from tclip_jax.image import Geometry, clip_normalize, resize_rgb, upsample_bilinear
 from tclip_jax.image.resample import resample
 from tclip_jax.methods import common
 from tclip_jax.methods.base import MethodSettings, PromptMethod, QueryArrays
@@ -209,7 +209,6 @@ def _gscorecam(model: CLIP, params: dict, images: Array, texts: Array, indices: 
 
 def _adapt_squash(rgb: np.ndarray, size: int) -> np.ndarray:
     """`load_clip(..., resize='adapt')`: torchvision `Resize((size, size))` (PIL bilinear, antialiased)."""
-    check_rgb(rgb)
     return resize_rgb(rgb, (size, size), "bilinear")
 
 
