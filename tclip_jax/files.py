@@ -219,8 +219,11 @@ def write_image(path: pathlib.Path, rgb, jpeg_quality: int = 88) -> None:
     import cv2  # on first use: the command line's parser imports this module
     import numpy as np
 
+    from tclip_jax.image import check_rgb
+
+    check_rgb(rgb)  # OpenCV would cast a float picture to uint8 with a warning (a black or white picture)
     params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if suffix == ".jpg" else []
-    bgr = np.ascontiguousarray(np.asarray(rgb)[..., ::-1])
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
     encoded, data = cv2.imencode(suffix, bgr, params)
     if not encoded:
         raise OSError(f"could not encode {path}")

@@ -1409,6 +1409,10 @@ def test_a_picture_is_written_in_the_format_its_suffix_names_in_any_case(tmp_pat
             write_image(tmp_path / name, rgb)
         assert str(raised.value) == f"{tmp_path / name}: a picture is written as .png, .jpg or .jpeg, not as {shown}"
         assert not (tmp_path / name).exists()
+    for picture in [rgb.astype(np.float64) / 255, rgb[..., 0], rgb[:0]]:  # OpenCV would cast or fail its own way
+        with pytest.raises(ValueError, match="expected a decoded uint8 RGB array"):
+            write_image(tmp_path / "bad.png", picture)
+        assert not (tmp_path / "bad.png").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -104,8 +104,10 @@ def clip_normalize(rgb):
 
 
 def check_rgb(rgb: np.ndarray) -> None:
-    """Refuses, in one line, anything but a decoded uint8 RGB array [H, W, 3] (what `load_image` gives)."""
-    if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
+    """Refuses, in one line, anything but a decoded uint8 RGB array [H, W, 3] with H, W >= 1 (what `load_image`
+    gives)."""
+    if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+            and rgb.size):
         raise ValueError("expected a decoded uint8 RGB array [H, W, 3] (tclip_jax.image.load_image), "
                          f"got {type(rgb).__name__} {getattr(rgb, 'dtype', '')} {getattr(rgb, 'shape', '')}")
 
