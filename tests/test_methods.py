@@ -19,6 +19,7 @@ from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.cli import main as tclip
 from tclip_jax.methods import METHODS
 from tclip_jax.methods.base import Query
+from tclip_jax.methods.tclip.method import TCLIP, _maps_program
 from tclip_jax.model import CLIP
 from tclip_jax.synthetic import make_scene
 
@@ -161,6 +162,31 @@ def test_maps_is_a_device_function_that_jit_and_vmap_pass_through(tiny_clip, fix
         pixels, rows)
     np.testing.assert_allclose(closed_over, direct, atol=1e-5, rtol=0)
     np.testing.assert_allclose(per_image, direct, atol=1e-5, rtol=0)
+
+
+def test_tclips_of_one_model_and_settings_share_one_map_program_that_maps_each_ones_weights(tiny_clip, fixture_images,
+                                                                                             monkeypatch, request):
+    """A TCLIP built again for other weights (a training run's next validation) is not traced again; its maps are
+    those of a program of its own, and TCLIP with other settings gets another program."""
+    _maps_program.cache_clear()  # programs other tests compiled; and the counting one below is not kept
+    request.addfinalizer(_maps_program.cache_clear)
+    traced, maps_per_image = [], TCLIP.maps_per_image
+    monkeypatch.setattr(TCLIP, "maps_per_image", lambda self, *args: traced.append(self) or maps_per_image(self, *args))
+    rng = np.random.default_rng(0)
+    other_weights = jax.tree_util.tree_map(lambda a: a + 0.05 * rng.standard_normal(a.shape).astype(a.dtype),
+                                           tiny_clip.params)
+    settings = TCLIP.Settings(translations=1)
+    tclips = [TCLIP(tiny_clip, settings), TCLIP(dataclasses.replace(tiny_clip, params=other_weights), settings),
+              TCLIP(tiny_clip, settings.replace(trim=0.1))]
+    pixels = tclips[0].prepare(fixture_images["scene_224"])[0][None]
+    inputs = [(m.params, pixels, m.encode_prompts(PROMPTS).queries) for m in tclips]
+    rows = np.arange(len(inputs[0][2]), dtype=np.int32)[None]
+    shared = [np.asarray(m.jitted_maps(*args, rows).maps) for m, args in zip(tclips, inputs)]
+    assert len(traced) == 2 and traced[0] is not tclips[0]  # the first two share one, of a copy without weights
+    own = [np.asarray(jax.jit(m.maps_per_image)(*args, rows).maps) for m, args in zip(tclips, inputs)]
+    for mine, alone in zip(shared, own):
+        np.testing.assert_array_equal(mine, alone)
+    assert not np.allclose(shared[0], shared[1], atol=1e-3)
 
 
 @pytest.mark.parametrize("name, values, message", [

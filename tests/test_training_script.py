@@ -23,6 +23,8 @@ import search_recipes  # noqa: E402
 import train_default  # noqa: E402
 
 from tclip_jax.checkpoints.folder import save_checkpoint  # noqa: E402
+from tclip_jax.methods.base import Method  # noqa: E402
+from tclip_jax.methods.tclip.method import TCLIP, _maps_program  # noqa: E402
 from tclip_jax.methods.tclip.relevance import token_embeddings  # noqa: E402
 from tclip_jax.model import CLIP, init_params  # noqa: E402
 from tclip_jax.image import resize_rgb  # noqa: E402
@@ -1117,6 +1119,36 @@ def test_select_step_validation_keeps_the_evaluated_step_with_the_best_validatio
     assert not np.array_equal(last["visual"]["proj"], selected["visual"]["proj"])
     with pytest.raises(ValueError, match="select_step"):
         dataclasses.replace(config, select_step="best")
+
+
+def test_validations_trace_the_map_program_once_and_score_as_a_fresh_tclip(monkeypatch, request):
+    """A run's validations, each of other weights, share one compiled map program per input shape; each one's
+    sweep reports are those of a TCLIP compiled for it alone (as each validation's was before)."""
+    _maps_program.cache_clear()  # programs other tests compiled; and the counting one below is not kept
+    request.addfinalizer(_maps_program.cache_clear)
+    tiny = dict(image_size=32, patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64,
+                text_layers=1, validation_scenes=2, validation_grounding_scenes=2)
+    config = train_default.TrainConfig(select_step="validation", **tiny)
+    clips = [train_default.LoadedClip(train_default.CLIP(train_default.model_config(config)),
+                                      init_params(train_default.model_config(config), seed),
+                                      train_default.default_tokenizer(), "tclip", "tiny") for seed in (0, 1)]
+    validation = train_default.retrieval_scenes(2, train_default.VALIDATION_OFFSET)
+    traced, maps_per_image = [], TCLIP.maps_per_image
+    monkeypatch.setattr(TCLIP, "maps_per_image", lambda self, params, pixels, queries, rows: traced.append(
+        (pixels.shape, rows.shape, queries.per_query.shape)) or maps_per_image(self, params, pixels, queries, rows))
+    reports, synthetic_report = [], train_default.synthetic_report
+    monkeypatch.setattr(train_default, "synthetic_report", lambda *args, **kw: reports.append(
+        synthetic_report(*args, **kw)) or reports[-1])
+
+    def validate(clip):
+        reports.clear()
+        return train_default.validation_record(clip, validation, config), list(reports)
+
+    shared = [validate(clip) for clip in clips]
+    assert traced and len(traced) == len(set(traced))  # once per input shape, all in the first validation
+    monkeypatch.setattr(TCLIP, "jitted_maps", Method.jitted_maps)  # a program of each TCLIP's own
+    assert [validate(clip) for clip in clips] == shared
+    assert [r["segmentation"] for r in shared[0][1]] != [r["segmentation"] for r in shared[1][1]]  # other maps
 
 
 SEARCH_SCRIPT = SCRIPT.parent / "search_recipes.py"

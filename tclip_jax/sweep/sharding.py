@@ -85,7 +85,7 @@ class DeviceMaps:
     def __init__(self, method: Method, devices: Sequence[jax.Device]):
         self.devices = list(devices)
         self.params = [jax.device_put(method.params, device) for device in self.devices]
-        self._maps: Callable[..., MapOutput] = jax.jit(method.maps_per_image)
+        self._maps: Callable[..., MapOutput] = method.jitted_maps  # compiled once for every sweep of the method
         self._dispatchers = concurrent.futures.ThreadPoolExecutor(len(self.devices), "tclip-dispatch")
 
     def __call__(self, pixels: np.ndarray, queries: QueryArrays, rows: np.ndarray) -> "DispatchedMaps":

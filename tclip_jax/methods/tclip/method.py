@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tclip_jax.checkpoints.load import LoadedClip
 from tclip_jax.image import InputProtocol
 from tclip_jax.methods.base import (
     EncodedPrompts,
@@ -101,6 +102,13 @@ class TCLIP(Method):
         return dataclasses.replace(encoded, extras=embeds)
 
     # ------------------------------------------------------------------------------------------ device
+    @functools.cached_property
+    def jitted_maps(self):
+        """`Method.jitted_maps`, one program for every TCLIP of one class, model (architecture and matmul dtype) and
+        settings: `maps` reads the weights only as its `params` argument, so a TCLIP built again for other weights
+        (each validation of a training run, a loop over checkpoints) is not traced and compiled again."""
+        return _maps_program(type(self), self.clip.model, self.settings)
+
     def maps(self, params, pixels, queries: QueryArrays, rows) -> MapOutput:
         """Aggregated maps [B, K, h, w] at the model-input size; extras: the untranslated copy's unit patch
         embeddings [B, gh*gw, D]."""
@@ -128,6 +136,13 @@ class TCLIP(Method):
         """Raw S [n_pieces, gh*gw] of the untranslated image; row i is piece i of the prompt."""
         pieces = encoded.extras[prompt, list(encoded.tokens[prompt].piece_positions)]
         return pieces @ extras.T
+
+
+@functools.lru_cache(maxsize=16)  # a grid of settings compiles each while it runs
+def _maps_program(tclip_class: type[TCLIP], model, settings: Settings):
+    """`jax.jit` of `maps_per_image` of a `tclip_class` without weights (`params` None): nothing of one model's
+    weights is kept here, and a `maps` that read them other than as its argument would fail, not reuse them."""
+    return jax.jit(tclip_class(LoadedClip(model, None, None, "", ""), settings).maps_per_image)
 
 
 def _queries(tokens: Sequence[TokenizedPrompt], embeds: np.ndarray, weights: Optional[np.ndarray],
