@@ -409,6 +409,7 @@ _SETTINGS_TITLE = ('TCLIP K=1 (trim=0.1, input_protocol=center_crop, token_weigh
     ((211, 37), ["a", "red", "square"], "no_root_between_means", _SETTINGS_TITLE),  # tall, long captions
     ((40, 800), ["a", "red", "square"], None, _SETTINGS_TITLE),  # very wide
     ((200, 200), ["red"], None, "model " + "x" * 300 + '\n"red"'),  # a word wider than the figure
+    ((200, 200), ["red"], None, "model " + "x" * 3000 + '\n"red"'),  # one that took minutes to wrap
 ])
 def test_grid_figure_titles_lie_inside_the_figure_and_apart(shape_hw, words, fallback, title):
     """The title was clipped at both ends (it was as wide as it was long), and captions overlapped on tall images:
@@ -429,6 +430,18 @@ def test_grid_figure_titles_lie_inside_the_figure_and_apart(shape_hw, words, fal
     for i, extent in enumerate(extents):
         assert not any(extent.overlaps(other) for other in extents[i + 1:]), texts[i].get_text()
     assert "".join(figure._suptitle.get_text().split()) == "".join(title.split())  # wrapped, every character kept
+
+
+def test_a_word_too_long_for_a_line_is_broken_into_the_longest_pieces_that_fit():
+    """Measured one prefix at a time, the pieces a word is broken into are each the longest that fits."""
+    from tclip_jax.visualize.figures import _text_inches, _wrapped
+
+    word, inches = "WiMx" * 60, 1.5
+    lines = _wrapped(word, 10, inches).split("\n")
+    assert "".join(lines) == word and len(lines) > 1
+    for line, rest in zip(lines, lines[1:]):
+        assert _text_inches(line, 10) <= inches < _text_inches(line + rest[0], 10)
+    assert _text_inches(lines[-1], 10) <= inches
 
 
 def test_a_grid_figure_is_no_wider_for_an_image_wider_than_two_to_one():
