@@ -410,6 +410,7 @@ _SETTINGS_TITLE = ('TCLIP K=1 (trim=0.1, input_protocol=center_crop, token_weigh
     ((40, 800), ["a", "red", "square"], None, _SETTINGS_TITLE),  # very wide
     ((200, 200), ["red"], None, "model " + "x" * 300 + '\n"red"'),  # a word wider than the figure
     ((200, 200), ["red"], None, "model " + "x" * 3000 + '\n"red"'),  # one that took minutes to wrap
+    ((200, 200), ["see", "y" * 250, "here"], None, _SETTINGS_TITLE),  # a caption wider than a panel can be
 ])
 def test_grid_figure_titles_lie_inside_the_figure_and_apart(shape_hw, words, fallback, title):
     """The title was clipped at both ends (it was as wide as it was long), and captions overlapped on tall images:
@@ -429,7 +430,20 @@ def test_grid_figure_titles_lie_inside_the_figure_and_apart(shape_hw, words, fal
             text.get_text(), extent, figure.bbox)
     for i, extent in enumerate(extents):
         assert not any(extent.overlaps(other) for other in extents[i + 1:]), texts[i].get_text()
-    assert "".join(figure._suptitle.get_text().split()) == "".join(title.split())  # wrapped, every character kept
+    for text, caption in zip(texts, [title, "image", *(panel.caption() for panel in panels)], strict=True):
+        assert "".join(text.get_text().split()) == "".join(caption.split())  # wrapped, every character kept
+
+
+def test_a_long_word_in_a_caption_is_wrapped_not_widening_every_panel():
+    """A caption of one 250-letter word made every panel as wide as it (a figure 9,300 pixels wide, pictures
+    tiny): a panel is at most MAX_PANEL_ASPECT times as wide as tall, its caption wrapped to that."""
+    from tclip_jax.visualize.figures import MAX_PANEL_ASPECT, Panel, grid_figure
+
+    def width(word):
+        panels = [Panel(text, np.zeros((200, 200), np.float32)) for text in ("see", word, "here", "whole prompt")]
+        return grid_figure(np.zeros((200, 200, 3), np.uint8), panels, "title").get_figwidth()
+
+    assert width("y" * 250) <= MAX_PANEL_ASPECT * width("y")
 
 
 def test_a_word_too_long_for_a_line_is_broken_into_the_longest_pieces_that_fit():

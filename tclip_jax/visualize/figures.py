@@ -2,9 +2,9 @@
 
 Every picture names what it shows: grid titles carry the method (and its non-default settings), the model and
 the prompt; each panel its word, τ and a GMM fallback. A grid's title wraps to the figure's width and a panel is
-at least as wide as its caption, so no text is cut off or overlaps another. Boxes are drawn as inner strokes
-(the line lies inside the box), and a box that covers the whole image is drawn further inset, so it never hides
-in the frame.
+at least as wide as its caption, up to `MAX_PANEL_ASPECT` times its height (a longer caption wraps to that), so
+no text is cut off or overlaps another. Boxes are drawn as inner strokes (the line lies inside the box), and a
+box that covers the whole image is drawn further inset, so it never hides in the frame.
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ MAX_COLUMNS = 5
 # A grid panel is about 270 pixels wide as saved: a larger photo is drawn at this longer side (drawing a 48-MP
 # photo per panel took minutes and gigabytes for nothing anyone sees).
 GRID_MAX_SIDE = 1024
-# A grid panel is at most this many times as wide as tall: wider images are drawn smaller (a 10:1 strip made a
-# figure 7,700 pixels wide).
+# A grid panel is at most this many times as wide as tall: wider images are drawn smaller and longer captions
+# wrap (a 10:1 strip made a figure 7,700 pixels wide, a caption of one 250-letter word 9,300).
 MAX_PANEL_ASPECT = 2.0
 _TITLE_POINTS, _CAPTION_POINTS, _LINE_SPACING = 12, 10, 1.2
 _GAP_INCHES = 0.2  # between panels (and their captions), and around the title
@@ -130,16 +130,19 @@ def grid_figure(image: np.ndarray, panels: Sequence[Panel], suptitle: str, colum
     """A figure: the image, then one overlay per panel, wrapped to at most `columns` (≤ 5) per row.
 
     A panel is `panel_inches` tall and as wide as the image's aspect ratio makes it, within 0.6 and
-    `MAX_PANEL_ASPECT` times that (a very wide image is drawn smaller, not in an ever wider figure), and at least
-    as wide as its widest caption line; the title is wrapped to the figure's width. The layout is computed from
-    these sizes (tight_layout packed panels closer than their captions' widths)."""
+    `MAX_PANEL_ASPECT` times that (a very wide image is drawn smaller, not in an ever wider figure), and as wide
+    as its widest caption line within that bound (captions are wrapped to the panel's width); the title is wrapped
+    to the figure's width. The layout is computed from these sizes (tight_layout packed panels closer than their
+    captions' widths)."""
     columns = max(1, min(columns, MAX_COLUMNS, 1 + len(panels)))
     rows = math.ceil((1 + len(panels)) / columns)
     aspect = image.shape[1] / image.shape[0]
     captions = ["image", *(panel.caption() for panel in panels)]
     with _missing_glyphs_noted():
-        panel_width = max(panel_inches * min(max(aspect, 0.6), MAX_PANEL_ASPECT),
-                          max(_text_inches(caption, _CAPTION_POINTS) for caption in captions))
+        panel_width = min(max(panel_inches * max(aspect, 0.6),
+                              max(_text_inches(caption, _CAPTION_POINTS) for caption in captions)),
+                          panel_inches * MAX_PANEL_ASPECT)
+        captions = [_wrapped(caption, _CAPTION_POINTS, panel_width) for caption in captions]
         width = (panel_width + _GAP_INCHES) * columns
         title = _wrapped(suptitle, _TITLE_POINTS, width - 2 * _GAP_INCHES)
     picture_height = min(panel_inches, panel_width / aspect)
@@ -164,7 +167,7 @@ def grid_figure(image: np.ndarray, panels: Sequence[Panel], suptitle: str, colum
                        color="firebrick" if panel.fallback else "black")
     figure.suptitle(title, fontsize=_TITLE_POINTS, linespacing=_LINE_SPACING, y=1 - _GAP_INCHES / height,
                     verticalalignment="top")
-    _note_missing_glyphs([suptitle, *captions[1:]])
+    _note_missing_glyphs([suptitle, *captions[1:]])  # wrapping only replaces spaces by line breaks
     return figure
 
 
