@@ -188,6 +188,19 @@ def test_tclips_of_one_model_and_settings_share_one_map_program_that_maps_each_o
         np.testing.assert_array_equal(mine, alone)
     assert not np.allclose(shared[0], shared[1], atol=1e-3)
 
+    class Scaled(TCLIP):  # a subclass whose maps read state of its own compiles per instance
+        def __init__(self, clip, settings=None, scale=1.0):
+            super().__init__(clip, settings)
+            self.scale = scale
+
+        def maps(self, params, pixels, queries, rows):
+            out = super().maps(params, pixels, queries, rows)
+            return dataclasses.replace(out, maps=self.scale * out.maps)
+
+    halves, doubles = Scaled(tiny_clip, settings, 0.5), Scaled(tiny_clip, settings, 2.0)
+    np.testing.assert_allclose(np.asarray(doubles.jitted_maps(*inputs[0], rows).maps),
+                               4 * np.asarray(halves.jitted_maps(*inputs[0], rows).maps), rtol=1e-6)
+
 
 @pytest.mark.parametrize("name, values, message", [
     ("attention", {"layer": True}, "layer must be an integer, got True"),

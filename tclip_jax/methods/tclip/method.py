@@ -104,10 +104,13 @@ class TCLIP(Method):
     # ------------------------------------------------------------------------------------------ device
     @functools.cached_property
     def jitted_maps(self):
-        """`Method.jitted_maps`, one program for every TCLIP of one class, model (architecture and matmul dtype) and
+        """`Method.jitted_maps`, one program for every TCLIP of one model (architecture and matmul dtype) and
         settings: `maps` reads the weights only as its `params` argument, so a TCLIP built again for other weights
-        (each validation of a training run, a loop over checkpoints) is not traced and compiled again."""
-        return _maps_program(type(self), self.clip.model, self.settings)
+        (each validation of a training run, a loop over checkpoints) is not traced and compiled again. A subclass
+        compiles its own, once per instance: state of its own that its `maps` may read is not in the key."""
+        if type(self) is not TCLIP:
+            return super().jitted_maps
+        return _maps_program(self.clip.model, self.settings)
 
     def maps(self, params, pixels, queries: QueryArrays, rows) -> MapOutput:
         """Aggregated maps [B, K, h, w] at the model-input size; extras: the untranslated copy's unit patch
@@ -139,10 +142,10 @@ class TCLIP(Method):
 
 
 @functools.lru_cache(maxsize=16)  # a grid of settings compiles each while it runs
-def _maps_program(tclip_class: type[TCLIP], model, settings: Settings):
-    """`jax.jit` of `maps_per_image` of a `tclip_class` without weights (`params` None): nothing of one model's
-    weights is kept here, and a `maps` that read them other than as its argument would fail, not reuse them."""
-    return jax.jit(tclip_class(LoadedClip(model, None, None, "", ""), settings).maps_per_image)
+def _maps_program(model, settings: Settings):
+    """`jax.jit` of `maps_per_image` of a TCLIP without weights (`params` None): nothing of one model's weights is
+    kept here, and a `maps` that read them other than as its argument would fail, not reuse them."""
+    return jax.jit(TCLIP(LoadedClip(model, None, None, "", ""), settings).maps_per_image)
 
 
 def _queries(tokens: Sequence[TokenizedPrompt], embeds: np.ndarray, weights: Optional[np.ndarray],
