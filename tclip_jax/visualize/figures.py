@@ -167,7 +167,7 @@ def grid_figure(image: np.ndarray, panels: Sequence[Panel], suptitle: str, colum
                        color="firebrick" if panel.fallback else "black")
     figure.suptitle(title, fontsize=_TITLE_POINTS, linespacing=_LINE_SPACING, y=1 - _GAP_INCHES / height,
                     verticalalignment="top")
-    _note_missing_glyphs([suptitle, *captions[1:]])  # wrapping only replaces spaces by line breaks
+    _note_missing_glyphs([suptitle, *captions[1:]])  # wrapping adds only line breaks, which are no glyphs
     return figure
 
 
@@ -187,10 +187,8 @@ def _wrapped(text: str, points: float, inches: float) -> str:
     """`text` with each line broken at spaces into lines at most `inches` wide (a word wider than that is broken
     where it must be)."""
     def pieces(word: str) -> Iterator[str]:
-        while len(word) > 1:
+        while len(word) > 1 and _text_inches(word, points) > inches:  # most words fit: one measure each
             cut = _longest_fitting_prefix(word, points, inches)
-            if cut == len(word):
-                break
             yield word[:cut]
             word = word[cut:]
         yield word

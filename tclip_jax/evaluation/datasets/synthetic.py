@@ -7,8 +7,8 @@ the group that reports summarize separately (``many_objects``: kind and the 1-ba
 e.g. ``shape 4``). Wrong-attribute units also carry the named-but-wrong object's silhouette (`Target.wrong_mask`),
 scored as ``wrong_pointing``. Classes are the colour words, the shape words and the relation head words. The
 key is the seed. Samples are made one at a time as they are iterated, so a dataset's memory does not grow with its
-count. A synthetic sweep takes `tclip_jax.synthetic.SYNTHETIC_SCENES` scenes unless told otherwise. See ``tclip_jax.synthetic`` for
-what each protocol draws.
+count. A synthetic sweep takes `tclip_jax.synthetic.SYNTHETIC_SCENES` scenes unless told otherwise. See
+``tclip_jax.synthetic`` for what each protocol draws.
 """
 from __future__ import annotations
 
