@@ -731,6 +731,24 @@ def test_hugging_face_weights_without_config(tmp_path):
         load_clip(tmp_path / "hf" / "model.safetensors")
 
 
+def test_a_hugging_face_model_other_than_clip_is_refused_by_its_model_type(tmp_path, capsys):
+    """A MetaCLIP 2 folder has CLIP's weight names, so it loaded as a CLIP; but transformers pools its text at the
+    first eos even when that is 2, where CLIP's legacy rule reads the highest id, and it brings its own vocabulary."""
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+    config = transformers.MetaClip2Config(text_config=dict(sizes, eos_token_id=2, bos_token_id=0, pad_token_id=1),
+                                          vision_config=dict(sizes, image_size=64, patch_size=32), projection_dim=32)
+    torch.manual_seed(0)
+    transformers.MetaClip2Model(config).save_pretrained(tmp_path / "mc2")
+    capsys.readouterr()  # transformers' progress bar
+    assert tclip(["convert", str(tmp_path / "mc2"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"tclip convert: error: {tmp_path / 'mc2' / 'config.json'}: model_type "
+                                       f"'{config.model_type}' is not supported: only Hugging Face CLIPModel "
+                                       "(model_type \"clip\") is read\n")
+    transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).save_pretrained(tmp_path / "clip")
+    assert json.loads((tmp_path / "clip" / "config.json").read_text())["model_type"] == "clip"
+    assert load_clip(tmp_path / "clip").source == "hf"
+
+
 def test_a_named_source_is_checked_against_what_the_checkpoint_holds(tmp_path, fixtures_dir, openai_state_dict):
     torch.manual_seed(0)
     transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).save_pretrained(tmp_path / "hf")

@@ -132,6 +132,12 @@ def from_hf_config(hf: Mapping[str, Any]) -> CLIPConfig:
     """Reads a Hugging Face `CLIPModel` `config.json` (as a dict); errors name the Hugging Face field."""
     if not isinstance(hf, Mapping) or "vision_config" not in hf or "text_config" not in hf:
         raise ValueError("not a Hugging Face CLIPModel config: it has no vision_config / text_config")
+    # Models with CLIP's weight names but other computations (MetaCLIP 2 pools at the first eos even when it is 2,
+    # and brings its own XLM-V vocabulary) pass every weight check, so the model type itself is checked.
+    model_type = hf.get("model_type", "clip")
+    if model_type != "clip":
+        raise ValueError(f"model_type {model_type!r} is not supported: only Hugging Face CLIPModel (model_type "
+                         "\"clip\") is read")
     parts = {None: hf, "vision_config": hf["vision_config"], "text_config": hf["text_config"]}
     for name in ("vision_config", "text_config"):
         if not isinstance(parts[name], Mapping):
