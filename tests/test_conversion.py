@@ -1069,6 +1069,15 @@ def assert_same_image_embeddings(clip, model: transformers.CLIPModel, images: np
     np.testing.assert_allclose(ours, expected.numpy(), atol=1e-4, rtol=0)
 
 
+def assert_same_text_embeddings(clip, model: transformers.CLIPModel, tokens: np.ndarray) -> None:
+    with torch.no_grad():
+        expected = model.get_text_features(input_ids=torch.from_numpy(tokens).long())
+    expected = getattr(expected, "pooler_output", expected)
+    with jax.default_matmul_precision("highest"):
+        ours = clip.model.apply({"params": clip.params}, tokens, method="encode_text").embeds
+    np.testing.assert_allclose(ours, expected.numpy(), atol=1e-4, rtol=0)
+
+
 def _open_clip_folder(folder, state_dict, vision=None, text=None, **model_cfg):
     folder.mkdir(exist_ok=True)
     safetensors.numpy.save_file(state_dict, folder / "open_clip_model.safetensors")
@@ -1102,13 +1111,38 @@ def test_open_clip_configs_that_compute_otherwise_are_refused(tmp_path, openai_s
     ({"model_cfg": {"text_cfg": {"width": 128, "heads": 0}}}, "text_cfg.heads must be a positive integer, got 0"),
     ({"model_cfg": {"text_cfg": {"width": 128, "heads": 3}}}, "width 128 is not divisible by its 3 heads"),
     ({"model_cfg": {"text_cfg": {"norm_kwargs": {"eps": 0}}}}, "norm_kwargs.eps must be a small positive number"),
-    ({"model_cfg": {"quick_gelu": "yes"}}, "quick_gelu must be true or false")])
+    ({"model_cfg": {"quick_gelu": "yes"}}, "quick_gelu must be true or false"),
+    # OpenCLIP's dataclasses and CLIP(**model_cfg) raise on a key they do not have: a typo was silently ignored.
+    ({"model_cfg": {"vision_cfg": {"head_widht": 32}}}, "model_cfg.vision_cfg has keys OpenCLIP does not know: "
+                                                        "head_widht"),
+    ({"model_cfg": {"text_cfg": {"head": 4}}}, "model_cfg.text_cfg has keys OpenCLIP does not know: head"),
+    ({"model_cfg": {"quickgelu": True}}, "model_cfg has keys OpenCLIP does not know: quickgelu"),
+    ({"preprocess_cfg": {"mean": [0.5, 0.5, 0.5]}}, "neither model_cfg nor a bare OpenCLIP model config")])
 def test_a_malformed_open_clip_config_is_named(tmp_path, openai_state_dict, config, message, capsys):
     folder = _open_clip_folder(tmp_path / "oc", openai_state_dict)
     (folder / "open_clip_config.json").write_text(json.dumps(config))
     assert tclip(["convert", str(folder), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "open_clip_config.json: " in err and message in err, err
+
+
+def test_a_bare_open_clip_model_config_is_read_as_open_clip_reads_it(tmp_path, inputs):
+    """An open_clip_config.json without the model_cfg wrapper (the layout of OpenCLIP's model_configs/*.json, which
+    its get_model_config reads whole as the model config) was read as all defaults: GELU and 64-wide heads where it
+    said quick_gelu, 32-wide image heads and 4 text heads. The same weights in transformers are the reference."""
+    small = dataclasses.replace(SMALL, vision_heads=2, text_heads=4)
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(small))).eval()
+    folder = _open_clip_folder(tmp_path / "oc", _openai_layout(model),
+                               vision={"width": 64, "layers": 2, "patch_size": 32, "image_size": 64, "head_width": 32},
+                               text={"width": 64, "heads": 4, "layers": 2}, embed_dim=32,
+                               init_logit_scale=2.6592, cast_dtype=None)  # keys OpenCLIP's CLIP takes, accepted
+    config = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    clip = load_clip(folder)
+    assert clip.config == small
+    assert_same_image_embeddings(clip, model, np.random.default_rng(1).standard_normal((2, 64, 64, 3)))
+    assert_same_text_embeddings(clip, model, inputs[1])
 
 
 def test_open_clip_layer_norm_eps_matches_transformers(tmp_path):

@@ -188,11 +188,34 @@ _OPEN_CLIP_DEFAULTS = {
                  "proj_bias": False, "act_kwargs": None},
 }
 
+# Every key OpenCLIP (3.3) takes in each part of a model config: `CLIP.__init__`'s arguments and what `create_model`
+# pops (custom_text) or passes to CoCa (multimodal_cfg), and the fields of `CLIPVisionCfg` and `CLIPTextCfg`, with
+# the names earlier releases used (global_average_pool, n_queries, input_patchnorm; proj, pooler_type), which hub
+# configs written then hold. OpenCLIP raises on any other key, so a misspelt one (head_widht) is refused, not ignored.
+_OPEN_CLIP_KEYS = {
+    "model_cfg": {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
+                  "nonscalar_logit_scale", "cast_dtype", "output_dict", "custom_text", "multimodal_cfg"},
+    "vision_cfg": {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "ls_init_value",
+                   "patch_dropout", "attentional_pool", "attn_pooler_queries", "attn_pooler_heads", "no_ln_pre",
+                   "pos_embed_type", "final_ln_after_pool", "pool_type", "output_tokens", "act_kwargs", "norm_kwargs",
+                   "block_type", "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn",
+                   "scale_fc", "timm_model_name", "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias",
+                   "timm_drop", "timm_drop_path", "global_average_pool", "n_queries", "input_patchnorm"},
+    "text_cfg": {"context_length", "vocab_size", "hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs", "width",
+                 "heads", "layers", "mlp_ratio", "ls_init_value", "embed_cls", "pad_id", "eos_id", "no_causal_mask",
+                 "final_ln_after_pool", "pool_type", "proj_bias", "proj_type", "output_tokens", "act_kwargs",
+                 "norm_kwargs", "block_type", "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner",
+                 "scale_attn", "scale_fc", "hf_model_name", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type",
+                 "proj", "pooler_type"},
+}
+
 
 def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict]:
     """(activation, whether the config names it, `infer_openai_config` arguments: head dimensions, layer-norm
     epsilon) from an OpenCLIP hub folder's `open_clip_config.json`, if any. Without `quick_gelu` in it OpenCLIP
-    builds GELU, which its `force_quick_gelu` (here --activation) may override."""
+    builds GELU, which its `force_quick_gelu` (here --activation) may override. The model config is the file's
+    `model_cfg`, or the whole file when it is a bare model config (`open_clip/model_configs/*.json`), as OpenCLIP's
+    `get_model_config` reads it."""
     path = folder / "open_clip_config.json"
     if not path.is_file():
         return None, False, {}
@@ -208,8 +231,20 @@ def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict]:
     config = sources.read_json(path)
     if not isinstance(config, dict):
         raise ConversionError(f"{path}: an OpenCLIP config is a JSON object, got {type(config).__name__}")
-    model_cfg = section(config, "model_cfg", "")
+    if "model_cfg" in config:
+        model_cfg = config["model_cfg"]
+        if not isinstance(model_cfg, dict):
+            raise ConversionError(f"{path}: model_cfg must be an object, got {type(model_cfg).__name__}")
+    elif "vision_cfg" in config or "text_cfg" in config:
+        model_cfg = config
+    else:
+        raise ConversionError(f"{path}: neither model_cfg nor a bare OpenCLIP model config (vision_cfg, text_cfg)")
     towers = {name: section(model_cfg, name, "model_cfg.") for name in _OPEN_CLIP_DEFAULTS}
+    for part, keys in _OPEN_CLIP_KEYS.items():
+        unknown = sorted(set(model_cfg if part == "model_cfg" else towers[part]) - keys)
+        if unknown:
+            where = "model_cfg" if part == "model_cfg" else f"model_cfg.{part}"
+            raise ConversionError(f"{path}: {where} has keys OpenCLIP does not know: {', '.join(unknown)}")
     vision = towers["vision_cfg"]
     if "layers" in vision and not isinstance(vision["layers"], int):
         raise ConversionError("this is a ResNet CLIP checkpoint; TCLIP needs a ViT CLIP (patch tokens)")
