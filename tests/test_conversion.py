@@ -752,9 +752,7 @@ def test_a_hugging_face_model_other_than_clip_is_refused_by_its_model_type(tmp_p
 def test_a_named_source_is_checked_against_what_the_checkpoint_holds(tmp_path, fixtures_dir, openai_state_dict):
     torch.manual_seed(0)
     transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).save_pretrained(tmp_path / "hf")
-    (tmp_path / "open_clip").mkdir()
-    safetensors.numpy.save_file(openai_state_dict, tmp_path / "open_clip" / "open_clip_model.safetensors")
-    (tmp_path / "open_clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}))
+    _open_clip_folder(tmp_path / "open_clip", openai_state_dict)
     converted = _converted(tmp_path, fixtures_dir)
     for folder, found, wrong in [(tmp_path / "hf", "hf", ("openai", "open_clip", "tclip")),
                                  (tmp_path / "open_clip", "open_clip", ("hf", "openai", "tclip")),
@@ -1143,6 +1141,42 @@ def test_a_bare_open_clip_model_config_is_read_as_open_clip_reads_it(tmp_path, i
     assert clip.config == small
     assert_same_image_embeddings(clip, model, np.random.default_rng(1).standard_normal((2, 64, 64, 3)))
     assert_same_text_embeddings(clip, model, inputs[1])
+
+
+@pytest.mark.parametrize("text, heads", [({"width": 128, "layers": 2}, 8), ({"heads": 16, "layers": 1}, 16)])
+def test_open_clip_text_heads_default_as_open_clip_builds_them(tmp_path, inputs, text, heads):
+    """A text_cfg that leaves out heads or width gets CLIPTextCfg's defaults (width 512, heads 8), as OpenCLIP's
+    TextTransformer is built with text_cfg.heads: heads were width / 64 (2 for width 128; 8 for 16 given at 512).
+    The same weights in transformers with OpenCLIP's head count are the reference."""
+    width = text.get("width", 512)
+    small = dataclasses.replace(SMALL, text_width=width, text_layers=text["layers"], text_heads=heads,
+                                text_mlp_dim=2 * width)
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(small))).eval()
+    with torch.no_grad():  # transformers' init leaves attention near uniform, which hides a wrong head split
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    folder = _open_clip_folder(tmp_path / "oc", _openai_layout(model), embed_dim=32, text=text,
+                               vision={"width": 64, "layers": 2, "patch_size": 32, "image_size": 64})
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"] = text  # _open_clip_folder fills in width and heads
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    clip = load_clip(folder)
+    assert clip.config.text_heads == heads
+    assert_same_text_embeddings(clip, model, inputs[1])
+
+
+def test_open_clip_config_widths_are_checked_against_the_weights(tmp_path, openai_state_dict, capsys):
+    """The head split is taken from the config's widths (OpenCLIP's defaults where left out), so weights of other
+    widths, which OpenCLIP would not load into the model it builds, are refused."""
+    folder = _open_clip_folder(tmp_path / "oc", openai_state_dict)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    del config["model_cfg"]["text_cfg"]["width"]
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    assert tclip(["convert", str(folder), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        f"tclip convert: error: {folder / 'open_clip_config.json'}: model_cfg.text_cfg.width is 512 (OpenCLIP's "
+        "default 512 where it is left out) but the weights' text tower is 128 wide\n")
 
 
 def test_open_clip_layer_norm_eps_matches_transformers(tmp_path):

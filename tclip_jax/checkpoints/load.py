@@ -209,16 +209,18 @@ _OPEN_CLIP_KEYS = {
                  "proj", "pooler_type"},
 }
 
+_OPEN_CLIP_WIDTHS = {"vision": 768, "text": 512}  # CLIPVisionCfg's and CLIPTextCfg's, where a config leaves them out
 
-def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict]:
+
+def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict, dict]:
     """(activation, whether the config names it, `infer_openai_config` arguments: head dimensions, layer-norm
-    epsilon) from an OpenCLIP hub folder's `open_clip_config.json`, if any. Without `quick_gelu` in it OpenCLIP
-    builds GELU, which its `force_quick_gelu` (here --activation) may override. The model config is the file's
-    `model_cfg`, or the whole file when it is a bare model config (`open_clip/model_configs/*.json`), as OpenCLIP's
-    `get_model_config` reads it."""
+    epsilon; the towers' widths it says, which the weights must have) from an OpenCLIP hub folder's
+    `open_clip_config.json`, if any. Without `quick_gelu` in it OpenCLIP builds GELU, which its `force_quick_gelu`
+    (here --activation) may override. The model config is the file's `model_cfg`, or the whole file when it is a
+    bare model config (`open_clip/model_configs/*.json`), as OpenCLIP's `get_model_config` reads it."""
     path = folder / "open_clip_config.json"
     if not path.is_file():
-        return None, False, {}
+        return None, False, {}, {}
 
     def section(parent: Any, key: str, where: str) -> dict:
         value = parent.get(key)
@@ -262,13 +264,15 @@ def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict]:
                                   f"{json.dumps(value)}")
         return value
 
+    # OpenCLIP's defaults where a key is left out (CLIPVisionCfg, CLIPTextCfg): the image tower's heads are
+    # head_width wide, the text tower has `heads` heads, whatever their width.
     choices = {"vision_head_dim": positive_int("vision_cfg", "head_width", 64)}
-    text_width, text_heads = positive_int("text_cfg", "width"), positive_int("text_cfg", "heads")
-    if text_width is not None and text_heads is not None:
-        if text_width % text_heads:
-            raise ConversionError(f"{path}: model_cfg.text_cfg.width {text_width} is not divisible by its "
-                                  f"{text_heads} heads")
-        choices["text_head_dim"] = text_width // text_heads
+    widths = {tower: positive_int(f"{tower}_cfg", "width", default) for tower, default in _OPEN_CLIP_WIDTHS.items()}
+    text_heads = positive_int("text_cfg", "heads", 8)
+    if widths["text"] % text_heads:
+        raise ConversionError(f"{path}: model_cfg.text_cfg.width {widths['text']} is not divisible by its "
+                              f"{text_heads} heads")
+    choices["text_head_dim"] = widths["text"] // text_heads
     epsilons = set()
     for tower in towers:
         norm = section(towers[tower], "norm_kwargs", f"model_cfg.{tower}.")
@@ -286,22 +290,31 @@ def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict]:
     quick_gelu = model_cfg.get("quick_gelu", False)
     if not isinstance(quick_gelu, bool):
         raise ConversionError(f"{path}: model_cfg.quick_gelu must be true or false, got {json.dumps(quick_gelu)}")
-    return ("quick_gelu" if quick_gelu else "gelu"), "quick_gelu" in model_cfg, choices
+    return ("quick_gelu" if quick_gelu else "gelu"), "quick_gelu" in model_cfg, choices, widths
 
 
 def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: str, activation: Optional[str],
-                            tokenizer_dir: Optional[pathlib.Path] = None, **choices) -> Converted:
+                            tokenizer_dir: Optional[pathlib.Path] = None,
+                            config_widths: Optional[tuple[pathlib.Path, dict]] = None, **choices) -> Converted:
     """A state dict with OpenAI key names: OpenAI's releases (QuickGELU) and OpenCLIP's (mostly exact GELU).
 
     `activation` comes from the caller (a flag, or an OpenCLIP config); otherwise an OpenAI TorchScript release
     is QuickGELU, an OpenCLIP training checkpoint is GELU unless its run name says quickgelu, and a bare state
     dict is assumed QuickGELU with a warning, since nothing in it says which. `choices`: what an OpenCLIP config
     says (`infer_openai_config`'s head dimensions and layer-norm epsilon); without one, heads are OpenAI's 64 wide
-    except at the widths of OpenCLIP's ViTs with wider heads (`OPEN_CLIP_HEAD_WIDTHS`, with a warning)."""
+    except at the widths of OpenCLIP's ViTs with wider heads (`OPEN_CLIP_HEAD_WIDTHS`, with a warning).
+    `config_widths`: that config's path and the towers' widths it says, which the weights must have."""
     state = sources.read_state_dict(path)
     if detect_format(state.arrays) == "hf":
         raise ConversionError(f"{path} is a Hugging Face state dict, which needs its config.json: "
                               "pass the folder holding both")
+    config_path, widths = config_widths or (None, {})
+    for tower, key in (("vision", "visual.conv1.weight"), ("text", "ln_final.weight")):
+        found = np.shape(state.arrays.get(key, ()))[:1]  # a missing key is reported with the others, later
+        if tower in widths and found and found[0] != widths[tower]:  # the heads were split at the config's width
+            raise ConversionError(f"{config_path}: model_cfg.{tower}_cfg.width is {widths[tower]} (OpenCLIP's "
+                                  f"default {_OPEN_CLIP_WIDTHS[tower]} where it is left out) but the weights' {tower} "
+                                  f"tower is {found[0]} wide")
     checkpoint.warn_if_upcast(state.stored_dtypes, str(path))
     if state.training_run is not None:
         source = source or "open_clip"
@@ -359,11 +372,11 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
         if hf_weights is not None and source in (None, "hf"):
             return _from_hf_folder(path, hf_weights, origin, activation)
         if open_clip_weights is not None and source in (None, "open_clip"):
-            config_activation, stated, choices = _open_clip_config(path)
+            config_activation, stated, choices, widths = _open_clip_config(path)
             if stated:
                 _check_activation(activation, config_activation, path / "open_clip_config.json")
             return _from_openai_state_dict(open_clip_weights, "open_clip", origin, activation or config_activation,
-                                           _tokenizer_dir(path), **choices)
+                                           _tokenizer_dir(path), (path / "open_clip_config.json", widths), **choices)
         if hf_weights is not None:
             raise _wrong_source(path, source, "hf", "a Hugging Face folder")
         if open_clip_weights is not None:
