@@ -697,6 +697,33 @@ def test_an_unreachable_hub_is_one_line_without_the_hub_librarys_retry_logs(monk
     assert [r for r in caplog.records if r.name.startswith("huggingface_hub")] == []
 
 
+def test_hub_names_with_dots_are_hub_names_and_checkpoint_files_are_not(monkeypatch, tmp_path):
+    """Hub repository names may hold dots: the repositories below (from OpenCLIP's pretrained table; the second is
+    the one it loads OpenAI's weights from) were refused as "neither a file, a folder nor a hub name", with no
+    download tried. A missing path ending in a checkpoint file's suffix is still a missing file."""
+    from tclip_jax.checkpoints import load as load_module, sources
+
+    asked = []
+
+    def download_from_hub(repo_id, open_clip_first=False):
+        asked.append(repo_id)
+        raise ConnectionError("stub: no network in tests")
+
+    monkeypatch.setattr(sources, "download_from_hub", download_from_hub)
+    monkeypatch.chdir(tmp_path)
+    hub_names = ["hf-hub:laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K", "hf-hub:timm/vit_base_patch32_clip_224.openai",
+                 "openai/clip-vit-base-patch32"]
+    for name in hub_names:
+        with pytest.raises(ConnectionError, match="stub"):
+            load_module.load_any(name)
+    assert asked == [name.removeprefix("hf-hub:") for name in hub_names]
+    for name in ["models/vit.pt", "models/vit.PTH", "models/vit.bin", "models/vit.npz", "models/vit.safetensors",
+                 "models/model.safetensors.index.json"]:
+        with pytest.raises(FileNotFoundError, match=f"{re.escape(name)} is neither a file, a folder nor a hub name"):
+            load_module.load_any(name)
+    assert len(asked) == len(hub_names)
+
+
 def test_a_mistyped_path_that_reads_as_a_hub_name_says_there_is_no_such_folder(monkeypatch, tmp_path, capsys):
     """`models/vit` (no such folder) is also a hub name: when the hub cannot give it either, the one line says that
     there is no local file or folder of that name, not only that the hub could not be reached."""

@@ -407,7 +407,9 @@ def _wrong_source(path: pathlib.Path, asked: str, found: str, what: str) -> Conv
 
 
 def _is_hub_name(name: str) -> bool:
-    """'owner/repo' or 'hf-hub:owner/repo', as opposed to a local path that does not exist."""
+    """'owner/repo' or 'hf-hub:owner/repo', as opposed to a local path that does not exist. Repository names may
+    hold dots (`laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K`, `timm/vit_base_patch32_clip_224.openai`): only a
+    checkpoint file's suffix makes a name a missing file."""
     parts = name.removeprefix("hf-hub:").split("/")
     return (len(parts) == 2 and all(parts) and not name.startswith((".", "~", "/"))
-            and not pathlib.PurePath(parts[1]).suffix)
+            and not parts[1].lower().endswith((*sources.STATE_DICT_SUFFIXES, ".json")))

@@ -30,6 +30,7 @@ HF_SHARD_FILES = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")  # the
 SHARD_INDEX_SUFFIX = ".index.json"
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 ALL_WEIGHT_FILES = (*HF_WEIGHT_FILES, *HF_SHARD_FILES, *OPEN_CLIP_WEIGHT_FILES)  # every layout loading reads
+STATE_DICT_SUFFIXES = (".safetensors", ".npz", ".pt", ".bin", ".pth")  # the single files `read_state_dict` reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +199,7 @@ def _read_file(path: pathlib.Path) -> StateDict:
             raw, torchscript, run = _from_torch(path)
         else:
             raise ConversionError(f"unknown checkpoint file type {suffix!r}: {path} "
-                                  "(expected .safetensors, .npz, .pt, .bin or .pth)")
+                                  f"(expected {', '.join(STATE_DICT_SUFFIXES)})")
     except (ConversionError, ImportError, OSError):  # OSError: not read at all (no permission), not damaged
         raise
     except Exception as err:  # zipfile, numpy and safetensors each raise their own types on bad files
