@@ -515,6 +515,51 @@ def test_truncated_file(tmp_path, openai_state_dict, suffix):
         load_clip(cut)
 
 
+def _edit_safetensors(source, target, edit, extra=b""):
+    """`source` written as `target` with its header changed by `edit(header, data_length)` and `extra` bytes added
+    after its data."""
+    data = source.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header, body = json.loads(data[8:8 + size]), data[8 + size:]
+    edit(header, len(body))
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    target.write_bytes(len(text).to_bytes(8, "little") + text + body + extra)
+
+
+def _offsets(header, name, start, end):
+    header[name]["data_offsets"] = [start, end]
+
+
+@pytest.mark.parametrize("edit, extra, message", [
+    # visual.proj reads text_projection's bytes (same shape): it loaded as a copy of it.
+    (lambda h, n: _offsets(h, "visual.proj", *h["text_projection"]["data_offsets"]), b"",
+     "tensor '(visual.proj|text_projection)' starts at byte \\d+ of the data, not at \\d+ where the tensor before it "
+     "ends \\(tensors overlap or leave a gap\\)"),
+    (lambda h, n: _offsets(h, "visual.proj", *(x - n for x in h["text_projection"]["data_offsets"])), b"",
+     "tensor 'visual.proj' has shape \\[128, 64\\] and data_offsets \\[-\\d+, -\\d+\\]; each must be a non-negative "
+     "integer"),
+    (lambda h, n: _offsets(h, "visual.proj", n - 4, n + 32764), b"", "tensor 'visual.proj' has data_offsets "
+                                                                     "\\[\\d+, \\d+\\], outside the \\d+ bytes of data"),
+    (lambda h, n: h["visual.proj"].update(shape=[128, 63]), b"", "tensor 'visual.proj' has 32768 bytes of data, but "
+                                                                 "its shape \\[128, 63\\] of F32 takes 32256"),
+    (lambda h, n: None, b"\0" * 8, "its tensors end at byte \\d+ of the \\d+ bytes of data")])
+def test_safetensors_whose_tensors_do_not_tile_the_data_are_refused(tmp_path, openai_state_dict, edit, extra,
+                                                                    message, capsys):
+    """Offsets were sliced as given: negative or shared ones gave a tensor another's bytes, silently. The safetensors
+    library refuses each of these files; so does tclip, in one line naming the tensor."""
+    state = {k: v.astype(np.float32) for k, v in openai_state_dict.items()}
+    assert state["visual.proj"].shape == state["text_projection"].shape == (128, 64)
+    safetensors.numpy.save_file(state, tmp_path / "good.safetensors")
+    _edit_safetensors(tmp_path / "good.safetensors", tmp_path / "bad.safetensors", edit, extra)
+    with pytest.raises(Exception):  # the reference: the format's own library
+        safetensors.numpy.load_file(tmp_path / "bad.safetensors")
+    assert tclip(["convert", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and re.search(f"error: {re.escape(str(tmp_path / 'bad.safetensors'))}: {message}",
+                                                error), error
+
+
 class _RunsCode:
     """Pickles as a call of os.system, as a hostile checkpoint would."""
 

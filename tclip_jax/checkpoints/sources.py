@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
 import pickle
@@ -118,21 +119,41 @@ def read_safetensors(path: pathlib.Path) -> dict[str, Any]:
         header = json.loads(data[8:8 + header_size])
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConversionError(f"{path} has no valid safetensors header: {err}") from None
-    body, arrays = memoryview(data)[8 + header_size:], {}
+    body, tensors = memoryview(data)[8 + header_size:], []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
-            start, end = entry["data_offsets"]
-            raw = body[start:end]
-            if entry["dtype"] == "BF16":
-                bits = np.frombuffer(raw, "<u2").astype(np.uint32) << 16
-                arrays[name] = _Stored(bits.view("<f4").reshape(entry["shape"]), "bfloat16")
-            else:
-                arrays[name] = np.frombuffer(raw, np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]).newbyteorder("<"))\
-                    .reshape(entry["shape"]).copy()
+            dtype = np.dtype("<u2" if entry["dtype"] == "BF16" else _SAFETENSORS_DTYPES[entry["dtype"]])
+            shape, (start, end) = list(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError) as err:
             raise ConversionError(f"{path}: tensor {name!r} is malformed ({type(err).__name__}: {err})") from None
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (*shape, start, end)):
+            raise ConversionError(f"{path}: tensor {name!r} has shape {shape} and data_offsets {[start, end]}; "
+                                  "each must be a non-negative integer")
+        if not start <= end <= len(body):
+            raise ConversionError(f"{path}: tensor {name!r} has data_offsets {[start, end]}, outside the "
+                                  f"{len(body)} bytes of data")
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise ConversionError(f"{path}: tensor {name!r} has {end - start} bytes of data, but its shape {shape} "
+                                  f"of {entry['dtype']} takes {math.prod(shape) * dtype.itemsize}")
+        tensors.append((start, end, name, entry["dtype"], dtype.newbyteorder("<"), shape))
+    # As the safetensors library requires: the tensors tile the data, so none reads another's bytes.
+    position = 0
+    for start, end, name, *_ in sorted(tensors):
+        if start != position:
+            raise ConversionError(f"{path}: tensor {name!r} starts at byte {start} of the data, not at {position} "
+                                  "where the tensor before it ends (tensors overlap or leave a gap)")
+        position = end
+    if position != len(body):
+        raise ConversionError(f"{path}: its tensors end at byte {position} of the {len(body)} bytes of data")
+    arrays = {}
+    for start, end, name, stored, dtype, shape in tensors:
+        raw = np.frombuffer(body[start:end], dtype).reshape(shape)
+        if stored == "BF16":  # the upper half of a float32
+            arrays[name] = _Stored((raw.astype(np.uint32) << 16).view("<f4"), "bfloat16")
+        else:
+            arrays[name] = raw.copy()
     return arrays
 
 
