@@ -256,6 +256,12 @@ def _edited_coco(root: pathlib.Path, edit) -> pathlib.Path:
     (lambda d: d["annotations"][0].pop("bbox"), r"annotations\[0\] \(id 100\): bbox must be 4 finite numbers"),
     (lambda d: d["annotations"][0].pop("category_id"), r"annotations\[0\] \(id 100\): unknown category_id None"),
     (lambda d: d["annotations"][0].pop("image_id"), r"annotations\[0\] \(id 100\): unknown image_id None"),
+    # Unhashable ids raised a bare TypeError ("unhashable type: 'list'") from the lookup, before any check.
+    (lambda d: d["annotations"][0].update(category_id=[1]), r"annotations\[0\] \(id 100\): unknown category_id \[1\]; "
+                                                            r"known ids: \[1, 2, "),
+    (lambda d: d["annotations"][0].update(image_id={"id": 1}), r"annotations\[0\] \(id 100\): unknown image_id "
+                                                               r"\{'id': 1\}$"),
+    (lambda d: d["annotations"][0].update(image_id=True), r"annotations\[0\] \(id 100\): unknown image_id True$"),
     (lambda d: d["annotations"][0].update(bbox=[0, 0, 4]), r"bbox must be 4 finite numbers .* got \[0, 0, 4\]"),
     (lambda d: d["annotations"][0].update(bbox=["0", 0, 4, 4]), r"bbox must be 4 finite numbers"),
     (lambda d: d["annotations"][0].update(bbox=[0, 0, -4, 4]), r"bbox has a negative width or height"),

@@ -197,11 +197,11 @@ def _read_instances(path: pathlib.Path,
     for index, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             raise bad("annotations", index, ann, "not an object")
-        if ann.get("category_id") not in class_of or isinstance(ann.get("category_id"), bool):
-            raise bad("annotations", index, ann, f"unknown category_id {ann.get('category_id')!r}; known ids: "
-                      f"{sorted(class_of)}")
-        if ann.get("image_id") not in images or isinstance(ann.get("image_id"), bool):
-            raise bad("annotations", index, ann, f"unknown image_id {ann.get('image_id')!r}")
+        for field, known in (("category_id", class_of), ("image_id", images)):
+            value = ann.get(field)  # an int first: a list or dict cannot even be looked up
+            if isinstance(value, bool) or not isinstance(value, int) or value not in known:
+                listed = f"; known ids: {sorted(known)}" if field == "category_id" else ""
+                raise bad("annotations", index, ann, f"unknown {field} {value!r}{listed}")
         box = ann.get("bbox")
         if (not isinstance(box, list) or len(box) != 4
                 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) for v in box)):
