@@ -6,6 +6,7 @@ import functools
 import hashlib
 import os
 import pathlib
+import re
 import shutil
 import signal
 import stat
@@ -116,7 +117,9 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
     saving its only checkpoint so lost it). What lands gets the modes a plain mkdir / open would give under the
     umask (mkdtemp makes folders 0700 and safetensors writes files 0600, which would keep collaborators out).
     With `replaces` (the names of the old `target` the run replaces), every other entry of it that the run did not
-    write is copied into the new folder as it is, modes and links included (a model card, a user's notes)."""
+    write is copied into the new folder as it is, modes and links included (a model card, a user's notes).
+    The staging folder is named by its process, and one that a killed run left (SIGKILL runs no cleanup) is removed
+    by the next save of `target` on that machine."""
     target = pathlib.Path(target)
     if target.is_symlink() and not target.exists():
         raise ValueError(f"{target} is a link to nothing; remove it or name another folder")
@@ -128,7 +131,8 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
         raise FileExistsError(f"{target} already exists (pass overwrite=True to replace it)")
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    _remove_stagings_of_ended_runs(target)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(target)}{os.getpid()}.", dir=target.parent))
     try:
         yield staging
         umask = _umask()
@@ -160,6 +164,35 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _staging_prefix(target: pathlib.Path) -> str:
+    """How `staged_folder`'s staging folders of `target` begin; the writing process's id and a random part follow.
+    The machine is named since the folder may be shared, and a process id means something only on its own."""
+    import socket
+
+    return f".{target.name}.{socket.gethostname()}."
+
+
+def _remove_stagings_of_ended_runs(target: pathlib.Path) -> None:
+    """Removes the staging folders of `target` that runs on this machine left when they were killed with no chance
+    to clean up (SIGKILL, the out-of-memory killer): hidden, and as large as what they were writing (a model's
+    gigabytes). One whose process still runs is another run's, still writing, and kept."""
+    pattern = re.compile(re.escape(_staging_prefix(target)) + r"(\d+)\.[^.]+")  # mkdtemp's part has no dot
+    for path in target.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not path.is_symlink() and not _process_runs(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only whether there is such a process
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -1504,6 +1504,35 @@ def test_ctrl_c_while_a_staged_folder_replaces_its_target_leaves_the_new_one_who
     assert (target / "step").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
 
 
+def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next_save(tmp_path):
+    """SIGKILL (the out-of-memory killer) runs no cleanup: a run killed while writing left its hidden staging folder,
+    as large as the model, and no later save removed it. The next save of the same target removes it, and keeps
+    one whose run still writes (this process's own, here) and other machines' and targets' ones."""
+    from tclip_jax.files import staged_folder
+
+    target = tmp_path / "model"
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import pathlib, sys, time
+from tclip_jax.files import staged_folder
+with staged_folder(pathlib.Path({str(target)!r})) as staging:
+    (staging / "params.safetensors").write_bytes(bytes(1000))
+    print(staging, flush=True)
+    time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    left = pathlib.Path(writer.stdout.readline().strip())  # written, still staged
+    writer.kill()
+    writer.wait()
+    assert left.is_dir() and left.parent == tmp_path
+    own = tmp_path / f".model.{socket.gethostname()}.{os.getpid()}.running"  # a live run's, still writing
+    others = [tmp_path / f".model.elsewhere.{writer.pid}.xyz", tmp_path / f".other.{left.name.split('.', 2)[2]}"]
+    for folder in [own, *others]:
+        folder.mkdir()
+    with staged_folder(target) as staging:
+        (staging / "params.safetensors").write_bytes(bytes(10))
+    assert not left.exists() and own.is_dir() and all(folder.is_dir() for folder in others)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", own.name, *(f.name for f in others)])
+
+
 def test_a_staged_folder_that_replaces_its_target_syncs_its_files_first(tmp_path, monkeypatch):
     """The old folder is deleted once the new one is renamed in: every file of the new one reaches the disk before
     (a crash right after the swap could otherwise leave empty files and no old folder), as write_bytes_atomic does."""
