@@ -9,6 +9,7 @@ import pathlib
 import re
 import shutil
 import signal
+import socket
 import stat
 import sys
 import tempfile
@@ -169,8 +170,6 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
 def _staging_prefix(target: pathlib.Path) -> str:
     """How `staged_folder`'s staging folders of `target` begin; the writing process's id and a random part follow.
     The machine is named since the folder may be shared, and a process id means something only on its own."""
-    import socket
-
     return f".{target.name}.{socket.gethostname()}."
 
 

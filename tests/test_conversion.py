@@ -539,8 +539,8 @@ def _offsets(header, name, start, end):
     (lambda h, n: _offsets(h, "visual.proj", *(x - n for x in h["text_projection"]["data_offsets"])), b"",
      "tensor 'visual.proj' has shape \\[128, 64\\] and data_offsets \\[-\\d+, -\\d+\\]; each must be a non-negative "
      "integer"),
-    (lambda h, n: _offsets(h, "visual.proj", n - 4, n + 32764), b"", "tensor 'visual.proj' has data_offsets "
-                                                                     "\\[\\d+, \\d+\\], outside the \\d+ bytes of data"),
+    (lambda h, n: _offsets(h, "visual.proj", n - 4, n + 32764), b"",
+     "tensor 'visual.proj' has data_offsets \\[\\d+, \\d+\\], outside the \\d+ bytes of data"),
     (lambda h, n: h["visual.proj"].update(shape=[128, 63]), b"", "tensor 'visual.proj' has 32768 bytes of data, but "
                                                                  "its shape \\[128, 63\\] of F32 takes 32256"),
     (lambda h, n: None, b"\0" * 8, "its tensors end at byte \\d+ of the \\d+ bytes of data")])
@@ -1183,10 +1183,10 @@ def test_open_clip_configs_that_compute_otherwise_are_refused(tmp_path, openai_s
     ({"model_cfg": {"text_cfg": {"norm_kwargs": {"eps": 0}}}}, "norm_kwargs.eps must be a small positive number"),
     ({"model_cfg": {"quick_gelu": "yes"}}, "quick_gelu must be true or false"),
     # OpenCLIP's dataclasses and CLIP(**model_cfg) raise on a key they do not have: a typo was silently ignored.
-    ({"model_cfg": {"vision_cfg": {"head_widht": 32}}}, "model_cfg.vision_cfg has keys OpenCLIP does not know: "
+    ({"model_cfg": {"vision_cfg": {"head_widht": 32}}}, "model_cfg.vision_cfg has keys OpenCLIP 3.3 does not take: "
                                                         "head_widht"),
-    ({"model_cfg": {"text_cfg": {"head": 4}}}, "model_cfg.text_cfg has keys OpenCLIP does not know: head"),
-    ({"model_cfg": {"quickgelu": True}}, "model_cfg has keys OpenCLIP does not know: quickgelu"),
+    ({"model_cfg": {"text_cfg": {"head": 4}}}, "model_cfg.text_cfg has keys OpenCLIP 3.3 does not take: head"),
+    ({"model_cfg": {"quickgelu": True}}, "model_cfg has keys OpenCLIP 3.3 does not take: quickgelu"),
     ({"preprocess_cfg": {"mean": [0.5, 0.5, 0.5]}}, "neither model_cfg nor a bare OpenCLIP model config")])
 def test_a_malformed_open_clip_config_is_named(tmp_path, openai_state_dict, config, message, capsys):
     folder = _open_clip_folder(tmp_path / "oc", openai_state_dict)

@@ -246,7 +246,7 @@ def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict, 
         unknown = sorted(set(model_cfg if part == "model_cfg" else towers[part]) - keys)
         if unknown:
             where = "model_cfg" if part == "model_cfg" else f"model_cfg.{part}"
-            raise ConversionError(f"{path}: {where} has keys OpenCLIP does not know: {', '.join(unknown)}")
+            raise ConversionError(f"{path}: {where} has keys OpenCLIP 3.3 does not take: {', '.join(unknown)}")
     vision = towers["vision_cfg"]
     if "layers" in vision and not isinstance(vision["layers"], int):
         raise ConversionError("this is a ResNet CLIP checkpoint; TCLIP needs a ViT CLIP (patch tokens)")
