@@ -194,6 +194,42 @@ def test_a_prompt_level_main_methods_word_alone_maps_are_in_result_json_as_on_th
     assert "words_alone" not in record["compare"][0]  # TCLIP maps its words itself
 
 
+def test_a_rerun_replaces_its_own_images_results_and_never_another_images(tmp_path, fixtures_dir, monkeypatch):
+    """a/photo.png and b/photo.png share a stem: b's rerun (alone, from another folder, by another path) replaces
+    b's earlier result, not a's in OUT/photo; a new image of that stem takes the next free folder."""
+    from tclip_jax.visualize.explorer import page_images
+
+    scene = Image.open(fixtures_dir / "scene_224.png").convert("RGB")
+    images = {}
+    for i, folder in enumerate(["a", "b", "c"]):
+        (tmp_path / folder).mkdir()
+        images[folder] = tmp_path / folder / "photo.png"
+        Image.fromarray(np.roll(np.asarray(scene), 32 * i, axis=1)).save(images[folder])
+    out = tmp_path / "out"
+    run = ["--model", str(fixtures_dir / "tiny_openai_clip.npz"), "--translations", "1", "--compare", "none",
+           "--out", str(out)]
+
+    def held():  # folder -> (the image file its result.json records, its first prompt)
+        records = {p.name: json.loads((p / "result.json").read_text()) for p in out.iterdir() if p.is_dir()}
+        return {name: (pathlib.Path(r["image"]["path"]).resolve(), r["prompts"][0]["prompt"])
+                for name, r in records.items()}
+
+    assert tclip(["explain", str(images["a"]), str(images["b"]), "--prompt", "red", *run]) == 0
+    assert held() == {"photo": (images["a"], "red"), "photo_2": (images["b"], "red")}
+    monkeypatch.chdir(tmp_path / "b")
+    assert tclip(["explain", "photo.png", "--prompt", "blue", *run]) == 0
+    assert held() == {"photo": (images["a"], "red"), "photo_2": (images["b"], "blue")}
+    assert page_images(out / "index.html") == ["photo_2"]  # the page shows the run's images (README)
+    assert tclip(["explain", "../c/photo.png", "./photo.png", "--prompt", "green", *run]) == 0
+    assert held() == {"photo": (images["a"], "red"), "photo_2": (images["b"], "green"),
+                      "photo_3": (images["c"], "green")}
+    # A folder freed in between is filled by a new image, while each earlier image keeps its folder.
+    shutil.rmtree(out / "photo")
+    assert tclip(["explain", "../a/photo.png", "photo.png", "--prompt", "red", *run]) == 0
+    assert held() == {"photo": (images["a"], "red"), "photo_2": (images["b"], "red"),
+                      "photo_3": (images["c"], "green")}
+
+
 def test_a_run_replaces_only_what_tclip_explain_wrote_and_refuses_before_loading_the_model(tmp_path, fixtures_dir,
                                                                                            monkeypatch, capsys):
     """An image's folder OUT/<stem> is replaced only if it is empty or an earlier result, and never when it holds an
@@ -311,8 +347,7 @@ def test_a_no_html_run_keeps_a_page_whose_folders_differ_from_its_own_in_case_al
     assert (out / "index.html").read_bytes() == page and "index.html" not in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["PHOTO", "index.html", "photo"]
     # The page's folder reached by another name: the run replaces what the page shows.
-    shutil.rmtree(out / "PHOTO")
-    (out / "photo").rename(out / "PHOTO")
+    shutil.rmtree(out / "photo")
     (out / "photo").symlink_to("PHOTO")
     assert tclip(["explain", "PHOTO.png", "--no-html", *run]) == 0
     assert "index.html: removed (--no-html)" in capsys.readouterr().out

@@ -4,12 +4,13 @@ and one explorer page (index.html) for the whole run.
 Every image's file and size are checked before anything is written. Each image's outputs are written through
 `staged_folder`, so an interrupted run never leaves a half-written result folder (nor the output folder it made, if
 it stops before its first image); index.html is written last, over every image of the run, or of those done when
-a run stops (Ctrl-C, an image damaged past its header). A run replaces only what `tclip explain` wrote: an image's
-folder OUT/<image stem> that exists must be empty or an earlier result (its result.json and the files that names,
-nothing else) and must not hold an input image, and OUT/index.html an earlier explorer page; else the run is
-refused before the model loads (`check_replaced`). A `--no-html` run removes an earlier explorer page that shows
-an image it replaces (the page would show the old results beside links to the new files), just before that
-image's results are swapped in.
+a run stops (Ctrl-C, an image damaged past its header). An image's results go to the folder of its earlier result
+in OUT, else to OUT/<image stem> or the first `<stem>_N` holding no other image's result (`result_folders`). A run
+replaces only what `tclip explain` wrote: an image's folder that exists must be empty or an earlier result (its
+result.json and the files that names, nothing else) and must not hold an input image, and OUT/index.html an
+earlier explorer page; else the run is refused before the model loads (`check_replaced`). A `--no-html` run
+removes an earlier explorer page that shows an image it replaces (the page would show the old results beside links
+to the new files), just before that image's results are swapped in.
 
 `--compare METHOD[:key=value,...]` (repeatable) runs more methods on the same images and prompts, on the same
 loaded model, for the explorer's compare view (and result.json's "compare" list). A TCLIP run compares with
@@ -54,20 +55,64 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:40] or "x"
 
 
-def _unique_names(paths: list[str]) -> list[str]:
-    """One output folder name per image, none shared: a taken name gets the first free `_2`, `_3`, ... (taken
-    compared case-blind, as on macOS and Windows file systems; so "photo.png", "photo.jpg", "photo_2.jpg" give
-    photo, photo_2, photo_2_2)."""
+def result_folders(out: pathlib.Path, paths: list[str]) -> list[str]:
+    """One output folder name per image, none shared within the run (compared case-blind, as on macOS and Windows
+    file systems): the folder in `out` that holds the image's earlier result, so a rerun replaces that; else the
+    first of its stem, `<stem>_2`, `<stem>_3`, ... that the run has not taken and that holds no other image's
+    result (in an empty `out`, "photo.png", "photo.jpg", "photo_2.jpg" give photo, photo_2, photo_2_2)."""
+    stems = [_slug(pathlib.Path(path).stem) for path in paths]
+    wanted = {stem.casefold() for stem in stems}
+    recorded: dict[str, Optional[pathlib.Path]] = {}  # folder name -> the image its result.json records, read once
+
+    def result_image(name: str) -> Optional[pathlib.Path]:
+        if name not in recorded:
+            recorded[name] = _result_image(out / name)
+        return recorded[name]
+
+    # The earlier results of the run's stems (<stem> and <stem>_N folders), by each image they record.
+    earlier: dict[tuple, list[tuple[int, str]]] = {}
+    for folder in (out.iterdir() if out.is_dir() else []):
+        numbered = re.fullmatch(r"(.+)_([0-9]+)", folder.name)
+        copies = [(1, folder.name)] if folder.name.casefold() in wanted else []
+        if numbered and numbered[1].casefold() in wanted:
+            copies.append((int(numbered[2]), folder.name))
+        image = result_image(folder.name) if copies and not folder.is_symlink() else None
+        for key in (_image_keys(image) if image is not None else []):
+            earlier.setdefault(key, []).extend(copies)
     names, taken = [], set()
-    for path in paths:
-        stem = name = _slug(pathlib.Path(path).stem)
+    for path, stem in zip(paths, stems):
+        mine = sorted(copy for key in _image_keys(pathlib.Path(path)) for copy in earlier.get(key, []))
+        name = next((name for _, name in mine if name.casefold() not in taken), None)
         copy = 1
-        while name.casefold() in taken:
+        while name is None:
+            candidate = stem if copy == 1 else f"{stem}_{copy}"
+            if candidate.casefold() not in taken and result_image(candidate) is None:
+                name = candidate
             copy += 1
-            name = f"{stem}_{copy}"
         taken.add(name.casefold())
         names.append(name)
     return names
+
+
+def _result_image(folder: pathlib.Path) -> Optional[pathlib.Path]:
+    """The image whose earlier result `folder` holds, as its result.json records it; None if it holds none."""
+    try:
+        return pathlib.Path(json.loads((folder / "result.json").read_text(encoding="utf-8"))["image"]["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _image_keys(image: pathlib.Path) -> list[tuple]:
+    """What tells image files apart, for finding an image's earlier result: its resolved path (a result of an older
+    version recorded the path as given, read here as relative to the current folder), and the file itself where it
+    exists (its device and inode: a link to it, or a case-blind file system's other spelling of its name)."""
+    keys = [("path", str(image.resolve()))]
+    try:
+        stat = image.stat()
+        keys.append(("file", stat.st_dev, stat.st_ino))
+    except OSError:  # gone, or not readable: its path alone
+        pass
+    return keys
 
 
 def check_replaced(out: pathlib.Path, images: list[str], names: list[str], page: bool) -> None:
@@ -134,7 +179,7 @@ def write_result(views: list, image_path: str, folder: pathlib.Path, save_npz: b
 
     result = views[0].result
     record = views_record(views)
-    record["image"]["path"] = str(image_path)
+    record["image"]["path"] = str(pathlib.Path(image_path).resolve())  # what a rerun finds it by
     arrays = {}
     for p, (prompt, entry) in enumerate(zip(result.prompts, record["prompts"])):
         named = [(f"p{p}_w{w}_{_slug(word.text)}", maps, entry["words"][w])
@@ -287,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
     from tclip_jax.image import image_size
 
     out = check_output_folder(args.out)
-    names = _unique_names(args.images)
+    names = result_folders(out, args.images)
     check_replaced(out, args.images, names, args.html)
     method = build_method(args)
     plan = Plan.build(method, list(args.prompt), args.compare, args.html)  # fails early, before any output
