@@ -8,10 +8,14 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
 from tclip_jax import synthetic
 from tclip_jax.cli import main as tclip
+from tclip_jax.cli.explain import check_replaced, result_folders
 from tclip_jax.evaluation.metrics.boxes import HIT_IOU, box_ious
 from tclip_jax.files import check_output_folder, write_image
+from tclip_jax.image import load_image
 
 OUT = pathlib.Path("demo_out")
 # A colour_twins scene: two objects of one colour that only their shape words tell apart.
@@ -43,16 +47,32 @@ def verdicts(scene: synthetic.Scene, words: list[dict]) -> list[str]:
     return lines
 
 
+def check_scene_replaced(path: pathlib.Path, scene_image: np.ndarray) -> None:
+    """Refuses a `path` that exists and is not the demo's scene (a user's picture that writing the scene would
+    replace)."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        same = np.array_equal(load_image(path, exif=False), scene_image)
+    except (ValueError, OSError):  # not a picture (a folder, a link to nothing, another file)
+        same = False
+    if not same:
+        raise ValueError(f"{path} is not the demo's scene (a picture of yours, or one an older version drew), and "
+                         "the demo would replace it; move it or choose another --out")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tclip_jax.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=OUT, help=f"output folder (default: {OUT})")
     out = parser.parse_args(argv).out
-    try:  # as `tclip explain` checks its --out: one line, before anything is drawn or written
+    image_path = out / "scene.png"
+    try:  # as `tclip explain` checks its --out: one line, before anything is written
         check_output_folder(out)
+        scene = synthetic.protocol_sample(DEMO_PROTOCOL, DEMO_SEED).scene
+        check_scene_replaced(image_path, scene.image)
+        check_replaced(out, [str(image_path)], result_folders(out, [str(image_path)]), page=True)
     except (ValueError, OSError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    scene = synthetic.protocol_sample(DEMO_PROTOCOL, DEMO_SEED).scene
-    image_path = out / "scene.png"
     try:  # what the check cannot foresee (a folder that refuses new entries, a full disk): one line too
         out.mkdir(parents=True, exist_ok=True)
         write_image(image_path, scene.image)
@@ -63,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = tclip(["explain", str(image_path), "--prompt", scene.caption, "--out", str(out)])
     if status != 0:
         return status
-    folder = out / image_path.stem
+    folder = out / result_folders(out, [str(image_path)])[0]
     record = json.loads((folder / "result.json").read_text())
     print(f"\nwhere each word's box landed (a hit: IoU >= {HIT_IOU} with an object the word names):")
     print("\n".join(verdicts(scene, record["prompts"][0]["words"])))

@@ -36,6 +36,8 @@ def test_demo_takes_an_output_folder_and_refuses_unknown_arguments(tmp_path, mon
     assert exit_info.value.code == 0 and "--out" in capsys.readouterr().out
     assert demo.main(["--out", str(tmp_path / "elsewhere")]) == 0
     assert (tmp_path / "elsewhere" / "scene" / "result.json").is_file() and not (tmp_path / "demo_out").exists()
+    assert demo.main(["--out", str(tmp_path / "elsewhere")]) == 0  # a rerun replaces the demo's own files
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["index.html", "scene", "scene.png"]
 
 
 def test_demo_refuses_an_output_folder_it_cannot_write_with_one_line(tmp_path, capsys):
@@ -61,3 +63,30 @@ def test_demo_says_in_one_line_why_it_could_not_write_its_scene(tmp_path, monkey
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert f"error: cannot write {tmp_path / 'out' / 'scene.png'}: No space left on device" in err
+
+
+def test_demo_refuses_to_replace_a_users_files_before_writing_anything(tmp_path, fixtures_dir, capsys):
+    """A scene.png that is not the demo's scene, or an index.html that is not an explorer page, in --out: refused
+    in one line before the scene is written (the scene.png was written over first, and lost)."""
+    own_picture = (fixtures_dir / "scene_224.png").read_bytes()
+    cases = {"picture": {"scene.png": own_picture}, "page": {"index.html": b"<html>mine</html>"},
+             "both": {"scene.png": own_picture, "index.html": b"<html>mine</html>"},
+             "result folder": {"scene/notes.txt": b"mine"}}
+    for case, files in cases.items():
+        out = tmp_path / case.replace(" ", "_")
+        for name, data in files.items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(data)
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main(["--out", str(out)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, case
+        assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files, case
+    assert "picture/scene.png is not the demo's scene" in demo_error(tmp_path / "picture", capsys)
+    assert "page/index.html is not a page tclip explain wrote" in demo_error(tmp_path / "page", capsys)
+
+
+def demo_error(out, capsys) -> str:
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(out)])
+    return capsys.readouterr().err
