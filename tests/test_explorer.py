@@ -147,6 +147,18 @@ def test_parse_compare():
     assert parse_compare("eclip:projections=/data/run:2/p.safetensors") == (
         "eclip", ["projections=/data/run:2/p.safetensors"])
     assert parse_compare("my.module:Method:path=a:b,depth=2") == ("my.module:Method", ["path=a:b", "depth=2"])
+    # A registered name is never a module: what follows it is options, a word without "=" among them.
+    assert parse_compare("clip_surgery:feature_surgery") == ("clip_surgery", ["feature_surgery"])
+
+
+def test_a_compare_option_without_a_value_is_named_as_such(tmp_path, fixtures_dir, capsys):
+    """As --option says of the same mistake, not that a module 'clip_surgery' cannot be imported."""
+    for spec in ["clip_surgery:feature_surgery", "tclip:translations"]:
+        assert explain(tmp_path / "bad", fixtures_dir, "--compare", spec) == 2
+        err = capsys.readouterr().err
+        option = spec.split(":")[1]
+        assert f"error: --compare {spec}: an option is KEY=VALUE, got '{option}'" in err, err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_a_compare_method_of_the_runs_class_starts_from_the_runs_settings(fixtures_dir):

@@ -214,12 +214,14 @@ class Compared:
 
 
 def parse_compare(spec: str) -> tuple[str, list[str]]:
-    """"METHOD[:key=value,...]" -> (method, ["key=value", ...]); a method may itself be "package.module:Class"
-    (what follows its first ':' is a class name, not an assignment), and a value may hold commas
-    (scale_fractions=0.25,0.5) and colons (projections=/a:b/p.safetensors)."""
+    """"METHOD[:key=value,...]" -> (method, ["key=value", ...]); a method other than a registered name may itself
+    be "package.module:Class" (what follows its first ':' is a class name, not an assignment), and a value may hold
+    commas (scale_fractions=0.25,0.5) and colons (projections=/a:b/p.safetensors)."""
+    from tclip_jax.methods import REGISTRY
+
     method, sep, tail = spec.partition(":")
     class_name, class_sep, rest = tail.partition(":")
-    if class_name.strip().isidentifier():  # "package.module:Class[:key=value,...]"
+    if method.strip() not in REGISTRY and class_name.strip().isidentifier():  # "package.module:Class[:key=value]"
         method, sep, tail = f"{method}:{class_name.strip()}", class_sep, rest
     if not sep or not tail.strip():
         return method.strip(), []
