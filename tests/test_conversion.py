@@ -1320,7 +1320,9 @@ def test_convert_overwrite_replaces_only_a_converted_checkpoint_that_does_not_ho
     for source_named, out, message in [
             (models / "tiny.npz", models, f"{models} holds {models / 'tiny.npz'}, which replacing it would delete"),
             (tmp_path / "linked" / "tiny.npz", models, f"{models} holds {tmp_path / 'linked' / 'tiny.npz'}, which"),
-            (source, models, f"{models} is not a converted checkpoint (it has no tclip_config.json) and is not empty")]:
+            (source, models, f"{models} is not a converted checkpoint (it has no tclip_config.json) and is not empty"),
+            (models, models, f"{models} is not a converted checkpoint (it has no tclip_config.json), and tclip convert "
+                             "works in place only on a converted folder; name another --out")]:
         before = sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
         assert tclip(["convert", str(source_named), "--out", str(out), "--overwrite"]) == 2
         error = capsys.readouterr().err

@@ -37,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
     source = pathlib.Path(args.source).expanduser()
     # A converted folder converted in place (to float16, say) is read whole before the new folder replaces it.
-    in_place = out.exists() and source.exists() and source.resolve() == out.resolve() and is_checkpoint(out)
+    in_place = out.exists() and source.exists() and source.resolve() == out.resolve()
+    if in_place and not is_checkpoint(out):  # a Hugging Face or OpenCLIP folder: replacing it would delete it
+        raise ValueError(f"{out} is not a converted checkpoint (it has no {CONFIG_FILE}), and tclip convert works in "
+                         "place only on a converted folder; name another --out")
     check_replaceable(out, CONFIG_FILE, "a converted checkpoint", inputs=[] if in_place else [source])
     others = unwritten_entries(out, WRITTEN_FILES) if out.exists() else []
     if others:  # a model card, a training log, notes in tokenizer/: replacing the folder would delete them
