@@ -201,7 +201,7 @@ def test_report_html_says_what_report_md_says_and_a_pipe_in_a_label_stays_in_its
 
 def test_a_sweep_with_nothing_to_score_says_so(tmp_path):
     """A VOC image whose labels hold only background and ignore pixels has no unit: the report had its description
-    ("1 images, 0 units") and no table, and did not say why."""
+    ("1 image, 0 units") and no table, and did not say why."""
     from test_datasets import painted, write_voc
     from tclip_jax.evaluation.datasets import voc_dataset
 
@@ -214,3 +214,19 @@ def test_a_sweep_with_nothing_to_score_says_so(tmp_path):
     text = (out / "report.md").read_text()
     assert "Nothing was scored: no image read holds an object of the dataset's classes" in text
     assert "Nothing was scored" in (out / "report.html").read_text()
+
+
+def test_reports_count_one_image_unit_or_error_in_the_singular(coco_hand, tmp_path):  # noqa: F811
+    from tclip_jax.sweep.report import html_report, markdown
+
+    out = tmp_path / "out"
+    report = run_sweep(coco_dataset(coco_hand), Painted.from_pretrained(), out,
+                       options=RunOptions(batch_size=2, progress=False)).report
+    config = report["config"]
+    for images, units, errors, said in [(1, 1, 1, "1 image, 1 unit, 1 error."),
+                                        (2, 3, 0, "2 images, 3 units, 0 errors."),
+                                        (0, 0, 2, "0 images, 0 units, 2 errors.")]:
+        summary = {**{k: v for k, v in report.items() if k != "config"}, "images": images, "units": units,
+                   "errors": [{"key": str(i), "error": "ValueError: unreadable"} for i in range(errors)]}
+        assert markdown(config, summary).splitlines()[2].startswith(said)
+        assert f'<p class="meta">{said}' in html_report(config, summary, {}, out)

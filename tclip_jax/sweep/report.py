@@ -106,13 +106,23 @@ def run_name(run: dict) -> str:
     return f"{method_label(run)} ({run['model']['origin']}){matmul_note(run)}"
 
 
+def counts(summary: dict) -> str:
+    """What a sweep scored, as its reports say it: "1 image, 3 units, 0 errors"."""
+    return ", ".join(counted(n, noun) for n, noun in [(summary["images"], "image"), (summary["units"], "unit"),
+                                                      (len(summary["errors"]), "error")])
+
+
+def counted(number: int, noun: str) -> str:
+    """The number with its regular noun: "1 image", "2 images"."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def markdown(config: dict, summary: dict) -> str:
     """The report as Markdown: one table per task, a row per unit group, the paper's row where comparable."""
     run = config["run"]
     name = run_name(run)
     return "\n".join([f"# Sweep: {config['dataset']}, {name}", "",
-                      f"{summary['images']} images, {summary['units']} units, {len(summary['errors'])} errors. "
-                      f"Evaluation: {json.dumps(config['evaluation'], sort_keys=True)}. "
+                      f"{counts(summary)}. Evaluation: {json.dumps(config['evaluation'], sort_keys=True)}. "
                       f"Settings: {json.dumps(run['settings'], sort_keys=True)}; input protocol "
                       f"{run['input_protocol']}. Data: {config.get('source') or config['dataset']}. "
                       f"{_prompts_and_samples(config)}", "", *_markdown_body(config, summary)])
@@ -284,8 +294,8 @@ def html_report(config: dict, summary: dict, chosen: dict[str, dict], out: pathl
     run = config["run"]
     name = run_name(run)
     parts = [f"<h1>Sweep: {esc(config['dataset'])}, {esc(name)}</h1>",
-             f"<p class=\"meta\">{summary['images']} images, {summary['units']} units, {len(summary['errors'])} "
-             f"errors. Evaluation: <code>{esc(json.dumps(config['evaluation'], sort_keys=True))}</code>. Settings: "
+             f"<p class=\"meta\">{counts(summary)}. Evaluation: "
+             f"<code>{esc(json.dumps(config['evaluation'], sort_keys=True))}</code>. Settings: "
              f"<code>{esc(json.dumps(run['settings'], sort_keys=True))}</code>; input protocol "
              f"{esc(str(run['input_protocol']))}. Source: {esc(str(config.get('source') or '—'))}. "
              f"{esc(_prompts_and_samples(config))} Also: <a href=\"{REPORT_MD}\">{REPORT_MD}</a>, "
