@@ -261,6 +261,29 @@ def test_browser_compare_view_keyboard_and_images(run, driver):
     assert browser.console_problems(driver) == []
 
 
+def test_browser_offers_the_soft_map_and_the_compare_view_only_where_the_page_has_them(run, tmp_path, fixtures_dir,
+                                                                                     driver):
+    """A baseline has no soft map, and one method alone nothing to compare: its page offered both (the soft map
+    showed the same map with a note). Offered: what the page's data holds, a soft map of some view or two views."""
+    pages = [run / "index.html"]
+    for name, method in [("similarity", ["--method", "similarity"]),
+                         ("two_baselines", ["--method", "similarity", "--compare", "rclip"])]:
+        assert explain(tmp_path / name, fixtures_dir, *method, images=("scene_224.png",)) == 0
+        pages.append(tmp_path / name / "index.html")
+    cases = []
+    for page in pages:
+        panels = page_json(page)["images"][0]["panels"]
+        has_soft = any(m["soft"] is not None for panel in panels for m in panel["maps"].values())
+        cases.append((has_soft, len(panels)))
+        open_page(driver, page)
+        offered = {control: driver.find_element("css selector", f'input[data-control="{control}"][value="{value}"]')
+                   .is_displayed() for control, value in [("kind", "soft"), ("view", "compare")]}
+        assert offered == {"kind": has_soft, "view": len(panels) > 1}, page
+        assert browser.rendered(driver).endswith(":heatmap:shared:single")
+    assert cases == [(True, 3), (False, 1), (False, 2)]  # TCLIP's GMM soft maps; the baselines' none
+    assert browser.console_problems(driver) == []
+
+
 def test_browser_large_runs_link_each_images_data(tmp_path, fixtures_dir, driver, monkeypatch):
     monkeypatch.setattr(explorer, "INLINE_LIMIT_BYTES", 0)
     out = tmp_path / "out"

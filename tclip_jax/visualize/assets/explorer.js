@@ -196,14 +196,27 @@
       opacityOut.textContent = `${opacity.value} %`;
       root.querySelectorAll('canvas.tclip-map').forEach((c) => { c.style.opacity = state.opacity; });
     });
+    const kindGroup = radios('kind', 'Map', [['heatmap', 'aggregated map'], ['soft', 'soft map (GMM, τ)']],
+                             state.kind, (v) => { state.kind = v; render(); });
+    const viewGroup = radios('view', 'View', [['single', 'one method'], ['compare', 'compare methods']], state.view,
+                             (v) => { state.view = v; build(); });
     controls.append(
-      radios('kind', 'Map', [['heatmap', 'aggregated map'], ['soft', 'soft map (GMM, τ)']], state.kind,
-             (v) => { state.kind = v; render(); }),
+      kindGroup,
       radios('scale', 'Colour scale', [['shared', 'shared across words'], ['map', 'per map']], state.scale,
              (v) => { state.scale = v; render(); }),
       el('fieldset', {class: 'tclip-group'}, el('legend', {text: 'Opacity'}), opacity, opacityOut),
-      radios('view', 'View', [['single', 'one method'], ['compare', 'compare methods']], state.view,
-             (v) => { state.view = v; build(); }));
+      viewGroup);
+
+    // Offered only where the image has it: a soft map (a baseline has none), several methods to compare.
+    function fitControls() {
+      const choose = (group, value) => group.querySelectorAll('input').forEach((input) => {
+        input.checked = input.value === value;
+      });
+      kindGroup.hidden = !entry.panels.some((panel) => panel.has_soft);
+      if (kindGroup.hidden) choose(kindGroup, state.kind = 'heatmap');
+      viewGroup.hidden = entry.panels.length < 2;
+      if (viewGroup.hidden) choose(viewGroup, state.view = 'single');
+    }
 
     // Image navigation (several images).
     const select = el('select', {'aria-label': 'image', onchange: () => showImage(Number(select.value))});
@@ -236,6 +249,7 @@
         const first = list.find((it) => main.maps[it.key]) || list[0];
         state.item = first ? first.key : null;
         state.panel = Math.min(state.panel, entry.panels.length - 1);
+        fitControls();
         buildPrompts();
         build();
       }).catch((error) => {
