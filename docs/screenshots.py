@@ -1,7 +1,8 @@
 """Remakes the README's explorer screenshots (docs/explorer.png, docs/explorer_compare.png) from the demo's scene and
-the embedded default model: `tclip explain` of the scene's caption with `--compare similarity`, opened in headless
-Chromium (Debian's chromium and chromium-driver, driven by selenium, as the browser tests are), saved as 256-colour
-PNGs. Run it after the embedded model or the explorer changes:
+the embedded default model: `tclip explain` of the scene's caption as `make demo` runs it (explorer.png) and with
+`--compare similarity` (explorer_compare.png), opened in headless Chromium (Debian's chromium and chromium-driver,
+driven by selenium, as the browser tests are), saved as 256-colour PNGs. Run it after the embedded model or the
+explorer changes:
 
     .venv/bin/python docs/screenshots.py
 """
@@ -19,8 +20,10 @@ from tclip_jax.cli import main as tclip
 from tclip_jax.files import write_image
 
 DOCS = pathlib.Path(__file__).resolve().parent
-# (file, window width x height, view, the caption word shown): one word in the single view, another compared.
-SHOTS = (("explorer.png", (1000, 740), "single", "circle"), ("explorer_compare.png", (1000, 600), "compare", "square"))
+# (file, window width x height, the run's compare flags, view, the caption word shown): one word of the demo's page in
+# the single view, another compared with a baseline too.
+SHOTS = (("explorer.png", (1000, 740), (), "single", "circle"),
+         ("explorer_compare.png", (1000, 600), ("--compare", "similarity"), "compare", "square"))
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--force-device-scale-factor=1")
 
@@ -35,9 +38,10 @@ def main(out: pathlib.Path = DOCS) -> int:
     try:
         image = work / "scene.png"
         write_image(image, scene.image)
-        if tclip(["explain", str(image), "--prompt", scene.caption, "--compare", "similarity", "--out",
-                  str(work / "out")]) != 0:
-            return 1
+        for name, _, compare, _, _ in SHOTS:  # a run per shot, into a folder named after it
+            run = ["--prompt", scene.caption, *compare, "--out", str(work / pathlib.Path(name).stem)]
+            if tclip(["explain", str(image), *run]) != 0:
+                return 1
         options = webdriver.ChromeOptions()
         options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
         for flag in (*FLAGS, f"--user-data-dir={work / 'profile'}"):
@@ -45,12 +49,12 @@ def main(out: pathlib.Path = DOCS) -> int:
         driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"),
                                   options=options)
         try:
-            for name, (width, height), view, word in SHOTS:
+            for name, (width, height), _, view, word in SHOTS:
                 driver.set_window_rect(width=width, height=height)
                 # The window's inner size is the screenshot's: grow the window by its frame.
                 inner = driver.execute_script("return [window.innerWidth, window.innerHeight]")
                 driver.set_window_rect(width=2 * width - inner[0], height=2 * height - inner[1])
-                driver.get((work / "out" / "index.html").as_uri())
+                driver.get((work / pathlib.Path(name).stem / "index.html").as_uri())
                 if view == "compare":
                     driver.find_element("css selector", 'input[data-control="view"][value="compare"]').click()
                 key = next(b.get_attribute("data-key") for b in driver.find_elements("css selector", ".tclip-word")
