@@ -285,6 +285,55 @@ def test_a_centre_crops_cut_off_pixels_are_background_of_no_relevance_and_split_
         assert whole["area_inter"] != unit["area_inter"]
 
 
+def _unit_scores(relevance_map, soft, target, **options):
+    from tclip_jax.evaluation.options import EvalOptions
+    from tclip_jax.evaluation.scoring import score_unit
+    from tclip_jax.methods.base import HostMaps
+    from tclip_jax.postprocess import Box
+
+    return score_unit(target, relevance_map, HostMaps(soft, None, Box(0, 0, 1, 1)), EvalOptions(**options))
+
+
+def test_wrong_attribute_pointing_is_the_pointing_game_of_the_map_the_mask_scores_use():
+    """`wrong_pg_hit` points with the same map as `pg_hit` (TCLIP: its soft map; a baseline, with no soft map: its
+    heatmap) and the same tolerance, against the object the prompt names wrongly."""
+    from tclip_jax.evaluation.datasets.base import Target
+
+    heatmap = np.zeros((20, 20), np.float32)
+    heatmap[12:18, 12:18] = 0.9
+    heatmap[2, 2] = 1.0  # its argmax: a one-pixel spike on the wrong object
+    soft = heatmap.copy()
+    soft[2, 2] = 0.3  # the soft map's argmax: (12, 12), on the named object
+    mask = np.zeros((20, 20), bool)
+    mask[12:18, 12:18] = True
+    wrong = np.zeros((20, 20), bool)
+    wrong[0:5, 0:5] = True
+    target = Target(0, mask=mask, wrong_mask=wrong)
+    baseline = _unit_scores(heatmap, None, target)
+    assert (baseline["pg_hit"], baseline["wrong_pg_hit"]) == (False, True)
+    tclip = _unit_scores(heatmap, soft, target)
+    assert (tclip["pg_hit"], tclip["wrong_pg_hit"]) == (True, False)
+    # Tolerance 3 (distance < 3): a spike two pixels right of the wrong object points at it, one three pixels off not.
+    for column, hit in [(6, True), (7, False)]:
+        spiked = np.zeros((20, 20), np.float32)
+        spiked[2, column] = 1.0
+        assert _unit_scores(spiked, None, target, pg_tolerance=3)["wrong_pg_hit"] is hit
+
+
+def test_pointing_game_of_a_map_without_positive_relevance_points_at_its_maximum():
+    """A soft map of negative cosines normalizes to zeros (scored as an empty mask), but the pointing game reads the
+    map itself: its argmax still points at the object, whatever the sign."""
+    from tclip_jax.evaluation.datasets.base import Target
+
+    soft = np.full((20, 20), -0.5, np.float32)
+    soft[12:18, 12:18] = -0.1
+    mask = np.zeros((20, 20), bool)
+    mask[12:18, 12:18] = True
+    unit = _unit_scores(soft, soft, Target(0, mask=mask))
+    assert unit["no_positive_relevance"] and unit["pg_hit"]
+    assert unit["pixel_correct"] == int((~mask).sum())  # every pixel predicted background
+
+
 def test_normalization_of_a_map_without_positive_relevance():
     np.testing.assert_array_equal(normalize_relevance(-np.ones((3, 3))), np.zeros((3, 3)))
 

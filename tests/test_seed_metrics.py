@@ -30,6 +30,30 @@ def test_unit_scores_equal_explicit_loops(seed):
     assert got["grid_inter"] == inter and got["grid_union"] == union
 
 
+def test_a_units_seed_scores_leave_its_ignore_pixels_out():
+    """score_unit with metrics="seed": a second blob on the ignore region counts neither as background relevance
+    nor as predicted foreground."""
+    from tclip_jax.evaluation.datasets.base import Target
+    from tclip_jax.evaluation.options import EvalOptions
+    from tclip_jax.evaluation.scoring import score_unit
+    from tclip_jax.methods.base import HostMaps
+    from tclip_jax.postprocess import Box
+
+    relevance = np.random.default_rng(0).random((20, 20)) * 0.1
+    relevance[5:10, 5:10] = 1.0
+    relevance[12:16, 12:16] = 0.8
+    mask = np.zeros((20, 20), bool)
+    mask[5:10, 5:10] = True
+    ignore = np.zeros((20, 20), bool)
+    ignore[11:17, 11:17] = True
+    unit = score_unit(Target(0, mask=mask, ignore=ignore), relevance, HostMaps(None, None, Box(0, 0, 1, 1)),
+                      EvalOptions(metrics="seed"))["seed"]
+    contrast, inter, union = explicit_unit(relevance, mask, ignore)
+    assert unit["score_contrast"] == pytest.approx(contrast, abs=1e-12)
+    assert unit["grid_inter"] == inter and unit["grid_union"] == union
+    assert (inter[50], union[50]) == (25, 25)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_grid_thresholds_split_a_map_as_foreground_mask_does_at_every_precision(dtype):
     """Pixels on the grid points themselves: float32(0.05) is above the float64 0.05, and `foreground_mask` (as
