@@ -188,7 +188,11 @@ def test_tfds_reader_on_in_memory_examples():
     np.testing.assert_allclose(targets[1].boxes, [[5, 10, 50, 20]], atol=1e-5)
     assert samples[1].load().targets[0].class_id == 79
     assert tfds_order(examples, crowd="drop") == {4: 0}
-    assert [s.key for s in tfds_samples(examples, tfds_order(examples, "drop"), crowd="drop")] == ["4"]
+    dropped = list(tfds_samples(examples, tfds_order(examples, "drop"), crowd="drop"))
+    assert [s.key for s in dropped] == ["4"]
+    kept = dropped[0].load().targets  # the crowd box goes with its label
+    assert [t.class_id for t in kept] == [9]
+    np.testing.assert_allclose(kept[0].boxes, [[5, 10, 50, 20]], atol=1e-5)
     # A limit keeps the samples of the lowest indices, whatever the storage order.
     assert [s.key for s in tfds_samples(examples[::-1], order, limit=1)] == ["4"]
     bad = [_tfds_example(1, painted(10, 10, []), [[0, 0, 1, 1]], [80], [False])]
@@ -229,8 +233,9 @@ def test_coco_bad_input(tmp_path, coco_root):
         coco_dataset(bad)
     wrong_size = write_coco(tmp_path / "wrong_size", {1: {"file_name": "a.png", "height": 9, "width": 8}},
                             [(1, 1, [0, 0, 1, 1], 0)], {"a.png": _png(painted(8, 8, []))})
-    with pytest.raises(ValueError, match="image is 8x8 .* annotation is for 9x8"):
-        next(coco_dataset(wrong_size).samples()).load()
+    for dataset in (coco_dataset, coco_seg_dataset):  # a mask of the annotation's size would not fit the image
+        with pytest.raises(ValueError, match="image is 8x8 .* annotation is for 9x8"):
+            next(dataset(wrong_size).samples()).load()
     corrupt = write_coco(tmp_path / "corrupt", {1: {"file_name": "a.jpg", "height": 8, "width": 8}},
                          [(1, 1, [0, 0, 1, 1], 0)], {"a.jpg": b"\xff\xd8 not really a jpeg"})
     with pytest.raises(ValueError, match="cannot read image file"):
@@ -602,10 +607,13 @@ def test_coco_seg_masks_are_the_union_of_instance_masks(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"annotations\[0\] \(id 0\): segmentation RLE size .* is not the image's"):
         coco_seg_dataset(root)
-    data["annotations"][0]["segmentation"] = [[1, 2, 3]]
-    path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="polygons must be lists of at least 3"):
-        coco_seg_dataset(root)
+    # Polygons of under three points are refused up front: pycocotools reads one of four numbers as a box
+    # [x, y, w, h] and raises TypeError at load time, which would stop a sweep.
+    for polygon in ([[1, 2, 3]], [[1, 2, 3, 4]]):
+        data["annotations"][0]["segmentation"] = polygon
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match="polygons must be lists of at least 3"):
+            coco_seg_dataset(root)
 
 
 def test_compressed_rle_strings_are_decoded_as_pycocotools_does_and_must_cover_the_image():
@@ -623,5 +631,11 @@ def test_compressed_rle_strings_are_decoded_as_pycocotools_does_and_must_cover_t
         assert _segmentation_problem({"size": [height, width], "counts": text}, height, width) == ""
     short = coco_mask.encode(np.asfortranarray(np.ones((10, 10), np.uint8)))["counts"].decode()
     assert "RLE counts must be" in _segmentation_problem({"size": [48, 64], "counts": short}, 48, 64)
+    # Runs of more pixels than the image has: pycocotools refuses them only at load time (a sweep would stop).
+    too_long = {"size": [2, 2], "counts": [2, 3]}
+    with pytest.raises(ValueError, match="Invalid RLE mask representation"):
+        coco_mask.decode(coco_mask.frPyObjects(too_long, 2, 2))
+    assert "RLE counts must be" in _segmentation_problem(too_long, 2, 2)
+    assert _segmentation_problem({"size": [2, 2], "counts": [2, 2]}, 2, 2) == ""
     for bad in ("", "\x7f", "0Z" + "o"):  # empty; outside the alphabet; a continuation that never ends
         assert "RLE counts must be" in _segmentation_problem({"size": [1, 1], "counts": bad}, 1, 1)
