@@ -340,6 +340,22 @@ def test_imagenet_s_official_layout(tmp_path):
     assert read_labels(root / "validation-segmentation" / wnids[0] / "ILSVRC2012_val_00000002.png")[0, 0] == 919
 
 
+def test_imagenet_s_samples_are_in_folder_then_file_name_order_whatever_the_file_system_lists(tmp_path,
+                                                                                            monkeypatch):
+    """Indices (so --limit and a resumed sweep) follow sorted folder and file names, not the order a file system
+    lists entries in (ext4's is by hash): here listings come reversed."""
+    wnids = split_wnids(50)
+    keys = [f"{wnids[w]}/{name}" for w in (2, 0, 1) for name in ("c", "a", "b")]  # written out of order
+    labels = {key: np.full((4, 4), wnids.index(key.split("/")[0]) + 1) for key in keys}  # each its folder's id
+    root = write_imagenet_s(tmp_path / "s50", {key: (painted(4, 4, []), labels[key]) for key in keys})
+    iterdir, glob = pathlib.Path.iterdir, pathlib.Path.glob
+    monkeypatch.setattr(pathlib.Path, "iterdir", lambda self: iter(sorted(iterdir(self), reverse=True)))
+    monkeypatch.setattr(pathlib.Path, "glob", lambda self, *args, **kwargs: iter(sorted(glob(self, *args, **kwargs),
+                                                                                        reverse=True)))
+    samples = list(imagenet_s_dataset(root, 50).samples())
+    assert [(s.key, s.index) for s in samples] == [(key, i) for i, key in enumerate(sorted(keys))]
+
+
 def test_imagenet_s_bad_input(tmp_path):
     wnids, samples = _inets_samples()
     with pytest.raises(FileNotFoundError, match="validation-segmentation"):
@@ -357,6 +373,12 @@ def test_imagenet_s_bad_input(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(gray / "validation-segmentation" / wnids[0] / "x.png")
     with pytest.raises(ValueError, match="mode L; expected RGB"):
         next(imagenet_s_dataset(gray, 919).samples()).load()
+    rgba = np.zeros((4, 4, 4), np.uint8)  # id = R + 256 * G, the alpha channel aside (the official evaluator's)
+    rgba[1:, :, 0], rgba[..., 3] = 1, 255
+    Image.fromarray(rgba, mode="RGBA").save(gray / "validation-segmentation" / wnids[0] / "x.png")
+    (target,) = next(imagenet_s_dataset(gray, 919).samples()).load().targets
+    assert target.class_id == 0
+    np.testing.assert_array_equal(target.mask, rgba[..., 0] == 1)
     deep = np.full((4, 4, 3), 1, np.uint16)  # id 1 as 16-bit channels: PIL reads RGB and keeps the high bytes, 0
     (gray / "validation-segmentation" / wnids[0] / "x.png").write_bytes(_png_16bit_rgb(deep))
     with Image.open(gray / "validation-segmentation" / wnids[0] / "x.png") as png:
@@ -493,6 +515,7 @@ def test_voc_units_are_the_classes_present_with_their_masks_and_ignore_pixels(tm
     labels[2:8, 3:9] = 15          # person
     labels[10:18, 12:25] = 12      # dog
     labels[9, :] = 255             # a border: ignored
+    labels[0:2, 25:30] = 20        # tv monitor: the devkit's last class index
     other = np.zeros((12, 12), np.int64)
     other[4:9, 4:9] = 1            # aeroplane
     root = write_voc(tmp_path / "VOC2012", {"2007_000032": (painted(20, 30, []), labels),
@@ -505,10 +528,16 @@ def test_voc_units_are_the_classes_present_with_their_masks_and_ignore_pixels(tm
     first, second = (s.load() for s in samples)
     assert [t.class_id for t in first.targets] == [0] and first.targets[0].ignore is None
     np.testing.assert_array_equal(first.targets[0].mask, other == 1)
-    assert [dataset.class_names[t.class_id] for t in second.targets] == ["dog", "person"]
-    for target, index in zip(second.targets, (12, 15)):
+    assert [dataset.class_names[t.class_id] for t in second.targets] == ["dog", "person", "tv monitor"]
+    for target, index in zip(second.targets, (12, 15, 20)):
         np.testing.assert_array_equal(target.mask, labels == index)
         np.testing.assert_array_equal(target.ignore, labels == 255)
+    # The same indices in a grayscale (L) PNG, as some converters write them, read the same.
+    Image.fromarray(labels.astype(np.uint8), mode="L").save(root / "SegmentationClass" / "2007_000032.png")
+    again = samples[1].load()
+    assert [t.class_id for t in again.targets] == [t.class_id for t in second.targets]
+    for target, index in zip(again.targets, (12, 15, 20)):
+        np.testing.assert_array_equal(target.mask, labels == index)
 
 
 def test_voc_bad_input_is_named(tmp_path):

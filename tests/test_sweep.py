@@ -1200,6 +1200,11 @@ def test_datasets_fingerprint_their_annotations(tmp_path):
     assert first and voc_dataset(root).fingerprint == first
     (root / "ImageSets/Segmentation/val.txt").write_text("b\na\n")  # another order: other indices
     assert voc_dataset(root).fingerprint != first
+    reordered = voc_dataset(root).fingerprint
+    wider = labels.copy()
+    wider[5:7, 1:7] = 3
+    write_voc(root, {"a": (painted(8, 8, []), wider)}, split_lines=["b", "a"])  # another label for a (other size)
+    assert voc_dataset(root).fingerprint != reordered
     wnid = split_wnids(50)[0]
     inets = write_imagenet_s(tmp_path / "inets", {f"{wnid}/x": (painted(8, 8, []), np.ones((8, 8), int))})
     before = imagenet_s_dataset(inets, 50).fingerprint
