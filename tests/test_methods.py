@@ -238,6 +238,17 @@ def test_numpy_numbers_are_settings_kept_as_python_numbers():
         EvalOptions(threshold=np.float64(1.5))
 
 
+def test_a_threshold_is_mean_otsu_gmm_or_a_number_in_0_1():
+    """relevance > 1 on a map normalized to [0, 1] is never foreground: 1 is refused, 0 is a threshold; --threshold's
+    text is each rule's name or a number."""
+    from tclip_jax.evaluation.options import THRESHOLDS, EvalOptions, parse_threshold
+
+    with pytest.raises(ValueError, match=r"a numeric threshold lies in \[0, 1\), got 1.0"):
+        EvalOptions(threshold=1.0)
+    assert EvalOptions(threshold=0).threshold == 0.0
+    assert [parse_threshold(text) for text in (*THRESHOLDS, "0.25")] == ["mean", "otsu", "gmm", 0.25]
+
+
 @pytest.mark.parametrize("name, values, message", [
     ("attention", {"layer": 6}, r"layer must be in \[-6, 6\) for this 6-block image tower, got 6"),
     ("rollout", {"start_layer": -7}, r"start_layer must be in \[-6, 6\)"),

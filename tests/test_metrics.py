@@ -495,7 +495,8 @@ def test_a_model_with_non_finite_embeddings_gets_no_retrieval_or_held_out_figure
     import jax
 
     from tclip_jax.checkpoints.load import load_clip
-    from tclip_jax.evaluation.retrieval import retrieval_top1
+    from tclip_jax.evaluation.retrieval import global_embeddings, retrieval_top1
+    from tclip_jax.image import whole_image
     from tclip_jax.methods.tclip import TCLIP, Settings
     from tclip_jax.sweep.heldout import synthetic_report
     from tclip_jax.synthetic import retrieval_scenes
@@ -508,6 +509,17 @@ def test_a_model_with_non_finite_embeddings_gets_no_retrieval_or_held_out_figure
     assert retrieval_top1(clip, images, captions)["pairs"] == 3
     with pytest.raises(ValueError, match="embeddings are not finite for 3 images and 0 captions of 3"):
         retrieval_top1(broken, images, captions)
+    # One infinite weight: every image embedding normalizes to zeros and one NaN (inf / inf), the rest finite.
+    proj = np.array(clip.params["visual"]["proj"])
+    proj[:, 0] = 0
+    proj[0, 0] = np.inf
+    one_inf = dataclasses.replace(clip, params={**clip.params, "visual": {**clip.params["visual"], "proj": proj}})
+    pixels = np.stack([whole_image(image, clip.config.image_size)[0] for image in images])
+    ids = clip.tokenizer.encode(captions, clip.config.context_length)
+    embeds = np.asarray(global_embeddings(one_inf.model, one_inf.params, pixels, ids)[0])
+    assert (np.isfinite(embeds).sum(1) == embeds.shape[1] - 1).all()
+    with pytest.raises(ValueError, match="embeddings are not finite for 3 images and 0 captions of 3"):
+        retrieval_top1(one_inf, images, captions)
     with pytest.raises(ValueError, match="2 of 2 held-out scenes failed under protocol captions; the first, "):
         synthetic_report(TCLIP(broken, Settings(translations=1)), "captions", 2)
 
