@@ -96,6 +96,20 @@ def test_gallery_keeps_exactly_the_reports_units_in_any_order_split_or_resumptio
     assert {p.name for p in shared.iterdir()} == wanted
 
 
+def test_among_equal_ious_the_earliest_unit_is_best_and_worst_in_the_report_and_the_gallery(tmp_path):
+    """Ties are common (IoU 0 or 1): the earliest unit in dataset order (index, then position) takes the place,
+    whatever order the records arrive in."""
+    records = [{"key": f"k{index}", "index": index,
+                "units": [{"class": "a", "box": [0, 0, 4, 4], "iou": 1.0, "hit": True}] * 2} for index in range(3)]
+    for order in (records, records[::-1]):
+        chosen = best_and_worst(order)["a"]
+        assert [(chosen[place][0]["index"], chosen[place][1]) for place in ("best", "worst")] == [(0, 0), (0, 0)]
+        gallery = UnitGallery(tmp_path / f"first_{order[0]['index']}")
+        for record in order:
+            _offer(gallery, record)
+        assert [p.name for p in gallery.folder.iterdir()] == [gallery_name("k0", "a", 0)]
+
+
 def test_picture_names_are_plain_where_they_can_be_and_never_shared():
     assert file_stem("000000000139", "person", 0) == "000000000139__person__0"  # a plain name stays as it is
     cases = [("Äpfel", "person"), ("Öpfel", "person"), ("1", "狗"), ("1", "猫"), ("1", "traffic light"),
@@ -197,6 +211,21 @@ def test_report_html_says_what_report_md_says_and_a_pipe_in_a_label_stays_in_its
     assert any(p.startswith("No paper figure is shown") for p in below)
     for paragraph in below:
         assert " ".join(paragraph.replace("`", "").split()) in shown
+
+
+@pytest.mark.parametrize("errors", [20, 21])
+def test_report_md_lists_the_first_20_errors_and_counts_the_rest(errors):
+    from tclip_jax.evaluation.options import EvalOptions
+    from tclip_jax.sweep.report import markdown, summarize
+
+    config = {"dataset": "coco", "evaluation": EvalOptions().to_dict(),
+              "run": {"method": "painted", "model": {"origin": "m.npz"}, "settings": {}, "input_protocol": "resize"}}
+    summary = summarize([{"key": f"k{index}", "index": index, "error": f"ValueError: bad {index}"}
+                         for index in range(errors)])
+    lines = markdown(config, summary).splitlines()
+    assert [line for line in lines if line.startswith("- `k")] == [f"- `k{i}`: ValueError: bad {i}" for i in range(20)]
+    more = [line for line in lines if line.startswith("- ... and")]
+    assert more == ([] if errors == 20 else ["- ... and 1 more (see report.json)"])
 
 
 def test_a_sweep_with_nothing_to_score_says_so(tmp_path):
