@@ -398,7 +398,10 @@ def test_set_dependent_methods_compare_against_the_label_set(tiny_clip, fixture_
 
 @pytest.mark.parametrize("name", ["clip_surgery", "maskclip", "eclip"])  # templates; one prompt per text
 def test_text_features_are_cut_after_the_end_of_text_and_computed_once(tiny_clip, name, monkeypatch):
-    prompts = ["a cat", "a red circle above a photo of a long blue square", "", "a cat", "x " * 20]
+    # End-of-text tokens at 1, 3, 12, 21 and, one prompt per text, at 7, 8, 15 and 16: either side of a length
+    # the rows are cut to (a multiple of 8), where cutting one token too short drops the end-of-text token.
+    prompts = ["a cat", "a red circle above a photo of a long blue square", "", "a cat", "x " * 20,
+               *(" ".join("abcdefghijklmno"[:words]) for words in (6, 7, 14, 15))]
     method = METHODS[name](tiny_clip)
     encoded_rows = []
     encode_texts = method.encode_texts
