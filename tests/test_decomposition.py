@@ -6,7 +6,8 @@ import pytest
 
 from tclip_jax.methods import common
 from tclip_jax.methods import METHODS
-from tclip_jax.methods.base import postprocess_maps
+from tclip_jax.checkpoints.load import load_clip
+from tclip_jax.methods.base import Query, postprocess_maps
 from tclip_jax.methods.decomposition import (
     decompose,
     decomposition_map,
@@ -88,8 +89,28 @@ def test_mean_ablation(heatmap_output):
     everything = mean_ablate(decomposition, decomposition, ~none, jnp.ones(layers + 1, bool))
     mean_embedding = np.broadcast_to(decomposition.embedding.mean(axis=0), everything.shape)
     assert_close(everything, mean_embedding, "ablating every term gives the reference mean")
+    # The mean is over the reference batch, not over the images ablated: image 0 against the mean of all 3.
+    first = jax.tree_util.tree_map(lambda a: a[:1], decomposition)
+    ablated_mlp = jnp.zeros(layers + 1, bool).at[1].set(True)
+    expected = (decomposition.embedding[:1] - decomposition.heads[:1, 2, 1] + decomposition.heads[:, 2, 1].mean(axis=0)
+                - decomposition.mlps[:1, 1] + decomposition.mlps[:, 1].mean(axis=0))
+    assert_close(mean_ablate(first, decomposition, ablated_head, ablated_mlp), np.asarray(expected),
+                 "one head and one MLP of one image against a reference of three")
     with pytest.raises(ValueError, match="heads mask"):
         mean_ablate(decomposition, decomposition, jnp.zeros((layers, heads + 1), bool))
+
+
+def test_the_method_subtracts_the_label_sets_mean_from_each_prompts_map(fixtures_dir, reference):
+    """compute_segmentations.py's map minus the mean over the text set, with the label set as that set, for a
+    prompt outside the set as for one in it: the official raw heatmaps give the expected maps."""
+    method = METHODS["decomposition"](load_clip(fixtures_dir / "tiny_openai_clip.npz"))
+    texts = [str(text) for text in reference["texts"]]
+    queries = method.encode([Query(texts[0]), Query(texts[1])], texts[1:])
+    images = np.ascontiguousarray(reference["pixel_values"].transpose(0, 2, 3, 1))
+    maps = np.asarray(jax.jit(method.grid_maps)(method.params, images, queries))
+    raw = reference["class_heatmap_raw"]  # [B, N, T]
+    expected = raw[:, :, :2] - raw[:, :, 1:].mean(axis=2, keepdims=True)
+    assert_close(maps.reshape(*maps.shape[:2], -1).transpose(0, 2, 1), expected, "maps minus the label set's mean")
 
 
 def planted_outputs(seed=0, n_images=64, dim=16, scales=(5.0, 3.0, 1.5)):
