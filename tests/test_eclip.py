@@ -14,12 +14,13 @@ from references import first_fingerprint
 from tclip_jax.checkpoints.folder import flatten
 from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.cli import main as tclip
+from tclip_jax.image import prepare
 from tclip_jax.methods.base import Query
 from tclip_jax.methods.eclip import ECLIP, Settings, TrainSettings
 from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, clip_projections, eclip_map,
                                             image_features, load_projections, save_projections)
-from tclip_jax.methods.eclip.train import (Pairs, ViTAttention, contrastive_loss, file_pairs, make_optimizer,
-                                           make_train_step, masked_max_pool, pair_features, train)
+from tclip_jax.methods.eclip.train import (Pairs, ViTAttention, clip_attention, contrastive_loss, file_pairs,
+                                           make_optimizer, make_train_step, masked_max_pool, pair_features, train)
 from tclip_jax.model import CLIP
 from tclip_jax.synthetic import make_scene
 
@@ -125,6 +126,47 @@ def test_without_projections_eclip_runs_on_clips_own_and_says_so(clip):
     with pytest.warns(UserWarning, match="using CLIP's own, i.e. untrained ECLIP"):
         method = ECLIP(clip)
     assert all(np.array_equal(method.projections[k], v) for k, v in clip_projections(clip.params).items())
+
+
+def test_untrained_eclip_is_clips_dense_similarity_map(clip, fixture_npz, highest_precision):
+    """With CLIP's own projections, the ITSM is the official plain CLIP's patch-text cosine (CLIP Surgery's
+    fixture: `plain/similarity_single`, normalized patch tokens against normalized text features)."""
+    reference = fixture_npz("clip_surgery/clip_surgery_tiny.npz")
+    pixels = np.ascontiguousarray(reference["pixel_values"].transpose(0, 2, 3, 1))
+    maps = eclip_map(clip.model, clip.params, pixels, reference["tokens/labels_single"],
+                     clip_projections(clip.params)).maps
+    cosine = reference["plain/similarity_single"][:, 1:]  # [B, 1 + P, T] without the class token
+    expected = cosine.transpose(0, 2, 1).reshape(*cosine.shape[:1], cosine.shape[2], *maps.shape[2:])
+    np.testing.assert_allclose(np.asarray(maps), expected, rtol=0, atol=1e-5)
+
+
+def test_training_pools_the_patches_by_the_min_maxed_class_attention_of_the_last_block(clip, highest_precision):
+    """pair_features' image feature: max over patches of Fᵢ ⊙ minmax(A), A the last block's softmax attention of the
+    class-token query to the patch keys, mean over heads, computed here from that block's weights."""
+    pairs = in_memory_pairs(2)
+    config = clip.config
+    pixels = np.stack([prepare(rgb, "whole", config.image_size, config.patch_size)[0] for rgb, _ in pairs.read()])
+    image = clip.model.apply({"params": clip.params}, pixels, True, method="encode_image")
+    x = np.asarray(image.residual_stream[-2], np.float64)  # the stream entering the last block [B, 1 + P, width]
+    block = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64),
+                                   clip.params["visual"]["transformer"][f"block_{config.vision_layers - 1}"])
+    centred = x - x.mean(axis=-1, keepdims=True)
+    normed = centred / np.sqrt((centred ** 2).mean(axis=-1, keepdims=True) + config.layer_norm_eps)
+    normed = normed * block["ln_1"]["scale"] + block["ln_1"]["bias"]
+    heads = config.vision_heads
+    split = lambda y: y.reshape(*y.shape[:2], heads, -1)  # noqa: E731
+    q = split(normed @ block["attn"]["query"]["kernel"] + block["attn"]["query"]["bias"])
+    k = split(normed @ block["attn"]["key"]["kernel"] + block["attn"]["key"]["bias"])
+    logits = np.einsum("bhd,bkhd->bhk", q[:, 0], k) / np.sqrt(q.shape[-1])  # class-token query, every key
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    attention = probs[:, :, 1:].mean(axis=1)  # [B, P]
+    np.testing.assert_allclose(np.asarray(clip_attention(clip.model, clip.params, pixels)), attention, atol=1e-6)
+    low, high = attention.min(axis=1, keepdims=True), attention.max(axis=1, keepdims=True)
+    weights = (attention - low) / (high - low)
+    patches = np.asarray(image.tokens_normed, np.float64)[:, 1:]
+    pooled, _ = pair_features(clip, pairs, progress=False)
+    np.testing.assert_allclose(pooled, (patches * weights[:, :, None]).max(axis=1), atol=1e-5)
 
 
 def test_projections_round_trip_and_refuse_another_models_shapes(clip, tmp_path):
