@@ -7,7 +7,7 @@ import pytest
 from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.methods import METHODS
 from tclip_jax.methods.gscorecam import (DEFAULT_TOPK, GScoreCAM, GScoreCAMSettings, channel_masks, gscorecam_heatmap,
-                                         gscorecam_map)
+                                         gscorecam_map, normalize2d)
 
 from references import assert_close
 
@@ -150,6 +150,15 @@ def test_method_gives_the_official_map(fixture_images, ref, fixtures_dir):
         heatmap = prompt.phrase.heatmap
         assert heatmap.shape == (240, 320)
         assert_close(heatmap, ref[f"{name}/all_patch/cam_map"][t], f"{prompt.prompt} map")
+
+
+def test_normalize2d_is_the_official_one_and_keeps_an_all_zero_cam_at_zero():
+    """`normalize2D`: (x - min) / (max(x - min) + 1e-8). The epsilon keeps a cam the ReLU left all zero (no channel
+    weighted above 0) at zero, where dividing by its spread would give NaN."""
+    cam = np.stack([np.array([[-1.0, 1.0], [0.0, 3.0]]), np.zeros((2, 2))]).astype(np.float32)
+    expected = np.stack([np.array([[0.0, 2.0], [1.0, 4.0]]) / (4 + 1e-8), np.zeros((2, 2))])
+    for as_array in (np.asarray, jnp.asarray):  # the host step normalizes numpy arrays, the device step jax ones
+        np.testing.assert_allclose(np.asarray(normalize2d(as_array(cam))), expected, rtol=1e-6, atol=0)
 
 
 def test_bad_options_are_refused(tiny_model, ref, pixels):
