@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from tclip_jax.checkpoints.load import load_clip
+from tclip_jax.image import CLIP_MEAN, CLIP_STD
 from tclip_jax.methods import METHODS
 from tclip_jax.methods.gscorecam import (DEFAULT_TOPK, GScoreCAM, GScoreCAMSettings, channel_masks, gscorecam_heatmap,
                                          gscorecam_map, normalize2d)
@@ -75,6 +76,15 @@ def test_adapt_preprocessing_matches_reference(ref, fixture_images, fixtures_dir
         assert_close(pixels[None], ref[f"{name}/pixel_values"].transpose(0, 2, 3, 1), f"{name} pixels", tol=1e-5)
         assert geometry.original_hw == fixture_images[name].shape[:2] and geometry.input_hw == (224, 224)
         assert geometry.resized_hw == (224, 224) and geometry.crop_offset_yx == (0, 0)
+    # resample=bicubic: the same squash with PIL's bicubic filter, which differs from the official bilinear one
+    from PIL import Image
+
+    bicubic = GScoreCAM(method.clip, GScoreCAMSettings(topk=128, resample="bicubic"))
+    rgb = fixture_images["scene_wide_320x240"]
+    squashed = np.asarray(Image.fromarray(rgb).resize((224, 224), Image.Resampling.BICUBIC), np.float32) / 255
+    pixels = bicubic.prepare(rgb)[0]
+    assert_close(pixels, (squashed - CLIP_MEAN) / CLIP_STD, "bicubic pixels", tol=1e-5)
+    assert np.abs(pixels - method.prepare(rgb)[0]).max() > 0.1
 
 
 def test_masks_match_reference(ref):
