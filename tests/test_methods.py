@@ -264,7 +264,7 @@ def test_a_block_the_model_does_not_have_is_refused_when_the_method_is_built(tin
 
 
 # Each method with the settings that change its maps away from their defaults, and the function its maps come from
-# (with what the method always passes it).
+# (with what the method always passes it). CLIP Surgery's method composes its steps itself: the test after this one.
 NON_DEFAULT_SETTINGS = [
     ("attention", {"layer": 2}, "attention:raw_attention_map", {}),
     ("rollout", {"start_layer": 3}, "attention:rollout_map", {}),
@@ -272,37 +272,61 @@ NON_DEFAULT_SETTINGS = [
     ("grad_eclip", {"single_head": False}, "grad_eclip:grad_eclip_map", {}),
     ("gradcam", {"single_head": False}, "grad_eclip:grad_cam_map", {}),
     ("maskclip", {"residual_and_mlp": False}, "similarity:maskclip_map", {}),
-    ("clip_surgery", {"surgery_blocks": 3}, "clip_surgery:clip_surgery_map", {}),
-    ("clip_surgery", {"architecture_surgery": False, "feature_surgery": False}, "clip_surgery:clip_surgery_map",
-     {}),
     ("gscorecam", {"topk": 16, "ranking": "cls", "zero_unselected": True}, "gscorecam:gscorecam_map", {}),
     ("m2ib", {"vlayer": 1, "beta": 0.5, "var": 2.0, "lr": 0.3, "steps": 2, "batch_size": 3, "estimator": "placeholder",
               "final_alpha": True, "seed": 3}, "m2ib:m2ib_map", {"text_side": False}),
 ]
 
 
+class _MapFunctionCalled(Exception):
+    pass
+
+
 @pytest.mark.parametrize("name, values, function, fixed", NON_DEFAULT_SETTINGS,
                          ids=[f"{case[0]}-{'-'.join(case[1])}" for case in NON_DEFAULT_SETTINGS])
-def test_a_methods_settings_reach_its_map_function(tiny_clip, fixture_images, name, values, function, fixed):
-    """The method's maps are its map function's called with its settings, and differ from the function's at its
-    defaults: a setting the method does not pass on fails one of the two."""
+def test_a_methods_settings_reach_its_map_function(tiny_clip, fixture_images, monkeypatch, name, values, function,
+                                                   fixed):
+    """The method calls its map function with its settings: a setting the method does not pass on (or passes as
+    its default) fails. The function stands in for a spy that records its arguments and stops, so nothing compiles;
+    what each function computes from them is checked against the official code in the methods' own tests."""
     import importlib
+    import inspect
 
     module, function_name = function.split(":")
-    map_function = getattr(importlib.import_module(f"tclip_jax.methods.{module}"), function_name)
+    module = importlib.import_module(f"tclip_jax.methods.{module}")
+    map_function, calls = getattr(module, function_name), []
+
+    def spy(*args, **keywords):
+        calls.append(inspect.signature(map_function).bind(*args, **keywords).arguments)
+        raise _MapFunctionCalled
+
+    monkeypatch.setattr(module, function_name, spy)
     method = METHODS[name](tiny_clip, METHODS[name].Settings.from_dict(values))
     pixels = method.prepare(fixture_images["scene_224"])[0][None]
+    with pytest.raises(_MapFunctionCalled):
+        method.grid_maps(tiny_clip.params, pixels, method.encode([Query("a red circle")]))
+    passed = {key: calls[0].get(key, inspect.signature(map_function).parameters[key].default)
+              for key in {**fixed, **values}}
+    assert passed == {**fixed, **values}
+
+
+@pytest.mark.parametrize("values", [{"surgery_blocks": 3}, {"architecture_surgery": False, "feature_surgery": False}],
+                         ids=["surgery_blocks", "no_surgery"])
+def test_clip_surgerys_settings_give_its_map_functions_maps(tiny_clip, fixture_images, values):
+    """CLIP Surgery's maps with its settings are `clip_surgery_map`'s with them, and differ from its defaults'."""
+    from tclip_jax.methods.clip_surgery import clip_surgery_map
+
+    method = METHODS["clip_surgery"](tiny_clip, METHODS["clip_surgery"].Settings.from_dict(values))
+    pixels = method.prepare(fixture_images["scene_224"])[0][None]
     queries = method.encode([Query("a red circle")])
-    texts = ((queries.per_query["features"], queries.shared["redundant"]) if name == "clip_surgery"
-             else (queries.per_query,))
-    # Not jitted here: the method and the function then share the function's compiled program where it has one.
     maps = np.asarray(method.grid_maps(tiny_clip.params, pixels, queries))
 
-    def reference(keywords):
-        return np.asarray(map_function(tiny_clip.model, tiny_clip.params, pixels, *texts, **keywords).maps)
+    def reference(**keywords):
+        return np.asarray(clip_surgery_map(tiny_clip.model, tiny_clip.params, pixels, queries.per_query["features"],
+                                           queries.shared["redundant"], **keywords).maps)
 
-    np.testing.assert_allclose(maps, reference({**fixed, **values}), rtol=0, atol=1e-5)
-    assert np.abs(maps - reference(fixed)).max() > 1e-3 * np.abs(maps).max()
+    np.testing.assert_allclose(maps, reference(**values), rtol=0, atol=1e-5)
+    assert np.abs(maps - reference()).max() > 1e-3 * np.abs(maps).max()
 
 
 def test_a_bfloat16_model_runs_bfloat16_matmuls_on_float32_parameters_and_results_say_so(fixtures_dir,
