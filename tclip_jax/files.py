@@ -14,9 +14,15 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO, Optional
+
+try:
+    import fcntl
+except ImportError:  # Windows: no file locks, so staging folders of killed runs are left
+    fcntl = None
 
 
 # What file browsers drop into any folder they show: a run's output folder stays its own with them.
@@ -119,8 +125,8 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
     umask (mkdtemp makes folders 0700 and safetensors writes files 0600, which would keep collaborators out).
     With `replaces` (the names of the old `target` the run replaces), every other entry of it that the run did not
     write is copied into the new folder as it is, modes and links included (a model card, a user's notes).
-    The staging folder is named by its process, and one that a killed run left (SIGKILL runs no cleanup) is removed
-    by the next save of `target` on that machine."""
+    The staging folder is locked while its run lives, and one that a killed run left (SIGKILL runs no cleanup) is
+    removed by the next save of `target` on that machine."""
     target = pathlib.Path(target)
     if target.is_symlink() and not target.exists():
         raise ValueError(f"{target} is a link to nothing; remove it or name another folder")
@@ -133,7 +139,8 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stagings_of_ended_runs(target)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(target)}{os.getpid()}.", dir=target.parent))
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
+    running = _hold_running_lock(staging)
     try:
         yield staging
         umask = _umask()
@@ -165,33 +172,61 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if running is not None:
+            os.close(running)
 
 
 def _staging_prefix(target: pathlib.Path) -> str:
-    """How `staged_folder`'s staging folders of `target` begin; the writing process's id and a random part follow.
-    The machine is named since the folder may be shared, and a process id means something only on its own."""
+    """How `staged_folder`'s staging folders of `target` begin (a random part follows). The machine is named since
+    the folder may be on a disk other machines share, whose runs this one cannot see."""
     return f".{target.name}.{socket.gethostname()}."
+
+
+# A staging folder younger than this is kept even when nothing holds its lock: its run may not have taken it yet.
+_STAGING_GRACE_SECONDS = 60
+
+
+def _hold_running_lock(staging: pathlib.Path) -> Optional[int]:
+    """Takes an exclusive lock on the staging folder for its run's whole life (the system drops it however the
+    run ends, SIGKILL too), so that `_remove_stagings_of_ended_runs` tells a killed run's folder from a live one's,
+    whatever process-id space either runs in (a container beside the host). None where the file system has no locks
+    (the folder is then never taken for a killed run's)."""
+    if fcntl is None:
+        return None
+    folder = os.open(staging, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(folder)
+        return None
+    return folder
 
 
 def _remove_stagings_of_ended_runs(target: pathlib.Path) -> None:
     """Removes the staging folders of `target` that runs on this machine left when they were killed with no chance
     to clean up (SIGKILL, the out-of-memory killer): hidden, and as large as what they were writing (a model's
-    gigabytes). One whose process still runs is another run's, still writing, and kept."""
-    pattern = re.compile(re.escape(_staging_prefix(target)) + r"(\d+)\.[^.]+")  # mkdtemp's part has no dot
+    gigabytes). One whose lock is held belongs to a run still writing, and is kept."""
+    if fcntl is None:
+        return
+    pattern = re.compile(re.escape(_staging_prefix(target)) + r"[^.]+")  # mkdtemp's part has no dot
     for path in target.parent.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match and path.is_dir() and not path.is_symlink() and not _process_runs(int(match[1])):
+        if not pattern.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            if time.time() - path.stat().st_mtime < _STAGING_GRACE_SECONDS:
+                continue
+            folder = os.open(path, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a live run's (or no locks here)
+            continue
+        else:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_runs(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only whether there is such a process
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+        finally:
+            os.close(folder)
 
 
 @contextlib.contextmanager
@@ -318,9 +353,6 @@ def held_lock(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: b
     """Holds an exclusive lock on the file ``path`` (made if need be; its folder too with ``make_folder``) for the
     block: a second `what` (e.g. "sweep") working in ``where`` is refused at once, in one line. The file names its
     holder and is removed when the block ends (the lock itself goes with the process however it ends)."""
-    import fcntl
-    import socket
-
     while True:
         if make_folder:  # each time: a holder that ended may have removed it
             path.parent.mkdir(parents=True, exist_ok=True)

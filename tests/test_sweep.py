@@ -1511,12 +1511,16 @@ def test_ctrl_c_while_a_staged_folder_replaces_its_target_leaves_the_new_one_who
 
 def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next_save(tmp_path):
     """SIGKILL (the out-of-memory killer) runs no cleanup: a run killed while writing left its hidden staging folder,
-    as large as the model, and no later save removed it. The next save of the same target removes it, and keeps
-    one whose run still writes (this process's own, here) and other machines' and targets' ones."""
+    as large as the model, and no later save removed it. The next save of the same target removes it, and keeps the
+    folder of a run still writing (told by its lock, not its process id: a run in another process-id space, such as
+    a container beside the host, has an id this one cannot see), a fresh one whose run may not have locked it yet,
+    and other machines' and targets' ones."""
     from tclip_jax.files import staged_folder
 
     target = tmp_path / "model"
-    writer = subprocess.Popen([sys.executable, "-c", f"""
+
+    def writer():
+        process = subprocess.Popen([sys.executable, "-c", f"""
 import pathlib, sys, time
 from tclip_jax.files import staged_folder
 with staged_folder(pathlib.Path({str(target)!r})) as staging:
@@ -1524,18 +1528,28 @@ with staged_folder(pathlib.Path({str(target)!r})) as staging:
     print(staging, flush=True)
     time.sleep(600)
 """], stdout=subprocess.PIPE, text=True)
-    left = pathlib.Path(writer.stdout.readline().strip())  # written, still staged
-    writer.kill()
-    writer.wait()
-    assert left.is_dir() and left.parent == tmp_path
-    own = tmp_path / f".model.{socket.gethostname()}.{os.getpid()}.running"  # a live run's, still writing
-    others = [tmp_path / f".model.elsewhere.{writer.pid}.xyz", tmp_path / f".other.{left.name.split('.', 2)[2]}"]
-    for folder in [own, *others]:
-        folder.mkdir()
-    with staged_folder(target) as staging:
-        (staging / "params.safetensors").write_bytes(bytes(10))
-    assert not left.exists() and own.is_dir() and all(folder.is_dir() for folder in others)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", own.name, *(f.name for f in others)])
+        return process, pathlib.Path(process.stdout.readline().strip())  # written, still staged
+
+    (killed, left), (running, live) = writer(), writer()
+    try:
+        killed.kill()
+        killed.wait()
+        fresh = tmp_path / f".model.{socket.gethostname()}.fresh"  # made just now, its lock maybe not yet taken
+        others = [tmp_path / ".model.elsewhere.xyz", tmp_path / f".other.{left.name.split('.', 2)[2]}"]
+        for folder in [fresh, *others]:
+            folder.mkdir()
+        hour_ago = time.time() - 3600
+        for folder in [left, live, *others]:  # older than the grace period
+            os.utime(folder, (hour_ago, hour_ago))
+        assert left.is_dir() and left.parent == tmp_path == live.parent
+        with staged_folder(target) as staging:
+            (staging / "params.safetensors").write_bytes(bytes(10))
+        assert not left.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name, fresh.name,
+                                                                     *(f.name for f in others)])
+    finally:
+        running.kill()
+        running.wait()
 
 
 def test_a_staged_folder_that_replaces_its_target_syncs_its_files_first(tmp_path, monkeypatch):
