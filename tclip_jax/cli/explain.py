@@ -69,20 +69,23 @@ def result_folders(out: pathlib.Path, paths: list[str]) -> list[str]:
             recorded[name] = _result_image(out / name)
         return recorded[name]
 
-    # The earlier results of the run's stems (<stem> and <stem>_N folders), by each image they record.
-    earlier: dict[tuple, list[tuple[int, str]]] = {}
+    # The earlier results of the run's stems (<stem> and <stem>_N folders, as (stem, N, folder)), by each image
+    # they record.
+    earlier: dict[tuple, list[tuple[str, int, str]]] = {}
     for folder in (out.iterdir() if out.is_dir() else []):
         numbered = re.fullmatch(r"(.+)_([0-9]+)", folder.name)
-        copies = [(1, folder.name)] if folder.name.casefold() in wanted else []
+        copies = [(folder.name.casefold(), 1, folder.name)] if folder.name.casefold() in wanted else []
         if numbered and numbered[1].casefold() in wanted:
-            copies.append((int(numbered[2]), folder.name))
+            copies.append((numbered[1].casefold(), int(numbered[2]), folder.name))
         image = result_image(folder.name) if copies and not folder.is_symlink() else None
         for key in (_image_keys(image) if image is not None else []):
             earlier.setdefault(key, []).extend(copies)
     names, taken = [], set()
     for path, stem in zip(paths, stems):
-        mine = sorted(copy for key in _image_keys(pathlib.Path(path)) for copy in earlier.get(key, []))
-        name = next((name for _, name in mine if name.casefold() not in taken), None)
+        # Its own stem's folders first: two names of one file (a link beside it) each keep their own.
+        mine = sorted((copy_stem != stem.casefold(), copy, name) for key in _image_keys(pathlib.Path(path))
+                      for copy_stem, copy, name in earlier.get(key, []))
+        name = next((name for *_, name in mine if name.casefold() not in taken), None)
         copy = 1
         while name is None:
             candidate = stem if copy == 1 else f"{stem}_{copy}"
