@@ -259,3 +259,14 @@ def test_reports_count_one_image_unit_or_error_in_the_singular(coco_hand, tmp_pa
                    "errors": [{"key": str(i), "error": "ValueError: unreadable"} for i in range(errors)]}
         assert markdown(config, summary).splitlines()[2].startswith(said)
         assert f'<p class="meta">{said}' in html_report(config, summary, {}, out)
+    # The sentences that count units further down the report.
+    scores = {"pointing_game": 0.5, "energy_pg": 0.25, "pixel_accuracy": 0.75, "ap": 0.5, "mask_iou": 0.125,
+              "pointing_game_class_mean": 0.5, "units": 1, "no_positive_relevance": 1, "per_class": {}}
+    segmentation = {**{k: v for k, v in report.items() if k != "config"}, "segmentation": scores,
+                    "wrong_attribute": {"units": 1, "wrong_pointing": 0.0}}
+    text = markdown(config, segmentation)
+    assert "1 of 1 unit has a relevance map with no positive value" in text and "over 1 unit." in text
+    segmentation["segmentation"].update(units=3, no_positive_relevance=2)
+    segmentation["wrong_attribute"]["units"] = 3
+    text = markdown(config, segmentation)
+    assert "2 of 3 units have a relevance map with no positive value" in text and "over 3 units." in text

@@ -164,10 +164,11 @@ def _markdown_body(config: dict, summary: dict) -> list[str]:
             lines.append("| paper: TCLIP (ViT-B/32) | " + " | ".join(f"{paper[c]:.4f}" for c in columns) + " | | |")
         lines.append("")
         if summary["segmentation"].get("no_positive_relevance"):
-            lines += [f"{summary['segmentation']['no_positive_relevance']} of {summary['segmentation']['units']} "
-                      "units have a relevance map with no positive value: pixel accuracy, AP, mask IoU and the seed "
-                      "metrics clip negatives to 0 before min-max (Chefer et al.'s convention), so they score those "
-                      "maps as empty masks; PG and energy-PG do not depend on the sign.", ""]
+            empty = summary["segmentation"]["no_positive_relevance"]
+            lines += [f"{empty} of {counted(summary['segmentation']['units'], 'unit')} "
+                      f"{'has' if empty == 1 else 'have'} a relevance map with no positive value: pixel accuracy, AP, "
+                      "mask IoU and the seed metrics clip negatives to 0 before min-max (Chefer et al.'s convention), "
+                      "so they score those maps as empty masks; PG and energy-PG do not depend on the sign.", ""]
     if "seed" in summary:
         seed = summary["seed"]
         lines += ["The seed papers' metrics (ECLIP, CLIP Surgery; foreground categories):", "",
@@ -178,7 +179,7 @@ def _markdown_body(config: dict, summary: dict) -> list[str]:
     if "wrong_attribute" in summary:
         wrong = summary["wrong_attribute"]
         lines += [f"Wrong-attribute pointing (the map peaks on the object the prompt names wrongly; lower is "
-                  f"better): {wrong['wrong_pointing']:.4f} over {wrong['units']} units.", ""]
+                  f"better): {wrong['wrong_pointing']:.4f} over {counted(wrong['units'], 'unit')}.", ""]
     if summary["errors"]:
         lines += ["Errors:", ""] + [f"- `{e['key']}`: {e['error']}" for e in summary["errors"][:_SHOWN_ERRORS]]
         if len(summary["errors"]) > _SHOWN_ERRORS:
