@@ -796,8 +796,10 @@ def negative_descriptions(scene: Scene) -> list[tuple[str, Description]]:
                 found.append(("binding", dataclasses.replace(d, phrases=tuple(phrases))))
     for k, join in enumerate(d.joins):
         if join != "and":
-            joins = d.joins[:k] + (_OPPOSITE[join],) + d.joins[k + 1:]
-            found.append(("relation", dataclasses.replace(d, joins=joins)))
+            reversed_relation = dataclasses.replace(d, joins=d.joins[:k] + (_OPPOSITE[join],) + d.joins[k + 1:])
+            # Still true where a phrase fits other objects too ("a square below a square" beside two squares).
+            if not description_is_true(reversed_relation, scene.objects):
+                found.append(("relation", reversed_relation))
     return found
 
 

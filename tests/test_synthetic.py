@@ -300,6 +300,14 @@ def _normalized(caption: str) -> list[str]:
     return ["a" if w == "an" else w for w in caption.split()]
 
 
+def test_a_reversed_relation_that_is_still_true_is_no_negative():
+    """Scene 416's caption, "a square above a square to the left of something red", reversed ("a square below a
+    square ...") is true of it too: a phrase that fits two objects holds either way round."""
+    scene = make_scene(416, None)
+    negatives = negative_captions(scene, seed=0, count=20, kinds=("relation",))
+    assert negatives and not any(caption_is_true(negative, scene.objects) for negative in negatives)
+
+
 def test_negative_captions_differ_in_one_attribute_or_binding_and_are_false(scenes):
     kinds = Counter()
     for scene in scenes[:80]:
