@@ -1151,6 +1151,33 @@ def test_validations_trace_the_map_program_once_and_score_as_a_fresh_tclip(monke
     assert [r["segmentation"] for r in shared[0][1]] != [r["segmentation"] for r in shared[1][1]]  # other maps
 
 
+def test_step_selection_sweeps_validation_scenes_not_the_evaluation_scenes(monkeypatch):
+    """select_step=validation scores grounding on held-out seeds from VALIDATION_OFFSET: if it swept the gates' or
+    a default sweep's scenes (offset 0), the evaluation scenes would choose the checkpoint they then score."""
+    from tclip_jax.evaluation.datasets.synthetic import synthetic_dataset
+    from tclip_jax.sweep import heldout
+    from tclip_jax.synthetic import HELDOUT_SEED_START, SYNTHETIC_SCENES
+
+    swept = {}
+
+    def record_keys(dataset, *args, **kwargs):  # the scenes a sweep would take, no model run
+        swept[dataset.name] = [int(sample.key) for sample in dataset.samples()]
+        return dataclasses.make_dataclass("Result", ["report"])({"errors": [], "units": 1, "segmentation": {
+            "pointing_game": 0.5}, "detection": {"box_accuracy": 0.5}})
+    monkeypatch.setattr(heldout, "run_sweep", record_keys)
+    monkeypatch.setattr(train_default, "retrieval_top1", lambda *args: {"image_to_text_top1": 0.5,
+                                                                        "text_to_image_top1": 0.5})
+    monkeypatch.setattr(train_default, "TCLIP", lambda clip: None)
+    config = train_default.TrainConfig(select_step="validation", validation_grounding_scenes=3)
+    train_default.validation_record(None, [], config)
+    first = HELDOUT_SEED_START + train_default.VALIDATION_OFFSET
+    assert swept == {f"synthetic-{protocol}": [first, first + 1, first + 2]
+                     for protocol in train_default.VALIDATION_PROTOCOLS}
+    evaluated = {int(sample.key) for sample in synthetic_dataset(SYNTHETIC_SCENES).samples()}
+    assert evaluated == set(range(HELDOUT_SEED_START, HELDOUT_SEED_START + SYNTHETIC_SCENES))
+    assert not evaluated & set(range(first, first + config.validation_grounding_scenes))
+
+
 SEARCH_SCRIPT = SCRIPT.parent / "search_recipes.py"
 TINY_OVERRIDES = ["batch_size=8", "steps=3", "warmup_steps=1", "validation_scenes=2", "eval_every=2", "image_size=32",
                   "patch_size=16", "embed_dim=16", "vision_width=64", "vision_layers=1", "text_width=64",
