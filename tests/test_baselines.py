@@ -93,16 +93,18 @@ def test_clip_surgery_matches_reference(tiny_model, surgery_ref):
 
 
 @pytest.mark.parametrize("name, labels, key", [("clip_surgery", "labels", "cs/map"),
+                                               ("clip_surgery", None, "cs_redundant/red_circle_ensemble/map"),
                                                ("similarity", "labels", "plain/map_single")])
 def test_maps_at_the_original_size_are_the_official_ones_through_the_method(fixtures_dir, fixture_images, surgery_ref,
                                                                             name, labels, key):
     """Through the path explain and sweeps take (prepare, maps, original_maps), not postprocess_maps alone: the
     official get_similarity_map upsamples the grid once, straight to the image's (H, W); upsampling to the model
-    input first and resampling that to the image was 1.6e-2 off on the 320x240 image."""
+    input first and resampling that to the image was 1.6e-2 off on the 320x240 image. CLIP Surgery's lone prompt
+    (no label set) is the demo's single text, minus the empty prompt's ensemble."""
     from tclip_jax.checkpoints.load import load_clip
 
     method = METHODS[name](load_clip(fixtures_dir / "tiny_openai_clip.npz"))
-    prompts = [str(label) for label in surgery_ref[labels]]
+    prompts = [str(label) for label in surgery_ref[labels]] if labels else ["a red circle"]
     encoded = method.encode_prompts(prompts)
     for image_name in IMAGE_NAMES:
         pixels, geometry = method.prepare(fixture_images[image_name])
