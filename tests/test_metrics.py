@@ -558,3 +558,36 @@ def test_retrieval_counts_the_paired_caption_and_with_true_of_any_true_caption_a
     assert "image_to_true_text_top1" not in retrieval_top1(clip, images, captions)
     with pytest.raises(ValueError, match="diagonal"):
         retrieval_top1(clip, images, captions, ~np.eye(6, dtype=bool))
+
+
+def test_retrieval_over_several_chunks_is_the_explicit_loop_over_all_pairs(monkeypatch):
+    """More pairs than one device call takes (RETRIEVAL_CHUNK), the last chunk short: every pair is embedded once
+    and compared with every other, as a loop over the pairs does. Random unit embeddings stand for the model's."""
+    import types
+
+    from tclip_jax.evaluation import retrieval
+
+    pairs, rng = 2 * retrieval.RETRIEVAL_CHUNK + 22, np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    image_table = unit(rng.normal(size=(pairs, 8)))
+    text_table = unit(image_table + rng.normal(scale=0.3, size=(pairs, 8)))  # mostly nearest its own image
+    # image i is the array [i], caption i the text "i": the embeddings are looked up by index
+    monkeypatch.setattr(retrieval, "whole_image", lambda image, size: (image, None))
+    monkeypatch.setattr(retrieval, "global_embeddings", lambda model, params, pixels, ids: (
+        image_table[pixels[:, 0]], text_table[ids[:, 0]]))
+    tokenizer = types.SimpleNamespace(encode=lambda texts, length: np.array([[int(t)] for t in texts]))
+    clip = types.SimpleNamespace(config=types.SimpleNamespace(image_size=1, context_length=1), tokenizer=tokenizer,
+                                 model=None, params=None)
+    true_of = np.eye(pairs, dtype=bool) | (rng.random((pairs, pairs)) < 0.05)
+    measured = retrieval.retrieval_top1(clip, [np.array([i]) for i in range(pairs)], [str(i) for i in range(pairs)],
+                                        true_of)
+    similarity = [[float(image_table[i] @ text_table[j]) for j in range(pairs)] for i in range(pairs)]
+    best_text = [max(range(pairs), key=lambda j: similarity[i][j]) for i in range(pairs)]
+    best_image = [max(range(pairs), key=lambda i: similarity[i][j]) for j in range(pairs)]
+    expected = {"pairs": pairs,
+                "image_to_text_top1": sum(best_text[i] == i for i in range(pairs)) / pairs,
+                "text_to_image_top1": sum(best_image[j] == j for j in range(pairs)) / pairs,
+                "image_to_true_text_top1": sum(true_of[i, best_text[i]] for i in range(pairs)) / pairs,
+                "text_to_true_image_top1": sum(true_of[best_image[j], j] for j in range(pairs)) / pairs}
+    assert measured == pytest.approx(expected)
+    assert 0 < expected["image_to_text_top1"] < 1  # neither all nor none right
