@@ -1,6 +1,7 @@
 """Synthetic scenes and protocols: determinism, exact masks, captions true of the scene, word ground truth,
 protocol properties, hard negatives."""
 import dataclasses
+import io
 import itertools
 from collections import Counter
 
@@ -157,6 +158,24 @@ def test_masks_are_exactly_the_painted_pixels(scenes):
             palette = np.array(list(COLOURS.values()))
             assert list(COLOURS)[int(np.abs(palette - obj.rgb).max(axis=1).argmin())] == obj.colour
         assert _chroma(clean.image[~union]).max() <= BACKGROUND_MAX_CHROMA < OBJECT_MIN_CHROMA
+
+
+def test_a_jpeg_scene_is_a_pil_jpeg_round_trip_of_its_clean_scene(scenes):
+    """JPEG keeps the picture's colours (red stays red): the degraded image is, to within 1 level on average, the
+    clean image through PIL's JPEG encoder and decoder at some quality in JPEG_QUALITY."""
+    from PIL import Image
+
+    def round_trip(image, quality):
+        encoded = io.BytesIO()
+        Image.fromarray(image).save(encoded, "JPEG", quality=quality)
+        return np.asarray(Image.open(encoded).convert("RGB"))
+
+    degraded = [scene for scene in scenes if scene.degradation == "jpeg"]
+    assert len(degraded) >= 5
+    qualities = range(S.JPEG_QUALITY[0], S.JPEG_QUALITY[1] + 1)
+    for scene in degraded:  # the degradation is drawn apart: the clean scene has the same picture before it
+        clean = make_scene(scene.seed, scene.image.shape[:2], CLEAN)
+        assert min(np.abs(round_trip(clean.image, q).astype(int) - scene.image).mean() for q in qualities) <= 1
 
 
 def test_objects_are_disjoint_with_a_margin(scenes):
