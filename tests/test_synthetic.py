@@ -178,6 +178,28 @@ def test_a_jpeg_scene_is_a_pil_jpeg_round_trip_of_its_clean_scene(scenes):
         assert min(np.abs(round_trip(clean.image, q).astype(int) - scene.image).mean() for q in qualities) <= 1
 
 
+class _Extremes:
+    """A random generator whose uniform draws are each at one end of their range (which end drawn at random): a
+    background's tint, noise amplitude, light and grain at their limits, which random draws seldom reach."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        ends = np.where(self.rng.random(size) < 0.5, low, high)
+        return float(ends) if size is None else ends
+
+    def __getattr__(self, name):
+        return getattr(self.rng, name)
+
+
+@pytest.mark.parametrize("kind", S.BACKGROUNDS)
+def test_background_chroma_stays_within_its_bound_at_the_samplers_extremes(kind):
+    for seed in range(100):
+        image = S._background(kind, _Extremes(seed), 64, 64, 64 / DEFAULT_SIZE)
+        assert _chroma(image).max() <= BACKGROUND_MAX_CHROMA, seed
+
+
 def test_objects_are_disjoint_with_a_margin(scenes):
     for scene in scenes:
         margin = OBJECT_MARGIN * min(scene.image.shape[:2]) / DEFAULT_SIZE
