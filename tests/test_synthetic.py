@@ -200,6 +200,22 @@ def test_background_chroma_stays_within_its_bound_at_the_samplers_extremes(kind)
         assert _chroma(image).max() <= BACKGROUND_MAX_CHROMA, seed
 
 
+def test_many_objects_are_24_to_80_px_and_circles_are_round(scenes, samples):
+    """many_objects draws objects of 24-80 px (the module docstring): an upright shape's box side is its size, to
+    within a pixel. A circle is round: a filled one of 40 px or more covers pi/4 of its box, within 4 %."""
+    upright = [o for sample in samples["many_objects"] for o in sample.scene.objects
+               if o.shape in ("square", "circle", "diamond")]
+    assert len(upright) >= 20
+    for obj in upright:
+        assert 24 - 1 <= max(obj.box[2] - obj.box[0], obj.box[3] - obj.box[1]) <= 80 + 1
+    circles = [o for scene in scenes for o in scene.objects if o.shape == "circle" and o.style == "filled"
+               and min(o.box[2] - o.box[0], o.box[3] - o.box[1]) >= 40]
+    assert len(circles) >= 5
+    for circle in circles:
+        width, height = circle.box[2] - circle.box[0], circle.box[3] - circle.box[1]
+        assert circle.mask.sum() == pytest.approx(np.pi * width * height / 4, rel=0.04)
+
+
 def test_objects_are_disjoint_with_a_margin(scenes):
     for scene in scenes:
         margin = OBJECT_MARGIN * min(scene.image.shape[:2]) / DEFAULT_SIZE
