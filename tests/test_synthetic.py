@@ -216,6 +216,19 @@ def test_many_objects_are_24_to_80_px_and_circles_are_round(scenes, samples):
         assert circle.mask.sum() == pytest.approx(np.pi * width * height / 4, rel=0.04)
 
 
+def test_protocols_draw_their_own_scenes_and_twins_take_up_to_two_others(samples):
+    """Each protocol draws its own scene from a seed (the module docstring), and a twin scene holds the twins plus
+    0-2 other objects."""
+    def pairs(sample):
+        return [(o.colour, o.shape) for o in sample.scene.objects]
+    assert sum(pairs(a) != pairs(b) for a, b in zip(samples["captions"], samples["outlined"])) > N_PROTOCOL / 2
+    for protocol in ("colour_twins", "shape_twins"):
+        assert {len(sample.scene.objects) for sample in samples[protocol]} == {2, 3, 4}
+    make_scene(0, S.MIN_SIZE)  # the smallest side allowed
+    with pytest.raises(ValueError, match=f"image sides must be >= {S.MIN_SIZE}"):
+        make_scene(0, S.MIN_SIZE - 1)
+
+
 def test_objects_are_disjoint_with_a_margin(scenes):
     for scene in scenes:
         margin = OBJECT_MARGIN * min(scene.image.shape[:2]) / DEFAULT_SIZE
@@ -277,6 +290,10 @@ def test_scenes_cover_every_factor():
     assert any(s.caption.split()[0] in COLOURS or s.caption in SHAPES for s in scenes)  # article-less captions
     assert any(not s.caption.startswith(PREFIXES) for s in scenes) and any(s.caption.startswith(PREFIXES)
                                                                           for s in scenes)
+    assert {s.description.prefix for s in scenes} == {"", *PREFIXES}
+    shapes = [s.image.shape[:2] for s in scenes]
+    assert 0.2 < np.mean([h != w for h, w in shapes]) < 0.4  # TRAINING_STYLE: 30 % non-square
+    assert any(h > w for h, w in shapes) and any(h < w for h, w in shapes)  # portrait and landscape
 
 
 def test_captions_are_true_and_name_every_object_once(scenes):
