@@ -511,6 +511,14 @@ def test_a_centre_crop_methods_sweep_boxes_what_the_model_saw_as_explain_does(ti
             assert unit["ap"] == pytest.approx(scores["ap"], abs=1e-6)
 
 
+def test_class_slots_are_the_smallest_power_of_two_holding_the_classes():
+    """A sweep pads each image's class rows to class_slots: one compiled shape per power of two, no wasted half."""
+    from tclip_jax.sweep.sharding import class_slots
+
+    for count in range(0, 70):
+        assert class_slots(count) == next(2 ** k for k in range(8) if 2 ** k >= count), count
+
+
 def test_class_queries_are_phrase_queries_and_templates_keep_the_name_words(tiny_model):
     explainer = TCLIP.from_pretrained(tiny_model)
     names = ["traffic light", "dog", "hair drier"]
