@@ -248,6 +248,9 @@ def test_a_run_replaces_only_what_tclip_explain_wrote_and_refuses_before_loading
     (tmp_path / "photo").mkdir()
     (tmp_path / "photo" / "notes.txt").write_text("mine")  # unrelated to the image photo.png
     (tmp_path / "photo.png").write_bytes(scene)
+    (tmp_path / "dog").mkdir()  # a result.json alone, of another program's schema
+    (tmp_path / "dog" / "result.json").write_text('{"schema": "someone-else/1", "prompts": []}')
+    (tmp_path / "dog.png").write_bytes(scene)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     nowhere = ["--prompt", "red", "--model", str(tmp_path / "no_such_model.npz"), "--out", "."]
     assert tclip(["explain", "cat/cat.png", "cat/other.png", *nowhere]) == 2
@@ -256,6 +259,9 @@ def test_a_run_replaces_only_what_tclip_explain_wrote_and_refuses_before_loading
     err = capsys.readouterr().err
     assert "photo is not an earlier result of tclip explain (it has no result.json)" in err
     assert len(err.strip().splitlines()) == 1
+    assert tclip(["explain", "dog.png", *nowhere]) == 2
+    assert "dog is not an earlier result of tclip explain (its result.json is not one tclip explain wrote)" in \
+        capsys.readouterr().err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing touched or added
 
     # Re-running into the same --out replaces the earlier results (and an empty folder is filled).
