@@ -519,6 +519,14 @@ def test_class_slots_are_the_smallest_power_of_two_holding_the_classes():
         assert class_slots(count) == next(2 ** k for k in range(8) if 2 ** k >= count), count
 
 
+def test_a_class_querys_span_is_the_whole_name_in_its_prompt():
+    """The span sweeps record and methods read: all of the name, its one-letter last word too ("Model T")."""
+    names = ["Model T", "dog"]
+    for template in (None, "a photo of a {}.", "{} in the wild"):
+        for query, name in zip(class_queries(names, template), names, strict=True):
+            assert query.prompt[query.span[0]:query.span[1]] == name
+
+
 def test_class_queries_are_phrase_queries_and_templates_keep_the_name_words(tiny_model):
     explainer = TCLIP.from_pretrained(tiny_model)
     names = ["traffic light", "dog", "hair drier"]
