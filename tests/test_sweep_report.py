@@ -133,6 +133,9 @@ def test_unit_pictures_are_labelled_with_class_iou_and_hit_or_miss():
     miss = unit_picture(image, heatmap, target, {"class": "cat", "box": [40, 40, 60, 60], "iou": 0.0, "hit": False})
     assert hit.shape[0] > 60 and hit.shape[1] == 80                      # a label strip below the picture
     assert tuple(hit[-1, -1]) == (40, 120, 40) and tuple(miss[-1, -1]) == (40, 40, 170)  # green hit, red miss
+    # The boxes are end exclusive: the red outline of the box [40, 60) x [40, 60) runs over pixels 40-59.
+    red = np.argwhere((miss[:60] == (0, 0, 255)).all(axis=-1))
+    assert red.min(axis=0).tolist() == [40, 40] and red.max(axis=0).tolist() == [59, 59]
     thumbnail = unit_picture(np.zeros((600, 800, 3), np.uint8), np.zeros((600, 800), np.float32),
                              Target(0, mask=np.ones((600, 800), bool)), {"class": "x", "pg_hit": True,
                                                                          "area_inter": [0, 5], "area_union": [1, 10]},
