@@ -345,7 +345,7 @@ def test_imagenet_s_sweep_scores_by_hand(tmp_path, threshold):
     # Image b's class-0 map is all zeros: clipped to nothing, it scores as an empty mask, and the report says so.
     assert [name for name, unit in units.items() if unit.get("no_positive_relevance")] == [(f"{w1}/b", 0)]
     assert seg["no_positive_relevance"] == 1
-    assert "1 of 3 units have a relevance map with no positive value" in (tmp_path / "out" / "report.md").read_text()
+    assert "1 of 3 units has a relevance map with no positive value" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_classes_that_share_a_name_are_scored_and_pictured_apart(tmp_path):
