@@ -162,6 +162,9 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
                 old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
                 try:
                     target.rename(old / target.name)
+                except OSError as err:  # the OS's message would name the hidden folder it was moved towards
+                    old.rmdir()
+                    raise type(err)(err.errno, f"cannot replace {target}: {err.strerror}") from None
                 except BaseException:
                     old.rmdir()
                     raise

@@ -1569,6 +1569,29 @@ with staged_folder(pathlib.Path({str(target)!r})) as staging:
         running.wait()
 
 
+def test_a_folder_that_cannot_be_moved_aside_is_named_and_kept(tmp_path, monkeypatch):
+    """A target the OS will not move (an immutable folder, a busy mount) is refused naming it, not the hidden folder
+    it was to be moved into, and the old folder stays with nothing else left behind."""
+    from tclip_jax.files import staged_folder
+
+    target = tmp_path / "photo"
+    with staged_folder(target) as staging:
+        (staging / "result.json").write_text("1")
+    rename = pathlib.Path.rename
+
+    def refused(self, new):
+        if self == target:
+            raise PermissionError(1, "Operation not permitted", str(self), str(new))
+        return rename(self, new)
+
+    monkeypatch.setattr(pathlib.Path, "rename", refused)
+    with pytest.raises(PermissionError) as raised:
+        with staged_folder(target) as staging:
+            (staging / "result.json").write_text("2")
+    assert str(raised.value) == f"[Errno 1] cannot replace {target}: Operation not permitted"
+    assert [p.name for p in tmp_path.iterdir()] == ["photo"] and (target / "result.json").read_text() == "1"
+
+
 def test_a_staged_folder_that_replaces_its_target_syncs_its_files_first(tmp_path, monkeypatch):
     """The old folder is deleted once the new one is renamed in: every file of the new one reaches the disk before
     (a crash right after the swap could otherwise leave empty files and no old folder), as write_bytes_atomic does."""
