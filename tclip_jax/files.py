@@ -183,7 +183,7 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
 def _staging_prefix(target: pathlib.Path) -> str:
     """How `staged_folder`'s staging folders of `target` begin (a random part follows). The machine is named since
     the folder may be on a disk other machines share, whose runs this one cannot see."""
-    return f".{target.name}.{socket.gethostname()}."
+    return f".{target.name}.{socket.gethostname()}.staging."
 
 
 # A staging folder younger than this is kept even when nothing holds its lock: its run may not have taken it yet.
@@ -212,7 +212,8 @@ def _remove_stagings_of_ended_runs(target: pathlib.Path) -> None:
     gigabytes). One whose lock is held belongs to a run still writing, and is kept."""
     if fcntl is None:
         return
-    pattern = re.compile(re.escape(_staging_prefix(target)) + r"[^.]+")  # mkdtemp's part has no dot
+    # mkdtemp's random part: 8 of [a-z0-9_]. A user's own hidden folder named so is unlikely beyond reason.
+    pattern = re.compile(re.escape(_staging_prefix(target)) + r"[a-z0-9_]{8}")
     for path in target.parent.iterdir():
         if not pattern.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
             continue
@@ -356,6 +357,8 @@ def held_lock(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: b
     """Holds an exclusive lock on the file ``path`` (made if need be; its folder too with ``make_folder``) for the
     block: a second `what` (e.g. "sweep") working in ``where`` is refused at once, in one line. The file names its
     holder and is removed when the block ends (the lock itself goes with the process however it ends)."""
+    if fcntl is None:
+        raise ValueError(f"a {what} needs POSIX file locks (fcntl), which this system does not have")
     while True:
         if make_folder:  # each time: a holder that ended may have removed it
             path.parent.mkdir(parents=True, exist_ok=True)

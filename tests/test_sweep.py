@@ -1204,6 +1204,13 @@ def test_a_lock_names_its_holder_alone_and_a_lock_file_that_cannot_be_opened_is_
                                          "denied\\): if no sweep runs there, remove it$"):
         with held_lock(path, "sweep", tmp_path):
             pass
+    import tclip_jax.files
+
+    monkeypatch.setattr(tclip_jax.files, "fcntl", None)  # as on Windows
+    with pytest.raises(ValueError, match="^a sweep needs POSIX file locks \\(fcntl\\), which this system does not "
+                                         "have$"):
+        with held_lock(path, "sweep", tmp_path):
+            pass
 
 
 def test_datasets_fingerprint_their_annotations(tmp_path):
@@ -1531,7 +1538,7 @@ def test_a_staging_folder_left_by_a_killed_run_is_removed_by_the_next_save(tmp_p
     as large as the model, and no later save removed it. The next save of the same target removes it, and keeps the
     folder of a run still writing (told by its lock, not its process id: a run in another process-id space, such as
     a container beside the host, has an id this one cannot see), a fresh one whose run may not have locked it yet,
-    and other machines' and targets' ones."""
+    other machines' and targets' ones, and a user's hidden folders named like them."""
     from tclip_jax.files import staged_folder
 
     target = tmp_path / "model"
@@ -1551,8 +1558,10 @@ with staged_folder(pathlib.Path({str(target)!r})) as staging:
     try:
         killed.kill()
         killed.wait()
-        fresh = tmp_path / f".model.{socket.gethostname()}.fresh"  # made just now, its lock maybe not yet taken
-        others = [tmp_path / ".model.elsewhere.xyz", tmp_path / f".other.{left.name.split('.', 2)[2]}"]
+        host = socket.gethostname()
+        fresh = tmp_path / f".model.{host}.staging.fresh123"  # made just now, its lock maybe not yet taken
+        others = [tmp_path / ".model.elsewhere.staging.abcd1234", tmp_path / f".other.{left.name.split('.', 2)[2]}",
+                  tmp_path / f".model.{host}.backup", tmp_path / f".model.{host}.staging.notes"]  # the user's own
         for folder in [fresh, *others]:
             folder.mkdir()
         hour_ago = time.time() - 3600
