@@ -80,20 +80,28 @@ def result_folders(out: pathlib.Path, paths: list[str]) -> list[str]:
         image = result_image(folder.name) if copies and not folder.is_symlink() else None
         for key in (_image_keys(image) if image is not None else []):
             earlier.setdefault(key, []).extend(copies)
-    names, taken = [], set()
-    for path, stem in zip(paths, stems):
-        # Its own stem's folders first: two names of one file (a link beside it) each keep their own.
-        mine = sorted((copy_stem != stem.casefold(), copy, name) for key in _image_keys(pathlib.Path(path))
-                      for copy_stem, copy, name in earlier.get(key, []))
-        name = next((name for *_, name in mine if name.casefold() not in taken), None)
+    # Each image's folders holding its earlier result, its own stem's first (as (another stem?, N, folder)).
+    held = [sorted({(copy_stem != stem.casefold(), copy, name) for key in _image_keys(pathlib.Path(path))
+                    for copy_stem, copy, name in earlier.get(key, [])}) for path, stem in zip(paths, stems)]
+    names: list[Optional[str]] = [None] * len(paths)
+    taken: set[str] = set()
+    # Every image takes back a folder of its own stem before any takes another stem's, whatever the order given:
+    # two names of one file (a link beside it) each keep their own folder.
+    for own_stem_only in (True, False):
+        for i, folders in enumerate(held):
+            if names[i] is None:
+                names[i] = next((name for other_stem, _, name in folders
+                                 if not (own_stem_only and other_stem) and name.casefold() not in taken), None)
+                if names[i] is not None:
+                    taken.add(names[i].casefold())
+    for i, stem in enumerate(stems):  # the rest: the first free <stem>, <stem>_2, ...
         copy = 1
-        while name is None:
+        while names[i] is None:
             candidate = stem if copy == 1 else f"{stem}_{copy}"
             if candidate.casefold() not in taken and result_image(candidate) is None:
-                name = candidate
+                names[i] = candidate
+                taken.add(candidate.casefold())
             copy += 1
-        taken.add(name.casefold())
-        names.append(name)
     return names
 
 
