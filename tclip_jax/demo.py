@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_output_folder(out)
         scene = synthetic.protocol_sample(DEMO_PROTOCOL, DEMO_SEED).scene
         check_scene_replaced(image_path, scene.image)
-        check_replaced(out, [str(image_path)], result_folders(out, [str(image_path)]), page=True)
+        folder = out / result_folders(out, [str(image_path)])[0]  # where `tclip explain` will put the result
+        check_replaced(out, [str(image_path)], [folder.name], page=True)
     except (ValueError, OSError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     try:  # what the check cannot foresee (a folder that refuses new entries, a full disk): one line too
@@ -83,7 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = tclip(["explain", str(image_path), "--prompt", scene.caption, "--out", str(out)])
     if status != 0:
         return status
-    folder = out / result_folders(out, [str(image_path)])[0]
     record = json.loads((folder / "result.json").read_text())
     print(f"\nwhere each word's box landed (a hit: IoU >= {HIT_IOU} with an object the word names):")
     print("\n".join(verdicts(scene, record["prompts"][0]["words"])))
