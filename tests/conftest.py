@@ -4,6 +4,8 @@ import functools
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # One XLA compilation cache for the session and the processes its tests start (set before jax is imported): many
@@ -17,6 +19,22 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 # it an entry is written in place, unlocked, and a concurrent process can read it half-written: JAX then warns on
 # stderr, which tests of the CLI's exact output would see.
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2**40)
+# XLA's CPU programs compiled quickly (for this session and the processes it starts): the suite's programs are small
+# and run a few times each, so compiling is most of their cost. Without LLVM's optimisation passes, and with XLA's
+# older fusion emitter, the suite takes about half the CPU time. The programs compute the same operations; maps differ
+# in the last bits (1e-6 of their range), as between two CPUs, which every test allows for. A flag this XLA does not
+# know would abort every process, so each is first tried in a throwaway one.
+def _quick_compile_flags() -> list[str]:
+    flags, known = ["--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"], []
+    for flag in flags:
+        env = {**os.environ, "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), *known, flag])}
+        probe = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; (jnp.ones(2) + 1).block_until_ready()"],
+                               env=env, capture_output=True, timeout=300)
+        known += [flag] if probe.returncode == 0 else []
+    return known
+
+
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), *_quick_compile_flags()]))
 
 import jax  # noqa: E402
 import numpy as np
