@@ -645,6 +645,32 @@ def test_coco_seg_masks_are_the_union_of_instance_masks(tmp_path):
             coco_seg_dataset(root)
 
 
+def test_coco_seg_polygon_points_far_off_the_image_are_refused_up_front(tmp_path):
+    """pycocotools scales polygon points by 5, casts them to C int and draws each edge point by point: a coordinate
+    of 1e300 crashed the process, 1e9 exhausted memory. Points must lie in [-W, 2W] x [-H, 2H]."""
+    height, width = 24, 32
+    root = write_coco(tmp_path / "coco", {4: painted(height, width, [])}, [])
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+
+    def with_polygon(polygon):
+        data["annotations"] = [{"id": 7, "image_id": 4, "category_id": 1, "bbox": [0, 0, 1, 1], "iscrowd": 0,
+                                "segmentation": [polygon]}]
+        path.write_text(json.dumps(data))
+        return root
+
+    # The frame's corners are accepted, and the polygon they make covers every pixel of the image.
+    frame = [-width, -height, 2 * width, -height, 2 * width, 2 * height, -width, 2 * height]
+    (person,) = next(coco_seg_dataset(with_polygon(frame)).samples()).load().targets
+    assert person.mask.shape == (height, width) and person.mask.all()
+    far = [[0, 0, 1e300, 0, 0, 1e300], [20, 10, 50, 10, 50, 1e9], [0, 0, 1e8, 0, 0, 5],
+           [0, 0, 2 * width + 0.5, 0, 0, 5], [0, 0, 5, 0, 5, -height - 0.5], [-width - 1, 0, 5, 0, 5, 5]]
+    for polygon in far:
+        with pytest.raises(ValueError, match=r"annotations\[0\] \(id 7\): segmentation polygon point .* is outside "
+                           r"\[-W, 2W\] x \[-H, 2H\] for the image's W x H = 32 x 24"):
+            coco_seg_dataset(with_polygon(polygon))
+
+
 def test_compressed_rle_strings_are_decoded_as_pycocotools_does_and_must_cover_the_image():
     """A string of too few pixels was taken, and pycocotools filled the rest of the mask from uninitialised memory."""
     from pycocotools import mask as coco_mask

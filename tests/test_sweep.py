@@ -915,6 +915,23 @@ def test_bad_input_gives_clear_messages(coco_hand, tmp_path, capsys):
     assert message.count("\n") == 1
 
 
+def test_a_coco_seg_polygon_far_off_its_image_is_refused_in_one_line_before_the_sweep_starts(tmp_path):
+    """pycocotools crashed the process (SIGSEGV, nothing printed) on a point of 1e300 and left a sweep folder behind;
+    in a fresh process, since that crash would end the test session."""
+    root = write_coco(tmp_path / "coco", {1: painted(8, 8, [])}, [(1, 1, [0, 0, 4, 4], 0)])
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    data["annotations"][0]["segmentation"] = [[0, 0, 1e300, 0, 0, 1e300]]
+    path.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    process = _sweep_process("coco-seg", "--method", "test_sweep:Painted", "--data", str(root), "--out", str(out))
+    stdout, stderr = process.communicate(timeout=300)
+    assert (process.returncode, stdout) == (2, b""), stderr
+    assert stderr.decode().startswith("tclip sweep: error: COCO: ") and stderr.count(b"\n") == 1
+    assert "annotations[0] (id 100): segmentation polygon point (1e+300, 0) is outside" in stderr.decode()
+    assert not out.exists()
+
+
 def test_a_sweep_that_scores_no_sample_fails_and_resume_scores_them_once_mended(tmp_path, capsys):
     """Every image unreadable (a dataset in the wrong format throughout): the report is written, with the errors, but
     the command fails in one line; once the data is mended, --resume scores the samples."""

@@ -17,7 +17,9 @@ Conventions (gScoreCAM's ``evaluation/coco_eval.py`` with ``tools/iou_tool.py``)
 each category present, its mask the union of its instances' masks, decoded by pycocotools (polygons and RLE,
 `annToMask`'s rules). ``crowd="keep"`` counts crowd regions as the category; ``"drop"`` leaves them out of the
 scores (ignore pixels) and a category present only as a crowd gives no unit. A category whose instances cover no
-pixel (polygons under a pixel, or outside the image) is not in the semantic mask either: no unit.
+pixel (polygons under a pixel, or outside the image) is not in the semantic mask either: no unit. Polygon points
+must lie within one image size of the image (x in [-W, 2W], y in [-H, 2H]); a file with a point further off is
+refused up front (see `_segmentation_problem`).
 """
 from __future__ import annotations
 
@@ -224,12 +226,23 @@ def _read_instances(path: pathlib.Path,
 
 def _segmentation_problem(shape, height: int, width: int) -> str:
     """What is wrong with an annotation's segmentation ("" if nothing): polygons [[x, y, ...], ...] of at least
-    three points, or an RLE {"size": [height, width], "counts": str or list of ints}."""
+    three points, each within one image size of the image (x in [-width, 2 * width], y in [-height, 2 * height]),
+    or an RLE {"size": [height, width], "counts": str or list of ints}.
+
+    The frame keeps polygons that are clipped by the image or lie just outside it (no pixel, no unit), and refuses
+    points that cannot be meant for it: pycocotools scales each point by 5, casts it to a C int and draws every
+    edge point by point, so a coordinate of 1e8 takes a minute, 1e9 exhausts memory and 1e300 crashes the process.
+    """
     number = lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and np.isfinite(v)  # noqa: E731
     if isinstance(shape, list):
         if not shape or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(map(number, p))
                                 for p in shape):
             return "segmentation polygons must be lists of at least 3 (x, y) pairs of finite numbers"
+        for polygon in shape:
+            for x, y in zip(polygon[::2], polygon[1::2]):
+                if not (-width <= x <= 2 * width and -height <= y <= 2 * height):
+                    return (f"segmentation polygon point ({x!r}, {y!r}) is outside [-W, 2W] x [-H, 2H] for the "
+                            f"image's W x H = {width} x {height}: too far off the image to be an outline of it")
         return ""
     if isinstance(shape, dict):
         if shape.get("size") != [height, width]:
