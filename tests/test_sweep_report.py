@@ -3,11 +3,13 @@ hit or miss; the pictures the sweep keeps for it whatever the order, split or re
 import json
 import random
 import re
+import warnings
 
 import numpy as np
 import pytest
 
 import browser
+from test_datasets import painted, write_coco
 from test_sweep import Painted, coco_hand  # noqa: F401  (coco_hand: the hand-computed COCO fixture)
 from tclip_jax.evaluation.datasets import coco_dataset
 from tclip_jax.evaluation.datasets.base import Target
@@ -144,6 +146,48 @@ def test_unit_pictures_are_labelled_with_class_iou_and_hit_or_miss():
     assert unit_score({"pg_hit": False, "area_inter": [3, 2], "area_union": [9, 8]}) == (
         "mask IoU", 0.25, False, "PG miss")
     assert json.dumps(unit_score({"iou": 0.5, "hit": True})) == '["box IoU", 0.5, true, "hit"]'
+
+
+def test_boxes_far_outside_the_picture_are_drawn_as_much_as_lies_in_it():
+    """A ground-truth box at x = 1e10 stopped the sweep in cv2.rectangle (no C int), one at 1e308 (its x2 inf) in
+    int(round(inf)). Such boxes leave the picture untouched; a box cut by the picture's edge shows its other sides."""
+    image = np.full((60, 80, 3), 128, np.uint8)
+    heatmap = np.zeros((60, 80), np.float32)
+    unit = {"class": "cat", "iou": 0.0, "hit": False}
+
+    def picture(boxes, predicted=None, max_side=None):
+        return unit_picture(image, heatmap, Target(0, boxes=np.array(boxes, np.float64).reshape(-1, 4)),
+                            {**unit, **({} if predicted is None else {"box": predicted})}, max_side)
+
+    for max_side in (None, 40):
+        empty = picture([], max_side=max_side)
+        for far in ([1e10, 10, 1e10 + 30, 40], [1e308, 10, np.inf, 40], [10, -np.inf, 30, -1e12]):
+            np.testing.assert_array_equal(picture([far], max_side=max_side), empty)
+            np.testing.assert_array_equal(picture([], far, max_side=max_side), empty)
+    # [-1e10, 20) x [10, 30): its top (row 10) and bottom (row 29) over columns 0-19 and its right side (column 19).
+    cut = picture([[-1e10, 10, 20, 30]])
+    expected = np.zeros((60, 80), bool)
+    expected[[10, 29], :20] = True
+    expected[10:30, 19] = True
+    changed = (cut != picture([])).any(axis=-1)[:60]
+    np.testing.assert_array_equal(changed, expected)
+    assert (cut[:60][expected] == (0, 200, 0)).all()  # green, the ground truth's colour
+
+
+def test_a_sweep_with_ground_truth_boxes_far_outside_the_image_completes(tmp_path):
+    """1e10 and 1e308 are 4 finite numbers, as the loader asks; the box IoU is 0 and the pictures are drawn."""
+    root = write_coco(tmp_path / "coco", {1: painted(48, 64, []), 2: painted(48, 64, [])},
+                      [(1, 1, [1e10, 10, 30, 30], 0), (2, 1, [1e308, 10, 1e308, 30], 0)])
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor a numpy warning of x + w overflowing on the way
+        report = run_sweep(coco_dataset(root), Painted.from_pretrained(), out,
+                           options=RunOptions(save_vis=2, progress=False)).report
+    assert (report["images"], report["units"], report["errors"]) == (2, 2, [])
+    assert report["detection"]["mean_iou"] == 0.0
+    assert sorted(p.name for p in (out / "vis").iterdir()) == ["1__person.png", "2__person.png"]
+    # Equal IoUs: the earlier unit is both the class's best and its worst.
+    assert [p.name for p in (out / "gallery").iterdir()] == ["1__person__0.jpg"]
 
 
 def test_report_html_says_what_report_md_says_and_a_pipe_in_a_label_stays_in_its_cell(coco_hand,  # noqa: F811

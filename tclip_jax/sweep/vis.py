@@ -14,6 +14,7 @@ letters, digits and '._-' becomes '_', long names are cut, and '~' and a hash of
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pathlib
@@ -33,6 +34,7 @@ from tclip_jax.postprocess import uint8_minmax
 _GREEN, _RED = (0, 200, 0), (0, 0, 255)  # BGR
 _HIT_STRIP, _MISS_STRIP = (40, 120, 40), (40, 40, 170)  # BGR
 _MAP_WEIGHT = 0.5
+_CLIP_MARGIN = 4  # pixels a box corner may lie beyond the picture: more than the widest line (2)
 GALLERY_DIR = "gallery"
 THUMBNAIL_MAX_SIDE = 256
 MAX_STEM_CHARS = 96  # of the readable part; file systems allow 255 bytes
@@ -133,16 +135,22 @@ def unit_picture(image: np.ndarray, heatmap: np.ndarray, target: Target, unit: d
     if mask is not None:
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(picture, contours, -1, _GREEN, line)
+    point = functools.partial(_point, scale=scale, size=size)
     for x1, y1, x2, y2 in [] if target.boxes is None else target.boxes:
-        cv2.rectangle(picture, _point(x1, y1, scale), _point(np.ceil(x2) - 1, np.ceil(y2) - 1, scale), _GREEN, line)
+        cv2.rectangle(picture, point(x1, y1), point(np.ceil(x2) - 1, np.ceil(y2) - 1), _GREEN, line)
     if "box" in unit:
         x1, y1, x2, y2 = unit["box"]
-        cv2.rectangle(picture, _point(x1, y1, scale), _point(x2 - 1, y2 - 1, scale), _RED, line)
+        cv2.rectangle(picture, point(x1, y1), point(x2 - 1, y2 - 1), _RED, line)
     return np.vstack([picture, _label_strip(unit, picture.shape[1])])
 
 
-def _point(x, y, scale: float) -> tuple[int, int]:
-    return int(round(float(x) * scale)), int(round(float(y) * scale))
+def _point(x, y, scale: float, size: tuple[int, int]) -> tuple[int, int]:
+    """A box corner in the picture's pixels (`size`: its width, height), clipped to _CLIP_MARGIN pixels beyond its
+    edges: a corner far outside (a ground-truth box at 1e10, or 1e308 + 1e308 = inf) is no C int for OpenCV, and
+    the sides the clip moves stay off the picture, since the margin is wider than any line drawn."""
+    def clipped(value, side: int) -> int:
+        return int(round(min(max(float(value) * scale, -_CLIP_MARGIN), side - 1 + _CLIP_MARGIN)))
+    return clipped(x, size[0]), clipped(y, size[1])
 
 
 def _label_strip(unit: dict, width: int) -> np.ndarray:

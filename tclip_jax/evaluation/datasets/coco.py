@@ -63,7 +63,8 @@ COCO_CATEGORIES: dict[int, str] = {
 def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     """COCO ``[x, y, w, h]`` rows to ``(x, y, x + w, y + h)``, float64."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+    with np.errstate(over="ignore"):  # x + w past the float range is inf, a box no map can overlap: IoU 0
+        return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
 
 
 def tfds_to_xyxy(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
