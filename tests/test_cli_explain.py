@@ -96,6 +96,17 @@ def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):
         assert (tmp_path / "o").exists() == existed and not (existed and any((tmp_path / "o").iterdir()))
 
 
+def test_a_sigma_past_its_limit_is_refused_in_one_line_before_anything_runs(tmp_path, fixtures_dir, capsys):
+    """--sigma 1e308 ended in 'internal error (OverflowError)' and 1e9 ran out of memory, in the blur."""
+    model = str(fixtures_dir / "tiny_openai_clip.npz")
+    for command in (["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a cat"], ["sweep", "synthetic"]):
+        for sigma, shown in (("1e308", "1e+308"), ("1e9", "1e+09")):
+            assert tclip([*command, "--model", model, "--sigma", sigma, "--out", str(tmp_path / "o")]) == 2
+            err = capsys.readouterr().err
+            assert err == f"tclip {command[0]}: error: sigma must lie in [0, 1000] (pixels), got {shown}\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_every_image_is_checked_before_anything_is_written(tmp_path, fixtures_dir, capsys):
     from PIL import Image
 

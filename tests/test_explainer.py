@@ -286,12 +286,20 @@ def test_settings_name_a_bad_protocol_or_box_rule():
     ({"scale_fractions": (0.0,)}, r"scale fractions must lie in \(0, 1\]"),
     ({"trim": 0.5}, r"trim must lie in \[0, 0.5\)"),
     ({"sigma": float("nan")}, "sigma must be a finite number"),
-    ({"sigma": -1.0}, "sigma must be >= 0"),
+    ({"sigma": -1.0}, r"sigma must lie in \[0, 1000\] \(pixels\), got -1$"),
+    ({"sigma": 1e308}, r"sigma must lie in \[0, 1000\] \(pixels\), got 1e\+308$"),  # overflowed in the blur
+    ({"sigma": 1e9}, r"sigma must lie in \[0, 1000\] \(pixels\), got 1e\+09$"),    # ran out of memory
+    ({"sigma": 1000.5}, r"sigma must lie in \[0, 1000\]"),
     ({"colour": "red"}, "unknown setting 'colour'; known settings: box_rule, truncate, translations"),
 ])
 def test_settings_refuse_bad_values_when_made(values, message):
     with pytest.raises(ValueError, match=message):
         Settings.from_dict(values)
+
+
+def test_settings_keep_every_sigma_from_0_to_its_limit():
+    for sigma in (None, 0, 0.5, 4.48, 100, 999.99, 1000):
+        assert Settings(sigma=sigma).sigma == sigma
 
 
 def test_settings_round_trip_and_follow_the_scale_fractions():

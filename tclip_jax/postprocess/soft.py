@@ -28,7 +28,8 @@ Conventions:
   (separable, OpenCV, float32); above, by a Gaussian pyramid whose error is at most 4.1e-4 of the map's
   range (`tclip_jax.postprocess.blur`), in time that does not grow with sigma while the kernel's reach (4 sigma)
   fits in the map's axes; a larger sigma pads each axis by that reach, so time and memory grow with sigma
-  squared there (sigma 2000 on a 224-pixel map: seconds and gigabytes). The soft map is float32.
+  squared there (sigma 2000 on a 224-pixel map: seconds and gigabytes; TCLIP's settings allow at most
+  ``MAX_SIGMA``, 1000). The soft map is float32.
 
 The batched functions (`soft_maps`, `gmm_thresholds`, and `soft_maps_and_boxes`, the whole host step of one
 image) take [Q, H, W] arrays or sequences of 2-D maps; the single-map functions are thin wrappers. The previous method (scikit-learn on 4096 evenly spaced quantiles)

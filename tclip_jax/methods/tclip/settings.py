@@ -11,6 +11,11 @@ from tclip_jax.settings import finite, parse_float_tuple, parse_optional, settin
 # Shift lengths as fractions of the patch size: sub-patch shifts move every patch boundary.
 DEFAULT_SCALE_FRACTIONS = (0.25, 0.5, 0.75)
 DEFAULT_TRIM = 0.2
+# The largest soft-map sigma, in pixels: 2% (the default) of a 50,000-pixel side, longer than any image file the
+# default pixel limit admits (29,913 pixels at the 10:1 aspect limit). Once 4 sigma passes a map's side the blur's
+# padding, time and memory grow with sigma squared: on a 40x70 map sigma 1000 takes 2.3 s and 0.7 GB, 2000 16 s and
+# 2.5 GB, 3000 6.5 GB, 1e9 runs out of memory and 1e308 overflows.
+MAX_SIGMA = 1000.0
 TOKEN_WEIGHTINGS = ("none", "last", "mean", "rollout")  # see methods/tclip/token_weights.py
 
 
@@ -28,8 +33,8 @@ class Settings(MethodSettings):
     input_protocol: InputProtocol = setting(
         "whole", "how an image becomes the model input: the whole image resized, CLIP's center crop, or each side "
         "resized to a patch multiple", choices=INPUT_PROTOCOLS)
-    sigma: Optional[float] = setting(None, "soft-map Gaussian sigma in pixels", parse=parse_optional(float),
-                                     shown_default="2%% of the image's longer side")
+    sigma: Optional[float] = setting(None, f"soft-map Gaussian sigma in pixels, 0 to {MAX_SIGMA:g}",
+                                     parse=parse_optional(float), shown_default="2%% of the image's longer side")
     token_weighting: str = setting(
         "none", "how the tokens of a multi-word query (a class name, a whole prompt) are weighted: the plain mean "
         "of its words (none, the paper's), or by the end-of-text token's attention in the text tower's last block, "
@@ -58,5 +63,5 @@ class Settings(MethodSettings):
                              f"{len(self.scale_fractions)} scales), got {self.translations}")
         if not 0 <= self.trim < 0.5:
             raise ValueError(f"trim must lie in [0, 0.5), got {self.trim}")
-        if self.sigma is not None and self.sigma < 0:
-            raise ValueError(f"sigma must be >= 0 (pixels), got {self.sigma}")
+        if self.sigma is not None and not 0 <= self.sigma <= MAX_SIGMA:
+            raise ValueError(f"sigma must lie in [0, {MAX_SIGMA:g}] (pixels), got {self.sigma:g}")
