@@ -347,6 +347,58 @@ def test_text_rewritten_by_cleaning_maps_to_its_source(tokenizer):
     np.testing.assert_array_equal(prompt.token_ids, tokenizer.encode("red cat")[0])
 
 
+@pytest.mark.parametrize("text, written, words", [
+    # html.unescape replaces only the longest entity name a reference without ';' starts with; the rest is text.
+    ("a &quotred-car on grass", 'a "red-car on grass',
+     [("a", 0, 1), ("&quot", 2, 7), ("red", 7, 10), ("-", 10, 11), ("car", 11, 14), ("on", 15, 17), ("grass", 18, 23)]),
+    ("&ltcat&gtdog", "<cat>dog", [("&lt", 0, 3), ("cat", 3, 6), ("&gt", 6, 9), ("dog", 9, 12)]),
+    ("a &notin set", "a ¬in set", [("a", 0, 1), ("&not", 2, 6), ("in", 6, 8), ("set", 9, 12)]),
+    ("fish &ampamp chips", "fish & chips", [("fish", 0, 4), ("&ampamp", 5, 12), ("chips", 13, 18)]),  # twice
+    # ftfy repairs each mojibake sequence, splits a ligature and narrows full-width letters in place.
+    ("Ã©â€œÃ©", 'é"é', [("Ã©", 0, 2), ("â€œ", 2, 5), ("Ã©", 5, 7)]),
+    ("Ã©â€ Ã©", "é†é", [("Ã©", 0, 2), ("â€ ", 2, 5), ("Ã©", 5, 7)]),  # the space is part of the mojibake
+    ("ﬁâ€™e\u0301 ｆｕｌｌ", "fi'\u00e9 full", [("ﬁ", 0, 1), ("â€™", 1, 4), ("e\u0301", 4, 6), ("ｆｕｌｌ", 7, 11)]),
+    # ... and in context where it fixes the run alone otherwise (alone, "ﬁâ€™Ã©Ã©" is 'މ۪̩̩').
+    (" -ﬁâ€™Ã©Ã©&deg.â€", "-fi'éé°.â€",
+     [("-", 1, 2), ("ﬁ", 2, 3), ("â€™", 3, 6), ("Ã©Ã©", 6, 10), ("&deg.", 10, 15), ("â", 15, 16), ("€", 16, 17)]),
+])
+def test_words_glued_to_rewritten_text_keep_their_own_spans(tokenizer, text, written, words):
+    """Each character that cleaning rewrote maps to what it came from, not to the whole rewritten run ("red" and
+    "car" of "&quotred-car" both had the span of "&quotred-car", and TCLIP explained them as one)."""
+    prompt, reference = tokenizer.tokenize_words(text), tokenizer.tokenize_words(written)
+    assert [(w.text, w.start, w.end) for w in prompt.words] == words
+    assert all(text[start:end] == word for word, start, end in words)
+    np.testing.assert_array_equal(prompt.token_ids, reference.token_ids)
+    assert [w.piece_positions for w in prompt.words] == [w.piece_positions for w in reference.words]
+
+
+def test_a_word_glued_to_an_entity_is_queried_alone(tokenizer):
+    """The query TCLIP explains for a word's span is that word's mean piece embedding, as where '"' is written."""
+    from tclip_jax.methods.tclip.method import _span_query
+
+    glued = tokenizer.tokenize_words("a &quotred-car on grass")
+    written = tokenizer.tokenize_words('a "red-car on grass')
+    embeds = np.random.default_rng(0).normal(size=(77, 8))
+    for glued_span, written_span in (((7, 10), (3, 6)), ((11, 14), (7, 10))):  # "red", "car"
+        [word] = [w for w in written.words if (w.start, w.end) == written_span]
+        np.testing.assert_allclose(_span_query(glued, embeds, None, glued_span),
+                                   embeds[list(word.piece_positions)].mean(0))
+
+
+def test_no_two_words_share_characters_of_the_prompt(tokenizer):
+    """Seeded prompts of words glued to entities without ';', mojibake, ligatures, full-width letters, combining
+    marks and controls: the words' spans are non-empty and apart."""
+    atoms = ["red", "cat", "a", " ", "  ", "&quot", "&amp", "&lt", "&deg", "&not", "&eacute", "&#39", "&#x41", "&nbsp",
+             "&nbsp;", "&ampx", "â€™", "â€œ", "â€", "Ã©", "Ã", "Â°", "Ã¼ber", "ﬁ", "ｆｕｌｌ", ";", ".", "-", "'", "3",
+             "é", "e\u0301", "\u00ad", "\x0b", "İ", "ß", "ि", "न", "😀", "\ufe0f"]
+    rng = np.random.default_rng(0)
+    for _ in range(1500):
+        text = "".join(rng.choice(atoms, rng.integers(1, 10)))
+        words = [w for w in tokenizer.tokenize_words(text).words if not w.is_punctuation]
+        assert all(w.start < w.end for w in words), repr(text)
+        assert all(a.end <= b.start for a, b in zip(words, words[1:])), repr(text)
+
+
 # --- the TCLIP author's kept positions -------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import difflib
 import functools
 import gzip
 import html
+import html.entities
 import itertools
 import json
 import os
@@ -222,12 +223,14 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
     """For each character of `cleaned`, the [start, end) span of `original` it comes from.
 
     Cleaning is followed step by step: what ftfy makes of each control or space character (it deletes a vertical
-    tab and turns NEL into an ellipsis), HTML entities (each unescaped character maps to its whole entity), the
-    whitespace collapse (a run of spaces, tabs or newlines is the one space it became) and lowercasing (a character
-    that lowercases to two is both). Where ftfy rewrote more (mojibake repaired, NFC composition), the rest is
-    aligned by `difflib`: a block rewritten to as many characters aligns character by character, and each character
-    of a block rewritten to another length maps to the whole source block. (`difflib` over the whole text matched
-    "red\nred red" against a later repeat of itself and gave words empty or shifted spans.)"""
+    tab and turns NEL into an ellipsis) and of runs of other characters (mojibake repaired, ligatures split:
+    `_ftfy_followed`), HTML entities (each unescaped character maps to what html.unescape replaced: "&quot" of
+    "&quotred"), the whitespace collapse (a run of spaces, tabs or newlines is the one space it became) and
+    lowercasing (a character that lowercases to two is both). What cannot be followed so (ftfy's fix of a run
+    differs alone and in context) is aligned by `difflib`: a block rewritten to as many characters aligns character
+    by character, and each character of a block rewritten to another length maps to the whole source block.
+    (`difflib` over the whole text matched "red\nred red" against a later repeat of itself and gave words empty or
+    shifted spans.)"""
     followed = _cleaning_followed(original)
     if "".join(c for c, _, _ in followed) == cleaned:
         return [a for _, a, _ in followed], [b for _, _, b in followed]
@@ -247,19 +250,16 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
 def _cleaning_followed(original: str) -> list[tuple[str, int, int]]:
     """`clean_text(original)` as far as it can be followed character by character: (character, start, end of
     its source in `original`) for each character."""
-    followed = []
-    for i, c in enumerate(original):
-        fixed = _ftfy_alone(c) if c.isspace() or unicodedata.category(c)[0] == "C" else c
-        followed.extend((f, i, i + 1) for f in fixed)
+    followed = _ftfy_followed(original)
     for _ in range(2):  # html.unescape, twice, as clean_text
         text, unescaped, done = "".join(c for c, _, _ in followed), [], 0
         for match in _HTML_REFERENCE.finditer(text):
-            replaced = html.unescape(match.group())
-            if replaced != match.group():
+            if html.unescape(match.group()) != match.group():
                 unescaped.extend(followed[done:match.start()])
-                source = (followed[match.start()][1], followed[match.end() - 1][2])
-                unescaped.extend((c, *source) for c in replaced)
-                done = match.end()
+                end = match.start() + _unescaped_length(match.group())  # what follows is text, kept one to one
+                source = (followed[match.start()][1], followed[end - 1][2])
+                unescaped.extend((c, *source) for c in html.unescape(text[match.start():end]))
+                done = end
         followed = unescaped + followed[done:]
     collapsed = []
     runs = [(m.start(), m.end()) for m in re.finditer(r"\S+", "".join(c for c, _, _ in followed))]
@@ -270,6 +270,83 @@ def _cleaning_followed(original: str) -> list[tuple[str, int, int]]:
     return collapsed
 
 
+def _ftfy_followed(original: str) -> list[tuple[str, int, int]]:
+    """`ftfy.fix_text(original)` followed character by character, as `_cleaning_followed` gives it.
+
+    ftfy rewrites a control or space character on its own (it deletes a vertical tab), and runs of non-ASCII
+    characters in context: mojibake ("Ã©" is "é", and "â€ " with its space "†"), ligatures, full-width letters.
+    Each word's run is taken as ftfy fixes it alone where that agrees with the whole text's fix; else each run
+    between controls, '&' and ';' (spaces included) as the whole text's fix has it where the fixes of the text
+    before and after it tell, else as it is. A run is followed part by part (`_run_followed`)."""
+    fixed_whole = ftfy.fix_text(original)
+
+    def followed(runs: re.Pattern, fix_run) -> list[tuple[str, int, int]]:
+        characters = []
+        for piece in runs.finditer(original):
+            c, i, j = piece.group(), piece.start(), piece.end()
+            if piece.group("run") and len(c) <= _LONGEST_RUN:
+                characters.extend(_run_followed(c, i, fix_run(i, j)))
+            elif piece.group("run"):
+                characters.extend((f, k, k + 1) for k, f in enumerate(c, i))
+            else:
+                fixed = _ftfy_alone(c) if c.isspace() or unicodedata.category(c)[0] == "C" else c
+                characters.extend((f, i, j) for f in fixed)
+        return characters
+
+    alone = followed(_WORD_RUNS, lambda i, j: ftfy.fix_text(original[i:j]) if fixed_whole != original
+                     else original[i:j])
+    if "".join(c for c, _, _ in alone) == fixed_whole:
+        return alone
+    return followed(_RUNS_WITH_SPACES, lambda i, j: _fixed_in_context(original, i, j, fixed_whole))
+
+
+# Runs of characters ftfy may rewrite together: at least one non-ASCII character, up to ASCII controls, spaces
+# (or, the second, up to controls only), and the '&' and ';' of HTML references (unescaped later, by html).
+_WORD_RUNS = re.compile(r"(?P<run>[^\x00-\x20\x7f&;]*[^\x00-\x7f][^\x00-\x20\x7f&;]*)|.", re.DOTALL)
+_RUNS_WITH_SPACES = re.compile(r"(?P<run>[^\x00-\x1f\x7f&;]*[^\x00-\x7f][^\x00-\x1f\x7f&;]*)|.", re.DOTALL)
+# Following a run costs two ftfy calls on it per character: a longer run is left as it is (`difflib` aligns it).
+_LONGEST_RUN = 100
+
+
+def _fixed_in_context(original: str, start: int, end: int, fixed_whole: str) -> str:
+    """What `original[start:end]` became in `fixed_whole`, ftfy's fix of `original`, where fixing the text before
+    and after it alone gives the start and end of `fixed_whole`; else the run as it is."""
+    before, after = ftfy.fix_text(original[:start]), ftfy.fix_text(original[end:])
+    if fixed_whole.startswith(before) and fixed_whole.endswith(after) and len(before) + len(after) <= len(fixed_whole):
+        return fixed_whole[len(before):len(fixed_whole) - len(after)]
+    return original[start:end]
+
+
+def _run_followed(run: str, start: int, fixed: str) -> list[tuple[str, int, int]]:
+    """`fixed`, what ftfy made of `run` (at `start` of the original), mapped onto it: the run is cut wherever
+    fixing the part before (or after) the cut alone gives the start (end) of `fixed` ("Ã©â€œÃ©" is "Ã©", "â€œ",
+    "Ã©": 'é"é'); each part's characters map one to one where it kept its length, else to the whole part. A run
+    with a part rewritten to text with a space (words on both sides would share its span) is left as it is."""
+    kept = [(c, k, k + 1) for k, c in enumerate(run, start)]
+    if fixed == run:
+        return kept
+    cuts = {0: 0, len(run): len(fixed)}  # cut in the run -> where it falls in `fixed`
+    for cut in range(1, len(run)):
+        head, tail = ftfy.fix_text(run[:cut]), ftfy.fix_text(run[cut:])
+        if fixed.startswith(head):
+            cuts[cut] = len(head)
+        elif fixed.endswith(tail):
+            cuts[cut] = len(fixed) - len(tail)
+    followed, (a, m) = [], (0, 0)
+    for b, n in sorted(cuts.items())[1:]:
+        if n < m:  # a cut out of order with those before it: left out
+            continue
+        part = fixed[m:n]
+        if len(part) == b - a:
+            followed.extend((c, start + a + k, start + a + k + 1) for k, c in enumerate(part))
+        elif any(c.isspace() for c in part):
+            return kept
+        else:
+            followed.extend((c, start + a, start + b) for c in part)
+        a, m = b, n
+    return followed
+
+
 @functools.lru_cache(maxsize=None)
 def _ftfy_alone(character: str) -> str:
     return ftfy.fix_text(character)
@@ -277,6 +354,15 @@ def _ftfy_alone(character: str) -> str:
 
 # html.unescape's own pattern of a character reference (named, decimal or hexadecimal; the semicolon optional).
 _HTML_REFERENCE = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
+
+
+def _unescaped_length(reference: str) -> int:
+    """How many leading characters of a character reference (an `_HTML_REFERENCE` match) html.unescape replaces:
+    all, but of a name that is no entity ("&quotred" has no ';') only its longest prefix that is one ("&quot")."""
+    name = reference[1:]
+    if name.startswith("#") or name in html.entities.html5:
+        return len(reference)
+    return 1 + next((n for n in range(len(name) - 1, 1, -1) if name[:n] in html.entities.html5), len(name))
 
 
 def is_tokenizer_folder(folder: pathlib.Path) -> bool:
