@@ -42,3 +42,46 @@ def author_kept_positions(tokenizer, token_ids) -> np.ndarray:
     kept = [p for p, i in enumerate(token_ids.tolist())
             if i not in (tokenizer.sot_id, tokenizer.eot_id, PAD_ID) and tokenizer.decode_piece(i) not in dropped]
     return np.asarray(kept, dtype=np.int32)
+
+
+def openai_simple_tokenizer_ids(text: str, vocab: dict[str, int], merges: list[str]) -> list[int]:
+    """The ids OpenAI's `SimpleTokenizer().encode(text)` gives (openai/CLIP clip/simple_tokenizer.py), written out
+    from its steps for a vocabulary and merge list in its layout: ftfy, HTML unescape twice, whitespace collapse,
+    lowercase; its split (the `regex` module's, with its pattern and IGNORECASE), in which a chunk that is SOT or EOT
+    is that token; each other chunk's UTF-8 bytes as GPT-2 symbols, the last with `</w>`, merged pair by pair, the
+    pair of lowest merge rank first, every occurrence left to right, until no pair has a rank."""
+    import html
+
+    import ftfy
+    import regex
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    symbol = {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
+    ranks = {tuple(line.split()): rank for rank, line in enumerate(merges)}
+    special = ("<|startoftext|>", "<|endoftext|>")
+    split = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+                          r"""[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+    text = regex.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(text))).strip()).strip().lower()
+    ids = []
+    for chunk in split.findall(text):
+        if chunk in special:
+            ids.append(vocab[chunk])
+            continue
+        symbols = [symbol[b] for b in chunk.encode("utf-8")]
+        symbols[-1] += "</w>"
+        while len(symbols) > 1:
+            pair = min(zip(symbols, symbols[1:]), key=lambda p: ranks.get(p, float("inf")))
+            if pair not in ranks:
+                break
+            merged, k = [], 0
+            while k < len(symbols):
+                if tuple(symbols[k:k + 2]) == pair:
+                    merged.append(symbols[k] + symbols[k + 1])
+                    k += 2
+                else:
+                    merged.append(symbols[k])
+                    k += 1
+            symbols = merged
+        ids.extend(vocab[s] for s in symbols)
+    return ids

@@ -9,7 +9,7 @@ import pytest
 from tclip_jax.methods.templates import CLIP_SURGERY_TEMPLATES
 from tclip_jax.model.tokenizer import DATA_DIR, EOT_TOKEN, SOT_TOKEN, ClipTokenizer, bytes_to_unicode
 from tclip_jax.model.make_tokenizer_files import N_MERGES, build_vocab
-from references import author_kept_positions
+from references import author_kept_positions, openai_simple_tokenizer_ids
 
 SOT, EOT = 49406, 49407
 
@@ -132,6 +132,10 @@ def test_a_folder_saved_by_transformers_clip_tokenizer_loads(tmp_path, packaged_
     for row, text in zip(ours, texts):
         expected = reference(text)["input_ids"]
         assert row[:len(expected)].tolist() == expected and not row[len(expected):].any()
+    # SOT and EOT written in text: where OpenAI's split finds them (Hugging Face's own tokenizer matches them anywhere)
+    text = "a cat,<|endoftext|> dog<|endoftext|>"
+    expected = [SOT, *openai_simple_tokenizer_ids(text, vocab, lines[1:]), EOT]
+    assert ClipTokenizer(tmp_path / "saved").encode(text)[0][:len(expected)].tolist() == expected
 
 
 def test_a_folder_asking_for_remote_code_runs_none(tmp_path, packaged_files):
@@ -149,6 +153,21 @@ def test_a_folder_asking_for_remote_code_runs_none(tmp_path, packaged_files):
 def test_special_tokens_in_text_are_matched_as_openai_does(tokenizer):
     ids = tokenizer.encode("a<|endoftext|>b")[0]
     assert list(ids[:5]) == [SOT, tokenizer.encode("a")[0][1], EOT, tokenizer.encode("b")[0][1], EOT]
+
+
+def test_special_tokens_in_text_are_ids_where_openais_split_finds_them(tokenizer, packaged_files):
+    """SOT and EOT written in a prompt are their ids only where OpenAI's split finds them: after other symbols its
+    run of symbols takes "<|" first (",<|endoftext|>" is ",<|", "endoftext", "|>"); Hugging Face's added tokens
+    were matched anywhere, which put an EOT, where CLIP reads the text embedding, in the middle of the prompt."""
+    vocab, lines = packaged_files
+    atoms = [SOT_TOKEN, EOT_TOKEN, "<|ENDOFTEXT|>", "&lt;|endoftext|&gt;", "<|endoftext", "a", "cat", " ", ",", ".",
+             "<", "|", ">", "'s", "\u200b", "é", "😀", "-", "3", "&amp;"]
+    rng = np.random.default_rng(0)
+    texts = ["a cat,<|endoftext|> dog", "a<|endoftext|>b", "x\u200b<|startoftext|>"]
+    texts += ["".join(rng.choice(atoms, rng.integers(1, 8))) for _ in range(400)]
+    for text in texts:
+        expected = [SOT, *openai_simple_tokenizer_ids(text, vocab, lines[1:]), EOT]
+        assert tokenizer.encode(text)[0][:len(expected)].tolist() == expected, repr(text)
 
 
 # --- ids against the official tokenizers -----------------------------------------------------------------------

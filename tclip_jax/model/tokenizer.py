@@ -38,8 +38,10 @@ CONTEXT_LENGTH = 77
 # A tokenizer folder's files (Hugging Face layout): `tokenizer.json`, or `vocab.json` + `merges.txt` (`_load_backend`).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
-# OpenAI simple_tokenizer's split into words, numbers digit by digit, and runs of other symbols.
+# OpenAI simple_tokenizer's split into SOT and EOT, words, numbers digit by digit, and runs of other symbols.
 _OPENAI_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_OPENAI_PRE_TOKENIZER = tokenizers.pre_tokenizers.Split(tokenizers.Regex(_OPENAI_SPLIT), behavior="removed",
+                                                        invert=True)
 
 
 class PromptCutWarning(UserWarning):
@@ -76,6 +78,20 @@ class Word:
     is_punctuation: bool  # no letter or digit (e.g. ".", "!", "-", "&", emoji)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Pieces:
+    """The BPE pieces of a cleaned prompt, without the row's SOT and EOT: ids, piece strings, [start, end) in the
+    cleaned prompt, and the pre-tokenizer chunk (word or symbol run) each belongs to."""
+
+    ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    offsets: tuple[tuple[int, int], ...]
+    chunks: tuple[int, ...]
+
+    def first(self, n: int) -> _Pieces:
+        return _Pieces(self.ids[:n], self.tokens[:n], self.offsets[:n], self.chunks[:n])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TokenizedPrompt:
     """A prompt's token row together with its BPE pieces and words."""
@@ -108,23 +124,23 @@ class ClipTokenizer:
                truncate: bool = False) -> np.ndarray:
         """int32 [n, context_length] token rows, like OpenAI `clip.tokenize(texts, context_length, truncate)`."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        rows = [self._token_row(self._piece_encoding(text, context_length, truncate)[0], context_length)
+        rows = [self._token_row(self._prompt_pieces(text, context_length, truncate)[0], context_length)
                 for text in texts]
         return np.stack(rows) if rows else np.zeros((0, context_length), dtype=np.int32)
 
     def tokenize_words(self, text: str, context_length: int = CONTEXT_LENGTH,
                        truncate: bool = False) -> TokenizedPrompt:
         """Token row of one prompt plus its pieces and words, each word mapped to a span of `text`."""
-        encoding, cleaned = self._piece_encoding(text, context_length, truncate)
-        token_ids = self._token_row(encoding, context_length)
+        pieces, cleaned = self._prompt_pieces(text, context_length, truncate)
+        token_ids = self._token_row(pieces, context_length)
         token_ids.setflags(write=False)
-        positions = tuple(range(1, len(encoding.ids) + 1))
+        positions = tuple(range(1, len(pieces.ids) + 1))
         return TokenizedPrompt(
             text=text,
             token_ids=token_ids,
-            pieces=tuple(encoding.tokens),
+            pieces=pieces.tokens,
             piece_positions=positions,
-            words=_group_words(text, cleaned, encoding, positions),
+            words=_group_words(text, cleaned, pieces, positions),
         )
 
     def decode_piece(self, token_id: int) -> str:
@@ -135,13 +151,30 @@ class ClipTokenizer:
         raw = bytes(self._byte_of_char[c] for c in token)
         return raw.decode("utf-8", errors="replace").replace(WORD_END, " ").strip()
 
-    def _token_row(self, encoding: tokenizers.Encoding, context_length: int) -> np.ndarray:
+    def _token_row(self, pieces: _Pieces, context_length: int) -> np.ndarray:
         """SOT, pieces, EOT, then zero padding (OpenAI's padding, not Hugging Face's EOT padding)."""
         row = np.full(context_length, PAD_ID, dtype=np.int32)
-        row[: len(encoding.ids) + 2] = [self.sot_id, *encoding.ids, self.eot_id]
+        row[: len(pieces.ids) + 2] = [self.sot_id, *pieces.ids, self.eot_id]
         return row
 
-    def _piece_encoding(self, text: str, context_length: int, truncate: bool) -> tuple[tokenizers.Encoding, str]:
+    def _pieces(self, cleaned: str) -> _Pieces:
+        """BPE pieces of a cleaned prompt, SOT and EOT written in it included where OpenAI's split finds them:
+        its runs of symbols are taken first, so ",<|endoftext|>" is ",<|", "endoftext", "|>", pieces as any text
+        (Hugging Face's added tokens would be matched anywhere, so they are none: `_load_backend`)."""
+        specials = [(span, chunk) for chunk, span in _OPENAI_PRE_TOKENIZER.pre_tokenize_str(cleaned)
+                    if chunk in (SOT_TOKEN, EOT_TOKEN)]
+        blanked = list(cleaned)  # the BPE sees the rest of the text, each character where it was
+        for (start, end), _ in specials:
+            blanked[start:end] = " " * (end - start)
+        encoding = self._backend.encode("".join(blanked), add_special_tokens=False)
+        special_id = {SOT_TOKEN: self.sot_id, EOT_TOKEN: self.eot_id}
+        pieces = [*zip(encoding.offsets, encoding.ids, encoding.tokens, encoding.word_ids),
+                  *((span, special_id[chunk], chunk, -1 - k) for k, (span, chunk) in enumerate(specials))]
+        pieces.sort(key=lambda piece: piece[0][0])  # stable: the byte pieces of one character keep their order
+        offsets, ids, tokens, chunks = (tuple(column) for column in zip(*pieces)) if pieces else ((),) * 4
+        return _Pieces(ids, tokens, offsets, chunks)
+
+    def _prompt_pieces(self, text: str, context_length: int, truncate: bool) -> tuple[_Pieces, str]:
         """(BPE pieces of the cleaned prompt (no SOT/EOT), checked or truncated to fit the context; the cleaned
         prompt)."""
         if not isinstance(text, str):
@@ -153,26 +186,25 @@ class ClipTokenizer:
             raise ValueError(f"prompt {text!r} is not valid text: it holds {''.join(surrogates)!r}, bytes that are "
                              "not UTF-8 (give prompts as UTF-8)")
         cleaned = clean_text(text)
-        encoding = self._backend.encode(cleaned, add_special_tokens=False)
+        pieces = self._pieces(cleaned)
         capacity = context_length - 2
-        if len(encoding.ids) > capacity:
+        if len(pieces.ids) > capacity:
             shown = text if len(text) <= 60 else f"{text[:57]}..."  # a long prompt is named, not repeated
-            message = (f"prompt {shown!r} has {len(encoding.ids) + 2} tokens (SOT + {len(encoding.ids)} BPE pieces "
+            message = (f"prompt {shown!r} has {len(pieces.ids) + 2} tokens (SOT + {len(pieces.ids)} BPE pieces "
                        f"+ EOT), more than the context length {context_length}")
             if not truncate:
                 raise ValueError(message + "; shorten it or truncate it (truncate=True, --truncate)")
             # Cut between words, not inside one ("hippo" of "hippopotamus" would be explained as a word); a
             # first word longer than the context is cut.
-            words = _group_words(text, cleaned, encoding, tuple(range(1, len(encoding.ids) + 1)))
+            words = _group_words(text, cleaned, pieces, tuple(range(1, len(pieces.ids) + 1)))
             kept = max((w.piece_positions[-1] for w in words if w.piece_positions[-1] <= capacity), default=capacity)
             whole = " (up to the last whole word)" if kept < capacity else ""
             warnings.warn(message + f"; keeping the first {kept} pieces{whole}", PromptCutWarning, stacklevel=3)
-            encoding.truncate(kept)
-        return encoding, cleaned
+            pieces = pieces.first(kept)
+        return pieces, cleaned
 
 
-def _group_words(text: str, cleaned: str, encoding: tokenizers.Encoding,
-                 positions: tuple[int, ...]) -> tuple[Word, ...]:
+def _group_words(text: str, cleaned: str, pieces: _Pieces, positions: tuple[int, ...]) -> tuple[Word, ...]:
     """Merge the BPE pre-tokenizer's chunks into words and map them back onto the original text.
 
     A chunk with a letter or digit is a word (contractions included); adjacent word chunks are one word (CLIP
@@ -181,8 +213,7 @@ def _group_words(text: str, cleaned: str, encoding: tokenizers.Encoding,
     whatever punctuation follows it: its pieces up to the last mark belong to the word before, the rest is
     punctuation. A chunk of neither (punctuation, symbols, emoji with their variation selectors) is punctuation."""
     chunks = []  # (start, end, piece positions, is_punctuation) in cleaned-text coordinates
-    pieces = zip(encoding.word_ids, encoding.offsets, positions)
-    for _, members in itertools.groupby(pieces, key=lambda piece: piece[0]):
+    for _, members in itertools.groupby(zip(pieces.chunks, pieces.offsets, positions), key=lambda piece: piece[0]):
         members = [(start, end, position) for _, (start, end), position in members]
         if _has_letter_or_digit(cleaned[members[0][0]:members[-1][1]]):
             chunks.append((members[0][0], members[-1][1], tuple(p for _, _, p in members), False))
@@ -377,24 +408,27 @@ def _load_backend(folder: pathlib.Path) -> tokenizers.Tokenizer:
     `tokenizer.json` when the folder has one, else `vocab.json` + `merges.txt` with CLIP's pre-tokenizer (the
     split of OpenAI's `simple_tokenizer`, then byte-level symbols) and `</w>` word ends. No code or class named
     by the folder is loaded. The normalizer is off: `clean_text` applies OpenAI's normalization, so the BPE sees
-    exactly the text OpenAI's tokenizer sees. SOT and EOT are special tokens, matched in text as OpenAI's are; a
-    vocabulary without them is not CLIP's and is refused.
+    exactly the text OpenAI's tokenizer sees. SOT and EOT are vocabulary entries, not added tokens (which would be
+    matched anywhere in text: `ClipTokenizer._pieces` puts them where OpenAI's split finds them); a vocabulary
+    without them is not CLIP's and is refused.
     """
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
     if (folder / "tokenizer.json").is_file():
+        path = folder / "tokenizer.json"
         try:
-            backend = tokenizers.Tokenizer.from_str(_read_text(folder / "tokenizer.json"))
+            spec = json.loads(_read_text(path))
+            spec["added_tokens"] = [token for token in spec.get("added_tokens") or []
+                                    if token.get("content") not in (SOT_TOKEN, EOT_TOKEN)]
+            backend = tokenizers.Tokenizer.from_str(json.dumps(spec))
         except Exception as err:  # tokenizers raises plain Exceptions for malformed files
-            raise ValueError(f"{folder / 'tokenizer.json'} is not a tokenizers file: {err}") from None
+            raise ValueError(f"{path} is not a tokenizers file: {err}") from None
     else:
         backend = _bpe_from_files(folder / "vocab.json", folder / "merges.txt")
     backend.normalizer = None
-    # Checked before they are made special: adding a token the vocabulary lacks would give it a made-up id.
     missing = [token for token in (SOT_TOKEN, EOT_TOKEN) if backend.token_to_id(token) is None]
     if missing:
         raise ValueError(f"tokenizer in {folder} has no {' / '.join(missing)}: not a CLIP tokenizer")
-    backend.add_special_tokens([SOT_TOKEN, EOT_TOKEN])
     backend.no_truncation()
     backend.no_padding()
     return backend
@@ -420,9 +454,7 @@ def _bpe_from_files(vocab_path: pathlib.Path, merges_path: pathlib.Path) -> toke
     except Exception as err:  # e.g. a merge whose symbols are not in the vocabulary
         raise ValueError(f"{vocab_path.parent}: vocab.json and merges.txt do not form a BPE: {err}") from None
     backend.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
-        tokenizers.pre_tokenizers.Split(tokenizers.Regex(_OPENAI_SPLIT), behavior="removed", invert=True),
-        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+        _OPENAI_PRE_TOKENIZER, tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)])
     backend.decoder = tokenizers.decoders.ByteLevel()
     return backend
 
