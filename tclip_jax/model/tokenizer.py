@@ -310,6 +310,8 @@ def _ftfy_followed(original: str) -> list[tuple[str, int, int]]:
     between controls, '&' and ';' (spaces included) as the whole text's fix has it where the fixes of the text
     before and after it tell, else as it is. A run is followed part by part (`_run_followed`)."""
     fixed_whole = ftfy.fix_text(original)
+    if fixed_whole == original:
+        return [(c, i, i + 1) for i, c in enumerate(original)]
 
     def followed(runs: re.Pattern, fix_run) -> list[tuple[str, int, int]]:
         characters = []
@@ -324,8 +326,7 @@ def _ftfy_followed(original: str) -> list[tuple[str, int, int]]:
                 characters.extend((f, i, j) for f in fixed)
         return characters
 
-    alone = followed(_WORD_RUNS, lambda i, j: ftfy.fix_text(original[i:j]) if fixed_whole != original
-                     else original[i:j])
+    alone = followed(_WORD_RUNS, lambda i, j: ftfy.fix_text(original[i:j]))
     if "".join(c for c, _, _ in alone) == fixed_whole:
         return alone
     return followed(_RUNS_WITH_SPACES, lambda i, j: _fixed_in_context(original, i, j, fixed_whole))
