@@ -82,3 +82,23 @@ def tiny_model(fixture_npz):
     state_dict = {k: v.astype(np.float32) for k, v in fixture_npz("tiny_openai_clip.npz").items()}
     config = infer_openai_config(state_dict)
     return CLIP(config), convert_state_dict(state_dict, config)
+
+
+# A 64x48 picture in PostScript (EPS) that PIL would render by running Ghostscript.
+EPS_BYTES = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 48\nnewpath 0 0 moveto 64 48 lineto stroke\nshowpage\n"
+
+
+@pytest.fixture
+def fake_ghostscript(tmp_path, monkeypatch) -> pathlib.Path:
+    """A program `gs` first on PATH that writes the file it returns (the marker) whenever it runs; PIL's cached
+    lookup of Ghostscript is reset, so that PIL finds it. A test asserts the marker never appears."""
+    folder, marker = tmp_path / "fake_bin", tmp_path / "gs_ran"
+    folder.mkdir()
+    (folder / "gs").write_text(f'#!/bin/sh\necho "$@" >> "{marker}"\n'
+                               'if [ "$1" = --version ]; then echo 10.02.1; exit 0; fi\nexit 1\n')
+    (folder / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    from PIL import EpsImagePlugin
+
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)
+    return marker

@@ -107,6 +107,19 @@ def test_a_sigma_past_its_limit_is_refused_in_one_line_before_anything_runs(tmp_
     assert not (tmp_path / "o").exists()
 
 
+def test_a_postscript_file_named_jpg_is_refused_in_one_line_and_ghostscript_never_runs(tmp_path, fixtures_dir, capsys,
+                                                                                       fake_ghostscript):
+    from conftest import EPS_BYTES
+
+    (tmp_path / "photo.jpg").write_bytes(EPS_BYTES)
+    assert tclip(["explain", str(tmp_path / "photo.jpg"), "--prompt", "a cat", "--model",
+                  str(fixtures_dir / "tiny_openai_clip.npz"), "--out", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"tclip explain: error: cannot read image file {tmp_path / 'photo.jpg'}: cannot identify")
+    assert error.count("\n") == 1 and not (tmp_path / "o").exists()
+    assert not fake_ghostscript.exists()
+
+
 def test_every_image_is_checked_before_anything_is_written(tmp_path, fixtures_dir, capsys):
     from PIL import Image
 

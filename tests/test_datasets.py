@@ -572,6 +572,19 @@ def test_voc_bad_input_is_named(tmp_path):
             voc_dataset(above)
 
 
+def test_label_files_in_postscript_are_no_images_and_ghostscript_never_runs(tmp_path, fake_ghostscript):
+    """Label PNGs are read by PIL alone, as images are: PIL would render an EPS by running the program gs."""
+    from conftest import EPS_BYTES
+    from tclip_jax.evaluation.datasets.voc import read_voc_labels
+
+    (tmp_path / "label.png").write_bytes(EPS_BYTES)
+    with pytest.raises(ValueError, match=r"^cannot read ImageNet-S label .*label\.png: cannot identify image file"):
+        read_labels(tmp_path / "label.png")
+    with pytest.raises(ValueError, match=r"^cannot read VOC label .*label\.png: cannot identify image file"):
+        read_voc_labels(tmp_path / "label.png")
+    assert not fake_ghostscript.exists()
+
+
 def _column_major_rle(mask: np.ndarray) -> list[int]:
     """COCO's uncompressed RLE of a mask, by an explicit walk in column-major order (runs start with zeros)."""
     counts, current, run = [], False, 0

@@ -595,6 +595,20 @@ def test_paths_and_bytes_that_are_no_image_file_say_so_in_one_line(source, messa
             image_size(source)
 
 
+def test_a_postscript_file_is_no_image_and_ghostscript_never_runs(tmp_path, fake_ghostscript):
+    """PIL renders EPS by running the program gs on the file, whatever its name; an image is read by PIL alone."""
+    from conftest import EPS_BYTES
+    from tclip_jax.image import image_size
+
+    (tmp_path / "photo.jpg").write_bytes(EPS_BYTES)
+    for read in (load_image, image_size):
+        with pytest.raises(ValueError, match=r"^cannot read image file .*photo\.jpg: cannot identify image file"):
+            read(tmp_path / "photo.jpg")
+    with pytest.raises(ValueError, match="^cannot read image bytes: the bytes are not an image PIL can decode$"):
+        load_image(EPS_BYTES)
+    assert not fake_ghostscript.exists()
+
+
 def test_load_directory_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="is a folder, not an image file"):
         load_image(tmp_path)

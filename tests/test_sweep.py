@@ -193,6 +193,24 @@ def test_coco_sweep_scores_by_hand(coco_hand, tmp_path, crowd):
     assert result.throughput.images == 2 and result.throughput.devices == 1
 
 
+def test_a_postscript_image_is_one_bad_sample_and_ghostscript_never_runs(tmp_path, fake_ghostscript):
+    """PIL would render the EPS file by running the program gs (its error stopped the sweep): an image PIL cannot
+    decode itself is recorded as that sample's error, as a broken file is."""
+    from conftest import EPS_BYTES
+
+    images = {1: painted(48, 64, [(PERSON + 1, slice(10, 30), slice(5, 25))]),
+              2: {"file_name": "000000000002.jpg", "height": 48, "width": 64}}
+    root = write_coco(tmp_path / "coco", images, [(1, 1, [5, 10, 20, 20], 0), (2, 1, [0, 0, 5, 5], 0)],
+                      {"000000000002.jpg": EPS_BYTES})
+    report = run_sweep(coco_dataset(root), Painted.from_pretrained(), tmp_path / "out",
+                       options=RunOptions(progress=False)).report
+    assert report["images"] == 1 and report["units"] == 1
+    assert [e["key"] for e in report["errors"]] == ["2"]
+    eps_path = root / "val2017" / "000000000002.jpg"
+    assert f"cannot read image file {eps_path}: cannot identify" in report["errors"][0]["error"]
+    assert not fake_ghostscript.exists()
+
+
 def test_save_vis_writes_one_picture_per_unit_of_the_first_images(coco_hand, tmp_path):
     dataset = coco_dataset(coco_hand)
     run_sweep(dataset, Painted.from_pretrained(), tmp_path, options=RunOptions(batch_size=2, save_vis=1, progress=False))

@@ -23,11 +23,12 @@ import functools
 import pathlib
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
 from tclip_jax.files import fingerprint
 from tclip_jax.image import load_image
+from tclip_jax.image.io import open_raster
 from tclip_jax.evaluation.metrics.imagenet_s import IGNORE_ID, decode_label_png
 
 SPLITS = (50, 300, 919)
@@ -114,7 +115,7 @@ def read_labels(path: pathlib.Path) -> np.ndarray:
     if not path.is_file():
         raise ValueError(f"ImageNet-S label {path} is not a regular file")
     try:
-        with Image.open(path) as png:
+        with open_raster(path) as png:
             if png.mode not in ("RGB", "RGBA"):
                 raise ValueError(f"ImageNet-S label {path} has PIL mode {png.mode}; expected RGB with id = R + 256*G")
             if any(";16" in str(tile.args) for tile in png.tile):  # PIL keeps each channel's high byte: ids lost

@@ -13,11 +13,12 @@ import functools
 import pathlib
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
 from tclip_jax.files import fingerprint
 from tclip_jax.image import load_image
+from tclip_jax.image.io import open_raster
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dining table",
                "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor")
@@ -64,7 +65,7 @@ def voc_dataset(root: str | pathlib.Path, split: str = "val") -> Dataset:
 def read_voc_labels(path: pathlib.Path) -> np.ndarray:
     """Class indices [H, W] of a VOC palette PNG."""
     try:
-        with Image.open(path) as png:
+        with open_raster(path) as png:
             if png.mode not in ("P", "L"):
                 raise ValueError(f"VOC label {path} has PIL mode {png.mode}; expected a palette (P) PNG of class "
                                  "indices")
