@@ -1,9 +1,11 @@
-"""Writing results so that an interruption never leaves a half-written file or folder behind."""
+"""Writing results so that an interruption never leaves a half-written file or folder behind; reading the JSON
+files a user hands over."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -56,6 +58,17 @@ def fingerprint(parts: Iterable[bytes | memoryview]) -> str:
     for part in parts:
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()[:16]
+
+
+def loads_json(text: str | bytes):
+    """`json.loads(text)`; arrays or objects nested deeper than Python's parser goes (about a thousand levels, the
+    recursion limit: it raises RecursionError) raise `json.JSONDecodeError` as other malformed text does, so that
+    every reader names the file as not valid JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        document = text if isinstance(text, str) else text.decode("utf-8", "replace")
+        raise json.JSONDecodeError("arrays or objects nested too deeply to read", document, 0) from None
 
 
 def check_output_folder(out: str | os.PathLike, flag: str = "--out", replaced: bool = False) -> pathlib.Path:

@@ -228,6 +228,12 @@ def test_coco_bad_input(tmp_path, coco_root):
     (coco_root / "annotations" / "instances_val2017.json").write_text('{"images": []}')
     with pytest.raises(ValueError, match="not an instances file"):
         coco_dataset(coco_root)
+    # Nested deeper than Python's parser goes (it raised RecursionError: an internal error from the CLI).
+    (coco_root / "annotations" / "instances_val2017.json").write_text("[" * 100_000 + "]" * 100_000)
+    for dataset in (coco_dataset, coco_seg_dataset):
+        with pytest.raises(ValueError, match=r"^COCO: .*instances_val2017\.json is not valid JSON: arrays or objects "
+                                             r"nested too deeply to read: line 1 column 1 \(char 0\)$"):
+            dataset(coco_root)
     bad = write_coco(tmp_path / "bad_cat", {1: painted(8, 8, [])}, [(1, 12, [0, 0, 1, 1], 0)])  # 12 is unused
     with pytest.raises(ValueError, match="unknown category_id 12"):
         coco_dataset(bad)

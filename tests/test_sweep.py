@@ -844,9 +844,10 @@ def test_store_drops_a_torn_last_line_and_rejects_corruption(tmp_path):
         writer.append({"key": "c", "index": 2, "units": []})
     assert path.read_bytes().count(b"\n") == 2 and [r["key"] for r in read_records(path)] == ["a", "c"]
     good = b'{"key": "a", "index": 0, "units": []}\n'
-    path.write_bytes(good + b'not json\n{"key": "c"}\n')
-    with pytest.raises(ValueError, match="line 2 is not a JSON record"):
-        read_records(path)
+    for bad in (b"not json", b"[" * 100_000 + b"]" * 100_000):  # nested too deeply: not a RecursionError
+        path.write_bytes(good + bad + b'\n{"key": "c"}\n')
+        with pytest.raises(ValueError, match="line 2 is not a JSON record"):
+            read_records(path)
     for bad, problem in ((b'{"key": "c", "units": []}', "no 'index'"), (b'[1]', "not an object"),
                          (b'{"index": 1, "units": []}', "no 'key'"),
                          (b'{"key": "c", "index": 1}', "neither 'units' nor 'error'")):

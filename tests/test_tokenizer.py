@@ -85,6 +85,7 @@ def _tokenizer_folder(tmp_path, vocab: bytes, merges: bytes, extra: dict | None 
 
 @pytest.mark.parametrize("vocab,merges,message", [
     (b"{not json", b"#version: 0.2\na b\n", "vocab.json is not valid JSON"),
+    (b'{"a": ' * 100_000 + b"0" + b"}" * 100_000, b"", "vocab.json is not valid JSON: .* nested too deeply"),
     (b"\xff\xfe{}", b"", "vocab.json is not UTF-8 text"),
     (b'["a", "b"]', b"", "vocab.json must map token strings to integer ids"),
     (b'{"a": 0, "b": 1, "ab": 2}', b"#version: 0.2\na b c\n", "merge 1 is not two symbols"),

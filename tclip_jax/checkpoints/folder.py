@@ -19,7 +19,7 @@ import flax.traverse_util
 import numpy as np
 import safetensors.numpy
 
-from tclip_jax.files import staged_folder
+from tclip_jax.files import loads_json, staged_folder
 from tclip_jax.model import CLIPConfig, param_shapes
 from tclip_jax.model.tokenizer import TOKENIZER_FILES
 
@@ -115,7 +115,7 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[dict, CLIPConfig, dict]:
     if not header_path.is_file():
         raise FileNotFoundError(f"{folder} is not a tclip_jax checkpoint: no {CONFIG_FILE}")
     try:
-        header = json.loads(header_path.read_text(encoding="utf-8"))
+        header = loads_json(header_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{header_path} is not valid JSON: {err}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:

@@ -23,6 +23,7 @@ import numpy as np
 
 from tclip_jax.checkpoints.convert import ConversionError
 from tclip_jax.checkpoints.torchscript import is_torchscript, read_torchscript
+from tclip_jax.files import loads_json
 
 # transformers' order of preference; an `.index.json` stands for the shards its weight_map names.
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -116,7 +117,7 @@ def read_safetensors(path: pathlib.Path) -> dict[str, Any]:
         raise ConversionError(f"{path}: its safetensors header says {header_size} bytes, more than the file holds "
                               "(truncated, or not a safetensors file)")
     try:
-        header = json.loads(data[8:8 + header_size])
+        header = loads_json(data[8:8 + header_size])
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConversionError(f"{path} has no valid safetensors header: {err}") from None
     body, tensors = memoryview(data)[8 + header_size:], []
@@ -277,7 +278,7 @@ def open_clip_folder_files(folder: pathlib.Path) -> Optional[pathlib.Path]:
 
 def read_json(path: pathlib.Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_json(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConversionError(f"{path} is not valid JSON: {err}") from None
 

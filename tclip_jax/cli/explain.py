@@ -107,8 +107,10 @@ def result_folders(out: pathlib.Path, paths: list[str]) -> list[str]:
 
 def _result_image(folder: pathlib.Path) -> Optional[pathlib.Path]:
     """The image whose earlier result `folder` holds, as its result.json records it; None if it holds none."""
+    from tclip_jax.files import loads_json
+
     try:
-        return pathlib.Path(json.loads((folder / "result.json").read_text(encoding="utf-8"))["image"]["path"])
+        return pathlib.Path(loads_json((folder / "result.json").read_text(encoding="utf-8"))["image"]["path"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -155,14 +157,14 @@ def check_replaced(out: pathlib.Path, images: list[str], names: list[str], page:
 
 def _foreign_entry(folder: pathlib.Path) -> Optional[str]:
     """Why `folder` is not empty or an earlier result of `write_result`, or None if it is."""
-    from tclip_jax.files import unwritten_entries
+    from tclip_jax.files import loads_json, unwritten_entries
     from tclip_jax.methods.base import RESULT_SCHEMA
     from tclip_jax.visualize.explorer import DATA_SCRIPT
 
     if not unwritten_entries(folder, ()):  # empty, but for a file browser's files
         return None
     try:
-        record = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+        record = loads_json((folder / "result.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         return "it has no result.json"
     except (OSError, ValueError):

@@ -29,6 +29,8 @@ import tokenizers.decoders
 import tokenizers.models
 import tokenizers.pre_tokenizers
 
+from tclip_jax.files import loads_json
+
 DATA_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "clip_tokenizer"
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
@@ -437,7 +439,7 @@ def _load_backend(folder: pathlib.Path) -> tokenizers.Tokenizer:
 
 def _bpe_from_files(vocab_path: pathlib.Path, merges_path: pathlib.Path) -> tokenizers.Tokenizer:
     try:
-        vocab = json.loads(_read_text(vocab_path))
+        vocab = loads_json(_read_text(vocab_path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{vocab_path} is not valid JSON: {err}") from None
     if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)

@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from tclip_jax.files import write_text_atomic
+from tclip_jax.files import loads_json, write_text_atomic
 from tclip_jax.evaluation.metrics import SegmentationCounts, aggregate_by_class, summarize_segmentation
 from tclip_jax.evaluation.metrics.seed import summarize_seed
 from tclip_jax.sweep.store import read_all_records
@@ -237,7 +237,7 @@ def read_config(out: pathlib.Path) -> dict:
     """The sweep configuration stored in ``out``; a damaged file is named, with what to do."""
     path = out / CONFIG_FILE
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = loads_json(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is damaged ({err}); it holds the sweep's configuration: restore it or start the "
                          "sweep in a new --out") from None

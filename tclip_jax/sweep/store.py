@@ -23,7 +23,7 @@ import pathlib
 import re
 from collections.abc import Iterator
 
-from tclip_jax.files import held_lock, write_bytes_atomic
+from tclip_jax.files import held_lock, loads_json, write_bytes_atomic
 
 RESULTS_GLOB = "results-p*.jsonl"
 LOCKS_GLOB = "results-p*.lock"
@@ -41,7 +41,7 @@ def read_records(path: pathlib.Path) -> list[dict]:
     records = []
     for number, line in enumerate(complete, start=1):
         try:
-            record = json.loads(line)
+            record = loads_json(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: line {number} is not a JSON record ({err}); the file is corrupt") from None
         problem = _record_problem(record)

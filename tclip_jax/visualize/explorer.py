@@ -33,7 +33,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from tclip_jax.files import write_text_atomic
+from tclip_jax.files import loads_json, write_text_atomic
 from tclip_jax.visualize.figures import format_number, is_whole_image, method_label, model_label, overlay, turbo_lut
 
 PAGE_FORMAT = "tclip_jax/explorer"
@@ -267,7 +267,7 @@ def page_images(path: pathlib.Path) -> list[str]:
     try:
         text = pathlib.Path(path).read_text(encoding="utf-8")
         start = text.index(_PAGE_DATA_TAG) + len(_PAGE_DATA_TAG)
-        return [entry["name"] for entry in json.loads(text[start:text.index("</script>", start)])["images"]]
+        return [entry["name"] for entry in loads_json(text[start:text.index("</script>", start)])["images"]]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):  # not a page of ours, or damaged
         return []
 

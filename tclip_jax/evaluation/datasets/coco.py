@@ -33,7 +33,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
-from tclip_jax.files import fingerprint
+from tclip_jax.files import fingerprint, loads_json
 from tclip_jax.image import load_image
 from tclip_jax.model.tokenizer import has_word
 
@@ -152,7 +152,7 @@ def _read_instances(path: pathlib.Path,
     """
     try:
         raw = path.read_bytes()
-        data = json.loads(raw.decode("utf-8"))
+        data = loads_json(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"COCO: {path} is not valid JSON: {err}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list)

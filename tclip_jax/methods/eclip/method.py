@@ -33,7 +33,7 @@ import numpy as np
 import safetensors.numpy
 
 from tclip_jax.checkpoints.load import LoadedClip
-from tclip_jax.files import write_bytes_atomic, write_text_atomic
+from tclip_jax.files import loads_json, write_bytes_atomic, write_text_atomic
 from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, PromptMethod, QueryArrays
 from tclip_jax.methods.eclip.settings import Settings
 from tclip_jax.model import CLIP, CLIPConfig, l2_normalize
@@ -142,7 +142,7 @@ def _check_trained_on(info_path: pathlib.Path, clip: LoadedClip) -> None:
     if not info_path.is_file():
         return
     try:
-        model = json.loads(info_path.read_text(encoding="utf-8")).get("model") or {}
+        model = loads_json(info_path.read_text(encoding="utf-8")).get("model") or {}
         if not isinstance(model, dict):
             raise ValueError(f"its model is {type(model).__name__}, not a record")
     except (ValueError, UnicodeDecodeError, AttributeError) as err:  # JSONDecodeError is a ValueError

@@ -46,7 +46,7 @@ import optax
 import safetensors.numpy
 
 from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint, weights_fingerprint
-from tclip_jax.files import check_output_folder, fingerprint, held_lock, staged_folder
+from tclip_jax.files import check_output_folder, fingerprint, held_lock, loads_json, staged_folder
 from tclip_jax.image import CLIP_MEAN, CLIP_STD, image_size, load_image, prepare
 from tclip_jax.methods import common
 from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, Projections, clip_projections, image_features,
@@ -161,7 +161,7 @@ def _jsonl_rows(listing: pathlib.Path) -> Iterator[tuple[int, str, str]]:
         if not text.strip():
             continue
         try:
-            row = json.loads(text)
+            row = loads_json(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{listing}:{line}: not JSON: {err}") from None
         if not (isinstance(row, dict) and isinstance(row.get("path"), str) and isinstance(row.get("caption"), str)):
@@ -200,7 +200,7 @@ class ViTAttention:
 
         config_path = pathlib.Path(folder) / "config.json"
         try:
-            model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+            model_type = loads_json(config_path.read_text(encoding="utf-8")).get("model_type")
         except (OSError, ValueError, AttributeError) as err:
             raise ValueError(f"--dino {name}: cannot read its config.json ({err})") from None
         if model_type != "vit":  # transformers would build a ViT from any config, its weights left random
@@ -449,7 +449,7 @@ def load_checkpoint(folder: pathlib.Path, run: dict, projections: Projections,
     expected = {**{f"projections/{k}": v for k, v in projections.items()},
                 **{f"optimizer/{i}": leaf for i, leaf in enumerate(jax.tree_util.tree_leaves(opt_state))}}
     try:
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        state = loads_json((folder / "state.json").read_text(encoding="utf-8"))
         arrays = safetensors.numpy.load_file(folder / "state.safetensors")
         loaded = {key: arrays[key] for key in expected}
         epoch, step = state["epoch"], state["step"]
