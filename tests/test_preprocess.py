@@ -653,6 +653,25 @@ def test_square_protocols_refuse_strips(protocol, shape_hw):
     prepare(np.zeros((40, 400, 3), np.uint8), protocol, 224, 32)  # 10:1 is still taken
 
 
+@pytest.mark.parametrize("protocol", ["whole", "center_crop"])
+def test_a_strip_is_pointed_to_patch_multiple_only_where_that_protocol_takes_it(protocol):
+    """A side of at least half a patch rounds to one patch or more: patch_multiple takes the strip. A 1-pixel side
+    does not (the command the hint named was refused too)."""
+    from tclip_jax.image import prepare
+
+    hint = "TCLIP can also take it as it is: --input-protocol patch_multiple"
+    for shape_hw, taken in (((1, 2000), False), ((15, 2000), False), ((16, 2000), True), ((2000, 16), True)):
+        with pytest.raises(ValueError, match="more than 10:1") as refused:
+            prepare(np.zeros((*shape_hw, 3), np.uint8), protocol, 224, 32)
+        assert (hint in str(refused.value)) == taken, shape_hw
+        if taken:  # the hint's command runs
+            prepare(np.zeros((*shape_hw, 3), np.uint8), "patch_multiple", 224, 32)
+        else:
+            assert str(refused.value).endswith("crop or tile it first")
+            with pytest.raises(ValueError, match="less than half a 32-pixel patch"):
+                prepare(np.zeros((*shape_hw, 3), np.uint8), "patch_multiple", 224, 32)
+
+
 def test_patch_multiple_keeps_strips_but_needs_half_a_patch():
     from tclip_jax.image import prepare
 

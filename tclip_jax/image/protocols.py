@@ -51,16 +51,26 @@ def check_input_size(size_hw: tuple[int, int], protocol: InputProtocol, patch_si
     height, width = size_hw
     if protocol in ("whole", "center_crop"):
         if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+            # patch_multiple is pointed to only where it would take the image
+            alternative = "" if _patch_multiple_problem(size_hw, patch_size) else (
+                " (TCLIP can also take it as it is: --input-protocol patch_multiple; baselines keep their official "
+                "protocol)")
             raise ValueError(f"the image is {width}x{height} (W x H), more than {MAX_ASPECT_RATIO}:1; the {protocol} "
-                             "protocol would squash or crop most of it away: crop or tile it first (TCLIP can also "
-                             "take it as it is: --input-protocol patch_multiple; baselines keep their official "
-                             "protocol)")
+                             f"protocol would squash or crop most of it away: crop or tile it first{alternative}")
     elif protocol == "patch_multiple":
-        if 2 * min(height, width) < patch_size:
-            raise ValueError(f"the image's {min(height, width)}-pixel side is less than half a {patch_size}-pixel "
-                             "patch: too small for the patch_multiple protocol")
+        problem = _patch_multiple_problem(size_hw, patch_size)
+        if problem:
+            raise ValueError(problem)
     else:
         raise ValueError(f"unknown input protocol {protocol!r}; expected one of {', '.join(INPUT_PROTOCOLS)}")
+
+
+def _patch_multiple_problem(size_hw: tuple[int, int], patch_size: int) -> str | None:
+    """Why the patch_multiple protocol cannot take an image of `size_hw` (a side that rounds to no patch), or None."""
+    if 2 * min(size_hw) < patch_size:
+        return (f"the image's {min(size_hw)}-pixel side is less than half a {patch_size}-pixel patch: too small for "
+                "the patch_multiple protocol")
+    return None
 
 
 def center_crop(rgb: np.ndarray, size: int = 224) -> tuple[np.ndarray, Geometry]:
