@@ -7,7 +7,8 @@ Conventions:
   CLIP converts after resizing, we before (`tclip_jax.image.protocols`).
 - 16-bit values v become round(v / 257), so 8-bit values stored as v * 257 round-trip exactly. 16-bit data whose
   values are all <= 255 (likely 8-bit values, nearly black once read) is read the same way with a warning, whether
-  a uint16 array or a PIL image of mode I or I;16.
+  a uint16 array or a PIL image of mode I or I;16. 16-bit RGB(A) files (PNG, TIFF) are read as PIL, and so CLIP's
+  own preprocessing, reads them: PIL keeps each value's high byte, v >> 8, up to 1 below round(v / 257).
 - Float arrays must lie in [0, 1] and become round(255 * x).
 - EXIF orientation is applied (``ImageOps.exif_transpose``) to files, bytes and PIL images, unless ``exif=False``
   (a PIL image turned by hand keeps its tag and is turned again; ``exif_transpose`` drops it):
