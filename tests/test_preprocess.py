@@ -609,6 +609,28 @@ def test_a_postscript_file_is_no_image_and_ghostscript_never_runs(tmp_path, fake
     assert not fake_ghostscript.exists()
 
 
+def test_a_format_a_plugin_registers_is_read(tmp_path, monkeypatch):
+    """Formats of plugins a user registers (HEIC with pillow-heif) are read as PIL reads them: a list of allowed
+    formats refused them. Here a plugin of a made-up format: a 4-byte signature, then 2x3 RGB pixels."""
+    from PIL import ImageFile
+
+    class TinyRGB(ImageFile.ImageFile):
+        format, format_description = "TINYRGB", "a test plugin's format"
+
+        def _open(self):
+            if self.fp.read(4) != b"TRGB":
+                raise SyntaxError("not a TINYRGB file")
+            self._mode, self._size = "RGB", (3, 2)
+            self.tile = [ImageFile._Tile("raw", (0, 0, 3, 2), 4, ("RGB", 0, 1))]
+
+    monkeypatch.setattr(Image, "OPEN", dict(Image.OPEN))
+    monkeypatch.setattr(Image, "ID", list(Image.ID))
+    Image.register_open(TinyRGB.format, TinyRGB, lambda prefix: prefix[:4] == b"TRGB")
+    pixels = np.arange(18, dtype=np.uint8).reshape(2, 3, 3)
+    (tmp_path / "photo.trgb").write_bytes(b"TRGB" + pixels.tobytes())
+    np.testing.assert_array_equal(load_image(tmp_path / "photo.trgb"), pixels)
+
+
 def test_load_directory_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="is a folder, not an image file"):
         load_image(tmp_path)

@@ -1,8 +1,8 @@
 """Decoding: any path, encoded bytes, PIL image or array becomes an RGB uint8 array [H, W, 3].
 
 Conventions:
-- Files and bytes are opened in the raster formats PIL decodes itself (`RASTER_FORMATS`): no outside program runs
-  on them (PIL renders PostScript with Ghostscript), as image and dataset files come from anywhere.
+- Files and bytes are opened in every format PIL has but `NOT_OPENED_FORMATS`: no outside program runs on them (PIL
+  renders PostScript with Ghostscript), as image and dataset files come from anywhere.
 - Alpha is dropped (not composited), as CLIP's own ``_convert_image_to_rgb`` (PIL ``convert("RGB")``) does;
   CLIP converts after resizing, we before (`tclip_jax.image.protocols`).
 - 16-bit values v become round(v / 257), so 8-bit values stored as v * 257 round-trip exactly. 16-bit data whose
@@ -40,20 +40,18 @@ _UINT16_MAX = 65535
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-# The formats whose pixels PIL decodes itself, in PIL's order (formats without a signature check, e.g. TGA, last).
-# Left out: EPS, which PIL renders by running the program Ghostscript (gs) on the file; IPTC, whose payload PIL
-# opens again with every format allowed, EPS included; and BUFR, GRIB, HDF5, MPEG and WMF, which PIL only
-# identifies (or has Windows draw). An image or label file is never handed to an outside program.
-RASTER_FORMATS = ("AVIF", "BLP", "BMP", "DIB", "CUR", "PCX", "DCX", "DDS", "FITS", "FLI", "FTEX", "GBR", "GIF", "PNG",
-                  "JPEG2000", "ICNS", "ICO", "JPEG", "MCIDAS", "TIFF", "MSP", "PIXAR", "PPM", "PSD", "QOI", "SGI",
-                  "SUN", "WEBP", "XBM", "XPM", "XVTHUMB", "IM", "IMT", "PCD", "SPIDER", "TGA")
+# The formats PIL has that are never opened: EPS, which PIL renders by running the program Ghostscript (gs) on the
+# file; IPTC, whose payload PIL opens again with every format allowed, EPS included; and BUFR, GRIB, HDF5, MPEG and
+# WMF, which PIL only identifies (or has Windows draw). An image or label file is never handed to an outside program.
+# Every other format is opened, those of plugins a user registered (HEIC with pillow-heif, say) included.
+NOT_OPENED_FORMATS = ("EPS", "IPTC", "BUFR", "GRIB", "HDF5", "MPEG", "WMF")
 
 
 def open_raster(source: str | os.PathLike | IO[bytes]) -> Image.Image:
-    """`Image.open(source)` that tries only `RASTER_FORMATS` (those this PIL has): other files, PostScript
-    included, raise `UnidentifiedImageError`."""
-    Image.init()  # registers every plugin PIL has, so that the check below sees them
-    return Image.open(source, formats=[name for name in RASTER_FORMATS if name in Image.OPEN])
+    """`Image.open(source)` that tries every format PIL has but `NOT_OPENED_FORMATS`: PostScript and the others
+    raise `UnidentifiedImageError`."""
+    Image.init()  # registers every plugin PIL has, so that the list below holds them
+    return Image.open(source, formats=[name for name in Image.OPEN if name not in NOT_OPENED_FORMATS])
 
 
 def max_pixels() -> int | None:
