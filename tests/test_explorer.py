@@ -505,13 +505,23 @@ def test_a_grid_figure_is_no_wider_for_an_image_wider_than_two_to_one():
     assert width((40, 400)) == width((40, 800)) == width((40, 80)) < 2 * width((40, 40))
 
 
-def test_whole_image_box_is_drawn_inset():
-    picture = draw_box(np.zeros((100, 120, 3), np.uint8), (0, 0, 120, 100), thickness=2)
-    assert not picture[:2].any() and not picture[:, :2].any()   # the frame itself is left alone ...
-    assert (picture[3:97, 4:6] == 255).all()                      # ... the box is drawn inside it
-    inner = draw_box(np.zeros((100, 120, 3), np.uint8), (10, 20, 50, 60), thickness=2)
-    assert not inner[:, :10].any() and not inner[:20].any() and not inner[:, 50:].any() and not inner[60:].any()
-    assert (inner[30, 10:14] > 0).any()  # an inner stroke: inside the box's own pixels
+@pytest.mark.parametrize("thickness", range(2, 8))
+def test_a_box_is_drawn_inside_itself_and_a_whole_image_box_inset(thickness):
+    """An inner stroke: what is drawn reaches the box's edges and no further (an odd width drew a pixel outside),
+    its black edge around the white line; a whole-image box is drawn a stroke width further in, off the frame."""
+    def drawn(box):  # the extents (x1, y1, x2, y2, ends exclusive) of the pixels drawn and of the white ones
+        picture = draw_box(np.full((100, 120, 3), 77, np.uint8), box, thickness=thickness)
+        assert (picture[50, 60] == 77).all()  # a line, not a filled box
+
+        def extent(mask):
+            ys, xs = np.nonzero(mask)
+            return xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+
+        return extent((picture != 77).any(axis=-1)), extent((picture == 255).all(axis=-1))
+
+    assert drawn((10, 20, 110, 90)) == ((10, 20, 110, 90), (11, 21, 109, 89))
+    t = thickness
+    assert drawn((0, 0, 120, 100)) == ((t, t, 120 - t, 100 - t), (t + 1, t + 1, 119 - t, 99 - t))
 
 
 def test_the_whole_prompt_map_says_how_its_query_was_made(fixtures_dir):

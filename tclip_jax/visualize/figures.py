@@ -71,7 +71,7 @@ def draw_box(rgb: np.ndarray, box: Box, colour=BOX_COLOUR, outline=BOX_OUTLINE, 
     x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
     if is_whole_image((x1, y1, x2, y2), (height, width)):
         x1, y1, x2, y2 = x1 + t, y1 + t, x2 - t, y2 - t
-    inset = band // 2
+    inset = (band + 1) // 2  # how far cv2's stroke of `band` reaches either side of its line (an odd band's too)
     # Box ends are exclusive, cv2.rectangle's inclusive; the stroke is centred on the line cv2 is given.
     left, top = min(x1 + inset, x2 - 1), min(y1 + inset, y2 - 1)
     right, bottom = max(x2 - 1 - inset, left), max(y2 - 1 - inset, top)
