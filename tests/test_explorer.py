@@ -16,7 +16,8 @@ import browser
 from tclip_jax.cli import main as tclip
 from tclip_jax.cli.explain import parse_compare
 from tclip_jax.methods import METHODS
-from tclip_jax.visualize import draw_box, explorer, turbo_lut
+from tclip_jax.visualize import draw_box, explorer, overlay, turbo_lut
+from tclip_jax.visualize.figures import is_whole_image
 
 PROMPTS = ["a red circle.", "cat"]
 LABELS = ["TCLIP K=25", "TCLIP K=1", "similarity"]
@@ -378,6 +379,9 @@ def test_figure_wraps_names_the_method_and_shows_tau(fixtures_dir):
     assert "TCLIP K=1" in figure._suptitle.get_text() and "tiny_openai_clip.npz" in figure._suptitle.get_text()
     word = result.prompts[0].word_maps[1]
     assert shown[2].get_title() == f"small\nτ={word.tau:.4f}"
+    # The default figure draws each word's map (its soft map only when asked for), at the image's size.
+    first = result.prompts[0].word_maps[0]
+    np.testing.assert_array_equal(shown[1].images[0].get_array(), overlay(result.image, first.heatmap, first.box))
     assert figure._repr_png_().startswith(b"\x89PNG")  # a notebook shows it without pyplot
     soft = result.figure(kind="soft")
     assert "TCLIP K=1 soft maps" in soft._suptitle.get_text()
@@ -522,6 +526,24 @@ def test_a_box_is_drawn_inside_itself_and_a_whole_image_box_inset(thickness):
     assert drawn((10, 20, 110, 90)) == ((10, 20, 110, 90), (11, 21, 109, 89))
     t = thickness
     assert drawn((0, 0, 120, 100)) == ((t, t, 120 - t, 100 - t), (t + 1, t + 1, 119 - t, 99 - t))
+
+
+def test_a_whole_image_box_is_one_that_covers_the_image():
+    assert is_whole_image((0, 0, 120, 100), (100, 120))
+    assert not is_whole_image((0, 0, 110, 100), (100, 120)) and not is_whole_image((0, 0, 120, 90), (100, 120))
+
+
+def test_an_overlay_is_the_image_blended_with_the_turbo_colours_of_the_min_max_map():
+    """overlay(image, h, α) = round((1 - α) image + α turbo[round(255 (h - min h) / (max h - min h))]), turbo
+    being Google's Turbo table in RGB: its first colour (48, 18, 59), its last (122, 4, 3)."""
+    lut = turbo_lut()
+    assert lut.shape == (256, 3) and lut[0].tolist() == [48, 18, 59] and lut[255].tolist() == [122, 4, 3]
+    image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), np.uint8)
+    heatmap = np.linspace(3.0, 7.0, 24 * 40, dtype=np.float32).reshape(24, 40)  # a ramp off zero: min-max matters
+    colours = lut[np.round(255 * (heatmap.astype(np.float64) - 3.0) / 4.0).astype(int)]
+    for alpha in (0.5, 0.25):  # weights exact in binary: a blend ending in .5 is one, rounded to even either way
+        np.testing.assert_array_equal(overlay(image, heatmap, alpha=alpha),
+                                      np.round((1 - alpha) * image + alpha * colours))
 
 
 def test_the_whole_prompt_map_says_how_its_query_was_made(fixtures_dir):
