@@ -420,7 +420,7 @@ def test_characters_the_figure_font_lacks_are_said_once_not_per_glyph_and_figure
 
 
 def test_a_large_photo_is_drawn_in_the_grid_at_a_bounded_size_with_its_box_where_it_was():
-    from tclip_jax.visualize.figures import GRID_MAX_SIDE, Panel, grid_figure, overlay
+    from tclip_jax.visualize.figures import GRID_MAX_SIDE, Panel, _resized, grid_figure
 
     height, width = 3000, 4000
     heatmap = np.zeros((height, width), np.float32)
@@ -437,6 +437,13 @@ def test_a_large_photo_is_drawn_in_the_grid_at_a_bounded_size_with_its_box_where
     assert np.abs(drawn[1].astype(int) - expected).max() <= 1
     small = grid_figure(image[:300, :400], [Panel("word", heatmap[:300, :400])], "small")  # drawn as it is
     np.testing.assert_array_equal([a for a in small.axes if a.images][0].images[0].get_array(), image[:300, :400])
+    # A whole-image box is drawn as the whole drawn picture's (inset): 1100 rows are drawn as 682.67, so 683, and
+    # the box's end was cut to 682, not the whole picture, so not inset.
+    whole = grid_figure(image[:1100, :1650], [Panel("word", heatmap[:1100, :1650], (0, 0, 1650, 1100))], "whole")
+    panel = [a.images[0].get_array() for a in whole.axes if a.images][1]
+    np.testing.assert_array_equal(panel, overlay(_resized(image[:1100, :1650], GRID_MAX_SIDE / 1650),
+                                                 _resized(heatmap[:1100, :1650], GRID_MAX_SIDE / 1650),
+                                                 (0, 0, GRID_MAX_SIDE, 683)))
 
 
 _SETTINGS_TITLE = ('TCLIP K=1 (trim=0.1, input_protocol=center_crop, token_weighting=mean) maps · model '

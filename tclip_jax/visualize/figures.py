@@ -161,7 +161,8 @@ def grid_figure(image: np.ndarray, panels: Sequence[Panel], suptitle: str, colum
     axes.flat[0].imshow(shown)
     axes.flat[0].set_title(captions[0], fontsize=_CAPTION_POINTS, linespacing=_LINE_SPACING)
     for axis, panel, caption in zip(axes.flat[1:], panels, captions[1:]):
-        box = None if panel.box is None else tuple(v * scale for v in panel.box)
+        # Rounded as the picture's size is: a box that ends at the image's edge ends at the drawn picture's edge.
+        box = None if panel.box is None else tuple(round(v * scale) for v in panel.box)
         axis.imshow(overlay(shown, _resized(np.asarray(panel.heatmap, np.float32), scale), box))
         axis.set_title(caption, fontsize=_CAPTION_POINTS, linespacing=_LINE_SPACING,
                        color="firebrick" if panel.fallback else "black")
