@@ -117,6 +117,18 @@ def test_page_size_stays_small(run):
     assert (run / "index.html").stat().st_size < 1_000_000
 
 
+def test_any_image_name_and_text_is_read_back_from_the_page(tmp_path):
+    """Writing index.html took an image's name to end at its first ", " (a name holding one failed with 'Extra
+    data'), and a "</script>" in the page's data would end its script element early: both read back as written."""
+    entry = {"name": "photo, 2 </script><b>", "title": "a </script><b>", "blobs": [], "panels": []}
+    (tmp_path / "a").mkdir()
+    explorer.PageWriter.write_data(tmp_path / "a", entry)
+    writer = explorer.PageWriter(tmp_path, "page </script>")
+    writer.add(entry["name"], entry["title"], "a")
+    index, inline = writer.finish()
+    assert inline and page_json(index)["images"] == [entry] and page_json(index)["title"] == "page </script>"
+
+
 def test_no_html_compare_none_and_bad_compare_specs(tmp_path, fixtures_dir, capsys):
     out = tmp_path / "plain"
     assert explain(out, fixtures_dir, "--no-html", images=("scene_224.png",)) == 0

@@ -363,12 +363,14 @@ class PageWriter:
         total = sum(path.stat().st_size for path in scripts)
         inline = total <= self.inline_limit
         if inline:
-            prefix = len("TCLIPExplorer.register(")
+            # Each script is `TCLIPExplorer.register(<name>, <entry>);`: the name is read as JSON to find where
+            # it ends (a name may itself hold ", "), then the entry after it.
+            decoder, prefix = json.JSONDecoder(), len("TCLIPExplorer.register(")
             entries = []
             for path in scripts:
                 text = path.read_text(encoding="utf-8")
-                name_end = text.index(", ", prefix)
-                entries.append(json.loads(text[name_end + 2:text.rindex(");")]))
+                _, name_end = decoder.raw_decode(text, prefix)
+                entries.append(decoder.raw_decode(text, name_end + len(", "))[0])
         else:
             entries = [{"name": name, "title": title, "script": f"{_url(folder)}/{DATA_SCRIPT}"}
                        for name, title, folder in self._images]
