@@ -80,6 +80,10 @@ def test_numbers_and_maps_in_the_page_are_the_results(run):
         folder = run / entry["name"]
         record = json.loads((folder / "result.json").read_text())
         main, k1, similarity = entry["panels"]
+        height, width = record["image"]["size_hw"]
+        for panel in entry["panels"]:  # a box is whole-image when it is the image's own (320x240: x2 320, y2 240)
+            for m in panel["maps"].values():
+                assert m["whole_image"] == (m["box"] == [0, 0, width, height]), (panel["label"], m)
         with np.load(folder / "maps.npz") as npz:
             for p, prompt in enumerate(record["prompts"]):
                 for w, word in enumerate(prompt["words"]):
@@ -90,7 +94,8 @@ def test_numbers_and_maps_in_the_page_are_the_results(run):
                     lo, hi = shown["heatmap"]["range"]
                     assert (lo, hi) == (float(values.min()), float(values.max()))  # exact value ranges
                     q = decode_blob(entry["blobs"][shown["heatmap"]["blob"]]).astype(np.float64)
-                    assert max(q.shape) <= explorer.MAP_MAX_SIDE
+                    scale = min(1.0, explorer.MAP_MAX_SIDE / max(values.shape))  # (rows, columns) as the map's
+                    assert q.shape == tuple(round(n * scale) for n in values.shape)
                     expected = cv2.resize(values, q.shape[::-1], interpolation=cv2.INTER_AREA)
                     np.testing.assert_allclose(lo + q / 255 * (hi - lo), expected, atol=(hi - lo) / 510 + 1e-6)
                     assert shown["soft"] is not None
@@ -635,7 +640,8 @@ def test_browser_a_prompt_cut_to_the_context_shows_what_was_cut(tmp_path, fixtur
     long = " ".join(["red"] * 80)  # one piece a word: 75 fit the context of 77 beside SOT and EOT
     mapped = len(" ".join(["red"] * 75))
     with pytest.warns(UserWarning, match="keeping the first 75 pieces"):
-        per_word = TCLIP.from_pretrained(model, translations=1, truncate=True).explain(image, [long, "a red circle"])
+        # "a red circle ": its trailing space is no cut-off part
+        per_word = TCLIP.from_pretrained(model, translations=1, truncate=True).explain(image, [long, "a red circle "])
     with pytest.warns(UserWarning, match="keeping the first 75 pieces"):
         per_prompt = Similarity.from_pretrained(model, truncate=True).explain(image, long)
     page = tmp_path / "cut.html"
