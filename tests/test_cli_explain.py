@@ -205,6 +205,24 @@ def test_running_out_of_memory_is_one_line_that_says_so_and_a_bug_says_it_is_int
                                                "TCLIP_TRACEBACK=1 for the traceback)")
 
 
+def test_a_commands_warnings_are_said_in_one_line_while_it_runs_and_the_process_keeps_its_own(monkeypatch, capsys):
+    """The command's hook for warnings stayed after main returned: every later warning of the process (a notebook's,
+    a test's) was said as "tclip explain: warning: ..."."""
+    import warnings
+
+    import tclip_jax.cli.explain as explain_command
+
+    def warns(args):
+        warnings.warn("careful\nnow", UserWarning)
+        return 0
+
+    monkeypatch.setattr(explain_command, "run", warns)
+    before = warnings.showwarning
+    assert tclip(["explain", "x.png", "--prompt", "red", "--out", "nowhere"]) == 0
+    assert capsys.readouterr().err == "tclip explain: warning: careful now\n"
+    assert warnings.showwarning is before
+
+
 def test_a_prompt_level_main_methods_word_alone_maps_are_in_result_json_as_on_the_page(tmp_path, fixtures_dir):
     """Beside a per-word compare method the page shows the main method's map of each word alone; result.json
     records them as it records a compare method's."""

@@ -104,6 +104,19 @@ def sigterm_as_interrupt(who: str) -> Iterator[None]:
             watchdog.close()
 
 
+@contextlib.contextmanager
+def warnings_as_lines(who: str) -> Iterator[None]:
+    """While the block runs, a warning is said in one line naming `who` (the program); the hook before is put back
+    after, so that later warnings of the process (a notebook's, a test's) are not said as the command's."""
+    previous = warnings.showwarning
+    warnings.showwarning = ours = lambda message, *_: print(f"{who}: warning: {_one_line(message)}", file=sys.stderr)
+    try:
+        yield
+    finally:
+        if warnings.showwarning is ours:  # else a later hook (another main, in a thread) holds it: left in place
+            warnings.showwarning = previous
+
+
 def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         parser = build_parser()  # imports the sub-commands (OpenCV, numpy): long enough to be interrupted in
@@ -114,10 +127,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    warnings.showwarning = lambda message, *_: print(f"tclip {args.command}: warning: {_one_line(message)}",
-                                                      file=sys.stderr)
     try:
-        with sigterm_as_interrupt(f"tclip {args.command}"):
+        with sigterm_as_interrupt(f"tclip {args.command}"), warnings_as_lines(f"tclip {args.command}"):
             with ctrl_c_held():  # a Ctrl-C inside jaxlib's native start-up crashed the interpreter on its way out
                 importlib.import_module("jax")
             return args.run(args)
