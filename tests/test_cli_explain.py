@@ -36,7 +36,9 @@ def test_explain_writes_overlays_grid_json_and_npz(tmp_path, fixtures_dir):
         assert maps["p0_w2_circle/heatmap"].shape == maps["p0_w2_circle/soft"].shape == (240, 320)
         assert maps["p0_similarity"].shape == (4, 49)  # every piece, "." included
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind
-    assert (out / "index.html").is_file()  # the explorer, on by default (tests/test_explorer.py)
+    page = (out / "index.html").read_text(encoding="utf-8")  # the explorer, on by default (tests/test_explorer.py)
+    data = json.loads(page.split('id="tclip-data">', 1)[1].split("</script>", 1)[0])
+    assert [p["label"] for p in data["images"][0]["panels"]] == ["TCLIP K=1"]  # a K=1 run is not compared with K=1
 
 
 def test_explain_with_a_baseline(tmp_path, fixtures_dir):
@@ -199,6 +201,20 @@ def test_running_out_of_memory_is_one_line_that_says_so_and_a_bug_says_it_is_int
     assert len(err) == 1 and err[0].startswith("tclip explain: error: out of memory (RESOURCE_EXHAUSTED: Out of "
                                                "memory allocating 4398046511104 bytes")
     assert "fewer prompts" in err[0]
+
+    def exhausted(args):  # XLA's words on a GPU, without "Out of memory"
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Failed to allocate request for 4.00TiB on device")
+
+    monkeypatch.setattr(explain_command, "run", exhausted)
+    assert tclip(["explain", "x.png", "--prompt", "red", "--out", "nowhere"]) == 2
+    assert capsys.readouterr().err.startswith("tclip explain: error: out of memory (RESOURCE_EXHAUSTED: Failed")
+
+    def missing_package(args):  # an optional package a method needs is not installed: the user's to install
+        raise ImportError("No module named 'optional_package'")
+
+    monkeypatch.setattr(explain_command, "run", missing_package)
+    assert tclip(["explain", "x.png", "--prompt", "red", "--out", "nowhere"]) == 2
+    assert capsys.readouterr().err == "tclip explain: error: No module named 'optional_package'\n"
     monkeypatch.setattr(explain_command, "run", lambda args: {}["missing"])
     assert tclip(["explain", "x.png", "--prompt", "red", "--out", "nowhere"]) == 1
     assert capsys.readouterr().err.strip() == ("tclip explain: internal error (KeyError): 'missing' (set "
@@ -277,6 +293,34 @@ def test_a_rerun_replaces_its_own_images_results_and_never_another_images(tmp_pa
         assert page_images(out / "index.html") == [pathlib.Path(image).stem for image in images]
 
 
+def test_a_link_to_an_image_named_in_other_case_takes_a_folder_of_its_own(tmp_path):
+    """The run's folder names are compared case-blind: alias.png, a link to Scene.png whose earlier result OUT/Scene
+    holds, takes OUT/alias, not OUT/Scene as well (two images' results written into one folder)."""
+    from tclip_jax.cli.explain import result_folders
+
+    (tmp_path / "Scene.png").write_bytes(b"")
+    (tmp_path / "alias.png").symlink_to("Scene.png")
+    (tmp_path / "out" / "Scene").mkdir(parents=True)
+    record = {"image": {"path": str(tmp_path / "Scene.png")}}  # all result_folders reads of an earlier result
+    (tmp_path / "out" / "Scene" / "result.json").write_text(json.dumps(record))
+    images = [str(tmp_path / "Scene.png"), str(tmp_path / "alias.png")]
+    assert result_folders(tmp_path / "out", images) == ["Scene", "alias"]
+    assert result_folders(tmp_path / "out", images[::-1]) == ["alias", "Scene"]
+
+
+def test_a_tclip_runs_page_compares_it_with_k1_unasked(tmp_path, fixtures_dir, monkeypatch):
+    """The README: a TCLIP run's page shows TCLIP K=1 beside it, whether or not --compare names methods (a K=1 run's
+    page shows it once: test_explain_writes_overlays_grid_json_and_npz)."""
+    import tclip_jax.cli.explain as explain_command
+
+    planned = []  # the run's compare methods, as planned before its images
+    monkeypatch.setattr(explain_command, "_explain_all",
+                        lambda args, method, plan, out, names: planned.append([c.spec for c in plan.compared]) or 0)
+    assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "red", "--model",
+                  str(fixtures_dir / "tiny_openai_clip.npz"), "--out", str(tmp_path / "o")]) == 0
+    assert planned == [["tclip:translations=1"]]
+
+
 def test_a_run_replaces_only_what_tclip_explain_wrote_and_refuses_before_loading_the_model(tmp_path, fixtures_dir,
                                                                                            monkeypatch, capsys):
     """An image's folder OUT/<stem> is replaced only if it is empty or an earlier result, and never when it holds an
@@ -324,6 +368,12 @@ def test_a_run_replaces_only_what_tclip_explain_wrote_and_refuses_before_loading
     assert tclip(["explain", "cat/cat.png", "--prompt", "red", *run]) == 2
     assert "index.html is not a page tclip explain wrote" in capsys.readouterr().err
     assert (tmp_path / "out" / "index.html").read_text() == "<html>my page</html>"
+    (tmp_path / "out" / "index.html").unlink()
+    (tmp_path / "out" / "index.html").mkdir()  # a folder is no page either (refused before the model loads)
+    assert tclip(["explain", "cat/cat.png", *nowhere[:4], "--out", "out"]) == 2
+    assert "index.html is not a page tclip explain wrote" in capsys.readouterr().err
+    (tmp_path / "out" / "index.html").rmdir()
+    (tmp_path / "out" / "index.html").write_text("<html>my page</html>")
     assert tclip(["explain", "cat/cat.png", "--prompt", "red", "--no-html", *run]) == 0
     # What a file browser drops into a result does not make it the user's; a link where the folder goes is refused
     # up front (a link to nothing failed only at the end, after the maps were computed).
