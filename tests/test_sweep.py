@@ -276,6 +276,20 @@ def test_a_template_that_would_change_nothing_in_a_synthetic_sweep_is_refused(tm
     assert main(["sweep", "synthetic", "--template", "{}", "--limit", "1", "--translations", "1",
                  "--out", str(tmp_path / "bare")]) == 0
     assert json.loads((tmp_path / "bare" / "sweep.json").read_text())["template"] is None
+    # A method with a label set takes it (its set's prompts): what is said next is the missing model.
+    capsys.readouterr()
+    assert main(["sweep", "synthetic", "--method", "clip_surgery", "--template", "a photo of a {}", "--limit", "1",
+                 "--model", str(tmp_path / "no_model.npz"), "--out", str(tmp_path / "surgery")]) == 2
+    err = capsys.readouterr().err
+    assert "no_model.npz" in err and "--template" not in err
+
+
+def test_the_multi_process_flags_go_together(tmp_path, capsys):
+    for given in (["--coordinator", "127.0.0.1:1"], ["--num-processes", "2", "--process-id", "0"]):
+        assert main(["sweep", "synthetic", *given, "--out", str(tmp_path / "o")]) == 2
+        assert capsys.readouterr().err == ("tclip sweep: error: --coordinator, --num-processes and --process-id go "
+                                           "together\n")
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_sweep_begun_on_a_methods_earlier_maps_is_not_resumed(tmp_path):
