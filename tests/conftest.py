@@ -4,8 +4,6 @@ import functools
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import tempfile
 
 # One XLA compilation cache for the session and the processes its tests start (set before jax is imported): many
@@ -19,22 +17,6 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 # it an entry is written in place, unlocked, and a concurrent process can read it half-written: JAX then warns on
 # stderr, which tests of the CLI's exact output would see.
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2**40)
-# XLA's CPU programs compiled without LLVM's optimisation passes (for this session and the processes it starts): the
-# suite's programs are small and run a few times each, so compiling is most of their cost (two train_default runs
-# 29.6 -> 19.5 CPU-s, the x64 test of every method 138 -> 96). Maps differ from the default compile's in the last bits
-# (1e-6 of their range), as between two CPUs; what the suite checks bit for bit (a sweep at any batch size or device
-# count, a resumed run) still holds. (XLA's older fusion emitter, --xla_cpu_use_fusion_emitters=false, would halve
-# the cost again but breaks that: a batch of 3 then differs from one of 1 in the last bit.) A flag this XLA does not
-# know would abort every process, so it is first tried in a throwaway one.
-def _quick_compile_flags() -> list[str]:
-    flag = "--xla_backend_optimization_level=0"
-    env = {**os.environ, "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), flag])}
-    probe = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; (jnp.ones(2) + 1).block_until_ready()"],
-                           env=env, capture_output=True, timeout=300)
-    return [flag] if probe.returncode == 0 else []
-
-
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), *_quick_compile_flags()]))
 
 import jax  # noqa: E402
 import numpy as np
