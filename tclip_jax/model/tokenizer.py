@@ -417,10 +417,10 @@ def _load_backend(folder: pathlib.Path) -> tokenizers.Tokenizer:
     """
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
-    if (folder / "tokenizer.json").is_file():
-        path = folder / "tokenizer.json"
+    path = folder / "tokenizer.json"
+    if path.is_file():
         try:
-            spec = json.loads(_read_text(path))
+            spec = loads_json(_read_text(path))
             spec["added_tokens"] = [token for token in spec.get("added_tokens") or []
                                     if token.get("content") not in (SOT_TOKEN, EOT_TOKEN)]
             backend = tokenizers.Tokenizer.from_str(json.dumps(spec))
