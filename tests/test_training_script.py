@@ -764,7 +764,9 @@ def test_bare_anchor_term_asks_each_caption_piece_for_its_own_bare_word_held_fix
                                               vocab, np.exp(params["logit_scale"]))
 
     got, expected = jax.jit(jax.grad(term))(params), jax.jit(jax.grad(anchored))(params)  # one program each
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, expected)
+    # Two programs summing the same terms in their own orders: equal up to float32 rounding of the gradient's scale.
+    scale = max(float(np.abs(leaf).max()) for leaf in jax.tree_util.tree_leaves(expected))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale), got, expected)
     assert float(np.abs(got["text"]["projection"]).max()) > 0
 
 
