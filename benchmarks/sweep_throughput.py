@@ -62,7 +62,8 @@ def main() -> None:
     load_before = load_average()
     rows = []
     for devices in DEVICE_COUNTS:
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        flags = [os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={devices}"]  # keep the user's
+        env = {**os.environ, "XLA_FLAGS": " ".join(filter(None, flags))}
         child = subprocess.run([sys.executable, __file__, "--measure", *sys.argv[1:]], env=env,
                                capture_output=True, text=True)
         if child.returncode != 0:  # e.g. --model names no checkpoint: the measuring run's own last line

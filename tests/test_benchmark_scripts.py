@@ -79,8 +79,12 @@ def test_a_synthetic_run_of_some_methods_or_protocols_is_not_written_over_a_whol
 def test_sweep_throughput_reports_the_load_average_read_before_its_runs(monkeypatch, capsys):
     runs = []
 
+    monkeypatch.setenv("XLA_FLAGS", "--a_users_flag=1")  # never reaches XLA: the children are simulated
+
     def child_run(command, **kwargs):  # each simulated device count's measuring run, without measuring
-        devices = int(kwargs["env"]["XLA_FLAGS"].rsplit("=", 1)[1])
+        users, own = kwargs["env"]["XLA_FLAGS"].split(" ")  # the user's flags kept, the device count added
+        assert users == "--a_users_flag=1"
+        devices = int(own.removeprefix("--xla_force_host_platform_device_count="))
         runs.append(devices)
         throughput = {"devices": devices, "images": 4, "batches": 2, "wall_seconds": 1.0, "images_per_second": 4.0,
                       "steady_images_per_second": 5.0, "device_wait_share": 0.1}
