@@ -577,7 +577,7 @@ def test_class_queries_are_phrase_queries_and_templates_keep_the_name_words(tiny
         explainer.encode(class_queries(["&"], "a photo of a {}"))
 
 
-FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+FOUR_DEVICES = {"XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4"}  # conftest's too
 
 
 def _sweep_bytes(model, method, limit, out, *extra, env=None) -> tuple[bytes, bytes]:
