@@ -132,15 +132,20 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
                   replaces: Optional[Iterable[str]] = None) -> Iterator[pathlib.Path]:
     """Yields a fresh sibling folder of `target`; on success it replaces `target`, on error it is removed.
 
-    The old `target` is renamed aside, the new one renamed in, and only then the old one deleted, with Ctrl-C held
-    until that is done: an interruption leaves the old folder or the new one, never neither (a resumable run
-    saving its only checkpoint so lost it). What lands gets the modes a plain mkdir / open would give under the
-    umask (mkdtemp makes folders 0700 and safetensors writes files 0600, which would keep collaborators out).
-    With `replaces` (the names of the old `target` the run replaces), every other entry of it that the run did not
-    write is copied into the new folder as it is, modes and links included (a model card, a user's notes).
-    The staging folder is locked while its run lives, and one that a killed run left (SIGKILL runs no cleanup) is
-    removed by the next save of `target` on that machine."""
+    The old `target` is moved into a fresh hidden folder beside it (`.NAME.HOST.old.XXXXXXXX/NAME`), the new one
+    renamed in, the old one renamed within that folder (to NAME.replaced: from then on it may be half deleted) and
+    only then deleted, with Ctrl-C held until that is done: an interruption leaves the old folder or the new one,
+    never neither (a resumable run saving its only checkpoint so lost it). What lands gets the modes a plain mkdir /
+    open would give under the umask (mkdtemp makes folders 0700 and safetensors writes files 0600, which would keep
+    collaborators out). With `replaces` (the names of the old `target` the run replaces), every other entry of it
+    that the run did not write is copied into the new folder as it is, modes and links included (a model card, a
+    user's notes).
+    The staging and old folders are locked while their run lives. SIGKILL runs no cleanup, so the next save of
+    `target` on that machine first mends what a killed run left (`_mend_after_killed_runs`): its staging folder is
+    removed; its old folder is put back as `target` if `target` is missing and the old one is whole (killed between
+    the two renames), and removed otherwise."""
     target = pathlib.Path(target)
+    _mend_after_killed_runs(pathlib.Path(os.path.realpath(target)))  # first: a cut-short swap may have moved it
     if target.is_symlink() and not target.exists():
         raise ValueError(f"{target} is a link to nothing; remove it or name another folder")
     if target.is_symlink():  # the folder it links to is replaced, and the link kept (models/current -> models/v3)
@@ -151,9 +156,9 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
         raise FileExistsError(f"{target} already exists (pass overwrite=True to replace it)")
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stagings_of_ended_runs(target)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
     running = _hold_running_lock(staging)
+    moving_aside = None  # the lock on the folder the old target is moved into, while it exists
     try:
         yield staging
         umask = _umask()
@@ -172,7 +177,8 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
         with ctrl_c_held():
             if target.exists():
                 _sync_files(staging)  # as write_bytes_atomic: a crash after the swap must not leave empty files
-                old = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+                old = pathlib.Path(tempfile.mkdtemp(prefix=_old_prefix(target), dir=target.parent))
+                moving_aside = _hold_running_lock(old)
                 try:
                     target.rename(old / target.name)
                 except OSError as err:  # the OS's message would name the hidden folder it was moved towards
@@ -189,8 +195,9 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
-        if running is not None:
-            os.close(running)
+        for lock in (running, moving_aside):
+            if lock is not None:
+                os.close(lock)
 
 
 def _staging_prefix(target: pathlib.Path) -> str:
@@ -199,18 +206,24 @@ def _staging_prefix(target: pathlib.Path) -> str:
     return f".{target.name}.{socket.gethostname()}.staging."
 
 
-# A staging folder younger than this is kept even when nothing holds its lock: its run may not have taken it yet.
+def _old_prefix(target: pathlib.Path) -> str:
+    """How the folders `staged_folder` moves the old `target` into begin (named as the staging folders are)."""
+    return f".{target.name}.{socket.gethostname()}.old."
+
+
+# A staging or old folder younger than this is kept even when nothing holds its lock: its run may not have taken it
+# yet.
 _STAGING_GRACE_SECONDS = 60
 
 
-def _hold_running_lock(staging: pathlib.Path) -> Optional[int]:
-    """Takes an exclusive lock on the staging folder for its run's whole life (the system drops it however the
-    run ends, SIGKILL too), so that `_remove_stagings_of_ended_runs` tells a killed run's folder from a live one's,
-    whatever process-id space either runs in (a container beside the host). None where the file system has no locks
-    (the folder is then never taken for a killed run's)."""
+def _hold_running_lock(path: pathlib.Path) -> Optional[int]:
+    """Takes an exclusive lock on a staging or old folder (`staged_folder`) for its run's whole life (the system
+    drops it however the run ends, SIGKILL too), so that `_folders_of_ended_runs` tells a killed run's folder from a
+    live one's, whatever process-id space either runs in (a container beside the host). None where the file system
+    has no locks (the folder is then never taken for a killed run's)."""
     if fcntl is None:
         return None
-    folder = os.open(staging, os.O_RDONLY)
+    folder = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -219,14 +232,29 @@ def _hold_running_lock(staging: pathlib.Path) -> Optional[int]:
     return folder
 
 
-def _remove_stagings_of_ended_runs(target: pathlib.Path) -> None:
-    """Removes the staging folders of `target` that runs on this machine left when they were killed with no chance
-    to clean up (SIGKILL, the out-of-memory killer): hidden, and as large as what they were writing (a model's
-    gigabytes). One whose lock is held belongs to a run still writing, and is kept."""
-    if fcntl is None:
+def _mend_after_killed_runs(target: pathlib.Path) -> None:
+    """Mends what runs on this machine that saved `target` left when they were killed with no chance to clean up
+    (SIGKILL, the out-of-memory killer), all hidden: a staging folder, as large as what it was writing (a model's
+    gigabytes), is removed; an old folder (`staged_folder`) is put back as `target` if `target` is missing and it
+    is whole, and removed otherwise. A folder whose lock is held belongs to a run still writing, and is kept."""
+    for path in _folders_of_ended_runs(target):
+        whole_old = path.name.startswith(_old_prefix(target)) and (path / target.name).is_dir()
+        if whole_old and not os.path.lexists(target):  # killed between its two renames
+            try:
+                (path / target.name).rename(target)
+            except OSError:  # left as it is: it is the only copy
+                continue
+        with contextlib.suppress(OSError):
+            _remove_tree(path)
+
+
+def _folders_of_ended_runs(target: pathlib.Path) -> Iterator[pathlib.Path]:
+    """The staging and old folders of `target` (`staged_folder`) that no live run holds, each yielded while its lock
+    is taken here. None where the file system has no locks."""
+    if fcntl is None or not target.parent.is_dir():
         return
     # mkdtemp's random part: 8 of [a-z0-9_]. A user's own hidden folder named so is unlikely beyond reason.
-    pattern = re.compile(re.escape(_staging_prefix(target)) + r"[a-z0-9_]{8}")
+    pattern = re.compile(f"(?:{re.escape(_staging_prefix(target))}|{re.escape(_old_prefix(target))})[a-z0-9_]{{8}}")
     for path in target.parent.iterdir():
         if not pattern.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
             continue
@@ -241,7 +269,7 @@ def _remove_stagings_of_ended_runs(target: pathlib.Path) -> None:
         except OSError:  # held: a live run's (or no locks here)
             continue
         else:
-            shutil.rmtree(path, ignore_errors=True)
+            yield path
         finally:
             os.close(folder)
 
@@ -348,21 +376,27 @@ def _sync_files(folder: pathlib.Path) -> None:
 
 
 def _remove_replaced(old: pathlib.Path, target: pathlib.Path) -> None:
-    """Deletes the folder `target` replaced, making its read-only sub-folders writable first (they are the user's);
-    what still cannot go is left with a warning: `target` is written, and that must not read as a failure."""
+    """Deletes the folder `target` replaced (`_remove_tree`); what cannot go is left with a warning: `target` is
+    written, and that must not read as a failure."""
+    try:
+        (old / target.name).rename(old / f"{target.name}.replaced")  # from now on maybe half deleted: not put back
+        _remove_tree(old)
+    except OSError as err:
+        warnings.warn(f"{target} is written, but the folder it replaced could not be removed: {old} is left ({err})",
+                      stacklevel=4)
+
+
+def _remove_tree(folder: pathlib.Path) -> None:
+    """Deletes `folder`, making its read-only sub-folders writable first (they are the user's)."""
     def writable_then_again(function, path, *_):
         parent = os.path.dirname(path)
         os.chmod(parent, stat.S_IMODE(os.stat(parent).st_mode) | stat.S_IWUSR | stat.S_IXUSR)
         function(path)
 
-    try:
-        if sys.version_info >= (3, 12):
-            shutil.rmtree(old, onexc=writable_then_again)
-        else:
-            shutil.rmtree(old, onerror=writable_then_again)
-    except OSError as err:
-        warnings.warn(f"{target} is written, but the folder it replaced could not be removed: {old} is left ({err})",
-                      stacklevel=4)
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(folder, onexc=writable_then_again)
+    else:
+        shutil.rmtree(folder, onerror=writable_then_again)
 
 
 @contextlib.contextmanager

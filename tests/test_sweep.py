@@ -1560,7 +1560,7 @@ def test_a_replaced_folder_that_resists_removal_leaves_the_new_one_written_and_s
     with pytest.warns(UserWarning, match=f"{target} is written, but the folder it replaced could not be removed: "):
         save("second")  # refused always: left, with a warning
     assert (target / "params.npz").read_text() == "second"
-    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".model.old.")]) == 1
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(f".model.{socket.gethostname()}.old.")]) == 1
 
 
 def test_ctrl_c_while_a_staged_folder_replaces_its_target_leaves_the_new_one_whole(tmp_path, monkeypatch):
@@ -1626,6 +1626,83 @@ with staged_folder(pathlib.Path({str(target)!r})) as staging:
     finally:
         running.kill()
         running.wait()
+
+
+class _Killed(BaseException):
+    """A SIGKILL at a chosen point of a save, simulated: nothing after it runs but the `finally` blocks (closing files,
+    which the system would do), and the staging folder's removal, which the next save would do."""
+
+
+@pytest.mark.parametrize("killed_at", ["second rename", "deletion"])
+def test_the_old_folder_a_killed_swap_left_is_put_back_or_removed_by_the_next_save(tmp_path, monkeypatch, killed_at):
+    """SIGKILL between the swap's two renames left the target missing and the old folder hidden beside it, and
+    SIGKILL while the old folder was deleted left a half-deleted one, both for ever. The next save puts the old
+    folder back where the target is missing and it is whole (the save sees it), and removes it otherwise; the old
+    folder of a run still swapping (its lock held) and a fresh one are kept."""
+    import fcntl
+
+    from tclip_jax.files import staged_folder
+
+    target, host = tmp_path / "model", socket.gethostname()
+
+    def save(step: str) -> None:
+        with staged_folder(target) as staging:
+            (staging / "step").write_text(step)
+            (staging / "params").write_bytes(bytes(100))
+
+    rmtree, rename = shutil.rmtree, pathlib.Path.rename
+
+    def killed_in_deletion(folder, *args, **kwargs):  # the old folder's first file deleted, then killed
+        if pathlib.Path(folder).name.startswith(".model.") and ".old." in pathlib.Path(folder).name:
+            next(pathlib.Path(folder).rglob("step")).unlink()
+            raise _Killed()
+        return rmtree(folder, *args, **kwargs)
+
+    def killed_at_second_rename(self, new):
+        if pathlib.Path(new) == target:
+            raise _Killed()
+        return rename(self, new)
+
+    save("1")
+    with monkeypatch.context() as patch:
+        if killed_at == "second rename":
+            patch.setattr(pathlib.Path, "rename", killed_at_second_rename)
+        else:
+            patch.setattr(shutil, "rmtree", killed_in_deletion)
+        with pytest.raises(_Killed):
+            save("2")
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the old folder (the staging one is gone)
+    assert len(left) == 1
+    assert target.exists() == (killed_at == "deletion")
+    live, fresh = tmp_path / f".model.{host}.old.live1234", tmp_path / f".model.{host}.old.fresh123"
+    for folder in (live, fresh):
+        (folder / "model").mkdir(parents=True)
+    hour_ago = time.time() - 3600
+    for folder in (*left, live):  # older than the grace period
+        os.utime(folder, (hour_ago, hour_ago))
+    held = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the run swapping it holds it
+        with staged_folder(target) as staging:
+            assert (target / "step").read_text() == ("1" if killed_at == "second rename" else "2")
+            (staging / "step").write_text("3")
+    finally:
+        os.close(held)
+    assert (target / "step").read_text() == "3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name, fresh.name])
+    # The target removed by its user after a kill during deletion: the half-deleted old folder is not put back.
+    shutil.rmtree(live)
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "rmtree", killed_in_deletion)
+        with pytest.raises(_Killed):
+            save("4")
+    shutil.rmtree(target)
+    for folder in set(tmp_path.glob(".model.*")) - {fresh}:
+        os.utime(folder, (hour_ago, hour_ago))
+    with staged_folder(target) as staging:
+        assert not target.exists()
+        (staging / "step").write_text("5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", fresh.name])
 
 
 def test_a_folder_that_cannot_be_moved_aside_is_named_and_kept(tmp_path, monkeypatch):
