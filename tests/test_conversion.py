@@ -1347,6 +1347,30 @@ def test_convert_overwrite_replaces_only_a_converted_checkpoint_that_does_not_ho
     assert (converted / "README.md").read_text() == "the model's card"
 
 
+def test_a_write_that_fails_while_saving_the_weights_is_said_in_one_line(tmp_path, fixtures_dir):
+    """safetensors raises its own SafetensorError when a write fails ("I/O error: No space left on device (os error
+    28)" on a full disk), which the command line said as an internal error with status 1: it is the OSError it
+    wraps, said in one line with status 2 as every other full disk, and nothing is left behind. The real library
+    fails here on a file-size limit (EFBIG, "File too large (os error 27)"), which needs no full disk."""
+    import errno
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "converted"
+    limited = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "  # the weights are 17 MB
+               "from tclip_jax.cli import program; sys.exit(program())")
+    done = subprocess.run([sys.executable, "-c", limited, "convert", str(fixtures_dir / "tiny_openai_clip.npz"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert (done.returncode, done.stdout) == (2, "")
+    assert re.fullmatch(rf"tclip convert: error: \[Errno {errno.EFBIG}\] {os.strerror(errno.EFBIG)}: "
+                        rf"'{re.escape(str(tmp_path))}/\.converted\.[^/]+/params\.safetensors'",
+                        done.stderr.splitlines()[-1])  # after a warning of the fixture's unstated activation
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_convert_overwrite_checks_the_folder_holding_out_before_loading(tmp_path, fixtures_dir, monkeypatch, capsys):
     """--overwrite writes the new folder beside --out, then swaps them: a folder holding --out that this process may
     not write in was found only after the model was loaded, in a message naming the hidden staging folder. (As root

@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 
 import jax
@@ -355,6 +356,29 @@ def test_training_that_diverges_stops_and_saves_nothing_and_a_fresh_run_keeps_ea
     with pytest.raises(FileExistsError, match=f"holds {PROJECTIONS_FILE} \\(of an earlier run\\)"):
         train(clip, file_pairs(data_dir), tmp_path / "kept", TrainSettings(epochs=1), progress=False)
     assert (tmp_path / "kept" / PROJECTIONS_FILE).read_bytes() == b"earlier"
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_the_oserror_it_is(tmp_path, monkeypatch):
+    """safetensors says a full disk as its own SafetensorError, which `tclip train-eclip` said as an internal error
+    (status 1); it is raised as the OSError it wraps (one line, status 2), and the checkpoint is not left half
+    written. The library's error as it raised it on a full tmpfs, with the part of the file it had written."""
+    import errno
+
+    import safetensors
+    import safetensors.numpy
+
+    from tclip_jax.methods.eclip.train import save_checkpoint
+
+    def full_disk(arrays, path, metadata=None):
+        pathlib.Path(path).write_bytes(b"\0" * 100)
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    with pytest.raises(OSError) as raised:
+        save_checkpoint(tmp_path / "checkpoint", {"image": np.ones((4, 2), np.float32)}, (np.zeros(3, np.float32),),
+                        {"epoch": 1, "step": 2})
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename.endswith("/state.safetensors")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_damaged_checkpoint_is_named(clip, data_dir, tmp_path):

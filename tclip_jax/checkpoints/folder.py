@@ -19,7 +19,7 @@ import flax.traverse_util
 import numpy as np
 import safetensors.numpy
 
-from tclip_jax.files import loads_json, staged_folder
+from tclip_jax.files import loads_json, staged_folder, write_safetensors
 from tclip_jax.model import CLIPConfig, param_shapes
 from tclip_jax.model.tokenizer import TOKENIZER_FILES
 
@@ -93,7 +93,7 @@ def save_checkpoint(folder: str | os.PathLike, params: Mapping, config: CLIPConf
         if compressed:
             np.savez_compressed(staging / PARAMS_FILES[1], **stored)
         else:
-            safetensors.numpy.save_file(stored, staging / PARAMS_FILES[0])
+            write_safetensors(staging / PARAMS_FILES[0], stored)
         header = {"format": FORMAT_NAME, "version": 1, "config": config.to_dict(), **(metadata or {})}
         (staging / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
         if tokenizer_dir is not None:  # its files only: a hub folder holds its weights beside them

@@ -46,7 +46,8 @@ import optax
 import safetensors.numpy
 
 from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint, weights_fingerprint
-from tclip_jax.files import check_output_folder, fingerprint, held_lock, loads_json, staged_folder
+from tclip_jax.files import (check_output_folder, fingerprint, held_lock, loads_json, staged_folder,
+                             write_safetensors)
 from tclip_jax.image import CLIP_MEAN, CLIP_STD, image_size, load_image, prepare
 from tclip_jax.methods import common
 from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, Projections, clip_projections, image_features,
@@ -432,7 +433,7 @@ def save_checkpoint(folder: pathlib.Path, projections: Projections, opt_state: A
     arrays = {f"projections/{k}": np.asarray(v) for k, v in projections.items()}
     arrays.update({f"optimizer/{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree_util.tree_leaves(opt_state))})
     with staged_folder(folder) as staging:
-        safetensors.numpy.save_file(arrays, staging / "state.safetensors")
+        write_safetensors(staging / "state.safetensors", arrays)
         (staging / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
 
