@@ -96,6 +96,63 @@ def test_gallery_keeps_exactly_the_reports_units_in_any_order_split_or_resumptio
     assert wanted <= {p.name for p in shared.iterdir()}  # each process kept the places of what it saw
     prune_gallery(shared, best_and_worst(records))  # the report, once every process is done
     assert {p.name for p in shared.iterdir()} == wanted
+    # A resumed run whose records' pictures could not be written (a full disk): the samples holding places are run
+    # again, in any order among the new ones, and draw only the pictures still held.
+    lost = tmp_path / "lost"
+    resumed = UnitGallery(lost, seen=records[:25])
+    assert resumed.undrawn_keys == {record["key"] for places in best_and_worst(records[:25]).values()
+                                    for record, _ in places.values()}
+    again = [record for record in records[:25] if record["key"] in resumed.undrawn_keys]
+    for record in random.Random(seed).sample(again + records[25:], len(again) + 15):
+        _offer(resumed, record)
+    assert {p.name for p in lost.iterdir()} == wanted
+
+
+def test_a_resumed_sweep_draws_the_pictures_a_full_disk_kept_it_from_writing(coco_hand, tmp_path,  # noqa: F811
+                                                                              monkeypatch):
+    """Places held by records on disk were taken without their pictures, so a picture that could not be written (a
+    full disk) was never drawn again: a --resume after the disk was freed gave a report.html without them, saying
+    "a sweep from before pictures were kept". The resume runs those samples again for their pictures alone: its
+    gallery and report.html are the uninterrupted sweep's, and each sample is still recorded once."""
+    import errno
+
+    import tclip_jax.sweep.vis as vis
+
+    def sweep(out, resume=False):
+        return run_sweep(coco_dataset(coco_hand), Painted.from_pretrained(), out,
+                         options=RunOptions(batch_size=2, progress=False, resume=resume))
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    sweep(whole)
+    with monkeypatch.context() as patch:
+        def full_disk(path, rgb, jpeg_quality=88):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        patch.setattr(vis, "write_image", full_disk)
+        with pytest.warns(UserWarning, match="report.html pictures: .*No space left on device"):
+            sweep(resumed)
+    assert not any((resumed / "gallery").glob("*")) and "could not be written" in (resumed / "report.html").read_text()
+    sweep(resumed, resume=True)
+    by_index = lambda out: sorted(read_all_records(out), key=lambda record: record["index"])  # noqa: E731
+    assert by_index(resumed) == by_index(whole)  # each sample recorded once (read_all_records refuses a second)
+    pictures = sorted(p.name for p in (whole / "gallery").iterdir())
+    assert pictures == sorted(_kept(read_all_records(whole))) and len(pictures) == 6
+    assert sorted(p.name for p in (resumed / "gallery").iterdir()) == pictures
+    for name in pictures:
+        assert (resumed / "gallery" / name).read_bytes() == (whole / "gallery" / name).read_bytes()
+    assert (resumed / "report.html").read_text() == (whole / "report.html").read_text()
+
+
+def test_a_recorded_sample_run_again_for_its_picture_draws_none_for_a_place_it_lost_meanwhile(tmp_path):
+    """The recorded unit held the class's best and worst place without its picture; both places went to new units
+    offered before it was run again, so its picture is not drawn (nothing would delete it)."""
+    unit = lambda iou: {"class": "a", "box": [0, 0, 4, 4], "iou": iou, "hit": iou >= 0.5}  # noqa: E731
+    recorded, best, worst = ({"key": f"k{index}", "index": index, "units": [unit(iou)]}
+                             for index, iou in enumerate([0.5, 1.0, 0.0]))
+    gallery = UnitGallery(tmp_path, seen=[recorded])
+    assert gallery.undrawn_keys == {"k0"}
+    for record in (best, worst, recorded):
+        _offer(gallery, record)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [gallery_name("k1", "a", 0), gallery_name("k2", "a", 0)]
 
 
 def test_among_equal_ious_the_earliest_unit_is_best_and_worst_in_the_report_and_the_gallery(tmp_path):

@@ -327,7 +327,8 @@ def html_report(config: dict, summary: dict, chosen: dict[str, dict], out: pathl
                 picture = f"{GALLERY_DIR}/{gallery_name(record['key'], cls, position)}"
                 shown = (f"<img loading=\"lazy\" src=\"{esc(picture)}\" alt=\"{esc(cls)}: {esc(record['key'])}\">"
                          if (out / picture).is_file() else
-                         "<div class=\"missing\">no picture kept (a sweep from before pictures were kept)</div>")
+                         "<div class=\"missing\">no picture: it could not be written (a full disk?), or the sweep "
+                         "is from before pictures were kept; <code>--resume</code> draws it</div>")
                 query = f"<br>query: “{esc(unit['prompt'])}”" if unit.get("prompt") else ""
                 group = f" ({esc(unit['group'])})" if unit.get("group") else ""
                 figures.append(f"<figure>{shown}<figcaption>{'best and worst' if same else place}: sample "

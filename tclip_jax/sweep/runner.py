@@ -17,8 +17,9 @@ Pipeline (one process):
   their dataset index. The first record that cannot be written (a full disk) ends the sweep, in the main thread.
 A sample that cannot be read or scored (``ValueError``/``OSError``) is recorded with its error; the sweep goes on.
 
-Resume: the records already on disk (any process's) name the samples that are done; they are skipped, and a
-torn last line left by a kill is dropped, so nothing is lost or counted twice. ``sweep.json`` holds the
+Resume: the records already on disk (any process's) name the samples that are done; they are skipped (but for
+those whose report.html picture could not be written, run again for it alone: `UnitGallery`), and a torn last
+line left by a kill is dropped, so nothing is lost or counted twice. ``sweep.json`` holds the
 sweep's configuration; resuming with a different one is an error. The model in it is told by its
 ``LoadedClip.fingerprint`` (its config and every weight), not by its origin, the path as typed, nor its source, how
 it was stored (an OpenAI .pt and its `tclip convert` folder are one model); a sweep stored before models had
@@ -159,17 +160,20 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
             existing = read_all_records(out)
             done = {record["key"] for record in existing}
             gallery = UnitGallery(out / GALLERY_DIR, existing)  # report.html's best and worst unit per class
+            redrawn = gallery.undrawn_keys  # recorded, but a picture of theirs could not be written: run again
             own_done = len(read_records(results_path(out, process)))
             barrier("tclip-sweep-start")
 
             todo = ((sample.index, sample) for sample in dataset.samples(options.limit)
-                    if owns(sample.index, process, processes) and sample.key not in done)
+                    if owns(sample.index, process, processes) and (sample.key not in done or sample.key in redrawn))
             share = -(-(min(options.limit or dataset.size, dataset.size) - process) // processes)
             suffix = f" [process {process}/{processes}]" if processes > 1 else ""
             with ResultWriter(results_path(out, process)) as writer, \
                     tqdm(total=max(share - own_done, 0), unit="img", desc=f"sweep {dataset.name}{suffix}",
                          disable=not options.progress) as bar:
                 def record(entry: dict) -> None:
+                    if entry["key"] in redrawn:  # its record is on disk: run again for its pictures only
+                        return
                     writer.append(entry)
                     bar.update()
 

@@ -5,8 +5,9 @@ a label strip naming the class, the unit's IoU and whether it is a hit (green) o
 - `UnitGallery`: thumbnails of the best and the worst unit of each class, kept while the sweep runs, for
   report.html. Units are ranked as the report ranks them (`unit_score`, `best_key`, `worst_key`): a picture is
   drawn when a unit takes a class's best or worst place so far and deleted when it loses it, so the pictures of
-  the final best and worst units are on disk whatever the order, split or resumption of the sweep. Scores are
-  read from the scored units; nothing is scored here.
+  the final best and worst units are on disk whatever the order, split or resumption of the sweep (a resumed sweep
+  runs the recorded samples whose places lack their picture again, for it: one could not be written, e.g. on a
+  full disk). Scores are read from the scored units; nothing is scored here.
 
 A picture that cannot be written is warned of (once per sweep) and costs no unit its record. File names
 (`file_stem`) are the sample key and the class, readable and unique: where they are not plain, anything but ASCII
@@ -198,9 +199,11 @@ class UnitGallery:
     """Thumbnails of each class's best and worst unit so far (see the module docstring), in `folder`.
 
     `seen`: records already on disk (a resumed sweep, other processes): their units hold places without
-    pictures being drawn again. Thread-safe: host threads offer their images' units concurrently."""
+    pictures being drawn again, but for places whose picture is not on disk (it could not be written: a full disk,
+    a kill): the samples holding those (`undrawn_keys`) are to be run again and offered, for their pictures only.
+    Thread-safe: host threads offer their images' units concurrently."""
 
-    def __init__(self, folder: pathlib.Path, seen: Iterable[dict] = (), max_side: int = THUMBNAIL_MAX_SIDE):
+    def __init__(self, folder: pathlib.Path, seen: Sequence[dict] = (), max_side: int = THUMBNAIL_MAX_SIDE):
         self.folder = pathlib.Path(folder)
         self.max_side = max_side
         self._lock = threading.Lock()
@@ -210,13 +213,28 @@ class UnitGallery:
         for record in seen:
             for position, unit in enumerate(record.get("units", [])):
                 self._place(record["index"], record["key"], position, unit)
+        # The places whose picture is not on disk: picture name -> the recorded unit, drawn from its record (not
+        # from the rerun's scores) so that the picture says what the report says.
+        self._undrawn: dict[str, dict] = {}
+        undrawn_keys = set()
+        for cls, places in best_and_worst(seen).items():
+            for record, position in places.values():
+                name = gallery_name(record["key"], cls, position)
+                if not (self.folder / name).is_file():
+                    self._undrawn[name] = record["units"][position]
+                    undrawn_keys.add(record["key"])
+        self.undrawn_keys = frozenset(undrawn_keys)
 
     def offer(self, index: int, key: str, image: np.ndarray, targets: Sequence[Target],
               heatmaps: Sequence[np.ndarray], units: Sequence[dict]) -> None:
-        """One scored sample: draws the pictures of units that take a place, deletes those that lose theirs."""
+        """One scored sample: draws the pictures of units that take a place, deletes those that lose theirs. A
+        sample of `undrawn_keys` (recorded, run again) draws only the pictures its places lack."""
         for position, (target, heatmap, unit) in enumerate(zip(targets, heatmaps, units)):
             with self._lock:
-                placed, dropped = self._place(index, key, position, unit)
+                if key in self.undrawn_keys:
+                    (placed, unit), dropped = self._undrawn_place(key, position, unit["class"]), []
+                else:
+                    placed, dropped = self._place(index, key, position, unit)
                 try:
                     if placed:
                         _write(self.folder / placed, unit_picture(image, heatmap, target, unit, self.max_side))
@@ -224,6 +242,14 @@ class UnitGallery:
                         (self.folder / name).unlink(missing_ok=True)
                 except OSError as err:  # a missing picture must not cost a sample its record
                     self._warn(err)
+
+    def _undrawn_place(self, key: str, position: int, cls: str) -> tuple[Optional[str], Optional[dict]]:
+        """(its picture name, the recorded unit) where unit `position` of the recorded sample `key` still holds a
+        place whose picture is not drawn yet (a unit offered meanwhile may have taken it); else (None, None)."""
+        name = gallery_name(key, cls, position)
+        recorded = self._undrawn.pop(name, None)
+        held = {self._best.get(cls, (None, None))[1], self._worst.get(cls, (None, None))[1]}
+        return (name, recorded) if recorded is not None and name in held else (None, None)
 
     def _place(self, index: int, key: str, position: int, unit: dict) -> tuple[Optional[str], list[str]]:
         """Updates the places; (this unit's picture name if it took one, pictures no place holds any more)."""
