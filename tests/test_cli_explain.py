@@ -430,6 +430,50 @@ def test_a_no_html_run_removes_an_earlier_page_that_shows_an_image_it_replaces(t
     assert index.read_text() == "<html>my page</html>"
 
 
+def test_a_page_never_shows_old_results_beside_the_new_files_it_links_even_if_the_run_is_killed(tmp_path,
+                                                                                                 fixtures_dir,
+                                                                                                 monkeypatch):
+    """A rerun with a page wrote its page only at the end: killed (SIGKILL) after it had replaced an image's
+    results, it left the earlier page showing that image's old results beside links to the new result.json. What
+    a kill would leave is looked at as each image's results are written: the earlier page, if still there, shows
+    each of its images as its folder holds it; the run's own page comes at the end."""
+    import tclip_jax.cli.explain as explain
+    from tclip_jax.visualize.explorer import _PAGE_DATA_TAG
+
+    def shown_prompts(index: pathlib.Path) -> dict:  # image -> its prompts, as the page shows them
+        text = index.read_text(encoding="utf-8")
+        start = text.index(_PAGE_DATA_TAG) + len(_PAGE_DATA_TAG)
+        images = json.loads(text[start:text.index("</script>", start)])["images"]
+        return {entry["name"]: [p["prompt"] for p in entry["prompts"]] for entry in images}
+
+    def recorded_prompts(name: str) -> list:
+        return [p["prompt"] for p in json.loads((out / name / "result.json").read_text())["prompts"]]
+
+    monkeypatch.chdir(tmp_path)
+    scene = Image.open(fixtures_dir / "scene_224.png").convert("RGB")
+    scene.save("a.png")
+    scene.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save("b.png")
+    run = ["--model", str(fixtures_dir / "tiny_openai_clip.npz"), "--translations", "1", "--compare", "none",
+           "--out", "out"]
+    out, index = tmp_path / "out", tmp_path / "out" / "index.html"
+    assert tclip(["explain", "a.png", "b.png", "--prompt", "red", *run]) == 0
+    assert shown_prompts(index) == {"a": ["red"], "b": ["red"]}
+    left_by_a_kill = []
+    write_result = explain.write_result
+
+    def looked_at(*args, **kwargs):  # as the next image is written: the files a SIGKILL would leave
+        left_by_a_kill.append({name: (shown, recorded_prompts(name)) for name, shown in
+                               (shown_prompts(index) if index.exists() else {}).items()})
+        return write_result(*args, **kwargs)
+
+    monkeypatch.setattr(explain, "write_result", looked_at)
+    assert tclip(["explain", "a.png", "b.png", "--prompt", "blue square", *run]) == 0
+    assert len(left_by_a_kill) == 2 and left_by_a_kill[0] == {"a": (["red"], ["red"]), "b": (["red"], ["red"])}
+    for shown in left_by_a_kill[1:]:  # a's results replaced: a page still there must show a's new ones
+        assert all(page == recorded for page, recorded in shown.values()), shown
+    assert shown_prompts(index) == {"a": ["blue square"], "b": ["blue square"]}
+
+
 def test_a_no_html_run_keeps_a_page_whose_folders_differ_from_its_own_in_case_alone(tmp_path, fixtures_dir,
                                                                                      monkeypatch, capsys):
     """A --no-html run of PHOTO.png writes OUT/PHOTO: on a case-sensitive file system not the folder OUT/photo an

@@ -8,9 +8,10 @@ a run stops (Ctrl-C, an image damaged past its header). An image's results go to
 in OUT, else to OUT/<image stem> or the first `<stem>_N` holding no other image's result (`result_folders`). A run
 replaces only what `tclip explain` wrote: an image's folder that exists must be empty or an earlier result (its
 result.json and the files that names, nothing else) and must not hold an input image, and OUT/index.html an
-earlier explorer page; else the run is refused before the model loads (`check_replaced`). A `--no-html` run
-removes an earlier explorer page that shows an image it replaces (the page would show the old results beside links
-to the new files), just before that image's results are swapped in.
+earlier explorer page; else the run is refused before the model loads (`check_replaced`). A run removes an earlier
+explorer page that shows an image it replaces (the page would show the old results beside links to the new files),
+just before that image's results are swapped in, with or without a page of its own: one killed before it writes
+its page (SIGKILL) leaves none rather than a stale one.
 
 `--compare METHOD[:key=value,...]` (repeatable) runs more methods on the same images and prompts, on the same
 loaded model, for the explorer's compare view (and result.json's "compare" list). A TCLIP run compares with
@@ -385,10 +386,11 @@ def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path
     run_info = method.run_info()
     page = PageWriter(out, f"TCLIP explorer · {visualize.method_label(run_info)} · model "
                            f"{visualize.model_label(run_info)}", run_info) if args.html else None
-    # A run without a page removes an earlier one (ours) that shows an image it replaces, which the page would show
-    # stale: just before the first such result is swapped in, so a run that stops before leaves it as it was.
+    # An earlier page (ours) that shows an image the run replaces would show it stale until the run's own page is
+    # written, for ever if the run is killed: it is removed just before the first such result is swapped in, so a
+    # run that stops before leaves it as it was.
     index = out / INDEX_FILE
-    shown = [] if page is not None else [out / name for name in page_images(index)]
+    shown = [out / name for name in page_images(index)]
     done = 0
     try:
         for image_path, name in tqdm(list(zip(args.images, names)), desc="explain",
@@ -407,7 +409,9 @@ def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path
                 if _is_one_of(target, shown):
                     index.unlink(missing_ok=True)
                     shown = []
-                    tqdm.write(f"{index}: removed (--no-html); it showed earlier results of images this run replaces")
+                    if page is None:  # else the run's own page replaces it
+                        tqdm.write(f"{index}: removed (--no-html); it showed earlier results of images this run "
+                                   "replaces")
             if page is not None:
                 page.add(name, str(image_path), name)
             done += 1
