@@ -438,8 +438,9 @@ def held_lock(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: b
         except BlockingIOError:
             holder = os.read(lock, 200).decode(errors="replace")
             os.close(lock)
+            held = path.name if path.parent == where else path  # a lock beside the folder is named with its path
             raise ValueError(f"another {what}{f' ({holder})' if holder else ''} is running in {where} (it holds "
-                             f"{path.name}); wait for it to end or choose another --out") from None
+                             f"{held}); wait for it to end or choose another --out") from None
         try:
             if os.path.samestat(os.fstat(lock), os.stat(path)):
                 break
@@ -453,3 +454,34 @@ def held_lock(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: b
     finally:
         path.unlink(missing_ok=True)  # while held: one that opened it meanwhile finds it gone once it locks it
         os.close(lock)
+
+
+@contextlib.contextmanager
+def held_lock_beside(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """`held_lock` for a run that replaces the folder `folder` whole (`staged_folder`), on the hidden file
+    ``.NAME.lock`` beside it: a lock inside would be swapped away with the old folder (a second run would then lock
+    the new one's). For a link, beside the folder it names, which is what is replaced. Folders above `folder` made
+    for the lock are removed again if the run leaves them empty."""
+    folder = pathlib.Path(folder)
+    target = folder.resolve() if folder.is_symlink() else folder
+    with folders_made_for(target.parent), \
+            held_lock(target.parent / f".{target.name}.lock", what, folder, make_folder=True):
+        yield
+
+
+@contextlib.contextmanager
+def folders_made_for(folder: pathlib.Path) -> Iterator[None]:
+    """For a block that may make `folder` and the folders above it: those that did not exist before it and are
+    empty when it ends are removed, so a run refused or stopped before it wrote anything leaves the disk as it
+    found it."""
+    made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    try:
+        yield
+    finally:
+        for path in made:
+            try:
+                path.rmdir()
+            except FileNotFoundError:  # never made after all
+                continue
+            except OSError:  # not empty: the run saved something there
+                break

@@ -46,8 +46,8 @@ import optax
 import safetensors.numpy
 
 from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint, weights_fingerprint
-from tclip_jax.files import (check_output_folder, fingerprint, held_lock, loads_json, staged_folder,
-                             write_safetensors)
+from tclip_jax.files import (check_output_folder, fingerprint, folders_made_for, held_lock, loads_json,
+                             staged_folder, write_safetensors)
 from tclip_jax.image import CLIP_MEAN, CLIP_STD, image_size, load_image, prepare
 from tclip_jax.methods import common
 from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, Projections, clip_projections, image_features,
@@ -353,17 +353,8 @@ def train(clip: LoadedClip, pairs: Pairs, out: str | os.PathLike, settings: Trai
                          "least 2")
     # Two runs into one folder wrote its files each other's way, and both reported success: a lock in the folder,
     # which is made for it; the folders made are removed again if the run leaves nothing in them.
-    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with held_lock(out / LOCK_FILE, "train-eclip run", out):
-            return _train(clip, pairs, out, settings, attention, resume, progress)
-    finally:
-        for folder in made:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty: the run saved something
-                break
+    with folders_made_for(out), held_lock(out / LOCK_FILE, "train-eclip run", out, make_folder=True):
+        return _train(clip, pairs, out, settings, attention, resume, progress)
 
 
 def _train(clip: LoadedClip, pairs: Pairs, out: pathlib.Path, settings: TrainSettings,
