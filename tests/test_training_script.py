@@ -142,6 +142,46 @@ def test_a_stopped_training_run_ends_with_one_line_saying_what_it_left(stop, sta
         assert signal.getsignal(signal.SIGTERM) is previous
 
 
+def test_a_second_run_into_a_folder_a_run_holds_is_refused_in_one_line_before_it_trains(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """Two runs into one --out ended with one's weights beside the other's training log, and the second with a
+    traceback: a run holds its --out while it trains and while it records the gates, and a second run into it then,
+    or a recipe search with a run of that name, is refused in one line naming the folder, training nothing. Once
+    the first ends nothing of its lock is left beside the folder."""
+    out = tmp_path / "model"
+    refusals, trainings = [], []
+
+    def second_run(main, argv):  # started while the first is inside its run
+        with monkeypatch.context() as patch:
+            patch.setattr(sys, "argv", argv)
+            with pytest.raises(SystemExit) as raised:
+                main()
+        refusals.append((raised.value.code, capsys.readouterr().err.strip().splitlines()[-1]))
+
+    def first_training(config, folder, **kwargs):
+        trainings.append(folder)
+        if len(trainings) > 1:  # a second run that got this far was not refused
+            pytest.fail("a second run trained into the folder the first run holds")
+        second_run(train_default.main, [str(SCRIPT), "--out", str(out), "--steps", "3", "--set", "warmup_steps=1"])
+        return {"final": {}}
+
+    def first_gates(folder):
+        second_run(search_recipes.main, [str(SEARCH_SCRIPT), "--out", str(tmp_path), "--no-heldout", "--workers", "1",
+                                         "--set", *TINY_OVERRIDES, "--run", "model"])
+        return {}
+
+    monkeypatch.setattr(train_default, "train_and_save", first_training)
+    monkeypatch.setattr(train_default, "record_heldout_metrics", first_gates)
+    monkeypatch.setattr(search_recipes, "search", lambda *args: pytest.fail("the search trained"))
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(out), "--steps", "3", "--set", "warmup_steps=1"])
+    train_default.main()
+    assert [code for code, _ in refusals] == [2, 2]
+    for (_, line), script in zip(refusals, ("train_default.py", "search_recipes.py")):
+        assert line.startswith(f"{script}: error: another training run (process {os.getpid()} ") and \
+            f" is running in {out} " in line and line.endswith("; wait for it to end or choose another --out"), line
+    assert not any(tmp_path.iterdir())
+
+
 TINY_MODEL = ["image_size=32", "patch_size=16", "embed_dim=16", "vision_width=64", "vision_layers=1", "text_width=64",
               "text_layers=1"]
 

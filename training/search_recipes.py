@@ -13,12 +13,14 @@ their steps. The shipped checkpoints come from `train_default.py` on the CPU (is
 On an accelerator compiling takes most of the time, and each new caption length compiles a run's step again: add
 `--set text_length_step=0` there (it changes only the summation order; RECIPE_SEARCH.md measured it).
 `--resume PATH` starts every run from a state `train_default.py --save-state` wrote (late terms from that step on:
-a 600-step search instead of 2400). Ctrl-C stops every run at its next step; runs already saved stay.
+a 600-step search instead of 2400). Ctrl-C stops every run at its next step; runs already saved stay. Each run's
+folder is locked as `train_default.py` locks its `--out`, until the search ends: another run into it is refused.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -175,24 +177,29 @@ def main() -> None:
     parser.add_argument("--resume", type=pathlib.Path, metavar="PATH",
                         help="every run goes on from this state (train_default.py --save-state)")
     args = parser.parse_args()
+    # Each run's folder is held as train_default.py holds its --out, until the search ends; a stop is handled
+    # outside, as `interrupted` ends the process at once and would leave the locks' files.
     try:
-        if args.workers < 1 or args.ahead < 1:
-            raise ValueError(f"--workers and --ahead must be >= 1, got {args.workers} and {args.ahead}")
-        runs = parse_runs(args.run, train_default.parse_overrides(args.set))
-        check_output_folder(args.out)
-        for name in runs:  # each run's folder, before any run trains (a run saves only when it is done): one to
-            train_default.check_model_folder(args.out / name)  # make, empty or a model folder a run wrote
-        configs = {name: train_default.train_config(args.recipe, overrides) for name, overrides in runs.items()}
-        for config in configs.values():
-            train_default.check_text_init(config)
-            if args.resume is not None:
-                train_default.check_resume(args.resume, config)
-        check_same_data(configs)
-    except (ValueError, OSError) as error:  # a bad run, override, output or text_init folder or mix of runs: one line
-        parser.error(str(error))
-    start = time.perf_counter()
-    try:
-        summaries = search(configs, args.out, args.workers, args.ahead, args.heldout, args.resume)
+        with contextlib.ExitStack() as held:
+            try:
+                if args.workers < 1 or args.ahead < 1:
+                    raise ValueError(f"--workers and --ahead must be >= 1, got {args.workers} and {args.ahead}")
+                runs = parse_runs(args.run, train_default.parse_overrides(args.set))
+                check_output_folder(args.out)
+                for name in runs:  # each run's folder, before any run trains (a run saves only when it is done):
+                    train_default.check_model_folder(args.out / name)  # to make, empty or a model folder a run wrote
+                configs = {name: train_default.train_config(args.recipe, overrides) for name, overrides in runs.items()}
+                for config in configs.values():
+                    train_default.check_text_init(config)
+                    if args.resume is not None:
+                        train_default.check_resume(args.resume, config)
+                check_same_data(configs)
+                for name in runs:
+                    held.enter_context(train_default.held_model_folder(args.out / name))
+            except (ValueError, OSError) as error:  # a bad run, override, folder or mix of runs, a folder in use
+                parser.error(str(error))
+            start = time.perf_counter()
+            summaries = search(configs, args.out, args.workers, args.ahead, args.heldout, args.resume)
     except KeyboardInterrupt:
         train_default.interrupted(parser, "each run's folder is written whole or not at all")
     for name, summary in summaries.items():

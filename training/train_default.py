@@ -60,7 +60,9 @@ Run from the repository root (it also records the checkpoint's fast held-out gat
 `--out` must be new, empty (file-browser files aside) or a model folder this script wrote holding nothing but its
 `MODEL_FILES` and a README.md model card, which saving keeps with its permissions; any other folder, the current
 folder or one above it, and a `--save-state` PATH that cannot be written or lies in `--out` are refused before
-training. Ctrl-C exits 130 and SIGTERM 143, leaving nothing half-written.
+training. A run holds a lock beside `--out` (`.NAME.lock`) until it ends: a second run into the same folder (this
+script, a recipe search's run, `tclip convert`) is refused in one line. Ctrl-C exits 130 and SIGTERM 143, leaving
+nothing half-written.
 Without `--recipe`, TrainConfig's defaults are the first embedded models' (no stem, 4 blocks, 900 steps; with
 `--objective clip_tokens` the first default model, with `clip` the first `clip_only`), to which the recipe search's
 `--set` overrides are relative (`training/RECIPE_SEARCH.md`).
@@ -77,6 +79,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -95,8 +98,8 @@ from tclip_jax.checkpoints.folder import CONFIG_FILE, FORMAT_NAME, PARAMS_FILES,
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.cli import Terminated, redelivered_interrupts, sigterm_as_interrupt
 from tclip_jax.evaluation.retrieval import retrieval_top1
-from tclip_jax.files import (atomic_file, check_output_file, check_output_folder, check_replaceable, staged_folder,
-                             unwritten_entries)
+from tclip_jax.files import (atomic_file, check_output_file, check_output_folder, check_replaceable, held_lock_beside,
+                             staged_folder, unwritten_entries)
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize, resize_rgb
 from tclip_jax.synthetic import (
@@ -1288,6 +1291,12 @@ def save_model(out: pathlib.Path, params: dict, clip_config: CLIPConfig, metadat
         log_path.rename(staging / LOG_FILE)
 
 
+def held_model_folder(out: pathlib.Path) -> contextlib.AbstractContextManager:
+    """Held while a run trains into model folder `out` and records its gates: a second run into it is refused in
+    one line (two runs into one folder ended with one's weights beside the other's log, and a traceback)."""
+    return held_lock_beside(out, "training run")
+
+
 def is_trained_model(folder: pathlib.Path) -> bool:
     """Whether `folder` holds a checkpoint header this script wrote (a tclip_jax header with a training record)."""
     try:
@@ -1394,28 +1403,32 @@ def run_command() -> None:
     args = parser.parse_args()
     if args.heldout_only:
         record_only(parser, args)
+    left = "nothing was written"  # what a stop leaves, said with it
+    # The interruptions are handled outside the lock: `interrupted` ends the process at once, and the lock's file
+    # would be left beside --out.
     try:
-        check_model_folder(args.out)  # before training: saving replaces the folder
-        config = config_from_flags(args.recipe, {"objective": args.objective, "steps": args.steps}, args.set)
-        if args.resume is not None:  # checked now, not after compiling
-            check_resume(args.resume, config)
-        save_state_at = parse_save_state(args.save_state, config, 0 if args.resume is None else saved_step(args.resume))
-        if save_state_at is not None:
-            check_state_path(save_state_at[1], args.out)
-    except (ValueError, OSError) as error:  # a bad override, output folder, text_init folder or state: one line
-        parser.error(str(error))
+        with contextlib.ExitStack() as held:
+            try:
+                check_model_folder(args.out)  # before training: saving replaces the folder
+                config = config_from_flags(args.recipe, {"objective": args.objective, "steps": args.steps}, args.set)
+                if args.resume is not None:  # checked now, not after compiling
+                    check_resume(args.resume, config)
+                save_state_at = parse_save_state(args.save_state, config,
+                                                 0 if args.resume is None else saved_step(args.resume))
+                if save_state_at is not None:
+                    check_state_path(save_state_at[1], args.out)
+                held.enter_context(held_model_folder(args.out))
+            except (ValueError, OSError) as error:  # a bad override, folder or state, or --out in use: one line
+                parser.error(str(error))
+            left = f"{args.out} was not written"
+            summary = train_and_save(config, args.out, resume=args.resume, save_state_at=save_state_at)
+            print(json.dumps(summary["final"]))
+            left = (f"{args.out} holds the checkpoint but not its {HELDOUT_METRICS_FILE} (--out {args.out} "
+                    "--heldout-only records it)")
+            # the fast held-out gates the card quotes and tests/test_default_model.py re-measures
+            print(json.dumps(record_heldout_metrics(args.out)))
     except KeyboardInterrupt as stop:
-        interrupted(parser, "nothing was written", stop)
-    try:
-        summary = train_and_save(config, args.out, resume=args.resume, save_state_at=save_state_at)
-    except KeyboardInterrupt as stop:
-        interrupted(parser, f"{args.out} was not written", stop)
-    print(json.dumps(summary["final"]))
-    try:  # the fast held-out gates the card quotes and tests/test_default_model.py re-measures
-        print(json.dumps(record_heldout_metrics(args.out)))
-    except KeyboardInterrupt as stop:
-        interrupted(parser, f"{args.out} holds the checkpoint but not its {HELDOUT_METRICS_FILE} "
-                            f"(--out {args.out} --heldout-only records it)", stop)
+        interrupted(parser, left, stop)
 
 
 def record_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -1429,10 +1442,11 @@ def record_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if not is_checkpoint(args.out):
         parser.error(f"--heldout-only: {args.out} holds no checkpoint")
     try:
-        print(json.dumps(record_heldout_metrics(args.out)))
+        with held_model_folder(args.out):
+            print(json.dumps(record_heldout_metrics(args.out)))
     except KeyboardInterrupt as stop:
         interrupted(parser, f"{args.out}/{HELDOUT_METRICS_FILE} was not written", stop)
-    except (ValueError, OSError) as error:  # a folder load_clip refuses
+    except (ValueError, OSError) as error:  # a folder load_clip refuses, --out in use
         parser.error(str(error))
     sys.exit(0)
 
