@@ -1,6 +1,7 @@
 """training/train_default.py's recipes and recipe-search options: what `--recipe` and `--set` build is what they say."""
 import concurrent.futures
 import dataclasses
+import errno
 import itertools
 import json
 import os
@@ -28,6 +29,7 @@ from tclip_jax.methods.tclip.method import TCLIP, _maps_program  # noqa: E402
 from tclip_jax.methods.tclip.relevance import token_embeddings  # noqa: E402
 from tclip_jax.model import CLIP, init_params  # noqa: E402
 from tclip_jax.image import resize_rgb  # noqa: E402
+from tclip_jax.sweep import heldout  # noqa: E402
 from tclip_jax.synthetic import RELATIONS, make_scene, negative_captions, scene_variant, train_seeds  # noqa: E402
 
 SCRIPT = pathlib.Path(train_default.__file__)
@@ -180,6 +182,55 @@ def test_a_second_run_into_a_folder_a_run_holds_is_refused_in_one_line_before_it
         assert line.startswith(f"{script}: error: another training run (process {os.getpid()} ") and \
             f" is running in {out} " in line and line.endswith("; wait for it to end or choose another --out"), line
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("stage", ["checkpoint", "gates"])
+def test_a_full_disk_ends_a_run_in_one_line_and_leaves_nothing_half_written(stage, tmp_path, monkeypatch, capsys):
+    """A write that fails (here the disk full as the checkpoint's archive or the gates' file is written) ended the
+    script with a traceback: it is said in one line with what the run left, exit status 2; the checkpoint's
+    staging folder, the hidden log and the lock are removed, and a checkpoint already saved stays whole."""
+    out = tmp_path / "model"
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def trained(config, log_path, **kwargs):  # what training returns, without the training
+        log_path.write_text('{"step": 3}\n')
+        return tiny_params(config), np.arange(8, dtype=np.int32), {"final": {"step": 3}}
+
+    def archive_on_a_full_disk(file, **arrays):  # the archive is begun, then there is no room
+        pathlib.Path(file).write_bytes(b"PK\x03\x04")
+        raise full
+
+    def fsync_on_a_full_disk(fd):  # where a delayed write finds the disk full
+        raise full
+
+    real_record = train_default.record_heldout_metrics
+
+    def record_on_a_full_disk(folder):
+        with monkeypatch.context() as patch:
+            patch.setattr(heldout, "heldout_metrics", lambda clip: {"scenes": 0})
+            patch.setattr(os, "fsync", fsync_on_a_full_disk)
+            return real_record(folder)
+
+    monkeypatch.setattr(train_default, "train", trained)
+    if stage == "checkpoint":
+        monkeypatch.setattr(np, "savez_compressed", archive_on_a_full_disk)
+    monkeypatch.setattr(train_default, "record_heldout_metrics", record_on_a_full_disk)
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(out), "--set", *TINY_MODEL, "steps=3",
+                                      "warmup_steps=1"])
+    with pytest.raises(SystemExit) as raised:
+        train_default.main()
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and "Traceback" not in err
+    if stage == "checkpoint":
+        assert err.strip().splitlines()[-1] == f"train_default.py: error: {out} was not written: {full}"
+        assert not any(tmp_path.iterdir())
+    else:
+        assert err.strip().splitlines()[-1] == (f"train_default.py: error: {out} holds the checkpoint but not its "
+                                                f"heldout_metrics.json (--out {out} --heldout-only records it): {full}")
+        assert [p.name for p in tmp_path.iterdir()] == ["model"]
+        assert sorted(p.name for p in out.iterdir()) == sorted(["params.npz", "tclip_config.json",
+                                                                train_default.LOG_FILE])
+        assert train_default.is_trained_model(out)
 
 
 TINY_MODEL = ["image_size=32", "patch_size=16", "embed_dim=16", "vision_width=64", "vision_layers=1", "text_width=64",

@@ -61,8 +61,8 @@ Run from the repository root (it also records the checkpoint's fast held-out gat
 `MODEL_FILES` and a README.md model card, which saving keeps with its permissions; any other folder, the current
 folder or one above it, and a `--save-state` PATH that cannot be written or lies in `--out` are refused before
 training. A run holds a lock beside `--out` (`.NAME.lock`) until it ends: a second run into the same folder (this
-script, a recipe search's run, `tclip convert`) is refused in one line. Ctrl-C exits 130 and SIGTERM 143, leaving
-nothing half-written.
+script, a recipe search's run, `tclip convert`) is refused in one line. Ctrl-C exits 130, SIGTERM 143 and a write
+that fails (a full disk) 2 with one line, leaving nothing half-written.
 Without `--recipe`, TrainConfig's defaults are the first embedded models' (no stem, 4 blocks, 900 steps; with
 `--objective clip_tokens` the first default model, with `clip` the first `clip_only`), to which the recipe search's
 `--set` overrides are relative (`training/RECIPE_SEARCH.md`).
@@ -1403,7 +1403,7 @@ def run_command() -> None:
     args = parser.parse_args()
     if args.heldout_only:
         record_only(parser, args)
-    left = "nothing was written"  # what a stop leaves, said with it
+    left = "nothing was written"  # what a stop or a failed write leaves, said with it
     # The interruptions are handled outside the lock: `interrupted` ends the process at once, and the lock's file
     # would be left beside --out.
     try:
@@ -1429,6 +1429,8 @@ def run_command() -> None:
             print(json.dumps(record_heldout_metrics(args.out)))
     except KeyboardInterrupt as stop:
         interrupted(parser, left, stop)
+    except OSError as error:  # a full disk: what was being written is removed (`staged_folder`, `atomic_file`)
+        parser.error(f"{left}: {error}")
 
 
 def record_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -1446,7 +1448,7 @@ def record_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             print(json.dumps(record_heldout_metrics(args.out)))
     except KeyboardInterrupt as stop:
         interrupted(parser, f"{args.out}/{HELDOUT_METRICS_FILE} was not written", stop)
-    except (ValueError, OSError) as error:  # a folder load_clip refuses, --out in use
+    except (ValueError, OSError) as error:  # a folder load_clip refuses, --out in use, a full disk
         parser.error(str(error))
     sys.exit(0)
 
