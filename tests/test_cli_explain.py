@@ -2,6 +2,7 @@
 model-loading flags every command shares."""
 import argparse
 import json
+import os
 import pathlib
 import shutil
 
@@ -609,3 +610,42 @@ def test_max_pixels_sets_the_image_limit_for_the_run():
         assert io.max_pixels() == 1000
     finally:
         io.set_max_pixels(limit)
+
+
+def test_a_second_run_into_an_out_in_use_is_refused_in_one_line_and_the_first_ends_as_if_alone(tmp_path, fixtures_dir,
+                                                                                              monkeypatch, capsys):
+    """Two runs into one OUT at once chose their folders before either wrote: a page showed the other run's results,
+    and of two images of one stem, one's results were reported written but lost. While a run writes OUT, another
+    into it (here started as the first loads its model) is refused in one line, writing nothing; the first
+    ends as if alone, and leaves no lock behind."""
+    from tclip_jax.cli import explain
+    from tclip_jax.visualize.explorer import page_images
+
+    out = tmp_path / "out"
+    images = {}
+    for folder in ("a", "b"):  # one stem: both would take OUT/s
+        (tmp_path / folder).mkdir()
+        images[folder] = tmp_path / folder / "s.png"
+        shutil.copy(fixtures_dir / "scene_224.png", images[folder])
+    run = ["--model", str(fixtures_dir / "tiny_openai_clip.npz"), "--translations", "1", "--compare", "none",
+           "--out", str(out)]
+    second = []
+    real_build_method = explain.build_method
+
+    def build_method(args):  # the first run has chosen its folders
+        if not second:  # the first run's; the second run's own goes on
+            second.append("started")
+            second.append(tclip(["explain", str(images["b"]), "--prompt", "green", *run]))
+            second.append(capsys.readouterr().err.strip().splitlines())
+        return real_build_method(args)
+
+    monkeypatch.setattr(explain, "build_method", build_method)
+    assert tclip(["explain", str(images["a"]), "--prompt", "red", *run]) == 0
+    _, code, err = second
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"tclip explain: error: another tclip explain (process {os.getpid()} ") and \
+        f" is running in {out} " in err[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "s"]
+    record = json.loads((out / "s" / "result.json").read_text())
+    assert pathlib.Path(record["image"]["path"]).resolve() == images["a"] and record["prompts"][0]["prompt"] == "red"
+    assert page_images(out / "index.html") == ["s"]

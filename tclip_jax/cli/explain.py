@@ -11,7 +11,8 @@ result.json and the files that names, nothing else) and must not hold an input i
 earlier explorer page; else the run is refused before the model loads (`check_replaced`). A run removes an earlier
 explorer page that shows an image it replaces (the page would show the old results beside links to the new files),
 just before that image's results are swapped in, with or without a page of its own: one killed before it writes
-its page (SIGKILL) leaves none rather than a stale one.
+its page (SIGKILL) leaves none rather than a stale one. A run holds a lock in OUT (`LOCK_FILE`) until it ends:
+another run into OUT meanwhile is refused in one line before it chooses its folders.
 
 `--compare METHOD[:key=value,...]` (repeatable) runs more methods on the same images and prompts, on the same
 loaded model, for the explorer's compare view (and result.json's "compare" list). A TCLIP run compares with
@@ -35,6 +36,7 @@ from typing import Optional
 from tclip_jax.cli.common import add_method_arguments, build_method
 
 NO_COMPARE = "none"
+LOCK_FILE = ".tclip-explain.lock"  # held in OUT while a run writes there
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -344,10 +346,19 @@ class Plan:
 
 # ------------------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> int:
-    from tclip_jax.files import check_output_folder
-    from tclip_jax.image import image_size
+    from tclip_jax.files import check_output_folder, folders_made_for, held_lock
 
     out = check_output_folder(args.out)
+    # Two runs into one OUT at once chose the same folders and wrote each other's results and page: a run holds a
+    # lock in OUT from before it chooses its folders until it ends. The folders made for it go again if the run
+    # leaves them empty (it was refused, or stopped before its first image).
+    with folders_made_for(out), held_lock(out / LOCK_FILE, "tclip explain", out, make_folder=True):
+        return _run_holding(args, out)
+
+
+def _run_holding(args: argparse.Namespace, out: pathlib.Path) -> int:
+    from tclip_jax.image import image_size
+
     names = result_folders(out, args.images)
     check_replaced(out, args.images, names, args.html)
     method = build_method(args)
@@ -359,14 +370,7 @@ def run(args: argparse.Namespace) -> int:
                 checked.check_image_size(size)
             except ValueError as err:
                 raise ValueError(f"{path}: {what}{err}") from None
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        return _explain_all(args, method, plan, out, names)
-    except BaseException:
-        if created and not any(out.iterdir()):  # stopped before its first image: leave nothing behind
-            out.rmdir()
-        raise
+    return _explain_all(args, method, plan, out, names)
 
 
 def _is_one_of(folder: pathlib.Path, folders: list[pathlib.Path]) -> bool:
