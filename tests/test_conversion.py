@@ -1397,6 +1397,41 @@ def test_convert_overwrite_checks_the_folder_holding_out_before_loading(tmp_path
     assert sorted(p.name for p in parent.iterdir()) == ["converted"]
 
 
+def test_a_second_convert_into_an_out_in_use_is_refused_as_one_after_it_is(tmp_path, fixtures_dir, monkeypatch,
+                                                                           capsys):
+    """Two converts into one new --out at once both found it absent, and the later replaced the earlier's folder,
+    both reporting success: while a convert writes --out, a second into it (here started as the first loads its
+    source) is refused in one line, as one started after it is; the folder is the first's, with nothing beside."""
+    import os
+
+    import tclip_jax.checkpoints.load as load_module
+
+    source, out = fixtures_dir / "tiny_openai_clip.npz", tmp_path / "models" / "converted"
+    second = []
+    real_load_any = load_module.load_any
+
+    def load_any(*args, **kwargs):
+        if not second:  # the first run's load; the second run's own goes on
+            second.append("started")
+            second.append(tclip(["convert", str(source), "--float16", "--out", str(out)]))
+            second.append(capsys.readouterr().err.strip().splitlines())
+        return real_load_any(*args, **kwargs)
+
+    monkeypatch.setattr(load_module, "load_any", load_any)
+    assert tclip(["convert", str(source), "--out", str(out)]) == 0
+    _, code, err = second
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"tclip convert: error: another tclip convert (process {os.getpid()} ") and \
+        f" is running in {out} " in err[0], err
+    stored = safetensors.numpy.load_file(out / checkpoint.PARAMS_FILES[0])
+    assert {array.dtype for array in stored.values()} == {np.dtype(np.float32)}  # the first's, not the float16 one
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["converted"]
+    capsys.readouterr()
+    assert tclip(["convert", str(source), "--float16", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"tclip convert: error: --out {out} already exists; pass --overwrite to "
+                                       "replace it\n")
+
+
 def test_convert_overwrite_through_a_link_checks_the_folder_holding_its_target(tmp_path, fixtures_dir, monkeypatch,
                                                                                capsys):
     """A link's target is replaced (staged beside it), so the folder holding the target must be writable, not the

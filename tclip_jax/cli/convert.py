@@ -25,14 +25,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tclip_jax.files import check_output_folder, held_lock_beside
+
+    options = CheckpointOptions.from_dict(CheckpointOptions.given_arguments(args))
+    out = check_output_folder(args.out, replaced=args.overwrite)
+    # Two converts into one new --out at once both found it absent, and the later replaced the earlier's folder:
+    # --out is held from before that check until its folder is written, and a second convert meanwhile refused.
+    with held_lock_beside(out, "tclip convert"):
+        return _convert(args, options, out)
+
+
+def _convert(args: argparse.Namespace, options: CheckpointOptions, out: pathlib.Path) -> int:
     import numpy as np
 
     from tclip_jax.checkpoints.folder import CONFIG_FILE, WRITTEN_FILES, is_checkpoint, save_checkpoint
     from tclip_jax.checkpoints.load import load_any, tokenizer_of
-    from tclip_jax.files import check_output_folder, check_replaceable, unwritten_entries
+    from tclip_jax.files import check_replaceable, unwritten_entries
 
-    options = CheckpointOptions.from_dict(CheckpointOptions.given_arguments(args))
-    out = check_output_folder(args.out, replaced=args.overwrite)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
     source = pathlib.Path(args.source).expanduser()
@@ -53,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     metadata = {"source": converted.source, "origin": converted.origin, **converted.metadata}
     folder = save_checkpoint(args.out, converted.params, converted.config, metadata=metadata,
                              tokenizer_dir=converted.tokenizer_dir,  # None: the packaged CLIP vocabulary
-                             overwrite=True,  # checked above
+                             overwrite=True,  # checked above, holding --out
                              storage_dtype=np.float16 if args.float16 else np.float32)
     c = converted.config
     print(f"converted {converted.origin} ({converted.source}): ViT patch {c.patch_size} at {c.image_size}px, "
