@@ -454,6 +454,10 @@ def test_a_large_photo_is_drawn_in_the_grid_at_a_bounded_size_with_its_box_where
     assert np.abs(drawn[1].astype(int) - expected).max() <= 1
     small = grid_figure(image[:300, :400], [Panel("word", heatmap[:300, :400])], "small")  # drawn as it is
     np.testing.assert_array_equal([a for a in small.axes if a.images][0].images[0].get_array(), image[:300, :400])
+    # The longer side is bounded, be it the height: a 2048x1536 portrait is drawn 1024x768.
+    tall = grid_figure(np.full((2048, 1536, 3), 128, np.uint8), [Panel("word", np.zeros((2048, 1536), np.float32))],
+                       "tall")
+    assert [a.images[0].get_array().shape for a in tall.axes if a.images] == [(GRID_MAX_SIDE, 768, 3)] * 2
     # A whole-image box is drawn as the whole drawn picture's (inset): 1100 rows are drawn as 682.67, so 683, and
     # the box's end was cut to 682, not the whole picture, so not inset.
     whole = grid_figure(image[:1100, :1650], [Panel("word", heatmap[:1100, :1650], (0, 0, 1650, 1100))], "whole")
@@ -533,6 +537,34 @@ def test_a_grid_figure_is_no_wider_for_an_image_wider_than_two_to_one():
     assert width((40, 400)) == width((40, 800)) == width((40, 80)) < 2 * width((40, 40))
 
 
+def test_a_grid_shows_the_image_then_its_panels_at_most_five_a_row_in_as_few_rows_as_that_takes():
+    """The image and n panels fill min(n + 1, columns, 5) columns and as many rows as they need: no empty row or
+    column (1 + 4 panels are one row of 5, 1 + 9 two)."""
+    from tclip_jax.visualize.figures import Panel, grid_figure
+
+    for panels, columns, (rows, shown_columns) in [(1, 5, (1, 2)), (2, 5, (1, 3)), (4, 5, (1, 5)), (5, 5, (2, 5)),
+                                                   (9, 5, (2, 5)), (10, 5, (3, 5)), (4, 9, (1, 5)), (3, 2, (2, 2))]:
+        figure = grid_figure(np.zeros((20, 30, 3), np.uint8),
+                             [Panel(str(i), np.zeros((20, 30), np.float32)) for i in range(panels)], "t", columns)
+        drawn = [axis for axis in figure.axes if axis.images]
+        assert len(drawn) == 1 + panels
+        assert drawn[0].get_subplotspec().get_gridspec().get_geometry() == (rows, shown_columns), (panels, columns)
+        assert len(figure.axes) == rows * shown_columns
+
+
+def test_a_panel_whose_tau_came_from_a_gmm_fallback_has_its_caption_in_red():
+    from matplotlib.colors import to_rgb
+
+    from tclip_jax.visualize.figures import Panel, grid_figure
+
+    heatmap = np.zeros((20, 30), np.float32)
+    figure = grid_figure(np.zeros((20, 30, 3), np.uint8), [
+        Panel("red", heatmap, tau=0.25), Panel("square", heatmap, tau=0.5, fallback="no_root_between_means")], "t")
+    image, plain, fallback = (to_rgb(axis.title.get_color()) for axis in figure.axes if axis.images)
+    assert image == plain == (0.0, 0.0, 0.0)
+    assert fallback[0] > 0.5 and max(fallback[1:]) < 0.3  # a red
+
+
 @pytest.mark.parametrize("thickness", range(2, 8))
 def test_a_box_is_drawn_inside_itself_and_a_whole_image_box_inset(thickness):
     """An inner stroke: what is drawn reaches the box's edges and no further (an odd width drew a pixel outside),
@@ -555,6 +587,18 @@ def test_a_box_is_drawn_inside_itself_and_a_whole_image_box_inset(thickness):
 def test_a_whole_image_box_is_one_that_covers_the_image():
     assert is_whole_image((0, 0, 120, 100), (100, 120))
     assert not is_whole_image((0, 0, 110, 100), (100, 120)) and not is_whole_image((0, 0, 120, 90), (100, 120))
+
+
+def test_a_box_is_stroked_a_160th_of_the_images_longer_side_wide_and_at_least_2_pixels():
+    """800 / 160 = 5 on an 800x600 photo either way up; 120 / 160 rounds to 1, so 2. A picture's boxes are drawn at
+    that width unless told another."""
+    from tclip_jax.visualize.figures import box_thickness
+
+    for size_hw, width in [((600, 800), 5), ((800, 600), 5), ((1600, 480), 10), ((100, 120), 2), ((30, 40), 2)]:
+        assert box_thickness(size_hw) == width, size_hw
+    image, box = np.full((600, 800, 3), 77, np.uint8), (100, 100, 500, 400)
+    np.testing.assert_array_equal(draw_box(image.copy(), box), draw_box(image.copy(), box, thickness=5))
+    assert not np.array_equal(draw_box(image.copy(), box, thickness=4), draw_box(image.copy(), box, thickness=5))
 
 
 def test_an_overlay_is_the_image_blended_with_the_turbo_colours_of_the_min_max_map():
@@ -589,6 +633,17 @@ def test_the_whole_prompt_map_says_how_its_query_was_made(fixtures_dir):
                                  ("rollout", "attention rollout over the text tower")]:
         assert said[weighting] == ("the whole prompt “a red circle.” (the mean of its words' pieces weighted by the "
                                    f"end-of-text token's {attention})")
+
+
+def test_a_views_own_label_names_it_on_the_page_and_in_result_json(fixtures_dir):
+    """View.label, where given, is the name a view goes by; else the method and its non-default settings."""
+    from tclip_jax.methods.similarity import Similarity
+
+    result = Similarity.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz")).explain(
+        str(fixtures_dir / "scene_224.png"), "a red circle")
+    views = [explorer.View(result, label="mine"), explorer.View(result), explorer.View(result, label="theirs")]
+    assert [p["label"] for p in explorer.image_entry("x", views)["panels"]] == ["mine", "similarity", "theirs"]
+    assert [c["label"] for c in explorer.views_record(views)["compare"]] == ["similarity", "theirs"]
 
 
 PLUGIN = '''
@@ -628,6 +683,20 @@ def test_labels_name_the_settings_of_a_method_from_outside_the_package(tmp_path,
     assert [c["label"] for c in record["compare"]] == labels[1:]
     run = {**record["run"], "model": {"origin": "m.npz"}}
     assert method_label(run) == labels[0] and run_name(run) == f"{labels[0]} (m.npz)"
+
+
+def test_a_label_names_each_changed_setting_as_an_option_that_reads_back():
+    """A label lists the changed settings as "k=v, k=v"; a tuple's values are joined by "," as --option and --compare
+    take them (scale_fractions=0.25,0.5), so the list reads back into those settings."""
+    from tclip_jax.methods.tclip import TCLIP
+    from tclip_jax.visualize import method_label
+
+    settings = TCLIP.Settings(translations=17, scale_fractions=(0.25, 0.5), trim=0.1)
+    label = method_label({"method": "tclip", "settings": json.loads(json.dumps(settings.to_dict()))})
+    head = "TCLIP K=17 ("
+    assert label.startswith(head) and label.endswith(")")
+    assert TCLIP.Settings.parse_assignments(label[len(head):-1].split(", ")) == {
+        "scale_fractions": (0.25, 0.5), "trim": 0.1}
 
 
 def test_browser_a_prompt_cut_to_the_context_shows_what_was_cut(tmp_path, fixtures_dir, driver):

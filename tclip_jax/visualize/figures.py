@@ -1,10 +1,10 @@
 """Static pictures of results: a heatmap overlay with its box, and a grid of panels per prompt.
 
 Every picture names what it shows: grid titles carry the method (and its non-default settings), the model and
-the prompt; each panel its word, τ and a GMM fallback. A grid's title wraps to the figure's width and a panel is
-at least as wide as its caption, up to `MAX_PANEL_ASPECT` times its height (a longer caption wraps to that), so
-no text is cut off or overlaps another. Boxes are drawn as inner strokes (the line lies inside the box), and a
-box that covers the whole image is drawn further inset, so it never hides in the frame.
+the prompt; each panel its word, τ and a GMM fallback (that panel's caption in red). A grid's title wraps to the
+figure's width and a panel is at least as wide as its caption, up to `MAX_PANEL_ASPECT` times its height (a longer
+caption wraps to that), so no text is cut off or overlaps another. Boxes are drawn as inner strokes (the line lies
+inside the box), and a box that covers the whole image is drawn further inset, so it never hides in the frame.
 """
 from __future__ import annotations
 
@@ -57,6 +57,8 @@ def is_whole_image(box: Box, size_hw: tuple[int, int]) -> bool:
 
 
 def box_thickness(size_hw: tuple[int, int]) -> int:
+    """A box's stroke width in pixels on an image of `size_hw`: a 160th of its longer side (5 on 800x600), at
+    least 2."""
     return max(2, round(max(size_hw) / 160))
 
 
