@@ -14,9 +14,10 @@ from tclip_jax.cli import build_parser, main as tclip
 from tclip_jax.model.config import ACTIVATIONS
 
 
-def test_explain_writes_overlays_grid_json_and_npz(tmp_path, fixtures_dir):
+def test_explain_writes_overlays_grid_json_and_npz(tmp_path, fixtures_dir, monkeypatch):
     out = tmp_path / "out"
-    status = tclip(["explain", str(fixtures_dir / "scene_wide_320x240.png"), "--prompt", "a red circle.",
+    monkeypatch.chdir(fixtures_dir)  # the image named by a relative path: result.json records it resolved
+    status = tclip(["explain", "scene_wide_320x240.png", "--prompt", "a red circle.",
                     "--model", str(fixtures_dir / "tiny_openai_clip.npz"), "--translations", "1",
                     "--out", str(out), "--save-npz"])
     assert status == 0
@@ -26,6 +27,7 @@ def test_explain_writes_overlays_grid_json_and_npz(tmp_path, fixtures_dir):
     assert [w["word"] for w in words] == ["a", "red", "circle"]  # the full stop is not explained
     assert record["schema"] == "tclip_jax/result" and record["version"] == 2
     assert record["image"]["size_hw"] == [240, 320] and record["run"]["settings"]["translations"] == 1
+    assert record["image"]["path"] == str((fixtures_dir / "scene_wide_320x240.png").resolve())  # a rerun's key
     assert record["run"]["method"] == "tclip" and record["run"]["input_protocol"] == "whole"
     assert record["run"]["model"]["origin"].endswith("tiny_openai_clip.npz")
     for word in words:
@@ -87,13 +89,15 @@ def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):
         assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a cat", "--model", model,
                       "--out", str(out)]) == 2
         assert "a_file is a file, not a folder" in capsys.readouterr().err
-    # Stopped at its first image (here a file that is not an image; Ctrl-C alike): the folder it made goes too,
-    # and a folder the user had is left as it was.
-    (tmp_path / "broken.png").write_bytes(b"not an image")
+    # Stopped at its first image (here one damaged past its header, so found when it is decoded, after --out is
+    # made; Ctrl-C alike): the folder it made goes too, and a folder the user had is left as it was, with no page
+    # of no images.
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 128, 3), np.uint8)).save(tmp_path / "noise.jpg")
+    (tmp_path / "broken.jpg").write_bytes((tmp_path / "noise.jpg").read_bytes()[:-4000])
     for existed in (False, True):
         if existed:
             (tmp_path / "o").mkdir()
-        assert tclip(["explain", str(tmp_path / "broken.png"), "--prompt", "a cat", "--model", model,
+        assert tclip(["explain", str(tmp_path / "broken.jpg"), "--prompt", "a cat", "--model", model,
                       "--translations", "1", "--out", str(tmp_path / "o")]) == 2
         assert "cannot read image file" in capsys.readouterr().err
         assert (tmp_path / "o").exists() == existed and not (existed and any((tmp_path / "o").iterdir()))
