@@ -246,15 +246,19 @@ def test_a_commands_warnings_are_said_in_one_line_while_it_runs_and_the_process_
 
 def test_a_prompt_level_main_methods_word_alone_maps_are_in_result_json_as_on_the_page(tmp_path, fixtures_dir):
     """Beside a per-word compare method the page shows the main method's map of each word alone; result.json
-    records them as it records a compare method's."""
-    out = tmp_path / "out"
-    assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a red circle", "--method", "similarity",
-                  "--compare", "tclip:translations=1", "--model", str(fixtures_dir / "tiny_openai_clip.npz"),
-                  "--out", str(out)]) == 0
-    record = json.loads((out / "scene_224" / "result.json").read_text())
-    assert [p["prompt"] for p in record["words_alone"]] == ["a", "red", "circle"]
-    assert record["compare"][0]["prompts"][0]["words"][1]["word"] == "red"
-    assert "words_alone" not in record["compare"][0]  # TCLIP maps its words itself
+    records them as it records a compare method's, with the page or without it (--no-html left them out)."""
+    records = []
+    for html in ([], ["--no-html"]):
+        out = tmp_path / f"out{len(records)}"
+        assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a red circle", "--method",
+                      "similarity", "--compare", "tclip:translations=1", *html,
+                      "--model", str(fixtures_dir / "tiny_openai_clip.npz"), "--out", str(out)]) == 0
+        records.append(json.loads((out / "scene_224" / "result.json").read_text()))
+    with_page, without = records
+    assert [p["prompt"] for p in with_page["words_alone"]] == ["a", "red", "circle"]
+    assert with_page["compare"][0]["prompts"][0]["words"][1]["word"] == "red"
+    assert "words_alone" not in with_page["compare"][0]  # TCLIP maps its words itself
+    assert without["words_alone"] == with_page["words_alone"]
 
 
 def test_a_rerun_replaces_its_own_images_results_and_never_another_images(tmp_path, fixtures_dir, monkeypatch):

@@ -323,7 +323,7 @@ class Plan:
 
             words = distinct_words(page_words(encoded.tokens))
         main_alone = None
-        if page and words and not method.explains_words:
+        if words and not method.explains_words:  # result.json records them, with a page or without
             try:
                 main_alone = method.encode_prompts(words)
             except ValueError:
