@@ -639,6 +639,22 @@ def coco_many_reference(coco_many, tmp_path_factory):
     return out
 
 
+def test_a_resume_that_only_redraws_a_picture_keeps_the_rates_of_the_run_that_did_the_work(coco_many,
+                                                                                          coco_many_reference,
+                                                                                          tmp_path):
+    """Every sample recorded, one report.html picture missing: the resume runs its sample again for the picture
+    alone, records nothing, and leaves throughput-p0.json (the rates of the run that recorded the samples)."""
+    out = tmp_path / "out"
+    shutil.copytree(coco_many_reference, out)
+    picture = sorted((out / "gallery").iterdir())[0]
+    picture.unlink()
+    assert main(_cli("coco", "--data", str(coco_many), "--method", "test_sweep:Painted", "--batch-size", "2",
+                     "--out", str(out), "--resume")) == 0
+    assert picture.read_bytes() == (coco_many_reference / "gallery" / picture.name).read_bytes()
+    for name in ("throughput-p0.json", "results-p0.jsonl", "report.json"):
+        assert (out / name).read_bytes() == (coco_many_reference / name).read_bytes(), name
+
+
 def test_tfds_coco_sweep_matches_the_raw_files(coco_many, coco_many_reference, tmp_path):
     build_tfds_coco(coco_many, tmp_path / "tfds")  # a real TFDS coco/2017, prepared by TFDS from the same files
     out = tmp_path / "out"
