@@ -1508,6 +1508,18 @@ def test_heldout_only_records_the_gates_of_a_written_checkpoint_and_trains_nothi
         train_default.main()
     assert capsys.readouterr().err.strip().endswith(f"--heldout-only: {tmp_path / 'empty'} holds no checkpoint")
     assert recorded == [model]
+    # A model folder in a read-only folder: the gates are written inside it, and no run can replace it (they stage
+    # beside it), so its lock beside it, which cannot be made, is not needed.
+    import errno
+
+    def read_only_parent(folder, what):
+        raise OSError(errno.EROFS, "Read-only file system", str(folder.parent / f".{folder.name}.lock"))
+
+    monkeypatch.setattr(train_default, "held_lock_beside", read_only_parent)
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(model), "--heldout-only"])
+    with pytest.raises(SystemExit) as raised:
+        train_default.main()
+    assert raised.value.code == 0 and recorded == [model, model] and json.loads(capsys.readouterr().out) == {"ok": 1}
 
 
 def test_a_state_save_that_fails_leaves_the_state_saved_before_and_no_partial_file(tmp_path, monkeypatch):

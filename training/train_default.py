@@ -81,13 +81,14 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import os
 import pathlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -1297,6 +1298,20 @@ def held_model_folder(out: pathlib.Path) -> contextlib.AbstractContextManager:
     return held_lock_beside(out, "training run")
 
 
+@contextlib.contextmanager
+def held_for_gates(out: pathlib.Path) -> Iterator[None]:
+    """`held_model_folder` for --heldout-only, which writes inside `out` alone: where nothing can be written beside
+    `out` (a read-only parent), no run can replace it either (training and `tclip convert` stage beside it), and the
+    gates are recorded without the lock."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(held_model_folder(out))
+        except OSError as error:
+            if error.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+        yield
+
+
 def is_trained_model(folder: pathlib.Path) -> bool:
     """Whether `folder` holds a checkpoint header this script wrote (a tclip_jax header with a training record)."""
     try:
@@ -1444,7 +1459,7 @@ def record_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if not is_checkpoint(args.out):
         parser.error(f"--heldout-only: {args.out} holds no checkpoint")
     try:
-        with held_model_folder(args.out):
+        with held_for_gates(args.out):
             print(json.dumps(record_heldout_metrics(args.out)))
     except KeyboardInterrupt as stop:
         interrupted(parser, f"{args.out}/{HELDOUT_METRICS_FILE} was not written", stop)
