@@ -248,6 +248,16 @@ def _mend_after_killed_runs(target: pathlib.Path) -> None:
             _remove_tree(path)
 
 
+def mend_killed_swaps(folder: pathlib.Path) -> None:
+    """`staged_folder`'s mending of what a killed swap left (`_mend_after_killed_runs`), for every folder in `folder`
+    that one hid: for a run that chooses its output folders by what `folder` holds (tclip explain), before it
+    chooses, so that a result a killed swap hid is found in its place rather than taken for a free name."""
+    hidden = re.compile(rf"\.(.+)\.{re.escape(socket.gethostname())}\.old\.[a-z0-9_]{{8}}")
+    if folder.is_dir():
+        for name in {found.group(1) for found in map(hidden.fullmatch, os.listdir(folder)) if found}:
+            _mend_after_killed_runs(pathlib.Path(os.path.realpath(folder / name)))
+
+
 def _folders_of_ended_runs(target: pathlib.Path) -> Iterator[pathlib.Path]:
     """The staging and old folders of `target` (`staged_folder`) that no live run holds, each yielded while its lock
     is taken here. None where the file system has no locks."""

@@ -483,6 +483,36 @@ def test_a_page_never_shows_old_results_beside_the_new_files_it_links_even_if_th
     assert shown_prompts(index) == {"a": ["blue square"], "b": ["blue square"]}
 
 
+def test_results_a_killed_swap_hid_are_put_back_before_a_run_chooses_its_folders(tmp_path, fixtures_dir,
+                                                                                  monkeypatch):
+    """A SIGKILL between a swap's two renames leaves an image's earlier results hidden beside OUT/<stem>
+    (`.<stem>.HOST.old.*/<stem>`). A later run on another image of that stem found the name free, chose it, and the
+    save put the hidden results back only to replace them: they were lost. They are put back first, so the other
+    image goes to <stem>_2 as for any image whose stem is taken."""
+    import os
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    scene = Image.open(fixtures_dir / "scene_224.png").convert("RGB")
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    scene.save("first/photo.png")
+    scene.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save("second/photo.png")
+    run = ["--prompt", "red", "--model", str(fixtures_dir / "tiny_openai_clip.npz"), "--translations", "1",
+           "--no-html", "--out", "out"]
+    assert tclip(["explain", "first/photo.png", *run]) == 0
+    out = tmp_path / "out"
+    recorded = (out / "photo" / "result.json").read_bytes()
+    hidden = out / f".photo.{socket.gethostname()}.old.abcdefgh"  # as a kill between the two renames leaves it
+    hidden.mkdir()
+    (out / "photo").rename(hidden / "photo")
+    os.utime(hidden, (0, 0))  # older than any live run's
+    assert tclip(["explain", "second/photo.png", *run]) == 0
+    assert (out / "photo" / "result.json").read_bytes() == recorded and not hidden.exists()
+    second = json.loads((out / "photo_2" / "result.json").read_text())
+    assert second["image"]["path"] == str(tmp_path / "second" / "photo.png")
+
+
 def test_a_no_html_run_keeps_a_page_whose_folders_differ_from_its_own_in_case_alone(tmp_path, fixtures_dir,
                                                                                      monkeypatch, capsys):
     """A --no-html run of PHOTO.png writes OUT/PHOTO: on a case-sensitive file system not the folder OUT/photo an

@@ -357,8 +357,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_holding(args: argparse.Namespace, out: pathlib.Path) -> int:
+    from tclip_jax.files import mend_killed_swaps
     from tclip_jax.image import image_size
 
+    mend_killed_swaps(out)  # an image's results a killed run hid aside are put back before the folders are chosen
     names = result_folders(out, args.images)
     check_replaced(out, args.images, names, args.html)
     method = build_method(args)
