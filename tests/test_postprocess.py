@@ -179,11 +179,12 @@ def test_the_intersection_scales_with_the_map(scale):
     means, stds, weights = (0.0, 4.0), (1.0, 0.5), (0.7, 0.3)
     unit = gaussian_intersection(means, stds, weights)
     scaled = gaussian_intersection(tuple(m * scale for m in means), tuple(v * scale for v in stds), weights)
-    assert scaled == pytest.approx(unit * scale, rel=1e-12)
+    # abs=0: approx's default abs=1e-12 would pass any number next to an expected 1e-163
+    assert scaled == pytest.approx(unit * scale, rel=1e-12, abs=0)
     blob = np.zeros((40, 40))
     blob[10:20, 10:20] = 1.0
     blob += np.random.default_rng(0).random(blob.shape) * 0.1
-    assert gmm_threshold(blob * 1e-163).tau == pytest.approx(gmm_threshold(blob).tau * 1e-163, rel=1e-6)
+    assert gmm_threshold(blob * 1e-163).tau == pytest.approx(gmm_threshold(blob).tau * 1e-163, rel=1e-6, abs=0)
 
 
 def test_no_intersection_between_the_means():
