@@ -310,6 +310,35 @@ def test_a_methods_settings_reach_its_map_function(tiny_clip, fixture_images, mo
     assert passed == {**fixed, **values}
 
 
+@pytest.mark.parametrize("values, function", [({"trim": 0.05}, "aggregate_maps"),
+                                               ({"sigma": 3.0, "box_rule": "contour"}, "soft_maps_and_boxes")],
+                         ids=["trim", "sigma-box_rule"])
+def test_tclips_settings_reach_its_map_and_host_functions(tiny_clip, fixture_images, monkeypatch, values, function):
+    """As the test above for TCLIP, whose maps have no `grid_maps`: its trim goes to `aggregate_maps` on the device,
+    its sigma and box rule to `soft_maps_and_boxes` on the host, each spied on (the spy stops; nothing compiles)."""
+    import inspect
+
+    import tclip_jax.methods.tclip.method as tclip_module
+
+    called, calls = getattr(tclip_module, function), []
+
+    def spy(*args, **keywords):
+        calls.append(inspect.signature(called).bind(*args, **keywords).arguments)
+        raise _MapFunctionCalled
+
+    monkeypatch.setattr(tclip_module, function, spy)
+    method = TCLIP(tiny_clip, TCLIP.Settings.from_dict(values))
+    with pytest.raises(_MapFunctionCalled):
+        if function == "aggregate_maps":
+            pixels = method.prepare(fixture_images["scene_224"])[0][None]
+            method.maps(tiny_clip.params, pixels, method.encode([Query("a red circle")]), jnp.zeros((1, 1), int))
+        else:
+            method.postprocess([np.asarray(fixture_images["scene_224"][..., 0], np.float32)])
+    parameters = {"trim": "trim", "sigma": "sigma", "box_rule": "rule"}  # the setting's name: the function's
+    defaults = inspect.signature(called).parameters
+    assert {key: calls[0].get(parameters[key], defaults[parameters[key]].default) for key in values} == values
+
+
 @pytest.mark.parametrize("values", [{"surgery_blocks": 3}, {"architecture_surgery": False, "feature_surgery": False}],
                          ids=["surgery_blocks", "no_surgery"])
 def test_clip_surgerys_settings_give_its_map_functions_maps(tiny_clip, fixture_images, values):
