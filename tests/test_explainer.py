@@ -8,7 +8,9 @@ import pytest
 
 import tclip_jax.methods.tclip.method as tclip_module
 from tclip_jax.checkpoints.load import load_clip
+from tclip_jax.methods.base import Query
 from tclip_jax.methods.tclip import TCLIP, Settings
+from tclip_jax.methods.tclip.relevance import aggregate_maps, translated_patch_embeddings
 from tclip_jax.methods.tclip.translations import translation_offsets
 from tclip_jax.postprocess import gmm_threshold, heatmap_box
 from tclip_jax.image import points_to_model, to_original
@@ -41,9 +43,11 @@ def vit_calls(monkeypatch):
     return calls
 
 
-def test_similarity_equals_the_author_token_patch_similarity(tiny_clip, author, fixture_images):
-    # The author's preprocessing is CLIP's resize + centre crop; its similarity has no translation.
-    tclip = TCLIP(tiny_clip, Settings(translations=1, input_protocol="center_crop"))
+@pytest.mark.parametrize("translations", [1, None], ids=["1", "default"])
+def test_similarity_equals_the_author_token_patch_similarity(tiny_clip, author, fixture_images, translations):
+    # The author's preprocessing is CLIP's resize + centre crop; its similarity has no translation: with the default
+    # translated copies, S is still the untranslated copy's (with one copy, any copy would be).
+    tclip = TCLIP(tiny_clip, Settings(translations=translations, input_protocol="center_crop"))
     result = tclip.explain(fixture_images["scene_224"], list(author["texts"]))
     for t, prompt in enumerate(result.prompts):
         np.testing.assert_array_equal(prompt.tokens.token_ids, author["token_ids"][t])
@@ -90,6 +94,22 @@ def test_result_structure_on_a_non_square_image(tiny_clip, fixture_images, proto
     # Without translation every step is linear in the query, and the phrase query is the mean of the words'.
     words_mean = np.mean([m.heatmap for m in explained.word_maps], axis=0)
     np.testing.assert_allclose(explained.phrase.heatmap[seen], words_mean[seen], atol=1e-5)
+
+
+def test_a_non_square_inputs_map_is_its_aggregated_patch_grid_on_the_original(tiny_clip, fixture_images):
+    """patch_multiple gives a 320 x 240 image a 256 x 320 input, an 8 x 10 patch grid: the map is aggregate_maps'
+    on that grid (rows by columns), resampled to the original image."""
+    method = TCLIP(tiny_clip, Settings(translations=1, input_protocol="patch_multiple"))
+    image = fixture_images["scene_wide_320x240"]
+    heatmap = method.explain(image, "red circle").prompts[0].phrase.heatmap
+    _, pixels, geometry = method.preprocess(image)
+    height, width = pixels.shape[:2]
+    patch = tiny_clip.config.patch_size
+    assert (height // patch, width // patch) == (8, 10)
+    embeds = translated_patch_embeddings(tiny_clip.model, tiny_clip.params, pixels[None], method.offsets)[0]
+    query = method.encode([Query("red circle")]).per_query
+    reference = aggregate_maps(embeds, query, method.offsets, (8, 10), (height, width), method.settings.trim)
+    np.testing.assert_allclose(heatmap, to_original(np.asarray(reference), geometry)[0], atol=1e-6, rtol=0)
 
 
 def test_one_image_pass_serves_many_prompts(tiny_clip, fixture_images, vit_calls):
