@@ -171,14 +171,14 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
             with ResultWriter(results_path(out, process)) as writer, \
                     tqdm(total=max(share - own_done, 0), unit="img", desc=f"sweep {dataset.name}{suffix}",
                          disable=not options.progress) as bar:
-                appended = 0
+                scored = 0  # samples this run recorded that went through the device (not an error)
 
                 def record(entry: dict) -> None:
-                    nonlocal appended
+                    nonlocal scored
                     if entry["key"] in redrawn:  # its record is on disk: run again for its pictures only
                         return
                     writer.append(entry)
-                    appended += 1
+                    scored += "error" not in entry
                     bar.update()
 
                 maps = DeviceMaps(method, jax.local_devices())
@@ -194,9 +194,9 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                 else:  # made beforehand (`mkdir out` in a job script): a plain rerun must find it empty again
                     _remove_new_sweep(out)
             raise
-        # A resume that records nothing (nothing left, or report.html pictures redrawn) keeps the rates of the run
-        # that did the work.
-        if appended:
+        # A resume that scores nothing (nothing left, samples still failing, or report.html pictures redrawn) keeps
+        # the rates of the run that did the work.
+        if scored:
             _write_json(out / f"throughput-p{process}.json", dataclasses.asdict(throughput))
         barrier("tclip-sweep-done")
         return SweepResult(write_report(out) if process == 0 else None, throughput)
