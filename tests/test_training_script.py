@@ -1393,6 +1393,21 @@ def test_a_recipe_search_refuses_a_run_folder_it_could_not_save_before_training(
         assert raised.value.code == 2 and err[-1].endswith(message), err
     assert sorted(p.name for p in (tmp_path / "search").iterdir()) == ["b"]  # run a was not trained and saved
     assert (tmp_path / "search" / "b").read_text() == "precious\n"
+    import errno
+
+    def full_disk(*args):  # as a run's save on a full disk raises it
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "full" / "a" / "params.npz"))
+
+    monkeypatch.setattr(search_recipes, "search", full_disk)
+    monkeypatch.setattr(sys, "argv", [str(SEARCH_SCRIPT), "--out", str(tmp_path / "full"), "--no-heldout",
+                                      "--workers", "1", "--set", *TINY_OVERRIDES, "--run", "a"])
+    with pytest.raises(SystemExit) as raised:
+        search_recipes.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert raised.value.code == 2 and err[-1].endswith("the search stopped (each run's folder is written whole or "
+                                                        "not at all): [Errno 28] No space left on device: "
+                                                        f"'{tmp_path / 'full' / 'a' / 'params.npz'}'"), err
+    assert not (tmp_path / "full").exists()  # made for the runs' locks, and left empty
 
 
 RESUMABLE = [o for o in TINY_OVERRIDES if not o.startswith("steps=")] + [

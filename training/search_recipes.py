@@ -202,6 +202,8 @@ def main() -> None:
             summaries = search(configs, args.out, args.workers, args.ahead, args.heldout, args.resume)
     except KeyboardInterrupt:
         train_default.interrupted(parser, "each run's folder is written whole or not at all")
+    except OSError as error:  # a full disk while a run saves: one line, as train_default.py gives
+        parser.error(f"the search stopped (each run's folder is written whole or not at all): {error}")
     for name, summary in summaries.items():
         print(json.dumps({"run": name, "overrides": runs[name], **summary}))
     print(json.dumps({"runs": len(configs), "wall_s": round(time.perf_counter() - start, 1)}))
