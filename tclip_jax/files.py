@@ -432,7 +432,17 @@ def _remove_tree(folder: pathlib.Path) -> None:
 def held_lock(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: bool = False) -> Iterator[None]:
     """Holds an exclusive lock on the file ``path`` (made if need be; its folder too with ``make_folder``) for the
     block: a second `what` (e.g. "sweep") working in ``where`` is refused at once, in one line. The file names its
-    holder and is removed when the block ends (the lock itself goes with the process however it ends)."""
+    holder and is removed when the block ends (the lock itself goes with the process however it ends), and so are
+    the folders made for it that the block leaves empty: a run refused or stopped before it wrote anything leaves
+    the disk as it found it."""
+    with _folders_made_for(path.parent) if make_folder else contextlib.nullcontext():
+        with _locked(path, what, where, make_folder):
+            yield
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: bool) -> Iterator[None]:
+    """`held_lock` but for the folders it made."""
     if fcntl is None:
         raise ValueError(f"a {what} needs POSIX file locks (fcntl), which this system does not have")
     while True:
@@ -470,20 +480,17 @@ def held_lock(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: b
 def held_lock_beside(folder: str | os.PathLike, what: str) -> Iterator[None]:
     """`held_lock` for a run that replaces the folder `folder` whole (`staged_folder`), on the hidden file
     ``.NAME.lock`` beside it: a lock inside would be swapped away with the old folder (a second run would then lock
-    the new one's). For a link, beside the folder it names, which is what is replaced. Folders above `folder` made
-    for the lock are removed again if the run leaves them empty."""
+    the new one's). For a link, beside the folder it names, which is what is replaced."""
     folder = pathlib.Path(folder)
     target = folder.resolve() if folder.is_symlink() else folder
-    with folders_made_for(target.parent), \
-            held_lock(target.parent / f".{target.name}.lock", what, folder, make_folder=True):
+    with held_lock(target.parent / f".{target.name}.lock", what, folder, make_folder=True):
         yield
 
 
 @contextlib.contextmanager
-def folders_made_for(folder: pathlib.Path) -> Iterator[None]:
+def _folders_made_for(folder: pathlib.Path) -> Iterator[None]:
     """For a block that may make `folder` and the folders above it: those that did not exist before it and are
-    empty when it ends are removed, so a run refused or stopped before it wrote anything leaves the disk as it
-    found it."""
+    empty when it ends are removed."""
     made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
     try:
         yield

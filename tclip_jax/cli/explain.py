@@ -346,13 +346,13 @@ class Plan:
 
 # ------------------------------------------------------------------------------------------------------ run
 def run(args: argparse.Namespace) -> int:
-    from tclip_jax.files import check_output_folder, folders_made_for, held_lock
+    from tclip_jax.files import check_output_folder, held_lock
 
     out = check_output_folder(args.out)
     # Two runs into one OUT at once chose the same folders and wrote each other's results and page: a run holds a
     # lock in OUT from before it chooses its folders until it ends. The folders made for it go again if the run
     # leaves them empty (it was refused, or stopped before its first image).
-    with folders_made_for(out), held_lock(out / LOCK_FILE, "tclip explain", out, make_folder=True):
+    with held_lock(out / LOCK_FILE, "tclip explain", out, make_folder=True):
         return _run_holding(args, out)
 
 

@@ -46,7 +46,7 @@ import optax
 import safetensors.numpy
 
 from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint, weights_fingerprint
-from tclip_jax.files import (check_output_folder, fingerprint, folders_made_for, held_lock, loads_json,
+from tclip_jax.files import (check_output_folder, fingerprint, held_lock, loads_json,
                              staged_folder, write_safetensors)
 from tclip_jax.image import CLIP_MEAN, CLIP_STD, image_size, load_image, prepare
 from tclip_jax.methods import common
@@ -353,7 +353,7 @@ def train(clip: LoadedClip, pairs: Pairs, out: str | os.PathLike, settings: Trai
                          "least 2")
     # Two runs into one folder wrote its files each other's way, and both reported success: a lock in the folder,
     # which is made for it; the folders made are removed again if the run leaves nothing in them.
-    with folders_made_for(out), held_lock(out / LOCK_FILE, "train-eclip run", out, make_folder=True):
+    with held_lock(out / LOCK_FILE, "train-eclip run", out, make_folder=True):
         return _train(clip, pairs, out, settings, attention, resume, progress)
 
 
