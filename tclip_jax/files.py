@@ -156,7 +156,7 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
         raise FileExistsError(f"{target} already exists (pass overwrite=True to replace it)")
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=_hidden_prefix(target, "staging"), dir=target.parent))
     running = _hold_running_lock(staging)
     moving_aside = None  # the lock on the folder the old target is moved into, while it exists
     try:
@@ -177,7 +177,7 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
         with ctrl_c_held():
             if target.exists():
                 _sync_files(staging)  # as write_bytes_atomic: a crash after the swap must not leave empty files
-                old = pathlib.Path(tempfile.mkdtemp(prefix=_old_prefix(target), dir=target.parent))
+                old = pathlib.Path(tempfile.mkdtemp(prefix=_hidden_prefix(target, "old"), dir=target.parent))
                 moving_aside = _hold_running_lock(old)
                 try:
                     target.rename(old / target.name)
@@ -200,15 +200,17 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
                 os.close(lock)
 
 
-def _staging_prefix(target: pathlib.Path) -> str:
-    """How `staged_folder`'s staging folders of `target` begin (a random part follows). The machine is named since
-    the folder may be on a disk other machines share, whose runs this one cannot see."""
-    return f".{target.name}.{socket.gethostname()}.staging."
+def _hidden_prefix(target: pathlib.Path, kind: str) -> str:
+    """How `staged_folder`'s hidden folders of `target` of one `kind` begin ("staging": the new folder being written;
+    "old": the folder the old `target` is moved into); mkdtemp's random part follows. The machine is named since the
+    folder may be on a disk other machines share, whose runs this one cannot see."""
+    return f".{target.name}.{socket.gethostname()}.{kind}."
 
 
-def _old_prefix(target: pathlib.Path) -> str:
-    """How the folders `staged_folder` moves the old `target` into begin (named as the staging folders are)."""
-    return f".{target.name}.{socket.gethostname()}.old."
+def _hidden_pattern(name: str, kinds: tuple[str, ...] = ("staging", "old")) -> re.Pattern:
+    """The full names of `_hidden_prefix`'s folders, the target's name matching the regular expression `name` (its
+    group 1). mkdtemp's random part: 8 of [a-z0-9_]; a user's own hidden folder named so is unlikely beyond reason."""
+    return re.compile(rf"\.({name})\.{re.escape(socket.gethostname())}\.(?:{'|'.join(kinds)})\.[a-z0-9_]{{8}}")
 
 
 # A staging or old folder younger than this is kept even when nothing holds its lock: its run may not have taken it
@@ -238,7 +240,7 @@ def _mend_after_killed_runs(target: pathlib.Path) -> None:
     gigabytes), is removed; an old folder (`staged_folder`) is put back as `target` if `target` is missing and it
     is whole, and removed otherwise. A folder whose lock is held belongs to a run still writing, and is kept."""
     for path in _folders_of_ended_runs(target):
-        whole_old = path.name.startswith(_old_prefix(target)) and (path / target.name).is_dir()
+        whole_old = path.name.startswith(_hidden_prefix(target, "old")) and (path / target.name).is_dir()
         if whole_old and not os.path.lexists(target):  # killed between its two renames
             try:
                 (path / target.name).rename(target)
@@ -252,10 +254,22 @@ def mend_killed_swaps(folder: pathlib.Path) -> None:
     """`staged_folder`'s mending of what a killed swap left (`_mend_after_killed_runs`), for every folder in `folder`
     that one hid: for a run that chooses its output folders by what `folder` holds (tclip explain), before it
     chooses, so that a result a killed swap hid is found in its place rather than taken for a free name."""
-    hidden = re.compile(rf"\.(.+)\.{re.escape(socket.gethostname())}\.old\.[a-z0-9_]{{8}}")
+    hidden = _hidden_pattern(".+", kinds=("old",))
     if folder.is_dir():
         for name in {found.group(1) for found in map(hidden.fullmatch, os.listdir(folder)) if found}:
             _mend_after_killed_runs(pathlib.Path(os.path.realpath(folder / name)))
+
+
+def killed_swap_leftover(target: str | os.PathLike) -> Optional[pathlib.Path]:
+    """Where the previous `target` waits when a save of it on this machine was killed between `staged_folder`'s two
+    renames (hidden beside it, `target` missing; the next save puts it back), or None: for a reader's "not found"
+    message, which says so rather than that the folder never was."""
+    target = pathlib.Path(os.path.realpath(target))
+    if os.path.lexists(target) or not target.parent.is_dir():
+        return None
+    pattern = _hidden_pattern(re.escape(target.name), kinds=("old",))
+    return next((path / target.name for path in sorted(target.parent.iterdir())
+                 if pattern.fullmatch(path.name) and (path / target.name).is_dir()), None)
 
 
 def _folders_of_ended_runs(target: pathlib.Path) -> Iterator[pathlib.Path]:
@@ -263,8 +277,7 @@ def _folders_of_ended_runs(target: pathlib.Path) -> Iterator[pathlib.Path]:
     is taken here. None where the file system has no locks."""
     if fcntl is None or not target.parent.is_dir():
         return
-    # mkdtemp's random part: 8 of [a-z0-9_]. A user's own hidden folder named so is unlikely beyond reason.
-    pattern = re.compile(f"(?:{re.escape(_staging_prefix(target))}|{re.escape(_old_prefix(target))})[a-z0-9_]{{8}}")
+    pattern = _hidden_pattern(re.escape(target.name))
     for path in target.parent.iterdir():
         if not pattern.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
             continue

@@ -1,6 +1,7 @@
 """Every checkpoint source through the one loader, the converted folder round trip, and bad input."""
 import dataclasses
 import json
+import pathlib
 import re
 import shutil
 
@@ -498,6 +499,41 @@ def test_jit_and_vmap(fixtures_dir, inputs):
 def test_missing_file():
     with pytest.raises(FileNotFoundError, match="no_such_model.pt"):
         load_clip("no_such_model.pt")
+
+
+def test_a_model_folder_whose_save_was_killed_mid_swap_is_not_found_with_where_its_previous_copy_waits(
+        tmp_path, tiny_model, monkeypatch, capsys):
+    """SIGKILL between the save's two renames leaves the folder missing and the previous one hidden beside it (put
+    back by the next save): loading it in between says so and where, rather than that the model never was."""
+    model, params = tiny_model
+    target = tmp_path / "models" / "v3"
+    checkpoint.save_checkpoint(target, params, model.config)
+    rename = pathlib.Path.rename
+
+    class Killed(BaseException):
+        pass
+
+    def killed_at_second_rename(self, new):
+        if pathlib.Path(new) == target:
+            raise Killed()
+        return rename(self, new)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pathlib.Path, "rename", killed_at_second_rename)
+        with pytest.raises(Killed):
+            checkpoint.save_checkpoint(target, params, model.config, overwrite=True)
+    assert not target.exists()
+    (waiting,) = tmp_path.glob("models/.v3.*.old.*/v3")
+    with pytest.raises(FileNotFoundError, match=f"killed.*{re.escape(str(waiting))}"):
+        load_clip(target)
+    capsys.readouterr()
+    assert tclip(["explain", str(tmp_path / "none.png"), "--prompt", "red", "--model", str(target)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(waiting) in error and "Traceback" not in error
+    assert checkpoint.load_checkpoint(waiting)[1] == model.config  # the previous copy is whole
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a file, a folder nor a hub name"):
+        load_clip(tmp_path / "elsewhere" / "v3")  # a missing folder with no copy waiting: as before
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".pt"])

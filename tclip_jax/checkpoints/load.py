@@ -24,7 +24,7 @@ import numpy as np
 
 from tclip_jax.checkpoints import folder as checkpoint, sources
 from tclip_jax.checkpoints.convert import ConversionError, convert_state_dict, detect_format, infer_openai_config
-from tclip_jax.files import fingerprint
+from tclip_jax.files import fingerprint, killed_swap_leftover
 from tclip_jax.model import CLIP, CLIPConfig, from_hf_config
 from tclip_jax.model.tokenizer import ClipTokenizer, default_tokenizer, is_tokenizer_folder
 
@@ -354,6 +354,10 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
     if path.exists() and not path.is_dir():
         sources.require_regular_file(path)
     if not path.exists():
+        if (leftover := killed_swap_leftover(path)) is not None:
+            raise FileNotFoundError(f"model not found: {origin}; a save into it was killed while it replaced the "
+                                    f"folder, and the previous one waits in {leftover} (the next save into {origin} "
+                                    "puts it back, or move it back yourself)")
         if not _is_hub_name(origin):
             raise FileNotFoundError(f"model not found: {origin} is neither a file, a folder nor a hub name")
         open_clip = origin.startswith("hf-hub:") or source == "open_clip"
