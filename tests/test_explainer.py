@@ -218,6 +218,9 @@ def test_a_class_name_glued_to_template_letters_takes_the_word_it_is_part_of(no_
     expected = (word(golden.prompt, "golden") + word(golden.prompt, "retriever's")) / 2
     np.testing.assert_allclose(no_translation.encode([golden]).per_query[0], expected, atol=1e-6)
     np.testing.assert_allclose(no_translation.encode([dog]).per_query[0], word(dog.prompt, "dog's"), atol=1e-6)
+    # Overlap, not touching: a span that ends where the next word begins ("dog," then "cat") does not take it.
+    touching = no_translation.encode([Query("dog,cat", (0, 4)), Query("dog,cat", (0, 3))]).per_query
+    np.testing.assert_array_equal(touching[0], touching[1])
 
 
 @pytest.mark.parametrize("prompts,message", [
