@@ -75,7 +75,7 @@ def compare(explainer, image, prompts, methods: Sequence[str] = ("tclip:translat
 
 
 def mini_sweep(explainer: TCLIP, scenes: int = 8) -> dict[str, float]:
-    """Pointing game and BoxAcc over every colour and shape word of held-out synthetic captions: a small
+    """Pointing game and BoxAcc over every colour, shape and relation word of held-out synthetic captions: a small
     `tclip sweep synthetic --protocol captions` run in-process."""
     report = synthetic_report(explainer, "captions", scenes, batch_size=4)
     return {"units": report["units"], "pointing_game": report["segmentation"]["pointing_game"],
