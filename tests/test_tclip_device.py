@@ -93,6 +93,32 @@ def test_trimmed_mean_matches_scipy_with_ragged_validity():
     np.testing.assert_allclose(ours, expected, atol=1e-6)
 
 
+def test_trimmed_mean_derivatives_are_those_of_the_mean_of_the_kept_values():
+    """Reverse and forward mode give 1 / (kept count) on each valid value whose rank (a stable sort's, among the
+    valid values at its position) is kept, 0 elsewhere: an explicit loop. With ties the weights still sum to 1 at
+    every position."""
+    rng = np.random.default_rng(2)
+    values = rng.standard_normal((25, 40)).astype(np.float32)
+    valid = rng.random((25, 40)) < 0.7
+    valid[0] = True
+    expected = np.zeros_like(values)
+    for i in range(40):
+        rows = np.nonzero(valid[:, i])[0]
+        cut = int(np.floor(0.2 * rows.size))
+        order = rows[np.argsort(values[rows, i], kind="stable")]
+        expected[order[cut:rows.size - cut], i] = 1.0 / (rows.size - 2 * cut)
+    gradient = jax.grad(lambda v: trimmed_mean(v, valid, 0.2).sum())(values)
+    np.testing.assert_allclose(gradient, expected, atol=1e-7)
+    tangent = rng.standard_normal(values.shape).astype(np.float32)
+    value, derivative = jax.jvp(lambda v: trimmed_mean(v, valid, 0.2), (values,), (tangent,))
+    np.testing.assert_array_equal(value, trimmed_mean(values, valid, 0.2))
+    np.testing.assert_allclose(derivative, (expected * tangent).sum(0), atol=1e-6)
+    tied = np.round(values * 2) / 2  # many ties, at the cuts too
+    weights = np.asarray(jax.jit(jax.grad(lambda v: trimmed_mean(v, valid, 0.2).sum()))(tied))
+    np.testing.assert_allclose(weights.sum(0), 1.0, atol=1e-6)
+    assert (weights[~valid] == 0).all()
+
+
 def test_token_embeddings_are_unit_rows(tiny):
     model, params = tiny
     ids = np.zeros((2, 77), np.int32)

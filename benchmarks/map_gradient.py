@@ -1,0 +1,95 @@
+"""Gradients through TCLIP's trimmed mean: the derivative rule on the kept values' mask against differentiating the
+sorting network itself.
+
+`trimmed_mean` sorts the 25 translated copies' maps with a sorting network of elementwise min/max (fast forward on
+XLA:CPU). Until 2026-12-06 a gradient went through those min/max steps; `through the network` below is that
+(`sorted_trimmed_mean` differentiated as it is), timed beside today's `trimmed_mean`, whose derivatives are those of
+the mean of the kept values (a custom JVP), on the 25 copies' back-shifted maps of one image, for the sum of the map:
+
+    python benchmarks/map_gradient.py
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
+from benchmarks._common import (check_output_options, command_line, load_average, machine_description,  # noqa: E402
+                                markdown_table, positive_int, run_main, today, write_section)
+
+
+def first_and_median(fn, values, rounds: int) -> tuple[float, float, np.ndarray]:
+    """(seconds of the first call, compile included; median seconds of `rounds` more calls; the result)."""
+    start = time.perf_counter()
+    result = np.asarray(fn(values))
+    first = time.perf_counter() - start
+    walls = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(values))
+        walls.append(time.perf_counter() - start)
+    return first, float(np.median(walls)), result
+
+
+def row(size: int, rounds: int) -> list[object]:
+    from tclip_jax.methods.tclip.translations import (shift_back_operators, sorted_trimmed_mean, translation_offsets,
+                                                      trimmed_mean)
+
+    _, _, valid = shift_back_operators(translation_offsets(32), (size // 32, size // 32), (size, size))
+    count = valid.sum(axis=0, dtype=np.int32)
+    cut = np.floor(0.2 * count).astype(np.int32)
+    values = jax.random.normal(jax.random.PRNGKey(0), valid.shape)
+    forward = jax.jit(lambda v: trimmed_mean(v, valid, 0.2))
+    rule = jax.jit(jax.grad(lambda v: trimmed_mean(v, valid, 0.2).sum()))
+    network = jax.jit(jax.grad(lambda v: sorted_trimmed_mean(v, valid, cut, count).sum()))
+    (_, forward_s, _), (rule_first, rule_s, by_rule), (network_first, network_s, by_network) = (
+        first_and_median(forward, values, rounds), first_and_median(rule, values, rounds),
+        first_and_median(network, values, rounds))
+    # Where two valid values tie, both are subgradients: the network splits the weight, the rule ranks the first copy
+    # first. Compared where no values tie.
+    ranked = np.sort(np.where(valid, np.asarray(values), np.inf), axis=0)
+    tied = ((ranked[1:] == ranked[:-1]) & np.isfinite(ranked[1:])).any(axis=0)
+    difference = np.abs(by_rule - by_network).max(axis=0)[~tied].max()
+    return [f"25 x {size} x {size}", f"{forward_s * 1e3:.1f} ms", f"{network_first:.1f} s", f"{network_s:.2f} s",
+            f"{rule_first:.2f} s", f"{rule_s:.3f} s", f"{network_s / rule_s:.0f}", f"{difference:.1e}",
+            int(tied.sum())]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[112, 224], help="map sides in pixels")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="timed calls after the first")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
+    args = parser.parse_args()
+    check_output_options(parser, "map_gradient", write=not args.no_write)
+    load_before = load_average()
+    rows = [row(size, args.rounds) for size in args.sizes]
+    table = markdown_table(["maps", "forward", "network: first call", "network: gradient", "rule: first call",
+                            "rule: gradient", "network / rule", "max abs gradient diff (no ties)",
+                            "positions with tied values"], rows)
+    body = f"""## Gradients through TCLIP's trimmed mean: derivative rule vs the sorting network differentiated
+
+- date: {today()}
+- machine: {machine_description()}
+- command: `{command_line()}`
+- load average (1/5/15 min) before: {load_before}; after: {load_average()}
+- the 25 translated copies' maps (random values), trim 0.2, gradient of the map's sum; "first call" includes the
+  compile; the other columns are medians of {args.rounds} calls after it; "network" differentiates the sorting
+  network's min/max steps (how gradients were taken before 2026-12-06), "rule" is today's `trimmed_mean`; where
+  two valid values at a position tie, either split of the weight is a subgradient (the network halves it, the rule
+  gives it to the earlier copy), so the gradients are compared at the other positions
+
+{table}
+"""
+    print(body)
+    if not args.no_write:
+        write_section("map_gradient", body)
+
+
+if __name__ == "__main__":
+    run_main(main)
