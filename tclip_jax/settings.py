@@ -173,18 +173,21 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _checked(name: str, value: Any, hint: Any) -> Any:
     """`value` if it has the type `hint` names; a numpy integer or real as the Python int or float (a value from
-    `np.arange` or `np.linspace`), in a tuple too; otherwise ValueError naming the setting."""
+    `np.arange` or `np.linspace`), in a tuple too, and an integer where a real is asked for as that float (trim=0 is
+    trim=0.0: one setting, one JSON form, so prompts encoded under either serve both); otherwise ValueError naming
+    the setting."""
     if typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint):
         if value is None:
             return value
         rest = [arg for arg in typing.get_args(hint) if arg is not type(None)]
         hint = rest[0] if len(rest) == 1 else None
     if typing.get_origin(hint) is typing.Union and float in typing.get_args(hint) \
-            and isinstance(value, (np.integer, np.floating)):  # e.g. Union[str, float]: the number it can be
+            and _is_number(value):  # e.g. Union[str, float]: the number it can be
         hint = float
-    if typing.get_origin(hint) is tuple and isinstance(value, tuple) \
-            and any(isinstance(v, (np.integer, np.floating)) for v in value):  # e.g. tuple[float, ...]
-        return tuple(v.item() if isinstance(v, (np.integer, np.floating)) else v for v in value)
+    if typing.get_origin(hint) is tuple and isinstance(value, tuple):  # e.g. tuple[float, ...]
+        reals = typing.get_args(hint)[:1] == (float,)
+        return tuple(_real(name, v) if reals and _is_number(v) else v.item()
+                     if isinstance(v, (np.integer, np.floating)) else v for v in value)
     if hint is bool:
         if not isinstance(value, (bool, np.bool_)):
             raise ValueError(f"{name} must be true or false, got {value!r}")
@@ -193,11 +196,23 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
         value = int(value) if isinstance(value, np.integer) else value
         integer(name, value)
     elif hint is float:
-        value = float(value) if isinstance(value, (np.integer, np.floating)) else value
+        value = _real(name, value) if _is_number(value) else value
         finite(name, value)
     elif hint is str and not isinstance(value, str):
         raise ValueError(f"{name} must be text, got {value!r}")
     return value
+
+
+def _real(name: str, number: Any) -> float:
+    try:
+        return float(number)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"{name} must be a finite number, got {number!r}") from None
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a real, Python's or numpy's; not a bool (True is not a trim of 1.0)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def _parse(f: dataclasses.Field, text: str, check_choices: bool = True) -> Any:

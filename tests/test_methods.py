@@ -236,6 +236,19 @@ def test_numpy_numbers_are_settings_kept_as_python_numbers():
     assert type(threshold) is float and threshold == 0.5
     with pytest.raises(ValueError, match=r"a numeric threshold lies in \[0, 1\), got 1.5"):
         EvalOptions(threshold=np.float64(1.5))
+    # An integer where a real is asked for is that real: equal settings have one JSON form, so prompts encoded
+    # under trim=0 serve a TCLIP made with trim=0.0 (they were refused as encoded "with other settings").
+    settings = METHODS["tclip"].Settings
+    for whole, real in [(dict(trim=0, sigma=5), dict(trim=0.0, sigma=5.0)),
+                        (dict(scale_fractions=(1,), translations=9), dict(scale_fractions=(1.0,), translations=9)),
+                        (dict(scale_fractions=(np.int64(1),), translations=9),
+                         dict(scale_fractions=(1.0,), translations=9))]:
+        assert json.dumps(settings(**whole).to_dict()) == json.dumps(settings(**real).to_dict())
+    assert type(settings(trim=0).trim) is float and type(EvalOptions(threshold=0).threshold) is float
+    assert type(METHODS["attention"].Settings(layer=-2).layer) is int  # an integer setting stays one
+    for bad in (dict(trim=True), dict(trim=10 ** 400)):
+        with pytest.raises(ValueError, match="trim must be a finite number"):
+            settings(**bad)
 
 
 def test_a_threshold_is_mean_otsu_gmm_or_a_number_in_0_1():
