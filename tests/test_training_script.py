@@ -15,6 +15,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -27,8 +28,8 @@ from tclip_jax.checkpoints.folder import save_checkpoint  # noqa: E402
 from tclip_jax.methods.base import Method  # noqa: E402
 from tclip_jax.methods.tclip.method import TCLIP, _maps_program  # noqa: E402
 from tclip_jax.methods.tclip.relevance import token_embeddings  # noqa: E402
-from tclip_jax.model import CLIP, init_params  # noqa: E402
-from tclip_jax.image import resize_rgb  # noqa: E402
+from tclip_jax.model import CLIP, init_params, l2_normalize  # noqa: E402
+from tclip_jax.image import clip_normalize, resize_rgb  # noqa: E402
 from tclip_jax.sweep import heldout  # noqa: E402
 from tclip_jax.synthetic import RELATIONS, make_scene, negative_captions, scene_variant, train_seeds  # noqa: E402
 
@@ -632,11 +633,70 @@ def test_a_frozen_stem_keeps_its_step_and_a_stretched_run_resumes_from_its_short
         dataclasses.replace(stretched, stem_frozen_start=5)
 
 
+def logsumexp(x) -> float:
+    return float(np.logaddexp.reduce(np.asarray(x, np.float64)))
+
+
+def test_token_terms_are_filip_per_piece_retrieval_and_sparc():
+    """`clip_tokens`' three terms against explicit loops on toy unit tokens (4 images; 4 captions, a negative and a
+    padding row whose column is masked; 5 positions; 6 patches): FILIP's best patch per piece and mean over the
+    caption's pieces, its InfoNCE without the masked column; per-piece retrieval over the true captions' pieces only;
+    SPARC's groups (min-max scaled cosines, those below 1/N dropped, l2-normalized) and its loss both ways among each
+    caption's pieces. A wrong axis or mask would still train: only the values show it."""
+    rng = np.random.default_rng(0)
+    images, positions, patches, dim = 4, 5, 6, 7
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    text = unit(rng.normal(size=(images + 2, positions, dim)))
+    patch = unit(rng.normal(size=(images, patches, dim)))
+    pieces = np.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 1, 0], [0, 1, 1, 1, 1], [1, 1, 1, 1, 0],
+                       [0, 1, 1, 0, 0]], np.float32)
+    columns = np.array([True] * (images + 1) + [False])
+    scale = 3.0
+
+    def infonce(logits):  # [images, texts]: image i -> its caption i among the real columns, caption i -> image i
+        image_to_text = [logsumexp(logits[i][columns]) - logits[i, i] for i in range(images)]
+        text_to_image = [logsumexp(logits[:, t]) - logits[t, t] for t in range(images)]
+        return 0.5 * (np.mean(image_to_text) + np.mean(text_to_image))
+
+    def best(t, l, i):  # piece l of caption t: its best cosine among image i's patches
+        return max(text[t, l] @ patch[i, p] for p in range(patches))
+
+    filip = np.array([[np.mean([best(t, l, i) for l in range(positions) if pieces[t, l]]) for t in range(len(text))]
+                      for i in range(images)])
+    retrieval = [logsumexp([scale * best(t, l, i) for i in range(images)]) - scale * best(t, l, t)
+                 for t in range(images) for l in range(positions) if pieces[t, l]]
+    dense, per_piece = train_default.token_losses(text.astype(np.float32), pieces, patch.astype(np.float32),
+                                                  np.float32(scale), images, columns)
+    assert float(dense) == pytest.approx(infonce(scale * filip), rel=1e-5)
+    assert float(per_piece) == pytest.approx(np.mean(retrieval), rel=1e-5)
+    sparc = []
+    for b in range(images):
+        groups = []
+        for l in range(positions):
+            cosines = patch[b] @ text[b, l]
+            scaled = (cosines - cosines.min()) / (cosines.max() - cosines.min() + 1e-6)
+            weights = np.where(scaled >= 1 / patches, scaled, 0.0)
+            groups.append(unit((weights / weights.sum()) @ patch[b]))
+        own = [l for l in range(positions) if pieces[b, l]]
+        logits = np.array([[scale * text[b, l] @ groups[k] for k in own] for l in own])  # piece, group
+        sparc += [0.5 * (logsumexp(logits[a]) + logsumexp(logits[:, a])) - logits[a, a] for a in range(len(own))]
+    fine = train_default.fine_grained_loss(text[:images].astype(np.float32), pieces[:images],
+                                           patch.astype(np.float32), np.float32(scale))
+    assert float(fine) == pytest.approx(np.mean(sparc), rel=1e-5)
+
+
 def test_curriculum_objective_trains_the_curriculum_with_its_own_loss(tmp_path):
+    """Step 1 trains the curriculum's objective alone; step 2 the run's, whose token terms enter the total each with
+    its own weight, on each caption's own tokens and image (`test_token_terms_are_filip_per_piece_retrieval_and_sparc`
+    checks the terms themselves)."""
     tiny = dict(batch_size=4, steps=2, curriculum_steps=1, warmup_steps=1, validation_scenes=2, eval_every=100,
                 image_size=32, patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64,
                 text_layers=1)
-    mixed = train_default.TrainConfig(objective="clip_tokens", curriculum_objective="clip", **tiny)
+    weights = dict(dense_weight=0.5, token_weight=2.0, fine_grained_weight=3.0)
+    mixed = train_default.TrainConfig(objective="clip_tokens", curriculum_objective="clip", **weights, **tiny)
     global_only = dataclasses.replace(mixed, objective="clip", curriculum_objective="")
     first, _, _ = train_default.train(mixed, tmp_path / "first.jsonl", stop_after=1)
     expected, _, _ = train_default.train(global_only, tmp_path / "expected.jsonl", stop_after=1)
@@ -644,6 +704,27 @@ def test_curriculum_objective_trains_the_curriculum_with_its_own_loss(tmp_path):
     train_default.train(mixed, tmp_path / "both.jsonl")
     records = [json.loads(line) for line in (tmp_path / "both.jsonl").read_text().splitlines()]
     assert "dense_loss" not in records[0] and "dense_loss" in records[1]  # step 2: the token terms too
+    logged = records[1]
+    assert logged["loss"] == pytest.approx(logged["clip_loss"] + 0.5 * logged["dense_loss"]
+                                           + 2.0 * logged["token_loss"] + 3.0 * logged["fine_grained_loss"], rel=1e-6)
+    # Step 2 reads the parameters after step 1 and its own batch: each caption's tokens against its own image.
+    model = CLIP(train_default.model_config(mixed))
+    images, token_ids, columns, _ = train_default.step_inputs(mixed, 1)
+    tokenizer = train_default.default_tokenizer()
+    texts = len(images)
+
+    @jax.jit  # one compilation: op by op, the towers and terms cost several CPU seconds more
+    def terms(params):
+        text = l2_normalize(model.apply({"params": params}, token_ids, method="encode_text").tokens)
+        image = model.apply({"params": params}, clip_normalize(images), method="encode_image")
+        patches = l2_normalize(image.tokens[:, 1:])
+        pieces = train_default.piece_mask(token_ids, tokenizer.sot_id, tokenizer.eot_id)
+        scale = jnp.exp(params["logit_scale"])
+        return (*train_default.token_losses(text, pieces, patches, scale, texts, columns),
+                train_default.fine_grained_loss(text[:texts], pieces[:texts], patches, scale))
+
+    assert [logged[name] for name in ("dense_loss", "token_loss", "fine_grained_loss")] == \
+        pytest.approx([float(term) for term in terms(first)], rel=1e-5)
     with pytest.raises(ValueError, match="curriculum_objective"):
         dataclasses.replace(mixed, curriculum_objective="tokens")
     with pytest.raises(ValueError, match="^objective must"):
