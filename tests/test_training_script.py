@@ -732,12 +732,20 @@ def test_curriculum_objective_trains_the_curriculum_with_its_own_loss(tmp_path):
 
 
 def test_text_frozen_steps_keep_the_text_tower_at_its_initialisation(tmp_path):
+    """While frozen, the text tower is neither moved nor given Adam moments (`make_train_step`): its moments are still
+    exactly 0 after the frozen steps, so it starts training from fresh moments, not from gradients it never took."""
     tiny = dict(batch_size=4, steps=3, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=32,
                 patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
     config = train_default.TrainConfig(objective="clip_tokens", text_frozen_steps=2, **tiny)
     start = init_params(train_default.model_config(config), config.seed)
-    frozen, _, _ = train_default.train(config, tmp_path / "frozen.jsonl", stop_after=2)
+    frozen, _, _ = train_default.train(config, tmp_path / "frozen.jsonl", stop_after=2,
+                                       save_state_at=(2, tmp_path / "frozen.npz"))
     jax.tree_util.tree_map(np.testing.assert_array_equal, frozen["text"], start["text"])
+    adam = train_default.load_state(tmp_path / "frozen.npz", config,
+                                    train_default.initial_state(config, None)).opt_state[0]
+    for moments in (adam.mu, adam.nu):
+        assert not any(np.any(leaf) for leaf in jax.tree_util.tree_leaves(moments["text"]))
+        assert np.any(moments["visual"]["proj"])  # the image tower's moments are there
     assert not np.array_equal(frozen["visual"]["proj"], start["visual"]["proj"])
     assert frozen["logit_scale"] != start["logit_scale"]
     trained, _, _ = train_default.train(config, tmp_path / "trained.jsonl")  # step 3 trains the text tower
