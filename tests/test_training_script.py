@@ -1304,7 +1304,9 @@ def test_ema_decay_keeps_the_moving_average_of_the_steps_parameters(tmp_path):
 
 
 def test_select_step_validation_keeps_the_evaluated_step_with_the_best_validation_score(tmp_path, monkeypatch):
-    tiny = dict(batch_size=4, steps=3, warmup_steps=1, validation_scenes=2, eval_every=1, image_size=32,
+    """A run validates every eval_every steps and at its last step, which is therefore a candidate even when the steps
+    are not a multiple of eval_every (5 steps, every 2: steps 2, 4 and 5); it keeps the earliest best."""
+    tiny = dict(batch_size=4, steps=5, warmup_steps=1, validation_scenes=2, eval_every=2, image_size=32,
                 patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1,
                 validation_grounding_scenes=1)
     config = train_default.TrainConfig(select_step="validation", **tiny)
@@ -1318,12 +1320,14 @@ def test_select_step_validation_keeps_the_evaluated_step_with_the_best_validatio
     assert set(record["pointing_game"]) == set(train_default.VALIDATION_PROTOCOLS)
     assert record["score"] == pytest.approx(np.mean([*record["pointing_game"].values(), retrieval]))
     assert "score" not in train_default.validation_record(clip, validation, last_config)
-    scores = iter([0.2, 0.5, 0.5])  # the best score first reached at step 2: step 2 is kept
+    scores = iter([0.2, 0.5, 0.5])  # steps 2, 4 and 5: the best score first reached at step 4, which is kept
     monkeypatch.setattr(train_default, "validation_record", lambda *args: {"score": next(scores)})
     selected, _, summary = train_default.train(config, tmp_path / "selected.jsonl")
-    assert summary["selected_step"] == 2
+    assert summary["selected_step"] == 4
+    with (tmp_path / "selected.jsonl").open() as log:
+        assert ["validation" in json.loads(line) for line in log] == [False, True, False, True, True]
     monkeypatch.undo()
-    expected, _, _ = train_default.train(last_config, tmp_path / "two.jsonl", stop_after=2)
+    expected, _, _ = train_default.train(last_config, tmp_path / "four.jsonl", stop_after=4)
     jax.tree_util.tree_map(np.testing.assert_array_equal, selected, expected)
     last, _, summary = train_default.train(last_config, tmp_path / "last.jsonl")
     assert "selected_step" not in summary
