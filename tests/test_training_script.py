@@ -1237,7 +1237,7 @@ def test_a_late_term_leaves_the_steps_before_its_start_as_if_it_were_off(tmp_pat
                 patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
     assert train_default.LATE_TERM_PARTS.keys() == train_default.LATE_TERMS.keys()
     part = {"bare_map_separation": 1.0} if weight == "bare_map_weight" else {}  # a part of the term, off with it
-    late = train_default.TrainConfig(**{weight: 1.0, start: 1}, **part, **tiny)
+    late = train_default.TrainConfig(**{weight: 3.0, start: 1}, **part, **tiny)
     first, _, _ = train_default.train(late, tmp_path / "first.jsonl", stop_after=1)
     off = {weight: 0.0, start: 0, **dict.fromkeys(part, 0.0)}
     expected, _, _ = train_default.train(dataclasses.replace(late, **off), tmp_path / "expected.jsonl", stop_after=1)
@@ -1245,6 +1245,7 @@ def test_a_late_term_leaves_the_steps_before_its_start_as_if_it_were_off(tmp_pat
     train_default.train(late, tmp_path / "both.jsonl")
     records = [json.loads(line) for line in (tmp_path / "both.jsonl").read_text().splitlines()]
     assert logged not in records[0] and 0 < records[1][logged] <= 2 + sum(part.values())  # step 2: the term acts
+    assert records[1]["loss"] == pytest.approx(records[1]["clip_loss"] + 3.0 * records[1][logged], rel=1e-6)
     for bad in ({start: 2}, {weight: 0.0, **dict.fromkeys(part, 0.0)}):
         with pytest.raises(ValueError, match=f"{start} needs {weight} > 0"):
             dataclasses.replace(late, **bad)
