@@ -1168,7 +1168,7 @@ def test_peak_contrast_asks_each_bare_word_to_score_its_own_peak_above_its_capti
     assert loss(lit, bare) == pytest.approx((red_circle + blue_cross) / 2, rel=1e-5)
 
 
-def test_mosaic_term_tiles_half_size_scenes_and_asks_for_their_block_mean_maps(tmp_path):
+def test_mosaic_term_tiles_half_size_scenes_and_asks_for_their_block_mean_maps():
     rng = np.random.default_rng(0)
     images = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
     tiled = np.asarray(train_default.mosaic(images))
@@ -1190,12 +1190,48 @@ def test_mosaic_term_tiles_half_size_scenes_and_asks_for_their_block_mean_maps(t
     assert float(train_default.map_correlation_loss(student, teacher, present)) == pytest.approx(expected, rel=1e-6)
     # Closed form: a map that is an affine copy of its target (positive scale) costs 0.
     assert float(train_default.map_correlation_loss(3 * teacher + 1, teacher, present)) == pytest.approx(0.0, abs=1e-6)
+    # The term losses() adds, against its construction from the parts checked above: the true scenes (each beside its
+    # variant in the batch) shrunk into mosaics; a piece counts in a mosaic if one of its four captions has it; the
+    # teacher's maps (of the full-size scenes) and the bare words computed apart, so that no gradient passes through
+    # them ("held fixed"). Value, and gradient on the image tower's projection, which student and teacher both read.
     tiny = dict(batch_size=16, steps=2, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=64,
                 patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
     config = train_default.TrainConfig(mosaic_weight=1.0, **tiny)
-    train_default.train(config, tmp_path / "mosaic.jsonl", stop_after=1)
-    record = json.loads((tmp_path / "mosaic.jsonl").read_text().splitlines()[0])
-    assert 0 < record["mosaic_loss"] <= 2
+    tokenizer = train_default.default_tokenizer()
+    idf = train_default.word_idf(config)
+    vocab = np.flatnonzero(idf)
+    model = CLIP(train_default.model_config(config))
+    params = init_params(model.config, config.seed)
+    images, token_ids, columns, _ = train_default.step_inputs(config, 0)
+
+    def with_proj(proj):
+        return {**params, "visual": {**params["visual"], "proj": proj}}
+
+    def term(proj):
+        total, metrics = train_default.losses(with_proj(proj), model, images, token_ids, columns, tokenizer.sot_id,
+                                              tokenizer.eot_id, config, "clip", idf)
+        return total - metrics["clip_loss"]
+
+    bare = train_default.piece_embeddings(model, params, vocab, tokenizer.sot_id, tokenizer.eot_id)
+    grid = config.image_size // config.patch_size
+
+    def word_maps(tokens):  # [N, G, G, U]: each counted piece's cosine with each patch
+        return (l2_normalize(tokens[:, 1:]) @ bare.T).reshape(len(tokens), grid, grid, len(vocab))
+
+    scenes = clip_normalize(images[::2])
+    full_size = model.apply({"params": params}, scenes, method="encode_image").tokens
+    teacher = train_default.block_mean_mosaic(word_maps(full_size))
+    present = np.array([[any(piece in token_ids[2 * (4 * m + j)] for j in range(4)) for piece in vocab]
+                        for m in range(len(scenes) // 4)])
+
+    def explicit(proj):
+        small = model.apply({"params": with_proj(proj)}, train_default.mosaic(scenes), method="encode_image")
+        return train_default.map_correlation_loss(word_maps(small.tokens), teacher, present)
+
+    proj = params["visual"]["proj"]
+    (value, gradient), (expected, expected_gradient) = (jax.jit(jax.value_and_grad(f))(proj) for f in (term, explicit))
+    assert float(value) == pytest.approx(float(expected), rel=1e-5) and 0 < float(value) <= 2
+    np.testing.assert_allclose(gradient, expected_gradient, rtol=0, atol=1e-4 * np.abs(expected_gradient).max())
     with pytest.raises(ValueError, match="mosaic_weight needs"):
         dataclasses.replace(config, batch_size=12)
     with pytest.raises(ValueError, match="mosaic_weight needs"):
