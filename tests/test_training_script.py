@@ -1166,6 +1166,22 @@ def test_peak_contrast_asks_each_bare_word_to_score_its_own_peak_above_its_capti
     lit[0, 1] = [0.8, 0.6, 0, 0, 0, 0, 0, 0]  # the cross's patch also lights the red circle's words (0.8 of 1)
     red_circle, blue_cross = np.log1p(np.exp(-scale * (1 - 0.8))), np.log1p(np.exp(-scale * (0.6 - 0)))
     assert loss(lit, bare) == pytest.approx((red_circle + blue_cross) / 2, rel=1e-5)
+    # In training the term reads CLIP's temperature but does not train it: what it adds to the total has gradient 0
+    # on logit_scale (else it would sharpen its peaks by raising the temperature CLIP's own loss sets).
+    small = train_default.TrainConfig(peak_contrast_weight=1.0, batch_size=8, image_size=32, patch_size=16,
+                                      embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
+    small_idf = train_default.word_idf(small)
+    model = CLIP(train_default.model_config(small))
+    params = init_params(model.config, small.seed)
+    images, token_ids, columns, _ = train_default.step_inputs(small, 0)
+
+    def term(logit_scale):
+        total, metrics = train_default.losses({**params, "logit_scale": logit_scale}, model, images, token_ids,
+                                              columns, tokenizer.sot_id, tokenizer.eot_id, small, "clip", small_idf)
+        return total - metrics["clip_loss"]
+
+    value, gradient = jax.jit(jax.value_and_grad(term))(params["logit_scale"])
+    assert float(value) > 0 and float(gradient) == 0.0
 
 
 def test_mosaic_term_tiles_half_size_scenes_and_asks_for_their_block_mean_maps():
