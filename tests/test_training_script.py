@@ -689,6 +689,15 @@ def test_token_terms_are_filip_per_piece_retrieval_and_sparc():
     assert float(fine) == pytest.approx(np.mean(sparc), rel=1e-5)
 
 
+def _assert_same_losses(log: pathlib.Path, expected_log: pathlib.Path) -> None:
+    """The two runs' first steps logged the same loss terms with the same values. Their parameters after it are
+    equal whatever the loss (warm-up starts the learning rate at 0), so only the losses tell the objectives apart."""
+    record, expected = (json.loads(path.read_text().splitlines()[0]) for path in (log, expected_log))
+    terms = sorted(key for key in expected if key.endswith("loss"))
+    assert sorted(key for key in record if key.endswith("loss")) == terms
+    assert [record[key] for key in terms] == [expected[key] for key in terms]
+
+
 def test_curriculum_objective_trains_the_curriculum_with_its_own_loss(tmp_path):
     """Step 1 trains the curriculum's objective alone; step 2 the run's, whose token terms enter the total each with
     its own weight, on each caption's own tokens and image (`test_token_terms_are_filip_per_piece_retrieval_and_sparc`
@@ -702,6 +711,7 @@ def test_curriculum_objective_trains_the_curriculum_with_its_own_loss(tmp_path):
     first, _, _ = train_default.train(mixed, tmp_path / "first.jsonl", stop_after=1)
     expected, _, _ = train_default.train(global_only, tmp_path / "expected.jsonl", stop_after=1)
     jax.tree_util.tree_map(np.testing.assert_array_equal, first, expected)  # step 1: the global loss alone
+    _assert_same_losses(tmp_path / "first.jsonl", tmp_path / "expected.jsonl")  # (its learning rate is 0)
     train_default.train(mixed, tmp_path / "both.jsonl")
     records = [json.loads(line) for line in (tmp_path / "both.jsonl").read_text().splitlines()]
     assert "dense_loss" not in records[0] and "dense_loss" in records[1]  # step 2: the token terms too
@@ -1294,6 +1304,7 @@ def test_a_late_term_leaves_the_steps_before_its_start_as_if_it_were_off(tmp_pat
     off = {weight: 0.0, start: 0, **dict.fromkeys(part, 0.0)}
     expected, _, _ = train_default.train(dataclasses.replace(late, **off), tmp_path / "expected.jsonl", stop_after=1)
     jax.tree_util.tree_map(np.testing.assert_array_equal, first, expected)  # step 1: as if the term were off
+    _assert_same_losses(tmp_path / "first.jsonl", tmp_path / "expected.jsonl")  # (its learning rate is 0)
     train_default.train(late, tmp_path / "both.jsonl")
     records = [json.loads(line) for line in (tmp_path / "both.jsonl").read_text().splitlines()]
     assert logged not in records[0] and 0 < records[1][logged] <= 2 + sum(part.values())  # step 2: the term acts
