@@ -134,9 +134,11 @@ def test_a_folder_saved_by_transformers_clip_tokenizer_loads(tmp_path, packaged_
         expected = reference(text)["input_ids"]
         assert row[:len(expected)].tolist() == expected and not row[len(expected):].any()
     # SOT and EOT written in text: where OpenAI's split finds them (Hugging Face's own tokenizer matches them anywhere)
-    text = "a cat,<|endoftext|> dog<|endoftext|>"
-    expected = [SOT, *openai_simple_tokenizer_ids(text, vocab, lines[1:]), EOT]
-    assert ClipTokenizer(tmp_path / "saved").encode(text)[0][:len(expected)].tolist() == expected
+    # and where Hugging Face's tokenizer.json differs from OpenAI's: its normalizer (NFC after lowercasing reorders the
+    # marks of "İ\uff9e") and its split without IGNORECASE ("'ſ", U+0345)
+    for text in ["a cat,<|endoftext|> dog<|endoftext|>", "İ\uff9e", "İ\u3099", "the cat'ſ toy", "a\u0345b"]:
+        expected = [SOT, *openai_simple_tokenizer_ids(text, vocab, lines[1:]), EOT]
+        assert ClipTokenizer(tmp_path / "saved").encode(text)[0][:len(expected)].tolist() == expected, repr(text)
 
 
 def test_a_folder_asking_for_remote_code_runs_none(tmp_path, packaged_files):
@@ -162,13 +164,26 @@ def test_special_tokens_in_text_are_ids_where_openais_split_finds_them(tokenizer
     were matched anywhere, which put an EOT, where CLIP reads the text embedding, in the middle of the prompt."""
     vocab, lines = packaged_files
     atoms = [SOT_TOKEN, EOT_TOKEN, "<|ENDOFTEXT|>", "&lt;|endoftext|&gt;", "<|endoftext", "a", "cat", " ", ",", ".",
-             "<", "|", ">", "'s", "\u200b", "é", "😀", "-", "3", "&amp;"]
+             "<", "|", ">", "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'ſ", "ſ", "\u0345", "\u200b", "é", "😀", "-",
+             "3", "&amp;"]
     rng = np.random.default_rng(0)
     texts = ["a cat,<|endoftext|> dog", "a<|endoftext|>b", "x\u200b<|startoftext|>"]
     texts += ["".join(rng.choice(atoms, rng.integers(1, 8))) for _ in range(400)]
     for text in texts:
         expected = [SOT, *openai_simple_tokenizer_ids(text, vocab, lines[1:]), EOT]
         assert tokenizer.encode(text)[0][:len(expected)].tolist() == expected, repr(text)
+
+
+def test_contractions_and_marks_split_as_openais_case_insensitive_split(tokenizer, packaged_files):
+    """OpenAI compiles its split with IGNORECASE: "'ſ" is the contraction 's (ſ folds to s; lowercasing keeps it), and
+    U+0345, a mark that folds to the letter ι, is neither a letter nor another symbol, so it is dropped."""
+    vocab, lines = packaged_files
+    texts = ["the cat'ſ toy", "’ſ", "x'ſ'ſt", "<|ſtartoftext|>", "<|\ufb06artoftext|>", "a\u0345b", "\u0345",
+             "'\u0345s", "ᾳ", "α\u0345", "ΑΙ\u0345 ι"]
+    for text in texts:
+        expected = [SOT, *openai_simple_tokenizer_ids(text, vocab, lines[1:]), EOT]
+        assert tokenizer.encode(text)[0][:len(expected)].tolist() == expected, repr(text)
+    assert [w.text for w in tokenizer.tokenize_words("the cat'ſ toy").words] == ["the", "cat'ſ", "toy"]
 
 
 # --- ids against the official tokenizers -----------------------------------------------------------------------
@@ -246,6 +261,8 @@ def test_truncation_keeps_the_first_whole_words_and_ends_with_eot(tokenizer):
         prompt = tokenizer.tokenize_words(long_prompt, truncate=True)
     np.testing.assert_array_equal(prompt.token_ids, row)
     assert [w.text for w in prompt.words] == [f"cat{i}" for i in range(kept_words)]
+    with pytest.warns(UserWarning, match="keeping the first 75 pieces$"):  # a last word ending at piece 75 is kept
+        assert tokenizer.tokenize_words("cat " * 80, truncate=True).piece_positions[-1] == 75
     one_word = "pneumono" * 40  # a first word longer than the context is cut
     with pytest.warns(UserWarning, match="keeping the first 75 pieces$"):
         assert tokenizer.tokenize_words(one_word, truncate=True).piece_positions[-1] == 75

@@ -40,10 +40,18 @@ CONTEXT_LENGTH = 77
 # A tokenizer folder's files (Hugging Face layout): `tokenizer.json`, or `vocab.json` + `merges.txt` (`_load_backend`).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
-# OpenAI simple_tokenizer's split into SOT and EOT, words, numbers digit by digit, and runs of other symbols.
-_OPENAI_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# OpenAI simple_tokenizer's split into SOT and EOT, contractions, words, numbers digit by digit, and runs of other
+# symbols. OpenAI compiles it with IGNORECASE: "'ſ" is the contraction 's (ſ folds to s), and U+0345, a mark that folds
+# to the letter ι, is in neither class (not a letter itself; a case variant is one), so it is dropped. Onig's (?i)
+# would make U+0345 a letter, so only the SOT, EOT and contraction alternatives are case-insensitive.
+_OPENAI_SPLIT = (r"""(?i:<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d)|[\p{L}]+|[\p{N}]|"""
+                 r"""[^\s\p{L}\p{N}\x{345}]+""")
 _OPENAI_PRE_TOKENIZER = tokenizers.pre_tokenizers.Split(tokenizers.Regex(_OPENAI_SPLIT), behavior="removed",
                                                         invert=True)
+# The BPE's: OpenAI's split, then each chunk's bytes as GPT-2 symbols. ByteLevel's own (GPT-2) split is off: it has
+# no IGNORECASE and would cut OpenAI's chunk "'ſ" in two.
+_BPE_PRE_TOKENIZER = tokenizers.pre_tokenizers.Sequence([
+    _OPENAI_PRE_TOKENIZER, tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 class PromptCutWarning(UserWarning):
@@ -408,12 +416,12 @@ def is_tokenizer_folder(folder: pathlib.Path) -> bool:
 def _load_backend(folder: pathlib.Path) -> tokenizers.Tokenizer:
     """The BPE of a CLIP tokenizer folder (Hugging Face layout), built from its data files alone.
 
-    `tokenizer.json` when the folder has one, else `vocab.json` + `merges.txt` with CLIP's pre-tokenizer (the
-    split of OpenAI's `simple_tokenizer`, then byte-level symbols) and `</w>` word ends. No code or class named
-    by the folder is loaded. The normalizer is off: `clean_text` applies OpenAI's normalization, so the BPE sees
-    exactly the text OpenAI's tokenizer sees. SOT and EOT are vocabulary entries, not added tokens (which would be
-    matched anywhere in text: `ClipTokenizer._pieces` puts them where OpenAI's split finds them); a vocabulary
-    without them is not CLIP's and is refused.
+    `tokenizer.json` when the folder has one, else `vocab.json` + `merges.txt` with `</w>` word ends. No code or
+    class named by the folder is loaded. The normalizer is off: `clean_text` applies OpenAI's normalization, so the
+    BPE sees exactly the text OpenAI's tokenizer sees; and it is split as OpenAI's `simple_tokenizer` splits it
+    (`_BPE_PRE_TOKENIZER`; Hugging Face's tokenizer.json spells the split without OpenAI's IGNORECASE). SOT and EOT
+    are vocabulary entries, not added tokens (which would be matched anywhere in text: `ClipTokenizer._pieces` puts
+    them where OpenAI's split finds them); a vocabulary without them is not CLIP's and is refused.
     """
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
@@ -429,6 +437,7 @@ def _load_backend(folder: pathlib.Path) -> tokenizers.Tokenizer:
     else:
         backend = _bpe_from_files(folder / "vocab.json", folder / "merges.txt")
     backend.normalizer = None
+    backend.pre_tokenizer = _BPE_PRE_TOKENIZER
     missing = [token for token in (SOT_TOKEN, EOT_TOKEN) if backend.token_to_id(token) is None]
     if missing:
         raise ValueError(f"tokenizer in {folder} has no {' / '.join(missing)}: not a CLIP tokenizer")
@@ -456,8 +465,6 @@ def _bpe_from_files(vocab_path: pathlib.Path, merges_path: pathlib.Path) -> toke
             unk_token=EOT_TOKEN))
     except Exception as err:  # e.g. a merge whose symbols are not in the vocabulary
         raise ValueError(f"{vocab_path.parent}: vocab.json and merges.txt do not form a BPE: {err}") from None
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
-        _OPENAI_PRE_TOKENIZER, tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)])
     backend.decoder = tokenizers.decoders.ByteLevel()
     return backend
 
