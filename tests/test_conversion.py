@@ -955,6 +955,33 @@ def test_bad_hugging_face_config_names_file_and_field(tmp_path, part, key, value
         load_clip(tmp_path)
 
 
+def test_a_hugging_face_config_that_leaves_fields_out_gets_transformers_defaults():
+    """A config.json without a field (written by hand, or trimmed) reads as transformers reads it: the field takes
+    transformers' CLIPConfig default (its activation, layer-norm eps, shapes and end-of-text id)."""
+    from tclip_jax.model import from_hf_config
+
+    bare = from_hf_config({"vision_config": {}, "text_config": {}})
+    vision, text = transformers.CLIPVisionConfig(), transformers.CLIPTextConfig()
+    assert bare.activation == vision.hidden_act == text.hidden_act
+    assert bare.layer_norm_eps == vision.layer_norm_eps == text.layer_norm_eps
+    assert bare == from_hf_config(transformers.CLIPConfig().to_dict())
+
+
+def test_a_hugging_face_state_dict_with_the_position_ids_older_transformers_saved_converts():
+    """transformers before 4.31 saved each tower's embeddings.position_ids buffer (older Hub pytorch_model.bin files
+    hold them; version 5 no longer saves it): indices, no weights."""
+    from tclip_jax.checkpoints.convert import convert_state_dict
+
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL)))
+    state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
+    buffers = {f"{tower}.embeddings.position_ids": getattr(model, tower).embeddings.position_ids.numpy()
+               for tower in ("text_model", "vision_model")}
+    assert not buffers.keys() & state_dict.keys()
+    converted = convert_state_dict({**state_dict, **buffers}, SMALL, "hf")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, converted, convert_state_dict(state_dict, SMALL, "hf"))
+
+
 def test_a_hugging_face_config_that_is_not_json_is_named_once(tmp_path, capsys):
     torch.manual_seed(0)
     transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).save_pretrained(tmp_path / "hf")
