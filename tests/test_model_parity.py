@@ -138,18 +138,21 @@ class _QuickGELU(torch.nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-@pytest.mark.parametrize("height, width", [(64, 64), (48, 96)])
-def test_convolutional_stem_matches_pytorch_convolutions(height, width):
+@pytest.mark.parametrize("height, width, activation", [(64, 64, "quick_gelu"), (48, 96, "gelu")])
+def test_convolutional_stem_matches_pytorch_convolutions(height, width, activation):
     """stem_channels: transformers' image tower with its patch embedding replaced by PyTorch's Conv2d(3, stride 2,
-    padding 1) + QuickGELU layers and a (patch / 4)-sized patch convolution gives every hidden state we give."""
+    padding 1) + activation layers (the model's: QuickGELU, or exact GELU) and a (patch / 4)-sized patch convolution
+    gives every hidden state we give."""
     channels = (8, 16)
-    config = dataclasses.replace(SMALL, stem_channels=channels)
-    model = hf_model(SMALL)
-    params = convert_state_dict(hf_state_dict(model), SMALL, "hf")
+    plain = dataclasses.replace(SMALL, activation=activation)
+    config = dataclasses.replace(plain, stem_channels=channels)
+    model = hf_model(plain)
+    params = convert_state_dict(hf_state_dict(model), plain, "hf")
     torch.manual_seed(1)
     layers, previous = [], 3
     for out in channels:
-        layers += [torch.nn.Conv2d(previous, out, 3, stride=2, padding=1), _QuickGELU()]
+        layers += [torch.nn.Conv2d(previous, out, 3, stride=2, padding=1),
+                   {"quick_gelu": _QuickGELU, "gelu": torch.nn.GELU}[activation]()]
         previous = out
     rest = SMALL.patch_size // 4
     layers.append(torch.nn.Conv2d(previous, SMALL.vision_width, rest, stride=rest, bias=False))
@@ -191,14 +194,30 @@ def test_stem_model_round_trips_through_a_checkpoint_folder(tmp_path):
         np.testing.assert_array_equal(flatten(loaded)[key], value)
 
 
-def test_stem_kernels_start_with_he_variance():
-    """Var 2 / fan_in (He): with LeCun's 1 / fan_in the unnormalized stem shrinks the signal at every activation."""
+def test_init_params_start_stem_kernels_with_he_variance_and_the_temperature_at_clips():
+    """Stem kernels: var 2 / fan_in (He): with LeCun's 1 / fan_in the unnormalized stem shrinks the signal at every
+    activation. logit_scale: log(1 / 0.07), as OpenAI's model.py (and transformers' logit_scale_init_value, 2.6592)
+    start it; training starts from these parameters. (One init_params call: it initialises op by op.)"""
     from tclip_jax.model import init_params
 
-    params = init_params(dataclasses.replace(SMALL, stem_channels=(32, 64)), 0)["visual"]
+    params = init_params(dataclasses.replace(SMALL, stem_channels=(32, 64)), 0)
     for name, fan_in in (("stem_0", 3 * 3 * 3), ("stem_1", 3 * 3 * 32)):
-        kernel = np.asarray(params[name]["kernel"])
+        kernel = np.asarray(params["visual"][name]["kernel"])
         assert kernel.var() == pytest.approx(2 / fan_in, rel=0.15)
+    assert float(params["logit_scale"]) == pytest.approx(np.log(1 / 0.07), rel=1e-6)
+    assert float(params["logit_scale"]) == pytest.approx(transformers.CLIPConfig().logit_scale_init_value, abs=1e-4)
+
+
+def test_the_text_embedding_is_read_at_the_first_end_of_text_id_or_the_highest_id():
+    """eot_positions: the first occurrence of the config's eot_token_id (whatever id a tokenizer gives its
+    <|endoftext|>), or with None the highest id (OpenAI's argmax)."""
+    from tclip_jax.model.clip import eot_positions
+
+    ids = np.array([[3, 5, 9, 5, 0], [7, 1, 5, 2, 9]])
+    first_five = [list(row).index(5) for row in ids]
+    highest = [int(np.argmax(row)) for row in ids]
+    assert eot_positions(ids, 5).tolist() == first_five == [1, 2]
+    assert eot_positions(ids, None).tolist() == highest == [2, 4]
 
 
 @pytest.mark.parametrize("stem, message", [((0,), "positive integers"), ([8], "tuple"),
