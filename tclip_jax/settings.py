@@ -186,14 +186,13 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
         hint = float
     if typing.get_origin(hint) is tuple and isinstance(value, tuple):  # e.g. tuple[float, ...]
         reals = typing.get_args(hint)[:1] == (float,)
-        return tuple(_real(name, v) if reals and _is_number(v) else v.item()
-                     if isinstance(v, (np.integer, np.floating)) else v for v in value)
+        return tuple(_real(name, v) if reals and _is_number(v) else _unboxed(v) for v in value)
     if hint is bool:
         if not isinstance(value, (bool, np.bool_)):
             raise ValueError(f"{name} must be true or false, got {value!r}")
         return bool(value)
     if hint is int:
-        value = int(value) if isinstance(value, np.integer) else value
+        value = _unboxed(value)
         integer(name, value)
     elif hint is float:
         value = _real(name, value) if _is_number(value) else value
@@ -201,6 +200,11 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
     elif hint is str and not isinstance(value, str):
         raise ValueError(f"{name} must be text, got {value!r}")
     return value
+
+
+def _unboxed(value: Any) -> Any:
+    """A numpy integer or real as Python's (`np.int64(2)` -> 2); anything else as it is."""
+    return value.item() if isinstance(value, (np.integer, np.floating)) else value
 
 
 def _real(name: str, number: Any) -> float:
