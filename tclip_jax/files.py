@@ -240,8 +240,7 @@ def _mend_after_killed_runs(target: pathlib.Path) -> None:
     gigabytes), is removed; an old folder (`staged_folder`) is put back as `target` if `target` is missing and it
     is whole, and removed otherwise. A folder whose lock is held belongs to a run still writing, and is kept."""
     for path in _folders_of_ended_runs(target):
-        whole_old = path.name.startswith(_hidden_prefix(target, "old")) and (path / target.name).is_dir()
-        if whole_old and not os.path.lexists(target):  # killed between its two renames
+        if _holds_whole_old(path, target) and not os.path.lexists(target):  # killed between its two renames
             try:
                 (path / target.name).rename(target)
             except OSError:  # left as it is: it is the only copy
@@ -267,9 +266,15 @@ def killed_swap_leftover(target: str | os.PathLike) -> Optional[pathlib.Path]:
     target = pathlib.Path(os.path.realpath(target))
     if os.path.lexists(target) or not target.parent.is_dir():
         return None
-    pattern = _hidden_pattern(re.escape(target.name), kinds=("old",))
+    pattern = _hidden_pattern(re.escape(target.name))
     return next((path / target.name for path in sorted(target.parent.iterdir())
-                 if pattern.fullmatch(path.name) and (path / target.name).is_dir()), None)
+                 if pattern.fullmatch(path.name) and _holds_whole_old(path, target)), None)
+
+
+def _holds_whole_old(path: pathlib.Path, target: pathlib.Path) -> bool:
+    """`path` is a hidden folder `staged_folder` moved the old `target` into, and that old folder is still whole
+    (not yet renamed NAME.replaced for deletion)."""
+    return path.name.startswith(_hidden_prefix(target, "old")) and (path / target.name).is_dir()
 
 
 def _folders_of_ended_runs(target: pathlib.Path) -> Iterator[pathlib.Path]:
