@@ -664,6 +664,50 @@ def test_coco_seg_masks_are_the_union_of_instance_masks(tmp_path):
             coco_seg_dataset(root)
 
 
+def test_coco_seg_crowd_drop_ignores_a_crowd_for_its_own_category_only(tmp_path):
+    """COCOeval takes ground truths per (image, category) with ignore = iscrowd: a person crowd is an ignore region
+    of person alone, and a non-crowd person under it is ground truth. All persons' crowd was every category's
+    ignore: a dog under it lost its pixels, and a crowd over the whole image made the dog's unit all ignore pixels,
+    the image an error."""
+    from tclip_jax.evaluation.options import EvalOptions
+    from tclip_jax.evaluation.scoring import mask_scores
+
+    height, width = 20, 24
+    root = write_coco(tmp_path / "coco", {4: painted(height, width, [])}, [])
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+
+    def loaded(rectangles):  # (category id, rows, cols, iscrowd), each an RLE mask of that rectangle
+        anns = []
+        for i, (category, rows, cols, is_crowd) in enumerate(rectangles):
+            pixels = np.zeros((height, width), bool)
+            pixels[rows, cols] = True
+            anns.append({"id": i, "image_id": 4, "category_id": category, "bbox": [0, 0, 1, 1], "iscrowd": is_crowd,
+                         "segmentation": {"size": [height, width], "counts": _column_major_rle(pixels)}})
+        data["annotations"] = anns
+        path.write_text(json.dumps(data))
+        dataset = coco_seg_dataset(root, crowd="drop")
+        return {dataset.class_names[t.class_id]: t for t in next(dataset.samples()).load().targets}
+
+    person_crowd, person, dog = (slice(0, 10), slice(None)), (slice(5, 15), slice(2, 8)), (slice(5, 15), slice(14, 20))
+    targets = loaded([(1, *person_crowd, 1), (1, *person, 0), (18, *dog, 0)])
+    expected = {name: np.zeros((height, width), bool) for name in ("person", "dog", "ignore")}
+    expected["person"][person] = expected["dog"][dog] = True
+    expected["ignore"][person_crowd] = True
+    expected["ignore"][person] = False  # the non-crowd person's pixels count
+    np.testing.assert_array_equal(targets["person"].mask, expected["person"])
+    np.testing.assert_array_equal(targets["person"].ignore, expected["ignore"])
+    np.testing.assert_array_equal(targets["dog"].mask, expected["dog"])
+    assert targets["dog"].ignore is None  # the person crowd is no dog's ignore region
+
+    targets = loaded([(1, slice(None), slice(None), 1), (18, *dog, 0)])  # a person crowd over the whole image
+    assert list(targets) == ["dog"] and targets["dog"].ignore is None
+    relevance = np.zeros((height, width))
+    relevance[dog] = 1.0
+    scores = mask_scores(relevance, relevance, targets["dog"].mask, targets["dog"].ignore, EvalOptions())
+    assert (scores["pixel_labeled"], scores["pixel_correct"]) == (height * width, height * width)
+
+
 def test_coco_seg_polygon_points_far_off_the_image_are_refused_up_front(tmp_path):
     """pycocotools scales polygon points by 5, casts them to C int and draws each edge point by point: a coordinate
     of 1e300 crashed the process, 1e9 exhausted memory. Points must lie in [-W, 2W] x [-H, 2H]."""

@@ -15,11 +15,12 @@ Conventions (gScoreCAM's ``evaluation/coco_eval.py`` with ``tools/iou_tool.py``)
 
 `coco_seg_dataset` reads the same raw layout as semantic segmentation (the seed papers' COCO protocol): a unit is
 each category present, its mask the union of its instances' masks, decoded by pycocotools (polygons and RLE,
-`annToMask`'s rules). ``crowd="keep"`` counts crowd regions as the category; ``"drop"`` leaves them out of the
-scores (ignore pixels) and a category present only as a crowd gives no unit. A category whose instances cover no
-pixel (polygons under a pixel, or outside the image) is not in the semantic mask either: no unit. Polygon points
-must lie within one image size of the image (x in [-W, 2W], y in [-H, 2H]); a file with a point further off is
-refused up front (see `_segmentation_problem`).
+`annToMask`'s rules). ``crowd="keep"`` counts crowd regions as the category; ``"drop"`` leaves them out of their
+own category's scores (ignore pixels, but for the category's non-crowd instances under them; other categories score
+them as any pixel, as COCOeval takes a crowd per category) and a category present only as a crowd gives no unit. A
+category whose instances cover no pixel (polygons under a pixel, or outside the image) is not in the semantic mask
+either: no unit. Polygon points must lie within one image size of the image (x in [-W, 2W], y in [-H, 2H]); a file
+with a point further off is refused up front (see `_segmentation_problem`).
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def _seg_load(path: pathlib.Path, size_hw: tuple[int, int], objects: list, crowd
     check_size(image, size_hw, str(path))
     height, width = size_hw
     masks: dict[int, np.ndarray] = {}
-    crowds = np.zeros(size_hw, bool)
+    crowds: dict[int, np.ndarray] = {}  # per category, its crowd pixels under crowd="drop"
     for class_index, _, is_crowd, segmentation in objects:
         if isinstance(segmentation, list):  # polygons
             rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
@@ -134,12 +135,17 @@ def _seg_load(path: pathlib.Path, size_hw: tuple[int, int], objects: list, crowd
         else:
             rle = segmentation
         pixels = coco_mask.decode(rle).astype(bool)
-        if is_crowd and crowd == "drop":
-            crowds |= pixels
-        else:
-            masks[class_index] = masks.get(class_index, np.zeros(size_hw, bool)) | pixels
-    ignore = crowds if crowds.any() else None
-    return LoadedSample(image, tuple(Target(c, mask=masks[c], ignore=ignore) for c in sorted(masks) if masks[c].any()))
+        regions = crowds if is_crowd and crowd == "drop" else masks
+        regions[class_index] = regions.get(class_index, np.zeros(size_hw, bool)) | pixels
+    targets = []
+    for c in sorted(masks):
+        if masks[c].any():
+            # A crowd is an ignore region of its own category only (COCOeval: gt "ignore" = iscrowd, per image and
+            # category), less the category's non-crowd instances, which are ground truth there too; so every unit
+            # keeps its mask's pixels to score.
+            ignore = crowds.get(c, np.zeros(size_hw, bool)) & ~masks[c]
+            targets.append(Target(c, mask=masks[c], ignore=ignore if ignore.any() else None))
+    return LoadedSample(image, tuple(targets))
 
 
 def _read_instances(path: pathlib.Path,
