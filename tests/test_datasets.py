@@ -346,6 +346,21 @@ def test_imagenet_s_official_layout(tmp_path):
     assert read_labels(root / "validation-segmentation" / wnids[0] / "ILSVRC2012_val_00000002.png")[0, 0] == 919
 
 
+def test_imagenet_s_passes_over_hidden_entries(tmp_path):
+    """A Jupyter checkpoint folder among the class folders refused the whole split as an unknown class folder."""
+    wnids, samples = _inets_samples()
+    root = write_imagenet_s(tmp_path / "ImageNetS919", samples)
+    label_root = root / "validation-segmentation"
+    before = imagenet_s_dataset(root, 919)
+    label = label_root / wnids[0] / "ILSVRC2012_val_00000002.png"
+    (label_root / ".ipynb_checkpoints").mkdir()
+    shutil.copy(label, label_root / ".ipynb_checkpoints" / label.name)
+    shutil.copy(label, label.parent / f"._{label.name}")  # macOS's AppleDouble file beside a label
+    after = imagenet_s_dataset(root, 919)
+    assert [s.key for s in after.samples()] == sorted(samples)
+    assert after.fingerprint == before.fingerprint
+
+
 def test_imagenet_s_samples_are_in_folder_then_file_name_order_whatever_the_file_system_lists(tmp_path,
                                                                                             monkeypatch):
     """Indices (so --limit and a resumed sweep) follow sorted folder and file names, not the order a file system

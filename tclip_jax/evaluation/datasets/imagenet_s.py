@@ -9,6 +9,8 @@ Conventions (LUSSeg/ImageNet-S):
 - A unit is each class id present in the label map; its mask is ``label == id``, its ignore region
   ``label == 1000`` (left out of the segmentation scores).
 - Samples are the annotated images (those with a label PNG), sorted by ``<wnid>/<name>``, which is the key.
+  Hidden entries (a name starting with ".": Jupyter's ``.ipynb_checkpoints``, macOS's ``._<name>.png``) are
+  tools' files, not the dataset's, and are passed over.
 - Ids depend on the split (a wnid's id in ImageNet-S50 is another in ImageNet-S300): data of another split than
   the one asked for is refused up front when the first label of the first folder whose id differs between the
   splits misses its own id and holds another split's id of that folder (the first folders of ImageNet-S300 have
@@ -65,10 +67,10 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
                                     f"and {root}/{LABEL_DIR}/<wnid>/*.png{hint}")
     known = set(wnids)
     samples = []
-    for folder in sorted(p for p in label_root.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in label_root.iterdir() if p.is_dir() and not _hidden(p)):
         if folder.name not in known:
             raise ValueError(f"ImageNet-S: unknown class folder {folder} (not a wnid of ImageNet-S{split})")
-        for label_path in sorted(folder.glob("*.png")):
+        for label_path in sorted(p for p in folder.glob("*.png") if not _hidden(p)):
             image_path = image_root / folder.name / f"{label_path.stem}.JPEG"
             if not image_path.is_file():
                 raise FileNotFoundError(f"ImageNet-S: {label_path} has no image {image_path}")
@@ -82,6 +84,11 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
     names = imagenet_class_names()
     labels = fingerprint(f"{s.key}\0{(label_root / f'{s.key}.png').stat().st_size}".encode() for s in samples)
     return Dataset(f"imagenet-s{split}", tuple(names[w] for w in wnids), len(samples), indexed(samples), labels)
+
+
+def _hidden(path: pathlib.Path) -> bool:
+    """Whether `path` is a hidden entry, a tool's file beside the dataset's (see the module doc)."""
+    return path.name.startswith(".")
 
 
 def _ids_differ(wnid: str, split: int) -> bool:
