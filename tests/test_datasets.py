@@ -387,9 +387,12 @@ def test_imagenet_s_bad_input(tmp_path):
     root = write_imagenet_s(tmp_path / "s50", samples)
     with pytest.raises(ValueError, match=f"unknown class folder .*{wnids[0]} .not a wnid of ImageNet-S50"):
         imagenet_s_dataset(root, 50)
-    (root / "validation" / wnids[0] / "ILSVRC2012_val_00000002.JPEG").unlink()
-    with pytest.raises(FileNotFoundError, match="has no image"):
-        imagenet_s_dataset(root, 919)
+    image = root / "validation" / wnids[0] / "ILSVRC2012_val_00000002.JPEG"
+    image.unlink()  # its sample's error, as a missing COCO image's (a resumed sweep tries it again)
+    loaded = {s.key: s for s in imagenet_s_dataset(root, 919).samples()}
+    with pytest.raises(FileNotFoundError, match=f"image file not found: {image}$"):
+        loaded[f"{wnids[0]}/ILSVRC2012_val_00000002"].load()
+    assert loaded[f"{wnids[300]}/ILSVRC2012_val_00000001"].load().targets
     gray = write_imagenet_s(tmp_path / "gray", {f"{wnids[0]}/x": (painted(4, 4, []), np.zeros((4, 4), np.int64))})
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(gray / "validation-segmentation" / wnids[0] / "x.png")
     with pytest.raises(ValueError, match="mode L; expected RGB"):
@@ -568,8 +571,13 @@ def test_voc_bad_input_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"class indices \[21\] outside 0..20 and 255"):
         next(voc_dataset(root).samples()).load()
     (root / "ImageSets/Segmentation/val.txt").write_text("a\nmissing\n")
-    with pytest.raises(FileNotFoundError, match="line 2: .*missing.jpg not found"):
+    with pytest.raises(FileNotFoundError, match="line 2: .*SegmentationClass/missing.png not found"):
         voc_dataset(root)
+    shutil.copy(root / "SegmentationClass" / "a.png", root / "SegmentationClass" / "missing.png")
+    missing = voc_dataset(root).samples()  # a missing image is its sample's error, as a COCO image's
+    next(missing)
+    with pytest.raises(FileNotFoundError, match=f"image file not found: {root / 'JPEGImages' / 'missing.jpg'}$"):
+        next(missing).load()
     (root / "ImageSets/Segmentation/val.txt").write_text("a\n\na\n")  # line numbers count the blank line
     with pytest.raises(ValueError, match=r"val.txt line 3: a is listed again \(line 1\)$"):
         voc_dataset(root)

@@ -26,7 +26,8 @@ from PIL import Image
 from references import first_fingerprint
 from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.cli import main
-from tclip_jax.evaluation.datasets import SYNTHETIC_CLASSES, coco_dataset, imagenet_s_dataset, split_wnids, synthetic_dataset
+from tclip_jax.evaluation.datasets import (SYNTHETIC_CLASSES, coco_dataset, imagenet_s_dataset, split_wnids,
+                                      synthetic_dataset, voc_dataset)
 from tclip_jax.evaluation.metrics import (
     box_iou,
     energy_in_mask,
@@ -47,7 +48,7 @@ from tclip_jax.synthetic import heldout_seeds, protocol_sample
 from tclip_jax.sweep import ResultWriter, RunOptions, class_queries, read_all_records, read_records, run_sweep
 from tclip_jax.sweep.vis import file_stem
 from tclip_jax.evaluation.metrics import mask_box
-from test_datasets import build_tfds_coco, painted, write_coco, write_imagenet_s
+from test_datasets import build_tfds_coco, painted, write_coco, write_imagenet_s, write_voc
 
 TESTS = pathlib.Path(__file__).resolve().parent
 STALL_ENV = "TCLIP_TEST_STALL_AFTER"  # StallingPainted: images a process prepares before it stalls
@@ -250,6 +251,31 @@ def test_resume_tries_the_samples_recorded_as_errors_again(coco_hand, tmp_path):
     assert sorted(r["key"] for r in read_all_records(out)) == ["1", "2", "3"]
     assert [r["key"] for r in read_records(out / "results-p0.jsonl")] == ["3"]  # tried again by its new owner
     assert _report(out) == _report(tmp_path / "fresh") and _report(out)["errors"] == []
+
+
+def test_a_missing_voc_or_imagenet_s_image_is_its_samples_error_and_a_resume_tries_it_again(tmp_path):
+    """As COCO's: one missing image refused the whole VOC or ImageNet-S split up front."""
+    labels = np.zeros((8, 8), np.int64)
+    labels[2:6, 2:6] = 1  # VOC's aeroplane, ImageNet-S50's first wnid: class 0, painted red 1
+    both = {"a": (painted(8, 8, [(1, slice(2, 6), slice(2, 6))]), labels), "b": (painted(8, 8, []), labels)}
+    wnid = split_wnids(50)[0]
+    cases = [("voc", voc_dataset, write_voc(tmp_path / "voc", both), "JPEGImages/b.jpg", "b"),
+             ("imagenet-s", lambda root: imagenet_s_dataset(root, 50),
+              write_imagenet_s(tmp_path / "s50", {f"{wnid}/{k}": v for k, v in both.items()}),
+              f"validation/{wnid}/b.JPEG", f"{wnid}/b")]
+    options = RunOptions(batch_size=2, progress=False)
+    for name, dataset, root, image_file, key in cases:
+        image = (root / image_file).read_bytes()
+        (root / image_file).unlink()
+        out = tmp_path / f"{name}-out"
+        run_sweep(dataset(root), Painted.from_pretrained(), out, options=options)
+        errors = {r["key"]: r["error"] for r in read_all_records(out) if "error" in r}
+        assert list(errors) == [key] and f"image file not found: {root / image_file}" in errors[key], name
+        (root / image_file).write_bytes(image)  # the user puts it back
+        run_sweep(dataset(root), Painted.from_pretrained(), out, options=dataclasses.replace(options, resume=True))
+        records = {r["key"]: r for r in read_all_records(out)}
+        assert "error" not in records[key] and [u["pg_hit"] for u in records[key]["units"]] == [False], name
+        assert _report(out)["errors"] == [], name
 
 
 def test_a_sweep_stored_before_the_matmul_dtype_was_recorded_resumes_as_float32(tmp_path):

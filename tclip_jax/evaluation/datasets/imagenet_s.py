@@ -8,7 +8,8 @@ Conventions (LUSSeg/ImageNet-S):
   ``1..n`` the ``id``-th wnid of the split's sorted wnid list (``split_wnids``); class index = ``id - 1``.
 - A unit is each class id present in the label map; its mask is ``label == id``, its ignore region
   ``label == 1000`` (left out of the segmentation scores).
-- Samples are the annotated images (those with a label PNG), sorted by ``<wnid>/<name>``, which is the key.
+- Samples are the annotated images (those with a label PNG), sorted by ``<wnid>/<name>``, which is the key; a
+  missing image is its sample's error (as in COCO), which a resumed sweep tries again.
   Hidden entries (a name starting with ".": Jupyter's ``.ipynb_checkpoints``, macOS's ``._<name>.png``) are
   tools' files, not the dataset's, and are passed over.
 - Ids depend on the split (a wnid's id in ImageNet-S50 is another in ImageNet-S300): data of another split than
@@ -71,9 +72,7 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
         if folder.name not in known:
             raise ValueError(f"ImageNet-S: unknown class folder {folder} (not a wnid of ImageNet-S{split})")
         for label_path in sorted(p for p in folder.glob("*.png") if not _hidden(p)):
-            image_path = image_root / folder.name / f"{label_path.stem}.JPEG"
-            if not image_path.is_file():
-                raise FileNotFoundError(f"ImageNet-S: {label_path} has no image {image_path}")
+            image_path = image_root / folder.name / f"{label_path.stem}.JPEG"  # a missing one: its sample's error
             samples.append(Sample(f"{folder.name}/{label_path.stem}", len(samples),
                                   functools.partial(_load, image_path, label_path, split)))
     if not samples:

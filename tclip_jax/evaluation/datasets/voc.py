@@ -6,6 +6,8 @@ line), ``JPEGImages/<id>.jpg`` and ``SegmentationClass/<id>.png``, a palette PNG
 
 A unit is each class index 1..20 present; its mask is ``label == index`` and its ignore region ``label == 255``
 (left out of the segmentation scores). Samples follow the order of the split file; the key is the image id.
+Every listed id needs its label PNG up front (the labels are the annotations); a missing image is its sample's
+error, which a resumed sweep tries again.
 """
 from __future__ import annotations
 
@@ -53,9 +55,8 @@ def voc_dataset(root: str | pathlib.Path, split: str = "val") -> Dataset:
             raise ValueError(f"VOC: {split_path} line {line}: {image_id} is listed again (line {first_line[image_id]})")
         first_line[image_id] = line
         image_path, label_path = root / IMAGE_DIR / f"{image_id}.jpg", root / LABEL_DIR / f"{image_id}.png"
-        for path in (image_path, label_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"VOC: {split_path} line {line}: {path} not found")
+        if not label_path.is_file():  # an image is read by its sample (a missing one is its error, as in COCO)
+            raise FileNotFoundError(f"VOC: {split_path} line {line}: {label_path} not found")
         samples.append(Sample(image_id, len(samples), functools.partial(_load, image_path, label_path)))
     labels = [split_path.read_bytes(), *(f"{s.key}\0{(root / LABEL_DIR / f'{s.key}.png').stat().st_size}".encode()
                                          for s in samples)]
