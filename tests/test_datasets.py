@@ -225,6 +225,11 @@ def test_coco_bad_input(tmp_path, coco_root):
     (tmp_path / "flat").mkdir()
     with pytest.raises(FileNotFoundError, match="instances_val2017.json"):
         coco_dataset(tmp_path / "flat")
+    (tmp_path / "flat" / "annotations" / "instances_val2017.json").mkdir(parents=True)  # a folder of that name
+    (tmp_path / "flat" / "val2017").mkdir()
+    for dataset in (coco_dataset, coco_seg_dataset):  # it was a bare "[Errno 21] Is a directory: ..."
+        with pytest.raises(ValueError, match=r"^COCO: cannot read .*instances_val2017\.json: Is a directory$"):
+            dataset(tmp_path / "flat")
     (coco_root / "annotations" / "instances_val2017.json").write_text('{"images": []}')
     with pytest.raises(ValueError, match="not an instances file"):
         coco_dataset(coco_root)
@@ -584,6 +589,9 @@ def test_voc_bad_input_is_named(tmp_path):
     (root / "ImageSets/Segmentation/val.txt").write_text("\n")
     with pytest.raises(ValueError, match="lists no image ids"):
         voc_dataset(root)
+    (root / "ImageSets/Segmentation/test.txt").mkdir()  # a folder of the split file's name
+    with pytest.raises(ValueError, match=r"^VOC: cannot read .*test\.txt: Is a directory$"):
+        voc_dataset(root, "test")
     Image.fromarray(painted(8, 8, [])).save(root / "SegmentationClass" / "a.png")  # RGB, not a palette PNG
     (root / "ImageSets/Segmentation/val.txt").write_text("a\n")
     with pytest.raises(ValueError, match="expected a palette"):

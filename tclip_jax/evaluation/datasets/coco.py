@@ -159,6 +159,8 @@ def _read_instances(path: pathlib.Path,
     try:
         raw = path.read_bytes()
         data = loads_json(raw.decode("utf-8"))
+    except OSError as err:  # e.g. a folder under the file's name, or a file not readable by this user
+        raise ValueError(f"COCO: cannot read {path}: {err.strerror or err}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"COCO: {path} is not valid JSON: {err}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list)

@@ -43,6 +43,8 @@ def voc_dataset(root: str | pathlib.Path, split: str = "val") -> Dataset:
     try:  # utf-8-sig: a byte-order mark (Windows editors write one) is no part of the first id
         ids = [(line, text.strip()) for line, text in
                enumerate(split_path.read_text(encoding="utf-8-sig").splitlines(), 1) if text.strip()]
+    except OSError as err:  # e.g. a folder under the file's name, or a file not readable by this user
+        raise ValueError(f"VOC: cannot read {split_path}: {err.strerror or err}") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"VOC: {split_path} is not a text file of image ids: {err}") from None
     if not ids:
