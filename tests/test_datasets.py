@@ -351,6 +351,19 @@ def test_imagenet_s_official_layout(tmp_path):
     assert read_labels(root / "validation-segmentation" / wnids[0] / "ILSVRC2012_val_00000002.png")[0, 0] == 919
 
 
+def test_the_imagenet_s_classes_prompted_alike_are_the_ones_the_readme_names():
+    """The README names ImageNet-S919's two cranes and "Cardigan"/"cardigan" as the classes that get one prompt."""
+    from tclip_jax.model.tokenizer import default_tokenizer
+
+    tokenizer, names = default_tokenizer(), imagenet_class_names()
+    for split in (50, 300, 919):
+        by_tokens = {}
+        for wnid in split_wnids(split):
+            by_tokens.setdefault(tokenizer.encode(names[wnid]).tobytes(), []).append(names[wnid])
+        alike = sorted(group for group in by_tokens.values() if len(group) > 1)
+        assert alike == ([["Cardigan", "cardigan"], ["crane", "crane"]] if split == 919 else []), split
+
+
 def test_imagenet_s_passes_over_hidden_entries(tmp_path):
     """A Jupyter checkpoint folder among the class folders refused the whole split as an unknown class folder."""
     wnids, samples = _inets_samples()
