@@ -26,8 +26,8 @@ from PIL import Image
 from references import first_fingerprint
 from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.cli import main
-from tclip_jax.evaluation.datasets import (SYNTHETIC_CLASSES, coco_dataset, imagenet_s_dataset, split_wnids,
-                                      synthetic_dataset, voc_dataset)
+from tclip_jax.evaluation.datasets import (SYNTHETIC_CLASSES, coco_dataset, coco_seg_dataset, imagenet_s_dataset,
+                                      split_wnids, synthetic_dataset, voc_dataset)
 from tclip_jax.evaluation.metrics import (
     box_iou,
     energy_in_mask,
@@ -276,6 +276,28 @@ def test_a_missing_voc_or_imagenet_s_image_is_its_samples_error_and_a_resume_tri
         records = {r["key"]: r for r in read_all_records(out)}
         assert "error" not in records[key] and [u["pg_hit"] for u in records[key]["units"]] == [False], name
         assert _report(out)["errors"] == [], name
+
+
+def test_a_coco_seg_crowd_drop_sweep_stored_before_crowds_were_per_category_is_not_resumed(tmp_path):
+    """Its units left every crowd's pixels out, a crowd of another category's too: resuming it mixed those units
+    with units scored under per-category crowds. A sweep stored before records no units_version."""
+    root = write_coco(tmp_path / "coco", {1: painted(16, 16, [])}, [(1, 1, [0, 0, 8, 8], 1), (1, 18, [8, 8, 8, 8], 0)])
+    options = RunOptions(batch_size=2, progress=False)
+    for crowd, version in (("drop", 2), ("keep", None)):
+        out = tmp_path / crowd
+        run_sweep(coco_seg_dataset(root, crowd=crowd), Painted.from_pretrained(), out, f"crowd {crowd}",
+                  options=options)
+        stored = json.loads((out / "sweep.json").read_text())
+        assert stored.pop("units_version", None) == version
+        (out / "sweep.json").write_text(json.dumps(stored))  # as a sweep stored before 2026-12-06
+        resume = lambda: run_sweep(coco_seg_dataset(root, crowd=crowd), Painted.from_pretrained(), out,  # noqa: E731
+                                   f"crowd {crowd}", options=dataclasses.replace(options, resume=True))
+        if version is None:
+            resume()  # crowd keep: its units are as they were
+        else:
+            with pytest.raises(ValueError, match=r"units_version \(stored None, now 2\) \(the dataset's units are "
+                                                 r"read otherwise since the sweep began"):
+                resume()
 
 
 def test_a_sweep_stored_before_the_matmul_dtype_was_recorded_resumes_as_float32(tmp_path):

@@ -141,6 +141,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                                     "classes": len(dataset.class_names), "limit": options.limit,
                                     "evaluation": evaluation.to_dict(),
                                     **({"data_fingerprint": dataset.fingerprint} if dataset.fingerprint else {}),
+                                    **({"units_version": dataset.units_version} if dataset.units_version > 1 else {}),
                                     **({"shared_class_names": shared} if shared else {})}))
     created = not out.exists()
     barrier("tclip-sweep-seen")  # every process has looked before any makes the folder for its lock
@@ -469,6 +470,9 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
                   "start a new --out)") if "data_fingerprint" in changed else ""
         shared = (" (its records name classes that share a name alike, as sweeps before 2026-12-05 did; start a "
                   "new --out)") if "shared_class_names" in changed else ""
+        same_reading = not any(key in ("dataset", "source") for key in changed)  # else said by those
+        other_units = (" (the dataset's units are read otherwise since the sweep began: its records hold the old "
+                       "ones; start a new --out)") if "units_version" in changed and same_reading else ""
         other_model = (" (not the sweep's model, whatever its path: its weights or activation differ; name the "
                        "sweep's model or start a new --out)") if "run.model.fingerprint" in changed else ""
         # A method's maps version may follow its settings (TCLIP's its input protocol): the maps changed under the
@@ -479,7 +483,7 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
                       "new --out)") if "run.maps_version" in changed and same_method else ""
         raise ValueError(f"cannot resume {out}: the sweep there differs in "
                          + "; ".join(f"{key} (stored {old!r}, now {new!r})" for key, (old, new) in changed.items())
-                         + shrinks + edited + shared + other_model + other_maps)
+                         + shrinks + edited + shared + other_units + other_model + other_maps)
 
 
 def _changed_fields(stored: dict, now: dict, prefix: str = "") -> dict[str, tuple]:

@@ -52,13 +52,17 @@ class Dataset:
     TFDS split yields them in its storage order), so a limit selects the same samples whatever the source.
     `fingerprint` is a digest of the annotations it was read from (COCO: the instances file; ImageNet-S and VOC:
     the names and sizes of the label files, and VOC's split list; "" where there is none to take: TFDS, generated
-    data; `tclip_jax.files.fingerprint`), which a resumed sweep checks: records scored on other annotations must not mix with new ones."""
+    data; `tclip_jax.files.fingerprint`), which a resumed sweep checks: records scored on other annotations must not mix with new ones.
+    `units_version` goes up where the units read from the same annotations changed (coco-seg ``--crowd drop``: 2,
+    each crowd the ignore region of its own category only since 2026-12-06), so that a resumed sweep does not mix
+    old units with new ones either."""
 
     name: str
     class_names: tuple[str, ...]
     size: int                                                  # number of samples
     samples: Callable[[Optional[int]], Iterator[Sample]]
     fingerprint: str = ""
+    units_version: int = 1
 
 
 def indexed(samples: list[Sample]) -> Callable[[Optional[int]], Iterator[Sample]]:

@@ -105,7 +105,8 @@ def coco_seg_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset
             samples.append(Sample(str(image_id), len(samples), functools.partial(
                 _seg_load, image_dir / info["file_name"], (info["height"], info["width"]), objects[image_id], crowd)))
     _check_has_samples(len(samples), str(annotation_path), crowd)
-    return Dataset("coco-seg", tuple(c["name"] for c in categories), len(samples), indexed(samples), annotations)
+    return Dataset("coco-seg", tuple(c["name"] for c in categories), len(samples), indexed(samples), annotations,
+                   units_version=2 if crowd == "drop" else 1)  # 2: crowds per category (`Dataset.units_version`)
 
 
 def _raw_layout(root: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
