@@ -263,8 +263,8 @@ def test_browser_compare_view_keyboard_and_images(run, driver):
     body = driver.find_element("css selector", "body")
     body.send_keys(Keys.ARROW_RIGHT)  # a → red
     browser.wait_for(lambda: browser.rendered(driver) == "0:p0w1:heatmap:shared:single", what="the next word")
-    body.send_keys(Keys.ARROW_DOWN)   # the next image
-    browser.wait_for(lambda: browser.rendered(driver).startswith("1:p0w0:"), what="the second image")
+    body.send_keys(Keys.ARROW_DOWN)   # the next image, the same word (the images of a run share its prompts)
+    browser.wait_for(lambda: browser.rendered(driver).startswith("1:p0w1:"), what="the second image")
     driver.find_element("css selector", 'input[data-control="view"][value="compare"]').click()
     click_word(driver, "p0w1", view="compare", image=1)
     cards = driver.find_elements("css selector", ".tclip-card")

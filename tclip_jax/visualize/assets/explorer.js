@@ -244,9 +244,11 @@
       loadEntry(page.images[index]).then((loaded) => {
         if (mine !== loading) return;
         entry = loaded;
+        // The images of a run share its prompts: the word shown stays, where this image has its map.
         const list = items(entry);
         const main = entry.panels[0];
-        const first = list.find((it) => main.maps[it.key]) || list[0];
+        const first = list.find((it) => it.key === state.item && main.maps[it.key])
+          || list.find((it) => main.maps[it.key]) || list[0];
         state.item = first ? first.key : null;
         state.panel = Math.min(state.panel, entry.panels.length - 1);
         fitControls();
