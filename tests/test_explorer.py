@@ -256,6 +256,7 @@ def test_browser_clicking_a_word_shows_its_map_box_and_tau(run, driver):
 
 
 def test_browser_compare_view_keyboard_and_images(run, driver):
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
     open_page(driver, run / "index.html")
@@ -266,6 +267,11 @@ def test_browser_compare_view_keyboard_and_images(run, driver):
     body.send_keys(Keys.ARROW_DOWN)   # the next image, the same word (the images of a run share its prompts)
     browser.wait_for(lambda: browser.rendered(driver).startswith("1:p0w1:"), what="the second image")
     driver.find_element("css selector", 'input[data-control="view"][value="compare"]').click()
+    browser.wait_for(lambda: browser.rendered(driver) == "1:p0w1:heatmap:shared:compare", what="the compare view")
+    # A focused radio keeps its arrow keys: the keyboard's one way to the other choices of its group.
+    ActionChains(driver).send_keys(Keys.ARROW_LEFT).perform()
+    browser.wait_for(lambda: browser.rendered(driver) == "1:p0w1:heatmap:shared:single", what="a radio's arrow key")
+    ActionChains(driver).send_keys(Keys.ARROW_RIGHT).perform()
     click_word(driver, "p0w1", view="compare", image=1)
     cards = driver.find_elements("css selector", ".tclip-card")
     assert [c.find_element("css selector", "h2").text for c in cards] == LABELS
@@ -285,7 +291,7 @@ def test_browser_offers_the_soft_map_and_the_compare_view_only_where_the_page_ha
     showed the same map with a note). Offered: what the page's data holds, a soft map of some view or two views."""
     pages = [run / "index.html"]
     for name, method in [("similarity", ["--method", "similarity"]),
-                         ("two_baselines", ["--method", "similarity", "--compare", "rclip"])]:
+                         ("two_baselines", ["--method", "similarity", "--compare", "attention"])]:
         assert explain(tmp_path / name, fixtures_dir, *method, images=("scene_224.png",)) == 0
         pages.append(tmp_path / name / "index.html")
     cases = []

@@ -167,9 +167,10 @@
     const controls = el('div', {class: 'tclip-controls'});
     const tabs = el('div', {class: 'tclip-tabs', role: 'tablist'});
     const stage = el('div', {class: 'tclip-stage'});
-    const help = el('p', {class: 'tclip-help', text: options.keys === 'document'
-      ? '← / → step through the words, ↑ / ↓ through the images; hover a word to preview its map.'
-      : 'Click here, then ← / → step through the words; hover a word to preview its map.'});
+    const help = el('p', {class: 'tclip-help', text: (options.keys === 'document'
+      ? '← / → step through the words, ↑ / ↓ through the images'
+      : 'Click here, then ← / → step through the words') + ' (on a control, the arrow keys change that control); '
+      + 'hover a word to preview its map.'});
     root.append(head, imageNav, prompts, controls, tabs, stage, help);
     if (run.method) {
       head.querySelector('.tclip-run').append(
@@ -269,8 +270,11 @@
                               download: link.href.startsWith('data:') ? 'result.json' : null, text: link.text}));
       }
       entry.prompts.forEach((p, i) => {
-        const line = el('div', {class: 'tclip-prompt'});
-        if (entry.prompts.length > 1) line.append(el('span', {class: 'tclip-pnum', text: `prompt ${i + 1}`}));
+        const line = el('div', {class: 'tclip-prompt', dir: 'auto'});  // a right-to-left prompt reads so
+        // Its own direction, so that the line's (dir auto) is the prompt's first letter's, not this label's.
+        if (entry.prompts.length > 1) {
+          line.append(el('span', {class: 'tclip-pnum', dir: 'ltr', text: `prompt ${i + 1}`}));
+        }
         // Spans count code points (Python's str), JavaScript strings UTF-16 units: slice the code points.
         const chars = Array.from(p.prompt);
         const text = (start, end) => chars.slice(start, end).join('');
@@ -356,6 +360,9 @@
       }
       const bar = colourBar();
       const title = el('h2', {class: 'tclip-label', text: panel.label});
+      // A baseline takes the image in its own way (its input protocol), which may not be the run's of the header.
+      const input = panel.run.input_protocol !== run.input_protocol
+        ? el('p', {class: 'tclip-input', text: `input ${panel.run.input_protocol}`}) : null;
       const note = panel.note ? el('p', {class: 'tclip-note', text: panel.note}) : null;
       const side = el('div', {class: 'tclip-side'}, bar.node, table, note);
       const node = el('section', {class: big ? 'tclip-card tclip-big' : 'tclip-card', 'data-panel': panelIndex},
