@@ -304,6 +304,16 @@ def test_browser_offers_the_soft_map_and_the_compare_view_only_where_the_page_ha
                    .is_displayed() for control, value in [("kind", "soft"), ("view", "compare")]}
         assert offered == {"kind": has_soft, "view": len(panels) > 1}, page
         assert browser.rendered(driver).endswith(":heatmap:shared:single")
+    # The attention baseline takes the image center-cropped, unlike the run's method: its card says so, the run's
+    # input protocol being the header's.
+    record = json.loads((tmp_path / "two_baselines" / "scene_224" / "result.json").read_text())
+    protocols = [record["run"]["input_protocol"], record["compare"][0]["run"]["input_protocol"]]
+    assert protocols == ["whole", "center_crop"]
+    driver.find_element("css selector", 'input[data-control="view"][value="compare"]').click()
+    browser.wait_for(lambda: browser.rendered(driver).endswith(":compare"), what="the compare view")
+    assert driver.find_element("css selector", ".tclip-run span").text.endswith("input whole ·")
+    assert [[p.text for p in card.find_elements("css selector", ".tclip-input")]
+            for card in driver.find_elements("css selector", ".tclip-card")] == [[], ["input center_crop"]]
     assert cases == [(True, 3), (False, 1), (False, 2)]  # TCLIP's GMM soft maps; the baselines' none
     assert browser.console_problems(driver) == []
 
@@ -341,7 +351,12 @@ def test_browser_large_runs_link_each_images_data(tmp_path, fixtures_dir, driver
 
 
 def test_browser_words_are_cut_at_code_points_and_tall_images_fit_the_window(tmp_path, fixtures_dir, driver):
+    """Also: a word of 135 letters wraps (it made a button 1240 px wide and the page scroll sideways), a
+    right-to-left prompt reads right to left, and stepping through the words scrolls the prompt list (capped in
+    height) to the word stepped to, and not the page."""
     from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
 
     from tclip_jax.methods.tclip import TCLIP
 
@@ -355,12 +370,37 @@ def test_browser_words_are_cut_at_code_points_and_tall_images_fit_the_window(tmp
     open_page(driver, page)
     buttons = driver.find_elements("css selector", ".tclip-word:not(.tclip-phrase)")
     assert [b.text for b in buttons] == [prompt[w.start:w.end] for w in result.prompts[0].words]
-    assert "".join(driver.find_element("css selector", ".tclip-prompt").text.split("whole prompt")[0].split()) == \
-        "".join(prompt.split())
+    assert "".join(lines[0].text.split("whole prompt")[0].split()) == "prompt1" + "".join(prompt.split())
     viewer = driver.find_element("css selector", ".tclip-viewer").rect
     window_height = driver.execute_script("return window.innerHeight;")
     assert viewer["height"] <= 0.75 * window_height + 1  # the 1:7 image is narrowed to fit, not stretched
     assert viewer["width"] == pytest.approx(viewer["height"] * 64 / 448, abs=2)
+    # The Hebrew prompt's first word is rightmost.
+    xs = [b.rect["x"] for b in lines[1].find_elements("css selector", ".tclip-word:not(.tclip-phrase)")]
+    assert len(xs) == 3 and xs == sorted(xs, reverse=True)
+    # The long word, as a button and in the card's "shows" line, wraps inside the page.
+    click_word(driver, "p2w1")
+    assert len(driver.find_element("css selector", '.tclip-word[data-key="p2w1"]').text.replace("\n", "")) == 135
+    overflow = driver.execute_script(
+        "const width = (e) => e.scrollWidth - e.clientWidth;"
+        "return [document.documentElement, document.querySelector('.tclip-prompts'),"
+        "        document.querySelector('[data-field=\"shows\"]')].map(width);")
+    assert overflow == [0, 0, 0]
+    # Stepping to a word scrolled out of the prompt list brings it into the list's view; the page stays put.
+    click_word(driver, "p0w0")
+    # The pointer off the list, where the words scrolling under it would preview them.
+    ActionChains(driver).move_to_element(driver.find_element("css selector", "h1")).perform()
+    scrolled = driver.execute_script("const list = document.querySelector('.tclip-prompts');"
+                                     "list.scrollTop = list.scrollHeight; return [list.scrollTop, window.scrollY];")
+    assert scrolled[0] > 60  # the first line, and its words, out of the list's view
+    ActionChains(driver).send_keys(Keys.ARROW_RIGHT).perform()
+    browser.wait_for(lambda: browser.rendered(driver) == "0:p0w1:heatmap:shared:single", what="the next word")
+    shown, in_list, page_at = driver.execute_script(
+        "const r = (s) => document.querySelector(s).getBoundingClientRect();"
+        "return [r('.tclip-word.tclip-on'), r('.tclip-prompts'), window.scrollY];")
+    assert in_list["top"] <= shown["top"] and shown["bottom"] <= in_list["bottom"]
+    assert page_at == scrolled[1]
+    assert driver.switch_to.active_element.get_attribute("data-key") == "p0w1"
     assert browser.console_problems(driver) == []
 
 

@@ -366,8 +366,9 @@
       const note = panel.note ? el('p', {class: 'tclip-note', text: panel.note}) : null;
       const side = el('div', {class: 'tclip-side'}, bar.node, table, note);
       const node = el('section', {class: big ? 'tclip-card tclip-big' : 'tclip-card', 'data-panel': panelIndex},
-                      title, fields.shows, el('div', {class: 'tclip-card-body'}, el('div', {class: 'tclip-view-col'}, viewer, missing),
-                                side));
+                      title, input, fields.shows,
+                      el('div', {class: 'tclip-card-body'}, el('div', {class: 'tclip-view-col'}, viewer, missing),
+                         side));
       const c = {node, panel, panelIndex, canvas, box, fields, bar, missing, current: null};
       viewer.addEventListener('mousemove', (event) => pointer(c, viewer, event));
       viewer.addEventListener('mouseleave', () => { c.fields.pointer.textContent = '—'; });
@@ -490,15 +491,26 @@
       if (next) {
         select_(next.key);
         const button = root.querySelector(`.tclip-word[data-key="${next.key}"]`);
-        if (button && options.keys !== 'document') button.focus({preventScroll: true});
+        if (!button) return;
+        if (options.keys !== 'document') button.focus({preventScroll: true});
+        reveal(button);
       }
+    }
+
+    // Scrolls the prompt list (capped in height) to show a word, and nothing else: the page (a notebook's, or one
+    // scrolled down to the map) stays where the reader put it, as scrollIntoView would not leave it.
+    function reveal(button) {
+      const list = prompts.getBoundingClientRect();
+      const shown = button.getBoundingClientRect();
+      if (shown.top < list.top) prompts.scrollTop -= list.top - shown.top;
+      else if (shown.bottom > list.bottom) prompts.scrollTop += shown.bottom - list.bottom;
     }
 
     function onKey(event) {
       if (event.altKey || event.ctrlKey || event.metaKey) return;
       const target = event.target;
-      if (target && (target.tagName === 'SELECT' || target.tagName === 'TEXTAREA'
-                     || (target.tagName === 'INPUT' && target.type !== 'radio'))) return;
+      // A control keeps its own arrow keys: the only way to change a radio or the image list without a mouse.
+      if (target && ['INPUT', 'SELECT', 'TEXTAREA'].includes(target.tagName)) return;
       if (event.key === 'ArrowRight' || event.key === 'ArrowLeft') {
         step(event.key === 'ArrowRight' ? 1 : -1);
         event.preventDefault();
