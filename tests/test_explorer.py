@@ -363,12 +363,16 @@ def test_browser_words_are_cut_at_code_points_and_tall_images_fit_the_window(tmp
     explainer = TCLIP.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), translations=1)
     tall = np.asarray(Image.open(fixtures_dir / "scene_224.png").convert("RGB").resize((64, 448)))
     prompt = "a 🐶 red café 𝒶 circle"  # characters beyond 16 bits before the words
-    result = explainer.explain(tall, prompt)
+    long_word = "pneumonoultramicroscopicsilicovolcanoconiosis" * 3
+    hebrew = "ריבוע אדום גדול"  # "a big red square"
+    shapes = ("a blue square", "a green circle", "a red triangle", "a big star", "a small heart", "a cross", "a dot")
+    result = explainer.explain(tall, [prompt, hebrew, f"a {long_word} square", *shapes])
     page = tmp_path / "fragment.html"
     page.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'></head>"
                     f"<body>{result._repr_html_()}</body></html>", encoding="utf-8")
     open_page(driver, page)
-    buttons = driver.find_elements("css selector", ".tclip-word:not(.tclip-phrase)")
+    lines = driver.find_elements("css selector", ".tclip-prompt")
+    buttons = lines[0].find_elements("css selector", ".tclip-word:not(.tclip-phrase)")
     assert [b.text for b in buttons] == [prompt[w.start:w.end] for w in result.prompts[0].words]
     assert "".join(lines[0].text.split("whole prompt")[0].split()) == "prompt1" + "".join(prompt.split())
     viewer = driver.find_element("css selector", ".tclip-viewer").rect
