@@ -19,7 +19,8 @@ loaded model, for the explorer's compare view (and result.json's "compare" list)
 TCLIP K=1 (`tclip:translations=1`, 1/25 of the cost) unless `--compare none` (or no page is written and no
 `--compare` given). A compare method of the run's own
 class starts from the run's settings, any other from its defaults with the run's host-step settings (box rule,
-truncation); `key=value` pairs override either. A prompt-level method is also run on each word alone as the
+truncation); `key=value` pairs override either. A compare method of the same class and settings as the run's or
+an earlier one is left out, with a warning. A prompt-level method is also run on each word alone as the
 prompt (a method that uses a label set, against the page's words as that set), which the page shows for that word
 (labelled so).
 """
@@ -251,7 +252,10 @@ def parse_compare(spec: str) -> tuple[str, list[str]]:
 
 
 def compare_methods(specs: list[str], main) -> list:
-    """The compare methods the specs name (plus TCLIP K=1 for a TCLIP run), built on the main method's model."""
+    """The compare methods the specs name (plus TCLIP K=1 for a TCLIP run), built on the main method's model; one
+    of the same class and settings as the main method or an earlier one is left out, with a warning."""
+    import warnings
+
     from tclip_jax import methods
     from tclip_jax.methods.settings import MethodSettings
     from tclip_jax.methods.tclip import TCLIP
@@ -275,6 +279,12 @@ def compare_methods(specs: list[str], main) -> list:
                 settings = method_class.Settings.from_dict({**base, **given})
         except ValueError as err:
             raise ValueError(f"--compare {spec}: {err}") from None
+        same = next((what for what, method in [("the run's method", main),
+                                                *((f"--compare {earlier}", m) for earlier, m in built)]
+                     if type(method) is method_class and method.settings == settings), None)
+        if same is not None:  # the same maps twice, under one label
+            warnings.warn(f"--compare {spec}: the same method and settings as {same}; shown once", stacklevel=2)
+            continue
         built.append((spec, method_class(main.clip, settings)))
     if isinstance(main, TCLIP) and main.settings.translations != 1 and not any(
             isinstance(m, TCLIP) and m.settings.translations == 1 for _, m in built):
