@@ -240,6 +240,17 @@ def field(driver, name: str, card: int = 0) -> str:
     return driver.find_elements("css selector", f'.tclip-card [data-field="{name}"]')[card].text
 
 
+def photo_rgb(driver) -> np.ndarray:
+    """The pixels of the first card's photo as the browser decoded it, uint8 RGB at its natural size."""
+    url = driver.execute_script("""const img = document.querySelector('.tclip-card .tclip-photo');
+        const canvas = document.createElement('canvas');
+        canvas.width = img.naturalWidth;
+        canvas.height = img.naturalHeight;
+        canvas.getContext('2d').drawImage(img, 0, 0);
+        return canvas.toDataURL('image/png');""")
+    return cv2.imdecode(np.frombuffer(base64.b64decode(url.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+
+
 def test_browser_clicking_a_word_shows_its_map_box_and_tau(run, driver):
     open_page(driver, run / "index.html")
     data = page_json(run / "index.html")
@@ -276,6 +287,8 @@ def test_browser_clicking_a_word_shows_its_map_box_and_tau(run, driver):
     assert hrefs[0] == (run / entry["name"] / "result.json").resolve().as_uri()
     # The header names the model as given (its file), not the checkpoint's format ("openai").
     assert driver.find_element("css selector", ".tclip-run span").text.startswith("model tiny_openai_clip.npz · ")
+    assert driver.find_element("css selector", "h1").text == "TCLIP explorer · TCLIP K=25"
+    assert driver.find_element("css selector", ".tclip-head").text.count("tiny_openai_clip.npz") == 1
     assert browser.console_problems(driver) == []
 
 

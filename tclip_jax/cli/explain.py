@@ -400,8 +400,8 @@ def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path
     from tclip_jax.visualize.explorer import DATA_SCRIPT, INDEX_FILE, PageWriter, image_entry, page_images
 
     run_info = method.run_info()
-    page = PageWriter(out, f"TCLIP explorer · {visualize.method_label(run_info)} · model "
-                           f"{visualize.model_label(run_info)}", run_info) if args.html else None
+    # The model is named in the line under the title (the page's run), not here again.
+    page = PageWriter(out, f"TCLIP explorer · {visualize.method_label(run_info)}", run_info) if args.html else None
     # An earlier page (ours) that shows an image the run replaces would show it stale until the run's own page is
     # written, for ever if the run is killed: it is removed just before the first such result is swapped in, so a
     # run that stops before leaves it as it was.
