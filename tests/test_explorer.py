@@ -44,9 +44,19 @@ def explain(out, fixtures_dir, *extra, images=("scene_wide_320x240.png", "scene_
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, fixtures_dir) -> pathlib.Path:
-    """One run: two images, two prompts, TCLIP K=25 with K=1 (by default) and the similarity baseline."""
-    out = tmp_path_factory.mktemp("explorer") / "out"
-    assert explain(out, fixtures_dir, "--compare", "similarity", "--save-npz") == 0
+    """One run: two images, two prompts, TCLIP K=25 with K=1 (by default) and the similarity baseline. The wide
+    image is stored turned a quarter (240 x 320) with the EXIF orientation that turns it back."""
+    from PIL import Image, ImageOps
+
+    work = tmp_path_factory.mktemp("explorer")
+    wide = work / "scene_wide_320x240.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored row 0 is the visual right side: display rotates 90 degrees clockwise
+    displayed = np.asarray(Image.open(fixtures_dir / wide.name).convert("RGB"))
+    Image.fromarray(np.rot90(displayed)).save(wide, exif=exif)
+    np.testing.assert_array_equal(np.asarray(ImageOps.exif_transpose(Image.open(wide))), displayed)
+    out = work / "out"
+    assert explain(out, fixtures_dir, "--compare", "similarity", "--save-npz", images=(wide, "scene_224.png")) == 0
     return out
 
 
@@ -252,14 +262,27 @@ def photo_rgb(driver) -> np.ndarray:
 
 
 def test_browser_clicking_a_word_shows_its_map_box_and_tau(run, driver):
+    from PIL import Image, ImageOps
+
     open_page(driver, run / "index.html")
     data = page_json(run / "index.html")
     entry = data["images"][0]
     record = json.loads((run / entry["name"] / "result.json").read_text())
     turbo = turbo_lut()
+    # The photo is the input as displayed (its EXIF orientation applied: 320 x 240, not the stored 240 x 320), shown
+    # at its aspect; WebP at quality 90 changes this noisy picture's pixels by some levels, far less than the
+    # picture turned half round differs.
+    displayed = np.asarray(ImageOps.exif_transpose(Image.open(record["image"]["path"])).convert("RGB"))
+    height, width = displayed.shape[:2]
+    assert record["image"]["size_hw"] == [height, width] == [240, 320]
+    photo = photo_rgb(driver).astype(int)
+    assert photo.shape == displayed.shape
+    assert np.abs(photo - displayed).mean() < 12 < np.abs(photo - displayed[::-1, ::-1]).mean()
+    photo_rect = driver.find_element("css selector", ".tclip-card .tclip-photo").rect
+    assert photo_rect["width"] / photo_rect["height"] == pytest.approx(width / height, abs=0.01)
     driver.find_element("css selector", 'input[data-control="scale"][value="map"]').click()
     browser.wait_for(lambda: browser.rendered(driver).endswith(":map:single"), what="per-map scale")
-    shown = {}
+    shown, boxed = {}, 0
     for w, word in enumerate(record["prompts"][0]["words"]):
         key = f"p0w{w}"
         click_word(driver, key, scale="map")
@@ -274,18 +297,40 @@ def test_browser_clicking_a_word_shows_its_map_box_and_tau(run, driver):
         assert float(field(driver, "tau")) == pytest.approx(word["tau"], abs=5e-5)
         assert [int(v) for v in field(driver, "box").split(" (")[0].split(", ")] == word["box_xyxy"]
         assert field(driver, "fallback") == (word["gmm_fallback"] or "none")
+        # The box on screen is result.json's, in the photo's pixels (a whole-image box is drawn inset instead).
+        x1, y1, x2, y2 = word["box_xyxy"]
+        if not is_whole_image(word["box_xyxy"], (height, width)):
+            boxed += 1
+            on_screen, photo_at = driver.execute_script(
+                "const r = (s) => document.querySelector(s).getBoundingClientRect();"
+                "return [r('.tclip-card .tclip-box'), r('.tclip-card .tclip-photo')];")
+            sx, sy = photo_at["width"] / width, photo_at["height"] / height
+            expected = [photo_at["left"] + x1 * sx, photo_at["top"] + y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy]
+            measured = [on_screen["left"], on_screen["top"], on_screen["width"], on_screen["height"]]
+            np.testing.assert_allclose(measured, expected, atol=0.02)
+    assert boxed  # some box to place
     assert not np.array_equal(shown["red"], shown["circle"])
-    # The shared scale colours the same map differently (a stop word is no longer as bright as "red").
+    # The shared scale colours "circle" by its value on the range of every word's map: a value v at
+    # round(255 (v - L) / (H - L)) of the turbo table (JavaScript's Math.round: half up).
     driver.find_element("css selector", 'input[data-control="scale"][value="shared"]').click()
     browser.wait_for(lambda: browser.rendered(driver).endswith(":shared:single"), what="shared scale")
-    assert not np.array_equal(browser.canvas_rgb(driver, ".tclip-card canvas.tclip-map"), shown["circle"])
+    maps = entry["panels"][0]["maps"]
+    low = min(m["heatmap"]["range"][0] for m in maps.values())
+    high = max(m["heatmap"]["range"][1] for m in maps.values())
+    circle = maps["p0w2"]["heatmap"]
+    lo, hi = circle["range"]
+    q = decode_blob(entry["blobs"][circle["blob"]]).astype(np.float64)
+    at = np.clip(np.floor((lo + (q / 255) * (hi - lo) - low) / (high - low) * 255 + 0.5), 0, 255).astype(int)
+    canvas = browser.canvas_rgb(driver, ".tclip-card canvas.tclip-map")
+    np.testing.assert_array_equal(canvas, turbo[at])
+    assert not np.array_equal(canvas, shown["circle"])  # a stop word is no longer as bright as "red"
     # The soft map, and the links.
     driver.find_element("css selector", 'input[data-control="kind"][value="soft"]').click()
     browser.wait_for(lambda: browser.rendered(driver).endswith(":soft:shared:single"), what="the soft map")
     assert field(driver, "shows").startswith("soft map of the word “circle”")
     hrefs = [a.get_attribute("href") for a in driver.find_elements("css selector", ".tclip-links a")]
     assert hrefs[0] == (run / entry["name"] / "result.json").resolve().as_uri()
-    # The header names the model as given (its file), not the checkpoint's format ("openai").
+    # The header names the model as given (its file), not the checkpoint's format ("openai"), once.
     assert driver.find_element("css selector", ".tclip-run span").text.startswith("model tiny_openai_clip.npz · ")
     assert driver.find_element("css selector", "h1").text == "TCLIP explorer · TCLIP K=25"
     assert driver.find_element("css selector", ".tclip-head").text.count("tiny_openai_clip.npz") == 1
