@@ -32,6 +32,7 @@ import json
 import os
 import pathlib
 import re
+import warnings
 from typing import Optional
 
 from tclip_jax.cli.common import add_method_arguments, build_method
@@ -254,8 +255,6 @@ def parse_compare(spec: str) -> tuple[str, list[str]]:
 def compare_methods(specs: list[str], main) -> list:
     """The compare methods the specs name (plus TCLIP K=1 for a TCLIP run), built on the main method's model; one
     of the same class and settings as the main method or an earlier one is left out, with a warning."""
-    import warnings
-
     from tclip_jax import methods
     from tclip_jax.methods.settings import MethodSettings
     from tclip_jax.methods.tclip import TCLIP
