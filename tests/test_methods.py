@@ -589,6 +589,33 @@ def test_a_method_outside_the_package_runs_from_the_command_line(tmp_path, fixtu
         methods.get("no_such_module:Thing")
 
 
+def test_a_method_derived_from_a_registered_one_is_recorded_as_its_class_not_by_the_name_it_inherits(
+        tmp_path, tiny_clip, monkeypatch):
+    """A subclass of Similarity that maps otherwise and sets no `name` was recorded (run_info: sweeps, explain's
+    result.json, labels) as "similarity", so a similarity sweep resumed with it. It is "module:Class", as `get`
+    names it; a class that takes a registered method's name is refused; the registered methods keep their names."""
+    from tclip_jax.visualize import method_label
+
+    (tmp_path / "inverted.py").write_text(textwrap.dedent("""
+        from tclip_jax.methods.similarity import Similarity
+
+        class Inverted(Similarity):
+            def original_maps(self, maps, geometry):
+                return 1.0 - super().original_maps(maps, geometry)
+        """))
+    (tmp_path / "clash.py").write_text("from tclip_jax.methods.similarity import Similarity\n\n\n"
+                                       "class Clash(Similarity):\n    name = 'similarity'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = methods.get("inverted:Inverted")(tiny_clip).run_info()
+    assert run["method"] == "inverted:Inverted" and method_label(run) == "inverted:Inverted"
+    assert METHODS["similarity"](tiny_clip).run_info()["method"] == "similarity"
+    assert all(METHODS[name].name == name for name in METHODS)
+    with pytest.raises(ValueError, match="Clash is named 'similarity', the name of the registered method "
+                                         "tclip_jax.methods.similarity:Similarity") as refused:
+        methods.get("clash:Clash")
+    assert "\n" not in str(refused.value)
+
+
 def test_the_command_line_sets_the_matmul_dtype_and_a_sweep_resumes_only_with_its_own(fixtures_dir, fixture_images,
                                                                                       tmp_path, capsys):
     """`--matmul-dtype` reaches the model (its maps are the API's bfloat16 maps) and the records; a sweep begun in

@@ -92,6 +92,8 @@ class StallingPainted(Painted):
     """The same maps; preparing stalls after $TCLIP_TEST_STALL_AFTER images, so a kill lands mid-sweep, until the
     file $TCLIP_TEST_STALL_RELEASE names exists (for ever without one)."""
 
+    name = "painted"  # the same maps: one method, so a sweep of either resumes with the other
+
     def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Geometry]:
         with _prepared["lock"]:
             _prepared["count"] += 1
@@ -100,6 +102,13 @@ class StallingPainted(Painted):
         while stall and not (release and os.path.exists(release)):
             time.sleep(0.1)
         return super().prepare(rgb)
+
+
+class InvertedPainted(Painted):
+    """Painted's maps inverted, with no name of its own: another method than Painted, whose name it inherits."""
+
+    def maps(self, params, pixels, queries, rows) -> MapOutput:
+        return MapOutput(1.0 - super().maps(params, pixels, queries, rows).maps)
 
 
 def gscorecam_iou(a, b) -> float:
@@ -1070,6 +1079,21 @@ def test_a_sweep_resumed_with_a_larger_limit_is_the_sweep_run_with_it(coco_hand,
     # Shrinking would leave records past the new limit in the report.
     message = _fails(capsys, "coco", *method, "--limit", "2", "--resume", "--out", grown)
     assert "limit (stored 3, now 2)" in message and "may grow, not shrink" in message
+
+
+def test_a_method_that_inherits_its_name_is_recorded_resumed_and_reported_as_its_class(coco_hand, tmp_path, capsys):
+    """A method derived from another without a `name` of its own was recorded as the other: a sweep of that one
+    resumed with it and reported both as one. It is "module:Class": refused in one line, and named in the report."""
+    data = ("coco", "--data", str(coco_hand), "--out", str(tmp_path / "out"))
+    assert main(_cli(*data, "--method", "test_sweep:Painted", "--limit", "1")) == 0
+    capsys.readouterr()
+    message = _fails(capsys, *data, "--method", "test_sweep:InvertedPainted", "--limit", "2", "--resume")
+    assert "run.method (stored 'painted', now 'test_sweep:InvertedPainted')" in message and message.count("\n") == 1
+    alone = tmp_path / "alone"
+    assert main(_cli("coco", "--data", str(coco_hand), "--method", "test_sweep:InvertedPainted", "--limit", "1",
+                     "--out", str(alone))) == 0
+    assert _report(alone)["config"]["run"]["method"] == "test_sweep:InvertedPainted"
+    assert "the method is test_sweep:InvertedPainted" in (alone / "report.md").read_text()
 
 
 def test_a_synthetic_sweep_records_the_scenes_it_sweeps_as_its_limit(tmp_path, capsys, monkeypatch):

@@ -21,7 +21,8 @@ label set of `encode` (the prompts of an `explain` call; a dataset's class promp
 
 Adding a method: a module with a `Method` subclass (`name`, `Settings`, `encode`, `maps`; prompt-level methods
 derive from `PromptMethod` and write `grid_maps` only) and one line in `tclip_jax.methods.REGISTRY` (or none: a
-class outside the package is named "package.module:Class")."""
+class outside the package is named "package.module:Class"). Results record a method by its `name`, which a class
+sets in its own body or is "package.module:Class" (`Method.__init_subclass__`)."""
 from __future__ import annotations
 
 import abc
@@ -199,6 +200,23 @@ class Method(abc.ABC):
     # Surgery since their grid maps are upsampled once, straight to the image, and for the centre-crop methods
     # since their thresholds and boxes come from the part of the image the crop kept (both 2026-12-05).
     maps_version: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs):
+        """A method is recorded by its `name` (`run_info`: sweeps, which resume only the method they began with, and
+        explain's result.json; labels): the class's own, or for a class that sets none, "module:Class", as `get`
+        names a class outside the package. The name a class inherits is its base's (a subclass of Similarity that
+        maps otherwise would be recorded, resumed and reported as "similarity"), and a registered method's name is
+        that method's: another class that takes it is refused."""
+        super().__init_subclass__(**kwargs)
+        from tclip_jax.methods import REGISTRY
+
+        own = f"{cls.__module__}:{cls.__qualname__}"
+        if "name" not in vars(cls):
+            cls.name = own
+        elif REGISTRY.get(cls.name, own) != own:
+            raise TypeError(f"method class {own} is named {cls.name!r}, the name of the registered method "
+                            f"{REGISTRY[cls.name]}, whose records its own would mix with: name it otherwise, or "
+                            f"set no name (it is then recorded as {own!r})")
 
     def __init__(self, clip: LoadedClip, settings: Optional[MethodSettings] = None):
         self.clip = clip
