@@ -1069,6 +1069,10 @@ def test_a_sweep_resumed_with_a_larger_limit_is_the_sweep_run_with_it(coco_hand,
     for name in ("report.json", "sweep.json", "report.md"):
         assert (tmp_path / "grown" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
     assert "Prompts: the bare class names; samples: the first 3." in (tmp_path / "grown" / "report.md").read_text()
+    # A resume without --limit continues the sweep as it was (it grew to every sample, silently).
+    assert main(_cli("coco", *method, "--resume", "--out", grown)) == 0
+    for name in ("report.json", "sweep.json"):  # (its error record, tried again, is written anew: not compared)
+        assert (tmp_path / "grown" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
     # The report names the template and the samples it covers (two sweeps differing in them read differently).
     templated = tmp_path / "templated"
     assert main(_cli("coco", *method, "--template", "a photo of a {}.", "--out", str(templated))) == 0
@@ -1100,7 +1104,8 @@ def test_a_synthetic_sweep_records_the_scenes_it_sweeps_as_its_limit(tmp_path, c
     """Without --limit a synthetic sweep takes SYNTHETIC_SCENES scenes (patched to 2 here), but sweep.json stored
     limit None ("every sample"): a resume with a larger --limit was refused as a shrink, and a --limit 1 sweep
     resumed without --limit was accepted and recorded as None. It records the scenes it sweeps, and reads a synthetic
-    sweep stored with None as SYNTHETIC_SCENES; a resume that grows it equals the larger sweep run at once."""
+    sweep stored with None as SYNTHETIC_SCENES; a resume that grows it equals the larger sweep run at once, and one
+    without --limit keeps its scenes."""
     import tclip_jax.sweep.runner as runner
     import tclip_jax.synthetic as synthetic
 
@@ -1114,10 +1119,10 @@ def test_a_synthetic_sweep_records_the_scenes_it_sweeps_as_its_limit(tmp_path, c
     assert main(_cli(*sweep, "--limit", "3", "--resume", "--out", grown)) == 0
     for name in ("report.json", "sweep.json", "report.md"):
         assert (tmp_path / "grown" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
-    # A --limit 1 sweep resumed without --limit grows to the default and says so.
+    # A --limit 1 sweep resumed without --limit keeps its limit (it grew to the default, silently).
     assert main(_cli(*sweep, "--limit", "1", "--out", default)) == 0
     assert main(_cli(*sweep, "--resume", "--out", default)) == 0
-    assert (_report(tmp_path / "default")["images"], _report(tmp_path / "default")["config"]["limit"]) == (2, 2)
+    assert (_report(tmp_path / "default")["images"], _report(tmp_path / "default")["config"]["limit"]) == (1, 1)
     # A sweep stored before the limit was recorded (None) holds the default number of scenes.
     config = json.loads((tmp_path / "default" / "sweep.json").read_text())
     (tmp_path / "default" / "sweep.json").write_text(json.dumps({**config, "limit": None}))

@@ -59,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
     from tclip_jax.synthetic import SYNTHETIC_SCENES
 
     evaluation = EvalOptions.from_dict(EvalOptions.given_arguments(args))
-    options = RunOptions.from_dict(RunOptions.given_arguments(args))
+    given = RunOptions.given_arguments(args)
+    options = RunOptions.from_dict(given)
+    if options.resume and "limit" not in given:  # a bare --resume continues the sweep as it was, not to the default
+        options = dataclasses.replace(options, limit=_stored_limit(args.out))
     if args.dataset == "synthetic":  # the scenes swept (however many --limit asks), recorded and compared on resume
         options = dataclasses.replace(options, limit=options.limit or SYNTHETIC_SCENES)
     if (args.dataset == "synthetic" and args.template not in (None, DEFAULT_TEMPLATE)
@@ -76,6 +79,14 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"no sample could be scored: all {len(errors)} failed (the first, {errors[0]['key']}: "
                              f"{errors[0]['error']}); --resume tries them again once the data is mended")
     return 0
+
+
+def _stored_limit(out: str) -> Optional[int]:
+    """The limit of the sweep stored in `out` (None: every sample, or no sweep there)."""
+    from tclip_jax.sweep.report import CONFIG_FILE, read_config
+
+    folder = pathlib.Path(out)
+    return read_config(folder).get("limit") if (folder / CONFIG_FILE).is_file() else None
 
 
 def _open_dataset(args: argparse.Namespace, limit):

@@ -13,9 +13,10 @@ class RunOptions(Options):
     batch_size: int = setting(8, "images per device step, split over the local devices", parse=int)
     workers: int = setting(2, "loader threads, and as many host post-processing threads", parse=int)
     limit: Optional[int] = setting(None, "only the first N samples of the dataset", parse=parse_optional(int),
-                                   shown_default=f"every sample; synthetic: {SYNTHETIC_SCENES} scenes")
-    resume: bool = setting(False, "continue the sweep in --out (with the same flags, or a larger --limit); samples "
-                           "recorded as errors are tried again")
+                                   shown_default=f"every sample; synthetic: {SYNTHETIC_SCENES} scenes; with --resume, "
+                                   "the resumed sweep's")
+    resume: bool = setting(False, "continue the sweep in --out (with the same flags, or a larger --limit; without "
+                           "--limit, its own); samples recorded as errors are tried again")
     save_vis: int = setting(0, "pictures of the units of the first N samples", parse=int)
     progress: bool = setting(True, "a progress bar")
 
