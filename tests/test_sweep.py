@@ -1060,18 +1060,19 @@ def test_a_sweep_that_scores_no_sample_fails_and_resume_scores_them_once_mended(
 def test_a_sweep_resumed_with_a_larger_limit_is_the_sweep_run_with_it(coco_hand, tmp_path, capsys):
     method = ("--method", "test_sweep:Painted", "--data", str(coco_hand))
     fresh, grown = str(tmp_path / "fresh"), str(tmp_path / "grown")
-    assert main(_cli("coco", *method, "--limit", "3", "--out", fresh)) == 0
+    assert main(_cli("coco", *method, "--limit", "2", "--out", fresh)) == 0
     assert main(_cli("coco", *method, "--limit", "1", "--out", grown)) == 0
     first = (tmp_path / "grown" / "results-p0.jsonl").read_bytes()
-    assert main(_cli("coco", *method, "--limit", "3", "--resume", "--out", grown)) == 0
+    assert main(_cli("coco", *method, "--limit", "2", "--resume", "--out", grown)) == 0
     records = (tmp_path / "grown" / "results-p0.jsonl").read_bytes()
-    assert records.startswith(first) and records.count(b"\n") == 3  # the first record kept, two added
+    assert records.startswith(first) and records.count(b"\n") == 2  # the first record kept, one added
     for name in ("report.json", "sweep.json", "report.md"):
         assert (tmp_path / "grown" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
-    assert "Prompts: the bare class names; samples: the first 3." in (tmp_path / "grown" / "report.md").read_text()
+    assert "Prompts: the bare class names; samples: the first 2." in (tmp_path / "grown" / "report.md").read_text()
     # A resume without --limit continues the sweep as it was (it grew to every sample, silently).
     assert main(_cli("coco", *method, "--resume", "--out", grown)) == 0
-    for name in ("report.json", "sweep.json"):  # (its error record, tried again, is written anew: not compared)
+    assert (tmp_path / "grown" / "results-p0.jsonl").read_bytes() == records
+    for name in ("report.json", "sweep.json"):
         assert (tmp_path / "grown" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
     # The report names the template and the samples it covers (two sweeps differing in them read differently).
     templated = tmp_path / "templated"
@@ -1081,8 +1082,8 @@ def test_a_sweep_resumed_with_a_larger_limit_is_the_sweep_run_with_it(coco_hand,
         assert 'Prompts: the template "a photo of a {}."; samples: every sample.' in text.replace("&quot;", '"')
     capsys.readouterr()
     # Shrinking would leave records past the new limit in the report.
-    message = _fails(capsys, "coco", *method, "--limit", "2", "--resume", "--out", grown)
-    assert "limit (stored 3, now 2)" in message and "may grow, not shrink" in message
+    message = _fails(capsys, "coco", *method, "--limit", "1", "--resume", "--out", grown)
+    assert "limit (stored 2, now 1)" in message and "may grow, not shrink" in message
 
 
 def test_a_method_that_inherits_its_name_is_recorded_resumed_and_reported_as_its_class(coco_hand, tmp_path, capsys):
@@ -1098,6 +1099,26 @@ def test_a_method_that_inherits_its_name_is_recorded_resumed_and_reported_as_its
                      "--out", str(alone))) == 0
     assert _report(alone)["config"]["run"]["method"] == "test_sweep:InvertedPainted"
     assert "the method is test_sweep:InvertedPainted" in (alone / "report.md").read_text()
+
+
+def test_a_limit_past_the_datasets_end_is_recorded_as_every_sample(coco_hand, tmp_path, capsys):
+    """A --limit 10 sweep of coco_hand's 3 samples was stored and reported as "the first 10" (and a whole split swept
+    under a large limit lost its paper figures): it is the sweep without a limit. One stored so before resumes, and
+    records None from then on; a limit below the dataset's end is then a shrink."""
+    method = ("coco", "--method", "test_sweep:Painted", "--data", str(coco_hand))
+    whole, past = tmp_path / "whole", tmp_path / "past"
+    assert main(_cli(*method, "--out", str(whole))) == 0
+    assert main(_cli(*method, "--limit", "10", "--out", str(past))) == 0
+    for name in ("sweep.json", "report.json", "report.md"):
+        assert (past / name).read_bytes() == (whole / name).read_bytes(), name
+    assert "samples: every sample." in (past / "report.md").read_text()
+    config = json.loads((past / "sweep.json").read_text())
+    (past / "sweep.json").write_text(json.dumps({**config, "limit": 10}))  # as sweeps before 2026-12-06 stored it
+    assert main(_cli(*method, "--resume", "--out", str(past))) == 0
+    assert json.loads((past / "sweep.json").read_text())["limit"] is None
+    capsys.readouterr()
+    message = _fails(capsys, *method, "--limit", "2", "--resume", "--out", str(past))
+    assert "limit (stored None, now 2)" in message and "may grow, not shrink" in message
 
 
 def test_a_synthetic_sweep_records_the_scenes_it_sweeps_as_its_limit(tmp_path, capsys, monkeypatch):

@@ -127,7 +127,8 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     """Runs (or resumes) this process's share of the sweep and, on process 0, writes the merged report.
 
     ``source`` says where the dataset was read from. With the run (method, model, settings, protocol), dataset,
-    the annotations' fingerprint, template, limit and evaluation options it is stored in ``sweep.json`` and checked
+    the annotations' fingerprint, template, limit (None where it covers the dataset: `recorded_limit`) and
+    evaluation options it is stored in ``sweep.json`` and checked
     on resume, where only the limit may change, and only grow, and the folder the data is in (``data_folder``, as
     ``source`` names it), where the annotations' fingerprint is unchanged: a dataset moved or mounted elsewhere.
     The template ``"{}"`` is stored as None: both prompt with the bare class names.
@@ -135,10 +136,10 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     out = check_output_folder(out)
     template = None if template == DEFAULT_TEMPLATE else template  # the bare names: one spelling, compared on resume
     process, processes = jax.process_index(), jax.process_count()
-    run, shared = method.run_info(), shared_names(dataset.class_names)
+    run, shared, limit = method.run_info(), shared_names(dataset.class_names), recorded_limit(dataset, options.limit)
     config = json.loads(json.dumps({"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "run": run,
                                     "dataset": dataset.name, "source": source, "template": template,
-                                    "classes": len(dataset.class_names), "limit": options.limit,
+                                    "classes": len(dataset.class_names), "limit": limit,
                                     "evaluation": evaluation.to_dict(),
                                     **({"data_fingerprint": dataset.fingerprint} if dataset.fingerprint else {}),
                                     **({"units_version": dataset.units_version} if dataset.units_version > 1 else {}),
@@ -201,6 +202,18 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
             _write_json(out / f"throughput-p{process}.json", dataclasses.asdict(throughput))
         barrier("tclip-sweep-done")
         return SweepResult(write_report(out) if process == 0 else None, throughput)
+
+
+def recorded_limit(dataset: Dataset, limit: Optional[int]) -> Optional[int]:
+    """The limit sweep.json records: None (every sample) where `limit` covers the whole dataset, so that the report
+    says so and a whole split keeps its paper figures; a synthetic sweep's as given, its number of scenes, which
+    makes its dataset (and a stored None means the default number)."""
+    covers = limit is not None and limit >= dataset.size and not _synthetic(dataset.name)
+    return None if covers else limit
+
+
+def _synthetic(dataset_name: str) -> bool:
+    return dataset_name.startswith("synthetic-")
 
 
 def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Queries", maps: DeviceMaps,
@@ -422,7 +435,7 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
     model, stored_model = config["run"]["model"], stored.get("run", {}).get("model", {})
     if stored.get("template") == DEFAULT_TEMPLATE:  # stored before "{}" was stored as None, which prompts alike
         stored["template"] = None
-    if str(stored.get("dataset")).startswith("synthetic-") and stored.get("limit") is None:
+    if _synthetic(str(stored.get("dataset"))) and stored.get("limit") is None:
         # A synthetic sweep stored before it recorded its number of scenes as its limit swept the default number.
         stored["limit"] = SYNTHETIC_SCENES
     if "matmul_dtype" in model:
@@ -459,7 +472,8 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
         stored.get("run", {}).setdefault("maps_version", 1)
     changed = _changed_fields(stored, config)
     # samples(limit) are the samples of index below the limit, so a larger one keeps every stored record: a sweep
-    # may grow on resume (--limit 50, then 500), never shrink (the records past the new limit would stay in it).
+    # may grow on resume (--limit 50, then 500), never shrink (the records past the new limit would stay in it). A
+    # limit past the dataset's end, stored as given before 2026-12-06, grows to None, as it is recorded now.
     stored_limit, limit = changed.get("limit", (None, None))
     grows = "limit" in changed and stored_limit is not None and (limit is None or limit > stored_limit)
     if grows:
