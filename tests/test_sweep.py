@@ -239,6 +239,24 @@ def test_save_vis_writes_one_picture_per_unit_of_the_first_images(coco_hand, tmp
     assert in_order[0] == in_order[1]  # (a resume writes its records after those before it)
 
 
+def test_save_vis_on_a_resume_draws_the_recorded_samples_among_the_first_too(coco_hand, tmp_path):
+    """--save-vis N on a resume drew only the samples that run scored: the recorded ones among the first N are run
+    again for their pictures alone (as report.html's are), drawn as a sweep run at once draws them."""
+    dataset, options = coco_dataset(coco_hand), RunOptions(batch_size=2, progress=False)
+    fresh, grown = tmp_path / "fresh", tmp_path / "grown"
+    run_sweep(dataset, Painted.from_pretrained(), fresh, options=dataclasses.replace(options, limit=2, save_vis=2))
+    run_sweep(dataset, Painted.from_pretrained(), grown, options=dataclasses.replace(options, limit=1))
+    first = (grown / "results-p0.jsonl").read_bytes()
+    run_sweep(dataset, Painted.from_pretrained(), grown,
+              options=dataclasses.replace(options, limit=2, save_vis=2, resume=True))
+    pictures = sorted(p.name for p in (fresh / "vis").iterdir())
+    assert len(pictures) == 6 and sorted(p.name for p in (grown / "vis").iterdir()) == pictures  # 2 + 4 units
+    for name in pictures:
+        assert (grown / "vis" / name).read_bytes() == (fresh / "vis" / name).read_bytes(), name
+    records = (grown / "results-p0.jsonl").read_bytes()
+    assert records.startswith(first) and records.count(b"\n") == 2  # the first sample recorded once
+
+
 def test_resume_tries_the_samples_recorded_as_errors_again(coco_hand, tmp_path):
     data, out = tmp_path / "coco", tmp_path / "out"
     shutil.copytree(coco_hand, data)

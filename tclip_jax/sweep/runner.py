@@ -18,7 +18,8 @@ Pipeline (one process):
 A sample that cannot be read or scored (``ValueError``/``OSError``) is recorded with its error; the sweep goes on.
 
 Resume: the records already on disk (any process's) name the samples that are done; they are skipped (but for
-those whose report.html picture could not be written, run again for it alone: `UnitGallery`), and a torn last
+those whose report.html picture could not be written, or among --save-vis's first N without their pictures, run
+again for these alone: `UnitGallery`, `UnitPictures`), and a torn last
 line left by a kill is dropped, so nothing is lost or counted twice. ``sweep.json`` holds the
 sweep's configuration; resuming with a different one is an error. The model in it is told by its
 ``LoadedClip.fingerprint`` (its config and every weight), not by its origin, the path as typed, nor its source, how
@@ -162,7 +163,10 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
             existing = read_all_records(out)
             done = {record["key"] for record in existing}
             gallery = UnitGallery(out / GALLERY_DIR, existing)  # report.html's best and worst unit per class
-            redrawn = gallery.undrawn_keys  # recorded, but a picture of theirs could not be written: run again
+            pictures = UnitPictures(out / VIS_DIR, [r for r in existing if r["index"] < options.save_vis])  # --save-vis
+            # Recorded, but a picture of theirs is not on disk (it could not be written, or --save-vis asks for more
+            # than a run before drew): run again for it.
+            redrawn = gallery.undrawn_keys | pictures.undrawn_keys
             own_done = len(read_records(results_path(out, process)))
             barrier("tclip-sweep-start")
 
@@ -186,7 +190,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                 maps = DeviceMaps(method, jax.local_devices())
                 try:
                     throughput = _pipeline(todo, method, queries, maps, dataset, evaluation, options,
-                                           UnitPictures(out / VIS_DIR), record, gallery)
+                                           pictures, record, gallery)
                 finally:
                     maps.close()
         except BaseException:

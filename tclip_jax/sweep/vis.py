@@ -1,7 +1,8 @@
 """Per-unit pictures: the image under the map (jet colour map), ground truth in green, predicted box in red, and
 a label strip naming the class, the unit's IoU and whether it is a hit (green) or a miss (red).
 
-- `UnitPictures`: full-size pictures of every unit of the first N samples (`--save-vis N`).
+- `UnitPictures`: full-size pictures of every unit of the first N samples (`--save-vis N`; a resumed sweep runs
+  the recorded ones among them that lack their pictures again, for these).
 - `UnitGallery`: thumbnails of the best and the worst unit of each class, kept while the sweep runs, for
   report.html. Units are ranked as the report ranks them (`unit_score`, `best_key`, `worst_key`): a picture is
   drawn when a unit takes a class's best or worst place so far and deleted when it loses it, so the pictures of
@@ -170,18 +171,29 @@ def _label_strip(unit: dict, width: int) -> np.ndarray:
 
 
 class UnitPictures:
-    """Full-size pictures of the units of the samples it is given (`--save-vis N`: the first N), in `folder`."""
+    """Full-size pictures of the units of the samples it is given (`--save-vis N`: the first N), in `folder`.
 
-    def __init__(self, folder: pathlib.Path):
+    `seen`: records already on disk of samples to picture (a resumed sweep's first N): those whose pictures are not
+    all on disk (`undrawn_keys`: a run before drew fewer, or could not write them) are to be run again and given,
+    for their pictures only, drawn from their records' units as the gallery draws them."""
+
+    def __init__(self, folder: pathlib.Path, seen: Sequence[dict] = ()):
         self.folder = pathlib.Path(folder)
         self._warn = _WarnOnce("--save-vis pictures", "some units will lack theirs")
+        self._recorded = {record["key"]: record["units"] for record in seen
+                          if not all(path.is_file() for path in self._paths(record["key"], record.get("units", [])))}
+        self.undrawn_keys = frozenset(self._recorded)
+
+    def _paths(self, key: str, units: Sequence[dict]) -> list[pathlib.Path]:
+        classes = [unit["class"] for unit in units]
+        repeated = {c for c in classes if classes.count(c) > 1}
+        return [vis_path(self.folder, key, name, position if name in repeated else None)
+                for position, name in enumerate(classes)]
 
     def save(self, key: str, image: np.ndarray, targets: Sequence[Target], heatmaps: Sequence[np.ndarray],
              units: Sequence[dict]) -> None:
-        classes = [unit["class"] for unit in units]
-        repeated = {c for c in classes if classes.count(c) > 1}
-        for position, (target, heatmap, unit) in enumerate(zip(targets, heatmaps, units)):
-            path = vis_path(self.folder, key, unit["class"], position if unit["class"] in repeated else None)
+        units = self._recorded.get(key, units)  # a recorded sample's pictures say what its record says
+        for path, target, heatmap, unit in zip(self._paths(key, units), targets, heatmaps, units):
             try:
                 _write(path, unit_picture(image, heatmap, target, unit))
             except OSError as err:  # a missing picture must not cost a sample its record
