@@ -841,8 +841,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_report(coco_many, coco_man
 
 def test_ctrl_c_ends_a_sweep_with_one_line_and_status_130_and_resume_finishes_it(coco_many, coco_many_reference,
                                                                                  tmp_path):
-    """Ctrl-C while a load is still running: the records so far stay, the process exits 130 with one line once the
-    load is done, and --resume finishes the sweep. (The abort a thread left waiting in the runtime caused needs a
+    """Ctrl-C while a load is still running: the records so far stay, and the run's rates, the process exits 130
+    with one line once the load is done, and --resume finishes the sweep. (The abort a thread left waiting in the runtime caused needs a
     batch in flight on the device at exit; the scoring-bug test above checks that no thread is left.)"""
     out, release = tmp_path / "out", tmp_path / "release"
     args = ("coco", "--data", str(coco_many), "--method", "test_sweep:StallingPainted", "--batch-size", "2",
@@ -857,6 +857,8 @@ def test_ctrl_c_ends_a_sweep_with_one_line_and_status_130_and_resume_finishes_it
     assert process.stderr.read().decode().splitlines() == ["tclip sweep: interrupted"]
     kept = read_records(out / "results-p0.jsonl")
     assert 0 < len(kept) < 12
+    # The stopped run's rates, of what it did: a resume with nothing left to score would have none to keep.
+    assert json.loads((out / "throughput-p0.json").read_text())["images"] >= len(kept)
     finish = _sweep_process(*args, "--resume")
     assert finish.wait(timeout=120) == 0, finish.stderr.read().decode()
     assert _report(out) == _report(coco_many_reference)

@@ -32,12 +32,15 @@ folder as it found it: it removes what it wrote, and the folder if it made it.
 
 Device waiting: a watcher thread notes when each batch finishes. The device is busy for batch k from
 max(its dispatch, batch k-1's finish) to its finish; after the first batch (which includes compilation) the
-rest of the time it waits on the host (``device_wait_share``).
+rest of the time it waits on the host (``device_wait_share``). ``throughput-p<process>.json`` holds the rates of
+the process's last run that scored samples, whether it ran to its end or was stopped (Ctrl-C, SIGTERM; a SIGKILL
+leaves no time to write them), of what that run did.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -149,6 +152,8 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     barrier("tclip-sweep-seen")  # every process has looked before any makes the folder for its lock
     with results_lock(out, process):  # checked and run by no other sweep meanwhile
         new_sweep = False  # checked, into an empty folder: what is in it from now on this sweep wrote
+        scored = 0  # samples this run recorded that went through the device (not an error)
+        rates: list[Throughput] = []  # this run's, however it ends
         try:
             _check_config(out, config, options.resume, data_folder, method.clip)
             new_sweep = not (out / CONFIG_FILE).exists()
@@ -177,8 +182,6 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
             with ResultWriter(results_path(out, process)) as writer, \
                     tqdm(total=max(share - own_done, 0), unit="img", desc=f"sweep {dataset.name}{suffix}",
                          disable=not options.progress) as bar:
-                scored = 0  # samples this run recorded that went through the device (not an error)
-
                 def record(entry: dict) -> None:
                     nonlocal scored
                     if entry["key"] in redrawn:  # its record is on disk: run again for its pictures only
@@ -189,8 +192,8 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
 
                 maps = DeviceMaps(method, jax.local_devices())
                 try:
-                    throughput = _pipeline(todo, method, queries, maps, dataset, evaluation, options,
-                                           pictures, record, gallery)
+                    _pipeline(todo, method, queries, maps, dataset, evaluation, options, pictures, record,
+                              rates.append, gallery)
                 finally:
                     maps.close()
         except BaseException:
@@ -199,13 +202,20 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                     shutil.rmtree(out, ignore_errors=True)
                 else:  # made beforehand (`mkdir out` in a job script): a plain rerun must find it empty again
                     _remove_new_sweep(out)
+            elif scored:  # stopped (Ctrl-C, SIGTERM, an error) after scoring: the rates of what it did
+                with contextlib.suppress(OSError):  # (a full disk: its own error is the one to tell)
+                    _write_rates(out, process, rates[0])
             raise
         # A resume that scores nothing (nothing left, samples still failing, or report.html pictures redrawn) keeps
-        # the rates of the run that did the work.
+        # the rates of the last run that scored (its whole share may have been done by a run that was stopped).
         if scored:
-            _write_json(out / f"throughput-p{process}.json", dataclasses.asdict(throughput))
+            _write_rates(out, process, rates[0])
         barrier("tclip-sweep-done")
-        return SweepResult(write_report(out) if process == 0 else None, throughput)
+        return SweepResult(write_report(out) if process == 0 else None, rates[0])
+
+
+def _write_rates(out: pathlib.Path, process: int, throughput: Throughput) -> None:
+    _write_json(out / f"throughput-p{process}.json", dataclasses.asdict(throughput))
 
 
 def recorded_limit(dataset: Dataset, limit: Optional[int]) -> Optional[int]:
@@ -222,36 +232,40 @@ def _synthetic(dataset_name: str) -> bool:
 
 def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Queries", maps: DeviceMaps,
               dataset: Dataset, evaluation: EvalOptions, options: RunOptions, pictures: UnitPictures,
-              record: Callable[[dict], None], gallery: Optional[UnitGallery] = None) -> Throughput:
+              record: Callable[[dict], None], ended: Callable[[Throughput], None],
+              gallery: Optional[UnitGallery] = None) -> None:
+    """Scores `todo`, giving each record to `record` and, however it ends, this run's rates to `ended`."""
     clock = DeviceClock()
     records = _InOrder(record)
     labels = class_labels(dataset.class_names)
     sizes: list[int] = []
     started = time.perf_counter()
-    with clock, concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-load") as loaders, \
-            concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-host") as hosts:
-        def score(batch: list[_Prepared], device_maps: DispatchedMaps) -> None:
-            """Hand each image of a dispatched batch to the host threads."""
-            host_maps = device_maps.host_maps()  # waits for this batch; the next one is already queued
-            for prepared, image_maps in zip(batch, host_maps):
-                records.submit(hosts.submit(_evaluate, prepared, image_maps, method, labels,
-                                            evaluation, pictures if prepared.index < options.save_vis else None,
-                                            gallery))
+    try:
+        with clock, concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-load") as loaders, \
+                concurrent.futures.ThreadPoolExecutor(options.workers, "tclip-host") as hosts:
+            def score(batch: list[_Prepared], device_maps: DispatchedMaps) -> None:
+                """Hand each image of a dispatched batch to the host threads."""
+                host_maps = device_maps.host_maps()  # waits for this batch; the next one is already queued
+                for prepared, image_maps in zip(batch, host_maps):
+                    records.submit(hosts.submit(_evaluate, prepared, image_maps, method, labels,
+                                                evaluation, pictures if prepared.index < options.save_vis else None,
+                                                gallery))
 
-        prepared = _prepare_ahead(loaders, todo, method, 2 * options.batch_size + options.workers)
-        in_flight = None
-        for batch in _batches(prepared, options.batch_size, records.record):
-            device_maps = maps(np.stack([p.pixels for p in batch]), *queries.for_batch([p.loaded for p in batch]))
-            clock.dispatched(device_maps)
+            prepared = _prepare_ahead(loaders, todo, method, 2 * options.batch_size + options.workers)
+            in_flight = None
+            for batch in _batches(prepared, options.batch_size, records.record):
+                device_maps = maps(np.stack([p.pixels for p in batch]), *queries.for_batch([p.loaded for p in batch]))
+                clock.dispatched(device_maps)
+                if in_flight is not None:
+                    score(*in_flight)
+                in_flight = (batch, device_maps)
+                sizes.append(len(batch))
+                records.wait(2 * options.batch_size)
             if in_flight is not None:
                 score(*in_flight)
-            in_flight = (batch, device_maps)
-            sizes.append(len(batch))
-            records.wait(2 * options.batch_size)
-        if in_flight is not None:
-            score(*in_flight)
-        records.wait(0)
-    return _throughput(clock.spans, sizes, time.perf_counter() - started, len(maps.devices))
+            records.wait(0)
+    finally:  # a run stopped midway too: the rates of what it did (`run_sweep` keeps them where it scored)
+        ended(_throughput(clock.spans, sizes, time.perf_counter() - started, len(maps.devices)))
 
 
 class _InOrder:
