@@ -1503,13 +1503,16 @@ def test_shared_inputs_make_each_step_once_and_hold_few(monkeypatch):
             shared.leave(member)
             return got
 
-        members = [threading.Thread(target=lambda m=m, p=p: results.append(run(m, p)))
+        # Daemons, joined against one deadline: a run left waiting by a broken SharedInputs fails the test
+        # instead of keeping pytest from exiting.
+        members = [threading.Thread(target=lambda m=m, p=p: results.append(run(m, p)), daemon=True)
                    for m, p in enumerate((0.004, 0, 0.001, 0.002))]
         results: list = []
         for m in members:
             m.start()
+        deadline = time.monotonic() + 60
         for m in members:
-            m.join(timeout=60)
+            m.join(timeout=max(0.0, deadline - time.monotonic()))
     assert not any(m.is_alive() for m in members), "a run waits for ever"
     assert len(results) == runs and all(r == list(range(steps)) for r in results)
     assert sorted(made) == list(range(steps))  # each step made once, for every run
@@ -1526,7 +1529,7 @@ def test_shared_inputs_make_each_step_once_and_hold_few(monkeypatch):
             except search_recipes.Stopped as err:
                 stopped.append(err)
 
-        waiting = threading.Thread(target=next_step)
+        waiting = threading.Thread(target=next_step, daemon=True)
         waiting.start()
         time.sleep(0.1)
         shared.stop()
