@@ -793,6 +793,34 @@ def test_weight_decay_reaches_the_weight_matrices_only():
             "visual/ln_pre/scale", "text/transformer/block_0/ln_1/scale", "visual/stem_0/bias"} <= set(kept)
 
 
+def test_the_optimiser_is_adamw_with_clips_vit_moments_and_epsilon():
+    """Two updates of `optimizer` against AdamW written out with CLIP's ViT values (b1 0.9, b2 0.98, eps 1e-6): two
+    different gradients tell b1 and b2 apart, and gradients of about 1e-6 make eps count. The updates are compared,
+    not the parameters, which would hide them in their float32 rounding."""
+    config = train_default.TrainConfig(batch_size=4, steps=10, warmup_steps=1, image_size=32, patch_size=16)
+    b1, b2, eps = 0.9, 0.98, 1e-6
+    rng = np.random.default_rng(0)
+    params = {"kernel": rng.normal(size=(3, 4)).astype(np.float32), "bias": rng.normal(size=4).astype(np.float32)}
+    scales = {"kernel": np.array([[1e-6], [1e-3], [1.0]], np.float32), "bias": np.float32(1e-6)}
+    gradients = [{k: (rng.normal(size=v.shape) * scales[k] * size).astype(np.float32) for k, v in params.items()}
+                 for size in (10, 1)]
+    tx = train_default.optimizer(config)
+    schedule = train_default.learning_rate_schedule(config)
+    state = tx.init(params)
+    m = {k: np.zeros(p.shape) for k, p in params.items()}  # Adam's moments, float64
+    v = {k: np.zeros(p.shape) for k, p in params.items()}
+    for t, g in enumerate(gradients, 1):
+        updates, state = tx.update(g, state, params)
+        for name, p in params.items():
+            m[name] = b1 * m[name] + (1 - b1) * g[name]
+            v[name] = b2 * v[name] + (1 - b2) * g[name].astype(np.float64) ** 2
+            step = (m[name] / (1 - b1 ** t)) / (np.sqrt(v[name] / (1 - b2 ** t)) + eps)
+            decay = config.weight_decay * p if name == "kernel" else 0.0  # weight matrices only
+            np.testing.assert_allclose(updates[name], -float(schedule(t - 1)) * (step + decay), rtol=1e-5,
+                                       err_msg=f"{name}, update {t}")
+        params = {k: params[k] + updates[k] for k in params}
+
+
 def test_word_idf_and_word_loss_follow_their_definitions():
     config = train_default.TrainConfig(batch_size=4, image_size=32, patch_size=16)
     tokenizer = train_default.default_tokenizer()

@@ -963,6 +963,7 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
     # Decay weight matrices only: not biases, norms, embeddings or the temperature (as CLIP).
     decayed = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, leaf: leaf.ndim >= 2 and "embedding" not in path[-1].key, params)
+    # Adam's b1, b2 and eps are CLIP's for its ViTs (Radford et al. 2021, appendix F: 0.9, 0.98, 1e-6).
     return optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=config.weight_decay, mask=decayed)
 
 
