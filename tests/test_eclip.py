@@ -83,7 +83,8 @@ def test_a_train_step_moves_the_projections_and_nothing_of_clip(clip):
     before = {k: v.copy() for k, v in flatten(clip.params).items()}
     pooled, texts = pair_features(clip, in_memory_pairs(), progress=False)
     assert pooled.shape == (4, clip.config.vision_width) and texts.shape == (4, clip.config.text_width)
-    optimizer = make_optimizer(TrainSettings(learning_rate=1e-2))
+    settings = TrainSettings(learning_rate=1e-2)
+    optimizer = make_optimizer(settings)
     projections = clip_projections(clip.params)
     opt_state = optimizer.init(projections)
     step = make_train_step(optimizer)
@@ -93,9 +94,16 @@ def test_a_train_step_moves_the_projections_and_nothing_of_clip(clip):
     jaxpr = jax.make_jaxpr(step)(*arguments)
     assert len(jaxpr.jaxpr.invars) == len(jax.tree_util.tree_leaves((projections, opt_state))) + 3
     moved, _, loss = step(*arguments)
-    assert np.isfinite(float(loss))
+    features = (pooled, texts, clip.params["logit_scale"])
+    np.testing.assert_allclose(float(loss), float(contrastive_loss(projections, *features)), rtol=1e-6)
+    # AdamW's first step in closed form (the moments are the gradient and its square, bias-corrected; optax's eps
+    # 1e-8): -learning rate * (g / (|g| + eps) + weight decay * the projection).
+    gradient = jax.grad(contrastive_loss)(projections, *features)
     for key in ("image", "text"):
-        assert not np.array_equal(np.asarray(moved[key]), projections[key])
+        g = np.asarray(gradient[key], np.float64)
+        expected = projections[key] - settings.learning_rate * (g / (np.abs(g) + 1e-8)
+                                                                + settings.weight_decay * projections[key])
+        np.testing.assert_allclose(np.asarray(moved[key]), expected, atol=1e-6, err_msg=key)
     after = flatten(clip.params)
     assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
 
