@@ -20,8 +20,9 @@ from tclip_jax.methods.base import Query
 from tclip_jax.methods.eclip import ECLIP, Settings, TrainSettings
 from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, clip_projections, eclip_map,
                                             image_features, load_projections, save_projections)
-from tclip_jax.methods.eclip.train import (Pairs, ViTAttention, clip_attention, contrastive_loss, file_pairs,
-                                           make_optimizer, make_train_step, masked_max_pool, pair_features, train)
+from tclip_jax.methods.eclip.train import (Pairs, ViTAttention, clip_attention, contrastive_loss, epoch_order,
+                                           file_pairs, make_optimizer, make_train_step, masked_max_pool,
+                                           pair_features, train)
 from tclip_jax.model import CLIP
 from tclip_jax.synthetic import make_scene
 
@@ -77,6 +78,14 @@ def test_contrastive_loss_is_clips_symmetric_infonce(highest_precision):
     as32 = {k: v.astype(np.float32) for k, v in projections.items()}
     loss = contrastive_loss(as32, pooled.astype(np.float32), texts.astype(np.float32), logit_scale)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_epoch_order_is_a_permutation_of_its_epoch_and_seed():
+    settings = TrainSettings()
+    orders = {(seed, epoch): epoch_order(settings.replace(seed=seed), 10, epoch) for seed in (0, 1) for epoch in (0, 1)}
+    assert all(sorted(order) == list(range(10)) for order in orders.values())
+    assert len({tuple(order) for order in orders.values()}) == 4  # another order each epoch and each seed
+    np.testing.assert_array_equal(epoch_order(settings, 10, 1), orders[0, 1])  # drawn again the same on a resume
 
 
 def test_a_train_step_moves_the_projections_and_nothing_of_clip(clip):
@@ -693,8 +702,20 @@ def test_a_contrastive_batch_of_one_pair_is_refused(clip, tmp_path):
         train(clip, synthetic_pairs(1), tmp_path / "one", TrainSettings(epochs=1, batch_size=2), progress=False)
     assert not (tmp_path / "one").exists()
     # An epoch's last batch of one pair is left out: 3 pairs in batches of 2 make one step an epoch, not two.
-    three = train(clip, synthetic_pairs(3), tmp_path / "three", TrainSettings(epochs=2, batch_size=2), progress=False)
+    settings = TrainSettings(epochs=2, batch_size=2)
+    three = train(clip, synthetic_pairs(3), tmp_path / "three", settings, progress=False)
     assert three.steps == 2 and three.loss > 0
+    # Each epoch's batch is the first two of epoch_order over all three pairs, so the pair left out varies.
+    pooled, texts = pair_features(clip, synthetic_pairs(3), progress=False)
+    optimizer = make_optimizer(settings)
+    step = make_train_step(optimizer)
+    projections = clip_projections(clip.params)
+    opt_state, logit_scale = optimizer.init(projections), clip.params["logit_scale"]
+    for epoch in range(settings.epochs):
+        index = epoch_order(settings, 3, epoch)[:2]
+        projections, opt_state, _ = step(projections, opt_state, pooled[index], texts[index], logit_scale)
+    for key in ("image", "text"):
+        np.testing.assert_allclose(three.projections[key], projections[key], atol=1e-7, err_msg=key)
     # A checkpoint written before took a step on that batch: not resumed (one without such a batch is, above).
     state_path = tmp_path / "three" / "checkpoint" / "state.json"
     state = json.loads(state_path.read_text())

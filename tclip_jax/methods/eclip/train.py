@@ -330,6 +330,9 @@ def make_train_step(optimizer: optax.GradientTransformation) -> Callable:
 
 
 def epoch_order(settings: TrainSettings, count: int, epoch: int) -> np.ndarray:
+    """The order of all `count` pairs in epoch `epoch`: a permutation drawn from the seed and the epoch alone (a
+    resume draws it again), another each epoch. The epoch's batches are its consecutive slices; a last single
+    pair left out is its last entry, so which pair that is changes from epoch to epoch."""
     return np.random.default_rng([settings.seed, epoch]).permutation(count)
 
 
