@@ -185,6 +185,12 @@ def test_training_pools_the_patches_by_the_min_maxed_class_attention_of_the_last
     patches = np.asarray(image.tokens_normed, np.float64)[:, 1:]
     pooled, _ = pair_features(clip, pairs, progress=False)
     np.testing.assert_allclose(pooled, (patches * weights[:, :, None]).max(axis=1), atol=1e-5)
+    # An attention model's maps (--dino; here a stand-in) are min-maxed the same way.
+    maps = np.random.default_rng(1).uniform(0.2, 0.7, size=attention.shape).astype(np.float32)
+    low, high = maps.min(axis=1, keepdims=True), maps.max(axis=1, keepdims=True)
+    weights = (maps - low) / (high - low)
+    pooled, _ = pair_features(clip, pairs, lambda pixels, grid: maps, progress=False)
+    np.testing.assert_allclose(pooled, (patches * weights[:, :, None]).max(axis=1), atol=1e-5)
 
 
 def test_projections_round_trip_and_refuse_another_models_shapes(clip, tmp_path):
@@ -489,7 +495,9 @@ def test_the_attention_of_a_hugging_face_vit(tmp_path):
     with torch.no_grad():
         probs = model(pixel_values=torch.from_numpy(rgb.transpose(0, 3, 1, 2)), output_attentions=True).attentions
     np.testing.assert_allclose(maps, probs[-1][:, :, 0, 1:].mean(dim=1).numpy(), rtol=1e-4, atol=1e-6)
-    assert attention(pixels, (2, 2)).shape == (2, 4)
+    # Resized to CLIP's grid bilinearly (align_corners=False): at exactly half the side, the means of 2x2 blocks.
+    blocks = maps.reshape(2, 2, 2, 2, 2).mean(axis=(2, 4)).reshape(2, 4)  # [B, gh, 2, gw, 2] -> [B, gh*gw]
+    np.testing.assert_allclose(attention(pixels, (2, 2)), blocks, rtol=1e-5, atol=1e-7)
     with pytest.raises(FileNotFoundError, match="attention model folder .* not found"):
         ViTAttention(tmp_path / "no_such_vit")
     (tmp_path / "weights.npz").write_bytes(b"")
