@@ -24,6 +24,7 @@ from tclip_jax.methods.eclip.train import (Pairs, ViTAttention, clip_attention, 
                                            file_pairs, make_optimizer, make_train_step, masked_max_pool,
                                            pair_features, train)
 from tclip_jax.model import CLIP
+from tclip_jax.model.tokenizer import PromptCutWarning
 from tclip_jax.synthetic import make_scene
 
 CAPTIONS = ["a red circle", "a blue square", "a green star", "a yellow heart"]
@@ -191,6 +192,13 @@ def test_training_pools_the_patches_by_the_min_maxed_class_attention_of_the_last
     weights = (maps - low) / (high - low)
     pooled, _ = pair_features(clip, pairs, lambda pixels, grid: maps, progress=False)
     np.testing.assert_allclose(pooled, (patches * weights[:, :, None]).max(axis=1), atol=1e-5)
+    # A caption longer than the context is cut to it: two that differ only past it give the same Fₜ.
+    long = "a red circle " * config.context_length
+    image = next(pairs.read())[0]
+    cut = Pairs("long captions", "long captions 2", 2, lambda: iter([(image, long + "above"), (image, long + "below")]))
+    with pytest.warns(PromptCutWarning):
+        _, texts = pair_features(clip, cut, progress=False)
+    np.testing.assert_array_equal(texts[0], texts[1])
 
 
 def test_projections_round_trip_and_refuse_another_models_shapes(clip, tmp_path):
@@ -320,11 +328,27 @@ def test_resume_compares_the_data_and_model_not_how_their_paths_are_spelt(clip, 
     with pytest.raises(ValueError, match="another run: pairs"):
         train(clip, file_pairs("data"), tmp_path / "run", settings, resume=True, progress=False)
     captions.write_text(text)
+    # The same list and names, one image another file (the fingerprint holds each image's name and size).
+    from PIL import Image
+
+    image = data / "img0.png"
+    kept = image.read_bytes()
+    Image.fromarray(make_scene(9, 64).image).save(image)
+    assert image.stat().st_size != len(kept)
+    with pytest.raises(ValueError, match="another run: pairs"):
+        train(clip, file_pairs("data"), tmp_path / "run", settings, resume=True, progress=False)
+    image.write_bytes(kept)
     other = dataclasses.replace(clip, params=jax.tree_util.tree_map(lambda a: a * 1.01, clip.params))
     for another in (other, _blocks_tuned(clip)):
         with pytest.raises(ValueError, match="another run: model"):
             train(another, file_pairs("data"), tmp_path / "run", settings, resume=True, progress=False)
-    assert train(clip, file_pairs("data"), "run", settings, resume=True, progress=False).steps == 2  # 1 an epoch
+    done = train(clip, file_pairs("data"), "run", settings, resume=True, progress=False)
+    assert done.steps == 2  # 1 an epoch
+    # Resumed with every epoch done: no step, and the projections file is written again from the checkpoint.
+    done.path.unlink()
+    again = train(clip, file_pairs("data"), "run", settings, resume=True, progress=False)
+    assert again.steps == 2 and again.loss is None and again.path.is_file()
+    assert all(np.array_equal(again.projections[k], done.projections[k]) for k in ("image", "text"))
 
 
 OLDER = (r"^--resume: the checkpoint in \S+ was written by an older tclip_jax, whose {}, so it cannot tell what it was "
