@@ -1378,19 +1378,30 @@ def test_text_init_starts_the_text_tower_from_a_checkpoint(tmp_path):
             dataclasses.replace(config, text_width=128)), 0)["text"])
 
 
-def test_ema_decay_keeps_the_moving_average_of_the_steps_parameters(tmp_path):
+def test_ema_decay_keeps_the_moving_average_of_the_steps_parameters(tmp_path, monkeypatch):
+    """The average is what a run validates and, with select_step=validation, keeps: not the step's own parameters."""
     tiny = dict(batch_size=4, steps=3, warmup_steps=1, validation_scenes=2, eval_every=100, image_size=32,
                 patch_size=16, embed_dim=16, vision_width=64, vision_layers=1, text_width=64, text_layers=1)
     plain = train_default.TrainConfig(**tiny)
     decay = 0.75
-    averaged, _, _ = train_default.train(dataclasses.replace(plain, ema_decay=decay), tmp_path / "ema.jsonl")
+    scores, validated = iter([0.5, 0.9, 0.1]), []  # validated after steps 1, 2 and 3: step 2 is kept
+    monkeypatch.setattr(train_default, "validation_record", lambda clip, validation, config: validated.append(
+        jax.device_get(clip.params)) or {"score": next(scores)})
+    averaged, _, summary = train_default.train(
+        dataclasses.replace(plain, ema_decay=decay, eval_every=1, select_step="validation"), tmp_path / "ema.jsonl")
+    assert summary["selected_step"] == 2 and len(validated) == 3
+    monkeypatch.undo()
     # The average leaves training alone: it is the loop's over the plain run's parameters after each step.
     expected = jax.tree_util.tree_map(np.asarray, init_params(train_default.model_config(plain), plain.seed))
     for step in (1, 2, 3):
         trained, _, _ = train_default.train(plain, tmp_path / f"{step}.jsonl", stop_after=step)
         expected = jax.tree_util.tree_map(lambda a, p: decay * a + (1 - decay) * p, expected, trained)
-    jax.tree_util.tree_map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7), averaged, expected)
-    assert not np.allclose(averaged["visual"]["proj"], trained["visual"]["proj"])
+        jax.tree_util.tree_map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7),
+                               validated[step - 1], expected)
+        if step == 2:
+            jax.tree_util.tree_map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7),
+                                   averaged, expected)
+            assert not np.allclose(averaged["visual"]["proj"], trained["visual"]["proj"])
     with pytest.raises(ValueError, match="ema_decay"):
         dataclasses.replace(plain, ema_decay=1.0)
 
