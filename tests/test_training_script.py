@@ -1525,6 +1525,21 @@ def test_a_recipe_search_trains_each_run_exactly_as_it_trains_alone(tmp_path):
         assert "validation" in logs[0][1] and not (tmp_path / "search" / name / "heldout_metrics.json").exists()
 
 
+def test_a_recipe_search_records_each_runs_heldout_metrics_once_unless_told_not_to(tmp_path, monkeypatch):
+    """As train_default.py does for its run (here with training stubbed out: no input is ever drawn)."""
+    config = train_default.TrainConfig(**train_default.parse_overrides(TINY_OVERRIDES))
+    configs = {"a": config, "b": dataclasses.replace(config, seed=1)}
+    monkeypatch.setattr(train_default, "train_and_save", lambda config, out, inputs, resume: {"trained": out.name})
+    recorded = []
+    monkeypatch.setattr(search_recipes, "record_heldout_metrics", lambda folder: recorded.append(folder) or folder.name)
+    summaries = search_recipes.search(configs, tmp_path, workers=1, ahead=1)
+    assert summaries == {name: {"trained": name, "heldout": name} for name in configs}
+    assert recorded == [tmp_path / name for name in configs]
+    recorded.clear()
+    assert search_recipes.search(configs, tmp_path, workers=1, ahead=1, heldout=False) == {
+        name: {"trained": name} for name in configs} and not recorded
+
+
 def test_shared_inputs_make_each_step_once_and_hold_few(monkeypatch):
     made = []
     monkeypatch.setattr(train_default, "step_inputs", lambda data, step: made.append(step) or step)
@@ -1587,6 +1602,9 @@ def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path
             search_recipes.main()
         return raised.value.code, capsys.readouterr().err
 
+    # Each case here is refused before the search: one that reached it would end without an exit status (and
+    # fail), not train (with --ahead 0, for ever).
+    monkeypatch.setattr(search_recipes, "search", lambda *args: {})
     # Once as a user runs it: its own process, exit status 2 and one line, no traceback.
     bad = subprocess.run([sys.executable, str(SEARCH_SCRIPT), "--out", str(tmp_path / "search"), "--run", "a",
                           "--run", "b", "batch_size=32"], capture_output=True, text=True, cwd=SCRIPT.parent.parent,
@@ -1600,6 +1618,8 @@ def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path
             (("--set", "seed=1", "--run", "a", "seed=2"), "--run a gives seed, which --set gives too"),
             (("--run", "../a"), "a run's name must be a folder name of letters, digits, '_', '.', '-'"),
             (("--run", "a", "colour=red"), f"--run a: unknown option 'colour'; {KNOWN_FIELDS}"),
+            (("--workers", "0", "--run", "a"), "--workers and --ahead must be >= 1, got 0 and 64"),
+            (("--ahead", "0", "--run", "a"), "--workers and --ahead must be >= 1, got 4 and 0"),
             (("--run", "a", f"text_init={tmp_path / 'none'}"), f"{tmp_path / 'none'} is neither a file, a folder nor a "
                                                                 "hub name")]:
         code, stderr = search(*arguments)
@@ -1712,6 +1732,14 @@ def test_a_run_refuses_a_state_it_cannot_go_on_from(tmp_path, saved_state, monke
     with pytest.raises(ValueError, match=re.escape("STEP must be a step after the run's first (0) and before its last "
                                                    "(4)")):
         train_default.train(config, tmp_path / "x.jsonl", save_state_at=(4, tmp_path / "late.npz"))
+    # A search refuses it before any run folder is made, naming the field.
+    monkeypatch.setattr(sys, "argv", [str(SEARCH_SCRIPT), "--out", str(tmp_path / "search"), "--resume", str(state),
+                                      "--set", *RESUMABLE, "--run", "a", "seed=1"])
+    with pytest.raises(SystemExit) as raised:
+        search_recipes.main()
+    assert raised.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "first 2 steps differ from the saved run's (seed: 0 saved, 1 here)")
+    assert not (tmp_path / "search").exists()
     (tmp_path / "text.npz").write_text("not a state")
     cli = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--resume",
                           str(tmp_path / "text.npz"), "--set", *RESUMABLE],
