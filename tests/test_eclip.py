@@ -652,8 +652,20 @@ def test_train_then_explain_from_the_command_line(clip, fixtures_dir, data_dir, 
     record = json.loads((tmp_path / "y" / "scene_224" / "result.json").read_text())
     assert record["run"]["projections"] == "CLIP's own projections (untrained ECLIP)"
 
+    # --resume goes on from the checkpoint: --epochs 1, then 2 resumed, is an uninterrupted run of 2.
+    assert tclip(["train-eclip", "--model", model, "--activation", "quick_gelu", "--data", str(data_dir),
+                  "--dino", str(tmp_path / "dino"), "--epochs", "2", "--batch-size", "4", "--out", str(out),
+                  "--resume"]) == 0
+    assert "2 steps" in capsys.readouterr().out
+    whole = train(clip, file_pairs(data_dir), tmp_path / "whole", TrainSettings(epochs=2, batch_size=4),
+                  ViTAttention(tmp_path / "dino"), progress=False)
+    resumed, _ = load_projections(projections, clip)
+    for key in ("image", "text"):
+        np.testing.assert_array_equal(resumed[key], whole.projections[key], err_msg=key)
 
-def test_bad_inputs_give_one_line_errors(fixtures_dir, data_dir, tmp_path, capsys):
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own, before our refusal
+def test_bad_inputs_give_one_line_errors(fixtures_dir, data_dir, tmp_path, capsys, monkeypatch):
     model = str(fixtures_dir / "tiny_openai_clip.npz")
 
     def fails(argv, message):
@@ -672,6 +684,16 @@ def test_bad_inputs_give_one_line_errors(fixtures_dir, data_dir, tmp_path, capsy
     fails(["train-eclip", "--synthetic", "2", "--dino", str(tmp_path / "no_dino"), "--out", str(tmp_path / "o")],
           "attention model folder")
     assert not (tmp_path / "o").exists()
+    # --max-pixels is the limit the images' headers are checked against (the process's: restored after).
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    large = tmp_path / "large"
+    large.mkdir()
+    Image.new("RGB", (40, 40)).save(large / "big.png")
+    (large / "captions.tsv").write_text("big.png\ta cat\n")
+    fails(["train-eclip", "--data", str(large), "--max-pixels", "1000", "--out", str(tmp_path / "o")],
+          f"captions.tsv:1: image file {large / 'big.png'} (40x40) has 1,600 pixels, more than the limit of 1,000")
     (tmp_path / "a_file").write_text("x")  # refused before any feature is computed
     fails(["train-eclip", "--synthetic", "2", "--out", str(tmp_path / "a_file" / "o")],
           f"--out {tmp_path / 'a_file' / 'o'}: {tmp_path / 'a_file'} is a file, not a folder")
