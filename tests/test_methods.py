@@ -395,6 +395,27 @@ def test_a_bfloat16_model_runs_bfloat16_matmuls_on_float32_parameters_and_result
         image, ["a red circle"]).run["model"]["matmul_dtype"] == "bfloat16"
 
 
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")  # JAX's, as the prompts encode
+def test_a_float64_model_loaded_under_x64_mode_is_refused_where_it_runs_without_it(fixtures_dir, fixture_images,
+                                                                                  tmp_path):
+    """float64 matmuls run as float32 without JAX's x64 mode: a model loaded with them inside the mode and run after
+    it recorded "float64" for float32's maps. Checked where a run starts (`run_info`): explain and sweeps."""
+    from tclip_jax.evaluation.datasets import synthetic_dataset
+    from tclip_jax.sweep import run_sweep
+
+    with jax.enable_x64(True):
+        method = METHODS["similarity"].from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), dtype=jnp.float64)
+    refused = "the matmul dtype must be one of float32, bfloat16, float16, got .*float64.* needs JAX's x64 mode"
+    with pytest.raises(ValueError, match=refused) as explained:
+        method.explain(fixture_images["scene_224"], ["a red circle"])
+    assert "\n" not in str(explained.value)
+    with pytest.raises(ValueError, match=refused):
+        run_sweep(synthetic_dataset(1, "bare_words"), method, tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()
+    with jax.enable_x64(True):  # where it was loaded, it runs as recorded
+        assert method.run_info()["model"]["matmul_dtype"] == "float64"
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_maps_refuse_pixels_that_are_not_floating_point(tiny_clip, fixture_images, name):
     """uint8 pixels given to the device functions ran every method on raw 0..255 values without a word."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import copy
 import dataclasses
 import functools
 import json
@@ -41,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tclip_jax.checkpoints.load import LoadedClip, load_clip
+from tclip_jax.checkpoints.load import LoadedClip, load_clip, matmul_dtype
 from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_size, load_image, prepare,
                              to_original_on_device, upsample_bilinear)
 from tclip_jax.methods.common import causal_length_groups, minmax, text_features
@@ -275,11 +276,15 @@ class Method(abc.ABC):
         """What produced a result: method, model (its architecture if it is a preset's, its MLP activation, its
         `LoadedClip.fingerprint` of its config and every weight, which tells models apart where the origin, a path
         as typed, does not, and the dtype its matmuls take: float32 parameters, bfloat16 matmuls move boxes),
-        settings and input protocol (JSON-ready)."""
+        settings and input protocol (JSON-ready).
+
+        Taken as a run starts (each batch of `explain_batch` as it is dispatched, a sweep as it begins): a dtype
+        that would not run as recorded is refused there (float64 matmuls of a model loaded under JAX's x64 mode,
+        run without it, run as float32)."""
         architecture = next((name for name, preset in PRESETS.items() if preset == self.clip.config), None)
         model = {"origin": self.clip.origin, "source": self.clip.source, "architecture": architecture,
                  "activation": self.clip.config.activation, "fingerprint": self.clip.fingerprint,
-                 "matmul_dtype": np.dtype(self.clip.model.dtype).name}
+                 "matmul_dtype": matmul_dtype(self.clip.model.dtype).name}
         return {"method": self.name, "maps_version": self.maps_version, "model": model,
                 "settings": self.settings.to_dict(), "input_protocol": self.input_protocol}
 
@@ -422,11 +427,12 @@ class Method(abc.ABC):
             if pending is not None and not overlap:
                 yield from self._batch_results(encoded, *pending)
                 pending = None
+            run = self.run_info()  # what runs this batch, checked before it runs
             out = self.jitted_maps(self.params, pixels, encoded.queries, np.broadcast_to(rows, (len(loaded), len(rows))))
             if pending is not None:
                 yield from self._batch_results(encoded, *pending)
             resized = [self.original_maps(out.maps[b], geometry) for b, (_, _, geometry) in enumerate(loaded)]
-            pending = loaded, resized, out.extras
+            pending = loaded, resized, out.extras, run
         if pending is not None:
             yield from self._batch_results(encoded, *pending)
 
@@ -458,20 +464,21 @@ class Method(abc.ABC):
         if batch:
             yield batch
 
-    def _batch_results(self, encoded: EncodedPrompts, loaded: list, resized: list[Array],
-                       extras: Any) -> Iterator[ImageResult]:
+    def _batch_results(self, encoded: EncodedPrompts, loaded: list, resized: list[Array], extras: Any,
+                       run: dict) -> Iterator[ImageResult]:
         extras = jax.device_get(extras)
         for b, (rgb, _, geometry) in enumerate(loaded):
             yield self._image_result(rgb, geometry, encoded, np.asarray(resized[b]),
-                                     jax.tree_util.tree_map(lambda a: a[b], extras))
+                                     jax.tree_util.tree_map(lambda a: a[b], extras), run)
 
     def prompt_similarity(self, encoded: EncodedPrompts, prompt: int, extras: Any) -> Optional[np.ndarray]:
         """A method's raw token-patch similarity of one prompt, if it has one (TCLIP's S)."""
         return None
 
     def _image_result(self, rgb: np.ndarray, geometry: Geometry, encoded: EncodedPrompts, distinct_maps: np.ndarray,
-                      extras: Any) -> ImageResult:
-        """`distinct_maps` [Q, H, W] at the image's size; equal queries share one array.
+                      extras: Any, run: dict) -> ImageResult:
+        """`distinct_maps` [Q, H, W] at the image's size; equal queries share one array; `run`: the `run_info` of
+        its batch (each result has a copy of its own).
 
         Every array of the result is read-only, and each map and soft map is an array of its own [H, W], not a view
         into the image's [Q, H, W] maps (or a soft map's padded buffer): a map kept holds its own memory alone, and
@@ -493,7 +500,7 @@ class Method(abc.ABC):
             prompts.append(PromptResult(tokens.text, tokens, words, word_maps, map_result(tokens.text, n_words + p),
                                         None if similarity is None else _read_only(np.asarray(similarity).view())))
         grid = tuple(s // self.clip.config.patch_size for s in geometry.input_hw)
-        return ImageResult(_read_only(rgb.view()), geometry, grid, tuple(prompts), self.run_info())
+        return ImageResult(_read_only(rgb.view()), geometry, grid, tuple(prompts), copy.deepcopy(run))
 
 
 # ---------------------------------------------------------------------------------- prompt-level methods
