@@ -44,7 +44,8 @@ def vit_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("translations", [1, None], ids=["1", "default"])
-def test_similarity_equals_the_author_token_patch_similarity(tiny_clip, author, fixture_images, translations):
+def test_similarity_equals_the_author_token_patch_similarity(tiny_clip, author, fixture_images, translations,
+                                                              highest_precision):
     # The author's preprocessing is CLIP's resize + centre crop; its similarity has no translation: with the default
     # translated copies, S is still the untranslated copy's (with one copy, any copy would be).
     tclip = TCLIP(tiny_clip, Settings(translations=translations, input_protocol="center_crop"))
