@@ -395,6 +395,27 @@ def test_a_bfloat16_model_runs_bfloat16_matmuls_on_float32_parameters_and_result
         image, ["a red circle"]).run["model"]["matmul_dtype"] == "bfloat16"
 
 
+def test_a_matmul_precision_other_than_jaxs_default_is_recorded_and_labelled(tiny_clip, fixture_images):
+    """JAX's default precision runs float32 matmuls as bfloat16 passes on TPU (README): results said float32 under any
+    precision. One other than the default is recorded (by the level it names) as the run starts, where it runs: an
+    explain_batch iterated outside the context it was called in runs, and records, JAX's default."""
+    from tclip_jax.visualize.figures import model_label
+
+    method = METHODS["similarity"](tiny_clip)
+    assert "matmul_precision" not in method.run_info()["model"]  # the default: recorded as before
+    for precision, recorded in [("default", None), ("bfloat16", None), ("float32", "highest"), ("highest", "highest"),
+                                ("tensorfloat32", "high"), ("F32_F32_F32", "F32_F32_F32")]:
+        with jax.default_matmul_precision(precision):
+            assert method.run_info()["model"].get("matmul_precision") == recorded
+    image = fixture_images["scene_224"]
+    with jax.default_matmul_precision("highest"):
+        result = method.explain(image, ["a red circle"])
+        later = method.explain_batch([image], ["a red circle"])
+    assert result.run["model"]["matmul_precision"] == "highest"
+    assert model_label(result.run) == "tiny_openai_clip.npz (matmul precision highest)"
+    assert "matmul_precision" not in next(later).run["model"]
+
+
 @pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")  # JAX's, as the prompts encode
 def test_a_float64_model_loaded_under_x64_mode_is_refused_where_it_runs_without_it(fixtures_dir, fixture_images,
                                                                                   tmp_path):

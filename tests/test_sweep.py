@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -1299,6 +1300,42 @@ def test_a_sweep_resumes_on_its_model_by_its_weights_not_by_the_path_as_typed(ti
     assert main(_cli(*sweep, "--model", "m.npz", "--limit", "4", "--resume", "--out", "out")) == 0
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())["run"]["model"]["fingerprint"] == fingerprint
     assert _lines(tmp_path / "out" / "results-p0.jsonl") == 4
+
+
+def test_a_sweep_records_a_matmul_precision_other_than_the_default_and_resumes_only_at_it(tiny_model, tmp_path,
+                                                                                          capsys, monkeypatch):
+    """JAX's matmul precision (its default runs float32 matmuls as bfloat16 passes on TPU) is recorded where it is not
+    the default, and runs the sweep's dispatching threads too (a `jax.default_matmul_precision` context is its own
+    thread's); a sweep begun under one is not resumed under another (its records would mix both), and the command
+    line sets one as README says, by JAX_DEFAULT_MATMUL_PRECISION."""
+    from tclip_jax.methods.base import matmul_precision
+    from tclip_jax.sweep.sharding import DeviceMaps
+
+    dispatched_at = []
+    made = DeviceMaps.__init__
+
+    def noting(self, *args):
+        made(self, *args)
+        maps = self._maps
+        self._maps = lambda *inputs: dispatched_at.append(matmul_precision()) or maps(*inputs)
+
+    monkeypatch.setattr(DeviceMaps, "__init__", noting)
+    monkeypatch.chdir(tmp_path)
+    sweep = ("synthetic", "--protocol", "bare_words", "--method", "similarity", "--model", tiny_model)
+    with jax.default_matmul_precision("float32"):  # "highest" by another name
+        assert main(_cli(*sweep, "--limit", "1", "--out", "out")) == 0
+    assert dispatched_at == ["highest"]
+    assert _report(tmp_path / "out")["config"]["run"]["model"]["matmul_precision"] == "highest"
+    assert "similarity (" + tiny_model + ") (matmul precision highest)" in (tmp_path / "out" / "report.md").read_text()
+    message = _fails(capsys, *sweep, "--limit", "2", "--resume", "--out", "out")
+    assert "run.model.matmul_precision (stored 'highest', now None)" in message and message.count("\n") == 1
+    assert _lines(tmp_path / "out" / "results-p0.jsonl") == 1
+    resumed = _sweep_process(*sweep, "--limit", "2", "--resume", "--out", "out",
+                             env_extra={"JAX_DEFAULT_MATMUL_PRECISION": "highest"})
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
+    assert _lines(tmp_path / "out" / "results-p0.jsonl") == 2
+    assert main(_cli(*sweep, "--limit", "1", "--out", "default")) == 0  # JAX's default: recorded as before
+    assert "matmul_precision" not in _report(tmp_path / "default")["config"]["run"]["model"]
 
 
 def test_a_sweep_resumes_on_its_model_converted_by_tclip_convert(tiny_model, tmp_path):

@@ -56,7 +56,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     ModelOptions.add_arguments(parser)
     parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="the dtype of the model's matmul inputs (parameters stay float32; bfloat16 is the fast "
-                             "one on TPU; results record it) (default: %(default)s)")
+                             "one on TPU; results record it) (default: %(default)s). The precision of float32 matmuls "
+                             "is JAX's: set JAX_DEFAULT_MATMUL_PRECISION=float32 in the environment for float32 on "
+                             "TPU/GPU (its default runs bfloat16 passes or TF32); results record one that is not the "
+                             "default, and a sweep resumes only at its own")
     group = parser.add_argument_group("TCLIP and host-step settings")
     TCLIPSettings.add_arguments(group)
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

@@ -275,16 +275,18 @@ class Method(abc.ABC):
     def run_info(self) -> dict:
         """What produced a result: method, model (its architecture if it is a preset's, its MLP activation, its
         `LoadedClip.fingerprint` of its config and every weight, which tells models apart where the origin, a path
-        as typed, does not, and the dtype its matmuls take: float32 parameters, bfloat16 matmuls move boxes),
-        settings and input protocol (JSON-ready).
+        as typed, does not, the dtype its matmuls take: float32 parameters, bfloat16 matmuls move boxes, and JAX's
+        matmul precision where it is not the default, `matmul_precision`), settings and input protocol (JSON-ready).
 
-        Taken as a run starts (each batch of `explain_batch` as it is dispatched, a sweep as it begins): a dtype
-        that would not run as recorded is refused there (float64 matmuls of a model loaded under JAX's x64 mode,
-        run without it, run as float32)."""
+        Taken as a run starts (each batch of `explain_batch` as it is dispatched, a sweep as it begins), in the
+        thread that starts it: the precision is that thread's, and a dtype that would not run as recorded is refused
+        there (float64 matmuls of a model loaded under JAX's x64 mode, run without it, run as float32)."""
         architecture = next((name for name, preset in PRESETS.items() if preset == self.clip.config), None)
+        precision = matmul_precision()
         model = {"origin": self.clip.origin, "source": self.clip.source, "architecture": architecture,
                  "activation": self.clip.config.activation, "fingerprint": self.clip.fingerprint,
-                 "matmul_dtype": matmul_dtype(self.clip.model.dtype).name}
+                 "matmul_dtype": matmul_dtype(self.clip.model.dtype).name,
+                 **({} if precision is None else {"matmul_precision": precision})}
         return {"method": self.name, "maps_version": self.maps_version, "model": model,
                 "settings": self.settings.to_dict(), "input_protocol": self.input_protocol}
 
@@ -427,7 +429,7 @@ class Method(abc.ABC):
             if pending is not None and not overlap:
                 yield from self._batch_results(encoded, *pending)
                 pending = None
-            run = self.run_info()  # what runs this batch, checked before it runs
+            run = self.run_info()  # what runs this batch: checked before it runs, at the precision in effect
             out = self.jitted_maps(self.params, pixels, encoded.queries, np.broadcast_to(rows, (len(loaded), len(rows))))
             if pending is not None:
                 yield from self._batch_results(encoded, *pending)
@@ -681,6 +683,22 @@ def _jitted_text_features(model, params, token_ids: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def matmul_precision() -> Optional[str]:
+    """JAX's matmul precision for float32 inputs in this thread (`jax.default_matmul_precision(...)`, a context of
+    the thread that enters it, else the environment's JAX_DEFAULT_MATMUL_PRECISION), as results record it: None for
+    JAX's default (unset, "default" or "bfloat16"; the platform's choice: one bfloat16 pass on TPU, float32 on CPUs,
+    README's dtype policy), else the `lax.Precision` it names ("highest" for "float32" too, "high" for
+    "tensorfloat32") or the `lax.DotAlgorithmPreset`; either is a value `jax.default_matmul_precision` takes."""
+    value = jax.config.jax_default_matmul_precision
+    if value is None:
+        return None
+    try:
+        precision = jax.lax.Precision(value)
+    except ValueError:  # not a precision level: a dot algorithm preset, recorded by its name
+        return value
+    return None if precision == jax.lax.Precision.DEFAULT else precision.name.lower()
+
+
 def _each(fn, images: Array, per_image: Any):
     """[fn(images[i], per_image[i]) for every i], stacked, by a loop whose body compiles the same for any batch.
 

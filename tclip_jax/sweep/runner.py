@@ -513,9 +513,11 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
                               for key in changed)
         other_maps = (" (the method's maps changed since the sweep began: its records hold the old ones; start a "
                       "new --out)") if "run.maps_version" in changed and same_method else ""
+        other_precision = (" (JAX's matmul precision, None its default: set the stored one, e.g. by the environment's "
+                           "JAX_DEFAULT_MATMUL_PRECISION)") if "run.model.matmul_precision" in changed else ""
         raise ValueError(f"cannot resume {out}: the sweep there differs in "
                          + "; ".join(f"{key} (stored {old!r}, now {new!r})" for key, (old, new) in changed.items())
-                         + shrinks + edited + shared + other_units + other_model + other_maps)
+                         + shrinks + edited + shared + other_units + other_model + other_maps + other_precision)
 
 
 def _changed_fields(stored: dict, now: dict, prefix: str = "") -> dict[str, tuple]:

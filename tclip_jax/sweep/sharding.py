@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from tclip_jax.methods.base import MapOutput, Method, QueryArrays
+from tclip_jax.methods.base import MapOutput, Method, QueryArrays, matmul_precision
 
 
 def owns(sample_index: int, process_index: int, process_count: int) -> bool:
@@ -80,12 +80,15 @@ def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
 class DeviceMaps:
     """``method.maps_per_image`` on each local device: numpy batches in, per-device maps out (asynchronously).
 
-    The method's parameters are put on every device once, the queries with each batch."""
+    The method's parameters are put on every device once, the queries with each batch. The dispatching threads
+    run at the matmul precision of the thread that makes this (`matmul_precision`, which the sweep's `run_info`
+    records there): a `jax.default_matmul_precision` context reaches no other thread."""
 
     def __init__(self, method: Method, devices: Sequence[jax.Device]):
         self.devices = list(devices)
         self.params = [jax.device_put(method.params, device) for device in self.devices]
         self._maps: Callable[..., MapOutput] = method.jitted_maps  # compiled once for every sweep of the method
+        self._precision = matmul_precision()
         self._dispatchers = concurrent.futures.ThreadPoolExecutor(len(self.devices), "tclip-dispatch")
 
     def __call__(self, pixels: np.ndarray, queries: QueryArrays, rows: np.ndarray) -> "DispatchedMaps":
@@ -99,8 +102,9 @@ class DeviceMaps:
 
         def dispatch(index: int) -> MapOutput:
             device, part = self.devices[index], slice(index * share, (index + 1) * share)
-            return self._maps(self.params[index], jax.device_put(pixels[part], device),
-                              jax.device_put(queries, device), jax.device_put(rows[part], device))
+            with jax.default_matmul_precision(self._precision):
+                return self._maps(self.params[index], jax.device_put(pixels[part], device),
+                                  jax.device_put(queries, device), jax.device_put(rows[part], device))
 
         return DispatchedMaps(list(self._dispatchers.map(dispatch, range(shares))))
 

@@ -298,7 +298,7 @@ def _subclasses(cls: type) -> Iterator[type]:
 
 def model_label(run: dict) -> str:
     """The model's short name: a hub name as given, a file or folder by its last path component; and its matmul
-    dtype where it is not float32, e.g. "ViT-B-32.pt (bfloat16 matmuls)"."""
+    dtype and precision where they are not the default (`matmul_note`), e.g. "ViT-B-32.pt (bfloat16 matmuls)"."""
     model = run.get("model") or {}
     origin = str(model.get("origin") or model.get("source") or "?")
     suffix = matmul_note(run)
@@ -310,9 +310,14 @@ def model_label(run: dict) -> str:
 
 
 def matmul_note(run: dict) -> str:
-    """The label's note of a model whose matmuls were not float32, e.g. " (bfloat16 matmuls)"; else ""."""
-    dtype = (run.get("model") or {}).get("matmul_dtype", "float32")
-    return "" if dtype == "float32" else f" ({dtype} matmuls)"
+    """The label's note of a model whose matmuls were not float32, or ran at a matmul precision other than JAX's
+    default, e.g. " (bfloat16 matmuls)", " (matmul precision highest)"; else ""."""
+    model = run.get("model") or {}
+    dtype, precision = model.get("matmul_dtype", "float32"), model.get("matmul_precision")
+    notes = [] if dtype == "float32" else [f"{dtype} matmuls"]
+    if precision is not None:
+        notes.append(f"matmul precision {precision}")
+    return f" ({', '.join(notes)})" if notes else ""
 
 
 def _setting_text(value) -> str:
