@@ -9,6 +9,7 @@ import textwrap
 import types
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -466,6 +467,45 @@ def test_maps_of_an_empty_batch_are_empty(tiny_clip, fixture_images, name):
 # The cheapest settings of the slow methods (one TCLIP copy, a two-step M2IB of two copies, four Score-CAM channels).
 CHEAP_SETTINGS = {"tclip": {"translations": 1}, "m2ib": {"steps": 2, "batch_size": 2},
                   "gscorecam": {"topk": 4, "chunk_size": 4}}
+
+
+@pytest.fixture(scope="module")
+def tiny_bfloat16_clip(tiny_clip):
+    """The tiny CLIP's float32 parameters under a model of bfloat16 matmuls (what `load_clip(dtype=...)` makes)."""
+    return dataclasses.replace(tiny_clip, model=CLIP(tiny_clip.config, jnp.bfloat16))
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it (jit, scan, while, grad's), depth first."""
+    for equation in jaxpr.eqns:
+        yield equation
+        for inner in jax.extend.core.jaxprs_in_params(equation.params):
+            yield from _equations(inner)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_methods_model_matmuls_take_the_matmul_dtype_and_its_maps_are_float32(tiny_bfloat16_clip,
+                                                                                   fixture_images, name):
+    """Each method's maps program, traced (not compiled) on a model of bfloat16 matmuls: every matmul and convolution
+    the model's code makes (the towers, their layers called again by a method, gradients through them) takes
+    bfloat16 operands, on float32 parameters, and the maps come back float32. What a method computes from the
+    model's outputs (similarities, gradient products) is its own, in float32 (README's dtype policy)."""
+    method = METHODS[name](tiny_bfloat16_clip, METHODS[name].Settings.from_dict(CHEAP_SETTINGS.get(name, {})))
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(method.params)} == {np.dtype(np.float32)}
+    queries = method.encode([Query("a red circle"), Query("a cat")], label_set=["a red circle", "a cat"])
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(queries)} <= {np.dtype(np.float32), np.dtype(np.int32)}
+    pixels = method.prepare(fixture_images["scene_224"])[0][None]
+    traced = jax.make_jaxpr(method.maps_per_image)(method.params, pixels, queries, np.array([[0, 1]], np.int32))
+    package = pathlib.Path(methods.__file__).resolve().parent.parent
+    model_operands = []
+    for equation in _equations(traced.jaxpr):
+        if equation.primitive.name in ("dot_general", "conv_general_dilated"):
+            innermost = next(pathlib.Path(frame.file_name) for frame in equation.source_info.traceback.frames
+                             if pathlib.Path(frame.file_name).is_relative_to(package))  # frames innermost first
+            if innermost.is_relative_to(package / "model"):
+                model_operands.append(tuple(str(v.aval.dtype) for v in equation.invars))
+    assert model_operands and set(model_operands) == {("bfloat16", "bfloat16")}
+    assert {str(aval.dtype) for aval in traced.out_avals} == {"float32"}
 
 
 @pytest.mark.filterwarnings("error:.*cannot safely cast:FutureWarning")  # a future JAX's error (x64 promotions)
