@@ -109,10 +109,11 @@ def test_prompts_encoded_by_another_method_model_or_settings_are_refused(tiny_cl
             method_for_tests("tclip", other).explain(image, encoded)
 
 
-def test_prompts_encoded_under_another_matmul_dtype_are_refused(tiny_clip, fixtures_dir, fixture_images):
+def test_prompts_encoded_under_another_matmul_dtype_or_precision_are_refused(tiny_clip, fixtures_dir, fixture_images):
     """The queries differ with the matmul dtype (maps by up to 2e-3), and results record the dtype of the method that
     maps them: bfloat16-encoded prompts given to a float32 method of the same model were mapped and recorded as
-    float32. A method of the same dtype still takes them."""
+    float32. A method of the same dtype still takes them. Likewise JAX's matmul precision (on TPU the default runs
+    float32 matmuls as one bfloat16 pass), which results record where it is not the default."""
     image = fixture_images["scene_224"]
     settings = METHODS["tclip"].Settings(translations=1)
     bf16 = [METHODS["tclip"](load_clip(fixtures_dir / "tiny_openai_clip.npz", dtype=jnp.bfloat16), settings)
@@ -129,6 +130,12 @@ def test_prompts_encoded_under_another_matmul_dtype_are_refused(tiny_clip, fixtu
     assert result.run["model"]["matmul_dtype"] == "bfloat16"
     np.testing.assert_array_equal(result.prompts[0].phrase.heatmap,
                                   bf16[1].explain(image, ["a red circle"]).prompts[0].phrase.heatmap)
+    with jax.default_matmul_precision("highest"):
+        highest = fp32.encode_prompts(["a red circle"])
+    with pytest.raises(ValueError, match=r"another matmul precision \(highest\) than this tclip \(default\)"):
+        fp32.explain(image, highest)
+    with jax.default_matmul_precision("float32"):  # the same level by another name
+        assert fp32.explain(image, highest).run["model"]["matmul_precision"] == "highest"
 
 
 def test_a_prompt_too_long_for_a_template_ensemble_is_one_error_or_one_warning(tiny_clip):

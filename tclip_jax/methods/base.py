@@ -237,24 +237,28 @@ class Method(abc.ABC):
                              f"type(m)(m.clip, m.settings.replace(...)), or {type(self).__name__}.from_pretrained("
                              "..., **settings)")
 
-    @functools.cached_property
+    @property
     def encoder(self) -> tuple:
         """What encoded prompts depend on: the method, its model (`LoadedClip.fingerprint`: its config and every
-        weight, so a model whose transformer blocks alone differ is another), the dtype of its matmuls (the queries
-        differ with it, and results record this method's) and its settings."""
-        return (self.name, self.clip.fingerprint, np.dtype(self.clip.model.dtype).name,
+        weight, so a model whose transformer blocks alone differ is another), the dtype of its matmuls and JAX's
+        matmul precision in this thread (`matmul_precision`, so taken at each use; the queries differ with either,
+        and results record this method's) and its settings."""
+        return (self.name, self.clip.fingerprint, np.dtype(self.clip.model.dtype).name, matmul_precision(),
                 json.dumps(self.settings.to_dict(), sort_keys=True))
 
     def check_encoded(self, encoded: "EncodedPrompts") -> None:
-        """Refuses prompts another method, model, matmul dtype or settings encoded: their queries would be mapped as
-        if this method's, and the results recorded as this method's."""
-        if encoded.encoder == self.encoder:
+        """Refuses prompts another method, model, matmul dtype, matmul precision or settings encoded: their queries
+        would be mapped as if this method's, and the results recorded as this method's."""
+        own = self.encoder
+        if encoded.encoder == own:
             return
-        method, model, dtype = (encoded.encoder or ("an unknown method", None, None))[:3]
-        this, own_dtype = f"this {self.name}", self.encoder[2]
+        method, model, dtype, precision = (encoded.encoder or ("an unknown method", None, None, None))[:4]
+        this = f"this {self.name}"
         differs = (f"another method than {this}" if method != self.name
                    else f"another model than {this}" if model != self.clip.fingerprint
-                   else f"another matmul dtype ({dtype}) than {this} ({own_dtype})" if dtype != own_dtype
+                   else f"another matmul dtype ({dtype}) than {this} ({own[2]})" if dtype != own[2]
+                   else f"another matmul precision ({precision or 'default'}) than {this} ({own[3] or 'default'})"
+                   if precision != own[3]
                    else f"other settings than {this}")  # or what a method adds to its encoder (ECLIP: its projections)
         raise ValueError(f"these prompts were encoded by {method} with {differs}: encode them with this method's "
                          "encode_prompts")

@@ -187,7 +187,7 @@ class ECLIP(PromptMethod):
         return {**super().run_info(), "projections": {"file": str(pathlib.Path(self.settings.projections).resolve()),
                                                       "sha256": self.projections_digest}}
 
-    @functools.cached_property
+    @property
     def encoder(self) -> tuple:
         """`Method.encoder` and the projections' digest: the queries go through them, and a file trained further
         in place (`train-eclip --resume`) keeps its path."""
