@@ -278,9 +278,9 @@ def compare_methods(specs: list[str], main) -> list:
                 settings = method_class.Settings.from_dict({**base, **given})
         except ValueError as err:
             raise ValueError(f"--compare {spec}: {err}") from None
-        same = next((what for what, method in [("the run's method", main),
-                                                *((f"--compare {earlier}", m) for earlier, m in built)]
-                     if type(method) is method_class and method.settings == settings), None)
+        before = [("the run's method", main), *((f"--compare {earlier}", method) for earlier, method in built)]
+        same = next((what for what, method in before if type(method) is method_class and method.settings == settings),
+                    None)
         if same is not None:  # the same maps twice, under one label
             warnings.warn(f"--compare {spec}: the same method and settings as {same}; shown once", stacklevel=2)
             continue
