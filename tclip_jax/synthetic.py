@@ -103,6 +103,12 @@ TRAIN_SEED_START = 0
 HELDOUT_SEED_START = 10_000_000
 HELDOUT_STREAM_SEEDS = 1_000_000
 SYNTHETIC_SCENES = 1000  # held-out scenes a synthetic sweep takes without --limit
+DATASET_PREFIX = "synthetic-"  # a synthetic dataset's name: the prefix and its protocol ("synthetic-captions")
+
+
+def is_synthetic_dataset(name: str) -> bool:
+    """Whether a dataset name (a sweep's `Dataset.name`, as sweep.json stores it) is a synthetic protocol's."""
+    return name.startswith(DATASET_PREFIX)
 
 DEFAULT_SIZE = 224
 MIN_SIZE = 64  # smallest image side

@@ -25,6 +25,7 @@ from tclip_jax.files import loads_json, write_text_atomic
 from tclip_jax.evaluation.metrics import SegmentationCounts, aggregate_by_class, summarize_segmentation
 from tclip_jax.evaluation.metrics.seed import summarize_seed
 from tclip_jax.sweep.store import read_all_records
+from tclip_jax.synthetic import is_synthetic_dataset
 from tclip_jax.visualize.figures import matmul_note, method_label
 
 CONFIG_FILE = "sweep.json"
@@ -198,7 +199,7 @@ def _prompts_and_samples(config: dict) -> str:
     samples: the first 50.' (a synthetic protocol's prompts are its scenes' captions and words)."""
     template = config.get("template")
     prompts = "" if template is None else f"Prompts: the template {json.dumps(template, ensure_ascii=False)}; "
-    if template is None and not config["dataset"].startswith("synthetic"):
+    if template is None and not is_synthetic_dataset(config["dataset"]):
         prompts = "Prompts: the bare class names; "
     limit = config.get("limit")
     samples = "every sample" if limit is None else f"the first {limit}"

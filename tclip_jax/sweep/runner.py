@@ -69,7 +69,7 @@ from tclip_jax.sweep.sharding import DeviceMaps, DispatchedMaps, barrier, class_
 from tclip_jax.sweep.store import (LOCKS_GLOB, RESULTS_GLOB, ResultWriter, drop_errors, files_to_retry,
                                   read_all_records, read_records, remove_stale_locks, results_lock, results_path)
 from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, UnitPictures
-from tclip_jax.synthetic import SYNTHETIC_SCENES
+from tclip_jax.synthetic import SYNTHETIC_SCENES, is_synthetic_dataset
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
 DEFAULT_TEMPLATE = "{}"
@@ -222,12 +222,8 @@ def recorded_limit(dataset: Dataset, limit: Optional[int]) -> Optional[int]:
     """The limit sweep.json records: None (every sample) where `limit` covers the whole dataset, so that the report
     says so and a whole split keeps its paper figures; a synthetic sweep's as given, its number of scenes, which
     makes its dataset (and a stored None means the default number)."""
-    covers = limit is not None and limit >= dataset.size and not _synthetic(dataset.name)
+    covers = limit is not None and limit >= dataset.size and not is_synthetic_dataset(dataset.name)
     return None if covers else limit
-
-
-def _synthetic(dataset_name: str) -> bool:
-    return dataset_name.startswith("synthetic-")
 
 
 def _pipeline(todo: Iterable[tuple[int, Sample]], method: Method, queries: "_Queries", maps: DeviceMaps,
@@ -453,7 +449,7 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
     model, stored_model = config["run"]["model"], stored.get("run", {}).get("model", {})
     if stored.get("template") == DEFAULT_TEMPLATE:  # stored before "{}" was stored as None, which prompts alike
         stored["template"] = None
-    if _synthetic(str(stored.get("dataset"))) and stored.get("limit") is None:
+    if is_synthetic_dataset(str(stored.get("dataset"))) and stored.get("limit") is None:
         # A synthetic sweep stored before it recorded its number of scenes as its limit swept the default number.
         stored["limit"] = SYNTHETIC_SCENES
     if "matmul_dtype" in model:

@@ -18,7 +18,7 @@ import numpy as np
 
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target
 from tclip_jax.methods.base import Query
-from tclip_jax.synthetic import COLOURS, PROTOCOLS, RELATION_WORDS, SHAPES, heldout_seeds, protocol_sample
+from tclip_jax.synthetic import COLOURS, DATASET_PREFIX, PROTOCOLS, RELATION_WORDS, SHAPES, heldout_seeds, protocol_sample
 
 SYNTHETIC_CLASSES: tuple[str, ...] = tuple(COLOURS) + tuple(SHAPES) + tuple(RELATION_WORDS.values())
 
@@ -35,7 +35,7 @@ def synthetic_dataset(count: int, protocol: str = "captions", offset: int = 0) -
     def samples(limit=None):
         return (Sample(str(seed), index, functools.partial(_load, protocol, seed))
                 for index, seed in enumerate(seeds[:limit]))
-    return Dataset(f"synthetic-{protocol}", SYNTHETIC_CLASSES, count, samples)
+    return Dataset(f"{DATASET_PREFIX}{protocol}", SYNTHETIC_CLASSES, count, samples)
 
 
 def _load(protocol: str, seed: int) -> LoadedSample:
