@@ -40,7 +40,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (PROMPT, RESULTS_PATH, check_output_file, check_output_options,  # noqa: E402
                                 command_line, floor_pass, load_average, machine_description, markdown_table,
-                                median_seconds, positive_int, run_main, timed_tclip, today, workloads, write_section)
+                                median_seconds, positive_int, refuse_part_of_a_table, run_main, timed_tclip, today,
+                                workloads, write_section)
 from tclip_jax.checkpoints.load import LoadedClip, load_clip  # noqa: E402
 from tclip_jax.image import to_original  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
@@ -51,6 +52,7 @@ from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene  # noqa: E402
 from tclip_jax.files import write_text_atomic  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODELS, BATCHES = ("ViT-B/32", "ViT-L/14"), (1, 8, 32)  # the table's rows (with the dtypes and workloads)
 SMOKE_CONFIG = CLIPConfig(embed_dim=32, image_size=64, patch_size=16, vision_width=64, vision_layers=2,
                           vision_heads=2, vision_mlp_dim=128, vocab_size=49408, context_length=77, text_width=64,
                           text_layers=2, text_heads=2, text_mlp_dim=128)
@@ -192,8 +194,10 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, tiny model and sizes (with --embedded-dtypes: that comparison as asked); writes "
                              "nothing to the results file (--json is still written)")
-    parser.add_argument("--models", nargs="+", default=["ViT-B/32", "ViT-L/14"], choices=sorted(PRESETS))
-    parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8, 32], help="batch sizes, >= 1")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=sorted(PRESETS),
+                        help="default: %(default)s (leaving one out needs --no-write)")
+    parser.add_argument("--batches", nargs="+", type=positive_int, default=list(BATCHES),
+                        help="batch sizes, >= 1 (default: %(default)s; leaving one out needs --no-write)")
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--explain-images", type=positive_int, default=8, help="images of the explain rows, >= 1")
     parser.add_argument("--budget-s", type=float, default=420.0,
@@ -210,6 +214,9 @@ def main(argv=None) -> int:
     dtypes_only = args.embedded_dtypes is not None  # its own section
     write = not args.no_write and not args.smoke  # a smoke run writes nothing to the results file
     check_output_options(parser, "dtype-maps" if dtypes_only else "gpu-profile", args.results, write=write)
+    refuse_part_of_a_table(parser, "--models or --batches measure",
+                           not set(MODELS) <= set(args.models) or not set(BATCHES) <= set(args.batches),
+                           write=write and not dtypes_only, results_path=args.results)
     if args.json:
         check_output_file(parser, args.json, "--json")
     if dtypes_only:

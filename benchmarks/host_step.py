@@ -45,8 +45,8 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (RESULTS_PATH, check_output_file, check_output_options, command_line,  # noqa: E402
-                                load_average, machine_description, markdown_table, positive_int, run_main, today,
-                                write_section)
+                                load_average, machine_description, markdown_table, positive_int,
+                                refuse_part_of_a_table, run_main, today, write_section)
 from tclip_jax.postprocess import (GmmFit, gaussian_intersection, gmm_thresholds,  # noqa: E402
                                    soft_maps_and_boxes)
 from tclip_jax.postprocess._blas import SINGLE_THREADED_BLAS  # noqa: E402
@@ -458,7 +458,9 @@ def earlier_state(parser: argparse.ArgumentParser, path: pathlib.Path | None, re
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=list(SIZES),
+                        help="default: all (a subset, like --skip-timing or --skip-fidelity, needs --state or "
+                             "--no-write)")
     parser.add_argument("--timing-images", type=positive_int, default=4, help="held-out scenes timed per size")
     parser.add_argument("--rounds", type=positive_int, default=7)
     parser.add_argument("--fidelity-maps", type=positive_int, nargs=3, default=(240, 120, 40),
@@ -479,6 +481,11 @@ def main(argv=None) -> None:
     if report_only and not (args.state and args.state.exists()):
         parser.error("--skip-timing with --skip-fidelity needs an existing --state file")
     state = earlier_state(parser, args.state, rewritten=not report_only)
+    timed = set() if args.skip_timing else set(args.sizes)
+    checked = set() if args.skip_fidelity else set(args.sizes)
+    refuse_part_of_a_table(parser, "--sizes, --skip-timing or --skip-fidelity without --state measures",
+                           args.state is None and not timed == checked == set(SIZES), write=not args.no_write,
+                           table="the section", results_path=args.results)
     if args.cpu is not None and args.cpu not in ALL_CPUS:  # refused now, not by sched_setaffinity after loading
         parser.error(f"--cpu {args.cpu}: this process may run on CPUs {', '.join(map(str, sorted(ALL_CPUS)))} only")
     if args.quick:

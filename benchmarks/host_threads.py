@@ -25,10 +25,12 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (RESULTS_PATH, check_output_options, command_line, interleaved_medians,  # noqa: E402
-                                load_average, machine_description, markdown_table, positive_int, run_main, today,
-                                write_section)
+                                load_average, machine_description, markdown_table, positive_int,
+                                refuse_part_of_a_table, run_main, today, write_section)
 from benchmarks.host_step import SIZES, explained_images  # noqa: E402
 from tclip_jax.postprocess.soft import soft_maps_and_boxes  # noqa: E402
+
+THREADS = (2, 4, 8, 16)  # the table's rows besides one thread
 
 
 def time_schedules(images: list[np.ndarray], threads: list[int], rounds: int) -> dict[int, float]:
@@ -44,7 +46,9 @@ def time_schedules(images: list[np.ndarray], threads: list[int], rounds: int) ->
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--threads", type=int, nargs="+", default=list(THREADS),
+                        help="thread counts >= 2, one row each besides one thread (default: %(default)s; leaving "
+                             "one out needs --no-write)")
     parser.add_argument("--images", type=positive_int, default=32)
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--results", type=pathlib.Path, default=RESULTS_PATH)
@@ -53,6 +57,8 @@ def main(argv=None) -> int:
     check_output_options(parser, "host-threads", args.results, write=not args.no_write)
     if min(args.threads) < 2:
         parser.error("--threads needs counts >= 2 (one thread is always timed)")
+    refuse_part_of_a_table(parser, "--threads measures", not set(THREADS) <= set(args.threads),
+                           write=not args.no_write, results_path=args.results)
     import tclip_jax
 
     load_before, started = load_average(), time.perf_counter()

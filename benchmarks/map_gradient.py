@@ -20,7 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (check_output_options, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, positive_int, run_main, today, write_section)
+                                markdown_table, positive_int, refuse_part_of_a_table, run_main, today,
+                                write_section)
+
+SIZES = (112, 224)  # the table's rows: map sides in pixels
 
 
 def first_and_median(fn, values, rounds: int) -> tuple[float, float, np.ndarray]:
@@ -60,13 +63,16 @@ def row(size: int, rounds: int) -> list[object]:
             int(tied.sum())]
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[112, 224], help="map sides in pixels")
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=list(SIZES),
+                        help="map sides in pixels, one row each (default: %(default)s; leaving one out needs "
+                             "--no-write)")
     parser.add_argument("--rounds", type=positive_int, default=3, help="timed calls after the first")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     check_output_options(parser, "map_gradient", write=not args.no_write)
+    refuse_part_of_a_table(parser, "--sizes measures", not set(SIZES) <= set(args.sizes), write=not args.no_write)
     load_before = load_average()
     rows = [row(size, args.rounds) for size in args.sizes]
     table = markdown_table(["maps", "forward", "network: first call", "network: gradient", "rule: first call",

@@ -18,10 +18,11 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (IMAGE_HW, check_output_options, command_line, load_average,  # noqa: E402
-                                machine_description, markdown_table, photo_like_image, positive_int, run_main,
-                                timed_tclip, today, write_section)
+                                machine_description, markdown_table, photo_like_image, positive_int,
+                                refuse_part_of_a_table, run_main, timed_tclip, today, write_section)
 
 CLASSES = pathlib.Path(__file__).resolve().parents[1] / "tclip_jax/evaluation/datasets/data/imagenet_classes.tsv"
+PROMPT_COUNTS = (1, 80, 400)  # the table's rows
 
 
 def single_words() -> list[str]:
@@ -48,11 +49,14 @@ def measure(count: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=positive_int, nargs="+", default=[1, 80, 400])
+    parser.add_argument("--prompts", type=positive_int, nargs="+", default=list(PROMPT_COUNTS),
+                        help="prompt counts, one row each (default: %(default)s; leaving one out needs --no-write)")
     parser.add_argument("--measure", type=positive_int, help="internal: measure one prompt count in this process")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args(argv)
     check_output_options(parser, "memory", write=not args.no_write)
+    refuse_part_of_a_table(parser, "--prompts measures", not set(PROMPT_COUNTS) <= set(args.prompts),
+                           write=not args.no_write)
     if args.measure is not None:
         print(json.dumps(measure(args.measure)))
         return

@@ -220,6 +220,53 @@ def test_an_explain_overlap_run_of_some_workloads_is_not_written_over_the_whole_
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"explain_overlap.py: {PART_OF_THE_TABLE}"
 
 
+class Measured(Exception):
+    """Raised where a benchmark begins to measure (its first reading of the load average)."""
+
+
+def _started_measuring():
+    raise Measured
+
+
+@pytest.mark.parametrize("script, options, message", [
+    ("host_step", ["--sizes", "224x224", "640x480"], "--sizes, --skip-timing or --skip-fidelity without --state "
+                                                    "measures part of the section"),
+    ("host_step", ["--skip-timing"], "--sizes, --skip-timing or --skip-fidelity without --state measures part of "
+                                     "the section"),
+    ("host_step", ["--skip-fidelity"], "--sizes, --skip-timing or --skip-fidelity without --state measures part of "
+                                       "the section"),
+    ("host_step", ["--skip-timing", "--state", "{tmp}/state.json"], None),
+    ("host_step", ["--sizes", "224x224", "--no-write"], None),
+    ("memory", ["--prompts", "1", "80"], "--prompts measures part of the section's table"),
+    ("memory", ["--prompts", "1", "80", "400", "800"], None),
+    ("map_gradient", ["--sizes", "112"], "--sizes measures part of the section's table"),
+    ("host_threads", ["--threads", "2", "4"], "--threads measures part of the section's table"),
+    ("gpu_profile", ["--batches", "8"], "--models or --batches measure part of the section's table"),
+    ("gpu_profile", ["--models", "ViT-B/32"], "--models or --batches measure part of the section's table"),
+    ("gpu_profile", ["--batches", "8", "--no-write"], None),
+])
+def test_a_run_of_part_of_a_table_is_not_written_over_the_whole_one(tmp_path, monkeypatch, capsys, script, options,
+                                                                     message):
+    """Run in this process, stopped where it would begin to measure; None: the run is let through."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{script}")
+    monkeypatch.setattr(module, "load_average", _started_measuring)
+    if script == "gpu_profile":  # measures on a GPU only
+        monkeypatch.setattr(module, "jax", argparse.Namespace(devices=lambda: [argparse.Namespace(platform="gpu")]))
+    monkeypatch.setattr(sys, "argv", [f"{script}.py"])  # argparse's program name
+    argv = [option.format(tmp=tmp_path) for option in options]
+    if message is None:
+        with pytest.raises(Measured):
+            module.main(argv)
+    else:
+        with pytest.raises(SystemExit) as raised:
+            module.main(argv)
+        assert raised.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"{script}.py: error: {message}, which would replace the whole one in RESULTS.md: add --no-write")
+
+
 def test_a_gpu_profile_smoke_run_writes_no_results_but_its_json(tmp_path, monkeypatch):
     """--smoke writes nothing to the results file, with --embedded-dtypes too; --json is written in both. The
     measurements are replaced by rows of the shape they return."""
