@@ -46,12 +46,21 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
 
 def positive_int(text: str) -> int:
     """argparse type of a count of rounds, images or scenes: an integer >= 1 (one line from argparse otherwise)."""
+    return _integer_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a count where 0 leaves something out: an integer >= 0 (one line from argparse otherwise)."""
+    return _integer_at_least(text, 0)
+
+
+def _integer_at_least(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
     return value
 
 

@@ -45,8 +45,8 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (RESULTS_PATH, check_output_file, check_output_options, command_line,  # noqa: E402
-                                load_average, machine_description, markdown_table, positive_int,
-                                refuse_part_of_a_table, run_main, today, write_section)
+                                load_average, machine_description, markdown_table, non_negative_int,
+                                positive_int, refuse_part_of_a_table, run_main, today, write_section)
 from tclip_jax.postprocess import (GmmFit, gaussian_intersection, gmm_thresholds,  # noqa: E402
                                    soft_maps_and_boxes)
 from tclip_jax.postprocess._blas import SINGLE_THREADED_BLAS  # noqa: E402
@@ -463,9 +463,10 @@ def main(argv=None) -> None:
                              "--no-write)")
     parser.add_argument("--timing-images", type=positive_int, default=4, help="held-out scenes timed per size")
     parser.add_argument("--rounds", type=positive_int, default=7)
-    parser.add_argument("--fidelity-maps", type=positive_int, nargs=3, default=(240, 120, 40),
+    parser.add_argument("--fidelity-maps", type=non_negative_int, nargs=3, default=(240, 120, 40),
                         metavar=("S224", "S640", "S1920"),
-                        help="maps compared with scikit-learn per size (224x224, 640x480, 1920x1080)")
+                        help="maps compared with scikit-learn per size (224x224, 640x480, 1920x1080); 0 leaves "
+                             "that size's fidelity out")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--quick", action="store_true", help="2 images, 3 rounds, 12/8/4 fidelity maps")
@@ -476,20 +477,23 @@ def main(argv=None) -> None:
                              "covers both (e.g. fidelity once, timing again at a quieter hour)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.timing_images, args.rounds, args.fidelity_maps = 2, 3, (12, 8, 4)
     check_output_options(parser, "host-step", args.results, write=not args.no_write)
-    report_only = args.skip_timing and args.skip_fidelity  # only rewrite the report from --state
-    if report_only and not (args.state and args.state.exists()):
-        parser.error("--skip-timing with --skip-fidelity needs an existing --state file")
-    state = earlier_state(parser, args.state, rewritten=not report_only)
+    fidelity_counts = dict(zip(SIZES, args.fidelity_maps))
     timed = set() if args.skip_timing else set(args.sizes)
-    checked = set() if args.skip_fidelity else set(args.sizes)
-    refuse_part_of_a_table(parser, "--sizes, --skip-timing or --skip-fidelity without --state measures",
+    checked = set() if args.skip_fidelity else {name for name in args.sizes if fidelity_counts[name]}
+    report_only = not timed and not checked  # only rewrite the report from --state
+    if report_only and not (args.state and args.state.exists()):
+        parser.error("a run that measures nothing (--skip-timing with --skip-fidelity, or with --fidelity-maps 0 at "
+                     "its --sizes) needs an existing --state file")
+    state = earlier_state(parser, args.state, rewritten=not report_only)
+    refuse_part_of_a_table(parser, "--sizes, --skip-timing, --skip-fidelity or --fidelity-maps 0 without --state "
+                           "measures",
                            args.state is None and not timed == checked == set(SIZES), write=not args.no_write,
                            table="the section", results_path=args.results)
     if args.cpu is not None and args.cpu not in ALL_CPUS:  # refused now, not by sched_setaffinity after loading
         parser.error(f"--cpu {args.cpu}: this process may run on CPUs {', '.join(map(str, sorted(ALL_CPUS)))} only")
-    if args.quick:
-        args.timing_images, args.rounds, args.fidelity_maps = 2, 3, (12, 8, 4)
     if report_only:
         text = report(state["timing"], state["fidelity"], args, machine_description(), state["runs"], -1)
         print(text)
@@ -505,7 +509,6 @@ def main(argv=None) -> None:
     os.sched_setaffinity(0, {cpu})
     cv2.setNumThreads(1)
     timing, fidelity = {}, {}
-    fidelity_counts = dict(zip(SIZES, args.fidelity_maps))
     with threadpool_limits(1):
         for name in args.sizes:
             if not args.skip_timing:
@@ -515,7 +518,7 @@ def main(argv=None) -> None:
                 print(f"{name}: old {t['old']['wall'] * 1e3:.1f} ms/map (CPU {t['old']['cpu'] * 1e3:.1f}), "
                       f"new {t['new']['wall'] * 1e3:.2f} ms/map (CPU {t['new']['cpu'] * 1e3:.2f}), "
                       f"{t['maps']} maps; first-size fit +{t['setup'] * 1e3:.0f} ms", flush=True)
-            if not args.skip_fidelity:
+            if name in checked:
                 # scenes after the timed ones
                 fidelity[name] = fidelity_size(explainer, SIZES[name], fidelity_counts[name], offset=1000)
                 f = fidelity[name]

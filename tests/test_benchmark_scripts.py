@@ -28,7 +28,8 @@ def test_counts_are_integers_of_at_least_one():
 
 @pytest.mark.parametrize("command, message", [
     (["benchmarks/host_step.py", "--timing-images", "0"], "argument --timing-images: expected an integer >= 1, got 0"),
-    (["benchmarks/host_step.py", "--fidelity-maps", "3", "0", "3"], "argument --fidelity-maps: expected an integer"),
+    (["benchmarks/host_step.py", "--fidelity-maps", "3", "-1", "3"],
+     "argument --fidelity-maps: expected an integer >= 0, got -1"),
     (["benchmarks/host_step.py", "--cpu", "99999"], "--cpu 99999: this process may run on CPUs "),
     (["benchmarks/speed.py", "--threads", "-1"], "argument --threads: expected an integer >= 1, got -1"),
     (["benchmarks/gpu_profile.py", "--batches", "8", "0"], "argument --batches: expected an integer >= 1, got 0"),
@@ -220,6 +221,10 @@ def test_an_explain_overlap_run_of_some_workloads_is_not_written_over_the_whole_
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"explain_overlap.py: {PART_OF_THE_TABLE}"
 
 
+PART_OF_HOST_STEP = ("--sizes, --skip-timing, --skip-fidelity or --fidelity-maps 0 without --state measures part of "
+                     "the section")
+
+
 class Measured(Exception):
     """Raised where a benchmark begins to measure (its first reading of the load average)."""
 
@@ -229,14 +234,14 @@ def _started_measuring():
 
 
 @pytest.mark.parametrize("script, options, message", [
-    ("host_step", ["--sizes", "224x224", "640x480"], "--sizes, --skip-timing or --skip-fidelity without --state "
-                                                    "measures part of the section"),
-    ("host_step", ["--skip-timing"], "--sizes, --skip-timing or --skip-fidelity without --state measures part of "
-                                     "the section"),
-    ("host_step", ["--skip-fidelity"], "--sizes, --skip-timing or --skip-fidelity without --state measures part of "
-                                       "the section"),
+    ("host_step", ["--sizes", "224x224", "640x480"], PART_OF_HOST_STEP),
+    ("host_step", ["--skip-timing"], PART_OF_HOST_STEP),
+    ("host_step", ["--skip-fidelity"], PART_OF_HOST_STEP),
     ("host_step", ["--skip-timing", "--state", "{tmp}/state.json"], None),
     ("host_step", ["--sizes", "224x224", "--no-write"], None),
+    ("host_step", ["--skip-timing", "--sizes", "224x224", "640x480", "--fidelity-maps", "12", "12", "0", "--no-write"],
+     None),  # RESULTS.md's check of 2026-12-04
+    ("host_step", ["--fidelity-maps", "12", "0", "4"], PART_OF_HOST_STEP),
     ("memory", ["--prompts", "1", "80"], "--prompts measures part of the section's table"),
     ("memory", ["--prompts", "1", "80", "400", "800"], None),
     ("map_gradient", ["--sizes", "112"], "--sizes measures part of the section's table"),
@@ -265,6 +270,34 @@ def test_a_run_of_part_of_a_table_is_not_written_over_the_whole_one(tmp_path, mo
         assert raised.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"{script}.py: error: {message}, which would replace the whole one in RESULTS.md: add --no-write")
+
+
+def test_host_step_leaves_out_the_fidelity_of_a_size_given_0_maps(monkeypatch, capsys):
+    """--fidelity-maps 0 at a size: no map of that size is compared, and a run left with nothing to measure needs
+    --state. The model and the comparison are stubbed: the sizes and counts asked for are recorded."""
+    import tclip_jax
+    from benchmarks import host_step
+
+    asked = []
+    compared = {"span": 1.0, "fallback": None, "input_res": None, **dict.fromkeys(
+        ("new", "old", "default", "old_vs_default", "soft_new", "soft_blur", "soft_tau", "soft_old"), 0.0)}
+    monkeypatch.setattr(host_step, "fidelity_size", lambda explainer, size_hw, maps, offset: asked.append(
+        (size_hw, maps)) or host_step.summarise([compared]))
+    monkeypatch.setattr(tclip_jax.TCLIP, "from_pretrained", lambda: None)
+    monkeypatch.setattr(host_step, "machine_description", lambda: "a machine")
+    monkeypatch.setattr(host_step.os, "sched_setaffinity", lambda pid, cpus: None)  # this process stays unpinned
+    monkeypatch.setattr(host_step.cv2, "setNumThreads", lambda threads: None)
+    monkeypatch.setattr(sys, "argv", ["host_step.py"])  # argparse's program name
+    host_step.main(["--skip-timing", "--fidelity-maps", "2", "0", "1", "--no-write"])
+    assert asked == [(host_step.SIZES["224x224"], 2), (host_step.SIZES["1920x1080"], 1)]
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in printed if " | new - reference |" in line] == ["| 224x224", "| 1920x1080"]
+    with pytest.raises(SystemExit) as raised:
+        host_step.main(["--skip-timing", "--sizes", "640x480", "--fidelity-maps", "2", "0", "1", "--no-write"])
+    assert raised.value.code == 2 and asked == [(host_step.SIZES["224x224"], 2), (host_step.SIZES["1920x1080"], 1)]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "host_step.py: error: a run that measures nothing (--skip-timing with --skip-fidelity, or with "
+        "--fidelity-maps 0 at its --sizes) needs an existing --state file")
 
 
 def test_a_gpu_profile_smoke_run_writes_no_results_but_its_json(tmp_path, monkeypatch):
