@@ -8,10 +8,13 @@ Rows, per image (median of --repeats timed runs after one warm-up):
   (c) the floor: one batched forward of the 25 translated copies through the image tower, JAX and PyTorch
   (d) a straightforward PyTorch pipeline as a researcher would write it: transformers `CLIPModel`, the 25
       copies one after another in a Python loop, `F.interpolate`, numpy shift-back, `scipy.stats.trim_mean`
-      over the valid copies of each pixel, then the same sklearn GMM / cv2 Otsu post-processing per map.
+      over the valid copies of each pixel; then tclip_jax's own post-processing, one map per call (`soft_map`:
+      its histogram GMM, floor and blur; `heatmap_box`: cv2 Otsu and the largest component), not a
+      researcher's scikit-learn GMM, which is slower (host_step.py's "old"), so d/a leaves that cost out.
 Both sides run identical random ViT-B/32 weights (a transformers CLIPModel converted to ours), so (a) and
-(d) must give the same maps; their largest difference is reported. Workloads: one 10-word prompt, and the
-80 COCO class names as 80 prompts; one 640x480 synthetic photo-like image, `whole` protocol.
+(d) must give the same maps; their largest difference is reported. Both post-process with the same functions,
+so the tau difference and the equal boxes follow from the maps' difference alone. Workloads: one 10-word
+prompt, and the 80 COCO class names as 80 prompts; one 640x480 synthetic photo-like image, `whole` protocol.
 
 `--profile` adds where (a)'s time goes.
 
@@ -115,7 +118,8 @@ def _synchronize(device: str) -> None:
 
 def torch_pipeline(hf: transformers.CLIPModel, image: np.ndarray, prompts, offsets, trim: float,
                    device: str) -> list[MapOut]:
-    """TCLIP as a researcher would write it in PyTorch + numpy; maps in (a)'s query order."""
+    """TCLIP's maps as a researcher would write them in PyTorch + numpy, post-processed by tclip_jax's `soft_map`
+    and `heatmap_box` one map at a time; maps in (a)'s query order."""
     tokenizer = default_tokenizer()
     pixels, _ = whole_image(image, 224)
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device)
