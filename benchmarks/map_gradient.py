@@ -19,24 +19,18 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
-from benchmarks._common import (check_output_options, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, positive_int, refuse_part_of_a_table, run_main, today,
-                                write_section)
+from benchmarks._common import (check_output_options, command_line, interleaved_medians,  # noqa: E402
+                                load_average, machine_description, markdown_table, positive_int,
+                                refuse_part_of_a_table, run_main, today, write_section)
 
 SIZES = (112, 224)  # the table's rows: map sides in pixels
 
 
-def first_and_median(fn, values, rounds: int) -> tuple[float, float, np.ndarray]:
-    """(seconds of the first call, compile included; median seconds of `rounds` more calls; the result)."""
+def first_call(fn) -> tuple[float, np.ndarray]:
+    """(seconds of the first call of `fn`, compile included; its result)."""
     start = time.perf_counter()
-    result = np.asarray(fn(values))
-    first = time.perf_counter() - start
-    walls = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(values))
-        walls.append(time.perf_counter() - start)
-    return first, float(np.median(walls)), result
+    result = np.asarray(fn())
+    return time.perf_counter() - start, result
 
 
 def row(size: int, rounds: int) -> list[object]:
@@ -50,9 +44,11 @@ def row(size: int, rounds: int) -> list[object]:
     forward = jax.jit(lambda v: trimmed_mean(v, valid, 0.2))
     rule = jax.jit(jax.grad(lambda v: trimmed_mean(v, valid, 0.2).sum()))
     network = jax.jit(jax.grad(lambda v: sorted_trimmed_mean(v, valid, cut, count).sum()))
-    (_, forward_s, _), (rule_first, rule_s, by_rule), (network_first, network_s, by_network) = (
-        first_and_median(forward, values, rounds), first_and_median(rule, values, rounds),
-        first_and_median(network, values, rounds))
+    calls = {name: (lambda fn=fn: jax.block_until_ready(fn(values)))
+             for name, fn in (("forward", forward), ("rule", rule), ("network", network))}
+    (rule_first, by_rule), (network_first, by_network) = first_call(calls["rule"]), first_call(calls["network"])
+    medians, _ = interleaved_medians(calls, rounds)  # the three in turn in each round
+    forward_s, rule_s, network_s = medians["forward"], medians["rule"], medians["network"]
     # Where two valid values tie, both are subgradients: the network splits the weight, the rule ranks the first copy
     # first. Compared where no values tie.
     ranked = np.sort(np.where(valid, np.asarray(values), np.inf), axis=0)
@@ -68,7 +64,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=list(SIZES),
                         help="map sides in pixels, one row each (default: %(default)s; leaving one out needs "
                              "--no-write)")
-    parser.add_argument("--rounds", type=positive_int, default=3, help="timed calls after the first")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="timed rounds after the first calls")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args(argv)
     check_output_options(parser, "map_gradient", write=not args.no_write)
@@ -85,10 +81,11 @@ def main(argv=None) -> None:
 - command: `{command_line()}`
 - load average (1/5/15 min) before: {load_before}; after: {load_average()}
 - the 25 translated copies' maps (random values), trim 0.2, gradient of the map's sum; "first call" includes the
-  compile; the other columns are medians of {args.rounds} calls after it; "network" differentiates the sorting
-  network's min/max steps (how gradients were taken before 2026-12-06), "rule" is today's `trimmed_mean`; where
-  two valid values at a position tie, either split of the weight is a subgradient (the network halves it, the rule
-  gives it to the earlier copy), so the gradients are compared at the other positions
+  compile; the other columns are medians of {args.rounds} rounds after it and a warm-up call, the three functions
+  in turn in each round; "network" differentiates the sorting network's min/max steps (how gradients were taken
+  before 2026-12-06), "rule" is today's `trimmed_mean`; where two valid values at a position tie, either split of
+  the weight is a subgradient (the network halves it, the rule gives it to the earlier copy), so the gradients are
+  compared at the other positions
 
 {table}
 """

@@ -2,7 +2,8 @@
 
 A random-init transformers CLIPModel of the ViT-B/32 configuration is saved as a Hugging Face folder
 (safetensors); `tclip convert` runs on it in a fresh process (time and peak resident memory); then
-both implementations embed the same batch of 1 and 25 images with identical weights.
+both implementations embed the same batch of 1 and 25 images with identical weights, in turn in each timed
+round (`interleaved_medians`).
 
     python benchmarks/model.py [--repeats 5]
 """
@@ -21,8 +22,9 @@ import torch
 import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks._common import (check_output_options, command_line, load_average, machine_description,  # noqa: E402
-                                markdown_table, median_seconds, positive_int, run_main, today, write_section)
+from benchmarks._common import (check_output_options, command_line, interleaved_medians,  # noqa: E402
+                                load_average, machine_description, markdown_table, positive_int, run_main, today,
+                                write_section)
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
 from tclip_jax.model import PRESETS, to_hf_config  # noqa: E402
 
@@ -65,13 +67,17 @@ def main() -> None:
     encode = jax.jit(lambda params, x: clip.model.apply({"params": params}, x, method="encode_image").embeds)
     for batch in (1, 25):
         images = np.random.default_rng(batch).standard_normal((batch, 224, 224, 3)).astype(np.float32)
-        ours, _ = median_seconds(lambda: encode(clip.params, images).block_until_ready(), args.repeats)
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        with torch.inference_mode():
-            theirs, _ = median_seconds(lambda: reference.get_image_features(pixel_values=pixels), args.repeats)
-            expected = reference.get_image_features(pixel_values=pixels)
-        expected = getattr(expected, "pooler_output", expected).numpy()
-        error = float(np.abs(np.asarray(encode(clip.params, images)) - expected).max())
+
+        def torch_forward():
+            with torch.inference_mode():
+                return reference.get_image_features(pixel_values=pixels)
+
+        medians, first = interleaved_medians(
+            {"jax": lambda: encode(clip.params, images).block_until_ready(), "torch": torch_forward}, args.repeats)
+        expected = getattr(first["torch"], "pooler_output", first["torch"]).numpy()
+        error = float(np.abs(np.asarray(first["jax"]) - expected).max())
+        ours, theirs = medians["jax"], medians["torch"]
         rows.append((f"image forward, batch {batch}", f"JAX {ours * 1e3:.0f} ms",
                      f"PyTorch {theirs * 1e3:.0f} ms (PyTorch/JAX {theirs / ours:.2f}; max abs diff {error:.1e})"))
 
@@ -80,7 +86,8 @@ def main() -> None:
     if not args.no_write:
         write_section("model", f"## Model: conversion and ViT-B/32 image forward (CPU)\n\n"
                       f"Machine: {machine_description()}\n\nDate: {today()}; load average before the run: {load}\n\n"
-                      f"Command: `{command_line()}` (median of {args.repeats} after a warm-up call)\n\n{table}\n")
+                      f"Command: `{command_line()}` (median of {args.repeats} rounds, JAX and PyTorch in turn, "
+                      f"after a warm-up call)\n\n{table}\n")
 
 
 if __name__ == "__main__":
