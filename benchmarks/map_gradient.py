@@ -15,7 +15,6 @@ import pathlib
 import sys
 import time
 
-import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
@@ -34,6 +33,8 @@ def first_call(fn) -> tuple[float, np.ndarray]:
 
 
 def row(size: int, rounds: int) -> list[object]:
+    import jax  # imported here, as the library's: --help and argument errors stay fast
+
     from tclip_jax.methods.tclip.translations import (shift_back_operators, sorted_trimmed_mean, translation_offsets,
                                                       trimmed_mean)
 

@@ -16,17 +16,12 @@ import subprocess
 import sys
 import tempfile
 
-import jax
 import numpy as np
-import torch
-import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks._common import (check_output_options, command_line, interleaved_medians,  # noqa: E402
                                 load_average, machine_description, markdown_table, positive_int, run_main, today,
                                 write_section)
-from tclip_jax.checkpoints.load import load_clip  # noqa: E402
-from tclip_jax.model import PRESETS, to_hf_config  # noqa: E402
 
 CONVERT_PROBE = """
 import json, resource, sys, time
@@ -44,12 +39,19 @@ def measure_conversion(hf_folder: pathlib.Path, out: pathlib.Path) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     check_output_options(parser, "model", write=not args.no_write)
+    import jax  # imported after the arguments are parsed: --help and argument errors stay fast
+    import torch
+    import transformers
+
+    from tclip_jax.checkpoints.load import load_clip
+    from tclip_jax.model import PRESETS, to_hf_config
+
     load = load_average()
     config = PRESETS["ViT-B/32"]
     torch.manual_seed(0)

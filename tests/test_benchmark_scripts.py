@@ -51,6 +51,22 @@ def test_bad_arguments_end_a_benchmark_with_one_line(tmp_path, command, message)
     assert message.format(tmp=tmp_path) in done.stderr.strip().splitlines()[-1]
 
 
+def test_help_of_a_benchmark_that_imports_its_libraries_after_parsing_imports_none_of_them():
+    """map_gradient.py and model.py parse their arguments before importing JAX, PyTorch and transformers (seconds
+    each on a loaded machine), so --help and argument errors are quick."""
+    code = ("import runpy, sys\n"
+            "for script in ('benchmarks/map_gradient.py', 'benchmarks/model.py'):\n"
+            "    sys.argv = [script, '--help']\n"
+            "    try:\n"
+            "        runpy.run_path(script, run_name='__main__')\n"
+            "    except SystemExit as end:\n"
+            "        assert end.code == 0, end.code\n"
+            "print(sorted(name for name in ('jax', 'torch', 'transformers') if name in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_a_section_is_replaced_whole_and_the_text_around_it_kept(tmp_path):
     from benchmarks._common import write_section
 
