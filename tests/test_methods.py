@@ -553,6 +553,33 @@ def test_a_map_does_not_depend_on_the_other_queries_of_a_call(tiny_clip, fixture
     np.testing.assert_allclose(maps_alone[0, 0], maps_every[0, 1], atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["tclip", "similarity"])  # a per-word method and a prompt-level one
+def test_explain_runs_prompts_of_other_counts_in_one_bucket_through_one_program_with_the_unpadded_maps(
+        tiny_clip, fixture_images, name):
+    """explain pads a call's queries to a multiple of query_chunk slots: a prompt list with a word or a prompt more
+    runs the program already compiled (one cache entry for the bucket, another only past it), and every map has the
+    bits of its queries mapped without padding, resized to the image."""
+    method = method_for_tests(name, tiny_clip)
+    image = fixture_images["scene_wide_320x240"]
+    pixels, geometry = method.prepare(image)
+    grew = []  # programs compiled by each explain
+    # tclip: 4 and 7 distinct queries (a word and a phrase per prompt, "a" once), then 20; similarity: 1, 2, then 9
+    for prompts in (["a red circle"], ["a red circle", "a blue square"], [f"object number {i}" for i in range(9)]):
+        encoded = method.encode_prompts(prompts)
+        before = method.jitted_maps._cache_size()
+        result = method.explain(image, encoded)
+        grew.append(method.jitted_maps._cache_size() - before)
+        count = len(encoded.queries)
+        unpadded = method.jitted_maps(method.params, pixels[None], encoded.queries,
+                                      np.arange(count, dtype=np.int32)[None]).maps[0]
+        expected = np.asarray(method.original_maps(unpadded, geometry))
+        maps = [m for p in result.prompts for m in p.word_maps] + [p.phrase for p in result.prompts]
+        assert len(maps) == len(encoded.rows)
+        for m, row in zip(maps, encoded.rows):
+            np.testing.assert_array_equal(m.heatmap, expected[row])
+    assert grew[1:] == [0, 1]  # the second list in the first one's bucket, the third past it
+
+
 # The class token's attention over the patches: by definition one map for every prompt.
 PROMPT_FREE = {"attention", "rollout"}
 

@@ -8,7 +8,9 @@ A method splits into what runs where:
   every query shares (e.g. a label set);
 - `maps` (device): a pure function `(params, pixels [B, h, w, 3], queries, rows [B, K]) -> MapOutput` whose
   `maps[b, k]` is the map of query `rows[b, k]` on image b, covering the model-input frame at any resolution.
-  It is jit-compiled once per shape and shards over the batch axis (`tclip sweep`);
+  It is jit-compiled once per shape and shards over the batch axis (`tclip sweep`); `explain` pads a call's
+  queries to a multiple of `Method.query_chunk` slots (`pad_slots`: a padded slot maps a real query again, its map
+  dropped), so prompts of a few more or fewer words reuse the compiled program;
 - `original_maps` (device, dispatched without waiting): one image's maps -> the original image size (bilinear;
   a method whose official code rescales its maps there does it here);
 - `postprocess` (host): maps at the original image size -> a `HostMaps` (soft map, GMM fit, box) each, fitted
@@ -201,6 +203,11 @@ class Method(abc.ABC):
     # Surgery since their grid maps are upsampled once, straight to the image, and for the centre-crop methods
     # since their thresholds and boxes come from the part of the image the crop kept (both 2026-12-05).
     maps_version: ClassVar[int] = 1
+    # `explain` maps a call's queries in a multiple of this many slots, so that prompts of another word count reuse
+    # the compiled maps (at most query_chunk - 1 padded maps); prompt-level methods map one image's queries in
+    # chunks of it. 1 for a method whose every map is a computation of its own (an optimization, masked forwards),
+    # where a padded slot would cost a whole map.
+    query_chunk: ClassVar[int] = 8
 
     def __init_subclass__(cls, **kwargs):
         """A method is recorded by its `name` (`run_info`: sweeps, which resume only the method they began with, and
@@ -344,7 +351,8 @@ class Method(abc.ABC):
     # ----------------------------------------------------------------------------------------- explain
     @functools.cached_property
     def jitted_maps(self):
-        """`maps_per_image`, jit-compiled (once per input shape)."""
+        """`maps_per_image`, jit-compiled (once per shape: of the batch, and of the queries, which `explain` pads to
+        a multiple of `query_chunk`)."""
         return jax.jit(self.maps_per_image)
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[TokenizedPrompt, ...]:
@@ -393,8 +401,17 @@ class Method(abc.ABC):
     def _one_image_maps(self, image: ImageLike, queries: QueryArrays) -> tuple[MapOutput, Geometry]:
         """One image's `MapOutput` on the device, the batch axis dropped, and its geometry."""
         _, pixels, geometry = self.preprocess(image)
-        out = self.jitted_maps(self.params, pixels[None], queries, np.arange(len(queries), dtype=np.int32)[None])
-        return jax.tree_util.tree_map(lambda a: a[0], out), geometry
+        slots, rows = self.query_slots(queries)
+        out = jax.tree_util.tree_map(lambda a: a[0], self.jitted_maps(self.params, pixels[None], slots, rows[None]))
+        return out.replace(maps=out.maps[:len(queries)]), geometry
+
+    def query_slots(self, queries: QueryArrays) -> tuple[QueryArrays, np.ndarray]:
+        """(`queries` padded to the next multiple of `query_chunk` by `pad_slots`, the rows [slots] of every slot):
+        the maps of any number of queries in one bucket come from one compiled program; the first len(queries)
+        are these queries' maps, the others are dropped."""
+        count = len(queries)
+        index = pad_slots(range(count), -(-count // self.query_chunk) * self.query_chunk)
+        return queries.take(index), np.arange(len(index), dtype=np.int32)
 
     def explain(self, image: ImageLike, prompts: str | Sequence[str] | EncodedPrompts) -> ImageResult:
         return next(self.explain_batch([image], prompts))
@@ -417,7 +434,7 @@ class Method(abc.ABC):
         if isinstance(prompts, EncodedPrompts):
             self.check_encoded(prompts)
         encoded = prompts if isinstance(prompts, EncodedPrompts) else self.encode_prompts(prompts)
-        rows = np.arange(len(encoded.queries), dtype=np.int32)
+        slots, rows = self.query_slots(encoded.queries)
         pending = None
         batches = self._input_batches(images, batch_size)
         while True:
@@ -434,10 +451,12 @@ class Method(abc.ABC):
                 yield from self._batch_results(encoded, *pending)
                 pending = None
             run = self.run_info()  # what runs this batch: checked before it runs, at the precision in effect
-            out = self.jitted_maps(self.params, pixels, encoded.queries, np.broadcast_to(rows, (len(loaded), len(rows))))
+            out = self.jitted_maps(self.params, pixels, slots, np.broadcast_to(rows, (len(loaded), len(rows))))
             if pending is not None:
                 yield from self._batch_results(encoded, *pending)
-            resized = [self.original_maps(out.maps[b], geometry) for b, (_, _, geometry) in enumerate(loaded)]
+            # resized in their slots (one resize program per bucket too), the padded ones dropped on the device
+            resized = [self.original_maps(out.maps[b], geometry)[:len(encoded.queries)]
+                       for b, (_, _, geometry) in enumerate(loaded)]
             pending = loaded, resized, out.extras, run
         if pending is not None:
             yield from self._batch_results(encoded, *pending)
@@ -552,9 +571,6 @@ class PromptMethod(Method):
 
     heatmap: ClassVar[Optional[MapPostprocess]]  # None: the maps stay on the patch grid
     templates: ClassVar[Optional[tuple[str, ...]]] = None  # the official prompt ensemble, if any
-    # Queries mapped together on one image; 1 for a method whose every map is a computation of its own
-    # (an optimization, masked forwards), where padding a chunk would cost whole maps.
-    query_chunk: ClassVar[int] = 8
     text_chunk: ClassVar[int] = 8  # one-prompt texts encoded per call (template ensembles: one per call)
     text_cache_size: ClassVar[int] = 4096  # texts whose features `text_features` keeps
 
@@ -749,6 +765,14 @@ def _check_several_images(images: Any) -> None:
     else:
         return
     raise TypeError(f"explain_batch takes a sequence or iterable of images, got {one}; explain takes one image")
+
+
+def pad_slots(rows: Sequence[int], slots: int) -> np.ndarray:
+    """Query `rows` padded to `slots` entries [slots] int32 by repeating the first: a padded slot maps a real query
+    again and its map is dropped, so that calls with a few queries more or fewer run one compiled program (explain's
+    queries, a sweep's class slots per image; a map never depends on the other queries of its call)."""
+    rows = list(rows)
+    return np.array(rows + rows[:1] * (slots - len(rows)), np.int32)
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

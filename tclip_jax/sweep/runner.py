@@ -62,7 +62,7 @@ from tclip_jax.evaluation.options import EvalOptions
 from tclip_jax.evaluation.scoring import score_unit
 from tclip_jax.files import check_output_folder, unwritten_entries, write_text_atomic
 from tclip_jax.image import Geometry
-from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query, QueryArrays
+from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query, QueryArrays, pad_slots
 from tclip_jax.sweep.options import RunOptions
 from tclip_jax.sweep.report import CONFIG_FILE, read_config, write_report
 from tclip_jax.sweep.sharding import DeviceMaps, DispatchedMaps, barrier, class_slots, owns
@@ -373,12 +373,11 @@ class _Queries:
         queries = self.classes
         if own:
             extra = self.method.encode(own, label_set=self.label_set)
-            padding = np.arange(class_slots(len(own))) % len(own)
-            queries = self.classes.extend(extra.take(padding))
+            queries = self.classes.extend(extra.take(pad_slots(range(len(own)), class_slots(len(own)))))
         row_of = {query: len(self.classes) + i for i, query in enumerate(own)}
         rows = [[t.class_id if t.query is None else row_of[t.query] for t in loaded.targets] for loaded in batch]
         slots = class_slots(max(map(len, rows)))
-        return queries, np.array([r + [r[0]] * (slots - len(r)) for r in rows], np.int32)
+        return queries, np.stack([pad_slots(r, slots) for r in rows])
 
 
 def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, labels: tuple[str, ...],
