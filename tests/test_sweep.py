@@ -906,6 +906,24 @@ def test_two_distributed_processes_give_the_one_process_report(coco_many, coco_m
     assert b"# Sweep" in processes[0].stdout.read() and b"# Sweep" not in processes[1].stdout.read()
 
 
+def test_distributed_processes_started_with_other_configurations_all_refuse_in_one_line(coco_many, tmp_path):
+    """A process started with another --box-rule than process 0 would write into process 0's sweep: every process
+    refuses, in the same one line, before anything is written (none is left waiting at a barrier)."""
+    out = tmp_path / "out"
+    port = _free_port()
+    processes = [_sweep_process("coco", "--data", str(coco_many), "--method", "test_sweep:Painted", "--limit", "2",
+                                "--out", str(out), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                "--process-id", str(i), *(["--box-rule", "contour"] if i else []))
+                 for i in range(2)]
+    for process in processes:
+        assert process.wait(timeout=180) == 2
+        assert process.stderr.read().decode().splitlines() == [
+            "tclip sweep: error: process 1 was started with another sweep configuration than process 0: "
+            "run.settings.box_rule (process 0 'component', process 1 'contour'); start every process with the same "
+            "arguments"]
+    assert not out.exists()
+
+
 def test_a_sigterm_ends_distributed_processes_and_resume_finishes_the_sweep(coco_many, coco_many_reference, tmp_path):
     """jax.distributed.initialize starts JAX's preemption service, whose own SIGTERM handler only noted the signal:
     the processes ran on to status 0. They end as README says ("terminated", 143, within the grace period).

@@ -65,7 +65,7 @@ from tclip_jax.image import Geometry
 from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query, QueryArrays, pad_slots
 from tclip_jax.sweep.options import RunOptions
 from tclip_jax.sweep.report import CONFIG_FILE, read_config, write_report
-from tclip_jax.sweep.sharding import DeviceMaps, DispatchedMaps, barrier, class_slots, owns
+from tclip_jax.sweep.sharding import DeviceMaps, DispatchedMaps, barrier, class_slots, gather_text, owns
 from tclip_jax.sweep.store import (LOCKS_GLOB, RESULTS_GLOB, ResultWriter, drop_errors, files_to_retry,
                                   read_all_records, read_records, remove_stale_locks, results_lock, results_path)
 from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, UnitPictures
@@ -148,6 +148,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                                     **({"data_fingerprint": dataset.fingerprint} if dataset.fingerprint else {}),
                                     **({"units_version": dataset.units_version} if dataset.units_version > 1 else {}),
                                     **({"shared_class_names": shared} if shared else {})}))
+    _check_processes_agree(config, data_folder)
     created = not out.exists()
     barrier("tclip-sweep-seen")  # every process has looked before any makes the folder for its lock
     with results_lock(out, process):  # checked and run by no other sweep meanwhile
@@ -441,7 +442,60 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
         return
     if not resume:
         raise ValueError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
-    stored = read_config(out)
+    changed = _config_changes(read_config(out), config, data_folder, clip)
+    # samples(limit) are the samples of index below the limit, so a larger one keeps every stored record: a sweep
+    # may grow on resume (--limit 50, then 500), never shrink (the records past the new limit would stay in it). A
+    # limit past the dataset's end, stored as given before 2026-12-06, grows to None, as it is recorded now.
+    stored_limit, limit = changed.get("limit", (None, None))
+    grows = "limit" in changed and stored_limit is not None and (limit is None or limit > stored_limit)
+    if grows:
+        del changed["limit"]
+    if changed:
+        shrinks = " (a resumed sweep's --limit may grow, not shrink)" if "limit" in changed else ""
+        edited = (" (the annotations were edited since the sweep began: its records were scored on the old ones; "
+                  "start a new --out)") if "data_fingerprint" in changed else ""
+        shared = (" (its records name classes that share a name alike, as sweeps before 2026-12-05 did; start a "
+                  "new --out)") if "shared_class_names" in changed else ""
+        same_reading = not any(key in ("dataset", "source") for key in changed)  # else said by those
+        other_units = (" (the dataset's units are read otherwise since the sweep began: its records hold the old "
+                       "ones; start a new --out)") if "units_version" in changed and same_reading else ""
+        other_model = (" (not the sweep's model, whatever its path: its weights or activation differ; name the "
+                       "sweep's model or start a new --out)") if "run.model.fingerprint" in changed else ""
+        # A method's maps version may follow its settings (TCLIP's its input protocol): the maps changed under the
+        # sweep only where the method and its settings did not.
+        same_method = not any(key in ("run.method", "run.input_protocol") or key.startswith("run.settings.")
+                              for key in changed)
+        other_maps = (" (the method's maps changed since the sweep began: its records hold the old ones; start a "
+                      "new --out)") if "run.maps_version" in changed and same_method else ""
+        other_precision = (" (JAX's matmul precision, None its default: set the stored one, e.g. by the environment's "
+                           "JAX_DEFAULT_MATMUL_PRECISION)") if "run.model.matmul_precision" in changed else ""
+        raise ValueError(f"cannot resume {out}: the sweep there differs in "
+                         + "; ".join(f"{key} (stored {old!r}, now {new!r})" for key, (old, new) in changed.items())
+                         + shrinks + edited + shared + other_units + other_model + other_maps + other_precision)
+
+
+def _check_processes_agree(config: dict, data_folder: Optional[str]) -> None:
+    """Refuses, in every process at once, a multi-process sweep whose processes were started with other
+    configurations (another --box-rule): they would write into one sweep under process 0's sweep.json. Every process
+    takes part (`gather_text`) before anything is written and reaches the same verdict from the same texts, so none
+    is left waiting for another that refused. They are compared as a resume compares a configuration with the stored
+    one (`_config_changes`): a model or a data folder named by another path on another host is the same."""
+    texts = gather_text(json.dumps({"config": config, "data_folder": data_folder}))
+    for process, text in enumerate(texts[1:], 1):
+        other = json.loads(text)
+        changed = _config_changes(json.loads(texts[0])["config"], other["config"], other["data_folder"])
+        if changed:
+            raise ValueError(f"process {process} was started with another sweep configuration than process 0: "
+                             + "; ".join(f"{key} (process 0 {old!r}, process {process} {new!r})"
+                                         for key, (old, new) in changed.items())
+                             + "; start every process with the same arguments")
+
+
+def _config_changes(stored: dict, config: dict, data_folder: Optional[str] = None,
+                    clip: Optional[LoadedClip] = None) -> dict[str, tuple]:
+    """{dotted key: (stored, now)} where the sweep configuration `config` is not the sweep `stored` holds
+    (`_changed_fields`, after what tells a sweep apart is read from either: weights, not model paths; annotations,
+    not the data folder; older sweep.json spellings); `data_folder` as `config`'s source names it."""
     fingerprinted = bool(stored.get("data_fingerprint"))  # what tells a moved dataset (below) is the stored one
     if "data_fingerprint" in config:  # a sweep stored before datasets had fingerprints: nothing to check against
         stored.setdefault("data_fingerprint", config["data_fingerprint"])
@@ -483,36 +537,7 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
         stored["run"].get("settings", {})["projections"] = config["run"]["settings"]["projections"]
     if "maps_version" in config["run"]:  # a sweep stored before methods recorded it holds their first maps
         stored.get("run", {}).setdefault("maps_version", 1)
-    changed = _changed_fields(stored, config)
-    # samples(limit) are the samples of index below the limit, so a larger one keeps every stored record: a sweep
-    # may grow on resume (--limit 50, then 500), never shrink (the records past the new limit would stay in it). A
-    # limit past the dataset's end, stored as given before 2026-12-06, grows to None, as it is recorded now.
-    stored_limit, limit = changed.get("limit", (None, None))
-    grows = "limit" in changed and stored_limit is not None and (limit is None or limit > stored_limit)
-    if grows:
-        del changed["limit"]
-    if changed:
-        shrinks = " (a resumed sweep's --limit may grow, not shrink)" if "limit" in changed else ""
-        edited = (" (the annotations were edited since the sweep began: its records were scored on the old ones; "
-                  "start a new --out)") if "data_fingerprint" in changed else ""
-        shared = (" (its records name classes that share a name alike, as sweeps before 2026-12-05 did; start a "
-                  "new --out)") if "shared_class_names" in changed else ""
-        same_reading = not any(key in ("dataset", "source") for key in changed)  # else said by those
-        other_units = (" (the dataset's units are read otherwise since the sweep began: its records hold the old "
-                       "ones; start a new --out)") if "units_version" in changed and same_reading else ""
-        other_model = (" (not the sweep's model, whatever its path: its weights or activation differ; name the "
-                       "sweep's model or start a new --out)") if "run.model.fingerprint" in changed else ""
-        # A method's maps version may follow its settings (TCLIP's its input protocol): the maps changed under the
-        # sweep only where the method and its settings did not.
-        same_method = not any(key in ("run.method", "run.input_protocol") or key.startswith("run.settings.")
-                              for key in changed)
-        other_maps = (" (the method's maps changed since the sweep began: its records hold the old ones; start a "
-                      "new --out)") if "run.maps_version" in changed and same_method else ""
-        other_precision = (" (JAX's matmul precision, None its default: set the stored one, e.g. by the environment's "
-                           "JAX_DEFAULT_MATMUL_PRECISION)") if "run.model.matmul_precision" in changed else ""
-        raise ValueError(f"cannot resume {out}: the sweep there differs in "
-                         + "; ".join(f"{key} (stored {old!r}, now {new!r})" for key, (old, new) in changed.items())
-                         + shrinks + edited + shared + other_units + other_model + other_maps + other_precision)
+    return _changed_fields(stored, config)
 
 
 def _changed_fields(stored: dict, now: dict, prefix: str = "") -> dict[str, tuple]:

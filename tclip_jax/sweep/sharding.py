@@ -36,6 +36,18 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def gather_text(text: str) -> list[str]:
+    """Every process's ``text``, in process order (this one's alone for a single process): every process calls it,
+    as a barrier."""
+    if jax.process_count() == 1:
+        return [text]
+    data = np.frombuffer(text.encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.int32(len(data)))
+    padded = np.zeros(int(lengths.max()), np.uint8)  # allgather takes one shape from every process
+    padded[:len(data)] = data
+    return [bytes(row[:length]).decode() for row, length in zip(multihost_utils.process_allgather(padded), lengths)]
+
+
 def end_in_turn(grace_s: float) -> None:
     """Called just before a process of a multi-process run ends early (a Ctrl-C or SIGTERM, which a scheduler sends
     every process): the process that hosts JAX's coordination service (process 0) ends last. Once the service is
