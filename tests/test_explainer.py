@@ -224,6 +224,26 @@ def test_a_class_name_glued_to_template_letters_takes_the_word_it_is_part_of(no_
     np.testing.assert_array_equal(touching[0], touching[1])
 
 
+@pytest.mark.parametrize("span", [(5, 2), (-1, 3), (0, 13), (100, 200), (1.0, 2), (True, 2), (1,), 5, "ab"])
+def test_a_span_that_is_not_characters_of_its_prompt_is_refused_in_one_line(span):
+    with pytest.raises(ValueError, match=r"^span .+ of prompt 'a red circle' is not characters \[start, end\) of it: "
+                                         r"two integers, 0 <= start <= end <= 12$"):
+        Query("a red circle", span)
+
+
+def test_a_span_maps_the_words_that_overlap_it_and_says_so_when_there_are_none(no_translation):
+    query = Query("a red circle", (np.int64(3), np.int64(4)))  # "e" of "red": the word it is part of, whole
+    assert query.span == (3, 4) and all(type(v) is int for v in query.span)
+    red, part, whole = no_translation.encode([Query("a red circle", (2, 5)), query, Query("a red circle", (0, 12))]
+                                             ).per_query
+    np.testing.assert_array_equal(part, red)
+    assert np.abs(whole - red).max() > 1e-3  # (the phrase's query: another)
+    for span in ((1, 2), (5, 5), (12, 12)):  # a space, nothing, the end
+        with pytest.raises(ValueError, match=r"^prompt 'a red circle' has no words to explain that overlap characters "
+                                             rf"\[{span[0]}, {span[1]}\)$"):
+            no_translation.encode([Query("a red circle", span)])
+
+
 @pytest.mark.parametrize("prompts,message", [
     ("", "has no words"),
     ("?! ... --", "has no words"),

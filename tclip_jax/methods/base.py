@@ -61,13 +61,27 @@ RESULT_VERSION = 2
 
 @dataclasses.dataclass(frozen=True)
 class Query:
-    """One map to compute: of `prompt`, or of the words inside `span` (characters [start, end) of the prompt).
+    """One map to compute: of `prompt`, or of the words that overlap `span` (characters [start, end) of the prompt,
+    0 <= start <= end <= len(prompt); a word partly inside it is taken whole).
 
-    Per-token methods (TCLIP) map the words inside the span; prompt-level methods map the whole prompt.
+    Per-token methods (TCLIP) map the words that overlap the span; prompt-level methods map the whole prompt.
     """
 
     prompt: str
     span: Optional[tuple[int, int]] = None
+
+    def __post_init__(self):
+        if self.span is None:
+            return
+        try:
+            start, end = (int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else None
+                          for v in self.span)
+        except (TypeError, ValueError):  # not a pair
+            start = end = None
+        if start is None or end is None or not 0 <= start <= end <= len(self.prompt):
+            raise ValueError(f"span {self.span!r} of prompt {self.prompt!r} is not characters [start, end) of it: two "
+                             f"integers, 0 <= start <= end <= {len(self.prompt)}")
+        object.__setattr__(self, "span", (start, end))  # Python ints, as results record them
 
 
 @flax.struct.dataclass

@@ -4,7 +4,7 @@ Device (jitted): the K translated copies of every image of a batch go through th
 relevance grid is upsampled, shifted back and combined by a pixel-wise trimmed mean (`relevance`). Host: a
 2-component GMM on each aggregated map gives τ and the soft map; Otsu and the largest connected component give
 the box (`tclip_jax.postprocess`). A query is a unit token embedding averaged over a word's BPE pieces, and over
-the words inside a query's span (a multi-word class name; the whole prompt for its phrase map), or, with a
+the words that overlap a query's span (a multi-word class name; the whole prompt for its phrase map), or, with a
 `token_weighting`, the span's pieces weighted by the end-of-text token's attention (`token_weights`).
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ class TCLIP(Method):
         return embeds, weights
 
     def encode(self, queries: Sequence[Query], label_set: Optional[Sequence[str]] = None) -> QueryArrays:
-        """[Q, D] queries: the mean over the words inside each query's span of the mean of their pieces."""
+        """[Q, D] queries: the mean over the words that overlap each query's span of the mean of their pieces."""
         tokens = self.tokenize(list(dict.fromkeys(q.prompt for q in queries)))
         return _queries(tokens, *self.embed_prompts(tokens), queries)
 
@@ -164,7 +164,7 @@ def _span_query(tokens: TokenizedPrompt, embeds: np.ndarray, weights: Optional[n
     words = [w for w in tokens.words if not w.is_punctuation
              and (span is None or (w.start < span[1] and w.end > span[0]))]
     if not words:
-        where = "" if span is None else f" inside characters {span[0]}..{span[1]}"
+        where = "" if span is None else f" that overlap characters [{span[0]}, {span[1]})"
         raise ValueError(f"prompt {tokens.text!r} has no words to explain{where}")
     if weights is not None and len(words) > 1:
         pieces = [p for w in words for p in w.piece_positions]
