@@ -512,7 +512,7 @@ def test_explain_batch_gives_every_image_read_before_any_error_then_raises_it(no
         np.testing.assert_array_equal(result.image, image)
 
 
-@pytest.mark.parametrize("kind", ["str", "path", "bytes", "array", "grey array", "PIL"])
+@pytest.mark.parametrize("kind", ["str", "path", "bytes", "array", "grey array", "jax array", "PIL"])
 def test_explain_batch_refuses_one_image_instead_of_a_sequence(no_translation, fixture_images, tmp_path, kind):
     """Iterated, one image would be its characters (a path), its rows (an array) or its byte values: refused with
     what to call instead. A stack [N, H, W, C] is a sequence of images."""
@@ -522,7 +522,7 @@ def test_explain_batch_refuses_one_image_instead_of_a_sequence(no_translation, f
     path = tmp_path / "one.png"
     Image.fromarray(image).save(path)
     one = {"str": str(path), "path": path, "bytes": path.read_bytes(), "array": image, "grey array": image[..., 0],
-           "PIL": Image.fromarray(image)}[kind]
+           "jax array": jax.numpy.asarray(image), "PIL": Image.fromarray(image)}[kind]
     with pytest.raises(TypeError, match=r"^explain_batch takes a sequence or iterable of images, got .*; explain "
                                         r"takes one image$"):
         next(no_translation.explain_batch(one, PROMPTS))

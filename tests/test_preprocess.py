@@ -342,6 +342,17 @@ def test_load_array_layouts(rgb):
     np.testing.assert_array_equal(load_image(np.full((1, 1, 3), 7, np.uint8)), np.full((1, 1, 3), 7))
 
 
+def test_a_jax_array_and_bytes_likes_load_as_the_numpy_array_and_bytes_they_hold(tmp_path, rgb):
+    import jax.numpy as jnp
+
+    for array in (rgb, rgb / 255.0, rgb[..., 0]):
+        np.testing.assert_array_equal(load_image(jnp.asarray(array)), load_image(array))
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    encoded = (tmp_path / "rgb.png").read_bytes()
+    for held in (bytearray(encoded), memoryview(encoded)):
+        np.testing.assert_array_equal(load_image(held), rgb)
+
+
 def test_load_grayscale_png_and_jpeg(tmp_path, rgb):
     gray = rgb[..., 1]
     Image.fromarray(gray).save(tmp_path / "gray.png")

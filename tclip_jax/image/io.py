@@ -1,4 +1,5 @@
-"""Decoding: any path, encoded bytes, PIL image or array becomes an RGB uint8 array [H, W, 3].
+"""Decoding: any path, encoded bytes (bytes, bytearray, memoryview), PIL image or array (numpy, or a jax.Array,
+fetched) becomes an RGB uint8 array [H, W, 3].
 
 Conventions:
 - Files and bytes are opened in every format PIL has but `NOT_OPENED_FORMATS`: no outside program runs on them (PIL
@@ -24,6 +25,7 @@ import io
 import os
 import pathlib
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from typing import IO, TypeVar
@@ -31,7 +33,7 @@ from typing import IO, TypeVar
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-ImageLike = str | os.PathLike | bytes | Image.Image | np.ndarray
+ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray  # or a jax.Array
 T = TypeVar("T")
 
 _UINT16_MAX = 65535
@@ -71,16 +73,24 @@ def load_image(image: ImageLike, exif: bool = True) -> np.ndarray:
     """Return ``image`` as a C-contiguous RGB uint8 array [H, W, 3] (a new array, never a view of the input)."""
     if isinstance(image, (str, os.PathLike)):
         return _decode(_image_path(image), exif)
-    if isinstance(image, bytes):
-        return _decode(image, exif)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _decode(bytes(image), exif)
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image, exif)
+    if _is_jax_array(image):
+        image = np.asarray(image)  # fetched from its device
     if isinstance(image, np.ndarray):
         rgb = _array_to_rgb(image)
         if image.dtype == np.uint16:
             _warn_if_8_bit(image, "a uint16 image array", "pass them as uint8 (array.astype(np.uint8))")
         return rgb
-    raise TypeError(f"expected a path, encoded bytes, a PIL image or a numpy array, got {type(image).__name__}")
+    raise TypeError(f"expected a path, encoded bytes, a PIL image or a numpy or jax array, got {type(image).__name__}")
+
+
+def _is_jax_array(value) -> bool:
+    """Whether `value` is a jax.Array (jax is not imported to tell: no jax array exists without it)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(value, jax.Array)
 
 
 def image_size(path: str | os.PathLike, exif: bool = True) -> tuple[int, int]:

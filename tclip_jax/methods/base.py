@@ -773,8 +773,9 @@ def _check_several_images(images: Any) -> None:
         one = f"{type(images).__name__} (one encoded image)"
     elif isinstance(images, Image.Image):
         one = "a PIL image"
-    elif isinstance(images, np.ndarray) and images.ndim not in (1, 4):
-        one = (f"a numpy array of shape {images.shape}, one image (images stacked in an array: a list of them, or "
+    elif isinstance(images, (np.ndarray, jax.Array)) and images.ndim not in (1, 4):
+        kind = "numpy" if isinstance(images, np.ndarray) else "jax"
+        one = (f"a {kind} array of shape {images.shape}, one image (images stacked in an array: a list of them, or "
                "[N, H, W, C])")
     else:
         return
