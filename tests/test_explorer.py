@@ -214,23 +214,24 @@ def test_a_compare_method_equal_to_the_runs_or_an_earlier_one_is_left_out(fixtur
     K=1" panels and two "similarity" ones (notebook.compare of a K=1 explainer two "TCLIP K=1"): a method of the
     same class and settings as the run's or an earlier one is left out, said in one line each."""
     from tclip_jax.checkpoints.load import load_clip
-    from tclip_jax.cli.explain import compare_methods
+    from tclip_jax.cli.explain import COMPARE_FLAG, compare_methods
     from tclip_jax.methods.similarity import Similarity
     from tclip_jax.methods.tclip import TCLIP, Settings
 
     main = TCLIP(load_clip(fixtures_dir / "tiny_openai_clip.npz"), Settings(translations=1))
     specs = ["tclip:translations=1", "similarity", "tclip:translations=25", "similarity:box_rule=contour",
              "similarity", "tclip:translations=25,trim=0.2", "tclip"]
-    with pytest.warns(UserWarning) as said:
-        built = compare_methods(specs, main)
-    assert [spec for spec, _ in built] == ["similarity", "tclip:translations=25", "similarity:box_rule=contour"]
-    assert [type(m) for _, m in built] == [Similarity, TCLIP, Similarity]
-    assert [str(w.message) for w in said] == [
-        "--compare tclip:translations=1: the same method and settings as the run's method; shown once",
-        "--compare similarity: the same method and settings as --compare similarity; shown once",
-        "--compare tclip:translations=25,trim=0.2: the same method and settings as --compare tclip:translations=25; "
-        "shown once",
-        "--compare tclip: the same method and settings as the run's method; shown once"]
+    for flag in ("", COMPARE_FLAG):  # the API names a spec alone; the command line after its flag
+        with pytest.warns(UserWarning) as said:
+            built = compare_methods(specs, main, flag)
+        assert [spec for spec, _ in built] == ["similarity", "tclip:translations=25", "similarity:box_rule=contour"]
+        assert [type(m) for _, m in built] == [Similarity, TCLIP, Similarity]
+        assert [str(w.message) for w in said] == [
+            f"{flag}tclip:translations=1: the same method and settings as the run's method; shown once",
+            f"{flag}similarity: the same method and settings as {flag}similarity; shown once",
+            f"{flag}tclip:translations=25,trim=0.2: the same method and settings as {flag}tclip:translations=25; "
+            "shown once",
+            f"{flag}tclip: the same method and settings as the run's method; shown once"]
 
 
 # --------------------------------------------------------------------------------------------- in a browser

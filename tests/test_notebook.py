@@ -59,6 +59,18 @@ def test_a_word_alone_under_a_label_set_method_says_what_it_was_mapped_against(f
                                   surgery.explain(image, ["a", "red", "circle"]).prompts[1].phrase.heatmap)
 
 
+def test_compare_names_a_bad_method_spec_alone_not_after_the_command_lines_flag(fixtures_dir):
+    from tclip_jax.methods.similarity import Similarity
+
+    baseline = Similarity.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"))
+    image = np.zeros((32, 32, 3), np.uint8)
+    for methods, message in [("tclip:bogus=1", r"^tclip:bogus=1: unknown option 'bogus'"),
+                             (["none", "tclip"], r"^none turns comparing off; it cannot go with other methods$"),
+                             ("decomposition", r"^decomposition: .*needs at least 2")]:
+        with pytest.raises(ValueError, match=message):
+            notebook.compare(baseline, image, ["a red circle"], methods)
+
+
 def test_compare_with_a_prompt_level_method_first_shows_its_maps_of_each_word_alone(fixtures_dir):
     from tclip_jax.methods.similarity import Similarity
 

@@ -38,6 +38,7 @@ from typing import Optional
 from tclip_jax.cli.common import add_method_arguments, build_method
 
 NO_COMPARE = "none"
+COMPARE_FLAG = "--compare "  # what the command line's messages name a compare spec after (the API: the spec alone)
 LOCK_FILE = ".tclip-explain.lock"  # held in OUT while a run writes there
 
 
@@ -252,16 +253,17 @@ def parse_compare(spec: str) -> tuple[str, list[str]]:
     return method.strip(), assignments
 
 
-def compare_methods(specs: list[str], main) -> list:
+def compare_methods(specs: list[str], main, flag: str = "") -> list:
     """The compare methods the specs name (plus TCLIP K=1 for a TCLIP run), built on the main method's model; one
-    of the same class and settings as the main method or an earlier one is left out, with a warning."""
+    of the same class and settings as the main method or an earlier one is left out, with a warning. Messages name
+    a spec after `flag` ("--compare " on the command line; the API's callers name the spec alone)."""
     from tclip_jax import methods
     from tclip_jax.methods.settings import MethodSettings
     from tclip_jax.methods.tclip import TCLIP
 
     if NO_COMPARE in [s.strip().lower() for s in specs]:
         if len(specs) > 1:
-            raise ValueError(f"--compare {NO_COMPARE} turns comparing off; it cannot go with other --compare methods")
+            raise ValueError(f"{flag}{NO_COMPARE} turns comparing off; it cannot go with other {flag}methods")
         return []
     built = []
     for spec in specs:
@@ -277,12 +279,12 @@ def compare_methods(specs: list[str], main) -> list:
                 base = {k: v for k, v in main.settings.to_dict().items() if k in shared}
                 settings = method_class.Settings.from_dict({**base, **given})
         except ValueError as err:
-            raise ValueError(f"--compare {spec}: {err}") from None
-        before = [("the run's method", main), *((f"--compare {earlier}", method) for earlier, method in built)]
+            raise ValueError(f"{flag}{spec}: {err}") from None
+        before = [("the run's method", main), *((f"{flag}{earlier}", method) for earlier, method in built)]
         same = next((what for what, method in before if type(method) is method_class and method.settings == settings),
                     None)
         if same is not None:  # the same maps twice, under one label
-            warnings.warn(f"--compare {spec}: the same method and settings as {same}; shown once", stacklevel=2)
+            warnings.warn(f"{flag}{spec}: the same method and settings as {same}; shown once", stacklevel=2)
             continue
         built.append((spec, method_class(main.clip, settings)))
     if isinstance(main, TCLIP) and main.settings.translations != 1 and not any(
@@ -291,15 +293,15 @@ def compare_methods(specs: list[str], main) -> list:
     return built
 
 
-def prepare_compare(built: list, prompts: list[str], words: list[str]) -> list[Compared]:
-    """Encodes the compare methods (`compare_methods`) once for the run; `words`: the page's words, one each,
-    which a prompt-level method maps alone (none when no method of the run maps words)."""
+def prepare_compare(built: list, prompts: list[str], words: list[str], flag: str = "") -> list[Compared]:
+    """Encodes the compare methods (`compare_methods`, whose `flag` this takes) once for the run; `words`: the page's
+    words, one each, which a prompt-level method maps alone (none when no method of the run maps words)."""
     compared = []
     for spec, method in built:
         try:
             encoded = method.encode_prompts(prompts)
         except ValueError as err:
-            raise ValueError(f"--compare {spec}: {err}") from None
+            raise ValueError(f"{flag}{spec}: {err}") from None
         words_alone, note = None, None
         if words and not method.explains_words:
             try:
@@ -321,11 +323,12 @@ class Plan:
     main_alone: object = None
 
     @classmethod
-    def build(cls, method, prompts: list[str], compare: list[str], page: bool = True) -> "Plan":
-        """Encodes everything once, before any image (bad prompts and compare specs fail here). Without a page,
-        compare methods run only if some are asked for (and then TCLIP K=1 joins a TCLIP run's, as always)."""
+    def build(cls, method, prompts: list[str], compare: list[str], page: bool = True, flag: str = "") -> "Plan":
+        """Encodes everything once, before any image (bad prompts and compare specs fail here; messages name a spec
+        after `flag`, as `compare_methods`). Without a page, compare methods run only if some are asked for (and
+        then TCLIP K=1 joins a TCLIP run's, as always)."""
         encoded = method.encode_prompts(prompts)
-        built = compare_methods(compare, method) if page or compare else []
+        built = compare_methods(compare, method, flag) if page or compare else []
         words = []  # the words the page lists, once each, if any method of the run maps words
         if method.explains_words or any(m.explains_words for _, m in built):
             from tclip_jax.visualize.explorer import distinct_words, page_words
@@ -337,7 +340,7 @@ class Plan:
                 main_alone = method.encode_prompts(words)
             except ValueError:
                 pass
-        return cls(method, encoded, tuple(prepare_compare(built, list(prompts), words)), main_alone)
+        return cls(method, encoded, tuple(prepare_compare(built, list(prompts), words, flag)), main_alone)
 
     def views(self, image) -> list:
         """The explorer's views of one image (uint8 RGB or a path): the main result first, then each compare."""
@@ -373,10 +376,10 @@ def _run_holding(args: argparse.Namespace, out: pathlib.Path) -> int:
     names = result_folders(out, args.images)
     check_replaced(out, args.images, names, args.html)
     method = build_method(args)
-    plan = Plan.build(method, list(args.prompt), args.compare, args.html)  # fails early, before any output
+    plan = Plan.build(method, list(args.prompt), args.compare, args.html, COMPARE_FLAG)  # fails early, before output
     for path in args.images:  # every image's header, before any output: a bad image ends the run before it starts
         size = image_size(path)
-        for what, checked in [("", plan.method), *((f"--compare {c.spec}: ", c.method) for c in plan.compared)]:
+        for what, checked in [("", plan.method), *((f"{COMPARE_FLAG}{c.spec}: ", c.method) for c in plan.compared)]:
             try:
                 checked.check_image_size(size)
             except ValueError as err:
