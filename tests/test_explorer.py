@@ -537,6 +537,13 @@ def test_figure_wraps_names_the_method_and_shows_tau(fixtures_dir):
     assert "TCLIP K=1 soft maps" in soft._suptitle.get_text()
     with pytest.raises(ValueError):
         result.figure(kind="raw")
+    for bad in (0, 6, 2.0, True):  # refused, as kind is, not clamped to 1..5
+        with pytest.raises(ValueError, match=rf"^columns must be an integer from 1 to 5, got {bad!r}$"):
+            result.figure(columns=bad)
+    with pytest.raises(ValueError, match=r"^prompt must be the index of one of the result's prompts \(an integer\), "
+                                         r"got True$"):  # not read as prompt 1
+        result.figure(prompt=True)
+    assert len([a for a in result.figure(columns=np.int64(2)).axes if a.images]) == 11
 
 
 def test_a_soft_figure_of_a_method_without_soft_maps_says_it_shows_the_maps(fixtures_dir):

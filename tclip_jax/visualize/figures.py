@@ -343,6 +343,10 @@ def result_figure(result, prompt: int = 0, kind: str = "heatmap", columns: int =
     soft maps has its maps drawn, and the title says so)."""
     if kind not in ("heatmap", "soft"):
         raise ValueError(f"kind must be 'heatmap' or 'soft', got {kind!r}")
+    if isinstance(columns, bool) or not isinstance(columns, (int, np.integer)) or not 1 <= columns <= MAX_COLUMNS:
+        raise ValueError(f"columns must be an integer from 1 to {MAX_COLUMNS}, got {columns!r}")
+    if isinstance(prompt, bool) or not isinstance(prompt, (int, np.integer)):
+        raise ValueError(f"prompt must be the index of one of the result's prompts (an integer), got {prompt!r}")
     if not -len(result.prompts) <= prompt < len(result.prompts):
         raise IndexError(f"prompt {prompt} out of range: the result has {len(result.prompts)} prompt(s)")
     chosen = result.prompts[prompt]
