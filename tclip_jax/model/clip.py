@@ -83,6 +83,8 @@ class ImageOutput:
     embeds: Array                   # [B, embed_dim] class token after ln_post and proj (CLIP's image embedding)
     tokens: Array                   # [B, 1 + gh*gw, embed_dim] every token after ln_post and proj
     tokens_normed: Array            # [B, 1 + gh*gw, width] every token after ln_post
+    # L + 1 x [B, 1 + gh*gw, width] (with `intermediates`): the stream entering the first block (patch, class and
+    # position embeddings after ln_pre), then after each block; transformers' vision hidden_states
     residual_stream: Optional[tuple[Array, ...]]
     attention_probs: Optional[tuple[Array, ...]]
     grid: tuple[int, int] = flax.struct.field(pytree_node=False)
@@ -91,9 +93,11 @@ class ImageOutput:
 @flax.struct.dataclass
 class TextOutput:
     embeds: Array                   # [B, embed_dim] end-of-text token after ln_final and projection
-    tokens: Array                   # [B, context, embed_dim] every token after ln_final and projection
-    tokens_normed: Array            # [B, context, width] every token after ln_final
+    tokens: Array                   # [B, length, embed_dim] every token after ln_final and projection
+    tokens_normed: Array            # [B, length, width] every token after ln_final (length: the token ids', <= context)
     eot_index: Array                # [B] position of the end-of-text token
+    # L + 1 x [B, length, width] (with `intermediates`): the stream entering the first block (token plus position
+    # embeddings), then after each block; transformers' text hidden_states
     residual_stream: Optional[tuple[Array, ...]]
     attention_probs: Optional[tuple[Array, ...]]
 
