@@ -46,10 +46,15 @@ def test_notebook_executes_offline(monkeypatch, tmp_path):
 
 def test_a_word_alone_under_a_label_set_method_says_what_it_was_mapped_against(fixtures_dir):
     """CLIP Surgery maps a word alone against the page's words (its label set), not as a prompt by itself: the
-    panel says so, and the map is the method's map of the word with those words as the label set."""
+    panel says so, and the map is the method's map of the word with those words as the label set. So does a class
+    of its own outside the registry ("module:Class"), which the page does not look up by name."""
     from tclip_jax.methods.clip_surgery import CLIPSurgery
 
-    surgery = CLIPSurgery.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"))
+    class MySurgery(CLIPSurgery):
+        pass
+
+    surgery = MySurgery.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"))
+    assert surgery.name == f"{__name__}:{MySurgery.__qualname__}"
     image = notebook.fetch_image(str(fixtures_dir / "scene_224.png"))
     explorer = notebook.compare(surgery, image, ["a red circle"], "tclip")
     fragment = explorer._repr_html_()

@@ -60,6 +60,9 @@ class View:
     words_alone: object = None       # ImageResult or None
     label: Optional[str] = None      # default: the method and its non-default settings
     note: Optional[str] = None       # shown on the panel, e.g. why word maps are missing
+    # words_alone was mapped against the page's words as its label set (the method's `uses_label_set`, read from the
+    # method object that made it: a results file names a method, which is not imported to ask)
+    against_label_set: bool = False
 
 
 def view_label(view: View) -> str:
@@ -171,7 +174,7 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
             if view.words_alone is not None:
                 for w, word in enumerate(prompt_words):
                     alone = view.words_alone.prompts[alone_index[word["text"]]].phrase
-                    against = ", against the page's words as its label set" if _uses_label_set(result.run) else ""
+                    against = ", against the page's words as its label set" if view.against_label_set else ""
                     maps[f"p{p}w{w}"] = _map(alone, f"the prompt {_quote(word['text'])} alone{against} (a "
                                              f"prompt-level method has no per-word map)", blobs, size_hw)
             phrase_text = f"the prompt {quoted}"
@@ -182,14 +185,6 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
     return {"label": view_label(view), "method": result.run["method"],
             "model": model_label(result.run), "run": result.run, "per_word": per_word,
             "has_soft": any(m.get("soft") is not None for m in maps.values()), "note": view.note, "maps": maps}
-
-
-def _uses_label_set(run: dict) -> bool:
-    """Whether the registered method of the run maps a prompt against a label set (CLIP Surgery, the
-    decomposition): its map of a word alone then depends on the other words it was encoded with."""
-    from tclip_jax import methods
-
-    return run["method"] in methods.REGISTRY and methods.get(run["method"]).uses_label_set
 
 
 def _mapped_end(prompt, run: dict) -> Optional[int]:
