@@ -205,7 +205,7 @@ def stage_times(images: list, rounds: int) -> dict:
     """CPU ms per map of each stage of the new host step (its internal functions, one image after the other)."""
     soft_module = sys.modules["tclip_jax.postprocess.soft"]
     gmm_module = sys.modules["tclip_jax.postprocess.gmm"]
-    from tclip_jax.postprocess.boxes import box_from_range
+    from tclip_jax.postprocess.boxes import checked_map_box
 
     prepared = []
     for maps in images:
@@ -217,7 +217,7 @@ def stage_times(images: list, rounds: int) -> dict:
     sigma = SIGMA_FRACTION * max(images[0].shape[1:])
     stages = {
         "min/max": lambda v, s, h, f: [soft_module._map_stats(x) for x in v],
-        "boxes": lambda v, s, h, f: [box_from_range(x, y.lo, y.hi) for x, y in zip(v, s)],
+        "boxes": lambda v, s, h, f: [checked_map_box(x) for x in v],
         "GMM histograms": lambda v, s, h, f: [gmm_module.fine_histogram(x, y.lo, y.hi) for x, y in zip(v, s)],
         "GMM fit (EM)": lambda v, s, h, f: gmm_module.fit_histograms(h),
         "floor + blur (new output arrays)": lambda v, s, h, f: soft_module._write_soft_maps(v, s, f, sigma),

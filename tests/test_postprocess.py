@@ -608,6 +608,10 @@ def _box_test_maps():
     levels = np.zeros((30, 30), np.float32)  # three equally filled levels: Otsu ties
     levels[:, 10:20], levels[:, 20:] = 0.5, 1.0
     maps += [levels, np.full((12, 20), 3.0, np.float32), np.eye(17, dtype=np.float64)]
+    # Nearly constant maps: OpenCV's float32 conversion cancels to below -0.5 near the minimum (no abs allowed).
+    maps += [np.array([[1.1726227, 1.1726228]], np.float32),
+             np.array([[1.0000000175655621, 1.0000000863178922, 1.000000054146122]]),
+             (1.0 + 1e-7 * rng.random((20, 30))).astype(np.float32), 5.0 + 1e-9 * rng.random((25, 18))]
     return maps
 
 

@@ -18,10 +18,11 @@ Conventions:
   returns gScoreCAM's dummy box ``(0, 0, 1, 1)``; the ``"component"`` rule returns the whole image, since a
   constant map marks every pixel as equally relevant.
 - Speed (`boxes` processes many maps; the single-map functions share its code): the uint8 image is
-  ``cv2.convertScaleAbs`` with ``cv2.normalize``'s own scale and shift (the same conversion, without normalize's
-  second min/max pass), Otsu is ``cv2.threshold``'s (OpenCV's Otsu runs on Intel IPP where the wheel has it,
-  whose choice between exactly tied thresholds differs from OpenCV's C code and from any closed form tried,
-  so it is not recomputed in numpy), and the largest component is labelled on the foreground's bounding
+  ``cv2.normalize``'s own (not ``cv2.convertScaleAbs`` with its scale and shift, which would save normalize's
+  min/max pass but takes the absolute value: OpenCV converts in float32, and on a nearly constant map
+  cancellation leaves values below -0.5, which it would turn into large grays), Otsu is ``cv2.threshold``'s
+  (OpenCV's Otsu runs on Intel IPP where the wheel has it, whose choice between exactly tied thresholds differs
+  from OpenCV's C code and from any closed form tried, so it is not recomputed in numpy), and the largest component is labelled on the foreground's bounding
   rectangle (cropped at even offsets, which keeps OpenCV's 2x2-block scan and so its label order) without
   per-label statistics: the areas come from a histogram of the labels and only the winner's box is measured.
 """
@@ -56,7 +57,8 @@ GSCORECAM_DUMMY_BOX = Box(0, 0, 1, 1)
 def uint8_minmax(heatmap: np.ndarray) -> np.ndarray:
     """Min-max scale a 2-D map to uint8 0..255 with OpenCV's rounding; a constant map becomes all zeros."""
     values = _checked_map(heatmap)
-    return _uint8_from_range(values, *_finite_range(values))
+    _finite_range(values)
+    return _normalize_uint8(values)
 
 
 def _checked_map(heatmap: np.ndarray) -> np.ndarray:
@@ -76,22 +78,10 @@ def _finite_range(values: np.ndarray) -> tuple[float, float]:
     return lo, hi
 
 
-def _uint8_from_range(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """``cv2.normalize(values, None, 0, 255, NORM_MINMAX, CV_8UC1)`` given the map's min and max.
-
-    normalize computes ``scale = 255 * (1 / (hi - lo))`` (0 if ``hi - lo <= DBL_EPSILON``) and
-    ``shift = -lo * scale`` and converts with them; convertScaleAbs converts identically (the absolute value
-    changes nothing: values below zero round to zero either way).
-    """
-    scale = _UINT8_MAX * (1.0 / (hi - lo) if hi - lo > np.finfo(np.float64).eps else 0.0)
-    return cv2.convertScaleAbs(values, alpha=scale, beta=0.0 - lo * scale)
-
-
-def _scratch_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """`_uint8_from_range` into a per-thread scratch array (valid until the next call on this thread)."""
-    scale = _UINT8_MAX * (1.0 / (hi - lo) if hi - lo > np.finfo(np.float64).eps else 0.0)
-    return cv2.convertScaleAbs(values, dst=scratch("gray", values.shape, np.uint8), alpha=scale,
-                               beta=0.0 - lo * scale)
+def _normalize_uint8(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``cv2.normalize(values, out, 0, 255, NORM_MINMAX, CV_8UC1)``: gScoreCAM's conversion, saturating (no
+    absolute value); a map whose range is at most float64's epsilon becomes all zeros."""
+    return cv2.normalize(values, out, 0, _UINT8_MAX, cv2.NORM_MINMAX, cv2.CV_8U)
 
 
 def _threshold_gray(gray: np.ndarray, threshold: float | None, out: np.ndarray | None = None
@@ -181,10 +171,10 @@ def _check_rule(rule: str, threshold: float | None = None) -> None:
         raise ValueError(f"threshold must lie in [0, 1) (fraction of the map's range), got {threshold}")
 
 
-def box_from_range(values: np.ndarray, lo: float, hi: float, threshold: float | None = None,
-                   rule: BoxRule = "component") -> Box:
-    """`heatmap_box` of a validated 2-D float map whose min and max are already known."""
-    mask, _ = _threshold_gray(_scratch_uint8(values, lo, hi), threshold, out=scratch("mask", values.shape, np.uint8))
+def checked_map_box(values: np.ndarray, threshold: float | None = None, rule: BoxRule = "component") -> Box:
+    """`heatmap_box` of a validated 2-D float map whose values are known to be finite."""
+    gray = _normalize_uint8(values, scratch("gray", values.shape, np.uint8))
+    mask, _ = _threshold_gray(gray, threshold, out=scratch("mask", values.shape, np.uint8))
     return _box_of_mask(mask, rule)
 
 
@@ -201,7 +191,8 @@ def heatmap_boxes(maps, rule: BoxRule = "component", threshold: float | None = N
         values = _checked_map(heatmap)
         window = covered_window(values.shape, covered)
         region = values if window is None else values[window]
-        out.append(box_in_map(box_from_range(region, *_finite_range(region), threshold, rule), window))
+        _finite_range(region)
+        out.append(box_in_map(checked_map_box(region, threshold, rule), window))
     return out
 
 

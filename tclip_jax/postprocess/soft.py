@@ -48,7 +48,7 @@ import numpy as np
 from tclip_jax.postprocess import gmm as _gmm
 from tclip_jax.postprocess._blas import SINGLE_THREADED_BLAS
 from tclip_jax.postprocess.blur import PyramidBlur, gaussian_blur, pyramid_levels
-from tclip_jax.postprocess.boxes import Box, BoxRule, _check_rule, box_from_range, box_in_map, covered_window
+from tclip_jax.postprocess.boxes import Box, BoxRule, _check_rule, box_in_map, checked_map_box, covered_window
 
 DEFAULT_SIGMA_FRACTION = 0.02
 
@@ -323,7 +323,7 @@ def soft_maps_and_boxes(maps, sigma: float | None = None, rule: BoxRule = "compo
     """
     _check_rule(rule)
     values, window, regions, stats, sigma = _checked_maps(maps, sigma, "soft_maps_and_boxes", covered)
-    found: list[Box] = [box_in_map(box_from_range(r, s.lo, s.hi, rule=rule), window)
+    found: list[Box] = [box_in_map(checked_map_box(r, rule=rule), window)
                         for r, s in zip(regions, stats)]
     with SINGLE_THREADED_BLAS:
         fits = _fits(regions, stats)
