@@ -25,11 +25,10 @@ Conventions:
 - The blur is ``scipy.ndimage.gaussian_filter(mode="reflect", truncate=4)``. Its default sigma is
   ``DEFAULT_SIGMA_FRACTION * max(H, W)`` pixels (about 4.5 px on a 224-pixel map), so the same smoothing
   applies at any map resolution; ``sigma=0`` disables it. Below sigma 4.8 it is computed exactly
-  (separable, OpenCV, float32); above, by a Gaussian pyramid whose error is at most 4.1e-4 of the map's
-  range (`tclip_jax.postprocess.blur`), in time that does not grow with sigma while the kernel's reach (4 sigma)
-  fits in the map's axes; a larger sigma pads each axis by that reach, so time and memory grow with sigma
-  squared there (sigma 2000 on a 224-pixel map: seconds and gigabytes; TCLIP's settings allow at most
-  ``MAX_SIGMA``, 1000). The soft map is float32.
+  (separable, OpenCV, float32); above, by a Gaussian pyramid whose error is at most 5.2e-4 of the map's
+  range, float32 rounding included, or, when an axis is shorter than 8 sigmas, exactly by the discrete cosine
+  transform (`tclip_jax.postprocess.blur`); either way in time that does not grow with sigma. The soft map is
+  float32.
 
 The batched functions (`soft_maps`, `gmm_thresholds`, and `soft_maps_and_boxes`, the whole host step of one
 image) take [Q, H, W] arrays or sequences of 2-D maps; the single-map functions are thin wrappers. The previous method (scikit-learn on 4096 evenly spaced quantiles)
@@ -47,7 +46,7 @@ import numpy as np
 
 from tclip_jax.postprocess import gmm as _gmm
 from tclip_jax.postprocess._blas import SINGLE_THREADED_BLAS
-from tclip_jax.postprocess.blur import PyramidBlur, gaussian_blur, pyramid_levels
+from tclip_jax.postprocess.blur import LargeSigmaBlur, gaussian_blur, pyramid_levels
 from tclip_jax.postprocess.boxes import Box, BoxRule, _check_rule, box_in_map, checked_map_box, covered_window
 
 DEFAULT_SIGMA_FRACTION = 0.02
@@ -232,7 +231,7 @@ class _SoftMapWriter:
 
     def __init__(self, count: int, shape: tuple[int, int], sigma: float):
         self.shape, self.sigma = shape, sigma
-        self.pyramid = PyramidBlur(shape, sigma) if sigma > 0 and pyramid_levels(sigma) > 0 else None
+        self.pyramid = LargeSigmaBlur(shape, sigma) if sigma > 0 and pyramid_levels(sigma) > 0 else None
         if self.pyramid is None:
             self.frames = np.empty((count, *shape), np.float32)
             self.result = self.frames

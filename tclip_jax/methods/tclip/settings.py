@@ -13,9 +13,8 @@ DEFAULT_SCALE_FRACTIONS = (0.25, 0.5, 0.75)
 DEFAULT_TRIM = 0.2
 # The largest soft-map sigma a user may set, in pixels: 2% (the default) of a 50,000-pixel side, longer than the whole
 # and center_crop protocols admit under the default pixel limit (29,913 pixels at their 10:1 aspect limit; the
-# default sigma of a longer patch_multiple image is not capped). Once 4 sigma passes a map's side the blur's
-# padding, time and memory grow with sigma squared: on a 40x70 map sigma 1000 takes 2.3 s and 0.7 GB, 2000 16 s and
-# 2.5 GB, 3000 6.5 GB, 1e9 runs out of memory and 1e308 overflows.
+# default sigma of a longer patch_multiple image is not capped). The blur's time does not grow with sigma (an axis
+# shorter than 8 sigmas is blurred exactly by the DCT, postprocess/blur.py).
 MAX_SIGMA = 1000.0
 TOKEN_WEIGHTINGS = ("none", "last", "mean", "rollout")  # see methods/tclip/token_weights.py
 
