@@ -271,6 +271,26 @@ def test_non_finite_or_empty_scores_are_rejected(bad):
 # ---------------------------------------------------------------- soft map
 
 
+@pytest.mark.parametrize("bad, message", [
+    (np.array([[-1e308, 1e308], [0.0, 1.0]]), "range of .* overflows float64"),  # finite values, infinite range
+    (np.array([[1 + 1j, 2.0], [3.0, 4 - 2j]]), "must be real"),                  # not silently made real
+])
+def test_maps_without_a_finite_real_range_are_refused_in_one_line(bad, message):
+    for call in (gmm_threshold, soft_map, otsu_box, lambda m: soft_maps_and_boxes([m])):
+        with pytest.raises(ValueError, match=message) as refused:
+            call(bad)
+        assert "\n" not in str(refused.value)
+
+
+def test_a_range_too_small_for_the_histogram_is_refused():
+    subnormal = np.array([[0.0, 5e-324], [1e-323, 0.0]])  # fitted to NaN weights before, with a warning
+    for call in (gmm_threshold, soft_map):
+        with pytest.raises(ValueError, match="too small for the GMM's histogram"):
+            call(subnormal)
+    assert otsu_box(subnormal) == Box(0, 0, 2, 2)  # boxes: a range below float64's epsilon is a constant map
+    assert gmm_threshold(subnormal * 2.0**1000).fallback is None  # the same map rescaled is fitted
+
+
 @pytest.fixture(scope="module")
 def two_level_map():
     rng = np.random.default_rng(3)

@@ -61,20 +61,26 @@ def uint8_minmax(heatmap: np.ndarray) -> np.ndarray:
     return _normalize_uint8(values)
 
 
-def _checked_map(heatmap: np.ndarray) -> np.ndarray:
+def _checked_map(heatmap: np.ndarray, name: str = "heatmap") -> np.ndarray:
+    """A 2-D float32 or float64 view/copy of one map, validated non-empty and real (finiteness: `_finite_range`)."""
     values = np.asarray(heatmap)
     if values.ndim != 2 or values.size == 0:
-        raise ValueError(f"heatmap must be a non-empty 2-D array, got shape {values.shape}")
+        raise ValueError(f"{name} must be a non-empty 2-D array, got shape {values.shape}")
+    if np.iscomplexobj(values):
+        raise ValueError(f"{name} must be real, got {values.dtype} values")
     if values.dtype not in (np.float32, np.float64):
         values = values.astype(np.float64)  # OpenCV has no float16/bool path; float32 stays as gScoreCAM passes it
     return values
 
 
-def _finite_range(values: np.ndarray) -> tuple[float, float]:
-    """(min, max) of a map; numpy's propagate NaN, so a NaN or infinite value makes one of them non-finite."""
+def _finite_range(values: np.ndarray, name: str = "heatmap") -> tuple[float, float]:
+    """(min, max) of a map whose values and range are finite; numpy's min/max propagate NaN, so a NaN or infinite
+    value makes one of them non-finite."""
     lo, hi = float(values.min()), float(values.max())
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError("heatmap contains NaN or infinite values")
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if not math.isfinite(hi - lo):
+        raise ValueError(f"the range of {name} overflows float64 (its values span {lo:g} to {hi:g}); rescale it")
     return lo, hi
 
 

@@ -18,7 +18,9 @@ Conventions:
 - The map that is fitted is the one given: for TCLIP the aggregated map at the original image's size (the
   bilinear resampling of the model-input map), the map the soft map is made of; under a centre crop, only the
   part of it the crop kept (``covered``, `Geometry.covered`), since the rest is fill, not evidence.
-- Fallbacks (recorded in ``GmmFit.fallback``), never an exception for finite input:
+- Refused (ValueError, one line): NaN or infinite values, complex ones, a range that overflows float64 and a
+  nonzero range too small for the histogram's bins (below ~1e-304 of the values' magnitude); rescale such maps.
+- Fallbacks (recorded in ``GmmFit.fallback``), never an exception for other finite input:
   ``"constant"``: all values equal; tau is that value and the soft map is constant.
   ``"no_root_between_means"``: one weighted density dominates the other everywhere between the means,
   or the means coincide (a one-component fit, e.g. on unimodal heavy-tailed values); tau is the map's
@@ -49,7 +51,8 @@ import numpy as np
 from tclip_jax.postprocess import gmm as _gmm
 from tclip_jax.postprocess._blas import SINGLE_THREADED_BLAS
 from tclip_jax.postprocess.blur import LargeSigmaBlur, gaussian_blur, pyramid_levels
-from tclip_jax.postprocess.boxes import Box, BoxRule, _check_rule, box_in_map, checked_map_box, covered_window
+from tclip_jax.postprocess.boxes import (Box, BoxRule, _check_rule, _checked_map, _finite_range, box_in_map,
+                                         checked_map_box, covered_window)
 
 DEFAULT_SIGMA_FRACTION = 0.02
 
@@ -113,22 +116,16 @@ class _MapStats:
 
 
 def _as_map(scores, name: str = "scores") -> np.ndarray:
-    """A 2-D float32 or float64 view/copy of one map, validated non-empty (finiteness: `_map_stats`)."""
-    values = np.asarray(scores)
-    if values.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D map, got shape {values.shape}")
-    if values.size == 0:
-        raise ValueError(f"{name} is empty")
-    if values.dtype not in (np.float32, np.float64):
-        values = values.astype(np.float64)  # OpenCV has no float16/bool/int64 path
-    return values
+    """A 2-D float32 or float64 view/copy of one map, validated non-empty and real (finiteness: `_map_stats`)."""
+    return _checked_map(scores, name)
 
 
 def _map_stats(values: np.ndarray, name: str = "scores") -> _MapStats:
-    """Minimum and maximum (numpy's propagate NaN: a NaN or infinite value makes one of them non-finite)."""
-    lo, hi = float(values.min()), float(values.max())
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    """Minimum and maximum, checked finite (`_finite_range`) and, unless equal, far enough apart for the GMM's
+    histogram: its bins' scale, (FINE_BINS - 1) * max(|lo|, |hi|) / (hi - lo), must be a finite float64."""
+    lo, hi = _finite_range(values, name)
+    if hi > lo and not math.isfinite((_gmm.FINE_BINS - 1) / (hi - lo) * max(abs(lo), abs(hi), 1.0)):
+        raise ValueError(f"the range of {name} ({hi - lo:g}) is too small for the GMM's histogram; rescale it")
     return _MapStats(lo, hi)
 
 
