@@ -4,10 +4,11 @@ grow with sigma.
 Small sigma (``sigma < 2 * MIN_COARSE_SIGMA``): the exact separable filter (`gaussian_blur`, OpenCV, float32).
 
 Larger sigma on a map with an axis shorter than ``SHORT_AXIS_SIGMAS`` sigmas: the exact filter by the discrete
-cosine transform (float32: its transforms are orthonormal, so rounding stays ~1e-7 of the range). scipy's "reflect" mode extends an axis of length n half-sample symmetrically, with
-period 2n, so its 1-D operator is diagonal in the orthonormal DCT-II basis, with eigenvalues ``sum_j kernel[j]
-cos(pi k j / n)`` (`reflect_spectrum`): ``B = C^T diag(spectrum) C`` holds for any sigma, the kernel's reach past
-the axis and back included, and costs two 2-D DCTs of the map.
+cosine transform (float32: its transforms are orthonormal, so rounding stays ~1e-7 of the range). scipy's
+"reflect" mode extends an axis of length n half-sample symmetrically, with period 2n, so its 1-D operator is
+diagonal in the orthonormal DCT-II basis, with eigenvalues ``sum_j kernel[j] cos(pi k j / n)``
+(`reflect_spectrum`): ``B = C^T diag(spectrum) C`` holds for any sigma, the kernel's reach past the axis and
+back included, and costs two 2-D DCTs of the map.
 
 Larger sigma otherwise: a Gaussian pyramid. ``L = max{L : sigma / 2**L >= MIN_COARSE_SIGMA}`` levels of
 ``cv2.pyrDown`` (5-tap binomial filter and decimation), a dense linear map ``M`` on the coarse grid, and ``L``
