@@ -22,9 +22,10 @@ Conventions:
   min/max pass but takes the absolute value: OpenCV converts in float32, and on a nearly constant map
   cancellation leaves values below -0.5, which it would turn into large grays), Otsu is ``cv2.threshold``'s
   (OpenCV's Otsu runs on Intel IPP where the wheel has it, whose choice between exactly tied thresholds differs
-  from OpenCV's C code and from any closed form tried, so it is not recomputed in numpy), and the largest component is labelled on the foreground's bounding
-  rectangle (cropped at even offsets, which keeps OpenCV's 2x2-block scan and so its label order) without
-  per-label statistics: the areas come from a histogram of the labels and only the winner's box is measured.
+  from OpenCV's C code and from any closed form tried, so it is not recomputed in numpy), and the largest
+  component is labelled on the foreground's bounding rectangle (cropped at even offsets, which keeps OpenCV's
+  2x2-block scan and so its label order) without per-label statistics: the areas come from a histogram of the
+  labels and only the winner's box is measured.
 """
 from __future__ import annotations
 
