@@ -301,13 +301,15 @@ def _em_run_one(theta: np.ndarray, data: _Points, count: int) -> tuple[np.ndarra
 
 
 def log_likelihood(theta: np.ndarray, data: _Points) -> np.ndarray:
-    """Weighted mean log-density [Q] of the points under theta [5, Q] (up to the constant -log(2 pi) / 2)."""
-    lw, m1, lv1, m2, lv2 = (row[:, None] for row in theta)
-    x = data.design[:, :, 1]
+    """Weighted mean log-density [Q, ...] of the points under theta [5, Q, ...] (any number of parameter sets per
+    map), up to the constant -log(2 pi) / 2."""
+    lw, m1, lv1, m2, lv2 = (row[..., None] for row in theta)
+    shape = (theta.shape[1],) + (1,) * (theta.ndim - 2) + (data.weights.shape[1],)
+    x, weights = data.design[:, :, 1].reshape(shape), data.weights.reshape(shape)
     log_w1, log_w2 = -np.logaddexp(0.0, -lw), -np.logaddexp(0.0, lw)
     density1 = log_w1 - 0.5 * lv1 - 0.5 * (x - m1) ** 2 * np.exp(-lv1)
     density2 = log_w2 - 0.5 * lv2 - 0.5 * (x - m2) ** 2 * np.exp(-lv2)
-    return (data.weights * np.logaddexp(density1, density2)).sum(1)
+    return (weights * np.logaddexp(density1, density2)).sum(-1)
 
 
 def squarem_cycle(theta: np.ndarray, f: np.ndarray, data: _Points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -342,10 +344,8 @@ def squarem_cycle(theta: np.ndarray, f: np.ndarray, data: _Points) -> tuple[np.n
             try_f, _ = em_map(tries, sub)
             ok = np.isfinite(try_f).all(0) & np.isfinite(path).all((0, 2))
             rows = np.nonzero(ok)[0]
-            along = log_likelihood(path[:, rows].reshape(5, -1), sub.take(np.repeat(rows, fractions.size)))
-            along = np.concatenate([base[pending[rows], None], along.reshape(rows.size, -1),
-                                    log_likelihood(try_f[:, rows], sub.take(rows))[:, None]], 1)
-            ok[rows] = (np.diff(along, axis=1) >= 0.0).all(1)
+            along = log_likelihood(np.concatenate([path[:, rows], try_f[:, rows, None]], 2), sub.take(rows))
+            ok[rows] = (np.diff(np.concatenate([base[pending[rows], None], along], 1), axis=1) >= 0.0).all(1)
         evaluations[pending] += 1
         out[:, pending[ok]] = try_f[:, ok]
         accepted[pending[ok]] = True
