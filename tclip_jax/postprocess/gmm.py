@@ -30,7 +30,8 @@ rises all along the extrapolation path, plain EM being the last resort; on the m
 (benchmarks/RESULTS.md) they reach plain EM's fixed point in 5-30x fewer evaluations. A path whose likelihood
 dips has passed plain EM's fixed point towards another one (often a component collapsed onto the extreme
 values, whose likelihood is higher): checking only the end point landed there on 53 of 1973 random small maps.
-(The path check was added after that measurement; on random small maps it costs 1.1-1.3x more evaluations.)
+(The path check was added after that measurement; it costs 1.1-1.3x more evaluations on random small maps and
+on 224x224 smoothed noise, and about twice the time there, its likelihoods included.)
 
 scikit-learn's default stopping rule (an absolute change of the mean log-likelihood below 1e-3) stops EM
 long before its fixed point on these maps: tau moves by up to ~2 % of the map's range after that point. The
