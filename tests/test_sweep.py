@@ -35,6 +35,7 @@ from tclip_jax.evaluation.metrics import (
     energy_pointing_game,
     normalize_relevance,
     pointing_game,
+    pointing_hit,
     segmentation_scores,
 )
 from tclip_jax.evaluation.options import EvalOptions
@@ -1058,6 +1059,16 @@ def test_bad_input_gives_clear_messages(coco_hand, tmp_path, capsys):
                      "--resume", "--out", out)
     assert "run.settings.box_rule (stored 'component', now 'contour')" in message
     assert message.count("\n") == 1
+
+
+def test_a_pointing_game_tolerance_that_no_unit_could_hit_is_refused(tmp_path, capsys):
+    """TorchRay's hit is a mask pixel strictly closer than the tolerance (its reference: tolerance 0 hits nowhere,
+    not even a point inside an all-foreground mask), so --pg-tolerance 0 would score every unit a miss."""
+    assert not pointing_hit(np.ones((8, 8), bool), (3, 3), tolerance=0)
+    out = tmp_path / "out"
+    message = _fails(capsys, "synthetic", "--limit", "1", "--pg-tolerance", "0", "--out", str(out))
+    assert "tolerance must be >= 1, got 0" in message and message.count("\n") == 1 and not out.exists()
+    assert EvalOptions(pg_tolerance=1).pg_tolerance == 1
 
 
 def test_a_coco_seg_polygon_far_off_its_image_is_refused_in_one_line_before_the_sweep_starts(tmp_path):

@@ -23,7 +23,9 @@ def parse_threshold(text: str) -> Threshold:
 
 @dataclasses.dataclass(frozen=True)
 class EvalOptions(Options):
-    pg_tolerance: int = setting(DEFAULT_TOLERANCE, "pointing-game tolerance in pixels (TorchRay: 15)", parse=int)
+    pg_tolerance: int = setting(DEFAULT_TOLERANCE, "pointing-game tolerance in pixels, at least 1: a hit is a map "
+                                "peak closer than this to the mask, so 1 is the peak pixel on the mask (TorchRay: 15)",
+                                parse=int)
     threshold: Threshold = setting("mean", "segmentation foreground threshold: mean, otsu, gmm or a number in "
                                    "[0, 1)", parse=parse_threshold)
     metrics: str = setting("default", "seed: also the seed papers' (ECLIP, CLIP Surgery) score contrast (mSC) and "
@@ -31,7 +33,8 @@ class EvalOptions(Options):
 
     def __post_init__(self):
         super().__post_init__()
-        integer("pg_tolerance", self.pg_tolerance, 0)
+        # TorchRay's hit is a distance strictly below the tolerance: at 0 no unit could hit (a PG of 0 saying nothing)
+        integer("pg_tolerance", self.pg_tolerance, 1)
         if isinstance(self.threshold, str):
             if self.threshold not in THRESHOLDS:
                 raise ValueError(f"threshold must be one of {THRESHOLDS} or a number, got {self.threshold!r}")

@@ -5,7 +5,8 @@ Conventions:
 - A point hits when some mask pixel lies at a distance strictly below ``tolerance`` pixels:
   ``(row - v)^2 + (col - u)^2 < tolerance^2``.
 - The default ``tolerance=1`` means "the argmax pixel is inside the mask", the plain pointing game.
-  TorchRay's benchmark default is ``TORCHRAY_TOLERANCE = 15``; ``tolerance=0`` never hits.
+  TorchRay's benchmark default is ``TORCHRAY_TOLERANCE = 15``; ``tolerance=0`` never hits
+  (kept here, as TorchRay has it; a sweep's `EvalOptions` refuses it).
 - An empty mask is a miss, as in TorchRay.
 """
 from __future__ import annotations
