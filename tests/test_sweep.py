@@ -1071,6 +1071,17 @@ def test_a_pointing_game_tolerance_that_no_unit_could_hit_is_refused(tmp_path, c
     assert EvalOptions(pg_tolerance=1).pg_tolerance == 1
 
 
+def test_a_resume_into_a_folder_holding_no_sweep_is_refused_and_leaves_it_as_it_was(tmp_path, capsys):
+    """A mistyped --out with --resume started a whole new sweep there (train-eclip --resume refuses alike)."""
+    made = tmp_path / "made"
+    made.mkdir()
+    for out in (tmp_path / "typo", made):
+        message = _fails(capsys, "synthetic", "--limit", "1", "--translations", "1", "--resume", "--out", str(out))
+        assert message == f"tclip sweep: error: nothing to resume in {out} (no sweep.json); drop --resume to start a " \
+                          "sweep there\n"
+    assert not (tmp_path / "typo").exists() and list(made.iterdir()) == []
+
+
 def test_a_coco_seg_polygon_far_off_its_image_is_refused_in_one_line_before_the_sweep_starts(tmp_path):
     """pycocotools crashed the process (SIGSEGV, nothing printed) on a point of 1e300 and left a sweep folder behind;
     in a fresh process, since that crash would end the test session."""

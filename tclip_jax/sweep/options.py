@@ -16,7 +16,8 @@ class RunOptions(Options):
                                    shown_default=f"every sample; synthetic: {SYNTHETIC_SCENES} scenes; with --resume, "
                                    "the resumed sweep's")
     resume: bool = setting(False, "continue the sweep in --out (with the same flags, or a larger --limit; without "
-                           "--limit, its own); samples recorded as errors are tried again")
+                           "--limit, its own; refused where --out holds none); samples recorded as errors are tried "
+                           "again")
     save_vis: int = setting(0, "pictures of the units of the first N samples", parse=int)
     progress: bool = setting(True, "a progress bar")
 

@@ -439,6 +439,8 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
             raise ValueError(f"{out} is neither empty nor a sweep (it has no {CONFIG_FILE} and holds "
                              f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), and a new sweep would "
                              "overwrite or delete files there; choose another --out")
+        if resume:  # a mistyped --out would start a whole new sweep
+            raise ValueError(f"nothing to resume in {out} (no {CONFIG_FILE}); drop --resume to start a sweep there")
         return
     if not resume:
         raise ValueError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
