@@ -1,23 +1,20 @@
 """Remakes the README's explorer screenshots (docs/explorer.png, docs/explorer_compare.png) from the demo's scene and
 the embedded default model: `tclip explain` of the scene's caption as `make demo` runs it (explorer.png) and with
 `--compare similarity` (explorer_compare.png), opened in headless Chromium (Debian's chromium and chromium-driver,
-driven by selenium, as the browser tests are), saved as 256-colour PNGs. Run it after the embedded model or the
-explorer changes:
+driven by selenium, as the browser tests are), saved as 256-colour PNGs.
 
-    .venv/bin/python docs/screenshots.py
+Run it after the embedded model or the explorer changes (`--out DIR` writes them elsewhere):
+
+    .venv/bin/python docs/screenshots.py [--out DIR]
 """
 from __future__ import annotations
 
+import argparse
 import pathlib
 import shutil
 import sys
 import tempfile
-
-from PIL import Image
-
-from tclip_jax import demo, synthetic
-from tclip_jax.cli import main as tclip
-from tclip_jax.files import write_image
+from typing import Optional, Sequence
 
 DOCS = pathlib.Path(__file__).resolve().parent
 # (file, window width x height, the run's compare flags, view, the caption word shown): one word of the demo's page in
@@ -28,11 +25,21 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dis
          "--disable-component-update", "--disable-sync", "--force-device-scale-factor=1")
 
 
-def main(out: pathlib.Path = DOCS) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, default=DOCS, metavar="DIR",
+                        help="folder the screenshots are written to (default: docs/, replacing the README's)")
+    out = parser.parse_args(argv).out  # --help ends here, before the imports and the runs
+    from PIL import Image
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from tclip_jax import demo, synthetic
+    from tclip_jax.cli import main as tclip
+    from tclip_jax.files import write_image
+
+    out.mkdir(parents=True, exist_ok=True)
     scene = synthetic.protocol_sample(demo.DEMO_PROTOCOL, demo.DEMO_SEED).scene
     work = pathlib.Path(tempfile.mkdtemp(prefix="tclip-screenshots-"))
     try:
