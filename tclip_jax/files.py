@@ -75,6 +75,8 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out", replaced: b
     """`out` as a folder a run can make or fill, checked before the run starts: not a file, not under a file, and
     in a folder this process may write in. With `replaced` (the run replaces an existing `out` with a folder it
     stages beside it, `staged_folder`), the folder holding `out` must be writable too. Returns it as a path."""
+    if not os.fspath(out):  # pathlib reads "" as the current folder, which the run would fill
+        raise ValueError(f"{flag} is empty; name a folder ('.' for the current one)")
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{flag} {out} is a file, not a folder")

@@ -103,6 +103,24 @@ def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):
         assert (tmp_path / "o").exists() == existed and not (existed and any((tmp_path / "o").iterdir()))
 
 
+def test_an_empty_path_is_refused_in_one_line_not_read_as_the_current_folder(tmp_path, fixtures_dir, capsys,
+                                                                            monkeypatch):
+    """pathlib reads "" as ".": `--out ""` wrote the results into the current folder, and `--model ""` or
+    `convert ""` read it as the model."""
+    monkeypatch.chdir(tmp_path)
+    image, model = str(fixtures_dir / "scene_224.png"), str(fixtures_dir / "tiny_openai_clip.npz")
+    for argv, said in [(["explain", image, "--prompt", "red", "--model", model, "--out", ""], "--out is empty"),
+                       (["explain", image, "--prompt", "red", "--model", "", "--out", "o"],
+                        "the model is named by an empty path"),
+                       (["convert", "", "--out", "o"], "the model is named by an empty path"),
+                       (["sweep", "synthetic", "--out", "", "--no-progress"], "--out is empty"),
+                       (["train-eclip", "--synthetic", "2", "--out", ""], "--out is empty")]:
+        assert tclip(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_sigma_past_its_limit_is_refused_in_one_line_before_anything_runs(tmp_path, fixtures_dir, capsys):
     """--sigma 1e308 ended in 'internal error (OverflowError)' and 1e9 ran out of memory, in the blur."""
     model = str(fixtures_dir / "tiny_openai_clip.npz")

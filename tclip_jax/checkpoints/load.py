@@ -350,6 +350,9 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
     if source is not None and source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
     origin = os.fspath(name_or_path)
+    if not origin:  # pathlib reads "" as the current folder
+        raise ValueError("the model is named by an empty path; name a file, a folder ('.' for the current one) or a "
+                         "hub name")
     path = pathlib.Path(origin).expanduser()
     if path.exists() and not path.is_dir():
         sources.require_regular_file(path)
