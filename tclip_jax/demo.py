@@ -2,7 +2,6 @@
 embedded model, and, per word, whether its box landed on the object the word names (the scene knows the truth)."""
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -11,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tclip_jax import synthetic
-from tclip_jax.cli import main as tclip
+from tclip_jax.cli import OneLineErrors, main as tclip
 from tclip_jax.cli.explain import check_replaced, result_folders
 from tclip_jax.evaluation.metrics.boxes import HIT_IOU, box_ious
 from tclip_jax.files import check_output_folder, write_image
@@ -62,7 +61,7 @@ def check_scene_replaced(path: pathlib.Path, scene_image: np.ndarray) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tclip_jax.demo", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrors(prog="python -m tclip_jax.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=OUT, help=f"output folder (default: {OUT})")
     out = parser.parse_args(argv).out
     image_path = out / "scene.png"

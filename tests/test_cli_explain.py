@@ -611,10 +611,22 @@ def test_the_model_loading_flags_are_declared_once_from_the_models_constants(cap
     assert f"{Image.MAX_IMAGE_PIXELS})" in helps["explain"]["--max-pixels"]
 
 
+def test_arguments_argparse_refuses_are_one_line_with_status_2_for_every_command(capsys):
+    """The README promises one line per error; argparse's refusals printed the whole usage block first."""
+    for argv in (["nope"], *([name, "--nope"] for name in REQUIRED), ["explain", "a.png"],
+                 ["sweep", "synthetic", "--out", "o", "--batch-size", "x"]):
+        with pytest.raises(SystemExit) as ended:
+            tclip(argv)
+        err = capsys.readouterr().err
+        command = "tclip" if argv == ["nope"] else f"tclip {argv[0]}"
+        assert ended.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"{command}: error: ") and err.endswith(f" (see {command} --help)\n"), err
+
+
 def _parse_error(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit):
         parser.parse_args(argv)
-    return capsys.readouterr().err.strip().splitlines()[-1]
+    return capsys.readouterr().err.strip().splitlines()[-1].removesuffix(f" (see {parser.prog} --help)")
 
 
 def test_a_settings_flag_that_is_not_a_number_is_refused_in_argparses_words(capsys):

@@ -40,8 +40,16 @@ LESS_MEMORY = {
 }
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A parser (and, through `add_subparsers`, each sub-command's) that refuses arguments in one line, as the
+    commands' own errors are, not under the whole usage block; exit status 2, as argparse's."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tclip", description="TCLIP: what does CLIP see per token?")
+    parser = OneLineErrors(prog="tclip", description="TCLIP: what does CLIP see per token?")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"tclip_jax.cli.{name.replace('-', '_')}")
