@@ -80,6 +80,7 @@ def test_explain_errors_name_the_problem(tmp_path, fixtures_dir, capsys):
     assert not (tmp_path / "o").exists()
     assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "\U0001F355", "--method", "similarity",
                   "--model", model, "--out", str(tmp_path / "emoji")]) == 0  # mapped whole
+    assert "\r" not in capsys.readouterr().err  # stderr is no terminal here: no progress bar's frames
     assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a cat", "--method", "decomposition",
                   "--model", model, "--out", str(tmp_path / "o")]) == 2
     assert "so it needs at least 2 that differ; got 1" in capsys.readouterr().err
@@ -621,6 +622,40 @@ def test_arguments_argparse_refuses_are_one_line_with_status_2_for_every_command
         command = "tclip" if argv == ["nope"] else f"tclip {argv[0]}"
         assert ended.value.code == 2 and err.count("\n") == 1, err
         assert err.startswith(f"{command}: error: ") and err.endswith(f" (see {command} --help)\n"), err
+
+
+def test_a_warning_while_a_progress_bar_is_shown_gets_a_line_of_its_own(capsys):
+    """A command's warning was printed onto the bar's line ("...| 1/2 [00:00<?, ?it/s]tclip x: warning: ...")."""
+    import sys
+    import warnings
+
+    from tqdm import tqdm
+
+    from tclip_jax.cli import warnings_as_lines
+
+    with warnings_as_lines("tclip x"), tqdm(total=2, file=sys.stderr, desc="bar") as bar:
+        bar.update()
+        warnings.warn("careful")
+    assert "\rtclip x: warning: careful\n" in capsys.readouterr().err  # the bar cleared first
+
+
+def test_progress_bars_are_one_flag_of_every_command_that_draws_them_on_by_default_on_a_terminal_only(monkeypatch):
+    """Bars wrote their \\r frames into logs and pipes; explain and train-eclip had no flag to turn them off."""
+    import sys
+
+    from tclip_jax.cli.common import progress_bars
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    helps = []
+    for name in ("explain", "sweep", "train-eclip"):
+        parser = commands[name]
+        helps.append(next(action.help for action in parser._actions if "--progress" in action.option_strings))
+        for terminal in (False, True):
+            monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+            assert progress_bars(parser.parse_args(REQUIRED[name])) is terminal
+            assert progress_bars(parser.parse_args([*REQUIRED[name], "--progress"])) is True
+            assert progress_bars(parser.parse_args([*REQUIRED[name], "--no-progress"])) is False
+    assert helps[0] == helps[1] == helps[2]
 
 
 def _parse_error(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:

@@ -115,9 +115,15 @@ def sigterm_as_interrupt(who: str) -> Iterator[None]:
 @contextlib.contextmanager
 def warnings_as_lines(who: str) -> Iterator[None]:
     """While the block runs, a warning is said in one line naming `who` (the program); the hook before is put back
-    after, so that later warnings of the process (a notebook's, a test's) are not said as the command's."""
+    after, so that later warnings of the process (a notebook's, a test's) are not said as the command's. The line is
+    written as tqdm writes, clearing a progress bar on stderr first and drawing it again below."""
+    def ours(message, *_):
+        from tqdm import tqdm
+
+        tqdm.write(f"{who}: warning: {_one_line(message)}", file=sys.stderr)
+
     previous = warnings.showwarning
-    warnings.showwarning = ours = lambda message, *_: print(f"{who}: warning: {_one_line(message)}", file=sys.stderr)
+    warnings.showwarning = ours
     try:
         yield
     finally:

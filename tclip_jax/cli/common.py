@@ -1,5 +1,6 @@
 """What the sub-commands share: the flags that say which CLIP to load and how (`CheckpointOptions`, `ModelOptions`),
-and, for `tclip explain` and `tclip sweep`, choosing a method and its settings from the command line.
+progress bars (`--progress`), and, for `tclip explain` and `tclip sweep`, choosing a method and its settings from the
+command line.
 
 TCLIP's settings (and the host-step settings every method has) are flags of their own; any method's other
 settings are `--option KEY=VALUE`. A flag that the chosen method does not take is an error, not ignored.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from typing import Optional
 
 from PIL import Image
@@ -47,6 +49,17 @@ class ModelOptions(CheckpointOptions):
             from tclip_jax.image.io import set_max_pixels
 
             set_max_pixels(self.max_pixels)
+
+
+def add_progress_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                        help="progress bars on stderr (default: on when stderr is a terminal; a log file or pipe "
+                             "would get every frame of them)")
+
+
+def progress_bars(args: argparse.Namespace) -> bool:
+    """Whether the command shows progress bars: as --progress / --no-progress says, else if stderr is a terminal."""
+    return args.progress if hasattr(args, "progress") else sys.stderr.isatty()
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:

@@ -35,7 +35,7 @@ import re
 import warnings
 from typing import Optional
 
-from tclip_jax.cli.common import add_method_arguments, build_method
+from tclip_jax.cli.common import add_method_arguments, add_progress_argument, build_method, progress_bars
 
 NO_COMPARE = "none"
 COMPARE_FLAG = "--compare "  # what the command line's messages name a compare spec after (the API: the spec alone)
@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="append", default=[], metavar="METHOD[:key=value,...]",
                         help="also run METHOD on the same images and prompts, for the explorer's compare view "
                              "(repeatable; a TCLIP run compares with tclip:translations=1 unless --compare none)")
+    add_progress_argument(parser)
     add_method_arguments(parser)
 
 
@@ -413,8 +414,8 @@ def _explain_all(args: argparse.Namespace, method, plan: Plan, out: pathlib.Path
     shown = [out / name for name in page_images(index)]
     done = 0
     try:
-        for image_path, name in tqdm(list(zip(args.images, names)), desc="explain",
-                                     unit="image"):
+        for image_path, name in tqdm(list(zip(args.images, names)), desc="explain", unit="image",
+                                     disable=not progress_bars(args)):
             target = out / name
             with staged_folder(target) as staging:
                 views = plan.views(image_path)

@@ -13,7 +13,7 @@ import signal
 import threading
 from typing import Optional
 
-from tclip_jax.cli.common import add_method_arguments, build_method
+from tclip_jax.cli.common import add_method_arguments, add_progress_argument, build_method, progress_bars
 
 DATASETS = ("coco", "coco-seg", "imagenet-s", "voc", "synthetic")
 
@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "tclip_jax/synthetic.py; default: captions)")
     add_method_arguments(parser)
     EvalOptions.add_arguments(parser.add_argument_group("scoring"))
-    RunOptions.add_arguments(parser.add_argument_group("running"))
+    running = parser.add_argument_group("running")
+    RunOptions.add_arguments(running)
+    add_progress_argument(running)
     group = parser.add_argument_group("multi-process (jax.distributed)")
     group.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the environment")
     group.add_argument("--coordinator", help="coordinator address HOST:PORT")
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     evaluation = EvalOptions.from_dict(EvalOptions.given_arguments(args))
     given = RunOptions.given_arguments(args)
-    options = RunOptions.from_dict(given)
+    options = RunOptions.from_dict({**given, "progress": progress_bars(args)})
     if options.resume and "limit" not in given:  # a bare --resume continues the sweep as it was, not to the default
         options = dataclasses.replace(options, limit=_stored_limit(args.out))
     if args.dataset == "synthetic":  # the scenes swept (however many --limit asks), recorded and compared on resume

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from tclip_jax.cli.common import ModelOptions
+from tclip_jax.cli.common import ModelOptions, add_progress_argument, progress_bars
 from tclip_jax.methods.eclip.settings import TrainSettings
 
 
@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Hugging Face ViTModel (e.g. a DINO) folder or hub name whose last-layer CLS attention "
                              "masks the pooling (default: the CLIP image tower's own)")
     parser.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    add_progress_argument(parser)
     TrainSettings.add_arguments(parser.add_argument_group("training (defaults: the paper's)"))
 
 
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     attention = None if args.dino is None else ViTAttention(args.dino)
     clip = load_clip(model.model, activation=model.activation)
-    result = train(clip, pairs, args.out, settings, attention, resume=args.resume)
+    result = train(clip, pairs, args.out, settings, attention, resume=args.resume, progress=progress_bars(args))
     loss = "" if result.loss is None else f", last loss {result.loss:.4f}"
     print(f"trained ECLIP projections on {pairs.description} ({result.steps} steps{loss}) -> {result.path} "
           f"in {time.perf_counter() - start:.1f}s")

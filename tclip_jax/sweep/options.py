@@ -19,7 +19,7 @@ class RunOptions(Options):
                            "--limit, its own; refused where --out holds none); samples recorded as errors are tried "
                            "again")
     save_vis: int = setting(0, "pictures of the units of the first N samples", parse=int)
-    progress: bool = setting(True, "a progress bar")
+    progress: bool = setting(True, "a progress bar", flag=False)  # the command line's: --progress (cli.common)
 
     def __post_init__(self):
         super().__post_init__()
