@@ -3,7 +3,8 @@
 A settings class is a frozen dataclass deriving from `Options` whose fields are declared with `setting(...)`:
 a default, a help text, and how a string becomes a value (a plain field, `steps: int = 900`, is one without a flag,
 read as its default's type). From that one declaration it registers its flags on an argparse parser
-(`add_arguments`), reads them back (`given_arguments`, only the flags given), takes `KEY=VALUE` assignments
+(`add_arguments`), reads them back (`given_arguments`, only the flags given; `from_arguments`, the settings they
+make, a refused value named by its flag), takes `KEY=VALUE` assignments
 (`parse_assignments`, for `--option`), and round-trips through JSON (`to_dict` / `from_dict`), so `tclip explain`,
 `tclip sweep`, result records and the Python API all speak the same names. Unknown names and unparsable values are
 errors that name the setting and list the valid ones.
@@ -11,12 +12,13 @@ errors that name the setting and list the valid ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import math
 import re
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Optional, TypeVar
 
 import numpy as np
@@ -119,6 +121,14 @@ class Options:
         return {name: getattr(namespace, name) for name in cls.field_names() if hasattr(namespace, name)}
 
     @classmethod
+    def from_arguments(cls: type[T], namespace: argparse.Namespace, **more: Any) -> T:
+        """The settings the command line makes: its flags given (`given_arguments`) and `more` (values it gives
+        otherwise), the defaults else; a value refused is named by its flag where a flag gave it."""
+        given = cls.given_arguments(namespace)
+        with named_by_flags(given):
+            return cls.from_dict({**given, **more})
+
+    @classmethod
     def parse_assignments(cls, assignments: Iterable[str]) -> dict[str, Any]:
         """`KEY=VALUE` strings (`--option`) as values of this class's fields."""
         values = {}
@@ -135,7 +145,7 @@ class Options:
             try:
                 values[key] = _parse(fields[key], text)
             except ValueError as err:
-                raise ValueError(f"option {key}: {err}") from None
+                raise ValueError(f"option {key}: {_flag_wording(str(err))}") from None
         return values
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,6 +174,21 @@ class Options:
         """The names an error lists (not the class's: users name a method, not its settings class)."""
         names = cls.field_names()
         return f"known settings: {', '.join(names)}" if names else "it has no settings"
+
+
+@contextlib.contextmanager
+def named_by_flags(names: Iterable[str]) -> Iterator[None]:
+    """A ValueError raised in the block about one of the settings `names`, each given as a flag (the errors of
+    `Options` begin with the setting's name: "batch_size must be >= 1"), is raised again naming its flag
+    ("--batch-size must be >= 1"): what the user typed."""
+    flagged = set(names)
+    try:
+        yield
+    except ValueError as err:
+        name, _, rest = str(err).partition(" ")
+        if name not in flagged:
+            raise
+        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
 
 
 @functools.cache

@@ -129,7 +129,7 @@ def test_a_sigma_past_its_limit_is_refused_in_one_line_before_anything_runs(tmp_
         for sigma, shown in (("1e308", "1e+308"), ("1e9", "1e+09")):
             assert tclip([*command, "--model", model, "--sigma", sigma, "--out", str(tmp_path / "o")]) == 2
             err = capsys.readouterr().err
-            assert err == f"tclip {command[0]}: error: sigma must lie in [0, 1000] (pixels), got {shown}\n"
+            assert err == f"tclip {command[0]}: error: --sigma must lie in [0, 1000] (pixels), got {shown}\n"
     assert not (tmp_path / "o").exists()
 
 
@@ -656,6 +656,29 @@ def test_progress_bars_are_one_flag_of_every_command_that_draws_them_on_by_defau
             assert progress_bars(parser.parse_args([*REQUIRED[name], "--progress"])) is True
             assert progress_bars(parser.parse_args([*REQUIRED[name], "--no-progress"])) is False
     assert helps[0] == helps[1] == helps[2]
+
+
+def test_a_refused_value_is_named_by_the_flag_that_gave_it(tmp_path, monkeypatch, capsys):
+    """Values checked once the settings are made were named by their fields ("batch_size must be >= 1"), --max-pixels
+    not at all, and --option's numbers in Python's words ("invalid literal for int() with base 10: ''")."""
+    monkeypatch.chdir(tmp_path)
+    explain = ["explain", "a.png", "--prompt", "red"]
+    for argv, said in [
+            (["sweep", "synthetic", "--out", "o", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+            (["sweep", "synthetic", "--out", "o", "--pg-tolerance", "0"], "--pg-tolerance must be >= 1, got 0"),
+            (["sweep", "synthetic", "--out", "o", "--save-vis", "-1"], "--save-vis must be >= 0, got -1"),
+            (["sweep", "synthetic", "--out", "o", "--limit", "0"], "--limit must be >= 1, got 0"),
+            (["train-eclip", "--synthetic", "2", "--out", "o", "--batch-size", "1"], "--batch-size must be >= 2"),
+            ([*explain, "--max-pixels", "0"], "--max-pixels must be >= 1, got 0"),
+            ([*explain, "--translations", "5", "--scale-fractions", "0.5"],
+             "--translations must be 1 (off) or 9 (identity + 8 directions x 1 scale), got 5"),
+            ([*explain, "--option", "translations="], "option translations: invalid int value: ''"),
+            ([*explain, "--option", "translations=5"], "translations must be 1 (off) or 25"),  # as the option names it
+    ]:
+        assert tclip(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"tclip {argv[0]}: error: {said}") and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def _parse_error(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:

@@ -18,7 +18,7 @@ from tclip_jax.methods import REGISTRY
 from tclip_jax.methods.settings import MethodSettings
 from tclip_jax.methods.tclip.settings import Settings as TCLIPSettings
 from tclip_jax.model.config import ACTIVATIONS
-from tclip_jax.settings import Options, setting
+from tclip_jax.settings import Options, integer, named_by_flags, setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,11 @@ class ModelOptions(CheckpointOptions):
     max_pixels: Optional[int] = setting(
         None, "decode images of up to MAX_PIXELS pixels", parse=int,
         shown_default=f"PIL's guard against decompression bombs, {Image.MAX_IMAGE_PIXELS}")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_pixels is not None:
+            integer("max_pixels", self.max_pixels, 1)
 
     def set_max_pixels(self) -> None:
         """Sets the decoded-size limit of image files for this process, if `max_pixels` was given (before any image
@@ -93,7 +98,8 @@ def method_settings(method_class, args: argparse.Namespace) -> MethodSettings:
     if both:  # one would win silently
         raise ValueError(f"{', '.join('--' + name.replace('_', '-') for name in both)} and --option "
                          f"{', '.join(both)} set the same setting twice; give each once")
-    return settings_class.from_dict({**given, **options})
+    with named_by_flags(given):
+        return settings_class.from_dict({**given, **options})
 
 
 def build_method(args: argparse.Namespace):
@@ -102,7 +108,7 @@ def build_method(args: argparse.Namespace):
 
     method_class = methods.get(args.method)
     settings = method_settings(method_class, args)  # checked before the model loads
-    model = ModelOptions.from_dict(ModelOptions.given_arguments(args))
+    model = ModelOptions.from_arguments(args)
     model.set_max_pixels()
     return method_class.from_pretrained(model.model, activation=model.activation, dtype=args.matmul_dtype,
                                         **settings.to_dict())

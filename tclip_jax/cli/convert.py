@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tclip_jax.files import check_output_folder, held_lock_beside
 
-    options = CheckpointOptions.from_dict(CheckpointOptions.given_arguments(args))
+    options = CheckpointOptions.from_arguments(args)
     out = check_output_folder(args.out, replaced=args.overwrite)
     # Two converts into one new --out at once both found it absent, and the later replaced the earlier's folder:
     # --out is held from before that check until its folder is written, and a second convert meanwhile refused.

@@ -60,10 +60,9 @@ def run(args: argparse.Namespace) -> int:
     from tclip_jax.sweep.runner import DEFAULT_TEMPLATE
     from tclip_jax.synthetic import SYNTHETIC_SCENES
 
-    evaluation = EvalOptions.from_dict(EvalOptions.given_arguments(args))
-    given = RunOptions.given_arguments(args)
-    options = RunOptions.from_dict({**given, "progress": progress_bars(args)})
-    if options.resume and "limit" not in given:  # a bare --resume continues the sweep as it was, not to the default
+    evaluation = EvalOptions.from_arguments(args)
+    options = RunOptions.from_arguments(args, progress=progress_bars(args))
+    if options.resume and not hasattr(args, "limit"):  # a bare --resume continues the sweep as it was, not to the default
         options = dataclasses.replace(options, limit=_stored_limit(args.out))
     if args.dataset == "synthetic":  # the scenes swept (however many --limit asks), recorded and compared on resume
         options = dataclasses.replace(options, limit=options.limit or SYNTHETIC_SCENES)

@@ -32,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from tclip_jax.checkpoints.load import load_clip
     from tclip_jax.methods.eclip.train import ViTAttention, file_pairs, synthetic_pairs, train
 
-    settings = TrainSettings.from_dict(TrainSettings.given_arguments(args))
-    model = ModelOptions.from_dict(ModelOptions.given_arguments(args))
+    settings = TrainSettings.from_arguments(args)
+    model = ModelOptions.from_arguments(args)
     model.set_max_pixels()  # before the images' headers are checked
     pairs = synthetic_pairs(args.synthetic) if args.data is None else file_pairs(args.data)  # checked first
     start = time.perf_counter()

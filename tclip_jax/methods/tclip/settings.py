@@ -59,8 +59,9 @@ class Settings(MethodSettings):
         if self.translations is None:
             object.__setattr__(self, "translations", full)
         if self.translations not in (1, full):
-            raise ValueError(f"translations must be 1 (off) or {full} (identity + 8 directions x "
-                             f"{len(self.scale_fractions)} scales), got {self.translations}")
+            scales = len(self.scale_fractions)
+            raise ValueError(f"translations must be 1 (off) or {full} (identity + 8 directions x {scales} "
+                             f"scale{'s' if scales != 1 else ''}), got {self.translations}")
         if not 0 <= self.trim < 0.5:
             raise ValueError(f"trim must lie in [0, 0.5), got {self.trim}")
         if self.sigma is not None and not 0 <= self.sigma <= MAX_SIGMA:

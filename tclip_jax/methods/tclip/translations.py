@@ -32,8 +32,8 @@ def translation_offsets(patch_size: int, scale_fractions=DEFAULT_SCALE_FRACTIONS
         return ((0, 0),)
     scales = [int(round(f * patch_size)) for f in scale_fractions]
     if count != 1 + 8 * len(scales):
-        raise ValueError(f"{count} translations do not fit {len(scales)} scales: expected 1 or "
-                         f"{1 + 8 * len(scales)}")
+        raise ValueError(f"{count} translations do not fit {len(scales)} scale{'s' if len(scales) != 1 else ''}: "
+                         f"expected 1 or {1 + 8 * len(scales)}")
     if any(s <= 0 for s in scales):
         raise ValueError(f"scale fractions {scale_fractions} give non-positive shifts at patch size {patch_size}")
     if len(set(scales)) < len(scales):  # the same copies twice would count twice in the trimmed mean
