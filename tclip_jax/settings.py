@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import functools
 import math
 import re
@@ -35,6 +36,13 @@ def setting(default: Any, help: str, *, parse: Optional[Callable[[str], Any]] = 
     metadata = {"help": help, "parse": parse, "choices": tuple(choices) if choices is not None else None,
                 "flag": flag, "shown_default": shown_default}
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def did_you_mean(name: str, names: Iterable[str]) -> str:
+    """" (did you mean 'x'?)", x the one of `names` closest to the unknown `name` (difflib, case-blind), or ""."""
+    by_folded = {known.casefold(): known for known in names}
+    close = difflib.get_close_matches(name.casefold(), list(by_folded), n=1)
+    return f" (did you mean {by_folded[close[0]]!r}?)" if close else ""
 
 
 def parse_bool(text: str) -> bool:
@@ -139,7 +147,7 @@ class Options:
             if not sep or not key:
                 raise ValueError(f"an option is KEY=VALUE, got {assignment!r}")
             if key not in fields:
-                raise ValueError(f"unknown option {key!r}; {cls._valid_names()}")
+                raise ValueError(f"unknown option {key!r}{did_you_mean(key, fields)}; {cls._valid_names()}")
             if key in values:  # the last one would win silently
                 raise ValueError(f"option {key} is given twice")
             try:
@@ -159,8 +167,9 @@ class Options:
             raise ValueError(f"{cls.__name__} settings must be a mapping, got {type(values).__name__}")
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
-            raise ValueError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                             f"{cls._valid_names()}")
+            guess = did_you_mean(unknown[0], cls.field_names()) if len(unknown) == 1 else ""
+            raise ValueError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
+                             f"{guess}; {cls._valid_names()}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         converted = {k: tuple(v) if isinstance(fields[k].default, tuple) and isinstance(v, list) else v
                      for k, v in values.items()}

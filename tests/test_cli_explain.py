@@ -681,6 +681,24 @@ def test_a_refused_value_is_named_by_the_flag_that_gave_it(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_unknown_method_compare_or_option_name_suggests_the_closest_known_one(tmp_path, fixtures_dir, monkeypatch,
+                                                                                  capsys):
+    monkeypatch.chdir(tmp_path)
+    image, model = str(fixtures_dir / "scene_224.png"), str(fixtures_dir / "tiny_openai_clip.npz")
+    explain = ["explain", image, "--prompt", "red", "--model", model, "--out", "o"]
+    for given, said in [(["--method", "hilacm"], "unknown method 'hilacm' (did you mean 'hilacam'?); available: "),
+                        (["--method", "CLIP-Surgery"], "unknown method 'CLIP-Surgery' (did you mean 'clip_surgery'?)"),
+                        (["--method", "xyz"], "unknown method 'xyz'; available: "),
+                        (["--option", "Transations=9"], "unknown option 'Transations' (did you mean 'translations'?)"),
+                        (["--compare", "simlarity"], "--compare simlarity: unknown method 'simlarity' (did you mean "
+                                                     "'similarity'?)"),
+                        (["--compare", "similarity:box_rul=contour"], "unknown option 'box_rul' (did you mean "
+                                                                      "'box_rule'?)")]:
+        assert tclip([*explain, *given]) == 2
+        assert said in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def _parse_error(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit):
         parser.parse_args(argv)

@@ -704,7 +704,8 @@ def test_bad_inputs_give_one_line_errors(fixtures_dir, data_dir, tmp_path, capsy
     explain = ["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a cat", "--method", "eclip",
                "--model", model, "--activation", "quick_gelu", "--out", str(tmp_path / "x")]
     fails(explain + ["--option", f"projections={wrong}"], "do not fit the model")
-    fails(explain + ["--option", "projection=x"], "unknown option 'projection'; known settings: box_rule, truncate, projections")
+    fails(explain + ["--option", "projection=x"], "unknown option 'projection' (did you mean 'projections'?); known "
+                                                  "settings: box_rule, truncate, projections")
     assert not (tmp_path / "x").exists()
 
 

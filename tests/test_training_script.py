@@ -485,7 +485,8 @@ def test_command_line_overrides_accumulate_and_bad_ones_get_one_line(tmp_path, m
     assert "Traceback" not in both.stderr
     for overrides, message in [(("--set", "steps=1", "steps=2"), "--set: option steps is given twice"),
                                (("--set", "steps"), "--set: an option is KEY=VALUE, got 'steps'"),
-                               (("--set", "colour=red"), f"--set: unknown option 'colour'; {KNOWN_FIELDS}"),
+                               (("--set", "colour=red"),
+                                f"--set: unknown option 'colour' (did you mean 'step_colours'?); {KNOWN_FIELDS}"),
                                (("--set", "curriculum_objective=tokens"), "--set: option curriculum_objective: must "
                                                                           "be one of '', clip, clip_tokens, got "
                                                                           "'tokens'"),
@@ -1617,7 +1618,8 @@ def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path
             (("--run", "a", "--run", "a", "seed=1"), "--run a is given twice"),
             (("--set", "seed=1", "--run", "a", "seed=2"), "--run a gives seed, which --set gives too"),
             (("--run", "../a"), "a run's name must be a folder name of letters, digits, '_', '.', '-'"),
-            (("--run", "a", "colour=red"), f"--run a: unknown option 'colour'; {KNOWN_FIELDS}"),
+            (("--run", "a", "colour=red"),
+             f"--run a: unknown option 'colour' (did you mean 'step_colours'?); {KNOWN_FIELDS}"),
             (("--workers", "0", "--run", "a"), "--workers and --ahead must be >= 1, got 0 and 64"),
             (("--ahead", "0", "--run", "a"), "--workers and --ahead must be >= 1, got 4 and 0"),
             (("--run", "a", f"text_init={tmp_path / 'none'}"), f"{tmp_path / 'none'} is neither a file, a folder nor a "

@@ -12,6 +12,8 @@ import importlib
 import os
 import traceback
 
+from tclip_jax.settings import did_you_mean
+
 REGISTRY: dict[str, str] = {
     "tclip": "tclip_jax.methods.tclip.method:TCLIP",
     "similarity": "tclip_jax.methods.similarity:Similarity",
@@ -36,7 +38,8 @@ def get(spec: str) -> type:
 
     path = REGISTRY.get(spec, spec)
     if ":" not in path:
-        raise ValueError(f"unknown method {spec!r}; available: {', '.join(REGISTRY)} or 'package.module:Class'")
+        raise ValueError(f"unknown method {spec!r}{did_you_mean(spec, REGISTRY)}; available: {', '.join(REGISTRY)} "
+                         "or 'package.module:Class'")
     module_name, class_name = path.split(":", 1)
     try:
         module = importlib.import_module(module_name)
