@@ -11,6 +11,7 @@ import dataclasses
 import pathlib
 import signal
 import threading
+import warnings
 from typing import Optional
 
 from tclip_jax.cli.common import add_method_arguments, add_progress_argument, build_method, progress_bars
@@ -79,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
         if errors and not result.report["images"]:  # a run that scored nothing did not succeed, whatever it wrote
             raise ValueError(f"no sample could be scored: all {len(errors)} failed (the first, {errors[0]['key']}: "
                              f"{errors[0]['error']}); --resume tries them again once the data is mended")
+        if errors:  # a success, said where a script's log shows it: report.md went to stdout
+            warnings.warn(f"{len(errors)} of {len(errors) + result.report['images']} samples failed, listed in "
+                          "report.md; --resume tries them again")
     return 0
 
 
