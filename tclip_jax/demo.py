@@ -7,14 +7,20 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-import numpy as np
+try:
+    import numpy as np
 
-from tclip_jax import synthetic
-from tclip_jax.cli import OneLineErrors, main as tclip
-from tclip_jax.cli.explain import check_replaced, result_folders
-from tclip_jax.evaluation.metrics.boxes import HIT_IOU, box_ious
-from tclip_jax.files import check_output_folder, write_image
-from tclip_jax.image import load_image
+    from tclip_jax import synthetic
+    from tclip_jax.cli import OneLineErrors, main as tclip
+    from tclip_jax.cli.explain import check_replaced, result_folders
+    from tclip_jax.evaluation.metrics.boxes import HIT_IOU, box_ious
+    from tclip_jax.files import check_output_folder, write_image
+    from tclip_jax.image import load_image
+except KeyboardInterrupt:  # Ctrl-C while they load, run as a program: one line, not a traceback
+    if __name__ != "__main__":
+        raise
+    print("python -m tclip_jax.demo: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 OUT = pathlib.Path("demo_out")
 # A colour_twins scene: two objects of one colour that only their shape words tell apart.
