@@ -245,6 +245,35 @@ def test_running_out_of_memory_is_one_line_that_says_so_and_a_bug_says_it_is_int
                                                "TCLIP_TRACEBACK=1 for the traceback)")
 
 
+def test_a_backend_jax_cannot_start_is_the_users_error_naming_jax_platforms(monkeypatch, capsys):
+    """JAX_PLATFORMS=cuda on a machine without CUDA: jax raises a bare AssertionError where a computation first asks
+    for a device, which was said as "internal error (AssertionError)"."""
+    import jax
+
+    import tclip_jax.cli.explain as explain_command
+
+    def no_backend():
+        raise AssertionError
+
+    def computes(args):
+        return jax.devices()
+
+    monkeypatch.setattr(explain_command, "run", computes)
+    monkeypatch.setattr(jax, "devices", no_backend)
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert tclip(["explain", "x.png", "--prompt", "red", "--out", "nowhere"]) == 2
+    assert capsys.readouterr().err == ("tclip explain: error: JAX cannot start the platform JAX_PLATFORMS='cuda' names "
+                                       "(AssertionError); unset JAX_PLATFORMS, or name one this machine has (e.g. "
+                                       "cpu)\n")
+    monkeypatch.delenv("JAX_PLATFORMS")
+    assert tclip(["explain", "x.png", "--prompt", "red", "--out", "nowhere"]) == 2
+    assert "error: JAX cannot start a backend (AssertionError); JAX_PLATFORMS=cpu runs" in capsys.readouterr().err
+    monkeypatch.undo()  # a backend that starts: the same AssertionError is a bug
+    monkeypatch.setattr(explain_command, "run", lambda args: no_backend())
+    assert tclip(["explain", "x.png", "--prompt", "red", "--out", "nowhere"]) == 1
+    assert "internal error (AssertionError)" in capsys.readouterr().err
+
+
 def test_a_commands_warnings_are_said_in_one_line_while_it_runs_and_the_process_keeps_its_own(monkeypatch, capsys):
     """The command's hook for warnings stayed after main returned: every later warning of the process (a notebook's,
     a test's) was said as "tclip explain: warning: ..."."""

@@ -162,6 +162,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             print(f"tclip {args.command}: error: out of memory ({_one_line(err)[:160]}); "
                   f"{LESS_MEMORY.get(args.command, 'a smaller model or input needs less')}", file=sys.stderr)
             return 2
+        backend = _backend_failure()
+        if backend is not None:  # not a bug either: the environment names a platform this machine lacks
+            print(f"tclip {args.command}: error: {backend}", file=sys.stderr)
+            return 2
         print(f"tclip {args.command}: internal error ({type(err).__name__}): {_one_line(err)} "
               "(set TCLIP_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 1
@@ -249,6 +253,24 @@ def _out_of_memory(err: BaseException) -> bool:
     text = str(err)
     return isinstance(err, MemoryError) or (type(err).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and (
         "RESOURCE_EXHAUSTED" in text or "Out of memory" in text))
+
+
+def _backend_failure() -> Optional[str]:
+    """What to say where the command failed because JAX cannot start a backend (JAX_PLATFORMS=cuda on a machine
+    without CUDA: jax 0.10 raises a bare AssertionError wherever a computation first asks for a device), told by
+    asking for the devices again; None where JAX has not been imported or starts."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return None
+    try:
+        jax.devices()
+    except Exception as err:
+        platforms = os.environ.get("JAX_PLATFORMS")
+        if platforms:
+            return (f"JAX cannot start the platform JAX_PLATFORMS={platforms!r} names ({_one_line(err)}); unset "
+                    "JAX_PLATFORMS, or name one this machine has (e.g. cpu)")
+        return f"JAX cannot start a backend ({_one_line(err)}); JAX_PLATFORMS=cpu runs on the CPU"
+    return None
 
 
 def _one_line(err: BaseException) -> str:
