@@ -295,6 +295,8 @@ def _flag_wording(message: str) -> str:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, bool):  # as a --x/--no-x pair's default reads, and argparse's own flags' helps say
+        return "on" if value else "off"
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return str(value)

@@ -728,6 +728,37 @@ def test_an_unknown_method_compare_or_option_name_suggests_the_closest_known_one
     assert list(tmp_path.iterdir()) == []
 
 
+def test_every_commands_help_is_complete_and_worded_alike():
+    """Helps that said "(default: False)" beside "(default: on)", "--data DATA" beside "--data PATH", a positional
+    with no help, and an --out that named only some of what a sweep writes there."""
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, parser in commands.items():
+        for action in parser._actions:
+            assert action.help, (name, action.dest)
+            assert "(default: False)" not in action.help and "(default: True)" not in action.help, (name, action.dest)
+    flags = {name: {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+             for name, parser in commands.items()}
+    assert flags["sweep"]["--data"].metavar == flags["train-eclip"]["--data"].metavar == "PATH"
+    assert "(default: off)" in flags["sweep"]["--resume"].help
+    out = flags["sweep"]["--out"].help
+    assert all(written in out for written in ("sweep.json", "report.md", "report.json", "report.html", "gallery/",
+                                              "vis/"))
+    assert "vis/" in flags["sweep"]["--save-vis"].help
+
+
+def test_data_that_is_missing_or_a_file_is_named_so(tmp_path, capsys):
+    (tmp_path / "rgb.png").write_bytes(b"")
+    for argv, said in [(["sweep", "coco", "--data", str(tmp_path / "rgb.png")],
+                        f"--data {tmp_path / 'rgb.png'} is a file; coco reads the dataset's root folder"),
+                       (["sweep", "voc", "--data", str(tmp_path / "rgb.png")], "is a file; voc reads"),
+                       (["train-eclip", "--data", str(tmp_path / "nosuch")], f"training data {tmp_path / 'nosuch'} "
+                                                                             "not found")]:
+        assert tclip([*argv, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rgb.png"]
+
+
 def _parse_error(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit):
         parser.parse_args(argv)

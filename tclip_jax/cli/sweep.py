@@ -24,12 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tclip_jax.sweep.options import RunOptions
     from tclip_jax.synthetic import PROTOCOLS
 
-    parser.add_argument("dataset", choices=DATASETS)
-    parser.add_argument("--data", help="dataset root: COCO (annotations/instances_val2017.json + val2017/; coco-seg "
+    parser.add_argument("dataset", choices=DATASETS, help="what to evaluate on: COCO boxes (coco) or instance masks "
+                        "(coco-seg), ImageNet-S or VOC2012 segmentation, or generated synthetic scenes")
+    parser.add_argument("--data", metavar="PATH", help="dataset root folder: COCO (annotations/instances_val2017.json + val2017/; coco-seg "
                         "too), a TFDS data_dir with --coco-source tfds, ImageNet-S (validation/, "
                         "validation-segmentation/) or VOC2012 (ImageSets/Segmentation/val.txt, JPEGImages/, "
                         "SegmentationClass/)")
-    parser.add_argument("--out", required=True, help="results folder (records, sweep.json, report.md/json)")
+    parser.add_argument("--out", required=True, help="results folder: records, sweep.json, report.md, report.json, "
+                        "report.html with its pictures in gallery/, and --save-vis's in vis/")
     parser.add_argument("--template", help="prompt template with one '{}' for the class name (default: the bare name)")
     parser.add_argument("--split", type=int, choices=(50, 300, 919), help="ImageNet-S split (required for imagenet-s)")
     parser.add_argument("--coco-source", choices=("raw", "tfds"), help="coco: COCO files or TFDS coco/2017 "
@@ -97,6 +99,8 @@ def _stored_limit(out: str) -> Optional[int]:
 def _open_dataset(args: argparse.Namespace, limit):
     """The dataset the arguments name, a description of its source for sweep.json, and the folder it names."""
     data = None if args.data is None else str(pathlib.Path(args.data).resolve())
+    if data is not None and pathlib.Path(data).is_file():  # else named as a folder missing its annotations
+        raise ValueError(f"--data {args.data} is a file; {args.dataset} reads the dataset's root folder")
     return (*_dataset_and_source(args, limit, data), data)
 
 

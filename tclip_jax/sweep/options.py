@@ -18,7 +18,7 @@ class RunOptions(Options):
     resume: bool = setting(False, "continue the sweep in --out (with the same flags, or a larger --limit; without "
                            "--limit, its own; refused where --out holds none); samples recorded as errors are tried "
                            "again")
-    save_vis: int = setting(0, "pictures of the units of the first N samples", parse=int)
+    save_vis: int = setting(0, "pictures of the units of the first N samples, in --out's vis/", parse=int)
     progress: bool = setting(True, "a progress bar", flag=False)  # the command line's: --progress (cli.common)
 
     def __post_init__(self):

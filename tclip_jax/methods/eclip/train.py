@@ -96,14 +96,14 @@ def file_pairs(path: str | os.PathLike) -> Pairs:
     is checked to exist and to be an image (its header) before anything runs. Their fingerprint is a digest of
     the list and of each image's name and size."""
     path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"training data {path} not found")
     if path.is_dir():
         listing = path / CAPTIONS_FILE
         if not listing.is_file():
             raise FileNotFoundError(f"{path} has no {CAPTIONS_FILE} (one FILE<TAB>CAPTION line per image)")
         rows = _tsv_rows(listing)
     elif path.suffix.lower() in (".csv", ".jsonl"):
-        if not path.is_file():
-            raise FileNotFoundError(f"training data {path} not found")
         listing = path
         rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
     else:
