@@ -115,7 +115,9 @@ def test_an_empty_path_is_refused_in_one_line_not_read_as_the_current_folder(tmp
                         "the model is named by an empty path"),
                        (["convert", "", "--out", "o"], "the model is named by an empty path"),
                        (["sweep", "synthetic", "--out", "", "--no-progress"], "--out is empty"),
-                       (["train-eclip", "--synthetic", "2", "--out", ""], "--out is empty")]:
+                       (["train-eclip", "--synthetic", "2", "--out", ""], "--out is empty"),
+                       (["train-eclip", "--data", "", "--out", "o"], "training data is named by an empty path"),
+                       (["sweep", "coco", "--data", "", "--out", "o", "--no-progress"], "--data is empty")]:
         assert tclip(argv) == 2, argv
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err

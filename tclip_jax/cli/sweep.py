@@ -98,6 +98,8 @@ def _stored_limit(out: str) -> Optional[int]:
 
 def _open_dataset(args: argparse.Namespace, limit):
     """The dataset the arguments name, a description of its source for sweep.json, and the folder it names."""
+    if args.data == "":  # pathlib reads "" as the current folder
+        raise ValueError("--data is empty; name the dataset's root folder")
     data = None if args.data is None else str(pathlib.Path(args.data).resolve())
     if data is not None and pathlib.Path(data).is_file():  # else named as a folder missing its annotations
         raise ValueError(f"--data {args.data} is a file; {args.dataset} reads the dataset's root folder")

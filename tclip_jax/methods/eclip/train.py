@@ -95,6 +95,9 @@ def file_pairs(path: str | os.PathLike) -> Pairs:
     or a .jsonl of {"path": ..., "caption": ...}; image paths are relative to the folder of the list. Every image
     is checked to exist and to be an image (its header) before anything runs. Their fingerprint is a digest of
     the list and of each image's name and size."""
+    if not os.fspath(path):  # pathlib reads "" as the current folder
+        raise ValueError("training data is named by an empty path; name a folder with "
+                         f"{CAPTIONS_FILE}, or a .csv or .jsonl file")
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"training data {path} not found")
