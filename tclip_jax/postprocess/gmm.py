@@ -27,11 +27,11 @@ the likelihood where EM's rate is ~1: plain EM needs 5,000 to 75,000 steps there
 EM map expands along the escape direction). Maps still unconverged after ``SQUAREM_AFTER`` evaluations take
 SQUAREM cycles (Varadhan & Roland 2008, scheme S3) whose extrapolation length is cut back until the likelihood
 rises all along the extrapolation path, plain EM being the last resort; on the maps where this was measured
-(benchmarks/RESULTS.md) they reach plain EM's fixed point in 5-30x fewer evaluations. A path whose likelihood
-dips has passed plain EM's fixed point towards another one (often a component collapsed onto the extreme
-values, whose likelihood is higher): checking only the end point landed there on 53 of 1973 random small maps.
-(The path check was added after that measurement; it costs 1.1-1.3x more evaluations on random small maps and
-on 224x224 smoothed noise, and about twice the time there, its likelihoods included.)
+(benchmarks/RESULTS.md, 'GMM fits where EM crawls') they reach plain EM's fixed point in 5-16x fewer evaluations.
+A path whose likelihood dips has passed plain EM's fixed point towards another one (often a component collapsed
+onto the extreme values, whose likelihood is higher): checking only the end point landed there on 53 of 1973
+random small maps. The path check costs 1.1-1.7x more evaluations than the end-point check did (1.7x on the
+worst crawling map there), and about twice the time on 224x224 smoothed noise, its likelihoods included.
 
 scikit-learn's default stopping rule (an absolute change of the mean log-likelihood below 1e-3) stops EM
 long before its fixed point on these maps: tau moves by up to ~2 % of the map's range after that point. The
