@@ -20,7 +20,7 @@ from tclip_jax.methods.hilacam import hilacam_map
 from tclip_jax.methods.similarity import maskclip_map, rclip_map, similarity_map
 from tclip_jax.methods import common
 from tclip_jax.methods.grad_eclip import last_block_gradients
-from tclip_jax.model import CLIP, init_params, l2_normalize
+from tclip_jax.model import CLIP, PRESETS, init_params, l2_normalize
 from tclip_jax.model.tokenizer import default_tokenizer
 from tclip_jax.image import prepare, upsample_bilinear
 from tclip_jax.methods.common import minmax
@@ -247,7 +247,7 @@ def test_probs_offset_gradient_agrees_with_central_differences(tiny_model, hilac
 def test_grad_eclip_and_grad_cam_match_reference(tiny_model, grad_eclip_ref, fixture_images, name):
     model, params = tiny_model
     ref = {k.split("/", 1)[1]: v for k, v in grad_eclip_ref.items() if k.startswith(name + "/")}
-    images, geometry = prepare(fixture_images[name], METHODS["grad_eclip"].input_protocol, 224, 32)
+    images, geometry = prepare(fixture_images[name], METHODS["grad_eclip"].input_protocol, PRESETS["ViT-B/32"])
     assert_close(images[None], nhwc(ref["pixel_values"]), "patch-multiple preprocessing", tol=1e-5)
     images = nhwc(ref["pixel_values"])
     tokens = grad_eclip_ref["token_ids"]
@@ -345,12 +345,12 @@ def test_prepare_follows_each_protocol(tiny_model, fixture_images, surgery_ref, 
     model, _ = tiny_model
     config = model.config
     for b, name in enumerate(IMAGE_NAMES):
-        whole, _ = prepare(fixture_images[name], "whole", config.image_size, config.patch_size)
+        whole, _ = prepare(fixture_images[name], "whole", config)
         assert_close(whole, nhwc(surgery_ref["pixel_values"])[b], f"whole image {name}", tol=1e-5)
-        crop, _ = prepare(fixture_images[name], "center_crop", config.image_size, config.patch_size)
+        crop, _ = prepare(fixture_images[name], "center_crop", config)
         assert_close(crop[None], nhwc(hilacam_ref[f"{name}/pixel_values"]), f"center crop {name}", tol=1e-5)
     with pytest.raises(ValueError, match="input protocol"):
-        prepare(fixture_images["scene_224"], "stretch", config.image_size, config.patch_size)
+        prepare(fixture_images["scene_224"], "stretch", config)
 
 
 def test_postprocess_orders():

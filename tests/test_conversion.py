@@ -16,10 +16,14 @@ import transformers
 
 from tclip_jax.checkpoints import folder as checkpoint
 from tclip_jax.cli import main as tclip
-from tclip_jax.checkpoints.load import load_clip
+from tclip_jax.checkpoints.load import load_clip, weights_fingerprint
+from tclip_jax.image import INPUT_PROTOCOLS, prepare
+from tclip_jax.methods import METHODS
 from tclip_jax.model import CLIPConfig, to_hf_config
 from tclip_jax.checkpoints.convert import ConversionError
 
+# OpenAI CLIP's pixel normalization, as its clip.py `_transform` spells it.
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SMALL = CLIPConfig(embed_dim=32, image_size=64, patch_size=32, vision_width=64, vision_layers=2, vision_heads=1,
                    vision_mlp_dim=256, vocab_size=49408, context_length=77, text_width=64, text_layers=2,
                    text_heads=1, text_mlp_dim=256)
@@ -1331,6 +1335,99 @@ def test_open_clip_layer_norm_eps_matches_transformers(tmp_path):
     clip = load_clip(folder)
     assert clip.config.layer_norm_eps == 1e-2
     assert_same_image_embeddings(clip, model, np.random.default_rng(1).standard_normal((2, 64, 64, 3)))
+
+
+GREY = np.full((96, 96, 3), 128, np.uint8)  # bicubic resizing keeps it 128: its input is the normalization alone
+
+
+def test_the_pixel_normalization_an_open_clip_config_gives_is_the_models(tmp_path, openai_state_dict):
+    """preprocess_cfg's mean and std (OpenCLIP's pretrained table gives LAION's ViT-L-14 laion2B-s32B-b82K
+    Inception's, 0.5 and 0.5) were ignored: every image was normalized with OpenAI's. The model's config carries
+    them, every input protocol uses them, and a converted folder and the model's fingerprint record them."""
+    folder = _open_clip_folder(tmp_path / "oc", openai_state_dict)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    plain = load_clip(folder)  # without preprocess_cfg: OpenCLIP's default, OpenAI's
+    config["preprocess_cfg"] = {"size": 224, "mode": "RGB", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                                "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    clip = load_clip(folder)
+    for protocol in INPUT_PROTOCOLS:
+        np.testing.assert_allclose(prepare(GREY, protocol, clip.config)[0], (128 / 255 - 0.5) / 0.5, atol=1e-6)
+        assert np.abs(prepare(GREY, protocol, plain.config)[0] - (128 / 255 - np.array(OPENAI_MEAN)) / OPENAI_STD
+                      ).max() < 1e-6
+    np.testing.assert_allclose(METHODS["similarity"](clip).prepare(GREY)[0], (128 / 255 - 0.5) / 0.5, atol=1e-6)
+    assert clip.fingerprint != plain.fingerprint  # what a sweep records: results of one are not the other's
+    assert tclip(["convert", str(folder), "--out", str(tmp_path / "out")]) == 0
+    converted = load_clip(tmp_path / "out")
+    assert converted.config == clip.config and converted.fingerprint == clip.fingerprint
+
+
+# What `LoadedClip.fingerprint` digested of a config before it carried the pixel normalization: every field then.
+FIELDS_BEFORE_NORMALIZATION = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_layers",
+                               "vision_heads", "vision_mlp_dim", "vocab_size", "context_length", "text_width",
+                               "text_layers", "text_heads", "text_mlp_dim", "activation", "layer_norm_eps",
+                               "stem_channels", "eot_token_id")
+
+
+def test_a_folder_converted_before_the_config_carried_a_normalization_is_openais_and_keeps_its_fingerprint(
+        tmp_path, fixtures_dir):
+    """Folders converted before were written for OpenAI's normalization (the only one then): they load with it, and
+    a model with it keeps the fingerprint the sweeps that ran it recorded, so they resume."""
+    out = _converted(tmp_path, fixtures_dir)
+    header = json.loads((out / checkpoint.CONFIG_FILE).read_text())
+    assert not set(header["config"]) & {"image_mean", "image_std"}  # as earlier versions wrote (and read) it
+    clip = load_clip(out)
+    assert (clip.config.image_mean, clip.config.image_std) == (OPENAI_MEAN, OPENAI_STD)
+    before = repr({name: getattr(clip.config, name) for name in FIELDS_BEFORE_NORMALIZATION})
+    assert clip.fingerprint == weights_fingerprint(before, checkpoint.flatten(clip.params))
+
+
+@pytest.mark.parametrize("mean, std", [(None, None), ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])])
+def test_the_pixel_normalization_of_a_hugging_face_preprocessor_config_is_transformers(tmp_path, fixture_images,
+                                                                                       mean, std):
+    """A Hugging Face folder's preprocessor_config.json image_mean and image_std were ignored. transformers'
+    CLIPImageProcessor, saved into the folder, is the reference for the center_crop protocol (its transform)."""
+    torch.manual_seed(0)
+    transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).save_pretrained(tmp_path)
+    normalization = {} if mean is None else {"image_mean": mean, "image_std": std}
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size=64, **normalization)
+    processor.save_pretrained(tmp_path)
+    clip = load_clip(tmp_path)
+    for name in ("scene_224", "noise_224"):
+        expected = processor(images=fixture_images[name], return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+        np.testing.assert_allclose(prepare(fixture_images[name], "center_crop", clip.config)[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("file, part, value, message", [
+    ("open_clip_config.json", "preprocess_cfg", {"resize_mode": "squash"},
+     'preprocess_cfg.resize_mode = "squash" is not supported (the input protocols compute "shortest"'),
+    ("open_clip_config.json", "preprocess_cfg", {"interpolation": "bilinear"},
+     'preprocess_cfg.interpolation = "bilinear" is not supported'),
+    ("open_clip_config.json", "preprocess_cfg", {"std": [0.5, 0, 0.5]}, "preprocess_cfg.std must be 3 positive"),
+    ("open_clip_config.json", "preprocess_cfg", {"mean": 0.5}, "preprocess_cfg.mean must be 3 numbers"),
+    ("open_clip_config.json", "preprocess_cfg", {"men": [0.5] * 3}, "preprocess_cfg has keys OpenCLIP 3.3 does not"),
+    ("open_clip_config.json", "preprocess_cfg", [0.5], "preprocess_cfg must be an object, got list"),
+    ("preprocessor_config.json", None, {"resample": 2}, "resample = 2 is not supported (the input protocols compute "
+                                                        "3 (3: bicubic))"),
+    ("preprocessor_config.json", None, {"do_center_crop": False}, "do_center_crop = False is not supported"),
+    ("preprocessor_config.json", None, {"image_std": [1, 1]}, "image_std must be 3 numbers"),
+    ("preprocessor_config.json", None, [1], "a preprocessor config is a JSON object, got list")])
+def test_a_pixel_preprocessing_the_protocols_do_not_compute_is_refused_in_one_line(tmp_path, openai_state_dict,
+                                                                                 file, part, value, message, capsys):
+    if file == "open_clip_config.json":
+        folder = _open_clip_folder(tmp_path / "oc", openai_state_dict)
+        config = json.loads((folder / file).read_text())
+        config[part] = value
+    else:
+        folder = tmp_path / "hf"
+        transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).save_pretrained(folder)
+        config = value
+    (folder / file).write_text(json.dumps(config))
+    capsys.readouterr()  # transformers' progress bars
+    assert tclip(["convert", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{file}: " in err and message in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_bare_state_dict_at_an_open_clip_wide_head_width_gets_its_heads(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, clip_projections, 
 from tclip_jax.methods.eclip.train import (Pairs, ViTAttention, clip_attention, contrastive_loss, epoch_order,
                                            file_pairs, make_optimizer, make_train_step, masked_max_pool,
                                            pair_features, train)
-from tclip_jax.model import CLIP
+from tclip_jax.model import CLIP, PRESETS
 from tclip_jax.model.tokenizer import PromptCutWarning
 from tclip_jax.synthetic import make_scene
 
@@ -164,7 +164,7 @@ def test_training_pools_the_patches_by_the_min_maxed_class_attention_of_the_last
     class-token query to the patch keys, mean over heads, computed here from that block's weights."""
     pairs = in_memory_pairs(2)
     config = clip.config
-    pixels = np.stack([prepare(rgb, "whole", config.image_size, config.patch_size)[0] for rgb, _ in pairs.read()])
+    pixels = np.stack([prepare(rgb, "whole", config)[0] for rgb, _ in pairs.read()])
     image = clip.model.apply({"params": clip.params}, pixels, True, method="encode_image")
     x = np.asarray(image.residual_stream[-2], np.float64)  # the stream entering the last block [B, 1 + P, width]
     block = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64),
@@ -190,7 +190,7 @@ def test_training_pools_the_patches_by_the_min_maxed_class_attention_of_the_last
     maps = np.random.default_rng(1).uniform(0.2, 0.7, size=attention.shape).astype(np.float32)
     low, high = maps.min(axis=1, keepdims=True), maps.max(axis=1, keepdims=True)
     weights = (maps - low) / (high - low)
-    pooled, _ = pair_features(clip, pairs, lambda pixels, grid: maps, progress=False)
+    pooled, _ = pair_features(clip, pairs, lambda pixels, grid, config: maps, progress=False)
     np.testing.assert_allclose(pooled, (patches * weights[:, :, None]).max(axis=1), atol=1e-5)
     # A caption longer than the context is cut to it: two that differ only past it give the same Fₜ.
     long = "a red circle " * config.context_length
@@ -510,18 +510,19 @@ def test_the_attention_of_a_hugging_face_vit(tmp_path):
     ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
     attention = ViTAttention(tmp_path / "vit")
     pixels = np.random.default_rng(3).normal(size=(2, 64, 64, 3)).astype(np.float32)  # CLIP-normalized
-    maps = attention(pixels, (4, 4))  # the ViT's own grid: no resizing
-    from tclip_jax.image import CLIP_MEAN, CLIP_STD
+    # The input of a CLIP that normalizes pixels as some of LAION's do (mean and std 0.5), un-normalized as it was.
+    clip_config = dataclasses.replace(PRESETS["ViT-B/32"], image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+    maps = attention(pixels, (4, 4), clip_config)  # the ViT's own grid: no resizing
     from tclip_jax.methods.eclip.train import IMAGENET_MEAN, IMAGENET_STD
 
-    rgb = (pixels * CLIP_STD + CLIP_MEAN - IMAGENET_MEAN) / IMAGENET_STD
+    rgb = (pixels * 0.5 + 0.5 - IMAGENET_MEAN) / IMAGENET_STD
     model = ViTModel.from_pretrained(tmp_path / "vit", attn_implementation="eager").eval()
     with torch.no_grad():
         probs = model(pixel_values=torch.from_numpy(rgb.transpose(0, 3, 1, 2)), output_attentions=True).attentions
     np.testing.assert_allclose(maps, probs[-1][:, :, 0, 1:].mean(dim=1).numpy(), rtol=1e-4, atol=1e-6)
     # Resized to CLIP's grid bilinearly (align_corners=False): at exactly half the side, the means of 2x2 blocks.
     blocks = maps.reshape(2, 2, 2, 2, 2).mean(axis=(2, 4)).reshape(2, 4)  # [B, gh, 2, gw, 2] -> [B, gh*gw]
-    np.testing.assert_allclose(attention(pixels, (2, 2)), blocks, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(attention(pixels, (2, 2), clip_config), blocks, rtol=1e-5, atol=1e-7)
     with pytest.raises(FileNotFoundError, match="attention model folder .* not found"):
         ViTAttention(tmp_path / "no_such_vit")
     (tmp_path / "weights.npz").write_bytes(b"")
@@ -618,7 +619,9 @@ def test_a_hub_attention_model_comes_from_the_hub_cache_and_offline_says_what_to
     pixels = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
     from_hub = ViTAttention("somebody/tiny-dino")
     assert from_hub.origin == "somebody/tiny-dino"
-    np.testing.assert_array_equal(from_hub(pixels, (2, 2)), ViTAttention(tmp_path / "vit")(pixels, (2, 2)))
+    config = PRESETS["ViT-B/32"]
+    np.testing.assert_array_equal(from_hub(pixels, (2, 2), config),
+                                  ViTAttention(tmp_path / "vit")(pixels, (2, 2), config))
     with pytest.raises(ConnectionError, match=r"cannot fetch 'somebody/no-dino' .*pass DIR as --dino\.$"):
         ViTAttention("somebody/no-dino")
 

@@ -23,8 +23,10 @@ from tclip_jax.image import (
     whole_image,
 )
 from tclip_jax.methods.common import minmax
+from tclip_jax.model import PRESETS
 
 IMAGE_NAMES = ["scene_224", "scene_wide_320x240", "noise_224"]
+VIT_B32 = PRESETS["ViT-B/32"]  # 224-pixel input, 32-pixel patches
 
 
 @pytest.fixture(scope="module")
@@ -682,8 +684,8 @@ def test_square_protocols_refuse_strips(protocol, shape_hw):
     from tclip_jax.image import prepare
 
     with pytest.raises(ValueError, match="more than 10:1.*crop or tile it first"):
-        prepare(np.zeros((*shape_hw, 3), np.uint8), protocol, 224, 32)
-    prepare(np.zeros((40, 400, 3), np.uint8), protocol, 224, 32)  # 10:1 is still taken
+        prepare(np.zeros((*shape_hw, 3), np.uint8), protocol, VIT_B32)
+    prepare(np.zeros((40, 400, 3), np.uint8), protocol, VIT_B32)  # 10:1 is still taken
 
 
 @pytest.mark.parametrize("protocol", ["whole", "center_crop"])
@@ -695,27 +697,27 @@ def test_a_strip_is_pointed_to_patch_multiple_only_where_that_protocol_takes_it(
     hint = "TCLIP can also take it as it is: --input-protocol patch_multiple"
     for shape_hw, taken in (((1, 2000), False), ((15, 2000), False), ((16, 2000), True), ((2000, 16), True)):
         with pytest.raises(ValueError, match="more than 10:1") as refused:
-            prepare(np.zeros((*shape_hw, 3), np.uint8), protocol, 224, 32)
+            prepare(np.zeros((*shape_hw, 3), np.uint8), protocol, VIT_B32)
         assert (hint in str(refused.value)) == taken, shape_hw
         if taken:  # the hint's command runs
-            prepare(np.zeros((*shape_hw, 3), np.uint8), "patch_multiple", 224, 32)
+            prepare(np.zeros((*shape_hw, 3), np.uint8), "patch_multiple", VIT_B32)
         else:
             assert str(refused.value).endswith("crop or tile it first")
             with pytest.raises(ValueError, match="less than half a 32-pixel patch"):
-                prepare(np.zeros((*shape_hw, 3), np.uint8), "patch_multiple", 224, 32)
+                prepare(np.zeros((*shape_hw, 3), np.uint8), "patch_multiple", VIT_B32)
 
 
 def test_patch_multiple_keeps_strips_but_needs_half_a_patch():
     from tclip_jax.image import prepare
 
-    pixels, geometry = prepare(np.zeros((50, 4000, 3), np.uint8), "patch_multiple", 224, 32)
+    pixels, geometry = prepare(np.zeros((50, 4000, 3), np.uint8), "patch_multiple", VIT_B32)
     assert pixels.shape == (64, 4000, 3) and geometry.original_hw == (50, 4000)
     with pytest.raises(ValueError, match="less than half a 32-pixel patch"):
-        prepare(np.zeros((10, 400, 3), np.uint8), "patch_multiple", 224, 32)
+        prepare(np.zeros((10, 400, 3), np.uint8), "patch_multiple", VIT_B32)
     # int(side / 32 + 0.5) patches: a 16-pixel side (half a patch) rounds to one patch, 300 to 9; 15 to none
-    assert prepare(np.zeros((16, 300, 3), np.uint8), "patch_multiple", 224, 32)[0].shape == (32, 288, 3)
+    assert prepare(np.zeros((16, 300, 3), np.uint8), "patch_multiple", VIT_B32)[0].shape == (32, 288, 3)
     with pytest.raises(ValueError, match="less than half a 32-pixel patch"):
-        prepare(np.zeros((300, 15, 3), np.uint8), "patch_multiple", 224, 32)
+        prepare(np.zeros((300, 15, 3), np.uint8), "patch_multiple", VIT_B32)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own, before our refusal

@@ -37,11 +37,13 @@ def _count_blocks(keys, pattern: str) -> int:
 
 
 def infer_openai_config(state_dict: Mapping[str, np.ndarray], activation: str = "quick_gelu",
-                        vision_head_dim: int = 64, text_head_dim: int = 64, layer_norm_eps: float = 1e-5) -> CLIPConfig:
+                        vision_head_dim: int = 64, text_head_dim: int = 64, layer_norm_eps: float = 1e-5,
+                        **normalization) -> CLIPConfig:
     """Reads the architecture off an OpenAI-format state dict's shapes, like OpenAI's `build_model`.
 
     Head counts and the layer-norm epsilon are not visible in the shapes: OpenAI's ViTs use 64-dim heads and
-    torch's default 1e-5; OpenCLIP configs that differ (e.g. ViT-H/14, 80-dim heads) pass theirs.
+    torch's default 1e-5; OpenCLIP configs that differ (e.g. ViT-H/14, 80-dim heads) pass theirs, and their pixel
+    normalization (`normalization`: `CLIPConfig.image_mean`, `image_std`; OpenAI's where not given).
     """
     if detect_format(state_dict) != "openai":
         raise ConversionError("expected OpenAI/OpenCLIP key names")
@@ -79,7 +81,7 @@ def infer_openai_config(state_dict: Mapping[str, np.ndarray], activation: str = 
         text_layers=_count_blocks(state_dict, r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
         text_heads=text_width // text_head_dim,
         text_mlp_dim=shape("transformer.resblocks.0.mlp.c_fc.weight", 2, "[mlp dim, text width]")[0],
-        activation=activation, layer_norm_eps=layer_norm_eps)
+        activation=activation, layer_norm_eps=layer_norm_eps, **normalization)
     try:
         return CLIPConfig(**values)
     except ValueError as err:  # CLIPConfig's own checks (e.g. no blocks at all)

@@ -25,7 +25,8 @@ import numpy as np
 from tclip_jax.checkpoints import folder as checkpoint, sources
 from tclip_jax.checkpoints.convert import ConversionError, convert_state_dict, detect_format, infer_openai_config
 from tclip_jax.files import fingerprint, killed_swap_leftover
-from tclip_jax.model import CLIP, CLIPConfig, from_hf_config
+from tclip_jax.model import CLIP, CLIPConfig, from_hf_config, from_hf_preprocessor
+from tclip_jax.model.config import NORMALIZATION_FIELDS, OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD, normalization_channels
 from tclip_jax.model.tokenizer import ClipTokenizer, default_tokenizer, is_tokenizer_folder
 
 SOURCES = ("tclip", "hf", "openai", "open_clip")
@@ -48,14 +49,18 @@ class LoadedClip:
     @functools.cached_property
     def fingerprint(self) -> str:
         """A digest that tells CLIPs apart, whatever path or format named them: "v2-" and the digest of every field
-        of the config and every parameter (its path in the tree, its shape and its float32 bytes, whole). A model
-        that differs anywhere is another model: a fine-tune of its transformer blocks alone, a float16-rounded copy
-        (other weights, other maps). What ECLIP's projections, encoded prompts and every result record of the model
+        of the config (but OpenAI's pixel normalization, the only one before the config carried it, so that models
+        with it keep their fingerprint) and every parameter (its path in the tree, its shape and its float32 bytes,
+        whole). A model that differs anywhere is another model: a fine-tune of its transformer blocks alone, a
+        float16-rounded copy (other weights, other maps), one that normalizes its pixels otherwise. What ECLIP's projections, encoded prompts and every result record of the model
         they were made with; computed once (SHA-256 of every byte: 0.6-0.8 s for a ViT-B/32, 151M parameters, and
         0.02 s for the embedded default model, 7M, on this 2-core VM). `is_v1_fingerprint` tells one recorded before
         it covered the whole model, which `is_recorded_as` compares by its own definition."""
-        return weights_fingerprint(repr(dataclasses.asdict(self.config)),
-                                   flax.traverse_util.flatten_dict(self.params, sep="/"))
+        fields = dataclasses.asdict(self.config)
+        if self.config.normalizes_as_openai:
+            for name in NORMALIZATION_FIELDS:
+                del fields[name]
+        return weights_fingerprint(repr(fields), flax.traverse_util.flatten_dict(self.params, sep="/"))
 
     def is_recorded_as(self, recorded: Any) -> bool:
         """Whether a fingerprint a record holds is this model's: `fingerprint`, or one of the first definition
@@ -64,6 +69,8 @@ class LoadedClip:
         transformer blocks alone differ."""
         if not is_v1_fingerprint(recorded):
             return recorded == self.fingerprint
+        if not self.config.normalizes_as_openai:  # every result of the first definition had OpenAI's normalization
+            return False
         visual, text = self.params["visual"], self.params["text"]
         leaves = [visual["proj"], text["projection"], visual["positional_embedding"], text["positional_embedding"],
                   *jax.tree_util.tree_leaves(visual["ln_post"]), *jax.tree_util.tree_leaves(text["ln_final"])]
@@ -166,6 +173,13 @@ def _from_hf_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str, ac
         config = from_hf_config(hf_config)
     except ValueError as err:
         raise ConversionError(f"{config_path}: {err}") from None
+    preprocessor_path = folder / "preprocessor_config.json"  # where transformers' CLIPProcessor reads it
+    if preprocessor_path.is_file():
+        preprocessor = sources.read_json(preprocessor_path)  # its errors name the file already
+        try:
+            config = dataclasses.replace(config, **from_hf_preprocessor(preprocessor))
+        except ValueError as err:
+            raise ConversionError(f"{preprocessor_path}: {err}") from None
     _check_activation(activation, config.activation, config_path)
     state = sources.read_state_dict(weights)
     checkpoint.warn_if_upcast(state.stored_dtypes, str(weights))
@@ -210,12 +224,18 @@ _OPEN_CLIP_KEYS = {
 }
 
 _OPEN_CLIP_WIDTHS = {"vision": 768, "text": 512}  # CLIPVisionCfg's and CLIPTextCfg's, where a config leaves them out
+# A hub config's preprocess_cfg (OpenCLIP's PreprocessCfg): what its keys other than mean and std must be, the way the
+# input protocols make pixels (OpenCLIP's defaults, OpenAI's transform; another is refused, not ignored), or None
+# where they do not matter here (size: every protocol resizes to the weights' input size; fill_color pads only
+# for resize_mode "longest").
+_OPEN_CLIP_PREPROCESS = {"mode": "RGB", "interpolation": "bicubic", "resize_mode": "shortest", "size": None,
+                         "fill_color": None}
 
 
 def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict, dict]:
     """(activation, whether the config names it, `infer_openai_config` arguments: head dimensions, layer-norm
-    epsilon; the towers' widths it says, which the weights must have) from an OpenCLIP hub folder's
-    `open_clip_config.json`, if any. Without `quick_gelu` in it OpenCLIP builds GELU, which its `force_quick_gelu`
+    epsilon, pixel normalization; the towers' widths it says, which the weights must have) from an OpenCLIP hub
+    folder's `open_clip_config.json`, if any. Without `quick_gelu` in it OpenCLIP builds GELU, which its `force_quick_gelu`
     (here --activation) may override. The model config is the file's `model_cfg`, or the whole file when it is a
     bare model config (`open_clip/model_configs/*.json`), as OpenCLIP's `get_model_config` reads it."""
     path = folder / "open_clip_config.json"
@@ -290,6 +310,19 @@ def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict, 
     quick_gelu = model_cfg.get("quick_gelu", False)
     if not isinstance(quick_gelu, bool):
         raise ConversionError(f"{path}: model_cfg.quick_gelu must be true or false, got {json.dumps(quick_gelu)}")
+    preprocess = section(config, "preprocess_cfg", "") if model_cfg is not config else {}
+    unknown = sorted(set(preprocess) - {"mean", "std", *_OPEN_CLIP_PREPROCESS})
+    if unknown:
+        raise ConversionError(f"{path}: preprocess_cfg has keys OpenCLIP 3.3 does not take: {', '.join(unknown)}")
+    for key, computed in _OPEN_CLIP_PREPROCESS.items():
+        if computed is not None and preprocess.get(key, computed) != computed:
+            raise ConversionError(f"{path}: preprocess_cfg.{key} = {json.dumps(preprocess[key])} is not supported "
+                                  f"(the input protocols compute {json.dumps(computed)}, OpenCLIP's default)")
+    for key, field, default in (("mean", "image_mean", OPENAI_IMAGE_MEAN), ("std", "image_std", OPENAI_IMAGE_STD)):
+        try:  # OpenCLIP's default where left out: OpenAI's
+            choices[field] = normalization_channels(preprocess.get(key, default), key, key == "std")
+        except ValueError as err:
+            raise ConversionError(f"{path}: preprocess_cfg.{err}") from None
     return ("quick_gelu" if quick_gelu else "gelu"), "quick_gelu" in model_cfg, choices, widths
 
 

@@ -67,5 +67,7 @@ def _convert(args: argparse.Namespace, options: CheckpointOptions, out: pathlib.
     c = converted.config
     print(f"converted {converted.origin} ({converted.source}): ViT patch {c.patch_size} at {c.image_size}px, "
           f"{c.vision_layers}x{c.vision_width} vision, {c.text_layers}x{c.text_width} text, "
-          f"embed {c.embed_dim}, {c.activation} -> {folder} in {time.perf_counter() - start:.1f}s")
+          f"embed {c.embed_dim}, {c.activation}"
+          f"{'' if c.normalizes_as_openai else f', pixel mean {list(c.image_mean)} std {list(c.image_std)}'} -> "
+          f"{folder} in {time.perf_counter() - start:.1f}s")
     return 0

@@ -37,9 +37,11 @@ def retrieval_top1(clip: LoadedClip, images: Sequence[np.ndarray], captions: Seq
         raise ValueError(f"retrieval needs as many captions as images (at least one): got {len(images)} images "
                          f"and {len(captions)} captions")
     image_embeds, text_embeds = [], []
+    config = clip.config
     for start in range(0, len(captions), RETRIEVAL_CHUNK):
         stop = start + RETRIEVAL_CHUNK
-        pixels = np.stack([whole_image(image, clip.config.image_size)[0] for image in images[start:stop]])
+        pixels = np.stack([whole_image(image, config.image_size, mean=config.image_mean, std=config.image_std)[0]
+                           for image in images[start:stop]])
         ids = clip.tokenizer.encode(list(captions[start:stop]), clip.config.context_length)
         image_part, text_part = global_embeddings(clip.model, clip.params, pixels, ids)
         image_embeds.append(np.asarray(image_part, np.float64))

@@ -10,7 +10,8 @@
   patches (Grad-ECLIP's ``imgprocess``); the model resizes its positional embedding to that grid.
 
 Every protocol takes the decoded uint8 image (`tclip_jax.image.load_image`), so an image is decoded once
-whatever runs on it, and returns float32 [h, w, 3] normalized with CLIP's mean and std. The reproductions are
+whatever runs on it, and returns float32 [h, w, 3] normalized with the model's mean and std (`CLIPConfig.image_mean`,
+`image_std`: OpenAI's, `CLIP_MEAN` and `CLIP_STD`, unless its checkpoint says others). The reproductions are
 of RGB images: OpenAI's ``_transform`` resizes before it converts to RGB, and PIL resizes an RGBA image with its
 colours weighted by alpha (a transparent pixel counts as black) and a palette or 1-bit image by nearest
 neighbour, where we resize the RGB image `load_image` gives (alpha dropped); such images differ a little.
@@ -28,22 +29,27 @@ import numpy as np
 from PIL import Image
 
 from tclip_jax.image.geometry import Geometry
+from tclip_jax.model.config import OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD, CLIPConfig
 
 InputProtocol = Literal["whole", "center_crop", "patch_multiple"]
 INPUT_PROTOCOLS: tuple[str, ...] = get_args(InputProtocol)
 
 MAX_ASPECT_RATIO = 10
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+CLIP_MEAN = np.array(OPENAI_IMAGE_MEAN, dtype=np.float32)
+CLIP_STD = np.array(OPENAI_IMAGE_STD, dtype=np.float32)
 
 
-def prepare(rgb: np.ndarray, protocol: InputProtocol, image_size: int, patch_size: int) -> tuple[np.ndarray, Geometry]:
-    """The model input of a decoded image under `protocol`, for a model of `image_size` and `patch_size`."""
+def prepare(rgb: np.ndarray, protocol: InputProtocol, config: CLIPConfig) -> tuple[np.ndarray, Geometry]:
+    """The model input of a decoded image under `protocol`, for a model of `config` (its input and patch size, its
+    pixel normalization)."""
     check_rgb(rgb)
+    patch_size = config.patch_size
     check_input_size(rgb.shape[:2], protocol, patch_size)
+    normalization = {"mean": config.image_mean, "std": config.image_std}
     if protocol == "patch_multiple":
-        return whole_image(rgb, tuple(int(side / patch_size + 0.5) * patch_size for side in rgb.shape[:2]))
-    return whole_image(rgb, image_size) if protocol == "whole" else center_crop(rgb, image_size)
+        return whole_image(rgb, tuple(int(side / patch_size + 0.5) * patch_size for side in rgb.shape[:2]),
+                           **normalization)
+    return (whole_image if protocol == "whole" else center_crop)(rgb, config.image_size, **normalization)
 
 
 def check_input_size(size_hw: tuple[int, int], protocol: InputProtocol, patch_size: int) -> None:
@@ -73,8 +79,9 @@ def _patch_multiple_problem(size_hw: tuple[int, int], patch_size: int) -> str | 
     return None
 
 
-def center_crop(rgb: np.ndarray, size: int = 224) -> tuple[np.ndarray, Geometry]:
-    """OpenAI CLIP's resize of the short side to ``size``, centre crop, normalize: float32 [size, size, 3]."""
+def center_crop(rgb: np.ndarray, size: int = 224, *, mean=CLIP_MEAN, std=CLIP_STD) -> tuple[np.ndarray, Geometry]:
+    """OpenAI CLIP's resize of the short side to ``size``, centre crop, normalize (`clip_normalize`): float32 [size,
+    size, 3]."""
     check_rgb(rgb)
     if not isinstance(size, (int, np.integer)) or size <= 0:
         raise ValueError(f"center_crop size must be a positive int, got {size!r}")
@@ -87,11 +94,13 @@ def center_crop(rgb: np.ndarray, size: int = 224) -> tuple[np.ndarray, Geometry]
     resized = resize_rgb(rgb, resized_hw)
     crop = resized[offset_yx[0] : offset_yx[0] + size, offset_yx[1] : offset_yx[1] + size]
     geometry = Geometry((height, width), (size, size), resized_hw, offset_yx)
-    return clip_normalize(crop), geometry
+    return clip_normalize(crop, mean, std), geometry
 
 
-def whole_image(rgb: np.ndarray, size: int | tuple[int, int] = 224) -> tuple[np.ndarray, Geometry]:
-    """Bicubic resize of the whole image to ``size`` (int or (h, w)), no crop, normalize: float32 [h, w, 3]."""
+def whole_image(rgb: np.ndarray, size: int | tuple[int, int] = 224, *, mean=CLIP_MEAN,
+                std=CLIP_STD) -> tuple[np.ndarray, Geometry]:
+    """Bicubic resize of the whole image to ``size`` (int or (h, w)), no crop, normalize (`clip_normalize`): float32
+    [h, w, 3]."""
     check_rgb(rgb)
     input_hw = (size, size) if isinstance(size, (int, np.integer)) else size
     if not (
@@ -102,15 +111,17 @@ def whole_image(rgb: np.ndarray, size: int | tuple[int, int] = 224) -> tuple[np.
         raise ValueError(f"whole_image size must be a positive int or (h, w) of positive ints, got {size!r}")
     input_hw = (int(input_hw[0]), int(input_hw[1]))
     geometry = Geometry(rgb.shape[:2], input_hw, input_hw, (0, 0))
-    return clip_normalize(resize_rgb(rgb, input_hw)), geometry
+    return clip_normalize(resize_rgb(rgb, input_hw), mean, std), geometry
 
 
-def clip_normalize(rgb):
-    """CLIP's pixel normalization of uint8 RGB [..., 3], numpy or jax (training normalizes batches on device).
+def clip_normalize(rgb, mean=CLIP_MEAN, std=CLIP_STD):
+    """The pixel normalization of uint8 RGB [..., 3], numpy or jax (training normalizes batches on device), with a
+    model's per-channel `mean` and `std` (`CLIPConfig.image_mean`, `image_std`; OpenAI's by default).
 
     Same float32 operations, in the same order, as torchvision ToTensor (/255) then Normalize (sub, div).
     """
-    return (rgb.astype(np.float32) / np.float32(255.0) - CLIP_MEAN) / CLIP_STD
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    return (rgb.astype(np.float32) / np.float32(255.0) - mean) / std
 
 
 def check_rgb(rgb: np.ndarray) -> None:

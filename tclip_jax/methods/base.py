@@ -317,8 +317,7 @@ class Method(abc.ABC):
 
     # ----------------------------------------------------------------------------------- the four parts
     def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Geometry]:
-        config = self.clip.config
-        return prepare(rgb, self.input_protocol, config.image_size, config.patch_size)
+        return prepare(rgb, self.input_protocol, self.clip.config)
 
     def check_image_size(self, size_hw: tuple[int, int]) -> None:
         """Refuses an image of this size that `prepare` would refuse (its input protocol cannot take it)."""

@@ -258,8 +258,10 @@ class GScoreCAM(PromptMethod):
     def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Geometry]:
         if self.settings.resample == "bicubic":
             return super().prepare(rgb)
-        size = self.clip.config.image_size
-        return clip_normalize(_adapt_squash(rgb, size)), Geometry(rgb.shape[:2], (size, size), (size, size), (0, 0))
+        config = self.clip.config
+        size = config.image_size
+        pixels = clip_normalize(_adapt_squash(rgb, size), config.image_mean, config.image_std)
+        return pixels, Geometry(rgb.shape[:2], (size, size), (size, size), (0, 0))
 
     def original_maps(self, maps: Array, geometry: Geometry) -> Array:
         return aggregate_resized(super().original_maps(maps, geometry))

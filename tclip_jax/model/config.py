@@ -1,10 +1,17 @@
-"""CLIP ViT architecture description: presets, Hugging Face `config.json`, JSON round trip."""
+"""CLIP ViT architecture description (and the pixel normalization its weights were trained with): presets, Hugging
+Face `config.json` and `preprocessor_config.json`, JSON round trip."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional
 
 ACTIVATIONS = ("quick_gelu", "gelu")
+# OpenAI CLIP's pixel normalization, per RGB channel of pixels scaled to [0, 1]: its models', and most OpenCLIP and
+# Hugging Face ones'.
+OPENAI_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+NORMALIZATION_FIELDS = ("image_mean", "image_std")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +45,11 @@ class CLIPConfig:
     # right while end-of-text is the highest id); an id, at its first occurrence (Hugging Face's rule unless its
     # eos_token_id is the legacy 2), right also for tokenizers with tokens added after end-of-text.
     eot_token_id: Optional[int] = None
+    # The pixel normalization the weights were trained with: the input protocols compute (pixel / 255 - image_mean)
+    # / image_std per RGB channel. OpenAI's unless a checkpoint's preprocessing config says another (OpenCLIP's
+    # preprocess_cfg, Hugging Face's preprocessor_config.json: some LAION models use 0.5 and 0.5).
+    image_mean: tuple[float, float, float] = OPENAI_IMAGE_MEAN
+    image_std: tuple[float, float, float] = OPENAI_IMAGE_STD
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -61,6 +73,11 @@ class CLIPConfig:
                              f"the downsampling of the {len(self.stem_channels)} stride-2 stem convolutions")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for name in NORMALIZATION_FIELDS:
+            value = getattr(self, name)
+            normalization_channels(value, name, name == "image_std")
+            if not isinstance(value, tuple) or not all(isinstance(v, float) for v in value):  # one repr, one digest
+                raise ValueError(f"{name} must be a tuple of 3 floats, got {value!r}")
         for width, heads, tower in ((self.vision_width, self.vision_heads, "vision"),
                                     (self.text_width, self.text_heads, "text")):
             if width % heads:
@@ -71,10 +88,19 @@ class CLIPConfig:
         """Side of the patch grid the positional embedding was trained for."""
         return self.image_size // self.patch_size
 
+    @property
+    def normalizes_as_openai(self) -> bool:
+        """Whether the pixel normalization is OpenAI's, the only one before the config carried it."""
+        return (self.image_mean, self.image_std) == (OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD)
+
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
-        if values["eot_token_id"] is None:  # the default, left out: a folder earlier versions can read
+        # The defaults, left out: a folder earlier versions can read (and one they would read wrong, they refuse).
+        if values["eot_token_id"] is None:
             del values["eot_token_id"]
+        if self.normalizes_as_openai:
+            for name in NORMALIZATION_FIELDS:
+                del values[name]
         return values
 
     @classmethod
@@ -89,7 +115,20 @@ class CLIPConfig:
             raise ValueError(f"not a tclip_jax CLIPConfig: unknown keys {unknown}, missing keys {missing}")
         if isinstance(values.get("stem_channels"), list):  # JSON has no tuples
             values = {**values, "stem_channels": tuple(values["stem_channels"])}
+        values = {**values, **{name: normalization_channels(values[name], name, name == "image_std")
+                               for name in NORMALIZATION_FIELDS if name in values}}
         return cls(**values)
+
+
+def normalization_channels(value: Any, name: str, positive: bool = False) -> tuple[float, float, float]:
+    """`value` (a JSON list) as a normalization's three per-channel floats; ValueError naming `name` otherwise. A
+    standard deviation (`positive`) must be above 0."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+        raise ValueError(f"{name} must be 3 numbers (one per RGB channel), got {value!r}")
+    if positive and min(value) <= 0:
+        raise ValueError(f"{name} must be 3 positive numbers, got {value!r}")
+    return tuple(float(v) for v in value)
 
 
 def _openai_vit(embed_dim, image_size, patch_size, vision_width, vision_layers, text_width, text_layers):
@@ -165,6 +204,34 @@ def from_hf_config(hf: Mapping[str, Any]) -> CLIPConfig:
     # knew the real one), else at the first eos_token_id: the same place when that is the vocabulary's last id.
     highest = eos in (2, values["vocab_size"] - 1)
     return CLIPConfig(**values, activation=activation, layer_norm_eps=eps.pop(), eot_token_id=None if highest else eos)
+
+
+# Hugging Face CLIPImageProcessor fields that change the pixels but that no input protocol computes otherwise, with
+# the value the protocols compute (transformers' default): another value is refused, not ignored. Its sizes are not
+# read: every protocol resizes to the input size of the weights.
+_HF_PREPROCESSOR_DEFAULTS = {"do_resize": True, "resample": 3, "do_center_crop": True, "do_rescale": True,
+                             "rescale_factor": 1 / 255, "do_convert_rgb": True}
+
+
+def from_hf_preprocessor(hf: Mapping[str, Any]) -> dict[str, tuple[float, float, float]]:
+    """The `CLIPConfig` normalization fields a Hugging Face `preprocessor_config.json` (as a dict) gives: its
+    image_mean and image_std (transformers' defaults, OpenAI's, where left out; none at all where do_normalize is
+    false). Errors name the field."""
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"a preprocessor config is a JSON object, got {type(hf).__name__}")
+    for key, default in _HF_PREPROCESSOR_DEFAULTS.items():
+        value = hf.get(key, default)
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, (int, float)) or (
+                not math.isclose(value, default, rel_tol=1e-6)):  # rescale_factor may be written rounded
+            about = " (3: bicubic)" if key == "resample" else ""
+            raise ValueError(f"{key} = {value!r} is not supported (the input protocols compute {default!r}{about})")
+    normalize = hf.get("do_normalize", True)
+    if not isinstance(normalize, bool):
+        raise ValueError(f"do_normalize must be true or false, got {normalize!r}")
+    if not normalize:
+        return {"image_mean": (0.0, 0.0, 0.0), "image_std": (1.0, 1.0, 1.0)}
+    return {name: normalization_channels(hf.get(name, default), name, name == "image_std")
+            for name, default in (("image_mean", OPENAI_IMAGE_MEAN), ("image_std", OPENAI_IMAGE_STD))}
 
 
 def to_hf_config(config: CLIPConfig) -> dict[str, Any]:

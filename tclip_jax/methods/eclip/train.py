@@ -48,12 +48,12 @@ import safetensors.numpy
 from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint, weights_fingerprint
 from tclip_jax.files import (check_output_folder, fingerprint, held_lock, loads_json,
                              staged_folder, write_safetensors)
-from tclip_jax.image import CLIP_MEAN, CLIP_STD, image_size, load_image, prepare
+from tclip_jax.image import image_size, load_image, prepare
 from tclip_jax.methods import common
 from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, Projections, clip_projections, image_features,
                                             save_projections, text_features)
 from tclip_jax.methods.eclip.settings import TrainSettings
-from tclip_jax.model import CLIP, l2_normalize
+from tclip_jax.model import CLIP, CLIPConfig, l2_normalize
 
 Array = jax.Array
 CAPTIONS_FILE = "captions.tsv"
@@ -245,12 +245,14 @@ class ViTAttention:
             json.dumps(config, sort_keys=True, default=str),
             {key: tensor.detach().float().numpy() for key, tensor in self.model.state_dict().items()})
 
-    def __call__(self, pixels: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-        """CLIP inputs [B, h, w, 3] (CLIP-normalized) -> [B, gh*gw] attention on CLIP's patch grid."""
+    def __call__(self, pixels: np.ndarray, grid: tuple[int, int], config: CLIPConfig) -> np.ndarray:
+        """Inputs [B, h, w, 3] of the CLIP of `config` (normalized with its mean and std) -> [B, gh*gw] attention on
+        its patch grid."""
         import torch
         import torch.nn.functional as F
 
-        rgb = torch.from_numpy((np.asarray(pixels) * CLIP_STD + CLIP_MEAN).astype(np.float32)).permute(0, 3, 1, 2)
+        mean, std = np.asarray(config.image_mean, np.float32), np.asarray(config.image_std, np.float32)
+        rgb = torch.from_numpy((np.asarray(pixels) * std + mean).astype(np.float32)).permute(0, 3, 1, 2)
         rgb = F.interpolate(rgb, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         rgb = (rgb - torch.from_numpy(IMAGENET_MEAN)[:, None, None]) / torch.from_numpy(IMAGENET_STD)[:, None, None]
         with torch.no_grad():
@@ -298,9 +300,9 @@ def pair_features(clip: LoadedClip, pairs: Pairs, attention: Optional[ViTAttenti
     pooled, texts, batch = [], [], []
 
     def flush():
-        pixels = np.stack([prepare(rgb, "whole", config.image_size, config.patch_size)[0] for rgb, _ in batch])
+        pixels = np.stack([prepare(rgb, "whole", config)[0] for rgb, _ in batch])
         ids = clip.tokenizer.encode([c for _, c in batch], config.context_length, truncate=True)
-        mask = None if attention is None else attention(pixels, grid)
+        mask = None if attention is None else attention(pixels, grid, config)
         image, text = _pair_features(clip.model, clip.params, pixels, ids, mask)
         pooled.append(np.asarray(image))
         texts.append(np.asarray(text))
