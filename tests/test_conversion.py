@@ -1337,6 +1337,26 @@ def test_open_clip_layer_norm_eps_matches_transformers(tmp_path):
     assert_same_image_embeddings(clip, model, np.random.default_rng(1).standard_normal((2, 64, 64, 3)))
 
 
+def test_the_weights_file_of_an_open_clip_folder_named_alone_is_read_as_its_config_says(tmp_path, inputs):
+    """`load_clip(FOLDER/open_clip_model.safetensors)` read the file as a bare OpenAI state dict: OpenAI's 64-wide
+    heads, eps 1e-5 and an assumed activation, where the open_clip_config.json beside it says 2 image heads, 4 text
+    heads, eps 1e-2 and GELU. The same weights in transformers are the reference."""
+    small = dataclasses.replace(SMALL, vision_heads=2, text_heads=4, layer_norm_eps=1e-2, activation="gelu")
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(small))).eval()
+    norm = {"norm_kwargs": {"eps": 1e-2}}
+    folder = _open_clip_folder(tmp_path / "oc", _openai_layout(model), embed_dim=32, quick_gelu=False,
+                               vision={"width": 64, "layers": 2, "patch_size": 32, "image_size": 64, "head_width": 32,
+                                       **norm},
+                               text={"width": 64, "heads": 4, "layers": 2, **norm})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is assumed
+        clip = load_clip(folder / "open_clip_model.safetensors")
+    assert clip.config == small and clip.source == "open_clip"
+    assert_same_image_embeddings(clip, model, np.random.default_rng(1).standard_normal((2, 64, 64, 3)))
+    assert_same_text_embeddings(clip, model, inputs[1])
+
+
 GREY = np.full((96, 96, 3), 128, np.uint8)  # bicubic resizing keeps it 128: its input is the normalization alone
 
 

@@ -2,7 +2,7 @@
 
 Accepted: a converted tclip_jax folder; a Hugging Face CLIPModel folder (`config.json` +
 `model.safetensors` or `pytorch_model.bin`, or either's shards and `.index.json`); an OpenCLIP folder (`open_clip_config.json` +
-`open_clip_model.safetensors` / `open_clip_pytorch_model.bin`); a single OpenAI `.pt` (TorchScript or
+`open_clip_model.safetensors` / `open_clip_pytorch_model.bin`, or that weights file named alone); a single OpenAI `.pt` (TorchScript or
 state dict), or an OpenAI/OpenCLIP-format state dict as `.npz`, `.safetensors`, `.bin` or `.pth`; a
 Hugging Face hub name (`openai/clip-vit-base-patch32`, or `hf-hub:laion/...` for OpenCLIP repos).
 """
@@ -412,11 +412,7 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
         if hf_weights is not None and source in (None, "hf"):
             return _from_hf_folder(path, hf_weights, origin, activation)
         if open_clip_weights is not None and source in (None, "open_clip"):
-            config_activation, stated, choices, widths = _open_clip_config(path)
-            if stated:
-                _check_activation(activation, config_activation, path / "open_clip_config.json")
-            return _from_openai_state_dict(open_clip_weights, "open_clip", origin, activation or config_activation,
-                                           _tokenizer_dir(path), (path / "open_clip_config.json", widths), **choices)
+            return _from_open_clip_folder(path, open_clip_weights, origin, activation)
         if hf_weights is not None:
             raise _wrong_source(path, source, "hf", "a Hugging Face folder")
         if open_clip_weights is not None:
@@ -429,7 +425,20 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
         raise ConversionError(f"{path} is a single state-dict file, which can be openai or open_clip, not the "
                               f"{source!r} asked for ({'a converted' if source == 'tclip' else 'a Hugging Face'} "
                               "model is a folder)")
+    if (source in (None, "open_clip") and path.name in sources.OPEN_CLIP_WEIGHT_FILES
+            and (path.parent / "open_clip_config.json").is_file()):  # the weights of an OpenCLIP folder, named
+        return _from_open_clip_folder(path.parent, path, origin, activation)
     return _from_openai_state_dict(path, source, origin, activation)
+
+
+def _from_open_clip_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str,
+                           activation: Optional[str]) -> Converted:
+    """The OpenCLIP folder's `weights`, read as its `open_clip_config.json` (if any) says."""
+    config_activation, stated, choices, widths = _open_clip_config(folder)
+    if stated:
+        _check_activation(activation, config_activation, folder / "open_clip_config.json")
+    return _from_openai_state_dict(weights, "open_clip", origin, activation or config_activation,
+                                   _tokenizer_dir(folder), (folder / "open_clip_config.json", widths), **choices)
 
 
 def _check_activation(asked: Optional[str], stated: str, where: pathlib.Path) -> None:
