@@ -69,8 +69,14 @@ def test_openai_npz_safetensors_and_pt(tmp_path, openai_state_dict, reference, i
         assert_same_model(clip, reference, inputs)
 
 
-def scripted_state_dict_module(state_dict):
-    """A TorchScript archive holding `state_dict` under its dotted names, like OpenAI's released .pt files."""
+class QuickGELU(torch.nn.Module):  # OpenAI's clip/model.py's, by name: an archive's class names the activation
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def scripted_state_dict_module(state_dict, activation=QuickGELU):
+    """A TorchScript archive holding `state_dict` under its dotted names, like OpenAI's released .pt files, with an
+    `activation` module (a class; None: none) as each MLP's `gelu`, where OpenAI's and OpenCLIP's blocks hold it."""
     root = torch.nn.Module()
     for key, value in state_dict.items():
         *path, leaf = key.split(".")
@@ -78,6 +84,8 @@ def scripted_state_dict_module(state_dict):
         for part in path:
             if not hasattr(module, part):
                 module.add_module(part, torch.nn.Module())
+                if part == "mlp" and activation is not None:
+                    getattr(module, part).add_module("gelu", activation())
             module = getattr(module, part)
         module.register_parameter(leaf, torch.nn.Parameter(torch.from_numpy(value), requires_grad=False))
 
@@ -100,6 +108,26 @@ def scripted_state_dict_module(state_dict):
 def test_openai_torchscript_archive(tmp_path, openai_state_dict, reference, inputs):
     scripted_state_dict_module(openai_state_dict).save(str(tmp_path / "ViT-tiny.pt"))
     assert_same_model(load_clip(tmp_path / "ViT-tiny.pt"), reference, inputs)
+
+
+def test_a_torchscript_archives_activation_is_the_class_of_its_mlp_activation_modules(tmp_path, openai_state_dict,
+                                                                                       capsys):
+    """Every archive was read as QuickGELU; one whose MLPs hold torch's GELU (what OpenCLIP scripts of its GELU
+    models) is GELU, one that names neither gets the bare state dict's stated assumption, and an --activation
+    that contradicts the archive's is refused."""
+    for activation, expected in ((QuickGELU, "quick_gelu"), (torch.nn.GELU, "gelu"), (None, None)):
+        path = tmp_path / f"{expected}.pt"
+        scripted_state_dict_module(openai_state_dict, activation).save(str(path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            clip = load_clip(path)
+        assumed = [str(w.message) for w in caught if "does not say its MLP activation" in str(w.message)]
+        assert clip.config.activation == (expected or "quick_gelu") and bool(assumed) == (expected is None), assumed
+    assert tclip(["convert", str(tmp_path / "gelu.pt"), "--activation", "quick_gelu", "--out",
+                  str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"tclip convert: error: {tmp_path / 'gelu.pt'} says the MLP activation is gelu; "
+                                       "--activation quick_gelu (activation='quick_gelu') is for state dicts that do "
+                                       "not say theirs\n")
 
 
 class _Block(torch.nn.Module):  # the module kinds of OpenAI's CLIP: attention, layer norm, linear layers

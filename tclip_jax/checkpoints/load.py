@@ -52,10 +52,11 @@ class LoadedClip:
         of the config (but OpenAI's pixel normalization, the only one before the config carried it, so that models
         with it keep their fingerprint) and every parameter (its path in the tree, its shape and its float32 bytes,
         whole). A model that differs anywhere is another model: a fine-tune of its transformer blocks alone, a
-        float16-rounded copy (other weights, other maps), one that normalizes its pixels otherwise. What ECLIP's projections, encoded prompts and every result record of the model
-        they were made with; computed once (SHA-256 of every byte: 0.6-0.8 s for a ViT-B/32, 151M parameters, and
-        0.02 s for the embedded default model, 7M, on this 2-core VM). `is_v1_fingerprint` tells one recorded before
-        it covered the whole model, which `is_recorded_as` compares by its own definition."""
+        float16-rounded copy (other weights, other maps), one that normalizes its pixels otherwise. What ECLIP's
+        projections, encoded prompts and every result record of the model they were made with; computed once
+        (SHA-256 of every byte: 0.6-0.8 s for a ViT-B/32, 151M parameters, and 0.02 s for the embedded default model,
+        7M, on this 2-core VM). `is_v1_fingerprint` tells one recorded before it covered the whole model, which
+        `is_recorded_as` compares by its own definition."""
         fields = dataclasses.asdict(self.config)
         if self.config.normalizes_as_openai:
             for name in NORMALIZATION_FIELDS:
@@ -331,8 +332,9 @@ def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: s
                             config_widths: Optional[tuple[pathlib.Path, dict]] = None, **choices) -> Converted:
     """A state dict with OpenAI key names: OpenAI's releases (QuickGELU) and OpenCLIP's (mostly exact GELU).
 
-    `activation` comes from the caller (a flag, or an OpenCLIP config); otherwise an OpenAI TorchScript release
-    is QuickGELU, an OpenCLIP training checkpoint is GELU unless its run name says quickgelu, and a bare state
+    `activation` comes from the caller (a flag, or an OpenCLIP config); otherwise a TorchScript archive's is the
+    one its modules' classes name (OpenAI's releases: QuickGELU; OpenCLIP's scripted GELU models: torch's GELU), an
+    OpenCLIP training checkpoint is GELU unless its run name says quickgelu, and a bare state
     dict is assumed QuickGELU with a warning, since nothing in it says which. `choices`: what an OpenCLIP config
     says (`infer_openai_config`'s head dimensions and layer-norm epsilon); without one, heads are OpenAI's 64 wide
     except at the widths of OpenCLIP's ViTs with wider heads (`OPEN_CLIP_HEAD_WIDTHS`, with a warning).
@@ -352,9 +354,12 @@ def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: s
     if state.training_run is not None:
         source = source or "open_clip"
     source = source or "openai"
+    named = _torchscript_activation(state.module_classes, path)
+    if named is not None:
+        _check_activation(activation, named, path)
     if activation is None:
-        if state.torchscript:
-            activation = "quick_gelu"
+        if named is not None:
+            activation = named
         elif state.training_run is not None:
             activation = "quick_gelu" if "quickgelu" in state.training_run.lower() else "gelu"
             warnings.warn(f"{path} is an OpenCLIP training checkpoint (run {state.training_run!r}); its activation "
@@ -439,6 +444,21 @@ def _from_open_clip_folder(folder: pathlib.Path, weights: pathlib.Path, origin: 
         _check_activation(activation, config_activation, folder / "open_clip_config.json")
     return _from_openai_state_dict(weights, "open_clip", origin, activation or config_activation,
                                    _tokenizer_dir(folder), (folder / "open_clip_config.json", widths), **choices)
+
+
+# The classes of the MLP activation modules of CLIP archives (TorchScript's qualified names): OpenAI's and
+# OpenCLIP's QuickGELU (clip/model.py, open_clip/transformer.py), and torch's GELU (OpenCLIP's default act_layer).
+_ACTIVATION_CLASS_ENDINGS = {".QuickGELU": "quick_gelu", "__torch__.torch.nn.modules.activation.GELU": "gelu"}
+
+
+def _torchscript_activation(classes: frozenset[str], path: pathlib.Path) -> Optional[str]:
+    """The MLP activation a TorchScript archive's module classes name, or None where they name none (a bare state
+    dict's assumption then applies); both is refused."""
+    named = {activation for name in classes for ending, activation in _ACTIVATION_CLASS_ENDINGS.items()
+             if name.endswith(ending)}
+    if len(named) > 1:
+        raise ConversionError(f"{path} has both QuickGELU and GELU modules; a CLIP's blocks have one activation")
+    return named.pop() if named else None
 
 
 def _check_activation(asked: Optional[str], stated: str, where: pathlib.Path) -> None:

@@ -42,6 +42,7 @@ class StateDict:
     arrays: dict[str, np.ndarray]
     stored_dtypes: frozenset[str]        # the floating dtypes as stored (e.g. float16, bfloat16)
     torchscript: bool = False            # an OpenAI release (.pt TorchScript archive)
+    module_classes: frozenset[str] = frozenset()  # a TorchScript archive's (`read_torchscript`)
     training_run: Optional[str] = None   # an OpenCLIP training checkpoint's run name ({"name", "epoch", "state_dict"})
 
 
@@ -55,10 +56,12 @@ def require_regular_file(path: pathlib.Path, what: str = "checkpoint") -> None:
         raise ConversionError(f"{what} file is empty: {path}")
 
 
-def _from_torch(path: pathlib.Path) -> tuple[Mapping[str, Any], bool, Optional[str]]:
-    """(tensors, whether it was TorchScript, the OpenCLIP training run's name if it is a training checkpoint)."""
+def _from_torch(path: pathlib.Path) -> tuple[Mapping[str, Any], Optional[frozenset[str]], Optional[str]]:
+    """(tensors, a TorchScript archive's module classes (None for a pickle), the OpenCLIP training run's name if it
+    is a training checkpoint)."""
     if is_torchscript(path):  # OpenAI's released .pt files: read without torch.jit.load, which runs their code
-        return {k: _Stored(*v) for k, v in read_torchscript(path).items()}, True, None
+        tensors, classes = read_torchscript(path)
+        return {k: _Stored(*v) for k, v in tensors.items()}, classes, None
     try:
         import torch
     except ImportError:
@@ -86,7 +89,7 @@ def _from_torch(path: pathlib.Path) -> tuple[Mapping[str, Any], bool, Optional[s
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
         raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state dict")
-    return loaded, False, run
+    return loaded, None, run
 
 
 def _to_numpy(value: Any) -> tuple[np.ndarray, str]:
@@ -211,14 +214,14 @@ def _read_shards(index: pathlib.Path) -> StateDict:
 def _read_file(path: pathlib.Path) -> StateDict:
     """`read_state_dict` of one file, already checked to be a regular file."""
     suffix = path.suffix.lower()
-    torchscript, run = False, None
+    classes, run = None, None
     try:
         if suffix == ".safetensors":
             raw = read_safetensors(path)
         elif suffix == ".npz":
             raw = _read_npz(path)
         elif suffix in (".pt", ".bin", ".pth"):
-            raw, torchscript, run = _from_torch(path)
+            raw, classes, run = _from_torch(path)
         else:
             raise ConversionError(f"unknown checkpoint file type {suffix!r}: {path} "
                                   f"(expected {', '.join(STATE_DICT_SUFFIXES)})")
@@ -242,7 +245,7 @@ def _read_file(path: pathlib.Path) -> StateDict:
         if name in arrays:
             raise ConversionError(f"{path}: tensor {name} is there twice, as {name} and module.{name}; keep one")
         arrays[name] = array
-    return StateDict(arrays, frozenset(dtypes), torchscript, run)
+    return StateDict(arrays, frozenset(dtypes), classes is not None, classes or frozenset(), run)
 
 
 def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:

@@ -11,8 +11,9 @@ code. Here nothing is compiled or run:
   `__buffers__`) with `ast.parse` and `ast.literal_eval`, which parse text and evaluate literals only.
 
 The result is `torch.jit.load(path).state_dict()`'s names and values: each module's parameters and buffers, keyed by
-their dotted path from the root module. Storages are read little-endian (the archives' `byteorder`); bfloat16
-tensors become float32 exactly and are reported as stored.
+their dotted path from the root module, and the class of every module (which says, for one, its MLP activation).
+Storages are read little-endian (the archives' `byteorder`); bfloat16 tensors become float32 exactly and are reported
+as stored.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import ast
 import collections
 import math
 import pickle
+import re
 import zipfile
 from typing import Any
 
@@ -56,9 +58,11 @@ class ScriptObject:
         self.state = state
 
 
-def read_torchscript(path) -> dict[str, tuple[np.ndarray, str]]:
-    """{dotted name: (array, the dtype it is stored as)} of an archive's parameters and buffers (bfloat16 tensors
-    as float32)."""
+def read_torchscript(path) -> tuple[dict[str, tuple[np.ndarray, str]], frozenset[str]]:
+    """({dotted name: (array, the dtype it is stored as)} of an archive's parameters and buffers (bfloat16 tensors
+    as float32), the qualified class names of its modules, mangling left out:
+    `__torch__.torch.nn.modules.activation.GELU` for torch's GELU wherever TorchScript numbered a copy of it
+    (`...activation.___torch_mangle_4.GELU`))."""
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
@@ -75,8 +79,9 @@ def read_torchscript(path) -> dict[str, tuple[np.ndarray, str]]:
     if not isinstance(root, ScriptObject):
         raise ConversionError(f"{path} holds a {type(root).__name__}, not a TorchScript module")
     arrays: dict[str, tuple[np.ndarray, str]] = {}
-    _collect(root, "", tensor_names, arrays)
-    return arrays
+    classes: set[str] = set()
+    _collect(root, "", tensor_names, arrays, classes)
+    return arrays, frozenset(re.sub(r"\.___torch_mangle_\d+", "", name) for name in classes)
 
 
 def _small_record(archive: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:
@@ -182,13 +187,14 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
     return array, str(array.dtype)
 
 
-def _collect(obj: ScriptObject, prefix: str, tensor_names: dict[str, set[str]], arrays: dict) -> None:
+def _collect(obj: ScriptObject, prefix: str, tensor_names: dict[str, set[str]], arrays: dict, classes: set) -> None:
     state = obj.state if isinstance(getattr(obj, "state", None), dict) else {}
     if obj.qualified_name not in tensor_names:  # torch.jit.load refuses such an archive too
         raise ConversionError(f"the archive has no class definition of {obj.qualified_name} (code/ is incomplete)")
+    classes.add(obj.qualified_name)
     tensors = tensor_names[obj.qualified_name]
     for name, value in state.items():
         if isinstance(value, ScriptObject):
-            _collect(value, f"{prefix}{name}.", tensor_names, arrays)
+            _collect(value, f"{prefix}{name}.", tensor_names, arrays, classes)
         elif name in tensors and isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], np.ndarray):
             arrays[f"{prefix}{name}"] = value
