@@ -794,6 +794,26 @@ def test_unknown_hub_name_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ConnectionError, match="nobody/no-such-clip.*`hf download nobody/no-such-clip"):
         load_clip("nobody/no-such-clip")
+    # The weights it names are those loading reads: a Hugging Face model's (or its shards), else OpenCLIP's; for an
+    # hf-hub: name, OpenCLIP's alone (LAION's repositories hold each layout, gigabytes each).
+    with pytest.raises(ConnectionError, match=re.escape("'*.txt' 'model*.safetensors' 'open_clip_model.safetensors' "
+                                                        "--local-dir DIR")):
+        load_clip("nobody/no-such-clip")
+    with pytest.raises(ConnectionError, match=re.escape("'*.txt' 'open_clip_model.safetensors' --local-dir DIR")):
+        load_clip("hf-hub:nobody/no-such-clip")
+
+
+def test_a_timm_clip_repository_is_read_as_its_open_clip_files(tmp_path, openai_state_dict, reference, inputs):
+    """timm's CLIP repositories (timm/vit_base_patch16_clip_224.openai) hold timm's config.json and model.safetensors
+    (an image tower alone) beside OpenCLIP's files: such a folder was refused as "not a Hugging Face CLIPModel
+    config" unless the source was named."""
+    folder = _open_clip_folder(tmp_path / "timm", openai_state_dict)
+    (folder / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_clip_224", "num_classes": 512,
+                                                    "pretrained_cfg": {"tag": "openai", "input_size": [3, 224, 224]}}))
+    safetensors.numpy.save_file({"cls_token": np.zeros((1, 1, 128), np.float32)}, folder / "model.safetensors")
+    clip = load_clip(folder)
+    assert clip.source == "open_clip"
+    assert_same_model(clip, reference, inputs)
 
 
 def test_an_unreachable_hub_is_one_line_without_the_hub_librarys_retry_logs(monkeypatch, tmp_path, caplog):

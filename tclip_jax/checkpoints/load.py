@@ -26,7 +26,8 @@ from tclip_jax.checkpoints import folder as checkpoint, sources
 from tclip_jax.checkpoints.convert import ConversionError, convert_state_dict, detect_format, infer_openai_config
 from tclip_jax.files import fingerprint, killed_swap_leftover
 from tclip_jax.model import CLIP, CLIPConfig, from_hf_config, from_hf_preprocessor
-from tclip_jax.model.config import NORMALIZATION_FIELDS, OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD, normalization_channels
+from tclip_jax.model.config import (NORMALIZATION_FIELDS, OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD, is_hf_clip_config,
+                                    normalization_channels)
 from tclip_jax.model.tokenizer import ClipTokenizer, default_tokenizer, is_tokenizer_folder
 
 SOURCES = ("tclip", "hf", "openai", "open_clip")
@@ -414,6 +415,9 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
             return Converted(params, config, _tokenizer_dir(path), "tclip", origin, checkpoint.metadata_of(header))
         # A hub repository may hold both layouts (LAION's do): the named source picks one.
         hf_weights, open_clip_weights = sources.hf_folder_files(path), sources.open_clip_folder_files(path)
+        if (source is None and hf_weights is not None and open_clip_weights is not None
+                and not is_hf_clip_config(sources.read_json(path / "config.json"))):
+            hf_weights = None  # timm's CLIP repositories: its image tower's config.json and weights beside OpenCLIP's
         if hf_weights is not None and source in (None, "hf"):
             return _from_hf_folder(path, hf_weights, origin, activation)
         if open_clip_weights is not None and source in (None, "open_clip"):

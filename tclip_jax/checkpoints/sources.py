@@ -329,11 +329,15 @@ def download_from_hub(repo_id: str, flag: str = "the model", open_clip_first: bo
         raise ValueError(f"there is no file or folder {repo_id} in {os.getcwd()}, and {repo_id!r} is not a "
                          f"downloadable hub repository: {err}") from None
     except Exception as err:  # offline, DNS failure, proxy: huggingface_hub raises many types
+        # The safetensors weights loading reads (`hub_weight_patterns`), whichever layout the repository holds:
+        # OpenCLIP's for an hf-hub: name; else a Hugging Face model's (or its shards), else OpenCLIP's.
+        weights = ["open_clip_model.safetensors"] if open_clip_first else ["model*.safetensors",
+                                                                            "open_clip_model.safetensors"]
         raise ConnectionError(
             f"there is no file or folder {repo_id} in {os.getcwd()}, and tclip cannot fetch {repo_id!r} from the "
             "Hugging Face hub and it is not in the local cache "
             f"({type(err).__name__}). On a machine with internet run `hf download {repo_id} --include '*.json' "
-            f"'*.txt' '*.safetensors' --local-dir DIR` (the safetensors weights, not every copy the repository "
-            f"holds), copy DIR here and pass DIR as {flag}.") from None
+            f"'*.txt' {' '.join(repr(w) for w in weights)} --local-dir DIR` (the weights tclip reads, not every "
+            f"copy the repository holds), copy DIR here and pass DIR as {flag}.") from None
     finally:
         hub_log.setLevel(level)

@@ -167,9 +167,15 @@ _HF_FIELDS = {
 }
 
 
+def is_hf_clip_config(hf: Any) -> bool:
+    """Whether a `config.json` (as read) is a Hugging Face CLIPModel's, two towers' (another model's, timm's say,
+    has neither vision_config nor text_config)."""
+    return isinstance(hf, Mapping) and "vision_config" in hf and "text_config" in hf
+
+
 def from_hf_config(hf: Mapping[str, Any]) -> CLIPConfig:
     """Reads a Hugging Face `CLIPModel` `config.json` (as a dict); errors name the Hugging Face field."""
-    if not isinstance(hf, Mapping) or "vision_config" not in hf or "text_config" not in hf:
+    if not is_hf_clip_config(hf):
         raise ValueError("not a Hugging Face CLIPModel config: it has no vision_config / text_config")
     # Models with CLIP's weight names but other computations (MetaCLIP 2 pools at the first eos even when it is 2,
     # and brings its own XLM-V vocabulary) pass every weight check, so the model type itself is checked.
