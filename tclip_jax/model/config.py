@@ -187,16 +187,22 @@ def from_hf_config(hf: Mapping[str, Any]) -> CLIPConfig:
     for name in ("vision_config", "text_config"):
         if not isinstance(parts[name], Mapping):
             raise ValueError(f"{name} must be an object, got {type(parts[name]).__name__}")
-    vision, text = parts["vision_config"], parts["text_config"]
-    activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
-    if len(activations) != 1:
-        raise ValueError(f"towers with different activations are not supported: {sorted(map(str, activations))}")
-    activation = activations.pop()
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unsupported hidden_act {activation!r}; expected one of {ACTIVATIONS}")
-    eps = {vision.get("layer_norm_eps", 1e-5), text.get("layer_norm_eps", 1e-5)}
-    if len(eps) != 1:
-        raise ValueError(f"towers with different layer_norm_eps are not supported: {sorted(map(str, eps))}")
+    text = parts["text_config"]
+
+    def both_towers(key: str, default: Any, valid, expected: str) -> Any:
+        """The towers' `key`, each checked (a list or an object is named, not hashed), and the same in both."""
+        values = [parts[tower].get(key, default) for tower in ("vision_config", "text_config")]
+        for tower, value in zip(("vision_config", "text_config"), values):
+            if not valid(value):
+                raise ValueError(f"{tower}.{key} must be {expected}, got {value!r}")
+        if values[0] != values[1]:
+            raise ValueError(f"towers with different {key} are not supported: {values}")
+        return values[0]
+
+    activation = both_towers("hidden_act", "quick_gelu", lambda v: isinstance(v, str) and v in ACTIVATIONS,
+                             f"one of {ACTIVATIONS}")
+    eps = both_towers("layer_norm_eps", 1e-5, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and 0 < v < 1, "a small positive number")
     values = {}
     for field, (part, key, default) in _HF_FIELDS.items():
         value = parts[part].get(key, default)
@@ -209,7 +215,7 @@ def from_hf_config(hf: Mapping[str, Any]) -> CLIPConfig:
     # transformers reads the embedding at the highest id for the legacy eos_token_id 2 (configs written before it
     # knew the real one), else at the first eos_token_id: the same place when that is the vocabulary's last id.
     highest = eos in (2, values["vocab_size"] - 1)
-    return CLIPConfig(**values, activation=activation, layer_norm_eps=eps.pop(), eot_token_id=None if highest else eos)
+    return CLIPConfig(**values, activation=activation, layer_norm_eps=eps, eot_token_id=None if highest else eos)
 
 
 # Hugging Face CLIPImageProcessor fields that change the pixels but that no input protocol computes otherwise, with
