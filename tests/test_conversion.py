@@ -731,6 +731,25 @@ def test_resnet_checkpoint(tmp_path):
         load_clip(tmp_path / "rn50.npz")
 
 
+def test_a_file_that_is_no_clip_state_dict_is_named_with_what_it_is(tmp_path, fixtures_dir, openai_state_dict,
+                                                                    capsys):
+    """"not a CLIP ViT state dict" named no file; a converted folder's own weights file, and a state dict saved from
+    a wrapper (every key prefixed `model.`), got that answer too."""
+    said = {"other.npz": ": not a CLIP ViT state dict (neither OpenAI/OpenCLIP nor Hugging Face key names); first "
+                         "keys: weight",
+            "wrapped.npz": ": every key starts with 'model.', as a model wrapped in another module saves it; save the "
+                           "CLIP's own state dict (its keys without 'model.')",
+            "converted/params.safetensors": f" holds the weights of a converted tclip_jax folder: pass its folder, "
+                                            f"{tmp_path / 'converted'}"}
+    np.savez(tmp_path / "other.npz", weight=np.zeros(3, np.float32))
+    np.savez(tmp_path / "wrapped.npz", **{f"model.{k}": v for k, v in openai_state_dict.items()})
+    assert tclip(["convert", str(fixtures_dir / "tiny_openai_clip.npz"), "--out", str(tmp_path / "converted")]) == 0
+    capsys.readouterr()
+    for name, message in said.items():
+        assert tclip(["convert", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err == f"tclip convert: error: {tmp_path / name}{message}\n"
+
+
 def test_wrong_shapes_and_unexpected_keys_listed_together(tmp_path, openai_state_dict):
     broken = dict(openai_state_dict)
     broken["visual.proj"] = np.zeros((128, 65), np.float16)

@@ -15,17 +15,27 @@ class ConversionError(ValueError):
     """A checkpoint does not fit the model; the message lists every difference."""
 
 
-def detect_format(state_dict: Mapping[str, np.ndarray]) -> str:
-    """'openai' (OpenAI and OpenCLIP key names) or 'hf' (Hugging Face CLIPModel)."""
+# A key each format's state dict has (its image tower's patch embedding).
+_FORMAT_KEYS = {"openai": "visual.conv1.weight", "hf": "vision_model.embeddings.patch_embedding.weight"}
+
+
+def detect_format(state_dict: Mapping[str, np.ndarray], path: Optional[str] = None) -> str:
+    """'openai' (OpenAI and OpenCLIP key names) or 'hf' (Hugging Face CLIPModel); errors name `path`, the file, if
+    given."""
     keys = set(state_dict)
+    where = f"{path}: " if path else ""
     if any(k.startswith("visual.layer1.") or k.startswith("visual.attnpool.") for k in keys):
-        raise ConversionError("this is a ResNet CLIP checkpoint; TCLIP needs a ViT CLIP (patch tokens)")
-    if "visual.conv1.weight" in keys:
-        return "openai"
-    if "vision_model.embeddings.patch_embedding.weight" in keys:
-        return "hf"
+        raise ConversionError(f"{where}this is a ResNet CLIP checkpoint; TCLIP needs a ViT CLIP (patch tokens)")
+    found = next((fmt for fmt, key in _FORMAT_KEYS.items() if key in keys), None)
+    if found is not None:
+        return found
+    # A wrapper's attribute name before every key (a training script's `model.`): said, not guessed away.
+    prefix = next(iter(keys), "").split(".", 1)[0] + "."
+    if all(k.startswith(prefix) for k in keys) and any(prefix + key in keys for key in _FORMAT_KEYS.values()):
+        raise ConversionError(f"{where}every key starts with {prefix!r}, as a model wrapped in another module saves "
+                              f"it; save the CLIP's own state dict (its keys without {prefix!r})")
     sample = ", ".join(sorted(keys)[:5])
-    raise ConversionError(f"not a CLIP ViT state dict (neither OpenAI/OpenCLIP nor Hugging Face key names); "
+    raise ConversionError(f"{where}not a CLIP ViT state dict (neither OpenAI/OpenCLIP nor Hugging Face key names); "
                           f"first keys: {sample}")
 
 

@@ -341,7 +341,7 @@ def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: s
     except at the widths of OpenCLIP's ViTs with wider heads (`OPEN_CLIP_HEAD_WIDTHS`, with a warning).
     `config_widths`: that config's path and the towers' widths it says, which the weights must have."""
     state = sources.read_state_dict(path)
-    if detect_format(state.arrays) == "hf":
+    if detect_format(state.arrays, str(path)) == "hf":
         raise ConversionError(f"{path} is a Hugging Face state dict, which needs its config.json: "
                               "pass the folder holding both")
     config_path, widths = config_widths or (None, {})
@@ -430,6 +430,9 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
             f"{path} is not a CLIP checkpoint folder: expected {checkpoint.CONFIG_FILE} (converted), "
             f"config.json + one of {sources.HF_WEIGHT_FILES} (Hugging Face), or one of "
             f"{sources.OPEN_CLIP_WEIGHT_FILES} (OpenCLIP)")
+    if path.name in checkpoint.PARAMS_FILES and checkpoint.is_checkpoint(path.parent):  # its own names, and config
+        raise ConversionError(f"{path} holds the weights of a converted tclip_jax folder: pass its folder, "
+                              f"{path.parent}")
     if source in ("tclip", "hf"):  # a single file holds OpenAI key names, whoever trained it
         raise ConversionError(f"{path} is a single state-dict file, which can be openai or open_clip, not the "
                               f"{source!r} asked for ({'a converted' if source == 'tclip' else 'a Hugging Face'} "
