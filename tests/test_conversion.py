@@ -750,6 +750,25 @@ def test_a_file_that_is_no_clip_state_dict_is_named_with_what_it_is(tmp_path, fi
         assert capsys.readouterr().err == f"tclip convert: error: {tmp_path / name}{message}\n"
 
 
+def test_a_legacy_pickle_of_another_protocol_is_refused_in_our_words_alone(tmp_path, openai_state_dict, reference,
+                                                                             inputs, capsys):
+    """torch's weights-only reader cannot read a legacy (pre-zip) torch.save pickle of protocol 4, and warned of its
+    protocol to stderr before the refusal, which called it "not a PyTorch checkpoint". Protocol 2, torch's own,
+    loads."""
+    tensors = {k: torch.from_numpy(v) for k, v in openai_state_dict.items()}
+    torch.save(tensors, tmp_path / "legacy4.pt", _use_new_zipfile_serialization=False, pickle_protocol=4)
+    torch.save(tensors, tmp_path / "legacy2.pt", _use_new_zipfile_serialization=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert tclip(["convert", str(tmp_path / "legacy4.pt"), "--out", str(tmp_path / "out")]) == 2
+    assert [str(w.message) for w in caught if "pickle protocol" in str(w.message)] == []
+    assert capsys.readouterr().err == (f"tclip convert: error: {tmp_path / 'legacy4.pt'} is a PyTorch pickle of "
+                                       "protocol 4 (torch.save's legacy format), which torch's weights-only reader "
+                                       "does not read: save it again in torch.save's default format, or as "
+                                       "safetensors\n")
+    assert_same_model(load_clip(tmp_path / "legacy2.pt"), reference, inputs)
+
+
 def test_wrong_shapes_and_unexpected_keys_listed_together(tmp_path, openai_state_dict):
     broken = dict(openai_state_dict)
     broken["visual.proj"] = np.zeros((128, 65), np.float16)

@@ -16,6 +16,7 @@ import os
 import pathlib
 import pickle
 import re
+import warnings
 import zipfile
 from typing import Any, Mapping, Optional
 
@@ -72,9 +73,17 @@ def _from_torch(path: pathlib.Path) -> tuple[Mapping[str, Any], Optional[frozens
                           "(CVE-2025-32434): install torch>=2.6 (pip install 'tclip_jax[convert]'), or convert the "
                           "checkpoint to safetensors elsewhere")
     try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a legacy pickle's protocol: what comes of it is said below
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # the weights-only reader's refusal, whose advice is to unpickle it anyway
         refused = re.search(r"GLOBAL (\S+)", str(err))
+        with open(path, "rb") as file:
+            start = file.read(2)
+        if refused is None and start[:1] == b"\x80" and start[1:] in (b"\x03", b"\x04", b"\x05"):
+            raise ConversionError(f"{path} is a PyTorch pickle of protocol {start[1]} (torch.save's legacy format), "
+                                  "which torch's weights-only reader does not read: save it again in torch.save's "
+                                  "default format, or as safetensors") from None
         if refused is None:  # no pickle of anything (an error page saved as .pt, random bytes): not a checkpoint
             raise ConversionError(f"{path} is not a PyTorch checkpoint, no pickle of tensors (truncated or corrupt, "
                                   "or another kind of file?)") from None
