@@ -14,6 +14,7 @@ import safetensors.numpy
 import torch
 import transformers
 
+from references import first_fingerprint
 from tclip_jax.checkpoints import folder as checkpoint
 from tclip_jax.cli import main as tclip
 from tclip_jax.checkpoints.load import load_clip, weights_fingerprint
@@ -1470,6 +1471,8 @@ def test_the_pixel_normalization_an_open_clip_config_gives_is_the_models(tmp_pat
                       ).max() < 1e-6
     np.testing.assert_allclose(METHODS["similarity"](clip).prepare(GREY)[0], (128 / 255 - 0.5) / 0.5, atol=1e-6)
     assert clip.fingerprint != plain.fingerprint  # what a sweep records: results of one are not the other's
+    # The first fingerprint definition covered no normalization: every result recorded with it had OpenAI's.
+    assert plain.is_recorded_as(first_fingerprint(plain)) and not clip.is_recorded_as(first_fingerprint(clip))
     assert tclip(["convert", str(folder), "--out", str(tmp_path / "out")]) == 0
     converted = load_clip(tmp_path / "out")
     assert converted.config == clip.config and converted.fingerprint == clip.fingerprint
