@@ -101,3 +101,31 @@ def fake_ghostscript(tmp_path, monkeypatch) -> pathlib.Path:
 
     monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)
     return marker
+
+
+@pytest.fixture
+def run_interrupted_while_importing(monkeypatch):
+    """A function that runs `python -m MODULE` in this process (runpy) with a Ctrl-C raised as the command line's
+    modules (`tclip_jax.cli`) are imported, and returns its exit status; the test fails where the KeyboardInterrupt
+    escapes, as a traceback would."""
+    import runpy
+
+    class Interrupting:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "tclip_jax.cli":
+                raise KeyboardInterrupt
+
+    def run(module: str):
+        for name in ("tclip_jax.cli", module):  # imported again (runpy runs the module afresh)
+            monkeypatch.delitem(sys.modules, name, raising=False)
+        monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+        try:
+            runpy.run_module(module, run_name="__main__")
+        except KeyboardInterrupt:  # (left to escape, it would end the test session)
+            pytest.fail("the Ctrl-C escaped, as a traceback")
+        except SystemExit as ended:
+            return ended.code
+        pytest.fail("it did not exit")
+
+    return run

@@ -93,26 +93,7 @@ def demo_error(out, capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_ctrl_c_while_the_demo_imports_is_one_line_and_status_130(monkeypatch, capsys):
+def test_ctrl_c_while_the_demo_imports_is_one_line_and_status_130(run_interrupted_while_importing, capsys):
     """`python -m tclip_jax.demo` interrupted while its modules load ended in a KeyboardInterrupt traceback."""
-    import runpy
-    import sys
-
-    class Interrupting:  # a Ctrl-C just as the command line's modules are imported
-        @staticmethod
-        def find_spec(name, path=None, target=None):
-            if name == "tclip_jax.cli":
-                raise KeyboardInterrupt
-
-    for name in ("tclip_jax.cli", "tclip_jax.demo"):  # imported again (runpy runs the demo as a fresh module)
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
-    try:
-        runpy.run_module("tclip_jax.demo", run_name="__main__")
-    except KeyboardInterrupt:  # (left to escape, it would end the test session)
-        pytest.fail("the Ctrl-C escaped, as a traceback")
-    except SystemExit as ended:
-        assert ended.code == 130
-    else:
-        pytest.fail("it did not exit")
+    assert run_interrupted_while_importing("tclip_jax.demo") == 130
     assert capsys.readouterr().err == "python -m tclip_jax.demo: interrupted\n"

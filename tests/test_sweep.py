@@ -2128,26 +2128,10 @@ def test_a_ctrl_c_while_tclip_starts_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "tclip: interrupted"
 
 
-def test_a_ctrl_c_while_python_m_tclip_jax_imports_is_one_line(monkeypatch, capsys):
+def test_a_ctrl_c_while_python_m_tclip_jax_imports_is_one_line(run_interrupted_while_importing, capsys):
     """`python -m tclip_jax` interrupted while it imports the command line ended in a KeyboardInterrupt traceback."""
-    import runpy
-
-    class Interrupting:  # a Ctrl-C just as the command line's modules are imported
-        @staticmethod
-        def find_spec(name, path=None, target=None):
-            if name == "tclip_jax.cli":
-                raise KeyboardInterrupt
-
-    monkeypatch.delitem(sys.modules, "tclip_jax.cli")
-    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
-    try:
-        runpy.run_module("tclip_jax", run_name="__main__")
-    except KeyboardInterrupt:  # (left to escape, it would end the test session)
-        pytest.fail("the Ctrl-C escaped, as a traceback")
-    except SystemExit as ended:
-        assert ended.code == 130 and capsys.readouterr().err == "tclip: interrupted\n"
-    else:
-        pytest.fail("it did not exit")
+    assert run_interrupted_while_importing("tclip_jax") == 130
+    assert capsys.readouterr().err == "tclip: interrupted\n"
 
 
 def test_a_sigterm_ends_tclip_blocked_in_native_code_after_a_grace_period():
