@@ -129,6 +129,12 @@ def test_a_torchscript_archives_activation_is_the_class_of_its_mlp_activation_mo
     assert capsys.readouterr().err == (f"tclip convert: error: {tmp_path / 'gelu.pt'} says the MLP activation is gelu; "
                                        "--activation quick_gelu (activation='quick_gelu') is for state dicts that do "
                                        "not say theirs\n")
+    # torch's GELU with the tanh approximation is a GELU class too: read as exact GELU, its maps would be silently off
+    scripted_state_dict_module(openai_state_dict, lambda: torch.nn.GELU(approximate="tanh")).save(
+        str(tmp_path / "tanh.pt"))
+    assert tclip(["convert", str(tmp_path / "tanh.pt"), "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert "computes GELU with approximate='tanh'" in message and message.count("\n") == 1, message
 
 
 class _Block(torch.nn.Module):  # the module kinds of OpenAI's CLIP: attention, layer norm, linear layers

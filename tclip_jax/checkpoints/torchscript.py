@@ -11,7 +11,8 @@ code. Here nothing is compiled or run:
   `__buffers__`) with `ast.parse` and `ast.literal_eval`, which parse text and evaluate literals only.
 
 The result is `torch.jit.load(path).state_dict()`'s names and values: each module's parameters and buffers, keyed by
-their dotted path from the root module, and the class of every module (which says, for one, its MLP activation).
+their dotted path from the root module, and the class of every module (which says, for one, its MLP activation;
+an archive whose code computes GELU's tanh approximation is refused: its class is GELU's all the same).
 Storages are read little-endian (the archives' `byteorder`); bfloat16 tensors become float32 exactly and are reported
 as stored.
 """
@@ -111,7 +112,25 @@ def _tensor_attributes(archive: zipfile.ZipFile, prefix: str) -> dict[str, set[s
         except (SyntaxError, UnicodeDecodeError, ValueError, TypeError, MemoryError, RecursionError) as err:
             raise ConversionError(f"cannot read the class definitions in {name} of the archive "
                                   f"({type(err).__name__}: {err})") from None
+        approximation = _gelu_approximation(tree)
+        if approximation is not None:  # its class is torch's GELU whatever the approximation: told by the code alone
+            raise ConversionError(f"{archive.filename}: {name} computes GELU with approximate={approximation!r}, which "
+                                  "no CLIP here computes (exact GELU or QuickGELU)")
     return classes
+
+
+def _gelu_approximation(tree: ast.Module) -> str | None:
+    """The `approximate` argument other than "none" (e.g. "tanh") of a `torch.gelu` call in a class definition's
+    code, or None: torch's GELU module computes `torch.gelu(input, approximate=...)`, its own setting written in as a
+    constant."""
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "gelu"
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+            for keyword in node.keywords:
+                value = keyword.value.value if isinstance(keyword.value, ast.Constant) else keyword.value
+                if keyword.arg == "approximate" and value != "none":
+                    return value if isinstance(value, str) else ast.unparse(value)
+    return None
 
 
 def _declared_tensors(node: ast.ClassDef) -> set[str]:
