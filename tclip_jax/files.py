@@ -71,13 +71,19 @@ def loads_json(text: str | bytes):
         raise json.JSONDecodeError("arrays or objects nested too deeply to read", document, 0) from None
 
 
+def nonempty_path(value: str | os.PathLike, what: str, names: str) -> pathlib.Path:
+    """`value` as a path, refused where it is empty, naming `what` and what to name instead (`names`): pathlib reads
+    "" as the current folder, which a run would then read or fill (an unset shell variable in a script)."""
+    if not os.fspath(value):
+        raise ValueError(f"{what} is empty; name {names}")
+    return pathlib.Path(value)
+
+
 def check_output_folder(out: str | os.PathLike, flag: str = "--out", replaced: bool = False) -> pathlib.Path:
     """`out` as a folder a run can make or fill, checked before the run starts: not a file, not under a file, and
     in a folder this process may write in. With `replaced` (the run replaces an existing `out` with a folder it
     stages beside it, `staged_folder`), the folder holding `out` must be writable too. Returns it as a path."""
-    if not os.fspath(out):  # pathlib reads "" as the current folder, which the run would fill
-        raise ValueError(f"{flag} is empty; name a folder ('.' for the current one)")
-    out = pathlib.Path(out)
+    out = nonempty_path(out, flag, "a folder ('.' for the current one)")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{flag} {out} is a file, not a folder")
     _check_can_write_in(out if out.exists() else next(p for p in out.parents if p.exists()), out, flag)

@@ -112,11 +112,11 @@ def test_an_empty_path_is_refused_in_one_line_not_read_as_the_current_folder(tmp
     image, model = str(fixtures_dir / "scene_224.png"), str(fixtures_dir / "tiny_openai_clip.npz")
     for argv, said in [(["explain", image, "--prompt", "red", "--model", model, "--out", ""], "--out is empty"),
                        (["explain", image, "--prompt", "red", "--model", "", "--out", "o"],
-                        "the model is named by an empty path"),
-                       (["convert", "", "--out", "o"], "the model is named by an empty path"),
+                        "the model's path is empty"),
+                       (["convert", "", "--out", "o"], "the model's path is empty"),
                        (["sweep", "synthetic", "--out", "", "--no-progress"], "--out is empty"),
                        (["train-eclip", "--synthetic", "2", "--out", ""], "--out is empty"),
-                       (["train-eclip", "--data", "", "--out", "o"], "training data is named by an empty path"),
+                       (["train-eclip", "--data", "", "--out", "o"], "the training data's path is empty"),
                        (["sweep", "coco", "--data", "", "--out", "o", "--no-progress"], "--data is empty")]:
         assert tclip(argv) == 2, argv
         err = capsys.readouterr().err

@@ -1,10 +1,10 @@
 """`load_clip`: one entry point from any way of naming a CLIP ViT to (model, params, tokenizer).
 
-Accepted: a converted tclip_jax folder; a Hugging Face CLIPModel folder (`config.json` +
-`model.safetensors` or `pytorch_model.bin`, or either's shards and `.index.json`); an OpenCLIP folder (`open_clip_config.json` +
-`open_clip_model.safetensors` / `open_clip_pytorch_model.bin`, or that weights file named alone); a single OpenAI `.pt` (TorchScript or
-state dict), or an OpenAI/OpenCLIP-format state dict as `.npz`, `.safetensors`, `.bin` or `.pth`; a
-Hugging Face hub name (`openai/clip-vit-base-patch32`, or `hf-hub:laion/...` for OpenCLIP repos).
+Accepted: a converted tclip_jax folder; a Hugging Face CLIPModel folder (`config.json` + `model.safetensors` or
+`pytorch_model.bin`, or either's shards and `.index.json`); an OpenCLIP folder (`open_clip_config.json` +
+`open_clip_model.safetensors` / `open_clip_pytorch_model.bin`, or that weights file named alone); a single OpenAI
+`.pt` (TorchScript or state dict), or an OpenAI/OpenCLIP-format state dict as `.npz`, `.safetensors`, `.bin` or
+`.pth`; a Hugging Face hub name (`openai/clip-vit-base-patch32`, or `hf-hub:laion/...` for OpenCLIP repos).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from tclip_jax.checkpoints import folder as checkpoint, sources
 from tclip_jax.checkpoints.convert import ConversionError, convert_state_dict, detect_format, infer_openai_config
-from tclip_jax.files import fingerprint, killed_swap_leftover
+from tclip_jax.files import fingerprint, killed_swap_leftover, nonempty_path
 from tclip_jax.model import CLIP, CLIPConfig, from_hf_config, from_hf_preprocessor
 from tclip_jax.model.config import (NORMALIZATION_FIELDS, OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD, is_hf_clip_config,
                                     normalization_channels)
@@ -237,9 +237,10 @@ _OPEN_CLIP_PREPROCESS = {"mode": "RGB", "interpolation": "bicubic", "resize_mode
 def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict, dict]:
     """(activation, whether the config names it, `infer_openai_config` arguments: head dimensions, layer-norm
     epsilon, pixel normalization; the towers' widths it says, which the weights must have) from an OpenCLIP hub
-    folder's `open_clip_config.json`, if any. Without `quick_gelu` in it OpenCLIP builds GELU, which its `force_quick_gelu`
-    (here --activation) may override. The model config is the file's `model_cfg`, or the whole file when it is a
-    bare model config (`open_clip/model_configs/*.json`), as OpenCLIP's `get_model_config` reads it."""
+    folder's `open_clip_config.json`, if any. Without `quick_gelu` in it OpenCLIP builds GELU, which its
+    `force_quick_gelu` (here --activation) may override. The model config is the file's `model_cfg`, or the whole
+    file when it is a bare model config (`open_clip/model_configs/*.json`), as OpenCLIP's `get_model_config` reads
+    it."""
     path = folder / "open_clip_config.json"
     if not path.is_file():
         return None, False, {}, {}
@@ -389,10 +390,8 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
     if source is not None and source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
     origin = os.fspath(name_or_path)
-    if not origin:  # pathlib reads "" as the current folder
-        raise ValueError("the model is named by an empty path; name a file, a folder ('.' for the current one) or a "
-                         "hub name")
-    path = pathlib.Path(origin).expanduser()
+    path = nonempty_path(origin, "the model's path", "a file, a folder ('.' for the current one) or a hub "
+                         "name").expanduser()
     if path.exists() and not path.is_dir():
         sources.require_regular_file(path)
     if not path.exists():

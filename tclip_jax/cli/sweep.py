@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("dataset", choices=DATASETS, help="what to evaluate on: COCO boxes (coco) or instance masks "
                         "(coco-seg), ImageNet-S or VOC2012 segmentation, or generated synthetic scenes")
-    parser.add_argument("--data", metavar="PATH", help="dataset root folder: COCO (annotations/instances_val2017.json + val2017/; coco-seg "
-                        "too), a TFDS data_dir with --coco-source tfds, ImageNet-S (validation/, "
+    parser.add_argument("--data", metavar="PATH", help="dataset root folder: COCO (annotations/instances_val2017.json "
+                        "+ val2017/; coco-seg too), a TFDS data_dir with --coco-source tfds, ImageNet-S (validation/, "
                         "validation-segmentation/) or VOC2012 (ImageSets/Segmentation/val.txt, JPEGImages/, "
                         "SegmentationClass/)")
     parser.add_argument("--out", required=True, help="results folder: records, sweep.json, report.md, report.json, "
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     evaluation = EvalOptions.from_arguments(args)
     options = RunOptions.from_arguments(args, progress=progress_bars(args))
-    if options.resume and not hasattr(args, "limit"):  # a bare --resume continues the sweep as it was, not to the default
+    if options.resume and not hasattr(args, "limit"):  # a bare --resume continues the sweep as it was, not the default
         options = dataclasses.replace(options, limit=_stored_limit(args.out))
     if args.dataset == "synthetic":  # the scenes swept (however many --limit asks), recorded and compared on resume
         options = dataclasses.replace(options, limit=options.limit or SYNTHETIC_SCENES)
@@ -98,9 +98,9 @@ def _stored_limit(out: str) -> Optional[int]:
 
 def _open_dataset(args: argparse.Namespace, limit):
     """The dataset the arguments name, a description of its source for sweep.json, and the folder it names."""
-    if args.data == "":  # pathlib reads "" as the current folder
-        raise ValueError("--data is empty; name the dataset's root folder")
-    data = None if args.data is None else str(pathlib.Path(args.data).resolve())
+    from tclip_jax.files import nonempty_path
+
+    data = None if args.data is None else str(nonempty_path(args.data, "--data", "the dataset's root folder").resolve())
     if data is not None and pathlib.Path(data).is_file():  # else named as a folder missing its annotations
         raise ValueError(f"--data {args.data} is a file; {args.dataset} reads the dataset's root folder")
     return (*_dataset_and_source(args, limit, data), data)

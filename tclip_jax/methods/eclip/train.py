@@ -46,7 +46,7 @@ import optax
 import safetensors.numpy
 
 from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint, weights_fingerprint
-from tclip_jax.files import (check_output_folder, fingerprint, held_lock, loads_json,
+from tclip_jax.files import (check_output_folder, fingerprint, held_lock, loads_json, nonempty_path,
                              staged_folder, write_safetensors)
 from tclip_jax.image import image_size, load_image, prepare
 from tclip_jax.methods import common
@@ -95,10 +95,7 @@ def file_pairs(path: str | os.PathLike) -> Pairs:
     or a .jsonl of {"path": ..., "caption": ...}; image paths are relative to the folder of the list. Every image
     is checked to exist and to be an image (its header) before anything runs. Their fingerprint is a digest of
     the list and of each image's name and size."""
-    if not os.fspath(path):  # pathlib reads "" as the current folder
-        raise ValueError("training data is named by an empty path; name a folder with "
-                         f"{CAPTIONS_FILE}, or a .csv or .jsonl file")
-    path = pathlib.Path(path)
+    path = nonempty_path(path, "the training data's path", f"a folder with {CAPTIONS_FILE}, or a .csv or .jsonl file")
     if not path.exists():
         raise FileNotFoundError(f"training data {path} not found")
     if path.is_dir():
