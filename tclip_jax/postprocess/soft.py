@@ -115,11 +115,6 @@ class _MapStats:
     hi: float
 
 
-def _as_map(scores, name: str = "scores") -> np.ndarray:
-    """A 2-D float32 or float64 view/copy of one map, validated non-empty and real (finiteness: `_map_stats`)."""
-    return _checked_map(scores, name)
-
-
 def _map_stats(values: np.ndarray, name: str = "scores") -> _MapStats:
     """Minimum and maximum, checked finite (`_finite_range`) and, unless equal, far enough apart for the GMM's
     histogram: its bins' scale, (FINE_BINS - 1) * max(|lo|, |hi|) / (hi - lo), must be a finite float64."""
@@ -133,8 +128,7 @@ def _maps_list(maps) -> list[np.ndarray]:
     if isinstance(maps, np.ndarray):
         if maps.ndim != 3:
             raise ValueError(f"maps must be [Q, H, W] or a sequence of 2-D maps, got shape {maps.shape}")
-        return [_as_map(m, "maps[%d]" % i) for i, m in enumerate(maps)]
-    return [_as_map(m, "maps[%d]" % i) for i, m in enumerate(maps)]
+    return [_checked_map(m, "maps[%d]" % i) for i, m in enumerate(maps)]
 
 
 # --------------------------------------------------------------------------------------------- GMM
@@ -183,7 +177,7 @@ def gmm_threshold(scores: np.ndarray) -> GmmFit:
     Any shape is accepted: its values are what is fitted.
     """
     values = np.asarray(scores)
-    values = _as_map(values if values.ndim == 2 else values.reshape(1, -1))
+    values = _checked_map(values if values.ndim == 2 else values.reshape(1, -1), "scores")
     return _fits([values], [_map_stats(values)])[0]
 
 
@@ -230,18 +224,18 @@ class _SoftMapWriter:
 
     def __init__(self, count: int, shape: tuple[int, int], sigma: float):
         self.shape, self.sigma = shape, sigma
-        self.pyramid = LargeSigmaBlur(shape, sigma) if sigma > 0 and pyramid_levels(sigma) > 0 else None
-        if self.pyramid is None:
+        self.blur = LargeSigmaBlur(shape, sigma) if sigma > 0 and pyramid_levels(sigma) > 0 else None
+        if self.blur is None:
             self.frames = np.empty((count, *shape), np.float32)
             self.result = self.frames
         else:
-            self.frames = np.empty((count, *self.pyramid.output_frame), np.float32)
-            self.result = self.pyramid.crop(self.frames)  # a view: frames are a few rows/columns larger
+            self.frames = np.empty((count, *self.blur.output_frame), np.float32)
+            self.result = self.blur.crop(self.frames)  # a view: frames are a few rows/columns larger
 
     def write(self, index: int, values: np.ndarray, lo: float, tau: float) -> None:
-        if self.pyramid is not None:
-            _write_floored_offset(values, lo, tau, self.pyramid.interior)
-            self.pyramid.run(self.frames[index], offset=lo)
+        if self.blur is not None:
+            _write_floored_offset(values, lo, tau, self.blur.interior)
+            self.blur.run(self.frames[index], offset=lo)
             return
         kept = np.where(values < np.float64(tau), values.dtype.type(lo), values)  # compared in float64
         if self.sigma == 0:
@@ -321,8 +315,7 @@ def soft_maps_and_boxes(maps, sigma: float | None = None, rule: BoxRule = "compo
     """
     _check_rule(rule)
     values, window, regions, stats, sigma = _checked_maps(maps, sigma, "soft_maps_and_boxes", covered)
-    found: list[Box] = [box_in_map(checked_map_box(r, rule=rule), window)
-                        for r, s in zip(regions, stats)]
+    found: list[Box] = [box_in_map(checked_map_box(r, rule=rule), window) for r in regions]
     with SINGLE_THREADED_BLAS:
         fits = _fits(regions, stats)
         return _write_soft_maps(values, stats, fits, sigma, window), fits, found
