@@ -26,7 +26,7 @@ from tclip_jax.checkpoints import folder as checkpoint, sources
 from tclip_jax.checkpoints.convert import ConversionError, convert_state_dict, detect_format, infer_openai_config
 from tclip_jax.files import fingerprint, killed_swap_leftover, nonempty_path
 from tclip_jax.model import CLIP, CLIPConfig, from_hf_config, from_hf_preprocessor
-from tclip_jax.model.config import (NORMALIZATION_FIELDS, OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD, is_hf_clip_config,
+from tclip_jax.model.config import (OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD, is_hf_clip_config,
                                     normalization_channels)
 from tclip_jax.model.tokenizer import ClipTokenizer, default_tokenizer, is_tokenizer_folder
 
@@ -58,11 +58,8 @@ class LoadedClip:
         (SHA-256 of every byte: 0.6-0.8 s for a ViT-B/32, 151M parameters, and 0.02 s for the embedded default model,
         7M, on this 2-core VM). `is_v1_fingerprint` tells one recorded before it covered the whole model, which
         `is_recorded_as` compares by its own definition."""
-        fields = dataclasses.asdict(self.config)
-        if self.config.normalizes_as_openai:
-            for name in NORMALIZATION_FIELDS:
-                del fields[name]
-        return weights_fingerprint(repr(fields), flax.traverse_util.flatten_dict(self.params, sep="/"))
+        return weights_fingerprint(repr(self.config.defining_fields()),
+                                   flax.traverse_util.flatten_dict(self.params, sep="/"))
 
     def is_recorded_as(self, recorded: Any) -> bool:
         """Whether a fingerprint a record holds is this model's: `fingerprint`, or one of the first definition

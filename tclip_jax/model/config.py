@@ -93,14 +93,20 @@ class CLIPConfig:
         """Whether the pixel normalization is OpenAI's, the only one before the config carried it."""
         return (self.image_mean, self.image_std) == (OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD)
 
-    def to_dict(self) -> dict[str, Any]:
+    def defining_fields(self) -> dict[str, Any]:
+        """Every field, less the pixel normalization where it is OpenAI's, the only one before the config carried it
+        (what `LoadedClip.fingerprint` digests, so that such models keep their fingerprint)."""
         values = dataclasses.asdict(self)
-        # The defaults, left out: a folder earlier versions can read (and one they would read wrong, they refuse).
-        if values["eot_token_id"] is None:
-            del values["eot_token_id"]
         if self.normalizes_as_openai:
             for name in NORMALIZATION_FIELDS:
                 del values[name]
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        # The defaults, left out: a folder earlier versions can read (and one they would read wrong, they refuse).
+        values = self.defining_fields()
+        if values["eot_token_id"] is None:
+            del values["eot_token_id"]
         return values
 
     @classmethod
