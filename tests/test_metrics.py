@@ -572,11 +572,11 @@ def test_retrieval_over_several_chunks_is_the_explicit_loop_over_all_pairs(monke
     image_table = unit(rng.normal(size=(pairs, 8)))
     text_table = unit(image_table + rng.normal(scale=0.3, size=(pairs, 8)))  # mostly nearest its own image
     # image i is the array [i], caption i the text "i": the embeddings are looked up by index
-    monkeypatch.setattr(retrieval, "whole_image", lambda image, size, mean, std: (image, None))
+    monkeypatch.setattr(retrieval, "prepare", lambda image, protocol, config: (image, None))
     monkeypatch.setattr(retrieval, "global_embeddings", lambda model, params, pixels, ids: (
         image_table[pixels[:, 0]], text_table[ids[:, 0]]))
     tokenizer = types.SimpleNamespace(encode=lambda texts, length: np.array([[int(t)] for t in texts]))
-    config = types.SimpleNamespace(image_size=1, context_length=1, image_mean=None, image_std=None)
+    config = types.SimpleNamespace(context_length=1)
     clip = types.SimpleNamespace(config=config, tokenizer=tokenizer, model=None, params=None)
     true_of = np.eye(pairs, dtype=bool) | (rng.random((pairs, pairs)) < 0.05)
     measured = retrieval.retrieval_top1(clip, [np.array([i]) for i in range(pairs)], [str(i) for i in range(pairs)],

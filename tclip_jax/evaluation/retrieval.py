@@ -1,6 +1,6 @@
 """Image <-> text retrieval by CLIP's global embeddings (class token, end-of-text token), as CLIP is trained.
 
-Each image is fed whole (`whole_image`, bicubic, no crop: TCLIP's default input protocol); its caption is the
+Each image is fed whole (`prepare`'s "whole": bicubic, no crop: TCLIP's default input protocol); its caption is the
 correct text among all the captions given, and vice versa. Top-1 accuracy in each direction. Another caption can be
 true of an image too (synthetic scenes: "a yellow star" of every scene holding one); given which captions are true of
 which images, the top-1 that counts any true one is reported beside.
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from tclip_jax.checkpoints.load import LoadedClip
-from tclip_jax.image import whole_image
+from tclip_jax.image import prepare
 from tclip_jax.model import CLIP
 
 RETRIEVAL_CHUNK = 64  # image-caption pairs per device call
@@ -37,11 +37,9 @@ def retrieval_top1(clip: LoadedClip, images: Sequence[np.ndarray], captions: Seq
         raise ValueError(f"retrieval needs as many captions as images (at least one): got {len(images)} images "
                          f"and {len(captions)} captions")
     image_embeds, text_embeds = [], []
-    config = clip.config
     for start in range(0, len(captions), RETRIEVAL_CHUNK):
         stop = start + RETRIEVAL_CHUNK
-        pixels = np.stack([whole_image(image, config.image_size, mean=config.image_mean, std=config.image_std)[0]
-                           for image in images[start:stop]])
+        pixels = np.stack([prepare(image, "whole", clip.config)[0] for image in images[start:stop]])
         ids = clip.tokenizer.encode(list(captions[start:stop]), clip.config.context_length)
         image_part, text_part = global_embeddings(clip.model, clip.params, pixels, ids)
         image_embeds.append(np.asarray(image_part, np.float64))
