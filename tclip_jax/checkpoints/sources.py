@@ -42,9 +42,13 @@ class StateDict:
 
     arrays: dict[str, np.ndarray]
     stored_dtypes: frozenset[str]        # the floating dtypes as stored (e.g. float16, bfloat16)
-    torchscript: bool = False            # an OpenAI release (.pt TorchScript archive)
-    module_classes: frozenset[str] = frozenset()  # a TorchScript archive's (`read_torchscript`)
+    module_classes: frozenset[str] = frozenset()  # a TorchScript archive's (`read_torchscript`); none otherwise
     training_run: Optional[str] = None   # an OpenCLIP training checkpoint's run name ({"name", "epoch", "state_dict"})
+
+    @property
+    def torchscript(self) -> bool:
+        """Whether the file is a TorchScript archive (OpenAI's releases): one always holds its root module's class."""
+        return bool(self.module_classes)
 
 
 def require_regular_file(path: pathlib.Path, what: str = "checkpoint") -> None:
@@ -254,7 +258,7 @@ def _read_file(path: pathlib.Path) -> StateDict:
         if name in arrays:
             raise ConversionError(f"{path}: tensor {name} is there twice, as {name} and module.{name}; keep one")
         arrays[name] = array
-    return StateDict(arrays, frozenset(dtypes), classes is not None, classes or frozenset(), run)
+    return StateDict(arrays, frozenset(dtypes), classes or frozenset(), run)
 
 
 def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
