@@ -759,3 +759,33 @@ def test_the_command_line_sets_the_matmul_dtype_and_a_sweep_resumes_only_with_it
     capsys.readouterr()
     assert main(sweep + ["--resume"]) == 2
     assert "run.model.matmul_dtype (stored 'bfloat16', now 'float32')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["clip_surgery", "decomposition"])
+def test_label_sets_of_other_sizes_run_one_program_with_the_means_over_their_own_labels(tiny_clip, fixture_images,
+                                                                                        name):
+    """The set-dependent methods pad an explain call's label set (its prompts) to a multiple of query_chunk and mask
+    its means: 2 and then 3 prompts run one compiled program, and every grid map is the functional reference's on
+    the unpadded label set (CLIP Surgery's label-set feature surgery, the decomposition's mean over the texts)."""
+    from tclip_jax.methods.clip_surgery import clip_surgery_map
+    from tclip_jax.methods.decomposition import decomposition_map
+
+    method = method_for_tests(name, tiny_clip)
+    image = fixture_images["scene_wide_320x240"]
+    pixels = method.prepare(image)[0][None]
+    grew = []
+    for prompts in (["a red circle", "a blue square"], ["a red circle", "a blue square", "a green triangle"]):
+        encoded = method.encode_prompts(prompts)
+        before = method.jitted_maps._cache_size()
+        method.explain(image, encoded)
+        grew.append(method.jitted_maps._cache_size() - before)
+        features = method.text_features(prompts)
+        with jax.default_matmul_precision("highest"):
+            grids = method.grid_maps(method.params, pixels, method.query_slots(encoded.queries)[0])[0]
+            if name == "clip_surgery":
+                expected = clip_surgery_map(tiny_clip.model, method.params, pixels, features,
+                                            surgery_blocks=method.surgery_blocks).maps[0]
+            else:
+                expected = decomposition_map(tiny_clip.model, method.params, pixels, features).maps[0]
+        np.testing.assert_allclose(grids[:len(prompts)], expected, rtol=1e-5, atol=1e-6)
+    assert grew[1] == 0

@@ -611,6 +611,16 @@ class PromptMethod(Method):
             distinct.setdefault(key, prompt)
         return distinct
 
+    def label_set_arrays(self, labels: Sequence[str]) -> dict[str, np.ndarray]:
+        """{"label_set": the labels' `text_features` padded to a multiple of `query_chunk` rows by `pad_slots`,
+        "label_valid": [rows] bool, True for the labels}: a set-dependent method's means over the label set are
+        masked (`label_set_mean`), so that label sets of a few members more or fewer (explain's prompts) run one
+        compiled program."""
+        slots = -(-len(labels) // self.query_chunk) * self.query_chunk
+        features = self.text_features(labels)
+        return {"label_set": features[pad_slots(range(len(labels)), slots)],
+                "label_valid": np.arange(slots) < len(labels)}
+
     def text_token_ids(self, prompts: Sequence[str]) -> np.ndarray:
         """[n, context] token ids, or [n, n_templates, context] with the official templates."""
         encode = functools.partial(self.clip.tokenizer.encode, context_length=self.clip.config.context_length,
@@ -787,6 +797,15 @@ def pad_slots(rows: Sequence[int], slots: int) -> np.ndarray:
     queries, a sweep's class slots per image; a map never depends on the other queries of its call)."""
     rows = list(rows)
     return np.array(rows + rows[:1] * (slots - len(rows)), np.int32)
+
+
+def label_set_mean(values: Array, valid: Array, axis: int) -> Array:
+    """The mean of `values` over the label set's entries along `axis` (kept, length 1), the padded ones
+    (`label_valid` False, see `Method.label_set_arrays`) left out."""
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    valid = jnp.reshape(valid, shape)
+    return jnp.sum(jnp.where(valid, values, 0), axis=axis, keepdims=True) / jnp.sum(valid)
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

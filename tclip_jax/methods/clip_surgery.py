@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tclip_jax.methods import common
-from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL, PromptMethod, Query, QueryArrays
+from tclip_jax.methods.base import (NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL, PromptMethod, Query, QueryArrays,
+                                    label_set_mean)
 from tclip_jax.methods.settings import MethodSettings
 from tclip_jax.methods.similarity import similarity_to_maps
 from tclip_jax.methods.templates import CLIP_SURGERY_TEMPLATES
@@ -59,25 +60,28 @@ def surgery_tokens(model: CLIP, params: dict, image: ImageOutput, surgery_blocks
     return vision.project(x)
 
 
-def feature_surgery_scores(image_features: Array, text_features: Array,
-                    redundant_features: Optional[Array] = None) -> Array:
+def feature_surgery_scores(image_features: Array, text_features: Array, redundant_features: Optional[Array] = None,
+                           valid: Optional[Array] = None) -> Array:
     """`clip_feature_surgery`: token-text scores [B, n, T] with the features shared by all texts removed.
 
     With `redundant_features` [1, D] (e.g. the empty-string prompt ensemble): image @ (text - redundant).
     Otherwise the redundancy is the mean over the label set of the element-wise products f * t_j, each
     weighted by w_j = softmax(2 * cls . t)_j / mean_j(...) from the image's class token; per image (the
     official code only supports batch size 1). Summing over channels first gives the same scores:
-    w_j (f . t_j) - mean_j' w_j' (f . t_j').
+    w_j (f . t_j) - mean_j' w_j' (f . t_j'). `valid` [T] bool marks the label set's texts among padded ones
+    (`Method.label_set_arrays`): the softmax and the means run over those alone; the padded texts' scores are junk.
     """
     if redundant_features is not None:
         return image_features @ (text_features - redundant_features).T
     if text_features.shape[0] < 2:
         raise ValueError("feature surgery over the label set needs at least 2 texts; for a single text pass "
                          "redundant features (CLIP Surgery's demo uses the empty-string prompt ensemble)")
-    prob = jax.nn.softmax(2 * image_features[:, :1] @ text_features.T, axis=-1)   # [B, 1, T]
-    weights = prob / prob.mean(axis=-1, keepdims=True)
+    if valid is None:
+        valid = jnp.ones(text_features.shape[0], bool)
+    prob = jax.nn.softmax(2 * image_features[:, :1] @ text_features.T, axis=-1, where=valid)   # [B, 1, T]
+    weights = prob / label_set_mean(prob, valid, axis=-1)
     weighted = weights * (image_features @ text_features.T)
-    return weighted - weighted.mean(axis=-1, keepdims=True)
+    return weighted - label_set_mean(weighted, valid, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "surgery_blocks", "architecture_surgery",
@@ -164,7 +168,7 @@ class CLIPSurgery(PromptMethod):
                            for key in self.text_keys([q.prompt for q in queries])], np.int32)
         shared = {"redundant": self.text_features([""])}
         if labels:
-            shared["label_set"] = self.text_features(list(labels.values()))
+            shared.update(self.label_set_arrays(list(labels.values())))
         return QueryArrays({"features": self.text_features([q.prompt for q in queries]), "member": member}, shared)
 
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
@@ -179,6 +183,7 @@ class CLIPSurgery(PromptMethod):
             return similarity_to_maps(image_features @ features.T, image.grid)
         similarity = feature_surgery_scores(image_features, features, queries.shared["redundant"])
         if "label_set" in queries.shared:
-            in_set = feature_surgery_scores(image_features, queries.shared["label_set"])
+            in_set = feature_surgery_scores(image_features, queries.shared["label_set"],
+                                            valid=queries.shared["label_valid"])
             similarity = jnp.where(member >= 0, jnp.take(in_set, jnp.maximum(member, 0), axis=-1), similarity)
         return similarity_to_maps(similarity, image.grid)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from tclip_jax.methods import common
-from tclip_jax.methods.base import MapPostprocess, PromptMethod, Query, QueryArrays
+from tclip_jax.methods.base import MapPostprocess, PromptMethod, Query, QueryArrays, label_set_mean
 from tclip_jax.model import CLIP
 
 Array = jax.Array
@@ -233,10 +233,10 @@ class DecompositionMap(PromptMethod):
         if len(labels) < 2:
             raise ValueError("the decomposition heatmap subtracts the mean over a set of texts (the prompts, or a "
                              f"dataset's classes), so it needs at least 2 that differ; got {len(labels)}")
-        return QueryArrays(self.text_features([q.prompt for q in queries]), {"label_set": self.text_features(labels)})
+        return QueryArrays(self.text_features([q.prompt for q in queries]), self.label_set_arrays(labels))
 
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
         decomposition = decompose(self.clip.model, params, pixels)
         raw = spatial_heatmaps(decomposition, queries.per_query)[1]
         reference = spatial_heatmaps(decomposition, queries.shared["label_set"])[1]
-        return raw - reference.mean(axis=1, keepdims=True)
+        return raw - label_set_mean(reference, queries.shared["label_valid"], axis=1)
