@@ -4,6 +4,7 @@ the page are result.json's, the compare view, the keyboard, linked data scripts,
 console errors. Static figures: wrapped grids naming the method and τ, whole-image boxes inset.
 """
 import base64
+import contextlib
 import json
 import pathlib
 import re
@@ -366,6 +367,97 @@ def test_browser_compare_view_keyboard_and_images(run, driver):
         body.send_keys(Keys.ARROW_RIGHT)  # red → circle → whole prompt → cat
     browser.wait_for(lambda: browser.rendered(driver) == "1:p1w0:heatmap:shared:compare", what="the last word")
     assert browser.console_problems(driver) == []
+
+
+def pointer_readout(driver, card: int = 0):
+    """The pointer readout of a card as (x, y, value), or None where it reads "—"."""
+    text = field(driver, "pointer", card)
+    if text == "—":
+        return None
+    match = re.fullmatch(r"(\d+), (\d+): ≈ (-?\d+\.\d+)", text)
+    assert match, text
+    return int(match[1]), int(match[2]), float(match[3])
+
+
+def value_under(driver, entry: dict, key: str, client_xy, npz_map=None, card: int = 0):
+    """What the readout should say with the pointer at `client_xy` (window pixels): the image pixel under it, from
+    where the viewer is now, and the page's map there (its 8-bit PNG at the pixel's place, on its exact range), or
+    None off the image. `npz_map`: the full map the page was made from, which the page's map must be (downsized)."""
+    left, top, width, height = driver.execute_script(
+        "const r = document.querySelectorAll('.tclip-card .tclip-viewer')[arguments[0]].getBoundingClientRect();"
+        "return [r.left, r.top, r.width, r.height];", card)
+    fx, fy = (client_xy[0] - left) / width, (client_xy[1] - top) / height
+    if not (0 <= fx < 1 and 0 <= fy < 1):
+        return None
+    shown = entry["panels"][card]["maps"][key]["heatmap"]
+    q = decode_blob(entry["blobs"][shown["blob"]])
+    row, column = min(q.shape[0] - 1, int(fy * q.shape[0])), min(q.shape[1] - 1, int(fx * q.shape[1]))
+    lo, hi = shown["range"]
+    value = lo + q[row, column] / 255 * (hi - lo)
+    if npz_map is not None:
+        downsized = cv2.resize(npz_map, q.shape[::-1], interpolation=cv2.INTER_AREA)
+        assert value == pytest.approx(downsized[row, column], abs=(hi - lo) / 510 + 1e-6)
+    height_px, width_px = entry["size_hw"]
+    return int(fx * width_px), int(fy * height_px), value
+
+
+def test_browser_the_pointer_readout_follows_a_scroll_a_resize_and_a_render_under_a_still_pointer(run, driver):
+    """The readout changed on mousemove alone: after a scroll, a window resize or a word change under a pointer that
+    stayed put it named the pixel the pointer had been over (or "—" after a word change). It names the pixel under
+    the pointer now and the shown map's value there, and "—" once the image is no longer under it."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.keys import Keys
+
+    data = page_json(run / "index.html")
+    entry = data["images"][0]
+    record = json.loads((run / entry["name"] / "result.json").read_text())
+    with np.load(run / entry["name"] / "maps.npz") as npz:
+        maps = {f"p0w{w}": npz[f"p0_w{w}_{word['word']}/heatmap"]
+                for w, word in enumerate(record["prompts"][0]["words"])}
+    size = driver.get_window_size()
+    try:
+        open_page(driver, run / "index.html")
+        click_word(driver, "p0w1")
+        driver.set_window_size(1000, 600)  # the page scrolls
+        driver.execute_script("window.scrollBy(0, document.querySelector('.tclip-viewer').getBoundingClientRect().top"
+                              " - 120);")
+        left, top, width, height = driver.execute_script(
+            "const r = document.querySelector('.tclip-viewer').getBoundingClientRect();"
+            "return [r.left, r.top, r.width, r.height];")
+        at = (int(left + 0.3 * width), int(top + 0.3 * height))
+        actions = ActionBuilder(driver)
+        actions.pointer_action.move_to_location(*at)
+        actions.perform()
+
+        def check(key, what):
+            expected = value_under(driver, entry, key, at, maps[key])
+            def place(readout):
+                return None if readout is None else readout[:2]
+
+            with contextlib.suppress(AssertionError):  # said below, with what was read
+                browser.wait_for(lambda: place(pointer_readout(driver)) == place(expected), timeout=5)
+            shown = pointer_readout(driver)
+            if expected is None:
+                assert shown is None, what
+            else:
+                assert shown is not None and shown[:2] == expected[:2], (what, shown, expected)
+                assert shown[2] == pytest.approx(expected[2], abs=5e-5), what  # printed to 4 decimals
+            return shown
+
+        first = check("p0w1", "the readout under the pointer")
+        driver.execute_script("window.scrollBy(0, 50);")
+        assert check("p0w1", "the readout after a scroll")[1] > first[1]  # the image moved up under the pointer
+        driver.find_element("css selector", "body").send_keys(Keys.ARROW_RIGHT)  # red → circle
+        browser.wait_for(lambda: browser.rendered(driver) == "0:p0w2:heatmap:shared:single", what="the next word")
+        check("p0w2", "the readout after a word change")
+        driver.set_window_size(1000, 500)  # the viewer is at most 75 % of the window's height: it shrinks
+        resized = check("p0w2", "the readout after a resize")
+        assert resized[:2] != first[:2]
+        driver.execute_script("window.scrollBy(0, -400);")  # the image below the pointer
+        assert check("p0w2", "the readout once the image left the pointer") is None
+        assert browser.console_problems(driver) == []
+    finally:
+        driver.set_window_size(size["width"], size["height"])
 
 
 def test_browser_offers_the_soft_map_and_the_compare_view_only_where_the_page_has_them(run, tmp_path, fixtures_dir,

@@ -152,6 +152,7 @@
     let entry = null;
     let token = 0;      // the latest render: older renders drop their results
     let loading = 0;    // the latest image load
+    let pointerAt = null;  // the pointer's last position in the window (client pixels); null: not over the window
     root.textContent = '';
     root.classList.add('tclip-x');
 
@@ -369,9 +370,10 @@
                       title, input, fields.shows,
                       el('div', {class: 'tclip-card-body'}, el('div', {class: 'tclip-view-col'}, viewer, missing),
                          side));
-      const c = {node, panel, panelIndex, canvas, box, fields, bar, missing, current: null};
-      viewer.addEventListener('mousemove', (event) => pointer(c, viewer, event));
-      viewer.addEventListener('mouseleave', () => { c.fields.pointer.textContent = '—'; });
+      const c = {node, panel, panelIndex, viewer, canvas, box, fields, bar, missing, current: null};
+      const follow = (event) => { pointerAt = {x: event.clientX, y: event.clientY}; readout(c); };
+      viewer.addEventListener('mousemove', follow);
+      viewer.addEventListener('mouseleave', follow);  // where it went: off the image
       return c;
     }
 
@@ -391,13 +393,21 @@
       return {node, tau, ticks, caption};
     }
 
-    function pointer(c, viewer, event) {
+    // The value under the pointer, from where the pointer is now: a scroll, a resize or a render under a still
+    // pointer moves the image or changes its map without a mousemove, so those recompute it too. '—' where the
+    // pointer is not over the image (or something lies on top of it there).
+    function readout(c) {
       const cur = c.current;
-      if (!cur) return;
-      const rect = viewer.getBoundingClientRect();
-      const fx = (event.clientX - rect.left) / rect.width;
-      const fy = (event.clientY - rect.top) / rect.height;
-      if (fx < 0 || fy < 0 || fx >= 1 || fy >= 1) return;
+      const at = pointerAt;
+      const rect = c.viewer.getBoundingClientRect();
+      const fx = at ? (at.x - rect.left) / rect.width : -1;
+      const fy = at ? (at.y - rect.top) / rect.height : -1;
+      const over = at && fx >= 0 && fy >= 0 && fx < 1 && fy < 1
+        && c.viewer.contains(document.elementFromPoint(at.x, at.y));
+      if (!cur || !over) {
+        c.fields.pointer.textContent = '—';
+        return;
+      }
       const [height, width] = entry.size_hw;
       const mx = Math.min(cur.decoded.w - 1, Math.floor(fx * cur.decoded.w));
       const my = Math.min(cur.decoded.h - 1, Math.floor(fy * cur.decoded.h));
@@ -464,7 +474,7 @@
       c.fields.range.textContent = `${fmt(range[0])} … ${fmt(range[1])}`;
       c.fields.scale.textContent = `${fmt(scale[0])} … ${fmt(scale[1])} (${state.scale === 'shared'
         ? 'shared across this method\'s words' : 'this map\'s range'})`;
-      c.fields.pointer.textContent = '—';
+      readout(c);  // the new map's value under a pointer that stays where it was
       // The colour bar: the scale's ends and middle, and τ on it (the aggregated map's units).
       const bar = c.bar;
       bar.node.hidden = false;
@@ -521,6 +531,25 @@
       }
     }
     (options.keys === 'document' ? document : root).addEventListener('keydown', onKey);
+
+    // The window's events that move the image under a still pointer (any scroll: the page's, or a notebook's
+    // output area; a resize) or tell where the pointer is. They outlive this explorer where its output is removed
+    // from a notebook's page: once it was attached and is no longer, they are taken off.
+    let attached = false;
+    function alive() {
+      if (root.isConnected) return (attached = true);
+      if (attached) windowEvents.forEach(([type, f]) => window.removeEventListener(type, f, true));
+      return false;
+    }
+    function readouts() {
+      if (alive()) cards.forEach(readout);
+    }
+    const windowEvents = [
+      ['mousemove', (event) => { if (alive()) pointerAt = {x: event.clientX, y: event.clientY}; }],
+      ['mouseout', (event) => { if (!event.relatedTarget) { pointerAt = null; readouts(); } }],  // off the window
+      ['scroll', readouts],
+      ['resize', readouts]];
+    windowEvents.forEach(([type, f]) => window.addEventListener(type, f, {capture: true, passive: true}));
 
     showImage(0);
     return {state, step, showImage};
