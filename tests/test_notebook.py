@@ -64,6 +64,25 @@ def test_a_word_alone_under_a_label_set_method_says_what_it_was_mapped_against(f
                                   surgery.explain(image, ["a", "red", "circle"]).prompts[1].phrase.heatmap)
 
 
+def test_a_whole_prompt_under_a_label_set_method_says_what_it_was_mapped_against(fixtures_dir):
+    """CLIP Surgery's whole-prompt panel said "the prompt “a red circle”", yet its map is computed against the page's
+    prompts as its label set (another second prompt gives another map): the panel says so where there are two
+    prompts, and not for one prompt alone, which CLIP Surgery maps by itself."""
+    from tclip_jax.methods.clip_surgery import CLIPSurgery
+
+    surgery = CLIPSurgery.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"))
+    image = notebook.fetch_image(str(fixtures_dir / "scene_224.png"))
+    prompts = ["a red circle", "a blue square"]
+    explorer = notebook.compare(surgery, image, prompts, "similarity")
+    fragment = explorer._repr_html_()
+    assert json.dumps("the prompt “a red circle”, against the page's prompts as its label set") in fragment
+    shown = explorer.views[0].result.prompts[0].phrase.heatmap
+    np.testing.assert_array_equal(shown, surgery.explain(image, prompts).prompts[0].phrase.heatmap)
+    assert not np.allclose(shown, surgery.explain(image, ["a red circle", "cat"]).prompts[0].phrase.heatmap)
+    alone = notebook.compare(surgery, image, ["a red circle"], "similarity")._repr_html_()
+    assert json.dumps("the prompt “a red circle”") in alone and "as its label set" not in alone
+
+
 def test_compare_names_a_bad_method_spec_alone_not_after_the_command_lines_flag(fixtures_dir):
     from tclip_jax.methods.similarity import Similarity
 
