@@ -28,8 +28,19 @@ def backend_report() -> str:
     return f"JAX {jax.__version__} on {jax.default_backend()}: {len(devices)} device(s) ({', '.join(kinds)})"
 
 
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is turned off, as huggingface_hub reads HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE
+    ("1", "true", "yes" or "on", in any case): when it was imported (it reads them then, and refuses the hub by
+    that), or as they are now (set in a notebook cell since)."""
+    from huggingface_hub import constants
+
+    now = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    return constants.HF_HUB_OFFLINE or (now or "").upper() in constants.ENV_VARS_TRUE_VALUES
+
+
 def online(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    """Whether the hub can be used: not turned off (`hub_offline`), and `host` answers."""
+    if hub_offline():
         return False
     try:
         socket.create_connection((host, 443), timeout=timeout).close()

@@ -125,6 +125,48 @@ def test_offline_means_embedded_model(monkeypatch):
     assert not notebook.online()
 
 
+OFFLINE_ENVS = [*({"HF_HUB_OFFLINE": value} for value in ("1", "true", "YES", "On", "0", "no", "")),
+                {"TRANSFORMERS_OFFLINE": "1"}, {"TRANSFORMERS_OFFLINE": "true"},
+                {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"}, {}]
+
+
+def test_online_is_false_wherever_huggingface_hub_is_offline(monkeypatch):
+    """online() took only HF_HUB_OFFLINE=1 as offline: with "true" (or TRANSFORMERS_OFFLINE=1) and the network up, the
+    notebook chose the hub's ViT-B/32, which huggingface_hub then refused to fetch. The reference: what
+    huggingface_hub itself makes of each setting as it is imported (in a fresh interpreter, since it reads them
+    then); and a setting it took at import counts, whatever the environment says now."""
+    import socket
+    import subprocess
+    import sys
+
+    from huggingface_hub import constants
+
+    script = ("import os, sys, json\nfor env in json.loads(sys.argv[1]):\n"
+              "    for name in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'): os.environ.pop(name, None)\n"
+              "    os.environ.update(env)\n"
+              "    sys.modules.pop('huggingface_hub.constants', None)\n"
+              "    import huggingface_hub.constants as c\n"
+              "    print(c.HF_HUB_OFFLINE)\n")
+    hub = subprocess.run([sys.executable, "-c", script, json.dumps(OFFLINE_ENVS)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert hub == ["True"] * 4 + ["False"] * 3 + ["True", "True", "False", "False"]
+
+    class Connection:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: Connection())  # the network is up
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as imported, online
+    for env, offline in zip(OFFLINE_ENVS, hub):
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert notebook.online() == (offline == "False"), env
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline as imported: the hub refuses, whatever the env
+    assert not notebook.online()
+
+
 def test_fetch_image_from_path_and_default(tmp_path):
     from PIL import Image
 
