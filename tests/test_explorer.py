@@ -525,6 +525,46 @@ def test_browser_large_runs_link_each_images_data(tmp_path, fixtures_dir, driver
     driver.get_log("browser")  # the failed loads are logged, as they should be
 
 
+OVERFLOW = "return [...arguments].map((s) => { const e = document.querySelector(s); return e.scrollWidth - e.clientWidth; });"
+
+
+def test_browser_a_prompt_cut_inside_a_long_word_wraps_in_the_prompt_list(tmp_path, fixtures_dir, driver):
+    """A prompt cut to fit the context inside a word longer than the context showed the cut-off rest of the word
+    (struck through, no button) on one line: the prompt list scrolled sideways. It wraps."""
+    from tclip_jax.methods.similarity import Similarity
+
+    word = "pneumonoultramicroscopicsilicovolcanoconiosis" * 12  # 540 letters, far over 75 pieces
+    with pytest.warns(UserWarning, match="keeping the first 75 pieces"):
+        result = Similarity.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), truncate=True).explain(
+            str(fixtures_dir / "scene_224.png"), word)
+    page = tmp_path / "cut.html"
+    page.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'></head><body>"
+                    f"{result._repr_html_()}</body></html>", encoding="utf-8")
+    open_page(driver, page)
+    cut = driver.find_element("css selector", ".tclip-cut s").text.replace("\n", "")
+    assert 100 < len(cut) and word.endswith(cut)  # cut inside the word
+    assert driver.execute_script(OVERFLOW, "html", ".tclip-prompts", ".tclip-prompt") == [0, 0, 0]
+    assert browser.console_problems(driver) == []
+
+
+def test_browser_the_image_row_wraps_in_a_narrow_window(run, driver):
+    """In a window 500 pixels wide the row of image buttons, image list and count was wider than the page (the list
+    is up to 60 characters wide): it wraps, the list no wider than the row."""
+    size = driver.get_window_size()
+    try:
+        driver.set_window_size(500, 800)
+        open_page(driver, run / "index.html")
+        assert driver.execute_script("return document.documentElement.clientWidth;") < 500
+        assert driver.execute_script(OVERFLOW, "html", ".tclip-images") == [0, 0]
+        row, *parts = driver.execute_script(
+            "return [document.querySelector('.tclip-images'), ...document.querySelectorAll('.tclip-images > *')]"
+            ".map((e) => e.getBoundingClientRect().right);")
+        assert len(parts) == 4 and max(parts) <= row
+        assert browser.console_problems(driver) == []
+    finally:
+        driver.set_window_size(size["width"], size["height"])
+
+
 def test_browser_words_are_cut_at_code_points_and_tall_images_fit_the_window(tmp_path, fixtures_dir, driver):
     """Also: a word of 135 letters wraps (it made a button 1240 px wide and the page scroll sideways), a
     right-to-left prompt reads right to left, and stepping through the words scrolls the prompt list (capped in
