@@ -205,6 +205,32 @@ def no_translation(tiny_clip):
     return TCLIP(tiny_clip, Settings(translations=1))
 
 
+def test_a_results_text_is_short_and_names_what_it_holds(no_translation, tiny_clip):
+    """A notebook keeps a cell's value as text beside the explorer: an ImageResult's was the dataclass's, every array
+    of it, 20 kB for one prompt. Its text, and its prompts' and maps', name what they hold in a line that does not
+    grow with the image."""
+    from tclip_jax.methods.base import REPR_PROMPTS
+    from tclip_jax.methods.similarity import Similarity
+
+    image = np.zeros((240, 320, 3), np.uint8)
+    result = no_translation.explain(image, ["a red circle.", "cat"])
+    assert repr(result) == ("<ImageResult TCLIP K=1 on tiny_openai_clip.npz: image size_hw (240, 320), 2 prompts: "
+                            "'a red circle.' (words a, red, circle); 'cat' (words cat)>")
+    prompt = result.prompts[0]
+    assert repr(prompt) == "<PromptResult 'a red circle.' (words a, red, circle)>"
+    red = prompt.word_maps[1]
+    x1, y1, x2, y2 = (int(v) for v in red.box)
+    fallback = "" if red.gmm.fallback is None else f" (GMM fallback: {red.gmm.fallback})"
+    assert repr(red) == (f"<MapResult 'red': map 240x320 in [{red.heatmap.min():.4g}, {red.heatmap.max():.4g}], "
+                         f"τ {red.tau:.4g}{fallback}, box ({x1}, {y1}, {x2}, {y2}), soft map>")
+    many = [f"prompt {i}" for i in range(REPR_PROMPTS + 3)]
+    baseline = Similarity(tiny_clip).explain(np.zeros((2000, 3000, 3), np.uint8), many)
+    text = repr(baseline)
+    assert len(text) < 500 and "array" not in text
+    assert text.endswith(f"'prompt {REPR_PROMPTS - 1}' (no per-word maps); ... (3 more)>")
+    assert repr(baseline.prompts[0].phrase).startswith("<MapResult 'prompt 0': map 2000x3000 in [")
+
+
 def test_a_class_name_glued_to_template_letters_takes_the_word_it_is_part_of(no_translation):
     """"a {}'s photo" makes "golden retriever's": the class query is the mean of "golden" and "retriever's", each
     word's own query as explain maps it (a word running past the name's span was dropped, or, alone, refused)."""

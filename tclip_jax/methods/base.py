@@ -57,6 +57,7 @@ from tclip_jax.postprocess import Box, GmmFit, heatmap_boxes
 Array = jax.Array
 RESULT_SCHEMA = "tclip_jax/result"
 RESULT_VERSION = 2
+REPR_PROMPTS = 8  # an ImageResult's repr names this many of its prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +120,7 @@ class HostMaps:
     box: Box                     # xyxy pixels, exclusive end
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class MapResult:
     """One word (or a whole prompt) on one image, at the original image's size."""
 
@@ -138,8 +139,19 @@ class MapResult:
         """The map that pointing and segmentation metrics score: the soft map where there is one."""
         return self.heatmap if self.soft is None else self.soft
 
+    def __repr__(self) -> str:  # short, as ImageResult's: the dataclass's printed every array
+        height, width = self.heatmap.shape
+        parts = [f"map {height}x{width} in [{self.heatmap.min():.4g}, {self.heatmap.max():.4g}]"]
+        if self.gmm is not None:
+            fallback = f" (GMM fallback: {self.gmm.fallback})" if self.gmm.fallback else ""
+            parts.append(f"τ {self.tau:.4g}{fallback}")
+        parts.append(f"box {tuple(int(v) for v in self.box)}")
+        if self.soft is not None:
+            parts.append("soft map")
+        return f"<MapResult {self.text!r}: {', '.join(parts)}>"
 
-@dataclasses.dataclass(frozen=True, eq=False)
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class PromptResult:
     prompt: str
     tokens: TokenizedPrompt
@@ -148,8 +160,17 @@ class PromptResult:
     phrase: MapResult                 # the whole prompt (TCLIP: its words' mean query, or its pieces' weighted)
     similarity: Optional[np.ndarray]  # TCLIP: raw S [n_pieces, gh*gw] of the untranslated image; else None
 
+    def __repr__(self) -> str:
+        return f"<PromptResult {_prompt_summary(self)}>"
 
-@dataclasses.dataclass(frozen=True, eq=False)
+
+def _prompt_summary(prompt: PromptResult) -> str:
+    """'a red circle' (words a, red, circle): a prompt and its mapped words, for the short reprs."""
+    words = f"words {', '.join(w.text for w in prompt.words)}" if prompt.words else "no per-word maps"
+    return f"{prompt.prompt!r} ({words})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class ImageResult:
     image: np.ndarray                 # uint8 [H, W, 3] as loaded
     geometry: Geometry
@@ -181,6 +202,18 @@ class ImageResult:
         from tclip_jax.visualize import result_figure
 
         return result_figure(self, prompt, kind, columns)
+
+    def __repr__(self) -> str:
+        """Method, model, image size and prompts with their words: a notebook keeps this beside the explorer
+        (`_repr_html_`) as the cell's text, which was a dump of every array (20 kB for one prompt)."""
+        from tclip_jax.visualize import method_label, model_label
+
+        prompts = "; ".join(_prompt_summary(p) for p in self.prompts[:REPR_PROMPTS])
+        if len(self.prompts) > REPR_PROMPTS:
+            prompts += f"; ... ({len(self.prompts) - REPR_PROMPTS} more)"
+        return (f"<ImageResult {method_label(self.run)} on {model_label(self.run)}: image size_hw "
+                f"{tuple(self.image.shape[:2])}, {len(self.prompts)} prompt{'s' * (len(self.prompts) != 1)}: "
+                f"{prompts}>")
 
     def _repr_html_(self) -> str:
         """The interactive explorer of this result, inline in a notebook (`tclip_jax.visualize.explorer`)."""
