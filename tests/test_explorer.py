@@ -460,6 +460,47 @@ def test_browser_the_pointer_readout_follows_a_scroll_a_resize_and_a_render_unde
         driver.set_window_size(size["width"], size["height"])
 
 
+def test_browser_pixels_a_centre_crop_cut_off_read_out_as_not_seen(tmp_path, fixtures_dir, driver):
+    """Under center_crop the strips the crop cut off hold the map's minimum as a fill, and the readout gave it as the
+    value there. The page holds the part of the image the model saw (the central 240x240 of a 320x240 image, whose
+    shorter side the crop keeps whole) and reads out "not seen" outside it; inside, the map's value as before."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    from tclip_jax.methods.tclip import TCLIP
+
+    explainer = TCLIP.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), translations=1,
+                                      input_protocol="center_crop")
+    result = explainer.explain(str(fixtures_dir / "scene_wide_320x240.png"), "a red circle")
+    entry = explorer.image_entry("x", [explorer.View(result)])
+    covered = entry["panels"][0]["covered"]
+    rows, columns = result.geometry.covered
+    assert covered == [columns.start, rows.start, columns.stop, rows.stop]
+    assert np.abs(np.subtract(covered, [40, 0, 280, 240])).max() <= 1  # the central square, to a pixel
+    page = tmp_path / "crop.html"
+    page.write_text(explorer.page_html(explorer.page_data([entry], "crop", result.run)), encoding="utf-8")
+    open_page(driver, page)
+    click_word(driver, "p0w1")
+    left, top, width, height = driver.execute_script(
+        "const r = document.querySelector('.tclip-viewer').getBoundingClientRect();"
+        "return [r.left, r.top, r.width, r.height];")
+    seen = []
+    for fx in (0.02, 0.1, 0.3, 0.5, 0.8, 0.95):  # the left strip, inside, the right strip
+        at = (int(left + fx * width), int(top + 0.5 * height))
+        actions = ActionBuilder(driver)
+        actions.pointer_action.move_to_location(*at)
+        actions.perform()
+        x, y, value = value_under(driver, entry, "p0w1", at)
+        inside = covered[0] <= x < covered[2] and covered[1] <= y < covered[3]
+        seen.append(inside)
+        if inside:
+            shown = pointer_readout(driver)
+            assert shown[:2] == (x, y) and shown[2] == pytest.approx(value, abs=5e-5)
+        else:
+            assert field(driver, "pointer") == f"{x}, {y}: not seen (cut off by the crop)"
+    assert seen == [False, False, True, True, True, False]
+    assert browser.console_problems(driver) == []
+
+
 def test_browser_offers_the_soft_map_and_the_compare_view_only_where_the_page_has_them(run, tmp_path, fixtures_dir,
                                                                                      driver):
     """A baseline has no soft map, and one method alone nothing to compare: its page offered both (the soft map

@@ -2,7 +2,8 @@
 
 What the page holds, per image: a display copy of the photo (WebP or PNG, whichever is smaller, longer side at
 most `DISPLAY_MAX_SIDE`), and for every method shown (the run's method, then each `--compare` method) every map
-of every word and prompt, with τ, the GMM fallback and the box from the result record.
+of every word and prompt, with τ, the GMM fallback and the box from the result record, and the part of the image
+the method's model saw (`covered`, x1, y1, x2, y2: `Geometry.covered`), outside which the page reads out no value.
 
 How maps are stored: each map is an 8-bit grayscale PNG (longer side at most `MAP_MAX_SIDE`) of
 q = round(255 (v - lo) / (hi - lo)), with its exact value range [lo, hi] (the map's own minimum and maximum, raw
@@ -183,9 +184,11 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
             phrase_text += (f" (cut to fit the model's context: its last {len(prompt.prompt) - cut} characters were "
                             "not mapped)")
         maps[f"p{p}"] = _map(prompt.phrase, phrase_text, blobs, size_hw)
+    rows, columns = result.geometry.covered  # the pixels the model saw: all but what a centre crop cut off
     return {"label": view_label(view), "method": result.run["method"],
             "model": model_label(result.run), "run": result.run, "per_word": per_word,
-            "has_soft": any(m.get("soft") is not None for m in maps.values()), "note": view.note, "maps": maps}
+            "has_soft": any(m.get("soft") is not None for m in maps.values()), "note": view.note,
+            "covered": [columns.start, rows.start, columns.stop, rows.stop], "maps": maps}
 
 
 def _against(view: View, result, what: str) -> str:

@@ -4,7 +4,8 @@
  * images: [entry | stub]}; a stub {name, title, script} names a data script that calls
  * TCLIPExplorer.register(name, entry). An entry has the photo, the prompts with their words (and `cut`, where a
  * prompt cut to fit the model's context stops being mapped), and panels (one per method) whose maps point into
- * entry.blobs: 8-bit grayscale PNGs of q = 255 (v - lo) / (hi - lo), with [lo, hi] beside them. Maps are decoded
+ * entry.blobs: 8-bit grayscale PNGs of q = 255 (v - lo) / (hi - lo), with [lo, hi] beside them; a panel's `covered`
+ * (x1, y1, x2, y2, image pixels) is what its model saw, all but what a centre crop cut off. Maps are decoded
  * onto a canvas and coloured here, on the scale the viewer picks.
  */
 (() => {
@@ -409,11 +410,19 @@
         return;
       }
       const [height, width] = entry.size_hw;
+      const x = Math.floor(fx * width);
+      const y = Math.floor(fy * height);
+      // A pixel the crop cut off has the map's minimum as a fill, not a value the model gave it.
+      const [x1, y1, x2, y2] = c.panel.covered;
+      if (x < x1 || y < y1 || x >= x2 || y >= y2) {
+        c.fields.pointer.textContent = `${x}, ${y}: not seen (cut off by the crop)`;
+        return;
+      }
       const mx = Math.min(cur.decoded.w - 1, Math.floor(fx * cur.decoded.w));
       const my = Math.min(cur.decoded.h - 1, Math.floor(fy * cur.decoded.h));
       const q = cur.decoded.q[my * cur.decoded.w + mx];
       const value = cur.range[0] + (q / 255) * (cur.range[1] - cur.range[0]);
-      c.fields.pointer.textContent = `${Math.floor(fx * width)}, ${Math.floor(fy * height)}: ≈ ${fmt(value)}`;
+      c.fields.pointer.textContent = `${x}, ${y}: ≈ ${fmt(value)}`;
     }
 
     function render() {
