@@ -81,6 +81,9 @@ def test_a_whole_prompt_under_a_label_set_method_says_what_it_was_mapped_against
     assert not np.allclose(shown, surgery.explain(image, ["a red circle", "cat"]).prompts[0].phrase.heatmap)
     alone = notebook.compare(surgery, image, ["a red circle"], "similarity")._repr_html_()
     assert json.dumps("the prompt “a red circle”") in alone and "as its label set" not in alone
+    # Without feature surgery its maps are plain cosines, which no label set changes: no claim either.
+    plain = CLIPSurgery.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), feature_surgery=False)
+    assert "as its label set" not in notebook.compare(plain, image, prompts, "similarity")._repr_html_()
 
 
 def test_compare_names_a_bad_method_spec_alone_not_after_the_command_lines_flag(fixtures_dir):

@@ -359,6 +359,10 @@ def test_a_template_that_would_change_nothing_in_a_synthetic_sweep_is_refused(tm
                  "--model", str(tmp_path / "no_model.npz"), "--out", str(tmp_path / "surgery")]) == 2
     err = capsys.readouterr().err
     assert "no_model.npz" in err and "--template" not in err
+    # CLIP Surgery without feature surgery maps plain cosines, which no label set changes.
+    assert main(["sweep", "synthetic", "--method", "clip_surgery", "--option", "feature_surgery=false", "--template",
+                 "a photo of a {}", "--limit", "1", "--out", str(tmp_path / "plain")]) == 2
+    assert "--template makes the class prompts" in capsys.readouterr().err and not (tmp_path / "plain").exists()
 
 
 def test_the_multi_process_flags_go_together(tmp_path, capsys):

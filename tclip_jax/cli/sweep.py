@@ -58,7 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     _init_distributed(args)
     from tclip_jax.evaluation.options import EvalOptions
-    from tclip_jax import methods
     from tclip_jax.sweep import RunOptions, run_sweep
     from tclip_jax.sweep.runner import DEFAULT_TEMPLATE
     from tclip_jax.synthetic import SYNTHETIC_SCENES
@@ -69,13 +68,13 @@ def run(args: argparse.Namespace) -> int:
         options = dataclasses.replace(options, limit=_stored_limit(args.out))
     if args.dataset == "synthetic":  # the scenes swept (however many --limit asks), recorded and compared on resume
         options = dataclasses.replace(options, limit=options.limit or SYNTHETIC_SCENES)
-    if (args.dataset == "synthetic" and args.template not in (None, DEFAULT_TEMPLATE)
-            and not methods.get(args.method).uses_label_set):
-        raise ValueError(f"--template makes the class prompts, and a synthetic scene's queries are its own words: it "
-                         f"would change only the label set of a method that uses one (clip_surgery, decomposition), "
-                         f"not {args.method}'s maps, yet be recorded as used")
     dataset, source, data_folder = _open_dataset(args, options.limit)
-    result = run_sweep(dataset, build_method(args), args.out, source, args.template, evaluation, options, data_folder)
+    method = build_method(args)
+    if args.dataset == "synthetic" and args.template not in (None, DEFAULT_TEMPLATE) and not method.uses_label_set:
+        raise ValueError(f"--template makes the class prompts, and a synthetic scene's queries are its own words: it "
+                         f"would change only the label set of a method that uses one (clip_surgery with feature "
+                         f"surgery, decomposition), not {args.method}'s maps, yet be recorded as used")
+    result = run_sweep(dataset, method, args.out, source, args.template, evaluation, options, data_folder)
     if result.report is not None:
         print((pathlib.Path(args.out) / "report.md").read_text())
         errors = result.report["errors"]

@@ -241,7 +241,9 @@ class Method(abc.ABC):
     Settings: ClassVar[type[MethodSettings]] = MethodSettings
     input_protocol: ClassVar[InputProtocol] = "whole"  # how `prepare` feeds images in (TCLIP: a setting)
     explains_words: ClassVar[bool] = False  # maps each word of a prompt, not only the prompt
-    uses_label_set: ClassVar[bool] = False  # a prompt's map depends on the label set it is encoded with
+    # A prompt's map depends on the label set it is encoded with (an instance whose settings make its maps
+    # independent of it, CLIP Surgery without feature surgery, says False).
+    uses_label_set: bool = False
     # (forward, backward) passes through the image encoder per image for all T prompts of a call, as
     # benchmarks/baselines.py shows them (e.g. ("1", "T"): one forward, one backward per prompt); None: not stated.
     image_encoder_passes: ClassVar[Optional[tuple[str, str]]] = None

@@ -158,10 +158,11 @@ class CLIPSurgery(PromptMethod):
         if not 1 <= blocks <= layers:
             raise ValueError(f"surgery_blocks must be in [1, {layers}] for this {layers}-block model, got {blocks}")
         self.surgery_blocks = blocks
+        self.uses_label_set = self.settings.feature_surgery  # plain cosines do not depend on the other prompts
 
     def encode(self, queries: list[Query], label_set=None) -> QueryArrays:
         labels = self.distinct_texts(label_set or ())
-        if len(labels) < 2:
+        if len(labels) < 2 or not self.uses_label_set:
             labels = {}
         keys = list(labels)
         member = np.array([keys.index(key) if key in labels else -1
