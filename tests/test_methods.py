@@ -19,7 +19,7 @@ from tclip_jax.checkpoints.folder import save_checkpoint
 from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.cli import main as tclip
 from tclip_jax.methods import METHODS
-from tclip_jax.methods.base import Query
+from tclip_jax.methods.base import Query, matmul_precision
 from tclip_jax.methods.tclip.method import TCLIP, _maps_program
 from tclip_jax.model import CLIP
 from tclip_jax.synthetic import make_scene
@@ -654,6 +654,27 @@ def test_text_features_are_cut_after_the_end_of_text_and_computed_once(tiny_clip
     np.testing.assert_array_equal(method.text_features(prompts), fresh.text_features(prompts))
     assert len(method._text_cache) == 2
     assert method.text_features([]).shape == (0, features.shape[1])
+
+
+def test_text_features_kept_at_one_matmul_precision_are_not_used_at_another(tiny_clip, fixture_images, monkeypatch):
+    """The kept text features were keyed by token rows alone: a prompt explained at JAX's default precision (one
+    bfloat16 pass on TPU) and then under `jax.default_matmul_precision("float32")` was mapped with the first run's
+    features, while its encoded prompts and its result recorded "highest". CPU values cannot show it: the precision
+    each text encoding runs at is recorded, and must be the one recorded."""
+    method = METHODS["similarity"](tiny_clip)
+    ran_at = []
+    encode_texts = method.encode_texts
+    monkeypatch.setattr(method, "encode_texts", lambda ids: ran_at.append(matmul_precision()) or encode_texts(ids))
+    image = fixture_images["scene_224"]
+    assert "matmul_precision" not in method.explain(image, ["a red circle"]).run["model"]
+    assert ran_at == [None]
+    with jax.default_matmul_precision("float32"):
+        encoded = method.encode_prompts(["a red circle"])
+        result = method.explain(image, encoded)
+    assert encoded.encoder[3] == result.run["model"]["matmul_precision"] == "highest"
+    assert ran_at == [None, "highest"]  # encoded again, once, at the precision recorded
+    assert "matmul_precision" not in method.explain(image, ["a red circle"]).run["model"]
+    assert ran_at == [None, "highest", None]
 
 
 def test_the_readmes_method_added_with_one_registry_line_explains_and_is_benchmarked(tiny_clip, fixture_images,

@@ -626,6 +626,7 @@ class PromptMethod(Method):
         super().__init__(clip, settings)
         self._text_lock = threading.Lock()
         self._text_leaves: list = []  # the parameters the kept features came from
+        self._text_precision: Optional[str] = None  # and the matmul precision they were computed at
         self._text_cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
 
     def encode(self, queries: Sequence[Query], label_set: Optional[Sequence[str]] = None) -> QueryArrays:
@@ -684,18 +685,20 @@ class PromptMethod(Method):
         program whatever texts come with it.
 
         A text's features do not depend on the texts computed with it, so those of the last `text_cache_size` texts
-        are kept, for the parameters they came from: a label set that every call names (CLIP Surgery's, in every
-        batch of a sweep) is encoded once, and so is a prompt explained image after image."""
+        are kept, for the parameters they came from and the matmul precision in this thread (`matmul_precision`,
+        which the queries' encoder and the results record): a label set that every call names (CLIP Surgery's, in
+        every batch of a sweep) is encoded once, and so is a prompt explained image after image."""
         token_ids = self.text_token_ids(prompts)
         if not len(token_ids):
             one_text = np.zeros((1, *token_ids.shape[1:-1], 1), np.int32)
             return np.zeros((0, jax.eval_shape(self.encode_texts, one_text).shape[-1]), np.float32)
         keys = [row.tobytes() for row in token_ids]
-        leaves = jax.tree_util.tree_leaves(self.params)
+        leaves, precision = jax.tree_util.tree_leaves(self.params), matmul_precision()
         with self._text_lock:
             cache = self._text_cache
-            if len(leaves) != len(self._text_leaves) or any(a is not b for a, b in zip(leaves, self._text_leaves)):
-                self._text_leaves = leaves
+            if (precision != self._text_precision or len(leaves) != len(self._text_leaves)
+                    or any(a is not b for a, b in zip(leaves, self._text_leaves))):
+                self._text_leaves, self._text_precision = leaves, precision
                 cache.clear()
             first_row: dict[bytes, int] = {}
             for i, key in enumerate(keys):
