@@ -18,7 +18,7 @@ from tclip_jax import methods
 from tclip_jax.checkpoints.folder import save_checkpoint
 from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.cli import main as tclip
-from tclip_jax.methods import METHODS
+from tclip_jax.methods import METHODS, common
 from tclip_jax.methods.base import Query, matmul_precision
 from tclip_jax.methods.tclip.method import TCLIP, _maps_program
 from tclip_jax.model import CLIP
@@ -675,6 +675,31 @@ def test_text_features_kept_at_one_matmul_precision_are_not_used_at_another(tiny
     assert ran_at == [None, "highest"]  # encoded again, once, at the precision recorded
     assert "matmul_precision" not in method.explain(image, ["a red circle"]).run["model"]
     assert ran_at == [None, "highest", None]
+
+
+def test_loaded_parameters_are_read_only_and_the_readmes_ablation_is_another_model(tiny_clip, fixtures_dir):
+    """load_clip's arrays were writeable: a weight ablated in place (`leaf *= 0`) was read by the image tower, while a
+    method's kept text features and the model's fingerprint (computed once) stayed the old weights'. An edit in place
+    raises, from every loader; the README's ablation, as written, is a new tree: another fingerprint, and text
+    features of the ablated weights (the functional text tower's, `common.text_features`)."""
+    for clip in (tiny_clip, load_clip()):  # a state dict converted as it loads, and a converted folder
+        assert not any(leaf.flags.writeable for leaf in jax.tree_util.tree_leaves(clip.params))
+    kernel = tiny_clip.params["text"]["transformer"]["block_2"]["fc"]["kernel"]
+    with pytest.raises(ValueError, match="read-only"):
+        kernel *= 0
+    method = METHODS["similarity"](tiny_clip)
+    before, fingerprint = method.text_features(["a cat"]), tiny_clip.fingerprint
+    code = re.search(r"```python\n(import dataclasses, flax.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    namespace = {"clip": tiny_clip, "METHODS": METHODS}
+    exec(code.replace("photo.jpg", str(fixtures_dir / "scene_224.png")), namespace)
+    ablated = namespace["ablated"]
+    assert not ablated.params["text"]["transformer"]["block_2"]["fc"]["kernel"].any()
+    assert ablated.fingerprint != fingerprint and tiny_clip.fingerprint == fingerprint
+    ids = method.text_token_ids(["a cat"])
+    np.testing.assert_allclose(METHODS["similarity"](ablated).text_features(["a cat"]),
+                               np.asarray(common.text_features(ablated.model, ablated.params, ids)), rtol=0, atol=1e-6)
+    assert not np.allclose(METHODS["similarity"](ablated).text_features(["a cat"]), before)
+    np.testing.assert_array_equal(method.text_features(["a cat"]), before)  # the loaded model: unchanged
 
 
 def test_the_readmes_method_added_with_one_registry_line_explains_and_is_benchmarked(tiny_clip, fixture_images,

@@ -38,7 +38,7 @@ DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "defa
 @dataclasses.dataclass(frozen=True)
 class LoadedClip:
     model: CLIP          # the Flax module (config and matmul dtype); call it as model.apply({"params": params}, ...)
-    params: dict         # float32 parameter tree
+    params: dict         # float32 parameter tree (`load_clip`'s: read-only numpy arrays)
     tokenizer: ClipTokenizer
     source: str          # one of SOURCES
     origin: str          # what was named
@@ -117,8 +117,17 @@ def load_clip(name_or_path: Optional[str | os.PathLike] = None, *, source: Optio
                                     f"({DEFAULT_MODEL_DIR}); name a model explicitly")
         name_or_path = DEFAULT_MODEL_DIR
     converted = load_any(name_or_path, source=source, activation=activation)
-    return LoadedClip(CLIP(converted.config, dtype), converted.params, tokenizer_of(converted), converted.source,
-                      converted.origin)
+    return LoadedClip(CLIP(converted.config, dtype), jax.tree_util.tree_map(_read_only, converted.params),
+                      tokenizer_of(converted), converted.source, converted.origin)
+
+
+def _read_only(leaf: Any) -> Any:
+    """A loaded parameter, no longer writeable (numpy's flag): what was computed from the weights is kept by them
+    (`LoadedClip.fingerprint`, a method's text features), so a weight edited in place (`leaf *= 0`) would be read by
+    the image tower alone. An edit raises; a new parameter tree is another model (README, Python API)."""
+    if isinstance(leaf, np.ndarray):
+        leaf.flags.writeable = False
+    return leaf
 
 
 def matmul_dtype(dtype: Any) -> Any:
