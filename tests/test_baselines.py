@@ -269,6 +269,24 @@ def test_grad_eclip_and_grad_cam_match_reference(tiny_model, grad_eclip_ref, fix
                  ref["grad_cam_map_upsampled"], "grad_cam upsampled map")
 
 
+def test_grad_eclip_weights_bfloat16_projections_by_their_float32_cosine(tiny_model, fixture_images):
+    """Under bfloat16 matmuls the q.k cosine and its min-max ran in bfloat16 (a few dozen distinct weights); what a
+    method computes from the model's outputs runs in float32 (README's dtype policy): the spatial weight is the
+    float32 cosine of the (bfloat16) projections, min-max normalized over the patches, in closed form."""
+    model, params = tiny_model
+    bf16 = CLIP(model.config, jnp.bfloat16)
+    images = prepare(fixture_images["scene_wide_320x240"], "patch_multiple", model.config)[0][None]
+    tokens = default_tokenizer().encode(["a red circle", "a green star"], model.config.context_length)
+    out = grad_eclip_map(bf16, params, images, tokens)
+    trace = last_block_gradients(bf16, params, images, tokens, True).trace
+    assert trace.q.dtype == trace.k.dtype == jnp.bfloat16
+    q, k = (np.asarray(a, np.float64) for a in (trace.q[0, 0], trace.k[0, 1:]))
+    cosine = k @ q / np.linalg.norm(k, axis=1) / np.linalg.norm(q)
+    expected = (cosine - cosine.min()) / (cosine.max() - cosine.min())
+    assert out.qk_similarity.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out.qk_similarity[0]).ravel(), expected, rtol=0, atol=1e-5)
+
+
 def test_rebuilt_block_with_the_model_heads_is_the_model_block(tiny_model, surgery_ref):
     """Grad-ECLIP's hand-run last block (`single_head=False`) reproduces the model's."""
     model, params = tiny_model

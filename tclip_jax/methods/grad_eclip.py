@@ -106,7 +106,9 @@ def grad_eclip_map(model: CLIP, params: dict, images: Array, texts: Array, *,
     min-max normalized on the grid, then upsampled to the original image size.
     """
     run = last_block_gradients(model, params, images, texts, single_head)
-    q, k, v = run.trace.q, run.trace.k, run.trace.v
+    # The model's projections (bfloat16 under bfloat16 matmuls): the cosine, its min-max and the product with the
+    # gradient are this method's, in float32 (README's dtype policy).
+    q, k, v = (a.astype(jnp.float32) for a in (run.trace.q, run.trace.k, run.trace.v))
     qk = common.minmax(jnp.einsum("bd,bpd->bp", l2_normalize(q[:, 0]), l2_normalize(k[:, 1:])), axis=-1)
     maps = jax.nn.relu(jnp.einsum("btd,bpd->btp", run.grad_cls_output, v[:, 1:]) * qk[:, None])
     grid = run.grid
