@@ -2,6 +2,7 @@
 call, label sets, and a method defined outside the package (the README's example) used from the command line."""
 import dataclasses
 import json
+import linecache
 import pathlib
 import re
 import sys
@@ -482,36 +483,99 @@ def tiny_bfloat16_clip(tiny_clip):
     return dataclasses.replace(tiny_clip, model=CLIP(tiny_clip.config, jnp.bfloat16))
 
 
-def _equations(jaxpr):
-    """Every equation of a jaxpr and of the jaxprs inside it (jit, scan, while, grad's), depth first."""
+# What a value of a traced program derives from, ordered: constants alone, the model's parameters (and constants:
+# a kernel cast to the matmul dtype, a reshaped projection), the inputs (activations).
+CONSTANT, PARAMETER, INPUT = 0, 1, 2
+
+
+def _matmul_operand_origins(jaxpr, origins: list, found: dict) -> list:
+    """The origins of `jaxpr`'s outputs given its inputs'; `found[id(equation)]` = (equation, its operands'
+    origins) for every matmul and convolution in it and in the jaxprs inside it (jit, scan, while, cond, custom
+    derivatives: their operands align with the inner inputs from the end; loop carries to a fixed point)."""
+    known = dict(zip(jaxpr.invars, origins))
+    origin = lambda v: known.get(v, CONSTANT) if isinstance(v, jax.extend.core.Var) else CONSTANT  # noqa: E731
     for equation in jaxpr.eqns:
-        yield equation
+        operands = [origin(v) for v in equation.invars]
+        if equation.primitive.name in ("dot_general", "conv_general_dilated"):
+            found[id(equation)] = (equation, operands)
+        outputs = None  # an inner jaxpr's (a cond: any branch's), else the operands' combined
         for inner in jax.extend.core.jaxprs_in_params(equation.params):
-            yield from _equations(inner)
+            if equation.primitive.name == "while" and inner is equation.params["cond_jaxpr"].jaxpr:
+                continue  # the loop's condition: a count, no matmul
+            inner_in = operands[len(operands) - len(inner.invars):]
+            carries = len(inner.outvars) if equation.primitive.name == "while" else \
+                equation.params.get("num_carry", 0)
+            first = equation.params.get("num_consts", len(inner.invars) - carries)
+            while True:
+                inner_out = _matmul_operand_origins(inner, inner_in, found)
+                looped = [max(a, b) for a, b in zip(inner_in[first:first + carries], inner_out)]
+                if looped == inner_in[first:first + carries]:
+                    break
+                inner_in[first:first + carries] = looped
+            if len(inner_out) == len(equation.outvars):
+                outputs = inner_out if outputs is None else [max(a, b) for a, b in zip(outputs, inner_out)]
+        known.update(zip(equation.outvars, outputs or [max(operands, default=CONSTANT)] * len(equation.outvars)))
+    return [origin(v) for v in jaxpr.outvars]
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+# Matmuls of the model's parameters that run in float32 on purpose, by file and line of code: the positional
+# embedding's bicubic resize (at "highest" precision, as torch's), and the decomposition's per-term projections
+# through out_proj and proj (README's dtype policy). A line edited is to be judged again.
+POSITIONS_RESIZE = ("model/posemb.py",
+                    'resized = jnp.einsum("Hh,Ww,hwc->HWc", rows, cols, grid, precision="highest")')
+DECOMPOSITION_PROJECTIONS = {
+    ("methods/decomposition.py", 'terms = jnp.einsum("bhn,bnhd,hdw->bnhw", cls_probs, v, w_out)'),
+    ("methods/decomposition.py", 'return (centred + ln["bias"] / shares) @ proj / terms.norm[expand]')}
+# Methods whose program resizes the positional embedding on the wide image (its patch grid is not the model's).
+RESIZES_POSITIONS = {"grad_eclip", "gradcam", "tclip:patch_multiple"}
+
+
+@pytest.mark.parametrize("name", [*sorted(METHODS), "tclip:patch_multiple"])
 def test_every_methods_model_matmuls_take_the_matmul_dtype_and_its_maps_are_float32(tiny_bfloat16_clip,
                                                                                    fixture_images, name):
-    """Each method's maps program, traced (not compiled) on a model of bfloat16 matmuls: every matmul and convolution
-    the model's code makes (the towers, their layers called again by a method, gradients through them) takes
-    bfloat16 operands, on float32 parameters, and the maps come back float32. What a method computes from the
-    model's outputs (similarities, gradient products) is its own, in float32 (README's dtype policy)."""
-    method = METHODS[name](tiny_bfloat16_clip, METHODS[name].Settings.from_dict(CHEAP_SETTINGS.get(name, {})))
+    """Each method's maps program on the wide image, traced (not compiled) on a model of bfloat16 matmuls: every
+    matmul and convolution the model's code makes (the towers, gradients through them) and every one of the model's
+    parameters, wherever it is made (a method calling the model's layers, or its weights), takes bfloat16 operands,
+    on float32 parameters, but for the positions' resize and the decomposition's projections, in float32 on
+    purpose; the maps come back float32. What a method computes from the model's outputs (similarities, gradient
+    products) is its own, in float32 (README's dtype policy). A matmul of a parameter is told by its operand's
+    origin, not by the file of the code: MaskCLIP's value and output projections made in float32 by its own code
+    passed a check by file."""
+    name, _, protocol = name.partition(":")
+    settings = {**CHEAP_SETTINGS.get(name, {}), **({"input_protocol": protocol} if protocol else {})}
+    method = METHODS[name](tiny_bfloat16_clip, METHODS[name].Settings.from_dict(settings))
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(method.params)} == {np.dtype(np.float32)}
     queries = method.encode([Query("a red circle"), Query("a cat")], label_set=["a red circle", "a cat"])
-    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(queries)} <= {np.dtype(np.float32), np.dtype(np.int32)}
-    pixels = method.prepare(fixture_images["scene_224"])[0][None]
-    traced = jax.make_jaxpr(method.maps_per_image)(method.params, pixels, queries, np.array([[0, 1]], np.int32))
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(queries)} <= {np.dtype(np.float32), np.dtype(np.int32),
+                                                                        np.dtype(bool)}  # a label set's mask
+    pixels = method.prepare(fixture_images["scene_wide_320x240"])[0][None]
+    arguments = (method.params, pixels, queries, np.array([[0, 1]], np.int32))
+    traced = jax.make_jaxpr(method.maps_per_image)(*arguments)
+    clip_params = tiny_bfloat16_clip.params  # the model's (ECLIP's params hold its projections beside them)
+    is_model_parameter = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda part: jax.tree_util.tree_map(lambda _: True, part) if part is clip_params else False,
+        arguments, is_leaf=lambda part: part is clip_params))
+    assert len(is_model_parameter) == len(traced.jaxpr.invars)
+    found = {}
+    _matmul_operand_origins(traced.jaxpr, [PARAMETER if p else INPUT for p in is_model_parameter], found)
     package = pathlib.Path(methods.__file__).resolve().parent.parent
-    model_operands = []
-    for equation in _equations(traced.jaxpr):
-        if equation.primitive.name in ("dot_general", "conv_general_dilated"):
-            innermost = next(pathlib.Path(frame.file_name) for frame in equation.source_info.traceback.frames
-                             if pathlib.Path(frame.file_name).is_relative_to(package))  # frames innermost first
-            if innermost.is_relative_to(package / "model"):
-                model_operands.append(tuple(str(v.aval.dtype) for v in equation.invars))
-    assert model_operands and set(model_operands) == {("bfloat16", "bfloat16")}
+    model_operands, float32_sites = [], set()
+    for equation, origins in found.values():
+        innermost = next(frame for frame in equation.source_info.traceback.frames
+                         if pathlib.Path(frame.file_name).is_relative_to(package))  # frames innermost first
+        where = pathlib.Path(innermost.file_name).relative_to(package)
+        if where.parts[0] == "model" or PARAMETER in origins:
+            dtypes = tuple(str(v.aval.dtype) for v in equation.invars)
+            site = (where.as_posix(), linecache.getline(innermost.file_name, innermost.line_num).strip())
+            if site == POSITIONS_RESIZE or site in DECOMPOSITION_PROJECTIONS:
+                assert dtypes == ("float32", "float32"), (dtypes, site)
+                float32_sites.add(site)
+            else:
+                model_operands.append((dtypes, f"{where}:{innermost.line_num}"))
+    assert model_operands and not [(dtypes, where) for dtypes, where in model_operands
+                                   if dtypes != ("bfloat16", "bfloat16")]
+    expected = {POSITIONS_RESIZE} if f"{name}:{protocol}".rstrip(":") in RESIZES_POSITIONS else set()
+    assert float32_sites == expected | (DECOMPOSITION_PROJECTIONS if name == "decomposition" else set())
     assert {str(aval.dtype) for aval in traced.out_avals} == {"float32"}
 
 
