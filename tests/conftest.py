@@ -83,6 +83,23 @@ def tiny_model(fixture_npz):
     return CLIP(config), convert_state_dict(state_dict, config)
 
 
+def png_broken_past_its_header(png: bytes) -> bytes:
+    """PNG data with its first IDAT chunk's length halved: the header reads whole, but decoding reads a chunk name
+    inside the compressed pixels, and PIL raises SyntaxError("broken PNG file"), which is no OSError (checked)."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    data = bytearray(png)
+    at = data.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[at:at + 4])
+    data[at:at + 4] = struct.pack(">I", length // 2)
+    with pytest.raises(SyntaxError, match="broken PNG file"), Image.open(io.BytesIO(bytes(data))) as image:
+        image.load()
+    return bytes(data)
+
+
 # A 64x48 picture in PostScript (EPS) that PIL would render by running Ghostscript.
 EPS_BYTES = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 48\nnewpath 0 0 moveto 64 48 lineto stroke\nshowpage\n"
 

@@ -148,6 +148,22 @@ def test_a_postscript_file_named_jpg_is_refused_in_one_line_and_ghostscript_neve
     assert not fake_ghostscript.exists()
 
 
+def test_a_png_damaged_past_its_header_is_refused_in_one_line(tmp_path, fixtures_dir, capsys):
+    """PIL raises SyntaxError on a broken PNG chunk: it was an "internal error (SyntaxError)" (exit 1)."""
+    import io
+
+    from conftest import png_broken_past_its_header
+
+    encoded = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)).save(encoded, "PNG")
+    (tmp_path / "bad.png").write_bytes(png_broken_past_its_header(encoded.getvalue()))
+    assert tclip(["explain", str(tmp_path / "bad.png"), "--prompt", "a cat", "--model",
+                  str(fixtures_dir / "tiny_openai_clip.npz"), "--out", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"tclip explain: error: cannot read image file {tmp_path / 'bad.png'}: broken PNG file")
+    assert error.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
 def test_every_image_is_checked_before_anything_is_written(tmp_path, fixtures_dir, capsys):
     from PIL import Image
 

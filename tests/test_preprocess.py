@@ -1,4 +1,5 @@
 """Image decoding, CLIP input protocols, geometry and map resampling, checked against the reference code."""
+import io
 import warnings
 
 import jax
@@ -546,6 +547,22 @@ def test_image_size_reads_the_header_as_load_image_decodes(tmp_path, orientation
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(ValueError, match="cannot read image file .*text.png"):
         image_size(tmp_path / "text.png")
+
+
+def test_an_image_damaged_past_its_header_is_a_value_error_naming_it(tmp_path):
+    """PIL's decoding raises SyntaxError on a broken PNG chunk, not OSError: it stopped a sweep as a bug ("internal
+    error (SyntaxError)") where a truncated image is its sample's error."""
+    from conftest import png_broken_past_its_header
+
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(noise).save(encoded, "PNG")
+    broken = png_broken_past_its_header(encoded.getvalue())
+    (tmp_path / "bad.png").write_bytes(broken)
+    with pytest.raises(ValueError, match=rf"^cannot read image file {tmp_path / 'bad.png'}: broken PNG file"):
+        load_image(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"^cannot read image bytes: broken PNG file"):
+        load_image(broken)
 
 
 def test_a_pil_images_exif_orientation_is_applied_as_a_files(tmp_path):

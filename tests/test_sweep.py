@@ -307,6 +307,32 @@ def test_a_missing_voc_or_imagenet_s_image_is_its_samples_error_and_a_resume_tri
         assert _report(out)["errors"] == [], name
 
 
+def test_an_image_or_label_damaged_past_its_header_is_its_samples_error_and_the_sweep_goes_on(tmp_path):
+    """PIL raises SyntaxError ("broken PNG file") on a damaged PNG chunk, which stopped the sweep as an internal error
+    (and every --resume again at the same sample): a COCO image, a VOC label and an ImageNet-S label."""
+    from conftest import png_broken_past_its_header
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, (48, 64))  # noise: PNG data long enough for the halved chunk to end inside it
+    image = painted(48, 64, [(1, slice(10, 30), slice(5, 25))])
+    both = {"a": (image, labels), "b": (image, labels)}
+    wnid = split_wnids(50)[0]
+    cases = [("coco", coco_dataset, write_coco(tmp_path / "coco", {1: image, 2: image},
+                                               [(1, PERSON + 1, [5, 10, 20, 20], 0), (2, PERSON + 1, [5, 10, 20, 20], 0)]),
+              "val2017/000000000002.png", "2", "image file"),
+             ("voc", voc_dataset, write_voc(tmp_path / "voc", both), "SegmentationClass/b.png", "b", "VOC label"),
+             ("imagenet-s", lambda root: imagenet_s_dataset(root, 50),
+              write_imagenet_s(tmp_path / "s50", {f"{wnid}/{k}": v for k, v in both.items()}),
+              f"validation-segmentation/{wnid}/b.png", f"{wnid}/b", "ImageNet-S label")]
+    for name, dataset, root, damaged, key, what in cases:
+        (root / damaged).write_bytes(png_broken_past_its_header((root / damaged).read_bytes()))
+        report = run_sweep(dataset(root), Painted.from_pretrained(), tmp_path / f"{name}-out",
+                           options=RunOptions(batch_size=2, progress=False)).report
+        assert report["images"] == 1 and report["units"] == 1, name  # the other sample is scored
+        assert [e["key"] for e in report["errors"]] == [key], name
+        assert report["errors"][0]["error"].startswith(f"ValueError: cannot read {what} {root / damaged}: broken PNG")
+
+
 def test_a_coco_seg_crowd_drop_sweep_stored_before_crowds_were_per_category_is_not_resumed(tmp_path):
     """Its units left every crowd's pixels out, a crowd of another category's too: resuming it mixed those units
     with units scored under per-category crowds. A sweep stored before records no units_version."""

@@ -18,6 +18,9 @@ Conventions:
 - Files and bytes with more than ``max_pixels()`` pixels are refused before they are decoded, a guard against
   decompression bombs (a small file that decodes to gigabytes). The limit is PIL's, 89,478,485 pixels (about
   9459 x 9459); ``set_max_pixels`` (``--max-pixels`` on the command line) raises it for the process.
+- A file PIL cannot open or decode raises ValueError naming it (`read_raster`, which dataset label files go
+  through too): PIL's open wraps its plugins' errors in UnidentifiedImageError, but its decoding lets them out as
+  they are (`DECODE_ERRORS`), and a sweep records a ValueError as its sample's error where another type stopped it.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import io
 import os
 import pathlib
 import re
+import struct
 import sys
 import warnings
 from collections.abc import Callable
@@ -47,6 +51,11 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # WMF, which PIL only identifies (or has Windows draw). An image or label file is never handed to an outside program.
 # Every other format is opened, those of plugins a user registered (HEIC with pillow-heif, say) included.
 NOT_OPENED_FORMATS = ("EPS", "IPTC", "BUFR", "GRIB", "HDF5", "MPEG", "WMF")
+# What PIL raises where a file's data is damaged past its header. `Image.open` turns its plugins' errors into
+# UnidentifiedImageError, but decoding (`load`, the first read of the pixels) lets them out as they are: OSError (data
+# cut short, a decoder's error), SyntaxError (PIL's word for malformed data: "broken PNG file", a bad chunk checksum),
+# EOFError and struct.error (data that ends inside a record).
+DECODE_ERRORS = (OSError, SyntaxError, EOFError, struct.error)
 
 
 def open_raster(source: str | os.PathLike | IO[bytes]) -> Image.Image:
@@ -105,7 +114,7 @@ def image_size(path: str | os.PathLike, exif: bool = True) -> tuple[int, int]:
             turned = exif and img.getexif().get(_EXIF_ORIENTATION, 1) in _QUARTER_TURNS
         return (img.width, img.height) if turned else (img.height, img.width)
 
-    return _opened(_image_path(path), size)
+    return read_raster(_image_path(path), size)
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -144,21 +153,26 @@ def _tiff_orientation(img: Image.Image) -> int:
 
 
 def _decode(source: pathlib.Path | bytes, exif: bool) -> np.ndarray:
-    return _opened(source, lambda img: _pil_to_rgb(img, exif))
+    return read_raster(source, lambda img: _pil_to_rgb(img, exif))
 
 
-def _opened(source: pathlib.Path | bytes, read: Callable[[Image.Image], T]) -> T:
-    """`read(image)` of the image PIL opens from `source`, after the checks on the file and the header's size."""
-    name = "image bytes" if isinstance(source, bytes) else f"image file {source}"
-    if not isinstance(source, bytes):
+def read_raster(source: str | os.PathLike | bytes, read: Callable[[Image.Image], T], what: str = "image file") -> T:
+    """`read(image)` of the image PIL opens from `source`, a file (`what` it is: "image file", "VOC label") or
+    encoded bytes, after the checks on the file and on the header's size (`max_pixels`). A file that is not there
+    raises FileNotFoundError; anything else that keeps it from being read (not a regular file, not an image, data PIL
+    cannot decode: `DECODE_ERRORS`, too many pixels, a ValueError of `read`) a ValueError naming it."""
+    if isinstance(source, bytes):
+        name = "image bytes"
+    else:
+        source, name = pathlib.Path(source), f"{what} {source}"
         try:
             exists, is_dir, is_file = source.exists(), source.is_dir(), source.is_file()
         except OSError as err:  # e.g. a name too long for the file system
-            raise ValueError(f"cannot read image file {_shown(str(source))}: {err.strerror or err}") from None
+            raise ValueError(f"cannot read {what} {_shown(str(source))}: {err.strerror or err}") from None
         if not exists:
-            raise FileNotFoundError(f"image file not found: {source}")
+            raise FileNotFoundError(f"{what} not found: {source}")
         if is_dir:
-            raise ValueError(f"{source} is a folder, not an image file")
+            raise ValueError(f"{source} is a folder, not {'an' if what[0] in 'aeiouAEIOU' else 'a'} {what}")
         if not is_file:  # a FIFO or a device: opening it could block
             raise ValueError(f"{source} is not a regular file")
     try:
@@ -175,8 +189,8 @@ def _opened(source: pathlib.Path | bytes, read: Callable[[Image.Image], T]) -> T
         if isinstance(source, bytes):  # PIL's message names an io.BytesIO object by its address
             raise ValueError("cannot read image bytes: the bytes are not an image PIL can decode") from None
         raise ValueError(f"cannot read {name}: {err}") from err
-    except OSError as err:  # truncated
-        raise ValueError(f"cannot read {name}: {err}") from err
+    except DECODE_ERRORS as err:  # damaged past the header: truncated, a broken PNG chunk
+        raise ValueError(f"cannot read {name}: {str(err) or type(err).__name__}") from err
 
 
 def _check_size(pixels: int, name: str) -> None:

@@ -26,12 +26,11 @@ import functools
 import pathlib
 
 import numpy as np
-from PIL import UnidentifiedImageError
 
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
 from tclip_jax.files import fingerprint
 from tclip_jax.image import load_image
-from tclip_jax.image.io import open_raster
+from tclip_jax.image.io import read_raster
 from tclip_jax.evaluation.metrics.imagenet_s import IGNORE_ID, decode_label_png
 
 SPLITS = (50, 300, 919)
@@ -102,7 +101,7 @@ def _check_split(label_path: pathlib.Path, split: int, ids: set | None = None) -
     if ids is None:
         try:
             ids = set(np.unique(read_labels(label_path)).tolist())
-        except ValueError:
+        except (ValueError, OSError):
             return
     ids = ids - {0, IGNORE_ID}
     wnid = label_path.parent.name
@@ -117,19 +116,15 @@ def _check_split(label_path: pathlib.Path, split: int, ids: set | None = None) -
 
 
 def read_labels(path: pathlib.Path) -> np.ndarray:
-    """Class ids [H, W] int64 of an ImageNet-S label PNG."""
-    if not path.is_file():
-        raise ValueError(f"ImageNet-S label {path} is not a regular file")
-    try:
-        with open_raster(path) as png:
-            if png.mode not in ("RGB", "RGBA"):
-                raise ValueError(f"ImageNet-S label {path} has PIL mode {png.mode}; expected RGB with id = R + 256*G")
-            if any(";16" in str(tile.args) for tile in png.tile):  # PIL keeps each channel's high byte: ids lost
-                raise ValueError(f"ImageNet-S label {path} has 16 bits per channel; expected 8-bit RGB with id = "
-                                 "R + 256*G")
-            return decode_label_png(np.asarray(png))
-    except (UnidentifiedImageError, OSError) as err:  # not an image, or truncated
-        raise ValueError(f"cannot read ImageNet-S label {path}: {err}") from None
+    """Class ids [H, W] int64 of an ImageNet-S label PNG (a file that cannot be read: ValueError, `read_raster`)."""
+    def ids(png) -> np.ndarray:
+        if png.mode not in ("RGB", "RGBA"):
+            raise ValueError(f"it has PIL mode {png.mode}; expected RGB with id = R + 256*G")
+        if any(";16" in str(tile.args) for tile in png.tile):  # PIL keeps each channel's high byte: ids lost
+            raise ValueError("it has 16 bits per channel; expected 8-bit RGB with id = R + 256*G")
+        return decode_label_png(np.asarray(png))
+
+    return read_raster(path, ids, "ImageNet-S label")
 
 
 def _load(image_path: pathlib.Path, label_path: pathlib.Path, split: int) -> LoadedSample:

@@ -15,12 +15,11 @@ import functools
 import pathlib
 
 import numpy as np
-from PIL import UnidentifiedImageError
 
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
 from tclip_jax.files import fingerprint
 from tclip_jax.image import load_image
-from tclip_jax.image.io import open_raster
+from tclip_jax.image.io import read_raster
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dining table",
                "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor")
@@ -66,15 +65,13 @@ def voc_dataset(root: str | pathlib.Path, split: str = "val") -> Dataset:
 
 
 def read_voc_labels(path: pathlib.Path) -> np.ndarray:
-    """Class indices [H, W] of a VOC palette PNG."""
-    try:
-        with open_raster(path) as png:
-            if png.mode not in ("P", "L"):
-                raise ValueError(f"VOC label {path} has PIL mode {png.mode}; expected a palette (P) PNG of class "
-                                 "indices")
-            return np.asarray(png).astype(np.int64)
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read VOC label {path}: {err}") from None
+    """Class indices [H, W] of a VOC palette PNG (a file that cannot be read: ValueError, `read_raster`)."""
+    def indices(png) -> np.ndarray:
+        if png.mode not in ("P", "L"):
+            raise ValueError(f"it has PIL mode {png.mode}; expected a palette (P) PNG of class indices")
+        return np.asarray(png).astype(np.int64)
+
+    return read_raster(path, indices, "VOC label")
 
 
 def _load(image_path: pathlib.Path, label_path: pathlib.Path) -> LoadedSample:
