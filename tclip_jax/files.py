@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, Optional
 
 try:
@@ -331,6 +331,40 @@ def ctrl_c_held() -> Iterator[None]:
             signal.raise_signal(number)  # what the previous handler would have done, now
 
 
+_AT_EARLY_END: list = []  # the cleanups of the blocks running now (`at_early_end`), innermost last
+_AT_EARLY_END_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def at_early_end(cleanup: Callable[[], None]) -> Iterator[None]:
+    """While the block runs, `cleanup` (what the block does as it ends, or some of it) is also one of the cleanups
+    `run_early_end_cleanups` runs where the process ends at once (os._exit) past the block's own end: the command
+    line's SIGTERM watchdog does, when the main thread, blocked in native code (an XLA compilation), runs no Python
+    signal handler for its grace period. It may then run in another thread while the block's own end runs too, so
+    it must do no harm done twice."""
+    with _AT_EARLY_END_LOCK:
+        _AT_EARLY_END.append(cleanup)
+    try:
+        yield
+    finally:
+        with _AT_EARLY_END_LOCK, contextlib.suppress(ValueError):  # already taken by run_early_end_cleanups
+            _AT_EARLY_END.remove(cleanup)
+
+
+def run_early_end_cleanups() -> None:
+    """Runs the cleanups of the blocks still running (`at_early_end`), innermost first, each once, just before the
+    process ends at once; one that fails does not keep the others from running."""
+    while True:
+        with _AT_EARLY_END_LOCK:
+            if not _AT_EARLY_END:
+                return
+            cleanup = _AT_EARLY_END.pop()
+        try:
+            cleanup()
+        except Exception:  # the process ends now whatever is left: the next run mends or refuses it
+            pass
+
+
 @functools.cache
 def _umask() -> int:
     """The process umask, read on first use (reading it means setting it and setting it back)."""
@@ -460,7 +494,7 @@ def held_lock(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: b
     block: a second `what` (e.g. "sweep") working in ``where`` is refused at once, in one line. The file names its
     holder and is removed when the block ends (the lock itself goes with the process however it ends), and so are
     the folders made for it that the block leaves empty: a run refused or stopped before it wrote anything leaves
-    the disk as it found it."""
+    the disk as it found it, also where the process ends at once (`at_early_end`)."""
     with _folders_made_for(path.parent) if make_folder else contextlib.nullcontext():
         with _locked(path, what, where, make_folder):
             yield
@@ -496,7 +530,8 @@ def _locked(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: boo
     try:
         os.ftruncate(lock, 0)  # a killed holder's longer text would trail ours
         os.write(lock, f"process {os.getpid()} on {socket.gethostname()}".encode())
-        yield
+        with at_early_end(functools.partial(path.unlink, missing_ok=True)):  # still held as the process ends
+            yield
     finally:
         path.unlink(missing_ok=True)  # while held: one that opened it meanwhile finds it gone once it locks it
         os.close(lock)
@@ -518,9 +553,8 @@ def _folders_made_for(folder: pathlib.Path) -> Iterator[None]:
     """For a block that may make `folder` and the folders above it: those that did not exist before it and are
     empty when it ends are removed."""
     made = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
-    try:
-        yield
-    finally:
+
+    def remove_empty() -> None:
         for path in made:
             try:
                 path.rmdir()
@@ -528,3 +562,9 @@ def _folders_made_for(folder: pathlib.Path) -> Iterator[None]:
                 continue
             except OSError:  # not empty: the run saved something there
                 break
+
+    try:
+        with at_early_end(remove_empty):
+            yield
+    finally:
+        remove_empty()

@@ -2180,6 +2180,52 @@ def test_a_sigterm_ends_tclip_blocked_in_native_code_after_a_grace_period():
         process.kill()
 
 
+_SWEEP_BLOCKED_BEFORE_ITS_FIRST_RECORD = """
+import ctypes, sys
+import tclip_jax.cli as cli
+import tclip_jax.sweep.runner as runner
+cli._SigtermWatchdog.GRACE_S = 1.0
+
+class Blocked:  # where the devices' maps are set up, the main thread blocks in native code, as in a long compile
+    def __init__(self, method, devices):
+        print("blocking", flush=True)
+        libc, mutex = ctypes.CDLL(None), ctypes.create_string_buffer(64)  # zeros: a default pthread mutex
+        libc.pthread_mutex_lock(mutex)
+        libc.pthread_mutex_lock(mutex)  # locked again by its holder: blocked for good, no signal handler runs
+
+runner.DeviceMaps = Blocked
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_new_sweep_stopped_in_native_code_before_its_first_record_leaves_its_folder_as_it_found_it(coco_hand,
+                                                                                                   tmp_path):
+    """A SIGTERM while the main thread is blocked in native code (the first compile) ended the process past the
+    sweep's cleanup (the watchdog's os._exit), leaving sweep.json, an empty results file and a lock file (and the
+    folders it made). A SIGKILL, which runs nothing, still leaves them: a new sweep there replaces them."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    made_before, killed = tmp_path / "made_before", tmp_path / "killed"
+    made_before.mkdir()
+    for out in (tmp_path / "new" / "out", made_before):
+        args = _cli("coco", "--data", str(coco_hand), "--method", "test_sweep:Painted", "--out", str(out))
+        process = subprocess.Popen([sys.executable, "-c", _SWEEP_BLOCKED_BEFORE_ITS_FIRST_RECORD, *args], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert process.stdout.readline().strip() == "blocking", process.stderr.read()
+            left = ["results-p0.jsonl", "results-p0.lock", "sweep.json"]
+            assert sorted(p.name for p in out.iterdir()) == left  # what was left, as late as it gets before a record
+            if not killed.exists():
+                shutil.copytree(out, killed)  # what a SIGKILL leaves now
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 143
+        finally:
+            process.kill()
+        assert process.stderr.read().splitlines() == ["tclip sweep: terminated"]
+        assert not list(out.iterdir()) if out == made_before else not (tmp_path / "new").exists()
+    assert main(_cli("coco", "--data", str(coco_hand), "--method", "test_sweep:Painted", "--out", str(killed))) == 0
+    assert _report(killed)["images"] == 2
+
+
 def test_a_sigterm_ends_tclip_as_ctrl_c_does_and_waits_for_a_staged_folder_to_land(tmp_path, monkeypatch, capsys):
     """`tclip` raises a SIGTERM as Ctrl-C is raised (status 143), so staged folders are cleaned up and a swap in
     progress is finished first (a killed train-eclip left staging folders behind)."""

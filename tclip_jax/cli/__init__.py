@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Optional, Sequence
 
-from tclip_jax.files import ctrl_c_held
+from tclip_jax.files import ctrl_c_held, run_early_end_cleanups
 
 # Sub-command name -> help. Its module under tclip_jax.cli (the name with '-' as '_') has `add_arguments(parser)`
 # and `run(args) -> int`.
@@ -71,7 +71,9 @@ def program() -> int:
 
 def _end_early(status: int) -> None:
     """Ends the process with ``status`` (130, 143) at once, in turn with the other processes of a multi-process
-    sweep (`tclip_jax.sweep.sharding.end_in_turn`)."""
+    sweep (`tclip_jax.sweep.sharding.end_in_turn`), after the cleanups of the blocks still running (the watchdog's
+    case: `tclip_jax.files.at_early_end`, e.g. a new sweep's folder and its lock)."""
+    run_early_end_cleanups()
     sys.stdout.flush()
     sys.stderr.flush()
     if "tclip_jax.sweep.sharding" in sys.modules:  # only a sweep starts jax.distributed

@@ -28,7 +28,9 @@ fingerprints is told by its origin (and activation), one stored with the first d
 
 A new sweep starts only in a new folder or an empty one (sweeps' locks and file browsers' files aside): anything
 else is someone's, which its report and gallery would overwrite. One that stops before its first record leaves the
-folder as it found it: it removes what it wrote, and the folder if it made it.
+folder as it found it: it removes what it wrote, and the folder if it made it, also where the process ends at once
+(the SIGTERM watchdog's os._exit: `files.at_early_end`). A SIGKILL leaves its sweep.json, results files without a
+record and lock files, which a new sweep there replaces (`_killed_before_its_first_record`) and --resume resumes.
 
 Device waiting: a watcher thread notes when each batch finishes. The device is busy for batch k from
 max(its dispatch, batch k-1's finish) to its finish; after the first batch (which includes compilation) the
@@ -60,7 +62,7 @@ from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample
 from tclip_jax.evaluation.options import EvalOptions
 from tclip_jax.evaluation.scoring import score_unit
-from tclip_jax.files import check_output_folder, unwritten_entries, write_text_atomic
+from tclip_jax.files import at_early_end, check_output_folder, unwritten_entries, write_text_atomic
 from tclip_jax.image import Geometry
 from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query, QueryArrays, pad_slots
 from tclip_jax.sweep.options import RunOptions
@@ -151,8 +153,22 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     _check_processes_agree(config, data_folder)
     created = not out.exists()
     barrier("tclip-sweep-seen")  # every process has looked before any makes the folder for its lock
-    with results_lock(out, process):  # checked and run by no other sweep meanwhile
-        new_sweep = False  # checked, into an empty folder: what is in it from now on this sweep wrote
+    new_sweep = False  # checked, into an empty folder: what is in it from now on this sweep wrote
+
+    def discard_new_sweep() -> bool:
+        """A new sweep stopped before its first record leaves the folder as it found it (nothing to resume); whether
+        it did. Also run where the process ends at once, past the `except` below (`at_early_end`: a SIGTERM while the
+        main thread is blocked in a compilation)."""
+        if not (new_sweep and process == 0) or read_all_records(out):
+            return False
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:  # made beforehand (`mkdir out` in a job script): a plain rerun must find it empty again
+            _remove_new_sweep(out)
+        return True
+
+    # Checked and run by no other sweep meanwhile.
+    with results_lock(out, process), at_early_end(discard_new_sweep):
         scored = 0  # samples this run recorded that went through the device (not an error)
         rates: list[Throughput] = []  # this run's, however it ends
         try:
@@ -198,12 +214,9 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                 finally:
                     maps.close()
         except BaseException:
-            if new_sweep and process == 0 and not read_all_records(out):  # nothing to resume: leave it as it was
-                if created:
-                    shutil.rmtree(out, ignore_errors=True)
-                else:  # made beforehand (`mkdir out` in a job script): a plain rerun must find it empty again
-                    _remove_new_sweep(out)
-            elif scored:  # stopped (Ctrl-C, SIGTERM, an error) after scoring: the rates of what it did
+            # Stopped (Ctrl-C, SIGTERM, an error): a new sweep with no record leaves nothing; one that scored, the
+            # rates of what it did.
+            if not discard_new_sweep() and scored:
                 with contextlib.suppress(OSError):  # (a full disk: its own error is the one to tell)
                     _write_rates(out, process, rates[0])
             raise
@@ -421,11 +434,20 @@ def _remove_new_sweep(out: pathlib.Path) -> None:
         shutil.rmtree(out / folder, ignore_errors=True)
 
 
+def _killed_before_its_first_record(out: pathlib.Path) -> bool:
+    """Whether `out` holds what a new sweep killed before its first record leaves (SIGKILL runs no cleanup): its
+    sweep.json, results files without a record, lock files, and pictures, and nothing else."""
+    own = [CONFIG_FILE, GALLERY_DIR, VIS_DIR, *(p.name for p in [*out.glob(RESULTS_GLOB), *out.glob(LOCKS_GLOB)])]
+    return not unwritten_entries(out, own) and not read_all_records(out)
+
+
 def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Optional[str] = None,
                   clip: Optional[LoadedClip] = None) -> None:
     """Refuses a sweep into `out` that would not be the sweep stored there (or a new one into a folder that is not
     empty); `clip`, the sweep's model, reads a model fingerprint stored by its first definition."""
     path = out / CONFIG_FILE
+    if path.exists() and not resume and _killed_before_its_first_record(out):
+        _remove_new_sweep(out)  # nothing to resume: a new sweep starts there, as in the folder before it
     if not path.exists():
         records = sorted(p.name for p in out.glob(RESULTS_GLOB))
         if records:  # a new sweep would keep them and count them as its own
