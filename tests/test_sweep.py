@@ -990,6 +990,35 @@ def test_a_sigterm_ends_distributed_processes_and_resume_finishes_the_sweep(coco
     assert _report(out) == _report(coco_many_reference)
 
 
+def test_a_process_of_a_distributed_sweep_whose_peer_was_killed_ends_in_one_line_and_resume_finishes(
+        coco_many, coco_many_reference, tmp_path):
+    """Process 1 SIGKILLed: process 0's last barrier failed (Gloo: "Connection closed by peer"), which it printed, and
+    about 100 s later its exit aborted in JAX's shutdown barrier (SIGABRT, a C++ stack trace). It ends at once,
+    status 2, in one line; its records are kept, and a resume (here on one process) finishes the sweep."""
+    out, port = tmp_path / "out", _free_port()
+    processes = [_sweep_process("coco", "--data", str(coco_many), "--method", "test_sweep:StallingPainted",
+                                "--batch-size", "2", "--workers", "1", "--out", str(out), "--coordinator",
+                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                                env_extra={STALL_ENV: "4"} if i else None)
+                 for i in range(2)]
+    try:
+        deadline = time.monotonic() + 180
+        while _lines(out / "results-p1.jsonl") == 0 and processes[1].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        processes[1].send_signal(signal.SIGKILL)
+        assert processes[0].wait(timeout=60) == 2
+    finally:
+        for process in processes:
+            process.kill()
+    error = processes[0].stderr.read().decode()
+    assert error.startswith("tclip sweep: error: another process of the sweep stopped (") and error.count("\n") == 1
+    assert error.endswith("the records written so far are kept: start every process again with --resume\n")
+    assert len(read_records(out / "results-p0.jsonl")) == 6  # its whole share
+    assert main(_cli("coco", "--data", str(coco_many), "--method", "test_sweep:Painted", "--batch-size", "2",
+                     "--out", str(out), "--resume")) == 0
+    assert _report(out) == _report(coco_many_reference)
+
+
 # ---------------------------------------------------------------------------------------- results store
 def test_store_drops_a_torn_last_line_and_rejects_corruption(tmp_path):
     path = tmp_path / "results-p0.jsonl"

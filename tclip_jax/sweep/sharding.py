@@ -15,9 +15,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -30,10 +32,39 @@ def owns(sample_index: int, process_index: int, process_count: int) -> bool:
     return sample_index % process_count == process_index
 
 
+class PeerStopped(ValueError):
+    """A collective of the sweep's processes failed: another process stopped (killed, preempted, crashed)."""
+
+
+_peer_stopped = threading.Event()
+
+
+def peer_stopped() -> bool:
+    """Whether a collective of this process failed because another process stopped (`PeerStopped`). Such a process
+    must end at once (os._exit): at exit JAX's shutdown barrier would wait for the stopped one, about 100 s, then
+    abort with a fatal error."""
+    return _peer_stopped.is_set()
+
+
+@contextlib.contextmanager
+def _collective() -> Iterator[None]:
+    """A collective across the processes; its failure (Gloo's "Connection closed by peer", a task's heartbeat
+    timeout: a ValueError or JaxRuntimeError) is a `PeerStopped`."""
+    try:
+        yield
+    except Exception as err:
+        _peer_stopped.set()
+        cause = " ".join(str(err).split())
+        raise PeerStopped(f"another process of the sweep stopped ({cause[:200]}{'...' if len(cause) > 200 else ''}), "
+                          "so this one cannot finish it; the records written so far are kept: start every process "
+                          "again with --resume") from err
+
+
 def barrier(name: str) -> None:
     """Wait for every process (a no-op for a single process)."""
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+        with _collective():
+            multihost_utils.sync_global_devices(name)
 
 
 def gather_text(text: str) -> list[str]:
@@ -42,10 +73,12 @@ def gather_text(text: str) -> list[str]:
     if jax.process_count() == 1:
         return [text]
     data = np.frombuffer(text.encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.int32(len(data)))
-    padded = np.zeros(int(lengths.max()), np.uint8)  # allgather takes one shape from every process
-    padded[:len(data)] = data
-    return [bytes(row[:length]).decode() for row, length in zip(multihost_utils.process_allgather(padded), lengths)]
+    with _collective():
+        lengths = multihost_utils.process_allgather(np.int32(len(data)))
+        padded = np.zeros(int(lengths.max()), np.uint8)  # allgather takes one shape from every process
+        padded[:len(data)] = data
+        rows = multihost_utils.process_allgather(padded)
+    return [bytes(row[:length]).decode() for row, length in zip(rows, lengths)]
 
 
 def end_in_turn(grace_s: float) -> None:
@@ -53,8 +86,8 @@ def end_in_turn(grace_s: float) -> None:
     every process): the process that hosts JAX's coordination service (process 0) ends last. Once the service is
     gone, every process still running prints the service's fatal-error lines and aborts (SIGABRT), a failure that
     is not its own. So each other process says that it is ending (its stderr closed first: nothing it prints after
-    its own last line is its own) and the host waits up to ``grace_s`` seconds for all of them. A no-op without
-    ``jax.distributed``."""
+    its own last line is its own) and the host waits up to ``grace_s`` seconds for all of them (all but one where
+    another process stopped, `peer_stopped`: that one never says so). A no-op without ``jax.distributed``."""
     from jax._src import distributed  # the client and service, which jax.distributed does not expose
 
     state = distributed.global_state
@@ -67,12 +100,11 @@ def end_in_turn(grace_s: float) -> None:
         except Exception:  # the host has gone already: nothing left to tell
             pass
         return
-    deadline = time.monotonic() + grace_s
+    deadline, others = time.monotonic() + grace_s, state.num_processes - 1 - peer_stopped()
     try:  # short waits, so that another Ctrl-C still ends the wait
-        while (len(state.client.key_value_dir_get(_ENDING)) < state.num_processes - 1
-               and time.monotonic() < deadline):
+        while len(state.client.key_value_dir_get(_ENDING)) < others and time.monotonic() < deadline:
             time.sleep(0.05)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception):  # a failed service (a process stopped): nothing left to wait for
         pass
 
 
