@@ -1564,7 +1564,7 @@ def test_datasets_fingerprint_their_annotations(tmp_path):
 
 def test_the_paper_figure_is_shown_only_beside_a_run_as_the_paper_ran_it():
     from tclip_jax.methods.tclip.settings import Settings
-    from tclip_jax.sweep.report import PAPER, paper_figures
+    from tclip_jax.sweep.report import PAPER, markdown, paper_figures
 
     paper_run = {"method": "tclip", "settings": Settings().to_dict(), "input_protocol": "whole",
                  "model": {"origin": "openai/clip-vit-base-patch32", "source": "hf", "architecture": "ViT-B/32"}}
@@ -1572,14 +1572,33 @@ def test_the_paper_figure_is_shown_only_beside_a_run_as_the_paper_ran_it():
 
     config = {"run": paper_run, "dataset": "coco", "limit": None, "template": None,
               "source": "coco val2017 in /data/coco, crowd keep", "evaluation": EvalOptions().to_dict()}
-    assert paper_figures(config) == (PAPER["coco"], "")
-    assert paper_figures({**config, "dataset": "imagenet-s919"})[0] == PAPER["imagenet-s919"]
+    # The whole split, every image scored: COCO val2017's images with an annotation (4952 of the 5000 in
+    # instances_val2017.json), ImageNet-S919's annotated validation images (12419, its README's table).
+    whole = {"coco": {"images": 4952, "errors": []}, "imagenet-s919": {"images": 12419, "errors": []}}
+    assert paper_figures(config, whole["coco"]) == (PAPER["coco"], "")
+    assert paper_figures({**config, "dataset": "imagenet-s919"}, whole["imagenet-s919"])[0] == PAPER["imagenet-s919"]
     # The seed metrics add a table and change none of the paper's figures; COCO's boxes depend on no threshold.
     seed_and_otsu = EvalOptions(metrics="seed", threshold="otsu", pg_tolerance=3).to_dict()
-    assert paper_figures({**config, "evaluation": seed_and_otsu}) == (PAPER["coco"], "")
-    assert paper_figures({**config, "template": "{}"}) == (PAPER["coco"], "")  # the bare names too
-    assert paper_figures({**config, "dataset": "imagenet-s919",
-                          "evaluation": EvalOptions(metrics="seed").to_dict()})[0] == PAPER["imagenet-s919"]
+    assert paper_figures({**config, "evaluation": seed_and_otsu}, whole["coco"]) == (PAPER["coco"], "")
+    assert paper_figures({**config, "template": "{}"}, whole["coco"]) == (PAPER["coco"], "")  # the bare names too
+    assert paper_figures({**config, "dataset": "imagenet-s919", "evaluation": EvalOptions(metrics="seed").to_dict()},
+                         whole["imagenet-s919"])[0] == PAPER["imagenet-s919"]
+    # The configuration alone showed them beside a subset of the split (its annotations filtered by hand, a
+    # --limit past the subset's size is recorded as every sample) and beside a run with failed samples.
+    failed = {"images": 4951, "errors": [{"key": "139", "error": "ValueError: cannot read image file ..."}]}
+    for dataset, summary, reason in [("coco", {"images": 4951, "errors": []}, "scored 4951 images, the whole split 4952"),
+                                     ("coco", {"images": 5000, "errors": []}, "scored 5000 images, the whole split 4952"),
+                                     ("imagenet-s919", {"images": 100, "errors": []}, "the whole split 12419"),
+                                     ("coco", failed, "1 sample could not be scored")]:
+        figures, why = paper_figures({**config, "dataset": dataset}, summary)
+        assert figures == {} and reason in why, (dataset, summary)
+    detection = {"units": 1, "box_accuracy": 0.5, "box_accuracy_class_mean": 0.5, "mean_iou": 0.5}
+    shown = markdown(config, {**whole["coco"], "units": 1, "detection": detection})
+    assert "| paper: TCLIP (ViT-B/32) | 19.07 |" in shown
+    subset = markdown(config, {"images": 500, "errors": [], "units": 1, "detection": detection})
+    assert "paper: TCLIP" not in subset
+    assert ("No paper figure is shown: the sweep scored 500 images, the whole split 4952 (val2017's images with an "
+            "annotation).") in subset
     # The paper's ImageNet-S figures are of the 919-class split (benchmarks/RESULTS.md), not of the smaller ones.
     changes = [({"dataset": "synthetic-captions"}, "no synthetic-captions figures"),
                ({"dataset": "imagenet-s50"}, "no imagenet-s50 figures"),
@@ -1596,7 +1615,7 @@ def test_the_paper_figure_is_shown_only_beside_a_run_as_the_paper_ran_it():
                ({"dataset": "imagenet-s919", "evaluation": EvalOptions(pg_tolerance=15).to_dict()},
                 "the evaluation's pg_tolerance is not the paper's")]
     for change, reason in changes:
-        figures, why = paper_figures({**config, **change})
+        figures, why = paper_figures({**config, **change}, whole.get(change.get("dataset", "coco"), whole["coco"]))
         assert figures == {} and reason in why
 
 

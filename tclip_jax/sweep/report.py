@@ -133,7 +133,7 @@ def _markdown_body(config: dict, summary: dict) -> list[str]:
     """report.md's lines after its title and run description: the paper line, the tables and what they need said
     (report.html shows them too, `_markdown_blocks`)."""
     name = _cell(run_name(config["run"]))
-    paper, why_not = paper_figures(config)
+    paper, why_not = paper_figures(config, summary)
     lines = ["The paper's figures (TCLIP, CLIP ViT-B/32, the whole split) are shown beside this run." if paper
              else f"No paper figure is shown: {why_not}.", ""]
     if not summary["units"]:  # no table below: say why rather than end the report on its description
@@ -206,8 +206,10 @@ def _prompts_and_samples(config: dict) -> str:
     return f"{prompts}{'samples' if prompts else 'Samples'}: {samples}."
 
 
-def paper_figures(config: dict) -> tuple[dict, str]:
-    """(the paper's figures comparable with this sweep, or {} and why there are none)."""
+def paper_figures(config: dict, summary: dict) -> tuple[dict, str]:
+    """(the paper's figures comparable with this sweep, or {} and why there are none): a sweep run as the paper's
+    (`config`) that scored every image of the whole split and no other (`summary`: no failed sample, as many images as
+    the split has, so not a subset of its annotations either)."""
     run, dataset = config["run"], config["dataset"]
     if dataset not in PAPER:
         return {}, f"the paper reports no {dataset} figures"
@@ -231,6 +233,17 @@ def paper_figures(config: dict) -> tuple[dict, str]:
         return {}, f"the evaluation's {changed[0]} is not the paper's"
     if dataset == "coco" and config.get("source", "").endswith("crowd drop"):
         return {}, "crowd boxes are dropped, the paper's evaluation (gScoreCAM's) keeps them"
+    if summary["errors"]:
+        return {}, (f"{counted(len(summary['errors']), 'sample')} could not be scored (listed below), the paper scored "
+                    "the whole split")
+    from tclip_jax.evaluation.datasets.coco import VAL2017_SAMPLES
+    from tclip_jax.evaluation.datasets.imagenet_s import VALIDATION_IMAGES
+
+    whole = {"coco": (VAL2017_SAMPLES, "val2017's images with an annotation"),
+             "imagenet-s919": (VALIDATION_IMAGES[919], "ImageNet-S919's annotated validation images")}
+    images, (split, what) = summary["images"], whole[dataset]
+    if images != split:
+        return {}, f"the sweep scored {counted(images, 'image')}, the whole split {split} ({what})"
     return PAPER[dataset], ""
 
 

@@ -41,6 +41,7 @@ from tclip_jax.model.tokenizer import has_word
 Crowd = Literal["keep", "drop"]
 CROWD_MODES = ("keep", "drop")
 ANNOTATION_FILE = "annotations/instances_val2017.json"
+VAL2017_SAMPLES = 4952  # the samples of the whole of val2017, crowds kept: its images with an annotation, of 5,000
 IMAGE_DIR = "val2017"
 TFDS_NAME = "coco/2017"
 

@@ -34,6 +34,7 @@ from tclip_jax.image.io import read_raster
 from tclip_jax.evaluation.metrics.imagenet_s import IGNORE_ID, decode_label_png
 
 SPLITS = (50, 300, 919)
+VALIDATION_IMAGES = {50: 752, 300: 4097, 919: 12419}  # each split's annotated validation images (its README's table)
 IMAGE_DIR = "validation"
 LABEL_DIR = "validation-segmentation"
 _DATA = pathlib.Path(__file__).resolve().parent / "data"
