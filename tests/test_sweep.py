@@ -317,8 +317,8 @@ def test_an_image_or_label_damaged_past_its_header_is_its_samples_error_and_the_
     image = painted(48, 64, [(1, slice(10, 30), slice(5, 25))])
     both = {"a": (image, labels), "b": (image, labels)}
     wnid = split_wnids(50)[0]
-    cases = [("coco", coco_dataset, write_coco(tmp_path / "coco", {1: image, 2: image},
-                                               [(1, PERSON + 1, [5, 10, 20, 20], 0), (2, PERSON + 1, [5, 10, 20, 20], 0)]),
+    person = [(image_id, PERSON + 1, [5, 10, 20, 20], 0) for image_id in (1, 2)]
+    cases = [("coco", coco_dataset, write_coco(tmp_path / "coco", {1: image, 2: image}, person),
               "val2017/000000000002.png", "2", "image file"),
              ("voc", voc_dataset, write_voc(tmp_path / "voc", both), "SegmentationClass/b.png", "b", "VOC label"),
              ("imagenet-s", lambda root: imagenet_s_dataset(root, 50),
@@ -1585,11 +1585,13 @@ def test_the_paper_figure_is_shown_only_beside_a_run_as_the_paper_ran_it():
                          whole["imagenet-s919"])[0] == PAPER["imagenet-s919"]
     # The configuration alone showed them beside a subset of the split (its annotations filtered by hand, a
     # --limit past the subset's size is recorded as every sample) and beside a run with failed samples.
-    failed = {"images": 4951, "errors": [{"key": "139", "error": "ValueError: cannot read image file ..."}]}
-    for dataset, summary, reason in [("coco", {"images": 4951, "errors": []}, "scored 4951 images, the whole split 4952"),
-                                     ("coco", {"images": 5000, "errors": []}, "scored 5000 images, the whole split 4952"),
-                                     ("imagenet-s919", {"images": 100, "errors": []}, "the whole split 12419"),
-                                     ("coco", failed, "1 sample could not be scored")]:
+    def scored(images: int, errors: int = 0) -> dict:
+        return {"images": images, "errors": [{"key": str(k), "error": "ValueError: ..."} for k in range(errors)]}
+
+    for dataset, summary, reason in [("coco", scored(4951), "scored 4951 images, the whole split 4952"),
+                                     ("coco", scored(5000), "scored 5000 images, the whole split 4952"),
+                                     ("imagenet-s919", scored(100), "scored 100 images, the whole split 12419"),
+                                     ("coco", scored(4951, 1), "1 sample could not be scored")]:
         figures, why = paper_figures({**config, "dataset": dataset}, summary)
         assert figures == {} and reason in why, (dataset, summary)
     detection = {"units": 1, "box_accuracy": 0.5, "box_accuracy_class_mean": 0.5, "mean_iou": 0.5}

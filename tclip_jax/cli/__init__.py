@@ -73,9 +73,9 @@ def program() -> int:
 
 
 def _end_early(status: int) -> None:
-    """Ends the process with ``status`` (130, 143; 2 where another process of a sweep stopped) at once, in turn with the other processes of a multi-process
-    sweep (`tclip_jax.sweep.sharding.end_in_turn`), after the cleanups of the blocks still running (the watchdog's
-    case: `tclip_jax.files.at_early_end`, e.g. a new sweep's folder and its lock)."""
+    """Ends the process with ``status`` (130, 143; 2 where another process of a sweep stopped) at once, in turn with
+    the other processes of a multi-process sweep (`tclip_jax.sweep.sharding.end_in_turn`), after the cleanups of the
+    blocks still running (the watchdog's case: `tclip_jax.files.at_early_end`, e.g. a new sweep's folder and lock)."""
     run_early_end_cleanups()
     sys.stdout.flush()
     sys.stderr.flush()
