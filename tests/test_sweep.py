@@ -955,6 +955,28 @@ def test_distributed_processes_started_with_other_configurations_all_refuse_in_o
     assert not out.exists()
 
 
+def test_distributed_processes_that_disagree_on_resume_all_refuse_in_one_line(coco_many, tmp_path):
+    """Process 1 started with --resume, process 0 without: process 1's check of the folder refused ("nothing to
+    resume"), which the configurations compared do not hold, and process 0 waited at the next barrier for ever. Every
+    process refuses, in the same one line naming the process that refused and why, and nothing is left."""
+    out = tmp_path / "out"
+    port = _free_port()
+    processes = [_sweep_process("coco", "--data", str(coco_many), "--method", "test_sweep:Painted", "--limit", "2",
+                                "--out", str(out), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                "--process-id", str(i), *(["--resume"] if i else []))
+                 for i in range(2)]
+    try:
+        for process in processes:
+            assert process.wait(timeout=180) == 2
+            assert process.stderr.read().decode().splitlines() == [
+                f"tclip sweep: error: process 1 of the sweep refused it: nothing to resume in {out} (no sweep.json); "
+                "drop --resume to start a sweep there"]
+    finally:
+        for process in processes:
+            process.kill()
+    assert not out.exists()
+
+
 def test_a_sigterm_ends_distributed_processes_and_resume_finishes_the_sweep(coco_many, coco_many_reference, tmp_path):
     """jax.distributed.initialize starts JAX's preemption service, whose own SIGTERM handler only noted the signal:
     the processes ran on to status 0. They end as README says ("terminated", 143, within the grace period).

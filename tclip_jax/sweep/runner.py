@@ -172,7 +172,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
         scored = 0  # samples this run recorded that went through the device (not an error)
         rates: list[Throughput] = []  # this run's, however it ends
         try:
-            _check_config(out, config, options.resume, data_folder, method.clip)
+            _refuse_together(lambda: _check_config(out, config, options.resume, data_folder, method.clip))
             new_sweep = not (out / CONFIG_FILE).exists()
             queries = _Queries(method, class_queries(dataset.class_names, template))  # bad prompts: nothing written
             barrier("tclip-sweep-checked")  # nobody writes before every process has checked
@@ -513,6 +513,28 @@ def _check_processes_agree(config: dict, data_folder: Optional[str]) -> None:
                              + "; ".join(f"{key} (process 0 {old!r}, process {process} {new!r})"
                                          for key, (old, new) in changed.items())
                              + "; start every process with the same arguments")
+
+
+def _refuse_together(check: Callable[[], None]) -> None:
+    """Runs this process's `check` of the sweep's folder (`_check_config`) and refuses, in every process of a
+    multi-process sweep at once and in the same line, where any process's check refused: the processes may disagree
+    where `_check_processes_agree` does not compare them (--resume on some only) or see the folder otherwise (another
+    host), and a process that refused alone left the others waiting at the next barrier for ever. Every process takes
+    part (`gather_text`) whatever its verdict; a single process raises its own error unchanged."""
+    verdict, error = "", None
+    try:
+        check()
+    except (OSError, ValueError) as err:
+        verdict, error = " ".join((str(err) or type(err).__name__).split()), err
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    refused = [(process, text) for process, text in enumerate(gather_text(verdict)) if text]
+    if refused:
+        (process, text), others = refused[0], [str(p) for p, _ in refused[1:]]
+        also = f" (process{'es' if len(others) > 1 else ''} {', '.join(others)} refused too)" if others else ""
+        raise ValueError(f"process {process} of the sweep refused it{also}: {text}") from error
 
 
 def _config_changes(stored: dict, config: dict, data_folder: Optional[str] = None,
