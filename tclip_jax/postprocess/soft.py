@@ -14,7 +14,8 @@ Conventions:
   tau is within 3.6e-5 (1.5e-4 of the map's range) of scikit-learn's fit on all values from the same start
   run to convergence; scikit-learn's default stop moves tau by up to 0.26 (benchmarks/RESULTS.md, host-step).
   A component narrower than one of the fit's 512 quadrature groups (the flat background of a map with one
-  small blob) moves tau further: 4.9e-4 of the range on a 64x64 one-blob map (`tclip_jax.postprocess.gmm`).
+  small blob) moves tau further: 4.9e-4 of the range on a 64x64 one-blob map, and one of several values within a
+  histogram bin (a few equal outliers) further still, growing with range / std (`tclip_jax.postprocess.gmm`).
 - The map that is fitted is the one given: for TCLIP the aggregated map at the original image's size (the
   bilinear resampling of the model-input map), the map the soft map is made of; under a centre crop, only the
   part of it the crop kept (``covered``, `Geometry.covered`), since the rest is fill, not evidence.
