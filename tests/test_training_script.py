@@ -1596,6 +1596,59 @@ def test_shared_inputs_make_each_step_once_and_hold_few(monkeypatch):
         search_recipes.SharedInputs(None, steps, None, ahead, 1).take(0, 5)
 
 
+def process_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent's id) of process `pid` from /proc, None once it has gone; state "Z" once it has exited but
+    is not reaped yet (reparented to an init that does not reap)."""
+    try:
+        state, parent = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return None
+    return state, int(parent)
+
+
+def running(pid: int) -> bool:
+    stat = process_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
+def test_a_sigterm_to_a_recipe_search_ends_its_workers_and_leaves_nothing_beside_its_folders(tmp_path):
+    """As a job is stopped: SIGTERM once a run has logged a step. The search ended without a line, its input worker
+    went on (reparented, holding the script's stdout and stderr) and each run's lock and hidden log stayed; now it
+    stops as after a Ctrl-C, with status 143 and one line, its worker processes ended."""
+    log = tmp_path / "search" / f".a.{train_default.LOG_FILE}"
+    with open(tmp_path / "err", "w+") as err:  # not a pipe: a worker left running would hold it open
+        process = subprocess.Popen([sys.executable, str(SEARCH_SCRIPT), "--out", str(tmp_path / "search"),
+                                    "--workers", "1", "--no-heldout", "--set", *TINY_MODEL, "steps=100000",
+                                    "warmup_steps=1", "batch_size=4", "validation_scenes=2", "eval_every=100000",
+                                    "--run", "a"], stdout=subprocess.DEVNULL, stderr=err, cwd=SCRIPT.parent.parent)
+        try:
+            deadline = time.monotonic() + 240
+            while not (log.is_file() and log.read_text()):  # a step is done: the workers are drawing
+                assert process.poll() is None and time.monotonic() < deadline, process.returncode
+                time.sleep(0.1)
+            workers = {int(entry.name) for entry in pathlib.Path("/proc").iterdir() if entry.name.isdigit()
+                       and (process_stat(int(entry.name)) or ("", 0))[1] == process.pid}
+            assert workers  # the pool's worker, and multiprocessing's resource tracker
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+            deadline = time.monotonic() + 10  # multiprocessing's resource tracker ends once the worker has
+            while any(map(running, workers)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            process.kill()
+            left = [pid for pid in workers if running(pid)] if "workers" in locals() else []
+            for pid in left:
+                os.kill(pid, signal.SIGKILL)
+        err.seek(0)
+        lines = err.read().strip().splitlines()
+    assert process.returncode == 143, lines
+    assert lines[-1] == "search_recipes.py: terminated; each run's folder is written whole or not at all", lines
+    assert not any("Traceback" in line for line in lines)
+    assert not left, "the search's worker processes outlived it"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["err"]  # no run folder, lock or hidden log
+
+
 def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path, monkeypatch, capsys):
     def search(*arguments):  # main() in this process, as in the overrides test above
         monkeypatch.setattr(sys, "argv", [str(SEARCH_SCRIPT), "--out", str(tmp_path / "search"), *arguments])

@@ -13,7 +13,8 @@ their steps. The shipped checkpoints come from `train_default.py` on the CPU (is
 On an accelerator compiling takes most of the time, and each new caption length compiles a run's step again: add
 `--set text_length_step=0` there (it changes only the summation order; RECIPE_SEARCH.md measured it).
 `--resume PATH` starts every run from a state `train_default.py --save-state` wrote (late terms from that step on:
-a 600-step search instead of 2400). Ctrl-C stops every run at its next step; runs already saved stay. Each run's
+a 600-step search instead of 2400). Ctrl-C or a SIGTERM stops every run at its next step and ends the worker
+processes; runs already saved stay. Each run's
 folder is locked as `train_default.py` locks its `--out`, until the search ends: another run into it is refused.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_default  # noqa: E402
 
+from tclip_jax.cli import redelivered_interrupts, sigterm_as_interrupt  # noqa: E402
 from tclip_jax.files import check_output_folder  # noqa: E402
 from tclip_jax.sweep.heldout import record_heldout_metrics  # noqa: E402
 
@@ -152,9 +154,11 @@ def search(configs: dict[str, train_default.TrainConfig], out: pathlib.Path, wor
                        for member, (name, config) in enumerate(configs.items())}
             try:
                 summaries = {name: future.result() for name, future in futures.items()}
-            except KeyboardInterrupt:  # every run ends at its next step, and the inputs queued for them go
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every run ends at its next step, the inputs queued for them
+                # go, and the workers end once the steps they are drawing are drawn, before the runs are waited for
+                # (left running, they outlived the search: the script ends its process at once, `interrupted`)
                 shared.stop()
-                pool.shutdown(wait=False, cancel_futures=True)
+                pool.shutdown(wait=True, cancel_futures=True)
                 raise
     if heldout:
         for name in configs:
@@ -163,6 +167,12 @@ def search(configs: dict[str, train_default.TrainConfig], out: pathlib.Path, wor
 
 
 def main() -> None:
+    """The command line (`run_command`), a SIGTERM handled as a Ctrl-C is, as `train_default.py` handles them."""
+    with redelivered_interrupts(), sigterm_as_interrupt("search_recipes.py"):
+        run_command()
+
+
+def run_command() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, required=True, help="one checkpoint folder per run in here")
     parser.add_argument("--recipe", choices=tuple(train_default.RECIPES), help="the recipe every run starts from")
@@ -200,8 +210,8 @@ def main() -> None:
                 parser.error(str(error))
             start = time.perf_counter()
             summaries = search(configs, args.out, args.workers, args.ahead, args.heldout, args.resume)
-    except KeyboardInterrupt:
-        train_default.interrupted(parser, "each run's folder is written whole or not at all")
+    except KeyboardInterrupt as stop:  # a Ctrl-C or SIGTERM (`Terminated`): the runs and the workers have ended
+        train_default.interrupted(parser, "each run's folder is written whole or not at all", stop)
     except OSError as error:  # a full disk while a run saves: one line, as train_default.py gives
         parser.error(f"the search stopped (each run's folder is written whole or not at all): {error}")
     for name, summary in summaries.items():
