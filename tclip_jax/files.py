@@ -1,5 +1,5 @@
 """Writing results so that an interruption never leaves a half-written file or folder behind; reading the JSON
-files a user hands over."""
+and .npz files a user hands over."""
 from __future__ import annotations
 
 import contextlib
@@ -69,6 +69,35 @@ def loads_json(text: str | bytes):
     except RecursionError:
         document = text if isinstance(text, str) else text.decode("utf-8", "replace")
         raise json.JSONDecodeError("arrays or objects nested too deeply to read", document, 0) from None
+
+
+def read_npz(path: str | os.PathLike) -> dict:
+    """The arrays of the .npz archive at `path`, read without unpickling anything. ValueError naming `path` for a
+    file that is not one: one numpy would read only as a pickle (neither an .npz nor an .npy file), an array of
+    pickled objects (numpy's errors for these two invite loading the file "unsafely", running code it holds), an
+    .npy array, an empty, truncated or corrupt archive (zipfile, zlib and numpy each raise their own types); OSError
+    where the file cannot be read at all (missing, no permission)."""
+    import numpy as np
+
+    name = None
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                arrays = {}
+                for name in loaded.files:
+                    arrays[name] = loaded[name]
+                return arrays
+    except OSError:
+        raise
+    except Exception as err:  # zipfile.BadZipFile, zlib.error, EOFError (an empty file), numpy's ValueErrors
+        if isinstance(err, ValueError) and "allow_pickle" in str(err):  # numpy's errors for pickles, and only those
+            what = (f"{path}: array {name} holds pickled objects" if name is not None else
+                    f"{path} is neither an .npz archive nor an .npy array (numpy would read it as a pickle)")
+            raise ValueError(f"{what}, and tclip never unpickles anything") from None
+        raise ValueError(f"{path} is a damaged .npz archive (truncated or corrupt?): "
+                         f"{err or type(err).__name__}") from None
+    raise ValueError(f"{path} is an .npy array, not an .npz archive")
 
 
 def nonempty_path(value: str | os.PathLike, what: str, names: str) -> pathlib.Path:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -1800,9 +1801,33 @@ def test_a_run_refuses_a_state_it_cannot_go_on_from(tmp_path, saved_state, monke
                           str(tmp_path / "text.npz"), "--set", *RESUMABLE],
                          capture_output=True, text=True, cwd=SCRIPT.parent.parent, timeout=300)
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
-    assert cli.stderr.strip().splitlines()[-1].startswith(f"train_default.py: error: --resume {tmp_path / 'text.npz'}: "
-                                                         "not a training state")
+    assert cli.stderr.strip().splitlines()[-1] == (
+        f"train_default.py: error: --resume {tmp_path / 'text.npz'} is neither an .npz archive nor an .npy array "
+        "(numpy would read it as a pickle), and tclip never unpickles anything; it is not a training state")
     assert not (tmp_path / "out").exists()
+    # A damaged state (a copy cut short, a disk's bad block): EOFError, zipfile's and zlib's errors were tracebacks.
+    whole = state.read_bytes()
+    with zipfile.ZipFile(state) as archive:
+        member = max(archive.infolist(), key=lambda info: info.compress_size)
+    start = member.header_offset + 30 + int.from_bytes(whole[member.header_offset + 26:member.header_offset + 28],
+                                                       "little") + \
+        int.from_bytes(whole[member.header_offset + 28:member.header_offset + 30], "little")  # the local header's
+
+    def flipped(at):  # 16 bytes of the member's compressed data inverted
+        return whole[:at] + bytes(b ^ 0xFF for b in whole[at:at + 16]) + whole[at + 16:]
+
+    for name, data in [("empty", b""), ("cut", whole[:len(whole) // 2]),  # EOFError, zipfile.BadZipFile
+                       ("inflated", flipped(start)), ("crc", flipped(start + member.compress_size // 2))]:  # zlib, CRC
+        (tmp_path / f"{name}.npz").write_bytes(data)
+        monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(tmp_path / "out"), "--resume",
+                                          str(tmp_path / f"{name}.npz"), "--set", *RESUMABLE])
+        with pytest.raises(SystemExit) as raised:
+            train_default.main()
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert raised.value.code == 2 and line.startswith(
+            f"train_default.py: error: --resume {tmp_path / f'{name}.npz'} is a damaged .npz archive (truncated or "
+            "corrupt?): ") and line.endswith("; it is not a training state"), line
+        assert not (tmp_path / "out").exists()
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(tmp_path / "out"), "--resume", str(state),
                                       "--save-state", "2", str(tmp_path / "again.npz"), "--set", *RESUMABLE])
     with pytest.raises(SystemExit) as raised:  # main() in this process: the same check, without the imports

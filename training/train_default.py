@@ -100,7 +100,7 @@ from tclip_jax.checkpoints.load import LoadedClip, load_clip
 from tclip_jax.cli import Terminated, redelivered_interrupts, sigterm_as_interrupt
 from tclip_jax.evaluation.retrieval import retrieval_top1
 from tclip_jax.files import (atomic_file, check_output_file, check_output_folder, check_replaceable, held_lock_beside,
-                             staged_folder, unwritten_entries)
+                             read_npz, staged_folder, unwritten_entries)
 from tclip_jax.model import CLIP, CLIPConfig, init_params, l2_normalize
 from tclip_jax.image import clip_normalize, resize_rgb
 from tclip_jax.synthetic import (
@@ -1097,41 +1097,31 @@ def save_state(path: pathlib.Path, state: RunState) -> None:
 def load_state(path: pathlib.Path, config: TrainConfig, template: RunState) -> RunState:
     """The state saved at `path`, its trees shaped as `template`'s (a fresh run's); refused, naming the field,
     unless `config` trains the saved steps as the saved run did (`prefix_config`)."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"--resume {path}: not a training state ({error})") from None
-    with archive:
-        if "header" not in archive.files:
-            raise ValueError(f"--resume {path}: not a training state (no header)")
-        header = json.loads(str(archive["header"]))
-        if header.get("format") != STATE_FORMAT:
-            raise ValueError(f"--resume {path}: not a training state (format {header.get('format')!r})")
-        step = header["step"]
-        unknown = header["config"].keys() - set(TrainConfig.field_names())
-        if unknown:
-            raise ValueError(f"--resume {path}: saved by a run with fields this script lacks "
-                             f"({', '.join(sorted(unknown))})")
-        saved = prefix_config(TrainConfig.from_dict(header["config"]), step)
-        ours = prefix_config(config, step)
-        keeps_last = config.select_step == "last"
-        if keeps_last:  # a run that keeps its last step may go on from one that selects by validation
-            saved["select_step"] = "last"
-        for name in ours:
-            if saved.get(name) != ours[name]:
-                raise ValueError(f"--resume {path}: this run's first {step} steps differ from the saved run's ({name}: "
-                                 f"{saved.get(name)!r} saved, {ours[name]!r} here)")
-        selected = header["selected"]
-        kept = clip_params(template.params) if template.average is None else template.average
-        shape = RunState(step, header["config"], template.params, template.opt_state, template.average,
-                         None if selected is None else (0.0, 0, kept), [], []).trees()
-        leaves, treedef = jax.tree_util.tree_flatten(shape)
-        names = [f"leaf_{i:05d}" for i in range(len(leaves))]
-        # Each array is decompressed once, and only if the archive holds exactly these leaves.
-        stored = [archive[n] for n in names] if sorted(archive.files) == sorted(["header", *names]) else None
-        if stored is None or any(a.shape != np.shape(b) or a.dtype != np.asarray(b).dtype
-                                 for a, b in zip(stored, leaves)):
-            raise ValueError(f"--resume {path}: its arrays do not fit this run's model and optimiser")
+    header, archive = read_state(path)
+    step = header["step"]
+    unknown = header["config"].keys() - set(TrainConfig.field_names())
+    if unknown:
+        raise ValueError(f"--resume {path}: saved by a run with fields this script lacks "
+                         f"({', '.join(sorted(unknown))})")
+    saved = prefix_config(TrainConfig.from_dict(header["config"]), step)
+    ours = prefix_config(config, step)
+    keeps_last = config.select_step == "last"
+    if keeps_last:  # a run that keeps its last step may go on from one that selects by validation
+        saved["select_step"] = "last"
+    for name in ours:
+        if saved.get(name) != ours[name]:
+            raise ValueError(f"--resume {path}: this run's first {step} steps differ from the saved run's ({name}: "
+                             f"{saved.get(name)!r} saved, {ours[name]!r} here)")
+    selected = header["selected"]
+    kept = clip_params(template.params) if template.average is None else template.average
+    shape = RunState(step, header["config"], template.params, template.opt_state, template.average,
+                     None if selected is None else (0.0, 0, kept), [], []).trees()
+    leaves, treedef = jax.tree_util.tree_flatten(shape)
+    names = [f"leaf_{i:05d}" for i in range(len(leaves))]
+    stored = [archive[n] for n in names] if sorted(archive) == sorted(names) else None
+    if stored is None or any(a.shape != np.shape(b) or a.dtype != np.asarray(b).dtype
+                             for a, b in zip(stored, leaves)):
+        raise ValueError(f"--resume {path}: its arrays do not fit this run's model and optimiser")
     params, opt_state, average, kept = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in stored])
     return RunState(step, header["config"], params, opt_state, average,
                     None if selected is None or keeps_last else (selected[0], selected[1], jax.device_get(kept)),
@@ -1140,8 +1130,28 @@ def load_state(path: pathlib.Path, config: TrainConfig, template: RunState) -> R
 
 def saved_step(path: pathlib.Path) -> int:
     """The step after which the state at `path` was saved (`load_state` checks the rest)."""
-    with np.load(path, allow_pickle=False) as archive:
-        return json.loads(str(archive["header"]))["step"]
+    return read_state(path)[0]["step"]
+
+
+def read_state(path: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(header, the arrays of its trees) of the state `save_state` wrote at `path`; ValueError naming --resume for
+    any other file (`read_npz`: an empty, truncated or corrupt one, one numpy would read as a pickle)."""
+    try:
+        arrays = read_npz(path)
+    except OSError as error:
+        raise ValueError(f"--resume {path}: {error.strerror or error}") from None
+    except ValueError as error:  # it names the path
+        raise ValueError(f"--resume {error}; it is not a training state") from None
+    if "header" not in arrays:
+        raise ValueError(f"--resume {path}: not a training state (no header)")
+    try:
+        header = json.loads(str(arrays.pop("header")))
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
+        raise ValueError(f"--resume {path}: not a training state (format "
+                         f"{header.get('format') if isinstance(header, dict) else None!r})")
+    return header, arrays
 
 
 def run_idf(config: TrainConfig) -> np.ndarray | None:

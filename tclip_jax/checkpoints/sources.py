@@ -24,7 +24,7 @@ import numpy as np
 
 from tclip_jax.checkpoints.convert import ConversionError
 from tclip_jax.checkpoints.torchscript import is_torchscript, read_torchscript
-from tclip_jax.files import loads_json
+from tclip_jax.files import loads_json, read_npz
 
 # transformers' order of preference; an `.index.json` stands for the shards its weight_map names.
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -262,22 +262,11 @@ def _read_file(path: pathlib.Path) -> StateDict:
 
 
 def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """The arrays of an .npz archive. numpy reads a file that is neither an .npz nor an .npy file, and an object
-    array, only as a pickle, and its error invites loading it "unsafely" (running code it holds): said here instead
-    (numpy's errors for them, and only those, name allow_pickle)."""
-    name = None
+    """The arrays of an .npz archive (`read_npz`: nothing unpickled)."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            raw = {}
-            for name in archive.files:
-                raw[name] = archive[name]
-            return raw
+        return read_npz(path)
     except ValueError as err:
-        if "allow_pickle" not in str(err):
-            raise
-        what = (f"{path}: array {name} holds pickled objects" if name is not None else
-                f"{path} is neither an .npz archive nor an .npy array (numpy would read it as a pickle)")
-        raise ConversionError(f"{what}, and tclip never unpickles anything") from None
+        raise ConversionError(str(err)) from None
 
 
 def hf_folder_files(folder: pathlib.Path) -> Optional[pathlib.Path]:
