@@ -93,6 +93,10 @@ def test_set_reads_every_field_back_and_the_recorded_json_makes_the_same_config(
     ("form_weights=0,0,0,0", "form_weights must be 4 weights >= 0 .*not all 0"),
     ("peak_learning_rate=0", "peak_learning_rate must be > 0"),
     ("text_length=2", "text_length must be >= 46"),
+    # the model's own checks (CLIPConfig), in training before: a traceback after the scenes were drawn
+    ("stem_channels=0", r"stem_channels must be a tuple of positive integers, got \(0,\)"),
+    ("vision_width=32", "vision_width must be >= 64, got 32"),  # one 64-dim head; it said vision_heads
+    ("text_width=63", "text_width must be >= 64, got 63"),
 ])
 def test_values_that_cannot_train_are_refused_before_training(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -293,7 +293,7 @@ class TrainConfig(Options):
                 finite(name, weight)
         for name, least in (("steps", 1), ("batch_size", 2), ("negatives", 0), ("validation_scenes", 1),
                             ("eval_every", 1), ("image_size", 1), ("patch_size", 1), ("embed_dim", 1),
-                            ("vision_width", 1), ("vision_layers", 1), ("text_width", 1), ("text_layers", 1),
+                            ("vision_width", 64), ("vision_layers", 1), ("text_width", 64), ("text_layers", 1),
                             ("text_frozen_steps", 0), ("validation_grounding_scenes", 1)):
             integer(name, getattr(self, name), least)
         for name in (*WORD_TERMS, "bare_map_separation"):
@@ -361,6 +361,7 @@ class TrainConfig(Options):
         if not 0 <= self.warmup_steps < min(spans):
             raise ValueError(f"warmup_steps must be >= 0 and shorter than the {min(spans)} steps it warms up, got "
                              f"{self.warmup_steps}")
+        model_config(self)  # the model's own checks (CLIPConfig: stem_channels, ...), before training builds it
 
 
 # The shipped checkpoints' recipes (`--recipe NAME`): overrides of TrainConfig's defaults, which stay the first
@@ -392,7 +393,8 @@ def train_config(recipe: str | None = None, overrides: dict | None = None) -> Tr
 
 
 def model_config(config: TrainConfig) -> CLIPConfig:
-    """OpenAI's ViT design (64-dim heads, MLP ratio 4, QuickGELU, BPE vocabulary, 77 tokens) at a small size."""
+    """OpenAI's ViT design (64-dim heads, MLP ratio 4, QuickGELU, BPE vocabulary, 77 tokens) at a small size (a
+    width of at least one head). ValueError, naming the field, for what CLIPConfig refuses."""
     return CLIPConfig(
         embed_dim=config.embed_dim, image_size=config.image_size, patch_size=config.patch_size,
         vision_width=config.vision_width, vision_layers=config.vision_layers,
