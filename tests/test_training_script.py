@@ -97,6 +97,13 @@ def test_set_reads_every_field_back_and_the_recorded_json_makes_the_same_config(
     ("stem_channels=0", r"stem_channels must be a tuple of positive integers, got \(0,\)"),
     ("vision_width=32", "vision_width must be >= 64, got 32"),  # one 64-dim head; it said vision_heads
     ("text_width=63", "text_width must be >= 64, got 63"),
+    # accepted before: a negative decay grows the weights, a negative clamp holds the logit scale under 1
+    ("weight_decay=-0.1", r"weight_decay must be >= 0, got -0.1"),
+    ("max_logit_scale=-1", r"max_logit_scale must be >= 0, got -1.0"),
+    ("dense_weight=-1", r"dense_weight must be >= 0, got -1.0"),
+    ("seed=-1", "seed must be >= 0, got -1"),
+    ("curriculum_steps=-5", "curriculum_steps must be >= 0, got -5"),
+    ("text_length_step=-8", "text_length_step must be >= 0, got -8"),
 ])
 def test_values_that_cannot_train_are_refused_before_training(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -291,12 +291,13 @@ class TrainConfig(Options):
         for name in ("form_weights", "curriculum_form_weights"):
             for weight in getattr(self, name):
                 finite(name, weight)
-        for name, least in (("steps", 1), ("batch_size", 2), ("negatives", 0), ("validation_scenes", 1),
+        for name, least in (("seed", 0), ("steps", 1), ("curriculum_steps", 0), ("text_length_step", 0),
+                            ("batch_size", 2), ("negatives", 0), ("validation_scenes", 1),
                             ("eval_every", 1), ("image_size", 1), ("patch_size", 1), ("embed_dim", 1),
                             ("vision_width", 64), ("vision_layers", 1), ("text_width", 64), ("text_layers", 1),
                             ("text_frozen_steps", 0), ("validation_grounding_scenes", 1)):
             integer(name, getattr(self, name), least)
-        for name in (*WORD_TERMS, "bare_map_separation"):
+        for name in (*TOKEN_TERMS, *WORD_TERMS, "bare_map_separation", "weight_decay", "max_logit_scale"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("step_colours_rate", "relation_rate"):
