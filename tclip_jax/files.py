@@ -288,8 +288,9 @@ def _mend_after_killed_runs(target: pathlib.Path) -> None:
 
 def mend_killed_swaps(folder: pathlib.Path) -> None:
     """`staged_folder`'s mending of what a killed swap left (`_mend_after_killed_runs`), for every folder in `folder`
-    that one hid: for a run that chooses its output folders by what `folder` holds (tclip explain), before it
-    chooses, so that a result a killed swap hid is found in its place rather than taken for a free name."""
+    that one hid: for a run that chooses its output folders by what `folder` holds (tclip explain) or goes on from
+    what it holds (train-eclip's checkpoint), before it looks, so that a folder a killed swap hid is found in its
+    place rather than taken for a free name or a missing checkpoint."""
     hidden = _hidden_pattern(".+", kinds=("old",))
     if folder.is_dir():
         for name in {found.group(1) for found in map(hidden.fullmatch, os.listdir(folder)) if found}:

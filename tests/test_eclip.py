@@ -314,6 +314,38 @@ def test_resume_gives_the_projections_of_an_uninterrupted_run(clip, data_dir, tm
         train(clip, pairs, tmp_path / "parts", settings.replace(epochs=1), resume=True, progress=False)
 
 
+def test_a_checkpoint_a_killed_save_hid_is_put_back_before_the_run_looks_for_it(clip, data_dir, tmp_path):
+    """A SIGKILL between a checkpoint save's two renames leaves the checkpoint hidden beside its place
+    (`.checkpoint.HOST.old.*/checkpoint`, `staged_folder`). --resume then said the folder held no checkpoint, and a
+    fresh run trained into it, its first save putting the hidden checkpoint back only to replace it: it is put back
+    first (`mend_killed_swaps`), as `tclip explain` does, so a fresh run is refused and a resume goes on from it."""
+    import os
+    import socket
+
+    pairs = file_pairs(data_dir)
+    settings = TrainSettings(epochs=2, batch_size=3, learning_rate=1e-2)
+    whole = train(clip, pairs, tmp_path / "whole", settings, progress=False)
+    out = tmp_path / "parts"
+    train(clip, pairs, out, settings.replace(epochs=1), progress=False)
+    (out / PROJECTIONS_FILE).unlink()  # as a run killed in its second epoch's save leaves it: no projections yet
+
+    def killed_between_the_renames():
+        hidden = out / f".checkpoint.{socket.gethostname()}.old.abcdefgh"
+        hidden.mkdir()
+        (out / "checkpoint").rename(hidden / "checkpoint")
+        os.utime(hidden, (0, 0))  # older than any live run's
+        return hidden
+
+    hidden = killed_between_the_renames()
+    with pytest.raises(FileExistsError, match="holds a training checkpoint: pass --resume"):
+        train(clip, pairs, out, settings, progress=False)
+    assert (out / "checkpoint" / "state.json").is_file() and not hidden.exists()
+    killed_between_the_renames()
+    resumed = train(clip, pairs, out, settings, resume=True, progress=False)
+    for key in ("image", "text"):
+        np.testing.assert_array_equal(resumed.projections[key], whole.projections[key])
+
+
 def test_resume_compares_the_data_and_model_not_how_their_paths_are_spelt(clip, data_dir, tmp_path, monkeypatch):
     import shutil
 

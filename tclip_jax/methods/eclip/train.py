@@ -46,8 +46,8 @@ import optax
 import safetensors.numpy
 
 from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint, weights_fingerprint
-from tclip_jax.files import (check_output_folder, fingerprint, held_lock, loads_json, nonempty_path,
-                             staged_folder, write_safetensors)
+from tclip_jax.files import (check_output_folder, fingerprint, held_lock, loads_json, mend_killed_swaps,
+                             nonempty_path, staged_folder, write_safetensors)
 from tclip_jax.image import image_size, load_image, prepare
 from tclip_jax.methods import common
 from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, Projections, clip_projections, image_features,
@@ -367,6 +367,9 @@ def _train(clip: LoadedClip, pairs: Pairs, out: pathlib.Path, settings: TrainSet
     from tqdm.auto import tqdm
 
     checkpoint = out / CHECKPOINT_DIR
+    # A run killed between a checkpoint save's two renames left the checkpoint hidden beside its place: put back
+    # first, it is resumed, or refused to a fresh run, rather than taken for missing (and replaced by the next save).
+    mend_killed_swaps(out)
     if checkpoint.exists() and not resume:
         raise FileExistsError(f"{out} holds a training checkpoint: pass --resume to continue it, or choose another "
                               "--out")
