@@ -578,6 +578,35 @@ def test_the_attention_of_a_hugging_face_vit(tmp_path):
         ViTAttention(tmp_path / "vit")
 
 
+def test_a_vit_is_fed_the_pixels_its_preprocessor_config_normalizes_as_transformers_does(tmp_path):
+    """A ViT whose preprocessor_config.json gives its own mean and std (0.5 and 0.5, as ViTImageProcessor's
+    defaults) was fed ImageNet-normalized pixels: its attention is that of transformers' ViTImageProcessor and
+    ViTModel, on an image at the ViT's own size (no resizing on either side)."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=64, patch_size=16)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3,
+                      image_std=[0.5] * 3).save_pretrained(tmp_path / "vit")
+    images = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    clip_config = PRESETS["ViT-B/32"]  # OpenAI's mean and std, un-normalized again
+    pixels = (images / 255 - np.asarray(clip_config.image_mean)) / np.asarray(clip_config.image_std)
+    maps = ViTAttention(tmp_path / "vit")(pixels.astype(np.float32), (4, 4), clip_config)
+    processor = ViTImageProcessor.from_pretrained(tmp_path / "vit")
+    model = ViTModel.from_pretrained(tmp_path / "vit", attn_implementation="eager").eval()
+    with torch.no_grad():
+        probs = model(**processor(images=list(images), return_tensors="pt"), output_attentions=True).attentions
+    np.testing.assert_allclose(maps, probs[-1][:, :, 0, 1:].mean(dim=1).numpy(), rtol=1e-4, atol=1e-6)
+    # A preprocessor config it cannot read is said in one line, naming it.
+    (tmp_path / "vit" / "preprocessor_config.json").write_text('{"image_std": [0.5, 0, 0.5]}')
+    with pytest.raises(ValueError, match=r"--dino .*vit: cannot read its preprocessor_config.json \(image_std must be "
+                                         r"3 positive numbers"):
+        ViTAttention(tmp_path / "vit")
+
+
 def test_the_attention_models_fingerprint_tells_its_config_and_exact_weights_and_damage_is_one_line(tmp_path):
     """It hashed the weights rounded to float16 alone: another config (heads, activation), or weights that differ
     below float16's resolution, resumed a run trained on the other ViT."""

@@ -243,13 +243,23 @@ def from_hf_preprocessor(hf: Mapping[str, Any]) -> dict[str, tuple[float, float,
                 not math.isclose(value, default, rel_tol=1e-6)):  # rescale_factor may be written rounded
             about = " (3: bicubic)" if key == "resample" else ""
             raise ValueError(f"{key} = {value!r} is not supported (the input protocols compute {default!r}{about})")
+    return hf_normalization(hf, OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD)
+
+
+def hf_normalization(hf: Mapping[str, Any], default_mean: tuple[float, float, float],
+                     default_std: tuple[float, float, float]) -> dict[str, tuple[float, float, float]]:
+    """image_mean and image_std as a Hugging Face image processor's config (a dict) gives them: its own, the
+    processor's defaults (`default_mean`, `default_std`) where left out, none at all (0 and 1) where do_normalize is
+    false. Errors name the field."""
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"a preprocessor config is a JSON object, got {type(hf).__name__}")
     normalize = hf.get("do_normalize", True)
     if not isinstance(normalize, bool):
         raise ValueError(f"do_normalize must be true or false, got {normalize!r}")
     if not normalize:
         return {"image_mean": (0.0, 0.0, 0.0), "image_std": (1.0, 1.0, 1.0)}
     return {name: normalization_channels(hf.get(name, default), name, name == "image_std")
-            for name, default in (("image_mean", OPENAI_IMAGE_MEAN), ("image_std", OPENAI_IMAGE_STD))}
+            for name, default in (("image_mean", default_mean), ("image_std", default_std))}
 
 
 def to_hf_config(config: CLIPConfig) -> dict[str, Any]:

@@ -53,7 +53,7 @@ from tclip_jax.methods import common
 from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, Projections, clip_projections, image_features,
                                             save_projections, text_features)
 from tclip_jax.methods.eclip.settings import TrainSettings
-from tclip_jax.model import CLIP, CLIPConfig, l2_normalize
+from tclip_jax.model import CLIP, CLIPConfig, hf_normalization, l2_normalize
 
 Array = jax.Array
 CAPTIONS_FILE = "captions.tsv"
@@ -61,6 +61,7 @@ CHECKPOINT_DIR = "checkpoint"
 FEATURE_BATCH = 32  # pairs per CLIP forward when the features are computed
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # the normalization DINO was trained with
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+VIT_PROCESSOR_MEAN = VIT_PROCESSOR_STD = (0.5, 0.5, 0.5)  # transformers' ViTImageProcessor's, where its config has none
 
 
 # ------------------------------------------------------------------------------------------------ the pairs
@@ -180,7 +181,9 @@ def clip_attention(model: CLIP, params: dict, images: Array) -> Array:
 class ViTAttention:
     """The last layer's CLS-to-patch attention (mean over heads) of a Hugging Face `ViTModel` (e.g. DINO), from a
     folder or hub name, resized (bilinear) to CLIP's patch grid. Runs in PyTorch, on the CLIP input un-normalized,
-    resized to the ViT's input size and normalized as DINO was trained (ImageNet mean and std)."""
+    resized to the ViT's input size and normalized with the mean and std of the folder's preprocessor_config.json,
+    as transformers' ViTImageProcessor reads them (`hf_normalization`; some ViTs use 0.5 and 0.5), or where it has
+    none with ImageNet's, which DINO was trained with."""
 
     def __init__(self, name_or_path: str | os.PathLike):
         from transformers import ViTModel
@@ -231,6 +234,7 @@ class ViTAttention:
             raise ValueError(f"--dino {name}: its weights lack {len(absent)} of the ViT's tensors (e.g. {absent[0]}), "
                              "which would be random")
         self.model.eval()
+        self.image_mean, self.image_std = vit_normalization(pathlib.Path(folder), name)
         self.image_size = self.model.config.image_size
         self.patch_size = self.model.config.patch_size
         self.origin = name
@@ -238,6 +242,9 @@ class ViTAttention:
         # by which transformers, and every weight.
         config = {k: v for k, v in self.model.config.to_dict().items()
                   if not k.startswith("_") and k != "transformers_version"}
+        if not (np.array_equal(self.image_mean, IMAGENET_MEAN) and np.array_equal(self.image_std, IMAGENET_STD)):
+            # the pixels it sees (ImageNet's, all runs before this was read, leave the fingerprint as it was)
+            config["pixel_normalization"] = [self.image_mean.tolist(), self.image_std.tolist()]
         self.fingerprint = weights_fingerprint(
             json.dumps(config, sort_keys=True, default=str),
             {key: tensor.detach().float().numpy() for key, tensor in self.model.state_dict().items()})
@@ -251,13 +258,27 @@ class ViTAttention:
         mean, std = np.asarray(config.image_mean, np.float32), np.asarray(config.image_std, np.float32)
         rgb = torch.from_numpy((np.asarray(pixels) * std + mean).astype(np.float32)).permute(0, 3, 1, 2)
         rgb = F.interpolate(rgb, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        rgb = (rgb - torch.from_numpy(IMAGENET_MEAN)[:, None, None]) / torch.from_numpy(IMAGENET_STD)[:, None, None]
+        rgb = (rgb - torch.from_numpy(self.image_mean)[:, None, None]) / torch.from_numpy(self.image_std)[:, None, None]
         with torch.no_grad():
             probs = self.model(pixel_values=rgb, output_attentions=True).attentions[-1]  # [B, heads, 1 + P, 1 + P]
         side = self.image_size // self.patch_size
         attention = probs[:, :, 0, 1:].mean(dim=1).reshape(-1, 1, side, side)
         attention = F.interpolate(attention, size=tuple(grid), mode="bilinear", align_corners=False)
         return attention.reshape(len(rgb), -1).numpy()
+
+
+def vit_normalization(folder: pathlib.Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) [3] the ViT in `folder` normalizes its pixels with: its preprocessor_config.json's (`ViTAttention`),
+    or ImageNet's where it has none."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return IMAGENET_MEAN, IMAGENET_STD
+    try:
+        normalization = hf_normalization(loads_json(path.read_text(encoding="utf-8")), VIT_PROCESSOR_MEAN,
+                                         VIT_PROCESSOR_STD)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--dino {name}: cannot read its preprocessor_config.json ({err})") from None
+    return (np.asarray(normalization["image_mean"], np.float32), np.asarray(normalization["image_std"], np.float32))
 
 
 # ----------------------------------------------------------------------------------------- pooling and the loss
