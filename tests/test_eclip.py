@@ -747,6 +747,13 @@ def test_bad_inputs_give_one_line_errors(fixtures_dir, data_dir, tmp_path, capsy
     fails(["train-eclip", "--data", str(missing), "--out", str(tmp_path / "o")], "captions.tsv:1: image")
     fails(["train-eclip", "--synthetic", "2", "--dino", str(tmp_path / "no_dino"), "--out", str(tmp_path / "o")],
           "attention model folder")
+    for count in ("0", "20000000"):  # past the training scenes it said "training seeds must stay below ..."
+        fails(["train-eclip", "--synthetic", count, "--out", str(tmp_path / "o")],
+              "--synthetic must be an integer from 1 to 10000000 (the synthetic training scenes there are), got "
+              + count)
+    (missing / "pairs.csv").write_text("path,caption\n,a cat\n")  # it said "image <the list's folder> not found"
+    fails(["train-eclip", "--data", str(missing / "pairs.csv"), "--out", str(tmp_path / "o")],
+          f"{missing / 'pairs.csv'}:2: the image path is empty")
     assert not (tmp_path / "o").exists()
     # --max-pixels is the limit the images' headers are checked against (the process's: restored after).
     from PIL import Image
@@ -817,7 +824,8 @@ def test_a_contrastive_batch_of_one_pair_is_refused(clip, tmp_path):
 
     with pytest.raises(ValueError, match="batch_size must be >= 2, got 1"):
         TrainSettings(batch_size=1)
-    with pytest.raises(ValueError, match="holds 1 image-text pair\\(s\\); contrastive training needs at least 2"):
+    with pytest.raises(ValueError, match="^1 synthetic training scene holds 1 image-text pair; contrastive training "
+                                         "needs at least 2$"):
         train(clip, synthetic_pairs(1), tmp_path / "one", TrainSettings(epochs=1, batch_size=2), progress=False)
     assert not (tmp_path / "one").exists()
     # An epoch's last batch of one pair is left out: 3 pairs in batches of 2 make one step an epoch, not two.

@@ -78,17 +78,19 @@ class Pairs:
 
 def synthetic_pairs(count: int) -> Pairs:
     """The first `count` synthetic training scenes (`make_scene(seed, None)`) with their captions."""
-    from tclip_jax.synthetic import make_scene, train_seeds
+    from tclip_jax.synthetic import HELDOUT_SEED_START, TRAIN_SEED_START, make_scene, train_seeds
 
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"the number of synthetic scenes must be a positive integer, got {count!r}")
+    most = HELDOUT_SEED_START - TRAIN_SEED_START  # the training scenes there are: the held-out ones follow
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= most:
+        raise ValueError(f"--synthetic must be an integer from 1 to {most} (the synthetic training scenes there are), "
+                         f"got {count!r}")
 
     def read():
         for seed in train_seeds(count):
             scene = make_scene(seed, None)
             yield scene.image, scene.caption
 
-    return Pairs(f"{count} synthetic training scenes", f"synthetic:{count}", count, read)
+    return Pairs(f"{count} synthetic training scene{'s' * (count != 1)}", f"synthetic:{count}", count, read)
 
 
 def file_pairs(path: str | os.PathLike) -> Pairs:
@@ -111,6 +113,8 @@ def file_pairs(path: str | os.PathLike) -> Pairs:
         raise ValueError(f"training data {path} is neither a folder with {CAPTIONS_FILE} nor a .csv or .jsonl file")
     pairs, named = [], [listing.read_bytes()]
     for line, image, caption in rows:
+        if not image.strip():  # it would name the list's own folder
+            raise ValueError(f"{listing}:{line}: the image path is empty")
         if not caption.strip():
             raise ValueError(f"{listing}:{line}: the caption is empty")
         image_path = listing.parent / image
@@ -375,8 +379,8 @@ def train(clip: LoadedClip, pairs: Pairs, out: str | os.PathLike, settings: Trai
     """Trains the projections on `pairs` (see the module docstring) into the folder `out`."""
     out = check_output_folder(out)
     if pairs.count < 2:  # InfoNCE over one pair is 0 with no gradient: nothing would be trained
-        raise ValueError(f"{pairs.description} holds {pairs.count} image-text pair(s); contrastive training needs at "
-                         "least 2")
+        raise ValueError(f"{pairs.description} holds {pairs.count} image-text pair{'s' * (pairs.count != 1)}; "
+                         "contrastive training needs at least 2")
     # Two runs into one folder wrote its files each other's way, and both reported success: a lock in the folder,
     # which is made for it; the folders made are removed again if the run leaves nothing in them.
     with held_lock(out / LOCK_FILE, "train-eclip run", out, make_folder=True):
