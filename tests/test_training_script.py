@@ -506,7 +506,10 @@ def test_command_line_overrides_accumulate_and_bad_ones_get_one_line(tmp_path, m
                                (("--steps", "40",), "warmup_steps must be >= 0 and shorter than the 40 steps it warms "
                                                     "up, got 50")]:
         code, stderr = run(*overrides)
-        assert code == 2 and stderr.strip().splitlines()[-1].endswith(message), stderr
+        assert code == 2 and stderr.count("\n") == 1 and stderr.strip().endswith(message), stderr  # no usage block
+    # argparse's own refusals too, with the hint the usage block was
+    assert run("--steps", "abc") == (2, "train_default.py: error: argument --steps: invalid int value: 'abc' (see "
+                                        "train_default.py --help)\n")
     assert not any(tmp_path.iterdir())
     (tmp_path / "a_file").write_text("x")  # refused before any step, not after the run
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(tmp_path / "a_file"), "--steps", "3"])
@@ -530,7 +533,7 @@ def test_check_determinism_refuses_what_it_cannot_train_with_one_line_before_tra
         with pytest.raises(SystemExit) as raised:
             check_determinism.main()
         err = capsys.readouterr().err.strip().splitlines()
-        assert raised.value.code == 2 and err[-1].startswith("check_determinism.py: error: "), err
+        assert raised.value.code == 2 and err[-1].startswith("check_determinism.py: error: ") and len(err) == 1, err
         assert err[-1].endswith(message), err
 
 
@@ -1690,7 +1693,9 @@ def test_a_recipe_search_refuses_runs_that_would_draw_different_batches(tmp_path
             (("--run", "a", f"text_init={tmp_path / 'none'}"), f"{tmp_path / 'none'} is neither a file, a folder nor a "
                                                                 "hub name")]:
         code, stderr = search(*arguments)
-        assert code == 2 and stderr.strip().splitlines()[-1].endswith(message), stderr
+        assert code == 2 and stderr.count("\n") == 1 and stderr.strip().endswith(message), stderr  # no usage block
+    assert search("--run", "a", "--workers", "x") == (2, "search_recipes.py: error: argument --workers: invalid int "
+                                                         "value: 'x' (see search_recipes.py --help)\n")
     assert not tmp_path.joinpath("search").exists()
 
 

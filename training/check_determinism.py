@@ -8,7 +8,6 @@ after `--steps` steps (the learning-rate schedule stays the full run's) and prin
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -20,10 +19,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_default  # noqa: E402
 
 from tclip_jax.checkpoints.folder import flatten  # noqa: E402
+from tclip_jax.cli import OneLineErrors  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", choices=tuple(train_default.RECIPES))
     parser.add_argument("--objective", choices=train_default.OBJECTIVES)
     parser.add_argument("--steps", type=int, default=20,
@@ -32,13 +32,13 @@ def main() -> None:
                         help="override TrainConfig fields, as train_default.py --set does (may be repeated)")
     args = parser.parse_args()
     if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+        parser.refuse(f"--steps must be >= 1, got {args.steps}")
     try:
         config = train_default.config_from_flags(args.recipe, {"objective": args.objective}, args.set)
     except (ValueError, OSError) as error:  # what train_default.py refuses in one line: a bad override or text_init
-        parser.error(str(error))
+        parser.refuse(str(error))
     if args.steps > config.steps:  # train() would stop at config.steps, and the report would say --steps
-        parser.error(f"--steps {args.steps}: the configuration trains only {config.steps} steps")
+        parser.refuse(f"--steps {args.steps}: the configuration trains only {config.steps} steps")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(2):

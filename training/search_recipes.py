@@ -36,7 +36,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_default  # noqa: E402
 
-from tclip_jax.cli import redelivered_interrupts, sigterm_as_interrupt  # noqa: E402
+from tclip_jax.cli import OneLineErrors, redelivered_interrupts, sigterm_as_interrupt  # noqa: E402
 from tclip_jax.files import check_output_folder  # noqa: E402
 from tclip_jax.sweep.heldout import record_heldout_metrics  # noqa: E402
 
@@ -173,7 +173,7 @@ def main() -> None:
 
 
 def run_command() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, required=True, help="one checkpoint folder per run in here")
     parser.add_argument("--recipe", choices=tuple(train_default.RECIPES), help="the recipe every run starts from")
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="FIELD=VALUE",
@@ -207,13 +207,13 @@ def run_command() -> None:
                 for name in runs:
                     held.enter_context(train_default.held_model_folder(args.out / name))
             except (ValueError, OSError) as error:  # a bad run, override, folder or mix of runs, a folder in use
-                parser.error(str(error))
+                parser.refuse(str(error))
             start = time.perf_counter()
             summaries = search(configs, args.out, args.workers, args.ahead, args.heldout, args.resume)
     except KeyboardInterrupt as stop:  # a Ctrl-C or SIGTERM (`Terminated`): the runs and the workers have ended
         train_default.interrupted(parser, "each run's folder is written whole or not at all", stop)
     except OSError as error:  # a full disk while a run saves: one line, as train_default.py gives
-        parser.error(f"the search stopped (each run's folder is written whole or not at all): {error}")
+        parser.refuse(f"the search stopped (each run's folder is written whole or not at all): {error}")
     for name, summary in summaries.items():
         print(json.dumps({"run": name, "overrides": runs[name], **summary}))
     print(json.dumps({"runs": len(configs), "wall_s": round(time.perf_counter() - start, 1)}))

@@ -97,7 +97,7 @@ import optax
 
 from tclip_jax.checkpoints.folder import CONFIG_FILE, FORMAT_NAME, PARAMS_FILES, is_checkpoint, save_checkpoint
 from tclip_jax.checkpoints.load import LoadedClip, load_clip
-from tclip_jax.cli import Terminated, redelivered_interrupts, sigterm_as_interrupt
+from tclip_jax.cli import OneLineErrors, Terminated, redelivered_interrupts, sigterm_as_interrupt
 from tclip_jax.evaluation.retrieval import retrieval_top1
 from tclip_jax.files import (atomic_file, check_output_file, check_output_folder, check_replaceable, held_lock_beside,
                              read_npz, staged_folder, unwritten_entries)
@@ -1414,7 +1414,7 @@ def main() -> None:
 
 
 def run_command() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--recipe", choices=tuple(RECIPES), help="a shipped checkpoint's recipe (`RECIPES`); "
                         "--objective, --steps and --set override it")
@@ -1448,7 +1448,7 @@ def run_command() -> None:
                     check_state_path(save_state_at[1], args.out)
                 held.enter_context(held_model_folder(args.out))
             except (ValueError, OSError) as error:  # a bad override, folder or state, or --out in use: one line
-                parser.error(str(error))
+                parser.refuse(str(error))
             left = f"{args.out} was not written"
             summary = train_and_save(config, args.out, resume=args.resume, save_state_at=save_state_at)
             print(json.dumps(summary["final"]))
@@ -1459,26 +1459,26 @@ def run_command() -> None:
     except KeyboardInterrupt as stop:
         interrupted(parser, left, stop)
     except OSError as error:  # a full disk: what was being written is removed (`staged_folder`, `atomic_file`)
-        parser.error(f"{left}: {error}")
+        parser.refuse(f"{left}: {error}")
 
 
-def record_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def record_only(parser: OneLineErrors, args: argparse.Namespace) -> None:
     """--heldout-only: the held-out stage alone, on a checkpoint a finished training stage wrote."""
     given = [flag for flag, value in (("--recipe", args.recipe), ("--objective", args.objective),
                                       ("--steps", args.steps), ("--set", args.set or None),
                                       ("--save-state", args.save_state), ("--resume", args.resume))
              if value is not None]
     if given:
-        parser.error(f"--heldout-only trains nothing; {given[0]} does not apply")
+        parser.refuse(f"--heldout-only trains nothing; {given[0]} does not apply")
     if not is_checkpoint(args.out):
-        parser.error(f"--heldout-only: {args.out} holds no checkpoint")
+        parser.refuse(f"--heldout-only: {args.out} holds no checkpoint")
     try:
         with held_for_gates(args.out):
             print(json.dumps(record_heldout_metrics(args.out)))
     except KeyboardInterrupt as stop:
         interrupted(parser, f"{args.out}/{HELDOUT_METRICS_FILE} was not written", stop)
     except (ValueError, OSError) as error:  # a folder load_clip refuses, --out in use, a full disk
-        parser.error(str(error))
+        parser.refuse(str(error))
     sys.exit(0)
 
 

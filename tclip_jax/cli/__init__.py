@@ -47,6 +47,11 @@ class OneLineErrors(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def refuse(self, message: str):
+        """What the program itself refuses once its arguments are parsed (a bad value, a folder in use, a full disk):
+        one line, exit status 2, without the --help hint (the training scripts, whose errors are not raised)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="tclip", description="TCLIP: what does CLIP see per token?")
