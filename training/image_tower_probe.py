@@ -78,6 +78,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_default  # noqa: E402
 
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
+from tclip_jax.cli import OneLineErrors  # noqa: E402
 from tclip_jax.evaluation.metrics import box_hit, pointing_game  # noqa: E402
 from tclip_jax.image import clip_normalize, resize_rgb  # noqa: E402
 from tclip_jax.methods.base import Query  # noqa: E402
@@ -451,7 +452,7 @@ def initialised():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineErrors(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     probe_parser = commands.add_parser("probe", help="linear probes of checkpoints' frozen image towers")
     probe_parser.add_argument("folders", nargs="*", type=pathlib.Path)
@@ -482,7 +483,7 @@ def main() -> None:
     args = parser.parse_args()
     for folder in getattr(args, "folders", None) or []:  # all of them, before the first is probed
         if not folder.exists():
-            parser.error(f"checkpoint folder {folder} not found")
+            parser.refuse(f"checkpoint folder {folder} not found")
     if args.command == "supervised":
         if args.steps < 1:
             parser.error(f"--steps must be >= 1, got {args.steps}")
@@ -491,10 +492,10 @@ def main() -> None:
     try:
         run(parser, args)
     except (FileNotFoundError, ValueError) as err:  # a folder that is not a checkpoint, say: one line
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+        parser.refuse(str(err))
 
 
-def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def run(parser: OneLineErrors, args: argparse.Namespace) -> None:
     if args.command == "probe":
         if not args.folders and not args.random:
             parser.error("probe needs a checkpoint folder or --random")
