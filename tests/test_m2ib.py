@@ -19,6 +19,11 @@ from tclip_jax.model import CLIP, init_params
 from references import assert_close
 
 IMAGES = ("scene_224", "scene_wide_320x240", "noise_224")
+# Adam's step is lr * m / sqrt(v): for a gradient component near zero it is about lr times the component's sign, so
+# float32 rounding differences in the gradient (XLA's reduction order differs by CPU: 1.2e-4 at steps 3-8 on an
+# Intel Xeon, under 1e-4 on AMD EPYC) move alpha by more than they move the loss; the losses, capacity, saliency and
+# map stay within TOL.
+ALPHA_TOL = 3e-4
 
 pytestmark = pytest.mark.usefixtures("highest_precision")
 
@@ -91,10 +96,10 @@ def test_vision_replay_matches_every_step(replayed, ref, replay):
     run = replayed.vision
     assert_close(run.layer_features[0], ref["scene_224/vision_layer_features"], "layer features")
     for step in range(10):
-        assert_close(run.alpha_used[0, 0, step], replay["vision/alpha_used"][step], f"alpha of step {step}")
+        assert_close(run.alpha_used[0, 0, step], replay["vision/alpha_used"][step], f"alpha of step {step}", ALPHA_TOL)
     assert_close(run.losses[0, 0], replay["vision/losses"], "losses")
-    assert_close(run.alpha_final[0, 0], replay["vision/alpha_final"], "final alpha")
-    assert_close(run.alpha_last[0, 0], ref["scene_224/vision_alpha_last"][0], "alpha of the map")
+    assert_close(run.alpha_final[0, 0], replay["vision/alpha_final"], "final alpha", ALPHA_TOL)
+    assert_close(run.alpha_last[0, 0], ref["scene_224/vision_alpha_last"][0], "alpha of the map", ALPHA_TOL)
     assert_close(run.capacity[0, 0], ref["scene_224/vision_capacity"][0], "capacity", relative=True)
     assert_close(run.saliency[0, 0], ref["scene_224/vision_saliency"][0], "saliency", relative=True)
     assert_close(replayed.vision_map[0, 0], ref["scene_224/vision_map"][0], "vision map")
@@ -105,10 +110,11 @@ def test_text_replay_matches_every_step(replayed, ref, replay):
     assert int(replayed.text_lengths[0]) == n
     assert_close(run.layer_features[0, :n], ref["scene_224/text0/text_layer_features"], "layer features")
     for step in range(10):
-        assert_close(run.alpha_used[0, 0, step, :n], replay["text/alpha_used"][step], f"alpha of step {step}")
+        assert_close(run.alpha_used[0, 0, step, :n], replay["text/alpha_used"][step], f"alpha of step {step}",
+                     ALPHA_TOL)
     assert_close(run.losses[0, 0], replay["text/losses"], "losses")
-    assert_close(run.alpha_final[0, 0, :n], replay["text/alpha_final"], "final alpha")
-    assert_close(run.alpha_last[0, 0, :n], ref["scene_224/text0/text_alpha_last"], "alpha of the map")
+    assert_close(run.alpha_final[0, 0, :n], replay["text/alpha_final"], "final alpha", ALPHA_TOL)
+    assert_close(run.alpha_last[0, 0, :n], ref["scene_224/text0/text_alpha_last"], "alpha of the map", ALPHA_TOL)
     assert_close(run.capacity[0, 0, :n], ref["scene_224/text0/text_capacity"], "capacity", relative=True)
     assert_close(run.saliency[0, 0, :n], ref["scene_224/text0/text_saliency"], "saliency", relative=True)
     assert_close(replayed.text_map[0, 0, :n], ref["scene_224/text0/text_map"], "text map")
