@@ -71,21 +71,22 @@ def loads_json(text: str | bytes):
         raise json.JSONDecodeError("arrays or objects nested too deeply to read", document, 0) from None
 
 
-def read_npz(path: str | os.PathLike) -> dict:
-    """The arrays of the .npz archive at `path`, read without unpickling anything. ValueError naming `path` for a
+def read_npz(path: str | os.PathLike, only: Optional[Iterable[str]] = None) -> dict:
+    """The arrays of the .npz archive at `path` (those named in `only`, if given: the others are not decompressed),
+    read without unpickling anything. ValueError naming `path` for a
     file that is not one: one numpy would read only as a pickle (neither an .npz nor an .npy file), an array of
     pickled objects (numpy's errors for these two invite loading the file "unsafely", running code it holds), an
     .npy array, an empty, truncated or corrupt archive (zipfile, zlib and numpy each raise their own types); OSError
     where the file cannot be read at all (missing, no permission)."""
     import numpy as np
 
-    name = None
+    name, names = None, None if only is None else frozenset(only)
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
                 arrays = {}
-                for name in loaded.files:
+                for name in loaded.files if only is None else [n for n in loaded.files if n in names]:
                     arrays[name] = loaded[name]
                 return arrays
     except OSError:

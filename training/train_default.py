@@ -1133,14 +1133,15 @@ def load_state(path: pathlib.Path, config: TrainConfig, template: RunState) -> R
 
 def saved_step(path: pathlib.Path) -> int:
     """The step after which the state at `path` was saved (`load_state` checks the rest)."""
-    return read_state(path)[0]["step"]
+    return read_state(path, header_only=True)[0]["step"]
 
 
-def read_state(path: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(header, the arrays of its trees) of the state `save_state` wrote at `path`; ValueError naming --resume for
-    any other file (`read_npz`: an empty, truncated or corrupt one, one numpy would read as a pickle)."""
+def read_state(path: pathlib.Path, header_only: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
+    """(header, the arrays of its trees, none with `header_only`) of the state `save_state` wrote at `path`;
+    ValueError naming --resume for any other file (`read_npz`: an empty, truncated or corrupt one, one numpy would
+    read as a pickle)."""
     try:
-        arrays = read_npz(path)
+        arrays = read_npz(path, ["header"] if header_only else None)
     except OSError as error:
         raise ValueError(f"--resume {path}: {error.strerror or error}") from None
     except ValueError as error:  # it names the path
