@@ -185,9 +185,11 @@ def clip_attention(model: CLIP, params: dict, images: Array) -> Array:
 class ViTAttention:
     """The last layer's CLS-to-patch attention (mean over heads) of a Hugging Face `ViTModel` (e.g. DINO), from a
     folder or hub name, resized (bilinear) to CLIP's patch grid. Runs in PyTorch, on the CLIP input un-normalized,
-    resized to the ViT's input size and normalized with the mean and std of the folder's preprocessor_config.json,
-    as transformers' ViTImageProcessor reads them (`hf_normalization`; some ViTs use 0.5 and 0.5), or where it has
-    none with ImageNet's, which DINO was trained with."""
+    resized to the ViT's input size with its preprocessor_config.json's filter (bilinear or bicubic, antialiased as
+    PIL's resize, which transformers' ViTImageProcessor uses) and normalized with its mean and std, as
+    ViTImageProcessor reads them (`hf_normalization`; some ViTs use 0.5 and 0.5); where it has no such file,
+    bilinear and ImageNet's mean and std, which DINO was trained with. Settings no input here computes (pixels not
+    rescaled by 1/255, no resizing) are refused."""
 
     def __init__(self, name_or_path: str | os.PathLike):
         from transformers import ViTModel
@@ -238,7 +240,7 @@ class ViTAttention:
             raise ValueError(f"--dino {name}: its weights lack {len(absent)} of the ViT's tensors (e.g. {absent[0]}), "
                              "which would be random")
         self.model.eval()
-        self.image_mean, self.image_std = vit_normalization(pathlib.Path(folder), name)
+        self.image_mean, self.image_std, self.resample = vit_preprocessing(pathlib.Path(folder), name)
         self.image_size = self.model.config.image_size
         self.patch_size = self.model.config.patch_size
         self.origin = name
@@ -249,6 +251,8 @@ class ViTAttention:
         if not (np.array_equal(self.image_mean, IMAGENET_MEAN) and np.array_equal(self.image_std, IMAGENET_STD)):
             # the pixels it sees (ImageNet's, all runs before this was read, leave the fingerprint as it was)
             config["pixel_normalization"] = [self.image_mean.tolist(), self.image_std.tolist()]
+        if self.resample != "bilinear":  # likewise: runs resized bilinearly keep their fingerprint
+            config["pixel_resize"] = self.resample
         self.fingerprint = weights_fingerprint(
             json.dumps(config, sort_keys=True, default=str),
             {key: tensor.detach().float().numpy() for key, tensor in self.model.state_dict().items()})
@@ -261,7 +265,9 @@ class ViTAttention:
 
         mean, std = np.asarray(config.image_mean, np.float32), np.asarray(config.image_std, np.float32)
         rgb = torch.from_numpy((np.asarray(pixels) * std + mean).astype(np.float32)).permute(0, 3, 1, 2)
-        rgb = F.interpolate(rgb, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        if rgb.shape[-2:] != (self.image_size, self.image_size):
+            rgb = F.interpolate(rgb, size=(self.image_size, self.image_size), mode=self.resample, align_corners=False,
+                                antialias=True)
         rgb = (rgb - torch.from_numpy(self.image_mean)[:, None, None]) / torch.from_numpy(self.image_std)[:, None, None]
         with torch.no_grad():
             probs = self.model(pixel_values=rgb, output_attentions=True).attentions[-1]  # [B, heads, 1 + P, 1 + P]
@@ -271,18 +277,31 @@ class ViTAttention:
         return attention.reshape(len(rgb), -1).numpy()
 
 
-def vit_normalization(folder: pathlib.Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) [3] the ViT in `folder` normalizes its pixels with: its preprocessor_config.json's (`ViTAttention`),
-    or ImageNet's where it has none."""
+# ViTImageProcessor's resample ids (PIL's) that torch's antialiased interpolation computes as PIL does.
+_RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
+
+
+def vit_preprocessing(folder: pathlib.Path, name: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(mean [3], std [3], resize mode) the ViT in `folder` preprocesses its pixels with: its preprocessor_config.json's
+    (`ViTAttention`), or ImageNet's and bilinear where it has none. Errors name the field."""
     path = folder / "preprocessor_config.json"
     if not path.is_file():
-        return IMAGENET_MEAN, IMAGENET_STD
+        return IMAGENET_MEAN, IMAGENET_STD, "bilinear"
     try:
-        normalization = hf_normalization(loads_json(path.read_text(encoding="utf-8")), VIT_PROCESSOR_MEAN,
-                                         VIT_PROCESSOR_STD)
+        hf = loads_json(path.read_text(encoding="utf-8"))
+        normalization = hf_normalization(hf, VIT_PROCESSOR_MEAN, VIT_PROCESSOR_STD)
+        for key, default in (("do_resize", True), ("do_rescale", True), ("rescale_factor", 1 / 255)):
+            value = hf.get(key, default)
+            if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, (int, float)) or (
+                    not math.isclose(value, default, rel_tol=1e-6)):  # rescale_factor may be written rounded
+                raise ValueError(f"{key} = {value!r} is not supported (pixels are fed as {default!r} computes)")
+        resample = hf.get("resample", 2)  # ViTImageProcessor's default: bilinear
+        if isinstance(resample, bool) or resample not in _RESAMPLE_MODES:
+            raise ValueError(f"resample = {resample!r} is not supported (2: bilinear, 3: bicubic)")
     except (OSError, ValueError) as err:
         raise ValueError(f"--dino {name}: cannot read its preprocessor_config.json ({err})") from None
-    return (np.asarray(normalization["image_mean"], np.float32), np.asarray(normalization["image_std"], np.float32))
+    return (np.asarray(normalization["image_mean"], np.float32), np.asarray(normalization["image_std"], np.float32),
+            _RESAMPLE_MODES[resample])
 
 
 # ----------------------------------------------------------------------------------------- pooling and the loss
