@@ -81,6 +81,9 @@ def test_a_whole_prompt_under_a_label_set_method_says_what_it_was_mapped_against
     assert not np.allclose(shown, surgery.explain(image, ["a red circle", "cat"]).prompts[0].phrase.heatmap)
     alone = notebook.compare(surgery, image, ["a red circle"], "similarity")._repr_html_()
     assert json.dumps("the prompt “a red circle”") in alone and "as its label set" not in alone
+    # A result shown by itself, as a cell's last value, says so too (it did not: only compare views knew).
+    assert json.dumps("the prompt “a red circle”, against the page's prompts as its label set") in (
+        surgery.explain(image, prompts)._repr_html_())
     # Without feature surgery its maps are plain cosines, which no label set changes: no claim either.
     plain = CLIPSurgery.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), feature_surgery=False)
     assert "as its label set" not in notebook.compare(plain, image, prompts, "similarity")._repr_html_()

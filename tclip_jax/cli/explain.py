@@ -350,12 +350,10 @@ class Plan:
 
         rgb = load_image(image)
         result = self.method.explain(rgb, self.encoded)
-        views = [View(result, None if self.main_alone is None else self.method.explain(rgb, self.main_alone),
-                      against_label_set=self.method.uses_label_set)]
+        views = [View(result, None if self.main_alone is None else self.method.explain(rgb, self.main_alone))]
         for c in self.compared:
             alone = None if c.words_alone is None else c.method.explain(rgb, c.words_alone)
-            views.append(View(c.method.explain(rgb, c.encoded), alone, note=c.note,
-                              against_label_set=c.method.uses_label_set))
+            views.append(View(c.method.explain(rgb, c.encoded), alone, note=c.note))
         return views
 
 

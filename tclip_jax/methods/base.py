@@ -177,6 +177,9 @@ class ImageResult:
     grid: tuple[int, int]             # the patch grid of the model input
     prompts: tuple[PromptResult, ...]
     run: dict                         # method, model, settings, protocol (`Method.run_info`)
+    # its maps were computed against its prompts as their label set (the method's `uses_label_set`), which the
+    # explorer says; not in the record (`run` names a method, whose class is not imported to ask)
+    against_label_set: bool = False
 
     def to_record(self) -> dict:
         """The result as JSON-ready values (`RESULT_SCHEMA`; `tclip explain` adds the files it wrote)."""
@@ -573,7 +576,8 @@ class Method(abc.ABC):
             prompts.append(PromptResult(tokens.text, tokens, words, word_maps, map_result(tokens.text, n_words + p),
                                         None if similarity is None else _read_only(np.asarray(similarity).view())))
         grid = tuple(s // self.clip.config.patch_size for s in geometry.input_hw)
-        return ImageResult(_read_only(rgb.view()), geometry, grid, tuple(prompts), copy.deepcopy(run))
+        return ImageResult(_read_only(rgb.view()), geometry, grid, tuple(prompts), copy.deepcopy(run),
+                           self.uses_label_set)
 
 
 # ---------------------------------------------------------------------------------- prompt-level methods

@@ -61,10 +61,6 @@ class View:
     words_alone: object = None       # ImageResult or None
     label: Optional[str] = None      # default: the method and its non-default settings
     note: Optional[str] = None       # shown on the panel, e.g. why word maps are missing
-    # the result was mapped against the page's prompts as its label set, and words_alone against the page's words
-    # (the method's `uses_label_set`, read from the method object that made it: a results file names a method, which
-    # is not imported to ask)
-    against_label_set: bool = False
 
 
 def view_label(view: View) -> str:
@@ -174,12 +170,12 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
             phrase_text = f"the whole prompt {quoted}{_phrase_query(result.run, prompt)}"
         else:
             if view.words_alone is not None:
-                against = _against(view, view.words_alone, "words")
+                against = _against(view.words_alone, "words")
                 for w, word in enumerate(prompt_words):
                     alone = view.words_alone.prompts[alone_index[word["text"]]].phrase
                     maps[f"p{p}w{w}"] = _map(alone, f"the prompt {_quote(word['text'])} alone{against} (a "
                                              f"prompt-level method has no per-word map)", blobs, size_hw)
-            phrase_text = f"the prompt {quoted}{_against(view, result, 'prompts')}"
+            phrase_text = f"the prompt {quoted}{_against(result, 'prompts')}"
         if cut is not None:
             phrase_text += (f" (cut to fit the model's context: its last {len(prompt.prompt) - cut} characters were "
                             "not mapped)")
@@ -191,12 +187,12 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
             "covered": [columns.start, rows.start, columns.stop, rows.stop], "maps": maps}
 
 
-def _against(view: View, result, what: str) -> str:
+def _against(result, what: str) -> str:
     """What a label-set method's maps in `result` were computed against, said after the prompt: the page's prompts
     (or words), the prompts of `result`, its label set, where they are two texts or more that the model tells apart
     (CLIP Surgery maps a prompt of a smaller set by itself; the decomposition refuses one)."""
     texts = {p.tokens.token_ids.tobytes() for p in result.prompts}
-    return f", against the page's {what} as its label set" if view.against_label_set and len(texts) > 1 else ""
+    return f", against the page's {what} as its label set" if result.against_label_set and len(texts) > 1 else ""
 
 
 def _mapped_end(prompt, run: dict) -> Optional[int]:
