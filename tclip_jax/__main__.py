@@ -1,9 +1,16 @@
+"""`python -m tclip_jax`, and the installed `tclip` command (setup.cfg's console script names `main`): both come
+here first, so that a Ctrl-C while numpy and the command modules load ends in one line, not a traceback."""
 import sys
 
-try:
-    from tclip_jax.cli import program
-except KeyboardInterrupt:  # Ctrl-C while numpy and the command modules load: one line, not a traceback
-    print("tclip: interrupted", file=sys.stderr)
-    sys.exit(130)
 
-sys.exit(program())
+def main() -> int:
+    try:
+        from tclip_jax.cli import program
+    except KeyboardInterrupt:
+        print("tclip: interrupted", file=sys.stderr)
+        return 130
+    return program()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -122,9 +122,11 @@ def fake_ghostscript(tmp_path, monkeypatch) -> pathlib.Path:
 
 @pytest.fixture
 def run_interrupted_while_importing(monkeypatch):
-    """A function that runs `python -m MODULE` in this process (runpy) with a Ctrl-C raised as the command line's
-    modules (`tclip_jax.cli`) are imported, and returns its exit status; the test fails where the KeyboardInterrupt
-    escapes, as a traceback would."""
+    """A function that runs `python -m MODULE` in this process (runpy), or for "module:function" what the script pip
+    writes for that console-script target does (imports the module, calls the function), with a Ctrl-C raised as
+    the command line's modules (`tclip_jax.cli`) are imported, and returns its exit status; the test fails where the
+    KeyboardInterrupt escapes, as a traceback would."""
+    import importlib
     import runpy
 
     class Interrupting:
@@ -133,11 +135,14 @@ def run_interrupted_while_importing(monkeypatch):
             if name == "tclip_jax.cli":
                 raise KeyboardInterrupt
 
-    def run(module: str):
+    def run(target: str):
+        module, _, function = target.partition(":")
         for name in ("tclip_jax.cli", module):  # imported again (runpy runs the module afresh)
             monkeypatch.delitem(sys.modules, name, raising=False)
         monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
         try:
+            if function:
+                return getattr(importlib.import_module(module), function)()
             runpy.run_module(module, run_name="__main__")
         except KeyboardInterrupt:  # (left to escape, it would end the test session)
             pytest.fail("the Ctrl-C escaped, as a traceback")

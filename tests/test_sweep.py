@@ -2236,6 +2236,18 @@ def test_a_ctrl_c_while_python_m_tclip_jax_imports_is_one_line(run_interrupted_w
     assert capsys.readouterr().err == "tclip: interrupted\n"
 
 
+def test_a_ctrl_c_while_the_installed_tclip_command_imports_is_one_line(run_interrupted_while_importing, capsys):
+    """The `tclip` script pip writes imports setup.cfg's console-script target, then calls it: the target was
+    tclip_jax.cli:program, so a Ctrl-C while tclip_jax.cli loaded ended in a traceback before any handler ran."""
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(pathlib.Path(__file__).resolve().parents[1] / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in setup["options.entry_points"]["console_scripts"].split("\n") if line)
+    assert run_interrupted_while_importing(scripts["tclip"]) == 130
+    assert capsys.readouterr().err == "tclip: interrupted\n"
+
+
 def test_a_sigterm_ends_tclip_blocked_in_native_code_after_a_grace_period():
     """The main thread inside an XLA computation runs no Python handler: a watchdog thread ends the process with
     status 143 once the grace period has passed (without it, the SIGTERM waited for the computation to end)."""
