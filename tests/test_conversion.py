@@ -1484,6 +1484,44 @@ def test_the_pixel_normalization_an_open_clip_config_gives_is_the_models(tmp_pat
     assert converted.config == clip.config and converted.fingerprint == clip.fingerprint
 
 
+def open_clip_normalization(preprocess_cfg):
+    """OpenCLIP 3.3's mean and std for a hub config's preprocess_cfg, per channel, by its own lines: factory.py
+    merges it over PreprocessCfg()'s defaults with merge_preprocess_dict, which keeps the keys PreprocessCfg has
+    whose value is not None; image_transform takes `mean or OPENAI_DATASET_MEAN` and makes a number `(mean,) * 3`
+    (std alike); torchvision's Normalize broadcasts a one-item list over the channels."""
+    cfg = {"mean": OPENAI_MEAN, "std": OPENAI_STD}
+    cfg.update({k: v for k, v in preprocess_cfg.items()
+                if k in {"size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color"} and v is not None})
+    mean = cfg["mean"] or OPENAI_MEAN
+    if not isinstance(mean, (list, tuple)):
+        mean = (mean,) * 3
+    std = cfg["std"] or OPENAI_STD
+    if not isinstance(std, (list, tuple)):
+        std = (std,) * 3
+    return np.broadcast_to(np.asarray(mean, float), 3), np.broadcast_to(np.asarray(std, float), 3)
+
+
+@pytest.mark.parametrize("preprocess_cfg", [
+    {"mean": 0.5, "std": 0.25}, {"mean": [0.5], "std": [0.25]}, {"mean": None, "std": None},
+    {"mean": 0, "std": 0.0}, {"mean": [], "std": []}, {"mean": [0.4, 0.5, 0.6], "std": 0.3, "men": [0.5] * 3},
+    {"interpolation": "random", "resize_mode": None, "mode": None, "crop_pct": 0.9, "interpolation_mode": "nearest"}])
+def test_an_open_clip_preprocess_cfg_is_read_as_open_clip_reads_it(tmp_path, openai_state_dict, preprocess_cfg):
+    """Values OpenCLIP takes were refused: a number or null for mean or std, interpolation "random" (bicubic
+    outside training), a null mode or resize_mode, a key PreprocessCfg lacks (which OpenCLIP drops: it changes no
+    pixel). Each gives the normalization OpenCLIP computes (open_clip_normalization) and OpenCLIP's bicubic resize."""
+    folder = _open_clip_folder(tmp_path / "oc", openai_state_dict)
+    plain = load_clip(folder)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps({**config, "preprocess_cfg": preprocess_cfg}))
+    clip = load_clip(folder)
+    mean, std = open_clip_normalization(preprocess_cfg)
+    pixels = prepare(GREY, "whole", clip.config)[0]
+    np.testing.assert_allclose(pixels, np.broadcast_to((128 / 255 - mean) / std, pixels.shape), atol=1e-6)
+    noise = np.random.default_rng(0).integers(0, 256, (50, 70, 3), np.uint8)  # resized: bicubic, as without it
+    np.testing.assert_allclose(prepare(noise, "center_crop", clip.config)[0] * std + mean,
+                               prepare(noise, "center_crop", plain.config)[0] * OPENAI_STD + OPENAI_MEAN, atol=1e-5)
+
+
 # What `LoadedClip.fingerprint` digested of a config before it carried the pixel normalization: every field then.
 FIELDS_BEFORE_NORMALIZATION = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_layers",
                                "vision_heads", "vision_mlp_dim", "vocab_size", "context_length", "text_width",
@@ -1526,8 +1564,12 @@ def test_the_pixel_normalization_of_a_hugging_face_preprocessor_config_is_transf
     ("open_clip_config.json", "preprocess_cfg", {"interpolation": "bilinear"},
      'preprocess_cfg.interpolation = "bilinear" is not supported'),
     ("open_clip_config.json", "preprocess_cfg", {"std": [0.5, 0, 0.5]}, "preprocess_cfg.std must be 3 positive"),
-    ("open_clip_config.json", "preprocess_cfg", {"mean": 0.5}, "preprocess_cfg.mean must be 3 numbers"),
-    ("open_clip_config.json", "preprocess_cfg", {"men": [0.5] * 3}, "preprocess_cfg has keys OpenCLIP 3.3 does not"),
+    ("open_clip_config.json", "preprocess_cfg", {"mean": [0.5, 0.5]},
+     "preprocess_cfg.mean must be 3 numbers (one per RGB channel) or one for all three, got [0.5, 0.5]"),
+    ("open_clip_config.json", "preprocess_cfg", {"mean": "0.5"}, "preprocess_cfg.mean must be 3 numbers"),
+    ("open_clip_config.json", "preprocess_cfg", {"interpolation": "nearest"},
+     'preprocess_cfg.interpolation = "nearest" is not supported (the input protocols compute "bicubic"'),
+    ("open_clip_config.json", "preprocess_cfg", {"mode": "L"}, 'preprocess_cfg.mode = "L" is not supported'),
     ("open_clip_config.json", "preprocess_cfg", [0.5], "preprocess_cfg must be an object, got list"),
     ("preprocessor_config.json", None, {"resample": 2}, "resample = 2 is not supported (the input protocols compute "
                                                         "3 (3: bicubic))"),

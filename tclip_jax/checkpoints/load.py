@@ -232,12 +232,28 @@ _OPEN_CLIP_KEYS = {
 }
 
 _OPEN_CLIP_WIDTHS = {"vision": 768, "text": 512}  # CLIPVisionCfg's and CLIPTextCfg's, where a config leaves them out
-# A hub config's preprocess_cfg (OpenCLIP's PreprocessCfg): what its keys other than mean and std must be, the way the
-# input protocols make pixels (OpenCLIP's defaults, OpenAI's transform; another is refused, not ignored), or None
-# where they do not matter here (size: every protocol resizes to the weights' input size; fill_color pads only
-# for resize_mode "longest").
-_OPEN_CLIP_PREPROCESS = {"mode": "RGB", "interpolation": "bicubic", "resize_mode": "shortest", "size": None,
-                         "fill_color": None}
+# A hub config's preprocess_cfg (OpenCLIP's PreprocessCfg), read as OpenCLIP 3.3 reads it: `merge_preprocess_dict`
+# drops a key PreprocessCfg lacks and a null value (the default stays), so neither can change pixels, and
+# `image_transform` makes an empty or zero mean or std OpenAI's and a single number one for all three channels
+# (torchvision's Normalize broadcasts a one-item list the same way). Its keys other than mean and std: the values
+# that give the pixels the input protocols make (OpenCLIP's defaults, OpenAI's transform; the first is the one they
+# compute, "random" interpolation is bicubic outside training; another is refused, not ignored), or None where
+# they do not matter here (size: every protocol resizes to the weights' input size, as OpenCLIP sets it from the
+# model; fill_color pads only for resize_mode "longest").
+_OPEN_CLIP_PREPROCESS = {"mode": ("RGB",), "interpolation": ("bicubic", "random"), "resize_mode": ("shortest",),
+                         "size": None, "fill_color": None}
+
+
+def _open_clip_channels(value: Any, key: str, default: tuple[float, float, float]) -> tuple[float, float, float]:
+    """preprocess_cfg's `key` (mean or std) as OpenCLIP's `image_transform` takes it (`mean or OPENAI_DATASET_MEAN`,
+    a number for all three channels, as is a one-item list); ValueError naming the key otherwise."""
+    if value is None or (isinstance(value, (int, float, list)) and not isinstance(value, bool) and not value):
+        return default
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not (isinstance(value, list) and len(value) in (1, 3)):
+        raise ValueError(f"{key} must be 3 numbers (one per RGB channel) or one for all three, got {json.dumps(value)}")
+    return normalization_channels(value * (3 // len(value)), key, key == "std")
 
 
 def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict, dict]:
@@ -320,16 +336,13 @@ def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict, 
     if not isinstance(quick_gelu, bool):
         raise ConversionError(f"{path}: model_cfg.quick_gelu must be true or false, got {json.dumps(quick_gelu)}")
     preprocess = section(config, "preprocess_cfg", "") if model_cfg is not config else {}
-    unknown = sorted(set(preprocess) - {"mean", "std", *_OPEN_CLIP_PREPROCESS})
-    if unknown:
-        raise ConversionError(f"{path}: preprocess_cfg has keys OpenCLIP 3.3 does not take: {', '.join(unknown)}")
     for key, computed in _OPEN_CLIP_PREPROCESS.items():
-        if computed is not None and preprocess.get(key, computed) != computed:
+        if computed is not None and preprocess.get(key) is not None and preprocess[key] not in computed:
             raise ConversionError(f"{path}: preprocess_cfg.{key} = {json.dumps(preprocess[key])} is not supported "
-                                  f"(the input protocols compute {json.dumps(computed)}, OpenCLIP's default)")
+                                  f"(the input protocols compute {json.dumps(computed[0])}, OpenCLIP's default)")
     for key, field, default in (("mean", "image_mean", OPENAI_IMAGE_MEAN), ("std", "image_std", OPENAI_IMAGE_STD)):
         try:  # OpenCLIP's default where left out: OpenAI's
-            choices[field] = normalization_channels(preprocess.get(key, default), key, key == "std")
+            choices[field] = _open_clip_channels(preprocess.get(key), key, default)
         except ValueError as err:
             raise ConversionError(f"{path}: preprocess_cfg.{err}") from None
     return ("quick_gelu" if quick_gelu else "gelu"), "quick_gelu" in model_cfg, choices, widths
