@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import IO, TypeVar
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 ImageLike = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray  # or a jax.Array
 T = TypeVar("T")
@@ -103,15 +103,16 @@ def _is_jax_array(value) -> bool:
 
 
 def image_size(path: str | os.PathLike, exif: bool = True) -> tuple[int, int]:
-    """(height, width) of the image file `load_image` would decode, from its header alone, after the checks
-    `load_image` makes before decoding (a file, an image, not too many pixels): a run can check every image up
-    front. Data damaged past the header is found only by decoding."""
+    """(height, width) of the image file `load_image` would decode, from its header and metadata without decoding
+    its pixels (but an animated PNG's, `_exif_undecoded`), after the checks `load_image` makes before decoding (a
+    file, an image, not too many pixels): a run can check every image up front. Data damaged past the header is
+    found only by decoding."""
     def size(img: Image.Image) -> tuple[int, int]:
         tiff = _tiff_orientation(img)
         if tiff != 1:  # the header's size is already the turned one
             turned = not exif and tiff in _QUARTER_TURNS
         else:
-            turned = exif and img.getexif().get(_EXIF_ORIENTATION, 1) in _QUARTER_TURNS
+            turned = exif and _exif_undecoded(img).get(_EXIF_ORIENTATION, 1) in _QUARTER_TURNS
         return (img.width, img.height) if turned else (img.height, img.width)
 
     return read_raster(_image_path(path), size)
@@ -150,6 +151,36 @@ def _tiff_orientation(img: Image.Image) -> int:
     """The orientation of a TIFF, which PIL applies itself when it loads one (its header size already turned);
     1 for other formats."""
     return img.tag_v2.get(_EXIF_ORIENTATION, 1) if img.format == "TIFF" else 1
+
+
+def _exif_undecoded(img: Image.Image) -> Image.Exif:
+    """`img.getexif()` as it is once `img` is decoded (what `exif_transpose` reads after `load_image` decodes it),
+    without decoding it. PIL's getexif of a PNG without an eXIf chunk before its image data decodes the image, to read
+    the chunks after it: PIL takes an eXIf chunk, a "Raw profile type exif" text chunk or XMP wherever it is (the PNG
+    extensions 1.5.0 allow eXIf anywhere but between IDAT chunks; PNG's third edition and browsers take it only
+    before them). Here those chunks are read as PIL's `load_end` reads them once the image is decoded, by its own
+    chunk reader, seeking over the image data instead; an animated PNG, whose frames PIL reads otherwise, is
+    decoded."""
+    if not isinstance(img, PngImagePlugin.PngImageFile) or "exif" in img.info or img.is_animated or img.png is None:
+        return img.getexif()
+    png, fp = img.png, img.fp
+    fp.seek(img.tile[0].offset - 8)  # the first IDAT chunk's header
+    while True:  # load_end's loop, less the image data the decoder has read
+        try:
+            cid, pos, length = png.read()
+        except (struct.error, SyntaxError):
+            break
+        if cid == b"IEND":
+            break
+        if cid not in (b"IDAT", b"DDAT"):
+            try:
+                png.call(cid, pos, length)  # into img.info, as load_end
+            except UnicodeDecodeError:
+                break
+            except (EOFError, AttributeError):  # image data after other chunks, chunks PIL does not read
+                pass
+        fp.seek(pos + length + 4)  # past the data, read or not, and its CRC
+    return Image.Image.getexif(img)  # PIL's reading of img.info, without PngImageFile's decoding first
 
 
 def _decode(source: pathlib.Path | bytes, exif: bool) -> np.ndarray:
