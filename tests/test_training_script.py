@@ -598,6 +598,9 @@ def test_curriculum_restart_gives_the_rest_its_own_warmup_and_cosine_decay():
     assert float(plain(100)) > 0.5 * peak  # no restart: one cosine over all steps
     with pytest.raises(ValueError, match="curriculum_restart"):  # nothing to restart after: said, not ignored
         dataclasses.replace(config, curriculum_steps=0)
+    for bad in (-1, 2, curriculum, steps + 1):  # a switch, 0 or 1: any other integer ran as 1
+        with pytest.raises(ValueError, match=re.escape(f"curriculum_restart must be one of (0, 1), got {bad}")):
+            dataclasses.replace(config, curriculum_restart=bad)
 
 
 def test_a_stretched_schedule_is_the_shorter_runs_then_its_rest_stretched():
@@ -1844,6 +1847,26 @@ def test_a_run_refuses_a_state_it_cannot_go_on_from(tmp_path, saved_state, monke
             f"train_default.py: error: --resume {tmp_path / f'{name}.npz'} is a damaged .npz archive (truncated or "
             "corrupt?): ") and line.endswith("; it is not a training state"), line
         assert not (tmp_path / "out").exists()
+    # A header edited by hand: a key missing, or of another type, was a KeyError (TypeError) traceback.
+    header = json.loads(str(arrays["header"]))
+    for name, edited, message in [
+            ("no_step", {k: v for k, v in header.items() if k != "step"}, "its header lacks step (a training state's "
+                                                                          "holds step, config, selected, used_ids, "
+                                                                          "records)"),
+            ("no_records", {k: v for k, v in header.items() if k not in ("records", "used_ids")},
+             "its header lacks used_ids, records"),
+            ("text_step", {**header, "step": "2"}, "its header's step must be a step number, got '2'"),
+            ("list_config", {**header, "config": []}, "its header's config must be an object, got []")]:
+        np.savez(tmp_path / f"{name}.npz", **{**arrays, "header": np.array(json.dumps(edited))})
+        for extra in ([], ["--save-state", "3", str(tmp_path / "again.npz")]):  # read whole, or its header alone
+            monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(tmp_path / "out"), "--resume",
+                                              str(tmp_path / f"{name}.npz"), *extra, "--set", *RESUMABLE])
+            with pytest.raises(SystemExit) as raised:
+                train_default.main()
+            err = capsys.readouterr().err.strip().splitlines()
+            assert raised.value.code == 2 and len(err) == 1 and err[0].startswith(
+                f"train_default.py: error: --resume {tmp_path / f'{name}.npz'}: {message}"), err
+            assert not (tmp_path / "out").exists()
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--out", str(tmp_path / "out"), "--resume", str(state),
                                       "--save-state", "2", str(tmp_path / "again.npz"), "--set", *RESUMABLE])
     with pytest.raises(SystemExit) as raised:  # main() in this process: the same check, without the imports

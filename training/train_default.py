@@ -170,7 +170,8 @@ class TrainConfig(Options):
     curriculum_objects: int = 3     # curriculum scenes hold 1..curriculum_objects objects (EASY_STYLE's weights)
     curriculum_form_weights: tuple[float, ...] = setting((), "the curriculum's phrase forms; (): form_weights",
                                                          parse=parse_float_tuple, flag=False)
-    curriculum_restart: int = 0     # 1: the steps after the curriculum get a second warm-up and cosine decay
+    curriculum_restart: int = setting(0, "1: the steps after the curriculum get a second warm-up and cosine decay",
+                                      choices=(0, 1), flag=False)
     curriculum_objective: str = setting("", 'the curriculum\'s objective; "": objective', choices=("", *OBJECTIVES),
                                         flag=False)
     text_frozen_steps: int = 0      # the first steps keep the text tower at its initialisation
@@ -1050,6 +1051,7 @@ def validation_record(clip: LoadedClip, validation: list, config: TrainConfig) -
 
 
 STATE_FORMAT = "tclip_jax/training-state"
+STATE_HEADER_KEYS = ("step", "config", "selected", "used_ids", "records")  # what save_state writes beside the format
 
 
 def prefix_config(config: TrainConfig, step: int) -> dict:
@@ -1155,6 +1157,14 @@ def read_state(path: pathlib.Path, header_only: bool = False) -> tuple[dict, dic
     if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
         raise ValueError(f"--resume {path}: not a training state (format "
                          f"{header.get('format') if isinstance(header, dict) else None!r})")
+    missing = [key for key in STATE_HEADER_KEYS if key not in header]  # a header edited by hand
+    if missing:
+        raise ValueError(f"--resume {path}: its header lacks {', '.join(missing)} (a training state's holds "
+                         f"{', '.join(STATE_HEADER_KEYS)})")
+    if isinstance(header["step"], bool) or not isinstance(header["step"], int) or header["step"] < 0:
+        raise ValueError(f"--resume {path}: its header's step must be a step number, got {header['step']!r}")
+    if not isinstance(header["config"], dict):
+        raise ValueError(f"--resume {path}: its header's config must be an object, got {header['config']!r}")
     return header, arrays
 
 
