@@ -164,7 +164,7 @@ def _exif_undecoded(img: Image.Image) -> Image.Exif:
     if not isinstance(img, PngImagePlugin.PngImageFile) or "exif" in img.info or img.is_animated or img.png is None:
         return img.getexif()
     png, fp = img.png, img.fp
-    fp.seek(img.tile[0].offset - 8)  # the first IDAT chunk's header
+    fp.seek(img.tile[0][2] - 8)  # the first IDAT chunk's header (a tile is a tuple before Pillow 11)
     while True:  # load_end's loop, less the image data the decoder has read
         try:
             cid, pos, length = png.read()
