@@ -2108,8 +2108,12 @@ def test_tclip_as_a_program_ends_an_interrupted_command_without_the_interpreters
 
     scripts = configparser.ConfigParser()
     scripts.read(pathlib.Path(__file__).resolve().parents[1] / "setup.cfg")
-    assert scripts["options.entry_points"]["console_scripts"].split() == ["tclip", "=", "tclip_jax.cli:program"]
-    assert "sys.exit(program())" in (pathlib.Path(cli.__file__).parents[1] / "__main__.py").read_text()
+    assert scripts["options.entry_points"]["console_scripts"].split() == ["tclip", "=", "tclip_jax.__main__:main"]
+    import tclip_jax.__main__ as entry  # what both run: its main returns program's status
+
+    with monkeypatch.context() as patched:
+        patched.setattr(cli, "program", lambda: 7)
+        assert entry.main() == 7
     exits = []
     monkeypatch.setattr(cli.os, "_exit", exits.append)
     for status in (130, 143, 0, 2):
