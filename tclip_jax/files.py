@@ -547,11 +547,9 @@ def _locked(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: boo
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(lock, 200).decode(errors="replace")
+            refusal = _held_elsewhere(lock, path, what, where)
             os.close(lock)
-            held = path.name if path.parent == where else path  # a lock beside the folder is named with its path
-            raise ValueError(f"another {what}{f' ({holder})' if holder else ''} is running in {where} (it holds "
-                             f"{held}); wait for it to end or choose another --out") from None
+            raise refusal from None
         try:
             if os.path.samestat(os.fstat(lock), os.stat(path)):
                 break
@@ -566,6 +564,34 @@ def _locked(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: boo
     finally:
         path.unlink(missing_ok=True)  # while held: one that opened it meanwhile finds it gone once it locks it
         os.close(lock)
+
+
+def refuse_if_held(path: pathlib.Path, what: str, where: pathlib.Path) -> None:
+    """Refuses, in `held_lock`'s line, where a process holds the lock ``path`` (a `what` runs in ``where``); takes
+    nothing and removes nothing. It tries a shared lock, which only a holder's exclusive lock stops, so processes that
+    look at one file at once do not refuse each other. A file that is not there, or that this process cannot open,
+    is not known to be held."""
+    if fcntl is None:
+        return
+    try:
+        lock = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _held_elsewhere(lock, path, what, where) from None
+    finally:
+        os.close(lock)  # and with it the shared lock
+
+
+def _held_elsewhere(lock: int, path: pathlib.Path, what: str, where: pathlib.Path) -> ValueError:
+    """The refusal of a `what` in ``where`` whose lock ``path`` (open as ``lock``) another process holds, naming the
+    holder as the file does."""
+    holder = os.read(lock, 200).decode(errors="replace")
+    held = path.name if path.parent == where else path  # a lock beside the folder is named with its path
+    return ValueError(f"another {what}{f' ({holder})' if holder else ''} is running in {where} (it holds {held}); "
+                      "wait for it to end or choose another --out")
 
 
 @contextlib.contextmanager

@@ -977,6 +977,41 @@ def test_distributed_processes_that_disagree_on_resume_all_refuse_in_one_line(co
     assert not out.exists()
 
 
+def test_a_distributed_sweep_into_a_folder_in_use_is_refused_by_every_process_and_the_running_one_ends_as_if_alone(
+        coco_many, coco_many_reference, tmp_path):
+    """A one-process sweep runs in --out, before its first record (sweep.json, an empty results file, its lock), and
+    a two-process sweep is started there. Its process 1, its own lock free, took the running sweep's files for those
+    a sweep killed before its first record leaves and deleted them (the running sweep then failed on its sweep.json),
+    and waited for process 0, refused at the running sweep's lock, for ever, while process 0 waited in JAX's shutdown
+    until it aborted. Every process refuses in the same one line, status 2, and the running sweep ends as if alone."""
+    out, release = tmp_path / "out", tmp_path / "release"
+    data = ("coco", "--data", str(coco_many), "--batch-size", "2", "--out", str(out))
+    first = _sweep_process(*data, "--method", "test_sweep:StallingPainted", "--workers", "1",
+                           env_extra={STALL_ENV: "0", RELEASE_ENV: str(release)})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "results-p0.jsonl").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # its sweep.json is written, then its results file opened, then its first load stalls
+        port = _free_port()
+        second = [_sweep_process(*data, "--method", "test_sweep:Painted", "--coordinator", f"127.0.0.1:{port}",
+                                 "--num-processes", "2", "--process-id", str(i)) for i in range(2)]
+        try:
+            for process in second:
+                assert process.wait(timeout=120) == 2
+                assert process.stderr.read().decode().splitlines() == [
+                    f"tclip sweep: error: process 0 of the sweep refused it: another sweep (process {first.pid} on "
+                    f"{socket.gethostname()}) is running in {out} (it holds results-p0.lock); wait for it to end or "
+                    "choose another --out"]
+        finally:
+            for process in second:
+                process.kill()
+        release.touch()
+        assert first.wait(timeout=120) == 0, first.stderr.read().decode()
+    finally:
+        first.kill()
+    assert _report(out) == _report(coco_many_reference) and not list(out.glob("*.lock"))
+
+
 def test_a_sigterm_ends_distributed_processes_and_resume_finishes_the_sweep(coco_many, coco_many_reference, tmp_path):
     """jax.distributed.initialize starts JAX's preemption service, whose own SIGTERM handler only noted the signal:
     the processes ran on to status 0. They end as README says ("terminated", 143, within the grace period).
@@ -1736,7 +1771,9 @@ def test_a_new_sweep_into_a_folder_that_is_neither_empty_nor_a_sweep_is_refused(
 
 def test_a_resume_on_fewer_processes_removes_the_lock_files_killed_processes_left(coco_hand, tmp_path):
     """A killed process leaves its lock file (the lock goes with it): process 1's of a two-process sweep stayed for
-    good after a resume on one process. Process 0 removes those of the processes it does not have, unless held."""
+    good after a resume on one process. Process 0 removes those of the processes it does not have. One held is a live
+    process's, whose sweep runs there still (its other processes killed): the resume is refused, as at its own lock,
+    and removes nothing."""
     from tclip_jax.files import held_lock
 
     out = tmp_path / "out"
@@ -1745,8 +1782,14 @@ def test_a_resume_on_fewer_processes_removes_the_lock_files_killed_processes_lef
     for process in (1, 2):
         (out / f"results-p{process}.lock").write_text(f"process {process} of a killed sweep")
     with held_lock(out / "results-p2.lock", "sweep", out):  # a live holder's (another open file: a lock of its own)
-        run_sweep(*sweep, options=RunOptions(limit=2, resume=True, progress=False))
-        assert sorted(p.name for p in out.glob("*.lock")) == ["results-p2.lock"]
+        with pytest.raises(ValueError) as refused:
+            run_sweep(*sweep, options=RunOptions(limit=2, resume=True, progress=False))
+        assert sorted(p.name for p in out.glob("*.lock")) == ["results-p1.lock", "results-p2.lock"]
+    assert str(refused.value) == (f"another sweep (process {os.getpid()} on {socket.gethostname()}) is running in "
+                                  f"{out} (it holds results-p2.lock); wait for it to end or choose another --out")
+    (out / "results-p2.lock").write_text("process 2 of a killed sweep")  # its holder was killed after all
+    run_sweep(*sweep, options=RunOptions(limit=2, resume=True, progress=False))
+    assert not list(out.glob("*.lock")) and len(read_all_records(out)) == 2
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
@@ -2312,6 +2355,27 @@ def test_a_new_sweep_stopped_in_native_code_before_its_first_record_leaves_its_f
         assert not list(out.iterdir()) if out == made_before else not (tmp_path / "new").exists()
     assert main(_cli("coco", "--data", str(coco_hand), "--method", "test_sweep:Painted", "--out", str(killed))) == 0
     assert _report(killed)["images"] == 2
+
+
+def test_what_a_killed_sweep_left_is_kept_where_a_live_process_holds_a_lock_there(coco_hand, tmp_path, capsys):
+    """A new sweep replaces what one killed before its first record left (sweep.json, results files without a
+    record, lock files), taking every lock file for one a killed process left: one a live process holds (here of a
+    process 1, which this one-process sweep does not take) is another sweep's, running there, whose files it deleted.
+    It is refused as at its own lock, nothing removed; once the lock is let go, the leftovers are replaced."""
+    from tclip_jax.files import held_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.json").write_text("{}\n")  # a new sweep's, left before its first record (not read to replace it)
+    (out / "results-p0.jsonl").write_bytes(b"")
+    args = ("coco", "--data", str(coco_hand), "--method", "test_sweep:Painted", "--out", str(out))
+    with held_lock(out / "results-p1.lock", "sweep", out):
+        assert _fails(capsys, *args) == (f"tclip sweep: error: another sweep (process {os.getpid()} on "
+                                         f"{socket.gethostname()}) is running in {out} (it holds results-p1.lock); "
+                                         "wait for it to end or choose another --out\n")
+        assert sorted(p.name for p in out.iterdir()) == ["results-p0.jsonl", "results-p1.lock", "sweep.json"]
+        assert (out / "sweep.json").read_text() == "{}\n"
+    assert main(_cli(*args)) == 0 and _report(out)["images"] == 2
 
 
 def test_a_sigterm_ends_tclip_as_ctrl_c_does_and_waits_for_a_staged_folder_to_land(tmp_path, monkeypatch, capsys):

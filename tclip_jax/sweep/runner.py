@@ -30,7 +30,11 @@ A new sweep starts only in a new folder or an empty one (sweeps' locks and file 
 else is someone's, which its report and gallery would overwrite. One that stops before its first record leaves the
 folder as it found it: it removes what it wrote, and the folder if it made it, also where the process ends at once
 (the SIGTERM watchdog's os._exit: `files.at_early_end`). A SIGKILL leaves its sweep.json, results files without a
-record and lock files, which a new sweep there replaces (`_killed_before_its_first_record`) and --resume resumes.
+record and lock files, which a new sweep there replaces (`_killed_before_its_first_record`; process 0 removes them
+once every process has checked the folder) and --resume resumes.
+
+Processes of a multi-process sweep refuse together: each takes its lock and checks the folder, and every process
+refuses, in one line, where any of them could not (`_locked_and_checked`), before any writes.
 
 Device waiting: a watcher thread notes when each batch finishes. The device is busy for batch k from
 max(its dispatch, batch k-1's finish) to its finish; after the first batch (which includes compilation) the
@@ -44,6 +48,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -52,7 +57,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Optional
+from typing import Optional, TypeVar
 
 import jax
 import numpy as np
@@ -69,13 +74,15 @@ from tclip_jax.sweep.options import RunOptions
 from tclip_jax.sweep.report import CONFIG_FILE, read_config, write_report
 from tclip_jax.sweep.sharding import DeviceMaps, DispatchedMaps, barrier, class_slots, gather_text, owns
 from tclip_jax.sweep.store import (LOCKS_GLOB, RESULTS_GLOB, ResultWriter, drop_errors, files_to_retry,
-                                  read_all_records, read_records, remove_stale_locks, results_lock, results_path)
+                                  read_all_records, read_records, refuse_held_locks, remove_stale_locks, results_lock,
+                                  results_path)
 from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, UnitPictures
 from tclip_jax.synthetic import SYNTHETIC_SCENES, is_synthetic_dataset
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
 DEFAULT_TEMPLATE = "{}"
 VIS_DIR = "vis"  # --save-vis pictures
+T = TypeVar("T")
 
 
 def class_labels(class_names: Sequence[str]) -> tuple[str, ...]:
@@ -168,12 +175,14 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
         return True
 
     # Checked and run by no other sweep meanwhile.
-    with results_lock(out, process), at_early_end(discard_new_sweep):
+    check = functools.partial(_check_config, out, config, options.resume, data_folder, method.clip)
+    with _locked_and_checked(out, check) as killed_sweep, at_early_end(discard_new_sweep):
         scored = 0  # samples this run recorded that went through the device (not an error)
         rates: list[Throughput] = []  # this run's, however it ends
         try:
-            _refuse_together(lambda: _check_config(out, config, options.resume, data_folder, method.clip))
-            new_sweep = not (out / CONFIG_FILE).exists()
+            if killed_sweep and process == 0:  # by one process, once every process has checked the folder
+                _remove_new_sweep(out)
+            new_sweep = killed_sweep or not (out / CONFIG_FILE).exists()
             queries = _Queries(method, class_queries(dataset.class_names, template))  # bad prompts: nothing written
             barrier("tclip-sweep-checked")  # nobody writes before every process has checked
             if process == 0:
@@ -436,18 +445,21 @@ def _remove_new_sweep(out: pathlib.Path) -> None:
 
 def _killed_before_its_first_record(out: pathlib.Path) -> bool:
     """Whether `out` holds what a new sweep killed before its first record leaves (SIGKILL runs no cleanup): its
-    sweep.json, results files without a record, lock files, and pictures, and nothing else."""
+    sweep.json, results files without a record, lock files, and pictures, and nothing else. None of its lock files
+    is held but by the sweep that checks `out`: a lock a live sweep holds refuses that one (`_locked_and_checked`)."""
     own = [CONFIG_FILE, GALLERY_DIR, VIS_DIR, *(p.name for p in [*out.glob(RESULTS_GLOB), *out.glob(LOCKS_GLOB)])]
     return not unwritten_entries(out, own) and not read_all_records(out)
 
 
 def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Optional[str] = None,
-                  clip: Optional[LoadedClip] = None) -> None:
+                  clip: Optional[LoadedClip] = None) -> bool:
     """Refuses a sweep into `out` that would not be the sweep stored there (or a new one into a folder that is not
-    empty); `clip`, the sweep's model, reads a model fingerprint stored by its first definition."""
+    empty); `clip`, the sweep's model, reads a model fingerprint stored by its first definition. Returns whether `out`
+    holds what a new sweep killed before its first record left (`_killed_before_its_first_record`), which a new sweep
+    replaces: it removes nothing, which its caller does once every process has checked."""
     path = out / CONFIG_FILE
     if path.exists() and not resume and _killed_before_its_first_record(out):
-        _remove_new_sweep(out)  # nothing to resume: a new sweep starts there, as in the folder before it
+        return True  # nothing to resume: a new sweep starts there, as in the folder before it
     if not path.exists():
         records = sorted(p.name for p in out.glob(RESULTS_GLOB))
         if records:  # a new sweep would keep them and count them as its own
@@ -463,7 +475,7 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
                              "overwrite or delete files there; choose another --out")
         if resume:  # a mistyped --out would start a whole new sweep
             raise ValueError(f"nothing to resume in {out} (no {CONFIG_FILE}); drop --resume to start a sweep there")
-        return
+        return False
     if not resume:
         raise ValueError(f"{out} already holds a sweep; pass --resume to continue it or choose another --out")
     changed = _config_changes(read_config(out), config, data_folder, clip)
@@ -496,6 +508,7 @@ def _check_config(out: pathlib.Path, config: dict, resume: bool, data_folder: Op
         raise ValueError(f"cannot resume {out}: the sweep there differs in "
                          + "; ".join(f"{key} (stored {old!r}, now {new!r})" for key, (old, new) in changed.items())
                          + shrinks + edited + shared + other_units + other_model + other_maps + other_precision)
+    return False
 
 
 def _check_processes_agree(config: dict, data_folder: Optional[str]) -> None:
@@ -515,26 +528,44 @@ def _check_processes_agree(config: dict, data_folder: Optional[str]) -> None:
                              + "; start every process with the same arguments")
 
 
-def _refuse_together(check: Callable[[], None]) -> None:
-    """Runs this process's `check` of the sweep's folder (`_check_config`) and refuses, in every process of a
+@contextlib.contextmanager
+def _locked_and_checked(out: pathlib.Path, check: Callable[[], T]) -> Iterator[T]:
+    """Holds this process's lock on `out` (`results_lock`) for the block, taken in the check every process runs
+    together (`_refuse_together`) with `check`, the folder's (`_check_config`), whose value it yields: a sweep refused
+    at one process's lock (another sweep runs there) is refused by every process at once, where the others waited for
+    it for ever. A lock of a process this sweep does not have that is held is another sweep's too
+    (`refuse_held_locks`)."""
+    with contextlib.ExitStack() as held:
+        def locked_check() -> T:
+            held.enter_context(results_lock(out, jax.process_index()))
+            refuse_held_locks(out, jax.process_count())
+            return check()
+
+        yield _refuse_together(locked_check)
+
+
+def _refuse_together(check: Callable[[], T]) -> T:
+    """Runs this process's `check` of the sweep's folder (`_locked_and_checked`) and refuses, in every process of a
     multi-process sweep at once and in the same line, where any process's check refused: the processes may disagree
     where `_check_processes_agree` does not compare them (--resume on some only) or see the folder otherwise (another
-    host), and a process that refused alone left the others waiting at the next barrier for ever. Every process takes
-    part (`gather_text`) whatever its verdict; a single process raises its own error unchanged."""
-    verdict, error = "", None
+    host, another sweep's lock), and a process that refused alone left the others waiting at the next barrier for
+    ever. Every process takes part (`gather_text`) whatever its verdict; a single process raises its own error
+    unchanged. Returns `check`'s value."""
+    verdict, error, value = "", None, None
     try:
-        check()
+        value = check()
     except (OSError, ValueError) as err:
         verdict, error = " ".join((str(err) or type(err).__name__).split()), err
     if jax.process_count() == 1:
         if error is not None:
             raise error
-        return
+        return value
     refused = [(process, text) for process, text in enumerate(gather_text(verdict)) if text]
     if refused:
         (process, text), others = refused[0], [str(p) for p, _ in refused[1:]]
         also = f" (process{'es' if len(others) > 1 else ''} {', '.join(others)} refused too)" if others else ""
         raise ValueError(f"process {process} of the sweep refused it{also}: {text}") from error
+    return value
 
 
 def _config_changes(stored: dict, config: dict, data_folder: Optional[str] = None,

@@ -12,7 +12,9 @@
 - A sweep holds ``<out>/results-p<process>.lock`` (`results_lock`, an exclusive ``flock``) for its whole run, so a
   second sweep into the same folder, or a second --resume of it, is refused instead of writing the same file. A
   killed process leaves its lock file (not the lock); process 0 of a resume on fewer processes removes those of the
-  processes it does not have, unless one is held (`remove_stale_locks`).
+  processes it does not have (`remove_stale_locks`). One of those that is held is a live process's: another sweep,
+  or what is left of one whose other processes were killed, still runs there, and a sweep there is refused
+  (`refuse_held_locks`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import pathlib
 import re
 from collections.abc import Iterator
 
-from tclip_jax.files import held_lock, loads_json, write_bytes_atomic
+from tclip_jax.files import held_lock, loads_json, refuse_if_held, write_bytes_atomic
 
 RESULTS_GLOB = "results-p*.jsonl"
 LOCKS_GLOB = "results-p*.lock"
@@ -110,6 +112,15 @@ def results_lock(out: pathlib.Path, process_index: int) -> Iterator[None]:
     refused at once, in one line (`files.held_lock`)."""
     with held_lock(out / f"results-p{process_index}.lock", "sweep", out, make_folder=True):
         yield
+
+
+def refuse_held_locks(out: pathlib.Path, processes: int) -> None:
+    """Refuses, in `results_lock`'s line, a sweep on ``processes`` processes into ``out`` where a lock of a process
+    it does not have (``processes`` and above) is held: another sweep runs there, whose lower processes, those whose
+    locks this sweep takes, have ended or not yet locked theirs. Takes and removes nothing (`files.refuse_if_held`), so
+    every process of the sweep may look at once."""
+    for path in _files_of_processes_from(out, ".lock", processes):
+        refuse_if_held(path, "sweep", out)
 
 
 def remove_stale_locks(out: pathlib.Path, processes: int) -> None:
