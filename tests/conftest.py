@@ -137,7 +137,7 @@ def run_interrupted_while_importing(monkeypatch):
 
     def run(target: str):
         module, _, function = target.partition(":")
-        for name in ("tclip_jax.cli", module):  # imported again (runpy runs the module afresh)
+        for name in ("tclip_jax.cli", module, f"{module}.__main__"):  # imported again (runpy runs them afresh)
             monkeypatch.delitem(sys.modules, name, raising=False)
         monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
         try:
