@@ -977,6 +977,29 @@ def test_distributed_processes_that_disagree_on_resume_all_refuse_in_one_line(co
     assert not out.exists()
 
 
+def test_distributed_processes_where_one_cannot_open_its_data_all_refuse_in_its_line(coco_many, tmp_path):
+    """Process 1's --data folder does not exist (not mounted on its host): it refused before the sweep's first
+    collective, and process 0 waited there until it aborted with a C++ trace. Every process refuses in the line process
+    1 gives alone, naming it, status 2."""
+    out, missing = tmp_path / "out", tmp_path / "not_mounted"
+    alone = _sweep_process("coco", "--data", str(missing), "--method", "test_sweep:Painted", "--out", str(out))
+    assert alone.wait(timeout=180) == 2
+    refusal = alone.stderr.read().decode().strip().removeprefix("tclip sweep: error: ")
+    port = _free_port()
+    processes = [_sweep_process("coco", "--data", str(missing if i else coco_many), "--method", "test_sweep:Painted",
+                                "--out", str(out), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                "--process-id", str(i)) for i in range(2)]
+    try:
+        for process in processes:
+            assert process.wait(timeout=180) == 2
+            assert process.stderr.read().decode().splitlines() == [
+                f"tclip sweep: error: process 1 of the sweep refused it: {refusal}"]
+    finally:
+        for process in processes:
+            process.kill()
+    assert not out.exists()
+
+
 def test_a_distributed_sweep_into_a_folder_in_use_is_refused_by_every_process_and_the_running_one_ends_as_if_alone(
         coco_many, coco_many_reference, tmp_path):
     """A one-process sweep runs in --out, before its first record (sweep.json, an empty results file, its lock), and

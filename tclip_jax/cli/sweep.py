@@ -57,8 +57,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _init_distributed(args)
+    from tclip_jax.cli import USER_ERRORS
+    from tclip_jax.sweep import run_sweep
+    from tclip_jax.sweep.runner import refuse_together
+
+    # Every process opens its dataset and builds its method, and where one cannot (a --data folder one host lacks),
+    # all refuse in its line: one refusing alone left the others waiting at the sweep's first collective for ever.
+    evaluation, options, dataset, source, data_folder, method = refuse_together(lambda: _sweep_inputs(args),
+                                                                                USER_ERRORS)
+    result = run_sweep(dataset, method, args.out, source, args.template, evaluation, options, data_folder)
+    if result.report is not None:
+        print((pathlib.Path(args.out) / "report.md").read_text())
+        errors = result.report["errors"]
+        if errors and not result.report["images"]:  # a run that scored nothing did not succeed, whatever it wrote
+            raise ValueError(f"no sample could be scored: all {len(errors)} failed (the first, {errors[0]['key']}: "
+                             f"{errors[0]['error']}); --resume tries them again once the data is mended")
+        if errors:  # a success, said where a script's log shows it: report.md went to stdout
+            warnings.warn(f"{len(errors)} of {len(errors) + result.report['images']} samples failed, listed in "
+                          "report.md; --resume tries them again")
+    return 0
+
+
+def _sweep_inputs(args: argparse.Namespace) -> tuple:
+    """(evaluation options, run options, dataset, its source, its folder, method) the arguments give."""
     from tclip_jax.evaluation.options import EvalOptions
-    from tclip_jax.sweep import RunOptions, run_sweep
+    from tclip_jax.sweep import RunOptions
     from tclip_jax.sweep.runner import DEFAULT_TEMPLATE
     from tclip_jax.synthetic import SYNTHETIC_SCENES
 
@@ -74,17 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--template makes the class prompts, and a synthetic scene's queries are its own words: it "
                          f"would change only the label set of a method that uses one (clip_surgery with feature "
                          f"surgery, decomposition), not {args.method}'s maps, yet be recorded as used")
-    result = run_sweep(dataset, method, args.out, source, args.template, evaluation, options, data_folder)
-    if result.report is not None:
-        print((pathlib.Path(args.out) / "report.md").read_text())
-        errors = result.report["errors"]
-        if errors and not result.report["images"]:  # a run that scored nothing did not succeed, whatever it wrote
-            raise ValueError(f"no sample could be scored: all {len(errors)} failed (the first, {errors[0]['key']}: "
-                             f"{errors[0]['error']}); --resume tries them again once the data is mended")
-        if errors:  # a success, said where a script's log shows it: report.md went to stdout
-            warnings.warn(f"{len(errors)} of {len(errors) + result.report['images']} samples failed, listed in "
-                          "report.md; --resume tries them again")
-    return 0
+    return evaluation, options, dataset, source, data_folder, method
 
 
 def _stored_limit(out: str) -> Optional[int]:

@@ -146,10 +146,10 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
     ``source`` names it), where the annotations' fingerprint is unchanged: a dataset moved or mounted elsewhere.
     The template ``"{}"`` is stored as None: both prompt with the bare class names.
     """
-    out = check_output_folder(out)
+    out, run = refuse_together(lambda: (check_output_folder(out), method.run_info()))  # e.g. --out a file on one host
     template = None if template == DEFAULT_TEMPLATE else template  # the bare names: one spelling, compared on resume
     process, processes = jax.process_index(), jax.process_count()
-    run, shared, limit = method.run_info(), shared_names(dataset.class_names), recorded_limit(dataset, options.limit)
+    shared, limit = shared_names(dataset.class_names), recorded_limit(dataset, options.limit)
     config = json.loads(json.dumps({"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "run": run,
                                     "dataset": dataset.name, "source": source, "template": template,
                                     "classes": len(dataset.class_names), "limit": limit,
@@ -176,7 +176,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
 
     # Checked and run by no other sweep meanwhile.
     check = functools.partial(_check_config, out, config, options.resume, data_folder, method.clip)
-    with _locked_and_checked(out, check) as killed_sweep, at_early_end(discard_new_sweep):
+    with _locked_and_checked(out, check, created) as killed_sweep, at_early_end(discard_new_sweep):
         scored = 0  # samples this run recorded that went through the device (not an error)
         rates: list[Throughput] = []  # this run's, however it ends
         try:
@@ -529,32 +529,43 @@ def _check_processes_agree(config: dict, data_folder: Optional[str]) -> None:
 
 
 @contextlib.contextmanager
-def _locked_and_checked(out: pathlib.Path, check: Callable[[], T]) -> Iterator[T]:
+def _locked_and_checked(out: pathlib.Path, check: Callable[[], T], created: bool) -> Iterator[T]:
     """Holds this process's lock on `out` (`results_lock`) for the block, taken in the check every process runs
-    together (`_refuse_together`) with `check`, the folder's (`_check_config`), whose value it yields: a sweep refused
+    together (`refuse_together`) with `check`, the folder's (`_check_config`), whose value it yields: a sweep refused
     at one process's lock (another sweep runs there) is refused by every process at once, where the others waited for
     it for ever. A lock of a process this sweep does not have that is held is another sweep's too
-    (`refuse_held_locks`)."""
+    (`refuse_held_locks`). `created`: `out` did not exist when every process looked; a refused sweep leaves it
+    removed (each lock removes only a folder its own process made, and the process that made it may let go while
+    another's lock is still in it)."""
     with contextlib.ExitStack() as held:
         def locked_check() -> T:
             held.enter_context(results_lock(out, jax.process_index()))
             refuse_held_locks(out, jax.process_count())
             return check()
 
-        yield _refuse_together(locked_check)
+        try:
+            value = refuse_together(locked_check)
+        except BaseException:
+            held.close()  # its lock let go first
+            if created:
+                with contextlib.suppress(OSError):  # by the last process to let go: the folder is empty then
+                    out.rmdir()
+            raise
+        yield value
 
 
-def _refuse_together(check: Callable[[], T]) -> T:
-    """Runs this process's `check` of the sweep's folder (`_locked_and_checked`) and refuses, in every process of a
-    multi-process sweep at once and in the same line, where any process's check refused: the processes may disagree
-    where `_check_processes_agree` does not compare them (--resume on some only) or see the folder otherwise (another
-    host, another sweep's lock), and a process that refused alone left the others waiting at the next barrier for
-    ever. Every process takes part (`gather_text`) whatever its verdict; a single process raises its own error
-    unchanged. Returns `check`'s value."""
+def refuse_together(check: Callable[[], T], errors: tuple[type[Exception], ...] = (OSError, ValueError)) -> T:
+    """Runs this process's `check` (of the sweep's folder, `_locked_and_checked`; of the command line's dataset and
+    method, `tclip sweep`) and refuses, in every process of a multi-process sweep at once and in the same line, where
+    any process's check refused: the processes may disagree where `_check_processes_agree` does not compare them
+    (--resume on some only, a --data folder one host lacks) or see the folder otherwise (another host, another sweep's
+    lock), and a process that refused alone left the others waiting at the next barrier for ever. Every process takes
+    part (`gather_text`) whatever its verdict; a single process raises its own error unchanged. `errors`: the
+    exceptions that are refusals (others are bugs, raised as they are). Returns `check`'s value."""
     verdict, error, value = "", None, None
     try:
         value = check()
-    except (OSError, ValueError) as err:
+    except errors as err:
         verdict, error = " ".join((str(err) or type(err).__name__).split()), err
     if jax.process_count() == 1:
         if error is not None:
