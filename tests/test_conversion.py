@@ -1385,7 +1385,8 @@ def test_a_bare_open_clip_model_config_is_read_as_open_clip_reads_it(tmp_path, i
     assert_same_text_embeddings(clip, model, inputs[1])
 
 
-@pytest.mark.parametrize("text, heads", [({"width": 128, "layers": 2}, 8), ({"heads": 16, "layers": 1}, 16)])
+@pytest.mark.parametrize("text, heads", [({"width": 128, "layers": 2, "mlp_ratio": 2}, 8),
+                                         ({"heads": 16, "layers": 1, "mlp_ratio": 2}, 16)])
 def test_open_clip_text_heads_default_as_open_clip_builds_them(tmp_path, inputs, text, heads):
     """A text_cfg that leaves out heads or width gets CLIPTextCfg's defaults (width 512, heads 8), as OpenCLIP's
     TextTransformer is built with text_cfg.heads: heads were width / 64 (2 for width 128; 8 for 16 given at 512).
@@ -1419,6 +1420,60 @@ def test_open_clip_config_widths_are_checked_against_the_weights(tmp_path, opena
     assert capsys.readouterr().err == (
         f"tclip convert: error: {folder / 'open_clip_config.json'}: model_cfg.text_cfg.width is 512 (OpenCLIP's "
         "default 512 where it is left out) but the weights' text tower is 128 wide\n")
+
+
+@pytest.mark.parametrize("part, key, value, weights", [
+    ("vision", "layers", 5, "vision tower has 6 blocks"), ("text", "layers", 12, "text tower has 3 blocks"),
+    ("vision", "patch_size", 16, "patches are 32 pixels wide"), ("model", "embed_dim", 512, "embeddings are 64 wide"),
+    ("vision", "mlp_ratio", 2, "vision MLPs are 512 wide"), ("text", "mlp_ratio", 8.0, "text MLPs are 512 wide"),
+    ("text", "context_length", 64, "text tower has 77 positions"),
+    ("text", "vocab_size", 1000, "vocabulary has 49408 tokens"),
+    ("vision", "image_size", 240, None), ("vision", "image_size", [224, 256], None)])
+def test_open_clip_config_architecture_is_checked_against_the_weights(tmp_path, openai_state_dict, capsys, part, key,
+                                                                      value, weights):
+    """Every architecture field of an open_clip_config.json but the widths was ignored: the weights (6 image blocks,
+    3 text blocks, 32-pixel patches, 64-wide embeddings, 512-wide MLPs, 77 positions, 49408 tokens) loaded as their
+    own model whatever it said. OpenCLIP builds its model from the config and loads the weights with strict=True, which
+    refuses them; here one line names the file and the field."""
+    folder = _open_clip_folder(tmp_path / "oc", openai_state_dict)
+    original = (folder / "open_clip_config.json").read_text()
+    config = json.loads(original)
+    (config["model_cfg"] if part == "model" else config["model_cfg"][f"{part}_cfg"])[key] = value
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    assert tclip(["convert", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    where = f"model_cfg.{key}" if part == "model" else f"model_cfg.{part}_cfg.{key}"
+    assert err.startswith(f"tclip convert: error: {folder / 'open_clip_config.json'}: {where} ")
+    assert len(err.splitlines()) == 1 and (weights is None or f"but the weights' {weights}" in err), err
+    assert not (tmp_path / "out").exists()
+    config = json.loads(original)
+    del config["model_cfg"]["vision_cfg"]["layers"]  # OpenCLIP's default, 12
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="model_cfg.vision_cfg.layers is 12 .OpenCLIP's default 12 where it is "
+                                              "left out. but the weights' vision tower has 6 blocks"):
+        load_clip(folder)
+
+
+@pytest.mark.parametrize("image_size", [320, [96, 96]])
+def test_an_open_clip_image_size_resizes_the_position_embedding_as_open_clip_does(tmp_path, openai_state_dict,
+                                                                                  image_size):
+    """A config's image_size other than the weights' (224: 7x7 patches of 32) was ignored; OpenCLIP builds the model
+    at that size and resize_pos_embed resizes the weights' position embedding to its grid before loading them:
+    torch's F.interpolate, bicubic, align_corners=False, no antialiasing (also when it shrinks), the reference."""
+    folder = _open_clip_folder(tmp_path / "oc", openai_state_dict, vision={"image_size": image_size})
+    with pytest.warns(UserWarning, match="model_cfg.vision_cfg.image_size is .* but the weights' position embedding "
+                                         "is for 224 .7x7 patches.: resized to"):
+        clip = load_clip(folder)
+    side = image_size if isinstance(image_size, int) else image_size[0]
+    grid = side // 32
+    assert clip.config == dataclasses.replace(load_clip(_open_clip_folder(tmp_path / "same", openai_state_dict)).config,
+                                              image_size=side)
+    posemb = torch.from_numpy(openai_state_dict["visual.positional_embedding"].astype(np.float32))
+    grid_part = posemb[1:].reshape(1, 7, 7, -1).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(grid_part, size=(grid, grid), mode="bicubic", align_corners=False,
+                                              antialias=False).permute(0, 2, 3, 1).reshape(grid * grid, -1)
+    expected = torch.cat([posemb[:1], resized]).numpy()
+    np.testing.assert_allclose(clip.params["visual"]["positional_embedding"], expected, atol=1e-6, rtol=0)
 
 
 def test_open_clip_layer_norm_eps_matches_transformers(tmp_path):
@@ -1626,7 +1681,8 @@ def test_a_width_that_64_wide_heads_do_not_divide_names_where_the_head_width_is_
         "store it: OpenAI's 64, unless the open_clip_config.json of an OpenCLIP folder holding the weights gives "
         "model_cfg.vision_cfg.head_width)\n")
     folder = _open_clip_folder(tmp_path / "oc", state_dict,
-                               vision={"width": 96, "layers": 2, "patch_size": 32, "image_size": 64, "head_width": 48},
+                               vision={"width": 96, "layers": 2, "patch_size": 32, "image_size": 64, "head_width": 48,
+                                       "mlp_ratio": 2},
                                text={"width": 64, "heads": 1, "layers": 2}, embed_dim=32)
     clip = load_clip(folder)
     assert clip.config.vision_heads == 2

@@ -28,6 +28,7 @@ from tclip_jax.files import fingerprint, killed_swap_leftover, nonempty_path
 from tclip_jax.model import CLIP, CLIPConfig, from_hf_config, from_hf_preprocessor
 from tclip_jax.model.config import (OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD, is_hf_clip_config,
                                     normalization_channels)
+from tclip_jax.model.posemb import resize_positional_embedding
 from tclip_jax.model.tokenizer import ClipTokenizer, default_tokenizer, is_tokenizer_folder
 
 SOURCES = ("tclip", "hf", "openai", "open_clip")
@@ -231,15 +232,39 @@ _OPEN_CLIP_KEYS = {
                  "proj", "pooler_type"},
 }
 
-_OPEN_CLIP_WIDTHS = {"vision": 768, "text": 512}  # CLIPVisionCfg's and CLIPTextCfg's, where a config leaves them out
+# The architecture an OpenCLIP config gives, which the weights must have: CLIPConfig field -> (part, key, OpenCLIP's
+# default where it is left out: CLIPVisionCfg's and CLIPTextCfg's; embed_dim has none, CLIP's own argument). OpenCLIP
+# builds its model from the config and loads the weights with strict=True (factory.load_checkpoint), so weights of
+# other layers, widths, patches or vocabulary are an error there, refused here in one line naming the field (they were
+# read as the weights' own model); an MLP is int(width * mlp_ratio) wide. Only the position embeddings are resized
+# first (resize_pos_embed, resize_text_pos_embed): an image_size other than the weights' is honoured as OpenCLIP does
+# it (`_as_open_clip_config_says`), a context_length other than theirs refused.
+_OPEN_CLIP_ARCHITECTURE = {
+    "embed_dim": ("model_cfg", "embed_dim", None),
+    "vision_width": ("vision_cfg", "width", 768), "text_width": ("text_cfg", "width", 512),
+    "vision_layers": ("vision_cfg", "layers", 12), "patch_size": ("vision_cfg", "patch_size", 16),
+    "vision_mlp_dim": ("vision_cfg", "mlp_ratio", 4.0), "image_size": ("vision_cfg", "image_size", 224),
+    "text_layers": ("text_cfg", "layers", 12), "text_mlp_dim": ("text_cfg", "mlp_ratio", 4.0),
+    "context_length": ("text_cfg", "context_length", 77), "vocab_size": ("text_cfg", "vocab_size", 49408),
+}
+# How each field's value in the weights is said: "the weights' ..."
+_WEIGHTS_HAVE = {
+    "embed_dim": "embeddings are {} wide", "vision_width": "vision tower is {} wide",
+    "text_width": "text tower is {} wide",
+    "vision_layers": "vision tower has {} blocks", "patch_size": "patches are {} pixels wide",
+    "vision_mlp_dim": "vision MLPs are {} wide", "text_layers": "text tower has {} blocks",
+    "text_mlp_dim": "text MLPs are {} wide", "vocab_size": "vocabulary has {} tokens",
+    "context_length": "text tower has {} positions (OpenCLIP would interpolate its position embedding to the config's "
+                      "length, which tclip_jax does not)",
+}
 # A hub config's preprocess_cfg (OpenCLIP's PreprocessCfg), read as OpenCLIP 3.3 reads it: `merge_preprocess_dict`
 # drops a key PreprocessCfg lacks and a null value (the default stays), so neither can change pixels, and
 # `image_transform` makes an empty or zero mean or std OpenAI's and a single number one for all three channels
 # (torchvision's Normalize broadcasts a one-item list the same way). Its keys other than mean and std: the values
 # that give the pixels the input protocols make (OpenCLIP's defaults, OpenAI's transform; the first is the one they
 # compute, "random" interpolation is bicubic outside training; another is refused, not ignored), or None where
-# they do not matter here (size: every protocol resizes to the weights' input size, as OpenCLIP sets it from the
-# model; fill_color pads only for resize_mode "longest").
+# they do not matter here (size: every protocol resizes to the model's input size, its image_size, as OpenCLIP sets
+# it from the model; fill_color pads only for resize_mode "longest").
 _OPEN_CLIP_PREPROCESS = {"mode": ("RGB",), "interpolation": ("bicubic", "random"), "resize_mode": ("shortest",),
                          "size": None, "fill_color": None}
 
@@ -258,8 +283,9 @@ def _open_clip_channels(value: Any, key: str, default: tuple[float, float, float
 
 def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict, dict]:
     """(activation, whether the config names it, `infer_openai_config` arguments: head dimensions, layer-norm
-    epsilon, pixel normalization; the towers' widths it says, which the weights must have) from an OpenCLIP hub
-    folder's `open_clip_config.json`, if any. Without `quick_gelu` in it OpenCLIP builds GELU, which its
+    epsilon, pixel normalization; the architecture it says, which the weights must have: `_OPEN_CLIP_ARCHITECTURE`'s
+    fields, each as (its key, its value as written, the CLIPConfig field's value, whether left out)) from an OpenCLIP
+    hub folder's `open_clip_config.json`, if any. Without `quick_gelu` in it OpenCLIP builds GELU, which its
     `force_quick_gelu` (here --activation) may override. The model config is the file's `model_cfg`, or the whole
     file when it is a bare model config (`open_clip/model_configs/*.json`), as OpenCLIP's `get_model_config` reads
     it."""
@@ -312,12 +338,33 @@ def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict, 
     # OpenCLIP's defaults where a key is left out (CLIPVisionCfg, CLIPTextCfg): the image tower's heads are
     # head_width wide, the text tower has `heads` heads, whatever their width.
     choices = {"vision_head_dim": positive_int("vision_cfg", "head_width", 64)}
-    widths = {tower: positive_int(f"{tower}_cfg", "width", default) for tower, default in _OPEN_CLIP_WIDTHS.items()}
-    text_heads = positive_int("text_cfg", "heads", 8)
-    if widths["text"] % text_heads:
-        raise ConversionError(f"{path}: model_cfg.text_cfg.width {widths['text']} is not divisible by its "
+    architecture = {}  # CLIPConfig field -> (the config's key, its value as written, the field's value, left out)
+    for field, (part, key, default) in _OPEN_CLIP_ARCHITECTURE.items():
+        where, parent = (f"model_cfg.{key}", model_cfg) if part == "model_cfg" else (f"model_cfg.{part}.{key}",
+                                                                                    towers[part])
+        if key not in parent and default is None:
+            continue
+        value = parent.get(key, default)
+        if key == "mlp_ratio":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConversionError(f"{path}: {where} must be a positive number, got {json.dumps(value)}")
+            width = architecture[f"{part.removesuffix('_cfg')}_width"][2]  # given or defaulted above
+            architecture[field] = (where, value, int(width * value), key not in parent)
+            continue
+        written = value
+        if key == "image_size" and isinstance(value, list) and len(value) == 2:  # OpenCLIP's to_2tuple: [h, w]
+            if value[0] != value[1]:
+                raise ConversionError(f"{path}: {where} = {json.dumps(value)} is not supported (tclip_jax's CLIP "
+                                      "takes square inputs)")
+            value = value[0]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConversionError(f"{path}: {where} must be a positive integer, got {json.dumps(written)}")
+        architecture[field] = (where, written, value, key not in parent)
+    text_width, text_heads = architecture["text_width"][2], positive_int("text_cfg", "heads", 8)
+    if text_width % text_heads:
+        raise ConversionError(f"{path}: model_cfg.text_cfg.width {text_width} is not divisible by its "
                               f"{text_heads} heads")
-    choices["text_head_dim"] = widths["text"] // text_heads
+    choices["text_head_dim"] = text_width // text_heads
     epsilons = set()
     for tower in towers:
         norm = section(towers[tower], "norm_kwargs", f"model_cfg.{tower}.")
@@ -345,12 +392,12 @@ def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict, 
             choices[field] = _open_clip_channels(preprocess.get(key), key, default)
         except ValueError as err:
             raise ConversionError(f"{path}: preprocess_cfg.{err}") from None
-    return ("quick_gelu" if quick_gelu else "gelu"), "quick_gelu" in model_cfg, choices, widths
+    return ("quick_gelu" if quick_gelu else "gelu"), "quick_gelu" in model_cfg, choices, architecture
 
 
 def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: str, activation: Optional[str],
                             tokenizer_dir: Optional[pathlib.Path] = None,
-                            config_widths: Optional[tuple[pathlib.Path, dict]] = None, **choices) -> Converted:
+                            open_clip_config: Optional[tuple[pathlib.Path, dict]] = None, **choices) -> Converted:
     """A state dict with OpenAI key names: OpenAI's releases (QuickGELU) and OpenCLIP's (mostly exact GELU).
 
     `activation` comes from the caller (a flag, or an OpenCLIP config); otherwise a TorchScript archive's is the
@@ -359,18 +406,17 @@ def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: s
     dict is assumed QuickGELU with a warning, since nothing in it says which. `choices`: what an OpenCLIP config
     says (`infer_openai_config`'s head dimensions and layer-norm epsilon); without one, heads are OpenAI's 64 wide
     except at the widths of OpenCLIP's ViTs with wider heads (`OPEN_CLIP_HEAD_WIDTHS`, with a warning).
-    `config_widths`: that config's path and the towers' widths it says, which the weights must have."""
+    `open_clip_config`: that config's path and the architecture it says (`_open_clip_config`), which the weights
+    must have."""
     state = sources.read_state_dict(path)
     if detect_format(state.arrays, str(path)) == "hf":
         raise ConversionError(f"{path} is a Hugging Face state dict, which needs its config.json: "
                               "pass the folder holding both")
-    config_path, widths = config_widths or (None, {})
-    for tower, key in (("vision", "visual.conv1.weight"), ("text", "ln_final.weight")):
+    config_path, architecture = open_clip_config or (None, {})
+    for field, key in (("vision_width", "visual.conv1.weight"), ("text_width", "ln_final.weight")):
         found = np.shape(state.arrays.get(key, ()))[:1]  # a missing key is reported with the others, later
-        if tower in widths and found and found[0] != widths[tower]:  # the heads were split at the config's width
-            raise ConversionError(f"{config_path}: model_cfg.{tower}_cfg.width is {widths[tower]} (OpenCLIP's "
-                                  f"default {_OPEN_CLIP_WIDTHS[tower]} where it is left out) but the weights' {tower} "
-                                  f"tower is {found[0]} wide")
+        if field in architecture and found:  # the heads were split at the config's width: checked before
+            _check_open_clip_field(config_path, architecture, field, found[0])
     checkpoint.warn_if_upcast(state.stored_dtypes, str(path))
     if state.training_run is not None:
         source = source or "open_clip"
@@ -398,8 +444,49 @@ def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: s
                       f"{name}, so {width[0] // choices['vision_head_dim']} heads of {choices['vision_head_dim']} "
                       "are assumed (a folder with its open_clip_config.json says otherwise)", stacklevel=3)
     config = infer_openai_config(state.arrays, activation=activation, **choices)
-    params = convert_state_dict(state.arrays, config, "openai", str(path))
+    arrays = state.arrays
+    if config_path is not None:
+        config, arrays = _as_open_clip_config_says(config_path, architecture, config, arrays)
+    params = convert_state_dict(arrays, config, "openai", str(path))
     return Converted(params, config, tokenizer_dir, source, origin)
+
+
+def _check_open_clip_field(config_path: pathlib.Path, architecture: dict, field: str, found: int) -> None:
+    """Refuses weights whose `field` (a CLIPConfig field) is not what the OpenCLIP config says, naming its key."""
+    where, written, expected, left_out = architecture[field]
+    if expected == found:
+        return
+    notes = [f"OpenCLIP's default {_OPEN_CLIP_ARCHITECTURE[field][2]} where it is left out"] if left_out else []
+    if field.endswith("_mlp_dim"):  # mlp_ratio: the width it gives
+        notes.append(f"MLPs {expected} wide")
+    said = f" ({'; '.join(notes)})" if notes else ""
+    raise ConversionError(f"{config_path}: {where} is {json.dumps(written)}{said} but the weights' "
+                          + _WEIGHTS_HAVE[field].format(found))
+
+
+def _as_open_clip_config_says(config_path: pathlib.Path, architecture: dict, config: CLIPConfig,
+                              arrays: dict) -> tuple[CLIPConfig, dict]:
+    """(`config`, read off the weights, and the weights) as OpenCLIP builds and loads them from its config: any
+    architecture field the config gives that the weights do not have is refused, but an image_size, for which
+    OpenCLIP's `resize_pos_embed` resizes the weights' position embedding (bicubic, align_corners=False, no
+    antialiasing: `tclip_jax.model.posemb`, the one the model resizes with at other input sizes) to the config's
+    grid before loading them, with a warning, since the model then runs at that size."""
+    for field in architecture:
+        if field != "image_size":
+            _check_open_clip_field(config_path, architecture, field, getattr(config, field))
+    where, written, image_size, _ = architecture["image_size"]
+    if image_size == config.image_size:
+        return config, arrays
+    if image_size % config.patch_size:
+        raise ConversionError(f"{config_path}: {where} is {json.dumps(written)}, not a multiple of the patch size "
+                              f"{config.patch_size} (tclip_jax's CLIP takes whole patches)")
+    old, new = config.grid_size, image_size // config.patch_size
+    warnings.warn(f"{config_path}: {where} is {json.dumps(written)} but the weights' position embedding is for "
+                  f"{config.image_size} ({old}x{old} patches): resized to {new}x{new} as OpenCLIP does "
+                  "(resize_pos_embed, bicubic), and the model runs at that size", stacklevel=4)
+    posemb = resize_positional_embedding(arrays["visual.positional_embedding"], (old, old), (new, new))
+    return (dataclasses.replace(config, image_size=image_size),
+            {**arrays, "visual.positional_embedding": np.asarray(posemb, np.float32)})
 
 
 def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
@@ -464,11 +551,11 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
 def _from_open_clip_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str,
                            activation: Optional[str]) -> Converted:
     """The OpenCLIP folder's `weights`, read as its `open_clip_config.json` (if any) says."""
-    config_activation, stated, choices, widths = _open_clip_config(folder)
+    config_activation, stated, choices, architecture = _open_clip_config(folder)
     if stated:
         _check_activation(activation, config_activation, folder / "open_clip_config.json")
     return _from_openai_state_dict(weights, "open_clip", origin, activation or config_activation,
-                                   _tokenizer_dir(folder), (folder / "open_clip_config.json", widths), **choices)
+                                   _tokenizer_dir(folder), (folder / "open_clip_config.json", architecture), **choices)
 
 
 # The classes of the MLP activation modules of CLIP archives (TorchScript's qualified names): OpenAI's and
