@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import pathlib
+import pickle
 import re
 import shutil
 import warnings
@@ -774,6 +775,28 @@ def test_a_legacy_pickle_of_another_protocol_is_refused_in_our_words_alone(tmp_p
                                        "does not read: save it again in torch.save's default format, or as "
                                        "safetensors\n")
     assert_same_model(load_clip(tmp_path / "legacy2.pt"), reference, inputs)
+
+
+@pytest.mark.parametrize("protocol", [4, 5])  # 3: the weights-only reader reads it and names what it loads
+def test_a_plain_python_pickle_is_not_called_torch_saves_legacy_format(tmp_path, openai_state_dict, capsys, protocol):
+    """Any pickle of protocol 3 to 5 that torch's weights-only reader could not read was called "torch.save's legacy
+    format"; only torch.save's legacy files start with torch's magic number (torch.serialization.MAGIC_NUMBER). A
+    pickle.dump of numpy arrays, or of an object that would run code, is a Python pickle, still never unpickled."""
+    marker = tmp_path / "ran"
+    with open(tmp_path / "arrays.pt", "wb") as file:
+        pickle.dump(dict(openai_state_dict), file, protocol=protocol)
+    with open(tmp_path / "code.pt", "wb") as file:
+        pickle.dump({"a": _RunsCode(marker)}, file, protocol=protocol)
+    for name in ("arrays.pt", "code.pt"):
+        assert tclip(["convert", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err == (f"tclip convert: error: {tmp_path / name} is a Python pickle (protocol "
+                                           f"{protocol}), not a PyTorch checkpoint, and tclip never unpickles one: "
+                                           "save the weights as safetensors or .npz\n")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    torch.save({"a": torch.zeros(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False,
+               pickle_protocol=protocol)
+    assert tclip(["convert", str(tmp_path / "legacy.pt"), "--out", str(tmp_path / "out")]) == 2
+    assert "(torch.save's legacy format)" in capsys.readouterr().err
 
 
 def test_wrong_shapes_and_unexpected_keys_listed_together(tmp_path, openai_state_dict):

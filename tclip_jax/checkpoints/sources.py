@@ -61,6 +61,11 @@ def require_regular_file(path: pathlib.Path, what: str = "checkpoint") -> None:
         raise ConversionError(f"{what} file is empty: {path}")
 
 
+# What torch.save's legacy (pre-zip) format pickles first (torch.serialization.MAGIC_NUMBER); a pickle of protocol 3 to
+# 5 that does not start with it is another program's pickle.
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
 def _from_torch(path: pathlib.Path) -> tuple[Mapping[str, Any], Optional[frozenset[str]], Optional[str]]:
     """(tensors, a TorchScript archive's module classes (None for a pickle), the OpenCLIP training run's name if it
     is a training checkpoint)."""
@@ -83,11 +88,14 @@ def _from_torch(path: pathlib.Path) -> tuple[Mapping[str, Any], Optional[frozens
     except pickle.UnpicklingError as err:  # the weights-only reader's refusal, whose advice is to unpickle it anyway
         refused = re.search(r"GLOBAL (\S+)", str(err))
         with open(path, "rb") as file:
-            start = file.read(2)
-        if refused is None and start[:1] == b"\x80" and start[1:] in (b"\x03", b"\x04", b"\x05"):
-            raise ConversionError(f"{path} is a PyTorch pickle of protocol {start[1]} (torch.save's legacy format), "
-                                  "which torch's weights-only reader does not read: save it again in torch.save's "
-                                  "default format, or as safetensors") from None
+            start = file.read(32)
+        if refused is None and start[:1] == b"\x80" and start[1:2] in (b"\x03", b"\x04", b"\x05"):
+            if start.startswith(pickle.dumps(_TORCH_LEGACY_MAGIC, protocol=start[1])):
+                raise ConversionError(f"{path} is a PyTorch pickle of protocol {start[1]} (torch.save's legacy "
+                                      "format), which torch's weights-only reader does not read: save it again in "
+                                      "torch.save's default format, or as safetensors") from None
+            raise ConversionError(f"{path} is a Python pickle (protocol {start[1]}), not a PyTorch checkpoint, and "
+                                  "tclip never unpickles one: save the weights as safetensors or .npz") from None
         if refused is None:  # no pickle of anything (an error page saved as .pt, random bytes): not a checkpoint
             raise ConversionError(f"{path} is not a PyTorch checkpoint, no pickle of tensors (truncated or corrupt, "
                                   "or another kind of file?)") from None
