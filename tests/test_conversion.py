@@ -799,6 +799,22 @@ def test_a_plain_python_pickle_is_not_called_torch_saves_legacy_format(tmp_path,
     assert "(torch.save's legacy format)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key", ["ln_final.weight", "visual.positional_embedding", "token_embedding.weight"])
+def test_a_key_the_architecture_is_read_from_is_missed_naming_the_file_and_nothing_assumed(tmp_path, openai_state_dict,
+                                                                                          capsys, key):
+    """A state dict lacking a key whose shape gives the architecture was refused without naming the file (the README:
+    missing keys are "reported at once, naming the checkpoint file"), after a warning that its MLP activation was
+    assumed, for a file then refused."""
+    safetensors.numpy.save_file({k: v for k, v in openai_state_dict.items() if k != key}, tmp_path / "cut.safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert tclip(["convert", str(tmp_path / "cut.safetensors"), "--out", str(tmp_path / "out")]) == 2
+    assert [str(w.message) for w in caught] == []
+    err = capsys.readouterr().err
+    assert err.startswith(f"tclip convert: error: {tmp_path / 'cut.safetensors'}: ") and key in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_wrong_shapes_and_unexpected_keys_listed_together(tmp_path, openai_state_dict):
     broken = dict(openai_state_dict)
     broken["visual.proj"] = np.zeros((128, 65), np.float16)
@@ -1700,7 +1716,7 @@ def test_a_width_that_64_wide_heads_do_not_divide_names_where_the_head_width_is_
     safetensors.numpy.save_file(state_dict, tmp_path / "bare.safetensors")
     assert tclip(["convert", str(tmp_path / "bare.safetensors"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == (
-        "tclip convert: error: vision width 96 is not a multiple of 64, the width of its heads (a state dict does not "
+        f"tclip convert: error: {tmp_path / 'bare.safetensors'}: vision width 96 is not a multiple of 64, the width of its heads (a state dict does not "
         "store it: OpenAI's 64, unless the open_clip_config.json of an OpenCLIP folder holding the weights gives "
         "model_cfg.vision_cfg.head_width)\n")
     folder = _open_clip_folder(tmp_path / "oc", state_dict,

@@ -39,63 +39,66 @@ def detect_format(state_dict: Mapping[str, np.ndarray], path: Optional[str] = No
                           f"first keys: {sample}")
 
 
-def _count_blocks(keys, pattern: str) -> int:
+def _count_blocks(keys, pattern: str, where: str = "") -> int:
     found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
     if found != set(range(len(found))):
-        raise ConversionError(f"block indices are not contiguous: {sorted(found)}")
+        raise ConversionError(f"{where}block indices are not contiguous: {sorted(found)}")
     return len(found)
 
 
 def infer_openai_config(state_dict: Mapping[str, np.ndarray], activation: str = "quick_gelu",
                         vision_head_dim: int = 64, text_head_dim: int = 64, layer_norm_eps: float = 1e-5,
-                        **normalization) -> CLIPConfig:
+                        path: Optional[str] = None, **normalization) -> CLIPConfig:
     """Reads the architecture off an OpenAI-format state dict's shapes, like OpenAI's `build_model`.
 
     Head counts and the layer-norm epsilon are not visible in the shapes: OpenAI's ViTs use 64-dim heads and
     torch's default 1e-5; OpenCLIP configs that differ (e.g. ViT-H/14, 80-dim heads) pass theirs, and their pixel
-    normalization (`normalization`: `CLIPConfig.image_mean`, `image_std`; OpenAI's where not given).
+    normalization (`normalization`: `CLIPConfig.image_mean`, `image_std`; OpenAI's where not given). Errors name
+    `path`, the checkpoint file, if given.
     """
-    if detect_format(state_dict) != "openai":
-        raise ConversionError("expected OpenAI/OpenCLIP key names")
+    where = f"{path}: " if path else ""
+    if detect_format(state_dict, path) != "openai":
+        raise ConversionError(f"{where}expected OpenAI/OpenCLIP key names")
 
     def shape(key: str, rank: int, layout: str) -> tuple[int, ...]:
-        if key not in state_dict:
-            raise ConversionError(f"OpenAI-format state dict lacks {key!r}")
+        if key not in state_dict:  # the architecture is read off it, so it is missed before the other keys are
+            raise ConversionError(f"{where}OpenAI-format state dict lacks {key!r}, from which its architecture is read")
         found = tuple(np.shape(state_dict[key]))
         if len(found) != rank:
-            raise ConversionError(f"{key} must be {rank}-D {layout}, got shape {found}")
+            raise ConversionError(f"{where}{key} must be {rank}-D {layout}, got shape {found}")
         return found
 
     vision_width, _, patch, _ = shape("visual.conv1.weight", 4, "[width, 3, patch, patch]")
     positions = shape("visual.positional_embedding", 2, "[1 + grid**2, width]")[0]
     grid = round((positions - 1) ** 0.5)
     if grid * grid + 1 != positions:
-        raise ConversionError(f"visual.positional_embedding has {positions} rows, not 1 + a square grid")
+        raise ConversionError(f"{where}visual.positional_embedding has {positions} rows, not 1 + a square grid")
     text_width = shape("ln_final.weight", 1, "[text width]")[0]
     for width, head_dim, tower, field in ((vision_width, vision_head_dim, "vision", "vision_cfg.head_width"),
                                           (text_width, text_head_dim, "text", "text_cfg.width and heads")):
         if width % head_dim:
-            raise ConversionError(f"{tower} width {width} is not a multiple of {head_dim}, the width of its heads (a "
+            raise ConversionError(f"{where}{tower} width {width} is not a multiple of {head_dim}, the width of its heads (a "
                                   "state dict does not store it: OpenAI's 64, unless the open_clip_config.json of an "
                                   f"OpenCLIP folder holding the weights gives model_cfg.{field})")
     values = dict(
         embed_dim=shape("text_projection", 2, "[text width, embed dim]")[1],
         image_size=patch * grid, patch_size=patch,
         vision_width=vision_width,
-        vision_layers=_count_blocks(state_dict, r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
+        vision_layers=_count_blocks(state_dict, r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight",
+                                    where),
         vision_heads=vision_width // vision_head_dim,
         vision_mlp_dim=shape("visual.transformer.resblocks.0.mlp.c_fc.weight", 2, "[mlp dim, width]")[0],
         vocab_size=shape("token_embedding.weight", 2, "[vocabulary, text width]")[0],
         context_length=shape("positional_embedding", 2, "[context, text width]")[0],
         text_width=text_width,
-        text_layers=_count_blocks(state_dict, r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight"),
+        text_layers=_count_blocks(state_dict, r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight", where),
         text_heads=text_width // text_head_dim,
         text_mlp_dim=shape("transformer.resblocks.0.mlp.c_fc.weight", 2, "[mlp dim, text width]")[0],
         activation=activation, layer_norm_eps=layer_norm_eps, **normalization)
     try:
         return CLIPConfig(**values)
     except ValueError as err:  # CLIPConfig's own checks (e.g. no blocks at all)
-        raise ConversionError(f"the state dict's shapes give no valid CLIP: {err}") from None
+        raise ConversionError(f"{where}the state dict's shapes give no valid CLIP: {err}") from None
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: CLIPConfig,

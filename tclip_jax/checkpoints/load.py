@@ -424,30 +424,33 @@ def _from_openai_state_dict(path: pathlib.Path, source: Optional[str], origin: s
     named = _torchscript_activation(state.module_classes, path)
     if named is not None:
         _check_activation(activation, named, path)
+    assumed = []  # what is assumed, said once the weights are read: not for a file then refused
     if activation is None:
         if named is not None:
             activation = named
         elif state.training_run is not None:
             activation = "quick_gelu" if "quickgelu" in state.training_run.lower() else "gelu"
-            warnings.warn(f"{path} is an OpenCLIP training checkpoint (run {state.training_run!r}); its activation "
-                          f"is not stored, so {activation} is assumed from the run name (set --activation / "
-                          "activation= if it is wrong)", stacklevel=3)
+            assumed.append(f"{path} is an OpenCLIP training checkpoint (run {state.training_run!r}); its activation "
+                           f"is not stored, so {activation} is assumed from the run name (set --activation / "
+                           "activation= if it is wrong)")
         else:
             activation, other = ("gelu", "quick_gelu") if source == "open_clip" else ("quick_gelu", "gelu")
-            warnings.warn(f"{path} does not say its MLP activation; assuming {activation} "
-                          f"({'OpenCLIP' if source == 'open_clip' else 'OpenAI'}'s). A model trained with "
-                          f"{other} needs --activation {other} (activation='{other}')", stacklevel=3)
+            assumed.append(f"{path} does not say its MLP activation; assuming {activation} "
+                           f"({'OpenCLIP' if source == 'open_clip' else 'OpenAI'}'s). A model trained with "
+                           f"{other} needs --activation {other} (activation='{other}')")
     width = np.shape(state.arrays.get("visual.conv1.weight", ()))[:1]
     if "vision_head_dim" not in choices and width and width[0] in OPEN_CLIP_HEAD_WIDTHS:
         name, choices["vision_head_dim"] = OPEN_CLIP_HEAD_WIDTHS[width[0]]
-        warnings.warn(f"{path} does not store its head count; its image tower's width {width[0]} is OpenCLIP's "
-                      f"{name}, so {width[0] // choices['vision_head_dim']} heads of {choices['vision_head_dim']} "
-                      "are assumed (a folder with its open_clip_config.json says otherwise)", stacklevel=3)
-    config = infer_openai_config(state.arrays, activation=activation, **choices)
+        assumed.append(f"{path} does not store its head count; its image tower's width {width[0]} is OpenCLIP's "
+                       f"{name}, so {width[0] // choices['vision_head_dim']} heads of {choices['vision_head_dim']} "
+                       "are assumed (a folder with its open_clip_config.json says otherwise)")
+    config = infer_openai_config(state.arrays, activation=activation, path=str(path), **choices)
     arrays = state.arrays
     if config_path is not None:
         config, arrays = _as_open_clip_config_says(config_path, architecture, config, arrays)
     params = convert_state_dict(arrays, config, "openai", str(path))
+    for message in assumed:
+        warnings.warn(message, stacklevel=3)
     return Converted(params, config, tokenizer_dir, source, origin)
 
 
