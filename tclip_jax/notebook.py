@@ -1,11 +1,12 @@
 """The logic behind `colab/tclip_demo.ipynb`, kept here so that it is tested like everything else."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import socket
 import urllib.request
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -57,12 +58,30 @@ def load_explainer(model: Optional[str] = None, **settings) -> tuple[TCLIP, str]
     return TCLIP(clip, Settings.from_dict(settings)), clip.origin
 
 
-def fetch_image(source: Optional[str] = None) -> np.ndarray:
-    """uint8 RGB from a URL or a path; with no source, a held-out synthetic scene."""
+def _user_agent() -> str:
+    """Names tclip_jax to the servers it fetches from: Wikimedia's (and others') refuse urllib's default."""
+    try:
+        version = importlib.metadata.version("tclip_jax")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        version = "dev"
+    return f"tclip_jax/{version} (notebook.fetch_image; Python urllib)"
+
+
+def fetch_image(source: Any = None) -> np.ndarray:
+    """uint8 RGB from an http(s) URL, or what `load_image` takes (a path as str or `pathlib.Path`, encoded bytes, a PIL
+    image, an array), or Colab's `files.upload()` result, a dict of one uploaded file's name and bytes; with no
+    source, a held-out synthetic scene."""
     if source is None:
         return synthetic.make_scene(synthetic.HELDOUT_SEED_START).image
-    if source.startswith(("http://", "https://")):
-        with urllib.request.urlopen(source, timeout=30) as response:
+    if isinstance(source, dict):  # google.colab.files.upload(): {file name: bytes}
+        if len(source) != 1:
+            raise ValueError(f"fetch_image takes one uploaded file, and the dict holds {len(source)}"
+                             + (f" ({', '.join(map(repr, source))}): pass one, fetch_image(uploaded[name])"
+                                if source else ""))
+        source = next(iter(source.values()))
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        request = urllib.request.Request(source, headers={"User-Agent": _user_agent()})
+        with urllib.request.urlopen(request, timeout=30) as response:
             return load_image(response.read())  # encoded bytes: the pixel-limit check a file gets
     return load_image(source)
 

@@ -183,6 +183,27 @@ def test_fetch_image_from_path_and_default(tmp_path):
         notebook.fetch_image(str(tmp_path / "missing.png"))
 
 
+def test_fetch_image_takes_what_load_image_takes_and_colabs_upload(tmp_path):
+    """fetch_image took only a str: a pathlib.Path was an AttributeError, bytes a TypeError, and the dict Colab's
+    files.upload() returns (file name -> bytes), which the notebook said "gives you a path", an AttributeError.
+    load_image of the same file is the reference."""
+    from PIL import Image
+
+    from tclip_jax.image import load_image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (6, 9, 3), np.uint8)).save(tmp_path / "photo.png")
+    expected = load_image(tmp_path / "photo.png")
+    encoded = (tmp_path / "photo.png").read_bytes()
+    for source in (tmp_path / "photo.png", encoded, bytearray(encoded), {"photo.png": encoded}):
+        np.testing.assert_array_equal(notebook.fetch_image(source), expected)
+    with pytest.raises(ValueError, match="^fetch_image takes one uploaded file, and the dict holds 2 \\('a.png', "
+                                         "'b.png'\\): pass one, fetch_image\\(uploaded\\[name\\]\\)$"):
+        notebook.fetch_image({"a.png": encoded, "b.png": encoded})
+    with pytest.raises(ValueError, match="^fetch_image takes one uploaded file, and the dict holds 0$"):
+        notebook.fetch_image({})
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own, before our refusal
 def test_fetch_image_from_a_url_decodes_as_a_file_does_with_its_pixel_limit(tmp_path, monkeypatch):
     import functools
@@ -195,13 +216,23 @@ def test_fetch_image_from_a_url_decodes_as_a_file_does_with_its_pixel_limit(tmp_
 
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (30, 40, 3), np.uint8)).save(tmp_path / "photo.png")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *args: None
+    agents = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            agents.append(self.headers.get("User-Agent"))
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Handler, directory=str(tmp_path))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/photo.png"
         np.testing.assert_array_equal(notebook.fetch_image(url), load_image(tmp_path / "photo.png"))
+        assert agents[0].startswith("tclip_jax/"), agents  # Wikimedia refuses urllib's default, Python-urllib/3.x
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1200 pixels: under PIL's own refusal at twice it
         with pytest.raises(ValueError, match="has 1,200 pixels, more than the limit of 1,000"):
             notebook.fetch_image(url)
