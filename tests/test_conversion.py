@@ -944,6 +944,26 @@ def test_hub_names_with_dots_are_hub_names_and_checkpoint_files_are_not(monkeypa
     assert len(asked) == len(hub_names)
 
 
+@pytest.mark.parametrize("preset, hub_name", [
+    ("ViT-B/32", "openai/clip-vit-base-patch32"), ("ViT-B/16", "openai/clip-vit-base-patch16"),
+    ("ViT-L/14", "openai/clip-vit-large-patch14"), ("ViT-L/14@336", "openai/clip-vit-large-patch14-336")])
+def test_a_preset_named_as_a_model_says_the_hub_repository_of_its_weights(monkeypatch, tmp_path, capsys, preset,
+                                                                           hub_name):
+    """The README listed the presets among the names of a model, but `--model ViT-B/32` was taken as a hub repository
+    (and ViT-L/14@336 as an invalid one), with `hf download ViT-B/32` advice. A preset is an architecture: the one
+    line names the hub repository of OpenAI's weights (Hugging Face's names), with no download tried."""
+    from tclip_jax.checkpoints import sources
+    from tclip_jax.model import PRESETS
+
+    monkeypatch.setattr(sources, "download_from_hub", lambda *args, **kwargs: pytest.fail("the hub was tried"))
+    monkeypatch.chdir(tmp_path)
+    assert preset in PRESETS
+    assert tclip(["convert", preset, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"tclip convert: error: model not found: {preset} is an architecture preset, "
+                                       f"not weights: name OpenAI's {preset} weights by their hub repository, "
+                                       f"{hub_name}\n")
+
+
 def test_a_mistyped_path_that_reads_as_a_hub_name_says_there_is_no_such_folder(monkeypatch, tmp_path, capsys):
     """`models/vit` (no such folder) is also a hub name: when the hub cannot give it either, the one line says that
     there is no local file or folder of that name, not only that the hub could not be reached."""

@@ -26,7 +26,7 @@ from tclip_jax.checkpoints import folder as checkpoint, sources
 from tclip_jax.checkpoints.convert import ConversionError, convert_state_dict, detect_format, infer_openai_config
 from tclip_jax.files import fingerprint, killed_swap_leftover, nonempty_path
 from tclip_jax.model import CLIP, CLIPConfig, from_hf_config, from_hf_preprocessor
-from tclip_jax.model.config import (OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD, is_hf_clip_config,
+from tclip_jax.model.config import (OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD, PRESET_HUB_NAMES, is_hf_clip_config,
                                     normalization_channels)
 from tclip_jax.model.posemb import resize_positional_embedding
 from tclip_jax.model.tokenizer import ClipTokenizer, default_tokenizer, is_tokenizer_folder
@@ -508,6 +508,9 @@ def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
             raise FileNotFoundError(f"model not found: {origin}; a save into it was killed while it replaced the "
                                     f"folder, and the previous one waits in {leftover} (the next save into {origin} "
                                     "puts it back, or move it back yourself)")
+        if origin in PRESET_HUB_NAMES:  # 'ViT-B/32' reads as a hub name, and is none
+            raise FileNotFoundError(f"model not found: {origin} is an architecture preset, not weights: name OpenAI's "
+                                    f"{origin} weights by their hub repository, {PRESET_HUB_NAMES[origin]}")
         if not _is_hub_name(origin):
             raise FileNotFoundError(f"model not found: {origin} is neither a file, a folder nor a hub name")
         open_clip = origin.startswith("hf-hub:") or source == "open_clip"

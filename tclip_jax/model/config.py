@@ -153,6 +153,10 @@ PRESETS: dict[str, CLIPConfig] = {
     "ViT-L/14": _openai_vit(768, 224, 14, 1024, 24, 768, 12),
     "ViT-L/14@336": _openai_vit(768, 336, 14, 1024, 24, 768, 12),
 }
+# A preset names an architecture (a record names a model's by it), not weights: OpenAI's weights of each are these
+# Hugging Face hub repositories, which `load_clip` and --model take.
+PRESET_HUB_NAMES = {"ViT-B/32": "openai/clip-vit-base-patch32", "ViT-B/16": "openai/clip-vit-base-patch16",
+                    "ViT-L/14": "openai/clip-vit-large-patch14", "ViT-L/14@336": "openai/clip-vit-large-patch14-336"}
 
 
 # CLIPConfig field -> (part of the Hugging Face config, its key, the default Hugging Face's CLIPConfig has).
