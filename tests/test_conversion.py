@@ -1736,8 +1736,8 @@ def test_a_width_that_64_wide_heads_do_not_divide_names_where_the_head_width_is_
     safetensors.numpy.save_file(state_dict, tmp_path / "bare.safetensors")
     assert tclip(["convert", str(tmp_path / "bare.safetensors"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == (
-        f"tclip convert: error: {tmp_path / 'bare.safetensors'}: vision width 96 is not a multiple of 64, the width of its heads (a state dict does not "
-        "store it: OpenAI's 64, unless the open_clip_config.json of an OpenCLIP folder holding the weights gives "
+        f"tclip convert: error: {tmp_path / 'bare.safetensors'}: vision width 96 is not a multiple of 64, the width "
+        "of its heads (a state dict does not store it: OpenAI's 64, unless the open_clip_config.json of an OpenCLIP folder holding the weights gives "
         "model_cfg.vision_cfg.head_width)\n")
     folder = _open_clip_folder(tmp_path / "oc", state_dict,
                                vision={"width": 96, "layers": 2, "patch_size": 32, "image_size": 64, "head_width": 48,

@@ -77,9 +77,9 @@ def infer_openai_config(state_dict: Mapping[str, np.ndarray], activation: str = 
     for width, head_dim, tower, field in ((vision_width, vision_head_dim, "vision", "vision_cfg.head_width"),
                                           (text_width, text_head_dim, "text", "text_cfg.width and heads")):
         if width % head_dim:
-            raise ConversionError(f"{where}{tower} width {width} is not a multiple of {head_dim}, the width of its heads (a "
-                                  "state dict does not store it: OpenAI's 64, unless the open_clip_config.json of an "
-                                  f"OpenCLIP folder holding the weights gives model_cfg.{field})")
+            raise ConversionError(f"{where}{tower} width {width} is not a multiple of {head_dim}, the width of its "
+                                  "heads (a state dict does not store it: OpenAI's 64, unless the open_clip_config.json "
+                                  f"of an OpenCLIP folder holding the weights gives model_cfg.{field})")
     values = dict(
         embed_dim=shape("text_projection", 2, "[text width, embed dim]")[1],
         image_size=patch * grid, patch_size=patch,
