@@ -766,6 +766,33 @@ def test_loaded_parameters_are_read_only_and_the_readmes_ablation_is_another_mod
     np.testing.assert_array_equal(method.text_features(["a cat"]), before)  # the loaded model: unchanged
 
 
+@pytest.mark.parametrize("name", ["similarity", "tclip"])
+def test_a_leaf_replaced_in_the_parameter_dict_is_another_model(tiny_clip, fixture_images, name):
+    """The parameter tree is a plain nested dict, and the fingerprint was computed once: after
+    `params["text"]["projection"] = new`, prompts encoded before were accepted (mapped with the old projection's
+    queries) and results recorded the old model. The fingerprint is the one of the tree as it is now: that of a
+    LoadedClip built anew on it, so the old prompts are refused, and fresh ones map as on that model."""
+    clip = dataclasses.replace(tiny_clip, params=jax.tree_util.tree_map(lambda a: a, tiny_clip.params))  # own dicts
+    fingerprint, image = clip.fingerprint, fixture_images["scene_224"]
+    assert fingerprint == tiny_clip.fingerprint
+    method = method_for_tests(name, clip)
+    encoded = method.encode_prompts(["a red circle"])
+    old = clip.params["text"]["projection"]
+    clip.params["text"]["projection"] = np.ascontiguousarray(old[:, ::-1])
+    rebuilt = dataclasses.replace(clip, params=jax.tree_util.tree_map(lambda a: a, clip.params))
+    assert clip.fingerprint == rebuilt.fingerprint != fingerprint
+    with pytest.raises(ValueError, match="encoded by .* with another model"):
+        method.explain(image, encoded)
+    result = method.explain(image, ["a red circle"])
+    assert result.run["model"]["fingerprint"] == rebuilt.fingerprint
+    np.testing.assert_array_equal(result.prompts[0].phrase.heatmap,
+                                  method_for_tests(name, rebuilt).explain(image, ["a red circle"]).prompts[0]
+                                  .phrase.heatmap)
+    clip.params["text"]["projection"] = old  # the old leaf back: the old model
+    assert clip.fingerprint == fingerprint
+    assert method.explain(image, encoded).run["model"]["fingerprint"] == fingerprint
+
+
 def test_the_readmes_method_added_with_one_registry_line_explains_and_is_benchmarked(tiny_clip, fixture_images,
                                                                                      monkeypatch):
     """Adding a method is its module and one REGISTRY line: the README's example, as written (imports included),

@@ -9,7 +9,6 @@ Accepted: a converted tclip_jax folder; a Hugging Face CLIPModel folder (`config
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -48,19 +47,26 @@ class LoadedClip:
     def config(self) -> CLIPConfig:
         return self.model.config
 
-    @functools.cached_property
+    @property
     def fingerprint(self) -> str:
         """A digest that tells CLIPs apart, whatever path or format named them: "v2-" and the digest of every field
         of the config (but OpenAI's pixel normalization, the only one before the config carried it, so that models
         with it keep their fingerprint) and every parameter (its path in the tree, its shape and its float32 bytes,
         whole). A model that differs anywhere is another model: a fine-tune of its transformer blocks alone, a
         float16-rounded copy (other weights, other maps), one that normalizes its pixels otherwise. What ECLIP's
-        projections, encoded prompts and every result record of the model they were made with; computed once
-        (SHA-256 of every byte: 0.6-0.8 s for a ViT-B/32, 151M parameters, and 0.02 s for the embedded default model,
-        7M, on this 2-core VM). `is_v1_fingerprint` tells one recorded before it covered the whole model, which
-        `is_recorded_as` compares by its own definition."""
-        return weights_fingerprint(repr(self.config.defining_fields()),
-                                   flax.traverse_util.flatten_dict(self.params, sep="/"))
+        projections, encoded prompts and every result record of the model they were made with; computed once for the
+        leaves it was computed from (SHA-256 of every byte: 0.6-0.8 s for a ViT-B/32, 151M parameters, and 0.02 s for
+        the embedded default model, 7M, on this 2-core VM), and again once a leaf is replaced in the tree, a plain
+        nested dict (`params["text"]["projection"] = new`: another model, `TreeLeaves`). `is_v1_fingerprint` tells
+        one recorded before it covered the whole model, which `is_recorded_as` compares by its own definition."""
+        leaves = TreeLeaves.of(self.params)
+        kept = self.__dict__.get("_fingerprint_of")  # (TreeLeaves, fingerprint), kept beside the frozen fields
+        if kept is not None and leaves.same_as(kept[0]):
+            return kept[1]
+        digest = weights_fingerprint(repr(self.config.defining_fields()),
+                                     flax.traverse_util.flatten_dict(self.params, sep="/"))
+        object.__setattr__(self, "_fingerprint_of", (leaves, digest))
+        return digest
 
     def is_recorded_as(self, recorded: Any) -> bool:
         """Whether a fingerprint a record holds is this model's: `fingerprint`, or one of the first definition
@@ -77,6 +83,26 @@ class LoadedClip:
         return recorded == fingerprint([self.config.activation.encode(),
                                         *(repr(np.shape(leaf)).encode() + np.asarray(leaf, np.float16).tobytes()
                                           for leaf in leaves)])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TreeLeaves:
+    """A parameter tree as it is now: its structure and its leaves themselves (kept, so that no other array takes
+    their ids). What is computed from a tree and kept (`LoadedClip.fingerprint`, a method's text features) keeps
+    this beside it and is computed again where the tree's `TreeLeaves` is not `same_as` it: a leaf replaced in the
+    tree (a plain nested dict, `params["text"]["projection"] = new`) or the tree's structure changed. Leaves are told
+    by identity, which costs nothing per call; an edit in place is what `load_clip`'s read-only arrays refuse."""
+    structure: Any
+    leaves: tuple
+
+    @classmethod
+    def of(cls, tree: Any) -> "TreeLeaves":
+        leaves, structure = jax.tree_util.tree_flatten(tree)
+        return cls(structure, tuple(leaves))
+
+    def same_as(self, kept: Optional["TreeLeaves"]) -> bool:
+        return (kept is not None and self.structure == kept.structure and len(self.leaves) == len(kept.leaves)
+                and all(a is b for a, b in zip(self.leaves, kept.leaves)))
 
 
 FINGERPRINT_PREFIX = "v2-"

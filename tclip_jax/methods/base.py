@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tclip_jax.checkpoints.load import LoadedClip, load_clip, matmul_dtype
+from tclip_jax.checkpoints.load import LoadedClip, TreeLeaves, load_clip, matmul_dtype
 from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_size, load_image, prepare,
                              to_original_on_device, upsample_bilinear)
 from tclip_jax.methods.common import causal_length_groups, minmax, text_features
@@ -629,7 +629,7 @@ class PromptMethod(Method):
     def __init__(self, clip: LoadedClip, settings: Optional[MethodSettings] = None):
         super().__init__(clip, settings)
         self._text_lock = threading.Lock()
-        self._text_leaves: list = []  # the parameters the kept features came from
+        self._text_leaves: Optional[TreeLeaves] = None  # the parameters the kept features came from
         self._text_precision: Optional[str] = None  # and the matmul precision they were computed at
         self._text_cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
 
@@ -697,11 +697,10 @@ class PromptMethod(Method):
             one_text = np.zeros((1, *token_ids.shape[1:-1], 1), np.int32)
             return np.zeros((0, jax.eval_shape(self.encode_texts, one_text).shape[-1]), np.float32)
         keys = [row.tobytes() for row in token_ids]
-        leaves, precision = jax.tree_util.tree_leaves(self.params), matmul_precision()
+        leaves, precision = TreeLeaves.of(self.params), matmul_precision()
         with self._text_lock:
             cache = self._text_cache
-            if (precision != self._text_precision or len(leaves) != len(self._text_leaves)
-                    or any(a is not b for a, b in zip(leaves, self._text_leaves))):
+            if precision != self._text_precision or not leaves.same_as(self._text_leaves):
                 self._text_leaves, self._text_precision = leaves, precision
                 cache.clear()
             first_row: dict[bytes, int] = {}
