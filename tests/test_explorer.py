@@ -1012,6 +1012,27 @@ def test_a_label_names_each_changed_setting_as_an_option_that_reads_back():
         "scale_fractions": (0.25, 0.5), "trim": 0.1}
 
 
+def test_a_tclip_subclass_labels_name_its_translations():
+    """Labels dropped `translations` for every method but wrote "K=" for the one named "tclip" alone: a TCLIP subclass
+    at K=1 and at K=25 had one label (figures, explorer, sweep reports). Its label names translations as any setting
+    that differs from its defaults, and reads back into those settings."""
+    from tclip_jax.methods.tclip import TCLIP
+    from tclip_jax.visualize import method_label
+
+    class Variant(TCLIP):
+        name = "tclip_label_variant"
+
+    def label(**values):
+        settings = Variant.Settings(**values).to_dict()
+        return method_label({"method": Variant.name, "settings": json.loads(json.dumps(settings))})
+
+    assert label() == label(translations=25) == Variant.name
+    head = f"{Variant.name} ("
+    assert label(translations=1).startswith(head) and label(translations=1).endswith(")")
+    assert Variant.Settings.parse_assignments(label(translations=1)[len(head):-1].split(", ")) == {"translations": 1}
+    assert method_label({"method": "tclip", "settings": TCLIP.Settings(translations=1).to_dict()}) == "TCLIP K=1"
+
+
 def test_browser_a_prompt_cut_to_the_context_shows_what_was_cut(tmp_path, fixtures_dir, driver):
     """With truncate, a prompt is mapped up to its last whole word that fits the context: the page marks the rest
     as cut off, and the whole-prompt map says how much of the prompt it is of."""

@@ -261,12 +261,14 @@ def _resized(array: np.ndarray, scale: float) -> np.ndarray:
 
 def method_label(run: dict) -> str:
     """The method and its settings that differ from the defaults, e.g. "TCLIP K=25" or "clip_surgery
-    (surgery_blocks=4)"; TCLIP always names its number of translated copies K. A method whose defaults are not
-    known (`_settings_defaults`) names every setting."""
+    (surgery_blocks=4)"; TCLIP (the method named "tclip") always names its number of translated copies K, which
+    another method, a TCLIP subclass included, names as any setting. A method whose defaults are not known
+    (`_settings_defaults`) names every setting."""
     name, settings = run["method"], dict(run.get("settings") or {})
     defaults = _settings_defaults(name)
     changed = {k: v for k, v in settings.items()
-               if (defaults is None or k not in defaults or defaults[k] != v) and k != "translations"}
+               if (defaults is None or k not in defaults or defaults[k] != v)
+               and not (name == "tclip" and k == "translations")}  # in K= below
     label = f"TCLIP K={settings.get('translations')}" if name == "tclip" else name
     if changed:
         label += " (" + ", ".join(f"{k}={_setting_text(v)}" for k, v in changed.items()) + ")"
