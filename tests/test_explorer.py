@@ -235,6 +235,27 @@ def test_a_compare_method_equal_to_the_runs_or_an_earlier_one_is_left_out(fixtur
             f"{flag}tclip: the same method and settings as the run's method; shown once"]
 
 
+def test_tclip_k1_is_compared_unless_tclip_itself_at_k1_is_shown(tmp_path, fixtures_dir, monkeypatch):
+    """The automatic TCLIP K=1 compare was left out where the run or a compare method was any TCLIP (`isinstance`)
+    at K=1: a subclass that maps otherwise at K=1 stood in for it. It is left out only for TCLIP itself at K=1."""
+    from tclip_jax.checkpoints.load import load_clip
+    from tclip_jax.cli.explain import compare_methods
+    from tclip_jax.methods import get
+    from tclip_jax.methods.tclip import TCLIP, Settings
+
+    (tmp_path / "k1_variant.py").write_text("from tclip_jax.methods.tclip import TCLIP\n\n\n"
+                                            "class Variant(TCLIP):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    clip = load_clip(fixtures_dir / "tiny_openai_clip.npz")
+    built = compare_methods(["k1_variant:Variant:translations=1"], TCLIP(clip))
+    assert [(spec, type(m).__name__, m.settings.translations) for spec, m in built] == [
+        ("tclip:translations=1", "TCLIP", 1), ("k1_variant:Variant:translations=1", "Variant", 1)]
+    variant = get("k1_variant:Variant")
+    built = compare_methods([], variant(clip, Settings(translations=1)))
+    assert [(spec, type(m), m.settings.translations) for spec, m in built] == [("tclip:translations=1", TCLIP, 1)]
+    assert compare_methods(["similarity"], TCLIP(clip, Settings(translations=1)))[0][0] == "similarity"  # alone
+
+
 # --------------------------------------------------------------------------------------------- in a browser
 def open_page(driver, path: pathlib.Path, expect_prefix: str = "0:") -> None:
     driver.get(path.resolve().as_uri())

@@ -255,7 +255,8 @@ def parse_compare(spec: str) -> tuple[str, list[str]]:
 
 
 def compare_methods(specs: list[str], main, flag: str = "") -> list:
-    """The compare methods the specs name (plus TCLIP K=1 for a TCLIP run), built on the main method's model; one
+    """The compare methods the specs name (plus TCLIP K=1 for a TCLIP run, a subclass's included, where neither the
+    run nor a spec is TCLIP itself at K=1), built on the main method's model; one
     of the same class and settings as the main method or an earlier one is left out, with a warning. Messages name
     a spec after `flag` ("--compare " on the command line; the API's callers name the spec alone)."""
     from tclip_jax import methods
@@ -288,8 +289,9 @@ def compare_methods(specs: list[str], main, flag: str = "") -> list:
             warnings.warn(f"{flag}{spec}: the same method and settings as {same}; shown once", stacklevel=2)
             continue
         built.append((spec, method_class(main.clip, settings)))
-    if isinstance(main, TCLIP) and main.settings.translations != 1 and not any(
-            isinstance(m, TCLIP) and m.settings.translations == 1 for _, m in built):
+    # TCLIP K=1's maps are shown where TCLIP itself runs at K=1: a subclass's at K=1 are other maps
+    if isinstance(main, TCLIP) and not any(type(m) is TCLIP and m.settings.translations == 1
+                                           for m in [main, *(m for _, m in built)]):
         built.insert(0, ("tclip:translations=1", TCLIP(main.clip, main.settings.replace(translations=1))))
     return built
 
