@@ -4,7 +4,8 @@ A settings class is a frozen dataclass deriving from `Options` whose fields are 
 a default, a help text, and how a string becomes a value (a plain field, `steps: int = 900`, is one without a flag,
 read as its default's type). From that one declaration it registers its flags on an argparse parser
 (`add_arguments`), reads them back (`given_arguments`, only the flags given; `from_arguments`, the settings they
-make, a refused value named by its flag), takes `KEY=VALUE` assignments
+make, a refused value named by its flag; `parse_flags`, flags kept as text read by another class), takes `KEY=VALUE`
+assignments
 (`parse_assignments`, for `--option`), and round-trips through JSON (`to_dict` / `from_dict`), so `tclip explain`,
 `tclip sweep`, result records and the Python API all speak the same names. Unknown names and unparsable values are
 errors that name the setting and list the valid ones.
@@ -106,9 +107,12 @@ class Options:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, as_text: bool = False) -> None:
         """Registers `--<name>` for every field declared with `flag=True`. Flags not given stay unset in the
-        namespace, so `given_arguments` can tell a default from a choice."""
+        namespace, so `given_arguments` can tell a default from a choice. `as_text`: the flags keep their text as
+        typed (a --x/--no-x pair its bool), for the settings class they are handed to to read (`parse_flags`):
+        flags of one class given to another (the command line's TCLIP flags, to the chosen method's settings) mean
+        what that class's fields say, not this one's."""
         for f in dataclasses.fields(cls):
             meta = f.metadata
             if not meta.get("flag", False):
@@ -118,6 +122,10 @@ class Options:
             if isinstance(f.default, bool) and meta["parse"] is None:
                 parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                     default=argparse.SUPPRESS, help=shown)
+                continue
+            if as_text:  # shown as argparse shows choices, checked by `parse_flags`
+                metavar = "{" + ",".join(map(str, meta["choices"])) + "}" if meta["choices"] else f.name.upper()
+                parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar, help=shown)
                 continue
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
                                 metavar=None if meta["choices"] else f.name.upper(), type=_argparse_type(f),
@@ -135,6 +143,19 @@ class Options:
         given = cls.given_arguments(namespace)
         with named_by_flags(given):
             return cls.from_dict({**given, **more})
+
+    @classmethod
+    def parse_flags(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Flags kept as text (`add_arguments(as_text=True)`, `given_arguments`), each read by this class's field of
+        its name as this class's own flag would read it: a text refused in argparse's words, naming the flag."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for name, text in given.items():
+            try:
+                values[name] = _parse(fields[name], text) if isinstance(text, str) else text
+            except ValueError as err:
+                raise ValueError(f"argument --{name.replace('_', '-')}: {_flag_wording(str(err))}") from None
+        return values
 
     @classmethod
     def parse_assignments(cls, assignments: Iterable[str]) -> dict[str, Any]:

@@ -777,31 +777,91 @@ def test_data_that_is_missing_or_a_file_is_named_so(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rgb.png"]
 
 
+INT_SIGMA = """
+import dataclasses
+
+from tclip_jax.methods.settings import MethodSettings
+from tclip_jax.methods.similarity import Similarity
+from tclip_jax.settings import setting
+
+
+@dataclasses.dataclass(frozen=True)
+class IntSigmaSettings(MethodSettings):
+    sigma: int = setting(2, "blur radius in patches", parse=int)
+
+
+class IntSigma(Similarity):
+    Settings = IntSigmaSettings
+"""
+
+
+def test_tclips_flags_are_read_by_the_chosen_methods_own_settings(tmp_path, monkeypatch, capsys):
+    """TCLIP's flags (--sigma, --trim, --translations, ...) were parsed as TCLIP's settings and handed to any method
+    with a setting of that name: a method's `sigma: int` was refused for --sigma 3 ("--sigma must be an integer, got
+    3.0"). The flag's text is read by the chosen method's own setting, as its --option reads it."""
+    from tclip_jax.cli.common import method_settings
+    from tclip_jax.methods import get
+    from tclip_jax.methods.tclip import TCLIP
+
+    (tmp_path / "int_sigma.py").write_text(INT_SIGMA)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    method_class = get("int_sigma:IntSigma")
+
+    def settings(method, *flags):
+        args = build_parser().parse_args(["explain", "a.png", "--prompt", "red", "--method", method, *flags])
+        return method_settings(get(method), args)
+
+    for text in ("3", "-1"):
+        given = settings("int_sigma:IntSigma", "--sigma", text)
+        assert given == method_class.Settings.from_dict(method_class.Settings.parse_assignments([f"sigma={text}"]))
+        assert type(given.sigma) is int
+    assert settings("tclip", "--sigma", "3") == TCLIP.Settings(sigma=3.0)  # TCLIP's own: a float
+    assert tclip(["explain", "a.png", "--prompt", "red", "--method", "int_sigma:IntSigma", "--sigma", "3.5"]) == 2
+    assert capsys.readouterr().err == "tclip explain: error: argument --sigma: invalid int value: '3.5'\n"
+    assert tclip(["explain", "a.png", "--prompt", "red", "--method", "int_sigma:IntSigma", "--trim", "0.1"]) == 2
+    assert capsys.readouterr().err.startswith("tclip explain: error: --trim is not a setting of int_sigma:IntSigma")
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["int_sigma.py"], ["__pycache__", "int_sigma.py"])
+
+
 def _parse_error(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit):
         parser.parse_args(argv)
     return capsys.readouterr().err.strip().splitlines()[-1].removesuffix(f" (see {parser.prog} --help)")
 
 
-def test_a_settings_flag_that_is_not_a_number_is_refused_in_argparses_words(capsys):
+def test_a_settings_flag_that_is_not_a_number_is_refused_in_argparses_words(tmp_path, monkeypatch, capsys):
     """`--max-pixels abc` said "invalid literal for int() with base 10: 'abc'" (Python's int(), not the CLI's
     words): every settings flag of a number, Optional or in a list too, reads as argparse's own `type=int` /
-    `type=float` does; a settings flag's message of its own is kept."""
+    `type=float` does; a settings flag's message of its own is kept. TCLIP's flags are read by the chosen method's
+    settings (`method_settings`), so the command refuses them, in the same words, without the --help hint."""
     commands = build_parser()._subparsers._group_actions[0].choices
     number_flags = {"explain": {"--max-pixels": int, "--translations": int, "--trim": float, "--sigma": float},
                     "sweep": {"--batch-size": int, "--workers": int, "--limit": int, "--save-vis": int,
                               "--pg-tolerance": int, "--max-pixels": int}}
+    monkeypatch.chdir(tmp_path)
+    method_flags = {"--translations", "--trim", "--sigma"}
+
+    def refused(command, argv):
+        if command == "explain" and argv[-1].split("=")[0] in method_flags | {"--scale-fractions"}:
+            assert tclip([command, *argv]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1, err
+            return err.strip()
+        return _parse_error(commands[command], argv, capsys)
+
     for command, flags in number_flags.items():
         for flag, kind in flags.items():
             reference = argparse.ArgumentParser(prog="p")
             reference.add_argument(flag, type=kind)
             for text in ("abc", "1.5x", "", " "):
                 expected = _parse_error(reference, [f"{flag}={text}"], capsys).split(": error: ")[1]
-                said = _parse_error(commands[command], [*REQUIRED[command], f"{flag}={text}"], capsys)
+                said = refused(command, [*REQUIRED[command], f"{flag}={text}"])
                 assert said.split(": error: ")[1] == expected, (command, flag, text)
     # A list of numbers names the part that is not one.
-    said = _parse_error(commands["explain"], [*REQUIRED["explain"], "--scale-fractions", "0.5,abc"], capsys)
+    said = refused("explain", [*REQUIRED["explain"], "--scale-fractions=0.5,abc"])
     assert said.endswith("argument --scale-fractions: invalid float value: 'abc'")
+    assert list(tmp_path.iterdir()) == []
     said = _parse_error(commands["sweep"], [*REQUIRED["sweep"], "--threshold", "abc"], capsys)
     assert said.endswith("argument --threshold: threshold must be mean, otsu, gmm or a number in [0, 1), got 'abc'")
     # No settings flag of any command that refuses "abc" says it in Python's words.

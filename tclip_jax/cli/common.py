@@ -79,15 +79,16 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                              "TPU/GPU (its default runs bfloat16 passes or TF32); results record one that is not the "
                              "default, and a sweep resumes only at its own")
     group = parser.add_argument_group("TCLIP and host-step settings")
-    TCLIPSettings.add_arguments(group)
+    TCLIPSettings.add_arguments(group, as_text=True)  # read by the chosen method's settings (`method_settings`)
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="any other setting of the chosen method, e.g. --option feature_surgery=false (repeatable)")
 
 
 def method_settings(method_class, args: argparse.Namespace) -> MethodSettings:
-    """The chosen method's settings from the flags given and the --option assignments."""
+    """The chosen method's settings from the flags given, each text read by the method's own setting of its name (a
+    method's `sigma: int` takes --sigma 3 as 3, not TCLIP's 3.0), and the --option assignments."""
     settings_class = method_class.Settings
-    given = TCLIPSettings.given_arguments(args)
+    given = TCLIPSettings.given_arguments(args)  # texts
     foreign = sorted(set(given) - set(settings_class.field_names()))
     if foreign:
         flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
@@ -98,6 +99,7 @@ def method_settings(method_class, args: argparse.Namespace) -> MethodSettings:
     if both:  # one would win silently
         raise ValueError(f"{', '.join('--' + name.replace('_', '-') for name in both)} and --option "
                          f"{', '.join(both)} set the same setting twice; give each once")
+    given = settings_class.parse_flags(given)
     with named_by_flags(given):
         return settings_class.from_dict({**given, **options})
 
