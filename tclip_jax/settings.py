@@ -229,8 +229,8 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _checked(name: str, value: Any, hint: Any) -> Any:
     """`value` if it has the type `hint` names; a numpy integer or real as the Python int or float (a value from
     `np.arange` or `np.linspace`), in a tuple too, and an integer where a real is asked for as that float (trim=0 is
-    trim=0.0: one setting, one JSON form, so prompts encoded under either serve both); otherwise ValueError naming
-    the setting."""
+    trim=0.0: one setting, one JSON form, so prompts encoded under either serve both; -0.0 likewise is 0.0);
+    otherwise ValueError naming the setting."""
     if typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint):
         if value is None:
             return value
@@ -263,10 +263,13 @@ def _unboxed(value: Any) -> Any:
 
 
 def _real(name: str, number: Any) -> float:
+    """`number` as a Python float; a zero as 0.0 (-0.0 == 0.0, but its JSON form and label differ: prompts encoded
+    under trim=-0.0 were refused by a TCLIP of trim=0.0)."""
     try:
-        return float(number)
+        value = float(number)
     except OverflowError:  # an int past float's range
         raise ValueError(f"{name} must be a finite number, got {number!r}") from None
+    return 0.0 if value == 0 else value
 
 
 def _is_number(value: Any) -> bool:

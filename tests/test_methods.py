@@ -3,6 +3,7 @@ call, label sets, and a method defined outside the package (the README's example
 import dataclasses
 import json
 import linecache
+import math
 import pathlib
 import re
 import sys
@@ -258,6 +259,28 @@ def test_numpy_numbers_are_settings_kept_as_python_numbers():
     for bad in (dict(trim=True), dict(trim=10 ** 400)):
         with pytest.raises(ValueError, match="trim must be a finite number"):
             settings(**bad)
+
+
+def test_a_negative_zero_setting_is_zero(tiny_clip):
+    """trim=-0.0 (--trim -0, a value of np.linspace) was kept: labels said "trim=-0.0", and prompts encoded under
+    trim=0.0 were refused ("other settings"), the JSON of the settings differing. -0.0 == 0.0 (IEEE 754): the
+    setting is 0.0, in every real setting, from Python and from text."""
+    from tclip_jax.evaluation.options import EvalOptions
+    from tclip_jax.visualize import method_label
+
+    settings = METHODS["tclip"].Settings
+    made = [(settings(trim=-0.0), settings(trim=0.0)), (settings(trim=np.float32(-0.0)), settings(trim=0.0)),
+            (settings(sigma=-0.0), settings(sigma=0.0)),
+            (settings.from_dict(settings.parse_assignments(["trim=-0", "sigma=-0.0"])), settings(trim=0.0, sigma=0.0))]
+    for value in [made[0][0].trim, made[1][0].trim, made[2][0].sigma, made[3][0].trim, made[3][0].sigma,
+                  EvalOptions(threshold=-0.0).threshold]:
+        assert value == 0 and math.copysign(1.0, value) == 1.0
+    for negative, zero in made:
+        assert json.dumps(negative.to_dict()) == json.dumps(zero.to_dict())
+        assert method_label({"method": "tclip", "settings": negative.to_dict()}) == \
+            method_label({"method": "tclip", "settings": zero.to_dict()})
+    encoded = TCLIP(tiny_clip, settings(translations=1, trim=-0.0)).encode_prompts(["red"])
+    TCLIP(tiny_clip, settings(translations=1, trim=0.0)).check_encoded(encoded)  # accepted
 
 
 def test_a_threshold_is_mean_otsu_gmm_or_a_number_in_0_1():
