@@ -719,6 +719,8 @@ def test_a_refused_value_is_named_by_the_flag_that_gave_it(tmp_path, monkeypatch
             ([*explain, "--max-pixels", "0"], "--max-pixels must be >= 1, got 0"),
             ([*explain, "--translations", "5", "--scale-fractions", "0.5"],
              "--translations must be 1 (off) or 9 (identity + 8 directions x 1 scale), got 5"),
+            ([*explain, "--scale-fractions", "0.25,0.25"], "--scale-fractions must differ, got 0.25,0.25"),
+            ([*explain, "--scale-fractions", "2"], "--scale-fractions must lie in (0, 1]"),
             ([*explain, "--option", "translations="], "option translations: invalid int value: ''"),
             ([*explain, "--option", "translations=5"], "translations must be 1 (off) or 25"),  # as the option names it
     ]:

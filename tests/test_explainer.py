@@ -353,7 +353,8 @@ def test_settings_name_a_bad_protocol_or_box_rule():
     ({"translations": 17}, r"translations must be 1 \(off\) or 25"),
     ({"translations": 2.0}, "translations must be an integer"),
     ({"scale_fractions": (0.5,), "translations": 25}, r"translations must be 1 \(off\) or 9"),
-    ({"scale_fractions": (0.0,)}, r"scale fractions must lie in \(0, 1\]"),
+    ({"scale_fractions": (0.0,)}, r"scale_fractions must lie in \(0, 1\]"),
+    ({"scale_fractions": [0.25, 0.25]}, "scale_fractions must differ, got 0.25,0.25$"),  # was refused once built
     ({"trim": 0.5}, r"trim must lie in \[0, 0.5\)"),
     ({"sigma": float("nan")}, "sigma must be a finite number"),
     ({"sigma": -1.0}, r"sigma must lie in \[0, 1000\] \(pixels\), got -1$"),

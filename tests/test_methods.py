@@ -238,7 +238,7 @@ def test_numpy_numbers_are_settings_kept_as_python_numbers():
     assert all(type(f) is float for f in fractions.scale_fractions)
     assert fractions == METHODS["tclip"].Settings() and json.loads(json.dumps(fractions.to_dict())) == \
         METHODS["tclip"].Settings().to_dict()
-    with pytest.raises(ValueError, match="each scale fraction must be a finite number"):
+    with pytest.raises(ValueError, match="scale_fractions must be a finite number"):
         METHODS["tclip"].Settings(scale_fractions=(np.float32("nan"),))
     from tclip_jax.evaluation.options import EvalOptions  # a setting that is text or a number
 

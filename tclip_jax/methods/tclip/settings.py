@@ -51,10 +51,12 @@ class Settings(MethodSettings):
         super().__post_init__()
         if not isinstance(self.scale_fractions, tuple) or not self.scale_fractions:
             raise ValueError(f"scale_fractions must be a non-empty tuple, got {self.scale_fractions!r}")
-        for fraction in self.scale_fractions:
-            finite("each scale fraction", fraction)
+        for fraction in self.scale_fractions:  # messages begin with the setting's name, which names its flag
+            finite("scale_fractions", fraction)
             if not 0 < fraction <= 1:
-                raise ValueError(f"scale fractions must lie in (0, 1] (of the patch size), got {fraction}")
+                raise ValueError(f"scale_fractions must lie in (0, 1] (of the patch size), got {fraction}")
+        if len(set(self.scale_fractions)) < len(self.scale_fractions):  # the same copies would count twice
+            raise ValueError(f"scale_fractions must differ, got {','.join(map(str, self.scale_fractions))}")
         full = 1 + 8 * len(self.scale_fractions)
         if self.translations is None:
             object.__setattr__(self, "translations", full)
