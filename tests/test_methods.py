@@ -820,7 +820,8 @@ def test_the_readmes_method_added_with_one_registry_line_explains_and_is_benchma
                                                                                      monkeypatch):
     """Adding a method is its module and one REGISTRY line: the README's example, as written (imports included),
     explains, keeps the registry test passing, and gets its row in benchmarks/baselines.py's table (its passes "not
-    stated": the example does not state them)."""
+    stated": the example does not state them). Its map is the raw similarity's, and so are its heatmaps: it took
+    NORMALIZE_THEN_UPSAMPLE (through the model input), `similarity` NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL."""
     code, name, path = readme_method()
     module_name = path.split(":")[0]
     module = types.ModuleType(module_name)
@@ -832,9 +833,11 @@ def test_the_readmes_method_added_with_one_registry_line_explains_and_is_benchma
     assert method_class.name == name
     result = method_class(tiny_clip).explain(fixture_images["scene_wide_320x240"], PROMPTS)
     assert [p.prompt for p in result.prompts] == PROMPTS and result.run["method"] == name
-    for prompt in result.prompts:
+    reference = METHODS["similarity"](tiny_clip).explain(fixture_images["scene_wide_320x240"], PROMPTS)
+    for prompt, similarity in zip(result.prompts, reference.prompts):
         assert prompt.phrase.heatmap.shape == (240, 320)
         assert 0 <= prompt.phrase.heatmap.min() < prompt.phrase.heatmap.max() <= 1  # min-max normalized
+        np.testing.assert_allclose(prompt.phrase.heatmap, similarity.phrase.heatmap, rtol=0, atol=1e-5)
     import test_baselines
 
     test_baselines.test_registry_lists_every_method_with_its_protocol()
