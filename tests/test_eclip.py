@@ -147,6 +147,25 @@ def test_without_projections_eclip_runs_on_clips_own_and_says_so(clip):
     assert all(np.array_equal(method.projections[k], v) for k, v in clip_projections(clip.params).items())
 
 
+def test_untrained_eclip_reads_a_projection_replaced_in_the_parameter_dict(clip, fixture_images):
+    """It copied CLIP's projections when built: after `params["text"]["projection"] = new` its maps kept the old
+    projection while its results recorded the new model's fingerprint. Its maps are those of an ECLIP built on the
+    edited parameters."""
+    params = jax.tree_util.tree_map(lambda leaf: leaf, clip.params)  # a dict tree of its own, the same leaves
+    edited = dataclasses.replace(clip, params=params)
+    with pytest.warns(UserWarning, match="untrained ECLIP"):
+        method = ECLIP(edited)
+    image = fixture_images["scene_224"]
+    before = method.explain(image, ["a red circle"]).prompts[0].phrase.heatmap
+    old = params["text"]["projection"]
+    params["text"]["projection"] = np.asarray(old)[:, ::-1].copy()
+    after = method.explain(image, ["a red circle"]).prompts[0].phrase.heatmap
+    with pytest.warns(UserWarning, match="untrained ECLIP"):
+        rebuilt = ECLIP(dataclasses.replace(clip, params=params))
+    np.testing.assert_array_equal(after, rebuilt.explain(image, ["a red circle"]).prompts[0].phrase.heatmap)
+    assert not np.allclose(after, before)
+
+
 def test_untrained_eclip_is_clips_dense_similarity_map(clip, fixture_npz, highest_precision):
     """With CLIP's own projections, the ITSM is the official plain CLIP's patch-text cosine (CLIP Surgery's
     fixture: `plain/similarity_single`, normalized patch tokens against normalized text features)."""

@@ -171,9 +171,15 @@ class ECLIP(PromptMethod):
         if self.settings.projections is None:
             warnings.warn("eclip: no trained projections given (--option projections=FILE): using CLIP's own, "
                           "i.e. untrained ECLIP", stacklevel=2)
-            self.projections, self.projections_digest = clip_projections(clip.params), None
+            self._trained, self.projections_digest = None, None
         else:
-            self.projections, self.projections_digest = load_projections(self.settings.projections, clip)
+            self._trained, self.projections_digest = load_projections(self.settings.projections, clip)
+
+    @property
+    def projections(self) -> Projections:
+        """The trained projections, or CLIP's own as its parameters hold them now: a leaf replaced there is another
+        model (`LoadedClip.fingerprint`), whose projections these are."""
+        return clip_projections(self.clip.params) if self._trained is None else self._trained
 
     @property
     def params(self):
