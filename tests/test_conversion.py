@@ -1518,7 +1518,8 @@ def test_an_open_clip_image_size_resizes_the_position_embedding_as_open_clip_doe
                                                                                   image_size):
     """A config's image_size other than the weights' (224: 7x7 patches of 32) was ignored; OpenCLIP builds the model
     at that size and resize_pos_embed resizes the weights' position embedding to its grid before loading them:
-    torch's F.interpolate, bicubic, align_corners=False, no antialiasing (also when it shrinks), the reference."""
+    torch's F.interpolate, bicubic, align_corners=False, antialias=True (resize_pos_embed's default since January
+    2023; without it, as this resize was first written, 0.033 off at 320), the reference."""
     folder = _open_clip_folder(tmp_path / "oc", openai_state_dict, vision={"image_size": image_size})
     with pytest.warns(UserWarning, match="model_cfg.vision_cfg.image_size is .* but the weights' position embedding "
                                          "is for 224 .7x7 patches.: resized to"):
@@ -1530,7 +1531,7 @@ def test_an_open_clip_image_size_resizes_the_position_embedding_as_open_clip_doe
     posemb = torch.from_numpy(openai_state_dict["visual.positional_embedding"].astype(np.float32))
     grid_part = posemb[1:].reshape(1, 7, 7, -1).permute(0, 3, 1, 2)
     resized = torch.nn.functional.interpolate(grid_part, size=(grid, grid), mode="bicubic", align_corners=False,
-                                              antialias=False).permute(0, 2, 3, 1).reshape(grid * grid, -1)
+                                              antialias=True).permute(0, 2, 3, 1).reshape(grid * grid, -1)
     expected = torch.cat([posemb[:1], resized]).numpy()
     np.testing.assert_allclose(clip.params["visual"]["positional_embedding"], expected, atol=1e-6, rtol=0)
 

@@ -27,7 +27,6 @@ from tclip_jax.files import fingerprint, killed_swap_leftover, nonempty_path
 from tclip_jax.model import CLIP, CLIPConfig, from_hf_config, from_hf_preprocessor
 from tclip_jax.model.config import (OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD, PRESET_HUB_NAMES, is_hf_clip_config,
                                     normalization_channels)
-from tclip_jax.model.posemb import resize_positional_embedding
 from tclip_jax.model.tokenizer import ClipTokenizer, default_tokenizer, is_tokenizer_folder
 
 SOURCES = ("tclip", "hf", "openai", "open_clip")
@@ -497,9 +496,10 @@ def _as_open_clip_config_says(config_path: pathlib.Path, architecture: dict, con
                               arrays: dict) -> tuple[CLIPConfig, dict]:
     """(`config`, read off the weights, and the weights) as OpenCLIP builds and loads them from its config: any
     architecture field the config gives that the weights do not have is refused, but an image_size, for which
-    OpenCLIP's `resize_pos_embed` resizes the weights' position embedding (bicubic, align_corners=False, no
-    antialiasing: `tclip_jax.model.posemb`, the one the model resizes with at other input sizes) to the config's
-    grid before loading them, with a warning, since the model then runs at that size."""
+    OpenCLIP's `resize_pos_embed` resizes the weights' position embedding to the config's grid before loading them
+    (torch's bicubic with antialias=True, its default since January 2023: Keys' a = -0.5, widened when it shrinks,
+    as `jax.image.resize`'s antialiased bicubic; not `tclip_jax.model.posemb`'s, which follows transformers' resize
+    at other input sizes), with a warning, since the model then runs at that size."""
     for field in architecture:
         if field != "image_size":
             _check_open_clip_field(config_path, architecture, field, getattr(config, field))
@@ -512,10 +512,11 @@ def _as_open_clip_config_says(config_path: pathlib.Path, architecture: dict, con
     old, new = config.grid_size, image_size // config.patch_size
     warnings.warn(f"{config_path}: {where} is {json.dumps(written)} but the weights' position embedding is for "
                   f"{config.image_size} ({old}x{old} patches): resized to {new}x{new} as OpenCLIP does "
-                  "(resize_pos_embed, bicubic), and the model runs at that size", stacklevel=4)
-    posemb = resize_positional_embedding(arrays["visual.positional_embedding"], (old, old), (new, new))
-    return (dataclasses.replace(config, image_size=image_size),
-            {**arrays, "visual.positional_embedding": np.asarray(posemb, np.float32)})
+                  "(resize_pos_embed, antialiased bicubic), and the model runs at that size", stacklevel=4)
+    posemb = np.asarray(arrays["visual.positional_embedding"], np.float32)
+    grid = jax.image.resize(posemb[1:].reshape(old, old, -1), (new, new, posemb.shape[-1]), "bicubic", antialias=True)
+    posemb = np.concatenate([posemb[:1], np.asarray(grid, np.float32).reshape(new * new, -1)])
+    return dataclasses.replace(config, image_size=image_size), {**arrays, "visual.positional_embedding": posemb}
 
 
 def load_any(name_or_path: str | os.PathLike, source: Optional[str] = None,
