@@ -197,10 +197,12 @@ def test_stem_model_round_trips_through_a_checkpoint_folder(tmp_path):
 def test_init_params_start_stem_kernels_with_he_variance_and_the_temperature_at_clips():
     """Stem kernels: var 2 / fan_in (He): with LeCun's 1 / fan_in the unnormalized stem shrinks the signal at every
     activation. logit_scale: log(1 / 0.07), as OpenAI's model.py (and transformers' logit_scale_init_value, 2.6592)
-    start it; training starts from these parameters. (One init_params call: it initialises op by op.)"""
+    start it; training starts from these parameters. (One init_params call, jitted: op by op, each initialiser is a
+    compilation of its own; jitted, the values differ from those in the last bits, and the variances and the
+    temperature checked here do not see that.)"""
     from tclip_jax.model import init_params
 
-    params = init_params(dataclasses.replace(SMALL, stem_channels=(32, 64)), 0)
+    params = jax.jit(init_params, static_argnums=(0, 1))(dataclasses.replace(SMALL, stem_channels=(32, 64)), 0)
     for name, fan_in in (("stem_0", 3 * 3 * 3), ("stem_1", 3 * 3 * 32)):
         kernel = np.asarray(params["visual"][name]["kernel"])
         assert kernel.var() == pytest.approx(2 / fan_in, rel=0.15)
@@ -244,18 +246,22 @@ def test_pixels_that_are_not_floating_point_are_refused(tiny_model, dtype):
 @pytest.mark.parametrize("intermediates", [False, True])
 def test_an_empty_batch_gives_empty_outputs(tiny_model, intermediates):
     """[0, H, W, 3] images and [0, context] token ids (the last chunk of a split list, say) give outputs with no rows,
-    as numpy would; the attention's reshape raised ZeroDivisionError."""
+    as numpy would; the attention's reshape raised ZeroDivisionError. Each call is jitted: the same Python runs on
+    the same static shapes (the reshape's size inference fails in tracing as it does op by op), as one program rather
+    than a compilation per operation, which for these zero-row shapes, seen nowhere else, cost 2-3 times the CPU."""
     model, params = tiny_model
     config, variables = model.config, {"params": params}
     size = config.image_size
-    image = model.apply(variables, np.zeros((0, size, size, 3), np.float32), intermediates, method="encode_image")
-    text = model.apply(variables, np.zeros((0, config.context_length), np.int32), intermediates,
-                       method="encode_text")
+    image = jax.jit(lambda v, x: model.apply(v, x, intermediates, method="encode_image"))(
+        variables, np.zeros((0, size, size, 3), np.float32))
+    text = jax.jit(lambda v, t: model.apply(v, t, intermediates, method="encode_text"))(
+        variables, np.zeros((0, config.context_length), np.int32))
     assert image.embeds.shape == text.embeds.shape == (0, config.embed_dim)
     assert image.tokens.shape == (0, 1 + config.grid_size**2, config.embed_dim)
     assert text.tokens.shape == (0, config.context_length, config.embed_dim) and text.eot_index.shape == (0,)
     if intermediates:
         assert [a.shape[0] for a in (*image.residual_stream, *image.attention_probs, *text.attention_probs)] == \
             [0] * (2 * config.vision_layers + 1 + config.text_layers)
-    logits = model.apply(variables, np.zeros((0, size, size, 3), np.float32), np.zeros((2, 5), np.int32))[0]
+    logits = jax.jit(lambda v, x, t: model.apply(v, x, t)[0])(variables, np.zeros((0, size, size, 3), np.float32),
+                                                             np.zeros((2, 5), np.int32))
     assert logits.shape == (0, 2)
