@@ -565,14 +565,23 @@ def fine_grained_loss(text_tokens: jax.Array, pieces: jax.Array, patch_tokens: j
 
 def word_idf(config: TrainConfig) -> np.ndarray:
     """[vocab] inverse document frequency log(N / df) of each piece over the N true captions of the run's first
-    WORD_IDF_STEPS steps; 0 for pieces they never use (SuperClass weights its targets so)."""
+    WORD_IDF_STEPS steps; 0 for pieces they never use (SuperClass weights its targets so). Read-only, and made once
+    per process for runs that draw the same batches (their `DataConfig`): a recipe search's runs, a resumed run's
+    check and its training (drawing the scenes is most of its cost)."""
+    return _word_idf(data_config(config), model_config(config).vocab_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _word_idf(data: DataConfig, vocab_size: int) -> np.ndarray:
     tokenizer = default_tokenizer()
-    ids = tokenizer.encode([c for step in range(WORD_IDF_STEPS) for c in batch(config, step)[1]])
+    ids = tokenizer.encode([c for step in range(WORD_IDF_STEPS) for c in batch(data, step)[1]])
     pieces = np.asarray(piece_mask(ids, tokenizer.sot_id, tokenizer.eot_id)) > 0
-    counts = np.zeros(model_config(config).vocab_size)
+    counts = np.zeros(vocab_size)
     for row, keep in zip(ids, pieces):
         counts[np.unique(row[keep])] += 1
-    return np.where(counts > 0, np.log(len(ids) / np.maximum(counts, 1)), 0.0).astype(np.float32)
+    idf = np.where(counts > 0, np.log(len(ids) / np.maximum(counts, 1)), 0.0).astype(np.float32)
+    idf.setflags(write=False)  # shared by the runs that asked for it
+    return idf
 
 
 def word_targets(token_ids: jax.Array, pieces: jax.Array, idf: np.ndarray) -> jax.Array:
