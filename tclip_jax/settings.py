@@ -151,10 +151,13 @@ class Options:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for name, text in given.items():
+            flag, choices = f"argument --{name.replace('_', '-')}", fields[name].metadata.get("choices")
             try:
-                values[name] = _parse(fields[name], text) if isinstance(text, str) else text
+                values[name] = _parse(fields[name], text, check_choices=False) if isinstance(text, str) else text
             except ValueError as err:
-                raise ValueError(f"argument --{name.replace('_', '-')}: {_flag_wording(str(err))}") from None
+                raise ValueError(f"{flag}: {_flag_wording(str(err))}") from None
+            if isinstance(text, str) and choices and values[name] not in choices:  # as argparse's `choices` says it
+                raise ValueError(f"{flag}: invalid choice: {text!r} (choose from {', '.join(map(repr, choices))})")
         return values
 
     @classmethod

@@ -1,6 +1,7 @@
 """`tclip explain` end to end: files per image, result.json contents, baselines, and clear errors; and the
 model-loading flags every command shares."""
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -863,6 +864,19 @@ def test_a_settings_flag_that_is_not_a_number_is_refused_in_argparses_words(tmp_
     # A list of numbers names the part that is not one.
     said = refused("explain", [*REQUIRED["explain"], "--scale-fractions=0.5,abc"])
     assert said.endswith("argument --scale-fractions: invalid float value: 'abc'")
+    # A choice not among a flag's choices, in argparse's words for `choices=` (they were its settings' own).
+    from tclip_jax.methods.tclip import Settings as TCLIPSettings
+
+    choice_flags = {f.name: f.metadata["choices"] for f in dataclasses.fields(TCLIPSettings)
+                    if f.metadata.get("choices")}
+    assert {"input_protocol", "token_weighting", "box_rule"} <= set(choice_flags)
+    for name, choices in choice_flags.items():
+        flag = "--" + name.replace("_", "-")
+        reference = argparse.ArgumentParser(prog="p")
+        reference.add_argument(flag, choices=choices)
+        expected = _parse_error(reference, [flag, "bogus"], capsys).split(": error: ")[1]
+        assert tclip(["explain", *REQUIRED["explain"], flag, "bogus"]) == 2
+        assert capsys.readouterr().err.strip().split(": error: ")[1] == expected, flag
     assert list(tmp_path.iterdir()) == []
     said = _parse_error(commands["sweep"], [*REQUIRED["sweep"], "--threshold", "abc"], capsys)
     assert said.endswith("argument --threshold: threshold must be mean, otsu, gmm or a number in [0, 1), got 'abc'")
