@@ -243,8 +243,12 @@ def test_tclip_k1_is_compared_unless_tclip_itself_at_k1_is_shown(tmp_path, fixtu
     from tclip_jax.methods import get
     from tclip_jax.methods.tclip import TCLIP, Settings
 
-    (tmp_path / "k1_variant.py").write_text("from tclip_jax.methods.tclip import TCLIP\n\n\n"
-                                            "class Variant(TCLIP):\n    pass\n")
+    (tmp_path / "k1_variant.py").write_text(
+        "import dataclasses\n\nfrom tclip_jax.methods.tclip import TCLIP, Settings\n"
+        "from tclip_jax.settings import setting\n\n\nclass Variant(TCLIP):\n    pass\n\n\n"
+        "@dataclasses.dataclass(frozen=True)\nclass MoreSettings(Settings):\n"
+        "    alpha: float = setting(0.5, 'its own')\n"
+        "\n\nclass WithMore(TCLIP):\n    Settings = MoreSettings\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     clip = load_clip(fixtures_dir / "tiny_openai_clip.npz")
     built = compare_methods(["k1_variant:Variant:translations=1"], TCLIP(clip))
@@ -254,6 +258,11 @@ def test_tclip_k1_is_compared_unless_tclip_itself_at_k1_is_shown(tmp_path, fixtu
     built = compare_methods([], variant(clip, Settings(translations=1)))
     assert [(spec, type(m), m.settings.translations) for spec, m in built] == [("tclip:translations=1", TCLIP, 1)]
     assert compare_methods(["similarity"], TCLIP(clip, Settings(translations=1)))[0][0] == "similarity"  # alone
+    # TCLIP K=1 beside a subclass with settings of its own is TCLIP's settings alone, as TCLIP records them: it held
+    # the subclass's settings object, and recorded and labelled alpha under "tclip".
+    with_more = get("k1_variant:WithMore")
+    (spec, k1), = compare_methods([], with_more(clip, with_more.Settings(alpha=0.9, sigma=3.0)))
+    assert type(k1.settings) is Settings and k1.settings == Settings(translations=1, sigma=3.0)
 
 
 # --------------------------------------------------------------------------------------------- in a browser

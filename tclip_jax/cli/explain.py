@@ -292,7 +292,10 @@ def compare_methods(specs: list[str], main, flag: str = "") -> list:
     # TCLIP K=1's maps are shown where TCLIP itself runs at K=1: a subclass's at K=1 are other maps
     if isinstance(main, TCLIP) and not any(type(m) is TCLIP and m.settings.translations == 1
                                            for m in [main, *(m for _, m in built)]):
-        built.insert(0, ("tclip:translations=1", TCLIP(main.clip, main.settings.replace(translations=1))))
+        # TCLIP's settings alone: a subclass's may have more, which TCLIP would record as its own
+        own = {k: v for k, v in main.settings.to_dict().items() if k in TCLIP.Settings.field_names()}
+        k1 = TCLIP(main.clip, TCLIP.Settings.from_dict({**own, "translations": 1}))
+        built.insert(0, ("tclip:translations=1", k1))
     return built
 
 
