@@ -164,6 +164,12 @@ def test_untrained_eclip_reads_a_projection_replaced_in_the_parameter_dict(clip,
         rebuilt = ECLIP(dataclasses.replace(clip, params=params))
     np.testing.assert_array_equal(after, rebuilt.explain(image, ["a red circle"]).prompts[0].phrase.heatmap)
     assert not np.allclose(after, before)
+    # Its text features are kept while the parameters stay as they are, on a device too: each use read a new copy
+    # of the projections, which the features' cache took for another model.
+    with pytest.warns(UserWarning, match="untrained ECLIP"):
+        on_device = ECLIP(dataclasses.replace(clip, params=jax.device_put(clip.params)))
+    leaves = jax.tree_util.tree_leaves(on_device.params)
+    assert all(a is b for a, b in zip(leaves, jax.tree_util.tree_leaves(on_device.params)))
 
 
 def test_untrained_eclip_is_clips_dense_similarity_map(clip, fixture_npz, highest_precision):

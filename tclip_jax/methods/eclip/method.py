@@ -45,9 +45,10 @@ PROJECTIONS_FORMAT = "tclip_jax/eclip_projections"
 
 
 def clip_projections(params: dict) -> Projections:
-    """CLIP's own projections (visual proj, text projection): where training starts."""
-    return {"image": np.asarray(params["visual"]["proj"], np.float32),
-            "text": np.asarray(params["text"]["projection"], np.float32)}
+    """CLIP's own projections (visual proj, text projection), the parameters' arrays themselves: where training
+    starts, and untrained ECLIP's (read at each use, a copy would be another leaf each time to the text features'
+    cache, `TreeLeaves`)."""
+    return {"image": params["visual"]["proj"], "text": params["text"]["projection"]}
 
 
 def projection_shapes(config: CLIPConfig) -> dict[str, tuple[int, int]]:
