@@ -616,15 +616,8 @@ def test_a_vit_is_fed_the_pixels_its_preprocessor_config_normalizes_as_transform
     ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
     ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3,
                       image_std=[0.5] * 3).save_pretrained(tmp_path / "vit")
-    images = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
-    clip_config = PRESETS["ViT-B/32"]  # OpenAI's mean and std, un-normalized again
-    pixels = (images / 255 - np.asarray(clip_config.image_mean)) / np.asarray(clip_config.image_std)
-    maps = ViTAttention(tmp_path / "vit")(pixels.astype(np.float32), (4, 4), clip_config)
-    processor = ViTImageProcessor.from_pretrained(tmp_path / "vit")
-    model = ViTModel.from_pretrained(tmp_path / "vit", attn_implementation="eager").eval()
-    with torch.no_grad():
-        probs = model(**processor(images=list(images), return_tensors="pt"), output_attentions=True).attentions
-    np.testing.assert_allclose(maps, probs[-1][:, :, 0, 1:].mean(dim=1).numpy(), rtol=1e-4, atol=1e-6)
+    maps, expected = _attention_and_transformers(tmp_path / "vit", side=64)  # the ViT's own size
+    np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-6)
     # A preprocessor config it cannot read, or whose pixels no input here computes, is said in one line, naming it.
     for config_text, problem in [('{"image_std": [0.5, 0, 0.5]}', r"image_std must be 3 positive numbers"),
                                  ('{"do_rescale": false}', r"do_rescale = False is not supported"),
@@ -648,16 +641,26 @@ def test_a_vit_smaller_than_clips_input_sees_it_resized_as_its_image_processor_r
     ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                        image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(tmp_path / "vit")
     ViTImageProcessor(size={"height": 32, "width": 32}, resample=resample).save_pretrained(tmp_path / "vit")
-    images = np.random.default_rng(3).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
-    clip_config = PRESETS["ViT-B/32"]
+    maps, expected = _attention_and_transformers(tmp_path / "vit", side=96)
+    np.testing.assert_allclose(maps, expected, rtol=0, atol=0.05 * np.ptp(expected))
+
+
+def _attention_and_transformers(folder: pathlib.Path, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(`ViTAttention` of the ViT in `folder` on 4x4 grids of two random side x side images, as a CLIP with OpenAI's
+    mean and std feeds them; the reference: transformers' ViTImageProcessor of the folder and ViTModel on the same
+    8-bit images)."""
+    import torch
+    from transformers import ViTImageProcessor, ViTModel
+
+    images = np.random.default_rng(3).integers(0, 256, (2, side, side, 3), dtype=np.uint8)
+    clip_config = PRESETS["ViT-B/32"]  # OpenAI's mean and std, un-normalized again
     pixels = (images / 255 - np.asarray(clip_config.image_mean)) / np.asarray(clip_config.image_std)
-    maps = ViTAttention(tmp_path / "vit")(pixels.astype(np.float32), (4, 4), clip_config)
-    processor = ViTImageProcessor.from_pretrained(tmp_path / "vit")
-    model = ViTModel.from_pretrained(tmp_path / "vit", attn_implementation="eager").eval()
+    maps = ViTAttention(folder)(pixels.astype(np.float32), (4, 4), clip_config)
+    processor = ViTImageProcessor.from_pretrained(folder)
+    model = ViTModel.from_pretrained(folder, attn_implementation="eager").eval()
     with torch.no_grad():
         probs = model(**processor(images=list(images), return_tensors="pt"), output_attentions=True).attentions
-    expected = probs[-1][:, :, 0, 1:].mean(dim=1).numpy()
-    np.testing.assert_allclose(maps, expected, rtol=0, atol=0.05 * np.ptp(expected))
+    return maps, probs[-1][:, :, 0, 1:].mean(dim=1).numpy()
 
 
 def test_the_attention_models_fingerprint_tells_its_config_and_exact_weights_and_damage_is_one_line(tmp_path):
