@@ -757,6 +757,7 @@ def test_train_then_explain_from_the_command_line(clip, fixtures_dir, data_dir, 
     assert "1 steps" in capsys.readouterr().out
     info = json.loads((out / PROJECTIONS_FILE).with_suffix(".json").read_text())
     assert info["training"]["attention"]["origin"] == str(tmp_path / "dino")
+    assert info["training"]["attention"]["resize"] == "bilinear, antialiased"  # CLIP's 224 pixels to the ViT's 64
     projections = out / PROJECTIONS_FILE
     assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "red circle", "--method", "eclip",
                   "--option", f"projections={projections}", "--model", model, "--activation", "quick_gelu",
@@ -782,6 +783,16 @@ def test_train_then_explain_from_the_command_line(clip, fixtures_dir, data_dir, 
     resumed, _ = load_projections(projections, clip)
     for key in ("image", "text"):
         np.testing.assert_array_equal(resumed[key], whole.projections[key], err_msg=key)
+    # A run begun before CLIP's input was shrunk to the ViT's antialiased (its record says no resize) is not resumed
+    # with the other attention maps.
+    state_file = out / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["attention"]["resize"]
+    state_file.write_text(json.dumps(state))
+    assert tclip(["train-eclip", "--model", model, "--activation", "quick_gelu", "--data", str(data_dir),
+                  "--dino", str(tmp_path / "dino"), "--epochs", "3", "--batch-size", "4", "--out", str(out),
+                  "--resume"]) == 2
+    assert "is of another run: attention {" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own, before our refusal

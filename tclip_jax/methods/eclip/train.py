@@ -429,6 +429,10 @@ def _train(clip: LoadedClip, pairs: Pairs, out: pathlib.Path, settings: TrainSet
            "settings": settings.to_dict()}
     if pairs.count % settings.batch_size == 1:  # a checkpoint from before such a batch was left out stepped on it
         run["one_pair_batch"] = "left out"
+    if attention is not None and clip.config.image_size > attention.image_size:
+        # CLIP's input shrunk to the ViT's, antialiased since 2026-12-07: a run begun before (a record without this)
+        # is not resumed with other attention maps
+        run["attention"]["resize"] = f"{attention.resample}, antialiased"
     optimizer = make_optimizer(settings)
     projections = clip_projections(clip.params)
     opt_state = optimizer.init(projections)
