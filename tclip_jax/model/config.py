@@ -241,13 +241,20 @@ def from_hf_preprocessor(hf: Mapping[str, Any]) -> dict[str, tuple[float, float,
     false). Errors name the field."""
     if not isinstance(hf, Mapping):
         raise ValueError(f"a preprocessor config is a JSON object, got {type(hf).__name__}")
-    for key, default in _HF_PREPROCESSOR_DEFAULTS.items():
+    refuse_other_hf_values(hf, _HF_PREPROCESSOR_DEFAULTS, "the input protocols compute")
+    return hf_normalization(hf, OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD)
+
+
+def refuse_other_hf_values(hf: Mapping[str, Any], computed: Mapping[str, Any], computes: str) -> None:
+    """Refuses a Hugging Face image processor config (a dict) whose field in `computed` (transformers' default where
+    left out) is not the value there, what the pixels fed in are computed as (`computes` says by what): one line
+    naming the field, not a field ignored."""
+    for key, default in computed.items():
         value = hf.get(key, default)
         if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, (int, float)) or (
                 not math.isclose(value, default, rel_tol=1e-6)):  # rescale_factor may be written rounded
             about = " (3: bicubic)" if key == "resample" else ""
-            raise ValueError(f"{key} = {value!r} is not supported (the input protocols compute {default!r}{about})")
-    return hf_normalization(hf, OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD)
+            raise ValueError(f"{key} = {value!r} is not supported ({computes} {default!r}{about})")
 
 
 def hf_normalization(hf: Mapping[str, Any], default_mean: tuple[float, float, float],

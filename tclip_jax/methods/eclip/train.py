@@ -54,6 +54,7 @@ from tclip_jax.methods.eclip.method import (PROJECTIONS_FILE, Projections, clip_
                                             save_projections, text_features)
 from tclip_jax.methods.eclip.settings import TrainSettings
 from tclip_jax.model import CLIP, CLIPConfig, hf_normalization, l2_normalize
+from tclip_jax.model.config import refuse_other_hf_values
 
 Array = jax.Array
 CAPTIONS_FILE = "captions.tsv"
@@ -290,11 +291,8 @@ def vit_preprocessing(folder: pathlib.Path, name: str) -> tuple[np.ndarray, np.n
     try:
         hf = loads_json(path.read_text(encoding="utf-8"))
         normalization = hf_normalization(hf, VIT_PROCESSOR_MEAN, VIT_PROCESSOR_STD)
-        for key, default in (("do_resize", True), ("do_rescale", True), ("rescale_factor", 1 / 255)):
-            value = hf.get(key, default)
-            if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, (int, float)) or (
-                    not math.isclose(value, default, rel_tol=1e-6)):  # rescale_factor may be written rounded
-                raise ValueError(f"{key} = {value!r} is not supported (pixels are fed as {default!r} computes)")
+        refuse_other_hf_values(hf, {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255},
+                               "the ViT is fed pixels as")
         resample = hf.get("resample", 2)  # ViTImageProcessor's default: bilinear
         if isinstance(resample, bool) or resample not in _RESAMPLE_MODES:
             raise ValueError(f"resample = {resample!r} is not supported (2: bilinear, 3: bicubic)")
