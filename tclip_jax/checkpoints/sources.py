@@ -61,11 +61,6 @@ def require_regular_file(path: pathlib.Path, what: str = "checkpoint") -> None:
         raise ConversionError(f"{what} file is empty: {path}")
 
 
-# What torch.save's legacy (pre-zip) format pickles first (torch.serialization.MAGIC_NUMBER); a pickle of protocol 3 to
-# 5 that does not start with it is another program's pickle.
-_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-
 def _from_torch(path: pathlib.Path) -> tuple[Mapping[str, Any], Optional[frozenset[str]], Optional[str]]:
     """(tensors, a TorchScript archive's module classes (None for a pickle), the OpenCLIP training run's name if it
     is a training checkpoint)."""
@@ -90,7 +85,8 @@ def _from_torch(path: pathlib.Path) -> tuple[Mapping[str, Any], Optional[frozens
         with open(path, "rb") as file:
             start = file.read(32)
         if refused is None and start[:1] == b"\x80" and start[1:2] in (b"\x03", b"\x04", b"\x05"):
-            if start.startswith(pickle.dumps(_TORCH_LEGACY_MAGIC, protocol=start[1])):
+            # torch.save's legacy (pre-zip) format pickles its magic number first; another pickle is another program's
+            if start.startswith(pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=start[1])):
                 raise ConversionError(f"{path} is a PyTorch pickle of protocol {start[1]} (torch.save's legacy "
                                       "format), which torch's weights-only reader does not read: save it again in "
                                       "torch.save's default format, or as safetensors") from None
