@@ -264,23 +264,19 @@ _OPEN_CLIP_KEYS = {
 # read as the weights' own model); an MLP is int(width * mlp_ratio) wide. Only the position embeddings are resized
 # first (resize_pos_embed, resize_text_pos_embed): an image_size other than the weights' is honoured as OpenCLIP does
 # it (`_as_open_clip_config_says`), a context_length other than theirs refused.
-_OPEN_CLIP_ARCHITECTURE = {
-    "embed_dim": ("model_cfg", "embed_dim", None),
-    "vision_width": ("vision_cfg", "width", 768), "text_width": ("text_cfg", "width", 512),
-    "vision_layers": ("vision_cfg", "layers", 12), "patch_size": ("vision_cfg", "patch_size", 16),
-    "vision_mlp_dim": ("vision_cfg", "mlp_ratio", 4.0), "image_size": ("vision_cfg", "image_size", 224),
-    "text_layers": ("text_cfg", "layers", 12), "text_mlp_dim": ("text_cfg", "mlp_ratio", 4.0),
-    "context_length": ("text_cfg", "context_length", 77), "vocab_size": ("text_cfg", "vocab_size", 49408),
-}
-# How each field's value in the weights is said: "the weights' ..."
-_WEIGHTS_HAVE = {
-    "embed_dim": "embeddings are {} wide", "vision_width": "vision tower is {} wide",
-    "text_width": "text tower is {} wide",
-    "vision_layers": "vision tower has {} blocks", "patch_size": "patches are {} pixels wide",
-    "vision_mlp_dim": "vision MLPs are {} wide", "text_layers": "text tower has {} blocks",
-    "text_mlp_dim": "text MLPs are {} wide", "vocab_size": "vocabulary has {} tokens",
-    "context_length": "text tower has {} positions (OpenCLIP would interpolate its position embedding to the config's "
-                      "length, which tclip_jax does not)",
+_OPEN_CLIP_ARCHITECTURE = {  # ..., and how the weights' value is said in a refusal ("the weights' ...")
+    "embed_dim": ("model_cfg", "embed_dim", None, "embeddings are {} wide"),
+    "vision_width": ("vision_cfg", "width", 768, "vision tower is {} wide"),
+    "text_width": ("text_cfg", "width", 512, "text tower is {} wide"),
+    "vision_layers": ("vision_cfg", "layers", 12, "vision tower has {} blocks"),
+    "patch_size": ("vision_cfg", "patch_size", 16, "patches are {} pixels wide"),
+    "vision_mlp_dim": ("vision_cfg", "mlp_ratio", 4.0, "vision MLPs are {} wide"),
+    "image_size": ("vision_cfg", "image_size", 224, None),  # honoured, not refused (`_as_open_clip_config_says`)
+    "text_layers": ("text_cfg", "layers", 12, "text tower has {} blocks"),
+    "text_mlp_dim": ("text_cfg", "mlp_ratio", 4.0, "text MLPs are {} wide"),
+    "context_length": ("text_cfg", "context_length", 77, "text tower has {} positions (OpenCLIP would interpolate its "
+                       "position embedding to the config's length, which tclip_jax does not)"),
+    "vocab_size": ("text_cfg", "vocab_size", 49408, "vocabulary has {} tokens"),
 }
 # A hub config's preprocess_cfg (OpenCLIP's PreprocessCfg), read as OpenCLIP 3.3 reads it: `merge_preprocess_dict`
 # drops a key PreprocessCfg lacks and a null value (the default stays), so neither can change pixels, and
@@ -364,7 +360,7 @@ def _open_clip_config(folder: pathlib.Path) -> tuple[Optional[str], bool, dict, 
     # head_width wide, the text tower has `heads` heads, whatever their width.
     choices = {"vision_head_dim": positive_int("vision_cfg", "head_width", 64)}
     architecture = {}  # CLIPConfig field -> (the config's key, its value as written, the field's value, left out)
-    for field, (part, key, default) in _OPEN_CLIP_ARCHITECTURE.items():
+    for field, (part, key, default, _) in _OPEN_CLIP_ARCHITECTURE.items():
         where, parent = (f"model_cfg.{key}", model_cfg) if part == "model_cfg" else (f"model_cfg.{part}.{key}",
                                                                                     towers[part])
         if key not in parent and default is None:
@@ -484,12 +480,13 @@ def _check_open_clip_field(config_path: pathlib.Path, architecture: dict, field:
     where, written, expected, left_out = architecture[field]
     if expected == found:
         return
-    notes = [f"OpenCLIP's default {_OPEN_CLIP_ARCHITECTURE[field][2]} where it is left out"] if left_out else []
+    _, _, default, weights_have = _OPEN_CLIP_ARCHITECTURE[field]
+    notes = [f"OpenCLIP's default {default} where it is left out"] if left_out else []
     if field.endswith("_mlp_dim"):  # mlp_ratio: the width it gives
         notes.append(f"MLPs {expected} wide")
     said = f" ({'; '.join(notes)})" if notes else ""
     raise ConversionError(f"{config_path}: {where} is {json.dumps(written)}{said} but the weights' "
-                          + _WEIGHTS_HAVE[field].format(found))
+                          + weights_have.format(found))
 
 
 def _as_open_clip_config_says(config_path: pathlib.Path, architecture: dict, config: CLIPConfig,
