@@ -1186,6 +1186,10 @@ def test_bad_input_gives_clear_messages(coco_hand, tmp_path, capsys):
     taken = _fails(capsys, "coco-seg", "--coco-source", "raw", "--data", str(tmp_path / "none"), "--out", out)
     assert "--coco-source" not in taken and "instances_val2017.json" in taken  # the flag is taken; the data missing
     assert "unknown method 'nope'" in _fails(capsys, "coco", "--data", str(coco_hand), "--method", "nope", "--out", out)
+    # A method's setting is a flag, refused as argparse refuses flags: before the dataset is read.
+    for flags in [("--sigma", "-1"), ("--option", "sigma=-1"), ("--method", "nope")]:
+        message = _fails(capsys, "coco", "--data", str(tmp_path / "none"), *flags, "--out", out)
+        assert flags[-1].partition("=")[0].lstrip("-") in message and "instances_val2017" not in message
     method = ("--method", "test_sweep:Painted")
     assert main(_cli("coco", "--data", str(coco_hand), *method, "--limit", "1", "--out", out)) == 0
     capsys.readouterr()

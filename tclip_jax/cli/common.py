@@ -104,12 +104,18 @@ def method_settings(method_class, args: argparse.Namespace) -> MethodSettings:
         return settings_class.from_dict({**given, **options})
 
 
-def build_method(args: argparse.Namespace):
-    """The method the arguments name, on the model they name."""
+def chosen_method(args: argparse.Namespace) -> tuple[type, MethodSettings]:
+    """The method class the arguments name and its settings, checked (as argparse checks flags) before anything is
+    read: the model, a sweep's dataset."""
     from tclip_jax import methods
 
     method_class = methods.get(args.method)
-    settings = method_settings(method_class, args)  # checked before the model loads
+    return method_class, method_settings(method_class, args)
+
+
+def build_method(args: argparse.Namespace, chosen: Optional[tuple[type, MethodSettings]] = None):
+    """The method the arguments name (`chosen`, where already checked) on the model they name."""
+    method_class, settings = chosen or chosen_method(args)
     model = ModelOptions.from_arguments(args)
     model.set_max_pixels()
     return method_class.from_pretrained(model.model, activation=model.activation, dtype=args.matmul_dtype,

@@ -14,7 +14,8 @@ import threading
 import warnings
 from typing import Optional
 
-from tclip_jax.cli.common import add_method_arguments, add_progress_argument, build_method, progress_bars
+from tclip_jax.cli.common import (add_method_arguments, add_progress_argument, build_method, chosen_method,
+                                  progress_bars)
 
 DATASETS = ("coco", "coco-seg", "imagenet-s", "voc", "synthetic")
 
@@ -91,8 +92,9 @@ def _sweep_inputs(args: argparse.Namespace) -> tuple:
         options = dataclasses.replace(options, limit=_stored_limit(args.out))
     if args.dataset == "synthetic":  # the scenes swept (however many --limit asks), recorded and compared on resume
         options = dataclasses.replace(options, limit=options.limit or SYNTHETIC_SCENES)
+    chosen = chosen_method(args)  # a bad --sigma is refused before the dataset is read
     dataset, source, data_folder = _open_dataset(args, options.limit)
-    method = build_method(args)
+    method = build_method(args, chosen)
     if args.dataset == "synthetic" and args.template not in (None, DEFAULT_TEMPLATE) and not method.uses_label_set:
         raise ValueError(f"--template makes the class prompts, and a synthetic scene's queries are its own words: it "
                          f"would change only the label set of a method that uses one (clip_surgery with feature "
