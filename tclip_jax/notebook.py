@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import socket
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -79,10 +80,15 @@ def fetch_image(source: Any = None) -> np.ndarray:
                              + (f" ({', '.join(map(repr, source))}): pass one, fetch_image(uploaded[name])"
                                 if source else ""))
         source = next(iter(source.values()))
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
+    if isinstance(source, str) and source.lower().startswith(("http://", "https://")):  # schemes are case-blind
         request = urllib.request.Request(source, headers={"User-Agent": _user_agent()})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return load_image(response.read())  # encoded bytes: the pixel-limit check a file gets
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                encoded = response.read()
+        except OSError as err:  # urllib's words do not say which URL ("<urlopen error [Errno 111] Connection refused>")
+            unwrapped = type(err) is urllib.error.URLError  # an HTTPError's own words are "HTTP Error 404: ..."
+            raise OSError(f"cannot fetch {source}: {err.reason if unwrapped else err}") from None
+        return load_image(encoded)  # encoded bytes: the pixel-limit check a file gets
     return load_image(source)
 
 

@@ -244,6 +244,12 @@ def test_fetch_image_from_a_url_decodes_as_a_file_does_with_its_pixel_limit(tmp_
         url = f"http://127.0.0.1:{server.server_address[1]}/photo.png"
         np.testing.assert_array_equal(notebook.fetch_image(url), load_image(tmp_path / "photo.png"))
         assert agents[0].startswith("tclip_jax/"), agents  # Wikimedia refuses urllib's default, Python-urllib/3.x
+        # A URL's scheme is case-blind (RFC 3986 3.1): not taken for a file name and refused as a URL.
+        np.testing.assert_array_equal(notebook.fetch_image(url.replace("http", "HTTP", 1)),
+                                      load_image(tmp_path / "photo.png"))
+        missing = url.replace("photo", "missing")
+        with pytest.raises(OSError, match=f"^cannot fetch {re.escape(missing)}: HTTP Error 404: "):  # names the URL
+            notebook.fetch_image(missing)
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1200 pixels: under PIL's own refusal at twice it
         with pytest.raises(ValueError, match="has 1,200 pixels, more than the limit of 1,000"):
             notebook.fetch_image(url)
