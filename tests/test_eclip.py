@@ -172,6 +172,24 @@ def test_untrained_eclip_reads_a_projection_replaced_in_the_parameter_dict(clip,
     assert all(a is b for a, b in zip(leaves, jax.tree_util.tree_leaves(on_device.params)))
 
 
+def test_trained_eclip_is_refused_once_a_leaf_of_its_model_is_replaced(clip, tmp_path):
+    """Trained projections were checked against the model once, when built: after a leaf of `clip.params` was
+    replaced (another model, another fingerprint) it mapped with projections trained on the old model and recorded the
+    new fingerprint. It is refused with the words a fresh build on the edited model gives."""
+    params = jax.tree_util.tree_map(lambda leaf: leaf, clip.params)  # a dict tree of its own, the same leaves
+    edited = dataclasses.replace(clip, params=params)
+    path = save_projections(tmp_path / PROJECTIONS_FILE, clip_projections(clip.params), clip)
+    method = ECLIP(edited, Settings(projections=str(path)))
+    image = make_scene(0, 64).image
+    method.explain(image, ["a red circle"])
+    params["visual"]["proj"] = np.asarray(params["visual"]["proj"]) * 0.5
+    with pytest.raises(ValueError, match="trained on another CLIP than this one") as fresh:
+        ECLIP(edited, Settings(projections=str(path)))
+    with pytest.raises(ValueError) as refused:
+        method.explain(image, ["a red circle"])
+    assert str(refused.value) == str(fresh.value)
+
+
 def test_untrained_eclip_is_clips_dense_similarity_map(clip, fixture_npz, highest_precision):
     """With CLIP's own projections, the ITSM is the official plain CLIP's patch-text cosine (CLIP Surgery's
     fixture: `plain/similarity_single`, normalized patch tokens against normalized text features)."""

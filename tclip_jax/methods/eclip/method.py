@@ -175,12 +175,19 @@ class ECLIP(PromptMethod):
             self._trained, self.projections_digest = None, None
         else:
             self._trained, self.projections_digest = load_projections(self.settings.projections, clip)
+            self._checked_on = clip.fingerprint  # the model the trained projections were checked against
 
     @property
     def projections(self) -> Projections:
         """The trained projections, or CLIP's own as its parameters hold them now: a leaf replaced there is another
-        model (`LoadedClip.fingerprint`), whose projections these are."""
-        return clip_projections(self.clip.params) if self._trained is None else self._trained
+        model (`LoadedClip.fingerprint`), whose projections these are, and against which trained ones are checked
+        again (refused as on a fresh build if their JSON records another model)."""
+        if self._trained is None:
+            return clip_projections(self.clip.params)
+        if self.clip.fingerprint != self._checked_on:
+            _check_trained_on(pathlib.Path(self.settings.projections).with_suffix(".json"), self.clip)
+            self._checked_on = self.clip.fingerprint
+        return self._trained
 
     @property
     def params(self):
