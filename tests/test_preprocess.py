@@ -594,6 +594,44 @@ def test_image_size_reads_a_pngs_orientation_without_decoding_it(tmp_path, monke
     assert image_size(path) == displayed.shape[:2] and image_size(path, exif=False) == block.shape[:2]
 
 
+@pytest.mark.parametrize("late", ["iTXt XMP", "eXIf", "tEXt", "iTXt XMP, animated"])
+def test_image_size_reads_the_chunks_after_the_image_data_of_a_png_with_an_early_exif(tmp_path, late):
+    """A PNG with an eXIf chunk (no orientation) before its image data: image_size took that chunk as all there was,
+    but PIL's decoding reads the chunks after the image data too (a later XMP orientation counts, a later eXIf
+    replaces the first; a raw profile does not, an eXIf being there), so a turned image was measured unturned. An
+    animated PNG (its late chunk before the next frame) was not decoded either. PIL's decoding and exif_transpose,
+    and load_image, are the reference."""
+    from PIL import ImageOps
+
+    from tclip_jax.image import image_size
+
+    early, exif = Image.Exif(), Image.Exif()
+    early[0x010F] = "Camera"  # Make
+    exif[0x0112] = 6
+    profile = exif.tobytes()
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    chunk = {"iTXt XMP": _png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp.encode()),
+             "eXIf": _png_chunk(b"eXIf", profile[6:]),
+             "tEXt": _png_chunk(b"tEXt", b"Raw profile type exif\0"
+                                + f"\nexif\n{len(profile):8d}\n{profile.hex()}\n".encode())}[late.split(",")[0]]
+    frames = [Image.fromarray(_blocky((32, 48))), Image.fromarray(_blocky((32, 48))[::-1])]
+    encoded = io.BytesIO()
+    frames[0].save(encoded, "PNG", exif=early, **({"save_all": True, "append_images": frames[1:]}
+                                                   if "animated" in late else {}))
+    png = encoded.getvalue()
+    start = png.index(b"IDAT") - 4
+    end = start + 12 + struct.unpack(">I", png[start:start + 4])[0]  # past the first IDAT chunk
+    path = tmp_path / "a.png"
+    path.write_bytes(png[:end] + chunk + png[end:])
+    with Image.open(path) as opened:
+        opened.load()
+        expected = ImageOps.exif_transpose(opened).size[::-1]
+    assert expected == ((32, 48) if late == "tEXt" else (48, 32))
+    assert image_size(path) == load_image(path).shape[:2] == expected
+    assert image_size(path, exif=False) == (32, 48)
+
+
 def test_an_image_damaged_past_its_header_is_a_value_error_naming_it(tmp_path):
     """PIL's decoding raises SyntaxError on a broken PNG chunk, not OSError: it stopped a sweep as a bug ("internal
     error (SyntaxError)") where a truncated image is its sample's error."""

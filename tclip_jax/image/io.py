@@ -158,11 +158,16 @@ def _exif_undecoded(img: Image.Image) -> Image.Exif:
     without decoding it. PIL's getexif of a PNG without an eXIf chunk before its image data decodes the image, to read
     the chunks after it: PIL takes an eXIf chunk, a "Raw profile type exif" text chunk or XMP wherever it is (the PNG
     extensions 1.5.0 allow eXIf anywhere but between IDAT chunks; PNG's third edition and browsers take it only
-    before them). Here those chunks are read as PIL's `load_end` reads them once the image is decoded, by its own
-    chunk reader, seeking over the image data instead; an animated PNG, whose frames PIL reads otherwise, is
-    decoded."""
-    if not isinstance(img, PngImagePlugin.PngImageFile) or "exif" in img.info or img.is_animated or img.png is None:
+    before them). One with an eXIf chunk before is read after decoding too, and a later eXIf replaces it, a later
+    XMP's orientation counts where it has none. Here the chunks after the image data of every PNG are read as PIL's
+    `load_end` reads them once the image is decoded, by its own chunk reader, seeking over the image data instead;
+    an animated PNG, whose frames PIL reads otherwise, is decoded (PIL's getexif does not where an eXIf chunk comes
+    before its image data)."""
+    if not isinstance(img, PngImagePlugin.PngImageFile):
         return img.getexif()
+    if img.is_animated or img.png is None:  # (none once decoded: load_end has read the chunks)
+        img.load()
+        return Image.Image.getexif(img)
     png, fp = img.png, img.fp
     fp.seek(img.tile[0][2] - 8)  # the first IDAT chunk's header (a tile is a tuple before Pillow 11)
     while True:  # load_end's loop, less the image data the decoder has read
