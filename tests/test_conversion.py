@@ -1673,6 +1673,25 @@ def test_the_pixel_normalization_of_a_hugging_face_preprocessor_config_is_transf
         np.testing.assert_allclose(prepare(fixture_images[name], "center_crop", clip.config)[0], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("sizes", [{"size": 64, "crop_size": 64},
+                                   {"size": {"shortest_edge": 64}, "crop_size": [64, 64]}])
+def test_the_sizes_of_a_hugging_face_preprocessor_config_are_read_as_transformers_reads_them(tmp_path, sizes):
+    """A preprocessor_config.json's size and crop_size were never read: another size (e.g. the shortest edge to 96
+    on a 64-pixel model) loaded silently, and transformers computed other pixels (refused now, in
+    test_a_pixel_preprocessing_the_protocols_do_not_compute_is_refused_in_one_line). The forms transformers reads as
+    the model's input size are accepted: an int (older hub configs', e.g. 224), a [height, width] crop; the
+    reference is transformers' CLIPImageProcessor of the folder, on a non-square image."""
+    torch.manual_seed(0)
+    transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "CLIPImageProcessor", **sizes}))
+    clip = load_clip(tmp_path)
+    image = np.random.default_rng(0).integers(0, 256, (120, 90, 3), np.uint8)
+    processor = transformers.CLIPImageProcessor.from_pretrained(tmp_path)
+    expected = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    np.testing.assert_allclose(prepare(image, "center_crop", clip.config)[0], expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("file, part, value, message", [
     ("open_clip_config.json", "preprocess_cfg", {"resize_mode": "squash"},
      'preprocess_cfg.resize_mode = "squash" is not supported (the input protocols compute "shortest"'),
@@ -1690,7 +1709,17 @@ def test_the_pixel_normalization_of_a_hugging_face_preprocessor_config_is_transf
                                                         "3 (3: bicubic))"),
     ("preprocessor_config.json", None, {"do_center_crop": False}, "do_center_crop = False is not supported"),
     ("preprocessor_config.json", None, {"image_std": [1, 1]}, "image_std must be 3 numbers"),
-    ("preprocessor_config.json", None, [1], "a preprocessor config is a JSON object, got list")])
+    ("preprocessor_config.json", None, [1], "a preprocessor config is a JSON object, got list"),
+    ("preprocessor_config.json", None, {"size": {"shortest_edge": 96}, "crop_size": 64},
+     "size = {'shortest_edge': 96} is not supported (the input protocols resize the shortest edge to the model's "
+     "input size, {'shortest_edge': 64})"),
+    ("preprocessor_config.json", None, {"size": 64, "crop_size": {"height": 48, "width": 48}},
+     "crop_size = {'height': 48, 'width': 48} is not supported (the input protocols crop a square of the model's "
+     "input size, {'height': 64, 'width': 64})"),
+    ("preprocessor_config.json", None, {"size": {"height": 64, "width": 64}, "crop_size": 64},
+     "size = {'height': 64, 'width': 64} is not supported"),
+    ("preprocessor_config.json", None, {"size": [64, 64], "crop_size": 64}, "size = [64, 64] is not supported"),
+    ("preprocessor_config.json", None, {"size": 64}, "crop_size left out (transformers' 224) is not supported")])
 def test_a_pixel_preprocessing_the_protocols_do_not_compute_is_refused_in_one_line(tmp_path, openai_state_dict,
                                                                                  file, part, value, message, capsys):
     if file == "open_clip_config.json":

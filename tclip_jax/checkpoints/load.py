@@ -211,7 +211,7 @@ def _from_hf_folder(folder: pathlib.Path, weights: pathlib.Path, origin: str, ac
     if preprocessor_path.is_file():
         preprocessor = sources.read_json(preprocessor_path)  # its errors name the file already
         try:
-            config = dataclasses.replace(config, **from_hf_preprocessor(preprocessor))
+            config = dataclasses.replace(config, **from_hf_preprocessor(preprocessor, config.image_size))
         except ValueError as err:
             raise ConversionError(f"{preprocessor_path}: {err}") from None
     _check_activation(activation, config.activation, config_path)

@@ -229,20 +229,41 @@ def from_hf_config(hf: Mapping[str, Any]) -> CLIPConfig:
 
 
 # Hugging Face CLIPImageProcessor fields that change the pixels but that no input protocol computes otherwise, with
-# the value the protocols compute (transformers' default): another value is refused, not ignored. Its sizes are not
-# read: every protocol resizes to the input size of the weights.
+# the value the protocols compute (transformers' default): another value is refused, not ignored. Its sizes
+# (`_refuse_other_hf_sizes`) must be the input size of the weights, which every protocol resizes to.
 _HF_PREPROCESSOR_DEFAULTS = {"do_resize": True, "resample": 3, "do_center_crop": True, "do_rescale": True,
                              "rescale_factor": 1 / 255, "do_convert_rgb": True}
 
 
-def from_hf_preprocessor(hf: Mapping[str, Any]) -> dict[str, tuple[float, float, float]]:
-    """The `CLIPConfig` normalization fields a Hugging Face `preprocessor_config.json` (as a dict) gives: its
-    image_mean and image_std (transformers' defaults, OpenAI's, where left out; none at all where do_normalize is
-    false). Errors name the field."""
+def from_hf_preprocessor(hf: Mapping[str, Any], image_size: int) -> dict[str, tuple[float, float, float]]:
+    """The `CLIPConfig` normalization fields a Hugging Face `preprocessor_config.json` (as a dict) of a model of input
+    size `image_size` gives: its image_mean and image_std (transformers' defaults, OpenAI's, where left out; none at
+    all where do_normalize is false). Errors name the field."""
     if not isinstance(hf, Mapping):
         raise ValueError(f"a preprocessor config is a JSON object, got {type(hf).__name__}")
     refuse_other_hf_values(hf, _HF_PREPROCESSOR_DEFAULTS, "the input protocols compute")
-    return hf_normalization(hf, OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD)
+    normalization = hf_normalization(hf, OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD)
+    _refuse_other_hf_sizes(hf, image_size)
+    return normalization
+
+
+def _refuse_other_hf_sizes(hf: Mapping[str, Any], image_size: int) -> None:
+    """Refuses a CLIPImageProcessor `size` other than the shortest edge resized to `image_size` and a `crop_size`
+    other than an `image_size` square, what every input protocol computes (its resize and center crop), read as
+    transformers reads them (`get_size_dict`: a number is the shortest edge of `size`, the side of a square
+    `crop_size`; a [height, width] pair; 224 where left out): one line naming the field."""
+    expected = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    for key, computed in expected.items():
+        value = hf.get(key, 224)
+        read = value
+        if isinstance(value, int) and not isinstance(value, bool):
+            read = {"shortest_edge": value} if key == "size" else {"height": value, "width": value}
+        elif isinstance(value, list) and len(value) == 2:
+            read = {"height": value[0], "width": value[1]}
+        if read != computed:
+            doing = ("resize the shortest edge to" if key == "size" else "crop a square of") + " the model's input size"
+            given = f"{key} = {value!r}" if key in hf else f"{key} left out (transformers' {value!r})"
+            raise ValueError(f"{given} is not supported (the input protocols {doing}, {computed!r})")
 
 
 def refuse_other_hf_values(hf: Mapping[str, Any], computed: Mapping[str, Any], computes: str) -> None:
