@@ -68,6 +68,46 @@ def driver():
 
 
 # ------------------------------------------------------------------------------------------ the page's data
+CUT = " ".join(["red circle and blue square"] * 20)  # 100 pieces: over the context alone and in each template
+
+
+@pytest.fixture(scope="module")
+def cut_results(fixtures_dir) -> tuple:
+    """CLIP Surgery (85 templates, each text cut by itself) and TCLIP K=1 on CUT, cut to fit the context."""
+    from tclip_jax.methods.tclip import TCLIP
+
+    model, image = str(fixtures_dir / "tiny_openai_clip.npz"), str(fixtures_dir / "scene_224.png")
+    with pytest.warns(UserWarning, match="template texts of a prompt were cut"):
+        surgery = METHODS["clip_surgery"].from_pretrained(model, truncate=True).explain(image, CUT)
+    with pytest.warns(UserWarning, match="keeping the first 75 pieces"):
+        tclip_result = TCLIP.from_pretrained(model, translations=1, truncate=True).explain(image, CUT)
+    return surgery, tclip_result
+
+
+def test_a_prompt_cut_inside_each_template_text_says_what_its_templates_left_out(cut_results):
+    """A cut prompt's card read the bare prompt's tokens: CLIP Surgery's said its last 135 characters were not
+    mapped, where each of its template texts had left out 142 to 178. The card, the prompt list and result.json say
+    what the template that kept least and the one that kept most left out (`PromptResult.mapped_ends`, checked
+    against each template text's pieces in test_methods)."""
+    surgery, tclip_result = cut_results
+    fewest, most = surgery.prompts[0].mapped_ends
+    words = tclip_result.prompts[0].words
+    assert fewest < most < words[-1].end == tclip_result.prompts[0].mapped_ends[0]  # the bare prompt keeps more
+    note = (f"(cut to fit the model's context in each template text by itself: its last {len(CUT) - most} to "
+            f"{len(CUT) - fewest} characters, by template, were not mapped)")
+    alone = explorer.image_entry("x", [explorer.View(surgery)])
+    assert (alone["prompts"][0]["cut"], alone["prompts"][0]["partly"]) == (most, fewest)
+    assert alone["panels"][0]["maps"]["p0"]["shows"] == f"the prompt “{CUT[:most]} …” {note}"
+    # Beside TCLIP the prompt list is TCLIP's words, marked where TCLIP stopped; each card says its own.
+    both = explorer.image_entry("x", [explorer.View(tclip_result), explorer.View(surgery)])
+    assert (both["prompts"][0]["cut"], both["prompts"][0]["partly"]) == (words[-1].end, None)
+    assert both["panels"][0]["maps"]["p0"]["shows"].endswith(
+        f"(cut to fit the model's context: its last {len(CUT) - words[-1].end} characters were not mapped)")
+    assert both["panels"][1]["maps"]["p0"]["shows"].endswith(note)
+    assert surgery.to_record()["prompts"][0]["mapped_ends"] == [fewest, most]
+    assert tclip_result.to_record()["prompts"][0]["mapped_ends"] == [words[-1].end] * 2
+
+
 def test_page_is_self_contained_and_covers_the_run(run):
     index = run / "index.html"
     text = index.read_text(encoding="utf-8")
@@ -1096,4 +1136,21 @@ def test_browser_a_prompt_cut_to_the_context_shows_what_was_cut(tmp_path, fixtur
     # A prompt-level method: the whole-prompt button holds the mapped part only, the rest is marked.
     assert roots[1].find_element("css selector", '.tclip-word[data-key="p0"]').text == long[:mapped]
     assert roots[1].find_element("css selector", ".tclip-cut s").text == long[mapped:].strip()
+    assert browser.console_problems(driver) == []
+
+
+def test_browser_a_prompt_cut_inside_each_template_text_marks_what_some_templates_mapped(tmp_path, cut_results,
+                                                                                         driver):
+    """CLIP Surgery's prompt list strikes through what no template text kept and marks what some kept."""
+    surgery, _ = cut_results
+    fewest, most = surgery.prompts[0].mapped_ends
+    page = tmp_path / "cut.html"
+    page.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'></head><body>"
+                    f"{surgery._repr_html_()}</body></html>", encoding="utf-8")
+    open_page(driver, page)
+    line = driver.find_element("css selector", ".tclip-prompt")
+    assert line.find_element("css selector", '.tclip-word[data-key="p0"]').text == CUT[:fewest]
+    assert line.find_element("css selector", ".tclip-partly u").text == CUT[fewest:most].strip()
+    assert "cut off in some templates" in line.find_element("css selector", ".tclip-partly").text
+    assert line.find_element("css selector", ".tclip-cut:not(.tclip-partly) s").text == CUT[most:].strip()
     assert browser.console_problems(driver) == []

@@ -160,6 +160,43 @@ def test_a_prompt_too_long_for_a_template_ensemble_is_one_error_or_one_warning(t
     assert [str(w.message)[:38] for w in caught] == ["prompt 'cat cat cat cat cat cat cat ca"]
 
 
+def test_a_prompt_cut_inside_its_template_texts_is_mapped_up_to_what_each_template_kept(tiny_clip):
+    """CLIP Surgery cuts each of its 85 template texts by itself: where a cut prompt stops being mapped was read off
+    the bare prompt's tokens, which keep more (a page struck through the last 135 characters where the templates
+    left out 142 to 178). `mapped_ends` gives the ends of what the template that kept least and the one that kept
+    most kept, against an explicit count of each template text's pieces."""
+    import warnings
+
+    from tclip_jax.methods.templates import CLIP_SURGERY_TEMPLATES
+
+    tokenizer, context = tiny_clip.tokenizer, tiny_clip.config.context_length
+
+    def pieces(text: str) -> int:
+        return int(np.count_nonzero(tokenizer.encode(text, context, truncate=True)[0])) - 2
+
+    def kept_ends(words: list[str]) -> tuple[int, int]:  # a text keeps whole words, each one piece
+        ends = [len(" ".join(words[:pieces(t.format(" ".join(words))) - pieces(t.split("{}")[0])]))
+                for t in CLIP_SURGERY_TEMPLATES]
+        return min(ends), max(ends)
+
+    long = ["red", "circle", "and", "blue", "square"] * 20  # 100 pieces: cut alone and in every template
+    fits_alone = ["cat"] * 73  # 75 pieces: fits alone, not in any template
+    assert [pieces(w) for w in long[:5]] == [1] * 5 and pieces("cat") == 1
+    surgery = METHODS["clip_surgery"](tiny_clip, METHODS["clip_surgery"].Settings(truncate=True))
+    similarity = METHODS["similarity"](tiny_clip, METHODS["similarity"].Settings(truncate=True))
+    prompts = [" ".join(long), " ".join(fits_alone), "a red circle  "]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mapped = surgery.encode_prompts(prompts).mapped_ends
+        alone = similarity.encode_prompts(prompts).mapped_ends
+    fewest, most = kept_ends(long)
+    assert fewest < most < len(" ".join(long[:75])) and mapped[0] == (fewest, most)
+    assert mapped[1] == kept_ends(fits_alone) and mapped[1][0] < len(prompts[1])  # some templates keep it whole
+    assert mapped[2] is None  # mapped whole (its trailing blanks are no cut-off part)
+    assert alone == ((len(" ".join(long[:75])),) * 2, None, None)  # one text: its own 75 pieces
+    assert METHODS["similarity"](tiny_clip).encode_prompts(prompts[1:]).mapped_ends == (None, None)
+
+
 @pytest.mark.parametrize("name", ["tclip", "similarity"])
 def test_maps_is_a_device_function_that_jit_and_vmap_pass_through(tiny_clip, fixture_images, name):
     method = method_for_tests(name, tiny_clip)

@@ -159,6 +159,8 @@ class PromptResult:
     word_maps: tuple[MapResult, ...]  # one per word
     phrase: MapResult                 # the whole prompt (TCLIP: its words' mean query, or its pieces' weighted)
     similarity: Optional[np.ndarray]  # TCLIP: raw S [n_pieces, gh*gw] of the untranslated image; else None
+    # where a prompt cut to fit the model's context (the `truncate` setting) stops being mapped: `Method.mapped_ends`
+    mapped_ends: Optional[tuple[int, int]] = None
 
     def __repr__(self) -> str:
         return f"<PromptResult {_prompt_summary(self)}>"
@@ -194,7 +196,8 @@ class ImageResult:
                       "piece_positions": list(w.piece_positions), **map_record(m)}
                      for w, m in zip(prompt.words, prompt.word_maps)]
             prompts.append({"prompt": prompt.prompt, "pieces": list(pieces), "words": words,
-                            "phrase": map_record(prompt.phrase)})
+                            "phrase": map_record(prompt.phrase),
+                            "mapped_ends": None if prompt.mapped_ends is None else list(prompt.mapped_ends)})
         return {"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "run": self.run,
                 "image": {"size_hw": list(self.image.shape[:2])}, "grid": list(self.grid), "prompts": prompts}
 
@@ -235,6 +238,7 @@ class EncodedPrompts:
     rows: np.ndarray                      # [sum(words) + P] row of each word query, then of each phrase query
     extras: Any = None                    # method-specific (TCLIP: unit token embeddings, for S)
     encoder: tuple = ()                   # `Method.encoder` of the method that encoded them: no other may use them
+    mapped_ends: tuple = ()               # per prompt, `Method.mapped_ends` (()): every prompt mapped whole)
 
 
 class Method(abc.ABC):
@@ -410,6 +414,15 @@ class Method(abc.ABC):
         context = self.clip.config.context_length
         return tuple(self.clip.tokenizer.tokenize_words(p, context, self.settings.truncate) for p in prompts)
 
+    def mapped_ends(self, tokens: TokenizedPrompt) -> Optional[tuple[int, int]]:
+        """Where a prompt cut to fit the model's context (the `truncate` setting) stops being mapped, in characters
+        of the prompt: (the end of what the text that kept least of it kept, the end of what the text that kept most
+        kept), each the end of its last word kept; None for a prompt mapped whole (all after the end is blank).
+        The prompt is one text here, its own tokens (a method with templates: each template text is cut by itself)."""
+        if not self.settings.truncate:  # a prompt too long was refused
+            return None
+        return _mapped_ends(tokens.text, [_kept_end(tokens.words, 0, len(tokens.text))])
+
     def encode_prompts(self, prompts: str | Sequence[str]) -> EncodedPrompts:
         """Tokenises and encodes prompts once; the result serves any number of images."""
         tokens = self.tokenize(prompt_list(prompts))  # says which prompts are cut
@@ -417,7 +430,8 @@ class Method(abc.ABC):
         with warnings.catch_warnings():  # ... once: encoding them tokenizes them again
             warnings.simplefilter("ignore", PromptCutWarning)
             queries = self.encode(queries, label_set=[t.text for t in tokens])
-        return distinct_queries(tokens, words, queries, self.encoder)
+            mapped = tuple(self.mapped_ends(t) for t in tokens)
+        return dataclasses.replace(distinct_queries(tokens, words, queries, self.encoder), mapped_ends=mapped)
 
     def explained_queries(self, tokens: Sequence[TokenizedPrompt]) -> tuple[tuple[tuple[Word, ...], ...], list[Query]]:
         """Per prompt the words that get their own map, and the queries: each word, then each prompt."""
@@ -574,7 +588,8 @@ class Method(abc.ABC):
             item += len(words)
             similarity = self.prompt_similarity(encoded, p, extras)
             prompts.append(PromptResult(tokens.text, tokens, words, word_maps, map_result(tokens.text, n_words + p),
-                                        None if similarity is None else _read_only(np.asarray(similarity).view())))
+                                        None if similarity is None else _read_only(np.asarray(similarity).view()),
+                                        encoded.mapped_ends[p] if encoded.mapped_ends else None))
         grid = tuple(s // self.clip.config.patch_size for s in geometry.input_hw)
         return ImageResult(_read_only(rgb.view()), geometry, grid, tuple(prompts), copy.deepcopy(run),
                            self.uses_label_set)
@@ -661,6 +676,24 @@ class PromptMethod(Method):
         return {"label_set": features[pad_slots(range(len(labels)), slots)],
                 "label_valid": np.arange(slots) < len(labels)}
 
+    def template_texts(self, prompt: str) -> list[str]:
+        """The texts a prompt is put into, one per official template (each cut by itself to fit the context)."""
+        return [t.format(prompt) for t in self.templates]
+
+    def mapped_ends(self, tokens: TokenizedPrompt) -> Optional[tuple[int, int]]:
+        """As `Method.mapped_ends`, over the prompt's template texts: each keeps what fits beside its template's
+        words, so the ends are those of the template that kept least and of the one that kept most."""
+        if self.templates is None or not self.settings.truncate:
+            return super().mapped_ends(tokens)
+        context, prompt = self.clip.config.context_length, tokens.text
+        ends = []
+        with warnings.catch_warnings():  # said once, by text_token_ids
+            warnings.simplefilter("ignore", PromptCutWarning)
+            for template, text in zip(self.templates, self.template_texts(prompt)):
+                words = self.clip.tokenizer.tokenize_words(text, context, self.settings.truncate).words
+                ends.append(_kept_end(words, template.index("{}"), len(prompt)))
+        return _mapped_ends(prompt, ends)
+
     def text_token_ids(self, prompts: Sequence[str]) -> np.ndarray:
         """[n, context] token ids, or [n, n_templates, context] with the official templates."""
         encode = functools.partial(self.clip.tokenizer.encode, context_length=self.clip.config.context_length,
@@ -672,7 +705,7 @@ class PromptMethod(Method):
             with warnings.catch_warnings(record=True) as cut:
                 warnings.simplefilter("always")
                 try:
-                    stacks.append(encode([t.format(prompt) for t in self.templates]))
+                    stacks.append(encode(self.template_texts(prompt)))
                 except ValueError as err:
                     raise ValueError(f"{self.name} puts each prompt into its {len(self.templates)} templates: "
                                      f"{err}") from None
@@ -876,6 +909,18 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
         if not isinstance(prompt, str):
             raise TypeError(f"prompts must be str, got {type(prompt).__name__}: {prompt!r}")
     return prompts
+
+
+def _kept_end(words: Sequence[Word], start: int, length: int) -> int:
+    """The end of the last word a text kept, in characters of the prompt that starts at `start` of it and is
+    `length` long (0 if the text kept nothing of it; `length` if it kept all of it)."""
+    return min(max(max((w.end for w in words), default=0) - start, 0), length)
+
+
+def _mapped_ends(prompt: str, ends: Sequence[int]) -> Optional[tuple[int, int]]:
+    """`Method.mapped_ends` from the ends each text kept; an end followed by blanks alone is the prompt's end."""
+    ends = [end if prompt[end:].strip() else len(prompt) for end in ends]
+    return None if min(ends) == len(prompt) else (min(ends), max(ends))
 
 
 def _explained_words(tokens: TokenizedPrompt) -> tuple[Word, ...]:

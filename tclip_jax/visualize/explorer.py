@@ -146,8 +146,9 @@ def image_entry(name: str, views: Sequence[View], *, title: Optional[str] = None
         "title": title or name,
         "size_hw": [height, width],
         "photo": _photo_uri(main.image, display_hw),
-        "prompts": [{"prompt": p.prompt, "words": w, "cut": _mapped_end(p, main.run)}
-                    for p, w in zip(main.prompts, words)],
+        # the prompt list marks what the result its words come from left unmapped; each panel says its own
+        "prompts": [{"prompt": p.prompt, "words": w, **_cut(p.mapped_ends)}
+                    for p, w in zip((per_word or main).prompts, words)],
         "panels": panels,
         "blobs": blobs.sources,
         "links": [{"text": k, "href": v} for k, v in (links or {}).items()],
@@ -159,7 +160,7 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
     per_word = any(p.words for p in result.prompts)
     maps: dict[str, dict] = {}
     for p, (prompt, prompt_words) in enumerate(zip(result.prompts, words)):
-        cut = _mapped_end(prompt, result.run)
+        cut = None if prompt.mapped_ends is None else prompt.mapped_ends[1]
         quoted = _quote(prompt.prompt if cut is None else prompt.prompt[:cut] + " …")
         if per_word:
             by_span = {(w.start, w.end): m for w, m in zip(prompt.words, prompt.word_maps)}
@@ -177,8 +178,7 @@ def _panel(view: View, words, alone_index: dict[str, int], blobs: _Blobs, size_h
                                              f"prompt-level method has no per-word map)", blobs, size_hw)
             phrase_text = f"the prompt {quoted}{_against(result, 'prompts')}"
         if cut is not None:
-            phrase_text += (f" (cut to fit the model's context: its last {len(prompt.prompt) - cut} characters were "
-                            "not mapped)")
+            phrase_text += _cut_note(prompt)
         maps[f"p{p}"] = _map(prompt.phrase, phrase_text, blobs, size_hw)
     rows, columns = result.geometry.covered  # the pixels the model saw: all but what a centre crop cut off
     return {"label": view_label(view), "method": result.run["method"],
@@ -195,11 +195,22 @@ def _against(result, what: str) -> str:
     return f", against the page's {what} as its label set" if result.against_label_set and len(texts) > 1 else ""
 
 
-def _mapped_end(prompt, run: dict) -> Optional[int]:
-    """Where the mapped part of a prompt cut to fit the model's context (the `truncate` setting) ends: the end of
-    the last word its tokens kept (characters); None for a prompt mapped whole."""
-    end = max((w.end for w in prompt.tokens.words), default=0)
-    return end if run["settings"].get("truncate") and prompt.prompt[end:].strip() else None
+def _cut(mapped_ends: Optional[tuple[int, int]]) -> dict:
+    """A prompt list entry's cut (`PromptResult.mapped_ends`): "cut", where what follows was mapped by no text of
+    the prompt (None: mapped whole), and "partly", where what follows up to "cut" was mapped by some texts only
+    (a method's template texts, each cut by itself; None where they all kept as much)."""
+    fewest, most = mapped_ends or (None, None)
+    return {"cut": most, "partly": fewest if fewest != most else None}
+
+
+def _cut_note(prompt) -> str:
+    """What a whole-prompt map says of a prompt cut to fit the model's context (`PromptResult.mapped_ends`)."""
+    fewest, most = prompt.mapped_ends
+    length = len(prompt.prompt)
+    if fewest == most:
+        return f" (cut to fit the model's context: its last {length - most} characters were not mapped)"
+    return (f" (cut to fit the model's context in each template text by itself: its last {length - most} to "
+            f"{length - fewest} characters, by template, were not mapped)")
 
 
 # The end-of-text attention that each TCLIP token weighting (methods/tclip/token_weights.py) weights pieces by.

@@ -99,7 +99,7 @@ class TCLIP(Method):
         embeds, weights = self.embed_prompts(tokens)
         words, queries = self.explained_queries(tokens)
         encoded = distinct_queries(tokens, words, _queries(tokens, embeds, weights, queries), self.encoder)
-        return dataclasses.replace(encoded, extras=embeds)
+        return dataclasses.replace(encoded, extras=embeds, mapped_ends=tuple(self.mapped_ends(t) for t in tokens))
 
     # ------------------------------------------------------------------------------------------ device
     @functools.cached_property

@@ -3,7 +3,8 @@
  * Data (tclip_jax/visualize/explorer.py): page = {title, run, model (the model's name), turbo (hex RGB x 256),
  * images: [entry | stub]}; a stub {name, title, script} names a data script that calls
  * TCLIPExplorer.register(name, entry). An entry has the photo, the prompts with their words (and `cut`, where a
- * prompt cut to fit the model's context stops being mapped), and panels (one per method) whose maps point into
+ * prompt cut to fit the model's context stops being mapped; `partly`, where it stops being mapped by every one of a
+ * method's template texts, each cut by itself), and panels (one per method) whose maps point into
  * entry.blobs: 8-bit grayscale PNGs of q = 255 (v - lo) / (hi - lo), with [lo, hi] beside them; a panel's `covered`
  * (x1, y1, x2, y2, image pixels) is what its model saw, all but what a centre crop cut off. Maps are decoded
  * onto a canvas and coloured here, on the scale the viewer picks.
@@ -282,6 +283,7 @@
         const text = (start, end) => chars.slice(start, end).join('');
         // A prompt cut to fit the model's context (--truncate) is mapped up to p.cut; the rest is marked so.
         const mapped = p.cut === null || p.cut === undefined ? chars.length : p.cut;
+        const partly = p.partly === null || p.partly === undefined ? mapped : p.partly;  // mapped by some texts
         const cutOff = mapped < chars.length
           ? el('span', {class: 'tclip-cut', title: 'cut off to fit the model\'s context (--truncate): not mapped'},
                el('s', {text: text(mapped)}), el('span', {class: 'tclip-cut-note', text: ' cut off: not mapped'}))
@@ -292,7 +294,16 @@
           line.append(wordButton(`p${i}w${j}`, text(w.span[0], w.span[1]), `the word “${w.text}”`));
           at = w.span[1];
         });
-        if (!p.words.length) line.append(wordButton(`p${i}`, text(0, mapped), 'the whole prompt'));
+        if (!p.words.length) {
+          line.append(wordButton(`p${i}`, text(0, partly) || '…', 'the whole prompt'));
+          if (partly < mapped) {
+            line.append(el('span', {class: 'tclip-cut tclip-partly',
+                                    title: 'cut off inside some of the method\'s template texts (--truncate): ' +
+                                           'mapped by the others'},
+                           el('u', {text: text(partly, mapped)}),
+                           el('span', {class: 'tclip-cut-note', text: ' cut off in some templates'})));
+          }
+        }
         else if (at < mapped) line.append(text(at, mapped));
         if (cutOff) line.append(cutOff);
         if (p.words.length) {
