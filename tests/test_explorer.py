@@ -997,6 +997,32 @@ def test_an_overlay_is_the_image_blended_with_the_turbo_colours_of_the_min_max_m
                                       np.round((1 - alpha) * image + alpha * colours))
 
 
+def test_an_overlay_reads_its_image_as_load_image_does_and_refuses_a_heatmap_it_cannot_draw():
+    """A float image in [0, 1] was blended as it was with colours of 0..255 (a float64 picture), RGBA or a heatmap of
+    another size failed inside OpenCV, and NaN drew colour 0 with numpy's cast warning. The image is read as
+    `load_image` reads it (the blend's closed form on what it returns); a heatmap it cannot draw is refused."""
+    from tclip_jax.image import load_image
+
+    lut = turbo_lut()
+    rgb = np.random.default_rng(1).integers(0, 256, (24, 40, 3), np.uint8)
+    heatmap = np.linspace(3.0, 7.0, 24 * 40, dtype=np.float32).reshape(24, 40)
+    colours = lut[np.round(255 * (heatmap.astype(np.float64) - 3.0) / 4.0).astype(int)]
+    for image in (rgb / 255.0, np.dstack([rgb, np.full(rgb.shape[:2], 9, np.uint8)]), rgb[..., 0],
+                  rgb.astype(np.uint16) * 257):
+        drawn = overlay(image, heatmap)
+        assert drawn.dtype == np.uint8 and drawn.shape == rgb.shape
+        np.testing.assert_array_equal(drawn, np.round(0.5 * load_image(image) + 0.5 * colours))
+    for other in (heatmap[:, :-1], heatmap.T, heatmap[None]):
+        with pytest.raises(ValueError, match=rf"^heatmap of shape \({other.shape[0]}, .* is not the image's size "
+                                             r"\(24, 40\) \(height, width\)$"):
+            overlay(rgb, other)
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="^heatmap holds NaN or infinite values$"):
+            overlay(rgb, np.where(heatmap > 5, bad, heatmap))
+    with pytest.raises(ValueError, match=r"float image values must lie in \[0, 1\]"):
+        overlay(rgb.astype(np.float32), heatmap)
+
+
 def test_the_whole_prompt_map_says_how_its_query_was_made(fixtures_dir):
     """TCLIP's whole-prompt query is the mean of its words' queries, or with a token weighting the mean of its words'
     pieces weighted by the end-of-text token's attention (methods/tclip/token_weights.py); one word keeps its mean."""

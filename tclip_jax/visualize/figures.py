@@ -23,6 +23,7 @@ from matplotlib.figure import Figure  # no pyplot: files need no display backend
 from matplotlib.font_manager import FontProperties
 from matplotlib.textpath import TextToPath
 
+from tclip_jax.image.io import ImageLike, load_image
 from tclip_jax.postprocess import Box
 
 BOX_COLOUR = (255, 255, 255)
@@ -82,10 +83,17 @@ def draw_box(rgb: np.ndarray, box: Box, colour=BOX_COLOUR, outline=BOX_OUTLINE, 
     return rgb
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, box: Box | None = None, alpha: float = 0.5) -> np.ndarray:
-    """uint8 RGB: the image blended with the turbo-coloured min-max heatmap, and the box outlined."""
+def overlay(image: ImageLike, heatmap: np.ndarray, box: Box | None = None, alpha: float = 0.5) -> np.ndarray:
+    """uint8 RGB [H, W, 3]: the image, read as `load_image` reads it (a float array in [0, 1], RGBA, a path...),
+    blended with the turbo-coloured min-max heatmap, finite and [H, W] as the image, and the box outlined."""
+    rgb = load_image(image)
+    heatmap = np.asarray(heatmap)
+    if heatmap.shape != rgb.shape[:2]:
+        raise ValueError(f"heatmap of shape {heatmap.shape} is not the image's size {rgb.shape[:2]} (height, width)")
+    if not np.all(np.isfinite(heatmap)):
+        raise ValueError("heatmap holds NaN or infinite values")
     colours = cv2.applyColorMap(np.uint8(np.round(255 * normalize(heatmap))), cv2.COLORMAP_TURBO)[..., ::-1]
-    blended = cv2.addWeighted(np.ascontiguousarray(image), 1.0 - alpha, colours, alpha, 0.0)
+    blended = cv2.addWeighted(rgb, 1.0 - alpha, colours, alpha, 0.0)
     if box is not None:
         draw_box(blended, box)
     return blended
