@@ -100,7 +100,8 @@ def overlay(image: ImageLike, heatmap: np.ndarray, box: Box | None = None, alpha
 
 
 def format_number(value: Optional[float]) -> str:
-    """A map value as the pictures and the page show it: 4 significant digits past leading zeros."""
+    """A map value as the pictures and the page show it (explorer.js's `fmt` is the same rule): 4 decimal places
+    under 10 in magnitude (1.2e-5 is 0.0000), 4 significant digits from 10 up."""
     if value is None:
         return "—"
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.4g}"

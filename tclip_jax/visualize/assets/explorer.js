@@ -44,6 +44,7 @@
   }
 
   // ------------------------------------------------------------------------------------------------ helpers
+  // figures.format_number's rule: 4 decimal places under 10 in magnitude, 4 significant digits from 10 up.
   const fmt = (v) => (v === null || v === undefined ? '—' : (Math.abs(v) < 10 ? v.toFixed(4) : v.toPrecision(4)));
 
   function el(tag, attrs, ...children) {
