@@ -686,6 +686,12 @@ class PromptMethod(Method):
         if self.templates is None or not self.settings.truncate:
             return super().mapped_ends(tokens)
         context, prompt = self.clip.config.context_length, tokens.text
+        # A prompt that fits beside the longest template's words in every template is mapped whole: known without
+        # tokenizing its 85 texts (36 ms a prompt). 2 pieces spare: punctuation at the prompt's edges can merge with
+        # the template's ("!" and "." as "!.")
+        longest_template = _template_pieces(self.clip.tokenizer, tuple(self.templates), context)
+        if len(tokens.pieces) + longest_template + 2 <= context - 2:
+            return None
         ends = []
         with warnings.catch_warnings():  # said once, by text_token_ids
             warnings.simplefilter("ignore", PromptCutWarning)
@@ -909,6 +915,12 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
         if not isinstance(prompt, str):
             raise TypeError(f"prompts must be str, got {type(prompt).__name__}: {prompt!r}")
     return prompts
+
+
+@functools.lru_cache(maxsize=8)
+def _template_pieces(tokenizer, templates: tuple[str, ...], context: int) -> int:
+    """The most BPE pieces a template's own words take (`PromptMethod.mapped_ends`)."""
+    return max(len(tokenizer.tokenize_words(t.format(""), context, True).pieces) for t in templates)
 
 
 def _kept_end(words: Sequence[Word], start: int, length: int) -> int:
