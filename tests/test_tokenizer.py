@@ -268,6 +268,29 @@ def test_truncation_keeps_the_first_whole_words_and_ends_with_eot(tokenizer):
         assert tokenizer.tokenize_words(one_word, truncate=True).piece_positions[-1] == 75
 
 
+def test_a_text_that_fits_is_cleaned_and_split_once_and_one_cut_is_said_at_each_call(monkeypatch):
+    """The ids of texts that fit are kept (CLIP Surgery's label set is 85 texts a class, tokenized at every call):
+    the same rows as a fresh tokenizer's, and a text too long is still cut and said, or refused, at each call."""
+    tokenizer = ClipTokenizer()
+    split = []
+    checked_pieces = tokenizer._checked_pieces
+    monkeypatch.setattr(tokenizer, "_checked_pieces", lambda *args: split.append(args[0]) or checked_pieces(*args))
+    texts = ["a photo of a cat.", "A  photo of a CAT.", "a photo of a cat."]  # the second cleans as the first
+    rows = tokenizer.encode(texts)
+    np.testing.assert_array_equal(tokenizer.encode(texts), rows)
+    np.testing.assert_array_equal(rows, ClipTokenizer().encode(texts))
+    assert split == texts[:2]  # each distinct text once
+    np.testing.assert_array_equal(tokenizer.encode("a photo of a cat.", context_length=8),
+                                  ClipTokenizer().encode("a photo of a cat.", context_length=8))  # its own context
+    long_prompt = "cat " * 80
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="keeping the first 75 pieces$"):
+            np.testing.assert_array_equal(tokenizer.encode(long_prompt, truncate=True),
+                                          ClipTokenizer().encode(long_prompt, truncate=True))
+        with pytest.raises(ValueError, match="shorten it or truncate it"):
+            tokenizer.encode(long_prompt)
+
+
 def test_bad_arguments(tokenizer):
     with pytest.raises(TypeError, match="prompts must be str"):
         tokenizer.encode(["a cat", 3])
