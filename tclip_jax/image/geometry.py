@@ -66,27 +66,31 @@ def to_original(heatmap, geometry: Geometry, fill: float | Literal["min"] = "min
 
 
 def to_original_on_device(heatmap, geometry: Geometry, fill: float | Literal["min"] = "min"):
-    """`to_original` as a jax array, dispatched and not waited for, on the device that holds ``heatmap`` (the
-    default device for a numpy array). An accelerator runs its work in the order it was dispatched (XLA:CPU runs
-    one thread's dispatches so): a pipeline that dispatches this right after the computation that makes
-    ``heatmap``, before its next batch, can fetch the result without waiting for that batch."""
+    """`to_original` as a jax array, dispatched and not waited for, on the device that holds ``heatmap``; a numpy
+    array is resampled on the host, in numpy, where no shape compiles a program (a sweep's host step meets an image
+    size and unit count after another: compiled, each cost 0.45 s and 1.8 MB kept). An accelerator runs its work
+    in the order it was dispatched (XLA:CPU runs one thread's dispatches so): a pipeline that dispatches this right
+    after the computation that makes ``heatmap``, before its next batch, can fetch the result without waiting for
+    that batch."""
     import jax.numpy as jnp  # jax only where maps are resampled
 
-    from tclip_jax.image.resample import bilinear_taps, resample_jit
+    from tclip_jax.image.resample import bilinear_taps, resample, resample_jit
 
     fill_with_min = isinstance(fill, str) and fill == "min"
     if not (fill_with_min or isinstance(fill, (int, float, np.floating, np.integer))):
         raise ValueError(f"fill must be 'min' or a number, got {fill!r}")
     if np.ndim(heatmap) < 2:
         raise ValueError(f"heatmap must have at least 2 axes [..., gh, gw], got shape {np.shape(heatmap)}")
-    heatmap = jnp.asarray(heatmap, dtype=jnp.float32)
+    on_host = isinstance(heatmap, np.ndarray)
+    xp = np if on_host else jnp
+    heatmap = xp.asarray(heatmap, dtype=xp.float32)
     taps = []
     for original, grid, resized, model, offset in zip(
         geometry.original_hw, heatmap.shape[-2:], geometry.resized_hw, geometry.input_hw, geometry.crop_offset_yx
     ):
         grid_per_model = grid / model
         taps.append(bilinear_taps(original, grid, resized / original * grid_per_model, -offset * grid_per_model))
-    resampled = resample_jit(heatmap, *taps)
+    resampled = (resample if on_host else resample_jit)(heatmap, *taps)
     inside = []  # per axis: whether each original row / column is covered
     for span, original in zip(geometry.covered, geometry.original_hw):
         covered = np.zeros(original, bool)
@@ -95,7 +99,7 @@ def to_original_on_device(heatmap, geometry: Geometry, fill: float | Literal["mi
     if inside[0].all() and inside[1].all():  # no crop: nothing to fill
         return resampled
     fill_value = heatmap.min(axis=(-2, -1), keepdims=True) if fill_with_min else np.float32(fill)
-    return jnp.where(inside[0][:, None] & inside[1][None, :], resampled, fill_value)
+    return xp.where(inside[0][:, None] & inside[1][None, :], resampled, fill_value)
 
 
 def points_to_model(points_xy: np.ndarray, geometry: Geometry) -> np.ndarray:

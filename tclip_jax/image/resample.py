@@ -41,14 +41,16 @@ def bilinear_taps(out_size: int, in_size: int, scale: float, shift: float) -> tu
     return index0, index1, np.float32(1.0) - weight1, weight1
 
 
-def resample(maps: jax.Array, rows: tuple[np.ndarray, ...], cols: tuple[np.ndarray, ...]) -> jax.Array:
-    """Applies `bilinear_taps` along the last axis (cols), then the one before (rows)."""
+def resample(maps: jax.Array | np.ndarray, rows: tuple[np.ndarray, ...], cols: tuple[np.ndarray, ...]) -> jax.Array:
+    """Applies `bilinear_taps` along the last axis (cols), then the one before (rows): in numpy for a numpy array
+    (a host step: nothing is compiled for the shape; the same float32 operations, the same bits), else in jax."""
+    xp = np if isinstance(maps, np.ndarray) else jnp
     # Width first, then height: the same order of operations as torch's bilinear kernel.
-    maps = jnp.asarray(maps, dtype=jnp.float32)
+    maps = xp.asarray(maps, dtype=xp.float32)
     c0, c1, cw0, cw1 = cols
-    maps = jnp.take(maps, c0, axis=-1) * cw0 + jnp.take(maps, c1, axis=-1) * cw1
+    maps = xp.take(maps, c0, axis=-1) * cw0 + xp.take(maps, c1, axis=-1) * cw1
     r0, r1, rw0, rw1 = rows
-    return jnp.take(maps, r0, axis=-2) * rw0[:, None] + jnp.take(maps, r1, axis=-2) * rw1[:, None]
+    return xp.take(maps, r0, axis=-2) * rw0[:, None] + xp.take(maps, r1, axis=-2) * rw1[:, None]
 
 
 resample_jit = jax.jit(resample)
