@@ -219,6 +219,19 @@ def test_tfds_coco_2017_built_by_tfds_reads_like_the_raw_files(coco_root, tmp_pa
         tfds_coco_dataset(tmp_path)
 
 
+def test_the_tfds_install_hint_does_not_ask_for_a_tensorflow_over_an_installed_one(tmp_path, monkeypatch):
+    """Without tensorflow-datasets the hint said "pip install tensorflow-cpu tensorflow-datasets", which on Colab
+    installs tensorflow-cpu's files over its tensorflow: it names tensorflow-cpu only as tensorflow's alternative."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails as if not installed
+    with pytest.raises(ImportError) as refused:
+        tfds_coco_dataset(tmp_path)
+    assert str(refused.value) == ("reading TFDS coco/2017 needs tensorflow and tensorflow-datasets (pip install "
+                                  "tensorflow-datasets, and tensorflow, or tensorflow-cpu, where neither is "
+                                  "installed)")
+
+
 def test_coco_bad_input(tmp_path, coco_root):
     with pytest.raises(FileNotFoundError, match="expected .*instances_val2017.json"):
         coco_dataset(tmp_path / "missing")

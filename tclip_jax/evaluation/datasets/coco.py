@@ -300,8 +300,9 @@ def tfds_coco_dataset(data_dir: str | pathlib.Path, split: str = "validation", c
         import absl.logging
         import tensorflow_datasets as tfds
     except ImportError as err:
-        raise ImportError("reading TFDS coco/2017 needs tensorflow and tensorflow-datasets "
-                          "(pip install tensorflow-cpu tensorflow-datasets)") from err
+        # Not "pip install tensorflow-cpu": over Colab's tensorflow it installs a second copy of its files.
+        raise ImportError("reading TFDS coco/2017 needs tensorflow and tensorflow-datasets (pip install "
+                          "tensorflow-datasets, and tensorflow, or tensorflow-cpu, where neither is installed)") from err
     if not pathlib.Path(data_dir).is_dir():
         raise FileNotFoundError(f"TFDS data_dir {data_dir} not found")
     absl.logging.set_verbosity(absl.logging.ERROR)
