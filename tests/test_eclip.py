@@ -761,6 +761,21 @@ def test_a_hub_attention_model_comes_from_the_hub_cache_and_offline_says_what_to
         ViTAttention("somebody/no-dino")
 
 
+@pytest.mark.parametrize("absent", ["transformers", "torch"])
+def test_dino_without_transformers_or_torch_names_the_extra_to_install(tmp_path, capsys, monkeypatch, absent):
+    """transformers and torch are optional (the test and convert extras held them): an installed user's --dino said
+    "error: No module named 'transformers'". It names the extra that installs both, as a pickled checkpoint names
+    the convert extra, before anything is written."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, absent, None)  # import fails as if not installed
+    assert tclip(["train-eclip", "--synthetic", "2", "--dino", "facebook/dino-vitb16", "--out",
+                  str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == ("tclip train-eclip: error: --dino needs transformers and PyTorch: pip install "
+                                       "'tclip_jax[dino]'\n")
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_then_explain_from_the_command_line(clip, fixtures_dir, data_dir, tmp_path, capsys):
     import torch
     from transformers import ViTConfig, ViTModel

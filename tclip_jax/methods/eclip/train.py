@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import importlib
 import io
 import json
 import math
@@ -193,7 +194,11 @@ class ViTAttention:
     rescaled by 1/255, no resizing) are refused."""
 
     def __init__(self, name_or_path: str | os.PathLike):
-        from transformers import ViTModel
+        try:  # both optional (the dino extra); transformers without torch gives a ViTModel that fails when used
+            importlib.import_module("torch")
+            from transformers import ViTModel
+        except ImportError:
+            raise ImportError("--dino needs transformers and PyTorch: pip install 'tclip_jax[dino]'") from None
 
         from tclip_jax.checkpoints.sources import download_from_hub
 
