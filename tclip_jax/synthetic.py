@@ -110,6 +110,15 @@ def is_synthetic_dataset(name: str) -> bool:
     """Whether a dataset name (a sweep's `Dataset.name`, as sweep.json stores it) is a synthetic protocol's."""
     return name.startswith(DATASET_PREFIX)
 
+
+def heldout_source(protocol: str, opencv: bool = True) -> str:
+    """A synthetic sweep's source, as sweep.json records it and a resume compares it: the protocol and the OpenCV
+    version that drew the scenes (its polygon fill, resize, blur and JPEG codec paint some pixels otherwise from one
+    version to another: between 4.8.0 and 5.1.0, 6 image values by up to 121 and 2 mask pixels of one scene).
+    ``opencv=False``: as sweeps stored before 2026-12-07 recorded it, without the version."""
+    return f"held-out synthetic scenes, protocol {protocol}" + (f", drawn with OpenCV {cv2.__version__}" if opencv
+                                                                 else "")
+
 DEFAULT_SIZE = 224
 MIN_SIZE = 64  # smallest image side
 

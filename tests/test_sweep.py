@@ -1361,6 +1361,31 @@ def test_a_synthetic_sweep_records_the_scenes_it_sweeps_as_its_limit(tmp_path, c
     assert _report(tmp_path / "default")["images"] == 3
 
 
+def test_a_synthetic_sweep_does_not_resume_under_another_opencv(tmp_path, capsys, monkeypatch):
+    """OpenCV draws the scenes (fillPoly, resize, blur, JPEG), and another version paints some pixels otherwise: a
+    resume under it added other scenes to the sweep's. sweep.json's source names the version, so a resume under
+    another is refused as another source; a sweep stored before it did (no version) resumes, recorded as this one's."""
+    import cv2
+
+    sweep = ("synthetic", "--method", "test_sweep:Painted", "--protocol", "bare_words")
+    out = tmp_path / "out"
+    assert main(_cli(*sweep, "--limit", "1", "--out", str(out))) == 0
+    drawn = f"held-out synthetic scenes, protocol bare_words, drawn with OpenCV {cv2.__version__}"
+    assert json.loads((out / "sweep.json").read_text())["source"] == drawn
+    capsys.readouterr()
+    with monkeypatch.context() as patched:
+        patched.setattr(cv2, "__version__", "4.8.0")
+        message = _fails(capsys, *sweep, "--limit", "2", "--resume", "--out", str(out))
+    assert message == (f"tclip sweep: error: cannot resume {out}: the sweep there differs in source (stored {drawn!r}, "
+                       "now 'held-out synthetic scenes, protocol bare_words, drawn with OpenCV 4.8.0')\n")
+    # Stored before the version was recorded: resumed, and recorded with it from now on.
+    config = json.loads((out / "sweep.json").read_text())
+    (out / "sweep.json").write_text(json.dumps({**config, "source": "held-out synthetic scenes, protocol bare_words"}))
+    assert main(_cli(*sweep, "--limit", "2", "--resume", "--out", str(out))) == 0
+    assert json.loads((out / "sweep.json").read_text())["source"] == drawn
+    assert _report(out)["images"] == 2
+
+
 def test_a_synthetic_sweep_past_the_held_out_seeds_is_refused_up_front(tmp_path, capsys):
     """--limit 1000001 made a million samples before any check (--limit 100000000: many GB, then "out of memory ...
     a smaller --batch-size"); it is refused in one line naming the most there are, before anything is made."""

@@ -122,6 +122,7 @@ def _open_dataset(args: argparse.Namespace, limit):
 
 def _dataset_and_source(args: argparse.Namespace, limit, data: Optional[str]):
     from tclip_jax.evaluation import datasets
+    from tclip_jax.synthetic import heldout_source
 
     for flag, value, using in _DATASET_FLAGS:
         if getattr(args, value) is not None and args.dataset not in using:  # ignored, it would seem to apply
@@ -135,7 +136,7 @@ def _dataset_and_source(args: argparse.Namespace, limit, data: Optional[str]):
             dataset = datasets.synthetic_dataset(limit, args.protocol)
         except ValueError as err:  # the protocol is a choice already: what is left to refuse is the number of scenes
             raise ValueError(f"--limit {limit}: {err}") from None
-        return dataset, f"held-out synthetic scenes, protocol {args.protocol}"
+        return dataset, heldout_source(args.protocol)
     if data is None:
         raise ValueError(f"{args.dataset} needs --data (the dataset's root folder)")
     if args.dataset == "coco-seg":

@@ -24,7 +24,7 @@ from tclip_jax.files import write_text_atomic
 from tclip_jax.methods.base import Method
 from tclip_jax.methods.tclip import TCLIP
 from tclip_jax.sweep.runner import RunOptions, run_sweep
-from tclip_jax.synthetic import description_is_true, retrieval_scenes
+from tclip_jax.synthetic import description_is_true, heldout_source, retrieval_scenes
 
 HELDOUT_METRICS_FILE = "heldout_metrics.json"
 FAST_PROTOCOLS = ("captions", "bare_words", "colour_twins", "wrong_attribute", "small_objects")
@@ -37,7 +37,7 @@ def synthetic_report(method: Method, protocol: str, scenes: int, batch_size: int
     seed `offset` on (training's validation uses an offset far from the gates' scenes)."""
     dataset = synthetic_dataset(scenes, protocol, offset)
     with tempfile.TemporaryDirectory() as out:
-        result = run_sweep(dataset, method, out, f"held-out synthetic scenes, protocol {protocol}",
+        result = run_sweep(dataset, method, out, heldout_source(protocol),
                            options=RunOptions(batch_size=batch_size, progress=False))
     errors = result.report["errors"]
     if errors:  # the figures cover every scene or none: a score over the scenes that worked would pass for one

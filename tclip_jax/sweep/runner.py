@@ -77,7 +77,7 @@ from tclip_jax.sweep.store import (LOCKS_GLOB, RESULTS_GLOB, ResultWriter, drop_
                                   read_all_records, read_records, refuse_held_locks, remove_stale_locks, results_lock,
                                   results_path)
 from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, UnitPictures
-from tclip_jax.synthetic import SYNTHETIC_SCENES, is_synthetic_dataset
+from tclip_jax.synthetic import DATASET_PREFIX, SYNTHETIC_SCENES, heldout_source, is_synthetic_dataset
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
 DEFAULT_TEMPLATE = "{}"
@@ -593,6 +593,12 @@ def _config_changes(stored: dict, config: dict, data_folder: Optional[str] = Non
     if is_synthetic_dataset(str(stored.get("dataset"))) and stored.get("limit") is None:
         # A synthetic sweep stored before it recorded its number of scenes as its limit swept the default number.
         stored["limit"] = SYNTHETIC_SCENES
+    if stored.get("dataset") == config["dataset"] and is_synthetic_dataset(config["dataset"]):
+        protocol = config["dataset"][len(DATASET_PREFIX):]
+        if stored.get("source") == heldout_source(protocol, opencv=False):
+            # Stored before sweeps recorded the OpenCV that drew the scenes: nothing to check against (as a sweep
+            # stored before data fingerprints), so taken as drawn with this one, which sweep.json records from now.
+            stored["source"] = heldout_source(protocol)
     if "matmul_dtype" in model:
         # Sweeps stored before results recorded the matmul dtype ran float32 matmuls (the command line had no other).
         stored_model.setdefault("matmul_dtype", "float32")
