@@ -2,7 +2,9 @@
 fast held-out gates re-measured here (TCLIP K=25 through the sweep scorer, and retrieval) reproduce the figures
 their heldout_metrics.json records and their cards quote."""
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -11,11 +13,12 @@ import pytest
 from tclip_jax.checkpoints.folder import flatten, load_checkpoint
 from tclip_jax.checkpoints.load import DEFAULT_MODEL_DIR, load_clip
 from tclip_jax.model.tokenizer import default_tokenizer
-from tclip_jax.sweep.heldout import HELDOUT_METRICS_FILE, heldout_metrics
+from tclip_jax.sweep.heldout import FAST_SCENES, HELDOUT_METRICS_FILE
 from tclip_jax.synthetic import make_scene, negative_captions, scene_variant, train_seeds
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "training"))
 import train_default  # noqa: E402
+from conftest import XLA_FLAGS_OPTIMISED  # noqa: E402
 
 MAX_FOLDER_BYTES = 10 * 2**20
 CLIP_ONLY_DIR = DEFAULT_MODEL_DIR.parent / "clip_only_model"
@@ -39,9 +42,25 @@ def recorded_config(folder):
 
 
 @pytest.fixture(scope="module")
-def measured_metrics(loaded):
-    """The fast held-out gates (`heldout_metrics`: TCLIP K=25, the FAST_PROTOCOLS, retrieval), measured now."""
-    return heldout_metrics(loaded)
+def measured_by_folder() -> dict[str, dict]:
+    """{folder: its fast held-out gates (`heldout_metrics`: TCLIP K=25, the FAST_PROTOCOLS, retrieval), measured
+    now}, both folders in one process of their own, at XLA's default optimisation (as the training script records
+    them; conftest's quick compile makes these 25-copy maps of 100 scenes slower to run than they are to compile).
+    Each protocol's scenes in one batch: the figures are those of the script's batches of 8 (a sweep gives the same
+    bytes at any batch size, test_sweep), from 5 compiled programs of the maps instead of 11."""
+    code = ("import json, sys\n"
+            "from tclip_jax.checkpoints.load import load_clip\n"
+            "from tclip_jax.sweep.heldout import heldout_metrics\n"
+            "print(json.dumps({f: heldout_metrics(load_clip(f), batch_size=int(sys.argv[1])) for f in sys.argv[2:]}))")
+    done = subprocess.run([sys.executable, "-c", code, str(FAST_SCENES), *map(str, FOLDERS)], capture_output=True,
+                          text=True, timeout=1200, env={**os.environ, "XLA_FLAGS": XLA_FLAGS_OPTIMISED})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def measured_metrics(folder, measured_by_folder):
+    return measured_by_folder[str(folder)]
 
 
 def test_load_clip_without_a_name_loads_the_embedded_checkpoint():
