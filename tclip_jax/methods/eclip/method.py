@@ -132,22 +132,27 @@ def load_projections(path: str | os.PathLike, clip: LoadedClip) -> tuple[Project
                          f"{expected} (trained on another CLIP?)")
     if not all(np.isfinite(v).all() for v in arrays.values()):
         raise ValueError(f"ECLIP projections {path} hold non-finite values")
-    _check_trained_on(path.with_suffix(".json"), clip)
+    _refuse_other_clip(path.with_suffix(".json"), _trained_on(path.with_suffix(".json")), clip)
     return {k: v.astype(np.float32) for k, v in arrays.items()}, hashlib.sha256(data).hexdigest()
 
 
-def _check_trained_on(info_path: pathlib.Path, clip: LoadedClip) -> None:
-    """Refuses projections whose JSON records another CLIP than `clip` (no JSON, or one written before the
-    fingerprint was recorded: nothing to check against; one of the fingerprint's first definition is compared by
-    it, `LoadedClip.is_recorded_as`)."""
+def _trained_on(info_path: pathlib.Path) -> dict:
+    """The model record of the projections' JSON ({} where there is no JSON)."""
     if not info_path.is_file():
-        return
+        return {}
     try:
         model = loads_json(info_path.read_text(encoding="utf-8")).get("model") or {}
         if not isinstance(model, dict):
             raise ValueError(f"its model is {type(model).__name__}, not a record")
     except (ValueError, UnicodeDecodeError, AttributeError) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"{info_path} (what the projections beside it were trained on) is damaged: {err}") from None
+    return model
+
+
+def _refuse_other_clip(info_path: pathlib.Path, model: dict, clip: LoadedClip) -> None:
+    """Refuses projections whose JSON (`info_path`, its model record `model`) records another CLIP than `clip` (no
+    JSON, or one written before the fingerprint was recorded: nothing to check against; one of the fingerprint's
+    first definition is compared by it, `LoadedClip.is_recorded_as`)."""
     recorded = model.get("fingerprint")
     if recorded is not None and not clip.is_recorded_as(recorded):
         # The fingerprint covers the activation: name it, as the same file under another --activation differs.
@@ -175,7 +180,9 @@ class ECLIP(PromptMethod):
             self._trained, self.projections_digest = None, None
         else:
             self._trained, self.projections_digest = load_projections(self.settings.projections, clip)
-            self._checked_on = clip.fingerprint  # the model the trained projections were checked against
+            # the model their JSON records, and the one they were checked against
+            self._trained_on = _trained_on(pathlib.Path(self.settings.projections).with_suffix(".json"))
+            self._checked_on = clip.fingerprint
 
     @property
     def projections(self) -> Projections:
@@ -184,8 +191,9 @@ class ECLIP(PromptMethod):
         again (refused as on a fresh build if their JSON records another model)."""
         if self._trained is None:
             return clip_projections(self.clip.params)
-        if self.clip.fingerprint != self._checked_on:
-            _check_trained_on(pathlib.Path(self.settings.projections).with_suffix(".json"), self.clip)
+        if self.clip.fingerprint != self._checked_on:  # against the record read with them, not the file as it is now
+            _refuse_other_clip(pathlib.Path(self.settings.projections).with_suffix(".json"), self._trained_on,
+                               self.clip)
             self._checked_on = self.clip.fingerprint
         return self._trained
 
