@@ -219,6 +219,7 @@ class UnitGallery:
         self.folder = pathlib.Path(folder)
         self.max_side = max_side
         self._lock = threading.Lock()
+        self._drawing: set[str] = set()  # the pictures being drawn and written, outside the lock
         self._best: dict[str, tuple[tuple, str]] = {}   # class -> (rank key, picture name)
         self._worst: dict[str, tuple[tuple, str]] = {}
         self._warn = _WarnOnce("report.html pictures", "the report will lack some")
@@ -240,28 +241,56 @@ class UnitGallery:
     def offer(self, index: int, key: str, image: np.ndarray, targets: Sequence[Target],
               heatmaps: Sequence[np.ndarray], units: Sequence[dict]) -> None:
         """One scored sample: draws the pictures of units that take a place, deletes those that lose theirs. A
-        sample of `undrawn_keys` (recorded, run again) draws only the pictures its places lack."""
-        for position, (target, heatmap, unit) in enumerate(zip(targets, heatmaps, units)):
-            with self._lock:
+        sample of `undrawn_keys` (recorded, run again) draws only the pictures its places lack.
+
+        Only the places are decided under the lock; pictures are drawn and written outside it, so that host threads
+        draw at once. A picture being drawn (`_drawing`) is deleted by its drawer if its unit lost its place
+        meanwhile, not by the thread that took the place (it would delete it before it is written): the pictures
+        left are those of the units holding the places, whatever the threads' timing."""
+        placed, dropped = [], []
+        with self._lock:
+            for position, (target, heatmap, unit) in enumerate(zip(targets, heatmaps, units)):
                 if key in self.undrawn_keys:
-                    (placed, unit), dropped = self._undrawn_place(key, position, unit["class"]), []
+                    (name, unit), lost = self._undrawn_place(key, position, unit["class"]), []
                 else:
-                    placed, dropped = self._place(index, key, position, unit)
-                try:
-                    if placed:
-                        _write(self.folder / placed, unit_picture(image, heatmap, target, unit, self.max_side))
-                    for name in dropped:
-                        (self.folder / name).unlink(missing_ok=True)
-                except OSError as err:  # a missing picture must not cost a sample its record
-                    self._warn(err)
+                    name, lost = self._place(index, key, position, unit)
+                if name is not None:
+                    self._drawing.add(name)
+                    placed.append((name, unit["class"], target, heatmap, unit))
+                dropped += [name for name in lost if name not in self._drawing]
+        for name in dropped:  # a unit that lost its place never takes one again: nobody draws these any more
+            self._delete(name)
+        for name, cls, target, heatmap, unit in placed:
+            try:
+                with self._lock:
+                    held = self._holds(cls, name)  # else it lost its place to a unit offered since (or of this sample)
+                if held:
+                    _write(self.folder / name, unit_picture(image, heatmap, target, unit, self.max_side))
+            except OSError as err:  # a missing picture must not cost a sample its record
+                self._warn(err)
+            finally:
+                with self._lock:
+                    self._drawing.discard(name)
+                    lost = not self._holds(cls, name)
+            if lost:
+                self._delete(name)
+
+    def _delete(self, name: str) -> None:
+        try:
+            (self.folder / name).unlink(missing_ok=True)
+        except OSError as err:
+            self._warn(err)
+
+    def _holds(self, cls: str, name: str) -> bool:
+        """Whether picture `name` is that of class `cls`'s best or worst unit (call under the lock)."""
+        return name in (self._best.get(cls, (None, None))[1], self._worst.get(cls, (None, None))[1])
 
     def _undrawn_place(self, key: str, position: int, cls: str) -> tuple[Optional[str], Optional[dict]]:
         """(its picture name, the recorded unit) where unit `position` of the recorded sample `key` still holds a
         place whose picture is not drawn yet (a unit offered meanwhile may have taken it); else (None, None)."""
         name = gallery_name(key, cls, position)
         recorded = self._undrawn.pop(name, None)
-        held = {self._best.get(cls, (None, None))[1], self._worst.get(cls, (None, None))[1]}
-        return (name, recorded) if recorded is not None and name in held else (None, None)
+        return (name, recorded) if recorded is not None and self._holds(cls, name) else (None, None)
 
     def _place(self, index: int, key: str, position: int, unit: dict) -> tuple[Optional[str], list[str]]:
         """Updates the places; (this unit's picture name if it took one, pictures no place holds any more)."""
