@@ -144,7 +144,8 @@ def test_a_postscript_file_named_jpg_is_refused_in_one_line_and_ghostscript_neve
     assert tclip(["explain", str(tmp_path / "photo.jpg"), "--prompt", "a cat", "--model",
                   str(fixtures_dir / "tiny_openai_clip.npz"), "--out", str(tmp_path / "o")]) == 2
     error = capsys.readouterr().err
-    assert error.startswith(f"tclip explain: error: cannot read image file {tmp_path / 'photo.jpg'}: cannot identify")
+    assert error.startswith(f"tclip explain: error: cannot read image file {tmp_path / 'photo.jpg'}: the file is "
+                            "not an image PIL can decode")
     assert error.count("\n") == 1 and not (tmp_path / "o").exists()
     assert not fake_ghostscript.exists()
 

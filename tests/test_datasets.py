@@ -641,9 +641,9 @@ def test_label_files_in_postscript_are_no_images_and_ghostscript_never_runs(tmp_
     from tclip_jax.evaluation.datasets.voc import read_voc_labels
 
     (tmp_path / "label.png").write_bytes(EPS_BYTES)
-    with pytest.raises(ValueError, match=r"^cannot read ImageNet-S label .*label\.png: cannot identify image file"):
+    with pytest.raises(ValueError, match=r"^cannot read ImageNet-S label .*label\.png: the file is not an image PIL can decode$"):
         read_labels(tmp_path / "label.png")
-    with pytest.raises(ValueError, match=r"^cannot read VOC label .*label\.png: cannot identify image file"):
+    with pytest.raises(ValueError, match=r"^cannot read VOC label .*label\.png: the file is not an image PIL can decode$"):
         read_voc_labels(tmp_path / "label.png")
     assert not fake_ghostscript.exists()
 

@@ -221,10 +221,10 @@ def read_raster(source: str | os.PathLike | bytes, read: Callable[[Image.Image],
     except Image.DecompressionBombError as err:  # PIL refuses beyond twice its limit, in open()
         _check_size(int(re.search(r"\((\d+) pixels\)", str(err)).group(1)), name)
         raise ValueError(f"cannot read {name}: {err}") from None
-    except UnidentifiedImageError as err:
-        if isinstance(source, bytes):  # PIL's message names an io.BytesIO object by its address
-            raise ValueError("cannot read image bytes: the bytes are not an image PIL can decode") from None
-        raise ValueError(f"cannot read {name}: {err}") from err
+    except UnidentifiedImageError:  # PIL's message ("cannot identify image file ...") only names the file again,
+        # or an io.BytesIO object by its address
+        what_is_not = "the bytes are" if isinstance(source, bytes) else "the file is"
+        raise ValueError(f"cannot read {name}: {what_is_not} not an image PIL can decode") from None
     except DECODE_ERRORS as err:  # damaged past the header: truncated, a broken PNG chunk
         raise ValueError(f"cannot read {name}: {str(err) or type(err).__name__}") from err
 
