@@ -1265,6 +1265,22 @@ def test_a_sweep_that_scores_no_sample_fails_and_resume_scores_them_once_mended(
                                            "tries them again\n" if mended == 1 else "")
 
 
+def test_a_sweep_with_more_failed_samples_than_report_md_lists_says_report_json_lists_them(tmp_path, capsys):
+    """report.md lists the first 20 errors; a sweep with more said they were all "listed in report.md"."""
+    from tclip_jax.sweep.report import REPORT_JSON, REPORT_MD
+
+    broken = {index: {"file_name": f"{index:012d}.jpg", "height": 8, "width": 8} for index in range(2, 23)}
+    root = write_coco(tmp_path / "coco", {1: painted(8, 8, []), **broken},
+                      [(index, 1, [0, 0, 4, 4], 0) for index in range(1, 23)],
+                      {image["file_name"]: b"not an image" for image in broken.values()})
+    out = tmp_path / "out"
+    assert main(_cli("coco", "--method", "test_sweep:Painted", "--data", str(root), "--out", str(out))) == 0
+    listed = [line for line in (out / REPORT_MD).read_text().splitlines() if line.startswith("- `")]
+    assert len(_report(out)["errors"]) == 21 and len(listed) == 20
+    assert capsys.readouterr().err == (f"tclip sweep: warning: 21 of 22 samples failed, listed in {REPORT_JSON} (the "
+                                       f"first {len(listed)} in {REPORT_MD}); --resume tries them again\n")
+
+
 def test_a_sweep_resumed_with_a_larger_limit_is_the_sweep_run_with_it(coco_hand, tmp_path, capsys):
     method = ("--method", "test_sweep:Painted", "--data", str(coco_hand))
     fresh, grown = str(tmp_path / "fresh"), str(tmp_path / "grown")

@@ -375,7 +375,7 @@ def test_report_html_says_what_report_md_says_and_a_pipe_in_a_label_stays_in_its
 @pytest.mark.parametrize("errors", [20, 21])
 def test_report_md_lists_the_first_20_errors_and_counts_the_rest(errors):
     from tclip_jax.evaluation.options import EvalOptions
-    from tclip_jax.sweep.report import markdown, summarize
+    from tclip_jax.sweep.report import errors_listed, markdown, summarize
 
     config = {"dataset": "coco", "evaluation": EvalOptions().to_dict(),
               "run": {"method": "painted", "model": {"origin": "m.npz"}, "settings": {}, "input_protocol": "resize"}}
@@ -385,6 +385,9 @@ def test_report_md_lists_the_first_20_errors_and_counts_the_rest(errors):
     assert [line for line in lines if line.startswith("- `k")] == [f"- `k{i}`: ValueError: bad {i}" for i in range(20)]
     more = [line for line in lines if line.startswith("- ... and")]
     assert more == ([] if errors == 20 else ["- ... and 1 more (see report.json)"])
+    # The line a sweep ends with says where they are: report.md where it lists them all.
+    assert errors_listed(errors) == ("listed in report.md" if errors == 20 else
+                                     "listed in report.json (the first 20 in report.md)")
 
 
 def test_a_sweep_with_nothing_to_score_says_so(tmp_path):

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     _init_distributed(args)
     from tclip_jax.cli import USER_ERRORS
     from tclip_jax.sweep import run_sweep
+    from tclip_jax.sweep.report import errors_listed
     from tclip_jax.sweep.runner import refuse_together
 
     # Every process opens its dataset and builds its method, and where one cannot (a --data folder one host lacks),
@@ -74,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"no sample could be scored: all {len(errors)} failed (the first, {errors[0]['key']}: "
                              f"{errors[0]['error']}); --resume tries them again once the data is mended")
         if errors:  # a success, said where a script's log shows it: report.md went to stdout
-            warnings.warn(f"{len(errors)} of {len(errors) + result.report['images']} samples failed, listed in "
-                          "report.md; --resume tries them again")
+            warnings.warn(f"{len(errors)} of {len(errors) + result.report['images']} samples failed, "
+                          f"{errors_listed(len(errors))}; --resume tries them again")
     return 0
 
 

@@ -189,6 +189,14 @@ def _markdown_body(config: dict, summary: dict) -> list[str]:
     return lines
 
 
+def errors_listed(count: int) -> str:
+    """Where the errors of `count` failed samples are listed: report.md lists the first `_SHOWN_ERRORS`, report.json
+    all (for the line a sweep that scored some samples ends with)."""
+    if count <= _SHOWN_ERRORS:
+        return f"listed in {REPORT_MD}"
+    return f"listed in {REPORT_JSON} (the first {_SHOWN_ERRORS} in {REPORT_MD})"
+
+
 def _cell(text: str) -> str:
     """``text`` for a Markdown table cell: its pipes escaped, which would otherwise end the cell."""
     return text.replace("|", "\\|")
