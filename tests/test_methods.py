@@ -195,6 +195,25 @@ def test_a_prompt_cut_inside_its_template_texts_is_mapped_up_to_what_each_templa
     assert mapped[2] is None  # mapped whole (its trailing blanks are no cut-off part)
     assert alone == ((len(" ".join(long[:75])),) * 2, None, None)  # one text: its own 75 pieces
     assert METHODS["similarity"](tiny_clip).encode_prompts(prompts[1:]).mapped_ends == (None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Nothing cut: what follows its last word cleans to nothing (an entity, a byte-order mark), not a cut-off part.
+        for method in (surgery, similarity):
+            assert method.encode_prompts(["a red circle &nbsp;", "a cat\ufeff"]).mapped_ends == (None, None)
+
+        # A template whose words join the prompt's last word ("{}ish": "possibilitiesish") takes more pieces than
+        # the prompt and the template apart: where it cuts is its own text's, counted word by word.
+        class Suffixed(type(surgery)):
+            templates = ("a photo of something {}ish.",)
+
+        template = Suffixed.templates[0]
+        prompt = " ".join(["cat"] * 66 + ["possibilities"])
+        words = tokenizer.tokenize_words(template.format(prompt), 10 ** 4).words
+        assert pieces(prompt) + pieces(template.format("")) + 2 <= context - 2 < words[-1].piece_positions[-1]
+        kept = [w for w in words if w.piece_positions[-1] <= context - 2]
+        end = kept[-1].end - template.index("{}")
+        mapped = Suffixed(tiny_clip, Suffixed.Settings(truncate=True)).encode_prompts([prompt]).mapped_ends
+    assert end < len(prompt) and mapped == ((end, end),)
 
 
 @pytest.mark.parametrize("name", ["tclip", "similarity"])

@@ -417,11 +417,12 @@ class Method(abc.ABC):
     def mapped_ends(self, tokens: TokenizedPrompt) -> Optional[tuple[int, int]]:
         """Where a prompt cut to fit the model's context (the `truncate` setting) stops being mapped, in characters
         of the prompt: (the end of what the text that kept least of it kept, the end of what the text that kept most
-        kept), each the end of its last word kept; None for a prompt mapped whole (all after the end is blank).
+        kept), each the end of its last word kept; None for a prompt mapped whole (no text of it was cut inside it).
         The prompt is one text here, its own tokens (a method with templates: each template text is cut by itself)."""
-        if not self.settings.truncate:  # a prompt too long was refused
-            return None
-        return _mapped_ends(tokens.text, [_kept_end(tokens.words, 0, len(tokens.text))])
+        if not self.settings.truncate or self.clip.tokenizer.fits(tokens.text, self.clip.config.context_length):
+            return None  # (a prompt too long was refused)
+        end = _kept_end(tokens.words, 0, len(tokens.text))
+        return end, end
 
     def encode_prompts(self, prompts: str | Sequence[str]) -> EncodedPrompts:
         """Tokenises and encodes prompts once; the result serves any number of images."""
@@ -685,20 +686,23 @@ class PromptMethod(Method):
         words, so the ends are those of the template that kept least and of the one that kept most."""
         if self.templates is None or not self.settings.truncate:
             return super().mapped_ends(tokens)
-        context, prompt = self.clip.config.context_length, tokens.text
-        # A prompt that fits beside the longest template's words in every template is mapped whole: known without
-        # tokenizing its 85 texts (36 ms a prompt). 2 pieces spare: punctuation at the prompt's edges can merge with
-        # the template's ("!" and "." as "!.")
-        longest_template = _template_pieces(self.clip.tokenizer, tuple(self.templates), context)
-        if len(tokens.pieces) + longest_template + 2 <= context - 2:
+        context, prompt, tokenizer = self.clip.config.context_length, tokens.text, self.clip.tokenizer
+        texts = self.template_texts(prompt)
+        if all(tokenizer.fits(text, context) for text in texts):  # kept by the tokenizer: known at once
             return None
+        # A text cut after the prompt's last word (in the template's own closing words) mapped all of it; where
+        # the bare prompt itself is cut, every text is cut inside it.
+        last_word_end = max((w.end for w in tokens.words), default=0) if tokenizer.fits(prompt, context) else None
         ends = []
         with warnings.catch_warnings():  # said once, by text_token_ids
             warnings.simplefilter("ignore", PromptCutWarning)
-            for template, text in zip(self.templates, self.template_texts(prompt)):
-                words = self.clip.tokenizer.tokenize_words(text, context, self.settings.truncate).words
-                ends.append(_kept_end(words, template.index("{}"), len(prompt)))
-        return _mapped_ends(prompt, ends)
+            for template, text in zip(self.templates, texts):
+                if tokenizer.fits(text, context):
+                    ends.append(len(prompt))
+                    continue
+                end = _kept_end(tokenizer.tokenize_words(text, context, True).words, template.index("{}"), len(prompt))
+                ends.append(len(prompt) if last_word_end is not None and end >= last_word_end else end)
+        return None if min(ends) == len(prompt) else (min(ends), max(ends))
 
     def text_token_ids(self, prompts: Sequence[str]) -> np.ndarray:
         """[n, context] token ids, or [n, n_templates, context] with the official templates."""
@@ -917,22 +921,10 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     return prompts
 
 
-@functools.lru_cache(maxsize=8)
-def _template_pieces(tokenizer, templates: tuple[str, ...], context: int) -> int:
-    """The most BPE pieces a template's own words take (`PromptMethod.mapped_ends`)."""
-    return max(len(tokenizer.tokenize_words(t.format(""), context, True).pieces) for t in templates)
-
-
 def _kept_end(words: Sequence[Word], start: int, length: int) -> int:
     """The end of the last word a text kept, in characters of the prompt that starts at `start` of it and is
     `length` long (0 if the text kept nothing of it; `length` if it kept all of it)."""
     return min(max(max((w.end for w in words), default=0) - start, 0), length)
-
-
-def _mapped_ends(prompt: str, ends: Sequence[int]) -> Optional[tuple[int, int]]:
-    """`Method.mapped_ends` from the ends each text kept; an end followed by blanks alone is the prompt's end."""
-    ends = [end if prompt[end:].strip() else len(prompt) for end in ends]
-    return None if min(ends) == len(prompt) else (min(ends), max(ends))
 
 
 def _explained_words(tokens: TokenizedPrompt) -> tuple[Word, ...]:

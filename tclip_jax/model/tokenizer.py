@@ -158,6 +158,10 @@ class ClipTokenizer:
             words=_group_words(text, cleaned, pieces, positions),
         )
 
+    def fits(self, text: str, context_length: int = CONTEXT_LENGTH) -> bool:
+        """Whether `text`'s row holds all its pieces (`encode` would neither refuse nor cut it)."""
+        return self._ids_that_fit(text, context_length) is not None
+
     def decode_piece(self, token_id: int) -> str:
         """Text of one token as OpenAI's `decode([id])` gives it (bytes as UTF-8, `</w>` as space), stripped."""
         token = self._backend.id_to_token(int(token_id))
