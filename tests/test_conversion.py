@@ -1708,6 +1708,7 @@ def test_the_sizes_of_a_hugging_face_preprocessor_config_are_read_as_transformer
     ("preprocessor_config.json", None, {"resample": 2}, "resample = 2 is not supported (the input protocols compute "
                                                         "3 (3: bicubic))"),
     ("preprocessor_config.json", None, {"do_center_crop": False}, "do_center_crop = False is not supported"),
+    ("preprocessor_config.json", None, {"use_square_size": True}, "use_square_size = True is not supported"),
     ("preprocessor_config.json", None, {"image_std": [1, 1]}, "image_std must be 3 numbers"),
     ("preprocessor_config.json", None, [1], "a preprocessor config is a JSON object, got list"),
     ("preprocessor_config.json", None, {"size": {"shortest_edge": 96}, "crop_size": 64},

@@ -232,7 +232,8 @@ def from_hf_config(hf: Mapping[str, Any]) -> CLIPConfig:
 # the value the protocols compute (transformers' default): another value is refused, not ignored. Its sizes
 # (`_refuse_other_hf_sizes`) must be the input size of the weights, which every protocol resizes to.
 _HF_PREPROCESSOR_DEFAULTS = {"do_resize": True, "resample": 3, "do_center_crop": True, "do_rescale": True,
-                             "rescale_factor": 1 / 255, "do_convert_rgb": True}
+                             "rescale_factor": 1 / 255, "do_convert_rgb": True,
+                             "use_square_size": False}  # True: transformers resizes `size` to a square
 
 
 def from_hf_preprocessor(hf: Mapping[str, Any], image_size: int) -> dict[str, tuple[float, float, float]]:
