@@ -459,13 +459,17 @@ def test_imagenet_s_bad_input(tmp_path):
                                              r"is this ImageNet-S50 \(--split 50\)\?"):
             imagenet_s_dataset(s50, split)
     # ImageNet-S300 data read as ImageNet-S919: its first folders have the same ids in both, so the first folder
-    # whose ids differ is the one checked up front, and every label of such a folder is checked when it loads.
+    # whose ids differ is the one checked up front, and every label of such a folder is checked when it loads. Its
+    # second folder (goldfish) has the same id in both but another in ImageNet-S50: checking the first folder whose
+    # id differs in any split checked goldfish, found its own id and let ImageNet-S300 data through.
     same = [w for w in split_wnids(300) if split_wnids(919).index(w) == split_wnids(300).index(w)]
     differ = [w for w in split_wnids(300) if split_wnids(919).index(w) != split_wnids(300).index(w)]
     assert same[:2] == list(split_wnids(300)[:2]) and differ  # what made one label of the first folder too few
+    assert split_wnids(50).index(same[1]) != split_wnids(300).index(same[1])
     s300_id = split_wnids(300).index(differ[0]) + 1
     s300 = write_imagenet_s(tmp_path / "s300_data", {
         f"{same[0]}/a": (painted(4, 4, []), np.ones((4, 4), np.int64)),
+        f"{same[1]}/c": (painted(4, 4, []), np.full((4, 4), split_wnids(300).index(same[1]) + 1)),
         f"{differ[0]}/b": (painted(4, 4, []), np.full((4, 4), s300_id))})
     with pytest.raises(ValueError, match=rf"but id {s300_id} in ImageNet-S300: is this ImageNet-S300"):
         imagenet_s_dataset(s300, 919)

@@ -13,9 +13,10 @@ Conventions (LUSSeg/ImageNet-S):
   Hidden entries (a name starting with ".": Jupyter's ``.ipynb_checkpoints``, macOS's ``._<name>.png``) are
   tools' files, not the dataset's, and are passed over.
 - Ids depend on the split (a wnid's id in ImageNet-S50 is another in ImageNet-S300): data of another split than
-  the one asked for is refused up front when the first label of the first folder whose id differs between the
-  splits misses its own id and holds another split's id of that folder (the first folders of ImageNet-S300 have
-  the ids they have in ImageNet-S919), and each such label is an error of its sample.
+  the one asked for is refused up front when, for some other split, the first label of the first folder whose id
+  differs between the two misses its own id and holds that split's id of that folder (the first folders of
+  ImageNet-S300 have the ids they have in ImageNet-S919; its second, goldfish, differs from ImageNet-S50 only), and
+  each such label is an error of its sample.
 - Class names are the first WordNet lemma of each wnid (``imagenet_class_names``), as ImageNet-S names them.
   ImageNet-S919 merged five ImageNet classes into others (e.g. n04356056 "sunglasses" into n04355933
   "sunglass"); their images carry the surviving class's id and name.
@@ -77,9 +78,10 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
                                   functools.partial(_load, image_path, label_path, split)))
     if not samples:
         raise ValueError(f"ImageNet-S: no label PNGs under {label_root}/<wnid>/")
-    telling = next((sample for sample in samples if _ids_differ(sample.key.split("/")[0], split)), None)
-    if telling is not None:
-        _check_split(label_root / f"{telling.key}.png", split)  # the key is <wnid>/<name>
+    for other in [o for o in SPLITS if o != split]:  # per other split, its first folder whose id differs tells the two apart
+        telling = next((s for s in samples if _ids_differ(s.key.split("/")[0], split, other)), None)
+        if telling is not None:
+            _check_split(label_root / f"{telling.key}.png", split)  # the key is <wnid>/<name>
     names = imagenet_class_names()
     labels = fingerprint(f"{s.key}\0{(label_root / f'{s.key}.png').stat().st_size}".encode() for s in samples)
     return Dataset(f"imagenet-s{split}", tuple(names[w] for w in wnids), len(samples), indexed(samples), labels)
@@ -90,10 +92,9 @@ def _hidden(path: pathlib.Path) -> bool:
     return path.name.startswith(".")
 
 
-def _ids_differ(wnid: str, split: int) -> bool:
-    """Whether `wnid`'s label id in `split` is another in some other split that has it."""
-    own = split_wnids(split).index(wnid)
-    return any(wnid in split_wnids(other) and split_wnids(other).index(wnid) != own for other in SPLITS)
+def _ids_differ(wnid: str, split: int, other: int) -> bool:
+    """Whether `wnid`'s label id in `split` is another in split `other`, which has it."""
+    return wnid in split_wnids(other) and split_wnids(other).index(wnid) != split_wnids(split).index(wnid)
 
 
 def _check_split(label_path: pathlib.Path, split: int, ids: set | None = None) -> None:
