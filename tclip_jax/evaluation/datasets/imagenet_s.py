@@ -78,7 +78,8 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
                                   functools.partial(_load, image_path, label_path, split)))
     if not samples:
         raise ValueError(f"ImageNet-S: no label PNGs under {label_root}/<wnid>/")
-    for other in [o for o in SPLITS if o != split]:  # per other split, its first folder whose id differs tells the two apart
+    # Per other split, its first folder whose id differs from this split's tells the two apart.
+    for other in [o for o in SPLITS if o != split]:
         telling = next((s for s in samples if _ids_differ(s.key.split("/")[0], split, other)), None)
         if telling is not None:
             _check_split(label_root / f"{telling.key}.png", split)  # the key is <wnid>/<name>
