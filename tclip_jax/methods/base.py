@@ -238,7 +238,7 @@ class EncodedPrompts:
     rows: np.ndarray                      # [sum(words) + P] row of each word query, then of each phrase query
     extras: Any = None                    # method-specific (TCLIP: unit token embeddings, for S)
     encoder: tuple = ()                   # `Method.encoder` of the method that encoded them: no other may use them
-    mapped_ends: tuple = ()               # per prompt, `Method.mapped_ends` (()): every prompt mapped whole)
+    mapped_ends: tuple = ()               # per prompt, `Method.mapped_ends` (empty: every prompt mapped whole)
 
 
 class Method(abc.ABC):
