@@ -215,6 +215,21 @@ def test_a_prompt_cut_inside_its_template_texts_is_mapped_up_to_what_each_templa
         mapped = Suffixed(tiny_clip, Suffixed.Settings(truncate=True)).encode_prompts([prompt]).mapped_ends
     assert end < len(prompt) and mapped == ((end, end),)
 
+    # Cut in its template's closing words only, the prompt whole, though the bare prompt (76 pieces) does not fit:
+    # "poss" + "ibilities" is one piece where "ibilities" alone is two. Its blank tail is no cut-off part.
+    class Joined(type(surgery)):
+        templates = ("poss{} " + "and more " * 40,)
+
+    prompt = "ibilities " + "cat " * 73 + "cat  "
+    assert pieces("ibilities") == 2 and pieces("possibilities") == 1 and not tokenizer.fits(prompt, context)
+    joined = Joined(tiny_clip, Joined.Settings(truncate=True))
+    words = tokenizer.tokenize_words(Joined.templates[0].format(prompt), 10 ** 4).words
+    kept = [w for w in words if w.piece_positions[-1] <= context - 2]
+    assert kept[-1].end - Joined.templates[0].index("{}") == len(prompt.rstrip())  # it kept all the prompt's words
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert joined.encode_prompts([prompt]).mapped_ends == (None,)
+
 
 @pytest.mark.parametrize("name", ["tclip", "similarity"])
 def test_maps_is_a_device_function_that_jit_and_vmap_pass_through(tiny_clip, fixture_images, name):

@@ -690,9 +690,10 @@ class PromptMethod(Method):
         texts = self.template_texts(prompt)
         if all(tokenizer.fits(text, context) for text in texts):  # kept by the tokenizer: known at once
             return None
-        # A text cut after the prompt's last word (in the template's own closing words) mapped all of it; where
-        # the bare prompt itself is cut, every text is cut inside it.
-        last_word_end = max((w.end for w in tokens.words), default=0) if tokenizer.fits(prompt, context) else None
+        # A text cut after the prompt's last word (in the template's own closing words) mapped all of it. The
+        # prompt's words uncut (a piece takes a byte at least; cleaning shortens text): those of `tokens` may be cut.
+        uncut = tokenizer.tokenize_words(prompt, context + 4 * len(prompt))
+        last_word_end = max((w.end for w in uncut.words), default=0)
         ends = []
         with warnings.catch_warnings():  # said once, by text_token_ids
             warnings.simplefilter("ignore", PromptCutWarning)
@@ -701,7 +702,7 @@ class PromptMethod(Method):
                     ends.append(len(prompt))
                     continue
                 end = _kept_end(tokenizer.tokenize_words(text, context, True).words, template.index("{}"), len(prompt))
-                ends.append(len(prompt) if last_word_end is not None and end >= last_word_end else end)
+                ends.append(len(prompt) if end >= last_word_end else end)
         return None if min(ends) == len(prompt) else (min(ends), max(ends))
 
     def text_token_ids(self, prompts: Sequence[str]) -> np.ndarray:
