@@ -416,8 +416,14 @@ def test_imagenet_s_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"one level down: --data .*ImageNet-S/ImageNetS919\)$"):
         imagenet_s_dataset(tmp_path / "ImageNet-S", 919)
     root = write_imagenet_s(tmp_path / "s50", samples)
-    with pytest.raises(ValueError, match=f"unknown class folder .*{wnids[0]} .not a wnid of ImageNet-S50"):
+    holding = next(split for split in (300, 919) if wnids[0] in split_wnids(split))  # the split to name
+    with pytest.raises(ValueError, match=f"unknown class folder .*{wnids[0]} .not a wnid of ImageNet-S50.: is this "
+                                         rf"ImageNet-S{holding} \(--split {holding}\)\?$"):
         imagenet_s_dataset(root, 50)
+    (root / "validation-segmentation" / "n00000000").mkdir()  # a wnid of no split: no split to name
+    with pytest.raises(ValueError, match=r"n00000000 \(not a wnid of ImageNet-S919\)$"):
+        imagenet_s_dataset(root, 919)
+    (root / "validation-segmentation" / "n00000000").rmdir()
     image = root / "validation" / wnids[0] / "ILSVRC2012_val_00000002.JPEG"
     image.unlink()  # its sample's error, as a missing COCO image's (a resumed sweep tries it again)
     loaded = {s.key: s for s in imagenet_s_dataset(root, 919).samples()}

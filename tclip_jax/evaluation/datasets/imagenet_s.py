@@ -71,7 +71,9 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
     samples = []
     for folder in sorted(p for p in label_root.iterdir() if p.is_dir() and not _hidden(p)):
         if folder.name not in known:
-            raise ValueError(f"ImageNet-S: unknown class folder {folder} (not a wnid of ImageNet-S{split})")
+            holding = [other for other in SPLITS if folder.name in split_wnids(other)]
+            hint = f": is this ImageNet-S{holding[0]} (--split {holding[0]})?" if holding else ""
+            raise ValueError(f"ImageNet-S: unknown class folder {folder} (not a wnid of ImageNet-S{split}){hint}")
         for label_path in sorted(p for p in folder.glob("*.png") if not _hidden(p)):
             image_path = image_root / folder.name / f"{label_path.stem}.JPEG"  # a missing one: its sample's error
             samples.append(Sample(f"{folder.name}/{label_path.stem}", len(samples),
