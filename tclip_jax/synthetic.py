@@ -116,8 +116,9 @@ def heldout_source(protocol: str, opencv: bool = True) -> str:
     version that drew the scenes (its polygon fill, resize, blur and JPEG codec paint some pixels otherwise from one
     version to another: between 4.8.0 and 5.1.0, 6 image values by up to 121 and 2 mask pixels of one scene).
     ``opencv=False``: as sweeps stored before 2026-12-07 recorded it, without the version."""
-    return f"held-out synthetic scenes, protocol {protocol}" + (f", drawn with OpenCV {cv2.__version__}" if opencv
-                                                                 else "")
+    drawn = f", drawn with OpenCV {cv2.__version__}" if opencv else ""
+    return f"held-out synthetic scenes, protocol {protocol}{drawn}"
+
 
 DEFAULT_SIZE = 224
 MIN_SIZE = 64  # smallest image side
