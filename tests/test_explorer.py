@@ -77,7 +77,8 @@ def cut_results(fixtures_dir) -> tuple:
     from tclip_jax.methods.tclip import TCLIP
 
     model, image = str(fixtures_dir / "tiny_openai_clip.npz"), str(fixtures_dir / "scene_224.png")
-    with pytest.warns(UserWarning, match="template texts of a prompt were cut"):
+    with (pytest.warns(UserWarning, match="^prompt .* keeping the first 75 pieces$"),  # the bare prompt's too
+          pytest.warns(UserWarning, match="template texts of a prompt were cut")):
         surgery = METHODS["clip_surgery"].from_pretrained(model, truncate=True).explain(image, CUT)
     with pytest.warns(UserWarning, match="keeping the first 75 pieces"):
         tclip_result = TCLIP.from_pretrained(model, translations=1, truncate=True).explain(image, CUT)
