@@ -115,6 +115,12 @@ def save_projections(path: str | os.PathLike, projections: Projections, clip: Lo
 def load_projections(path: str | os.PathLike, clip: LoadedClip) -> tuple[Projections, str]:
     """(the projections in `path`, checked against the model's widths and against the model their JSON records,
     if they have one; the SHA-256 of the bytes they were read from)."""
+    projections, digest, _ = _projections_and_record(path, clip)
+    return projections, digest
+
+
+def _projections_and_record(path: str | os.PathLike, clip: LoadedClip) -> tuple[Projections, str, dict]:
+    """`load_projections`, and the model record of their JSON (`_trained_on`), read once with them."""
     path = pathlib.Path(path)
     if path.is_dir():
         raise ValueError(f"ECLIP projections {path} is a folder; name its {PROJECTIONS_FILE}")
@@ -132,8 +138,10 @@ def load_projections(path: str | os.PathLike, clip: LoadedClip) -> tuple[Project
                          f"{expected} (trained on another CLIP?)")
     if not all(np.isfinite(v).all() for v in arrays.values()):
         raise ValueError(f"ECLIP projections {path} hold non-finite values")
-    _refuse_other_clip(path.with_suffix(".json"), _trained_on(path.with_suffix(".json")), clip)
-    return {k: v.astype(np.float32) for k, v in arrays.items()}, hashlib.sha256(data).hexdigest()
+    info_path = path.with_suffix(".json")
+    trained_on = _trained_on(info_path)
+    _refuse_other_clip(info_path, trained_on, clip)
+    return {k: v.astype(np.float32) for k, v in arrays.items()}, hashlib.sha256(data).hexdigest(), trained_on
 
 
 def _trained_on(info_path: pathlib.Path) -> dict:
@@ -179,9 +187,9 @@ class ECLIP(PromptMethod):
                           "i.e. untrained ECLIP", stacklevel=2)
             self._trained, self.projections_digest = None, None
         else:
-            self._trained, self.projections_digest = load_projections(self.settings.projections, clip)
-            # the model their JSON records, and the one they were checked against
-            self._trained_on = _trained_on(pathlib.Path(self.settings.projections).with_suffix(".json"))
+            # with the model their JSON records, and the one they were checked against
+            self._trained, self.projections_digest, self._trained_on = _projections_and_record(
+                self.settings.projections, clip)
             self._checked_on = clip.fingerprint
 
     @property
