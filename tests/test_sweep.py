@@ -1403,6 +1403,45 @@ def test_a_synthetic_sweep_does_not_resume_under_another_opencv(tmp_path, capsys
     assert _report(out)["images"] == 2
 
 
+def test_a_sweep_records_the_software_each_run_ran_under_and_resumes_under_other_versions(tmp_path, monkeypatch):
+    """sweep.json's "software": the versions of each run (as the installed distributions and the imported modules
+    say them), a run under the versions of the one before not listed again; other versions are not refused, and
+    report.md names them. A sweep stored before runs were recorded lists None first."""
+    import importlib.metadata
+
+    import cv2
+    import jax
+    import numpy as np
+
+    import tclip_jax.sweep.runner as runner
+
+    sweep = ("synthetic", "--method", "test_sweep:Painted", "--protocol", "bare_words")
+    out = tmp_path / "out"
+    assert main(_cli(*sweep, "--limit", "1", "--out", str(out))) == 0
+    (first,) = json.loads((out / "sweep.json").read_text())["software"]
+    assert (first["jax"], first["numpy"], first["opencv"]) == (jax.__version__, np.__version__, cv2.__version__)
+    assert first["tclip_jax"] == importlib.metadata.version("tclip_jax")
+    assert main(_cli(*sweep, "--limit", "2", "--resume", "--out", str(out))) == 0  # the same versions: one entry
+    assert json.loads((out / "sweep.json").read_text())["software"] == [first]
+    upgraded = {**first, "jax": "99.0"}
+    with monkeypatch.context() as patched:
+        patched.setattr(runner, "software_versions", lambda: upgraded)
+        assert main(_cli(*sweep, "--limit", "3", "--resume", "--out", str(out))) == 0
+    assert json.loads((out / "sweep.json").read_text())["software"] == [first, upgraded]
+    assert _report(out)["images"] == 3
+    report = (out / "report.md").read_text()
+    assert f"jax {jax.__version__}" in report and "; then " in report and "jax 99.0" in report
+    # Stored before runs were recorded: None stands for those runs.
+    config = json.loads((out / "sweep.json").read_text())
+    del config["software"]
+    (out / "sweep.json").write_text(json.dumps(config))
+    assert main(_cli(*sweep, "--limit", "4", "--resume", "--out", str(out))) == 0
+    assert json.loads((out / "sweep.json").read_text())["software"] == [None, first]
+    said = ", ".join(f"{name} {first[name]}" for name in sorted(first))
+    assert f"Software, by run (resumed under other versions): not recorded (runs before 2026-12-07); then {said}." in (
+        out / "report.md").read_text()
+
+
 def test_a_synthetic_sweep_past_the_held_out_seeds_is_refused_up_front(tmp_path, capsys):
     """--limit 1000001 made a million samples before any check (--limit 100000000: many GB, then "out of memory ...
     a smaller --batch-size"); it is refused in one line naming the most there are, before anything is made."""

@@ -21,7 +21,8 @@ Resume: the records already on disk (any process's) name the samples that are do
 those whose report.html picture could not be written, or among --save-vis's first N without their pictures, run
 again for these alone: `UnitGallery`, `UnitPictures`), and a torn last
 line left by a kill is dropped, so nothing is lost or counted twice. ``sweep.json`` holds the
-sweep's configuration; resuming with a different one is an error. The model in it is told by its
+sweep's configuration; resuming with a different one is an error (the software versions each run ran under are
+recorded there, not compared: `tclip_jax.versions`). The model in it is told by its
 ``LoadedClip.fingerprint`` (its config and every weight), not by its origin, the path as typed, nor its source, how
 it was stored (an OpenAI .pt and its `tclip convert` folder are one model); a sweep stored before models had
 fingerprints is told by its origin (and activation), one stored with the first definition's by that definition.
@@ -78,6 +79,7 @@ from tclip_jax.sweep.store import (LOCKS_GLOB, RESULTS_GLOB, ResultWriter, drop_
                                   results_path)
 from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, UnitPictures
 from tclip_jax.synthetic import DATASET_PREFIX, SYNTHETIC_SCENES, heldout_source, is_synthetic_dataset
+from tclip_jax.versions import software_versions
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
 DEFAULT_TEMPLATE = "{}"
@@ -187,7 +189,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
             barrier("tclip-sweep-checked")  # nobody writes before every process has checked
             if process == 0:
                 remove_stale_locks(out, processes)
-                _write_json(out / CONFIG_FILE, config)
+                _write_json(out / CONFIG_FILE, {**config, "software": _software_runs(out, new_sweep)})
             for path in files_to_retry(out, process, processes):  # a resumed sweep tries its failed samples again
                 drop_errors(path)
             barrier("tclip-sweep-retry")
@@ -235,6 +237,16 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
             _write_rates(out, process, rates[0])
         barrier("tclip-sweep-done")
         return SweepResult(write_report(out) if process == 0 else None, rates[0])
+
+
+def _software_runs(out: pathlib.Path, new_sweep: bool) -> list[Optional[dict]]:
+    """sweep.json's "software": the versions (`software_versions`, process 0's) that the runs of the sweep ran under,
+    in order, a run under the same versions as the one before it not listed again; None stands for the runs of a
+    sweep stored before sweeps recorded them."""
+    runs = [] if new_sweep else read_config(out).get("software", [None])
+    runs = runs if isinstance(runs, list) else [None]
+    now = software_versions()
+    return runs if runs and runs[-1] == now else [*runs, now]
 
 
 def _write_rates(out: pathlib.Path, process: int, throughput: Throughput) -> None:
@@ -584,6 +596,7 @@ def _config_changes(stored: dict, config: dict, data_folder: Optional[str] = Non
     """{dotted key: (stored, now)} where the sweep configuration `config` is not the sweep `stored` holds
     (`_changed_fields`, after what tells a sweep apart is read from either: weights, not model paths; annotations,
     not the data folder; older sweep.json spellings); `data_folder` as `config`'s source names it."""
+    stored.pop("software", None)  # recorded, not compared (`tclip_jax.versions`)
     fingerprinted = bool(stored.get("data_fingerprint"))  # what tells a moved dataset (below) is the stored one
     if "data_fingerprint" in config:  # a sweep stored before datasets had fingerprints: nothing to check against
         stored.setdefault("data_fingerprint", config["data_fingerprint"])
