@@ -232,6 +232,20 @@ def test_a_prompt_cut_inside_its_template_texts_is_mapped_up_to_what_each_templa
         warnings.simplefilter("ignore")
         assert joined.encode_prompts([prompt]).mapped_ends == (None,)
 
+    # Characters that cleaning expands (NFC splits U+1D160 into 3 code points, 9 pieces): the prompt's uncut words
+    # were sized at 4 pieces a character, and such a prompt was refused as too long despite truncate.
+    class Plain(type(surgery)):
+        templates = ("a photo of {}.",)
+
+    prompt = "a " + "\U0001D160" * 20
+    words = tokenizer.tokenize_words(Plain.templates[0].format(prompt), 10 ** 4).words
+    assert words[-1].piece_positions[-1] > 4 * len(prompt) + context
+    kept = [w for w in words if w.piece_positions[-1] <= context - 2]
+    end = kept[-1].end - Plain.templates[0].index("{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert Plain(tiny_clip, Plain.Settings(truncate=True)).encode_prompts([prompt]).mapped_ends == ((end, end),)
+
 
 @pytest.mark.parametrize("name", ["tclip", "similarity"])
 def test_maps_is_a_device_function_that_jit_and_vmap_pass_through(tiny_clip, fixture_images, name):

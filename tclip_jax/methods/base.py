@@ -50,7 +50,7 @@ from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_siz
 from tclip_jax.methods.common import causal_length_groups, minmax, text_features
 from tclip_jax.model.clip import eot_positions
 from tclip_jax.model.config import PRESETS
-from tclip_jax.model.tokenizer import PromptCutWarning, TokenizedPrompt, Word
+from tclip_jax.model.tokenizer import PromptCutWarning, TokenizedPrompt, Word, clean_text
 from tclip_jax.methods.settings import MethodSettings
 from tclip_jax.postprocess import Box, GmmFit, heatmap_boxes
 from tclip_jax.versions import software_versions
@@ -692,8 +692,9 @@ class PromptMethod(Method):
         if all(tokenizer.fits(text, context) for text in texts):  # kept by the tokenizer: known at once
             return None
         # A text cut after the prompt's last word (in the template's own closing words) mapped all of it. The
-        # prompt's words uncut (a piece takes a byte at least; cleaning shortens text): those of `tokens` may be cut.
-        uncut = tokenizer.tokenize_words(prompt, context + 4 * len(prompt))
+        # prompt's words uncut (a piece takes a byte of the cleaned text at least, and cleaning may lengthen a
+        # character: NFC splits U+1D160 into 3): those of `tokens` may be cut.
+        uncut = tokenizer.tokenize_words(prompt, len(clean_text(prompt).encode("utf-8")) + 2)
         last_word_end = max((w.end for w in uncut.words), default=0)
         ends = []
         with warnings.catch_warnings():  # said once, by text_token_ids
