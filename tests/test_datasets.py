@@ -416,13 +416,28 @@ def test_imagenet_s_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"one level down: --data .*ImageNet-S/ImageNetS919\)$"):
         imagenet_s_dataset(tmp_path / "ImageNet-S", 919)
     root = write_imagenet_s(tmp_path / "s50", samples)
-    holding = next(split for split in (300, 919) if wnids[0] in split_wnids(split))  # the split to name
+    folders = {key.split("/")[0] for key in samples}
+    holding = next(split for split in (300, 919) if folders <= set(split_wnids(split)))  # the split to name
     with pytest.raises(ValueError, match=f"unknown class folder .*{wnids[0]} .not a wnid of ImageNet-S50.: is this "
                                          rf"ImageNet-S{holding} \(--split {holding}\)\?$"):
         imagenet_s_dataset(root, 50)
     (root / "validation-segmentation" / "n00000000").mkdir()  # a wnid of no split: no split to name
     with pytest.raises(ValueError, match=r"n00000000 \(not a wnid of ImageNet-S919\)$"):
         imagenet_s_dataset(root, 919)
+    # S50 is in S300, S300 in S919: the split named is the smallest holding every folder, not the first holding the
+    # first unknown one (ImageNet-S919 data read as S50 was asked "is this ImageNet-S300?", tench being in S300).
+    in_300 = next(w for w in split_wnids(300) if w not in split_wnids(50))
+    only_919 = next(w for w in split_wnids(919) if w not in split_wnids(300))
+    assert in_300 < only_919  # the first unknown folder is in ImageNet-S300
+    s919 = write_imagenet_s(tmp_path / "s919", {f"{w}/a": (painted(4, 4, []), np.ones((4, 4), np.int64))
+                                                for w in (in_300, only_919)})
+    with pytest.raises(ValueError, match=rf"{in_300} \(not a wnid of ImageNet-S50\): is this ImageNet-S919 "
+                                         r"\(--split 919\)\?$"):
+        imagenet_s_dataset(s919, 50)
+    (s919 / "validation-segmentation" / "n99999999").mkdir()  # of no split: no split holds every folder
+    with pytest.raises(ValueError, match=rf"{in_300} \(not a wnid of ImageNet-S50\): it is a class of ImageNet-S300 "
+                                         r"or ImageNet-S919, but the folders are of no one split$"):
+        imagenet_s_dataset(s919, 50)
     (root / "validation-segmentation" / "n00000000").rmdir()
     image = root / "validation" / wnids[0] / "ILSVRC2012_val_00000002.JPEG"
     image.unlink()  # its sample's error, as a missing COCO image's (a resumed sweep tries it again)

@@ -56,6 +56,18 @@ def split_wnids(split: int) -> tuple[str, ...]:
     return tuple((_DATA / f"imagenet_s_{split}.txt").read_text().split())
 
 
+def _other_split_hint(folder: str, folders: set[str]) -> str:
+    """": is this ImageNet-S300 (--split 300)?": the smallest split whose wnids are all the class folders (S50 is
+    in S300, S300 in S919: the first split holding one folder may not hold them all), else the splits holding
+    `folder`; "" where none does."""
+    holding = [split for split in SPLITS if folders <= set(split_wnids(split))]
+    if holding:
+        return f": is this ImageNet-S{holding[0]} (--split {holding[0]})?"
+    holding = [split for split in SPLITS if folder in split_wnids(split)]
+    named = " or ".join(f"ImageNet-S{split}" for split in holding)
+    return f": it is a class of {named}, but the folders are of no one split" if holding else ""
+
+
 def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
     """The annotated validation images of ImageNet-S ``split`` under ``root`` (see the module doc)."""
     wnids = split_wnids(split)
@@ -67,13 +79,13 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
             hint = f" (the split's folder is one level down: --data {inner})" if (inner / LABEL_DIR).is_dir() else ""
             raise FileNotFoundError(f"ImageNet-S: folder {path} not found; expected {root}/{IMAGE_DIR}/<wnid>/*.JPEG "
                                     f"and {root}/{LABEL_DIR}/<wnid>/*.png{hint}")
-    known = set(wnids)
+    folders = sorted(p for p in label_root.iterdir() if p.is_dir() and not _hidden(p))
+    unknown = [folder for folder in folders if folder.name not in set(wnids)]
+    if unknown:
+        raise ValueError(f"ImageNet-S: unknown class folder {unknown[0]} (not a wnid of ImageNet-S{split})"
+                         f"{_other_split_hint(unknown[0].name, {folder.name for folder in folders})}")
     samples = []
-    for folder in sorted(p for p in label_root.iterdir() if p.is_dir() and not _hidden(p)):
-        if folder.name not in known:
-            holding = [other for other in SPLITS if folder.name in split_wnids(other)]
-            hint = f": is this ImageNet-S{holding[0]} (--split {holding[0]})?" if holding else ""
-            raise ValueError(f"ImageNet-S: unknown class folder {folder} (not a wnid of ImageNet-S{split}){hint}")
+    for folder in folders:
         for label_path in sorted(p for p in folder.glob("*.png") if not _hidden(p)):
             image_path = image_root / folder.name / f"{label_path.stem}.JPEG"  # a missing one: its sample's error
             samples.append(Sample(f"{folder.name}/{label_path.stem}", len(samples),
