@@ -462,6 +462,53 @@ def write_image(path: pathlib.Path, rgb, jpeg_quality: int = 88) -> None:
     write_bytes_atomic(path, data.tobytes())
 
 
+def write_files_together(files: dict[pathlib.Path, bytes]) -> None:
+    """Writes files that belong together (data and the record that describes them), in order, the last being the
+    one whose presence says the set is there (the data), so that a failure leaves the old set or none, never a mix nor
+    the last without the others: each is written to a temporary sibling first (`atomic_file`'s, removed if any write
+    fails: a full disk leaves the old set), and only then, with Ctrl-C and SIGTERM held, is the old last file removed
+    and each temporary renamed over its file, the last one last. Only a crash among the renames (SIGKILL) can leave the
+    others without the last, which a reader finds missing."""
+    written: list[tuple[pathlib.Path, pathlib.Path]] = []  # (temporary, path)
+    try:
+        for path, data in files.items():
+            path = _written_path(path)
+            written.append((_temporary_of(path), path))
+            with _temporary_file(*written[-1]) as file:
+                file.write(data)
+        with ctrl_c_held():
+            written[-1][1].unlink(missing_ok=True)  # the old set is not whole once another of its files is replaced
+            for temporary, path in written:
+                os.replace(temporary, path)
+    except BaseException:
+        for temporary, _ in written:
+            temporary.unlink(missing_ok=True)
+        raise
+
+
+def _written_path(path: pathlib.Path) -> pathlib.Path:
+    """The file a write to `path` replaces: the file a link names (the link is kept)."""
+    path = pathlib.Path(path)
+    return pathlib.Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _temporary_of(path: pathlib.Path) -> pathlib.Path:
+    """The temporary sibling `path` is written to before it is renamed into place."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+@contextlib.contextmanager
+def _temporary_file(temporary: pathlib.Path, path: pathlib.Path) -> Iterator[BinaryIO]:
+    """`temporary`, open for writing, with the permission bits of the `path` it will replace (if there is one); its
+    data reach the disk when the block ends."""
+    with open(temporary, "wb") as file:
+        with contextlib.suppress(FileNotFoundError):
+            os.fchmod(file.fileno(), stat.S_IMODE(os.stat(path).st_mode))
+        yield file
+        file.flush()
+        os.fsync(file.fileno())
+
+
 @contextlib.contextmanager
 def atomic_file(path: pathlib.Path) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through, for data written in parts (an .npz): it is a temporary sibling that
@@ -470,17 +517,11 @@ def atomic_file(path: pathlib.Path) -> Iterator[BinaryIO]:
     results file so). As writing the file in place would: a link is written through (the file it names is
     replaced and the link kept, as `staged_folder` does a folder's), and a file replaced keeps its permission bits
     (a new one gets those the umask gives)."""
-    path = pathlib.Path(path)
-    if path.is_symlink():
-        path = pathlib.Path(os.path.realpath(path))
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    path = _written_path(path)
+    temporary = _temporary_of(path)
     try:
-        with open(temporary, "wb") as file:
-            with contextlib.suppress(FileNotFoundError):
-                os.fchmod(file.fileno(), stat.S_IMODE(os.stat(path).st_mode))
+        with _temporary_file(temporary, path) as file:
             yield file
-            file.flush()
-            os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -508,6 +508,69 @@ def test_a_full_disk_while_saving_a_checkpoint_is_the_oserror_it_is(tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def _json_write_fails_on_a_full_disk(monkeypatch):
+    """Every write of a .json file through `tclip_jax.files` raises ENOSPC, as a full disk does."""
+    import errno
+    import io
+
+    import tclip_jax.files
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_open = open
+    monkeypatch.setattr(tclip_jax.files, "open", lambda file, mode="r", *args, **kwargs: FullDisk(file, "w") if (
+        ".json." in os.fspath(file) and "w" in mode) else real_open(file, mode, *args, **kwargs), raising=False)
+
+
+def test_a_failed_projections_save_leaves_the_pair_there_was_never_projections_without_their_json(
+        clip, fixtures_dir, tmp_path, monkeypatch, capsys):
+    """The projections were written before their JSON: a full disk on the JSON (or Ctrl-C, SIGTERM between the two)
+    left projections without a JSON, which loading checks by widths alone (projections of another model of the same
+    widths were accepted), or new projections beside the JSON of the old. A save writes both, then lands them
+    together: a failed one leaves the pair there was (or nothing), and a signal during the renames is held until the
+    pair is whole."""
+    import signal
+
+    import tclip_jax.files
+
+    old = save_projections(tmp_path / PROJECTIONS_FILE, clip_projections(clip.params), clip)
+    kept = {p.name: p.read_bytes() for p in (old, old.with_suffix(".json"))}
+    doubled = {k: v * 2 for k, v in clip_projections(clip.params).items()}
+    (tmp_path / "fresh").mkdir()
+    with monkeypatch.context() as patched:
+        _json_write_fails_on_a_full_disk(patched)
+        for path in (old, tmp_path / "fresh" / PROJECTIONS_FILE):
+            with pytest.raises(OSError, match="No space left on device"):
+                save_projections(path, doubled, clip, {"steps": 1})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == kept  # no temporaries either
+    assert list((tmp_path / "fresh").iterdir()) == []
+
+    real_replace = os.replace
+
+    def interrupted_between(source, target):  # Ctrl-C as the first file lands
+        signal.raise_signal(signal.SIGINT)
+        real_replace(source, target)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tclip_jax.files.os, "replace", interrupted_between)
+        with pytest.raises(KeyboardInterrupt):
+            save_projections(old, doubled, clip, {"steps": 1})
+    np.testing.assert_array_equal(load_projections(old, clip)[0]["text"], doubled["text"])
+    assert json.loads(old.with_suffix(".json").read_text())["training"] == {"steps": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eclip_projections.json", PROJECTIONS_FILE, "fresh"]
+
+    # On the command line: one line, status 2, and no projections file left without its JSON.
+    _json_write_fails_on_a_full_disk(monkeypatch)
+    out = tmp_path / "run"
+    assert tclip(["train-eclip", "--model", str(fixtures_dir / "tiny_openai_clip.npz"), "--activation", "quick_gelu",
+                  "--synthetic", "2", "--epochs", "1", "--batch-size", "2", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.count("\n") == 1, err
+    assert not (out / PROJECTIONS_FILE).exists() and not (out / PROJECTIONS_FILE).with_suffix(".json").exists()
+
+
 def test_a_damaged_checkpoint_is_named(clip, data_dir, tmp_path):
     settings = TrainSettings(epochs=1, batch_size=4)
     train(clip, file_pairs(data_dir), tmp_path / "run", settings, progress=False)

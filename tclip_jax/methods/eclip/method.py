@@ -33,7 +33,7 @@ import numpy as np
 import safetensors.numpy
 
 from tclip_jax.checkpoints.load import LoadedClip
-from tclip_jax.files import loads_json, write_bytes_atomic, write_text_atomic
+from tclip_jax.files import loads_json, write_files_together
 from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, PromptMethod, QueryArrays
 from tclip_jax.methods.eclip.settings import Settings
 from tclip_jax.model import CLIP, CLIPConfig, l2_normalize
@@ -100,15 +100,17 @@ def eclip_map(model: CLIP, params: dict, images: Array, texts: Array, projection
 # ------------------------------------------------------------------------------------------ the projections file
 def save_projections(path: str | os.PathLike, projections: Projections, clip: LoadedClip,
                      training: Optional[dict] = None) -> pathlib.Path:
-    """Writes the projections (atomically) and, beside them, their JSON (the same name, .json); returns the
-    projections' path."""
+    """Writes the projections and, beside them, their JSON (the same name, .json), together
+    (`write_files_together`): a failed or interrupted save leaves the pair there was, or the JSON alone, which
+    loading finds without its projections; never projections beside another's JSON, or without one, which would be
+    checked by their widths alone. Returns the projections' path."""
     path = pathlib.Path(path)
     arrays = {k: np.ascontiguousarray(projections[k], np.float32) for k in ("image", "text")}
-    write_bytes_atomic(path, safetensors.numpy.save(arrays))
     info = {"format": PROJECTIONS_FORMAT, "version": 1,
             "model": {"origin": clip.origin, "source": clip.source, "fingerprint": clip.fingerprint},
             "shapes": {k: list(v.shape) for k, v in arrays.items()}, "training": training}
-    write_text_atomic(path.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
+    write_files_together({path.with_suffix(".json"): (json.dumps(info, indent=2) + "\n").encode("utf-8"),
+                          path: safetensors.numpy.save(arrays)})
     return path
 
 
