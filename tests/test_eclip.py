@@ -51,7 +51,7 @@ def data_dir(tmp_path_factory):
 
 def in_memory_pairs(count: int = 4) -> Pairs:
     scenes = [make_scene(seed, 64) for seed in range(count)]
-    return Pairs("test scenes", f"test scenes {count}", count, lambda: ((s.image, s.caption) for s in scenes))
+    return Pairs("test scenes", f"test scenes {count}", count, lambda: ((s.image, s.caption, None) for s in scenes))
 
 
 def test_masked_max_pool_is_the_channelwise_max_of_the_masked_patches():
@@ -91,7 +91,8 @@ def test_epoch_order_is_a_permutation_of_its_epoch_and_seed():
 
 def test_a_train_step_moves_the_projections_and_nothing_of_clip(clip):
     before = {k: v.copy() for k, v in flatten(clip.params).items()}
-    pooled, texts = pair_features(clip, in_memory_pairs(), progress=False)
+    pooled, texts, contents = pair_features(clip, in_memory_pairs(), progress=False)
+    assert contents is None  # arrays, told apart by the pairs' fingerprint
     assert pooled.shape == (4, clip.config.vision_width) and texts.shape == (4, clip.config.text_width)
     settings = TrainSettings(learning_rate=1e-2)
     optimizer = make_optimizer(settings)
@@ -212,7 +213,7 @@ def test_training_pools_the_patches_by_the_min_maxed_class_attention_of_the_last
     class-token query to the patch keys, mean over heads, computed here from that block's weights."""
     pairs = in_memory_pairs(2)
     config = clip.config
-    pixels = np.stack([prepare(rgb, "whole", config)[0] for rgb, _ in pairs.read()])
+    pixels = np.stack([prepare(rgb, "whole", config)[0] for rgb, _, _ in pairs.read()])
     image = clip.model.apply({"params": clip.params}, pixels, True, method="encode_image")
     x = np.asarray(image.residual_stream[-2], np.float64)  # the stream entering the last block [B, 1 + P, width]
     block = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64),
@@ -232,20 +233,20 @@ def test_training_pools_the_patches_by_the_min_maxed_class_attention_of_the_last
     low, high = attention.min(axis=1, keepdims=True), attention.max(axis=1, keepdims=True)
     weights = (attention - low) / (high - low)
     patches = np.asarray(image.tokens_normed, np.float64)[:, 1:]
-    pooled, _ = pair_features(clip, pairs, progress=False)
+    pooled, _, _ = pair_features(clip, pairs, progress=False)
     np.testing.assert_allclose(pooled, (patches * weights[:, :, None]).max(axis=1), atol=1e-5)
     # An attention model's maps (--dino; here a stand-in) are min-maxed the same way.
     maps = np.random.default_rng(1).uniform(0.2, 0.7, size=attention.shape).astype(np.float32)
     low, high = maps.min(axis=1, keepdims=True), maps.max(axis=1, keepdims=True)
     weights = (maps - low) / (high - low)
-    pooled, _ = pair_features(clip, pairs, lambda pixels, grid, config: maps, progress=False)
+    pooled, _, _ = pair_features(clip, pairs, lambda pixels, grid, config: maps, progress=False)
     np.testing.assert_allclose(pooled, (patches * weights[:, :, None]).max(axis=1), atol=1e-5)
     # A caption longer than the context is cut to it: two that differ only past it give the same Fₜ.
     long = "a red circle " * config.context_length
     image = next(pairs.read())[0]
-    cut = Pairs("long captions", "long captions 2", 2, lambda: iter([(image, long + "above"), (image, long + "below")]))
+    cut = Pairs("long captions", "long captions 2", 2, lambda: iter([(image, long + "above", None), (image, long + "below", None)]))
     with pytest.warns(PromptCutWarning):
-        _, texts = pair_features(clip, cut, progress=False)
+        _, texts, _ = pair_features(clip, cut, progress=False)
     np.testing.assert_array_equal(texts[0], texts[1])
 
 
@@ -429,6 +430,56 @@ def test_resume_compares_the_data_and_model_not_how_their_paths_are_spelt(clip, 
     again = train(clip, file_pairs("data"), "run", settings, resume=True, progress=False)
     assert again.steps == 2 and again.loss is None and again.path.is_file()
     assert all(np.array_equal(again.projections[k], done.projections[k]) for k in ("image", "text"))
+
+
+def test_resume_compares_the_images_contents_not_only_their_names_and_sizes(clip, tmp_path):
+    """A resume compared each image by name and byte size: pictures of a format whose size is fixed by the picture's
+    (BMP, PPM, uncompressed TIFF) replaced by others resumed silently. The contents' digest, read as the features are
+    computed, is compared before any training step; a checkpoint that did not record it cannot tell, and is
+    refused."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        Image.fromarray(make_scene(i, 64).image).save(data / f"img{i}.bmp")
+    (data / "captions.tsv").write_text("".join(f"img{i}.bmp\t{CAPTIONS[i]}\n" for i in range(3)))
+    settings = TrainSettings(epochs=2, batch_size=3, learning_rate=1e-2)
+    train(clip, file_pairs(data), tmp_path / "run", settings.replace(epochs=1), progress=False)
+    state_path = tmp_path / "run" / "checkpoint" / "state.json"
+    state, trained = json.loads(state_path.read_text()), (tmp_path / "run" / PROJECTIONS_FILE).read_bytes()
+    first, second = (data / "img0.bmp").read_bytes(), (data / "img1.bmp").read_bytes()
+    assert len(first) == len(second) and first != second
+    (data / "img0.bmp").write_bytes(second)
+    (data / "img1.bmp").write_bytes(first)
+    with pytest.raises(ValueError, match=r"^--resume: the checkpoint in \S+checkpoint is of another run: its images' "
+                                         r"contents differ from these \(their names and sizes are the same; found as "
+                                         r"the features were computed, before any training step\)$"):
+        train(clip, file_pairs(data), tmp_path / "run", settings, resume=True, progress=False)
+    assert json.loads(state_path.read_text()) == state  # no step taken, nothing saved
+    assert (tmp_path / "run" / PROJECTIONS_FILE).read_bytes() == trained
+    (data / "img0.bmp").write_bytes(first)
+    (data / "img1.bmp").write_bytes(second)
+    del state["pairs"]["contents"]  # as written before the contents were compared
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=OLDER.format("record compared the images by name and size alone")):
+        train(clip, file_pairs(data), tmp_path / "run", settings, resume=True, progress=False)
+
+
+def test_an_image_damaged_past_its_header_is_named_by_its_line_and_a_tsv_list_is_read_as_the_folders(
+        clip, data_dir, tmp_path):
+    """An image cut short after its header passes the up-front check and fails only when decoded: it was reported
+    without the list's line the other data errors give. `--data DIR/captions.tsv` was refused; it is the folder's
+    list, read as such."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    as_file, as_folder = file_pairs(data / "captions.tsv"), file_pairs(data)
+    assert (as_file.fingerprint, as_file.count) == (as_folder.fingerprint, as_folder.count)
+    image = data / "img1.png"
+    image.write_bytes(image.read_bytes()[:200])
+    with pytest.raises(ValueError, match=f"^{data / 'captions.tsv'}:2: cannot read image file {image}: image file is "
+                                         "truncated"):
+        pair_features(clip, file_pairs(data / "captions.tsv"), progress=False)
 
 
 OLDER = (r"^--resume: the checkpoint in \S+ was written by an older tclip_jax, whose {}, so it cannot tell what it was "
@@ -855,7 +906,7 @@ def test_train_then_explain_from_the_command_line(clip, fixtures_dir, data_dir, 
     out = tmp_path / "eclip"
     assert tclip(["train-eclip", "--model", model, "--activation", "quick_gelu", "--data", str(data_dir),
                   "--dino", str(tmp_path / "dino"), "--epochs", "1", "--batch-size", "4", "--out", str(out)]) == 0
-    assert "1 steps" in capsys.readouterr().out
+    assert "(1 step, last loss" in capsys.readouterr().out  # one step, said so
     info = json.loads((out / PROJECTIONS_FILE).with_suffix(".json").read_text())
     assert info["training"]["attention"]["origin"] == str(tmp_path / "dino")
     assert info["training"]["attention"]["resize"] == "bilinear, antialiased"  # CLIP's 224 pixels to the ViT's 64
@@ -976,7 +1027,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_ends_as_if_a
     runner.join(120)
     alone = train(clip, in_memory_pairs(4), tmp_path / "alone", settings, progress=False)
     np.testing.assert_array_equal(first["result"].projections["text"], alone.projections["text"])
-    scenes_again = Pairs("held", "held", 4, lambda: ((s.image, s.caption) for s in scenes))
+    scenes_again = Pairs("held", "held", 4, lambda: ((s.image, s.caption, None) for s in scenes))
     assert train(clip, scenes_again, tmp_path / "out", settings.replace(epochs=2), resume=True,
                  progress=False).steps == 4  # once it has ended
     assert not list((tmp_path / "out").glob("*.lock"))

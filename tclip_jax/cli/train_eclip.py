@@ -16,9 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of the checkpoint (after every epoch) and eclip_projections.safetensors")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", metavar="PATH",
-                      help="a folder of images with captions.tsv (FILE<TAB>CAPTION per line), or a .csv (columns "
-                           "path, caption) or .jsonl ({\"path\": ..., \"caption\": ...} per line); image paths are "
-                           "relative to the list's folder")
+                      help="a folder of images with captions.tsv (FILE<TAB>CAPTION per line), or such a .tsv file, "
+                           "a .csv (columns path, caption) or .jsonl ({\"path\": ..., \"caption\": ...} per line); "
+                           "image paths are relative to the list's folder")
     data.add_argument("--synthetic", type=int, metavar="N", help="the first N synthetic training scenes and captions")
     parser.add_argument("--dino", metavar="PATH_OR_HUB",
                         help="Hugging Face ViTModel (e.g. a DINO) folder or hub name whose last-layer CLS attention "
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     clip = load_clip(model.model, activation=model.activation)
     result = train(clip, pairs, args.out, settings, attention, resume=args.resume, progress=progress_bars(args))
     loss = "" if result.loss is None else f", last loss {result.loss:.4f}"
-    print(f"trained ECLIP projections on {pairs.description} ({result.steps} steps{loss}) -> {result.path} "
+    steps = f"{result.steps} step{'s' * (result.steps != 1)}"
+    print(f"trained ECLIP projections on {pairs.description} ({steps}{loss}) -> {result.path} "
           f"in {time.perf_counter() - start:.1f}s")
     return 0

@@ -78,12 +78,14 @@ def set_max_pixels(limit: int) -> None:
     Image.MAX_IMAGE_PIXELS = limit
 
 
-def load_image(image: ImageLike, exif: bool = True) -> np.ndarray:
-    """Return ``image`` as a C-contiguous RGB uint8 array [H, W, 3] (a new array, never a view of the input)."""
+def load_image(image: ImageLike, exif: bool = True, file: str | os.PathLike | None = None) -> np.ndarray:
+    """Return ``image`` as a C-contiguous RGB uint8 array [H, W, 3] (a new array, never a view of the input). `file`:
+    the file encoded bytes were read from, which errors name (a caller that reads a file's bytes itself, to hash
+    what it decodes)."""
     if isinstance(image, (str, os.PathLike)):
         return _decode(_image_path(image), exif)
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return _decode(bytes(image), exif)
+        return _decode(bytes(image), exif, file)
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image, exif)
     if _is_jax_array(image):
@@ -188,17 +190,19 @@ def _exif_undecoded(img: Image.Image) -> Image.Exif:
     return Image.Image.getexif(img)  # PIL's reading of img.info, without PngImageFile's decoding first
 
 
-def _decode(source: pathlib.Path | bytes, exif: bool) -> np.ndarray:
-    return read_raster(source, lambda img: _pil_to_rgb(img, exif))
+def _decode(source: pathlib.Path | bytes, exif: bool, file: str | os.PathLike | None = None) -> np.ndarray:
+    return read_raster(source, lambda img: _pil_to_rgb(img, exif), file=file)
 
 
-def read_raster(source: str | os.PathLike | bytes, read: Callable[[Image.Image], T], what: str = "image file") -> T:
+def read_raster(source: str | os.PathLike | bytes, read: Callable[[Image.Image], T], what: str = "image file",
+                file: str | os.PathLike | None = None) -> T:
     """`read(image)` of the image PIL opens from `source`, a file (`what` it is: "image file", "VOC label") or
-    encoded bytes, after the checks on the file and on the header's size (`max_pixels`). A file that is not there
+    encoded bytes (read from `file`, if given, which errors then name), after the checks on the file and on the
+    header's size (`max_pixels`). A file that is not there
     raises FileNotFoundError; anything else that keeps it from being read (not a regular file, not an image, data PIL
     cannot decode: `DECODE_ERRORS`, too many pixels, a ValueError of `read`) a ValueError naming it."""
     if isinstance(source, bytes):
-        name = "image bytes"
+        name = "image bytes" if file is None else f"{what} {file}"
     else:
         source, name = pathlib.Path(source), f"{what} {source}"
         try:
@@ -223,7 +227,7 @@ def read_raster(source: str | os.PathLike | bytes, read: Callable[[Image.Image],
         raise ValueError(f"cannot read {name}: {err}") from None
     except UnidentifiedImageError:  # PIL's message ("cannot identify image file ...") only names the file again,
         # or an io.BytesIO object by its address
-        what_is_not = "the bytes are" if isinstance(source, bytes) else "the file is"
+        what_is_not = "the bytes are" if isinstance(source, bytes) and file is None else "the file is"
         raise ValueError(f"cannot read {name}: {what_is_not} not an image PIL can decode") from None
     except DECODE_ERRORS as err:  # damaged past the header: truncated, a broken PNG chunk
         raise ValueError(f"cannot read {name}: {str(err) or type(err).__name__}") from err

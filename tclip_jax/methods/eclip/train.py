@@ -17,10 +17,15 @@ argument of the step, so no gradient of them is ever formed.
 OUT/eclip_projections.safetensors (`method.save_projections`). An epoch's order of pairs depends on the seed and
 the epoch alone, so a resumed run gives the projections of an uninterrupted one. A resume must be of the same run:
 the model, the attention model and the data are compared by fingerprint (config and every weight, float32 bytes
-whole: `weights_fingerprint`; the list and each image's name and size), not by how their paths were spelt; a
-checkpoint that cannot tell them is not resumed: one written before fingerprints (paths alone), or whose model or
-attention fingerprint is of the first definition (`is_v1_fingerprint`: it did not tell apart models that differ in
-their transformer blocks alone, or ViTs of other configs). A checkpoint's arrays must have the shapes of the
+whole: `weights_fingerprint`; the list and each image's name and size, before anything runs, and the SHA-256 of every
+image file's bytes, as `pair_features` reads them: a resume whose images differ in content alone is refused after the
+features pass, before any training step), not by how their paths were spelt; a checkpoint that cannot tell them is
+not resumed: one written before fingerprints (paths alone), one of image files written before their contents were
+compared (names and sizes alone: a picture replaced by another of the same size, as uncompressed formats have, would
+resume; refused rather than resumed unchecked, as the fingerprints of first definitions are, since what it was
+trained on cannot be known), or whose model or attention fingerprint is of the first definition
+(`is_v1_fingerprint`: it did not tell apart models that differ in their transformer blocks alone, or ViTs of other
+configs). A checkpoint's arrays must have the shapes of the
 model's projections and be finite. A run whose projections stop being finite ends with an error.
 One run trains in OUT at a time (a lock in it). An epoch's last batch of a single pair is left out (its loss is 0,
 yet an Adam step on it would move the projections); a checkpoint written before that rule is not resumed where the
@@ -31,6 +36,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import importlib
 import io
 import json
@@ -69,13 +75,16 @@ VIT_PROCESSOR_MEAN = VIT_PROCESSOR_STD = (0.5, 0.5, 0.5)  # transformers' ViTIma
 # ------------------------------------------------------------------------------------------------ the pairs
 @dataclasses.dataclass(frozen=True)
 class Pairs:
-    """Image-text pairs: `count` of them, read in order by `read()` as (uint8 RGB, caption). `fingerprint` tells
-    data apart for a resume (`description` says where they come from, however its path was spelt)."""
+    """Image-text pairs: `count` of them, read in order by `read()` as (uint8 RGB, caption, the encoded bytes the
+    image was decoded from, or None). `fingerprint` tells data apart for a resume (`description` says where they come
+    from, however its path was spelt); with `sources`, `read` yields every image's bytes, whose digest a resume
+    compares too (`pair_features`): image files, which the fingerprint tells by name and size alone."""
 
     description: str
     fingerprint: str
     count: int
-    read: Callable[[], Iterator[tuple[np.ndarray, str]]]
+    read: Callable[[], Iterator[tuple[np.ndarray, str, Optional[bytes]]]]
+    sources: bool = False
 
 
 def synthetic_pairs(count: int) -> Pairs:
@@ -90,17 +99,19 @@ def synthetic_pairs(count: int) -> Pairs:
     def read():
         for seed in train_seeds(count):
             scene = make_scene(seed, None)
-            yield scene.image, scene.caption
+            yield scene.image, scene.caption, None
 
     return Pairs(f"{count} synthetic training scene{'s' * (count != 1)}", f"synthetic:{count}", count, read)
 
 
 def file_pairs(path: str | os.PathLike) -> Pairs:
     """The pairs of a folder with `CAPTIONS_FILE` (FILE<TAB>CAPTION per line), a .csv with columns path and caption,
-    or a .jsonl of {"path": ..., "caption": ...}; image paths are relative to the folder of the list. Every image
-    is checked to exist and to be an image (its header) before anything runs. Their fingerprint is a digest of
-    the list and of each image's name and size."""
-    path = nonempty_path(path, "the training data's path", f"a folder with {CAPTIONS_FILE}, or a .csv or .jsonl file")
+    or a .jsonl of {"path": ..., "caption": ...} (or such a .tsv list itself); image paths are relative to the folder
+    of the list. Every image is checked to exist and to be an image (its header) before anything runs. Their
+    fingerprint is a digest of the list and of each image's name and size; `read` yields each image's bytes too
+    (`Pairs.sources`), read once, and an image that cannot be decoded is named by its line of the list."""
+    path = nonempty_path(path, "the training data's path",
+                         f"a folder with {CAPTIONS_FILE}, or a .tsv, .csv or .jsonl file")
     if not path.exists():
         raise FileNotFoundError(f"training data {path} not found")
     if path.is_dir():
@@ -108,11 +119,12 @@ def file_pairs(path: str | os.PathLike) -> Pairs:
         if not listing.is_file():
             raise FileNotFoundError(f"{path} has no {CAPTIONS_FILE} (one FILE<TAB>CAPTION line per image)")
         rows = _tsv_rows(listing)
-    elif path.suffix.lower() in (".csv", ".jsonl"):
+    elif path.suffix.lower() in (".tsv", ".csv", ".jsonl"):
         listing = path
-        rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+        rows = {".tsv": _tsv_rows, ".csv": _csv_rows, ".jsonl": _jsonl_rows}[path.suffix.lower()](path)
     else:
-        raise ValueError(f"training data {path} is neither a folder with {CAPTIONS_FILE} nor a .csv or .jsonl file")
+        raise ValueError(f"training data {path} is neither a folder with {CAPTIONS_FILE} nor a .tsv, .csv or .jsonl "
+                         "file")
     pairs, named = [], [listing.read_bytes()]
     for line, image, caption in rows:
         if not image.strip():  # it would name the list's own folder
@@ -127,10 +139,19 @@ def file_pairs(path: str | os.PathLike) -> Pairs:
         except ValueError as err:
             raise ValueError(f"{listing}:{line}: {err}") from None
         named.append(f"{image}\0{image_path.stat().st_size}".encode())
-        pairs.append((image_path, caption))
+        pairs.append((line, image_path, caption))
     if not pairs:
         raise ValueError(f"{listing} has no image-text pairs")
-    return Pairs(str(listing), fingerprint(named), len(pairs), lambda: ((load_image(p), c) for p, c in pairs))
+
+    def read():
+        for line, image_path, caption in pairs:
+            try:
+                data = image_path.read_bytes()
+                yield load_image(data, file=image_path), caption, data
+            except (OSError, ValueError) as err:  # damaged past the header (found only by decoding), or gone since
+                raise ValueError(f"{listing}:{line}: {err}") from None
+
+    return Pairs(str(listing), fingerprint(named), len(pairs), read, sources=True)
 
 
 def _text(listing: pathlib.Path) -> str:
@@ -334,14 +355,15 @@ def _pair_features(model: CLIP, params: dict, pixels: Array, token_ids: Array,
 
 
 def pair_features(clip: LoadedClip, pairs: Pairs, attention: Optional[ViTAttention] = None,
-                  progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray, Optional[str]]:
     """Every pair's masked-max-pooled image feature [N, vision_width] and Fₜ [N, text_width], in order (captions
-    longer than the model's context are truncated)."""
+    longer than the model's context are truncated), and the digest of the images' bytes as read (`fingerprint` of
+    each one's SHA-256; None where `pairs` yields none, `Pairs.sources`)."""
     from tqdm.auto import tqdm
 
     config = clip.config
     grid = (config.image_size // config.patch_size,) * 2
-    pooled, texts, batch = [], [], []
+    pooled, texts, batch, digests = [], [], [], []
 
     def flush():
         pixels = np.stack([prepare(rgb, "whole", config)[0] for rgb, _ in batch])
@@ -352,13 +374,16 @@ def pair_features(clip: LoadedClip, pairs: Pairs, attention: Optional[ViTAttenti
         texts.append(np.asarray(text))
         batch.clear()
 
-    for pair in tqdm(pairs.read(), total=pairs.count, desc="features", unit="pair", disable=not progress):
-        batch.append(pair)
+    for rgb, caption, source in tqdm(pairs.read(), total=pairs.count, desc="features", unit="pair",
+                                     disable=not progress):
+        if source is not None:
+            digests.append(hashlib.sha256(source).digest())
+        batch.append((rgb, caption))
         if len(batch) == FEATURE_BATCH:
             flush()
     if batch:
         flush()
-    return np.concatenate(pooled), np.concatenate(texts)
+    return np.concatenate(pooled), np.concatenate(texts), fingerprint(digests) if pairs.sources else None
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -430,6 +455,8 @@ def _train(clip: LoadedClip, pairs: Pairs, out: pathlib.Path, settings: TrainSet
            "attention": {"origin": "clip", "fingerprint": "clip"} if attention is None else
            {"origin": attention.origin, "fingerprint": attention.fingerprint},
            "settings": settings.to_dict()}
+    if pairs.sources:  # the images' contents: known once the features pass has read them (`pair_features`)
+        run["pairs"]["contents"] = None
     if pairs.count % settings.batch_size == 1:  # a checkpoint from before such a batch was left out stepped on it
         run["one_pair_batch"] = "left out"
     if attention is not None and clip.config.image_size > attention.image_size:
@@ -441,12 +468,18 @@ def _train(clip: LoadedClip, pairs: Pairs, out: pathlib.Path, settings: TrainSet
     opt_state = optimizer.init(projections)
     epoch = step_count = 0
     if resume:
-        projections, opt_state, epoch, step_count = load_checkpoint(checkpoint, run, projections, opt_state)
+        projections, opt_state, epoch, step_count, contents = load_checkpoint(checkpoint, run, projections, opt_state)
         if epoch > settings.epochs:
             raise ValueError(f"--resume: the checkpoint in {out} has {epoch} epochs done, more than --epochs "
                              f"{settings.epochs}")
 
-    pooled, texts = pair_features(clip, pairs, attention, progress)
+    pooled, texts, read = pair_features(clip, pairs, attention, progress)
+    if pairs.sources:
+        if resume and read != contents:
+            raise ValueError(f"--resume: the checkpoint in {checkpoint} is of another run: its images' contents differ "
+                             "from these (their names and sizes are the same; found as the features were computed, "
+                             "before any training step)")
+        run["pairs"]["contents"] = read
     step = make_train_step(optimizer)
     logit_scale = clip.params["logit_scale"]
     # A last batch of one pair is left out of its epoch: InfoNCE over one pair is 0, and an Adam step on its zero
@@ -488,11 +521,12 @@ def save_checkpoint(folder: pathlib.Path, projections: Projections, opt_state: A
 
 
 def load_checkpoint(folder: pathlib.Path, run: dict, projections: Projections,
-                    opt_state: Any) -> tuple[Projections, Any, int, int]:
-    """(projections, optimizer state, epochs done, steps done) of a checkpoint of the same run; `projections` and
-    `opt_state`, fresh ones, give the shapes and dtypes its arrays must have. Any difference of model, data or
-    settings but the number of epochs is an error (`_compared`), and so is a checkpoint whose record cannot tell
-    them (`_older`)."""
+                    opt_state: Any) -> tuple[Projections, Any, int, int, Optional[str]]:
+    """(projections, optimizer state, epochs done, steps done, the digest of the images' contents it records) of a
+    checkpoint of the same run; `projections` and `opt_state`, fresh ones, give the shapes and dtypes its arrays
+    must have. Any difference of model, data or settings but the number of epochs is an error (`_compared`; the
+    images' contents, known only once they are read, are the caller's to compare), and so is a checkpoint whose
+    record cannot tell them (`_older`)."""
     def damaged(why: str) -> ValueError:
         return ValueError(f"--resume: the checkpoint in {folder} is damaged ({why}); train afresh in another --out")
 
@@ -522,6 +556,9 @@ def load_checkpoint(folder: pathlib.Path, run: dict, projections: Projections,
                                     "whole")):
         if isinstance(state.get(key), dict) and is_v1_fingerprint(state[key].get("fingerprint")):
             raise _older(folder, what)
+    recorded = state.get("pairs") if isinstance(state.get("pairs"), dict) else {}
+    if "contents" in run["pairs"] and not isinstance(recorded.get("contents"), str):
+        raise _older(folder, "record compared the images by name and size alone")
     ours, theirs = _compared(run), _compared({k: state.get(k) for k in run})
     changed = [f"{k} {theirs[k]!r} there, {ours[k]!r} here" + (
         " (it was written before an epoch's last batch of a single pair was left out, and stepped on it)"
@@ -530,7 +567,8 @@ def load_checkpoint(folder: pathlib.Path, run: dict, projections: Projections,
         raise ValueError(f"--resume: the checkpoint in {folder} is of another run: {'; '.join(changed)}")
     leaves = [loaded[f"optimizer/{i}"] for i in range(len(expected) - len(projections))]
     return ({k: loaded[f"projections/{k}"] for k in projections},
-            jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(opt_state), leaves), epoch, step)
+            jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(opt_state), leaves), epoch, step,
+            recorded.get("contents"))
 
 
 def _older(folder: pathlib.Path, why: str) -> ValueError:
@@ -541,7 +579,8 @@ def _older(folder: pathlib.Path, why: str) -> ValueError:
 
 def _compared(run: dict) -> dict:
     """What two runs must share for one to resume the other: every fingerprint, count and setting but the number
-    of epochs, not origins and descriptions (a path spelt another way)."""
-    described = ("origin", "source", "description")
+    of epochs, not origins and descriptions (a path spelt another way); the images' contents are compared once read
+    (`_train`)."""
+    described = ("origin", "source", "description", "contents")
     return {key: ({k: v for k, v in part.items() if k not in described and (key != "settings" or k != "epochs")}
                   if isinstance(part, dict) else part) for key, part in run.items()}
