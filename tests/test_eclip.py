@@ -1012,7 +1012,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_ends_as_if_a
     def held():
         reading.set()
         release.wait(60)
-        yield from ((s.image, s.caption) for s in scenes)
+        yield from ((s.image, s.caption, None) for s in scenes)
 
     settings = TrainSettings(epochs=1, batch_size=2)
     first = {}
@@ -1052,7 +1052,7 @@ def test_a_contrastive_batch_of_one_pair_is_refused(clip, tmp_path):
     three = train(clip, synthetic_pairs(3), tmp_path / "three", settings, progress=False)
     assert three.steps == 2 and three.loss > 0
     # Each epoch's batch is the first two of epoch_order over all three pairs, so the pair left out varies.
-    pooled, texts = pair_features(clip, synthetic_pairs(3), progress=False)
+    pooled, texts, _ = pair_features(clip, synthetic_pairs(3), progress=False)
     optimizer = make_optimizer(settings)
     step = make_train_step(optimizer)
     projections = clip_projections(clip.params)
