@@ -1,8 +1,10 @@
 """Settings objects that own their command-line flags and their serialization.
 
 A settings class is a frozen dataclass deriving from `Options` whose fields are declared with `setting(...)`:
-a default, a help text, and how a string becomes a value (a plain field, `steps: int = 900`, is one without a flag,
-read as its default's type). From that one declaration it registers its flags on an argparse parser
+a default, a help text, and how a string becomes a value (`parse`; without one, as the field's annotation says: bool,
+int, float, str, Optional[X], tuple[X, ...], else as its default's type; a field of any other type, a bare `tuple`
+or a class of the user's, must give `parse`, or its class is refused when first used). A plain field, `steps: int =
+900`, is one without a flag. From that one declaration it registers its flags on an argparse parser
 (`add_arguments`), reads them back (`given_arguments`, only the flags given; `from_arguments`, the settings they
 make, a refused value named by its flag; `parse_flags`, flags kept as text read by another class), takes `KEY=VALUE`
 assignments
@@ -19,6 +21,7 @@ import difflib
 import functools
 import math
 import re
+import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Optional, TypeVar
@@ -30,7 +33,8 @@ T = TypeVar("T", bound="Options")
 
 def setting(default: Any, help: str, *, parse: Optional[Callable[[str], Any]] = None,
             choices: Optional[Sequence[Any]] = None, flag: bool = True, shown_default: Optional[str] = None) -> Any:
-    """A settings field. `parse` turns a command-line string into the value (default: the default's type);
+    """A settings field. `parse` turns a command-line string into the value (default: as the field's annotation says,
+    `Optional[int]` as `parse_optional(int)`, `tuple[float, ...]` as `parse_tuple(float)`; see the module docstring);
     `choices` restricts it (a None default stays allowed); `flag=False` leaves it out of `add_arguments` (still
     settable by `--option`); `shown_default` describes the default in help texts where the value alone would not say
     enough."""
@@ -92,6 +96,7 @@ class Options:
         (or Optional of one) a value of that type: a setting made from Python (`from_dict`) is refused when made,
         as one parsed from the command line is, not at first use."""
         hints = _field_types(type(self))
+        _readers(type(self))  # a field that no text could set is refused as its class is first used
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             choices = f.metadata.get("choices")
@@ -113,6 +118,7 @@ class Options:
         typed (a --x/--no-x pair its bool), for the settings class they are handed to to read (`parse_flags`):
         flags of one class given to another (the command line's TCLIP flags, to the chosen method's settings) mean
         what that class's fields say, not this one's."""
+        readers = _readers(cls)
         for f in dataclasses.fields(cls):
             meta = f.metadata
             if not meta.get("flag", False):
@@ -128,7 +134,8 @@ class Options:
                 parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar, help=shown)
                 continue
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
-                                metavar=None if meta["choices"] else f.name.upper(), type=_argparse_type(f),
+                                metavar=None if meta["choices"] else f.name.upper(),
+                                type=_argparse_type(f, readers[f.name]),
                                 help=shown, choices=meta["choices"])
 
     @classmethod
@@ -148,12 +155,13 @@ class Options:
     def parse_flags(cls, given: Mapping[str, Any]) -> dict[str, Any]:
         """Flags kept as text (`add_arguments(as_text=True)`, `given_arguments`), each read by this class's field of
         its name as this class's own flag would read it: a text refused in argparse's words, naming the flag."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fields, readers = {f.name: f for f in dataclasses.fields(cls)}, _readers(cls)
         values = {}
         for name, text in given.items():
             flag, choices = f"argument --{name.replace('_', '-')}", fields[name].metadata.get("choices")
             try:
-                values[name] = _parse(fields[name], text, check_choices=False) if isinstance(text, str) else text
+                values[name] = _parse(fields[name], readers[name], text, check_choices=False) \
+                    if isinstance(text, str) else text
             except ValueError as err:
                 raise ValueError(f"{flag}: {_flag_wording(str(err))}") from None
             if isinstance(text, str) and choices and values[name] not in choices:  # as argparse's `choices` says it
@@ -164,7 +172,7 @@ class Options:
     def parse_assignments(cls, assignments: Iterable[str]) -> dict[str, Any]:
         """`KEY=VALUE` strings (`--option`) as values of this class's fields."""
         values = {}
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fields, readers = {f.name: f for f in dataclasses.fields(cls)}, _readers(cls)
         for assignment in assignments:
             key, sep, text = assignment.partition("=")
             key = key.strip().replace("-", "_")
@@ -175,7 +183,7 @@ class Options:
             if key in values:  # the last one would win silently
                 raise ValueError(f"option {key} is given twice")
             try:
-                values[key] = _parse(fields[key], text)
+                values[key] = _parse(fields[key], readers[key], text)
             except ValueError as err:
                 raise ValueError(f"option {key}: {_flag_wording(str(err))}") from None
         return values
@@ -234,12 +242,12 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
     `np.arange` or `np.linspace`), in a tuple too, and an integer where a real is asked for as that float (trim=0 is
     trim=0.0: one setting, one JSON form, so prompts encoded under either serve both; -0.0 likewise is 0.0);
     otherwise ValueError naming the setting."""
-    if typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint):
+    optional, rest = _without_none(hint)
+    if optional:
         if value is None:
             return value
-        rest = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-        hint = rest[0] if len(rest) == 1 else None
-    if typing.get_origin(hint) is typing.Union and float in typing.get_args(hint) \
+        hint = rest
+    if _is_union(hint) and float in typing.get_args(hint) \
             and _is_number(value):  # e.g. Union[str, float]: the number it can be
         hint = float
     if typing.get_origin(hint) is tuple and isinstance(value, tuple):  # e.g. tuple[float, ...]
@@ -258,6 +266,64 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
     elif hint is str and not isinstance(value, str):
         raise ValueError(f"{name} must be text, got {value!r}")
     return value
+
+
+def _is_union(hint: Any) -> bool:
+    """Union[X, Y] or X | Y (Optional[X] and X | None among them)."""
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _without_none(hint: Any) -> tuple[bool, Any]:
+    """(True, X) for Optional[X] or X | None; (True, None) where more than one type is left besides None
+    (Optional[Union[X, Y]]); (False, hint) for a hint that does not allow None."""
+    if not (_is_union(hint) and type(None) in typing.get_args(hint)):
+        return False, hint
+    rest = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return True, rest[0] if len(rest) == 1 else None
+
+
+_READERS: dict[type, Callable[[str], Any]] = {bool: parse_bool, int: int, float: float, str: str}
+
+
+def _reader_of(hint: Any) -> Optional[Callable[[str], Any]]:
+    """How text becomes a value of the type `hint` names, as the package's own settings read it where they say so
+    (`parse=`): bool, int, float and str; Optional[X] as `parse_optional`, tuple[X, ...] as `parse_tuple` of X's
+    reader; a Literal of one type as that type. None where the hint names none (a bare `tuple`, another class)."""
+    if hint in _READERS:
+        return _READERS[hint]
+    optional, rest = _without_none(hint)
+    if optional:
+        read = _reader_of(rest)
+        return None if read is None else parse_optional(read)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        read = _reader_of(args[0])
+        return None if read is None else parse_tuple(read)
+    if typing.get_origin(hint) is typing.Literal and len({type(arg) for arg in args}) == 1:
+        return _reader_of(type(args[0]))
+    return None
+
+
+@functools.cache
+def _readers(cls: type) -> dict[str, Callable[[str], Any]]:
+    """How each field of the settings class `cls` reads the text of its flag or `--option`: its `parse`, else the one
+    its annotation names (`_reader_of`), else its default's type (bool, int, float or str). A field with none could
+    not be set from the command line though Python and JSON set it: its class is refused, in one line, as it is
+    first used (its first settings made, its flags registered, an option read)."""
+    hints = _field_types(cls)
+    readers = {}
+    for f in dataclasses.fields(cls):
+        read = f.metadata.get("parse") or _reader_of(hints.get(f.name))
+        if read is None and isinstance(f.default, (bool, int, float, str)):
+            read = parse_bool if isinstance(f.default, bool) else type(f.default)
+        if read is None:
+            hint = hints.get(f.name)
+            shown = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise TypeError(f"setting {f.name} of {cls.__name__} is of type {shown}, which does not say how to read "
+                            f"it from text (--option {f.name}=VALUE): give setting(..., parse=...), e.g. "
+                            "parse=tclip_jax.settings.parse_tuple(float)")
+        readers[f.name] = read
+    return readers
 
 
 def _unboxed(value: Any) -> Any:
@@ -280,26 +346,20 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
-def _parse(f: dataclasses.Field, text: str, check_choices: bool = True) -> Any:
+def _parse(f: dataclasses.Field, read: Callable[[str], Any], text: str, check_choices: bool = True) -> Any:
+    """`text` read by `read` (the field's reader, `_readers`), checked against the field's choices."""
     meta = f.metadata
-    if meta.get("parse") is not None:
-        value = meta["parse"](text)
-    elif isinstance(f.default, bool):
-        value = parse_bool(text)
-    elif isinstance(f.default, (int, float, str)):
-        value = type(f.default)(text)
-    else:
-        raise ValueError(f"cannot parse {text!r}")
+    value = read(text)
     if check_choices and meta.get("choices") and value not in meta["choices"]:
         shown = ", ".join(str(choice) if choice != "" else "''" for choice in meta["choices"])  # '' visible
         raise ValueError(f"must be one of {shown}, got {text!r}")
     return value
 
 
-def _argparse_type(f: dataclasses.Field) -> Callable[[str], Any]:
+def _argparse_type(f: dataclasses.Field, read: Callable[[str], Any]) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         try:
-            return _parse(f, text, check_choices=False)  # argparse checks and lists `choices` itself
+            return _parse(f, read, text, check_choices=False)  # argparse checks and lists `choices` itself
         except ValueError as err:
             raise argparse.ArgumentTypeError(_flag_wording(str(err))) from None
     convert.__name__ = f.name  # argparse names the type in its error messages

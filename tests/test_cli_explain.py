@@ -833,6 +833,74 @@ def test_tclips_flags_are_read_by_the_chosen_methods_own_settings(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) in (["int_sigma.py"], ["__pycache__", "int_sigma.py"])
 
 
+LAYER_SIM = """
+import dataclasses
+from typing import Optional
+
+from tclip_jax.methods.settings import MethodSettings
+from tclip_jax.methods.similarity import Similarity
+from tclip_jax.settings import setting
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSimSettings(MethodSettings):
+    layer: Optional[int] = setting(None, "residual-stream index (None: the last)")
+    block: int | None = setting(None, "written as Python 3.10 spells Optional")
+    weights: tuple[float, ...] = setting((1.0,), "per-layer weights")
+
+
+class LayerSim(Similarity):
+    Settings = LayerSimSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class BareTupleSettings(MethodSettings):
+    weights: tuple = setting((1.0,), "per-layer weights")
+
+
+class BareTuple(Similarity):
+    Settings = BareTupleSettings
+"""
+
+
+def test_a_methods_settings_are_read_from_text_as_their_annotations_say(tmp_path, monkeypatch, capsys):
+    """A method's `layer: Optional[int] = setting(None, ...)` or `weights: tuple[float, ...]` declared without
+    `parse=` could not be given on the command line ("option layer: cannot parse '0'") though Python and JSON took
+    it: a field without `parse` is read as its annotation says, as the package's own settings say it explicitly
+    (parse_optional, parse_tuple); a field whose type says no reader is refused, in one line, naming `parse=`."""
+    from tclip_jax.cli.common import method_settings
+    from tclip_jax.methods import get
+    from tclip_jax.settings import parse_optional, parse_tuple
+
+    (tmp_path / "layer_sim.py").write_text(LAYER_SIM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    settings = get("layer_sim:LayerSim").Settings
+    for text in ("0", "-2", "none", "None"):
+        assert settings.parse_assignments([f"layer={text}", f"block={text}"]) == \
+            {"layer": parse_optional(int)(text), "block": parse_optional(int)(text)}
+    for text in ("1,2", "0", "", "0.5,-1"):
+        assert settings.parse_assignments([f"weights={text}"]) == {"weights": parse_tuple(float)(text)}
+    with pytest.raises(ValueError, match="^option layer: invalid int value: 'x'$"):
+        settings.parse_assignments(["layer=x"])
+    args = build_parser().parse_args(["explain", "a.png", "--prompt", "red", "--method", "layer_sim:LayerSim",
+                                      "--option", "layer=0", "--option", "weights=1,2"])
+    assert method_settings(get("layer_sim:LayerSim"), args) == settings(layer=0, weights=(1.0, 2.0))
+
+    bare = get("layer_sim:BareTuple")
+    refusal = (r"^setting weights of BareTupleSettings is of type tuple, which does not say how to read it from text "
+               r"\(--option weights=VALUE\): give setting\(\.\.\., parse=\.\.\.\)")
+    with pytest.raises(TypeError, match=refusal):
+        bare.Settings.parse_assignments(["weights=1,2"])
+    with pytest.raises(TypeError, match=refusal):  # refused from Python too: the class, not a value
+        bare.Settings()
+    for options in ([], ["--option", "weights=1,2"]):
+        assert tclip(["explain", "a.png", "--prompt", "red", "--method", "layer_sim:BareTuple", *options]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "give setting(..., parse=...)" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["layer_sim.py"], ["__pycache__", "layer_sim.py"])
+
+
 def _parse_error(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit):
         parser.parse_args(argv)
