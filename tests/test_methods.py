@@ -754,10 +754,6 @@ def test_explain_runs_prompts_of_other_counts_in_one_bucket_through_one_program_
     assert grew[1:] == [0, 1]  # the second list in the first one's bucket, the third past it
 
 
-# The class token's attention over the patches: by definition one map for every prompt.
-PROMPT_FREE = {"attention", "rollout"}
-
-
 @pytest.fixture(scope="module")
 def embedded_clip():
     return load_clip()
@@ -776,7 +772,7 @@ def test_a_map_depends_on_its_prompt_even_on_the_one_block_embedded_model(embedd
     encoded = method.encode([Query(p) for p in prompts], label_set=prompts)
     maps = np.asarray(method.jitted_maps(method.params, pixels[None], encoded, np.array([[0, 1]], np.int32)).maps)
     assert np.isfinite(maps).all()
-    if name in PROMPT_FREE:
+    if method.prompt_free:  # the class token's attention over the patches: by definition one map for every prompt
         np.testing.assert_array_equal(maps[0, 0], maps[0, 1])
     else:
         assert np.abs(maps[0, 0] - maps[0, 1]).max() > 1e-3 * np.abs(maps).max()
@@ -935,6 +931,64 @@ def test_the_readmes_method_added_with_one_registry_line_explains_and_is_benchma
     row = method_row(name, method_class, tiny_clip, image, repeats=1)
     assert row[:3] == (name, "not stated", "not stated") and float(row[3]) >= 0
     assert method_row("gradcam", METHODS["gradcam"], tiny_clip, image, repeats=1)[1:3] == ("1", "T")
+
+
+# Two methods as a researcher writes them: a gradient w.r.t. the pixels, and one map for every prompt.
+GRADIENT_AND_PROMPT_FREE = """
+import jax
+import jax.numpy as jnp
+
+from tclip_jax.methods import common
+from tclip_jax.methods.base import NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL, PromptMethod
+from tclip_jax.model import l2_normalize
+
+
+class GradTimesInput(PromptMethod):  # the image-text cosine's gradient times the pixels, summed per patch
+    heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
+
+    def grid_maps(self, params, pixels, queries):
+        patch = self.clip.config.patch_size
+
+        def cosine(image, text):
+            return l2_normalize(common.encode_image(self.clip.model, params, image[None]).embeds[0]) @ text
+
+        def one(image):
+            grads = jax.vmap(lambda text: jax.grad(cosine)(image, text))(queries.per_query)  # [Q, h, w, 3]
+            count, height, width, _ = grads.shape
+            return (grads * image).sum(-1).reshape(count, height // patch, patch, width // patch, patch).sum((2, 4))
+
+        return jax.vmap(one)(pixels)
+
+
+class PatchNorm(PromptMethod):  # the norm of each patch token
+    heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
+    prompt_free = True
+
+    def grid_maps(self, params, pixels, queries):
+        image = common.encode_image(self.clip.model, params, pixels)
+        norms = jnp.linalg.norm(image.tokens, axis=-1)[:, None]  # [B, 1, 1 + n]
+        return common.patch_grid(jnp.broadcast_to(norms, (len(pixels), len(queries.per_query), norms.shape[-1])),
+                                 image.grid)
+"""
+
+
+@pytest.mark.parametrize("class_name", ["GradTimesInput", "PatchNorm"])
+def test_a_new_method_that_keeps_the_contract_passes_the_tests_every_method_passes(
+        tiny_clip, embedded_clip, fixture_images, monkeypatch, class_name):
+    """A new method passes the suite's tests of every registered method where it keeps the contract that the README
+    and `methods.base` state. They asked for integer pixels to be refused in the image tower's words, which JAX's own
+    refusal of a gradient w.r.t. integers preceded ("grad requires real- or complex-valued inputs"): every method's
+    device entry refuses them first. And for a map that depends on its prompt unless the method was in a set kept in
+    the test: a method that maps every prompt alike says so (`Method.prompt_free`)."""
+    module = types.ModuleType("researchers_methods")
+    exec(compile(GRADIENT_AND_PROMPT_FREE, "researchers_methods.py", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, "researchers_methods", module)
+    name = f"researchers_methods:{class_name}"
+    monkeypatch.setitem(METHODS, name, methods.get(name))  # as a registry line would list it
+    test_maps_refuse_pixels_that_are_not_floating_point(tiny_clip, fixture_images, name)
+    test_a_map_depends_on_its_prompt_even_on_the_one_block_embedded_model(embedded_clip, name)
+    declared = {n for n, method in METHODS.items() if method.prompt_free}
+    assert declared == {"attention", "rollout"} | ({name} if class_name == "PatchNorm" else set())
 
 
 def test_a_method_outside_the_package_runs_from_the_command_line(tmp_path, fixtures_dir, monkeypatch):

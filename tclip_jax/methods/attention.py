@@ -81,6 +81,7 @@ class RawAttention(PromptMethod):
     input_protocol = "center_crop"
     maps_version = 2  # boxes from the part of the image the crop kept
     heatmap = UPSAMPLE_THEN_NORMALIZE
+    prompt_free = True
 
     def __init__(self, clip, settings=None):
         super().__init__(clip, settings)
@@ -104,6 +105,7 @@ class Rollout(PromptMethod):
     input_protocol = "center_crop"
     maps_version = 2  # boxes from the part of the image the crop kept
     heatmap = UPSAMPLE_THEN_NORMALIZE
+    prompt_free = True
 
     def __init__(self, clip, settings=None):
         super().__init__(clip, settings)

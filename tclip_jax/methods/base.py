@@ -23,7 +23,12 @@ label set of `encode` (the prompts of an `explain` call; a dataset's class promp
 
 Adding a method: a module with a `Method` subclass (`name`, `Settings`, `encode`, `maps`; prompt-level methods
 derive from `PromptMethod` and write `grid_maps` only) and one line in `tclip_jax.methods.REGISTRY` (or none: a
-class outside the package is named "package.module:Class"). Results record a method by its `name`, which a class
+class outside the package is named "package.module:Class"). The contract the test suite checks of every registered
+method: `maps` jit-compiles, gives finite float32 maps, one per query, and a query's map does not depend on the other
+queries of the call; the maps change with the prompt unless the class says `prompt_free = True`; every matmul of
+the model's parameters takes the model's matmul dtype; JAX's x64 mode leaves the maps as they are; only TCLIP has
+soft maps. Integer pixels are refused in `maps_per_image`, the one entry every method's maps are called through,
+before `maps` sees them. Results record a method by its `name`, which a class
 sets in its own body or is "package.module:Class" (`Method.__init_subclass__`)."""
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ from tclip_jax.checkpoints.load import LoadedClip, TreeLeaves, load_clip, matmul
 from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_size, load_image, prepare,
                              to_original_on_device, upsample_bilinear)
 from tclip_jax.methods.common import causal_length_groups, minmax, text_features
-from tclip_jax.model.clip import eot_positions
+from tclip_jax.model.clip import check_floating_pixels, eot_positions
 from tclip_jax.model.config import PRESETS
 from tclip_jax.model.tokenizer import PromptCutWarning, TokenizedPrompt, Word, clean_text
 from tclip_jax.methods.settings import MethodSettings
@@ -265,6 +270,9 @@ class Method(abc.ABC):
     # chunks of it. 1 for a method whose every map is a computation of its own (an optimization, masked forwards),
     # where a padded slot would cost a whole map.
     query_chunk: ClassVar[int] = 8
+    # Its maps do not depend on the prompt: one map for every prompt of an image (the class token's attention). The
+    # test suite asks every other method for different maps of two prompts naming different objects.
+    prompt_free: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         """A method is recorded by its `name` (`run_info`: sweeps, which resume only the method they began with, and
@@ -380,8 +388,10 @@ class Method(abc.ABC):
         XLA's kernels may sum in another order for another shape, so a batched call could give an image maps
         that differ in the last bits with the batch it lands in and the queries that come with it. Here every
         image runs the same program on arrays of the same shape: its maps are the same bits whatever the batch
-        size, device count or resume point.
+        size, device count or resume point. Integer pixels are refused here, for every method, in the image tower's
+        words (`check_floating_pixels`), before a method's own code (a gradient w.r.t. them) sees them.
         """
+        check_floating_pixels(pixels)
         own = jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=0), queries.per_query)  # [B, slots, ...]
         own_rows = jnp.arange(rows.shape[1])[None]
 

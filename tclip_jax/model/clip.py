@@ -221,11 +221,7 @@ class VisionTransformer(nn.Module):
         cfg = self.config
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [batch, height, width, 3] (NHWC), got shape {images.shape}")
-        if not jnp.issubdtype(images.dtype, jnp.floating):  # raw 0..255 pixels would run without a word
-            dtype = jnp.dtype(images.dtype).name
-            raise ValueError(f"images must be CLIP-normalized floating-point pixels, got {dtype}: make them from "
-                             "uint8 RGB with a method's prepare or tclip_jax.image.prepare (tclip_jax.image."
-                             "clip_normalize for pixels already at the model's input size)")
+        check_floating_pixels(images)
         height, width = images.shape[1:3]
         if height % cfg.patch_size or width % cfg.patch_size:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {cfg.patch_size}")
@@ -328,6 +324,17 @@ class CLIP(nn.Module):
         image_embeds = l2_normalize(self.encode_image(images).embeds)
         text_embeds = l2_normalize(self.encode_text(token_ids).embeds)
         return jnp.exp(self.logit_scale) * image_embeds @ text_embeds.T, image_embeds, text_embeds
+
+
+def check_floating_pixels(images: Array) -> None:
+    """Raises ValueError unless `images` are floating-point (CLIP-normalized) pixels: raw 0..255 integers would run
+    without a word. The image tower checks its input, and so does every method's device entry
+    (`Method.maps_per_image`), before a gradient w.r.t. the pixels (which JAX refuses for integers) is taken."""
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        dtype = jnp.dtype(images.dtype).name
+        raise ValueError(f"images must be CLIP-normalized floating-point pixels, got {dtype}: make them from "
+                         "uint8 RGB with a method's prepare or tclip_jax.image.prepare (tclip_jax.image."
+                         "clip_normalize for pixels already at the model's input size)")
 
 
 def eot_positions(token_ids: Array, eot_token_id: Optional[int]) -> Array:
