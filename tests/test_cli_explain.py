@@ -1021,3 +1021,14 @@ def test_a_second_run_into_an_out_in_use_is_refused_in_one_line_and_the_first_en
     record = json.loads((out / "s" / "result.json").read_text())
     assert pathlib.Path(record["image"]["path"]).resolve() == images["a"] and record["prompts"][0]["prompt"] == "red"
     assert page_images(out / "index.html") == ["s"]
+
+
+def test_the_option_help_says_it_takes_any_methods_settings(capsys):
+    """`setting(..., flag=True)` registers a flag for TCLIP's settings only; --option's help said "any other setting"
+    without saying that every setting of another method, registered or 'package.module:Class', goes there."""
+    for command in ("explain", "sweep"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        said = " ".join(capsys.readouterr().out.split())
+        assert "--option KEY=VALUE a setting of the chosen method, of any method (registered or " \
+               "'package.module:Class')" in said, command

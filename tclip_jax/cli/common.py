@@ -81,7 +81,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("TCLIP and host-step settings")
     TCLIPSettings.add_arguments(group, as_text=True)  # read by the chosen method's settings (`method_settings`)
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other setting of the chosen method, e.g. --option feature_surgery=false (repeatable)")
+                        help="a setting of the chosen method, of any method (registered or 'package.module:Class'), "
+                             "e.g. --option feature_surgery=false (repeatable); the flags under 'TCLIP and host-step "
+                             "settings' are TCLIP's settings, and a setting of the chosen method of such a name may "
+                             "be given as that flag instead")
 
 
 def method_settings(method_class, args: argparse.Namespace) -> MethodSettings:
