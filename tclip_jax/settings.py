@@ -205,10 +205,11 @@ class Options:
             guess = did_you_mean(unknown[0], cls.field_names()) if len(unknown) == 1 else ""
             raise ValueError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
                              f"{guess}; {cls._valid_names()}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        converted = {k: tuple(v) if isinstance(fields[k].default, tuple) and isinstance(v, list) else v
-                     for k, v in values.items()}
-        return cls(**converted)
+        fields, hints = {f.name: f for f in dataclasses.fields(cls)}, _field_types(cls)
+        # JSON has no tuples: a list is a tuple setting's (its default's type or its annotation's, Optional or not).
+        tuples = {k for k in values if isinstance(fields[k].default, tuple)
+                  or typing.get_origin(_without_none(hints.get(k))[1]) is tuple}
+        return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()})
 
     def replace(self: T, **changes: Any) -> T:
         return type(self).from_dict({**self.to_dict(), **changes})

@@ -847,6 +847,7 @@ class LayerSimSettings(MethodSettings):
     layer: Optional[int] = setting(None, "residual-stream index (None: the last)")
     block: int | None = setting(None, "written as Python 3.10 spells Optional")
     weights: tuple[float, ...] = setting((1.0,), "per-layer weights")
+    scales: Optional[tuple[float, ...]] = setting(None, "a tuple or None")
 
 
 class LayerSim(Similarity):
@@ -886,6 +887,9 @@ def test_a_methods_settings_are_read_from_text_as_their_annotations_say(tmp_path
     args = build_parser().parse_args(["explain", "a.png", "--prompt", "red", "--method", "layer_sim:LayerSim",
                                       "--option", "layer=0", "--option", "weights=1,2"])
     assert method_settings(get("layer_sim:LayerSim"), args) == settings(layer=0, weights=(1.0, 2.0))
+    # Read back from JSON (sweep.json, result.json), which has no tuples: as made, an Optional tuple too.
+    made = settings(layer=0, weights=(1.0, 2.0), scales=(0.5,))
+    assert settings.from_dict(json.loads(json.dumps(made.to_dict()))) == made
 
     bare = get("layer_sim:BareTuple")
     refusal = (r"^setting weights of BareTupleSettings is of type tuple, which does not say how to read it from text "
