@@ -1,17 +1,16 @@
 """Settings objects that own their command-line flags and their serialization.
 
-A settings class is a frozen dataclass deriving from `Options` whose fields are declared with `setting(...)`:
-a default, a help text, and how a string becomes a value (`parse`; without one, as the field's annotation says: bool,
+A settings class is a frozen dataclass deriving from `Options` whose fields are declared with `setting(...)`: a
+default, a help text, and how a string becomes a value (`parse`; without one, as the field's annotation says: bool,
 int, float, str, Optional[X], tuple[X, ...], else as its default's type; a field of any other type, a bare `tuple`
 or a class of the user's, must give `parse`, or its class is refused when first used). A plain field, `steps: int =
 900`, is one without a flag. From that one declaration it registers its flags on an argparse parser
-(`add_arguments`, where a command calls it: `tclip explain` and `tclip sweep` register TCLIP's settings as flags, and
-every other method's settings are their `--option KEY=VALUE`), reads them back (`given_arguments`, only the flags given; `from_arguments`, the settings they
-make, a refused value named by its flag; `parse_flags`, flags kept as text read by another class), takes `KEY=VALUE`
-assignments
-(`parse_assignments`, for `--option`), and round-trips through JSON (`to_dict` / `from_dict`), so `tclip explain`,
-`tclip sweep`, result records and the Python API all speak the same names. Unknown names and unparsable values are
-errors that name the setting and list the valid ones.
+(`add_arguments`, where a command calls it: `tclip explain` and `tclip sweep` register TCLIP's settings as flags,
+and every other method's settings are their `--option KEY=VALUE`), reads them back (`given_arguments`, only the
+flags given; `from_arguments`, the settings they make, a refused value named by its flag; `parse_flags`, flags kept
+as text read by another class), takes `KEY=VALUE` assignments (`parse_assignments`, for `--option`), and round-trips
+through JSON (`to_dict` / `from_dict`), so `tclip explain`, `tclip sweep`, result records and the Python API all
+speak the same names. Unknown names and unparsable values are errors that name the setting and list the valid ones.
 """
 from __future__ import annotations
 
@@ -39,8 +38,8 @@ def setting(default: Any, help: str, *, parse: Optional[Callable[[str], Any]] = 
     `choices` restricts it (a None default stays allowed); `flag=False` leaves it out of `add_arguments` (still
     settable by `--option`). A flag exists only where a command registers the class's flags: `tclip explain` and
     `tclip sweep` register TCLIP's settings' (and the host-step ones every method has, `cli.common`), so another
-    method's setting, `flag=True` or not, is given as `--option KEY=VALUE`; `shown_default` describes the default in help texts where the value alone would not say
-    enough."""
+    method's setting, `flag=True` or not, is given as `--option KEY=VALUE`; `shown_default` describes the default
+    in help texts where the value alone would not say enough."""
     metadata = {"help": help, "parse": parse, "choices": tuple(choices) if choices is not None else None,
                 "flag": flag, "shown_default": shown_default}
     return dataclasses.field(default=default, metadata=metadata)

@@ -244,7 +244,8 @@ def test_training_pools_the_patches_by_the_min_maxed_class_attention_of_the_last
     # A caption longer than the context is cut to it: two that differ only past it give the same Fₜ.
     long = "a red circle " * config.context_length
     image = next(pairs.read())[0]
-    cut = Pairs("long captions", "long captions 2", 2, lambda: iter([(image, long + "above", None), (image, long + "below", None)]))
+    cut = Pairs("long captions", "long captions 2", 2,
+                lambda: iter([(image, long + "above", None), (image, long + "below", None)]))
     with pytest.warns(PromptCutWarning):
         _, texts, _ = pair_features(clip, cut, progress=False)
     np.testing.assert_array_equal(texts[0], texts[1])

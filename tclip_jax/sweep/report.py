@@ -331,7 +331,8 @@ def html_report(config: dict, summary: dict, chosen: dict[str, dict], out: pathl
              f"<code>{esc(json.dumps(config['evaluation'], sort_keys=True))}</code>. Settings: "
              f"<code>{esc(json.dumps(run['settings'], sort_keys=True))}</code>; input protocol "
              f"{esc(str(run['input_protocol']))}. Source: {esc(str(config.get('source') or '—'))}. "
-             f"{esc(_prompts_and_samples(config))} {esc(_software(config))} Also: <a href=\"{REPORT_MD}\">{REPORT_MD}</a>, "
+             f"{esc(_prompts_and_samples(config))} {esc(_software(config))} "
+             f"Also: <a href=\"{REPORT_MD}\">{REPORT_MD}</a>, "
              f"<a href=\"{REPORT_JSON}\">{REPORT_JSON}</a>.</p>"]
     parts += _markdown_blocks(_markdown_body(config, summary))  # what report.md says below its description
     # Per-class accuracy bars.
