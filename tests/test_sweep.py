@@ -397,7 +397,34 @@ def test_the_multi_process_flags_go_together(tmp_path, capsys):
         assert main(["sweep", "synthetic", *given, "--out", str(tmp_path / "o")]) == 2
         assert capsys.readouterr().err == ("tclip sweep: error: --coordinator, --num-processes and --process-id go "
                                            "together\n")
+    # JAX refused these in its words (process_id=2); a process started with a --process-id out of range is refused
+    assert main(["sweep", "synthetic", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "tclip sweep: error: --process-id 2 is not one of 0 to 1 (--num-processes 2)\n"
+    for seconds in ("0", "1.5", "inf"):
+        with pytest.raises(SystemExit):
+            main(["sweep", "synthetic", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1",
+                  "--connect-timeout", seconds, "--out", str(tmp_path / "o")])
+        assert capsys.readouterr().err.startswith("tclip sweep: error: argument --connect-timeout: expected ")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_process_that_cannot_join_its_sweep_ends_in_one_line_after_connect_timeout(tmp_path):
+    """jax.distributed.initialize waited 300 s in silence for a coordinator nobody listens at (process 1), or for a
+    process that never comes (process 0, the coordinator), then aborted with JAX's fatal-error lines (SIGABRT)."""
+    out, port = tmp_path / "out", _free_port()
+    for process_id in (1, 0):
+        started = time.monotonic()
+        process = _sweep_process("synthetic", "--limit", "2", "--out", str(out), "--coordinator", f"127.0.0.1:{port}",
+                                 "--num-processes", "2", "--process-id", str(process_id), "--connect-timeout", "3")
+        try:
+            assert process.wait(timeout=60) == 2 and time.monotonic() - started < 30
+        finally:
+            process.kill()
+        error = process.stderr.read().decode()
+        assert error.startswith(f"tclip sweep: error: process {process_id} ") and error.count("\n") == 1
+        assert f"127.0.0.1:{port} within 3 s (--connect-timeout): " in error
+    assert not out.exists()
 
 
 def test_a_sweep_begun_on_a_methods_earlier_maps_is_not_resumed(tmp_path):

@@ -7,17 +7,22 @@ that JAX detects) each take their own share and process 0 writes the merged repo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import pathlib
 import signal
+import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import Optional
 
 from tclip_jax.cli.common import (add_method_arguments, add_progress_argument, build_method, chosen_method,
                                   progress_bars)
 
 DATASETS = ("coco", "coco-seg", "imagenet-s", "voc", "synthetic")
+CONNECT_TIMEOUT_S = 120  # --connect-timeout's default
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-processes", type=int, help="how many processes the sweep runs in (with --coordinator)")
     group.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1; process 0 "
                        "writes the report")
+    group.add_argument("--connect-timeout", type=_seconds, default=CONNECT_TIMEOUT_S, metavar="SECONDS",
+                       help="how long a process waits for every process of the sweep to join before it ends in one "
+                       f"line, status 2 (default: {CONNECT_TIMEOUT_S})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,13 +174,75 @@ def _init_distributed(args: argparse.Namespace) -> None:
     explicit = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
         raise ValueError("--coordinator, --num-processes and --process-id go together")
+    if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+        raise ValueError(f"--process-id {args.process_id} is not one of 0 to {args.num_processes - 1} "
+                         f"(--num-processes {args.num_processes})")
     if args.distributed or args.coordinator is not None:
         import jax
 
         ours = signal.getsignal(signal.SIGTERM)
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        with _joined_within(args.connect_timeout, args):
+            # JAX's own deadline, a little later than ours, ends the process with a fatal error (SIGABRT, a C++ trace)
+            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                       initialization_timeout=args.connect_timeout + _JAX_DEADLINE_AFTER_S)
         # The initialization starts JAX's preemption service, which takes SIGTERM over below Python (for its sync
         # points, which a sweep does not use), so SIGTERM no longer ended the sweep: tclip's handler is set again.
         # (jax_enable_preemption_service, the switch that turns the service off, is in jax 0.8.2 and later only.)
         if ours is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, ours)
+
+
+_JAX_DEADLINE_AFTER_S = 10
+
+
+@contextlib.contextmanager
+def _joined_within(seconds: int, args: argparse.Namespace) -> Iterator[None]:
+    """While the block (jax.distributed.initialize) runs: if it has not returned `seconds` later (the coordinator
+    unreachable, a process missing or started with another --num-processes, which JAX waits out in silence, then
+    aborts), the process ends at once with one line and status 2; nothing has been written yet."""
+    ended, lock = False, threading.Lock()
+
+    def end() -> None:
+        with lock:
+            if ended:
+                return
+            if args.distributed and args.coordinator is None:
+                from jax._src import distributed  # the address JAX detected, which jax.distributed does not expose
+
+                found = distributed.global_state.coordinator_address
+                where = f"the coordinator the cluster's environment names ({found or 'none detected yet'})"
+                ask = "are all of the job's processes running, and does JAX detect this cluster (--distributed)?"
+                what = f"this process could not join {where}"
+            elif args.process_id == 0:  # the coordinator is this process
+                what = f"process 0 waited for the others to join the sweep's coordinator {args.coordinator}"
+                ask = (f"is each --process-id 1 to {args.num_processes - 1} started once, with the same --coordinator "
+                       "and --num-processes?")
+            else:
+                what = f"process {args.process_id} could not join the sweep's coordinator {args.coordinator}"
+                ask = (f"is process 0 running there, and each --process-id 0 to {args.num_processes - 1} started "
+                       "once, with the same --coordinator and --num-processes?")
+            print(f"tclip sweep: error: {what} within {seconds} s (--connect-timeout): {ask}", file=sys.stderr,
+                  flush=True)
+            sys.stdout.flush()
+            os._exit(2)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            ended = True
+        timer.cancel()
+
+
+def _seconds(text: str) -> int:
+    """--connect-timeout's value: a whole number of seconds, at least 1 (JAX takes whole seconds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 second, got {text!r}")
+    return value
