@@ -55,6 +55,7 @@ from test_datasets import build_tfds_coco, painted, write_coco, write_imagenet_s
 TESTS = pathlib.Path(__file__).resolve().parent
 STALL_ENV = "TCLIP_TEST_STALL_AFTER"  # StallingPainted: images a process prepares before it stalls
 RELEASE_ENV = "TCLIP_TEST_STALL_RELEASE"  # StallingPainted: a path whose file, once there, ends the stall
+FAIL_ENV = "TCLIP_TEST_FAIL"  # FailingPainted: set in the process whose host step raises
 
 
 # -------------------------------------------------------------------------------------- stand-in method
@@ -104,6 +105,18 @@ class StallingPainted(Painted):
         while stall and not (release and os.path.exists(release)):
             time.sleep(0.1)
         return super().prepare(rgb)
+
+
+class FailingPainted(Painted):
+    """The same maps; the host step raises a bug (not bad data: the sweep stops) in a process started with
+    $TCLIP_TEST_FAIL set."""
+
+    name = "painted"
+
+    def postprocess(self, *args, **kwargs):
+        if os.environ.get(FAIL_ENV):
+            raise RuntimeError("a bug in this process only")
+        return super().postprocess(*args, **kwargs)
 
 
 class InvertedPainted(Painted):
@@ -1122,6 +1135,33 @@ def test_a_process_of_a_distributed_sweep_whose_peer_was_killed_ends_in_one_line
     assert error.startswith("tclip sweep: error: another process of the sweep stopped (") and error.count("\n") == 1
     assert error.endswith("the records written so far are kept: start every process again with --resume\n")
     assert len(read_records(out / "results-p0.jsonl")) == 6  # its whole share
+    assert main(_cli("coco", "--data", str(coco_many), "--method", "test_sweep:Painted", "--batch-size", "2",
+                     "--out", str(out), "--resume")) == 0
+    assert _report(out) == _report(coco_many_reference)
+
+
+def test_a_distributed_sweep_that_fails_in_one_process_ends_every_process_in_one_line_and_resume_finishes(
+        coco_many, coco_many_reference, tmp_path):
+    """Process 1's sweep stopped on a bug of its own while process 0's ran on: process 1 said so, then waited about
+    300 s in JAX's shutdown barrier for process 0, and both aborted (SIGABRT, C++ traces). Process 1 ends at once
+    with its line and status (1), process 0 at its next barrier with README's line and status 2."""
+    out, port = tmp_path / "out", _free_port()
+    processes = [_sweep_process("coco", "--data", str(coco_many), "--method", "test_sweep:FailingPainted",
+                                "--batch-size", "2", "--workers", "1", "--out", str(out), "--coordinator",
+                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                                env_extra={FAIL_ENV: "1"} if i else None)
+                 for i in range(2)]
+    try:
+        assert processes[1].wait(timeout=180) == 1
+        ended = time.monotonic()
+        assert processes[0].wait(timeout=60) == 2 and time.monotonic() - ended < 60
+    finally:
+        for process in processes:
+            process.kill()
+    assert processes[1].stderr.read().decode() == ("tclip sweep: internal error (RuntimeError): a bug in this process "
+                                                   "only (set TCLIP_TRACEBACK=1 for the traceback)\n")
+    error = processes[0].stderr.read().decode()
+    assert error.startswith("tclip sweep: error: another process of the sweep stopped (") and error.count("\n") == 1
     assert main(_cli("coco", "--data", str(coco_many), "--method", "test_sweep:Painted", "--batch-size", "2",
                      "--out", str(out), "--resume")) == 0
     assert _report(out) == _report(coco_many_reference)

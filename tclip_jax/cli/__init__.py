@@ -68,17 +68,19 @@ def program() -> int:
     """`tclip` as a program (the console script, ``python -m tclip_jax``): `main`, then, after a Ctrl-C or SIGTERM,
     the process ends without the interpreter's teardown, which crashed (SIGSEGV, 5 of 30 tries) when the signal
     had landed inside an XLA compilation; every file of the command is closed or removed by then. So does a process
-    of a multi-process sweep that another process's end left unable to finish (`sharding.peer_stopped`), whose
-    teardown waited on JAX's shutdown barrier for the stopped process and then aborted (SIGABRT, a C++ trace)."""
+    of a multi-process sweep that ends with an error (`sharding.joined`): another process's end left it unable to
+    finish (`sharding.peer_stopped`), or its own error, which the others did not share. Its teardown waited on
+    JAX's shutdown barrier for the processes still running (about 300 s) and then aborted (SIGABRT, a C++ trace),
+    and so did theirs; ended at once, it is seen gone at the others' next barrier, where they end in one line."""
     status = main()
     sharding = sys.modules.get("tclip_jax.sweep.sharding")  # only a sweep starts jax.distributed
-    if status in (130, 143) or (sharding is not None and sharding.peer_stopped()):
+    if status in (130, 143) or (sharding is not None and (sharding.peer_stopped() or status != 0 and sharding.joined())):
         _end_early(status)
     return status
 
 
 def _end_early(status: int) -> None:
-    """Ends the process with ``status`` (130, 143; 2 where another process of a sweep stopped) at once, in turn with
+    """Ends the process with ``status`` (130, 143; a multi-process sweep's error status) at once, in turn with
     the other processes of a multi-process sweep (`tclip_jax.sweep.sharding.end_in_turn`), after the cleanups of the
     blocks still running (the watchdog's case: `tclip_jax.files.at_early_end`, e.g. a new sweep's folder and lock)."""
     run_early_end_cleanups()

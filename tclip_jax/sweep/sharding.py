@@ -46,6 +46,14 @@ def peer_stopped() -> bool:
     return _peer_stopped.is_set()
 
 
+def joined() -> bool:
+    """Whether this process runs with others (``jax.distributed`` initialized): one that ends with an error must end
+    at once, in turn (`end_in_turn`, os._exit), not through JAX's shutdown barrier, which waits for every process."""
+    from jax._src import distributed  # the client, which jax.distributed does not expose
+
+    return distributed.global_state.client is not None
+
+
 @contextlib.contextmanager
 def _collective() -> Iterator[None]:
     """A collective across the processes; its failure (Gloo's "Connection closed by peer", a task's heartbeat
