@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -57,15 +58,33 @@ def joined() -> bool:
 @contextlib.contextmanager
 def _collective() -> Iterator[None]:
     """A collective across the processes; its failure (Gloo's "Connection closed by peer", a task's heartbeat
-    timeout: a ValueError or JaxRuntimeError) is a `PeerStopped`."""
+    timeout: a ValueError or JaxRuntimeError) is a `PeerStopped`. What it prints on stdout is dropped: Gloo, as it
+    connects the processes (at the first collective), prints "[Gloo] Rank 0 is connected to 1 peer ranks..." there
+    from C++, unasked (no setting turns it off), before the report that stdout holds (stderr holds the command's
+    one line; Gloo's failures come back as the collective's exception)."""
     try:
-        yield
+        with _stdout_dropped():
+            yield
     except Exception as err:
         _peer_stopped.set()
         cause = " ".join(str(err).split())
         raise PeerStopped(f"another process of the sweep stopped ({cause[:200]}{'...' if len(cause) > 200 else ''}), "
                           "so this one cannot finish it; the records written so far are kept: start every process "
                           "again with --resume") from err
+
+
+@contextlib.contextmanager
+def _stdout_dropped() -> Iterator[None]:
+    """While the block runs, what is written to file descriptor 1 is dropped (the sweep prints nothing meanwhile)."""
+    sys.stdout.flush()
+    saved, dropped = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(dropped, 1)
+    os.close(dropped)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def barrier(name: str) -> None:
