@@ -74,7 +74,8 @@ def program() -> int:
     and so did theirs; ended at once, it is seen gone at the others' next barrier, where they end in one line."""
     status = main()
     sharding = sys.modules.get("tclip_jax.sweep.sharding")  # only a sweep starts jax.distributed
-    if status in (130, 143) or (sharding is not None and (sharding.peer_stopped() or status != 0 and sharding.joined())):
+    in_turn = sharding is not None and (sharding.peer_stopped() or status != 0 and sharding.joined())
+    if status in (130, 143) or in_turn:
         _end_early(status)
     return status
 
