@@ -33,9 +33,9 @@ def test_explain_writes_overlays_grid_json_and_npz(tmp_path, fixtures_dir, monke
     assert record["image"]["path"] == str((fixtures_dir / "scene_wide_320x240.png").resolve())  # a rerun's key
     assert record["run"]["method"] == "tclip" and record["run"]["input_protocol"] == "whole"
     assert record["run"]["model"]["origin"].endswith("tiny_openai_clip.npz")
-    software = record["software"]  # the versions it ran under, as the imported modules say them
-    assert (software["jax"], software["numpy"], software["opencv"]) == (jax.__version__, np.__version__,
-                                                                       cv2.__version__)
+    environment = record["environment"]  # the versions it ran under, as the running modules say them; the backend
+    assert (environment["jax"], environment["numpy"], environment["opencv"], environment["backend"]) == (
+        jax.__version__, np.__version__, cv2.__version__, jax.default_backend())
     for word in words:
         assert (folder / word["overlay"]).is_file()
         x1, y1, x2, y2 = word["box_xyxy"]

@@ -1472,12 +1472,11 @@ def test_a_synthetic_sweep_does_not_resume_under_another_opencv(tmp_path, capsys
     assert _report(out)["images"] == 2
 
 
-def test_a_sweep_records_the_software_each_run_ran_under_and_resumes_under_other_versions(tmp_path, monkeypatch):
-    """sweep.json's "software": the versions of each run (as the installed distributions and the imported modules
-    say them), a run under the versions of the one before not listed again; other versions are not refused, and
-    report.md names them. A sweep stored before runs were recorded lists None first."""
-    import importlib.metadata
-
+def test_a_sweep_records_the_environment_of_each_run_that_scored_and_resumes_in_another(tmp_path, monkeypatch):
+    """sweep.json's "environment": library versions (the running modules') and JAX's backend and devices of each run
+    that scored samples, a run in the environment of the one before not listed again, a run that scored nothing (a
+    resume with nothing left) not at all; another environment is not refused, and report.md names them. A sweep
+    stored before runs were recorded lists None first."""
     import cv2
     import jax
     import numpy as np
@@ -1487,28 +1486,31 @@ def test_a_sweep_records_the_software_each_run_ran_under_and_resumes_under_other
     sweep = ("synthetic", "--method", "test_sweep:Painted", "--protocol", "bare_words")
     out = tmp_path / "out"
     assert main(_cli(*sweep, "--limit", "1", "--out", str(out))) == 0
-    (first,) = json.loads((out / "sweep.json").read_text())["software"]
+    (first,) = json.loads((out / "sweep.json").read_text())["environment"]
     assert (first["jax"], first["numpy"], first["opencv"]) == (jax.__version__, np.__version__, cv2.__version__)
-    assert first["tclip_jax"] == importlib.metadata.version("tclip_jax")
-    assert main(_cli(*sweep, "--limit", "2", "--resume", "--out", str(out))) == 0  # the same versions: one entry
-    assert json.loads((out / "sweep.json").read_text())["software"] == [first]
+    devices = jax.local_devices()
+    assert (first["backend"], first["devices"]) == (jax.default_backend(), f"{len(devices)} x {devices[0].device_kind}")
+    assert main(_cli(*sweep, "--limit", "2", "--resume", "--out", str(out))) == 0  # the same environment: one entry
+    assert json.loads((out / "sweep.json").read_text())["environment"] == [first]
     upgraded = {**first, "jax": "99.0"}
     with monkeypatch.context() as patched:
-        patched.setattr(runner, "software_versions", lambda: upgraded)
+        patched.setattr(runner, "run_environment", lambda: upgraded)
+        assert main(_cli(*sweep, "--limit", "2", "--resume", "--out", str(out))) == 0  # nothing left: not listed
+        assert json.loads((out / "sweep.json").read_text())["environment"] == [first]
         assert main(_cli(*sweep, "--limit", "3", "--resume", "--out", str(out))) == 0
-    assert json.loads((out / "sweep.json").read_text())["software"] == [first, upgraded]
+    assert json.loads((out / "sweep.json").read_text())["environment"] == [first, upgraded]
     assert _report(out)["images"] == 3
     report = (out / "report.md").read_text()
     assert f"jax {jax.__version__}" in report and "; then " in report and "jax 99.0" in report
     # Stored before runs were recorded: None stands for those runs.
     config = json.loads((out / "sweep.json").read_text())
-    del config["software"]
+    del config["environment"]
     (out / "sweep.json").write_text(json.dumps(config))
     assert main(_cli(*sweep, "--limit", "4", "--resume", "--out", str(out))) == 0
-    assert json.loads((out / "sweep.json").read_text())["software"] == [None, first]
+    assert json.loads((out / "sweep.json").read_text())["environment"] == [None, first]
     said = ", ".join(f"{name} {first[name]}" for name in sorted(first))
-    assert f"Software, by run (resumed under other versions): not recorded (runs before 2026-12-07); then {said}." in (
-        out / "report.md").read_text()
+    assert ("Environment, by run (a run in the environment of the one before not listed again): not recorded (runs "
+            f"before 2026-12-07); then {said}.") in (out / "report.md").read_text()
 
 
 def test_a_synthetic_sweep_past_the_held_out_seeds_is_refused_up_front(tmp_path, capsys):

@@ -58,7 +58,7 @@ from tclip_jax.model.config import PRESETS
 from tclip_jax.model.tokenizer import PromptCutWarning, TokenizedPrompt, Word, clean_text
 from tclip_jax.methods.settings import MethodSettings
 from tclip_jax.postprocess import Box, GmmFit, heatmap_boxes
-from tclip_jax.versions import software_versions
+from tclip_jax.environment import run_environment
 
 Array = jax.Array
 RESULT_SCHEMA = "tclip_jax/result"
@@ -204,7 +204,7 @@ class ImageResult:
             prompts.append({"prompt": prompt.prompt, "pieces": list(pieces), "words": words,
                             "phrase": map_record(prompt.phrase),
                             "mapped_ends": None if prompt.mapped_ends is None else list(prompt.mapped_ends)})
-        return {"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "run": self.run, "software": software_versions(),
+        return {"schema": RESULT_SCHEMA, "version": RESULT_VERSION, "run": self.run, "environment": run_environment(),
                 "image": {"size_hw": list(self.image.shape[:2])}, "grid": list(self.grid), "prompts": prompts}
 
     def figure(self, prompt: int = 0, kind: str = "heatmap", columns: int = 5):

@@ -27,7 +27,7 @@ from tclip_jax.evaluation.metrics.seed import summarize_seed
 from tclip_jax.sweep.store import read_all_records
 from tclip_jax.synthetic import is_synthetic_dataset
 from tclip_jax.visualize.figures import matmul_note, method_label
-from tclip_jax.versions import versions_line
+from tclip_jax.environment import environment_line
 
 CONFIG_FILE = "sweep.json"
 REPORT_JSON, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
@@ -127,16 +127,18 @@ def markdown(config: dict, summary: dict) -> str:
                       f"{counts(summary)}. Evaluation: {json.dumps(config['evaluation'], sort_keys=True)}. "
                       f"Settings: {json.dumps(run['settings'], sort_keys=True)}; input protocol "
                       f"{run['input_protocol']}. Data: {config.get('source') or config['dataset']}. "
-                      f"{_prompts_and_samples(config)} {_software(config)}", "", *_markdown_body(config, summary)])
+                      f"{_prompts_and_samples(config)} {_environment(config)}", "", *_markdown_body(config, summary)])
 
 
-def _software(config: dict) -> str:
-    """The versions the sweep's runs ran under (sweep.json's "software": `runner._software_runs`), in a sentence."""
-    said = [versions_line(v) if isinstance(v, dict) else "not recorded (runs before 2026-12-07)"
-            for v in config.get("software") or [None]]
+def _environment(config: dict) -> str:
+    """The environments the sweep's runs ran under (sweep.json's "environment": `runner._note_environment`), in a
+    sentence."""
+    said = [environment_line(e) if isinstance(e, dict) else "not recorded (runs before 2026-12-07)"
+            for e in config.get("environment") or [None]]
     if len(said) == 1:
-        return f"Software: {said[0]}."
-    return f"Software, by run (resumed under other versions): {'; then '.join(said)}."
+        return f"Environment: {said[0]}."
+    return (f"Environment, by run (a run in the environment of the one before not listed again): "
+            f"{'; then '.join(said)}.")
 
 
 def _markdown_body(config: dict, summary: dict) -> list[str]:
@@ -331,7 +333,7 @@ def html_report(config: dict, summary: dict, chosen: dict[str, dict], out: pathl
              f"<code>{esc(json.dumps(config['evaluation'], sort_keys=True))}</code>. Settings: "
              f"<code>{esc(json.dumps(run['settings'], sort_keys=True))}</code>; input protocol "
              f"{esc(str(run['input_protocol']))}. Source: {esc(str(config.get('source') or '—'))}. "
-             f"{esc(_prompts_and_samples(config))} {esc(_software(config))} "
+             f"{esc(_prompts_and_samples(config))} {esc(_environment(config))} "
              f"Also: <a href=\"{REPORT_MD}\">{REPORT_MD}</a>, "
              f"<a href=\"{REPORT_JSON}\">{REPORT_JSON}</a>.</p>"]
     parts += _markdown_blocks(_markdown_body(config, summary))  # what report.md says below its description

@@ -21,11 +21,12 @@ Resume: the records already on disk (any process's) name the samples that are do
 those whose report.html picture could not be written, or among --save-vis's first N without their pictures, run
 again for these alone: `UnitGallery`, `UnitPictures`), and a torn last
 line left by a kill is dropped, so nothing is lost or counted twice. ``sweep.json`` holds the
-sweep's configuration; resuming with a different one is an error (the software versions each run ran under are
-recorded there, not compared: `tclip_jax.versions`). The model in it is told by its
-``LoadedClip.fingerprint`` (its config and every weight), not by its origin, the path as typed, nor its source, how
-it was stored (an OpenAI .pt and its `tclip convert` folder are one model); a sweep stored before models had
-fingerprints is told by its origin (and activation), one stored with the first definition's by that definition.
+sweep's configuration; resuming with a different one is an error (the environment each run that scored samples ran
+under, library versions and JAX's backend, is recorded there, not compared: `tclip_jax.environment`). The model in
+it is told by its ``LoadedClip.fingerprint`` (its config and every weight), not by its origin, the path as typed,
+nor its source, how it was stored (an OpenAI .pt and its `tclip convert` folder are one model); a sweep stored
+before models had fingerprints is told by its origin (and activation), one stored with the first definition's by
+that definition.
 
 A new sweep starts only in a new folder or an empty one (sweeps' locks and file browsers' files aside): anything
 else is someone's, which its report and gallery would overwrite. One that stops before its first record leaves the
@@ -79,7 +80,7 @@ from tclip_jax.sweep.store import (LOCKS_GLOB, RESULTS_GLOB, ResultWriter, drop_
                                   results_path)
 from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, UnitPictures
 from tclip_jax.synthetic import DATASET_PREFIX, SYNTHETIC_SCENES, heldout_source, is_synthetic_dataset
-from tclip_jax.versions import software_versions
+from tclip_jax.environment import run_environment
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
 DEFAULT_TEMPLATE = "{}"
@@ -189,7 +190,9 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
             barrier("tclip-sweep-checked")  # nobody writes before every process has checked
             if process == 0:
                 remove_stale_locks(out, processes)
-                _write_json(out / CONFIG_FILE, {**config, "software": _software_runs(out, new_sweep)})
+                # The environments of the runs before (recorded, not compared); this run's, once it scores a sample.
+                before = None if new_sweep else read_config(out).get("environment")
+                _write_json(out / CONFIG_FILE, {**config, **({} if before is None else {"environment": before})})
             for path in files_to_retry(out, process, processes):  # a resumed sweep tries its failed samples again
                 drop_errors(path)
             barrier("tclip-sweep-retry")
@@ -214,6 +217,8 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                     nonlocal scored
                     if entry["key"] in redrawn:  # its record is on disk: run again for its pictures only
                         return
+                    if not scored and "error" not in entry and process == 0:
+                        _note_environment(out, new_sweep)
                     writer.append(entry)
                     scored += "error" not in entry
                     bar.update()
@@ -239,14 +244,18 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
         return SweepResult(write_report(out) if process == 0 else None, rates[0])
 
 
-def _software_runs(out: pathlib.Path, new_sweep: bool) -> list[Optional[dict]]:
-    """sweep.json's "software": the versions (`software_versions`, process 0's) that the runs of the sweep ran under,
-    in order, a run under the same versions as the one before it not listed again; None stands for the runs of a
-    sweep stored before sweeps recorded them."""
-    runs = [] if new_sweep else read_config(out).get("software", [None])
+def _note_environment(out: pathlib.Path, new_sweep: bool) -> None:
+    """Adds this run's environment (`run_environment`, process 0's) to sweep.json's "environment", the environments
+    the runs that scored samples ran under, in order, as process 0 scores its first sample: a run under the
+    environment of the one before it is not listed again, and a run that scores nothing (a resume with nothing left,
+    or that redraws pictures) is not listed. None stands for the runs of a sweep stored before sweeps recorded them
+    (or a list edited into something else)."""
+    config = read_config(out)
+    runs = [] if new_sweep else config.get("environment", [None])
     runs = runs if isinstance(runs, list) else [None]
-    now = software_versions()
-    return runs if runs and runs[-1] == now else [*runs, now]
+    now = run_environment()
+    if not runs or runs[-1] != now:
+        _write_json(out / CONFIG_FILE, {**config, "environment": [*runs, now]})
 
 
 def _write_rates(out: pathlib.Path, process: int, throughput: Throughput) -> None:
@@ -596,7 +605,7 @@ def _config_changes(stored: dict, config: dict, data_folder: Optional[str] = Non
     """{dotted key: (stored, now)} where the sweep configuration `config` is not the sweep `stored` holds
     (`_changed_fields`, after what tells a sweep apart is read from either: weights, not model paths; annotations,
     not the data folder; older sweep.json spellings); `data_folder` as `config`'s source names it."""
-    stored.pop("software", None)  # recorded, not compared (`tclip_jax.versions`)
+    stored.pop("environment", None)  # recorded, not compared (`tclip_jax.environment`)
     fingerprinted = bool(stored.get("data_fingerprint"))  # what tells a moved dataset (below) is the stored one
     if "data_fingerprint" in config:  # a sweep stored before datasets had fingerprints: nothing to check against
         stored.setdefault("data_fingerprint", config["data_fingerprint"])
