@@ -13,6 +13,7 @@ imported (`__version__`: a `pip install -U` without a restart leaves the old one
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 import json
 import platform
@@ -48,8 +49,7 @@ def _versions() -> dict[str, str]:
         versions["tclip_jax"] = distribution.version + (f" (git {commit[:12]})" if isinstance(commit, str) else "")
     except (importlib.metadata.PackageNotFoundError, ValueError):  # run from a source checkout, not installed
         pass
-    if "cv2" not in sys.modules:
-        import cv2  # noqa: F401  (of no one distribution: its module says its version)
+    importlib.import_module("cv2")  # of no one distribution: its module says its version
     for name, (module_name, distribution_name) in _LIBRARIES.items():
         module = sys.modules.get(module_name) if module_name else None
         version = getattr(module, "__version__", None)
