@@ -9,8 +9,9 @@ does) three ways:
 - plain: `fit_histograms(..., squarem_after=inf, max_steps=200000)`, the reference fixed point;
 - default: `fit_histograms` as shipped;
 - capped: plain EM stopped at 5,000 evaluations (the previous default).
-'crawling' maps are those plain EM needs more than `SQUAREM_AFTER` evaluations for; tau differences are in
-units of the map's range. Times: median of `--rounds` rounds, the variants interleaved, one thread.
+'crawling' maps are those plain EM needs more than `SQUAREM_AFTER` evaluations for; tau is taken from each fit
+as the host step takes it (`fit_of_components`: the map's mean where the components do not cross), and tau
+differences are in units of the map's range. Times: median of `--rounds` rounds, the variants interleaved, one thread.
 
     python benchmarks/gmm_crawl.py [--images 6] [--rounds 3] [--no-write]
 """
@@ -29,26 +30,25 @@ from benchmarks._common import (check_output_options, command_line, load_average
                                 markdown_table, photo_like_image, positive_int, run_main, timed_tclip, today, workloads,
                                 write_section)
 
-from tclip_jax.postprocess import gaussian_intersection  # noqa: E402
 from tclip_jax.postprocess import gmm  # noqa: E402
 from tclip_jax.postprocess._blas import SINGLE_THREADED_BLAS  # noqa: E402
+from tclip_jax.postprocess.soft import fit_of_components  # noqa: E402
 
 VARIANTS = {"plain": {"squarem_after": math.inf, "max_steps": 200_000},
             "default": {},
             "capped": {"squarem_after": math.inf, "max_steps": 5_000}}
 
 
-def image_histograms(tclip, encoded, image: np.ndarray) -> gmm.MapHistograms:
-    """Histograms of the image's distinct maps at its size, as the host step builds them."""
+def image_histograms(tclip, encoded, image: np.ndarray) -> tuple[list[np.ndarray], gmm.MapHistograms]:
+    """The image's distinct maps at its size and their histograms, as the host step builds them."""
     maps, _ = tclip.image_maps(image, encoded.queries)
-    return gmm.map_histograms(maps, [float(m.min()) for m in maps], [float(m.max()) for m in maps])
+    return maps, gmm.map_histograms(maps, [float(m.min()) for m in maps], [float(m.max()) for m in maps])
 
 
-def taus(params: gmm.MixtureParams) -> np.ndarray:
-    """tau per map, as the host step takes it from the fitted components (NaN where they do not cross)."""
-    out = [gaussian_intersection(tuple(m), tuple(sd), tuple(w))
-           for m, sd, w in zip(params.means, params.stds, params.weights)]
-    return np.array([np.nan if tau is None else tau for tau in out])
+def taus(params: gmm.MixtureParams, maps) -> np.ndarray:
+    """tau per map, as the host step takes it from the fitted components (`fit_of_components`: the map's mean
+    where they do not cross)."""
+    return np.array([fit_of_components(params, row, values).tau for row, values in enumerate(maps)])
 
 
 def main(argv=None) -> None:
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     encoded = tclip.encode_prompts(list(workloads()["coco80"]))
     rows, totals = [], {name: 0.0 for name in VARIANTS}
     for index in range(args.images):
-        hists = image_histograms(tclip, encoded, photo_like_image(index))
+        maps, hists = image_histograms(tclip, encoded, photo_like_image(index))
         results, times = {}, {name: [] for name in VARIANTS}
         with SINGLE_THREADED_BLAS:
             for _ in range(args.rounds):
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
                     results[name] = gmm.fit_histograms(hists, **options)
                     times[name].append(time.perf_counter() - began)
         span = hists.hi - hists.lo
-        tau = {name: taus(params) for name, params in results.items()}
+        tau = {name: taus(params, maps) for name, params in results.items()}
         plain_steps = results["plain"].steps
         crawling = plain_steps > gmm.SQUAREM_AFTER
         median = {name: float(np.median(t)) for name, t in times.items()}
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
             totals[name] += median[name]
 
         def gap(name):
-            return float(np.nanmax(np.abs(tau[name] - tau["plain"]) / span)) if crawling.any() else 0.0
+            return float(np.max(np.abs(tau[name] - tau["plain"]) / span)) if crawling.any() else 0.0
 
         rows.append([index, len(span), int(crawling.sum()),
                      f"{int(plain_steps[crawling].max()) if crawling.any() else '-'}",

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -369,3 +370,20 @@ def test_a_ctrl_c_ends_a_benchmark_with_one_line_and_status_130():
         process.kill()
     assert process.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines() == ["startup.py: interrupted"] and out == ""
+
+
+def test_gmm_crawl_takes_tau_as_the_host_step_does_where_the_components_do_not_cross():
+    """A fit whose weighted densities do not cross between the means falls back to the map's mean in the host step
+    (`soft.py`); gmm_crawl's tau gap compares those taus, not NaN that np.nanmax would drop."""
+    from benchmarks import gmm_crawl
+    from tclip_jax.postprocess import gmm, gmm_thresholds
+
+    rng = np.random.default_rng(2)
+    maps = [rng.laplace(0.0, 1.0, (60, 60)),  # unimodal: no crossing (as test_postprocess's fallback case)
+            np.concatenate([rng.normal(0.0, 1.0, 2400), rng.normal(5.0, 1.0, 1200)]).reshape(60, 60)]
+    params = gmm.fit_histograms(gmm.map_histograms(maps, [m.min() for m in maps], [m.max() for m in maps]))
+    host = gmm_thresholds(maps)
+    assert [fit.fallback for fit in host] == ["no_root_between_means", None]
+    taus = gmm_crawl.taus(params, maps)
+    assert taus[0] == pytest.approx(maps[0].mean(), abs=1e-12)
+    np.testing.assert_array_equal(taus, [fit.tau for fit in host])

@@ -155,15 +155,21 @@ def _fits(values: Sequence[np.ndarray], stats: Sequence[_MapStats]) -> list[GmmF
                       "evaluations without converging; their tau comes from the last step", RuntimeWarning,
                       stacklevel=3)
     for row, i in enumerate(varying):
-        means = (float(params.means[row, 0]), float(params.means[row, 1]))
-        stds = (float(params.stds[row, 0]), float(params.stds[row, 1]))
-        weights = (float(params.weights[row, 0]), float(params.weights[row, 1]))
-        tau = gaussian_intersection(means, stds, weights)
-        if tau is None:
-            fits[i] = GmmFit(means, stds, weights, float(np.mean(values[i], dtype=np.float64)), "no_root_between_means")
-        else:
-            fits[i] = GmmFit(means, stds, weights, tau, None)
+        fits[i] = fit_of_components(params, row, values[i])
     return fits
+
+
+def fit_of_components(params: _gmm.MixtureParams, row: int, values: np.ndarray) -> GmmFit:
+    """The `GmmFit` of the map ``values`` (not constant) whose mixture is row ``row`` of ``params``: tau where the
+    weighted densities cross between the means, else the map's mean (fallback ``"no_root_between_means"``).
+    The host step's one way of taking tau from a fit; benchmarks/gmm_crawl.py takes it so too."""
+    means = (float(params.means[row, 0]), float(params.means[row, 1]))
+    stds = (float(params.stds[row, 0]), float(params.stds[row, 1]))
+    weights = (float(params.weights[row, 0]), float(params.weights[row, 1]))
+    tau = gaussian_intersection(means, stds, weights)
+    if tau is None:
+        return GmmFit(means, stds, weights, float(np.mean(values, dtype=np.float64)), "no_root_between_means")
+    return GmmFit(means, stds, weights, tau, None)
 
 
 def gmm_thresholds(maps) -> list[GmmFit]:
