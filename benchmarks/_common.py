@@ -64,6 +64,17 @@ def _integer_at_least(text: str, least: int) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type of a time budget: a number of seconds > 0 (one line from argparse otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
+    return value
+
+
 def workloads() -> dict[str, tuple[str, ...]]:
     """"prompt": the one 10-word prompt; "coco80": the 80 COCO class names as 80 prompts."""
     from tclip_jax.evaluation.datasets import COCO_CATEGORIES

@@ -40,8 +40,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # also run as a script
 from benchmarks._common import (PROMPT, RESULTS_PATH, check_output_file, check_output_options,  # noqa: E402
                                 command_line, floor_pass, load_average, machine_description, markdown_table,
-                                median_seconds, positive_int, refuse_part_of_a_table, run_main, timed_tclip, today,
-                                workloads, write_section)
+                                median_seconds, positive_int, positive_seconds, refuse_part_of_a_table, run_main,
+                                timed_tclip, today, workloads, write_section)
 from tclip_jax.checkpoints.load import LoadedClip, load_clip  # noqa: E402
 from tclip_jax.image import to_original  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
@@ -200,9 +200,9 @@ def main(argv=None) -> int:
                         help="batch sizes, >= 1 (default: %(default)s; leaving one out needs --no-write)")
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--explain-images", type=positive_int, default=8, help="images of the explain rows, >= 1")
-    parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="configurations not started within this many seconds are reported as skipped "
-                             "(batch 8 first, then 32, then 1)")
+    parser.add_argument("--budget-s", type=positive_seconds, default=420.0,
+                        help="configurations not started within this many seconds (> 0) are reported as skipped "
+                             "(batch 8 first, then 32, then 1); a run that measures none writes nothing")
     parser.add_argument("--results", type=pathlib.Path, default=RESULTS_PATH)
     parser.add_argument("--json", type=pathlib.Path,
                         help="also write the raw rows here (with --smoke, --no-write or --embedded-dtypes too)")
@@ -248,6 +248,10 @@ def main(argv=None) -> int:
     rows = profile(plan, configs, images, deadline)
     text = report(rows, plan, machine_description(), (load_before, load_average()), time.perf_counter() - started)
     print(text)
+    if not any(r.get("skipped") is False for r in rows):
+        print(f"{parser.prog}: no configuration started within --budget-s {args.budget_s:g}; nothing written",
+              file=sys.stderr)
+        return 1
     if args.json:
         write_text_atomic(args.json, json.dumps(rows, indent=1))
     if args.smoke:

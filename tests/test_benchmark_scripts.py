@@ -35,6 +35,9 @@ def test_counts_are_integers_of_at_least_one():
     (["benchmarks/speed.py", "--threads", "-1"], "argument --threads: expected an integer >= 1, got -1"),
     (["benchmarks/gpu_profile.py", "--batches", "8", "0"], "argument --batches: expected an integer >= 1, got 0"),
     (["benchmarks/gpu_profile.py", "--explain-images", "0"], "argument --explain-images: expected an integer >= 1"),
+    (["benchmarks/gpu_profile.py", "--budget-s", "0"], "argument --budget-s: expected a number of seconds > 0, got 0"),
+    (["benchmarks/gpu_profile.py", "--budget-s", "nan"],
+     "argument --budget-s: expected a number of seconds > 0, got nan"),
     (["benchmarks/memory.py", "--measure", "0"], "argument --measure: expected an integer >= 1, got 0"),
     (["benchmarks/speed.py", "--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
     (["benchmarks/memory.py", "--prompts", "1", "1000"],
@@ -336,6 +339,27 @@ def test_a_gpu_profile_smoke_run_writes_no_results_but_its_json(tmp_path, monkey
         assert gpu_profile.main(["--smoke", *options, "--results", str(results), "--json", str(rows)]) == 0
         assert results.read_text() == "# Results\n\n<!-- dtype-maps:start -->\nold\n<!-- dtype-maps:end -->\n"
         assert json.loads(rows.read_text())[-1]["bf16_boxes_equal"] == "1/1"
+
+
+def test_a_gpu_profile_run_that_measured_no_configuration_writes_nothing(tmp_path, monkeypatch, capsys):
+    """A budget spent before the first configuration leaves the results file's section (and --json) as they were:
+    a table of rows all 'skipped (time budget)' would replace measured ones. The profile is stubbed."""
+    from benchmarks import gpu_profile
+
+    monkeypatch.setattr(gpu_profile, "jax", argparse.Namespace(devices=lambda: [argparse.Namespace(platform="gpu")]))
+    monkeypatch.setattr(gpu_profile, "make_scene", lambda seed, hw: argparse.Namespace(image=None))
+    monkeypatch.setattr(gpu_profile, "profile", lambda plan, configs, images, deadline: [
+        {"model": m, "dtype": "float32", "workload": "w", "batch": b, "skipped": True}
+        for m in plan.models for b in plan.batches])
+    monkeypatch.setattr(gpu_profile, "machine_description", lambda: "a machine")
+    monkeypatch.setattr(sys, "argv", ["gpu_profile.py"])
+    results, rows = tmp_path / "RESULTS.md", tmp_path / "rows.json"
+    before = "# Results\n\n<!-- gpu-profile:start -->\nthe measured table\n<!-- gpu-profile:end -->\n"
+    results.write_text(before)
+    assert gpu_profile.main(["--budget-s", "1e-9", "--results", str(results), "--json", str(rows)]) == 1
+    assert results.read_text() == before and not rows.exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "gpu_profile.py: no configuration started within --budget-s 1e-09; nothing written"]
 
 
 def test_a_bar_inside_a_table_cell_is_escaped():
