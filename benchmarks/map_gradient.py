@@ -23,6 +23,15 @@ from benchmarks._common import (check_output_options, command_line, interleaved_
                                 refuse_part_of_a_table, run_main, today, write_section)
 
 SIZES = (112, 224)  # the table's rows: map sides in pixels
+PATCH = 32  # the translations' patch: a map of side s has a grid of s // PATCH patches a side
+
+
+def map_side(text: str) -> int:
+    """argparse type of --sizes: a map side in pixels of at least one patch (one line from argparse otherwise)."""
+    side = positive_int(text)
+    if side < PATCH:
+        raise argparse.ArgumentTypeError(f"expected a map side of at least one patch ({PATCH} pixels), got {side}")
+    return side
 
 
 def first_call(fn) -> tuple[float, np.ndarray]:
@@ -38,7 +47,7 @@ def row(size: int, rounds: int) -> list[object]:
     from tclip_jax.methods.tclip.translations import (shift_back_operators, sorted_trimmed_mean, translation_offsets,
                                                       trimmed_mean)
 
-    _, _, valid = shift_back_operators(translation_offsets(32), (size // 32, size // 32), (size, size))
+    _, _, valid = shift_back_operators(translation_offsets(PATCH), (size // PATCH, size // PATCH), (size, size))
     count = valid.sum(axis=0, dtype=np.int32)
     cut = np.floor(0.2 * count).astype(np.int32)
     values = jax.random.normal(jax.random.PRNGKey(0), valid.shape)
@@ -62,9 +71,9 @@ def row(size: int, rounds: int) -> list[object]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=positive_int, nargs="+", default=list(SIZES),
-                        help="map sides in pixels, one row each (default: %(default)s; leaving one out needs "
-                             "--no-write)")
+    parser.add_argument("--sizes", type=map_side, nargs="+", default=list(SIZES),
+                        help=f"map sides in pixels, >= {PATCH} (one patch), one row each (default: %(default)s; "
+                             "leaving one out needs --no-write)")
     parser.add_argument("--rounds", type=positive_int, default=3, help="timed rounds after the first calls")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
     args = parser.parse_args(argv)

@@ -38,6 +38,8 @@ def test_counts_are_integers_of_at_least_one():
     (["benchmarks/gpu_profile.py", "--budget-s", "0"], "argument --budget-s: expected a number of seconds > 0, got 0"),
     (["benchmarks/gpu_profile.py", "--budget-s", "nan"],
      "argument --budget-s: expected a number of seconds > 0, got nan"),
+    (["benchmarks/map_gradient.py", "--sizes", "16"],
+     "argument --sizes: expected a map side of at least one patch (32 pixels), got 16"),
     (["benchmarks/memory.py", "--measure", "0"], "argument --measure: expected an integer >= 1, got 0"),
     (["benchmarks/speed.py", "--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
     (["benchmarks/memory.py", "--prompts", "1", "1000"],
