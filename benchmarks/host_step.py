@@ -329,14 +329,16 @@ def _jsonable(value):
     raise TypeError(type(value))
 
 
-def report(timing: dict, fidelity: dict, args, machine: str, runs: list[dict], cpu: int) -> str:
-    lines = ["## Host step per map: soft map (GMM, floor, blur) and box, old vs new; tau fidelity", "",
-             f"- machine: {machine}"]
+def report(timing: dict, fidelity: dict, runs: list[dict]) -> str:
+    """The section: each run (of this process, or of --state's earlier ones) with its own machine and CPUs."""
+    lines = ["## Host step per map: soft map (GMM, floor, blur) and box, old vs new; tau fidelity", ""]
     for r in runs:
         parts = ([f"timing {', '.join(r['timing'])}"] if r["timing"] else []) + \
                 ([f"fidelity {', '.join(r['fidelity'])}"] if r["fidelity"] else [])
-        lines.append(f"- {r['date']}: `{r['command']}` ({'; '.join(parts)}); load average (1/5/15 min) before "
-                     f"{r['load_before']}, after {r['load_after']}; {r['minutes']:.0f} min")
+        where = (f"machine: {r['machine']}; {r['cpus']} CPUs allowed to the process" if "machine" in r
+                 else "machine not recorded")
+        lines.append(f"- {r['date']}: `{r['command']}` ({'; '.join(parts)}); {where}; load average (1/5/15 min) "
+                     f"before {r['load_before']}, after {r['load_after']}; {r['minutes']:.0f} min")
     lines += ["- single core: pinned to one CPU (sched_setaffinity), cv2.setNumThreads(1), BLAS/OpenMP 1 thread "
               "(threadpoolctl)", ""]
     if timing:
@@ -348,7 +350,7 @@ def report(timing: dict, fidelity: dict, args, machine: str, runs: list[dict], c
                   "New: `soft_maps_and_boxes` on all maps of an image. Targets: <= 3 ms at 640x480, "
                   "<= 10 ms at 1920x1080.", "",
                   markdown_table(["size", "images / maps", "old ms/map (CPU)", "new ms/map (CPU)", "speed-up (wall)",
-                                  f"new, 2 threads over images ({len(ALL_CPUS)} CPUs)", "first image of a new size"],
+                                  "new, 2 threads over images", "first image of a new size"],
                                  [[name, f"{t['images']} / {t['maps']}",
                                    f"{t['old']['wall'] * 1e3:.1f} ({t['old']['wall_min'] * 1e3:.1f}) "
                                    f"[CPU {t['old']['cpu'] * 1e3:.1f}]",
@@ -495,7 +497,7 @@ def main(argv=None) -> None:
     if args.cpu is not None and args.cpu not in ALL_CPUS:  # refused now, not by sched_setaffinity after loading
         parser.error(f"--cpu {args.cpu}: this process may run on CPUs {', '.join(map(str, sorted(ALL_CPUS)))} only")
     if report_only:
-        text = report(state["timing"], state["fidelity"], args, machine_description(), state["runs"], -1)
+        text = report(state["timing"], state["fidelity"], state["runs"])
         print(text)
         if not args.no_write:
             write_section("host-step", text, args.results)
@@ -525,7 +527,8 @@ def main(argv=None) -> None:
                 print(f"{name}: {f['maps']} maps, max |new - ref| {f['new']['max']:.1e}, "
                       f"max |old - ref| {f['old']['max']:.1e}, soft map max {f['soft_new']['max']:.1e}", flush=True)
     runs = [{"date": today(), "command": command_line(), "load_before": load_before, "load_after": load_average(),
-             "minutes": (time.time() - started) / 60, "timing": sorted(timing), "fidelity": sorted(fidelity)}]
+             "minutes": (time.time() - started) / 60, "timing": sorted(timing), "fidelity": sorted(fidelity),
+             "machine": machine, "cpus": len(ALL_CPUS)}]
     if state is not None:
         state["timing"].update(timing)
         state["fidelity"].update(fidelity)
@@ -534,7 +537,7 @@ def main(argv=None) -> None:
         state["runs"] += [r for r in runs if r["timing"] or r["fidelity"]]
         write_text_atomic(args.state, json.dumps(state, indent=1, default=_jsonable))
         timing, fidelity, runs = state["timing"], state["fidelity"], state["runs"]
-    text = report(timing, fidelity, args, machine, runs, cpu)
+    text = report(timing, fidelity, runs)
     print(text)
     if not args.no_write:
         write_section("host-step", text, args.results)

@@ -322,6 +322,36 @@ def test_host_step_leaves_out_the_fidelity_of_a_size_given_0_maps(monkeypatch, c
         "--fidelity-maps 0 at its --sizes) needs an existing --state file")
 
 
+def test_host_step_reports_each_run_of_its_state_with_the_machine_it_ran_on(tmp_path, monkeypatch, capsys):
+    """--state keeps runs of other machines: each run's line names its own machine and CPU count (an entry written
+    before runs recorded them says so), not the machine that writes the report. Model and comparison stubbed."""
+    import tclip_jax
+    from benchmarks import host_step
+
+    compared = {"span": 1.0, "fallback": None, "input_res": None, **dict.fromkeys(
+        ("new", "old", "default", "old_vs_default", "soft_new", "soft_blur", "soft_tau", "soft_old"), 0.0)}
+    monkeypatch.setattr(host_step, "fidelity_size", lambda *_, **__: host_step.summarise([compared]))
+    monkeypatch.setattr(tclip_jax.TCLIP, "from_pretrained", lambda: None)
+    monkeypatch.setattr(host_step.os, "sched_setaffinity", lambda pid, cpus: None)  # this process stays unpinned
+    monkeypatch.setattr(host_step.cv2, "setNumThreads", lambda threads: None)
+    monkeypatch.setattr(host_step, "ALL_CPUS", {0, 1, 2})
+    monkeypatch.setattr(sys, "argv", ["host_step.py"])  # argparse's program name
+    state = tmp_path / "state.json"
+    for machine, maps in (("machine A", ["2", "0", "0"]), ("machine B", ["0", "0", "1"])):
+        monkeypatch.setattr(host_step, "machine_description", lambda machine=machine: machine)
+        host_step.main(["--skip-timing", "--fidelity-maps", *maps, "--state", str(state), "--no-write"])
+    saved = json.loads(state.read_text())
+    del saved["runs"][0]["machine"], saved["runs"][0]["cpus"]  # as written before runs recorded them
+    state.write_text(json.dumps(saved))
+    capsys.readouterr()
+    monkeypatch.setattr(host_step, "machine_description", lambda: "machine C")
+    host_step.main(["--skip-timing", "--skip-fidelity", "--state", str(state), "--no-write"])
+    printed = capsys.readouterr().out
+    runs = [line for line in printed.splitlines() if line.startswith("- 2")]
+    assert len(runs) == 2 and "machine not recorded" in runs[0] and "machine A" not in printed
+    assert "machine: machine B; 3 CPUs allowed to the process" in runs[1] and "machine C" not in printed
+
+
 def test_a_gpu_profile_smoke_run_writes_no_results_but_its_json(tmp_path, monkeypatch):
     """--smoke writes nothing to the results file, with --embedded-dtypes too; --json is written in both. The
     measurements are replaced by rows of the shape they return."""
