@@ -443,3 +443,9 @@ def test_gmm_crawl_takes_tau_as_the_host_step_does_where_the_components_do_not_c
     taus = gmm_crawl.taus(params, maps)
     assert taus[0] == pytest.approx(maps[0].mean(), abs=1e-12)
     np.testing.assert_array_equal(taus, [fit.tau for fit in host])
+
+
+def test_the_readme_names_every_benchmark_script():
+    section = (ROOT / "README.md").read_text().split("\n## Benchmarks\n", 1)[1].split("\n## ", 1)[0]
+    scripts = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+    assert [name for name in scripts if f"`{name}`" not in section] == []
