@@ -62,13 +62,13 @@ def main() -> None:
             rows.append(method_row(name, method_class, clip, image, args.repeats))
             print(rows[-1], flush=True)
     table = markdown_table(COLUMNS, rows)
-    print(table)
+    body = (f"## Methods: time per image and prompt (CPU, ViT-B/32 size, maps on the device)\n\n"
+            f"Machine: {machine_description()}\n\nDate: {today()}; load average before the run: {load}\n\n"
+            f"Command: `{command_line()}` (median of {args.repeats} after a warm-up; a 640x480 image, "
+            f"{len(PROMPTS)} prompts; device maps only, host post-processing excluded; T = prompts)\n\n{table}\n")
+    print(body)  # as the other scripts: the whole section, written or not
     if not args.no_write:
-        write_section("baselines", f"## Methods: time per image and prompt (CPU, ViT-B/32 size, maps on the device)\n\n"
-                      f"Machine: {machine_description()}\n\nDate: {today()}; load average before the run: {load}\n\n"
-                      f"Command: `{command_line()}` (median of {args.repeats} after a warm-up; a 640x480 image, "
-                      f"{len(PROMPTS)} prompts; device maps only, host post-processing excluded; T = prompts)\n\n"
-                      f"{table}\n")
+        write_section("baselines", body)
 
 
 if __name__ == "__main__":

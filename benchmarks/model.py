@@ -84,12 +84,13 @@ def main(argv=None) -> None:
                      f"PyTorch {theirs * 1e3:.0f} ms (PyTorch/JAX {theirs / ours:.2f}; max abs diff {error:.1e})"))
 
     table = markdown_table(("what", "tclip_jax", "reference"), rows)
-    print(table)
+    body = (f"## Model: conversion and ViT-B/32 image forward (CPU)\n\n"
+            f"Machine: {machine_description()}\n\nDate: {today()}; load average before the run: {load}\n\n"
+            f"Command: `{command_line()}` (median of {args.repeats} rounds, JAX and PyTorch in turn, "
+            f"after a warm-up call)\n\n{table}\n")
+    print(body)  # as the other scripts: the whole section, written or not
     if not args.no_write:
-        write_section("model", f"## Model: conversion and ViT-B/32 image forward (CPU)\n\n"
-                      f"Machine: {machine_description()}\n\nDate: {today()}; load average before the run: {load}\n\n"
-                      f"Command: `{command_line()}` (median of {args.repeats} rounds, JAX and PyTorch in turn, "
-                      f"after a warm-up call)\n\n{table}\n")
+        write_section("model", body)
 
 
 if __name__ == "__main__":

@@ -352,6 +352,25 @@ def test_host_step_reports_each_run_of_its_state_with_the_machine_it_ran_on(tmp_
     assert "machine: machine B; 3 CPUs allowed to the process" in runs[1] and "machine C" not in printed
 
 
+def test_baselines_prints_its_section_header_with_no_write_too(monkeypatch, capsys):
+    """--no-write prints the whole section (machine, date, load, command), as every script does. The model and the
+    methods' rows are stubbed."""
+    from benchmarks import baselines
+
+    monkeypatch.setattr(baselines, "init_params", lambda config: None)
+    monkeypatch.setattr(baselines, "save_checkpoint", lambda folder, params, config: folder)
+    monkeypatch.setattr(baselines, "load_clip", lambda folder: None)
+    monkeypatch.setattr(baselines, "METHODS", {"m": None})
+    monkeypatch.setattr(baselines, "method_row", lambda name, *_: (name, 1, 0, "1.00", "0.20"))
+    monkeypatch.setattr(baselines, "machine_description", lambda: "a machine")
+    monkeypatch.setattr(baselines, "write_section", lambda *_: pytest.fail("--no-write wrote the section"))
+    monkeypatch.setattr(sys, "argv", ["baselines.py", "--no-write", "--repeats", "1"])
+    baselines.main()
+    printed = capsys.readouterr().out
+    assert "Machine: a machine" in printed and "load average before the run: " in printed
+    assert "Command: `" in printed and "--no-write --repeats 1` (median of 1" in printed and "| m | 1 | 0 |" in printed
+
+
 def test_a_gpu_profile_smoke_run_writes_no_results_but_its_json(tmp_path, monkeypatch):
     """--smoke writes nothing to the results file, with --embedded-dtypes too; --json is written in both. The
     measurements are replaced by rows of the shape they return."""
