@@ -458,20 +458,28 @@ def earlier_state(parser: argparse.ArgumentParser, path: pathlib.Path | None, re
     return state
 
 
+FULL = {"timing_images": 4, "rounds": 7, "fidelity_maps": (240, 120, 40)}  # the defaults of the counts
+QUICK = {"timing_images": 2, "rounds": 3, "fidelity_maps": (12, 8, 4)}   # and those of --quick
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=list(SIZES),
                         help="default: all (a subset, like --skip-timing or --skip-fidelity, needs --state or "
                              "--no-write)")
-    parser.add_argument("--timing-images", type=positive_int, default=4, help="held-out scenes timed per size")
-    parser.add_argument("--rounds", type=positive_int, default=7)
-    parser.add_argument("--fidelity-maps", type=non_negative_int, nargs=3, default=(240, 120, 40),
-                        metavar=("S224", "S640", "S1920"),
+    parser.add_argument("--timing-images", type=positive_int,
+                        help=f"held-out scenes timed per size (default {FULL['timing_images']}, "
+                             f"{QUICK['timing_images']} with --quick)")
+    parser.add_argument("--rounds", type=positive_int,
+                        help=f"default {FULL['rounds']}, {QUICK['rounds']} with --quick")
+    parser.add_argument("--fidelity-maps", type=non_negative_int, nargs=3, metavar=("S224", "S640", "S1920"),
                         help="maps compared with scikit-learn per size (224x224, 640x480, 1920x1080); 0 leaves "
-                             "that size's fidelity out")
+                             f"that size's fidelity out (default {' '.join(map(str, FULL['fidelity_maps']))}, "
+                             f"{' '.join(map(str, QUICK['fidelity_maps']))} with --quick)")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-fidelity", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="2 images, 3 rounds, 12/8/4 fidelity maps")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller defaults of --timing-images, --rounds and --fidelity-maps (those given win)")
     parser.add_argument("--cpu", type=int, help="CPU to pin to (default: the last one allowed)")
     parser.add_argument("--results", type=pathlib.Path, default=RESULTS_PATH)
     parser.add_argument("--state", type=pathlib.Path,
@@ -479,8 +487,9 @@ def main(argv=None) -> None:
                              "covers both (e.g. fidelity once, timing again at a quieter hour)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.timing_images, args.rounds, args.fidelity_maps = 2, 3, (12, 8, 4)
+    for key, value in (QUICK if args.quick else FULL).items():  # flags given explicitly win over --quick
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     check_output_options(parser, "host-step", args.results, write=not args.no_write)
     fidelity_counts = dict(zip(SIZES, args.fidelity_maps))
     timed = set() if args.skip_timing else set(args.sizes)

@@ -322,6 +322,26 @@ def test_host_step_leaves_out_the_fidelity_of_a_size_given_0_maps(monkeypatch, c
         "--fidelity-maps 0 at its --sizes) needs an existing --state file")
 
 
+def test_host_step_counts_given_explicitly_win_over_quick(monkeypatch, capsys):
+    """--quick sets the counts not given; --fidelity-maps given beside it is what runs. The comparison is stubbed."""
+    import tclip_jax
+    from benchmarks import host_step
+
+    asked = []
+    compared = {"span": 1.0, "fallback": None, "input_res": None, **dict.fromkeys(
+        ("new", "old", "default", "old_vs_default", "soft_new", "soft_blur", "soft_tau", "soft_old"), 0.0)}
+    monkeypatch.setattr(host_step, "fidelity_size", lambda explainer, size_hw, maps, offset: asked.append(
+        (size_hw, maps)) or host_step.summarise([compared]))
+    monkeypatch.setattr(tclip_jax.TCLIP, "from_pretrained", lambda: None)
+    monkeypatch.setattr(host_step, "machine_description", lambda: "a machine")
+    monkeypatch.setattr(host_step.os, "sched_setaffinity", lambda pid, cpus: None)  # this process stays unpinned
+    monkeypatch.setattr(host_step.cv2, "setNumThreads", lambda threads: None)
+    monkeypatch.setattr(sys, "argv", ["host_step.py"])  # argparse's program name
+    host_step.main(["--quick", "--skip-timing", "--fidelity-maps", "2", "0", "1", "--no-write"])
+    host_step.main(["--quick", "--skip-timing", "--sizes", "640x480", "--no-write"])
+    assert asked == [(host_step.SIZES["224x224"], 2), (host_step.SIZES["1920x1080"], 1), (host_step.SIZES["640x480"], 8)]
+
+
 def test_host_step_reports_each_run_of_its_state_with_the_machine_it_ran_on(tmp_path, monkeypatch, capsys):
     """--state keeps runs of other machines: each run's line names its own machine and CPU count (an entry written
     before runs recorded them says so), not the machine that writes the report. Model and comparison stubbed."""
