@@ -467,6 +467,18 @@ def test_resume_compares_the_images_contents_not_only_their_names_and_sizes(clip
         train(clip, file_pairs(data), tmp_path / "run", settings, resume=True, progress=False)
 
 
+def test_a_checkpoint_of_in_memory_pairs_resumed_on_files_is_of_another_run_not_older(clip, data_dir, tmp_path):
+    """A run on pairs without files records no images' contents; resumed on a folder of images it was refused as
+    written by an older tclip_jax that compared the images by name and size alone. It is a current checkpoint of
+    another run: what differs is said, as for any other run."""
+    settings = TrainSettings(epochs=1, batch_size=2, learning_rate=1e-2)
+    train(clip, in_memory_pairs(), tmp_path / "run", settings, progress=False)
+    recorded = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["pairs"]
+    with pytest.raises(ValueError, match=r"^--resume: the checkpoint in \S+checkpoint is of another run: pairs ") as e:
+        train(clip, file_pairs(data_dir), tmp_path / "run", settings.replace(epochs=2), resume=True, progress=False)
+    assert f"{recorded['fingerprint']!r}" in str(e.value) and "older" not in str(e.value)
+
+
 def test_an_image_damaged_past_its_header_is_named_by_its_line_and_a_tsv_list_is_read_as_the_folders(
         clip, data_dir, tmp_path):
     """An image cut short after its header passes the up-front check and fails only when decoded: it was reported

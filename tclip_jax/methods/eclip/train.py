@@ -526,7 +526,7 @@ def load_checkpoint(folder: pathlib.Path, run: dict, projections: Projections,
     checkpoint of the same run; `projections` and `opt_state`, fresh ones, give the shapes and dtypes its arrays
     must have. Any difference of model, data or settings but the number of epochs is an error (`_compared`; the
     images' contents, known only once they are read, are the caller's to compare), and so is a checkpoint whose
-    record cannot tell them (`_older`)."""
+    record cannot tell them (`_older`; one without the contents' digest only where nothing else differs)."""
     def damaged(why: str) -> ValueError:
         return ValueError(f"--resume: the checkpoint in {folder} is damaged ({why}); train afresh in another --out")
 
@@ -556,15 +556,17 @@ def load_checkpoint(folder: pathlib.Path, run: dict, projections: Projections,
                                     "whole")):
         if isinstance(state.get(key), dict) and is_v1_fingerprint(state[key].get("fingerprint")):
             raise _older(folder, what)
-    recorded = state.get("pairs") if isinstance(state.get("pairs"), dict) else {}
-    if "contents" in run["pairs"] and not isinstance(recorded.get("contents"), str):
-        raise _older(folder, "record compared the images by name and size alone")
     ours, theirs = _compared(run), _compared({k: state.get(k) for k in run})
     changed = [f"{k} {theirs[k]!r} there, {ours[k]!r} here" + (
         " (it was written before an epoch's last batch of a single pair was left out, and stepped on it)"
         if k == "one_pair_batch" and theirs[k] is None else "") for k in ours if ours[k] != theirs[k]]
     if changed:
         raise ValueError(f"--resume: the checkpoint in {folder} is of another run: {'; '.join(changed)}")
+    # A record without the images' contents is older only where all else is the same: one of another run (a run on
+    # synthetic or in-memory pairs records none either) was refused above, for what differs.
+    recorded = state["pairs"]
+    if "contents" in run["pairs"] and not isinstance(recorded.get("contents"), str):
+        raise _older(folder, "record compared the images by name and size alone")
     leaves = [loaded[f"optimizer/{i}"] for i in range(len(expected) - len(projections))]
     return ({k: loaded[f"projections/{k}"] for k in projections},
             jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(opt_state), leaves), epoch, step,
