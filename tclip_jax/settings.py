@@ -196,7 +196,8 @@ class Options:
 
     @classmethod
     def from_dict(cls: type[T], values: Mapping[str, Any]) -> T:
-        """The settings with `values` in place of the defaults; unknown names are an error."""
+        """The settings with `values` in place of the defaults; unknown names are an error. Lists (JSON's, `to_dict`'s)
+        are tuples again where the field's annotation or default says so (`_tuples_again`)."""
         if not isinstance(values, Mapping):
             raise ValueError(f"{cls.__name__} settings must be a mapping, got {type(values).__name__}")
         unknown = sorted(set(values) - set(cls.field_names()))
@@ -205,10 +206,7 @@ class Options:
             raise ValueError(f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
                              f"{guess}; {cls._valid_names()}")
         fields, hints = {f.name: f for f in dataclasses.fields(cls)}, _field_types(cls)
-        # JSON has no tuples: a list is a tuple setting's (its default's type or its annotation's, Optional or not).
-        tuples = {k for k in values if isinstance(fields[k].default, tuple)
-                  or typing.get_origin(_without_none(hints.get(k))[1]) is tuple}
-        return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()})
+        return cls(**{k: _tuples_again(v, hints.get(k), fields[k].default) for k, v in values.items()})
 
     def replace(self: T, **changes: Any) -> T:
         return type(self).from_dict({**self.to_dict(), **changes})
@@ -283,6 +281,27 @@ def _without_none(hint: Any) -> tuple[bool, Any]:
         return False, hint
     rest = [arg for arg in typing.get_args(hint) if arg is not type(None)]
     return True, rest[0] if len(rest) == 1 else None
+
+
+def _tuples_again(value: Any, hint: Any, default: Any = None) -> Any:
+    """`value` as read back from JSON, which has no tuples (`to_dict`; `replace` too): the lists the annotation
+    `hint` says are tuples made tuples again, at every depth it names (tuple[X, ...], a fixed tuple[X, Y], each item
+    as its type says; Optional[X] / X | None as X). Where it names none (no annotation, a bare `tuple`, a union,
+    Sequence[X]), a list is a tuple where the default is one or the annotation a bare `tuple`, and so is every list
+    inside it. A value of another shape is left as it is, for the class's checks to refuse."""
+    optional, hint = _without_none(hint)
+    if value is None and optional:
+        return value
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_tuples_again(item, args[0]) for item in value)
+        if len(args) == len(value):
+            return tuple(_tuples_again(item, arg) for item, arg in zip(value, args))
+        return tuple(value)
+    if isinstance(value, list) and (hint is tuple or isinstance(default, tuple)):
+        return tuple(_tuples_again(item, None, ()) for item in value)
+    return value
 
 
 _READERS: dict[type, Callable[[str], Any]] = {bool: parse_bool, int: int, float: float, str: str}

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import shutil
+from typing import Optional
 
 import cv2
 import jax
@@ -903,6 +904,31 @@ def test_a_methods_settings_are_read_from_text_as_their_annotations_say(tmp_path
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "give setting(..., parse=...)" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) in (["layer_sim.py"], ["__pycache__", "layer_sim.py"])
+
+
+def test_tuple_settings_inside_tuples_are_read_back_as_made():
+    """from_dict made only a setting's outer list a tuple again: `boxes: tuple[tuple[int, ...], ...]` read back from
+    JSON or through `replace()` held lists, unequal to the settings made and unhashable. The annotation says which
+    lists are tuples, at every depth (fixed tuples and Optional ones too); lists it names stay lists."""
+    from tclip_jax.settings import Options, parse_tuple, setting
+
+    def read_boxes(text):
+        return tuple(parse_tuple(int)(part) for part in text.split(";"))
+
+    @dataclasses.dataclass(frozen=True)
+    class Nested(Options):
+        boxes: tuple[tuple[int, ...], ...] = setting(((1, 2),), "boxes", parse=read_boxes)
+        pair: Optional[tuple[float, tuple[int, int]]] = setting(None, "a fixed tuple inside an Optional", parse=str)
+        size: tuple[int, int] = setting((2, 3), "fixed", parse=parse_tuple(int))
+        listed: tuple[list[int], ...] = setting(([1],), "lists stay lists", parse=str)
+
+    made = Nested(boxes=((1, 2), (3,)), pair=(0.5, (1, 2)), size=(4, 5))
+    back = Nested.from_dict(json.loads(json.dumps(made.to_dict())))
+    assert back == made and isinstance(back.boxes[1], tuple) and isinstance(back.pair[1], tuple)
+    assert back.listed == ([1],) and isinstance(back.listed, tuple) and isinstance(back.listed[0], list)
+    hashable = dataclasses.replace(made, listed=())
+    assert hashable.replace(size=(4, 5)) == hashable and hash(hashable.replace(size=[4, 5])) == hash(hashable)
+    assert hashable.replace(boxes=[[1, 2], [3]]) == hashable
 
 
 def _parse_error(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:
