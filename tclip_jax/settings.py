@@ -2,8 +2,9 @@
 
 A settings class is a frozen dataclass deriving from `Options` whose fields are declared with `setting(...)`: a
 default, a help text, and how a string becomes a value (`parse`; without one, as the field's annotation says: bool,
-int, float, str, Optional[X], tuple[X, ...], else as its default's type; a field of any other type, a bare `tuple`
-or a class of the user's, must give `parse`, or its class is refused when first used). A plain field, `steps: int =
+int, float, str, Optional[X], tuple[X, ...], tuple[X, X] (that many), else as its default's type; a field of any other
+type, a bare `tuple`, a tuple of mixed types or a class of the user's, must give `parse`, or its class is refused
+when first used). A plain field, `steps: int =
 900`, is one without a flag. From that one declaration it registers its flags on an argparse parser
 (`add_arguments`, where a command calls it: `tclip explain` and `tclip sweep` register TCLIP's settings as flags,
 and every other method's settings are their `--option KEY=VALUE`), reads them back (`given_arguments`, only the
@@ -66,9 +67,15 @@ def parse_optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return lambda text: None if text.strip().lower() == "none" else parse(text)
 
 
-def parse_tuple(parse: Callable[[str], Any]) -> Callable[[str], tuple]:
-    """Comma-separated values, each read by `parse`; empty parts are skipped (so "" is the empty tuple)."""
-    return lambda text: tuple(parse(part) for part in text.split(",") if part.strip())
+def parse_tuple(parse: Callable[[str], Any], length: Optional[int] = None) -> Callable[[str], tuple]:
+    """Comma-separated values, each read by `parse`; empty parts are skipped (so "" is the empty tuple). `length`:
+    exactly that many values (a fixed-length tuple[X, X]), else ValueError naming it."""
+    def read(text: str) -> tuple:
+        values = tuple(parse(part) for part in text.split(",") if part.strip())
+        if length is not None and len(values) != length:
+            raise ValueError(f"expected {length} comma-separated values, got {len(values)} in {text!r}")
+        return values
+    return read
 
 
 parse_float_tuple = parse_tuple(float)
@@ -310,7 +317,8 @@ _READERS: dict[type, Callable[[str], Any]] = {bool: parse_bool, int: int, float:
 def _reader_of(hint: Any) -> Optional[Callable[[str], Any]]:
     """How text becomes a value of the type `hint` names, as the package's own settings read it where they say so
     (`parse=`): bool, int, float and str; Optional[X] as `parse_optional`, tuple[X, ...] as `parse_tuple` of X's
-    reader; a Literal of one type as that type. None where the hint names none (a bare `tuple`, another class)."""
+    reader, a fixed tuple[X, X] as that of exactly its length; a Literal of one type as that type. None where the
+    hint names none (a bare `tuple`, a tuple of mixed types, another class)."""
     if hint in _READERS:
         return _READERS[hint]
     optional, rest = _without_none(hint)
@@ -321,6 +329,9 @@ def _reader_of(hint: Any) -> Optional[Callable[[str], Any]]:
     if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
         read = _reader_of(args[0])
         return None if read is None else parse_tuple(read)
+    if typing.get_origin(hint) is tuple and len(set(args)) == 1 and args[0] is not Ellipsis:  # tuple[X, X]
+        read = _reader_of(args[0])
+        return None if read is None else parse_tuple(read, len(args))
     if typing.get_origin(hint) is typing.Literal and len({type(arg) for arg in args}) == 1:
         return _reader_of(type(args[0]))
     return None
@@ -342,10 +353,26 @@ def _readers(cls: type) -> dict[str, Callable[[str], Any]]:
             hint = hints.get(f.name)
             shown = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
             raise TypeError(f"setting {f.name} of {cls.__name__} is of type {shown}, which does not say how to read "
-                            f"it from text (--option {f.name}=VALUE): give setting(..., parse=...), e.g. "
-                            "parse=tclip_jax.settings.parse_tuple(float)")
+                            f"it from text (--option {f.name}=VALUE): give setting(..., parse=...)"
+                            f"{_example_parse(hint, f.default)}")
         readers[f.name] = read
     return readers
+
+
+def _example_parse(hint: Any, default: Any) -> str:
+    """", e.g. parse=tclip_jax.settings.parse_tuple(int)" for a refused tuple field whose items are of one type
+    with a reader, as its annotation says (tuple[int, Path] has none) or else its default's items (a bare `tuple` of
+    (1, 2)); "" where none is known (a class of the user's, items of mixed types or none)."""
+    hint = _without_none(hint)[1]
+    if typing.get_origin(hint) is tuple:
+        kinds = {arg for arg in typing.get_args(hint) if arg is not Ellipsis}
+    else:
+        kinds = {type(item) for item in default} if isinstance(default, tuple) else set()
+    read = _READERS.get(kinds.pop()) if len(kinds) == 1 else None
+    if read is None:
+        return ""
+    return f", e.g. parse=tclip_jax.settings.parse_tuple({'tclip_jax.settings.' * (read is parse_bool)}" \
+           f"{read.__name__})"
 
 
 def _unboxed(value: Any) -> Any:

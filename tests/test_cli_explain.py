@@ -931,6 +931,43 @@ def test_tuple_settings_inside_tuples_are_read_back_as_made():
     assert hashable.replace(boxes=[[1, 2], [3]]) == hashable
 
 
+def test_a_fixed_length_tuple_setting_is_read_as_that_many_values():
+    """A field `size: tuple[int, int] = setting((2, 3), ...)` without `parse=` refused its whole class, from Python
+    and JSON too (Python and JSON took it before annotations chose the readers): it is read as parse_tuple(int) of
+    exactly two values, another count refused in one line. A field no annotation reads names its items' reader in
+    the refusal, where one is known."""
+    from tclip_jax.settings import Options, setting
+
+    @dataclasses.dataclass(frozen=True)
+    class Sized(Options):
+        size: tuple[int, int] = setting((2, 3), "fixed", flag=False)
+        rgb: Optional[tuple[float, float, float]] = setting(None, "Optional, of three")
+
+    assert Sized() == Sized.from_dict(json.loads(json.dumps(Sized().to_dict())))
+    assert Sized.parse_assignments(["size=4,5", "rgb=0.5,1,0"]) == {"size": (4, 5), "rgb": (0.5, 1.0, 0.0)}
+    assert Sized.parse_assignments(["rgb=none"]) == {"rgb": None}
+    for text, count in (("4", 1), ("1,2,3", 3), ("", 0)):
+        with pytest.raises(ValueError, match=f"^option size: expected 2 comma-separated values, got {count} in "
+                                             f"'{text}'$"):
+            Sized.parse_assignments([f"size={text}"])
+    with pytest.raises(ValueError, match="^option size: invalid int value: 'x'$"):
+        Sized.parse_assignments(["size=1,x"])
+
+    @dataclasses.dataclass(frozen=True)
+    class BareInts(Options):
+        counts: tuple = setting((1, 2), "a bare tuple of ints")
+
+    @dataclasses.dataclass(frozen=True)
+    class Mixed(Options):
+        pair: tuple[int, str] = setting((1, "a"), "a tuple of mixed types")
+
+    with pytest.raises(TypeError, match=r"give setting\(\.\.\., parse=\.\.\.\), e\.g\. "
+                                        r"parse=tclip_jax\.settings\.parse_tuple\(int\)$"):
+        BareInts()
+    with pytest.raises(TypeError, match=r"of type tuple\[int, str\], .* give setting\(\.\.\., parse=\.\.\.\)$"):
+        Mixed()
+
+
 def _parse_error(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit):
         parser.parse_args(argv)
