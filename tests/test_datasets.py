@@ -421,8 +421,9 @@ def test_imagenet_s_bad_input(tmp_path):
     with pytest.raises(ValueError, match=f"unknown class folder .*{wnids[0]} .not a wnid of ImageNet-S50.: is this "
                                          rf"ImageNet-S{holding} \(--split {holding}\)\?$"):
         imagenet_s_dataset(root, 50)
-    (root / "validation-segmentation" / "n00000000").mkdir()  # a wnid of no split: no split to name
-    with pytest.raises(ValueError, match=r"n00000000 \(not a wnid of ImageNet-S919\)$"):
+    (root / "validation-segmentation" / "n00000000").mkdir()  # a wnid of no split: no other split to name
+    with pytest.raises(ValueError, match=r"n00000000 \(not a wnid of ImageNet-S919\): n00000000 is a wnid of no "
+                                         r"split$"):
         imagenet_s_dataset(root, 919)
     # S50 is in S300, S300 in S919: the split named is the smallest holding every folder, not the first holding the
     # first unknown one (ImageNet-S919 data read as S50 was asked "is this ImageNet-S300?", tench being in S300).
@@ -434,10 +435,18 @@ def test_imagenet_s_bad_input(tmp_path):
     with pytest.raises(ValueError, match=rf"{in_300} \(not a wnid of ImageNet-S50\): is this ImageNet-S919 "
                                          r"\(--split 919\)\?$"):
         imagenet_s_dataset(s919, 50)
-    (s919 / "validation-segmentation" / "n99999999").mkdir()  # of no split: no split holds every folder
-    with pytest.raises(ValueError, match=rf"{in_300} \(not a wnid of ImageNet-S50\): it is a class of ImageNet-S300 "
-                                         r"or ImageNet-S919, but the folders are of no one split$"):
+    # Folders of no split beside them (a stray tmp/): the split is judged by the folders of some split, and the
+    # others are named apart (it said "it is a class of ImageNet-S300 or ImageNet-S919, but the folders are of no one
+    # split", naming neither tmp nor --split 919).
+    (s919 / "validation-segmentation" / "tmp").mkdir()
+    with pytest.raises(ValueError, match=rf"{in_300} \(not a wnid of ImageNet-S50\): is this ImageNet-S919 "
+                                         r"\(--split 919\)\? \(tmp is a wnid of no split\)$"):
         imagenet_s_dataset(s919, 50)
+    for stray in ("n99999999", "a", "b", "c"):
+        (s919 / "validation-segmentation" / stray).mkdir()
+    with pytest.raises(ValueError, match=r"^ImageNet-S: unknown class folder \S+/a \(not a wnid of ImageNet-S919\): "
+                                         r"a, b, c and 2 more are wnids of no split$"):
+        imagenet_s_dataset(s919, 919)
     (root / "validation-segmentation" / "n00000000").rmdir()
     image = root / "validation" / wnids[0] / "ILSVRC2012_val_00000002.JPEG"
     image.unlink()  # its sample's error, as a missing COCO image's (a resumed sweep tries it again)

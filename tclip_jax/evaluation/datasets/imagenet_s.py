@@ -56,16 +56,20 @@ def split_wnids(split: int) -> tuple[str, ...]:
     return tuple((_DATA / f"imagenet_s_{split}.txt").read_text().split())
 
 
-def _other_split_hint(folder: str, folders: set[str]) -> str:
-    """": is this ImageNet-S300 (--split 300)?": the smallest split whose wnids are all the class folders (S50 is
-    in S300, S300 in S919: the first split holding one folder may not hold them all), else the splits holding
-    `folder`; "" where none does."""
-    holding = [split for split in SPLITS if folders <= set(split_wnids(split))]
-    if holding:
-        return f": is this ImageNet-S{holding[0]} (--split {holding[0]})?"
-    holding = [split for split in SPLITS if folder in split_wnids(split)]
-    named = " or ".join(f"ImageNet-S{split}" for split in holding)
-    return f": it is a class of {named}, but the folders are of no one split" if holding else ""
+def _other_split_hint(split: int, folders: set[str]) -> str:
+    """": is this ImageNet-S300 (--split 300)?": the smallest split whose wnids are all the class folders of some
+    split (S50 is in S300, S300 in S919: the first split holding one folder may not hold them all), where it is not
+    `split`; and the folders of no split, the first few, named apart (a stray tmp/ beside ImageNet-S919's folders
+    read as S50: ": is this ImageNet-S919 (--split 919)? (tmp is a wnid of no split)")."""
+    known = {folder for folder in folders if any(folder in split_wnids(other) for other in SPLITS)}
+    holding = [other for other in SPLITS if known <= set(split_wnids(other))] if known else []
+    question = f": is this ImageNet-S{holding[0]} (--split {holding[0]})?" if holding and holding[0] != split else ""
+    foreign = sorted(folders - known)
+    if not foreign:
+        return question
+    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    said = f"{shown} {'is a wnid' if len(foreign) == 1 else 'are wnids'} of no split"
+    return f"{question} ({said})" if question else f": {said}"
 
 
 def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
@@ -83,7 +87,7 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
     unknown = [folder for folder in folders if folder.name not in set(wnids)]
     if unknown:
         raise ValueError(f"ImageNet-S: unknown class folder {unknown[0]} (not a wnid of ImageNet-S{split})"
-                         f"{_other_split_hint(unknown[0].name, {folder.name for folder in folders})}")
+                         f"{_other_split_hint(split, {folder.name for folder in folders})}")
     samples = []
     for folder in folders:
         for label_path in sorted(p for p in folder.glob("*.png") if not _hidden(p)):
