@@ -327,14 +327,20 @@ def _reader_of(hint: Any) -> Optional[Callable[[str], Any]]:
         return None if read is None else parse_optional(read)
     args = typing.get_args(hint)
     if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
-        read = _reader_of(args[0])
+        read = _item_reader(args[0])
         return None if read is None else parse_tuple(read)
     if typing.get_origin(hint) is tuple and len(set(args)) == 1 and args[0] is not Ellipsis:  # tuple[X, X]
-        read = _reader_of(args[0])
+        read = _item_reader(args[0])
         return None if read is None else parse_tuple(read, len(args))
     if typing.get_origin(hint) is typing.Literal and len({type(arg) for arg in args}) == 1:
         return _reader_of(type(args[0]))
     return None
+
+
+def _item_reader(hint: Any) -> Optional[Callable[[str], Any]]:
+    """The reader of one item of a tuple read from comma-separated text: none for a tuple (Optional or not), whose
+    commas would be the outer tuple's."""
+    return None if typing.get_origin(_without_none(hint)[1]) is tuple else _reader_of(hint)
 
 
 @functools.cache

@@ -967,6 +967,15 @@ def test_a_fixed_length_tuple_setting_is_read_as_that_many_values():
     with pytest.raises(TypeError, match=r"of type tuple\[int, str\], .* give setting\(\.\.\., parse=\.\.\.\)$"):
         Mixed()
 
+    # Tuples in a tuple: one comma-separated list cannot say them ("1,2" was read as ((1,), (2,))).
+    @dataclasses.dataclass(frozen=True)
+    class Nested(Options):
+        boxes: tuple[tuple[int, ...], ...] = setting(((1, 2),), "tuples in a tuple")
+
+    with pytest.raises(TypeError, match=r"^setting boxes of Nested is of type tuple\[tuple\[int, \.\.\.\], \.\.\.\], "
+                                        r"which does not say how to read it from text"):
+        Nested.parse_assignments(["boxes=1,2"])
+
 
 def _parse_error(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit):
