@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import itertools
 import math
 import re
 import types
@@ -258,9 +259,11 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
     if _is_union(hint) and float in typing.get_args(hint) \
             and _is_number(value):  # e.g. Union[str, float]: the number it can be
         hint = float
-    if typing.get_origin(hint) is tuple and isinstance(value, tuple):  # e.g. tuple[float, ...]
-        reals = typing.get_args(hint)[:1] == (float,)
-        return tuple(_real(name, v) if reals and _is_number(v) else _unboxed(v) for v in value)
+    if typing.get_origin(hint) is tuple and isinstance(value, tuple):  # e.g. tuple[float, ...], tuple[float, int]
+        args = typing.get_args(hint)
+        items = args[:1] * len(value) if args[1:] == (Ellipsis,) else args  # each item's type, by position
+        return tuple(_real(name, v) if item is float and _is_number(v) else _unboxed(v)
+                     for v, item in itertools.zip_longest(value, items[:len(value)]))
     if hint is bool:
         if not isinstance(value, (bool, np.bool_)):
             raise ValueError(f"{name} must be true or false, got {value!r}")

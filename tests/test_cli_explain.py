@@ -967,6 +967,13 @@ def test_a_fixed_length_tuple_setting_is_read_as_that_many_values():
     with pytest.raises(TypeError, match=r"of type tuple\[int, str\], .* give setting\(\.\.\., parse=\.\.\.\)$"):
         Mixed()
 
+    # Each item as its position's type says: a count after a real stays an int (it was made a float with the real).
+    @dataclasses.dataclass(frozen=True)
+    class Typed(Options):
+        pair: tuple[float, int] = setting((1, 2), "a real and a count", parse=str)
+
+    assert [type(v) for v in Typed().pair] == [float, int] and Typed().pair == (1.0, 2)
+
     # Tuples in a tuple: one comma-separated list cannot say them ("1,2" was read as ((1,), (2,))).
     @dataclasses.dataclass(frozen=True)
     class Nested(Options):
