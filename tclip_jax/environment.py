@@ -4,11 +4,13 @@ sweep.json lists it per run of a sweep that scored samples (`sweep.runner`), a r
 before it not listed again.
 
 Maps, τ and boxes depend on it: XLA fuses and orders float operations otherwise from one jax release, and one
-backend, to another (JAX's default precision runs float32 matmuls as single bfloat16 passes on TPUs), scikit-learn,
-SciPy and OpenCV compute the host step, ftfy cleans prompts, pycocotools decodes COCO's masks, OpenCV draws the
-synthetic scenes. It is recorded, not compared: a resumed sweep runs on under a newer jax, or on another runtime
-(a notebook's TPU quota gone), and its report says so. A library's version is the running module's where it is
-imported (`__version__`: a `pip install -U` without a restart leaves the old one running), else the installed one.
+backend, to another (JAX's default precision runs float32 matmuls as single bfloat16 passes on TPUs), SciPy and
+OpenCV compute the host step, scikit-learn the AP metric, ftfy cleans prompts, pycocotools decodes COCO's masks,
+OpenCV draws the synthetic scenes. It is recorded, not compared (but for the OpenCV that draws a synthetic sweep's
+scenes, which its source names: `synthetic.heldout_source`): a resumed sweep runs on under a newer jax, or on
+another runtime (a notebook's TPU quota gone), and its report says so. A library's version is the running module's
+where it is imported (`__version__`: a `pip install -U` without a restart leaves the old one running), else the
+installed one.
 """
 from __future__ import annotations
 
