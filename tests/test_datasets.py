@@ -301,12 +301,26 @@ def _edited_coco(root: pathlib.Path, edit) -> pathlib.Path:
     (lambda d: d["images"][0].update(width="8"), r"width must be an integer >= 1, got '8'"),
     (lambda d: d["categories"][0].pop("name"), r"categories\[0\] \(id 1\): name must be a non-empty string"),
     (lambda d: d["categories"].append("x"), r"categories\[80\]: not an object"),
+    (lambda d: d["categories"].append({"id": 5, "name": "cat again"}), r"categories\[80\] \(id 5\): this id appears "
+                                                                       r"twice$"),
     (lambda d: d.update(images={}), r"not an instances file"),
     (lambda d: d.update(images=[], annotations=[]), r"COCO: no image of .*instances_val2017.json has an annotation$"),
 ])
 def test_bad_coco_entries_are_named_up_front(tmp_path, edit, message):
     with pytest.raises(ValueError, match=message):
         coco_dataset(_edited_coco(tmp_path / "coco", edit))
+
+
+def test_iscrowd_written_as_a_json_boolean_is_read_as_pycocotools_reads_it(tmp_path):
+    """Some exporters write "iscrowd": false / true; pycocotools reads them as 0 / 1 (Python's False == 0), and
+    the whole file was refused ("iscrowd must be 0 or 1, got False")."""
+    as_ints = coco_dataset(_edited_coco(tmp_path / "ints", lambda d: None))
+    as_bools = coco_dataset(_edited_coco(tmp_path / "bools", lambda d: d["annotations"][0].update(iscrowd=False)))
+    (ints,), (bools,) = (next(d.samples()).load().targets for d in (as_ints, as_bools))
+    assert (bools.class_id, bools.boxes.tolist()) == (ints.class_id, ints.boxes.tolist())
+    crowd_only = _edited_coco(tmp_path / "crowd", lambda d: d["annotations"][0].update(iscrowd=True))
+    with pytest.raises(ValueError, match=r"has an annotation that is not a crowd \(--crowd drop\)$"):
+        coco_dataset(crowd_only, crowd="drop")  # a crowd, as iscrowd 1 is
 
 
 def _png(image: np.ndarray) -> bytes:

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: raw; coco-seg: raw only)")
     parser.add_argument("--crowd", choices=("keep", "drop"),
                         help="coco, coco-seg: crowd boxes count as ground truth (keep, gScoreCAM) or are removed "
-                        "(drop; coco-seg: their pixels are left out of their own category's scores) (default: keep)")
+                        "(drop; coco-seg: their pixels are left out of their own category's pixel scores; the "
+                        "pointing game and energy count them as background) (default: keep)")
     parser.add_argument("--protocol", choices=PROTOCOLS, metavar="PROTOCOL",
                         help="synthetic: the evaluation protocol, one of " + ", ".join(PROTOCOLS) + " (see "
                         "tclip_jax/synthetic.py; default: captions)")

@@ -189,10 +189,13 @@ def _read_instances(path: pathlib.Path,
         if not has_word(category["name"]):  # a class prompt names the class by its words
             raise bad("categories", index, category, f"name {category['name']!r} has no word (no letter or digit) "
                       "for a class prompt to name the category by")
+    seen_ids = set()
+    for index, category in enumerate(data["categories"]):
+        if category["id"] in seen_ids:
+            raise bad("categories", index, category, "this id appears twice")
+        seen_ids.add(category["id"])
     categories = sorted(data["categories"], key=lambda c: c["id"])
     class_of = {c["id"]: index for index, c in enumerate(categories)}
-    if len(class_of) != len(categories):
-        raise ValueError(f"COCO: {path}: a category id appears twice")
     images = {}
     for index, image in enumerate(data["images"]):
         if not isinstance(image, dict):
@@ -221,8 +224,8 @@ def _read_instances(path: pathlib.Path,
             raise bad("annotations", index, ann, f"bbox must be 4 finite numbers [x, y, width, height], got {box!r}")
         if box[2] < 0 or box[3] < 0:
             raise bad("annotations", index, ann, f"bbox has a negative width or height: {box!r}")
-        crowd = ann.get("iscrowd", 0)
-        if crowd not in (0, 1) or isinstance(crowd, bool):
+        crowd = ann.get("iscrowd", 0)  # false / true as pycocotools reads them too (some exporters write them)
+        if crowd not in (0, 1):
             raise bad("annotations", index, ann, f"iscrowd must be 0 or 1, got {crowd!r}")
         shape = None
         if segmentation:
