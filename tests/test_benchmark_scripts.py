@@ -294,9 +294,9 @@ def test_a_run_of_part_of_a_table_is_not_written_over_the_whole_one(tmp_path, mo
             f"{script}.py: error: {message}, which would replace the whole one in RESULTS.md: add --no-write")
 
 
-def test_host_step_leaves_out_the_fidelity_of_a_size_given_0_maps(monkeypatch, capsys):
-    """--fidelity-maps 0 at a size: no map of that size is compared, and a run left with nothing to measure needs
-    --state. The model and the comparison are stubbed: the sizes and counts asked for are recorded."""
+def _host_step_with_fidelity_stubbed(monkeypatch):
+    """benchmarks.host_step with its model and map comparison stubbed, and the list of (size, maps) it is asked to
+    compare."""
     import tclip_jax
     from benchmarks import host_step
 
@@ -310,6 +310,13 @@ def test_host_step_leaves_out_the_fidelity_of_a_size_given_0_maps(monkeypatch, c
     monkeypatch.setattr(host_step.os, "sched_setaffinity", lambda pid, cpus: None)  # this process stays unpinned
     monkeypatch.setattr(host_step.cv2, "setNumThreads", lambda threads: None)
     monkeypatch.setattr(sys, "argv", ["host_step.py"])  # argparse's program name
+    return host_step, asked
+
+
+def test_host_step_leaves_out_the_fidelity_of_a_size_given_0_maps(monkeypatch, capsys):
+    """--fidelity-maps 0 at a size: no map of that size is compared, and a run left with nothing to measure needs
+    --state. The model and the comparison are stubbed: the sizes and counts asked for are recorded."""
+    host_step, asked = _host_step_with_fidelity_stubbed(monkeypatch)
     host_step.main(["--skip-timing", "--fidelity-maps", "2", "0", "1", "--no-write"])
     assert asked == [(host_step.SIZES["224x224"], 2), (host_step.SIZES["1920x1080"], 1)]
     printed = capsys.readouterr().out.splitlines()
@@ -324,19 +331,7 @@ def test_host_step_leaves_out_the_fidelity_of_a_size_given_0_maps(monkeypatch, c
 
 def test_host_step_counts_given_explicitly_win_over_quick(monkeypatch, capsys):
     """--quick sets the counts not given; --fidelity-maps given beside it is what runs. The comparison is stubbed."""
-    import tclip_jax
-    from benchmarks import host_step
-
-    asked = []
-    compared = {"span": 1.0, "fallback": None, "input_res": None, **dict.fromkeys(
-        ("new", "old", "default", "old_vs_default", "soft_new", "soft_blur", "soft_tau", "soft_old"), 0.0)}
-    monkeypatch.setattr(host_step, "fidelity_size", lambda explainer, size_hw, maps, offset: asked.append(
-        (size_hw, maps)) or host_step.summarise([compared]))
-    monkeypatch.setattr(tclip_jax.TCLIP, "from_pretrained", lambda: None)
-    monkeypatch.setattr(host_step, "machine_description", lambda: "a machine")
-    monkeypatch.setattr(host_step.os, "sched_setaffinity", lambda pid, cpus: None)  # this process stays unpinned
-    monkeypatch.setattr(host_step.cv2, "setNumThreads", lambda threads: None)
-    monkeypatch.setattr(sys, "argv", ["host_step.py"])  # argparse's program name
+    host_step, asked = _host_step_with_fidelity_stubbed(monkeypatch)
     host_step.main(["--quick", "--skip-timing", "--fidelity-maps", "2", "0", "1", "--no-write"])
     host_step.main(["--quick", "--skip-timing", "--sizes", "640x480", "--no-write"])
     assert asked == [(host_step.SIZES["224x224"], 2), (host_step.SIZES["1920x1080"], 1), (host_step.SIZES["640x480"], 8)]

@@ -1113,17 +1113,24 @@ def test_a_sigterm_ends_distributed_processes_and_resume_finishes_the_sweep(coco
     assert _report(out) == _report(coco_many_reference)
 
 
+def _two_coco_processes(coco_many: pathlib.Path, out: pathlib.Path, method: str,
+                        env_of_process_1: dict) -> list[subprocess.Popen]:
+    """The two processes of a COCO sweep of `method` into `out` (batches of 2, one worker), process 1 with
+    `env_of_process_1` added to its environment."""
+    port = _free_port()
+    return [_sweep_process("coco", "--data", str(coco_many), "--method", method, "--batch-size", "2", "--workers",
+                           "1", "--out", str(out), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                           "--process-id", str(i), env_extra=env_of_process_1 if i else None)
+            for i in range(2)]
+
+
 def test_a_process_of_a_distributed_sweep_whose_peer_was_killed_ends_in_one_line_and_resume_finishes(
         coco_many, coco_many_reference, tmp_path):
     """Process 1 SIGKILLed: process 0's last barrier failed (Gloo: "Connection closed by peer"), which it printed, and
     about 100 s later its exit aborted in JAX's shutdown barrier (SIGABRT, a C++ stack trace). It ends at once,
     status 2, in one line; its records are kept, and a resume (here on one process) finishes the sweep."""
-    out, port = tmp_path / "out", _free_port()
-    processes = [_sweep_process("coco", "--data", str(coco_many), "--method", "test_sweep:StallingPainted",
-                                "--batch-size", "2", "--workers", "1", "--out", str(out), "--coordinator",
-                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                                env_extra={STALL_ENV: "4"} if i else None)
-                 for i in range(2)]
+    out = tmp_path / "out"
+    processes = _two_coco_processes(coco_many, out, "test_sweep:StallingPainted", {STALL_ENV: "4"})
     try:
         deadline = time.monotonic() + 180
         while _lines(out / "results-p1.jsonl") == 0 and processes[1].poll() is None and time.monotonic() < deadline:
@@ -1147,12 +1154,8 @@ def test_a_distributed_sweep_that_fails_in_one_process_ends_every_process_in_one
     """Process 1's sweep stopped on a bug of its own while process 0's ran on: process 1 said so, then waited about
     300 s in JAX's shutdown barrier for process 0, and both aborted (SIGABRT, C++ traces). Process 1 ends at once
     with its line and status (1), process 0 at its next barrier with README's line and status 2."""
-    out, port = tmp_path / "out", _free_port()
-    processes = [_sweep_process("coco", "--data", str(coco_many), "--method", "test_sweep:FailingPainted",
-                                "--batch-size", "2", "--workers", "1", "--out", str(out), "--coordinator",
-                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                                env_extra={FAIL_ENV: "1"} if i else None)
-                 for i in range(2)]
+    out = tmp_path / "out"
+    processes = _two_coco_processes(coco_many, out, "test_sweep:FailingPainted", {FAIL_ENV: "1"})
     try:
         assert processes[1].wait(timeout=180) == 1
         ended = time.monotonic()
