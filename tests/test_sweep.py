@@ -1113,6 +1113,17 @@ def test_a_sigterm_ends_distributed_processes_and_resume_finishes_the_sweep(coco
     assert _report(out) == _report(coco_many_reference)
 
 
+def test_a_collective_of_a_process_started_with_stdout_closed_runs(tmp_path):
+    """A process started with file descriptor 1 closed (no sys.stdout): dropping what Gloo prints on stdout raised
+    ('NoneType' object has no attribute 'flush', then EBADF), which the collective reported as another process's
+    stop, so a multi-process sweep run so failed on every process."""
+    code = ("import sys\nfrom tclip_jax.sweep import sharding\nassert sys.stdout is None\n"
+            "with sharding._collective():\n    pass\nprint('ran', file=sys.stderr)\n")
+    done = subprocess.run(["bash", "-c", 'exec 1>&-; exec "$0" -c "$1"', sys.executable, code], capture_output=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120)
+    assert (done.returncode, done.stderr.decode().strip().splitlines()[-1:]) == (0, ["ran"]), done.stderr.decode()
+
+
 def _two_coco_processes(coco_many: pathlib.Path, out: pathlib.Path, method: str,
                         env_of_process_1: dict) -> list[subprocess.Popen]:
     """The two processes of a COCO sweep of `method` into `out` (batches of 2, one worker), process 1 with

@@ -62,22 +62,30 @@ def _collective() -> Iterator[None]:
     connects the processes (at the first collective), prints "[Gloo] Rank 0 is connected to 1 peer ranks..." there
     from C++, unasked (no setting turns it off), before the report that stdout holds (stderr holds the command's
     one line; Gloo's failures come back as the collective's exception)."""
-    try:
-        with _stdout_dropped():
+    with _stdout_dropped():  # outside the `try`: this process's own failure there is no peer's
+        try:
             yield
-    except Exception as err:
-        _peer_stopped.set()
-        cause = " ".join(str(err).split())
-        raise PeerStopped(f"another process of the sweep stopped ({cause[:200]}{'...' if len(cause) > 200 else ''}), "
-                          "so this one cannot finish it; the records written so far are kept: start every process "
-                          "again with --resume") from err
+        except Exception as err:
+            _peer_stopped.set()
+            cause = " ".join(str(err).split())
+            shown = f"{cause[:200]}{'...' if len(cause) > 200 else ''}"
+            raise PeerStopped(f"another process of the sweep stopped ({shown}), so this one cannot finish it; the "
+                              "records written so far are kept: start every process again with --resume") from err
 
 
 @contextlib.contextmanager
 def _stdout_dropped() -> Iterator[None]:
-    """While the block runs, what is written to file descriptor 1 is dropped (the sweep prints nothing meanwhile)."""
-    sys.stdout.flush()
-    saved, dropped = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    """While the block runs, what is written to file descriptor 1 is dropped (the sweep prints nothing meanwhile); a
+    process started with it closed (no sys.stdout) has nothing to drop."""
+    if sys.stdout is not None:
+        with contextlib.suppress(OSError, ValueError):  # closed since: nothing of it reaches anyone
+            sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # closed
+        yield
+        return
+    dropped = os.open(os.devnull, os.O_WRONLY)
     os.dup2(dropped, 1)
     os.close(dropped)
     try:
