@@ -419,6 +419,12 @@ def test_the_multi_process_flags_go_together(tmp_path, capsys):
             main(["sweep", "synthetic", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1",
                   "--connect-timeout", seconds, "--out", str(tmp_path / "o")])
         assert capsys.readouterr().err.startswith("tclip sweep: error: argument --connect-timeout: expected ")
+    for count in ("0", "-2"):  # "--process-id 0 is not one of 0 to -1" named the wrong flag
+        with pytest.raises(SystemExit):
+            main(["sweep", "synthetic", "--coordinator", "127.0.0.1:1", "--num-processes", count, "--process-id", "0",
+                  "--out", str(tmp_path / "o")])
+        assert capsys.readouterr().err.startswith("tclip sweep: error: argument --num-processes: expected at least 1 "
+                                                  f"process, got '{count}'")
     assert not (tmp_path / "o").exists()
 
 

@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("multi-process (jax.distributed)")
     group.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the environment")
     group.add_argument("--coordinator", help="coordinator address HOST:PORT")
-    group.add_argument("--num-processes", type=int, help="how many processes the sweep runs in (with --coordinator)")
+    group.add_argument("--num-processes", type=_count, help="how many processes the sweep runs in (with "
+                       "--coordinator)")
     group.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1; process 0 "
                        "writes the report")
     group.add_argument("--connect-timeout", type=_seconds, default=CONNECT_TIMEOUT_S, metavar="SECONDS",
@@ -236,6 +237,17 @@ def _joined_within(seconds: int, args: argparse.Namespace) -> Iterator[None]:
         with lock:
             ended = True
         timer.cancel()
+
+
+def _count(text: str) -> int:
+    """--num-processes's value: a whole number, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 process, got {text!r}")
+    return value
 
 
 def _seconds(text: str) -> int:
