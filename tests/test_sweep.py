@@ -984,6 +984,23 @@ def test_two_distributed_processes_give_the_one_process_report(coco_many, coco_m
     # stdout holds the report alone (Gloo's "[Gloo] Rank 0 is connected to 1 peer ranks..." went to stderr)
     assert processes[0].stdout.read() == (out / "report.md").read_bytes() + b"\n"
     assert processes[1].stdout.read() == b""
+    (environment,) = json.loads((out / "sweep.json").read_text())["environment"]
+    assert (environment["jax"], environment["backend"]) == (jax.__version__, jax.default_backend())
+    # A resume where only process 1 has work left (its last record dropped): process 0 scores nothing, yet the run
+    # scored, so its environment is listed (it was not: process 0 noted it as it scored its own first sample).
+    config = json.loads((out / "sweep.json").read_text())
+    (out / "sweep.json").write_text(json.dumps({**config, "environment": [None]}))
+    lines = (out / "results-p1.jsonl").read_text().splitlines(keepends=True)
+    (out / "results-p1.jsonl").write_text("".join(lines[:-1]))
+    port = _free_port()
+    processes = [_sweep_process("coco", "--data", str(coco_many), "--method", "test_sweep:Painted",
+                                "--batch-size", "2", "--out", str(out), "--coordinator", f"127.0.0.1:{port}",
+                                "--num-processes", "2", "--process-id", str(i), "--resume") for i in range(2)]
+    for process in processes:
+        assert process.wait(timeout=180) == 0, process.stderr.read().decode()
+    assert json.loads((out / "sweep.json").read_text())["environment"] == [None, environment]
+    resumed, reference = _report(out), _report(coco_many_reference)
+    assert {**resumed, "config": None} == {**reference, "config": None}  # the scores; the configs differ by that None
 
 
 def test_distributed_processes_started_with_other_configurations_all_refuse_in_one_line(coco_many, tmp_path):
@@ -1346,12 +1363,17 @@ def test_a_sweep_that_scores_no_sample_fails_and_resume_scores_them_once_mended(
     assert message.endswith("--resume tries them again once the data is mended\n")
     assert _report(tmp_path / "out")["images"] == 0
     assert "Nothing was scored: no sample could be read" in (tmp_path / "out" / "report.md").read_text()
+    # No run scored: no environment listed, and none said to be of a sweep from before environments were recorded.
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["environment"] == []
+    assert "Environment: none recorded yet (no sample scored)." in (tmp_path / "out" / "report.md").read_text()
     for mended in (1, 2):
         Image.fromarray(painted(8, 8, [])).save(root / "val2017" / images[mended]["file_name"], format="PNG")
         assert main(_cli("coco", "--method", "test_sweep:Painted", "--data", str(root), "--out", out, "--resume")) == 0
         assert _report(tmp_path / "out")["images"] == mended
         assert capsys.readouterr().err == ("tclip sweep: warning: 1 of 2 samples failed, listed in report.md; --resume "
                                            "tries them again\n" if mended == 1 else "")
+        assert [run["backend"] for run in json.loads((tmp_path / "out" / "sweep.json").read_text())["environment"]] \
+            == [jax.default_backend()]  # the first run that scored, once
 
 
 def test_a_sweep_with_more_failed_samples_than_report_md_lists_says_report_json_lists_them(tmp_path, capsys):

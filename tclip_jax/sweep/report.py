@@ -133,8 +133,11 @@ def markdown(config: dict, summary: dict) -> str:
 def _environment(config: dict) -> str:
     """The environments the sweep's runs ran under (sweep.json's "environment": `runner._note_environment`), in a
     sentence."""
+    runs = config.get("environment", [None])
+    if runs == []:
+        return "Environment: none recorded yet (no sample scored)."
     said = [environment_line(e) if isinstance(e, dict) else "not recorded (runs before 2026-12-07)"
-            for e in config.get("environment") or [None]]
+            for e in (runs if isinstance(runs, list) else [None])]
     if len(said) == 1:
         return f"Environment: {said[0]}."
     return (f"Environment, by run (a run in the environment of the one before not listed again): "

@@ -190,8 +190,9 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
             barrier("tclip-sweep-checked")  # nobody writes before every process has checked
             if process == 0:
                 remove_stale_locks(out, processes)
-                # The environments of the runs before (recorded, not compared); this run's, once it scores a sample.
-                before = None if new_sweep else read_config(out).get("environment")
+                # The environments of the runs before (recorded, not compared; none for a new sweep, none recorded
+                # for one stored before they were); this run's, once it scores a sample.
+                before = [] if new_sweep else read_config(out).get("environment")
                 _write_json(out / CONFIG_FILE, {**config, **({} if before is None else {"environment": before})})
             for path in files_to_retry(out, process, processes):  # a resumed sweep tries its failed samples again
                 drop_errors(path)
@@ -218,7 +219,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                     if entry["key"] in redrawn:  # its record is on disk: run again for its pictures only
                         return
                     if not scored and "error" not in entry and process == 0:
-                        _note_environment(out, new_sweep)
+                        _note_environment(out)
                     writer.append(entry)
                     scored += "error" not in entry
                     bar.update()
@@ -240,18 +241,20 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
         # the rates of the last run that scored (its whole share may have been done by a run that was stopped).
         if scored:
             _write_rates(out, process, rates[0])
-        barrier("tclip-sweep-done")
+        # Every process's count (and the barrier): this run's environment where process 0 scored none but others did.
+        if any(int(count) for count in gather_text(str(scored))) and process == 0:
+            _note_environment(out)
         return SweepResult(write_report(out) if process == 0 else None, rates[0])
 
 
-def _note_environment(out: pathlib.Path, new_sweep: bool) -> None:
+def _note_environment(out: pathlib.Path) -> None:
     """Adds this run's environment (`run_environment`, process 0's) to sweep.json's "environment", the environments
-    the runs that scored samples ran under, in order, as process 0 scores its first sample: a run under the
-    environment of the one before it is not listed again, and a run that scores nothing (a resume with nothing left,
-    or that redraws pictures) is not listed. None stands for the runs of a sweep stored before sweeps recorded them
-    (or a list edited into something else)."""
+    the runs that scored samples ran under, in order, as process 0 scores its first sample (or, where only other
+    processes scored, as the run ends): a run under the environment of the one before it is not listed again, and a
+    run that scores nothing (a resume with nothing left, or that redraws pictures) is not listed. None stands for
+    the runs of a sweep stored before sweeps recorded them (or a list edited into something else)."""
     config = read_config(out)
-    runs = [] if new_sweep else config.get("environment", [None])
+    runs = config.get("environment", [None])
     runs = runs if isinstance(runs, list) else [None]
     now = run_environment()
     if not runs or runs[-1] != now:
