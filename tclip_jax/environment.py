@@ -18,8 +18,10 @@ import functools
 import importlib
 import importlib.metadata
 import json
+import pathlib
 import platform
 import sys
+import urllib.parse
 
 # The name a record gives a library -> (its module, its distribution). OpenCV ships as several distributions.
 _LIBRARIES = {"jax": ("jax", "jax"), "jaxlib": ("jaxlib", "jaxlib"), "flax": ("flax", "flax"),
@@ -43,14 +45,7 @@ def run_environment() -> dict[str, str]:
 
 @functools.cache
 def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    try:
-        distribution = importlib.metadata.distribution("tclip_jax")
-        url = json.loads(distribution.read_text("direct_url.json") or "{}")
-        commit = url.get("vcs_info", {}).get("commit_id") if isinstance(url, dict) else None
-        versions["tclip_jax"] = distribution.version + (f" (git {commit[:12]})" if isinstance(commit, str) else "")
-    except (importlib.metadata.PackageNotFoundError, ValueError):  # run from a source checkout, not installed
-        pass
+    versions = {"python": platform.python_version(), "tclip_jax": _this_package()}
     importlib.import_module("cv2")  # of no one distribution: its module says its version
     for name, (module_name, distribution_name) in _LIBRARIES.items():
         module = sys.modules.get(module_name) if module_name else None
@@ -63,6 +58,28 @@ def _versions() -> dict[str, str]:
         if isinstance(version, str):
             versions[name] = version
     return versions
+
+
+def _this_package() -> str:
+    """This package's installed version (with the git commit pip installed it from, where it recorded one) where the
+    installed distribution is the code that runs, else "source at FOLDER": a checkout run from its folder, or before
+    another copy on the path, is not the version installed elsewhere."""
+    import tclip_jax
+
+    running = pathlib.Path(tclip_jax.__file__).resolve().parent
+    try:
+        distribution = importlib.metadata.distribution("tclip_jax")
+        url = json.loads(distribution.read_text("direct_url.json") or "{}")
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return f"source at {running}"
+    url = url if isinstance(url, dict) else {}
+    located = pathlib.Path(str(distribution.locate_file("tclip_jax"))).resolve()
+    editable = url.get("dir_info", {}).get("editable") and str(url.get("url", "")).startswith("file://")
+    if not (located == running or editable and running.parent == pathlib.Path(urllib.parse.unquote(
+            urllib.parse.urlparse(url["url"]).path)).resolve()):
+        return f"source at {running}"
+    commit = url.get("vcs_info", {}).get("commit_id")
+    return distribution.version + (f" (git {commit[:12]})" if isinstance(commit, str) else "")
 
 
 def environment_line(environment: dict[str, str]) -> str:

@@ -1555,6 +1555,36 @@ def test_a_sweep_records_the_environment_of_each_run_that_scored_and_resumes_in_
             f"before 2026-12-07); then {said}.") in (out / "report.md").read_text()
 
 
+def test_the_environment_names_tclip_jax_as_installed_only_where_that_install_is_the_code_that_runs(tmp_path,
+                                                                                                    monkeypatch):
+    """The installed distribution's version (and commit) was recorded whatever code ran: a checkout run from its
+    folder before another install on the path was recorded as that install. A distribution found first on the path
+    (here a made one) names the running code only where it locates it, or is an editable install of its folder."""
+    import tclip_jax
+    import tclip_jax.environment as environment
+
+    running = pathlib.Path(tclip_jax.__file__).resolve().parent
+
+    def installed(direct_url: dict) -> str:
+        info = tmp_path / "site" / "tclip_jax-0.0.9.dist-info"
+        info.mkdir(parents=True, exist_ok=True)
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tclip_jax\nVersion: 0.0.9\n")
+        (info / "direct_url.json").write_text(json.dumps(direct_url))
+        environment._versions.cache_clear()
+        with monkeypatch.context() as patched:
+            patched.syspath_prepend(str(tmp_path / "site"))
+            return environment.run_environment()["tclip_jax"]
+
+    commit = {"vcs_info": {"vcs": "git", "commit_id": "a" * 40}}
+    try:
+        assert installed({"url": "https://example.org/tclip_jax.git", **commit}) == f"source at {running}"
+        editable = {"url": running.parent.as_uri(), "dir_info": {"editable": True}}
+        assert installed(editable) == "0.0.9"
+        assert installed({**editable, **commit}) == "0.0.9 (git aaaaaaaaaaaa)"
+    finally:
+        environment._versions.cache_clear()
+
+
 def test_a_synthetic_sweep_past_the_held_out_seeds_is_refused_up_front(tmp_path, capsys):
     """--limit 1000001 made a million samples before any check (--limit 100000000: many GB, then "out of memory ...
     a smaller --batch-size"); it is refused in one line naming the most there are, before anything is made."""
