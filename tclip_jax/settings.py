@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import difflib
 import functools
-import itertools
 import math
 import re
 import types
@@ -262,8 +261,9 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
     if typing.get_origin(hint) is tuple and isinstance(value, tuple):  # e.g. tuple[float, ...], tuple[float, int]
         args = typing.get_args(hint)
         items = args[:1] * len(value) if args[1:] == (Ellipsis,) else args  # each item's type, by position
-        return tuple(_real(name, v) if item is float and _is_number(v) else _unboxed(v)
-                     for v, item in itertools.zip_longest(value, items[:len(value)]))
+        if len(items) != len(value):
+            raise ValueError(f"{name} must hold {len(items)} values, got {len(value)}: {value!r}")
+        return tuple(_checked(name, v, item) for v, item in zip(value, items))
     if hint is bool:
         if not isinstance(value, (bool, np.bool_)):
             raise ValueError(f"{name} must be true or false, got {value!r}")

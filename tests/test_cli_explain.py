@@ -973,6 +973,13 @@ def test_a_fixed_length_tuple_setting_is_read_as_that_many_values():
         pair: tuple[float, int] = setting((1, 2), "a real and a count", parse=str)
 
     assert [type(v) for v in Typed().pair] == [float, int] and Typed().pair == (1.0, 2)
+    # From Python and JSON, as from the command line: a fixed tuple of its length, each item of its type.
+    for made, message in (((1, 2, 3), r"^pair must hold 2 values, got 3: \(1, 2, 3\)$"),
+                          ((1.5, 2.5), r"^pair must be an integer, got 2\.5"), (("x", 2), r"^pair must be")):
+        with pytest.raises(ValueError, match=message):
+            Typed(pair=made)
+    with pytest.raises(ValueError, match=r"^pair must hold 2 values, got 1"):
+        Typed.from_dict({"pair": [1]})
 
     # Tuples in a tuple: one comma-separated list cannot say them ("1,2" was read as ((1,), (2,))).
     @dataclasses.dataclass(frozen=True)
