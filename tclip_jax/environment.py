@@ -33,9 +33,9 @@ _LIBRARIES = {"jax": ("jax", "jax"), "jaxlib": ("jaxlib", "jaxlib"), "flax": ("f
 
 
 def run_environment() -> dict[str, str]:
-    """{name: value}: python, tclip_jax (with the git commit it was installed from, where pip recorded one), each
-    library of `_LIBRARIES` that is installed, `backend` (jax.default_backend()) and `devices` ("8 x TPU v4": this
-    process's); a new dict each call."""
+    """{name: value}: python, tclip_jax (`_this_package`: its version and commit, or the folder of the source that
+    runs), each library of `_LIBRARIES` that is installed, `backend` (jax.default_backend()) and `devices` ("8 x TPU
+    v4": this process's); a new dict each call."""
     import jax
 
     devices = jax.local_devices()

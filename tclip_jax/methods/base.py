@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tclip_jax.checkpoints.load import LoadedClip, TreeLeaves, load_clip, matmul_dtype
+from tclip_jax.environment import run_environment
 from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_size, load_image, prepare,
                              to_original_on_device, upsample_bilinear)
 from tclip_jax.methods.common import causal_length_groups, minmax, text_features
@@ -58,7 +59,6 @@ from tclip_jax.model.config import PRESETS
 from tclip_jax.model.tokenizer import PromptCutWarning, TokenizedPrompt, Word, clean_text
 from tclip_jax.methods.settings import MethodSettings
 from tclip_jax.postprocess import Box, GmmFit, heatmap_boxes
-from tclip_jax.environment import run_environment
 
 Array = jax.Array
 RESULT_SCHEMA = "tclip_jax/result"

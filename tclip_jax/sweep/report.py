@@ -21,13 +21,13 @@ import re
 
 import numpy as np
 
+from tclip_jax.environment import environment_line
 from tclip_jax.files import loads_json, write_text_atomic
 from tclip_jax.evaluation.metrics import SegmentationCounts, aggregate_by_class, summarize_segmentation
 from tclip_jax.evaluation.metrics.seed import summarize_seed
 from tclip_jax.sweep.store import read_all_records
 from tclip_jax.synthetic import is_synthetic_dataset
 from tclip_jax.visualize.figures import matmul_note, method_label
-from tclip_jax.environment import environment_line
 
 CONFIG_FILE = "sweep.json"
 REPORT_JSON, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"

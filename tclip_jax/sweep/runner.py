@@ -66,6 +66,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tclip_jax.checkpoints.load import LoadedClip, is_v1_fingerprint
+from tclip_jax.environment import run_environment
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample
 from tclip_jax.evaluation.options import EvalOptions
 from tclip_jax.evaluation.scoring import score_unit
@@ -80,7 +81,6 @@ from tclip_jax.sweep.store import (LOCKS_GLOB, RESULTS_GLOB, ResultWriter, drop_
                                   results_path)
 from tclip_jax.sweep.vis import GALLERY_DIR, UnitGallery, UnitPictures
 from tclip_jax.synthetic import DATASET_PREFIX, SYNTHETIC_SCENES, heldout_source, is_synthetic_dataset
-from tclip_jax.environment import run_environment
 
 SAMPLE_ERRORS = (ValueError, OSError)  # bad data: recorded for the sample; anything else stops the sweep
 DEFAULT_TEMPLATE = "{}"
