@@ -735,12 +735,19 @@ FOUR_DEVICES = {"XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platfo
 
 
 def _sweep_bytes(model, method, limit, out, *extra, env=None) -> tuple[bytes, bytes]:
-    """(report.json, results-p0.jsonl) of a `tclip sweep synthetic --protocol captions` run in a fresh process."""
+    """(report.json, results-p0.jsonl) of a `tclip sweep synthetic --protocol captions` run in a fresh process;
+    report.json less its configuration's environment (which names the devices of each run), written back as the
+    sweep writes it."""
     command = [sys.executable, "-m", "tclip_jax", *_cli("synthetic", "--protocol", "captions", "--method", method,
                                                         "--model", model, "--limit", str(limit), "--out", str(out),
                                                         *extra)]
     subprocess.run(command, check=True, capture_output=True, timeout=600, env={**os.environ, **(env or {})})
-    return (out / "report.json").read_bytes(), (out / "results-p0.jsonl").read_bytes()
+    written = (out / "report.json").read_text()
+    report = json.loads(written)
+    assert json.dumps(report, indent=2, sort_keys=True) + "\n" == written  # so its bytes less the environment
+    last_run = report["config"].pop("environment")[-1]  # the environment names the devices it ran on
+    assert last_run["devices"] == ("4 x cpu" if env == FOUR_DEVICES else "1 x cpu")
+    return (json.dumps(report, indent=2, sort_keys=True) + "\n").encode(), (out / "results-p0.jsonl").read_bytes()
 
 
 @pytest.mark.parametrize("method", ["tclip", "hilacam"])
