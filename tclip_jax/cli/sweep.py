@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 from tclip_jax.cli.common import (add_method_arguments, add_progress_argument, build_method, chosen_method,
@@ -57,12 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("multi-process (jax.distributed)")
     group.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the environment")
     group.add_argument("--coordinator", help="coordinator address HOST:PORT")
-    group.add_argument("--num-processes", type=_count, help="how many processes the sweep runs in (with "
-                       "--coordinator)")
+    group.add_argument("--num-processes", type=_at_least_one("process", "processes"),
+                       help="how many processes the sweep runs in (with --coordinator)")
     group.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1; process 0 "
                        "writes the report")
-    group.add_argument("--connect-timeout", type=_seconds, default=CONNECT_TIMEOUT_S, metavar="SECONDS",
-                       help="how long a process waits for every process of the sweep to join before it ends in one "
+    group.add_argument("--connect-timeout", type=_at_least_one("second", "seconds"), default=CONNECT_TIMEOUT_S,
+                       metavar="SECONDS", help="how long a process waits for every process of the sweep to join before it ends in one "
                        f"line, status 2 (default: {CONNECT_TIMEOUT_S})")
 
 
@@ -239,23 +239,16 @@ def _joined_within(seconds: int, args: argparse.Namespace) -> Iterator[None]:
         timer.cancel()
 
 
-def _count(text: str) -> int:
-    """--num-processes's value: a whole number, at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1 process, got {text!r}")
-    return value
+def _at_least_one(unit: str, units: str) -> Callable[[str], int]:
+    """argparse type of a whole number of `units`, at least 1 (--num-processes; --connect-timeout, as JAX takes
+    whole seconds), refused in argparse's one line otherwise."""
+    def read(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {units}, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected at least 1 {unit}, got {text!r}")
+        return value
 
-
-def _seconds(text: str) -> int:
-    """--connect-timeout's value: a whole number of seconds, at least 1 (JAX takes whole seconds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of seconds, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1 second, got {text!r}")
-    return value
+    return read
