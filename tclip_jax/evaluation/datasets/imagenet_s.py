@@ -61,8 +61,9 @@ def _other_split_hint(split: int, folders: set[str]) -> str:
     split (S50 is in S300, S300 in S919: the first split holding one folder may not hold them all), where it is not
     `split`; and the folders of no split, the first few, named apart (a stray tmp/ beside ImageNet-S919's folders
     read as S50: ": is this ImageNet-S919 (--split 919)? (tmp is a wnid of no split)")."""
-    known = {folder for folder in folders if any(folder in split_wnids(other) for other in SPLITS)}
-    holding = [other for other in SPLITS if known <= set(split_wnids(other))] if known else []
+    of_split = {other: set(split_wnids(other)) for other in SPLITS}
+    known = {folder for folder in folders if any(folder in wnids for wnids in of_split.values())}
+    holding = [other for other in SPLITS if known <= of_split[other]] if known else []
     question = f": is this ImageNet-S{holding[0]} (--split {holding[0]})?" if holding and holding[0] != split else ""
     foreign = sorted(folders - known)
     if not foreign:
@@ -83,8 +84,8 @@ def imagenet_s_dataset(root: str | pathlib.Path, split: int) -> Dataset:
             hint = f" (the split's folder is one level down: --data {inner})" if (inner / LABEL_DIR).is_dir() else ""
             raise FileNotFoundError(f"ImageNet-S: folder {path} not found; expected {root}/{IMAGE_DIR}/<wnid>/*.JPEG "
                                     f"and {root}/{LABEL_DIR}/<wnid>/*.png{hint}")
-    folders = sorted(p for p in label_root.iterdir() if p.is_dir() and not _hidden(p))
-    unknown = [folder for folder in folders if folder.name not in set(wnids)]
+    folders, known = sorted(p for p in label_root.iterdir() if p.is_dir() and not _hidden(p)), set(wnids)
+    unknown = [folder for folder in folders if folder.name not in known]
     if unknown:
         raise ValueError(f"ImageNet-S: unknown class folder {unknown[0]} (not a wnid of ImageNet-S{split})"
                          f"{_other_split_hint(split, {folder.name for folder in folders})}")
