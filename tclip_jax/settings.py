@@ -258,7 +258,8 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
     if _is_union(hint) and float in typing.get_args(hint) \
             and _is_number(value):  # e.g. Union[str, float]: the number it can be
         hint = float
-    if typing.get_origin(hint) is tuple and isinstance(value, tuple):  # e.g. tuple[float, ...], tuple[float, int]
+    if typing.get_origin(hint) is tuple and isinstance(value, (tuple, list)):  # tuple[float, ...], tuple[float, int]
+        # A list (JSON's: `from_dict`, `replace`) is the tuple it stands for, at every depth the annotation names.
         args = typing.get_args(hint)
         items = args[:1] * len(value) if args[1:] == (Ellipsis,) else args  # each item's type, by position
         if len(items) != len(value):
@@ -293,24 +294,15 @@ def _without_none(hint: Any) -> tuple[bool, Any]:
     return True, rest[0] if len(rest) == 1 else None
 
 
-def _tuples_again(value: Any, hint: Any, default: Any = None) -> Any:
-    """`value` as read back from JSON, which has no tuples (`to_dict`; `replace` too): the lists the annotation
-    `hint` says are tuples made tuples again, at every depth it names (tuple[X, ...], a fixed tuple[X, Y], each item
-    as its type says; Optional[X] / X | None as X). Where it names none (no annotation, a bare `tuple`, a union,
-    Sequence[X]), a list is a tuple where the default is one or the annotation a bare `tuple`, and so is every list
-    inside it. A value of another shape is left as it is, for the class's checks to refuse."""
-    optional, hint = _without_none(hint)
-    if value is None and optional:
-        return value
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_tuples_again(item, args[0]) for item in value)
-        if len(args) == len(value):
-            return tuple(_tuples_again(item, arg) for item, arg in zip(value, args))
-        return tuple(value)
-    if isinstance(value, list) and (hint is tuple or isinstance(default, tuple)):
-        return tuple(_tuples_again(item, None, ()) for item in value)
+def _tuples_again(value: Any, hint: Any, default: Any) -> Any:
+    """`value` as read back from JSON, which has no tuples (`to_dict`; `replace` too), for a field whose annotation
+    names no tuple's items (a bare `tuple`, none) but whose default, or annotation, is a tuple: each list in it a
+    tuple again, at every depth. Annotated tuples (tuple[X, ...], tuple[X, Y], Optional of them) are made so by the
+    class's checks (`_checked`)."""
+    hint = _without_none(hint)[1]
+    names_items = typing.get_origin(hint) is tuple
+    if isinstance(value, list) and not names_items and (hint is tuple or isinstance(default, tuple)):
+        return tuple(_tuples_again(item, tuple, ()) for item in value)
     return value
 
 
