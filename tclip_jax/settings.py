@@ -204,7 +204,8 @@ class Options:
     @classmethod
     def from_dict(cls: type[T], values: Mapping[str, Any]) -> T:
         """The settings with `values` in place of the defaults; unknown names are an error. Lists (JSON's, `to_dict`'s)
-        are tuples again where the field's annotation or default says so (`_tuples_again`)."""
+        are tuples again where the field's annotation says so (`_checked`) or, naming no items, its default is one
+        (`_tuples_again`)."""
         if not isinstance(values, Mapping):
             raise ValueError(f"{cls.__name__} settings must be a mapping, got {type(values).__name__}")
         unknown = sorted(set(values) - set(cls.field_names()))
