@@ -287,6 +287,12 @@ def test_bad_options_are_refused(tiny_model, ref, fixtures_dir):
         m2ib_map(*tiny_model, images, np.zeros((1, 64), np.float32))
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         M2IBSettings(batch_size=0)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        M2IBSettings(beta=-1.0)
+    M2IBSettings(beta=0.0)  # no compression: meaningful
+    with pytest.raises(ValueError, match="steps=1 reads the map from the initial alpha"):
+        M2IBSettings(steps=1)
+    M2IBSettings(steps=1, final_alpha=True)
     with pytest.raises(ValueError, match="vlayer must be in"):
         METHODS["m2ib"](load_clip(fixtures_dir / "tiny_openai_clip.npz"), M2IBSettings(vlayer=9))
     assert M2IBSettings.parse_assignments(["estimator=tokens", "final_alpha=true", "beta=0.5"]) == {

@@ -1,6 +1,9 @@
 """HilaCAM: Chefer et al. 2021, generic attention-model explainability, as in the official CLIP notebook.
 
 hila-chefer/Transformer-MM-Explainability, `CLIP_explainability.ipynb` (`interpret`).
+
+`start_layer` counts blocks Python-style: -k is the last k blocks. The notebook resolves only -1 (to the last
+block) and reads any other negative value as 0, all blocks; -1 and 0..n-1 agree with it.
 """
 from __future__ import annotations
 
@@ -129,9 +132,11 @@ def _hilacam(model: CLIP, params: dict, images: Array, token_ids: Array, image_s
 
 @dataclasses.dataclass(frozen=True)
 class HilaCAMSettings(MethodSettings):
-    start_layer: int = setting(-1, "first image block of the relevance (-1: the last only, the notebook's)",
-                               flag=False)
-    start_layer_text: int = setting(-1, "first text block (-1: the last only)", flag=False)
+    start_layer: int = setting(-1, "first image block of the relevance, Python-style (-1: the last only, the "
+                               "notebook's; -k: the last k blocks, where the notebook reads any negative but -1 as "
+                               "all blocks)", flag=False)
+    start_layer_text: int = setting(-1, "first text block, Python-style as start_layer (-1: the last only)",
+                                    flag=False)
 
 
 class HilaCAM(PromptMethod):

@@ -88,6 +88,8 @@ class Hyper:
         finite("beta", self.beta)
         finite("var", self.var)
         finite("lr", self.lr)
+        if self.beta < 0:  # a negative weight rewards capacity: the map stops depending on the prompt
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.var <= 0:
             raise ValueError(f"var must be > 0, got {self.var}")
         if self.lr <= 0:
@@ -362,11 +364,12 @@ class M2IBSettings(MethodSettings):
                                     "top; not the last block (default: -3, the official 9 of ViT-B/32's 12 blocks, "
                                     "or the input of a tower of fewer than three)", parse=parse_optional(int),
                                     flag=False)
-    beta: float = setting(0.1, "weight of the compression term", flag=False)
+    beta: float = setting(0.1, "weight of the compression term (>= 0)", flag=False)
     var: float = setting(1.0, "variance of the placeholder estimator (no effect unless estimator=placeholder, as "
                          "in the official code)", flag=False)
     lr: float = setting(1.0, "Adam learning rate", flag=False)
-    steps: int = setting(10, "optimization steps", flag=False)
+    steps: int = setting(10, "optimization steps (>= 2 unless final_alpha: the map is read one update before the "
+                         "last)", flag=False)
     batch_size: int = setting(10, "noisy copies per step", flag=False)
     estimator: str = setting("none", "feature standardization: none (official: raw features against N(0, 1)), "
                              "placeholder (mean 0, std sqrt(var)) or tokens (per-channel mean and std over the "
@@ -378,6 +381,10 @@ class M2IBSettings(MethodSettings):
     def __post_init__(self):
         super().__post_init__()
         Hyper(self.beta, self.var, self.lr, self.steps, self.batch_size, self.estimator, self.final_alpha).check()
+        # `m2ib_map` takes one step (its features and cosines do not need more); a method's map would not
+        if self.steps == 1 and not self.final_alpha:
+            raise ValueError("steps=1 reads the map from the initial alpha, before any update, so it would not depend "
+                             "on the prompt: use steps >= 2, or final_alpha=true")
 
 
 class M2IB(PromptMethod):
