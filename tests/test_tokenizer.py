@@ -395,6 +395,46 @@ def test_combining_marks_belong_to_their_words(tokenizer, text, words):
     assert [p for w in prompt.words for p in w.piece_positions] == list(prompt.piece_positions)
 
 
+@pytest.mark.parametrize("text, words", [
+    ("a #️⃣ sign", [("a", False), ("#️⃣", True), ("sign", False)]),  # "#", U+FE0F, U+20E3 (an enclosing mark)
+    ("*️⃣", [("*️⃣", True)]),
+    ("cat 1️⃣", [("cat", False), ("1", False), ("️⃣", True)]),  # the keycap's digit is a word, its keycap not
+    ("a \u0301 dog", [("a", False), ("\u0301", True), ("dog", False)]),  # a mark after a space: on no letter
+    ("x&NotEqualTilde;y", [("x", False), ("&NotEqualTilde;", True), ("y", False)]),  # "≂" + U+0338 of no word
+    ("dog.\u0301", [("dog", False), (".\u0301", True)]),  # the mark is on ".", not "dog"
+])
+def test_a_symbol_and_its_marks_are_punctuation_not_part_of_a_word(tokenizer, text, words):
+    """A keycap emoji ("#️⃣", whose U+20E3 is a mark) or a symbol with a combining mark was a word of its own, or
+    joined the word before it; a word's pieces are those of the word alone, whatever symbol is beside it."""
+    from tclip_jax.model.tokenizer import has_word
+
+    prompt = tokenizer.tokenize_words(text)
+    assert [(w.text, w.is_punctuation) for w in prompt.words] == words
+    assert [p for w in prompt.words for p in w.piece_positions] == list(prompt.piece_positions)
+    for word in (w for w in prompt.words if not w.is_punctuation):
+        alone = tokenizer.tokenize_words(word.text)
+        assert [prompt.pieces[p - 1] for p in word.piece_positions] == list(alone.pieces)
+    assert [has_word(w) for w, _ in words] == [not punctuation for _, punctuation in words]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("a red <|endoftext|> heart", ["a", "red", "heart"]), ("a red heart<|endoftext|>", ["a", "red", "heart"]),
+    ("<|startoftext|>dog", ["dog"]), ("<|ENDOFTEXT|>cat<|startoftext|>toy  <|endoftext|>", ["cat", "toy"]),
+])
+def test_an_sot_or_eot_typed_in_a_prompt_is_no_word_and_joins_none(tokenizer, text, words):
+    """A typed EOT was a word ("<|endoftext|>") or joined the word before it ("heart" averaged with the EOT row).
+    The TCLIP author's code drops every SOT, EOT and padding id: the words' pieces are the positions it keeps."""
+    from tclip_jax.model.tokenizer import has_word
+
+    prompt = tokenizer.tokenize_words(text)
+    explained = [w for w in prompt.words if not w.is_punctuation]
+    assert [w.text for w in explained] == words and all(text[w.start:w.end] == w.text for w in explained)
+    kept = author_kept_positions(tokenizer, prompt.token_ids)
+    assert [p for w in explained for p in w.piece_positions] == kept.tolist()
+    assert {SOT, EOT} & set(prompt.token_ids[1:prompt.eot_position].tolist())  # typed, as OpenAI encodes them
+    assert not has_word("<|endoftext|>") and not has_word(" <|STARTOFTEXT|><|endoftext|>")
+
+
 def test_text_rewritten_by_cleaning_maps_to_its_source(tokenizer):
     text = "a cafÃ© sign"  # mojibake that ftfy repairs to "café"
     prompt = tokenizer.tokenize_words(text)

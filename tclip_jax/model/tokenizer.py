@@ -82,13 +82,13 @@ def clean_text(text: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Word:
     """One word of a prompt: a run of letters, digits and combining marks (contractions included) or a
-    punctuation/symbol run."""
+    punctuation/symbol run, or an SOT or EOT typed in the prompt (`_group_words`)."""
 
     text: str  # as written in the original prompt: prompt[start:end]
     start: int
     end: int
     piece_positions: tuple[int, ...]  # positions of its BPE pieces in the token row
-    is_punctuation: bool  # no letter or digit (e.g. ".", "!", "-", "&", emoji)
+    is_punctuation: bool  # not explained: no letter or digit (e.g. ".", "!", "-", "&", emoji, "#️⃣"), or SOT/EOT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,16 +243,21 @@ def _group_words(text: str, cleaned: str, pieces: _Pieces, positions: tuple[int,
     A chunk with a letter or digit is a word (contractions included); adjacent word chunks are one word (CLIP
     splits "don't", "cat's", "123" and "नमस्ते" into several). The pre-tokenizer also splits a combining mark (a
     Devanagari vowel sign, an Arabic diacritic, the dot "İ" lowercases to) from its letter, into a chunk with
-    whatever punctuation follows it: its pieces up to the last mark belong to the word before, the rest is
-    punctuation. A chunk of neither (punctuation, symbols, emoji with their variation selectors) is punctuation."""
+    whatever punctuation follows it: where that chunk directly follows a word chunk, its leading pieces of marks
+    only belong to the word, the rest is punctuation. A chunk of neither (punctuation, symbols, emoji with their
+    variation selectors, a keycap "#️⃣", a symbol with a mark "≂̸", a mark after a space) is punctuation, and so is an
+    SOT or EOT typed in the prompt (a chunk < 0 of `_Pieces`): the TCLIP author drops every SOT and EOT id, and it
+    joins no word beside it."""
     chunks = []  # (start, end, piece positions, is_punctuation) in cleaned-text coordinates
-    for _, members in itertools.groupby(zip(pieces.chunks, pieces.offsets, positions), key=lambda piece: piece[0]):
+    for chunk, members in itertools.groupby(zip(pieces.chunks, pieces.offsets, positions), key=lambda piece: piece[0]):
         members = [(start, end, position) for _, (start, end), position in members]
-        if _has_letter_or_digit(cleaned[members[0][0]:members[-1][1]]):
+        if chunk >= 0 and _has_letter_or_digit(cleaned[members[0][0]:members[-1][1]]):
             chunks.append((members[0][0], members[-1][1], tuple(p for _, _, p in members), False))
             continue
-        marked = [k for k, (a, b, _) in enumerate(members) if any(_is_mark(c) for c in cleaned[a:b])]
-        split = marked[-1] + 1 if marked else 0
+        split = 0
+        if chunk >= 0 and chunks and not chunks[-1][3] and chunks[-1][1] == members[0][0]:
+            while split < len(members) and _all_marks(cleaned[members[split][0]:members[split][1]]):
+                split += 1
         for part, punctuation in ((members[:split], False), (members[split:], True)):
             if part:
                 chunks.append((part[0][0], part[-1][1], tuple(p for _, _, p in part), punctuation))
@@ -269,12 +274,17 @@ def _group_words(text: str, cleaned: str, pieces: _Pieces, positions: tuple[int,
 
 def has_word(text: str) -> bool:
     """Whether `text` has a word to explain once cleaned (`clean_text`): a letter or digit, which makes a run of
-    text a word rather than punctuation (`Word`)."""
-    return _has_letter_or_digit(clean_text(text))
+    text a word rather than punctuation (`Word`), outside an SOT or EOT typed in it."""
+    return any(_has_letter_or_digit(chunk) for chunk, _ in _OPENAI_PRE_TOKENIZER.pre_tokenize_str(clean_text(text))
+               if chunk not in (SOT_TOKEN, EOT_TOKEN))
 
 
 def _has_letter_or_digit(text: str) -> bool:
     return any(unicodedata.category(c)[0] in "LN" for c in text)
+
+
+def _all_marks(text: str) -> bool:
+    return bool(text) and all(map(_is_mark, text))
 
 
 def _is_mark(character: str) -> bool:
