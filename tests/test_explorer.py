@@ -801,6 +801,27 @@ def test_a_soft_figure_of_a_method_without_soft_maps_says_it_shows_the_maps(fixt
     assert "soft maps ·" not in title
 
 
+def test_a_prompt_with_dollar_signs_is_drawn_as_written_not_as_mathtext(fixtures_dir, tmp_path):
+    """Matplotlib reads text between two "$" as mathtext: "a $100 bill and a $5 bill" was titled "a 100billanda5
+    bill", and "a $\\frac$ dog" raised on drawing (`tclip explain` wrote nothing). Every text of a figure is drawn
+    as it is written: matplotlib's own reading of it (`Text._preprocess_math`) finds no math, and it draws."""
+    from tclip_jax.methods.tclip import TCLIP
+    from tclip_jax.visualize.figures import Panel, grid_figure, save_figure
+
+    prompts = ["a $100 bill and a $5 bill", "a $\\frac$ dog"]
+    explainer = TCLIP.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), translations=1)
+    result = explainer.explain(str(fixtures_dir / "scene_224.png"), prompts)
+    figures = {f'"{prompt}"': result.figure(p) for p, prompt in enumerate(prompts)}
+    caption = Panel("$\\frac$", np.zeros((8, 8), np.float32), tau=0.5)  # a panel's caption is drawn so too
+    figures["$x^2$"] = grid_figure(np.zeros((8, 8, 3), np.uint8), [caption], "$x^2$")
+    for k, (title, figure) in enumerate(figures.items()):
+        save_figure(figure, tmp_path / f"{k}.png")  # "\\frac" raised here
+        assert figure._suptitle.get_text().split("\n")[-1] == title
+        for text in [figure._suptitle, *(axis.title for axis in figure.axes if axis.images)]:
+            assert text._preprocess_math(text.get_text()) == (text.get_text(), False), text.get_text()
+    assert figures["$x^2$"].axes[1].get_title() == "$\\frac$\nτ=0.5000"
+
+
 def test_characters_the_figure_font_lacks_are_said_once_not_per_glyph_and_figure(fixtures_dir, tmp_path,
                                                                                  monkeypatch):
     import warnings

@@ -3,8 +3,10 @@
 Every picture names what it shows: grid titles carry the method (and its non-default settings), the model and
 the prompt; each panel its word, τ and a GMM fallback (that panel's caption in red). A grid's title wraps to the
 figure's width and a panel is at least as wide as its caption, up to `MAX_PANEL_ASPECT` times its height (a longer
-caption wraps to that), so no text is cut off or overlaps another. Boxes are drawn as inner strokes (the line lies
-inside the box), and a box that covers the whole image is drawn further inset, so it never hides in the frame.
+caption wraps to that), so no text is cut off or overlaps another. Text is drawn as written (`parse_math=False`, and
+measured so: `ismath=False`): a prompt's "$5 or $10" is no mathtext, nor is "$\\frac$" an error. Boxes are drawn as
+inner strokes (the line lies inside the box), and a box that covers the whole image is drawn further inset, so it
+never hides in the frame.
 """
 from __future__ import annotations
 
@@ -170,15 +172,15 @@ def grid_figure(image: np.ndarray, panels: Sequence[Panel], suptitle: str, colum
     scale = min(1.0, GRID_MAX_SIDE / max(image.shape[:2]))
     shown = _resized(image, scale)
     axes.flat[0].imshow(shown)
-    axes.flat[0].set_title(captions[0], fontsize=_CAPTION_POINTS, linespacing=_LINE_SPACING)
+    axes.flat[0].set_title(captions[0], fontsize=_CAPTION_POINTS, linespacing=_LINE_SPACING, parse_math=False)
     for axis, panel, caption in zip(axes.flat[1:], panels, captions[1:]):
         # Rounded as the picture's size is: a box that ends at the image's edge ends at the drawn picture's edge.
         box = None if panel.box is None else tuple(round(v * scale) for v in panel.box)
         axis.imshow(overlay(shown, _resized(np.asarray(panel.heatmap, np.float32), scale), box))
-        axis.set_title(caption, fontsize=_CAPTION_POINTS, linespacing=_LINE_SPACING,
+        axis.set_title(caption, fontsize=_CAPTION_POINTS, linespacing=_LINE_SPACING, parse_math=False,
                        color="firebrick" if panel.fallback else "black")
     figure.suptitle(title, fontsize=_TITLE_POINTS, linespacing=_LINE_SPACING, y=1 - _GAP_INCHES / height,
-                    verticalalignment="top")
+                    verticalalignment="top", parse_math=False)
     _note_missing_glyphs([suptitle, *captions[1:]])  # wrapping adds only line breaks, which are no glyphs
     return figure
 
