@@ -51,6 +51,36 @@ def test_explain_writes_overlays_grid_json_and_npz(tmp_path, fixtures_dir, monke
     assert [p["label"] for p in data["images"][0]["panels"]] == ["TCLIP K=1"]  # a K=1 run is not compared with K=1
 
 
+def test_a_words_piece_indices_in_result_json_are_its_rows_of_the_saved_similarity(tmp_path, fixtures_dir):
+    """result.json gave a word's token-row positions (SOT at 0) beside its prompt's 0-based `pieces` and S rows:
+    "dog" of "a dog, a ..." named position 2, whose piece is ",". From the files alone: a word's `piece_indices` pick
+    its `pieces` out of the prompt's, and the mean of those rows of the saved S, upsampled as PyTorch does
+    (bilinear, align_corners=False), is the word's saved map (K=1: one copy of a 224-pixel image, the model's)."""
+    import torch
+
+    out = tmp_path / "out"
+    assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a dog, a hippopotamus.", "--prompt",
+                  "<|startoftext|>red, square", "--model", str(fixtures_dir / "tiny_openai_clip.npz"),
+                  "--translations", "1", "--out", str(out), "--save-npz", "--no-html"]) == 0
+    record = json.loads((out / "scene_224" / "result.json").read_text())
+    with np.load(out / "scene_224" / "maps.npz") as saved:
+        maps = dict(saved)
+    checked = 0
+    for p, prompt in enumerate(record["prompts"]):
+        similarity = maps[f"p{p}_similarity"].astype(np.float64)
+        assert len(similarity) == len(prompt["pieces"])
+        for w, word in enumerate(prompt["words"]):
+            assert [prompt["pieces"][i] for i in word["piece_indices"]] == word["pieces"]
+            assert "".join(word["pieces"]).replace("</w>", "") == word["word"].lower()
+            grid = similarity[word["piece_indices"]].mean(0).reshape(record["grid"])
+            expected = torch.nn.functional.interpolate(torch.from_numpy(grid)[None, None], size=(224, 224),
+                                                       mode="bilinear", align_corners=False)[0, 0].numpy()
+            [heatmap] = [v for k, v in maps.items() if k.startswith(f"p{p}_w{w}_") and k.endswith("/heatmap")]
+            np.testing.assert_allclose(heatmap, expected, atol=1e-6, err_msg=word["word"])
+            checked += 1
+    assert checked == 6  # a, dog, a, hippopotamus; red, square
+
+
 def test_explain_with_a_baseline(tmp_path, fixtures_dir):
     out = tmp_path / "out"
     assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "red circle", "--prompt", "cat",

@@ -164,7 +164,9 @@ class PromptResult:
     words: tuple[Word, ...]           # the explained words (punctuation dropped); () for prompt-level methods
     word_maps: tuple[MapResult, ...]  # one per word
     phrase: MapResult                 # the whole prompt (TCLIP: its words' mean query, or its pieces' weighted)
-    similarity: Optional[np.ndarray]  # TCLIP: raw S [n_pieces, gh*gw] of the untranslated image; else None
+    # TCLIP: raw S [n_pieces, gh*gw] of the untranslated image, row i piece tokens.pieces[i] (a word's rows: its
+    # piece_positions - 1); else None
+    similarity: Optional[np.ndarray]
     # where a prompt cut to fit the model's context (the `truncate` setting) stops being mapped: `Method.mapped_ends`
     mapped_ends: Optional[tuple[int, int]] = None
 
@@ -198,9 +200,10 @@ class ImageResult:
         prompts = []
         for prompt in self.prompts:
             pieces = prompt.tokens.pieces
-            words = [{"word": w.text, "span": [w.start, w.end], "pieces": [pieces[i - 1] for i in w.piece_positions],
-                      "piece_positions": list(w.piece_positions), **map_record(m)}
-                     for w, m in zip(prompt.words, prompt.word_maps)]
+            # a word's pieces as indices into the prompt's `pieces` and rows of its S (a token row's position - 1)
+            indices = [[p - 1 for p in w.piece_positions] for w in prompt.words]
+            words = [{"word": w.text, "span": [w.start, w.end], "pieces": [pieces[i] for i in ii], "piece_indices": ii,
+                      **map_record(m)} for w, ii, m in zip(prompt.words, indices, prompt.word_maps)]
             prompts.append({"prompt": prompt.prompt, "pieces": list(pieces), "words": words,
                             "phrase": map_record(prompt.phrase),
                             "mapped_ends": None if prompt.mapped_ends is None else list(prompt.mapped_ends)})

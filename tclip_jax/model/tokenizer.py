@@ -87,7 +87,9 @@ class Word:
     text: str  # as written in the original prompt: prompt[start:end]
     start: int
     end: int
-    piece_positions: tuple[int, ...]  # positions of its BPE pieces in the token row
+    # positions of its BPE pieces in the token row, SOT at 0: piece p is `TokenizedPrompt.pieces[p - 1]` and row p - 1
+    # of its prompt's similarity S (one row a piece; result.json's "piece_indices" are these p - 1)
+    piece_positions: tuple[int, ...]
     is_punctuation: bool  # not explained: no letter or digit (e.g. ".", "!", "-", "&", emoji, "#️⃣"), or SOT/EOT
 
 
