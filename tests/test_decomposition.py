@@ -98,6 +98,10 @@ def test_mean_ablation(heatmap_output):
                  "one head and one MLP of one image against a reference of three")
     with pytest.raises(ValueError, match="heads mask"):
         mean_ablate(decomposition, decomposition, jnp.zeros((layers, heads + 1), bool))
+    # masks as Python lists are the boolean arrays they spell (they raised AttributeError on .shape)
+    as_lists = mean_ablate(first, decomposition, np.asarray(ablated_head).tolist(), np.asarray(ablated_mlp).tolist())
+    np.testing.assert_array_equal(np.asarray(as_lists), np.asarray(mean_ablate(first, decomposition, ablated_head,
+                                                                                 ablated_mlp)))
 
 
 def test_the_method_subtracts_the_label_sets_mean_from_each_prompts_map(fixtures_dir, reference):
@@ -174,3 +178,14 @@ def test_text_span_rejects_bad_sizes():
         text_span(outputs, pool, num_texts=4, rank=3)
     with pytest.raises(ValueError, match="rank"):
         text_span(outputs, pool, num_texts=1, rank=17)
+    with pytest.raises(ValueError, match="num_texts must be an integer"):
+        text_span(outputs, pool, num_texts=2.0, rank=4)
+    with pytest.raises(ValueError, match="rank must be an integer"):
+        text_span(outputs, pool, num_texts=1, rank=True)
+    with pytest.raises(ValueError, match=r"of the same dim, got \(64, 16\) and \(23, 15\)"):
+        text_span(outputs, pool[:, :15], num_texts=1, rank=4)
+    with pytest.raises(ValueError, match="outputs \\[n_images, dim\\]"):
+        text_span(outputs[None], pool, num_texts=1, rank=4)
+    with pytest.raises(ValueError, match=r"heads \[n_images, L, heads, dim\] \(Decomposition.heads\), got \(64, 2, 16\)"):
+        text_span_heads(np.stack([outputs, outputs], axis=1), pool, num_texts=1, rank=4)
+

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from tclip_jax.methods import common
 from tclip_jax.methods.base import MapPostprocess, PromptMethod, Query, QueryArrays, label_set_mean
 from tclip_jax.model import CLIP
+from tclip_jax.settings import integer
 
 Array = jax.Array
 
@@ -127,11 +128,13 @@ def mean_ablate(decomposition: Decomposition, reference: Decomposition, heads: A
     nothing returns `decomposition.embedding`.
     """
     per_head = decomposition.heads
+    heads = jnp.asarray(heads, bool)
     if heads.shape != per_head.shape[1:3]:
         raise ValueError(f"heads mask must have shape {per_head.shape[1:3]} (layers, heads), got {heads.shape}")
     per_head = jnp.where(heads[..., None], reference.heads.mean(axis=0), per_head)
     per_mlp = decomposition.mlps
     if mlps is not None:
+        mlps = jnp.asarray(mlps, bool)
         if mlps.shape != per_mlp.shape[1:2]:
             raise ValueError(f"mlps mask must have shape {per_mlp.shape[1:2]}, got {mlps.shape}")
         per_mlp = jnp.where(mlps[:, None], reference.mlps.mean(axis=0), per_mlp)
@@ -154,8 +157,14 @@ def text_span(outputs: Array, text_pool: Array, num_texts: int, rank: int) -> Te
     largest standard deviation over the images, add the outputs' projection on it to the reconstruction,
     and project it out of the outputs and of every text. A pick whose text has (almost) nothing left outside the
     span of those chosen before (a pool of fewer independent texts than `num_texts`) is index -1 and adds nothing;
-    the official code divides by its zero norm there (NaN reconstruction, repeated indices).
+    the official code divides by its zero norm there (NaN reconstruction, repeated indices). Outputs with a NaN
+    leave every pick -1 and a NaN reconstruction (values are not checked under jit).
     """
+    if outputs.ndim != 2 or text_pool.ndim != 2 or text_pool.shape[1] != outputs.shape[1]:
+        raise ValueError(f"text_span takes outputs [n_images, dim] and text_pool [n_pool, dim] of the same dim, got "
+                         f"{tuple(outputs.shape)} and {tuple(text_pool.shape)}")
+    integer("rank", rank)
+    integer("num_texts", num_texts)
     n_images, dim = outputs.shape
     if not 1 <= rank <= min(n_images, dim):
         raise ValueError(f"rank must be in [1, {min(n_images, dim)}] for outputs of shape {outputs.shape}, got {rank}")
@@ -189,6 +198,9 @@ def text_span_heads(heads: Array, text_pool: Array, num_texts: int, rank: int) -
 
     Returns indices [L, heads, num_texts] and reconstructions [L, heads, n_images, dim].
     """
+    if heads.ndim != 4:
+        raise ValueError(f"text_span_heads takes heads [n_images, L, heads, dim] (Decomposition.heads), got "
+                         f"{tuple(heads.shape)}")
     per_head = jax.vmap(text_span, in_axes=(1, None, None, None))
     return jax.vmap(per_head, in_axes=(1, None, None, None))(heads, text_pool, num_texts, rank)
 
