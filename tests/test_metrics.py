@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tclip_jax.evaluation.metrics import (
+    IGNORE_LABEL,
     TORCHRAY_TOLERANCE,
     aggregate_by_class,
     argmax_point,
@@ -336,6 +337,39 @@ def test_pointing_game_of_a_map_without_positive_relevance_points_at_its_maximum
 
 def test_normalization_of_a_map_without_positive_relevance():
     np.testing.assert_array_equal(normalize_relevance(-np.ones((3, 3))), np.zeros((3, 3)))
+
+
+def _reference_ap(heatmap, labels):
+    """clip_text_span's eval_batch + get_ap_scores, step by step in numpy: clip (torch.clip(Res, 0, Res.max()):
+    min above max gives max), min-max with its 0/0 NaN, Res_0_AP = 1 - Res and Res_1_AP = Res with NaN set to 0,
+    both channels against the one-hot labels, ignored pixels left out."""
+    from sklearn.metrics import average_precision_score
+
+    res = np.minimum(np.maximum(heatmap, 0), heatmap.max())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        res = (res - res.min()) / (res.max() - res.min())
+    channels = np.nan_to_num(np.stack([1 - res, res]), nan=0.0)
+    one_hot = np.stack([labels == 0, labels == 1])
+    keep = np.broadcast_to(labels != IGNORE_LABEL, channels.shape)
+    return float(np.nan_to_num(average_precision_score(one_hot[keep], channels[keep])))
+
+
+@pytest.mark.parametrize("heatmap", [-np.ones((10, 10)), np.full((10, 10), 0.3), np.zeros((10, 10)),
+                                     np.random.default_rng(0).standard_normal((10, 10))],
+                         ids=["all negative", "constant positive", "zeros", "varied"])
+def test_ap_matches_the_reference_also_for_a_map_of_no_relevance(heatmap):
+    """A constant map (a TCLIP soft map of negative cosines) scores every pixel alike in the reference (its NaN
+    map zeroed in both channels): AP 0.5 whatever the mask, where scoring zeros as 1 - r and r gave b^2 + (1-b)/2
+    for a background share b. A fifth of the pixels foreground, two ignored."""
+    labels = np.zeros((10, 10), np.int64)
+    labels[2:6, 3:8] = 1
+    labels[0, :2] = IGNORE_LABEL
+    expected = _reference_ap(heatmap, labels)
+    normalized = normalize_relevance(heatmap)
+    assert segmentation_scores(normalized, labels).ap == pytest.approx(expected, abs=1e-12)
+    assert average_precision(normalized, labels) == pytest.approx(expected, abs=1e-12)
+    if heatmap.min() == heatmap.max():  # constant as given, before any normalization: the same
+        assert average_precision(heatmap, labels) == pytest.approx(expected, abs=1e-12)
 
 
 def test_a_unit_whose_every_pixel_is_ignored_is_refused_with_a_value_error():

@@ -3,15 +3,18 @@
 
 Conventions:
 - ``normalize_relevance`` prepares the map: negative values are clipped to 0, then min-max scaled to
-  [0, 1]. A map that is constant after clipping carries no relevance and becomes all zeros (the reference
-  produces NaN there and then zeroes it, with the same metrics).
+  [0, 1]. A map that is constant after clipping carries no relevance and becomes all zeros. The reference
+  produces NaN there and zeroes both of AP's channels (below), so it predicts all background, as here, and scores
+  every pixel alike: AP of a constant map is the share of positives among the channels' pixels, 0.5, not what
+  scoring zeros as ``1 - relevance`` and ``relevance`` would give.
 - Foreground is ``relevance > threshold``; the threshold is the map's mean (``"mean"``, Chefer et al.),
   Otsu's threshold on the uint8 min-max map (``"otsu"``, as the zero-shot boxes use), or a given float.
 - Labels are 0 (background), 1 (foreground) or ``IGNORE_LABEL = -1`` (excluded from every count).
 - Pixel accuracy = correct / labeled; IoU per class (index 0 = background, 1 = foreground)
   = intersection / union, both with ``np.spacing(1)`` added to the denominator.
-- AP is scikit-learn's ``average_precision_score`` over both one-hot channels flattened together:
-  background pixels scored ``1 - relevance``, foreground pixels scored ``relevance``; NaN becomes 0.
+- AP is scikit-learn's ``average_precision_score`` over both one-hot channels flattened together: every
+  labeled pixel twice, scored ``1 - relevance`` against "is background" and ``relevance`` against "is
+  foreground" (a constant map: every score alike, as above); NaN becomes 0.
   Scores stay in the input's dtype (as the reference's float32 tensors), since ties decide AP.
 - Over a dataset (``summarize_segmentation``), counts are summed before the ratios are taken and AP is
   averaged over images.
@@ -105,7 +108,7 @@ def segmentation_scores(relevance: np.ndarray, labels: np.ndarray, threshold: Th
         pixel_labeled=int(target.size),
         area_inter=inter,
         area_union=union,
-        ap=_average_precision(relevance[valid], target),
+        ap=_average_precision(relevance, valid, target),
     )
 
 
@@ -113,7 +116,7 @@ def average_precision(relevance: np.ndarray, labels: np.ndarray) -> float:
     """AP over the background (score 1 - relevance) and foreground (score relevance) channels together."""
     relevance, labels = _check_pair(relevance, labels)
     valid = labels != IGNORE_LABEL
-    return _average_precision(relevance[valid], labels[valid])
+    return _average_precision(relevance, valid, labels[valid])
 
 
 def summarize_segmentation(results: Sequence[SegmentationCounts]) -> dict[str, float]:
@@ -131,8 +134,14 @@ def summarize_segmentation(results: Sequence[SegmentationCounts]) -> dict[str, f
     }
 
 
-def _average_precision(relevance: np.ndarray, target: np.ndarray) -> float:
-    scores = np.concatenate([1 - relevance, relevance])
+def _average_precision(relevance: np.ndarray, valid: np.ndarray, target: np.ndarray) -> float:
+    """AP of the labeled pixels (`valid`; `target` their labels); constancy is the whole map's, as the reference
+    normalizes the whole map before leaving ignored pixels out."""
+    scored = relevance[valid]
+    if relevance.min() == relevance.max():  # the reference's NaN map, zeroed in both channels
+        scores = np.zeros(2 * scored.size, scored.dtype)
+    else:
+        scores = np.concatenate([1 - scored, scored])
     targets = np.concatenate([target == 0, target == 1])
     return float(np.nan_to_num(average_precision_score(targets, scores)))
 
