@@ -34,8 +34,8 @@ _LIBRARIES = {"jax": ("jax", "jax"), "jaxlib": ("jaxlib", "jaxlib"), "flax": ("f
 
 def run_environment() -> dict[str, str]:
     """{name: value}: python, tclip_jax (`_this_package`: its version and commit, or the folder of the source that
-    runs), each library of `_LIBRARIES` that is installed, `backend` (jax.default_backend()) and `devices` ("8 x TPU
-    v4": this process's); a new dict each call."""
+    runs, with the version where it is an editable install), each library of `_LIBRARIES` that is installed,
+    `backend` (jax.default_backend()) and `devices` ("8 x TPU v4": this process's); a new dict each call."""
     import jax
 
     devices = jax.local_devices()
@@ -62,8 +62,10 @@ def _versions() -> dict[str, str]:
 
 def _this_package() -> str:
     """This package's installed version (with the git commit pip installed it from, where it recorded one) where the
-    installed distribution is the code that runs, else "source at FOLDER": a checkout run from its folder, or before
-    another copy on the path, is not the version installed elsewhere."""
+    installed distribution is the code that runs; "VERSION (editable, source at FOLDER)" where it is an editable
+    install of the running folder (whose code is what the folder holds now: pip records no commit for it, and one
+    recorded would be the install's, not the code's); else "source at FOLDER": a checkout run from its folder, or
+    before another copy on the path, is not the version installed elsewhere."""
     import tclip_jax
 
     running = pathlib.Path(tclip_jax.__file__).resolve().parent
@@ -75,8 +77,10 @@ def _this_package() -> str:
     url = url if isinstance(url, dict) else {}
     located = pathlib.Path(str(distribution.locate_file("tclip_jax"))).resolve()
     editable = url.get("dir_info", {}).get("editable") and str(url.get("url", "")).startswith("file://")
-    if not (located == running or editable and running.parent == pathlib.Path(urllib.parse.unquote(
-            urllib.parse.urlparse(url["url"]).path)).resolve()):
+    if editable and running.parent == pathlib.Path(urllib.parse.unquote(
+            urllib.parse.urlparse(url["url"]).path)).resolve():
+        return f"{distribution.version} (editable, source at {running})"
+    if located != running:
         return f"source at {running}"
     commit = url.get("vcs_info", {}).get("commit_id")
     return distribution.version + (f" (git {commit[:12]})" if isinstance(commit, str) else "")

@@ -1566,7 +1566,9 @@ def test_the_environment_names_tclip_jax_as_installed_only_where_that_install_is
                                                                                                     monkeypatch):
     """The installed distribution's version (and commit) was recorded whatever code ran: a checkout run from its
     folder before another install on the path was recorded as that install. A distribution found first on the path
-    (here a made one) names the running code only where it locates it, or is an editable install of its folder."""
+    (here a made one) names the running code only where it locates it, or is an editable install of its folder; that
+    one was recorded as its bare version, the same string for every commit and edit of the folder (pip records no
+    commit for it), and now names the folder too."""
     import tclip_jax
     import tclip_jax.environment as environment
 
@@ -1586,8 +1588,11 @@ def test_the_environment_names_tclip_jax_as_installed_only_where_that_install_is
     try:
         assert installed({"url": "https://example.org/tclip_jax.git", **commit}) == f"source at {running}"
         editable = {"url": running.parent.as_uri(), "dir_info": {"editable": True}}
-        assert installed(editable) == "0.0.9"
-        assert installed({**editable, **commit}) == "0.0.9 (git aaaaaaaaaaaa)"
+        assert installed(editable) == f"0.0.9 (editable, source at {running})"
+        # a commit recorded with an editable install is the install's; the folder's code may have moved on since
+        assert installed({**editable, **commit}) == f"0.0.9 (editable, source at {running})"
+        elsewhere = {"url": (tmp_path / "another-checkout").as_uri(), "dir_info": {"editable": True}}
+        assert installed(elsewhere) == f"source at {running}"
     finally:
         environment._versions.cache_clear()
 
