@@ -419,6 +419,14 @@ def test_the_multi_process_flags_go_together(tmp_path, capsys):
             main(["sweep", "synthetic", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1",
                   "--connect-timeout", seconds, "--out", str(tmp_path / "o")])
         assert capsys.readouterr().err.startswith("tclip sweep: error: argument --connect-timeout: expected ")
+    # JAX takes its deadline as a C++ 32-bit int (2147483638 s: pybind's "incompatible function arguments"), Python's
+    # timer no more than threading.TIMEOUT_MAX (1e10 s: an OverflowError's traceback too): one day at most
+    for seconds in ("10000000000", "2147483638", str(24 * 60 * 60 + 1)):
+        with pytest.raises(SystemExit):
+            main(["sweep", "synthetic", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1",
+                  "--connect-timeout", seconds, "--out", str(tmp_path / "o")])
+        assert capsys.readouterr().err == (f"tclip sweep: error: argument --connect-timeout: expected at most "
+                                           f"{24 * 60 * 60} seconds, got '{seconds}' (see tclip sweep --help)\n")
     for count in ("0", "-2"):  # "--process-id 0 is not one of 0 to -1" named the wrong flag
         with pytest.raises(SystemExit):
             main(["sweep", "synthetic", "--coordinator", "127.0.0.1:1", "--num-processes", count, "--process-id", "0",

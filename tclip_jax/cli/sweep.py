@@ -23,6 +23,9 @@ from tclip_jax.cli.common import (add_method_arguments, add_progress_argument, b
 
 DATASETS = ("coco", "coco-seg", "imagenet-s", "voc", "synthetic")
 CONNECT_TIMEOUT_S = 120  # --connect-timeout's default
+# --connect-timeout's most: one day. JAX takes its deadline as a C++ 32-bit int (2147483638 s, plus the 10 s it is
+# given after ours, was refused in pybind's words), and Python's timer no more than threading.TIMEOUT_MAX.
+MOST_CONNECT_TIMEOUT_S = 24 * 60 * 60
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,9 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="how many processes the sweep runs in (with --coordinator)")
     group.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1; process 0 "
                        "writes the report")
-    group.add_argument("--connect-timeout", type=_at_least_one("second", "seconds"), default=CONNECT_TIMEOUT_S,
-                       metavar="SECONDS", help="how long a process waits for every process of the sweep to join before it ends in one "
-                       f"line, status 2 (default: {CONNECT_TIMEOUT_S})")
+    group.add_argument("--connect-timeout", type=_at_least_one("second", "seconds", most=MOST_CONNECT_TIMEOUT_S),
+                       default=CONNECT_TIMEOUT_S, metavar="SECONDS", help="how long a process waits for every process "
+                       "of the sweep to join before it ends in one line, status 2 (default: "
+                       f"{CONNECT_TIMEOUT_S}; at most {MOST_CONNECT_TIMEOUT_S}, one day)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,9 +243,9 @@ def _joined_within(seconds: int, args: argparse.Namespace) -> Iterator[None]:
         timer.cancel()
 
 
-def _at_least_one(unit: str, units: str) -> Callable[[str], int]:
-    """argparse type of a whole number of `units`, at least 1 (--num-processes; --connect-timeout, as JAX takes
-    whole seconds), refused in argparse's one line otherwise."""
+def _at_least_one(unit: str, units: str, most: Optional[int] = None) -> Callable[[str], int]:
+    """argparse type of a whole number of `units`, at least 1 and at most `most` where given (--num-processes;
+    --connect-timeout, as JAX takes whole seconds), refused in argparse's one line otherwise."""
     def read(text: str) -> int:
         try:
             value = int(text)
@@ -249,6 +253,8 @@ def _at_least_one(unit: str, units: str) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number of {units}, got {text!r}") from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"expected at least 1 {unit}, got {text!r}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"expected at most {most} {units}, got {text!r}")
         return value
 
     return read
