@@ -313,8 +313,9 @@ _READERS: dict[type, Callable[[str], Any]] = {bool: parse_bool, int: int, float:
 def _reader_of(hint: Any) -> Optional[Callable[[str], Any]]:
     """How text becomes a value of the type `hint` names, as the package's own settings read it where they say so
     (`parse=`): bool, int, float and str; Optional[X] as `parse_optional`, tuple[X, ...] as `parse_tuple` of X's
-    reader, a fixed tuple[X, X] as that of exactly its length; a Literal of one type as that type. None where the
-    hint names none (a bare `tuple`, a tuple of mixed types, another class)."""
+    reader, a fixed tuple[X, X] as that of exactly its length; a Literal of one type as that type; a Union of these
+    four without None (Union[str, float]) as `_union_reader`. None where the hint names none (a bare `tuple`, a tuple
+    of mixed types, Optional[Union[X, Y]], another class)."""
     if hint in _READERS:
         return _READERS[hint]
     optional, rest = _without_none(hint)
@@ -330,7 +331,28 @@ def _reader_of(hint: Any) -> Optional[Callable[[str], Any]]:
         return None if read is None else parse_tuple(read, len(args))
     if typing.get_origin(hint) is typing.Literal and len({type(arg) for arg in args}) == 1:
         return _reader_of(type(args[0]))
+    if _is_union(hint) and all(arg in _READERS for arg in args):
+        return _union_reader(args)
     return None
+
+
+def _union_reader(members: tuple[type, ...]) -> Callable[[str], Any]:
+    """The reader of a Union of bool, int, float and str: text as the first of its members, in the order float, int,
+    bool, str, that reads it, as JSON's and Python's values are taken (`_checked`: a number where the union has a
+    number type; Union[str, float] reads "0.5" as 0.5 and "mean" as "mean"); where none reads it, the first one's
+    refusal ("invalid float value: 'x'")."""
+    readers = [_READERS[kind] for kind in (float, int, bool, str) if kind in members]
+
+    def read(text: str) -> Any:
+        refusal = None
+        for read_as in readers:
+            try:
+                return read_as(text)
+            except ValueError as err:
+                refusal = refusal or err
+        raise refusal
+
+    return read
 
 
 def _item_reader(hint: Any) -> Optional[Callable[[str], Any]]:

@@ -1021,6 +1021,36 @@ def test_a_fixed_length_tuple_setting_is_read_as_that_many_values():
         Nested.parse_assignments(["boxes=1,2"])
 
 
+def test_a_union_setting_is_read_from_text_as_python_and_json_take_it():
+    """`x: Union[str, float] = setting("mean", ...)` without `parse=` read `--option x=0.5` as its default's type,
+    the text '0.5', where JSON and Python gave the number 0.5; `Union[int, float] = 1` refused "0.5" ("invalid int
+    value") which JSON and Python take. A union of bool, int, float and str reads text as a number where it has a
+    number type, else as its other members: each text below gives what its value gives from JSON and from Python."""
+    from typing import Union
+
+    from tclip_jax.settings import Options, setting
+
+    table = [  # annotation, default, text, the value it stands for (from JSON, from Python), what the class holds
+        (Union[str, float], "mean", "0.5", 0.5, 0.5), (Union[str, float], "mean", "mean", "mean", "mean"),
+        (Union[str, float], "mean", "2", 2, 2.0), (float | str, "mean", "-1e-3", -1e-3, -0.001),
+        (Union[int, float], 1, "0.5", 0.5, 0.5), (Union[int, float], 1, "2", 2, 2.0),
+        (Union[int, str], 1, "3", 3, 3), (Union[int, str], 1, "otsu", "otsu", "otsu"),
+        (Union[bool, str], True, "false", False, False), (Union[bool, str], True, "otsu", "otsu", "otsu"),
+    ]
+    for annotation, default, text, value, held in table:
+        settings = dataclasses.make_dataclass("S", [("x", annotation, setting(default, "a union"))], bases=(Options,),
+                                              frozen=True)
+        read = settings.from_dict(settings.parse_assignments([f"x={text}"])).x
+        from_json = settings.from_dict(json.loads(json.dumps({"x": value}))).x
+        from_python = settings(x=value).x
+        for got in (read, from_json, from_python):
+            assert got == held and type(got) is type(held), (annotation, text, read, from_json, from_python)
+    numbers = dataclasses.make_dataclass("S", [("x", Union[int, float], setting(1, "a number"))], bases=(Options,),
+                                         frozen=True)
+    with pytest.raises(ValueError, match=r"^option x: invalid float value: 'abc'$"):
+        numbers.parse_assignments(["x=abc"])
+
+
 def _parse_error(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit):
         parser.parse_args(argv)
