@@ -1163,13 +1163,13 @@ def test_a_collective_of_a_process_started_with_stdout_closed_runs(tmp_path):
 
 
 def _two_coco_processes(coco_many: pathlib.Path, out: pathlib.Path, method: str,
-                        env_of_process_1: dict) -> list[subprocess.Popen]:
-    """The two processes of a COCO sweep of `method` into `out` (batches of 2, one worker), process 1 with
-    `env_of_process_1` added to its environment."""
+                        env_of_process_1: dict, *extra: str) -> list[subprocess.Popen]:
+    """The two processes of a COCO sweep of `method` into `out` (batches of 2, one worker, `extra` flags), process 1
+    with `env_of_process_1` added to its environment."""
     port = _free_port()
     return [_sweep_process("coco", "--data", str(coco_many), "--method", method, "--batch-size", "2", "--workers",
                            "1", "--out", str(out), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                           "--process-id", str(i), env_extra=env_of_process_1 if i else None)
+                           "--process-id", str(i), *extra, env_extra=env_of_process_1 if i else None)
             for i in range(2)]
 
 
@@ -1177,9 +1177,19 @@ def test_a_process_of_a_distributed_sweep_whose_peer_was_killed_ends_in_one_line
         coco_many, coco_many_reference, tmp_path):
     """Process 1 SIGKILLed: process 0's last barrier failed (Gloo: "Connection closed by peer"), which it printed, and
     about 100 s later its exit aborted in JAX's shutdown barrier (SIGABRT, a C++ stack trace). It ends at once,
-    status 2, in one line; its records are kept, and a resume (here on one process) finishes the sweep."""
+    status 2, in one line; its records are kept, and a resume (here on one process) finishes the sweep.
+    Here process 0's share was scored by a run before (under another environment), so only process 1 scores: its
+    run's environment was noted only where process 0 reached the end, which it never does, and was left out of
+    sweep.json; it is noted before any process scores."""
     out = tmp_path / "out"
-    processes = _two_coco_processes(coco_many, out, "test_sweep:StallingPainted", {STALL_ENV: "4"})
+    assert main(_cli("coco", "--data", str(coco_many), "--method", "test_sweep:Painted", "--batch-size", "2",
+                     "--out", str(out))) == 0
+    results = out / "results-p0.jsonl"
+    results.write_text("".join(line for line in results.read_text().splitlines(keepends=True)
+                               if json.loads(line)["index"] % 2 == 0))  # process 1's share left to score
+    config, before = json.loads((out / "sweep.json").read_text()), {"jax": "0.0.1-another-runtime"}
+    (out / "sweep.json").write_text(json.dumps({**config, "environment": [before]}))
+    processes = _two_coco_processes(coco_many, out, "test_sweep:StallingPainted", {STALL_ENV: "4"}, "--resume")
     try:
         deadline = time.monotonic() + 180
         while _lines(out / "results-p1.jsonl") == 0 and processes[1].poll() is None and time.monotonic() < deadline:
@@ -1193,6 +1203,10 @@ def test_a_process_of_a_distributed_sweep_whose_peer_was_killed_ends_in_one_line
     assert error.startswith("tclip sweep: error: another process of the sweep stopped (") and error.count("\n") == 1
     assert error.endswith("the records written so far are kept: start every process again with --resume\n")
     assert len(read_records(out / "results-p0.jsonl")) == 6  # its whole share
+    runs = json.loads((out / "sweep.json").read_text())["environment"]
+    assert len(runs) == 2 and runs[0] == before and runs[1]["jax"] == jax.__version__, runs
+    config = json.loads((out / "sweep.json").read_text())
+    (out / "sweep.json").write_text(json.dumps({**config, "environment": runs[1:]}))  # the reference's, once more
     assert main(_cli("coco", "--data", str(coco_many), "--method", "test_sweep:Painted", "--batch-size", "2",
                      "--out", str(out), "--resume")) == 0
     assert _report(out) == _report(coco_many_reference)
@@ -1378,9 +1392,12 @@ def test_a_sweep_that_scores_no_sample_fails_and_resume_scores_them_once_mended(
     assert message.endswith("--resume tries them again once the data is mended\n")
     assert _report(tmp_path / "out")["images"] == 0
     assert "Nothing was scored: no sample could be read" in (tmp_path / "out" / "report.md").read_text()
-    # No run scored: no environment listed, and none said to be of a sweep from before environments were recorded.
-    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["environment"] == []
-    assert "Environment: none recorded yet (no sample scored)." in (tmp_path / "out" / "report.md").read_text()
+    # The run set out to score them: its environment is listed (noted before any sample is scored), and none said
+    # to be of a sweep from before environments were recorded.
+    from tclip_jax.environment import environment_line, run_environment
+
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["environment"] == [run_environment()]
+    assert f"Environment: {environment_line(run_environment())}." in (tmp_path / "out" / "report.md").read_text()
     for mended in (1, 2):
         Image.fromarray(painted(8, 8, [])).save(root / "val2017" / images[mended]["file_name"], format="PNG")
         assert main(_cli("coco", "--method", "test_sweep:Painted", "--data", str(root), "--out", out, "--resume")) == 0

@@ -21,7 +21,7 @@ Resume: the records already on disk (any process's) name the samples that are do
 those whose report.html picture could not be written, or among --save-vis's first N without their pictures, run
 again for these alone: `UnitGallery`, `UnitPictures`), and a torn last
 line left by a kill is dropped, so nothing is lost or counted twice. ``sweep.json`` holds the
-sweep's configuration; resuming with a different one is an error (the environment each run that scored samples ran
+sweep's configuration; resuming with a different one is an error (the environment each run that set out to score samples ran
 under, library versions and JAX's backend, is recorded there, not compared: `tclip_jax.environment`). The model in
 it is told by its ``LoadedClip.fingerprint`` (its config and every weight), not by its origin, the path as typed,
 nor its source, how it was stored (an OpenAI .pt and its `tclip convert` folder are one model); a sweep stored
@@ -205,11 +205,16 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
             # than a run before drew): run again for it.
             redrawn = gallery.undrawn_keys | pictures.undrawn_keys
             own_done = len(read_records(results_path(out, process)))
+            total = min(options.limit or dataset.size, dataset.size)
+            if process == 0 and len({r["key"] for r in existing if r["index"] < total}) < total:
+                # Samples left to score (every process reads the same records): this run's environment, before any
+                # process records one, so that a run stopped midway (SIGTERM, a peer's crash) is listed too.
+                _note_environment(out)
             barrier("tclip-sweep-start")
 
             todo = ((sample.index, sample) for sample in dataset.samples(options.limit)
                     if owns(sample.index, process, processes) and (sample.key not in done or sample.key in redrawn))
-            share = -(-(min(options.limit or dataset.size, dataset.size) - process) // processes)
+            share = -(-(total - process) // processes)
             suffix = f" [process {process}/{processes}]" if processes > 1 else ""
             with ResultWriter(results_path(out, process)) as writer, \
                     tqdm(total=max(share - own_done, 0), unit="img", desc=f"sweep {dataset.name}{suffix}",
@@ -218,8 +223,6 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
                     nonlocal scored
                     if entry["key"] in redrawn:  # its record is on disk: run again for its pictures only
                         return
-                    if not scored and "error" not in entry and process == 0:
-                        _note_environment(out)
                     writer.append(entry)
                     scored += "error" not in entry
                     bar.update()
@@ -241,18 +244,16 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
         # the rates of the last run that scored (its whole share may have been done by a run that was stopped).
         if scored:
             _write_rates(out, process, rates[0])
-        # Every process's count (and the barrier): this run's environment where process 0 scored none but others did.
-        if any(int(count) for count in gather_text(str(scored))) and process == 0:
-            _note_environment(out)
+        barrier("tclip-sweep-end")  # every process's records are written before process 0 reports them
         return SweepResult(write_report(out) if process == 0 else None, rates[0])
 
 
 def _note_environment(out: pathlib.Path) -> None:
     """Adds this run's environment (`run_environment`, process 0's) to sweep.json's "environment", the environments
-    the runs that scored samples ran under, in order, as process 0 scores its first sample (or, where only other
-    processes scored, as the run ends): a run under the environment of the one before it is not listed again, and a
-    run that scores nothing (a resume with nothing left, or that redraws pictures) is not listed. None stands for
-    the runs of a sweep stored before sweeps recorded them (or a list edited into something else)."""
+    the runs that set out to score samples ran under, in order, noted before any process scores one (so a run
+    stopped midway, on any process, is listed): a run under the environment of the one before it is not listed
+    again, and a run with nothing to score (a resume with nothing left, or that redraws pictures) is not listed. None
+    stands for the runs of a sweep stored before sweeps recorded them (or a list edited into something else)."""
     config = read_config(out)
     runs = config.get("environment", [None])
     runs = runs if isinstance(runs, list) else [None]
