@@ -513,6 +513,36 @@ def test_a_hub_folders_own_tokenizer_is_used_and_only_its_files_are_kept(tmp_pat
     assert ClipTokenizer(tmp_path / "out" / "tokenizer").encode("blue")[0][1] == red
 
 
+@pytest.mark.parametrize("kept, missing", [("vocab.json", "merges.txt"), ("merges.txt", "vocab.json")])
+def test_a_folder_with_half_a_tokenizer_is_refused_naming_the_missing_file(tmp_path, capsys, kept, missing):
+    """Its own vocab.json (two ids swapped) without merges.txt, or the reverse, was read as no tokenizer: the packaged
+    vocabulary stood in for it, and convert wrote no tokenizer/. transformers' CLIPTokenizer refuses such a folder."""
+    from tclip_jax.model.tokenizer import _load_packaged_backend
+
+    torch.manual_seed(0)
+    hub = tmp_path / "hub"
+    transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).eval().save_pretrained(hub)
+    packaged = json.loads(_load_packaged_backend().to_str())["model"]
+    vocab = packaged["vocab"]
+    vocab["red</w>"], vocab["blue</w>"] = vocab["blue</w>"], vocab["red</w>"]
+    files = {"vocab.json": json.dumps(vocab),
+             "merges.txt": "\n".join(["#version: 0.2", *(" ".join(m) if isinstance(m, list) else m
+                                                          for m in packaged["merges"])])}
+    (hub / kept).write_text(files[kept])
+    (hub / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer"}))
+    with pytest.raises(ValueError):
+        transformers.CLIPTokenizer.from_pretrained(hub)
+    with pytest.raises(ValueError, match=f"has {kept} but no {missing}"):
+        load_clip(hub)
+    capsys.readouterr()
+    assert tclip(["convert", str(hub), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"tclip convert: error: tokenizer in {hub} has {kept} but no {missing} (a "
+                                       "tokenizer is tokenizer.json, or vocab.json + merges.txt)\n")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    (hub / missing).write_text(files[missing])  # the pair: the folder's own vocabulary
+    assert load_clip(hub).tokenizer.encode("red")[0][1] == _load_packaged_backend().token_to_id("blue</w>")
+
+
 def test_compressed_float16_checkpoint(tmp_path, fixtures_dir, reference, inputs):
     clip = load_clip(fixtures_dir / "tiny_openai_clip.npz")  # weights are float16-exact already
     folder = checkpoint.save_checkpoint(tmp_path / "fp16", clip.params, clip.config,

@@ -196,7 +196,8 @@ class Converted:
 
 
 def _tokenizer_dir(folder: pathlib.Path) -> Optional[pathlib.Path]:
-    """The folder's tokenizer (a converted folder's `tokenizer/`, or a hub folder's files beside its weights)."""
+    """The folder's tokenizer (a converted folder's `tokenizer/`, or a hub folder's files beside its weights); None
+    where it has none, and half of one refused (`is_tokenizer_folder`)."""
     return next((c for c in (folder / checkpoint.TOKENIZER_DIR, folder) if is_tokenizer_folder(c)), None)
 
 

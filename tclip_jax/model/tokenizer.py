@@ -443,9 +443,17 @@ def _unescaped_length(reference: str) -> int:
 
 
 def is_tokenizer_folder(folder: pathlib.Path) -> bool:
-    """Whether `folder` holds what `_load_backend` reads."""
-    return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file()
-                                                     and (folder / "merges.txt").is_file())
+    """Whether `folder` holds what `_load_backend` reads. One of vocab.json and merges.txt without the other (and no
+    tokenizer.json) is refused, naming the one missing, as transformers' CLIPTokenizer refuses it: read as no
+    tokenizer, the packaged vocabulary would silently stand in for the folder's own."""
+    if (folder / "tokenizer.json").is_file():
+        return True
+    present = [name for name in ("vocab.json", "merges.txt") if (folder / name).is_file()]
+    if len(present) == 1:
+        missing = "merges.txt" if present == ["vocab.json"] else "vocab.json"
+        raise ValueError(f"tokenizer in {folder} has {present[0]} but no {missing} (a tokenizer is tokenizer.json, "
+                         "or vocab.json + merges.txt)")
+    return len(present) == 2
 
 
 def _load_backend(folder: pathlib.Path) -> tokenizers.Tokenizer:
