@@ -893,6 +893,43 @@ def test_tensors_that_would_load_wrong_are_named_with_their_file(tmp_path, opena
     assert capsys.readouterr().err == f"tclip convert: error: {tmp_path / 'bad.npz'}: {message}\n"
 
 
+@pytest.mark.parametrize("stored", ["int32 npz", "int64 pt", "visual.proj int8", "visual.proj bool"])
+def test_weights_stored_as_integers_or_booleans_are_named_and_integer_buffers_are_not(tmp_path, openai_state_dict,
+                                                                                   stored, capsys):
+    """They were cast to float32 without a word (rc 0, other weights). OpenAI's archives hold integer buffers
+    (input_resolution, context_length, vocab_size) that carry no weights: those convert."""
+    if stored.startswith("visual.proj"):
+        dtype = stored.split()[1]
+        proj = openai_state_dict["visual.proj"]
+        changed = {**openai_state_dict, "visual.proj": proj > 0 if dtype == "bool" else proj.astype(dtype)}
+    else:
+        dtype = stored.split()[0]
+        changed = {k: v.astype(dtype) for k, v in openai_state_dict.items()}
+    path = tmp_path / ("weights.pt" if stored.endswith("pt") else "weights.npz")
+    if path.suffix == ".pt":
+        torch.save({k: torch.from_numpy(v) for k, v in changed.items()}, path)
+    else:
+        np.savez(path, **changed)
+    named = [k for k, v in changed.items() if v.dtype != openai_state_dict[k].dtype]
+    assert tclip(["convert", str(path), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert f"does not fit the CLIP config ({len(named)} problems): " in error
+    assert all(f"{key}: stored as {dtype}, a CLIP's weights are floating point" in error for key in named)
+    assert not (tmp_path / "out").exists()
+    buffers = {"input_resolution": np.array(224), "context_length": np.array(77), "vocab_size": np.array(49408)}
+    np.savez(tmp_path / "buffers.npz", **openai_state_dict, **buffers)
+    assert tclip(["convert", str(tmp_path / "buffers.npz"), "--out", str(tmp_path / "out")]) == 0
+
+
+def test_a_converted_folder_holding_integer_weights_is_refused_naming_them(tmp_path, fixtures_dir):
+    out = _converted(tmp_path, fixtures_dir)
+    params = safetensors.numpy.load_file(out / "params.safetensors")
+    params["visual/proj"] = params["visual/proj"].astype(np.int32)
+    safetensors.numpy.save_file(params, out / "params.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match="visual/proj: stored as int32, a CLIP's weights are floating"):
+        load_clip(out)
+
+
 def test_nan_weights(tmp_path, openai_state_dict):
     poisoned = dict(openai_state_dict)
     poisoned["visual.transformer.resblocks.2.mlp.c_fc.weight"] = np.full((512, 128), np.nan, np.float16)

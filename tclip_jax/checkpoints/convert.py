@@ -6,7 +6,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from tclip_jax.checkpoints.folder import param_problems, unflatten
+from tclip_jax.checkpoints.folder import not_floating, param_problems, unflatten
 from tclip_jax.model import CLIPConfig
 from tclip_jax.checkpoints.rules import IGNORED_SOURCE_KEYS, expand
 
@@ -105,8 +105,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: CLIPConfig,
                        fmt: Optional[str] = None, path: Optional[str] = None) -> dict:
     """Applies the rule table of `fmt`, then checks the result against the model's parameter shapes.
 
-    Raises ConversionError listing missing and unexpected source keys, keys a rule cannot split or transpose,
-    shape mismatches and non-finite values, all at once (naming `path`, the checkpoint file, if given).
+    Raises ConversionError listing missing and unexpected source keys, keys a rule cannot split or transpose or
+    that hold integers or booleans (a buffer the rules ignore may), shape mismatches and non-finite values, all at once (naming `path`, the checkpoint file, if given).
     """
     fmt = fmt or detect_format(state_dict)
     rules = expand(fmt, {"visual": config.vision_layers, "text": config.text_layers})
@@ -114,6 +114,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: CLIPConfig,
     for rule in rules:
         if rule.source not in state_dict:
             missing.append(rule.source)
+            continue
+        if (problem := not_floating(rule.source, state_dict[rule.source])) is not None:
+            malformed[rule.source] = problem
             continue
         try:
             flat[rule.target] = np.asarray(rule.transform(np.asarray(state_dict[rule.source], np.float32)))

@@ -44,6 +44,13 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
     return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
+def not_floating(name: str, array: np.ndarray) -> Optional[str]:
+    """The problem of a weight stored as integers or booleans (cast to float32 it would load as other weights), or
+    None."""
+    dtype = np.dtype(array.dtype) if hasattr(array, "dtype") else np.asarray(array).dtype  # a jax array stays put
+    return f"{name}: stored as {dtype}, a CLIP's weights are floating point" if dtype.kind in "biu" else None
+
+
 def param_problems(flat: Mapping[str, np.ndarray], config: CLIPConfig,
                    origins: Optional[Mapping[str, str]] = None) -> list[str]:
     """Every way `flat` differs from the parameters `CLIP(config)` expects (empty when it fits).
@@ -60,6 +67,8 @@ def param_problems(flat: Mapping[str, np.ndarray], config: CLIPConfig,
         value = flat[key]
         if value.shape != expected[key].shape:
             problems.append(f"shape mismatch: {named(key)} is {value.shape}, model expects {expected[key].shape}")
+        elif (problem := not_floating(named(key), value)) is not None:
+            problems.append(problem)
         elif not np.isfinite(value).all():
             problems.append(f"non-finite values (NaN or inf) in {named(key)}")
     return problems
