@@ -110,10 +110,12 @@ def nonempty_path(value: str | os.PathLike, what: str, names: str) -> pathlib.Pa
 
 
 def check_output_folder(out: str | os.PathLike, flag: str = "--out", replaced: bool = False) -> pathlib.Path:
-    """`out` as a folder a run can make or fill, checked before the run starts: not a file, not under a file, and
-    in a folder this process may write in. With `replaced` (the run replaces an existing `out` with a folder it
+    """`out` as a folder a run can make or fill, checked before the run starts: not a file, not under a file, not a
+    link to nothing (or a loop of links), and in a folder this process may write in. With `replaced` (the run replaces an existing `out` with a folder it
     stages beside it, `staged_folder`), the folder holding `out` must be writable too. Returns it as a path."""
     out = nonempty_path(out, flag, "a folder ('.' for the current one)")
+    if out.is_symlink() and not out.exists():  # as staged_folder refuses it; a loop of links too (resolve raises)
+        raise ValueError(f"{flag} {out} is a link to nothing; remove it or name another folder")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{flag} {out} is a file, not a folder")
     _check_can_write_in(out if out.exists() else next(p for p in out.parents if p.exists()), out, flag)

@@ -161,6 +161,25 @@ def test_an_empty_path_is_refused_in_one_line_not_read_as_the_current_folder(tmp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_out_that_is_a_link_to_nothing_or_a_loop_is_refused_in_one_line(tmp_path, fixtures_dir, capsys,
+                                                                           monkeypatch):
+    """A loop of links ended in "internal error (RuntimeError): Symlink loop" (Path.resolve), and a link to nothing
+    in a sweep or an explain in "[Errno 17] File exists", neither naming --out."""
+    monkeypatch.chdir(tmp_path)
+    pathlib.Path("loop_a").symlink_to("loop_b")
+    pathlib.Path("loop_b").symlink_to("loop_a")
+    pathlib.Path("dangling").symlink_to("nowhere")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    image, model = str(fixtures_dir / "scene_224.png"), str(fixtures_dir / "tiny_openai_clip.npz")
+    for out in ("loop_a", "dangling"):
+        for command in (["convert", model], ["explain", image, "--prompt", "red", "--model", model],
+                        ["sweep", "synthetic", "--no-progress"]):
+            assert tclip([*command, "--out", out]) == 2, command
+            assert capsys.readouterr().err == (f"tclip {command[0]}: error: --out {out} is a link to nothing; remove "
+                                               "it or name another folder\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_a_sigma_past_its_limit_is_refused_in_one_line_before_anything_runs(tmp_path, fixtures_dir, capsys):
     """--sigma 1e308 ended in 'internal error (OverflowError)' and 1e9 ran out of memory, in the blur."""
     model = str(fixtures_dir / "tiny_openai_clip.npz")
