@@ -859,6 +859,23 @@ def test_wrong_shapes_and_unexpected_keys_listed_together(tmp_path, openai_state
     assert "shape mismatch" in message and "visual.proj" in message
 
 
+def test_keys_that_only_end_in_the_name_of_an_ignored_buffer_are_unexpected(tmp_path, openai_state_dict):
+    """Any key ending in position_ids, context_length, vocab_size, input_resolution or attn_mask was skipped without
+    a word. The buffers themselves, top-level (OpenAI's archives; OpenCLIP's CLIP.attn_mask) or a module's
+    (transformers' embeddings.position_ids, test_a_hugging_face_state_dict_with_the_position_ids...), still are."""
+    buffers = {"input_resolution": np.array(224), "context_length": np.array(77), "vocab_size": np.array(49408),
+               "attn_mask": np.triu(np.full((77, 77), -np.inf, np.float32), 1),
+               "visual.transformer.resblocks.0.attn_mask": np.zeros((50, 50), np.float32)}
+    np.savez(tmp_path / "buffers.npz", **openai_state_dict, **buffers)
+    load_clip(tmp_path / "buffers.npz", activation="quick_gelu")
+    strays = {"my_position_ids": np.zeros(3, np.float32), "text_vocab_size": np.array(49408)}
+    np.savez(tmp_path / "strays.npz", **openai_state_dict, **strays)
+    with pytest.raises(ConversionError) as error:
+        load_clip(tmp_path / "strays.npz", activation="quick_gelu")
+    assert "(2 problems)" in str(error.value)
+    assert all(f"unexpected key: {key}" in str(error.value) for key in strays)
+
+
 @pytest.mark.parametrize("key, cut", [("visual.transformer.resblocks.1.attn.in_proj_weight", 383),
                                       ("transformer.resblocks.0.attn.in_proj_bias", None)])
 def test_a_fused_in_proj_that_does_not_split_in_three_is_named_with_its_file(key, cut, tmp_path, openai_state_dict,

@@ -124,7 +124,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: CLIPConfig,
             malformed[rule.source] = f"{rule.source}: {err}"
     used = {rule.source for rule in rules}
     unexpected = sorted(k for k in set(state_dict) - used
-                        if not any(k.endswith(ignored) for ignored in IGNORED_SOURCE_KEYS))
+                        if not any(k == ignored or k.endswith("." + ignored) for ignored in IGNORED_SOURCE_KEYS))
     problems = [f"missing key: {k}" for k in missing] + [f"unexpected key: {k}" for k in unexpected]
     problems += malformed.values()
     # Parameters whose source is missing or malformed are already reported above.

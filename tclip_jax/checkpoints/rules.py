@@ -109,7 +109,8 @@ HF_RULES = (
 )
 HF_TOWER_PREFIX = {"visual": "vision_model.", "text": "text_model."}
 
-# Buffers and metadata that carry no weights.
+# Buffers and metadata that carry no weights: keys of these names, alone (OpenAI's archives, OpenCLIP's attn_mask)
+# or as a module's (transformers' `text_model.embeddings.position_ids`); `my_position_ids` is no such key.
 IGNORED_SOURCE_KEYS = ("position_ids", "input_resolution", "context_length", "vocab_size", "attn_mask")
 
 TABLES = {"openai": (OPENAI_RULES, OPENAI_TOWER_PREFIX), "hf": (HF_RULES, HF_TOWER_PREFIX)}
