@@ -543,6 +543,20 @@ def test_a_folder_with_half_a_tokenizer_is_refused_naming_the_missing_file(tmp_p
     assert load_clip(hub).tokenizer.encode("red")[0][1] == _load_packaged_backend().token_to_id("blue</w>")
 
 
+def test_a_folder_with_a_tokenizer_config_and_no_tokenizer_files_is_refused(tmp_path):
+    """tokenizer_config.json (a partial download) without tokenizer.json or vocab.json + merges.txt: transformers
+    builds a tokenizer of its two special tokens from it; it was read as no tokenizer and the packaged vocabulary stood in. A folder with no tokenizer
+    file at all (a model saved alone) still takes the packaged one."""
+    torch.manual_seed(0)
+    hub = tmp_path / "hub"
+    transformers.CLIPModel(transformers.CLIPConfig(**to_hf_config(SMALL))).eval().save_pretrained(hub)
+    load_clip(hub)
+    (hub / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer"}))
+    assert len(transformers.CLIPTokenizer.from_pretrained(hub)) < 49408  # transformers makes no vocabulary of it
+    with pytest.raises(ValueError, match="has tokenizer_config.json but neither tokenizer.json nor vocab.json"):
+        load_clip(hub)
+
+
 def test_compressed_float16_checkpoint(tmp_path, fixtures_dir, reference, inputs):
     clip = load_clip(fixtures_dir / "tiny_openai_clip.npz")  # weights are float16-exact already
     folder = checkpoint.save_checkpoint(tmp_path / "fp16", clip.params, clip.config,

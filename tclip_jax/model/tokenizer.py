@@ -443,9 +443,10 @@ def _unescaped_length(reference: str) -> int:
 
 
 def is_tokenizer_folder(folder: pathlib.Path) -> bool:
-    """Whether `folder` holds what `_load_backend` reads. One of vocab.json and merges.txt without the other (and no
-    tokenizer.json) is refused, naming the one missing, as transformers' CLIPTokenizer refuses it: read as no
-    tokenizer, the packaged vocabulary would silently stand in for the folder's own."""
+    """Whether `folder` holds what `_load_backend` reads. Part of a tokenizer (one of vocab.json and merges.txt
+    without the other, or a tokenizer_config.json / special_tokens_map.json without either, and no tokenizer.json)
+    is refused, naming what is missing, as transformers' CLIPTokenizer refuses it: read as no tokenizer, the packaged
+    vocabulary would silently stand in for the folder's own."""
     if (folder / "tokenizer.json").is_file():
         return True
     present = [name for name in ("vocab.json", "merges.txt") if (folder / name).is_file()]
@@ -453,6 +454,10 @@ def is_tokenizer_folder(folder: pathlib.Path) -> bool:
         missing = "merges.txt" if present == ["vocab.json"] else "vocab.json"
         raise ValueError(f"tokenizer in {folder} has {present[0]} but no {missing} (a tokenizer is tokenizer.json, "
                          "or vocab.json + merges.txt)")
+    described = [name for name in ("tokenizer_config.json", "special_tokens_map.json") if (folder / name).is_file()]
+    if not present and described:
+        raise ValueError(f"tokenizer in {folder} has {described[0]} but neither tokenizer.json nor vocab.json + "
+                         "merges.txt")
     return len(present) == 2
 
 

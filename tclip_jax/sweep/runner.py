@@ -191,7 +191,7 @@ def run_sweep(dataset: Dataset, method: Method, out: str | os.PathLike, source: 
             if process == 0:
                 remove_stale_locks(out, processes)
                 # The environments of the runs before (recorded, not compared; none for a new sweep, none recorded
-                # for one stored before they were); this run's, once it scores a sample.
+                # for one stored before they were); this run's, where samples are left to score (below).
                 before = [] if new_sweep else read_config(out).get("environment")
                 _write_json(out / CONFIG_FILE, {**config, **({} if before is None else {"environment": before})})
             for path in files_to_retry(out, process, processes):  # a resumed sweep tries its failed samples again
