@@ -256,9 +256,16 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
         if value is None:
             return value
         hint = rest
+    hint_given = hint
     if _is_union(hint) and float in typing.get_args(hint) \
             and _is_number(value):  # e.g. Union[str, float]: the number it can be
         hint = float
+    elif _is_union(hint) and all(arg in _READERS for arg in typing.get_args(hint)):
+        # Union[int, str]: the member the value is (checked below as that member); none, refused
+        hint = next((arg for arg in typing.get_args(hint) if _is_a(value, arg)), None)
+        if hint is None:
+            kinds = " or ".join(arg.__name__ for arg in typing.get_args(hint_given))
+            raise ValueError(f"{name} must be {kinds}, got {value!r}")
     if typing.get_origin(hint) is tuple and isinstance(value, (tuple, list)):  # tuple[float, ...], tuple[float, int]
         # A list (JSON's: `from_dict`, `replace`) is the tuple it stands for, at every depth the annotation names.
         args = typing.get_args(hint)
@@ -412,6 +419,15 @@ def _real(name: str, number: Any) -> float:
     except OverflowError:  # an int past float's range
         raise ValueError(f"{name} must be a finite number, got {number!r}") from None
     return 0.0 if value == 0 else value
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    """Whether `value` is of `kind`, one of bool, int, float and str, numpy's scalars included (a bool is no int)."""
+    if kind is bool:
+        return isinstance(value, (bool, np.bool_))
+    if kind is int:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    return _is_number(value) if kind is float else isinstance(value, kind)
 
 
 def _is_number(value: Any) -> bool:

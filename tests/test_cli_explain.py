@@ -1068,6 +1068,15 @@ def test_a_union_setting_is_read_from_text_as_python_and_json_take_it():
                                          frozen=True)
     with pytest.raises(ValueError, match=r"^option x: invalid float value: 'abc'$"):
         numbers.parse_assignments(["x=abc"])
+    # from JSON and Python, a value that is none of the members is refused as the text is ("abc" was held as such)
+    for annotation, default, value in [(Union[int, float], 1, "abc"), (Union[int, str], 1, 2.0),
+                                       (Union[bool, str], True, 1), (Union[int, str], 1, None)]:
+        settings = dataclasses.make_dataclass("S", [("x", annotation, setting(default, "a union"))], bases=(Options,),
+                                              frozen=True)
+        kinds = " or ".join(kind.__name__ for kind in annotation.__args__)
+        for make in (lambda: settings.from_dict({"x": value}), lambda: settings(x=value)):
+            with pytest.raises(ValueError, match=f"^x must be {kinds}, got {value!r}$"):
+                make()
 
 
 def _parse_error(parser: argparse.ArgumentParser, argv: list[str], capsys) -> str:

@@ -433,6 +433,12 @@ def test_the_multi_process_flags_go_together(tmp_path, capsys):
                   "--out", str(tmp_path / "o")])
         assert capsys.readouterr().err.startswith("tclip sweep: error: argument --num-processes: expected at least 1 "
                                                   f"process, got '{count}'")
+    for count in ("2147483648", "65537"):  # pybind's words; a process 0 that allocated for that many peers
+        with pytest.raises(SystemExit):
+            main(["sweep", "synthetic", "--coordinator", "127.0.0.1:1", "--num-processes", count, "--process-id", "0",
+                  "--out", str(tmp_path / "o")])
+        assert capsys.readouterr().err == ("tclip sweep: error: argument --num-processes: expected at most 65536 "
+                                           f"processes, got '{count}' (see tclip sweep --help)\n")
     assert not (tmp_path / "o").exists()
 
 

@@ -26,6 +26,9 @@ CONNECT_TIMEOUT_S = 120  # --connect-timeout's default
 # --connect-timeout's most: one day. JAX takes its deadline as a C++ 32-bit int (2147483638 s, plus the 10 s it is
 # given after ours, was refused in pybind's words), and Python's timer no more than threading.TIMEOUT_MAX.
 MOST_CONNECT_TIMEOUT_S = 24 * 60 * 60
+# --num-processes' most, beyond any cluster: 2147483648 was refused in pybind's words, 2147483647 left process 0
+# allocating for that many peers until killed.
+MOST_PROCESSES = 65536
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("multi-process (jax.distributed)")
     group.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the environment")
     group.add_argument("--coordinator", help="coordinator address HOST:PORT")
-    group.add_argument("--num-processes", type=_at_least_one("process", "processes"),
-                       help="how many processes the sweep runs in (with --coordinator)")
+    group.add_argument("--num-processes", type=_at_least_one("process", "processes", most=MOST_PROCESSES),
+                       help=f"how many processes the sweep runs in (with --coordinator; at most {MOST_PROCESSES})")
     group.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1; process 0 "
                        "writes the report")
     group.add_argument("--connect-timeout", type=_at_least_one("second", "seconds", most=MOST_CONNECT_TIMEOUT_S),
