@@ -728,6 +728,52 @@ def test_arguments_argparse_refuses_are_one_line_with_status_2_for_every_command
         assert err.startswith(f"{command}: error: ") and err.endswith(f" (see {command} --help)\n"), err
 
 
+def test_an_argument_a_command_does_not_know_is_refused_by_that_command_naming_its_help(capsys):
+    """`tclip explain x.png --prompt a --bogus` said "tclip: error: unrecognized arguments: --bogus (see tclip
+    --help)": argparse hands a sub-command's leftovers up to the top-level parser. Each command refuses its own, in
+    argparse's words; one before the command is still the top level's."""
+    reference = argparse.ArgumentParser(prog="p")
+    for name in REQUIRED:
+        for extra in (["--bogus"], ["--bogus", "1"], ["stray"]):
+            if name == "explain" and extra == ["stray"]:
+                continue  # explain takes any number of images
+            expected = _parse_error(reference, extra, capsys).split(": error: ")[1]
+            with pytest.raises(SystemExit) as ended:
+                tclip([name, *REQUIRED[name], *extra])
+            assert ended.value.code == 2
+            assert capsys.readouterr().err == f"tclip {name}: error: {expected} (see tclip {name} --help)\n"
+    with pytest.raises(SystemExit):
+        tclip(["--bogus", "explain", *REQUIRED["explain"]])
+    assert capsys.readouterr().err == "tclip: error: unrecognized arguments: --bogus (see tclip --help)\n"
+
+
+def test_a_flag_is_taken_only_as_spelled_in_full(capsys):
+    """argparse took any unambiguous prefix (`--transl 1` ran as `--translations 1`), so a flag added later that
+    shares it would change what a line means: no parser of the package's takes a prefix (`OneLineErrors`, which the
+    commands, the demo and the training scripts build theirs with). A flag cut by one letter, where that is no flag
+    of its own, is refused as argparse refuses any unknown flag."""
+    from tclip_jax.cli import OneLineErrors
+
+    assert OneLineErrors().allow_abbrev is False
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert parser.allow_abbrev is False and all(command.allow_abbrev is False for command in commands.values())
+    tried = 0
+    for name, command in commands.items():
+        flags = {flag for action in command._actions for flag in action.option_strings}
+        for flag in sorted(flags):
+            if flag.startswith("--") and len(flag) > 3 and flag[:-1] not in flags:
+                with pytest.raises(SystemExit):
+                    command.parse_args([*REQUIRED[name], f"{flag[:-1]}=1"])
+                assert f"unrecognized arguments: {flag[:-1]}=1 (see" in capsys.readouterr().err, (name, flag)
+                tried += 1
+    assert tried > 40
+    with pytest.raises(SystemExit):
+        tclip(["explain", *REQUIRED["explain"], "--transl", "1"])
+    assert capsys.readouterr().err == ("tclip explain: error: unrecognized arguments: --transl 1 "
+                                       "(see tclip explain --help)\n")
+
+
 def test_a_warning_while_a_progress_bar_is_shown_gets_a_line_of_its_own(capsys):
     """A command's warning was printed onto the bar's line ("...| 1/2 [00:00<?, ?it/s]tclip x: warning: ...")."""
     import sys

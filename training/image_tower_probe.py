@@ -78,7 +78,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_default  # noqa: E402
 
 from tclip_jax.checkpoints.load import load_clip  # noqa: E402
-from tclip_jax.cli import OneLineErrors  # noqa: E402
+from tclip_jax.cli import CommandParser, OneLineErrors  # noqa: E402
 from tclip_jax.evaluation.metrics import box_hit, pointing_game  # noqa: E402
 from tclip_jax.image import clip_normalize, resize_rgb  # noqa: E402
 from tclip_jax.methods.base import Query  # noqa: E402
@@ -453,7 +453,7 @@ def initialised():
 
 def main() -> None:
     parser = OneLineErrors(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     probe_parser = commands.add_parser("probe", help="linear probes of checkpoints' frozen image towers")
     probe_parser.add_argument("folders", nargs="*", type=pathlib.Path)
     probe_parser.add_argument("--random", action="store_true", help="also the tower at initialisation")

@@ -42,7 +42,12 @@ LESS_MEMORY = {
 
 class OneLineErrors(argparse.ArgumentParser):
     """A parser (and, through `add_subparsers`, each sub-command's) that refuses arguments in one line, as the
-    commands' own errors are, not under the whole usage block; exit status 2, as argparse's."""
+    commands' own errors are, not under the whole usage block; exit status 2, as argparse's. A flag is taken only as
+    spelled in full (``allow_abbrev=False``): argparse read ``--transl 1`` as ``--translations 1``, and a later flag
+    sharing the prefix would have changed what such a line meant (or refused it as ambiguous)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -53,9 +58,21 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class CommandParser(OneLineErrors):
+    """A sub-command's parser, which refuses the arguments it does not know itself, naming the sub-command and its
+    help ("tclip explain: error: unrecognized arguments: --bogus (see tclip explain --help)"): argparse hands them up
+    to the top-level parser, whose refusal named "tclip" and "tclip --help", which lists no flag of the command."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrors(prog="tclip", description="TCLIP: what does CLIP see per token?")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"tclip_jax.cli.{name.replace('-', '_')}")
         sub = commands.add_parser(name, help=help_text, description=help_text)
