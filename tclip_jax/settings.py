@@ -68,10 +68,14 @@ def parse_optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def parse_tuple(parse: Callable[[str], Any], length: Optional[int] = None) -> Callable[[str], tuple]:
-    """Comma-separated values, each read by `parse`; empty parts are skipped (so "" is the empty tuple). `length`:
-    exactly that many values (a fixed-length tuple[X, X]), else ValueError naming it."""
+    """Comma-separated values, each read by `parse`; "" (or blanks) is the empty tuple, and an empty item inside
+    ("0.25,,0.5", a trailing comma) is refused, not skipped: the list meant is not known. `length`: exactly that many
+    values (a fixed-length tuple[X, X]), else ValueError naming it."""
     def read(text: str) -> tuple:
-        values = tuple(parse(part) for part in text.split(",") if part.strip())
+        parts = text.split(",") if text.strip() else []
+        if any(not part.strip() for part in parts):
+            raise ValueError(f"empty item in {text!r}")
+        values = tuple(parse(part) for part in parts)
         if length is not None and len(values) != length:
             raise ValueError(f"expected {length} comma-separated values, got {len(values)} in {text!r}")
         return values

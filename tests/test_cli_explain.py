@@ -320,6 +320,29 @@ def test_running_out_of_memory_is_one_line_that_says_so_and_a_bug_says_it_is_int
                                                "TCLIP_TRACEBACK=1 for the traceback)")
 
 
+def test_an_empty_item_in_a_list_is_refused_not_dropped(tmp_path, monkeypatch, capsys):
+    """`--scale-fractions 0.25,,0.5` ran as 0.25,0.5: empty items were skipped. A list with an empty item (inside,
+    at either end) is refused in one line naming the flag or option and the text; "" is still the empty list (the
+    parse_tuple docstring; --scale-fractions refuses it as a setting, with its own words)."""
+    from tclip_jax.settings import parse_tuple
+
+    monkeypatch.chdir(tmp_path)
+    explain = ["explain", "a.png", "--prompt", "red"]
+    for text in ("0.25,,0.5", "0.25,0.5,", ",0.5", "0.5, "):
+        assert tclip([*explain, "--scale-fractions", text]) == 2
+        assert capsys.readouterr().err == f"tclip explain: error: argument --scale-fractions: empty item in {text!r}\n"
+        assert tclip([*explain, "--option", f"scale_fractions={text}"]) == 2
+        err = capsys.readouterr().err
+        assert err.endswith(f": empty item in {text!r}\n") and err.count("\n") == 1, err
+        with pytest.raises(ValueError, match="^empty item in "):
+            parse_tuple(float)(text)
+    assert parse_tuple(float)("") == parse_tuple(float)(" ") == ()
+    assert parse_tuple(float)(" 0.25, 0.5") == (0.25, 0.5)
+    assert tclip([*explain, "--scale-fractions", ""]) == 2
+    assert "--scale-fractions must be a non-empty tuple, got ()" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_backend_jax_cannot_start_is_the_users_error_naming_jax_platforms(monkeypatch, capsys):
     """JAX_PLATFORMS=cuda on a machine without CUDA: jax raises a bare AssertionError where a computation first asks
     for a device, which was said as "internal error (AssertionError)"."""
