@@ -372,6 +372,26 @@ def test_a_backend_jax_cannot_start_is_the_users_error_naming_jax_platforms(monk
     assert "internal error (AssertionError)" in capsys.readouterr().err
 
 
+def test_an_xla_flags_xla_refuses_is_one_line_naming_it_and_nothing_is_made_at_out(tmp_path, fixtures_dir):
+    """XLA_FLAGS=--bogus_flag: XLA aborted the process from C++ as JAX started its backend (its raw fatal line,
+    status 1) after `tclip explain` had made --out and its lock, left behind. The flags are tried first: one line
+    naming XLA_FLAGS and XLA's reason, status 2, nothing made; flags XLA takes are not refused."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XLA_FLAGS": "--bogus_flag"}
+    done = subprocess.run([sys.executable, "-m", "tclip_jax", "explain", str(fixtures_dir / "scene_224.png"),
+                           "--prompt", "red", "--translations", "1", "--no-html", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stderr) == (2, "tclip explain: error: XLA refuses XLA_FLAGS='--bogus_flag' (Unknown "
+                                                 "flag in XLA_FLAGS: --bogus_flag); correct it or unset XLA_FLAGS\n")
+    assert list(tmp_path.iterdir()) == []
+    from tclip_jax.cli import _xla_flags_refused
+
+    assert _xla_flags_refused() is None  # this session's own flags (conftest's), which its backend took
+
+
 def test_a_commands_warnings_are_said_in_one_line_while_it_runs_and_the_process_keeps_its_own(monkeypatch, capsys):
     """The command's hook for warnings stayed after main returned: every later warning of the process (a notebook's,
     a test's) was said as "tclip explain: warning: ..."."""

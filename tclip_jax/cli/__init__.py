@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import os
+import re
 import signal
+import subprocess
 import sys
 import threading
 import warnings
@@ -173,6 +176,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return 0
     try:
         with sigterm_as_interrupt(f"tclip {args.command}"), warnings_as_lines(f"tclip {args.command}"):
+            refused = _xla_flags_refused()
+            if refused is not None:
+                raise ValueError(refused)
             with ctrl_c_held():  # a Ctrl-C inside jaxlib's native start-up crashed the interpreter on its way out
                 importlib.import_module("jax")
             return args.run(args)
@@ -301,6 +307,37 @@ def _backend_failure() -> Optional[str]:
                     "JAX_PLATFORMS, or name one this machine has (e.g. cpu)")
         return f"JAX cannot start a backend ({_one_line(err)}); JAX_PLATFORMS=cpu runs on the CPU"
     return None
+
+
+# Makes what reads XLA_FLAGS (a CPU client: every XLA flag, the GPU's too, is known to it) and nothing else.
+_XLA_FLAGS_PROBE = "from jaxlib import xla_client; xla_client.make_cpu_client()"
+# A glog error or fatal line ("F1207 16:29:42.795357 10858 parse_flags_from_env.cc:234] Unknown flag in ...").
+_XLA_LOG_LINE = re.compile(r"^[EF]\d{4} [^\]]*\] (.*)$", re.MULTILINE)
+
+
+def _xla_flags_refused() -> Optional[str]:
+    """What to say where XLA would refuse the XLA_FLAGS set (an unknown flag, a value it cannot read), else None.
+    XLA reads them as JAX starts its backend and aborts the process from C++ on a bad one (its fatal line, status 1),
+    after the command had made its --out folder and lock: so they are tried first, in a child process making only a
+    CPU client (about 0.2 s, only where XLA_FLAGS is set, once per value in a process: a test session's or notebook's
+    commands). The child's failing for any other reason says nothing of the flags: the command runs as it would
+    have."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    return _xla_refusal(flags) if flags.strip() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_refusal(flags: str) -> Optional[str]:
+    try:
+        probe = subprocess.run([sys.executable, "-c", _XLA_FLAGS_PROBE], env={**os.environ, "XLA_FLAGS": flags},
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if probe.returncode == 0 or "parse_flags_from_env" not in probe.stderr:
+        return None
+    said = _XLA_LOG_LINE.search(probe.stderr)  # the first: a value's error line comes before the fatal one
+    reason = f" ({said.group(1).strip()})" if said else ""
+    return f"XLA refuses XLA_FLAGS={flags!r}{reason}; correct it or unset XLA_FLAGS"
 
 
 def _one_line(err: BaseException) -> str:
