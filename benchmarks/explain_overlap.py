@@ -95,7 +95,7 @@ def device_note() -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=positive_int, default=6)
     parser.add_argument("--batch-size", type=positive_int, default=2)
     parser.add_argument("--rounds", type=positive_int, default=3)

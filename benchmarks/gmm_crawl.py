@@ -52,7 +52,7 @@ def taus(params: gmm.MixtureParams, maps) -> np.ndarray:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=positive_int, default=6)
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")

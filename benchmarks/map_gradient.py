@@ -70,7 +70,7 @@ def row(size: int, rounds: int) -> list[object]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=map_side, nargs="+", default=list(SIZES),
                         help=f"map sides in pixels, >= {PATCH} (one patch), one row each (default: %(default)s; "
                              "leaving one out needs --no-write)")

@@ -49,7 +49,7 @@ def measure(count: int) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=positive_int, nargs="+", default=list(PROMPT_COUNTS),
                         help="prompt counts, one row each (default: %(default)s; leaving one out needs --no-write)")
     parser.add_argument("--measure", type=positive_int, help="internal: measure one prompt count in this process")

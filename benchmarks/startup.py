@@ -36,7 +36,7 @@ def run(args: list[str]) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=positive_int, default=7,
                         help="rounds of every command (default: %(default)s)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")

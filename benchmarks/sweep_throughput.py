@@ -39,7 +39,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="any model load_clip accepts (default: the embedded one)")
     parser.add_argument("--random-vit-b32", action="store_true",
                         help="random ViT-B/32 weights instead, as the speed benchmarks time them")

@@ -71,7 +71,7 @@ def table_row(method: str, scores: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=positive_int, default=100,
                         help="held-out scenes per protocol (default: %(default)s)")
     parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))

@@ -77,7 +77,7 @@ def surgery_sweep_seconds(scenes: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--surgery-prompts", type=positive_int, default=10, help="COCO class names for CLIP Surgery")
     parser.add_argument("--scenes", type=positive_int, default=32, help="held-out scenes of the CLIP Surgery sweep")

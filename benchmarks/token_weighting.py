@@ -54,7 +54,7 @@ def _load(protocol: str, seed: int) -> LoadedSample:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=positive_int, default=100,
                         help="held-out scenes per protocol (default: %(default)s)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")

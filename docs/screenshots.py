@@ -26,7 +26,7 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dis
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=DOCS, metavar="DIR",
                         help="folder the screenshots are written to (default: docs/, replacing the README's)")
     out = parser.parse_args(argv).out  # --help ends here, before the imports and the runs

@@ -483,3 +483,17 @@ def test_the_readme_names_every_benchmark_script():
     section = (ROOT / "README.md").read_text().split("\n## Benchmarks\n", 1)[1].split("\n## ", 1)[0]
     scripts = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
     assert [name for name in scripts if f"`{name}`" not in section] == []
+
+
+def test_every_benchmark_parser_takes_flags_only_as_spelled_in_full():
+    """The CLI's parsers refuse abbreviations (`OneLineErrors`); the scripts' own parsers must too, or a flag added
+    later that shares a prefix would change what a recorded command line (RESULTS.md) ran."""
+    import ast
+
+    scripts = sorted(ROOT.glob("benchmarks/*.py")) + [ROOT / "docs" / "screenshots.py"]
+    calls = [(script.name, call) for script in scripts for call in ast.walk(ast.parse(script.read_text()))
+             if isinstance(call, ast.Call) and ast.unparse(call.func) == "argparse.ArgumentParser"]
+    assert len({name for name, _ in calls}) >= 15
+    for name, call in calls:
+        abbrev = [k.value for k in call.keywords if k.arg == "allow_abbrev"]
+        assert len(abbrev) == 1 and isinstance(abbrev[0], ast.Constant) and abbrev[0].value is False, name
