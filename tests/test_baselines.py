@@ -164,7 +164,10 @@ def test_maskclip_value_path_is_the_block_with_identity_attention(tiny_model, su
     assert_close(out.similarity[:, 1:], reference[:, 1:], "maskclip patch similarity")
 
 
-def test_maskclip_value_only_path(tiny_model, surgery_ref):
+def test_maskclip_without_mlp_is_clip_surgerys_mask_clip_variant(tiny_model, surgery_ref):
+    """residual_and_mlp=False is CLIP Surgery's commented "mask_clip" path on the last block (its "maskclip 2"),
+    written out in float64 numpy as its code runs it: the new path is x += proj(v) with v from qkv(ln_1(x)) (the
+    residual kept, `# skip ffn for the new path`), then ln_post and proj."""
     model, params = tiny_model
     config = model.config
     images = nhwc(surgery_ref["pixel_values"])
@@ -178,10 +181,18 @@ def test_maskclip_value_only_path(tiny_model, surgery_ref):
 
     attn = block["attn"]
     v = layer_norm(block["ln_1"], x) @ attn["value"]["kernel"] + attn["value"]["bias"]
-    v = v @ attn["out"]["kernel"] + attn["out"]["bias"]
-    features = layer_norm(params["visual"]["ln_post"], v) @ params["visual"]["proj"]
+    x = x + v @ attn["out"]["kernel"] + attn["out"]["bias"]
+    features = layer_norm(params["visual"]["ln_post"], x) @ params["visual"]["proj"]
     features /= np.linalg.norm(features, axis=-1, keepdims=True)
-    assert_close(out.similarity[:, 1:], (features @ np.asarray(out.text_features).T)[:, 1:], "value-only similarity")
+    assert_close(out.similarity[:, 1:], (features @ np.asarray(out.text_features).T)[:, 1:], "mask_clip similarity")
+
+
+def test_maskclip_maps_version_follows_residual_and_mlp(tiny_model):
+    """The maps under residual_and_mlp=False changed (the residual kept since 2026-12-07): their version with them."""
+    clip = LoadedClip(*tiny_model, default_tokenizer(), "tclip", "test")
+    method = METHODS["maskclip"]
+    assert method(clip).maps_version == 2
+    assert method(clip, method.Settings(residual_and_mlp=False)).maps_version == 3
 
 
 # ---------------------------------------------------------------- HilaCAM

@@ -266,7 +266,8 @@ class Method(abc.ABC):
     # Raised when a change makes the method's maps, soft maps or boxes differ from those it made before (records
     # say which they hold, and a sweep begun on other maps is not resumed): 2 for the similarity methods and CLIP
     # Surgery since their grid maps are upsampled once, straight to the image, and for the centre-crop methods
-    # since their thresholds and boxes come from the part of the image the crop kept (both 2026-12-05).
+    # since their thresholds and boxes come from the part of the image the crop kept (both 2026-12-05); a property
+    # where only some settings' maps changed (TCLIP under a centre crop, MaskCLIP's residual_and_mlp=False: 3).
     maps_version: ClassVar[int] = 1
     # `explain` maps a call's queries in a multiple of this many slots, so that prompts of another word count reuse
     # the compiled maps (at most query_chunk - 1 padded maps); prompt-level methods map one image's queries in

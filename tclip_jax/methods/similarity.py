@@ -63,17 +63,18 @@ def maskclip_map(model: CLIP, params: dict, images: Array, texts: Array, *,
 
     Official ViT backbone (`TransformerEncoderLayer.forward(return_qkv=True)`, `skip_last_attn`): the value
     projection of ln_1(x) goes through the output projection, then the residual (+ x) and the block's MLP,
-    then ln_post and proj; the class token keeps the normal path. `residual_and_mlp=False` keeps only
-    out_proj(value(ln_1(x))) -> ln_post -> proj (the variant commented as "mask_clip" in CLIP Surgery).
-    Maps are cosines with the normalized texts; post-processing as `similarity_map`.
+    then ln_post and proj; the class token keeps the normal path. `residual_and_mlp=False` skips the MLP and keeps
+    the residual, ln_post(x + out_proj(value(ln_1(x)))) -> proj: CLIP Surgery's variant commented "mask_clip"
+    (xmed-lab/CLIP_Surgery clip/clip_surgery_model.py, `Attention.forward`'s `#x = v...  # mask_clip` with the
+    surgery on the last block only, "maskclip 2"; `ResidualAttentionBlock.forward`'s new path is `x += x_res  # skip
+    ffn for the new path`). Maps are cosines with the normalized texts; post-processing as `similarity_map`.
     """
     image = common.encode_image(model, params, images)
     vision = model.bind({"params": params}).visual
     block = vision.blocks[-1]
     stream = image.residual_stream[-2]
-    x = block.attn.out(block.attn.value(block.ln_1(stream)))
+    x = stream + block.attn.out(block.attn.value(block.ln_1(stream)))
     if residual_and_mlp:
-        x = stream + x
         x = x + block.mlp(x)
     tokens = vision.project(x).at[:, 0].set(image.tokens[:, 0])
     texts = common.text_features(model, params, texts)
@@ -108,7 +109,8 @@ class RCLIP(PromptMethod):
 @dataclasses.dataclass(frozen=True)
 class MaskCLIPSettings(MethodSettings):
     residual_and_mlp: bool = setting(True, "keep the last block's residual and MLP on the value path (official); "
-                                     "false: out_proj(value(ln_1(x))) only", flag=False)
+                                     "false: the residual only, x + out_proj(value(ln_1(x))), MLP skipped (CLIP "
+                                     "Surgery's \"mask_clip\" variant)", flag=False)
 
 
 class MaskCLIP(PromptMethod):
@@ -118,7 +120,12 @@ class MaskCLIP(PromptMethod):
     image_encoder_passes = ("1", "0")
     Settings = MaskCLIPSettings
     heatmap = NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL
-    maps_version = 2
+
+    @property
+    def maps_version(self) -> int:
+        """`Method.maps_version`: 2 (upsampled once, 2026-12-05); 3 under residual_and_mlp=False, whose value path
+        kept no residual before 2026-12-07."""
+        return 2 if self.settings.residual_and_mlp else 3
 
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
         return maskclip_map(self.clip.model, params, pixels, queries.per_query,
