@@ -217,9 +217,14 @@ def decomposition_map(model: CLIP, params: dict, images: Array, texts: Array) ->
     """Each patch's direct contribution to the normalized image embedding, through every head of every
     block, dotted with each normalized text embedding, minus the mean over the given text set.
 
-    Protocol of the official code: center-crop preprocessing; one prompt per text, no templates; maps
-    upsampled by the patch size (bilinear), clipped to [0, max], then min-max normalized. Needs >= 2 texts:
-    one text minus the mean over itself is zero everywhere.
+    Protocol of the official code (`compute_segmentations.py`): center-crop preprocessing; each image explains its
+    predicted ImageNet class minus the mean over all 1000 classes, scored with the classifier
+    `compute_text_projection.py` builds (`zero_shot_classifier` with OPENAI_IMAGENET_TEMPLATES: each class's 80
+    template texts normalized, averaged, renormalized); maps upsampled by the patch size (bilinear), clipped to
+    [0, max], then min-max normalized. Here (and in the reference fixture, fixtures/decomposition/README.md) the
+    texts are the given ones, one prompt per text with no templates, minus the mean over the given set (the
+    `DecompositionMap` method: the label set); the upsampling and normalization are the official ones. Needs >= 2
+    texts: one text minus the mean over itself is zero everywhere.
     """
     if texts.shape[0] < 2:
         raise ValueError("the decomposition heatmap subtracts the mean over the text set, so it needs at least "
