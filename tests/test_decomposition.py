@@ -144,8 +144,8 @@ def test_text_span_recovers_a_planted_basis():
 
 
 def test_text_span_stops_adding_once_the_pool_is_exhausted():
-    """A pool of two independent texts asked for four: the official code divided by a zero norm (NaN, repeated
-    indices). The picks past the pool's span are -1 and add nothing; the reconstruction is the outputs' mean plus
+    """A pool of two independent texts asked for four: the official code divides by the rounding residue left of a
+    text already spanned (a spurious full-size component, repeated indices; NaN where it is exactly zero). The picks past the pool's span are -1 and add nothing; the reconstruction is the outputs' mean plus
     their projection on the span of the two texts (least squares, closed form)."""
     rng = np.random.default_rng(0)
     outputs = rng.standard_normal((40, 8)).astype(np.float32)

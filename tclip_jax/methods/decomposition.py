@@ -156,9 +156,12 @@ def text_span(outputs: Array, text_pool: Array, num_texts: int, rank: int) -> Te
     (uncentred) outputs. Then, on the centred outputs, repeat: pick the text whose projection has the
     largest standard deviation over the images, add the outputs' projection on it to the reconstruction,
     and project it out of the outputs and of every text. A pick whose text has (almost) nothing left outside the
-    span of those chosen before (a pool of fewer independent texts than `num_texts`) is index -1 and adds nothing;
-    the official code divides by its zero norm there (NaN reconstruction, repeated indices). Outputs with a NaN
-    leave every pick -1 and a NaN reconstruction (values are not checked under jit).
+    span of those chosen before (a pool of fewer independent texts than `num_texts`) is index -1 and adds nothing.
+    The official code divides by that text's squared norm whatever it is: mostly a rounding residue (about 1e-13),
+    not zero, so its reconstruction stays finite but gains a spurious component as large as the real ones, and the
+    index is one picked before or one already in the span of those picked; NaN only where the residue is exactly
+    zero (e.g. a duplicated or an all-zero text, in some runs). Outputs with a NaN leave every pick -1 and a NaN
+    reconstruction (values are not checked under jit).
     """
     if outputs.ndim != 2 or text_pool.ndim != 2 or text_pool.shape[1] != outputs.shape[1]:
         raise ValueError(f"text_span takes outputs [n_images, dim] and text_pool [n_pool, dim] of the same dim, got "
