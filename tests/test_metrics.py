@@ -445,6 +445,39 @@ def test_imagenet_s_perfect_prediction():
     assert np.isnan(log["S"]) and np.isnan(log["L"])
 
 
+def _official_size_percent(counts):
+    """metric.py's IoUDifferentSizeGPU[WithBoundary] on the int64 tensor torch.bincount gives: its own line,
+    {class: ceil(100.0 * counts[c] / sum(counts))}, run by torch."""
+    import math
+
+    import torch
+
+    counts = torch.from_numpy(np.asarray(counts, np.int64))
+    return {c: math.ceil(100.0 * counts[c] / sum(counts)) for c in range(1, len(counts)) if counts[c] > 0}
+
+
+def test_imagenet_s_size_buckets_use_the_evaluators_float32_percent():
+    """A class of exactly half the valid pixels of 1,342,182: the evaluator's float32 percent is 50.0000038 -> 51,
+    bucket L (exact arithmetic: 50, ML). The percent is torch's on the evaluator's own expression, for those counts
+    and random ones near every whole percent (totals past 2**24 included, where float32 rounds the count)."""
+    pytest.importorskip("torch")
+    total, half = 1_342_182, 671_091
+    assert _official_size_percent([total - half, half]) == {1: 51}
+    gt = np.zeros((1159, 1159), np.int64)  # 1,343,281 pixels, 1,099 of them ignored: 1,342,182 valid
+    gt.reshape(-1)[:half] = 1
+    gt.reshape(-1)[-1099:] = imagenet_s.IGNORE_ID
+    stats = imagenet_s.image_stats(gt, gt, num_classes=1)
+    assert [int(bucket.gt[1]) for bucket in stats.buckets] == [0, 0, 0, half]  # L
+    rng = np.random.default_rng(0)
+    for _ in range(1000):
+        total = int(rng.integers(100, 1 << 27))
+        count = total * int(rng.integers(1, 101)) // 100 + int(rng.integers(-1, 2))
+        count = min(max(count, 1), total)
+        counts = [total - count, count]
+        assert imagenet_s._size_percent(np.array([count]), total).tolist() == [_official_size_percent(counts)[1]], \
+            counts
+
+
 def test_imagenet_s_acc_counts_the_largest_predicted_foreground_class_if_gt_and_prediction_both_have_it():
     """The evaluator: ``img_label = argmax(area_output[1:]) + 1``, a hit iff ``area_target[img_label] > 0`` and
     ``area_output[img_label] > 0``; a prediction of background only is a miss, however much background it gets

@@ -15,7 +15,10 @@ Conventions:
 - Size buckets: each GT class of an image (not background) is bucketed by ``ceil(100 * its pixels / valid
   pixels)`` into S (<= 5), MS (<= 25), ML (<= 50), L (> 50); a bucket's counts use the background pixels
   plus the pixels of its classes. Bucket mIoU averages only classes with GT pixels in that bucket (NaN
-  for a bucket no image used). The percentage is computed in exact integer arithmetic.
+  for a bucket no image used). The percentage is computed as the evaluator's
+  ``math.ceil(100.0 * counts[c] / sum(counts))`` on int64 torch tensors computes it, in float32 (the count and the
+  total rounded to float32, the product and the quotient each rounded; ``_size_percent``): a class of exactly half
+  the valid pixels can land in L (1,342,182 valid pixels, a class of 671,091: 50.0000038 -> 51), not ML.
 - ``Acc``: an image counts when the non-background class with the most predicted pixels (first on ties)
   is present in both the prediction and the GT.
 - ``FMeasure``: per image, foreground (id > 0) F-score ``(1 + b) P R / (b P + R + 1e-20)`` with b = 0.3,
@@ -175,13 +178,19 @@ def _boundary_counts(boundary_gt: np.ndarray, boundary_pred: np.ndarray, n: int)
 def _bucket_selections(gt: np.ndarray) -> list[np.ndarray]:
     """Per size bucket, the pixels counted: background plus the bucket's classes; none for an empty bucket."""
     classes, counts = np.unique(gt[gt != 0], return_counts=True)
-    percent = -((-100 * counts) // gt.size)  # ceil(100 * count / total) in integers
+    percent = _size_percent(counts, gt.size)
     bucket_of = np.searchsorted(_BUCKET_UPPER_PERCENT, percent, side="left")
     selections = []
     for k in range(len(SIZE_BUCKETS)):
         members = classes[bucket_of == k]
         selections.append((gt == 0) | np.isin(gt, members) if members.size else np.zeros(gt.shape, bool))
     return selections
+
+
+def _size_percent(counts: np.ndarray, total: int) -> np.ndarray:
+    """ceil(100 * count / total) per class as the evaluator computes it: ``100.0 * counts[c]`` on an int64 tensor is
+    float32 (torch's default dtype), and so is its quotient by ``sum(counts)``, an int64 tensor."""
+    return np.ceil(np.float32(100.0) * np.asarray(counts).astype(np.float32) / np.float32(total))
 
 
 def _fmeasure(target: np.ndarray, output: np.ndarray) -> float:
