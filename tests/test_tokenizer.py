@@ -417,6 +417,22 @@ def test_a_symbol_and_its_marks_are_punctuation_not_part_of_a_word(tokenizer, te
     assert [has_word(w) for w, _ in words] == [not punctuation for _, punctuation in words]
 
 
+@pytest.mark.parametrize("text, word", [("מֶלֶךְ: a king", "מֶלֶךְ"), ("ကူ: help", "ကူ"), ("नमस्ते! hi", "नमस्ते")])
+def test_a_words_last_mark_keeps_every_byte_piece_of_it(tokenizer, text, word):
+    """The BPE can make one piece of a mark's last byte and the symbol after it ("°:" of a final sheva, U+05B0, and
+    ':'): that piece joined the punctuation, so the word kept half of its last character and the two spans overlapped.
+    Every byte of the word is in its pieces (GPT-2's byte symbols read back), and no span overlaps the next."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}
+    prompt = tokenizer.tokenize_words(text)
+    first = prompt.words[0]
+    assert first.text == word and not first.is_punctuation
+    pieces = "".join(prompt.pieces[p - 1] for p in first.piece_positions).replace("</w>", "")
+    assert bytes(byte_of[c] for c in pieces).startswith(word.encode())
+    assert all(a.end <= b.start for a, b in zip(prompt.words, prompt.words[1:]))
+
+
 @pytest.mark.parametrize("text, words", [
     ("a red <|endoftext|> heart", ["a", "red", "heart"]), ("a red heart<|endoftext|>", ["a", "red", "heart"]),
     ("<|startoftext|>dog", ["dog"]), ("<|ENDOFTEXT|>cat<|startoftext|>toy  <|endoftext|>", ["cat", "toy"]),

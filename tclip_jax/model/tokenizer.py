@@ -256,13 +256,16 @@ def _group_words(text: str, cleaned: str, pieces: _Pieces, positions: tuple[int,
         if chunk >= 0 and _has_letter_or_digit(cleaned[members[0][0]:members[-1][1]]):
             chunks.append((members[0][0], members[-1][1], tuple(p for _, _, p in members), False))
             continue
-        split = 0
+        split, marks_end = 0, members[0][0]
         if chunk >= 0 and chunks and not chunks[-1][3] and chunks[-1][1] == members[0][0]:
-            while split < len(members) and _all_marks(cleaned[members[split][0]:members[split][1]]):
+            while marks_end < members[-1][1] and _is_mark(cleaned[marks_end]):
+                marks_end += 1
+            while split < len(members) and members[split][0] < marks_end:  # a mark's byte pieces join its word
                 split += 1
         for part, punctuation in ((members[:split], False), (members[split:], True)):
             if part:
-                chunks.append((part[0][0], part[-1][1], tuple(p for _, _, p in part), punctuation))
+                end = part[-1][1] if punctuation else min(part[-1][1], marks_end)
+                chunks.append((part[0][0], end, tuple(p for _, _, p in part), punctuation))
     merged = []  # (start, end, piece positions, is_punctuation)
     for start, end, piece_positions, punctuation in chunks:
         if merged and not punctuation and not merged[-1][3] and merged[-1][1] >= start:
@@ -283,10 +286,6 @@ def has_word(text: str) -> bool:
 
 def _has_letter_or_digit(text: str) -> bool:
     return any(unicodedata.category(c)[0] in "LN" for c in text)
-
-
-def _all_marks(text: str) -> bool:
-    return bool(text) and all(map(_is_mark, text))
 
 
 def _is_mark(character: str) -> bool:
