@@ -92,8 +92,9 @@ def finite(name: str, value: float) -> None:
 
 
 def integer(name: str, value: Any, minimum: Optional[int] = None) -> None:
-    """Raises ValueError unless `value` is an int (not a bool, not a float) of at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Raises ValueError unless `value` is an int, Python's or numpy's (a loop over `np.arange`), not a bool nor a
+    float, of at least `minimum`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
@@ -375,14 +376,16 @@ def _item_reader(hint: Any) -> Optional[Callable[[str], Any]]:
 @functools.cache
 def _readers(cls: type) -> dict[str, Callable[[str], Any]]:
     """How each field of the settings class `cls` reads the text of its flag or `--option`: its `parse`, else the one
-    its annotation names (`_reader_of`), else its default's type (bool, int, float or str). A field with none could
+    its annotation names (`_reader_of`), else (but for a union) its default's type (bool, int, float or str). A field with none could
     not be set from the command line though Python and JSON set it: its class is refused, in one line, as it is
     first used (its first settings made, its flags registered, an option read)."""
     hints = _field_types(cls)
     readers = {}
     for f in dataclasses.fields(cls):
         read = f.metadata.get("parse") or _reader_of(hints.get(f.name))
-        if read is None and isinstance(f.default, (bool, int, float, str)):
+        # not for a union _reader_of cannot read (Union[Literal["mean"], float]): its default's type would read
+        # "0.5" as the text where Python and JSON give the number
+        if read is None and isinstance(f.default, (bool, int, float, str)) and not _is_union(hints.get(f.name)):
             read = parse_bool if isinstance(f.default, bool) else type(f.default)
         if read is None:
             hint = hints.get(f.name)

@@ -1157,6 +1157,15 @@ def test_a_union_setting_is_read_from_text_as_python_and_json_take_it():
                                          frozen=True)
     with pytest.raises(ValueError, match=r"^option x: invalid float value: 'abc'$"):
         numbers.parse_assignments(["x=abc"])
+    # a union with a member no reader names (a Literal: how the package writes its threshold, which gives parse=)
+    # read "0.5" as the default's type, the text '0.5', where Python gives 0.5: refused without parse=
+    from typing import Literal
+    literal = dataclasses.make_dataclass("S", [("e", Union[Literal["x", "y"], float], setting("x", "a union"))],
+                                         bases=(Options,), frozen=True)
+    with pytest.raises(TypeError, match=r"^setting e of S is of type Union\[Literal\['x', 'y'\], float\], which does "
+                                        r"not say how to read it from text \(--option e=VALUE\): give setting\(\.\.\., "
+                                        r"parse=\.\.\.\)$"):
+        literal.parse_assignments(["e=0.5"])
     # from JSON and Python, a value that is none of the members is refused as the text is ("abc" was held as such)
     for annotation, default, value in [(Union[int, float], 1, "abc"), (Union[int, str], 1, 2.0),
                                        (Union[bool, str], True, 1), (Union[int, str], 1, None)]:

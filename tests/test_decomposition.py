@@ -180,6 +180,9 @@ def test_text_span_rejects_bad_sizes():
         text_span(outputs, pool, num_texts=1, rank=17)
     with pytest.raises(ValueError, match="num_texts must be an integer"):
         text_span(outputs, pool, num_texts=2.0, rank=4)
+    # numpy's integers are integers (a loop over np.arange): the same picks as Python's
+    np.testing.assert_array_equal(np.asarray(text_span(outputs, pool, num_texts=np.int64(2), rank=np.int64(4)).indices),
+                                  np.asarray(text_span(outputs, pool, num_texts=2, rank=4).indices))
     with pytest.raises(ValueError, match="rank must be an integer"):
         text_span(outputs, pool, num_texts=1, rank=True)
     with pytest.raises(ValueError, match=r"of the same dim, got \(64, 16\) and \(23, 15\)"):

@@ -309,6 +309,10 @@ def test_prompt_longer_than_the_context(tiny_clip, fixture_images, vit_calls):
     explained = result.prompts[0]
     assert len(explained.tokens.pieces) == len(explained.words) == 75
     assert explained.tokens.token_ids[76] == tiny_clip.tokenizer.eot_id
+    # every word past the cut: the prompt has words, none within the context ("has no words" alone read as untrue)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"has no words to explain within the model's "
+                                                                   r"context \(truncate cut off every word\)$"):
+        truncating.explain(small_image, "! " * 80 + "dog")
 
 
 def test_unreadable_files_are_named_in_the_error(no_translation, tmp_path):

@@ -56,7 +56,7 @@ from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_siz
 from tclip_jax.methods.common import causal_length_groups, minmax, text_features
 from tclip_jax.model.clip import check_floating_pixels, eot_positions
 from tclip_jax.model.config import PRESETS
-from tclip_jax.model.tokenizer import PromptCutWarning, TokenizedPrompt, Word, clean_text
+from tclip_jax.model.tokenizer import PromptCutWarning, TokenizedPrompt, Word, clean_text, has_word
 from tclip_jax.methods.settings import MethodSettings
 from tclip_jax.postprocess import Box, GmmFit, heatmap_boxes
 
@@ -946,8 +946,9 @@ def _kept_end(words: Sequence[Word], start: int, length: int) -> int:
 
 def _explained_words(tokens: TokenizedPrompt) -> tuple[Word, ...]:
     words = tuple(w for w in tokens.words if not w.is_punctuation)
-    if not words:
-        raise ValueError(f"prompt {tokens.text!r} has no words to explain")
+    if not words:  # its words may all lie past the model's context, cut off under `truncate`
+        cut = " within the model's context (truncate cut off every word)" if has_word(tokens.text) else ""
+        raise ValueError(f"prompt {tokens.text!r} has no words to explain{cut}")
     return words
 
 
