@@ -116,6 +116,7 @@ def check_output_folder(out: str | os.PathLike, flag: str = "--out", replaced: b
     out = nonempty_path(out, flag, "a folder ('.' for the current one)")
     if out.is_symlink() and not out.exists():  # as staged_folder refuses it; a loop of links too (resolve raises)
         raise ValueError(f"{flag} {out} is a link to nothing; remove it or name another folder")
+    _refuse_dangling_parent(out, flag)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{flag} {out} is a file, not a folder")
     _check_can_write_in(out if out.exists() else next(p for p in out.parents if p.exists()), out, flag)
@@ -133,12 +134,23 @@ def check_output_file(path: str | os.PathLike, flag: str, make_folders: bool = F
     this process may write in; with `make_folders` (the run makes the missing folders), the nearest existing folder
     above it must be one this process may write in. `flag` names it in the one-line error. Returns it as a path."""
     path = pathlib.Path(path)
+    _refuse_dangling_parent(path, flag)
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder, not a file")
     if not make_folders and not path.parent.is_dir():
         raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
     _check_can_write_in(next(p for p in path.parents if p.exists()), path, flag)
     return path
+
+
+def _refuse_dangling_parent(path: pathlib.Path, flag: str) -> None:
+    """A folder above `path` that is a link to nothing (or a loop of links) cannot be made: said as that, not as
+    mkdir's "File exists" or "Too many levels of symbolic links"."""
+    for parent in path.parents:
+        if parent.exists():
+            return
+        if parent.is_symlink():
+            raise ValueError(f"{flag} {path}: {parent} is a link to nothing; remove it or name another folder")
 
 
 def _check_can_write_in(existing: pathlib.Path, path: pathlib.Path, flag: str) -> None:

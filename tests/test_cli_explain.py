@@ -177,6 +177,10 @@ def test_an_out_that_is_a_link_to_nothing_or_a_loop_is_refused_in_one_line(tmp_p
             assert tclip([*command, "--out", out]) == 2, command
             assert capsys.readouterr().err == (f"tclip {command[0]}: error: --out {out} is a link to nothing; remove "
                                                "it or name another folder\n")
+            # a folder under such a link: mkdir's "[Errno 17] File exists: 'dangling'" or "Too many levels"
+            assert tclip([*command, "--out", f"{out}/sub"]) == 2, command
+            assert capsys.readouterr().err == (f"tclip {command[0]}: error: --out {out}/sub: {out} is a link to "
+                                               "nothing; remove it or name another folder\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
@@ -390,6 +394,11 @@ def test_an_xla_flags_xla_refuses_is_one_line_naming_it_and_nothing_is_made_at_o
     from tclip_jax.cli import _xla_flags_refused
 
     assert _xla_flags_refused() is None  # this session's own flags (conftest's), which its backend took
+    from tclip_jax.cli import _xla_refusal
+
+    # a TPU flag is libtpu's, unknown to jaxlib's XLA (a TPU VM aborts on it in XLA_FLAGS too): say where it goes
+    assert _xla_refusal("--xla_tpu_enable_latency_hiding_scheduler=true").endswith(
+        "; TPU flags (--xla_tpu_...) go in LIBTPU_INIT_ARGS; correct it or unset XLA_FLAGS")
 
 
 def test_a_commands_warnings_are_said_in_one_line_while_it_runs_and_the_process_keeps_its_own(monkeypatch, capsys):

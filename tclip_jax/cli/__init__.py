@@ -337,7 +337,9 @@ def _xla_refusal(flags: str) -> Optional[str]:
         return None
     said = _XLA_LOG_LINE.search(probe.stderr)  # the first: a value's error line comes before the fatal one
     reason = f" ({said.group(1).strip()})" if said else ""
-    return f"XLA refuses XLA_FLAGS={flags!r}{reason}; correct it or unset XLA_FLAGS"
+    # jaxlib's XLA knows no TPU flag: libtpu reads those, from LIBTPU_INIT_ARGS (a TPU VM aborts on them here too)
+    tpu = "; TPU flags (--xla_tpu_...) go in LIBTPU_INIT_ARGS" if "--xla_tpu_" in flags else ""
+    return f"XLA refuses XLA_FLAGS={flags!r}{reason}{tpu}; correct it or unset XLA_FLAGS"
 
 
 def _one_line(err: BaseException) -> str:
