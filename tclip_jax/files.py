@@ -110,13 +110,12 @@ def nonempty_path(value: str | os.PathLike, what: str, names: str) -> pathlib.Pa
 
 
 def check_output_folder(out: str | os.PathLike, flag: str = "--out", replaced: bool = False) -> pathlib.Path:
-    """`out` as a folder a run can make or fill, checked before the run starts: not a file, not under a file, not a
-    link to nothing (or a loop of links), and in a folder this process may write in. With `replaced` (the run replaces an existing `out` with a folder it
-    stages beside it, `staged_folder`), the folder holding `out` must be writable too. Returns it as a path."""
+    """`out` as a folder a run can make or fill, checked before the run starts: not a file, not under a file, neither
+    it nor a folder above it a link to nothing (or a loop of links), and in a folder this process may write in. With
+    `replaced` (the run replaces an existing `out` with a folder it stages beside it, `staged_folder`), the folder
+    holding `out` must be writable too. Returns it as a path."""
     out = nonempty_path(out, flag, "a folder ('.' for the current one)")
-    if out.is_symlink() and not out.exists():  # as staged_folder refuses it; a loop of links too (resolve raises)
-        raise ValueError(f"{flag} {out} is a link to nothing; remove it or name another folder")
-    _refuse_dangling_parent(out, flag)
+    _refuse_dangling_links(out, flag)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{flag} {out} is a file, not a folder")
     _check_can_write_in(out if out.exists() else next(p for p in out.parents if p.exists()), out, flag)
@@ -134,7 +133,7 @@ def check_output_file(path: str | os.PathLike, flag: str, make_folders: bool = F
     this process may write in; with `make_folders` (the run makes the missing folders), the nearest existing folder
     above it must be one this process may write in. `flag` names it in the one-line error. Returns it as a path."""
     path = pathlib.Path(path)
-    _refuse_dangling_parent(path, flag)
+    _refuse_dangling_links(path, flag)
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder, not a file")
     if not make_folders and not path.parent.is_dir():
@@ -143,14 +142,16 @@ def check_output_file(path: str | os.PathLike, flag: str, make_folders: bool = F
     return path
 
 
-def _refuse_dangling_parent(path: pathlib.Path, flag: str) -> None:
-    """A folder above `path` that is a link to nothing (or a loop of links) cannot be made: said as that, not as
-    mkdir's "File exists" or "Too many levels of symbolic links"."""
-    for parent in path.parents:
-        if parent.exists():
+def _refuse_dangling_links(path: pathlib.Path, flag: str) -> None:
+    """`path`, or a folder above it, that is a link to nothing (or a loop of links) cannot be made or written through:
+    said as that (as `staged_folder` says it), not as mkdir's "File exists", "Too many levels of symbolic links" or
+    Path.resolve's RuntimeError."""
+    for link in (path, *path.parents):
+        if link.exists():
             return
-        if parent.is_symlink():
-            raise ValueError(f"{flag} {path}: {parent} is a link to nothing; remove it or name another folder")
+        if link.is_symlink():
+            where = "" if link == path else f": {link}"
+            raise ValueError(f"{flag} {path}{where} is a link to nothing; remove it or name another folder")
 
 
 def _check_can_write_in(existing: pathlib.Path, path: pathlib.Path, flag: str) -> None:

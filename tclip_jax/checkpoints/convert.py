@@ -106,7 +106,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: CLIPConfig,
     """Applies the rule table of `fmt`, then checks the result against the model's parameter shapes.
 
     Raises ConversionError listing missing and unexpected source keys, keys a rule cannot split or transpose or
-    that hold integers or booleans (a buffer the rules ignore may), shape mismatches and non-finite values, all at once (naming `path`, the checkpoint file, if given).
+    that hold integers or booleans (a buffer the rules ignore may), shape mismatches and non-finite values, all at
+    once (naming `path`, the checkpoint file, if given).
     """
     fmt = fmt or detect_format(state_dict)
     rules = expand(fmt, {"visual": config.vision_layers, "text": config.text_layers})
