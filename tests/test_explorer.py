@@ -1116,6 +1116,34 @@ def test_labels_name_the_settings_of_a_method_from_outside_the_package(tmp_path,
     assert method_label(run) == labels[0] and run_name(run) == f"{labels[0]} (m.npz)"
 
 
+def test_a_model_named_as_the_current_or_parent_folder_is_labelled_by_that_folders_name(tmp_path, fixtures_dir,
+                                                                                          monkeypatch):
+    """A model loaded as "./" was labelled "" (the repr's "on :", the figure's "model ", the page's "model ?"), and
+    "." or ".." as written: each is labelled by the name of the folder it names. result.json keeps the origin as
+    typed, as the command line took it."""
+    from tclip_jax.methods.tclip import TCLIP
+    from tclip_jax.visualize import model_label, result_figure
+
+    folder = tmp_path / "my_model"
+    assert tclip(["convert", str(fixtures_dir / "tiny_openai_clip.npz"), "--out", str(folder)]) == 0
+    (folder / "sub").mkdir()
+    monkeypatch.chdir(folder)
+    for origin in ("./", ".", "./sub/.."):
+        assert model_label({"model": {"origin": origin}}) == "my_model", origin
+    monkeypatch.chdir(folder / "sub")
+    for origin in ("..", "../", "../sub/.."):
+        assert model_label({"model": {"origin": origin}}) == "my_model", origin
+    assert model_label({"model": {"origin": "/"}}) == "/"  # the root has no name: as written
+    result = TCLIP.from_pretrained("..", translations=1).explain(str(fixtures_dir / "scene_224.png"), "red")
+    assert repr(result).startswith("<ImageResult TCLIP K=1 on my_model: ")
+    assert "· model my_model\n" in result_figure(result)._suptitle.get_text()
+    out = tmp_path / "out"
+    assert tclip(["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "red", "--model", "../",
+                  "--translations", "1", "--out", str(out)]) == 0
+    assert page_json(out / "index.html")["model"] == "my_model"
+    assert json.loads((out / "scene_224" / "result.json").read_text())["run"]["model"]["origin"] == "../"
+
+
 def test_a_label_names_each_changed_setting_as_an_option_that_reads_back():
     """A label lists the changed settings as "k=v, k=v"; a tuple's values are joined by "," as --option and --compare
     take them (scale_fractions=0.25,0.5), so the list reads back into those settings."""

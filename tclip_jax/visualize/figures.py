@@ -310,15 +310,20 @@ def _subclasses(cls: type) -> Iterator[type]:
 
 
 def model_label(run: dict) -> str:
-    """The model's short name: a hub name as given, a file or folder by its last path component; and its matmul
-    dtype and precision where they are not the default (`matmul_note`), e.g. "ViT-B-32.pt (bfloat16 matmuls)"."""
+    """The model's short name: a hub name as given, a file or folder by its last path component (a folder named as
+    ".", "./" or "..", by the name of the folder it resolves to now, e.g. "my_model"); and its matmul dtype and
+    precision where they are not the default (`matmul_note`), e.g. "ViT-B-32.pt (bfloat16 matmuls)"."""
     model = run.get("model") or {}
     origin = str(model.get("origin") or model.get("source") or "?")
     suffix = matmul_note(run)
-    if origin.startswith("hf-hub:") or not ("/" in origin or "\\" in origin):
+    if origin.startswith("hf-hub:"):
         return origin + suffix
-    path = pathlib.PurePath(origin)
-    name = path.name if path.is_absolute() or origin.startswith(".") or pathlib.Path(origin).exists() else origin
+    name = origin
+    if "/" in origin or "\\" in origin:
+        path = pathlib.PurePath(origin)
+        name = path.name if path.is_absolute() or origin.startswith(".") or pathlib.Path(origin).exists() else origin
+    if name in ("", ".", ".."):  # "./" has no last component, ".." says nothing: the folder's own name
+        name = pathlib.Path(origin).resolve().name or origin  # (the root has no name either)
     return name + suffix
 
 
