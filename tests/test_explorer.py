@@ -839,6 +839,19 @@ def test_characters_the_figure_font_lacks_are_said_once_not_per_glyph_and_figure
     assert [str(w.message) for w in caught] == ["the figures' font lacks some characters of the prompts "
                                                 "(京 東): they show as boxes in the grid figures; the "
                                                 "explorer page shows them"]
+    # Every way of drawing the figure stays quiet: the figure's own savefig (which printed matplotlib's "Glyph N
+    # missing from font(s)" once per character), in other formats, cropped tight, and the notebook's PNG.
+    result = explainer.explain(str(fixtures_dir / "scene_224.png"), "一只红色的猫")  # a red cat
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure = result.figure()
+        figure.savefig(tmp_path / "grid.png")
+        figure.savefig(tmp_path / "grid.svg")
+        figure.savefig(tmp_path / "tight.png", bbox_inches="tight")
+        figure._repr_png_()
+    assert [str(w.message) for w in caught] == ["the figures' font lacks some characters of the prompts "
+                                                "(一 只 猫 的 红 色): they show as boxes in the grid figures; the "
+                                                "explorer page shows them"]
 
 
 def test_a_large_photo_is_drawn_in_the_grid_at_a_bounded_size_with_its_box_where_it_was():

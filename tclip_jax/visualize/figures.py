@@ -111,12 +111,21 @@ def format_number(value: Optional[float]) -> str:
 
 class ResultFigure(Figure):
     """A matplotlib figure that shows itself in a notebook (as PNG) without pyplot: returned as a cell's last
-    value it is displayed once, whatever the backend, and no pyplot figure is left open."""
+    value it is displayed once, whatever the backend, and no pyplot figure is left open. Matplotlib's warning per
+    character its font lacks is silenced wherever the figure lays out or draws its text (`draw`, `get_tightbbox`:
+    `savefig` in any format, with `bbox_inches="tight"` too, and the notebook's PNG): `grid_figure` said it once."""
+
+    def draw(self, renderer) -> None:
+        with _missing_glyphs_noted():
+            super().draw(renderer)
+
+    def get_tightbbox(self, *args, **kwargs):
+        with _missing_glyphs_noted():
+            return super().get_tightbbox(*args, **kwargs)
 
     def _repr_png_(self) -> bytes:
         buffer = io.BytesIO()
-        with _missing_glyphs_noted():
-            self.savefig(buffer, format="png", dpi=80)
+        self.savefig(buffer, format="png", dpi=80)
         return buffer.getvalue()
 
 
@@ -377,6 +386,5 @@ def result_figure(result, prompt: int = 0, kind: str = "heatmap", columns: int =
 
 
 def save_figure(figure: Figure, path, dpi: int = 90) -> None:
-    with _missing_glyphs_noted():
-        figure.savefig(path, dpi=dpi)
+    figure.savefig(path, dpi=dpi)
 
