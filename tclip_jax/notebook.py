@@ -98,15 +98,21 @@ def show(result: ImageResult, prompt_index: int = 0):
     return result.figure(prompt_index)
 
 
-def compare(explainer, image, prompts, methods: Sequence[str] = ("tclip:translations=1",)):
+def compare(explainer, image, prompts, methods: Optional[Sequence[str] | str] = None):
     """The explorer's compare view of one image: `explainer`'s result beside each of `methods` (as `tclip
-    explain --compare`: "METHOD[:key=value,...]"), all on the explainer's loaded model. A notebook shows the
-    returned object as the explorer; `.result` is the explainer's own `ImageResult`."""
+    explain --compare`: "METHOD[:key=value,...]"), all on the explainer's loaded model; as there, TCLIP K=1 joins a
+    TCLIP explainer's comparison unless the explainer or one of `methods` is TCLIP at K=1 already, so the default
+    (None) compares a TCLIP explainer with K=1, and `[]` or "none" compares nothing. A notebook shows the returned
+    object as the explorer; `.result` is the explainer's own `ImageResult`."""
     from tclip_jax.cli.explain import Plan
     from tclip_jax.visualize import Explorer
 
-    methods = [methods] if isinstance(methods, str) else list(methods)
-    plan = Plan.build(explainer, prompt_list(prompts), methods or [NO_COMPARE])
+    if methods is None:
+        methods = []
+    else:
+        methods = [methods] if isinstance(methods, str) else list(methods)
+        methods = methods or [NO_COMPARE]
+    plan = Plan.build(explainer, prompt_list(prompts), methods)
     return Explorer(plan.views(image))
 
 

@@ -100,6 +100,31 @@ def test_a_whole_prompt_under_a_label_set_method_says_what_it_was_mapped_against
     assert "as its label set" not in notebook.compare(plain, image, prompts, "similarity")._repr_html_()
 
 
+def test_compare_by_default_adds_tclip_k1_as_the_command_line_does_and_none_compares_nothing(fixtures_dir):
+    """compare's default was ("tclip:translations=1",): with a K=1 explainer it warned "the same method and settings as
+    the run's method; shown once" and showed one panel. The default compares as `tclip explain` without --compare
+    (TCLIP K=1 beside a TCLIP run not at K=1 by itself; nothing beside one at K=1), and [] or "none" compares
+    nothing, as `--compare none`. The explorer's repr names its views and the image's size."""
+    import warnings
+
+    from tclip_jax.methods.tclip import TCLIP
+
+    model = str(fixtures_dir / "tiny_openai_clip.npz")
+    image = np.zeros((32, 48, 3), np.uint8)
+    k25, k1 = TCLIP.from_pretrained(model), TCLIP.from_pretrained(model, translations=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explorers = {"k25": notebook.compare(k25, image, ["red"]), "k1": notebook.compare(k1, image, ["red"]),
+                     "k25 []": notebook.compare(k25, image, ["red"], []),
+                     "k25 none": notebook.compare(k25, image, ["red"], "none")}
+    labels = {what: [(v.result.run["method"], v.result.run["settings"]["translations"]) for v in e.views]
+              for what, e in explorers.items()}
+    assert labels == {"k25": [("tclip", 25), ("tclip", 1)], "k1": [("tclip", 1)], "k25 []": [("tclip", 25)],
+                      "k25 none": [("tclip", 25)]}
+    assert repr(explorers["k25"]) == "<Explorer of 2 views (TCLIP K=25; TCLIP K=1): image size_hw (32, 48)>"
+    assert repr(explorers["k1"]) == "<Explorer of 1 view (TCLIP K=1): image size_hw (32, 48)>"
+
+
 def test_compare_names_a_bad_method_spec_alone_not_after_the_command_lines_flag(fixtures_dir):
     from tclip_jax.methods.similarity import Similarity
 

@@ -328,6 +328,12 @@ class Explorer:
     def result(self):
         return self.views[0].result
 
+    def __repr__(self) -> str:
+        """The views by their labels and the image's size: a notebook keeps it beside the explorer as the cell's text."""
+        labels = "; ".join(view_label(v) for v in self.views)  # a label's settings are separated by commas
+        return (f"<Explorer of {len(self.views)} view{'s' * (len(self.views) != 1)} ({labels}): image size_hw "
+                f"{tuple(self.result.image.shape[:2])}>")
+
     def _repr_html_(self) -> str:
         return result_html(self.views[0], self.views[1:])
 
