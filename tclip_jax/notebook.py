@@ -71,7 +71,7 @@ def _user_agent() -> str:
 def fetch_image(source: Any = None) -> np.ndarray:
     """uint8 RGB from an http(s) URL, or what `load_image` takes (a path as str or `pathlib.Path`, encoded bytes, a PIL
     image, an array), or Colab's `files.upload()` result, a dict of one uploaded file's name and bytes; with no
-    source, a held-out synthetic scene."""
+    source, a held-out synthetic scene. An error names the URL, and what the server sent where that was no image."""
     if source is None:
         return synthetic.make_scene(synthetic.HELDOUT_SEED_START).image
     if isinstance(source, dict):  # google.colab.files.upload(): {file name: bytes}
@@ -80,15 +80,22 @@ def fetch_image(source: Any = None) -> np.ndarray:
                              + (f" ({', '.join(map(repr, source))}): pass one, fetch_image(uploaded[name])"
                                 if source else ""))
         source = next(iter(source.values()))
-    if isinstance(source, str) and source.lower().startswith(("http://", "https://")):  # schemes are case-blind
+    if isinstance(source, str) and source.strip().lower().startswith(("http://", "https://")):  # case-blind schemes
+        source = source.strip()  # a URL pasted with a space before it was taken for a file name
         request = urllib.request.Request(source, headers={"User-Agent": _user_agent()})
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 encoded = response.read()
+                sent = response.headers.get_content_type() if response.headers.get("Content-Type") else None
         except OSError as err:  # urllib's words do not say which URL ("<urlopen error [Errno 111] Connection refused>")
             unwrapped = type(err) is urllib.error.URLError  # an HTTPError's own words are "HTTP Error 404: ..."
             raise OSError(f"cannot fetch {source}: {err.reason if unwrapped else err}") from None
-        return load_image(encoded)  # encoded bytes: the pixel-limit check a file gets
+        try:
+            return load_image(encoded, file=source)  # encoded bytes: the pixel-limit check a file gets; errors name it
+        except ValueError as err:  # a web page (a login, a gallery's page about the image) where the image was meant
+            if sent is None or sent.startswith("image/"):
+                raise
+            raise ValueError(f"{err} (the server sent {sent}, not an image)") from None
     return load_image(source)
 
 

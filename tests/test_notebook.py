@@ -275,6 +275,15 @@ def test_fetch_image_from_a_url_decodes_as_a_file_does_with_its_pixel_limit(tmp_
         missing = url.replace("photo", "missing")
         with pytest.raises(OSError, match=f"^cannot fetch {re.escape(missing)}: HTTP Error 404: "):  # names the URL
             notebook.fetch_image(missing)
+        # A URL pasted with spaces around it is fetched (it was taken for a file name, "https:/..." in the message).
+        np.testing.assert_array_equal(notebook.fetch_image(f"  {url}\n"), load_image(tmp_path / "photo.png"))
+        # A web page where the image was meant names the URL and what the server sent ("cannot read image bytes: the
+        # bytes are not an image PIL can decode" named neither); http.server sends an .html file as text/html.
+        (tmp_path / "page.html").write_text("<html><body>a page about a photo</body></html>")
+        page = url.replace("photo.png", "page.html")
+        with pytest.raises(ValueError, match=f"^cannot read image file {re.escape(page)}: the file is not an image PIL "
+                                             r"can decode \(the server sent text/html, not an image\)$"):
+            notebook.fetch_image(page)
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1200 pixels: under PIL's own refusal at twice it
         with pytest.raises(ValueError, match="has 1,200 pixels, more than the limit of 1,000"):
             notebook.fetch_image(url)

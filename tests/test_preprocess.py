@@ -715,7 +715,10 @@ def test_load_text_file_named_png_is_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("source, message", [
-    ("https://example.com/cat.jpg", r"^'https://example.com/cat.jpg' is a URL: images are not fetched; download"),
+    ("https://example.com/cat.jpg", r"^'https://example.com/cat.jpg' is a URL: images are not fetched; download the "
+                                    r"image and pass its file \(in Python, tclip_jax\.notebook\.fetch_image\(url\) "
+                                    r"fetches an http\(s\) URL\)$"),
+    (" https://example.com/cat.jpg", r"^' https://example.com/cat.jpg' is a URL: images are not fetched"),
     ("s3://bucket/cat.png", r"^'s3://bucket/cat.png' is a URL: images are not fetched"),
     ("", r"^an image path is an empty string$"),
     ("a" * 5000, r"^cannot read image file 'a{120}'\.\.\. \(5,000 characters\): [^\n]+$"),

@@ -125,14 +125,15 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 def _image_path(image: str | os.PathLike) -> pathlib.Path:
     """The path of an image file; an empty string and a URL (which would be read as a relative path, its "//"
-    collapsed) are refused."""
+    collapsed; one with spaces before it too) are refused."""
     text = os.fspath(image)
     if isinstance(text, bytes):
         text = os.fsdecode(text)
     if not text:
         raise ValueError("an image path is an empty string")
-    if _URL.match(text) and not os.path.lexists(text):
-        raise ValueError(f"{_shown(text)} is a URL: images are not fetched; download the image and pass its file")
+    if _URL.match(text.lstrip()) and not os.path.lexists(text):  # (a space before it: still no file name)
+        raise ValueError(f"{_shown(text)} is a URL: images are not fetched; download the image and pass its file "
+                         "(in Python, tclip_jax.notebook.fetch_image(url) fetches an http(s) URL)")
     return pathlib.Path(image)
 
 
