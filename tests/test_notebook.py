@@ -44,13 +44,14 @@ def test_notebook_executes_offline(monkeypatch, tmp_path):
             assert browser.console_problems(driver) == []
 
 
-def test_the_notebooks_first_cell_says_how_to_ask_for_float32_matmuls_on_a_tpu():
-    """Colab's TPU runs float32 matmuls as single bfloat16 passes under JAX's default precision, which the notebook,
-    set to a TPU, did not say; its first cell says how to ask for float32 and points to the README's section, which
-    gives the same call."""
+def test_the_notebooks_first_cell_says_how_to_ask_for_float32_matmuls_on_a_tpu_or_a_tf32_gpu():
+    """Colab's TPU runs float32 matmuls as single bfloat16 passes under JAX's default precision, and a GPU with TF32
+    (A100, L4, H100) as TF32, which the notebook did not say (then said of the TPU alone); its first cell says how to
+    ask for float32 and points to the README's section, which gives the same call."""
     first = "".join(nbformat.read(NOTEBOOK, as_version=4).cells[0].source)
     call = 'jax.default_matmul_precision("float32")'
     assert "TPU" in first and "bfloat16" in first and call in first and "*Dtype policy*" in first
+    assert "GPU with TF32" in first and "as TF32" in first
     readme = (NOTEBOOK.parents[1] / "README.md").read_text(encoding="utf-8")
     assert "**Dtype policy**" in readme and f"`{call}`" in readme
 
