@@ -432,3 +432,43 @@ def test_reports_count_one_image_unit_or_error_in_the_singular(coco_hand, tmp_pa
     segmentation["wrong_attribute"]["units"] = 3
     text = markdown(config, segmentation)
     assert "2 of 3 units have a relevance map with no positive value" in text and "over 3 units." in text
+
+
+def test_placed_groups_are_also_pooled_by_kind_as_an_explicit_count_over_the_records_gives():
+    """many_objects groups its words by kind and place ("shape 4"): the report also gives each kind over all places
+    ("shape"), counted here unit by unit, and keeps each place and each group without a place as it was."""
+    from tclip_jax.sweep.report import markdown, summarize
+
+    rng = random.Random(0)
+    groups = ["colour 1", "colour 2", "shape 1", "shape 2", "shape 3", "relation", "shape 12"]
+    records = []
+    for index in range(6):
+        units = []
+        for group in rng.sample(groups, 4):
+            hit, pg = rng.random() < 0.5, rng.random() < 0.6
+            units.append({"class": rng.choice(["red", "star", "left"]), "group": group, "hit": hit,
+                          "iou": rng.random(), "pg_hit": pg, "energy_pg": rng.random(), "energy_in_mask": rng.random(),
+                          "pixel_correct": rng.randrange(50, 100), "pixel_labeled": 100,
+                          "area_inter": [rng.randrange(30), rng.randrange(10)],
+                          "area_union": [rng.randrange(30, 60), rng.randrange(10, 20)], "ap": rng.random()})
+        records.append({"index": index, "key": str(index), "units": units})
+    summary = summarize(records)
+    everything = [u for r in records for u in r["units"]]
+    assert set(summary["groups"]) == {g for u in everything for g in (u["group"], u["group"].split(" ")[0])}
+    for name, part in summary["groups"].items():
+        # a kind: every unit whose group is that kind, with or without a place; else the group itself
+        units = [u for u in everything if u["group"] == name or u["group"].split(" ")[0] == name]
+        assert part["units"] == len(units) == part["segmentation"]["units"] == part["detection"]["units"]
+        assert part["detection"]["box_accuracy"] == pytest.approx(sum(u["hit"] for u in units) / len(units))
+        assert part["detection"]["mean_iou"] == pytest.approx(sum(u["iou"] for u in units) / len(units))
+        assert part["segmentation"]["pointing_game"] == pytest.approx(sum(u["pg_hit"] for u in units) / len(units))
+        assert part["segmentation"]["energy_pg"] == pytest.approx(sum(u["energy_pg"] for u in units) / len(units))
+        assert part["segmentation"]["mask_iou"] == pytest.approx(
+            sum(u["area_inter"][1] for u in units) / sum(u["area_union"][1] for u in units))
+    assert summary["groups"]["shape"]["units"] == sum(u["group"].startswith("shape ") for u in everything)
+    assert summary["groups"]["relation"]["units"] == sum(u["group"] == "relation" for u in everything)
+    config = {"dataset": "synthetic-many_objects", "evaluation": {}, "run": {
+        "method": "tclip", "settings": {}, "input_protocol": "whole", "model": {"origin": "m"}}}
+    rows = [line.split(" | ")[0] for line in markdown(config, summary).splitlines() if line.startswith("| ")]
+    for label in ("colour", "shape", "shape 3", "relation"):  # a row each in both tables
+        assert sum(row.endswith(f", {label}") for row in rows) == 2

@@ -10,6 +10,10 @@ Scores (all fractions in the JSON; the Markdown shows box accuracy in percent, a
 - seed metrics (``--metrics seed``): mSC, grid-searched and fixed-threshold mIoU (``metrics.seed``, over images:
   each image's units are the categories present).
 - wrong attribute: ``wrong_pointing`` = the fraction of units with a named-but-wrong object whose map peaks on it.
+Every score is also given per unit group (``groups``; a row each in the tables) where units have one. A group "KIND N"
+(a word kind and a 1-based place, e.g. many_objects' ``shape 4``) also counts in the group KIND pooled over places
+(``shape``; `unit_groups`), so such groups overlap: a unit counts in both, and only the plain groups of a dataset
+whose groups have no places partition its units.
 Records are merged in dataset order, so the report does not depend on how the sweep was split or resumed.
 """
 from __future__ import annotations
@@ -39,10 +43,12 @@ PAPER = {
                       "mask_iou": 0.3817},
 }
 _SHOWN_ERRORS = 20
+_PLACED_GROUP = re.compile(r"(.+) ([1-9][0-9]*)")  # "KIND N": also pooled as KIND (`unit_groups`)
 
 
 def summarize(records: list[dict]) -> dict:
-    """Dataset scores of a sweep's records (see the module doc); with `groups` per unit group if units have one."""
+    """Dataset scores of a sweep's records (see the module doc); with `groups` per unit group if units have one
+    (`unit_groups`)."""
     records = sorted(records, key=lambda r: r["index"])
     units = [u for r in records if "units" in r for u in r["units"]]
     summary: dict = {
@@ -54,11 +60,22 @@ def summarize(records: list[dict]) -> dict:
     seeded = [[(u["class"], u["seed"]) for u in r["units"] if "seed" in u] for r in records if "units" in r]
     if any(seeded):
         summary["seed"] = summarize_seed(seeded)
-    groups = sorted({u["group"] for u in units if "group" in u})
-    if groups:
-        summary["groups"] = {g: {"units": sum(u.get("group") == g for u in units),
-                                 **_task_scores([u for u in units if u.get("group") == g])} for g in groups}
+    members: dict[str, list[dict]] = {}
+    for unit in units:
+        for group in unit_groups(unit):
+            members.setdefault(group, []).append(unit)
+    if members:
+        summary["groups"] = {g: {"units": len(members[g]), **_task_scores(members[g])} for g in sorted(members)}
     return summary
+
+
+def unit_groups(unit: dict) -> tuple[str, ...]:
+    """The groups a unit's figures count in: its own group, and where that is "KIND N" (a kind and a 1-based place,
+    e.g. many_objects' "shape 4") the kind pooled over places too ("shape"); none without a group."""
+    if "group" not in unit:
+        return ()
+    placed = _PLACED_GROUP.fullmatch(unit["group"])
+    return (unit["group"], placed.group(1)) if placed else (unit["group"],)
 
 
 def _task_scores(units: list[dict]) -> dict:

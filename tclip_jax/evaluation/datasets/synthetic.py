@@ -4,7 +4,8 @@ Every `EvalUnit` of `protocol_sample(protocol, seed)` is one target: its word in
 (`Query(prompt, span)`; a prompt-level method, which has no per-word maps, maps the whole prompt), its referents'
 silhouettes the mask and their boxes the boxes (end exclusive), its kind (``colour``, ``shape``, ``relation``)
 the group that reports summarize separately (``many_objects``: kind and the 1-based place of the word's phrase,
-e.g. ``shape 4``). Wrong-attribute units also carry the named-but-wrong object's silhouette (`Target.wrong_mask`),
+e.g. ``shape 4``; the report also pools each kind over places, ``shape``: `tclip_jax.sweep.report.unit_groups`).
+Wrong-attribute units also carry the named-but-wrong object's silhouette (`Target.wrong_mask`),
 scored as ``wrong_pointing``. Classes are the colour words, the shape words and the relation head words. The
 key is the seed. Samples are made one at a time as they are iterated, so a dataset's memory does not grow with its
 count. A synthetic sweep takes `tclip_jax.synthetic.SYNTHETIC_SCENES` scenes unless told otherwise. See
