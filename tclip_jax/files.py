@@ -133,7 +133,7 @@ def check_output_file(path: str | os.PathLike, flag: str, make_folders: bool = F
     this process may write in; with `make_folders` (the run makes the missing folders), the nearest existing folder
     above it must be one this process may write in. `flag` names it in the one-line error. Returns it as a path."""
     path = pathlib.Path(path)
-    _refuse_dangling_links(path, flag)
+    _refuse_dangling_links(path.parent, flag, path)  # a link to a file not yet made is written through: not itself
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder, not a file")
     if not make_folders and not path.parent.is_dir():
@@ -142,16 +142,17 @@ def check_output_file(path: str | os.PathLike, flag: str, make_folders: bool = F
     return path
 
 
-def _refuse_dangling_links(path: pathlib.Path, flag: str) -> None:
-    """`path`, or a folder above it, that is a link to nothing (or a loop of links) cannot be made or written through:
-    said as that (as `staged_folder` says it), not as mkdir's "File exists", "Too many levels of symbolic links" or
-    Path.resolve's RuntimeError."""
-    for link in (path, *path.parents):
+def _refuse_dangling_links(folder: pathlib.Path, flag: str, named: Optional[pathlib.Path] = None) -> None:
+    """`folder`, or a folder above it, that is a link to nothing (or a loop of links) cannot be made or written
+    through: said as that (as `staged_folder` says it), not as mkdir's "File exists", "Too many levels of symbolic
+    links" or Path.resolve's RuntimeError. `named`: the output path the flag gave, where it is not `folder`."""
+    named = folder if named is None else named
+    for link in (folder, *folder.parents):
         if link.exists():
             return
         if link.is_symlink():
-            where = "" if link == path else f": {link}"
-            raise ValueError(f"{flag} {path}{where} is a link to nothing; remove it or name another folder")
+            where = "" if link == named else f": {link}"
+            raise ValueError(f"{flag} {named}{where} is a link to nothing; remove it or name another folder")
 
 
 def _check_can_write_in(existing: pathlib.Path, path: pathlib.Path, flag: str) -> None:

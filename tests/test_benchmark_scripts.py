@@ -178,6 +178,24 @@ def test_an_output_file_that_is_a_folder_is_refused(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"bench: error: --json {tmp_path} is a folder, not a file"
 
 
+def test_an_output_file_through_a_link_is_taken_and_one_under_a_link_to_nothing_refused(tmp_path, capsys):
+    """A link to a file not yet made is written through (files.write_text_atomic makes its target): taken, as before
+    this session's link checks; a file in a folder that is a link to nothing cannot be written: one line naming it."""
+    from tclip_jax.files import write_text_atomic
+
+    parser = argparse.ArgumentParser(prog="bench")
+    (tmp_path / "later.json").symlink_to(tmp_path / "made.json")
+    check_output_file(parser, tmp_path / "later.json", "--json")
+    write_text_atomic(tmp_path / "later.json", "{}")
+    assert (tmp_path / "made.json").read_text() == "{}"
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(SystemExit):
+        check_output_file(parser, tmp_path / "gone" / "x.json", "--json")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (f"bench: error: --json {tmp_path / 'gone' / 'x.json'}: "
+                                                                f"{tmp_path / 'gone'} is a link to nothing; remove it "
+                                                                "or name another folder")
+
+
 def test_an_output_file_is_checked_as_it_is_written_by_renaming_in_its_folder(tmp_path, capsys, monkeypatch):
     """Outputs are written atomically (a temporary file renamed over the file): the folder must be writable, and
     the file's own write bit does not matter. (As root every access check passes, so os.access is replaced.)"""
