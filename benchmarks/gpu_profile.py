@@ -190,7 +190,8 @@ def report(rows: list[dict], plan: Plan, machine: str, loads: tuple[str, str], e
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, tiny model and sizes (with --embedded-dtypes: that comparison as asked); writes "
                              "nothing to the results file (--json is still written)")

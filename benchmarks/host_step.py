@@ -463,7 +463,8 @@ QUICK = {"timing_images": 2, "rounds": 3, "fidelity_maps": (12, 8, 4)}   # and t
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=list(SIZES),
                         help="default: all (a subset, like --skip-timing or --skip-fidelity, needs --state or "
                              "--no-write)")

@@ -45,7 +45,8 @@ def time_schedules(images: list[np.ndarray], threads: list[int], rounds: int) ->
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=list(THREADS),
                         help="thread counts >= 2, one row each besides one thread (default: %(default)s; leaving "
                              "one out needs --no-write)")

@@ -1,7 +1,7 @@
 """What a result ran under beyond the weights and settings that `Method.run_info` records: Python, the versions of
 the libraries that compute it, and JAX's backend and devices. result.json records it (`ImageResult.to_record`), and
-sweep.json lists it per run of a sweep that set out to score samples (`sweep.runner`), a run under the environment of the run
-before it not listed again.
+sweep.json lists it per run of a sweep that set out to score samples (`sweep.runner`), a run under the environment
+of the run before it not listed again.
 
 Maps, τ and boxes depend on it: XLA fuses and orders float operations otherwise from one jax release, and one
 backend, to another (JAX's default precision runs float32 matmuls as single bfloat16 passes on TPUs), SciPy and

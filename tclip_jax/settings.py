@@ -376,9 +376,9 @@ def _item_reader(hint: Any) -> Optional[Callable[[str], Any]]:
 @functools.cache
 def _readers(cls: type) -> dict[str, Callable[[str], Any]]:
     """How each field of the settings class `cls` reads the text of its flag or `--option`: its `parse`, else the one
-    its annotation names (`_reader_of`), else (but for a union) its default's type (bool, int, float or str). A field with none could
-    not be set from the command line though Python and JSON set it: its class is refused, in one line, as it is
-    first used (its first settings made, its flags registered, an option read)."""
+    its annotation names (`_reader_of`), else (but for a union) its default's type (bool, int, float or str). A
+    field with none could not be set from the command line though Python and JSON set it: its class is refused, in
+    one line, as it is first used (its first settings made, its flags registered, an option read)."""
     hints = _field_types(cls)
     readers = {}
     for f in dataclasses.fields(cls):

@@ -21,9 +21,9 @@ Resume: the records already on disk (any process's) name the samples that are do
 those whose report.html picture could not be written, or among --save-vis's first N without their pictures, run
 again for these alone: `UnitGallery`, `UnitPictures`), and a torn last
 line left by a kill is dropped, so nothing is lost or counted twice. ``sweep.json`` holds the
-sweep's configuration; resuming with a different one is an error (the environment each run that set out to score samples ran
-under, library versions and JAX's backend, is recorded there, not compared: `tclip_jax.environment`). The model in
-it is told by its ``LoadedClip.fingerprint`` (its config and every weight), not by its origin, the path as typed,
+sweep's configuration; resuming with a different one is an error (the environment each run that set out to score
+samples ran under, library versions and JAX's backend, is recorded there, not compared: `tclip_jax.environment`).
+The model in it is told by its ``LoadedClip.fingerprint`` (its config and every weight), not by its origin, the path as typed,
 nor its source, how it was stored (an OpenAI .pt and its `tclip convert` folder are one model); a sweep stored
 before models had fingerprints is told by its origin (and activation), one stored with the first definition's by
 that definition.

@@ -329,7 +329,8 @@ class Explorer:
         return self.views[0].result
 
     def __repr__(self) -> str:
-        """The views by their labels and the image's size: a notebook keeps it beside the explorer as the cell's text."""
+        """The views by their labels and the image's size: a notebook keeps it beside the explorer as the cell's
+        text."""
         labels = "; ".join(view_label(v) for v in self.views)  # a label's settings are separated by commas
         return (f"<Explorer of {len(self.views)} view{'s' * (len(self.views) != 1)} ({labels}): image size_hw "
                 f"{tuple(self.result.image.shape[:2])}>")
