@@ -440,11 +440,14 @@ def test_placed_groups_are_also_pooled_by_kind_as_an_explicit_count_over_the_rec
     from tclip_jax.sweep.report import markdown, summarize
 
     rng = random.Random(0)
-    groups = ["colour 1", "colour 2", "shape 1", "shape 2", "shape 3", "relation", "shape 12"]
+    # a dataset's own "Route 66" or "phrase 2" is no place of a kind: "phrase" keeps its own units alone
+    groups = ["colour 1", "colour 2", "shape 1", "shape 2", "shape 3", "relation", "shape 12", "Route 66", "phrase",
+              "phrase 2"]
+    kind_of = lambda group: group.split(" ")[0] if group.split(" ")[0] in ("colour", "shape", "relation") else group
     records = []
     for index in range(6):
         units = []
-        for group in rng.sample(groups, 4):
+        for group in rng.sample(groups, 6):
             hit, pg = rng.random() < 0.5, rng.random() < 0.6
             units.append({"class": rng.choice(["red", "star", "left"]), "group": group, "hit": hit,
                           "iou": rng.random(), "pg_hit": pg, "energy_pg": rng.random(), "energy_in_mask": rng.random(),
@@ -454,10 +457,11 @@ def test_placed_groups_are_also_pooled_by_kind_as_an_explicit_count_over_the_rec
         records.append({"index": index, "key": str(index), "units": units})
     summary = summarize(records)
     everything = [u for r in records for u in r["units"]]
-    assert set(summary["groups"]) == {g for u in everything for g in (u["group"], u["group"].split(" ")[0])}
+    assert set(summary["groups"]) == {g for u in everything for g in (u["group"], kind_of(u["group"]))}
+    assert "Route" not in summary["groups"]
     for name, part in summary["groups"].items():
         # a kind: every unit whose group is that kind, with or without a place; else the group itself
-        units = [u for u in everything if u["group"] == name or u["group"].split(" ")[0] == name]
+        units = [u for u in everything if u["group"] == name or kind_of(u["group"]) == name]
         assert part["units"] == len(units) == part["segmentation"]["units"] == part["detection"]["units"]
         assert part["detection"]["box_accuracy"] == pytest.approx(sum(u["hit"] for u in units) / len(units))
         assert part["detection"]["mean_iou"] == pytest.approx(sum(u["iou"] for u in units) / len(units))
@@ -472,3 +476,7 @@ def test_placed_groups_are_also_pooled_by_kind_as_an_explicit_count_over_the_rec
     rows = [line.split(" | ")[0] for line in markdown(config, summary).splitlines() if line.startswith("| ")]
     for label in ("colour", "shape", "shape 3", "relation"):  # a row each in both tables
         assert sum(row.endswith(f", {label}") for row in rows) == 2
+    overlap = "A word kind's row (colour, shape, relation) pools its rows by place"
+    assert overlap in markdown(config, summary)  # said where rows overlap, and only there
+    assert overlap not in markdown(config, summarize([{"index": 0, "key": "0", "units": [
+        {**everything[0], "group": "Route 66"}]}]))

@@ -10,10 +10,10 @@ Scores (all fractions in the JSON; the Markdown shows box accuracy in percent, a
 - seed metrics (``--metrics seed``): mSC, grid-searched and fixed-threshold mIoU (``metrics.seed``, over images:
   each image's units are the categories present).
 - wrong attribute: ``wrong_pointing`` = the fraction of units with a named-but-wrong object whose map peaks on it.
-Every score is also given per unit group (``groups``; a row each in the tables) where units have one. A group "KIND N"
-(a word kind and a 1-based place, e.g. many_objects' ``shape 4``) also counts in the group KIND pooled over places
-(``shape``; `unit_groups`), so such groups overlap: a unit counts in both, and only the plain groups of a dataset
-whose groups have no places partition its units.
+Every score is also given per unit group (``groups``; a row each in the tables) where units have one. A group
+"KIND N" (a synthetic word kind and a 1-based place, e.g. many_objects' ``shape 4``) also counts in the group KIND
+pooled over places (``shape``; `unit_groups`), so such groups overlap (report.md says so): a unit counts in both, and
+only the plain groups of a dataset whose groups have no places partition its units.
 Records are merged in dataset order, so the report does not depend on how the sweep was split or resumed.
 """
 from __future__ import annotations
@@ -43,7 +43,9 @@ PAPER = {
                       "mask_iou": 0.3817},
 }
 _SHOWN_ERRORS = 20
-_PLACED_GROUP = re.compile(r"(.+) ([1-9][0-9]*)")  # "KIND N": also pooled as KIND (`unit_groups`)
+# "KIND N", a synthetic word kind and its place: also pooled as KIND (`unit_groups`). Only these kinds: a dataset's
+# own group "Route 66" is no place of a "Route" group.
+_PLACED_GROUP = re.compile(r"(colour|shape|relation) ([1-9][0-9]*)")
 
 
 def summarize(records: list[dict]) -> dict:
@@ -70,8 +72,9 @@ def summarize(records: list[dict]) -> dict:
 
 
 def unit_groups(unit: dict) -> tuple[str, ...]:
-    """The groups a unit's figures count in: its own group, and where that is "KIND N" (a kind and a 1-based place,
-    e.g. many_objects' "shape 4") the kind pooled over places too ("shape"); none without a group."""
+    """The groups a unit's figures count in: its own group, and where that is "KIND N" (a synthetic word kind,
+    colour, shape or relation, and a 1-based place, e.g. many_objects' "shape 4") the kind pooled over places too
+    ("shape"); none without a group."""
     if "group" not in unit:
         return ()
     placed = _PLACED_GROUP.fullmatch(unit["group"])
@@ -202,6 +205,9 @@ def _markdown_body(config: dict, summary: dict) -> list[str]:
                       f"{'has' if empty == 1 else 'have'} a relevance map with no positive value: pixel accuracy, AP, "
                       "mask IoU and the seed metrics clip negatives to 0 before min-max (Chefer et al.'s convention), "
                       "so they score those maps as empty masks; PG and energy-PG do not depend on the sign.", ""]
+    if any(_PLACED_GROUP.fullmatch(g) for g in summary.get("groups", {})):
+        lines += ["A word kind's row (colour, shape, relation) pools its rows by place (shape 1, shape 2, ...): the "
+                  "rows' units overlap.", ""]
     if "seed" in summary:
         seed = summary["seed"]
         lines += ["The seed papers' metrics (ECLIP, CLIP Surgery; foreground categories):", "",

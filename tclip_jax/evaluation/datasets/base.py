@@ -20,8 +20,9 @@ class Target:
     """Ground truth of one class present in an image; a dataset gives boxes, a mask, or both.
 
     Its map is of the class prompt unless the target brings its own `query` (e.g. a word of the image's caption);
-    `group` names a kind of target that reports summarize separately (e.g. colour or shape words); `wrong_mask`
-    is an object the map must *not* point at (a prompt naming the wrong attribute), scored as ``wrong_pointing``.
+    `group` names a kind of target that reports summarize separately (e.g. colour or shape words; "colour N",
+    "shape N" or "relation N", a word kind at place N, also counts in that kind: `sweep.report.unit_groups`);
+    `wrong_mask` is an object the map must *not* point at (a prompt naming the wrong attribute), scored as ``wrong_pointing``.
     """
 
     class_id: int                        # index into Dataset.class_names
