@@ -521,10 +521,11 @@ def test_imagenet_s_sweep_scores_by_hand(tmp_path, threshold):
                        options=RunOptions(batch_size=2, progress=False)).report
     units = {(r["key"], u["class_id"]): u for r in read_all_records(tmp_path / "out") for u in r["units"]}
     # Image a, class 0: 960 valid pixels (64 ignored); 64 painted, 32 of them on the 64-pixel mask.
-    # Image b, class 0: constant map, argmax (0, 0) off the mask, nothing predicted; class 1: perfect.
+    # Image b, class 0: constant map, argmax (0, 0) off the mask, nothing predicted, every pixel scored alike (the
+    # reference's NaN map zeroed in both AP channels): AP 1/2; class 1: perfect.
     expected = {
         (f"{w0}/a", 0): (True, 0.5, 0.5, 896, 960, [864, 32], [928, 96], _ap(896 / 960)),
-        (f"{w1}/b", 0): (False, 16 / 1024, 16 / 1024, 1008, 1024, [1008, 0], [1024, 16], _ap(1008 / 1024)),
+        (f"{w1}/b", 0): (False, 16 / 1024, 16 / 1024, 1008, 1024, [1008, 0], [1024, 16], 0.5),
         (f"{w1}/b", 1): (True, 1.0, 1.0, 1024, 1024, [768, 256], [768, 256], 1.0),
     }
     counts, scores = ("pg_hit", "pixel_correct", "pixel_labeled", "area_inter", "area_union"), \
@@ -540,7 +541,7 @@ def test_imagenet_s_sweep_scores_by_hand(tmp_path, threshold):
     assert seg["pixel_accuracy"] == pytest.approx((896 + 1008 + 1024) / (960 + 1024 + 1024))
     assert seg["mask_iou"] == pytest.approx((32 + 0 + 256) / (96 + 16 + 256))
     assert seg["miou"] == pytest.approx(((864 + 1008 + 768) / (928 + 1024 + 768) + 288 / 368) / 2)
-    assert seg["ap"] == pytest.approx((_ap(896 / 960) + _ap(1008 / 1024) + 1) / 3)
+    assert seg["ap"] == pytest.approx((_ap(896 / 960) + 0.5 + 1) / 3)
     assert "detection" not in report
     # Image b's class-0 map is all zeros: clipped to nothing, it scores as an empty mask, and the report says so.
     assert [name for name, unit in units.items() if unit.get("no_positive_relevance")] == [(f"{w1}/b", 0)]
