@@ -46,6 +46,13 @@ def author_kept_positions(tokenizer, token_ids) -> np.ndarray:
     return np.asarray(kept, dtype=np.int32)
 
 
+# OpenAI's `bytes_to_unicode`, written out: each byte's symbol in the BPE's alphabet (printable bytes as themselves,
+# the others as chr(256 + k) in byte order).
+_PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+BYTE_SYMBOL = {**{b: chr(b) for b in _PRINTABLE},
+               **{b: chr(256 + k) for k, b in enumerate(b for b in range(256) if b not in _PRINTABLE)}}
+
+
 def openai_simple_tokenizer_ids(text: str, vocab: dict[str, int], merges: list[str]) -> list[int]:
     """The ids OpenAI's `SimpleTokenizer().encode(text)` gives (openai/CLIP clip/simple_tokenizer.py), written out
     from its steps for a vocabulary and merge list in its layout: ftfy, HTML unescape twice, whitespace collapse,
@@ -57,9 +64,7 @@ def openai_simple_tokenizer_ids(text: str, vocab: dict[str, int], merges: list[s
     import ftfy
     import regex
 
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    symbol = {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
+    symbol = BYTE_SYMBOL
     ranks = _merge_ranks(tuple(merges))
     special = ("<|startoftext|>", "<|endoftext|>")
     split = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""

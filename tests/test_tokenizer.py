@@ -9,7 +9,7 @@ import pytest
 from tclip_jax.methods.templates import CLIP_SURGERY_TEMPLATES
 from tclip_jax.model.tokenizer import DATA_DIR, EOT_TOKEN, SOT_TOKEN, ClipTokenizer, bytes_to_unicode
 from tclip_jax.model.make_tokenizer_files import N_MERGES, build_vocab
-from references import author_kept_positions, openai_simple_tokenizer_ids
+from references import BYTE_SYMBOL, author_kept_positions, openai_simple_tokenizer_ids
 
 SOT, EOT = 49406, 49407
 
@@ -422,9 +422,7 @@ def test_a_words_last_mark_keeps_every_byte_piece_of_it(tokenizer, text, word):
     """The BPE can make one piece of a mark's last byte and the symbol after it ("°:" of a final sheva, U+05B0, and
     ':'): that piece joined the punctuation, so the word kept half of its last character and the two spans overlapped.
     Every byte of the word is in its pieces (GPT-2's byte symbols read back), and no span overlaps the next."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    byte_of = {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}
+    byte_of = {symbol: byte for byte, symbol in BYTE_SYMBOL.items()}
     prompt = tokenizer.tokenize_words(text)
     first = prompt.words[0]
     assert first.text == word and not first.is_punctuation
