@@ -192,8 +192,7 @@ class ClipTokenizer:
         """BPE pieces of a cleaned prompt, SOT and EOT written in it included where OpenAI's split finds them:
         its runs of symbols are taken first, so ",<|endoftext|>" is ",<|", "endoftext", "|>", pieces as any text
         (Hugging Face's added tokens would be matched anywhere, so they are none: `_load_backend`)."""
-        specials = [(span, chunk) for chunk, span in _OPENAI_PRE_TOKENIZER.pre_tokenize_str(cleaned)
-                    if chunk in (SOT_TOKEN, EOT_TOKEN)]
+        specials = [(span, chunk) for chunk, span, special in _openai_chunks(cleaned) if special]
         blanked = list(cleaned)  # the BPE sees the rest of the text, each character where it was
         for (start, end), _ in specials:
             blanked[start:end] = " " * (end - start)
@@ -280,8 +279,13 @@ def _group_words(text: str, cleaned: str, pieces: _Pieces, positions: tuple[int,
 def has_word(text: str) -> bool:
     """Whether `text` has a word to explain once cleaned (`clean_text`): a letter or digit, which makes a run of
     text a word rather than punctuation (`Word`), outside an SOT or EOT typed in it."""
-    return any(_has_letter_or_digit(chunk) for chunk, _ in _OPENAI_PRE_TOKENIZER.pre_tokenize_str(clean_text(text))
-               if chunk not in (SOT_TOKEN, EOT_TOKEN))
+    return any(_has_letter_or_digit(chunk) for chunk, _, special in _openai_chunks(clean_text(text)) if not special)
+
+
+def _openai_chunks(cleaned: str) -> list[tuple[str, tuple[int, int], bool]]:
+    """OpenAI's split of a cleaned prompt: (chunk, its span, whether it is an SOT or EOT typed in the prompt)."""
+    return [(chunk, span, chunk in (SOT_TOKEN, EOT_TOKEN)) for chunk, span in
+            _OPENAI_PRE_TOKENIZER.pre_tokenize_str(cleaned)]
 
 
 def _has_letter_or_digit(text: str) -> bool:
