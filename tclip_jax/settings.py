@@ -94,7 +94,7 @@ def finite(name: str, value: float) -> None:
 def integer(name: str, value: Any, minimum: Optional[int] = None) -> None:
     """Raises ValueError unless `value` is an int, Python's or numpy's (a loop over `np.arange`), not a bool nor a
     float, of at least `minimum`."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    if not _is_a(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
@@ -261,16 +261,12 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
         if value is None:
             return value
         hint = rest
-    hint_given = hint
-    if _is_union(hint) and float in typing.get_args(hint) \
-            and _is_number(value):  # e.g. Union[str, float]: the number it can be
-        hint = float
-    elif _is_union(hint) and all(arg in _READERS for arg in typing.get_args(hint)):
-        # Union[int, str]: the member the value is (checked below as that member); none, refused
-        hint = next((arg for arg in typing.get_args(hint) if _is_a(value, arg)), None)
-        if hint is None:
-            kinds = " or ".join(arg.__name__ for arg in typing.get_args(hint_given))
-            raise ValueError(f"{name} must be {kinds}, got {value!r}")
+    if _is_union(hint):  # checked as the member it is, in `_UNION_ORDER` (Union[str, float]: a number as float)
+        members = typing.get_args(hint)
+        kind = next((kind for kind in _UNION_ORDER if kind in members and _is_a(value, kind)), None)
+        if kind is None and all(member in _READERS for member in members):
+            raise ValueError(f"{name} must be {' or '.join(member.__name__ for member in members)}, got {value!r}")
+        hint = hint if kind is None else kind  # (a Literal member: left to the class's own checks)
     if typing.get_origin(hint) is tuple and isinstance(value, (tuple, list)):  # tuple[float, ...], tuple[float, int]
         # A list (JSON's: `from_dict`, `replace`) is the tuple it stands for, at every depth the annotation names.
         args = typing.get_args(hint)
@@ -319,6 +315,8 @@ def _tuples_again(value: Any, hint: Any, default: Any) -> Any:
     return value
 
 
+# The order a union's members take a value in, from text (`_union_reader`) or from Python and JSON (`_checked`).
+_UNION_ORDER = (float, int, bool, str)
 _READERS: dict[type, Callable[[str], Any]] = {bool: parse_bool, int: int, float: float, str: str}
 
 
@@ -353,7 +351,7 @@ def _union_reader(members: tuple[type, ...]) -> Callable[[str], Any]:
     bool, str, that reads it, as JSON's and Python's values are taken (`_checked`: a number where the union has a
     number type; Union[str, float] reads "0.5" as 0.5 and "mean" as "mean"); where none reads it, the first one's
     refusal ("invalid float value: 'x'")."""
-    readers = [_READERS[kind] for kind in (float, int, bool, str) if kind in members]
+    readers = [_READERS[kind] for kind in _UNION_ORDER if kind in members]
 
     def read(text: str) -> Any:
         refusal = None
