@@ -3,6 +3,7 @@ and .npz files a user hands over."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -152,7 +153,18 @@ def _refuse_dangling_links(folder: pathlib.Path, flag: str, named: Optional[path
             return
         if link.is_symlink():
             where = "" if link == named else f": {link}"
-            raise ValueError(f"{flag} {named}{where} is a link to nothing; remove it or name another folder")
+            raise ValueError(f"{flag} {named}{where} is {_broken_link(link)}; remove it or name another folder")
+
+
+def _broken_link(link: pathlib.Path) -> str:
+    """What a link that leads to no file is, as the refusals say it: "a loop of links" where following it comes back
+    to a link already followed (ELOOP), else "a link to nothing"."""
+    try:
+        os.stat(link)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "a loop of links"
+    return "a link to nothing"
 
 
 def _check_can_write_in(existing: pathlib.Path, path: pathlib.Path, flag: str) -> None:
@@ -201,7 +213,7 @@ def staged_folder(target: pathlib.Path, overwrite: bool = True,
     target = pathlib.Path(target)
     _mend_after_killed_runs(pathlib.Path(os.path.realpath(target)))  # first: a cut-short swap may have moved it
     if target.is_symlink() and not target.exists():
-        raise ValueError(f"{target} is a link to nothing; remove it or name another folder")
+        raise ValueError(f"{target} is {_broken_link(target)}; remove it or name another folder")
     if target.is_symlink():  # the folder it links to is replaced, and the link kept (models/current -> models/v3)
         target = target.resolve()
     if target.exists() and not target.is_dir():

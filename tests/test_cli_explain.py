@@ -171,16 +171,16 @@ def test_an_out_that_is_a_link_to_nothing_or_a_loop_is_refused_in_one_line(tmp_p
     pathlib.Path("dangling").symlink_to("nowhere")
     before = sorted(p.name for p in tmp_path.iterdir())
     image, model = str(fixtures_dir / "scene_224.png"), str(fixtures_dir / "tiny_openai_clip.npz")
-    for out in ("loop_a", "dangling"):
+    for out, what in (("loop_a", "a loop of links"), ("dangling", "a link to nothing")):
         for command in (["convert", model], ["explain", image, "--prompt", "red", "--model", model],
                         ["sweep", "synthetic", "--no-progress"]):
             assert tclip([*command, "--out", out]) == 2, command
-            assert capsys.readouterr().err == (f"tclip {command[0]}: error: --out {out} is a link to nothing; remove "
-                                               "it or name another folder\n")
+            assert capsys.readouterr().err == (f"tclip {command[0]}: error: --out {out} is {what}; remove it or "
+                                               "name another folder\n")
             # a folder under such a link: mkdir's "[Errno 17] File exists: 'dangling'" or "Too many levels"
             assert tclip([*command, "--out", f"{out}/sub"]) == 2, command
-            assert capsys.readouterr().err == (f"tclip {command[0]}: error: --out {out}/sub: {out} is a link to "
-                                               "nothing; remove it or name another folder\n")
+            assert capsys.readouterr().err == (f"tclip {command[0]}: error: --out {out}/sub: {out} is {what}; "
+                                               "remove it or name another folder\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 

@@ -2418,6 +2418,22 @@ def test_a_staged_folder_named_by_a_link_replaces_the_folder_it_links_to(tmp_pat
     assert (real / "step").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["current", "v3"]
 
 
+def test_a_staged_folder_named_by_a_loop_of_links_or_a_link_to_nothing_says_which(tmp_path):
+    """staged_folder called both "a link to nothing", where following a loop never ends (ELOOP) and the loop is what
+    to undo; nothing is made either way."""
+    from tclip_jax.files import staged_folder
+
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for name, what in (("loop_a", "a loop of links"), ("dangling", "a link to nothing")):
+        with pytest.raises(ValueError) as refused:
+            with staged_folder(tmp_path / name):
+                pass
+        assert str(refused.value) == f"{tmp_path / name} is {what}; remove it or name another folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "loop_a", "loop_b"]
+
+
 _BLOCKED_IN_XLA = """
 import sys
 import jax
