@@ -46,7 +46,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_conf
 # OpenAI simple_tokenizer's split into SOT and EOT, contractions, words, numbers digit by digit, and runs of other
 # symbols. OpenAI compiles it with IGNORECASE: "'ſ" is the contraction 's (ſ folds to s), and U+0345, a mark that folds
 # to the letter ι, is in neither class (not a letter itself; a case variant is one), so it is dropped. Onig's (?i)
-# would make U+0345 a letter, so only the SOT, EOT and contraction alternatives are case-insensitive.
+# would make U+0345 a letter, so only the SOT, EOT and contraction alternatives are case-insensitive. \p{L} and \p{N}
+# are the `tokenizers` library's Unicode tables: a character assigned in a later Unicode version (1,518 below U+30000,
+# e.g. U+208F and CJK Extension I) is punctuation here but a letter to OpenAI's code under a newer `regex` module
+# (2026.12.2), whose split therefore depends on the version installed.
 _OPENAI_SPLIT = (r"""(?i:<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d)|[\p{L}]+|[\p{N}]|"""
                  r"""[^\s\p{L}\p{N}\x{345}]+""")
 _OPENAI_PRE_TOKENIZER = tokenizers.pre_tokenizers.Split(tokenizers.Regex(_OPENAI_SPLIT), behavior="removed",
