@@ -513,6 +513,49 @@ def test_no_two_words_share_characters_of_the_prompt(tokenizer):
         assert all(a.end <= b.start for a, b in zip(words, words[1:])), repr(text)
 
 
+def _assert_spans_are_the_words(tokenizer, packaged_files, text, context_length=77):
+    """The words of `text` against its characters and OpenAI's tokenizer: every letter, digit and mark of `text` lies
+    in one word's span, spans are non-empty and apart, each span cleaned alone (`clean_text`: ftfy, so NFC) is the
+    text of its word's pieces (GPT-2's byte symbols read back; a mark's last byte may share a piece with what
+    follows), and the pieces, each in one word, are those of OpenAI's tokenizer."""
+    import unicodedata
+
+    from tclip_jax.model.tokenizer import clean_text
+
+    vocab, lines = packaged_files
+    byte_of = {symbol: byte for byte, symbol in BYTE_SYMBOL.items()}
+    prompt = tokenizer.tokenize_words(text, context_length)
+    words = prompt.words
+    assert all(w.start < w.end for w in words) and all(a.end <= b.start for a, b in zip(words, words[1:])), repr(text)
+    covered = {k for w in words for k in range(w.start, w.end)}
+    assert [k for k, c in enumerate(text) if unicodedata.category(c)[0] in "LNM" and k not in covered] == [], repr(text)
+    for word in words:
+        pieces = "".join(prompt.pieces[p - 1] for p in word.piece_positions).replace("</w>", "")
+        read = bytes(byte_of[c] for c in pieces).decode("utf-8", errors="replace")
+        assert read.startswith(clean_text(word.text).replace(" ", "")), (text, word)
+    assert [p for w in words for p in w.piece_positions] == list(prompt.piece_positions)
+    expected = [SOT, *openai_simple_tokenizer_ids(text, vocab, lines[1:]), EOT]
+    assert prompt.token_ids[:len(expected)].tolist() == expected, repr(text)
+
+
+@pytest.mark.parametrize("text, words", [
+    # "ŉ" is one letter that cleaning makes "'n" (ftfy's ligature "ʼn", its quote uncurled), a symbol and a letter:
+    # they were two words with one span. As written it is a letter, one word with the letters beside it.
+    ("ŉ", [("ŉ", False)]), ("aŉb", [("aŉb", False)]), ("red ŉ cat", [("red", False), ("ŉ", False), ("cat", False)]),
+    ("xŉ. ŉŉ", [("xŉ", False), (".", True), ("ŉŉ", False)]),
+    # Other characters cleaning rewrites to more or fewer: ligatures, full-width letters, "Å" as one and as two code
+    # points, conjoining Hangul jamo.
+    ("a ﬁsh, ﬃ", [("a", False), ("ﬁsh", False), (",", True), ("ﬃ", False)]), ("aǆb ĳ", [("aǆb", False), ("ĳ", False)]),
+    ("ＲＥＤ ＣＡＴ！", [("ＲＥＤ", False), ("ＣＡＴ", False), ("！", True)]),
+    ("\u00c5 A\u030a", [("\u00c5", False), ("A\u030a", False)]),
+    ("\u1100\u1161\u11a8 \uac01", [("\u1100\u1161\u11a8", False), ("\uac01", False)]),
+])
+def test_a_character_cleaning_rewrites_to_several_stays_one_word(tokenizer, packaged_files, text, words):
+    prompt = tokenizer.tokenize_words(text)
+    assert [(w.text, w.is_punctuation) for w in prompt.words] == words
+    _assert_spans_are_the_words(tokenizer, packaged_files, text)
+
+
 # --- the TCLIP author's kept positions -------------------------------------------------------------------------
 
 

@@ -251,7 +251,8 @@ def _group_words(text: str, cleaned: str, pieces: _Pieces, positions: tuple[int,
     only belong to the word, the rest is punctuation. A chunk of neither (punctuation, symbols, emoji with their
     variation selectors, a keycap "#️⃣", a symbol with a mark "≂̸", a mark after a space) is punctuation, and so is an
     SOT or EOT typed in the prompt (a chunk < 0 of `_Pieces`): the TCLIP author drops every SOT and EOT id, and it
-    joins no word beside it."""
+    joins no word beside it. Chunks that one character of the prompt became ("ŉ", a letter, is "'n", a symbol and a
+    letter) are one word (a word if either is): no two words share a character of the prompt."""
     chunks = []  # (start, end, piece positions, is_punctuation) in cleaned-text coordinates
     for chunk, members in itertools.groupby(zip(pieces.chunks, pieces.offsets, positions), key=lambda piece: piece[0]):
         members = [(start, end, position) for _, (start, end), position in members]
@@ -268,13 +269,16 @@ def _group_words(text: str, cleaned: str, pieces: _Pieces, positions: tuple[int,
             if part:
                 end = part[-1][1] if punctuation else min(part[-1][1], marks_end)
                 chunks.append((part[0][0], end, tuple(p for _, _, p in part), punctuation))
-    merged = []  # (start, end, piece positions, is_punctuation)
-    for start, end, piece_positions, punctuation in chunks:
-        if merged and not punctuation and not merged[-1][3] and merged[-1][1] >= start:
-            merged[-1] = (merged[-1][0], end, merged[-1][2] + piece_positions, False)
-        else:
-            merged.append((start, end, piece_positions, punctuation))
     starts, ends = _original_spans(text, cleaned)
+    merged = []  # (start, end, piece positions, is_punctuation)
+    for chunk in chunks:
+        merged.append(chunk)
+        # Adjacent word chunks are one word, and so are any two chunks one character of the prompt became ("ŉ" is
+        # "'n", a symbol and a letter): that word is a word if either is. A merge can make a word touch the one before.
+        while len(merged) > 1 and (not merged[-2][3] and not merged[-1][3] and merged[-2][1] >= merged[-1][0]
+                                   or ends[merged[-2][1] - 1] > starts[merged[-1][0]]):
+            (start, _, first, punctuation), (_, end, second, also_punctuation) = merged[-2:]
+            merged[-2:] = [(start, end, first + second, punctuation and also_punctuation)]
     return tuple(Word(text[starts[start]:ends[end - 1]], starts[start], ends[end - 1], piece_positions, punctuation)
                  for start, end, piece_positions, punctuation in merged)
 
