@@ -556,6 +556,29 @@ def test_a_character_cleaning_rewrites_to_several_stays_one_word(tokenizer, pack
     _assert_spans_are_the_words(tokenizer, packaged_files, text)
 
 
+@pytest.mark.parametrize("text", [
+    "x" * 101 + "a\u0327\u0301",  # a run longer than one followed alone; NFC puts the cedilla first and composes "á"
+    "Ã©â€ Ã© " + "word " * 25 + "a\u0327\u0301 end",  # mojibake with a space: the whole prompt is one run
+    "Ã©â€ Ã© " + "Vie\u0302\u0323t Nam " * 10 + "\u05e9\u05c1\u05bc\u05b8 ŉ",  # Vietnamese and Hebrew marks reordered
+    "β" * 120 + "α\u0327\u0301",  # no ASCII character to cut the run at: aligned by difflib
+])
+def test_marks_nfc_reorders_in_a_long_run_stay_in_their_words(tokenizer, packaged_files, text):
+    """NFC reorders a word's marks (and composes one): in a run of more characters than are followed alone (left as
+    written, for difflib to align) the mark it moved was in no word's span."""
+    _assert_spans_are_the_words(tokenizer, packaged_files, text, context_length=256)
+
+
+def test_long_prompts_of_rewritten_text_keep_their_words(tokenizer, packaged_files):
+    """Seeded long prompts of reordered marks, ligatures, full-width letters, decomposed letters and mojibake."""
+    atoms = ["a\u0301\u0327", "a\u0327\u0301", "e\u0302\u0323", "\u01b0\u0309", "\u05d1\u05bc\u05b8",
+             "\u05e9\u05c1\u05bc", "A\u030a", "\u1100\u1161", "ŉ", "ﬁ", "ǆ", "ｆｕｌｌ", "red", "-", ".", "'", "3", "Ã©"]
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        parts = rng.choice(atoms, rng.integers(30, 50))
+        text = ["", " ", "Ã©â€ Ã© "][k % 3] + (" " if k % 3 else "").join(parts)
+        _assert_spans_are_the_words(tokenizer, packaged_files, text, context_length=256)
+
+
 # --- the TCLIP author's kept positions -------------------------------------------------------------------------
 
 

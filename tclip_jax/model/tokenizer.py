@@ -314,7 +314,10 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
     "&quotred"), the whitespace collapse (a run of spaces, tabs or newlines is the one space it became) and
     lowercasing (a character that lowercases to two is both). What cannot be followed so (ftfy's fix of a run
     differs alone and in context) is aligned by `difflib`: a block rewritten to as many characters aligns character
-    by character, and each character of a block rewritten to another length maps to the whole source block.
+    by character, each character of a block rewritten to another length maps to the whole source block, and a
+    deleted block joins the character before it (a mark NFC moved before another). Only a run of more than
+    `_LONGEST_RUN` characters that ftfy rewrites across every cut `_long_run_followed` may make is aligned so; difflib's
+    alignment may then miss by a character or a word (the words' spans, not their pieces, which are exact).
     (`difflib` over the whole text matched "red\nred red" against a later repeat of itself and gave words empty or
     shifted spans.)"""
     followed = _cleaning_followed(original)
@@ -330,6 +333,8 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
             block = (followed[i1 - 1][2],) * 2 if i1 else (0, 0)
         for j in range(j1, j2):
             starts[j], ends[j] = followed[i1 + j - j1][1:] if one_to_one else block
+        if tag == "delete" and j1:  # e.g. a mark NFC moved before another: it stays with the character before it
+            ends[j1 - 1] = max(ends[j1 - 1], block[1])
     return starts, ends
 
 
@@ -363,7 +368,8 @@ def _ftfy_followed(original: str) -> list[tuple[str, int, int]]:
     characters in context: mojibake ("Ã©" is "é", and "â€ " with its space "†"), ligatures, full-width letters.
     Each word's run is taken as ftfy fixes it alone where that agrees with the whole text's fix; else each run
     between controls, '&' and ';' (spaces included) as the whole text's fix has it where the fixes of the text
-    before and after it tell, else as it is. A run is followed part by part (`_run_followed`)."""
+    before and after it tell, else as it is. A run is followed part by part (`_run_followed`), a long one in parts of
+    at most `_LONGEST_RUN` characters first (`_long_run_followed`)."""
     fixed_whole = ftfy.fix_text(original)
     if fixed_whole == original:
         return [(c, i, i + 1) for i, c in enumerate(original)]
@@ -375,7 +381,7 @@ def _ftfy_followed(original: str) -> list[tuple[str, int, int]]:
             if piece.group("run") and len(c) <= _LONGEST_RUN:
                 characters.extend(_run_followed(c, i, fix_run(i, j)))
             elif piece.group("run"):
-                characters.extend((f, k, k + 1) for k, f in enumerate(c, i))
+                characters.extend(_long_run_followed(c, i, fix_run(i, j)))
             else:
                 fixed = _ftfy_alone(c) if c.isspace() or unicodedata.category(c)[0] == "C" else c
                 characters.extend((f, i, j) for f in fixed)
@@ -391,8 +397,35 @@ def _ftfy_followed(original: str) -> list[tuple[str, int, int]]:
 # (or, the second, up to controls only), and the '&' and ';' of HTML references (unescaped later, by html).
 _WORD_RUNS = re.compile(r"(?P<run>[^\x00-\x20\x7f&;]*[^\x00-\x7f][^\x00-\x20\x7f&;]*)|.", re.DOTALL)
 _RUNS_WITH_SPACES = re.compile(r"(?P<run>[^\x00-\x1f\x7f&;]*[^\x00-\x7f][^\x00-\x1f\x7f&;]*)|.", re.DOTALL)
-# Following a run costs two ftfy calls on it per character: a longer run is left as it is (`difflib` aligns it).
+# Following a run costs two ftfy calls on it per character: a longer run is followed in parts (`_long_run_followed`).
 _LONGEST_RUN = 100
+
+
+def _long_run_followed(run: str, start: int, fixed: str) -> list[tuple[str, int, int]]:
+    """`fixed`, what ftfy made of `run`, a run longer than `_LONGEST_RUN`, mapped onto it part by part: the run is cut
+    before characters that are no mark nor conjoining Hangul vowel or final (NFC composes none with the character
+    before it, nor reorders marks across it) into parts of at most `_LONGEST_RUN` characters, each followed as
+    `_run_followed` follows a run, where the parts fixed alone make `fixed`. Else (ftfy fixed a sequence across a cut:
+    mojibake, a half-width sound mark) the run is left as it is, for `difflib` to align (`_original_spans`)."""
+    kept = [(c, k, k + 1) for k, c in enumerate(run, start)]
+    cuts = [0]
+    while cuts[-1] < len(run):
+        last = min(cuts[-1] + _LONGEST_RUN, len(run))
+        cut = next((k for k in range(last, cuts[-1], -1) if k == len(run) or _starts_a_part(run[k])), None)
+        if cut is None:
+            return kept
+        cuts.append(cut)
+    parts = [(a, run[a:b]) for a, b in zip(cuts, cuts[1:])]
+    fixes = [ftfy.fix_text(part) for _, part in parts]
+    if "".join(fixes) != fixed:
+        return kept
+    return [character for (a, part), fix in zip(parts, fixes) for character in _run_followed(part, start + a, fix)]
+
+
+def _starts_a_part(character: str) -> bool:
+    """Whether NFC leaves `character` apart from the one before it: no mark, no conjoining Hangul vowel or final."""
+    return unicodedata.category(character)[0] != "M" and not ("\u1160" <= character <= "\u11ff"
+                                                               or "\ud7b0" <= character <= "\ud7ff")
 
 
 def _fixed_in_context(original: str, start: int, end: int, fixed_whole: str) -> str:
