@@ -243,6 +243,11 @@ def test_coco_bad_input(tmp_path, coco_root):
     for dataset in (coco_dataset, coco_seg_dataset):  # it was a bare "[Errno 21] Is a directory: ..."
         with pytest.raises(ValueError, match=r"^COCO: cannot read .*instances_val2017\.json: Is a directory$"):
             dataset(tmp_path / "flat")
+    for inner in ("val2017", "annotations"):  # the dataset's own folders named: said where it is, as VOC says it
+        for dataset in (coco_dataset, coco_seg_dataset):
+            with pytest.raises(FileNotFoundError) as refused:
+                dataset(coco_root / inner)
+            assert str(refused.value).endswith(f"/val2017/ (the dataset is one level up: --data {coco_root})")
     (coco_root / "annotations" / "instances_val2017.json").write_text('{"images": []}')
     with pytest.raises(ValueError, match="not an instances file"):
         coco_dataset(coco_root)

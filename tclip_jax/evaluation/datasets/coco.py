@@ -116,8 +116,11 @@ def _raw_layout(root: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     annotation_path, image_dir = root / ANNOTATION_FILE, root / IMAGE_DIR
     for path in (root, annotation_path, image_dir):
         if not path.exists():
+            up = root.parent  # --data named its val2017/ or annotations/ folder
+            outer = (f" (the dataset is one level up: --data {up})"
+                     if (up / ANNOTATION_FILE).exists() and (up / IMAGE_DIR).exists() else "")
             raise FileNotFoundError(f"COCO: {path} not found; expected {root}/{ANNOTATION_FILE} "
-                                    f"and {root}/{IMAGE_DIR}/")
+                                    f"and {root}/{IMAGE_DIR}/{outer}")
     return annotation_path, image_dir
 
 
