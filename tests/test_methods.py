@@ -701,6 +701,12 @@ def test_every_method_runs_under_jax_x64_mode_with_the_maps_of_x64_off(tiny_clip
         method = METHODS[name](clip, METHODS[name].Settings.from_dict(CHEAP_SETTINGS.get(name, {})))
         result = method.explain(fixture_images["scene_224"], prompts)
         assert result.run["model"]["matmul_dtype"] == jnp.dtype(clip.model.dtype).name
+        if clip.model.dtype == jnp.float32:  # nothing float64 on the device (the heatmaps are cast on the host)
+            queries = method.encode_prompts(prompts).queries
+            pixels = method.prepare(fixture_images["scene_224"])[0][None]
+            traced = jax.make_jaxpr(method.maps_per_image)(method.params, pixels, queries,
+                                                          np.zeros((1, 1), np.int32))
+            assert _float64_results(traced.jaxpr) == [], "float64 values in the maps program"
         return [m.heatmap for p in result.prompts for m in (p.phrase, *p.word_maps)]
 
     expected = maps(tiny_clip)
@@ -712,6 +718,17 @@ def test_every_method_runs_under_jax_x64_mode_with_the_maps_of_x64_off(tiny_clip
         assert len(got) == len(expected)
         for a, b in zip(got, expected):
             np.testing.assert_allclose(a, b, atol=1e-4 * max(np.ptp(b), 1e-6), rtol=0, err_msg=dtype)
+
+
+def _float64_results(jaxpr) -> list:
+    """The primitives in `jaxpr` and the jaxprs inside it that make a float64 value (a Python scalar beside float32
+    operands is weakly typed and makes none)."""
+    made = [equation.primitive.name for equation in jaxpr.eqns for v in equation.outvars
+            if v.aval.dtype == np.float64 and not v.aval.weak_type]
+    for equation in jaxpr.eqns:
+        for inner in jax.extend.core.jaxprs_in_params(equation.params):
+            made += _float64_results(inner)
+    return made
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -58,7 +58,7 @@ def rollout_map(model: CLIP, params: dict, images: Array, texts: Array, *,
     """
     _check_layer(start_layer, model.config.vision_layers)
     image = common.encode_image(model, params, images)
-    identity = jnp.eye(image.attention_probs[0].shape[-1])
+    identity = jnp.eye(image.attention_probs[0].shape[-1], dtype=image.attention_probs[0].dtype)
     joint = None
     for probs in image.attention_probs[start_layer:]:
         mixed = probs.mean(axis=1) + identity

@@ -195,9 +195,9 @@ def _gscorecam(model: CLIP, params: dict, images: Array, texts: Array, indices: 
         scores = jnp.nan_to_num(scores, nan=0.0)
         rows = jnp.arange(texts.shape[0])[:, None]
         if zero_unselected:
-            weights = jnp.zeros(importance.shape).at[rows, selected].set(jax.nn.softmax(scores, axis=-1))
+            weights = jnp.zeros_like(importance).at[rows, selected].set(jax.nn.softmax(scores, axis=-1))
         else:
-            weights = jax.nn.softmax(jnp.zeros(importance.shape).at[rows, selected].set(scores), axis=-1)
+            weights = jax.nn.softmax(jnp.zeros_like(importance).at[rows, selected].set(scores), axis=-1)
         cam_raw = jnp.einsum("td,dhw->thw", weights, activations)
         return (normalize2d(jax.nn.relu(cam_raw)), cam_raw, weights, scores, selected, importance, activations,
                 grad_tokens, scale * texts @ unit)

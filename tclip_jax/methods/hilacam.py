@@ -63,7 +63,7 @@ def _embedding_and_vjp(encode, inputs: Array, num_layers: int, num_heads: int, l
         out = encode(inputs[None], offsets)
         return l2_normalize(out.embeds[0]), tuple(p[0] for p in out.attention_probs)
 
-    zeros = tuple(jnp.zeros((1, num_heads, length, length)) for _ in range(num_layers))
+    zeros = tuple(jnp.zeros((1, num_heads, length, length), jnp.float32) for _ in range(num_layers))
     embedding, vjp, probs = jax.vjp(embed, zeros, has_aux=True)
     return embedding, lambda cotangent: tuple(g[0] for g in vjp(cotangent)[0]), probs
 

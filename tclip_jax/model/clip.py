@@ -19,6 +19,7 @@ tokens added after end-of-text), at that token's first occurrence, as transforme
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -308,7 +309,7 @@ class CLIP(nn.Module):
     def setup(self):
         self.visual = VisionTransformer(self.config, self.dtype)
         self.text = TextTransformer(self.config, self.dtype)
-        self.logit_scale = self.param("logit_scale", nn.initializers.constant(jnp.log(1 / 0.07)), ())
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), ())
 
     def encode_image(self, images: Array, intermediates: bool = False,
                      probs_offsets: Optional[Sequence[Array]] = None) -> ImageOutput:
