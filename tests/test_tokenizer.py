@@ -549,6 +549,10 @@ def _assert_spans_are_the_words(tokenizer, packaged_files, text, context_length=
     ("ＲＥＤ ＣＡＴ！", [("ＲＥＤ", False), ("ＣＡＴ", False), ("！", True)]),
     ("\u00c5 A\u030a", [("\u00c5", False), ("A\u030a", False)]),
     ("\u1100\u1161\u11a8 \uac01", [("\u1100\u1161\u11a8", False), ("\uac01", False)]),
+    # The modifier apostrophe "ʼ" (U+02BC) is a letter that cleaning uncurls to the symbol "'": it was punctuation
+    # between two words. Written beside a symbol, the chunk holds that symbol too and stays punctuation.
+    ("aʼb", [("aʼb", False)]), ("a ʼ b", [("a", False), ("ʼ", False), ("b", False)]), ("ʼa", [("ʼa", False)]),
+    ("ʼ!", [("ʼ!", True)]),
 ])
 def test_a_character_cleaning_rewrites_to_several_stays_one_word(tokenizer, packaged_files, text, words):
     prompt = tokenizer.tokenize_words(text)

@@ -252,7 +252,9 @@ def _group_words(text: str, cleaned: str, pieces: _Pieces, positions: tuple[int,
     variation selectors, a keycap "#️⃣", a symbol with a mark "≂̸", a mark after a space) is punctuation, and so is an
     SOT or EOT typed in the prompt (a chunk < 0 of `_Pieces`): the TCLIP author drops every SOT and EOT id, and it
     joins no word beside it. Chunks that one character of the prompt became ("ŉ", a letter, is "'n", a symbol and a
-    letter) are one word (a word if either is): no two words share a character of the prompt."""
+    letter) are one word (a word if either is): no two words share a character of the prompt. A chunk whose
+    characters as written are letters, digits and marks is a word's chunk whatever cleaning made of them ("ʼ", a
+    letter, is "'")."""
     chunks = []  # (start, end, piece positions, is_punctuation) in cleaned-text coordinates
     for chunk, members in itertools.groupby(zip(pieces.chunks, pieces.offsets, positions), key=lambda piece: piece[0]):
         members = [(start, end, position) for _, (start, end), position in members]
@@ -271,8 +273,13 @@ def _group_words(text: str, cleaned: str, pieces: _Pieces, positions: tuple[int,
                 chunks.append((part[0][0], end, tuple(p for _, _, p in part), punctuation))
     starts, ends = _original_spans(text, cleaned)
     merged = []  # (start, end, piece positions, is_punctuation)
-    for chunk in chunks:
-        merged.append(chunk)
+    for start, end, piece_positions, punctuation in chunks:
+        # A letter as typed that cleaning made a symbol (ftfy uncurls the modifier apostrophe "ʼ", a letter, to "'")
+        # is a word's, as written: "aʼb" is one word.
+        written = text[starts[start]:ends[end - 1]]
+        if punctuation and _has_letter_or_digit(written) and all(c.isalnum() or _is_mark(c) for c in written):
+            punctuation = False
+        merged.append((start, end, piece_positions, punctuation))
         # Adjacent word chunks are one word, and so are any two chunks one character of the prompt became ("ŉ" is
         # "'n", a symbol and a letter): that word is a word if either is. A merge can make a word touch the one before.
         while len(merged) > 1 and (not merged[-2][3] and not merged[-1][3] and merged[-2][1] >= merged[-1][0]
