@@ -32,6 +32,7 @@ from tclip_jax.methods.tclip.method import TCLIP, _maps_program  # noqa: E402
 from tclip_jax.methods.tclip.relevance import token_embeddings  # noqa: E402
 from tclip_jax.model import CLIP, init_params, l2_normalize  # noqa: E402
 from tclip_jax.image import clip_normalize, resize_rgb  # noqa: E402
+from tclip_jax import synthetic  # noqa: E402
 from tclip_jax.sweep import heldout  # noqa: E402
 from tclip_jax.synthetic import RELATIONS, make_scene, negative_captions, scene_variant, train_seeds  # noqa: E402
 
@@ -577,6 +578,29 @@ def test_step_colours_draw_a_steps_scenes_from_its_own_palette():
     for bad in ("step_colours=7", "step_colours=-1", "step_colours_rate=1.5"):
         with pytest.raises(ValueError, match=bad.split("=")[0]):
             train_default.TrainConfig(**train_default.parse_overrides([bad]))
+
+
+def test_a_scene_without_a_variant_takes_a_far_training_seed_never_a_held_out_one(monkeypatch):
+    """A scene with no variant takes the scene of the training seed half the training seeds on, wrapping round
+    within them (closed form): as before below the half (the shipped runs' seeds), never a held-out seed above it."""
+    drawn = []
+
+    def make_scene(seed, *args):
+        drawn.append(seed)
+        return real_make_scene(seed, *args)
+
+    real_make_scene = train_default.make_scene
+    monkeypatch.setattr(train_default, "make_scene", make_scene)
+    monkeypatch.setattr(train_default, "scene_variant", lambda *args: None)  # every scene lacks a variant
+    config = train_default.TrainConfig(batch_size=2, negatives=0)  # one scene a step: step s draws seed s
+    start, end = synthetic.TRAIN_SEED_START, synthetic.HELDOUT_SEED_START
+    half = (end - start) // 2
+    for seed, far in ((start, start + half), (start + half - 1, end - 1), (start + half, start),
+                      (end - 1, start + half - 1)):
+        drawn.clear()
+        train_default.batch(config, seed - start)
+        assert drawn == [seed, far], seed
+    assert half == 5_000_000  # the shipped runs' far seed: their seed + 5,000,000
 
 
 def test_curriculum_restart_gives_the_rest_its_own_warmup_and_cosine_decay():

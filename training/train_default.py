@@ -106,11 +106,13 @@ from tclip_jax.image import clip_normalize, resize_rgb
 from tclip_jax.synthetic import (
     ATTRIBUTES,
     COLOURS,
+    HELDOUT_SEED_START,
     NEGATIVE_KINDS,
     PHRASE_FORMS,
     PLAIN_STYLE,
     SHAPES,
     TRAINING_STYLE,
+    TRAIN_SEED_START,
     check_choices,
     make_scene,
     negative_captions,
@@ -448,8 +450,10 @@ def batch(config: TrainConfig | DataConfig, step: int) -> tuple[np.ndarray, list
     for seed in train_seeds(pairs, step * pairs):
         scene = make_scene(seed, None, style)
         variant = scene_variant(scene, seed, style, config.variant_attributes)
-        if variant is None:  # no change keeps the objects distinct (rare): a scene of a far seed instead
-            variant = make_scene(seed + 5_000_000, None, style)
+        if variant is None:  # no change keeps the objects distinct (rare): a scene of a far training seed instead,
+            # half the training seeds on, wrapping round within them, so that it is never a held-out scene
+            span = HELDOUT_SEED_START - TRAIN_SEED_START
+            variant = make_scene(train_seeds(1, (seed - TRAIN_SEED_START + span // 2) % span)[0], None, style)
         square = (config.image_size, config.image_size)  # resized whole, as TCLIP's `whole` protocol feeds the model
         images += [resize_rgb(scene.image, square), resize_rgb(variant.image, square)]
         captions += [scene.caption, variant.caption]
