@@ -483,12 +483,14 @@ def _histograms(maps) -> "gmm_module.MapHistograms":
     return gmm_module.MapHistograms(counts, lo, hi)
 
 
-@pytest.mark.parametrize("offset, reach", [(0.0, 1e-3), (145.0, 2.0), (1e4, 1e-3)])
-def test_fine_histogram_counts_every_value_in_its_rounding_bin(offset, reach):
+@pytest.mark.parametrize("offset, reach, scale", [(0.0, 1e-3, 1.0), (145.0, 2.0, 1.0), (1e4, 1e-3, 1.0),
+                                                  (0.0, 1e-3, 2.0**-120)])
+def test_fine_histogram_counts_every_value_in_its_rounding_bin(offset, reach, scale):
     # A float32 map of range 0.16 far from zero: its float32 products with the bin scale are coarser than a bin.
     # At 145 (900 times the range) they still are float32, of about 1.5e7 with a spacing of 1 (a bin): values move
     # up to about 1.6 bins, and cv2 rounds the maximum to bin FINE_BINS, a spare bin folded into the top one.
-    m = _heatmap_like(3, (70, 90)) + np.float32(offset)
+    # At 2**-120 (a range of 1.2e-37) the bin scale, 1.3e41, is beyond float32's: all but the minimum were lost.
+    m = (_heatmap_like(3, (70, 90)) + np.float32(offset)) * np.float32(scale)
     lo, hi = float(m.min()), float(m.max())
     counts = gmm_module.fine_histogram(m, lo, hi)
     position = (m.astype(np.float64) - lo) * (gmm_module.FINE_BINS - 1) / (hi - lo)

@@ -71,6 +71,7 @@ SQUAREM_TRIES = 6        # extrapolation lengths tried per SQUAREM cycle (each a
 SQUAREM_PATH_SAMPLES = 8  # points of an extrapolation path whose likelihood must rise (see `squarem_cycle`)
 _NEWTON_FRACTIONS = (np.array([1.0]), np.array([0.5, 0.25, 0.125]))  # Newton step lengths, tried in turn
 _TINY = 1e-12
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +115,10 @@ def fine_histogram(values: np.ndarray, lo: float, hi: float, out: np.ndarray | N
         counts[0] = values.size
         return counts
     scale = (FINE_BINS - 1) / span
-    if values.dtype == np.float32 and max(abs(lo), abs(hi)) > 1e3 * span:
-        values = values.astype(np.float64)  # float32 products would lose the bin resolution
+    # OpenCV scales a float32 map in float32: far from 0 its products would lose the bin resolution, and a bin scale
+    # beyond float32's (a range below ~5e-35) put every value but the minimum past the bins, silently
+    if values.dtype == np.float32 and (max(abs(lo), abs(hi)) > 1e3 * span or scale > _FLOAT32_MAX):
+        values = values.astype(np.float64)
     # One pass: round(value * scale - lo * scale), saturated to 0..65535.
     index = cv2.addWeighted(values, scale, values, 0.0, -lo * scale, dtype=cv2.CV_16U,
                             dst=scratch("bin_index", values.shape, np.uint16))
