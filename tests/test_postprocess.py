@@ -291,6 +291,46 @@ def test_a_range_too_small_for_the_histogram_is_refused():
     assert gmm_threshold(subnormal * 2.0**1000).fallback is None  # the same map rescaled is fitted
 
 
+# A float32 soft map holds values of largest magnitude within [float32's smallest normal, float32's largest / 2**32]
+# (the blur's float32 sums need the headroom), or all zeros.
+SOFT_MAP_MAX = float(np.finfo(np.float32).max) / 2.0**32
+SOFT_MAP_MIN = float(np.finfo(np.float32).tiny)
+
+
+@pytest.mark.parametrize("shape, sigma", [((8, 8), 0.0), ((8, 8), 1.0), ((16, 16), 4.8), ((40, 40), 4.8)])
+def test_soft_maps_refuse_values_a_float32_soft_map_cannot_hold(shape, sigma):
+    # no blur, the separable filter, the DCT, the pyramid; -1 and 1: the largest range, of the negative minimum too
+    unit = np.broadcast_to(np.where(np.arange(shape[1]) < shape[1] // 3, -1.0, 1.0), shape)
+    at_one = soft_map(unit, sigma)[0].astype(np.float64)
+    for bound in (SOFT_MAP_MAX, SOFT_MAP_MIN):  # at the bounds: the unit map's soft map, scaled, to float32 rounding
+        for values in (unit * bound, (unit * bound).astype(np.float32)):
+            soft, fit = soft_map(values, sigma)
+            np.testing.assert_allclose(soft / bound, at_one, rtol=0, atol=1e-6)
+            if sigma == 0:
+                np.testing.assert_array_equal(soft, np.where(values < fit.tau, values.min(), values))
+    assert (soft_map(np.zeros(shape), sigma)[0] == 0).all()
+    beyond = [unit * np.nextafter(SOFT_MAP_MAX, np.inf), unit * np.nextafter(SOFT_MAP_MIN, 0.0),
+              np.where(unit < 0, -1e40, 1.0), unit * 1e-50, np.full(shape, 1e40)]  # once inf, or all zeros
+    for values in beyond:
+        for call in (lambda m: soft_map(m, sigma), lambda m: soft_maps_and_boxes([m], sigma)):
+            with pytest.raises(ValueError, match=r"beyond what a float32 soft map holds .*; rescale it$") as refused:
+                call(values)
+            assert "\n" not in str(refused.value)
+    # the refusal is the soft map's: the fit alone takes float64 maps, and does not depend on their scale
+    for scale in (1e40, 1e-50):
+        assert gmm_threshold(unit * scale).tau == pytest.approx(gmm_threshold(unit).tau * scale, rel=1e-9)
+
+
+@pytest.mark.parametrize("scale", [5e28, 1.0, 1e-37])
+def test_a_float64_map_float32_holds_gives_the_float32_maps_soft_map(two_level_map, scale):
+    exact = (two_level_map * scale).astype(np.float32)  # float32 values, partly subnormal at 1e-37
+    for sigma in (0.0, 2.0, 4.8, 10.0):  # no blur, separable filter, pyramid, DCT (64 < 8 sigmas)
+        soft32, fit32 = soft_map(exact, sigma)
+        soft64, fit64 = soft_map(exact.astype(np.float64), sigma)
+        np.testing.assert_array_equal(soft64, soft32)
+        assert fit64.tau == pytest.approx(fit32.tau, abs=1e-6 * scale)
+
+
 @pytest.fixture(scope="module")
 def two_level_map():
     rng = np.random.default_rng(3)

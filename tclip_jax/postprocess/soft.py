@@ -20,7 +20,9 @@ Conventions:
   bilinear resampling of the model-input map), the map the soft map is made of; under a centre crop, only the
   part of it the crop kept (``covered``, `Geometry.covered`), since the rest is fill, not evidence.
 - Refused (ValueError, one line): NaN or infinite values, complex ones, a range that overflows float64 and a
-  nonzero range too small for the histogram's bins (below ~1e-304 of the values' magnitude); rescale such maps.
+  nonzero range too small for the histogram's bins (below ~1e-304 of the values' magnitude); by the functions that
+  make soft maps also maps float32 cannot hold to its rounding (largest magnitude above float32's largest over
+  2**32, 7.9e28, or nonzero and below float32's smallest normal, 1.2e-38: ``_soft_map_stats``); rescale such maps.
 - Fallbacks (recorded in ``GmmFit.fallback``), never an exception for other finite input:
   ``"constant"``: all values equal; tau is that value and the soft map is constant.
   ``"no_root_between_means"``: one weighted density dominates the other everywhere between the means,
@@ -123,6 +125,26 @@ def _map_stats(values: np.ndarray, name: str = "scores") -> _MapStats:
     if hi > lo and not math.isfinite((_gmm.FINE_BINS - 1) / (hi - lo) * max(abs(lo), abs(hi), 1.0)):
         raise ValueError(f"the range of {name} ({hi - lo:g}) is too small for the GMM's histogram; rescale it")
     return _MapStats(lo, hi)
+
+
+# The values a float32 soft map holds to float32's rounding, 2**-24 of the map's largest magnitude: at most float32's
+# largest over 2**32, the headroom of the blur's float32 sums (OpenCV's pyramid adds 256 taps' worth before dividing,
+# the DCT up to twice an axis's length times a value; OpenCV's axes are below 2**31), and at least float32's smallest
+# normal (below it float32 rounds to 2**-150, no longer to 2**-24 of the values, and flushes them to zero).
+_SOFT_MAP_MAX = float(np.finfo(np.float32).max) / 2.0**32
+_SOFT_MAP_MIN = float(np.finfo(np.float32).tiny)
+
+
+def _soft_map_stats(values: np.ndarray, name: str) -> _MapStats:
+    """`_map_stats` of a map a float32 soft map is made of, whose largest magnitude must also be 0 or within
+    [_SOFT_MAP_MIN, _SOFT_MAP_MAX]; beyond them a soft map came back inf or all zeros, silently (float64 values in the
+    cast to float32, float32 ones in the blur's sums)."""
+    stats = _map_stats(values, name)
+    scale = max(abs(stats.lo), abs(stats.hi))
+    if scale != 0 and not _SOFT_MAP_MIN <= scale <= _SOFT_MAP_MAX:
+        raise ValueError(f"the values of {name} (largest magnitude {scale:g}) are beyond what a float32 soft map "
+                         f"holds ({_SOFT_MAP_MIN:.3g} to {_SOFT_MAP_MAX:.3g}); rescale it")
+    return stats
 
 
 def _maps_list(maps) -> list[np.ndarray]:
@@ -280,7 +302,7 @@ def _checked_maps(maps, sigma: float | None, caller: str, covered=None):
     sigma = _check_sigma(sigma, shape)
     window = covered_window(shape, covered)
     regions = values if window is None else [v[window] for v in values]
-    return values, window, regions, [_map_stats(r, "maps[%d]" % i) for i, r in enumerate(regions)], sigma
+    return values, window, regions, [_soft_map_stats(r, "maps[%d]" % i) for i, r in enumerate(regions)], sigma
 
 
 def _write_soft_maps(values, stats, fits, sigma: float, window=None) -> np.ndarray:
