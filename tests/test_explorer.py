@@ -440,6 +440,36 @@ def test_browser_compare_view_keyboard_and_images(run, driver):
     assert browser.console_problems(driver) == []
 
 
+def test_browser_the_page_and_the_figures_format_numbers_by_one_rule(tmp_path, driver):
+    """figures.format_number said it was explorer.js's `fmt` and was not, from 10 up: 12345 was 1.234e+04 in a
+    figure and 1.235e+4 on the page, 10.00005 was 10 and 10.00, 1234.5 was 1234 and 1235 (Python rounds a tie to
+    even, JavaScript away from zero). Both now give the page's rule (JavaScript's toFixed(4) under 10,
+    toPrecision(4) from 10 up) on a table of values: signs, 0, tiny, the edges at 10 and 1e4, exact binary ties."""
+    import random
+
+    from tclip_jax.visualize.figures import format_number
+
+    page = tmp_path / "fmt.html"
+    page.write_text(f"<!DOCTYPE html><meta charset=\"utf-8\"><script>{explorer._asset('explorer.js')}</script>",
+                    encoding="utf-8")
+    driver.get(page.as_uri())
+    # Written out by the rule: ties are exact binary values (k/32, k + 0.5, 5 k for k odd), rounded away from zero.
+    table = {0.0: "0.0000", -0.0: "0.0000", 1.2e-5: "0.0000", -1.2e-5: "-0.0000", 0.03125: "0.0313",
+             -0.03125: "-0.0313", 0.3244: "0.3244", 9.99995: "10.0000", 9.99994: "9.9999", -9.5: "-9.5000",
+             10.0: "10.00", 10.00005: "10.00", 99.996: "100.0", 1234.5: "1235", -1234.5: "-1235", 9999.4: "9999",
+             9999.5: "1.000e+4", 1e4: "1.000e+4", 12345.0: "1.235e+4", -12345.0: "-1.235e+4", 99999.0: "1.000e+5",
+             1e5: "1.000e+5", 123456789.0: "1.235e+8", 1e21: "1.000e+21"}
+    rng = random.Random(0)
+    values = [*table, -0.0, *(k / 32 for k in range(-330, 330)), *(k + 0.5 for k in range(995, 1010)),
+              *(5.0 * k for k in range(2001, 2020, 2)),
+              *(rng.choice((-1, 1)) * 10 ** rng.uniform(-7, 9) for _ in range(500))]
+    shown = driver.execute_script("return arguments[0].map(TCLIPExplorer.fmt);", values)
+    assert {v: s for v, s in zip(values, shown) if v in table} == table  # the page's rule, as written out
+    assert [format_number(v) for v in values] == shown
+    assert format_number(None) == driver.execute_script("return TCLIPExplorer.fmt(null);") == "—"
+    assert browser.console_problems(driver) == []
+
+
 def pointer_readout(driver, card: int = 0):
     """The pointer readout of a card as (x, y, value), or None where it reads "—"."""
     text = field(driver, "pointer", card)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import decimal
 import io
 import math
 import pathlib
@@ -101,12 +102,28 @@ def overlay(image: ImageLike, heatmap: np.ndarray, box: Box | None = None, alpha
     return blended
 
 
+_DECIMALS = decimal.Context(prec=40)  # format_number's, whatever the thread's context is
+
+
 def format_number(value: Optional[float]) -> str:
-    """A map value as the pictures and the page show it (explorer.js's `fmt` is the same rule): 4 decimal places
-    under 10 in magnitude (1.2e-5 is 0.0000), 4 significant digits from 10 up."""
+    """A map value as the pictures and the page show it, by the page's rule (explorer.js's `fmt`: JavaScript's
+    `toFixed(4)` under 10 in magnitude, `toPrecision(4)` from 10 up): 4 decimal places under 10 (1.2e-5 is
+    0.0000, -1.2e-5 is -0.0000, -0.0 is 0.0000), 4 significant digits from 10 up, trailing zeros kept (10 is
+    10.00), in exponent form from 10^4 on (12345.6 is 1.235e+4). The value's exact binary value is rounded, a
+    tie away from zero (1234.5 is 1235, 0.03125 is 0.0313), where Python's own formats round a tie to even."""
     if value is None:
         return "—"
-    return f"{value:.4f}" if abs(value) < 10 else f"{value:.4g}"
+    value = float(value)
+    if not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    exact = decimal.Decimal(value if value else 0.0)  # -0.0 shows as 0
+    if abs(value) < 10:
+        return f"{exact.quantize(decimal.Decimal('1e-4'), decimal.ROUND_HALF_UP, _DECIMALS):f}"
+    digits = exact.quantize(decimal.Decimal(1).scaleb(exact.adjusted() - 3), decimal.ROUND_HALF_UP, _DECIMALS)
+    power = digits.adjusted()  # one more where rounding carried (9999.5 is 1.000e+4)
+    if power < 4:
+        return f"{digits:.{3 - power}f}"
+    return f"{digits.scaleb(-power):.3f}e+{power}"
 
 
 class ResultFigure(Figure):

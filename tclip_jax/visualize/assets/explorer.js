@@ -44,7 +44,8 @@
   }
 
   // ------------------------------------------------------------------------------------------------ helpers
-  // figures.format_number's rule: 4 decimal places under 10 in magnitude, 4 significant digits from 10 up.
+  // A number as the page shows it: 4 decimal places under 10 in magnitude, 4 significant digits from 10 up (in
+  // exponent form from 1e4), a tie rounded away from zero. figures.format_number is this rule in Python.
   const fmt = (v) => (v === null || v === undefined ? '—' : (Math.abs(v) < 10 ? v.toFixed(4) : v.toPrecision(4)));
 
   function el(tag, attrs, ...children) {
@@ -576,5 +577,5 @@
     return {state, step, showImage};
   }
 
-  window.TCLIPExplorer = {mount, register, registry, waiting, version: 1};
+  window.TCLIPExplorer = {mount, register, registry, waiting, fmt, version: 1};
 })();
