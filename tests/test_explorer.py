@@ -471,19 +471,32 @@ def test_browser_the_page_and_the_figures_format_numbers_by_one_rule(tmp_path, d
 
 
 def pointer_readout(driver, card: int = 0):
-    """The pointer readout of a card as (x, y, value), or None where it reads "—"."""
+    """The pointer readout of a card as (x, y, value, what), or None where it reads "—": x and y are the photo
+    pixels it names, each as (first, last) (one pixel: first == last), `what` "" for a pixel's value, "mean" or
+    "weighted mean" for a block's."""
     text = field(driver, "pointer", card)
     if text == "—":
         return None
-    match = re.fullmatch(r"(\d+), (\d+): ≈ (-?\d+\.\d+)", text)
+    match = re.fullmatch(r"(\d+)(?:–(\d+))?, (\d+)(?:–(\d+))?: (?:(mean|weighted mean) )?≈ (-?\d+\.\d+)", text)
     assert match, text
-    return int(match[1]), int(match[2]), float(match[3])
+    return ((int(match[1]), int(match[2] or match[1])), (int(match[3]), int(match[4] or match[3])),
+            float(match[6]), match[5] or "")
+
+
+def area_weights(size: int, cells: int) -> np.ndarray:
+    """[size, cells]: the weight of each of `size` pixels in each cell of an axis INTER_AREA shrinks to `cells` (the
+    cells of a one-hot row of each pixel, as cv2.resize makes them)."""
+    return cv2.resize(np.eye(size, dtype=np.float64), (cells, size), interpolation=cv2.INTER_AREA)
 
 
 def value_under(driver, entry: dict, key: str, client_xy, npz_map=None, card: int = 0):
-    """What the readout should say with the pointer at `client_xy` (window pixels): the image pixel under it, from
-    where the viewer is now, and the page's map there (its 8-bit PNG at the pixel's place, on its exact range), or
-    None off the image. `npz_map`: the full map the page was made from, which the page's map must be (downsized)."""
+    """What the readout should say with the pointer at `client_xy` (window pixels), from where the viewer is now, as
+    (x, y, value, what, pixel), or None off the image. The page's map there is its 8-bit PNG's cell at the
+    pointer's place, on its exact range; where the map is stored at the photo's size, the readout names the photo
+    pixel under the pointer (`pixel`, x and y each (p, p)), and where it is stored shrunk, the block of photo pixels
+    that cell covers (INTER_AREA's weights, from cv2), as a "mean", or a "weighted mean" where they weigh
+    unequally. `npz_map`: the full map the page was made from, whose mean over that block (an explicit loop over
+    the block's pixels and their weights) the page's value must be."""
     left, top, width, height = driver.execute_script(
         "const r = document.querySelectorAll('.tclip-card .tclip-viewer')[arguments[0]].getBoundingClientRect();"
         "return [r.left, r.top, r.width, r.height];", card)
@@ -495,26 +508,44 @@ def value_under(driver, entry: dict, key: str, client_xy, npz_map=None, card: in
     row, column = min(q.shape[0] - 1, int(fy * q.shape[0])), min(q.shape[1] - 1, int(fx * q.shape[1]))
     lo, hi = shown["range"]
     value = lo + q[row, column] / 255 * (hi - lo)
-    if npz_map is not None:
-        downsized = cv2.resize(npz_map, q.shape[::-1], interpolation=cv2.INTER_AREA)
-        assert value == pytest.approx(downsized[row, column], abs=(hi - lo) / 510 + 1e-6)
     height_px, width_px = entry["size_hw"]
-    return int(fx * width_px), int(fy * height_px), value
+    pixel = int(fx * width_px), int(fy * height_px)
+    if q.shape == (height_px, width_px):
+        x, y, what = (pixel[0],) * 2, (pixel[1],) * 2, ""
+        weights_x, weights_y = np.eye(width_px)[:, column], np.eye(height_px)[:, row]
+    else:
+        weights_x, weights_y = area_weights(width_px, q.shape[1])[:, column], area_weights(height_px, q.shape[0])[:, row]
+        in_x, in_y = np.flatnonzero(weights_x), np.flatnonzero(weights_y)
+        x, y = (in_x[0], in_x[-1]), (in_y[0], in_y[-1])
+        assert x[0] <= pixel[0] <= x[1] and y[0] <= pixel[1] <= y[1]  # the pointer's pixel is in its cell's block
+        even = all(np.allclose(w[w > 0], 1 / np.count_nonzero(w)) for w in (weights_x, weights_y))
+        what = "mean" if even else "weighted mean"
+    if npz_map is not None:
+        mean = sum(weights_y[i] * weights_x[j] * float(npz_map[i, j])
+                   for i in np.flatnonzero(weights_y) for j in np.flatnonzero(weights_x))
+        assert value == pytest.approx(mean, abs=(hi - lo) / 510 + 1e-6)
+    return tuple(map(int, x)), tuple(map(int, y)), value, what, pixel
 
 
 def test_browser_the_pointer_readout_follows_a_scroll_a_resize_and_a_render_under_a_still_pointer(run, driver):
     """The readout changed on mousemove alone: after a scroll, a window resize or a word change under a pointer that
     stayed put it named the pixel the pointer had been over (or "—" after a word change). It names the pixel under
-    the pointer now and the shown map's value there, and "—" once the image is no longer under it."""
+    the pointer now and the shown map's value there, and "—" once the image is no longer under it. A map stored
+    shrunk (the 320 x 240 image's, at 256 x 192) named a photo pixel beside a value that is its cell's, the mean
+    over the block of pixels the cell covers (up to 4 % of the range away from the pixel's on a large image): the
+    readout names the block and says "mean"; the 224 x 224 image's maps, stored whole, name the pixel."""
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
     from selenium.webdriver.common.keys import Keys
 
-    data = page_json(run / "index.html")
-    entry = data["images"][0]
-    record = json.loads((run / entry["name"] / "result.json").read_text())
-    with np.load(run / entry["name"] / "maps.npz") as npz:
-        maps = {f"p0w{w}": npz[f"p0_w{w}_{word['word']}/heatmap"]
-                for w, word in enumerate(record["prompts"][0]["words"])}
+    def image(index):
+        entry = page_json(run / "index.html")["images"][index]
+        record = json.loads((run / entry["name"] / "result.json").read_text())
+        with np.load(run / entry["name"] / "maps.npz") as npz:
+            return entry, {f"p0w{w}": npz[f"p0_w{w}_{word['word']}/heatmap"]
+                           for w, word in enumerate(record["prompts"][0]["words"])}
+
+    entry, maps = image(0)
+    assert entry["size_hw"] == [240, 320]  # stored at 192 x 256
     size = driver.get_window_size()
     try:
         open_page(driver, run / "index.html")
@@ -530,10 +561,10 @@ def test_browser_the_pointer_readout_follows_a_scroll_a_resize_and_a_render_unde
         actions.pointer_action.move_to_location(*at)
         actions.perform()
 
-        def check(key, what):
+        def check(key, what, said="weighted mean"):
             expected = value_under(driver, entry, key, at, maps[key])
             def place(readout):
-                return None if readout is None else readout[:2]
+                return None if readout is None else (*readout[:2], readout[3])
 
             with contextlib.suppress(AssertionError):  # said below, with what was read
                 browser.wait_for(lambda: place(pointer_readout(driver)) == place(expected), timeout=5)
@@ -541,7 +572,8 @@ def test_browser_the_pointer_readout_follows_a_scroll_a_resize_and_a_render_unde
             if expected is None:
                 assert shown is None, what
             else:
-                assert shown is not None and shown[:2] == expected[:2], (what, shown, expected)
+                assert shown is not None and place(shown) == place(expected), (what, shown, expected)
+                assert shown[3] == said, what  # a ratio of 1.25: each cell weighs two pixels unequally
                 assert shown[2] == pytest.approx(expected[2], abs=5e-5), what  # printed to 4 decimals
             return shown
 
@@ -556,6 +588,21 @@ def test_browser_the_pointer_readout_follows_a_scroll_a_resize_and_a_render_unde
         assert resized[:2] != first[:2]
         driver.execute_script("window.scrollBy(0, -400);")  # the image below the pointer
         assert check("p0w2", "the readout once the image left the pointer") is None
+        # The next image's maps are stored at its size: the readout names the pixel under the pointer.
+        driver.find_element("css selector", "body").send_keys(Keys.ARROW_DOWN)
+        browser.wait_for(lambda: browser.rendered(driver) == "1:p0w2:heatmap:shared:single", what="the next image")
+        entry, maps = image(1)
+        assert entry["size_hw"] == [224, 224] and decode_blob(entry["blobs"][0]).shape == (224, 224)
+        driver.execute_script("window.scrollBy(0, document.querySelector('.tclip-viewer').getBoundingClientRect().top"
+                              " - 120);")
+        left, top, width, height = driver.execute_script(
+            "const r = document.querySelector('.tclip-viewer').getBoundingClientRect();"
+            "return [r.left, r.top, r.width, r.height];")
+        at = (int(left + 0.6 * width), int(top + 0.4 * height))
+        actions.pointer_action.move_to_location(*at)
+        actions.perform()
+        pixel = check("p0w2", "the readout of a map stored whole", said="")
+        assert pixel[0][0] == pixel[0][1] and pixel[1][0] == pixel[1][1]
         assert browser.console_problems(driver) == []
     finally:
         driver.set_window_size(size["width"], size["height"])
@@ -563,20 +610,23 @@ def test_browser_the_pointer_readout_follows_a_scroll_a_resize_and_a_render_unde
 
 def test_browser_pixels_a_centre_crop_cut_off_read_out_as_not_seen(tmp_path, fixtures_dir, driver):
     """Under center_crop the strips the crop cut off hold the map's minimum as a fill, and the readout gave it as the
-    value there. The page holds the part of the image the model saw (the central 240x240 of a 320x240 image, whose
-    shorter side the crop keeps whole) and reads out "not seen" outside it; inside, the map's value as before."""
+    value there. The page holds the part of the image the model saw (the central 384x384 of a 512x384 image, whose
+    shorter side the crop keeps whole) and reads out "not seen" outside it; inside, the map's value as before: the
+    map is stored at half the size, so the mean over the 2 x 2 pixels its cell covers."""
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
 
+    from tclip_jax.image.io import load_image
     from tclip_jax.methods.tclip import TCLIP
 
     explainer = TCLIP.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), translations=1,
                                       input_protocol="center_crop")
-    result = explainer.explain(str(fixtures_dir / "scene_wide_320x240.png"), "a red circle")
+    image = cv2.resize(load_image(fixtures_dir / "scene_wide_320x240.png"), (512, 384), interpolation=cv2.INTER_CUBIC)
+    result = explainer.explain(image, "a red circle")
     entry = explorer.image_entry("x", [explorer.View(result)])
     covered = entry["panels"][0]["covered"]
     rows, columns = result.geometry.covered
     assert covered == [columns.start, rows.start, columns.stop, rows.stop]
-    assert np.abs(np.subtract(covered, [40, 0, 280, 240])).max() <= 1  # the central square, to a pixel
+    assert np.abs(np.subtract(covered, [64, 0, 448, 384])).max() <= 1  # the central square, to a pixel
     page = tmp_path / "crop.html"
     page.write_text(explorer.page_html(explorer.page_data([entry], "crop", result.run)), encoding="utf-8")
     open_page(driver, page)
@@ -590,12 +640,14 @@ def test_browser_pixels_a_centre_crop_cut_off_read_out_as_not_seen(tmp_path, fix
         actions = ActionBuilder(driver)
         actions.pointer_action.move_to_location(*at)
         actions.perform()
-        x, y, value = value_under(driver, entry, "p0w1", at)
+        *expected, (x, y) = value_under(driver, entry, "p0w1", at, result.prompts[0].word_maps[1].heatmap)
         inside = covered[0] <= x < covered[2] and covered[1] <= y < covered[3]
         seen.append(inside)
         if inside:
             shown = pointer_readout(driver)
-            assert shown[:2] == (x, y) and shown[2] == pytest.approx(value, abs=5e-5)
+            assert shown[:2] == tuple(expected[:2]) and shown[3] == expected[3] == "mean"
+            assert expected[0][1] - expected[0][0] == expected[1][1] - expected[1][0] == 1  # 2 x 2 pixels
+            assert shown[2] == pytest.approx(expected[2], abs=5e-5)
         else:
             assert field(driver, "pointer") == f"{x}, {y}: not seen (cut off by the crop)"
     assert seen == [False, False, True, True, True, False]

@@ -5,7 +5,9 @@ most `DISPLAY_MAX_SIDE`), and for every method shown (the run's method, then eac
 of every word and prompt, with τ, the GMM fallback and the box from the result record, and the part of the image
 the method's model saw (`covered`, x1, y1, x2, y2: `Geometry.covered`), outside which the page reads out no value.
 
-How maps are stored: each map is an 8-bit grayscale PNG (longer side at most `MAP_MAX_SIDE`) of
+How maps are stored: each map is an 8-bit grayscale PNG (longer side at most `MAP_MAX_SIDE`, shrunk with
+OpenCV's INTER_AREA: a cell is the mean over the photo pixels it covers, one it covers in part weighted by that
+part; the page's pointer readout names those pixels, from the same arithmetic) of
 q = round(255 (v - lo) / (hi - lo)), with its exact value range [lo, hi] (the map's own minimum and maximum, raw
 cosine for TCLIP) in the page's JSON. The page decodes the PNG onto a canvas, recovers v = lo + q (hi - lo) / 255
 and colour-maps it in JavaScript with OpenCV's turbo table (the one the PNG overlays use), on the scale the

@@ -7,7 +7,8 @@
  * method's template texts, each cut by itself), and panels (one per method) whose maps point into
  * entry.blobs: 8-bit grayscale PNGs of q = 255 (v - lo) / (hi - lo), with [lo, hi] beside them; a panel's `covered`
  * (x1, y1, x2, y2, image pixels) is what its model saw, all but what a centre crop cut off. Maps are decoded
- * onto a canvas and coloured here, on the scale the viewer picks.
+ * onto a canvas and coloured here, on the scale the viewer picks. A map stored smaller than the photo (INTER_AREA)
+ * has a value per cell, the mean over the photo pixels it covers: the pointer readout names those (`cellPixels`).
  */
 (() => {
   'use strict';
@@ -140,6 +141,24 @@
       high = Math.max(high, source.range[1]);
     }
     return [low, high];
+  }
+
+  // The photo pixels first..last (along one axis of `size` pixels) that cell d of a map stored `cells` wide covers,
+  // and whether they weigh the same in it. explorer.py shrinks a map with OpenCV's INTER_AREA: cell d is the mean
+  // over [d s, (d + 1) s), s = size / cells, a pixel at either end weighted by the part of it inside. This is
+  // OpenCV's own arithmetic (resize.cpp, computeResizeAreaTab), its tolerance of 1e-3 pixel included.
+  function cellPixels(d, cells, size) {
+    const scale = 1 / (cells / size);  // as OpenCV computes it, from the inverse scale
+    const start = d * scale;
+    const end = start + scale;
+    const last = Math.min(Math.floor(end), size - 1);
+    const first = Math.min(Math.ceil(start), last);
+    const parts = [];  // the part of each pixel inside the cell: its weight
+    if (first - start > 1e-3) parts.push(first - start);  // the pixel before `first`
+    if (last > first) parts.push(1);                       // first..last - 1, whole
+    if (end - last > 1e-3) parts.push(Math.min(end - last, 1));  // `last`
+    return {first: first - start > 1e-3 ? first - 1 : first, last: end - last > 1e-3 ? last : last - 1,
+            even: Math.max(...parts) - Math.min(...parts) <= 1e-3};
   }
 
   const valueName = (panel) => (panel.method === 'tclip' ? 'raw cosine similarity' : 'the method\'s map values');
@@ -431,11 +450,24 @@
         c.fields.pointer.textContent = `${x}, ${y}: not seen (cut off by the crop)`;
         return;
       }
-      const mx = Math.min(cur.decoded.w - 1, Math.floor(fx * cur.decoded.w));
-      const my = Math.min(cur.decoded.h - 1, Math.floor(fy * cur.decoded.h));
-      const q = cur.decoded.q[my * cur.decoded.w + mx];
+      const {w, h} = cur.decoded;
+      const mx = Math.min(w - 1, Math.floor(fx * w));
+      const my = Math.min(h - 1, Math.floor(fy * h));
+      const q = cur.decoded.q[my * w + mx];
       const value = cur.range[0] + (q / 255) * (cur.range[1] - cur.range[0]);
-      c.fields.pointer.textContent = `${x}, ${y}: ≈ ${fmt(value)}`;
+      if (w === width && h === height) {  // a value per pixel
+        c.fields.pointer.textContent = `${x}, ${y}: ≈ ${fmt(value)}`;
+        c.fields.pointer.title = '';
+        return;
+      }
+      // A map stored shrunk has a value per cell: the mean over the photo's pixels the cell covers, said as such.
+      const across = cellPixels(mx, w, width);
+      const down = cellPixels(my, h, height);
+      const span = (p) => (p.first === p.last ? `${p.first}` : `${p.first}–${p.last}`);
+      const mean = across.even && down.even ? 'mean' : 'weighted mean';
+      c.fields.pointer.textContent = `${span(across)}, ${span(down)}: ${mean} ≈ ${fmt(value)}`;
+      c.fields.pointer.title = `The map is stored at ${w} × ${h} pixels: its value here is the mean over the photo's `
+        + 'pixels its cell covers, a pixel the cell covers in part weighted by that part.';
     }
 
     function render() {
