@@ -552,7 +552,10 @@ def _assert_spans_are_the_words(tokenizer, packaged_files, text, context_length=
     # The modifier apostrophe "ʼ" (U+02BC) is a letter that cleaning uncurls to the symbol "'": it was punctuation
     # between two words. Written beside a symbol, the chunk holds that symbol too and stays punctuation.
     ("aʼb", [("aʼb", False)]), ("a ʼ b", [("a", False), ("ʼ", False), ("b", False)]), ("ʼa", [("ʼa", False)]),
-    ("ʼ!", [("ʼ!", True)]),
+    ("ʼ!", [("ʼ!", True)]), ("aʼ,", [("a", False), ("ʼ,", True)]),
+    # The chunks one character became are one word, which joins the word before it only where its first chunk is a
+    # word's: "cat-ŉ" was one word, "cat" and a punctuation "-" glued to "ŉ".
+    ("cat-ŉ dog", [("cat", False), ("-ŉ", False), ("dog", False)]), ("a,ŉ", [("a", False), (",ŉ", False)]),
 ])
 def test_a_character_cleaning_rewrites_to_several_stays_one_word(tokenizer, packaged_files, text, words):
     prompt = tokenizer.tokenize_words(text)

@@ -254,7 +254,8 @@ def _group_words(text: str, cleaned: str, pieces: _Pieces, positions: tuple[int,
     joins no word beside it. Chunks that one character of the prompt became ("ŉ", a letter, is "'n", a symbol and a
     letter) are one word (a word if either is): no two words share a character of the prompt. A chunk whose
     characters as written are letters, digits and marks is a word's chunk whatever cleaning made of them ("ʼ", a
-    letter, is "'")."""
+    letter, is "'"); one that holds a symbol as well stays punctuation ("aʼ," is "a" and "ʼ,": OpenAI's split puts
+    the "'" cleaning made of "ʼ" and the "," in one chunk, one piece "',", which no word can have alone)."""
     chunks = []  # (start, end, piece positions, is_punctuation) in cleaned-text coordinates
     for chunk, members in itertools.groupby(zip(pieces.chunks, pieces.offsets, positions), key=lambda piece: piece[0]):
         members = [(start, end, position) for _, (start, end), position in members]
@@ -279,15 +280,16 @@ def _group_words(text: str, cleaned: str, pieces: _Pieces, positions: tuple[int,
         written = text[starts[start]:ends[end - 1]]
         if punctuation and _has_letter_or_digit(written) and all(c.isalnum() or _is_mark(c) for c in written):
             punctuation = False
-        merged.append((start, end, piece_positions, punctuation))
+        merged.append((start, end, piece_positions, punctuation, punctuation))
         # Adjacent word chunks are one word, and so are any two chunks one character of the prompt became ("ŉ" is
-        # "'n", a symbol and a letter): that word is a word if either is. A merge can make a word touch the one before.
-        while len(merged) > 1 and (not merged[-2][3] and not merged[-1][3] and merged[-2][1] >= merged[-1][0]
+        # "'n", a symbol and a letter): that word is a word if either is. A merge can make a word touch the one
+        # before; it joins it where its first chunk is a word's (the last field): "cat-ŉ" is "cat" and "-ŉ".
+        while len(merged) > 1 and (not merged[-2][3] and not merged[-1][4] and merged[-2][1] >= merged[-1][0]
                                    or ends[merged[-2][1] - 1] > starts[merged[-1][0]]):
-            (start, _, first, punctuation), (_, end, second, also_punctuation) = merged[-2:]
-            merged[-2:] = [(start, end, first + second, punctuation and also_punctuation)]
+            (start, _, first, punctuation, leads), (_, end, second, also_punctuation, _) = merged[-2:]
+            merged[-2:] = [(start, end, first + second, punctuation and also_punctuation, leads)]
     return tuple(Word(text[starts[start]:ends[end - 1]], starts[start], ends[end - 1], piece_positions, punctuation)
-                 for start, end, piece_positions, punctuation in merged)
+                 for start, end, piece_positions, punctuation, _ in merged)
 
 
 def has_word(text: str) -> bool:
