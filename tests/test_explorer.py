@@ -514,7 +514,8 @@ def value_under(driver, entry: dict, key: str, client_xy, npz_map=None, card: in
         x, y, what = (pixel[0],) * 2, (pixel[1],) * 2, ""
         weights_x, weights_y = np.eye(width_px)[:, column], np.eye(height_px)[:, row]
     else:
-        weights_x, weights_y = area_weights(width_px, q.shape[1])[:, column], area_weights(height_px, q.shape[0])[:, row]
+        weights_x = area_weights(width_px, q.shape[1])[:, column]
+        weights_y = area_weights(height_px, q.shape[0])[:, row]
         in_x, in_y = np.flatnonzero(weights_x), np.flatnonzero(weights_y)
         x, y = (in_x[0], in_x[-1]), (in_y[0], in_y[-1])
         assert x[0] <= pixel[0] <= x[1] and y[0] <= pixel[1] <= y[1]  # the pointer's pixel is in its cell's block

@@ -208,6 +208,9 @@ def test_init_params_start_stem_kernels_with_he_variance_and_the_temperature_at_
         assert kernel.var() == pytest.approx(2 / fan_in, rel=0.15)
     assert float(params["logit_scale"]) == pytest.approx(np.log(1 / 0.07), rel=1e-6)
     assert float(params["logit_scale"]) == pytest.approx(transformers.CLIPConfig().logit_scale_init_value, abs=1e-4)
+    with jax.enable_x64(True):  # float32 parameters whatever the mode (logit_scale's initializer was float64 then)
+        shapes = jax.eval_shape(lambda: init_params(SMALL, 0))
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(shapes)} == {np.dtype(np.float32)}
 
 
 def test_the_text_embedding_is_read_at_the_first_end_of_text_id_or_the_highest_id():

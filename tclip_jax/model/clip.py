@@ -203,7 +203,7 @@ class VisionTransformer(nn.Module):
         patch = (cfg.patch_size // 2 ** len(cfg.stem_channels),) * 2
         self.patch_embed = nn.Conv(cfg.vision_width, patch, strides=patch, padding="VALID", use_bias=False,
                                    dtype=self.dtype, param_dtype=jnp.float32)
-        init = nn.initializers.normal(cfg.vision_width**-0.5)
+        init = nn.initializers.normal(cfg.vision_width**-0.5, jnp.float32)  # float32 under x64 too
         self.class_embedding = self.param("class_embedding", init, (cfg.vision_width,))
         self.positional_embedding = self.param("positional_embedding", init,
                                                (1 + cfg.grid_size**2, cfg.vision_width))
@@ -259,14 +259,14 @@ class TextTransformer(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.token_embedding = self.param("token_embedding", nn.initializers.normal(0.02),
+        self.token_embedding = self.param("token_embedding", nn.initializers.normal(0.02, jnp.float32),
                                           (cfg.vocab_size, cfg.text_width))
-        self.positional_embedding = self.param("positional_embedding", nn.initializers.normal(0.01),
+        self.positional_embedding = self.param("positional_embedding", nn.initializers.normal(0.01, jnp.float32),
                                                (cfg.context_length, cfg.text_width))
         self.transformer = Transformer(cfg.text_layers, cfg.text_width, cfg.text_heads, cfg.text_mlp_dim,
                                        cfg.activation, cfg.layer_norm_eps, causal=True, dtype=self.dtype)
         self.ln_final = LayerNorm(cfg.layer_norm_eps)
-        self.projection = self.param("projection", nn.initializers.normal(cfg.text_width**-0.5),
+        self.projection = self.param("projection", nn.initializers.normal(cfg.text_width**-0.5, jnp.float32),
                                      (cfg.text_width, cfg.embed_dim))
 
     @property
@@ -309,7 +309,7 @@ class CLIP(nn.Module):
     def setup(self):
         self.visual = VisionTransformer(self.config, self.dtype)
         self.text = TextTransformer(self.config, self.dtype)
-        self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), ())
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07), jnp.float32), ())
 
     def encode_image(self, images: Array, intermediates: bool = False,
                      probs_offsets: Optional[Sequence[Array]] = None) -> ImageOutput:
