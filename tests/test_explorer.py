@@ -472,12 +472,13 @@ def test_browser_the_page_and_the_figures_format_numbers_by_one_rule(tmp_path, d
 
 def pointer_readout(driver, card: int = 0):
     """The pointer readout of a card as (x, y, value, what), or None where it reads "—": x and y are the photo
-    pixels it names, each as (first, last) (one pixel: first == last), `what` "" for a pixel's value, "mean" or
-    "weighted mean" for a block's."""
+    pixels it names, each as (first, last) (one pixel: first == last), `what` what it says before the value: "" for
+    a pixel's, "mean" or "weighted mean" for a block's (after "part not seen (cut off by the crop); " and before
+    " with its fill" where the crop cut off some of the block)."""
     text = field(driver, "pointer", card)
     if text == "—":
         return None
-    match = re.fullmatch(r"(\d+)(?:–(\d+))?, (\d+)(?:–(\d+))?: (?:(mean|weighted mean) )?≈ (-?\d+\.\d+)", text)
+    match = re.fullmatch(r"(\d+)(?:–(\d+))?, (\d+)(?:–(\d+))?: (?:(\D+) )?≈ (-?\d+\.\d+)", text)
     assert match, text
     return ((int(match[1]), int(match[2] or match[1])), (int(match[3]), int(match[4] or match[3])),
             float(match[6]), match[5] or "")
@@ -609,11 +610,17 @@ def test_browser_the_pointer_readout_follows_a_scroll_a_resize_and_a_render_unde
         driver.set_window_size(size["width"], size["height"])
 
 
-def test_browser_pixels_a_centre_crop_cut_off_read_out_as_not_seen(tmp_path, fixtures_dir, driver):
+@pytest.mark.parametrize("size_wh, said", [((512, 384), "mean"), ((333, 197), "weighted mean")],
+                         ids=["cells_end_on_the_crops_edges", "a_cell_across_each_edge"])
+def test_browser_pixels_a_centre_crop_cut_off_read_out_as_not_seen(tmp_path, fixtures_dir, driver, size_wh, said):
     """Under center_crop the strips the crop cut off hold the map's minimum as a fill, and the readout gave it as the
-    value there. The page holds the part of the image the model saw (the central 384x384 of a 512x384 image, whose
+    value there. The page holds the part of the image the model saw (the central square of a wide image, whose
     shorter side the crop keeps whole) and reads out "not seen" outside it; inside, the map's value as before: the
-    map is stored at half the size, so the mean over the 2 x 2 pixels its cell covers."""
+    map is stored shrunk, so the mean over the block of pixels its cell covers (512 x 384: 2 x 2 pixels, the cells
+    ending on the crop's edges). A cell across an edge (333 x 197, stored at 256 x 151: the cells of pixels 67–68
+    and 264–265 are 28 % fill) read as the map's value, a mean of it and the fill: the readout says its block was
+    partly not seen and the mean counts the fill. The pointer goes to each cell at and beside the crop's edges, at
+    a client position chosen by the readout's own arithmetic."""
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
 
     from tclip_jax.image.io import load_image
@@ -621,13 +628,15 @@ def test_browser_pixels_a_centre_crop_cut_off_read_out_as_not_seen(tmp_path, fix
 
     explainer = TCLIP.from_pretrained(str(fixtures_dir / "tiny_openai_clip.npz"), translations=1,
                                       input_protocol="center_crop")
-    image = cv2.resize(load_image(fixtures_dir / "scene_wide_320x240.png"), (512, 384), interpolation=cv2.INTER_CUBIC)
+    width_px, height_px = size_wh
+    image = cv2.resize(load_image(fixtures_dir / "scene_wide_320x240.png"), size_wh, interpolation=cv2.INTER_CUBIC)
     result = explainer.explain(image, "a red circle")
     entry = explorer.image_entry("x", [explorer.View(result)])
     covered = entry["panels"][0]["covered"]
     rows, columns = result.geometry.covered
     assert covered == [columns.start, rows.start, columns.stop, rows.stop]
-    assert np.abs(np.subtract(covered, [64, 0, 448, 384])).max() <= 1  # the central square, to a pixel
+    centre = [(width_px - height_px) / 2, 0, (width_px + height_px) / 2, height_px]
+    assert np.abs(np.subtract(covered, centre)).max() <= 1  # the central square, to a pixel
     page = tmp_path / "crop.html"
     page.write_text(explorer.page_html(explorer.page_data([entry], "crop", result.run)), encoding="utf-8")
     open_page(driver, page)
@@ -635,23 +644,50 @@ def test_browser_pixels_a_centre_crop_cut_off_read_out_as_not_seen(tmp_path, fix
     left, top, width, height = driver.execute_script(
         "const r = document.querySelector('.tclip-viewer').getBoundingClientRect();"
         "return [r.left, r.top, r.width, r.height];")
-    seen = []
-    for fx in (0.02, 0.1, 0.3, 0.5, 0.8, 0.95):  # the left strip, inside, the right strip
-        at = (int(left + fx * width), int(top + 0.5 * height))
+    cells = decode_blob(entry["blobs"][entry["panels"][0]["maps"]["p0w1"]["heatmap"]["blob"]]).shape[1]
+    assert cells == 256
+    blocks = [np.flatnonzero(weights)[[0, -1]] for weights in area_weights(width_px, cells).T]  # each cell's pixels
+
+    def place(client_x):  # the pointer's photo pixel and map cell there (the page's arithmetic), and what they are
+        fx = (client_x - left) / width
+        pixel, cell = int(fx * width_px), min(cells - 1, int(fx * cells))
+        if not covered[0] <= pixel < covered[2]:
+            return "not seen", cell
+        return ("across" if blocks[cell][0] < covered[0] or blocks[cell][1] >= covered[2] else "seen"), cell
+
+    places = {}  # (what, cell) -> the client xs where the pointer is on that cell, its pixel so
+    for client_x in range(int(np.ceil(left)), int(np.ceil(left + width))):
+        places.setdefault(place(client_x), []).append(client_x)
+    edges = [cell for cell, (first, last) in enumerate(blocks) if first <= covered[0] <= last or
+             first <= covered[2] - 1 <= last]  # the cells holding the first or the last pixel seen
+    near = {0, cells // 2, cells - 1} | {cell + step for cell in edges for step in (-1, 0, 1)}
+    across = sorted(cell for what, cell in places if what == "across")
+    assert across == ([] if said == "mean" else [52, 203])  # and no cell read as across but these
+    checked = []
+    for (what, cell), xs in sorted(places.items(), key=lambda item: item[1][0]):
+        if cell not in near:
+            continue
+        at = (xs[len(xs) // 2], int(top + 0.5 * height))
         actions = ActionBuilder(driver)
         actions.pointer_action.move_to_location(*at)
         actions.perform()
         *expected, (x, y) = value_under(driver, entry, "p0w1", at, result.prompts[0].word_maps[1].heatmap)
-        inside = covered[0] <= x < covered[2] and covered[1] <= y < covered[3]
-        seen.append(inside)
-        if inside:
-            shown = pointer_readout(driver)
-            assert shown[:2] == tuple(expected[:2]) and shown[3] == expected[3] == "mean"
-            assert expected[0][1] - expected[0][0] == expected[1][1] - expected[1][0] == 1  # 2 x 2 pixels
-            assert shown[2] == pytest.approx(expected[2], abs=5e-5)
-        else:
+        checked.append((what, cell))
+        if what == "not seen":
             assert field(driver, "pointer") == f"{x}, {y}: not seen (cut off by the crop)"
-    assert seen == [False, False, True, True, True, False]
+            continue
+        shown = pointer_readout(driver)
+        assert expected[3] == said
+        if size_wh == (512, 384):
+            assert expected[0][1] - expected[0][0] == expected[1][1] - expected[1][0] == 1  # 2 x 2 pixels
+        if what == "across":  # the block runs over the crop's edge: the value mixes in the fill
+            assert shown[3] == f"part not seen (cut off by the crop); {said} with its fill", (cell, shown)
+        else:
+            assert shown[3] == said, (cell, shown)
+        assert shown[:2] == tuple(expected[:2]) and shown[2] == pytest.approx(expected[2], abs=5e-5), cell
+    whats = [what for what, cell in checked]
+    assert whats[0] == whats[-1] == "not seen" and "seen" in whats  # the left strip, inside, the right strip
+    assert [cell for what, cell in checked if what == "across"] == across  # each edge's cell across it
     assert browser.console_problems(driver) == []
 
 

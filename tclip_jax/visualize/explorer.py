@@ -7,7 +7,8 @@ the method's model saw (`covered`, x1, y1, x2, y2: `Geometry.covered`), outside 
 
 How maps are stored: each map is an 8-bit grayscale PNG (longer side at most `MAP_MAX_SIDE`, shrunk with
 OpenCV's INTER_AREA: a cell is the mean over the photo pixels it covers, one it covers in part weighted by that
-part; the page's pointer readout names those pixels, from the same arithmetic) of
+part; the page's pointer readout names those pixels, from the same arithmetic, and says where a cell's mean
+counts the fill outside `covered`) of
 q = round(255 (v - lo) / (hi - lo)), with its exact value range [lo, hi] (the map's own minimum and maximum, raw
 cosine for TCLIP) in the page's JSON. The page decodes the PNG onto a canvas, recovers v = lo + q (hi - lo) / 255
 and colour-maps it in JavaScript with OpenCV's turbo table (the one the PNG overlays use), on the scale the

@@ -8,7 +8,8 @@
  * entry.blobs: 8-bit grayscale PNGs of q = 255 (v - lo) / (hi - lo), with [lo, hi] beside them; a panel's `covered`
  * (x1, y1, x2, y2, image pixels) is what its model saw, all but what a centre crop cut off. Maps are decoded
  * onto a canvas and coloured here, on the scale the viewer picks. A map stored smaller than the photo (INTER_AREA)
- * has a value per cell, the mean over the photo pixels it covers: the pointer readout names those (`cellPixels`).
+ * has a value per cell, the mean over the photo pixels it covers: the pointer readout names those (`cellPixels`),
+ * and where some of them lie outside `covered`, says the mean counts the fill the crop left there.
  */
 (() => {
   'use strict';
@@ -437,8 +438,12 @@
       const fy = at ? (at.y - rect.top) / rect.height : -1;
       const over = at && fx >= 0 && fy >= 0 && fx < 1 && fy < 1
         && c.viewer.contains(document.elementFromPoint(at.x, at.y));
+      const say = (text, title) => {
+        c.fields.pointer.textContent = text;
+        c.fields.pointer.title = title || '';
+      };
       if (!cur || !over) {
-        c.fields.pointer.textContent = '—';
+        say('—');
         return;
       }
       const [height, width] = entry.size_hw;
@@ -447,7 +452,7 @@
       // A pixel the crop cut off has the map's minimum as a fill, not a value the model gave it.
       const [x1, y1, x2, y2] = c.panel.covered;
       if (x < x1 || y < y1 || x >= x2 || y >= y2) {
-        c.fields.pointer.textContent = `${x}, ${y}: not seen (cut off by the crop)`;
+        say(`${x}, ${y}: not seen (cut off by the crop)`);
         return;
       }
       const {w, h} = cur.decoded;
@@ -456,8 +461,7 @@
       const q = cur.decoded.q[my * w + mx];
       const value = cur.range[0] + (q / 255) * (cur.range[1] - cur.range[0]);
       if (w === width && h === height) {  // a value per pixel
-        c.fields.pointer.textContent = `${x}, ${y}: ≈ ${fmt(value)}`;
-        c.fields.pointer.title = '';
+        say(`${x}, ${y}: ≈ ${fmt(value)}`);
         return;
       }
       // A map stored shrunk has a value per cell: the mean over the photo's pixels the cell covers, said as such.
@@ -465,9 +469,16 @@
       const down = cellPixels(my, h, height);
       const span = (p) => (p.first === p.last ? `${p.first}` : `${p.first}–${p.last}`);
       const mean = across.even && down.even ? 'mean' : 'weighted mean';
-      c.fields.pointer.textContent = `${span(across)}, ${span(down)}: ${mean} ≈ ${fmt(value)}`;
-      c.fields.pointer.title = `The map is stored at ${w} × ${h} pixels: its value here is the mean over the photo's `
-        + 'pixels its cell covers, a pixel the cell covers in part weighted by that part.';
+      const title = `The map is stored at ${w} × ${h} pixels: its value here is the mean over the photo's pixels `
+        + 'its cell covers, a pixel the cell covers in part weighted by that part.';
+      // A cell across the crop's edge mixes the map's values with the fill outside it: a number that is neither.
+      if (across.first < x1 || down.first < y1 || across.last >= x2 || down.last >= y2) {
+        say(`${span(across)}, ${span(down)}: part not seen (cut off by the crop); ${mean} with its fill ≈ `
+            + `${fmt(value)}`, `${title} The crop cut off some of these pixels: the map holds its minimum there `
+            + 'as a fill, not a value the model gave them, and this mean counts it.');
+        return;
+      }
+      say(`${span(across)}, ${span(down)}: ${mean} ≈ ${fmt(value)}`, title);
     }
 
     function render() {
