@@ -52,11 +52,11 @@ from tclip_jax.postprocess import (GmmFit, gaussian_intersection, gmm_thresholds
 from tclip_jax.postprocess._blas import SINGLE_THREADED_BLAS  # noqa: E402
 from tclip_jax.postprocess.blur import axis_plan, error_bound, gaussian_blur, pyramid_levels  # noqa: E402
 from tclip_jax.postprocess.boxes import Box  # noqa: E402
+from tclip_jax.postprocess.sigma import DEFAULT_SIGMA_FRACTION  # noqa: E402
 from tclip_jax.synthetic import heldout_seeds, make_scene  # noqa: E402
 from tclip_jax.files import write_text_atomic  # noqa: E402
 
 SIZES = {"224x224": (224, 224), "640x480": (480, 640), "1920x1080": (1080, 1920)}  # name: (H, W)
-SIGMA_FRACTION = 0.02
 ALL_CPUS = os.sched_getaffinity(0)
 
 
@@ -117,7 +117,7 @@ def _evenly_spaced_quantiles(values: np.ndarray, count: int) -> np.ndarray:
 def old_soft_map(heatmap: np.ndarray) -> tuple[np.ndarray, float]:
     fit = gmm_threshold_sklearn(heatmap)  # unchanged from the old gmm_threshold
     kept = np.where(heatmap < np.float64(fit.tau), heatmap.min(), heatmap).astype(np.float32)
-    return gaussian_blur(kept, SIGMA_FRACTION * max(heatmap.shape)), fit.tau
+    return gaussian_blur(kept, DEFAULT_SIGMA_FRACTION * max(heatmap.shape)), fit.tau  # the new step's sigma
 
 
 def old_box(heatmap: np.ndarray) -> Box:
@@ -214,7 +214,7 @@ def stage_times(images: list, rounds: int) -> dict:
         counts = np.stack([gmm_module.fine_histogram(v, s.lo, s.hi) for v, s in zip(values, stats)])
         hists = gmm_module.MapHistograms(counts, np.array([s.lo for s in stats]), np.array([s.hi for s in stats]))
         prepared.append((values, stats, hists, soft_module._fits(values, stats)))
-    sigma = SIGMA_FRACTION * max(images[0].shape[1:])
+    sigma = DEFAULT_SIGMA_FRACTION * max(images[0].shape[1:])
     stages = {
         "min/max": lambda v, s, h, f: [soft_module._map_stats(x) for x in v],
         "boxes": lambda v, s, h, f: [checked_map_box(x) for x in v],
@@ -271,7 +271,7 @@ def reference_tau(values: np.ndarray) -> tuple[float, float]:
 
 def reference_soft_map(values: np.ndarray, tau: float) -> np.ndarray:
     kept = np.where(values < np.float64(tau), values.min(), values).astype(np.float64)
-    return ndimage.gaussian_filter(kept, SIGMA_FRACTION * max(values.shape), mode="reflect", truncate=4.0)
+    return ndimage.gaussian_filter(kept, DEFAULT_SIGMA_FRACTION * max(values.shape), mode="reflect", truncate=4.0)
 
 
 def fidelity_size(explainer, size_hw, max_maps: int, offset: int) -> dict:
@@ -389,14 +389,14 @@ def report(timing: dict, fidelity: dict, runs: list[dict]) -> str:
     lines += ["Blur: worst-case bound of the new blur against scipy for any map, in units of the map's range "
               "(`tclip_jax.postprocess.blur.error_bound`, exact 1-D operators):", "",
               markdown_table(["size", "sigma (px)", "pyramid levels", "bound / range"],
-                             [[name, f"{SIGMA_FRACTION * max(SIZES[name]):.2f}", levels, bound]
+                             [[name, f"{DEFAULT_SIGMA_FRACTION * max(SIZES[name]):.2f}", levels, bound]
                               for name, levels, bound in (blur_bound(name) for name in SIZES)]), "", NOTES]
     return "\n".join(lines)
 
 
 def blur_bound(name: str) -> tuple[str, int, str]:
     h, w = SIZES[name]
-    sigma = SIGMA_FRACTION * max(h, w)
+    sigma = DEFAULT_SIGMA_FRACTION * max(h, w)
     levels = pyramid_levels(sigma)
     if levels == 0:
         return name, 0, "exact (separable filter)"

@@ -4,6 +4,8 @@ Boxes are checked against gScoreCAM's own outputs (../shared/fixtures/metrics); 
 the closed-form intersection of two weighted Gaussian densities.
 """
 import functools
+import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -371,6 +373,40 @@ def test_soft_map_default_sigma_scales_with_map_size(two_level_map):
     explicit, _ = soft_map(two_level_map, sigma=DEFAULT_SIGMA_FRACTION * 64)
     np.testing.assert_array_equal(default, explicit)
 
+
+
+def test_the_default_sigma_is_stated_in_one_place(tmp_path):
+    """TCLIP's --sigma help, the soft map and benchmarks/host_step.py (the new step, the old one and the scipy
+    reference) all read `tclip_jax.postprocess.sigma.DEFAULT_SIGMA_FRACTION`: with it changed before they are
+    imported (in a fresh process), each follows; host_step had its own 0.02 and the help said "2%%"."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    script = """
+import sys
+import numpy as np
+import tclip_jax.postprocess.sigma as home
+home.DEFAULT_SIGMA_FRACTION = 0.05
+import dataclasses
+from tclip_jax.methods.tclip.settings import Settings
+from tclip_jax.postprocess import DEFAULT_SIGMA_FRACTION, soft_map
+sys.path.insert(0, sys.argv[1])
+from benchmarks import host_step
+shown = {f.name: f.metadata["shown_default"] for f in dataclasses.fields(Settings)}["sigma"]
+step = np.zeros((40, 50), np.float32)
+step[:, 25:] = 1
+print(shown, DEFAULT_SIGMA_FRACTION, [k for k in vars(host_step) if k.endswith("SIGMA_FRACTION")],
+      host_step.blur_bound("1920x1080")[1], np.array_equal(soft_map(step)[0], soft_map(step, sigma=2.5)[0]),
+      np.allclose(host_step.reference_soft_map(step.astype(np.float64), 0.5), soft_map(step, sigma=2.5)[0],
+                  atol=1e-5))
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr
+    levels = blur_module.pyramid_levels(0.05 * 1920)
+    assert done.stdout.split() == ["5%%", "of", "the", "image's", "longer", "side", "0.05",
+                                   "['DEFAULT_SIGMA_FRACTION']", str(levels), "True", "True"]
 
 def test_soft_map_rejects_bad_input():
     for sigma in (-1.0, float("nan"), float("inf"), "2", True):

@@ -10,7 +10,8 @@ _EXPORTS = {
     **dict.fromkeys(["BOX_RULES", "GSCORECAM_DUMMY_BOX", "Box", "BoxRule", "contour_boxes", "foreground",
                      "heatmap_box", "heatmap_boxes", "largest_component_box", "otsu_box", "uint8_minmax"],
                     "tclip_jax.postprocess.boxes"),
-    **dict.fromkeys(["DEFAULT_SIGMA_FRACTION", "GmmFit", "gaussian_intersection", "gmm_threshold", "gmm_thresholds",
+    "DEFAULT_SIGMA_FRACTION": "tclip_jax.postprocess.sigma",
+    **dict.fromkeys(["GmmFit", "gaussian_intersection", "gmm_threshold", "gmm_thresholds",
                      "soft_map", "soft_maps", "soft_maps_and_boxes"],
                     "tclip_jax.postprocess.soft"),
 }

@@ -56,8 +56,7 @@ from tclip_jax.postprocess._blas import SINGLE_THREADED_BLAS
 from tclip_jax.postprocess.blur import LargeSigmaBlur, gaussian_blur, pyramid_levels
 from tclip_jax.postprocess.boxes import (Box, BoxRule, _check_rule, _checked_map, _finite_range, box_in_map,
                                          checked_map_box, covered_window)
-
-DEFAULT_SIGMA_FRACTION = 0.02
+from tclip_jax.postprocess.sigma import DEFAULT_SIGMA_FRACTION
 
 __all__ = [
     "DEFAULT_SIGMA_FRACTION", "GmmFit", "gaussian_blur", "gaussian_intersection", "gmm_threshold", "gmm_thresholds",

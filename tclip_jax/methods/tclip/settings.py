@@ -6,15 +6,16 @@ from typing import Optional
 
 from tclip_jax.image.protocols import INPUT_PROTOCOLS, InputProtocol
 from tclip_jax.methods.settings import MethodSettings
+from tclip_jax.postprocess.sigma import DEFAULT_SIGMA_FRACTION
 from tclip_jax.settings import finite, parse_float_tuple, parse_optional, setting
 
 # Shift lengths as fractions of the patch size: sub-patch shifts move every patch boundary.
 DEFAULT_SCALE_FRACTIONS = (0.25, 0.5, 0.75)
 DEFAULT_TRIM = 0.2
-# The largest soft-map sigma a user may set, in pixels: 2% (the default) of a 50,000-pixel side, longer than the whole
-# and center_crop protocols admit under the default pixel limit (29,913 pixels at their 10:1 aspect limit; the
-# default sigma of a longer patch_multiple image is not capped). The blur's time does not grow with sigma (an axis
-# shorter than 8 sigmas is blurred exactly by the DCT, postprocess/blur.py).
+# The largest soft-map sigma a user may set, in pixels: the default (DEFAULT_SIGMA_FRACTION, 2 %) of a 50,000-pixel
+# side, longer than the whole and center_crop protocols admit under the default pixel limit (29,913 pixels at their
+# 10:1 aspect limit; the default sigma of a longer patch_multiple image is not capped). The blur's time does not grow
+# with sigma (an axis shorter than 8 sigmas is blurred exactly by the DCT, postprocess/blur.py).
 MAX_SIGMA = 1000.0
 TOKEN_WEIGHTINGS = ("none", "last", "mean", "rollout")  # see methods/tclip/token_weights.py
 
@@ -33,8 +34,9 @@ class Settings(MethodSettings):
     input_protocol: InputProtocol = setting(
         "whole", "how an image becomes the model input: the whole image resized, CLIP's center crop, or each side "
         "resized to a patch multiple", choices=INPUT_PROTOCOLS)
-    sigma: Optional[float] = setting(None, f"soft-map Gaussian sigma in pixels, 0 to {MAX_SIGMA:g}",
-                                     parse=parse_optional(float), shown_default="2%% of the image's longer side")
+    sigma: Optional[float] = setting(
+        None, f"soft-map Gaussian sigma in pixels, 0 to {MAX_SIGMA:g}", parse=parse_optional(float),
+        shown_default=f"{100 * DEFAULT_SIGMA_FRACTION:g}%% of the image's longer side")
     token_weighting: str = setting(
         "none", "how the tokens of a multi-word query (a class name, a whole prompt) are weighted: the plain mean "
         "of its words (none, the paper's), or by the end-of-text token's attention in the text tower's last block, "
