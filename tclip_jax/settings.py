@@ -33,16 +33,18 @@ T = TypeVar("T", bound="Options")
 
 
 def setting(default: Any, help: str, *, parse: Optional[Callable[[str], Any]] = None,
-            choices: Optional[Sequence[Any]] = None, flag: bool = True, shown_default: Optional[str] = None) -> Any:
+            choices: Optional[Sequence[Any]] = None, flag: bool = True, shown_default: Optional[str] = None,
+            metavar: Optional[str] = None) -> Any:
     """A settings field. `parse` turns a command-line string into the value (default: as the field's annotation says,
     `Optional[int]` as `parse_optional(int)`, `tuple[float, ...]` as `parse_tuple(float)`; see the module docstring);
     `choices` restricts it (a None default stays allowed); `flag=False` leaves it out of `add_arguments` (still
     settable by `--option`). A flag exists only where a command registers the class's flags: `tclip explain` and
     `tclip sweep` register TCLIP's settings' (and the host-step ones every method has, `cli.common`), so another
     method's setting, `flag=True` or not, is given as `--option KEY=VALUE`; `shown_default` describes the default
-    in help texts where the value alone would not say enough."""
+    in help texts where the value alone would not say enough; `metavar` names the flag's value in help texts where
+    a long list of `choices` would (the help then lists them)."""
     metadata = {"help": help, "parse": parse, "choices": tuple(choices) if choices is not None else None,
-                "flag": flag, "shown_default": shown_default}
+                "flag": flag, "shown_default": shown_default, "metavar": metavar}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -144,11 +146,12 @@ class Options:
                                     default=argparse.SUPPRESS, help=shown)
                 continue
             if as_text:  # shown as argparse shows choices, checked by `parse_flags`
-                metavar = "{" + ",".join(map(str, meta["choices"])) + "}" if meta["choices"] else f.name.upper()
+                metavar = meta.get("metavar") or ("{" + ",".join(map(str, meta["choices"])) + "}" if meta["choices"]
+                                                  else f.name.upper())
                 parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar, help=shown)
                 continue
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
-                                metavar=None if meta["choices"] else f.name.upper(),
+                                metavar=meta.get("metavar") or (None if meta["choices"] else f.name.upper()),
                                 type=_argparse_type(f, readers[f.name]),
                                 help=shown, choices=meta["choices"])
 

@@ -888,6 +888,7 @@ def heldout_seeds(count: int, offset: int = 0) -> range:
 OUT_OF_STYLE = ("natural_background", "dark_background", "non_square", "small_objects", "blur", "jpeg", "outlined")
 PROTOCOLS = ("captions", "bare_words", "shape_only", "colour_twins", "shape_twins", "wrong_attribute",
              "many_objects") + OUT_OF_STYLE
+DEFAULT_PROTOCOL = "captions"  # a synthetic sweep's (and dataset's) protocol unless told otherwise
 
 
 def _heldout(seed: int) -> int:

@@ -1347,6 +1347,64 @@ def test_bad_input_gives_clear_messages(coco_hand, tmp_path, capsys):
     assert message.count("\n") == 1
 
 
+
+def test_dataset_flags_take_their_choices_and_defaults_from_the_dataset_options(monkeypatch, capsys):
+    """--split, --coco-source, --crowd and --protocol: each choice list and default has one home
+    (`tclip_jax.evaluation.datasets.options`), which the flags, their help, their checks and the dataset functions'
+    defaults read. A flag left out chooses what the Python function chooses with its argument left out, and the
+    source sweep.json records (which a resume compares) is spelled as it always was."""
+    import argparse
+    import inspect
+
+    from tclip_jax.cli import sweep as cli_sweep
+    from tclip_jax.evaluation import datasets
+    from tclip_jax.evaluation.datasets import coco, imagenet_s, options, synthetic as synthetic_datasets
+    from tclip_jax.synthetic import PROTOCOLS, heldout_source
+
+    assert coco.CROWD_MODES is options.CROWD_MODES and imagenet_s.SPLITS is options.SPLITS
+    assert synthetic_datasets.PROTOCOLS is PROTOCOLS
+    parser = argparse.ArgumentParser()
+    cli_sweep.add_arguments(parser)
+    flags = {action.dest: action for action in parser._actions}
+    assert (flags["split"].choices, flags["crowd"].choices, flags["protocol"].choices) == (
+        options.SPLITS, options.CROWD_MODES, PROTOCOLS)
+    defaults = {name: inspect.signature(function).parameters[argument].default for name, function, argument in [
+        ("crowd", coco.coco_dataset, "crowd"), ("crowd_seg", coco.coco_seg_dataset, "crowd"),
+        ("crowd_tfds", coco.tfds_coco_dataset, "crowd"), ("protocol", synthetic_datasets.synthetic_dataset,
+                                                          "protocol")]}
+    assert len({defaults["crowd"], defaults["crowd_seg"], defaults["crowd_tfds"]}) == 1
+    assert f"(default: {defaults['crowd']})" in flags["crowd"].help
+    assert f"(default: {defaults['protocol']})" in flags["protocol"].help
+    calls = []
+    for name in ("coco_dataset", "coco_seg_dataset", "tfds_coco_dataset", "synthetic_dataset", "imagenet_s_dataset"):
+        monkeypatch.setattr(datasets, name, lambda *args, _name=name, **kwargs: calls.append((_name, args, kwargs)))
+    chosen = {}
+    for command in (["coco"], ["coco-seg"], ["coco", "--coco-source", "tfds", "--crowd", "drop"], ["synthetic"],
+                    ["synthetic", "--protocol", "blur"], ["imagenet-s", "--split", "300"]):
+        args = parser.parse_args([*command, "--out", "o"])
+        data = None if command[0] == "synthetic" else "/d"
+        _, source = cli_sweep._dataset_and_source(args, 3, data)
+        chosen[" ".join(command)] = (calls.pop(), source)
+    assert chosen == {
+        "coco": (("coco_dataset", ("/d",), {"crowd": defaults["crowd"]}), "coco val2017 in /d, crowd keep"),
+        "coco-seg": (("coco_seg_dataset", ("/d",), {"crowd": defaults["crowd"]}),
+                     "coco val2017 masks in /d, crowd keep"),
+        "coco --coco-source tfds --crowd drop": (("tfds_coco_dataset", ("/d",), {"crowd": "drop"}),
+                                                 "tfds coco/2017 validation in /d, crowd drop"),
+        "synthetic": (("synthetic_dataset", (3, defaults["protocol"]), {}), heldout_source("captions")),
+        "synthetic --protocol blur": (("synthetic_dataset", (3, "blur"), {}), heldout_source("blur")),
+        "imagenet-s --split 300": (("imagenet_s_dataset", ("/d", 300), {}), "imagenet-s300 validation in /d")}
+    # The choices and the missing split are refused in the lists' own words.
+    for command, message in [(["imagenet-s", "--split", "7"], "argument --split: invalid choice: 7 (choose from "
+                               + ", ".join(map(str, options.SPLITS)) + ")"),
+                              (["coco", "--crowd", "some"], "argument --crowd: invalid choice: 'some' (choose from "
+                               + ", ".join(map(repr, options.CROWD_MODES)) + ")")]:
+        with pytest.raises(SystemExit):
+            main(_cli(*command, "--out", "/nonexistent/o"))
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="^imagenet-s needs --split 50, 300 or 919 "):
+        cli_sweep._dataset_and_source(parser.parse_args(["imagenet-s", "--out", "o"]), None, "/d")
+
 def test_a_pointing_game_tolerance_that_no_unit_could_hit_is_refused(tmp_path, capsys):
     """TorchRay's hit is a mask pixel strictly closer than the tolerance (its reference: tolerance 0 hits nowhere,
     not even a point inside an all-foreground mask), so --pg-tolerance 0 would score every unit a miss."""

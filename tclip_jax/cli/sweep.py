@@ -32,9 +32,9 @@ MOST_PROCESSES = 65536
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tclip_jax.evaluation.datasets.options import DatasetOptions
     from tclip_jax.evaluation.options import EvalOptions
     from tclip_jax.sweep.options import RunOptions
-    from tclip_jax.synthetic import PROTOCOLS
 
     parser.add_argument("dataset", choices=DATASETS, help="what to evaluate on: COCO boxes (coco) or instance masks "
                         "(coco-seg), ImageNet-S or VOC2012 segmentation, or generated synthetic scenes")
@@ -45,16 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="results folder: records, sweep.json, report.md, report.json, "
                         "report.html with its pictures in gallery/, and --save-vis's in vis/")
     parser.add_argument("--template", help="prompt template with one '{}' for the class name (default: the bare name)")
-    parser.add_argument("--split", type=int, choices=(50, 300, 919), help="ImageNet-S split (required for imagenet-s)")
-    parser.add_argument("--coco-source", choices=("raw", "tfds"), help="coco: COCO files or TFDS coco/2017 "
-                        "(default: raw; coco-seg: raw only)")
-    parser.add_argument("--crowd", choices=("keep", "drop"),
-                        help="coco, coco-seg: crowd boxes count as ground truth (keep, gScoreCAM) or are removed "
-                        "(drop; coco-seg: their pixels are left out of their own category's pixel scores; the "
-                        "pointing game and energy count them as background) (default: keep)")
-    parser.add_argument("--protocol", choices=PROTOCOLS, metavar="PROTOCOL",
-                        help="synthetic: the evaluation protocol, one of " + ", ".join(PROTOCOLS) + " (see "
-                        "tclip_jax/synthetic.py; default: captions)")
+    DatasetOptions.add_arguments(parser)
     add_method_arguments(parser)
     EvalOptions.add_arguments(parser.add_argument_group("scoring"))
     running = parser.add_argument_group("running")
@@ -140,43 +131,35 @@ def _open_dataset(args: argparse.Namespace, limit):
 
 def _dataset_and_source(args: argparse.Namespace, limit, data: Optional[str]):
     from tclip_jax.evaluation import datasets
+    from tclip_jax.evaluation.datasets.options import SPLITS, DatasetOptions, spelled
     from tclip_jax.synthetic import heldout_source
 
-    for flag, value, using in _DATASET_FLAGS:
-        if getattr(args, value) is not None and args.dataset not in using:  # ignored, it would seem to apply
-            raise ValueError(f"{flag} applies to {' and '.join(using)} only, not {args.dataset}")
-    args = argparse.Namespace(**{**vars(args), "coco_source": args.coco_source or "raw",
-                                 "crowd": args.crowd or "keep", "protocol": args.protocol or "captions"})
+    chosen = DatasetOptions.for_dataset(args.dataset, DatasetOptions.given_arguments(args))
     if args.dataset == "synthetic":
         if data is not None:
             raise ValueError("synthetic scenes are generated: --data is not used (size the sweep with --limit)")
         try:
-            dataset = datasets.synthetic_dataset(limit, args.protocol)
+            dataset = datasets.synthetic_dataset(limit, chosen.protocol)
         except ValueError as err:  # the protocol is a choice already: what is left to refuse is the number of scenes
             raise ValueError(f"--limit {limit}: {err}") from None
-        return dataset, heldout_source(args.protocol)
+        return dataset, heldout_source(chosen.protocol)
     if data is None:
         raise ValueError(f"{args.dataset} needs --data (the dataset's root folder)")
+    crowd = chosen.crowd
     if args.dataset == "coco-seg":
-        if args.coco_source == "tfds":
+        if chosen.coco_source == "tfds":
             raise ValueError("coco-seg reads the raw layout (instance masks from instances_val2017.json); "
                              "--coco-source tfds is for coco boxes")
-        return datasets.coco_seg_dataset(data, crowd=args.crowd), f"coco val2017 masks in {data}, crowd {args.crowd}"
+        return datasets.coco_seg_dataset(data, crowd=crowd), f"coco val2017 masks in {data}, crowd {crowd}"
     if args.dataset == "voc":
         return datasets.voc_dataset(data), f"voc2012 segmentation val in {data}"
     if args.dataset == "coco":
-        if args.coco_source == "tfds":
-            return (datasets.tfds_coco_dataset(data, crowd=args.crowd),
-                    f"tfds coco/2017 validation in {data}, crowd {args.crowd}")
-        return datasets.coco_dataset(data, crowd=args.crowd), f"coco val2017 in {data}, crowd {args.crowd}"
-    if args.split is None:
-        raise ValueError("imagenet-s needs --split 50, 300 or 919 (label ids index that split's classes)")
-    return datasets.imagenet_s_dataset(data, args.split), f"imagenet-s{args.split} validation in {data}"
-
-
-# (flag, argument, the datasets it applies to)
-_DATASET_FLAGS = (("--split", "split", ("imagenet-s",)), ("--coco-source", "coco_source", ("coco", "coco-seg")),
-                  ("--crowd", "crowd", ("coco", "coco-seg")), ("--protocol", "protocol", ("synthetic",)))
+        if chosen.coco_source == "tfds":
+            return datasets.tfds_coco_dataset(data, crowd=crowd), f"tfds coco/2017 validation in {data}, crowd {crowd}"
+        return datasets.coco_dataset(data, crowd=crowd), f"coco val2017 in {data}, crowd {crowd}"
+    if chosen.split is None:
+        raise ValueError(f"imagenet-s needs --split {spelled(SPLITS)} (label ids index that split's classes)")
+    return datasets.imagenet_s_dataset(data, chosen.split), f"imagenet-s{chosen.split} validation in {data}"
 
 
 def _init_distributed(args: argparse.Namespace) -> None:

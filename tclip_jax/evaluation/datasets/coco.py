@@ -29,17 +29,16 @@ import json
 import os
 import pathlib
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
+from tclip_jax.evaluation.datasets.options import CROWD_MODES, DEFAULT_CROWD, Crowd
 from tclip_jax.files import fingerprint, loads_json
 from tclip_jax.image import load_image
 from tclip_jax.model.tokenizer import has_word
 
-Crowd = Literal["keep", "drop"]
-CROWD_MODES = ("keep", "drop")
 ANNOTATION_FILE = "annotations/instances_val2017.json"
 VAL2017_SAMPLES = 4952  # the samples of the whole of val2017, crowds kept: its images with an annotation, of 5,000
 IMAGE_DIR = "val2017"
@@ -75,7 +74,7 @@ def tfds_to_xyxy(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     return boxes[:, [1, 0, 3, 2]] * np.array([width, height, width, height], dtype=np.float64)
 
 
-def coco_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
+def coco_dataset(root: str | pathlib.Path, crowd: Crowd = DEFAULT_CROWD) -> Dataset:
     """COCO val2017 from the raw layout under ``root`` (see the module doc)."""
     _check_crowd(crowd)
     annotation_path, image_dir = _raw_layout(root)
@@ -94,7 +93,7 @@ def coco_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
     return Dataset("coco", tuple(c["name"] for c in categories), len(samples), indexed(samples), annotations)
 
 
-def coco_seg_dataset(root: str | pathlib.Path, crowd: Crowd = "keep") -> Dataset:
+def coco_seg_dataset(root: str | pathlib.Path, crowd: Crowd = DEFAULT_CROWD) -> Dataset:
     """COCO val2017 instance masks as per-category semantic masks, from the raw layout (see the module doc)."""
     _check_crowd(crowd)
     annotation_path, image_dir = _raw_layout(root)
@@ -294,7 +293,7 @@ def _compressed_rle_counts(text: str) -> list[int] | None:
     return counts
 
 
-def tfds_coco_dataset(data_dir: str | pathlib.Path, split: str = "validation", crowd: Crowd = "keep") -> Dataset:
+def tfds_coco_dataset(data_dir: str | pathlib.Path, split: str = "validation", crowd: Crowd = DEFAULT_CROWD) -> Dataset:
     """COCO 2017 from a prepared TFDS ``coco/2017`` under ``data_dir`` (needs tensorflow-datasets)."""
     _check_crowd(crowd)
     # TensorFlow's C++ start-up lines are not the user's. Since TF 2.16 the oneDNN notice comes through absl's log,
@@ -333,7 +332,7 @@ def tfds_coco_dataset(data_dir: str | pathlib.Path, split: str = "validation", c
                    lambda limit=None: tfds_samples(examples(image=True), order, crowd, limit))
 
 
-def tfds_order(examples: Iterable[Mapping[str, Any]], crowd: Crowd = "keep") -> dict[int, int]:
+def tfds_order(examples: Iterable[Mapping[str, Any]], crowd: Crowd = DEFAULT_CROWD) -> dict[int, int]:
     """Image id -> index of the images with objects (after the crowd rule), in image id order as the raw layout
     has them; TFDS stores a split in another order."""
     _check_crowd(crowd)
@@ -341,7 +340,7 @@ def tfds_order(examples: Iterable[Mapping[str, Any]], crowd: Crowd = "keep") -> 
     return {image_id: index for index, image_id in enumerate(ids)}
 
 
-def tfds_samples(examples: Iterable[Mapping[str, Any]], order: Mapping[int, int], crowd: Crowd = "keep",
+def tfds_samples(examples: Iterable[Mapping[str, Any]], order: Mapping[int, int], crowd: Crowd = DEFAULT_CROWD,
                  limit: Optional[int] = None) -> Iterator[Sample]:
     """The samples of index below `limit` (`order`: `tfds_order`), from TFDS ``coco/2017`` examples as
     ``tfds.as_numpy`` yields them with the image undecoded, in their storage order."""

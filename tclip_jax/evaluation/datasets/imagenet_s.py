@@ -29,12 +29,12 @@ import pathlib
 import numpy as np
 
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target, check_size, indexed
+from tclip_jax.evaluation.datasets.options import SPLITS
 from tclip_jax.files import fingerprint
 from tclip_jax.image import load_image
 from tclip_jax.image.io import read_raster
 from tclip_jax.evaluation.metrics.imagenet_s import IGNORE_ID, decode_label_png
 
-SPLITS = (50, 300, 919)
 VALIDATION_IMAGES = {50: 752, 300: 4097, 919: 12419}  # each split's annotated validation images (its README's table)
 IMAGE_DIR = "validation"
 LABEL_DIR = "validation-segmentation"

@@ -19,12 +19,13 @@ import numpy as np
 
 from tclip_jax.evaluation.datasets.base import Dataset, LoadedSample, Sample, Target
 from tclip_jax.methods.base import Query
-from tclip_jax.synthetic import COLOURS, DATASET_PREFIX, PROTOCOLS, RELATION_WORDS, SHAPES, heldout_seeds, protocol_sample
+from tclip_jax.synthetic import (COLOURS, DATASET_PREFIX, DEFAULT_PROTOCOL, PROTOCOLS, RELATION_WORDS, SHAPES,
+                                 heldout_seeds, protocol_sample)
 
 SYNTHETIC_CLASSES: tuple[str, ...] = tuple(COLOURS) + tuple(SHAPES) + tuple(RELATION_WORDS.values())
 
 
-def synthetic_dataset(count: int, protocol: str = "captions", offset: int = 0) -> Dataset:
+def synthetic_dataset(count: int, protocol: str = DEFAULT_PROTOCOL, offset: int = 0) -> Dataset:
     """``count`` held-out scenes from held-out seed ``offset`` on, under ``protocol`` (at most as many as there
     are seeds left in ``offset``'s stream of held-out seeds, `tclip_jax.synthetic.heldout_seeds`)."""
     if protocol not in PROTOCOLS:
