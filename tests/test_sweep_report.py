@@ -246,10 +246,13 @@ def test_unit_pictures_are_labelled_with_class_iou_and_hit_or_miss():
     hit = unit_picture(image, heatmap, target, {"class": "cat", "box": [10, 10, 30, 30], "iou": 1.0, "hit": True})
     miss = unit_picture(image, heatmap, target, {"class": "cat", "box": [40, 40, 60, 60], "iou": 0.0, "hit": False})
     assert hit.shape[0] > 60 and hit.shape[1] == 80                      # a label strip below the picture
-    assert tuple(hit[-1, -1]) == (40, 120, 40) and tuple(miss[-1, -1]) == (40, 40, 170)  # green hit, red miss
-    # The boxes are end exclusive: the red outline of the box [40, 60) x [40, 60) runs over pixels 40-59.
-    red = np.argwhere((miss[:60] == (0, 0, 255)).all(axis=-1))
-    assert red.min(axis=0).tolist() == [40, 40] and red.max(axis=0).tolist() == [59, 59]
+    assert tuple(hit[-1, -1]) == (40, 120, 40) and tuple(miss[-1, -1]) == (170, 40, 40)  # RGB: green hit, red miss
+    # The boxes are end exclusive, drawn inside themselves: what is drawn of the box [40, 60) x [40, 60) runs over
+    # pixels 40-59, a red line edged in black.
+    unboxed = unit_picture(image, heatmap, target, {"class": "cat", "iou": 0.0, "hit": False})
+    drawn = np.argwhere((miss[:60] != unboxed[:60]).any(axis=-1) & ~(hit[:60] != unboxed[:60]).any(axis=-1))
+    assert drawn.min(axis=0).tolist() == [40, 40] and drawn.max(axis=0).tolist() == [59, 59]
+    assert (miss[41, 41:59] == (255, 0, 0)).all(axis=-1).any() and (miss[50, 40] == 0).all()
     thumbnail = unit_picture(np.zeros((600, 800, 3), np.uint8), np.zeros((600, 800), np.float32),
                              Target(0, mask=np.ones((600, 800), bool)), {"class": "x", "pg_hit": True,
                                                                          "area_inter": [0, 5], "area_union": [1, 10]},
@@ -262,7 +265,8 @@ def test_unit_pictures_are_labelled_with_class_iou_and_hit_or_miss():
 
 def test_boxes_far_outside_the_picture_are_drawn_as_much_as_lies_in_it():
     """A ground-truth box at x = 1e10 stopped the sweep in cv2.rectangle (no C int), one at 1e308 (its x2 inf) in
-    int(round(inf)). Such boxes leave the picture untouched; a box cut by the picture's edge shows its other sides."""
+    int(round(inf)). Such boxes leave the picture untouched; a box cut by the picture's edge is drawn as its part in
+    the picture (`draw_box`'s inner stroke, as every picture draws boxes)."""
     image = np.full((60, 80, 3), 128, np.uint8)
     heatmap = np.zeros((60, 80), np.float32)
     unit = {"class": "cat", "iou": 0.0, "hit": False}
@@ -276,15 +280,48 @@ def test_boxes_far_outside_the_picture_are_drawn_as_much_as_lies_in_it():
         for far in ([1e10, 10, 1e10 + 30, 40], [1e308, 10, np.inf, 40], [10, -np.inf, 30, -1e12]):
             np.testing.assert_array_equal(picture([far], max_side=max_side), empty)
             np.testing.assert_array_equal(picture([], far, max_side=max_side), empty)
-    # [-1e10, 20) x [10, 30): its top (row 10) and bottom (row 29) over columns 0-19 and its right side (column 19).
+    # [-1e10, 20) x [10, 30) is drawn as [0, 20) x [10, 30), inside it: columns 0-19, rows 10-29.
     cut = picture([[-1e10, 10, 20, 30]])
-    expected = np.zeros((60, 80), bool)
-    expected[[10, 29], :20] = True
-    expected[10:30, 19] = True
-    changed = (cut != picture([])).any(axis=-1)[:60]
-    np.testing.assert_array_equal(changed, expected)
-    assert (cut[:60][expected] == (0, 200, 0)).all()  # green, the ground truth's colour
+    np.testing.assert_array_equal(cut, picture([[0, 10, 20, 30]]))
+    changed = np.argwhere((cut != picture([])).any(axis=-1)[:60])
+    assert changed.min(axis=0).tolist() == [10, 0] and changed.max(axis=0).tolist() == [29, 19]
+    assert (cut[11, :19] == (0, 200, 0)).all(axis=-1).any()  # green, the ground truth's colour
 
+
+
+def test_a_unit_picture_draws_its_map_as_every_other_picture_does(tmp_path):
+    """The sweep's pictures (--save-vis, the gallery) drew the map in OpenCV's jet colours with their own min-max
+    and blend, `tclip explain` and the explorer in turbo: one map, two colourings. Now a unit picture is
+    `figures.overlay` of its map, the closed form round(0.5 image + 0.5 turbo[round(255 (h - min) / (max - min))])
+    wherever no outline is drawn, and its boxes are `figures.draw_box`'s (the ground truth green, the prediction
+    red), full size (a --save-vis PNG, read back) and as a gallery thumbnail (image and map shrunk first)."""
+    import cv2
+
+    from tclip_jax.image import load_image
+    from tclip_jax.sweep.vis import UnitPictures
+    from tclip_jax.visualize.figures import draw_box, overlay, turbo_lut
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (60, 80, 3), np.uint8)
+    heatmap = np.linspace(-2.0, 5.0, 60 * 80).reshape(60, 80) + rng.random((60, 80))  # off zero: min-max matters
+    target, unit = Target(0, boxes=np.array([[5.0, 6.0, 30.0, 40.0]])), {"class": "cat", "box": [20, 10, 70, 50],
+                                                                         "iou": 0.2, "hit": False}
+    UnitPictures(tmp_path).save("k", image, [target], [heatmap], [unit])
+    saved = load_image(tmp_path / "k__cat.png")
+    low, high = heatmap.min(), heatmap.max()
+    explicit = np.round(0.5 * image + 0.5 * turbo_lut()[np.round(255 * (heatmap - low) / (high - low)).astype(int)])
+    expected = draw_box(draw_box(explicit.astype(np.uint8), (5, 6, 30, 40), colour=(0, 200, 0)), (20, 10, 70, 50),
+                        colour=(255, 0, 0))
+    np.testing.assert_array_equal(saved[:60], expected)
+    outside = np.ones((60, 80), bool)
+    outside[6:40, 5:30] = outside[10:50, 20:70] = False
+    np.testing.assert_array_equal(saved[:60][outside], overlay(image, heatmap)[outside])  # the map's own pixels
+    thumbnail = unit_picture(image, heatmap, target, unit, max_side=40)
+    small = cv2.resize(image, (40, 30), interpolation=cv2.INTER_AREA)
+    shrunk = cv2.resize(heatmap, (40, 30), interpolation=cv2.INTER_AREA)
+    expected = draw_box(draw_box(overlay(small, shrunk), (2.5, 3.0, 15.0, 20.0), colour=(0, 200, 0)),
+                        (10, 5, 35, 25), colour=(255, 0, 0))
+    np.testing.assert_array_equal(thumbnail[:30], expected)
 
 def test_a_sweep_with_ground_truth_boxes_far_outside_the_image_completes(tmp_path):
     """1e10 and 1e308 are 4 finite numbers, as the loader asks; the box IoU is 0 and the pictures are drawn."""

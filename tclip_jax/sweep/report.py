@@ -373,9 +373,10 @@ def html_report(config: dict, summary: dict, chosen: dict[str, dict], out: pathl
         parts.append(f"<h2>{label} per class</h2><div class=\"bars\">{rows}</div>")
     # Best and worst unit per class.
     if chosen:
-        parts.append("<h2>Best and worst unit per class</h2><p class=\"meta\">Map in jet colours, ground truth in "
-                     "green, the predicted box in red. Box units rank by box IoU (a hit: IoU ≥ 0.5), mask units by "
-                     "foreground IoU at the threshold (a hit: the pointing game); ties go to the earlier sample.</p>")
+        parts.append("<h2>Best and worst unit per class</h2><p class=\"meta\">Map in turbo colours, min to max (as "
+                     "tclip explain draws it), ground truth in green, the predicted box in red. Box units rank by box "
+                     "IoU (a hit: IoU ≥ 0.5), mask units by foreground IoU at the threshold (a hit: the pointing "
+                     "game); ties go to the earlier sample.</p>")
         cards = []
         for cls in sorted(chosen):
             figures = []

@@ -1,5 +1,7 @@
-"""Per-unit pictures: the image under the map (jet colour map), ground truth in green, predicted box in red, and
-a label strip naming the class, the unit's IoU and whether it is a hit (green) or a miss (red).
+"""Per-unit pictures: the image under the map as `tclip explain` and the explorer draw it
+(`tclip_jax.visualize.figures.overlay`: turbo colours, min-max), ground truth in green, the predicted box in red
+(boxes drawn by its `draw_box`), and a label strip naming the class, the unit's IoU and whether it is a hit (green)
+or a miss (red).
 
 - `UnitPictures`: full-size pictures of every unit of the first N samples (`--save-vis N`; a resumed sweep runs
   the recorded ones among them that lack their pictures again, for these).
@@ -16,7 +18,6 @@ letters, digits and '._-' becomes '_', long names are cut, and '~' and a hash of
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import pathlib
@@ -31,12 +32,10 @@ import numpy as np
 
 from tclip_jax.evaluation.datasets.base import Target
 from tclip_jax.files import write_image
-from tclip_jax.postprocess import uint8_minmax
+from tclip_jax.visualize.figures import draw_box, overlay
 
-_GREEN, _RED = (0, 200, 0), (0, 0, 255)  # BGR
-_HIT_STRIP, _MISS_STRIP = (40, 120, 40), (40, 40, 170)  # BGR
-_MAP_WEIGHT = 0.5
-_CLIP_MARGIN = 4  # pixels a box corner may lie beyond the picture: more than the widest line (2)
+_GREEN, _RED = (0, 200, 0), (255, 0, 0)  # RGB
+_HIT_STRIP, _MISS_STRIP, _UNSCORED_STRIP = (40, 120, 40), (170, 40, 40), (60, 60, 60)  # RGB
 GALLERY_DIR = "gallery"
 THUMBNAIL_MAX_SIDE = 256
 MAX_STEM_CHARS = 96  # of the readable part; file systems allow 255 bytes
@@ -121,38 +120,29 @@ def label_text(unit: dict) -> str:
 # ---------------------------------------------------------------------------------------------- pictures
 def unit_picture(image: np.ndarray, heatmap: np.ndarray, target: Target, unit: dict,
                  max_side: Optional[int] = None) -> np.ndarray:
-    """BGR: the image under the min-max map, the ground truth (green), the predicted box (red), and a label strip
-    below (class, IoU, hit or miss), at most `max_side` pixels on the image's longer side."""
+    """RGB: `figures.overlay` of the map on the image (turbo colours of the min-max map, half and half, as every
+    picture of the package), the ground truth (green: its mask's outline, its boxes), the predicted box (red), boxes
+    drawn by `figures.draw_box` (inner strokes edged in black, as much of a box as lies in the picture), and a label
+    strip below (class, IoU, hit or miss); at most `max_side` pixels on the image's longer side (the image and the
+    map shrunk first, INTER_AREA)."""
     height, width = image.shape[:2]
     scale = 1.0 if max_side is None else min(1.0, max_side / max(height, width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     rgb, values, mask = image, heatmap, target.mask
     if scale < 1.0:
         rgb = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        values = cv2.resize(np.asarray(heatmap, np.float32), size, interpolation=cv2.INTER_AREA)
+        values = cv2.resize(np.asarray(heatmap, np.float64), size, interpolation=cv2.INTER_AREA)
         mask = None if mask is None else cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-    colour = cv2.applyColorMap(uint8_minmax(values), cv2.COLORMAP_JET)
-    picture = cv2.addWeighted(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), 1 - _MAP_WEIGHT, colour, _MAP_WEIGHT, 0)
-    line = 1 if scale < 1.0 or max(height, width) < 400 else 2
+    picture = overlay(rgb, values)
     if mask is not None:
+        line = 1 if scale < 1.0 or max(height, width) < 400 else 2
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(picture, contours, -1, _GREEN, line)
-    point = functools.partial(_point, scale=scale, size=size)
-    for x1, y1, x2, y2 in [] if target.boxes is None else target.boxes:
-        cv2.rectangle(picture, point(x1, y1), point(np.ceil(x2) - 1, np.ceil(y2) - 1), _GREEN, line)
+    for box in [] if target.boxes is None else target.boxes:
+        draw_box(picture, [float(v) * scale for v in box], colour=_GREEN)
     if "box" in unit:
-        x1, y1, x2, y2 = unit["box"]
-        cv2.rectangle(picture, point(x1, y1), point(x2 - 1, y2 - 1), _RED, line)
+        draw_box(picture, [v * scale for v in unit["box"]], colour=_RED)
     return np.vstack([picture, _label_strip(unit, picture.shape[1])])
-
-
-def _point(x, y, scale: float, size: tuple[int, int]) -> tuple[int, int]:
-    """A box corner in the picture's pixels (`size`: its width, height), clipped to _CLIP_MARGIN pixels beyond its
-    edges: a corner far outside (a ground-truth box at 1e10, or 1e308 + 1e308 = inf) is no C int for OpenCV, and
-    the sides the clip moves stay off the picture, since the margin is wider than any line drawn."""
-    def clipped(value, side: int) -> int:
-        return int(round(min(max(float(value) * scale, -_CLIP_MARGIN), side - 1 + _CLIP_MARGIN)))
-    return clipped(x, size[0]), clipped(y, size[1])
 
 
 def _label_strip(unit: dict, width: int) -> np.ndarray:
@@ -164,7 +154,7 @@ def _label_strip(unit: dict, width: int) -> np.ndarray:
         font_scale *= (width - 6) / text_width
         (text_width, text_height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
     strip = np.zeros((text_height + baseline + 8, width, 3), np.uint8)
-    strip[:] = (60, 60, 60) if score is None else (_HIT_STRIP if score[2] else _MISS_STRIP)
+    strip[:] = _UNSCORED_STRIP if score is None else (_HIT_STRIP if score[2] else _MISS_STRIP)
     cv2.putText(strip, text, (3, text_height + 4), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), 1,
                 cv2.LINE_AA)
     return strip
@@ -201,9 +191,9 @@ class UnitPictures:
 
 
 def _write(path: pathlib.Path, picture: np.ndarray) -> None:
-    """A BGR `unit_picture`, its folder made if need be."""
+    """A `unit_picture` (RGB), its folder made if need be."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_image(path, picture[..., ::-1])
+    write_image(path, picture)
 
 
 # ----------------------------------------------------------------------------------------------- gallery

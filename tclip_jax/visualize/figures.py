@@ -69,12 +69,15 @@ def box_thickness(size_hw: tuple[int, int]) -> int:
 def draw_box(rgb: np.ndarray, box: Box, colour=BOX_COLOUR, outline=BOX_OUTLINE, thickness: Optional[int] = None,
              ) -> np.ndarray:
     """Draws `box` (xyxy, exclusive end) in place as an inner stroke: a `colour` line edged by `outline`, all
-    inside the box; a whole-image box is inset by a further stroke width, so it shows inside the frame."""
+    inside the box; a whole-image box is inset by a further stroke width, so it shows inside the frame. A box is
+    drawn as much as lies in the picture (a sweep's ground-truth box may reach far outside it, to inf), its
+    coordinates cut to the picture and then truncated to whole pixels; one holding no pixel of it draws nothing."""
     height, width = rgb.shape[:2]
     t = box_thickness((height, width)) if thickness is None else thickness
     band = t + 2                                  # the outline band, the line in its middle
-    x1, y1, x2, y2 = (int(v) for v in box)
-    x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+    x1, y1, x2, y2 = (int(min(max(float(v), 0.0), side)) for v, side in zip(box, (width, height, width, height)))
+    if x2 <= x1 or y2 <= y1:
+        return rgb
     if is_whole_image((x1, y1, x2, y2), (height, width)):
         x1, y1, x2, y2 = x1 + t, y1 + t, x2 - t, y2 - t
     inset = (band + 1) // 2  # how far cv2's stroke of `band` reaches either side of its line (an odd band's too)
