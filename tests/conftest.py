@@ -76,6 +76,21 @@ def highest_precision():
         yield
 
 
+@pytest.fixture
+def compiled_programs():
+    """The names of the XLA programs compiled (or read from the compilation cache) while the test runs, in order:
+    JAX's backend-compile event, which it records once per program it compiles."""
+    names = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield names
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(fixture_npz):
     """(model, float32 params) of the fixtures' tiny OpenAI-format CLIP, converted by our rule table."""

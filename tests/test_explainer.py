@@ -470,6 +470,32 @@ def test_explain_batch_gives_a_batchs_results_before_the_next_batch_is_done(no_t
     assert state["held"], "XLA:CPU ran the second batch within its dispatch in all 8 tries: nothing was held"
 
 
+def test_explain_compiles_nothing_for_images_of_another_size_and_its_maps_are_the_sweeps(
+        no_translation, compiled_programs):
+    """explain resizes each image's maps to the image on the host, in numpy, as a sweep's host step does: once the
+    first image has compiled its programs, images of other sizes (one model input: the whole protocol) compile
+    nothing. Resized on the device, each size compiled a resample and a slice and kept them (100 photo sizes: 209
+    programs, 681 MB). Each map is `to_original` of the maps the device gave, bit for bit: one computation with the
+    sweep's, which resizes its fetched maps so (`sweep.runner._evaluate`)."""
+    rng = np.random.default_rng(0)
+    images = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in [(40, 30), (41, 57), (64, 33), (29, 90)]]
+    encoded = no_translation.encode_prompts(PROMPTS)
+    next(no_translation.explain_batch(images[:1], encoded))
+    compiled_programs.clear()
+    results = list(no_translation.explain_batch(images[1:], encoded, batch_size=1))
+    assert compiled_programs == []
+    slots, rows = no_translation.query_slots(encoded.queries)
+    for image, result in zip(images[1:], results, strict=True):
+        _, pixels, geometry = no_translation.preprocess(image)
+        device_maps = np.asarray(no_translation.jitted_maps(no_translation.params, pixels[None], slots, rows[None]).maps)
+        expected = to_original(device_maps[0, :len(encoded.queries)], geometry)
+        assert expected.shape[1:] == image.shape[:2]
+        maps = [m for p in result.prompts for m in p.word_maps] + [p.phrase for p in result.prompts]
+        assert len(maps) == len(encoded.rows)  # words, then phrases: the rows' order
+        for m, row in zip(maps, encoded.rows):
+            np.testing.assert_array_equal(m.heatmap, expected[row])
+
+
 def test_explain_batch_puts_images_of_other_input_shapes_in_other_batches(tiny_clip, fixture_images, monkeypatch):
     """An input protocol that keeps the aspect ratio gives a 240 x 320 image another input than a 224 x 224 one:
     consecutive images of one shape share a batch, and the results are those of one image at a time."""

@@ -11,8 +11,8 @@ A method splits into what runs where:
   It is jit-compiled once per shape and shards over the batch axis (`tclip sweep`); `explain` pads a call's
   queries to a multiple of `Method.query_chunk` slots (`pad_slots`: a padded slot maps a real query again, its map
   dropped), so prompts of a few more or fewer words reuse the compiled program;
-- `original_maps` (device, dispatched without waiting): one image's maps -> the original image size (bilinear;
-  a method whose official code rescales its maps there does it here);
+- `original_maps` (host, numpy: no image size compiles a program): one image's maps -> the original image size
+  (bilinear; a method whose official code rescales its maps there does it here);
 - `postprocess` (host): maps at the original image size -> a `HostMaps` (soft map, GMM fit, box) each, fitted
   within `covered`, the part of the image the model saw (`Geometry.covered`; an override takes it too).
 `explain` / `explain_batch` run them for images and prompts; `tclip sweep` runs them over datasets.
@@ -51,8 +51,8 @@ import numpy as np
 
 from tclip_jax.checkpoints.load import LoadedClip, TreeLeaves, load_clip, matmul_dtype
 from tclip_jax.environment import run_environment
-from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_size, load_image, prepare,
-                             to_original_on_device, upsample_bilinear)
+from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_size, load_image, prepare, to_original,
+                             upsample_bilinear)
 from tclip_jax.methods.common import causal_length_groups, minmax, text_features
 from tclip_jax.model.clip import check_floating_pixels, eot_positions
 from tclip_jax.model.config import PRESETS
@@ -406,10 +406,11 @@ class Method(abc.ABC):
         return _each(one, pixels, own)
 
     def original_maps(self, maps: Array, geometry: Geometry) -> Array:
-        """Maps [..., h, w] covering the model input (at its size or the patch grid's) -> the original image
-        (`image.to_original_on_device`): a jax array, dispatched and not waited for, on the device of `maps`; a
-        method whose official code rescales its maps at the original size does it here."""
-        return to_original_on_device(maps, geometry)
+        """Maps [..., h, w] covering the model input (at its size or the patch grid's) -> the original image: a numpy
+        array, resized on the host (`image.to_original`; jax maps are fetched first), where no image size compiles
+        a program, in `explain` and sweeps alike; a method whose official code rescales its maps at the original
+        size does it here."""
+        return to_original(maps, geometry)
 
     def postprocess(self, heatmaps: Sequence[np.ndarray], soft_maps: bool = True,
                     covered: Optional[tuple[slice, slice]] = None) -> list[HostMaps]:
@@ -476,14 +477,16 @@ class Method(abc.ABC):
         """`input_maps` at the image's size [Q, H, W], with the image's `extras`: the device and resize steps of
         `explain`, without the host step (which, under a centre crop, takes the geometry's `covered`: `postprocess(
         maps, covered=self.preprocess(image)[2].covered)`)."""
-        out, geometry = self._one_image_maps(image, queries)  # resized where they are: no round trip to the host
-        return np.array(self.original_maps(out.maps, geometry)), jax.device_get(out.extras)
+        out, geometry = self._one_image_maps(image, queries)
+        return np.asarray(self.original_maps(out.maps, geometry)), out.extras
 
     def _one_image_maps(self, image: ImageLike, queries: QueryArrays) -> tuple[MapOutput, Geometry]:
-        """One image's `MapOutput` on the device, the batch axis dropped, and its geometry."""
+        """One image's `MapOutput`, fetched to the host (indexed there: on the device each shape would compile a
+        program), the batch axis dropped, and its geometry."""
         _, pixels, geometry = self.preprocess(image)
         slots, rows = self.query_slots(queries)
-        out = jax.tree_util.tree_map(lambda a: a[0], self.jitted_maps(self.params, pixels[None], slots, rows[None]))
+        out = jax.tree_util.tree_map(lambda a: np.asarray(a)[0],
+                                     self.jitted_maps(self.params, pixels[None], slots, rows[None]))
         return out.replace(maps=out.maps[:len(queries)]), geometry
 
     def query_slots(self, queries: QueryArrays) -> tuple[QueryArrays, np.ndarray]:
@@ -503,10 +506,11 @@ class Method(abc.ABC):
 
         With ``overlap`` (default) the device work of each batch is dispatched (asynchronously) before the host
         step of the batch before it, so decoding and the host step run while the device computes; without, each
-        batch's host step comes first (benchmarks/explain_overlap.py compares the two). Each batch's maps are
-        resized to their images on the device after the host step of the batch before it and before the next
-        batch is dispatched: a device runs one thread's work in the order it was dispatched, so the host step,
-        which fetches them, waits for its own batch only, and one batch's image-size maps are held at a time."""
+        batch's host step comes first (benchmarks/explain_overlap.py compares the two). The host step fetches its
+        batch's maps whole, as the device made them (nothing is dispatched to the device for them: a device runs one
+        thread's work in the order it was dispatched, so it waits for its own batch only), and resizes each image's
+        maps to the image on the host (`original_maps`, as a sweep does: no image size compiles a program), one
+        image's image-size maps at a time."""
         _check_several_images(images)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -535,10 +539,7 @@ class Method(abc.ABC):
             out = self.jitted_maps(self.params, pixels, slots, np.broadcast_to(rows, (len(loaded), len(rows))))
             if pending is not None:
                 yield from self._batch_results(encoded, *pending)
-            # resized in their slots (one resize program per bucket too), the padded ones dropped on the device
-            resized = [self.original_maps(out.maps[b], geometry)[:len(encoded.queries)]
-                       for b, (_, _, geometry) in enumerate(loaded)]
-            pending = loaded, resized, out.extras, run
+            pending = loaded, out.maps, out.extras, run
         if pending is not None:
             yield from self._batch_results(encoded, *pending)
 
@@ -570,11 +571,12 @@ class Method(abc.ABC):
         if batch:
             yield batch
 
-    def _batch_results(self, encoded: EncodedPrompts, loaded: list, resized: list[Array], extras: Any,
+    def _batch_results(self, encoded: EncodedPrompts, loaded: list, maps: Array, extras: Any,
                        run: dict) -> Iterator[ImageResult]:
-        extras = jax.device_get(extras)
+        maps, extras = jax.device_get((maps, extras))  # [B, slots, h, w]: the padded slots are dropped here
         for b, (rgb, _, geometry) in enumerate(loaded):
-            yield self._image_result(rgb, geometry, encoded, np.asarray(resized[b]),
+            resized = np.asarray(self.original_maps(maps[b, :len(encoded.queries)], geometry))
+            yield self._image_result(rgb, geometry, encoded, resized,
                                      jax.tree_util.tree_map(lambda a: a[b], extras), run)
 
     def prompt_similarity(self, encoded: EncodedPrompts, prompt: int, extras: Any) -> Optional[np.ndarray]:
