@@ -10,7 +10,8 @@ import tclip_jax.methods.tclip.method as tclip_module
 from tclip_jax.checkpoints.load import load_clip
 from tclip_jax.methods.base import Query
 from tclip_jax.methods.tclip import TCLIP, Settings
-from tclip_jax.methods.tclip.relevance import aggregate_maps, translated_patch_embeddings
+from tclip_jax.methods.tclip.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
+from tclip_jax.methods.tclip.token_weights import eot_weights, token_embeddings_and_attention
 from tclip_jax.methods.tclip.translations import translation_offsets
 from tclip_jax.postprocess import gmm_threshold, heatmap_box
 from tclip_jax.image import points_to_model, to_original
@@ -494,6 +495,35 @@ def test_explain_compiles_nothing_for_images_of_another_size_and_its_maps_are_th
         assert len(maps) == len(encoded.rows)  # words, then phrases: the rows' order
         for m, row in zip(maps, encoded.rows):
             np.testing.assert_array_equal(m.heatmap, expected[row])
+
+
+@pytest.mark.parametrize("weighting", ["none", "last"])  # token_embeddings, token_embeddings_and_attention
+def test_encoding_1_to_12_prompts_compiles_the_text_tower_once_and_gives_each_prompts_own_embeddings(
+        tiny_clip, compiled_programs, weighting):
+    """TCLIP runs the text tower on chunks of PROMPT_CHUNK token rows of one shape: prompts of one length compile it
+    once however many there are (2-12 prompts compile nothing after 1) (jitted on all the rows at once, each new prompt count compiled it again), and each
+    prompt's embeddings and weights are those of the text tower on its row alone, bit for bit."""
+    method = TCLIP(tiny_clip, Settings(translations=1, token_weighting=weighting))
+    jitted = token_embeddings if weighting == "none" else token_embeddings_and_attention
+    words = ["red", "blue", "green", "circle", "square", "star", "left", "right", "above", "below", "small", "large"]
+    encoded = []
+    for count in range(1, 13):
+        tokens = method.tokenize([f"a {w} thing" for w in words[:count]])
+        encoded.append((tokens, *method.embed_prompts(tokens)))
+        if count == 1:  # (unless an earlier test compiled it) the one program of this row length
+            compiled_programs.clear()
+    assert [name for name in compiled_programs if jitted.__name__ in name] == []
+    alone = {}
+    for tokens, embeds, weights in encoded:
+        length = embeds.shape[1]  # one row length: SOT, three pieces, EOT, cut to a multiple of 8
+        for i, t in enumerate(tokens):
+            if i not in alone:
+                out = jax.device_get(jitted(method.clip.model, method.params, t.token_ids[None, :length]))
+                alone[i] = (out, None if weights is None else eot_weights(out[1][0], t.eot_position, weighting))
+            expected, expected_weights = alone[i]
+            np.testing.assert_array_equal(embeds[i], expected[0] if weights is None else expected[0][0])
+            if weights is not None:
+                np.testing.assert_array_equal(weights[i], expected_weights)
 
 
 def test_explain_batch_puts_images_of_other_input_shapes_in_other_batches(tiny_clip, fixture_images, monkeypatch):
