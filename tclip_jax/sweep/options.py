@@ -10,7 +10,7 @@ from tclip_jax.synthetic import SYNTHETIC_SCENES
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions(Options):
-    batch_size: int = setting(8, "images per device step, split over the local devices", parse=int)
+    batch_size: int = setting(8, "images per step, split over the local devices", parse=int)
     workers: int = setting(2, "loader threads, and as many host post-processing threads", parse=int)
     limit: Optional[int] = setting(None, "only the first N samples of the dataset", parse=parse_optional(int),
                                    shown_default=f"every sample; synthetic: {SYNTHETIC_SCENES} scenes; with --resume, "

@@ -433,7 +433,7 @@ def _evaluate(prepared: _Prepared, image_maps: np.ndarray, method: Method, label
               gallery: Optional[UnitGallery] = None) -> dict:
     targets = prepared.loaded.targets
     try:
-        heatmaps = np.array(method.original_maps(image_maps[:len(targets)], prepared.geometry))
+        heatmaps = np.asarray(method.original_maps(image_maps[:len(targets)], prepared.geometry))
         covered = prepared.geometry.covered
         host = method.postprocess(heatmaps, soft_maps=any(t.mask is not None for t in targets), covered=covered)
         units = [{"class_id": t.class_id, "class": labels[t.class_id], **_query_fields(t),
