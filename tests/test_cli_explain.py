@@ -79,6 +79,10 @@ def test_maps_npz_holds_exactly_the_results_maps_under_their_names(tmp_path, fix
         for name, array in expected.items():
             assert saved[name].dtype == np.float32 and array.dtype == np.float32, name
             np.testing.assert_array_equal(saved[name], array, err_msg=name)
+    # the size README and the help state: 2 float32 maps of H x W per word and per prompt (and S), uncompressed
+    # (each entry adds its .npy header and zip records, a few hundred bytes)
+    maps_bytes = 8 * 240 * 320 * (3 + 1 + 2 + 1) + 4 * sum(prompt.similarity.size for prompt in result.prompts)
+    assert maps_bytes < os.path.getsize(out / "scene_wide_320x240" / "maps.npz") < maps_bytes + 400 * len(expected)
 
 
 def test_maps_npz_is_written_without_a_copy_of_the_maps(tmp_path):
