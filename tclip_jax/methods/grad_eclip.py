@@ -52,7 +52,8 @@ class LastBlockGradients:
 @functools.partial(jax.jit, static_argnames=("model", "single_head"))
 def last_block_gradients(model: CLIP, params: dict, images: Array, texts: Array,
                          single_head: bool) -> LastBlockGradients:
-    """Blocks before the last from the model; the last re-run by hand; one vjp per image for all texts.
+    """Blocks before the last from the model; the last re-run (the model's block, with the head count and the
+    class-token offset as options); one vjp per image for all texts.
 
     Both Grad-ECLIP and Grad-CAM read this (jitted once per shape); their own maps are a few cheap ops.
     """
@@ -63,11 +64,10 @@ def last_block_gradients(model: CLIP, params: dict, images: Array, texts: Array,
     texts = common.text_features(model, params, texts)
 
     def embed(stream_in, cls_offset):
-        # The class token's head outputs get `cls_offset` before the output projection.
-        h = block.ln_1(stream_in)
-        attended, probs = block.attn(h, num_heads=num_heads, mixed_offset=jnp.zeros_like(h).at[0].set(cls_offset))
-        x = stream_in + attended
-        output = x + block.mlp(x)
+        # The model's own block; the class token's head outputs get `cls_offset` before the output projection.
+        output, probs = block(stream_in, num_heads=num_heads,
+                              mixed_offset=jnp.zeros_like(stream_in).at[0].set(cls_offset))
+        h = block.ln_1(stream_in)  # what the block's attention projected, for the trace
         trace = BlockTrace(block.attn.query(h), block.attn.key(h), block.attn.value(h), probs, output)
         tokens = vision.project(output)
         return l2_normalize(tokens[0]), (trace, tokens)
