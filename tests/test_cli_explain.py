@@ -1382,3 +1382,20 @@ def test_the_option_help_says_it_takes_any_methods_settings(capsys):
         said = " ".join(capsys.readouterr().out.split())
         assert "--option KEY=VALUE a setting of the chosen method, of any method (registered or " \
                "'package.module:Class')" in said, command
+
+
+def test_the_matmul_dtype_flag_takes_the_librarys_dtypes_float64_under_x64_mode(tmp_path, fixtures_dir, capsys):
+    """--matmul-dtype took argparse's own list, without float64, so float64 under JAX's x64 mode (which runs as
+    recorded) was refused; the flag takes `load.matmul_dtype`'s list: a bad name or float64 without the mode is
+    refused in one line naming the flag, before anything is written, and float64 under the mode runs."""
+    command = ["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "a cat", "--model",
+               str(fixtures_dir / "tiny_openai_clip.npz"), "--translations", "1"]
+    for dtype, reason in (("int8", "got 'int8'"), ("float64", "got 'float64' (float64 needs JAX's x64 mode)")):
+        assert tclip([*command, "--matmul-dtype", dtype, "--out", str(tmp_path / "refused")]) == 2
+        assert capsys.readouterr().err == (f"tclip explain: error: --matmul-dtype {dtype}: the matmul dtype must be "
+                                           f"one of float32, bfloat16, float16, {reason}\n")
+    assert not (tmp_path / "refused").exists()
+    with jax.enable_x64(True):
+        assert tclip([*command, "--matmul-dtype", "float64", "--no-html", "--out", str(tmp_path / "o")]) == 0
+    record = json.loads(next((tmp_path / "o").glob("*/result.json")).read_text())
+    assert record["run"]["model"]["matmul_dtype"] == "float64"

@@ -72,9 +72,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"{', '.join(REGISTRY)}, or 'package.module:Class' of a method outside the package "
                              "(default: %(default)s)")
     ModelOptions.add_arguments(parser)
-    parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="the dtype of the model's matmul inputs (parameters stay float32; bfloat16 is the fast "
-                             "one on TPU; results record it) (default: %(default)s). The precision of float32 matmuls "
+    parser.add_argument("--matmul-dtype", default="float32",
+                        help="the dtype of the model's matmul inputs: float32, bfloat16 or float16, or float64 under "
+                             "JAX's x64 mode (parameters stay float32; bfloat16 is the fast one on TPU; results record "
+                             "it) (default: %(default)s). The precision of float32 matmuls "
                              "is JAX's: set JAX_DEFAULT_MATMUL_PRECISION=float32 in the environment for float32 on "
                              "TPU/GPU (its default runs bfloat16 passes or TF32); results record one that is not the "
                              "default, and a sweep resumes only at its own")
@@ -111,7 +112,12 @@ def chosen_method(args: argparse.Namespace) -> tuple[type, MethodSettings]:
     """The method class the arguments name and its settings, checked (as argparse checks flags) before anything is
     read: the model, a sweep's dataset."""
     from tclip_jax import methods
+    from tclip_jax.checkpoints.load import matmul_dtype
 
+    try:  # the library's list (float64 only under x64 mode), checked here with JAX imported, not by argparse
+        matmul_dtype(args.matmul_dtype)
+    except ValueError as err:
+        raise ValueError(f"--matmul-dtype {args.matmul_dtype}: {err}") from None
     method_class = methods.get(args.method)
     return method_class, method_settings(method_class, args)
 
