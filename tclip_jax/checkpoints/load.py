@@ -27,6 +27,7 @@ from tclip_jax.files import fingerprint, killed_swap_leftover, nonempty_path
 from tclip_jax.model import CLIP, CLIPConfig, from_hf_config, from_hf_preprocessor
 from tclip_jax.model.config import (OPENAI_IMAGE_MEAN, OPENAI_IMAGE_STD, PRESET_HUB_NAMES, is_hf_clip_config,
                                     normalization_channels)
+from tclip_jax.model.posemb import resize_positional_embedding_open_clip
 from tclip_jax.model.tokenizer import ClipTokenizer, default_tokenizer, is_tokenizer_folder
 
 SOURCES = ("tclip", "hf", "openai", "open_clip")
@@ -496,8 +497,9 @@ def _as_open_clip_config_says(config_path: pathlib.Path, architecture: dict, con
     architecture field the config gives that the weights do not have is refused, but an image_size, for which
     OpenCLIP's `resize_pos_embed` resizes the weights' position embedding to the config's grid before loading them
     (torch's bicubic with antialias=True, its default since January 2023: Keys' a = -0.5, widened when it shrinks,
-    as `jax.image.resize`'s antialiased bicubic; not `tclip_jax.model.posemb`'s, which follows transformers' resize
-    at other input sizes), with a warning, since the model then runs at that size."""
+    as `jax.image.resize`'s antialiased bicubic: `posemb.resize_positional_embedding_open_clip`; not the resize
+    the model runs at other input sizes, which follows transformers'), with a warning, since the model then runs at
+    that size."""
     for field in architecture:
         if field != "image_size":
             _check_open_clip_field(config_path, architecture, field, getattr(config, field))
@@ -511,9 +513,7 @@ def _as_open_clip_config_says(config_path: pathlib.Path, architecture: dict, con
     warnings.warn(f"{config_path}: {where} is {json.dumps(written)} but the weights' position embedding is for "
                   f"{config.image_size} ({old}x{old} patches): resized to {new}x{new} as OpenCLIP does "
                   "(resize_pos_embed, antialiased bicubic), and the model runs at that size", stacklevel=4)
-    posemb = np.asarray(arrays["visual.positional_embedding"], np.float32)
-    grid = jax.image.resize(posemb[1:].reshape(old, old, -1), (new, new, posemb.shape[-1]), "bicubic", antialias=True)
-    posemb = np.concatenate([posemb[:1], np.asarray(grid, np.float32).reshape(new * new, -1)])
+    posemb = resize_positional_embedding_open_clip(arrays["visual.positional_embedding"], old, new)
     return dataclasses.replace(config, image_size=image_size), {**arrays, "visual.positional_embedding": posemb}
 
 

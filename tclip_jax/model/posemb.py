@@ -4,11 +4,16 @@ Hugging Face's `interpolate_pos_encoding` (and timm, DINO) resize the grid with 
 `F.interpolate(..., align_corners=False)`: Keys cubic with a = -0.75, half-pixel centres and clamped
 border taps. `jax.image.resize` uses a = -0.5 and antialiases when shrinking, so it would not reproduce
 checkpoints evaluated that way; the weights are built here as small constant matrices instead.
+
+OpenCLIP's `resize_pos_embed`, which resizes a checkpoint's embedding to the grid its config names before loading
+it, is the other resize (`resize_positional_embedding_open_clip`): torch's bicubic with antialias=True (its default
+since January 2023), i.e. Keys' a = -0.5, widened when it shrinks, which is `jax.image.resize`'s antialiased bicubic.
 """
 from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,3 +53,12 @@ def resize_positional_embedding(posemb: jnp.ndarray, old_grid: tuple[int, int],
     rows, cols = bicubic_matrix(old_h, new_h), bicubic_matrix(old_w, new_w)
     resized = jnp.einsum("Hh,Ww,hwc->HWc", rows, cols, grid, precision="highest")
     return jnp.concatenate([posemb[:1], resized.reshape(new_h * new_w, -1)], axis=0)
+
+
+def resize_positional_embedding_open_clip(posemb: np.ndarray, old_grid: int, new_grid: int) -> np.ndarray:
+    """OpenCLIP's config-driven resize of `[1 + old_grid**2, width]` (class position first) to `new_grid` x
+    `new_grid` (`resize_pos_embed`: antialiased bicubic, see the module docstring), in float32 on the host."""
+    posemb = np.asarray(posemb, np.float32)
+    grid = jax.image.resize(posemb[1:].reshape(old_grid, old_grid, -1), (new_grid, new_grid, posemb.shape[-1]),
+                            "bicubic", antialias=True)
+    return np.concatenate([posemb[:1], np.asarray(grid, np.float32).reshape(new_grid * new_grid, -1)])
