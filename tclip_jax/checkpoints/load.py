@@ -144,14 +144,16 @@ def load_clip(name_or_path: Optional[str | os.PathLike] = None, *, source: Optio
                                     f"({DEFAULT_MODEL_DIR}); name a model explicitly")
         name_or_path = DEFAULT_MODEL_DIR
     converted = load_any(name_or_path, source=source, activation=activation)
-    return LoadedClip(CLIP(converted.config, dtype), jax.tree_util.tree_map(_read_only, converted.params),
+    return LoadedClip(CLIP(converted.config, dtype), jax.tree_util.tree_map(read_only, converted.params),
                       tokenizer_of(converted), converted.source, converted.origin)
 
 
-def _read_only(leaf: Any) -> Any:
-    """A loaded parameter, no longer writeable (numpy's flag): what was computed from the weights is kept by them
-    (`LoadedClip.fingerprint`, a method's text features), so a weight edited in place (`leaf *= 0`) would be read by
-    the image tower alone. An edit raises; a new parameter tree is another model (README, Python API)."""
+def read_only(leaf: Any) -> Any:
+    """`leaf`, a numpy array no longer writeable (numpy's flag; anything else as it is), for arrays others keep.
+    A loaded parameter: what was computed from the weights is kept by them (`LoadedClip.fingerprint`, a method's text
+    features), so a weight edited in place (`leaf *= 0`) would be read by the image tower alone; an edit raises, and
+    a new parameter tree is another model (README, Python API). A result's array (`Method.explain`: a copy, or a view
+    of an array the caller may keep writing): results share arrays, so none is edited in place."""
     if isinstance(leaf, np.ndarray):
         leaf.flags.writeable = False
     return leaf

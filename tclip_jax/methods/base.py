@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tclip_jax.checkpoints.load import LoadedClip, TreeLeaves, load_clip, matmul_dtype
+from tclip_jax.checkpoints.load import LoadedClip, TreeLeaves, load_clip, matmul_dtype, read_only
 from tclip_jax.environment import run_environment
 from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_size, load_image, prepare, to_original,
                              upsample_bilinear)
@@ -591,9 +591,9 @@ class Method(abc.ABC):
         Every array of the result is read-only, and each map and soft map is an array of its own [H, W], not a view
         into the image's [Q, H, W] maps (or a soft map's padded buffer): a map kept holds its own memory alone, and
         one result's edit cannot reach the others that share its array."""
-        distinct_maps = [_read_only(np.array(m)) for m in distinct_maps]  # compact copies
+        distinct_maps = [read_only(np.array(m)) for m in distinct_maps]  # compact copies
         host = self.postprocess(distinct_maps, covered=geometry.covered)
-        soft = [None if h.soft is None else _read_only(np.array(h.soft, copy=True)) for h in host]
+        soft = [None if h.soft is None else read_only(np.array(h.soft, copy=True)) for h in host]
 
         def map_result(text: str, item: int) -> MapResult:
             row = encoded.rows[item]
@@ -606,10 +606,10 @@ class Method(abc.ABC):
             item += len(words)
             similarity = self.prompt_similarity(encoded, p, extras)
             prompts.append(PromptResult(tokens.text, tokens, words, word_maps, map_result(tokens.text, n_words + p),
-                                        None if similarity is None else _read_only(np.asarray(similarity).view()),
+                                        None if similarity is None else read_only(np.asarray(similarity).view()),
                                         encoded.mapped_ends[p] if encoded.mapped_ends else None))
         grid = tuple(s // self.clip.config.patch_size for s in geometry.input_hw)
-        return ImageResult(_read_only(rgb.view()), geometry, grid, tuple(prompts), copy.deepcopy(run),
+        return ImageResult(read_only(rgb.view()), geometry, grid, tuple(prompts), copy.deepcopy(run),
                            self.uses_label_set)
 
 
@@ -909,13 +909,6 @@ def label_set_mean(values: Array, valid: Array, axis: int) -> Array:
     shape[axis] = -1
     valid = jnp.reshape(valid, shape)
     return jnp.sum(jnp.where(valid, values, 0), axis=axis, keepdims=True) / jnp.sum(valid)
-
-
-def _read_only(array: np.ndarray) -> np.ndarray:
-    """`array` (a copy, or a view of an array the caller may keep writing), no longer writeable (numpy's flag):
-    results share arrays, so none is edited in place."""
-    array.flags.writeable = False
-    return array
 
 
 def prompt_list(prompts: str | Sequence[str]) -> list[str]:
