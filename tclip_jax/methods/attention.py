@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import flax.struct
 import jax
@@ -72,44 +73,46 @@ class AttentionSettings(MethodSettings):
     layer: int = setting(-1, "the block whose class-token attention is the map (-1: the last)", flag=False)
 
 
-class RawAttention(PromptMethod):
-    """The class token's attention in one block (`raw_attention_map`); the same map for every prompt."""
-
-    name = "attention"
-    image_encoder_passes = ("1", "0")
-    Settings = AttentionSettings
-    input_protocol = "center_crop"
-    maps_version = 2  # boxes from the part of the image the crop kept
-    heatmap = UPSAMPLE_THEN_NORMALIZE
-    prompt_free = True
-
-    def __init__(self, clip, settings=None):
-        super().__init__(clip, settings)
-        common.check_block_index("layer", self.settings.layer, clip.config.vision_layers, "image")
-
-    def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
-        return raw_attention_map(self.clip.model, params, pixels, queries.per_query, layer=self.settings.layer).maps
-
-
 @dataclasses.dataclass(frozen=True)
 class RolloutSettings(MethodSettings):
     start_layer: int = setting(0, "the first block of the rollout", flag=False)
 
 
-class Rollout(PromptMethod):
-    """Attention rollout (`rollout_map`); the same map for every prompt."""
+class ClassTokenAttention(PromptMethod):
+    """A class-token attention map of the image tower; the same map for every prompt. Each method of the family
+    names its one setting, a block index (`block_setting`, checked against the image tower when it is built), and
+    its `grid_maps`."""
 
-    name = "rollout"
     image_encoder_passes = ("1", "0")
-    Settings = RolloutSettings
     input_protocol = "center_crop"
     maps_version = 2  # boxes from the part of the image the crop kept
     heatmap = UPSAMPLE_THEN_NORMALIZE
     prompt_free = True
+    block_setting: ClassVar[str]
 
     def __init__(self, clip, settings=None):
         super().__init__(clip, settings)
-        common.check_block_index("start_layer", self.settings.start_layer, clip.config.vision_layers, "image")
+        common.check_block_index(self.block_setting, getattr(self.settings, self.block_setting),
+                                 clip.config.vision_layers, "image")
+
+
+class RawAttention(ClassTokenAttention):
+    """The class token's attention in one block (`raw_attention_map`); the same map for every prompt."""
+
+    name = "attention"
+    Settings = AttentionSettings
+    block_setting = "layer"
+
+    def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
+        return raw_attention_map(self.clip.model, params, pixels, queries.per_query, layer=self.settings.layer).maps
+
+
+class Rollout(ClassTokenAttention):
+    """Attention rollout (`rollout_map`); the same map for every prompt."""
+
+    name = "rollout"
+    Settings = RolloutSettings
+    block_setting = "start_layer"
 
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
         return rollout_map(self.clip.model, params, pixels, queries.per_query,
