@@ -42,7 +42,7 @@ from tclip_jax.evaluation.options import EvalOptions
 from tclip_jax.image import Geometry
 from tclip_jax.methods import METHODS
 from tclip_jax.evaluation.scoring import score_unit
-from tclip_jax.methods.base import HostMaps, MapOutput, Method, QueryArrays
+from tclip_jax.methods.base import HostMaps, MapOutput, Method, QueryArrays, recorded_maps_version
 from tclip_jax.methods.tclip import TCLIP
 from tclip_jax.postprocess import heatmap_box
 from tclip_jax.postprocess.boxes import box_in_map
@@ -465,7 +465,6 @@ def test_a_sweep_begun_on_a_methods_earlier_maps_is_not_resumed(tmp_path):
     stored before held the old maps, and resuming it mixed both in one report. Methods record their maps
     version; a sweep stored before they did holds version 1."""
     from tclip_jax.methods import METHODS
-    from tclip_jax.methods.tclip.settings import Settings
     from tclip_jax.sweep.runner import _check_config
 
     run = {"method": "clip_surgery", "model": {"origin": "m", "source": "hf", "architecture": None}, "settings": {},
@@ -488,10 +487,10 @@ def test_a_sweep_begun_on_a_methods_earlier_maps_is_not_resumed(tmp_path):
     # TCLIP's maps version follows its input protocol (a setting): a resume under another protocol is refused for
     # the protocol, not blamed on maps that changed under the sweep.
     whole = {"method": "tclip", "model": run["model"], "settings": {"input_protocol": "whole"},
-             "input_protocol": "whole", "maps_version": TCLIP.maps_version.fget(Settings(input_protocol="whole"))}
+             "input_protocol": "whole", "maps_version": recorded_maps_version(TCLIP.maps_version, "whole")}
     (tmp_path / "sweep.json").write_text(json.dumps({**now, "run": whole}))
     crop = {**whole, "settings": {"input_protocol": "center_crop"}, "input_protocol": "center_crop",
-            "maps_version": TCLIP.maps_version.fget(Settings(input_protocol="center_crop"))}
+            "maps_version": recorded_maps_version(TCLIP.maps_version, "center_crop")}
     with pytest.raises(ValueError, match="run.input_protocol \\(stored 'whole', now 'center_crop'\\)") as refused:
         _check_config(tmp_path, {**now, "run": crop}, resume=True)
     assert "run.maps_version (stored 1, now 2)" in str(refused.value) and "maps changed" not in str(refused.value)

@@ -85,7 +85,6 @@ class ClassTokenAttention(PromptMethod):
 
     image_encoder_passes = ("1", "0")
     input_protocol = "center_crop"
-    maps_version = 2  # boxes from the part of the image the crop kept
     heatmap = UPSAMPLE_THEN_NORMALIZE
     prompt_free = True
     block_setting: ClassVar[str]

@@ -265,9 +265,9 @@ class Method(abc.ABC):
     image_encoder_passes: ClassVar[Optional[tuple[str, str]]] = None
     # Raised when a change makes the method's maps, soft maps or boxes differ from those it made before (records
     # say which they hold, and a sweep begun on other maps is not resumed): 2 for the similarity methods and CLIP
-    # Surgery since their grid maps are upsampled once, straight to the image, and for the centre-crop methods
-    # since their thresholds and boxes come from the part of the image the crop kept (both 2026-12-05); a property
-    # where only some settings' maps changed (TCLIP under a centre crop, MaskCLIP's residual_and_mlp=False: 3).
+    # Surgery since their grid maps are upsampled once, straight to the image (2026-12-05); a property where only
+    # some settings' maps changed (MaskCLIP's residual_and_mlp=False: 3). Not raised for the centre crop: `run_info`
+    # records at least 2 under it for every method, one outside the package too (`recorded_maps_version`).
     maps_version: ClassVar[int] = 1
     # `explain` maps a call's queries in a multiple of this many slots, so that prompts of another word count reuse
     # the compiled maps (at most query_chunk - 1 padded maps); prompt-level methods map one image's queries in
@@ -367,8 +367,8 @@ class Method(abc.ABC):
                  "activation": self.clip.config.activation, "fingerprint": self.clip.fingerprint,
                  "matmul_dtype": matmul_dtype(self.clip.model.dtype).name,
                  **({} if precision is None else {"matmul_precision": precision})}
-        return {"method": self.name, "maps_version": self.maps_version, "model": model,
-                "settings": self.settings.to_dict(), "input_protocol": self.input_protocol}
+        return {"method": self.name, "maps_version": recorded_maps_version(self.maps_version, self.input_protocol),
+                "model": model, "settings": self.settings.to_dict(), "input_protocol": self.input_protocol}
 
     # ----------------------------------------------------------------------------------- the four parts
     def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Geometry]:
@@ -909,6 +909,13 @@ def label_set_mean(values: Array, valid: Array, axis: int) -> Array:
     shape[axis] = -1
     valid = jnp.reshape(valid, shape)
     return jnp.sum(jnp.where(valid, values, 0), axis=axis, keepdims=True) / jnp.sum(valid)
+
+
+def recorded_maps_version(maps_version: int, input_protocol: InputProtocol) -> int:
+    """The maps version a run records (`Method.run_info`): the method's own (`Method.maps_version`), and at least 2
+    under a centre crop, since the thresholds and boxes of every centre-crop method come from the part of the image
+    the crop kept (2026-12-05)."""
+    return max(maps_version, 2) if input_protocol == "center_crop" else maps_version
 
 
 def prompt_list(prompts: str | Sequence[str]) -> list[str]:

@@ -244,7 +244,6 @@ class DecompositionMap(PromptMethod):
     name = "decomposition"
     image_encoder_passes = ("1", "0")
     input_protocol = "center_crop"
-    maps_version = 2  # boxes from the part of the image the crop kept
     heatmap = MapPostprocess(normalize_first=False, clip_negative=True)
     uses_label_set = True
 

@@ -146,7 +146,6 @@ class HilaCAM(PromptMethod):
     image_encoder_passes = ("1", "T")
     Settings = HilaCAMSettings
     input_protocol = "center_crop"
-    maps_version = 2  # boxes from the part of the image the crop kept
     heatmap = UPSAMPLE_THEN_NORMALIZE
 
     def __init__(self, clip, settings=None):

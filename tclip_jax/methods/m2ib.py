@@ -397,7 +397,6 @@ class M2IB(PromptMethod):
     image_encoder_passes = ("1 + 100 T (after layer 9)", "100 T (after layer 9)")
     Settings = M2IBSettings
     input_protocol = "center_crop"
-    maps_version = 2  # boxes from the part of the image the crop kept
     heatmap = UPSAMPLE_THEN_NORMALIZE
     query_chunk = 1  # each map is its own optimization
 

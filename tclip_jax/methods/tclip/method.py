@@ -60,11 +60,6 @@ class TCLIP(Method):
     def input_protocol(self) -> InputProtocol:
         return self.settings.input_protocol
 
-    @property
-    def maps_version(self) -> int:
-        """`Method.maps_version`: 2 under a centre crop (its thresholds and boxes come from the part the crop kept)."""
-        return 2 if self.input_protocol == "center_crop" else 1
-
     # ------------------------------------------------------------------------------------------ encode
     def embed_prompts(self, tokens: Sequence[TokenizedPrompt]) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """([P, L, D] unit embeddings of every text position up to each prompt's end-of-text token (zeros after),
