@@ -38,6 +38,22 @@ class SurgeryOutput:
     redundant_features: Optional[Array]   # [1, embed_dim] when given by prompts, else None
 
 
+def check_surgery_blocks(surgery_blocks: int, layers: int) -> None:
+    """The surgery path's block count must lie in [1, layers] (checked when a method is built and where the path
+    is traced)."""
+    if not 1 <= surgery_blocks <= layers:
+        raise ValueError(f"surgery_blocks must be in [1, {layers}] for this {layers}-block model, got {surgery_blocks}")
+
+
+def surgery_image_features(model: CLIP, params: dict, images: Array, surgery_blocks: int,
+                           architecture_surgery: bool) -> tuple[Array, tuple[int, int]]:
+    """(L2-normalized image tokens [B, n, D], the patch grid): the surgery path's tokens (`surgery_tokens`), or
+    the model's own without architecture surgery."""
+    image = common.encode_image(model, params, images)
+    tokens = surgery_tokens(model, params, image, surgery_blocks) if architecture_surgery else image.tokens
+    return l2_normalize(tokens), image.grid
+
+
 def surgery_tokens(model: CLIP, params: dict, image: ImageOutput, surgery_blocks: int) -> Array:
     """Joint-space tokens [B, n, D] of the architecture-surgery path.
 
@@ -46,8 +62,7 @@ def surgery_tokens(model: CLIP, params: dict, image: ImageOutput, surgery_blocks
     stream, through the block's output projection (no MLP). The class token comes from the original path.
     """
     layers = model.config.vision_layers
-    if not 1 <= surgery_blocks <= layers:
-        raise ValueError(f"surgery_blocks must be in [1, {layers}], got {surgery_blocks}")
+    check_surgery_blocks(surgery_blocks, layers)
     vision = model.bind({"params": params}).visual
     stream = image.residual_stream
     x = stream[layers - surgery_blocks]
@@ -104,9 +119,7 @@ def clip_surgery_map(model: CLIP, params: dict, images: Array, texts: Array,
       model and the second half of ViT-B.
     architecture_surgery / feature_surgery: switch either surgery off (both off = plain CLIP tokens).
     """
-    image = common.encode_image(model, params, images)
-    tokens = surgery_tokens(model, params, image, surgery_blocks) if architecture_surgery else image.tokens
-    image_features = l2_normalize(tokens)
+    image_features, grid = surgery_image_features(model, params, images, surgery_blocks, architecture_surgery)
     texts = common.text_features(model, params, texts)
     redundant = None
     if redundant_texts is not None:
@@ -118,7 +131,7 @@ def clip_surgery_map(model: CLIP, params: dict, images: Array, texts: Array,
         similarity = feature_surgery_scores(image_features, texts, redundant)
     else:
         similarity = image_features @ texts.T
-    return SurgeryOutput(similarity_to_maps(similarity, image.grid), similarity, image_features, texts, redundant)
+    return SurgeryOutput(similarity_to_maps(similarity, grid), similarity, image_features, texts, redundant)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +168,7 @@ class CLIPSurgery(PromptMethod):
                 warnings.warn(f"CLIP Surgery: the model has {layers} block{'s' * (layers != 1)}, fewer than the "
                               f"official {DEFAULT_SURGERY_BLOCKS}; the surgery path covers {covered} (set "
                               "surgery_blocks to choose)", stacklevel=2)
-        if not 1 <= blocks <= layers:
-            raise ValueError(f"surgery_blocks must be in [1, {layers}] for this {layers}-block model, got {blocks}")
+        check_surgery_blocks(blocks, layers)
         self.surgery_blocks = blocks
         self.uses_label_set = self.settings.feature_surgery  # plain cosines do not depend on the other prompts
 
@@ -173,18 +185,15 @@ class CLIPSurgery(PromptMethod):
         return QueryArrays({"features": self.text_features([q.prompt for q in queries]), "member": member}, shared)
 
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
-        model, settings = self.clip.model, self.settings
-        image = common.encode_image(model, params, pixels)
-        tokens = image.tokens
-        if settings.architecture_surgery:
-            tokens = surgery_tokens(model, params, image, self.surgery_blocks)
-        image_features = l2_normalize(tokens)
+        settings = self.settings
+        image_features, grid = surgery_image_features(self.clip.model, params, pixels, self.surgery_blocks,
+                                                      settings.architecture_surgery)
         features, member = queries.per_query["features"], queries.per_query["member"]
         if not settings.feature_surgery:
-            return similarity_to_maps(image_features @ features.T, image.grid)
+            return similarity_to_maps(image_features @ features.T, grid)
         similarity = feature_surgery_scores(image_features, features, queries.shared["redundant"])
         if "label_set" in queries.shared:
             in_set = feature_surgery_scores(image_features, queries.shared["label_set"],
                                             valid=queries.shared["label_valid"])
             similarity = jnp.where(member >= 0, jnp.take(in_set, jnp.maximum(member, 0), axis=-1), similarity)
-        return similarity_to_maps(similarity, image.grid)
+        return similarity_to_maps(similarity, grid)
