@@ -1,5 +1,5 @@
 """The project spells "normalize" one way (its style rule, never the British spelling): code, tests, docs and
-notebooks are searched for the other."""
+notebooks are searched for the other. And the README's Layout names every module of the package."""
 import pathlib
 import re
 
@@ -15,3 +15,11 @@ def test_normalize_is_spelt_one_way():
     found = [f"{p.relative_to(ROOT)}:{i}" for p in paths
              for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if OTHER_SPELLING.search(line)]
     assert found == []
+
+
+def test_the_readmes_layout_names_every_top_level_module():
+    """synthetic.py, notebook.py and demo.py were missing from the Layout section."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("- **Layout**"):readme.index("- **One interface for every method**")]
+    modules = [p.name for p in (ROOT / "tclip_jax").glob("*.py") if not p.name.startswith("_")]
+    assert modules and [m for m in modules if f"`tclip_jax/{m}`" not in layout] == []
