@@ -488,7 +488,8 @@ def test_explain_compiles_nothing_for_images_of_another_size_and_its_maps_are_th
     slots, rows = no_translation.query_slots(encoded.queries)
     for image, result in zip(images[1:], results, strict=True):
         _, pixels, geometry = no_translation.preprocess(image)
-        device_maps = np.asarray(no_translation.jitted_maps(no_translation.params, pixels[None], slots, rows[None]).maps)
+        device_maps = np.asarray(no_translation.jitted_maps(no_translation.params, pixels[None], slots,
+                                                            rows[None]).maps)
         expected = to_original(device_maps[0, :len(encoded.queries)], geometry)
         assert expected.shape[1:] == image.shape[:2]
         maps = [m for p in result.prompts for m in p.word_maps] + [p.phrase for p in result.prompts]
@@ -501,8 +502,9 @@ def test_explain_compiles_nothing_for_images_of_another_size_and_its_maps_are_th
 def test_encoding_1_to_12_prompts_compiles_the_text_tower_once_and_gives_each_prompts_own_embeddings(
         tiny_clip, compiled_programs, weighting):
     """TCLIP runs the text tower on chunks of PROMPT_CHUNK token rows of one shape: prompts of one length compile it
-    once however many there are (2-12 prompts compile nothing after 1) (jitted on all the rows at once, each new prompt count compiled it again), and each
-    prompt's embeddings and weights are those of the text tower on its row alone, bit for bit."""
+    once however many there are (2-12 prompts compile nothing after 1; jitted on all the rows at once, each new prompt
+    count compiled it again), and each prompt's embeddings and weights are those of the text tower on its row alone,
+    bit for bit."""
     method = TCLIP(tiny_clip, Settings(translations=1, token_weighting=weighting))
     jitted = token_embeddings if weighting == "none" else token_embeddings_and_attention
     words = ["red", "blue", "green", "circle", "square", "star", "left", "right", "above", "below", "small", "large"]
