@@ -553,15 +553,21 @@ def test_browser_the_pointer_readout_follows_a_scroll_a_resize_and_a_render_unde
         open_page(driver, run / "index.html")
         click_word(driver, "p0w1")
         driver.set_window_size(1000, 600)  # the page scrolls
-        driver.execute_script("window.scrollBy(0, document.querySelector('.tclip-viewer').getBoundingClientRect().top"
-                              " - 120);")
-        left, top, width, height = driver.execute_script(
-            "const r = document.querySelector('.tclip-viewer').getBoundingClientRect();"
-            "return [r.left, r.top, r.width, r.height];")
-        at = (int(left + 0.3 * width), int(top + 0.3 * height))
         actions = ActionBuilder(driver)
-        actions.pointer_action.move_to_location(*at)
-        actions.perform()
+
+        def point_into_viewer(fx, fy):
+            """The viewer scrolled to 120 px from the window's top, the pointer at (fx, fy) of it: where, in the
+            window."""
+            driver.execute_script("window.scrollBy(0, document.querySelector('.tclip-viewer')"
+                                  ".getBoundingClientRect().top - 120);")
+            left, top, width, height = driver.execute_script(
+                "const r = document.querySelector('.tclip-viewer').getBoundingClientRect();"
+                "return [r.left, r.top, r.width, r.height];")
+            actions.pointer_action.move_to_location(int(left + fx * width), int(top + fy * height))
+            actions.perform()
+            return int(left + fx * width), int(top + fy * height)
+
+        at = point_into_viewer(0.3, 0.3)
 
         def check(key, what, said="weighted mean"):
             expected = value_under(driver, entry, key, at, maps[key])
@@ -595,14 +601,7 @@ def test_browser_the_pointer_readout_follows_a_scroll_a_resize_and_a_render_unde
         browser.wait_for(lambda: browser.rendered(driver) == "1:p0w2:heatmap:shared:single", what="the next image")
         entry, maps = image(1)
         assert entry["size_hw"] == [224, 224] and decode_blob(entry["blobs"][0]).shape == (224, 224)
-        driver.execute_script("window.scrollBy(0, document.querySelector('.tclip-viewer').getBoundingClientRect().top"
-                              " - 120);")
-        left, top, width, height = driver.execute_script(
-            "const r = document.querySelector('.tclip-viewer').getBoundingClientRect();"
-            "return [r.left, r.top, r.width, r.height];")
-        at = (int(left + 0.6 * width), int(top + 0.4 * height))
-        actions.pointer_action.move_to_location(*at)
-        actions.perform()
+        at = point_into_viewer(0.6, 0.4)
         pixel = check("p0w2", "the readout of a map stored whole", said="")
         assert pixel[0][0] == pixel[0][1] and pixel[1][0] == pixel[1][1]
         assert browser.console_problems(driver) == []
