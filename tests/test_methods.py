@@ -1023,6 +1023,10 @@ def test_a_method_outside_the_package_runs_from_the_command_line(tmp_path, fixtu
     assert record["run"]["method"] == name
     with pytest.raises(ValueError, match="not a tclip_jax.methods.Method subclass"):
         methods.get("test_methods:PROMPTS")
+    # A family's shared base class resolved by its name and then failed as it was built.
+    with pytest.raises(ValueError, match=r"^'tclip_jax.methods.attention:ClassTokenAttention' is an abstract Method "
+                                         r"class: it leaves grid_maps undefined$"):
+        methods.get("tclip_jax.methods.attention:ClassTokenAttention")
     with pytest.raises(ValueError, match="cannot be imported"):
         methods.get("no_such_module:Thing")
 

@@ -9,6 +9,7 @@ The registry names where each class lives, so listing the methods imports none o
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import traceback
 
@@ -54,6 +55,9 @@ def get(spec: str) -> type:
     method = getattr(module, class_name, None)
     if not (isinstance(method, type) and issubclass(method, Method)):
         raise ValueError(f"{spec!r} is not a tclip_jax.methods.Method subclass")
+    if inspect.isabstract(method):  # a family's shared base (attention's ClassTokenAttention): no method to run
+        raise ValueError(f"{spec!r} is an abstract Method class: it leaves "
+                         f"{', '.join(sorted(method.__abstractmethods__))} undefined")
     return method
 
 
