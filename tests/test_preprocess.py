@@ -297,30 +297,23 @@ def test_to_original_marks_the_cropped_columns():
     np.testing.assert_array_equal(resampled[kept], 1.0)
 
 
-def test_maps_on_the_host_are_resampled_on_the_host_and_compile_nothing(monkeypatch):
-    """A sweep's host step resamples each image's maps, of its own size and unit count: in jax, each new shape
-    compiled a program (0.45 s, kept for ever). numpy maps are resampled in numpy, as torch resamples them."""
-    import tclip_jax.image.resample as resample_module
-    from tclip_jax.image import to_original_on_device
-
-    def compiled(*args):
-        raise AssertionError("maps on the host were resampled by a compiled program")
-
-    monkeypatch.setattr(resample_module, "resample_jit", compiled)
+def test_maps_are_resampled_on_the_host_and_compile_nothing(compiled_programs):
+    """A sweep's host step and explain resample each image's maps, of its own size and unit count: in jax, each new
+    shape compiled a program (0.45 s, kept for ever). Maps, numpy or jax, are resampled in numpy, as torch resamples
+    them (the crop's fill: test_to_original_agrees_with_point_mapping)."""
     rng = np.random.default_rng(0)
     for units, height, width in [(1, 40, 31), (3, 17, 64), (2, 5, 3)]:
         maps = rng.standard_normal((units, 7, 7)).astype(np.float32)
+        on_device = jax.device_put(maps)
         geometry = whole_image(np.zeros((height, width, 3), np.uint8))[1]  # the grid spans the model input
-        resampled = to_original_on_device(maps, geometry)
+        compiled_programs.clear()
+        resampled = to_original(maps, geometry)
         assert type(resampled) is np.ndarray and resampled.dtype == np.float32
         expected = torch.nn.functional.interpolate(torch.from_numpy(maps)[None], (height, width), mode="bilinear",
                                                    align_corners=False).numpy()[0]
         np.testing.assert_allclose(resampled, expected, rtol=0, atol=1e-6)
-    geometry = center_crop(np.zeros((24, 40, 3), np.uint8))[1]  # the cut-off columns filled as on the device
-    on_host = to_original_on_device(maps, geometry)
-    monkeypatch.undo()
-    np.testing.assert_allclose(on_host, np.asarray(to_original_on_device(jax.numpy.asarray(maps), geometry)),
-                               rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(to_original(on_device, geometry), resampled)  # fetched, then the same
+        assert compiled_programs == []
 
 
 def test_to_original_rejects_bad_fill():

@@ -4,7 +4,7 @@ from tclip_jax._exports import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(["Geometry", "box_to_model", "box_to_original", "points_to_model", "points_to_original",
-                     "to_original", "to_original_on_device"], "tclip_jax.image.geometry"),
+                     "to_original"], "tclip_jax.image.geometry"),
     **dict.fromkeys(["ImageLike", "image_size", "load_image"], "tclip_jax.image.io"),
     **dict.fromkeys(["CLIP_MEAN", "CLIP_STD", "INPUT_PROTOCOLS", "InputProtocol", "center_crop", "check_input_size",
                      "check_rgb", "clip_normalize", "prepare", "resize_rgb", "whole_image"],

@@ -67,34 +67,21 @@ def to_original(heatmap, geometry: Geometry, fill: float | Literal["min"] = "min
     compiled per image size cost 0.45-0.5 s and about 5 MB kept for ever, per size; numpy takes about as long as
     XLA:CPU's run of it (28 maps of 224 x 224: 27 ms against 8 ms; to 2000 x 1500: 1.15 s against 0.80 s, 2 cores).
     """
-    return to_original_on_device(np.asarray(heatmap), geometry, fill)  # numpy: a new array
-
-
-def to_original_on_device(heatmap, geometry: Geometry, fill: float | Literal["min"] = "min"):
-    """`to_original` as a jax array, dispatched and not waited for, on the device that holds ``heatmap`` (a numpy
-    array is resampled on the host, in numpy, as `to_original` does). On the device each shape (map count and
-    image size) compiles a program, kept for ever (0.45 s and a few MB each), and its fused multiply-adds differ
-    from numpy's in the last bit (2e-7 relative): `explain` and sweeps resize on the host (`to_original`), so
-    that their memory stays bounded however many image sizes they meet."""
-    import jax.numpy as jnp  # jax only where maps are resampled
-
-    from tclip_jax.image.resample import bilinear_taps, resample, resample_jit
+    from tclip_jax.image.resample import bilinear_taps, resample
 
     fill_with_min = isinstance(fill, str) and fill == "min"
     if not (fill_with_min or isinstance(fill, (int, float, np.floating, np.integer))):
         raise ValueError(f"fill must be 'min' or a number, got {fill!r}")
     if np.ndim(heatmap) < 2:
         raise ValueError(f"heatmap must have at least 2 axes [..., gh, gw], got shape {np.shape(heatmap)}")
-    on_host = isinstance(heatmap, np.ndarray)
-    xp = np if on_host else jnp
-    heatmap = xp.asarray(heatmap, dtype=xp.float32)
+    heatmap = np.asarray(heatmap, dtype=np.float32)
     taps = []
     for original, grid, resized, model, offset in zip(
         geometry.original_hw, heatmap.shape[-2:], geometry.resized_hw, geometry.input_hw, geometry.crop_offset_yx
     ):
         grid_per_model = grid / model
         taps.append(bilinear_taps(original, grid, resized / original * grid_per_model, -offset * grid_per_model))
-    resampled = (resample if on_host else resample_jit)(heatmap, *taps)
+    resampled = resample(heatmap, *taps)  # numpy: a new array
     inside = []  # per axis: whether each original row / column is covered
     for span, original in zip(geometry.covered, geometry.original_hw):
         covered = np.zeros(original, bool)
@@ -103,7 +90,7 @@ def to_original_on_device(heatmap, geometry: Geometry, fill: float | Literal["mi
     if inside[0].all() and inside[1].all():  # no crop: nothing to fill
         return resampled
     fill_value = heatmap.min(axis=(-2, -1), keepdims=True) if fill_with_min else np.float32(fill)
-    return xp.where(inside[0][:, None] & inside[1][None, :], resampled, fill_value)
+    return np.where(inside[0][:, None] & inside[1][None, :], resampled, fill_value)
 
 
 def points_to_model(points_xy: np.ndarray, geometry: Geometry) -> np.ndarray:

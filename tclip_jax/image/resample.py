@@ -43,8 +43,9 @@ def bilinear_taps(out_size: int, in_size: int, scale: float, shift: float) -> tu
 
 def resample(maps: jax.Array | np.ndarray, rows: tuple[np.ndarray, ...], cols: tuple[np.ndarray, ...]) -> jax.Array:
     """Applies `bilinear_taps` along the last axis (cols), then the one before (rows): in numpy for a numpy array
-    (a host step: nothing is compiled for the shape; the same float32 operations, whose results differ from the
-    jitted path's fused multiply-adds in the last bit, 2e-7 relative), else in jax."""
+    (`geometry.to_original`, a host step: nothing is compiled for the shape; the same float32 operations, whose
+    results differ from jitted fused multiply-adds in the last bit, 2e-7 relative), else in jax
+    (`upsample_bilinear`)."""
     xp = np if isinstance(maps, np.ndarray) else jnp
     # Width first, then height: the same order of operations as torch's bilinear kernel.
     maps = xp.asarray(maps, dtype=xp.float32)
@@ -53,5 +54,3 @@ def resample(maps: jax.Array | np.ndarray, rows: tuple[np.ndarray, ...], cols: t
     r0, r1, rw0, rw1 = rows
     return xp.take(maps, r0, axis=-2) * rw0[:, None] + xp.take(maps, r1, axis=-2) * rw1[:, None]
 
-
-resample_jit = jax.jit(resample)
