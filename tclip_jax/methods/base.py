@@ -53,7 +53,7 @@ from tclip_jax.checkpoints.load import LoadedClip, TreeLeaves, load_clip, matmul
 from tclip_jax.environment import run_environment
 from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_size, load_image, prepare, to_original,
                              upsample_bilinear)
-from tclip_jax.methods.common import causal_length_groups, minmax, text_features
+from tclip_jax.methods.common import causal_length_groups, in_chunks, minmax, text_features
 from tclip_jax.model.clip import check_floating_pixels, eot_positions
 from tclip_jax.model.config import PRESETS
 from tclip_jax.model.tokenizer import PromptCutWarning, TokenizedPrompt, Word, clean_text, has_word
@@ -776,10 +776,8 @@ class PromptMethod(Method):
             chunk = 1 if token_ids.ndim == 3 else self.text_chunk  # a template ensemble is a batch of its own
             for length, members in groups.items():
                 group = [missing[j] for j in members]
-                padded = group + group[:1] * (-len(group) % chunk)
-                chunks = [self.encode_texts(token_ids[padded[c:c + chunk]][..., :length])
-                          for c in range(0, len(padded), chunk)]
-                cache.update(zip((keys[i] for i in group), np.concatenate([np.asarray(c) for c in chunks])))
+                cache.update(zip((keys[i] for i in group),
+                                 in_chunks(self.encode_texts, token_ids[group][..., :length], chunk)))
             features = np.stack([cache[key] for key in keys])
             for key in keys:
                 cache.move_to_end(key)

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tclip_jax.model import CLIP, ImageOutput, TextOutput, l2_normalize
 
@@ -25,6 +26,17 @@ def causal_length_groups(eot_indices: Sequence[int], context_length: int) -> dic
     for i, eot in enumerate(eot_indices):
         groups.setdefault(min(context_length, -(-(eot + 1) // 8) * 8), []).append(i)
     return dict(sorted(groups.items()))
+
+
+def in_chunks(function, rows: np.ndarray, chunk: int):
+    """`function` (jitted) on `rows` [N, ...], `chunk` rows a call (the last chunk padded with copies of the first
+    row), its outputs' first N rows as numpy: one compiled program per row shape, whatever N. Bit for bit the call
+    on all rows at once, where a row's result does not depend on the rows with it (text features, token
+    embeddings). Every chunk is dispatched before any is fetched."""
+    rows = np.asarray(rows)
+    padded = np.concatenate([rows, np.repeat(rows[:1], -len(rows) % chunk, axis=0)])
+    outs = jax.device_get([function(padded[c:c + chunk]) for c in range(0, len(padded), chunk)])
+    return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts)[:len(rows)], *outs)
 
 
 def encode_image(model: CLIP, params: dict, images: Array,

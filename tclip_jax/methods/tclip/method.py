@@ -30,8 +30,8 @@ from tclip_jax.methods.base import (
     distinct_queries,
     prompt_list,
 )
-from tclip_jax.methods.common import causal_length_groups
-from tclip_jax.methods.tclip.relevance import (aggregate_maps, in_prompt_chunks, token_embeddings,
+from tclip_jax.methods.common import causal_length_groups, in_chunks
+from tclip_jax.methods.tclip.relevance import (PROMPT_CHUNK, aggregate_maps, token_embeddings,
                                               translated_patch_embeddings)
 from tclip_jax.methods.tclip.settings import Settings
 from tclip_jax.methods.tclip.token_weights import eot_weights, token_embeddings_and_attention
@@ -66,8 +66,8 @@ class TCLIP(Method):
         [P, L] token weights of the settings' `token_weighting`, or None for "none").
 
         Each prompt's row is cut after its end-of-text token (`causal_length_groups`); prompts of one length go
-        through together, in chunks of one shape (`relevance.in_prompt_chunks`: one program per length, whatever the
-        prompt count), so a prompt's embeddings are the same whichever prompts come with it.
+        through together, in chunks of one shape (`common.in_chunks`, PROMPT_CHUNK rows a call: one program per length,
+        whatever the prompt count), so a prompt's embeddings are the same whichever prompts come with it.
         """
         groups = causal_length_groups([t.eot_position for t in tokens], self.clip.config.context_length)
         embeds = np.zeros((len(tokens), max(groups), self.clip.config.embed_dim), np.float32)
@@ -76,10 +76,11 @@ class TCLIP(Method):
         for length, group in groups.items():
             ids = np.stack([tokens[i].token_ids[:length] for i in group])
             if weights is None:
-                embeds[group, :length] = in_prompt_chunks(token_embeddings, self.clip.model, self.params, ids)
+                embeds[group, :length] = in_chunks(lambda chunk: token_embeddings(self.clip.model, self.params, chunk),
+                                                   ids, PROMPT_CHUNK)
                 continue
-            group_embeds, attention = in_prompt_chunks(token_embeddings_and_attention, self.clip.model, self.params,
-                                                       ids)
+            group_embeds, attention = in_chunks(
+                lambda chunk: token_embeddings_and_attention(self.clip.model, self.params, chunk), ids, PROMPT_CHUNK)
             embeds[group, :length] = group_embeds
             for i, probs in zip(group, attention):
                 weights[i, :length] = eot_weights(probs, tokens[i].eot_position, weighting)

@@ -12,7 +12,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tclip_jax.methods.tclip.settings import DEFAULT_TRIM
 from tclip_jax.methods.tclip.translations import shift_back_operators, translated_copies, trimmed_mean
@@ -33,23 +32,10 @@ def map_prompts(one, token_ids: jax.Array):
     return jax.tree_util.tree_map(lambda a: a[:count], jax.lax.map(one, padded, batch_size=PROMPT_CHUNK))
 
 
-def in_prompt_chunks(jitted, model: CLIP, params, token_ids: np.ndarray):
-    """`jitted(model, params, chunk)` (`token_embeddings`, `token_weights.token_embeddings_and_attention`) on token
-    rows [P, L], PROMPT_CHUNK rows a call (the last chunk padded with zero rows, as `map_prompts` pads them), its
-    outputs' first P rows as numpy: one compiled program per row length, whatever the prompt count (called on [P, L]
-    at once, each new P compiled the text tower again). Bit for bit the call on [P, L]: a row's result does not
-    depend on the rows with it (`map_prompts`)."""
-    count = len(token_ids)
-    padded = np.pad(np.asarray(token_ids), ((0, -count % PROMPT_CHUNK), (0, 0)))
-    outs = jax.device_get([jitted(model, params, padded[c:c + PROMPT_CHUNK])
-                           for c in range(0, len(padded), PROMPT_CHUNK)])  # all dispatched, then fetched
-    return jax.tree_util.tree_map(lambda *chunks: np.concatenate(chunks)[:count], *outs)
-
-
 @functools.partial(jax.jit, static_argnames="model")
 def token_embeddings(model: CLIP, params, token_ids: jax.Array) -> jax.Array:
     """[P, L, D] unit embeddings of every position of token rows [P, L] (SOT/EOT/padding included), by
-    `map_prompts` (compiled per P: `in_prompt_chunks` calls it on chunks of one shape)."""
+    `map_prompts` (compiled per P: TCLIP calls it on chunks of PROMPT_CHUNK rows, `common.in_chunks`)."""
     def one(row: jax.Array) -> jax.Array:
         return l2_normalize(model.apply({"params": params}, row[None], method="encode_text").tokens[0])
 
