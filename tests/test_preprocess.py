@@ -316,6 +316,27 @@ def test_maps_are_resampled_on_the_host_and_compile_nothing(compiled_programs):
         assert compiled_programs == []
 
 
+def test_to_original_treats_each_map_of_a_stack_alone():
+    """A stack with several leading axes is resampled map by map (the numpy path loops over maps) and a centre
+    crop's fill is each map's own minimum: against torch per map and the crop's covered span."""
+    geometry = center_crop(np.zeros((30, 50, 3), np.uint8))[1]
+    maps = np.random.default_rng(3).standard_normal((2, 3, 7, 7)).astype(np.float32)
+    resampled = to_original(maps, geometry)
+    assert resampled.shape == (2, 3, 30, 50)
+    rows, cols = geometry.covered
+    outside = np.ones((30, 50), bool)
+    outside[rows, cols] = False
+    for index in np.ndindex(2, 3):
+        alone = to_original(maps[index], geometry)
+        np.testing.assert_array_equal(resampled[index], alone)
+        np.testing.assert_array_equal(alone[outside], maps[index].min())
+    whole = whole_image(np.zeros((30, 50, 3), np.uint8))[1]
+    expected = torch.nn.functional.interpolate(torch.from_numpy(maps.reshape(6, 7, 7))[None], (30, 50),
+                                               mode="bilinear", align_corners=False).numpy()[0]
+    np.testing.assert_allclose(to_original(maps, whole).reshape(6, 30, 50), expected, rtol=0, atol=1e-6)
+    assert to_original(np.zeros((0, 7, 7), np.float32), whole).shape == (0, 30, 50)
+
+
 def test_to_original_rejects_bad_fill():
     geometry = whole_image(np.zeros((4, 4, 3), np.uint8))[1]
     with pytest.raises(ValueError, match="fill"):
