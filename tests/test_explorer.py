@@ -1120,6 +1120,12 @@ def test_a_box_is_drawn_inside_itself_and_a_whole_image_box_inset(thickness):
     assert drawn((0, 0, 120, 100)) == ((t, t, 120 - t, 100 - t), (t + 1, t + 1, 119 - t, 99 - t))
 
 
+def test_a_box_with_a_nan_or_missing_coordinate_is_refused_by_name():
+    for box in [(np.nan, 0, 10, 10), (0, 0, 10, float("nan")), (0, 0, 10)]:
+        with pytest.raises(ValueError, match="box must be 4 numbers x1, y1, x2, y2, none NaN"):
+            draw_box(np.zeros((20, 20, 3), np.uint8), box)
+
+
 def test_a_whole_image_box_is_one_that_covers_the_image():
     assert is_whole_image((0, 0, 120, 100), (100, 120))
     assert not is_whole_image((0, 0, 110, 100), (100, 120)) and not is_whole_image((0, 0, 120, 90), (100, 120))

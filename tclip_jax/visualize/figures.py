@@ -75,6 +75,8 @@ def draw_box(rgb: np.ndarray, box: Box, colour=BOX_COLOUR, outline=BOX_OUTLINE, 
     height, width = rgb.shape[:2]
     t = box_thickness((height, width)) if thickness is None else thickness
     band = t + 2                                  # the outline band, the line in its middle
+    if len(box) != 4 or any(np.isnan(float(v)) for v in box):
+        raise ValueError(f"box must be 4 numbers x1, y1, x2, y2, none NaN, got {tuple(box)!r}")
     x1, y1, x2, y2 = (int(min(max(float(v), 0.0), side)) for v, side in zip(box, (width, height, width, height)))
     if x2 <= x1 or y2 <= y1:
         return rgb
