@@ -844,6 +844,18 @@ def test_text_features_are_cut_after_the_end_of_text_and_computed_once(tiny_clip
     assert method.text_features([]).shape == (0, features.shape[1])
 
 
+@pytest.mark.parametrize("name", ["similarity", "clip_surgery"])  # rows [n, L]; template stacks [n, T, L]
+def test_text_features_of_a_new_count_of_texts_compile_nothing(tiny_clip, name, compiled_programs):
+    """The text tower runs on chunks of one shape (`in_chunks`); finding where each text ends (to cut the rows)
+    ran in jax on the host's ids and compiled two programs per new count of texts not kept."""
+    method = METHODS[name](tiny_clip)
+    method.text_features(["a cat", "a dog"])  # the tower, compiled for this row length
+    compiled_programs.clear()
+    for count in (1, 3, 4):
+        method.text_features([f"a {word} {count}" for word in ("cat", "dog", "owl", "fox")[:count]])
+    assert compiled_programs == []
+
+
 def test_text_features_kept_at_one_matmul_precision_are_not_used_at_another(tiny_clip, fixture_images, monkeypatch):
     """The kept text features were keyed by token rows alone: a prompt explained at JAX's default precision (one
     bfloat16 pass on TPU) and then under `jax.default_matmul_precision("float32")` was mapped with the first run's

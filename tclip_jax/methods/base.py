@@ -769,7 +769,7 @@ class PromptMethod(Method):
             for i, key in enumerate(keys):
                 first_row.setdefault(key, i)
             missing = [i for key, i in first_row.items() if key not in cache]
-            eots = np.asarray(eot_positions(token_ids[missing], self.clip.config.eot_token_id))
+            eots = eot_positions(token_ids[missing], self.clip.config.eot_token_id)
             if eots.ndim == 2:  # a template stack is cut after its last end-of-text token
                 eots = eots.max(axis=1)
             groups = causal_length_groups(eots.tolist(), token_ids.shape[-1])

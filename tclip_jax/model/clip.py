@@ -26,6 +26,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tclip_jax.model.config import CLIPConfig
 from tclip_jax.model.posemb import resize_positional_embedding
@@ -340,8 +341,10 @@ def check_floating_pixels(images: Array) -> None:
 
 def eot_positions(token_ids: Array, eot_token_id: Optional[int]) -> Array:
     """[B] where each row's text embedding is read (`CLIPConfig.eot_token_id`): its highest token id (None), or
-    the first occurrence of `eot_token_id`."""
-    return jnp.argmax(token_ids if eot_token_id is None else token_ids == eot_token_id, axis=-1)
+    the first occurrence of `eot_token_id`. In numpy for numpy ids (the host's length grouping: a jnp call there
+    compiled two programs per new row count)."""
+    xp = np if isinstance(token_ids, np.ndarray) else jnp
+    return xp.argmax(token_ids if eot_token_id is None else token_ids == eot_token_id, axis=-1)
 
 
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
