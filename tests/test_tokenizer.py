@@ -513,11 +513,12 @@ def test_no_two_words_share_characters_of_the_prompt(tokenizer):
         assert all(a.end <= b.start for a, b in zip(words, words[1:])), repr(text)
 
 
-def _assert_spans_are_the_words(tokenizer, packaged_files, text, context_length=77):
+def _assert_spans_are_the_words(tokenizer, packaged_files, text, context_length=77, cleaned_alone=True):
     """The words of `text` against its characters and OpenAI's tokenizer: every letter, digit and mark of `text` lies
     in one word's span, spans are non-empty and apart, each span cleaned alone (`clean_text`: ftfy, so NFC) is the
     text of its word's pieces (GPT-2's byte symbols read back; a mark's last byte may share a piece with what
-    follows), and the pieces, each in one word, are those of OpenAI's tokenizer."""
+    follows), and the pieces, each in one word, are those of OpenAI's tokenizer. Not `cleaned_alone`: a word's span
+    may be cleaned otherwise alone (ftfy repairs mojibake by its context: alone "œµ" is "ϵ", in "œµ°" it stays)."""
     import unicodedata
 
     from tclip_jax.model.tokenizer import clean_text
@@ -529,7 +530,7 @@ def _assert_spans_are_the_words(tokenizer, packaged_files, text, context_length=
     assert all(w.start < w.end for w in words) and all(a.end <= b.start for a, b in zip(words, words[1:])), repr(text)
     covered = {k for w in words for k in range(w.start, w.end)}
     assert [k for k, c in enumerate(text) if unicodedata.category(c)[0] in "LNM" and k not in covered] == [], repr(text)
-    for word in words:
+    for word in words if cleaned_alone else ():
         pieces = "".join(prompt.pieces[p - 1] for p in word.piece_positions).replace("</w>", "")
         read = bytes(byte_of[c] for c in pieces).decode("utf-8", errors="replace")
         assert read.startswith(clean_text(word.text).replace(" ", "")), (text, word)
@@ -584,6 +585,34 @@ def test_long_prompts_of_rewritten_text_keep_their_words(tokenizer, packaged_fil
         parts = rng.choice(atoms, rng.integers(30, 50))
         text = ["", " ", "Ã©â€ Ã© "][k % 3] + (" " if k % 3 else "").join(parts)
         _assert_spans_are_the_words(tokenizer, packaged_files, text, context_length=256)
+
+
+@pytest.mark.parametrize("text, words", [
+    # ftfy deletes the lead byte "Â" of mojibake ("Âµ" is "µ"): it was in no word ("µm" at 1-3).
+    ("Âµm", [("Âµm", 0, 3, False)]), ("(Âµm)", [("(", 0, 1, True), ("Âµm", 1, 4, False), (")", 4, 5, True)]),
+    ("a Â½ cup", [("a", 0, 1, False), ("Â½", 2, 4, False), ("cup", 5, 8, False)]),
+    ("x-Âµm", [("x", 0, 1, False), ("-", 1, 2, True), ("Âµm", 2, 5, False)]),
+    ("aÂ°", [("aÂ", 0, 2, False), ("°", 2, 3, True)]),  # beside a letter before it, it is that letter's word's
+    # Letters that cleaning made a symbol ("Ëœ" is "˜", "Å½½" is U+07BD) followed by punctuation, a piece of its own,
+    # were one punctuation word with it.
+    ("Ëœ!", [("Ëœ", 0, 2, False), ("!", 2, 3, True)]), ("Å½½!", [("Å½½", 0, 3, False), ("!", 3, 4, True)]),
+    ("3Å½½&", [("3Å½½", 0, 4, False), ("&", 4, 5, True)]),
+    ("!Ëœ!", [("!", 0, 1, True), ("Ëœ", 1, 3, False), ("!", 3, 4, True)]),
+])
+def test_mojibake_letters_are_in_words_as_written(tokenizer, packaged_files, text, words):
+    prompt = tokenizer.tokenize_words(text)
+    assert [(w.text, w.start, w.end, w.is_punctuation) for w in prompt.words] == words
+    _assert_spans_are_the_words(tokenizer, packaged_files, text, cleaned_alone=False)
+
+
+def test_prompts_of_mojibake_keep_every_letter_in_a_word(tokenizer, packaged_files):
+    """Seeded prompts of mojibake's letters and symbols (ftfy repairs some in context, deletes lead bytes) with
+    letters, digits, punctuation and spaces."""
+    atoms = ["Â", "Ã", "Ë", "œ", "Å", "½", "µ", "°", "£", "a", "m", "x", "3", " ", "!", "-", ".", "(", ","]
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        text = "".join(rng.choice(atoms, rng.integers(1, 9)))
+        _assert_spans_are_the_words(tokenizer, packaged_files, text, cleaned_alone=False)
 
 
 # --- the TCLIP author's kept positions -------------------------------------------------------------------------

@@ -252,10 +252,17 @@ def _group_words(text: str, cleaned: str, pieces: _Pieces, positions: tuple[int,
     variation selectors, a keycap "#️⃣", a symbol with a mark "≂̸", a mark after a space) is punctuation, and so is an
     SOT or EOT typed in the prompt (a chunk < 0 of `_Pieces`): the TCLIP author drops every SOT and EOT id, and it
     joins no word beside it. Chunks that one character of the prompt became ("ŉ", a letter, is "'n", a symbol and a
-    letter) are one word (a word if either is): no two words share a character of the prompt. A chunk whose
-    characters as written are letters, digits and marks is a word's chunk whatever cleaning made of them ("ʼ", a
-    letter, is "'"); one that holds a symbol as well stays punctuation ("aʼ," is "a" and "ʼ,": OpenAI's split puts
-    the "'" cleaning made of "ʼ" and the "," in one chunk, one piece "',", which no word can have alone)."""
+    letter) are one word (a word if either is): no two words share a character of the prompt. Pieces whose
+    characters as written are letters, digits and marks are a word's whatever cleaning made of them ("ʼ", a letter,
+    is "'"; mojibake "Ëœ" is "˜"): a chunk is cut between its pieces where the characters as written stop or start
+    being so ("Ëœ!" is "Ëœ" and "!"). A piece that holds a symbol as written as well stays punctuation ("aʼ," is
+    "a" and "ʼ,": OpenAI's split puts the "'" cleaning made of "ʼ" and the "," in one chunk, one piece "',", which no
+    word can have alone; " Â°" is "Â°", the "°" that mojibake's deleted "Â" joins: `_deleted_joins_before`)."""
+    starts, ends = _original_spans(text, cleaned)
+
+    def written(start: int, end: int) -> str:  # the characters of the prompt that cleaned[start:end] comes from
+        return text[starts[start]:ends[end - 1]]
+
     chunks = []  # (start, end, piece positions, is_punctuation) in cleaned-text coordinates
     for chunk, members in itertools.groupby(zip(pieces.chunks, pieces.offsets, positions), key=lambda piece: piece[0]):
         members = [(start, end, position) for _, (start, end), position in members]
@@ -268,18 +275,20 @@ def _group_words(text: str, cleaned: str, pieces: _Pieces, positions: tuple[int,
                 marks_end += 1
             while split < len(members) and members[split][0] < marks_end:  # a mark's byte pieces join its word
                 split += 1
-        for part, punctuation in ((members[:split], False), (members[split:], True)):
-            if part:
-                end = part[-1][1] if punctuation else min(part[-1][1], marks_end)
-                chunks.append((part[0][0], end, tuple(p for _, _, p in part), punctuation))
-    starts, ends = _original_spans(text, cleaned)
+        if split:
+            chunks.append((members[0][0], min(members[split - 1][1], marks_end),
+                           tuple(p for _, _, p in members[:split]), False))
+        # Letters as typed that cleaning made a symbol are a word's, as written: "aʼb" is one word, "Ëœ!" "Ëœ" and "!".
+        rest, in_word = members[split:], []
+        as_letters = [chunk >= 0 and all(c.isalnum() or _is_mark(c) for c in written(a, b)) for a, b, _ in rest]
+        for letters, run in itertools.groupby(zip(rest, as_letters), key=lambda member: member[1]):
+            run = [member for member, _ in run]
+            in_word += [letters and _has_letter_or_digit(written(run[0][0], run[-1][1]))] * len(run)
+        for word, part in itertools.groupby(zip(rest, in_word), key=lambda member: member[1]):
+            part = [member for member, _ in part]
+            chunks.append((part[0][0], part[-1][1], tuple(p for _, _, p in part), not word))
     merged = []  # (start, end, piece positions, is_punctuation)
     for start, end, piece_positions, punctuation in chunks:
-        # A letter as typed that cleaning made a symbol (ftfy uncurls the modifier apostrophe "ʼ", a letter, to "'")
-        # is a word's, as written: "aʼb" is one word.
-        written = text[starts[start]:ends[end - 1]]
-        if punctuation and _has_letter_or_digit(written) and all(c.isalnum() or _is_mark(c) for c in written):
-            punctuation = False
         merged.append((start, end, piece_positions, punctuation, punctuation))
         # Adjacent word chunks are one word, and so are any two chunks one character of the prompt became ("ŉ" is
         # "'n", a symbol and a letter): that word is a word if either is. A merge can make a word touch the one
@@ -324,7 +333,8 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
     lowercasing (a character that lowercases to two is both). What cannot be followed so (ftfy's fix of a run
     differs alone and in context) is aligned by `difflib`: a block rewritten to as many characters aligns character
     by character, each character of a block rewritten to another length maps to the whole source block, and a
-    deleted block joins the character before it (a mark NFC moved before another). Only a run of more than
+    deleted block joins a character beside it, as a part of a run ftfy deleted does (`_deleted_joins_before`: a mark
+    NFC moved before another joins the character before it). Only a run of more than
     `_LONGEST_RUN` characters that ftfy rewrites across every cut `_long_run_followed` may make is aligned so; difflib's
     alignment may then miss by a character or a word (the words' spans, not their pieces, which are exact).
     (`difflib` over the whole text matched "red\nred red" against a later repeat of itself and gave words empty or
@@ -333,7 +343,7 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
     if "".join(c for c, _, _ in followed) == cleaned:
         return [a for _, a, _ in followed], [b for _, _, b in followed]
     matcher = difflib.SequenceMatcher(None, [c for c, _, _ in followed], cleaned, autojunk=False)
-    starts, ends = [0] * len(cleaned), [0] * len(cleaned)
+    starts, ends, deleted = [0] * len(cleaned), [0] * len(cleaned), []
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         one_to_one = tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1)
         if i2 > i1:
@@ -342,8 +352,13 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
             block = (followed[i1 - 1][2],) * 2 if i1 else (0, 0)
         for j in range(j1, j2):
             starts[j], ends[j] = followed[i1 + j - j1][1:] if one_to_one else block
-        if tag == "delete" and j1:  # e.g. a mark NFC moved before another: it stays with the character before it
-            ends[j1 - 1] = max(ends[j1 - 1], block[1])
+        if tag == "delete":  # e.g. a mark NFC moved before another
+            deleted.append((j1, *block))
+    for j, deleted_start, deleted_end in deleted:  # after the loop: a later block sets the start of the one after
+        if j and _deleted_joins_before(cleaned[j - 1], cleaned[j] if j < len(cleaned) else None):
+            ends[j - 1] = max(ends[j - 1], deleted_end)
+        elif j < len(cleaned):
+            starts[j] = min(starts[j], deleted_start)
     return starts, ends
 
 
@@ -449,8 +464,9 @@ def _fixed_in_context(original: str, start: int, end: int, fixed_whole: str) -> 
 def _run_followed(run: str, start: int, fixed: str) -> list[tuple[str, int, int]]:
     """`fixed`, what ftfy made of `run` (at `start` of the original), mapped onto it: the run is cut wherever
     fixing the part before (or after) the cut alone gives the start (end) of `fixed` ("Ã©â€œÃ©" is "Ã©", "â€œ",
-    "Ã©": 'é"é'); each part's characters map one to one where it kept its length, else to the whole part. A run
-    with a part rewritten to text with a space (words on both sides would share its span) is left as it is."""
+    "Ã©": 'é"é'); each part's characters map one to one where it kept its length, else to the whole part, and a
+    part ftfy deleted ("Â" of "Âµm", a lead byte of mojibake) joins a character beside it (`_deleted_joins_before`).
+    A run with a part rewritten to text with a space (words on both sides would share its span) is left as it is."""
     kept = [(c, k, k + 1) for k, c in enumerate(run, start)]
     if fixed == run:
         return kept
@@ -461,19 +477,36 @@ def _run_followed(run: str, start: int, fixed: str) -> list[tuple[str, int, int]
             cuts[cut] = len(head)
         elif fixed.endswith(tail):
             cuts[cut] = len(fixed) - len(tail)
-    followed, (a, m) = [], (0, 0)
+    followed, deleted, (a, m) = [], [], (0, 0)
     for b, n in sorted(cuts.items())[1:]:
         if n < m:  # a cut out of order with those before it: left out
             continue
         part = fixed[m:n]
-        if len(part) == b - a:
+        if not part:  # deleted: joined to a character beside it once all are followed
+            deleted.append((len(followed), start + a, start + b))
+        elif len(part) == b - a:
             followed.extend((c, start + a + k, start + a + k + 1) for k, c in enumerate(part))
         elif any(c.isspace() for c in part):
             return kept
         else:
             followed.extend((c, start + a, start + b) for c in part)
         a, m = b, n
+    for k, deleted_start, deleted_end in deleted:
+        before, after = followed[k - 1] if k else None, followed[k] if k < len(followed) else None
+        if before and _deleted_joins_before(before[0], after and after[0]):
+            followed[k - 1] = (before[0], before[1], max(before[2], deleted_end))
+        elif after:
+            followed[k] = (after[0], min(after[1], deleted_start), after[2])
     return followed
+
+
+def _deleted_joins_before(before: str | None, after: str | None) -> bool:
+    """Whether characters that cleaning deleted join the character before them (else the one after them), given
+    these two characters of the cleaned text (None: none there). They join the one before where it is a letter, digit
+    or mark (a mark NFC moved before another stays with its letter: "a" + U+0327 + U+0301 is "á" + U+0327) or where
+    a space or nothing follows (a space is in no word); else the one after ("Â" of "(Âµm)", a lead byte of mojibake,
+    is part of the word "Âµm"). Either way a deleted letter beside a letter stays in its word."""
+    return after is None or after.isspace() or before is not None and unicodedata.category(before)[0] in "LNM"
 
 
 @functools.lru_cache(maxsize=None)
