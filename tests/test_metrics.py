@@ -286,6 +286,26 @@ def test_a_centre_crops_cut_off_pixels_are_background_of_no_relevance_and_split_
         assert whole["area_inter"] != unit["area_inter"]
 
 
+@pytest.mark.parametrize("threshold", ["mean", "gmm"])
+def test_a_units_mask_scores_split_the_normalized_map_and_weigh_the_raw_maps_energy(threshold):
+    """A map below zero outside its object (a similarity): the thresholds split the normalized map (negatives
+    clipped, min-max), fitted on it, not on the raw values; the energy shares weigh the raw map's min-max scaling,
+    in which the weak stripe (-0.05, above the background's -0.3) keeps half the object's energy per pixel."""
+    relevance_map = np.full((64, 64), -0.3)
+    relevance_map[20:40, 20:40] = 0.2 + np.linspace(0, 0.01, 20)  # the object: the only positive values
+    relevance_map[45:55, 5:60] = -0.05
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 20:40] = True
+    from tclip_jax.evaluation.datasets.base import Target
+
+    unit = _unit_scores(relevance_map, None, Target(0, mask=mask), threshold=threshold)
+    # Normalized, only the object is above 0, so every split between the background and the object finds it.
+    assert unit["area_inter"] == unit["area_union"] == [64 * 64 - 400, 400]
+    scaled = (relevance_map - relevance_map.min()) / (relevance_map.max() - relevance_map.min())
+    assert unit["energy_pg"] == pytest.approx(scaled[20:40, 20:40].sum() / scaled.sum(), rel=1e-12)
+    assert unit["energy_pg"] < 0.9  # the stripe's share: clipped negatives would have left 1.0
+
+
 def _unit_scores(relevance_map, soft, target, **options):
     from tclip_jax.evaluation.options import EvalOptions
     from tclip_jax.evaluation.scoring import score_unit

@@ -369,8 +369,9 @@ def test_gaussian_blur_is_scipys_gaussian_filter(shape, sigma):
 
 
 def test_soft_map_default_sigma_scales_with_map_size(two_level_map):
+    """README: "default 2 % of the longer side" (a literal here: the constant itself would follow any value)."""
     default, _ = soft_map(two_level_map)
-    explicit, _ = soft_map(two_level_map, sigma=DEFAULT_SIGMA_FRACTION * 64)
+    explicit, _ = soft_map(two_level_map, sigma=0.02 * 64)
     np.testing.assert_array_equal(default, explicit)
 
 

@@ -107,6 +107,20 @@ def test_dataset_scores_equal_explicit_loops():
         summarize_seed(images, fixed=0.555)
 
 
+def test_an_image_whose_best_thresholds_tie_takes_the_lowest():
+    """The module's rule, "ties to the lowest". Image 1's mask is two pixels (relevance 1.0 and 0.2) beside two
+    background pixels at 0.5: IoU 2/4 for t < 0.2, 1/4 up to 0.5, 1/2 from 0.5, a tie that the lowest threshold
+    (t = 0) settles at 2/4; image 2's mask is its map, 4/4 at any t. The category's mIoU is (2 + 4) / (4 + 4); the
+    highest of the tied thresholds would give (1 + 4) / (2 + 4)."""
+    first, first_mask = np.zeros((4, 4)), np.zeros((4, 4), bool)
+    first_mask[0, :2] = True
+    first[0, :2], first[1, :2] = (1.0, 0.2), 0.5
+    second = np.zeros((4, 4))
+    second[2:, 2:] = 1.0
+    units = [[("cat", seed_unit_scores(first, first_mask))], [("cat", seed_unit_scores(second, second > 0))]]
+    assert summarize_seed(units)["miou_grid"] == pytest.approx(6 / 8, abs=1e-12)
+
+
 def test_the_fixed_threshold_is_0_5_unless_given():
     # normalized [0, 0.45, 0.9, 1] on mask [0, 0, 1, 1]: `> 0.5` is the mask (IoU 1), `> 0.4` adds a pixel (2/3)
     unit = seed_unit_scores(np.array([[0.0, 0.45, 0.9, 1.0]]), np.array([[False, False, True, True]]))
