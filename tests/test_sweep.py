@@ -1820,7 +1820,7 @@ def test_a_sweep_records_a_matmul_precision_other_than_the_default_and_resumes_o
     thread's); a sweep begun under one is not resumed under another (its records would mix both), and the command
     line sets one as README says, by JAX_DEFAULT_MATMUL_PRECISION."""
     from tclip_jax.methods.base import matmul_precision
-    from tclip_jax.sweep.sharding import DeviceMaps
+    from tclip_jax.methods.devices import DeviceMaps
 
     dispatched_at = []
     made = DeviceMaps.__init__

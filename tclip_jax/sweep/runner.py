@@ -73,9 +73,10 @@ from tclip_jax.evaluation.scoring import score_unit
 from tclip_jax.files import at_early_end, check_output_folder, unwritten_entries, write_text_atomic
 from tclip_jax.image import Geometry
 from tclip_jax.methods.base import RESULT_SCHEMA, RESULT_VERSION, Method, Query, QueryArrays, pad_slots
+from tclip_jax.methods.devices import DeviceMaps, DispatchedMaps
 from tclip_jax.sweep.options import RunOptions
 from tclip_jax.sweep.report import CONFIG_FILE, read_config, write_report
-from tclip_jax.sweep.sharding import DeviceMaps, DispatchedMaps, barrier, class_slots, gather_text, owns
+from tclip_jax.sweep.sharding import barrier, class_slots, gather_text, owns
 from tclip_jax.sweep.store import (LOCKS_GLOB, RESULTS_GLOB, ResultWriter, drop_errors, files_to_retry,
                                   read_all_records, read_records, refuse_held_locks, remove_stale_locks, results_lock,
                                   results_path)

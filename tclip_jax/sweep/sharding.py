@@ -2,31 +2,23 @@
 
 - Across processes (``jax.distributed``): sample ``i`` of the dataset's fixed order belongs to process
   ``i % process_count``. Processes never exchange arrays, so each runs at its own pace.
-- Within a process: each local device takes ceil(B / devices) images of a batch of B (the last share padded by
-  repeating the batch's last image; devices left without a real image get nothing) and runs
-  `Method.maps_per_image` on them as a single-device program, dispatched asynchronously from one thread per
-  device; padded outputs are dropped.
-  Not an SPMD program over a mesh (``shard_map``): XLA compiles a program for two or more partitions through
-  another pass order (CSE before algebraic simplification), so a 1-device and a 4-device sweep of M2IB differed
-  by up to 4e-7. One single-device program gives every device count the same bits; the price is one compile
-  per device instead of one.
+- Within a process: each batch is split over the local devices as `Method.explain_batch` splits its batches
+  (`tclip_jax.methods.devices.DeviceMaps`: a single-device program on each device, not one SPMD program, so any
+  device count gives the same bits; that module says why).
 - The number of class slots per image is padded to a power of two, so only a few shapes get compiled.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-
-from tclip_jax.methods.base import MapOutput, Method, QueryArrays, matmul_precision
 
 
 def owns(sample_index: int, process_index: int, process_count: int) -> bool:
@@ -149,58 +141,3 @@ _ENDING = "tclip/ending/"  # + process id: a key-value entry each process other 
 def class_slots(count: int) -> int:
     """The smallest power of two >= count (>= 1)."""
     return 1 << max(count - 1, 0).bit_length()
-
-
-def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-    """``array`` with its last row repeated up to ``rows`` rows."""
-    return np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)])
-
-
-class DeviceMaps:
-    """``method.maps_per_image`` on each local device: numpy batches in, per-device maps out (asynchronously).
-
-    The method's parameters are put on every device once, the queries with each batch. The dispatching threads
-    run at the matmul precision of the thread that makes this (`matmul_precision`, which the sweep's `run_info`
-    records there): a `jax.default_matmul_precision` context reaches no other thread."""
-
-    def __init__(self, method: Method, devices: Sequence[jax.Device]):
-        self.devices = list(devices)
-        self.params = [jax.device_put(method.params, device) for device in self.devices]
-        self._maps: Callable[..., MapOutput] = method.jitted_maps  # compiled once for every sweep of the method
-        self._precision = matmul_precision()
-        self._dispatchers = concurrent.futures.ThreadPoolExecutor(len(self.devices), "tclip-dispatch")
-
-    def __call__(self, pixels: np.ndarray, queries: QueryArrays, rows: np.ndarray) -> "DispatchedMaps":
-        """Maps of ``pixels`` [B, h, w, 3] and query ``rows`` [B, K]: [B', K, h', w'] once fetched, B' >= B.
-
-        Each device takes ceil(B / devices) images (the last share padded); devices left without a real image
-        get nothing."""
-        share = -(-len(pixels) // len(self.devices))
-        shares = -(-len(pixels) // share)
-        pixels, rows = pad_rows(pixels, share * shares), pad_rows(rows.astype(np.int32), share * shares)
-
-        def dispatch(index: int) -> MapOutput:
-            device, part = self.devices[index], slice(index * share, (index + 1) * share)
-            with jax.default_matmul_precision(self._precision):
-                return self._maps(self.params[index], jax.device_put(pixels[part], device),
-                                  jax.device_put(queries, device), jax.device_put(rows[part], device))
-
-        return DispatchedMaps(list(self._dispatchers.map(dispatch, range(shares))))
-
-    def close(self) -> None:
-        self._dispatchers.shutdown()
-
-
-class DispatchedMaps:
-    """One batch's maps, still on the devices: one `MapOutput` per device share, in batch order."""
-
-    def __init__(self, parts: list[MapOutput]):
-        self.parts = parts
-
-    def block_until_ready(self) -> None:
-        for part in self.parts:
-            part.maps.block_until_ready()
-
-    def host_maps(self) -> np.ndarray:
-        """The maps [B', K, h', w'] on the host (waits for the devices)."""
-        return np.concatenate([np.asarray(part.maps) for part in self.parts])
