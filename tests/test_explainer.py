@@ -1,5 +1,9 @@
 """The TCLIP explainer end to end on the tiny OpenAI-format CLIP: the author's similarity, result structure,
 one image pass for many prompts, and bad input."""
+import os
+import pathlib
+import subprocess
+import sys
 import threading
 
 import jax
@@ -428,7 +432,9 @@ def test_explain_batch_gives_a_batchs_results_before_the_next_batch_is_done(no_t
     host step of the first batch must not queue anything behind the second (a wait on it would time out and
     fail). XLA:CPU does not always run a program asynchronously (a small one whose inputs are ready, or one it
     starts at once, runs while the caller still dispatches it, whose wait would then hold the caller itself):
-    such a try holds nothing and is tried again, and a test where no try was held fails."""
+    such a try holds nothing and is tried again, and a test where no try was held fails. On several devices
+    (`test_explain_batch_splits_its_batches_over_the_local_devices` runs it on two) one share of the second batch
+    is held."""
     images = [list(fixture_images.values())[i % len(fixture_images)] for i in range(4)]
     method = TCLIP(no_translation.clip, no_translation.settings)
     jitted, state = method.jitted_maps, {}
@@ -448,9 +454,14 @@ def test_explain_batch_gives_a_batchs_results_before_the_next_batch_is_done(no_t
 
     held = jax.jit(held_maps)
 
+    shares = min(jax.local_device_count(), 2)  # dispatches per batch of 2 (one per device it is split over)
+    lock = threading.Lock()
+
     def maps(*args):
-        state["dispatched"].append(len(state["dispatched"]))
-        if len(state["dispatched"]) != 2:
+        with lock:  # several devices: each share is dispatched from a thread of its own
+            state["dispatched"] += 1
+            first_of_second_batch = state["dispatched"] == shares + 1
+        if not first_of_second_batch:
             return jitted(*args)
         state["dispatching"].set()
         try:
@@ -460,15 +471,86 @@ def test_explain_batch_gives_a_batchs_results_before_the_next_batch_is_done(no_t
 
     monkeypatch.setattr(method, "jitted_maps", maps, raising=False)
     for _ in range(8):
-        state.update(first_result=threading.Event(), dispatching=threading.Event(), dispatched=[], held=False)
+        state.update(first_result=threading.Event(), dispatching=threading.Event(), dispatched=0, held=False)
         results = method.explain_batch(images, PROMPTS, batch_size=2)
         next(results)
-        assert state["dispatched"] == [0, 1]  # the first result came while the second batch was dispatched
+        assert state["dispatched"] == 2 * shares  # the first result came while the second batch was dispatched
         state["first_result"].set()
         assert len(list(results)) == 3
         if state["held"]:
             break
     assert state["held"], "XLA:CPU ran the second batch within its dispatch in all 8 tries: nothing was held"
+
+
+ONE_DEVICE_RESULTS = "TCLIP_TEST_ONE_DEVICE_RESULTS"  # set in the two-device process the test below starts
+
+
+def _result_arrays(results) -> dict[str, np.ndarray]:
+    """Every array of the results, and each map's τ and box as arrays, by name."""
+    arrays = {}
+    for i, result in enumerate(results):
+        for p, prompt in enumerate(result.prompts):
+            arrays[f"{i}/{p}/similarity"] = prompt.similarity
+            for m, found in enumerate(prompt.word_maps + (prompt.phrase,)):
+                arrays[f"{i}/{p}/{m}/heatmap"], arrays[f"{i}/{p}/{m}/soft"] = found.heatmap, found.soft
+                arrays[f"{i}/{p}/{m}/tau"], arrays[f"{i}/{p}/{m}/box"] = np.array(found.tau), np.array(found.box or ())
+    return arrays
+
+
+def test_explain_batch_splits_its_batches_over_the_local_devices(no_translation, fixture_images, monkeypatch,
+                                                                 tmp_path):
+    """On one device this test explains 3 images in one batch of 3, then runs itself, and the test above that holds
+    a second batch on the device, in a process with two host devices. There the batch is split 2 + 1 over both
+    devices, dispatched from a thread each at the caller's matmul precision, and every map, soft map, τ, box and
+    similarity S (from the per-image extras) is bit for bit the one-device process's; a one-image explain runs on
+    the first device from the calling thread (no thread pool), a `jax.default_device` context keeps a batch on its
+    device, and no dispatching thread outlives a call ended early."""
+    from tclip_jax.methods.base import matmul_precision
+
+    images = [list(fixture_images.values())[i % len(fixture_images)] for i in range(3)]
+    method = TCLIP(no_translation.clip, no_translation.settings)
+    jitted, dispatched = method.jitted_maps, []
+
+    def noting(*args):
+        dispatched.append((len(args[1]), {d.id for d in args[1].devices()}, matmul_precision(),
+                           threading.current_thread() is threading.main_thread()))
+        return jitted(*args)
+
+    monkeypatch.setattr(method, "jitted_maps", noting, raising=False)
+    with jax.default_matmul_precision("float32"):  # "highest" by another name: the threads must run at it too
+        results = list(method.explain_batch(images, PROMPTS, batch_size=3))
+    assert all(result.run["model"]["matmul_precision"] == "highest" for result in results)
+    reference = os.environ.get(ONE_DEVICE_RESULTS)
+    if reference is None:
+        assert jax.local_device_count() == 1 and dispatched == [(3, {0}, "highest", True)]
+        np.savez(tmp_path / "one_device.npz", **_result_arrays(results))
+        env = {**os.environ, ONE_DEVICE_RESULTS: str(tmp_path / "one_device.npz"),
+               "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"}  # conftest's too
+        tests = pathlib.Path(__file__)
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), "-k",
+                              "splits_its_batches_over_the_local_devices or batchs_results_before_the_next_batch"],
+                             cwd=tests.parents[1], env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0 and "2 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+        return
+    assert jax.local_device_count() == 2
+    # Images 0 and 1 on device 0; image 2 and a padded copy of it on device 1.
+    assert sorted(dispatched, key=str) == [(2, {0}, "highest", False), (2, {1}, "highest", False)]
+    with np.load(reference) as one_device:
+        got = _result_arrays(results)
+        assert sorted(got) == sorted(one_device.files)
+        for name, array in got.items():
+            np.testing.assert_array_equal(array, one_device[name], err_msg=name, strict=True)
+    dispatched.clear()
+    method.explain(images[0], PROMPTS)
+    assert dispatched == [(1, {0}, None, True)]  # JAX's default precision, out of the context
+    dispatched.clear()
+    with jax.default_device(jax.local_devices()[1]):  # as for any JAX call: that device alone
+        assert len(list(method.explain_batch(images, PROMPTS, batch_size=3))) == 3
+    assert dispatched == [(3, {1}, None, True)]
+    early = method.explain_batch(images, PROMPTS, batch_size=2)
+    next(early)
+    early.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("tclip-dispatch")]
 
 
 def test_explain_compiles_nothing_for_images_of_another_size_and_its_maps_are_the_sweeps(

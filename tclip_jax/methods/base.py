@@ -8,7 +8,8 @@ A method splits into what runs where:
   every query shares (e.g. a label set);
 - `maps` (device): a pure function `(params, pixels [B, h, w, 3], queries, rows [B, K]) -> MapOutput` whose
   `maps[b, k]` is the map of query `rows[b, k]` on image b, covering the model-input frame at any resolution.
-  It is jit-compiled once per shape and shards over the batch axis (`tclip sweep`); `explain` pads a call's
+  It is jit-compiled once per shape, and a batch is split over the local devices (`explain_batch` and `tclip
+  sweep` alike: `tclip_jax.methods.devices`); `explain` pads a call's
   queries to a multiple of `Method.query_chunk` slots (`pad_slots`: a padded slot maps a real query again, its map
   dropped), so prompts of a few more or fewer words reuse the compiled program;
 - `original_maps` (host, numpy: no image size compiles a program): one image's maps -> the original image size
@@ -54,6 +55,7 @@ from tclip_jax.environment import run_environment
 from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_size, load_image, prepare, to_original,
                              upsample_bilinear)
 from tclip_jax.methods.common import causal_length_groups, in_chunks, minmax, text_features
+from tclip_jax.methods.devices import DeviceMaps, DispatchedMaps, batch_devices
 from tclip_jax.model.clip import check_floating_pixels, eot_positions
 from tclip_jax.model.config import PRESETS
 from tclip_jax.model.tokenizer import PromptCutWarning, TokenizedPrompt, Word, clean_text, has_word
@@ -504,13 +506,17 @@ class Method(abc.ABC):
                       batch_size: int = 4, overlap: bool = True) -> Iterator[ImageResult]:
         """Yields one ImageResult per image; the prompts are encoded once for all images.
 
-        With ``overlap`` (default) the device work of each batch is dispatched (asynchronously) before the host
-        step of the batch before it, so decoding and the host step run while the device computes; without, each
-        batch's host step comes first (benchmarks/explain_overlap.py compares the two). The host step fetches its
-        batch's maps whole, as the device made them (nothing is dispatched to the device for them: a device runs one
-        thread's work in the order it was dispatched, so it waits for its own batch only), and resizes each image's
-        maps to the image on the host (`original_maps`, as a sweep does: no image size compiles a program), one
-        image's image-size maps at a time."""
+        ``batch_size`` images go to the devices at a time, split over every local device (`jax.local_devices()`;
+        within a ``jax.default_device`` context, that device alone) as a sweep's batches are
+        (`tclip_jax.methods.devices`: each device takes ceil(batch_size / devices) of them and runs the
+        single-device program, so any device count gives the same bits; `explain`'s one image runs on the first
+        device alone). With ``overlap`` (default) the device work of each batch is dispatched
+        (asynchronously) before the host step of the batch before it, so decoding and the host step run while the
+        devices compute; without, each batch's host step comes first (benchmarks/explain_overlap.py compares the
+        two). The host step fetches its batch's maps whole, as the devices made them (nothing is dispatched to a
+        device for them: a device runs one thread's work in the order it was dispatched, so it waits for its own
+        batch only), and resizes each image's maps to the image on the host (`original_maps`, as a sweep does: no
+        image size compiles a program), one image's image-size maps at a time."""
         _check_several_images(images)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -522,26 +528,27 @@ class Method(abc.ABC):
         slots, rows = self.query_slots(encoded.queries)
         pending = None
         batches = self._input_batches(images, batch_size)
-        while True:
-            try:
-                loaded = next(batches, None)
-            except Exception:  # an image that cannot be read: the images before it are explained first
+        with DeviceMaps(self, batch_devices()) as device_maps:  # its threads end with the generator
+            while True:
+                try:
+                    loaded = next(batches, None)
+                except Exception:  # an image that cannot be read: the images before it are explained first
+                    if pending is not None:
+                        yield from self._batch_results(encoded, *pending)
+                    raise
+                if loaded is None:
+                    break
+                pixels = np.stack([p for _, p, _ in loaded])
+                if pending is not None and not overlap:
+                    yield from self._batch_results(encoded, *pending)
+                    pending = None
+                run = self.run_info()  # what runs this batch: checked before it runs, at the precision in effect
+                out = device_maps(pixels, slots, np.broadcast_to(rows, (len(loaded), len(rows))))
                 if pending is not None:
                     yield from self._batch_results(encoded, *pending)
-                raise
-            if loaded is None:
-                break
-            pixels = np.stack([p for _, p, _ in loaded])
-            if pending is not None and not overlap:
-                yield from self._batch_results(encoded, *pending)
-                pending = None
-            run = self.run_info()  # what runs this batch: checked before it runs, at the precision in effect
-            out = self.jitted_maps(self.params, pixels, slots, np.broadcast_to(rows, (len(loaded), len(rows))))
+                pending = loaded, out, run
             if pending is not None:
                 yield from self._batch_results(encoded, *pending)
-            pending = loaded, out.maps, out.extras, run
-        if pending is not None:
-            yield from self._batch_results(encoded, *pending)
 
     def _input_batches(self, images: Sequence[ImageLike], batch_size: int) -> Iterator[list]:
         """`preprocess` of each image, in order, `batch_size` at a time, each batch of one input shape (an input
@@ -571,9 +578,9 @@ class Method(abc.ABC):
         if batch:
             yield batch
 
-    def _batch_results(self, encoded: EncodedPrompts, loaded: list, maps: Array, extras: Any,
+    def _batch_results(self, encoded: EncodedPrompts, loaded: list, out: DispatchedMaps,
                        run: dict) -> Iterator[ImageResult]:
-        maps, extras = jax.device_get((maps, extras))  # [B, slots, h, w]: the padded slots are dropped here
+        maps, extras = out.host_maps(), out.host_extras()  # [B, slots, h, w]: the padded slots are dropped here
         for b, (rgb, _, geometry) in enumerate(loaded):
             resized = np.asarray(self.original_maps(maps[b, :len(encoded.queries)], geometry))
             yield self._image_result(rgb, geometry, encoded, resized,

@@ -23,6 +23,15 @@ if TYPE_CHECKING:
     from tclip_jax.methods.base import MapOutput, Method, QueryArrays
 
 
+def batch_devices() -> list[jax.Device]:
+    """The devices `Method.explain_batch` splits a batch over: every local device, or the one a
+    ``jax.default_device`` context (or JAX's ``jax_default_device`` setting) names, as for any other JAX call."""
+    chosen = jax.config.jax_default_device
+    if chosen is None:
+        return jax.local_devices()
+    return [jax.local_devices(backend=chosen)[0] if isinstance(chosen, str) else chosen]
+
+
 def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
     """``array`` with its last row repeated up to ``rows`` rows."""
     return np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)])
@@ -32,18 +41,16 @@ class DeviceMaps:
     """``method.maps_per_image`` on each of ``devices``: numpy batches in, per-device maps out (asynchronously).
 
     The method's parameters are put on a device once, when a batch first gives it a share; the queries with each
-    batch. The dispatching threads run at the matmul precision of the thread that makes this (`matmul_precision`,
-    which `run_info` records there): a `jax.default_matmul_precision` context reaches no other thread. The thread
-    pool is made when a batch first spans two devices; `close` (or leaving a ``with`` block) shuts it down."""
+    batch. Each batch runs at the matmul precision of the thread that dispatches it, as it is then
+    (`matmul_precision`, which `run_info` records there): a `jax.default_matmul_precision` context reaches no other
+    thread, so the dispatching threads are given it. The thread pool is made when a batch first spans two devices;
+    `close` (or leaving a ``with`` block) shuts it down."""
 
     def __init__(self, method: Method, devices: Sequence[jax.Device]):
-        from tclip_jax.methods.base import matmul_precision  # base imports this module
-
         self.devices = list(devices)
         self._method_params = method.params
         self._params: dict[int, Any] = {}  # device index -> the parameters on it
         self._maps: Callable[..., MapOutput] = method.jitted_maps  # compiled once for every use of the method
-        self._precision = matmul_precision()
         self._dispatchers: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     def __call__(self, pixels: np.ndarray, queries: QueryArrays, rows: np.ndarray) -> DispatchedMaps:
@@ -51,7 +58,9 @@ class DeviceMaps:
 
         Each device takes ceil(B / devices) images (the last share padded); devices left without a real image
         get nothing."""
-        count = len(pixels)
+        from tclip_jax.methods.base import matmul_precision  # base imports this module
+
+        precision, count = matmul_precision(), len(pixels)
         share = -(-count // len(self.devices))
         shares = -(-count // share)
         pixels, rows = pad_rows(pixels, share * shares), pad_rows(rows.astype(np.int32), share * shares)
@@ -60,7 +69,7 @@ class DeviceMaps:
             device, part = self.devices[index], slice(index * share, (index + 1) * share)
             if index not in self._params:  # each index is one thread's at a time
                 self._params[index] = jax.device_put(self._method_params, device)
-            with jax.default_matmul_precision(self._precision):
+            with jax.default_matmul_precision(precision):
                 return self._maps(self._params[index], jax.device_put(pixels[part], device),
                                   jax.device_put(queries, device), jax.device_put(rows[part], device))
 
