@@ -12,6 +12,7 @@ import pytest
 
 import tclip_jax.methods.tclip.method as tclip_module
 from tclip_jax.checkpoints.load import load_clip
+from tclip_jax.methods import METHODS
 from tclip_jax.methods.base import Query
 from tclip_jax.methods.tclip import TCLIP, Settings
 from tclip_jax.methods.tclip.relevance import aggregate_maps, token_embeddings, translated_patch_embeddings
@@ -480,6 +481,25 @@ def test_explain_batch_gives_a_batchs_results_before_the_next_batch_is_done(no_t
         if state["held"]:
             break
     assert state["held"], "XLA:CPU ran the second batch within its dispatch in all 8 tries: nothing was held"
+
+
+def test_the_parameters_are_put_on_a_device_once_and_again_when_a_leaf_is_replaced(no_translation):
+    """explain_batch's maps take the parameters on their device (`LoadedClip.params_on`): put there by the first
+    call and kept, for every method of the model (loaded parameters are numpy, which each jitted call copied to the
+    device again), put again where the tree has changed."""
+    import dataclasses
+
+    params = jax.tree_util.tree_map(lambda a: a, no_translation.clip.params)  # a tree of its own, the same leaves
+    method = TCLIP(dataclasses.replace(no_translation.clip, params=params), no_translation.settings)
+    device = jax.local_devices()[0]
+    first = method.params_on(device)
+    assert method.params_on(device) is first and first["text"]["projection"].devices() == {device}
+    assert METHODS["similarity"](method.clip).params_on(device) is first
+    np.testing.assert_array_equal(first["text"]["projection"], params["text"]["projection"])
+    params["text"]["projection"] = params["text"]["projection"] * 2
+    again = method.params_on(device)
+    assert again is not first
+    np.testing.assert_array_equal(again["text"]["projection"], params["text"]["projection"])
 
 
 ONE_DEVICE_RESULTS = "TCLIP_TEST_ONE_DEVICE_RESULTS"  # set in the two-device process the test below starts

@@ -68,6 +68,20 @@ class LoadedClip:
         object.__setattr__(self, "_fingerprint_of", (leaves, digest))
         return digest
 
+    def params_on(self, device: jax.Device) -> dict:
+        """`params` on ``device``: put there once and kept while the tree's leaves are these (`TreeLeaves`), for
+        the maps of `explain_batch` and sweeps, which would otherwise copy the numpy parameters to the device on
+        every call. A device keeps its copy while the model lives (on a CPU device, a second copy in memory)."""
+        leaves = TreeLeaves.of(self.params)
+        placed = self.__dict__.get("_params_on")  # {device: (TreeLeaves, params on it)}, beside the frozen fields
+        if placed is None:
+            placed = {}
+            object.__setattr__(self, "_params_on", placed)
+        kept = placed.get(device)  # (two threads putting them on one device at once: both copies serve)
+        if kept is None or not leaves.same_as(kept[0]):
+            kept = placed[device] = (leaves, jax.device_put(self.params, device))
+        return kept[1]
+
     def is_recorded_as(self, recorded: Any) -> bool:
         """Whether a fingerprint a record holds is this model's: `fingerprint`, or one of the first definition
         (`is_v1_fingerprint`) computed as it was then (the MLP activation and the projections, final layer norms and

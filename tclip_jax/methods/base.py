@@ -354,6 +354,14 @@ class Method(abc.ABC):
         """What `maps` reads besides the inputs: the model's parameters."""
         return self.clip.params
 
+    def params_on(self, device: jax.Device):
+        """`params` on ``device``, for the maps of `explain_batch` and sweeps (`tclip_jax.methods.devices`): the
+        model's, put there once and kept (`LoadedClip.params_on`: every method of one model shares them); a class
+        whose `params` are not its model's puts them there each time."""
+        if self.params is self.clip.params:
+            return self.clip.params_on(device)
+        return jax.device_put(self.params, device)
+
     def run_info(self) -> dict:
         """What produced a result: method, model (its architecture if it is a preset's, its MLP activation, its
         `LoadedClip.fingerprint` of its config and every weight, which tells models apart where the origin, a path

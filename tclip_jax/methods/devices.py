@@ -8,7 +8,7 @@ thread pool is made for it); padded outputs are dropped when the maps are fetche
 Not an SPMD program over a mesh (``shard_map``): XLA compiles a program for two or more partitions through another
 pass order (CSE before algebraic simplification), so a 1-device and a 4-device sweep of M2IB differed by up to 4e-7.
 One single-device program gives every device count the same bits; the price is one compile per device instead of
-one, and the method's parameters copied to each device that gets a share (once per `DeviceMaps`).
+one, and a copy of the method's parameters on each device that gets a share (`Method.params_on`, kept).
 """
 from __future__ import annotations
 
@@ -40,16 +40,16 @@ def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
 class DeviceMaps:
     """``method.maps_per_image`` on each of ``devices``: numpy batches in, per-device maps out (asynchronously).
 
-    The method's parameters are put on a device once, when a batch first gives it a share; the queries with each
-    batch. Each batch runs at the matmul precision of the thread that dispatches it, as it is then
-    (`matmul_precision`, which `run_info` records there): a `jax.default_matmul_precision` context reaches no other
-    thread, so the dispatching threads are given it. The thread pool is made when a batch first spans two devices;
-    `close` (or leaving a ``with`` block) shuts it down."""
+    The method's parameters are put on a device when a batch first gives it a share, and kept there for the
+    method's later calls (`Method.params_on`); the queries go with each batch. Each batch runs at the matmul
+    precision of the thread that dispatches it, as it is then (`matmul_precision`, which `run_info` records there):
+    a `jax.default_matmul_precision` context reaches no other thread, so the dispatching threads are given it. The
+    thread pool is made when a batch first spans two devices; `close` (or leaving a ``with`` block) shuts it
+    down."""
 
     def __init__(self, method: Method, devices: Sequence[jax.Device]):
         self.devices = list(devices)
-        self._method_params = method.params
-        self._params: dict[int, Any] = {}  # device index -> the parameters on it
+        self._method = method
         self._maps: Callable[..., MapOutput] = method.jitted_maps  # compiled once for every use of the method
         self._dispatchers: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
@@ -67,10 +67,8 @@ class DeviceMaps:
 
         def dispatch(index: int) -> MapOutput:
             device, part = self.devices[index], slice(index * share, (index + 1) * share)
-            if index not in self._params:  # each index is one thread's at a time
-                self._params[index] = jax.device_put(self._method_params, device)
             with jax.default_matmul_precision(precision):
-                return self._maps(self._params[index], jax.device_put(pixels[part], device),
+                return self._maps(self._method.params_on(device), jax.device_put(pixels[part], device),
                                   jax.device_put(queries, device), jax.device_put(rows[part], device))
 
         if shares == 1:
