@@ -215,6 +215,24 @@ def test_minmax_scales_each_slice_and_zeroes_constant_ones():
     np.testing.assert_allclose(per_column.max(axis=0), 1.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("size", [7, 224])
+def test_minmax_of_a_slice_with_a_nan_or_an_infinite_value_is_all_nan(size):
+    """As numpy's formula gives for a NaN (its min and max propagate it), so the host step refuses the map: a NaN
+    spread made the slice all zeros, a blank map scored with a whole-image box; and XLA's min and max of a 224 x 224
+    slice with NaNs in it came out finite on CPU. An infinite value alone (all +inf: a NaN spread) was all zeros too.
+    The other slices are scaled as they were."""
+    rng = np.random.default_rng(3)
+    maps = rng.standard_normal((6, size, size)).astype(np.float32)
+    maps[0, 0, 0] = maps[1, size // 2, size // 3] = maps[2, -1, -1] = np.nan
+    maps[3, :size // 4] = np.nan
+    maps[4] = np.inf
+    scaled = np.asarray(minmax(maps))
+    for i in range(4):
+        assert np.isnan((maps[i] - maps[i].min()) / np.ptp(maps[i])).all() and np.isnan(scaled[i]).all(), i
+    assert np.isnan(scaled[4]).all()
+    np.testing.assert_allclose(scaled[5], (maps[5] - maps[5].min()) / np.ptp(maps[5]), atol=1e-6)
+
+
 # --- geometry -----------------------------------------------------------------------------------------------
 
 

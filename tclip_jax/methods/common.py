@@ -88,11 +88,15 @@ def check_block_index(name: str, index: int, num_layers: int, tower: str) -> Non
 def minmax(x: Array, axis: int | tuple[int, ...] = (-2, -1)) -> Array:
     """(x - min) / (max - min) over ``axis``, with no epsilon, so it equals the reference formula exactly.
 
-    A constant slice (max == min) maps to all zeros rather than NaN.
+    A constant slice (max == min) maps to all zeros rather than NaN. A slice with a NaN or an infinite value maps
+    to all NaN, which the host step refuses ("contains NaN or infinite values"): a NaN spread made it all zeros, a
+    blank map that was boxed and scored, and XLA's min and max do not always propagate a NaN (on CPU, those of a
+    224 x 224 map with NaNs in it came out finite).
     """
     low = jnp.min(x, axis=axis, keepdims=True)
     spread = jnp.max(x, axis=axis, keepdims=True) - low
-    return jnp.where(spread > 0, (x - low) / jnp.where(spread > 0, spread, 1), 0)
+    scaled = jnp.where(spread > 0, (x - low) / jnp.where(spread > 0, spread, 1), 0)
+    return jnp.where(jnp.isfinite(x).all(axis=axis, keepdims=True), scaled, jnp.nan)
 
 
 def patch_grid(maps: Array, grid: tuple[int, int]) -> Array:
