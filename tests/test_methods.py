@@ -557,6 +557,36 @@ def test_a_float64_model_loaded_under_x64_mode_is_refused_where_it_runs_without_
         assert method.run_info()["model"]["matmul_dtype"] == "float64"
 
 
+def test_tclips_maps_are_differentiable_in_the_pixels_and_the_image_towers_params_not_through_the_per_image_loop(
+        tiny_clip):
+    """README: `jax.grad` of `method.maps` (TCLIP's) goes through the pixels and the image tower's params, and agrees
+    with forward mode along a random direction; the text tower's params do not reach it (its queries are encoded on
+    the host), so their gradient is zero; the per-image loop that `explain` and sweeps run (`maps_per_image`, its trip
+    count hidden from the compiler) is refused by JAX's reverse mode under jit, as README says."""
+    method = TCLIP(tiny_clip, TCLIP.Settings(translations=1))
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((1, 64, 64, 3)).astype(np.float32)
+    queries = method.encode([Query("a red circle", (2, 5)), Query("a red circle")])
+    rows = np.array([[0, 1]], np.int32)
+    weights = rng.standard_normal((1, 2, 64, 64)).astype(np.float32)
+    params = jax.tree_util.tree_map(jnp.asarray, tiny_clip.params)
+
+    def loss(params, pixels):
+        return jnp.sum(method.maps(params, pixels, queries, rows).maps * weights)
+
+    grads, pixel_grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, pixels)
+    assert all(not np.asarray(g).any() for g in jax.tree_util.tree_leaves(grads["text"]))
+    assert all(np.asarray(g).any() for g in jax.tree_util.tree_leaves(grads["visual"]))
+    directions = jax.tree_util.tree_map(lambda a: rng.standard_normal(a.shape).astype(np.float32), tiny_clip.params)
+    along = rng.standard_normal(pixels.shape).astype(np.float32)
+    _, tangent = jax.jit(lambda p, x: jax.jvp(loss, (p, x), (directions, along)))(params, pixels)
+    products = [np.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(directions))]
+    assert float(tangent) == pytest.approx(float(np.sum(products) + np.vdot(pixel_grads, along)), rel=1e-4)
+    with pytest.raises(ValueError, match="Reverse-mode differentiation does not work for lax.while_loop or "
+                                         "lax.fori_loop with dynamic start/stop values"):
+        jax.jit(jax.grad(lambda x: method.maps_per_image(params, x, queries, rows).maps.sum()))(pixels)
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_maps_refuse_pixels_that_are_not_floating_point(tiny_clip, fixture_images, name):
     """uint8 pixels given to the device functions ran every method on raw 0..255 values without a word."""
@@ -1041,6 +1071,112 @@ def test_a_method_outside_the_package_runs_from_the_command_line(tmp_path, fixtu
         methods.get("tclip_jax.methods.attention:ClassTokenAttention")
     with pytest.raises(ValueError, match="cannot be imported"):
         methods.get("no_such_module:Thing")
+
+
+# A researcher's methods that break the contract of `methods.base`, each in a way nothing named: grid maps of the
+# wrong shape (`bad` of Similarity's), a NaN in one corner of a grid map, and a per-token method's maps of one query.
+BAD_GRID_MAPS = {
+    "one map for every query": lambda grids: grids[:, :1],
+    "a grid row short": lambda grids: grids[:, :, :-1],
+    "the patch grid not made (patch_grid forgotten)": lambda grids: grids.reshape(*grids.shape[:2], -1),
+    "no batch axis": lambda grids: grids[0],
+    "an axis more": lambda grids: grids[..., None],
+}
+
+
+def _similarity_with(grid_maps, **attributes) -> type:
+    from tclip_jax.methods.similarity import Similarity
+
+    return type("Researchers", (Similarity,), {
+        "__module__": __name__, "grid_maps": lambda self, params, pixels, queries: grid_maps(Similarity.grid_maps(self, params, pixels,
+                                                                                          queries)),
+        **attributes})
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_GRID_MAPS))
+def test_maps_of_the_wrong_shape_are_refused_as_they_are_traced_naming_the_method_and_both_shapes(
+        tiny_clip, fixture_images, tmp_path, bad):
+    """`maps_per_image` (every method's entry) and `PromptMethod.maps` check the shapes the contract states, as the
+    maps are traced (no program compiled): [B, K, h, w] maps with [B, K] the shape of `rows`, and a prompt-level
+    method's grid maps [B, Q, gh, gw] on the patch grid. One map for every query was an IndexError in explain and
+    units silently dropped from a sweep ("1 unit" for 3, exit 0); a grid row short gave maps and boxes of the wrong
+    grid; the others were refused by the host step as "heatmap must be a non-empty 2-D array"."""
+    from tclip_jax.evaluation.datasets import synthetic_dataset
+    from tclip_jax.sweep import RunOptions, run_sweep
+
+    method = _similarity_with(BAD_GRID_MAPS[bad])(tiny_clip)
+    pixels = method.prepare(fixture_images["scene_224"])[0]
+    queries = method.encode([Query(p) for p in PROMPTS])
+    got = BAD_GRID_MAPS[bad](np.zeros((1, 8, 7, 7))).shape  # one image's 3 queries go as one chunk of 8 (query_chunk)
+    refused = re.escape(f"test_methods:Researchers.grid_maps returned maps of shape {got} for 1 image of 224x224 "
+                        "pixels and 8 queries: expected (1, 8, 7, 7), [images, queries, grid height, grid width] (the "
+                        "patch grid)")
+    with pytest.raises(ValueError, match=f"^{refused}"):  # (pytest matches JAX's note on its frames too)
+        jax.eval_shape(method.maps_per_image, method.params, pixels[None], queries, np.array([[0, 1, 2]], np.int32))
+    two = BAD_GRID_MAPS[bad](np.zeros((2, 3, 7, 7))).shape  # `maps` on a batch maps every query on every image
+    with pytest.raises(ValueError, match=re.escape(f"of shape {two} for 2 images of 224x224 pixels and 3 queries: "
+                                                   "expected (2, 3, 7, 7)")):
+        jax.eval_shape(method.maps, method.params, np.stack([pixels, pixels]), queries,
+                       np.array([[0, 1, 2], [2, 1, 0]], np.int32))
+    if bad == "one map for every query":  # explain and a sweep end on it, at once, in its words
+        with pytest.raises(ValueError, match=refused):
+            method.explain(fixture_images["scene_224"], PROMPTS)
+        with pytest.raises(ValueError, match=f"^{refused.replace('8 queries', '[0-9]+ queries')}"):
+            run_sweep(synthetic_dataset(1, "captions"), method, tmp_path / "sweep", options=RunOptions(progress=False))
+        assert not (tmp_path / "sweep").exists()
+
+
+def test_a_per_token_methods_maps_of_the_wrong_shape_are_refused_naming_the_method_and_both_shapes(tiny_clip,
+                                                                                                    fixture_images):
+    """`maps` of a method that writes it itself, checked where every method's maps are called: one map per image
+    for the image's three query rows."""
+    class FirstQueryOnly(TCLIP):
+        def maps(self, params, pixels, queries, rows):
+            out = super().maps(params, pixels, queries, rows)
+            return out.replace(maps=out.maps[:, :1])
+
+    method = FirstQueryOnly(tiny_clip, TCLIP.Settings(translations=1))
+    pixels = method.prepare(fixture_images["scene_224"])[0]
+    queries = method.encode([Query(p) for p in PROMPTS])
+    refused = ("test_methods:test_a_per_token_methods_maps_of_the_wrong_shape_are_refused_naming_the_method_and_both_"
+               "shapes.<locals>.FirstQueryOnly.maps returned maps of shape (1, 1, 224, 224) for 1 image and rows of "
+               "shape (1, 3): expected (1, 3, any, any), [images, query rows, height, width] ([B, K] the shape of "
+               "rows)")
+    with pytest.raises(ValueError, match=f"^{re.escape(refused)}"):
+        jax.eval_shape(method.maps_per_image, method.params, np.stack([pixels, pixels]), queries,
+                       np.array([[0, 1, 2], [2, 1, 0]], np.int32))
+
+
+NAN_CORNER = lambda grids: grids.at[:, :, 0, 0].set(jnp.nan)  # noqa: E731  (a 0 / 0 of a researcher's, say)
+
+
+@pytest.mark.parametrize("heatmap", ["NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL", "NORMALIZE_THEN_UPSAMPLE",
+                                     "UPSAMPLE_THEN_NORMALIZE"])
+def test_a_nan_in_a_prompt_level_grid_map_is_refused_by_the_host_step_not_scored_as_a_blank_map(
+        tiny_clip, fixture_images, heatmap):
+    """A NaN anywhere in a grid map made the min-max (`common.minmax`) all zeros, its NaN spread not > 0: explain gave
+    a blank map with a whole-image box. The map is NaN now, refused by the host step as an infinite value is."""
+    from tclip_jax.methods import base
+
+    method = _similarity_with(NAN_CORNER, heatmap=getattr(base, heatmap))(tiny_clip)
+    with pytest.raises(ValueError, match="^heatmap contains NaN or infinite values$"):
+        method.explain(fixture_images["scene_224"], PROMPTS)
+
+
+def test_a_nan_in_a_grid_map_is_its_samples_error_in_a_sweep(tiny_clip, tmp_path):
+    """... which a sweep scored ("0 errors", an energy-PG of 0.23 for blank maps): each sample is recorded as its
+    error, and nothing is scored."""
+    from tclip_jax.evaluation.datasets import synthetic_dataset
+    from tclip_jax.sweep import RunOptions, read_all_records, run_sweep
+
+    dataset = synthetic_dataset(2, "bare_words")
+    report = run_sweep(dataset, _similarity_with(NAN_CORNER)(tiny_clip), tmp_path,
+                       options=RunOptions(batch_size=2, progress=False)).report
+    assert report["units"] == 0
+    assert sorted(report["errors"], key=lambda e: e["key"]) == [
+        {"key": sample.key, "error": "ValueError: heatmap contains NaN or infinite values"}
+        for sample in sorted(dataset.samples(), key=lambda sample: sample.key)]
+    assert all("units" not in record for record in read_all_records(tmp_path))
 
 
 def test_a_method_derived_from_a_registered_one_is_recorded_as_its_class_not_by_the_name_it_inherits(

@@ -29,8 +29,16 @@ method: `maps` jit-compiles, gives finite float32 maps, one per query, and a que
 queries of the call; the maps change with the prompt unless the class says `prompt_free = True`; every matmul of
 the model's parameters takes the model's matmul dtype; JAX's x64 mode leaves the maps as they are; only TCLIP has
 soft maps. Integer pixels are refused in `maps_per_image`, the one entry every method's maps are called through,
-before `maps` sees them. Results record a method by its `name`, which a class
-sets in its own body or is "package.module:Class" (`Method.__init_subclass__`)."""
+before `maps` sees them; and so, as they are traced, are maps not of shape [B, K, h, w] with [B, K] the shape of
+`rows` (and in `PromptMethod.maps` grid maps not of shape [B, Q, gh, gw], Q the queries given, on the patch grid),
+in one line naming the class and both shapes. A NaN or infinite value in a map is refused by the host step (a
+prompt-level method's min-max, `common.minmax`, makes such a grid map all NaN). Results record a method by its
+`name`, which a class sets in its own body or is "package.module:Class" (`Method.__init_subclass__`).
+
+Gradients: `maps` is the differentiable entry (TCLIP's in the pixels and the image tower's parameters: its queries are
+encoded on the host, so the text tower's parameters get a zero gradient through it). `maps_per_image` and
+`jitted_maps` loop over the images with a trip count hidden from the compiler (`_each`), which JAX's reverse mode
+refuses under `jax.jit`."""
 from __future__ import annotations
 
 import abc
@@ -403,7 +411,11 @@ class Method(abc.ABC):
         that differ in the last bits with the batch it lands in and the queries that come with it. Here every
         image runs the same program on arrays of the same shape: its maps are the same bits whatever the batch
         size, device count or resume point. Integer pixels are refused here, for every method, in the image tower's
-        words (`check_floating_pixels`), before a method's own code (a gradient w.r.t. them) sees them.
+        words (`check_floating_pixels`), before a method's own code (a gradient w.r.t. them) sees them; and maps
+        not of shape [1, K, h, w] for an image's K query rows, as they are traced (`_check_map_shape`).
+
+        Not differentiable in reverse mode under `jax.jit` (the loop's trip count is hidden from the compiler, so
+        that a single image is not compiled otherwise): take gradients of `maps`.
         """
         check_floating_pixels(pixels)
         own = jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=0), queries.per_query)  # [B, slots, ...]
@@ -411,6 +423,9 @@ class Method(abc.ABC):
 
         def one(image, per_query):
             out = self.maps(params, image[None], queries.replace(per_query=per_query), own_rows)
+            _check_map_shape(self, "maps", out.maps, (1, rows.shape[1], None, None),
+                             f"1 image and rows of shape {own_rows.shape}",
+                             "[images, query rows, height, width] ([B, K] the shape of rows)")
             return jax.tree_util.tree_map(lambda a: a[0], out)
 
         return _each(one, pixels, own)
@@ -659,6 +674,20 @@ def postprocess_maps(maps: Array, size: tuple[int, int], spec: MapPostprocess) -
     return minmax(upsampled)
 
 
+def _check_map_shape(method: Method, function: str, maps: Array, expected: tuple[Optional[int], ...], given: str,
+                     layout: str) -> None:
+    """Refuses maps that `method.<function>` returned for `given` inputs unless their shape is `expected` (None: any
+    length on that axis), naming the method's class, the shape expected and the shape got: a map per query short, or
+    an axis more or fewer, was indexed past the end (explain), cut off by a zip (a sweep's units) or refused by the
+    host step as a map of the wrong rank, far from the method."""
+    shape = tuple(jnp.shape(maps))
+    if len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected)):
+        return
+    want = "(" + ", ".join("any" if e is None else str(e) for e in expected) + ")"
+    raise ValueError(f"{type(method).__module__}:{type(method).__qualname__}.{function} returned maps of shape "
+                     f"{shape} for {given}: expected {want}, {layout}")
+
+
 NORMALIZE_THEN_UPSAMPLE = MapPostprocess(normalize_first=True)
 UPSAMPLE_THEN_NORMALIZE = MapPostprocess(normalize_first=False)
 NORMALIZE_THEN_UPSAMPLE_TO_ORIGINAL = MapPostprocess(normalize_first=True, to_original=True)
@@ -807,7 +836,7 @@ class PromptMethod(Method):
 
     @abc.abstractmethod
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:
-        """[B, Q, gh, gw] patch-grid maps of every query on every image."""
+        """[B, Q, gh, gw] patch-grid maps of every query on every image (another shape is refused in `maps`)."""
 
     def maps(self, params, pixels: Array, queries: QueryArrays, rows: Array) -> MapOutput:
         """The maps of the queries in `rows`.
@@ -816,16 +845,26 @@ class PromptMethod(Method):
         (padded), so that every query's map comes from a computation of the same shape, however many there are.
         """
         batch, slots = rows.shape
+
+        def grid_maps(queries: QueryArrays) -> Array:  # shapes are static: checked as the maps are traced
+            grids = self.grid_maps(params, pixels, queries)
+            height, width = pixels.shape[1:3]
+            grid = tuple(s // self.clip.config.patch_size for s in (height, width))
+            _check_map_shape(self, "grid_maps", grids, (pixels.shape[0], len(queries), *grid),
+                             f"{pixels.shape[0]} image{'s' * (pixels.shape[0] != 1)} of {height}x{width} pixels and "
+                             f"{len(queries)} queries",
+                             "[images, queries, grid height, grid width] (the patch grid)")
+            return grids
+
         if batch == 1:
             chunk = self.query_chunk
             index = jnp.concatenate([rows[0], jnp.broadcast_to(rows[0, :1], (-slots % chunk,))])
             chunks = jax.tree_util.tree_map(lambda a: jnp.take(a, index, axis=0).reshape(-1, chunk, *a.shape[1:]),
                                             queries.per_query)
-            grids = jax.lax.map(lambda chunk: self.grid_maps(params, pixels, queries.replace(per_query=chunk))[0],
-                                chunks)
+            grids = jax.lax.map(lambda chunk: grid_maps(queries.replace(per_query=chunk))[0], chunks)
             grids = grids.reshape(1, -1, *grids.shape[2:])[:, :slots]
         else:
-            grids = jnp.take_along_axis(self.grid_maps(params, pixels, queries), rows[:, :, None, None], axis=1)
+            grids = jnp.take_along_axis(grid_maps(queries), rows[:, :, None, None], axis=1)
         if self.heatmap is None:  # the grid maps, resized once to the original image by `original_maps`
             return MapOutput(grids)
         if self.heatmap.to_original:
