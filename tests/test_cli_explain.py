@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 from typing import Optional
 
@@ -79,6 +80,25 @@ def test_maps_npz_holds_exactly_the_results_maps_under_their_names(tmp_path, fix
         for name, array in expected.items():
             assert saved[name].dtype == np.float32 and array.dtype == np.float32, name
             np.testing.assert_array_equal(saved[name], array, err_msg=name)
+    # ... the names README gives (`p{P}_w{W}_{word}/heatmap`, ...: it named pN_similarity alone), each name one of its
+    # patterns, P the prompt and W its word; and result.json names the file, and each map's keys by its overlay
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    patterns = {pattern: re.escape(pattern).replace(r"\{P\}", r"(?P<p>\d+)").replace(r"\{W\}", r"(?P<w>\d+)")
+                .replace(r"\{word\}", r"(?P<word>[A-Za-z0-9_]{1,40})")
+                for pattern in re.findall(r"`(p\{P\}_[^`]+)`", readme)}
+    for name in expected:
+        matches = [m for m in (re.fullmatch(regex, name) for regex in patterns.values()) if m]
+        assert len(matches) == 1, (name, sorted(patterns))
+        fields = matches[0].groupdict()
+        if "w" in fields:
+            word = result.prompts[int(fields["p"])].words[int(fields["w"])].text
+            assert fields["word"] == word, name
+    assert {regex for regex in patterns.values() if not any(re.fullmatch(regex, name) for name in expected)} == set()
+    record = json.loads((out / "scene_wide_320x240" / "result.json").read_text())
+    assert record["npz"] == "maps.npz"
+    overlays = [m["overlay"] for p in record["prompts"] for m in (*p["words"], p["phrase"])]
+    assert {f"{overlay.removesuffix('.png')}/{kind}" for overlay in overlays for kind in ("heatmap", "soft")} == {
+        name for name in expected if not name.endswith("_similarity")}
     # the size README and the help state: 2 float32 maps of H x W per word and per prompt (and S), uncompressed
     # (each entry adds its .npy header and zip records, a few hundred bytes)
     maps_bytes = 8 * 240 * 320 * (3 + 1 + 2 + 1) + 4 * sum(prompt.similarity.size for prompt in result.prompts)
