@@ -10,19 +10,25 @@ prompts) and batch size (1, 8, 32 images of 640x480, held-out synthetic scenes, 
 - host ms/image: ``to_original`` + ``soft_maps_and_boxes`` (soft maps, GMM fits, boxes) of one image's maps;
 - explain ms/image: ``explain_batch`` end to end over the images (prompts encoded once), per image;
 - explain/floor.
-Then, per model and workload, bfloat16 against float32 on the same images: the largest difference of the
-aggregated maps (image size) in units of the float32 map's range, of tau in the same units, and how many
-boxes agree. Medians of ``--repeats`` timed runs after a compiling warm-up.
+Then, per model and workload, bfloat16 against float32 on the same images (`compare_dtypes`): the largest and
+the median difference of the aggregated maps (image size), each map's in units of its float32 map's range, the
+largest of tau in the same units, and how many boxes agree. Medians of ``--repeats`` timed runs after a compiling
+warm-up.
 
     python benchmarks/gpu_profile.py --results $OUT/RESULTS.md   # on a GPU machine (a few minutes)
     python benchmarks/gpu_profile.py --smoke                      # CPU, tiny model and sizes: checks the script
-    python benchmarks/gpu_profile.py --embedded-dtypes 16         # any device: bf16 vs fp32 on a trained model
+    python benchmarks/gpu_profile.py --embedded-dtypes 16         # any device: bf16 vs fp32 on a trained model,
+                                                                  # every method (--methods: some); 8 min, 2 CPUs
 
 Without a GPU (and without --smoke or --embedded-dtypes) it says so and exits 0 without measuring or writing
 anything. Random weights give nearly flat maps, whose small range rounding swamps; `--embedded-dtypes N` makes
-the same bfloat16-vs-float32 comparison on the embedded default model (trained), N held-out scenes each with
-its own caption, and writes its own section. `--smoke` never writes RESULTS.md (nor --results); `--json` holds
-the raw rows of any run that measures, a smoke run's or an --embedded-dtypes run's too.
+the same bfloat16-vs-float32 comparison on the embedded default model (trained) for every registered method, each
+under its own default settings and input protocol (TCLIP: K = 25, `whole`), on N held-out scenes each with its
+own caption (its words and the whole caption for TCLIP, the caption for prompt-level methods; the label set of
+set-dependent methods, CLIP Surgery and the decomposition, is a synthetic sweep's: `SYNTHETIC_CLASSES`, since
+explain's, the one caption, is too small for the decomposition), and writes its own section; boxes and TCLIP's
+tau come from each method's own `postprocess`, as in `explain`. `--smoke` never writes RESULTS.md (nor
+--results); `--json` holds the raw rows of any run that measures, a smoke run's or an --embedded-dtypes run's too.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import json
 import pathlib
 import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +50,10 @@ from benchmarks._common import (PROMPT, RESULTS_PATH, check_output_file, check_o
                                 median_seconds, positive_int, positive_seconds, refuse_part_of_a_table, run_main,
                                 timed_tclip, today, workloads, write_section)
 from tclip_jax.checkpoints.load import LoadedClip, load_clip  # noqa: E402
+from tclip_jax.evaluation.datasets.synthetic import SYNTHETIC_CLASSES  # noqa: E402
 from tclip_jax.image import to_original  # noqa: E402
+from tclip_jax.methods import REGISTRY, get  # noqa: E402
+from tclip_jax.methods.base import HostMaps, Method, distinct_queries  # noqa: E402
 from tclip_jax.methods.tclip import TCLIP  # noqa: E402
 from tclip_jax.model import CLIP, PRESETS, CLIPConfig, init_params  # noqa: E402
 from tclip_jax.model.tokenizer import default_tokenizer  # noqa: E402
@@ -107,7 +117,8 @@ def profile(plan: Plan, configs: dict[str, CLIPConfig], images: list[np.ndarray]
                         compared_maps.setdefault((name, workload), {})[dtype_name] = maps
     for (name, workload), maps_by_dtype in compared_maps.items():
         if len(maps_by_dtype) == len(DTYPES):
-            rows.append({"model": name, "workload": workload, **compare_dtypes(maps_by_dtype)})
+            outputs = {d: [(m, models[name][d].postprocess(m)) for m in maps] for d, maps in maps_by_dtype.items()}
+            rows.append({"model": name, "method": "tclip", "workload": workload, **compare_dtypes(outputs)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -133,39 +144,60 @@ def measure(tclip: TCLIP, prompts, images: list[np.ndarray], batch: int, plan: P
     return row, [to_original(m, g) for m, (_, _, g) in zip(maps, loaded)]
 
 
-def embedded_dtype_rows(scenes: int) -> list[dict]:
-    """bfloat16 against float32 maps of the embedded default model: each held-out scene (640x480) with its own
-    caption, one scene at a time."""
-    tclips = {name: timed_tclip(load_clip(dtype=dtype)) for name, dtype in DTYPES.items()}
-    maps_by_dtype = {name: [] for name in DTYPES}
-    for i in range(scenes):
-        scene = make_scene(HELDOUT_SEED_START + i, (480, 640))
-        for name, tclip in tclips.items():
-            maps, _ = tclip.image_maps(scene.image, tclip.encode_prompts(scene.caption).queries)
-            maps_by_dtype[name].append(maps)
-    return [{"model": "embedded default", "workload": f"{scenes} held-out scenes, each its own caption",
-             **compare_dtypes(maps_by_dtype)}]
+def embedded_dtype_rows(scenes: int, methods: Sequence[str] = tuple(REGISTRY)) -> list[dict]:
+    """bfloat16 against float32 of each of `methods` (registered names) on the embedded default model, each under
+    its default settings: each held-out scene (640x480) with its own caption, one scene at a time; maps at the image
+    size, boxes (and TCLIP's tau) from the method's `postprocess` within the part of the image its model saw."""
+    clips = {name: load_clip(dtype=dtype) for name, dtype in DTYPES.items()}
+    drawn = [make_scene(HELDOUT_SEED_START + i, (480, 640)) for i in range(scenes)]
+    rows = []
+    for method_name in methods:
+        outputs = {}
+        for dtype_name, clip in clips.items():
+            method = get(method_name)(clip)
+            outputs[dtype_name] = [scene_outputs(method, scene.image, scene.caption) for scene in drawn]
+        rows.append({"model": "embedded default", "method": method_name, "workload": f"{scenes} held-out scenes",
+                     **compare_dtypes(outputs)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
-def compare_dtypes(maps_by_dtype: dict[str, list[np.ndarray]]) -> dict:
-    map_diff, tau_diff, boxes_equal, total = 0.0, 0.0, 0, 0
-    for reference, low in zip(maps_by_dtype["float32"], maps_by_dtype["bfloat16"]):
+def scene_outputs(method: Method, image: np.ndarray, caption: str) -> tuple[np.ndarray, list[HostMaps]]:
+    """The image-size maps [Q, H, W] of the caption's distinct queries as `explain` makes them (TCLIP: each word,
+    then the caption; a prompt-level method: the caption), against the label set `SYNTHETIC_CLASSES`, and their
+    host step (`Method.postprocess` within `Geometry.covered`)."""
+    tokens = method.tokenize([caption])
+    words, queries = method.explained_queries(tokens)
+    encoded = distinct_queries(tokens, words, method.encode(queries, label_set=SYNTHETIC_CLASSES), method.encoder)
+    maps, _, geometry = method.input_maps(image, encoded.queries)
+    maps = np.asarray(method.original_maps(maps, geometry))
+    return maps, method.postprocess(maps, covered=geometry.covered)
+
+
+def compare_dtypes(outputs_by_dtype: dict[str, list[tuple[np.ndarray, list[HostMaps]]]]) -> dict:
+    """bfloat16 against float32 over images, from {dtype: per image (maps [Q, H, W], their `HostMaps`)}: the largest
+    and the median over maps of max |map difference| / the float32 map's range (1 where that range is 0), the
+    largest |tau difference| in the same units (None for a method without tau) and how many boxes are equal."""
+    map_diffs, tau_diffs, boxes_equal = [], [], []
+    for (reference, hosts_ref), (low, hosts_low) in zip(outputs_by_dtype["float32"], outputs_by_dtype["bfloat16"]):
         span = np.ptp(reference, axis=(1, 2))
         span = np.where(span > 0, span, 1.0)
-        map_diff = max(map_diff, float((np.abs(low - reference).max(axis=(1, 2)) / span).max()))
-        _, fits_ref, boxes_ref = soft_maps_and_boxes(reference)
-        _, fits_low, boxes_low = soft_maps_and_boxes(low)
-        tau_diff = max(tau_diff, max(abs(a.tau - b.tau) / s for a, b, s in zip(fits_ref, fits_low, span)))
-        boxes_equal += sum(a == b for a, b in zip(boxes_ref, boxes_low))
-        total += len(boxes_ref)
-    return {"bf16_map_diff": float(map_diff), "bf16_tau_diff": float(tau_diff),
-            "bf16_boxes_equal": f"{boxes_equal}/{total}"}
+        map_diffs.extend(np.abs(low - reference).max(axis=(1, 2)) / span)
+        for a, b, s in zip(hosts_ref, hosts_low, span):
+            if a.gmm is not None:
+                tau_diffs.append(abs(a.gmm.tau - b.gmm.tau) / s)
+            boxes_equal.append(a.box == b.box)
+    return {"bf16_map_diff": float(np.max(map_diffs)), "bf16_map_diff_median": float(np.median(map_diffs)),
+            "bf16_tau_diff": float(np.max(tau_diffs)) if tau_diffs else None,
+            "bf16_boxes_equal": f"{sum(boxes_equal)}/{len(boxes_equal)}"}
 
 
 def dtype_table(rows: list[dict]) -> str:
     return markdown_table(
-        ["model", "workload", "max |map bf16 - fp32| / range", "max |tau bf16 - fp32| / range", "boxes equal"],
-        [[r["model"], r["workload"], f"{r['bf16_map_diff']:.1e}", f"{r['bf16_tau_diff']:.1e}", r["bf16_boxes_equal"]]
+        ["model", "method", "workload", "max |map bf16 - fp32| / range", "median over maps",
+         "max |tau bf16 - fp32| / range", "boxes equal"],
+        [[r["model"], r["method"], r["workload"], f"{r['bf16_map_diff']:.1e}", f"{r['bf16_map_diff_median']:.1e}",
+          "-" if r["bf16_tau_diff"] is None else f"{r['bf16_tau_diff']:.1e}", r["bf16_boxes_equal"]]
          for r in rows if "bf16_map_diff" in r])
 
 
@@ -209,12 +241,20 @@ def main(argv=None) -> int:
                         help="also write the raw rows here (with --smoke, --no-write or --embedded-dtypes too)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the results file as it is")
     parser.add_argument("--embedded-dtypes", type=positive_int, metavar="N",
-                        help="only compare bfloat16 with float32 maps of the embedded default model on N held-out "
-                             "scenes (any device; its own section)")
+                        help="only compare bfloat16 with float32 maps of every registered method on the embedded "
+                             "default model on N held-out scenes (any device; its own section)")
+    parser.add_argument("--methods", nargs="+", choices=tuple(REGISTRY), metavar="METHOD",
+                        help=f"with --embedded-dtypes: some of {', '.join(REGISTRY)} (default: all; some need "
+                             "--no-write)")
     args = parser.parse_args(argv)
     dtypes_only = args.embedded_dtypes is not None  # its own section
+    if args.methods is not None and not dtypes_only:
+        parser.error("--methods chooses the methods of --embedded-dtypes; the profile measures TCLIP alone")
+    methods = tuple(dict.fromkeys(args.methods or REGISTRY))
     write = not args.no_write and not args.smoke  # a smoke run writes nothing to the results file
     check_output_options(parser, "dtype-maps" if dtypes_only else "gpu-profile", args.results, write=write)
+    refuse_part_of_a_table(parser, "--methods measures", set(methods) != set(REGISTRY), write=write and dtypes_only,
+                           results_path=args.results)
     refuse_part_of_a_table(parser, "--models or --batches measure",
                            not set(MODELS) <= set(args.models) or not set(BATCHES) <= set(args.batches),
                            write=write and not dtypes_only, results_path=args.results)
@@ -222,13 +262,18 @@ def main(argv=None) -> int:
         check_output_file(parser, args.json, "--json")
     if dtypes_only:
         started, load_before = time.perf_counter(), load_average()
-        rows = embedded_dtype_rows(args.embedded_dtypes)
+        rows = embedded_dtype_rows(args.embedded_dtypes, methods)
         text = "\n".join([
             "## bfloat16 against float32 matmuls on a trained model (the embedded default model)", "",
             f"- date: {today()}", f"- machine: {machine_description()}", f"- command: `{command_line()}`",
             f"- load average before: {load_before}; after: {load_average()}; took "
             f"{(time.perf_counter() - started) / 60:.1f} min",
-            "- TCLIP K = 25, `whole` protocol; maps at image size; tau and boxes from `soft_maps_and_boxes`", "",
+            f"- held-out seeds {HELDOUT_SEED_START}..{HELDOUT_SEED_START + args.embedded_dtypes - 1} (640x480), each "
+            "scene its own caption: TCLIP maps each word and the caption, a prompt-level method the caption; the "
+            "label set of CLIP Surgery and the decomposition: `SYNTHETIC_CLASSES` (a synthetic sweep's)",
+            "- every method under its default settings and input protocol (TCLIP: K = 25, `whole`); maps at image "
+            "size; per map max |bf16 - fp32| / the fp32 map's range, its largest and median over the maps; tau "
+            "(TCLIP's alone) and boxes from each method's `postprocess`, as `explain` makes them", "",
             dtype_table(rows)])
         print(text)
         if args.json:

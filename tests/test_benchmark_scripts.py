@@ -38,6 +38,10 @@ def test_counts_are_integers_of_at_least_one():
     (["benchmarks/gpu_profile.py", "--budget-s", "0"], "argument --budget-s: expected a number of seconds > 0, got 0"),
     (["benchmarks/gpu_profile.py", "--budget-s", "nan"],
      "argument --budget-s: expected a number of seconds > 0, got nan"),
+    (["benchmarks/gpu_profile.py", "--methods", "rclip"],
+     "--methods chooses the methods of --embedded-dtypes; the profile measures TCLIP alone"),
+    (["benchmarks/gpu_profile.py", "--embedded-dtypes", "1", "--methods", "tclipp"],
+     "argument --methods: invalid choice: 'tclipp'"),
     (["benchmarks/map_gradient.py", "--sizes", "16"],
      "argument --sizes: expected a map side of at least one patch (32 pixels), got 16"),
     (["benchmarks/memory.py", "--measure", "0"], "argument --measure: expected an integer >= 1, got 0"),
@@ -289,6 +293,8 @@ def _started_measuring():
     ("gpu_profile", ["--batches", "8"], "--models or --batches measure part of the section's table"),
     ("gpu_profile", ["--models", "ViT-B/32"], "--models or --batches measure part of the section's table"),
     ("gpu_profile", ["--batches", "8", "--no-write"], None),
+    ("gpu_profile", ["--embedded-dtypes", "1", "--methods", "rclip"], "--methods measures part of the section's table"),
+    ("gpu_profile", ["--embedded-dtypes", "1", "--methods", "rclip", "--no-write"], None),
 ])
 def test_a_run_of_part_of_a_table_is_not_written_over_the_whole_one(tmp_path, monkeypatch, capsys, script, options,
                                                                      message):
@@ -409,10 +415,12 @@ def test_a_gpu_profile_smoke_run_writes_no_results_but_its_json(tmp_path, monkey
     measurements are replaced by rows of the shape they return."""
     from benchmarks import gpu_profile
 
-    compared = {"bf16_map_diff": 0.01, "bf16_tau_diff": 0.02, "bf16_boxes_equal": "1/1"}
+    compared = {"method": "tclip", "bf16_map_diff": 0.01, "bf16_map_diff_median": 0.01, "bf16_tau_diff": 0.02,
+                "bf16_boxes_equal": "1/1"}
     timed = {"batch": 1, "maps": 1, "device_ms": 1.0, "floor_ms": 1.0, "host_ms": 1.0, "explain_ms": 2.0,
              "explain_over_floor": 2.0, "skipped": False}
-    monkeypatch.setattr(gpu_profile, "embedded_dtype_rows", lambda scenes: [{"model": "m", "workload": "w", **compared}])
+    monkeypatch.setattr(gpu_profile, "embedded_dtype_rows",
+                        lambda scenes, methods: [{"model": "m", "workload": "w", **compared}])
     monkeypatch.setattr(gpu_profile, "profile", lambda *_: [{"model": "tiny", "dtype": "float32", "workload": "w",
                                                              **timed}, {"model": "tiny", "workload": "w", **compared}])
     monkeypatch.setattr(gpu_profile, "machine_description", lambda: "a machine")
@@ -452,9 +460,59 @@ def test_a_bar_inside_a_table_cell_is_escaped():
 
     assert markdown_table(["a", "max |a - b|"], [["x|y", r"already \| escaped"]]).splitlines() == [
         r"| a | max \|a - b\| |", "| --- | --- |", r"| x\|y | already \| escaped |"]
-    header = dtype_table([{"model": "m", "workload": "w", "bf16_map_diff": 0.1, "bf16_tau_diff": 0.2,
-                           "bf16_boxes_equal": "1/2"}]).splitlines()[0]
-    assert header.count("|") - header.count(r"\|") == 6  # 5 cells
+    table = dtype_table([{"model": "m", "method": "rclip", "workload": "w", "bf16_map_diff": 0.1,
+                          "bf16_map_diff_median": 0.05, "bf16_tau_diff": None, "bf16_boxes_equal": "1/2"}])
+    header, _, row = table.splitlines()
+    assert header.count("|") - header.count(r"\|") == 8  # 7 cells
+    assert row == "| m | rclip | w | 1.0e-01 | 5.0e-02 | - | 1/2 |"  # no tau: a dash
+
+
+def test_the_dtype_comparison_takes_each_maps_own_range_the_median_over_maps_and_tau_where_there_is_one():
+    """compare_dtypes against the figures worked out by hand: three maps over two images, one flat (its range taken
+    as 1), tau of the maps that have a fit only."""
+    from benchmarks.gpu_profile import compare_dtypes
+    from tclip_jax.methods.base import HostMaps
+    from tclip_jax.postprocess import Box
+
+    fit = lambda tau: argparse.Namespace(tau=tau)  # noqa: E731 (compare_dtypes reads gmm.tau alone)
+    first = np.array([[[0, 1], [2, 4]], [[0, 0], [0, 2]]], np.float32)  # ranges 4 and 2
+    first_low = first + np.array([[[0, 0.4], [0, 0]], [[0, 0], [-0.6, 0]]], np.float32)  # 0.4 / 4, 0.6 / 2
+    flat, flat_low = np.full((1, 2, 2), 5, np.float32), np.full((1, 2, 2), 5.2, np.float32)  # 0.2 / 1
+    box, other = Box(0, 0, 1, 1), Box(0, 0, 2, 1)
+    outputs = {"float32": [(first, [HostMaps(None, fit(1.0), box), HostMaps(None, fit(0.5), box)]),
+                           (flat, [HostMaps(None, None, box)])],
+               "bfloat16": [(first_low, [HostMaps(None, fit(1.2), box), HostMaps(None, fit(0.5), other)]),
+                            (flat_low, [HostMaps(None, None, box)])]}
+    compared = compare_dtypes(outputs)
+    assert compared["bf16_map_diff"] == pytest.approx(0.3, abs=1e-6)
+    assert compared["bf16_map_diff_median"] == pytest.approx(0.2, abs=1e-6)
+    assert compared["bf16_tau_diff"] == pytest.approx(0.2 / 4) and compared["bf16_boxes_equal"] == "2/3"
+    no_fits = {d: [(maps, [HostMaps(None, None, box)] * len(maps)) for maps, _ in rows] for d, rows in outputs.items()}
+    assert compare_dtypes(no_fits)["bf16_tau_diff"] is None
+
+
+@pytest.mark.parametrize("name", ["tclip", "rclip"])
+def test_the_dtype_comparison_takes_the_maps_tau_and_boxes_explain_gives(tiny_model, name):
+    """scene_outputs is explain's pipeline: its maps are explain's distinct maps (TCLIP: each word, then the caption;
+    a prompt-level method: the caption), and so are their tau and boxes. The tiny test model, a small scene."""
+    from benchmarks.gpu_profile import scene_outputs
+    from tclip_jax.checkpoints.load import LoadedClip
+    from tclip_jax.methods import get
+    from tclip_jax.methods.tclip import TCLIP
+    from tclip_jax.model.tokenizer import default_tokenizer
+    from tclip_jax.synthetic import HELDOUT_SEED_START, make_scene
+
+    clip = LoadedClip(*tiny_model, default_tokenizer(), "tclip", "test")
+    method = get(name)(clip, TCLIP.Settings(translations=1) if name == "tclip" else None)  # one copy: cheaper
+    scene = make_scene(HELDOUT_SEED_START, (96, 128))
+    maps, hosts = scene_outputs(method, scene.image, scene.caption)
+    (prompt,) = method.explain(scene.image, scene.caption).prompts
+    explained = list({id(m.heatmap): m for m in (*prompt.word_maps, prompt.phrase)}.values())  # equal queries share
+    assert len(maps) == len(hosts) == len(explained) == (len(prompt.words) + 1 if name == "tclip" else 1)
+    for array, host, result in zip(maps, hosts, explained):
+        np.testing.assert_array_equal(array, result.heatmap)
+        assert host.box == result.box and (host.gmm is None) == (result.tau is None) == (name != "tclip")
+        assert host.gmm is None or host.gmm.tau == result.tau
 
 
 def test_a_ctrl_c_ends_a_benchmark_with_one_line_and_status_130():
