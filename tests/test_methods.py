@@ -1087,10 +1087,10 @@ BAD_GRID_MAPS = {
 def _similarity_with(grid_maps, **attributes) -> type:
     from tclip_jax.methods.similarity import Similarity
 
-    return type("Researchers", (Similarity,), {
-        "__module__": __name__, "grid_maps": lambda self, params, pixels, queries: grid_maps(Similarity.grid_maps(self, params, pixels,
-                                                                                          queries)),
-        **attributes})
+    def own_grid_maps(self, params, pixels, queries):
+        return grid_maps(Similarity.grid_maps(self, params, pixels, queries))
+
+    return type("Researchers", (Similarity,), {"__module__": __name__, "grid_maps": own_grid_maps, **attributes})
 
 
 @pytest.mark.parametrize("bad", sorted(BAD_GRID_MAPS))
