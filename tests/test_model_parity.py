@@ -22,10 +22,11 @@ def hf_model(config: CLIPConfig, seed: int = 0) -> transformers.CLIPModel:
     hf_config = transformers.CLIPConfig(**to_hf_config(config))
     model = transformers.CLIPModel(hf_config).eval()
     model.set_attn_implementation("eager")  # the only implementation that returns attention probabilities
-    # Random init leaves LayerNorms at identity and logit_scale at its default; perturb them all.
+    # Random init leaves LayerNorms at identity, every Linear bias at 0 and logit_scale at its default; perturb them
+    # all (zero biases would leave the conversion's bias rules untested).
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name or "logit_scale" in name:
+            if "norm" in name or "logit_scale" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return model
 
