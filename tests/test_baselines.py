@@ -213,6 +213,20 @@ def test_hilacam_start_layers_count_from_the_top_as_python_does(tiny_model, hila
 
 
 
+def test_hilacam_default_settings_give_the_notebooks_default_maps(fixtures_dir, fixture_images, hilacam_ref):
+    """The method built with its default settings is the notebook's default (start_layer -1: the last block only),
+    through the path explain takes (prepare, maps, original_maps); a default of 0 (every block) passed unseen."""
+    from tclip_jax.checkpoints.load import load_clip
+
+    method = METHODS["hilacam"](load_clip(fixtures_dir / "tiny_openai_clip.npz"))
+    encoded = method.encode_prompts([str(text) for text in hilacam_ref["texts"]])
+    pixels, geometry = method.prepare(fixture_images["scene_224"])
+    out = method.jitted_maps(method.params, pixels[None], encoded.queries,
+                             np.arange(len(encoded.queries), dtype=np.int32)[None])
+    assert_close(np.asarray(method.original_maps(out.maps[0], geometry))[encoded.rows],
+                 hilacam_ref["scene_224/last_layer/image_relevance_map_224"], "default settings' maps")
+
+
 @pytest.mark.parametrize("variant, start_layer", [("last_layer", -1), ("all_layers", 0)])
 def test_hilacam_matches_reference(tiny_model, hilacam_ref, variant, start_layer):
     model, params = tiny_model
