@@ -1,5 +1,6 @@
 """Baseline relevance maps against the official implementations' outputs (../shared/fixtures) and invariants."""
 import dataclasses
+import functools
 import re
 
 import jax
@@ -323,7 +324,11 @@ def test_rebuilt_block_with_the_model_heads_is_the_model_block(tiny_model, surge
 
 # ---------------------------------------------------------------- attention maps
 
-def test_raw_attention_and_rollout(tiny_model, surgery_ref):
+def test_raw_attention_and_rollout(tiny_model, fixtures_dir, surgery_ref):
+    """The map functions, and the methods with their default settings (the class-token attention of the last block;
+    the rollout of every block), against closed forms."""
+    from tclip_jax.checkpoints.load import load_clip
+
     model, params = tiny_model
     config = model.config
     images = nhwc(surgery_ref["pixel_values"])
@@ -340,6 +345,13 @@ def test_raw_attention_and_rollout(tiny_model, surgery_ref):
     assert_close(last_two.maps[:, 2].reshape(3, -1), np.einsum("bk,bkp->bp", factor(-1)[:, 0], factor(-2)[..., 1:]),
                  "rollout map")
     assert_close(last_two.matrix.sum(axis=-1), np.ones((3, 50), np.float32), "rollout rows sum to 1")
+    every_block = functools.reduce(np.matmul, [factor(layer) for layer in reversed(range(config.vision_layers))])
+    clip = load_clip(fixtures_dir / "tiny_openai_clip.npz")
+    for name, expected in (("attention", probs[-1].mean(axis=1)[:, 0, 1:]), ("rollout", every_block[:, 0, 1:])):
+        method = METHODS[name](clip)
+        encoded = method.encode_prompts(["a red circle"])
+        grid = method.grid_maps(method.params, images, encoded.queries)
+        assert_close(grid[:, 0].reshape(3, -1), np.asarray(expected), f"{name} with default settings")
 
 
 # ---------------------------------------------------------------- registry and protocols
