@@ -135,8 +135,10 @@ class HilaCAMSettings(MethodSettings):
     start_layer: int = setting(-1, "first image block of the relevance, Python-style (-1: the last only, the "
                                "notebook's; -k: the last k blocks, where the notebook reads any negative but -1 as "
                                "all blocks)", flag=False)
-    start_layer_text: int = setting(-1, "first text block, Python-style as start_layer (-1: the last only)",
-                                    flag=False)
+    # For `hilacam_map`'s text relevance and scores, which the notebook computes beside the image's: the method's
+    # maps (the image relevance) do not depend on it.
+    start_layer_text: int = setting(-1, "first text block of the text relevance, Python-style as start_layer (-1: "
+                                    "the last only); the maps do not depend on it", flag=False)
 
 
 class HilaCAM(PromptMethod):
