@@ -732,6 +732,24 @@ def test_explain_batch_takes_a_numpy_integer_batch_size(no_translation, fixture_
     assert batches == [2, 1]
 
 
+def test_explain_batch_takes_4_images_a_step_or_one_per_device_where_there_are_more(no_translation, fixture_images,
+                                                                                  monkeypatch):
+    """By default a batch is 4 images on up to 4 devices, one per device on more (a TPU v2-8: 8, not 4 of its 8)."""
+    import tclip_jax.methods.base as base
+
+    method = TCLIP(no_translation.clip, no_translation.settings)
+    images = [next(iter(fixture_images.values()))] * 7
+    jitted, batches, sizes = method.jitted_maps, method._input_batches, []
+    calls = []  # images per dispatched program
+    monkeypatch.setattr(method, "jitted_maps", lambda *a: calls.append(len(a[1])) or jitted(*a), raising=False)
+    monkeypatch.setattr(method, "_input_batches", lambda images, size: sizes.append(size) or batches(images, size))
+    for devices, size, dispatched in [(1, 4, [4, 3]), (2, 4, [2, 2, 2, 2]), (6, 6, [1] * 7)]:  # shares padded
+        calls.clear(), sizes.clear()
+        monkeypatch.setattr(base, "batch_devices", lambda: [jax.devices()[0]] * devices)
+        assert len(list(method.explain_batch(images, PROMPTS))) == 7
+        assert sizes == [size] and calls == dispatched, devices
+
+
 @pytest.mark.parametrize("bad, message", [({"batch_size": 0}, "batch_size must be a positive integer"),
                                           ({"batch_size": np.int64(0)}, "batch_size must be a positive integer"),
                                           ({"batch_size": 2.0}, "batch_size must be a positive integer"),

@@ -526,10 +526,11 @@ class Method(abc.ABC):
         return next(self.explain_batch([image], prompts))
 
     def explain_batch(self, images: Sequence[ImageLike], prompts: str | Sequence[str] | EncodedPrompts,
-                      batch_size: int = 4, overlap: bool = True) -> Iterator[ImageResult]:
+                      batch_size: Optional[int] = None, overlap: bool = True) -> Iterator[ImageResult]:
         """Yields one ImageResult per image; the prompts are encoded once for all images.
 
-        ``batch_size`` images go to the devices at a time, split over every local device (`jax.local_devices()`;
+        ``batch_size`` images (by default 4, or one per device where there are more devices: a TPU v2-8 takes 8)
+        go to the devices at a time, split over every local device (`jax.local_devices()`;
         within a ``jax.default_device`` context, that device alone) as a sweep's batches are
         (`tclip_jax.methods.devices`: each device takes ceil(batch_size / devices) of them and runs the
         single-device program, so any device count gives the same bits; `explain`'s one image runs on the first
@@ -541,17 +542,18 @@ class Method(abc.ABC):
         batch only), and resizes each image's maps to the image on the host (`original_maps`, as a sweep does: no
         image size compiles a program), one image's image-size maps at a time."""
         _check_several_images(images)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap must be True or False, got {overlap!r}")
         if isinstance(prompts, EncodedPrompts):
             self.check_encoded(prompts)
         encoded = prompts if isinstance(prompts, EncodedPrompts) else self.encode_prompts(prompts)
         slots, rows = self.query_slots(encoded.queries)
-        pending = None
-        batches = self._input_batches(images, batch_size)
-        with DeviceMaps(self, batch_devices()) as device_maps:  # its threads end with the generator
+        pending, devices = None, batch_devices()
+        batches = self._input_batches(images, max(4, len(devices)) if batch_size is None else batch_size)
+        with DeviceMaps(self, devices) as device_maps:  # its threads end with the generator
             while True:
                 try:
                     loaded = next(batches, None)
