@@ -365,8 +365,8 @@ class Method(abc.ABC):
     def params_on(self, device: jax.Device):
         """`params` on ``device``, for the maps of `explain_batch` and sweeps (`tclip_jax.methods.devices`): the
         model's, put there once and kept (`LoadedClip.params_on`: every method of one model shares them); a class
-        whose `params` are not its model's puts them there each time."""
-        if self.params is self.clip.params:
+        whose `params` are not its model's (or that has no model) puts them there each time."""
+        if self.clip is not None and self.params is self.clip.params:
             return self.clip.params_on(device)
         return jax.device_put(self.params, device)
 
