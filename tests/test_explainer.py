@@ -502,6 +502,18 @@ def test_the_parameters_are_put_on_a_device_once_and_again_when_a_leaf_is_replac
     np.testing.assert_array_equal(again["text"]["projection"], params["text"]["projection"])
 
 
+def test_a_call_takes_its_parameters_to_a_device_once_for_all_its_batches(no_translation, fixture_images,
+                                                                          monkeypatch):
+    """A method whose `params` are a tree of its own (ECLIP's model and projections: not kept by the model) is put on
+    a device once per explain_batch call or sweep, not once per batch."""
+    method = TCLIP(no_translation.clip, no_translation.settings)
+    params_on, taken = method.params_on, []
+    monkeypatch.setattr(method, "params_on", lambda device: taken.append(device) or params_on(device))
+    images = [next(iter(fixture_images.values()))] * 5
+    assert len(list(method.explain_batch(images, PROMPTS, batch_size=2))) == 5  # three batches
+    assert taken == [jax.local_devices()[0]]
+
+
 ONE_DEVICE_RESULTS = "TCLIP_TEST_ONE_DEVICE_RESULTS"  # set in the two-device process the test below starts
 
 
