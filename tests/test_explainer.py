@@ -121,6 +121,7 @@ def test_a_non_square_inputs_map_is_its_aggregated_patch_grid_on_the_original(ti
 
 def test_one_image_pass_serves_many_prompts(tiny_clip, fixture_images, vit_calls):
     tclip = TCLIP(tiny_clip, Settings(translations=25))
+    tclip.jitted_maps.clear_cache()  # an equal method's program compiled by an earlier test would be reused untraced
     image = fixture_images["scene_wide_320x240"]
     together = tclip.explain(image, list(PROMPTS))
     # Every trace of the image tower sees one image (its 25 copies made inside), never one per prompt; the
