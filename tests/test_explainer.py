@@ -508,10 +508,11 @@ def test_a_call_takes_its_parameters_to_a_device_once_for_all_its_batches(no_tra
     """A method whose `params` are a tree of its own (ECLIP's model and projections: not kept by the model) is put on
     a device once per explain_batch call or sweep, not once per batch."""
     method = TCLIP(no_translation.clip, no_translation.settings)
+    encoded = method.encode_prompts(PROMPTS)  # (the text tower's own call takes them too)
     params_on, taken = method.params_on, []
     monkeypatch.setattr(method, "params_on", lambda device: taken.append(device) or params_on(device))
     images = [next(iter(fixture_images.values()))] * 5
-    assert len(list(method.explain_batch(images, PROMPTS, batch_size=2))) == 5  # three batches
+    assert len(list(method.explain_batch(images, encoded, batch_size=2))) == 5  # three batches
     assert taken == [jax.local_devices()[0]]
 
 

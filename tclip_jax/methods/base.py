@@ -370,6 +370,11 @@ class Method(abc.ABC):
             return self.clip.params_on(device)
         return jax.device_put(self.params, device)
 
+    def default_device_params(self):
+        """`params_on` the device a plain JAX call runs on (`batch_devices()[0]`), for the calls outside the split
+        batches (text encoding, `input_maps`): given the numpy parameters, each jitted call copied them there."""
+        return self.params_on(batch_devices()[0])
+
     def run_info(self) -> dict:
         """What produced a result: method, model (its architecture if it is a preset's, its MLP activation, its
         `LoadedClip.fingerprint` of its config and every weight, which tells models apart where the origin, a path
@@ -511,7 +516,7 @@ class Method(abc.ABC):
         _, pixels, geometry = self.preprocess(image)
         slots, rows = self.query_slots(queries)
         out = jax.tree_util.tree_map(lambda a: np.asarray(a)[0],
-                                     self.jitted_maps(self.params, pixels[None], slots, rows[None]))
+                                     self.jitted_maps(self.default_device_params(), pixels[None], slots, rows[None]))
         return out.replace(maps=out.maps[:len(queries)]), geometry
 
     def query_slots(self, queries: QueryArrays) -> tuple[QueryArrays, np.ndarray]:
@@ -834,7 +839,7 @@ class PromptMethod(Method):
     def encode_texts(self, token_ids: np.ndarray) -> Array:
         """[n, embed_dim] L2-normalized features of a chunk of token rows [n, length] or template stacks
         [n, templates, length] (`_jitted_text_features`)."""
-        return _jitted_text_features(self.clip.model, self.params, token_ids)
+        return _jitted_text_features(self.clip.model, self.default_device_params(), token_ids)
 
     @abc.abstractmethod
     def grid_maps(self, params, pixels: Array, queries: QueryArrays) -> Array:

@@ -227,7 +227,7 @@ class ECLIP(PromptMethod):
 
     def encode_texts(self, token_ids: np.ndarray) -> Array:
         """[n, embed_dim] normalized φ̂ₜ(Fₜ) of a chunk of token rows [n, length]."""
-        return _jitted_text_queries(self.clip.model, self.params, token_ids)
+        return _jitted_text_queries(self.clip.model, self.default_device_params(), token_ids)
 
     def grid_maps(self, params: Any, pixels: Array, queries: QueryArrays) -> Array:
         return eclip_map(self.clip.model, params["clip"], pixels, queries.per_query, params["projections"]).maps

@@ -73,14 +73,15 @@ class TCLIP(Method):
         embeds = np.zeros((len(tokens), max(groups), self.clip.config.embed_dim), np.float32)
         weighting = self.settings.token_weighting
         weights = None if weighting == "none" else np.zeros((len(tokens), max(groups)))
+        params = self.default_device_params()
         for length, group in groups.items():
             ids = np.stack([tokens[i].token_ids[:length] for i in group])
             if weights is None:
-                embeds[group, :length] = in_chunks(lambda chunk: token_embeddings(self.clip.model, self.params, chunk),
+                embeds[group, :length] = in_chunks(lambda chunk: token_embeddings(self.clip.model, params, chunk),
                                                    ids, PROMPT_CHUNK)
                 continue
             group_embeds, attention = in_chunks(
-                lambda chunk: token_embeddings_and_attention(self.clip.model, self.params, chunk), ids, PROMPT_CHUNK)
+                lambda chunk: token_embeddings_and_attention(self.clip.model, params, chunk), ids, PROMPT_CHUNK)
             embeds[group, :length] = group_embeds
             for i, probs in zip(group, attention):
                 weights[i, :length] = eot_weights(probs, tokens[i].eot_position, weighting)
