@@ -263,8 +263,20 @@ def test_coco_bad_input(tmp_path, coco_root):
     wrong_size = write_coco(tmp_path / "wrong_size", {1: {"file_name": "a.png", "height": 9, "width": 8}},
                             [(1, 1, [0, 0, 1, 1], 0)], {"a.png": _png(painted(8, 8, []))})
     for dataset in (coco_dataset, coco_seg_dataset):  # a mask of the annotation's size would not fit the image
-        with pytest.raises(ValueError, match="image is 8x8 .* annotation is for 9x8"):
+        with pytest.raises(ValueError, match="image is 8x8 .* annotation is for 9x8$"):
             next(dataset(wrong_size).samples()).load()
+    # annotations exported from the EXIF-turned image: the stored grid is 8x6 and orientation 6 turns it to 6x8
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned, plain = io.BytesIO(), io.BytesIO()
+    Image.fromarray(painted(8, 6, [])).save(turned, format="PNG", exif=exif.tobytes())
+    Image.fromarray(painted(8, 6, [])).save(plain, format="PNG")
+    for name, data, hint in (("turned", turned, True), ("plain", plain, False)):
+        root = write_coco(tmp_path / f"{name}_size", {1: {"file_name": "a.png", "height": 6, "width": 8}},
+                          [(1, 1, [0, 0, 1, 1], 0)], {"a.png": data.getvalue()})
+        with pytest.raises(ValueError, match="image is 8x6 .* annotation is for 6x8") as refused:
+            next(coco_dataset(root).samples()).load()
+        assert ("its EXIF orientation turns it to that size" in str(refused.value)) == hint
     corrupt = write_coco(tmp_path / "corrupt", {1: {"file_name": "a.jpg", "height": 8, "width": 8}},
                          [(1, 1, [0, 0, 1, 1], 0)], {"a.jpg": b"\xff\xd8 not really a jpeg"})
     with pytest.raises(ValueError, match="cannot read image file"):

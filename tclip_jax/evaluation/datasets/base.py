@@ -7,11 +7,13 @@ drawn on the stored pixel grid (as pycocotools, gScoreCAM's ``Image.open`` and I
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from typing import Optional
 
 import numpy as np
 
+from tclip_jax.image.io import image_size
 from tclip_jax.methods.base import Query
 
 
@@ -71,7 +73,13 @@ def indexed(samples: list[Sample]) -> Callable[[Optional[int]], Iterator[Sample]
     return lambda limit=None: iter(samples[:limit])
 
 
-def check_size(image: np.ndarray, expected_hw: tuple[int, int], what: str) -> None:
-    if image.shape[:2] != tuple(expected_hw):
-        raise ValueError(f"{what}: image is {image.shape[0]}x{image.shape[1]} (HxW) but the annotation is for "
-                         f"{expected_hw[0]}x{expected_hw[1]}")
+def check_size(image: np.ndarray, expected_hw: tuple[int, int], path: str | os.PathLike) -> None:
+    """Refuses an image decoded as stored from `path` whose size is not its annotation's; where the file's EXIF
+    orientation turns it to the annotated size (annotations exported from turned images), the message says so."""
+    if image.shape[:2] == tuple(expected_hw):
+        return
+    turned = image.shape[1::-1] == tuple(expected_hw) and image_size(path, exif=True) == tuple(expected_hw)
+    hint = ("; its EXIF orientation turns it to that size, but annotations are read on the stored pixel grid "
+            "(were they made on the turned image?)") if turned else ""
+    raise ValueError(f"{os.fspath(path)}: image is {image.shape[0]}x{image.shape[1]} (HxW) but the annotation is "
+                     f"for {expected_hw[0]}x{expected_hw[1]}{hint}")
