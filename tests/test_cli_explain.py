@@ -504,6 +504,28 @@ def test_a_commands_warnings_are_said_in_one_line_while_it_runs_and_the_process_
     assert warnings.showwarning is before
 
 
+def test_matplotlibs_unwritable_config_folder_is_one_warning_line_of_the_command(tmp_path, fixtures_dir):
+    """A HOME matplotlib cannot make its config folder in (here a file; /proc/nohome, a user without a home): it
+    logged "mkdir -p failed for path ..." and "Matplotlib created a temporary cache directory ..." raw on stderr,
+    through logging. One warning line of the command now, naming the folder and MPLCONFIGDIR."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env.update(HOME=str(home), PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-m", "tclip_jax", "explain", str(fixtures_dir / "scene_224.png"),
+                           "--prompt", "red", "--translations", "1", "--no-html", "--out", str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    folder = home.resolve() / ".config" / "matplotlib"  # matplotlib's default on Linux: $HOME/.config/matplotlib
+    assert done.stderr == (f"tclip explain: warning: matplotlib cannot write its config folder {folder}, so it uses "
+                           "a temporary one; set MPLCONFIGDIR to a writable folder to give it one\n")
+    assert (tmp_path / "out" / "scene_224" / "result.json").is_file()
+
+
 def test_a_prompt_level_main_methods_word_alone_maps_are_in_result_json_as_on_the_page(tmp_path, fixtures_dir):
     """Beside a per-word compare method the page shows the main method's map of each word alone; result.json
     records them as it records a compare method's, with the page or without it (--no-html left them out)."""

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import functools
 import importlib
+import logging
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Optional, Sequence
 
 from tclip_jax.files import ctrl_c_held, run_early_end_cleanups
@@ -149,7 +150,8 @@ def sigterm_as_interrupt(who: str) -> Iterator[None]:
 def warnings_as_lines(who: str) -> Iterator[None]:
     """While the block runs, a warning is said in one line naming `who` (the program); the hook before is put back
     after, so that later warnings of the process (a notebook's, a test's) are not said as the command's. The line is
-    written as tqdm writes, clearing a progress bar on stderr first and drawing it again below."""
+    written as tqdm writes, clearing a progress bar on stderr first and drawing it again below. So are matplotlib's
+    warnings, which it logs (`_MatplotlibLines`): with no handler, logging wrote them raw on stderr."""
     def ours(message, *_):
         from tqdm import tqdm
 
@@ -157,11 +159,42 @@ def warnings_as_lines(who: str) -> Iterator[None]:
 
     previous = warnings.showwarning
     warnings.showwarning = ours
+    matplotlib_log = logging.getLogger("matplotlib")
+    lines, propagated = _MatplotlibLines(ours), matplotlib_log.propagate
+    matplotlib_log.addHandler(lines)
+    matplotlib_log.propagate = False  # said once, as the command's, not again by a handler of the process's
     try:
         yield
     finally:
         if warnings.showwarning is ours:  # else a later hook (another main, in a thread) holds it: left in place
             warnings.showwarning = previous
+        matplotlib_log.removeHandler(lines)
+        matplotlib_log.propagate = propagated
+
+
+class _MatplotlibLines(logging.Handler):
+    """Says matplotlib's log records of level WARNING and above with `say`. A config folder matplotlib cannot make
+    or write (HOME unwritable) is logged as two long records, the reason and the temporary folder used instead:
+    said once, in one line."""
+
+    # The format strings of matplotlib's records for that (matplotlib._get_config_or_cache_dir).
+    UNWRITABLE = ("mkdir -p failed for path", "%s is not a writable directory")
+    TEMPORARY = "Matplotlib created a temporary cache directory"
+
+    def __init__(self, say: Callable[..., None]):
+        super().__init__(logging.WARNING)
+        self.say = say
+        self.unwritable = ""  # the folder, where matplotlib named it
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = str(record.msg)
+        if text.startswith(self.UNWRITABLE):  # said with the temporary folder, the next record
+            self.unwritable = f" {record.args[0]}" if record.args else ""
+        elif text.startswith(self.TEMPORARY):
+            self.say(f"matplotlib cannot write its config folder{self.unwritable}, so it uses a temporary one; set "
+                     "MPLCONFIGDIR to a writable folder to give it one")
+        else:
+            self.say(record.getMessage())
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
