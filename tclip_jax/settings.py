@@ -93,6 +93,16 @@ def finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
+def finite_float32(name: str, value: float) -> None:
+    """`finite`, and also finite as float32, the type a setting cast to float32 (an optimizer's learning rate) runs
+    in: 1e300 passed as finite and ran as inf."""
+    finite(name, value)
+    with np.errstate(over="ignore"):  # the overflow is what is refused here, in one line
+        if not math.isfinite(np.float32(value)):
+            raise ValueError(f"{name} must be a finite number that float32 holds (at most "
+                             f"{float(np.finfo(np.float32).max):g} in magnitude), got {value!r}")
+
+
 def integer(name: str, value: Any, minimum: Optional[int] = None) -> None:
     """Raises ValueError unless `value` is an int, Python's or numpy's (a loop over `np.arange`), not a bool nor a
     float, of at least `minimum`."""

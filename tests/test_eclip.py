@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 
 import jax
@@ -528,13 +529,13 @@ def test_a_checkpoint_of_a_first_definition_fingerprint_is_refused_in_one_line(c
             train(clip, file_pairs(data_dir), tmp_path / "old", settings, resume=True, progress=False)
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the divergence asked for
 def test_training_that_diverges_stops_and_saves_nothing_and_a_fresh_run_keeps_earlier_projections(clip, data_dir,
                                                                                                   tmp_path):
+    largest = float(np.finfo(np.float32).max)
     with pytest.raises(ValueError, match=r"training diverged in epoch 1 \(loss [0-9.]+\): the projections are not "
-                                         "finite; nothing was saved"):  # a step of 1e39 overflows float32 at once
+                                         "finite; nothing was saved"):  # a step of float32's largest overflows at once
         train(clip, file_pairs(data_dir), tmp_path / "inf", TrainSettings(epochs=2, batch_size=4,
-                                                                          learning_rate=1e39), progress=False)
+                                                                          learning_rate=largest), progress=False)
     assert not (tmp_path / "inf" / PROJECTIONS_FILE).exists() and not (tmp_path / "inf" / "checkpoint").exists()
     with pytest.raises(ValueError, match=r"training diverged in epoch 2 \(loss nan\): the projections are not "
                                          "finite; the checkpoint of epoch 1 is kept. A lower --learning-rate may "
@@ -1047,6 +1048,25 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_ends_as_if_a
     with pytest.raises(FileNotFoundError, match="holds no training checkpoint"):  # refused inside the lock
         train(clip, scenes_again, tmp_path / "new" / "deeper", settings, resume=True, progress=False)
     assert not (tmp_path / "new").exists()  # the folders made for the lock are gone
+
+
+@pytest.mark.parametrize("name", ["learning_rate", "weight_decay"])
+def test_a_learning_rate_or_weight_decay_float32_cannot_hold_is_refused_at_once(name, tmp_path, capsys):
+    """optax runs both in float32: --learning-rate 1e300 passed (only <= 0 was refused), trained, warned "overflow
+    encountered in cast" and ended as diverged. Refused when the settings are made, in one line naming the flag,
+    before anything is made; float32's largest value itself is taken."""
+    largest = float(np.finfo(np.float32).max)
+    for value in (1e300, 2.0 ** 128, -1e39):  # 2**128: the first power of two past float32's range
+        with pytest.raises(ValueError, match=f"^{name} must be a finite number that float32 holds \\(at most "
+                                             f"3.40282e\\+38 in magnitude\\), got {re.escape(repr(value))}$"):
+            TrainSettings(**{name: value})
+    assert getattr(TrainSettings(**{name: largest}), name) == largest
+    flag = "--" + name.replace("_", "-")
+    assert tclip(["train-eclip", "--synthetic", "4", "--epochs", "1", "--batch-size", "2", flag, "1e300",
+                  "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"tclip train-eclip: error: {flag} must be a finite number that float32 holds "
+                                       "(at most 3.40282e+38 in magnitude), got 1e+300\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_contrastive_batch_of_one_pair_is_refused(clip, tmp_path):

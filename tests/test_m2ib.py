@@ -289,6 +289,11 @@ def test_bad_options_are_refused(tiny_model, ref, fixtures_dir):
         M2IBSettings(batch_size=0)
     with pytest.raises(ValueError, match="beta must be >= 0"):
         M2IBSettings(beta=-1.0)
+    for name in ("beta", "var", "lr"):  # all three run in float32: 1e300 would run as inf
+        with pytest.raises(ValueError, match=f"^{name} must be a finite number that float32 holds"):
+            M2IBSettings(**{name: 1e300})
+        with pytest.raises(ValueError, match=f"^{name} must be a finite number that float32 holds"):
+            m2ib_map(*tiny_model, images, texts, **{name: 2.0 ** 128})
     M2IBSettings(beta=0.0)  # no compression: meaningful
     with pytest.raises(ValueError, match="steps=1 reads the map from the initial alpha"):
         M2IBSettings(steps=1)

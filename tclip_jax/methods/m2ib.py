@@ -60,7 +60,7 @@ from tclip_jax.methods import common
 from tclip_jax.methods.base import (UPSAMPLE_THEN_NORMALIZE, MethodSettings, PromptMethod, QueryArrays,
                                     postprocess_maps)
 from tclip_jax.model import CLIP, l2_normalize
-from tclip_jax.settings import finite, integer, parse_optional, setting
+from tclip_jax.settings import finite_float32, integer, parse_optional, setting
 
 Array = jax.Array
 Estimator = Literal["none", "placeholder", "tokens"]
@@ -85,9 +85,9 @@ class Hyper:
     trace: bool = False
 
     def check(self) -> None:
-        finite("beta", self.beta)
-        finite("var", self.var)
-        finite("lr", self.lr)
+        finite_float32("beta", self.beta)  # all three run in float32
+        finite_float32("var", self.var)
+        finite_float32("lr", self.lr)
         if self.beta < 0:  # a negative weight rewards capacity: the map stops depending on the prompt
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.var <= 0:

@@ -5,7 +5,7 @@ import dataclasses
 from typing import Optional
 
 from tclip_jax.methods.settings import MethodSettings
-from tclip_jax.settings import Options, integer, setting
+from tclip_jax.settings import Options, finite_float32, integer, setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,8 @@ class TrainSettings(Options):
         integer("epochs", self.epochs, 1)
         integer("batch_size", self.batch_size, 2)
         integer("seed", self.seed, 0)
+        finite_float32("learning_rate", self.learning_rate)  # optax runs both in float32
+        finite_float32("weight_decay", self.weight_decay)
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.weight_decay < 0:
