@@ -526,6 +526,44 @@ def test_matplotlibs_unwritable_config_folder_is_one_warning_line_of_the_command
     assert (tmp_path / "out" / "scene_224" / "result.json").is_file()
 
 
+def test_an_out_folder_that_cannot_be_made_is_named_as_the_flag_not_as_a_lock(tmp_path, fixtures_dir, monkeypatch,
+                                                                             capsys):
+    """--out under /proc as root passed the check (access() allows root everything) and failed making it: explain
+    said "[Errno 2] No such file or directory: '/proc/tclipx'" and convert named '/proc/.tclipconv.lock', a lock
+    file the user never typed. Where the lock of every command is made (`held_lock`): "--out PATH: cannot create it:
+    REASON", the OS's reason. Made the same way as any user here: access() allowing everything, as it does root."""
+    import errno
+
+    from tclip_jax.cli.explain import LOCK_FILE
+    from tclip_jax.files import held_lock, held_lock_beside
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = blocker / "out"  # under a file: ENOTDIR, for every user
+    not_a_folder = os.strerror(errno.ENOTDIR)
+    with pytest.raises(NotADirectoryError, match=f"^--out {re.escape(str(out))}: cannot create it: {not_a_folder}$"):
+        with held_lock(out / LOCK_FILE, "tclip explain", out, make_folder=True):
+            pass
+    beside = blocker / "models" / "converted"  # convert's lock is beside its folder: .converted.lock
+    with pytest.raises(NotADirectoryError, match=f"^--out {re.escape(str(beside))}: cannot create it: "
+                                                 f"{not_a_folder}$"):
+        with held_lock_beside(beside, "tclip convert"):
+            pass
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    for command, out in (("explain", "/proc/tclip-no-such-out"), ("convert", "/proc/tclip-no-such-conv")):
+        try:  # the reason the OS gives here, for this user
+            os.mkdir(out)
+        except OSError as err:
+            reason = err.strerror
+        else:
+            os.rmdir(out)
+            pytest.fail(f"{out} could be made")
+        given = {"explain": ["explain", str(fixtures_dir / "scene_224.png"), "--prompt", "red"],
+                 "convert": ["convert", str(fixtures_dir / "tiny_openai_clip.npz"), "--activation", "quick_gelu"]}
+        assert tclip([*given[command], "--out", out]) == 2
+        assert capsys.readouterr().err == f"tclip {command}: error: --out {out}: cannot create it: {reason}\n"
+
+
 def test_a_prompt_level_main_methods_word_alone_maps_are_in_result_json_as_on_the_page(tmp_path, fixtures_dir):
     """Beside a per-word compare method the page shows the main method's map of each word alone; result.json
     records them as it records a compare method's, with the page or without it (--no-html left them out)."""
