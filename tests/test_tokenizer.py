@@ -513,12 +513,15 @@ def test_no_two_words_share_characters_of_the_prompt(tokenizer):
         assert all(a.end <= b.start for a, b in zip(words, words[1:])), repr(text)
 
 
-def _assert_spans_are_the_words(tokenizer, packaged_files, text, context_length=77, cleaned_alone=True):
+def _assert_spans_are_the_words(tokenizer, packaged_files, text, context_length=77, cleaned_alone=True,
+                                mojibake_spaces=False):
     """The words of `text` against its characters and OpenAI's tokenizer: every letter, digit and mark of `text` lies
-    in one word's span, spans are non-empty and apart, each span cleaned alone (`clean_text`: ftfy, so NFC) is the
-    text of its word's pieces (GPT-2's byte symbols read back; a mark's last byte may share a piece with what
-    follows), and the pieces, each in one word, are those of OpenAI's tokenizer. Not `cleaned_alone`: a word's span
-    may be cleaned otherwise alone (ftfy repairs mojibake by its context: alone "œµ" is "ϵ", in "œµ°" it stays)."""
+    in one word's span (with `mojibake_spaces`, but the "Â" of "Â ", mojibake of a non-breaking space that cleaning
+    makes a space, and then no word's span holds a space), spans are non-empty and apart, each span cleaned alone
+    (`clean_text`: ftfy, so NFC) is the text of its word's pieces (GPT-2's byte symbols read back; a mark's last byte
+    may share a piece with what follows), and the pieces, each in one word, are those of OpenAI's tokenizer. Not
+    `cleaned_alone`: a word's span may be cleaned otherwise alone (ftfy repairs mojibake by its context: alone "œµ"
+    is "ϵ", in "œµ°" it stays)."""
     import unicodedata
 
     from tclip_jax.model.tokenizer import clean_text
@@ -529,7 +532,10 @@ def _assert_spans_are_the_words(tokenizer, packaged_files, text, context_length=
     words = prompt.words
     assert all(w.start < w.end for w in words) and all(a.end <= b.start for a, b in zip(words, words[1:])), repr(text)
     covered = {k for w in words for k in range(w.start, w.end)}
-    assert [k for k, c in enumerate(text) if unicodedata.category(c)[0] in "LNM" and k not in covered] == [], repr(text)
+    spaces = {k for k in range(len(text)) if mojibake_spaces and text[k:k + 2] == "Â "}
+    assert [k for k, c in enumerate(text)
+            if unicodedata.category(c)[0] in "LNM" and k not in covered | spaces] == [], repr(text)
+    assert not mojibake_spaces or [w for w in words if " " in w.text] == [], repr(text)
     for word in words if cleaned_alone else ():
         pieces = "".join(prompt.pieces[p - 1] for p in word.piece_positions).replace("</w>", "")
         read = bytes(byte_of[c] for c in pieces).decode("utf-8", errors="replace")
@@ -613,6 +619,36 @@ def test_prompts_of_mojibake_keep_every_letter_in_a_word(tokenizer, packaged_fil
     for _ in range(300):
         text = "".join(rng.choice(atoms, rng.integers(1, 9)))
         _assert_spans_are_the_words(tokenizer, packaged_files, text, cleaned_alone=False)
+
+
+@pytest.mark.parametrize("text, words", [
+    # "Â " is mojibake of a non-breaking space, which cleaning makes a space (or strips): a space is in no word, so
+    # each word is the run of non-space characters that made its pieces. The word after the deleted "Â " took it, its
+    # space included ("Â abc" was one word, "a Â b" "a" and "Â b"), and so did the word before " Â" ("red Â").
+    ("Â abc", [("abc", 2, 5, False)]), ("Â  abc", [("abc", 3, 6, False)]),
+    ("a Â b", [("a", 0, 1, False), ("b", 4, 5, False)]),
+    ("red Â circle", [("red", 0, 3, False), ("circle", 6, 12, False)]),
+    ("Â µm", [("µm", 2, 4, False)]), ("x Â Âµm", [("x", 0, 1, False), ("Âµm", 4, 7, False)]),
+    ("aÂ b", [("aÂ", 0, 2, False), ("b", 3, 4, False)]),  # no space between: "Â" is the letter's word's, as "aÂ°"
+    # "Ã " is mojibake of "à" (its non-breaking space typed as a space): ftfy makes "Ã  " "à ", and the word after
+    # took the space it dropped (" tout"), a part of a run `_run_followed` follows.
+    ("voilÃ  tout", [("voilÃ", 0, 5, False), ("tout", 7, 11, False)]),
+    ("Ã  la carte", [("Ã", 0, 1, False), ("la", 3, 5, False), ("carte", 6, 11, False)]),
+])
+def test_mojibake_of_a_space_is_in_no_word(tokenizer, packaged_files, text, words):
+    prompt = tokenizer.tokenize_words(text)
+    assert [(w.text, w.start, w.end, w.is_punctuation) for w in prompt.words] == words
+    _assert_spans_are_the_words(tokenizer, packaged_files, text, cleaned_alone=False, mojibake_spaces=True)
+
+
+def test_prompts_of_mojibake_spaces_keep_spaces_out_of_words(tokenizer, packaged_files):
+    """Seeded prompts of "Â " (mojibake of a non-breaking space) with mojibake's letters, letters, digits,
+    punctuation and spaces: no ASCII space here makes a piece, so no word's span holds one."""
+    atoms = ["Â ", "Âµ", "µ", "½", "°", "£", "a", "m", "x", "3", " ", "!", "-", ".", "(", ","]
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        text = "".join(rng.choice(atoms, rng.integers(1, 9)))
+        _assert_spans_are_the_words(tokenizer, packaged_files, text, cleaned_alone=False, mojibake_spaces=True)
 
 
 # --- the TCLIP author's kept positions -------------------------------------------------------------------------

@@ -334,11 +334,11 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
     differs alone and in context) is aligned by `difflib`: a block rewritten to as many characters aligns character
     by character, each character of a block rewritten to another length maps to the whole source block, and a
     deleted block joins a character beside it, as a part of a run ftfy deleted does (`_deleted_joins_before`: a mark
-    NFC moved before another joins the character before it). Only a run of more than
-    `_LONGEST_RUN` characters that ftfy rewrites across every cut `_long_run_followed` may make is aligned so; difflib's
-    alignment may then miss by a character or a word (the words' spans, not their pieces, which are exact).
-    (`difflib` over the whole text matched "red\nred red" against a later repeat of itself and gave words empty or
-    shifted spans.)"""
+    NFC moved before another joins the character before it), up to a space (`_deleted_part_beside`). Only a run of
+    more than `_LONGEST_RUN` characters that ftfy rewrites across every cut `_long_run_followed` may make is aligned
+    so; difflib's alignment may then miss by a character or a word (the words' spans, not their pieces, which are
+    exact). (`difflib` over the whole text matched "red\nred red" against a later repeat of itself and gave words
+    empty or shifted spans.)"""
     followed = _cleaning_followed(original)
     if "".join(c for c, _, _ in followed) == cleaned:
         return [a for _, a, _ in followed], [b for _, _, b in followed]
@@ -355,10 +355,12 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
         if tag == "delete":  # e.g. a mark NFC moved before another
             deleted.append((j1, *block))
     for j, deleted_start, deleted_end in deleted:  # after the loop: a later block sets the start of the one after
-        if j and _deleted_joins_before(cleaned[j - 1], cleaned[j] if j < len(cleaned) else None):
-            ends[j - 1] = max(ends[j - 1], deleted_end)
-        elif j < len(cleaned):
-            starts[j] = min(starts[j], deleted_start)
+        joins_before = j > 0 and _deleted_joins_before(cleaned[j - 1], cleaned[j] if j < len(cleaned) else None)
+        a, b = _deleted_part_beside(original[deleted_start:deleted_end], deleted_start, joins_before)
+        if a < b and joins_before:
+            ends[j - 1] = max(ends[j - 1], b)
+        elif a < b and j < len(cleaned):
+            starts[j] = min(starts[j], a)
     return starts, ends
 
 
@@ -465,7 +467,8 @@ def _run_followed(run: str, start: int, fixed: str) -> list[tuple[str, int, int]
     """`fixed`, what ftfy made of `run` (at `start` of the original), mapped onto it: the run is cut wherever
     fixing the part before (or after) the cut alone gives the start (end) of `fixed` ("Ã©â€œÃ©" is "Ã©", "â€œ",
     "Ã©": 'é"é'); each part's characters map one to one where it kept its length, else to the whole part, and a
-    part ftfy deleted ("Â" of "Âµm", a lead byte of mojibake) joins a character beside it (`_deleted_joins_before`).
+    part ftfy deleted ("Â" of "Âµm", a lead byte of mojibake) joins a character beside it (`_deleted_joins_before`),
+    up to a space (`_deleted_part_beside`).
     A run with a part rewritten to text with a space (words on both sides would share its span) is left as it is."""
     kept = [(c, k, k + 1) for k, c in enumerate(run, start)]
     if fixed == run:
@@ -493,10 +496,12 @@ def _run_followed(run: str, start: int, fixed: str) -> list[tuple[str, int, int]
         a, m = b, n
     for k, deleted_start, deleted_end in deleted:
         before, after = followed[k - 1] if k else None, followed[k] if k < len(followed) else None
-        if before and _deleted_joins_before(before[0], after and after[0]):
-            followed[k - 1] = (before[0], before[1], max(before[2], deleted_end))
-        elif after:
-            followed[k] = (after[0], min(after[1], deleted_start), after[2])
+        joins_before = bool(before) and _deleted_joins_before(before[0], after and after[0])
+        a, b = _deleted_part_beside(run[deleted_start - start:deleted_end - start], deleted_start, joins_before)
+        if a < b and joins_before:
+            followed[k - 1] = (before[0], before[1], max(before[2], b))
+        elif a < b and after:
+            followed[k] = (after[0], min(after[1], a), after[2])
     return followed
 
 
@@ -507,6 +512,14 @@ def _deleted_joins_before(before: str | None, after: str | None) -> bool:
     a space or nothing follows (a space is in no word); else the one after ("Â" of "(Âµm)", a lead byte of mojibake,
     is part of the word "Âµm"). Either way a deleted letter beside a letter stays in its word."""
     return after is None or after.isspace() or before is not None and unicodedata.category(before)[0] in "LNM"
+
+
+def _deleted_part_beside(block: str, start: int, before: bool) -> tuple[int, int]:
+    """The [start, end) span of the part of `block`, characters at `start` of the prompt that cleaning deleted, that
+    joins the character before it (`before`) or after it: up to its first whitespace, or from its last, as a space is
+    in no word ("Â " of "Â abc", mojibake of a non-breaking space that cleaning strips, joins no word)."""
+    touching = len(re.match(r"\S*", block if before else block[::-1]).group())
+    return (start, start + touching) if before else (start + len(block) - touching, start + len(block))
 
 
 @functools.lru_cache(maxsize=None)
