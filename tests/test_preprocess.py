@@ -233,6 +233,22 @@ def test_minmax_of_a_slice_with_a_nan_or_an_infinite_value_is_all_nan(size):
     np.testing.assert_allclose(scaled[5], (maps[5] - maps[5].min()) / np.ptp(maps[5]), atol=1e-6)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_minmax_of_a_finite_slice_with_a_huge_spread_is_the_formula_in_float64(jit):
+    """A spread past 2^126 (float32's 1 / smallest normal) made the slice all zeros on CPU (XLA divides by the
+    spread's reciprocal, flushed to zero), and one that overflows float32 (±3e38) partly NaN, refused by the host step
+    as if the map held NaN or infinite values. Each slice against the formula computed in float64."""
+    rng = np.random.default_rng(4)
+    maps = rng.uniform(-1, 1, (5, 7, 7)) * np.array([1.0, 1e37, 1e38, 1.7e38, 3.4e38])[:, None, None]
+    maps[4, 0, 0], maps[4, -1, -1] = -3.4e38, 3.4e38  # a spread of 6.8e38: inf in float32
+    maps = maps.astype(np.float32)
+    scaled = np.asarray((jax.jit(minmax) if jit else minmax)(maps))
+    wide = maps.astype(np.float64)
+    low, high = wide.min(axis=(1, 2), keepdims=True), wide.max(axis=(1, 2), keepdims=True)
+    assert np.isinf(maps[4].max() - maps[4].min())
+    np.testing.assert_allclose(scaled, (wide - low) / (high - low), rtol=0, atol=1e-6)
+
+
 # --- geometry -----------------------------------------------------------------------------------------------
 
 

@@ -91,11 +91,18 @@ def minmax(x: Array, axis: int | tuple[int, ...] = (-2, -1)) -> Array:
     A constant slice (max == min) maps to all zeros rather than NaN. A slice with a NaN or an infinite value maps
     to all NaN, which the host step refuses ("contains NaN or infinite values"): a NaN spread made it all zeros, a
     blank map that was boxed and scored, and XLA's min and max do not always propagate a NaN (on CPU, those of a
-    224 x 224 map with NaNs in it came out finite).
+    224 x 224 map with NaNs in it came out finite). A finite slice whose spread is past 1 / the dtype's smallest
+    normal number (2^126 in float32) is computed as (x/8 - min/8) / (max/8 - min/8): XLA on CPU divides by the
+    spread's reciprocal, which there flushed to zero (a map of ±1e38 was all zeros), and a spread that overflows
+    (±3e38) made the slice partly NaN, refused as if it held NaN. Any other slice is multiplied by 1: its result is
+    the formula's as XLA computes it, bit for bit.
     """
-    low = jnp.min(x, axis=axis, keepdims=True)
-    spread = jnp.max(x, axis=axis, keepdims=True) - low
-    scaled = jnp.where(spread > 0, (x - low) / jnp.where(spread > 0, spread, 1), 0)
+    x = jnp.asarray(x)  # the dtype JAX computes in (numpy's float64 is float32 without x64), for finfo
+    low, high = jnp.min(x, axis=axis, keepdims=True), jnp.max(x, axis=axis, keepdims=True)
+    # Dividing by 8 is exact but near zero, far below such a spread's precision; a NaN spread is refused below.
+    scale = jnp.where(high - low <= 1 / jnp.finfo(x.dtype).tiny, 1, 0.125)
+    low, spread = low * scale, high * scale - low * scale
+    scaled = jnp.where(spread > 0, (x * scale - low) / jnp.where(spread > 0, spread, 1), 0)
     return jnp.where(jnp.isfinite(x).all(axis=axis, keepdims=True), scaled, jnp.nan)
 
 
