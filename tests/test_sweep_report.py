@@ -3,10 +3,12 @@ hit or miss; the pictures the sweep keeps for it whatever the order, split or re
 import concurrent.futures
 import functools
 import json
+import pathlib
 import random
 import re
 import threading
 import warnings
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -339,12 +341,55 @@ def test_a_sweep_with_ground_truth_boxes_far_outside_the_image_completes(tmp_pat
     assert [p.name for p in (out / "gallery").iterdir()] == ["1__person__0.jpg"]
 
 
+class _Page(HTMLParser):
+    """report.html read back: the cells of each table (rows of cells, the header first), and all its text."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.text, self.cell = [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.cell = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self.cell)
+            self.cell = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self.cell is not None:
+            self.cell += data
+
+
+def _markdown_tables(text: str) -> list[list[list[str]]]:
+    """report.md's tables as a GFM parser (markdown-it) reads them: rows of cells, the header first."""
+    from markdown_it import MarkdownIt
+
+    tables, row = [], None
+    for token in MarkdownIt("commonmark").enable("table").parse(text):
+        if token.type == "table_open":
+            tables.append([])
+        elif token.type == "tr_open":
+            row = []
+        elif token.type == "inline" and row is not None:
+            row.append(token.content)
+        elif token.type == "tr_close":
+            tables[-1].append(row)
+            row = None
+    return tables
+
+
 def test_report_html_says_what_report_md_says_and_a_pipe_in_a_label_stays_in_its_cell(coco_hand,  # noqa: F811
                                                                                        tmp_path):
     """Every table of report.md, read by a GFM parser (markdown-it), is report.html's, cell for cell, and every
     sentence below the run's description is there too: the wrong-attribute figure, the no-positive-value caveat,
     why no paper figure is shown. A model folder with '|' in its name must neither shift cells nor drop one."""
-    from html.parser import HTMLParser
     from markdown_it import MarkdownIt
     from tclip_jax.sweep.report import html_report, markdown
 
@@ -360,43 +405,10 @@ def test_report_html_says_what_report_md_says_and_a_pipe_in_a_label_stays_in_its
                                "no_positive_relevance": 3, "per_class": {}}
     text = markdown(config, summary)
 
-    class Page(HTMLParser):  # the cells of each table, and all text
-        def __init__(self):
-            super().__init__()
-            self.tables, self.text, self.cell = [], [], None
-
-        def handle_starttag(self, tag, attrs):
-            if tag == "table":
-                self.tables.append([])
-            elif tag == "tr":
-                self.tables[-1].append([])
-            elif tag in ("td", "th"):
-                self.cell = ""
-
-        def handle_endtag(self, tag):
-            if tag in ("td", "th"):
-                self.tables[-1][-1].append(self.cell)
-                self.cell = None
-
-        def handle_data(self, data):
-            self.text.append(data)
-            if self.cell is not None:
-                self.cell += data
-
-    page = Page()
+    page = _Page()
     page.feed(html_report(config, summary, {}, out))
     tokens = MarkdownIt("commonmark").enable("table").parse(text)
-    tables, row = [], None
-    for token in tokens:
-        if token.type == "table_open":
-            tables.append([])
-        elif token.type == "tr_open":
-            row = []
-        elif token.type == "inline" and row is not None:
-            row.append(token.content)
-        elif token.type == "tr_close":
-            tables[-1].append(row)
-            row = None
+    tables = _markdown_tables(text)
     assert len(tables) == 2 and page.tables == tables  # detection and segmentation
     assert tables[0][1][0] == "painted (models/pipe|model)"
     assert tables[0][2][0] == "painted (models/pipe|model), colour|shape"
@@ -407,6 +419,95 @@ def test_report_html_says_what_report_md_says_and_a_pipe_in_a_label_stays_in_its
     assert any(p.startswith("No paper figure is shown") for p in below)
     for paragraph in below:
         assert " ".join(paragraph.replace("`", "").split()) in shown
+
+
+# Each column report.md's tables write and the report.json score it names: (task, key, scale, decimals); "{fixed}"
+# is the seed table's fixed threshold. A table's last column, Units or Categories, counts (its task's "units", the
+# seed metrics' "categories").
+_COLUMNS = {
+    "BoxAcc (%)": ("detection", "box_accuracy", 100, 2),
+    "BoxAcc, class mean (%)": ("detection", "box_accuracy_class_mean", 100, 2),
+    "Mean IoU": ("detection", "mean_iou", 1, 4),
+    "PG": ("segmentation", "pointing_game", 1, 4),
+    "Energy-PG": ("segmentation", "energy_pg", 1, 4),
+    "Pixel acc.": ("segmentation", "pixel_accuracy", 1, 4),
+    "AP": ("segmentation", "ap", 1, 4),
+    "Mask IoU": ("segmentation", "mask_iou", 1, 4),
+    "PG, class mean": ("segmentation", "pointing_game_class_mean", 1, 4),
+    "mIoU, grid-searched threshold": ("seed", "miou_grid", 1, 4),
+    "mIoU, threshold {fixed}": ("seed", "miou_fixed", 1, 4),
+    "mSC (%)": ("seed", "msc", 100, 2),
+}
+
+
+@pytest.mark.parametrize("dataset", ["coco", "imagenet-s919"])
+def test_every_table_cell_of_report_md_and_html_is_the_report_json_score_its_header_names(dataset):
+    """Every cell of every table report.md and report.html write (detection, segmentation, seed; the run's row, its
+    groups' rows, the paper's row), read back by its column's header, is the report.json score that header names:
+    a table whose cells were swapped under unchanged headers (Pixel acc. and AP, the grid-searched and fixed-threshold
+    mIoU) published the wrong number under the right name while report.json stayed right. Every row's numbers
+    differ, so no swap can pass."""
+    from tclip_jax.evaluation.datasets.coco import VAL2017_SAMPLES
+    from tclip_jax.evaluation.datasets.imagenet_s import VALIDATION_IMAGES
+    from tclip_jax.evaluation.metrics.seed import seed_unit_scores
+    from tclip_jax.evaluation.options import EvalOptions
+    from tclip_jax.methods.tclip.settings import Settings
+    from tclip_jax.sweep.report import PAPER, html_report, markdown, run_name, summarize
+
+    rng = np.random.default_rng(4)  # one whose rows' numbers all differ (asserted below)
+    records = []
+    for index in range(10):
+        units = []
+        for group in rng.choice(["shape 1", "shape 2", "Route 66"], 1 + index % 3, replace=False).tolist():
+            mask = rng.random((6, 6)) < 0.4
+            units.append({"class": ["cat", "dog", "bird"][int(rng.integers(3))], "group": group,
+                          "hit": bool(rng.random() < 0.5), "iou": float(rng.random()),
+                          "pg_hit": bool(rng.random() < 0.6), "energy_pg": float(rng.random()),
+                          "energy_in_mask": float(rng.random()), "pixel_correct": int(rng.integers(40, 100)),
+                          "pixel_labeled": 100, "area_inter": [int(rng.integers(30)), int(rng.integers(10))],
+                          "area_union": [int(rng.integers(30, 60)), int(rng.integers(10, 20))],
+                          "ap": float(rng.random()),
+                          "seed": seed_unit_scores(rng.normal(size=(6, 6)) + 2 * mask, mask)})
+        records.append({"index": index, "key": str(index), "units": units})
+    summary = summarize(records)
+    summary["images"] = {"coco": VAL2017_SAMPLES, "imagenet-s919": VALIDATION_IMAGES[919]}[dataset]  # the paper's row
+    run = {"method": "tclip", "settings": Settings().to_dict(), "input_protocol": "whole",
+           "model": {"origin": "openai/clip-vit-base-patch32", "source": "hf", "architecture": "ViT-B/32"}}
+    config = {"run": run, "dataset": dataset, "limit": None, "template": None, "source": "s",
+              "evaluation": EvalOptions(metrics="seed").to_dict()}
+    report = json.loads(json.dumps({"config": config, **summary}))  # report.json, as write_report writes it
+    name = run_name(run)
+    scores_of = {name: report, **{f"{name}, {g}": s for g, s in report["groups"].items()}}
+    text = markdown(config, summary)
+    page = _Page()
+    page.feed(html_report(config, summary, {}, pathlib.Path("out")))
+    columns = {header.format(fixed=f"{report['seed']['fixed_threshold']:.2f}"): named
+               for header, named in _COLUMNS.items()}
+    for tables in (_markdown_tables(text), page.tables):
+        tasks, paper_rows, group_rows = [], 0, 0
+        for header, *rows in tables:
+            assert header[0] == "Method" and header[-1] in ("Units", "Categories") and rows, header
+            named = [columns[h] for h in header[1:-1]]
+            task = named[0][0]
+            assert all(n[0] == task for n in named), header
+            tasks.append(task)
+            for label, *cells in rows:
+                paper = label == "paper: TCLIP (ViT-B/32)"
+                scores = PAPER[dataset] if paper else scores_of[label][task]
+                paper_rows += paper
+                group_rows += label.startswith(f"{name}, ")
+                assert cells[-1] == ("" if paper else str(scores[header[-1].lower()])), (label, header[-1])
+                shown = {}
+                for head, cell, (_, key, scale, decimals) in zip(header[1:-1], cells, named):
+                    if paper and key not in scores:
+                        assert cell == "", (label, head)
+                        continue
+                    value = scale * scores[key]
+                    assert abs(float(cell) - value) <= 0.5 * 10 ** -decimals + 1e-12, (label, head, cell, value)
+                    shown[head] = cell
+                assert len(set(shown.values())) == len(shown), (label, shown)  # a swap of any two would show
+        assert tasks == ["detection", "segmentation", "seed"]
+        assert paper_rows == 1 and group_rows == 2 * len(report["groups"])
 
 
 @pytest.mark.parametrize("errors", [20, 21])
