@@ -375,12 +375,15 @@ def _reference_ap(heatmap, labels):
 
 
 @pytest.mark.parametrize("heatmap", [-np.ones((10, 10)), np.full((10, 10), 0.3), np.zeros((10, 10)),
-                                     np.random.default_rng(0).standard_normal((10, 10))],
-                         ids=["all negative", "constant positive", "zeros", "varied"])
+                                     np.random.default_rng(0).standard_normal((10, 10)),
+                                     np.pad(np.ones((1, 1)), ((0, 9), (0, 9)))],
+                         ids=["all negative", "constant positive", "zeros", "varied", "varied only where ignored"])
 def test_ap_matches_the_reference_also_for_a_map_of_no_relevance(heatmap):
     """A constant map (a TCLIP soft map of negative cosines) scores every pixel alike in the reference (its NaN
     map zeroed in both channels): AP 0.5 whatever the mask, where scoring zeros as 1 - r and r gave b^2 + (1-b)/2
-    for a background share b. A fifth of the pixels foreground, two ignored."""
+    for a background share b. A fifth of the pixels foreground, two ignored. A map that varies only on an ignored
+    pixel is not constant there: the reference normalizes the whole map, then leaves ignored pixels out, so the
+    labeled pixels score 1 - 0 and 0, not all alike (judged on the labeled pixels alone, AP was 0.5)."""
     labels = np.zeros((10, 10), np.int64)
     labels[2:6, 3:8] = 1
     labels[0, :2] = IGNORE_LABEL
