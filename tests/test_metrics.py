@@ -515,6 +515,53 @@ def test_imagenet_s_acc_counts_the_largest_predicted_foreground_class_if_gt_and_
     assert imagenet_s.evaluate([gt], [pred], 2)["Acc"] == 0.0
 
 
+def _official_acc(gts, preds, num_classes):
+    """evaluator.py's image-level accuracy, pixel by pixel: per image, the histograms ``area_output`` and
+    ``area_target`` of ids 0..num_classes over the pixels whose GT is not ignored (``torch.histc``, which counts no id
+    outside that range), ``img_label = torch.argmax(area_output[1:]) + 1`` (the first of equal maxima), a hit iff
+    ``area_target[img_label] > 0`` and ``area_output[img_label] > 0``; ``ACC / len(loader.dataset)``, in percent:
+    every image counts in the denominator."""
+    hits = 0
+    for gt, pred in zip(gts, preds):
+        output, target = [0] * (num_classes + 1), [0] * (num_classes + 1)
+        for g, p in zip(gt.reshape(-1).tolist(), pred.reshape(-1).tolist()):
+            if g == imagenet_s.IGNORE_ID:
+                continue
+            target[g] += 1
+            if 0 <= p <= num_classes:
+                output[p] += 1
+        label = 1
+        for c in range(2, num_classes + 1):
+            if output[c] > output[label]:
+                label = c
+        hits += target[label] > 0 and output[label] > 0
+    return 100 * hits / len(gts)
+
+
+def test_imagenet_s_acc_counts_every_image_and_takes_the_first_of_tied_predicted_classes():
+    """Two cases the evaluator fixture lacks, against the evaluator's Acc loop transcribed (`_official_acc`): images
+    whose GT is only background and ignore count in the denominator (the first, with class 1 predicted, and the last,
+    predicted all background: argmax of zeros is class 1, absent); a prediction with as many pixels of class 1 as of
+    class 2 takes class 1, the first (the second image: class 1 is in its GT, so a hit; the last of the tie were a
+    miss). The third image is a plain hit. Acc = 2 hits of 4 images."""
+    gts, preds = [], []
+    for k in range(4):
+        gts.append(np.zeros((12, 12), np.int64))
+        preds.append(np.zeros((12, 12), np.int64))
+    gts[0][:3] = imagenet_s.IGNORE_ID   # background and ignore only
+    preds[0][5:8, 5:8] = 1
+    gts[1][2:6, 2:6] = 1                # class 1 in the GT; classes 1 and 2 predicted on 6 pixels each
+    preds[1][2:4, 2:5] = 1
+    preds[1][8:10, 8:11] = 2
+    gts[2][6:, 6:] = 2                  # class 2 in the GT and the largest predicted
+    preds[2][7:, 7:] = 2
+    preds[2][0, :3] = 3
+    gts[3][9:] = imagenet_s.IGNORE_ID   # background and ignore only, predicted all background
+    expected = _official_acc(gts, preds, num_classes=3)
+    assert expected == 50.0
+    assert imagenet_s.evaluate(gts, preds, num_classes=3)["Acc"] == expected
+
+
 def test_imagenet_s_fmeasure_counts_every_nonzero_predicted_id_as_foreground():
     """FMeasureGPU thresholds ``output > 0``: an id beyond num_classes (left out of the IoU histograms) is still
     predicted foreground."""
