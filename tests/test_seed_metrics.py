@@ -8,7 +8,11 @@ from tclip_jax.evaluation.metrics.seed import GRID, seed_unit_scores, summarize_
 
 def explicit_unit(relevance, mask, ignore):
     low, high = max(relevance.min(), 0), relevance.max()
-    norm = [[(max(v, 0) - low) / (high - low) for v in row] for row in relevance]
+    return explicit_counts([[(max(v, 0) - low) / (high - low) for v in row] for row in relevance], mask, ignore)
+
+
+def explicit_counts(norm, mask, ignore):
+    """Score contrast and grid intersections / unions of a normalized map (rows of values), pixel by pixel."""
     cells = [(norm[i][j], bool(mask[i, j])) for i in range(mask.shape[0]) for j in range(mask.shape[1])
              if ignore is None or not ignore[i, j]]
     fg = [v for v, m in cells if m]
@@ -52,6 +56,45 @@ def test_a_units_seed_scores_leave_its_ignore_pixels_out():
     assert unit["score_contrast"] == pytest.approx(contrast, abs=1e-12)
     assert unit["grid_inter"] == inter and unit["grid_union"] == union
     assert (inter[50], union[50]) == (25, 25)
+
+
+@pytest.mark.parametrize("fill", ["min", "zero", "above", "noise"])
+@pytest.mark.parametrize("sign", ["positive", "negative"])
+def test_a_centre_cropped_units_seed_scores_and_no_positive_flag_are_the_seen_parts_alone(sign, fill):
+    """Under a centre crop (`covered`: rows 1-4, columns 2-6 of 6 x 9) a unit's seed scores normalize the map
+    within what the model saw, the cut-off pixels are background of relevance 0 and every labeled pixel counts; a
+    map is marked no_positive_relevance when nothing it saw is positive. Whatever the cut-off pixels of the soft map
+    hold (the map's minimum, as `original_maps` fills them, zero, values above the seen part, noise), the scores
+    are the explicit loop's on the seen part. Scoring the whole raw map, or flagging on its whole maximum, agrees
+    with it under the minimum fill (the one the sweep uses), so only the other fills tell them apart."""
+    from tclip_jax.evaluation.datasets.base import Target
+    from tclip_jax.evaluation.options import EvalOptions
+    from tclip_jax.evaluation.scoring import score_unit
+    from tclip_jax.methods.base import HostMaps
+    from tclip_jax.postprocess import Box
+
+    rng = np.random.default_rng(7)
+    mask = rng.random((6, 9)) < 0.4
+    mask[2:4, 5:8] = True  # partly cut off
+    ignore = rng.random((6, 9)) < 0.1
+    ignore &= ~mask
+    seen = rng.random((4, 5)) + 0.1
+    seen = seen + 2 * mask[1:5, 2:7] if sign == "positive" else -seen  # negative: a soft map of negative cosines
+    soft = {"min": np.full((6, 9), seen.min()), "zero": np.zeros((6, 9)), "above": np.full((6, 9), seen.max() + 1),
+            "noise": 3 * rng.normal(size=(6, 9))}[fill]
+    soft[1:5, 2:7] = seen
+    unit = score_unit(Target(0, mask=mask, ignore=ignore), np.zeros((6, 9)), HostMaps(soft, None, Box(0, 0, 1, 1)),
+                      EvalOptions(metrics="seed"), covered=(slice(1, 5), slice(2, 7)))
+    clipped = [[max(float(v), 0.0) for v in row] for row in seen]
+    low, high = min(map(min, clipped)), max(map(max, clipped))
+    norm = [[0.0] * 9 for _ in range(6)]
+    for i in range(4):
+        for j in range(5):
+            norm[1 + i][2 + j] = (clipped[i][j] - low) / (high - low) if high > low else 0.0
+    contrast, inter, union = explicit_counts(norm, mask, ignore)
+    assert unit["seed"]["score_contrast"] == pytest.approx(contrast, abs=1e-12)
+    assert unit["seed"]["grid_inter"] == inter and unit["seed"]["grid_union"] == union
+    assert unit.get("no_positive_relevance", False) == (high == 0.0) == (sign == "negative")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
