@@ -510,6 +510,36 @@ def test_every_table_cell_of_report_md_and_html_is_the_report_json_score_its_hea
         assert paper_rows == 1 and group_rows == 2 * len(report["groups"])
 
 
+def test_wrong_pointing_is_over_the_units_with_a_wrongly_named_object_alone():
+    """Units with a wrong_mask (wrong_pg_hit) and units without one in the same sweep and group: wrong_pointing is
+    the hits over the units that have one, counted here unit by unit, in report.json, each group and report.md (no
+    current dataset mixes them: the wrong-attribute protocol gives every unit one, the others none)."""
+    from tclip_jax.sweep.report import markdown, summarize
+
+    rng = random.Random(2)
+    records = []
+    for index in range(5):
+        units = []
+        for _ in range(3):
+            unit = {"class": "cat", "group": rng.choice(["colour", "shape"]), "hit": rng.random() < 0.5, "iou": 0.5}
+            if rng.random() < 0.5:
+                unit["wrong_pg_hit"] = rng.random() < 0.5
+            units.append(unit)
+        records.append({"index": index, "key": str(index), "units": units})
+    summary = summarize(records)
+    everything = [u for r in records for u in r["units"]]
+    for scores, units in [(summary, everything), *((summary["groups"][g], [u for u in everything if u["group"] == g])
+                                                   for g in ("colour", "shape"))]:
+        wrong = [u["wrong_pg_hit"] for u in units if "wrong_pg_hit" in u]
+        assert 0 < len(wrong) < len(units) and 0 < sum(wrong)  # mixed, so the two denominators differ
+        assert scores["wrong_attribute"]["units"] == len(wrong)
+        assert scores["wrong_attribute"]["wrong_pointing"] == pytest.approx(sum(wrong) / len(wrong), abs=1e-12)
+    config = {"dataset": "synthetic-wrong_attribute", "evaluation": {}, "run": {
+        "method": "tclip", "settings": {}, "input_protocol": "whole", "model": {"origin": "m"}}}
+    wrong = [u["wrong_pg_hit"] for u in everything if "wrong_pg_hit" in u]
+    assert f"better): {sum(wrong) / len(wrong):.4f} over {len(wrong)} units." in markdown(config, summary)
+
+
 @pytest.mark.parametrize("errors", [20, 21])
 def test_report_md_lists_the_first_20_errors_and_counts_the_rest(errors):
     from tclip_jax.evaluation.options import EvalOptions
