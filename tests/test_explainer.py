@@ -7,6 +7,7 @@ import sys
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -532,11 +533,13 @@ def _result_arrays(results) -> dict[str, np.ndarray]:
 
 
 def test_explain_batch_splits_its_batches_over_the_local_devices(no_translation, fixture_images, monkeypatch,
-                                                                 tmp_path):
+                                                                 tmp_path, fixtures_dir):
     """On one device this test explains 3 images in one batch of 3, then runs itself, and the test above that holds
     a second batch on the device, in a process with two host devices. There the batch is split 2 + 1 over both
     devices, dispatched from a thread each at the caller's matmul precision, and every map, soft map, τ, box and
-    similarity S (from the per-image extras) is bit for bit the one-device process's; a one-image explain runs on
+    similarity S (from the per-image extras) is bit for bit the one-device process's, and so are those of a float64
+    model explained inside `jax.enable_x64` (the threads run in x64 mode too: without it they ran float32 matmuls
+    recorded as float64); a one-image explain runs on
     the first device from the calling thread (no thread pool), a `jax.default_device` context keeps a batch on its
     device, and no dispatching thread outlives a call ended early."""
     from tclip_jax.methods.base import matmul_precision
@@ -554,10 +557,15 @@ def test_explain_batch_splits_its_batches_over_the_local_devices(no_translation,
     with jax.default_matmul_precision("float32"):  # "highest" by another name: the threads must run at it too
         results = list(method.explain_batch(images, PROMPTS, batch_size=3))
     assert all(result.run["model"]["matmul_precision"] == "highest" for result in results)
+    with jax.enable_x64(True):
+        x64 = TCLIP(load_clip(fixtures_dir / "tiny_openai_clip.npz", dtype=jnp.float64), no_translation.settings)
+        x64_results = list(x64.explain_batch(images, PROMPTS, batch_size=3))
+    assert all(result.run["model"]["matmul_dtype"] == "float64" for result in x64_results)
+    arrays = {**_result_arrays(results), **{f"x64/{k}": v for k, v in _result_arrays(x64_results).items()}}
     reference = os.environ.get(ONE_DEVICE_RESULTS)
     if reference is None:
         assert jax.local_device_count() == 1 and dispatched == [(3, {0}, "highest", True)]
-        np.savez(tmp_path / "one_device.npz", **_result_arrays(results))
+        np.savez(tmp_path / "one_device.npz", **arrays)
         env = {**os.environ, ONE_DEVICE_RESULTS: str(tmp_path / "one_device.npz"),
                "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"}  # conftest's too
         tests = pathlib.Path(__file__)
@@ -570,9 +578,8 @@ def test_explain_batch_splits_its_batches_over_the_local_devices(no_translation,
     # Images 0 and 1 on device 0; image 2 and a padded copy of it on device 1.
     assert sorted(dispatched, key=str) == [(2, {0}, "highest", False), (2, {1}, "highest", False)]
     with np.load(reference) as one_device:
-        got = _result_arrays(results)
-        assert sorted(got) == sorted(one_device.files)
-        for name, array in got.items():
+        assert sorted(arrays) == sorted(one_device.files)
+        for name, array in arrays.items():
             np.testing.assert_array_equal(array, one_device[name], err_msg=name, strict=True)
     dispatched.clear()
     method.explain(images[0], PROMPTS)

@@ -13,6 +13,7 @@ one, and a copy of the method's parameters on each device that gets a share (`Me
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -32,6 +33,25 @@ def batch_devices() -> list[jax.Device]:
     return [jax.local_devices(backend=chosen)[0] if isinstance(chosen, str) else chosen]
 
 
+def thread_config() -> Callable[[], contextlib.AbstractContextManager]:
+    """A context that sets, in another thread, every JAX setting this thread's contexts set now
+    (`jax.enable_x64`, `jax.default_matmul_precision`, `jax.numpy_dtype_promotion`, `jax.debug_nans`, ...): JAX keeps
+    them per thread, and a new thread starts with the global values, so a program dispatched from one would be
+    traced otherwise (float64 parameters as float32 without x64) than its caller's and recorded as the caller's."""
+    from jax._src import config  # every setting and its thread's value, which no public API lists
+    local = [(state, value) for state in config.config_states.values()
+             if (value := state.get_local()) is not config.config_ext.unset]
+
+    @contextlib.contextmanager
+    def entered():
+        with contextlib.ExitStack() as settings:
+            for state, value in local:
+                settings.enter_context(state(value))  # JAX's own context for it (its hooks included)
+            yield
+
+    return entered
+
+
 def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
     """``array`` with its last row repeated up to ``rows`` rows."""
     return np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)])
@@ -42,9 +62,9 @@ class DeviceMaps:
 
     The method's parameters are put on a device when a batch first gives it a share, and kept there for this
     object's later batches and, a model's own, for the method's later calls (`Method.params_on`); the queries go
-    with each batch. Each batch runs at the matmul
-    precision of the thread that dispatches it, as it is then (`matmul_precision`, which `run_info` records there):
-    a `jax.default_matmul_precision` context reaches no other thread, so the dispatching threads are given it. The
+    with each batch. Each batch runs under the JAX settings of the thread that dispatches it, as they are then
+    (`thread_config`: its matmul precision, which `run_info` records there, x64 mode and any other): a JAX context
+    such as `jax.default_matmul_precision` reaches no other thread, so the dispatching threads are given them. The
     thread pool is made when a batch first spans two devices; `close` (or leaving a ``with`` block) shuts it
     down."""
 
@@ -62,9 +82,7 @@ class DeviceMaps:
 
         Each device takes ceil(B / devices) images (the last share padded); devices left without a real image
         get nothing."""
-        from tclip_jax.methods.base import matmul_precision  # base imports this module
-
-        precision, count = matmul_precision(), len(pixels)
+        caller_config, count = thread_config(), len(pixels)
         share = -(-count // len(self.devices))
         shares = -(-count // share)
         pixels, rows = pad_rows(pixels, share * shares), pad_rows(rows.astype(np.int32), share * shares)
@@ -74,7 +92,7 @@ class DeviceMaps:
             params = self._params.get(device)
             if params is None:
                 params = self._params[device] = self._method.params_on(device)
-            with jax.default_matmul_precision(precision):
+            with caller_config():
                 return self._maps(params, jax.device_put(pixels[part], device),
                                   jax.device_put(queries, device), jax.device_put(rows[part], device))
 
