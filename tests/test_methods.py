@@ -932,6 +932,25 @@ def test_loaded_parameters_are_read_only_and_the_readmes_ablation_is_another_mod
     np.testing.assert_array_equal(method.text_features(["a cat"]), before)  # the loaded model: unchanged
 
 
+def test_a_clip_built_on_writable_parameters_makes_them_read_only(tiny_clip, fixture_images):
+    """A LoadedClip a user builds on writable arrays (`dataclasses.replace`): a weight edited in place between two
+    explains gave the first maps again (the parameters kept on the device, told by their leaves' identity). Its
+    arrays are read-only once it is built, so the edit raises; a new tree gives the maps of a fresh load of the
+    same weights."""
+    params = jax.tree_util.tree_map(np.array, tiny_clip.params)  # writable copies
+    clip = dataclasses.replace(tiny_clip, params=params)
+    assert not any(leaf.flags.writeable for leaf in jax.tree_util.tree_leaves(params))
+    method, image = METHODS["similarity"](clip), fixture_images["scene_224"]
+    method.explain(image, ["a red circle"])
+    with pytest.raises(ValueError, match="read-only"):
+        params["visual"]["proj"] *= -1.5
+    edited = {**params, "visual": {**params["visual"], "proj": params["visual"]["proj"] * -1.5}}
+    again = METHODS["similarity"](dataclasses.replace(clip, params=edited)).explain(image, ["a red circle"])
+    fresh = dataclasses.replace(tiny_clip, params=jax.tree_util.tree_map(np.array, edited))
+    expected = METHODS["similarity"](fresh).explain(image, ["a red circle"])
+    np.testing.assert_array_equal(again.prompts[0].phrase.heatmap, expected.prompts[0].phrase.heatmap)
+
+
 @pytest.mark.parametrize("name", ["similarity", "tclip"])
 def test_a_leaf_replaced_in_the_parameter_dict_is_another_model(tiny_clip, fixture_images, name):
     """The parameter tree is a plain nested dict, and the fingerprint was computed once: after

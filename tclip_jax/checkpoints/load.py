@@ -38,10 +38,18 @@ DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "defa
 @dataclasses.dataclass(frozen=True)
 class LoadedClip:
     model: CLIP          # the Flax module (config and matmul dtype); call it as model.apply({"params": params}, ...)
-    params: dict         # float32 parameter tree (`load_clip`'s: read-only numpy arrays)
+    params: dict         # float32 parameter tree (its numpy arrays made read-only: `__post_init__`)
     tokenizer: ClipTokenizer
     source: str          # one of SOURCES
     origin: str          # what was named
+
+    def __post_init__(self):
+        # What is kept from the weights (`fingerprint`, `params_on`, a method's text features) is told by the
+        # identity of its leaves (`TreeLeaves`): an array edited in place would leave it stale, so numpy leaves, a
+        # loaded tree's or one a user built (`dataclasses.replace(clip, params=...)`), refuse it; new weights are a
+        # new tree.
+        for leaf in jax.tree_util.tree_leaves(self.params):
+            read_only(leaf)
 
     @property
     def config(self) -> CLIPConfig:
@@ -105,7 +113,7 @@ class TreeLeaves:
     their ids). What is computed from a tree and kept (`LoadedClip.fingerprint`, a method's text features) keeps
     this beside it and is computed again where the tree's `TreeLeaves` is not `same_as` it: a leaf replaced in the
     tree (a plain nested dict, `params["text"]["projection"] = new`) or the tree's structure changed. Leaves are told
-    by identity, which costs nothing per call; an edit in place is what `load_clip`'s read-only arrays refuse."""
+    by identity, which costs nothing per call; an edit in place is what a `LoadedClip`'s read-only arrays refuse."""
     structure: Any
     leaves: tuple
 
@@ -158,14 +166,15 @@ def load_clip(name_or_path: Optional[str | os.PathLike] = None, *, source: Optio
                                     f"({DEFAULT_MODEL_DIR}); name a model explicitly")
         name_or_path = DEFAULT_MODEL_DIR
     converted = load_any(name_or_path, source=source, activation=activation)
-    return LoadedClip(CLIP(converted.config, dtype), jax.tree_util.tree_map(read_only, converted.params),
+    return LoadedClip(CLIP(converted.config, dtype), converted.params,
                       tokenizer_of(converted), converted.source, converted.origin)
 
 
 def read_only(leaf: Any) -> Any:
     """`leaf`, a numpy array no longer writeable (numpy's flag; anything else as it is), for arrays others keep.
-    A loaded parameter: what was computed from the weights is kept by them (`LoadedClip.fingerprint`, a method's text
-    features), so a weight edited in place (`leaf *= 0`) would be read by the image tower alone; an edit raises, and
+    A `LoadedClip`'s parameter: what was computed from the weights is kept by them (`LoadedClip.fingerprint`,
+    `LoadedClip.params_on`, a method's text features), so a weight edited in place (`leaf *= 0`) would reach some of
+    them and not others; an edit raises, and
     a new parameter tree is another model (README, Python API). A result's array (`Method.explain`: a copy, or a view
     of an array the caller may keep writing): results share arrays, so none is edited in place."""
     if isinstance(leaf, np.ndarray):
