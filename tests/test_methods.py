@@ -1,5 +1,6 @@
 """The one Method interface: every registered method through explain, a map independent of the other queries of a
 call, label sets, and a method defined outside the package (the README's example) used from the command line."""
+import copy
 import dataclasses
 import json
 import linecache
@@ -949,6 +950,20 @@ def test_a_clip_built_on_writable_parameters_makes_them_read_only(tiny_clip, fix
     fresh = dataclasses.replace(tiny_clip, params=jax.tree_util.tree_map(np.array, edited))
     expected = METHODS["similarity"](fresh).explain(image, ["a red circle"])
     np.testing.assert_array_equal(again.prompts[0].phrase.heatmap, expected.prompts[0].phrase.heatmap)
+
+
+def test_a_used_clip_deep_copies_and_its_copy_puts_its_own_parameters_on_the_device(tiny_clip, fixture_images):
+    """`copy.deepcopy` of a LoadedClip raised "cannot pickle 'Device' object" once an explain had kept its parameters
+    on a device (`params_on`). A copy starts with none kept: its own are its copied arrays, and its maps are the
+    original's."""
+    clip = dataclasses.replace(tiny_clip, params=jax.tree_util.tree_map(np.array, tiny_clip.params))
+    image, device = fixture_images["scene_224"], jax.local_devices()[0]
+    expected = METHODS["similarity"](clip).explain(image, ["a red circle"])
+    copied = copy.deepcopy(clip)
+    assert copied.params_on(device) is not clip.params_on(device)
+    assert copied.params["visual"]["proj"] is not clip.params["visual"]["proj"]
+    got = METHODS["similarity"](copied).explain(image, ["a red circle"])
+    np.testing.assert_array_equal(got.prompts[0].phrase.heatmap, expected.prompts[0].phrase.heatmap)
 
 
 @pytest.mark.parametrize("name", ["similarity", "tclip"])

@@ -79,7 +79,8 @@ class LoadedClip:
     def params_on(self, device: jax.Device) -> dict:
         """`params` on ``device``: put there once and kept while the tree's leaves are these (`TreeLeaves`), for
         the maps of `explain_batch` and sweeps, which would otherwise copy the numpy parameters to the device on
-        every call. A device keeps its copy while the model lives (on a CPU device, a second copy in memory)."""
+        every call. A device keeps its copy while the model lives (on a CPU device, a second copy in memory); a copy
+        of the model (`copy.deepcopy`) starts with none (`__getstate__`)."""
         leaves = TreeLeaves.of(self.params)
         placed = self.__dict__.get("_params_on")  # {device: (TreeLeaves, params on it)}, beside the frozen fields
         if placed is None:
@@ -89,6 +90,10 @@ class LoadedClip:
         if kept is None or not leaves.same_as(kept[0]):
             kept = placed[device] = (leaves, jax.device_put(self.params, device))
         return kept[1]
+
+    def __getstate__(self) -> dict:
+        # A device is neither copied nor pickled: a copy puts its parameters on a device again when first used.
+        return {name: value for name, value in self.__dict__.items() if name != "_params_on"}
 
     def is_recorded_as(self, recorded: Any) -> bool:
         """Whether a fingerprint a record holds is this model's: `fingerprint`, or one of the first definition
