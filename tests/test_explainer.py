@@ -517,6 +517,27 @@ def test_a_call_takes_its_parameters_to_a_device_once_for_all_its_batches(no_tra
     assert taken == [jax.local_devices()[0]]
 
 
+@pytest.mark.parametrize("devices", [1, 2, 3])
+def test_explain_batchs_default_batch_gives_every_device_a_share_of_each_batch(no_translation, fixture_images,
+                                                                               monkeypatch, devices):
+    """By default explain_batch's batch was max(4, devices): on three devices a batch of 4 split 2 + 2, one device
+    idle every batch. Now every full batch gives each device an equal share: batches of 4, 4 and 6 images on 1, 2
+    and 3 devices (the one CPU device named as each of them), split into as many shares."""
+    import tclip_jax.methods.base as base
+
+    monkeypatch.setattr(base, "batch_devices", lambda: jax.local_devices()[:1] * devices)
+    method = TCLIP(no_translation.clip, no_translation.settings)
+    encoded = method.encode_prompts(PROMPTS)
+    jitted, split, dispatched = method.jitted_maps, base.DeviceMaps.__call__, []
+    monkeypatch.setattr(method, "jitted_maps", lambda *args: dispatched[-1].append(len(args[1])) or jitted(*args),
+                        raising=False)
+    monkeypatch.setattr(base.DeviceMaps, "__call__", lambda maps, *args: dispatched.append([]) or split(maps, *args))
+    images = [list(fixture_images.values())[i % len(fixture_images)] for i in range(12)]
+    assert len(list(method.explain_batch(images, encoded))) == 12
+    batch = {1: 4, 2: 4, 3: 6}[devices]
+    assert dispatched == [[batch // devices] * devices] * (12 // batch)  # images per share, per batch
+
+
 ONE_DEVICE_RESULTS = "TCLIP_TEST_ONE_DEVICE_RESULTS"  # set in the two-device process the test below starts
 
 
