@@ -504,17 +504,25 @@ def test_the_parameters_are_put_on_a_device_once_and_again_when_a_leaf_is_replac
     np.testing.assert_array_equal(again["text"]["projection"], params["text"]["projection"])
 
 
-def test_a_call_takes_its_parameters_to_a_device_once_for_all_its_batches(no_translation, fixture_images,
-                                                                          monkeypatch):
-    """A method whose `params` are a tree of its own (ECLIP's model and projections: not kept by the model) is put on
-    a device once per explain_batch call or sweep, not once per batch."""
-    method = TCLIP(no_translation.clip, no_translation.settings)
-    encoded = method.encode_prompts(PROMPTS)  # (the text tower's own call takes them too)
-    params_on, taken = method.params_on, []
-    monkeypatch.setattr(method, "params_on", lambda device: taken.append(device) or params_on(device))
-    images = [next(iter(fixture_images.values()))] * 5
-    assert len(list(method.explain_batch(images, encoded, batch_size=2))) == 5  # three batches
-    assert taken == [jax.local_devices()[0]]
+def test_a_method_takes_a_parameter_tree_of_its_own_to_a_device_once(no_translation, fixture_images, monkeypatch):
+    """A method whose `params` are a tree of its own (ECLIP's model and projections: not the model's tree, which the
+    model keeps) was put on the device once per explain_batch call, sweep, explain and text chunk. It is put there
+    once for all of them: two explain_batch calls of three batches each, their prompts' encoding and an explain make
+    one transfer, of the numpy parameters' values."""
+    with pytest.warns(UserWarning, match="no trained projections"):
+        method = METHODS["eclip"](no_translation.clip)
+    put, transfers = jax.device_put, []
+    monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: (transfers.append(x) if isinstance(x, dict)
+                                                               and "projections" in x else None) or put(x, *a, **k))
+    images = [list(fixture_images.values())[i % len(fixture_images)] for i in range(5)]
+    for _ in range(2):
+        assert len(list(method.explain_batch(images, PROMPTS, batch_size=2))) == 5  # three batches
+    method.explain(images[0], PROMPTS)
+    assert len(transfers) == 1
+    kept = jax.tree_util.tree_leaves(method.params_on(jax.local_devices()[0]))
+    assert len(transfers) == 1 and len(kept) == len(jax.tree_util.tree_leaves(method.params))
+    for on_device, leaf in zip(kept, jax.tree_util.tree_leaves(method.params)):
+        np.testing.assert_array_equal(on_device, leaf, strict=True)
 
 
 @pytest.mark.parametrize("devices", [1, 2, 3])

@@ -77,23 +77,15 @@ class LoadedClip:
         return digest
 
     def params_on(self, device: jax.Device) -> dict:
-        """`params` on ``device``: put there once and kept while the tree's leaves are these (`TreeLeaves`), for
+        """`params` on ``device``: put there once and kept while the tree's leaves are these (`DeviceCopies`), for
         the maps of `explain_batch` and sweeps, which would otherwise copy the numpy parameters to the device on
         every call. A device keeps its copy while the model lives (on a CPU device, a second copy in memory); a copy
-        of the model (`copy.deepcopy`) starts with none (`__getstate__`)."""
-        leaves = TreeLeaves.of(self.params)
-        placed = self.__dict__.get("_params_on")  # {device: (TreeLeaves, params on it)}, beside the frozen fields
+        of the model (`copy.deepcopy`) starts with none."""
+        placed = self.__dict__.get("_params_on")  # kept beside the frozen fields
         if placed is None:
-            placed = {}
+            placed = DeviceCopies()
             object.__setattr__(self, "_params_on", placed)
-        kept = placed.get(device)  # (two threads putting them on one device at once: both copies serve)
-        if kept is None or not leaves.same_as(kept[0]):
-            kept = placed[device] = (leaves, jax.device_put(self.params, device))
-        return kept[1]
-
-    def __getstate__(self) -> dict:
-        # A device is neither copied nor pickled: a copy puts its parameters on a device again when first used.
-        return {name: value for name, value in self.__dict__.items() if name != "_params_on"}
+        return placed.of(self.params, device)
 
     def is_recorded_as(self, recorded: Any) -> bool:
         """Whether a fingerprint a record holds is this model's: `fingerprint`, or one of the first definition
@@ -130,6 +122,27 @@ class TreeLeaves:
     def same_as(self, kept: Optional["TreeLeaves"]) -> bool:
         return (kept is not None and self.structure == kept.structure and len(self.leaves) == len(kept.leaves)
                 and all(a is b for a, b in zip(self.leaves, kept.leaves)))
+
+
+class DeviceCopies:
+    """A parameter tree's copy on each device it is asked on: put there once and kept while the tree's leaves are
+    the same (`TreeLeaves`; a leaf replaced in it, or a tree of other leaves, is put there again). The one keeper of
+    parameters on devices: a model's (`LoadedClip.params_on`) and a method's whose parameters are a tree of its own
+    (`Method.params_on`: ECLIP's model and projections). A copy of it (`copy.deepcopy` of what holds it, or a
+    pickle) starts empty: a device is neither copied nor pickled."""
+
+    def __init__(self):
+        self._placed: dict[jax.Device, tuple[TreeLeaves, Any]] = {}
+
+    def of(self, tree: Any, device: jax.Device) -> Any:
+        leaves = TreeLeaves.of(tree)
+        kept = self._placed.get(device)  # (two threads putting them on one device at once: both copies serve)
+        if kept is None or not leaves.same_as(kept[0]):
+            kept = self._placed[device] = (leaves, jax.device_put(tree, device))
+        return kept[1]
+
+    def __reduce__(self):
+        return DeviceCopies, ()
 
 
 FINGERPRINT_PREFIX = "v2-"

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tclip_jax.checkpoints.load import LoadedClip, TreeLeaves, load_clip, matmul_dtype, read_only
+from tclip_jax.checkpoints.load import DeviceCopies, LoadedClip, TreeLeaves, load_clip, matmul_dtype, read_only
 from tclip_jax.environment import run_environment
 from tclip_jax.image import (Geometry, ImageLike, InputProtocol, check_input_size, load_image, prepare, to_original,
                              upsample_bilinear)
@@ -363,12 +363,17 @@ class Method(abc.ABC):
         return self.clip.params
 
     def params_on(self, device: jax.Device):
-        """`params` on ``device``, for the maps of `explain_batch` and sweeps (`tclip_jax.methods.devices`): the
-        model's, put there once and kept (`LoadedClip.params_on`: every method of one model shares them); a class
-        whose `params` are not its model's (or that has no model) puts them there each time."""
-        if self.clip is not None and self.params is self.clip.params:
+        """`params` on ``device``, for the maps of `explain_batch` and sweeps (`tclip_jax.methods.devices`), text
+        encoding and `input_maps`: put there once and kept while they are the same (`DeviceCopies`), the model's by
+        the model (`LoadedClip.params_on`: every method of one model shares them), a tree of the method's own (ECLIP's
+        model and projections: a second copy of the model's) by the method."""
+        params = self.params
+        if self.clip is not None and params is self.clip.params:
             return self.clip.params_on(device)
-        return jax.device_put(self.params, device)
+        own = self.__dict__.get("_params_on")
+        if own is None:  # made at first use: a subclass's __init__ need not make it
+            own = self._params_on = DeviceCopies()
+        return own.of(params, device)
 
     def default_device_params(self):
         """`params_on` the device a plain JAX call runs on (`batch_devices()[0]`), for the calls outside the split

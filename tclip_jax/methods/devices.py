@@ -67,9 +67,8 @@ def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
 class DeviceMaps:
     """``method.maps_per_image`` on each of ``devices``: numpy batches in, per-device maps out (asynchronously).
 
-    The method's parameters are put on a device when a batch first gives it a share, and kept there for this
-    object's later batches and, a model's own, for the method's later calls (`Method.params_on`); the queries go
-    with each batch. Each batch runs under the JAX settings of the thread that dispatches it, as they are then
+    The method's parameters are put on a device when a batch first gives it a share, and kept there for its later
+    batches and calls (`Method.params_on`); the queries go with each batch. Each batch runs under the JAX settings of the thread that dispatches it, as they are then
     (`thread_config`: its matmul precision, which `run_info` records there, x64 mode and any other): a JAX context
     such as `jax.default_matmul_precision` reaches no other thread, so the dispatching threads are given them. The
     thread pool is made when a batch first spans two devices; `close` (or leaving a ``with`` block) shuts it
@@ -80,9 +79,6 @@ class DeviceMaps:
         self._method = method
         self._maps: Callable[..., MapOutput] = method.jitted_maps  # compiled once for every use of the method
         self._dispatchers: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        # Each device's parameters, taken once for this object's batches: a method whose `params` are a tree of its
-        # own (ECLIP's model and projections) would otherwise put all of them on the device again for every batch.
-        self._params: dict[jax.Device, Any] = {}
 
     def __call__(self, pixels: np.ndarray, queries: QueryArrays, rows: np.ndarray) -> DispatchedMaps:
         """Maps of ``pixels`` [B, h, w, 3] and query ``rows`` [B, K]: [B, K, h', w'] once fetched.
@@ -96,11 +92,8 @@ class DeviceMaps:
 
         def dispatch(index: int) -> MapOutput:
             device, part = self.devices[index], slice(index * share, (index + 1) * share)
-            params = self._params.get(device)
-            if params is None:
-                params = self._params[device] = self._method.params_on(device)
             with caller_config():
-                return self._maps(params, jax.device_put(pixels[part], device),
+                return self._maps(self._method.params_on(device), jax.device_put(pixels[part], device),
                                   jax.device_put(queries, device), jax.device_put(rows[part], device))
 
         if shares == 1:
