@@ -570,7 +570,7 @@ def test_explain_batch_splits_its_batches_over_the_local_devices(no_translation,
     model explained inside `jax.enable_x64` (the threads run in x64 mode too: without it they ran float32 matmuls
     recorded as float64); a one-image explain runs on
     the first device from the calling thread (no thread pool), a `jax.default_device` context keeps a batch on its
-    device, and no dispatching thread outlives a call ended early."""
+    device (one where explain_batch is called: its results read outside the context ran on all devices), and no dispatching thread outlives a call ended early."""
     from tclip_jax.methods.base import matmul_precision
 
     images = [list(fixture_images.values())[i % len(fixture_images)] for i in range(3)]
@@ -616,7 +616,9 @@ def test_explain_batch_splits_its_batches_over_the_local_devices(no_translation,
     dispatched.clear()
     with jax.default_device(jax.local_devices()[1]):  # as for any JAX call: that device alone
         assert len(list(method.explain_batch(images, PROMPTS, batch_size=3))) == 3
-    assert dispatched == [(3, {1}, None, True)]
+        made_inside = method.explain_batch(images, PROMPTS, batch_size=3)
+    assert len(list(made_inside)) == 3  # read outside the context: the devices of the call's
+    assert dispatched == [(3, {1}, None, True)] * 2
     early = method.explain_batch(images, PROMPTS, batch_size=2)
     next(early)
     early.close()

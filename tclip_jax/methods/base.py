@@ -541,8 +541,9 @@ class Method(abc.ABC):
 
         ``batch_size`` images (by default the smallest multiple of the device count that is at least 4,
         `default_batch_size`: 6 on three devices, 8 on a TPU v2-8)
-        go to the devices at a time, split over every local device (`jax.local_devices()`;
-        within a ``jax.default_device`` context, that device alone) as a sweep's batches are
+        go to the devices at a time, split over every local device (`jax.local_devices()`; where
+        ``explain_batch`` is called within a ``jax.default_device`` context, that device alone, wherever the results
+        are then read) as a sweep's batches are
         (`tclip_jax.methods.devices`: each device takes ceil(batch_size / devices) of them and runs the
         single-device program, so any device count gives the same bits; `explain`'s one image runs on the first
         device alone). With ``overlap`` (default) the device work of each batch is dispatched
@@ -552,6 +553,12 @@ class Method(abc.ABC):
         device for them: a device runs one thread's work in the order it was dispatched, so it waits for its own
         batch only), and resizes each image's maps to the image on the host (`original_maps`, as a sweep does: no
         image size compiles a program), one image's image-size maps at a time."""
+        # The devices of the call's context: the generator's body runs when its results are first read.
+        return self._explained_batches(images, prompts, batch_size, overlap, batch_devices())
+
+    def _explained_batches(self, images: Sequence[ImageLike], prompts: str | Sequence[str] | EncodedPrompts,
+                           batch_size: Optional[int], overlap: bool,
+                           devices: list[jax.Device]) -> Iterator[ImageResult]:
         _check_several_images(images)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
@@ -562,7 +569,7 @@ class Method(abc.ABC):
             self.check_encoded(prompts)
         encoded = prompts if isinstance(prompts, EncodedPrompts) else self.encode_prompts(prompts)
         slots, rows = self.query_slots(encoded.queries)
-        pending, devices = None, batch_devices()
+        pending = None
         batches = self._input_batches(images, default_batch_size(len(devices)) if batch_size is None else batch_size)
         with DeviceMaps(self, devices) as device_maps:  # its threads end with the generator
             while True:
