@@ -1,5 +1,6 @@
 """The TCLIP explainer end to end on the tiny OpenAI-format CLIP: the author's similarity, result structure,
 one image pass for many prompts, and bad input."""
+import contextlib
 import os
 import pathlib
 import subprocess
@@ -525,25 +526,33 @@ def test_a_method_takes_a_parameter_tree_of_its_own_to_a_device_once(no_translat
         np.testing.assert_array_equal(on_device, leaf, strict=True)
 
 
-@pytest.mark.parametrize("devices", [1, 2, 3])
-def test_explain_batchs_default_batch_gives_every_device_a_share_of_each_batch(no_translation, fixture_images,
-                                                                               monkeypatch, devices):
-    """By default explain_batch's batch was max(4, devices): on three devices a batch of 4 split 2 + 2, one device
-    idle every batch. Now every full batch gives each device an equal share: batches of 4, 4 and 6 images on 1, 2
-    and 3 devices (the one CPU device named as each of them), split into as many shares."""
-    import tclip_jax.methods.base as base
+@pytest.mark.parametrize("listed", [True, False])
+def test_a_dispatching_thread_runs_under_the_callers_x64_mode_and_matmul_precision(monkeypatch, listed):
+    """JAX keeps x64 mode and the matmul precision per thread and a new thread starts with the global values (read
+    here in a plain thread); `thread_config` gives another thread the caller's, from JAX's list of settings or, in a
+    JAX without one (`config_states` removed here), the two read through the public API."""
+    from jax._src import config
+    from tclip_jax.methods.devices import thread_config
 
-    monkeypatch.setattr(base, "batch_devices", lambda: jax.local_devices()[:1] * devices)
-    method = TCLIP(no_translation.clip, no_translation.settings)
-    encoded = method.encode_prompts(PROMPTS)
-    jitted, split, dispatched = method.jitted_maps, base.DeviceMaps.__call__, []
-    monkeypatch.setattr(method, "jitted_maps", lambda *args: dispatched[-1].append(len(args[1])) or jitted(*args),
-                        raising=False)
-    monkeypatch.setattr(base.DeviceMaps, "__call__", lambda maps, *args: dispatched.append([]) or split(maps, *args))
-    images = [list(fixture_images.values())[i % len(fixture_images)] for i in range(12)]
-    assert len(list(method.explain_batch(images, encoded))) == 12
-    batch = {1: 4, 2: 4, 3: 6}[devices]
-    assert dispatched == [[batch // devices] * devices] * (12 // batch)  # images per share, per batch
+    if not listed:
+        monkeypatch.delattr(config, "config_states")
+
+    def in_thread(context) -> dict:
+        seen = {}
+
+        def read():
+            with context():
+                seen.update(x64=jax.config.jax_enable_x64, precision=jax.config.jax_default_matmul_precision)
+
+        thread = threading.Thread(target=read)
+        thread.start(), thread.join()
+        return seen
+
+    with jax.enable_x64(True), jax.default_matmul_precision("highest"):
+        carried = thread_config()
+        plain = in_thread(contextlib.nullcontext)
+    assert plain == {"x64": jax.config.jax_enable_x64, "precision": jax.config.jax_default_matmul_precision}
+    assert plain["x64"] is False and in_thread(carried) == {"x64": True, "precision": "highest"}
 
 
 ONE_DEVICE_RESULTS = "TCLIP_TEST_ONE_DEVICE_RESULTS"  # set in the two-device process the test below starts
@@ -784,9 +793,11 @@ def test_explain_batch_takes_a_numpy_integer_batch_size(no_translation, fixture_
     assert batches == [2, 1]
 
 
-def test_explain_batch_takes_4_images_a_step_or_one_per_device_where_there_are_more(no_translation, fixture_images,
-                                                                                  monkeypatch):
-    """By default a batch is 4 images on up to 4 devices, one per device on more (a TPU v2-8: 8, not 4 of its 8)."""
+def test_explain_batchs_default_batch_gives_every_device_a_share_of_each_batch(no_translation, fixture_images,
+                                                                               monkeypatch):
+    """By default a batch is the smallest multiple of the device count that is at least 4 (`default_batch_size`):
+    4 on one, two or four devices, 6 on three (max(4, devices) split 4 as 2 + 2, one device idle every batch), one
+    per device on more (a TPU v2-8: 8, not 4 of its 8); each device takes an equal share, the last batch's padded."""
     import tclip_jax.methods.base as base
 
     method = TCLIP(no_translation.clip, no_translation.settings)
@@ -795,7 +806,7 @@ def test_explain_batch_takes_4_images_a_step_or_one_per_device_where_there_are_m
     calls = []  # images per dispatched program
     monkeypatch.setattr(method, "jitted_maps", lambda *a: calls.append(len(a[1])) or jitted(*a), raising=False)
     monkeypatch.setattr(method, "_input_batches", lambda images, size: sizes.append(size) or batches(images, size))
-    for devices, size, dispatched in [(1, 4, [4, 3]), (2, 4, [2, 2, 2, 2]), (6, 6, [1] * 7)]:  # shares padded
+    for devices, size, dispatched in [(1, 4, [4, 3]), (2, 4, [2, 2, 2, 2]), (3, 6, [2, 2, 2, 1]), (6, 6, [1] * 7)]:
         calls.clear(), sizes.clear()
         monkeypatch.setattr(base, "batch_devices", lambda: [jax.devices()[0]] * devices)
         assert len(list(method.explain_batch(images, PROMPTS))) == 7

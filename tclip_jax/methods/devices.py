@@ -44,10 +44,20 @@ def thread_config() -> Callable[[], contextlib.AbstractContextManager]:
     """A context that sets, in another thread, every JAX setting this thread's contexts set now
     (`jax.enable_x64`, `jax.default_matmul_precision`, `jax.numpy_dtype_promotion`, `jax.debug_nans`, ...): JAX keeps
     them per thread, and a new thread starts with the global values, so a program dispatched from one would be
-    traced otherwise (float64 parameters as float32 without x64) than its caller's and recorded as the caller's."""
-    from jax._src import config  # every setting and its thread's value, which no public API lists
-    local = [(state, value) for state in config.config_states.values()
-             if (value := state.get_local()) is not config.config_ext.unset]
+    traced otherwise (float64 parameters as float32 without x64) than its caller's and recorded as the caller's.
+    A JAX whose internals list no settings (`config_states`, before 0.5) gets the two that change maps, x64 mode and
+    the matmul precision, as the public API reads them."""
+    try:
+        from jax._src import config  # every setting and its thread's value, which no public API lists
+        local = [(state, value) for state in config.config_states.values()
+                 if (value := state.get_local()) is not config.config_ext.unset]
+    except (ImportError, AttributeError):
+        if hasattr(jax, "enable_x64"):
+            enable_x64 = jax.enable_x64
+        else:
+            from jax.experimental import enable_x64
+        local = [(enable_x64, jax.config.jax_enable_x64),
+                 (jax.default_matmul_precision, jax.config.jax_default_matmul_precision)]
 
     @contextlib.contextmanager
     def entered():
