@@ -611,13 +611,14 @@ def _locked(path: pathlib.Path, what: str, where: pathlib.Path, make_folder: boo
                 path.parent.mkdir(parents=True, exist_ok=True)
             lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
-            # `check_output_folder` passed, yet the folder cannot be made (root under /proc, where access() allows
-            # everything): said of --out, not of a lock file or folder the user never named.
-            if not where.exists():
-                raise type(err)(f"--out {where}: cannot create it: {err.strerror}") from None
-            if isinstance(err, PermissionError):  # another user's, left by a run that was killed
+            if isinstance(err, PermissionError) and (path.exists() or where.exists()):
+                # another user's, left by a run that was killed (beside a folder not made yet: convert's)
                 raise ValueError(f"cannot open {path}, the lock of a {what} in {where} ({err.strerror}): if no "
                                  f"{what} runs there, remove it") from None
+            if not where.exists():
+                # `check_output_folder` passed, yet the folder cannot be made (root under /proc, where access()
+                # allows everything): said of --out, not of a lock file or folder the user never named.
+                raise type(err)(f"--out {where}: cannot create it: {err.strerror}") from None
             raise
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -562,6 +562,20 @@ def test_an_out_folder_that_cannot_be_made_is_named_as_the_flag_not_as_a_lock(tm
                  "convert": ["convert", str(fixtures_dir / "tiny_openai_clip.npz"), "--activation", "quick_gelu"]}
         assert tclip([*given[command], "--out", out]) == 2
         assert capsys.readouterr().err == f"tclip {command}: error: --out {out}: cannot create it: {reason}\n"
+    # another user's lock left beside a convert's folder not made yet is refused as that lock, not as --out
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / ".converted.lock").write_text("process 1 on a killed run's host")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(ValueError, match=f"^cannot open {re.escape(str(models / '.converted.lock'))}, the lock of a "
+                                         f"tclip convert in {re.escape(str(models / 'converted'))} \\(Permission "
+                                         "denied\\): if no tclip convert runs there, remove it$"):
+        with held_lock_beside(models / "converted", "tclip convert"):
+            pass
 
 
 def test_a_prompt_level_main_methods_word_alone_maps_are_in_result_json_as_on_the_page(tmp_path, fixtures_dir):
