@@ -504,6 +504,34 @@ def test_a_commands_warnings_are_said_in_one_line_while_it_runs_and_the_process_
     assert warnings.showwarning is before
 
 
+def test_commands_that_overlap_leave_matplotlibs_logger_as_they_found_it(capsys):
+    """Two commands in threads whose blocks overlap (A starts, B starts, A ends, B ends): each said matplotlib's
+    records as its lines and then put back the logger's propagation it found, A's setting it off for good, so a
+    notebook's own handler never got matplotlib's records again. The logger is left as found, and a handler the
+    process set up gets matplotlib's records during a command too."""
+    import logging
+
+    from tclip_jax.cli import warnings_as_lines
+
+    logger, seen = logging.getLogger("matplotlib"), []
+    notebook = logging.Handler(logging.WARNING)
+    notebook.emit = lambda record: seen.append(record.getMessage())
+    before = (logger.propagate, list(logger.handlers))
+    logging.getLogger().addHandler(notebook)
+    try:
+        first, second = warnings_as_lines("tclip A"), warnings_as_lines("tclip B")
+        first.__enter__(), second.__enter__()
+        first.__exit__(None, None, None)
+        logger.warning("during B")
+        second.__exit__(None, None, None)
+        logger.warning("after both")
+    finally:
+        logging.getLogger().removeHandler(notebook)
+    assert (logger.propagate, logger.handlers) == before
+    assert seen == ["during B", "after both"]
+    assert capsys.readouterr().err == "tclip B: warning: during B\n"
+
+
 def test_matplotlibs_unwritable_config_folder_is_one_warning_line_of_the_command(tmp_path, fixtures_dir):
     """A HOME matplotlib cannot make its config folder in (here a file; /proc/nohome, a user without a home): it
     logged "mkdir -p failed for path ..." and "Matplotlib created a temporary cache directory ..." raw on stderr,

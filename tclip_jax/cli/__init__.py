@@ -159,17 +159,16 @@ def warnings_as_lines(who: str) -> Iterator[None]:
 
     previous = warnings.showwarning
     warnings.showwarning = ours
-    matplotlib_log = logging.getLogger("matplotlib")
-    lines, propagated = _MatplotlibLines(ours), matplotlib_log.propagate
+    # A handler of its own on matplotlib's logger: logging's last resort (raw lines on stderr) serves no record that
+    # finds one; a handler the process set up (a notebook's) still gets them, as it asked.
+    matplotlib_log, lines = logging.getLogger("matplotlib"), _MatplotlibLines(ours)
     matplotlib_log.addHandler(lines)
-    matplotlib_log.propagate = False  # said once, as the command's, not again by a handler of the process's
     try:
         yield
     finally:
         if warnings.showwarning is ours:  # else a later hook (another main, in a thread) holds it: left in place
             warnings.showwarning = previous
         matplotlib_log.removeHandler(lines)
-        matplotlib_log.propagate = propagated
 
 
 class _MatplotlibLines(logging.Handler):
