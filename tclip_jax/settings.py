@@ -94,13 +94,15 @@ def finite(name: str, value: float) -> None:
 
 
 def finite_float32(name: str, value: float) -> None:
-    """`finite`, and also finite as float32, the type a setting cast to float32 (an optimizer's learning rate) runs
-    in: 1e300 passed as finite and ran as inf."""
+    """`finite`, and also finite and not rounded to 0 as float32, the type a setting cast to float32 (an optimizer's
+    learning rate) runs in: 1e300 passed as finite and ran as inf, 1e-50 ran as 0 (a training that changed nothing)."""
     finite(name, value)
-    with np.errstate(over="ignore"):  # the overflow is what is refused here, in one line
-        if not math.isfinite(np.float32(value)):
-            raise ValueError(f"{name} must be a finite number that float32 holds (at most "
-                             f"{float(np.finfo(np.float32).max):g} in magnitude), got {value!r}")
+    with np.errstate(over="ignore", under="ignore"):  # what is refused here, in one line
+        held = np.float32(value)
+    if not math.isfinite(held) or (held == 0) != (value == 0):
+        raise ValueError(f"{name} must be a finite number that float32 holds (at most "
+                         f"{float(np.finfo(np.float32).max):g} in magnitude, and 0 or at least "
+                         f"{float(np.finfo(np.float32).smallest_subnormal):g}), got {value!r}")
 
 
 def integer(name: str, value: Any, minimum: Optional[int] = None) -> None:

@@ -1055,17 +1055,21 @@ def test_a_learning_rate_or_weight_decay_float32_cannot_hold_is_refused_at_once(
     """optax runs both in float32: --learning-rate 1e300 passed (only <= 0 was refused), trained, warned "overflow
     encountered in cast" and ended as diverged. Refused when the settings are made, in one line naming the flag,
     before anything is made; float32's largest value itself is taken."""
-    largest = float(np.finfo(np.float32).max)
-    for value in (1e300, 2.0 ** 128, -1e39):  # 2**128: the first power of two past float32's range
+    largest, smallest = float(np.finfo(np.float32).max), float(np.finfo(np.float32).smallest_subnormal)
+    # 2**128: the first power of two past float32's range; 2**-150: half its smallest, which rounds to 0
+    for value in (1e300, 2.0 ** 128, -1e39, 1e-50, 2.0 ** -150):
         with pytest.raises(ValueError, match=f"^{name} must be a finite number that float32 holds \\(at most "
-                                             f"3.40282e\\+38 in magnitude\\), got {re.escape(repr(value))}$"):
+                                             "3.40282e\\+38 in magnitude, and 0 or at least 1.4013e-45\\), got "
+                                             f"{re.escape(repr(value))}$"):
             TrainSettings(**{name: value})
     assert getattr(TrainSettings(**{name: largest}), name) == largest
+    assert getattr(TrainSettings(**{name: smallest}), name) == smallest
     flag = "--" + name.replace("_", "-")
     assert tclip(["train-eclip", "--synthetic", "4", "--epochs", "1", "--batch-size", "2", flag, "1e300",
                   "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == (f"tclip train-eclip: error: {flag} must be a finite number that float32 holds "
-                                       "(at most 3.40282e+38 in magnitude), got 1e+300\n")
+                                       "(at most 3.40282e+38 in magnitude, and 0 or at least 1.4013e-45), got "
+                                       "1e+300\n")
     assert not (tmp_path / "out").exists()
 
 

@@ -294,6 +294,8 @@ def test_bad_options_are_refused(tiny_model, ref, fixtures_dir):
             M2IBSettings(**{name: 1e300})
         with pytest.raises(ValueError, match=f"^{name} must be a finite number that float32 holds"):
             m2ib_map(*tiny_model, images, texts, **{name: 2.0 ** 128})
+        with pytest.raises(ValueError, match=f"^{name} must be a finite number that float32 holds"):
+            M2IBSettings(**{name: 1e-50})  # float32 holds it as 0
     M2IBSettings(beta=0.0)  # no compression: meaningful
     with pytest.raises(ValueError, match="steps=1 reads the map from the initial alpha"):
         M2IBSettings(steps=1)
