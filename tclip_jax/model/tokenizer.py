@@ -466,10 +466,11 @@ def _fixed_in_context(original: str, start: int, end: int, fixed_whole: str) -> 
 def _run_followed(run: str, start: int, fixed: str) -> list[tuple[str, int, int]]:
     """`fixed`, what ftfy made of `run` (at `start` of the original), mapped onto it: the run is cut wherever
     fixing the part before (or after) the cut alone gives the start (end) of `fixed` ("Ã©â€œÃ©" is "Ã©", "â€œ",
-    "Ã©": 'é"é'); each part's characters map one to one where it kept its length, else to the whole part, and a
-    part ftfy deleted ("Â" of "Âµm", a lead byte of mojibake) joins a character beside it (`_deleted_joins_before`),
-    up to a space (`_deleted_part_beside`).
-    A run with a part rewritten to text with a space (words on both sides would share its span) is left as it is."""
+    "Ã©": 'é"é'); each part's characters map one to one where it kept its length, else to the whole part ("â€ " is
+    "†", its space a byte of the mojibake), and a part ftfy deleted ("Â" of "Âµm", a lead byte of mojibake) joins a
+    character beside it (`_deleted_joins_before`), up to a space (`_deleted_part_beside`).
+    A part rewritten to whitespace alone ("Â " of "Â Â" is a non-breaking space) is in no word; a run with a part
+    rewritten to whitespace and other text (words on both sides would share its span) is left as it is."""
     kept = [(c, k, k + 1) for k, c in enumerate(run, start)]
     if fixed == run:
         return kept
@@ -489,7 +490,7 @@ def _run_followed(run: str, start: int, fixed: str) -> list[tuple[str, int, int]
             deleted.append((len(followed), start + a, start + b))
         elif len(part) == b - a:
             followed.extend((c, start + a + k, start + a + k + 1) for k, c in enumerate(part))
-        elif any(c.isspace() for c in part):
+        elif any(c.isspace() for c in part) and not part.isspace():
             return kept
         else:
             followed.extend((c, start + a, start + b) for c in part)
