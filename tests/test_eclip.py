@@ -257,6 +257,9 @@ def test_projections_round_trip_and_refuse_another_models_shapes(clip, tmp_path)
     path = save_projections(tmp_path / PROJECTIONS_FILE, projections, clip, {"steps": 3})
     loaded, digest = load_projections(path, clip)
     assert all(np.array_equal(loaded[k], projections[k]) for k in ("image", "text"))
+    # read-only as the model's weights: ECLIP keeps its text queries and device copy computed from them, so an
+    # edit in place (`method.projections["text"] *= -1`) gave the old maps silently
+    assert not any(loaded[k].flags.writeable for k in ("image", "text"))
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     info = json.loads((tmp_path / PROJECTIONS_FILE).with_suffix(".json").read_text())
     assert info["shapes"] == {"image": [128, 64], "text": [128, 64]} and info["training"] == {"steps": 3}

@@ -964,6 +964,28 @@ def test_a_used_clip_deep_copies_and_its_copy_puts_its_own_parameters_on_the_dev
     assert copied.params["visual"]["proj"] is not clip.params["visual"]["proj"]
     got = METHODS["similarity"](copied).explain(image, ["a red circle"])
     np.testing.assert_array_equal(got.prompts[0].phrase.heatmap, expected.prompts[0].phrase.heatmap)
+    assert not any(leaf.flags.writeable for leaf in jax.tree_util.tree_leaves(copied.params))  # numpy's were
+    with pytest.raises(ValueError, match="read-only"):
+        copied.params["visual"]["proj"] *= -1.5
+
+
+def test_a_parameter_that_views_a_users_array_cannot_be_edited_through_it(tiny_clip):
+    """A leaf made read-only alone left the array it views writable: `owner *= -1` edited the weight in place and
+    the maps mixed old and new weights. Every array it views is read-only too, and a view of a writable buffer
+    numpy does not own (a bytearray) is copied: an edit of the buffer does not reach the model."""
+    proj = np.asarray(tiny_clip.params["visual"]["proj"])
+    owner = np.array(proj.T)  # the user's array; the leaf is a view of it
+    buffer = bytearray(proj.tobytes())
+    through_bytes = np.frombuffer(buffer, proj.dtype).reshape(proj.shape)
+    for leaf in (owner.T, through_bytes):
+        params = {**tiny_clip.params, "visual": {**tiny_clip.params["visual"], "proj": leaf}}
+        kept = dataclasses.replace(tiny_clip, params=params).params["visual"]["proj"]
+        np.testing.assert_array_equal(kept, proj)
+        assert not kept.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        owner *= -1
+    buffer[:4] = bytes(4)
+    np.testing.assert_array_equal(kept, proj)  # the copy of the bytearray's view
 
 
 @pytest.mark.parametrize("name", ["similarity", "tclip"])

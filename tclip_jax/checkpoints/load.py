@@ -46,10 +46,17 @@ class LoadedClip:
     def __post_init__(self):
         # What is kept from the weights (`fingerprint`, `params_on`, a method's text features) is told by the
         # identity of its leaves (`TreeLeaves`): an array edited in place would leave it stale, so numpy leaves, a
-        # loaded tree's or one a user built (`dataclasses.replace(clip, params=...)`), refuse it; new weights are a
-        # new tree.
-        for leaf in jax.tree_util.tree_leaves(self.params):
-            read_only(leaf)
+        # loaded tree's or one a user built (`dataclasses.replace(clip, params=...)`), refuse it (`frozen_weight`);
+        # new weights are a new tree.
+        leaves, structure = jax.tree_util.tree_flatten(self.params)
+        frozen = [frozen_weight(leaf) for leaf in leaves]
+        if any(a is not b for a, b in zip(frozen, leaves)):  # a leaf copied: the tree holds the copy
+            object.__setattr__(self, "params", jax.tree_util.tree_unflatten(structure, frozen))
+
+    def __setstate__(self, state: dict) -> None:
+        # a copy (`copy.deepcopy`): numpy copies its arrays writable, so they are made read-only again
+        self.__dict__.update(state)
+        self.__post_init__()
 
     @property
     def config(self) -> CLIPConfig:
@@ -186,6 +193,26 @@ def load_clip(name_or_path: Optional[str | os.PathLike] = None, *, source: Optio
     converted = load_any(name_or_path, source=source, activation=activation)
     return LoadedClip(CLIP(converted.config, dtype), converted.params,
                       tokenizer_of(converted), converted.source, converted.origin)
+
+
+def frozen_weight(leaf: Any) -> Any:
+    """`leaf` read-only through every array it views (a view's flag alone would let the array it views be edited,
+    and the view with it); a view of a writable buffer numpy does not own (a `bytearray`, a writable memory map) is
+    copied first. A view of an object without a buffer (a converted torch tensor's) is kept: no numpy array can
+    write through it. Anything else is returned as it is."""
+    array = leaf
+    while isinstance(array, np.ndarray):
+        array.flags.writeable = False
+        array = array.base
+    if array is not None:
+        try:
+            writable = not memoryview(array).readonly
+        except TypeError:
+            writable = False
+        if writable:
+            leaf = np.array(leaf)
+            leaf.flags.writeable = False
+    return leaf
 
 
 def read_only(leaf: Any) -> Any:

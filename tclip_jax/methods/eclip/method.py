@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from tclip_jax.checkpoints.load import LoadedClip
+from tclip_jax.checkpoints.load import LoadedClip, read_only
 from tclip_jax.files import loads_json, write_files_together
 from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, PromptMethod, QueryArrays
 from tclip_jax.methods.eclip.settings import Settings
@@ -143,7 +143,9 @@ def _projections_and_record(path: str | os.PathLike, clip: LoadedClip) -> tuple[
     info_path = path.with_suffix(".json")
     trained_on = _trained_on(info_path)
     _refuse_other_clip(info_path, trained_on, clip)
-    return {k: v.astype(np.float32) for k, v in arrays.items()}, hashlib.sha256(data).hexdigest(), trained_on
+    # read-only as a model's weights are (`read_only`): the method keeps what it computed from them
+    return ({k: read_only(v.astype(np.float32)) for k, v in arrays.items()}, hashlib.sha256(data).hexdigest(),
+            trained_on)
 
 
 def _trained_on(info_path: pathlib.Path) -> dict:
