@@ -553,6 +553,10 @@ def test_a_dispatching_thread_runs_under_the_callers_x64_mode_and_matmul_precisi
         plain = in_thread(contextlib.nullcontext)
     assert plain == {"x64": jax.config.jax_enable_x64, "precision": jax.config.jax_default_matmul_precision}
     assert plain["x64"] is False and in_thread(carried) == {"x64": True, "precision": "highest"}
+    if listed:  # a thread guard is its thread's: carried, the other thread's call raised in JAX
+        with jax.thread_guard(True), jax.enable_x64(True):
+            carried = thread_config()
+            assert in_thread(carried)["x64"] is True
 
 
 ONE_DEVICE_RESULTS = "TCLIP_TEST_ONE_DEVICE_RESULTS"  # set in the two-device process the test below starts

@@ -543,7 +543,9 @@ class Method(abc.ABC):
         `default_batch_size`: 6 on three devices, 8 on a TPU v2-8)
         go to the devices at a time, split over every local device (`jax.local_devices()`; where
         ``explain_batch`` is called within a ``jax.default_device`` context, that device alone, wherever the results
-        are then read) as a sweep's batches are
+        are then read; prompts given as text are encoded when the first result is read, on the default device and
+        under the JAX settings of the thread that reads it: encode them first, `encode_prompts`, to choose) as a
+        sweep's batches are
         (`tclip_jax.methods.devices`: each device takes ceil(batch_size / devices) of them and runs the
         single-device program, so any device count gives the same bits; `explain`'s one image runs on the first
         device alone). With ``overlap`` (default) the device work of each batch is dispatched

@@ -40,6 +40,11 @@ def default_batch_size(devices: int) -> int:
     return -(-4 // devices) * devices
 
 
+# Settings that belong to the thread that set them: `jax.thread_guard` holds the process to that one thread (entered
+# in another, JAX refuses: "Nested thread guards in different threads are not supported").
+_NOT_CARRIED = frozenset({"jax_thread_guard"})
+
+
 def thread_config() -> Callable[[], contextlib.AbstractContextManager]:
     """A context that sets, in another thread, every JAX setting this thread's contexts set now
     (`jax.enable_x64`, `jax.default_matmul_precision`, `jax.numpy_dtype_promotion`, `jax.debug_nans`, ...): JAX keeps
@@ -49,8 +54,8 @@ def thread_config() -> Callable[[], contextlib.AbstractContextManager]:
     the matmul precision, as the public API reads them."""
     try:
         from jax._src import config  # every setting and its thread's value, which no public API lists
-        local = [(state, value) for state in config.config_states.values()
-                 if (value := state.get_local()) is not config.config_ext.unset]
+        local = [(state, value) for name, state in config.config_states.items()
+                 if name not in _NOT_CARRIED and (value := state.get_local()) is not config.config_ext.unset]
     except (ImportError, AttributeError):
         if hasattr(jax, "enable_x64"):
             enable_x64 = jax.enable_x64
