@@ -1013,6 +1013,16 @@ def test_a_leaf_replaced_in_the_parameter_dict_is_another_model(tiny_clip, fixtu
     clip.params["text"]["projection"] = old  # the old leaf back: the old model
     assert clip.fingerprint == fingerprint
     assert method.explain(image, encoded).run["model"]["fingerprint"] == fingerprint
+    # between two batches of one explain_batch (prompts encoded at its first result): the batches after the
+    # replacement recorded the new model's fingerprint for maps of the old model's prompts; refused, after the
+    # results of the batches dispatched before it
+    batches = method.explain_batch([image] * 4, ["a red circle"], batch_size=1)
+    first = next(batches)
+    clip.params["text"]["projection"] = np.ascontiguousarray(old[:, ::-1])
+    got = []
+    with pytest.raises(ValueError, match="encoded by .* with another model"):
+        got.extend(batches)
+    assert [r.run["model"]["fingerprint"] for r in [first, *got]] == [fingerprint] * 2  # the second was dispatched
 
 
 def test_the_readmes_method_added_with_one_registry_line_explains_and_is_benchmarked(tiny_clip, fixture_images,

@@ -577,7 +577,8 @@ class Method(abc.ABC):
             while True:
                 try:
                     loaded = next(batches, None)
-                except Exception:  # an image that cannot be read: the images before it are explained first
+                    self.check_encoded(encoded)  # a leaf replaced since: the prompts are another model's
+                except Exception:  # an image that cannot be read, or that: the images before it are explained first
                     if pending is not None:
                         yield from self._batch_results(encoded, *pending)
                     raise
