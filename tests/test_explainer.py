@@ -583,7 +583,8 @@ def test_explain_batch_splits_its_batches_over_the_local_devices(no_translation,
     model explained inside `jax.enable_x64` (the threads run in x64 mode too: without it they ran float32 matmuls
     recorded as float64); a one-image explain runs on
     the first device from the calling thread (no thread pool), a `jax.default_device` context keeps a batch on its
-    device (one where explain_batch is called: its results read outside the context ran on all devices), and no dispatching thread outlives a call ended early."""
+    device (one where explain_batch is called: its results read outside the context ran on all devices), and no
+    dispatching thread outlives a call ended early."""
     from tclip_jax.methods.base import matmul_precision
 
     images = [list(fixture_images.values())[i % len(fixture_images)] for i in range(3)]

@@ -83,11 +83,11 @@ class DeviceMaps:
     """``method.maps_per_image`` on each of ``devices``: numpy batches in, per-device maps out (asynchronously).
 
     The method's parameters are put on a device when a batch first gives it a share, and kept there for its later
-    batches and calls (`Method.params_on`); the queries go with each batch. Each batch runs under the JAX settings of the thread that dispatches it, as they are then
-    (`thread_config`: its matmul precision, which `run_info` records there, x64 mode and any other): a JAX context
-    such as `jax.default_matmul_precision` reaches no other thread, so the dispatching threads are given them. The
-    thread pool is made when a batch first spans two devices; `close` (or leaving a ``with`` block) shuts it
-    down."""
+    batches and calls (`Method.params_on`); the queries go with each batch. Each batch runs under the JAX settings
+    of the thread that dispatches it, as they are then (`thread_config`: its matmul precision, which `run_info`
+    records there, x64 mode and any other): a JAX context such as `jax.default_matmul_precision` reaches no other
+    thread, so the dispatching threads are given them. The thread pool is made when a batch first spans two devices;
+    `close` (or leaving a ``with`` block) shuts it down."""
 
     def __init__(self, method: Method, devices: Sequence[jax.Device]):
         self.devices = list(devices)
