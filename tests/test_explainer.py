@@ -505,23 +505,28 @@ def test_the_parameters_are_put_on_a_device_once_and_again_when_a_leaf_is_replac
     np.testing.assert_array_equal(again["text"]["projection"], params["text"]["projection"])
 
 
-def test_a_method_takes_a_parameter_tree_of_its_own_to_a_device_once(no_translation, fixture_images, monkeypatch):
-    """A method whose `params` are a tree of its own (ECLIP's model and projections: not the model's tree, which the
-    model keeps) was put on the device once per explain_batch call, sweep, explain and text chunk. It is put there
-    once for all of them: two explain_batch calls of three batches each, their prompts' encoding and an explain make
-    one transfer, of the numpy parameters' values."""
+def test_eclip_takes_its_projections_to_a_device_once_and_shares_the_models_weights(no_translation, fixture_images,
+                                                                                     monkeypatch):
+    """ECLIP's `params` are a tree of its own (the model's and the projections): it was put on the device once per
+    explain_batch call, sweep, explain and text chunk, then (this session) kept whole, a second copy of CLIP's
+    weights on each device. The projections are put there once for two explain_batch calls of three batches each,
+    their prompts' encoding and an explain, and the model's weights are the model's own copy there, with the numpy
+    parameters' values."""
     with pytest.warns(UserWarning, match="no trained projections"):
         method = METHODS["eclip"](no_translation.clip)
     put, transfers = jax.device_put, []
     monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: (transfers.append(x) if isinstance(x, dict)
-                                                               and "projections" in x else None) or put(x, *a, **k))
+                                                               and set(x) == {"image", "text"} else None)
+                        or put(x, *a, **k))
     images = [list(fixture_images.values())[i % len(fixture_images)] for i in range(5)]
     for _ in range(2):
         assert len(list(method.explain_batch(images, PROMPTS, batch_size=2))) == 5  # three batches
     method.explain(images[0], PROMPTS)
-    assert len(transfers) == 1
-    kept = jax.tree_util.tree_leaves(method.params_on(jax.local_devices()[0]))
-    assert len(transfers) == 1 and len(kept) == len(jax.tree_util.tree_leaves(method.params))
+    device = jax.local_devices()[0]
+    on_device = method.params_on(device)
+    assert len(transfers) == 1 and on_device["clip"] is method.clip.params_on(device)
+    kept = jax.tree_util.tree_leaves(on_device)
+    assert len(kept) == len(jax.tree_util.tree_leaves(method.params))
     for on_device, leaf in zip(kept, jax.tree_util.tree_leaves(method.params)):
         np.testing.assert_array_equal(on_device, leaf, strict=True)
 

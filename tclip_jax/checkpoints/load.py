@@ -114,10 +114,11 @@ class LoadedClip:
 @dataclasses.dataclass(frozen=True, eq=False)
 class TreeLeaves:
     """A parameter tree as it is now: its structure and its leaves themselves (kept, so that no other array takes
-    their ids). What is computed from a tree and kept (`LoadedClip.fingerprint`, a method's text features) keeps
-    this beside it and is computed again where the tree's `TreeLeaves` is not `same_as` it: a leaf replaced in the
-    tree (a plain nested dict, `params["text"]["projection"] = new`) or the tree's structure changed. Leaves are told
-    by identity, which costs nothing per call; an edit in place is what a `LoadedClip`'s read-only arrays refuse."""
+    their ids). What is computed from a tree and kept (`LoadedClip.fingerprint`, `DeviceCopies`, a method's text
+    features) keeps this beside it and is computed again where the tree's `TreeLeaves` is not `same_as` it: a leaf
+    replaced in the tree (a plain nested dict, `params["text"]["projection"] = new`) or the tree's structure changed.
+    Leaves are told by identity, which costs nothing per call; an edit in place is what a `LoadedClip`'s read-only
+    arrays refuse."""
     structure: Any
     leaves: tuple
 
@@ -134,9 +135,9 @@ class TreeLeaves:
 class DeviceCopies:
     """A parameter tree's copy on each device it is asked on: put there once and kept while the tree's leaves are
     the same (`TreeLeaves`; a leaf replaced in it, or a tree of other leaves, is put there again). The one keeper of
-    parameters on devices: a model's (`LoadedClip.params_on`) and a method's whose parameters are a tree of its own
-    (`Method.params_on`: ECLIP's model and projections). A copy of it (`copy.deepcopy` of what holds it, or a
-    pickle) starts empty: a device is neither copied nor pickled."""
+    parameters on devices: a model's (`LoadedClip.params_on`), ECLIP's projections and a method's whose parameters
+    are a tree of its own (`Method.params_on`). A copy of it (`copy.deepcopy` of a LoadedClip) starts empty: a
+    device is not copied."""
 
     def __init__(self):
         self._placed: dict[jax.Device, tuple[TreeLeaves, Any]] = {}
@@ -200,6 +201,8 @@ def frozen_weight(leaf: Any) -> Any:
     and the view with it); a view of a writable buffer numpy does not own (a `bytearray`, a writable memory map) is
     copied first. A view of an object without a buffer (a converted torch tensor's) is kept: no numpy array can
     write through it. Anything else is returned as it is."""
+    if not isinstance(leaf, np.ndarray):
+        return leaf
     array = leaf
     while isinstance(array, np.ndarray):
         array.flags.writeable = False
@@ -216,12 +219,9 @@ def frozen_weight(leaf: Any) -> Any:
 
 
 def read_only(leaf: Any) -> Any:
-    """`leaf`, a numpy array no longer writeable (numpy's flag; anything else as it is), for arrays others keep.
-    A `LoadedClip`'s parameter: what was computed from the weights is kept by them (`LoadedClip.fingerprint`,
-    `LoadedClip.params_on`, a method's text features), so a weight edited in place (`leaf *= 0`) would reach some of
-    them and not others; an edit raises, and
-    a new parameter tree is another model (README, Python API). A result's array (`Method.explain`: a copy, or a view
-    of an array the caller may keep writing): results share arrays, so none is edited in place."""
+    """`leaf`, a numpy array no longer writeable (numpy's flag; anything else as it is), for a result's array
+    (`Method.explain`: a copy, or a view of an array the caller may keep writing): results share arrays, so none is
+    edited in place. Weights are made read-only through what they view (`frozen_weight`)."""
     if isinstance(leaf, np.ndarray):
         leaf.flags.writeable = False
     return leaf

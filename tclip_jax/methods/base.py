@@ -365,8 +365,8 @@ class Method(abc.ABC):
     def params_on(self, device: jax.Device):
         """`params` on ``device``, for the maps of `explain_batch` and sweeps (`tclip_jax.methods.devices`), text
         encoding and `input_maps`: put there once and kept while they are the same (`DeviceCopies`), the model's by
-        the model (`LoadedClip.params_on`: every method of one model shares them), a tree of the method's own (ECLIP's
-        model and projections: a second copy of the model's) by the method."""
+        the model (`LoadedClip.params_on`: every method of one model shares them), a tree of the method's own by the
+        method (ECLIP's holds the model's: it overrides this to share the model's copy)."""
         params = self.params
         if self.clip is not None and params is self.clip.params:
             return self.clip.params_on(device)
@@ -537,15 +537,14 @@ class Method(abc.ABC):
 
     def explain_batch(self, images: Sequence[ImageLike], prompts: str | Sequence[str] | EncodedPrompts,
                       batch_size: Optional[int] = None, overlap: bool = True) -> Iterator[ImageResult]:
-        """Yields one ImageResult per image; the prompts are encoded once for all images.
+        """Yields one ImageResult per image; the prompts are encoded once for all images (prompts given as text
+        when the first result is read, on the default device and under the JAX settings of the thread that reads it:
+        `encode_prompts` first to choose), and refused before a batch if the model changed since (a leaf replaced).
 
         ``batch_size`` images (by default the smallest multiple of the device count that is at least 4,
-        `default_batch_size`: 6 on three devices, 8 on a TPU v2-8)
-        go to the devices at a time, split over every local device (`jax.local_devices()`; where
-        ``explain_batch`` is called within a ``jax.default_device`` context, that device alone, wherever the results
-        are then read; prompts given as text are encoded when the first result is read, on the default device and
-        under the JAX settings of the thread that reads it: encode them first, `encode_prompts`, to choose) as a
-        sweep's batches are
+        `default_batch_size`: 6 on three devices, 8 on a TPU v2-8) go to the devices at a time, split over every
+        local device (`jax.local_devices()`; where ``explain_batch`` is called within a ``jax.default_device``
+        context, that device alone, wherever the results are then read) as a sweep's batches are
         (`tclip_jax.methods.devices`: each device takes ceil(batch_size / devices) of them and runs the
         single-device program, so any device count gives the same bits; `explain`'s one image runs on the first
         device alone). With ``overlap`` (default) the device work of each batch is dispatched
@@ -576,9 +575,9 @@ class Method(abc.ABC):
         with DeviceMaps(self, devices) as device_maps:  # its threads end with the generator
             while True:
                 try:
+                    self.check_encoded(encoded)  # a leaf replaced since the last batch: the prompts are another model's
                     loaded = next(batches, None)
-                    self.check_encoded(encoded)  # a leaf replaced since: the prompts are another model's
-                except Exception:  # an image that cannot be read, or that: the images before it are explained first
+                except Exception:  # that, or an image that cannot be read: the images before it are explained first
                     if pending is not None:
                         yield from self._batch_results(encoded, *pending)
                     raise

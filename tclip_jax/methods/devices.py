@@ -100,9 +100,11 @@ class DeviceMaps:
 
         Each device takes ceil(B / devices) images (the last share padded); devices left without a real image
         get nothing."""
-        caller_config, count = thread_config(), len(pixels)
+        count = len(pixels)
         share = -(-count // len(self.devices))
         shares = -(-count // share)
+        # one share runs in the calling thread, under its own settings
+        caller_config = contextlib.nullcontext if shares == 1 else thread_config()
         pixels, rows = pad_rows(pixels, share * shares), pad_rows(rows.astype(np.int32), share * shares)
 
         def dispatch(index: int) -> MapOutput:

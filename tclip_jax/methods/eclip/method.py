@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from tclip_jax.checkpoints.load import LoadedClip, read_only
+from tclip_jax.checkpoints.load import DeviceCopies, LoadedClip, frozen_weight
 from tclip_jax.files import loads_json, write_files_together
 from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, PromptMethod, QueryArrays
 from tclip_jax.methods.eclip.settings import Settings
@@ -143,8 +143,8 @@ def _projections_and_record(path: str | os.PathLike, clip: LoadedClip) -> tuple[
     info_path = path.with_suffix(".json")
     trained_on = _trained_on(info_path)
     _refuse_other_clip(info_path, trained_on, clip)
-    # read-only as a model's weights are (`read_only`): the method keeps what it computed from them
-    return ({k: read_only(v.astype(np.float32)) for k, v in arrays.items()}, hashlib.sha256(data).hexdigest(),
+    # read-only as a model's weights are: the method keeps what it computed from them
+    return ({k: frozen_weight(v.astype(np.float32)) for k, v in arrays.items()}, hashlib.sha256(data).hexdigest(),
             trained_on)
 
 
@@ -186,6 +186,7 @@ class ECLIP(PromptMethod):
 
     def __init__(self, clip: LoadedClip, settings: Optional[Settings] = None):
         super().__init__(clip, settings)
+        self._projections_on = DeviceCopies()
         if self.settings.projections is None:
             warnings.warn("eclip: no trained projections given (--option projections=FILE): using CLIP's own, "
                           "i.e. untrained ECLIP", stacklevel=2)
@@ -212,6 +213,11 @@ class ECLIP(PromptMethod):
     @property
     def params(self):
         return {"clip": self.clip.params, "projections": self.projections}
+
+    def params_on(self, device: jax.Device) -> dict:
+        """`params` on ``device``: the model's as the model keeps them there (`LoadedClip.params_on`, shared with its
+        other methods: not a second copy of CLIP's weights) and the projections, kept by the method."""
+        return {"clip": self.clip.params_on(device), "projections": self._projections_on.of(self.projections, device)}
 
     def run_info(self) -> dict:
         """With the projections file and a digest of what it held when loaded: `tclip train-eclip --resume`
