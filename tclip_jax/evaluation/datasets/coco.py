@@ -127,7 +127,7 @@ def _seg_load(path: pathlib.Path, size_hw: tuple[int, int], objects: list, crowd
     from pycocotools import mask as coco_mask
 
     image = load_image(path, exif=False)
-    check_size(image, size_hw, str(path))
+    check_size(image, size_hw, path)
     height, width = size_hw
     masks: dict[int, np.ndarray] = {}
     crowds: dict[int, np.ndarray] = {}  # per category, its crowd pixels under crowd="drop"
@@ -367,7 +367,7 @@ def _kept(objects: Mapping[str, Any], crowd: Crowd) -> np.ndarray:
 def _raw_loader(path: pathlib.Path, size_hw: tuple[int, int], classes: np.ndarray, boxes: np.ndarray):
     def load() -> LoadedSample:
         image = load_image(path, exif=False)
-        check_size(image, size_hw, str(path))
+        check_size(image, size_hw, path)
         return LoadedSample(image, _targets(classes, boxes))
     return load
 

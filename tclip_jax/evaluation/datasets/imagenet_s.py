@@ -153,7 +153,7 @@ def _load(image_path: pathlib.Path, label_path: pathlib.Path, split: int) -> Loa
     num_classes = len(split_wnids(split))
     image = load_image(image_path, exif=False)
     labels = read_labels(label_path)
-    check_size(image, labels.shape, str(image_path))
+    check_size(image, labels.shape, image_path)
     ids = np.unique(labels)
     _check_split(label_path, split, set(ids.tolist()))
     ids = ids[(ids != 0) & (ids != IGNORE_ID)]

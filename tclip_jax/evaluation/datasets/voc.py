@@ -77,7 +77,7 @@ def read_voc_labels(path: pathlib.Path) -> np.ndarray:
 def _load(image_path: pathlib.Path, label_path: pathlib.Path) -> LoadedSample:
     image = load_image(image_path, exif=False)
     labels = read_voc_labels(label_path)
-    check_size(image, labels.shape, str(image_path))
+    check_size(image, labels.shape, image_path)
     present = np.unique(labels)
     bad = present[(present > len(VOC_CLASSES)) & (present != IGNORE_INDEX)]
     if bad.size:
