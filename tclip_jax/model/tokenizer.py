@@ -334,7 +334,7 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
     differs alone and in context) is aligned by `difflib`: a block rewritten to as many characters aligns character
     by character, each character of a block rewritten to another length maps to the whole source block, and a
     deleted block joins a character beside it, as a part of a run ftfy deleted does (`_deleted_joins_before`: a mark
-    NFC moved before another joins the character before it), up to a space (`_deleted_part_beside`). Only a run of
+    NFC moved before another joins the character before it), up to a space (`_deleted_join`). Only a run of
     more than `_LONGEST_RUN` characters that ftfy rewrites across every cut `_long_run_followed` may make is aligned
     so; difflib's alignment may then miss by a character or a word (the words' spans, not their pieces, which are
     exact). (`difflib` over the whole text matched "red\nred red" against a later repeat of itself and gave words
@@ -355,12 +355,12 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
         if tag == "delete":  # e.g. a mark NFC moved before another
             deleted.append((j1, *block))
     for j, deleted_start, deleted_end in deleted:  # after the loop: a later block sets the start of the one after
-        joins_before = j > 0 and _deleted_joins_before(cleaned[j - 1], cleaned[j] if j < len(cleaned) else None)
-        a, b = _deleted_part_beside(original[deleted_start:deleted_end], deleted_start, joins_before)
-        if a < b and joins_before:
-            ends[j - 1] = max(ends[j - 1], b)
-        elif a < b and j < len(cleaned):
-            starts[j] = min(starts[j], a)
+        joined = _deleted_join(original[deleted_start:deleted_end], deleted_start, cleaned[j - 1] if j else None,
+                               cleaned[j] if j < len(cleaned) else None)
+        if joined and joined[0]:
+            ends[j - 1] = max(ends[j - 1], joined[1])
+        elif joined:
+            starts[j] = min(starts[j], joined[1])
     return starts, ends
 
 
@@ -468,7 +468,7 @@ def _run_followed(run: str, start: int, fixed: str) -> list[tuple[str, int, int]
     fixing the part before (or after) the cut alone gives the start (end) of `fixed` ("Ã©â€œÃ©" is "Ã©", "â€œ",
     "Ã©": 'é"é'); each part's characters map one to one where it kept its length, else to the whole part ("â€ " is
     "†", its space a byte of the mojibake), and a part ftfy deleted ("Â" of "Âµm", a lead byte of mojibake) joins a
-    character beside it (`_deleted_joins_before`), up to a space (`_deleted_part_beside`).
+    character beside it, up to a space (`_deleted_join`).
     A part rewritten to whitespace alone ("Â " of "Â Â" is a non-breaking space) is in no word; a run with a part
     rewritten to whitespace and other text (words on both sides would share its span) is left as it is."""
     kept = [(c, k, k + 1) for k, c in enumerate(run, start)]
@@ -497,12 +497,12 @@ def _run_followed(run: str, start: int, fixed: str) -> list[tuple[str, int, int]
         a, m = b, n
     for k, deleted_start, deleted_end in deleted:
         before, after = followed[k - 1] if k else None, followed[k] if k < len(followed) else None
-        joins_before = bool(before) and _deleted_joins_before(before[0], after and after[0])
-        a, b = _deleted_part_beside(run[deleted_start - start:deleted_end - start], deleted_start, joins_before)
-        if a < b and joins_before:
-            followed[k - 1] = (before[0], before[1], max(before[2], b))
-        elif a < b and after:
-            followed[k] = (after[0], min(after[1], a), after[2])
+        joined = _deleted_join(run[deleted_start - start:deleted_end - start], deleted_start, before and before[0],
+                               after and after[0])
+        if joined and joined[0]:
+            followed[k - 1] = (before[0], before[1], max(before[2], joined[1]))
+        elif joined:
+            followed[k] = (after[0], min(after[1], joined[1]), after[2])
     return followed
 
 
@@ -515,12 +515,17 @@ def _deleted_joins_before(before: str | None, after: str | None) -> bool:
     return after is None or after.isspace() or before is not None and unicodedata.category(before)[0] in "LNM"
 
 
-def _deleted_part_beside(block: str, start: int, before: bool) -> tuple[int, int]:
-    """The [start, end) span of the part of `block`, characters at `start` of the prompt that cleaning deleted, that
-    joins the character before it (`before`) or after it: up to its first whitespace, or from its last, as a space is
-    in no word ("Â " of "Â abc", mojibake of a non-breaking space that cleaning strips, joins no word)."""
-    touching = len(re.match(r"\S*", block if before else block[::-1]).group())
-    return (start, start + touching) if before else (start + len(block) - touching, start + len(block))
+def _deleted_join(block: str, start: int, before: str | None, after: str | None) -> tuple[bool, int] | None:
+    """How `block`, characters at `start` of the prompt that cleaning deleted, joins a character of the cleaned text
+    beside it (`before`, `after`; None: none there; `_deleted_joins_before` says which): (True, the end of its part
+    that joins the one before) or (False, the start of its part that joins the one after); None where no part does.
+    The part is up to its first whitespace (from its last), as a space is in no word ("Â " of "Â abc", mojibake of a
+    non-breaking space that cleaning strips, joins no word)."""
+    joins_before = before is not None and _deleted_joins_before(before, after)
+    touching = len(re.match(r"\S*", block if joins_before else block[::-1]).group())
+    if not touching or not joins_before and after is None:
+        return None
+    return (True, start + touching) if joins_before else (False, start + len(block) - touching)
 
 
 @functools.lru_cache(maxsize=None)
