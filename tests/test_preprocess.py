@@ -233,6 +233,14 @@ def test_minmax_of_a_slice_with_a_nan_or_an_infinite_value_is_all_nan(size):
     np.testing.assert_allclose(scaled[5], (maps[5] - maps[5].min()) / np.ptp(maps[5]), atol=1e-6)
 
 
+def test_minmax_of_an_integer_map_is_the_formula():
+    """An integer map (a count, a mask) is normalized as floats: it was refused (float32's limits were asked of
+    int32) once minmax read its dtype's smallest normal number."""
+    counts = np.arange(12, dtype=np.int32).reshape(1, 3, 4) * 7 - 20
+    expected = (counts - counts.min()) / (counts.max() - counts.min())
+    np.testing.assert_allclose(np.asarray(minmax(counts)), expected, rtol=0, atol=1e-7)
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_minmax_of_a_finite_slice_with_a_huge_spread_is_the_formula_in_float64(jit):
     """A spread past 2^126 (float32's 1 / smallest normal) made the slice all zeros on CPU (XLA divides by the

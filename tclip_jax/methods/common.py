@@ -98,6 +98,8 @@ def minmax(x: Array, axis: int | tuple[int, ...] = (-2, -1)) -> Array:
     the formula's as XLA computes it, bit for bit.
     """
     x = jnp.asarray(x)  # the dtype JAX computes in (numpy's float64 is float32 without x64), for finfo
+    if not jnp.issubdtype(x.dtype, jnp.inexact):  # an integer map is divided as floats, as `/` divides it
+        x = x.astype(jnp.float32)
     low, high = jnp.min(x, axis=axis, keepdims=True), jnp.max(x, axis=axis, keepdims=True)
     # Dividing by 8 is exact but near zero, far below such a spread's precision; a NaN spread is refused below.
     scale = jnp.where(high - low <= 1 / jnp.finfo(x.dtype).tiny, 1, 0.125)
