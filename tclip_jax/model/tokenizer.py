@@ -257,7 +257,7 @@ def _group_words(text: str, cleaned: str, pieces: _Pieces, positions: tuple[int,
     is "'"; mojibake "Ëœ" is "˜"): a chunk is cut between its pieces where the characters as written stop or start
     being so ("Ëœ!" is "Ëœ" and "!"). A piece that holds a symbol as written as well stays punctuation ("aʼ," is
     "a" and "ʼ,": OpenAI's split puts the "'" cleaning made of "ʼ" and the "," in one chunk, one piece "',", which no
-    word can have alone; " Â°" is "Â°", the "°" that mojibake's deleted "Â" joins: `_deleted_joins_before`)."""
+    word can have alone; " Â°" is "Â°", the "°" that mojibake's deleted "Â" joins: `_deleted_join`)."""
     starts, ends = _original_spans(text, cleaned)
 
     def written(start: int, end: int) -> str:  # the characters of the prompt that cleaned[start:end] comes from
@@ -333,8 +333,8 @@ def _original_spans(original: str, cleaned: str) -> tuple[list[int], list[int]]:
     lowercasing (a character that lowercases to two is both). What cannot be followed so (ftfy's fix of a run
     differs alone and in context) is aligned by `difflib`: a block rewritten to as many characters aligns character
     by character, each character of a block rewritten to another length maps to the whole source block, and a
-    deleted block joins a character beside it, as a part of a run ftfy deleted does (`_deleted_joins_before`: a mark
-    NFC moved before another joins the character before it), up to a space (`_deleted_join`). Only a run of
+    deleted block joins a character beside it, as a part of a run ftfy deleted does (`_deleted_join`: a mark
+    NFC moved before another joins the character before it, up to a space). Only a run of
     more than `_LONGEST_RUN` characters that ftfy rewrites across every cut `_long_run_followed` may make is aligned
     so; difflib's alignment may then miss by a character or a word (the words' spans, not their pieces, which are
     exact). (`difflib` over the whole text matched "red\nred red" against a later repeat of itself and gave words
@@ -506,22 +506,17 @@ def _run_followed(run: str, start: int, fixed: str) -> list[tuple[str, int, int]
     return followed
 
 
-def _deleted_joins_before(before: str | None, after: str | None) -> bool:
-    """Whether characters that cleaning deleted join the character before them (else the one after them), given
-    these two characters of the cleaned text (None: none there). They join the one before where it is a letter, digit
-    or mark (a mark NFC moved before another stays with its letter: "a" + U+0327 + U+0301 is "á" + U+0327) or where
-    a space or nothing follows (a space is in no word); else the one after ("Â" of "(Âµm)", a lead byte of mojibake,
-    is part of the word "Âµm"). Either way a deleted letter beside a letter stays in its word."""
-    return after is None or after.isspace() or before is not None and unicodedata.category(before)[0] in "LNM"
-
-
 def _deleted_join(block: str, start: int, before: str | None, after: str | None) -> tuple[bool, int] | None:
     """How `block`, characters at `start` of the prompt that cleaning deleted, joins a character of the cleaned text
-    beside it (`before`, `after`; None: none there; `_deleted_joins_before` says which): (True, the end of its part
-    that joins the one before) or (False, the start of its part that joins the one after); None where no part does.
-    The part is up to its first whitespace (from its last), as a space is in no word ("Â " of "Â abc", mojibake of a
-    non-breaking space that cleaning strips, joins no word)."""
-    joins_before = before is not None and _deleted_joins_before(before, after)
+    beside it (`before`, `after`; None: none there): (True, the end of its part that joins the one before) or
+    (False, the start of its part that joins the one after); None where no part does. It joins the one before where
+    that is a letter, digit or mark (a mark NFC moved before another stays with its letter: "a" + U+0327 + U+0301 is
+    "á" + U+0327) or where a space or nothing follows; else the one after ("Â" of "(Âµm)", a lead byte of mojibake,
+    is part of the word "Âµm"). Either way a deleted letter beside a letter stays in its word. The part is up to its
+    first whitespace (from its last), as a space is in no word ("Â " of "Â abc", mojibake of a non-breaking space
+    that cleaning strips, joins no word)."""
+    joins_before = before is not None and (after is None or after.isspace()
+                                           or unicodedata.category(before)[0] in "LNM")
     touching = len(re.match(r"\S*", block if joins_before else block[::-1]).group())
     if not touching or not joins_before and after is None:
         return None
