@@ -35,6 +35,27 @@ SOURCES = ("tclip", "hf", "openai", "open_clip")
 DEFAULT_MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "default_model"
 
 
+class DeviceCopies:
+    """A parameter tree's copy on each device it is asked on: put there once and kept while the tree's leaves are
+    the same (`TreeLeaves`; a leaf replaced in it, or a tree of other leaves, is put there again). The one keeper of
+    parameters on devices: a model's (`LoadedClip.params_on`) and a method's own (`Method.own_params_on`: ECLIP's
+    projections, a tree an outside method keeps). A copy of it (`copy.deepcopy` of a LoadedClip) starts empty: a
+    device is not copied."""
+
+    def __init__(self):
+        self._placed: dict[jax.Device, tuple[TreeLeaves, Any]] = {}
+
+    def of(self, tree: Any, device: jax.Device) -> Any:
+        leaves = TreeLeaves.of(tree)
+        kept = self._placed.get(device)  # (two threads putting them on one device at once: both copies serve)
+        if kept is None or not leaves.same_as(kept[0]):
+            kept = self._placed[device] = (leaves, jax.device_put(tree, device))
+        return kept[1]
+
+    def __reduce__(self):
+        return DeviceCopies, ()
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedClip:
     model: CLIP          # the Flax module (config and matmul dtype); call it as model.apply({"params": params}, ...)
@@ -42,6 +63,9 @@ class LoadedClip:
     tokenizer: ClipTokenizer
     source: str          # one of SOURCES
     origin: str          # what was named
+    # `params` on each device it was asked on (`params_on`); a new LoadedClip (`dataclasses.replace`) starts empty
+    _device_copies: DeviceCopies = dataclasses.field(default_factory=DeviceCopies, init=False, repr=False,
+                                                     compare=False)
 
     def __post_init__(self):
         # What is kept from the weights (`fingerprint`, `params_on`, a method's text features) is told by the
@@ -88,11 +112,7 @@ class LoadedClip:
         the maps of `explain_batch` and sweeps, which would otherwise copy the numpy parameters to the device on
         every call. A device keeps its copy while the model lives (on a CPU device, a second copy in memory); a copy
         of the model (`copy.deepcopy`) starts with none."""
-        placed = self.__dict__.get("_params_on")  # kept beside the frozen fields
-        if placed is None:
-            placed = DeviceCopies()
-            object.__setattr__(self, "_params_on", placed)
-        return placed.of(self.params, device)
+        return self._device_copies.of(self.params, device)
 
     def is_recorded_as(self, recorded: Any) -> bool:
         """Whether a fingerprint a record holds is this model's: `fingerprint`, or one of the first definition
@@ -130,27 +150,6 @@ class TreeLeaves:
     def same_as(self, kept: Optional["TreeLeaves"]) -> bool:
         return (kept is not None and self.structure == kept.structure and len(self.leaves) == len(kept.leaves)
                 and all(a is b for a, b in zip(self.leaves, kept.leaves)))
-
-
-class DeviceCopies:
-    """A parameter tree's copy on each device it is asked on: put there once and kept while the tree's leaves are
-    the same (`TreeLeaves`; a leaf replaced in it, or a tree of other leaves, is put there again). The one keeper of
-    parameters on devices: a model's (`LoadedClip.params_on`), ECLIP's projections and a method's whose parameters
-    are a tree of its own (`Method.params_on`). A copy of it (`copy.deepcopy` of a LoadedClip) starts empty: a
-    device is not copied."""
-
-    def __init__(self):
-        self._placed: dict[jax.Device, tuple[TreeLeaves, Any]] = {}
-
-    def of(self, tree: Any, device: jax.Device) -> Any:
-        leaves = TreeLeaves.of(tree)
-        kept = self._placed.get(device)  # (two threads putting them on one device at once: both copies serve)
-        if kept is None or not leaves.same_as(kept[0]):
-            kept = self._placed[device] = (leaves, jax.device_put(tree, device))
-        return kept[1]
-
-    def __reduce__(self):
-        return DeviceCopies, ()
 
 
 FINGERPRINT_PREFIX = "v2-"

@@ -370,10 +370,14 @@ class Method(abc.ABC):
         params = self.params
         if self.clip is not None and params is self.clip.params:
             return self.clip.params_on(device)
-        own = self.__dict__.get("_params_on")
+        return self.own_params_on(params, device)
+
+    def own_params_on(self, tree, device: jax.Device):
+        """``tree``, parameters of the method's own, on ``device``, kept by the method (`DeviceCopies`)."""
+        own = self.__dict__.get("_own_params_on")
         if own is None:  # made at first use: a subclass's __init__ need not make it
-            own = self._params_on = DeviceCopies()
-        return own.of(params, device)
+            own = self._own_params_on = DeviceCopies()
+        return own.of(tree, device)
 
     def default_device_params(self):
         """`params_on` the device a plain JAX call runs on (`batch_devices()[0]`), for the calls outside the split
@@ -566,8 +570,6 @@ class Method(abc.ABC):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap must be True or False, got {overlap!r}")
-        if isinstance(prompts, EncodedPrompts):
-            self.check_encoded(prompts)
         encoded = prompts if isinstance(prompts, EncodedPrompts) else self.encode_prompts(prompts)
         slots, rows = self.query_slots(encoded.queries)
         pending = None
@@ -575,7 +577,7 @@ class Method(abc.ABC):
         with DeviceMaps(self, devices) as device_maps:  # its threads end with the generator
             while True:
                 try:
-                    self.check_encoded(encoded)  # a leaf replaced since the last batch: the prompts are another model's
+                    self.check_encoded(encoded)  # another method's or model's (a leaf replaced since the last batch)
                     loaded = next(batches, None)
                 except Exception:  # that, or an image that cannot be read: the images before it are explained first
                     if pending is not None:

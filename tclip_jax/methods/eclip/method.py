@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from tclip_jax.checkpoints.load import DeviceCopies, LoadedClip, frozen_weight
+from tclip_jax.checkpoints.load import LoadedClip, frozen_weight
 from tclip_jax.files import loads_json, write_files_together
 from tclip_jax.methods.base import UPSAMPLE_THEN_NORMALIZE, PromptMethod, QueryArrays
 from tclip_jax.methods.eclip.settings import Settings
@@ -186,7 +186,6 @@ class ECLIP(PromptMethod):
 
     def __init__(self, clip: LoadedClip, settings: Optional[Settings] = None):
         super().__init__(clip, settings)
-        self._projections_on = DeviceCopies()
         if self.settings.projections is None:
             warnings.warn("eclip: no trained projections given (--option projections=FILE): using CLIP's own, "
                           "i.e. untrained ECLIP", stacklevel=2)
@@ -217,7 +216,7 @@ class ECLIP(PromptMethod):
     def params_on(self, device: jax.Device) -> dict:
         """`params` on ``device``: the model's as the model keeps them there (`LoadedClip.params_on`, shared with its
         other methods: not a second copy of CLIP's weights) and the projections, kept by the method."""
-        return {"clip": self.clip.params_on(device), "projections": self._projections_on.of(self.projections, device)}
+        return {"clip": self.clip.params_on(device), "projections": self.own_params_on(self.projections, device)}
 
     def run_info(self) -> dict:
         """With the projections file and a digest of what it held when loaded: `tclip train-eclip --resume`
